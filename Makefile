@@ -1,0 +1,33 @@
+# Two entry points (see README): `make train` runs the main job, `make test` runs everything CI runs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install train test lint docs clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+train: install
+	$(BIN)/python examples/train_char_gpt.py
+
+test: install
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python scripts/run_examples.py --smoke
+	$(BIN)/python -m mkdocs build --strict --quiet --site-dir .site
+
+lint: install
+	$(BIN)/python -m ruff check .
+
+docs: install
+	$(BIN)/python -m mkdocs serve
+
+clean:
+	rm -rf $(VENV) .site

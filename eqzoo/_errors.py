@@ -1,0 +1,44 @@
+"""Exception types raised by eqzoo, and helpers that write their messages."""
+
+import importlib
+from types import ModuleType
+
+
+class EqzooError(Exception):
+    """Base class of every error eqzoo raises on purpose."""
+
+
+class ConfigError(EqzooError, ValueError):
+    """A configuration is invalid (for example heads that do not divide the width)."""
+
+
+class ShapeError(EqzooError, ValueError):
+    """An array has the wrong shape or dtype for the layer or model it was given to."""
+
+
+class MissingDependencyError(EqzooError, ImportError):
+    """An optional dependency of an eqzoo extra is not installed."""
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import `module`, or raise `MissingDependencyError` naming the extra that provides it.
+
+    **Arguments:**
+
+    - `module`: the module to import, e.g. `"numpyro"`.
+    - `extra`: the eqzoo extra that installs it, e.g. `"bayes"`.
+
+    **Returns:** the imported module.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{module!r} is not installed; it is needed by eqzoo's {extra!r} extra. "
+            f"Install it with `pip install 'eqzoo[{extra}]'`."
+        ) from err
+
+
+def shape_str(shape: tuple[int, ...]) -> str:
+    """Format a shape the way error messages show it: `(8, 128)`."""
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
