@@ -1,0 +1,28 @@
+"""Deterministic, resumable, host-sharded data loading; text sources; tokenizers."""
+
+from ._corpus import (
+    CorpusError as CorpusError,
+    split_tokens as split_tokens,
+    stdlib_corpus as stdlib_corpus,
+)
+from ._loader import ArrayLoader as ArrayLoader, TokenLoader as TokenLoader
+from ._tokenizer import (
+    AbstractTokenizer as AbstractTokenizer,
+    ByteTokenizer as ByteTokenizer,
+    CharTokenizer as CharTokenizer,
+    TokenizerError as TokenizerError,
+    tokenizer_from_dict as tokenizer_from_dict,
+)
+
+__all__ = [
+    "AbstractTokenizer",
+    "ArrayLoader",
+    "ByteTokenizer",
+    "CharTokenizer",
+    "CorpusError",
+    "TokenLoader",
+    "TokenizerError",
+    "split_tokens",
+    "stdlib_corpus",
+    "tokenizer_from_dict",
+]

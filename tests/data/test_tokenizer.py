@@ -1,0 +1,104 @@
+import json
+
+import numpy as np
+import pytest
+
+from eqzoo._errors import ConfigError
+from eqzoo.data import (
+    ByteTokenizer,
+    CharTokenizer,
+    TokenizerError,
+    stdlib_corpus,
+    tokenizer_from_dict,
+)
+
+TEXT = "hello, wörld! ∑ 🙂\n\tdef f(x): return x"
+
+
+def test_char_round_trip_on_corpus():
+    text = stdlib_corpus(max_chars=200_000)
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    assert ids.dtype == np.int32 and ids.shape == (len(text),)
+    assert ids.min() >= 0 and ids.max() < tok.vocab_size
+    assert tok.decode(ids) == text
+    assert tok.chars == "".join(sorted(set(text)))
+
+
+def test_char_ids_are_alphabet_positions():
+    tok = CharTokenizer.from_text("cabbage")
+    assert tok.chars == "abceg"
+    np.testing.assert_array_equal(tok.encode("gab"), np.array([4, 0, 1], np.int32))
+    assert tok.decode([4, 0, 1]) == "gab"
+    assert tok.encode("").shape == (0,) and tok.decode([]) == ""
+
+
+def test_char_unknown_raises_naming_the_character():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(
+        TokenizerError, match=r"cannot encode character 'z' \(U\+007A\) at position 2"
+    ):
+        tok.encode("abzc")
+
+
+def test_char_unk_maps_unknown_characters():
+    tok = CharTokenizer.from_text("abc", unk="?")
+    assert tok.vocab_size == 4
+    ids = tok.encode("azc")
+    assert tok.decode(ids) == "a?c"
+
+
+def test_char_unsorted_alphabet():
+    tok = CharTokenizer("zxa")
+    np.testing.assert_array_equal(tok.encode("axz"), np.array([2, 1, 0], np.int32))
+    assert tok.decode(tok.encode("zax")) == "zax"
+
+
+def test_char_bad_alphabets():
+    with pytest.raises(ConfigError, match=r"each character once.*duplicates \['a'\]"):
+        CharTokenizer("aab")
+    with pytest.raises(ConfigError, match="must be one character of the alphabet"):
+        CharTokenizer("ab", unk="?")
+    with pytest.raises(ConfigError, match="got empty text"):
+        CharTokenizer.from_text("")
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text("abc"), ByteTokenizer()])
+def test_decode_rejects_out_of_range_ids(tok):
+    with pytest.raises(TokenizerError, match=rf"needs ids in \[0, {tok.vocab_size}\); got id"):
+        tok.decode([0, tok.vocab_size])
+    with pytest.raises(TokenizerError, match="got id -1"):
+        tok.decode(np.array([-1], np.int32))
+
+
+def test_byte_round_trip():
+    tok = ByteTokenizer()
+    ids = tok.encode(TEXT)
+    assert ids.dtype == np.int32 and tok.vocab_size == 256
+    assert len(ids) == len(TEXT.encode("utf-8"))
+    assert tok.decode(ids) == TEXT
+
+
+def test_byte_decode_replaces_invalid_utf8():
+    tok = ByteTokenizer()
+    ids = tok.encode("ö")[:1]  # first byte of a two-byte character
+    assert tok.decode(ids) == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    "tok", [CharTokenizer.from_text(TEXT), CharTokenizer.from_text("ab", unk="?"), ByteTokenizer()]
+)
+def test_to_dict_is_json_and_round_trips(tok):
+    d = json.loads(json.dumps(tok.to_dict()))
+    again = tokenizer_from_dict(d)
+    assert again == tok and type(again) is type(tok)
+    assert type(tok).from_dict(d) == tok
+
+
+def test_from_dict_errors():
+    with pytest.raises(ConfigError, match="d\\['type'\\] to be one of \\['byte', 'char'\\]"):
+        tokenizer_from_dict({"type": "bpe"})
+    with pytest.raises(ConfigError, match="expects a dict with exactly the keys"):
+        CharTokenizer.from_dict({"type": "byte"})
+    with pytest.raises(ConfigError, match="expects a dict with exactly the keys"):
+        ByteTokenizer.from_dict({"type": "byte", "extra": 1})
