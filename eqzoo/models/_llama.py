@@ -1,0 +1,131 @@
+"""Llama (Touvron et al., 2023): RMSNorm, rotary positions, grouped-query attention, SwiGLU."""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+
+from .._errors import ConfigError
+from .._typing import PRNGKey
+from ..nn import (
+    REMAT_POLICIES,
+    Attention,
+    Embedding,
+    RMSNorm,
+    RopeScaling,
+    Stacked,
+    SwiGLU,
+    TransformerBlock,
+)
+from ._lm import AbstractLM
+from ._validate import check_positive
+
+_BACKENDS = ("xla", "cudnn", "auto")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyperparameters of a Llama model. Frozen and hashable; held by the model as a static field.
+
+    **Arguments:**
+
+    - `vocab_size`, `max_seq`, `num_layers`, `num_heads`, `embed_dim`.
+    - `num_kv_heads`: key/value heads for grouped-query attention (must divide `num_heads`).
+    - `hidden_dim`: SwiGLU inner width.
+    - `head_dim`: per-head width; `None` means `embed_dim // num_heads`.
+    - `rope_theta`, `rope_scaling`: rotary embedding base and optional Llama-3 scaling.
+    - `rms_norm_eps`: RMSNorm epsilon.
+    - `tie_embeddings`: share the token embedding with the output head.
+    - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
+    """
+
+    vocab_size: int = 32000
+    max_seq: int = 2048
+    num_layers: int = 16
+    num_heads: int = 32
+    num_kv_heads: int = 8
+    embed_dim: int = 2048
+    hidden_dim: int = 8192
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    remat: str = "none"
+    scan_layers: bool = True
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        check_positive(
+            "LlamaConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
+            num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+        )
+        if self.head_dim is None and self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"LlamaConfig: num_heads={self.num_heads} must divide embed_dim={self.embed_dim} "
+                "(or set head_dim explicitly)."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"LlamaConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
+                "for grouped-query attention; pick a divisor of num_heads."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"LlamaConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
+        if self.attention_backend not in _BACKENDS:
+            raise ConfigError(f"LlamaConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """`head_dim`, or `embed_dim // num_heads` when it is `None`."""
+        return self.embed_dim // self.num_heads if self.head_dim is None else self.head_dim
+
+    def num_params(self) -> int:
+        """Number of parameters (a tied head counted once)."""
+        d, h, hd = self.embed_dim, self.hidden_dim, self.resolved_head_dim
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        per_layer = attn + 3 * d * h + 2 * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return self.vocab_size * d + head + self.num_layers * per_layer + d
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: `6 N + 12 L d T`."""
+        t = self.max_seq if seq_len is None else seq_len
+        return 6.0 * self.num_params() + 12.0 * self.num_layers * self.embed_dim * t
+
+
+class Llama(AbstractLM):
+    """The Llama decoder: `logits = model(tokens)` for one sequence of token ids."""
+
+    config: LlamaConfig = eqx.field(static=True)
+    embed: Embedding
+    blocks: Stacked[TransformerBlock]
+    final_norm: RMSNorm
+    lm_head: Embedding | None
+
+    def __init__(self, config: LlamaConfig, *, key: PRNGKey):
+        """**Arguments:** `config`, a [`eqzoo.models.LlamaConfig`][]; `key`, a PRNG key."""
+        c = config
+        k_tok, k_blocks, k_head = jax.random.split(key, 3)
+        out_std = 0.02 / math.sqrt(2 * c.num_layers)
+
+        def make_block(k):
+            ka, km = jax.random.split(k)
+            return TransformerBlock(
+                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
+                Attention(
+                    c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
+                    use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                    backend=c.attention_backend, out_init_std=out_std, key=ka,  # type: ignore[arg-type]
+                ),
+                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
+                SwiGLU(c.embed_dim, c.hidden_dim, out_init_std=out_std, key=km),
+            )
+
+        self.config = c
+        self.embed = Embedding(c.vocab_size, c.embed_dim, key=k_tok)
+        self.blocks = Stacked(make_block, c.num_layers, remat=c.remat, scan=c.scan_layers, key=k_blocks)  # type: ignore[arg-type]
+        self.final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps)
+        self.lm_head = None if c.tie_embeddings else Embedding(c.vocab_size, c.embed_dim, key=k_head)

@@ -1,0 +1,101 @@
+"""What every eqzoo causal language model shares: features, logits, KV-cache decoding."""
+
+from typing import no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
+from ._validate import check_tokens
+
+
+class AbstractLM(eqx.Module):
+    """A decoder-only language model: token ids of one sequence in, next-token logits out.
+
+    Subclasses (`GPT2`, `Llama`) provide the embedding of tokens at positions; this class gives
+    the forward pass, the (tied or untied) output head and KV-cache decoding.
+    """
+
+    embed: eqx.AbstractVar[Embedding]
+    blocks: eqx.AbstractVar[Stacked[TransformerBlock]]
+    final_norm: eqx.AbstractVar[LayerNorm | RMSNorm]
+    lm_head: eqx.AbstractVar[Embedding | None]
+
+    @property
+    def max_seq(self) -> int:
+        """The longest sequence the model accepts."""
+        return self.config.max_seq  # type: ignore[attr-defined]
+
+    def embed_tokens(
+        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
+    ) -> Float[Array, "seq embed"]:
+        """Input embeddings of `tokens` at absolute `positions` (overridden by subclasses)."""
+        return self.embed(tokens)
+
+    def head_weight(self) -> Float[Array, "vocab embed"]:
+        """The output projection: the token embedding when tied, else the separate head."""
+        return (self.embed if self.lm_head is None else self.lm_head).weight
+
+    def features(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
+        """The final normalised hidden states of one sequence (before the output head)."""
+        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        x = self.embed_tokens(tokens, positions)
+        x = self.blocks(x)
+        return self.final_norm(x)
+
+    def logits(self, features: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
+        """Next-token logits from `features`, in the features' dtype."""
+        return features @ self.head_weight().T.astype(features.dtype)
+
+    @no_type_check  # our own checks below give clearer messages than a generic type error
+    def __call__(self, tokens: Int[Array, " seq"], *, key=None) -> Float[Array, "seq vocab"]:
+        """Next-token logits for every position of one sequence.
+
+        **Arguments:**
+
+        - `tokens`: integer token ids of one sequence, at most `config.max_seq` long. For a
+          batch, `jax.vmap(model)(tokens)`.
+        - `key`: unused (the models have no dropout); accepted for a uniform signature.
+
+        **Returns:** logits of shape `(seq, vocab)` in the parameters' dtype.
+        """
+        check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
+        return self._forward(tokens)
+
+    def _forward(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
+        return self.logits(self.features(tokens))
+
+    def init_cache(self, max_seq: int | None = None, *, dtype=None) -> KVCache:
+        """An empty KV cache for every layer (arrays with a leading layer axis).
+
+        **Arguments:** `max_seq` positions (default `config.max_seq`); `dtype` (default the
+        attention parameters' dtype).
+        """
+        max_seq = self.max_seq if max_seq is None else max_seq
+        layer0 = self.blocks[0]
+        one = layer0.attn.init_cache(max_seq, dtype=dtype)
+        n = self.blocks.num_layers
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), one)
+
+    def decode(
+        self, tokens: Int[Array, " seq"], cache: KVCache, index: Int[Array, ""]
+    ) -> tuple[Float[Array, "seq vocab"], KVCache]:
+        """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
+        `cache` (from `init_cache`). Prefill with the prompt at `index=0`, then feed one token at
+        a time.
+
+        **Returns:** `(logits of shape (seq, vocab), updated cache)`.
+        """
+        check_tokens(tokens, max_seq=cache.keys.shape[1], model=type(self).__name__)
+        index = jnp.asarray(index, dtype=jnp.int32)
+        positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        x = self.embed_tokens(tokens, positions)
+
+        def step(block, h, layer_cache):
+            h, layer_cache = block.decode(h, layer_cache, index)
+            return h, layer_cache
+
+        x, cache = self.blocks.apply(step, x, cache)
+        return self.logits(self.final_norm(x)), cache

@@ -1,0 +1,116 @@
+"""Named presets and one call to build a model from a preset name or a config."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+
+from .._errors import ConfigError
+from .._typing import PRNGKey
+from ..nn import RopeScaling
+from ._cnn import CNN, CNNConfig
+from ._gpt2 import GPT2, GPT2Config
+from ._llama import Llama, LlamaConfig
+from ._mlp import MLP, MLPConfig
+
+ModelConfig = GPT2Config | LlamaConfig | MLPConfig | CNNConfig
+
+_FAMILIES: dict[type, type] = {GPT2Config: GPT2, LlamaConfig: Llama, MLPConfig: MLP, CNNConfig: CNN}
+_STATEFUL = (CNNConfig,)
+
+_PRESETS: dict[str, Any] = {
+    "tiny-gpt2": GPT2Config(vocab_size=256, max_seq=128, num_layers=2, num_heads=4, embed_dim=64),
+    "gpt2-124m": GPT2Config(),
+    "gpt2-350m": GPT2Config(num_layers=24, num_heads=16, embed_dim=1024),
+    "gpt2-774m": GPT2Config(num_layers=36, num_heads=20, embed_dim=1280),
+    "gpt2-1.5b": GPT2Config(num_layers=48, num_heads=25, embed_dim=1600),
+    "tiny-llama": LlamaConfig(
+        vocab_size=256, max_seq=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=176,
+    ),
+    "llama-1b": LlamaConfig(  # the shape of Llama 3.2 1B
+        vocab_size=128256, max_seq=8192, num_layers=16, num_heads=32, num_kv_heads=8,
+        embed_dim=2048, hidden_dim=8192, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                 original_max_position_embeddings=8192),
+        tie_embeddings=True,
+    ),
+    "llama-8b": LlamaConfig(  # the shape of Llama 3.1 8B
+        vocab_size=128256, max_seq=8192, num_layers=32, num_heads=32, num_kv_heads=8,
+        embed_dim=4096, hidden_dim=14336, rope_theta=500000.0,
+        rope_scaling=RopeScaling(factor=8.0), tie_embeddings=False,
+    ),
+    "mlp-small": MLPConfig(),
+    "cnn-digits": CNNConfig(),
+}
+
+
+def list_presets() -> list[str]:
+    """The names of all registered presets, sorted."""
+    return sorted(_PRESETS)
+
+
+def register_preset(name: str, config: ModelConfig, *, overwrite: bool = False) -> None:
+    """Register `config` under `name` so `create(name)` builds it.
+
+    **Raises:** `ConfigError` if `name` exists and `overwrite` is false, or the config type is
+    not one of eqzoo's model families.
+    """
+    if type(config) not in _FAMILIES:
+        raise ConfigError(f"cannot register a {type(config).__name__}; expected one of {[t.__name__ for t in _FAMILIES]}.")
+    if name in _PRESETS and not overwrite:
+        raise ConfigError(f"preset {name!r} already exists; pass overwrite=True to replace it.")
+    _PRESETS[name] = config
+
+
+def get_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
+    """The config of a named preset (or `preset` itself if it is a config), with fields replaced.
+
+    **Example:** `get_config("tiny-gpt2", num_layers=4, remat="full")`.
+
+    **Raises:** `ConfigError` for an unknown name or field (listing the valid ones).
+    """
+    if isinstance(preset, str):
+        if preset not in _PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; available presets: {list_presets()}.")
+        config = _PRESETS[preset]
+    elif type(preset) in _FAMILIES:
+        config = preset
+    else:
+        raise ConfigError(f"expected a preset name or a model config, got {type(preset).__name__}.")
+    if overrides:
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ConfigError(f"{type(config).__name__} has no field(s) {unknown}; valid fields: {sorted(fields)}.")
+        config = dataclasses.replace(config, **overrides)
+    return config
+
+
+def model_class(config: ModelConfig) -> type:
+    """The model class a config builds (`GPT2Config` -> `GPT2`, ...)."""
+    return _FAMILIES[type(config)]
+
+
+def is_stateful(config: ModelConfig) -> bool:
+    """Whether the family carries `eqx.nn.State` (BatchNorm statistics)."""
+    return isinstance(config, _STATEFUL)
+
+
+def create(preset: str | ModelConfig, *, key: PRNGKey, **overrides: Any) -> Any:
+    """Build a model from a preset name or a config.
+
+    **Arguments:**
+
+    - `preset`: a name from `list_presets()` or a config instance.
+    - `key`: PRNG key for initialisation.
+    - `**overrides`: config fields to replace (e.g. `num_layers=4`).
+
+    **Returns:** the model; for stateful families (`CNN`) the pair `(model, state)` from
+    `eqx.nn.make_with_state`.
+    """
+    config = get_config(preset, **overrides)
+    cls = model_class(config)
+    if is_stateful(config):
+        return eqx.nn.make_with_state(cls)(config, key=key)
+    return cls(config, key=key)

@@ -1,0 +1,39 @@
+"""Input checks shared by the models: they run at trace time and say how to fix the call."""
+
+import jax.numpy as jnp
+
+from .._errors import ConfigError, ShapeError, shape_str
+
+
+def check_tokens(tokens, *, max_seq: int, model: str) -> None:
+    """Raise `ShapeError` unless `tokens` is one 1-D integer sequence no longer than `max_seq`."""
+    shape = getattr(tokens, "shape", None)
+    dtype = getattr(tokens, "dtype", None)
+    if shape is None or dtype is None:
+        raise ShapeError(f"{model} takes a JAX array of token ids; got {type(tokens).__name__}.")
+    if len(shape) != 1:
+        hint = (
+            " eqzoo models take one sequence — wrap the call in jax.vmap(model) for a batch."
+            if len(shape) == 2
+            else ""
+        )
+        raise ShapeError(f"{model} takes tokens of shape (seq,); got {shape_str(shape)}.{hint}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ShapeError(
+            f"{model} takes integer token ids; got dtype {jnp.dtype(dtype).name}. "
+            "Convert with tokens.astype(jnp.int32)."
+        )
+    if shape[0] > max_seq:
+        raise ShapeError(
+            f"{model} got a sequence of length {shape[0]} but its config allows at most "
+            f"max_seq={max_seq}; truncate the input or build the model with a larger max_seq."
+        )
+    if shape[0] == 0:
+        raise ShapeError(f"{model} got an empty sequence; pass at least one token.")
+
+
+def check_positive(name: str, **values: int | float) -> None:
+    """Raise `ConfigError` naming every value that is not positive."""
+    bad = {k: v for k, v in values.items() if not v > 0}
+    if bad:
+        raise ConfigError(f"{name}: these must be positive, got {bad}.")

@@ -1,0 +1,47 @@
+"""Layers: attention with GQA, RoPE and a KV cache; MLPs; norms; embeddings; `Stacked`; conv blocks.
+
+Every layer is a final `equinox.Module` whose `__call__` takes one unbatched example.
+"""
+
+from ._attention import (
+    Attention as Attention,
+    AttentionBackend as AttentionBackend,
+    KVCache as KVCache,
+    resolve_backend as resolve_backend,
+)
+from ._block import TransformerBlock as TransformerBlock
+from ._conv import ConvBlock as ConvBlock, ResidualBlock as ResidualBlock
+from ._embedding import Embedding as Embedding
+from ._linear import apply_linear as apply_linear, init_linear as init_linear
+from ._mlp import MLP as MLP, SwiGLU as SwiGLU
+from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
+from ._rope import RopeScaling as RopeScaling, RotaryEmbedding as RotaryEmbedding
+from ._stacked import (
+    REMAT_POLICIES as REMAT_POLICIES,
+    RematPolicy as RematPolicy,
+    Stacked as Stacked,
+    remat_policy as remat_policy,
+)
+
+__all__ = [
+    "Attention",
+    "AttentionBackend",
+    "ConvBlock",
+    "Embedding",
+    "KVCache",
+    "LayerNorm",
+    "MLP",
+    "REMAT_POLICIES",
+    "RMSNorm",
+    "RematPolicy",
+    "ResidualBlock",
+    "RopeScaling",
+    "RotaryEmbedding",
+    "Stacked",
+    "SwiGLU",
+    "TransformerBlock",
+    "apply_linear",
+    "init_linear",
+    "remat_policy",
+    "resolve_backend",
+]

@@ -1,0 +1,194 @@
+"""Causal multi-head / grouped-query self-attention with rotary embeddings and a KV cache."""
+
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ._linear import apply_linear, init_linear
+from ._rope import RopeScaling, RotaryEmbedding
+
+AttentionBackend = Literal["xla", "cudnn", "auto"]
+_BACKENDS = ("xla", "cudnn", "auto")
+
+
+def resolve_backend(backend: str, dtype) -> Literal["xla", "cudnn"]:
+    """The attention implementation `backend` means for arrays of `dtype` on this platform.
+
+    `"auto"` picks cuDNN flash attention on a GPU for half-precision inputs (the only ones cuDNN
+    supports) and XLA's own attention everywhere else.
+    """
+    if backend not in _BACKENDS:
+        raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
+    if backend == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if on_gpu and half else "xla"
+    return backend  # type: ignore[return-value]
+
+
+class KVCache(eqx.Module):
+    """Keys and values of the positions already decoded, for one sequence and one layer.
+
+    Positions at or beyond the current decode index hold stale values; attention masks them.
+    """
+
+    keys: Float[Array, "max_seq kv_heads head_dim"]
+    values: Float[Array, "max_seq kv_heads head_dim"]
+
+    @property
+    def max_seq(self) -> int:
+        """How many positions the cache can hold."""
+        return self.keys.shape[0]
+
+
+class Attention(eqx.Module):
+    """Causal self-attention with multi-head or grouped-query heads (Ainslie et al., 2023).
+
+    `num_kv_heads < num_heads` shares each key/value head between `num_heads // num_kv_heads`
+    query heads. Rotary embeddings are applied to queries and keys when `use_rope`. The attention
+    itself is `jax.nn.dot_product_attention`, with cuDNN flash attention on GPU (`backend`).
+    """
+
+    q_proj: eqx.nn.Linear
+    k_proj: eqx.nn.Linear
+    v_proj: eqx.nn.Linear
+    o_proj: eqx.nn.Linear
+    rope: RotaryEmbedding | None
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    backend: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        use_bias: bool = False,
+        use_rope: bool = True,
+        rope_theta: float = 10000.0,
+        rope_scaling: RopeScaling | None = None,
+        backend: AttentionBackend = "auto",
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:**
+
+        - `embed_dim`: model width.
+        - `num_heads`: query heads.
+        - `num_kv_heads`: key/value heads (default `num_heads`); must divide `num_heads`.
+        - `head_dim`: size of each head (default `embed_dim // num_heads`).
+        - `use_bias`: biases on the four projections.
+        - `use_rope`, `rope_theta`, `rope_scaling`: rotary position embeddings.
+        - `backend`: `"xla"`, `"cudnn"` or `"auto"` (cuDNN on GPU for half precision).
+        - `init_std`, `out_init_std`: normal init scale of the input / output projections.
+        - `dtype`: parameter dtype. `key`: a PRNG key.
+        """
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ConfigError(
+                    f"num_heads={num_heads} must divide embed_dim={embed_dim} (or pass head_dim)."
+                )
+            head_dim = embed_dim // num_heads
+        if num_heads % num_kv_heads:
+            raise ConfigError(
+                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} for grouped-query "
+                "attention; pick a divisor of num_heads."
+            )
+        if backend not in _BACKENDS:
+            raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        out_std = init_std if out_init_std is None else out_init_std
+        lin = dict(use_bias=use_bias, dtype=dtype)
+        self.q_proj = init_linear(embed_dim, num_heads * head_dim, std=init_std, key=kq, **lin)
+        self.k_proj = init_linear(embed_dim, num_kv_heads * head_dim, std=init_std, key=kk, **lin)
+        self.v_proj = init_linear(embed_dim, num_kv_heads * head_dim, std=init_std, key=kv, **lin)
+        self.o_proj = init_linear(num_heads * head_dim, embed_dim, std=out_std, key=ko, **lin)
+        self.rope = RotaryEmbedding(head_dim, theta=rope_theta, scaling=rope_scaling) if use_rope else None
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.backend = backend
+
+    def _qkv(self, x, positions):
+        seq = x.shape[0]
+        q = apply_linear(self.q_proj, x).reshape(seq, self.num_heads, self.head_dim)
+        k = apply_linear(self.k_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
+        v = apply_linear(self.v_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
+        if self.rope is not None:
+            q = self.rope(q, positions)
+            k = self.rope(k, positions)
+        return checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
+
+    def _out(self, o):
+        o = o.reshape(o.shape[0], self.num_heads * self.head_dim)
+        return checkpoint_name(apply_linear(self.o_proj, o), "attn_out")
+
+    def __call__(
+        self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
+    ) -> Float[Array, "seq embed"]:
+        """Causal self-attention over one whole sequence.
+
+        **Arguments:** `x`, one sequence. `key` is unused (no dropout).
+
+        **Returns:** the attention output, same shape and dtype as `x`.
+        """
+        if x.ndim != 2:
+            raise ShapeError(
+                f"Attention takes one sequence of shape (seq, embed); got {shape_str(x.shape)}. "
+                "Wrap the call in jax.vmap for a batch."
+            )
+        positions = jnp.arange(x.shape[0], dtype=jnp.int32)
+        q, k, v = self._qkv(x, positions)
+        impl = resolve_backend(self.backend, q.dtype)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        return self._out(o)
+
+    def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
+        """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions (dtype defaults to the params')."""
+        dtype = self.q_proj.weight.dtype if dtype is None else dtype
+        shape = (max_seq, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def decode(
+        self, x: Float[Array, "seq embed"], cache: KVCache, index: Int[Array, ""]
+    ) -> tuple[Float[Array, "seq embed"], KVCache]:
+        """Attend from `seq` new positions starting at `index`, reading and extending `cache`.
+
+        Used for prefill (`seq` = prompt length, `index` = 0) and for decoding one token at a time
+        (`seq` = 1). Equal to `__call__` on the full sequence, position by position.
+
+        **Arguments:**
+
+        - `x`: the new positions' inputs.
+        - `cache`: the keys/values of earlier positions.
+        - `index`: the absolute position of `x[0]` (an int32 scalar array).
+
+        **Returns:** `(output, updated cache)`.
+        """
+        seq = x.shape[0]
+        index = jnp.asarray(index, dtype=jnp.int32)
+        positions = index + jnp.arange(seq, dtype=jnp.int32)
+        q, k, v = self._qkv(x, positions)
+        zero = jnp.zeros((), jnp.int32)
+        keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (index, zero, zero))
+        values = jax.lax.dynamic_update_slice(
+            cache.values, v.astype(cache.values.dtype), (index, zero, zero)
+        )
+        key_positions = jnp.arange(cache.max_seq, dtype=jnp.int32)
+        mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
+        o = jax.nn.dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[None], implementation="xla"
+        )
+        return self._out(o), KVCache(keys, values)

@@ -1,0 +1,38 @@
+"""The pre-norm transformer block shared by GPT-2 and Llama."""
+
+import equinox as eqx
+from jaxtyping import Array, Float, Int
+
+from .._typing import PRNGKey
+from ._attention import Attention, KVCache
+from ._mlp import MLP, SwiGLU
+from ._norm import LayerNorm, RMSNorm
+
+
+class TransformerBlock(eqx.Module):
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))` (pre-norm residual block)."""
+
+    attn_norm: LayerNorm | RMSNorm
+    attn: Attention
+    mlp_norm: LayerNorm | RMSNorm
+    mlp: MLP | SwiGLU
+
+    def __init__(self, attn_norm: LayerNorm | RMSNorm, attn: Attention, mlp_norm: LayerNorm | RMSNorm, mlp: MLP | SwiGLU):
+        """**Arguments:** the four sub-layers, already built."""
+        self.attn_norm = attn_norm
+        self.attn = attn
+        self.mlp_norm = mlp_norm
+        self.mlp = mlp
+
+    def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:
+        """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(
+        self, x: Float[Array, "seq embed"], cache: KVCache, index: Int[Array, ""]
+    ) -> tuple[Float[Array, "seq embed"], KVCache]:
+        """Like `__call__` for new positions starting at `index`, reading and extending `cache`."""
+        h, cache = self.attn.decode(self.attn_norm(x), cache, index)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache

@@ -1,0 +1,35 @@
+"""Token and learned position embeddings."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .._typing import PRNGKey
+
+
+class Embedding(eqx.Module):
+    """A lookup table of `num_embeddings` vectors; also usable as a tied output head.
+
+    Used for tokens (`vocab` rows) and for learned absolute positions (`max_seq` rows).
+    """
+
+    weight: Float[Array, "vocab embed"]
+
+    def __init__(self, num_embeddings: int, embed_dim: int, *, init_std: float = 0.02, dtype=None, key: PRNGKey):
+        """**Arguments:** table size, `embed_dim`, normal init scale `init_std`, `dtype`, `key`."""
+        dtype = jnp.float32 if dtype is None else dtype
+        self.weight = init_std * jax.random.normal(key, (num_embeddings, embed_dim), dtype=dtype)
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows in the table."""
+        return self.weight.shape[0]
+
+    def __call__(self, ids: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
+        """**Arguments:** `ids`, integer indices. **Returns:** their vectors."""
+        return jnp.take(self.weight, ids, axis=0)
+
+    def attend(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
+        """Logits of `x` against every row (a tied output head): `x @ weight.T`."""
+        return x @ self.weight.T.astype(x.dtype)

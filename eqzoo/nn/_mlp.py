@@ -1,0 +1,80 @@
+"""Position-wise feed-forward layers: a GELU MLP (GPT-2) and SwiGLU (Llama)."""
+
+import equinox as eqx
+import jax
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float
+
+from .._typing import PRNGKey
+from ._linear import apply_linear, init_linear
+
+
+class MLP(eqx.Module):
+    """`down(gelu(up(x)))`, applied to each position (the GPT-2 feed-forward block)."""
+
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+    approximate_gelu: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        *,
+        use_bias: bool = True,
+        approximate_gelu: bool = True,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:** `embed_dim`, `hidden_dim`, `use_bias`, `approximate_gelu` (the tanh
+        form GPT-2 uses), init scales, parameter `dtype` and `key`."""
+        k1, k2 = jax.random.split(key)
+        out_std = init_std if out_init_std is None else out_init_std
+        self.up = init_linear(embed_dim, hidden_dim, use_bias=use_bias, std=init_std, dtype=dtype, key=k1)
+        self.down = init_linear(hidden_dim, embed_dim, use_bias=use_bias, std=out_std, dtype=dtype, key=k2)
+        self.approximate_gelu = approximate_gelu
+
+    def __call__(
+        self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
+    ) -> Float[Array, "seq embed"]:
+        """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        h = checkpoint_name(apply_linear(self.up, x), "mlp_up")  # (seq, hidden)
+        h = jax.nn.gelu(h, approximate=self.approximate_gelu)
+        return checkpoint_name(apply_linear(self.down, h), "mlp_out")
+
+
+class SwiGLU(eqx.Module):
+    """`down(silu(gate(x)) * up(x))` (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+
+    gate: eqx.nn.Linear
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        *,
+        use_bias: bool = False,
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:** `embed_dim`, `hidden_dim`, `use_bias`, init scales, `dtype`, `key`."""
+        k1, k2, k3 = jax.random.split(key, 3)
+        out_std = init_std if out_init_std is None else out_init_std
+        lin = dict(use_bias=use_bias, dtype=dtype)
+        self.gate = init_linear(embed_dim, hidden_dim, std=init_std, key=k1, **lin)
+        self.up = init_linear(embed_dim, hidden_dim, std=init_std, key=k2, **lin)
+        self.down = init_linear(hidden_dim, embed_dim, std=out_std, key=k3, **lin)
+
+    def __call__(
+        self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
+    ) -> Float[Array, "seq embed"]:
+        """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        g = checkpoint_name(apply_linear(self.gate, x), "mlp_gate")
+        u = checkpoint_name(apply_linear(self.up, x), "mlp_up")
+        return checkpoint_name(apply_linear(self.down, jax.nn.silu(g) * u), "mlp_out")

@@ -1,0 +1,76 @@
+"""Normalisation layers that compute their statistics in float32 whatever the input dtype."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+
+def _as_float32(x: Array) -> Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+class RMSNorm(eqx.Module):
+    """Root-mean-square normalisation over the last axis, with a learned scale.
+
+    `y = x / sqrt(mean(x**2) + eps) * weight`, computed in float32 and returned in the dtype of
+    `x` (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization").
+    """
+
+    weight: Float[Array, " embed"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None):
+        """**Arguments:**
+
+        - `dim`: size of the normalised (last) axis.
+        - `eps`: added to the mean square for numerical stability.
+        - `dtype`: parameter dtype; `None` means the default float dtype.
+        """
+        self.weight = jnp.ones((dim,), dtype=dtype)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*shape embed"]) -> Float[Array, "*shape embed"]:
+        """**Arguments:** `x`, any leading shape, last axis of size `dim`.
+
+        **Returns:** the normalised array, same shape and dtype as `x`.
+        """
+        x32 = _as_float32(x)
+        scale = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale * _as_float32(self.weight)).astype(x.dtype)
+
+
+class LayerNorm(eqx.Module):
+    """Layer normalisation over the last axis with learned scale and optional bias.
+
+    Computed in float32 and returned in the dtype of `x` (Ba et al., 2016, "Layer Normalization").
+    """
+
+    weight: Float[Array, " embed"]
+    bias: Float[Array, " embed"] | None
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, use_bias: bool = True, dtype=None):
+        """**Arguments:**
+
+        - `dim`: size of the normalised (last) axis.
+        - `eps`: added to the variance for numerical stability.
+        - `use_bias`: whether to learn an additive bias.
+        - `dtype`: parameter dtype; `None` means the default float dtype.
+        """
+        self.weight = jnp.ones((dim,), dtype=dtype)
+        self.bias = jnp.zeros((dim,), dtype=dtype) if use_bias else None
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*shape embed"]) -> Float[Array, "*shape embed"]:
+        """**Arguments:** `x`, any leading shape, last axis of size `dim`.
+
+        **Returns:** the normalised array, same shape and dtype as `x`.
+        """
+        x32 = _as_float32(x)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * _as_float32(self.weight)
+        if self.bias is not None:
+            y = y + _as_float32(self.bias)
+        return y.astype(x.dtype)

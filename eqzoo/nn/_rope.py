@@ -1,0 +1,98 @@
+"""Rotary position embeddings (Su et al., 2021, "RoFormer"), with Llama-3 style frequency scaling."""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from .._errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style rotary frequency scaling (the `rope_scaling` block of a HF config with
+    `rope_type="llama3"`): long wavelengths are divided by `factor`, short ones kept, and the band
+    between is interpolated smoothly.
+
+    **Arguments:** `factor`, `low_freq_factor`, `high_freq_factor`,
+    `original_max_position_embeddings`.
+    """
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+            raise ConfigError(
+                f"RopeScaling needs factor > 0 and high_freq_factor > low_freq_factor; got "
+                f"factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
+                f"high_freq_factor={self.high_freq_factor}."
+            )
+
+    def apply(self, inv_freq: np.ndarray) -> np.ndarray:
+        """Scale inverse frequencies (a numpy array) and return the new ones."""
+        low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+        high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        interpolated = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        out = np.where(wavelen > low_wavelen, inv_freq / self.factor, inv_freq)
+        middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        return np.where(middle, interpolated, out)
+
+
+class RotaryEmbedding(eqx.Module):
+    """Applies rotary position embeddings to queries or keys at given positions.
+
+    Uses the "rotate half" layout (the first and second halves of `head_dim` form the pairs), as
+    Hugging Face's Llama does. Holds no parameters: the frequencies are constants.
+    """
+
+    head_dim: int = eqx.field(static=True)
+    theta: float = eqx.field(static=True)
+    scaling: RopeScaling | None = eqx.field(static=True)
+
+    def __init__(self, head_dim: int, *, theta: float = 10000.0, scaling: RopeScaling | None = None):
+        """**Arguments:**
+
+        - `head_dim`: size of each head; must be even.
+        - `theta`: base of the geometric sequence of wavelengths.
+        - `scaling`: optional [`eqzoo.nn.RopeScaling`][].
+        """
+        if head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head_dim, got {head_dim}.")
+        self.head_dim = head_dim
+        self.theta = theta
+        self.scaling = scaling
+
+    def inv_freq(self) -> np.ndarray:
+        """The `head_dim // 2` inverse frequencies, as a float32 numpy array."""
+        inv = 1.0 / (self.theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+        if self.scaling is not None:
+            inv = self.scaling.apply(inv)
+        return inv.astype(np.float32)
+
+    def __call__(
+        self, x: Float[Array, "seq heads head_dim"], positions: Int[Array, " seq"]
+    ) -> Float[Array, "seq heads head_dim"]:
+        """**Arguments:**
+
+        - `x`: queries or keys of one sequence.
+        - `positions`: the absolute position of each row of `x`.
+
+        **Returns:** `x` rotated, same shape and dtype.
+        """
+        angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(self.inv_freq())[None, :]
+        cos = jnp.cos(angles)[:, None, :]  # (seq, 1, head_dim/2)
+        sin = jnp.sin(angles)[:, None, :]
+        x32 = x.astype(jnp.float32)
+        x1, x2 = jnp.split(x32, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        return out.astype(x.dtype)

@@ -1,0 +1,154 @@
+"""`Stacked`: N identical layers held as one module with stacked parameters, run by `lax.scan`."""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, Literal, TypeVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._errors import ConfigError
+from .._typing import PRNGKey
+
+M = TypeVar("M", bound=eqx.Module)
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
+
+# Names given with `jax.ad_checkpoint.checkpoint_name` inside eqzoo's layers. "minimal" keeps only
+# each residual branch's output, so the backward pass recomputes everything inside a layer except
+# what the next layer needs.
+_MINIMAL_SAVED = ("attn_out", "mlp_out")
+
+REMAT_POLICIES: dict[str, str] = {
+    "none": "store every intermediate (fastest, most memory)",
+    "full": "store only each layer's input; recompute the whole layer in the backward pass",
+    "dots": "store matrix-multiply results, recompute elementwise work",
+    "dots_no_batch": "store matrix multiplies without batch dimensions (weights x activations)",
+    "minimal": "store only the named outputs of the attention and MLP branches",
+}
+
+
+def remat_policy(name: str) -> Callable[..., Any] | None:
+    """The `jax.checkpoint` policy for a named remat policy; `None` for `"none"`.
+
+    **Arguments:** `name`, one of `eqzoo.nn.REMAT_POLICIES`.
+
+    **Returns:** a policy usable as `jax.checkpoint(f, policy=...)`, or `None`.
+    """
+    policies = jax.checkpoint_policies
+    table = {
+        "none": None,
+        "full": policies.nothing_saveable,
+        "dots": policies.checkpoint_dots,
+        "dots_no_batch": policies.dots_with_no_batch_dims_saveable,
+        "minimal": policies.save_only_these_names(*_MINIMAL_SAVED),
+    }
+    if name not in table:
+        raise ConfigError(f"unknown remat policy {name!r}; choose one of {sorted(table)}.")
+    return table[name]
+
+
+class Stacked(eqx.Module, Generic[M]):
+    """N layers of identical structure whose array leaves are stacked along a leading axis.
+
+    Applying it runs `lax.scan` over that axis, so the layer is traced and compiled once whatever
+    N is (compile time flat in depth); `scan=False` unrolls a Python loop instead (one copy of the
+    layer per depth in the compiled program, which can be faster to run on some backends). Each
+    layer's body is wrapped in `jax.checkpoint` with the named `remat` policy.
+    """
+
+    layers: M
+    num_layers: int = eqx.field(static=True)
+    remat: str = eqx.field(static=True)
+    scan: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        make_layer: Callable[[PRNGKey], M],
+        num_layers: int,
+        *,
+        remat: RematPolicy = "none",
+        scan: bool = True,
+        key: PRNGKey,
+    ):
+        """**Arguments:**
+
+        - `make_layer`: builds one layer from a key; called under `eqx.filter_vmap` over
+          `num_layers` keys, so every layer has the same structure.
+        - `num_layers`: depth.
+        - `remat`: the rematerialisation policy name (see `REMAT_POLICIES`).
+        - `scan`: `lax.scan` over layers (`True`) or an unrolled loop (`False`).
+        - `key`: a PRNG key.
+        """
+        if num_layers < 1:
+            raise ConfigError(f"Stacked needs num_layers >= 1, got {num_layers}.")
+        remat_policy(remat)  # validate
+        keys = jax.random.split(key, num_layers)
+        self.layers = eqx.filter_vmap(make_layer)(keys)
+        self.num_layers = num_layers
+        self.remat = remat
+        self.scan = scan
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[M], *, remat: RematPolicy = "none", scan: bool = True) -> "Stacked[M]":
+        """Stack a list of layers with identical structure and static fields.
+
+        **Raises:** `ConfigError` if the layers differ in structure or in static fields.
+        """
+        if not layers:
+            raise ConfigError("Stacked.from_layers needs at least one layer.")
+        parts = [eqx.partition(layer, eqx.is_array) for layer in layers]
+        statics = [jax.tree.structure(p[0]) for p in parts]
+        if any(s != statics[0] for s in statics) or any(
+            not eqx.tree_equal(p[1], parts[0][1]) for p in parts
+        ):
+            raise ConfigError("Stacked.from_layers: layers must share structure and static fields.")
+        arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+        template = cls(lambda _: layers[0], len(layers), remat=remat, scan=scan, key=jax.random.key(0))
+        return eqx.tree_at(lambda s: s.layers, template, eqx.combine(arrays, parts[0][1]))
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def __getitem__(self, i: int) -> M:
+        """Layer `i` as an ordinary module (its arrays sliced out of the stack)."""
+        arrays, static = eqx.partition(self.layers, eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
+
+    def apply(self, fn: Callable[[M, Any, Any], tuple[Any, Any]], carry: Any, xs: Any = None) -> tuple[Any, Any]:
+        """Run `carry, y = fn(layer, carry, x)` through the layers in order.
+
+        **Arguments:**
+
+        - `fn`: called once per layer with that layer, the running carry and that layer's slice
+          of `xs` (or `None`).
+        - `carry`: the initial carry (usually the activations).
+        - `xs`: optional per-layer inputs with a leading axis of size `num_layers` (for example
+          per-layer KV caches or dropout keys).
+
+        **Returns:** the final carry and the per-layer outputs stacked along a leading axis.
+        """
+        arrays, static = eqx.partition(self.layers, eqx.is_array)
+
+        def body(c, inputs):
+            layer_arrays, x = inputs
+            return fn(eqx.combine(layer_arrays, static), c, x)
+
+        policy = remat_policy(self.remat)
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
+        if self.scan:
+            return jax.lax.scan(body, carry, (arrays, xs))
+        ys = []
+        for i in range(self.num_layers):
+            carry, y = body(carry, jax.tree.map(lambda a: a[i], (arrays, xs)))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+    def __call__(self, x: Any, *, key: PRNGKey | None = None) -> Any:
+        """Apply each layer in turn: `x = layer(x)` (with a distinct key per layer if given)."""
+        if key is None:
+            out, _ = self.apply(lambda layer, c, _: (layer(c), None), x)
+        else:
+            keys = jax.random.split(key, self.num_layers)
+            out, _ = self.apply(lambda layer, c, k: (layer(c, key=k), None), x, keys)
+        return out
