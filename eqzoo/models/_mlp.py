@@ -38,7 +38,7 @@ class MLPConfig:
     def num_params(self) -> int:
         """Number of parameters."""
         sizes = [self.in_features] + [self.width] * self.depth + [self.out_features]
-        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+        return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per example, `6 N`."""

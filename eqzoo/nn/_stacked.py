@@ -140,7 +140,7 @@ class Stacked(eqx.Module, Generic[M]):
             return jax.lax.scan(body, carry, (arrays, xs))
         ys = []
         for i in range(self.num_layers):
-            carry, y = body(carry, jax.tree.map(lambda a: a[i], (arrays, xs)))
+            carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], (arrays, xs)))
             ys.append(y)
         return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
