@@ -1,3 +1,12 @@
-"""eqzoo: an Equinox-native model zoo and training library for JAX."""
+"""eqzoo: an Equinox-native model zoo and training library for JAX.
+
+Subpackages: `eqzoo.nn`, `eqzoo.models`, `eqzoo.train`, `eqzoo.data`, `eqzoo.generation`.
+Optional extras are imported explicitly: `eqzoo.hf`, `eqzoo.bayes`, `eqzoo.sciml`.
+"""
+
+from . import data as data, generation as generation, models as models, nn as nn
+from .generation import generate as generate
 
 __version__ = "0.1.0"
+
+__all__ = ["data", "generate", "generation", "models", "nn"]

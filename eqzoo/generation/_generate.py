@@ -1,0 +1,178 @@
+"""Autoregressive decoding with a KV cache, compiled as one program."""
+
+import functools
+from typing import no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ..models._lm import AbstractLM
+from ._sampling import check_sampling, sample_logits
+
+
+def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache):
+    prompt_len = prompt.shape[0]
+    total = prompt_len + max_new_tokens
+    positions = jnp.arange(total, dtype=jnp.int32)
+    buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
+    buf = jnp.where(positions < length, buf, pad_token)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    done = jnp.zeros((), bool)
+
+    if use_cache:
+        cache = model.init_cache(total)
+        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32))  # prefill
+        last = logits[length - 1]
+
+        def body(i, carry):
+            buf, cache, last, done, key = carry
+            key, sub = jax.random.split(key)
+            tok = sample(last, sub)
+            tok = jnp.where(done, pad_token, tok)
+            pos = length + i
+            buf = buf.at[pos].set(tok)
+            if eos_token is not None:
+                done = done | (tok == eos_token)
+            logits, cache = model.decode(tok[None], cache, pos)
+            return buf, cache, logits[0], done, key
+
+        buf, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, cache, last, done, key))
+        return buf
+
+    def body_nocache(i, carry):
+        buf, done, key = carry
+        key, sub = jax.random.split(key)
+        pos = length + i
+        tok = sample(model._forward(buf)[pos - 1], sub)  # full causal forward; rows past pos unused
+        tok = jnp.where(done, pad_token, tok)
+        buf = buf.at[pos].set(tok)
+        if eos_token is not None:
+            done = done | (tok == eos_token)
+        return buf, done, key
+
+    buf, _, _ = jax.lax.fori_loop(0, max_new_tokens, body_nocache, (buf, done, key))
+    return buf
+
+
+@eqx.filter_jit
+def _generate_batch_jit(model, prompts, lengths, keys, **static):
+    return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
+
+
+def _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, use_cache):
+    if not isinstance(model, AbstractLM):
+        raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama); got {type(model).__name__}.")
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    check_sampling(temperature, top_k, top_p)
+    if not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
+    total = prompts.shape[-1] + max_new_tokens
+    if total > model.max_seq:
+        raise ShapeError(
+            f"prompt length {prompts.shape[-1]} + max_new_tokens {max_new_tokens} = {total} exceeds the "
+            f"model's max_seq={model.max_seq}; shorten the prompt or ask for fewer tokens."
+        )
+
+
+@no_type_check  # validated below with messages that say how to fix the call
+def generate_batch(
+    model: AbstractLM,
+    prompts: Int[Array, "batch seq"],
+    lengths: Int[Array, " batch"] | None = None,
+    *,
+    max_new_tokens: int,
+    key: PRNGKey | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    pad_token: int = 0,
+    use_cache: bool = True,
+) -> Int[Array, "batch total"]:
+    """Continue a batch of prompts of different lengths, in one compiled program.
+
+    **Arguments:**
+
+    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens.
+    - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1.
+    - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
+    - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
+    - `pad_token`: fills positions after each row's prompt + generated tokens.
+    - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
+
+    **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
+    `max_new_tokens` generated tokens, then padding.
+    """
+    prompts = jnp.asarray(prompts)
+    if prompts.ndim != 2:
+        raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
+    _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, use_cache)
+    batch = prompts.shape[0]
+    if lengths is None:
+        lengths = jnp.full((batch,), prompts.shape[1], jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
+    if not isinstance(lengths, jax.core.Tracer) and (
+        bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > prompts.shape[1]))
+    ):
+        raise ShapeError(f"each prompt length must be in [1, {prompts.shape[1]}]; got {lengths.tolist()}.")
+    if key is None:
+        key = jax.random.key(0)
+    keys = jax.random.split(key, batch)
+    return _generate_batch_jit(
+        model, prompts.astype(jnp.int32), lengths, keys,
+        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
+        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+    )
+
+
+@no_type_check  # validated below with messages that say how to fix the call
+def generate(
+    model: AbstractLM,
+    prompt: Int[Array, " seq"],
+    *,
+    max_new_tokens: int,
+    key: PRNGKey | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token: int | None = None,
+    pad_token: int = 0,
+    use_cache: bool = True,
+) -> Int[Array, " total"]:
+    """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
+
+    The whole loop (prefill, then one token per step) runs inside one compiled program.
+
+    **Arguments:**
+
+    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `prompt`: token ids of one sequence (at least one token).
+    - `max_new_tokens`: how many tokens to generate.
+    - `key`: PRNG key for sampling (unused when greedy).
+    - `temperature`: 0 (default) is greedy decoding; higher is more random.
+    - `top_k`, `top_p`: optional top-k / nucleus filtering.
+    - `eos_token`: stop token; after it the output is `pad_token`.
+    - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
+
+    **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long.
+    """
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 1:
+        raise ShapeError(
+            f"generate takes one prompt of shape (seq,); got {shape_str(prompt.shape)}. "
+            "For several prompts use eqzoo.generation.generate_batch."
+        )
+    if prompt.shape[0] < 1:
+        raise ShapeError("generate needs a prompt of at least one token.")
+    return generate_batch(
+        model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
+        top_k=top_k, top_p=top_p, eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+    )[0]

@@ -1,0 +1,61 @@
+"""Turning next-token logits into a token: greedy, temperature, top-k and top-p (nucleus)."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .._errors import ConfigError
+from .._typing import PRNGKey
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise `ConfigError` for sampling settings outside their valid ranges."""
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be a positive integer or None, got {top_k}.")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}.")
+
+
+def sample_logits(
+    logits: Float[Array, " vocab"],
+    key: PRNGKey | None,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Int[Array, ""]:
+    """Choose the next token from one position's logits.
+
+    **Arguments:**
+
+    - `logits`: unnormalised scores over the vocabulary.
+    - `key`: PRNG key; needed unless `temperature == 0`.
+    - `temperature`: 0 picks the most likely token (greedy); otherwise logits are divided by it.
+    - `top_k`: keep only the `k` most likely tokens.
+    - `top_p`: keep the smallest set of most likely tokens whose probability reaches `p`
+      (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration").
+
+    **Returns:** the chosen token id, an int32 scalar.
+    """
+    check_sampling(temperature, top_k, top_p)
+    logits = logits.astype(jnp.float32)
+    if temperature == 0.0:
+        return jnp.argmax(logits).astype(jnp.int32)
+    if key is None:
+        raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+    logits = logits / temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if top_k is not None and top_k < logits.shape[0]:
+        kth = jax.lax.top_k(logits, top_k)[0][-1]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p is not None and top_p < 1.0:
+        order = jnp.argsort(-logits)
+        sorted_logits = logits[order]
+        probs = jax.nn.softmax(sorted_logits)
+        # Keep a token if the mass strictly before it is below p (so the first is always kept).
+        keep_sorted = (jnp.cumsum(probs) - probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
+        logits = jnp.where(keep, logits, neg_inf)
+    return jax.random.categorical(key, logits).astype(jnp.int32)
