@@ -1,0 +1,36 @@
+"""Training: `TrainState`, compiled train/eval steps, losses, precision, the `fit` loop, loggers."""
+
+from ._losses import (
+    classification_loss as classification_loss,
+    cross_entropy as cross_entropy,
+    lm_loss as lm_loss,
+    tree_global_norm as tree_global_norm,
+)
+from ._precision import (
+    DynamicLossScale as DynamicLossScale,
+    Precision as Precision,
+    cast_floating as cast_floating,
+)
+from ._state import StateParts as StateParts, TrainState as TrainState
+from ._step import (
+    EvalStep as EvalStep,
+    TrainStep as TrainStep,
+    make_eval_step as make_eval_step,
+    make_train_step as make_train_step,
+)
+
+__all__ = [
+    "DynamicLossScale",
+    "EvalStep",
+    "Precision",
+    "StateParts",
+    "TrainState",
+    "TrainStep",
+    "cast_floating",
+    "classification_loss",
+    "cross_entropy",
+    "lm_loss",
+    "make_eval_step",
+    "make_train_step",
+    "tree_global_norm",
+]

@@ -1,0 +1,129 @@
+"""Losses: cross-entropy with a mask, and a language-model loss that never materialises the
+float32 logits of the whole batch at once."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PyTree
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+
+
+def cross_entropy(
+    logits: Float[Array, "*batch vocab"],
+    targets: Int[Array, "*batch"],
+    mask: Bool[Array, "*batch"] | Float[Array, "*batch"] | None = None,
+) -> Float[Array, ""]:
+    """Mean negative log-likelihood of `targets` under `softmax(logits)`, computed in float32.
+
+    **Arguments:**
+
+    - `logits`: unnormalised scores, any leading shape.
+    - `targets`: integer class ids with the leading shape of `logits`.
+    - `mask`: optional weights (bool or float); masked-out positions do not count.
+
+    **Returns:** the mean over (unmasked) positions, a float32 scalar.
+    """
+    if logits.shape[:-1] != targets.shape:
+        raise ShapeError(
+            f"cross_entropy: logits {shape_str(logits.shape)} and targets {shape_str(targets.shape)} "
+            "must share their leading shape."
+        )
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    nll = lse - target_logit
+    if mask is None:
+        return jnp.mean(nll)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def _chunked_nll(features, head, targets, chunk_size):
+    """Per-position NLL, computing `chunk_size` rows of logits at a time (recomputed in backward)."""
+    seq = features.shape[0]
+    pad = (-seq) % chunk_size
+    if pad:
+        features = jnp.pad(features, ((0, pad), (0, 0)))
+        targets = jnp.pad(targets, (0, pad))
+    n = features.shape[0] // chunk_size
+    f = features.reshape(n, chunk_size, features.shape[-1])
+    t = targets.reshape(n, chunk_size)
+
+    @jax.checkpoint
+    def one(args):
+        fc, tc = args
+        logits = (fc @ head.T.astype(fc.dtype)).astype(jnp.float32)  # (chunk, vocab)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        tl = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return lse - tl
+
+    nll = jax.lax.map(one, (f, t)).reshape(-1)
+    return nll[:seq]
+
+
+def lm_loss(
+    model,
+    batch: dict[str, Array],
+    key: PRNGKey | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Next-token cross-entropy of an eqzoo language model on a batch.
+
+    **Arguments:**
+
+    - `model`: a [`eqzoo.models.GPT2`][] / [`eqzoo.models.Llama`][] (or any model with
+      `features(tokens)` and `head_weight()`).
+    - `batch`: `{"tokens": (batch, seq) int, "targets": (batch, seq) int}` and optionally
+      `"mask"`: (batch, seq) weights of positions that count.
+    - `key`: unused (no dropout); accepted so this is a `loss_fn(model, batch, key)`.
+    - `chunk_size`: if set, logits are formed `chunk_size` positions at a time in float32 and
+      recomputed in the backward pass, so the whole batch's float32 logits never exist at once.
+
+    **Returns:** `(loss, {"tokens": number of counted positions})`.
+    """
+    tokens, targets = batch["tokens"], batch["targets"]
+    if tokens.ndim != 2 or tokens.shape != targets.shape:
+        raise ShapeError(
+            f"lm_loss takes batch['tokens'] and batch['targets'] of one shape (batch, seq); got "
+            f"{shape_str(tokens.shape)} and {shape_str(targets.shape)}."
+        )
+    mask = batch.get("mask")
+    if chunk_size is None:
+        logits = jax.vmap(model)(tokens)
+        nll_mean = cross_entropy(logits, targets, mask)
+    else:
+        if chunk_size < 1:
+            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}.")
+        head = model.head_weight()
+        feats = jax.vmap(model.features)(tokens)
+        nll = jax.vmap(lambda f, t: _chunked_nll(f, head, t, chunk_size))(feats, targets)
+        if mask is None:
+            nll_mean = jnp.mean(nll)
+        else:
+            w = mask.astype(jnp.float32)
+            nll_mean = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+    count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
+    return nll_mean, {"tokens": count}
+
+
+def classification_loss(
+    model, batch: dict[str, Array], key: PRNGKey | None = None
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Softmax cross-entropy of a stateless classifier on `{"x": inputs, "y": labels}`.
+
+    **Returns:** `(loss, {"accuracy": fraction correct})`.
+    """
+    logits = jax.vmap(model)(batch["x"])
+    loss = cross_entropy(logits, batch["y"])
+    acc = jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))
+    return loss, {"accuracy": acc}
+
+
+def tree_global_norm(tree: PyTree) -> Float[Array, ""]:
+    """The L2 norm of all floating-point leaves of `tree` together, in float32."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))

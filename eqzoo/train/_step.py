@@ -1,0 +1,257 @@
+"""Compiled train and eval steps: pure functions of (state, batch), dispatched with low overhead."""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import PyTree
+
+from .._errors import ConfigError, ShapeError, shape_str
+from ._losses import tree_global_norm
+from ._precision import DynamicLossScale, Precision
+from ._state import StateParts, TrainState
+
+LossFn = Callable[..., Any]
+
+
+def _split_loss(out: Any, stateful: bool) -> tuple[jax.Array, Any, dict]:
+    """Normalise a loss function's return value to `(loss, model_state, aux)`."""
+    if stateful:
+        if not isinstance(out, tuple) or len(out) not in (2, 3):
+            raise ConfigError(
+                "with a model_state, loss_fn(model, model_state, batch, key) must return "
+                "(loss, model_state) or (loss, model_state, aux)."
+            )
+        return out[0], out[1], (out[2] if len(out) == 3 else {})
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise ConfigError("loss_fn(model, batch, key) must return a loss or (loss, aux).")
+        return out[0], None, out[1]
+    return out, None, {}
+
+
+def _check_scalar_loss(loss):
+    if not (hasattr(loss, "shape") and loss.shape == ()):
+        raise ShapeError(
+            f"loss_fn must return a scalar loss; got shape {shape_str(getattr(loss, 'shape', ()))}. "
+            "Reduce it with jnp.mean."
+        )
+
+
+def _microbatches(batch: PyTree, k: int) -> PyTree:
+    def split(x):
+        if x.ndim == 0 or x.shape[0] % k:
+            raise ShapeError(
+                f"gradient accumulation over {k} micro-batches needs every batch array's leading "
+                f"axis divisible by {k}; got an array of shape {shape_str(x.shape)}."
+            )
+        return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+class TrainStep:
+    """A compiled `step(state, batch) -> (state, metrics)`; made by [`eqzoo.train.make_train_step`][].
+
+    The first call for a given state structure traces and compiles; later calls dispatch the
+    cached executable over the state's flat arrays (donated, so the input state must not be used
+    again). Metrics are device scalars; convert with `float()` only when you log them.
+    """
+
+    def __init__(self, pure_step: Callable, donate: bool):
+        self._pure_step = pure_step
+        self._donate = donate
+        self._compiled: dict[Any, Callable] = {}
+
+    def _jitted(self, structure):
+        fn = self._compiled.get(structure)
+        if fn is None:
+            pure = self._pure_step
+
+            def flat_step(arrays, batch):
+                return pure(structure, arrays, batch)
+
+            fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else ())
+            self._compiled[structure] = fn
+        return fn
+
+    def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Take one optimizer step. **Returns:** `(new state, metrics)`."""
+        arrays, metrics = self._jitted(state.structure)(state.arrays, batch)
+        return state._with_arrays(arrays), metrics
+
+    def lower(self, state: TrainState, batch: PyTree):
+        """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead)."""
+        return self._jitted(state.structure).lower(state.arrays, batch)
+
+    @property
+    def num_compilations(self) -> int:
+        """How many distinct executables the step holds (one per state structure and batch shape)."""
+        return sum(f._cache_size() for f in self._compiled.values())
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    precision: Precision | None = None,
+    grad_accum_steps: int = 1,
+    donate: bool = True,
+) -> TrainStep:
+    """Build the compiled training step.
+
+    **Arguments:**
+
+    - `loss_fn`: `loss_fn(model, batch, key)` returning a scalar loss or `(loss, aux)` where
+      `aux` is a dict of scalars to report. For a state holding a `model_state` (BatchNorm), it is
+      called as `loss_fn(model, model_state, batch, key)` and returns `(loss, model_state)` or
+      `(loss, model_state, aux)`.
+    - `optimizer`: the optax transformation the state was created with.
+    - `precision`: a [`eqzoo.train.Precision`][] policy (default float32 throughout). With
+      `loss_scale="dynamic"` the optimizer state must come from `TrainState.create(...,
+      precision=...)`.
+    - `grad_accum_steps`: split each batch into this many micro-batches along the leading axis
+      and accumulate gradients with `lax.scan` inside the one compiled step.
+    - `donate`: donate the input state's buffers to the output (halves peak state memory).
+
+    **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
+    metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
+    """
+    precision = Precision() if precision is None else precision
+    if grad_accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
+    scaling = precision.loss_scale == "dynamic"
+
+    def pure_step(structure, arrays, batch):
+        parts: StateParts = structure.unflatten(arrays)
+        model, opt_state = parts.model, parts.opt_state
+        stateful = parts.model_state is not None
+        if scaling:
+            if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[1], DynamicLossScale)):
+                raise ConfigError(
+                    "precision uses dynamic loss scaling but the state has no loss scale: create it "
+                    "with TrainState.create(..., precision=precision)."
+                )
+            opt_state, loss_scale = opt_state
+            scale = loss_scale.scale
+        else:
+            scale = None
+        params, frozen = eqx.partition(model, structure.trainable)
+        key, step_key = jax.random.split(parts.key)
+
+        def compute(p, model_state, mb, k):
+            m = precision.cast_to_compute(eqx.combine(p, frozen))
+            if stateful:
+                out = loss_fn(m, model_state, mb, k)
+            else:
+                out = loss_fn(m, mb, k)
+            loss, new_model_state, aux = _split_loss(out, stateful)
+            _check_scalar_loss(loss)
+            loss = loss.astype(jnp.dtype(precision.output_dtype))
+            scaled = loss * scale.astype(loss.dtype) if scale is not None else loss
+            return scaled, (loss, new_model_state, aux)
+
+        grad_fn = jax.value_and_grad(compute, has_aux=True)
+        if grad_accum_steps == 1:
+            (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
+        else:
+            mbs = _microbatches(batch, grad_accum_steps)
+            keys = jax.random.split(step_key, grad_accum_steps)
+            zero_grads = jax.tree.map(jnp.zeros_like, params)
+            first_mb = jax.tree.map(lambda x: x[0], mbs)
+            aux_shape = jax.eval_shape(lambda: grad_fn(params, parts.model_state, first_mb, keys[0])[0][1][2])
+            zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+
+            def body(carry, xs):
+                g_acc, loss_acc, aux_acc, mstate = carry
+                mb, k = xs
+                (_, (loss, mstate, aux)), g = grad_fn(params, mstate, mb, k)
+                g_acc = jax.tree.map(jnp.add, g_acc, g)
+                aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
+                return (g_acc, loss_acc + loss, aux_acc, mstate), None
+
+            init = (zero_grads, jnp.zeros((), jnp.dtype(precision.output_dtype)), zero_aux, parts.model_state)
+            (grads, loss, aux, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
+            inv = 1.0 / grad_accum_steps
+            grads = jax.tree.map(lambda g: g * jnp.asarray(inv, g.dtype), grads)
+            loss = loss * jnp.asarray(inv, loss.dtype)
+            aux = jax.tree.map(lambda a: a * jnp.asarray(inv, a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, aux)
+
+        if scale is not None:
+            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+        grad_norm = tree_global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = eqx.apply_updates(params, updates)
+        if scaling:
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+            new_params = keep(new_params, params)
+            new_opt_state = keep(new_opt_state, opt_state)
+            new_opt_state = (new_opt_state, loss_scale.adjust(finite))
+        new_parts = StateParts(
+            eqx.combine(new_params, frozen), new_opt_state, parts.step + 1, key,
+            model_state if stateful else parts.model_state,
+        )
+        new_arrays, new_treedef = jax.tree.flatten(eqx.filter(new_parts, eqx.is_array))
+        if new_treedef != structure.treedef:
+            raise ConfigError(
+                "the train step changed the structure of the state (for example the optimizer "
+                "state or the model_state returned by loss_fn has a different tree structure)."
+            )
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+        if scaling:
+            metrics["loss_scale"] = new_opt_state[1].scale
+        return tuple(new_arrays), metrics
+
+    return TrainStep(pure_step, donate)
+
+
+class EvalStep:
+    """A compiled `metrics = evaluate(state, batch)`; made by [`eqzoo.train.make_eval_step`][]."""
+
+    def __init__(self, pure: Callable):
+        self._pure = pure
+        self._compiled: dict[Any, Callable] = {}
+
+    def __call__(self, state: TrainState, batch: PyTree) -> dict[str, jax.Array]:
+        """Evaluate on one batch. **Returns:** a dict of device scalars."""
+        fn = self._compiled.get(state.structure)
+        if fn is None:
+            structure = state.structure
+            fn = jax.jit(lambda arrays, b: self._pure(structure, arrays, b))
+            self._compiled[structure] = fn
+        return fn(state.arrays, batch)
+
+
+def make_eval_step(metric_fn: LossFn, *, precision: Precision | None = None) -> EvalStep:
+    """Build a compiled evaluation step.
+
+    **Arguments:**
+
+    - `metric_fn`: `metric_fn(model, batch, key)` (or `metric_fn(model, model_state, batch,
+      key)` for stateful models) returning a scalar, `(loss, aux)` or, for stateful models,
+      `(loss, model_state[, aux])` — the same contract as a loss function, so a loss function can
+      be reused. The model is put in inference mode (`eqx.nn.inference_mode`) first.
+    - `precision`: compute-dtype policy, as for training.
+
+    **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
+    and the aux entries.
+    """
+    precision = Precision() if precision is None else precision
+
+    def pure(structure, arrays, batch):
+        parts: StateParts = structure.unflatten(arrays)
+        model = precision.cast_to_compute(eqx.nn.inference_mode(parts.model))
+        stateful = parts.model_state is not None
+        if stateful:
+            out = metric_fn(model, parts.model_state, batch, None)
+        else:
+            out = metric_fn(model, batch, None)
+        loss, _, aux = _split_loss(out, stateful)
+        _check_scalar_loss(loss)
+        return {"loss": loss.astype(jnp.float32), **aux}
+
+    return EvalStep(pure)
