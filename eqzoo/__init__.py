@@ -4,9 +4,9 @@ Subpackages: `eqzoo.nn`, `eqzoo.models`, `eqzoo.train`, `eqzoo.data`, `eqzoo.gen
 Optional extras are imported explicitly: `eqzoo.hf`, `eqzoo.bayes`, `eqzoo.sciml`.
 """
 
-from . import data as data, generation as generation, models as models, nn as nn
+from . import data as data, generation as generation, models as models, nn as nn, train as train
 from .generation import generate as generate
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "generate", "generation", "models", "nn"]
+__all__ = ["data", "generate", "generation", "models", "nn", "train"]

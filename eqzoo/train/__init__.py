@@ -1,5 +1,12 @@
 """Training: `TrainState`, compiled train/eval steps, losses, precision, the `fit` loop, loggers."""
 
+from ._fit import Callback as Callback, FitResult as FitResult, evaluate as evaluate, fit as fit
+from ._loggers import (
+    ConsoleLogger as ConsoleLogger,
+    JSONLLogger as JSONLLogger,
+    Logger as Logger,
+    TensorBoardLogger as TensorBoardLogger,
+)
 from ._losses import (
     classification_loss as classification_loss,
     cross_entropy as cross_entropy,
@@ -20,6 +27,14 @@ from ._step import (
 )
 
 __all__ = [
+    "Callback",
+    "ConsoleLogger",
+    "FitResult",
+    "JSONLLogger",
+    "Logger",
+    "TensorBoardLogger",
+    "evaluate",
+    "fit",
     "DynamicLossScale",
     "EvalStep",
     "Precision",

@@ -1,0 +1,140 @@
+"""`fit`: the thin loop around a compiled train step — logging, evaluation, callbacks."""
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+
+from .._errors import ConfigError
+from ._loggers import Logger
+from ._state import TrainState
+from ._step import EvalStep, TrainStep
+
+Callback = Callable[[int, TrainState, dict[str, float]], bool | None]
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What [`eqzoo.train.fit`][] returns.
+
+    **Attributes:** `state` (the final `TrainState`), `history` (every logged record, a list of
+    dicts with `step` and float metrics), `stopped_early` (a callback asked to stop).
+    """
+
+    state: TrainState
+    history: list[dict[str, float]]
+    stopped_early: bool = False
+
+    def last(self, key: str) -> float:
+        """The most recent logged value of `key` (e.g. `"train/loss"`)."""
+        for record in reversed(self.history):
+            if key in record:
+                return record[key]
+        raise KeyError(f"no logged metric {key!r}; logged keys: {sorted({k for r in self.history for k in r})}")
+
+
+def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> dict[str, float]:
+    """Average `eval_step` metrics over `batches` (each metric weighted equally per batch)."""
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in batches:
+        metrics = jax.device_get(eval_step(state, batch))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    if n == 0:
+        raise ConfigError("evaluate got no batches; check the eval data source.")
+    return {k: v / n for k, v in sums.items()}
+
+
+def fit(
+    state: TrainState,
+    train_step: TrainStep,
+    batches: Iterable[Any],
+    *,
+    num_steps: int,
+    eval_step: EvalStep | None = None,
+    eval_batches: Callable[[], Iterable[Any]] | None = None,
+    eval_every: int | None = None,
+    log_every: int = 10,
+    loggers: Iterable[Logger] = (),
+    callbacks: Iterable[Callback] = (),
+    checkpointer: Any = None,
+) -> FitResult:
+    """Train until `state.step == num_steps`, logging, evaluating and calling back on the way.
+
+    The loop only dispatches compiled steps; it reads metrics back to the host every `log_every`
+    steps (so the device is not synchronised every step).
+
+    **Arguments:**
+
+    - `state`: the starting [`eqzoo.train.TrainState`][] (its `step` may be > 0 when resuming).
+    - `train_step`: from [`eqzoo.train.make_train_step`][].
+    - `batches`: an iterator of batches (e.g. an `eqzoo.data.TokenLoader`).
+    - `num_steps`: the total step count to reach.
+    - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
+      `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
+      step; logged as `eval/<name>`.
+    - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
+      last log).
+    - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`.
+    - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
+    - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False) -> bool`
+      and `should_stop() -> bool`, called after every step (see `eqzoo.checkpoint`).
+
+    **Returns:** a [`eqzoo.train.FitResult`][].
+    """
+    if num_steps < 0 or log_every < 1:
+        raise ConfigError(f"need num_steps >= 0 and log_every >= 1; got {num_steps} and {log_every}.")
+    if (eval_step is None) != (eval_batches is None):
+        raise ConfigError("pass eval_step and eval_batches together (or neither).")
+    loggers = list(loggers)
+    callbacks = list(callbacks)
+    iterator: Iterator[Any] = iter(batches)
+    step = int(state.step)
+    history: list[dict[str, float]] = []
+    pending: list[dict[str, jax.Array]] = []
+    stopped = False
+    last_time = time.perf_counter()
+    last_step = step
+
+    def emit(record: dict[str, float]) -> None:
+        history.append(record)
+        for logger in loggers:
+            logger.log(int(record["step"]), {k: v for k, v in record.items() if k != "step"})
+
+    def run_eval() -> dict[str, float]:
+        assert eval_step is not None and eval_batches is not None
+        return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
+
+    while step < num_steps:
+        state, metrics = train_step(state, next(iterator))
+        step += 1
+        pending.append(metrics)
+        is_last = step == num_steps
+        if step % log_every == 0 or is_last:
+            host = jax.device_get(pending)
+            pending = []
+            now = time.perf_counter()
+            record = {"step": float(step)}
+            for k in host[0]:
+                record[f"train/{k}"] = float(np.mean([m[k] for m in host]))
+            record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            if eval_step is not None and (step % (eval_every or num_steps) == 0 or is_last):
+                record.update(run_eval())
+            emit(record)
+            if any(cb(step, state, record) for cb in callbacks):
+                stopped = True
+        if checkpointer is not None:
+            checkpointer.maybe_save(state, batches, force=is_last or stopped)
+            if checkpointer.should_stop():
+                stopped = True
+        if stopped:
+            break
+    for logger in loggers:
+        logger.close()
+    return FitResult(state, history, stopped)
