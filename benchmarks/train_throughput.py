@@ -1,0 +1,134 @@
+"""Training throughput of an eqzoo preset through `make_train_step`, as one JSON line.
+
+Trains the real model on random tokens (the loss must fall) and reports tokens/s, step time,
+model FLOPs utilisation (MFU: `flops_per_token * tokens/s / peak`, with the config's
+`6 N + 12 L d T` count), compile time and peak memory.
+
+    python benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 50 --json
+    python benchmarks/train_throughput.py --smoke --json          # tiny, for CI on CPU
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import eqzoo
+from eqzoo import train
+
+
+def peak_memory_gib(compiled) -> tuple[float, str]:
+    """Peak device memory: the allocator's figure on GPU/TPU, XLA's static estimate on CPU."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**30, "allocator"
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    return total / 2**30, "xla_estimate"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--remat", default=None, help="override the preset's remat policy")
+    p.add_argument("--scan", choices=["auto", "true", "false"], default="auto")
+    p.add_argument("--chunk-size", type=int, default=None, help="chunked cross-entropy rows")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, 64, 8, 2
+
+    overrides = {"attention_backend": args.attention}
+    if args.remat is not None:
+        overrides["remat"] = args.remat
+    if args.scan != "auto":
+        overrides["scan_layers"] = args.scan == "true"
+    config = eqzoo.models.get_config(args.preset, **overrides)
+    if args.seq > config.max_seq:
+        overrides["max_seq"] = args.seq
+        config = eqzoo.models.get_config(args.preset, **overrides)
+    model = eqzoo.models.create(config, key=jax.random.key(0))
+    optimizer = optax.adamw(3e-4, b2=0.95, weight_decay=0.1)
+    precision = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
+    state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
+    del model
+    loss_fn = train.lm_loss if args.chunk_size is None else (
+        lambda m, b, k: train.lm_loss(m, b, k, chunk_size=args.chunk_size))
+    step = train.make_train_step(loss_fn, optimizer, precision=precision)
+
+    rng = np.random.default_rng(0)
+    # A fixed small set of batches so the model can fit them and the loss must fall.
+    batches = []
+    for _ in range(4):
+        tok = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+        batches.append({"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])})
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+
+    losses = []
+    for i in range(args.warmup):
+        state, m = step(state, batches[i % 4])
+        losses.append(m["loss"])
+    jax.block_until_ready(state.arrays)
+    t0 = time.perf_counter()
+    for i in range(args.steps):
+        state, m = step(state, batches[i % 4])
+        losses.append(m["loss"])
+    jax.block_until_ready(state.arrays)
+    elapsed = time.perf_counter() - t0
+    losses = [float(x) for x in losses]
+
+    tokens_per_s = args.batch * args.seq * args.steps / elapsed
+    flops = config.flops_per_token(args.seq)
+    peak, peak_source = peak_memory_gib(compiled)
+    result = {
+        "benchmark": "train_throughput",
+        "preset": args.preset,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "precision": args.precision,
+        "remat": config.remat,
+        "scan_layers": config.scan_layers,
+        "attention": args.attention,
+        "chunk_size": args.chunk_size,
+        "params": config.num_params(),
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1e3 * elapsed / args.steps,
+        "mfu": flops * tokens_per_s / (args.peak_tflops * 1e12),
+        "compile_s": compile_s,
+        "peak_memory_gib": peak,
+        "peak_memory_source": peak_source,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_fell": losses[-1] < losses[0],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>20}: {v}")
+    if not result["loss_fell"]:
+        print("loss did not fall over the run", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["loss_fell"] else 1)
