@@ -5,11 +5,12 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO, runtime_checkable
 
 from .._errors import require
 
 
+@runtime_checkable
 class Logger(Protocol):
     """What [`eqzoo.train.fit`][] calls: `log(step, metrics)` with floats, then `close()`."""
 
