@@ -1,0 +1,226 @@
+"""Conversion between Hugging Face `config.json` dicts and eqzoo's frozen model configs."""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import ConfigError
+from ..models import GPT2Config, LlamaConfig
+from ..nn import RopeScaling
+from ._errors import HFFormatError
+
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "GPT2LMHeadModel": "gpt2",
+    "LlamaForCausalLM": "llama",
+}
+"""The Hugging Face `architectures` eqzoo reads and writes, with their `model_type`."""
+
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def _supported() -> str:
+    return ", ".join(f"{a} (model_type {t!r})" for a, t in SUPPORTED_ARCHITECTURES.items())
+
+
+def _family(d: Mapping[str, Any]) -> str:
+    model_type = d.get("model_type")
+    architectures = d.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    known = [a for a in architectures if a in SUPPORTED_ARCHITECTURES]
+    if architectures and not known:
+        raise HFFormatError(
+            f"unsupported architectures {list(architectures)} (model_type {model_type!r}); "
+            f"eqzoo.hf supports {_supported()}."
+        )
+    if known:
+        family = SUPPORTED_ARCHITECTURES[known[0]]
+        if model_type is not None and model_type != family:
+            raise HFFormatError(
+                f"config.json says architectures {list(architectures)} but model_type "
+                f"{model_type!r}; expected model_type {family!r} for {known[0]}."
+            )
+        return family
+    if model_type in SUPPORTED_ARCHITECTURES.values():
+        return model_type
+    raise HFFormatError(
+        f"unsupported model_type {model_type!r} (architectures {list(architectures)}); "
+        f"eqzoo.hf supports {_supported()}."
+    )
+
+
+def _require(d: Mapping[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if d.get(k) is None]
+    if missing:
+        raise HFFormatError(f"config.json of model_type {d.get('model_type')!r} lacks {missing}.")
+
+
+def _unsupported(d: Mapping[str, Any], key: str, value: Any, why: str) -> HFFormatError:
+    return HFFormatError(f"config.json has {key}={value!r}, which eqzoo does not support: {why}.")
+
+
+def _gpt2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    _require(d, "vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
+    embed = int(d["n_embd"])
+    inner = d.get("n_inner")
+    inner = 4 * embed if inner is None else int(inner)
+    if inner % embed:
+        raise _unsupported(d, "n_inner", inner, f"the MLP width must be a multiple of n_embd={embed}")
+    act = d.get("activation_function", "gelu_new")
+    if act not in _GELU_TANH:
+        raise _unsupported(d, "activation_function", act, f"eqzoo's GPT-2 uses the tanh GELU ({_GELU_TANH})")
+    if not d.get("tie_word_embeddings", True):
+        raise _unsupported(d, "tie_word_embeddings", False, "eqzoo's GPT-2 always ties its output head")
+    if not d.get("scale_attn_weights", True):
+        raise _unsupported(d, "scale_attn_weights", False, "attention is always scaled by 1/sqrt(head_dim)")
+    if d.get("scale_attn_by_inverse_layer_idx", False):
+        raise _unsupported(d, "scale_attn_by_inverse_layer_idx", True, "not implemented")
+    if d.get("add_cross_attention", False):
+        raise _unsupported(d, "add_cross_attention", True, "eqzoo's GPT-2 is decoder-only")
+    return dict(
+        vocab_size=int(d["vocab_size"]), max_seq=int(d["n_positions"]), num_layers=int(d["n_layer"]),
+        num_heads=int(d["n_head"]), embed_dim=embed, mlp_ratio=inner // embed,
+        layer_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+    )
+
+
+def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+    # transformers 5 writes `rope_parameters` (holding rope_theta); 4.x wrote `rope_theta` and
+    # `rope_scaling` (with "type" in the oldest files, "rope_type" later).
+    params = dict(d.get("rope_parameters") or {})
+    scaling = dict(d.get("rope_scaling") or {})
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    merged = {**scaling, **params}
+    rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type != "llama3":
+        raise _unsupported(d, "rope_type", rope_type, "only 'default' and 'llama3' rotary embeddings are implemented")
+    try:
+        scaling_obj = RopeScaling(
+            factor=float(merged["factor"]),
+            low_freq_factor=float(merged["low_freq_factor"]),
+            high_freq_factor=float(merged["high_freq_factor"]),
+            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+        )
+    except KeyError as err:
+        raise HFFormatError(f"config.json's llama3 rope scaling lacks {err.args[0]!r}.") from None
+    return float(theta), scaling_obj
+
+
+def _llama_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    _require(d, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise _unsupported(d, "hidden_act", act, "eqzoo's Llama uses SwiGLU with silu")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key, False):
+            raise _unsupported(d, key, True, "eqzoo's Llama has no biases")
+    heads = int(d["num_attention_heads"])
+    embed = int(d["hidden_size"])
+    head_dim = d.get("head_dim")
+    if head_dim is not None and int(head_dim) == embed // heads and embed % heads == 0:
+        head_dim = None  # the default: keep eqzoo configs equal whichever way HF spelled it
+    theta, scaling = _rope_from_hf(d)
+    kv_heads = d.get("num_key_value_heads")
+    return dict(
+        vocab_size=int(d["vocab_size"]), max_seq=int(d.get("max_position_embeddings", 2048)),
+        num_layers=int(d["num_hidden_layers"]), num_heads=heads,
+        num_kv_heads=heads if kv_heads is None else int(kv_heads), embed_dim=embed,
+        hidden_dim=int(d["intermediate_size"]), head_dim=None if head_dim is None else int(head_dim),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+    )
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig:
+    """The eqzoo config described by a Hugging Face `config.json` dict.
+
+    Reads `GPT2LMHeadModel` and `LlamaForCausalLM` configs, including grouped-query attention
+    (`num_key_value_heads`), `head_dim`, `rope_theta`, Llama-3 `rope_scaling` (in both the
+    transformers 4 `rope_theta`/`rope_scaling` and the transformers 5 `rope_parameters`
+    spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`.
+
+    **Arguments:**
+
+    - `hf_config`: the parsed `config.json`.
+    - `overrides`: fields of the eqzoo config to replace, typically the ones HF does not know
+      about: `remat`, `scan_layers`, `attention_backend`.
+
+    **Returns:** a [`eqzoo.models.GPT2Config`][] or [`eqzoo.models.LlamaConfig`][].
+
+    **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
+    ones) or option; `ConfigError` for an unknown override.
+    """
+    family = _family(hf_config)
+    cls = GPT2Config if family == "gpt2" else LlamaConfig
+    fields = _gpt2_from_hf(hf_config) if family == "gpt2" else _llama_from_hf(hf_config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ConfigError(f"config_from_hf: {cls.__name__} has no fields {unknown}; valid fields: {sorted(names)}.")
+    return cls(**{**fields, **overrides})
+
+
+def config_to_hf(config: GPT2Config | LlamaConfig) -> dict[str, Any]:
+    """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
+
+    eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`) are not written. Llama
+    rotary settings are written both as transformers 5 `rope_parameters` and as the older
+    `rope_theta` / `rope_scaling` keys, so either major version reads them.
+
+    **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][] or [`eqzoo.models.LlamaConfig`][].
+
+    **Returns:** a JSON-able dict with `architectures` and `model_type`.
+    """
+    if isinstance(config, GPT2Config):
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.max_seq,
+            "n_layer": config.num_layers,
+            "n_head": config.num_heads,
+            "n_embd": config.embed_dim,
+            "n_inner": config.hidden_dim,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.layer_norm_eps,
+            "tie_word_embeddings": True,
+            "scale_attn_weights": True,
+            "bos_token_id": None,
+            "eos_token_id": None,
+        }
+    c = config
+    scaling = None
+    rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling is not None:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": c.rope_scaling.factor,
+            "low_freq_factor": c.rope_scaling.low_freq_factor,
+            "high_freq_factor": c.rope_scaling.high_freq_factor,
+            "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
+        }
+        rope_parameters = {**scaling, "rope_theta": c.rope_theta}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_seq,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "hidden_size": c.embed_dim,
+        "intermediate_size": c.hidden_dim,
+        "head_dim": c.resolved_head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": rope_parameters,
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }

@@ -1,0 +1,120 @@
+"""Finding and reading the files of a Hugging Face checkpoint folder (safetensors only)."""
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import require
+from ._errors import HFFormatError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_NAME = "tokenizer.json"
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def as_folder(path: str | os.PathLike[str]) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "nothing"
+        raise HFFormatError(
+            f"{str(folder)!r} is {what}; pass the folder of a Hugging Face checkpoint (holding "
+            f"{CONFIG_NAME} and {WEIGHTS_NAME}). eqzoo.hf never downloads: fetch the model first, "
+            "for example with `huggingface-cli download NAME --local-dir DIR`."
+        )
+    return folder
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The parsed `config.json` of `folder`."""
+    file = folder / CONFIG_NAME
+    if not file.is_file():
+        raise HFFormatError(
+            f"no {CONFIG_NAME} in {str(folder)!r} (found: {sorted(p.name for p in folder.iterdir())}); "
+            "a Hugging Face checkpoint folder needs the model's config.json beside its weights."
+        )
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise HFFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
+    if not isinstance(config, dict):
+        raise HFFormatError(f"{str(file)!r} must hold a JSON object, got {type(config).__name__}.")
+    return config
+
+
+def _refuse_pickle(folder: Path, found: list[str]) -> HFFormatError:
+    return HFFormatError(
+        f"{str(folder)!r} holds only pickle-based weights ({found}) and no {WEIGHTS_NAME}. eqzoo "
+        "never loads pickle: unpickling can run arbitrary code. Convert the checkpoint once, in a "
+        "trusted environment and only if you trust its source, with\n"
+        f"    python -c \"from transformers import AutoModelForCausalLM as M; "
+        f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\"\n"
+        "then load the new folder (copy its tokenizer files too)."
+    )
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of the checkpoint in `folder`: one file, or the shards of an index."""
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise HFFormatError(f"{str(index)!r} is not a safetensors index (a JSON object with a 'weight_map').") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise HFFormatError(f"{INDEX_NAME} in {str(folder)!r} names shard files that are missing: {missing}.")
+        return [folder / s for s in shards]
+    single = folder / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickled:
+        raise _refuse_pickle(folder, pickled)
+    raise HFFormatError(
+        f"no {WEIGHTS_NAME} or {INDEX_NAME} in {str(folder)!r} "
+        f"(found: {sorted(p.name for p in folder.iterdir())})."
+    )
+
+
+class TensorReader(contextlib.ExitStack):
+    """Reads tensors one at a time (or parts of them) from a set of safetensors files.
+
+    Use as a context manager; the files are memory-mapped and closed on exit.
+    """
+
+    def __init__(self, files: list[Path]):
+        super().__init__()
+        self.files = files
+        self._where: dict[str, Any] = {}
+
+    def __enter__(self) -> "TensorReader":
+        super().__enter__()
+        safetensors = require("safetensors", "hf")
+        for file in self.files:
+            try:
+                handle = self.enter_context(safetensors.safe_open(str(file), framework="numpy"))
+            except Exception as err:  # safetensors raises its own error types for corrupt headers
+                self.close()
+                raise HFFormatError(f"cannot read {str(file)!r} as safetensors: {err}") from None
+            for name in handle.keys():
+                self._where[name] = handle
+        return self
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in self._where[name].get_slice(name).get_shape())
+
+    def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` of the tensor `name`, reading only that part from disk."""
+        return np.asarray(self._where[name].get_slice(name)[index])

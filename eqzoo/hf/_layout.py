@@ -1,0 +1,127 @@
+"""Where each parameter of an eqzoo model lives in a Hugging Face state dict, and how it is laid out.
+
+One table per model family, used in both directions by the loader and the saver.
+"""
+
+import dataclasses
+import functools
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from ..models import GPT2Config, LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One eqzoo array leaf and the Hugging Face tensor(s) it comes from.
+
+    - `path`: attribute names from the model to the leaf, e.g. `("embed", "weight")`.
+    - `hf_name`: the HF tensor name; `{i}` stands for the layer index when the leaf is a layer
+      parameter stacked along a leading axis in `Stacked.layers`.
+    - `transpose`: HF stores the transpose (GPT-2's `Conv1D` keeps weights as (in, out)).
+    - `part`: `(k, n)` when the leaf is the `k`-th of `n` equal chunks of the HF tensor's last
+      axis (GPT-2 fuses q, k and v into one `c_attn`).
+    """
+
+    path: tuple[str, ...]
+    hf_name: str
+    transpose: bool = False
+    part: tuple[int, int] | None = None
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf_name
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+    def hf_names(self, num_layers: int) -> list[str]:
+        if not self.stacked:
+            return [self.hf_name]
+        return [self.hf_name.format(i=i) for i in range(num_layers)]
+
+    def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of the HF tensor given the shape of (one layer of) the eqzoo leaf."""
+        shape = tuple(reversed(leaf_shape)) if self.transpose else tuple(leaf_shape)
+        if self.part is not None:
+            shape = shape[:-1] + (shape[-1] * self.part[1],)
+        return shape
+
+    def hf_index(self, leaf_shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """Which part of the HF tensor holds this leaf."""
+        hf_shape = self.hf_shape(leaf_shape)
+        index = [slice(0, n) for n in hf_shape]
+        if self.part is not None:
+            k, n = self.part
+            width = hf_shape[-1] // n
+            index[-1] = slice(k * width, (k + 1) * width)
+        return tuple(index)
+
+
+def get_path(tree: Any, path: Iterable[str]) -> Any:
+    """`tree.a.b.c` for `path == ("a", "b", "c")`."""
+    return functools.reduce(getattr, path, tree)
+
+
+def _gpt2_rules(prefix: str) -> list[TensorRule]:
+    p, h = prefix, f"{prefix}h.{{i}}."
+    layer = ("blocks", "layers")
+    rules = [
+        TensorRule(("embed", "weight"), f"{p}wte.weight"),
+        TensorRule(("pos_embed", "weight"), f"{p}wpe.weight"),
+        TensorRule(("final_norm", "weight"), f"{p}ln_f.weight"),
+        TensorRule(("final_norm", "bias"), f"{p}ln_f.bias"),
+    ]
+    for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+        for leaf in ("weight", "bias"):
+            rules.append(TensorRule(layer + (ours, leaf), f"{h}{theirs}.{leaf}"))
+    for k, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        rules.append(TensorRule(layer + ("attn", proj, "weight"), f"{h}attn.c_attn.weight", True, (k, 3)))
+        rules.append(TensorRule(layer + ("attn", proj, "bias"), f"{h}attn.c_attn.bias", False, (k, 3)))
+    for ours, theirs in ((("attn", "o_proj"), "attn.c_proj"), (("mlp", "up"), "mlp.c_fc"), (("mlp", "down"), "mlp.c_proj")):
+        rules.append(TensorRule(layer + ours + ("weight",), f"{h}{theirs}.weight", True))
+        rules.append(TensorRule(layer + ours + ("bias",), f"{h}{theirs}.bias"))
+    return rules
+
+
+def _llama_rules(tied: bool) -> list[TensorRule]:
+    h = "model.layers.{i}."
+    layer = ("blocks", "layers")
+    rules = [
+        TensorRule(("embed", "weight"), "model.embed_tokens.weight"),
+        TensorRule(("final_norm", "weight"), "model.norm.weight"),
+        TensorRule(layer + ("attn_norm", "weight"), f"{h}input_layernorm.weight"),
+        TensorRule(layer + ("mlp_norm", "weight"), f"{h}post_attention_layernorm.weight"),
+    ]
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        rules.append(TensorRule(layer + ("attn", proj, "weight"), f"{h}self_attn.{proj}.weight"))
+    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        rules.append(TensorRule(layer + ("mlp", ours, "weight"), f"{h}mlp.{theirs}.weight"))
+    if not tied:
+        rules.append(TensorRule(("lm_head", "weight"), "lm_head.weight"))
+    return rules
+
+
+# Tensors some checkpoints carry that are not parameters (constant buffers, or a tied head
+# written out twice); they are skipped on load. `{p}` is the GPT-2 prefix.
+_GPT2_IGNORED = (r"{p}h\.\d+\.attn\.bias", r"{p}h\.\d+\.attn\.masked_bias", r"lm_head\.weight")
+_LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+
+
+def rules_for(config: GPT2Config | LlamaConfig, names: Iterable[str] = ()) -> tuple[list[TensorRule], re.Pattern[str]]:
+    """The tensor rules of a model with `config`, and a pattern matching ignorable tensor names.
+
+    `names` (the checkpoint's tensor names, if loading) decides GPT-2's prefix: files written by
+    `GPT2LMHeadModel` say `transformer.wte.weight`, the original OpenAI conversions `wte.weight`.
+    """
+    if isinstance(config, GPT2Config):
+        names = set(names)
+        prefix = "" if "wte.weight" in names and "transformer.wte.weight" not in names else "transformer."
+        ignored = [pat.replace("{p}", re.escape(prefix)) for pat in _GPT2_IGNORED]
+        return _gpt2_rules(prefix), re.compile("|".join(ignored))
+    ignored = list(_LLAMA_IGNORED)
+    if config.tie_embeddings:
+        ignored.append(r"lm_head\.weight")
+    return _llama_rules(config.tie_embeddings), re.compile("|".join(ignored))

@@ -1,0 +1,172 @@
+"""Loading a Hugging Face safetensors checkpoint into an eqzoo model, tensor by tensor."""
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Sharding
+from jax.typing import DTypeLike
+
+from .._errors import ConfigError, EqzooError
+from ..models import GPT2, GPT2Config, Llama
+from ._config import config_from_hf
+from ._errors import HFFormatError
+from ._files import TensorReader, as_folder, read_config, weight_files
+from ._layout import TensorRule, get_path, rules_for
+
+ShardingSpec = Sharding | Callable[[str, jax.ShapeDtypeStruct], Sharding | None] | eqx.Module | None
+"""A `Sharding` for every parameter; a callable `(path, shape_dtype) -> Sharding | None`, where
+`path` is the parameter's dotted attribute path such as `"blocks.layers.attn.q_proj.weight"`; or
+a pytree shaped like the model with a `Sharding` (or `None`) per array; or `None` (default device)."""
+
+_SHOWN = 8  # how many offending tensor names an error message lists
+
+
+def _names_of(keypath) -> tuple[str, ...]:
+    names = []
+    for key in keypath:
+        if not isinstance(key, jax.tree_util.GetAttrKey):
+            raise EqzooError(f"eqzoo.hf cannot map a model leaf at {jax.tree_util.keystr(keypath)}.")
+        names.append(key.name)
+    return tuple(names)
+
+
+def _listing(names: list[str]) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+    return ", ".join(repr(n) for n in names[:_SHOWN]) + more
+
+
+def _target_sharding(sharding: Any, rule: TensorRule, leaf: jax.ShapeDtypeStruct) -> Sharding | None:
+    if sharding is None or isinstance(sharding, Sharding):
+        return sharding
+    if isinstance(sharding, eqx.Module):  # a model-shaped pytree of shardings
+        try:
+            target = get_path(sharding, rule.path)
+        except AttributeError:
+            raise ConfigError(f"the sharding pytree has no entry at {rule.dotted!r}; give it the model's structure.") from None
+    elif callable(sharding):
+        target = sharding(rule.dotted, leaf)
+    else:
+        raise ConfigError(
+            f"sharding must be a jax.sharding.Sharding, a callable (path, shape_dtype) -> Sharding, "
+            f"or a model-shaped pytree of shardings; got {type(sharding).__name__}."
+        )
+    if target is not None and not isinstance(target, Sharding):
+        raise ConfigError(f"the sharding for {rule.dotted!r} is a {type(target).__name__}, not a jax.sharding.Sharding.")
+    return target
+
+
+def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[tuple[str, ...], tuple[int, ...]], num_layers: int, ignored, folder) -> None:
+    present = reader.names()
+    wanted: dict[str, tuple[int, ...]] = {}
+    for rule in rules:
+        shape = shapes[rule.path][1:] if rule.stacked else shapes[rule.path]
+        for name in rule.hf_names(num_layers):
+            wanted[name] = rule.hf_shape(shape)
+    missing = [n for n in wanted if n not in present]
+    if missing:
+        raise HFFormatError(
+            f"the checkpoint in {str(folder)!r} is missing tensor(s) {_listing(missing)} that its "
+            "config.json implies; the weights and config.json do not belong together."
+        )
+    unexpected = [n for n in present - set(wanted) if not ignored.fullmatch(n)]
+    if unexpected:
+        raise HFFormatError(
+            f"the checkpoint in {str(folder)!r} has unexpected tensor(s) {_listing(unexpected)} that an "
+            "eqzoo model of its config.json has no place for (a different architecture, or extra heads)."
+        )
+    for name, expected in wanted.items():
+        found = reader.shape(name)
+        if found != expected:
+            raise HFFormatError(
+                f"tensor {name!r} has shape {found} but config.json implies {expected}; "
+                "the weights and config.json do not belong together."
+            )
+
+
+def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ...], num_layers: int, dtype) -> np.ndarray:
+    shape = leaf_shape[1:] if rule.stacked else leaf_shape
+    index = rule.hf_index(shape)
+    out = None
+    for i, name in enumerate(rule.hf_names(num_layers)):
+        x = reader.read(name, index)
+        if rule.transpose:
+            x = x.T
+        if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(dtype)
+        if not rule.stacked:
+            return np.ascontiguousarray(x)
+        if out is None:  # one host buffer per stacked parameter, filled layer by layer
+            out = np.empty(leaf_shape, dtype=x.dtype)
+        out[i] = x
+    assert out is not None
+    return out
+
+
+@no_type_check  # arguments are validated inside, with messages that say what is supported
+def load_pretrained(
+    path: str | os.PathLike[str],
+    *,
+    dtype: DTypeLike | None = None,
+    sharding: ShardingSpec = None,
+    config_overrides: Mapping[str, Any] | None = None,
+) -> GPT2 | Llama:
+    """Load a local Hugging Face checkpoint folder as an eqzoo model.
+
+    The folder holds `config.json` and `model.safetensors`, or shards
+    `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`. Supported:
+    `GPT2LMHeadModel` and `LlamaForCausalLM` (grouped-query attention, tied or untied head,
+    `head_dim`, `rope_theta`, Llama-3 `rope_scaling`). The model's structure is built with
+    `equinox.filter_eval_shape`, so no random initialisation is allocated; every tensor is then
+    read from its memory-mapped file (only the part needed), cast, and placed with
+    `jax.device_put` on its target sharding. Per-layer tensors are stacked into
+    `Stacked.layers` along the leading axis: host memory peaks at one stacked parameter.
+
+    **Arguments:**
+
+    - `path`: the checkpoint folder. Nothing is downloaded.
+    - `dtype`: cast floating-point parameters to this dtype (e.g. `jnp.bfloat16`, or
+      `jnp.float32` for fp32 master weights from a bf16 checkpoint); `None` keeps the dtypes
+      stored in the file.
+    - `sharding`: where parameters go: a `jax.sharding.Sharding` for all of them, a callable
+      `(path, shape_dtype) -> Sharding | None` given each parameter's dotted path (e.g.
+      `"blocks.layers.attn.q_proj.weight"`, with the leading layer axis in `shape_dtype`), a
+      model-shaped pytree of shardings, or `None` for the default device.
+    - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`.
+
+    **Returns:** a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+
+    **Raises:** `HFFormatError` for a missing `config.json`, an unsupported architecture,
+    pickle-only weights (`.bin`; refused, with the command to convert them), a missing,
+    unexpected or wrongly shaped tensor (named, with expected and found shapes).
+    """
+    folder = as_folder(path)
+    dtype = None if dtype is None else jnp.dtype(dtype)
+    config = config_from_hf(read_config(folder), **dict(config_overrides or {}))
+    files = weight_files(folder)
+    model_cls = GPT2 if isinstance(config, GPT2Config) else Llama
+    skeleton = eqx.filter_eval_shape(model_cls, config, key=jax.random.key(0))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+    structs = {_names_of(kp): leaf for kp, leaf in flat}
+    shapes = {p: tuple(s.shape) for p, s in structs.items()}
+    num_layers = config.num_layers
+    with TensorReader(files) as reader:
+        rules, ignored = rules_for(config, reader.names())
+        by_path = {r.path: r for r in rules}
+        uncovered = sorted(".".join(p) for p in structs if p not in by_path)
+        if uncovered:  # the model grew a parameter this table does not know about
+            raise EqzooError(f"eqzoo.hf has no Hugging Face name for the {model_cls.__name__} parameter(s) {uncovered}.")
+        _check_tensors(reader, rules, shapes, num_layers, ignored, folder)
+        leaves = []
+        for kp, _ in flat:
+            rule = by_path[_names_of(kp)]
+            host = _read_leaf(reader, rule, shapes[rule.path], num_layers, dtype)
+            target = _target_sharding(sharding, rule, jax.ShapeDtypeStruct(host.shape, host.dtype))
+            leaves.append(jax.device_put(host, target) if target is not None else jax.device_put(host))
+            del host
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,162 @@
+"""Writing an eqzoo model as a Hugging Face checkpoint folder that transformers loads."""
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, no_type_check
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import DTypeLike
+
+from .._errors import ConfigError, EqzooError, require
+from ..models import GPT2, Llama
+from ._config import config_to_hf
+from ._errors import HFFormatError
+from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from ._layout import TensorRule, get_path, rules_for
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*([KMG]i?B|B)\s*", size, flags=re.I)
+        if m is None:
+            raise ConfigError(f"max_shard_size must be bytes or a string like '5GB' or '500MiB'; got {size!r}.")
+        n = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n <= 0:
+        raise ConfigError(f"max_shard_size must be positive, got {size!r}.")
+    return n
+
+
+def _tensor_table(model, rules: list[TensorRule], num_layers: int, dtype) -> dict[str, tuple[list[tuple[TensorRule, int | None]], tuple[int, ...], np.dtype]]:
+    """HF tensor name -> (the eqzoo leaves, with layer index, that make it up; shape; dtype)."""
+    table: dict[str, Any] = {}
+    for rule in rules:
+        leaf = get_path(model, rule.path)
+        shape = tuple(leaf.shape[1:]) if rule.stacked else tuple(leaf.shape)
+        out_dtype = np.dtype(leaf.dtype if dtype is None or not jnp.issubdtype(leaf.dtype, jnp.floating) else dtype)
+        for i, name in enumerate(rule.hf_names(num_layers)):
+            entry = table.setdefault(name, ([], rule.hf_shape(shape), out_dtype))
+            entry[0].append((rule, i if rule.stacked else None))
+    return table
+
+
+def _host(model, rule: TensorRule, cache: dict[tuple[str, ...], np.ndarray]) -> np.ndarray:
+    if rule.path not in cache:
+        leaf = get_path(model, rule.path)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise EqzooError(
+                f"parameter {rule.dotted!r} is sharded across hosts; gather it first (for example "
+                "with jax.experimental.multihost_utils.process_allgather) and save from one process."
+            )
+        cache[rule.path] = np.asarray(leaf)
+    return cache[rule.path]
+
+
+def _materialise(model, parts, dtype: np.dtype, cache) -> np.ndarray:
+    pieces = []
+    for rule, i in sorted(parts, key=lambda p: p[0].part[0] if p[0].part else 0):
+        x = _host(model, rule, cache)
+        x = x[i] if i is not None else x
+        pieces.append(x.T if rule.transpose else x)
+    x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=-1)  # GPT-2's fused c_attn
+    return np.ascontiguousarray(x.astype(dtype, copy=False))
+
+
+def _write_json(file: Path, data: Mapping[str, Any]) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, file)
+
+
+@no_type_check  # arguments are validated inside, with messages that say what is supported
+def save_pretrained(
+    model: GPT2 | Llama,
+    path: str | os.PathLike[str],
+    *,
+    dtype: DTypeLike | None = None,
+    max_shard_size: int | str | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` as a Hugging Face checkpoint folder: `config.json`, `generation_config.json`
+    and `model.safetensors` (or shards plus `model.safetensors.index.json`).
+
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the folder with no missing or
+    unexpected weights: Llama tensors keep their names and layout; GPT-2's are transposed into
+    `Conv1D`'s (in, out) layout and q/k/v fused into `c_attn`. A tied head is not written (HF
+    ties it on load). Per-layer parameters are split out of `Stacked.layers`.
+
+    **Arguments:**
+
+    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
+    - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
+    - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
+      string such as `"2GB"` / `"500MiB"`); `None` writes one file.
+    - `extra_config`: more `config.json` keys, e.g. `{"eos_token_id": 2}`; they may not change
+      the architecture.
+
+    **Returns:** the folder's path.
+    """
+    if not isinstance(model, GPT2 | Llama):
+        raise HFFormatError(f"save_pretrained exports eqzoo GPT2 and Llama models; got {type(model).__name__}.")
+    safetensors_numpy = require("safetensors.numpy", "hf")
+    dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    config = model.config
+    rules, _ = rules_for(config)
+    table = _tensor_table(model, rules, config.num_layers, dtype)
+
+    hf = config_to_hf(config)
+    for key, value in dict(extra_config or {}).items():
+        if hf.get(key) is not None and hf[key] != value:
+            raise ConfigError(f"extra_config may not change {key!r} (the model has {hf[key]!r}, got {value!r}).")
+        hf[key] = value
+    hf["dtype"] = str(np.dtype(model.embed.weight.dtype) if dtype is None else dtype)  # what from_pretrained uses
+
+    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    # Plan the shards from shapes alone, then materialise one shard at a time.
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sorted(table):
+        _, shape, dt = table[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if limit is not None and shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    n = len(shards)
+    files = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    for old in folder.iterdir():  # stale weights from an earlier save would shadow or mix in
+        if (old.name in (WEIGHTS_NAME, INDEX_NAME) or _SHARD_FILE.fullmatch(old.name)) and old.name not in files:
+            old.unlink()
+
+    total = 0
+    weight_map: dict[str, str] = {}
+    for file, names in zip(files, shards, strict=True):
+        cache: dict[tuple[str, ...], np.ndarray] = {}
+        tensors = {name: _materialise(model, table[name][0], table[name][2], cache) for name in names}
+        total += sum(t.nbytes for t in tensors.values())
+        weight_map.update(dict.fromkeys(names, file))
+        tmp = folder / (file + ".tmp")
+        safetensors_numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, folder / file)
+        del tensors, cache
+    if n > 1:
+        _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _write_json(folder / CONFIG_NAME, hf)
+    generation = {"_from_model_config": True} | {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}
+    _write_json(folder / GENERATION_CONFIG_NAME, generation)
+    return folder

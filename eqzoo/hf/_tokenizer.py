@@ -1,0 +1,161 @@
+"""Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, no_type_check
+
+import numpy as np
+from jaxtyping import Int, Integer
+
+from .._errors import require
+from ..data import AbstractTokenizer, TokenizerError
+from ._errors import HFFormatError
+from ._files import TOKENIZER_NAME
+
+_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+def _token_string(value: Any) -> str | None:
+    # tokenizer_config.json spells a special token as a string or as {"content": ...}.
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+class HFTokenizer(AbstractTokenizer):
+    """A Hugging Face fast tokenizer (`tokenizers.Tokenizer`) behind eqzoo's tokenizer protocol.
+
+    `encode` gives int32 numpy ids ready for `eqzoo.generate`; `decode` turns ids back into
+    text. The special tokens named in `tokenizer_config.json` (if the folder has one) are
+    available as `bos_token_id`, `eos_token_id`, `pad_token_id` and `unk_token_id` (`None` when
+    unknown).
+    """
+
+    def __init__(self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None):
+        """**Arguments:**
+
+        - `tokenizer`: a `tokenizers.Tokenizer`.
+        - `special_tokens`: optional `{"eos_token": "</s>", ...}` naming the special tokens.
+        """
+        self.tokenizer = tokenizer
+        self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "HFTokenizer":
+        """Read a `tokenizer.json` file (and `tokenizer_config.json` beside it, if present)."""
+        tokenizers = require("tokenizers", "hf")
+        file = Path(path)
+        try:
+            tokenizer = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as err:  # the Rust side raises a bare Exception on malformed files
+            raise HFFormatError(f"cannot read {str(file)!r} as a tokenizers tokenizer.json: {err}") from None
+        special: dict[str, str] = {}
+        config_file = file.with_name("tokenizer_config.json")
+        if config_file.is_file():
+            config = json.loads(config_file.read_text())
+            for key in _SPECIAL:
+                token = _token_string(config.get(key))
+                if token is not None:
+                    special[key] = token
+        return cls(tokenizer, special)
+
+    def _special_id(self, key: str) -> int | None:
+        token = self._special.get(key)
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The id of the beginning-of-sequence token, if known."""
+        return self._special_id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The id of the end-of-sequence token, if known."""
+        return self._special_id("eos_token")
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id of the padding token, if known."""
+        return self._special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        """The id of the unknown token, if known."""
+        return self._special_id("unk_token")
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of ids, added tokens included."""
+        return int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> Int[np.ndarray, " seq"]:
+        """Token ids of `text` as an int32 array (with the tokenizer's own special tokens, such
+        as Llama's BOS, unless `add_special_tokens=False`)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"HFTokenizer.encode takes a str, got {type(text).__name__}.")
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    @no_type_check  # checked below with a message that says how to fix the call
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        """The text of one sequence of token ids."""
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise TokenizerError(
+                f"HFTokenizer.decode takes one 1-d sequence of integer ids; got shape {arr.shape} "
+                f"and dtype {arr.dtype}. Decode one row at a time."
+            )
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise TokenizerError(f"token ids must lie in [0, {self.vocab_size}); got ids from {arr.min()} to {arr.max()}.")
+        return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}}`, JSON-able."""
+        return {"type": "hf", "tokenizer_json": self.tokenizer.to_str(), "special_tokens": dict(self._special)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "HFTokenizer":
+        """Rebuild from the output of `to_dict()`."""
+        if not isinstance(d, Mapping) or d.get("type") != "hf" or "tokenizer_json" not in d:
+            raise TokenizerError("HFTokenizer.from_dict needs the output of HFTokenizer.to_dict() (type 'hf').")
+        tokenizers = require("tokenizers", "hf")
+        return cls(tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(self.tokenizer.to_str())
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size})"
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> HFTokenizer:
+    """Load the Hugging Face fast tokenizer of a local checkpoint.
+
+    **Arguments:** `path`, a checkpoint folder holding `tokenizer.json`, or that file itself.
+
+    **Returns:** an [`eqzoo.hf.HFTokenizer`][].
+
+    **Raises:** `HFFormatError` when there is no `tokenizer.json` (slow-tokenizer files such as
+    `vocab.json` + `merges.txt` or `tokenizer.model` alone are not read: convert them once with
+    `transformers.AutoTokenizer.from_pretrained(path).save_pretrained(path)`, which writes
+    `tokenizer.json`), or when it cannot be parsed.
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / TOKENIZER_NAME
+    if not file.is_file():
+        folder = file.parent
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise HFFormatError(
+            f"no {TOKENIZER_NAME} at {str(file)!r} (found: {found}). eqzoo reads fast tokenizers only; "
+            "if the folder has slow-tokenizer files (vocab.json + merges.txt, tokenizer.model), write "
+            "tokenizer.json once with `transformers.AutoTokenizer.from_pretrained(path).save_pretrained(path)`."
+        )
+    return HFTokenizer.from_file(file)

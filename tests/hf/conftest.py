@@ -1,0 +1,145 @@
+"""Shared fixtures for the Hugging Face bridge tests: tiny, seeded transformers models on CPU.
+
+Every model is created here from a fixed seed (nothing is downloaded) and saved once per test
+session with transformers' own `save_pretrained`.
+"""
+
+import contextlib
+import logging
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 160
+MAX_SEQ = 64
+
+
+def _gpt2(seed: int, **overrides):
+    config = dict(
+        vocab_size=VOCAB, n_positions=MAX_SEQ, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**(config | overrides))).eval()
+
+
+def _llama(seed: int, **overrides):
+    config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
+        rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config | overrides))).eval()
+
+
+# The three model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
+# layout), Llama with grouped-query attention and an untied head, and Llama with GQA, a tied
+# head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta.
+BUILDERS = {
+    "gpt2": lambda: _gpt2(0),
+    "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
+    "llama-gqa-tied": lambda: _llama(2, tie_word_embeddings=True, head_dim=32, rope_theta=500000.0),
+}
+FAMILIES = list(BUILDERS)
+
+
+def make_gpt2(seed: int = 0, **overrides):
+    """A tiny random `GPT2LMHeadModel` (eval mode)."""
+    return _gpt2(seed, **overrides)
+
+
+def make_llama(seed: int = 0, **overrides):
+    """A tiny random `LlamaForCausalLM` (eval mode)."""
+    return _llama(seed, **overrides)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """family -> (transformers model, folder written by its save_pretrained), built lazily."""
+    cache: dict[str, tuple] = {}
+
+    def get(family: str):
+        if family not in cache:
+            model = BUILDERS[family]()
+            folder = tmp_path_factory.mktemp(family)
+            model.save_pretrained(folder)
+            cache[family] = (model, folder)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def loaded(hf_checkpoints):
+    """family -> the eqzoo model loaded from that family's checkpoint, built lazily."""
+    import eqzoo.hf
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = eqzoo.hf.load_pretrained(hf_checkpoints(family)[1])
+        return cache[family]
+
+    return get
+
+
+def hf_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """transformers' fp32 logits for a (batch, seq) array of token ids."""
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def random_tokens(seed: int, shape=(2, 24), vocab: int = VOCAB) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=shape).astype(np.int32)
+
+
+@contextlib.contextmanager
+def transformers_messages():
+    """Collect every log record transformers emits and every Python warning, as strings."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(f"{record.levelname}: {record.getMessage()}")
+
+    handler = Collect(level=logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield messages
+        messages.extend(f"{w.category.__name__}: {w.message}" for w in caught)
+    finally:
+        logger.removeHandler(handler)
+
+
+def load_with_transformers(folder):
+    """`AutoModelForCausalLM.from_pretrained(folder)`, asserting it reported nothing missing,
+    unexpected or mismatched and logged no warning at all."""
+    with transformers_messages() as messages:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"], info
+    assert not info["unexpected_keys"], info
+    assert not info["mismatched_keys"], info
+    assert not info["error_msgs"], info
+    assert not messages, messages
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hft():
+    """The helpers above as one namespace (test modules cannot import conftest under
+    pytest's importlib import mode)."""
+    return types.SimpleNamespace(
+        torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
+        hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
+        load_with_transformers=load_with_transformers,
+    )

@@ -1,0 +1,69 @@
+"""`config_from_hf` / `config_to_hf` against transformers' own config classes."""
+
+import json
+
+import pytest
+
+from eqzoo.hf import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
+from eqzoo.models import GPT2Config, LlamaConfig
+from eqzoo.nn import RopeScaling
+
+LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPT2Config(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, embed_dim=64, mlp_ratio=2, layer_norm_eps=1e-6),
+        LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176),
+        LlamaConfig(
+            vocab_size=160, max_seq=256, num_layers=2, num_heads=4, num_kv_heads=1, embed_dim=64,
+            hidden_dim=96, head_dim=32, rope_theta=500000.0, rope_scaling=LLAMA3, rms_norm_eps=1e-5,
+            tie_embeddings=True,
+        ),
+    ],
+    ids=["gpt2", "llama", "llama3-scaled-tied"],
+)
+def test_round_trip_through_transformers_config(config, tmp_path, hft):
+    hf = config_to_hf(config)
+    assert hf["architectures"][0] in SUPPORTED_ARCHITECTURES
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with hft.transformers_messages() as messages:
+        hf_config = hft.transformers.AutoConfig.from_pretrained(tmp_path)
+    assert not messages, messages
+    # transformers' own reading of what we wrote gives back the same eqzoo config ...
+    assert config_from_hf(hf_config.to_dict()) == config
+    # ... and so does ours.
+    assert config_from_hf(hf) == config
+    if isinstance(config, LlamaConfig):
+        assert hf_config.num_key_value_heads == config.num_kv_heads
+        assert hf_config.head_dim == config.resolved_head_dim
+        assert hf_config.rope_parameters["rope_theta"] == config.rope_theta
+        assert hf_config.tie_word_embeddings == config.tie_embeddings
+
+
+def test_rope_spellings_of_transformers_4_and_5_agree():
+    base = dict(
+        model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=1, num_attention_heads=4,
+    )
+    scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
+    v5 = config_from_hf(base | {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}})
+    v4 = config_from_hf(base | {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **scaling}})
+    oldest = config_from_hf(base | {"rope_theta": 5e5, "rope_scaling": {"type": "llama3", **scaling}})
+    assert v5 == v4 == oldest
+    assert v5.rope_theta == 5e5 and v5.rope_scaling == RopeScaling(**scaling)
+    assert config_from_hf(base | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}).rope_scaling is None
+
+
+def test_defaults_and_overrides():
+    llama = config_from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "head_dim": 16,
+    })
+    assert llama.num_kv_heads == 4 and llama.head_dim is None and not llama.tie_embeddings
+    gpt2 = config_from_hf(
+        {"model_type": "gpt2", "vocab_size": 100, "n_positions": 32, "n_layer": 1, "n_head": 4, "n_embd": 64},
+        remat="full", scan_layers=False,
+    )
+    assert gpt2.hidden_dim == 256 and gpt2.remat == "full" and not gpt2.scan_layers

@@ -1,0 +1,154 @@
+"""Bad checkpoints and arguments raise `HFFormatError` / `ConfigError` with messages that teach."""
+
+import json
+import shutil
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import eqzoo.hf
+from eqzoo._errors import ConfigError, EqzooError
+from eqzoo.hf import HFFormatError
+from eqzoo.models import MLP, MLPConfig
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+
+def _copy(folder, tmp_path):
+    out = tmp_path / "ckpt"
+    shutil.copytree(folder, out)
+    return out
+
+
+def _edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(folder, edit):
+    file = str(folder / "model.safetensors")
+    tensors = safetensors_numpy.load_file(file)
+    edit(tensors)
+    safetensors_numpy.save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_error_type_is_an_eqzoo_error():
+    assert issubclass(HFFormatError, EqzooError) and issubclass(HFFormatError, ValueError)
+
+
+def test_unsupported_architecture_lists_the_supported_ones(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
+    _edit_config(folder, architectures=["BertForMaskedLM"], model_type="bert")
+    with pytest.raises(HFFormatError, match=r"unsupported architectures \['BertForMaskedLM'\].*supports GPT2LMHeadModel \(model_type 'gpt2'\), LlamaForCausalLM"):
+        eqzoo.hf.load_pretrained(folder)
+    with pytest.raises(HFFormatError, match=r"unsupported model_type 'mistral'.*LlamaForCausalLM"):
+        eqzoo.hf.config_from_hf({"model_type": "mistral"})
+    with pytest.raises(HFFormatError, match=r"architectures \['LlamaForCausalLM'\] but model_type 'gpt2'"):
+        eqzoo.hf.config_from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "gpt2"})
+
+
+def test_missing_tensor_is_named(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    _edit_tensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(HFFormatError, match=r"missing tensor\(s\) 'model.layers.1.mlp.up_proj.weight'"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_untied_llama_without_head_is_missing_lm_head(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    _edit_tensors(folder, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(HFFormatError, match=r"missing tensor\(s\) 'lm_head.weight'"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_unexpected_tensor_is_named(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    extra = "model.layers.0.self_attn.q_norm.weight"
+    _edit_tensors(folder, lambda t: t.__setitem__(extra, np.ones(16, np.float32)))
+    with pytest.raises(HFFormatError, match=r"unexpected tensor\(s\) 'model.layers.0.self_attn.q_norm.weight'"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_shape_mismatch_names_expected_and_found(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    _edit_config(folder, intermediate_size=128)
+    with pytest.raises(HFFormatError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(176, 64\) but config.json implies \(128, 64\)"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_pickle_checkpoints_are_refused_with_a_conversion_command(hf_checkpoints, tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    shutil.copy(hf_checkpoints("gpt2")[1] / "config.json", folder)
+    # Not a real pickle: eqzoo must refuse on the file name, never open it.
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(HFFormatError, match=r"(?s)only pickle-based weights \(\['pytorch_model.bin'\]\).*never loads pickle.*from_pretrained\(.*\).save_pretrained\("):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_missing_files(hf_checkpoints, tmp_path):
+    with pytest.raises(HFFormatError, match="is nothing; pass the folder of a Hugging Face checkpoint"):
+        eqzoo.hf.load_pretrained(tmp_path / "nowhere")
+    folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(HFFormatError, match=r"no config.json in .*model.safetensors"):
+        eqzoo.hf.load_pretrained(folder)
+    shutil.copy(hf_checkpoints("gpt2")[1] / "config.json", folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(HFFormatError, match=r"no model.safetensors or model.safetensors.index.json"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(HFFormatError, match=r"names shard files that are missing: \['model-00001-of-00002.safetensors'\]"):
+        eqzoo.hf.load_pretrained(folder)
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(HFFormatError, match="cannot read .* as safetensors"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ({"model_type": "llama", "hidden_act": "gelu"}, r"hidden_act='gelu'.*SwiGLU with silu"),
+        ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True.*no biases"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default' and 'llama3'"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope scaling lacks 'low_freq_factor'"),
+        ({"model_type": "gpt2", "activation_function": "relu"}, r"activation_function='relu'.*tanh GELU"),
+        ({"model_type": "gpt2", "tie_word_embeddings": False}, r"tie_word_embeddings=False.*always ties"),
+        ({"model_type": "gpt2", "n_inner": 100}, r"n_inner=100.*multiple of n_embd=64"),
+    ],
+)
+def test_unsupported_options(config, match):
+    base = {
+        "llama": dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4),
+        "gpt2": dict(vocab_size=100, n_positions=32, n_layer=1, n_head=4, n_embd=64),
+    }[config["model_type"]]
+    with pytest.raises(HFFormatError, match=match):
+        eqzoo.hf.config_from_hf(base | config)
+
+
+def test_incomplete_config_names_missing_keys():
+    with pytest.raises(HFFormatError, match=r"lacks \['n_positions', 'n_layer'\]"):
+        eqzoo.hf.config_from_hf({"model_type": "gpt2", "vocab_size": 10, "n_head": 2, "n_embd": 8})
+
+
+def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
+    folder = hf_checkpoints("gpt2")[1]
+    with pytest.raises(ConfigError, match="GPT2Config has no fields \\['num_kv_heads'\\]"):
+        eqzoo.hf.load_pretrained(folder, config_overrides={"num_kv_heads": 2})
+    with pytest.raises(ConfigError, match="sharding must be a jax.sharding.Sharding, a callable"):
+        eqzoo.hf.load_pretrained(folder, sharding="fsdp")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"the sharding for 'embed.weight' is a str"):
+        eqzoo.hf.load_pretrained(folder, sharding=lambda path, leaf: "replicated")  # type: ignore[arg-type,return-value]
+    mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
+    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2 and Llama models; got MLP"):
+        eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]

@@ -1,0 +1,180 @@
+"""Loading transformers checkpoints: logits parity, bitwise round trips, shards, bf16, shardings."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import eqzoo.hf
+from eqzoo.models import GPT2, Llama
+
+safetensors = pytest.importorskip("safetensors")
+from safetensors.numpy import load_file  # noqa: E402
+
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied"]
+ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
+
+
+@eqx.filter_jit
+def _batched(model, tokens):
+    return jax.vmap(model)(tokens)
+
+
+def _logits(model, tokens):
+    return np.asarray(_batched(model, jnp.asarray(tokens)))
+
+
+def _same(a, b) -> bool:
+    return bool(eqx.tree_equal(a, b))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loaded_logits_match_transformers(family, hf_checkpoints, loaded, hft):
+    hf_model, _ = hf_checkpoints(family)
+    model = loaded(family)
+    assert isinstance(model, GPT2 if family == "gpt2" else Llama)
+    tokens = hft.random_tokens(1)
+    ours, theirs = _logits(model, tokens), hft.hf_logits(hf_model, tokens)
+    err = np.abs(ours - theirs).max()
+    assert err < ATOL, f"{family}: max |eqzoo - transformers| logit = {err:.2e} >= {ATOL}"
+
+
+def test_loaded_config_mirrors_the_hf_config(hf_checkpoints, loaded):
+    gqa = loaded("llama-gqa-tied").config
+    assert (gqa.num_heads, gqa.num_kv_heads, gqa.head_dim, gqa.tie_embeddings) == (4, 2, 32, True)
+    assert gqa.rope_theta == 500000.0 and gqa.rms_norm_eps == 1e-5
+    assert loaded("llama-gqa-untied").lm_head is not None
+    assert loaded("gpt2").config.mlp_ratio == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_to_eqzoo_to_transformers_is_bitwise(family, hf_checkpoints, loaded, tmp_path):
+    _, folder = hf_checkpoints(family)
+    eqzoo.hf.save_pretrained(loaded(family), tmp_path)
+    original = load_file(str(folder / "model.safetensors"))
+    exported = load_file(str(tmp_path / "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert exported[name].dtype == tensor.dtype, name
+        assert exported[name].shape == tensor.shape, name
+        assert exported[name].tobytes() == tensor.tobytes(), f"{name} differs after the round trip"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_checkpoint_with_index(family, hf_checkpoints, loaded, tmp_path, hft):
+    hf_model, _ = hf_checkpoints(family)
+    hf_model.save_pretrained(tmp_path, max_shard_size="40KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "model.safetensors").exists()
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    assert _same(model, loaded(family))
+    tokens = hft.random_tokens(2)
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"{family} sharded load: max logit error {err:.2e} >= {ATOL}"
+
+
+def _bf16_checkpoint(folder, out, hft):
+    """Re-save a checkpoint in bf16 with transformers (leaving the shared fp32 model alone)."""
+    hft.transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=hft.torch.bfloat16).save_pretrained(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    return load_file(str(out / "model.safetensors"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_checkpoint_with_dtype(family, hf_checkpoints, tmp_path, hft):
+    stored = _bf16_checkpoint(hf_checkpoints(family)[1], tmp_path, hft)
+
+    kept = eqzoo.hf.load_pretrained(tmp_path)  # dtype=None keeps what the file holds
+    assert {leaf.dtype for leaf in jax.tree.leaves(kept)} == {jnp.dtype(jnp.bfloat16)}
+    embed = next(v for k, v in stored.items() if k.endswith(("wte.weight", "embed_tokens.weight")))
+    assert np.asarray(kept.embed.weight).tobytes() == embed.tobytes()
+    eqzoo.hf.save_pretrained(kept, tmp_path / "again")
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(again) == sorted(stored)
+    assert all(again[k].dtype == v.dtype and again[k].tobytes() == v.tobytes() for k, v in stored.items())
+
+    upcast = eqzoo.hf.load_pretrained(tmp_path, dtype=jnp.float32)
+    assert {leaf.dtype for leaf in jax.tree.leaves(upcast)} == {jnp.dtype(jnp.float32)}
+    # Reference: transformers' own fp32 model holding the same bf16-rounded weights.
+    reference = hft.transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=hft.torch.float32).eval()
+    tokens = hft.random_tokens(3)
+    err = np.abs(_logits(upcast, tokens) - hft.hf_logits(reference, tokens)).max()
+    assert err < ATOL, f"{family} bf16 checkpoint loaded as fp32: max logit error {err:.2e} >= {ATOL}"
+
+
+def test_bf16_model_runs(hf_checkpoints, tmp_path, hft):
+    _bf16_checkpoint(hf_checkpoints("llama-gqa-tied")[1], tmp_path, hft)
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    reference = hft.transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=hft.torch.float32).eval()
+    tokens = hft.random_tokens(3)
+    # jax.nn.dot_product_attention itself promotes bf16 with f32, which strict promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        logits = _logits(model, tokens)
+    assert logits.dtype == jnp.bfloat16
+    err = np.abs(logits.astype(np.float32) - hft.hf_logits(reference, tokens)).max()
+    assert err < 2e-2, f"bf16 compute vs fp32 reference: max logit error {err:.2e} >= 2e-2 (bf16 tolerance)"
+
+
+def test_llama3_rope_scaling_parity(tmp_path, hft):
+    scaling = {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    hf_model = hft.make_llama(3, rope_theta=50000.0, rope_scaling=scaling)
+    hf_model.save_pretrained(tmp_path)
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    assert model.config.rope_scaling is not None and model.config.rope_scaling.factor == 8.0
+    tokens = hft.random_tokens(4, shape=(2, 48))
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"llama3 rope scaling: max logit error {err:.2e} >= {ATOL}"
+    # The scaling matters at these positions: the same weights without it give other logits.
+    plain = eqzoo.hf.load_pretrained(tmp_path, config_overrides={"rope_scaling": None})
+    assert np.abs(_logits(plain, tokens) - _logits(model, tokens)).max() > 1e-3
+
+
+def test_sharding_places_each_parameter(hf_checkpoints, loaded):
+    _, folder = hf_checkpoints("llama-gqa-untied")
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated = NamedSharding(mesh, P())
+    model = eqzoo.hf.load_pretrained(folder, sharding=replicated)
+    assert all(leaf.sharding == replicated for leaf in jax.tree.leaves(model))
+
+    seen = {}
+
+    def rule(path, struct):
+        seen[path] = struct.shape
+        # Shard the output axis of 2-d weights (and of stacked per-layer weights) over fsdp.
+        if len(struct.shape) >= 2 and struct.shape[-2] % 8 == 0:
+            return NamedSharding(mesh, P(*([None] * (len(struct.shape) - 2)), "fsdp", None))
+        return None
+
+    by_rule = eqzoo.hf.load_pretrained(folder, sharding=rule)
+    assert seen["blocks.layers.attn.q_proj.weight"] == (2, 64, 64)
+    assert seen["embed.weight"] == (160, 64)
+    q = by_rule.blocks.layers.attn.q_proj.weight
+    assert q.sharding.spec == P(None, "fsdp", None)
+    assert q.addressable_shards[0].data.shape == (2, 8, 64)
+    assert _same(jax.device_get(by_rule), jax.device_get(loaded("llama-gqa-untied")))
+
+    as_tree = jax.tree.map(lambda _: replicated, eqx.filter(loaded("llama-gqa-untied"), eqx.is_array))
+    from_tree = eqzoo.hf.load_pretrained(folder, sharding=as_tree)
+    assert from_tree.final_norm.weight.sharding == replicated
+
+
+def test_gpt2_checkpoint_without_prefix_and_with_buffers(hf_checkpoints, loaded, tmp_path):
+    """The original OpenAI GPT-2 files name tensors without `transformer.` and carry the causal
+    mask buffers `attn.bias` / `attn.masked_bias`; both are read."""
+    from safetensors.numpy import save_file
+
+    _, folder = hf_checkpoints("gpt2")
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    for i in range(2):
+        tensors[f"h.{i}.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+        tensors[f"h.{i}.attn.masked_bias"] = np.asarray(-1e4, np.float32)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    assert _same(eqzoo.hf.load_pretrained(tmp_path), loaded("gpt2"))

@@ -1,0 +1,101 @@
+"""Exporting eqzoo models: transformers loads them with no warnings and computes the same logits."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqzoo.hf
+from eqzoo._errors import ConfigError
+from eqzoo.models import GPT2, GPT2Config, Llama, LlamaConfig
+from eqzoo.nn import RopeScaling
+
+ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
+
+CONFIGS = {
+    "gpt2": GPT2Config(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, embed_dim=64),
+    "llama-gqa-untied": LlamaConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=176, tie_embeddings=False,
+    ),
+    "llama-gqa-tied": LlamaConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=176, head_dim=32, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
+        rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=16),
+    ),
+}
+
+
+def _random_model(family: str, seed: int = 0):
+    """A model of `family` whose every parameter (norm scales and biases too) is random, so a
+    misplaced or mis-transposed tensor cannot go unnoticed. Built from the model's shape
+    skeleton with numpy draws, which is much faster on CPU than eager initialisation."""
+    config = CONFIGS[family]
+    cls = GPT2 if isinstance(config, GPT2Config) else Llama
+    skeleton = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, dtype=np.float32)), skeleton
+    )
+
+
+@eqx.filter_jit
+def _batched(model, tokens):
+    return jax.vmap(model)(tokens)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_export_loads_in_transformers_with_equal_logits(family, tmp_path, hft):
+    model = _random_model(family)
+    eqzoo.hf.save_pretrained(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "generation_config.json", "model.safetensors"}
+    hf_model = hft.load_with_transformers(tmp_path)  # asserts: no missing/unexpected keys, no warnings
+    assert type(hf_model).__name__ == ("GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM")
+    tokens = hft.random_tokens(5, shape=(2, 40))
+    ours = np.asarray(_batched(model, jnp.asarray(tokens)))
+    err = np.abs(ours - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"{family}: max |eqzoo - transformers| logit = {err:.2e} >= {ATOL}"
+    # ... and eqzoo reads its own export back exactly.
+    assert bool(eqx.tree_equal(eqzoo.hf.load_pretrained(tmp_path), model))
+
+
+def test_sharded_export(tmp_path, hft):
+    model = _random_model("llama-gqa-untied", seed=1)
+    eqzoo.hf.save_pretrained(model, tmp_path, max_shard_size="30KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not (tmp_path / "model.safetensors").exists()
+    hft.load_with_transformers(tmp_path)
+    assert bool(eqx.tree_equal(eqzoo.hf.load_pretrained(tmp_path), model))
+
+    # Saving again as one file removes the stale shards and index.
+    eqzoo.hf.save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
+
+
+def test_bf16_export(tmp_path, hft):
+    model = _random_model("gpt2", seed=2)
+    eqzoo.hf.save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    hf_model = hft.load_with_transformers(tmp_path)
+    assert hf_model.dtype == hft.torch.bfloat16
+    back = eqzoo.hf.load_pretrained(tmp_path)
+    expected = np.asarray(model.embed.weight.astype(jnp.bfloat16))
+    assert np.asarray(back.embed.weight).tobytes() == expected.tobytes()
+
+
+def test_extra_config_and_generation_config(tmp_path, hft):
+    model = _random_model("llama-gqa-untied")
+    eqzoo.hf.save_pretrained(model, tmp_path, extra_config={"eos_token_id": 3, "bos_token_id": 1})
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 3 and generation["bos_token_id"] == 1
+    hf_model = hft.load_with_transformers(tmp_path)
+    assert hf_model.generation_config.eos_token_id == 3
+    with pytest.raises(ConfigError, match="extra_config may not change 'num_hidden_layers'"):
+        eqzoo.hf.save_pretrained(model, tmp_path, extra_config={"num_hidden_layers": 3})
+    with pytest.raises(ConfigError, match="max_shard_size must be bytes or a string like '5GB'"):
+        eqzoo.hf.save_pretrained(model, tmp_path, max_shard_size="lots")
