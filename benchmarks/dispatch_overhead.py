@@ -1,0 +1,187 @@
+"""Per-step dispatch overhead of `eqzoo.train.make_train_step`, as one JSON line.
+
+Small models, where a step's compute is short and Python work per step shows, are trained
+three ways on the same device-resident batch, with the same loss and optimizer:
+
+- `eqzoo`: `TrainState.create` + `make_train_step` (what eqzoo users run);
+- `floor`: a raw `jax.jit` over the flat list of parameter and optimizer-state leaves, with
+  buffer donation, partitioned and flattened once, written inline here: the least Python
+  work a step can do;
+- `filter_jit`: `@eqx.filter_jit def step(model, opt_state, batch)` with
+  `eqx.filter_value_and_grad`, as Equinox users usually write it.
+
+Each variant is warmed up, then timed in blocks of many steps with `block_until_ready` only at
+the end of a block; the blocks of the three variants are interleaved (so load on the machine
+hits them alike) and the median block gives `step_ms`.
+
+    python benchmarks/dispatch_overhead.py --json
+    python benchmarks/dispatch_overhead.py --smoke --json
+    python benchmarks/dispatch_overhead.py --typecheck --json   # eqzoo under jaxtyping+beartype
+"""
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jaxtyping
+import numpy as np
+import optax
+
+_TYPECHECK = "--typecheck" in sys.argv[1:]
+# The hook must be installed before eqzoo is first imported.
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype") if _TYPECHECK else contextlib.nullcontext():
+    import eqzoo
+    from eqzoo import train
+
+
+def make_case(name: str, batch_size: int, seq_len: int) -> tuple[Any, Callable, dict[str, jax.Array]]:
+    """`(model, loss_fn(model, batch, key) -> (loss, aux), device batch)` for a preset."""
+    rng = np.random.default_rng(0)
+    model = eqzoo.models.create(name, key=jax.random.key(0))
+    config = eqzoo.models.get_config(name)
+    if isinstance(config, eqzoo.models.MLPConfig):
+        batch = {
+            "x": rng.standard_normal((batch_size, config.in_features), dtype=np.float32),
+            "y": rng.integers(0, config.out_features, batch_size).astype(np.int32),
+        }
+        loss_fn = train.classification_loss
+    else:
+        tokens = rng.integers(0, config.vocab_size, (batch_size, seq_len + 1)).astype(np.int32)
+        batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+        loss_fn = train.lm_loss
+    return model, loss_fn, jax.device_put(batch)
+
+
+def eqzoo_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None], Callable[[], Any]]:
+    state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
+    step = train.make_train_step(loss_fn, optimizer)
+    holder = {"state": state, "out": None}
+
+    def run(n: int) -> None:
+        s = holder["state"]
+        for _ in range(n):
+            s, metrics = step(s, batch)
+        holder["state"], holder["out"] = s, metrics["loss"]
+
+    return run, lambda: holder["out"]
+
+
+def floor_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None], Callable[[], Any]]:
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt_state = optimizer.init(params)
+    leaves, treedef = jax.tree.flatten((params, opt_state))
+
+    def flat_step(leaves, batch):
+        params, opt_state = jax.tree.unflatten(treedef, leaves)
+        loss_of = lambda p: loss_fn(eqx.combine(p, static), batch, None)[0]  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return jax.tree.leaves((params, opt_state)), loss
+
+    step = jax.jit(flat_step, donate_argnums=0)
+    holder = {"leaves": leaves, "out": None}
+
+    def run(n: int) -> None:
+        lv = holder["leaves"]
+        for _ in range(n):
+            lv, loss = step(lv, batch)
+        holder["leaves"], holder["out"] = lv, loss
+
+    return run, lambda: holder["out"]
+
+
+def filter_jit_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None], Callable[[], Any]]:
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, batch):
+        loss_of = lambda m: loss_fn(m, batch, None)[0]  # noqa: E731
+        loss, grads = eqx.filter_value_and_grad(loss_of)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    holder = {"model": model, "opt_state": opt_state, "out": None}
+
+    def run(n: int) -> None:
+        m, o = holder["model"], holder["opt_state"]
+        for _ in range(n):
+            m, o, loss = step(m, o, batch)
+        holder["model"], holder["opt_state"], holder["out"] = m, o, loss
+
+    return run, lambda: holder["out"]
+
+
+RUNNERS = {"eqzoo": eqzoo_runner, "floor": floor_runner, "filter_jit": filter_jit_runner}
+
+
+def bench_case(name: str, batch_size: int, seq_len: int, *, steps: int, blocks: int, warmup: int) -> dict[str, Any]:
+    model, loss_fn, batch = make_case(name, batch_size, seq_len)
+    optimizer = optax.adam(1e-3)
+    runners = {}
+    for variant, make in RUNNERS.items():
+        # A fresh copy each: the donating variants delete the buffers they are given.
+        fresh = jax.tree.map(lambda x: x.copy() if eqx.is_array(x) else x, model)
+        run, last = make(fresh, loss_fn, optimizer, batch)
+        run(warmup)  # compiles, then settles
+        jax.block_until_ready(last())
+        runners[variant] = (run, last)
+    times: dict[str, list[float]] = {v: [] for v in runners}
+    for _ in range(blocks):
+        for variant, (run, last) in runners.items():  # interleaved, so drift hits all alike
+            t0 = time.perf_counter()
+            run(steps)
+            jax.block_until_ready(last())
+            times[variant].append((time.perf_counter() - t0) / steps * 1e3)
+    ms = {v: statistics.median(t) for v, t in times.items()}
+    return {
+        "batch_size": batch_size,
+        **({"seq_len": seq_len} if "gpt" in name else {}),
+        "step_ms": {v: round(t, 4) for v, t in ms.items()},
+        "step_ms_min": {v: round(min(t), 4) for v, t in times.items()},
+        "ratio_to_floor": round(ms["eqzoo"] / ms["floor"], 3),
+        "ratio_to_filter_jit": round(ms["eqzoo"] / ms["filter_jit"], 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=9, help="timed blocks per variant (median)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="few steps (a quick check, noisy)")
+    parser.add_argument("--typecheck", action="store_true", help="import eqzoo under jaxtyping+beartype")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.blocks, args.warmup = 20, 3, 3
+    cases = {"mlp-small": (32, 0), "tiny-gpt2": (4, 64)}
+    result: dict[str, Any] = {
+        "benchmark": "dispatch_overhead",
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "typecheck": _TYPECHECK,
+        "steps_per_block": args.steps,
+        "blocks": args.blocks,
+        "cases": {},
+    }
+    for name, (batch_size, seq_len) in cases.items():
+        result["cases"][name] = bench_case(
+            name, batch_size, seq_len, steps=args.steps, blocks=args.blocks, warmup=args.warmup
+        )
+        if not args.json:
+            print(name, json.dumps(result["cases"][name]), file=sys.stderr)
+    result["max_ratio_to_floor"] = max(c["ratio_to_floor"] for c in result["cases"].values())
+    print(json.dumps(result) if args.json else json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""The examples' `--smoke --json` runs, in-process: each prints one JSON summary line last, with
+the figures the README quotes, and learns something even in a few dozen steps."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(name: str, argv: list[str], capsys) -> dict:
+    # Examples run as scripts, with JAX's default dtype promotion (optax's Adam relies on it).
+    with jax.numpy_dtype_promotion("standard"):
+        summary = _load(name).main(argv)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.strip()]
+    assert lines, f"{name} printed nothing on stdout"
+    printed = json.loads(lines[-1])  # exactly one JSON summary line, last
+    assert printed == json.loads(json.dumps(summary))
+    return printed
+
+
+@pytest.mark.slow
+def test_train_char_gpt_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    s = _run("train_char_gpt", ["--smoke", "--json", "--out", str(out)], capsys)
+    for key in ("train_loss", "val_loss", "unigram_loss", "steps", "seconds", "tokens_per_s", "sample"):
+        assert key in s, f"summary lacks {key!r}: {sorted(s)}"
+    assert all(math.isfinite(s[k]) for k in ("train_loss", "val_loss", "unigram_loss"))
+    # Even a few dozen steps beat predicting characters by their frequency alone.
+    assert s["val_loss"] < s["unigram_loss"], s
+    assert s["steps"] == 40 and s["tokens_per_s"] > 0
+    assert isinstance(s["sample"], str) and s["sample"].startswith("def ")
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 40 and "eval/loss" in records[-1]
+
+
+@pytest.mark.slow
+def test_digits_cnn_smoke(capsys):
+    s = _run("digits_cnn", ["--smoke", "--json"], capsys)
+    for key in ("test_accuracy", "train_accuracy", "seconds"):
+        assert key in s, f"summary lacks {key!r}: {sorted(s)}"
+    assert 0.0 <= s["train_accuracy"] <= 1.0
+    assert s["test_accuracy"] > 0.5, s  # ten classes: chance is 0.1
