@@ -10,13 +10,25 @@ scored on the validation split), then samples a continuation of a prompt.
     python examples/train_char_gpt.py --smoke --json
 
 Progress lines go to stderr; with `--json` the last stdout line is one JSON summary. Metrics
-are appended to `<out>/metrics.jsonl`.
+are appended to `<out>/metrics.jsonl`. The summary's `final_loss` (the final parameters' loss on
+the last training batch, at full precision) and `params_sha256` (a hash of every parameter's
+bytes) tell whether two runs ended bitwise identical.
+
+With `--checkpoint-dir DIR` the run saves its whole state every `--checkpoint-every` steps and,
+started again with the same command, resumes from the newest committed step there, ending with
+the model it would have reached without stopping. SIGTERM or Ctrl-C (SIGINT) saves the current
+step and exits with code 0:
+
+    python examples/train_char_gpt.py --smoke --json --checkpoint-dir runs/ckpt &
+    sleep 60; kill -TERM %1; wait                     # stops cleanly at the current step
+    python examples/train_char_gpt.py --smoke --json --checkpoint-dir runs/ckpt   # resumes
 """
 
 import argparse
 import dataclasses
 import json
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +39,7 @@ import jaxtyping
 
 with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
     import eqzoo
-    from eqzoo import data, models, train
+    from eqzoo import checkpoint, data, models, train
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +69,8 @@ class Preset:
 
 # Sized for a 2-core CPU: the default run takes about 4 minutes there.
 DEFAULT = Preset(
-    num_layers=4, num_heads=4, embed_dim=128, steps=600, batch_size=32, seq_len=128, lr=3e-3,
-    max_chars=None, eval_every=200, eval_batches=16, log_every=25, sample_tokens=200,
+    num_layers=4, num_heads=4, embed_dim=128, steps=1200, batch_size=16, seq_len=128, lr=5e-3,
+    max_chars=None, eval_every=400, eval_batches=32, log_every=50, sample_tokens=200,
 )
 SMOKE = Preset(
     num_layers=2, num_heads=2, embed_dim=32, steps=40, batch_size=16, seq_len=64, lr=1e-2,
@@ -79,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON summary line last")
     parser.add_argument("--out", type=Path, default=Path("runs/train_char_gpt"))
     parser.add_argument("--checkpoint-dir", type=Path, default=None)
-    parser.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints")
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=None,
+        help="steps between checkpoints (default: a sixth of --steps)",
+    )
     args = parser.parse_args(argv)
     preset = SMOKE if args.smoke else DEFAULT
     for name in ("steps", "batch_size", "seq_len", "lr"):
@@ -87,6 +102,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, getattr(preset, name))
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2 or args.lr <= 0:
         parser.error("--steps and --batch-size must be >= 1, --seq-len >= 2 and --lr > 0")
+    if args.checkpoint_every is not None and (args.checkpoint_dir is None or args.checkpoint_every < 1):
+        parser.error("--checkpoint-every needs --checkpoint-dir and must be >= 1")
+    if args.checkpoint_every is None:
+        args.checkpoint_every = max(1, args.steps // 6)
     args.preset = preset
     return args
 
@@ -182,6 +201,12 @@ def sample(setup: Setup, model: Any, *, key: jax.Array) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     args = parse_args(argv)
+    checkpointer = None
+    if args.checkpoint_dir is not None:
+        # Made first, so SIGTERM/SIGINT during setup already stop cleanly (after one step). It
+        # saves the whole TrainState, the loader's position and the model config every
+        # --checkpoint-every steps (asynchronously) and at the last step.
+        checkpointer = checkpoint.Checkpointer(args.checkpoint_dir, save_every=args.checkpoint_every)
     setup = build(args)
     p: Preset = args.preset
     print(
@@ -191,9 +216,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         file=sys.stderr,
     )
 
-    checkpointer = None
-    if args.checkpoint_dir is not None:
-        print("checkpointing not yet available; training without checkpoints", file=sys.stderr)
+    if checkpointer is not None and checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(setup.state)
+        setup.state = restored.state
+        setup.loader.load_state_dict(restored.data_state)
+        print(f"resumed from step {restored.meta.step} in {args.checkpoint_dir}", file=sys.stderr)
 
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path = args.out / "metrics.jsonl"
@@ -213,14 +240,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     train_seconds = time.perf_counter() - train_start
     steps_done = int(result.state.step) - steps_before
+    final = result.state
+    # The final parameters' loss on the last training batch: a pure function of the parameters,
+    # so it is bitwise the same for a resumed run and one that never stopped.
+    last_batch = setup.loader.batch_at(max(int(final.step) - 1, 0))
+    final_loss = float(setup.eval_step(final, last_batch)["loss"])
+    fingerprint = {"final_loss": final_loss, "params_sha256": checkpoint.params_sha256(final.model)}
 
-    text = sample(setup, result.state.model, key=jax.random.key(args.seed + 1))
-    val_loss = result.last("eval/loss")
+    if checkpointer is not None:
+        checkpointer.close()  # waits until the last save is committed
+        if checkpointer.stop_signal is not None:
+            name = signal.Signals(checkpointer.stop_signal).name
+            print(
+                f"stopped by {name} at step {int(final.step)}; its checkpoint is committed in "
+                f"{args.checkpoint_dir}. Run the same command again to resume.",
+                file=sys.stderr,
+            )
+            summary = {
+                "example": "train_char_gpt", "smoke": args.smoke, "interrupted": name,
+                "steps": int(final.step), **fingerprint,
+            }
+            if args.json:
+                print(json.dumps(summary))
+            return summary
+
+    text = sample(setup, final.model, key=jax.random.key(args.seed + 1))
+    logged = {k for record in result.history for k in record}
+    if "eval/loss" in logged:
+        val_loss = result.last("eval/loss")
+    else:  # resumed from a run that had already finished: nothing was trained or evaluated
+        val_loss = train.evaluate(setup.eval_step, final, setup.eval_batches())["loss"]
     summary = {
         "example": "train_char_gpt",
         "smoke": args.smoke,
-        "steps": int(result.state.step),
-        "train_loss": result.last("train/loss"),
+        "steps": int(final.step),
+        "train_loss": result.last("train/loss") if "train/loss" in logged else None,
+        **fingerprint,
         "val_loss": val_loss,
         "unigram_loss": setup.unigram_loss,
         "val_to_unigram": val_loss / setup.unigram_loss,
@@ -230,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_params": setup.config.num_params(),
         "sample": text,
     }
-    if not all(math.isfinite(summary[k]) for k in ("train_loss", "val_loss")):
+    if not all(summary[k] is None or math.isfinite(summary[k]) for k in ("train_loss", "val_loss")):
         print("training diverged (non-finite loss); try a lower --lr", file=sys.stderr)
     if args.json:
         print(json.dumps(summary))

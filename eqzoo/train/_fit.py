@@ -82,8 +82,10 @@ def fit(
       last log).
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`.
     - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
-    - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False) -> bool`
-      and `should_stop() -> bool`, called after every step (see `eqzoo.checkpoint`).
+    - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
+      -> bool` and `should_stop() -> bool`, called after every step (see
+      `eqzoo.checkpoint.Checkpointer`); `step` is the step just taken, so it need not be read
+      back from the device.
 
     **Returns:** a [`eqzoo.train.FitResult`][].
     """
@@ -130,7 +132,7 @@ def fit(
             if any(cb(step, state, record) for cb in callbacks):
                 stopped = True
         if checkpointer is not None:
-            checkpointer.maybe_save(state, batches, force=is_last or stopped)
+            checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
             if checkpointer.should_stop():
                 stopped = True
         if stopped:

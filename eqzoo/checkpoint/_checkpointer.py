@@ -1,0 +1,601 @@
+"""`Checkpointer`: whole-`TrainState` checkpoints over orbax's `CheckpointManager`.
+
+Each step is one directory `<directory>/<step>` holding two orbax items: `state` (every array of
+the `TrainState`, one flat `{name: array}` tree, zarr files per array plus a CRC-32 manifest) and
+`meta` (JSON: format version, array names/shapes/dtypes, model config, data-loader state, user
+metadata, and a CRC-32 of itself). Orbax writes a step into a temporary directory and renames it
+when every file is written, so a step is either listed complete or not listed at all.
+"""
+
+import atexit
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+
+from ..train import TrainState
+from ._config import config_to_dict, decode_config, is_config
+from ._errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CheckpointVersionError,
+    list_items,
+)
+from ._integrity import MANIFEST, VerifiedPyTreeHandler, crc_ok, verify_manifest, with_crc
+from ._tree import (
+    default_sharding,
+    describe,
+    from_stored,
+    spec_str,
+    state_names,
+    stored_spec,
+    to_stored,
+)
+
+FORMAT_VERSION = 1
+"""The checkpoint format this eqzoo writes (stored in every step's metadata). Steps written in
+a newer format are refused with `CheckpointVersionError`."""
+
+_STATE, _META = "state", "meta"
+_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
+_FORMAT = "eqzoo.checkpoint"
+
+ShardingSpec = Sharding | Callable[[str, Any], Sharding] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a step's JSON metadata holds.
+
+    **Attributes:** `step`; `format_version`; `eqzoo_version` (that wrote it); `config` (the
+    model config, rebuilt as its dataclass, or `None`); `data_state` (the loader's `state_dict()`,
+    or `None`); `metadata` (the user dict passed to `save`); `arrays` (`{name: {"shape",
+    "dtype"}}` for every stored array).
+    """
+
+    step: int
+    format_version: int
+    eqzoo_version: str
+    config: Any
+    data_state: Any
+    metadata: dict[str, Any]
+    arrays: dict[str, dict[str, Any]]
+
+
+class Restored(NamedTuple):
+    """What [`eqzoo.checkpoint.Checkpointer.restore`][] returns: `state, data_state, meta`."""
+
+    state: TrainState
+    data_state: Any
+    meta: CheckpointMeta
+
+
+def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
+    return int(value)
+
+
+def _committed_steps(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    # Orbax's own listing: numeric step directories only; temporary (uncommitted) ones are skipped.
+    return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
+
+
+class Checkpointer:
+    """Saves and restores whole training states, asynchronously, atomically, keeping the last N.
+
+    A saved step holds every array of the [`eqzoo.train.TrainState`][] (model, optimizer state,
+    step, the typed PRNG key as its raw key data), the data loader's `state_dict()`, the model
+    config as JSON and a format version. Non-array leaves (activation functions, configs held as
+    static fields) are not saved: the restore target supplies them.
+
+    Use it as the `checkpointer=` of [`eqzoo.train.fit`][], which calls `maybe_save` and
+    `should_stop` after every step; call `close()` (or use `with Checkpointer(...) as ckpt:`)
+    before the process exits so the last asynchronous save is committed.
+
+    **Arguments:**
+
+    - `directory`: where steps are written (created if missing).
+    - `save_every`: `maybe_save` saves every this many steps; `None` saves only when forced (the
+      last step of `fit`) or on a signal.
+    - `keep_last`: keep the newest this many steps (`None`: keep all).
+    - `keep_every`: also keep every step divisible by this (`None`: no such steps).
+    - `async_save`: write in a background thread; the training loop only waits for the arrays to
+      be copied off the device. `False` writes synchronously.
+    - `handle_signals`: on SIGTERM or SIGINT, save the current step at the next `maybe_save`,
+      wait until it is committed, and make `should_stop()` true. A second signal of the same
+      kind acts as if this handler were not installed. Only installed from the main thread.
+    - `fallback_to_intact`: when the newest step fails its integrity check, `restore()` warns,
+      moves the damaged step aside (to `corrupt-<step>-<time>`) and restores the newest intact
+      step instead of raising.
+    - `config`: the model config to store; default: the model's own `config` field, if any.
+    - `compression`: zstd-compress array files (smaller, slower to write and read).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        save_every: int | None = None,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        handle_signals: bool = True,
+        fallback_to_intact: bool = False,
+        config: Any = None,
+        compression: bool = False,
+    ):
+        self._save_every = _check_count("save_every", save_every, allow_none=True)
+        keep_last = _check_count("keep_last", keep_last, allow_none=True)
+        keep_every = _check_count("keep_every", keep_every, allow_none=True)
+        self._directory = Path(directory).absolute()
+        self._existed = self._directory.is_dir()
+        self._fallback = fallback_to_intact
+        self._config = config
+        policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+        if keep_every is not None:
+            policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_every))
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        state_handler = VerifiedPyTreeHandler(use_ocdbt=False, use_compression=compression)
+        meta_handler = ocp.JsonCheckpointHandler()
+        registry.add(_STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(_STATE, ocp.args.PyTreeRestore, state_handler)
+        registry.add(_META, ocp.args.JsonSave, meta_handler)
+        registry.add(_META, ocp.args.JsonRestore, meta_handler)
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save,
+            # Leftovers of saves killed mid-write are removed by our first save instead, so a
+            # process that only reads never deletes a directory another process is writing.
+            cleanup_tmp_directories=False,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
+        self._last_saved: int | None = None
+        self._restored_step: int | None = None
+        self._current_step: int | None = None
+        self._signal: int | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self._closed = False
+        self._warned_no_data_state = False
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous_handlers[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._on_signal)
+        ref = weakref.ref(self)
+
+        def wait_at_exit():
+            obj = ref()
+            if obj is not None and not obj._closed:
+                obj.close()
+
+        self._atexit = wait_at_exit
+        atexit.register(wait_at_exit)
+
+    # ------------------------------------------------------------------ listing
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint directory."""
+        return self._directory
+
+    def all_steps(self) -> list[int]:
+        """The committed steps in the directory, oldest first (in-flight saves are not listed)."""
+        return _committed_steps(self._directory)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or `None` when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------ saving
+
+    def save(
+        self,
+        state: TrainState,
+        *,
+        data_state: Mapping[str, Any] | None = None,
+        config: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        step: int | None = None,
+    ) -> bool:
+        """Save `state` as step `step` (default `int(state.step)`).
+
+        Returns once the arrays are copied off the device (asynchronous mode) or written
+        (synchronous mode); the step is listed only once completely written.
+
+        **Arguments:**
+
+        - `state`: the [`eqzoo.train.TrainState`][].
+        - `data_state`: the loader's `state_dict()` (any JSON-able dict).
+        - `config`: the model config (a dataclass); default: the constructor's, else the model's
+          `config` field.
+        - `metadata`: extra JSON-able information to keep with the step.
+        - `step`: the step number, when the caller already knows it (saves a device sync).
+
+        **Returns:** `True` if a save was started; `False` if this step was already saved or
+        restored by this `Checkpointer` (the same state).
+
+        **Raises:** `CheckpointError` if a different step with this number is already committed
+        (resuming from an older step into a directory with newer ones), or metadata is not JSON.
+        """
+        if self._closed:
+            raise CheckpointError("this Checkpointer is closed; make a new one to save.")
+        if not isinstance(state, TrainState):
+            raise CheckpointError(
+                f"Checkpointer.save takes an eqzoo.train.TrainState; got {type(state).__name__}. "
+                "For a model alone use eqzoo.checkpoint.save_weights."
+            )
+        step = int(state.step) if step is None else int(step)
+        if step in (self._last_saved, self._restored_step):
+            return False
+        if step in self.all_steps():
+            raise CheckpointError(
+                f"step {step} is already committed in {self._directory}, and this run did not "
+                "restore it. Resume from the latest step (Checkpointer.restore with step=None), "
+                "delete the newer steps, or use another directory."
+            )
+        if self._last_saved is None:
+            self._remove_unfinished()
+        names = state_names(state)
+        items = {name: to_stored(leaf) for name, leaf in zip(names, state.arrays, strict=True)}
+        config = config if config is not None else self._config
+        if config is None:
+            static_model = getattr(state.structure.static, "model", None)
+            found = getattr(static_model, "config", None)
+            config = found if is_config(found) else None
+        from .. import __version__
+
+        meta = {
+            "format": _FORMAT,
+            "format_version": FORMAT_VERSION,
+            "eqzoo_version": __version__,
+            "step": step,
+            "config": None if config is None else config_to_dict(config),
+            "data_state": None if data_state is None else dict(data_state),
+            "metadata": dict(metadata or {}),
+            "arrays": {name: describe(leaf) for name, leaf in zip(names, state.arrays, strict=True)},
+        }
+        try:
+            meta = json.loads(json.dumps(meta))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"checkpoint metadata must be JSON-able (data_state, metadata, config): {err}") from err
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.PyTreeSave(items), _META: ocp.args.JsonSave(with_crc(meta))}
+            ),
+            force=True,
+        )
+        self._last_saved = step
+        return True
+
+    def _remove_unfinished(self) -> None:
+        # Temporary step directories of saves that never committed (the writer was killed).
+        if jax.process_index() != 0 or not self._directory.is_dir():
+            return
+        for path in self._directory.iterdir():
+            if _TMP in path.name and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def maybe_save(self, state: TrainState, batches: Any = None, *, force: bool = False, step: int | None = None) -> bool:
+        """The [`eqzoo.train.fit`][] hook, called after every step: save when the step is a
+        multiple of `save_every`, when `force` is set, or when a signal asked to stop.
+
+        **Arguments:** `state`; `batches`, the loader (its `state_dict()` is saved when it has
+        one); `force`; `step`, the step number if known (avoids reading it from the device).
+
+        **Returns:** whether a save was started.
+        """
+        step = int(state.step) if step is None else int(step)
+        self._current_step = step
+        due = force or self._signal is not None or (self._save_every is not None and step % self._save_every == 0)
+        if not due:
+            return False
+        state_dict = getattr(batches, "state_dict", None)
+        if batches is not None and not callable(state_dict) and not self._warned_no_data_state:
+            self._warned_no_data_state = True
+            warnings.warn(
+                f"the batches ({type(batches).__name__}) have no state_dict(), so checkpoints do not "
+                "record the data position and a resumed run restarts the data stream; use an "
+                "eqzoo.data loader (TokenLoader, ArrayLoader) for exact resume.",
+                stacklevel=2,
+            )
+        return self.save(state, data_state=state_dict() if callable(state_dict) else None, step=step)
+
+    def should_stop(self) -> bool:
+        """True once SIGTERM/SIGINT was received and the current step is saved and committed
+        (this call waits for the commit)."""
+        if self._signal is None or self._current_step is None or self._current_step != self._last_saved:
+            return False
+        self.wait()
+        return True
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal number that asked training to stop, or `None`."""
+        return self._signal
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:
+            # A second signal: stop waiting for a clean save and behave as without us.
+            self._restore_signals()
+            signal.raise_signal(signum)
+            return
+        self._signal = signum
+        name = signal.Signals(signum).name
+        os.write(2, f"eqzoo.checkpoint: received {name}; saving the current step, then stopping "
+                    f"(send {name} again to stop at once).\n".encode())
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            if signal.getsignal(sig) == self._on_signal:  # not if someone replaced ours since
+                signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves, release orbax's resources and the signal handlers."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._manager.wait_until_finished()
+            self._manager.close()
+        finally:
+            if threading.current_thread() is threading.main_thread():
+                self._restore_signals()
+            atexit.unregister(self._atexit)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpointer({str(self._directory)!r}, save_every={self._save_every})"
+
+    # ------------------------------------------------------------------ restoring
+
+    def _step_dir(self, step: int) -> Path:
+        return self._directory / str(step)
+
+    def _read_meta(self, step: int) -> dict[str, Any]:
+        path = self._step_dir(step) / _META
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        except Exception as err:  # orbax wraps JSON and IO errors in several types
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory}: its metadata ({path}) cannot be read: {err}",
+                step=step, parameters=("<metadata>",),
+            ) from err
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory}: {path} is not eqzoo checkpoint metadata.",
+                step=step, parameters=("<metadata>",),
+            )
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise CheckpointVersionError(
+                f"step {step} in {self._directory} was written in eqzoo checkpoint format "
+                f"{version!r} (by eqzoo {meta.get('eqzoo_version')}); this eqzoo reads formats up to "
+                f"{FORMAT_VERSION}. Upgrade eqzoo to restore it."
+            )
+        if not crc_ok(meta):
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory}: its metadata ({path}) fails its CRC-32 check; "
+                "the file was altered after it was written.",
+                step=step, parameters=("<metadata>",),
+            )
+        return meta
+
+    def meta(self, step: int | None = None) -> CheckpointMeta:
+        """The metadata of `step` (default: the newest committed step), without reading arrays.
+
+        Useful to build the restore target from the stored config:
+        `abstract_state(ckpt.meta().config, optimizer)`.
+        """
+        step = self._pick_steps(step)[0]
+        return self._meta_object(self._read_meta(step))
+
+    @staticmethod
+    def _meta_object(meta: dict[str, Any]) -> CheckpointMeta:
+        return CheckpointMeta(
+            step=int(meta["step"]),
+            format_version=int(meta["format_version"]),
+            eqzoo_version=str(meta.get("eqzoo_version")),
+            config=None if meta.get("config") is None else decode_config(meta["config"]),
+            data_state=meta.get("data_state"),
+            metadata=meta.get("metadata") or {},
+            arrays=meta["arrays"],
+        )
+
+    def _pick_steps(self, step: int | None) -> list[int]:
+        steps = self.all_steps()
+        if not steps:
+            if not self._existed and not any(self._directory.iterdir()):
+                why = "the directory did not exist (it was created empty)"
+            else:
+                tmp = [p.name for p in self._directory.iterdir() if _TMP in p.name]
+                why = "it holds no committed step" + (
+                    f" (only unfinished saves {tmp}, which are never restored)" if tmp else ""
+                )
+            raise CheckpointNotFoundError(f"no checkpoint to restore in {self._directory}: {why}.")
+        if step is not None:
+            if int(step) not in steps:
+                raise CheckpointNotFoundError(
+                    f"step {step} is not a committed step in {self._directory}; committed steps: {steps}."
+                )
+            return [int(step)]
+        return sorted(steps, reverse=True)
+
+    def restore(
+        self,
+        target: TrainState,
+        *,
+        step: int | None = None,
+        shardings: ShardingSpec = None,
+    ) -> Restored:
+        """Restore a step into the structure of `target`.
+
+        **Arguments:**
+
+        - `target`: a `TrainState` giving the structure, shapes, dtypes and non-array parts: a
+          real one, or an abstract one from [`eqzoo.checkpoint.abstract_state`][] (no memory
+          is allocated for it). The restored state keeps `target`'s trainable filter.
+        - `step`: the step to restore; default the newest committed one.
+        - `shardings`: where each array goes: one `jax.sharding.Sharding` for all, or a callable
+          `(name, target_leaf) -> Sharding`. Default: the target leaf's own sharding (a
+          `jax.ShapeDtypeStruct(..., sharding=...)` or a real array's), else the first local
+          device. Any mesh works, whatever the mesh at save time.
+
+        **Returns:** [`eqzoo.checkpoint.Restored`][] `(state, data_state, meta)`; pass
+        `data_state` to the loader's `load_state_dict`.
+
+        **Raises:** `CheckpointNotFoundError` (no committed step, or not that step),
+        `CheckpointMismatchError` (the arrays do not fit `target`; lists each path),
+        `CheckpointCorruptError` (integrity check failed; with `fallback_to_intact` the newest
+        intact older step is restored instead, with a warning), `CheckpointVersionError`.
+        """
+        if not isinstance(target, TrainState):
+            raise CheckpointError(
+                f"Checkpointer.restore needs a TrainState target (real or from abstract_state); got {type(target).__name__}."
+            )
+        candidates = self._pick_steps(step)
+        if step is not None or not self._fallback:
+            candidates = candidates[:1]
+        corrupt: list[CheckpointCorruptError] = []
+        for s in candidates:
+            try:
+                restored = self._restore_step(target, s, shardings)
+            except CheckpointCorruptError as err:
+                corrupt.append(err)
+                continue
+            if corrupt:
+                moved = [self._quarantine(err.step) for err in corrupt]
+                warnings.warn(
+                    f"restored step {s}, the newest intact step, because step(s) "
+                    f"{[err.step for err in corrupt]} are damaged (moved aside to {moved}):\n"
+                    + "\n".join(str(err) for err in corrupt),
+                    stacklevel=2,
+                )
+            self._restored_step = s
+            return restored
+        if len(corrupt) == 1:
+            raise corrupt[0]
+        raise CheckpointCorruptError(
+            f"every committed step in {self._directory} is damaged:\n" + "\n".join(str(e) for e in corrupt),
+            step=corrupt[0].step,
+            parameters=corrupt[0].parameters,
+        ) from corrupt[0]
+
+    def _quarantine(self, step: int) -> str:
+        if jax.process_index() != 0:
+            return str(self._step_dir(step))
+        dest = self._directory / f"corrupt-{step}-{int(time.time())}"
+        os.replace(self._step_dir(step), dest)
+        self._manager.reload()
+        return str(dest)
+
+    def _restore_step(self, target: TrainState, step: int, shardings: ShardingSpec) -> Restored:
+        meta = self._read_meta(step)
+        names = state_names(target)
+        leaves = dict(zip(names, target.arrays, strict=True))
+        expected = {name: describe(leaf) for name, leaf in leaves.items()}
+        self._check_fit(step, expected, meta["arrays"])
+        state_dir = self._step_dir(step) / _STATE
+        problems = verify_manifest(state_dir)
+        if problems is None:
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory}: the checksum manifest {state_dir / MANIFEST} is missing or "
+                "unreadable, so the arrays cannot be verified.",
+                step=step, parameters=("<manifest>",),
+            )
+        if problems:
+            affected = sorted({rel.split("/")[0] if rel.split("/")[0] in leaves else f"<{rel}>" for rel, _ in problems})
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory} is corrupt; damaged parameter(s): {affected}.\n"
+                + list_items([f"{rel}: {why}" for rel, why in problems]),
+                step=step, parameters=tuple(affected),
+            )
+        abstract, restore_args = {}, {}
+        for name, leaf in leaves.items():
+            if callable(shardings) and not isinstance(shardings, Sharding):
+                sharding = shardings(name, leaf)
+            else:
+                sharding = default_sharding(leaf, shardings)
+            spec = stored_spec(leaf, sharding)
+            try:
+                spec.sharding.shard_shape(spec.shape)
+            except Exception as err:
+                raise CheckpointError(f"cannot place {name} of shape {spec.shape} with sharding {spec.sharding}: {err}") from err
+            abstract[name] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
+            restore_args[name] = ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
+        try:
+            stored = self._read_arrays(step, abstract, restore_args)
+        except Exception as err:  # TensorStore read failures surface as several exception types
+            bad = self._unreadable(step, abstract, restore_args)
+            raise CheckpointCorruptError(
+                f"step {step} in {self._directory}: reading the arrays failed for parameter(s) {bad}: "
+                f"{str(err).splitlines()[0][:300]}",
+                step=step, parameters=tuple(bad),
+            ) from err
+        arrays = tuple(from_stored(stored[name], leaves[name]) for name in names)
+        state = TrainState(arrays, target.structure)
+        info = self._meta_object(meta)
+        return Restored(state, info.data_state, info)
+
+    def _read_arrays(self, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
+        args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
+        return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
+
+    def _unreadable(self, step: int, abstract: dict, restore_args: dict) -> list[str]:
+        # Only on the error path: read the arrays one at a time to name the ones that fail.
+        bad = []
+        for name in abstract:
+            try:
+                self._read_arrays(step, {name: abstract[name]}, {name: restore_args[name]}, partial=True)
+            except Exception:
+                bad.append(name)
+        return bad
+
+    def _check_fit(self, step: int, expected: dict[str, Any], found: dict[str, Any]) -> None:
+        missing = [f"{n}: expected {spec_str(expected[n])}, not in the checkpoint" for n in expected if n not in found]
+        extra = [f"{n}: found {spec_str(found[n])}, not in the target" for n in found if n not in expected]
+        differ = [
+            f"{n}: expected {spec_str(expected[n])}, found {spec_str(found[n])}"
+            for n in expected
+            if n in found and (list(expected[n]["shape"]) != list(found[n]["shape"]) or expected[n]["dtype"] != found[n]["dtype"])
+        ]
+        problems = differ + missing + extra
+        if problems:
+            raise CheckpointMismatchError(
+                f"step {step} in {self._directory} does not fit the restore target "
+                f"({len(differ)} with another shape/dtype, {len(missing)} missing, {len(extra)} unexpected):\n"
+                + list_items(problems)
+                + "\nBuild the target from the same model config and optimizer as the saved run "
+                "(Checkpointer.meta(step).config holds the saved config)."
+            )

@@ -1,0 +1,177 @@
+"""Weights-only files for inference (safetensors), and a fingerprint of a model's parameters."""
+
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from .._errors import require
+from ._config import config_to_dict, is_config
+from ._errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    list_items,
+)
+from ._tree import is_array_like, is_key, leaf_names
+
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def _host(leaf: Any) -> np.ndarray:
+    if is_key(leaf):
+        leaf = jax.random.key_data(leaf)
+    return np.ascontiguousarray(jax.device_get(leaf))
+
+
+def _raw(a: np.ndarray) -> np.ndarray:
+    # The bytes of an array as a flat uint8 view (works for bfloat16 and 0-d arrays too).
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def params_sha256(model: Any) -> str:
+    """SHA-256 over the raw bytes of every array leaf of `model`, in `jax.tree.leaves` order.
+
+    Two runs that produce bitwise-identical parameters give the same hex digest (typed keys
+    contribute their key data). Only bytes are hashed, not shapes or dtypes.
+
+    **Arguments:** `model`, any pytree (a model, or a `TrainState`'s `model`).
+
+    **Returns:** the 64-character hex digest.
+    """
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)):
+        digest.update(_raw(_host(leaf)))
+    return digest.hexdigest()
+
+
+def _named_arrays(tree: Any) -> tuple[list[str], list[Any]]:
+    arrays = eqx.filter(tree, is_array_like, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    leaves = jax.tree.leaves(arrays, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return leaf_names(arrays, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)), leaves
+
+
+def save_weights(model: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
+    """Write every array of `model` to a safetensors file, keyed by leaf path
+    (`blocks.attn.qkv.weight`), for inference or sharing. Not a training checkpoint (no optimizer
+    state, step or key; use [`eqzoo.checkpoint.Checkpointer`][] for that).
+
+    The header's metadata holds the model `config` as JSON (when the model has one) and a CRC-32
+    per tensor, which [`eqzoo.checkpoint.load_weights`][] checks. The file is written beside its
+    destination and renamed into place, so `path` is never half-written.
+
+    **Arguments:** `model`; `path` of the `.safetensors` file; `metadata`, extra string pairs for
+    the header.
+    """
+    st = require("safetensors.numpy", "hf")
+    names, leaves = _named_arrays(model)
+    keys = [n for n, leaf in zip(names, leaves, strict=True) if is_key(leaf)]
+    if keys:
+        raise CheckpointError(
+            f"save_weights stores parameters, but the model holds PRNG keys at {keys}; "
+            "remove them (eqx.tree_at) or save a training checkpoint with Checkpointer."
+        )
+    tensors = {name: _host(leaf) for name, leaf in zip(names, leaves, strict=True)}
+    header = {
+        "format": "eqzoo.weights",
+        "eqzoo.crc32": json.dumps({n: zlib.crc32(_raw(a)) for n, a in tensors.items()}),
+        **(metadata or {}),
+    }
+    config = getattr(model, "config", None)
+    if is_config(config):
+        header["eqzoo.config"] = json.dumps(config_to_dict(config))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        st.save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False) -> Any:
+    """Load a safetensors file written by [`eqzoo.checkpoint.save_weights`][] into the structure
+    of `like`.
+
+    **Arguments:**
+
+    - `like`: a model, an abstract model (`eqx.filter_eval_shape(...)`), or a model config /
+      preset name (the abstract model is built from it). Each leaf's sharding is kept (arrays
+      and `ShapeDtypeStruct(..., sharding=...)`); otherwise arrays go to the first local device.
+    - `path`: the `.safetensors` file.
+    - `cast`: allow dtypes to differ and cast to `like`'s (e.g. fp32 weights into a bf16 model).
+
+    **Returns:** the model with the file's weights.
+
+    **Raises:** `CheckpointNotFoundError` (no file), `CheckpointMismatchError` (names, shapes or
+    dtypes do not fit; lists each path), `CheckpointCorruptError` (unreadable file or a tensor
+    whose CRC-32 does not match).
+    """
+    safetensors = require("safetensors", "hf")
+    if isinstance(like, str) or is_config(like):
+        from ..models import create
+
+        config = like
+        like = eqx.filter_eval_shape(lambda k: create(config, key=k), jax.random.key(0))
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"no weights file at {path}.")
+    names, leaves = _named_arrays(like)
+    try:
+        f = safetensors.safe_open(str(path), framework="numpy")
+    except Exception as err:
+        raise CheckpointCorruptError(f"weights file {path} is corrupt or truncated: {err}", step=None) from err
+    with f:
+        header = f.metadata() or {}
+        found = {}
+        for name in f.keys():
+            sl = f.get_slice(name)
+            found[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+        expected = {n: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for n, leaf in zip(names, leaves, strict=True)}
+        problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
+        problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
+        for n, (shape, dtype) in expected.items():
+            if n in found and (found[n][0] != shape or (found[n][1] != dtype and not cast)):
+                problems.append(f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}")
+        if problems:
+            raise CheckpointMismatchError(
+                f"weights file {path} does not fit the model:\n" + list_items(problems)
+                + ("\nPass cast=True to convert dtypes." if not cast else "")
+            )
+        try:
+            crcs = json.loads(header.get("eqzoo.crc32", "{}"))
+        except ValueError:
+            crcs = {}
+        loaded = []
+        for name, leaf in zip(names, leaves, strict=True):
+            try:
+                value = f.get_tensor(name)
+            except Exception as err:
+                raise CheckpointCorruptError(f"weights file {path}: tensor {name} cannot be read: {err}", step=None, parameters=(name,)) from err
+            if name in crcs and zlib.crc32(_raw(value)) != crcs[name]:
+                raise CheckpointCorruptError(
+                    f"weights file {path}: tensor {name} fails its CRC-32 check (the file was altered).",
+                    step=None, parameters=(name,),
+                )
+            sharding = getattr(leaf, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
+            loaded.append(jax.device_put(value.astype(leaf.dtype, copy=False), sharding))
+    it = iter(loaded)
+    return jax.tree.map(
+        lambda x: next(it) if is_array_like(x) else x, like, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
+    )

@@ -1,0 +1,284 @@
+"""Checkpointer in one process: round trips that keep every structure and dtype, retention,
+listing, and every error message."""
+
+import inspect
+import json
+import signal
+import warnings
+import zlib
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from eqzoo import checkpoint, models, train
+from eqzoo.data import TokenLoader
+
+
+def _optimizers():
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=20)
+
+    def decay(params):
+        return jax.tree.map(lambda x: x.ndim == 2, params)
+
+    return {
+        "adamw": optax.adamw(1e-2),
+        "clip+adamw+schedule": optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.1)),
+        "masked": optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.masked(optax.add_decayed_weights(0.1), decay),
+            optax.scale_by_adam(),
+            optax.scale_by_schedule(schedule),
+            optax.scale(-1.0),
+        ),
+        "multi_steps": optax.MultiSteps(optax.sgd(1e-2, momentum=0.9), every_k_schedule=2).gradient_transformation(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_optimizers()))
+@pytest.mark.parametrize("async_save", [True, False])
+def test_round_trip_keeps_structure_dtypes_and_bits(name, async_save, ckpt_dir, open_checkpointer, state_factory, same_state, mlp_config):
+    opt = _optimizers()[name]
+    state = state_factory(opt)
+    ckpt = open_checkpointer(ckpt_dir, async_save=async_save)
+    assert ckpt.save(state, data_state={"step": 2, "seed": 0})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2] and ckpt.latest_step() == 2
+    restored = ckpt.restore(checkpoint.abstract_state(mlp_config, opt))
+    same_state(restored.state, state)
+    assert restored.data_state == {"step": 2, "seed": 0}
+    assert restored.meta.step == 2 and restored.meta.config == mlp_config
+    assert restored.meta.format_version == checkpoint.FORMAT_VERSION
+
+
+def test_bf16_params_rbg_key_and_a_real_target(ckpt_dir, open_checkpointer, state_factory, same_state, mlp_config):
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    state = state_factory(opt, dtype=jnp.bfloat16)
+    state = state.replace(key=jax.random.key(7, impl="rbg"))
+    assert state.model.net.layers[0].weight.dtype == jnp.bfloat16
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    # A real (not abstract) target: a fresh state built the same way, with other values.
+    target = state_factory(opt, dtype=jnp.bfloat16, seed=3).replace(key=jax.random.key(0, impl="rbg"))
+    restored = ckpt.restore(target)
+    same_state(restored.state, state)
+    assert restored.state.model.net.layers[0].weight.dtype == jnp.bfloat16
+    assert str(jax.random.key_impl(restored.state.key)) == "rbg"
+
+
+def test_model_state_round_trips(ckpt_dir, open_checkpointer, same_state):
+    def make(key):
+        return eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="ema")
+
+    model, model_state = make(None)
+    model_state = model_state.set(model.ema_state_index, (jnp.arange(4.0), jnp.arange(4.0) + 1))
+    opt = optax.adam(1e-3)
+    state = train.TrainState.create(model, opt, key=jax.random.key(1), model_state=model_state)
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    restored = ckpt.restore(checkpoint.abstract_state(make, opt))
+    same_state(restored.state, state)
+    assert restored.state.model_state.get(model.ema_state_index)[1].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_retention_keep_last_and_keep_every(ckpt_dir, open_checkpointer, state_factory):
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir, keep_last=2, keep_every=4)
+    for step in range(1, 11):
+        ckpt.save(state, step=step)
+    ckpt.wait()
+    assert ckpt.all_steps() == [4, 8, 9, 10]
+
+
+def test_maybe_save_schedule_loader_state_and_config(ckpt_dir, open_checkpointer, state_factory, mlp_config):
+    state = state_factory()
+    loader = TokenLoader(jnp.arange(100, dtype=jnp.int32).__array__(), batch_size=2, seq_len=4, seed=0)
+    next(loader), next(loader), next(loader)
+    ckpt = open_checkpointer(ckpt_dir, save_every=3)
+    assert [ckpt.maybe_save(state, loader, step=s) for s in (1, 2, 3, 4)] == [False, False, True, False]
+    assert ckpt.maybe_save(state, loader, step=4, force=True)
+    assert not ckpt.maybe_save(state, loader, step=4, force=True)  # already saved
+    ckpt.wait()
+    meta = ckpt.meta()
+    assert meta.step == 4 and meta.data_state == loader.state_dict() and meta.config == mlp_config
+    assert meta.arrays["model.net.layers.0.weight"] == {"shape": [8, 6], "dtype": "float32"}
+    assert meta.arrays["key"]["dtype"] == "key<threefry2x32>"
+
+
+def test_batches_without_state_dict_warn_once(ckpt_dir, open_checkpointer, state_factory):
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir, save_every=1)
+    batches = iter([{"x": 1}])
+    with pytest.warns(UserWarning, match=r"the batches \(list_iterator\) have no state_dict\(\), so checkpoints do not record the data position"):
+        ckpt.maybe_save(state, batches, step=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        ckpt.maybe_save(state, batches, step=2)
+    ckpt.wait()
+    assert ckpt.meta().data_state is None
+
+
+def test_signal_saves_current_step_then_stops(ckpt_dir, state_factory):
+    state = state_factory()
+    previous = signal.getsignal(signal.SIGTERM)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=100)
+    try:
+        assert not ckpt.maybe_save(state, step=1) and not ckpt.should_stop()
+        signal.raise_signal(signal.SIGTERM)
+        assert ckpt.stop_signal == signal.SIGTERM
+        assert not ckpt.should_stop()  # step 1 is not saved yet
+        assert ckpt.maybe_save(state, step=2)
+        assert ckpt.should_stop() and ckpt.all_steps() == [2]  # committed once should_stop says so
+    finally:
+        ckpt.close()
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_second_sigint_interrupts_at_once(ckpt_dir):
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert ckpt.stop_signal == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        ckpt.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+def test_constructor_rejects_bad_counts(ckpt_dir):
+    with pytest.raises(checkpoint.CheckpointError, match=r"save_every=\.\.\.\) must be an int >= 1 or None; got 0"):
+        checkpoint.Checkpointer(ckpt_dir, save_every=0)
+    with pytest.raises(checkpoint.CheckpointError, match=r"keep_every=\.\.\.\) must be an int >= 1 or None; got -4"):
+        checkpoint.Checkpointer(ckpt_dir, keep_every=-4)
+
+
+def test_save_errors(ckpt_dir, tmp_path, open_checkpointer, state_factory):
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir)
+    # Under runtime type checking (as in this suite) the annotation catches this first; without
+    # it, the method's own check explains.
+    unchecked_save = inspect.unwrap(checkpoint.Checkpointer.save)
+    with pytest.raises(checkpoint.CheckpointError, match="takes an eqzoo.train.TrainState; got MLP. For a model alone use eqzoo.checkpoint.save_weights"):
+        unchecked_save(ckpt, state.model)
+    with pytest.raises(checkpoint.CheckpointError, match="must be JSON-able"):
+        ckpt.save(state, metadata={"when": object()})
+    ckpt.save(state, step=5)
+    ckpt.wait()
+    other = open_checkpointer(ckpt_dir)
+    with pytest.raises(checkpoint.CheckpointError, match="step 5 is already committed in .* and this run did not restore it"):
+        other.save(state, step=5)
+    ckpt.close()
+    with pytest.raises(checkpoint.CheckpointError, match="this Checkpointer is closed"):
+        ckpt.save(state, step=6)
+
+
+def test_not_found_errors(tmp_path, open_checkpointer, state_factory):
+    target = state_factory()
+    missing = open_checkpointer(tmp_path / "never-made")
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="no checkpoint to restore in .*never-made: the directory did not exist"):
+        missing.restore(target)
+    (tmp_path / "only-tmp" / "4.orbax-checkpoint-tmp").mkdir(parents=True)
+    (tmp_path / "only-tmp" / "notes.txt").write_text("x")
+    only_tmp = checkpoint.Checkpointer(tmp_path / "only-tmp", handle_signals=False)
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="it holds no committed step"):
+        only_tmp.restore(target)
+    only_tmp.close()
+    ckpt = open_checkpointer(tmp_path / "some")
+    ckpt.save(target, step=3)
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"step 7 is not a committed step in .*; committed steps: \[3\]"):
+        ckpt.restore(target, step=7)
+    assert isinstance(checkpoint.CheckpointNotFoundError("x"), FileNotFoundError)
+
+
+def test_mismatch_lists_each_path_with_expected_and_found(ckpt_dir, open_checkpointer, state_factory, mlp_config):
+    opt = optax.adamw(1e-2)
+    state = state_factory(opt)
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    wider = checkpoint.abstract_state(mlp_config, opt, width=10)
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        ckpt.restore(wider)
+    message = str(info.value)
+    assert "model.net.layers.0.weight: expected float32(10, 6), found float32(8, 6)" in message
+    assert "opt_state.0.mu.net.layers.1.weight: expected float32(3, 10), found float32(3, 8)" in message
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.1.0.nu.net.layers.0.weight: expected float32\(8, 6\), not in the checkpoint"):
+        ckpt.restore(_plus_extra_adam(mlp_config))
+    bf16 = checkpoint.abstract_state(lambda k: _cast(models.create(mlp_config, key=k)), opt)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model.net.layers.0.bias: expected bfloat16\(8,\), found float32\(8,\)"):
+        ckpt.restore(bf16)
+    sgd = checkpoint.abstract_state(mlp_config, optax.sgd(1e-2))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.0.mu.net.layers.0.weight: found float32\(8, 6\), not in the target"):
+        ckpt.restore(sgd)
+
+
+def _cast(model):
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model)
+
+
+def _plus_extra_adam(config):
+    # The saved run used a bare adamw; a chain of two adams has every name under opt_state.1 too.
+    return checkpoint.abstract_state(config, optax.chain(optax.scale_by_adam(), optax.adamw(1e-2)))
+
+
+def test_restore_target_and_sharding_errors(ckpt_dir, open_checkpointer, state_factory):
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    unchecked_restore = inspect.unwrap(checkpoint.Checkpointer.restore)
+    with pytest.raises(checkpoint.CheckpointError, match="needs a TrainState target .*; got MLP"):
+        unchecked_restore(ckpt, state.model)
+    mesh = jax.sharding.Mesh(jax.devices()[:8], ("data",))
+    bad = jax.sharding.NamedSharding(mesh, jax.P("data"))
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot place model.net.layers.1.weight of shape \(3, 8\) with sharding .*axis 0 is partitioned 8 times"):
+        ckpt.restore(state, shardings=bad)
+
+
+def test_newer_format_version_is_refused(ckpt_dir, open_checkpointer, state_factory):
+    from eqzoo.checkpoint._integrity import with_crc
+
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    path = ckpt_dir / "2" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    meta["format_version"] = checkpoint.FORMAT_VERSION + 98
+    path.write_text(json.dumps(with_crc(meta)))
+    with pytest.raises(checkpoint.CheckpointVersionError, match=r"written in eqzoo checkpoint format 99 .*reads formats up to 1. Upgrade eqzoo"):
+        ckpt.restore(state)
+
+
+def test_config_is_optional_and_explicit_config_wins(ckpt_dir, open_checkpointer, state_factory):
+    state = state_factory()
+    ckpt = open_checkpointer(ckpt_dir, config=models.MLPConfig(width=99))
+    ckpt.save(state)
+    ckpt.wait()
+    assert ckpt.meta().config.width == 99
+    plain = train.TrainState.create({"w": jnp.ones(3)}, optax.sgd(0.1), key=jax.random.key(0))
+    other = open_checkpointer(ckpt_dir.with_name("plain"))
+    other.save(plain)
+    other.wait()
+    assert other.meta().config is None
+    restored = other.restore(plain)
+    assert restored.state.model["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_meta_crc_covers_every_field():
+    from eqzoo.checkpoint._integrity import crc_ok, with_crc
+
+    meta = with_crc({"format": "eqzoo.checkpoint", "data_state": {"step": 12}})
+    assert crc_ok(meta)
+    flipped = {**meta, "data_state": {"step": 13}}
+    assert not crc_ok(flipped)
+    assert meta["crc32"] == zlib.crc32(json.dumps({"data_state": {"step": 12}, "format": "eqzoo.checkpoint"}, sort_keys=True).encode())

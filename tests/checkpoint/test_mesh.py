@@ -1,0 +1,72 @@
+"""Saved sharded over one mesh, restored onto another (8 fake CPU devices, from tests/conftest)."""
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from eqzoo import checkpoint
+
+
+def _spec_for(leaf, axis):
+    # Shard the first dimension over `axis` where it divides; replicate the rest.
+    return P(axis) if leaf.ndim >= 1 and leaf.shape[0] % 4 == 0 else P()
+
+
+@pytest.fixture
+def sharded_state(state_factory):
+    assert len(jax.devices()) >= 8
+    state = state_factory(optax.adamw(1e-2))
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
+    arrays = tuple(
+        x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else jax.device_put(x, NamedSharding(mesh, _spec_for(x, "data")))
+        for x in state.arrays
+    )
+    return state._with_arrays(arrays)
+
+
+def test_restore_onto_another_mesh_via_target_shardings(sharded_state, ckpt_dir, open_checkpointer, same_state, mlp_config):
+    assert any(len(x.sharding.device_set) == 8 for x in sharded_state.arrays)
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(sharded_state)
+    ckpt.wait()
+
+    other = Mesh(np.array(jax.devices()[4:8]), ("fsdp",))
+    abstract = checkpoint.abstract_state(mlp_config, optax.adamw(1e-2))
+    # A TrainState is a pytree of its arrays: give each abstract leaf its target sharding.
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(other, _spec_for(x, "fsdp"))),
+        abstract,
+    )
+    restored = ckpt.restore(target).state
+    same_state(restored, sharded_state)
+    for got, want in zip(restored.arrays, target.arrays, strict=True):
+        assert got.sharding == want.sharding
+        assert got.sharding.device_set == set(jax.devices()[4:8])
+    weight = restored.model.net.layers[0].weight  # (8, 6): split over 4 devices along rows
+    assert {s.data.shape for s in weight.addressable_shards} == {(2, 6)}
+
+
+def test_restore_onto_another_mesh_via_shardings_argument(sharded_state, ckpt_dir, open_checkpointer, same_state, mlp_config):
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(sharded_state)
+    ckpt.wait()
+    abstract = checkpoint.abstract_state(mlp_config, optax.adamw(1e-2))
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    replicated = NamedSharding(mesh, P())
+    one = ckpt.restore(abstract, shardings=replicated).state
+    same_state(one, sharded_state)
+    assert all(x.sharding == replicated for x in one.arrays if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
+
+    seen = []
+
+    def by_name(name, leaf):
+        seen.append(name)
+        return NamedSharding(mesh, P("x") if name.endswith("0.weight") else P())
+
+    two = ckpt.restore(abstract, shardings=by_name).state
+    same_state(two, sharded_state)
+    assert "model.net.layers.0.weight" in seen and "key" in seen
+    assert two.model.net.layers[0].weight.sharding.spec == P("x")

@@ -1,0 +1,112 @@
+"""Weights-only safetensors files and the parameter fingerprint."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from eqzoo import checkpoint, models
+
+CONFIG = models.GPT2Config(vocab_size=16, max_seq=8, num_layers=1, num_heads=2, embed_dim=8)
+
+
+@pytest.fixture(scope="module")
+def model():
+    # Random values drawn on the host: a real GPT-2 without compiling its initialisation.
+    abstract = eqx.filter_eval_shape(lambda k: models.create(CONFIG, key=k), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(
+        lambda x: jnp.asarray(rng.standard_normal(x.shape).astype(np.float32)) if isinstance(x, jax.ShapeDtypeStruct) else x,
+        abstract,
+    )
+
+
+def _bf16(m):
+    return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, m)
+
+
+def test_round_trip_keys_are_leaf_paths(model, tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(model, path)
+    tensors = safetensors.numpy.load_file(str(path))
+    assert "blocks.layers.attn.q_proj.weight" in tensors and "embed.weight" in tensors
+    like = eqx.filter_eval_shape(lambda k: models.create(CONFIG, key=k), jax.random.key(1))
+    loaded = checkpoint.load_weights(like, path)
+    assert checkpoint.params_sha256(loaded) == checkpoint.params_sha256(model)
+    assert jax.tree.structure(loaded) == jax.tree.structure(model)
+    from_config = checkpoint.load_weights(CONFIG, path)
+    assert checkpoint.params_sha256(from_config) == checkpoint.params_sha256(model)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed away
+
+
+def test_bf16_and_cast(model, tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(_bf16(model), path)
+    loaded = checkpoint.load_weights(_bf16(model), path)
+    assert loaded.embed.weight.dtype == jnp.bfloat16
+    assert checkpoint.params_sha256(loaded) == checkpoint.params_sha256(_bf16(model))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"embed.weight: expected float32\(16, 8\), found bfloat16\(16, 8\)\n(.*\n)*Pass cast=True"):
+        checkpoint.load_weights(model, path)
+    upcast = checkpoint.load_weights(model, path, cast=True)
+    assert upcast.embed.weight.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(upcast.embed.weight), np.asarray(_bf16(model).embed.weight.astype(jnp.float32)))
+
+
+def test_load_onto_a_sharding(model, tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(model, path)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.P())
+    like = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) if eqx.is_array(x) else x, model
+    )
+    loaded = checkpoint.load_weights(like, path)
+    assert loaded.embed.weight.sharding == sharding
+
+
+def test_mismatch_and_missing(model, tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(model, path)
+    other = models.GPT2Config(vocab_size=16, max_seq=8, num_layers=1, num_heads=2, embed_dim=8, mlp_ratio=2)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"weights file .* does not fit the model:\n  blocks.layers.mlp.up.weight: expected float32\(1, 16, 8\), found float32\(1, 32, 8\)"):
+        checkpoint.load_weights(other, path)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"extra: found float32\(3,\), not in the model"):
+        safetensors.numpy.save_file({**safetensors.numpy.load_file(str(path)), "extra": np.zeros(3, np.float32)}, str(path))
+        checkpoint.load_weights(model, path)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"a: expected float32\(2,\), not in the file"):
+        checkpoint.load_weights({"a": jnp.zeros(2)}, tmp_path / "w.safetensors")
+    with pytest.raises(checkpoint.CheckpointNotFoundError, match="no weights file at .*nope.safetensors"):
+        checkpoint.load_weights(model, tmp_path / "nope.safetensors")
+
+
+def test_corrupt_and_truncated_files(model, tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(model, path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=r"weights file .*: tensor \S+ fails its CRC-32 check") as info:
+        checkpoint.load_weights(model, path)
+    assert info.value.step is None and len(info.value.parameters) == 1
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(checkpoint.CheckpointCorruptError, match="weights file .* is corrupt or truncated"):
+        checkpoint.load_weights(model, path)
+
+
+def test_keys_are_refused(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"the model holds PRNG keys at \['key'\]"):
+        checkpoint.save_weights({"w": jnp.ones(2), "key": jax.random.key(0)}, tmp_path / "w.safetensors")
+
+
+def test_params_sha256(model):
+    digest = checkpoint.params_sha256(model)
+    assert len(digest) == 64 and digest == checkpoint.params_sha256(model)
+    nudged = eqx.tree_at(lambda m: m.final_norm.weight, model, model.final_norm.weight.at[0].add(1e-7))
+    assert checkpoint.params_sha256(nudged) != digest
+    # Bytes in tree order: the same as hashing the leaves by hand.
+    import hashlib
+
+    by_hand = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))))
+    assert by_hand.hexdigest() == digest
