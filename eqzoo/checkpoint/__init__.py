@@ -2,12 +2,7 @@
 weights-only safetensors files, and a parameter fingerprint."""
 
 from ._abstract import abstract_state as abstract_state
-from ._checkpointer import (
-    FORMAT_VERSION as FORMAT_VERSION,
-    Checkpointer as Checkpointer,
-    CheckpointMeta as CheckpointMeta,
-    Restored as Restored,
-)
+from ._checkpointer import Checkpointer as Checkpointer
 from ._config import config_from_dict as config_from_dict, config_to_dict as config_to_dict
 from ._errors import (
     CheckpointCorruptError as CheckpointCorruptError,
@@ -15,6 +10,11 @@ from ._errors import (
     CheckpointMismatchError as CheckpointMismatchError,
     CheckpointNotFoundError as CheckpointNotFoundError,
     CheckpointVersionError as CheckpointVersionError,
+)
+from ._meta import (
+    FORMAT_VERSION as FORMAT_VERSION,
+    CheckpointMeta as CheckpointMeta,
+    Restored as Restored,
 )
 from ._weights import (
     load_weights as load_weights,

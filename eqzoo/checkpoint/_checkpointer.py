@@ -8,8 +8,6 @@ when every file is written, so a step is either listed complete or not listed at
 """
 
 import atexit
-import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -19,7 +17,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
@@ -27,62 +25,23 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from ..train import TrainState
-from ._config import config_to_dict, decode_config, is_config
-from ._errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
-    CheckpointVersionError,
-    list_items,
-)
-from ._integrity import MANIFEST, VerifiedPyTreeHandler, crc_ok, verify_manifest, with_crc
+from ._config import is_config
+from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
+from ._integrity import MANIFEST, VerifiedPyTreeHandler, verify_manifest
+from ._meta import CheckpointMeta, Restored, build_meta, check_fit, meta_object, validate_meta
 from ._tree import (
     default_sharding,
     describe,
     from_stored,
-    spec_str,
     state_names,
     stored_spec,
     to_stored,
 )
 
-FORMAT_VERSION = 1
-"""The checkpoint format this eqzoo writes (stored in every step's metadata). Steps written in
-a newer format are refused with `CheckpointVersionError`."""
-
 _STATE, _META = "state", "meta"
 _TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
-_FORMAT = "eqzoo.checkpoint"
 
 ShardingSpec = Sharding | Callable[[str, Any], Sharding] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointMeta:
-    """What a step's JSON metadata holds.
-
-    **Attributes:** `step`; `format_version`; `eqzoo_version` (that wrote it); `config` (the
-    model config, rebuilt as its dataclass, or `None`); `data_state` (the loader's `state_dict()`,
-    or `None`); `metadata` (the user dict passed to `save`); `arrays` (`{name: {"shape",
-    "dtype"}}` for every stored array).
-    """
-
-    step: int
-    format_version: int
-    eqzoo_version: str
-    config: Any
-    data_state: Any
-    metadata: dict[str, Any]
-    arrays: dict[str, dict[str, Any]]
-
-
-class Restored(NamedTuple):
-    """What [`eqzoo.checkpoint.Checkpointer.restore`][] returns: `state, data_state, meta`."""
-
-    state: TrainState
-    data_state: Any
-    meta: CheckpointMeta
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
@@ -263,26 +222,17 @@ class Checkpointer:
             static_model = getattr(state.structure.static, "model", None)
             found = getattr(static_model, "config", None)
             config = found if is_config(found) else None
-        from .. import __version__
-
-        meta = {
-            "format": _FORMAT,
-            "format_version": FORMAT_VERSION,
-            "eqzoo_version": __version__,
-            "step": step,
-            "config": None if config is None else config_to_dict(config),
-            "data_state": None if data_state is None else dict(data_state),
-            "metadata": dict(metadata or {}),
-            "arrays": {name: describe(leaf) for name, leaf in zip(names, state.arrays, strict=True)},
-        }
-        try:
-            meta = json.loads(json.dumps(meta))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"checkpoint metadata must be JSON-able (data_state, metadata, config): {err}") from err
+        meta = build_meta(
+            step=step,
+            arrays={name: describe(leaf) for name, leaf in zip(names, state.arrays, strict=True)},
+            config=config,
+            data_state=data_state,
+            metadata=metadata,
+        )
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{_STATE: ocp.args.PyTreeSave(items), _META: ocp.args.JsonSave(with_crc(meta))}
+                **{_STATE: ocp.args.PyTreeSave(items), _META: ocp.args.JsonSave(meta)}
             ),
             force=True,
         )
@@ -392,25 +342,7 @@ class Checkpointer:
                 f"step {step} in {self._directory}: its metadata ({path}) cannot be read: {err}",
                 step=step, parameters=("<metadata>",),
             ) from err
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory}: {path} is not eqzoo checkpoint metadata.",
-                step=step, parameters=("<metadata>",),
-            )
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointVersionError(
-                f"step {step} in {self._directory} was written in eqzoo checkpoint format "
-                f"{version!r} (by eqzoo {meta.get('eqzoo_version')}); this eqzoo reads formats up to "
-                f"{FORMAT_VERSION}. Upgrade eqzoo to restore it."
-            )
-        if not crc_ok(meta):
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory}: its metadata ({path}) fails its CRC-32 check; "
-                "the file was altered after it was written.",
-                step=step, parameters=("<metadata>",),
-            )
-        return meta
+        return validate_meta(meta, step=step, where=f"step {step} in {self._directory}", path=path)
 
     def meta(self, step: int | None = None) -> CheckpointMeta:
         """The metadata of `step` (default: the newest committed step), without reading arrays.
@@ -419,19 +351,7 @@ class Checkpointer:
         `abstract_state(ckpt.meta().config, optimizer)`.
         """
         step = self._pick_steps(step)[0]
-        return self._meta_object(self._read_meta(step))
-
-    @staticmethod
-    def _meta_object(meta: dict[str, Any]) -> CheckpointMeta:
-        return CheckpointMeta(
-            step=int(meta["step"]),
-            format_version=int(meta["format_version"]),
-            eqzoo_version=str(meta.get("eqzoo_version")),
-            config=None if meta.get("config") is None else decode_config(meta["config"]),
-            data_state=meta.get("data_state"),
-            metadata=meta.get("metadata") or {},
-            arrays=meta["arrays"],
-        )
+        return meta_object(self._read_meta(step))
 
     def _pick_steps(self, step: int | None) -> list[int]:
         steps = self.all_steps()
@@ -525,7 +445,7 @@ class Checkpointer:
         names = state_names(target)
         leaves = dict(zip(names, target.arrays, strict=True))
         expected = {name: describe(leaf) for name, leaf in leaves.items()}
-        self._check_fit(step, expected, meta["arrays"])
+        check_fit(expected, meta["arrays"], where=f"step {step} in {self._directory}")
         state_dir = self._step_dir(step) / _STATE
         problems = verify_manifest(state_dir)
         if problems is None:
@@ -565,7 +485,7 @@ class Checkpointer:
             ) from err
         arrays = tuple(from_stored(stored[name], leaves[name]) for name in names)
         state = TrainState(arrays, target.structure)
-        info = self._meta_object(meta)
+        info = meta_object(meta)
         return Restored(state, info.data_state, info)
 
     def _read_arrays(self, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
@@ -581,21 +501,3 @@ class Checkpointer:
             except Exception:
                 bad.append(name)
         return bad
-
-    def _check_fit(self, step: int, expected: dict[str, Any], found: dict[str, Any]) -> None:
-        missing = [f"{n}: expected {spec_str(expected[n])}, not in the checkpoint" for n in expected if n not in found]
-        extra = [f"{n}: found {spec_str(found[n])}, not in the target" for n in found if n not in expected]
-        differ = [
-            f"{n}: expected {spec_str(expected[n])}, found {spec_str(found[n])}"
-            for n in expected
-            if n in found and (list(expected[n]["shape"]) != list(found[n]["shape"]) or expected[n]["dtype"] != found[n]["dtype"])
-        ]
-        problems = differ + missing + extra
-        if problems:
-            raise CheckpointMismatchError(
-                f"step {step} in {self._directory} does not fit the restore target "
-                f"({len(differ)} with another shape/dtype, {len(missing)} missing, {len(extra)} unexpected):\n"
-                + list_items(problems)
-                + "\nBuild the target from the same model config and optimizer as the saved run "
-                "(Checkpointer.meta(step).config holds the saved config)."
-            )

@@ -149,10 +149,5 @@ def default_sharding(leaf: Any, override) -> Any:
     return sharding
 
 
-def array_leaves(tree: Any) -> list[Any]:
-    """The array (or `ShapeDtypeStruct`) leaves of `tree`, in tree order."""
-    return [x for x in jax.tree.leaves(tree) if is_array_like(x)]
-
-
 def is_array_like(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
