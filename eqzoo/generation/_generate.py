@@ -63,12 +63,14 @@ def _generate_batch_jit(model, prompts, lengths, keys, **static):
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
 
 
-def _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, use_cache):
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
     if not isinstance(model, AbstractLM):
         raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama); got {type(model).__name__}.")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     check_sampling(temperature, top_k, top_p)
+    if key is None and temperature > 0:
+        raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
     total = prompts.shape[-1] + max_new_tokens
@@ -112,7 +114,7 @@ def generate_batch(
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
-    _validate(model, prompts, max_new_tokens, temperature, top_k, top_p, use_cache)
+    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
     batch = prompts.shape[0]
     if lengths is None:
         lengths = jnp.full((batch,), prompts.shape[1], jnp.int32)
@@ -124,7 +126,7 @@ def generate_batch(
     ):
         raise ShapeError(f"each prompt length must be in [1, {prompts.shape[1]}]; got {lengths.tolist()}.")
     if key is None:
-        key = jax.random.key(0)
+        key = jax.random.key(0)  # greedy decoding: never used
     keys = jax.random.split(key, batch)
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,

@@ -1,13 +1,14 @@
 """A small residual CNN for image classification, with BatchNorm state held the Equinox way."""
 
 import dataclasses
+from typing import no_type_check
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError
+from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..nn import ConvBlock, ResidualBlock
 from ._validate import check_positive
@@ -32,6 +33,19 @@ class CNNConfig:
             raise ConfigError(f"CNNConfig: widths must be a non-empty tuple of positive ints, got {self.widths}.")
         if self.blocks_per_stage < 1:
             raise ConfigError(f"CNNConfig: blocks_per_stage must be >= 1, got {self.blocks_per_stage}.")
+
+    def num_params(self) -> int:
+        """Number of parameters (BatchNorm running statistics are state, not parameters)."""
+        conv_bn = lambda cin, cout, k: cin * cout * k * k + 2 * cout  # noqa: E731  bias-free conv + BN
+        n = conv_bn(self.in_channels, self.widths[0], 3)
+        in_ch = self.widths[0]
+        for stage, width in enumerate(self.widths):
+            for b in range(self.blocks_per_stage):
+                strided = stage > 0 and b == 0
+                n += conv_bn(in_ch, width, 3) + conv_bn(width, width, 3)
+                n += in_ch * width if (strided or in_ch != width) else 0  # 1x1 skip
+                in_ch = width
+        return n + in_ch * self.num_classes + self.num_classes
 
 
 class CNN(eqx.Module):
@@ -68,14 +82,22 @@ class CNN(eqx.Module):
         self, x: Float[Array, "channels height width"], state: eqx.nn.State
     ) -> tuple[Float[Array, " features"], eqx.nn.State]:
         """The pooled features of one image before the classifier. **Returns:** `(features, state)`."""
-        h, state = self.stem(x, state)
+        h, state = self.stem(x.astype(self.stem.conv.weight.dtype), state)  # compute in the params' dtype
         for block in self.blocks:
             h, state = block(h, state)
         return jnp.mean(h, axis=(1, 2)), state
 
+    @no_type_check  # our check below explains batching better than a generic type error
     def __call__(
         self, x: Float[Array, "channels height width"], state: eqx.nn.State, *, key: PRNGKey | None = None
     ) -> tuple[Float[Array, " classes"], eqx.nn.State]:
         """Class logits of one image. **Returns:** `(logits, new state)`."""
+        c = self.config.in_channels
+        if getattr(x, "ndim", None) != 3 or x.shape[0] != c:
+            raise ShapeError(
+                f"CNN takes one image of shape (channels={c}, height, width); got "
+                f"{shape_str(getattr(x, 'shape', ()))}. For a batch, wrap the call in "
+                "jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name='batch')."
+            )
         feats, state = self.features(x, state)
         return self.head(feats), state

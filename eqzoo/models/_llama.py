@@ -91,9 +91,11 @@ class LlamaConfig:
         return self.vocab_size * d + head + self.num_layers * per_layer + d
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: `6 N + 12 L d T`."""
+        """Training FLOPs per token: `6 N + 12 L d T`, N without the input embedding table when
+        the head is separate (a lookup does no matmul; a tied table is counted once, as the head)."""
         t = self.max_seq if seq_len is None else seq_len
-        return 6.0 * self.num_params() + 12.0 * self.num_layers * self.embed_dim * t
+        n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
+        return 6.0 * n + 12.0 * self.num_layers * self.embed_dim * t
 
 
 class Llama(AbstractLM):

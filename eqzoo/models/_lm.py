@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
 from ._validate import check_tokens
 
@@ -40,6 +41,8 @@ class AbstractLM(eqx.Module):
 
     def features(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
         """The final normalised hidden states of one sequence (before the output head)."""
+        # Checked here too: lm_loss(chunk_size=...) calls features without going through __call__.
+        check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)
         x = self.blocks(x)
@@ -74,6 +77,11 @@ class AbstractLM(eqx.Module):
         attention parameters' dtype).
         """
         max_seq = self.max_seq if max_seq is None else max_seq
+        if max_seq > self.max_seq:
+            raise ShapeError(
+                f"{type(self).__name__}.init_cache({max_seq}) exceeds the config's max_seq={self.max_seq}; "
+                "positions past it are undefined. Ask for at most max_seq positions."
+            )
         layer0 = self.blocks[0]
         one = layer0.attn.init_cache(max_seq, dtype=dtype)
         n = self.blocks.num_layers

@@ -73,4 +73,5 @@ class MLP(eqx.Module):
         return self._forward(x)
 
     def _forward(self, x: Float[Array, " features"]) -> Float[Array, " out"]:
-        return self.net(x)
+        # Compute in the parameters' dtype (e.g. bf16 under a mixed-precision policy).
+        return self.net(x.astype(self.net.layers[0].weight.dtype))

@@ -32,6 +32,23 @@ def resolve_backend(backend: str, dtype) -> Literal["xla", "cudnn"]:
     return backend  # type: ignore[return-value]
 
 
+def _xla_attention(q, k, v, mask):
+    """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend."""
+    # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
+    # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
+    # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
+    # in float32, probabilities cast back to the value dtype.
+    seq, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(seq, kv_heads, heads // kv_heads, head_dim)  # query head h uses kv head h // group
+    logits = jnp.einsum("tkgh,skh->kgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(head_dim**-0.5)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("kgts,skh->tkgh", probs, v)
+    return out.reshape(seq, heads, head_dim)
+
+
 class KVCache(eqx.Module):
     """Keys and values of the positions already decoded, for one sequence and one layer.
 
@@ -52,7 +69,8 @@ class Attention(eqx.Module):
 
     `num_kv_heads < num_heads` shares each key/value head between `num_heads // num_kv_heads`
     query heads. Rotary embeddings are applied to queries and keys when `use_rope`. The attention
-    itself is `jax.nn.dot_product_attention`, with cuDNN flash attention on GPU (`backend`).
+    itself is cuDNN flash attention (`jax.nn.dot_product_attention`) on GPU, or a plain XLA
+    einsum-softmax-einsum program (`backend`).
     """
 
     q_proj: eqx.nn.Linear
@@ -151,8 +169,11 @@ class Attention(eqx.Module):
             )
         positions = jnp.arange(x.shape[0], dtype=jnp.int32)
         q, k, v = self._qkv(x, positions)
-        impl = resolve_backend(self.backend, q.dtype)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        if resolve_backend(self.backend, q.dtype) == "cudnn":
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        else:
+            seq = x.shape[0]
+            o = _xla_attention(q, k, v, jnp.tril(jnp.ones((seq, seq), bool)))
         return self._out(o)
 
     def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
@@ -188,7 +209,5 @@ class Attention(eqx.Module):
         )
         key_positions = jnp.arange(cache.max_seq, dtype=jnp.int32)
         mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
-        o = jax.nn.dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[None], implementation="xla"
-        )
+        o = _xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         return self._out(o), KVCache(keys, values)

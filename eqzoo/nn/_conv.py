@@ -53,8 +53,13 @@ class ConvBlock(eqx.Module):
                 f"got {shape_str(x.shape)}. Wrap the call in jax.vmap(..., axis_name='batch') "
                 "for a batch."
             )
-        y, state = self.norm(self.conv(x), state)
-        return jax.nn.relu(y), state
+        h = self.conv(x)
+        # BatchNorm runs in the dtype of its running statistics (float32 unless built otherwise):
+        # under a bf16 compute policy the statistics stay float32 and only the output is bf16.
+        stats_dtype = state.get(self.norm.ema_state_index)[0].dtype
+        norm = jax.tree.map(lambda a: a.astype(stats_dtype) if eqx.is_inexact_array(a) else a, self.norm)
+        y, state = norm(h.astype(stats_dtype), state)
+        return jax.nn.relu(y).astype(h.dtype), state
 
 
 class ResidualBlock(eqx.Module):

@@ -7,7 +7,9 @@ from jaxtyping import Array, Float
 
 
 def _as_float32(x: Array) -> Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    # At least float32 (float64 stays). Not `jnp.promote_types`: under strict dtype promotion it
+    # refuses bfloat16 + float32.
+    return x if jnp.finfo(x.dtype).bits >= 32 else x.astype(jnp.float32)
 
 
 class RMSNorm(eqx.Module):

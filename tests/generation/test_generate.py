@@ -1,0 +1,125 @@
+"""Decoding: the KV cache changes nothing, batches equal single prompts, eos, sampling, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqzoo
+from eqzoo import models
+from eqzoo._errors import ConfigError, ShapeError
+from eqzoo.generation import generate_batch, sample_logits
+
+NEW = 8  # tokens generated per call
+
+
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-llama"])
+def lm(request):
+    # init_std is 0.02: scale the weights up so greedy decoding does not just repeat one token.
+    model = models.create(request.param, key=jax.random.key(0), max_seq=24)
+    return jax.tree.map(lambda a: 8 * a if _is_float(a) else a, model)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = models.create("tiny-llama", key=jax.random.key(0), max_seq=24)
+    return jax.tree.map(lambda a: 8 * a if _is_float(a) else a, model)
+
+
+def _is_float(a):
+    return isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+
+
+PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def greedy(llama):
+    return eqzoo.generate(llama, PROMPT, max_new_tokens=NEW)
+
+
+def test_greedy_with_and_without_cache_agree(lm):
+    cached = eqzoo.generate(lm, PROMPT, max_new_tokens=NEW)
+    uncached = eqzoo.generate(lm, PROMPT, max_new_tokens=NEW, use_cache=False)
+    assert cached.shape == (PROMPT.shape[0] + NEW,) and cached.dtype == jnp.int32
+    np.testing.assert_array_equal(cached[: PROMPT.shape[0]], PROMPT)
+    np.testing.assert_array_equal(cached, uncached)
+    assert len(set(np.asarray(cached[PROMPT.shape[0] :]).tolist())) > 1  # not a degenerate repeat
+    # greedy: each new token is the argmax of the full forward pass over the tokens before it
+    logits = lm(cached[:-1])
+    np.testing.assert_array_equal(jnp.argmax(logits[PROMPT.shape[0] - 1 :], -1), cached[PROMPT.shape[0] :])
+
+
+def test_batch_of_ragged_prompts_equals_one_at_a_time(llama):
+    prompts = [PROMPT, jnp.array([3, 1], jnp.int32)]
+    padded = jnp.stack([jnp.pad(p, (0, 5 - p.shape[0])) for p in prompts])
+    lengths = jnp.array([p.shape[0] for p in prompts], jnp.int32)
+    out = generate_batch(llama, padded, lengths, max_new_tokens=NEW, pad_token=0)
+    assert out.shape == (2, 5 + NEW)
+    for row, p in zip(out, prompts, strict=True):
+        single = eqzoo.generate(llama, p, max_new_tokens=NEW)
+        n = p.shape[0] + NEW
+        np.testing.assert_array_equal(row[:n], single)
+        np.testing.assert_array_equal(row[n:], 0)  # padding after prompt + new tokens
+
+
+def test_eos_stops_and_pads(llama, greedy):
+    n = PROMPT.shape[0]
+    eos = int(greedy[n + 2])  # the third generated token
+    first = n + int(np.argmax(np.asarray(greedy[n:]) == eos))  # where it first appears
+    out = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=eos, pad_token=255)
+    np.testing.assert_array_equal(out[: first + 1], greedy[: first + 1])  # up to and with eos
+    assert first + 1 < out.shape[0] and bool(jnp.all(out[first + 1 :] == 255))
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(llama, greedy):
+    key = jax.random.key(3)
+    top_k = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=key, temperature=1.0, top_k=1)
+    top_p = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=key, temperature=1.0, top_p=1e-6)
+    np.testing.assert_array_equal(top_k, greedy)
+    np.testing.assert_array_equal(top_p, greedy)
+
+
+def test_sampling_is_deterministic_given_key(llama):
+    kw = dict(max_new_tokens=NEW, temperature=2.0)
+    a = eqzoo.generate(llama, PROMPT, key=jax.random.key(1), **kw)
+    b = eqzoo.generate(llama, PROMPT, key=jax.random.key(1), **kw)
+    c = eqzoo.generate(llama, PROMPT, key=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(c[: PROMPT.shape[0]], PROMPT)
+
+
+def test_sample_logits_filters():
+    logits = jnp.log(jnp.array([0.05, 0.4, 0.3, 0.2, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 500)
+    draw = jax.jit(jax.vmap(lambda k, top_k, top_p: sample_logits(logits, k, temperature=1.0, top_k=top_k, top_p=top_p),
+                            in_axes=(0, None, None)), static_argnums=(1, 2))
+    assert set(np.asarray(draw(keys, 2, None)).tolist()) == {1, 2}  # the two most likely
+    # nucleus 0.75: 0.4 + 0.3 < 0.75, so the third most likely (0.2) is still needed
+    assert set(np.asarray(draw(keys, None, 0.75)).tolist()) == {1, 2, 3}
+    assert set(np.asarray(draw(keys, None, None)).tolist()) == {0, 1, 2, 3, 4}
+    assert int(sample_logits(logits, None)) == 1  # greedy needs no key
+
+
+def test_generation_errors(llama):
+    with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=20)
+    with pytest.raises(ConfigError, match=r"temperature must be >= 0 \(0 means greedy\), got -1"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=0.7)
+    with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 0"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=0)
+    with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] or None, got 0.0"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_p=0.0)
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=0)
+    with pytest.raises(ShapeError, match=r"one prompt of shape \(seq,\); got \(2, 5\).*generate_batch"):
+        eqzoo.generate(llama, jnp.stack([PROMPT, PROMPT]), max_new_tokens=2)
+    with pytest.raises(ShapeError, match="prompt token ids must be integers; got dtype float32"):
+        eqzoo.generate(llama, PROMPT.astype(jnp.float32), max_new_tokens=2)
+    with pytest.raises(ShapeError, match=r"each prompt length must be in \[1, 5\]; got \[0, 5\]"):
+        generate_batch(llama, jnp.stack([PROMPT, PROMPT]), jnp.array([0, 5]), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="needs an eqzoo language model"):
+        eqzoo.generate(models.create("mlp-small", key=jax.random.key(0)), PROMPT, max_new_tokens=2)

@@ -1,0 +1,154 @@
+"""GPT-2 and Llama: KV-cache decoding against the full forward pass, and input/config errors."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo import models, train
+from eqzoo._errors import ConfigError, ShapeError
+
+MODEL_TOL = 1e-4  # fp32, whole models
+
+FAMILIES = {
+    "gpt2": models.get_config("tiny-gpt2", max_seq=32),
+    "llama": models.get_config("tiny-llama", max_seq=32),  # 4 query heads share 2 kv heads
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def lm(request):
+    return models.create(FAMILIES[request.param], key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return models.create(FAMILIES["gpt2"], key=jax.random.key(0))
+
+
+def test_cache_decoding_equals_full_forward(lm):
+    tokens = jax.random.randint(jax.random.key(1), (12,), 0, lm.config.vocab_size, dtype=jnp.int32)
+    full = eqx.filter_jit(lambda m, t: m(t))(lm, tokens)
+    decode = eqx.filter_jit(lambda m, t, c, i: m.decode(t, c, i))
+
+    prompt_len = 5
+    cache = lm.init_cache(16)  # larger than needed: unused positions must be masked out
+    logits, cache = decode(lm, tokens[:prompt_len], cache, jnp.int32(0))  # prefill
+    steps = [logits]
+    for i in range(prompt_len, tokens.shape[0]):
+        logits, cache = decode(lm, tokens[i : i + 1], cache, jnp.int32(i))
+        steps.append(logits)
+    cached = jnp.concatenate(steps)
+    assert cached.shape == full.shape == (12, lm.config.vocab_size)
+    np.testing.assert_allclose(cached, full, atol=MODEL_TOL, rtol=MODEL_TOL)
+    assert cache.keys.shape[0] == lm.config.num_layers  # one cache per layer, stacked
+
+
+def test_tied_and_untied_heads():
+    untied = models.create(FAMILIES["llama"], key=jax.random.key(0))
+    tied = models.create(dataclasses.replace(FAMILIES["llama"], tie_embeddings=True), key=jax.random.key(0))
+    assert untied.lm_head is not None and untied.head_weight() is untied.lm_head.weight
+    assert tied.lm_head is None and tied.head_weight() is tied.embed.weight
+    tokens = jnp.arange(6, dtype=jnp.int32)
+    # logits = final features @ head.T, checked against the formula
+    logits, feats = eqx.filter_jit(lambda m, t: (m(t), m.features(t)))(tied, tokens)
+    np.testing.assert_allclose(logits, np.asarray(feats, np.float64) @ np.asarray(tied.embed.weight, np.float64).T, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ input errors
+
+
+def test_batched_tokens_say_vmap(gpt2):
+    with pytest.raises(ShapeError, match=r"got \(2, 8\).*wrap the call in jax\.vmap"):
+        gpt2(jnp.zeros((2, 8), jnp.int32))
+
+
+def test_batched_inputs_to_mlp_and_cnn_say_vmap():
+    mlp = models.create("mlp-small", key=jax.random.key(0))
+    with pytest.raises(ShapeError, match=r"MLP takes one vector.*jax\.vmap"):
+        mlp(jnp.zeros((4, mlp.config.in_features)))
+    cnn, state = models.create("cnn-digits", key=jax.random.key(0))
+    with pytest.raises(ShapeError, match=r"CNN takes one image.*jax\.vmap"):
+        cnn(jnp.zeros((4, 1, 8, 8)), state)
+
+
+def test_float_tokens_are_rejected(gpt2):
+    with pytest.raises(ShapeError, match=r"integer token ids; got dtype float32.*astype\(jnp\.int32\)"):
+        gpt2(jnp.zeros((8,), jnp.float32))
+
+
+def test_too_long_sequence_names_max_seq(gpt2):
+    with pytest.raises(ShapeError, match=r"length 33 .*max_seq=32"):
+        gpt2(jnp.zeros((33,), jnp.int32))
+
+
+def test_empty_sequence_is_rejected(gpt2):
+    with pytest.raises(ShapeError, match="empty sequence"):
+        gpt2(jnp.zeros((0,), jnp.int32))
+
+
+def test_chunked_loss_also_checks_max_seq(gpt2):
+    # lm_loss(chunk_size=...) calls model.features directly; too-long inputs must still be caught
+    # (GPT-2's position table would otherwise be read out of bounds).
+    tokens = jnp.zeros((2, 33), jnp.int32)
+    with pytest.raises(ShapeError, match="max_seq=32"):
+        train.lm_loss(gpt2, {"tokens": tokens, "targets": tokens}, chunk_size=8)
+
+
+def test_cache_longer_than_max_seq_is_rejected(gpt2):
+    with pytest.raises(ShapeError, match=r"max_seq=32"):
+        gpt2.init_cache(64)
+
+
+# ------------------------------------------------------------------------------ config errors
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: models.GPT2Config(embed_dim=64, num_heads=5), lambda: models.LlamaConfig(embed_dim=64, num_heads=5, num_kv_heads=5)],
+    ids=["gpt2", "llama"],
+)
+def test_heads_must_divide_width(make):
+    with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=64"):
+        make()
+
+
+def test_kv_heads_must_divide_heads():
+    with pytest.raises(ConfigError, match=r"num_kv_heads=3 must divide num_heads=4"):
+        models.LlamaConfig(embed_dim=64, num_heads=4, num_kv_heads=3)
+
+
+@pytest.mark.parametrize("family", [models.GPT2Config, models.LlamaConfig])
+def test_unknown_remat(family):
+    with pytest.raises(ConfigError, match=r"unknown remat 'sometimes'.*'dots_no_batch'"):
+        family(remat="sometimes")
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match=r"unknown preset 'gpt5'; available presets: .*'tiny-gpt2'"):
+        models.get_config("gpt5")
+
+
+def test_unknown_override_field_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"GPT2Config has no field\(s\) \['n_layers'\]; valid fields: .*'num_layers'"):
+        models.create("tiny-gpt2", key=jax.random.key(0), n_layers=4)
+
+
+def test_non_positive_sizes():
+    with pytest.raises(ConfigError, match=r"these must be positive, got \{'num_layers': 0\}"):
+        models.GPT2Config(num_layers=0)
+
+
+def test_register_preset_is_picked_up_and_guards_names():
+    config = models.get_config("tiny-gpt2", num_layers=1)
+    models.register_preset("test-only-gpt2", config)
+    try:
+        assert "test-only-gpt2" in models.list_presets()
+        assert models.get_config("test-only-gpt2") == config
+        with pytest.raises(ConfigError, match="already exists; pass overwrite=True"):
+            models.register_preset("test-only-gpt2", config)
+    finally:
+        models._registry._PRESETS.pop("test-only-gpt2", None)

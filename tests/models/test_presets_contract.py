@@ -1,0 +1,327 @@
+"""The contract every registered preset meets: one parametrized suite over `list_presets()`.
+
+Presets small enough for CPU (`config.num_params() < SMALL`) run through init, jit, vmap, finite
+gradients, the bf16 dtype policy, a second train step without recompiling, and a serialisation
+round trip. The big ones are checked at the config level: `num_params()` against the parameter
+count of `eqx.filter_eval_shape(...)` of the model, and `flops_per_token` against the matmul
+FLOPs of a traced (never run) gradient computation.
+"""
+
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eqzoo import models, train
+
+SMALL = 5_000_000  # parameters; presets below this run on CPU in the contract suite
+SEQ = 16  # tokens per sequence for language-model presets
+BATCH = 4
+MODEL_TOL = 1e-4  # fp32, whole models
+
+PRESETS = models.list_presets()
+SMALL_PRESETS = [p for p in PRESETS if models.get_config(p).num_params() < SMALL]
+BIG_PRESETS = [p for p in PRESETS if p not in SMALL_PRESETS]
+
+
+# ------------------------------------------------------------------------------ family adapters
+# How to make a batch and a loss for each model family. A preset of a new family fails here with
+# a KeyError until the family gets an adapter.
+
+
+def _lm_batch(config, key):
+    tokens = jax.random.randint(key, (BATCH, SEQ + 1), 0, config.vocab_size, dtype=jnp.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def _mlp_batch(config, key):
+    kx, ky = jax.random.split(key)
+    return {
+        "x": jax.random.normal(kx, (BATCH, config.in_features)),
+        "y": jax.random.randint(ky, (BATCH,), 0, config.out_features, dtype=jnp.int32),
+    }
+
+
+def _cnn_batch(config, key):
+    kx, ky = jax.random.split(key)
+    return {
+        "x": jax.random.normal(kx, (BATCH, config.in_channels, 8, 8)),
+        "y": jax.random.randint(ky, (BATCH,), 0, config.num_classes, dtype=jnp.int32),
+    }
+
+
+def _cnn_loss(model, model_state, batch, key):
+    logits, model_state = jax.vmap(
+        model, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+    )(batch["x"], model_state)
+    return train.cross_entropy(logits, batch["y"]), model_state
+
+
+ADAPTERS = {
+    # config type: (make_batch, loss_fn, input key)
+    models.GPT2Config: (_lm_batch, train.lm_loss, "tokens"),
+    models.LlamaConfig: (_lm_batch, train.lm_loss, "tokens"),
+    models.MLPConfig: (_mlp_batch, train.classification_loss, "x"),
+    models.CNNConfig: (_cnn_batch, _cnn_loss, "x"),
+}
+
+
+class Case:
+    """One preset, built once per module: model, optional state, batch, loss and jitted forward."""
+
+    def __init__(self, name):
+        self.name = name
+        self.config = models.get_config(name)
+        make_batch, self.loss_fn, self.input_key = ADAPTERS[type(self.config)]
+        self.stateful = models.is_stateful(self.config)
+        out = models.create(name, key=jax.random.key(0))
+        self.model, self.model_state = out if self.stateful else (out, None)
+        self.batch = make_batch(self.config, jax.random.key(1))
+        self.inputs = self.batch[self.input_key]
+        self.forward_traces = 0
+        # Modules may hold non-array leaves (e.g. the MLP's activation), hence filter_jit.
+        self.jit_forward = eqx.filter_jit(self.forward)
+
+    def forward(self, model, model_state, x):
+        """One example through the model (inference mode for stateful models)."""
+        self.forward_traces += 1  # Python side effect: counts traces
+        if self.stateful:
+            return eqx.nn.inference_mode(model)(x, model_state)[0]
+        return model(x)
+
+    def fresh(self):
+        """A copy of (model, model_state): train steps donate their input buffers."""
+        return jax.tree.map(
+            lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, (self.model, self.model_state)
+        )
+
+
+@pytest.fixture(scope="module", params=SMALL_PRESETS)
+def case(request):
+    return Case(request.param)
+
+
+def _params(model):
+    return eqx.filter(model, eqx.is_inexact_array)
+
+
+def _bitwise_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb, strict=True)
+    )
+
+
+def test_presets_are_split_sensibly():
+    # Guards the parametrization itself: the suite must exercise something of every family.
+    families = {type(models.get_config(p)) for p in SMALL_PRESETS}
+    assert families == set(ADAPTERS), f"small presets cover {families}"
+    assert {"gpt2-124m", "llama-8b"} <= set(BIG_PRESETS)
+
+
+# ------------------------------------------------------------------------------ small presets
+
+
+def _create(name, seed):
+    out = models.create(name, key=jax.random.key(seed))
+    return out[0] if models.is_stateful(models.get_config(name)) else out
+
+
+def test_init_is_deterministic_and_float32(case):
+    assert _bitwise_equal(_params(_create(case.name, 0)), _params(case.model))
+    assert not _bitwise_equal(_params(_create(case.name, 7)), _params(case.model))
+    leaves = jax.tree.leaves(_params(case.model))
+    assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+    n = sum(x.size for x in leaves)
+    assert n == case.config.num_params(), f"{case.name}: counted {n}, config says {case.config.num_params()}"
+
+
+def test_jit_and_vmap(case):
+    traces = case.forward_traces
+    single = jnp.stack([case.jit_forward(case.model, case.model_state, x) for x in case.inputs])
+    batched = eqx.filter_jit(eqx.filter_vmap(case.forward, in_axes=(None, None, 0)))(
+        case.model, case.model_state, case.inputs
+    )
+    assert batched.shape == single.shape and batched.shape[0] == BATCH
+    assert batched.dtype == single.dtype == jnp.float32
+    np.testing.assert_allclose(batched, single, atol=MODEL_TOL, rtol=MODEL_TOL)
+    # Another instance of the same structure reuses the compiled program (statics compare equal).
+    other = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, case.model)
+    case.jit_forward(other, case.model_state, case.inputs[0])
+    assert case.forward_traces - traces <= 2, "jit: 1 trace, vmap: 1 trace, new instance: none"
+
+
+def _count_traces(loss_fn, counter):
+    def counted(*args):
+        counter.append(1)  # a Python side effect: runs once per trace, never per execution
+        return loss_fn(*args)
+
+    return counted
+
+
+class _CompileLog:
+    """Collects the "Compiling flat_step ..." records `jax.log_compiles` emits for train steps."""
+
+    def __enter__(self):
+        import logging
+
+        self.compiled = []
+        log = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith("Compiling ") and "flat_step" in msg:
+                    log.compiled.append(msg[:80])
+
+        self._handler = Handler(level=logging.DEBUG)
+        self._logger = logging.getLogger("jax")
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.DEBUG)
+        self._ctx = jax.log_compiles(True)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+
+
+def _run_steps(case, precision, n=3, lr=1e-2):
+    traces = []
+    optimizer = optax.sgd(lr)
+    step = train.make_train_step(_count_traces(case.loss_fn, traces), optimizer, precision=precision)
+    model, model_state = case.fresh()
+    state = train.TrainState.create(
+        model, optimizer, key=jax.random.key(0), model_state=model_state, precision=precision
+    )
+    with _CompileLog() as log:
+        state, first = step(state, case.batch)  # compiles
+        compiled_first = list(log.compiled)
+        after_first = jax.tree.map(np.asarray, _params(state.model))
+        metrics = [first]
+        for _ in range(n - 1):
+            state, m = step(state, case.batch)
+            metrics.append(m)
+        jax.block_until_ready(state.arrays)
+    assert len(compiled_first) == 1, compiled_first  # the log does see compilations...
+    assert log.compiled == compiled_first, f"later steps recompiled: {log.compiled[1:]}"  # ...only one
+    assert step.num_compilations == 1
+    assert len(traces) == 1, f"loss_fn traced {len(traces)} times over {n} steps"
+    assert int(state.step) == n
+    return state, [jax.tree.map(float, m) for m in metrics], after_first
+
+
+def test_fp32_steps_finite_gradients_no_recompilation(case):
+    lr = 1e-2
+    model, _ = case.fresh()
+    before = jax.tree.map(np.asarray, _params(model))
+    state, metrics, after_first = _run_steps(case, None, lr=lr)
+    assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in metrics)
+    if case.stateful:  # the loss's new model_state (BatchNorm statistics) is carried forward
+        assert not _bitwise_equal(state.model_state, case.model_state)
+    # With plain SGD the first update is -lr * grad: every parameter leaf gets a finite, non-zero
+    # gradient (a layer left out of the forward pass would get none).
+    grads = jax.tree.map(lambda b, a: (b - a) / lr, before, after_first)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
+        assert np.any(g != 0), f"{case.name}: no gradient reaches {jax.tree_util.keystr(path)}"
+
+
+def test_bf16_policy_keeps_fp32_params(case):
+    precision = train.Precision.bf16()
+    # The compute copy really computes in bf16 (shapes only: nothing compiled).
+    out = eqx.filter_eval_shape(case.forward, precision.cast_to_compute(case.model), case.model_state, case.inputs[0])
+    assert out.dtype == jnp.bfloat16
+    state, metrics, _ = _run_steps(case, precision)
+    assert all(np.isfinite(m["loss"]) for m in metrics)
+    leaves = jax.tree.leaves(_params(state.model))
+    assert all(x.dtype == jnp.float32 for x in leaves), "master params must stay fp32"
+    if case.stateful:  # running statistics stay fp32 too
+        assert all(x.dtype == y.dtype for x, y in zip(jax.tree.leaves(state.model_state), jax.tree.leaves(case.model_state), strict=True))
+    assert not _bitwise_equal(_params(state.model), _params(case.model)), "bf16 steps must update params"
+
+
+def test_serialisation_round_trip(case, tmp_path):
+    # Plain equinox serialisation; the orbax-based eqzoo.checkpoint is tested on its own.
+    path = tmp_path / f"{case.name}.eqx"
+    tree = (case.model, case.model_state)
+    eqx.tree_serialise_leaves(path, tree)
+    like = jax.tree.map(lambda a: jnp.zeros_like(a) if eqx.is_array(a) else a, tree)
+    loaded = eqx.tree_deserialise_leaves(path, like)
+    assert _bitwise_equal(eqx.filter(loaded, eqx.is_array), eqx.filter(tree, eqx.is_array))
+    x = case.inputs[0]
+    assert np.array_equal(case.jit_forward(*loaded, x), case.jit_forward(*tree, x))
+
+
+# ------------------------------------------------------------------------------ every preset
+
+
+def _eval_shape_model(name):
+    out = eqx.filter_eval_shape(lambda k: models.create(name, key=k), jax.random.key(0))
+    return out[0] if models.is_stateful(models.get_config(name)) else out
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_num_params_matches_eval_shape(name):
+    config = models.get_config(name)
+    model = _eval_shape_model(name)  # shapes only: nothing allocated, so 8B is fine
+    leaves = [x for x in jax.tree.leaves(model) if isinstance(x, jax.ShapeDtypeStruct) and jnp.issubdtype(x.dtype, jnp.inexact)]
+    counted = sum(int(np.prod(x.shape)) for x in leaves)
+    assert counted == config.num_params()
+
+
+# Published parameter counts (vocab padded to 50304 for the GPT-2 presets).
+KNOWN_SIZES = {
+    "gpt2-124m": 124_475_904,
+    "llama-1b": 1_235_814_400,  # Llama 3.2 1B
+    "llama-8b": 8_030_261_248,  # Llama 3.1 8B
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_SIZES))
+def test_num_params_known_sizes(name):
+    assert models.get_config(name).num_params() == KNOWN_SIZES[name]
+
+
+def _matmul_flops(jaxpr) -> float:
+    """FLOPs of every dot_general in a jaxpr (2 per multiply-add), scans counted `length` times."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract_dims, _), _ = eqn.params["dimension_numbers"]
+            lhs_shape = eqn.invars[0].aval.shape
+            contract = np.prod([lhs_shape[i] for i in contract_dims])
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contract
+        times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += times * _matmul_flops(sub)
+    return total
+
+
+LM_PRESETS = [p for p in PRESETS if isinstance(models.get_config(p), models.GPT2Config | models.LlamaConfig)]
+
+
+@pytest.mark.parametrize("name", LM_PRESETS)
+def test_flops_per_token_counts_the_matmuls(name):
+    # Trace (never run) one training step's gradient and count its matmul FLOPs. The formula
+    # 6N + 12 L d T ignores the few non-matmul parameters (norms, biases): 2% tolerance.
+    config = models.get_config(name)
+    seq = 64
+    model = _eval_shape_model(name)
+    tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
+
+    def grads(m, t):
+        return eqx.filter_grad(lambda m: train.lm_loss(m, {"tokens": t, "targets": t})[0])(m)
+
+    jaxpr = jax.make_jaxpr(grads)(model, tokens).jaxpr
+    measured = _matmul_flops(jaxpr) / seq
+    expected = config.flops_per_token(seq)
+    assert abs(measured - expected) <= 0.02 * expected, f"{name}: traced {measured:.4g}, formula {expected:.4g}"
+    assert config.flops_per_token(2 * seq) - expected == pytest.approx(12 * config.num_layers * config.embed_dim * seq)

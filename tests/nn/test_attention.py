@@ -1,0 +1,143 @@
+"""Attention against the softmax formula written out in numpy (float64), MHA and GQA, causal."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo._errors import ConfigError
+from eqzoo.nn import Attention, resolve_backend
+
+LAYER_TOL = 1e-5  # fp32, single layers
+EMBED, SEQ = 32, 7
+
+
+def _np(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def _rope_reference(x, positions, theta=10000.0):
+    """Rotary embedding as complex multiplication: pairs (x[i], x[i + d/2]) rotate by pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    freqs = theta ** (-np.arange(0, d, 2) / d)
+    z = x[..., : d // 2] + 1j * x[..., d // 2 :]
+    z = z * np.exp(1j * positions[:, None, None] * freqs)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def reference_attention(attn: Attention, x) -> np.ndarray:
+    """softmax(q k^T / sqrt(d) + causal mask) v, each query head reading kv head h // group."""
+    x = _np(x)
+
+    def proj(lin):
+        y = x @ _np(lin.weight).T
+        return y if lin.bias is None else y + _np(lin.bias)
+
+    seq, h, kv, d = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = proj(attn.q_proj).reshape(seq, h, d)
+    k = proj(attn.k_proj).reshape(seq, kv, d)
+    v = proj(attn.v_proj).reshape(seq, kv, d)
+    if attn.rope is not None:
+        pos = np.arange(seq)
+        q, k = _rope_reference(q, pos, attn.rope.theta), _rope_reference(k, pos, attn.rope.theta)
+    k = np.repeat(k, h // kv, axis=1)  # (seq, heads, d): query head i uses kv head i // (h // kv)
+    v = np.repeat(v, h // kv, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
+    scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p = p / p.sum(-1, keepdims=True)
+    o = np.einsum("hts,shd->thd", p, v).reshape(seq, h * d)
+    return o @ _np(attn.o_proj.weight).T + (0 if attn.o_proj.bias is None else _np(attn.o_proj.bias))
+
+
+CASES = {
+    # name: (num_heads, num_kv_heads, use_bias, use_rope)
+    "mha-bias": (4, 4, True, False),
+    "mha-rope": (4, 4, False, True),
+    "gqa-rope": (4, 2, False, True),
+    "mqa-rope": (4, 1, True, True),
+}
+
+
+def _layer(name, backend="xla"):
+    heads, kv, bias, rope = CASES[name]
+    attn = Attention(
+        EMBED, heads, num_kv_heads=kv, use_bias=bias, use_rope=rope, backend=backend, init_std=0.3,
+        key=jax.random.key(0),
+    )
+    if bias:  # non-zero biases, so the formula exercises them
+        where = lambda a: (a.q_proj.bias, a.k_proj.bias, a.v_proj.bias, a.o_proj.bias)  # noqa: E731
+        keys = jax.random.split(jax.random.key(1), 4)
+        attn = eqx.tree_at(where, attn, tuple(0.1 * jax.random.normal(k, b.shape) for k, b in zip(keys, where(attn), strict=True)))
+    return attn
+
+
+X = jax.random.normal(jax.random.key(42), (SEQ, EMBED))
+call = eqx.filter_jit(lambda layer, x: layer(x))  # one compile per layer structure
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_attention_matches_softmax_formula(name):
+    attn = _layer(name)
+    out = call(attn, X)
+    assert out.shape == (SEQ, EMBED) and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, reference_attention(attn, X), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def test_auto_backend_on_cpu_is_the_xla_path():
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU choice")
+    assert resolve_backend("auto", jnp.bfloat16) == "xla"
+    assert resolve_backend("auto", jnp.float32) == "xla"
+    out = call(_layer("gqa-rope", backend="auto"), X)
+    np.testing.assert_allclose(out, reference_attention(_layer("gqa-rope"), X), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def test_xla_path_matches_jax_dot_product_attention():
+    # The XLA path is written out by hand; JAX's own implementation is the second reference.
+    attn = _layer("gqa-rope")
+    positions = jnp.arange(SEQ, dtype=jnp.int32)
+    q, k, v = attn._qkv(X, positions)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    expected = attn._out(o)
+    np.testing.assert_allclose(attn(X), expected, atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def test_causality():
+    attn = _layer("gqa-rope")
+    changed = X.at[4:].set(0.0)
+    np.testing.assert_array_equal(call(attn, X)[:4], call(attn, changed)[:4])
+    assert not np.allclose(call(attn, X)[4:], call(attn, changed)[4:])
+
+
+def test_bf16_input_keeps_dtype_and_is_close():
+    attn = _layer("gqa-rope")
+    out = call(attn, X.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), reference_attention(attn, X), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["mha-bias", "gqa-rope"])
+def test_cudnn_backend_matches_formula(name):
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    attn = _layer(name, backend="cudnn")
+    x = jax.random.normal(jax.random.key(42), (128, EMBED))
+    out = call(attn, x.astype(jnp.bfloat16))  # cuDNN flash attention takes half precision only
+    assert out.dtype == jnp.bfloat16
+    ref = reference_attention(attn, x)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2, rtol=5e-2)  # bf16 tolerance
+
+
+def test_attention_config_errors():
+    key = jax.random.key(0)
+    with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=32 \(or pass head_dim\)"):
+        Attention(32, 5, key=key)
+    with pytest.raises(ConfigError, match=r"num_kv_heads=3 must divide num_heads=4"):
+        Attention(32, 4, num_kv_heads=3, key=key)
+    with pytest.raises(ConfigError, match=r"backend must be one of \('xla', 'cudnn', 'auto'\), got 'flash'"):
+        resolve_backend("flash", jnp.float32)
+    # an explicit head_dim lifts the divisibility rule
+    assert Attention(32, 5, head_dim=8, key=key)(X).shape == (SEQ, 32)

@@ -1,0 +1,136 @@
+"""Norms against their formulas (and computing in fp32 for bf16 input); MLP and SwiGLU against
+theirs; embeddings and conv blocks."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo.nn import MLP, ConvBlock, Embedding, LayerNorm, ResidualBlock, RMSNorm, SwiGLU
+
+LAYER_TOL = 1e-5  # fp32, single layers
+BF16_ULP = 2.0**-8  # relative spacing of bfloat16
+
+
+def _np(a):
+    return np.asarray(a, np.float64)
+
+
+def _with_random_affine(norm, key):
+    k1, k2 = jax.random.split(key)
+    norm = eqx.tree_at(lambda n: n.weight, norm, 1.0 + 0.3 * jax.random.normal(k1, norm.weight.shape))
+    if getattr(norm, "bias", None) is not None:
+        norm = eqx.tree_at(lambda n: n.bias, norm, 0.3 * jax.random.normal(k2, norm.bias.shape))
+    return norm
+
+
+def rms_reference(norm, x):
+    x = _np(x)
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + norm.eps) * _np(norm.weight)
+
+
+def layer_norm_reference(norm, x):
+    x = _np(x)
+    y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + norm.eps) * _np(norm.weight)
+    return y if norm.bias is None else y + _np(norm.bias)
+
+
+NORMS = {
+    "rms": (lambda: RMSNorm(256), rms_reference),
+    "layer": (lambda: LayerNorm(256), layer_norm_reference),
+    "layer-no-bias": (lambda: LayerNorm(256, use_bias=False), layer_norm_reference),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_norm_matches_formula(name):
+    make, reference = NORMS[name]
+    norm = _with_random_affine(make(), jax.random.key(0))
+    x = 3.0 * jax.random.normal(jax.random.key(1), (2, 5, 256)) + 1.0  # any leading shape
+    out = norm(x)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, reference(norm, x), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_norm_computes_in_fp32_for_bf16_input(name):
+    make, reference = NORMS[name]
+    norm = _with_random_affine(make(), jax.random.key(0))
+    # A large common offset: statistics taken in bf16 would be badly wrong here.
+    x = (100.0 + 2.0 * jax.random.normal(jax.random.key(1), (4, 256))).astype(jnp.bfloat16)
+    out = norm(x)
+    assert out.dtype == jnp.bfloat16
+    ref = reference(norm, x)  # float64 formula on the same bf16 values
+    # Only the final rounding to bf16 may differ: half a bf16 ulp of each value, plus one ulp slack.
+    np.testing.assert_allclose(_np(out), ref, rtol=BF16_ULP, atol=BF16_ULP)
+    # ... and every reduction in the computation runs in float32.
+    jaxpr = jax.make_jaxpr(norm)(x).jaxpr
+    reductions = [e for e in jaxpr.eqns if e.primitive.name.startswith("reduce_")]
+    assert reductions and all(e.invars[0].aval.dtype == jnp.float32 for e in reductions)
+
+
+def _linear(lin, x):
+    y = _np(x) @ _np(lin.weight).T
+    return y if lin.bias is None else y + _np(lin.bias)
+
+
+def _gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+X = jax.random.normal(jax.random.key(3), (7, 16))
+
+
+def test_mlp_matches_formula_and_shapes():
+    mlp = MLP(16, 48, init_std=0.3, key=jax.random.key(0))
+    mlp = eqx.tree_at(lambda m: (m.up.bias, m.down.bias), mlp, (0.1 * jnp.ones(48), -0.1 * jnp.ones(16)))
+    assert mlp.up.weight.shape == (48, 16) and mlp.down.weight.shape == (16, 48)
+    out = mlp(X)
+    assert out.shape == X.shape and out.dtype == jnp.float32
+    np.testing.assert_allclose(out, _linear(mlp.down, _gelu_tanh(_linear(mlp.up, X))), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def test_swiglu_matches_formula_and_shapes():
+    glu = SwiGLU(16, 40, init_std=0.3, key=jax.random.key(0))
+    assert glu.gate.weight.shape == glu.up.weight.shape == (40, 16) and glu.down.weight.shape == (16, 40)
+    assert glu.gate.bias is None  # Llama's projections have no biases
+    out = glu(X)
+    assert out.shape == X.shape and out.dtype == jnp.float32
+    g = _linear(glu.gate, X)
+    expected = _linear(glu.down, g / (1 + np.exp(-g)) * _linear(glu.up, X))
+    np.testing.assert_allclose(out, expected, atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+@pytest.mark.parametrize("make", [lambda k: MLP(16, 32, key=k), lambda k: SwiGLU(16, 32, key=k)], ids=["mlp", "swiglu"])
+def test_feed_forward_keeps_bf16_activations(make):
+    layer = make(jax.random.key(0))  # fp32 parameters
+    out = layer(X.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16 and out.shape == X.shape
+
+
+def test_embedding_lookup_and_tied_head():
+    emb = Embedding(11, 4, key=jax.random.key(0))
+    ids = jnp.array([3, 0, 10, 3], jnp.int32)
+    np.testing.assert_array_equal(emb(ids), emb.weight[np.array([3, 0, 10, 3])])
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    np.testing.assert_allclose(emb.attend(x), _np(x) @ _np(emb.weight).T, atol=LAYER_TOL)
+    assert emb.num_embeddings == 11
+
+
+def test_conv_blocks_under_named_vmap():
+    key1, key2 = jax.random.split(jax.random.key(0))
+    block, state = eqx.nn.make_with_state(ConvBlock)(1, 8, key=key1)
+    res, res_state = eqx.nn.make_with_state(ResidualBlock)(8, 16, stride=2, key=key2)
+    images = jax.random.normal(jax.random.key(1), (4, 1, 8, 8))
+
+    def forward(x, s1, s2):
+        h, s1 = block(x, s1)
+        return res(h, s2)
+
+    batched = jax.vmap(forward, in_axes=(0, None, None), out_axes=(0, None), axis_name="batch")
+    out, new_state = eqx.filter_jit(batched)(images, state, res_state)
+    assert out.shape == (4, 16, 4, 4)  # stride 2 halves the resolution
+    assert bool(jnp.all(out >= 0))  # ends in a ReLU
+    # training mode updated the running statistics
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(res_state), jax.tree.leaves(new_state), strict=True))

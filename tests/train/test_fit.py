@@ -1,0 +1,114 @@
+"""`fit`: JSONL logging, periodic evaluation, stopping from a callback, resuming from `state.step`."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eqzoo import models, train
+from eqzoo._errors import ConfigError
+
+OPTIMIZER = optax.sgd(0.05)
+CONFIG = models.get_config("mlp-small", in_features=8, width=16, depth=1, out_features=3)
+
+
+def batch_at(i):
+    """The i-th training batch, a pure function of i (as a resumable loader would give)."""
+    key = jax.random.fold_in(jax.random.key(11), i)
+    x = jax.random.normal(key, (8, 8))
+    return {"x": x, "y": (x[:, 0] > 0).astype(jnp.int32) + (x[:, 1] > 0).astype(jnp.int32)}
+
+
+def batches(start=0):
+    i = start
+    while True:
+        yield batch_at(i)
+        i += 1
+
+
+def eval_batches():
+    return [batch_at(1000 + i) for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def steps():
+    return train.make_train_step(train.classification_loss, OPTIMIZER), train.make_eval_step(train.classification_loss)
+
+
+def _state(seed=0):
+    model = models.create(CONFIG, key=jax.random.key(seed))
+    return train.TrainState.create(model, OPTIMIZER, key=jax.random.key(seed))
+
+
+def test_fit_logs_jsonl_and_evaluates(steps, tmp_path):
+    train_step, eval_step = steps
+    path = tmp_path / "run" / "metrics.jsonl"
+    result = train.fit(
+        _state(), train_step, batches(), num_steps=6, log_every=2, eval_step=eval_step,
+        eval_batches=eval_batches, eval_every=4, loggers=[train.JSONLLogger(path)],
+    )
+    assert int(result.state.step) == 6 and not result.stopped_early
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert all(np.isfinite(r["train/loss"]) and "train/accuracy" in r and "train/grad_norm" in r for r in lines)
+    # evaluation at every 4th step and at the last one
+    assert ["eval/loss" in r for r in lines] == [False, True, True]
+    assert lines == [{**r, "step": int(r["step"])} for r in result.history]
+    # the logged eval loss is the eval step averaged over the eval batches
+    expected = np.mean([float(eval_step(result.state, b)["loss"]) for b in eval_batches()])
+    np.testing.assert_allclose(lines[-1]["eval/loss"], expected, rtol=1e-6)
+    assert result.last("eval/loss") == lines[-1]["eval/loss"]
+    # training made progress on this learnable task
+    assert lines[-1]["train/loss"] < lines[0]["train/loss"]
+
+
+def test_callback_returning_true_stops(steps):
+    train_step, _ = steps
+    seen = []
+
+    def stop_at_3(step, state, record):
+        seen.append(step)
+        return step >= 3
+
+    result = train.fit(_state(), train_step, batches(), num_steps=10, log_every=1, callbacks=[stop_at_3])
+    assert result.stopped_early
+    assert seen == [1, 2, 3]
+    assert int(result.state.step) == 3 and [r["step"] for r in result.history] == [1, 2, 3]
+
+
+def test_resume_from_state_step_continues_the_same_trajectory(steps):
+    train_step, _ = steps
+    straight = train.fit(_state(), train_step, batches(), num_steps=6, log_every=1)
+
+    first = train.fit(_state(), train_step, batches(), num_steps=3, log_every=1)
+    consumed = []
+
+    def resumed_batches():
+        for i, b in enumerate(batches(start=3)):
+            consumed.append(i)
+            yield b
+
+    second = train.fit(first.state, train_step, resumed_batches(), num_steps=6, log_every=1)
+    assert [r["step"] for r in second.history] == [4, 5, 6]
+    assert len(consumed) == 3  # only the remaining steps ran
+    assert int(second.state.step) == 6
+    for a, b in zip(jax.tree.leaves(eqx.filter(second.state.model, eqx.is_array)),
+                    jax.tree.leaves(eqx.filter(straight.state.model, eqx.is_array)), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit-for-bit the uninterrupted run
+    # already at num_steps: nothing to do
+    done = train.fit(second.state, train_step, batches(), num_steps=6)
+    assert done.history == [] and int(done.state.step) == 6
+
+
+def test_fit_argument_errors(steps):
+    train_step, eval_step = steps
+    with pytest.raises(ConfigError, match="pass eval_step and eval_batches together"):
+        train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step)
+    with pytest.raises(ConfigError, match="need num_steps >= 0 and log_every >= 1; got 1 and 0"):
+        train.fit(_state(), train_step, batches(), num_steps=1, log_every=0)
+    with pytest.raises(ConfigError, match="evaluate got no batches"):
+        train.evaluate(eval_step, _state(), [])

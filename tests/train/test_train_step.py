@@ -1,0 +1,203 @@
+"""The compiled train step: gradient accumulation, dynamic loss scaling, frozen leaves,
+`TrainState`, and the errors that tell a user how to fix a call."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from eqzoo import models, train
+from eqzoo._errors import ConfigError, ShapeError
+
+
+def _copy(tree):
+    # Train steps donate their input state; keep independent copies of what tests compare against.
+    return jax.tree.map(lambda a: np.array(a) if eqx.is_array(a) else a, tree)
+
+
+def _arrays(tree):
+    return jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+
+
+# ------------------------------------------------------------------------------ grad accumulation
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return models.create("tiny-gpt2", key=jax.random.key(0), max_seq=16, num_layers=1)
+
+
+def _lm_batch(n=8, seq=8):
+    tokens = jax.random.randint(jax.random.key(5), (n, seq + 1), 0, 256, dtype=jnp.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def test_grad_accumulation_equals_large_batch(lm):
+    optimizer = optax.sgd(0.5)
+    batch = _lm_batch()
+    results = {}
+    for k in (1, 4):
+        state = train.TrainState.create(_fresh(lm), optimizer, key=jax.random.key(0))
+        step = train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=k)
+        state, metrics = step(state, batch)
+        results[k] = (jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_array)), jax.tree.map(float, metrics))
+    (params1, m1), (params4, m4) = results[1], results[4]
+    np.testing.assert_allclose(m4["loss"], m1["loss"], atol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)  # params after one SGD step with lr 0.5
+    assert not np.allclose(jax.tree.leaves(params1)[0], np.asarray(jax.tree.leaves(eqx.filter(lm, eqx.is_array))[0]))
+
+
+def _fresh(model):
+    return jax.tree.map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
+
+
+def test_grad_accumulation_needs_divisible_batch(lm):
+    optimizer = optax.sgd(0.1)
+    state = train.TrainState.create(_fresh(lm), optimizer, key=jax.random.key(0))
+    step = train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=3)
+    with pytest.raises(ShapeError, match=r"leading axis divisible by 3; got an array of shape \(8, 8\)"):
+        step(state, _lm_batch())
+    with pytest.raises(ConfigError, match="grad_accum_steps must be >= 1, got 0"):
+        train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=0)
+
+
+# ------------------------------------------------------------------------------ fp16 loss scaling
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return models.create("mlp-small", key=jax.random.key(0))
+
+
+def _mlp_batch(mult=1.0):
+    x = jax.random.normal(jax.random.key(1), (8, 64))
+    y = jax.random.randint(jax.random.key(2), (8,), 0, 10, dtype=jnp.int32)
+    return {"x": x, "y": y, "mult": jnp.float32(mult)}
+
+
+def _scaled_loss(model, batch, key):
+    loss, aux = train.classification_loss(model, {"x": batch["x"], "y": batch["y"]}, key)
+    return loss * batch["mult"], aux
+
+
+def test_dynamic_loss_scaling_skips_overflowing_steps(mlp):
+    # fp16 on the MLP preset only: XLA's CPU dot has no fp16 attention.
+    precision = train.Precision.fp16()
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0), precision=precision)
+    step = train.make_train_step(_scaled_loss, optimizer, precision=precision)
+
+    # fp32 reference gradient norm for the same batch
+    ref_step = train.make_train_step(_scaled_loss, optimizer)
+    _, ref = ref_step(train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0)), _mlp_batch())
+
+    state, m = step(state, _mlp_batch())
+    assert float(m["loss_scale"]) == 2.0**15  # finite gradients: scale kept (grows after 2000 steps)
+    # gradients were unscaled before the update: fp16 tolerance
+    np.testing.assert_allclose(float(m["grad_norm"]), float(ref["grad_norm"]), rtol=1e-2)
+
+    before = _copy((state.model, state.opt_state))
+    # The loss times 1e30 times the scale overflows fp16 in the backward pass.
+    state, m = step(state, _mlp_batch(mult=1e30))
+    assert not np.isfinite(float(m["grad_norm"]))
+    assert float(m["loss_scale"]) == 2.0**14  # halved
+    after = (state.model, state.opt_state[0])
+    for a, b in zip(_arrays(after), _arrays((before[0], before[1][0])), strict=True):
+        np.testing.assert_array_equal(a, b)  # update skipped: params and momentum untouched
+    assert step.num_compilations == 1
+
+    state, m = step(state, _mlp_batch())
+    assert np.isfinite(float(m["grad_norm"])) and float(m["loss_scale"]) == 2.0**14
+    assert not np.array_equal(_arrays(state.model)[0], _arrays(before[0])[0])  # training resumed
+
+
+def test_dynamic_loss_scale_grows_after_period():
+    scale = train.DynamicLossScale.init(initial=8.0, period=2)
+    scale = scale.adjust(jnp.bool_(True))
+    assert float(scale.scale) == 8.0 and int(scale.good_steps) == 1
+    scale = scale.adjust(jnp.bool_(True))
+    assert float(scale.scale) == 16.0 and int(scale.good_steps) == 0
+    scale = scale.adjust(jnp.bool_(False))
+    assert float(scale.scale) == 8.0 and int(scale.good_steps) == 0
+    floor = train.DynamicLossScale.init(initial=1.0).adjust(jnp.bool_(False))
+    assert float(floor.scale) == 1.0  # never below 1
+
+
+def test_precision_errors(mlp):
+    with pytest.raises(ConfigError, match=r"float16 compute needs loss scaling.*Precision\.fp16\(\)"):
+        train.Precision(compute_dtype="float16")
+    with pytest.raises(ConfigError, match=r"compute_dtype must be one of .*got 'fp8'"):
+        train.Precision(compute_dtype="fp8")
+    precision = train.Precision.fp16()
+    optimizer = optax.sgd(0.1)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))  # no precision
+    step = train.make_train_step(_scaled_loss, optimizer, precision=precision)
+    with pytest.raises(ConfigError, match=r"TrainState\.create\(\.\.\., precision=precision\)"):
+        step(state, _mlp_batch())
+
+
+# ------------------------------------------------------------------------------ TrainState
+
+
+def test_trainable_filter_freezes_leaves(mlp):
+    model = _fresh(mlp)
+    spec = jax.tree.map(lambda _: False, model)
+    spec = eqx.tree_at(lambda m: (m.net.layers[-1].weight, m.net.layers[-1].bias), spec, replace=(True, True))
+    optimizer = optax.sgd(0.1, momentum=0.9)
+    state = train.TrainState.create(model, optimizer, key=jax.random.key(0), trainable=spec)
+    # optimizer state only for the trainable leaves (the momentum of the last layer)
+    assert sum(x.size for x in jax.tree.leaves(state.opt_state)) == 10 * 128 + 10
+    before = _copy(state.model)
+    step = train.make_train_step(train.classification_loss, optimizer)
+    state, _ = step(state, _mlp_batch())
+    state, _ = step(state, _mlp_batch())
+    for i, layer in enumerate(state.model.net.layers):
+        same = np.array_equal(layer.weight, before.net.layers[i].weight)
+        assert same == (i < len(state.model.net.layers) - 1), f"layer {i}"
+
+
+def test_state_parts_and_replace(mlp):
+    optimizer = optax.sgd(0.1)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(3))
+    assert int(state.step) == 0 and state.model_state is None
+    assert np.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(3)))
+    other = models.create("mlp-small", key=jax.random.key(9))
+    replaced = state.replace(model=other, step=jnp.int32(7))
+    assert int(replaced.step) == 7 and int(state.step) == 0  # the original is unchanged
+    for a, b in zip(_arrays(replaced.model), _arrays(other), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.random.key_data(replaced.key), jax.random.key_data(state.key))
+    step = train.make_train_step(train.classification_loss, optimizer)
+    replaced, _ = step(replaced, _mlp_batch())
+    assert int(replaced.step) == 8
+    with pytest.raises(ConfigError, match=r"TrainState has no part\(s\) \['modle'\]; parts are \['model'"):
+        state.replace(modle=other)
+
+
+def test_legacy_prng_key_is_rejected(mlp):
+    with pytest.raises(ConfigError, match=r"typed PRNG key; make one with jax\.random\.key\(seed\)"):
+        train.TrainState.create(mlp, optax.sgd(0.1), key=jax.random.PRNGKey(0))
+
+
+def test_non_scalar_loss_is_rejected(mlp):
+    optimizer = optax.sgd(0.1)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))
+
+    def per_example_loss(model, batch, key):
+        return jax.vmap(model)(batch["x"])[:, 0]  # forgot the mean
+
+    step = train.make_train_step(per_example_loss, optimizer)
+    with pytest.raises(ShapeError, match=r"scalar loss; got shape \(8,\)\. Reduce it with jnp\.mean"):
+        step(state, _mlp_batch())
+
+
+def test_eval_step_matches_loss(mlp):
+    state = train.TrainState.create(_fresh(mlp), optax.sgd(0.1), key=jax.random.key(0))
+    metrics = train.make_eval_step(train.classification_loss)(state, _mlp_batch())
+    loss, aux = train.classification_loss(mlp, {"x": _mlp_batch()["x"], "y": _mlp_batch()["y"]})
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    np.testing.assert_allclose(metrics["accuracy"], aux["accuracy"])
