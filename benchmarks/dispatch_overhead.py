@@ -7,12 +7,16 @@ three ways on the same device-resident batch, with the same loss and optimizer:
 - `floor`: a raw `jax.jit` over the flat list of parameter and optimizer-state leaves, with
   buffer donation, partitioned and flattened once, written inline here: the least Python
   work a step can do;
+- `floor_matched`: the floor also doing the arithmetic eqzoo's step does besides the update
+  (split the PRNG key, count the step, return the gradient norm and the loss's aux metrics), so
+  `eqzoo / floor_matched` is host-side dispatch alone;
 - `filter_jit`: `@eqx.filter_jit def step(model, opt_state, batch)` with
   `eqx.filter_value_and_grad`, as Equinox users usually write it.
 
 Each variant is warmed up, then timed in blocks of many steps with `block_until_ready` only at
-the end of a block; the blocks of the three variants are interleaved (so load on the machine
-hits them alike) and the median block gives `step_ms`.
+the end of a block; the blocks of the variants are interleaved (so load on the machine hits
+them alike) and the median block gives `step_ms`; `cpu_ms` is the process's CPU time per step
+(all threads), steadier than wall time on a shared machine.
 
     python benchmarks/dispatch_overhead.py --json
     python benchmarks/dispatch_overhead.py --smoke --json
@@ -22,6 +26,7 @@ hits them alike) and the median block gives `step_ms`.
 import argparse
 import contextlib
 import json
+import resource
 import statistics
 import sys
 import time
@@ -30,6 +35,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jaxtyping
 import numpy as np
 import optax
@@ -98,6 +104,37 @@ def floor_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None
     return run, lambda: holder["out"]
 
 
+def matched_floor_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None], Callable[[], Any]]:
+    """The floor doing the same arithmetic as eqzoo's step: it also carries and splits a PRNG
+    key, counts steps and returns the gradient norm and the loss's aux metrics. The gap from
+    here to `eqzoo` is host-side dispatch alone."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    carry = (params, optimizer.init(params), jnp.zeros((), jnp.int32), jax.random.key(1))
+    leaves, treedef = jax.tree.flatten(carry)
+
+    def flat_step(leaves, batch):
+        params, opt_state, step, key = jax.tree.unflatten(treedef, leaves)
+        key, step_key = jax.random.split(key)
+        loss_of = lambda p: loss_fn(eqx.combine(p, static), batch, step_key)  # noqa: E731
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
+        grad_norm = train.tree_global_norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux}
+        return jax.tree.leaves((params, opt_state, step + 1, key)), metrics
+
+    step = jax.jit(flat_step, donate_argnums=0)
+    holder = {"leaves": leaves, "out": None}
+
+    def run(n: int) -> None:
+        lv = holder["leaves"]
+        for _ in range(n):
+            lv, metrics = step(lv, batch)
+        holder["leaves"], holder["out"] = lv, metrics["loss"]
+
+    return run, lambda: holder["out"]
+
+
 def filter_jit_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int], None], Callable[[], Any]]:
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
@@ -119,7 +156,17 @@ def filter_jit_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int],
     return run, lambda: holder["out"]
 
 
-RUNNERS = {"eqzoo": eqzoo_runner, "floor": floor_runner, "filter_jit": filter_jit_runner}
+RUNNERS = {
+    "eqzoo": eqzoo_runner,
+    "floor": floor_runner,
+    "floor_matched": matched_floor_runner,
+    "filter_jit": filter_jit_runner,
+}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def bench_case(name: str, batch_size: int, seq_len: int, *, steps: int, blocks: int, warmup: int) -> dict[str, Any]:
@@ -134,20 +181,28 @@ def bench_case(name: str, batch_size: int, seq_len: int, *, steps: int, blocks: 
         jax.block_until_ready(last())
         runners[variant] = (run, last)
     times: dict[str, list[float]] = {v: [] for v in runners}
+    cpu: dict[str, list[float]] = {v: [] for v in runners}
     for _ in range(blocks):
         for variant, (run, last) in runners.items():  # interleaved, so drift hits all alike
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_seconds(), time.perf_counter()
             run(steps)
             jax.block_until_ready(last())
             times[variant].append((time.perf_counter() - t0) / steps * 1e3)
+            cpu[variant].append((_cpu_seconds() - c0) / steps * 1e3)
     ms = {v: statistics.median(t) for v, t in times.items()}
+    cpu_ms = {v: statistics.median(t) for v, t in cpu.items()}
     return {
         "batch_size": batch_size,
         **({"seq_len": seq_len} if "gpt" in name else {}),
         "step_ms": {v: round(t, 4) for v, t in ms.items()},
         "step_ms_min": {v: round(min(t), 4) for v, t in times.items()},
+        # Process CPU time per step (all threads): steadier than wall time on a busy machine.
+        "cpu_ms": {v: round(t, 4) for v, t in cpu_ms.items()},
         "ratio_to_floor": round(ms["eqzoo"] / ms["floor"], 3),
+        "ratio_to_floor_matched": round(ms["eqzoo"] / ms["floor_matched"], 3),
         "ratio_to_filter_jit": round(ms["eqzoo"] / ms["filter_jit"], 3),
+        "cpu_ratio_to_floor": round(cpu_ms["eqzoo"] / cpu_ms["floor"], 3),
+        "cpu_ratio_to_floor_matched": round(cpu_ms["eqzoo"] / cpu_ms["floor_matched"], 3),
     }
 
 

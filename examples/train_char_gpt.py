@@ -41,6 +41,7 @@ with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
     import eqzoo
     from eqzoo import checkpoint, data, models, train
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +161,8 @@ def build(args: argparse.Namespace) -> Setup:
         num_heads=p.num_heads, embed_dim=p.embed_dim,
     )
     key_model, key_train = jax.random.split(jax.random.key(args.seed))
-    model = models.GPT2(config, key=key_model)
+    # Initialised under one jit: run eagerly, each initialiser op would be compiled on its own.
+    model = eqx.filter_jit(models.GPT2)(config, key=key_model)
 
     warmup = max(1, min(100, args.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(
