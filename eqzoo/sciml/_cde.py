@@ -1,0 +1,231 @@
+"""Neural controlled differential equations for irregularly sampled time series.
+
+Kidger, Morrill, Foster, Lyons, "Neural Controlled Differential Equations for Irregular Time
+Series", NeurIPS 2020. The control path is a Hermite cubic spline with backward differences
+(Morrill, Kidger, Yang, Lyons, "Neural CDEs for Online Prediction Tasks", 2021).
+"""
+
+from typing import Literal
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Real
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ._errors import check_times, is_traced
+from ._solve import (
+    AdjointLike,
+    check_result,
+    diffeqsolve,
+    failure_messages,
+    resolve_adjoint,
+    validate_config,
+)
+
+
+class _CDEField(eqx.Module):
+    """`f(t, z, args)` returning the `(hidden, channels)` matrix that multiplies `dX/dt`."""
+
+    mlp: eqx.nn.MLP
+    hidden_size: int = eqx.field(static=True)
+    channels: int = eqx.field(static=True)
+
+    def __call__(self, t, z, args):
+        del t, args
+        return self.mlp(z).reshape(self.hidden_size, self.channels)
+
+
+class NeuralCDE(eqx.Module):
+    """A neural CDE: `dz = f(z) dX(t)` driven by an interpolation of irregular observations.
+
+    The observations `(ts, xs)` of one series are turned into a continuous control path `X`
+    (a Hermite cubic spline with backward differences, or a linear interpolation), optionally
+    with time as an extra channel so the model sees the sampling times. The hidden state starts
+    at `z(ts[0]) = initial(X(ts[0]))`, evolves by `dz/dt = f(z) dX/dt` with `f` an MLP whose
+    output is reshaped to `(hidden, channels)`, and a linear readout maps `z` to the output.
+    One series per call; every series in a `jax.vmap` batch must have the same number of
+    observations (their times may differ). `NaN` in `xs` marks a missing value (cubic
+    interpolation fills it from its neighbours); the first row must be observed.
+
+    **Arguments:**
+
+    - `in_channels`: channels of each observation (without the time channel).
+    - `hidden_size`: size of the hidden state `z`.
+    - `out_size`: size of the readout (for example the number of classes).
+    - `width`, `depth`: width and number of hidden layers of the vector-field MLP.
+    - `use_time_channel`: prepend `t` as a channel of the control path (recommended: without
+      it the model cannot see how fast the series was sampled).
+    - `interpolation`: `"cubic"` (smooth; adaptive solvers step efficiently) or `"linear"`
+      (kinks at every observation, which the step-size controller is told about).
+    - `output`: `"final"` returns the readout at `ts[-1]`; `"trajectory"` at every `ts`.
+    - `solver`, `stepsize_controller`, `adjoint`, `dt0`, `max_steps`: as for
+      [`NeuralODE`][eqzoo.sciml.NeuralODE].
+    - `key`: PRNG key for the initial parameters.
+    """
+
+    initial: eqx.nn.Linear
+    vector_field: _CDEField
+    readout: eqx.nn.Linear
+    solver: diffrax.AbstractSolver
+    stepsize_controller: diffrax.AbstractStepSizeController
+    adjoint: diffrax.AbstractAdjoint
+    in_channels: int = eqx.field(static=True)
+    hidden_size: int = eqx.field(static=True)
+    out_size: int = eqx.field(static=True)
+    use_time_channel: bool = eqx.field(static=True)
+    interpolation: Literal["cubic", "linear"] = eqx.field(static=True)
+    output: Literal["final", "trajectory"] = eqx.field(static=True)
+    dt0: float | None = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_size: int,
+        out_size: int,
+        *,
+        width: int = 64,
+        depth: int = 2,
+        use_time_channel: bool = True,
+        interpolation: Literal["cubic", "linear"] = "cubic",
+        output: Literal["final", "trajectory"] = "final",
+        solver: diffrax.AbstractSolver | None = None,
+        stepsize_controller: diffrax.AbstractStepSizeController | None = None,
+        adjoint: AdjointLike = "recursive",
+        dt0: float | None = None,
+        max_steps: int = 4096,
+        key: PRNGKey,
+    ):
+        for name, value in [
+            ("in_channels", in_channels),
+            ("hidden_size", hidden_size),
+            ("out_size", out_size),
+            ("width", width),
+        ]:
+            if value < 1:
+                raise ConfigError(f"NeuralCDE: {name} must be >= 1; got {name}={value}.")
+        if depth < 0:
+            raise ConfigError(f"NeuralCDE: depth must be >= 0; got depth={depth}.")
+        if interpolation not in ("cubic", "linear"):
+            raise ConfigError(
+                f"NeuralCDE: interpolation must be 'cubic' or 'linear'; got {interpolation!r}."
+            )
+        if output not in ("final", "trajectory"):
+            raise ConfigError(
+                f"NeuralCDE: output must be 'final' or 'trajectory'; got output={output!r}."
+            )
+        solver = diffrax.Tsit5() if solver is None else solver
+        if stepsize_controller is None:
+            stepsize_controller = diffrax.PIDController(rtol=1e-3, atol=1e-6)
+        validate_config("NeuralCDE", solver, stepsize_controller, dt0, max_steps)
+        channels = in_channels + int(use_time_channel)
+        k_init, k_field, k_out = jax.random.split(key, 3)
+        self.initial = eqx.nn.Linear(channels, hidden_size, key=k_init)
+        mlp = eqx.nn.MLP(
+            hidden_size,
+            hidden_size * channels,
+            width,
+            depth,
+            activation=jax.nn.softplus,
+            # tanh keeps the vector field bounded, so the solution cannot blow up.
+            final_activation=jnp.tanh,
+            key=k_field,
+        )
+        self.vector_field = _CDEField(mlp, hidden_size, channels)
+        self.readout = eqx.nn.Linear(hidden_size, out_size, key=k_out)
+        self.solver = solver
+        self.stepsize_controller = stepsize_controller
+        self.adjoint = resolve_adjoint(adjoint)
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.out_size = out_size
+        self.use_time_channel = use_time_channel
+        self.interpolation = interpolation
+        self.output = output
+        self.dt0 = None if dt0 is None else float(dt0)
+        self.max_steps = max_steps
+
+    def _check_inputs(self, ts, xs) -> None:
+        if xs.ndim != 2 or xs.shape[1] != self.in_channels or xs.shape[0] != jnp.shape(ts)[0]:
+            raise ShapeError(
+                f"NeuralCDE takes one series: ts of shape (times,) and xs of shape (times, "
+                f"in_channels={self.in_channels}); got ts {shape_str(jnp.shape(ts))} and xs "
+                f"{shape_str(xs.shape)}. For a batch, wrap the call in jax.vmap."
+            )
+        if not is_traced(xs) and not np.all(np.isfinite(np.asarray(xs[0]))):
+            raise ShapeError(
+                f"NeuralCDE: the first observation xs[0] must be fully observed (it sets the "
+                f"initial hidden state); got xs[0]={np.asarray(xs[0]).tolist()}. Fill its "
+                f"missing channels (e.g. with the channel mean) before the call."
+            )
+
+    def control(
+        self, ts: Real[Array | np.ndarray, " times"], xs: Float[Array, "times channels"]
+    ) -> diffrax.AbstractPath:
+        """The continuous control path `X` through the observations (time channel first).
+
+        **Arguments:** `ts`, `xs` as for `__call__`.
+
+        **Returns:** a `diffrax.CubicInterpolation` or `diffrax.LinearInterpolation`.
+        """
+        ts = jnp.asarray(check_times(ts), dtype=xs.dtype)
+        self._check_inputs(ts, xs)
+        if self.use_time_channel:
+            xs = jnp.concatenate([ts[:, None], xs], axis=1)  # (times, 1 + channels)
+        if self.interpolation == "cubic":
+            coeffs = diffrax.backward_hermite_coefficients(ts, xs, fill_forward_nans_at_end=True)
+            return diffrax.CubicInterpolation(ts, coeffs)
+        return diffrax.LinearInterpolation(ts, xs)
+
+    def __call__(
+        self,
+        ts: Real[Array | np.ndarray, " times"],
+        xs: Float[Array, "times channels"],
+        *,
+        key: PRNGKey | None = None,
+    ) -> Float[Array, " out"] | Float[Array, "times out"]:
+        """Run the CDE over one irregularly sampled series.
+
+        **Arguments:**
+
+        - `ts`: the observation times, strictly increasing and finite.
+        - `xs`: the observations, shape `(times, in_channels)`; `NaN` marks a missing value.
+        - `key`: unused (deterministic); accepted for a uniform layer interface.
+
+        **Returns:** the readout at `ts[-1]`, shape `(out,)`, when `output` is `"final"`; at
+        every time of `ts`, shape `(times, out)`, when it is `"trajectory"`.
+        """
+        del key
+        path = self.control(ts, xs)
+        ts = path.ts
+        z0 = self.initial(path.evaluate(ts[0]))
+        term = diffrax.ControlTerm(self.vector_field, path).to_ode()
+        controller = self.stepsize_controller
+        if self.interpolation == "linear" and isinstance(
+            controller, diffrax.AbstractAdaptiveStepSizeController
+        ):
+            # The linear path has a kink at every observation: step exactly onto them.
+            controller = diffrax.ClipStepSizeController(controller, jump_ts=ts)
+        sol = diffeqsolve(
+            term,
+            self.solver,
+            ts,
+            z0,
+            None,
+            save_ts=self.output == "trajectory",
+            stepsize_controller=controller,
+            adjoint=self.adjoint,
+            dt0=self.dt0,
+            max_steps=self.max_steps,
+        )
+        messages = failure_messages(
+            "NeuralCDE", self.solver, self.stepsize_controller, self.dt0, self.max_steps
+        )
+        zs = check_result(sol.ys, sol, messages)  # (times or 1, hidden)
+        if self.output == "final":
+            return self.readout(zs[-1])
+        return jax.vmap(self.readout)(zs)

@@ -1,0 +1,106 @@
+"""Errors raised by `eqzoo.sciml`, and the trace-time checks that raise them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import ConfigError, EqzooError, ShapeError, shape_str
+
+
+class TimeGridError(EqzooError, ValueError):
+    """Time points are not usable by a differential equation solver.
+
+    Raised when the times are not a 1-d array of at least two points, are not strictly
+    increasing, or hold NaN/inf. The value checks need concrete values: they run when the
+    times are a NumPy or JAX array outside `jax.jit` (also inside `jax.vmap` when the times are
+    not batched). When the times are traced, the same rule is checked at run time with
+    `equinox.error_if` and the message is the same, raised as an `equinox.EquinoxRuntimeError`.
+    """
+
+
+class VectorFieldError(ShapeError):
+    """A vector field cannot be called as `f(t, y, args)` or returns the wrong shape."""
+
+
+class SolverError(EqzooError, RuntimeError):
+    """The differential equation solver stopped before reaching the final time.
+
+    Raised when a solve run outside `jax.jit`/`jax.vmap` fails, for example because
+    `max_steps` was reached. Inside a transformation the same message is raised through
+    `equinox.error_if` (an `equinox.EquinoxRuntimeError`).
+    """
+
+
+def is_traced(x) -> bool:
+    """Whether `x` is a tracer (inside `jax.jit`, `jax.vmap`, `jax.grad`, ...)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_times(ts, name: str = "ts"):
+    """Check a grid of time points; returns `ts` (possibly wrapped by a runtime check).
+
+    Shape is always checked at trace time. Order and finiteness are checked on concrete values
+    when `ts` is concrete, and with `equinox.error_if` when it is traced.
+    """
+    shape = tuple(jnp.shape(ts))
+    if len(shape) != 1 or shape[0] < 2:
+        raise TimeGridError(
+            f"{name} must be a 1-d array of at least 2 strictly increasing time points; got "
+            f"shape {shape_str(shape)}. eqzoo sciml layers take one example: for a batch, wrap "
+            f"the call in jax.vmap (with in_axes=None for times shared by every example)."
+        )
+    rule = f"{name} must be finite and strictly increasing"
+    if not is_traced(ts):
+        values = np.asarray(ts)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise TimeGridError(
+                f"{rule}; got non-finite values {values[bad][:5].tolist()} at indices "
+                f"{np.nonzero(bad)[0][:5].tolist()}. Drop or impute those observations "
+                f"before the call (solvers cannot step to NaN/inf times)."
+            )
+        steps = np.diff(values)
+        if (steps <= 0).any():
+            i = int(np.nonzero(steps <= 0)[0][0])
+            raise TimeGridError(
+                f"{rule}; got {name}[{i}]={values[i].item()!r} followed by "
+                f"{name}[{i + 1}]={values[i + 1].item()!r}. Sort the observations by time (e.g. "
+                f"order = jnp.argsort(ts); ts, xs = ts[order], xs[order]) and merge duplicates."
+            )
+        return ts
+    import equinox as eqx
+
+    ok = jnp.all(jnp.isfinite(ts)) & jnp.all(ts[1:] > ts[:-1])
+    return eqx.error_if(
+        ts,
+        ~ok,
+        f"{rule} (checked at run time because {name} is traced). Sort the observations by "
+        f"time and drop non-finite ones before the call.",
+    )
+
+
+def check_start(t0, ts, name: str = "ts"):
+    """Check that the start time `t0` is not after the first saving time; returns `ts`."""
+    rule = f"the start time t0 must not be after the first saving time {name}[0]"
+    if not (is_traced(t0) or is_traced(ts)):
+        first, start = np.asarray(ts)[0].item(), np.asarray(t0).item()
+        if not np.isfinite(start) or start > first:
+            raise TimeGridError(
+                f"{rule}; got t0={start!r} and {name}[0]={first!r}. Pass an earlier t0, or "
+                f"leave t0=None to start at {name}[0]."
+            )
+        return ts
+    import equinox as eqx
+
+    return eqx.error_if(ts, ~(t0 <= ts[0]), f"{rule} (checked at run time: values are traced).")
+
+
+def check_positive(name: str, value, *, allow_none: bool = False):
+    """Raise `ConfigError` unless `value` is a positive number (or None when allowed)."""
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0:
+        raise ConfigError(f"{name} must be a positive number; got {name}={value!r}.")
+
+
+__all__ = ["TimeGridError", "VectorFieldError", "SolverError"]

@@ -1,0 +1,324 @@
+"""Physics-informed losses: PDE residuals by automatic differentiation, boundary and initial terms,
+collocation sampling.
+
+Raissi, Perdikaris, Karniadakis, "Physics-informed neural networks", J. Comput. Phys. 2019.
+
+Conventions: a field `u` maps one point `x` of shape `(dim,)` (for time-dependent problems the
+time is one of the coordinates, by convention the first) to a scalar or a vector; a PDE is a
+function `pde(u, x)` returning the residual at `x`, written with `gradient`, `laplacian`,
+`jax.jacfwd` or `jax.hessian` on `u`. Points are stacked as `(points, dim)`.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeAlias
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+
+Field: TypeAlias = Callable[[Float[Array, " dim"]], Any]
+"""A function (usually an `eqx.Module`) of one point `x: (dim,)`."""
+
+Target: TypeAlias = Float[Array, "..."] | Callable[[Float[Array, " dim"]], Any]
+"""Condition values: an array with one row per point, or a function of one point."""
+
+
+def _scalar_check(name: str, fn: Field, x: Any) -> None:
+    out = eqx.filter_eval_shape(fn, x)
+    shape = getattr(out, "shape", None)
+    if shape != ():
+        raise ShapeError(
+            f"{name} needs a scalar field u(x) -> (); got u(x) of shape "
+            f"{shape_str(shape) if shape is not None else type(out).__name__} for x of shape "
+            f"{shape_str(jnp.shape(x))}. Use a scalar network (eqx.nn.MLP(..., out_size="
+            f"'scalar')) or pick one component: lambda x: u(x)[i]."
+        )
+
+
+def gradient(fn: Field, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
+    """The gradient `∇u(x)` of a scalar field at one point.
+
+    **Arguments:**
+
+    - `fn`: the scalar field `u(x) -> ()`.
+    - `x`: the point, shape `(dim,)`.
+
+    **Returns:** `(∂u/∂x_1, ..., ∂u/∂x_dim)`, shape `(dim,)`.
+    """
+    _scalar_check("gradient", fn, x)
+    return jax.grad(fn)(x)
+
+
+def laplacian(
+    fn: Field, x: Float[Array, " dim"], dims: Sequence[int] | None = None
+) -> Float[Array, ""]:
+    """The Laplacian `Δu(x) = Σ_i ∂²u/∂x_i²` of a scalar field at one point.
+
+    Computed as the trace of `jax.hessian` (forward-over-reverse), which is cheapest for the
+    low dimensions of PDE problems.
+
+    **Arguments:**
+
+    - `fn`: the scalar field `u(x) -> ()`.
+    - `x`: the point, shape `(dim,)`.
+    - `dims`: the coordinates to sum over, e.g. `(1, 2)` for the spatial Laplacian when
+      coordinate 0 is time; default all.
+
+    **Returns:** a scalar.
+    """
+    _scalar_check("laplacian", fn, x)
+    if dims is not None:
+        bad = [d for d in dims if not -x.shape[0] <= d < x.shape[0]]
+        if bad or len(dims) == 0:
+            raise ConfigError(
+                f"laplacian: dims must be a non-empty list of coordinates of x (dim="
+                f"{x.shape[0]}); got dims={list(dims)}."
+            )
+    hess = jax.hessian(fn)(x)  # (dim, dim)
+    diag = jnp.diagonal(hess)
+    return jnp.sum(diag if dims is None else diag[jnp.asarray(list(dims))])
+
+
+def divergence(fn: Field, x: Float[Array, " dim"]) -> Float[Array, ""]:
+    """The divergence `∇·v(x) = Σ_i ∂v_i/∂x_i` of a vector field `v(x) -> (dim,)` at one point.
+
+    **Returns:** a scalar.
+    """
+    out = eqx.filter_eval_shape(fn, x)
+    if getattr(out, "shape", None) != x.shape:
+        raise ShapeError(
+            f"divergence needs a vector field v(x) with the shape of x; got x of shape "
+            f"{shape_str(x.shape)} and v(x) of shape {shape_str(getattr(out, 'shape', ()))}."
+        )
+    return jnp.trace(jax.jacfwd(fn)(x))
+
+
+def _check_points(name: str, points: Any, dim: int | None = None) -> None:
+    shape = jnp.shape(points)
+    if len(shape) != 2 or shape[0] < 1 or (dim is not None and shape[1] != dim):
+        want = "(points, dim)" if dim is None else f"(points, {dim})"
+        raise ShapeError(
+            f"{name} must be a stack of points of shape {want}; got shape {shape_str(shape)}. "
+            f"A single point x of shape (dim,) is points[None]."
+        )
+
+
+def pinn_residual(
+    pde: Callable[[Field, Float[Array, " dim"]], Any],
+    u: Field,
+    points: Float[Array, "points dim"],
+) -> Float[Array, " points *residual"]:
+    """The residual of a PDE for the field `u` at every collocation point.
+
+    **Arguments:**
+
+    - `pde`: `pde(u, x)` returns the residual at one point `x` (zero where `u` solves the PDE),
+      e.g. Poisson `-Δu = f`: `lambda u, x: laplacian(u, x) + f(x)`.
+    - `u`: the field, usually a network (an `eqx.Module`) of one point.
+    - `points`: collocation points, shape `(points, dim)`.
+
+    **Returns:** the residuals, shape `(points,)` for a scalar PDE or `(points, *residual)`
+    for a system.
+    """
+    _check_points("pinn_residual: points", points)
+    return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(points)
+
+
+def _condition_error(u: Field, condition: Any, name: str) -> Float[Array, ""]:
+    if not (isinstance(condition, tuple) and len(condition) == 2):
+        raise ConfigError(
+            f"pinn_loss: {name} must be a pair (points, target) with points of shape "
+            f"(points, dim) and target an array of values or a function of one point; got "
+            f"{type(condition).__name__}."
+        )
+    points, target = condition
+    _check_points(f"pinn_loss: {name} points", points)
+    pred = jax.vmap(u)(points)
+    values = jax.vmap(target)(points) if callable(target) else jnp.asarray(target)
+    if values.shape != pred.shape:
+        raise ShapeError(
+            f"pinn_loss: {name} target must have one value per point with the shape of "
+            f"u(x); got u at {points.shape[0]} points of shape {shape_str(pred.shape)} and "
+            f"target of shape {shape_str(values.shape)}."
+        )
+    return jnp.mean((pred - values.astype(pred.dtype)) ** 2)
+
+
+def pinn_loss_terms(
+    u: Field,
+    pde: Callable[[Field, Float[Array, " dim"]], Any],
+    interior: Float[Array, "points dim"],
+    *,
+    boundary: tuple[Float[Array, "bpoints dim"], Target] | None = None,
+    initial: tuple[Float[Array, "ipoints dim"], Target] | None = None,
+) -> dict[str, Float[Array, ""]]:
+    """Each term of the physics-informed loss: the mean squared residual and condition errors.
+
+    **Arguments:** as for [`pinn_loss`][eqzoo.sciml.pinn_loss], without the weights.
+
+    **Returns:** a dict with `"pde"` and, when given, `"boundary"` and `"initial"`, each a
+    scalar mean squared error.
+    """
+    residual = pinn_residual(pde, u, interior)
+    terms = {"pde": jnp.mean(residual**2)}
+    if boundary is not None:
+        terms["boundary"] = _condition_error(u, boundary, "boundary")
+    if initial is not None:
+        terms["initial"] = _condition_error(u, initial, "initial")
+    return terms
+
+
+def pinn_loss(
+    u: Field,
+    pde: Callable[[Field, Float[Array, " dim"]], Any],
+    interior: Float[Array, "points dim"],
+    *,
+    boundary: tuple[Float[Array, "bpoints dim"], Target] | None = None,
+    initial: tuple[Float[Array, "ipoints dim"], Target] | None = None,
+    pde_weight: float = 1.0,
+    boundary_weight: float = 1.0,
+    initial_weight: float = 1.0,
+) -> Float[Array, ""]:
+    """The physics-informed loss: weighted mean squared PDE residual plus condition errors.
+
+    `pde_weight · mean(pde(u, x)²) + boundary_weight · mean((u(xb) - gb)²)
+    + initial_weight · mean((u(xi) - gi)²)` over interior, boundary and initial points.
+    Differentiate it with respect to the network (`eqx.filter_value_and_grad`).
+
+    **Arguments:**
+
+    - `u`: the field, a network of one point `x: (dim,)`.
+    - `pde`: `pde(u, x)`, the residual at one point.
+    - `interior`: collocation points, shape `(points, dim)` (see `sample_collocation`).
+    - `boundary`: `(points, target)` where `u` must equal `target` (Dirichlet); `target` is an
+      array of shape `(bpoints, *out)` or a function of one point.
+    - `initial`: `(points, target)` for an initial condition, same form (points at `t = t0`).
+    - `pde_weight`, `boundary_weight`, `initial_weight`: weights of the terms.
+
+    **Returns:** a scalar.
+    """
+    terms = pinn_loss_terms(u, pde, interior, boundary=boundary, initial=initial)
+    weights = {"pde": pde_weight, "boundary": boundary_weight, "initial": initial_weight}
+    return sum((weights[k] * v for k, v in terms.items()), start=jnp.zeros((), terms["pde"].dtype))
+
+
+def _box(name: str, lower: Any, upper: Any) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.atleast_1d(np.asarray(lower, dtype=float))
+    hi = np.atleast_1d(np.asarray(upper, dtype=float))
+    if lo.ndim != 1 or lo.shape != hi.shape:
+        raise ShapeError(
+            f"{name}: lower and upper must be 1-d and of the same length (one bound per "
+            f"coordinate); got lower {shape_str(lo.shape)} and upper {shape_str(hi.shape)}."
+        )
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo < hi)):
+        raise ConfigError(
+            f"{name}: the box needs finite bounds with lower < upper in every coordinate; got "
+            f"lower={lo.tolist()} and upper={hi.tolist()}."
+        )
+    return lo, hi
+
+
+def _check_num(name: str, num: int) -> None:
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise ConfigError(f"{name}: num must be a positive int; got num={num!r}.")
+
+
+@eqx.filter_jit
+def _unit_box(key, num: int, dim: int, method: str, dtype):
+    if method == "uniform":
+        return jax.random.uniform(key, (num, dim), dtype)
+    k_perm, k_jit = jax.random.split(key)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, num))(jax.random.split(k_perm, dim))
+    offsets = jax.random.uniform(k_jit, (num, dim), dtype)
+    return (perms.T.astype(dtype) + offsets) / num  # (num, dim): one point per stratum
+
+
+def sample_collocation(
+    key: PRNGKey,
+    num: int,
+    lower: Sequence[float] | Float[Array, " dim"] | float,
+    upper: Sequence[float] | Float[Array, " dim"] | float,
+    *,
+    method: Literal["uniform", "latin"] = "uniform",
+    dtype: Any = None,
+) -> Float[Array, "points dim"]:
+    """Sample collocation points inside the box `[lower, upper]`.
+
+    **Arguments:**
+
+    - `key`: PRNG key.
+    - `num`: how many points.
+    - `lower`, `upper`: the box's corners, one bound per coordinate.
+    - `method`: `"uniform"` (independent uniform points) or `"latin"` (Latin hypercube: each
+      coordinate has exactly one point in each of `num` equal strata, which covers the box
+      more evenly; resample every few steps either way).
+    - `dtype`: floating dtype; default JAX's default float.
+
+    **Returns:** points of shape `(num, dim)`.
+    """
+    lo, hi = _box("sample_collocation", lower, upper)
+    _check_num("sample_collocation", num)
+    if method not in ("uniform", "latin"):
+        raise ConfigError(
+            f"sample_collocation: method must be 'uniform' or 'latin'; got method={method!r}."
+        )
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    unit = _unit_box(key, num, lo.shape[0], method, dtype)
+    return jnp.asarray(lo, dtype) + unit * jnp.asarray(hi - lo, dtype)
+
+
+@eqx.filter_jit
+def _on_faces(key, lo, hi, dims: tuple[int, ...], probs, num: int):
+    dim = lo.shape[0]
+    k_face, k_pos = jax.random.split(key)
+    face = jax.random.choice(k_face, len(dims) * 2, (num,), p=probs)
+    points = lo + jax.random.uniform(k_pos, (num, dim), lo.dtype) * (hi - lo)
+    normal = jnp.asarray(dims)[face // 2]  # (num,) the coordinate pinned to a bound
+    bound = jnp.where(face % 2 == 0, lo[normal], hi[normal])
+    pinned = jax.nn.one_hot(normal, dim, dtype=jnp.bool_)  # (num, dim)
+    return jnp.where(pinned, bound[:, None], points)
+
+
+def sample_boundary(
+    key: PRNGKey,
+    num: int,
+    lower: Sequence[float] | Float[Array, " dim"] | float,
+    upper: Sequence[float] | Float[Array, " dim"] | float,
+    *,
+    dims: Sequence[int] | None = None,
+    dtype: Any = None,
+) -> Float[Array, "points dim"]:
+    """Sample points uniformly on the faces of the box `[lower, upper]`.
+
+    Each point picks a face with probability proportional to its area, then a uniform point
+    on it.
+
+    **Arguments:**
+
+    - `key`: PRNG key.
+    - `num`: how many points.
+    - `lower`, `upper`: the box's corners, one bound per coordinate.
+    - `dims`: which coordinates have boundary faces; default all. For a time-dependent problem
+      with time as coordinate 0, pass the spatial ones (`dims=(1,)`) and sample the initial
+      slice separately.
+    - `dtype`: floating dtype; default JAX's default float.
+
+    **Returns:** points of shape `(num, dim)`.
+    """
+    lo, hi = _box("sample_boundary", lower, upper)
+    _check_num("sample_boundary", num)
+    dim = lo.shape[0]
+    dims = tuple(range(dim)) if dims is None else tuple(int(d) % dim for d in dims)
+    if not dims:
+        raise ConfigError("sample_boundary: dims must name at least one coordinate; got [].")
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    width = hi - lo
+    # A face normal to coordinate d has area prod(width) / width[d] (1 for a 1-d box).
+    areas = np.array([np.prod(width) / width[d] for d in dims for _ in (0, 1)])
+    probs = jnp.asarray(areas / areas.sum(), dtype)
+    return _on_faces(key, jnp.asarray(lo, dtype), jnp.asarray(hi, dtype), dims, probs, num)

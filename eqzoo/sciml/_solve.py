@@ -1,0 +1,169 @@
+"""Shared plumbing: resolve solver configuration, call `diffrax.diffeqsolve`, explain failures."""
+
+from typing import Any, Literal, TypeAlias
+
+import diffrax
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+
+from .._errors import ConfigError
+from ._errors import SolverError, is_traced
+
+AdjointLike: TypeAlias = diffrax.AbstractAdjoint | Literal["recursive", "backsolve", "direct"]
+"""An adjoint object, or one of the names `"recursive"`, `"backsolve"`, `"direct"`."""
+
+_ADJOINTS = {
+    "recursive": diffrax.RecursiveCheckpointAdjoint,
+    "backsolve": diffrax.BacksolveAdjoint,
+    "direct": diffrax.DirectAdjoint,
+}
+
+
+def resolve_adjoint(adjoint: Any) -> diffrax.AbstractAdjoint:
+    """Turn an adjoint name into the Diffrax object; pass adjoint objects through."""
+    if isinstance(adjoint, diffrax.AbstractAdjoint):
+        return adjoint
+    if isinstance(adjoint, str) and adjoint in _ADJOINTS:
+        return _ADJOINTS[adjoint]()
+    raise ConfigError(
+        f"adjoint must be one of {sorted(_ADJOINTS)} or a diffrax.AbstractAdjoint; got "
+        f"{adjoint!r}. Use 'recursive' (exact gradients, memory O(log steps)), 'backsolve' "
+        f"(memory O(1), approximate gradients) or 'direct' (needed for forward-mode autodiff)."
+    )
+
+
+def validate_config(
+    owner: str,
+    solver: Any,
+    stepsize_controller: Any,
+    dt0: float | None,
+    max_steps: int,
+) -> None:
+    """Check the solver configuration of a layer at construction time."""
+    if not isinstance(solver, diffrax.AbstractSolver):
+        raise ConfigError(
+            f"{owner}: solver must be a diffrax solver such as diffrax.Tsit5() or "
+            f"diffrax.Kvaerno5(); got {solver!r}."
+        )
+    if not isinstance(stepsize_controller, diffrax.AbstractStepSizeController):
+        raise ConfigError(
+            f"{owner}: stepsize_controller must be a diffrax step-size controller such as "
+            f"diffrax.PIDController(rtol=1e-3, atol=1e-6); got {stepsize_controller!r}."
+        )
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
+        raise ConfigError(f"{owner}: max_steps must be a positive int; got {max_steps!r}.")
+    if dt0 is not None and not dt0 > 0:
+        raise ConfigError(f"{owner}: dt0 must be positive or None; got dt0={dt0!r}.")
+    if dt0 is None and isinstance(stepsize_controller, diffrax.ConstantStepSize):
+        raise ConfigError(
+            f"{owner}: a constant step size needs an initial step; got dt0=None with "
+            f"diffrax.ConstantStepSize(). Pass dt0=<step>, or use an adaptive controller such "
+            f"as diffrax.PIDController(rtol=1e-3, atol=1e-6), which picks its first step itself."
+        )
+
+
+def _is_adaptive(controller: Any) -> bool:
+    return isinstance(controller, diffrax.AbstractAdaptiveStepSizeController)
+
+
+def _is_implicit(solver: Any) -> bool:
+    return isinstance(solver, diffrax.AbstractImplicitSolver)
+
+
+def failure_messages(
+    owner: str, solver: Any, controller: Any, dt0: float | None, max_steps: int
+) -> tuple[str, str, str]:
+    """Messages for (max steps reached, minimum step reached, other failure)."""
+    sname = type(solver).__name__
+    cname = type(controller).__name__
+    head = f"{owner}: the solver stopped before the final time: max_steps={max_steps} was reached"
+    raise_it = f"raise the limit with {owner}(..., max_steps={4 * max_steps})"
+    if not _is_adaptive(controller):
+        steps = head + (
+            f" with the constant step dt0={dt0} of {cname}. A constant step needs "
+            f"(t1 - t0) / dt0 steps: {raise_it}, or pass a larger dt0."
+        )
+    elif _is_implicit(solver):
+        steps = head + (
+            f" with the implicit solver {sname} and the adaptive controller {cname}. Either "
+            f"{raise_it}, or loosen rtol/atol of the controller; check that the vector field "
+            f"does not blow up (a finite-time singularity stops every solver)."
+        )
+    else:
+        steps = head + (
+            f" with the explicit solver {sname} and the adaptive controller {cname}: the "
+            f"accepted steps stayed tiny, which usually means the system is stiff. Use an "
+            f"implicit solver, e.g. {owner}(..., solver=diffrax.Kvaerno5()) (keep the adaptive "
+            f"controller; implicit solvers converge best in float64), or {raise_it}."
+        )
+    dt_min = (
+        f"{owner}: the solver stopped because the step size reached the controller's dtmin. "
+        f"The solution is probably singular or the system very stiff: try an implicit solver "
+        f"such as diffrax.Kvaerno5(), or lower dtmin in {cname}."
+    )
+    other = (
+        f"{owner}: the solver {sname} failed (for an implicit solver: its nonlinear solve "
+        f"diverged). Call .solve(...) on the layer to get the diffrax.Solution and inspect "
+        f"sol.result and sol.stats; try a smaller dt0 or tighter tolerances."
+    )
+    return steps, dt_min, other
+
+
+def check_result(ys, sol: diffrax.Solution, messages: tuple[str, str, str]):
+    """Raise (eagerly) or attach a runtime error (traced) when `sol` did not succeed."""
+    result = sol.result
+    ok = (result == diffrax.RESULTS.successful) | (result == diffrax.RESULTS.event_occurred)
+    if not is_traced(ok):
+        if bool(ok):
+            return ys
+        index = (
+            0
+            if result == diffrax.RESULTS.max_steps_reached
+            else (1 if result == diffrax.RESULTS.dt_min_reached else 2)
+        )
+        stats = {k: np.asarray(v).item() for k, v in sol.stats.items() if np.size(v) == 1}
+        raise SolverError(
+            f"{messages[index]} (diffrax result: {diffrax.RESULTS[result]}; stats: {stats})"
+        )
+    index = jnp.where(
+        result == diffrax.RESULTS.max_steps_reached,
+        0,
+        jnp.where(result == diffrax.RESULTS.dt_min_reached, 1, 2),
+    )
+    return eqx.branched_error_if(ys, ~ok, index, list(messages))
+
+
+def diffeqsolve(
+    terms: Any,
+    solver: Any,
+    ts: Any,
+    y0: Any,
+    args: Any,
+    *,
+    save_ts: bool,
+    stepsize_controller: Any,
+    adjoint: Any,
+    dt0: float | None,
+    max_steps: int,
+    t0: Any = None,
+) -> diffrax.Solution:
+    """`diffrax.diffeqsolve` from `t0` (default `ts[0]`) to `ts[-1]`, saving at `ts` or at the end.
+
+    Never throws: the caller checks `sol.result` (see `check_result`).
+    """
+    saveat = diffrax.SaveAt(ts=ts) if save_ts else diffrax.SaveAt(t1=True)
+    return diffrax.diffeqsolve(
+        terms,
+        solver,
+        ts[0] if t0 is None else t0,
+        ts[-1],
+        dt0,
+        y0,
+        args,
+        saveat=saveat,
+        stepsize_controller=stepsize_controller,
+        adjoint=adjoint,
+        max_steps=max_steps,
+        throw=False,
+    )

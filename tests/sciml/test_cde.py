@@ -1,0 +1,173 @@
+"""NeuralCDE and LatentODE: shapes, batching, gradients and input errors."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqzoo.sciml as sciml
+from eqzoo._errors import ConfigError, ShapeError
+
+
+def _series(key, batch=3, times=9, channels=2):
+    k_t, k_x = jax.random.split(key)
+    ts = jnp.sort(jax.random.uniform(k_t, (batch, times)), axis=1)
+    ts = ts.at[:, 0].set(0.0)
+    xs = jax.random.normal(k_x, (batch, times, channels))
+    return ts, xs
+
+
+def _finite(tree):
+    return all(
+        bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    )
+
+
+@pytest.fixture(scope="module")
+def cde():
+    # Tight tolerances so that batched and unbatched solves (whose adaptive steps differ) agree.
+    # Bosh3: fewer stages than the default Tsit5, so less to compile.
+    controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+    return sciml.NeuralCDE(
+        2,
+        4,
+        3,
+        width=8,
+        depth=1,
+        solver=diffrax.Bosh3(),
+        stepsize_controller=controller,
+        key=jax.random.key(0),
+    )
+
+
+# One compiled single-series call, shared by the tests that use the `cde` fixture.
+_call = eqx.filter_jit(lambda model, ts, xs: model(ts, xs))
+
+
+def test_cde_shapes_vmap_and_grad(cde):
+    ts, xs = _series(jax.random.key(1))
+
+    @eqx.filter_jit
+    def run(model):
+        out = jax.vmap(model)(ts, xs)  # different irregular times per series
+        grads = eqx.filter_grad(lambda m: jnp.mean(jax.vmap(m)(ts, xs) ** 2))(model)
+        return out, grads
+
+    out, grads = run(cde)
+    single = _call(cde, ts[1], xs[1])
+    assert out.shape == (3, 3)
+    np.testing.assert_allclose(out[1], single, atol=1e-3)  # batched steps differ: solver tolerance
+    assert _finite(grads)
+    assert float(jnp.abs(grads.vector_field.mlp.layers[0].weight).sum()) > 0
+
+
+def test_cde_trajectory_linear_and_backsolve():
+    ts, xs = _series(jax.random.key(2), batch=1)
+    model = sciml.NeuralCDE(
+        2,
+        4,
+        3,
+        width=8,
+        depth=1,
+        interpolation="linear",
+        output="trajectory",
+        adjoint="backsolve",
+        solver=diffrax.Bosh3(),
+        key=jax.random.key(3),
+    )
+
+    def loss(m):
+        out = m(ts[0], xs[0])
+        return jnp.sum(out), out
+
+    (value, out), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model)
+    assert bool(jnp.isfinite(value)) and _finite(grads)
+    assert out.shape == (9, 3)
+    # The first output is the readout of the initial state: no integration yet.
+    z0 = model.initial(jnp.concatenate([ts[0, :1], xs[0, 0]]))
+    np.testing.assert_allclose(out[0], model.readout(z0), atol=1e-5)
+
+
+def test_cde_missing_values_are_interpolated(cde):
+    ts, xs = _series(jax.random.key(4), batch=1)
+    xs_missing = xs[0].at[4, 1].set(jnp.nan).at[-1, 0].set(jnp.nan)
+    out = _call(cde, ts[0], xs_missing)
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_cde_input_errors(cde, unchecked):
+    ts, xs = _series(jax.random.key(5), batch=1, channels=3)
+    with pytest.raises(
+        ShapeError, match=r"xs of shape \(times, in_channels=2\); got ts \(9,\) and xs \(9, 3\)"
+    ):
+        cde(ts[0], xs[0])
+    ts, xs = _series(jax.random.key(5), batch=1)
+    with pytest.raises(ShapeError, match=r"first observation xs\[0\] must be fully observed"):
+        cde(ts[0], xs[0].at[0, 1].set(jnp.nan))
+    with pytest.raises(sciml.TimeGridError, match="strictly increasing"):
+        cde(ts[0][::-1], xs[0])
+    with pytest.raises(sciml.TimeGridError, match="non-finite"):
+        cde(ts[0].at[3].set(jnp.nan), xs[0])
+    with unchecked(), pytest.raises(ConfigError, match="interpolation must be 'cubic' or 'linear'"):
+        sciml.NeuralCDE(2, 4, 3, interpolation="spline", key=jax.random.key(0))
+
+
+def test_cde_step_limit(cde):
+    ts, xs = _series(jax.random.key(6), batch=1)
+    model = sciml.NeuralCDE(
+        2,
+        4,
+        3,
+        width=8,
+        depth=1,
+        max_steps=2,
+        solver=diffrax.Bosh3(),
+        stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+        key=jax.random.key(0),
+    )
+    with pytest.raises(sciml.SolverError, match=r"NeuralCDE: .*max_steps=2 was reached"):
+        model(ts[0], xs[0])
+
+
+@pytest.fixture(scope="module")
+def latent():
+    return sciml.LatentODE(2, 3, 8, width=8, depth=1, solver=diffrax.Bosh3(), key=jax.random.key(7))
+
+
+def test_latent_ode_forecast_shapes_vmap_and_grad(latent):
+    ts, xs = _series(jax.random.key(8))
+    ts_pred = jnp.linspace(0.0, 2.0, 6)  # beyond the observations: forecasting
+    keys = jax.random.split(jax.random.key(9), 3)
+
+    @eqx.filter_jit
+    def run(model):
+        preds = jax.vmap(model, in_axes=(0, 0, None))(ts, xs, ts_pred)
+        sampled = jax.vmap(lambda t, x, k: model(t, x, ts_pred, key=k))(ts, xs, keys)
+        mean, log_std = model.encode(ts[0], xs[0])
+
+        def loss(m):
+            return jnp.mean(jax.vmap(lambda t, x, k: m.loss(t, x, t, x, key=k))(ts, xs, keys))
+
+        return preds, sampled, mean, log_std, *eqx.filter_value_and_grad(loss)(model)
+
+    preds, sampled, mean, log_std, value, grads = run(latent)
+    assert preds.shape == sampled.shape == (3, 6, 2)
+    assert not np.allclose(sampled, preds)  # a key samples z0; no key uses the posterior mean
+    assert mean.shape == log_std.shape == (3,)
+    assert value.shape == () and bool(jnp.isfinite(value))
+    assert _finite(grads)
+    assert float(jnp.abs(grads.ode.vector_field.module.layers[0].weight).sum()) > 0
+
+
+def test_latent_ode_errors(latent):
+    ts, xs = _series(jax.random.key(10), batch=1)
+    with pytest.raises(sciml.TimeGridError, match="start time t0 must not be after"):
+        latent(ts[0] + 1.0, xs[0], jnp.array([0.5, 1.0]))
+    with pytest.raises(sciml.TimeGridError, match=r"ts_obs must be finite and strictly increasing"):
+        latent(ts[0][::-1], xs[0], jnp.array([1.0, 2.0]))
+    with pytest.raises(ShapeError, match=r"xs_obs of shape \(times, data_size=2\)"):
+        latent.encode(ts[0], jnp.ones((9, 5)))
+    with pytest.raises(ConfigError, match="obs_std must be positive"):
+        latent.loss(ts[0], xs[0], ts[0], xs[0], key=jax.random.key(0), obs_std=0.0)

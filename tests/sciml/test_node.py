@@ -1,0 +1,226 @@
+"""NeuralODE: reference solutions, adjoints, batching and the errors it teaches."""
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import jax.scipy.linalg
+import numpy as np
+import pytest
+
+import eqzoo.sciml as sciml
+from eqzoo._errors import ConfigError, EqzooError, ShapeError
+
+
+def _mlp_field(key, size=2, dtype=None):
+    mlp = eqx.nn.MLP(size, size, 8, 1, activation=jnp.tanh, key=key, dtype=dtype)
+    return sciml.Autonomous(mlp)
+
+
+def test_linear_field_matches_matrix_exponential():
+    with jax.enable_x64(True):
+        a = jnp.array([[-0.5, 2.0, 0.0], [-2.0, -0.3, 0.4], [0.1, 0.0, -1.0]])
+        linear = eqx.nn.Linear(3, 3, use_bias=False, key=jax.random.key(0), dtype=jnp.float64)
+        linear = eqx.tree_at(lambda m: m.weight, linear, a)
+        model = sciml.NeuralODE(
+            sciml.Autonomous(linear),
+            solver=diffrax.Dopri8(),
+            stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-12),
+        )
+        y0 = jnp.array([1.0, -0.5, 2.0])
+        ts = jnp.linspace(0.0, 3.0, 7)
+        ys = model(y0, ts)
+        expected = jnp.stack([jax.scipy.linalg.expm(a * t) @ y0 for t in ts])
+        assert ys.dtype == jnp.float64
+        np.testing.assert_allclose(ys, expected, atol=1e-5, rtol=0)  # stated tolerance: 1e-5
+        assert float(jnp.max(jnp.abs(ys - expected))) < 1e-8  # and in fact much closer
+
+
+def test_final_output_vmap_and_jit():
+    field = _mlp_field(jax.random.key(1))
+    traj = sciml.NeuralODE(field, solver=diffrax.Bosh3())
+    final = sciml.NeuralODE(field, solver=diffrax.Bosh3(), output="final")
+    ts = jnp.linspace(0.0, 1.0, 5)
+    y0s = jax.random.normal(jax.random.key(2), (3, 2))
+
+    @eqx.filter_jit
+    def run(traj, final, y0s, ts_batch):
+        ys = jax.vmap(traj, in_axes=(0, None))(y0s, ts)  # shared (untraced) times
+        ends = jax.vmap(final, in_axes=(0, None))(y0s, ts)
+        ys_b = jax.vmap(traj)(y0s, ts_batch)  # per-example (traced) times
+        return ys, ends, ys_b
+
+    ys, ends, ys_b = run(traj, final, y0s, jnp.tile(ts, (3, 1)))
+    assert ys.shape == ys_b.shape == (3, 5, 2)
+    assert ends.shape == (3, 2)
+    np.testing.assert_allclose(ys[:, 0], y0s, atol=1e-6)
+    np.testing.assert_allclose(ends, ys[:, -1], atol=1e-5)
+    np.testing.assert_allclose(ys_b, ys, atol=1e-5)
+
+
+def test_start_time_before_first_save():
+    model = sciml.NeuralODE(
+        lambda t, y, args: -y, stepsize_controller=diffrax.PIDController(rtol=1e-7, atol=1e-9)
+    )
+    ys = model(jnp.ones(1), jnp.array([1.0, 2.0]), t0=0.0)
+    np.testing.assert_allclose(ys[:, 0], jnp.exp(-jnp.array([1.0, 2.0])), rtol=1e-5)
+    with pytest.raises(sciml.TimeGridError, match="start time t0 must not be after"):
+        model(jnp.ones(1), jnp.array([1.0, 2.0]), t0=1.5)
+
+
+def test_args_reach_the_vector_field():
+    model = sciml.NeuralODE(lambda t, y, k: -k * y, output="final")
+    y1 = model(jnp.ones(2), jnp.array([0.0, 1.0]), jnp.array(2.0))
+    np.testing.assert_allclose(y1, jnp.exp(-2.0) * jnp.ones(2), rtol=1e-2)  # default rtol=1e-3
+
+
+def test_solve_returns_diffrax_solution():
+    model = sciml.NeuralODE(lambda t, y, args: -y, max_steps=5)
+    sol = model.solve(jnp.ones(1), jnp.array([0.0, 100.0]))
+    assert isinstance(sol, diffrax.Solution)
+    assert sol.result == diffrax.RESULTS.max_steps_reached
+
+
+def test_adjoints_agree_and_match_finite_differences():
+    with jax.enable_x64(True):
+        field = _mlp_field(jax.random.key(3), dtype=jnp.float64)
+        params, static = eqx.partition(field, eqx.is_inexact_array)
+        theta0, unravel = jax.flatten_util.ravel_pytree(params)
+        y0 = jnp.array([0.3, -0.7])
+        ts = jnp.linspace(0.0, 1.0, 4)
+
+        def make_loss(adjoint):
+            def loss(theta, y0):
+                model = sciml.NeuralODE(
+                    eqx.combine(unravel(theta), static),
+                    adjoint=adjoint,
+                    stepsize_controller=diffrax.PIDController(rtol=1e-9, atol=1e-11),
+                    max_steps=256,  # a small budget: DirectAdjoint's compile time grows with it
+                )
+                return jnp.sum(model(y0, ts) ** 2)
+
+            return loss
+
+        grads = {
+            name: jnp.concatenate(jax.jit(jax.grad(make_loss(name), argnums=(0, 1)))(theta0, y0))
+            for name in ["recursive", "backsolve", "direct"]
+        }
+        for name in ["backsolve", "direct"]:
+            np.testing.assert_allclose(grads[name], grads["recursive"], atol=1e-4, rtol=0)
+
+        # Central finite differences along a random direction of (parameters, y0).
+        f = jax.jit(make_loss("recursive"))
+        direction = jax.random.normal(jax.random.key(4), (theta0.size + 2,), jnp.float64)
+        d_theta, d_y = direction[:-2], direction[-2:]
+        eps = 1e-5
+        fd = (
+            f(theta0 + eps * d_theta, y0 + eps * d_y) - f(theta0 - eps * d_theta, y0 - eps * d_y)
+        ) / (2 * eps)
+        analytic = jnp.vdot(grads["recursive"], direction)
+        np.testing.assert_allclose(analytic, fd, rtol=1e-6, atol=1e-8)  # fd error ~ eps**2
+
+
+def test_forward_mode_needs_direct_adjoint():
+    model = sciml.NeuralODE(lambda t, y, args: -y, adjoint="direct", output="final")
+    jac = jax.jacfwd(lambda y0: model(y0, jnp.array([0.0, 1.0])))(jnp.ones(2))
+    np.testing.assert_allclose(jac, jnp.exp(-1.0) * jnp.eye(2), rtol=1e-3)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_unsorted_times_raise():
+    model = sciml.NeuralODE(_mlp_field(jax.random.key(5)))
+    with pytest.raises(sciml.TimeGridError, match=r"strictly increasing; got ts\[1\]=2.0 followed"):
+        model(jnp.ones(2), np.array([0.0, 2.0, 1.0]))
+    with pytest.raises(sciml.TimeGridError, match="Sort the observations by time"):
+        model(jnp.ones(2), jnp.array([0.0, 1.0, 1.0]))
+
+
+def test_non_finite_times_raise():
+    model = sciml.NeuralODE(_mlp_field(jax.random.key(5)))
+    with pytest.raises(sciml.TimeGridError, match=r"non-finite values \[nan\] at indices \[1\]"):
+        model(jnp.ones(2), np.array([0.0, np.nan, 1.0]))
+    with pytest.raises(sciml.TimeGridError, match=r"non-finite values \[inf\]"):
+        model(jnp.ones(2), jnp.array([0.0, 1.0, jnp.inf]))
+    assert issubclass(sciml.TimeGridError, EqzooError)
+
+
+def test_traced_bad_times_raise_at_run_time():
+    model = sciml.NeuralODE(_mlp_field(jax.random.key(5)))
+    with pytest.raises(Exception, match="checked at run time because ts is traced"):
+        call = eqx.filter_jit(lambda m, y0, ts: m(y0, ts))
+        jax.block_until_ready(call(model, jnp.ones(2), jnp.array([0.0, 2.0, 1.0])))
+
+
+def test_vector_field_with_wrong_output_shape():
+    field = sciml.Autonomous(eqx.nn.MLP(2, 3, 8, 1, key=jax.random.key(6)))
+    with pytest.raises(
+        sciml.VectorFieldError,
+        match=r"state y0 of shape \(2,\) and f\(t, y, args\) of shape \(3,\)",
+    ):
+        sciml.NeuralODE(field)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
+    assert issubclass(sciml.VectorFieldError, ShapeError)
+
+
+def test_state_only_module_needs_the_autonomous_wrapper():
+    mlp = eqx.nn.MLP(2, 2, 8, 1, key=jax.random.key(6))
+    with pytest.raises(sciml.VectorFieldError, match=r"wrap it: eqzoo.sciml.Autonomous\(module\)"):
+        sciml.NeuralODE(mlp)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
+
+
+def _stiff(t, y, args):
+    return -1000.0 * (y - jnp.cos(t))
+
+
+def test_step_limit_with_explicit_solver_suggests_implicit():
+    # float64: implicit solvers need it to converge at tight tolerances (see docs/sciml.md).
+    with jax.enable_x64(True):
+        controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+        model = sciml.NeuralODE(_stiff, max_steps=64, stepsize_controller=controller)
+        ts = jnp.linspace(0.0, 10.0, 3)
+        y0 = jnp.ones(1)
+        with pytest.raises(
+            sciml.SolverError,
+            match=r"max_steps=64 was reached with the explicit solver Tsit5.*system is stiff.*"
+            r"diffrax.Kvaerno5\(\).*max_steps=256",
+        ):
+            model(y0, ts)
+        # Inside a transformation the same message comes from equinox.error_if.
+        with pytest.raises(Exception, match=r"max_steps=64 was reached.*system is stiff"):
+            batched = eqx.filter_jit(lambda m, y, t: jax.vmap(m, in_axes=(0, None))(y, t))
+            jax.block_until_ready(batched(model, jnp.ones((2, 1)), ts))
+        # The suggested fix works within the same step budget.
+        fixed = sciml.NeuralODE(
+            _stiff,
+            solver=diffrax.Kvaerno5(),
+            max_steps=64,
+            stepsize_controller=controller,
+            output="final",
+        )
+        # y(t) = cos(t) + O(1e-3) once the fast transient has decayed.
+        assert abs(float(fixed(y0, ts)[0]) - float(jnp.cos(10.0))) < 1e-3
+
+
+def test_step_limit_with_constant_step():
+    model = sciml.NeuralODE(
+        lambda t, y, args: -y,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.01,
+        max_steps=10,
+    )
+    with pytest.raises(sciml.SolverError, match=r"max_steps=10 was reached with the constant step"):
+        model(jnp.ones(1), jnp.array([0.0, 1.0]))
+
+
+def test_bad_configuration(unchecked):
+    f = lambda t, y, args: -y
+    with unchecked(), pytest.raises(ConfigError, match="adjoint must be one of"):
+        sciml.NeuralODE(f, adjoint="adjoint")
+    with pytest.raises(ConfigError, match="dt0=None with diffrax.ConstantStepSize"):
+        sciml.NeuralODE(f, stepsize_controller=diffrax.ConstantStepSize())
+    with pytest.raises(ConfigError, match="max_steps must be a positive int; got 0"):
+        sciml.NeuralODE(f, max_steps=0)
+    with unchecked(), pytest.raises(ConfigError, match="output must be 'trajectory' or 'final'"):
+        sciml.NeuralODE(f, output="last")
