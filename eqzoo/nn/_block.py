@@ -4,6 +4,7 @@ import equinox as eqx
 from jaxtyping import Array, Float, Int
 
 from .._typing import PRNGKey
+from ..sharding._activation import constrain
 from ._attention import Attention, KVCache
 from ._mlp import MLP, SwiGLU
 from ._norm import LayerNorm, RMSNorm
@@ -26,8 +27,10 @@ class TransformerBlock(eqx.Module):
 
     def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        # A no-op unless traced inside eqzoo.sharding.activation_sharding(mesh).
         x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        x = constrain(x, "residual")
+        return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
 
     def decode(
         self, x: Float[Array, "seq embed"], cache: KVCache, index: Int[Array, ""]

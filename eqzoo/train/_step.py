@@ -41,13 +41,17 @@ def _check_scalar_loss(loss):
         )
 
 
-def _microbatches(batch: PyTree, k: int) -> PyTree:
+def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
     def split(x):
         if x.ndim == 0 or x.shape[0] % k:
             raise ShapeError(
                 f"gradient accumulation over {k} micro-batches needs every batch array's leading "
                 f"axis divisible by {k}; got an array of shape {shape_str(x.shape)}."
             )
+        if strided:
+            # Micro-batch i takes rows i, i+k, ...: with the batch split over devices, every
+            # micro-batch then has rows on every device and none has to be gathered.
+            return x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
         return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     return jax.tree.map(split, batch)
@@ -61,36 +65,61 @@ class TrainStep:
     again). Metrics are device scalars; convert with `float()` only when you log them.
     """
 
-    def __init__(self, pure_step: Callable, donate: bool):
+    def __init__(self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None):
         self._pure_step = pure_step
         self._donate = donate
+        self._mesh = mesh
         self._compiled: dict[Any, Callable] = {}
 
-    def _jitted(self, structure):
+    def _jitted(self, structure, arrays):
         fn = self._compiled.get(structure)
         if fn is None:
             pure = self._pure_step
+            mesh = self._mesh
+            jit_kwargs = {}
+            if mesh is None:
 
-            def flat_step(arrays, batch):
-                return pure(structure, arrays, batch)
+                def flat_step(arrays, batch):
+                    return pure(structure, arrays, batch)
 
-            fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else ())
+            else:
+                from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
+
+                def flat_step(arrays, batch):
+                    with activation_sharding(mesh):
+                        return pure(structure, arrays, batch)
+
+                # Pin the new state to the input state's layout, so it stays sharded step after
+                # step and donated buffers are reused; metrics are replicated.
+                jit_kwargs["out_shardings"] = (_mesh_shardings(arrays, mesh), jax.NamedSharding(mesh, jax.P()))
+            fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
             self._compiled[structure] = fn
         return fn
 
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         """Take one optimizer step. **Returns:** `(new state, metrics)`."""
-        arrays, metrics = self._jitted(state.structure)(state.arrays, batch)
+        arrays, metrics = self._jitted(state.structure, state.arrays)(state.arrays, batch)
         return state._with_arrays(arrays), metrics
 
     def lower(self, state: TrainState, batch: PyTree):
         """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead)."""
-        return self._jitted(state.structure).lower(state.arrays, batch)
+        return self._jitted(state.structure, state.arrays).lower(state.arrays, batch)
 
     @property
     def num_compilations(self) -> int:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
         return sum(f._cache_size() for f in self._compiled.values())
+
+
+def _mesh_shardings(arrays, mesh) -> tuple:
+    shardings = tuple(getattr(a, "sharding", None) for a in arrays)
+    if not all(isinstance(s, jax.NamedSharding) and s.mesh == mesh for s in shardings):
+        raise ConfigError(
+            "make_train_step(..., mesh=mesh) needs a state whose arrays are all placed on that "
+            "mesh; place it with eqzoo.sharding.shard_state(state, mesh) or build it with "
+            "eqzoo.sharding.sharded_init."
+        )
+    return shardings
 
 
 def make_train_step(
@@ -100,6 +129,7 @@ def make_train_step(
     precision: Precision | None = None,
     grad_accum_steps: int = 1,
     donate: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> TrainStep:
     """Build the compiled training step.
 
@@ -116,6 +146,12 @@ def make_train_step(
     - `grad_accum_steps`: split each batch into this many micro-batches along the leading axis
       and accumulate gradients with `lax.scan` inside the one compiled step.
     - `donate`: donate the input state's buffers to the output (halves peak state memory).
+    - `mesh`: for a state sharded on this `jax.sharding.Mesh` (see `eqzoo.sharding`): the new
+      state keeps the input state's shardings (`out_shardings`), metrics are replicated, and
+      the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to
+      the first call fixes the layout; pass batches already placed (`eqzoo.sharding.shard_batch`
+      / `make_global_batch`). With gradient accumulation, micro-batch `i` then takes rows
+      `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -158,7 +194,7 @@ def make_train_step(
         if grad_accum_steps == 1:
             (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
         else:
-            mbs = _microbatches(batch, grad_accum_steps)
+            mbs = _microbatches(batch, grad_accum_steps, strided=mesh is not None)
             keys = jax.random.split(step_key, grad_accum_steps)
             zero_grads = jax.tree.map(jnp.zeros_like, params)
             first_mb = jax.tree.map(lambda x: x[0], mbs)
@@ -206,7 +242,7 @@ def make_train_step(
             metrics["loss_scale"] = new_opt_state[1].scale
         return tuple(new_arrays), metrics
 
-    return TrainStep(pure_step, donate)
+    return TrainStep(pure_step, donate, mesh)
 
 
 class EvalStep:

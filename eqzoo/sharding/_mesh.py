@@ -1,0 +1,144 @@
+"""Device meshes with eqzoo's named axes: `data`, `fsdp` and `tensor`."""
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+from ._errors import ShardingError
+
+AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+"""The mesh axis names eqzoo uses, outermost first.
+
+- `data`: plain data parallelism (parameters replicated, batch split).
+- `fsdp`: fully sharded data parallelism (batch split *and* parameters split over their
+  embedding dimension, gathered layer by layer).
+- `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
+
+`tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
+tensor parallelism communicates inside every layer.
+"""
+
+_ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
+
+
+def parse_mesh_shape(shape: str | Mapping[str, int]) -> dict[str, int]:
+    """Read a mesh shape written as `"data=2,fsdp=2,tensor=2"` (or given as a dict).
+
+    Axes not named have size 1. One axis may be `-1`; it is resolved by
+    [`eqzoo.sharding.make_mesh`][] to fill the remaining devices.
+
+    **Arguments:**
+
+    - `shape`: a string of comma-separated `axis=size` items, or a mapping from axis name to
+      size. Axis names must be among `eqzoo.sharding.AXES`.
+
+    **Returns:** a dict with every axis of `AXES`, in that order.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] for an unknown axis, a malformed item, a size
+    that is zero or below -1, an axis named twice, or more than one `-1`.
+    """
+    items: list[tuple[str, int]]
+    if isinstance(shape, str):
+        items = []
+        for part in filter(None, (p.strip() for p in shape.split(","))):
+            match = _ITEM.match(part)
+            if match is None:
+                raise ShardingError(
+                    f"cannot read mesh item {part!r} in {shape!r}; write axis=size items separated "
+                    "by commas, e.g. 'data=2,fsdp=2,tensor=2'."
+                )
+            items.append((match.group(1), int(match.group(2))))
+    elif isinstance(shape, Mapping):
+        items = [(str(k), v) for k, v in shape.items()]
+    else:
+        raise ShardingError(
+            f"a mesh shape is a string like 'data=2,tensor=4' or a dict; got {type(shape).__name__}."
+        )
+    sizes = dict.fromkeys(AXES, 1)
+    seen: set[str] = set()
+    for name, size in items:
+        if name not in AXES:
+            raise ShardingError(
+                f"unknown mesh axis {name!r} in {shape!r}; eqzoo meshes have the axes {list(AXES)} "
+                "(data parallel, fully sharded data parallel, tensor parallel)."
+            )
+        if name in seen:
+            raise ShardingError(f"mesh axis {name!r} is given twice in {shape!r}.")
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size == 0 or size < -1:
+            raise ShardingError(
+                f"mesh axis {name!r} has size {size!r}; sizes are positive integers, or -1 for "
+                "'all remaining devices'."
+            )
+        seen.add(name)
+        sizes[name] = int(size)
+    if sum(1 for s in sizes.values() if s == -1) > 1:
+        raise ShardingError(f"at most one mesh axis may be -1; got {sizes}.")
+    return sizes
+
+
+def _resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if -1 in sizes.values():
+        fill = next(n for n, s in sizes.items() if s == -1)
+        if num_devices % known:
+            raise ShardingError(
+                f"cannot fill mesh axis {fill!r}: the other axes "
+                f"{_fmt({k: v for k, v in sizes.items() if k != fill})} use {known} devices, "
+                f"which does not divide the {num_devices} devices present."
+            )
+        sizes = {**sizes, fill: num_devices // known}
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ShardingError(
+            f"mesh {_fmt(sizes)} needs {total} devices but {num_devices} are present; make the "
+            f"sizes multiply to {num_devices} (use -1 for one axis to fill the rest, e.g. "
+            "'data=-1,tensor=2'), or pass devices= to use a subset."
+        )
+    return sizes
+
+
+def _fmt(sizes: Mapping[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[Any] | None = None) -> Mesh:
+    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `tensor`.
+
+    Every eqzoo mesh has all three axes (those not given have size 1), always in that order, so
+    one set of sharding rules works on any mesh shape. The device order comes from
+    `jax.make_mesh`, which places the innermost axis (`tensor`) on the most closely connected
+    devices. On several hosts it spans every process's devices (call
+    [`eqzoo.sharding.initialize`][] first).
+
+    **Example:** `make_mesh("data=2,fsdp=2,tensor=2")`, `make_mesh({"fsdp": -1})`.
+
+    **Arguments:**
+
+    - `shape`: as for [`eqzoo.sharding.parse_mesh_shape`][]; one axis may be `-1` to take all
+      remaining devices. The default is pure data parallelism over every device.
+    - `devices`: the devices to use (default `jax.devices()`, every device of every process).
+
+    **Returns:** the mesh, with `AxisType.Auto` axes (the compiler propagates shardings from
+    the parameters, the batch and the constraints eqzoo places).
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when the sizes do not multiply to the number
+    of devices, or for an unknown axis name.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = _resolve_sizes(parse_mesh_shape(shape), len(devices))
+    return jax.make_mesh(
+        tuple(sizes[a] for a in AXES),
+        AXES,
+        axis_types=(AxisType.Auto,) * len(AXES),
+        devices=devices,
+    )
+
+
+def mesh_shape(mesh: Mesh) -> dict[str, int]:
+    """The sizes of a mesh's axes as a dict, e.g. `{"data": 2, "fsdp": 2, "tensor": 2}`."""
+    return {str(name): int(size) for name, size in mesh.shape.items()}

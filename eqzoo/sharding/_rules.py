@@ -1,0 +1,181 @@
+"""Path-based sharding rules: an ordered list of `(regex, PartitionSpec)`, first match wins."""
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from .._errors import shape_str
+from ._errors import ShardingError
+
+Rules: TypeAlias = Sequence[tuple[str, P]]
+"""Sharding rules: `(regex, PartitionSpec)` pairs tried in order against a parameter's dotted
+path with `re.search`; the first match gives the spec. A parameter no rule matches is
+replicated."""
+
+# Shapes (eqx.nn.Linear weights are (out, in); everything under `blocks.layers` has the stacked
+# layer axis first, which is never sharded):
+#   embed.weight, lm_head.weight     (vocab, embed)
+#   blocks.layers.attn.q_proj.weight (layers, heads * head_dim, embed)   column-parallel
+#   blocks.layers.attn.o_proj.weight (layers, embed, heads * head_dim)   row-parallel
+#   blocks.layers.mlp.up.weight      (layers, hidden, embed)             column-parallel
+#   blocks.layers.mlp.down.weight    (layers, embed, hidden)             row-parallel
+_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
+    # Vocab-parallel embedding / output head, FSDP over the embedding dimension.
+    (r"^(embed|lm_head)\.weight$", P("tensor", "fsdp")),
+    # Column-parallel: outputs (heads, MLP hidden units) split over `tensor`, inputs over `fsdp`.
+    (r"attn\.(q|k|v)_proj\.weight$", P(None, "tensor", "fsdp")),
+    (r"attn\.(q|k|v)_proj\.bias$", P(None, "tensor")),
+    (r"mlp\.(up|gate)\.weight$", P(None, "tensor", "fsdp")),
+    (r"mlp\.(up|gate)\.bias$", P(None, "tensor")),
+    # Row-parallel: inputs split over `tensor` (one all-reduce after the layer), outputs over
+    # `fsdp`. Their biases, and the norms, are small: replicated.
+    (r"attn\.o_proj\.weight$", P(None, "fsdp", "tensor")),
+    (r"mlp\.down\.weight$", P(None, "fsdp", "tensor")),
+)
+
+GPT2_RULES: tuple[tuple[str, P], ...] = (
+    *_TRANSFORMER_RULES,
+    (r"^pos_embed\.weight$", P(None, "fsdp")),  # (max_seq, embed)
+)
+"""Default rules for [`eqzoo.models.GPT2`][]: FSDP over the embedding dimension; Megatron
+tensor parallelism (column-split Q/K/V and MLP up, row-split attention output and MLP down,
+heads split across `tensor`); vocab-parallel tied embedding; norms and output biases
+replicated."""
+
+LLAMA_RULES: tuple[tuple[str, P], ...] = _TRANSFORMER_RULES
+"""Default rules for [`eqzoo.models.Llama`][]: as `GPT2_RULES`, with the SwiGLU gate split like
+the up projection and the untied `lm_head` like the embedding."""
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A pytree key path as the dotted string rules match: `blocks.layers.attn.q_proj.weight`.
+
+    Attribute names, dict keys and sequence indices are joined with `.` (so
+    `jax.tree_util.keystr`'s `.blocks.layers[0]['w']` becomes `blocks.layers.0.w`).
+    """
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+
+
+def _compile(rules: Rules) -> list[tuple[re.Pattern, P, str]]:
+    compiled = []
+    for item in rules:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], P)):
+            raise ShardingError(
+                f"a sharding rule is a (regex, PartitionSpec) pair; got {item!r}."
+            )
+        pattern, spec = item
+        try:
+            compiled.append((re.compile(pattern), spec, pattern))
+        except re.error as err:
+            raise ShardingError(f"sharding rule regex {pattern!r} does not compile: {err}.") from err
+    return compiled
+
+
+def spec_for(path: str, rules: Rules) -> P:
+    """The `PartitionSpec` the first rule matching `path` gives (`P()`, replicated, if none).
+
+    **Arguments:** `path`, a dotted parameter path; `rules`, `(regex, PartitionSpec)` pairs.
+    """
+    for regex, spec, _ in _compile(rules):
+        if regex.search(path):
+            return spec
+    return P()
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+    if entry is None or entry is P.UNCONSTRAINED:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def check_spec(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
+    """Check that `spec` can shard an array of `shape` on `mesh`, and return it.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] naming the parameter, its shape and the mesh
+    axis when the spec has more entries than the array has dimensions, names an axis the mesh
+    lacks, uses an axis twice, or assigns a dimension to mesh axes whose size does not divide it.
+    """
+    sizes = {str(k): int(v) for k, v in mesh.shape.items()}
+    if len(spec) > len(shape):
+        raise ShardingError(
+            f"parameter {path!r} of shape {shape_str(shape)} has {len(shape)} dimension(s) but "
+            f"its sharding rule gives {spec} with {len(spec)} entries; fix the rule or add a more "
+            "specific rule before it."
+        )
+    used: list[str] = []
+    for dim, entry in enumerate(spec):
+        axes = _entry_axes(entry)
+        for axis in axes:
+            if axis not in sizes:
+                raise ShardingError(
+                    f"parameter {path!r}: its sharding rule {spec} names mesh axis {axis!r}, but "
+                    f"the mesh has the axes {sizes}."
+                )
+            if axis in used:
+                raise ShardingError(
+                    f"parameter {path!r}: its sharding rule {spec} uses mesh axis {axis!r} twice."
+                )
+            used.append(axis)
+        n = math.prod(sizes[a] for a in axes)
+        if shape[dim] % n:
+            names = "x".join(f"{a}={sizes[a]}" for a in axes)
+            raise ShardingError(
+                f"parameter {path!r} of shape {shape_str(shape)}: dimension {dim} (size "
+                f"{shape[dim]}) is assigned to mesh axis {names} ({n} devices), which does not "
+                f"divide it. Choose sizes divisible by {n} (e.g. heads, hidden or vocab), a "
+                "smaller mesh axis, or a rule that leaves this dimension unsharded (None)."
+            )
+    return spec
+
+
+def _is_leaf_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct | np.ndarray)
+
+
+def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
+    """The `PartitionSpec` of every array leaf of `tree` (a model, or any pytree).
+
+    **Arguments:**
+
+    - `tree`: a pytree whose leaves are arrays or `jax.ShapeDtypeStruct`s (for example from
+      `eqx.filter_eval_shape`); other leaves get `None`.
+    - `rules`: `(regex, PartitionSpec)` pairs matched against each leaf's dotted path (see
+      [`eqzoo.sharding.path_str`][]).
+    - `mesh`: if given, every spec is checked against it ([`eqzoo.sharding.check_spec`][]).
+
+    **Returns:** a pytree of the same structure with a `PartitionSpec` (or `None`) per leaf.
+    Scalars are always replicated.
+    """
+    compiled = _compile(rules)
+
+    def one(path, leaf):
+        if not _is_leaf_array(leaf):
+            return None
+        shape = tuple(leaf.shape)
+        if not shape:
+            return P()
+        name = path_str(path)
+        spec = next((s for regex, s, _ in compiled if regex.search(name)), P())
+        return check_spec(name, shape, spec, mesh) if mesh is not None else spec
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
+    """The default rules for a model (or its config, or an abstract model).
+
+    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, and `()` otherwise (every
+    parameter replicated: plain data parallelism, whatever the mesh).
+    """
+    from ..models import GPT2, GPT2Config, Llama, LlamaConfig  # models import eqzoo.sharding
+
+    if isinstance(model, GPT2 | GPT2Config):
+        return GPT2_RULES
+    if isinstance(model, Llama | LlamaConfig):
+        return LLAMA_RULES
+    return ()

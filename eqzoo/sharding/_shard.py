@@ -1,0 +1,219 @@
+"""Placing models, train states and batches on a mesh."""
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .._errors import shape_str
+from ..train._state import TrainState
+from ._errors import ShardingError
+from ._rules import Rules, _entry_axes, _is_leaf_array, default_rules, partition_specs, path_str
+
+BATCH_SPEC = P(("data", "fsdp"))
+"""How batches are split: the leading (batch) axis over `data` x `fsdp`, everything else whole."""
+
+
+def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
+    """One spec per entry of `state.arrays`: the model by the rules; optimizer-state leaves
+    follow the parameter whose path is the longest suffix of theirs and whose shape matches
+    (Adam's `mu`/`nu` ...); scalars, the step, the key and anything unmatched are replicated."""
+    parts = jax.tree.unflatten(state.structure.treedef, state.arrays)
+    model_specs = partition_specs(parts.model, rules, mesh)
+    params: dict[str, tuple[tuple[int, ...], P]] = {}
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(parts.model)[0], jax.tree.leaves(model_specs), strict=True
+    ):
+        params[path_str(path)] = (tuple(leaf.shape), spec)
+    specs = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(parts)[0]:
+        shape = tuple(leaf.shape)
+        spec = P()
+        if shape:
+            names = path_str(path).split(".")
+            if names[0] == "model":
+                spec = params[".".join(names[1:])][1]
+            else:
+                for i in range(1, len(names)):
+                    match = params.get(".".join(names[i:]))
+                    if match is not None and match[0] == shape:
+                        spec = match[1]
+                        break
+        specs.append(spec)
+    return specs
+
+
+def _resolve_rules(tree: Any, rules: Rules | None) -> Rules:
+    if rules is not None:
+        return rules
+    return default_rules(tree.model if isinstance(tree, TrainState) else tree)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """The `NamedSharding` every array leaf of `tree` gets on `mesh`.
+
+    **Arguments:**
+
+    - `tree`: a model, any pytree, or a [`eqzoo.train.TrainState`][]; leaves may be arrays or
+      `jax.ShapeDtypeStruct`s. For a `TrainState` the model follows the rules, each optimizer
+      state leaf follows its parameter (matched by path suffix and shape), and scalars, the step
+      and the PRNG key are replicated.
+    - `mesh`: from [`eqzoo.sharding.make_mesh`][].
+    - `rules`: `(regex, PartitionSpec)` pairs; default [`eqzoo.sharding.default_rules`][] of the
+      model.
+
+    **Returns:** a pytree of the same structure with a `NamedSharding` per array leaf (`None`
+    for other leaves); for a `TrainState`, a `TrainState` whose `arrays` are the shardings.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when a rule does not fit a parameter (naming
+    the parameter, its shape and the mesh axis).
+    """
+    rules = _resolve_rules(tree, rules)
+    if isinstance(tree, TrainState):
+        shardings = [NamedSharding(mesh, s) for s in _state_specs(tree, rules, mesh)]
+        return jax.tree.unflatten(jax.tree.structure(tree), shardings)
+    specs = partition_specs(tree, rules, mesh)
+    return jax.tree.map(
+        lambda leaf, s: NamedSharding(mesh, s) if _is_leaf_array(leaf) else None, tree, specs
+    )
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    where = [i for i, s in enumerate(targets) if s is not None]
+    placed = jax.device_put([leaves[i] for i in where], [targets[i] for i in where])  # one call
+    for i, x in zip(where, placed, strict=True):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def shard(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """Place every array of `tree` (a model, any pytree or a `TrainState`) on `mesh`.
+
+    The arrays are copied from wherever they are; for a model too large for one device build
+    it already sharded with [`eqzoo.sharding.sharded_init`][] instead.
+
+    **Arguments:** as for [`eqzoo.sharding.tree_shardings`][].
+
+    **Returns:** the same tree with its arrays sharded.
+    """
+    return _place(tree, tree_shardings(tree, mesh, rules))
+
+
+def shard_state(state: TrainState, mesh: Mesh, rules: Rules | None = None) -> TrainState:
+    """Place a [`eqzoo.train.TrainState`][] on `mesh`: parameters by the rules, optimizer state
+    following its parameters, step and key replicated.
+
+    The result keeps `state.structure`, so a train step made with
+    `make_train_step(..., mesh=mesh)` keeps the state in this layout step after step.
+
+    **Arguments:** `state`; `mesh`; `rules` (default [`eqzoo.sharding.default_rules`][] of
+    `state.model`).
+
+    **Returns:** the sharded `TrainState`.
+    """
+    return shard(state, mesh, rules)
+
+
+def abstract_sharded(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """`tree` with each array replaced by a `jax.ShapeDtypeStruct` carrying its sharding on `mesh`.
+
+    This is the target a checkpoint restores into to land directly in a given layout (orbax
+    reads each device's shard only). `tree` may itself be abstract (from `eqx.filter_eval_shape`),
+    so no memory is allocated.
+
+    **Arguments:** as for [`eqzoo.sharding.tree_shardings`][].
+
+    **Returns:** the abstract tree (a `TrainState` for a `TrainState`).
+    """
+    shardings = tree_shardings(tree, mesh, rules)
+    leaves, treedef = jax.tree.flatten(tree)
+    targets = treedef.flatten_up_to(shardings)
+    out = [
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) if s is not None else x
+        for x, s in zip(leaves, targets, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh: Mesh) -> None:
+    name = f"batch{jax.tree_util.keystr(path)}"
+    if len(spec) > len(shape):
+        raise ShardingError(
+            f"{who}: {name} of shape {shape_str(shape)} has fewer dimensions than the batch spec "
+            f"{spec}; every batch leaf needs a leading batch axis."
+        )
+    sizes = {str(k): int(v) for k, v in mesh.shape.items()}
+    for dim, entry in enumerate(spec):
+        axes = _entry_axes(entry)
+        unknown = [a for a in axes if a not in sizes]
+        if unknown:
+            raise ShardingError(f"{who}: batch spec {spec} names mesh axis {unknown[0]!r}, not in {sizes}.")
+        n = math.prod(sizes[a] for a in axes)
+        if shape[dim] % n:
+            names = "x".join(f"{a}={sizes[a]}" for a in axes)
+            raise ShardingError(
+                f"{who}: {name} of shape {shape_str(shape)}: dimension {dim} (size {shape[dim]}) is "
+                f"split over mesh axis {names} ({n} devices), which does not divide it; use a "
+                f"global batch size divisible by {n}."
+            )
+
+
+def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str) -> Any:
+    def one(path, x):
+        _check_batch_leaf(who, path, tuple(np.shape(x)), spec, mesh)
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def shard_batch(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
+    """Put a *global* batch (the same full batch in every process) on `mesh`.
+
+    **Arguments:**
+
+    - `batch`: a pytree of arrays whose leading axis is the batch.
+    - `mesh`: the mesh.
+    - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp`.
+
+    **Returns:** the batch as sharded `jax.Array`s.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when the batch size is not divisible.
+    """
+    return jax.device_put(batch, _batch_sharding(batch, mesh, spec, "shard_batch"))
+
+
+def make_global_batch(local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
+    """Assemble each process's slice of a batch into one global `jax.Array` per leaf.
+
+    On `P` processes, process `i` passes the rows it loaded (an eqzoo loader built with the
+    global `batch_size` yields rows `[i*B/P, (i+1)*B/P)`); the result is the `(B, ...)` global
+    batch, sharded by `spec`, without any process holding the other processes' rows. Uses
+    `jax.make_array_from_process_local_data`. With one process it is the same as
+    [`eqzoo.sharding.shard_batch`][].
+
+    **Arguments:**
+
+    - `local_batch`: a pytree of numpy (or JAX) arrays, this process's rows.
+    - `mesh`: the global mesh.
+    - `spec`: how to split each leaf of the global batch; default `BATCH_SPEC`.
+
+    **Returns:** the global batch.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when the global batch size is not divisible
+    by the mesh axes of `spec`.
+    """
+
+    def one(path, x):
+        x = np.asarray(x)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:] if x.ndim else x.shape
+        _check_batch_leaf(
+            f"make_global_batch ({jax.process_count()} process(es) x local rows)", path,
+            global_shape, spec, mesh,
+        )
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+
+    return jax.tree_util.tree_map_with_path(one, local_batch)
