@@ -1,0 +1,177 @@
+"""Posterior inference for a `BayesianModel`: NUTS (exact, small models) and SVI (scalable)."""
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import PRNGKeyArray
+
+from .._errors import ConfigError, require
+from ._model import BayesianModel
+from ._posterior import Posterior
+
+numpyro = require("numpyro", "bayes")
+infer = require("numpyro.infer", "bayes")
+autoguide = require("numpyro.infer.autoguide", "bayes")
+optim = require("numpyro.optim", "bayes")
+
+
+def run_nuts(
+    model: BayesianModel,
+    x: Any,
+    y: Any,
+    *,
+    mask: Any = None,
+    num_warmup: int = 500,
+    num_samples: int = 500,
+    num_chains: int = 1,
+    chain_method: Literal["sequential", "parallel", "vectorized"] = "vectorized",
+    target_accept_prob: float = 0.8,
+    max_tree_depth: int = 10,
+    dense_mass: bool = False,
+    init: str = "uniform",
+    progress_bar: bool = False,
+    key: PRNGKeyArray,
+) -> Posterior:
+    """Sample the posterior with the No-U-Turn Sampler (Hoffman & Gelman, 2014).
+
+    **Arguments:**
+
+    - `model`: the `BayesianModel`.
+    - `x`, `y`: inputs `(batch, ...)` and targets; `mask` optionally hides targets.
+    - `num_warmup`, `num_samples`: adaptation and kept draws per chain.
+    - `num_chains`, `chain_method`: as for `numpyro.infer.MCMC`. `"vectorized"` (default) runs
+      the chains under one `vmap` and compiles once; `"sequential"` compiles per chain (costly
+      for small models, where XLA compilation dominates); `"parallel"` needs a device per chain.
+    - `target_accept_prob`, `max_tree_depth`, `dense_mass`: NUTS settings.
+    - `init`: `"uniform"` starts each chain at a random point (NumPyro's `init_to_uniform`,
+      overdispersed, which R-hat needs); `"module"` starts at the module's current values.
+    - `key`: a PRNG key.
+
+    **Returns:** a `Posterior` with `(chains, draws, ...)` samples, divergence counts and the
+    leapfrog steps of every draw.
+    """
+    if num_samples < 1 or num_warmup < 0 or num_chains < 1:
+        raise ConfigError(
+            f"run_nuts needs num_samples >= 1, num_warmup >= 0 and num_chains >= 1; got "
+            f"{num_samples}, {num_warmup}, {num_chains}."
+        )
+    x, y, mask = model.check_data(x, y, mask)
+    if init == "module":
+        strategy = infer.init_to_value(values=model.values())
+    elif init == "uniform":
+        strategy = infer.init_to_uniform
+    else:
+        raise ConfigError(f"init must be 'uniform' or 'module'; got {init!r}.")
+    kernel = infer.NUTS(
+        model.model,
+        target_accept_prob=target_accept_prob,
+        max_tree_depth=max_tree_depth,
+        dense_mass=dense_mass,
+        init_strategy=strategy,
+    )
+    mcmc = infer.MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method,
+        progress_bar=progress_bar,
+    )
+    # NumPyro's samplers mix int and float internally; they are written for standard promotion.
+    with jax.numpy_dtype_promotion("standard"):
+        mcmc.run(key, x, y, mask=mask, extra_fields=("diverging", "num_steps"))
+    samples = mcmc.get_samples(group_by_chain=True)
+    extra = mcmc.get_extra_fields(group_by_chain=True)
+    return Posterior(
+        model,
+        {k: samples[k] for k in model.site_names},
+        "nuts",
+        divergences=extra["diverging"].sum(axis=1),
+        num_steps=extra["num_steps"],
+    )
+
+
+def _make_guide(guide: Any, model: BayesianModel, init_scale: float, rank: int | None) -> Any:
+    if guide == "normal":
+        return autoguide.AutoNormal(model.model, init_scale=init_scale)
+    if guide == "lowrank":
+        return autoguide.AutoLowRankMultivariateNormal(
+            model.model, init_scale=init_scale, rank=rank
+        )
+    if callable(guide):
+        return guide(model.model)
+    raise ConfigError(
+        f"guide must be 'normal' (AutoNormal), 'lowrank' (AutoLowRankMultivariateNormal) or a "
+        f"callable taking the NumPyro model and returning a guide; got {guide!r}."
+    )
+
+
+def run_svi(
+    model: BayesianModel,
+    x: Any,
+    y: Any,
+    *,
+    mask: Any = None,
+    num_steps: int = 2000,
+    optimizer: optax.GradientTransformation | None = None,
+    guide: str | Callable[[Callable[..., None]], Any] = "normal",
+    rank: int | None = None,
+    init_scale: float = 0.1,
+    num_particles: int = 1,
+    subsample_size: int | None = None,
+    num_samples: int = 1000,
+    key: PRNGKeyArray,
+) -> Posterior:
+    """Fit a variational posterior by stochastic variational inference, then sample it.
+
+    Maximises the ELBO (`Trace_ELBO`) with an optax optimizer (through
+    `numpyro.optim.optax_to_numpyro`), compiled into one `lax.scan` over steps.
+
+    **Arguments:**
+
+    - `model`: the `BayesianModel`.
+    - `x`, `y`: inputs and targets; `mask` optionally hides targets.
+    - `num_steps`: optimisation steps.
+    - `optimizer`: an optax transformation; `optax.adam(1e-2)` by default.
+    - `guide`: `"normal"` (mean-field `AutoNormal`), `"lowrank"`
+      (`AutoLowRankMultivariateNormal` of rank `rank`) or a callable `model -> guide`.
+    - `init_scale`: the guide's initial scale.
+    - `num_particles`: ELBO samples per step.
+    - `subsample_size`: minibatch size; the likelihood is rescaled to the full data.
+    - `num_samples`: draws taken from the fitted guide.
+    - `key`: a PRNG key.
+
+    **Returns:** a `Posterior` with one "chain" of `num_samples` draws and the loss per step.
+    """
+    if num_steps < 1 or num_samples < 1:
+        raise ConfigError(
+            f"run_svi needs num_steps, num_samples >= 1; got {num_steps}, {num_samples}."
+        )
+    x, y, mask = model.check_data(x, y, mask)
+    if subsample_size is not None and not 0 < subsample_size <= x.shape[0]:
+        raise ConfigError(
+            f"subsample_size must be in [1, {x.shape[0]}] (the number of examples); got "
+            f"{subsample_size}."
+        )
+    g = _make_guide(guide, model, init_scale, rank)
+    opt = optim.optax_to_numpyro(optimizer if optimizer is not None else optax.adam(1e-2))
+    svi = infer.SVI(model.model, g, opt, loss=infer.Trace_ELBO(num_particles=num_particles))
+    fit_key, sample_key = jax.random.split(key)
+    with jax.numpy_dtype_promotion("standard"):  # as in run_nuts
+        result = svi.run(
+            fit_key, num_steps, x, y, mask=mask, subsample_size=subsample_size, progress_bar=False
+        )
+        draws = g.sample_posterior(
+            sample_key,
+            result.params,
+            x,
+            y,
+            mask=mask,
+            subsample_size=subsample_size,
+            sample_shape=(num_samples,),
+        )
+    samples = {k: jnp.expand_dims(draws[k], 0) for k in model.site_names}
+    return Posterior(model, samples, "svi", losses=result.losses)

@@ -1,0 +1,365 @@
+"""Likelihood heads: how a module's output for one example becomes a distribution over targets.
+
+Each head maps the batched module output to a NumPyro distribution whose batch shape is the
+shape of the batched targets, so observation masks can switch off single entries.
+"""
+
+import abc
+import math
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Shaped
+
+from .._errors import ConfigError, ShapeError, require, shape_str
+
+numpyro = require("numpyro", "bayes")
+dist = require("numpyro.distributions", "bayes")
+
+
+class AbstractLikelihood(eqx.Module):
+    """Base class of the likelihood heads.
+
+    A head turns the model output (batched with `jax.vmap`) into a distribution over targets
+    of the same batch, may declare global parameters of its own (a noise scale), and knows the
+    mean and variance of the target given one set of parameters.
+    """
+
+    classifier: ClassVar[bool] = False
+    """Whether the targets are class labels: predictive intervals then bound probabilities."""
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        """Names of the head's own sample sites (e.g. `("noise_scale",)`)."""
+        return ()
+
+    def sample_params(self) -> dict[str, Array]:
+        """Inside a NumPyro model: sample the head's global parameters; `{}` if none."""
+        return {}
+
+    @abc.abstractmethod
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one example's target, given the shape of one example's output."""
+
+    @abc.abstractmethod
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """The distribution of `y` for a batch of outputs; batch shape `(batch, *target)`."""
+
+    @abc.abstractmethod
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """`E[y | output]` per entry; class probabilities `(batch, classes)` for classifiers."""
+
+    @abc.abstractmethod
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """`Var[y | output]`, the same shape as `mean`."""
+
+    def prepare_target(self, y: Array, dtype: Any) -> Array:
+        """Cast targets to the dtype the distribution's `log_prob` expects."""
+        return jnp.asarray(y, dtype)
+
+    def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
+        """The `out_size` a linear head needs to produce for targets of `target_shape`."""
+        if len(target_shape) > 1:
+            raise ShapeError(
+                f"a linear last layer handles scalar or vector targets; got targets of per-example "
+                f"shape {shape_str(target_shape)}. Flatten them first."
+            )
+        return "scalar" if target_shape == () else target_shape[0]
+
+    def observe(
+        self,
+        name: str,
+        output: Array,
+        params: dict[str, Array],
+        y: Array | None,
+        mask: Array | None,
+    ) -> Array:
+        """Inside a NumPyro model: the observation site `name` for a batch.
+
+        `mask` is boolean of shape `(batch,)` or the targets' shape; masked entries contribute
+        nothing to the log density (their target values are never read, so NaN is fine there).
+        """
+        d = self.distribution(output, params)
+        if y is not None:
+            y = self.prepare_target(y, output.dtype)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)
+            mask = jnp.broadcast_to(
+                mask.reshape(mask.shape + (1,) * (len(d.batch_shape) - mask.ndim)), d.batch_shape
+            )
+            d = d.mask(mask)
+            if y is not None:
+                y = jnp.where(mask, y, jnp.zeros((), y.dtype))
+        return numpyro.sample(name, d.to_event(len(d.batch_shape) - 1), obs=y)
+
+
+def _check_scale_mode(cls: str, scale: Any, priors: list[Any], heteroscedastic: bool) -> None:
+    modes = (scale is not None) + sum(p is not None for p in priors) + bool(heteroscedastic)
+    if modes > 1:
+        raise ConfigError(
+            f"{cls} takes one way to set the noise: a fixed `scale`, a prior on it, or "
+            f"`heteroscedastic=True`; got {modes} of them."
+        )
+    if scale is not None and not scale > 0:
+        raise ConfigError(f"{cls} needs a fixed scale > 0; got {scale}.")
+
+
+def _noise_site(prior: Any, name: str) -> Array:
+    if prior.batch_shape != () or prior.event_shape != ():
+        raise ConfigError(f"the prior for {name!r} must be a scalar distribution.")
+    return numpyro.sample(name, prior)
+
+
+class Gaussian(AbstractLikelihood):
+    """Gaussian likelihood `y ~ Normal(output, scale)`.
+
+    The noise is fixed (`scale=0.1`), learned with a prior on the scale
+    (`scale_prior=dist.HalfNormal(1.0)`, the default) or on the variance
+    (`variance_prior=dist.InverseGamma(a, b)`, which makes a linear last layer conjugate), or
+    heteroscedastic: the module then outputs `(..., 2)` = (mean, raw scale) and the scale is
+    `softplus(raw) + min_scale`.
+
+    **Arguments:**
+
+    - `scale`: fixed noise standard deviation.
+    - `scale_prior`: prior over the noise standard deviation (site `"noise_scale"`).
+    - `variance_prior`: prior over the noise variance (site `"noise_variance"`).
+    - `heteroscedastic`: predict the scale per example.
+    - `min_scale`: floor added to a heteroscedastic scale.
+    """
+
+    scale: float | None = eqx.field(static=True)
+    scale_prior: Any
+    variance_prior: Any
+    heteroscedastic: bool = eqx.field(static=True)
+    min_scale: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        scale: float | None = None,
+        *,
+        scale_prior: Any = None,
+        variance_prior: Any = None,
+        heteroscedastic: bool = False,
+        min_scale: float = 1e-3,
+    ):
+        _check_scale_mode("Gaussian", scale, [scale_prior, variance_prior], heteroscedastic)
+        if scale is None and scale_prior is None and variance_prior is None and not heteroscedastic:
+            scale_prior = dist.HalfNormal(1.0)
+        self.scale = None if scale is None else float(scale)
+        self.scale_prior = scale_prior
+        self.variance_prior = variance_prior
+        self.heteroscedastic = heteroscedastic
+        self.min_scale = float(min_scale)
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        if self.scale_prior is not None:
+            return ("noise_scale",)
+        if self.variance_prior is not None:
+            return ("noise_variance",)
+        return ()
+
+    def sample_params(self) -> dict[str, Array]:
+        if self.scale_prior is not None:
+            return {"noise_scale": _noise_site(self.scale_prior, "noise_scale")}
+        if self.variance_prior is not None:
+            return {"noise_variance": _noise_site(self.variance_prior, "noise_variance")}
+        return {}
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.heteroscedastic:
+            if not output_shape or output_shape[-1] != 2:
+                raise ShapeError(
+                    f"a heteroscedastic Gaussian needs the module to output (..., 2) = (mean, raw "
+                    f"scale) per example; got output shape {shape_str(output_shape)}."
+                )
+            return output_shape[:-1]
+        return output_shape
+
+    def _loc_scale(self, output: Array, params: dict[str, Array]) -> tuple[Array, Array]:
+        if self.heteroscedastic:
+            return output[..., 0], jax.nn.softplus(output[..., 1]) + self.min_scale
+        if self.scale is not None:
+            return output, jnp.full((), self.scale, output.dtype)
+        if self.scale_prior is not None:
+            return output, params["noise_scale"].astype(output.dtype)
+        return output, jnp.sqrt(params["noise_variance"]).astype(output.dtype)
+
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        loc, scale = self._loc_scale(output, params)
+        return dist.Normal(loc, jnp.broadcast_to(scale, loc.shape))
+
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        return self._loc_scale(output, params)[0]
+
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        loc, scale = self._loc_scale(output, params)
+        return jnp.broadcast_to(scale**2, loc.shape)
+
+    def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
+        if self.heteroscedastic:
+            if target_shape != ():
+                raise ShapeError(
+                    f"a heteroscedastic linear last layer handles scalar targets; got per-example "
+                    f"target shape {shape_str(target_shape)}."
+                )
+            return 2
+        return super().head_shape(target_shape, num_outputs)
+
+
+class StudentT(AbstractLikelihood):
+    """Student-t likelihood `y ~ StudentT(df, output, scale)`, robust to outliers.
+
+    **Arguments:**
+
+    - `df`: degrees of freedom (fixed).
+    - `scale`: fixed scale; if `None`, learned with `scale_prior` (site `"noise_scale"`).
+    - `scale_prior`: prior over the scale; `HalfNormal(1.0)` by default.
+    """
+
+    df: float = eqx.field(static=True)
+    scale: float | None = eqx.field(static=True)
+    scale_prior: Any
+
+    def __init__(self, df: float = 4.0, scale: float | None = None, *, scale_prior: Any = None):
+        _check_scale_mode("StudentT", scale, [scale_prior], False)
+        if not df > 0:
+            raise ConfigError(f"StudentT needs df > 0; got {df}.")
+        if scale is None and scale_prior is None:
+            scale_prior = dist.HalfNormal(1.0)
+        self.df = float(df)
+        self.scale = None if scale is None else float(scale)
+        self.scale_prior = scale_prior
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return () if self.scale_prior is None else ("noise_scale",)
+
+    def sample_params(self) -> dict[str, Array]:
+        if self.scale_prior is None:
+            return {}
+        return {"noise_scale": _noise_site(self.scale_prior, "noise_scale")}
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return output_shape
+
+    def _scale(self, output: Array, params: dict[str, Array]) -> Array:
+        if self.scale is not None:
+            return jnp.full(output.shape, self.scale, output.dtype)
+        return jnp.broadcast_to(params["noise_scale"].astype(output.dtype), output.shape)
+
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        return dist.StudentT(
+            jnp.full((), self.df, output.dtype), output, self._scale(output, params)
+        )
+
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        return output
+
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        factor = self.df / (self.df - 2.0) if self.df > 2 else math.inf
+        return self._scale(output, params) ** 2 * factor
+
+
+class Bernoulli(AbstractLikelihood):
+    """Bernoulli likelihood for binary targets; the module outputs logits of the target's shape."""
+
+    classifier: ClassVar[bool] = True
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return output_shape
+
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        return dist.BernoulliLogits(output)
+
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        return jax.nn.sigmoid(output)
+
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        p = jax.nn.sigmoid(output)
+        return p * (1 - p)
+
+
+class Categorical(AbstractLikelihood):
+    """Categorical likelihood; the module outputs `(..., classes)` logits, targets are ints."""
+
+    classifier: ClassVar[bool] = True
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if not output_shape:
+            raise ShapeError(
+                "a Categorical head needs the module to output (..., classes) logits per example; "
+                "got a scalar output."
+            )
+        return output_shape[:-1]
+
+    def prepare_target(self, y: Array, dtype: Any) -> Array:
+        return jnp.asarray(y, jnp.int32)
+
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        return dist.CategoricalLogits(output)
+
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        return jax.nn.softmax(output, axis=-1)
+
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        p = jax.nn.softmax(output, axis=-1)
+        return p * (1 - p)
+
+    def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
+        if target_shape != ():
+            raise ShapeError(
+                f"a Categorical linear last layer takes one label per example; got per-example "
+                f"target shape {shape_str(target_shape)}."
+            )
+        if num_outputs is None:
+            raise ConfigError("a Categorical last layer needs num_outputs (the number of classes).")
+        return num_outputs
+
+
+class Poisson(AbstractLikelihood):
+    """Poisson likelihood for counts; the module outputs the log rate."""
+
+    def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return output_shape
+
+    def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        return dist.Poisson(jnp.exp(output))
+
+    def prepare_target(self, y: Array, dtype: Any) -> Array:
+        # NumPyro's Poisson accepts float counts; keeping the output dtype avoids int/float mixing
+        return jnp.asarray(y, dtype)
+
+    def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        return jnp.exp(output)
+
+    def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        return jnp.exp(output)
+
+
+def check_target_shape(
+    likelihood: AbstractLikelihood,
+    output_shape: tuple[int, ...],
+    y: Shaped[Array, "..."],
+    mask: Array | None,
+) -> None:
+    """Raise a `ShapeError` if batched targets (and mask) do not fit a batched output."""
+    n = output_shape[0]
+    expected = (n, *likelihood.target_shape(output_shape[1:]))
+    if tuple(y.shape) != expected:
+        raise ShapeError(
+            f"observations y have shape {shape_str(y.shape)}, but the module outputs "
+            f"{shape_str(output_shape[1:])} per example, so a {type(likelihood).__name__} head "
+            f"expects y of shape {shape_str(expected)} for {n} examples. Reshape y (e.g. "
+            f"y.reshape({', '.join(map(str, expected))})) or change the module's output size."
+        )
+    if mask is not None:
+        mshape = tuple(mask.shape)
+        if mshape != expected and mshape != (n,):
+            raise ShapeError(
+                f"the observation mask has shape {shape_str(mshape)}; it must be {shape_str((n,))}"
+                f" (one flag per example) or {shape_str(expected)} (one per target entry)."
+            )

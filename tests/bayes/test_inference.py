@@ -1,0 +1,168 @@
+"""NUTS and SVI through the bridge; the posterior predictive; the regression example's checks."""
+
+import importlib.util
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqzoo._errors as errors
+import eqzoo.bayes as bayes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _linear_problem(n=40, noise=0.3, seed=0, nan_at=None):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 2)).astype(np.float32)
+    y = (x @ np.array([1.0, -0.5]) + 0.3 + noise * rng.normal(size=n)).astype(np.float32)
+    if nan_at is not None:
+        y[nan_at] = np.nan
+    return x, y
+
+
+def _linear_model(noise=0.3):
+    lin = eqx.nn.Linear(2, "scalar", key=jax.random.key(0))
+    return bayes.BayesianModel(lin, 1.0, bayes.Gaussian(noise))
+
+
+def test_svi_lowrank_matches_exact_posterior_mean():
+    x, y = _linear_problem()
+    exact = bayes.fit_conjugate_gaussian(jnp.asarray(x), jnp.asarray(y), noise_scale=0.3)
+    post = bayes.run_svi(
+        _linear_model(),
+        x,
+        y,
+        guide="lowrank",
+        rank=2,
+        num_steps=1000,
+        optimizer=optax.adam(2e-2),
+        num_samples=2000,
+        key=jax.random.key(0),
+    )
+    assert post.samples["weight"].shape == (1, 2000, 1, 2) and post.losses.shape == (1000,)
+    flat = post.flat_samples()
+    w = jnp.concatenate([flat["weight"].reshape(2000, 2), flat["bias"].reshape(2000, 1)], 1)
+    sd = jnp.sqrt(jnp.diag(exact.cov))
+    # the ELBO optimum of a Gaussian guide is the exact posterior here; SGD noise leaves < 1 sd
+    assert (jnp.abs(w.mean(0) - exact.mean[:, 0]) < sd).all()
+    assert (jnp.abs(w.std(0) / sd - 1) < 0.3).all()
+
+
+def test_svi_mean_field_with_subsampling_and_masked_nans():
+    x, y = _linear_problem(n=60, nan_at=[3, 17])
+    mask = np.isfinite(y)
+    model = _linear_model()
+    post = bayes.run_svi(
+        model,
+        x,
+        y,
+        mask=mask,
+        subsample_size=16,
+        num_steps=1500,
+        num_samples=500,
+        key=jax.random.key(1),
+    )
+    assert jnp.isfinite(post.losses).all()
+    exact = bayes.fit_conjugate_gaussian(
+        jnp.asarray(x), jnp.asarray(np.nan_to_num(y)), noise_scale=0.3, mask=jnp.asarray(mask)
+    )
+    flat = post.flat_samples()
+    w = jnp.concatenate([flat["weight"].reshape(500, 2), flat["bias"].reshape(500, 1)], 1)
+    sd = jnp.sqrt(jnp.diag(exact.cov))
+    # minibatch gradients are noisy: 3 posterior sd
+    assert (jnp.abs(w.mean(0) - exact.mean[:, 0]) < 3 * sd).all()
+    ll = post.log_likelihood(x, y, mask=mask)
+    assert ll.shape == (500, 60) and jnp.isfinite(ll).all()
+
+
+def _fake_posterior(model, draws=6, chains=2, seed=0):
+    # posterior draws near the module's values, to test the predictive without inference
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for site, v in model.values().items():
+        noise = 0.1 * rng.normal(size=(chains, draws) + v.shape).astype(np.float32)
+        samples[site] = jnp.asarray(v)[None, None] + noise
+    for site in model.likelihood.site_names:
+        samples[site] = jnp.full((chains, draws), 0.5, jnp.float32)
+    return bayes.Posterior(model, samples, "nuts")
+
+
+LIKELIHOODS = {
+    "gaussian": (bayes.Gaussian(), "scalar", lambda r, n: r.normal(size=n)),
+    "hetero": (bayes.Gaussian(heteroscedastic=True), 2, lambda r, n: r.normal(size=n)),
+    "student": (bayes.StudentT(5.0, 0.3), "scalar", lambda r, n: r.normal(size=n)),
+    "bernoulli": (bayes.Bernoulli(), "scalar", lambda r, n: r.integers(0, 2, n).astype(float)),
+    "poisson": (bayes.Poisson(), "scalar", lambda r, n: r.poisson(1.0, n).astype(float)),
+    "categorical": (bayes.Categorical(), 4, lambda r, n: r.integers(0, 4, n)),
+}
+
+
+@pytest.mark.parametrize("name", list(LIKELIHOODS))
+def test_predictive_shapes_for_every_head(name):
+    lik, out, draw = LIKELIHOODS[name]
+    net = eqx.nn.MLP(3, out, 4, 1, key=jax.random.key(0))
+    model = bayes.BayesianModel(net, 1.0, lik)
+    post = _fake_posterior(model)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype(np.float32)
+    y = draw(rng, 5)
+    y = y.astype(np.int32) if name == "categorical" else y.astype(np.float32)
+    pred = post.predict(x, key=jax.random.key(0), prob=0.8)
+    mean_shape = (5, 4) if name == "categorical" else (5,)
+    assert pred.mean.shape == pred.std.shape == pred.lower.shape == mean_shape
+    assert pred.samples.shape == (12, 5) and pred.function_samples.shape == (12,) + mean_shape
+    assert (pred.lower <= pred.upper).all() and jnp.isfinite(pred.std).all()
+    lpd = post.log_predictive_density(x, y)
+    assert lpd.shape == (5,) and jnp.isfinite(lpd).all()
+    if name == "categorical":
+        assert jnp.allclose(pred.mean.sum(-1), 1.0, atol=1e-5)
+    diag = pred.function_space_diagnostics()
+    assert set(diag) == {"r_hat_max", "ess_min"}
+    assert post.module_at(3) is not None
+
+
+def test_inference_argument_errors():
+    x, y = _linear_problem(n=10)
+    model = _linear_model()
+    with pytest.raises(errors.ConfigError, match=r"subsample_size must be in \[1, 10\]"):
+        bayes.run_svi(model, x, y, subsample_size=50, key=jax.random.key(0))
+    with pytest.raises(errors.ConfigError, match="guide must be 'normal'"):
+        bayes.run_svi(model, x, y, guide="full", key=jax.random.key(0))
+    with pytest.raises(errors.ConfigError, match="init must be"):
+        bayes.run_nuts(model, x, y, init="zeros", key=jax.random.key(0))
+    with pytest.raises(errors.ConfigError, match="num_samples >= 1"):
+        bayes.run_nuts(model, x, y, num_samples=0, key=jax.random.key(0))
+    post = _fake_posterior(model)
+    with pytest.raises(errors.ConfigError, match=r"probability mass, in \(0, 1\)"):
+        post.predict(x, key=jax.random.key(0), prob=1.5)
+    exact = bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.Gaussian(0.3))
+    with pytest.raises(errors.ConfigError, match="closed form"):
+        exact.predict(x).function_space_diagnostics()
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_regression_example_smoke_run_converges_and_covers(tmp_path):
+    summary = _load_example("bayesian_regression").main(
+        ["--smoke", "--json", "--out", str(tmp_path)]
+    )
+    # held-out points (400) from the training distribution: binomial sd of coverage ~0.015
+    assert 0.85 <= summary["coverage_90"] <= 0.95
+    # function-space R-hat over the whole grid (gap and extrapolation included), 2 chains x 200
+    # draws in smoke mode; the same threshold as the full run (which uses 4 chains x 500)
+    assert summary["r_hat_max"] < 1.05
+    assert summary["ess_min"] > 50
+    assert summary["band_width_gap"] > 1.5 * summary["band_width_data"]
+    assert summary["rmse"] < 0.3
+    assert (tmp_path / "bayesian_regression.png").stat().st_size > 10_000

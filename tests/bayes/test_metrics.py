@@ -1,0 +1,81 @@
+"""Probabilistic scores against direct computations and known values."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import numpy as np
+import pytest
+import scipy.stats
+
+import eqzoo._errors as errors
+import eqzoo.bayes as bayes
+
+
+def test_nlpd_is_a_log_mean_exp_over_samples():
+    rng = np.random.default_rng(0)
+    ll = jnp.asarray(rng.normal(size=(50, 7)).astype(np.float32))
+    ref = -np.mean(np.log(np.mean(np.exp(np.asarray(ll, np.float64)), axis=0)))
+    assert abs(float(bayes.negative_log_predictive_density(ll)) - ref) < 1e-5
+    assert float(bayes.negative_log_predictive_density(ll[0])) == pytest.approx(
+        -float(ll[0].mean())
+    )
+    with pytest.raises(errors.ShapeError, match=r"\(samples, batch\) or \(batch,\)"):
+        bayes.negative_log_predictive_density(jnp.zeros((2, 3, 4)))
+
+
+def test_interval_coverage():
+    y = jnp.array([0.0, 1.0, 2.0, 3.0])
+    assert float(bayes.interval_coverage(y, y - 0.5, jnp.array([0.5, 0.5, 2.5, 2.0]))) == 0.5
+
+
+def test_expected_calibration_error():
+    rng = np.random.default_rng(0)
+    n = 20000
+    # calibrated by construction: the label is drawn from the stated probabilities
+    logits = 2.0 * rng.normal(size=(n, 3))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    labels = np.array([rng.choice(3, p=p) for p in probs], np.int32)
+    probs = jnp.asarray(probs.astype(np.float32))
+    labels = jnp.asarray(labels)
+    assert float(bayes.expected_calibration_error(probs, labels)) < 0.02
+    # always 95% sure, right half of the time: ECE is about 0.45
+    sure = jnp.tile(jnp.array([[0.95, 0.05]], jnp.float32), (1000, 1))
+    half = jnp.asarray(np.arange(1000) % 2, jnp.int32)
+    assert float(bayes.expected_calibration_error(sure, half)) == pytest.approx(0.45, abs=1e-4)
+    conf, acc, count = bayes.reliability_diagram(sure, half, num_bins=10)
+    assert int(count.sum()) == 1000 and int(count[9]) == 1000
+    assert float(acc[9]) == pytest.approx(0.5) and float(conf[9]) == pytest.approx(0.95, abs=1e-4)
+    # binary probabilities (batch,) are accepted too
+    assert float(bayes.expected_calibration_error(sure[:, 1], half)) == pytest.approx(
+        0.45, abs=1e-4
+    )
+    with pytest.raises(errors.ShapeError, match=r"probs must be \(batch, classes\)"):
+        bayes.expected_calibration_error(jnp.ones((4, 2, 2)) / 2, half[:4])
+    # caught by jaxtyping's shape check when it is on, by eqzoo's own check otherwise
+    with pytest.raises((errors.ShapeError, jaxtyping.TypeCheckError), match="labels"):
+        bayes.expected_calibration_error(sure, half[:10])
+
+
+def test_crps_gaussian_known_value_and_sample_estimate():
+    # CRPS(N(0, 1), 0) = 2 phi(0) - 1/sqrt(pi) = sqrt(2/pi) - 1/sqrt(pi)
+    zero = jnp.zeros(1)
+    exact = math.sqrt(2 / math.pi) - 1 / math.sqrt(math.pi)
+    assert float(bayes.crps_gaussian(zero, zero, jnp.ones(1))) == pytest.approx(exact, abs=1e-6)
+    y = jnp.array([0.3, -1.0, 2.5])
+    mean = jnp.array([0.0, 0.5, 2.0])
+    std = jnp.array([1.0, 0.5, 2.0])
+    draws = mean + std * jax.random.normal(jax.random.key(0), (40000, 3))
+    assert float(bayes.crps_samples(y, draws)) == pytest.approx(
+        float(bayes.crps_gaussian(y, mean, std)), abs=1e-2
+    )
+    # against the definition: integral of (F(t) - 1{t >= y})^2 dt
+    t = np.linspace(-10, 10, 200001)
+    integrand = (scipy.stats.norm.cdf(t, 0.5, 0.5) - (t >= -1.0)) ** 2
+    direct = float(np.sum(integrand) * (t[1] - t[0]))
+    assert float(bayes.crps_gaussian(y[1:2], mean[1:2], std[1:2])) == pytest.approx(
+        direct, abs=1e-4
+    )
+    with pytest.raises((errors.ShapeError, jaxtyping.TypeCheckError), match="samples"):
+        bayes.crps_samples(y, draws[:, :2])
