@@ -26,11 +26,13 @@ def _finite(tree):
 
 
 @pytest.fixture(scope="module")
-def cde():
+def cde(build_module):
     # Tight tolerances so that batched and unbatched solves (whose adaptive steps differ) agree.
     # Bosh3: fewer stages than the default Tsit5, so less to compile.
     controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
-    return sciml.NeuralCDE(
+    return build_module(
+        sciml.NeuralCDE,
+        jax.random.key(0),
         2,
         4,
         3,
@@ -38,7 +40,6 @@ def cde():
         depth=1,
         solver=diffrax.Bosh3(),
         stepsize_controller=controller,
-        key=jax.random.key(0),
     )
 
 
@@ -63,9 +64,11 @@ def test_cde_shapes_vmap_and_grad(cde):
     assert float(jnp.abs(grads.vector_field.mlp.layers[0].weight).sum()) > 0
 
 
-def test_cde_trajectory_linear_and_backsolve():
+def test_cde_trajectory_linear_and_backsolve(build):
     ts, xs = _series(jax.random.key(2), batch=1)
-    model = sciml.NeuralCDE(
+    model = build(
+        sciml.NeuralCDE,
+        jax.random.key(3),
         2,
         4,
         3,
@@ -75,7 +78,6 @@ def test_cde_trajectory_linear_and_backsolve():
         output="trajectory",
         adjoint="backsolve",
         solver=diffrax.Bosh3(),
-        key=jax.random.key(3),
     )
 
     def loss(m):
@@ -114,9 +116,11 @@ def test_cde_input_errors(cde, unchecked):
         sciml.NeuralCDE(2, 4, 3, interpolation="spline", key=jax.random.key(0))
 
 
-def test_cde_step_limit(cde):
+def test_cde_step_limit(build):
     ts, xs = _series(jax.random.key(6), batch=1)
-    model = sciml.NeuralCDE(
+    model = build(
+        sciml.NeuralCDE,
+        jax.random.key(0),
         2,
         4,
         3,
@@ -125,15 +129,16 @@ def test_cde_step_limit(cde):
         max_steps=2,
         solver=diffrax.Bosh3(),
         stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
-        key=jax.random.key(0),
     )
     with pytest.raises(sciml.SolverError, match=r"NeuralCDE: .*max_steps=2 was reached"):
         model(ts[0], xs[0])
 
 
 @pytest.fixture(scope="module")
-def latent():
-    return sciml.LatentODE(2, 3, 8, width=8, depth=1, solver=diffrax.Bosh3(), key=jax.random.key(7))
+def latent(build_module):
+    return build_module(
+        sciml.LatentODE, jax.random.key(7), 2, 3, 8, width=8, depth=1, solver=diffrax.Bosh3()
+    )
 
 
 def test_latent_ode_forecast_shapes_vmap_and_grad(latent):

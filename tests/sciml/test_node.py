@@ -13,9 +13,14 @@ import eqzoo.sciml as sciml
 from eqzoo._errors import ConfigError, EqzooError, ShapeError
 
 
+def _mlp(key, in_size=2, out_size=2, dtype=None):
+    # Initialised under jit: eager initialisation compiles each small op separately.
+    make = lambda k: eqx.nn.MLP(in_size, out_size, 8, 1, activation=jnp.tanh, key=k, dtype=dtype)
+    return eqx.filter_jit(make)(key)
+
+
 def _mlp_field(key, size=2, dtype=None):
-    mlp = eqx.nn.MLP(size, size, 8, 1, activation=jnp.tanh, key=key, dtype=dtype)
-    return sciml.Autonomous(mlp)
+    return sciml.Autonomous(_mlp(key, size, size, dtype))
 
 
 def test_linear_field_matches_matrix_exponential():
@@ -155,7 +160,7 @@ def test_traced_bad_times_raise_at_run_time():
 
 
 def test_vector_field_with_wrong_output_shape():
-    field = sciml.Autonomous(eqx.nn.MLP(2, 3, 8, 1, key=jax.random.key(6)))
+    field = sciml.Autonomous(_mlp(jax.random.key(6), 2, 3))
     with pytest.raises(
         sciml.VectorFieldError,
         match=r"state y0 of shape \(2,\) and f\(t, y, args\) of shape \(3,\)",
@@ -165,7 +170,7 @@ def test_vector_field_with_wrong_output_shape():
 
 
 def test_state_only_module_needs_the_autonomous_wrapper():
-    mlp = eqx.nn.MLP(2, 2, 8, 1, key=jax.random.key(6))
+    mlp = _mlp(jax.random.key(6))
     with pytest.raises(sciml.VectorFieldError, match=r"wrap it: eqzoo.sciml.Autonomous\(module\)"):
         sciml.NeuralODE(mlp)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
 

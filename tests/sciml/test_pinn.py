@@ -64,9 +64,9 @@ def test_residual_of_exact_solution_is_zero():
     assert float(terms["pde"]) < 1e-8 and float(terms["boundary"]) < 1e-10
 
 
-def test_pinn_loss_weights_terms_and_differentiates():
+def test_pinn_loss_weights_terms_and_differentiates(build):
     key = jax.random.key(2)
-    net = eqx.nn.MLP(2, "scalar", 8, 2, activation=jnp.tanh, key=key)
+    net = build(eqx.nn.MLP, key, 2, "scalar", 8, 2, activation=jnp.tanh)
     interior = sciml.sample_collocation(key, 16, [0.0, 0.0], [1.0, 1.0], method="latin")
     boundary = sciml.sample_boundary(key, 8, [0.0, 0.0], [1.0, 1.0])
     conditions = dict(
@@ -150,7 +150,7 @@ def _load_example(name):
 
 
 @pytest.mark.slow
-def test_pinn_example_meets_its_target_in_smoke_mode(tmp_path, capsys):
+def test_pinn_example_meets_its_target_in_smoke_mode(tmp_path, capsys, optimized):
     example = _load_example("pinn_poisson")
     with jax.numpy_dtype_promotion("standard"):  # examples run with JAX's default promotion
         example.main(["--smoke", "--json", "--out", str(tmp_path)])
