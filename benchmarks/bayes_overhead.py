@@ -136,8 +136,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     args = parser.parse_args()
     n = 50 if args.smoke else 100
-    warmup, samples = (50, 50) if args.smoke else (500, 500)
-    steps = 200 if args.smoke else 5000
+    warmup, samples = (30, 30) if args.smoke else (500, 500)
+    steps = 100 if args.smoke else 5000
     repeats = args.repeats or (1 if args.smoke else 3)
     x, y = data(n)
 
@@ -149,10 +149,9 @@ def main() -> None:
             return (nuts_eqzoo if kind == "nuts" else svi_eqzoo)(x, y, *args)
         return (nuts_numpyro if kind == "nuts" else svi_numpyro)(models[side], x, y, *args)
 
-    if not args.smoke:  # untimed: one-off costs of a fresh process (smoke: skipped, quick only)
-        for side in sides:
-            run("nuts", side, 10, 10, jax.random.key(99))
-            run("svi", side, 20, jax.random.key(99))
+    for side in sides:  # untimed: one-off costs of a fresh process
+        run("nuts", side, 5, 5, jax.random.key(99))
+        run("svi", side, 10, jax.random.key(99))
 
     wall = {k: {s: [] for s in sides} for k in ("nuts", "svi")}
     cpu = {k: {s: [] for s in sides} for k in ("nuts", "svi")}
