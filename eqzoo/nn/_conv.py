@@ -15,7 +15,8 @@ class ConvBlock(eqx.Module):
     """`relu(batchnorm(conv(x)))` for one image of shape `(channels, height, width)`.
 
     Batch statistics are averaged over the named vmap axis `axis_name` (default `"batch"`): call
-    it under `jax.vmap(..., axis_name="batch")`. Running statistics live in an `eqx.nn.State`.
+    it under `jax.vmap(..., axis_name="batch")`. Training normalises with the current batch's
+    statistics; their running averages (in an `eqx.nn.State`) are used in inference mode.
     """
 
     conv: eqx.nn.Conv2d
@@ -40,7 +41,7 @@ class ConvBlock(eqx.Module):
             in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
             use_bias=False, dtype=dtype, key=key,
         )
-        self.norm = eqx.nn.BatchNorm(out_channels, axis_name=axis_name, momentum=momentum, mode="ema", dtype=dtype)
+        self.norm = eqx.nn.BatchNorm(out_channels, axis_name=axis_name, momentum=momentum, mode="batch", dtype=dtype)
         self.in_channels = in_channels
 
     def __call__(
@@ -56,9 +57,12 @@ class ConvBlock(eqx.Module):
         h = self.conv(x)
         # BatchNorm runs in the dtype of its running statistics (float32 unless built otherwise):
         # under a bf16 compute policy the statistics stay float32 and only the output is bf16.
-        stats_dtype = state.get(self.norm.ema_state_index)[0].dtype
+        stats_dtype = state.get(self.norm.batch_state_index)[0].dtype
         norm = jax.tree.map(lambda a: a.astype(stats_dtype) if eqx.is_inexact_array(a) else a, self.norm)
-        y, state = norm(h.astype(stats_dtype), state)
+        # equinox's batch-mode BatchNorm mixes a Python float with its int32 step counter, which
+        # strict dtype promotion rejects; allow standard promotion for that call only.
+        with jax.numpy_dtype_promotion("standard"):
+            y, state = norm(h.astype(stats_dtype), state)
         return jax.nn.relu(y).astype(h.dtype), state
 
 
