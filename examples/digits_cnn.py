@@ -49,12 +49,11 @@ def with_batch_statistics(
     """The model with its BatchNorms normalising by the current batch's statistics while
     training (what PyTorch and Flax do), and a fresh state for it.
 
-    eqzoo's `ConvBlock` builds `eqx.nn.BatchNorm(mode="ema", momentum=0.9)`, which during
-    training normalises by a running average that is 90% past batches; on this problem that
-    diverges (the training loss rises after the first epoch at any learning rate). With
-    `momentum=0` the "running average" is the current batch, so training is standard batch
-    norm; the statistics used at inference are then set by `calibrate` after training.
-    Remove this (and `calibrate`) once `ConvBlock` normalises by batch statistics itself.
+    eqzoo's `ConvBlock` now uses `eqx.nn.BatchNorm(mode="batch")`, which already does this, so
+    this returns the model unchanged; it is kept for models built with `mode="ema"`, whose
+    training-time normalisation by a running average diverged on this problem. With
+    `momentum=0` that "running average" is the current batch; `calibrate` then sets the
+    statistics used at inference.
     """
     is_norm = lambda x: isinstance(x, eqx.nn.BatchNorm)  # noqa: E731
     norms = lambda m: [x for x in jax.tree.leaves(m, is_leaf=is_norm) if is_norm(x)]  # noqa: E731
