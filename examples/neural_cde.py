@@ -67,16 +67,20 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed)
     ts_tr, xs_tr, y_tr = make_spirals(rng, num_train, length)
     ts_te, xs_te, y_te = make_spirals(rng, num_test, length)
-    model = sciml.NeuralCDE(
-        2,
-        hidden_size=8,
-        out_size=1,
-        width=32,
-        depth=1,
-        interpolation="cubic",
-        stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-5),
-        key=jax.random.key(args.seed),
-    )
+
+    def make_model(key):
+        return sciml.NeuralCDE(
+            2,
+            hidden_size=8,
+            out_size=1,
+            width=32,
+            depth=1,
+            interpolation="cubic",
+            stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-5),
+            key=key,
+        )
+
+    model = eqx.filter_jit(make_model)(jax.random.key(args.seed))  # one compiled init
     optim = optax.adam(optax.cosine_decay_schedule(1e-2, steps, alpha=0.1))
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 

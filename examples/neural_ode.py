@@ -76,21 +76,27 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     steps = args.steps or (150 if args.smoke else 2500)
     num_traj = 4 if args.smoke else 16
-    n_train = 60
+    n_train, n_all = 61, 91  # every 1/6 time unit on [0, T_TRAIN] and on [0, T_END]
     start = time.perf_counter()
 
     key_data, key_model = jax.random.split(jax.random.key(args.seed))
-    ts_train = jnp.linspace(0.0, T_TRAIN, n_train)
-    ts_all = jnp.linspace(0.0, T_END, int(n_train * T_END / T_TRAIN))
-    y0s, ys = make_data(key_data, num_traj, ts_train)
-    model = make_model(key_model)
+    ts_all = jnp.linspace(0.0, T_END, n_all)
+    ts_train = ts_all[:n_train]
+    y0s, truth_all = make_data(key_data, num_traj, ts_all)
+    ys = truth_all[:, :n_train]  # the training data: the window [0, T_TRAIN] only
+    model = eqx.filter_jit(make_model)(key_model)  # one compiled init, not op by op
 
     # Phase 1 fits short segments that start at observed states (the system is autonomous, so
     # every segment starts at t=0): gradients through short solves are well behaved. Phase 2
-    # fine-tunes on whole trajectories from their initial conditions.
-    seg_len, seg_batch = 12, 64
-    phase1 = int(0.8 * steps)
-    optim = optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.05))
+    # fine-tunes on whole trajectories from their initial conditions (full runs only).
+    seg_len, seg_batch = 12, 128
+    phase1 = steps if args.smoke else int(0.8 * steps)
+    # Clipping keeps the long-horizon gradients of phase 2 from throwing the model into the
+    # trivial minimum (a vector field that ignores the oscillation).
+    optim = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.05)),
+    )
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
 
     @eqx.filter_jit
@@ -120,9 +126,8 @@ def main(argv=None) -> dict:
             print(f"step {step:5d}  {what:11s}  loss {float(loss):.3e}")
 
     train_s = time.perf_counter() - start
-    truth_all = make_data(key_data, num_traj, ts_all)[1]
     pred_all = jax.vmap(model, in_axes=(0, None))(y0s, ts_all)
-    in_window = ts_all <= T_TRAIN
+    in_window = np.arange(n_all) < n_train
     fit_error = rel_err(pred_all[:, in_window], truth_all[:, in_window])
     extrap_error = rel_err(pred_all[:, ~in_window], truth_all[:, ~in_window])
 

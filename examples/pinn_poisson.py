@@ -64,11 +64,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     adam_steps, lbfgs_steps = (200, 700) if args.smoke else (2000, 2000)
-    num_interior, num_boundary = (400, 100) if args.smoke else (2000, 400)
+    num_interior, num_boundary = (256, 64) if args.smoke else (2000, 400)
     start = time.perf_counter()
 
     k_model, k_int, k_bnd = jax.random.split(jax.random.key(args.seed), 3)
-    model = eqx.nn.MLP(2, "scalar", 32, 3, activation=jnp.tanh, key=k_model)
+    make = lambda key: eqx.nn.MLP(2, "scalar", 32, 3, activation=jnp.tanh, key=key)
+    model = eqx.filter_jit(make)(k_model)  # one compiled init, not op by op
     interior = sciml.sample_collocation(k_int, num_interior, [0.0, 0.0], [1.0, 1.0], method="latin")
     boundary = sciml.sample_boundary(k_bnd, num_boundary, [0.0, 0.0], [1.0, 1.0])
     zeros = jnp.zeros((num_boundary,))
@@ -77,7 +78,11 @@ def main(argv=None) -> dict:
 
     def loss_fn(params):
         u = eqx.combine(params, static)
-        return sciml.pinn_loss(u, poisson, interior, boundary=(boundary, zeros))
+        # Weighting the boundary term keeps the optimiser from trading boundary error for a
+        # smaller residual: with weight 1 the error is dominated by the boundary (~10x worse).
+        return sciml.pinn_loss(
+            u, poisson, interior, boundary=(boundary, zeros), boundary_weight=10.0
+        )
 
     adam = optax.adam(optax.cosine_decay_schedule(3e-3, adam_steps, alpha=0.1))
     adam_state = adam.init(params)

@@ -52,8 +52,11 @@ def test_cde_shapes_vmap_and_grad(cde):
 
     @eqx.filter_jit
     def run(model):
-        out = jax.vmap(model)(ts, xs)  # different irregular times per series
-        grads = eqx.filter_grad(lambda m: jnp.mean(jax.vmap(m)(ts, xs) ** 2))(model)
+        def loss(m):
+            out = jax.vmap(m)(ts, xs)  # different irregular times per series
+            return jnp.mean(out**2), out
+
+        (_, out), grads = eqx.filter_value_and_grad(loss, has_aux=True)(model)
         return out, grads
 
     out, grads = run(cde)

@@ -155,6 +155,6 @@ def test_pinn_example_meets_its_target_in_smoke_mode(tmp_path, capsys, optimized
     with jax.numpy_dtype_promotion("standard"):  # examples run with JAX's default promotion
         example.main(["--smoke", "--json", "--out", str(tmp_path)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # The full run reaches < 1e-2; the smoke run (200 Adam + 700 L-BFGS steps) gets ~4e-2.
-    assert summary["rel_l2_error"] < 0.1
+    # Target 1e-2 (the full run reaches ~3e-4); the smoke run, ~5e-3 here, is held to a looser 3e-2.
+    assert summary["rel_l2_error"] < 3e-2
     assert (tmp_path / "pinn_poisson.png").stat().st_size > 1000
