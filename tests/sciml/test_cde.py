@@ -179,3 +179,15 @@ def test_latent_ode_errors(latent):
         latent.encode(ts[0], jnp.ones((9, 5)))
     with pytest.raises(ConfigError, match="obs_std must be positive"):
         latent.loss(ts[0], xs[0], ts[0], xs[0], key=jax.random.key(0), obs_std=0.0)
+
+
+def test_size_errors(unchecked):
+    key = jax.random.key(0)
+    with pytest.raises(ConfigError, match="NeuralCDE: hidden_size must be >= 1; got hidden_size=0"):
+        sciml.NeuralCDE(2, 0, 3, key=key)
+    with pytest.raises(ConfigError, match="NeuralCDE: depth must be >= 0"):
+        sciml.NeuralCDE(2, 4, 3, depth=-1, key=key)
+    with unchecked(), pytest.raises(ConfigError, match="output must be 'final' or 'trajectory'"):
+        sciml.NeuralCDE(2, 4, 3, output="last", key=key)
+    with pytest.raises(ConfigError, match="LatentODE: latent_size must be >= 1; got latent_size=0"):
+        sciml.LatentODE(2, 0, 8, key=key)

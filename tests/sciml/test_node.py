@@ -229,3 +229,51 @@ def test_bad_configuration(unchecked):
         sciml.NeuralODE(f, max_steps=0)
     with unchecked(), pytest.raises(ConfigError, match="output must be 'trajectory' or 'final'"):
         sciml.NeuralODE(f, output="last")
+
+
+def test_minimum_step_and_failed_implicit_solve():
+    controller = diffrax.PIDController(rtol=1e-6, atol=1e-8, dtmin=0.01, force_dtmin=False)
+    with pytest.raises(sciml.SolverError, match="step size reached the controller's dtmin"):
+        sciml.NeuralODE(_stiff, stepsize_controller=controller)(jnp.ones(1), jnp.array([0.0, 1.0]))
+    # y' = y² blows up at t = 1: Newton's iterations of the implicit step cannot converge.
+    solver = diffrax.Kvaerno5(root_finder=diffrax.VeryChord(rtol=1e-6, atol=1e-8))
+    blow_up = sciml.NeuralODE(
+        lambda t, y, args: y**2,
+        solver=solver,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.5,
+    )
+    with pytest.raises(sciml.SolverError, match="the solver Kvaerno5 failed .*nonlinear solve"):
+        blow_up(jnp.ones(1), jnp.array([0.0, 2.0]))
+
+
+def test_bad_solver_objects(unchecked):
+    f = lambda t, y, args: -y
+    with unchecked():
+        with pytest.raises(ConfigError, match="solver must be a diffrax solver"):
+            sciml.NeuralODE(f, solver="tsit5")
+        with pytest.raises(ConfigError, match="stepsize_controller must be a diffrax step-size"):
+            sciml.NeuralODE(f, stepsize_controller=1e-3)
+        with pytest.raises(ConfigError, match="dt0 must be positive or None; got dt0=-0.1"):
+            sciml.NeuralODE(f, dt0=-0.1)
+        with pytest.raises(ConfigError, match="vector_field must be callable"):
+            sciml.NeuralODE(3.0)
+
+
+def test_missing_diffrax_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    from eqzoo._errors import MissingDependencyError
+
+    for name in [m for m in sys.modules if m == "eqzoo.sciml" or m.startswith("eqzoo.sciml.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "diffrax", None)  # makes `import diffrax` fail
+    with pytest.raises(MissingDependencyError, match=r"pip install 'eqzoo\[sciml\]'"):
+        importlib.import_module("eqzoo.sciml")
+
+
+def test_time_grid_shape_error(unchecked):
+    model = sciml.NeuralODE(lambda t, y, args: -y)
+    with unchecked(), pytest.raises(sciml.TimeGridError, match=r"at least 2 .* got shape \(1,\)"):
+        model(jnp.ones(1), jnp.array([0.0]))

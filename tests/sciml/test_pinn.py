@@ -158,3 +158,17 @@ def test_pinn_example_meets_its_target_in_smoke_mode(tmp_path, capsys, optimized
     # Target 1e-2 (the full run reaches ~3e-4); the smoke run, ~5e-3 here, is held to a looser 3e-2.
     assert summary["rel_l2_error"] < 3e-2
     assert (tmp_path / "pinn_poisson.png").stat().st_size > 1000
+
+
+def test_more_pinn_errors(unchecked):
+    with pytest.raises(
+        ShapeError, match=r"divergence needs a vector field v\(x\) with the shape of x"
+    ):
+        sciml.divergence(lambda x: jnp.sum(x), jnp.ones(2))
+    with unchecked():  # the annotations reject these first when checking is on
+        with pytest.raises(ShapeError, match=r"pinn_residual: points must be a stack of points"):
+            sciml.pinn_residual(poisson, exact, jnp.ones((2, 2, 2)))
+        with pytest.raises(ConfigError, match=r"boundary must be a pair \(points, target\)"):
+            sciml.pinn_loss(exact, poisson, jnp.ones((4, 2)), boundary=jnp.ones((4, 2)))
+    with pytest.raises(ConfigError, match="dims must name at least one coordinate"):
+        sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dims=())
