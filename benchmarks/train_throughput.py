@@ -42,9 +42,13 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--remat", default=None, help="override the preset's remat policy")
     p.add_argument("--scan", choices=["auto", "true", "false"], default="auto")
-    p.add_argument("--chunk-size", type=int, default=None, help="chunked cross-entropy rows")
+    p.add_argument("--loss", choices=list(train.LM_LOSS_IMPLEMENTATIONS), default="fused",
+                   help="lm_loss implementation (fused: no whole-batch fp32 logits, no recompute)")
+    p.add_argument("--chunk-size", type=int, default=None, help="positions per loss chunk (default: auto)")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set num_layers=4 (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -52,6 +56,9 @@ def main(argv=None) -> dict:
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, 64, 8, 2
 
     overrides = {"attention_backend": args.attention}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        overrides[field] = json.loads(value) if value not in ("", "none") else value
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.scan != "auto":
@@ -65,8 +72,8 @@ def main(argv=None) -> dict:
     precision = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
     state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
     del model
-    loss_fn = train.lm_loss if args.chunk_size is None else (
-        lambda m, b, k: train.lm_loss(m, b, k, chunk_size=args.chunk_size))
+    def loss_fn(m, b, k):
+        return train.lm_loss(m, b, k, implementation=args.loss, chunk_size=args.chunk_size)
     step = train.make_train_step(loss_fn, optimizer, precision=precision)
 
     rng = np.random.default_rng(0)
@@ -108,6 +115,7 @@ def main(argv=None) -> dict:
         "remat": config.remat,
         "scan_layers": config.scan_layers,
         "attention": args.attention,
+        "loss": args.loss,
         "chunk_size": args.chunk_size,
         "params": config.num_params(),
         "tokens_per_s": tokens_per_s,

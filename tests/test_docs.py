@@ -16,6 +16,7 @@ PACKAGES = [
     "eqzoo.generation",
     "eqzoo.checkpoint",
     "eqzoo.sharding",
+    "eqzoo.perf",
     "eqzoo.hf",
     "eqzoo.sciml",
     "eqzoo.bayes",

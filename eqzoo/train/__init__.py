@@ -1,6 +1,10 @@
 """Training: `TrainState`, compiled train/eval steps, losses, precision, the `fit` loop, loggers."""
 
 from ._fit import Callback as Callback, FitResult as FitResult, evaluate as evaluate, fit as fit
+from ._fused_ce import (
+    auto_chunk_size as auto_chunk_size,
+    fused_cross_entropy as fused_cross_entropy,
+)
 from ._loggers import (
     ConsoleLogger as ConsoleLogger,
     JSONLLogger as JSONLLogger,
@@ -8,6 +12,7 @@ from ._loggers import (
     TensorBoardLogger as TensorBoardLogger,
 )
 from ._losses import (
+    LM_LOSS_IMPLEMENTATIONS as LM_LOSS_IMPLEMENTATIONS,
     classification_loss as classification_loss,
     cross_entropy as cross_entropy,
     lm_loss as lm_loss,
@@ -44,6 +49,9 @@ __all__ = [
     "cast_floating",
     "classification_loss",
     "cross_entropy",
+    "LM_LOSS_IMPLEMENTATIONS",
+    "auto_chunk_size",
+    "fused_cross_entropy",
     "lm_loss",
     "make_eval_step",
     "make_train_step",

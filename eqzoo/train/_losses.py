@@ -7,6 +7,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
+from ._fused_ce import auto_chunk_size, fused_cross_entropy
 
 
 def cross_entropy(
@@ -62,11 +63,16 @@ def _chunked_nll(features, head, targets, chunk_size):
     return nll[:seq]
 
 
+LM_LOSS_IMPLEMENTATIONS = ("fused", "chunked", "full")
+"""The values of `lm_loss(..., implementation=...)`."""
+
+
 def lm_loss(
     model,
     batch: dict[str, Array],
     key: PRNGKey | None = None,
     *,
+    implementation: str = "fused",
     chunk_size: int | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Next-token cross-entropy of an eqzoo language model on a batch.
@@ -78,8 +84,18 @@ def lm_loss(
     - `batch`: `{"tokens": (batch, seq) int, "targets": (batch, seq) int}` and optionally
       `"mask"`: (batch, seq) weights of positions that count.
     - `key`: unused (no dropout); accepted so this is a `loss_fn(model, batch, key)`.
-    - `chunk_size`: if set, logits are formed `chunk_size` positions at a time in float32 and
-      recomputed in the backward pass, so the whole batch's float32 logits never exist at once.
+    - `implementation`: how the output projection and the loss are computed; all three give the
+      same loss and gradients (tested to 1e-5):
+        - `"fused"` (default): [`eqzoo.train.fused_cross_entropy`][] — logits formed
+          `chunk_size` positions at a time and turned into gradients in the same pass; the
+          whole batch's float32 logits never exist, and no logits are recomputed.
+        - `"chunked"`: logits formed chunk by chunk under `jax.checkpoint` and recomputed in
+          the backward pass (one more matrix product than `"fused"`; supports forward-mode
+          differentiation).
+        - `"full"`: `jax.vmap(model)(tokens)` then [`eqzoo.train.cross_entropy`][] on the whole
+          batch's logits (the plain reference path).
+    - `chunk_size`: positions per sequence in one chunk for `"fused"`/`"chunked"` (default:
+      [`eqzoo.train.auto_chunk_size`][], under 512 MiB of float32 logits per chunk).
 
     **Returns:** `(loss, {"tokens": number of counted positions})`.
     """
@@ -89,21 +105,27 @@ def lm_loss(
             f"lm_loss takes batch['tokens'] and batch['targets'] of one shape (batch, seq); got "
             f"{shape_str(tokens.shape)} and {shape_str(targets.shape)}."
         )
+    if implementation not in LM_LOSS_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"lm_loss implementation must be one of {LM_LOSS_IMPLEMENTATIONS}, got {implementation!r}."
+        )
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
-    if chunk_size is None:
+    if implementation == "full":
         logits = jax.vmap(model)(tokens)
         nll_mean = cross_entropy(logits, targets, mask)
     else:
-        if chunk_size < 1:
-            raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size}.")
         head = model.head_weight()
         feats = jax.vmap(model.features)(tokens)
-        nll = jax.vmap(lambda f, t: _chunked_nll(f, head, t, chunk_size))(feats, targets)
-        if mask is None:
-            nll_mean = jnp.mean(nll)
+        w = None if mask is None else mask.astype(jnp.float32)
+        if implementation == "fused":
+            total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)
         else:
-            w = mask.astype(jnp.float32)
-            nll_mean = jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+            chunk = auto_chunk_size(*targets.shape, head.shape[0]) if chunk_size is None else chunk_size
+            nll = jax.vmap(lambda f, t: _chunked_nll(f, head, t, min(chunk, t.shape[0])))(feats, targets)
+            total = jnp.sum(nll if w is None else nll * w)
+        nll_mean = total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
     count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
     return nll_mean, {"tokens": count}
 

@@ -96,6 +96,8 @@ def test_chunked_loss_also_checks_max_seq(gpt2):
     tokens = jnp.zeros((2, 33), jnp.int32)
     with pytest.raises(ShapeError, match="max_seq=32"):
         train.lm_loss(gpt2, {"tokens": tokens, "targets": tokens}, chunk_size=8)
+    with pytest.raises(ShapeError, match="max_seq=32"):
+        train.lm_loss(gpt2, {"tokens": tokens, "targets": tokens}, implementation="chunked")
 
 
 def test_cache_longer_than_max_seq_is_rejected(gpt2):

@@ -1,4 +1,4 @@
-"""Losses: cross-entropy against its formula; the chunked LM loss against the full one."""
+"""Losses: cross-entropy against its formula; the fused and chunked LM losses against the full one."""
 
 import equinox as eqx
 import jax
@@ -39,22 +39,86 @@ def _batch(mask: bool):
 
 
 @eqx.filter_jit
-def _loss_and_grads(model, batch, chunk_size):
-    fn = lambda m: train.lm_loss(m, batch, chunk_size=chunk_size)  # noqa: E731
+def _loss_and_grads(model, batch, implementation, chunk_size):
+    fn = lambda m: train.lm_loss(m, batch, implementation=implementation, chunk_size=chunk_size)  # noqa: E731
     return eqx.filter_value_and_grad(fn, has_aux=True)(model)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "chunked"])
 @pytest.mark.parametrize("mask", [False, True], ids=["nomask", "mask"])
-def test_chunked_loss_equals_full_loss_and_grads(gpt2, mask):
+def test_chunked_losses_equal_full_loss_and_grads(gpt2, mask, implementation):
+    # Tolerance 1e-5 (float32): the fast paths only reorder sums over chunks.
     batch = _batch(mask)
-    (full, aux), full_grads = _loss_and_grads(gpt2, batch, None)
-    # a ragged last chunk; one chunk longer than the sequence
-    for chunk in (5,) if mask else (5, 64):
-        (loss, aux_c), grads = _loss_and_grads(gpt2, batch, chunk)
+    (full, aux), full_grads = _loss_and_grads(gpt2, batch, "full", None)
+    # a ragged last chunk; one chunk longer than the sequence; the automatic size
+    for chunk in (5, 64, None):
+        (loss, aux_c), grads = _loss_and_grads(gpt2, batch, implementation, chunk)
         np.testing.assert_allclose(loss, full, atol=1e-5, rtol=1e-5)
         assert float(aux_c["tokens"]) == float(aux["tokens"]) == (19.0 if mask else 24.0)
         for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grads), strict=True):
             np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cross_entropy_matches_float64_formula():
+    # The primitive on its own, against numpy in float64 (tolerance 1e-5 relative, float32).
+    b, t, d, v = 3, 11, 8, 19
+    feats = jax.random.normal(jax.random.key(0), (b, t, d))
+    head = 0.5 * jax.random.normal(jax.random.key(1), (v, d))
+    targets = jax.random.randint(jax.random.key(2), (b, t), 0, v, dtype=jnp.int32)
+    weights = jax.random.uniform(jax.random.key(3), (b, t))
+    f64, h64, w64 = (np.asarray(a, np.float64) for a in (feats, head, weights))
+    logits = f64 @ h64.T
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, np.asarray(targets)[..., None], -1)[..., 0]
+    probs = np.exp(logits - lse[..., None])
+    g = (probs - np.eye(v)[np.asarray(targets)]) * w64[..., None]
+    want_df, want_dh = g @ h64, np.einsum("btv,btd->vd", g, f64)
+    fn = lambda f, h: train.fused_cross_entropy(f, h, targets, weights, chunk_size=4)  # noqa: E731
+    value, (df, dh) = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(feats, head)
+    np.testing.assert_allclose(value, (w64 * nll).sum(), rtol=1e-5)
+    np.testing.assert_allclose(df, want_df, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dh, want_dh, rtol=1e-5, atol=1e-6)
+    # The cotangent scales the precomputed gradients: d(3 * loss) = 3 * d(loss).
+    df3 = jax.grad(lambda f: 3.0 * fn(f, head))(feats)
+    np.testing.assert_allclose(df3, 3.0 * want_df, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_in_bfloat16_tracks_float32():
+    # bf16 features and head (the training precision): close to the fp32 loss, gradients bf16.
+    b, t, d, v = 2, 16, 32, 64
+    feats = jax.random.normal(jax.random.key(0), (b, t, d))
+    head = 0.2 * jax.random.normal(jax.random.key(1), (v, d))
+    targets = jax.random.randint(jax.random.key(2), (b, t), 0, v, dtype=jnp.int32)
+    fn = lambda f, h: train.fused_cross_entropy(f, h, targets, chunk_size=5)  # noqa: E731
+    ref = fn(feats, head)
+    bf = jnp.bfloat16
+    value, (df, dh) = jax.value_and_grad(fn, argnums=(0, 1))(feats.astype(bf), head.astype(bf))
+    assert value.dtype == jnp.float32 and df.dtype == bf and dh.dtype == bf
+    np.testing.assert_allclose(value, ref, rtol=2e-2)  # bf16 inputs: ~3 significant digits
+
+
+def test_auto_chunk_size_bounds_logit_memory():
+    # GPT-2 124M at batch 16 x 1024: at most 512 MiB of float32 logits per chunk, a power of two.
+    c = train.auto_chunk_size(16, 1024, 50304)
+    assert c == 128 and 16 * c * 50304 * 4 <= 512 * 2**20
+    assert train.auto_chunk_size(4, 12, 256) == 12  # small problems: one chunk
+    assert train.auto_chunk_size(1024, 4096, 128256) == 1
+
+
+def test_fused_cross_entropy_errors():
+    f = jnp.zeros((2, 4, 8))
+    h = jnp.zeros((10, 8))
+    t = jnp.zeros((2, 4), jnp.int32)
+    with pytest.raises(ShapeError, match=r"features \(batch, seq, embed\) and targets \(batch, seq\); got \(4, 8\)"):
+        train.fused_cross_entropy(f[0], h, t)
+    with pytest.raises(ShapeError, match=r"head must be \(vocab, embed=8\); got \(10, 7\)"):
+        train.fused_cross_entropy(f, jnp.zeros((10, 7)), t)
+    with pytest.raises(ShapeError, match="targets must be integer class ids; got dtype float32"):
+        train.fused_cross_entropy(f, h, t.astype(jnp.float32))
+    with pytest.raises(ShapeError, match=r"weights \(2, 3\) must match targets \(2, 4\)"):
+        train.fused_cross_entropy(f, h, t, jnp.ones((2, 3)))
+    with pytest.raises(ConfigError, match="chunk_size must be a positive integer, got -1"):
+        train.fused_cross_entropy(f, h, t, chunk_size=-1)
 
 
 def test_lm_loss_errors(gpt2):
@@ -63,3 +127,5 @@ def test_lm_loss_errors(gpt2):
         train.lm_loss(gpt2, {"tokens": tokens, "targets": tokens})
     with pytest.raises(ConfigError, match="chunk_size must be a positive integer, got 0"):
         train.lm_loss(gpt2, _batch(False), chunk_size=0)
+    with pytest.raises(ConfigError, match=r"implementation must be one of \('fused', 'chunked', 'full'\), got 'flash'"):
+        train.lm_loss(gpt2, _batch(False), implementation="flash")
