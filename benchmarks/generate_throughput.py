@@ -28,6 +28,8 @@ def main(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled",
+                   help="layer loop inside the decode loop (generate_batch(unroll_layers=...))")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -40,7 +42,8 @@ def main(argv=None) -> dict:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
-        run = lambda prompts=prompts: eqzoo.generation.generate_batch(model, prompts, max_new_tokens=args.new_tokens)  # noqa: E731
+        run = lambda prompts=prompts: eqzoo.generation.generate_batch(
+            model, prompts, max_new_tokens=args.new_tokens, unroll_layers=args.layers == "unrolled")  # noqa: E731
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0
@@ -65,6 +68,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "layers": args.layers,
         "results": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

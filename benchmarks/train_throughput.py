@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
         "steps": args.steps,
         "precision": args.precision,
         "remat": config.remat,
-        "scan_layers": config.scan_layers,
+        "scan_layers": eqzoo.nn.resolve_scan(config.scan_layers),
         "attention": args.attention,
         "loss": args.loss,
         "chunk_size": args.chunk_size,

@@ -59,7 +59,13 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
 
 
 @eqx.filter_jit
-def _generate_batch_jit(model, prompts, lengths, keys, **static):
+def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
+    if unroll_layers:
+        # One copy of each layer in the decode loop, its weights sliced once outside the loop, and
+        # each layer's cache slot updated in place. A scan over layers inside the token loop
+        # slices (copies) every layer's weights and cache on every token: 3x slower at batch 8
+        # on CPU (docs/performance.md).
+        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.with_scan(False))
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
 
 
@@ -95,6 +101,7 @@ def generate_batch(
     eos_token: int | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
+    unroll_layers: bool = True,
 ) -> Int[Array, "batch total"]:
     """Continue a batch of prompts of different lengths, in one compiled program.
 
@@ -107,6 +114,9 @@ def generate_batch(
     - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
+    - `unroll_layers`: run the layers unrolled inside the decode loop (default), whatever the
+      model's `scan_layers`: no per-token copies of stacked weights or caches; compiles longer
+      (one copy of the layer per depth). `False` keeps the model's own layer loop.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding.
@@ -131,7 +141,7 @@ def generate_batch(
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache, unroll_layers=unroll_layers,
     )
 
 
@@ -148,6 +158,7 @@ def generate(
     eos_token: int | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
+    unroll_layers: bool = True,
 ) -> Int[Array, " total"]:
     """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
 
@@ -163,6 +174,7 @@ def generate(
     - `top_k`, `top_p`: optional top-k / nucleus filtering.
     - `eos_token`: stop token; after it the output is `pad_token`.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
+    - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][].
 
     **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long.
     """
@@ -177,4 +189,5 @@ def generate(
     return generate_batch(
         model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+        unroll_layers=unroll_layers,
     )[0]

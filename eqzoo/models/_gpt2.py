@@ -36,7 +36,8 @@ class GPT2Config:
     - `mlp_ratio`: MLP hidden width as a multiple of `embed_dim`.
     - `layer_norm_eps`: LayerNorm epsilon.
     - `remat`: rematerialisation policy of the layer stack (see `eqzoo.nn.REMAT_POLICIES`).
-    - `scan_layers`: run the layers with `lax.scan` (`True`) or unrolled (`False`).
+    - `scan_layers`: run the layers with `lax.scan` (`True`), unrolled (`False`), or
+      `"auto"` (default): whichever [`eqzoo.nn.SCAN_DEFAULTS`][] records as faster on the backend.
     - `attention_backend`: `"auto"`, `"xla"` or `"cudnn"`.
     """
 
@@ -48,7 +49,7 @@ class GPT2Config:
     mlp_ratio: int = 4
     layer_norm_eps: float = 1e-5
     remat: str = "none"
-    scan_layers: bool = True
+    scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
 
     def __post_init__(self):
@@ -64,6 +65,8 @@ class GPT2Config:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"GPT2Config: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
+        if self.scan_layers not in (True, False, "auto"):
+            raise ConfigError(f"GPT2Config: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
         if self.attention_backend not in _BACKENDS:
             raise ConfigError(f"GPT2Config: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
 

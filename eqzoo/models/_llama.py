@@ -53,7 +53,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     remat: str = "none"
-    scan_layers: bool = True
+    scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
 
     def __post_init__(self):
@@ -74,6 +74,8 @@ class LlamaConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"LlamaConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
+        if self.scan_layers not in (True, False, "auto"):
+            raise ConfigError(f"LlamaConfig: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
         if self.attention_backend not in _BACKENDS:
             raise ConfigError(f"LlamaConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
 

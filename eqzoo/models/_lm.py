@@ -101,9 +101,12 @@ class AbstractLM(eqx.Module):
         positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)
 
-        def step(block, h, layer_cache):
-            h, layer_cache = block.decode(h, layer_cache, index)
-            return h, layer_cache
+        # The stacked cache rides in the carry and each layer writes its new keys/values into its
+        # own slot in place; as per-layer scan outputs it would be rewritten whole every token.
+        def step(block, carry, layer):
+            h, cache = carry
+            return block.decode(h, cache, index, layer), None
 
-        x, cache = self.blocks.apply(step, x, cache)
+        layers = jnp.arange(self.blocks.num_layers, dtype=jnp.int32)
+        (x, cache), _ = self.blocks.apply(step, (x, cache), layers)
         return self.logits(self.final_norm(x)), cache

@@ -18,9 +18,12 @@ from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
 from ._rope import RopeScaling as RopeScaling, RotaryEmbedding as RotaryEmbedding
 from ._stacked import (
     REMAT_POLICIES as REMAT_POLICIES,
+    SCAN_DEFAULTS as SCAN_DEFAULTS,
     RematPolicy as RematPolicy,
+    ScanMode as ScanMode,
     Stacked as Stacked,
     remat_policy as remat_policy,
+    resolve_scan as resolve_scan,
 )
 
 __all__ = [
@@ -34,6 +37,8 @@ __all__ = [
     "REMAT_POLICIES",
     "RMSNorm",
     "RematPolicy",
+    "SCAN_DEFAULTS",
+    "ScanMode",
     "ResidualBlock",
     "RopeScaling",
     "RotaryEmbedding",
@@ -44,4 +49,5 @@ __all__ = [
     "init_linear",
     "remat_policy",
     "resolve_backend",
+    "resolve_scan",
 ]

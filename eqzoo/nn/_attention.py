@@ -50,18 +50,19 @@ def _xla_attention(q, k, v, mask):
 
 
 class KVCache(eqx.Module):
-    """Keys and values of the positions already decoded, for one sequence and one layer.
+    """Keys and values of the positions already decoded, for one sequence: one layer's, or every
+    layer's stacked along a leading axis (what a model's `init_cache` returns).
 
     Positions at or beyond the current decode index hold stale values; attention masks them.
     """
 
-    keys: Float[Array, "max_seq kv_heads head_dim"]
-    values: Float[Array, "max_seq kv_heads head_dim"]
+    keys: Float[Array, "*layers max_seq kv_heads head_dim"]
+    values: Float[Array, "*layers max_seq kv_heads head_dim"]
 
     @property
     def max_seq(self) -> int:
         """How many positions the cache can hold."""
-        return self.keys.shape[0]
+        return self.keys.shape[-3]
 
 
 class Attention(eqx.Module):
@@ -183,7 +184,11 @@ class Attention(eqx.Module):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def decode(
-        self, x: Float[Array, "seq embed"], cache: KVCache, index: Int[Array, ""]
+        self,
+        x: Float[Array, "seq embed"],
+        cache: KVCache,
+        index: Int[Array, ""],
+        layer: Int[Array, ""] | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Attend from `seq` new positions starting at `index`, reading and extending `cache`.
 
@@ -193,8 +198,13 @@ class Attention(eqx.Module):
         **Arguments:**
 
         - `x`: the new positions' inputs.
-        - `cache`: the keys/values of earlier positions.
+        - `cache`: the keys/values of earlier positions: this layer's `(max_seq, kv_heads,
+          head_dim)` arrays, or, with `layer`, every layer's `(layers, max_seq, kv_heads,
+          head_dim)` arrays.
         - `index`: the absolute position of `x[0]` (an int32 scalar array).
+        - `layer`: which layer's slot of a stacked cache to read and write. The new keys and
+          values are written into the stacked arrays in place (inside a scan over layers the
+          cache is then a loop carry that is updated, never copied whole).
 
         **Returns:** `(output, updated cache)`.
         """
@@ -203,11 +213,20 @@ class Attention(eqx.Module):
         positions = index + jnp.arange(seq, dtype=jnp.int32)
         q, k, v = self._qkv(x, positions)
         zero = jnp.zeros((), jnp.int32)
-        keys = jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), (index, zero, zero))
-        values = jax.lax.dynamic_update_slice(
-            cache.values, v.astype(cache.values.dtype), (index, zero, zero)
-        )
-        key_positions = jnp.arange(cache.max_seq, dtype=jnp.int32)
+        k = k.astype(cache.keys.dtype)
+        v = v.astype(cache.values.dtype)
+        if layer is None:
+            keys = jax.lax.dynamic_update_slice(cache.keys, k, (index, zero, zero))
+            values = jax.lax.dynamic_update_slice(cache.values, v, (index, zero, zero))
+            layer_keys, layer_values = keys, values
+        else:
+            layer = jnp.asarray(layer, dtype=jnp.int32)
+            keys = jax.lax.dynamic_update_slice(cache.keys, k[None], (layer, index, zero, zero))
+            values = jax.lax.dynamic_update_slice(cache.values, v[None], (layer, index, zero, zero))
+            layer_keys = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+            layer_values = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+        max_seq = layer_keys.shape[0]
+        key_positions = jnp.arange(max_seq, dtype=jnp.int32)
         mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
-        o = _xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        o = _xla_attention(q, layer_keys.astype(q.dtype), layer_values.astype(q.dtype), mask)
         return self._out(o), KVCache(keys, values)

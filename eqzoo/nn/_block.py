@@ -33,9 +33,14 @@ class TransformerBlock(eqx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
 
     def decode(
-        self, x: Float[Array, "seq embed"], cache: KVCache, index: Int[Array, ""]
+        self,
+        x: Float[Array, "seq embed"],
+        cache: KVCache,
+        index: Int[Array, ""],
+        layer: Int[Array, ""] | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
-        """Like `__call__` for new positions starting at `index`, reading and extending `cache`."""
-        h, cache = self.attn.decode(self.attn_norm(x), cache, index)
+        """Like `__call__` for new positions starting at `index`, reading and extending `cache`
+        (this layer's, or slot `layer` of a stacked cache; see [`eqzoo.nn.Attention.decode`][])."""
+        h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -1,5 +1,6 @@
 """`Stacked`: N identical layers held as one module with stacked parameters, run by `lax.scan`."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
@@ -12,6 +13,30 @@ from .._typing import PRNGKey
 
 M = TypeVar("M", bound=eqx.Module)
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
+ScanMode = bool | Literal["auto"]
+
+# What `scan="auto"` means on each JAX backend. CPU: scanning compiles ~4x faster at 12 layers
+# (benchmarks/compile_time.py) and runs as fast as unrolling (benchmarks/train_throughput.py
+# --scan true/false; docs/performance.md). GPU and TPU: scan until benchmarks/gpu_suite.py's
+# unrolled row shows a gain there.
+SCAN_DEFAULTS: dict[str, bool] = {"cpu": True, "gpu": True, "tpu": True}
+"""What `Stacked(scan="auto")` (and the model configs' default `scan_layers="auto"`) does on
+each JAX backend: `True` runs `lax.scan`, `False` unrolls. Measured per backend; see the
+performance guide."""
+
+
+def resolve_scan(scan: bool | str, backend: str | None = None) -> bool:
+    """Whether a `Stacked` with this `scan` setting runs `lax.scan` on `backend`.
+
+    **Arguments:** `scan`, `True`, `False` or `"auto"` (look up `SCAN_DEFAULTS` for the
+    backend; unknown backends scan); `backend` defaults to `jax.default_backend()`.
+    """
+    if isinstance(scan, bool):
+        return scan
+    if scan != "auto":
+        raise ConfigError(f"scan must be True, False or 'auto', got {scan!r}.")
+    backend = jax.default_backend() if backend is None else backend
+    return SCAN_DEFAULTS.get(backend, True)
 
 # Names given with `jax.ad_checkpoint.checkpoint_name` inside eqzoo's layers. "minimal" keeps only
 # each residual branch's output, so the backward pass recomputes everything inside a layer except
@@ -59,7 +84,7 @@ class Stacked(eqx.Module, Generic[M]):
     layers: M
     num_layers: int = eqx.field(static=True)
     remat: str = eqx.field(static=True)
-    scan: bool = eqx.field(static=True)
+    scan: ScanMode = eqx.field(static=True)
 
     def __init__(
         self,
@@ -67,7 +92,7 @@ class Stacked(eqx.Module, Generic[M]):
         num_layers: int,
         *,
         remat: RematPolicy = "none",
-        scan: bool = True,
+        scan: bool | str = True,  # a ScanMode; checked below with a clearer message than beartype's
         key: PRNGKey,
     ):
         """**Arguments:**
@@ -76,12 +101,14 @@ class Stacked(eqx.Module, Generic[M]):
           `num_layers` keys, so every layer has the same structure.
         - `num_layers`: depth.
         - `remat`: the rematerialisation policy name (see `REMAT_POLICIES`).
-        - `scan`: `lax.scan` over layers (`True`) or an unrolled loop (`False`).
+        - `scan`: `lax.scan` over layers (`True`), an unrolled loop (`False`), or `"auto"`:
+          whichever `SCAN_DEFAULTS` records as faster on the backend at trace time.
         - `key`: a PRNG key.
         """
         if num_layers < 1:
             raise ConfigError(f"Stacked needs num_layers >= 1, got {num_layers}.")
         remat_policy(remat)  # validate
+        resolve_scan(scan, "cpu")  # validate
         keys = jax.random.split(key, num_layers)
         self.layers = eqx.filter_vmap(make_layer)(keys)
         self.num_layers = num_layers
@@ -89,7 +116,7 @@ class Stacked(eqx.Module, Generic[M]):
         self.scan = scan
 
     @classmethod
-    def from_layers(cls, layers: Sequence[M], *, remat: RematPolicy = "none", scan: bool = True) -> "Stacked[M]":
+    def from_layers(cls, layers: Sequence[M], *, remat: RematPolicy = "none", scan: ScanMode = True) -> "Stacked[M]":
         """Stack a list of layers with identical structure and static fields.
 
         **Raises:** `ConfigError` if the layers differ in structure or in static fields.
@@ -105,6 +132,15 @@ class Stacked(eqx.Module, Generic[M]):
         arrays = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
         template = cls(lambda _: layers[0], len(layers), remat=remat, scan=scan, key=jax.random.key(0))
         return eqx.tree_at(lambda s: s.layers, template, eqx.combine(arrays, parts[0][1]))
+
+    def with_scan(self, scan: bool | str) -> "Stacked[M]":
+        """The same layers (same arrays, no copy) run with another `scan` setting."""
+        resolve_scan(scan, "cpu")  # validate
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        object.__setattr__(new, "scan", scan)
+        return new
 
     def __len__(self) -> int:
         return self.num_layers
@@ -134,9 +170,10 @@ class Stacked(eqx.Module, Generic[M]):
             return fn(eqx.combine(layer_arrays, static), c, x)
 
         policy = remat_policy(self.remat)
+        scan = resolve_scan(self.scan)
         if self.remat != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=not self.scan)
-        if self.scan:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+        if scan:
             return jax.lax.scan(body, carry, (arrays, xs))
         ys = []
         for i in range(self.num_layers):

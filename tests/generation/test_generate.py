@@ -50,6 +50,15 @@ def test_greedy_with_and_without_cache_agree(lm):
     np.testing.assert_array_equal(jnp.argmax(logits[PROMPT.shape[0] - 1 :], -1), cached[PROMPT.shape[0] :])
 
 
+def test_unrolled_and_scanned_decode_loops_agree(lm):
+    # The default decodes with the layers unrolled; the model's own scan must give the same tokens.
+    prompts = jnp.stack([PROMPT, jnp.roll(PROMPT, 2)])
+    unrolled = generate_batch(lm, prompts, max_new_tokens=NEW)
+    scanned = generate_batch(lm, prompts, max_new_tokens=NEW, unroll_layers=False)
+    np.testing.assert_array_equal(unrolled, scanned)
+    assert lm.blocks.scan == "auto"  # the model passed in is left as it was
+
+
 def test_batch_of_ragged_prompts_equals_one_at_a_time(llama):
     prompts = [PROMPT, jnp.array([3, 1], jnp.int32)]
     padded = jnp.stack([jnp.pad(p, (0, 5 - p.shape[0])) for p in prompts])

@@ -121,3 +121,25 @@ def test_stacked_config_errors():
         remat_policy("most")
     with pytest.raises(ConfigError, match="num_layers >= 1, got 0"):
         Stacked(_block, 0, key=jax.random.key(0))
+
+
+def test_scan_auto_resolves_per_backend(scanned_output):
+    from eqzoo.nn import SCAN_DEFAULTS, resolve_scan
+
+    assert resolve_scan(True, "gpu") is True and resolve_scan(False, "cpu") is False
+    for backend, want in SCAN_DEFAULTS.items():
+        assert resolve_scan("auto", backend) is want
+    assert resolve_scan("auto", "some-new-backend") is True
+    # "auto" builds the same parameters and computes the same function
+    np.testing.assert_allclose(call(_stack(scan="auto"), X), scanned_output, atol=LAYER_TOL, rtol=LAYER_TOL)
+    with pytest.raises(ConfigError, match="scan must be True, False or 'auto', got 'yes'"):
+        _stack(scan="yes")
+
+
+def test_model_configs_reject_bad_scan_layers():
+    from eqzoo import models
+
+    with pytest.raises(ConfigError, match="GPT2Config: scan_layers must be True, False or 'auto', got 'sometimes'"):
+        models.get_config("tiny-gpt2", scan_layers="sometimes")
+    with pytest.raises(ConfigError, match="LlamaConfig: scan_layers must be True, False or 'auto', got 'never'"):
+        models.get_config("tiny-llama", scan_layers="never")
