@@ -21,6 +21,7 @@ test: install
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 	$(BIN)/python scripts/run_examples.py --smoke
+	$(BIN)/python scripts/run_benchmarks.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir .site
 
 lint: install

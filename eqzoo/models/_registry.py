@@ -18,12 +18,17 @@ ModelConfig = GPT2Config | LlamaConfig | MLPConfig | CNNConfig
 _FAMILIES: dict[type, type] = {GPT2Config: GPT2, LlamaConfig: Llama, MLPConfig: MLP, CNNConfig: CNN}
 _STATEFUL = (CNNConfig,)
 
+# Remat per preset: the policy recomputing least whose estimated peak memory for one training
+# step (bf16 compute, fp32 AdamW state, fused loss, flash attention) stays under 60 GiB, 75% of
+# an 80 GB H100, at batch 16 x 1024 (GPT-2) or 8 x 2048 (Llama). Estimated on CPU with
+# benchmarks/memory_estimate.py (table in docs/performance.md). No remat, estimated:
+# gpt2-124m 24 GiB, gpt2-350m 63, gpt2-774m 119, gpt2-1.5b 203, llama-1b 93.
 _PRESETS: dict[str, Any] = {
     "tiny-gpt2": GPT2Config(vocab_size=256, max_seq=128, num_layers=2, num_heads=4, embed_dim=64),
     "gpt2-124m": GPT2Config(),
-    "gpt2-350m": GPT2Config(num_layers=24, num_heads=16, embed_dim=1024),
-    "gpt2-774m": GPT2Config(num_layers=36, num_heads=20, embed_dim=1280),
-    "gpt2-1.5b": GPT2Config(num_layers=48, num_heads=25, embed_dim=1600),
+    "gpt2-350m": GPT2Config(num_layers=24, num_heads=16, embed_dim=1024, remat="dots_no_batch"),
+    "gpt2-774m": GPT2Config(num_layers=36, num_heads=20, embed_dim=1280, remat="dots_no_batch"),
+    "gpt2-1.5b": GPT2Config(num_layers=48, num_heads=25, embed_dim=1600, remat="minimal"),
     "tiny-llama": LlamaConfig(
         vocab_size=256, max_seq=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
         hidden_dim=176,
@@ -33,7 +38,7 @@ _PRESETS: dict[str, Any] = {
         embed_dim=2048, hidden_dim=8192, rope_theta=500000.0,
         rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                  original_max_position_embeddings=8192),
-        tie_embeddings=True,
+        tie_embeddings=True, remat="dots_no_batch",
     ),
     "llama-8b": LlamaConfig(  # the shape of Llama 3.1 8B
         vocab_size=128256, max_seq=8192, num_layers=32, num_heads=32, num_kv_heads=8,

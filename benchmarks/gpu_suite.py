@@ -1,0 +1,343 @@
+"""The GPU performance table in one command: every row a benchmark run in its own process.
+
+On a machine with one H100/H200 (about 10 minutes of it), from the repository root:
+
+    python benchmarks/gpu_suite.py --out gpu_suite.jsonl --total-budget 540
+
+Each row runs `python benchmarks/<script>.py ... --json` as a subprocess (a fresh JAX, so XLA
+flags set for one row never leak into the next), killed after its own timeout (150 s for a
+training row, 200 s for generation; `--timeout-scale` multiplies them). Rows run in priority
+order, most important first (`--list` prints them). As each row ends, its benchmark JSON plus
+`row`, `status` (ok / failed / timeout / skipped), `cmd` (the exact command line, environment
+overrides first), `wall_s`, `rc` and, on failure, `stderr_tail` is appended to `--out` as one
+line, so a run cut short keeps every row it finished. A row that fails or times out does not
+stop the others. With `--total-budget`, a row is started only if the time elapsed plus its
+timeout fits in the budget; rows that do not fit are recorded as skipped, and later rows with
+shorter timeouts may still run. At the end: a markdown table (tokens/s, step ms, MFU, peak GiB,
+compile s) and one JSON line summarising the run, last on stdout (with `--json`, the table goes
+to stderr and stdout is that line alone). Exits 1 if any row failed or timed out.
+
+    python benchmarks/gpu_suite.py --list
+    python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
+    python benchmarks/gpu_suite.py --smoke          # CPU: three tiny rows, exercises this driver
+
+This driver imports neither JAX nor eqzoo, so it holds no GPU memory while the rows run.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN_TIMEOUT_S = 150.0
+GENERATE_TIMEOUT_S = 200.0
+SMOKE_TIMEOUT_S = 120.0
+_TAIL = 3000  # characters of a failed row's stderr/stdout kept in its record
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table: `python *argv --json`, run from the repository root.
+
+    `env` sets variables for this row only; `env_append` appends to them (space-separated),
+    keeping whatever the caller's environment already has, as `XLA_FLAGS` needs.
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    timeout_s: float
+    env: tuple[tuple[str, str], ...] = ()
+    env_append: tuple[tuple[str, str], ...] = ()
+
+
+def _train(name: str, *args: str, **kwargs) -> Row:
+    return Row(name, ("benchmarks/train_throughput.py", *args), TRAIN_TIMEOUT_S, **kwargs)
+
+
+GPT2 = ("--preset", "gpt2-124m", "--batch", "16", "--seq", "1024", "--steps", "20", "--warmup", "3")
+
+ROWS: tuple[Row, ...] = (
+    _train("gpt2-124m", *GPT2),
+    _train("gpt2-124m-unrolled", *GPT2, "--scan", "false"),
+    _train("gpt2-124m-xla-attention", *GPT2, "--attention", "xla"),
+    _train("gpt2-124m-full-logits", *GPT2, "--loss", "full"),
+    _train("llama-1b", "--preset", "llama-1b", "--batch", "8", "--seq", "2048",
+           "--steps", "10", "--warmup", "3"),
+    Row("generate", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                     "--batches", "1,64", "--new-tokens", "256"), GENERATE_TIMEOUT_S),
+    _train("gpt2-124m-no-eqzoo-flags", *GPT2, env=(("EQZOO_XLA_FLAGS", "0"),)),
+    _train("gpt2-124m-cublas-gemm", *GPT2,
+           env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
+    _train("gpt2-124m-remat-dots", *GPT2, "--remat", "dots_no_batch"),
+    # The preset's remat (dots_no_batch) is sized for 8 x 2048 on 80 GB; half the batch fits
+    # without remat by the CPU estimate (docs/performance.md): which gives more MFU?
+    _train("llama-1b-b4-no-remat", "--preset", "llama-1b", "--batch", "4", "--seq", "2048",
+           "--steps", "10", "--warmup", "3", "--remat", "none"),
+    Row("generate-scan-layers", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                                 "--batches", "1,64", "--new-tokens", "256", "--layers", "scan"),
+        GENERATE_TIMEOUT_S),
+)
+"""The GPU table, in priority order."""
+
+# The sizes of train_throughput.py --smoke: fewer steps and the loss on random tokens may not fall.
+TINY = ("--preset", "tiny-gpt2", "--batch", "4", "--seq", "64", "--steps", "8", "--warmup", "2")
+
+SMOKE_ROWS: tuple[Row, ...] = (
+    Row("tiny-gpt2", ("benchmarks/train_throughput.py", *TINY), SMOKE_TIMEOUT_S),
+    # Both kinds of environment override, as rows 7 and 8 use them.
+    Row("tiny-gpt2-env", ("benchmarks/train_throughput.py", *TINY), SMOKE_TIMEOUT_S,
+        env=(("EQZOO_XLA_FLAGS", "0"),),
+        env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
+    Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
+)
+"""The `--smoke` rows: tiny sizes on CPU, to check this driver in CI."""
+
+
+def row_env(row: Row, base: Mapping[str, str]) -> dict[str, str]:
+    """The variables `row` changes, resolved against the environment `base`."""
+    changed = dict(row.env)
+    for key, value in row.env_append:
+        before = changed.get(key, base.get(key, "")).strip()
+        changed[key] = f"{before} {value}".strip()
+    return changed
+
+
+def command(row: Row) -> list[str]:
+    return [sys.executable, *row.argv, "--json"]
+
+
+def command_line(row: Row, base: Mapping[str, str]) -> str:
+    """The row as one shell line, environment overrides first: paste it to rerun the row."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in row_env(row, base).items()]
+    return " ".join([*env, shlex.join(command(row))])
+
+
+def _tail(text: str | bytes | None) -> str:
+    if isinstance(text, bytes):  # TimeoutExpired keeps bytes even in text mode
+        text = text.decode(errors="replace")
+    return (text or "")[-_TAIL:]
+
+
+def _last_json(stdout: str) -> dict | None:
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    try:
+        out = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def run_row(row: Row, timeout_s: float) -> dict:
+    """Runs one row in its own process group, killed (with any children) after `timeout_s`.
+
+    **Returns:**
+
+    The row's benchmark JSON (if it printed one) merged with `status`, `rc`, `wall_s`,
+    `timeout_s`, `cmd`, `env` and, unless it passed, the tails of its stderr and stdout.
+    """
+    env = {**os.environ, **row_env(row, os.environ)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command(row), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    except BaseException:  # Ctrl-C: take the row down with us
+        _kill_group(proc.pid)
+        proc.wait()
+        raise
+    if timed_out:
+        _kill_group(proc.pid)
+        stdout, stderr = proc.communicate()
+    wall_s = time.perf_counter() - start
+    result = _last_json(stdout) or {}
+    if timed_out:
+        status = "timeout"
+    elif proc.returncode == 0 and result:
+        status = "ok"
+    else:
+        status = "failed"
+    record = {**result, "row": row.name, "status": status, "rc": proc.returncode,
+              "wall_s": round(wall_s, 2), "timeout_s": timeout_s,
+              "cmd": command_line(row, os.environ), "env": row_env(row, os.environ)}
+    if status != "ok":
+        record["stderr_tail"] = _tail(stderr)
+        record["stdout_tail"] = _tail(stdout)
+    return record
+
+
+def run_suite(
+    rows: list[Row],
+    *,
+    out: Path,
+    total_budget_s: float | None = None,
+    timeout_scale: float = 1.0,
+    runner: Callable[[Row, float], dict] = run_row,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+) -> list[dict]:
+    """Runs `rows` in order, appending each record to `out` as it ends; returns the records.
+
+    A row starts only if the time elapsed so far plus its (scaled) timeout fits in
+    `total_budget_s`; otherwise it is recorded as skipped and the next row is considered.
+    """
+    run_id = time.strftime("%Y%m%dT%H%M%S")
+    start = time.monotonic()
+    records = []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(rows, 1):
+        timeout_s = row.timeout_s * timeout_scale
+        elapsed = time.monotonic() - start
+        head = f"[{i}/{len(rows)}] {row.name}"
+        if total_budget_s is not None and elapsed + timeout_s > total_budget_s:
+            record = {"row": row.name, "status": "skipped", "timeout_s": timeout_s,
+                      "cmd": command_line(row, os.environ),
+                      "reason": f"elapsed {elapsed:.0f}s + timeout {timeout_s:.0f}s > "
+                                f"total budget {total_budget_s:.0f}s"}
+            log(f"{head}: skipped ({record['reason']})")
+        else:
+            log(f"{head} (timeout {timeout_s:.0f}s): {command_line(row, os.environ)}")
+            record = runner(row, timeout_s)
+            log(f"{head}: {record['status']} in {record.get('wall_s', 0):.1f}s")
+        record = {"run_id": run_id, **record}
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+    return records
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table_lines(record: dict) -> list[list[str]]:
+    """One table line per training row; one per batch size for a generation row."""
+    name, status = record["row"], record["status"]
+    if "results" in record:  # generate_throughput: step ms is ms per decoded token
+        return [[f"{name} (batch {r.get('batch')})", _fmt(r.get("tokens_per_s"), ",.0f"),
+                 _fmt(r.get("ms_per_token"), ".2f"), "-", "-", _fmt(r.get("first_call_s"), ".1f"),
+                 status] for r in record["results"]]
+    mfu = record.get("mfu")
+    return [[name, _fmt(record.get("tokens_per_s"), ",.0f"), _fmt(record.get("step_ms"), ".1f"),
+             "-" if mfu is None else f"{100 * mfu:.1f}%", _fmt(record.get("peak_memory_gib"), ".2f"),
+             _fmt(record.get("compile_s"), ".1f"), status]]
+
+
+def markdown_table(records: list[dict]) -> str:
+    header = ["row", "tokens/s", "step ms", "MFU", "peak GiB", "compile s", "status"]
+    lines = [header, ["---"] * len(header)]
+    for record in records:
+        lines += table_lines(record)
+    text = "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+    return text + (
+        "\n\nGeneration rows: step ms is ms per decoded token (one token for every sequence of the "
+        "batch); compile s is the first call (compile + one run)."
+        if any("results" in r for r in records) else "")
+
+
+_SUMMARY_KEYS = ("tokens_per_s", "step_ms", "mfu", "compile_s", "peak_memory_gib", "loss_fell")
+
+
+def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:
+    counts = {s: 0 for s in ("ok", "failed", "timeout", "skipped")}
+    rows = []
+    for r in records:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+        row = {"row": r["row"], "status": r["status"], "wall_s": r.get("wall_s")}
+        row.update({k: r[k] for k in _SUMMARY_KEYS if k in r})
+        if "results" in r:
+            row["results"] = [{k: g.get(k) for k in ("batch", "tokens_per_s", "ms_per_token")}
+                              for g in r["results"]]
+        rows.append(row)
+    ran = [r for r in records if r.get("device")]
+    result = {
+        "benchmark": "gpu_suite",
+        "smoke": args.smoke,
+        "run_id": records[0]["run_id"] if records else None,
+        "out": str(out),
+        "device": ran[0]["device"] if ran else None,
+        "backend": ran[0].get("backend") if ran else None,
+        "git_commit": _git_commit(),
+        "elapsed_s": round(elapsed_s, 1),
+        "total_budget_s": args.total_budget,
+        "timeout_scale": args.timeout_scale,
+        **counts,
+        "rows": rows,
+    }
+    if not args.smoke and ran and any(r.get("backend") != "gpu" for r in ran):
+        result["warning"] = "some rows did not run on a GPU: see each row's backend in --out"
+    return result
+
+
+def _git_commit() -> str | None:
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
+
+
+def select(rows: tuple[Row, ...], only: str | None) -> list[Row]:
+    """The rows named in `only` (comma-separated), in priority order; all rows if None."""
+    if not only:
+        return list(rows)
+    wanted = [n.strip() for n in only.split(",") if n.strip()]
+    known = [r.name for r in rows]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"gpu_suite: --only got unknown row(s) {unknown}; the rows are {known} "
+                         "(--smoke has its own rows; see --list)")
+    return [r for r in rows if r.name in wanted]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON lines file to append to (default gpu_suite.jsonl; with --smoke, one "
+                        "in the temporary directory)")
+    p.add_argument("--only", default=None, metavar="ROW[,ROW]", help="run only these rows")
+    p.add_argument("--list", action="store_true", help="print the rows and their commands, run none")
+    p.add_argument("--total-budget", type=float, default=None, metavar="SECONDS",
+                   help="start a row only if elapsed time + its timeout fits in this")
+    p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every row's timeout")
+    p.add_argument("--smoke", action="store_true", help="tiny rows on CPU (checks this driver)")
+    p.add_argument("--json", action="store_true",
+                   help="stdout is the JSON summary line alone (the table goes to stderr)")
+    args = p.parse_args(argv)
+    rows = select(SMOKE_ROWS if args.smoke else ROWS, args.only)
+    if args.list:
+        for row in rows:
+            print(f"{row.name}\t{row.timeout_s * args.timeout_scale:.0f}s\t"
+                  f"{command_line(row, os.environ)}")
+        return 0
+    out = args.out or (Path(tempfile.gettempdir()) / "gpu_suite_smoke.jsonl" if args.smoke
+                       else Path("gpu_suite.jsonl"))
+    start = time.monotonic()
+    records = run_suite(rows, out=out, total_budget_s=args.total_budget,
+                        timeout_scale=args.timeout_scale)
+    result = summary(records, out=out, elapsed_s=time.monotonic() - start, args=args)
+    print(markdown_table(records) + "\n", file=sys.stderr if args.json else sys.stdout, flush=True)
+    print(json.dumps(result), flush=True)
+    return 1 if result["failed"] or result["timeout"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The CI drivers' own logic, which `make test` only ever sees succeed: `benchmarks/gpu_suite.py`
+(row order, `--only`, budget skipping, failure and timeout records, the table) and
+`scripts/_run_scripts.py` (what counts as a failed script). No JAX runs here; the rows are
+tiny `python -c` programs."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_under_test_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = _load(ROOT / "benchmarks" / "gpu_suite.py")
+runner = _load(ROOT / "scripts" / "_run_scripts.py")
+
+GPU_ROWS = [
+    "gpt2-124m",
+    "gpt2-124m-unrolled",
+    "gpt2-124m-xla-attention",
+    "gpt2-124m-full-logits",
+    "llama-1b",
+    "generate",
+    "gpt2-124m-no-eqzoo-flags",
+    "gpt2-124m-cublas-gemm",
+    "gpt2-124m-remat-dots",
+    "llama-1b-b4-no-remat",
+    "generate-scan-layers",
+]
+
+
+def _row(name, code, timeout_s=30.0):
+    return suite.Row(name, ("-c", code), timeout_s)
+
+
+def test_list_prints_the_rows_in_priority_order(capsys):
+    assert suite.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == GPU_ROWS
+    first = lines[0].split("\t")
+    assert first[1] == "150s"
+    assert first[2].endswith(
+        "benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 20 "
+        "--warmup 3 --json"
+    )
+    assert lines[5].split("\t")[1] == "200s"  # generate
+
+
+def test_rows_differ_from_the_default_row_only_as_named():
+    rows = {r.name: r for r in suite.ROWS}
+    base = rows["gpt2-124m"].argv
+    assert rows["gpt2-124m-unrolled"].argv == (*base, "--scan", "false")
+    assert rows["gpt2-124m-xla-attention"].argv == (*base, "--attention", "xla")
+    assert rows["gpt2-124m-full-logits"].argv == (*base, "--loss", "full")
+    assert rows["gpt2-124m-remat-dots"].argv == (*base, "--remat", "dots_no_batch")
+    assert rows["gpt2-124m-no-eqzoo-flags"].argv == base
+    assert rows["gpt2-124m-cublas-gemm"].argv == base
+    assert suite.row_env(rows["gpt2-124m-no-eqzoo-flags"], {}) == {"EQZOO_XLA_FLAGS": "0"}
+
+
+def test_xla_flags_are_appended_to_the_callers():
+    row = {r.name: r for r in suite.ROWS}["gpt2-124m-cublas-gemm"]
+    flag = "--xla_gpu_enable_triton_gemm=false"
+    assert suite.row_env(row, {}) == {"XLA_FLAGS": flag}
+    assert suite.row_env(row, {"XLA_FLAGS": "--xla_dump_to=/tmp/d "}) == {
+        "XLA_FLAGS": f"--xla_dump_to=/tmp/d {flag}"
+    }
+    assert suite.command_line(row, {}).startswith(f"XLA_FLAGS={flag} ")
+
+
+def test_only_keeps_priority_order_and_names_the_rows_on_a_typo():
+    picked = suite.select(suite.ROWS, "generate,gpt2-124m")
+    assert [r.name for r in picked] == ["gpt2-124m", "generate"]
+    with pytest.raises(SystemExit, match=r"unknown row\(s\) \['gpt2'\]; the rows are \['gpt2-124m'"):
+        suite.select(suite.ROWS, "gpt2")
+
+
+def test_budget_skips_rows_that_do_not_fit_and_runs_later_ones_that_do(tmp_path):
+    ran = []
+
+    def fake_runner(row, timeout_s):
+        ran.append((row.name, timeout_s))
+        return {"status": "ok", "row": row.name, "wall_s": 0.0}
+
+    rows = [_row("a", "", 10.0), _row("too-long", "", 100.0), _row("b", "", 10.0)]
+    out = tmp_path / "suite.jsonl"
+    records = suite.run_suite(rows, out=out, total_budget_s=50.0, timeout_scale=2.0,
+                              runner=fake_runner, log=lambda s: None)
+    assert ran == [("a", 20.0), ("b", 20.0)]
+    assert [r["status"] for r in records] == ["ok", "skipped", "ok"]
+    assert "timeout 200s > total budget 50s" in records[1]["reason"]
+    written = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert written == records and len({r["run_id"] for r in written}) == 1
+
+
+def test_rows_keep_going_past_a_failure_and_a_timeout(tmp_path):
+    rows = [
+        _row("ok", "import json; print('log line'); print(json.dumps({'tokens_per_s': 5.0}))"),
+        _row("crash", "import sys; print('boom', file=sys.stderr); sys.exit(3)"),
+        _row("no-json", "print('not json')"),
+        _row("hang", "import time; time.sleep(60)", timeout_s=1.0),
+        _row("loss-rose", "import json, sys; print(json.dumps({'step_ms': 1.0})); sys.exit(1)"),
+    ]
+    out = tmp_path / "suite.jsonl"
+    records = suite.run_suite(rows, out=out, log=lambda s: None)
+    by_name = {r["row"]: r for r in records}
+    assert [r["status"] for r in records] == ["ok", "failed", "failed", "timeout", "failed"]
+    assert by_name["ok"]["tokens_per_s"] == 5.0 and by_name["ok"]["rc"] == 0
+    assert "stderr_tail" not in by_name["ok"]
+    assert by_name["crash"]["rc"] == 3 and "boom" in by_name["crash"]["stderr_tail"]
+    assert by_name["hang"]["wall_s"] < 10
+    assert by_name["loss-rose"]["step_ms"] == 1.0  # figures of a failed row are kept
+    assert len(out.read_text().splitlines()) == 5
+
+
+def test_table_has_a_line_per_generation_batch():
+    records = [
+        {"row": "gpt2-124m", "status": "ok", "tokens_per_s": 123456.7, "step_ms": 132.7,
+         "mfu": 0.4567, "peak_memory_gib": 21.5, "compile_s": 31.25},
+        {"row": "generate", "status": "ok", "results": [
+            {"batch": 1, "tokens_per_s": 400.0, "ms_per_token": 2.5, "first_call_s": 9.0},
+            {"batch": 64, "tokens_per_s": 20000.0, "ms_per_token": 3.2, "first_call_s": 11.0}]},
+        {"row": "llama-1b", "status": "skipped"},
+    ]
+    lines = suite.markdown_table(records).splitlines()
+    assert lines[2] == "| gpt2-124m | 123,457 | 132.7 | 45.7% | 21.50 | 31.2 | ok |"
+    assert lines[3] == "| generate (batch 1) | 400 | 2.50 | - | - | 9.0 | ok |"
+    assert lines[4].startswith("| generate (batch 64) | 20,000 |")
+    assert lines[5] == "| llama-1b | - | - | - | - | - | skipped |"
+
+
+def test_run_scripts_fails_on_a_bad_exit_a_missing_json_line_or_a_timeout(tmp_path, capsys):
+    scripts = {
+        "good": "import json; print('x'); print(json.dumps({'a': 1}))\n",
+        "bad_exit": "import json, sys; print(json.dumps({})); sys.exit(2)\n",
+        "no_json": "print('done')\n",
+        "slow": "import time; time.sleep(60)\n",
+    }
+    paths = []
+    for name, code in scripts.items():
+        (tmp_path / f"{name}.py").write_text(code)
+        paths.append(tmp_path / f"{name}.py")
+    assert runner.run_scripts(paths[:1], [], noun="things") == 0
+    assert runner.run_scripts(paths, ["--smoke"], noun="things", timeout=2.0) == 1
+    out = capsys.readouterr().out
+    assert "ok   good.py" in out
+    assert "FAIL bad_exit.py" in out and "FAIL no_json.py" in out and "FAIL slow.py" in out
+    assert "no_json.py: last stdout line is not a JSON summary" in out
+    assert "slow.py: timed out after 2s" in out
+    assert out.splitlines()[-1] == "1 passed, 3 failed"
+    assert runner.run_scripts([], [], noun="things") == 1
+    assert "no things found" in capsys.readouterr().err
