@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layers", choices=["unrolled", "scan"], default="unrolled",
+    p.add_argument("--layers", choices=["auto", "unrolled", "scan"], default="auto",
                    help="layer loop inside the decode loop (generate_batch(unroll_layers=...))")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -38,12 +38,13 @@ def main(argv=None) -> dict:
 
     model = eqzoo.models.create(args.preset, key=jax.random.key(0))
     model = cast_floating(model, jnp.dtype(args.dtype))
+    unroll = {"auto": "auto", "unrolled": True, "scan": False}[args.layers]
     rng = np.random.default_rng(0)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
         run = lambda prompts=prompts: eqzoo.generation.generate_batch(
-            model, prompts, max_new_tokens=args.new_tokens, unroll_layers=args.layers == "unrolled")  # noqa: E731
+            model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll)  # noqa: E731
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0
@@ -68,7 +69,7 @@ def main(argv=None) -> dict:
         "dtype": args.dtype,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "layers": args.layers,
+        "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",
         "results": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

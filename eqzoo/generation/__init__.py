@@ -3,7 +3,12 @@
 `eqzoo.generate` is this package's `generate`.
 """
 
-from ._generate import generate as generate, generate_batch as generate_batch
+from ._generate import (
+    UNROLL_DECODE_DEFAULTS as UNROLL_DECODE_DEFAULTS,
+    generate as generate,
+    generate_batch as generate_batch,
+    resolve_unroll as resolve_unroll,
+)
 from ._sampling import sample_logits as sample_logits
 
-__all__ = ["generate", "generate_batch", "sample_logits"]
+__all__ = ["UNROLL_DECODE_DEFAULTS", "generate", "generate_batch", "resolve_unroll", "sample_logits"]

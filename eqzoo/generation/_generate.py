@@ -58,13 +58,35 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
     return buf
 
 
+UNROLL_DECODE_DEFAULTS: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": False}
+"""What `unroll_layers="auto"` does on each JAX backend (unknown backends: `False`).
+
+Inside the token loop, a scan over layers slices every layer's weights out of the stacked arrays
+on every token; where the matrix product cannot read the slice in place (a batched product on
+CPU, any cuBLAS call on GPU) XLA copies the weights first. Decoding is bound by memory traffic,
+so on GPU that copy triples the bytes moved per token. Unrolled, each layer's slice is
+loop-invariant and hoisted out of the loop. On CPU both run at the same speed (gpt2-124m, batch
+1 and 8) and unrolling compiles ~3.7x slower, so CPU keeps the scan. See docs/performance.md."""
+
+
+def resolve_unroll(unroll_layers: bool | str, backend: str | None = None) -> bool:
+    """Whether decoding unrolls the layer loop for this `unroll_layers` setting on `backend`.
+
+    **Arguments:** `unroll_layers`, `True`, `False` or `"auto"` (look up
+    `UNROLL_DECODE_DEFAULTS`); `backend` defaults to `jax.default_backend()`.
+    """
+    if isinstance(unroll_layers, bool):
+        return unroll_layers
+    if unroll_layers != "auto":
+        raise ConfigError(f"unroll_layers must be True, False or 'auto', got {unroll_layers!r}.")
+    return UNROLL_DECODE_DEFAULTS.get(jax.default_backend() if backend is None else backend, False)
+
+
 @eqx.filter_jit
 def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
     if unroll_layers:
-        # One copy of each layer in the decode loop, its weights sliced once outside the loop, and
-        # each layer's cache slot updated in place. A scan over layers inside the token loop
-        # slices (copies) every layer's weights and cache on every token: 3x slower at batch 8
-        # on CPU (docs/performance.md).
+        # One copy of each layer in the decode loop: its weight slices are loop-invariant (hoisted
+        # out of the token loop) and each layer's cache slot is updated in place.
         model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.with_scan(False))
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
 
@@ -101,7 +123,7 @@ def generate_batch(
     eos_token: int | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
-    unroll_layers: bool = True,
+    unroll_layers: bool | str = "auto",
 ) -> Int[Array, "batch total"]:
     """Continue a batch of prompts of different lengths, in one compiled program.
 
@@ -114,9 +136,10 @@ def generate_batch(
     - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
-    - `unroll_layers`: run the layers unrolled inside the decode loop (default), whatever the
-      model's `scan_layers`: no per-token copies of stacked weights or caches; compiles longer
-      (one copy of the layer per depth). `False` keeps the model's own layer loop.
+    - `unroll_layers`: `True` runs the layers unrolled inside the decode loop whatever the
+      model's `scan_layers` (no per-token copies of stacked weights; compiles longer, one copy
+      of the layer per depth); `False` keeps the model's own layer loop; `"auto"` (default)
+      follows [`eqzoo.generation.UNROLL_DECODE_DEFAULTS`][] for the backend.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding.
@@ -141,7 +164,8 @@ def generate_batch(
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
-        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache, unroll_layers=unroll_layers,
+        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+        unroll_layers=resolve_unroll(unroll_layers),
     )
 
 
@@ -158,7 +182,7 @@ def generate(
     eos_token: int | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
-    unroll_layers: bool = True,
+    unroll_layers: bool | str = "auto",
 ) -> Int[Array, " total"]:
     """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
 

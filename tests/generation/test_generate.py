@@ -51,12 +51,24 @@ def test_greedy_with_and_without_cache_agree(lm):
 
 
 def test_unrolled_and_scanned_decode_loops_agree(lm):
-    # The default decodes with the layers unrolled; the model's own scan must give the same tokens.
+    # Unrolling the layer loop (the GPU default) must give the same tokens as the model's scan.
     prompts = jnp.stack([PROMPT, jnp.roll(PROMPT, 2)])
-    unrolled = generate_batch(lm, prompts, max_new_tokens=NEW)
+    unrolled = generate_batch(lm, prompts, max_new_tokens=NEW, unroll_layers=True)
     scanned = generate_batch(lm, prompts, max_new_tokens=NEW, unroll_layers=False)
     np.testing.assert_array_equal(unrolled, scanned)
+    np.testing.assert_array_equal(generate_batch(lm, prompts, max_new_tokens=NEW), scanned)  # "auto"
     assert lm.blocks.scan == "auto"  # the model passed in is left as it was
+
+
+def test_unroll_auto_resolves_per_backend():
+    from eqzoo.generation import UNROLL_DECODE_DEFAULTS, resolve_unroll
+
+    for backend, want in UNROLL_DECODE_DEFAULTS.items():
+        assert resolve_unroll("auto", backend) is want
+    assert resolve_unroll("auto", "cpu") is False and resolve_unroll("auto", "gpu") is True
+    assert resolve_unroll(True, "cpu") is True
+    with pytest.raises(ConfigError, match="unroll_layers must be True, False or 'auto', got 'always'"):
+        generate_batch(models.create("tiny-gpt2", key=jax.random.key(0)), PROMPT[None], max_new_tokens=2, unroll_layers="always")
 
 
 def test_batch_of_ragged_prompts_equals_one_at_a_time(llama):
