@@ -74,8 +74,16 @@ def _loss_only(features, head, targets, weights, chunk):
         _, nll = _nll(_logits(fc, head), tc)
         return total + jnp.sum(nll * wc), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (f, t, w))
+    total, _ = _scan(body, jnp.zeros((), jnp.float32), (f, t, w))
     return total
+
+
+def _scan(body, init, xs):
+    # One chunk: no while loop around it (XLA schedules and fuses across a plain body more freely).
+    if jax.tree.leaves(xs)[0].shape[0] == 1:
+        carry, y = body(init, jax.tree.map(lambda a: a[0], xs))
+        return carry, jax.tree.map(lambda a: a[None], y)
+    return jax.lax.scan(body, init, xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -91,16 +99,21 @@ def _fused_fwd(features, head, targets, weights, chunk):
         total, d_head = carry
         fc, tc, wc = xs
         logits = _logits(fc, head)  # (batch, chunk, vocab) float32
-        lse, nll = _nll(logits, tc)
+        # logsumexp and softmax from one pass of exp (jax.nn.logsumexp + exp would take two)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)
+        total_e = jnp.sum(e, axis=-1, keepdims=True)
+        lse = (top + jnp.log(total_e))[..., 0]
+        nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         # d(sum w * nll) / d logits = w * (softmax - onehot(target))
-        g = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * wc[..., None]
+        g = (e / total_e - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * wc[..., None]
         g = g.astype(fc.dtype)
         d_fc = jnp.einsum("bcv,vd->bcd", g, head, preferred_element_type=jnp.float32).astype(fc.dtype)
         d_head = d_head + jnp.einsum("bcv,bcd->vd", g, fc, preferred_element_type=jnp.float32)
         return (total + jnp.sum(nll * wc), d_head), d_fc
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
-    (total, d_head), d_f = jax.lax.scan(body, init, (f, t, w))
+    (total, d_head), d_f = _scan(body, init, (f, t, w))
     d_features = _unchunk(d_f, features.shape[1])
     return total, (d_features, d_head.astype(head.dtype), targets, weights)
 
