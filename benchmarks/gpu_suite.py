@@ -64,9 +64,13 @@ def _train(name: str, *args: str, **kwargs) -> Row:
 
 
 GPT2 = ("--preset", "gpt2-124m", "--batch", "16", "--seq", "1024", "--steps", "20", "--warmup", "3")
+# The same model and sizes without eqzoo: plain Equinox, and nanoGPT-style PyTorch.
+BASELINE = GPT2[2:]
 
 ROWS: tuple[Row, ...] = (
     _train("gpt2-124m", *GPT2),
+    Row("equinox-baseline", ("benchmarks/equinox_baseline.py", *BASELINE), TRAIN_TIMEOUT_S),
+    Row("torch-baseline", ("benchmarks/torch_baseline.py", *BASELINE), TRAIN_TIMEOUT_S),
     _train("gpt2-124m-unrolled", *GPT2, "--scan", "false"),
     _train("gpt2-124m-xla-attention", *GPT2, "--attention", "xla"),
     _train("gpt2-124m-full-logits", *GPT2, "--loss", "full"),

@@ -27,6 +27,8 @@ runner = _load(ROOT / "scripts" / "_run_scripts.py")
 
 GPU_ROWS = [
     "gpt2-124m",
+    "equinox-baseline",
+    "torch-baseline",
     "gpt2-124m-unrolled",
     "gpt2-124m-xla-attention",
     "gpt2-124m-full-logits",
@@ -54,7 +56,13 @@ def test_list_prints_the_rows_in_priority_order(capsys):
         "benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 20 "
         "--warmup 3 --json"
     )
-    assert lines[5].split("\t")[1] == "200s"  # generate
+    assert lines[GPU_ROWS.index("generate")].split("\t")[1] == "200s"
+    for name, script in (("equinox-baseline", "equinox_baseline"), ("torch-baseline", "torch_baseline")):
+        cells = lines[GPU_ROWS.index(name)].split("\t")
+        assert cells[1] == "150s"
+        assert cells[2].endswith(
+            f"benchmarks/{script}.py --batch 16 --seq 1024 --steps 20 --warmup 3 --json"
+        )
 
 
 def test_rows_differ_from_the_default_row_only_as_named():
