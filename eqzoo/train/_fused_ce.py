@@ -57,7 +57,9 @@ def _pad(features, targets, weights, chunk):
 
 
 def _logits(fc, head):
-    return jnp.einsum("bcd,vd->bcv", fc, head, preferred_element_type=jnp.float32)
+    rows = fc.reshape(-1, fc.shape[-1])  # (batch * chunk, embed)
+    logits = jnp.dot(rows, head.T, preferred_element_type=jnp.float32)
+    return logits.reshape(*fc.shape[:-1], head.shape[0])
 
 
 def _nll(logits, tc):
@@ -107,9 +109,11 @@ def _fused_fwd(features, head, targets, weights, chunk):
         nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         # d(sum w * nll) / d logits = w * (softmax - onehot(target))
         g = (e / total_e - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * wc[..., None]
-        g = g.astype(fc.dtype)
-        d_fc = jnp.einsum("bcv,vd->bcd", g, head, preferred_element_type=jnp.float32).astype(fc.dtype)
-        d_head = d_head + jnp.einsum("bcv,bcd->vd", g, fc, preferred_element_type=jnp.float32)
+        # (batch * chunk) rows: plain 2-d matrix products
+        g = g.astype(fc.dtype).reshape(-1, vocab)
+        rows = fc.reshape(-1, fc.shape[-1])
+        d_fc = jnp.dot(g, head, preferred_element_type=jnp.float32).astype(fc.dtype).reshape(fc.shape)
+        d_head = d_head + jnp.dot(g.T, rows, preferred_element_type=jnp.float32)
         return (total + jnp.sum(nll * wc), d_head), d_fc
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
