@@ -86,6 +86,9 @@ ROWS: tuple[Row, ...] = (
     # without remat by the CPU estimate (docs/performance.md): which gives more MFU?
     _train("llama-1b-b4-no-remat", "--preset", "llama-1b", "--batch", "4", "--seq", "2048",
            "--steps", "10", "--warmup", "3", "--remat", "none"),
+    # The fused loss's chunk: 128 positions by default here (512 MiB of fp32 logits); larger
+    # chunks mean fewer passes over the head's gradient.
+    _train("gpt2-124m-loss-chunk-512", *GPT2, "--chunk-size", "512"),
     Row("generate-scan-layers", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                                  "--batches", "1,64", "--new-tokens", "256", "--layers", "scan"),
         GENERATE_TIMEOUT_S),

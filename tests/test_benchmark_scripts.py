@@ -38,6 +38,7 @@ GPU_ROWS = [
     "gpt2-124m-cublas-gemm",
     "gpt2-124m-remat-dots",
     "llama-1b-b4-no-remat",
+    "gpt2-124m-loss-chunk-512",
     "generate-scan-layers",
 ]
 

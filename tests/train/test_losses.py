@@ -1,5 +1,7 @@
 """Losses: cross-entropy against its formula; the fused and chunked LM losses against the full one."""
 
+import re
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -129,3 +131,24 @@ def test_lm_loss_errors(gpt2):
         train.lm_loss(gpt2, _batch(False), chunk_size=0)
     with pytest.raises(ConfigError, match=r"implementation must be one of \('fused', 'chunked', 'full'\), got 'flash'"):
         train.lm_loss(gpt2, _batch(False), implementation="flash")
+
+
+@pytest.mark.parametrize("implementation", ["fused", "full"])
+def test_fused_loss_never_forms_the_whole_batch_logits(implementation):
+    # Structural check on the compiled program (bf16 compute, as in training): the fused loss
+    # holds only (batch, chunk, vocab) logits; the full path, for contrast, the whole batch's.
+    model = models.create("tiny-gpt2", key=jax.random.key(0), max_seq=64, vocab_size=512)
+    model = train.cast_floating(model, jnp.dtype(jnp.bfloat16))
+    tokens = jnp.zeros((4, 64), jnp.int32)
+    batch = {"tokens": tokens, "targets": tokens}
+
+    def loss(m):
+        return train.lm_loss(m, batch, implementation=implementation, chunk_size=16)[0]
+
+    hlo = jax.jit(jax.grad(loss)).lower(model).compile().as_text()
+    whole = len(re.findall(r"(?:f32|bf16)\[4,64,512\]", hlo))
+    chunks = len(re.findall(r"(?:f32|bf16)\[(?:4,16|64),512\]", hlo))  # 3-d or as (rows, vocab)
+    if implementation == "fused":
+        assert whole == 0 and chunks > 0
+    else:
+        assert whole > 0
