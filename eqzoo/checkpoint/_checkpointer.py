@@ -287,9 +287,15 @@ class Checkpointer:
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:
-            # A second signal: stop waiting for a clean save and behave as without us.
+            # A second signal: stop waiting for a clean save and behave as without us. The previous
+            # handler is called here, synchronously (re-raising the signal would run it at some
+            # later bytecode, possibly after the interrupted code has moved on).
+            previous = self._previous_handlers.get(signum, signal.SIG_DFL)
             self._restore_signals()
-            signal.raise_signal(signum)
+            if callable(previous):
+                previous(signum, frame)  # default_int_handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                signal.raise_signal(signum)  # the default action (terminate) happens at once
             return
         self._signal = signum
         name = signal.Signals(signum).name
