@@ -82,7 +82,8 @@ class Checkpointer:
       be copied off the device. `False` writes synchronously.
     - `handle_signals`: on SIGTERM or SIGINT, save the current step at the next `maybe_save`,
       wait until it is committed, and make `should_stop()` true. A second signal of the same
-      kind acts as if this handler were not installed. Only installed from the main thread.
+      kind acts as if this handler were not installed. Only installed from the main thread, and
+      not for a signal the process already ignores.
     - `fallback_to_intact`: when the newest step fails its integrity check, `restore()` warns,
       moves the damaged step aside (to `corrupt-<step>-<time>`) and restores the newest intact
       step instead of raising.
@@ -138,7 +139,10 @@ class Checkpointer:
         self._warned_no_data_state = False
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous_handlers[sig] = signal.getsignal(sig)
+                previous = signal.getsignal(sig)
+                if previous == signal.SIG_IGN:  # the process ignores it (nohup, a runner): so do we
+                    continue
+                self._previous_handlers[sig] = previous
                 signal.signal(sig, self._on_signal)
         ref = weakref.ref(self)
 

@@ -138,16 +138,37 @@ def test_signal_saves_current_step_then_stops(ckpt_dir, state_factory):
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
-def test_second_sigint_interrupts_at_once(ckpt_dir):
-    ckpt = checkpoint.Checkpointer(ckpt_dir)
+def test_ignored_signal_stays_ignored(ckpt_dir):
+    runner_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        signal.raise_signal(signal.SIGINT)
-        assert ckpt.stop_signal == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):
+        ckpt = checkpoint.Checkpointer(ckpt_dir)
+        try:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
             signal.raise_signal(signal.SIGINT)
+            assert ckpt.stop_signal is None
+        finally:
+            ckpt.close()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
-        ckpt.close()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, runner_handler)
+
+
+def test_second_sigint_interrupts_at_once(ckpt_dir):
+    # Start from Python's own SIGINT handler, whatever the test runner's worker has installed
+    # (under pytest-xdist the suite failed here now and then with a handler that does not raise).
+    runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        ckpt = checkpoint.Checkpointer(ckpt_dir)
+        try:
+            signal.raise_signal(signal.SIGINT)
+            assert ckpt.stop_signal == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        finally:
+            ckpt.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, runner_handler)
 
 
 # ------------------------------------------------------------------------------ errors
