@@ -62,11 +62,13 @@ UNROLL_DECODE_DEFAULTS: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": Fal
 """What `unroll_layers="auto"` does on each JAX backend (unknown backends: `False`).
 
 Inside the token loop, a scan over layers slices every layer's weights out of the stacked arrays
-on every token; where the matrix product cannot read the slice in place (a batched product on
-CPU, any cuBLAS call on GPU) XLA copies the weights first. Decoding is bound by memory traffic,
-so on GPU that copy triples the bytes moved per token. Unrolled, each layer's slice is
-loop-invariant and hoisted out of the loop. On CPU both run at the same speed (gpt2-124m, batch
-1 and 8) and unrolling compiles ~3.7x slower, so CPU keeps the scan. See docs/performance.md."""
+on every token, and where the matrix product cannot read the slice in place (a batched product
+on CPU; a cuBLAS call on GPU) XLA copies the weights first. Decoding is bound by memory traffic,
+so on GPU that copy triples the bytes moved per token. Unrolled decoding slices each layer out
+of the stack once, before the loop ([`eqzoo.nn.Stacked.unstacked`][]): the compiled loop body
+holds no weight slices at all. On CPU, XLA instead transposes each weight matrix inside the loop
+for the batch-1 matrix-vector products, and the unrolled loop compiles ~3.7x slower, so CPU
+keeps the scan. See docs/performance.md."""
 
 
 def resolve_unroll(unroll_layers: bool | str, backend: str | None = None) -> bool:
@@ -85,9 +87,9 @@ def resolve_unroll(unroll_layers: bool | str, backend: str | None = None) -> boo
 @eqx.filter_jit
 def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
     if unroll_layers:
-        # One copy of each layer in the decode loop: its weight slices are loop-invariant (hoisted
-        # out of the token loop) and each layer's cache slot is updated in place.
-        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.with_scan(False))
+        # Each layer's weights sliced out of the stack here, once, outside the token loop (sliced
+        # inside it, even unrolled, XLA:CPU copies them on every token).
+        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
 
 
@@ -136,10 +138,11 @@ def generate_batch(
     - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
-    - `unroll_layers`: `True` runs the layers unrolled inside the decode loop whatever the
-      model's `scan_layers` (no per-token copies of stacked weights; compiles longer, one copy
-      of the layer per depth); `False` keeps the model's own layer loop; `"auto"` (default)
-      follows [`eqzoo.generation.UNROLL_DECODE_DEFAULTS`][] for the backend.
+    - `unroll_layers`: `True` slices the layers out of the stack once and runs them unrolled
+      inside the decode loop, whatever the model's `scan_layers` (no per-token slicing of
+      stacked weights; compiles longer, one copy of the layer per depth); `False` keeps the
+      model's own layer loop; `"auto"` (default) follows
+      [`eqzoo.generation.UNROLL_DECODE_DEFAULTS`][] for the backend.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding.

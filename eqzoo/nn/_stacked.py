@@ -136,10 +136,23 @@ class Stacked(eqx.Module, Generic[M]):
     def with_scan(self, scan: bool | str) -> "Stacked[M]":
         """The same layers (same arrays, no copy) run with another `scan` setting."""
         resolve_scan(scan, "cpu")  # validate
+        return self._replace(scan=scan)
+
+    def unstacked(self) -> "Stacked[M]":
+        """The layers sliced out of the stack once, held as a tuple and run unrolled.
+
+        For code that applies the stack many times inside one loop (token-by-token decoding):
+        call this outside the loop, so the loop body reads each layer's own arrays instead of
+        slicing (copying) them out of the stacked arrays on every iteration.
+        """
+        if isinstance(self.layers, tuple):
+            return self
+        return self._replace(layers=tuple(self[i] for i in range(self.num_layers)), scan=False)
+
+    def _replace(self, **changes: Any) -> "Stacked[M]":
         new = object.__new__(type(self))
         for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
-        object.__setattr__(new, "scan", scan)
+            object.__setattr__(new, field.name, changes.get(field.name, getattr(self, field.name)))
         return new
 
     def __len__(self) -> int:
@@ -147,6 +160,8 @@ class Stacked(eqx.Module, Generic[M]):
 
     def __getitem__(self, i: int) -> M:
         """Layer `i` as an ordinary module (its arrays sliced out of the stack)."""
+        if isinstance(self.layers, tuple):  # unstacked()
+            return self.layers[i]
         arrays, static = eqx.partition(self.layers, eqx.is_array)
         return eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
 
@@ -163,6 +178,13 @@ class Stacked(eqx.Module, Generic[M]):
 
         **Returns:** the final carry and the per-layer outputs stacked along a leading axis.
         """
+        if isinstance(self.layers, tuple):  # unstacked(): each layer's own arrays, unrolled
+            one = fn if self.remat == "none" else jax.checkpoint(fn, policy=remat_policy(self.remat))
+            ys = []
+            for i, layer in enumerate(self.layers):
+                carry, y = one(layer, carry, jax.tree.map(lambda a, i=i: a[i], xs))
+                ys.append(y)
+            return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
         arrays, static = eqx.partition(self.layers, eqx.is_array)
 
         def body(c, inputs):

@@ -143,3 +143,14 @@ def test_model_configs_reject_bad_scan_layers():
         models.get_config("tiny-gpt2", scan_layers="sometimes")
     with pytest.raises(ConfigError, match="LlamaConfig: scan_layers must be True, False or 'auto', got 'never'"):
         models.get_config("tiny-llama", scan_layers="never")
+
+
+def test_unstacked_holds_each_layer_and_computes_the_same(scanned_output):
+    stack = _stack()
+    flat = stack.unstacked()
+    assert isinstance(flat.layers, tuple) and len(flat.layers) == len(stack) == DEPTH
+    assert flat.unstacked() is flat
+    for i in range(DEPTH):
+        for a, b in zip(jax.tree.leaves(flat[i]), jax.tree.leaves(stack[i]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(call(flat, X), scanned_output, atol=LAYER_TOL, rtol=LAYER_TOL)
