@@ -19,7 +19,6 @@ GPU/TPU and null on CPU (no XLA estimate, which would need a second compile).
 """
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -27,8 +26,8 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 _IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
@@ -121,7 +120,7 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     p.add_argument("--attention", choices=list(_IMPLEMENTATIONS), default="auto",
                    help="jax.nn.dot_product_attention implementation (auto: JAX picks)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help=PEAK_TFLOPS_HELP)
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -152,12 +151,7 @@ def main(argv=None) -> dict:
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_array))
         return eqx.apply_updates(model, updates), opt_state, loss
 
-    rng = np.random.default_rng(0)
-    # A fixed small set of batches so the model can fit them and the loss must fall.
-    batches = []
-    for _ in range(4):
-        tok = rng.integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
-        batches.append((jnp.asarray(tok[:, :-1]), jnp.asarray(tok[:, 1:])))
+    batches = [(jnp.asarray(x), jnp.asarray(y)) for x, y in token_batches(args.vocab, args.batch, args.seq)]
 
     losses = []
     t0 = time.perf_counter()
@@ -180,7 +174,6 @@ def main(argv=None) -> dict:
     params = sum(a.size for a in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     n = params - model.wpe.weight.size
     flops_per_token = 6.0 * n + 12.0 * args.layers * args.embed * args.seq
-    tokens_per_s = args.batch * args.seq * args.steps / elapsed
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats["peak_bytes_in_use"] / 2**30 if "peak_bytes_in_use" in stats else None
     result = {
@@ -198,25 +191,14 @@ def main(argv=None) -> dict:
         "heads": args.heads,
         "vocab": args.vocab,
         "params": params,
-        "tokens_per_s": tokens_per_s,
-        "step_ms": 1e3 * elapsed / args.steps,
-        "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12),
+        **throughput_figures(batch=args.batch, seq=args.seq, steps=args.steps, elapsed=elapsed,
+                             flops_per_token=flops_per_token, peak_tflops=args.peak_tflops, losses=losses),
         "compile_s": compile_s,
         "compile_s_is": "first call: trace + compile + one step",
         "peak_memory_gib": peak,
         "peak_memory_source": "allocator" if peak is not None else None,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_fell": losses[-1] < losses[0],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>20}: {v}")
-    if not result["loss_fell"]:
-        print("loss did not fall over the run", file=sys.stderr)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ kept for the backward pass, logits, workspace) and the donated bytes aliased bet
 output state. No device memory is allocated for the state (it is built with `eqx.filter_eval_shape`),
 so this can size an H100 run on a CPU. On CPU, attention runs as XLA's einsum-softmax program,
 which keeps the `(heads, seq, seq)` probabilities per layer; cuDNN flash attention on GPU keeps
-none, so `attention_probs_gib` estimates that part separately.
+none. To estimate that part, run the same number of tokens at two sequence lengths: the
+difference is the part that grows with `seq**2` (docs/performance.md does this per preset).
 
     python benchmarks/memory_estimate.py --preset gpt2-124m --batch 16 --seq 1024 --remat none,full --json
     python benchmarks/memory_estimate.py --smoke --json
@@ -52,9 +53,6 @@ def estimate(preset: str, batch: int, seq: int, remat: str, loss: str, scan: str
     t0 = time.perf_counter()
     compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
     mem = compiled.memory_analysis()
-    heads = config.num_heads
-    # fp32 logits + probabilities in the compute dtype, per layer, kept for the backward pass
-    probs_bytes = config.num_layers * batch * heads * seq * seq * (4 + (2 if precision == "bf16" else 4))
     state_bytes = sum(a.size * a.dtype.itemsize for a in state.arrays)
     return {
         "preset": preset, "batch": batch, "seq": seq, "remat": remat, "loss": loss,
@@ -67,7 +65,6 @@ def estimate(preset: str, batch: int, seq: int, remat: str, loss: str, scan: str
         "temp_gib": mem.temp_size_in_bytes / GIB,
         "peak_estimate_gib": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                               - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / GIB,
-        "attention_probs_gib": probs_bytes / GIB if remat in ("none", "dots", "dots_no_batch") else None,
         "compile_s": time.perf_counter() - t0,
         "backend": jax.default_backend(),
     }

@@ -18,7 +18,6 @@ Prints the keys of `train_throughput.py`. `compile_s` is the wall time of the fi
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 import time
@@ -26,6 +25,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -117,7 +117,7 @@ def main(argv=None) -> dict:
                    help="SDPA kernel (auto: PyTorch picks; flash on recent GPUs for bf16)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on, except --smoke on CPU)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help=PEAK_TFLOPS_HELP)
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -165,13 +165,10 @@ def main(argv=None) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    rng = np.random.default_rng(0)
-    # A fixed small set of batches so the model can fit them and the loss must fall.
-    batches = []
-    for _ in range(4):
-        # int32 draws, as the JAX scripts make, so all three train on the same tokens
-        tok = torch.from_numpy(rng.integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)).long()
-        batches.append((tok[:, :-1].contiguous().to(device), tok[:, 1:].contiguous().to(device)))
+    # the same tokens as the JAX scripts train on
+    batches = [(torch.from_numpy(np.ascontiguousarray(x)).long().to(device),
+                torch.from_numpy(np.ascontiguousarray(y)).long().to(device))
+               for x, y in token_batches(args.vocab, args.batch, args.seq)]
 
     losses = []
     sync()
@@ -192,7 +189,6 @@ def main(argv=None) -> dict:
     params = sum(t.numel() for t in model.parameters())  # the tied table counted once
     n = params - model.wpe.weight.numel()
     flops_per_token = 6.0 * n + 12.0 * args.layers * args.embed * args.seq
-    tokens_per_s = args.batch * args.seq * args.steps / elapsed
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result = {
         "benchmark": "torch_baseline",
@@ -210,25 +206,14 @@ def main(argv=None) -> dict:
         "heads": args.heads,
         "vocab": args.vocab,
         "params": params,
-        "tokens_per_s": tokens_per_s,
-        "step_ms": 1e3 * elapsed / args.steps,
-        "mfu": flops_per_token * tokens_per_s / (args.peak_tflops * 1e12),
+        **throughput_figures(batch=args.batch, seq=args.seq, steps=args.steps, elapsed=elapsed,
+                             flops_per_token=flops_per_token, peak_tflops=args.peak_tflops, losses=losses),
         "compile_s": compile_s,
         "compile_s_is": "first step: " + ("torch.compile + " if compile_model else "") + "one step",
         "peak_memory_gib": peak,
         "peak_memory_source": "allocator" if peak is not None else None,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_fell": losses[-1] < losses[0],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>20}: {v}")
-    if not result["loss_fell"]:
-        print("loss did not fall over the run", file=sys.stderr)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
 
 import eqzoo
 from eqzoo import train
@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
                    help="lm_loss implementation (fused: no whole-batch fp32 logits, no recompute)")
     p.add_argument("--chunk-size", type=int, default=None, help="positions per loss chunk (default: auto)")
     p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help=PEAK_TFLOPS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set num_layers=4 (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
@@ -58,7 +58,10 @@ def main(argv=None) -> dict:
     overrides = {"attention_backend": args.attention}
     for item in args.set:
         field, _, value = item.partition("=")
-        overrides[field] = json.loads(value) if value not in ("", "none") else value
+        try:
+            overrides[field] = json.loads(value)  # numbers, true/false
+        except json.JSONDecodeError:
+            overrides[field] = value  # names: --set remat=full
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.scan != "auto":
@@ -76,12 +79,8 @@ def main(argv=None) -> dict:
         return train.lm_loss(m, b, k, implementation=args.loss, chunk_size=args.chunk_size)
     step = train.make_train_step(loss_fn, optimizer, precision=precision)
 
-    rng = np.random.default_rng(0)
-    # A fixed small set of batches so the model can fit them and the loss must fall.
-    batches = []
-    for _ in range(4):
-        tok = rng.integers(0, config.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
-        batches.append({"tokens": jnp.asarray(tok[:, :-1]), "targets": jnp.asarray(tok[:, 1:])})
+    batches = [{"tokens": jnp.asarray(x), "targets": jnp.asarray(y)}
+               for x, y in token_batches(config.vocab_size, args.batch, args.seq)]
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -100,8 +99,6 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - t0
     losses = [float(x) for x in losses]
 
-    tokens_per_s = args.batch * args.seq * args.steps / elapsed
-    flops = config.flops_per_token(args.seq)
     peak, peak_source = peak_memory_gib(compiled)
     result = {
         "benchmark": "train_throughput",
@@ -118,24 +115,14 @@ def main(argv=None) -> dict:
         "loss": args.loss,
         "chunk_size": args.chunk_size,
         "params": config.num_params(),
-        "tokens_per_s": tokens_per_s,
-        "step_ms": 1e3 * elapsed / args.steps,
-        "mfu": flops * tokens_per_s / (args.peak_tflops * 1e12),
+        **throughput_figures(batch=args.batch, seq=args.seq, steps=args.steps, elapsed=elapsed,
+                             flops_per_token=config.flops_per_token(args.seq),
+                             peak_tflops=args.peak_tflops, losses=losses),
         "compile_s": compile_s,
         "peak_memory_gib": peak,
         "peak_memory_source": peak_source,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_fell": losses[-1] < losses[0],
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>20}: {v}")
-    if not result["loss_fell"]:
-        print("loss did not fall over the run", file=sys.stderr)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -133,11 +133,6 @@ class Stacked(eqx.Module, Generic[M]):
         template = cls(lambda _: layers[0], len(layers), remat=remat, scan=scan, key=jax.random.key(0))
         return eqx.tree_at(lambda s: s.layers, template, eqx.combine(arrays, parts[0][1]))
 
-    def with_scan(self, scan: bool | str) -> "Stacked[M]":
-        """The same layers (same arrays, no copy) run with another `scan` setting."""
-        resolve_scan(scan, "cpu")  # validate
-        return self._replace(scan=scan)
-
     def unstacked(self) -> "Stacked[M]":
         """The layers sliced out of the stack once, held as a tuple and run unrolled.
 
@@ -147,12 +142,11 @@ class Stacked(eqx.Module, Generic[M]):
         """
         if isinstance(self.layers, tuple):
             return self
-        return self._replace(layers=tuple(self[i] for i in range(self.num_layers)), scan=False)
-
-    def _replace(self, **changes: Any) -> "Stacked[M]":
         new = object.__new__(type(self))
         for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, changes.get(field.name, getattr(self, field.name)))
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        object.__setattr__(new, "layers", tuple(self[i] for i in range(self.num_layers)))
+        object.__setattr__(new, "scan", False)
         return new
 
     def __len__(self) -> int:
@@ -178,28 +172,27 @@ class Stacked(eqx.Module, Generic[M]):
 
         **Returns:** the final carry and the per-layer outputs stacked along a leading axis.
         """
-        if isinstance(self.layers, tuple):  # unstacked(): each layer's own arrays, unrolled
-            one = fn if self.remat == "none" else jax.checkpoint(fn, policy=remat_policy(self.remat))
-            ys = []
-            for i, layer in enumerate(self.layers):
-                carry, y = one(layer, carry, jax.tree.map(lambda a, i=i: a[i], xs))
-                ys.append(y)
-            return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
-        arrays, static = eqx.partition(self.layers, eqx.is_array)
+        unstacked = isinstance(self.layers, tuple)  # see unstacked(): each layer's own arrays
+        if unstacked:
+            per_layer = [eqx.partition(layer, eqx.is_array) for layer in self.layers]
+            static = per_layer[0][1]
+        else:
+            arrays, static = eqx.partition(self.layers, eqx.is_array)
 
         def body(c, inputs):
             layer_arrays, x = inputs
             return fn(eqx.combine(layer_arrays, static), c, x)
 
         policy = remat_policy(self.remat)
-        scan = resolve_scan(self.scan)
+        scan = not unstacked and resolve_scan(self.scan)
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
         if scan:
             return jax.lax.scan(body, carry, (arrays, xs))
         ys = []
         for i in range(self.num_layers):
-            carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], (arrays, xs)))
+            layer_arrays = per_layer[i][0] if unstacked else jax.tree.map(lambda a, i=i: a[i], arrays)
+            carry, y = body(carry, (layer_arrays, jax.tree.map(lambda a, i=i: a[i], xs)))
             ys.append(y)
         return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 

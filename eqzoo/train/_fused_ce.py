@@ -76,16 +76,8 @@ def _loss_only(features, head, targets, weights, chunk):
         _, nll = _nll(_logits(fc, head), tc)
         return total + jnp.sum(nll * wc), None
 
-    total, _ = _scan(body, jnp.zeros((), jnp.float32), (f, t, w))
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (f, t, w))
     return total
-
-
-def _scan(body, init, xs):
-    # One chunk: no while loop around it (XLA schedules and fuses across a plain body more freely).
-    if jax.tree.leaves(xs)[0].shape[0] == 1:
-        carry, y = body(init, jax.tree.map(lambda a: a[0], xs))
-        return carry, jax.tree.map(lambda a: a[None], y)
-    return jax.lax.scan(body, init, xs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -117,7 +109,7 @@ def _fused_fwd(features, head, targets, weights, chunk):
         return (total + jnp.sum(nll * wc), d_head), d_fc
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
-    (total, d_head), d_f = _scan(body, init, (f, t, w))
+    (total, d_head), d_f = jax.lax.scan(body, init, (f, t, w))
     d_features = _unchunk(d_f, features.shape[1])
     return total, (d_features, d_head.astype(head.dtype), targets, weights)
 

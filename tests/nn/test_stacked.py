@@ -154,3 +154,6 @@ def test_unstacked_holds_each_layer_and_computes_the_same(scanned_output):
         for a, b in zip(jax.tree.leaves(flat[i]), jax.tree.leaves(stack[i]), strict=True):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(call(flat, X), scanned_output, atol=LAYER_TOL, rtol=LAYER_TOL)
+    # and under remat, through the same checkpointed layer body as the stacked layers
+    remat_flat = _stack(remat="full").unstacked()
+    np.testing.assert_allclose(call(remat_flat, X), scanned_output, atol=LAYER_TOL, rtol=LAYER_TOL)

@@ -1,0 +1,48 @@
+"""What the training-throughput benchmarks share: the batches they train on and the figures they
+report. Imports neither JAX nor eqzoo, so the PyTorch baseline uses it too."""
+
+import json
+import sys
+
+import numpy as np
+
+PEAK_TFLOPS_HELP = "peak bf16 dense TFLOP/s for MFU (H100 SXM: 989)"
+
+
+def token_batches(vocab: int, batch: int, seq: int, count: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed small set of `(inputs, targets)` int32 batches of shape `(batch, seq)`, drawn
+    with seed 0: the same tokens in every benchmark, few enough that the loss must fall."""
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        tok = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)
+        out.append((tok[:, :-1], tok[:, 1:]))
+    return out
+
+
+def throughput_figures(*, batch: int, seq: int, steps: int, elapsed: float, flops_per_token: float,
+                       peak_tflops: float, losses: list[float]) -> dict:
+    """tokens/s, ms per step, MFU (`flops_per_token` x tokens/s against `peak_tflops`) and the
+    first/last loss of a timed run of `steps` steps that took `elapsed` seconds."""
+    tokens_per_s = batch * seq * steps / elapsed
+    return {
+        "tokens_per_s": tokens_per_s,
+        "step_ms": 1e3 * elapsed / steps,
+        "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_fell": losses[-1] < losses[0],
+    }
+
+
+def report(result: dict, as_json: bool) -> dict:
+    """Print `result` (one JSON line, or one `key: value` per line) and warn if the loss did not
+    fall; returns `result`."""
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>20}: {v}")
+    if not result["loss_fell"]:
+        print("loss did not fall over the run", file=sys.stderr)
+    return result
