@@ -8,6 +8,9 @@ Everything here builds on `jax.sharding.Mesh`, `NamedSharding`, `with_sharding_c
 from ._activation import (
     ACTIVATION_RULES as ACTIVATION_RULES,
     activation_sharding as activation_sharding,
+    active_mesh as active_mesh,
+    batch_axes as batch_axes,
+    batch_vmap as batch_vmap,
     constrain as constrain,
 )
 from ._distributed import (
@@ -55,6 +58,9 @@ __all__ = [
     "ShardingError",
     "abstract_sharded",
     "activation_sharding",
+    "active_mesh",
+    "batch_axes",
+    "batch_vmap",
     "check_spec",
     "constrain",
     "default_rules",

@@ -23,6 +23,9 @@ AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 tensor parallelism communicates inside every layer.
 """
 
+# The axes a batch is split over (eqzoo.sharding.BATCH_SPEC), outermost first.
+_BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
 _ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
 
 

@@ -10,9 +10,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .._errors import shape_str
 from ..train._state import TrainState
 from ._errors import ShardingError
+from ._mesh import _BATCH_AXES
 from ._rules import Rules, _entry_axes, _is_leaf_array, default_rules, partition_specs, path_str
 
-BATCH_SPEC = P(("data", "fsdp"))
+BATCH_SPEC = P(_BATCH_AXES)
 """How batches are split: the leading (batch) axis over `data` x `fsdp`, everything else whole."""
 
 

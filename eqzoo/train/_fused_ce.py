@@ -8,10 +8,18 @@ last operation of the forward pass — turned at once into the gradients with re
 features and the head. The backward pass only scales those by the incoming cotangent. Per chunk
 that is three matrix products (logits, d_features, d_head), the same as the plain path and one
 fewer than recomputing the logits under `jax.checkpoint`.
+
+Under a mesh (inside `eqzoo.sharding.activation_sharding`, as `make_train_step(mesh=...)` sets
+up), the batch rows are split over the batch axes (`data` x `fsdp`) and each device keeps its
+own partial head gradient, `(shards, vocab, embed)` with the first axis sharded, summed once
+after the last chunk. Accumulated into one replicated `(vocab, embed)` array instead, it costs
+an all-reduce of the whole head gradient per chunk; and the head is gathered over `fsdp` once,
+before the loop, rather than contracted shard by shard with the logits all-reduced.
 """
 
 import functools
-from typing import no_type_check
+import math
+from typing import NamedTuple, no_type_check
 
 import jax
 import jax.numpy as jnp
@@ -26,12 +34,73 @@ _AUTO_CHUNK_BYTES = 512 * 2**20
 def auto_chunk_size(batch: int, seq: int, vocab: int) -> int:
     """The chunk length (positions per sequence) used when `chunk_size=None`.
 
-    The largest power of two (at most `seq`) whose float32 logits for the whole batch,
-    `batch * chunk * vocab * 4` bytes, fit in 512 MiB; at least 1.
+    The largest power of two (at most `seq`) whose float32 logits for `batch` sequences,
+    `batch * chunk * vocab * 4` bytes, fit in 512 MiB; at least 1. Under a mesh,
+    [`eqzoo.train.fused_cross_entropy`][] passes the batch one device holds.
     """
     rows = max(1, _AUTO_CHUNK_BYTES // (4 * vocab * max(batch, 1)))
     chunk = 1 << (rows.bit_length() - 1)
     return max(1, min(chunk, seq))
+
+
+class _Layout(NamedTuple):
+    """Where the batch rows live: `mesh`, the mesh axes splitting the batch, the head's spec."""
+
+    mesh: jax.sharding.Mesh
+    batch_axes: tuple[str, ...]
+    shards: int
+    vocab_axis: str | None
+
+
+def _layout(batch: int, vocab: int) -> _Layout | None:
+    # Read at trace time, like eqzoo.sharding.constrain (imported here: eqzoo.sharding imports
+    # eqzoo.train).
+    from ..sharding._activation import active_mesh, batch_axes
+
+    mesh = active_mesh()
+    if mesh is None:
+        return None
+    axes = batch_axes(mesh)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if shards == 1 or batch % shards:
+        return None  # nothing to split, or a batch the mesh cannot split: XLA's own choice
+    tensor = mesh.shape.get("tensor", 1)
+    vocab_axis = "tensor" if tensor > 1 and vocab % tensor == 0 else None
+    return _Layout(mesh, axes, shards, vocab_axis)
+
+
+def _constrain(x, layout, *spec):
+    P = jax.sharding.PartitionSpec
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(layout.mesh, P(*spec)))
+
+
+def _place_head(head, layout):
+    # Vocab-parallel over `tensor` (eqzoo's default rules), whole along embed: gathered over
+    # `fsdp` here, once, instead of inside every chunk.
+    return head if layout is None else _constrain(head, layout, layout.vocab_axis, None)
+
+
+def _rows(fc, layout):
+    # (batch, chunk, embed) -> rows for the matrix products: (batch * chunk, embed), or under a
+    # mesh (shards, batch * chunk / shards, embed) with the first axis over the batch axes.
+    if layout is None:
+        return fc.reshape(-1, fc.shape[-1])
+    rows = fc.reshape(layout.shards, -1, fc.shape[-1])
+    return _constrain(rows, layout, layout.batch_axes, None, None)
+
+
+def _zero_total(layout):
+    # The running sum of the loss: a scalar, or under a mesh one per batch shard (no all-reduce
+    # of a scalar in every chunk).
+    if layout is None:
+        return jnp.zeros((), jnp.float32)
+    return _constrain(jnp.zeros((layout.shards,), jnp.float32), layout, layout.batch_axes)
+
+
+def _add_total(total, weighted_nll, layout):
+    if layout is None:
+        return total + jnp.sum(weighted_nll)
+    return total + jnp.sum(weighted_nll.reshape(layout.shards, -1), axis=1)
 
 
 def _chunks(x, n, c):
@@ -56,10 +125,19 @@ def _pad(features, targets, weights, chunk):
     return _chunks(features, n, chunk), _chunks(targets, n, chunk), _chunks(weights, n, chunk)
 
 
-def _logits(fc, head):
-    rows = fc.reshape(-1, fc.shape[-1])  # (batch * chunk, embed)
-    logits = jnp.dot(rows, head.T, preferred_element_type=jnp.float32)
-    return logits.reshape(*fc.shape[:-1], head.shape[0])
+def _dot(a, b, dims):
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+# Contractions of rows (r, e) / (s, r, e), logits-shaped g (r, v) / (s, r, v) and the head (v, e),
+# with the shard axis s as a batch dimension of the matrix product.
+_LOGITS = {2: (((1,), (1,)), ((), ())), 3: (((2,), (1,)), ((), ()))}  # rows . head -> (.., r, v)
+_D_ROWS = {2: (((1,), (0,)), ((), ())), 3: (((2,), (0,)), ((), ()))}  # g . head -> (.., r, e)
+_D_HEAD = {2: (((0,), (0,)), ((), ())), 3: (((1,), (1,)), ((0,), (0,)))}  # g . rows -> (.., v, e)
+
+
+def _logits(rows, head):
+    return _dot(rows, head, _LOGITS[rows.ndim])
 
 
 def _nll(logits, tc):
@@ -68,31 +146,35 @@ def _nll(logits, tc):
     return lse, lse - target
 
 
-def _loss_only(features, head, targets, weights, chunk):
+def _loss_only(features, head, targets, weights, chunk, layout):
     f, t, w = _pad(features, targets, weights, chunk)
+    head = _place_head(head, layout)
 
     def body(total, xs):
         fc, tc, wc = xs
-        _, nll = _nll(_logits(fc, head), tc)
-        return total + jnp.sum(nll * wc), None
+        logits = _logits(_rows(fc, layout), head).reshape(*tc.shape, head.shape[0])
+        _, nll = _nll(logits, tc)
+        return _add_total(total, nll * wc, layout), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (f, t, w))
-    return total
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _fused(features, head, targets, weights, chunk):
-    return _loss_only(features, head, targets, weights, chunk)
+    total, _ = jax.lax.scan(body, _zero_total(layout), (f, t, w))
+    return jnp.sum(total)
 
 
-def _fused_fwd(features, head, targets, weights, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(features, head, targets, weights, chunk, layout):
+    return _loss_only(features, head, targets, weights, chunk, layout)
+
+
+def _fused_fwd(features, head, targets, weights, chunk, layout):
     f, t, w = _pad(features, targets, weights, chunk)
     vocab = head.shape[0]
+    head = _place_head(head, layout)
 
     def body(carry, xs):
         total, d_head = carry
         fc, tc, wc = xs
-        logits = _logits(fc, head)  # (batch, chunk, vocab) float32
+        rows = _rows(fc, layout)  # (batch * chunk, embed), or (shards, rows per shard, embed)
+        logits = _logits(rows, head).reshape(*tc.shape, vocab)  # (batch, chunk, vocab) float32
         # logsumexp and softmax from one pass of exp (jax.nn.logsumexp + exp would take two)
         top = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - top)
@@ -101,20 +183,25 @@ def _fused_fwd(features, head, targets, weights, chunk):
         nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         # d(sum w * nll) / d logits = w * (softmax - onehot(target))
         g = (e / total_e - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * wc[..., None]
-        # (batch * chunk) rows: plain 2-d matrix products
-        g = g.astype(fc.dtype).reshape(-1, vocab)
-        rows = fc.reshape(-1, fc.shape[-1])
-        d_fc = jnp.dot(g, head, preferred_element_type=jnp.float32).astype(fc.dtype).reshape(fc.shape)
-        d_head = d_head + jnp.dot(g.T, rows, preferred_element_type=jnp.float32)
-        return (total + jnp.sum(nll * wc), d_head), d_fc
+        # the rows' shape: plain 2-d matrix products, or batched over the shards
+        g = g.astype(fc.dtype).reshape(*rows.shape[:-1], vocab)
+        d_fc = _dot(g, head, _D_ROWS[g.ndim]).astype(fc.dtype).reshape(fc.shape)
+        d_head = d_head + _dot(g, rows, _D_HEAD[g.ndim])
+        return (_add_total(total, nll * wc, layout), d_head), d_fc
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(head.shape, jnp.float32))
-    (total, d_head), d_f = jax.lax.scan(body, init, (f, t, w))
+    if layout is None:
+        d_head0 = jnp.zeros(head.shape, jnp.float32)
+    else:  # one partial sum per batch shard, each on the devices holding that shard's rows
+        d_head0 = jnp.zeros((layout.shards, *head.shape), jnp.float32)
+        d_head0 = _constrain(d_head0, layout, layout.batch_axes, layout.vocab_axis, None)
+    (total, d_head), d_f = jax.lax.scan(body, (_zero_total(layout), d_head0), (f, t, w))
+    if layout is not None:  # the one reduction over the batch axes
+        total, d_head = jnp.sum(total), jnp.sum(d_head, axis=0)
     d_features = _unchunk(d_f, features.shape[1])
     return total, (d_features, d_head.astype(head.dtype), targets, weights)
 
 
-def _fused_bwd(chunk, residuals, cotangent):
+def _fused_bwd(chunk, layout, residuals, cotangent):
     d_features, d_head, targets, weights = residuals
     scale_f = cotangent.astype(d_features.dtype)
     scale_h = cotangent.astype(d_head.dtype)
@@ -149,7 +236,13 @@ def fused_cross_entropy(
     - `targets`: integer class ids `(batch, seq)`.
     - `weights`: optional per-position weights (a mask); default all ones.
     - `chunk_size`: positions per sequence in one chunk (default:
-      [`eqzoo.train.auto_chunk_size`][], which keeps a chunk's logits under 512 MiB).
+      [`eqzoo.train.auto_chunk_size`][] of the batch one device holds, which keeps a chunk's
+      logits under 512 MiB per device).
+
+    Inside [`eqzoo.sharding.activation_sharding`][] (which `make_train_step(mesh=...)` enters),
+    the rows are kept split over the mesh's `data` x `fsdp` axes, the head is gathered over
+    `fsdp` once (vocab-parallel over `tensor` when it divides the vocabulary), and each device
+    accumulates its own partial head gradient, reduced once at the end rather than once per chunk.
 
     **Returns:** the float32 scalar `sum(weights * nll)`. Divide by `sum(weights)` for the mean.
     """
@@ -165,8 +258,9 @@ def fused_cross_entropy(
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ShapeError(f"fused_cross_entropy: targets must be integer class ids; got dtype {targets.dtype}.")
     batch, seq = targets.shape
+    layout = _layout(batch, head.shape[0])
     if chunk_size is None:
-        chunk_size = auto_chunk_size(batch, seq, head.shape[0])
+        chunk_size = auto_chunk_size(batch // (1 if layout is None else layout.shards), seq, head.shape[0])
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     chunk_size = min(chunk_size, max(seq, 1))
@@ -177,5 +271,5 @@ def fused_cross_entropy(
             f"fused_cross_entropy: weights {shape_str(weights.shape)} must match targets {shape_str(targets.shape)}."
         )
     head = head.astype(features.dtype)
-    return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size)
+    return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size, layout)
 

@@ -63,6 +63,14 @@ def _chunked_nll(features, head, targets, chunk_size):
     return nll[:seq]
 
 
+def _batch_vmap(fn):
+    # eqzoo.sharding.batch_vmap: under a mesh the batch axis is pinned to data x fsdp (imported
+    # here: eqzoo.sharding imports eqzoo.train).
+    from ..sharding._activation import batch_vmap
+
+    return batch_vmap(fn)
+
+
 LM_LOSS_IMPLEMENTATIONS = ("fused", "chunked", "full")
 """The values of `lm_loss(..., implementation=...)`."""
 
@@ -91,11 +99,14 @@ def lm_loss(
           whole batch's float32 logits never exist, and no logits are recomputed.
         - `"chunked"`: logits formed chunk by chunk under `jax.checkpoint` and recomputed in
           the backward pass (one more matrix product than `"fused"`; supports forward-mode
-          differentiation).
-        - `"full"`: `jax.vmap(model)(tokens)` then [`eqzoo.train.cross_entropy`][] on the whole
+          differentiation). Under a mesh it all-reduces the head gradient once per chunk.
+        - `"full"`: `eqzoo.sharding.batch_vmap(model)(tokens)` then [`eqzoo.train.cross_entropy`][] on the whole
           batch's logits (the plain reference path).
     - `chunk_size`: positions per sequence in one chunk for `"fused"`/`"chunked"` (default:
       [`eqzoo.train.auto_chunk_size`][], under 512 MiB of float32 logits per chunk).
+
+    The batch is vmapped with [`eqzoo.sharding.batch_vmap`][], so under a mesh the batch axis
+    stays split over `data` x `fsdp` inside the model.
 
     **Returns:** `(loss, {"tokens": number of counted positions})`.
     """
@@ -113,11 +124,11 @@ def lm_loss(
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
     if implementation == "full":
-        logits = jax.vmap(model)(tokens)
+        logits = _batch_vmap(model)(tokens)
         nll_mean = cross_entropy(logits, targets, mask)
     else:
         head = model.head_weight()
-        feats = jax.vmap(model.features)(tokens)
+        feats = _batch_vmap(model.features)(tokens)
         w = None if mask is None else mask.astype(jnp.float32)
         if implementation == "fused":
             total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)
@@ -137,7 +148,7 @@ def classification_loss(
 
     **Returns:** `(loss, {"accuracy": fraction correct})`.
     """
-    logits = jax.vmap(model)(batch["x"])
+    logits = _batch_vmap(model)(batch["x"])
     loss = cross_entropy(logits, batch["y"])
     acc = jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))
     return loss, {"accuracy": acc}

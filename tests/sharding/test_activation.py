@@ -43,3 +43,36 @@ def test_bad_activation_rules():
     with pytest.raises(sh.ShardingError, match=r"activation rule 'residual' uses mesh axis 'model'"):
         with sh.activation_sharding(mesh, {"residual": P(None, "model")}):
             pass
+
+
+def _lead(x):
+    spec = x.sharding.spec
+    return spec[0] if len(spec) else None
+
+
+def test_batch_vmap_pins_the_batch_axis_to_the_mesh_batch_axes():
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    x = jax.device_put(jnp.arange(512.0).reshape(8, 8, 8), NamedSharding(mesh, P(None, None, "tensor")))
+
+    def f(x):
+        return sh.constrain(x * 2.0, "residual")
+
+    with sh.activation_sharding(mesh):
+        pinned = jax.jit(sh.batch_vmap(f))(x)
+        free = jax.jit(jax.vmap(f))(x)
+    assert _lead(pinned) == ("data", "fsdp")  # the constraint now covers the batch
+    assert _lead(free) is None  # plain vmap: the batch axis as it came in
+    assert (pinned == free).all() and (pinned == 2.0 * x).all()
+    # Outside activation_sharding, or on a mesh with no batch axis, it is plain jax.vmap.
+    assert (jax.jit(sh.batch_vmap(f))(x) == 2.0 * x).all()
+    with sh.activation_sharding(sh.make_mesh("tensor=8")):
+        assert _lead(jax.jit(sh.batch_vmap(f))(x)) is None
+    assert sh.batch_axes(mesh) == ("data", "fsdp") and sh.batch_axes(sh.make_mesh("fsdp=8")) == ("fsdp",)
+
+
+def test_batch_vmap_takes_vmap_axes():
+    mesh = sh.make_mesh("data=8")
+    w, xs = jnp.arange(4.0), jnp.ones((8, 4))
+    with sh.activation_sharding(mesh):
+        out = jax.jit(sh.batch_vmap(lambda w, x: (w * x).sum(), in_axes=(None, 0)))(w, xs)
+    assert out.shape == (8,) and (out == 6.0).all()

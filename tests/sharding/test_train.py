@@ -65,3 +65,37 @@ def test_mixed_precision_composes_with_sharding(lab):
     assert scale.scale.sharding.is_fully_replicated and scale.good_steps.sharding.is_fully_replicated
     assert float(metrics["loss_scale"]) == 2.0**15 and int(scale.good_steps) == 2
     assert np.all(np.isfinite(losses)) and abs(losses[0] - fp32_loss) < 5e-2 and losses[1] < losses[0]
+
+
+def _step_all_gathers(lab, mesh_spec: str, seq: int, vmap) -> float:
+    """MiB all-gathered inside the layer loops of a compiled sharded train step."""
+    import equinox as eqx
+
+    from eqzoo import perf, train
+
+    mesh = sh.make_mesh(mesh_spec)
+    optimizer = optax.sgd(1e-3)
+    state = sh.abstract_sharded(
+        eqx.filter_eval_shape(lambda: TrainState.create(lab.build_model("gpt2", jax.random.key(0), max_seq=seq), optimizer, key=jax.random.key(1))),
+        mesh,
+    )
+
+    def loss(model, batch, key):
+        feats = vmap(model.features)(batch["tokens"])
+        return train.fused_cross_entropy(feats, model.head_weight(), batch["targets"]) / float(batch["tokens"].size), {}
+
+    tok = jax.ShapeDtypeStruct((8, seq), jnp.int32, sharding=jax.NamedSharding(mesh, sh.BATCH_SPEC))
+    compiled = make_train_step(loss, optimizer, mesh=mesh).lower(state, {"tokens": tok, "targets": tok}).compile()
+    gathers = [c for c in perf.collectives(compiled) if c.kind == "all-gather" and c.in_loop]
+    return sum(c.bytes * c.count for c in gathers) / 2**20
+
+
+def test_fsdp_layers_gather_weights_not_activations(lab):
+    # Under FSDP each layer should gather its weights (a size independent of the sequence) and
+    # keep the batch split. With eqzoo.sharding.batch_vmap (as eqzoo's losses use) the layer
+    # loops all-gather the same bytes at seq 64 and 128; with plain jax.vmap, XLA's partitioner
+    # un-shards the batch and gathers activations, which double with the sequence.
+    pinned = [_step_all_gathers(lab, "fsdp=8", seq, sh.batch_vmap) for seq in (64, 128)]
+    free = [_step_all_gathers(lab, "fsdp=8", seq, jax.vmap) for seq in (64, 128)]
+    assert pinned[0] > 0 and pinned[0] == pinned[1], pinned
+    assert free[1] > 1.5 * free[0] and free[0] > pinned[0], free

@@ -1,0 +1,109 @@
+"""What one sharded training step communicates, from its compiled HLO, as JSON.
+
+Compiles `make_train_step(..., mesh=mesh)` for a preset on fake CPU devices (no state is
+allocated: it is built with `eqx.filter_eval_shape` and laid out with
+`eqzoo.sharding.abstract_sharded`) and counts every collective with
+`eqzoo.perf.collectives`: operations and MiB per step (result bytes on one device, multiplied
+by the trip counts of the loops around them), inside and outside loops. XLA's partitioner makes
+the same choices for fake CPU devices as for GPUs, so this sizes a multi-GPU step's traffic on
+a laptop. `param_mib` is the fp32 parameter size, the gradient a data-parallel step must
+all-reduce at least once.
+
+    python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
+        --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --loss fused,full --json
+    python benchmarks/collective_bytes.py --smoke --json
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--mesh", action="append", help="mesh shape, e.g. data=8 (repeatable)")
+    p.add_argument("--loss", default="fused,full", help="comma-separated lm_loss implementations")
+    p.add_argument("--chunk-size", type=int, default=None, help="lm_loss chunk_size (default: automatic)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
+    p.add_argument("--smoke", action="store_true", help="tiny preset (CPU regression guard)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset, args.batch, args.seq = "tiny-gpt2", 8, 64
+        args.mesh = args.mesh or ["data=8", "data=2,fsdp=2,tensor=2"]
+    args.mesh = args.mesh or ["data=8", "fsdp=8", "fsdp=4,tensor=2"]
+    return args
+
+
+def measure(args, mesh_spec: str, loss: str) -> dict:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import eqzoo
+    from eqzoo import perf, sharding as sh, train
+
+    config = eqzoo.models.get_config(args.preset)
+    if args.seq > config.max_seq:
+        config = eqzoo.models.get_config(config, max_seq=args.seq)
+    optimizer = optax.adamw(3e-4, b2=0.95, weight_decay=0.1)
+    mesh = sh.make_mesh(mesh_spec)
+
+    def make_state():
+        model = eqzoo.models.create(config, key=jax.random.key(0))
+        return train.TrainState.create(model, optimizer, key=jax.random.key(1))
+
+    state = sh.abstract_sharded(eqx.filter_eval_shape(make_state), mesh)
+    rows = jax.NamedSharding(mesh, sh.BATCH_SPEC)
+    tok = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=rows)
+
+    def loss_fn(m, b, k):
+        return train.lm_loss(m, b, k, implementation=loss, chunk_size=args.chunk_size)
+
+    policy = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
+    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
+    compile_s = time.perf_counter() - t0
+    summary = perf.collective_summary(compiled)
+    total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
+    return {
+        "preset": args.preset, "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
+        "chunk_size": args.chunk_size, "precision": args.precision,
+        "param_mib": round(config.num_params() * 4 / 2**20, 1),
+        "collective_ops": total["ops"], "collective_mib": round(total["mib"], 1),
+        "in_loop_ops": total["in_loop_ops"], "in_loop_mib": round(total["in_loop_mib"], 1),
+        "by_kind": {k: v for k, v in summary.items() if k != "total"},
+        "compile_s": round(compile_s, 2),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse(argv)
+    # Before JAX starts: the fake devices the meshes are laid on.
+    flag = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    rows = []
+    for mesh_spec in args.mesh:
+        for loss in args.loss.split(","):
+            row = measure(args, mesh_spec, loss)
+            rows.append(row)
+            if not args.json:
+                print(f"{mesh_spec:18s} loss={loss:8s} {row['collective_ops']:5d} collectives, "
+                      f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
+                      f"params {row['param_mib']} MiB fp32)", file=sys.stderr)
+    result = {"benchmark": "collective_bytes", "smoke": args.smoke, "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
