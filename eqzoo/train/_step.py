@@ -85,13 +85,15 @@ class TrainStep:
             else:
                 from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
 
+                shardings = _mesh_shardings(arrays, mesh)
+
                 def flat_step(arrays, batch):
                     with activation_sharding(mesh):
-                        return pure(structure, arrays, batch)
+                        return pure(structure, arrays, batch, shardings)
 
                 # Pin the new state to the input state's layout, so it stays sharded step after
                 # step and donated buffers are reused; metrics are replicated.
-                jit_kwargs["out_shardings"] = (_mesh_shardings(arrays, mesh), jax.NamedSharding(mesh, jax.P()))
+                jit_kwargs["out_shardings"] = (shardings, jax.NamedSharding(mesh, jax.P()))
             fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
             self._compiled[structure] = fn
         return fn
@@ -110,6 +112,11 @@ class TrainStep:
     def num_compilations(self) -> int:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
         return sum(f._cache_size() for f in self._compiled.values())
+
+
+def _keep_layout(x, sharding):
+    # Leaves that are not arrays (static fields, functions) have no sharding to keep.
+    return jax.lax.with_sharding_constraint(x, sharding) if isinstance(sharding, jax.sharding.Sharding) else x
 
 
 def _mesh_shardings(arrays, mesh) -> tuple:
@@ -162,7 +169,9 @@ def make_train_step(
         raise ConfigError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
     scaling = precision.loss_scale == "dynamic"
 
-    def pure_step(structure, arrays, batch):
+    casts = jnp.dtype(precision.compute_dtype) != jnp.dtype(precision.param_dtype)
+
+    def pure_step(structure, arrays, batch, shardings=None):
         parts: StateParts = structure.unflatten(arrays)
         model, opt_state = parts.model, parts.opt_state
         stateful = parts.model_state is not None
@@ -178,9 +187,16 @@ def make_train_step(
             scale = None
         params, frozen = eqx.partition(model, structure.trainable)
         key, step_key = jax.random.split(parts.key)
+        # Under a mesh, the compute-dtype copy keeps each parameter's layout, so a weight that
+        # must be gathered is gathered after the cast (in bf16), not before it (in fp32). Left
+        # to itself, XLA's sharding propagation moved the gather of the tied embedding in front
+        # of the cast.
+        model_shardings = None if shardings is None or not casts else structure.unflatten(shardings).model
 
         def compute(p, model_state, mb, k):
             m = precision.cast_to_compute(eqx.combine(p, frozen))
+            if model_shardings is not None:
+                m = jax.tree.map(_keep_layout, m, model_shardings)
             if stateful:
                 out = loss_fn(m, model_state, mb, k)
             else:

@@ -1,5 +1,7 @@
 """Training features composed with sharding: gradient accumulation and mixed precision."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,28 @@ def test_fsdp_layers_gather_weights_not_activations(lab):
     free = [_step_all_gathers(lab, "fsdp=8", seq, jax.vmap) for seq in (64, 128)]
     assert pinned[0] > 0 and pinned[0] == pinned[1], pinned
     assert free[1] > 1.5 * free[0] and free[0] > pinned[0], free
+
+
+def test_bf16_step_gathers_weights_in_bf16(lab, tmp_path):
+    # fp32 master weights sharded over fsdp, bf16 compute: every weight all-gather should carry
+    # the bf16 copy. Read from the HLO right after SPMD partitioning (XLA:CPU later runs bf16
+    # arithmetic, and so these collectives, in fp32). Without the layout constraint on the cast
+    # copy, sharding propagation put the tied embedding's gather before the cast: f32[256,64].
+    import equinox as eqx
+
+    mesh = sh.make_mesh("fsdp=8")
+    optimizer = optax.sgd(1e-3)
+    state = sh.abstract_sharded(
+        eqx.filter_eval_shape(lambda: TrainState.create(lab.build_model("gpt2", jax.random.key(0)), optimizer, key=jax.random.key(1))),
+        mesh,
+    )
+    tok = jax.ShapeDtypeStruct((8, 16), jnp.int32, sharding=jax.NamedSharding(mesh, sh.BATCH_SPEC))
+    step = make_train_step(lm_loss, optimizer, mesh=mesh, precision=Precision.bf16())
+    step.lower(state, {"tokens": tok, "targets": tok}).compile(
+        compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
+    )
+    (dump,) = tmp_path.glob("*after_spmd-partitioning*.txt")
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", dump.read_text())
+    assert gathered, "expected FSDP weight gathers"
+    assert {dtype for dtype, _ in gathered if dtype.startswith(("f", "bf"))} == {"bf16"}, gathered
+    assert ("bf16", "256,64") in gathered  # the tied embedding (vocab 256, width 64) among them
