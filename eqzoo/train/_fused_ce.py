@@ -195,10 +195,15 @@ def _fused_fwd(features, head, targets, weights, chunk, layout):
         d_head0 = jnp.zeros((layout.shards, *head.shape), jnp.float32)
         d_head0 = _constrain(d_head0, layout, layout.batch_axes, layout.vocab_axis, None)
     (total, d_head), d_f = jax.lax.scan(body, (_zero_total(layout), d_head0), (f, t, w))
-    if layout is not None:  # the one reduction over the batch axes
-        total, d_head = jnp.sum(total), jnp.sum(d_head, axis=0)
+    # Each shard's sum is accumulated in float32 and cast to the head's dtype before the one
+    # reduction over the batch axes, which then travels in that dtype (bf16 in mixed precision,
+    # like every other weight gradient).
+    d_head = d_head.astype(head.dtype)
+    if layout is not None:  # lax.reduce: jnp.sum would sum (and so all-reduce) bf16 in float32
+        total = jnp.sum(total)
+        d_head = jax.lax.reduce(d_head, jnp.zeros((), d_head.dtype), jax.lax.add, (0,))
     d_features = _unchunk(d_f, features.shape[1])
-    return total, (d_features, d_head.astype(head.dtype), targets, weights)
+    return total, (d_features, d_head, targets, weights)
 
 
 def _fused_bwd(chunk, layout, residuals, cotangent):
@@ -242,7 +247,8 @@ def fused_cross_entropy(
     Inside [`eqzoo.sharding.activation_sharding`][] (which `make_train_step(mesh=...)` enters),
     the rows are kept split over the mesh's `data` x `fsdp` axes, the head is gathered over
     `fsdp` once (vocab-parallel over `tensor` when it divides the vocabulary), and each device
-    accumulates its own partial head gradient, reduced once at the end rather than once per chunk.
+    accumulates its own partial head gradient (in float32), cast to the head's dtype and reduced
+    once at the end rather than once per chunk.
 
     **Returns:** the float32 scalar `sum(weights * nll)`. Divide by `sum(weights)` for the mean.
     """

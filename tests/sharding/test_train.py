@@ -103,11 +103,13 @@ def test_fsdp_layers_gather_weights_not_activations(lab):
     assert free[1] > 1.5 * free[0] and free[0] > pinned[0], free
 
 
-def test_bf16_step_gathers_weights_in_bf16(lab, tmp_path):
+def test_bf16_step_moves_weights_and_gradients_in_bf16(lab, tmp_path):
     # fp32 master weights sharded over fsdp, bf16 compute: every weight all-gather should carry
-    # the bf16 copy. Read from the HLO right after SPMD partitioning (XLA:CPU later runs bf16
-    # arithmetic, and so these collectives, in fp32). Without the layout constraint on the cast
-    # copy, sharding propagation put the tied embedding's gather before the cast: f32[256,64].
+    # the bf16 copy, and every weight-gradient all-reduce the bf16 gradient. Read from the HLO
+    # right after SPMD partitioning (XLA:CPU later runs bf16 arithmetic, and so these
+    # collectives, in fp32). Without the layout constraint on the cast copy, sharding
+    # propagation put the tied embedding's gather before the cast (f32[256,64]); the fused
+    # loss's head gradient was reduced across shards with jnp.sum, in fp32.
     import equinox as eqx
 
     mesh = sh.make_mesh("fsdp=8")
@@ -122,7 +124,11 @@ def test_bf16_step_gathers_weights_in_bf16(lab, tmp_path):
         compiler_options={"xla_dump_to": str(tmp_path), "xla_dump_hlo_pass_re": "spmd-partitioning"}
     )
     (dump,) = tmp_path.glob("*after_spmd-partitioning*.txt")
-    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", dump.read_text())
+    hlo = dump.read_text()
+    gathered = re.findall(r"= (\w+)\[([\d,]*)\]\S* all-gather\(", hlo)
     assert gathered, "expected FSDP weight gathers"
     assert {dtype for dtype, _ in gathered if dtype.startswith(("f", "bf"))} == {"bf16"}, gathered
     assert ("bf16", "256,64") in gathered  # the tied embedding (vocab 256, width 64) among them
+    matrices = [(d, shape) for d, shape in re.findall(r"= (\w+)\[([\d,]*)\]\S* all-reduce\(", hlo) if "," in shape]
+    assert matrices and {d for d, _ in matrices} == {"bf16"}, matrices  # weight-matrix gradients
+    assert ("bf16", "256,64") in matrices
