@@ -2,6 +2,7 @@
 
 import importlib
 from types import ModuleType
+from typing import no_type_check
 
 
 class EqzooError(Exception):
@@ -42,3 +43,19 @@ def require(module: str, extra: str) -> ModuleType:
 def shape_str(shape: tuple[int, ...]) -> str:
     """Format a shape the way error messages show it: `(8, 128)`."""
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+@no_type_check  # a type-checking wrapper would add frames of its own
+def user_stacklevel() -> int:
+    """The `stacklevel` for `warnings.warn` that points at the first frame outside eqzoo (and
+    outside the type-checking wrappers jaxtyping and beartype put around its functions)."""
+    import sys
+
+    skip = ("eqzoo", "jaxtyping", "beartype")
+    frame, level = sys._getframe(1), 1  # the caller of this function is level 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in skip:
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

@@ -111,6 +111,7 @@ def test_optimizer_state_follows_parameters(lab):
     assert all(isinstance(s, jax.sharding.NamedSharding) for s in fact.arrays)
 
 
+@pytest.mark.filterwarnings("ignore:tensor=8 does not divide num_heads")  # tested below
 def test_non_dividing_dimension_names_parameter_shape_and_axis(lab):
     # GPT-2's real vocabulary (50257) does not divide a tensor axis; the same on a tiny scale:
     model = lab.make_model("gpt2", vocab_size=100)
@@ -170,3 +171,15 @@ def test_batches(lab):
         sh.shard_batch(lab.make_batch(batch=6), mesh)
     with pytest.raises(sh.ShardingError, match=r"make_global_batch .*size 6"):
         sh.make_global_batch(lab.make_batch(batch=6), mesh)
+
+
+def test_tensor_size_that_cuts_heads_warns_with_the_sizes_that_do_not(lab):
+    import warnings
+
+    abstract = eqx.filter_eval_shape(lambda: lab.build_model("llama", jax.random.key(0)))  # 8 / 4 heads
+    with pytest.warns(UserWarning, match=r"tensor=8 does not divide num_kv_heads=4.*among \[2, 4\]"):
+        sh.abstract_sharded(abstract, sh.make_mesh("tensor=8"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sh.abstract_sharded(abstract, sh.make_mesh("data=2,tensor=4"))  # whole heads: silent
+        sh.abstract_sharded(abstract, sh.make_mesh("tensor=8"), rules=sh.LLAMA_RULES)  # own rules: silent
