@@ -44,7 +44,8 @@ def auto_chunk_size(batch: int, seq: int, vocab: int) -> int:
 
 
 class _Layout(NamedTuple):
-    """Where the batch rows live: `mesh`, the mesh axes splitting the batch, the head's spec."""
+    """Where the rows live: the `mesh`, its axes that split the batch (`shards` pieces in all),
+    and the axis the head's vocabulary is split over (`None`: whole on every device)."""
 
     mesh: jax.sharding.Mesh
     batch_axes: tuple[str, ...]
