@@ -141,4 +141,4 @@ class GPT2(AbstractLM):
         self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """Token embeddings plus learned position embeddings."""
-        return self.embed(tokens) + self.pos_embed(positions)
+        return self.token_embeddings(tokens) + self.pos_embed(positions)

@@ -9,6 +9,7 @@ from jaxtyping import Array, Float, Int
 
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
+from ..sharding._activation import constrain, constrain_forward
 from ._validate import check_tokens
 
 
@@ -33,7 +34,14 @@ class AbstractLM(eqx.Module):
         self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """Input embeddings of `tokens` at absolute `positions` (overridden by subclasses)."""
-        return self.embed(tokens)
+        return self.token_embeddings(tokens)
+
+    def token_embeddings(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
+        """Rows of the token embedding table. Under a mesh the table is laid out by the
+        `"vocab_table"` activation rule first (gathered over `fsdp`, vocab-parallel over
+        `tensor`; see [`eqzoo.sharding.ACTIVATION_RULES`][])."""
+        rows = jnp.take(constrain_forward(self.embed.weight, "vocab_table"), tokens, axis=0)
+        return constrain(rows, "residual")
 
     def head_weight(self) -> Float[Array, "vocab embed"]:
         """The output projection: the token embedding when tied, else the separate head."""
@@ -50,7 +58,8 @@ class AbstractLM(eqx.Module):
 
     def logits(self, features: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
         """Next-token logits from `features`, in the features' dtype."""
-        return features @ self.head_weight().T.astype(features.dtype)
+        head = constrain_forward(self.head_weight(), "vocab_table")  # as the lookup reads it
+        return features @ head.T.astype(features.dtype)
 
     @no_type_check  # our own checks below give clearer messages than a generic type error
     def __call__(self, tokens: Int[Array, " seq"], *, key=None) -> Float[Array, "seq vocab"]:

@@ -7,6 +7,7 @@ and only inside `with activation_sharding(mesh):` does that become
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -23,9 +24,14 @@ ACTIVATION_RULES: dict[str, P] = {
     # vmap around the model: `batch_vmap` pins it to data x fsdp, plain `jax.vmap` leaves it
     # unconstrained.
     "residual": P(None, None),
+    # The token embedding table (vocab, embed) as the lookup uses it: gathered over `fsdp`
+    # (as FSDP gathers every weight it uses) and vocab-parallel over `tensor`, so a lookup is a
+    # masked local gather plus one all-reduce over `tensor`.
+    "vocab_table": P("tensor", None),
 }
-"""The default activation rules: logical activation name -> `PartitionSpec` of one example
-(no batch axis: [`eqzoo.sharding.batch_vmap`][] adds it, over the mesh's batch axes)."""
+"""The default activation rules: logical name -> `PartitionSpec`. `"residual"` is the hidden
+states of one example (no batch axis: [`eqzoo.sharding.batch_vmap`][] adds it, over the mesh's
+batch axes); `"vocab_table"` is the token embedding table as the lookup reads it."""
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P]] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
@@ -126,8 +132,9 @@ def constrain(x: jax.Array, name: str) -> jax.Array:
 
     **Arguments:**
 
-    - `x`: an activation of one example (inside `jax.vmap` the batch axis is added for you and
-      left unconstrained).
+    - `x`: an activation of one example (inside [`eqzoo.sharding.batch_vmap`][] the batch axis
+      is added over the mesh's batch axes; inside plain `jax.vmap` it is left unconstrained).
+      A dimension the rule's mesh axes do not divide is left unconstrained.
     - `name`: its logical name, e.g. `"residual"` for the `(seq, embed)` hidden states between
       transformer blocks.
 
@@ -140,4 +147,48 @@ def constrain(x: jax.Array, name: str) -> jax.Array:
     spec = rules.get(name)
     if spec is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fitting(spec, x.shape, mesh)))
+
+
+def constrain_forward(x: jax.Array, name: str) -> jax.Array:
+    """[`eqzoo.sharding.constrain`][] on the forward pass only: the cotangent is left to XLA.
+
+    For a weight read under a layout of its own (the token table by `"vocab_table"`): the
+    transpose of a plain constraint would pin the weight's *gradient* to that layout too,
+    forcing its partial sums to be all-reduced there, before XLA can add them to the weight's
+    other gradient contributions (a tied embedding's head) and reduce once.
+    """
+    active = _ACTIVE.get()
+    if active is None or active[1].get(name) is None:
+        return x
+    mesh, rules = active
+    return _forward_only(x, NamedSharding(mesh, _fitting(rules[name], x.shape, mesh)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _forward_only(x, sharding):
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _forward_only_fwd(x, sharding):
+    return jax.lax.with_sharding_constraint(x, sharding), None
+
+
+def _forward_only_bwd(sharding, _, g):
+    return (g,)
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
+
+
+def _fitting(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    # A dimension the rule's mesh axes do not divide is left to XLA (P.UNCONSTRAINED) rather
+    # than failing: a rule is a layout hint for every model that uses the name.
+    out = []
+    for dim, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        axes = () if entry is None or entry is P.UNCONSTRAINED else (entry if isinstance(entry, tuple) else (entry,))
+        n = 1
+        for a in axes:
+            n *= int(mesh.shape[a])
+        out.append(P.UNCONSTRAINED if n > 1 and shape[dim] % n else entry)
+    return P(*out)

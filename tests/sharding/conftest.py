@@ -23,8 +23,15 @@ BATCH, SEQ = 8, 16
 
 
 def make_model(name: str, **overrides):
-    """The tiny model `name` (cached: models are immutable, but do not donate its buffers)."""
-    return _make_model(name, tuple(sorted(overrides.items())))
+    """The tiny model `name` (cached: models are immutable, but do not donate its buffers).
+
+    Not for use inside a trace (`eval_shape`, `jit`): the cache would keep its tracers; use
+    `build_model` there."""
+    model = _make_model(name, tuple(sorted(overrides.items())))
+    assert not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(model)), (
+        "make_model was cached under a trace; call build_model inside eval_shape/jit"
+    )
+    return model
 
 
 @functools.cache

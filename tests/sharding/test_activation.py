@@ -76,3 +76,24 @@ def test_batch_vmap_takes_vmap_axes():
     with sh.activation_sharding(mesh):
         out = jax.jit(sh.batch_vmap(lambda w, x: (w * x).sum(), in_axes=(None, 0)))(w, xs)
     assert out.shape == (8,) and (out == 6.0).all()
+
+
+def test_a_rule_that_does_not_divide_a_dimension_leaves_it_to_xla():
+    mesh = sh.make_mesh("data=2,tensor=4")
+    with sh.activation_sharding(mesh, {"vocab_table": P("tensor", None)}):
+        split = jax.jit(lambda t: sh.constrain(t * 1.0, "vocab_table"))(jnp.ones((8, 4)))
+        odd = jax.jit(lambda t: sh.constrain(t * 1.0, "vocab_table"))(jnp.ones((6, 4)))  # 6 % 4 != 0
+    assert _lead(split) == "tensor"
+    assert odd.shape == (6, 4) and (odd == 1.0).all()
+
+
+def test_forward_only_constraint_leaves_the_gradient_free():
+    from eqzoo.sharding._activation import constrain_forward
+
+    mesh = sh.make_mesh("tensor=8")
+    table = jnp.arange(64.0).reshape(8, 8)
+    with sh.activation_sharding(mesh):
+        value, grad = jax.jit(jax.value_and_grad(lambda t: (constrain_forward(t, "vocab_table") ** 2).sum()))(table)
+    assert float(value) == float((table**2).sum())
+    assert (grad == 2.0 * table).all()
+    assert constrain_forward(table, "vocab_table") is table  # no mesh: untouched

@@ -121,7 +121,7 @@ def test_non_dividing_dimension_names_parameter_shape_and_axis(lab):
         r"assigned to mesh axis tensor=8 \(8 devices\), which does not divide it",
     ):
         sh.shard(model, sh.make_mesh("tensor=8"))
-    abstract = eqx.filter_eval_shape(lab.make_model, "llama", hidden_dim=90)
+    abstract = eqx.filter_eval_shape(lambda: lab.build_model("llama", jax.random.key(0), hidden_dim=90))
     with pytest.raises(
         sh.ShardingError,
         match=r"'blocks.layers.mlp.gate.weight' of shape \(2, 90, 64\): dimension 1 \(size 90\) "
@@ -148,7 +148,7 @@ def test_bad_rules():
 def test_custom_rules_and_abstract_trees(lab):
     mesh = sh.make_mesh("fsdp=8")
     rules = [(r"^(embed|final_norm)\.weight$", P("fsdp"))]
-    abstract = eqx.filter_eval_shape(lab.make_model, "gpt2")
+    abstract = eqx.filter_eval_shape(lambda: lab.build_model("gpt2", jax.random.key(0)))
     target = sh.abstract_sharded(abstract, mesh, rules)
     assert target.embed.weight.sharding.spec == P("fsdp")
     assert target.final_norm.weight.sharding.spec == P("fsdp")

@@ -132,3 +132,25 @@ def test_bf16_step_moves_weights_and_gradients_in_bf16(lab, tmp_path):
     matrices = [(d, shape) for d, shape in re.findall(r"= (\w+)\[([\d,]*)\]\S* all-reduce\(", hlo) if "," in shape]
     assert matrices and {d for d, _ in matrices} == {"bf16"}, matrices  # weight-matrix gradients
     assert ("bf16", "256,64") in matrices
+
+
+def test_token_lookup_gathers_the_table_not_activations(lab):
+    # On a mesh with all three axes, the forward pass reads the token table under the
+    # "vocab_table" rule (gathered over fsdp, vocab-parallel over tensor): no activations of the
+    # whole batch are gathered for the lookup. Left to XLA, it replicated the lookup's output
+    # ("involuntary full rematerialization") and gathered (batch, seq, embed).
+    from eqzoo import perf
+
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    model = sh.shard(lab.make_model("gpt2"), mesh)
+    batch = sh.shard_batch(lab.make_batch(), mesh)
+
+    @jax.jit
+    def loss(model, batch):
+        with sh.activation_sharding(mesh):
+            return lm_loss(model, batch)[0]
+
+    found = perf.collectives(loss.lower(model, batch).compile())
+    assert found  # the step does communicate (vocab-parallel lookup, tensor-parallel layers)
+    whole_batch = [c for c in found if c.kind == "all-gather" and re.match(r"\w+\[8,16,", c.shape)]
+    assert whole_batch == []
