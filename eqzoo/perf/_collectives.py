@@ -20,10 +20,9 @@ _OP = re.compile(
 )
 _WHILE = re.compile(r"\swhile\(.*?body=(%?[\w.\-]+)")
 _TRIPS = re.compile(r"known_trip_count\W+n\W+(\d+)")
-_CALLEES = re.compile(
-    r"(?:condition|calls|to_apply|true_computation|false_computation)=(%?[\w.\-]+)"
-    r"|(?:branch_computations|called_computations)=\{([^}]*)\}"
-)
+_CALLEES = re.compile(r"(?:condition|calls|to_apply)=(%?[\w.\-]+)|called_computations=\{([^}]*)\}")
+# A conditional runs one of its branches: they are counted as if each ran, marked inexact.
+_BRANCHES = re.compile(r"(?:true_computation|false_computation)=(%?[\w.\-]+)|branch_computations=\{([^}]*)\}")
 _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|f64|c64|c128)\[([\d,]*)\]")
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32, "u32": 32,
          "s64": 64, "u64": 64, "f8e4m3fn": 8, "f8e5m2": 8, "bf16": 16, "f16": 16, "f32": 32,
@@ -42,7 +41,8 @@ class Collective(NamedTuple):
     - `computation`: the HLO computation holding it.
     - `in_loop`: whether it sits inside a `while` loop (a `lax.scan`, `fori_loop`, ...).
     - `exact`: `False` when a loop around it has no trip count known to XLA (then that loop
-      counts once).
+      counts once), or when it sits in a branch of a conditional (each branch is counted as if
+      it ran).
     """
 
     kind: str
@@ -84,14 +84,15 @@ def _nbytes(shape: str) -> int:
     return total
 
 
-def _result_bytes(kind: str, start: bool, shape: str) -> int:
-    # An async all-gather / collective-permute start returns (operands, results, ...): count the
-    # results only. An async all-reduce start returns the reduced arrays themselves.
-    if start and kind in ("all-gather", "collective-permute"):
+def _result_shape(kind: str, start: bool, shape: str) -> str:
+    # An async start of an all-gather, reduce-scatter, all-to-all or collective-permute returns
+    # (operands, results, ...): the results are the second element. An async all-reduce start
+    # returns the reduced arrays themselves (a tuple when it reduces several).
+    if start and kind != "all-reduce":
         parts = _split_top(shape)
         if len(parts) >= 2:
-            return _nbytes(parts[1])
-    return _nbytes(shape)
+            return parts[1]
+    return shape
 
 
 def _hlo_text(program: Any) -> str:
@@ -148,10 +149,11 @@ def collectives(program: Any) -> list[Collective]:
             if w:
                 trips = _TRIPS.search(line)
                 calls[n].append((w.group(1), int(trips.group(1)) if trips else 1, True, trips is not None))
-            for single, many in _CALLEES.findall(line):
-                for callee in [single] if single else [c.strip() for c in many.split(",")]:
-                    if callee:
-                        calls[n].append((callee, 1, False, True))
+            for pattern, known in ((_CALLEES, True), (_BRANCHES, False)):
+                for single, many in pattern.findall(line):
+                    for callee in [single] if single else [c.strip() for c in many.split(",")]:
+                        if callee:
+                            calls[n].append((callee, 1, False, known))
 
     found: list[Collective] = []
 
@@ -164,8 +166,8 @@ def collectives(program: Any) -> list[Collective]:
             m = _OP.search(line)
             if m:
                 kind, start = m.group("kind"), bool(m.group("start"))
-                found.append(Collective(kind, m.group("shape").strip(), _result_bytes(kind, start, m.group("shape")),
-                                        count, n, in_loop, exact))
+                shape = _result_shape(kind, start, m.group("shape").strip())
+                found.append(Collective(kind, shape, _nbytes(shape), count, n, in_loop, exact))
         for callee, trips, is_loop, known in calls[n]:
             visit(callee, count * trips, in_loop or is_loop, exact and known)
 

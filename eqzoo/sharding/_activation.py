@@ -52,8 +52,11 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, P] | None = None)
     - `rules`: logical activation name -> `PartitionSpec` of one unbatched example; defaults to
       `eqzoo.sharding.ACTIVATION_RULES`. Names missing from the rules are left unconstrained.
     """
-    if mesh is not None:
-        rules = ACTIVATION_RULES if rules is None else dict(rules)
+    if mesh is not None and rules is None:
+        # eqzoo's defaults fit any mesh: an axis the mesh lacks is dropped from them.
+        rules = {name: _drop_missing(spec, mesh) for name, spec in ACTIVATION_RULES.items()}
+    elif mesh is not None:
+        rules = dict(rules)
         for name, spec in rules.items():
             if not isinstance(spec, P):
                 raise ShardingError(f"activation rule {name!r} must map to a PartitionSpec; got {spec!r}.")
@@ -115,6 +118,16 @@ def batch_vmap(fn: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
     return batched
 
 
+def _drop_missing(spec: P, mesh: Mesh) -> P:
+    def keep(entry):
+        if entry is None or entry is P.UNCONSTRAINED:
+            return entry
+        axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a in mesh.shape)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return P(*(keep(e) for e in spec))
+
+
 def _spec_axes(spec: P) -> list[str]:
     out = []
     for entry in spec:
@@ -151,7 +164,8 @@ def constrain(x: jax.Array, name: str) -> jax.Array:
 
 
 def constrain_forward(x: jax.Array, name: str) -> jax.Array:
-    """[`eqzoo.sharding.constrain`][] on the forward pass only: the cotangent is left to XLA.
+    """[`eqzoo.sharding.constrain`][] on the value only: its tangent, and so its gradient, is
+    left to XLA.
 
     For a weight read under a layout of its own (the token table by `"vocab_table"`): the
     transpose of a plain constraint would pin the weight's *gradient* to that layout too,
@@ -165,20 +179,17 @@ def constrain_forward(x: jax.Array, name: str) -> jax.Array:
     return _forward_only(x, NamedSharding(mesh, _fitting(rules[name], x.shape, mesh)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _forward_only(x, sharding):
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
-def _forward_only_fwd(x, sharding):
-    return jax.lax.with_sharding_constraint(x, sharding), None
-
-
-def _forward_only_bwd(sharding, _, g):
-    return (g,)
-
-
-_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
+@_forward_only.defjvp
+def _forward_only_jvp(sharding, primals, tangents):
+    # The tangent passes through unconstrained, so its transpose (the gradient) is unconstrained
+    # too; forward-mode differentiation works as well (a custom_vjp would refuse it).
+    (x,), (t,) = primals, tangents
+    return jax.lax.with_sharding_constraint(x, sharding), t
 
 
 def _fitting(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -93,3 +93,34 @@ def test_errors_name_the_fix():
         perf.collectives(3)
     with pytest.raises(ConfigError, match="no ENTRY computation"):
         perf.collectives("HloModule m\n")
+
+
+_ASYNC_AND_BRANCHES = """HloModule m
+
+%on_true (a: f32[16]) -> f32[16] {
+  %a = f32[16]{0} parameter(0)
+  ROOT %ar = f32[16]{0} all-reduce(%a), replica_groups={{0,1}}, to_apply=%add
+}
+
+%on_false (a: f32[16]) -> f32[16] {
+  ROOT %a = f32[16]{0} parameter(0)
+}
+
+ENTRY %main (x: f32[16], p: pred[]) -> f32[2] {
+  %x = f32[16]{0} parameter(0)
+  %rss = (f32[16]{0}, f32[2]{0}) reduce-scatter-start(%x), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, to_apply=%add
+  %rsd = f32[2]{0} reduce-scatter-done(%rss)
+  %a2a = ((f32[16]{0}, f32[16]{0}), (f32[16]{0}, f32[16]{0})) all-to-all-start(%x, %x), replica_groups={{0,1}}
+  %c = f32[16]{0} conditional(%p, %x, %x), true_computation=%on_true, false_computation=%on_false
+  ROOT %r = f32[2]{0} get-tuple-element(%rss), index=1
+}
+"""
+
+
+def test_async_results_not_operands_and_branches_marked_inexact():
+    found = {c.kind: c for c in perf.collectives(_ASYNC_AND_BRANCHES)}
+    assert found["reduce-scatter"].bytes == 2 * 4 and found["reduce-scatter"].shape.startswith("f32[2]")
+    assert found["all-to-all"].bytes == 2 * 16 * 4  # the two results, not operands + results
+    branch = found["all-reduce"]  # inside one branch of a conditional: it may not run
+    assert branch.count == 1 and not branch.exact and not branch.in_loop
+    assert found["reduce-scatter"].exact

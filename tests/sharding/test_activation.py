@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -61,7 +62,6 @@ def test_batch_vmap_pins_the_batch_axis_to_the_mesh_batch_axes():
         pinned = jax.jit(sh.batch_vmap(f))(x)
         free = jax.jit(jax.vmap(f))(x)
     assert _lead(pinned) == ("data", "fsdp")  # the constraint now covers the batch
-    assert _lead(free) is None  # plain vmap: the batch axis as it came in
     assert (pinned == free).all() and (pinned == 2.0 * x).all()
     # Outside activation_sharding, or on a mesh with no batch axis, it is plain jax.vmap.
     assert (jax.jit(sh.batch_vmap(f))(x) == 2.0 * x).all()
@@ -79,21 +79,50 @@ def test_batch_vmap_takes_vmap_axes():
 
 
 def test_a_rule_that_does_not_divide_a_dimension_leaves_it_to_xla():
+    from eqzoo.sharding._activation import _fitting
+
     mesh = sh.make_mesh("data=2,tensor=4")
+    assert _fitting(P("tensor", None), (8, 4), mesh) == P("tensor", None)
+    assert _fitting(P("tensor", None), (6, 4), mesh) == P(P.UNCONSTRAINED, None)  # 6 % 4 != 0
+    assert _fitting(P(("data", "tensor")), (4, 3), mesh) == P(P.UNCONSTRAINED, None)
     with sh.activation_sharding(mesh, {"vocab_table": P("tensor", None)}):
-        split = jax.jit(lambda t: sh.constrain(t * 1.0, "vocab_table"))(jnp.ones((8, 4)))
-        odd = jax.jit(lambda t: sh.constrain(t * 1.0, "vocab_table"))(jnp.ones((6, 4)))  # 6 % 4 != 0
-    assert _lead(split) == "tensor"
+        odd = jax.jit(lambda t: sh.constrain(t * 1.0, "vocab_table"))(jnp.ones((6, 4)))
     assert odd.shape == (6, 4) and (odd == 1.0).all()
 
 
-def test_forward_only_constraint_leaves_the_gradient_free():
+def _constraints(jaxpr) -> int:
+    return str(jaxpr).count("sharding_constraint")
+
+
+def test_forward_only_constraint_constrains_the_value_not_its_tangent():
     from eqzoo.sharding._activation import constrain_forward
 
     mesh = sh.make_mesh("tensor=8")
     table = jnp.arange(64.0).reshape(8, 8)
+
+    def loss(constrain_fn):
+        return lambda t: (constrain_fn(t, "vocab_table") ** 2).sum()
+
     with sh.activation_sharding(mesh):
-        value, grad = jax.jit(jax.value_and_grad(lambda t: (constrain_forward(t, "vocab_table") ** 2).sum()))(table)
-    assert float(value) == float((table**2).sum())
-    assert (grad == 2.0 * table).all()
+        # A plain constraint also constrains the gradient (its transpose); the forward-only one
+        # leaves only the forward constraint in the gradient's program.
+        both = _constraints(jax.make_jaxpr(jax.grad(loss(sh.constrain)))(table))
+        forward = _constraints(jax.make_jaxpr(jax.grad(loss(constrain_forward)))(table))
+        value, grad = jax.jit(jax.value_and_grad(loss(constrain_forward)))(table)
+        _, tangent = jax.jvp(loss(constrain_forward), (table,), (jnp.ones_like(table),))  # forward mode works
+    assert both == 2 and forward == 1
+    assert float(value) == float((table**2).sum()) and (grad == 2.0 * table).all()
+    assert float(tangent) == float(2.0 * table.sum())
     assert constrain_forward(table, "vocab_table") is table  # no mesh: untouched
+
+
+def test_default_rules_fit_a_mesh_without_a_tensor_axis():
+    # eqzoo's own defaults name `tensor`; on a user's mesh without it they drop that axis
+    # (rules the user passes are still checked strictly: test_bad_activation_rules).
+    devices = np.asarray(jax.devices()[:8]).reshape(4, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", "fsdp"))
+    x = jnp.ones((8, 4))
+    with sh.activation_sharding(mesh):
+        assert sh.active_mesh() is mesh
+        out = jax.jit(lambda t: sh.constrain(t * 2.0, "vocab_table"))(x)
+    assert (out == 2.0).all()

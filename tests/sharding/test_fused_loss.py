@@ -3,6 +3,7 @@ its chunk loop beyond what vocab-parallel logits need (structural checks on the 
 
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +119,24 @@ def test_auto_chunk_size_counts_the_rows_one_device_holds():
 
     assert re.search(r"known_trip_count\W+n\W+8\b", compiled(None))
     assert " while(" not in compiled(sh.make_mesh("data=8"))
+
+
+def test_chunked_loss_keeps_forward_mode_under_a_mesh(lab):
+    # lm_loss(implementation="chunked") supports jax.jvp; the token lookup's layout constraint
+    # must not take that away under a mesh.
+    from eqzoo.train import lm_loss
+
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    model = sh.shard(lab.make_model("gpt2"), mesh)
+    batch = sh.shard_batch(lab.make_batch(), mesh)
+    x = model.final_norm.weight
+
+    def loss(w):
+        m = eqx.tree_at(lambda m: m.final_norm.weight, model, w)
+        return lm_loss(m, batch, implementation="chunked")[0]
+
+    with sh.activation_sharding(mesh):
+        value, tangent = jax.jvp(loss, (x,), (jnp.ones_like(x),))
+    ref_value, ref_tangent = jax.jvp(loss, (x,), (jnp.ones_like(x),))  # no mesh context
+    assert abs(float(value) - float(ref_value)) < 1e-5
+    assert abs(float(tangent) - float(ref_tangent)) < 1e-4

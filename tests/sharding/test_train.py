@@ -95,12 +95,10 @@ def _step_all_gathers(lab, mesh_spec: str, seq: int, vmap) -> float:
 def test_fsdp_layers_gather_weights_not_activations(lab):
     # Under FSDP each layer should gather its weights (a size independent of the sequence) and
     # keep the batch split. With eqzoo.sharding.batch_vmap (as eqzoo's losses use) the layer
-    # loops all-gather the same bytes at seq 64 and 128; with plain jax.vmap, XLA's partitioner
-    # un-shards the batch and gathers activations, which double with the sequence.
+    # loops all-gather the same bytes at seq 64 and 128. (With plain jax.vmap, XLA 0.10's
+    # partitioner un-sharded the batch and gathered activations, which doubled with the sequence.)
     pinned = [_step_all_gathers(lab, "fsdp=8", seq, sh.batch_vmap) for seq in (64, 128)]
-    free = [_step_all_gathers(lab, "fsdp=8", seq, jax.vmap) for seq in (64, 128)]
     assert pinned[0] > 0 and pinned[0] == pinned[1], pinned
-    assert free[1] > 1.5 * free[0] and free[0] > pinned[0], free
 
 
 def test_bf16_step_moves_weights_and_gradients_in_bf16(lab, tmp_path):
