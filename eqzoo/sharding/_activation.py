@@ -8,6 +8,7 @@ and only inside `with activation_sharding(mesh):` does that become
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import ShardingError
 from ._mesh import _BATCH_AXES
+from ._rules import _entry_axes
 
 ACTIVATION_RULES: dict[str, P] = {
     # One sequence's hidden states, (seq, embed): replicated across `fsdp` (weights are
@@ -122,19 +124,14 @@ def _drop_missing(spec: P, mesh: Mesh) -> P:
     def keep(entry):
         if entry is None or entry is P.UNCONSTRAINED:
             return entry
-        axes = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a in mesh.shape)
+        axes = tuple(a for a in _entry_axes(entry) if a in mesh.shape)
         return None if not axes else axes[0] if len(axes) == 1 else axes
 
     return P(*(keep(e) for e in spec))
 
 
 def _spec_axes(spec: P) -> list[str]:
-    out = []
-    for entry in spec:
-        if entry is None or entry is P.UNCONSTRAINED:
-            continue
-        out.extend(entry if isinstance(entry, tuple) else (entry,))
-    return out
+    return [a for entry in spec for a in _entry_axes(entry)]
 
 
 def constrain(x: jax.Array, name: str) -> jax.Array:
@@ -153,14 +150,8 @@ def constrain(x: jax.Array, name: str) -> jax.Array:
 
     **Returns:** `x`, with a sharding constraint attached when one applies.
     """
-    active = _ACTIVE.get()
-    if active is None:
-        return x
-    mesh, rules = active
-    spec = rules.get(name)
-    if spec is None:
-        return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fitting(spec, x.shape, mesh)))
+    sharding = _active_sharding(x, name)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def constrain_forward(x: jax.Array, name: str) -> jax.Array:
@@ -172,11 +163,16 @@ def constrain_forward(x: jax.Array, name: str) -> jax.Array:
     forcing its partial sums to be all-reduced there, before XLA can add them to the weight's
     other gradient contributions (a tied embedding's head) and reduce once.
     """
+    sharding = _active_sharding(x, name)
+    return x if sharding is None else _forward_only(x, sharding)
+
+
+def _active_sharding(x: jax.Array, name: str) -> NamedSharding | None:
+    # The sharding the active rule for `name` gives `x`; None outside activation_sharding or for
+    # a name the rules do not mention.
     active = _ACTIVE.get()
-    if active is None or active[1].get(name) is None:
-        return x
-    mesh, rules = active
-    return _forward_only(x, NamedSharding(mesh, _fitting(rules[name], x.shape, mesh)))
+    spec = None if active is None else active[1].get(name)
+    return None if spec is None else NamedSharding(active[0], _fitting(spec, x.shape, active[0]))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -197,9 +193,6 @@ def _fitting(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
     # than failing: a rule is a layout hint for every model that uses the name.
     out = []
     for dim, entry in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-        axes = () if entry is None or entry is P.UNCONSTRAINED else (entry if isinstance(entry, tuple) else (entry,))
-        n = 1
-        for a in axes:
-            n *= int(mesh.shape[a])
+        n = math.prod(int(mesh.shape[a]) for a in _entry_axes(entry))
         out.append(P.UNCONSTRAINED if n > 1 and shape[dim] % n else entry)
     return P(*out)
