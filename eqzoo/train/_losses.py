@@ -7,7 +7,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._fused_ce import auto_chunk_size, fused_cross_entropy
+from ._fused_ce import _constrain, _layout, auto_chunk_size, fused_cross_entropy
 
 
 def cross_entropy(
@@ -63,6 +63,26 @@ def _chunked_nll(features, head, targets, chunk_size):
     return nll[:seq]
 
 
+def _chunked_batch_nll(features, head, targets, chunk_size):
+    """`_chunked_nll` of every sequence. Under a mesh, each batch shard gets its own copy of the
+    head (a broadcast `(shards, vocab, embed)`, split over the batch axes), so the backward
+    pass accumulates one head gradient per shard through the chunks and sums them once at the
+    end; with one shared head, XLA all-reduced the whole head gradient in every chunk."""
+    layout = _layout(targets.shape[0], head.shape[0])
+    rows = targets.shape[0] // (1 if layout is None else layout.shards)
+    chunk = auto_chunk_size(rows, targets.shape[1], head.shape[0]) if chunk_size is None else chunk_size
+    chunk = min(chunk, targets.shape[1])
+    per_sequence = jax.vmap(lambda h, f, t: _chunked_nll(f, h, t, chunk), in_axes=(None, 0, 0))
+    if layout is None:
+        return per_sequence(head, features, targets)
+    s = layout.shards
+    heads = _constrain(jnp.broadcast_to(head, (s, *head.shape)), layout, layout.batch_axes, layout.vocab_axis, None)
+    f = features.reshape(s, -1, *features.shape[1:])
+    t = targets.reshape(s, -1, targets.shape[1])
+    nll = jax.vmap(per_sequence, spmd_axis_name=layout.batch_axes)(heads, f, t)
+    return nll.reshape(targets.shape)
+
+
 def _batch_vmap(fn):
     # eqzoo.sharding.batch_vmap: under a mesh the batch axis is pinned to data x fsdp (imported
     # here: eqzoo.sharding imports eqzoo.train).
@@ -99,7 +119,8 @@ def lm_loss(
           whole batch's float32 logits never exist, and no logits are recomputed.
         - `"chunked"`: logits formed chunk by chunk under `jax.checkpoint` and recomputed in
           the backward pass (one more matrix product than `"fused"`; supports forward-mode
-          differentiation). Under a mesh it all-reduces the head gradient once per chunk.
+          differentiation). Under a mesh each batch shard accumulates its own head gradient,
+          summed once after the last chunk, as in `"fused"`.
         - `"full"`: `eqzoo.sharding.batch_vmap(model)(tokens)` then [`eqzoo.train.cross_entropy`][] on the whole
           batch's logits (the plain reference path).
     - `chunk_size`: positions per sequence in one chunk for `"fused"`/`"chunked"` (default:
@@ -133,8 +154,7 @@ def lm_loss(
         if implementation == "fused":
             total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)
         else:
-            chunk = auto_chunk_size(*targets.shape, head.shape[0]) if chunk_size is None else chunk_size
-            nll = jax.vmap(lambda f, t: _chunked_nll(f, head, t, min(chunk, t.shape[0])))(feats, targets)
+            nll = _chunked_batch_nll(feats, head, targets, chunk_size)
             total = jnp.sum(nll if w is None else nll * w)
         nll_mean = total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
     count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
