@@ -1,7 +1,8 @@
 """eqzoo: an Equinox-native model zoo and training library for JAX.
 
 Subpackages: `eqzoo.nn`, `eqzoo.models`, `eqzoo.train`, `eqzoo.data`, `eqzoo.generation`,
-`eqzoo.perf`. Optional extras are imported explicitly: `eqzoo.hf`, `eqzoo.bayes`, `eqzoo.sciml`.
+`eqzoo.perf`. Imported explicitly: `eqzoo.checkpoint`, `eqzoo.sharding`, `eqzoo.peft` (LoRA),
+`eqzoo.quant` (int8), and the optional extras `eqzoo.hf`, `eqzoo.bayes`, `eqzoo.sciml`.
 """
 
 import warnings as _warnings

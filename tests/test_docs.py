@@ -18,6 +18,8 @@ PACKAGES = [
     "eqzoo.sharding",
     "eqzoo.perf",
     "eqzoo.hf",
+    "eqzoo.peft",
+    "eqzoo.quant",
     "eqzoo.sciml",
     "eqzoo.bayes",
 ]

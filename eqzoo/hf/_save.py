@@ -14,6 +14,7 @@ from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
 from ..models import GPT2, Llama
+from ..nn import AbstractLinear
 from ._config import config_to_hf
 from ._errors import HFFormatError
 from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -78,6 +79,20 @@ def _write_json(file: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, file)
 
 
+def _check_plain_linears(model) -> None:
+    # The Hugging Face layout has one dense weight per projection: a LoRA adapter or an int8
+    # weight would be dropped or misread, so refuse with the fix instead.
+    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, AbstractLinear))[0]
+    odd = sorted({f"{jax.tree_util.keystr(tuple(p), simple=True, separator='.')} ({type(x).__name__})"
+                  for p, x in leaves if isinstance(x, AbstractLinear)})
+    if odd:
+        raise HFFormatError(
+            f"save_pretrained writes dense weights, but these layers are not plain linear layers: {odd}. "
+            "Fold LoRA adapters in with eqzoo.peft.merge(model) (or save them alone with "
+            "eqzoo.peft.save_adapters), and turn int8 layers back with eqzoo.quant.dequantize(model)."
+        )
+
+
 @no_type_check  # arguments are validated inside, with messages that say what is supported
 def save_pretrained(
     model: GPT2 | Llama,
@@ -109,6 +124,7 @@ def save_pretrained(
     """
     if not isinstance(model, GPT2 | Llama):
         raise HFFormatError(f"save_pretrained exports eqzoo GPT2 and Llama models; got {type(model).__name__}.")
+    _check_plain_linears(model)
     safetensors_numpy = require("safetensors.numpy", "hf")
     dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     config = model.config

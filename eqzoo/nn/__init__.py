@@ -12,9 +12,19 @@ from ._attention import (
 from ._block import TransformerBlock as TransformerBlock
 from ._conv import ConvBlock as ConvBlock, ResidualBlock as ResidualBlock
 from ._embedding import Embedding as Embedding
-from ._linear import apply_linear as apply_linear, init_linear as init_linear
+from ._linear import (
+    AbstractLinear as AbstractLinear,
+    apply_linear as apply_linear,
+    init_linear as init_linear,
+    linear_dtype as linear_dtype,
+)
 from ._mlp import MLP as MLP, SwiGLU as SwiGLU
 from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
+from ._replace import (
+    Targets as Targets,
+    linear_paths as linear_paths,
+    replace_linears as replace_linears,
+)
 from ._rope import RopeScaling as RopeScaling, RotaryEmbedding as RotaryEmbedding
 from ._stacked import (
     REMAT_POLICIES as REMAT_POLICIES,
@@ -27,6 +37,7 @@ from ._stacked import (
 )
 
 __all__ = [
+    "AbstractLinear",
     "Attention",
     "AttentionBackend",
     "ConvBlock",
@@ -44,10 +55,14 @@ __all__ = [
     "RotaryEmbedding",
     "Stacked",
     "SwiGLU",
+    "Targets",
     "TransformerBlock",
     "apply_linear",
     "init_linear",
+    "linear_dtype",
+    "linear_paths",
     "remat_policy",
+    "replace_linears",
     "resolve_backend",
     "resolve_scan",
 ]

@@ -10,7 +10,7 @@ from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._linear import apply_linear, init_linear
+from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._rope import RopeScaling, RotaryEmbedding
 
 AttentionBackend = Literal["xla", "cudnn", "auto"]
@@ -74,10 +74,10 @@ class Attention(eqx.Module):
     einsum-softmax-einsum program (`backend`).
     """
 
-    q_proj: eqx.nn.Linear
-    k_proj: eqx.nn.Linear
-    v_proj: eqx.nn.Linear
-    o_proj: eqx.nn.Linear
+    q_proj: eqx.nn.Linear | AbstractLinear
+    k_proj: eqx.nn.Linear | AbstractLinear
+    v_proj: eqx.nn.Linear | AbstractLinear
+    o_proj: eqx.nn.Linear | AbstractLinear
     rope: RotaryEmbedding | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
@@ -179,7 +179,7 @@ class Attention(eqx.Module):
 
     def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
         """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions (dtype defaults to the params')."""
-        dtype = self.q_proj.weight.dtype if dtype is None else dtype
+        dtype = linear_dtype(self.q_proj) if dtype is None else dtype
         shape = (max_seq, self.num_kv_heads, self.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 

@@ -6,14 +6,14 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
 from .._typing import PRNGKey
-from ._linear import apply_linear, init_linear
+from ._linear import AbstractLinear, apply_linear, init_linear
 
 
 class MLP(eqx.Module):
     """`down(gelu(up(x)))`, applied to each position (the GPT-2 feed-forward block)."""
 
-    up: eqx.nn.Linear
-    down: eqx.nn.Linear
+    up: eqx.nn.Linear | AbstractLinear
+    down: eqx.nn.Linear | AbstractLinear
     approximate_gelu: bool = eqx.field(static=True)
 
     def __init__(
@@ -48,9 +48,9 @@ class MLP(eqx.Module):
 class SwiGLU(eqx.Module):
     """`down(silu(gate(x)) * up(x))` (Shazeer, 2020, "GLU Variants Improve Transformer")."""
 
-    gate: eqx.nn.Linear
-    up: eqx.nn.Linear
-    down: eqx.nn.Linear
+    gate: eqx.nn.Linear | AbstractLinear
+    up: eqx.nn.Linear | AbstractLinear
+    down: eqx.nn.Linear | AbstractLinear
 
     def __init__(
         self,

@@ -28,14 +28,22 @@ _TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     # Vocab-parallel embedding / output head, FSDP over the embedding dimension.
     (r"^(embed|lm_head)\.weight$", P("tensor", "fsdp")),
     # Column-parallel: outputs (heads, MLP hidden units) split over `tensor`, inputs over `fsdp`.
-    (r"attn\.(q|k|v)_proj\.weight$", P(None, "tensor", "fsdp")),
-    (r"attn\.(q|k|v)_proj\.bias$", P(None, "tensor")),
-    (r"mlp\.(up|gate)\.weight$", P(None, "tensor", "fsdp")),
-    (r"mlp\.(up|gate)\.bias$", P(None, "tensor")),
+    # A projection wrapped by eqzoo.peft (`q_proj.base.weight`) or quantized by eqzoo.quant
+    # (int8 `weight`, per-output-channel `scale`) keeps its base weight's layout.
+    (r"attn\.(q|k|v)_proj\.(base\.)*weight$", P(None, "tensor", "fsdp")),
+    (r"attn\.(q|k|v)_proj\.(base\.)*(bias|scale)$", P(None, "tensor")),
+    (r"mlp\.(up|gate)\.(base\.)*weight$", P(None, "tensor", "fsdp")),
+    (r"mlp\.(up|gate)\.(base\.)*(bias|scale)$", P(None, "tensor")),
     # Row-parallel: inputs split over `tensor` (one all-reduce after the layer), outputs over
     # `fsdp`. Their biases, and the norms, are small: replicated.
-    (r"attn\.o_proj\.weight$", P(None, "fsdp", "tensor")),
-    (r"mlp\.down\.weight$", P(None, "fsdp", "tensor")),
+    (r"attn\.o_proj\.(base\.)*weight$", P(None, "fsdp", "tensor")),
+    (r"mlp\.down\.(base\.)*weight$", P(None, "fsdp", "tensor")),
+    # LoRA factors (rank r is tiny): the column-parallel `lora_b` (layers, out, r) is split like
+    # its layer's outputs and the row-parallel `lora_a` (layers, r, in) like its inputs, so the
+    # adapter's output has the base output's layout; the other factors are replicated.
+    (r"attn\.(q|k|v)_proj\.lora_b$", P(None, "tensor", None)),
+    (r"mlp\.(up|gate)\.lora_b$", P(None, "tensor", None)),
+    (r"(attn\.o_proj|mlp\.down)\.lora_a$", P(None, None, "tensor")),
 )
 
 GPT2_RULES: tuple[tuple[str, P], ...] = (

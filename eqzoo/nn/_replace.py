@@ -1,0 +1,96 @@
+"""Find the linear layers of a model by path and swap them: what LoRA and quantization build on."""
+
+import re
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax
+
+from .._errors import ConfigError
+from ._linear import AbstractLinear
+
+Targets = str | Sequence[str] | None
+"""Which linear layers to touch: `None` (all of them), or one or more regexes searched
+(`re.search`) in each layer's dotted path, e.g. `"q_proj|v_proj"` or `["attn", r"mlp\\.up$"]`."""
+
+
+def _is_linear(x) -> bool:
+    return isinstance(x, eqx.nn.Linear | AbstractLinear)
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+
+
+def linear_paths(model) -> list[str]:
+    """The dotted paths of every linear layer in `model` (`equinox.nn.Linear`s and
+    [`eqzoo.nn.AbstractLinear`][]s, outermost only), in tree order:
+    `blocks.layers.attn.q_proj`, ... A layer inside a [`eqzoo.nn.Stacked`][] appears once, for
+    all its stacked copies."""
+    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_linear)[0]
+    return [_path_str(p) for p, leaf in leaves if _is_linear(leaf)]
+
+
+def _compile_targets(targets: Targets, what: str) -> list[re.Pattern] | None:
+    if targets is None:
+        return None
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns or not all(isinstance(t, str) for t in patterns):
+        raise ConfigError(f"{what}: targets must be None, a regex string or a list of them; got {targets!r}.")
+    compiled = []
+    for t in patterns:
+        try:
+            compiled.append(re.compile(t))
+        except re.error as err:
+            raise ConfigError(f"{what}: target regex {t!r} does not compile: {err}.") from err
+    return compiled
+
+
+def replace_linears(
+    model,
+    fn: Callable[[str, eqx.nn.Linear | AbstractLinear], eqx.Module],
+    *,
+    targets: Targets = None,
+    kinds: tuple[type, ...] = (eqx.nn.Linear,),
+    what: str = "replace_linears",
+):
+    """A copy of `model` with `fn(path, layer)` in place of each selected linear layer.
+
+    **Arguments:**
+
+    - `model`: any pytree of Equinox modules.
+    - `fn`: called with the layer's dotted path and the layer; returns its replacement. Inside a
+      [`eqzoo.nn.Stacked`][] the layer's arrays carry the stacked layer axis first
+      (`weight` is `(layers, out, in)`), and so must the replacement's.
+    - `targets`: `None` (every layer of the given `kinds`) or regexes searched in the paths.
+    - `kinds`: the layer types that may be replaced; selected layers of another type are an
+      error (e.g. LoRA on a layer that already has an adapter).
+    - `what`: the name errors use.
+
+    **Returns:** the new model. **Raises:** `ConfigError` if a target regex matches no linear
+    layer (the message lists the paths there are) or matches a layer not in `kinds`.
+    """
+    compiled = _compile_targets(targets, what)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_linear)
+    paths = [_path_str(p) if _is_linear(leaf) else None for p, leaf in leaves]
+    linear = [p for p in paths if p is not None]
+    if compiled is not None:
+        unused = [c.pattern for c in compiled if not any(c.search(p) for p in linear)]
+        if unused:
+            raise ConfigError(
+                f"{what}: target(s) {unused} match no linear layer; the model's linear layers are "
+                f"{linear or 'none'}."
+            )
+    new = []
+    for (_, leaf), path in zip(leaves, paths, strict=True):
+        chosen = path is not None and (compiled is None or any(c.search(path) for c in compiled))
+        if chosen and not isinstance(leaf, kinds):
+            if compiled is None:
+                new.append(leaf)  # "all layers" skips the ones of other kinds
+                continue
+            raise ConfigError(
+                f"{what}: {path} is a {type(leaf).__name__}, not one of "
+                f"{[k.__name__ for k in kinds]}; narrow the targets or undo the earlier change first."
+            )
+        new.append(fn(path, leaf) if chosen else leaf)
+    return jax.tree_util.tree_unflatten(treedef, new)

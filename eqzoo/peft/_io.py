@@ -1,0 +1,104 @@
+"""Saving and loading LoRA adapters alone: a file of megabytes beside a base model of gigabytes."""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+
+from .._errors import require
+from ..checkpoint import CheckpointMismatchError, load_weights, save_weights
+from ..nn import Targets
+from ._lora import LoRALinear, adapter_filter
+
+_KEY = "eqzoo.peft"
+
+
+def _scalings(model) -> dict[str, float]:
+    # Each adapter's static scaling (alpha / rank), by layer path: not an array, so not in the
+    # tensors, but loading adapters under another scaling would change the model silently.
+    flat = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, LoRALinear))[0]
+    return {
+        jax.tree_util.keystr(tuple(p), simple=True, separator="."): x.scaling
+        for p, x in flat
+        if isinstance(x, LoRALinear)
+    }
+
+
+def save_adapters(
+    model, path: str | os.PathLike, *, also: Targets = None, metadata: dict[str, str] | None = None
+) -> None:
+    """Write only the LoRA factors of `model` (and nothing of the base model) to a safetensors
+    file, with each adapter's scaling in the header; see [`eqzoo.checkpoint.save_weights`][] for
+    the file format (per-tensor CRC-32, written atomically).
+
+    **Arguments:**
+
+    - `model`: an adapted model.
+    - `path`: the `.safetensors` file.
+    - `also`: the same `also` regexes the model was trained with (see
+      [`eqzoo.peft.adapter_filter`][]), so parameters trained beside the adapters (norms, say)
+      are saved with them; recorded in the header, and [`eqzoo.peft.load_adapters`][] reads them.
+    - `metadata`: extra string pairs for the header.
+    """
+    adapters = eqx.filter(model, adapter_filter(model, also=also))
+    also_list = None if also is None else ([also] if isinstance(also, str) else list(also))
+    header = {_KEY: json.dumps({"scaling": _scalings(model), "also": also_list}), **(metadata or {})}
+    save_weights(adapters, path, metadata=header)
+
+
+def _header(path) -> dict:
+    safetensors = require("safetensors", "hf")
+    try:
+        with safetensors.safe_open(str(Path(path)), framework="numpy") as f:
+            header = f.metadata() or {}
+    except Exception:
+        return {}  # load_weights reports the missing or corrupt file
+    try:
+        info = json.loads(header[_KEY])
+        return info if isinstance(info, dict) and isinstance(info.get("scaling"), dict) else {"bad": True}
+    except (KeyError, ValueError):
+        return {"bad": True}
+
+
+def load_adapters(model, path: str | os.PathLike) -> Any:
+    """`model` with its LoRA factors (and any parameters saved with them through `also`) read
+    from a file written by [`eqzoo.peft.save_adapters`][].
+
+    `model` must be adapted the same way as the saved one (same targets, rank and alpha:
+    `eqzoo.peft.lora(base, rank=..., alpha=..., targets=..., key=...)`); its base weights are kept.
+
+    **Raises:** `CheckpointMismatchError` if the adapters' layers, shapes or scalings differ
+    (the message lists each), or the file was not written by `save_adapters`;
+    `CheckpointNotFoundError` / `CheckpointCorruptError` as [`eqzoo.checkpoint.load_weights`][]
+    does.
+    """
+    info = _header(path)
+    if info.get("bad"):
+        raise CheckpointMismatchError(
+            f"{path} has no LoRA scalings in its header; it was not written by eqzoo.peft.save_adapters."
+        )
+    adapters, rest = eqx.partition(model, adapter_filter(model, also=info.get("also")))
+    try:
+        loaded = load_weights(adapters, path)  # checks names, shapes, dtypes and CRCs
+    except CheckpointMismatchError as err:
+        message = str(err).replace("\nPass cast=True to convert dtypes.", "")
+        raise CheckpointMismatchError(
+            f"{message}\nAdapt the model with the targets and rank the adapters were trained with "
+            "(eqzoo.peft.lora(base, rank=..., targets=...))."
+        ) from err
+    saved, ours = info["scaling"], _scalings(model)
+    problems = [
+        f"{name}: the file's adapter has scaling {saved[name]}, the model's {ours[name]}"
+        for name in ours
+        if name in saved and abs(saved[name] - ours[name]) > 1e-12 * max(1.0, abs(ours[name]))
+    ]
+    if problems:
+        raise CheckpointMismatchError(
+            f"adapters in {path} do not fit the model:\n- " + "\n- ".join(problems)
+            + "\nBuild the adapters with the alpha and rank they were trained with "
+            "(eqzoo.peft.lora(..., rank=..., alpha=..., use_rslora=...))."
+        )
+    return eqx.combine(loaded, rest)

@@ -1,0 +1,258 @@
+"""LoRA: a frozen linear layer plus a trainable low-rank update, `W x + (alpha / r) B A x`.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021). `A` is `(r, in)`, drawn
+from N(0, 1/in); `B` is `(out, r)`, zero, so a freshly adapted model computes exactly what the
+base model does. With `use_rslora=True` the update is scaled by `alpha / sqrt(r)` instead
+(Kalajdzievski, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023).
+"""
+
+import math
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .._errors import ConfigError
+from .._typing import PRNGKey
+from ..nn import AbstractLinear, Targets, apply_linear, linear_dtype, replace_linears
+
+
+def _lead(layer: eqx.nn.Linear | AbstractLinear) -> tuple[int, ...]:
+    # The stacked layer axes in front of (out, in): () for a plain layer, (layers,) in a Stacked.
+    if isinstance(layer, eqx.nn.Linear):
+        return tuple(layer.weight.shape[:-2])
+    leaves = [x for x in jax.tree.leaves(layer) if eqx.is_array(x) and x.ndim >= 2]
+    return tuple(leaves[0].shape[:-2]) if leaves else ()
+
+
+class LoRALinear(AbstractLinear):
+    """A linear layer with a low-rank adapter: `base(x) + scaling * (x @ lora_a.T) @ lora_b.T`.
+
+    `base` is any linear layer (an `equinox.nn.Linear`, or e.g. an
+    [`eqzoo.quant.QuantizedLinear`][] for int8 base weights) and is meant to stay frozen;
+    `lora_a` `(rank, in)` and `lora_b` `(out, rank)` are the trainable factors. Inside a
+    [`eqzoo.nn.Stacked`][] every array carries the stacked layer axis first. Build it with
+    [`eqzoo.peft.lora`][] rather than by hand.
+    """
+
+    base: eqx.nn.Linear | AbstractLinear
+    lora_a: Float[Array, "*layers rank in"]
+    lora_b: Float[Array, "*layers out rank"]
+    scaling: float = eqx.field(static=True)
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+
+    def __init__(
+        self,
+        base: eqx.nn.Linear | AbstractLinear,
+        *,
+        rank: int,
+        alpha: int | float | None = None,
+        use_rslora: bool = False,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:**
+
+        - `base`: the layer to adapt (its arrays may carry leading stacked-layer axes).
+        - `rank`: the adapter's rank `r` (at least 1).
+        - `alpha`: the update's scale numerator (default `rank`, i.e. scaling 1).
+        - `use_rslora`: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
+        - `dtype`: the factors' dtype (default: the base layer's floating dtype).
+        - `key`: draws `lora_a`.
+        """
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        in_features, out_features = base.in_features, base.out_features
+        if not (isinstance(in_features, int) and isinstance(out_features, int)):
+            raise ConfigError(
+                f"LoRA adapts layers with integer in/out features; got in_features={in_features!r}, "
+                f"out_features={out_features!r} (equinox's 'scalar' features are not supported)."
+            )
+        alpha = float(rank if alpha is None else alpha)
+        dtype = linear_dtype(base) if dtype is None else dtype
+        lead = _lead(base)
+        self.base = base
+        std = 1.0 / math.sqrt(in_features)
+        self.lora_a = std * jax.random.normal(key, (*lead, rank, in_features), dtype=dtype)
+        self.lora_b = jnp.zeros((*lead, out_features, rank), dtype=dtype)
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank `r`."""
+        return self.lora_a.shape[-2]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The base layer's floating dtype."""
+        return linear_dtype(self.base)
+
+    def apply(self, x: Float[Array, "*shape in"]) -> Float[Array, "*shape out"]:
+        """`base(x)` plus the low-rank update, over the last axis of `x`, in `x`'s dtype."""
+        h = x @ self.lora_a.T.astype(x.dtype)  # (*shape, rank)
+        update = (h @ self.lora_b.T.astype(x.dtype)) * jnp.asarray(self.scaling, x.dtype)
+        return apply_linear(self.base, x) + update
+
+    def as_linear(self) -> eqx.nn.Linear:
+        """The base layer with the update folded into its weight: `W + scaling * lora_b @ lora_a`
+        (summed in float32, stored in the base weight's dtype). A base with no dense
+        equivalent raises `ConfigError`."""
+        base = _dense(self.base)
+        weight = (base.weight.astype(jnp.float32) + self.delta()).astype(base.weight.dtype)
+        return eqx.tree_at(lambda lin: lin.weight, base, weight)
+
+    def delta(self) -> Float[Array, "*layers out in"]:
+        """The dense update `scaling * lora_b @ lora_a` (float32), with any stacked axes."""
+        a = self.lora_a.astype(jnp.float32)
+        b = self.lora_b.astype(jnp.float32)
+        return self.scaling * jnp.einsum("...or,...ri->...oi", b, a)
+
+
+def lora(
+    model,
+    *,
+    rank: int = 8,
+    alpha: int | float | None = None,
+    targets: Targets = None,
+    use_rslora: bool = False,
+    dtype=None,
+    key: PRNGKey,
+):
+    """A copy of `model` with a [`eqzoo.peft.LoRALinear`][] adapter on each selected linear layer.
+
+    The adapted model computes exactly what `model` does until the adapters are trained (`lora_b`
+    starts at zero). Train only the adapters with
+    `TrainState.create(adapted, optimizer, trainable=eqzoo.peft.adapter_filter(adapted), key=...)`,
+    then fold them in with [`eqzoo.peft.merge`][] or save them alone with
+    [`eqzoo.peft.save_adapters`][].
+
+    **Arguments:**
+
+    - `model`: any model whose linear layers are `equinox.nn.Linear`s or
+      [`eqzoo.nn.AbstractLinear`][]s applied through [`eqzoo.nn.apply_linear`][] (every eqzoo
+      model) or called directly (`equinox.nn.MLP`).
+    - `rank`, `alpha`, `use_rslora`, `dtype`: see [`eqzoo.peft.LoRALinear`][]. Default scaling
+      `alpha / rank = 1`.
+    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every linear layer (as QLoRA
+      recommends), or regexes searched in the dotted paths that
+      [`eqzoo.nn.linear_paths`][] lists, e.g. `"q_proj|v_proj"` or `r"attn\\."`.
+    - `key`: split into one key per adapted layer (stacked layers draw one factor per depth).
+
+    **Returns:** the adapted model. **Raises:** `ConfigError` for a bad rank, a target that
+    matches no linear layer, or a target layer that already has an adapter.
+    """
+    kinds = (eqx.nn.Linear, AbstractLinear)
+    selected = _selected(model, targets, kinds)
+    already = [path for path, layer in selected if isinstance(layer, LoRALinear)]
+    if already:
+        raise ConfigError(
+            f"lora: {already} already have LoRA adapters; merge them first (eqzoo.peft.merge) or "
+            "narrow the targets."
+        )
+    keys = iter(jax.random.split(key, max(len(selected), 1)))
+
+    def adapt(path, layer):
+        return LoRALinear(layer, rank=rank, alpha=alpha, use_rslora=use_rslora, dtype=dtype, key=next(keys))
+
+    return replace_linears(model, adapt, targets=targets, kinds=kinds, what="lora")
+
+
+def _selected(model, targets: Targets, kinds) -> list[tuple[str, eqx.Module]]:
+    # (path, layer) of the linear layers `targets` picks, without changing anything.
+    found: list[tuple[str, eqx.Module]] = []
+
+    def record(path, layer):
+        found.append((path, layer))
+        return layer
+
+    replace_linears(model, record, targets=targets, kinds=kinds, what="lora")
+    return found
+
+
+def _is_lora(x) -> bool:
+    return isinstance(x, LoRALinear)
+
+
+def adapter_filter(model, *, also: Targets = None):
+    """An `eqx.partition` filter spec (a pytree of bools like `model`) that is `True` on every
+    LoRA factor (`lora_a`, `lora_b`) and `False` elsewhere: pass it as
+    `TrainState.create(..., trainable=...)` so the optimizer holds state for the adapters only.
+
+    **Arguments:** `model`, an adapted model; `also`, regexes searched in parameter paths
+    (`final_norm.weight`, `blocks.layers.attn_norm.bias`, ...) whose floating-point leaves are trained
+    too (e.g. `"norm"`). **Raises:** `ConfigError` if the model has no adapters or `also`
+    matches no parameter.
+    """
+    if not any(_is_lora(x) for x in jax.tree.leaves(model, is_leaf=_is_lora)):
+        raise ConfigError("adapter_filter: the model has no LoRA adapters; add them with eqzoo.peft.lora first.")
+
+    def on_adapters(layer: LoRALinear):
+        return jax.tree.map(lambda x: x is layer.lora_a or x is layer.lora_b, layer)
+
+    spec = jax.tree.map(lambda x: on_adapters(x) if _is_lora(x) else False, model, is_leaf=_is_lora)
+    if also is None:
+        return spec
+    patterns = [also] if isinstance(also, str) else list(also)
+    compiled = [re.compile(p) for p in patterns]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(model)
+    spec_leaves = treedef.flatten_up_to(spec)
+    used = set()
+    out = []
+    for (path, leaf), s in zip(flat, spec_leaves, strict=True):
+        name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+        hit = [c.pattern for c in compiled if c.search(name)]
+        floating = eqx.is_inexact_array(leaf)
+        if hit and floating:
+            used.update(hit)
+        out.append(s or (bool(hit) and floating))
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        raise ConfigError(f"adapter_filter: also={unused} match no floating-point parameter path.")
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _dense(layer: eqx.nn.Linear | AbstractLinear) -> eqx.nn.Linear:
+    if isinstance(layer, eqx.nn.Linear):
+        return layer
+    try:
+        return layer.as_linear()
+    except NotImplementedError as err:
+        raise ConfigError(
+            f"merge: an adapter's base is a {type(layer).__name__}, which has no dense "
+            "equinox.nn.Linear equivalent to fold the update into."
+        ) from err
+
+
+def merge(model):
+    """A copy of `model` with every [`eqzoo.peft.LoRALinear`][] folded into a plain
+    `equinox.nn.Linear` whose weight is `W + scaling * lora_b @ lora_a` (in the base weight's
+    dtype; summed in float32). The merged model computes what the adapted one does and runs at
+    the base model's speed; it can be exported with `eqzoo.hf.save_pretrained`.
+
+    A quantized base (`eqzoo.quant.QuantizedLinear`) is dequantized first, so the merged layer
+    is floating point; quantize the merged model again with `eqzoo.quant.quantize` if wanted.
+
+    **Raises:** `ConfigError` if the model has no adapters.
+    """
+    layers = [x for x in jax.tree.leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    if not layers:
+        raise ConfigError("merge: the model has no LoRA adapters (nothing to merge).")
+
+    return jax.tree.map(lambda x: x.as_linear() if _is_lora(x) else x, model, is_leaf=_is_lora)
+
+
+def unwrap(model):
+    """A copy of `model` with every [`eqzoo.peft.LoRALinear`][] replaced by its base layer: the
+    adapters are dropped (the base model back)."""
+    return jax.tree.map(lambda x: x.base if _is_lora(x) else x, model, is_leaf=_is_lora)
+
+
+def adapter_count(model) -> int:
+    """The number of scalar parameters in the model's LoRA factors."""
+    layers = [x for x in jax.tree.leaves(model, is_leaf=_is_lora) if _is_lora(x)]
+    return sum(int(x.lora_a.size + x.lora_b.size) for x in layers)

@@ -1,0 +1,33 @@
+"""Int8 weight-only quantization: post-training ([`eqzoo.quant.quantize`][]) and
+quantization-aware training with fake quantization ([`eqzoo.quant.prepare_qat`][]).
+
+Every selected `equinox.nn.Linear` becomes an [`eqzoo.quant.QuantizedLinear`][]: int8 codes
+with one float scale per output channel, about 4x smaller than float32 (2x than bfloat16).
+Activations, embeddings, norms and the output head stay floating; the quantized model runs
+anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded meshes,
+`eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
+"""
+
+from ._int8 import (
+    QMAX as QMAX,
+    dequantize_int8 as dequantize_int8,
+    fake_quantize as fake_quantize,
+    quantize_int8 as quantize_int8,
+)
+from ._linear import QuantizedLinear as QuantizedLinear
+from ._model import dequantize as dequantize, quantize as quantize
+from ._qat import FakeQuantLinear as FakeQuantLinear, prepare_qat as prepare_qat
+from ._size import size_report as size_report
+
+__all__ = [
+    "QMAX",
+    "FakeQuantLinear",
+    "QuantizedLinear",
+    "dequantize",
+    "dequantize_int8",
+    "fake_quantize",
+    "prepare_qat",
+    "quantize",
+    "quantize_int8",
+    "size_report",
+]

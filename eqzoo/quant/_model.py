@@ -1,0 +1,105 @@
+"""Whole-model int8 post-training quantization, and its inverse."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from .._errors import ConfigError
+from ..nn import AbstractLinear, Targets, linear_paths, replace_linears
+from ._linear import QuantizedLinear
+from ._qat import FakeQuantLinear
+
+
+def _is_quant(x) -> bool:
+    return isinstance(x, QuantizedLinear | FakeQuantLinear)
+
+
+def _selected(model, targets: Targets) -> list[tuple[str, eqx.Module]]:
+    # (path, layer) of the linear layers `targets` picks, of any kind, without changing anything
+    # (and with replace_linears' errors for targets that match nothing).
+    found: list[tuple[str, eqx.Module]] = []
+
+    def record(path, layer):
+        found.append((path, layer))
+        return layer
+
+    replace_linears(model, record, targets=targets, kinds=(eqx.nn.Linear, AbstractLinear), what="quantize")
+    return found
+
+
+def quantize(model, *, targets: Targets = None):
+    """A copy of `model` with each selected linear layer replaced by an int8
+    [`eqzoo.quant.QuantizedLinear`][] (weight-only post-training quantization).
+
+    Each `equinox.nn.Linear`'s weight is rounded to the nearest int8 code with one symmetric
+    scale per output channel, `scale = max|w| / 127` over the input axis (an all-zero row gets
+    scale 0); a [`eqzoo.quant.FakeQuantLinear`][] from [`eqzoo.quant.prepare_qat`][] becomes
+    the `QuantizedLinear` computing what it computed. Biases stay floating, and so does
+    everything that is not a linear layer: the token and position embeddings, the norms, and
+    the output head (GPT-2's head is tied to the embedding; Llama's `lm_head` is an embedding-
+    shaped matrix too), which keep their dtype. Activations are not quantized: every product
+    runs in the input's floating dtype.
+
+    Works on stacked layers (one scale per layer and channel), under `jax.jit`, and on an
+    abstract model (`eqx.filter_eval_shape`), e.g. to size a quantized model without building
+    it ([`eqzoo.quant.size_report`][]).
+
+    **Arguments:**
+
+    - `model`: any model whose linear layers are `equinox.nn.Linear`s applied through
+      [`eqzoo.nn.apply_linear`][] (every eqzoo model) or called directly (`equinox.nn.MLP`).
+    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every float linear layer,
+      or regexes searched in the dotted paths [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`.
+
+    **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
+    layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
+    the model is already quantized, or if a selected weight is not floating point.
+    """
+    selected = _selected(model, targets)
+    already = [p for p, x in selected if isinstance(x, QuantizedLinear)]
+    todo = [p for p, x in selected if isinstance(x, eqx.nn.Linear | FakeQuantLinear)]
+    if already and (targets is not None or not todo):
+        raise ConfigError(
+            f"quantize: {already} are already quantized (int8); quantizing twice would only lose "
+            "precision. Narrow the targets, or call eqzoo.quant.dequantize first."
+        )
+    if not todo:
+        wrapped = [p for p, x in selected if isinstance(x, AbstractLinear)]
+        hint = (
+            " Quantize before wrapping layers (for LoRA on an int8 base: "
+            "eqzoo.peft.lora(eqzoo.quant.quantize(model), ...))." if wrapped else ""
+        )
+        raise ConfigError(
+            "quantize: the model has no float linear layer to quantize; its linear layers are "
+            f"{[f'{p} ({type(x).__name__})' for p, x in selected] or 'none'}.{hint}"
+        )
+
+    def one(path, layer):
+        base = layer.base if isinstance(layer, FakeQuantLinear) else layer
+        if not jnp.issubdtype(base.weight.dtype, jnp.floating):
+            raise ConfigError(
+                f"quantize: {path} has a weight of dtype {base.weight.dtype}; only floating-point weights "
+                "are quantized. Leave it out of the targets."
+            )
+        return QuantizedLinear(base)
+
+    return replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
+
+
+def dequantize(model):
+    """A copy of `model` (or of one layer) with every [`eqzoo.quant.QuantizedLinear`][] turned
+    back into a float `equinox.nn.Linear` (`weight * scale`, in the original dtype), and every
+    [`eqzoo.quant.FakeQuantLinear`][] into an `equinox.nn.Linear` holding its fake-quantized
+    weight: in both cases the dense layer computing the same map. Use it to export a quantized
+    model (e.g. `eqzoo.hf.save_pretrained`, which writes dense weights) or to quantize again
+    differently; the rounding itself is not undone.
+
+    **Raises:** `ConfigError` if there is nothing to dequantize.
+    """
+    if not any(_is_quant(x) for x in jax.tree.leaves(model, is_leaf=_is_quant)):
+        paths = linear_paths(model)
+        raise ConfigError(
+            "dequantize: the model has no QuantizedLinear or FakeQuantLinear layer (nothing to "
+            f"dequantize); its linear layers are {paths or 'none'}."
+        )
+    return jax.tree.map(lambda x: x.as_linear() if _is_quant(x) else x, model, is_leaf=_is_quant)

@@ -1,0 +1,267 @@
+"""LoRA adapters: identity at init, only adapters train, merge/save/load exact, any model, any mesh."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqzoo
+from eqzoo import peft, sharding as sh
+from eqzoo.checkpoint import CheckpointMismatchError
+from eqzoo.train import TrainState, lm_loss, make_train_step
+
+PRESETS = ["tiny-gpt2", "tiny-llama"]
+
+
+def _model(preset="tiny-gpt2", **overrides):
+    return eqzoo.models.create(preset, key=jax.random.key(0), **overrides)
+
+
+def _batch(vocab, batch=4, seq=16, seed=0):
+    toks = np.random.default_rng(seed).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+    return {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
+
+
+def _host(x):
+    return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+
+def _with_random_b(model, key):
+    # Trained adapters have lora_b != 0; random ones exercise the update path exactly.
+    def rand(x):
+        if isinstance(x, peft.LoRALinear):
+            b = 0.05 * jax.random.normal(jax.random.fold_in(key, x.lora_b.size), x.lora_b.shape, x.lora_b.dtype)
+            return eqx.tree_at(lambda m: m.lora_b, x, b)
+        return x
+
+    return jax.tree.map(rand, model, is_leaf=lambda x: isinstance(x, peft.LoRALinear))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fresh_adapters_compute_the_base_model(preset):
+    model = _model(preset)
+    adapted = peft.lora(model, rank=4, key=jax.random.key(1))
+    tokens = jnp.arange(12, dtype=jnp.int32)
+    # lora_b starts at zero: the update is exactly 0.
+    np.testing.assert_array_equal(np.asarray(adapted(tokens)), np.asarray(model(tokens)))
+    paths = eqzoo.nn.linear_paths(model)
+    assert eqzoo.nn.linear_paths(adapted) == paths
+    layers = [x for x in jax.tree.leaves(adapted, is_leaf=lambda x: isinstance(x, peft.LoRALinear))
+              if isinstance(x, peft.LoRALinear)]
+    assert len(layers) == len(paths)
+    n = model.config.num_layers
+    assert peft.adapter_count(adapted) == sum(n * 4 * (x.in_features + x.out_features) for x in layers)
+
+
+def test_targets_pick_layers_by_path_and_bad_targets_say_what_exists():
+    adapted = peft.lora(_model("tiny-llama"), rank=2, targets="q_proj|v_proj", key=jax.random.key(1))
+    attn = adapted.blocks.layers.attn
+    assert isinstance(attn.q_proj, peft.LoRALinear) and isinstance(attn.v_proj, peft.LoRALinear)
+    assert isinstance(attn.k_proj, eqx.nn.Linear) and isinstance(adapted.blocks.layers.mlp.up, eqx.nn.Linear)
+    # stacked: one factor per layer
+    assert attn.q_proj.lora_a.shape == (2, 2, 64) and attn.q_proj.lora_b.shape == (2, 64, 2)
+    with pytest.raises(eqzoo._errors.ConfigError, match=r"match no linear layer.*blocks\.layers\.attn\.q_proj"):
+        peft.lora(_model(), targets="qproj", key=jax.random.key(1))
+    with pytest.raises(eqzoo._errors.ConfigError, match="already have LoRA adapters"):
+        peft.lora(adapted, targets="q_proj", key=jax.random.key(2))
+    with pytest.raises(eqzoo._errors.ConfigError, match="positive integer"):
+        peft.lora(_model(), rank=0, key=jax.random.key(1))
+    with pytest.raises(eqzoo._errors.ConfigError, match="does not compile"):
+        peft.lora(_model(), targets="(", key=jax.random.key(1))
+
+
+def test_scaling_alpha_and_rslora():
+    base = eqx.nn.Linear(8, 6, key=jax.random.key(0))
+    assert peft.LoRALinear(base, rank=4, key=jax.random.key(1)).scaling == 1.0
+    assert peft.LoRALinear(base, rank=4, alpha=16, key=jax.random.key(1)).scaling == 4.0
+    assert peft.LoRALinear(base, rank=4, alpha=16, use_rslora=True, key=jax.random.key(1)).scaling == 8.0
+    layer = _with_random_b(peft.LoRALinear(base, rank=4, alpha=8, key=jax.random.key(1)), jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (5, 8))
+    expected = x @ base.weight.T + base.bias + 2.0 * (x @ layer.lora_a.T) @ layer.lora_b.T
+    np.testing.assert_allclose(np.asarray(eqzoo.nn.apply_linear(layer, x)), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    # equinox.nn.MLP calls its layers on one vector: LoRALinear works there too
+    np.testing.assert_allclose(np.asarray(layer(x[0])), np.asarray(expected[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_only_adapters_train_and_the_loss_falls(preset):
+    model = _model(preset)
+    frozen = jax.tree.map(np.asarray, eqx.filter(model, eqx.is_array))  # host copies (donation)
+    adapted = peft.lora(model, rank=4, targets="attn", key=jax.random.key(1))
+    optimizer = optax.adam(1e-2)
+    spec = peft.adapter_filter(adapted)
+    state = TrainState.create(adapted, optimizer, trainable=spec, key=jax.random.key(2))
+    # The optimizer holds moments for the adapters alone (plus Adam's step count).
+    opt_sizes = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert opt_sizes == 2 * peft.adapter_count(adapted)
+    step = make_train_step(lm_loss, optimizer)
+    batch = _batch(model.config.vocab_size)
+    losses = []
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam bias correction assumes it
+        for _ in range(15):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    trained = state.model
+    base_after = eqx.filter(peft.unwrap(trained), eqx.is_array)
+    for a, b in zip(jax.tree.leaves(base_after), jax.tree.leaves(frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)  # the base model did not move at all
+    assert any(float(jnp.max(jnp.abs(x.lora_b))) > 0 for x in jax.tree.leaves(
+        trained, is_leaf=lambda x: isinstance(x, peft.LoRALinear)) if isinstance(x, peft.LoRALinear))
+
+
+def test_adapter_filter_also_trains_named_parameters():
+    adapted = peft.lora(_model(), rank=2, key=jax.random.key(1))
+    spec = peft.adapter_filter(adapted, also="final_norm")
+    assert spec.final_norm.weight is True and spec.blocks.layers.attn_norm.weight is False
+    assert spec.blocks.layers.attn.q_proj.lora_a is True and spec.blocks.layers.attn.q_proj.base.weight is False
+    with pytest.raises(eqzoo._errors.ConfigError, match="match no floating-point parameter"):
+        peft.adapter_filter(adapted, also="no_such_norm")
+    with pytest.raises(eqzoo._errors.ConfigError, match="no LoRA adapters"):
+        peft.adapter_filter(_model())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("scan", [True, False])
+def test_merge_equals_the_adapted_model(preset, scan):
+    model = _model(preset, scan_layers=scan)
+    adapted = _with_random_b(peft.lora(model, rank=4, alpha=8, key=jax.random.key(1)), jax.random.key(2))
+    tokens = jnp.arange(12, dtype=jnp.int32)
+    merged = peft.merge(adapted)
+    assert not any(isinstance(x, eqzoo.nn.AbstractLinear)
+                   for x in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, eqzoo.nn.AbstractLinear)))
+    assert jax.tree.structure(merged) == jax.tree.structure(model)
+    out, ref = np.asarray(merged(tokens)), np.asarray(adapted(tokens))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # fp32 whole model: 1e-5
+    assert np.max(np.abs(ref - np.asarray(model(tokens)))) > 1e-3  # the update is not trivial
+    with pytest.raises(eqzoo._errors.ConfigError, match="nothing to merge"):
+        peft.merge(model)
+
+
+def test_generation_with_adapters_matches_the_merged_model():
+    adapted = _with_random_b(peft.lora(_model(), rank=4, key=jax.random.key(1)), jax.random.key(2))
+    prompt = jnp.array([1, 2, 3, 4], jnp.int32)
+    out = eqzoo.generate(adapted, prompt, max_new_tokens=6)
+    merged = eqzoo.generate(peft.merge(adapted), prompt, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(merged))
+    assert adapted.init_cache(8).keys.dtype == jnp.float32
+
+
+def test_save_and_load_adapters_round_trip_and_refuse_mismatches(tmp_path):
+    adapted = _with_random_b(peft.lora(_model(), rank=4, targets="attn", key=jax.random.key(1)), jax.random.key(2))
+    spec = peft.adapter_filter(adapted, also="final_norm")
+    adapted = eqx.combine(
+        jax.tree.map(lambda x: x + 0.5, eqx.filter(adapted, spec)), eqx.filter(adapted, spec, inverse=True)
+    )
+    path = tmp_path / "adapters.safetensors"
+    peft.save_adapters(adapted, path, also="final_norm")
+    # Only adapters (and the norm trained with them) are in the file.
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        names = set(f.keys())
+    assert names and all("lora_" in n or n.startswith("final_norm") for n in names)
+    assert "final_norm.weight" in names
+
+    fresh = peft.lora(_model(), rank=4, targets="attn", key=jax.random.key(7))
+    loaded = peft.load_adapters(fresh, path)
+    tokens = jnp.arange(10, dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(adapted(tokens)))
+
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)lora_a: expected float32\(2, 2, 64\).*Adapt the model"):
+        peft.load_adapters(peft.lora(_model(), rank=2, targets="attn", key=jax.random.key(7)), path)
+    with pytest.raises(CheckpointMismatchError, match="scaling 1.0, the model's 4.0"):
+        peft.load_adapters(peft.lora(_model(), rank=4, alpha=16, targets="attn", key=jax.random.key(7)), path)
+    plain = tmp_path / "plain.safetensors"
+    eqzoo.checkpoint.save_weights(_model(), plain)
+    with pytest.raises(CheckpointMismatchError, match="not written by eqzoo.peft.save_adapters"):
+        peft.load_adapters(fresh, plain)
+
+
+def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
+    hf = pytest.importorskip("eqzoo.hf")
+    adapted = _with_random_b(peft.lora(_model(), rank=2, key=jax.random.key(1)), jax.random.key(2))
+    with pytest.raises(hf.HFFormatError, match=r"not plain linear layers.*LoRALinear.*eqzoo\.peft\.merge"):
+        hf.save_pretrained(adapted, tmp_path / "bad")
+    hf.save_pretrained(peft.merge(adapted), tmp_path / "ok")
+    back = hf.load_pretrained(tmp_path / "ok")
+    tokens = jnp.arange(10, dtype=jnp.int32)
+    np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(adapted(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_lora_step_equals_one_device():
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    optimizer = optax.sgd(0.5)
+
+    def init(key):
+        model = eqzoo.models.create("tiny-llama", key=key, num_heads=8, num_kv_heads=4)
+        adapted = _with_random_b(peft.lora(model, rank=4, key=jax.random.fold_in(key, 1)), key)
+        return TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=key)
+
+    batch = _batch(256, batch=8, seed=3)
+    one, m1 = make_train_step(lm_loss, optimizer, donate=False)(init(jax.random.key(4)), batch)
+    state = sh.sharded_init(init, jax.random.key(4), mesh=mesh)
+    lora_b = state.model.blocks.layers.attn.q_proj.lora_b
+    assert lora_b.sharding.spec == jax.P(None, "tensor", None)  # the base output's layout
+    many, mk = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)(state, sh.shard_batch(batch, mesh))
+    assert abs(float(m1["loss"]) - float(mk["loss"])) < 1e-5
+    for a, b in zip(jax.tree.leaves(one.arrays), jax.tree.leaves(many.arrays), strict=True):
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_training_state_checkpoints_and_resumes_exactly(tmp_path):
+    optimizer = optax.sgd(0.5, momentum=0.9)
+
+    def make(seed):
+        adapted = peft.lora(_model(), rank=2, targets="attn", key=jax.random.key(seed))
+        return TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=jax.random.key(seed))
+
+    step = make_train_step(lm_loss, optimizer, donate=False)
+    batches = [_batch(256, seed=s) for s in range(4)]
+    state = make(1)
+    for b in batches[:2]:
+        state, _ = step(state, b)
+    ckpt = eqzoo.checkpoint.Checkpointer(tmp_path / "ckpt")
+    try:
+        ckpt.save(state)
+        ckpt.wait()
+        restored = ckpt.restore(make(5)).state  # another draw of the adapters: overwritten
+    finally:
+        ckpt.close()
+    straight, resumed = state, restored
+    for b in batches[2:]:
+        straight, _ = step(straight, b)
+        resumed, _ = step(resumed, b)
+    for a, b in zip(straight.arrays, resumed.arrays, strict=True):
+        np.testing.assert_array_equal(_host(a), _host(b))  # bitwise: the same trajectory
+    # the momentum lives for the adapters only
+    assert sum(x.size for x in jax.tree.leaves(resumed.opt_state)) == peft.adapter_count(resumed.model)
+
+
+def test_lora_on_an_int8_base_trains_and_merges_to_float():
+    quant = pytest.importorskip("eqzoo.quant")
+    q = quant.quantize(_model())
+    adapted = peft.lora(q, rank=4, key=jax.random.key(1))
+    layer = adapted.blocks.layers.attn.q_proj
+    assert isinstance(layer.base, quant.QuantizedLinear) and layer.lora_a.dtype == jnp.float32
+    tokens = jnp.arange(12, dtype=jnp.int32)
+    # lora_b = 0: the int8 model's function (to float rounding: the programs fuse differently)
+    np.testing.assert_allclose(np.asarray(adapted(tokens)), np.asarray(q(tokens)), atol=1e-5)
+    optimizer = optax.sgd(0.5)
+    state = TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=jax.random.key(2))
+    step = make_train_step(lm_loss, optimizer)
+    batch = _batch(256)
+    first = None
+    for _ in range(8):
+        state, metrics = step(state, batch)
+        first = float(metrics["loss"]) if first is None else first
+    assert float(metrics["loss"]) < first
+    tuned = state.model
+    assert tuned.blocks.layers.attn.q_proj.base.weight.dtype == jnp.int8  # the base stayed int8
+    merged = peft.merge(tuned)
+    assert isinstance(merged.blocks.layers.attn.q_proj, eqx.nn.Linear)
+    assert merged.blocks.layers.attn.q_proj.weight.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(tuned(tokens)), rtol=1e-5, atol=1e-5)

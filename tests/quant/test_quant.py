@@ -1,0 +1,368 @@
+"""Int8 quantization: the rounding bound, whole models close to float, int8 storage, jit/vmap,
+generation, QAT (straight-through gradients, training, exact conversion), targets, errors,
+sharding and checkpoints."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqzoo
+from eqzoo import quant, sharding as sh
+from eqzoo._errors import ConfigError
+from eqzoo.checkpoint import CheckpointMismatchError
+from eqzoo.train import TrainState, cast_floating, lm_loss, make_train_step
+
+PRESETS = ["tiny-gpt2", "tiny-llama"]
+# Relative error ||q(t) - f(t)|| / ||f(t)|| of the fp32 logits of a randomly initialised tiny
+# model over 64 random tokens, measured over 3 seeds: tiny-gpt2 0.0060-0.0064, tiny-llama
+# 0.0022-0.0025 (for scale: casting the float model to bfloat16 gives 0.0055 and 0.0049).
+LOGITS_RTOL = 0.015
+
+
+@functools.cache
+def _model(preset="tiny-gpt2", **overrides):
+    # Cached: models are immutable. Tests that donate buffers (train steps) build their own.
+    return eqzoo.models.create(preset, key=jax.random.key(0), **overrides)
+
+
+@functools.cache
+def _quantized(preset="tiny-gpt2"):
+    return quant.quantize(_model(preset))
+
+
+@eqx.filter_jit
+def _fwd(model, x):
+    # One compiled forward per model structure (eager whole-model calls are slower on CPU).
+    return model(x)
+
+
+def _tokens(n=64, seed=10):
+    return jax.random.randint(jax.random.key(seed), (n,), 0, 256, dtype=jnp.int32)
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _of_type(tree, cls):
+    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
+
+
+# ----------------------------------------------------------------------------------- the rounding
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rounding_error_is_at_most_half_a_step_and_zero_rows_are_safe(dtype):
+    w = jax.random.normal(jax.random.key(0), (3, 6, 40)) * jnp.array([1e-3, 1.0, 50.0])[:, None, None]
+    w = w.at[1, 2].set(0.0).astype(dtype)  # an all-zero output row
+    q, scale = quant.quantize_int8(w)
+    assert q.dtype == jnp.int8 and q.shape == w.shape
+    assert scale.dtype == dtype and scale.shape == (3, 6)
+    q, s, w32 = np.asarray(q, np.int32), np.asarray(scale, np.float32), np.asarray(w, np.float32)
+    assert np.all(np.abs(q) <= 127)
+    err = np.abs(q * s[..., None] - w32)
+    assert np.all(err <= s[..., None] / 2 * (1 + 1e-6) + 1e-30)
+    assert s[1, 2] == 0 and np.all(q[1, 2] == 0)
+    deq = np.asarray(quant.dequantize_int8(jnp.asarray(q, jnp.int8), scale))
+    assert np.all(np.isfinite(deq)) and np.all(deq[1, 2] == 0)
+    nonzero = np.ones((3, 6), bool)
+    nonzero[1, 2] = False
+    # The largest weight of each row uses (nearly) the whole int8 range.
+    assert np.all(np.max(np.abs(q), axis=-1)[nonzero] >= 126)
+
+
+def test_fake_quantize_is_the_rounded_weight_with_an_identity_gradient():
+    w = jax.random.normal(jax.random.key(1), (5, 16))
+    np.testing.assert_array_equal(
+        np.asarray(quant.fake_quantize(w)), np.asarray(quant.dequantize_int8(*quant.quantize_int8(w)))
+    )
+    g = jax.grad(lambda w: jnp.sum(jnp.sin(quant.fake_quantize(w))))(w)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(jnp.cos(quant.fake_quantize(w))), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------ one layer
+
+
+def test_quantized_linear_computes_its_dequantized_layer():
+    lin = eqx.nn.Linear(24, 10, key=jax.random.key(0))
+    layer = quant.QuantizedLinear(lin)
+    assert layer.weight.dtype == jnp.int8 and layer.scale.shape == (10,) and layer.dtype == jnp.float32
+    assert (layer.in_features, layer.out_features) == (24, 10)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 24))
+    dense = quant.dequantize(layer)
+    assert isinstance(dense, eqx.nn.Linear) and dense.weight.dtype == jnp.float32
+    ref = x @ dense.weight.T + dense.bias
+    np.testing.assert_allclose(np.asarray(eqzoo.nn.apply_linear(layer, x)), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    # equinox.nn.MLP-style call on one vector goes through apply too
+    np.testing.assert_allclose(np.asarray(layer(x[0, 0])), np.asarray(ref[0, 0]), rtol=1e-5, atol=1e-6)
+    # and the float layer is close: per-weight error <= scale / 2
+    np.testing.assert_allclose(np.asarray(layer.apply(x)), np.asarray(jax.vmap(jax.vmap(lin))(x)), atol=0.02)
+
+
+def test_quantize_works_on_plain_equinox_models():
+    mlp = eqx.nn.MLP(8, 3, width_size=16, depth=2, key=jax.random.key(0))
+    q = quant.quantize(mlp)
+    assert len(_of_type(q, quant.QuantizedLinear)) == 3
+    x = jax.random.normal(jax.random.key(1), (8,))
+    assert _rel(_fwd(q, x), _fwd(mlp, x)) < 0.02
+
+
+# ---------------------------------------------------------------------------- whole models
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_quantized_model_is_close_stores_int8_and_leaves_embeddings_alone(preset):
+    model, q = _model(preset), _quantized(preset)
+    tokens = _tokens()
+    logits, ref = _fwd(q, tokens), _fwd(model, tokens)
+    assert logits.dtype == jnp.float32
+    assert _rel(logits, ref) < LOGITS_RTOL
+    # every projection is int8; the stacked layer axis is kept
+    layers = _of_type(q, quant.QuantizedLinear)
+    assert len(layers) == len(eqzoo.nn.linear_paths(model))
+    n = model.config.num_layers
+    for layer in layers:
+        assert layer.weight.dtype == jnp.int8 and layer.weight.shape == (n, layer.out_features, layer.in_features)
+        assert layer.scale.dtype == jnp.float32 and layer.scale.shape == (n, layer.out_features)
+    assert q.embed.weight is model.embed.weight  # embeddings (and the tied head) untouched
+    # the linear weights take ~4x fewer bytes than fp32 (the scales add 4 bytes per row)
+    dense_bytes = sum(4 * x.weight.size for x in layers)
+    int8_bytes = sum(x.weight.size + 4 * x.scale.size for x in layers)
+    assert 3.7 < dense_bytes / int8_bytes <= 4
+    report, float_report = quant.size_report(q), quant.size_report(model)
+    assert report["int8_bytes"] == sum(x.weight.size for x in layers)
+    assert report["dense_bytes"] == float_report["total_bytes"] == float_report["dense_bytes"]
+    assert report["total_bytes"] < float_report["total_bytes"] and float_report["ratio"] == 1.0
+    # the same figures from an abstract model, without building it
+    abstract = eqx.filter_eval_shape(lambda k: quant.quantize(eqzoo.models.create(preset, key=k)), jax.random.key(0))
+    assert quant.size_report(abstract) == report
+    # and back: the float structure, each weight within half a step of the original
+    back = quant.dequantize(q)
+    assert jax.tree.structure(back) == jax.tree.structure(model)
+    w, w0 = back.blocks.layers.attn.o_proj.weight, model.blocks.layers.attn.o_proj.weight
+    step = q.blocks.layers.attn.o_proj.scale[..., None]
+    assert w.dtype == jnp.float32 and bool(jnp.all(jnp.abs(w - w0) <= step / 2 * (1 + 1e-6)))
+
+
+def test_quantized_model_under_jit_and_vmap():
+    q = _quantized("tiny-llama")
+    batch = jnp.stack([_tokens(16, seed=s) for s in range(3)])
+    out = jax.jit(jax.vmap(q))(batch)
+    for i in range(3):
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(_fwd(q, batch[i])), rtol=1e-5, atol=1e-5)
+    # quantizing inside a trace works too
+    inside = eqx.filter_jit(lambda m, t: quant.quantize(m)(t))(_model("tiny-llama"), batch[0])
+    np.testing.assert_allclose(np.asarray(inside), np.asarray(out[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_generation_runs_with_a_float_cache_and_tracks_the_float_model():
+    model, q = _model(), _quantized()
+    prompt = jnp.array([5, 17, 42, 99, 3, 7], jnp.int32)
+    assert q.init_cache(16).keys.dtype == jnp.float32  # sized by the float dtype, not int8
+    out = eqzoo.generate(q, prompt, max_new_tokens=8)
+    assert out.shape == (14,) and out.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(out[:6]), np.asarray(prompt))
+    # unrolled decoding (the GPU default: each layer's int8 slice taken out of the stack once)
+    unrolled = eqzoo.generation.generate_batch(q, prompt[None], max_new_tokens=8, unroll_layers=True)[0]
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(unrolled))
+    # the logits of the first generated token are those of the float model, to LOGITS_RTOL
+    assert _rel(_fwd(q, prompt)[-1], _fwd(model, prompt)[-1]) < LOGITS_RTOL
+    # teacher-forced greedy choices agree with the float model's (measured: 64/64 positions)
+    tokens = _tokens()
+    agree = np.mean(np.asarray(_fwd(q, tokens).argmax(-1)) == np.asarray(_fwd(model, tokens).argmax(-1)))
+    assert agree >= 0.9
+
+
+def test_bfloat16_model_keeps_bfloat16_scales_and_cache():
+    model = cast_floating(_model("tiny-llama"), jnp.dtype(jnp.bfloat16))
+    q = quant.quantize(model)
+    layer = q.blocks.layers.attn.q_proj
+    assert layer.weight.dtype == jnp.int8 and layer.scale.dtype == jnp.bfloat16 and layer.dtype == jnp.bfloat16
+    assert q.init_cache(8).keys.dtype == jnp.bfloat16
+    tokens = _tokens(32)
+    out = _fwd(q, tokens)
+    assert out.dtype == jnp.bfloat16
+    # measured 0.0054 against the fp32 model (bf16 alone: 0.0049)
+    assert _rel(out.astype(jnp.float32), _fwd(_model("tiny-llama"), tokens)) < LOGITS_RTOL
+    assert quant.dequantize(q).blocks.layers.attn.q_proj.weight.dtype == jnp.bfloat16
+
+
+# --------------------------------------------------------------------------------- targets, errors
+
+
+def test_targets_select_layers_by_path():
+    model = _model("tiny-llama")
+    q = quant.quantize(model, targets=r"mlp\.")
+    assert all(isinstance(getattr(q.blocks.layers.mlp, n), quant.QuantizedLinear) for n in ("gate", "up", "down"))
+    assert all(isinstance(getattr(q.blocks.layers.attn, n), eqx.nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    # the rest can be quantized later
+    both = quant.quantize(q)
+    assert len(_of_type(both, quant.QuantizedLinear)) == 7
+    with pytest.raises(ConfigError, match=r"match no linear layer.*blocks\.layers\.attn\.q_proj"):
+        quant.quantize(model, targets="qproj")
+    with pytest.raises(ConfigError, match="does not compile"):
+        quant.quantize(model, targets="(")
+
+
+def test_quantizing_twice_is_refused():
+    q = _quantized()
+    with pytest.raises(ConfigError, match=r"already quantized.*eqzoo\.quant\.dequantize"):
+        quant.quantize(q)
+    with pytest.raises(ConfigError, match=r"\['blocks\.layers\.attn\.q_proj'\] are already quantized"):
+        quant.quantize(q, targets="q_proj")
+    with pytest.raises(ConfigError, match="nothing to dequantize"):
+        quant.dequantize(_model())
+
+
+class _Wrapped(eqzoo.nn.AbstractLinear):
+    # Some other wrapper of a linear layer (as eqzoo.peft.LoRALinear is).
+    base: eqx.nn.Linear
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+
+    def __init__(self, base):
+        self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
+
+    @property
+    def dtype(self):
+        return self.base.weight.dtype
+
+    def apply(self, x):
+        return eqzoo.nn.apply_linear(self.base, x)
+
+
+def test_bad_weights_are_refused():
+    lin = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+    ints = eqx.tree_at(lambda m: m.weight, lin, jnp.ones((3, 4), jnp.int32))
+    with pytest.raises(ConfigError, match=r"0 has a weight of dtype int32; only floating-point weights"):
+        quant.quantize([ints])
+    with pytest.raises(ConfigError, match="trains floating-point weights; got dtype int32"):
+        quant.FakeQuantLinear(ints)
+    with pytest.raises(ConfigError, match="'scalar' features"):
+        quant.QuantizedLinear(eqx.nn.Linear("scalar", 3, key=jax.random.key(0)))
+    with pytest.raises(ConfigError, match=r"no float linear layer to quantize; its linear layers are none\.$"):
+        quant.quantize({"w": jnp.ones(3)})
+    with pytest.raises(ConfigError, match=r"0 \(_Wrapped\)'\]\. Quantize before wrapping layers"):
+        quant.quantize([_Wrapped(lin)])  # e.g. a LoRA adapter
+
+
+# -------------------------------------------------------------------------------------------- QAT
+
+
+def test_qat_gradient_is_the_straight_through_gradient():
+    lin = eqx.nn.Linear(12, 7, key=jax.random.key(0))
+    layer = quant.FakeQuantLinear(lin)
+    x = jax.random.normal(jax.random.key(1), (4, 12))
+
+    def loss(layer):
+        return jnp.sum(jnp.tanh(eqzoo.nn.apply_linear(layer, x)) ** 2)
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    grads = grad(layer)
+    # the plain layer's gradient, taken at the fake-quantized weight
+    at_rounded = eqx.tree_at(lambda m: m.weight, lin, quant.fake_quantize(lin.weight))
+    ref = grad(at_rounded)
+    np.testing.assert_allclose(np.asarray(grads.base.weight), np.asarray(ref.weight), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(grads.base.bias), np.asarray(ref.bias), rtol=1e-5, atol=1e-7)
+    assert float(jnp.max(jnp.abs(grads.base.weight))) > 0
+    # ... which is not the gradient at the float weight
+    assert float(jnp.max(jnp.abs(grads.base.weight - grad(lin).weight))) > 1e-6
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_quantize_of_a_qat_model_computes_the_qat_model(preset):
+    qat = quant.prepare_qat(_model(preset))
+    assert "blocks.layers.attn.q_proj" in eqzoo.nn.linear_paths(qat)
+    assert qat.blocks.layers.attn.q_proj.base.weight.shape == (2, 64, 64)
+    tokens = _tokens(32)
+    ref = _fwd(qat, tokens)
+    # fp32 whole model: 1e-5 (measured max |diff| 3e-7)
+    np.testing.assert_allclose(np.asarray(_fwd(quant.quantize(qat), tokens)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_fwd(quant.dequantize(qat), tokens)), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_qat_training_lowers_the_loss_and_converts_exactly():
+    qat = quant.prepare_qat(_model())
+    optimizer = optax.adam(3e-3)
+    state = TrainState.create(qat, optimizer, key=jax.random.key(2))
+    step = make_train_step(lm_loss, optimizer, donate=False)  # the cached model's buffers stay
+    toks = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
+    batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
+    losses = []
+    with jax.numpy_dtype_promotion("standard"):  # optax's Adam bias correction assumes it
+        for _ in range(6):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0] - 0.1, losses
+    trained = state.model
+    assert isinstance(trained.blocks.layers.attn.q_proj, quant.FakeQuantLinear)
+    assert trained.blocks.layers.attn.q_proj.base.weight.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(trained.blocks.layers.attn.q_proj.base.weight),
+                              np.asarray(qat.blocks.layers.attn.q_proj.base.weight))
+    # the trained QAT model converts to int8 computing the same outputs
+    converted = quant.quantize(trained)
+    assert converted.blocks.layers.mlp.down.weight.dtype == jnp.int8
+    tokens = _tokens(32)
+    np.testing.assert_allclose(np.asarray(_fwd(converted, tokens)), np.asarray(_fwd(trained, tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_qat_targets_and_errors():
+    qat = quant.prepare_qat(_model(), targets="attn")
+    assert isinstance(qat.blocks.layers.attn.v_proj, quant.FakeQuantLinear)
+    assert isinstance(qat.blocks.layers.mlp.up, eqx.nn.Linear)
+    with pytest.raises(ConfigError, match="no plain equinox.nn.Linear layer to wrap"):
+        quant.prepare_qat(quant.prepare_qat(_model()))
+    with pytest.raises(ConfigError, match=r"attn\.q_proj is a FakeQuantLinear, not one of \['Linear'\]"):
+        quant.prepare_qat(qat, targets="q_proj")
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        quant.prepare_qat(_model(), targets="nothing_here")
+
+
+# ---------------------------------------------------------------------- sharding, checkpoints, hf
+
+
+def test_sharded_quantized_model_matches_one_device():
+    mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
+    q = quant.quantize(eqzoo.models.create("tiny-llama", key=jax.random.key(0), num_heads=8, num_kv_heads=4))
+    placed = sh.shard(q, mesh)
+    q_proj = placed.blocks.layers.attn.q_proj
+    assert q_proj.weight.dtype == jnp.int8
+    assert q_proj.weight.sharding.spec == jax.P(None, "tensor", "fsdp")  # the float weight's layout
+    assert q_proj.scale.sharding.spec == jax.P(None, "tensor")
+    assert placed.blocks.layers.mlp.down.weight.sharding.spec == jax.P(None, "fsdp", "tensor")
+    tokens = _tokens(16)
+    forward = eqx.filter_jit(lambda m, t: m(t))
+    np.testing.assert_allclose(np.asarray(forward(placed, tokens)), np.asarray(forward(q, tokens)), rtol=1e-5, atol=1e-5)
+    # a QAT model's float weights are placed like the unwrapped ones
+    qat = quant.prepare_qat(_model("tiny-llama"))
+    specs = sh.partition_specs(qat, sh.default_rules(qat))
+    assert specs.blocks.layers.attn.q_proj.base.weight == jax.P(None, "tensor", "fsdp")
+
+
+def test_weights_round_trip_keeps_int8(tmp_path):
+    pytest.importorskip("safetensors")
+    q = _quantized("tiny-llama")
+    path = tmp_path / "q.safetensors"
+    eqzoo.checkpoint.save_weights(q, path)
+    like = eqx.filter_eval_shape(lambda k: quant.quantize(eqzoo.models.create("tiny-llama", key=k)), jax.random.key(1))
+    back = eqzoo.checkpoint.load_weights(like, path)
+    assert back.blocks.layers.attn.q_proj.weight.dtype == jnp.int8
+    for a, b in zip(jax.tree.leaves(eqx.filter(back, eqx.is_array)), jax.tree.leaves(eqx.filter(q, eqx.is_array)), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CheckpointMismatchError, match=r"q_proj\.scale: found float32\(2, 64\), not in the model"):
+        eqzoo.checkpoint.load_weights(_model("tiny-llama"), path)
+
+
+def test_hf_export_refuses_int8_and_takes_the_dequantized_model(tmp_path):
+    hf = pytest.importorskip("eqzoo.hf")
+    with pytest.raises(hf.HFFormatError, match=r"QuantizedLinear.*eqzoo\.quant\.dequantize"):
+        hf.save_pretrained(_quantized(), tmp_path / "bad")
+    hf.save_pretrained(quant.dequantize(_quantized()), tmp_path / "ok")
+    assert (tmp_path / "ok" / "config.json").is_file()
