@@ -6,14 +6,14 @@ Two phases, nothing downloaded:
    (`eqzoo.data.stdlib_corpus`, which leaves out `pydoc_data`).
 2. **Adapt** it with `eqzoo.peft.lora` to a new domain: the English reference text of the
    Python documentation that the standard library ships in `pydoc_data.topics`. Only the
-   adapters (about 3% of the parameters) train; the base weights stay frozen and the optimizer
-   holds state for the adapters alone.
+   adapters train (rank 8 on every linear layer: 9% of this small model's parameters). The base
+   weights stay frozen and the optimizer holds state for the adapters alone.
 
 The script reports the prose validation loss of the base model and of the adapted model, checks
 that `eqzoo.peft.merge` gives the same loss, and writes the adapters alone to a small
 safetensors file (`eqzoo.peft.save_adapters`), next to the size of the whole model's weights.
 
-    python examples/finetune_lora.py                  # about 2.5 minutes on 2 CPU cores
+    python examples/finetune_lora.py                  # about 4.5 minutes on 2 CPU cores
     python examples/finetune_lora.py --smoke --json
 
 Progress lines go to stderr; with `--json` the last stdout line is one JSON summary.
@@ -55,7 +55,7 @@ class Preset:
     log_every: int
 
 
-# Sized for a 2-core CPU (about 2.5 minutes in all).
+# Sized for a 2-core CPU: 267 s in all measured there; prose validation loss 2.771 -> 2.438.
 DEFAULT = Preset(
     num_layers=4, embed_dim=128, pretrain_steps=600, finetune_steps=300, batch_size=16, seq_len=128,
     rank=8, max_chars=3_000_000, eval_batches=16, log_every=50,

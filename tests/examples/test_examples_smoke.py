@@ -53,3 +53,15 @@ def test_digits_cnn_smoke(capsys):
         assert key in s, f"summary lacks {key!r}: {sorted(s)}"
     assert 0.0 <= s["train_accuracy"] <= 1.0
     assert s["test_accuracy"] > 0.5, s  # ten classes: chance is 0.1
+
+
+@pytest.mark.slow
+def test_finetune_lora_smoke(tmp_path, capsys):
+    s = _run("finetune_lora", ["--smoke", "--json", "--out", str(tmp_path / "run")], capsys)
+    # The adapters learn the new domain, the merged model and the reloaded adapters compute
+    # the same function (1e-4 on a loss of ~4 nats), and the adapter file is a small fraction.
+    assert s["lora_prose_val_loss"] < s["base_prose_val_loss"]
+    assert abs(s["merged_prose_val_loss"] - s["lora_prose_val_loss"]) < 1e-4
+    assert s["reloaded_prose_val_loss"] == s["lora_prose_val_loss"]
+    assert 0 < s["adapter_params"] < s["num_params"] / 5
+    assert s["adapter_file_bytes"] < s["model_file_bytes"] / 4
