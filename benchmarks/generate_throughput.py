@@ -5,6 +5,7 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
 
     python benchmarks/generate_throughput.py --preset gpt2-124m --batches 1,64 --new-tokens 256 --json
     python benchmarks/generate_throughput.py --smoke --json
+    python benchmarks/generate_throughput.py --quantize int8 --json   # int8 linear weights (eqzoo.quant)
 """
 
 import argparse
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import eqzoo
+import eqzoo.quant
 from eqzoo.train import cast_floating
 
 
@@ -30,6 +32,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", choices=["auto", "unrolled", "scan"], default="auto",
                    help="layer loop inside the decode loop (generate_batch(unroll_layers=...))")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none",
+                   help="int8 weight-only linear layers (eqzoo.quant.quantize) after the dtype cast")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -38,6 +42,8 @@ def main(argv=None) -> dict:
 
     model = eqzoo.models.create(args.preset, key=jax.random.key(0))
     model = cast_floating(model, jnp.dtype(args.dtype))
+    if args.quantize == "int8":
+        model = eqzoo.quant.quantize(model)
     unroll = {"auto": "auto", "unrolled": True, "scan": False}[args.layers]
     rng = np.random.default_rng(0)
     rows = []
@@ -67,6 +73,7 @@ def main(argv=None) -> dict:
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",

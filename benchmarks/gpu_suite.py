@@ -19,7 +19,7 @@ to stderr and stdout is that line alone). Exits 1 if any row failed or timed out
 
     python benchmarks/gpu_suite.py --list
     python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
-    python benchmarks/gpu_suite.py --smoke          # CPU: three tiny rows, exercises this driver
+    python benchmarks/gpu_suite.py --smoke          # CPU: four tiny rows, exercises this driver
 
 This driver imports neither JAX nor eqzoo, so it holds no GPU memory while the rows run.
 """
@@ -92,6 +92,11 @@ ROWS: tuple[Row, ...] = (
     Row("generate-scan-layers", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                                  "--batches", "1,64", "--new-tokens", "256", "--layers", "scan"),
         GENERATE_TIMEOUT_S),
+    # Decoding reads every weight once per token: int8 linear weights (eqzoo.quant) halve the
+    # bf16 bytes, where batch 1 is bound by memory traffic rather than kernel launches.
+    Row("generate-int8", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                          "--batches", "1,64", "--new-tokens", "256", "--quantize", "int8"),
+        GENERATE_TIMEOUT_S),
 )
 """The GPU table, in priority order."""
 
@@ -105,6 +110,8 @@ SMOKE_ROWS: tuple[Row, ...] = (
         env=(("EQZOO_XLA_FLAGS", "0"),),
         env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
     Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
+    Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
+        SMOKE_TIMEOUT_S),
 )
 """The `--smoke` rows: tiny sizes on CPU, to check this driver in CI."""
 

@@ -40,6 +40,7 @@ GPU_ROWS = [
     "llama-1b-b4-no-remat",
     "gpt2-124m-loss-chunk-512",
     "generate-scan-layers",
+    "generate-int8",
 ]
 
 
@@ -75,6 +76,7 @@ def test_rows_differ_from_the_default_row_only_as_named():
     assert rows["gpt2-124m-remat-dots"].argv == (*base, "--remat", "dots_no_batch")
     assert rows["gpt2-124m-no-eqzoo-flags"].argv == base
     assert rows["gpt2-124m-cublas-gemm"].argv == base
+    assert rows["generate-int8"].argv == (*rows["generate"].argv, "--quantize", "int8")
     assert suite.row_env(rows["gpt2-124m-no-eqzoo-flags"], {}) == {"EQZOO_XLA_FLAGS": "0"}
 
 
