@@ -24,6 +24,7 @@ from ._replace import (
     Targets as Targets,
     linear_paths as linear_paths,
     replace_linears as replace_linears,
+    select_linears as select_linears,
 )
 from ._rope import RopeScaling as RopeScaling, RotaryEmbedding as RotaryEmbedding
 from ._stacked import (
@@ -65,4 +66,5 @@ __all__ = [
     "replace_linears",
     "resolve_backend",
     "resolve_scan",
+    "select_linears",
 ]

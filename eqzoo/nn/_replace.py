@@ -94,3 +94,20 @@ def replace_linears(
             )
         new.append(fn(path, leaf) if chosen else leaf)
     return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def select_linears(model, targets: Targets = None, *, what: str = "select_linears") -> list[tuple[str, eqx.Module]]:
+    """`(path, layer)` of every linear layer `targets` selects (of any kind: `equinox.nn.Linear`
+    or [`eqzoo.nn.AbstractLinear`][]), outermost only, in tree order; nothing is changed.
+
+    **Raises:** `ConfigError`, as [`eqzoo.nn.replace_linears`][] does, if a target regex matches
+    no linear layer (the message names `what` and lists the paths there are).
+    """
+    found: list[tuple[str, eqx.Module]] = []
+
+    def record(path, layer):
+        found.append((path, layer))
+        return layer
+
+    replace_linears(model, record, targets=targets, kinds=(eqx.nn.Linear, AbstractLinear), what=what)
+    return found

@@ -16,7 +16,14 @@ from jaxtyping import Array, Float
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
-from ..nn import AbstractLinear, Targets, apply_linear, linear_dtype, replace_linears
+from ..nn import (
+    AbstractLinear,
+    Targets,
+    apply_linear,
+    linear_dtype,
+    replace_linears,
+    select_linears,
+)
 
 
 def _lead(layer: eqx.nn.Linear | AbstractLinear) -> tuple[int, ...]:
@@ -147,7 +154,7 @@ def lora(
     matches no linear layer, or a target layer that already has an adapter.
     """
     kinds = (eqx.nn.Linear, AbstractLinear)
-    selected = _selected(model, targets, kinds)
+    selected = select_linears(model, targets, what="lora")
     already = [path for path, layer in selected if isinstance(layer, LoRALinear)]
     if already:
         raise ConfigError(
@@ -160,18 +167,6 @@ def lora(
         return LoRALinear(layer, rank=rank, alpha=alpha, use_rslora=use_rslora, dtype=dtype, key=next(keys))
 
     return replace_linears(model, adapt, targets=targets, kinds=kinds, what="lora")
-
-
-def _selected(model, targets: Targets, kinds) -> list[tuple[str, eqx.Module]]:
-    # (path, layer) of the linear layers `targets` picks, without changing anything.
-    found: list[tuple[str, eqx.Module]] = []
-
-    def record(path, layer):
-        found.append((path, layer))
-        return layer
-
-    replace_linears(model, record, targets=targets, kinds=kinds, what="lora")
-    return found
 
 
 def _is_lora(x) -> bool:

@@ -5,26 +5,13 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import ConfigError
-from ..nn import AbstractLinear, Targets, linear_paths, replace_linears
+from ..nn import AbstractLinear, Targets, linear_paths, replace_linears, select_linears
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear
 
 
 def _is_quant(x) -> bool:
     return isinstance(x, QuantizedLinear | FakeQuantLinear)
-
-
-def _selected(model, targets: Targets) -> list[tuple[str, eqx.Module]]:
-    # (path, layer) of the linear layers `targets` picks, of any kind, without changing anything
-    # (and with replace_linears' errors for targets that match nothing).
-    found: list[tuple[str, eqx.Module]] = []
-
-    def record(path, layer):
-        found.append((path, layer))
-        return layer
-
-    replace_linears(model, record, targets=targets, kinds=(eqx.nn.Linear, AbstractLinear), what="quantize")
-    return found
 
 
 def quantize(model, *, targets: Targets = None):
@@ -55,7 +42,7 @@ def quantize(model, *, targets: Targets = None):
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
     the model is already quantized, or if a selected weight is not floating point.
     """
-    selected = _selected(model, targets)
+    selected = select_linears(model, targets, what="quantize")
     already = [p for p, x in selected if isinstance(x, QuantizedLinear)]
     todo = [p for p, x in selected if isinstance(x, eqx.nn.Linear | FakeQuantLinear)]
     if already and (targets is not None or not todo):
