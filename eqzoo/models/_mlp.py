@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
+from ..nn import linear_dtype
 from ._validate import check_positive
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jax.nn.tanh, "silu": jax.nn.silu}
@@ -74,4 +75,5 @@ class MLP(eqx.Module):
 
     def _forward(self, x: Float[Array, " features"]) -> Float[Array, " out"]:
         # Compute in the parameters' dtype (e.g. bf16 under a mixed-precision policy).
-        return self.net(x.astype(self.net.layers[0].weight.dtype))
+        # linear_dtype: the floating dtype even when the layer is int8 (eqzoo.quant) or adapted
+        return self.net(x.astype(linear_dtype(self.net.layers[0])))

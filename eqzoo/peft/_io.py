@@ -2,13 +2,14 @@
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
 
-from .._errors import require
+from .._errors import ConfigError, require
 from ..checkpoint import CheckpointMismatchError, load_weights, save_weights
 from ..nn import Targets
 from ._lora import LoRALinear, adapter_filter
@@ -43,6 +44,8 @@ def save_adapters(
       are saved with them; recorded in the header, and [`eqzoo.peft.load_adapters`][] reads them.
     - `metadata`: extra string pairs for the header.
     """
+    if metadata and _KEY in metadata:
+        raise ConfigError(f"save_adapters: the metadata key {_KEY!r} is eqzoo's own (the adapters' scalings); use another name.")
     adapters = eqx.filter(model, adapter_filter(model, also=also))
     also_list = None if also is None else ([also] if isinstance(also, str) else list(also))
     header = {_KEY: json.dumps({"scaling": _scalings(model), "also": also_list}), **(metadata or {})}
@@ -63,12 +66,19 @@ def _header(path) -> dict:
         return {"bad": True}
 
 
-def load_adapters(model, path: str | os.PathLike) -> Any:
+def _shape_differs(message: str) -> bool:
+    # load_weights lists "name: expected <dtype><shape>, found <dtype><shape>" for each misfit.
+    return any(a != b for a, b in re.findall(r"expected \w+(\([^)]*\)), found \w+(\([^)]*\))", message))
+
+
+def load_adapters(model, path: str | os.PathLike, *, cast: bool = False) -> Any:
     """`model` with its LoRA factors (and any parameters saved with them through `also`) read
     from a file written by [`eqzoo.peft.save_adapters`][].
 
     `model` must be adapted the same way as the saved one (same targets, rank and alpha:
     `eqzoo.peft.lora(base, rank=..., alpha=..., targets=..., key=...)`); its base weights are kept.
+    With `cast=True` the file's dtypes may differ from the model's and are cast to the model's
+    (e.g. adapters trained in bfloat16 loaded into float32 factors).
 
     **Raises:** `CheckpointMismatchError` if the adapters' layers, shapes or scalings differ
     (the message lists each), or the file was not written by `save_adapters`;
@@ -80,15 +90,25 @@ def load_adapters(model, path: str | os.PathLike) -> Any:
         raise CheckpointMismatchError(
             f"{path} has no LoRA scalings in its header; it was not written by eqzoo.peft.save_adapters."
         )
-    adapters, rest = eqx.partition(model, adapter_filter(model, also=info.get("also")))
     try:
-        loaded = load_weights(adapters, path)  # checks names, shapes, dtypes and CRCs
-    except CheckpointMismatchError as err:
-        message = str(err).replace("\nPass cast=True to convert dtypes.", "")
+        spec = adapter_filter(model, also=info.get("also"))
+    except ConfigError as err:
         raise CheckpointMismatchError(
-            f"{message}\nAdapt the model with the targets and rank the adapters were trained with "
-            "(eqzoo.peft.lora(base, rank=..., targets=...))."
+            f"adapters in {path} were saved with also={info.get('also')}, which does not fit the model: {err}"
         ) from err
+    adapters, rest = eqx.partition(model, spec)
+    try:
+        loaded = load_weights(adapters, path, cast=cast)  # checks names, shapes, dtypes and CRCs
+    except CheckpointMismatchError as err:
+        message = str(err)
+        if "not in the file" in message or "not in the model" in message or _shape_differs(message):
+            message = message.replace("\nPass cast=True to convert dtypes.", "") + (
+                "\nAdapt the model with the targets and rank the adapters were trained with "
+                "(eqzoo.peft.lora(base, rank=..., targets=...))."
+            )
+        else:  # dtypes only
+            message = message.replace("Pass cast=True", "Pass load_adapters(..., cast=True)")
+        raise CheckpointMismatchError(message) from err
     saved, ours = info["scaling"], _scalings(model)
     problems = [
         f"{name}: the file's adapter has scaling {saved[name]}, the model's {ours[name]}"

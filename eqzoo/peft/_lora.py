@@ -7,7 +7,6 @@ base model does. With `use_rslora=True` the update is scaled by `alpha / sqrt(r)
 """
 
 import math
-import re
 
 import equinox as eqx
 import jax
@@ -24,6 +23,7 @@ from ..nn import (
     replace_linears,
     select_linears,
 )
+from ..nn._replace import _compile_targets
 
 
 def _lead(layer: eqx.nn.Linear | AbstractLinear) -> tuple[int, ...]:
@@ -67,7 +67,10 @@ class LoRALinear(AbstractLinear):
         - `rank`: the adapter's rank `r` (at least 1).
         - `alpha`: the update's scale numerator (default `rank`, i.e. scaling 1).
         - `use_rslora`: scale by `alpha / sqrt(rank)` instead of `alpha / rank`.
-        - `dtype`: the factors' dtype (default: the base layer's floating dtype).
+        - `dtype`: the factors' dtype. Default: the base layer's floating dtype, but at least
+          float32, so a bfloat16 or float16 base (as Hugging Face checkpoints often are) still
+          gets factors whose small updates are not rounded away; `apply` casts them to the
+          input's dtype.
         - `key`: draws `lora_a`.
         """
         if not (isinstance(rank, int) and rank >= 1):
@@ -79,7 +82,9 @@ class LoRALinear(AbstractLinear):
                 f"out_features={out_features!r} (equinox's 'scalar' features are not supported)."
             )
         alpha = float(rank if alpha is None else alpha)
-        dtype = linear_dtype(base) if dtype is None else dtype
+        if dtype is None:
+            base_dtype = jnp.dtype(linear_dtype(base))
+            dtype = base_dtype if jnp.finfo(base_dtype).bits >= 32 else jnp.dtype(jnp.float32)
         lead = _lead(base)
         self.base = base
         std = 1.0 / math.sqrt(in_features)
@@ -193,7 +198,7 @@ def adapter_filter(model, *, also: Targets = None):
     if also is None:
         return spec
     patterns = [also] if isinstance(also, str) else list(also)
-    compiled = [re.compile(p) for p in patterns]
+    compiled = _compile_targets(also, "adapter_filter(also=...)")
     flat, treedef = jax.tree_util.tree_flatten_with_path(model)
     spec_leaves = treedef.flatten_up_to(spec)
     used = set()

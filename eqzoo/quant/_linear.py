@@ -77,11 +77,14 @@ class QuantizedLinear(AbstractLinear):
         """The layer applied to every vector along the last axis of `x`, in `x`'s dtype.
 
         The int8 codes are converted to `x`'s dtype inside the product (exactly: every int8
-        value is representable in bfloat16 and wider), and the per-channel scale is applied
-        to the product's output.
+        value is representable in bfloat16 and wider), which accumulates in float32; the
+        per-channel scale is applied to that float32 output before it is cast to `x`'s dtype.
         """
-        y = x @ self.weight.T.astype(x.dtype)  # (*shape, out), still in code units
-        y = y * self.scale.astype(x.dtype)
+        # (*shape, out), in code units: up to 127 / max|w| times the layer's output, so it is
+        # accumulated and kept in float32 until the scale brings it back (in float16 it could
+        # overflow where the float layer does not).
+        y = jnp.matmul(x, self.weight.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = (y * self.scale.astype(jnp.float32)).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y

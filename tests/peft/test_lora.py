@@ -265,3 +265,52 @@ def test_lora_on_an_int8_base_trains_and_merges_to_float():
     assert isinstance(merged.blocks.layers.attn.q_proj, eqx.nn.Linear)
     assert merged.blocks.layers.attn.q_proj.weight.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(tuned(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_the_mlp_preset():
+    model = eqzoo.models.create("mlp-small", key=jax.random.key(0))
+    adapted = _with_random_b(peft.lora(model, rank=2, key=jax.random.key(1)), jax.random.key(2))
+    x = jax.random.normal(jax.random.key(3), (model.config.in_features,))
+    np.testing.assert_allclose(np.asarray(peft.merge(adapted)(x)), np.asarray(adapted(x)), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(adapted(x) - model(x)))) > 1e-4
+
+
+def test_a_bf16_base_gets_float32_factors_that_train():
+    # A bf16 checkpoint's base: factors default to float32, so Adam's small early updates are
+    # not rounded away (in bf16 most of lora_a would not move).
+    base = eqzoo.train.cast_floating(_model("tiny-llama"), jnp.bfloat16)
+    adapted = peft.lora(base, rank=4, key=jax.random.key(1))
+    q = adapted.blocks.layers.attn.q_proj
+    assert q.lora_a.dtype == jnp.float32 and q.base.weight.dtype == jnp.bfloat16 and q.dtype == jnp.bfloat16
+    assert adapted.init_cache(8).keys.dtype == jnp.bfloat16
+    out = adapted(jnp.arange(8, dtype=jnp.int32))
+    assert out.dtype == jnp.bfloat16
+    assert peft.lora(base, rank=4, dtype=jnp.bfloat16, key=jax.random.key(1)).blocks.layers.attn.q_proj.lora_a.dtype == jnp.bfloat16
+
+
+def test_load_adapters_casts_dtypes_on_request_and_says_so(tmp_path):
+    path = tmp_path / "a.safetensors"
+    low = peft.lora(_model(), rank=2, dtype=jnp.bfloat16, key=jax.random.key(1))
+    peft.save_adapters(low, path)
+    full = peft.lora(_model(), rank=2, key=jax.random.key(1))
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)expected float32.*found bfloat16.*load_adapters\(\.\.\., cast=True\)") as info:
+        peft.load_adapters(full, path)
+    assert "targets and rank" not in str(info.value)  # names and shapes fit: only the dtypes differ
+    loaded = peft.load_adapters(full, path, cast=True)
+    a = loaded.blocks.layers.attn.q_proj.lora_a
+    assert a.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(low.blocks.layers.attn.q_proj.lora_a.astype(jnp.float32)))
+
+
+def test_adapter_io_and_filter_errors(tmp_path):
+    adapted = peft.lora(_model(), rank=2, key=jax.random.key(1))
+    with pytest.raises(eqzoo._errors.ConfigError, match="metadata key 'eqzoo.peft' is eqzoo's own"):
+        peft.save_adapters(adapted, tmp_path / "x.safetensors", metadata={"eqzoo.peft": "{}"})
+    with pytest.raises(eqzoo._errors.ConfigError, match=r"adapter_filter\(also=\.\.\.\): target regex '\(' does not compile"):
+        peft.adapter_filter(adapted, also="(")
+    # saved with also="final_norm", loaded into a model that has no final_norm
+    path = tmp_path / "n.safetensors"
+    peft.save_adapters(adapted, path, also="final_norm")
+    mlp = peft.lora(eqzoo.models.create("mlp-small", key=jax.random.key(0)), rank=2, key=jax.random.key(1))
+    with pytest.raises(CheckpointMismatchError, match=r"saved with also=\['final_norm'\]"):
+        peft.load_adapters(mlp, path)

@@ -366,3 +366,28 @@ def test_hf_export_refuses_int8_and_takes_the_dequantized_model(tmp_path):
         hf.save_pretrained(_quantized(), tmp_path / "bad")
     hf.save_pretrained(quant.dequantize(_quantized()), tmp_path / "ok")
     assert (tmp_path / "ok" / "config.json").is_file()
+
+
+def test_quantized_mlp_preset_computes_in_float():
+    # The MLP model casts its input to its first layer's dtype: the floating dtype, not int8.
+    model = eqzoo.models.create("mlp-small", key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (model.config.in_features,))
+    for converted in (quant.quantize(model), quant.prepare_qat(model)):
+        out = converted(x)
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(out), np.asarray(model(x)), atol=0.02)  # int8 rounding
+        assert np.max(np.abs(np.asarray(out))) > 0.01
+
+
+def test_float16_products_do_not_overflow_in_code_units():
+    # x @ q.T is about 127 / max|w| times the layer's output; it is accumulated in float32, so a
+    # float16 input with outliers gives what the float16 layer gives, not inf.
+    k = jax.random.split(jax.random.key(0), 3)
+    layer = eqx.nn.Linear(4096, 4, key=k[0])
+    layer = eqx.tree_at(lambda lin: lin.weight, layer, 0.02 * jax.random.normal(k[1], (4, 4096)))
+    layer = jax.tree.map(lambda a: a.astype(jnp.float16) if eqx.is_inexact_array(a) else a, layer)
+    x = jax.random.normal(k[2], (4096,)).at[:4].set(1000.0).astype(jnp.float16)
+    ref = np.asarray((x @ layer.weight.T + layer.bias).astype(jnp.float32))
+    out = np.asarray(quant.QuantizedLinear(layer).apply(x).astype(jnp.float32))
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.5)  # int8 rounding of 4096 terms
