@@ -14,7 +14,7 @@ from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
 from ..models import GPT2, Llama
-from ..nn import AbstractLinear
+from ..nn import AbstractLinear, select_linears
 from ._config import config_to_hf
 from ._errors import HFFormatError
 from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -82,9 +82,7 @@ def _write_json(file: Path, data: Mapping[str, Any]) -> None:
 def _check_plain_linears(model) -> None:
     # The Hugging Face layout has one dense weight per projection: a LoRA adapter or an int8
     # weight would be dropped or misread, so refuse with the fix instead.
-    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, AbstractLinear))[0]
-    odd = sorted({f"{jax.tree_util.keystr(tuple(p), simple=True, separator='.')} ({type(x).__name__})"
-                  for p, x in leaves if isinstance(x, AbstractLinear)})
+    odd = [f"{path} ({type(x).__name__})" for path, x in select_linears(model) if isinstance(x, AbstractLinear)]
     if odd:
         raise HFFormatError(
             f"save_pretrained writes dense weights, but these layers are not plain linear layers: {odd}. "

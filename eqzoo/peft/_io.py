@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
-import jax
 
 from .._errors import ConfigError, require
 from ..checkpoint import CheckpointMismatchError, load_weights, save_weights
-from ..nn import Targets
+from ..nn import Targets, select_linears
 from ._lora import LoRALinear, adapter_filter
 
 _KEY = "eqzoo.peft"
@@ -20,12 +19,7 @@ _KEY = "eqzoo.peft"
 def _scalings(model) -> dict[str, float]:
     # Each adapter's static scaling (alpha / rank), by layer path: not an array, so not in the
     # tensors, but loading adapters under another scaling would change the model silently.
-    flat = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, LoRALinear))[0]
-    return {
-        jax.tree_util.keystr(tuple(p), simple=True, separator="."): x.scaling
-        for p, x in flat
-        if isinstance(x, LoRALinear)
-    }
+    return {path: x.scaling for path, x in select_linears(model) if isinstance(x, LoRALinear)}
 
 
 def save_adapters(

@@ -24,6 +24,7 @@ from ..nn import (
     select_linears,
 )
 from ..nn._replace import _compile_targets
+from ..sharding import path_str
 
 
 def _lead(layer: eqx.nn.Linear | AbstractLinear) -> tuple[int, ...]:
@@ -197,20 +198,15 @@ def adapter_filter(model, *, also: Targets = None):
     spec = jax.tree.map(lambda x: on_adapters(x) if _is_lora(x) else False, model, is_leaf=_is_lora)
     if also is None:
         return spec
-    patterns = [also] if isinstance(also, str) else list(also)
     compiled = _compile_targets(also, "adapter_filter(also=...)")
     flat, treedef = jax.tree_util.tree_flatten_with_path(model)
-    spec_leaves = treedef.flatten_up_to(spec)
     used = set()
     out = []
-    for (path, leaf), s in zip(flat, spec_leaves, strict=True):
-        name = jax.tree_util.keystr(tuple(path), simple=True, separator=".")
-        hit = [c.pattern for c in compiled if c.search(name)]
-        floating = eqx.is_inexact_array(leaf)
-        if hit and floating:
-            used.update(hit)
-        out.append(s or (bool(hit) and floating))
-    unused = [p for p in patterns if p not in used]
+    for (path, leaf), s in zip(flat, treedef.flatten_up_to(spec), strict=True):
+        hit = [c.pattern for c in compiled if c.search(path_str(path))] if eqx.is_inexact_array(leaf) else []
+        used.update(hit)
+        out.append(s or bool(hit))
+    unused = [c.pattern for c in compiled if c.pattern not in used]
     if unused:
         raise ConfigError(f"adapter_filter: also={unused} match no floating-point parameter path.")
     return jax.tree_util.tree_unflatten(treedef, out)
@@ -239,10 +235,8 @@ def merge(model):
 
     **Raises:** `ConfigError` if the model has no adapters.
     """
-    layers = [x for x in jax.tree.leaves(model, is_leaf=_is_lora) if _is_lora(x)]
-    if not layers:
+    if not any(_is_lora(x) for x in jax.tree.leaves(model, is_leaf=_is_lora)):
         raise ConfigError("merge: the model has no LoRA adapters (nothing to merge).")
-
     return jax.tree.map(lambda x: x.as_linear() if _is_lora(x) else x, model, is_leaf=_is_lora)
 
 

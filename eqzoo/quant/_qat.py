@@ -5,7 +5,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .._errors import ConfigError
-from ..nn import AbstractLinear, Targets, replace_linears
+from ..nn import AbstractLinear, Targets, apply_linear, replace_linears
 from ._int8 import fake_quantize
 from ._linear import check_features, dense_linear
 
@@ -47,10 +47,7 @@ class FakeQuantLinear(AbstractLinear):
 
     def apply(self, x: Float[Array, "*shape in"]) -> Float[Array, "*shape out"]:
         """The layer with its fake-quantized weight, over the last axis of `x`, in `x`'s dtype."""
-        y = x @ fake_quantize(self.base.weight).T.astype(x.dtype)
-        if self.base.bias is not None:
-            y = y + self.base.bias.astype(x.dtype)
-        return y
+        return apply_linear(eqx.tree_at(lambda lin: lin.weight, self.base, fake_quantize(self.base.weight)), x)
 
     def as_linear(self) -> eqx.nn.Linear:
         """An `equinox.nn.Linear` holding the fake-quantized weight: the map this layer computes.

@@ -70,6 +70,16 @@ def _layout(batch: int, vocab: int) -> _Layout | None:
     return _Layout(mesh, axes, shards, vocab_axis)
 
 
+def _chunk(chunk_size: int | None, batch: int, seq: int, vocab: int, layout: _Layout | None) -> int:
+    # The chunk length both chunked losses use: the given one, or auto_chunk_size of the rows
+    # one device holds; never longer than the sequence.
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(batch // (1 if layout is None else layout.shards), seq, vocab)
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    return min(chunk_size, max(seq, 1))
+
+
 def _constrain(x, layout, *spec):
     P = jax.sharding.PartitionSpec
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(layout.mesh, P(*spec)))
@@ -266,11 +276,7 @@ def fused_cross_entropy(
         raise ShapeError(f"fused_cross_entropy: targets must be integer class ids; got dtype {targets.dtype}.")
     batch, seq = targets.shape
     layout = _layout(batch, head.shape[0])
-    if chunk_size is None:
-        chunk_size = auto_chunk_size(batch // (1 if layout is None else layout.shards), seq, head.shape[0])
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    chunk_size = min(chunk_size, max(seq, 1))
+    chunk_size = _chunk(chunk_size, batch, seq, head.shape[0], layout)
     if weights is None:
         weights = jnp.ones((batch, seq), jnp.float32)
     elif weights.shape != targets.shape:

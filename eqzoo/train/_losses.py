@@ -7,7 +7,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._fused_ce import _constrain, _layout, auto_chunk_size, fused_cross_entropy
+from ._fused_ce import _chunk, _constrain, _layout, fused_cross_entropy
 
 
 def cross_entropy(
@@ -69,9 +69,7 @@ def _chunked_batch_nll(features, head, targets, chunk_size):
     pass accumulates one head gradient per shard through the chunks and sums them once at the
     end; with one shared head, XLA all-reduced the whole head gradient in every chunk."""
     layout = _layout(targets.shape[0], head.shape[0])
-    rows = targets.shape[0] // (1 if layout is None else layout.shards)
-    chunk = auto_chunk_size(rows, targets.shape[1], head.shape[0]) if chunk_size is None else chunk_size
-    chunk = min(chunk, targets.shape[1])
+    chunk = _chunk(chunk_size, *targets.shape, head.shape[0], layout)
     per_sequence = jax.vmap(lambda h, f, t: _chunked_nll(f, h, t, chunk), in_axes=(None, 0, 0))
     if layout is None:
         return per_sequence(head, features, targets)
