@@ -314,3 +314,30 @@ def test_adapter_io_and_filter_errors(tmp_path):
     mlp = peft.lora(eqzoo.models.create("mlp-small", key=jax.random.key(0)), rank=2, key=jax.random.key(1))
     with pytest.raises(CheckpointMismatchError, match=r"saved with also=\['final_norm'\]"):
         peft.load_adapters(mlp, path)
+
+
+class _Opaque(eqzoo.nn.AbstractLinear):
+    """A linear layer with no dense equivalent (as_linear is not implemented)."""
+
+    weight: jax.Array
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+
+    def apply(self, x):
+        return x @ self.weight.T
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+
+def test_lora_refuses_layers_it_cannot_adapt_or_merge():
+    with pytest.raises(eqzoo._errors.ConfigError, match="'scalar' features are not supported"):
+        peft.LoRALinear(eqx.nn.Linear("scalar", 3, key=jax.random.key(0)), rank=2, key=jax.random.key(1))
+    adapted = peft.lora([_Opaque(jnp.ones((3, 4)), 4, 3)], rank=2, key=jax.random.key(1))
+    np.testing.assert_allclose(np.asarray(adapted[0](jnp.ones(4))), np.full(3, 4.0))  # lora_b = 0
+    with pytest.raises(eqzoo._errors.ConfigError, match="base is a _Opaque, which has no dense"):
+        peft.merge(adapted)
+    # a selected layer of a kind the caller does not replace
+    with pytest.raises(eqzoo._errors.ConfigError, match=r"0 is a _Opaque, not one of \['Linear'\]; narrow the targets"):
+        eqzoo.nn.replace_linears([_Opaque(jnp.ones((3, 4)), 4, 3)], lambda p, x: x, targets="0")
