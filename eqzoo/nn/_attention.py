@@ -83,6 +83,7 @@ class Attention(eqx.Module):
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     backend: str = eqx.field(static=True)
+    causal: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class Attention(eqx.Module):
         rope_theta: float = 10000.0,
         rope_scaling: RopeScaling | None = None,
         backend: AttentionBackend = "auto",
+        causal: bool = True,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -110,6 +112,9 @@ class Attention(eqx.Module):
         - `use_bias`: biases on the four projections.
         - `use_rope`, `rope_theta`, `rope_scaling`: rotary position embeddings.
         - `backend`: `"xla"`, `"cudnn"` or `"auto"` (cuDNN on GPU for half precision).
+        - `causal`: each position attends only to itself and earlier ones (language models);
+          `False` lets every position attend to every other (vision and diffusion transformers).
+          Decoding with a KV cache needs `causal=True`.
         - `init_std`, `out_init_std`: normal init scale of the input / output projections.
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
@@ -139,6 +144,7 @@ class Attention(eqx.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.backend = backend
+        self.causal = causal
 
     def _qkv(self, x, positions):
         seq = x.shape[0]
@@ -157,7 +163,7 @@ class Attention(eqx.Module):
     def __call__(
         self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
     ) -> Float[Array, "seq embed"]:
-        """Causal self-attention over one whole sequence.
+        """Self-attention over one whole sequence (causal unless built with `causal=False`).
 
         **Arguments:** `x`, one sequence. `key` is unused (no dropout).
 
@@ -171,10 +177,11 @@ class Attention(eqx.Module):
         positions = jnp.arange(x.shape[0], dtype=jnp.int32)
         q, k, v = self._qkv(x, positions)
         if resolve_backend(self.backend, q.dtype) == "cudnn":
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
         else:
             seq = x.shape[0]
-            o = _xla_attention(q, k, v, jnp.tril(jnp.ones((seq, seq), bool)))
+            mask = jnp.tril(jnp.ones((seq, seq), bool)) if self.causal else jnp.ones((seq, seq), bool)
+            o = _xla_attention(q, k, v, mask)
         return self._out(o)
 
     def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
@@ -207,7 +214,15 @@ class Attention(eqx.Module):
           cache is then a loop carry that is updated, never copied whole).
 
         **Returns:** `(output, updated cache)`.
+
+        **Raises:** `ConfigError` for a layer built with `causal=False` (a KV cache only makes
+        sense when a position never attends to later ones).
         """
+        if not self.causal:
+            raise ConfigError(
+                "decode needs causal attention; this layer was built with causal=False (a "
+                "bidirectional layer sees later positions, which a KV cache does not hold yet)."
+            )
         seq = x.shape[0]
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(seq, dtype=jnp.int32)

@@ -27,7 +27,8 @@ def _rope_reference(x, positions, theta=10000.0):
 
 
 def reference_attention(attn: Attention, x) -> np.ndarray:
-    """softmax(q k^T / sqrt(d) + causal mask) v, each query head reading kv head h // group."""
+    """softmax(q k^T / sqrt(d) + causal mask) v, each query head reading kv head h // group
+    (no mask for a layer built with `causal=False`)."""
     x = _np(x)
 
     def proj(lin):
@@ -44,7 +45,8 @@ def reference_attention(attn: Attention, x) -> np.ndarray:
     k = np.repeat(k, h // kv, axis=1)  # (seq, heads, d): query head i uses kv head i // (h // kv)
     v = np.repeat(v, h // kv, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
-    scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+    if attn.causal:
+        scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True)
     o = np.einsum("hts,shd->thd", p, v).reshape(seq, h * d)
@@ -109,6 +111,23 @@ def test_causality():
     changed = X.at[4:].set(0.0)
     np.testing.assert_array_equal(call(attn, X)[:4], call(attn, changed)[:4])
     assert not np.allclose(call(attn, X)[4:], call(attn, changed)[4:])
+
+
+@pytest.mark.parametrize("name", ["mha-bias", "gqa-rope"])
+def test_bidirectional_attention_matches_unmasked_formula(name):
+    heads, kv, bias, rope = CASES[name]
+    attn = Attention(EMBED, heads, num_kv_heads=kv, use_bias=bias, use_rope=rope, causal=False, init_std=0.3,
+                     key=jax.random.key(0))
+    out = call(attn, X)
+    np.testing.assert_allclose(out, reference_attention(attn, X), atol=LAYER_TOL, rtol=LAYER_TOL)
+    # Every position sees the later ones: changing the tail changes the head's outputs too.
+    assert not np.allclose(out[:4], call(attn, X.at[4:].set(0.0))[:4])
+
+
+def test_bidirectional_attention_refuses_kv_cache_decoding():
+    attn = Attention(EMBED, 4, causal=False, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match="decode needs causal attention"):
+        attn.decode(X, attn.init_cache(SEQ), jnp.int32(0))
 
 
 def test_bf16_input_keeps_dtype_and_is_close():
