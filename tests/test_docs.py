@@ -22,6 +22,7 @@ PACKAGES = [
     "eqzoo.quant",
     "eqzoo.sciml",
     "eqzoo.bayes",
+    "eqzoo.diffusion",
 ]
 
 

@@ -5,13 +5,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigError
-from ..models import GPT2Config, LlamaConfig
+from ..models import GPT2Config, LlamaConfig, ViTConfig
 from ..nn import RopeScaling
 from ._errors import HFFormatError
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",
+    "ViTForImageClassification": "vit",
 }
 """The Hugging Face `architectures` eqzoo reads and writes, with their `model_type`."""
 
@@ -133,13 +134,54 @@ def _llama_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig:
+def _square(d: Mapping[str, Any], key: str) -> int:
+    value = d[key]
+    if isinstance(value, list | tuple):
+        if len(value) != 2 or value[0] != value[1]:
+            raise _unsupported(d, key, value, "eqzoo's ViT takes square images and patches")
+        value = value[0]
+    return int(value)
+
+
+def _vit_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    _require(d, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    embed = int(d["hidden_size"])
+    inner = int(d["intermediate_size"])
+    if inner % embed:
+        raise _unsupported(d, "intermediate_size", inner, f"the MLP width must be a multiple of hidden_size={embed}")
+    act = d.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise _unsupported(d, "hidden_act", act, "eqzoo's ViT uses the exact (erf) GELU, 'gelu'")
+    if not d.get("qkv_bias", True):
+        raise _unsupported(d, "qkv_bias", False, "eqzoo's ViT has biases on every projection")
+    labels = d.get("id2label")
+    num_classes = len(labels) if labels else int(d.get("num_labels", 2))
+    return dict(
+        image_size=_square(d, "image_size") if "image_size" in d else 224,
+        patch_size=_square(d, "patch_size") if "patch_size" in d else 16,
+        in_channels=int(d.get("num_channels", 3)), num_classes=num_classes,
+        num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
+        embed_dim=embed, mlp_ratio=inner // embed, pool="cls",
+        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+    )
+
+
+_FROM_HF = {
+    "gpt2": (GPT2Config, _gpt2_from_hf),
+    "llama": (LlamaConfig, _llama_from_hf),
+    "vit": (ViTConfig, _vit_from_hf),
+}
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig | ViTConfig:
     """The eqzoo config described by a Hugging Face `config.json` dict.
 
     Reads `GPT2LMHeadModel` and `LlamaForCausalLM` configs, including grouped-query attention
     (`num_key_value_heads`), `head_dim`, `rope_theta`, Llama-3 `rope_scaling` (in both the
     transformers 4 `rope_theta`/`rope_scaling` and the transformers 5 `rope_parameters`
-    spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`.
+    spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`; and
+    `ViTForImageClassification` configs (the number of classes from `id2label`, square
+    `image_size` and `patch_size`, `layer_norm_eps`).
 
     **Arguments:**
 
@@ -147,14 +189,14 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     - `overrides`: fields of the eqzoo config to replace, typically the ones HF does not know
       about: `remat`, `scan_layers`, `attention_backend`.
 
-    **Returns:** a [`eqzoo.models.GPT2Config`][] or [`eqzoo.models.LlamaConfig`][].
+    **Returns:** a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][] or
+    [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
     ones) or option; `ConfigError` for an unknown override.
     """
-    family = _family(hf_config)
-    cls = GPT2Config if family == "gpt2" else LlamaConfig
-    fields = _gpt2_from_hf(hf_config) if family == "gpt2" else _llama_from_hf(hf_config)
+    cls, read = _FROM_HF[_family(hf_config)]
+    fields = read(hf_config)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -162,17 +204,22 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     return cls(**{**fields, **overrides})
 
 
-def config_to_hf(config: GPT2Config | LlamaConfig) -> dict[str, Any]:
+def config_to_hf(config: GPT2Config | LlamaConfig | ViTConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
 
     eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`) are not written. Llama
     rotary settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
-    **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][] or [`eqzoo.models.LlamaConfig`][].
+    **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][] or
+    [`eqzoo.models.ViTConfig`][] (with `pool="cls"`: Hugging Face's ViT has a class token).
 
     **Returns:** a JSON-able dict with `architectures` and `model_type`.
+
+    **Raises:** `HFFormatError` for a `pool="mean"` ViT, which Hugging Face has no layout for.
     """
+    if isinstance(config, ViTConfig):
+        return _vit_to_hf(config)
     if isinstance(config, GPT2Config):
         return {
             "architectures": ["GPT2LMHeadModel"],
@@ -223,4 +270,30 @@ def config_to_hf(config: GPT2Config | LlamaConfig) -> dict[str, Any]:
         "mlp_bias": False,
         "bos_token_id": None,
         "eos_token_id": None,
+    }
+
+
+def _vit_to_hf(c: ViTConfig) -> dict[str, Any]:
+    if c.pool != "cls":
+        raise HFFormatError(
+            f"ViTConfig(pool={c.pool!r}) has no Hugging Face equivalent: ViTForImageClassification "
+            "classifies its class token. Export a pool='cls' model."
+        )
+    return {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "image_size": c.image_size,
+        "patch_size": c.patch_size,
+        "num_channels": c.in_channels,
+        "hidden_size": c.embed_dim,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "intermediate_size": c.hidden_dim,
+        "hidden_act": "gelu",
+        "layer_norm_eps": c.layer_norm_eps,
+        "qkv_bias": True,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(c.num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(c.num_classes)},
     }

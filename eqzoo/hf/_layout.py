@@ -9,7 +9,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..models import GPT2Config, LlamaConfig
+from ..models import GPT2Config, LlamaConfig, ViTConfig
+from ._errors import HFFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,12 +23,15 @@ class TensorRule:
     - `transpose`: HF stores the transpose (GPT-2's `Conv1D` keeps weights as (in, out)).
     - `part`: `(k, n)` when the leaf is the `k`-th of `n` equal chunks of the HF tensor's last
       axis (GPT-2 fuses q, k and v into one `c_attn`).
+    - `hf_leading`: the HF tensor has this many extra leading axes of size 1 (ViT keeps its
+      class token as (1, 1, embed) and its position embeddings as (1, seq, embed)).
     """
 
     path: tuple[str, ...]
     hf_name: str
     transpose: bool = False
     part: tuple[int, int] | None = None
+    hf_leading: int = 0
 
     @property
     def stacked(self) -> bool:
@@ -47,7 +51,7 @@ class TensorRule:
         shape = tuple(reversed(leaf_shape)) if self.transpose else tuple(leaf_shape)
         if self.part is not None:
             shape = shape[:-1] + (shape[-1] * self.part[1],)
-        return shape
+        return (1,) * self.hf_leading + shape
 
     def hf_index(self, leaf_shape: tuple[int, ...]) -> tuple[slice, ...]:
         """Which part of the HF tensor holds this leaf."""
@@ -104,13 +108,42 @@ def _llama_rules(tied: bool) -> list[TensorRule]:
     return rules
 
 
+def _vit_rules() -> list[TensorRule]:
+    e, h = "vit.embeddings.", "vit.encoder.layer.{i}."
+    layer = ("blocks", "layers")
+    rules = [
+        TensorRule(("patch_embed", "weight"), f"{e}patch_embeddings.projection.weight"),  # Conv2d's layout
+        TensorRule(("patch_embed", "bias"), f"{e}patch_embeddings.projection.bias"),
+        TensorRule(("cls_token",), f"{e}cls_token", hf_leading=2),
+        TensorRule(("pos_embed", "weight"), f"{e}position_embeddings", hf_leading=1),
+        TensorRule(("final_norm", "weight"), "vit.layernorm.weight"),
+        TensorRule(("final_norm", "bias"), "vit.layernorm.bias"),
+        TensorRule(("head", "weight"), "classifier.weight"),
+        TensorRule(("head", "bias"), "classifier.bias"),
+    ]
+    for ours, theirs in (
+        (("attn_norm",), "layernorm_before"),
+        (("mlp_norm",), "layernorm_after"),
+        (("attn", "q_proj"), "attention.attention.query"),
+        (("attn", "k_proj"), "attention.attention.key"),
+        (("attn", "v_proj"), "attention.attention.value"),
+        (("attn", "o_proj"), "attention.output.dense"),
+        (("mlp", "up"), "intermediate.dense"),
+        (("mlp", "down"), "output.dense"),
+    ):
+        for leaf in ("weight", "bias"):
+            rules.append(TensorRule(layer + ours + (leaf,), f"{h}{theirs}.{leaf}"))
+    return rules
+
+
 # Tensors some checkpoints carry that are not parameters (constant buffers, or a tied head
 # written out twice); they are skipped on load. `{p}` is the GPT-2 prefix.
 _GPT2_IGNORED = (r"{p}h\.\d+\.attn\.bias", r"{p}h\.\d+\.attn\.masked_bias", r"lm_head\.weight")
 _LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
+_VIT_IGNORED = (r"vit\.pooler\..*",)  # ViTModel's tanh pooler, unused by the classifier
 
 
-def rules_for(config: GPT2Config | LlamaConfig, names: Iterable[str] = ()) -> tuple[list[TensorRule], re.Pattern[str]]:
+def rules_for(config: GPT2Config | LlamaConfig | ViTConfig, names: Iterable[str] = ()) -> tuple[list[TensorRule], re.Pattern[str]]:
     """The tensor rules of a model with `config`, and a pattern matching ignorable tensor names.
 
     `names` (the checkpoint's tensor names, if loading) decides GPT-2's prefix: files written by
@@ -121,6 +154,13 @@ def rules_for(config: GPT2Config | LlamaConfig, names: Iterable[str] = ()) -> tu
         prefix = "" if "wte.weight" in names and "transformer.wte.weight" not in names else "transformer."
         ignored = [pat.replace("{p}", re.escape(prefix)) for pat in _GPT2_IGNORED]
         return _gpt2_rules(prefix), re.compile("|".join(ignored))
+    if isinstance(config, ViTConfig):
+        if config.pool != "cls":
+            raise HFFormatError(
+                f"Hugging Face's ViT classifies a class token; a ViTConfig(pool={config.pool!r}) has "
+                "none. Use pool='cls' to load or save Hugging Face ViT checkpoints."
+            )
+        return _vit_rules(), re.compile("|".join(_VIT_IGNORED))
     ignored = list(_LLAMA_IGNORED)
     if config.tie_embeddings:
         ignored.append(r"lm_head\.weight")

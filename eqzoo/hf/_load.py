@@ -12,7 +12,7 @@ from jax.sharding import Sharding
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError
-from ..models import GPT2, GPT2Config, Llama
+from ..models import GPT2, Llama, ViT, model_class
 from ._config import config_from_hf
 from ._errors import HFFormatError
 from ._files import TensorReader, as_folder, read_config, weight_files
@@ -95,6 +95,8 @@ def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ..
     out = None
     for i, name in enumerate(rule.hf_names(num_layers)):
         x = reader.read(name, index)
+        if rule.hf_leading:
+            x = x.reshape(x.shape[rule.hf_leading:])
         if rule.transpose:
             x = x.T
         if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
@@ -115,13 +117,14 @@ def load_pretrained(
     dtype: DTypeLike | None = None,
     sharding: ShardingSpec = None,
     config_overrides: Mapping[str, Any] | None = None,
-) -> GPT2 | Llama:
+) -> GPT2 | Llama | ViT:
     """Load a local Hugging Face checkpoint folder as an eqzoo model.
 
     The folder holds `config.json` and `model.safetensors`, or shards
     `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`. Supported:
-    `GPT2LMHeadModel` and `LlamaForCausalLM` (grouped-query attention, tied or untied head,
-    `head_dim`, `rope_theta`, Llama-3 `rope_scaling`). The model's structure is built with
+    `GPT2LMHeadModel`, `LlamaForCausalLM` (grouped-query attention, tied or untied head,
+    `head_dim`, `rope_theta`, Llama-3 `rope_scaling`) and `ViTForImageClassification` (square
+    images, exact GELU, q/k/v biases; loaded as a `pool="cls"` [`eqzoo.models.ViT`][]). The model's structure is built with
     `equinox.filter_eval_shape`, so no random initialisation is allocated; every tensor is then
     read from its memory-mapped file (only the part needed), cast, and placed with
     `jax.device_put` on its target sharding. Per-layer tensors are stacked into
@@ -139,7 +142,7 @@ def load_pretrained(
       model-shaped pytree of shardings, or `None` for the default device.
     - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`.
 
-    **Returns:** a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][] or [`eqzoo.models.ViT`][].
 
     **Raises:** `HFFormatError` for a missing `config.json`, an unsupported architecture,
     pickle-only weights (`.bin`; refused, with the command to convert them), a missing,
@@ -149,7 +152,7 @@ def load_pretrained(
     dtype = None if dtype is None else jnp.dtype(dtype)
     config = config_from_hf(read_config(folder), **dict(config_overrides or {}))
     files = weight_files(folder)
-    model_cls = GPT2 if isinstance(config, GPT2Config) else Llama
+    model_cls = model_class(config)
     skeleton = eqx.filter_eval_shape(model_cls, config, key=jax.random.key(0))
     flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
     structs = {_names_of(kp): leaf for kp, leaf in flat}

@@ -13,7 +13,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
-from ..models import GPT2, Llama
+from ..models import GPT2, Llama, ViT
 from ..nn import AbstractLinear, select_linears
 from ._config import config_to_hf
 from ._errors import HFFormatError
@@ -68,7 +68,8 @@ def _materialise(model, parts, dtype: np.dtype, cache) -> np.ndarray:
     for rule, i in sorted(parts, key=lambda p: p[0].part[0] if p[0].part else 0):
         x = _host(model, rule, cache)
         x = x[i] if i is not None else x
-        pieces.append(x.T if rule.transpose else x)
+        x = x.T if rule.transpose else x
+        pieces.append(x.reshape((1,) * rule.hf_leading + x.shape))
     x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=-1)  # GPT-2's fused c_attn
     return np.ascontiguousarray(x.astype(dtype, copy=False))
 
@@ -93,7 +94,7 @@ def _check_plain_linears(model) -> None:
 
 @no_type_check  # arguments are validated inside, with messages that say what is supported
 def save_pretrained(
-    model: GPT2 | Llama,
+    model: GPT2 | Llama | ViT,
     path: str | os.PathLike[str],
     *,
     dtype: DTypeLike | None = None,
@@ -101,16 +102,18 @@ def save_pretrained(
     extra_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint folder: `config.json`, `generation_config.json`
-    and `model.safetensors` (or shards plus `model.safetensors.index.json`).
+    (language models) and `model.safetensors` (or shards plus `model.safetensors.index.json`).
 
     `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the folder with no missing or
     unexpected weights: Llama tensors keep their names and layout; GPT-2's are transposed into
     `Conv1D`'s (in, out) layout and q/k/v fused into `c_attn`. A tied head is not written (HF
-    ties it on load). Per-layer parameters are split out of `Stacked.layers`.
+    ties it on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
+    for `transformers.AutoModelForImageClassification` (`ViTForImageClassification`).
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][] or [`eqzoo.models.ViT`][]
+      (`pool="cls"`).
     - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
     - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
     - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
@@ -120,8 +123,8 @@ def save_pretrained(
 
     **Returns:** the folder's path.
     """
-    if not isinstance(model, GPT2 | Llama):
-        raise HFFormatError(f"save_pretrained exports eqzoo GPT2 and Llama models; got {type(model).__name__}.")
+    if not isinstance(model, GPT2 | Llama | ViT):
+        raise HFFormatError(f"save_pretrained exports eqzoo GPT2, Llama and ViT models; got {type(model).__name__}.")
     _check_plain_linears(model)
     safetensors_numpy = require("safetensors.numpy", "hf")
     dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
@@ -134,7 +137,7 @@ def save_pretrained(
         if hf.get(key) is not None and hf[key] != value:
             raise ConfigError(f"extra_config may not change {key!r} (the model has {hf[key]!r}, got {value!r}).")
         hf[key] = value
-    hf["dtype"] = str(np.dtype(model.embed.weight.dtype) if dtype is None else dtype)  # what from_pretrained uses
+    hf["dtype"] = str(np.dtype(model.final_norm.weight.dtype) if dtype is None else dtype)  # what from_pretrained uses
 
     limit = None if max_shard_size is None else _parse_size(max_shard_size)
     folder = Path(path)
@@ -171,6 +174,7 @@ def save_pretrained(
     if n > 1:
         _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_json(folder / CONFIG_NAME, hf)
-    generation = {"_from_model_config": True} | {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}
-    _write_json(folder / GENERATION_CONFIG_NAME, generation)
+    if not isinstance(model, ViT):  # a classifier generates nothing
+        generation = {"_from_model_config": True} | {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}
+        _write_json(folder / GENERATION_CONFIG_NAME, generation)
     return folder

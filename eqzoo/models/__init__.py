@@ -1,6 +1,8 @@
 """Model families with frozen configs, and a registry of named presets."""
 
 from ._cnn import CNN as CNN, CNNConfig as CNNConfig
+from ._denoiser import AbstractDenoiser as AbstractDenoiser
+from ._dit import DiT as DiT, DiTConfig as DiTConfig
 from ._gpt2 import GPT2 as GPT2, GPT2Config as GPT2Config
 from ._llama import Llama as Llama, LlamaConfig as LlamaConfig
 from ._lm import AbstractLM as AbstractLM
@@ -14,11 +16,16 @@ from ._registry import (
     model_class as model_class,
     register_preset as register_preset,
 )
+from ._unet import UNet as UNet, UNetConfig as UNetConfig
+from ._vit import ViT as ViT, ViTConfig as ViTConfig
 
 __all__ = [
+    "AbstractDenoiser",
     "AbstractLM",
     "CNN",
     "CNNConfig",
+    "DiT",
+    "DiTConfig",
     "GPT2",
     "GPT2Config",
     "Llama",
@@ -26,6 +33,10 @@ __all__ = [
     "MLP",
     "MLPConfig",
     "ModelConfig",
+    "UNet",
+    "UNetConfig",
+    "ViT",
+    "ViTConfig",
     "create",
     "get_config",
     "is_stateful",

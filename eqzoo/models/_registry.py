@@ -9,13 +9,19 @@ from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..nn import RopeScaling
 from ._cnn import CNN, CNNConfig
+from ._dit import DiT, DiTConfig
 from ._gpt2 import GPT2, GPT2Config
 from ._llama import Llama, LlamaConfig
 from ._mlp import MLP, MLPConfig
+from ._unet import UNet, UNetConfig
+from ._vit import ViT, ViTConfig
 
-ModelConfig = GPT2Config | LlamaConfig | MLPConfig | CNNConfig
+ModelConfig = GPT2Config | LlamaConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
 
-_FAMILIES: dict[type, type] = {GPT2Config: GPT2, LlamaConfig: Llama, MLPConfig: MLP, CNNConfig: CNN}
+_FAMILIES: dict[type, type] = {
+    GPT2Config: GPT2, LlamaConfig: Llama, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,
+    DiTConfig: DiT, UNetConfig: UNet,
+}
 _STATEFUL = (CNNConfig,)
 
 # Remat per preset: the policy recomputing least whose estimated peak memory for one training
@@ -47,6 +53,29 @@ _PRESETS: dict[str, Any] = {
     ),
     "mlp-small": MLPConfig(),
     "cnn-digits": CNNConfig(),
+    # Vision Transformers. tiny-vit fits scikit-learn's 8x8 digits (16 patches of 2x2); the others
+    # are the ImageNet shapes of Dosovitskiy et al. (2021) and DeiT (Touvron et al., 2021).
+    "tiny-vit": ViTConfig(
+        image_size=8, patch_size=2, in_channels=1, num_classes=10, num_layers=4, num_heads=4,
+        embed_dim=64, mlp_ratio=2,
+    ),
+    "vit-s16": ViTConfig(num_layers=12, num_heads=6, embed_dim=384),
+    "vit-b16": ViTConfig(),
+    "vit-l16": ViTConfig(num_layers=24, num_heads=16, embed_dim=1024),
+    # Diffusion models. The tiny ones fit scikit-learn's 8x8 digits, class-conditional; dit-s2 and
+    # dit-xl2 are DiT-S/2 and DiT-XL/2 on the 32x32x4 latents of 256x256 ImageNet (Peebles & Xie,
+    # 2023); unet-cifar10 is the DDPM CIFAR-10 UNet (Ho et al., 2020), unconditional.
+    "tiny-dit": DiTConfig(
+        image_size=8, in_channels=1, patch_size=2, num_classes=10, num_layers=4, num_heads=4,
+        embed_dim=64, frequency_dim=64,
+    ),
+    "dit-s2": DiTConfig(num_layers=12, num_heads=6, embed_dim=384),
+    "dit-xl2": DiTConfig(),
+    "tiny-unet": UNetConfig(
+        image_size=8, in_channels=1, num_classes=10, base_channels=32, channel_mults=(1, 2),
+        num_res_blocks=1, attention_resolutions=(4,), num_groups=8,
+    ),
+    "unet-cifar10": UNetConfig(),
 }
 
 

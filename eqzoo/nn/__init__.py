@@ -1,4 +1,5 @@
-"""Layers: attention with GQA, RoPE and a KV cache; MLPs; norms; embeddings; `Stacked`; conv blocks.
+"""Layers: attention with GQA, RoPE and a KV cache; MLPs; norms; embeddings; patch embedding;
+`Stacked`; conv blocks.
 
 Every layer is a final `equinox.Module` whose `__call__` takes one unbatched example.
 """
@@ -20,6 +21,7 @@ from ._linear import (
 )
 from ._mlp import MLP as MLP, SwiGLU as SwiGLU
 from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
+from ._patch import PatchEmbed as PatchEmbed
 from ._replace import (
     Targets as Targets,
     linear_paths as linear_paths,
@@ -46,6 +48,7 @@ __all__ = [
     "KVCache",
     "LayerNorm",
     "MLP",
+    "PatchEmbed",
     "REMAT_POLICIES",
     "RMSNorm",
     "RematPolicy",

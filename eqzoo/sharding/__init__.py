@@ -30,6 +30,7 @@ from ._mesh import (
 from ._rules import (
     GPT2_RULES as GPT2_RULES,
     LLAMA_RULES as LLAMA_RULES,
+    VIT_RULES as VIT_RULES,
     Rules as Rules,
     check_spec as check_spec,
     default_rules as default_rules,
@@ -54,6 +55,7 @@ __all__ = [
     "DistributedArgs",
     "GPT2_RULES",
     "LLAMA_RULES",
+    "VIT_RULES",
     "Rules",
     "ShardingError",
     "abstract_sharded",

@@ -59,6 +59,17 @@ LLAMA_RULES: tuple[tuple[str, P], ...] = _TRANSFORMER_RULES
 """Default rules for [`eqzoo.models.Llama`][]: as `GPT2_RULES`, with the SwiGLU gate split like
 the up projection and the untied `lm_head` like the embedding."""
 
+VIT_RULES: tuple[tuple[str, P], ...] = (
+    *_TRANSFORMER_RULES,
+    (r"^pos_embed\.weight$", P(None, "fsdp")),  # (seq, embed)
+    (r"^patch_embed\.weight$", P("fsdp")),  # (embed, channels, patch, patch)
+    (r"^head\.weight$", P(None, "fsdp")),  # (classes, embed)
+)
+"""Default rules for [`eqzoo.models.ViT`][]: its blocks are GPT-2's, so as `GPT2_RULES` (FSDP
+over the embedding dimension, Megatron tensor parallelism in the blocks); the patch projection,
+position embeddings and classifier head split over `fsdp` along the embedding; the class token,
+norms and biases replicated."""
+
 
 def path_str(path: Sequence[Any]) -> str:
     """A pytree key path as the dotted string rules match: `blocks.layers.attn.q_proj.weight`.
@@ -177,13 +188,16 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
 def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     """The default rules for a model (or its config, or an abstract model).
 
-    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, and `()` otherwise (every
-    parameter replicated: plain data parallelism, whatever the mesh).
+    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `VIT_RULES` for ViT, and `()`
+    otherwise (every parameter replicated: plain data parallelism, whatever the mesh).
     """
-    from ..models import GPT2, GPT2Config, Llama, LlamaConfig  # models import eqzoo.sharding
+    # Imported here: eqzoo.models imports eqzoo.sharding.
+    from ..models import GPT2, GPT2Config, Llama, LlamaConfig, ViT, ViTConfig
 
     if isinstance(model, GPT2 | GPT2Config):
         return GPT2_RULES
     if isinstance(model, Llama | LlamaConfig):
         return LLAMA_RULES
+    if isinstance(model, ViT | ViTConfig):
+        return VIT_RULES
     return ()

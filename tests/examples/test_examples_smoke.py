@@ -56,6 +56,29 @@ def test_digits_cnn_smoke(capsys):
 
 
 @pytest.mark.slow
+def test_digits_vit_smoke(capsys):
+    s = _run("digits_vit", ["--smoke", "--json"], capsys)
+    for key in ("test_accuracy", "train_accuracy", "num_params", "seconds"):
+        assert key in s, f"summary lacks {key!r}: {sorted(s)}"
+    assert s["num_params"] == 136_138 and s["steps"] == 6 * 22  # 22 full batches of 64 per epoch
+    assert 0.0 <= s["train_accuracy"] <= 1.0
+    assert s["test_accuracy"] > 0.4, s  # ten classes: chance is 0.1
+
+
+@pytest.mark.slow
+def test_digits_diffusion_smoke(capsys):
+    s = _run("digits_diffusion", ["--smoke", "--json"], capsys)
+    for key in ("eval_loss_init", "eval_loss", "sample_accuracy", "classifier_test_accuracy", "seconds"):
+        assert key in s, f"summary lacks {key!r}: {sorted(s)}"
+    # The untrained (zero-output) model scores mean(noise^2) ~ 1 on the fixed test draw; 60 steps
+    # of denoising training must cut that by more than half.
+    assert abs(s["eval_loss_init"] - 1.0) < 0.1, s
+    assert s["eval_loss"] < 0.5 * s["eval_loss_init"], s
+    assert s["num_samples"] == 50 and 0.0 <= s["sample_accuracy"] <= 1.0
+    assert s["classifier_test_accuracy"] > 0.9, s  # the judge of the samples is a good classifier
+
+
+@pytest.mark.slow
 def test_finetune_lora_smoke(tmp_path, capsys):
     s = _run("finetune_lora", ["--smoke", "--json", "--out", str(tmp_path / "run")], capsys)
     # The adapters learn the new domain, the merged model and the reloaded adapters compute

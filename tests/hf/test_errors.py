@@ -150,5 +150,5 @@ def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
     with pytest.raises(ConfigError, match=r"the sharding for 'embed.weight' is a str"):
         eqzoo.hf.load_pretrained(folder, sharding=lambda path, leaf: "replicated")  # type: ignore[arg-type,return-value]
     mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
-    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2 and Llama models; got MLP"):
+    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama and ViT models; got MLP"):
         eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from eqzoo import models, train
+from eqzoo import diffusion, models, train
 
 SMALL = 5_000_000  # parameters; presets below this run on CPU in the contract suite
 SEQ = 16  # tokens per sequence for language-model presets
@@ -53,6 +53,14 @@ def _cnn_batch(config, key):
     }
 
 
+def _vit_batch(config, key):
+    kx, ky = jax.random.split(key)
+    return {
+        "x": jax.random.normal(kx, (BATCH, config.in_channels, config.image_size, config.image_size)),
+        "y": jax.random.randint(ky, (BATCH,), 0, config.num_classes, dtype=jnp.int32),
+    }
+
+
 def _cnn_loss(model, model_state, batch, key):
     logits, model_state = jax.vmap(
         model, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
@@ -66,7 +74,20 @@ ADAPTERS = {
     models.LlamaConfig: (_lm_batch, train.lm_loss, "tokens"),
     models.MLPConfig: (_mlp_batch, train.classification_loss, "x"),
     models.CNNConfig: (_cnn_batch, _cnn_loss, "x"),
+    models.ViTConfig: (_vit_batch, train.classification_loss, "x"),
+    models.DiTConfig: (_vit_batch, diffusion.make_diffusion_loss(diffusion.NoiseSchedule.linear(100)), "x"),
+    models.UNetConfig: (_vit_batch, diffusion.make_diffusion_loss(diffusion.NoiseSchedule.linear(100)), "x"),
 }
+
+# Families whose forward takes more than the input: how the suite calls them on one input.
+FORWARDS = {
+    models.DiTConfig: lambda model, x: model(x, jnp.int32(10), jnp.int32(1)),  # timestep, label
+    models.UNetConfig: lambda model, x: model(x, jnp.int32(10), jnp.int32(1)),
+}
+
+# Families whose output layers start at zero (adaLN-Zero, zero-initialised output convolutions):
+# the first step's gradient reaches only those layers, the layers feeding them the next steps.
+ZERO_INIT_FAMILIES = (models.DiTConfig, models.UNetConfig)
 
 
 class Case:
@@ -90,6 +111,8 @@ class Case:
         self.forward_traces += 1  # Python side effect: counts traces
         if self.stateful:
             return eqx.nn.inference_mode(model)(x, model_state)[0]
+        if type(self.config) in FORWARDS:
+            return FORWARDS[type(self.config)](model, x)
         return model(x)
 
     def fresh(self):
@@ -229,6 +252,11 @@ def test_fp32_steps_finite_gradients_no_recompilation(case):
     # With plain SGD the first update is -lr * grad: every parameter leaf gets a finite, non-zero
     # gradient (a layer left out of the forward pass would get none).
     grads = jax.tree.map(lambda b, a: (b - a) / lr, before, after_first)
+    if isinstance(case.config, ZERO_INIT_FAMILIES):
+        # The first gradient reaches only the zero-initialised layers; after n steps they have
+        # moved, and the gradient there must reach every leaf.
+        grad_fn = eqx.filter_jit(eqx.filter_grad(lambda m: case.loss_fn(m, case.batch, jax.random.key(0))))
+        grads = jax.tree.map(np.asarray, _params(grad_fn(state.model)))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)), jax.tree_util.keystr(path)
         assert np.any(g != 0), f"{case.name}: no gradient reaches {jax.tree_util.keystr(path)}"
@@ -282,6 +310,9 @@ KNOWN_SIZES = {
     "gpt2-124m": 124_475_904,
     "llama-1b": 1_235_814_400,  # Llama 3.2 1B
     "llama-8b": 8_030_261_248,  # Llama 3.1 8B
+    "vit-s16": 22_050_664,  # ViT-S/16 (DeiT-S), 1000 classes
+    "vit-b16": 86_567_656,  # ViT-B/16, 1000 classes
+    "vit-l16": 304_326_632,  # ViT-L/16, 1000 classes
 }
 
 
@@ -326,3 +357,23 @@ def test_flops_per_token_counts_the_matmuls(name):
     expected = config.flops_per_token(seq)
     assert abs(measured - expected) <= 0.02 * expected, f"{name}: traced {measured:.4g}, formula {expected:.4g}"
     assert config.flops_per_token(2 * seq) - expected == pytest.approx(12 * config.num_layers * config.embed_dim * seq)
+
+
+VIT_PRESETS = [p for p in PRESETS if isinstance(models.get_config(p), models.ViTConfig)]
+
+
+@pytest.mark.parametrize("name", VIT_PRESETS)
+def test_vit_flops_per_image_counts_the_matmuls(name):
+    # As for the language models: trace one image's gradient, count its matmul FLOPs. The
+    # formula leaves out norms, biases and the softmax: 2% tolerance.
+    config = models.get_config(name, remat="none")
+    model = eqx.filter_eval_shape(lambda k: models.create(config, key=k), jax.random.key(0))
+    images = jax.ShapeDtypeStruct((1, config.in_channels, config.image_size, config.image_size), jnp.float32)
+    labels = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+    def grads(m, x, y):
+        return eqx.filter_grad(lambda m: train.classification_loss(m, {"x": x, "y": y})[0])(m)
+
+    measured = _matmul_flops(jax.make_jaxpr(grads)(model, images, labels).jaxpr)
+    expected = config.flops_per_image()
+    assert abs(measured - expected) <= 0.02 * expected, f"{name}: traced {measured:.4g}, formula {expected:.4g}"

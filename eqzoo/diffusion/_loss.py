@@ -1,0 +1,100 @@
+"""The denoising training objective, as a loss function for `eqzoo.train.make_train_step`."""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ..models import AbstractDenoiser
+from ._schedule import NoiseSchedule, check_prediction
+
+
+def _apply(model: AbstractDenoiser, x: Array, t: Array, labels: Array | None) -> Array:
+    """The model on a batch: one timestep (and label) per image."""
+    if labels is None:
+        return jax.vmap(lambda xi, ti: model(xi, ti))(x, t)
+    return jax.vmap(model)(x, t, labels)
+
+
+def diffusion_loss(
+    model: AbstractDenoiser,
+    schedule: NoiseSchedule,
+    x0: Float[Array, "batch channels height width"],
+    t: Int[Array, " batch"],
+    noise: Float[Array, "batch channels height width"],
+    labels: Int[Array, " batch"] | None = None,
+    *,
+    prediction: str = "epsilon",
+) -> Float[Array, ""]:
+    """The mean squared error of the model's prediction at given timesteps and noise.
+
+    Noises each clean image, `x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`, runs the model on
+    `(x_t, t, label)` and compares with the target in float32: the noise itself
+    (`prediction="epsilon"`, DDPM's "simple" loss) or the velocity
+    `sqrt(abar_t) noise - sqrt(1 - abar_t) x0` (`"v"`).
+
+    **Arguments:** the model, the schedule, a batch of clean images `x0`, one integer timestep
+    and one noise array per image, optional class `labels` (`None`: the model's default, the
+    null class for conditional models), and `prediction`.
+
+    **Returns:** the scalar loss (float32).
+    """
+    check_prediction(prediction)
+    x0 = x0.astype(jnp.float32)
+    noise = noise.astype(jnp.float32)
+    x_t = schedule.add_noise(x0, noise, t)
+    target = noise if prediction == "epsilon" else schedule.velocity(x0, noise, t)
+    pred = _apply(model, x_t, t, labels).astype(jnp.float32)
+    return jnp.mean(jnp.square(pred - target))
+
+
+def make_diffusion_loss(
+    schedule: NoiseSchedule, *, prediction: str = "epsilon", label_dropout: float = 0.1
+) -> Callable[[AbstractDenoiser, dict[str, Any], PRNGKey], Float[Array, ""]]:
+    """A `loss_fn(model, batch, key)` for [`eqzoo.train.make_train_step`][] that trains a
+    denoiser on batches `{"x": images, "y": labels}` (`"y"` optional).
+
+    Each call draws, from `key`, one timestep per image uniformly from `0 .. T-1`, standard
+    normal noise, and which labels to drop: with probability `label_dropout` an image's label is
+    replaced by the model's null class, so the same network also learns the unconditional
+    prediction that classifier-free guidance needs (Ho & Salimans, 2022). Then it returns
+    [`eqzoo.diffusion.diffusion_loss`][]. Unconditional models (`null_label is None`) ignore
+    `"y"`; conditional models given no `"y"` train on the null class only.
+
+    **Arguments:**
+
+    - `schedule`: the [`eqzoo.diffusion.NoiseSchedule`][].
+    - `prediction`: `"epsilon"` or `"v"`, what the model learns to predict.
+    - `label_dropout`: probability of swapping a label for the null class, in `[0, 1]`.
+
+    **Returns:** the loss function; it returns a float32 scalar.
+    """
+    check_prediction(prediction)
+    if not 0.0 <= label_dropout <= 1.0:
+        raise ConfigError(f"make_diffusion_loss: label_dropout must be in [0, 1], got {label_dropout}.")
+
+    def loss_fn(model: AbstractDenoiser, batch: dict[str, Any], key: PRNGKey) -> Float[Array, ""]:
+        x = batch["x"]
+        if x.ndim != 4:
+            raise ShapeError(
+                f"the diffusion loss takes a batch of images {{'x': (batch, channels, height, width)}}; "
+                f"got x of shape {shape_str(x.shape)}."
+            )
+        k_t, k_noise, k_drop = jax.random.split(key, 3)
+        n = x.shape[0]
+        t = jax.random.randint(k_t, (n,), 0, schedule.num_timesteps, dtype=jnp.int32)
+        noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+        null = model.null_label
+        labels = None
+        if null is not None:
+            labels = jnp.asarray(batch["y"], jnp.int32) if "y" in batch else jnp.full((n,), null, jnp.int32)
+            if label_dropout > 0:
+                drop = jax.random.bernoulli(k_drop, label_dropout, (n,))
+                labels = jnp.where(drop, jnp.int32(null), labels)
+        return diffusion_loss(model, schedule, x, t, noise, labels, prediction=prediction)
+
+    return loss_fn

@@ -1,0 +1,72 @@
+"""The denoising loss against a hand computation, and make_diffusion_loss's random draws."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo._errors import ConfigError, ShapeError
+from eqzoo.diffusion import NoiseSchedule, diffusion_loss, make_diffusion_loss
+
+from .denoisers import Affine
+
+TOL = 1e-5  # float32, a mean of a few hundred squares
+
+
+def _affine():
+    return Affine(jnp.float32(0.7), jnp.float32(0.003), jnp.asarray([0.5, -1.0, 2.0, 0.25], jnp.float32))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_loss_matches_hand_computation(prediction):
+    sched = NoiseSchedule.linear(50)
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    noise = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    t = np.array([0, 7, 30, 49], np.int32)
+    labels = np.array([0, 2, 3, 1], np.int32)
+    model = _affine()
+    got = diffusion_loss(model, sched, jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise), jnp.asarray(labels), prediction=prediction)
+
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 50))[t].reshape(4, 1, 1, 1)
+    x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+    pred = 0.7 * x_t + np.asarray([0.5, -1.0, 2.0, 0.25])[labels].reshape(4, 1, 1, 1) + 0.003 * t.reshape(4, 1, 1, 1)
+    target = noise if prediction == "epsilon" else np.sqrt(abar) * noise - np.sqrt(1 - abar) * x0
+    assert float(got) == pytest.approx(np.mean((pred - target) ** 2), rel=TOL)
+
+
+def test_label_dropout_swaps_in_the_null_class():
+    sched = NoiseSchedule.linear(50)
+    x = jax.random.normal(jax.random.key(0), (16, 1, 2, 2))
+    y = jnp.arange(16, dtype=jnp.int32) % 3
+    model, key = _affine(), jax.random.key(1)
+    null = jnp.full((16,), model.null_label, jnp.int32)
+    keep = make_diffusion_loss(sched, label_dropout=0.0)
+    drop = make_diffusion_loss(sched, label_dropout=1.0)
+    # Same key, same timesteps and noise: dropping every label is training on the null class.
+    assert float(drop(model, {"x": x, "y": y}, key)) == float(keep(model, {"x": x, "y": null}, key))
+    assert float(keep(model, {"x": x, "y": y}, key)) != float(keep(model, {"x": x, "y": null}, key))
+    # No "y" at all: the null class too.
+    assert float(keep(model, {"x": x}, key)) == float(keep(model, {"x": x, "y": null}, key))
+
+
+def test_label_dropout_rate():
+    # A model predicting 0 for real labels and 100 for the null class: the loss is
+    # mean(noise^2) + 1e4 * (fraction dropped), so the fraction can be read off.
+    sched = NoiseSchedule.linear(50)
+    model = Affine(jnp.float32(0.0), jnp.float32(0.0), jnp.asarray([0.0, 0.0, 100.0], jnp.float32))
+    x = jnp.zeros((8192, 1, 1, 1))
+    y = jnp.zeros((8192,), jnp.int32)
+    loss = make_diffusion_loss(sched, label_dropout=0.3)(model, {"x": x, "y": y}, jax.random.key(0))
+    fraction = (float(loss) - 1.0) / 1e4  # binomial sd 0.005; mean(noise^2) = 1 +- 0.016
+    assert abs(fraction - 0.3) < 0.02, fraction
+
+
+def test_loss_errors():
+    sched = NoiseSchedule.linear(10)
+    with pytest.raises(ConfigError, match="prediction must be one of"):
+        make_diffusion_loss(sched, prediction="x0")
+    with pytest.raises(ConfigError, match="label_dropout must be in"):
+        make_diffusion_loss(sched, label_dropout=1.5)
+    with pytest.raises(ShapeError, match=r"got x of shape \(3, 4\)"):
+        make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 4))}, jax.random.key(0))
