@@ -97,6 +97,12 @@ ROWS: tuple[Row, ...] = (
     Row("generate-int8", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                           "--batches", "1,64", "--new-tokens", "256", "--quantize", "int8"),
         GENERATE_TIMEOUT_S),
+    # The image models, last: ViT-B/16 classifying 224x224 images, DiT-XL/2 denoising 32x32x4
+    # latents (256 tokens each).
+    Row("vit-b16", ("benchmarks/image_throughput.py", "--preset", "vit-b16", "--batch", "256",
+                    "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
+    Row("dit-xl2", ("benchmarks/image_throughput.py", "--preset", "dit-xl2", "--batch", "256",
+                    "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
 )
 """The GPU table, in priority order."""
 
@@ -249,6 +255,8 @@ def table_lines(record: dict) -> list[list[str]]:
                  _fmt(r.get("ms_per_token"), ".2f"), "-", "-", _fmt(r.get("first_call_s"), ".1f"),
                  status] for r in record["results"]]
     mfu = record.get("mfu")
+    if "images_per_s" in record:  # image_throughput: images/s in the throughput column
+        name, record = f"{name} (images/s)", {**record, "tokens_per_s": record["images_per_s"]}
     return [[name, _fmt(record.get("tokens_per_s"), ",.0f"), _fmt(record.get("step_ms"), ".1f"),
              "-" if mfu is None else f"{100 * mfu:.1f}%", _fmt(record.get("peak_memory_gib"), ".2f"),
              _fmt(record.get("compile_s"), ".1f"), status]]
@@ -266,7 +274,7 @@ def markdown_table(records: list[dict]) -> str:
         if any("results" in r for r in records) else "")
 
 
-_SUMMARY_KEYS = ("tokens_per_s", "step_ms", "mfu", "compile_s", "peak_memory_gib", "loss_fell")
+_SUMMARY_KEYS = ("tokens_per_s", "images_per_s", "step_ms", "mfu", "compile_s", "peak_memory_gib", "loss_fell")
 
 
 def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:

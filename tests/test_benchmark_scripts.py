@@ -41,6 +41,8 @@ GPU_ROWS = [
     "gpt2-124m-loss-chunk-512",
     "generate-scan-layers",
     "generate-int8",
+    "vit-b16",
+    "dit-xl2",
 ]
 
 
@@ -143,12 +145,15 @@ def test_table_has_a_line_per_generation_batch():
             {"batch": 1, "tokens_per_s": 400.0, "ms_per_token": 2.5, "first_call_s": 9.0},
             {"batch": 64, "tokens_per_s": 20000.0, "ms_per_token": 3.2, "first_call_s": 11.0}]},
         {"row": "llama-1b", "status": "skipped"},
+        {"row": "vit-b16", "status": "ok", "images_per_s": 3210.4, "step_ms": 79.7, "mfu": 0.5,
+         "peak_memory_gib": 30.0, "compile_s": 20.0},
     ]
     lines = suite.markdown_table(records).splitlines()
     assert lines[2] == "| gpt2-124m | 123,457 | 132.7 | 45.7% | 21.50 | 31.2 | ok |"
     assert lines[3] == "| generate (batch 1) | 400 | 2.50 | - | - | 9.0 | ok |"
     assert lines[4].startswith("| generate (batch 64) | 20,000 |")
     assert lines[5] == "| llama-1b | - | - | - | - | - | skipped |"
+    assert lines[6] == "| vit-b16 (images/s) | 3,210 | 79.7 | 50.0% | 30.00 | 20.0 | ok |"
 
 
 def test_run_scripts_fails_on_a_bad_exit_a_missing_json_line_or_a_timeout(tmp_path, capsys):
