@@ -80,6 +80,7 @@ def sample(
     prediction: str = "epsilon",
     clip_x0: float | None = None,
     initial_noise: Float[Array, "batch channels height width"] | None = None,
+    unroll: int | bool = 1,
 ) -> Float[Array, "batch channels height width"]:
     """Generate images by running the reverse diffusion process from pure noise.
 
@@ -114,6 +115,11 @@ def sample(
     - `clip_x0`: if given, clip each `x0` estimate to `[-clip_x0, clip_x0]` (e.g. `1.0` for
       data scaled to `[-1, 1]`).
     - `initial_noise`: start from this `x_T` instead of drawing it from `key`.
+    - `unroll`: passed to `lax.scan`. `True` unrolls the loop into straight-line code (longer
+      compile). On CPU, XLA runs convolutions inside a loop an order of magnitude slower than
+      outside one (measured here: 4.4 against 0.27 ms per image and step for `tiny-unet`), so a
+      `UNet` sampled on CPU wants
+      `unroll=True`; transformers (`DiT`) do not.
 
     **Returns:** the samples, float32, of shape `shape`.
     """
@@ -140,12 +146,12 @@ def sample(
     w = jnp.float32(guidance_scale) if labels is not None and guidance_scale != 1.0 else None
     return _sample(
         model, schedule, initial_noise.astype(jnp.float32), key_steps, jnp.asarray(ts), labels, jnp.float32(eta), w,
-        shape=shape, prediction=prediction, clip_x0=clip_x0,
+        shape=shape, prediction=prediction, clip_x0=clip_x0, unroll=unroll,
     )
 
 
 @eqx.filter_jit
-def _sample(model, schedule, x, key_steps, ts, labels, eta, w, *, shape, prediction, clip_x0):
+def _sample(model, schedule, x, key_steps, ts, labels, eta, w, *, shape, prediction, clip_x0, unroll):
     abar_all = schedule.alphas_cumprod
     abar_t = abar_all[ts]
     abar_s = jnp.concatenate([abar_all[ts[1:]], jnp.ones((1,), abar_all.dtype)])  # the step's target
@@ -170,6 +176,6 @@ def _sample(model, schedule, x, key_steps, ts, labels, eta, w, *, shape, predict
         return jnp.sqrt(a_s) * x0 + direction * eps + sigma * z, None
 
     keys = jax.random.split(key_steps, ts.shape[0])
-    x, _ = jax.lax.scan(step, x, (ts, abar_t, abar_s, keys))
+    x, _ = jax.lax.scan(step, x, (ts, abar_t, abar_s, keys), unroll=unroll)
     return x
 

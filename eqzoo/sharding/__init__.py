@@ -28,6 +28,7 @@ from ._mesh import (
     parse_mesh_shape as parse_mesh_shape,
 )
 from ._rules import (
+    DIT_RULES as DIT_RULES,
     GPT2_RULES as GPT2_RULES,
     LLAMA_RULES as LLAMA_RULES,
     VIT_RULES as VIT_RULES,
@@ -56,6 +57,7 @@ __all__ = [
     "GPT2_RULES",
     "LLAMA_RULES",
     "VIT_RULES",
+    "DIT_RULES",
     "Rules",
     "ShardingError",
     "abstract_sharded",

@@ -70,6 +70,22 @@ over the embedding dimension, Megatron tensor parallelism in the blocks); the pa
 position embeddings and classifier head split over `fsdp` along the embedding; the class token,
 norms and biases replicated."""
 
+DIT_RULES: tuple[tuple[str, P], ...] = (
+    *_TRANSFORMER_RULES,
+    # (layers, 6 embed, embed) and (2 embed, embed): the adaLN projections of the conditioning
+    # vector, FSDP over their input (the embedding), like every other projection.
+    (r"^blocks\.layers\.modulation\.(base\.)*weight$", P(None, None, "fsdp")),
+    (r"^final_modulation\.(base\.)*weight$", P(None, "fsdp")),
+    (r"^patch_embed\.(base\.)*weight$", P("fsdp")),  # (embed, patch pixels)
+    (r"^final_linear\.(base\.)*weight$", P(None, "fsdp")),  # (patch pixels, embed)
+    (r"^label_embed\.weight$", P(None, "fsdp")),  # (classes + 1, embed)
+    (r"^time_embed\.second\.(base\.)*weight$", P("fsdp")),  # (embed, hidden)
+)
+"""Default rules for [`eqzoo.models.DiT`][]: its attention and MLP are GPT-2's, so as
+`GPT2_RULES` (FSDP over the embedding dimension, Megatron tensor parallelism in the blocks); the
+adaLN modulation, patch projection, output layer, class embeddings and the timestep MLP's output
+layer split over `fsdp` along the embedding; biases, the small timestep input layer replicated."""
+
 
 def path_str(path: Sequence[Any]) -> str:
     """A pytree key path as the dotted string rules match: `blocks.layers.attn.q_proj.weight`.
@@ -188,11 +204,11 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
 def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     """The default rules for a model (or its config, or an abstract model).
 
-    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `VIT_RULES` for ViT, and `()`
-    otherwise (every parameter replicated: plain data parallelism, whatever the mesh).
+    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `VIT_RULES` for ViT,
+    `DIT_RULES` for DiT, and `()` otherwise (every parameter replicated: plain data parallelism, whatever the mesh).
     """
     # Imported here: eqzoo.models imports eqzoo.sharding.
-    from ..models import GPT2, GPT2Config, Llama, LlamaConfig, ViT, ViTConfig
+    from ..models import GPT2, DiT, DiTConfig, GPT2Config, Llama, LlamaConfig, ViT, ViTConfig
 
     if isinstance(model, GPT2 | GPT2Config):
         return GPT2_RULES
@@ -200,4 +216,6 @@ def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
         return LLAMA_RULES
     if isinstance(model, ViT | ViTConfig):
         return VIT_RULES
+    if isinstance(model, DiT | DiTConfig):
+        return DIT_RULES
     return ()
