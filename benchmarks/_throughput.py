@@ -35,6 +35,19 @@ def throughput_figures(*, batch: int, seq: int, steps: int, elapsed: float, flop
     }
 
 
+def parse_set(items: list[str]) -> dict:
+    """`--set FIELD=VALUE` items as config overrides: JSON values (numbers, true/false) as
+    parsed, anything else (names: `--set remat=full`) as a string."""
+    overrides = {}
+    for item in items:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    return overrides
+
+
 def report(result: dict, as_json: bool) -> dict:
     """Print `result` (one JSON line, or one `key: value` per line) and warn if the loss did not
     fall; returns `result`."""

@@ -14,7 +14,6 @@ family without a FLOP count), compile time and peak memory.
 """
 
 import argparse
-import json
 import sys
 import time
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _throughput import PEAK_TFLOPS_HELP
+from _throughput import PEAK_TFLOPS_HELP, parse_set, report
 from train_throughput import peak_memory_gib
 
 import eqzoo
@@ -58,13 +57,7 @@ def loss_for(config):
 
 
 def run(args, preset: str) -> dict:
-    overrides = {}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        try:
-            overrides[field] = json.loads(value)  # numbers, true/false
-        except json.JSONDecodeError:
-            overrides[field] = value  # names: --set remat=full
+    overrides = parse_set(args.set)
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.scan != "auto":
@@ -149,14 +142,7 @@ def main(argv=None) -> dict:
                   "loss_fell": all(r["loss_fell"] for r in results)}
     else:
         result = run(args, args.preset)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:>20}: {v}")
-    if not result["loss_fell"]:
-        print("loss did not fall over the run", file=sys.stderr)
-    return result
+    return report(result, args.json)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ model FLOPs utilisation (MFU: `flops_per_token * tokens/s / peak`, with the conf
 """
 
 import argparse
-import json
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
-from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
+from _throughput import PEAK_TFLOPS_HELP, parse_set, report, throughput_figures, token_batches
 
 import eqzoo
 from eqzoo import train
@@ -55,13 +54,7 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, 64, 8, 2
 
-    overrides = {"attention_backend": args.attention}
-    for item in args.set:
-        field, _, value = item.partition("=")
-        try:
-            overrides[field] = json.loads(value)  # numbers, true/false
-        except json.JSONDecodeError:
-            overrides[field] = value  # names: --set remat=full
+    overrides = {"attention_backend": args.attention, **parse_set(args.set)}
     if args.remat is not None:
         overrides["remat"] = args.remat
     if args.scan != "auto":
