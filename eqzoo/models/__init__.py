@@ -6,6 +6,7 @@ from ._dit import DiT as DiT, DiTConfig as DiTConfig
 from ._gpt2 import GPT2 as GPT2, GPT2Config as GPT2Config
 from ._llama import Llama as Llama, LlamaConfig as LlamaConfig
 from ._lm import AbstractLM as AbstractLM
+from ._mixtral import Mixtral as Mixtral, MixtralConfig as MixtralConfig
 from ._mlp import MLP as MLP, MLPConfig as MLPConfig
 from ._registry import (
     ModelConfig as ModelConfig,
@@ -31,6 +32,8 @@ __all__ = [
     "Llama",
     "LlamaConfig",
     "MLP",
+    "Mixtral",
+    "MixtralConfig",
     "MLPConfig",
     "ModelConfig",
     "UNet",

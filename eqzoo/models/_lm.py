@@ -56,6 +56,24 @@ class AbstractLM(eqx.Module):
         x = self.blocks(x)
         return self.final_norm(x)
 
+    def features_and_aux(
+        self, tokens: Int[Array, " seq"]
+    ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
+        """`features(tokens)` and the blocks' auxiliary statistics, averaged over layers: the
+        router losses of mixture-of-experts layers ([`eqzoo.nn.MoE.with_aux`][]); an empty
+        dict for a dense model. [`eqzoo.train.lm_loss`][] adds them, weighted by
+        `aux_loss_weights()`."""
+        check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
+        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        x = self.embed_tokens(tokens, positions)
+        x, aux = self.blocks.apply(lambda block, h, _: block.with_aux(h), x)
+        return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        """The weight of each auxiliary loss in `features_and_aux` when training (none for a
+        dense model)."""
+        return {}
+
     def logits(self, features: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
         """Next-token logits from `features`, in the features' dtype."""
         head = constrain_forward(self.head_weight(), "vocab_table")  # as the lookup reads it

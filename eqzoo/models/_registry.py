@@ -12,14 +12,15 @@ from ._cnn import CNN, CNNConfig
 from ._dit import DiT, DiTConfig
 from ._gpt2 import GPT2, GPT2Config
 from ._llama import Llama, LlamaConfig
+from ._mixtral import Mixtral, MixtralConfig
 from ._mlp import MLP, MLPConfig
 from ._unet import UNet, UNetConfig
 from ._vit import ViT, ViTConfig
 
-ModelConfig = GPT2Config | LlamaConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
+ModelConfig = GPT2Config | LlamaConfig | MixtralConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
 
 _FAMILIES: dict[type, type] = {
-    GPT2Config: GPT2, LlamaConfig: Llama, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,
+    GPT2Config: GPT2, LlamaConfig: Llama, MixtralConfig: Mixtral, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,
     DiTConfig: DiT, UNetConfig: UNet,
 }
 _STATEFUL = (CNNConfig,)
@@ -51,6 +52,13 @@ _PRESETS: dict[str, Any] = {
         embed_dim=4096, hidden_dim=14336, rope_theta=500000.0,
         rope_scaling=RopeScaling(factor=8.0), tie_embeddings=False,
     ),
+    # Mixture-of-experts decoders. tiny-mixtral routes each token to 2 of 4 experts; mixtral-8x7b
+    # is the shape of Mixtral 8x7B (46.7B parameters, 12.9B active per token).
+    "tiny-mixtral": MixtralConfig(
+        vocab_size=256, max_seq=128, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=128, num_experts=4, experts_per_token=2,
+    ),
+    "mixtral-8x7b": MixtralConfig(),
     "mlp-small": MLPConfig(),
     "cnn-digits": CNNConfig(),
     # Vision Transformers. tiny-vit fits scikit-learn's 8x8 digits (16 patches of 2x2); the others

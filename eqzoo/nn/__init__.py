@@ -1,5 +1,5 @@
-"""Layers: attention with GQA, RoPE and a KV cache; MLPs; norms; embeddings; patch embedding;
-`Stacked`; conv blocks.
+"""Layers: attention with GQA, RoPE and a KV cache; MLPs; mixture-of-experts; norms; embeddings;
+patch embedding; `Stacked`; conv blocks.
 
 Every layer is a final `equinox.Module` whose `__call__` takes one unbatched example.
 """
@@ -20,6 +20,7 @@ from ._linear import (
     linear_dtype as linear_dtype,
 )
 from ._mlp import MLP as MLP, SwiGLU as SwiGLU
+from ._moe import MoE as MoE, MoEImplementation as MoEImplementation
 from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
 from ._patch import PatchEmbed as PatchEmbed
 from ._replace import (
@@ -48,6 +49,8 @@ __all__ = [
     "KVCache",
     "LayerNorm",
     "MLP",
+    "MoE",
+    "MoEImplementation",
     "PatchEmbed",
     "REMAT_POLICIES",
     "RMSNorm",

@@ -1,4 +1,4 @@
-"""The pre-norm transformer block shared by GPT-2 and Llama."""
+"""The pre-norm transformer block shared by GPT-2, Llama and Mixtral."""
 
 import equinox as eqx
 from jaxtyping import Array, Float, Int
@@ -7,6 +7,7 @@ from .._typing import PRNGKey
 from ..sharding._activation import constrain
 from ._attention import Attention, KVCache
 from ._mlp import MLP, SwiGLU
+from ._moe import MoE
 from ._norm import LayerNorm, RMSNorm
 
 
@@ -16,9 +17,9 @@ class TransformerBlock(eqx.Module):
     attn_norm: LayerNorm | RMSNorm
     attn: Attention
     mlp_norm: LayerNorm | RMSNorm
-    mlp: MLP | SwiGLU
+    mlp: MLP | SwiGLU | MoE
 
-    def __init__(self, attn_norm: LayerNorm | RMSNorm, attn: Attention, mlp_norm: LayerNorm | RMSNorm, mlp: MLP | SwiGLU):
+    def __init__(self, attn_norm: LayerNorm | RMSNorm, attn: Attention, mlp_norm: LayerNorm | RMSNorm, mlp: MLP | SwiGLU | MoE):
         """**Arguments:** the four sub-layers, already built."""
         self.attn_norm = attn_norm
         self.attn = attn
@@ -31,6 +32,18 @@ class TransformerBlock(eqx.Module):
         x = x + self.attn(self.attn_norm(x))
         x = constrain(x, "residual")
         return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
+
+    def with_aux(
+        self, x: Float[Array, "seq embed"]
+    ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
+        """`__call__` plus the feed-forward layer's auxiliary statistics: the router losses of
+        an [`eqzoo.nn.MoE`][] (see `MoE.with_aux`), an empty dict for a dense MLP."""
+        if not isinstance(self.mlp, MoE):
+            return self(x), {}
+        x = x + self.attn(self.attn_norm(x))
+        x = constrain(x, "residual")
+        h, aux = self.mlp.with_aux(self.mlp_norm(x))
+        return constrain(x + h, "residual"), aux
 
     def decode(
         self,

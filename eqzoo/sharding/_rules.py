@@ -59,6 +59,21 @@ LLAMA_RULES: tuple[tuple[str, P], ...] = _TRANSFORMER_RULES
 """Default rules for [`eqzoo.models.Llama`][]: as `GPT2_RULES`, with the SwiGLU gate split like
 the up projection and the untied `lm_head` like the embedding."""
 
+MIXTRAL_RULES: tuple[tuple[str, P], ...] = (
+    *_TRANSFORMER_RULES,
+    # Experts (layers, experts, embed, hidden) and (layers, experts, hidden, embed): like a
+    # SwiGLU's projections, hidden units split over `tensor` and the embedding over `fsdp`,
+    # every device holding a slice of every expert. The router (layers, experts, embed) is
+    # small: replicated.
+    (r"mlp\.(gate|up)_proj$", P(None, None, "fsdp", "tensor")),
+    (r"mlp\.down_proj$", P(None, None, "tensor", "fsdp")),
+)
+"""Default rules for [`eqzoo.models.Mixtral`][]: `LLAMA_RULES` for attention, embeddings and
+norms; each expert's SwiGLU split as a dense SwiGLU is (hidden units over `tensor`, embedding
+over `fsdp`); the router replicated. Inside a layer each device routes and computes its own
+batch shard's tokens (a `shard_map` over the batch axes, see [`eqzoo.nn.MoE`][]), so no token
+crosses devices; the experts' weights are gathered over `fsdp` as every FSDP weight is."""
+
 VIT_RULES: tuple[tuple[str, P], ...] = (
     *_TRANSFORMER_RULES,
     (r"^pos_embed\.weight$", P(None, "fsdp")),  # (seq, embed)
@@ -204,16 +219,30 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
 def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     """The default rules for a model (or its config, or an abstract model).
 
-    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `VIT_RULES` for ViT,
+    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `MIXTRAL_RULES` for Mixtral,
+    `VIT_RULES` for ViT,
     `DIT_RULES` for DiT, and `()` otherwise (every parameter replicated: plain data parallelism, whatever the mesh).
     """
     # Imported here: eqzoo.models imports eqzoo.sharding.
-    from ..models import GPT2, DiT, DiTConfig, GPT2Config, Llama, LlamaConfig, ViT, ViTConfig
+    from ..models import (
+        GPT2,
+        DiT,
+        DiTConfig,
+        GPT2Config,
+        Llama,
+        LlamaConfig,
+        Mixtral,
+        MixtralConfig,
+        ViT,
+        ViTConfig,
+    )
 
     if isinstance(model, GPT2 | GPT2Config):
         return GPT2_RULES
     if isinstance(model, Llama | LlamaConfig):
         return LLAMA_RULES
+    if isinstance(model, Mixtral | MixtralConfig):
+        return MIXTRAL_RULES
     if isinstance(model, ViT | ViTConfig):
         return VIT_RULES
     if isinstance(model, DiT | DiTConfig):

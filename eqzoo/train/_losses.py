@@ -105,8 +105,8 @@ def lm_loss(
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][] / [`eqzoo.models.Llama`][] (or any model with
-      `features(tokens)` and `head_weight()`).
+    - `model`: a [`eqzoo.models.GPT2`][] / [`eqzoo.models.Llama`][] /
+      [`eqzoo.models.Mixtral`][] (or any model with `features(tokens)` and `head_weight()`).
     - `batch`: `{"tokens": (batch, seq) int, "targets": (batch, seq) int}` and optionally
       `"mask"`: (batch, seq) weights of positions that count.
     - `key`: unused (no dropout); accepted so this is a `loss_fn(model, batch, key)`.
@@ -127,7 +127,14 @@ def lm_loss(
     The batch is vmapped with [`eqzoo.sharding.batch_vmap`][], so under a mesh the batch axis
     stays split over `data` x `fsdp` inside the model.
 
-    **Returns:** `(loss, {"tokens": number of counted positions})`.
+    A model with auxiliary losses (a mixture-of-experts [`eqzoo.models.Mixtral`][]: its
+    `aux_loss_weights()` is not empty) is run through `features_and_aux`, and the loss is the
+    mean next-token NLL plus each auxiliary loss (averaged over the batch's sequences) times
+    its weight.
+
+    **Returns:** `(loss, {"tokens": number of counted positions})`; with auxiliary losses the
+    metrics also hold `"nll"` (the next-token loss alone) and each auxiliary loss by name
+    (`"moe_load_balance"`, `"moe_z_loss"`).
     """
     tokens, targets = batch["tokens"], batch["targets"]
     if tokens.ndim != 2 or tokens.shape != targets.shape:
@@ -142,12 +149,19 @@ def lm_loss(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
+    # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
+    aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
+    aux: dict[str, Array] = {}
+    if aux_weights:
+        feats, aux = _batch_vmap(model.features_and_aux)(tokens)
+        aux = {name: jnp.mean(v) for name, v in aux.items()}
     if implementation == "full":
-        logits = _batch_vmap(model)(tokens)
+        logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens)
         nll_mean = cross_entropy(logits, targets, mask)
     else:
         head = model.head_weight()
-        feats = _batch_vmap(model.features)(tokens)
+        if not aux_weights:
+            feats = _batch_vmap(model.features)(tokens)
         w = None if mask is None else mask.astype(jnp.float32)
         if implementation == "fused":
             total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)
@@ -156,7 +170,10 @@ def lm_loss(
             total = jnp.sum(nll if w is None else nll * w)
         nll_mean = total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
     count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
-    return nll_mean, {"tokens": count}
+    if not aux_weights:
+        return nll_mean, {"tokens": count}
+    loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
+    return loss, {"tokens": count, "nll": nll_mean, **aux}
 
 
 def classification_loss(

@@ -18,6 +18,7 @@ from eqzoo.train import lm_loss
 MODELS = {
     "gpt2": ("tiny-gpt2", {}),
     "llama": ("tiny-llama", {"num_heads": 8, "num_kv_heads": 4}),
+    "mixtral": ("tiny-mixtral", {"num_heads": 8, "num_kv_heads": 4}),
 }
 BATCH, SEQ = 8, 16
 

@@ -21,7 +21,7 @@ TOL = 1e-5  # fp32: the sharded program sums in a different order, nothing more
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_name", ["gpt2", "llama", "mixtral"])
 def test_loss_and_grads_match_single_device(lab, model_name, mesh_name):
     ref_loss, ref_grads, _ = lab.loss_and_grads(model_name, None)
     loss, grads, model = lab.loss_and_grads(model_name, MESHES[mesh_name])

@@ -1,0 +1,222 @@
+"""Dropless mixture-of-experts compute: each token's chosen experts run as grouped matrix products.
+
+`expert_swiglu(x, experts, w_gate, w_up, w_down)` gives, for every token and each of its `k`
+chosen experts, that expert's SwiGLU output. The `T * k` (token, expert) assignments are sorted
+by expert and run through `jax.lax.ragged_dot` (one grouped matrix product per weight, every
+group a contiguous block of rows), so no token is dropped and no expert computes a token it was
+not given.
+
+Two JAX facts shape this file:
+
+- `jax.lax.ragged_dot` has no batching rule for a batched left operand and shared weights, and
+  eqzoo's models are vmapped over the batch. A `jax.custom_batching.custom_vmap` rule therefore
+  flattens the batch into the token axis and routes every token of the batch in one sort: the
+  natural way to run MoE anyway.
+- A `custom_vmap` function cannot be differentiated, so the op is a `jax.custom_vjp` whose
+  forward and backward passes are each `custom_vmap` functions; the backward pass is written
+  out (three grouped products for the input gradient, three for the weights).
+
+Under an eqzoo mesh ([`eqzoo.sharding.activation_sharding`][]) the flattened computation runs in
+a `shard_map` over the batch axes: each device sorts and computes only its own tokens, with the
+expert weights gathered over `fsdp` and split over `tensor` along the hidden units.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_batching import custom_vmap
+
+
+def _plan(experts, num_experts):
+    """Sort the (token, slot) assignments by expert: the order, its inverse and the group sizes."""
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted row -> assignment
+    n = flat.shape[0]
+    inverse = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    return order, inverse, sizes
+
+
+def _weight_grad(a, dy, sizes, num_experts):
+    """Per-expert `a[rows of e].T @ dy[rows of e]`: the weight gradient of a grouped product."""
+    shape = jax.ShapeDtypeStruct((num_experts, a.shape[-1], dy.shape[-1]), a.dtype)
+    _, vjp = jax.vjp(lambda w: lax.ragged_dot(a, w, sizes), jnp.zeros(shape.shape, shape.dtype))
+    return vjp(dy)[0]
+
+
+def _forward(x, experts, w_gate, w_up, w_down, tensor_axis=None):
+    """Unbatched forward: `(tokens, embed)` and `(tokens, k)` expert ids -> `(tokens, k, embed)`,
+    plus the residuals the backward pass needs (pre-activations, in sorted order)."""
+    tokens, k = experts.shape
+    order, inverse, sizes = _plan(experts, w_gate.shape[0])
+    xs = x[order // k]  # (tokens * k, embed), grouped by expert
+    g = lax.ragged_dot(xs, w_gate, sizes)  # (tokens * k, hidden)
+    u = lax.ragged_dot(xs, w_up, sizes)
+    ys = lax.ragged_dot(jax.nn.silu(g) * u, w_down, sizes)  # (tokens * k, embed)
+    if tensor_axis is not None:  # hidden units split over `tensor`: sum the partial products
+        ys = lax.psum(ys, tensor_axis)
+    return ys[inverse].reshape(tokens, k, -1), (g, u)
+
+
+def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
+    """Unbatched backward of `_forward`: gradients for `x` and the three weights."""
+    tokens, k = experts.shape
+    num_experts = w_gate.shape[0]
+    order, _, sizes = _plan(experts, num_experts)
+    xs = x[order // k]
+    dys = dy.reshape(tokens * k, -1)[order]
+    sig = jax.nn.sigmoid(g)
+    act = g * sig  # silu(g)
+    h = act * u
+    dh = lax.ragged_dot(dys, jnp.swapaxes(w_down, 1, 2), sizes)
+    du = dh * act
+    dg = dh * u * (sig * (1 + g * (1 - sig)))  # silu'(g)
+    dxs = lax.ragged_dot(dg, jnp.swapaxes(w_gate, 1, 2), sizes)
+    dxs = dxs + lax.ragged_dot(du, jnp.swapaxes(w_up, 1, 2), sizes)
+    if tensor_axis is not None:
+        dxs = lax.psum(dxs, tensor_axis)
+    dx = jnp.zeros((tokens * k, x.shape[-1]), dxs.dtype).at[order].set(dxs)
+    dx = dx.reshape(tokens, k, -1).sum(axis=1).astype(x.dtype)
+    d_gate = _weight_grad(xs, dg, sizes, num_experts)
+    d_up = _weight_grad(xs, du, sizes, num_experts)
+    d_down = _weight_grad(h, dys, sizes, num_experts)
+    return dx, d_gate, d_up, d_down
+
+
+# ----------------------------------------------------------------------------- batching rules
+
+
+_WEIGHTS = (2, 3, 4)  # argument positions of w_gate, w_up, w_down in both ops
+
+
+def _batched_call(fn, axis_size, in_batched, args, *, weight_outs):
+    """Run the unbatched `fn(x, experts, w_gate, w_up, w_down, *per_token)` on a batch by
+    flattening the batch into the token axis, so one sort routes every token of the batch.
+
+    Every output but the last `weight_outs` is per token and comes back with the batch axis;
+    the last `weight_outs` (weight gradients) are already summed over the batch and come back
+    unbatched. Weights batched too (a vmap over models) fall back to a loop over the batch."""
+
+    def batched(a, b):
+        return a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+
+    if any(in_batched[i] for i in _WEIGHTS):
+        out = lax.map(lambda a: fn(*a), tuple(map(batched, args, in_batched)))
+        return out, jax.tree.map(lambda _: True, out)
+    flat = [
+        a if i in _WEIGHTS else batched(a, b).reshape(-1, *a.shape[1 + b:])
+        for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
+    ]
+    leaves, tree = jax.tree.flatten(fn(*flat))
+    per_token = len(leaves) - weight_outs
+    out = [leaf.reshape(axis_size, -1, *leaf.shape[1:]) if i < per_token else leaf for i, leaf in enumerate(leaves)]
+    return jax.tree.unflatten(tree, out), jax.tree.unflatten(tree, [i < per_token for i in range(len(leaves))])
+
+
+def _mesh_fn(fn, n_weight_grads):
+    """`fn` (unbatched, flat tokens), or its `shard_map` over the active eqzoo mesh."""
+    from ..sharding._activation import active_mesh, batch_axes
+
+    mesh = active_mesh()
+    if mesh is None:
+        return fn
+    batch = batch_axes(mesh) or None
+    tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
+    if batch is None and tensor is None:
+        return fn
+    from jax.sharding import PartitionSpec as P
+
+    def run(*args):
+        x, experts, w_gate, w_up, w_down, *rest = args
+        tok = P(batch)
+        w_specs = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
+        res = P(batch, tensor)
+        # forward: (x, experts, weights) -> (y, (g, u)); backward: (+ g, u, dy) -> (dx, dW...)
+        if n_weight_grads:
+            in_specs = (tok, tok, *w_specs, res, res, tok)
+            out_specs = (tok, *w_specs)
+        else:
+            in_specs = (tok, tok, *w_specs)
+            out_specs = (tok, (res, res))
+
+        def body(*a):
+            out = fn(*a, tensor_axis=tensor)
+            if n_weight_grads and batch:
+                out = (out[0], *(lax.psum(w, batch) for w in out[1:]))
+            return out
+
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+            x, experts, w_gate, w_up, w_down, *rest
+        )
+
+    return run
+
+
+@custom_vmap
+def _forward_op(x, experts, w_gate, w_up, w_down):
+    return _forward(x, experts, w_gate, w_up, w_down)
+
+
+@_forward_op.def_vmap
+def _forward_rule(axis_size, in_batched, x, experts, w_gate, w_up, w_down):
+    fn = _mesh_fn(_forward_flat, 0)
+    return _batched_call(fn, axis_size, in_batched, (x, experts, w_gate, w_up, w_down), weight_outs=0)
+
+
+def _forward_flat(x, experts, w_gate, w_up, w_down, tensor_axis=None):
+    # Called again through the op, so an enclosing vmap (a vmap of a vmap) batches it in turn.
+    if tensor_axis is not None:
+        return _forward(x, experts, w_gate, w_up, w_down, tensor_axis)
+    return _forward_op(x, experts, w_gate, w_up, w_down)
+
+
+@custom_vmap
+def _backward_op(x, experts, w_gate, w_up, w_down, g, u, dy):
+    return _backward(x, experts, w_gate, w_up, w_down, g, u, dy)
+
+
+def _backward_flat(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
+    if tensor_axis is not None:
+        return _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis)
+    return _backward_op(x, experts, w_gate, w_up, w_down, g, u, dy)
+
+
+@_backward_op.def_vmap
+def _backward_rule(axis_size, in_batched, x, experts, w_gate, w_up, w_down, g, u, dy):
+    fn = _mesh_fn(_backward_flat, 3)
+    return _batched_call(fn, axis_size, in_batched, (x, experts, w_gate, w_up, w_down, g, u, dy), weight_outs=3)
+
+
+@jax.custom_vjp
+def _expert_swiglu(x, experts, w_gate, w_up, w_down):
+    return _forward_op(x, experts, w_gate, w_up, w_down)[0]
+
+
+def _vjp_forward(x, experts, w_gate, w_up, w_down):
+    y, (g, u) = _forward_op(x, experts, w_gate, w_up, w_down)
+    return y, (x, experts, w_gate, w_up, w_down, g, u)
+
+
+def _vjp_backward(residuals, dy):
+    x, experts, w_gate, w_up, w_down, g, u = residuals
+    dx, d_gate, d_up, d_down = _backward_op(x, experts, w_gate, w_up, w_down, g, u, dy)
+    return dx, None, d_gate, d_up, d_down
+
+
+_expert_swiglu.defvjp(_vjp_forward, _vjp_backward)
+
+
+def expert_swiglu(x, experts, w_gate, w_up, w_down):
+    """Every token's SwiGLU output from each of its chosen experts, computed dropless.
+
+    **Arguments:**
+
+    - `x`: `(tokens, embed)` inputs.
+    - `experts`: `(tokens, k)` int32 ids of the experts each token goes to.
+    - `w_gate`, `w_up`: `(experts, embed, hidden)`; `w_down`: `(experts, hidden, embed)`, all
+      in `x`'s dtype.
+
+    **Returns:** `(tokens, k, embed)`: `down_e(silu(x gate_e) * (x up_e))` for each chosen `e`.
+    """
+    return _expert_swiglu(x, experts.astype(jnp.int32), w_gate, w_up, w_down)
+

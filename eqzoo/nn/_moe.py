@@ -1,0 +1,169 @@
+"""A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
+
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from jaxtyping import Array, Float, Int
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ._grouped import expert_swiglu
+from ._linear import AbstractLinear, apply_linear, init_linear
+
+MoEImplementation = Literal["ragged", "dense"]
+_IMPLEMENTATIONS = ("ragged", "dense")
+
+
+def _top_k_ids(probs, k):
+    """The ids of the `k` largest entries of each row, largest first (lowest id on ties), as
+    `k` rounds of argmax. `lax.top_k` gives the same ids, but XLA's partitioner gathered the
+    whole batch's probabilities for it in every layer under data parallelism; argmax and a
+    one-hot contraction (for the weights) partition along the batch like any elementwise op."""
+    ids = []
+    for _ in range(k):
+        i = jnp.argmax(probs, axis=-1).astype(jnp.int32)
+        ids.append(i)
+        probs = jnp.where(jax.nn.one_hot(i, probs.shape[-1], dtype=jnp.bool_), -jnp.inf, probs)
+    return jnp.stack(ids, axis=-1)
+
+
+class MoE(eqx.Module):
+    """Top-`k` routed SwiGLU experts (Shazeer et al., 2017; Mixtral, Jiang et al., 2024).
+
+    For each token the router's softmax over `num_experts` picks the `experts_per_token`
+    largest; their weights are renormalised to sum to one (`normalize_weights`, as Mixtral
+    does), and the output is the weighted sum of those experts' SwiGLU outputs. Routing is
+    **dropless**: every token reaches every expert it chose, however unbalanced the batch.
+
+    Two implementations, equal to 1e-5 (tested):
+
+    - `"ragged"` (default): the (token, expert) assignments sorted by expert and run as grouped
+      matrix products (`jax.lax.ragged_dot`); each expert computes only its own tokens. Under
+      `jax.vmap` the whole batch is routed at once, and under an eqzoo mesh each device routes
+      its own tokens (see `eqzoo/nn/_grouped.py`).
+    - `"dense"`: every expert on every token, then the chosen ones kept: `num_experts /
+      experts_per_token` times the FLOPs; the plain reference.
+
+    `with_aux` also returns the two router regularisers that [`eqzoo.train.lm_loss`][] adds:
+    the load-balancing loss of Switch Transformers (Fedus et al., 2022),
+    `num_experts * sum_e f_e P_e` with `f_e` the fraction of assignments going to expert `e`
+    and `P_e` its mean router probability (1 when perfectly balanced), and the router z-loss of
+    ST-MoE (Zoph et al., 2022), the mean squared log-partition of the router logits.
+    """
+
+    router: eqx.nn.Linear | AbstractLinear
+    gate_proj: Float[Array, "experts embed hidden"]
+    up_proj: Float[Array, "experts embed hidden"]
+    down_proj: Float[Array, "experts hidden embed"]
+    num_experts: int = eqx.field(static=True)
+    experts_per_token: int = eqx.field(static=True)
+    normalize_weights: bool = eqx.field(static=True)
+    implementation: str = eqx.field(static=True)
+
+    def __init__(
+        self,
+        embed_dim: int,
+        hidden_dim: int,
+        num_experts: int,
+        experts_per_token: int,
+        *,
+        normalize_weights: bool = True,
+        implementation: MoEImplementation = "ragged",
+        init_std: float = 0.02,
+        out_init_std: float | None = None,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:**
+
+        - `embed_dim`: model width; `hidden_dim`: each expert's SwiGLU inner width.
+        - `num_experts`: experts in the layer; `experts_per_token`: how many each token uses
+          (`k`, at most `num_experts`).
+        - `normalize_weights`: renormalise the chosen experts' router probabilities to sum
+          to one (Mixtral); `False` keeps the raw softmax probabilities.
+        - `implementation`: `"ragged"` (grouped matrix products, dropless) or `"dense"`
+          (every expert on every token).
+        - `init_std`, `out_init_std`: normal init scales of the input / output projections.
+        - `dtype`: parameter dtype. `key`: a PRNG key.
+        """
+        if not (isinstance(num_experts, int) and num_experts >= 1):
+            raise ConfigError(f"MoE needs num_experts >= 1, got {num_experts!r}.")
+        if not (isinstance(experts_per_token, int) and 1 <= experts_per_token <= num_experts):
+            raise ConfigError(
+                f"MoE: experts_per_token must be between 1 and num_experts={num_experts}, got "
+                f"{experts_per_token!r}."
+            )
+        if implementation not in _IMPLEMENTATIONS:
+            raise ConfigError(
+                f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}."
+            )
+        kr, kg, ku, kd = jax.random.split(key, 4)
+        out_std = init_std if out_init_std is None else out_init_std
+        dtype = jnp.float32 if dtype is None else dtype
+        self.router = init_linear(embed_dim, num_experts, use_bias=False, std=init_std, dtype=dtype, key=kr)
+        shape_in = (num_experts, embed_dim, hidden_dim)
+        self.gate_proj = init_std * jax.random.normal(kg, shape_in, dtype)
+        self.up_proj = init_std * jax.random.normal(ku, shape_in, dtype)
+        self.down_proj = out_std * jax.random.normal(kd, (num_experts, hidden_dim, embed_dim), dtype)
+        self.num_experts = num_experts
+        self.experts_per_token = experts_per_token
+        self.normalize_weights = normalize_weights
+        self.implementation = implementation
+
+    def route(
+        self, x: Float[Array, "seq embed"]
+    ) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"], Float[Array, "seq experts"]]:
+        """The router's choice for each position.
+
+        **Returns:** `(weights, experts, logits)`: the float32 weights of the chosen experts
+        (renormalised when `normalize_weights`), their int32 ids (largest probability first),
+        and the float32 router logits.
+        """
+        logits = apply_linear(self.router, x).astype(jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        experts = _top_k_ids(jax.lax.stop_gradient(probs), self.experts_per_token)
+        choice = jax.nn.one_hot(experts, self.num_experts, dtype=probs.dtype)  # (seq, k, experts)
+        weights = jnp.einsum("te,tke->tk", probs, choice)
+        if self.normalize_weights:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return weights, experts.astype(jnp.int32), logits
+
+    def _experts(self, x, experts):
+        w = [p.astype(x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        if self.implementation == "ragged":
+            return expert_swiglu(x, experts, *w)  # (seq, k, embed)
+        g = jnp.einsum("td,edh->teh", x, w[0])
+        u = jnp.einsum("td,edh->teh", x, w[1])
+        y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w[2])  # (seq, experts, embed)
+        return jnp.take_along_axis(y, experts[..., None], axis=1)
+
+    def with_aux(
+        self, x: Float[Array, "seq embed"]
+    ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
+        """The layer's output and its router statistics for this sequence.
+
+        **Returns:** `(output, aux)` with `aux["moe_load_balance"]` (1 when the assignments and
+        router probabilities are uniform over experts) and `aux["moe_z_loss"]`, float32 scalars.
+        """
+        if x.ndim != 2:
+            raise ShapeError(
+                f"MoE takes one sequence of shape (seq, embed); got {shape_str(x.shape)}. "
+                "Wrap the call in jax.vmap for a batch."
+            )
+        weights, experts, logits = self.route(x)
+        out = self._experts(x, experts)  # (seq, k, embed)
+        y = jnp.einsum("tk,tkd->td", weights.astype(x.dtype), out)
+        y = checkpoint_name(y, "mlp_out")
+        probs = jax.nn.softmax(logits, axis=-1)
+        counts = jnp.zeros((self.num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
+        fraction = counts / experts.size
+        balance = self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
+        z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+        return y, {"moe_load_balance": balance, "moe_z_loss": z_loss}
+
+    def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:
+        """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        return self.with_aux(x)[0]
