@@ -1,17 +1,19 @@
 """Conversion between Hugging Face `config.json` dicts and eqzoo's frozen model configs."""
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from .._errors import ConfigError
-from ..models import GPT2Config, LlamaConfig, ViTConfig
+from .._errors import ConfigError, user_stacklevel
+from ..models import GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
 from ..nn import RopeScaling
 from ._errors import HFFormatError
 
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",
+    "MixtralForCausalLM": "mixtral",
     "ViTForImageClassification": "vit",
 }
 """The Hugging Face `architectures` eqzoo reads and writes, with their `model_type`."""
@@ -85,12 +87,12 @@ def _gpt2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
     # transformers 5 writes `rope_parameters` (holding rope_theta); 4.x wrote `rope_theta` and
     # `rope_scaling` (with "type" in the oldest files, "rope_type" later).
     params = dict(d.get("rope_parameters") or {})
     scaling = dict(d.get("rope_scaling") or {})
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", d.get("rope_theta", default_theta))
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type == "default":
@@ -109,29 +111,63 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     return float(theta), scaling_obj
 
 
-def _llama_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+def _llama_from_hf(
+    d: Mapping[str, Any], *, theta: float = 10000.0, eps: float = 1e-6, max_seq: int = 2048
+) -> dict[str, Any]:
+    # The keyword defaults are transformers' for keys a config.json leaves out (LlamaConfig's;
+    # Mixtral passes its own).
     _require(d, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     act = d.get("hidden_act", "silu")
     if act != "silu":
-        raise _unsupported(d, "hidden_act", act, "eqzoo's Llama uses SwiGLU with silu")
+        raise _unsupported(d, "hidden_act", act, "eqzoo's Llama and Mixtral use SwiGLU with silu")
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key, False):
-            raise _unsupported(d, key, True, "eqzoo's Llama has no biases")
+            raise _unsupported(d, key, True, "eqzoo's Llama and Mixtral have no biases")
     heads = int(d["num_attention_heads"])
     embed = int(d["hidden_size"])
     head_dim = d.get("head_dim")
     if head_dim is not None and int(head_dim) == embed // heads and embed % heads == 0:
         head_dim = None  # the default: keep eqzoo configs equal whichever way HF spelled it
-    theta, scaling = _rope_from_hf(d)
+    theta, scaling = _rope_from_hf(d, theta)
     kv_heads = d.get("num_key_value_heads")
     return dict(
-        vocab_size=int(d["vocab_size"]), max_seq=int(d.get("max_position_embeddings", 2048)),
+        vocab_size=int(d["vocab_size"]), max_seq=int(d.get("max_position_embeddings", max_seq)),
         num_layers=int(d["num_hidden_layers"]), num_heads=heads,
         num_kv_heads=heads if kv_heads is None else int(kv_heads), embed_dim=embed,
         hidden_dim=int(d["intermediate_size"]), head_dim=None if head_dim is None else int(head_dim),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(d.get("rms_norm_eps", eps)),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
+
+
+def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    _require(d, "num_local_experts", "num_experts_per_tok")
+    fields = _llama_from_hf(d, theta=1e6, eps=1e-5, max_seq=4096 * 32)
+    jitter = float(d.get("router_jitter_noise") or 0.0)
+    if jitter:
+        # Multiplicative noise on the router's input, which transformers applies only in
+        # training mode: the loaded model computes exactly what transformers' eval model does.
+        warnings.warn(
+            f"config.json has router_jitter_noise={jitter}, which eqzoo does not implement; it is "
+            "ignored. Inference is unchanged (transformers applies the jitter only in training); "
+            "fine-tuning in eqzoo runs without it, and save_pretrained writes router_jitter_noise=0.",
+            stacklevel=user_stacklevel(),
+        )
+    return fields | dict(
+        num_experts=int(d["num_local_experts"]), experts_per_token=int(d["num_experts_per_tok"]),
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+    )
+
+
+def _check_sliding_window(d: Mapping[str, Any], max_seq: int | None) -> None:
+    window = d.get("sliding_window")
+    if window is not None and max_seq is not None and max_seq > int(window):
+        raise HFFormatError(
+            f"config.json has sliding_window={window}, but eqzoo's attention sees every earlier "
+            f"position; the two agree only on sequences of at most {window} tokens, and the model "
+            f"would take {max_seq}. Load with config_overrides={{'max_seq': {window}}} to use it "
+            "within the window."
+        )
 
 
 def _square(d: Mapping[str, Any], key: str) -> int:
@@ -169,17 +205,22 @@ def _vit_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 _FROM_HF = {
     "gpt2": (GPT2Config, _gpt2_from_hf),
     "llama": (LlamaConfig, _llama_from_hf),
+    "mixtral": (MixtralConfig, _mixtral_from_hf),
     "vit": (ViTConfig, _vit_from_hf),
 }
 
 
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig | ViTConfig:
+def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig | MixtralConfig | ViTConfig:
     """The eqzoo config described by a Hugging Face `config.json` dict.
 
     Reads `GPT2LMHeadModel` and `LlamaForCausalLM` configs, including grouped-query attention
     (`num_key_value_heads`), `head_dim`, `rope_theta`, Llama-3 `rope_scaling` (in both the
     transformers 4 `rope_theta`/`rope_scaling` and the transformers 5 `rope_parameters`
-    spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`; and
+    spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`;
+    `MixtralForCausalLM` configs (as Llama's, plus `num_local_experts`, `num_experts_per_tok`
+    and `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in
+    training, is ignored with a warning; a `sliding_window` is accepted only when `max_seq`
+    fits inside it, where sliding-window and full causal attention agree); and
     `ViTForImageClassification` configs (the number of classes from `id2label`, square
     `image_size` and `patch_size`, `layer_norm_eps`).
 
@@ -187,13 +228,15 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
 
     - `hf_config`: the parsed `config.json`.
     - `overrides`: fields of the eqzoo config to replace, typically the ones HF does not know
-      about: `remat`, `scan_layers`, `attention_backend`.
+      about: `remat`, `scan_layers`, `attention_backend`, Mixtral's `router_z_loss_coef` and
+      `moe_implementation`.
 
-    **Returns:** a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][] or
-    [`eqzoo.models.ViTConfig`][].
+    **Returns:** a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][],
+    [`eqzoo.models.MixtralConfig`][] or [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
-    ones) or option; `ConfigError` for an unknown override.
+    ones) or option, or a `sliding_window` shorter than `max_seq` (the message gives the
+    `max_seq` override that makes the model exact); `ConfigError` for an unknown override.
     """
     cls, read = _FROM_HF[_family(hf_config)]
     fields = read(hf_config)
@@ -201,18 +244,22 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"config_from_hf: {cls.__name__} has no fields {unknown}; valid fields: {sorted(names)}.")
-    return cls(**{**fields, **overrides})
+    fields = {**fields, **overrides}
+    _check_sliding_window(hf_config, fields.get("max_seq"))
+    return cls(**fields)
 
 
-def config_to_hf(config: GPT2Config | LlamaConfig | ViTConfig) -> dict[str, Any]:
+def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
 
-    eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`) are not written. Llama
-    rotary settings are written both as transformers 5 `rope_parameters` and as the older
+    eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`; Mixtral's
+    `router_z_loss_coef` and `moe_implementation`) are not written. Llama and Mixtral rotary
+    settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
-    **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][] or
-    [`eqzoo.models.ViTConfig`][] (with `pool="cls"`: Hugging Face's ViT has a class token).
+    **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][],
+    [`eqzoo.models.MixtralConfig`][] or [`eqzoo.models.ViTConfig`][] (with `pool="cls"`: Hugging
+    Face's ViT has a class token).
 
     **Returns:** a JSON-able dict with `architectures` and `model_type`.
 
@@ -220,24 +267,35 @@ def config_to_hf(config: GPT2Config | LlamaConfig | ViTConfig) -> dict[str, Any]
     """
     if isinstance(config, ViTConfig):
         return _vit_to_hf(config)
-    if isinstance(config, GPT2Config):
+    if isinstance(config, MixtralConfig):
+        return _mixtral_to_hf(config)
+    if isinstance(config, LlamaConfig):
         return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": config.vocab_size,
-            "n_positions": config.max_seq,
-            "n_layer": config.num_layers,
-            "n_head": config.num_heads,
-            "n_embd": config.embed_dim,
-            "n_inner": config.hidden_dim,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": config.layer_norm_eps,
-            "tie_word_embeddings": True,
-            "scale_attn_weights": True,
-            "bos_token_id": None,
-            "eos_token_id": None,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **_decoder_to_hf(config),
+            "attention_bias": False,
+            "mlp_bias": False,
         }
-    c = config
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.max_seq,
+        "n_layer": config.num_layers,
+        "n_head": config.num_heads,
+        "n_embd": config.embed_dim,
+        "n_inner": config.hidden_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_eps,
+        "tie_word_embeddings": True,
+        "scale_attn_weights": True,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    }
+
+
+def _rope_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
     scaling = None
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
     if c.rope_scaling is not None:
@@ -249,9 +307,12 @@ def config_to_hf(config: GPT2Config | LlamaConfig | ViTConfig) -> dict[str, Any]
             "original_max_position_embeddings": c.rope_scaling.original_max_position_embeddings,
         }
         rope_parameters = {**scaling, "rope_theta": c.rope_theta}
+    return {"rope_theta": c.rope_theta, "rope_scaling": scaling, "rope_parameters": rope_parameters}
+
+
+def _decoder_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
+    """The keys Llama and Mixtral configs share."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_seq,
         "num_hidden_layers": c.num_layers,
@@ -262,14 +323,23 @@ def config_to_hf(config: GPT2Config | LlamaConfig | ViTConfig) -> dict[str, Any]
         "head_dim": c.resolved_head_dim,
         "hidden_act": "silu",
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "rope_scaling": scaling,
-        "rope_parameters": rope_parameters,
+        **_rope_to_hf(c),
         "tie_word_embeddings": c.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
         "bos_token_id": None,
         "eos_token_id": None,
+    }
+
+
+def _mixtral_to_hf(c: MixtralConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **_decoder_to_hf(c),
+        "num_local_experts": c.num_experts,
+        "num_experts_per_tok": c.experts_per_token,
+        "router_aux_loss_coef": c.router_aux_loss_coef,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
     }
 
 

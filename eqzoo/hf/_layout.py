@@ -5,12 +5,15 @@ One table per model family, used in both directions by the loader and the saver.
 
 import dataclasses
 import functools
+import itertools
 import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..models import GPT2Config, LlamaConfig, ViTConfig
+from ..models import GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
 from ._errors import HFFormatError
+
+_INDICES = ("i", "j")  # layer, expert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,8 +21,10 @@ class TensorRule:
     """One eqzoo array leaf and the Hugging Face tensor(s) it comes from.
 
     - `path`: attribute names from the model to the leaf, e.g. `("embed", "weight")`.
-    - `hf_name`: the HF tensor name; `{i}` stands for the layer index when the leaf is a layer
-      parameter stacked along a leading axis in `Stacked.layers`.
+    - `hf_name`: the HF tensor name, with a placeholder for each leading axis of the leaf that
+      HF splits into separate tensors, in this order: `{i}` the layer (axis 0 of every
+      parameter in `Stacked.layers`), `{j}` the expert (axis 1 of Mixtral's expert weights,
+      which HF keeps as one tensor per expert).
     - `transpose`: HF stores the transpose (GPT-2's `Conv1D` keeps weights as (in, out)).
     - `part`: `(k, n)` when the leaf is the `k`-th of `n` equal chunks of the HF tensor's last
       axis (GPT-2 fuses q, k and v into one `c_attn`).
@@ -34,27 +39,38 @@ class TensorRule:
     hf_leading: int = 0
 
     @property
-    def stacked(self) -> bool:
-        return "{i}" in self.hf_name
+    def indices(self) -> tuple[str, ...]:
+        """The placeholders in `hf_name`, in the order of the leaf axes they index."""
+        return tuple(k for k in _INDICES if "{" + k + "}" in self.hf_name)
+
+    @property
+    def lead(self) -> int:
+        """How many leading axes of the eqzoo leaf are split into separate HF tensors."""
+        return len(self.indices)
 
     @property
     def dotted(self) -> str:
         return ".".join(self.path)
 
-    def hf_names(self, num_layers: int) -> list[str]:
-        if not self.stacked:
-            return [self.hf_name]
-        return [self.hf_name.format(i=i) for i in range(num_layers)]
+    def hf_names(self, leaf_shape: tuple[int, ...]) -> list[tuple[tuple[int, ...], str]]:
+        """`(index, name)` for every HF tensor of a leaf of `leaf_shape`: `leaf[index]` is stored
+        as `name` (`index == ()` when the leaf is one tensor)."""
+        keys = self.indices
+        return [
+            (index, self.hf_name.format(**dict(zip(keys, index, strict=True))))
+            for index in itertools.product(*(range(n) for n in leaf_shape[: len(keys)]))
+        ]
 
     def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of the HF tensor given the shape of (one layer of) the eqzoo leaf."""
+        """The shape of each HF tensor given the shape of the eqzoo leaf."""
+        leaf_shape = leaf_shape[self.lead :]
         shape = tuple(reversed(leaf_shape)) if self.transpose else tuple(leaf_shape)
         if self.part is not None:
             shape = shape[:-1] + (shape[-1] * self.part[1],)
         return (1,) * self.hf_leading + shape
 
     def hf_index(self, leaf_shape: tuple[int, ...]) -> tuple[slice, ...]:
-        """Which part of the HF tensor holds this leaf."""
+        """Which part of each HF tensor holds (its slice of) the leaf of `leaf_shape`."""
         hf_shape = self.hf_shape(leaf_shape)
         index = [slice(0, n) for n in hf_shape]
         if self.part is not None:
@@ -90,7 +106,8 @@ def _gpt2_rules(prefix: str) -> list[TensorRule]:
     return rules
 
 
-def _llama_rules(tied: bool) -> list[TensorRule]:
+def _decoder_rules(tied: bool) -> list[TensorRule]:
+    """Llama's embeddings, norms, attention and head, which Mixtral shares."""
     h = "model.layers.{i}."
     layer = ("blocks", "layers")
     rules = [
@@ -101,10 +118,26 @@ def _llama_rules(tied: bool) -> list[TensorRule]:
     ]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         rules.append(TensorRule(layer + ("attn", proj, "weight"), f"{h}self_attn.{proj}.weight"))
-    for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-        rules.append(TensorRule(layer + ("mlp", ours, "weight"), f"{h}mlp.{theirs}.weight"))
     if not tied:
         rules.append(TensorRule(("lm_head", "weight"), "lm_head.weight"))
+    return rules
+
+
+def _llama_rules(tied: bool) -> list[TensorRule]:
+    mlp = ("blocks", "layers", "mlp")
+    return _decoder_rules(tied) + [
+        TensorRule(mlp + (ours, "weight"), f"model.layers.{{i}}.mlp.{theirs}.weight")
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
+    ]
+
+
+def _mixtral_rules(tied: bool) -> list[TensorRule]:
+    # HF keeps one Linear per expert, (out, in); eqzoo stacks experts as (in, out) arrays.
+    # w1 is the gate, w3 the up and w2 the down projection (Mixtral's reference code's names).
+    moe, mlp = "model.layers.{i}.block_sparse_moe.", ("blocks", "layers", "mlp")
+    rules = _decoder_rules(tied) + [TensorRule(mlp + ("router", "weight"), f"{moe}gate.weight")]
+    for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+        rules.append(TensorRule(mlp + (ours,), f"{moe}experts.{{j}}.{theirs}.weight", transpose=True))
     return rules
 
 
@@ -141,9 +174,23 @@ def _vit_rules() -> list[TensorRule]:
 _GPT2_IGNORED = (r"{p}h\.\d+\.attn\.bias", r"{p}h\.\d+\.attn\.masked_bias", r"lm_head\.weight")
 _LLAMA_IGNORED = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 _VIT_IGNORED = (r"vit\.pooler\..*",)  # ViTModel's tanh pooler, unused by the classifier
+_FUSED_EXPERTS = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
 
 
-def rules_for(config: GPT2Config | LlamaConfig | ViTConfig, names: Iterable[str] = ()) -> tuple[list[TensorRule], re.Pattern[str]]:
+def _refuse_fused_experts(names: Iterable[str]) -> None:
+    fused = sorted(n for n in names if _FUSED_EXPERTS.fullmatch(n))
+    if fused:
+        raise HFFormatError(
+            f"the checkpoint stores Mixtral experts fused (for example {fused[0]!r}), "
+            "transformers' in-memory layout, not the one its save_pretrained writes. eqzoo reads "
+            "the per-expert layout ('model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight'); "
+            "re-save the model with MixtralForCausalLM.from_pretrained(...).save_pretrained(...)."
+        )
+
+
+def rules_for(
+    config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig, names: Iterable[str] = ()
+) -> tuple[list[TensorRule], re.Pattern[str]]:
     """The tensor rules of a model with `config`, and a pattern matching ignorable tensor names.
 
     `names` (the checkpoint's tensor names, if loading) decides GPT-2's prefix: files written by
@@ -164,4 +211,7 @@ def rules_for(config: GPT2Config | LlamaConfig | ViTConfig, names: Iterable[str]
     ignored = list(_LLAMA_IGNORED)
     if config.tie_embeddings:
         ignored.append(r"lm_head\.weight")
+    if isinstance(config, MixtralConfig):
+        _refuse_fused_experts(names)
+        return _mixtral_rules(config.tie_embeddings), re.compile("|".join(ignored))
     return _llama_rules(config.tie_embeddings), re.compile("|".join(ignored))

@@ -12,7 +12,7 @@ from jax.sharding import Sharding
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError
-from ..models import GPT2, Llama, ViT, model_class
+from ..models import GPT2, Llama, Mixtral, ViT, model_class
 from ._config import config_from_hf
 from ._errors import HFFormatError
 from ._files import TensorReader, as_folder, read_config, weight_files
@@ -61,13 +61,12 @@ def _target_sharding(sharding: Any, rule: TensorRule, leaf: jax.ShapeDtypeStruct
     return target
 
 
-def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[tuple[str, ...], tuple[int, ...]], num_layers: int, ignored, folder) -> None:
+def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[tuple[str, ...], tuple[int, ...]], ignored, folder) -> None:
     present = reader.names()
     wanted: dict[str, tuple[int, ...]] = {}
     for rule in rules:
-        shape = shapes[rule.path][1:] if rule.stacked else shapes[rule.path]
-        for name in rule.hf_names(num_layers):
-            wanted[name] = rule.hf_shape(shape)
+        for _, name in rule.hf_names(shapes[rule.path]):
+            wanted[name] = rule.hf_shape(shapes[rule.path])
     missing = [n for n in wanted if n not in present]
     if missing:
         raise HFFormatError(
@@ -89,11 +88,10 @@ def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[t
             )
 
 
-def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ...], num_layers: int, dtype) -> np.ndarray:
-    shape = leaf_shape[1:] if rule.stacked else leaf_shape
-    index = rule.hf_index(shape)
+def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ...], dtype) -> np.ndarray:
+    index = rule.hf_index(leaf_shape)
     out = None
-    for i, name in enumerate(rule.hf_names(num_layers)):
+    for where, name in rule.hf_names(leaf_shape):
         x = reader.read(name, index)
         if rule.hf_leading:
             x = x.reshape(x.shape[rule.hf_leading:])
@@ -101,11 +99,11 @@ def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ..
             x = x.T
         if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
             x = x.astype(dtype)
-        if not rule.stacked:
+        if not rule.lead:
             return np.ascontiguousarray(x)
-        if out is None:  # one host buffer per stacked parameter, filled layer by layer
+        if out is None:  # one host buffer per stacked parameter, filled layer (and expert) by layer
             out = np.empty(leaf_shape, dtype=x.dtype)
-        out[i] = x
+        out[where] = x
     assert out is not None
     return out
 
@@ -117,18 +115,22 @@ def load_pretrained(
     dtype: DTypeLike | None = None,
     sharding: ShardingSpec = None,
     config_overrides: Mapping[str, Any] | None = None,
-) -> GPT2 | Llama | ViT:
+) -> GPT2 | Llama | Mixtral | ViT:
     """Load a local Hugging Face checkpoint folder as an eqzoo model.
 
     The folder holds `config.json` and `model.safetensors`, or shards
     `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`. Supported:
     `GPT2LMHeadModel`, `LlamaForCausalLM` (grouped-query attention, tied or untied head,
-    `head_dim`, `rope_theta`, Llama-3 `rope_scaling`) and `ViTForImageClassification` (square
-    images, exact GELU, q/k/v biases; loaded as a `pool="cls"` [`eqzoo.models.ViT`][]). The model's structure is built with
-    `equinox.filter_eval_shape`, so no random initialisation is allocated; every tensor is then
-    read from its memory-mapped file (only the part needed), cast, and placed with
-    `jax.device_put` on its target sharding. Per-layer tensors are stacked into
-    `Stacked.layers` along the leading axis: host memory peaks at one stacked parameter.
+    `head_dim`, `rope_theta`, Llama-3 `rope_scaling`), `MixtralForCausalLM` (as Llama, with
+    per-expert tensors `block_sparse_moe.experts.{j}.w1/w2/w3` stacked into
+    [`eqzoo.nn.MoE`][]'s (in, out) expert arrays; see [`eqzoo.hf.config_from_hf`][] for
+    `sliding_window` and `router_jitter_noise`) and `ViTForImageClassification` (square
+    images, exact GELU, q/k/v biases; loaded as a `pool="cls"` [`eqzoo.models.ViT`][]). The
+    model's structure is built with `equinox.filter_eval_shape`, so no random initialisation is
+    allocated; every tensor is then read from its memory-mapped file (only the part needed),
+    cast, and placed with `jax.device_put` on its target sharding. Per-layer (and per-expert)
+    tensors are stacked into `Stacked.layers` along the leading axes: host memory peaks at one
+    stacked parameter.
 
     **Arguments:**
 
@@ -142,7 +144,8 @@ def load_pretrained(
       model-shaped pytree of shardings, or `None` for the default device.
     - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`.
 
-    **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][] or [`eqzoo.models.ViT`][].
+    **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][]
+    or [`eqzoo.models.ViT`][].
 
     **Raises:** `HFFormatError` for a missing `config.json`, an unsupported architecture,
     pickle-only weights (`.bin`; refused, with the command to convert them), a missing,
@@ -157,18 +160,17 @@ def load_pretrained(
     flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
     structs = {_names_of(kp): leaf for kp, leaf in flat}
     shapes = {p: tuple(s.shape) for p, s in structs.items()}
-    num_layers = config.num_layers
     with TensorReader(files) as reader:
         rules, ignored = rules_for(config, reader.names())
         by_path = {r.path: r for r in rules}
         uncovered = sorted(".".join(p) for p in structs if p not in by_path)
         if uncovered:  # the model grew a parameter this table does not know about
             raise EqzooError(f"eqzoo.hf has no Hugging Face name for the {model_cls.__name__} parameter(s) {uncovered}.")
-        _check_tensors(reader, rules, shapes, num_layers, ignored, folder)
+        _check_tensors(reader, rules, shapes, ignored, folder)
         leaves = []
         for kp, _ in flat:
             rule = by_path[_names_of(kp)]
-            host = _read_leaf(reader, rule, shapes[rule.path], num_layers, dtype)
+            host = _read_leaf(reader, rule, shapes[rule.path], dtype)
             target = _target_sharding(sharding, rule, jax.ShapeDtypeStruct(host.shape, host.dtype))
             leaves.append(jax.device_put(host, target) if target is not None else jax.device_put(host))
             del host

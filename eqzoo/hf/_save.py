@@ -13,7 +13,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
-from ..models import GPT2, Llama, ViT
+from ..models import GPT2, Llama, Mixtral, ViT
 from ..nn import AbstractLinear, select_linears
 from ._config import config_to_hf
 from ._errors import HFFormatError
@@ -38,16 +38,17 @@ def _parse_size(size: int | str) -> int:
     return n
 
 
-def _tensor_table(model, rules: list[TensorRule], num_layers: int, dtype) -> dict[str, tuple[list[tuple[TensorRule, int | None]], tuple[int, ...], np.dtype]]:
-    """HF tensor name -> (the eqzoo leaves, with layer index, that make it up; shape; dtype)."""
+def _tensor_table(model, rules: list[TensorRule], dtype) -> dict[str, tuple[list[tuple[TensorRule, tuple[int, ...]]], tuple[int, ...], np.dtype]]:
+    """HF tensor name -> (the eqzoo leaves that make it up, each with the index of its slice
+    along the layer/expert axes; shape; dtype)."""
     table: dict[str, Any] = {}
     for rule in rules:
         leaf = get_path(model, rule.path)
-        shape = tuple(leaf.shape[1:]) if rule.stacked else tuple(leaf.shape)
+        shape = tuple(leaf.shape)
         out_dtype = np.dtype(leaf.dtype if dtype is None or not jnp.issubdtype(leaf.dtype, jnp.floating) else dtype)
-        for i, name in enumerate(rule.hf_names(num_layers)):
+        for index, name in rule.hf_names(shape):
             entry = table.setdefault(name, ([], rule.hf_shape(shape), out_dtype))
-            entry[0].append((rule, i if rule.stacked else None))
+            entry[0].append((rule, index))
     return table
 
 
@@ -67,7 +68,7 @@ def _materialise(model, parts, dtype: np.dtype, cache) -> np.ndarray:
     pieces = []
     for rule, i in sorted(parts, key=lambda p: p[0].part[0] if p[0].part else 0):
         x = _host(model, rule, cache)
-        x = x[i] if i is not None else x
+        x = x[i] if i else x  # this layer's (and expert's) slice of a stacked leaf
         x = x.T if rule.transpose else x
         pieces.append(x.reshape((1,) * rule.hf_leading + x.shape))
     x = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=-1)  # GPT-2's fused c_attn
@@ -94,7 +95,7 @@ def _check_plain_linears(model) -> None:
 
 @no_type_check  # arguments are validated inside, with messages that say what is supported
 def save_pretrained(
-    model: GPT2 | Llama | ViT,
+    model: GPT2 | Llama | Mixtral | ViT,
     path: str | os.PathLike[str],
     *,
     dtype: DTypeLike | None = None,
@@ -106,14 +107,16 @@ def save_pretrained(
 
     `transformers.AutoModelForCausalLM.from_pretrained(path)` loads the folder with no missing or
     unexpected weights: Llama tensors keep their names and layout; GPT-2's are transposed into
-    `Conv1D`'s (in, out) layout and q/k/v fused into `c_attn`. A tied head is not written (HF
-    ties it on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
+    `Conv1D`'s (in, out) layout and q/k/v fused into `c_attn`; Mixtral's stacked (in, out) expert
+    arrays become one transposed `w1` (gate) / `w3` (up) / `w2` (down) tensor per expert, the
+    layout `MixtralForCausalLM.save_pretrained` writes. A tied head is not written (HF ties it
+    on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
     for `transformers.AutoModelForImageClassification` (`ViTForImageClassification`).
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][] or [`eqzoo.models.ViT`][]
-      (`pool="cls"`).
+    - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][]
+      or [`eqzoo.models.ViT`][] (`pool="cls"`).
     - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
     - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
     - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
@@ -123,14 +126,16 @@ def save_pretrained(
 
     **Returns:** the folder's path.
     """
-    if not isinstance(model, GPT2 | Llama | ViT):
-        raise HFFormatError(f"save_pretrained exports eqzoo GPT2, Llama and ViT models; got {type(model).__name__}.")
+    if not isinstance(model, GPT2 | Llama | Mixtral | ViT):
+        raise HFFormatError(
+            f"save_pretrained exports eqzoo GPT2, Llama, Mixtral and ViT models; got {type(model).__name__}."
+        )
     _check_plain_linears(model)
     safetensors_numpy = require("safetensors.numpy", "hf")
     dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
     config = model.config
     rules, _ = rules_for(config)
-    table = _tensor_table(model, rules, config.num_layers, dtype)
+    table = _tensor_table(model, rules, dtype)
 
     hf = config_to_hf(config)
     for key, value in dict(extra_config or {}).items():

@@ -38,13 +38,26 @@ def _llama(seed: int, **overrides):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config | overrides))).eval()
 
 
-# The three model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
-# layout), Llama with grouped-query attention and an untied head, and Llama with GQA, a tied
-# head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta.
+def _mixtral(seed: int, **overrides):
+    config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=MAX_SEQ, rms_norm_eps=1e-5, router_aux_loss_coef=0.05,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**(config | overrides))).eval()
+
+
+# The model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
+# layout), Llama with grouped-query attention and an untied head, Llama with GQA, a tied
+# head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta, and
+# Mixtral (GQA, 4 experts, top-2, untied head; per-expert tensors in HF, stacked in eqzoo).
 BUILDERS = {
     "gpt2": lambda: _gpt2(0),
     "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
     "llama-gqa-tied": lambda: _llama(2, tie_word_embeddings=True, head_dim=32, rope_theta=500000.0),
+    "mixtral": lambda: _mixtral(4),
 }
 FAMILIES = list(BUILDERS)
 
@@ -57,6 +70,11 @@ def make_gpt2(seed: int = 0, **overrides):
 def make_llama(seed: int = 0, **overrides):
     """A tiny random `LlamaForCausalLM` (eval mode)."""
     return _llama(seed, **overrides)
+
+
+def make_mixtral(seed: int = 0, **overrides):
+    """A tiny random `MixtralForCausalLM` (eval mode)."""
+    return _mixtral(seed, **overrides)
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +158,7 @@ def hft():
     pytest's importlib import mode)."""
     return types.SimpleNamespace(
         torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
+        make_mixtral=make_mixtral,
         hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
         load_with_transformers=load_with_transformers,
     )

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from eqzoo.hf import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
-from eqzoo.models import GPT2Config, LlamaConfig
+from eqzoo.models import GPT2Config, LlamaConfig, MixtralConfig
 from eqzoo.nn import RopeScaling
 
 LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)
@@ -21,8 +21,17 @@ LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
             hidden_dim=96, head_dim=32, rope_theta=500000.0, rope_scaling=LLAMA3, rms_norm_eps=1e-5,
             tie_embeddings=True,
         ),
+        MixtralConfig(
+            vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+            hidden_dim=96, num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05,
+        ),
+        MixtralConfig(
+            vocab_size=160, max_seq=256, num_layers=1, num_heads=4, num_kv_heads=1, embed_dim=64,
+            hidden_dim=48, num_experts=8, experts_per_token=1, head_dim=32, rope_scaling=LLAMA3,
+            tie_embeddings=True, router_aux_loss_coef=0.0,
+        ),
     ],
-    ids=["gpt2", "llama", "llama3-scaled-tied"],
+    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied"],
 )
 def test_round_trip_through_transformers_config(config, tmp_path, hft):
     hf = config_to_hf(config)
@@ -35,7 +44,13 @@ def test_round_trip_through_transformers_config(config, tmp_path, hft):
     assert config_from_hf(hf_config.to_dict()) == config
     # ... and so does ours.
     assert config_from_hf(hf) == config
-    if isinstance(config, LlamaConfig):
+    if isinstance(config, MixtralConfig):
+        assert type(hf_config).__name__ == "MixtralConfig"
+        assert hf_config.num_local_experts == config.num_experts
+        assert hf_config.num_experts_per_tok == config.experts_per_token
+        assert hf_config.router_aux_loss_coef == config.router_aux_loss_coef
+        assert hf_config.router_jitter_noise == 0.0 and hf_config.sliding_window is None
+    if isinstance(config, LlamaConfig | MixtralConfig):
         assert hf_config.num_key_value_heads == config.num_kv_heads
         assert hf_config.head_dim == config.resolved_head_dim
         assert hf_config.rope_parameters["rope_theta"] == config.rope_theta
@@ -67,3 +82,42 @@ def test_defaults_and_overrides():
         remat="full", scan_layers=False,
     )
     assert gpt2.hidden_dim == 256 and gpt2.remat == "full" and not gpt2.scan_layers
+
+
+def test_mixtral_defaults_are_transformers_defaults():
+    """Keys a Mixtral config.json leaves out take transformers' MixtralConfig defaults, which
+    differ from Llama's; eqzoo-only fields keep eqzoo's defaults or take overrides."""
+    mixtral = config_from_hf(
+        {
+            "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4, "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+        },
+        router_z_loss_coef=0.0, moe_implementation="dense",
+    )
+    assert (mixtral.rope_theta, mixtral.rms_norm_eps, mixtral.max_seq) == (1e6, 1e-5, 4096 * 32)
+    assert mixtral.router_aux_loss_coef == 0.001  # transformers' default; eqzoo's own is 0.02
+    assert (mixtral.router_z_loss_coef, mixtral.moe_implementation) == (0.0, "dense")
+    assert mixtral.num_kv_heads == 4 and not mixtral.tie_embeddings
+
+
+def test_mixtral_router_jitter_is_ignored_with_a_warning():
+    base = {
+        "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    }
+    with pytest.warns(UserWarning, match=r"router_jitter_noise=0.01.*ignored.*only in training"):
+        jittered = config_from_hf(base | {"router_jitter_noise": 0.01})
+    assert jittered == config_from_hf(base | {"router_jitter_noise": 0.0})
+    assert config_to_hf(jittered)["router_jitter_noise"] == 0.0
+
+
+def test_sliding_window_that_covers_max_seq_is_accepted():
+    base = {
+        "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_local_experts": 4,
+        "num_experts_per_tok": 2, "max_position_embeddings": 64,
+    }
+    assert config_from_hf(base | {"sliding_window": 64}).max_seq == 64
+    assert config_from_hf(base | {"sliding_window": 16}, max_seq=16).max_seq == 16

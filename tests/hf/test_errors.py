@@ -42,7 +42,7 @@ def test_error_type_is_an_eqzoo_error():
 def test_unsupported_architecture_lists_the_supported_ones(hf_checkpoints, tmp_path):
     folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
     _edit_config(folder, architectures=["BertForMaskedLM"], model_type="bert")
-    with pytest.raises(HFFormatError, match=r"unsupported architectures \['BertForMaskedLM'\].*supports GPT2LMHeadModel \(model_type 'gpt2'\), LlamaForCausalLM"):
+    with pytest.raises(HFFormatError, match=r"unsupported architectures \['BertForMaskedLM'\].*supports GPT2LMHeadModel \(model_type 'gpt2'\), LlamaForCausalLM.*MixtralForCausalLM \(model_type 'mixtral'\)"):
         eqzoo.hf.load_pretrained(folder)
     with pytest.raises(HFFormatError, match=r"unsupported model_type 'mistral'.*LlamaForCausalLM"):
         eqzoo.hf.config_from_hf({"model_type": "mistral"})
@@ -77,6 +77,48 @@ def test_shape_mismatch_names_expected_and_found(hf_checkpoints, tmp_path):
     _edit_config(folder, intermediate_size=128)
     with pytest.raises(HFFormatError, match=r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(176, 64\) but config.json implies \(128, 64\)"):
         eqzoo.hf.load_pretrained(folder)
+
+
+def test_missing_mixtral_expert_is_named(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("mixtral")[1], tmp_path)
+    _edit_tensors(folder, lambda t: t.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight"))
+    with pytest.raises(HFFormatError, match=r"missing tensor\(s\) 'model.layers.1.block_sparse_moe.experts.2.w3.weight'"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_mixtral_expert_count_mismatch_names_the_extra_experts(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("mixtral")[1], tmp_path)
+    _edit_config(folder, num_local_experts=3)
+    with pytest.raises(HFFormatError, match=r"unexpected tensor\(s\) 'model.layers.0.block_sparse_moe.experts.3.w1.weight'"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_fused_mixtral_experts_are_refused_with_the_fix(hf_checkpoints, tmp_path):
+    """transformers 5 fuses experts in memory (`mlp.experts.gate_up_proj`); a file saved from
+    that state dict directly, bypassing save_pretrained, is refused with the way out."""
+
+    def fuse(tensors):
+        for i in range(2):
+            moe = f"model.layers.{i}.block_sparse_moe."
+            tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.stack([
+                np.concatenate([tensors.pop(f"{moe}experts.{j}.w1.weight"), tensors.pop(f"{moe}experts.{j}.w3.weight")])
+                for j in range(4)
+            ])
+            tensors[f"model.layers.{i}.mlp.experts.down_proj"] = np.stack([tensors.pop(f"{moe}experts.{j}.w2.weight") for j in range(4)])
+
+    folder = _copy(hf_checkpoints("mixtral")[1], tmp_path)
+    _edit_tensors(folder, fuse)
+    with pytest.raises(HFFormatError, match=r"(?s)stores Mixtral experts fused \(for example 'model.layers.0.mlp.experts.down_proj'\).*experts.\{j\}.w1.weight.*from_pretrained\(...\).save_pretrained\(...\)"):
+        eqzoo.hf.load_pretrained(folder)
+
+
+def test_sliding_window_shorter_than_max_seq_gives_the_override(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("mixtral")[1], tmp_path)
+    _edit_config(folder, sliding_window=16)
+    with pytest.raises(HFFormatError, match=r"sliding_window=16.*would take 64. Load with config_overrides=\{'max_seq': 16\}"):
+        eqzoo.hf.load_pretrained(folder)
+    with pytest.raises(HFFormatError, match=r"sliding_window=16.*would take 32"):
+        eqzoo.hf.load_pretrained(folder, config_overrides={"max_seq": 32})
 
 
 def test_pickle_checkpoints_are_refused_with_a_conversion_command(hf_checkpoints, tmp_path):
@@ -122,6 +164,8 @@ def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
         ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True.*no biases"),
         ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default' and 'llama3'"),
         ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope scaling lacks 'low_freq_factor'"),
+        ({"model_type": "mixtral", "hidden_act": "gelu"}, r"hidden_act='gelu'.*SwiGLU with silu"),
+        ({"model_type": "mixtral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default' and 'llama3'"),
         ({"model_type": "gpt2", "activation_function": "relu"}, r"activation_function='relu'.*tanh GELU"),
         ({"model_type": "gpt2", "tie_word_embeddings": False}, r"tie_word_embeddings=False.*always ties"),
         ({"model_type": "gpt2", "n_inner": 100}, r"n_inner=100.*multiple of n_embd=64"),
@@ -130,6 +174,10 @@ def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
 def test_unsupported_options(config, match):
     base = {
         "llama": dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4),
+        "mixtral": dict(
+            vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+            num_local_experts=4, num_experts_per_tok=2,
+        ),
         "gpt2": dict(vocab_size=100, n_positions=32, n_layer=1, n_head=4, n_embd=64),
     }[config["model_type"]]
     with pytest.raises(HFFormatError, match=match):
@@ -139,6 +187,11 @@ def test_unsupported_options(config, match):
 def test_incomplete_config_names_missing_keys():
     with pytest.raises(HFFormatError, match=r"lacks \['n_positions', 'n_layer'\]"):
         eqzoo.hf.config_from_hf({"model_type": "gpt2", "vocab_size": 10, "n_head": 2, "n_embd": 8})
+    with pytest.raises(HFFormatError, match=r"model_type 'mixtral' lacks \['num_local_experts', 'num_experts_per_tok'\]"):
+        eqzoo.hf.config_from_hf({
+            "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 1, "num_attention_heads": 4,
+        })
 
 
 def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
@@ -150,5 +203,5 @@ def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
     with pytest.raises(ConfigError, match=r"the sharding for 'embed.weight' is a str"):
         eqzoo.hf.load_pretrained(folder, sharding=lambda path, leaf: "replicated")  # type: ignore[arg-type,return-value]
     mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
-    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama and ViT models; got MLP"):
+    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama, Mixtral and ViT models; got MLP"):
         eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]

@@ -10,12 +10,14 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqzoo.hf
-from eqzoo.models import GPT2, Llama
+from eqzoo._errors import ShapeError
+from eqzoo.models import GPT2, Llama, Mixtral
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied"]
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral"]
+CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral}
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
 
 
@@ -36,7 +38,7 @@ def _same(a, b) -> bool:
 def test_loaded_logits_match_transformers(family, hf_checkpoints, loaded, hft):
     hf_model, _ = hf_checkpoints(family)
     model = loaded(family)
-    assert isinstance(model, GPT2 if family == "gpt2" else Llama)
+    assert type(model) is CLASSES[family]
     tokens = hft.random_tokens(1)
     ours, theirs = _logits(model, tokens), hft.hf_logits(hf_model, tokens)
     err = np.abs(ours - theirs).max()
@@ -49,6 +51,35 @@ def test_loaded_config_mirrors_the_hf_config(hf_checkpoints, loaded):
     assert gqa.rope_theta == 500000.0 and gqa.rms_norm_eps == 1e-5
     assert loaded("llama-gqa-untied").lm_head is not None
     assert loaded("gpt2").config.mlp_ratio == 4
+    moe = loaded("mixtral").config
+    assert (moe.num_experts, moe.experts_per_token, moe.hidden_dim, moe.num_kv_heads) == (4, 2, 96, 2)
+    assert moe.router_aux_loss_coef == 0.05 and moe.rope_theta == 1e6 and not moe.tie_embeddings
+
+
+def test_mixtral_experts_are_stacked_in_eqzoo_layout(hf_checkpoints, loaded):
+    """HF's per-expert (out, in) Linear weights become eqzoo's stacked (in, out) arrays."""
+    _, folder = hf_checkpoints("mixtral")
+    tensors = load_file(str(folder / "model.safetensors"))
+    mlp = loaded("mixtral").blocks.layers.mlp
+    assert mlp.gate_proj.shape == mlp.up_proj.shape == (2, 4, 64, 96)
+    assert mlp.down_proj.shape == (2, 4, 96, 64)
+    moe = "model.layers.1.block_sparse_moe."
+    np.testing.assert_array_equal(np.asarray(mlp.router.weight[1]), tensors[f"{moe}gate.weight"])
+    np.testing.assert_array_equal(np.asarray(mlp.gate_proj[1, 3]), tensors[f"{moe}experts.3.w1.weight"].T)
+    np.testing.assert_array_equal(np.asarray(mlp.up_proj[1, 3]), tensors[f"{moe}experts.3.w3.weight"].T)
+    np.testing.assert_array_equal(np.asarray(mlp.down_proj[1, 3]), tensors[f"{moe}experts.3.w2.weight"].T)
+
+
+def test_mixtral_sliding_window_within_the_window(tmp_path, hft):
+    """A sliding-window checkpoint loads with max_seq cut to the window, where it is exact."""
+    hf_model = hft.make_mixtral(5, sliding_window=16)
+    hf_model.save_pretrained(tmp_path)
+    model = eqzoo.hf.load_pretrained(tmp_path, config_overrides={"max_seq": 16})
+    tokens = hft.random_tokens(6, shape=(2, 16))
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"mixtral, sliding window: max logit error {err:.2e} >= {ATOL}"
+    with pytest.raises(ShapeError, match="length 17 but its config allows at most max_seq=16"):  # where the two would differ
+        model(jnp.zeros(17, jnp.int32))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -10,7 +10,7 @@ import pytest
 
 import eqzoo.hf
 from eqzoo._errors import ConfigError
-from eqzoo.models import GPT2, GPT2Config, Llama, LlamaConfig
+from eqzoo.models import GPT2Config, LlamaConfig, MixtralConfig, model_class
 from eqzoo.nn import RopeScaling
 
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
@@ -26,7 +26,12 @@ CONFIGS = {
         hidden_dim=176, head_dim=32, rope_theta=500000.0, rms_norm_eps=1e-5, tie_embeddings=True,
         rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=16),
     ),
+    "mixtral": MixtralConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=96, num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05,
+    ),
 }
+ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}
 
 
 def _random_model(family: str, seed: int = 0):
@@ -34,8 +39,7 @@ def _random_model(family: str, seed: int = 0):
     misplaced or mis-transposed tensor cannot go unnoticed. Built from the model's shape
     skeleton with numpy draws, which is much faster on CPU than eager initialisation."""
     config = CONFIGS[family]
-    cls = GPT2 if isinstance(config, GPT2Config) else Llama
-    skeleton = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
+    skeleton = eqx.filter_eval_shape(model_class(config), config, key=jax.random.key(0))
     rng = np.random.default_rng(seed)
     return jax.tree.map(
         lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, dtype=np.float32)), skeleton
@@ -53,7 +57,7 @@ def test_export_loads_in_transformers_with_equal_logits(family, tmp_path, hft):
     eqzoo.hf.save_pretrained(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "generation_config.json", "model.safetensors"}
     hf_model = hft.load_with_transformers(tmp_path)  # asserts: no missing/unexpected keys, no warnings
-    assert type(hf_model).__name__ == ("GPT2LMHeadModel" if family == "gpt2" else "LlamaForCausalLM")
+    assert type(hf_model).__name__ == ARCHITECTURES.get(family, "LlamaForCausalLM")
     tokens = hft.random_tokens(5, shape=(2, 40))
     ours = np.asarray(_batched(model, jnp.asarray(tokens)))
     err = np.abs(ours - hft.hf_logits(hf_model, tokens)).max()
