@@ -37,11 +37,15 @@ def _plan(experts, num_experts):
     return order, inverse, sizes
 
 
-def _weight_grad(a, dy, sizes, num_experts):
-    """Per-expert `a[rows of e].T @ dy[rows of e]`: the weight gradient of a grouped product."""
-    shape = jax.ShapeDtypeStruct((num_experts, a.shape[-1], dy.shape[-1]), a.dtype)
-    _, vjp = jax.vjp(lambda w: lax.ragged_dot(a, w, sizes), jnp.zeros(shape.shape, shape.dtype))
-    return vjp(dy)[0]
+# Per-expert `a[rows of e].T @ dy[rows of e]`: the rows (tokens) are the contracted, ragged axis.
+_WEIGHT_GRAD = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((0,), (0,)), ((), ())), lhs_ragged_dimensions=(0,), rhs_group_dimensions=()
+)
+
+
+def _weight_grad(a, dy, sizes):
+    """The weight gradient of a grouped product: `(experts, a_features, dy_features)`."""
+    return lax.ragged_dot_general(a, dy, sizes, _WEIGHT_GRAD)
 
 
 def _forward(x, experts, w_gate, w_up, w_down, tensor_axis=None):
@@ -77,9 +81,9 @@ def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
         dxs = lax.psum(dxs, tensor_axis)
     dx = jnp.zeros((tokens * k, x.shape[-1]), dxs.dtype).at[order].set(dxs)
     dx = dx.reshape(tokens, k, -1).sum(axis=1).astype(x.dtype)
-    d_gate = _weight_grad(xs, dg, sizes, num_experts)
-    d_up = _weight_grad(xs, du, sizes, num_experts)
-    d_down = _weight_grad(h, dys, sizes, num_experts)
+    d_gate = _weight_grad(xs, dg, sizes)
+    d_up = _weight_grad(xs, du, sizes)
+    d_down = _weight_grad(h, dys, sizes)
     return dx, d_gate, d_up, d_down
 
 

@@ -1,6 +1,6 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
-from typing import Literal
+from typing import Literal, no_type_check
 
 import equinox as eqx
 import jax
@@ -71,7 +71,7 @@ class MoE(eqx.Module):
         experts_per_token: int,
         *,
         normalize_weights: bool = True,
-        implementation: MoEImplementation = "ragged",
+        implementation: str = "ragged",  # a MoEImplementation; checked below with a clearer message than beartype's
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -140,6 +140,7 @@ class MoE(eqx.Module):
         y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w[2])  # (seq, experts, embed)
         return jnp.take_along_axis(y, experts[..., None], axis=1)
 
+    @no_type_check  # our own shape check below says what to do; a generic type error would not
     def with_aux(
         self, x: Float[Array, "seq embed"]
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
@@ -164,6 +165,7 @@ class MoE(eqx.Module):
         z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
         return y, {"moe_load_balance": balance, "moe_z_loss": z_loss}
 
+    @no_type_check  # checked in with_aux
     def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
         return self.with_aux(x)[0]

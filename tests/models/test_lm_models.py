@@ -1,4 +1,4 @@
-"""GPT-2 and Llama: KV-cache decoding against the full forward pass, and input/config errors."""
+"""GPT-2, Llama and Mixtral: KV-cache decoding against the full forward pass, and input/config errors."""
 
 import dataclasses
 
@@ -16,6 +16,7 @@ MODEL_TOL = 1e-4  # fp32, whole models
 FAMILIES = {
     "gpt2": models.get_config("tiny-gpt2", max_seq=32),
     "llama": models.get_config("tiny-llama", max_seq=32),  # 4 query heads share 2 kv heads
+    "mixtral": models.get_config("tiny-mixtral", max_seq=32),  # and 2 of 4 experts a token
 }
 
 
@@ -110,20 +111,25 @@ def test_cache_longer_than_max_seq_is_rejected(gpt2):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda: models.GPT2Config(embed_dim=64, num_heads=5), lambda: models.LlamaConfig(embed_dim=64, num_heads=5, num_kv_heads=5)],
-    ids=["gpt2", "llama"],
+    [
+        lambda: models.GPT2Config(embed_dim=64, num_heads=5),
+        lambda: models.LlamaConfig(embed_dim=64, num_heads=5, num_kv_heads=5),
+        lambda: models.MixtralConfig(embed_dim=64, num_heads=5, num_kv_heads=5),
+    ],
+    ids=["gpt2", "llama", "mixtral"],
 )
 def test_heads_must_divide_width(make):
     with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=64"):
         make()
 
 
-def test_kv_heads_must_divide_heads():
+@pytest.mark.parametrize("family", [models.LlamaConfig, models.MixtralConfig])
+def test_kv_heads_must_divide_heads(family):
     with pytest.raises(ConfigError, match=r"num_kv_heads=3 must divide num_heads=4"):
-        models.LlamaConfig(embed_dim=64, num_heads=4, num_kv_heads=3)
+        family(embed_dim=64, num_heads=4, num_kv_heads=3)
 
 
-@pytest.mark.parametrize("family", [models.GPT2Config, models.LlamaConfig])
+@pytest.mark.parametrize("family", [models.GPT2Config, models.LlamaConfig, models.MixtralConfig])
 def test_unknown_remat(family):
     with pytest.raises(ConfigError, match=r"unknown remat 'sometimes'.*'dots_no_batch'"):
         family(remat="sometimes")

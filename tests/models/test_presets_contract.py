@@ -72,6 +72,7 @@ ADAPTERS = {
     # config type: (make_batch, loss_fn, input key)
     models.GPT2Config: (_lm_batch, train.lm_loss, "tokens"),
     models.LlamaConfig: (_lm_batch, train.lm_loss, "tokens"),
+    models.MixtralConfig: (_lm_batch, train.lm_loss, "tokens"),
     models.MLPConfig: (_mlp_batch, train.classification_loss, "x"),
     models.CNNConfig: (_cnn_batch, _cnn_loss, "x"),
     models.ViTConfig: (_vit_batch, train.classification_loss, "x"),
@@ -310,6 +311,7 @@ KNOWN_SIZES = {
     "gpt2-124m": 124_475_904,
     "llama-1b": 1_235_814_400,  # Llama 3.2 1B
     "llama-8b": 8_030_261_248,  # Llama 3.1 8B
+    "mixtral-8x7b": 46_702_792_704,  # Mixtral 8x7B
     "vit-s16": 22_050_664,  # ViT-S/16 (DeiT-S), 1000 classes
     "vit-b16": 86_567_656,  # ViT-B/16, 1000 classes
     "vit-l16": 304_326_632,  # ViT-L/16, 1000 classes
@@ -322,7 +324,10 @@ def test_num_params_known_sizes(name):
 
 
 def _matmul_flops(jaxpr) -> float:
-    """FLOPs of every dot_general in a jaxpr (2 per multiply-add), scans counted `length` times."""
+    """FLOPs of every dot_general in a jaxpr (2 per multiply-add), scans counted `length` times.
+
+    A grouped product (`ragged_dot_general`, mixture-of-experts layers) multiplies each row of
+    its ragged operand with one group's matrix: 2 x (lhs elements) x (rhs free dimensions)."""
     total = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -330,13 +335,23 @@ def _matmul_flops(jaxpr) -> float:
             lhs_shape = eqn.invars[0].aval.shape
             contract = np.prod([lhs_shape[i] for i in contract_dims])
             total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * contract
+        if eqn.primitive.name == "ragged_dot_general":
+            numbers = eqn.params["ragged_dot_dimension_numbers"]
+            (_, rhs_contract), (_, rhs_batch) = numbers.dot_dimension_numbers
+            rhs_shape = eqn.invars[1].aval.shape
+            skip = set(rhs_contract) | set(rhs_batch) | set(numbers.rhs_group_dimensions)
+            free = np.prod([n for i, n in enumerate(rhs_shape) if i not in skip])
+            total += 2.0 * np.prod(eqn.invars[0].aval.shape) * free
         times = eqn.params["length"] if eqn.primitive.name == "scan" else 1
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             total += times * _matmul_flops(sub)
     return total
 
 
-LM_PRESETS = [p for p in PRESETS if isinstance(models.get_config(p), models.GPT2Config | models.LlamaConfig)]
+LM_PRESETS = [
+    p for p in PRESETS
+    if isinstance(models.get_config(p), models.GPT2Config | models.LlamaConfig | models.MixtralConfig)
+]
 
 
 @pytest.mark.parametrize("name", LM_PRESETS)

@@ -1,0 +1,131 @@
+"""Mixtral: the router losses in lm_loss, dropless routing through a whole model (grouped products
+equal every-expert products), batched decoding, parameter counts and config errors."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqzoo
+from eqzoo import models, train
+from eqzoo._errors import ConfigError
+
+MODEL_TOL = 1e-4  # fp32, whole models
+CONFIG = models.get_config("tiny-mixtral", max_seq=32)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The same weights with grouped ("ragged") and every-expert ("dense") experts."""
+    ragged = models.create(CONFIG, key=jax.random.key(0))
+    dense = models.create(dataclasses.replace(CONFIG, moe_implementation="dense"), key=jax.random.key(0))
+    return ragged, dense
+
+
+def _batch(seed=1, batch=4, seq=24):
+    toks = jax.random.randint(jax.random.key(seed), (batch, seq + 1), 0, CONFIG.vocab_size, dtype=jnp.int32)
+    return {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
+
+
+def test_lm_loss_adds_weighted_router_losses(pair):
+    ragged, dense = pair
+    batch = _batch()
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: train.lm_loss(m, batch), has_aux=True))
+    (total, metrics), grads = grad(ragged)
+    (total_d, metrics_d), grads_d = grad(dense)
+    assert set(metrics) == {"tokens", "nll", "moe_load_balance", "moe_z_loss"}
+    expected = (
+        metrics["nll"]
+        + CONFIG.router_aux_loss_coef * metrics["moe_load_balance"]
+        + CONFIG.router_z_loss_coef * metrics["moe_z_loss"]
+    )
+    np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
+    # the next-token part is the plain cross-entropy of the model's logits
+    logits = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))(ragged, batch["tokens"])
+    np.testing.assert_allclose(float(metrics["nll"]), float(train.cross_entropy(logits, batch["targets"])), atol=1e-5)
+    # grouped experts compute what every-expert products compute, gradients included
+    np.testing.assert_allclose(float(total), float(total_d), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(eqx.filter(grads, eqx.is_array)), jax.tree.leaves(eqx.filter(grads_d, eqx.is_array)), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_every_loss_implementation_adds_the_same_router_losses(pair):
+    ragged, _ = pair
+    batch = _batch()
+    loss = eqx.filter_jit(lambda m, impl: train.lm_loss(m, batch, implementation=impl))
+    results = {impl: loss(ragged, impl) for impl in train.LM_LOSS_IMPLEMENTATIONS}
+    ref_total, ref_metrics = results["fused"]
+    for total, metrics in results.values():
+        np.testing.assert_allclose(float(total), float(ref_total), atol=1e-5)
+        for name in ("moe_load_balance", "moe_z_loss"):
+            np.testing.assert_allclose(float(metrics[name]), float(ref_metrics[name]), rtol=1e-6)
+
+
+def test_router_losses_average_the_layers(pair):
+    ragged, _ = pair
+    tokens = _batch()["tokens"][0]
+    _, aux = eqx.filter_jit(lambda m, t: m.features_and_aux(t))(ragged, tokens)
+
+    @eqx.filter_jit
+    def layer_by_layer(m, t):
+        x = m.embed_tokens(t, jnp.arange(t.shape[0], dtype=jnp.int32))
+        per_layer = []
+        for i in range(CONFIG.num_layers):
+            x, a = m.blocks[i].with_aux(x)
+            per_layer.append(a)
+        return per_layer
+
+    per_layer = layer_by_layer(ragged, tokens)
+    for name in ("moe_load_balance", "moe_z_loss"):
+        np.testing.assert_allclose(float(aux[name]), np.mean([float(a[name]) for a in per_layer]), rtol=1e-5)
+
+
+def test_zero_weights_leave_the_plain_loss(pair):
+    ragged, _ = pair
+    off = models.create(dataclasses.replace(CONFIG, router_aux_loss_coef=0.0, router_z_loss_coef=0.0), key=jax.random.key(0))
+    loss, metrics = eqx.filter_jit(train.lm_loss)(off, _batch())
+    np.testing.assert_allclose(float(loss), float(metrics["nll"]), rtol=0)
+
+
+def test_dense_models_report_no_router_losses():
+    llama = models.create("tiny-llama", key=jax.random.key(0))
+    assert llama.aux_loss_weights() == {}
+    _, metrics = eqx.filter_jit(train.lm_loss)(llama, _batch())
+    assert set(metrics) == {"tokens"}
+
+
+def test_batched_greedy_generation_equals_argmax_of_forward(pair):
+    ragged, _ = pair
+    prompts = _batch(seed=3, batch=3, seq=6)["tokens"]
+    out = eqzoo.generation.generate_batch(ragged, prompts, max_new_tokens=8)
+    assert out.shape == (3, 14)
+    forward = eqx.filter_jit(lambda m, t: m(t))
+    for row in np.asarray(out):
+        logits = forward(ragged, jnp.asarray(row[:-1]))
+        np.testing.assert_array_equal(np.argmax(np.asarray(logits[5:]), -1), row[6:])
+
+
+def test_active_parameters_and_flops():
+    c = models.get_config("mixtral-8x7b")
+    assert c.num_params() == 46_702_792_704
+    assert c.num_active_params() == 12_879_925_248  # 2 of 8 experts
+    dense_equivalent = dataclasses.replace(c, experts_per_token=c.num_experts)
+    assert dense_equivalent.num_active_params() == c.num_params()
+    assert c.flops_per_token(4096) < dense_equivalent.flops_per_token(4096) / 3
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"num_experts": 4, "experts_per_token": 5}, r"experts_per_token=5 exceeds num_experts=4"),
+        ({"num_experts": 0}, r"these must be positive, got \{'num_experts': 0\}"),
+        ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef and router_z_loss_coef must be >= 0"),
+        ({"moe_implementation": "capacity"}, r"moe_implementation must be one of \('ragged', 'dense'\), got 'capacity'"),
+    ],
+)
+def test_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        models.get_config("tiny-mixtral", **overrides)

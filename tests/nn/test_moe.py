@@ -1,0 +1,206 @@
+"""eqzoo.nn.MoE: the dropless grouped ("ragged") implementation against every-expert ("dense")
+and against a per-token NumPy reference, under every transformation a model meets (jit, vmap,
+nested vmap, grad, scan, remat, bf16), plus the router losses and the input/config errors."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo import nn
+from eqzoo._errors import ConfigError, ShapeError
+
+TOL = 1e-5  # fp32, one layer
+EMBED, HIDDEN, EXPERTS, K = 16, 24, 4, 2
+
+
+def _pair(**kwargs):
+    """The same layer (same key, same weights) in both implementations."""
+    args = dict(embed_dim=EMBED, hidden_dim=HIDDEN, num_experts=EXPERTS, experts_per_token=K)
+    args |= kwargs
+    ragged = nn.MoE(**args, implementation="ragged", key=jax.random.key(0))
+    dense = nn.MoE(**args, implementation="dense", key=jax.random.key(0))
+    return ragged, dense
+
+
+def _x(shape, seed=1, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def _leaves(tree):
+    return jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+
+
+def _assert_trees_close(a, b, tol=TOL):
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=tol, rtol=tol)
+
+
+def _numpy_reference(layer, x):
+    """Each token on its own: softmax over experts, top-k, renormalise, weighted SwiGLU sum."""
+    x = np.asarray(x, np.float64)
+    router = np.asarray(layer.router.weight, np.float64)
+    wg, wu, wd = (np.asarray(w, np.float64) for w in (layer.gate_proj, layer.up_proj, layer.down_proj))
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        logits = router @ x[t]
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        chosen = np.argsort(-probs, kind="stable")[: layer.experts_per_token]
+        weights = probs[chosen] / (probs[chosen].sum() if layer.normalize_weights else 1.0)
+        for w, e in zip(weights, chosen, strict=True):
+            g, u = x[t] @ wg[e], x[t] @ wu[e]
+            out[t] += w * ((g / (1 + np.exp(-g))) * u) @ wd[e]
+    return out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_matches_per_token_reference(normalize):
+    ragged, dense = _pair(normalize_weights=normalize)
+    x = _x((11, EMBED))
+    expected = _numpy_reference(ragged, x)
+    for layer in (ragged, dense):
+        np.testing.assert_allclose(np.asarray(eqx.filter_jit(layer)(x)), expected, atol=TOL, rtol=TOL)
+
+
+def test_ragged_equals_dense_values_and_grads_batched():
+    ragged, dense = _pair()
+    x = _x((3, 10, EMBED))
+    ct = _x((3, 10, EMBED), seed=2)
+
+    def loss(layer, x):
+        return jnp.sum(jax.vmap(layer)(x) * ct)
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    (va, ga), (vb, gb) = grad(ragged, x), grad(dense, x)
+    np.testing.assert_allclose(float(va), float(vb), atol=TOL, rtol=TOL)
+    _assert_trees_close(ga, gb)
+    # and the input gradient
+    dx = eqx.filter_jit(jax.grad(loss, argnums=1))
+    dxa, dxb = dx(ragged, x), dx(dense, x)
+    np.testing.assert_allclose(dxa, dxb, atol=TOL, rtol=TOL)
+    # every parameter gets a gradient: the router through the mixing weights
+    assert all(bool(jnp.any(g != 0)) for g in _leaves(ga))
+
+
+def test_ragged_equals_dense_unbatched_grad():
+    ragged, dense = _pair()
+    x = _x((9, EMBED))
+
+    def loss(layer):
+        return jnp.sum(jnp.sin(layer(x)))
+
+    grad = eqx.filter_jit(eqx.filter_grad(loss))
+    _assert_trees_close(grad(ragged), grad(dense))
+
+
+def test_dropless_when_every_token_picks_one_expert():
+    # A router that sends every token to expert 2 first: that expert gets the whole batch (no
+    # capacity, nothing dropped), the others few or none.
+    ragged, dense = _pair()
+    router = jnp.zeros((EXPERTS, EMBED)).at[2].set(10.0)
+    ragged, dense = (eqx.tree_at(lambda m: m.router.weight, m, router) for m in (ragged, dense))
+    x = jnp.abs(_x((2, 12, EMBED)))  # positive inputs: expert 2's logit is the largest everywhere
+    _, experts, _ = ragged.route(x[0])
+    assert bool(jnp.all(experts[:, 0] == 2))
+    np.testing.assert_allclose(jax.vmap(ragged)(x), jax.vmap(dense)(x), atol=TOL, rtol=TOL)
+
+
+def test_nested_vmap_and_vmap_over_layers():
+    ragged, dense = _pair()
+    x = _x((2, 3, 5, EMBED))
+    nested = eqx.filter_jit(lambda layer: jax.vmap(jax.vmap(layer))(x))
+    np.testing.assert_allclose(nested(ragged), nested(dense), atol=TOL, rtol=TOL)
+    # A batch of layers (weights batched too): an ensemble, vmapped over layers and inputs.
+    keys = jax.random.split(jax.random.key(3), 2)
+    make = lambda impl: eqx.filter_vmap(  # noqa: E731
+        lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, key=k)
+    )(keys)
+    xs = _x((2, 7, EMBED))
+    call = lambda layers: eqx.filter_vmap(lambda m, x: m(x))(layers, xs)  # noqa: E731
+    np.testing.assert_allclose(eqx.filter_jit(call)(make("ragged")), eqx.filter_jit(call)(make("dense")), atol=TOL, rtol=TOL)
+    grad = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.sum(call(m) ** 2)))
+    _assert_trees_close(grad(make("ragged")), grad(make("dense")))
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "minimal"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_inside_stacked_scan_and_remat(remat, scan):
+    def block(impl):
+        return lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, key=k)
+
+    ragged = nn.Stacked(block("ragged"), 3, remat=remat, scan=scan, key=jax.random.key(0))
+    dense = nn.Stacked(block("dense"), 3, remat=remat, scan=scan, key=jax.random.key(0))
+    x = _x((2, 6, EMBED))
+
+    def loss(stack):
+        return jnp.sum(jnp.tanh(jax.vmap(stack)(x)))
+
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    (va, ga), (vb, gb) = grad(ragged), grad(dense)
+    np.testing.assert_allclose(float(va), float(vb), atol=TOL, rtol=TOL)
+    _assert_trees_close(ga, gb)
+
+
+def test_bf16_inputs_compute_in_bf16():
+    ragged, dense = _pair()
+    ragged, dense = (jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, m) for m in (ragged, dense))
+    x = _x((2, 8, EMBED), dtype=jnp.bfloat16)
+    a, b = jax.vmap(ragged)(x), jax.vmap(dense)(x)
+    assert a.dtype == b.dtype == jnp.bfloat16
+    # bf16 keeps 8 bits of mantissa: both round the same products, in different groupings.
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_route_picks_largest_probabilities_first():
+    layer, _ = _pair()
+    x = _x((13, EMBED))
+    weights, experts, logits = layer.route(x)
+    probs = jax.nn.softmax(logits, axis=-1)
+    expected = np.argsort(-np.asarray(probs), axis=-1, kind="stable")[:, :K]
+    np.testing.assert_array_equal(np.asarray(experts), expected)
+    np.testing.assert_allclose(np.sum(np.asarray(weights), -1), 1.0, atol=1e-6)
+    assert experts.dtype == jnp.int32 and weights.dtype == logits.dtype == jnp.float32
+
+
+def test_router_losses_match_their_formulas():
+    layer, _ = _pair()
+    x = _x((17, EMBED))
+    _, aux = layer.with_aux(x)
+    _, experts, logits = layer.route(x)
+    logits = np.asarray(logits, np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    fraction = np.bincount(np.asarray(experts).reshape(-1), minlength=EXPERTS) / experts.size
+    balance = EXPERTS * np.sum(fraction * probs.mean(0))
+    lse = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(float(aux["moe_load_balance"]), balance, rtol=1e-5)
+    np.testing.assert_allclose(float(aux["moe_z_loss"]), np.mean(lse**2), rtol=1e-5)
+
+
+def test_load_balance_is_one_when_uniform_and_grows_when_collapsed():
+    layer, _ = _pair()
+    x = jnp.abs(_x((16, EMBED)))
+    uniform = eqx.tree_at(lambda m: m.router.weight, layer, jnp.zeros((EXPERTS, EMBED)))
+    assert float(uniform.with_aux(x)[1]["moe_load_balance"]) == pytest.approx(1.0, abs=1e-6)
+    collapsed = eqx.tree_at(lambda m: m.router.weight, layer, jnp.zeros((EXPERTS, EMBED)).at[0].set(5.0))
+    # Experts 0 and another take every token; expert 0 holds nearly all the probability.
+    assert float(collapsed.with_aux(x)[1]["moe_load_balance"]) > 1.5
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match=r"experts_per_token must be between 1 and num_experts=4, got 5"):
+        nn.MoE(EMBED, HIDDEN, 4, 5, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"MoE needs num_experts >= 1, got 0"):
+        nn.MoE(EMBED, HIDDEN, 0, 1, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"MoE implementation must be one of \('ragged', 'dense'\), got 'sparse'"):
+        nn.MoE(EMBED, HIDDEN, 4, 2, implementation="sparse", key=jax.random.key(0))  # type: ignore[arg-type]
+
+
+def test_batched_input_says_vmap():
+    layer, _ = _pair()
+    with pytest.raises(ShapeError, match=r"MoE takes one sequence of shape \(seq, embed\); got \(2, 5, 16\)\. Wrap the call in jax.vmap"):
+        layer(_x((2, 5, EMBED)))
