@@ -23,7 +23,7 @@ from ._lm import AbstractLM
 from ._validate import check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
-_MOE_IMPLEMENTATIONS = ("ragged", "dense")
+_MOE_IMPLEMENTATIONS = ("dense", "capacity", "ragged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,12 @@ class MixtralConfig:
     - `router_aux_loss_coef`: weight of the load-balancing loss in
       [`eqzoo.train.lm_loss`][] (Mixtral's released configs use 0.02).
     - `router_z_loss_coef`: weight of the router z-loss (ST-MoE uses 0.001).
-    - `moe_implementation`: `"ragged"` (dropless grouped matrix products) or `"dense"`
-      (every expert on every token; a reference), see [`eqzoo.nn.MoE`][].
+    - `moe_implementation`: how the experts run, see [`eqzoo.nn.MoE`][]: `"dense"` (every
+      expert on every token: exact, `num_experts / experts_per_token` times the expert FLOPs),
+      `"capacity"` (a fixed number of slots per expert: `moe_capacity_factor` times the
+      FLOPs, assignments past it dropped) or `"ragged"` (grouped matrix products: exact; fast
+      only where XLA lowers `ragged_dot` to a grouped GEMM).
+    - `moe_capacity_factor`: expert capacity relative to a balanced load, for `"capacity"`.
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -62,7 +66,8 @@ class MixtralConfig:
     tie_embeddings: bool = False
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
-    moe_implementation: str = "ragged"
+    moe_implementation: str = "dense"
+    moe_capacity_factor: float = 1.25
     remat: str = "none"
     scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
@@ -94,6 +99,8 @@ class MixtralConfig:
                 "MixtralConfig: router_aux_loss_coef and router_z_loss_coef must be >= 0, got "
                 f"{self.router_aux_loss_coef} and {self.router_z_loss_coef}."
             )
+        if not self.moe_capacity_factor > 0:
+            raise ConfigError(f"MixtralConfig: moe_capacity_factor must be positive, got {self.moe_capacity_factor}.")
         if self.moe_implementation not in _MOE_IMPLEMENTATIONS:
             raise ConfigError(
                 f"MixtralConfig: moe_implementation must be one of {_MOE_IMPLEMENTATIONS}, got "
@@ -166,7 +173,8 @@ class Mixtral(AbstractLM):
                 RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
                 MoE(
                     c.embed_dim, c.hidden_dim, c.num_experts, c.experts_per_token,
-                    implementation=c.moe_implementation, out_init_std=out_std, key=km,  # type: ignore[arg-type]
+                    implementation=c.moe_implementation, capacity_factor=c.moe_capacity_factor,
+                    out_init_std=out_std, key=km,
                 ),
             )
 

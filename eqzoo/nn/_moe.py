@@ -1,5 +1,6 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
+import math
 from typing import Literal, no_type_check
 
 import equinox as eqx
@@ -13,8 +14,8 @@ from .._typing import PRNGKey
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
 
-MoEImplementation = Literal["ragged", "dense"]
-_IMPLEMENTATIONS = ("ragged", "dense")
+MoEImplementation = Literal["dense", "capacity", "ragged"]
+_IMPLEMENTATIONS = ("dense", "capacity", "ragged")
 
 
 def _top_k_ids(probs, k):
@@ -35,17 +36,32 @@ class MoE(eqx.Module):
 
     For each token the router's softmax over `num_experts` picks the `experts_per_token`
     largest; their weights are renormalised to sum to one (`normalize_weights`, as Mixtral
-    does), and the output is the weighted sum of those experts' SwiGLU outputs. Routing is
-    **dropless**: every token reaches every expert it chose, however unbalanced the batch.
+    does), and the output is the weighted sum of those experts' SwiGLU outputs.
 
-    Two implementations, equal to 1e-5 (tested):
+    Three implementations of the experts, chosen by `implementation`:
 
-    - `"ragged"` (default): the (token, expert) assignments sorted by expert and run as grouped
-      matrix products (`jax.lax.ragged_dot`); each expert computes only its own tokens. Under
-      `jax.vmap` the whole batch is routed at once, and under an eqzoo mesh each device routes
-      its own tokens (see `eqzoo/nn/_grouped.py`).
-    - `"dense"`: every expert on every token, then the chosen ones kept: `num_experts /
-      experts_per_token` times the FLOPs; the plain reference.
+    - `"dense"` (default): every expert on every token, the chosen ones kept. Exact and
+      dropless; `num_experts / experts_per_token` times the FLOPs a token needs (4x for
+      Mixtral's 2 of 8 experts), all in plain matrix products.
+    - `"capacity"`: each expert takes at most `C = ceil(capacity_factor * seq * k /
+      num_experts)` of a sequence's assignments (GShard, Lepikhin et al., 2021; Switch,
+      Fedus et al., 2022), gathered into an `(experts, C, embed)` block and run as one batched
+      matrix product: `capacity_factor` times the FLOPs a token needs. Assignments past an
+      expert's capacity are **dropped** (first choices are placed before second choices,
+      earlier positions first); a dropped assignment adds nothing and the token keeps its
+      residual. `with_aux` reports the dropped fraction. Capacity is per sequence, so a
+      sequence's output never depends on the rest of the batch; one token (decoding) is never
+      dropped, since its `k` experts are distinct.
+    - `"ragged"`: the assignments sorted by expert and run as grouped matrix products
+      (`jax.lax.ragged_dot`). Exact and dropless, and each expert computes only its own rows,
+      if the backend lowers `ragged_dot` to a grouped GEMM. XLA:CPU (and, in jax 0.10, XLA:GPU
+      by default) lowers it to a masked dense product over every group instead, which costs
+      `num_experts` times the FLOPs: there `"dense"` is faster. Under `jax.vmap` the whole batch
+      is routed at once, and under an eqzoo mesh each device routes its own tokens (see
+      `eqzoo/nn/_grouped.py`).
+
+    `"dense"` and `"ragged"` agree to 1e-5, and `"capacity"` with `capacity_factor >=
+    num_experts / experts_per_token` (nothing can be dropped) agrees with both (tested).
 
     `with_aux` also returns the two router regularisers that [`eqzoo.train.lm_loss`][] adds:
     the load-balancing loss of Switch Transformers (Fedus et al., 2022),
@@ -62,6 +78,7 @@ class MoE(eqx.Module):
     experts_per_token: int = eqx.field(static=True)
     normalize_weights: bool = eqx.field(static=True)
     implementation: str = eqx.field(static=True)
+    capacity_factor: float = eqx.field(static=True)
 
     def __init__(
         self,
@@ -71,7 +88,8 @@ class MoE(eqx.Module):
         experts_per_token: int,
         *,
         normalize_weights: bool = True,
-        implementation: str = "ragged",  # a MoEImplementation; checked below with a clearer message than beartype's
+        implementation: str = "dense",  # a MoEImplementation; checked below with a clearer message than beartype's
+        capacity_factor: float = 1.25,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -84,8 +102,11 @@ class MoE(eqx.Module):
           (`k`, at most `num_experts`).
         - `normalize_weights`: renormalise the chosen experts' router probabilities to sum
           to one (Mixtral); `False` keeps the raw softmax probabilities.
-        - `implementation`: `"ragged"` (grouped matrix products, dropless) or `"dense"`
-          (every expert on every token).
+        - `implementation`: `"dense"` (every expert on every token), `"capacity"` (at most
+          `capacity_factor * seq * k / num_experts` assignments an expert, the rest dropped)
+          or `"ragged"` (grouped matrix products, dropless).
+        - `capacity_factor`: the experts' capacity relative to a perfectly balanced load
+          (`"capacity"` only).
         - `init_std`, `out_init_std`: normal init scales of the input / output projections.
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
@@ -100,6 +121,8 @@ class MoE(eqx.Module):
             raise ConfigError(
                 f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}."
             )
+        if not capacity_factor > 0:
+            raise ConfigError(f"MoE capacity_factor must be positive, got {capacity_factor!r}.")
         kr, kg, ku, kd = jax.random.split(key, 4)
         out_std = init_std if out_init_std is None else out_init_std
         dtype = jnp.float32 if dtype is None else dtype
@@ -112,6 +135,7 @@ class MoE(eqx.Module):
         self.experts_per_token = experts_per_token
         self.normalize_weights = normalize_weights
         self.implementation = implementation
+        self.capacity_factor = float(capacity_factor)
 
     def route(
         self, x: Float[Array, "seq embed"]
@@ -131,14 +155,53 @@ class MoE(eqx.Module):
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         return weights, experts.astype(jnp.int32), logits
 
+    def capacity(self, seq: int) -> int:
+        """How many of a `seq`-long sequence's assignments each expert takes under
+        `"capacity"`: `ceil(capacity_factor * seq * k / num_experts)`, at least 1 and at most
+        `seq` (a token never picks an expert twice)."""
+        balanced = self.capacity_factor * seq * self.experts_per_token / self.num_experts
+        return max(1, min(seq, math.ceil(balanced)))
+
+    def _weights(self, dtype):
+        return [p.astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+
+    def _dense(self, x, experts):
+        w_gate, w_up, w_down = self._weights(x.dtype)
+        g = jnp.einsum("td,edh->teh", x, w_gate)
+        u = jnp.einsum("td,edh->teh", x, w_up)
+        y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
+        return jnp.take_along_axis(y, experts[..., None], axis=1), jnp.zeros((), jnp.float32)
+
+    def _capacity(self, x, experts):
+        seq, k = experts.shape
+        e, c = self.num_experts, self.capacity(seq)
+        # Assignments in priority order: every token's first choice, then every second choice.
+        flat = experts.T.reshape(-1)  # (k * seq,)
+        token = jnp.tile(jnp.arange(seq, dtype=jnp.int32), k)
+        onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)  # (k * seq, experts)
+        position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # within its expert
+        kept = position < c
+        slot = jnp.where(kept, flat * c + position, e * c)  # e * c: the slot of dropped ones
+        # Which token fills each of the e * c slots (seq: an empty slot, reading a zero row).
+        slot_token = jnp.full((e * c + 1,), seq, jnp.int32).at[slot].set(token)[: e * c]
+        xs = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[slot_token]
+        w_gate, w_up, w_down = self._weights(x.dtype)
+        xs = xs.reshape(e, c, -1)
+        g = jnp.einsum("ecd,edh->ech", xs, w_gate)
+        u = jnp.einsum("ecd,edh->ech", xs, w_up)
+        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down).reshape(e * c, -1)
+        ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[-1]), ys.dtype)])
+        out = ys[slot].reshape(k, seq, -1)  # dropped assignments read the zero row
+        dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
+        return jnp.swapaxes(out, 0, 1), dropped
+
     def _experts(self, x, experts):
-        w = [p.astype(x.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        """`(seq, k, embed)`: each chosen expert's output, and the fraction dropped."""
+        if self.implementation == "capacity":
+            return self._capacity(x, experts)
         if self.implementation == "ragged":
-            return expert_swiglu(x, experts, *w)  # (seq, k, embed)
-        g = jnp.einsum("td,edh->teh", x, w[0])
-        u = jnp.einsum("td,edh->teh", x, w[1])
-        y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w[2])  # (seq, experts, embed)
-        return jnp.take_along_axis(y, experts[..., None], axis=1)
+            return expert_swiglu(x, experts, *self._weights(x.dtype)), jnp.zeros((), jnp.float32)
+        return self._dense(x, experts)
 
     @no_type_check  # our own shape check below says what to do; a generic type error would not
     def with_aux(
@@ -146,8 +209,10 @@ class MoE(eqx.Module):
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """The layer's output and its router statistics for this sequence.
 
-        **Returns:** `(output, aux)` with `aux["moe_load_balance"]` (1 when the assignments and
-        router probabilities are uniform over experts) and `aux["moe_z_loss"]`, float32 scalars.
+        **Returns:** `(output, aux)` with float32 scalars `aux["moe_load_balance"]` (1 when the
+        assignments and router probabilities are uniform over experts), `aux["moe_z_loss"]`
+        and `aux["moe_dropped"]`, the fraction of assignments dropped for lack of capacity
+        (always 0 but under `"capacity"`).
         """
         if x.ndim != 2:
             raise ShapeError(
@@ -155,7 +220,7 @@ class MoE(eqx.Module):
                 "Wrap the call in jax.vmap for a batch."
             )
         weights, experts, logits = self.route(x)
-        out = self._experts(x, experts)  # (seq, k, embed)
+        out, dropped = self._experts(x, experts)  # (seq, k, embed)
         y = jnp.einsum("tk,tkd->td", weights.astype(x.dtype), out)
         y = checkpoint_name(y, "mlp_out")
         probs = jax.nn.softmax(logits, axis=-1)
@@ -163,7 +228,7 @@ class MoE(eqx.Module):
         fraction = counts / experts.size
         balance = self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
         z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
-        return y, {"moe_load_balance": balance, "moe_z_loss": z_loss}
+        return y, {"moe_load_balance": balance, "moe_z_loss": z_loss, "moe_dropped": dropped}
 
     @no_type_check  # checked in with_aux
     def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:

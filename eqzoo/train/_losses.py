@@ -134,7 +134,8 @@ def lm_loss(
 
     **Returns:** `(loss, {"tokens": number of counted positions})`; with auxiliary losses the
     metrics also hold `"nll"` (the next-token loss alone) and each auxiliary loss by name
-    (`"moe_load_balance"`, `"moe_z_loss"`).
+    (`"moe_load_balance"`, `"moe_z_loss"`), and statistics that carry no weight
+    (`"moe_dropped"`, the fraction of expert assignments dropped for lack of capacity).
     """
     tokens, targets = batch["tokens"], batch["targets"]
     if tokens.ndim != 2 or tokens.shape != targets.shape:

@@ -19,9 +19,9 @@ CONFIG = models.get_config("tiny-mixtral", max_seq=32)
 
 @pytest.fixture(scope="module")
 def pair():
-    """The same weights with grouped ("ragged") and every-expert ("dense") experts."""
-    ragged = models.create(CONFIG, key=jax.random.key(0))
-    dense = models.create(dataclasses.replace(CONFIG, moe_implementation="dense"), key=jax.random.key(0))
+    """The same weights with grouped ("ragged") and every-expert ("dense", the default) experts."""
+    ragged = models.create(dataclasses.replace(CONFIG, moe_implementation="ragged"), key=jax.random.key(0))
+    dense = models.create(CONFIG, key=jax.random.key(0))
     return ragged, dense
 
 
@@ -36,7 +36,8 @@ def test_lm_loss_adds_weighted_router_losses(pair):
     grad = eqx.filter_jit(eqx.filter_value_and_grad(lambda m: train.lm_loss(m, batch), has_aux=True))
     (total, metrics), grads = grad(ragged)
     (total_d, metrics_d), grads_d = grad(dense)
-    assert set(metrics) == {"tokens", "nll", "moe_load_balance", "moe_z_loss"}
+    assert set(metrics) == {"tokens", "nll", "moe_load_balance", "moe_z_loss", "moe_dropped"}
+    assert float(metrics["moe_dropped"]) == 0.0
     expected = (
         metrics["nll"]
         + CONFIG.router_aux_loss_coef * metrics["moe_load_balance"]
@@ -83,6 +84,15 @@ def test_router_losses_average_the_layers(pair):
         np.testing.assert_allclose(float(aux[name]), np.mean([float(a[name]) for a in per_layer]), rtol=1e-5)
 
 
+def test_capacity_model_reports_dropped_assignments():
+    # Capacity 0.25 of a balanced load: most assignments dropped, and the metric says how many;
+    # the loss still trains (dropped tokens keep their residual).
+    model = models.create(dataclasses.replace(CONFIG, moe_implementation="capacity", moe_capacity_factor=0.25), key=jax.random.key(0))
+    loss, metrics = eqx.filter_jit(train.lm_loss)(model, _batch())
+    assert 0.5 < float(metrics["moe_dropped"]) < 1.0
+    assert np.isfinite(float(loss))
+
+
 def test_zero_weights_leave_the_plain_loss(pair):
     ragged, _ = pair
     off = models.create(dataclasses.replace(CONFIG, router_aux_loss_coef=0.0, router_z_loss_coef=0.0), key=jax.random.key(0))
@@ -123,7 +133,8 @@ def test_active_parameters_and_flops():
         ({"num_experts": 4, "experts_per_token": 5}, r"experts_per_token=5 exceeds num_experts=4"),
         ({"num_experts": 0}, r"these must be positive, got \{'num_experts': 0\}"),
         ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef and router_z_loss_coef must be >= 0"),
-        ({"moe_implementation": "capacity"}, r"moe_implementation must be one of \('ragged', 'dense'\), got 'capacity'"),
+        ({"moe_implementation": "sparse"}, r"moe_implementation must be one of \('dense', 'capacity', 'ragged'\), got 'sparse'"),
+        ({"moe_capacity_factor": 0.0}, r"moe_capacity_factor must be positive, got 0.0"),
     ],
 )
 def test_config_errors(overrides, message):

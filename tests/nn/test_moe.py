@@ -1,6 +1,7 @@
-"""eqzoo.nn.MoE: the dropless grouped ("ragged") implementation against every-expert ("dense")
-and against a per-token NumPy reference, under every transformation a model meets (jit, vmap,
-nested vmap, grad, scan, remat, bf16), plus the router losses and the input/config errors."""
+"""eqzoo.nn.MoE: the grouped ("ragged") and fixed-capacity ("capacity") implementations against
+every-expert ("dense") and against per-token NumPy references (including which assignments
+"capacity" drops), under every transformation a model meets (jit, vmap, nested vmap, grad,
+scan, remat, bf16), plus the router losses and the input/config errors."""
 
 import equinox as eqx
 import jax
@@ -15,13 +16,21 @@ TOL = 1e-5  # fp32, one layer
 EMBED, HIDDEN, EXPERTS, K = 16, 24, 4, 2
 
 
-def _pair(**kwargs):
-    """The same layer (same key, same weights) in both implementations."""
+# Capacity EXPERTS / K: every expert can take every token of a sequence, so nothing is dropped.
+NO_DROP = EXPERTS / K
+SPARSE = ["ragged", "capacity"]
+
+
+def _layer(implementation, capacity_factor=NO_DROP, **kwargs):
     args = dict(embed_dim=EMBED, hidden_dim=HIDDEN, num_experts=EXPERTS, experts_per_token=K)
-    args |= kwargs
-    ragged = nn.MoE(**args, implementation="ragged", key=jax.random.key(0))
-    dense = nn.MoE(**args, implementation="dense", key=jax.random.key(0))
-    return ragged, dense
+    return nn.MoE(
+        **(args | kwargs), implementation=implementation, capacity_factor=capacity_factor, key=jax.random.key(0)
+    )
+
+
+def _pair(implementation="ragged", **kwargs):
+    """The same layer (same key, same weights) with `implementation` and with "dense"."""
+    return _layer(implementation, **kwargs), _layer("dense", **kwargs)
 
 
 def _x(shape, seed=1, dtype=jnp.float32):
@@ -59,15 +68,61 @@ def _numpy_reference(layer, x):
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_matches_per_token_reference(normalize):
-    ragged, dense = _pair(normalize_weights=normalize)
     x = _x((11, EMBED))
-    expected = _numpy_reference(ragged, x)
-    for layer in (ragged, dense):
+    layers = [_layer(impl, normalize_weights=normalize) for impl in ("dense", "capacity", "ragged")]
+    expected = _numpy_reference(layers[0], x)
+    for layer in layers:
         np.testing.assert_allclose(np.asarray(eqx.filter_jit(layer)(x)), expected, atol=TOL, rtol=TOL)
 
 
-def test_ragged_equals_dense_values_and_grads_batched():
-    ragged, dense = _pair()
+def _numpy_capacity_reference(layer, x):
+    """"capacity" by hand: first choices before second choices, earlier tokens first; an
+    assignment past its expert's `capacity(seq)` slots adds nothing."""
+    weights, experts, _ = (np.asarray(a, np.float64) for a in layer.route(x))
+    experts = experts.astype(int)
+    x64 = np.asarray(x, np.float64)
+    wg, wu, wd = (np.asarray(w, np.float64) for w in (layer.gate_proj, layer.up_proj, layer.down_proj))
+    cap = layer.capacity(x.shape[0])
+    used = np.zeros(layer.num_experts, int)
+    out = np.zeros_like(x64)
+    dropped = 0
+    for j in range(layer.experts_per_token):
+        for t in range(x.shape[0]):
+            e = experts[t, j]
+            if used[e] >= cap:
+                dropped += 1
+                continue
+            used[e] += 1
+            g, u = x64[t] @ wg[e], x64[t] @ wu[e]
+            out[t] += weights[t, j] * ((g / (1 + np.exp(-g))) * u) @ wd[e]
+    return out, dropped / experts.size
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25])
+def test_capacity_drops_what_the_rule_says(capacity_factor):
+    layer = _layer("capacity", capacity_factor=capacity_factor)
+    x = _x((20, EMBED), seed=4)
+    expected, dropped = _numpy_capacity_reference(layer, x)
+    y, aux = eqx.filter_jit(layer.with_aux)(x)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(float(aux["moe_dropped"]), dropped, atol=1e-7)
+    assert layer.capacity(20) == max(1, min(20, int(np.ceil(capacity_factor * 20 * K / EXPERTS))))
+    if capacity_factor == 0.5:
+        assert dropped > 0.4  # 5 slots an expert for 40 assignments: at least half dropped
+
+
+def test_one_token_is_never_dropped():
+    layer = _layer("capacity", capacity_factor=0.01)
+    x = _x((1, EMBED))
+    assert layer.capacity(1) == 1
+    y, aux = layer.with_aux(x)
+    assert float(aux["moe_dropped"]) == 0.0
+    np.testing.assert_allclose(np.asarray(y), _numpy_reference(layer, x), atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("implementation", SPARSE)
+def test_sparse_equals_dense_values_and_grads_batched(implementation):
+    ragged, dense = _pair(implementation)
     x = _x((3, 10, EMBED))
     ct = _x((3, 10, EMBED), seed=2)
 
@@ -86,8 +141,9 @@ def test_ragged_equals_dense_values_and_grads_batched():
     assert all(bool(jnp.any(g != 0)) for g in _leaves(ga))
 
 
-def test_ragged_equals_dense_unbatched_grad():
-    ragged, dense = _pair()
+@pytest.mark.parametrize("implementation", SPARSE)
+def test_sparse_equals_dense_unbatched_grad(implementation):
+    ragged, dense = _pair(implementation)
     x = _x((9, EMBED))
 
     def loss(layer):
@@ -97,10 +153,10 @@ def test_ragged_equals_dense_unbatched_grad():
     _assert_trees_close(grad(ragged), grad(dense))
 
 
-def test_dropless_when_every_token_picks_one_expert():
+def test_ragged_is_dropless_when_every_token_picks_one_expert():
     # A router that sends every token to expert 2 first: that expert gets the whole batch (no
     # capacity, nothing dropped), the others few or none.
-    ragged, dense = _pair()
+    ragged, dense = _pair("ragged", capacity_factor=1.0)
     router = jnp.zeros((EXPERTS, EMBED)).at[2].set(10.0)
     ragged, dense = (eqx.tree_at(lambda m: m.router.weight, m, router) for m in (ragged, dense))
     x = jnp.abs(_x((2, 12, EMBED)))  # positive inputs: expert 2's logit is the largest everywhere
@@ -109,30 +165,33 @@ def test_dropless_when_every_token_picks_one_expert():
     np.testing.assert_allclose(jax.vmap(ragged)(x), jax.vmap(dense)(x), atol=TOL, rtol=TOL)
 
 
-def test_nested_vmap_and_vmap_over_layers():
-    ragged, dense = _pair()
+@pytest.mark.parametrize("implementation", SPARSE)
+def test_nested_vmap_and_vmap_over_layers(implementation):
+    ragged, dense = _pair(implementation)
     x = _x((2, 3, 5, EMBED))
     nested = eqx.filter_jit(lambda layer: jax.vmap(jax.vmap(layer))(x))
     np.testing.assert_allclose(nested(ragged), nested(dense), atol=TOL, rtol=TOL)
     # A batch of layers (weights batched too): an ensemble, vmapped over layers and inputs.
     keys = jax.random.split(jax.random.key(3), 2)
     make = lambda impl: eqx.filter_vmap(  # noqa: E731
-        lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, key=k)
+        lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, capacity_factor=NO_DROP, key=k)
     )(keys)
     xs = _x((2, 7, EMBED))
     call = lambda layers: eqx.filter_vmap(lambda m, x: m(x))(layers, xs)  # noqa: E731
-    np.testing.assert_allclose(eqx.filter_jit(call)(make("ragged")), eqx.filter_jit(call)(make("dense")), atol=TOL, rtol=TOL)
+    np.testing.assert_allclose(eqx.filter_jit(call)(make(implementation)), eqx.filter_jit(call)(make("dense")), atol=TOL, rtol=TOL)
     grad = eqx.filter_jit(eqx.filter_grad(lambda m: jnp.sum(call(m) ** 2)))
-    _assert_trees_close(grad(make("ragged")), grad(make("dense")))
+    _assert_trees_close(grad(make(implementation)), grad(make("dense")))
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "minimal"])
-@pytest.mark.parametrize("scan", [True, False])
-def test_inside_stacked_scan_and_remat(remat, scan):
+@pytest.mark.parametrize(
+    "implementation, remat, scan",
+    [("ragged", "none", True), ("ragged", "full", True), ("ragged", "minimal", False), ("capacity", "full", True), ("capacity", "none", False)],
+)
+def test_inside_stacked_scan_and_remat(implementation, remat, scan):
     def block(impl):
-        return lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, key=k)
+        return lambda k: nn.MoE(EMBED, HIDDEN, EXPERTS, K, implementation=impl, capacity_factor=NO_DROP, key=k)
 
-    ragged = nn.Stacked(block("ragged"), 3, remat=remat, scan=scan, key=jax.random.key(0))
+    ragged = nn.Stacked(block(implementation), 3, remat=remat, scan=scan, key=jax.random.key(0))
     dense = nn.Stacked(block("dense"), 3, remat=remat, scan=scan, key=jax.random.key(0))
     x = _x((2, 6, EMBED))
 
@@ -145,8 +204,9 @@ def test_inside_stacked_scan_and_remat(remat, scan):
     _assert_trees_close(ga, gb)
 
 
-def test_bf16_inputs_compute_in_bf16():
-    ragged, dense = _pair()
+@pytest.mark.parametrize("implementation", SPARSE)
+def test_bf16_inputs_compute_in_bf16(implementation):
+    ragged, dense = _pair(implementation)
     ragged, dense = (jax.tree.map(lambda a: a.astype(jnp.bfloat16) if eqx.is_inexact_array(a) else a, m) for m in (ragged, dense))
     x = _x((2, 8, EMBED), dtype=jnp.bfloat16)
     a, b = jax.vmap(ragged)(x), jax.vmap(dense)(x)
@@ -196,8 +256,10 @@ def test_config_errors():
         nn.MoE(EMBED, HIDDEN, 4, 5, key=jax.random.key(0))
     with pytest.raises(ConfigError, match=r"MoE needs num_experts >= 1, got 0"):
         nn.MoE(EMBED, HIDDEN, 0, 1, key=jax.random.key(0))
-    with pytest.raises(ConfigError, match=r"MoE implementation must be one of \('ragged', 'dense'\), got 'sparse'"):
-        nn.MoE(EMBED, HIDDEN, 4, 2, implementation="sparse", key=jax.random.key(0))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"MoE implementation must be one of \('dense', 'capacity', 'ragged'\), got 'sparse'"):
+        nn.MoE(EMBED, HIDDEN, 4, 2, implementation="sparse", key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"MoE capacity_factor must be positive, got 0.0"):
+        nn.MoE(EMBED, HIDDEN, 4, 2, capacity_factor=0.0, key=jax.random.key(0))
 
 
 def test_batched_input_says_vmap():

@@ -19,6 +19,12 @@ MODELS = {
     "gpt2": ("tiny-gpt2", {}),
     "llama": ("tiny-llama", {"num_heads": 8, "num_kv_heads": 4}),
     "mixtral": ("tiny-mixtral", {"num_heads": 8, "num_kv_heads": 4}),
+    # The sparse expert implementations; capacity 2.0 = experts / k: nothing dropped.
+    "mixtral-ragged": ("tiny-mixtral", {"num_heads": 8, "num_kv_heads": 4, "moe_implementation": "ragged"}),
+    "mixtral-capacity": (
+        "tiny-mixtral",
+        {"num_heads": 8, "num_kv_heads": 4, "moe_implementation": "capacity", "moe_capacity_factor": 2.0},
+    ),
 }
 BATCH, SEQ = 8, 16
 
