@@ -19,7 +19,7 @@ to stderr and stdout is that line alone). Exits 1 if any row failed or timed out
 
     python benchmarks/gpu_suite.py --list
     python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
-    python benchmarks/gpu_suite.py --smoke          # CPU: four tiny rows, exercises this driver
+    python benchmarks/gpu_suite.py --smoke          # CPU: five tiny rows, exercises this driver
 
 This driver imports neither JAX nor eqzoo, so it holds no GPU memory while the rows run.
 """
@@ -103,6 +103,16 @@ ROWS: tuple[Row, ...] = (
                     "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
     Row("dit-xl2", ("benchmarks/image_throughput.py", "--preset", "dit-xl2", "--batch", "256",
                     "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
+    # Mixture of experts: two layers of Mixtral 8x7B (3.2B parameters, 1.05B active; with AdamW
+    # it fits one 80 GB GPU), its three expert implementations. MFU counts active FLOPs, so
+    # "dense" (every expert on every token) pays 4x the expert FLOPs, "capacity" 1.25x, and
+    # "ragged" whatever XLA's ragged_dot lowering costs on this GPU.
+    *(
+        _train(f"mixtral-2l-{impl}", "--preset", "mixtral-8x7b", "--set", "num_layers=2",
+               "--set", f"moe_implementation={impl}", "--batch", "4", "--seq", "2048",
+               "--steps", "10", "--warmup", "3")
+        for impl in ("capacity", "dense", "ragged")
+    ),
 )
 """The GPU table, in priority order."""
 
@@ -118,6 +128,8 @@ SMOKE_ROWS: tuple[Row, ...] = (
     Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
     Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
         SMOKE_TIMEOUT_S),
+    Row("tiny-mixtral-capacity", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],
+                                  "--set", "moe_implementation=capacity"), SMOKE_TIMEOUT_S),
 )
 """The `--smoke` rows: tiny sizes on CPU, to check this driver in CI."""
 

@@ -1,11 +1,13 @@
 """Whole-model int8 post-training quantization, and its inverse."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError
-from ..nn import AbstractLinear, Targets, linear_paths, replace_linears, select_linears
+from .._errors import ConfigError, user_stacklevel
+from ..nn import AbstractLinear, MoE, Targets, linear_paths, replace_linears, select_linears
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear
 
@@ -70,7 +72,23 @@ def quantize(model, *, targets: Targets = None):
             )
         return QuantizedLinear(base)
 
+    _warn_float_experts(model)
     return replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
+
+
+def _warn_float_experts(model) -> None:
+    """Say so when mixture-of-experts weights, which are not linear layers, stay floating."""
+    moe = [x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, MoE)) if isinstance(x, MoE)]
+    if not moe:
+        return
+    experts = sum(p.size for layer in moe for p in (layer.gate_proj, layer.up_proj, layer.down_proj))
+    total = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+    warnings.warn(
+        f"quantize: the model's mixture-of-experts weights ({experts:,} of {total:,} parameters, "
+        f"{experts / total:.0%}) are stacked expert arrays, not linear layers, and stay in "
+        "floating point; only its linear layers (attention, routers) become int8.",
+        stacklevel=user_stacklevel(),
+    )
 
 
 def dequantize(model):

@@ -391,3 +391,12 @@ def test_float16_products_do_not_overflow_in_code_units():
     out = np.asarray(quant.QuantizedLinear(layer).apply(x).astype(jnp.float32))
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.5)  # int8 rounding of 4096 terms
+
+
+def test_quantizing_a_mixture_of_experts_says_the_experts_stay_float():
+    model = eqzoo.models.create("tiny-mixtral", key=jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"mixture-of-experts weights \(196,608 of 254,784 parameters, 77%\) .* stay in floating point") as caught:
+        q = quant.quantize(model)
+    assert caught[0].filename == __file__  # points at the caller's line
+    assert q.blocks.layers.mlp.gate_proj.dtype == jnp.float32
+    assert q.blocks.layers.attn.q_proj.weight.dtype == jnp.int8
