@@ -14,7 +14,8 @@ from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
 from ..models import GPT2, Llama, Mixtral, ViT
-from ..nn import AbstractLinear, select_linears
+from ..nn import AbstractLinear, AbstractWeight, select_linears
+from ..sharding import path_str
 from ._config import config_to_hf
 from ._errors import HFFormatError
 from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
@@ -85,6 +86,8 @@ def _check_plain_linears(model) -> None:
     # The Hugging Face layout has one dense weight per projection: a LoRA adapter or an int8
     # weight would be dropped or misread, so refuse with the fix instead.
     odd = [f"{path} ({type(x).__name__})" for path, x in select_linears(model) if isinstance(x, AbstractLinear)]
+    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, AbstractWeight))[0]
+    odd += [f"{path_str(p)} ({type(x).__name__})" for p, x in leaves if isinstance(x, AbstractWeight)]
     if odd:
         raise HFFormatError(
             f"save_pretrained writes dense weights, but these layers are not plain linear layers: {odd}. "

@@ -39,9 +39,11 @@ from ._stacked import (
     remat_policy as remat_policy,
     resolve_scan as resolve_scan,
 )
+from ._weight import AbstractWeight as AbstractWeight, weight_value as weight_value
 
 __all__ = [
     "AbstractLinear",
+    "AbstractWeight",
     "Attention",
     "AttentionBackend",
     "ConvBlock",
@@ -73,4 +75,5 @@ __all__ = [
     "resolve_backend",
     "resolve_scan",
     "select_linears",
+    "weight_value",
 ]

@@ -13,6 +13,7 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
+from ._weight import AbstractWeight, weight_value
 
 MoEImplementation = Literal["dense", "capacity", "ragged"]
 _IMPLEMENTATIONS = ("dense", "capacity", "ragged")
@@ -71,9 +72,9 @@ class MoE(eqx.Module):
     """
 
     router: eqx.nn.Linear | AbstractLinear
-    gate_proj: Float[Array, "experts embed hidden"]
-    up_proj: Float[Array, "experts embed hidden"]
-    down_proj: Float[Array, "experts hidden embed"]
+    gate_proj: Float[Array, "experts embed hidden"] | AbstractWeight
+    up_proj: Float[Array, "experts embed hidden"] | AbstractWeight
+    down_proj: Float[Array, "experts hidden embed"] | AbstractWeight
     num_experts: int = eqx.field(static=True)
     experts_per_token: int = eqx.field(static=True)
     normalize_weights: bool = eqx.field(static=True)
@@ -163,7 +164,7 @@ class MoE(eqx.Module):
         return max(1, min(seq, math.ceil(balanced)))
 
     def _weights(self, dtype):
-        return [p.astype(dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+        return [weight_value(p, dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
 
     def _dense(self, x, experts):
         w_gate, w_up, w_down = self._weights(x.dtype)

@@ -2,7 +2,8 @@
 quantization-aware training with fake quantization ([`eqzoo.quant.prepare_qat`][]).
 
 Every selected `equinox.nn.Linear` becomes an [`eqzoo.quant.QuantizedLinear`][]: int8 codes
-with one float scale per output channel, about 4x smaller than float32 (2x than bfloat16).
+with one float scale per output channel, about 4x smaller than float32 (2x than bfloat16); the
+experts of mixture-of-experts layers become [`eqzoo.quant.QuantizedWeight`][]s.
 Activations, embeddings, norms and the output head stay floating; the quantized model runs
 anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded meshes,
 `eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
@@ -18,11 +19,13 @@ from ._linear import QuantizedLinear as QuantizedLinear
 from ._model import dequantize as dequantize, quantize as quantize
 from ._qat import FakeQuantLinear as FakeQuantLinear, prepare_qat as prepare_qat
 from ._size import size_report as size_report
+from ._weight import QuantizedWeight as QuantizedWeight
 
 __all__ = [
     "QMAX",
     "FakeQuantLinear",
     "QuantizedLinear",
+    "QuantizedWeight",
     "dequantize",
     "dequantize_int8",
     "fake_quantize",

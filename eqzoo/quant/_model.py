@@ -1,22 +1,21 @@
 """Whole-model int8 post-training quantization, and its inverse."""
 
-import warnings
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError, user_stacklevel
+from .._errors import ConfigError
 from ..nn import AbstractLinear, MoE, Targets, linear_paths, replace_linears, select_linears
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear
+from ._weight import QuantizedWeight
 
 
 def _is_quant(x) -> bool:
     return isinstance(x, QuantizedLinear | FakeQuantLinear)
 
 
-def quantize(model, *, targets: Targets = None):
+def quantize(model, *, targets: Targets = None, experts: bool = True):
     """A copy of `model` with each selected linear layer replaced by an int8
     [`eqzoo.quant.QuantizedLinear`][] (weight-only post-training quantization).
 
@@ -37,8 +36,13 @@ def quantize(model, *, targets: Targets = None):
 
     - `model`: any model whose linear layers are `equinox.nn.Linear`s applied through
       [`eqzoo.nn.apply_linear`][] (every eqzoo model) or called directly (`equinox.nn.MLP`).
-    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every float linear layer,
-      or regexes searched in the dotted paths [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`.
+    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every float linear layer
+      but the routers of mixture-of-experts layers (small, and a rounded router can change
+      which experts a token picks), or regexes searched in the dotted paths
+      [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`.
+    - `experts`: also quantize the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
+      arrays, not linear layers) into [`eqzoo.quant.QuantizedWeight`][]s, one scale per
+      expert and output column. They are most of a Mixtral's parameters.
 
     **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
@@ -64,6 +68,8 @@ def quantize(model, *, targets: Targets = None):
         )
 
     def one(path, layer):
+        if targets is None and path.split(".")[-1] == "router":
+            return layer
         base = layer.base if isinstance(layer, FakeQuantLinear) else layer
         if not jnp.issubdtype(base.weight.dtype, jnp.floating):
             raise ConfigError(
@@ -72,28 +78,33 @@ def quantize(model, *, targets: Targets = None):
             )
         return QuantizedLinear(base)
 
-    _warn_float_experts(model)
-    return replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
+    out = replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
+    return _quantize_experts(out) if experts else out
 
 
-def _warn_float_experts(model) -> None:
-    """Say so when mixture-of-experts weights, which are not linear layers, stay floating."""
-    moe = [x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, MoE)) if isinstance(x, MoE)]
-    if not moe:
-        return
-    experts = sum(p.size for layer in moe for p in (layer.gate_proj, layer.up_proj, layer.down_proj))
-    total = sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
-    warnings.warn(
-        f"quantize: the model's mixture-of-experts weights ({experts:,} of {total:,} parameters, "
-        f"{experts / total:.0%}) are stacked expert arrays, not linear layers, and stay in "
-        "floating point; only its linear layers (attention, routers) become int8.",
-        stacklevel=user_stacklevel(),
-    )
+def _is_moe(x) -> bool:
+    return isinstance(x, MoE)
+
+
+def _quantize_experts(model):
+    """Every float expert array of every MoE layer as a `QuantizedWeight`."""
+
+    def one(layer):
+        if not _is_moe(layer):
+            return layer
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(layer, name)
+            if not isinstance(w, QuantizedWeight):
+                layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, QuantizedWeight(w))
+        return layer
+
+    return jax.tree.map(one, model, is_leaf=_is_moe)
 
 
 def dequantize(model):
     """A copy of `model` (or of one layer) with every [`eqzoo.quant.QuantizedLinear`][] turned
-    back into a float `equinox.nn.Linear` (`weight * scale`, in the original dtype), and every
+    back into a float `equinox.nn.Linear` (`weight * scale`, in the original dtype), every
+    [`eqzoo.quant.QuantizedWeight`][] (mixture-of-experts weights) into its float array, and every
     [`eqzoo.quant.FakeQuantLinear`][] into an `equinox.nn.Linear` holding its fake-quantized
     weight: in both cases the dense layer computing the same map. Use it to export a quantized
     model (e.g. `eqzoo.hf.save_pretrained`, which writes dense weights) or to quantize again
@@ -101,10 +112,19 @@ def dequantize(model):
 
     **Raises:** `ConfigError` if there is nothing to dequantize.
     """
-    if not any(_is_quant(x) for x in jax.tree.leaves(model, is_leaf=_is_quant)):
+    if not any(_is_any_quant(x) for x in jax.tree.leaves(model, is_leaf=_is_any_quant)):
         paths = linear_paths(model)
         raise ConfigError(
             "dequantize: the model has no QuantizedLinear or FakeQuantLinear layer (nothing to "
             f"dequantize); its linear layers are {paths or 'none'}."
         )
-    return jax.tree.map(lambda x: x.as_linear() if _is_quant(x) else x, model, is_leaf=_is_quant)
+    def one(x):
+        if isinstance(x, QuantizedWeight):
+            return x.materialize(x.dtype)
+        return x.as_linear() if _is_quant(x) else x
+
+    return jax.tree.map(one, model, is_leaf=_is_any_quant)
+
+
+def _is_any_quant(x) -> bool:
+    return _is_quant(x) or isinstance(x, QuantizedWeight)

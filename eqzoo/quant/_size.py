@@ -5,10 +5,11 @@ import jax
 import numpy as np
 
 from ._linear import QuantizedLinear
+from ._weight import QuantizedWeight
 
 
 def _is_qlinear(x) -> bool:
-    return isinstance(x, QuantizedLinear)
+    return isinstance(x, QuantizedLinear | QuantizedWeight)
 
 
 def _is_sized(x) -> bool:
@@ -32,13 +33,14 @@ def size_report(model) -> dict[str, int | float]:
 
     **Returns:** a dict with
 
-    - `"int8_bytes"`: the int8 weights of [`eqzoo.quant.QuantizedLinear`][] layers (and any
-      other int8 array);
+    - `"int8_bytes"`: the int8 weights of [`eqzoo.quant.QuantizedLinear`][] layers and
+      [`eqzoo.quant.QuantizedWeight`][]s (and any other int8 array);
     - `"float_bytes"`: every floating array (embeddings, norms, biases, scales, float layers);
     - `"other_bytes"`: the remaining arrays (integer, boolean);
     - `"total_bytes"`: their sum;
-    - `"dense_bytes"`: what the model would take with every `QuantizedLinear` dequantized to a
-      float weight of its original dtype (and no scale): the unquantized size;
+    - `"dense_bytes"`: what the model would take with every `QuantizedLinear` and
+      `QuantizedWeight` dequantized to a float weight of its original dtype (and no scale):
+      the unquantized size;
     - `"ratio"`: `dense_bytes / total_bytes`, how many times smaller the model is (1.0 for a
       model with nothing quantized);
     - `"quantized_params"`: the number of weights stored as int8 codes.
@@ -50,10 +52,11 @@ def size_report(model) -> dict[str, int | float]:
     dense, params = total, 0
     for layer in jax.tree.leaves(model, is_leaf=_is_qlinear):
         if _is_qlinear(layer):
-            n = int(np.prod(layer.weight.shape, dtype=np.int64))
+            codes = layer.codes if isinstance(layer, QuantizedWeight) else layer.weight
+            n = int(np.prod(codes.shape, dtype=np.int64))
             params += n
             # int8 codes + scale  ->  a float weight of the scale's dtype
-            dense += n * np.dtype(layer.scale.dtype).itemsize - _nbytes(layer.weight) - _nbytes(layer.scale)
+            dense += n * np.dtype(layer.scale.dtype).itemsize - _nbytes(codes) - _nbytes(layer.scale)
     return {
         "int8_bytes": int8,
         "float_bytes": floating,

@@ -65,8 +65,12 @@ MIXTRAL_RULES: tuple[tuple[str, P], ...] = (
     # SwiGLU's projections, hidden units split over `tensor` and the embedding over `fsdp`,
     # every device holding a slice of every expert. The router (layers, experts, embed) is
     # small: replicated.
-    (r"mlp\.(gate|up)_proj$", P(None, None, "fsdp", "tensor")),
-    (r"mlp\.down_proj$", P(None, None, "tensor", "fsdp")),
+    # Int8 experts (eqzoo.quant.QuantizedWeight) keep the layout: codes as the weight, the
+    # per-column scale (layers, experts, out) as its columns.
+    (r"mlp\.(gate|up)_proj(\.codes)?$", P(None, None, "fsdp", "tensor")),
+    (r"mlp\.(gate|up)_proj\.scale$", P(None, None, "tensor")),
+    (r"mlp\.down_proj(\.codes)?$", P(None, None, "tensor", "fsdp")),
+    (r"mlp\.down_proj\.scale$", P(None, None, "fsdp")),
 )
 """Default rules for [`eqzoo.models.Mixtral`][]: `LLAMA_RULES` for attention, embeddings and
 norms; each expert's SwiGLU split as a dense SwiGLU is (hidden units over `tensor`, embedding
