@@ -18,7 +18,7 @@ class AbstractDenoiser(eqx.Module):
     """A diffusion model's network: `model(x, t, label) -> prediction`, for one image.
 
     `x` is one noisy image `(channels, height, width)`, `t` its diffusion timestep (a scalar;
-    integer-valued for the discrete schedules of [`eqzoo.diffusion`][], but any float works),
+    integer-valued for the discrete schedules of [`eqzoo.diffusion`](../diffusion/), but any float works),
     `label` its class (an int32 scalar) or `None`. The prediction has the shape of `x`: the noise
     (epsilon) or the velocity v, whichever the model was trained against
     ([`eqzoo.diffusion.make_diffusion_loss`][]).
