@@ -88,3 +88,41 @@ def test_finetune_lora_smoke(tmp_path, capsys):
     assert s["reloaded_prose_val_loss"] == s["lora_prose_val_loss"]
     assert 0 < s["adapter_params"] < s["num_params"] / 5
     assert s["adapter_file_bytes"] < s["model_file_bytes"] / 4
+
+
+@pytest.mark.slow
+def test_char_moe_smoke(tmp_path, capsys):
+    out = tmp_path / "run"
+    s = _run("char_moe", ["--smoke", "--json", "--out", str(out)], capsys)
+    for key in ("dense", "moe", "unigram_loss", "flops_ratio", "val_loss_moe_minus_dense", "seconds", "sample"):
+        assert key in s, f"summary lacks {key!r}: {sorted(s)}"
+    assert s["steps"] == 40
+    dense, moe = s["dense"], s["moe"]
+    for name, r in (("dense", dense), ("moe", moe)):
+        for key in ("train_loss", "val_loss", "initial_val_loss", "tokens_per_s", "train_seconds"):
+            assert math.isfinite(r[key]), (name, key, r[key])
+        # Both learn: from ~ln(vocab) at init to well below it, and below the frequency baseline.
+        assert r["val_loss"] < r["initial_val_loss"] - 1.0, (name, r)
+        assert r["val_loss"] < s["unigram_loss"], (name, r, s["unigram_loss"])
+        assert [step for step, _ in r["val_curve"]] == [20, 40]
+        assert (out / f"{name}.jsonl").is_file()
+    # Matched active compute: the MoE's active parameters and FLOPs exceed the dense model's only
+    # by its routers; it holds more parameters in all.
+    assert dense["num_active_params"] == dense["num_params"]
+    assert moe["num_active_params"] < moe["num_params"]
+    assert 1.0 <= s["flops_ratio"] < 1.02, s["flops_ratio"]
+    assert abs(s["val_loss_moe_minus_dense"] - (moe["val_loss"] - dense["val_loss"])) < 1e-12
+    # Router statistics: a fraction dropped, a load balance of at least ~1 (1 is uniform; it is
+    # at most num_experts), and every layer's assignment fractions summing to one.
+    for key in ("moe_dropped", "val_moe_dropped"):
+        assert 0.0 <= moe[key] < 1.0, (key, moe[key])
+    for key in ("moe_load_balance", "val_moe_load_balance"):
+        assert math.isfinite(moe[key]) and 0.95 <= moe[key] <= moe["num_experts"], (key, moe[key])
+    assert moe["capacity"] == math.ceil(1.25 * 64 * moe["experts_per_token"] / moe["num_experts"])
+    fractions = moe["expert_fractions"]
+    assert len(fractions) == len(moe["experts_used"]) == len(moe["dropped_by_layer"]) == 2
+    for row, used in zip(fractions, moe["experts_used"], strict=True):
+        assert len(row) == moe["num_experts"] and abs(sum(row) - 1.0) < 1e-3
+        assert used == sum(f > 0 for f in row) and 1 <= used <= moe["num_experts"]
+    assert all(0.0 <= d < 1.0 for d in moe["dropped_by_layer"])
+    assert isinstance(s["sample"], str) and s["sample"].startswith("def ")
