@@ -48,10 +48,11 @@ def shape_str(shape: tuple[int, ...]) -> str:
 @no_type_check  # a type-checking wrapper would add frames of its own
 def user_stacklevel() -> int:
     """The `stacklevel` for `warnings.warn` that points at the first frame outside eqzoo (and
-    outside the type-checking wrappers jaxtyping and beartype put around its functions)."""
+    outside the type-checking wrappers jaxtyping and beartype put around its functions, and the
+    equinox and JAX machinery that builds modules and traces functions in between)."""
     import sys
 
-    skip = ("eqzoo", "jaxtyping", "beartype")
+    skip = ("eqzoo", "jaxtyping", "beartype", "equinox", "jax")
     frame, level = sys._getframe(1), 1  # the caller of this function is level 1
     while frame is not None:
         module = frame.f_globals.get("__name__", "")

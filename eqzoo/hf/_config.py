@@ -331,6 +331,13 @@ def _decoder_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
 
 
 def _mixtral_to_hf(c: MixtralConfig) -> dict[str, Any]:
+    if not c.normalize_router_weights:
+        raise HFFormatError(
+            "MixtralConfig(normalize_router_weights=False) has no Hugging Face equivalent: "
+            "MixtralForCausalLM always renormalises the chosen experts' weights, so the exported "
+            "model would compute something else. Export a model trained with "
+            "normalize_router_weights=True."
+        )
     return {
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",

@@ -38,6 +38,9 @@ class MixtralConfig:
       [`eqzoo.models.LlamaConfig`][].
     - `hidden_dim`: each expert's SwiGLU inner width.
     - `num_experts`: experts per layer; `experts_per_token`: how many each token uses.
+    - `normalize_router_weights`: renormalise the chosen experts' router probabilities to sum
+      to one (Mixtral); `False` weights each expert by its probability (Switch Transformers;
+      what one expert per token needs for its router to learn from the loss).
     - `router_aux_loss_coef`: weight of the load-balancing loss in
       [`eqzoo.train.lm_loss`][] (Mixtral's released configs use 0.02).
     - `router_z_loss_coef`: weight of the router z-loss (ST-MoE uses 0.001).
@@ -59,6 +62,7 @@ class MixtralConfig:
     hidden_dim: int = 14336
     num_experts: int = 8
     experts_per_token: int = 2
+    normalize_router_weights: bool = True
     head_dim: int | None = None
     rope_theta: float = 1e6
     rope_scaling: RopeScaling | None = None
@@ -173,6 +177,7 @@ class Mixtral(AbstractLM):
                 RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
                 MoE(
                     c.embed_dim, c.hidden_dim, c.num_experts, c.experts_per_token,
+                    normalize_weights=c.normalize_router_weights,
                     implementation=c.moe_implementation, capacity_factor=c.moe_capacity_factor,
                     out_init_std=out_std, key=km,
                 ),

@@ -1,6 +1,7 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
 import math
+import warnings
 from typing import Literal, no_type_check
 
 import equinox as eqx
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
@@ -121,6 +122,14 @@ class MoE(eqx.Module):
         if implementation not in _IMPLEMENTATIONS:
             raise ConfigError(
                 f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}."
+            )
+        if experts_per_token == 1 and normalize_weights:
+            warnings.warn(
+                "MoE(experts_per_token=1, normalize_weights=True): the one chosen expert's weight "
+                "is always 1, so the router gets no gradient from the model's loss (only from the "
+                "router losses). Pass normalize_weights=False to weight the expert by its router "
+                "probability (Switch Transformers), or route each token to 2 or more experts.",
+                stacklevel=user_stacklevel(),
             )
         if not capacity_factor > 0:
             raise ConfigError(f"MoE capacity_factor must be positive, got {capacity_factor!r}.")

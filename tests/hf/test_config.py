@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from eqzoo.hf import SUPPORTED_ARCHITECTURES, config_from_hf, config_to_hf
+from eqzoo.hf import SUPPORTED_ARCHITECTURES, HFFormatError, config_from_hf, config_to_hf
 from eqzoo.models import GPT2Config, LlamaConfig, MixtralConfig
 from eqzoo.nn import RopeScaling
 
@@ -121,3 +121,9 @@ def test_sliding_window_that_covers_max_seq_is_accepted():
     }
     assert config_from_hf(base | {"sliding_window": 64}).max_seq == 64
     assert config_from_hf(base | {"sliding_window": 16}, max_seq=16).max_seq == 16
+
+
+def test_mixtral_without_renormalised_router_weights_is_not_exported():
+    config = MixtralConfig(normalize_router_weights=False)
+    with pytest.raises(HFFormatError, match=r"normalize_router_weights=False\) has no Hugging Face equivalent"):
+        config_to_hf(config)

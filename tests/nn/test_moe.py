@@ -266,3 +266,15 @@ def test_batched_input_says_vmap():
     layer, _ = _pair()
     with pytest.raises(ShapeError, match=r"MoE takes one sequence of shape \(seq, embed\); got \(2, 5, 16\)\. Wrap the call in jax.vmap"):
         layer(_x((2, 5, EMBED)))
+
+
+def test_one_expert_with_renormalised_weights_warns_that_the_router_cannot_learn():
+    with pytest.warns(UserWarning, match=r"the one chosen expert's weight is always 1, so the router gets no gradient") as caught:
+        layer = nn.MoE(EMBED, HIDDEN, EXPERTS, 1, key=jax.random.key(0))
+    assert caught[0].filename == __file__
+    x = _x((6, EMBED))
+    router_grad = jax.grad(lambda m: jnp.sum(m(x) ** 2))(layer).router.weight
+    assert float(jnp.max(jnp.abs(router_grad))) < 1e-9  # what the warning says (p / p: rounding only)
+    switch = nn.MoE(EMBED, HIDDEN, EXPERTS, 1, normalize_weights=False, key=jax.random.key(0))
+    router_grad = jax.grad(lambda m: jnp.sum(m(x) ** 2))(switch).router.weight
+    assert float(jnp.max(jnp.abs(router_grad))) > 1e-6
