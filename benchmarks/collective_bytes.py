@@ -20,6 +20,8 @@ import os
 import sys
 import time
 
+from _throughput import parse_set
+
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +33,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=None, help="lm_loss chunk_size (default: automatic)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field, e.g. --set moe_implementation=capacity (repeatable)")
     p.add_argument("--smoke", action="store_true", help="tiny preset (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -50,7 +54,7 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
     import eqzoo
     from eqzoo import perf, sharding as sh, train
 
-    config = eqzoo.models.get_config(args.preset)
+    config = eqzoo.models.get_config(args.preset, **parse_set(args.set))
     if args.seq > config.max_seq:
         config = eqzoo.models.get_config(config, max_seq=args.seq)
     optimizer = optax.adamw(3e-4, b2=0.95, weight_decay=0.1)
@@ -75,7 +79,7 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
     summary = perf.collective_summary(compiled)
     total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
     return {
-        "preset": args.preset, "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
+        "preset": args.preset, "overrides": parse_set(args.set), "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
         "chunk_size": args.chunk_size, "precision": args.precision,
         "param_mib": round(config.num_params() * 4 / 2**20, 1),
         "collective_ops": total["ops"], "collective_mib": round(total["mib"], 1),
