@@ -43,6 +43,9 @@ GPU_ROWS = [
     "generate-int8",
     "vit-b16",
     "dit-xl2",
+    "mixtral-2l-capacity",
+    "mixtral-2l-dense",
+    "mixtral-2l-ragged",
 ]
 
 

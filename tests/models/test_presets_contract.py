@@ -360,6 +360,10 @@ def test_flops_per_token_counts_the_matmuls(name):
     # 6N + 12 L d T ignores the few non-matmul parameters (norms, biases): 2% tolerance. It counts
     # model FLOPs (the MFU convention), so remat's recomputation is switched off here.
     config = models.get_config(name, remat="none")
+    if isinstance(config, models.MixtralConfig):
+        # Model FLOPs count the experts a token uses: "ragged" multiplies exactly those ("dense",
+        # the default, multiplies every expert).
+        config = models.get_config(config, moe_implementation="ragged")
     seq = 64
     model = eqx.filter_eval_shape(lambda k: models.create(config, key=k), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
