@@ -32,44 +32,39 @@ Reported per model: the final training loss (the next-token loss, averaged over 
 `log_every` steps; for the MoE without its router losses), the held-out validation loss in
 nats/char at a few points of training, total and active parameters, training tokens/s (the
 median over logging windows, so compilation and evaluations do not count), training wall
-time; and for the MoE the final `moe_load_balance` (1 is balanced), `moe_dropped`, and the
+time; and for the MoE the final `moe_load_balance` (k = 2 is balanced), `moe_dropped`, and the
 expert utilisation on the first held-out batch: the fraction of assignments each expert
 receives in each layer, from `MoE.route` applied to the features each layer's router sees.
 Finally the MoE continues a prompt with `eqzoo.generate` (temperature 0.8, top-k 20).
 
-    python examples/char_moe.py                # about 3.7 minutes on 2 CPU cores
+    python examples/char_moe.py                # about 3.5 minutes on 2 CPU cores
     python examples/char_moe.py --smoke --json
 
 **What it measured** on the project's 2-core CPU (4 layers, width 128, 4 heads / 2 KV heads,
-vocabulary 96; 450 steps of 16 x 128 characters, 0.92M training characters seen; 219 s in all):
+vocabulary 96; 450 steps of 16 x 128 characters, 0.92M training characters seen; 211 s in all):
 
 | | dense (SwiGLU 352) | MoE (8 x SwiGLU 176, top-2) |
 |---|---|---|
 | parameters / active per token | 763,008 / 763,008 | 2,389,120 / 767,104 |
 | training MFLOPs per token | 5.29 | 5.32 (x1.005: the routers) |
-| validation loss at steps 75, 150, 225 | 2.417, 2.201, 2.089 | 2.482, 2.278, 2.116 |
-| validation loss at steps 300, 375, 450 | 1.966, 1.875, **1.829** | 1.996, 1.887, **1.851** |
-| final training loss (last 25 steps) | 1.494 | 1.510 |
-| tokens/s, training wall time | 10,667, 91 s | 8,298, 114 s |
+| validation loss at steps 75, 150, 225 | 2.417, 2.201, 2.089 | 2.547, 2.340, 2.186 |
+| validation loss at steps 300, 375, 450 | 1.966, 1.875, **1.829** | 2.053, 1.928, **1.879** |
+| final training loss (last 25 steps) | 1.494 | 1.583 |
+| tokens/s, training wall time | 10,287, 94 s | 9,169, 106 s |
 
 (nats/char; the unigram baseline is 3.120, an untrained model 4.68.) The MoE's router ended
-balanced: `moe_load_balance` 1.049 on the last training steps, 1.043 held out; all 8 experts
-receive tokens in every layer, between 7.9% and 20.0% of a layer's assignments (12.5% is
-uniform). Capacity dropped 6.3% of assignments at the end (on the first held-out batch 9.5% in
-the first layer, 4.0% or less in the others), down from 17% around step 75, while the router
-was still unbalanced.
+balanced: `moe_load_balance` 2.05 on the last training steps, 2.05 held out (2 is uniform for
+top-2); all 8 experts receive tokens in every layer, between 7.3% and 17.7% of a layer's
+assignments (12.5% is uniform). Capacity dropped 4.5% of assignments at the end (on the first
+held-out batch 5.8% in the first layer, 3.5% or less in the others), down from 9.7% at step 175.
 
 **Conclusion: at this tiny scale the mixture of experts does not learn faster than the dense
 model at the same compute per token.** It was behind at every one of the six evaluations, by
-0.065 nats at step 75 narrowing to 0.022 at step 450. With a second seed (`--seed 1`: another
-initialisation, data order and set of held-out windows) it was behind at all six too, ending
-at 1.858 against the dense model's 1.795. Its 3.1x parameters did not show up as a lower loss
-within 0.9M characters. Per second it is further behind: on this CPU a step takes 1.29x as
-long (the capacity path computes 1.25x the active FLOPs, plus the gather and scatter of the
-slots). `--steps 500` (244 s) ended at a tie, dense 1.802 and MoE 1.797, so the gap closes as
-training goes on; whether the MoE then pulls ahead needs longer runs than this example's
-4-minute budget. These are single runs on a machine shared with other work: speeds vary
-between runs (the `--seed 1` run's MoE trained at 5,085 tokens/s, its dense model at 9,980).
+0.13 nats at step 75 narrowing to 0.05 at step 450: its 3.1x parameters did not show up as a
+lower loss within 0.9M characters. Per second it is further behind: on this CPU a step takes
+1.13x as long (the capacity path computes 1.25x the active FLOPs, plus the gather and scatter
+of the slots). Whether the MoE pulls ahead with more training needs longer runs than this
+example's 4-minute budget. This is a single run on a shared machine: speeds vary between runs.
 
 Progress lines go to stderr; with `--json` the last stdout line is one JSON summary. Each
 model's metrics are appended to `<out>/<model>.jsonl`.

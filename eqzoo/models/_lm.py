@@ -5,7 +5,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
@@ -57,16 +57,16 @@ class AbstractLM(eqx.Module):
         return self.final_norm(x)
 
     def features_and_aux(
-        self, tokens: Int[Array, " seq"]
+        self, tokens: Int[Array, " seq"], mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
-        """`features(tokens)` and the blocks' auxiliary statistics, averaged over layers: the
-        router losses of mixture-of-experts layers ([`eqzoo.nn.MoE.with_aux`][]); an empty
-        dict for a dense model. [`eqzoo.train.lm_loss`][] adds them, weighted by
-        `aux_loss_weights()`."""
+        """`features(tokens)` and the blocks' auxiliary statistics over the positions `mask`
+        weights, averaged over layers: the router losses of mixture-of-experts layers
+        ([`eqzoo.nn.MoE.with_aux`][]); an empty dict for a dense model.
+        [`eqzoo.train.lm_loss`][] adds them, weighted by `aux_loss_weights()`."""
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)
-        x, aux = self.blocks.apply(lambda block, h, _: block.with_aux(h), x)
+        x, aux = self.blocks.apply(lambda block, h, _: block.with_aux(h, mask), x)
         return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
 
     def aux_loss_weights(self) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The pre-norm transformer block shared by GPT-2, Llama and Mixtral."""
 
 import equinox as eqx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from .._typing import PRNGKey
 from ..sharding._activation import constrain
@@ -34,15 +34,16 @@ class TransformerBlock(eqx.Module):
         return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
 
     def with_aux(
-        self, x: Float[Array, "seq embed"]
+        self, x: Float[Array, "seq embed"], mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`__call__` plus the feed-forward layer's auxiliary statistics: the router losses of
-        an [`eqzoo.nn.MoE`][] (see `MoE.with_aux`), an empty dict for a dense MLP."""
+        an [`eqzoo.nn.MoE`][] over the positions `mask` weights (see `MoE.with_aux`), an empty
+        dict for a dense MLP."""
         if not isinstance(self.mlp, MoE):
             return self(x), {}
         x = x + self.attn(self.attn_norm(x))
         x = constrain(x, "residual")
-        h, aux = self.mlp.with_aux(self.mlp_norm(x))
+        h, aux = self.mlp.with_aux(self.mlp_norm(x), mask)
         return constrain(x + h, "residual"), aux
 
     def decode(

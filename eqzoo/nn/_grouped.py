@@ -12,19 +12,30 @@ Two JAX facts shape this file:
   eqzoo's models are vmapped over the batch. A `jax.custom_batching.custom_vmap` rule therefore
   flattens the batch into the token axis and routes every token of the batch in one sort: the
   natural way to run MoE anyway.
-- A `custom_vmap` function cannot be differentiated, so the op is a `jax.custom_vjp` whose
-  forward and backward passes are each `custom_vmap` functions; the backward pass is written
-  out (three grouped products for the input gradient, three for the weights).
+- A `custom_vmap` function cannot be differentiated in reverse mode, so the op is a
+  `jax.custom_vjp` whose forward and backward passes are each `custom_vmap` functions; the
+  backward pass is written out (three grouped products for the input gradient, three for the
+  weights). Its batching rule sums the weight gradients over the batch, which is what the
+  gradient of a batched loss needs, and why per-example weight gradients (`vmap` of `grad`,
+  indistinguishable from inside the rule) come out summed. A batch of cotangents for one input
+  (`jax.jacrev`) is run one cotangent at a time instead. Forward-mode derivatives raise a
+  `ConfigError`.
 
-Under an eqzoo mesh ([`eqzoo.sharding.activation_sharding`][]) the flattened computation runs in
-a `shard_map` over the batch axes: each device sorts and computes only its own tokens, with the
-expert weights gathered over `fsdp` and split over `tensor` along the hidden units.
+The residuals the backward pass keeps are in token order, so they are per token whatever batch
+they were computed in. Under an eqzoo mesh ([`eqzoo.sharding.activation_sharding`][]) the
+flattened computation runs in a `shard_map` over the batch axes: each device sorts and computes
+only its own tokens, with the expert weights gathered over `fsdp` and split over `tensor` along
+the hidden units.
 """
+
+import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_batching import custom_vmap
+
+from .._errors import ConfigError
 
 
 def _plan(experts, num_experts):
@@ -50,7 +61,8 @@ def _weight_grad(a, dy, sizes):
 
 def _forward(x, experts, w_gate, w_up, w_down, tensor_axis=None):
     """Unbatched forward: `(tokens, embed)` and `(tokens, k)` expert ids -> `(tokens, k, embed)`,
-    plus the residuals the backward pass needs (pre-activations, in sorted order)."""
+    plus the residuals the backward pass needs: the pre-activations, `(tokens, k, hidden)` in
+    token order (so that they are per token, whatever batch they were computed in)."""
     tokens, k = experts.shape
     order, inverse, sizes = _plan(experts, w_gate.shape[0])
     xs = x[order // k]  # (tokens * k, embed), grouped by expert
@@ -59,7 +71,8 @@ def _forward(x, experts, w_gate, w_up, w_down, tensor_axis=None):
     ys = lax.ragged_dot(jax.nn.silu(g) * u, w_down, sizes)  # (tokens * k, embed)
     if tensor_axis is not None:  # hidden units split over `tensor`: sum the partial products
         ys = lax.psum(ys, tensor_axis)
-    return ys[inverse].reshape(tokens, k, -1), (g, u)
+    unsort = lambda a: a[inverse].reshape(tokens, k, -1)  # noqa: E731
+    return unsort(ys), (unsort(g), unsort(u))
 
 
 def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
@@ -67,8 +80,9 @@ def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
     tokens, k = experts.shape
     num_experts = w_gate.shape[0]
     order, _, sizes = _plan(experts, num_experts)
+    sort = lambda a: a.reshape(tokens * k, -1)[order]  # noqa: E731
     xs = x[order // k]
-    dys = dy.reshape(tokens * k, -1)[order]
+    dys, g, u = sort(dy), sort(g), sort(u)
     sig = jax.nn.sigmoid(g)
     act = g * sig  # silu(g)
     h = act * u
@@ -98,62 +112,64 @@ def _batched_call(fn, axis_size, in_batched, args, *, weight_outs):
     flattening the batch into the token axis, so one sort routes every token of the batch.
 
     Every output but the last `weight_outs` is per token and comes back with the batch axis;
-    the last `weight_outs` (weight gradients) are already summed over the batch and come back
-    unbatched. Weights batched too (a vmap over models) fall back to a loop over the batch."""
+    the last `weight_outs` (weight gradients) come back summed over the batch, unbatched: what
+    the gradient of a batched call needs (`jax.grad` of a `jax.vmap`ped loss), and the reason
+    per-example weight gradients (`jax.vmap` of `jax.grad`) are not supported (see `MoE`).
+
+    A batch of weights (a vmap over models), or of cotangents for one input (`jax.jacrev`,
+    `jax.vmap` of a `jax.vjp`), is run one member at a time instead."""
 
     def batched(a, b):
         return a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
 
-    if any(in_batched[i] for i in _WEIGHTS):
+    if any(in_batched[i] for i in _WEIGHTS) or not in_batched[0]:
         out = lax.map(lambda a: fn(*a), tuple(map(batched, args, in_batched)))
         return out, jax.tree.map(lambda _: True, out)
     flat = [
         a if i in _WEIGHTS else batched(a, b).reshape(-1, *a.shape[1 + b:])
         for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
     ]
+    fn = _mesh_fn(fn, weight_outs, flat[0].shape[0])
     leaves, tree = jax.tree.flatten(fn(*flat))
     per_token = len(leaves) - weight_outs
     out = [leaf.reshape(axis_size, -1, *leaf.shape[1:]) if i < per_token else leaf for i, leaf in enumerate(leaves)]
     return jax.tree.unflatten(tree, out), jax.tree.unflatten(tree, [i < per_token for i in range(len(leaves))])
 
 
-def _mesh_fn(fn, n_weight_grads):
-    """`fn` (unbatched, flat tokens), or its `shard_map` over the active eqzoo mesh."""
+def _mesh_fn(fn, n_weight_grads, tokens):
+    """`fn` (unbatched, on `tokens` flat tokens), or its `shard_map` over the active eqzoo mesh:
+    each device routes and computes its own tokens. Not inside another `shard_map` (a nested
+    vmap's outer level runs inside the inner level's), and not when the tokens do not split
+    evenly over the batch devices (then XLA partitions the plain computation as it can)."""
     from ..sharding._activation import active_mesh, batch_axes
 
     mesh = active_mesh()
-    if mesh is None:
+    if mesh is None or jax.sharding.get_abstract_mesh().manual_axes:
         return fn
     batch = batch_axes(mesh) or None
     tensor = "tensor" if mesh.shape.get("tensor", 1) > 1 else None
     if batch is None and tensor is None:
         return fn
+    if batch is not None and tokens % math.prod(mesh.shape[a] for a in batch):
+        return fn
     from jax.sharding import PartitionSpec as P
 
-    def run(*args):
-        x, experts, w_gate, w_up, w_down, *rest = args
-        tok = P(batch)
-        w_specs = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
-        res = P(batch, tensor)
-        # forward: (x, experts, weights) -> (y, (g, u)); backward: (+ g, u, dy) -> (dx, dW...)
-        if n_weight_grads:
-            in_specs = (tok, tok, *w_specs, res, res, tok)
-            out_specs = (tok, *w_specs)
-        else:
-            in_specs = (tok, tok, *w_specs)
-            out_specs = (tok, (res, res))
+    tok = P(batch)
+    w_specs = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
+    res = P(batch, None, tensor)  # (tokens, k, hidden): hidden units split like the weights
+    # forward: (x, experts, weights) -> (y, (g, u)); backward: (+ g, u, dy) -> (dx, dW...)
+    if n_weight_grads:
+        in_specs, out_specs = (tok, tok, *w_specs, res, res, tok), (tok, *w_specs)
+    else:
+        in_specs, out_specs = (tok, tok, *w_specs), (tok, (res, res))
 
-        def body(*a):
-            out = fn(*a, tensor_axis=tensor)
-            if n_weight_grads and batch:
-                out = (out[0], *(lax.psum(w, batch) for w in out[1:]))
-            return out
+    def body(*a):
+        out = fn(*a, tensor_axis=tensor)
+        if n_weight_grads and batch:
+            out = (out[0], *(lax.psum(w, batch) for w in out[1:]))
+        return out
 
-        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-            x, experts, w_gate, w_up, w_down, *rest
-        )
-
-    return run
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 @custom_vmap
@@ -163,8 +179,7 @@ def _forward_op(x, experts, w_gate, w_up, w_down):
 
 @_forward_op.def_vmap
 def _forward_rule(axis_size, in_batched, x, experts, w_gate, w_up, w_down):
-    fn = _mesh_fn(_forward_flat, 0)
-    return _batched_call(fn, axis_size, in_batched, (x, experts, w_gate, w_up, w_down), weight_outs=0)
+    return _batched_call(_forward_flat, axis_size, in_batched, (x, experts, w_gate, w_up, w_down), weight_outs=0)
 
 
 def _forward_flat(x, experts, w_gate, w_up, w_down, tensor_axis=None):
@@ -187,23 +202,49 @@ def _backward_flat(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None)
 
 @_backward_op.def_vmap
 def _backward_rule(axis_size, in_batched, x, experts, w_gate, w_up, w_down, g, u, dy):
-    fn = _mesh_fn(_backward_flat, 3)
-    return _batched_call(fn, axis_size, in_batched, (x, experts, w_gate, w_up, w_down, g, u, dy), weight_outs=3)
+    return _batched_call(_backward_flat, axis_size, in_batched, (x, experts, w_gate, w_up, w_down, g, u, dy), weight_outs=3)
+
+
+_NO_FORWARD_MODE = (
+    "MoE(implementation='ragged') supports reverse-mode gradients (jax.grad of a batched or "
+    "unbatched call, as training takes them), not forward-mode or higher-order differentiation "
+    "(jax.jvp, jax.jacfwd, jax.hessian, a gradient of a gradient); use implementation='dense' "
+    "or 'capacity' there."
+)
+
+
+def _refuse_forward_mode(op):
+    """`op`, whose forward-mode derivative raises a `ConfigError` saying what to use instead
+    (JAX would otherwise recurse through the batching rules without end)."""
+
+    @jax.custom_jvp
+    def guarded(*args):
+        return op(*args)
+
+    @guarded.defjvp
+    def _(primals, tangents):
+        raise ConfigError(_NO_FORWARD_MODE)
+
+    return guarded
+
+
+_forward_guarded = _refuse_forward_mode(_forward_op)
+_backward_guarded = _refuse_forward_mode(_backward_op)
 
 
 @jax.custom_vjp
 def _expert_swiglu(x, experts, w_gate, w_up, w_down):
-    return _forward_op(x, experts, w_gate, w_up, w_down)[0]
+    return _forward_guarded(x, experts, w_gate, w_up, w_down)[0]
 
 
 def _vjp_forward(x, experts, w_gate, w_up, w_down):
-    y, (g, u) = _forward_op(x, experts, w_gate, w_up, w_down)
+    y, (g, u) = _forward_guarded(x, experts, w_gate, w_up, w_down)
     return y, (x, experts, w_gate, w_up, w_down, g, u)
 
 
 def _vjp_backward(residuals, dy):
     x, experts, w_gate, w_up, w_down, g, u = residuals
-    dx, d_gate, d_up, d_down = _backward_op(x, experts, w_gate, w_up, w_down, g, u, dy)
+    dx, d_gate, d_up, d_down = _backward_guarded(x, experts, w_gate, w_up, w_down, g, u, dy)
     return dx, None, d_gate, d_up, d_down
 
 

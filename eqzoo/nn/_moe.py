@@ -1,16 +1,15 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
 import math
-import warnings
 from typing import Literal, no_type_check
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
-from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
+from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
@@ -49,9 +48,10 @@ class MoE(eqx.Module):
       num_experts)` of a sequence's assignments (GShard, Lepikhin et al., 2021; Switch,
       Fedus et al., 2022), gathered into an `(experts, C, embed)` block and run as one batched
       matrix product: `capacity_factor` times the FLOPs a token needs. Assignments past an
-      expert's capacity are **dropped** (first choices are placed before second choices,
-      earlier positions first); a dropped assignment adds nothing and the token keeps its
-      residual. `with_aux` reports the dropped fraction. Capacity is per sequence, so a
+      expert's capacity are **dropped**; slots go to earlier positions first (a token's
+      choices in order), so whether a position is dropped depends only on it and the
+      positions before it, and a causal model stays causal. A dropped assignment adds nothing
+      and the token keeps its residual. `with_aux` reports the dropped fraction. Capacity is per sequence, so a
       sequence's output never depends on the rest of the batch; one token (decoding) is never
       dropped, since its `k` experts are distinct.
     - `"ragged"`: the assignments sorted by expert and run as grouped matrix products
@@ -60,16 +60,21 @@ class MoE(eqx.Module):
       by default) lowers it to a masked dense product over every group instead, which costs
       `num_experts` times the FLOPs: there `"dense"` is faster. Under `jax.vmap` the whole batch
       is routed at once, and under an eqzoo mesh each device routes its own tokens (see
-      `eqzoo/nn/_grouped.py`).
+      `eqzoo/nn/_grouped.py`). Its gradient is written out for reverse mode as training takes
+      it (`jax.grad` of a batched or unbatched call; `jax.jacrev`): forward-mode and
+      higher-order derivatives raise a `ConfigError`, and **per-example weight gradients
+      (`jax.vmap` of `jax.grad`) come out summed over the batch** — use `"dense"` or
+      `"capacity"` for those.
 
     `"dense"` and `"ragged"` agree to 1e-5, and `"capacity"` with `capacity_factor >=
     num_experts / experts_per_token` (nothing can be dropped) agrees with both (tested).
 
     `with_aux` also returns the two router regularisers that [`eqzoo.train.lm_loss`][] adds:
     the load-balancing loss of Switch Transformers (Fedus et al., 2022),
-    `num_experts * sum_e f_e P_e` with `f_e` the fraction of assignments going to expert `e`
-    and `P_e` its mean router probability (1 when perfectly balanced), and the router z-loss of
-    ST-MoE (Zoph et al., 2022), the mean squared log-partition of the router logits.
+    `num_experts * sum_e f_e P_e` with `f_e` the fraction of tokens sending one of their `k`
+    assignments to expert `e` and `P_e` its mean router probability (`k` when perfectly
+    balanced, as Hugging Face's Mixtral counts it), and the router z-loss of ST-MoE (Zoph et
+    al., 2022), the mean squared log-partition of the router logits.
     """
 
     router: eqx.nn.Linear | AbstractLinear
@@ -123,15 +128,7 @@ class MoE(eqx.Module):
             raise ConfigError(
                 f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}."
             )
-        if experts_per_token == 1 and normalize_weights:
-            warnings.warn(
-                "MoE(experts_per_token=1, normalize_weights=True): the one chosen expert's weight "
-                "is always 1, so the router gets no gradient from the model's loss (only from the "
-                "router losses). Pass normalize_weights=False to weight the expert by its router "
-                "probability (Switch Transformers), or route each token to 2 or more experts.",
-                stacklevel=user_stacklevel(),
-            )
-        if not capacity_factor > 0:
+        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, int | float) or not capacity_factor > 0:
             raise ConfigError(f"MoE capacity_factor must be positive, got {capacity_factor!r}.")
         kr, kg, ku, kd = jax.random.split(key, 4)
         out_std = init_std if out_init_std is None else out_init_std
@@ -180,14 +177,16 @@ class MoE(eqx.Module):
         g = jnp.einsum("td,edh->teh", x, w_gate)
         u = jnp.einsum("td,edh->teh", x, w_up)
         y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
-        return jnp.take_along_axis(y, experts[..., None], axis=1), jnp.zeros((), jnp.float32)
+        return jnp.take_along_axis(y, experts[..., None], axis=1), None
 
     def _capacity(self, x, experts):
         seq, k = experts.shape
         e, c = self.num_experts, self.capacity(seq)
-        # Assignments in priority order: every token's first choice, then every second choice.
-        flat = experts.T.reshape(-1)  # (k * seq,)
-        token = jnp.tile(jnp.arange(seq, dtype=jnp.int32), k)
+        # Assignments in priority order: token by token, each token's choices in order, so an
+        # assignment is dropped only for lack of room left by earlier positions (and a position
+        # never depends on later ones, as a causal model needs).
+        flat = experts.reshape(-1)  # (seq * k,)
+        token = jnp.repeat(jnp.arange(seq, dtype=jnp.int32), k)
         onehot = jax.nn.one_hot(flat, e, dtype=jnp.int32)  # (k * seq, experts)
         position = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # within its expert
         kept = position < c
@@ -201,28 +200,36 @@ class MoE(eqx.Module):
         u = jnp.einsum("ecd,edh->ech", xs, w_up)
         ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down).reshape(e * c, -1)
         ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[-1]), ys.dtype)])
-        out = ys[slot].reshape(k, seq, -1)  # dropped assignments read the zero row
-        dropped = 1.0 - jnp.mean(kept.astype(jnp.float32))
-        return jnp.swapaxes(out, 0, 1), dropped
+        out = ys[slot].reshape(seq, k, -1)  # dropped assignments read the zero row
+        return out, kept.reshape(seq, k)
 
     def _experts(self, x, experts):
-        """`(seq, k, embed)`: each chosen expert's output, and the fraction dropped."""
+        """`(seq, k, embed)`: each chosen expert's output; and which assignments were kept
+        (`(seq, k)` bool), or `None` when none can be dropped."""
         if self.implementation == "capacity":
             return self._capacity(x, experts)
         if self.implementation == "ragged":
-            return expert_swiglu(x, experts, *self._weights(x.dtype)), jnp.zeros((), jnp.float32)
+            return expert_swiglu(x, experts, *self._weights(x.dtype)), None
         return self._dense(x, experts)
 
     @no_type_check  # our own shape check below says what to do; a generic type error would not
     def with_aux(
-        self, x: Float[Array, "seq embed"]
+        self, x: Float[Array, "seq embed"], mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """The layer's output and its router statistics for this sequence.
 
-        **Returns:** `(output, aux)` with float32 scalars `aux["moe_load_balance"]` (1 when the
-        assignments and router probabilities are uniform over experts), `aux["moe_z_loss"]`
-        and `aux["moe_dropped"]`, the fraction of assignments dropped for lack of capacity
-        (always 0 but under `"capacity"`).
+        **Arguments:** `x`, one sequence; `mask`, optional weights of the positions that count
+        in the statistics (padding left out; every position is still routed and computed).
+
+        **Returns:** `(output, aux)` with float32 scalars
+
+        - `aux["moe_load_balance"]`: `num_experts * sum_e f_e * P_e`, with `f_e` the fraction
+          of positions that chose expert `e` (among their `k`) and `P_e` its mean router
+          probability: `k` when both are uniform, at most `num_experts` (Hugging Face's
+          `load_balancing_loss_func` convention);
+        - `aux["moe_z_loss"]`: the mean squared log-sum-exp of the router logits;
+        - `aux["moe_dropped"]`: the fraction of assignments dropped for lack of capacity
+          (always 0 but under `"capacity"`).
         """
         if x.ndim != 2:
             raise ShapeError(
@@ -230,15 +237,26 @@ class MoE(eqx.Module):
                 "Wrap the call in jax.vmap for a batch."
             )
         weights, experts, logits = self.route(x)
-        out, dropped = self._experts(x, experts)  # (seq, k, embed)
+        out, kept = self._experts(x, experts)  # (seq, k, embed)
         y = jnp.einsum("tk,tkd->td", weights.astype(x.dtype), out)
         y = checkpoint_name(y, "mlp_out")
+        w = jnp.ones((x.shape[0],), jnp.float32) if mask is None else mask.astype(jnp.float32)
+        total = jnp.maximum(jnp.sum(w), 1e-9)
         probs = jax.nn.softmax(logits, axis=-1)
-        counts = jnp.zeros((self.num_experts,), jnp.float32).at[experts.reshape(-1)].add(1.0)
-        fraction = counts / experts.size
-        balance = self.num_experts * jnp.sum(fraction * jnp.mean(probs, axis=0))
-        z_loss = jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+        chose = jnp.sum(jax.nn.one_hot(experts, self.num_experts, dtype=jnp.float32), axis=1)  # (seq, experts)
+        fraction = jnp.einsum("t,te->e", w, chose) / total
+        balance = self.num_experts * jnp.sum(fraction * (jnp.einsum("t,te->e", w, probs) / total))
+        z_loss = jnp.sum(w * jnp.square(jax.nn.logsumexp(logits, axis=-1))) / total
+        dropped = jnp.zeros((), jnp.float32)
+        if kept is not None:
+            dropped = 1.0 - jnp.sum(w[:, None] * kept.astype(jnp.float32)) / (total * self.experts_per_token)
         return y, {"moe_load_balance": balance, "moe_z_loss": z_loss, "moe_dropped": dropped}
+
+    def router_trains_from_loss(self) -> bool:
+        """Whether the model's loss reaches the router: not when each token uses one expert
+        whose weight is renormalised to 1 (`experts_per_token=1, normalize_weights=True`);
+        then only the router losses train it."""
+        return not (self.experts_per_token == 1 and self.normalize_weights and self.num_experts > 1)
 
     @no_type_check  # checked in with_aux
     def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:

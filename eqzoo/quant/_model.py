@@ -15,7 +15,7 @@ def _is_quant(x) -> bool:
     return isinstance(x, QuantizedLinear | FakeQuantLinear)
 
 
-def quantize(model, *, targets: Targets = None, experts: bool = True):
+def quantize(model, *, targets: Targets = None, experts: bool | None = None):
     """A copy of `model` with each selected linear layer replaced by an int8
     [`eqzoo.quant.QuantizedLinear`][] (weight-only post-training quantization).
 
@@ -42,7 +42,8 @@ def quantize(model, *, targets: Targets = None, experts: bool = True):
       [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`.
     - `experts`: also quantize the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
       arrays, not linear layers) into [`eqzoo.quant.QuantizedWeight`][]s, one scale per
-      expert and output column. They are most of a Mixtral's parameters.
+      expert and output column; they are most of a Mixtral's parameters. `None` (default):
+      when `targets` is `None` (quantize everything), not when `targets` names layers.
 
     **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
@@ -79,6 +80,8 @@ def quantize(model, *, targets: Targets = None, experts: bool = True):
         return QuantizedLinear(base)
 
     out = replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
+    if experts is None:
+        experts = targets is None
     return _quantize_experts(out) if experts else out
 
 

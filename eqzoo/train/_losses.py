@@ -1,11 +1,13 @@
 """Losses: cross-entropy with a mask, and a language-model loss that never materialises the
 float32 logits of the whole batch at once."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
 from ._fused_ce import _chunk, _constrain, _layout, fused_cross_entropy
 
@@ -135,7 +137,9 @@ def lm_loss(
     **Returns:** `(loss, {"tokens": number of counted positions})`; with auxiliary losses the
     metrics also hold `"nll"` (the next-token loss alone) and each auxiliary loss by name
     (`"moe_load_balance"`, `"moe_z_loss"`), and statistics that carry no weight
-    (`"moe_dropped"`, the fraction of expert assignments dropped for lack of capacity).
+    (`"moe_dropped"`, the fraction of expert assignments dropped for lack of capacity). With a
+    `"mask"`, the router statistics count only the masked-in positions too (every position is
+    still routed, and under `"capacity"` still takes expert slots).
     """
     tokens, targets = batch["tokens"], batch["targets"]
     if tokens.ndim != 2 or tokens.shape != targets.shape:
@@ -154,8 +158,14 @@ def lm_loss(
     aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
     aux: dict[str, Array] = {}
     if aux_weights:
-        feats, aux = _batch_vmap(model.features_and_aux)(tokens)
-        aux = {name: jnp.mean(v) for name, v in aux.items()}
+        _warn_untrained_routers(model)
+        if mask is None:
+            feats, aux = _batch_vmap(model.features_and_aux)(tokens)
+            aux = {name: jnp.mean(v) for name, v in aux.items()}
+        else:  # each sequence's statistics over its counted positions, weighted by their number
+            feats, aux = _batch_vmap(model.features_and_aux)(tokens, mask)
+            per_seq = jnp.sum(mask.astype(jnp.float32), axis=1)
+            aux = {name: jnp.sum(v * per_seq) / jnp.maximum(jnp.sum(per_seq), 1.0) for name, v in aux.items()}
     if implementation == "full":
         logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens)
         nll_mean = cross_entropy(logits, targets, mask)
@@ -175,6 +185,22 @@ def lm_loss(
         return nll_mean, {"tokens": count}
     loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
     return loss, {"tokens": count, "nll": nll_mean, **aux}
+
+
+def _warn_untrained_routers(model) -> None:
+    from ..nn import MoE  # here: eqzoo.nn imports eqzoo.sharding, which imports this module
+
+    layers = [x for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, MoE)) if isinstance(x, MoE)]
+    if any(not layer.router_trains_from_loss() for layer in layers):
+        warnings.warn(
+            "lm_loss: this model's MoE layers route each token to one expert and renormalise its "
+            "weight to 1, so the loss gives the routers no gradient; only the router losses "
+            "train them. That is how such a checkpoint routes (keep it to match it); to train the "
+            "routers from the loss, weight the expert by its probability "
+            "(MixtralConfig(normalize_router_weights=False), nn.MoE(normalize_weights=False)) or "
+            "route each token to 2 or more experts.",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def classification_loss(

@@ -112,12 +112,12 @@ def test_char_moe_smoke(tmp_path, capsys):
     assert moe["num_active_params"] < moe["num_params"]
     assert 1.0 <= s["flops_ratio"] < 1.02, s["flops_ratio"]
     assert abs(s["val_loss_moe_minus_dense"] - (moe["val_loss"] - dense["val_loss"])) < 1e-12
-    # Router statistics: a fraction dropped, a load balance of at least ~1 (1 is uniform; it is
+    # Router statistics: a fraction dropped, a load balance of at least ~k (k is uniform; it is
     # at most num_experts), and every layer's assignment fractions summing to one.
     for key in ("moe_dropped", "val_moe_dropped"):
         assert 0.0 <= moe[key] < 1.0, (key, moe[key])
     for key in ("moe_load_balance", "val_moe_load_balance"):
-        assert math.isfinite(moe[key]) and 0.95 <= moe[key] <= moe["num_experts"], (key, moe[key])
+        assert math.isfinite(moe[key]) and 0.95 * moe["experts_per_token"] <= moe[key] <= moe["num_experts"], (key, moe[key])
     assert moe["capacity"] == math.ceil(1.25 * 64 * moe["experts_per_token"] / moe["num_experts"])
     fractions = moe["expert_fractions"]
     assert len(fractions) == len(moe["experts_used"]) == len(moe["dropped_by_layer"]) == 2

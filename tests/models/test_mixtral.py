@@ -140,3 +140,26 @@ def test_active_parameters_and_flops():
 def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         models.get_config("tiny-mixtral", **overrides)
+
+
+def test_masked_positions_leave_the_router_losses_alone(pair):
+    _, dense = pair
+    batch = _batch()
+    mask = jnp.broadcast_to(jnp.arange(batch["tokens"].shape[1]) < 16, batch["tokens"].shape)
+    changed = {**batch, "tokens": batch["tokens"].at[:, 16:].set((batch["tokens"][:, 16:] + 7) % CONFIG.vocab_size)}
+    loss = eqx.filter_jit(train.lm_loss)
+    (_, a), (_, b) = loss(dense, {**batch, "mask": mask}), loss(dense, {**changed, "mask": mask})
+    for name in ("nll", "moe_load_balance", "moe_z_loss"):
+        np.testing.assert_allclose(float(a[name]), float(b[name]), rtol=1e-6)
+    _, unmasked = loss(dense, changed)
+    assert abs(float(unmasked["moe_z_loss"]) - float(b["moe_z_loss"])) > 1e-4
+
+
+def test_lm_loss_warns_when_the_loss_cannot_reach_the_routers():
+    top1 = models.create(dataclasses.replace(CONFIG, experts_per_token=1), key=jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"route each token to one expert and renormalise its weight to 1, so the loss gives the routers no gradient") as caught:
+        train.lm_loss(top1, _batch())
+    assert caught[0].filename == __file__
+    switch = models.create(dataclasses.replace(CONFIG, experts_per_token=1, normalize_router_weights=False), key=jax.random.key(0))
+    grads = eqx.filter_grad(lambda m: train.lm_loss(m, _batch())[1]["nll"])(switch)
+    assert float(jnp.max(jnp.abs(grads.blocks.layers.mlp.router.weight))) > 0  # Switch weighting trains them

@@ -440,6 +440,9 @@ def test_experts_false_and_dequantize():
     model = _mixtral()
     kept = quant.quantize(model, experts=False)
     assert kept.blocks.layers.mlp.gate_proj.dtype == jnp.float32
+    named = quant.quantize(model, targets="attn")  # targets name layers: experts left alone
+    assert named.blocks.layers.mlp.gate_proj.dtype == jnp.float32
+    assert isinstance(named.blocks.layers.attn.q_proj, quant.QuantizedLinear)
     q = quant.quantize(model)
     back = quant.dequantize(q)
     w = q.blocks.layers.mlp.down_proj
@@ -448,7 +451,7 @@ def test_experts_false_and_dequantize():
 
 
 def test_quantized_mixtral_generates_and_shards():
-    q = quant.quantize(_mixtral(num_heads=8, num_kv_heads=4))
+    q = quant.quantize(_mixtral("ragged", num_heads=8, num_kv_heads=4))  # the shard_map path
     out = eqzoo.generate(q, _tokens(5), max_new_tokens=6)
     logits = eqx.filter_jit(lambda m, t: m(t))(q, out[:-1])
     np.testing.assert_array_equal(np.argmax(np.asarray(logits[4:]), -1), np.asarray(out[5:]))
@@ -458,12 +461,17 @@ def test_quantized_mixtral_generates_and_shards():
     assert gate.codes.sharding.spec == jax.P(None, None, "fsdp", "tensor")  # the float experts' layout
     assert gate.scale.sharding.spec == jax.P(None, None, "tensor")
     assert placed.blocks.layers.mlp.down_proj.scale.sharding.spec == jax.P(None, None, "fsdp")
-    tokens = _tokens(16)
-    forward = eqx.filter_jit(lambda m, t: m(t))
-    np.testing.assert_allclose(np.asarray(forward(placed, tokens)), np.asarray(forward(q, tokens)), rtol=1e-5, atol=1e-5)
+    tokens = jnp.stack([_tokens(16, seed) for seed in range(4)])
+
+    @eqx.filter_jit
+    def forward(m, t, mesh=None):
+        with sh.activation_sharding(mesh):
+            return sh.batch_vmap(m)(t)
+
+    np.testing.assert_allclose(np.asarray(forward(placed, sh.shard_batch(tokens, mesh), mesh)), np.asarray(forward(q, tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_hf_export_refuses_int8_experts(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     with pytest.raises(hf.HFFormatError, match=r"blocks\.layers\.mlp\.gate_proj \(QuantizedWeight\).*eqzoo\.quant\.dequantize"):
-        hf.save_pretrained(quant.quantize(_mixtral(), targets="attn"), tmp_path / "bad")
+        hf.save_pretrained(quant.quantize(_mixtral(), targets="attn", experts=True), tmp_path / "bad")

@@ -6,6 +6,7 @@ weights whose size does not grow with the sequence (structural checks on the com
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -55,3 +56,22 @@ def test_fsdp_gathers_weights_not_tokens(lab, name):
         found = _collectives(lab, name, "fsdp=8", seq)
         gathered.append(sum(c.bytes * c.count for c in found if c.kind == "all-gather" and c.in_loop))
     assert gathered[0] > 0 and gathered[0] == gathered[1], gathered
+
+
+@pytest.mark.parametrize("name", IMPLEMENTATIONS)
+def test_odd_token_counts_and_nested_vmaps_under_a_mesh(lab, name):
+    # 3 x 5 tokens do not split over 8 devices ("ragged" then runs without its shard_map), and a
+    # vmap around the batched model (stacked batches) nests the batching rules.
+    model = lab.make_model(name)
+    mesh = sh.make_mesh("data=8")
+    forward = eqx.filter_jit(lambda m, t, mesh: _under(mesh, lambda: sh.batch_vmap(m)(t)))
+    nested = eqx.filter_jit(lambda m, t, mesh: _under(mesh, lambda: jax.vmap(sh.batch_vmap(m))(t)))
+    tokens = jnp.asarray(lab.make_batch(3, 5)["tokens"])
+    np.testing.assert_allclose(forward(model, tokens, mesh), forward(model, tokens, None), atol=TOL, rtol=TOL)
+    stacked = jnp.asarray(lab.make_batch(16, 8)["tokens"]).reshape(2, 8, 8)
+    np.testing.assert_allclose(nested(model, stacked, mesh), nested(model, stacked, None), atol=TOL, rtol=TOL)
+
+
+def _under(mesh, fn):
+    with sh.activation_sharding(mesh):
+        return fn()
