@@ -62,22 +62,7 @@ class LlamaConfig:
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
         )
-        if self.head_dim is None and self.embed_dim % self.num_heads:
-            raise ConfigError(
-                f"LlamaConfig: num_heads={self.num_heads} must divide embed_dim={self.embed_dim} "
-                "(or set head_dim explicitly)."
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"LlamaConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
-                "for grouped-query attention; pick a divisor of num_heads."
-            )
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"LlamaConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
-        if self.scan_layers not in (True, False, "auto"):
-            raise ConfigError(f"LlamaConfig: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
-        if self.attention_backend not in _BACKENDS:
-            raise ConfigError(f"LlamaConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
+        check_decoder("LlamaConfig", self)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -112,24 +97,58 @@ class Llama(AbstractLM):
     def __init__(self, config: LlamaConfig, *, key: PRNGKey):
         """**Arguments:** `config`, a [`eqzoo.models.LlamaConfig`][]; `key`, a PRNG key."""
         c = config
-        k_tok, k_blocks, k_head = jax.random.split(key, 3)
-        out_std = 0.02 / math.sqrt(2 * c.num_layers)
 
-        def make_block(k):
-            ka, km = jax.random.split(k)
-            return TransformerBlock(
-                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
-                Attention(
-                    c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
-                    use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                    backend=c.attention_backend, out_init_std=out_std, key=ka,  # type: ignore[arg-type]
-                ),
-                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
-                SwiGLU(c.embed_dim, c.hidden_dim, out_init_std=out_std, key=km),
-            )
+        def mlp(out_std, key):
+            return SwiGLU(c.embed_dim, c.hidden_dim, out_init_std=out_std, key=key)
 
         self.config = c
-        self.embed = Embedding(c.vocab_size, c.embed_dim, key=k_tok)
-        self.blocks = Stacked(make_block, c.num_layers, remat=c.remat, scan=c.scan_layers, key=k_blocks)  # type: ignore[arg-type]
-        self.final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps)
-        self.lm_head = None if c.tie_embeddings else Embedding(c.vocab_size, c.embed_dim, key=k_head)
+        self.embed, self.blocks, self.final_norm, self.lm_head = decoder_layers(c, mlp, key)
+
+
+def check_decoder(name: str, c) -> None:
+    """The checks a Llama-style config (`LlamaConfig`, `MixtralConfig`) shares: heads, remat,
+    scan and attention backend. Raises `ConfigError` naming `name`."""
+    if c.head_dim is None and c.embed_dim % c.num_heads:
+        raise ConfigError(
+            f"{name}: num_heads={c.num_heads} must divide embed_dim={c.embed_dim} "
+            "(or set head_dim explicitly)."
+        )
+    if c.num_heads % c.num_kv_heads:
+        raise ConfigError(
+            f"{name}: num_kv_heads={c.num_kv_heads} must divide num_heads={c.num_heads} "
+            "for grouped-query attention; pick a divisor of num_heads."
+        )
+    if c.remat not in REMAT_POLICIES:
+        raise ConfigError(f"{name}: unknown remat {c.remat!r}; choose from {list(REMAT_POLICIES)}.")
+    if c.scan_layers not in (True, False, "auto"):
+        raise ConfigError(f"{name}: scan_layers must be True, False or 'auto', got {c.scan_layers!r}.")
+    if c.attention_backend not in _BACKENDS:
+        raise ConfigError(f"{name}: attention_backend must be one of {_BACKENDS}, got {c.attention_backend!r}.")
+
+
+def decoder_layers(c, make_mlp, key):
+    """The layers of a Llama-style decoder (`LlamaConfig` or `MixtralConfig`): the token
+    embedding, the stacked pre-norm blocks (RMSNorm, rotary grouped-query attention and
+    `make_mlp(out_init_std, key)`), the final norm and the untied head (`None` when tied).
+    Residual output projections start at `0.02 / sqrt(2 num_layers)`."""
+    k_tok, k_blocks, k_head = jax.random.split(key, 3)
+    out_std = 0.02 / math.sqrt(2 * c.num_layers)
+
+    def make_block(k):
+        ka, km = jax.random.split(k)
+        return TransformerBlock(
+            RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
+            Attention(
+                c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
+                use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                backend=c.attention_backend, out_init_std=out_std, key=ka,  # type: ignore[arg-type]
+            ),
+            RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
+            make_mlp(out_std, km),
+        )
+
+    embed = Embedding(c.vocab_size, c.embed_dim, key=k_tok)
+    blocks = Stacked(make_block, c.num_layers, remat=c.remat, scan=c.scan_layers, key=k_blocks)  # type: ignore[arg-type]
+    final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps)
+    lm_head = None if c.tie_embeddings else Embedding(c.vocab_size, c.embed_dim, key=k_head)
+    return embed, blocks, final_norm, lm_head

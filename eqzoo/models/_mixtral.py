@@ -2,16 +2,12 @@
 feed-forward layers, each token routed to `experts_per_token` of `num_experts` SwiGLU experts."""
 
 import dataclasses
-import math
 
 import equinox as eqx
-import jax
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..nn import (
-    REMAT_POLICIES,
-    Attention,
     Embedding,
     MoE,
     RMSNorm,
@@ -19,10 +15,10 @@ from ..nn import (
     Stacked,
     TransformerBlock,
 )
+from ._llama import check_decoder, decoder_layers
 from ._lm import AbstractLM
 from ._validate import check_positive
 
-_BACKENDS = ("xla", "cudnn", "auto")
 _MOE_IMPLEMENTATIONS = ("dense", "capacity", "ragged")
 
 
@@ -88,16 +84,7 @@ class MixtralConfig:
                 f"MixtralConfig: experts_per_token={self.experts_per_token} exceeds "
                 f"num_experts={self.num_experts}; a token can use at most every expert once."
             )
-        if self.head_dim is None and self.embed_dim % self.num_heads:
-            raise ConfigError(
-                f"MixtralConfig: num_heads={self.num_heads} must divide embed_dim={self.embed_dim} "
-                "(or set head_dim explicitly)."
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"MixtralConfig: num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads} "
-                "for grouped-query attention; pick a divisor of num_heads."
-            )
+        check_decoder("MixtralConfig", self)
         if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
             raise ConfigError(
                 "MixtralConfig: router_aux_loss_coef and router_z_loss_coef must be >= 0, got "
@@ -110,12 +97,6 @@ class MixtralConfig:
                 f"MixtralConfig: moe_implementation must be one of {_MOE_IMPLEMENTATIONS}, got "
                 f"{self.moe_implementation!r}."
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"MixtralConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
-        if self.scan_layers not in (True, False, "auto"):
-            raise ConfigError(f"MixtralConfig: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
-        if self.attention_backend not in _BACKENDS:
-            raise ConfigError(f"MixtralConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -162,32 +143,17 @@ class Mixtral(AbstractLM):
     def __init__(self, config: MixtralConfig, *, key: PRNGKey):
         """**Arguments:** `config`, a [`eqzoo.models.MixtralConfig`][]; `key`, a PRNG key."""
         c = config
-        k_tok, k_blocks, k_head = jax.random.split(key, 3)
-        out_std = 0.02 / math.sqrt(2 * c.num_layers)
 
-        def make_block(k):
-            ka, km = jax.random.split(k)
-            return TransformerBlock(
-                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
-                Attention(
-                    c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
-                    use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                    backend=c.attention_backend, out_init_std=out_std, key=ka,  # type: ignore[arg-type]
-                ),
-                RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
-                MoE(
-                    c.embed_dim, c.hidden_dim, c.num_experts, c.experts_per_token,
-                    normalize_weights=c.normalize_router_weights,
-                    implementation=c.moe_implementation, capacity_factor=c.moe_capacity_factor,
-                    out_init_std=out_std, key=km,
-                ),
+        def mlp(out_std, key):
+            return MoE(
+                c.embed_dim, c.hidden_dim, c.num_experts, c.experts_per_token,
+                normalize_weights=c.normalize_router_weights,
+                implementation=c.moe_implementation, capacity_factor=c.moe_capacity_factor,
+                out_init_std=out_std, key=key,
             )
 
         self.config = c
-        self.embed = Embedding(c.vocab_size, c.embed_dim, key=k_tok)
-        self.blocks = Stacked(make_block, c.num_layers, remat=c.remat, scan=c.scan_layers, key=k_blocks)  # type: ignore[arg-type]
-        self.final_norm = RMSNorm(c.embed_dim, eps=c.rms_norm_eps)
-        self.lm_head = None if c.tie_embeddings else Embedding(c.vocab_size, c.embed_dim, key=k_head)
+        self.embed, self.blocks, self.final_norm, self.lm_head = decoder_layers(c, mlp, key)
 
     def aux_loss_weights(self) -> dict[str, float]:
         """`{"moe_load_balance": router_aux_loss_coef, "moe_z_loss": router_z_loss_coef}`."""
