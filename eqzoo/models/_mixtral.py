@@ -2,6 +2,7 @@
 feed-forward layers, each token routed to `experts_per_token` of `num_experts` SwiGLU experts."""
 
 import dataclasses
+from typing import get_args
 
 import equinox as eqx
 
@@ -10,6 +11,7 @@ from .._typing import PRNGKey
 from ..nn import (
     Embedding,
     MoE,
+    MoEImplementation,
     RMSNorm,
     RopeScaling,
     Stacked,
@@ -19,7 +21,7 @@ from ._llama import check_decoder, decoder_layers
 from ._lm import AbstractLM
 from ._validate import check_positive
 
-_MOE_IMPLEMENTATIONS = ("dense", "capacity", "ragged")
+_MOE_IMPLEMENTATIONS = get_args(MoEImplementation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,15 +110,18 @@ class MixtralConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         return attn + d * self.num_experts + experts * 3 * d * h + 2 * d  # + router, two norms
 
+    def _params(self, experts: int) -> int:
+        """Parameters with `experts` experts a layer (a tied head counted once)."""
+        tables = (1 if self.tie_embeddings else 2) * self.vocab_size * self.embed_dim
+        return tables + self.num_layers * self._layer_params(experts) + self.embed_dim  # + final norm
+
     def num_params(self) -> int:
         """Number of parameters, every expert counted (a tied head counted once)."""
-        head = 0 if self.tie_embeddings else self.vocab_size * self.embed_dim
-        return self.vocab_size * self.embed_dim + head + self.num_layers * self._layer_params(self.num_experts) + self.embed_dim
+        return self._params(self.num_experts)
 
     def num_active_params(self) -> int:
         """Parameters one token uses: `num_params()` with `experts_per_token` experts a layer."""
-        head = 0 if self.tie_embeddings else self.vocab_size * self.embed_dim
-        return self.vocab_size * self.embed_dim + head + self.num_layers * self._layer_params(self.experts_per_token) + self.embed_dim
+        return self._params(self.experts_per_token)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: `6 N + 12 L d T` with N the *active* parameters (the

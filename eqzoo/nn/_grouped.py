@@ -79,7 +79,7 @@ def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
     """Unbatched backward of `_forward`: gradients for `x` and the three weights."""
     tokens, k = experts.shape
     num_experts = w_gate.shape[0]
-    order, _, sizes = _plan(experts, num_experts)
+    order, inverse, sizes = _plan(experts, num_experts)
     sort = lambda a: a.reshape(tokens * k, -1)[order]  # noqa: E731
     xs = x[order // k]
     dys, g, u = sort(dy), sort(g), sort(u)
@@ -93,8 +93,7 @@ def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
     dxs = dxs + lax.ragged_dot(du, jnp.swapaxes(w_up, 1, 2), sizes)
     if tensor_axis is not None:
         dxs = lax.psum(dxs, tensor_axis)
-    dx = jnp.zeros((tokens * k, x.shape[-1]), dxs.dtype).at[order].set(dxs)
-    dx = dx.reshape(tokens, k, -1).sum(axis=1).astype(x.dtype)
+    dx = dxs[inverse].reshape(tokens, k, -1).sum(axis=1).astype(x.dtype)
     d_gate = _weight_grad(xs, dg, sizes)
     d_up = _weight_grad(xs, du, sizes)
     d_down = _weight_grad(h, dys, sizes)

@@ -1,7 +1,7 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
 import math
-from typing import Literal, no_type_check
+from typing import Literal, get_args, no_type_check
 
 import equinox as eqx
 import jax
@@ -16,7 +16,7 @@ from ._linear import AbstractLinear, apply_linear, init_linear
 from ._weight import AbstractWeight, weight_value
 
 MoEImplementation = Literal["dense", "capacity", "ragged"]
-_IMPLEMENTATIONS = ("dense", "capacity", "ragged")
+_IMPLEMENTATIONS = get_args(MoEImplementation)
 
 
 def _top_k_ids(probs, k):
@@ -51,9 +51,9 @@ class MoE(eqx.Module):
       expert's capacity are **dropped**; slots go to earlier positions first (a token's
       choices in order), so whether a position is dropped depends only on it and the
       positions before it, and a causal model stays causal. A dropped assignment adds nothing
-      and the token keeps its residual. `with_aux` reports the dropped fraction. Capacity is per sequence, so a
-      sequence's output never depends on the rest of the batch; one token (decoding) is never
-      dropped, since its `k` experts are distinct.
+      and the token keeps its residual. `with_aux` reports the dropped fraction. Capacity is
+      per sequence, so a sequence's output never depends on the rest of the batch; one token
+      (decoding) is never dropped, since its `k` experts are distinct.
     - `"ragged"`: the assignments sorted by expert and run as grouped matrix products
       (`jax.lax.ragged_dot`). Exact and dropless, and each expert computes only its own rows,
       if the backend lowers `ragged_dot` to a grouped GEMM. XLA:CPU (and, in jax 0.10, XLA:GPU

@@ -118,9 +118,10 @@ def dequantize(model):
     if not any(_is_any_quant(x) for x in jax.tree.leaves(model, is_leaf=_is_any_quant)):
         paths = linear_paths(model)
         raise ConfigError(
-            "dequantize: the model has no QuantizedLinear or FakeQuantLinear layer (nothing to "
-            f"dequantize); its linear layers are {paths or 'none'}."
+            "dequantize: the model has no QuantizedLinear, FakeQuantLinear or QuantizedWeight "
+            f"(nothing to dequantize); its linear layers are {paths or 'none'}."
         )
+
     def one(x):
         if isinstance(x, QuantizedWeight):
             return x.materialize(x.dtype)

@@ -224,8 +224,8 @@ def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     """The default rules for a model (or its config, or an abstract model).
 
     **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `MIXTRAL_RULES` for Mixtral,
-    `VIT_RULES` for ViT,
-    `DIT_RULES` for DiT, and `()` otherwise (every parameter replicated: plain data parallelism, whatever the mesh).
+    `VIT_RULES` for ViT, `DIT_RULES` for DiT, and `()` otherwise (every parameter replicated:
+    plain data parallelism, whatever the mesh).
     """
     # Imported here: eqzoo.models imports eqzoo.sharding.
     from ..models import (

@@ -159,13 +159,11 @@ def lm_loss(
     aux: dict[str, Array] = {}
     if aux_weights:
         _warn_untrained_routers(model)
-        if mask is None:
-            feats, aux = _batch_vmap(model.features_and_aux)(tokens)
-            aux = {name: jnp.mean(v) for name, v in aux.items()}
-        else:  # each sequence's statistics over its counted positions, weighted by their number
-            feats, aux = _batch_vmap(model.features_and_aux)(tokens, mask)
-            per_seq = jnp.sum(mask.astype(jnp.float32), axis=1)
-            aux = {name: jnp.sum(v * per_seq) / jnp.maximum(jnp.sum(per_seq), 1.0) for name, v in aux.items()}
+        # Each sequence's statistics over its counted positions, weighted by their number.
+        args = (tokens,) if mask is None else (tokens, mask)
+        feats, aux = _batch_vmap(model.features_and_aux)(*args)
+        counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
+        aux = {name: jnp.sum(v * counted) / jnp.maximum(jnp.sum(counted), 1.0) for name, v in aux.items()}
     if implementation == "full":
         logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens)
         nll_mean = cross_entropy(logits, targets, mask)
