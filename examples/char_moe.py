@@ -175,18 +175,6 @@ def configs(p: Preset, vocab_size: int, capacity_factor: float) -> tuple[models.
     return dense, moe
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay on every matrix: embedding tables, linear weights (router included) and the
-    stacked expert weights (`gate_proj`/`up_proj`/`down_proj`, plain arrays), not on norm
-    scales; so both models' feed-forward weights are decayed alike."""
-
-    def decayed(path, _) -> bool:
-        name = jax.tree_util.keystr(path)
-        return (name.endswith(".weight") or name.endswith("_proj")) and "norm" not in name
-
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
 def make_optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
     warmup = max(1, min(100, args.steps // 10))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -194,7 +182,7 @@ def make_optimizer(args: argparse.Namespace) -> optax.GradientTransformation:
     )
     return optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, mask=decay_mask),
+        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, mask=train.weight_decay_mask),
     )
 
 

@@ -121,17 +121,6 @@ def unigram_loss(train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int) ->
     return float(-(val_counts * log_p).sum() / val_counts.sum())
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay on the embedding tables and linear weights only, not on biases or norm
-    scales (as in nanoGPT). Decided by path: the stacked layers' biases are 2-D too."""
-
-    def decayed(path, _) -> bool:
-        name = jax.tree_util.keystr(path)
-        return name.endswith(".weight") and "norm" not in name
-
-    return jax.tree_util.tree_map_with_path(decayed, params)
-
-
 @dataclasses.dataclass
 class Setup:
     """Everything `main` runs: what a checkpointer saves and restores is `state` and `loader`."""
@@ -171,7 +160,7 @@ def build(args: argparse.Namespace) -> Setup:
     )
     optimizer = optax.chain(
         optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, mask=decay_mask),
+        optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.1, mask=train.weight_decay_mask),
     )
     state = train.TrainState.create(model, optimizer, key=key_train)
     train_step = train.make_train_step(train.lm_loss, optimizer)

@@ -1,5 +1,6 @@
 """Training: `TrainState`, compiled train/eval steps, losses, precision, the `fit` loop, loggers."""
 
+from ._decay import weight_decay_mask as weight_decay_mask
 from ._fit import Callback as Callback, FitResult as FitResult, evaluate as evaluate, fit as fit
 from ._fused_ce import (
     auto_chunk_size as auto_chunk_size,
@@ -56,4 +57,5 @@ __all__ = [
     "make_eval_step",
     "make_train_step",
     "tree_global_norm",
+    "weight_decay_mask",
 ]

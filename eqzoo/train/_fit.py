@@ -79,7 +79,8 @@ def fit(
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
       step; logged as `eval/<name>`.
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
-      last log).
+      last log) and `train/steps_per_s` (training steps per second over that window, not
+      counting evaluation, loggers and callbacks).
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`.
     - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
@@ -125,12 +126,14 @@ def fit(
             for k in host[0]:
                 record[f"train/{k}"] = float(np.mean([m[k] for m in host]))
             record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
             if eval_step is not None and (step % (eval_every or num_steps) == 0 or is_last):
                 record.update(run_eval())
             emit(record)
             if any(cb(step, state, record) for cb in callbacks):
                 stopped = True
+            # The next window starts after evaluation, logging and callbacks, so steps_per_s
+            # measures training alone.
+            last_time, last_step = time.perf_counter(), step
         if checkpointer is not None:
             checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
             if checkpointer.should_stop():

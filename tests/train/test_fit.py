@@ -112,3 +112,32 @@ def test_fit_argument_errors(steps):
         train.fit(_state(), train_step, batches(), num_steps=1, log_every=0)
     with pytest.raises(ConfigError, match="evaluate got no batches"):
         train.evaluate(eval_step, _state(), [])
+
+
+def test_steps_per_s_counts_training_time_only(steps, monkeypatch):
+    """A fake clock: each train step takes 1 s and each evaluation 1000 s. Every logged window
+    of 2 steps must read 1 step/s, including the windows right after an evaluation."""
+    import types
+
+    from eqzoo.train import _fit
+
+    now = [0.0]
+    monkeypatch.setattr(_fit, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    train_step, eval_step = steps
+
+    def timed_batches():  # the loop takes one batch per step
+        for batch in batches():
+            now[0] += 1.0
+            yield batch
+
+    def slow_eval_batches():
+        now[0] += 1000.0
+        return eval_batches()
+
+    result = train.fit(
+        _state(), train_step, timed_batches(), num_steps=8, log_every=2, eval_step=eval_step,
+        eval_batches=slow_eval_batches, eval_every=2,
+    )
+    rates = [r["train/steps_per_s"] for r in result.history]
+    assert len(rates) == 4 and all("eval/loss" in r for r in result.history)
+    assert rates == pytest.approx([1.0] * 4, rel=1e-12)
