@@ -113,6 +113,10 @@ ROWS: tuple[Row, ...] = (
                "--steps", "10", "--warmup", "3")
         for impl in ("capacity", "dense", "ragged")
     ),
+    # Packed documents: 8 of 128 positions per row. cuDNN gets the segment mask as an additive
+    # bias (what jax.nn.dot_product_attention does with a boolean mask): its cost against the
+    # gpt2-124m row.
+    _train("gpt2-124m-packed-8", *GPT2, "--packed-docs", "8"),
 )
 """The GPU table, in priority order."""
 
@@ -128,6 +132,7 @@ SMOKE_ROWS: tuple[Row, ...] = (
     Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
     Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
         SMOKE_TIMEOUT_S),
+    Row("tiny-gpt2-packed", ("benchmarks/train_throughput.py", *TINY, "--packed-docs", "4"), SMOKE_TIMEOUT_S),
     Row("tiny-mixtral-capacity", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],
                                   "--set", "moe_implementation=capacity"), SMOKE_TIMEOUT_S),
 )

@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from _throughput import PEAK_TFLOPS_HELP, parse_set, report, throughput_figures, token_batches
 
@@ -48,6 +49,9 @@ def main(argv=None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=989.0, help=PEAK_TFLOPS_HELP)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set num_layers=4 (repeatable)")
+    p.add_argument("--packed-docs", type=int, default=0, metavar="N",
+                   help="split every row into N documents with segment_ids (packed-sequence "
+                        "attention masks, eqzoo.data.pack_documents); 0: one document per row")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -74,6 +78,15 @@ def main(argv=None) -> dict:
 
     batches = [{"tokens": jnp.asarray(x), "targets": jnp.asarray(y)}
                for x, y in token_batches(config.vocab_size, args.batch, args.seq)]
+    if args.packed_docs < 0 or args.packed_docs > args.seq:
+        p.error(f"--packed-docs must be in [0, seq={args.seq}], got {args.packed_docs}")
+    if args.packed_docs:
+        # N equal documents per row (1-based ids); the loss counts every position but the
+        # last of each document, as pack_documents' mask would.
+        seg = 1 + np.arange(args.seq) * args.packed_docs // args.seq
+        segment_ids = jnp.asarray(np.broadcast_to(seg, (args.batch, args.seq)), jnp.int32)
+        mask = jnp.asarray(np.broadcast_to(np.append(seg[1:] == seg[:-1], False), (args.batch, args.seq)))
+        batches = [{**b, "segment_ids": segment_ids, "mask": mask} for b in batches]
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
@@ -107,6 +120,7 @@ def main(argv=None) -> dict:
         "attention": args.attention,
         "loss": args.loss,
         "chunk_size": args.chunk_size,
+        "packed_docs": args.packed_docs,
         "params": config.num_params(),
         **throughput_figures(batch=args.batch, seq=args.seq, steps=args.steps, elapsed=elapsed,
                              flops_per_token=config.flops_per_token(args.seq),

@@ -46,6 +46,7 @@ GPU_ROWS = [
     "mixtral-2l-capacity",
     "mixtral-2l-dense",
     "mixtral-2l-ragged",
+    "gpt2-124m-packed-8",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Deterministic, resumable, host-sharded data loading; text sources; tokenizers."""
+"""Deterministic, resumable, host-sharded data loading; document packing; text sources;
+tokenizers."""
 
 from ._corpus import (
     CorpusError as CorpusError,
@@ -6,6 +7,7 @@ from ._corpus import (
     stdlib_corpus as stdlib_corpus,
 )
 from ._loader import ArrayLoader as ArrayLoader, TokenLoader as TokenLoader
+from ._pack import pack_documents as pack_documents
 from ._tokenizer import (
     AbstractTokenizer as AbstractTokenizer,
     ByteTokenizer as ByteTokenizer,
@@ -22,6 +24,7 @@ __all__ = [
     "CorpusError",
     "TokenLoader",
     "TokenizerError",
+    "pack_documents",
     "split_tokens",
     "stdlib_corpus",
     "tokenizer_from_dict",

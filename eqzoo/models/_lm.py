@@ -9,8 +9,18 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
+from ..nn._attention import check_per_position
 from ..sharding._activation import constrain, constrain_forward
 from ._validate import check_tokens
+
+
+def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
+    """Each position's offset from the start of its segment (a run of equal ids):
+    `[1, 1, 1, 2, 2, 0]` gives `[0, 1, 2, 0, 1, 0]`."""
+    seq = segment_ids.shape[0]
+    index = jnp.arange(seq, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones((1,), bool), segment_ids[1:] != segment_ids[:-1]])
+    return index - jax.lax.cummax(jnp.where(starts, index, 0))
 
 
 class AbstractLM(eqx.Module):
@@ -47,27 +57,60 @@ class AbstractLM(eqx.Module):
         """The output projection: the token embedding when tied, else the separate head."""
         return (self.embed if self.lm_head is None else self.lm_head).weight
 
-    def features(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
-        """The final normalised hidden states of one sequence (before the output head)."""
+    def features(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        segment_ids: Int[Array, " seq"] | None = None,
+        positions: Int[Array, " seq"] | None = None,
+    ) -> Float[Array, "seq embed"]:
+        """The final normalised hidden states of one sequence (before the output head);
+        `segment_ids` / `positions` as for `__call__`."""
         # Checked here too: lm_loss(chunk_size=...) calls features without going through __call__.
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
-        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
-        x = self.blocks(x)
+        if segment_ids is None and layer_positions is None:
+            x = self.blocks(x)
+        else:
+            x, _ = self.blocks.apply(
+                lambda block, h, _: (block(h, positions=layer_positions, segment_ids=segment_ids), None), x
+            )
         return self.final_norm(x)
 
     def features_and_aux(
-        self, tokens: Int[Array, " seq"], mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None
+        self,
+        tokens: Int[Array, " seq"],
+        mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        *,
+        segment_ids: Int[Array, " seq"] | None = None,
+        positions: Int[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`features(tokens)` and the blocks' auxiliary statistics over the positions `mask`
         weights, averaged over layers: the router losses of mixture-of-experts layers
         ([`eqzoo.nn.MoE.with_aux`][]); an empty dict for a dense model.
         [`eqzoo.train.lm_loss`][] adds them, weighted by `aux_loss_weights()`."""
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
-        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
-        x, aux = self.blocks.apply(lambda block, h, _: block.with_aux(h, mask), x)
+
+        def layer(block, h, _):
+            return block.with_aux(h, mask, positions=layer_positions, segment_ids=segment_ids)
+
+        x, aux = self.blocks.apply(layer, x)
         return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
+
+    def _positions(self, tokens, segment_ids, positions):
+        """The positions to embed at, and those the layers need (`None`: `0..seq-1`)."""
+        name = type(self).__name__
+        check_per_position("segment_ids", segment_ids, tokens.shape[0], name)
+        check_per_position("positions", positions, tokens.shape[0], name)
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        if positions is None:
+            return jnp.arange(tokens.shape[0], dtype=jnp.int32), None
+        positions = positions.astype(jnp.int32)
+        return positions, positions
 
     def aux_loss_weights(self) -> dict[str, float]:
         """The weight of each auxiliary loss in `features_and_aux` when training (none for a
@@ -80,19 +123,37 @@ class AbstractLM(eqx.Module):
         return features @ head.T.astype(features.dtype)
 
     @no_type_check  # our own checks below give clearer messages than a generic type error
-    def __call__(self, tokens: Int[Array, " seq"], *, key=None) -> Float[Array, "seq vocab"]:
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        segment_ids: Int[Array, " seq"] | None = None,
+        positions: Int[Array, " seq"] | None = None,
+        key=None,
+    ) -> Float[Array, "seq vocab"]:
         """Next-token logits for every position of one sequence.
 
         **Arguments:**
 
         - `tokens`: integer token ids of one sequence, at most `config.max_seq` long. For a
           batch, `jax.vmap(model)(tokens)`.
+        - `segment_ids`: for several documents packed into one row (see
+          [`eqzoo.data.pack_documents`][]), the document of each position, as contiguous runs
+          of equal integers. Each position then attends only within its own document, and
+          positions count from 0 at the start of each run (unless `positions` is given), so
+          every document's logits are those it would get alone.
+        - `positions`: the position of each token (learned position embeddings, rotary
+          angles); default `0, 1, ...`, or restarting per segment with `segment_ids`.
         - `key`: unused (the models have no dropout); accepted for a uniform signature.
 
         **Returns:** logits of shape `(seq, vocab)` in the parameters' dtype.
         """
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
-        return self._forward(tokens)
+        if segment_ids is None and positions is None:
+            return self._forward(tokens)
+        check_per_position("segment_ids", segment_ids, tokens.shape[0], type(self).__name__)
+        check_per_position("positions", positions, tokens.shape[0], type(self).__name__)
+        return self.logits(self.features(tokens, segment_ids=segment_ids, positions=positions))
 
     def _forward(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         return self.logits(self.features(tokens))

@@ -49,6 +49,26 @@ def _xla_attention(q, k, v, mask):
     return out.reshape(seq, heads, head_dim)
 
 
+def check_per_position(name: str, value, seq: int, who: str) -> None:
+    """Raise `ShapeError` unless `value` is `None` or a `(seq,)` integer array."""
+    if value is None:
+        return
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        raise ShapeError(f"{who}: {name} must be a JAX integer array of shape ({seq},); got {type(value).__name__}.")
+    if tuple(shape) != (seq,):
+        raise ShapeError(
+            f"{who}: {name} must have one entry per position, shape ({seq},); got "
+            f"{shape_str(shape)}. For a batch, vmap over it together with the tokens."
+        )
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ShapeError(
+            f"{who}: {name} must be integers; got dtype {jnp.dtype(dtype).name}. Convert with "
+            f"{name}.astype(jnp.int32)."
+        )
+
+
 class KVCache(eqx.Module):
     """Keys and values of the positions already decoded, for one sequence: one layer's, or every
     layer's stacked along a leading axis (what a model's `init_cache` returns).
@@ -161,11 +181,24 @@ class Attention(eqx.Module):
         return checkpoint_name(apply_linear(self.o_proj, o), "attn_out")
 
     def __call__(
-        self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
+        self,
+        x: Float[Array, "seq embed"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKey | None = None,
     ) -> Float[Array, "seq embed"]:
         """Self-attention over one whole sequence (causal unless built with `causal=False`).
 
-        **Arguments:** `x`, one sequence. `key` is unused (no dropout).
+        **Arguments:**
+
+        - `x`: one sequence.
+        - `positions`: the rotary position of each row (default `0, 1, ..., seq-1`); packed
+          documents restart at 0 (see [`eqzoo.data.pack_documents`][]).
+        - `segment_ids`: for several documents packed into one row, which document each
+          position belongs to (contiguous runs of equal ids); a position then attends only to
+          positions of its own segment. `None`: one segment.
+        - `key`: unused (no dropout).
 
         **Returns:** the attention output, same shape and dtype as `x`.
         """
@@ -174,13 +207,26 @@ class Attention(eqx.Module):
                 f"Attention takes one sequence of shape (seq, embed); got {shape_str(x.shape)}. "
                 "Wrap the call in jax.vmap for a batch."
             )
-        positions = jnp.arange(x.shape[0], dtype=jnp.int32)
+        seq = x.shape[0]
+        check_per_position("positions", positions, seq, "Attention")
+        check_per_position("segment_ids", segment_ids, seq, "Attention")
+        if positions is None:
+            positions = jnp.arange(seq, dtype=jnp.int32)
         q, k, v = self._qkv(x, positions)
+        mask = None
+        if segment_ids is not None:
+            mask = segment_ids[:, None] == segment_ids[None, :]
         if resolve_backend(self.backend, q.dtype) == "cudnn":
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="cudnn")
+            # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into one).
+            o = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn"
+            )
         else:
-            seq = x.shape[0]
-            mask = jnp.tril(jnp.ones((seq, seq), bool)) if self.causal else jnp.ones((seq, seq), bool)
+            if self.causal:
+                causal = jnp.tril(jnp.ones((seq, seq), bool))
+                mask = causal if mask is None else mask & causal
+            elif mask is None:
+                mask = jnp.ones((seq, seq), bool)
             o = _xla_attention(q, k, v, mask)
         return self._out(o)
 

@@ -26,22 +26,35 @@ class TransformerBlock(eqx.Module):
         self.mlp_norm = mlp_norm
         self.mlp = mlp
 
-    def __call__(self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None) -> Float[Array, "seq embed"]:
-        """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+    def __call__(
+        self,
+        x: Float[Array, "seq embed"],
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
+        key: PRNGKey | None = None,
+    ) -> Float[Array, "seq embed"]:
+        """**Arguments:** `x`, one sequence; `positions` and `segment_ids` as for
+        [`eqzoo.nn.Attention`][] (packed documents). **Returns:** same shape and dtype."""
         # A no-op unless traced inside eqzoo.sharding.activation_sharding(mesh).
-        x = x + self.attn(self.attn_norm(x))
+        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
         x = constrain(x, "residual")
         return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
 
     def with_aux(
-        self, x: Float[Array, "seq embed"], mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None
+        self,
+        x: Float[Array, "seq embed"],
+        mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None,
+        *,
+        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Int[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`__call__` plus the feed-forward layer's auxiliary statistics: the router losses of
         an [`eqzoo.nn.MoE`][] over the positions `mask` weights (see `MoE.with_aux`), an empty
         dict for a dense MLP."""
         if not isinstance(self.mlp, MoE):
-            return self(x), {}
-        x = x + self.attn(self.attn_norm(x))
+            return self(x, positions=positions, segment_ids=segment_ids), {}
+        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
         x = constrain(x, "residual")
         h, aux = self.mlp.with_aux(self.mlp_norm(x), mask)
         return constrain(x + h, "residual"), aux

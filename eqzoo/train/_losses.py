@@ -110,7 +110,10 @@ def lm_loss(
     - `model`: a [`eqzoo.models.GPT2`][] / [`eqzoo.models.Llama`][] /
       [`eqzoo.models.Mixtral`][] (or any model with `features(tokens)` and `head_weight()`).
     - `batch`: `{"tokens": (batch, seq) int, "targets": (batch, seq) int}` and optionally
-      `"mask"`: (batch, seq) weights of positions that count.
+      `"mask"`: (batch, seq) weights of positions that count; for packed documents (what
+      [`eqzoo.data.pack_documents`][] makes) `"segment_ids"` and `"positions"` (batch, seq)
+      int, passed to the model so each document attends only to itself. With `"segment_ids"`
+      and no `"mask"`, the padding (segment id 0) does not count.
     - `key`: unused (no dropout); accepted so this is a `loss_fn(model, batch, key)`.
     - `implementation`: how the output projection and the loss are computed; all three give the
       same loss and gradients (tested to 1e-5):
@@ -154,6 +157,15 @@ def lm_loss(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
+    packing = {k: batch[k] for k in ("segment_ids", "positions") if batch.get(k) is not None}
+    for name, value in packing.items():
+        if getattr(value, "shape", None) != tokens.shape:
+            raise ShapeError(
+                f"lm_loss: batch[{name!r}] must have the tokens' shape {shape_str(tokens.shape)}; "
+                f"got {shape_str(getattr(value, 'shape', ()))}."
+            )
+    if mask is None and "segment_ids" in packing:
+        mask = packing["segment_ids"] != 0  # padding (segment 0) never counts
     # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
     aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
     aux: dict[str, Array] = {}
@@ -161,16 +173,16 @@ def lm_loss(
         _warn_untrained_routers(model)
         # Each sequence's statistics over its counted positions, weighted by their number.
         args = (tokens,) if mask is None else (tokens, mask)
-        feats, aux = _batch_vmap(model.features_and_aux)(*args)
+        feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
         counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
         aux = {name: jnp.sum(v * counted) / jnp.maximum(jnp.sum(counted), 1.0) for name, v in aux.items()}
     if implementation == "full":
-        logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens)
+        logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens, **packing)
         nll_mean = cross_entropy(logits, targets, mask)
     else:
         head = model.head_weight()
         if not aux_weights:
-            feats = _batch_vmap(model.features)(tokens)
+            feats = _batch_vmap(model.features)(tokens, **packing)
         w = None if mask is None else mask.astype(jnp.float32)
         if implementation == "fused":
             total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)

@@ -26,9 +26,10 @@ def _rope_reference(x, positions, theta=10000.0):
     return np.concatenate([z.real, z.imag], axis=-1)
 
 
-def reference_attention(attn: Attention, x) -> np.ndarray:
+def reference_attention(attn: Attention, x, segment_ids=None, positions=None) -> np.ndarray:
     """softmax(q k^T / sqrt(d) + causal mask) v, each query head reading kv head h // group
-    (no mask for a layer built with `causal=False`)."""
+    (no mask for a layer built with `causal=False`); with `segment_ids`, a query sees only keys
+    of its own segment; rotary angles at `positions` (default 0..seq-1)."""
     x = _np(x)
 
     def proj(lin):
@@ -40,13 +41,16 @@ def reference_attention(attn: Attention, x) -> np.ndarray:
     k = proj(attn.k_proj).reshape(seq, kv, d)
     v = proj(attn.v_proj).reshape(seq, kv, d)
     if attn.rope is not None:
-        pos = np.arange(seq)
+        pos = np.arange(seq) if positions is None else np.asarray(positions)
         q, k = _rope_reference(q, pos, attn.rope.theta), _rope_reference(k, pos, attn.rope.theta)
     k = np.repeat(k, h // kv, axis=1)  # (seq, heads, d): query head i uses kv head i // (h // kv)
     v = np.repeat(v, h // kv, axis=1)
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
     if attn.causal:
         scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+    if segment_ids is not None:
+        seg = np.asarray(segment_ids)
+        scores = np.where(seg[:, None] == seg[None, :], scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p = p / p.sum(-1, keepdims=True)
     o = np.einsum("hts,shd->thd", p, v).reshape(seq, h * d)
@@ -148,6 +152,37 @@ def test_cudnn_backend_matches_formula(name):
     assert out.dtype == jnp.bfloat16
     ref = reference_attention(attn, x)
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2, rtol=5e-2)  # bf16 tolerance
+
+
+SEGMENTS = jnp.array([1, 1, 1, 2, 2, 3, 0], jnp.int32)  # three documents and one padding position
+SEG_POSITIONS = jnp.array([0, 1, 2, 0, 1, 0, 0], jnp.int32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["mha-bias", "gqa-rope"])
+def test_segments_attend_within_their_own_segment(name, causal):
+    heads, kv, bias, rope = CASES[name]
+    attn = Attention(EMBED, heads, num_kv_heads=kv, use_bias=bias, use_rope=rope, causal=causal,
+                     backend="xla", init_std=0.3, key=jax.random.key(0))
+    out = attn(X, segment_ids=SEGMENTS, positions=SEG_POSITIONS)
+    ref = reference_attention(attn, X, SEGMENTS, SEG_POSITIONS)
+    np.testing.assert_allclose(out, ref, atol=LAYER_TOL, rtol=LAYER_TOL)
+    # Each segment alone gives the same rows.
+    for lo, hi in ((0, 3), (3, 5), (5, 6)):
+        np.testing.assert_allclose(out[lo:hi], attn(X[lo:hi]), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+@pytest.mark.gpu
+def test_cudnn_segments_match_formula():
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    attn = _layer("gqa-rope", backend="cudnn")
+    x = jax.random.normal(jax.random.key(42), (2, 128, EMBED))
+    seg = jnp.stack([jnp.repeat(jnp.arange(1, 5), 32), jnp.repeat(jnp.array([1, 2]), 64)]).astype(jnp.int32)
+    out = jax.jit(jax.vmap(lambda x, s: attn(x, segment_ids=s)))(x.astype(jnp.bfloat16), seg)
+    for b in range(2):
+        ref = reference_attention(attn, x[b], seg[b])  # positions 0..127 (the layer's default)
+        np.testing.assert_allclose(out[b].astype(jnp.float32), ref, atol=5e-2, rtol=5e-2)  # bf16 tolerance
 
 
 def test_attention_config_errors():
