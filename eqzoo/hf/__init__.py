@@ -1,4 +1,4 @@
-"""Hugging Face interoperability: load and save GPT-2, Llama, Mixtral and ViT checkpoints as
+"""Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Mixtral and ViT checkpoints as
 safetensors, read their configs, and read their fast tokenizers.
 
 Imported explicitly (`import eqzoo.hf`); needs the `hf` extra (`pip install 'eqzoo[hf]'`) for

@@ -13,6 +13,7 @@ from ._errors import HFFormatError
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
     "MixtralForCausalLM": "mixtral",
     "ViTForImageClassification": "vit",
 }
@@ -140,9 +141,27 @@ def _llama_from_hf(
     )
 
 
+def _sliding_window(d: Mapping[str, Any], default: int | None) -> int | None:
+    # A key left out means transformers' default (4096 for Mistral, none for Mixtral); an
+    # explicit null means full causal attention.
+    window = d.get("sliding_window", default)
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise _unsupported(d, "sliding_window", window, "it must be a positive integer or null")
+    return int(window)
+
+
+def _mistral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    # Mistral is Llama's architecture with sliding-window attention; its defaults differ.
+    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=4096 * 32)
+    return fields | dict(sliding_window=_sliding_window(d, 4096))
+
+
 def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     _require(d, "num_local_experts", "num_experts_per_tok")
     fields = _llama_from_hf(d, theta=1e6, eps=1e-5, max_seq=4096 * 32)
+    fields["sliding_window"] = _sliding_window(d, None)
     jitter = float(d.get("router_jitter_noise") or 0.0)
     if jitter:
         # Multiplicative noise on the router's input, which transformers applies only in
@@ -157,17 +176,6 @@ def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
         num_experts=int(d["num_local_experts"]), experts_per_token=int(d["num_experts_per_tok"]),
         router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
     )
-
-
-def _check_sliding_window(d: Mapping[str, Any], max_seq: int | None) -> None:
-    window = d.get("sliding_window")
-    if window is not None and max_seq is not None and max_seq > int(window):
-        raise HFFormatError(
-            f"config.json has sliding_window={window}, but eqzoo's attention sees every earlier "
-            f"position; the two agree only on sequences of at most {window} tokens, and the model "
-            f"would take {max_seq}. Load with config_overrides={{'max_seq': {window}}} to use it "
-            "within the window."
-        )
 
 
 def _square(d: Mapping[str, Any], key: str) -> int:
@@ -205,6 +213,7 @@ def _vit_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 _FROM_HF = {
     "gpt2": (GPT2Config, _gpt2_from_hf),
     "llama": (LlamaConfig, _llama_from_hf),
+    "mistral": (LlamaConfig, _mistral_from_hf),
     "mixtral": (MixtralConfig, _mixtral_from_hf),
     "vit": (ViTConfig, _vit_from_hf),
 }
@@ -217,10 +226,11 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     (`num_key_value_heads`), `head_dim`, `rope_theta`, Llama-3 `rope_scaling` (in both the
     transformers 4 `rope_theta`/`rope_scaling` and the transformers 5 `rope_parameters`
     spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`;
-    `MixtralForCausalLM` configs (as Llama's, plus `num_local_experts`, `num_experts_per_tok`
-    and `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in
-    training, is ignored with a warning; a `sliding_window` is accepted only when `max_seq`
-    fits inside it, where sliding-window and full causal attention agree); and
+    `MistralForCausalLM` configs (Llama's with `sliding_window`, into a
+    [`eqzoo.models.LlamaConfig`][] with `sliding_window`); `MixtralForCausalLM` configs (as
+    Llama's, plus `sliding_window`, `num_local_experts`, `num_experts_per_tok` and
+    `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in training,
+    is ignored with a warning); and
     `ViTForImageClassification` configs (the number of classes from `id2label`, square
     `image_size` and `patch_size`, `layer_norm_eps`).
 
@@ -235,8 +245,7 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     [`eqzoo.models.MixtralConfig`][] or [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
-    ones) or option, or a `sliding_window` shorter than `max_seq` (the message gives the
-    `max_seq` override that makes the model exact); `ConfigError` for an unknown override.
+    ones) or option; `ConfigError` for an unknown override.
     """
     cls, read = _FROM_HF[_family(hf_config)]
     fields = read(hf_config)
@@ -244,16 +253,15 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ConfigError(f"config_from_hf: {cls.__name__} has no fields {unknown}; valid fields: {sorted(names)}.")
-    fields = {**fields, **overrides}
-    _check_sliding_window(hf_config, fields.get("max_seq"))
-    return cls(**fields)
+    return cls(**{**fields, **overrides})
 
 
 def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
 
     eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`; Mixtral's
-    `router_z_loss_coef` and `moe_implementation`) are not written. Llama and Mixtral rotary
+    `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with a
+    `sliding_window` is written as `MistralForCausalLM` (transformers' Llama has no window). Llama and Mixtral rotary
     settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
@@ -269,6 +277,14 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
         return _vit_to_hf(config)
     if isinstance(config, MixtralConfig):
         return _mixtral_to_hf(config)
+    if isinstance(config, LlamaConfig) and config.sliding_window is not None:
+        # transformers' Llama has no sliding window; Mistral is the same model with one.
+        return {
+            "architectures": ["MistralForCausalLM"],
+            "model_type": "mistral",
+            **_decoder_to_hf(config),
+            "sliding_window": config.sliding_window,
+        }
     if isinstance(config, LlamaConfig):
         return {
             "architectures": ["LlamaForCausalLM"],
@@ -346,7 +362,7 @@ def _mixtral_to_hf(c: MixtralConfig) -> dict[str, Any]:
         "num_experts_per_tok": c.experts_per_token,
         "router_aux_loss_coef": c.router_aux_loss_coef,
         "router_jitter_noise": 0.0,
-        "sliding_window": None,
+        "sliding_window": c.sliding_window,
     }
 
 

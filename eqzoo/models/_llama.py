@@ -37,6 +37,9 @@ class LlamaConfig:
     - `rope_theta`, `rope_scaling`: rotary embedding base and optional Llama-3 scaling.
     - `rms_norm_eps`: RMSNorm epsilon.
     - `tie_embeddings`: share the token embedding with the output head.
+    - `sliding_window`: each position attends to itself and the `sliding_window - 1` before it
+      (Mistral); `None` attends to every earlier position. Hugging Face `MistralForCausalLM`
+      checkpoints load as a Llama with it.
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -52,6 +55,7 @@ class LlamaConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    sliding_window: int | None = None
     remat: str = "none"
     scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
@@ -79,8 +83,10 @@ class LlamaConfig:
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: `6 N + 12 L d T`, N without the input embedding table when
-        the head is separate (a lookup does no matmul; a tied table is counted once, as the head)."""
+        the head is separate (a lookup does no matmul; a tied table is counted once, as the head);
+        T is at most `sliding_window`."""
         t = self.max_seq if seq_len is None else seq_len
+        t = t if self.sliding_window is None else min(t, self.sliding_window)
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
         return 6.0 * n + 12.0 * self.num_layers * self.embed_dim * t
 
@@ -107,7 +113,7 @@ class Llama(AbstractLM):
 
 def check_decoder(name: str, c) -> None:
     """The checks a Llama-style config (`LlamaConfig`, `MixtralConfig`) shares: heads, remat,
-    scan and attention backend. Raises `ConfigError` naming `name`."""
+    scan, attention backend and sliding window. Raises `ConfigError` naming `name`."""
     if c.head_dim is None and c.embed_dim % c.num_heads:
         raise ConfigError(
             f"{name}: num_heads={c.num_heads} must divide embed_dim={c.embed_dim} "
@@ -124,6 +130,9 @@ def check_decoder(name: str, c) -> None:
         raise ConfigError(f"{name}: scan_layers must be True, False or 'auto', got {c.scan_layers!r}.")
     if c.attention_backend not in _BACKENDS:
         raise ConfigError(f"{name}: attention_backend must be one of {_BACKENDS}, got {c.attention_backend!r}.")
+    window = c.sliding_window
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(f"{name}: sliding_window must be a positive integer or None, got {window!r}.")
 
 
 def decoder_layers(c, make_mlp, key):
@@ -141,7 +150,8 @@ def decoder_layers(c, make_mlp, key):
             Attention(
                 c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
                 use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
-                backend=c.attention_backend, out_init_std=out_std, key=ka,  # type: ignore[arg-type]
+                backend=c.attention_backend, sliding_window=c.sliding_window, out_init_std=out_std,
+                key=ka,  # type: ignore[arg-type]
             ),
             RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
             make_mlp(out_std, km),

@@ -32,8 +32,8 @@ class MixtralConfig:
     **Arguments:**
 
     - `vocab_size`, `max_seq`, `num_layers`, `num_heads`, `num_kv_heads`, `embed_dim`,
-      `head_dim`, `rope_theta`, `rope_scaling`, `rms_norm_eps`, `tie_embeddings`: as in
-      [`eqzoo.models.LlamaConfig`][].
+      `head_dim`, `rope_theta`, `rope_scaling`, `rms_norm_eps`, `tie_embeddings`,
+      `sliding_window`: as in [`eqzoo.models.LlamaConfig`][].
     - `hidden_dim`: each expert's SwiGLU inner width.
     - `num_experts`: experts per layer; `experts_per_token`: how many each token uses.
     - `normalize_router_weights`: renormalise the chosen experts' router probabilities to sum
@@ -66,6 +66,7 @@ class MixtralConfig:
     rope_scaling: RopeScaling | None = None
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    sliding_window: int | None = None
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
     moe_implementation: str = "dense"
@@ -126,8 +127,9 @@ class MixtralConfig:
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: `6 N + 12 L d T` with N the *active* parameters (the
         `experts_per_token` experts a token uses, the router, attention, the head; the input
-        embedding table left out when the head is separate)."""
+        embedding table left out when the head is separate); T is at most `sliding_window`."""
         t = self.max_seq if seq_len is None else seq_len
+        t = t if self.sliding_window is None else min(t, self.sliding_window)
         n = self.num_active_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
         return 6.0 * n + 12.0 * self.num_layers * self.embed_dim * t
 

@@ -104,6 +104,7 @@ class Attention(eqx.Module):
     head_dim: int = eqx.field(static=True)
     backend: str = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
+    sliding_window: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class Attention(eqx.Module):
         rope_scaling: RopeScaling | None = None,
         backend: AttentionBackend = "auto",
         causal: bool = True,
+        sliding_window: int | None = None,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -135,6 +137,9 @@ class Attention(eqx.Module):
         - `causal`: each position attends only to itself and earlier ones (language models);
           `False` lets every position attend to every other (vision and diffusion transformers).
           Decoding with a KV cache needs `causal=True`.
+        - `sliding_window`: if given, each position attends only to itself and the
+          `sliding_window - 1` positions before it (Mistral's sliding-window attention, counted
+          as Hugging Face's `sliding_window`); needs `causal=True`. `None`: every earlier position.
         - `init_std`, `out_init_std`: normal init scale of the input / output projections.
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
@@ -152,6 +157,14 @@ class Attention(eqx.Module):
             )
         if backend not in _BACKENDS:
             raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
+        if sliding_window is not None:
+            if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+                raise ConfigError(f"sliding_window must be a positive integer or None, got {sliding_window!r}.")
+            if not causal:
+                raise ConfigError(
+                    "sliding_window needs causal=True: the window counts the positions before each "
+                    "one (a bidirectional layer has no such window here)."
+                )
         kq, kk, kv, ko = jax.random.split(key, 4)
         out_std = init_std if out_init_std is None else out_init_std
         lin = dict(use_bias=use_bias, dtype=dtype)
@@ -165,6 +178,7 @@ class Attention(eqx.Module):
         self.head_dim = head_dim
         self.backend = backend
         self.causal = causal
+        self.sliding_window = sliding_window
 
     def _qkv(self, x, positions):
         seq = x.shape[0]
@@ -216,14 +230,19 @@ class Attention(eqx.Module):
         mask = None
         if segment_ids is not None:
             mask = segment_ids[:, None] == segment_ids[None, :]
+        window = self.sliding_window
         if resolve_backend(self.backend, q.dtype) == "cudnn":
-            # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into one).
+            # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
+            # one); the window is cuDNN's own (`(window - 1, 0)`: itself and window - 1 before).
             o = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn"
+                q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn",
+                local_window_size=None if window is None else (window - 1, 0),
             )
         else:
             if self.causal:
                 causal = jnp.tril(jnp.ones((seq, seq), bool))
+                if window is not None and window < seq:
+                    causal = causal & jnp.triu(jnp.ones((seq, seq), bool), -(window - 1))
                 mask = causal if mask is None else mask & causal
             elif mask is None:
                 mask = jnp.ones((seq, seq), bool)
@@ -289,5 +308,7 @@ class Attention(eqx.Module):
         max_seq = layer_keys.shape[0]
         key_positions = jnp.arange(max_seq, dtype=jnp.int32)
         mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
+        if self.sliding_window is not None:
+            mask = mask & (key_positions[None, :] > positions[:, None] - self.sliding_window)
         o = _xla_attention(q, layer_keys.astype(q.dtype), layer_values.astype(q.dtype), mask)
         return self._out(o), KVCache(keys, values)

@@ -38,6 +38,16 @@ def _llama(seed: int, **overrides):
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config | overrides))).eval()
 
 
+def _mistral(seed: int, **overrides):
+    config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
+        rms_norm_eps=1e-5, sliding_window=8, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**(config | overrides))).eval()
+
+
 def _mixtral(seed: int, **overrides):
     config = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -52,12 +62,14 @@ def _mixtral(seed: int, **overrides):
 # The model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
 # layout), Llama with grouped-query attention and an untied head, Llama with GQA, a tied
 # head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta, and
-# Mixtral (GQA, 4 experts, top-2, untied head; per-expert tensors in HF, stacked in eqzoo).
+# Mixtral (GQA, 4 experts, top-2, untied head; per-expert tensors in HF, stacked in eqzoo), and
+# Mistral (Llama's layout with an 8-position sliding window, shorter than the test sequences).
 BUILDERS = {
     "gpt2": lambda: _gpt2(0),
     "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
     "llama-gqa-tied": lambda: _llama(2, tie_word_embeddings=True, head_dim=32, rope_theta=500000.0),
     "mixtral": lambda: _mixtral(4),
+    "mistral": lambda: _mistral(5),
 }
 FAMILIES = list(BUILDERS)
 
@@ -70,6 +82,11 @@ def make_gpt2(seed: int = 0, **overrides):
 def make_llama(seed: int = 0, **overrides):
     """A tiny random `LlamaForCausalLM` (eval mode)."""
     return _llama(seed, **overrides)
+
+
+def make_mistral(seed: int = 0, **overrides):
+    """A tiny random `MistralForCausalLM` (eval mode)."""
+    return _mistral(seed, **overrides)
 
 
 def make_mixtral(seed: int = 0, **overrides):
@@ -158,7 +175,7 @@ def hft():
     pytest's importlib import mode)."""
     return types.SimpleNamespace(
         torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
-        make_mixtral=make_mixtral,
+        make_mixtral=make_mixtral, make_mistral=make_mistral,
         hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
         load_with_transformers=load_with_transformers,
     )

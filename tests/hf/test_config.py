@@ -30,8 +30,13 @@ LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
             hidden_dim=48, num_experts=8, experts_per_token=1, head_dim=32, rope_scaling=LLAMA3,
             tie_embeddings=True, router_aux_loss_coef=0.0,
         ),
+        LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176, sliding_window=16),
+        MixtralConfig(
+            vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+            hidden_dim=96, num_experts=4, experts_per_token=2, sliding_window=16,
+        ),
     ],
-    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied"],
+    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied", "mistral-windowed", "mixtral-windowed"],
 )
 def test_round_trip_through_transformers_config(config, tmp_path, hft):
     hf = config_to_hf(config)
@@ -49,8 +54,11 @@ def test_round_trip_through_transformers_config(config, tmp_path, hft):
         assert hf_config.num_local_experts == config.num_experts
         assert hf_config.num_experts_per_tok == config.experts_per_token
         assert hf_config.router_aux_loss_coef == config.router_aux_loss_coef
-        assert hf_config.router_jitter_noise == 0.0 and hf_config.sliding_window is None
+        assert hf_config.router_jitter_noise == 0.0
     if isinstance(config, LlamaConfig | MixtralConfig):
+        assert getattr(hf_config, "sliding_window", None) == config.sliding_window  # HF Llama has none
+        if isinstance(config, LlamaConfig):
+            assert type(hf_config).__name__ == ("LlamaConfig" if config.sliding_window is None else "MistralConfig")
         assert hf_config.num_key_value_heads == config.num_kv_heads
         assert hf_config.head_dim == config.resolved_head_dim
         assert hf_config.rope_parameters["rope_theta"] == config.rope_theta
@@ -113,14 +121,26 @@ def test_mixtral_router_jitter_is_ignored_with_a_warning():
     assert config_to_hf(jittered)["router_jitter_noise"] == 0.0
 
 
-def test_sliding_window_that_covers_max_seq_is_accepted():
-    base = {
+def test_sliding_windows_map_both_ways():
+    mixtral = {
         "model_type": "mixtral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 1, "num_attention_heads": 4, "num_local_experts": 4,
         "num_experts_per_tok": 2, "max_position_embeddings": 64,
     }
-    assert config_from_hf(base | {"sliding_window": 64}).max_seq == 64
-    assert config_from_hf(base | {"sliding_window": 16}, max_seq=16).max_seq == 16
+    assert config_from_hf(mixtral).sliding_window is None  # Mixtral's default: no window
+    assert config_from_hf(mixtral | {"sliding_window": 16}).sliding_window == 16
+    mistral = {k: v for k, v in mixtral.items() if not k.startswith("num_experts") and k != "num_local_experts"}
+    mistral["model_type"] = "mistral"
+    assert config_from_hf(mistral).sliding_window == 4096  # Mistral's default when the key is absent
+    assert config_from_hf(mistral | {"sliding_window": None}).sliding_window is None
+    windowed = config_from_hf(mistral | {"sliding_window": 32})
+    assert isinstance(windowed, LlamaConfig) and windowed.sliding_window == 32
+    # A windowed Llama is written as Mistral (transformers' Llama has no window), a plain one as Llama.
+    out = config_to_hf(windowed)
+    assert out["architectures"] == ["MistralForCausalLM"] and out["sliding_window"] == 32
+    assert config_from_hf(out) == windowed
+    assert config_to_hf(LlamaConfig())["architectures"] == ["LlamaForCausalLM"]
+    assert config_to_hf(MixtralConfig(sliding_window=128))["sliding_window"] == 128
 
 
 def test_mixtral_without_renormalised_router_weights_is_not_exported():

@@ -7,7 +7,7 @@ import pytest
 import eqzoo
 from eqzoo.generation import generate_batch
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral"]
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral"]
 NEW_TOKENS = 32
 LENGTHS = (5, 9, 13)
 

@@ -10,14 +10,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqzoo.hf
-from eqzoo._errors import ShapeError
 from eqzoo.models import GPT2, Llama, Mixtral
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral"]
-CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral}
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral"]
+CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama}
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
 
 
@@ -70,16 +69,17 @@ def test_mixtral_experts_are_stacked_in_eqzoo_layout(hf_checkpoints, loaded):
     np.testing.assert_array_equal(np.asarray(mlp.down_proj[1, 3]), tensors[f"{moe}experts.3.w2.weight"].T)
 
 
-def test_mixtral_sliding_window_within_the_window(tmp_path, hft):
-    """A sliding-window checkpoint loads with max_seq cut to the window, where it is exact."""
-    hf_model = hft.make_mixtral(5, sliding_window=16)
+def test_loaded_sliding_windows(hf_checkpoints, loaded, tmp_path, hft):
+    """Mistral's window reaches the config; a Mixtral with a window shorter than the sequence
+    matches transformers past the window too."""
+    assert loaded("mistral").config.sliding_window == 8 and loaded("mixtral").config.sliding_window is None
+    hf_model = hft.make_mixtral(5, sliding_window=6)
     hf_model.save_pretrained(tmp_path)
-    model = eqzoo.hf.load_pretrained(tmp_path, config_overrides={"max_seq": 16})
-    tokens = hft.random_tokens(6, shape=(2, 16))
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    assert model.config.sliding_window == 6 and model.config.max_seq == hft.MAX_SEQ
+    tokens = hft.random_tokens(6, shape=(2, 20))
     err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
-    assert err < ATOL, f"mixtral, sliding window: max logit error {err:.2e} >= {ATOL}"
-    with pytest.raises(ShapeError, match="length 17 but its config allows at most max_seq=16"):  # where the two would differ
-        model(jnp.zeros(17, jnp.int32))
+    assert err < ATOL, f"mixtral, sliding window 6: max logit error {err:.2e} >= {ATOL}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

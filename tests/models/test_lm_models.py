@@ -135,6 +135,31 @@ def test_unknown_remat(family):
         family(remat="sometimes")
 
 
+@pytest.mark.parametrize("family", [models.LlamaConfig, models.MixtralConfig])
+def test_sliding_window_config(family):
+    with pytest.raises(ConfigError, match=r"sliding_window must be a positive integer or None, got 0"):
+        family(sliding_window=0)
+    # Attention FLOPs grow with the window, not the sequence, past it.
+    windowed, full = family(sliding_window=512), family()
+    assert windowed.flops_per_token(4096) == full.flops_per_token(512) < full.flops_per_token(4096)
+    assert windowed.flops_per_token(256) == full.flops_per_token(256)
+
+
+def test_sliding_window_model_decodes_like_its_forward_pass():
+    model = models.create("tiny-llama", key=jax.random.key(0), sliding_window=3)
+    tokens = jax.random.randint(jax.random.key(1), (10,), 0, 200, dtype=jnp.int32)
+    full = model(tokens)
+    logits, cache = model.decode(tokens[:4], model.init_cache(16), jnp.int32(0))
+    rows = [logits]
+    for t in range(4, 10):
+        logits, cache = model.decode(tokens[t : t + 1], cache, jnp.int32(t))
+        rows.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(rows), full, atol=1e-5, rtol=1e-5)
+    # The window matters: position 9 differs from full causal attention.
+    plain = models.create("tiny-llama", key=jax.random.key(0))
+    assert float(jnp.max(jnp.abs(plain(tokens)[9] - full[9]))) > 1e-3
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match=r"unknown preset 'gpt5'; available presets: .*'tiny-gpt2'"):
         models.get_config("gpt5")

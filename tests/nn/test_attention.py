@@ -48,6 +48,9 @@ def reference_attention(attn: Attention, x, segment_ids=None, positions=None) ->
     scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(d)
     if attn.causal:
         scores = np.where(np.tril(np.ones((seq, seq), bool)), scores, -np.inf)
+    if attn.sliding_window is not None:  # key j visible from query i when i - j < window
+        i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+        scores = np.where(i - j < attn.sliding_window, scores, -np.inf)
     if segment_ids is not None:
         seg = np.asarray(segment_ids)
         scores = np.where(seg[:, None] == seg[None, :], scores, -np.inf)
@@ -185,6 +188,33 @@ def test_cudnn_segments_match_formula():
         np.testing.assert_allclose(out[b].astype(jnp.float32), ref, atol=5e-2, rtol=5e-2)  # bf16 tolerance
 
 
+@pytest.mark.parametrize("window", [1, 3, SEQ, SEQ + 5])
+def test_sliding_window_matches_formula_and_decoding(window):
+    attn = Attention(EMBED, 4, num_kv_heads=2, sliding_window=window, backend="xla", init_std=0.3, key=jax.random.key(0))
+    out = call(attn, X)
+    np.testing.assert_allclose(out, reference_attention(attn, X), atol=LAYER_TOL, rtol=LAYER_TOL)
+    # Token-by-token decoding with a KV cache sees the same window.
+    cache = attn.init_cache(SEQ + 2)
+    rows = []
+    for t in range(SEQ):
+        o, cache = attn.decode(X[t : t + 1], cache, jnp.int32(t))
+        rows.append(o)
+    np.testing.assert_allclose(jnp.concatenate(rows), out, atol=LAYER_TOL, rtol=LAYER_TOL)
+    # With segments too: both masks apply.
+    packed = attn(X, segment_ids=SEGMENTS, positions=SEG_POSITIONS)
+    np.testing.assert_allclose(packed, reference_attention(attn, X, SEGMENTS, SEG_POSITIONS), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+@pytest.mark.gpu
+def test_cudnn_sliding_window_matches_formula():
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    attn = Attention(EMBED, 4, num_kv_heads=2, sliding_window=16, backend="cudnn", init_std=0.3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(42), (128, EMBED))
+    out = call(attn, x.astype(jnp.bfloat16))
+    np.testing.assert_allclose(out.astype(jnp.float32), reference_attention(attn, x), atol=5e-2, rtol=5e-2)  # bf16
+
+
 def test_attention_config_errors():
     key = jax.random.key(0)
     with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=32 \(or pass head_dim\)"):
@@ -193,5 +223,9 @@ def test_attention_config_errors():
         Attention(32, 4, num_kv_heads=3, key=key)
     with pytest.raises(ConfigError, match=r"backend must be one of \('xla', 'cudnn', 'auto'\), got 'flash'"):
         resolve_backend("flash", jnp.float32)
+    with pytest.raises(ConfigError, match=r"sliding_window must be a positive integer or None, got 0"):
+        Attention(32, 4, sliding_window=0, key=key)
+    with pytest.raises(ConfigError, match=r"sliding_window needs causal=True"):
+        Attention(32, 4, sliding_window=4, causal=False, key=key)
     # an explicit head_dim lifts the divisibility rule
     assert Attention(32, 5, head_dim=8, key=key)(X).shape == (SEQ, 32)
