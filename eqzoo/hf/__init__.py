@@ -1,5 +1,5 @@
-"""Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Mixtral and ViT checkpoints as
-safetensors, read their configs, and read their fast tokenizers.
+"""Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Qwen2, Mixtral and ViT
+checkpoints as safetensors, read their configs, and read their fast tokenizers.
 
 Imported explicitly (`import eqzoo.hf`); needs the `hf` extra (`pip install 'eqzoo[hf]'`) for
 `safetensors` and `tokenizers`. Nothing is downloaded and no pickle is ever loaded.

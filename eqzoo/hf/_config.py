@@ -14,6 +14,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
     "MixtralForCausalLM": "mixtral",
     "ViTForImageClassification": "vit",
 }
@@ -158,6 +159,32 @@ def _mistral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     return fields | dict(sliding_window=_sliding_window(d, 4096))
 
 
+def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    # Qwen2 is Llama's architecture with biases on the query, key and value projections. Its
+    # sliding window is per layer: layer_types (transformers 5), or use_sliding_window with the
+    # layers from max_window_layers on. eqzoo's layers share one window, so it is all or none.
+    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    layers = fields["num_layers"]
+    types = d.get("layer_types")
+    if types is None:
+        first = int(d.get("max_window_layers", 28))
+        sliding = d.get("use_sliding_window", False)
+        types = ["sliding_attention" if sliding and i >= first else "full_attention" for i in range(layers)]
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise _unsupported(d, "layer_types", unknown, "only 'full_attention' and 'sliding_attention' layers exist here")
+    window = None
+    if "sliding_attention" in types:
+        if "full_attention" in types:
+            raise _unsupported(
+                d, "layer_types", types,
+                "eqzoo's layers share one attention pattern, so sliding-window attention must be on "
+                "in every layer (max_window_layers=0) or in none (use_sliding_window=false)",
+            )
+        window = _sliding_window(d, 4096)
+    return fields | dict(qkv_bias=True, sliding_window=window)
+
+
 def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     _require(d, "num_local_experts", "num_experts_per_tok")
     fields = _llama_from_hf(d, theta=1e6, eps=1e-5, max_seq=4096 * 32)
@@ -214,6 +241,7 @@ _FROM_HF = {
     "gpt2": (GPT2Config, _gpt2_from_hf),
     "llama": (LlamaConfig, _llama_from_hf),
     "mistral": (LlamaConfig, _mistral_from_hf),
+    "qwen2": (LlamaConfig, _qwen2_from_hf),
     "mixtral": (MixtralConfig, _mixtral_from_hf),
     "vit": (ViTConfig, _vit_from_hf),
 }
@@ -227,7 +255,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     transformers 4 `rope_theta`/`rope_scaling` and the transformers 5 `rope_parameters`
     spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`;
     `MistralForCausalLM` configs (Llama's with `sliding_window`, into a
-    [`eqzoo.models.LlamaConfig`][] with `sliding_window`); `MixtralForCausalLM` configs (as
+    [`eqzoo.models.LlamaConfig`][] with `sliding_window`); `Qwen2ForCausalLM` configs (a
+    `LlamaConfig` with `qkv_bias=True`; a sliding window only if every layer has it); `MixtralForCausalLM` configs (as
     Llama's, plus `sliding_window`, `num_local_experts`, `num_experts_per_tok` and
     `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in training,
     is ignored with a warning); and
@@ -260,8 +289,9 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
     """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
 
     eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`; Mixtral's
-    `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with a
-    `sliding_window` is written as `MistralForCausalLM` (transformers' Llama has no window). Llama and Mixtral rotary
+    `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with
+    `qkv_bias` is written as `Qwen2ForCausalLM`, one with only a `sliding_window` as
+    `MistralForCausalLM` (transformers' Llama has neither). Llama and Mixtral rotary
     settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
@@ -277,6 +307,18 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
         return _vit_to_hf(config)
     if isinstance(config, MixtralConfig):
         return _mixtral_to_hf(config)
+    if isinstance(config, LlamaConfig) and config.qkv_bias:
+        # Qwen2 is the Llama with query/key/value biases; its window, if any, on every layer.
+        window = config.sliding_window
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **_decoder_to_hf(config),
+            "use_sliding_window": window is not None,
+            "sliding_window": window,
+            "max_window_layers": 0 if window is not None else config.num_layers,
+            "layer_types": ["sliding_attention" if window is not None else "full_attention"] * config.num_layers,
+        }
     if isinstance(config, LlamaConfig) and config.sliding_window is not None:
         # transformers' Llama has no sliding window; Mistral is the same model with one.
         return {

@@ -106,7 +106,7 @@ def _gpt2_rules(prefix: str) -> list[TensorRule]:
     return rules
 
 
-def _decoder_rules(tied: bool) -> list[TensorRule]:
+def _decoder_rules(tied: bool, qkv_bias: bool = False) -> list[TensorRule]:
     """Llama's embeddings, norms, attention and head, which Mixtral shares."""
     h = "model.layers.{i}."
     layer = ("blocks", "layers")
@@ -118,14 +118,17 @@ def _decoder_rules(tied: bool) -> list[TensorRule]:
     ]
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
         rules.append(TensorRule(layer + ("attn", proj, "weight"), f"{h}self_attn.{proj}.weight"))
+    if qkv_bias:  # Qwen2
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            rules.append(TensorRule(layer + ("attn", proj, "bias"), f"{h}self_attn.{proj}.bias"))
     if not tied:
         rules.append(TensorRule(("lm_head", "weight"), "lm_head.weight"))
     return rules
 
 
-def _llama_rules(tied: bool) -> list[TensorRule]:
+def _llama_rules(tied: bool, qkv_bias: bool = False) -> list[TensorRule]:
     mlp = ("blocks", "layers", "mlp")
-    return _decoder_rules(tied) + [
+    return _decoder_rules(tied, qkv_bias) + [
         TensorRule(mlp + (ours, "weight"), f"model.layers.{{i}}.mlp.{theirs}.weight")
         for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
     ]
@@ -214,4 +217,4 @@ def rules_for(
     if isinstance(config, MixtralConfig):
         _refuse_fused_experts(names)
         return _mixtral_rules(config.tie_embeddings), re.compile("|".join(ignored))
-    return _llama_rules(config.tie_embeddings), re.compile("|".join(ignored))
+    return _llama_rules(config.tie_embeddings, config.qkv_bias), re.compile("|".join(ignored))

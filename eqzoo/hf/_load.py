@@ -122,7 +122,8 @@ def load_pretrained(
     `model-0000i-of-0000n.safetensors` listed in `model.safetensors.index.json`. Supported:
     `GPT2LMHeadModel`, `LlamaForCausalLM` (grouped-query attention, tied or untied head,
     `head_dim`, `rope_theta`, Llama-3 `rope_scaling`), `MistralForCausalLM` (Llama's tensors;
-    its `sliding_window` into the config), `MixtralForCausalLM` (as Llama, with
+    its `sliding_window` into the config), `Qwen2ForCausalLM` (Llama's tensors plus q/k/v
+    biases), `MixtralForCausalLM` (as Llama, with
     per-expert tensors `block_sparse_moe.experts.{j}.w1/w2/w3` stacked into
     [`eqzoo.nn.MoE`][]'s (in, out) expert arrays; see [`eqzoo.hf.config_from_hf`][] for
     `sliding_window` and `router_jitter_noise`) and `ViTForImageClassification` (square

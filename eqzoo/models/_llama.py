@@ -40,6 +40,8 @@ class LlamaConfig:
     - `sliding_window`: each position attends to itself and the `sliding_window - 1` before it
       (Mistral); `None` attends to every earlier position. Hugging Face `MistralForCausalLM`
       checkpoints load as a Llama with it.
+    - `qkv_bias`: biases on the query, key and value projections (not the output one): Qwen2's
+      attention. Hugging Face `Qwen2ForCausalLM` checkpoints load as a Llama with it.
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -56,6 +58,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    qkv_bias: bool = False
     remat: str = "none"
     scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
@@ -77,6 +80,8 @@ class LlamaConfig:
         """Number of parameters (a tied head counted once)."""
         d, h, hd = self.embed_dim, self.hidden_dim, self.resolved_head_dim
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        if self.qkv_bias:
+            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
         per_layer = attn + 3 * d * h + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + head + self.num_layers * per_layer + d
@@ -150,6 +155,7 @@ def decoder_layers(c, make_mlp, key):
             Attention(
                 c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
                 use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                use_bias=getattr(c, "qkv_bias", False), out_bias=False,
                 backend=c.attention_backend, sliding_window=c.sliding_window, out_init_std=out_std,
                 key=ka,  # type: ignore[arg-type]
             ),

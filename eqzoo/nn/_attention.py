@@ -114,6 +114,7 @@ class Attention(eqx.Module):
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
         use_bias: bool = False,
+        out_bias: bool | None = None,
         use_rope: bool = True,
         rope_theta: float = 10000.0,
         rope_scaling: RopeScaling | None = None,
@@ -132,6 +133,8 @@ class Attention(eqx.Module):
         - `num_kv_heads`: key/value heads (default `num_heads`); must divide `num_heads`.
         - `head_dim`: size of each head (default `embed_dim // num_heads`).
         - `use_bias`: biases on the four projections.
+        - `out_bias`: a bias on the output projection (default `use_bias`); Qwen2 has biases on
+          the query, key and value projections only (`use_bias=True, out_bias=False`).
         - `use_rope`, `rope_theta`, `rope_scaling`: rotary position embeddings.
         - `backend`: `"xla"`, `"cudnn"` or `"auto"` (cuDNN on GPU for half precision).
         - `causal`: each position attends only to itself and earlier ones (language models);
@@ -171,7 +174,8 @@ class Attention(eqx.Module):
         self.q_proj = init_linear(embed_dim, num_heads * head_dim, std=init_std, key=kq, **lin)
         self.k_proj = init_linear(embed_dim, num_kv_heads * head_dim, std=init_std, key=kk, **lin)
         self.v_proj = init_linear(embed_dim, num_kv_heads * head_dim, std=init_std, key=kv, **lin)
-        self.o_proj = init_linear(num_heads * head_dim, embed_dim, std=out_std, key=ko, **lin)
+        out_lin = lin if out_bias is None else dict(lin, use_bias=out_bias)
+        self.o_proj = init_linear(num_heads * head_dim, embed_dim, std=out_std, key=ko, **out_lin)
         self.rope = RotaryEmbedding(head_dim, theta=rope_theta, scaling=rope_scaling) if use_rope else None
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads

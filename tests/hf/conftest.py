@@ -48,6 +48,22 @@ def _mistral(seed: int, **overrides):
     return transformers.MistralForCausalLM(transformers.MistralConfig(**(config | overrides))).eval()
 
 
+def _qwen2(seed: int, **overrides):
+    config = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
+        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**(config | overrides))).eval()
+    with torch.no_grad():  # transformers initialises biases to zero: make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+    return model
+
+
 def _mixtral(seed: int, **overrides):
     config = dict(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -63,13 +79,15 @@ def _mixtral(seed: int, **overrides):
 # layout), Llama with grouped-query attention and an untied head, Llama with GQA, a tied
 # head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta, and
 # Mixtral (GQA, 4 experts, top-2, untied head; per-expert tensors in HF, stacked in eqzoo), and
-# Mistral (Llama's layout with an 8-position sliding window, shorter than the test sequences).
+# Mistral (Llama's layout with an 8-position sliding window, shorter than the test sequences), and
+# Qwen2 (Llama's layout with query/key/value biases, random here; tied head).
 BUILDERS = {
     "gpt2": lambda: _gpt2(0),
     "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
     "llama-gqa-tied": lambda: _llama(2, tie_word_embeddings=True, head_dim=32, rope_theta=500000.0),
     "mixtral": lambda: _mixtral(4),
     "mistral": lambda: _mistral(5),
+    "qwen2": lambda: _qwen2(6),
 }
 FAMILIES = list(BUILDERS)
 
@@ -87,6 +105,11 @@ def make_llama(seed: int = 0, **overrides):
 def make_mistral(seed: int = 0, **overrides):
     """A tiny random `MistralForCausalLM` (eval mode)."""
     return _mistral(seed, **overrides)
+
+
+def make_qwen2(seed: int = 0, **overrides):
+    """A tiny random `Qwen2ForCausalLM` (eval mode, random q/k/v biases)."""
+    return _qwen2(seed, **overrides)
 
 
 def make_mixtral(seed: int = 0, **overrides):
@@ -175,7 +198,7 @@ def hft():
     pytest's importlib import mode)."""
     return types.SimpleNamespace(
         torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
-        make_mixtral=make_mixtral, make_mistral=make_mistral,
+        make_mixtral=make_mixtral, make_mistral=make_mistral, make_qwen2=make_qwen2,
         hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
         load_with_transformers=load_with_transformers,
     )

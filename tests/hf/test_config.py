@@ -35,8 +35,10 @@ LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
             vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
             hidden_dim=96, num_experts=4, experts_per_token=2, sliding_window=16,
         ),
+        LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176, qkv_bias=True, tie_embeddings=True),
+        LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176, qkv_bias=True, sliding_window=16),
     ],
-    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied", "mistral-windowed", "mixtral-windowed"],
+    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied", "mistral-windowed", "mixtral-windowed", "qwen2", "qwen2-windowed"],
 )
 def test_round_trip_through_transformers_config(config, tmp_path, hft):
     hf = config_to_hf(config)
@@ -58,7 +60,8 @@ def test_round_trip_through_transformers_config(config, tmp_path, hft):
     if isinstance(config, LlamaConfig | MixtralConfig):
         assert getattr(hf_config, "sliding_window", None) == config.sliding_window  # HF Llama has none
         if isinstance(config, LlamaConfig):
-            assert type(hf_config).__name__ == ("LlamaConfig" if config.sliding_window is None else "MistralConfig")
+            expected = "Qwen2Config" if config.qkv_bias else "LlamaConfig" if config.sliding_window is None else "MistralConfig"
+            assert type(hf_config).__name__ == expected
         assert hf_config.num_key_value_heads == config.num_kv_heads
         assert hf_config.head_dim == config.resolved_head_dim
         assert hf_config.rope_parameters["rope_theta"] == config.rope_theta
@@ -141,6 +144,20 @@ def test_sliding_windows_map_both_ways():
     assert config_from_hf(out) == windowed
     assert config_to_hf(LlamaConfig())["architectures"] == ["LlamaForCausalLM"]
     assert config_to_hf(MixtralConfig(sliding_window=128))["sliding_window"] == 128
+
+
+def test_qwen2_sliding_window_on_some_layers_is_refused():
+    qwen2 = {
+        "model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4,
+    }
+    assert config_from_hf(qwen2).qkv_bias and config_from_hf(qwen2).sliding_window is None
+    assert config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 32}).sliding_window == 32
+    assert config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 4, "sliding_window": 32}).sliding_window is None
+    with pytest.raises(HFFormatError, match=r"must be on in every layer \(max_window_layers=0\) or in none"):
+        config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32})
+    with pytest.raises(HFFormatError, match=r"must be on in every layer"):
+        config_from_hf(qwen2 | {"layer_types": ["full_attention", "sliding_attention"] * 2, "sliding_window": 32})
 
 
 def test_mixtral_without_renormalised_router_weights_is_not_exported():

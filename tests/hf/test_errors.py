@@ -44,8 +44,8 @@ def test_unsupported_architecture_lists_the_supported_ones(hf_checkpoints, tmp_p
     _edit_config(folder, architectures=["BertForMaskedLM"], model_type="bert")
     with pytest.raises(HFFormatError, match=r"unsupported architectures \['BertForMaskedLM'\].*supports GPT2LMHeadModel \(model_type 'gpt2'\), LlamaForCausalLM.*MixtralForCausalLM \(model_type 'mixtral'\)"):
         eqzoo.hf.load_pretrained(folder)
-    with pytest.raises(HFFormatError, match=r"unsupported model_type 'qwen2'.*LlamaForCausalLM.*MistralForCausalLM"):
-        eqzoo.hf.config_from_hf({"model_type": "qwen2"})
+    with pytest.raises(HFFormatError, match=r"unsupported model_type 'gemma'.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+        eqzoo.hf.config_from_hf({"model_type": "gemma"})
     with pytest.raises(HFFormatError, match=r"architectures \['LlamaForCausalLM'\] but model_type 'gpt2'"):
         eqzoo.hf.config_from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "gpt2"})
 

@@ -15,8 +15,8 @@ from eqzoo.models import GPT2, Llama, Mixtral
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral"]
-CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama}
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2"]
+CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama, "qwen2": Llama}
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
 
 
@@ -80,6 +80,13 @@ def test_loaded_sliding_windows(hf_checkpoints, loaded, tmp_path, hft):
     tokens = hft.random_tokens(6, shape=(2, 20))
     err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
     assert err < ATOL, f"mixtral, sliding window 6: max logit error {err:.2e} >= {ATOL}"
+    # Qwen2 with its window on every layer (max_window_layers=0).
+    hf_model = hft.make_qwen2(7, use_sliding_window=True, sliding_window=5, max_window_layers=0)
+    hf_model.save_pretrained(tmp_path / "qwen2")
+    model = eqzoo.hf.load_pretrained(tmp_path / "qwen2")
+    assert model.config.sliding_window == 5 and model.config.qkv_bias
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"qwen2, sliding window 5: max logit error {err:.2e} >= {ATOL}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -145,6 +145,15 @@ def test_sliding_window_config(family):
     assert windowed.flops_per_token(256) == full.flops_per_token(256)
 
 
+def test_qkv_bias_adds_biases_to_query_key_value_only():
+    config = models.get_config("tiny-llama", qkv_bias=True)
+    attn = models.create(config, key=jax.random.key(0)).blocks.layers.attn
+    assert attn.q_proj.bias is not None and attn.k_proj.bias is not None and attn.v_proj.bias is not None
+    assert attn.o_proj.bias is None
+    model = models.create(config, key=jax.random.key(0))
+    assert sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))) == config.num_params()
+
+
 def test_sliding_window_model_decodes_like_its_forward_pass():
     model = models.create("tiny-llama", key=jax.random.key(0), sliding_window=3)
     tokens = jax.random.randint(jax.random.key(1), (10,), 0, 200, dtype=jnp.int32)
