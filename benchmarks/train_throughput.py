@@ -78,8 +78,9 @@ def main(argv=None) -> dict:
 
     batches = [{"tokens": jnp.asarray(x), "targets": jnp.asarray(y)}
                for x, y in token_batches(config.vocab_size, args.batch, args.seq)]
-    if args.packed_docs < 0 or args.packed_docs > args.seq:
-        p.error(f"--packed-docs must be in [0, seq={args.seq}], got {args.packed_docs}")
+    if args.packed_docs < 0 or args.packed_docs > args.seq // 2:
+        p.error(f"--packed-docs must be in [0, seq/2={args.seq // 2}] (a document needs two "
+                f"positions for one counted target), got {args.packed_docs}")
     if args.packed_docs:
         # N equal documents per row (1-based ids); the loss counts every position but the
         # last of each document, as pack_documents' mask would.

@@ -8,6 +8,8 @@ import numpy as np
 from .._errors import ConfigError, ShapeError, shape_str
 
 PackedArrays = dict[str, np.ndarray]
+_INT32_MAX = int(np.iinfo(np.int32).max)
+_END = object()
 
 
 def _as_document(i: int, doc, name: str = "document") -> np.ndarray:
@@ -24,7 +26,13 @@ def _as_document(i: int, doc, name: str = "document") -> np.ndarray:
         )
     if arr.size and int(arr.min()) < 0:
         raise ShapeError(f"pack_documents: {name} {i} holds a negative token id ({int(arr.min())}).")
-    return arr.astype(np.int32, copy=False)
+    if arr.size and int(arr.max()) > _INT32_MAX:
+        raise ShapeError(
+            f"pack_documents: {name} {i} holds token id {int(arr.max())}, beyond int32 (the "
+            "packed arrays' dtype); no vocabulary is that large: check the tokenizer's output."
+        )
+    # A copy: the caller may reuse its buffer for the next document (a generator's).
+    return np.array(arr, dtype=np.int32)
 
 
 def pack_documents(
@@ -80,10 +88,12 @@ def pack_documents(
     mask of another length.
     """
     for name, value, minimum in (("seq_len", seq_len, 1), ("num_bins", num_bins, 1), ("pad_id", pad_id, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ConfigError(f"pack_documents: {name} must be an integer >= {minimum}; got {value!r}.")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
-        raise ConfigError(f"pack_documents: eos_id must be a non-negative integer or None; got {eos_id!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= _INT32_MAX:
+            raise ConfigError(f"pack_documents: {name} must be an integer in [{minimum}, 2**31 - 1]; got {value!r}.")
+    if eos_id is not None and (
+        isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer)) or not 0 <= eos_id <= _INT32_MAX
+    ):
+        raise ConfigError(f"pack_documents: eos_id must be None or an integer in [0, 2**31 - 1]; got {eos_id!r}.")
     if isinstance(documents, np.ndarray) and documents.ndim == 1:
         raise ShapeError(
             "pack_documents takes an iterable of documents (one token sequence each); got one 1-D "
@@ -115,6 +125,9 @@ def pack_documents(
             i = len(room) - 1
         open_rows[i].append(piece)
         room[i] -= m
+        if room[i] == 0:  # full: finished now, its slot freed for another row
+            finished.append(open_rows.pop(i))
+            room.pop(i)
 
     count = 0
     for i, doc in enumerate(documents):
@@ -124,7 +137,7 @@ def pack_documents(
             weights = np.ones(tokens.shape[0], bool)
         else:
             try:
-                weights = np.asarray(next(masks_iter), dtype=bool)
+                weights = np.array(next(masks_iter), dtype=bool)  # a copy, as for the tokens
             except StopIteration:
                 raise ShapeError(
                     f"pack_documents: target_masks ran out at document {i}; give one mask per document."
@@ -141,7 +154,7 @@ def pack_documents(
         for start in range(0, max(pairs, 0), seq_len):
             m = min(seq_len, pairs - start)
             place((tokens[start : start + m + 1], weights[start + 1 : start + m + 1]))
-    if masks_iter is not None and next(masks_iter, None) is not None:
+    if masks_iter is not None and next(masks_iter, _END) is not _END:
         raise ShapeError(f"pack_documents: more target masks than the {count} documents.")
     finished.extend(open_rows)
     if not finished:

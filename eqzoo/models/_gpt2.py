@@ -5,6 +5,7 @@ import math
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError
@@ -18,6 +19,7 @@ from ..nn import (
     Stacked,
     TransformerBlock,
 )
+from ..sharding._activation import constrain, constrain_forward
 from ._lm import AbstractLM
 from ._validate import check_positive
 
@@ -140,5 +142,9 @@ class GPT2(AbstractLM):
     def embed_tokens(
         self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
-        """Token embeddings plus learned position embeddings."""
-        return self.token_embeddings(tokens) + self.pos_embed(positions)
+        """Token embeddings plus learned position embeddings. Under a mesh the position table
+        is read whole (the `"position_table"` activation rule): with packed documents the
+        positions are data, and a lookup into a table split over `fsdp` made XLA's
+        partitioner rematerialise it."""
+        table = constrain_forward(self.pos_embed.weight, "position_table")
+        return self.token_embeddings(tokens) + constrain(jnp.take(table, positions, axis=0), "residual")

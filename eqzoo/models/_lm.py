@@ -143,7 +143,9 @@ class AbstractLM(eqx.Module):
           positions count from 0 at the start of each run (unless `positions` is given), so
           every document's logits are those it would get alone.
         - `positions`: the position of each token (learned position embeddings, rotary
-          angles); default `0, 1, ...`, or restarting per segment with `segment_ids`.
+          angles), in `[0, max_seq)` (not range-checked: they are data); default `0, 1, ...`,
+          or restarting per segment with `segment_ids`. By convention segment id 0 marks
+          padding ([`eqzoo.train.lm_loss`][] does not count it when the batch has no mask).
         - `key`: unused (the models have no dropout); accepted for a uniform signature.
 
         **Returns:** logits of shape `(seq, vocab)` in the parameters' dtype.

@@ -237,7 +237,11 @@ class Attention(eqx.Module):
         window = self.sliding_window
         if resolve_backend(self.backend, q.dtype) == "cudnn":
             # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
-            # one); the window is cuDNN's own (`(window - 1, 0)`: itself and window - 1 before).
+            # one), given per head: under vmap, jax 0.10's batching rule for the cuDNN call
+            # reshapes a batched bias to (batch, heads, seq, seq) and fails on a head axis of 1.
+            # The window is cuDNN's own (`(window - 1, 0)`: itself and window - 1 before).
+            if mask is not None:
+                mask = jnp.broadcast_to(mask, (self.num_heads, seq, seq))
             o = jax.nn.dot_product_attention(
                 q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn",
                 local_window_size=None if window is None else (window - 1, 0),

@@ -30,10 +30,14 @@ ACTIVATION_RULES: dict[str, P] = {
     # (as FSDP gathers every weight it uses) and vocab-parallel over `tensor`, so a lookup is a
     # masked local gather plus one all-reduce over `tensor`.
     "vocab_table": P("tensor", None),
+    # Learned position embeddings (max_seq, embed), as GPT-2's lookup reads them: gathered (the
+    # table is small; its rows are picked by data when documents are packed).
+    "position_table": P(None, None),
 }
 """The default activation rules: logical name -> `PartitionSpec`. `"residual"` is the hidden
 states of one example (no batch axis: [`eqzoo.sharding.batch_vmap`][] adds it, over the mesh's
-batch axes); `"vocab_table"` is the token embedding table as the lookup reads it."""
+batch axes); `"vocab_table"` is the token embedding table as the lookup reads it, and
+`"position_table"` GPT-2's position embedding table as its lookup reads it."""
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P]] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None

@@ -80,7 +80,8 @@ def fit(
       step; logged as `eval/<name>`.
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
       last log) and `train/steps_per_s` (training steps per second over that window, not
-      counting evaluation, loggers and callbacks).
+      counting evaluation, loggers and callbacks; checkpoint saves count, as the time they
+      take from training).
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`.
     - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)

@@ -41,6 +41,13 @@ def _check_scalar_loss(loss):
         )
 
 
+def _weigh_aux(aux, w, counted, weigh):
+    """Every floating metric times `w`, except the count `"tokens"` itself when weighting by it."""
+    if isinstance(aux, dict):
+        return {name: a if counted and name == "tokens" else jax.tree.map(lambda x: weigh(x, w), a) for name, a in aux.items()}
+    return jax.tree.map(lambda x: weigh(x, w), aux)
+
+
 def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
     def split(x):
         if x.ndim == 0 or x.shape[0] % k:
@@ -152,7 +159,12 @@ def make_train_step(
       `loss_scale="dynamic"` the optimizer state must come from `TrainState.create(...,
       precision=...)`.
     - `grad_accum_steps`: split each batch into this many micro-batches along the leading axis
-      and accumulate gradients with `lax.scan` inside the one compiled step.
+      and accumulate gradients with `lax.scan` inside the one compiled step. When `loss_fn`
+      reports the number of positions it averaged over as the scalar metric `"tokens"` (as
+      [`eqzoo.train.lm_loss`][] does), each micro-batch is weighted by it, so the loss, the
+      metrics and the gradient are those of the whole batch even when masks or packed rows
+      count different numbers of positions per micro-batch (and `"tokens"` is the batch's
+      total); otherwise the micro-batches weigh alike.
     - `donate`: donate the input state's buffers to the output (halves peak state memory).
     - `mesh`: for a state sharded on this `jax.sharding.Mesh` (see `eqzoo.sharding`): the new
       state keeps the input state's shardings (`out_shardings`), metrics are replicated, and
@@ -218,20 +230,32 @@ def make_train_step(
             aux_shape = jax.eval_shape(lambda: grad_fn(params, parts.model_state, first_mb, keys[0])[0][1][2])
             zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
 
+            # A loss that reports how many positions it averaged over (`"tokens"`, as lm_loss
+            # does) is a mean over a different count in each micro-batch (masks, packed rows):
+            # weighting each micro-batch by its count makes the accumulated loss and gradient
+            # those of the whole batch. Otherwise micro-batches (of equal size) weigh alike.
+            counted = isinstance(aux_shape, dict) and "tokens" in aux_shape and aux_shape["tokens"].shape == ()
+
+            def weigh(x, w):
+                return x * w.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
             def body(carry, xs):
-                g_acc, loss_acc, aux_acc, mstate = carry
+                g_acc, loss_acc, aux_acc, w_acc, mstate = carry
                 mb, k = xs
                 (_, (loss, mstate, aux)), g = grad_fn(params, mstate, mb, k)
-                g_acc = jax.tree.map(jnp.add, g_acc, g)
+                w = aux["tokens"].astype(jnp.float32) if counted else jnp.ones((), jnp.float32)
+                g_acc = jax.tree.map(lambda acc, x: acc + weigh(x, w), g_acc, g)
+                aux = _weigh_aux(aux, w, counted, weigh)
                 aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
-                return (g_acc, loss_acc + loss, aux_acc, mstate), None
+                return (g_acc, loss_acc + weigh(loss, w), aux_acc, w_acc + w, mstate), None
 
-            init = (zero_grads, jnp.zeros((), jnp.dtype(precision.output_dtype)), zero_aux, parts.model_state)
-            (grads, loss, aux, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
-            inv = 1.0 / grad_accum_steps
-            grads = jax.tree.map(lambda g: g * jnp.asarray(inv, g.dtype), grads)
-            loss = loss * jnp.asarray(inv, loss.dtype)
-            aux = jax.tree.map(lambda a: a * jnp.asarray(inv, a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, aux)
+            zero = jnp.zeros((), jnp.float32)
+            init = (zero_grads, jnp.zeros((), jnp.dtype(precision.output_dtype)), zero_aux, zero, parts.model_state)
+            (grads, loss, aux, total, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
+            inv = 1.0 / jnp.maximum(total, 1.0) if counted else jnp.float32(1.0 / grad_accum_steps)
+            grads = jax.tree.map(lambda g: weigh(g, inv), grads)
+            loss = weigh(loss, inv)
+            aux = _weigh_aux(aux, inv, counted, weigh)
 
         if scale is not None:
             grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)

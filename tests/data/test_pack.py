@@ -77,6 +77,19 @@ def test_eos_and_target_masks():
     assert data.pack_documents([[4]], 4, eos_id=2)["mask"].sum() == 1
 
 
+def test_a_generator_that_reuses_its_buffer():
+    """Documents are copied as they are read: a producer may overwrite its buffer."""
+
+    def reused():
+        buf = np.zeros(4, np.int32)
+        for doc in ([1, 2, 3], [4, 5, 6, 7], [8, 9]):
+            buf[: len(doc)] = doc
+            yield buf[: len(doc)]
+
+    packed = data.pack_documents(reused(), 16, num_bins=1)
+    assert packed["tokens"][0, :6].tolist() == [1, 2, 4, 5, 6, 8]
+
+
 def test_generator_input_and_array_loader():
     packed = data.pack_documents((d for d in _documents(n=60)), 16)
     loader = data.ArrayLoader(packed, batch_size=4, seed=0)
@@ -87,12 +100,16 @@ def test_generator_input_and_array_loader():
 
 def test_pack_documents_errors():
     docs = [np.arange(5)]
-    with pytest.raises(ConfigError, match=r"seq_len must be an integer >= 1; got 0"):
+    with pytest.raises(ConfigError, match=r"seq_len must be an integer in \[1, 2\*\*31 - 1\]; got 0"):
         data.pack_documents(docs, 0)
-    with pytest.raises(ConfigError, match=r"num_bins must be an integer >= 1"):
+    with pytest.raises(ConfigError, match=r"num_bins must be an integer in \[1,"):
         data.pack_documents(docs, 8, num_bins=0)
-    with pytest.raises(ConfigError, match=r"eos_id must be a non-negative integer"):
+    with pytest.raises(ConfigError, match=r"eos_id must be None or an integer in \[0, 2\*\*31 - 1\]"):
         data.pack_documents(docs, 8, eos_id=-1)
+    with pytest.raises(ConfigError, match=r"pad_id must be an integer in \[0, 2\*\*31 - 1\]; got 4294967296"):
+        data.pack_documents(docs, 8, pad_id=2**32)
+    with pytest.raises(ShapeError, match=r"document 0 holds token id 2147483648, beyond int32"):
+        data.pack_documents([np.array([1, 2**31])], 8)
     with pytest.raises(ShapeError, match=r"got one 1-D array. Wrap a single document in a list"):
         data.pack_documents(np.arange(5), 8)
     with pytest.raises(ShapeError, match=r"document 1 must hold integer token ids; got dtype float64"):
@@ -107,5 +124,7 @@ def test_pack_documents_errors():
         data.pack_documents([[1, 2], [3, 4]], 8, target_masks=[[True, True]])
     with pytest.raises(ShapeError, match=r"more target masks than the 1 documents"):
         data.pack_documents([[1, 2]], 8, target_masks=[[True, True], [True]])
+    with pytest.raises(ShapeError, match=r"more target masks than the 1 documents"):
+        data.pack_documents([[1, 2]], 8, target_masks=[[True, True], None])
     with pytest.raises(ConfigError, match=r"none of the 2 documents has two tokens"):
         data.pack_documents([[1], []], 8)

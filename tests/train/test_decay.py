@@ -54,3 +54,18 @@ def test_decay_with_the_mask_leaves_norms_untouched_by_decay():
     # Zero gradients: only decayed parameters move.
     assert float(jnp.max(jnp.abs(updates.final_norm.weight))) == 0.0
     assert float(jnp.max(jnp.abs(updates.blocks.layers.attn.q_proj.weight))) > 0.0
+
+
+def test_unstacked_blocks_a_bare_stack_and_int8_scales():
+    model = models.create("tiny-llama", key=jax.random.key(0))
+    unstacked = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
+    mask = train.weight_decay_mask(eqx.filter(unstacked, eqx.is_inexact_array))
+    assert all(layer.attn.q_proj.weight for layer in mask.blocks.layers)
+    assert not any(layer.attn_norm.weight for layer in mask.blocks.layers)
+    bare = train.weight_decay_mask(model.blocks)  # a Stacked at the root
+    assert bare.layers.attn.q_proj.weight is True and bare.layers.attn_norm.weight is False
+    from eqzoo import quant
+
+    int8 = quant.quantize(models.create("tiny-mixtral", key=jax.random.key(0)))
+    mask = train.weight_decay_mask(eqx.filter(int8, eqx.is_inexact_array))
+    assert mask.blocks.layers.mlp.up_proj.scale is False and mask.blocks.layers.attn.q_proj.scale is False

@@ -51,6 +51,25 @@ def test_grad_accumulation_equals_large_batch(lm):
     assert not np.allclose(jax.tree.leaves(params1)[0], np.asarray(jax.tree.leaves(eqx.filter(lm, eqx.is_array))[0]))
 
 
+def test_grad_accumulation_weights_micro_batches_by_counted_tokens(lm):
+    """Rows counting 1..8 positions (as masks or packed rows do): the accumulated loss, gradient
+    and token count are those of the whole batch, not an equal-weight mean of micro-batches."""
+    optimizer = optax.sgd(0.5)
+    batch = _lm_batch()
+    batch["mask"] = jnp.arange(8)[None, :] < jnp.arange(1, 9)[:, None]  # row r counts r + 1
+    results = {}
+    for k in (1, 4):
+        state = train.TrainState.create(_fresh(lm), optimizer, key=jax.random.key(0))
+        state, metrics = train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=k)(state, batch)
+        results[k] = (jax.tree.map(np.asarray, eqx.filter(state.model, eqx.is_array)), jax.tree.map(float, metrics))
+    (params1, m1), (params4, m4) = results[1], results[4]
+    assert m1["tokens"] == m4["tokens"] == 36
+    np.testing.assert_allclose(m4["loss"], m1["loss"], atol=1e-6)
+    np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params4), jax.tree.leaves(params1), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 def _fresh(model):
     return jax.tree.map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, model)
 
