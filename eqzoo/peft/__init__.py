@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning: LoRA adapters on any linear layer of any eqzoo model.
+"""Parameter-efficient fine-tuning: LoRA adapters on any linear layer of any eqzoo model, and on
+the expert weights of mixture-of-experts layers.
 
 Wrap layers by path with [`eqzoo.peft.lora`][], train only the adapters (pass
 [`eqzoo.peft.adapter_filter`][] as `TrainState.create(..., trainable=...)`), then fold them into
@@ -9,6 +10,7 @@ the base weights with [`eqzoo.peft.merge`][] or keep them in a small file with
 from ._io import load_adapters as load_adapters, save_adapters as save_adapters
 from ._lora import (
     LoRALinear as LoRALinear,
+    LoRAWeight as LoRAWeight,
     adapter_count as adapter_count,
     adapter_filter as adapter_filter,
     lora as lora,
@@ -18,6 +20,7 @@ from ._lora import (
 
 __all__ = [
     "LoRALinear",
+    "LoRAWeight",
     "adapter_count",
     "adapter_filter",
     "load_adapters",

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import equinox as eqx
+import jax
 
 from .._errors import ConfigError, require
 from ..checkpoint import CheckpointMismatchError, load_weights, save_weights
-from ..nn import Targets, select_linears
-from ._lora import LoRALinear, adapter_filter
+from ..nn import Targets
+from ..sharding import path_str
+from ._lora import _is_lora, adapter_filter
 
 _KEY = "eqzoo.peft"
 
@@ -19,7 +21,8 @@ _KEY = "eqzoo.peft"
 def _scalings(model) -> dict[str, float]:
     # Each adapter's static scaling (alpha / rank), by layer path: not an array, so not in the
     # tensors, but loading adapters under another scaling would change the model silently.
-    return {path: x.scaling for path, x in select_linears(model) if isinstance(x, LoRALinear)}
+    leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_lora)[0]
+    return {path_str(path): x.scaling for path, x in leaves if _is_lora(x)}
 
 
 def save_adapters(

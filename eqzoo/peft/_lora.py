@@ -17,11 +17,14 @@ from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..nn import (
     AbstractLinear,
+    AbstractWeight,
+    MoE,
     Targets,
     apply_linear,
     linear_dtype,
     replace_linears,
     select_linears,
+    weight_value,
 )
 from ..nn._replace import _compile_targets
 from ..sharding import path_str
@@ -126,17 +129,97 @@ class LoRALinear(AbstractLinear):
         return self.scaling * jnp.einsum("...or,...ri->...oi", b, a)
 
 
+class LoRAWeight(AbstractWeight):
+    """An expert weight of a mixture of experts with a low-rank adapter per expert:
+    `W + scaling * lora_a @ lora_b`, for weights used as `x @ W`.
+
+    `base` is the frozen `(*lead, in, out)` weight (a float array, or an
+    [`eqzoo.quant.QuantizedWeight`][] for int8 experts); `lora_a` `(*lead, in, rank)` and
+    `lora_b` `(*lead, rank, out)` are the trainable factors, one pair per expert (and per
+    stacked layer: `lead` is `(layers, experts)` inside a [`eqzoo.nn.Stacked`][]). `lora_b`
+    starts at zero. The layer materialises the adapted weight when it runs
+    ([`eqzoo.nn.weight_value`][]), summing in float32; every MoE implementation
+    (`"dense"`, `"capacity"`, `"ragged"`) takes it. Build it with
+    `eqzoo.peft.lora(model, experts=True)` rather than by hand.
+    """
+
+    base: Float[Array, "*lead in out"] | AbstractWeight
+    lora_a: Float[Array, "*lead in rank"]
+    lora_b: Float[Array, "*lead rank out"]
+    scaling: float = eqx.field(static=True)
+
+    def __init__(
+        self,
+        base: Float[Array, "*lead in out"] | AbstractWeight,
+        *,
+        rank: int,
+        alpha: int | float | None = None,
+        use_rslora: bool = False,
+        dtype=None,
+        key: PRNGKey,
+    ):
+        """**Arguments:** `base`, the weight to adapt; `rank`, `alpha`, `use_rslora`, `dtype`,
+        `key` as for [`eqzoo.peft.LoRALinear`][] (`lora_a` drawn from N(0, 1/in))."""
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        shape = tuple(base.shape)
+        if len(shape) < 2:
+            raise ConfigError(f"LoRAWeight adapts a (..., in, out) weight; got shape {shape}.")
+        *lead, in_features, out_features = shape
+        base_dtype = jnp.dtype(base.dtype)
+        if dtype is None:
+            dtype = base_dtype if jnp.finfo(base_dtype).bits >= 32 else jnp.dtype(jnp.float32)
+        self.base = base
+        std = 1.0 / math.sqrt(in_features)
+        self.lora_a = std * jax.random.normal(key, (*lead, in_features, rank), dtype=dtype)
+        self.lora_b = jnp.zeros((*lead, rank, out_features), dtype=dtype)
+        alpha = float(rank if alpha is None else alpha)
+        self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The base weight's shape."""
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The base weight's floating dtype."""
+        return jnp.dtype(self.base.dtype)
+
+    @property
+    def rank(self) -> int:
+        """The adapter's rank `r`."""
+        return self.lora_a.shape[-1]
+
+    def delta(self) -> Float[Array, "*lead in out"]:
+        """The dense update `scaling * lora_a @ lora_b` (float32)."""
+        a = self.lora_a.astype(jnp.float32)
+        b = self.lora_b.astype(jnp.float32)
+        return self.scaling * jnp.einsum("...ir,...ro->...io", a, b)
+
+    def materialize(self, dtype) -> Float[Array, "*lead in out"]:
+        """The adapted weight `base + delta()`, summed in float32, in `dtype`."""
+        return (weight_value(self.base, jnp.float32) + self.delta()).astype(dtype)
+
+    def merged(self) -> Float[Array, "*lead in out"]:
+        """The adapted weight as a plain array in the base's dtype (an int8 base is
+        dequantized first)."""
+        return self.materialize(self.dtype)
+
+
 def lora(
     model,
     *,
     rank: int = 8,
     alpha: int | float | None = None,
     targets: Targets = None,
+    experts: bool | None = None,
     use_rslora: bool = False,
     dtype=None,
     key: PRNGKey,
 ):
-    """A copy of `model` with a [`eqzoo.peft.LoRALinear`][] adapter on each selected linear layer.
+    """A copy of `model` with a [`eqzoo.peft.LoRALinear`][] adapter on each selected linear layer
+    (and a [`eqzoo.peft.LoRAWeight`][] on each mixture-of-experts expert weight, with `experts`).
 
     The adapted model computes exactly what `model` does until the adapters are trained (`lora_b`
     starts at zero). Train only the adapters with
@@ -154,6 +237,10 @@ def lora(
     - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every linear layer (as QLoRA
       recommends), or regexes searched in the dotted paths that
       [`eqzoo.nn.linear_paths`][] lists, e.g. `"q_proj|v_proj"` or `r"attn\\."`.
+    - `experts`: also adapt the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
+      arrays, not linear layers: most of a Mixtral's parameters), one low-rank pair per
+      expert. `None` (default): when `targets` is `None` (adapt everything), not when
+      `targets` names layers.
     - `key`: split into one key per adapted layer (stacked layers draw one factor per depth).
 
     **Returns:** the adapted model. **Raises:** `ConfigError` for a bad rank, a target that
@@ -167,16 +254,51 @@ def lora(
             f"lora: {already} already have LoRA adapters; merge them first (eqzoo.peft.merge) or "
             "narrow the targets."
         )
+    key, expert_key = jax.random.split(key)
     keys = iter(jax.random.split(key, max(len(selected), 1)))
+    options = dict(rank=rank, alpha=alpha, use_rslora=use_rslora, dtype=dtype)
 
     def adapt(path, layer):
-        return LoRALinear(layer, rank=rank, alpha=alpha, use_rslora=use_rslora, dtype=dtype, key=next(keys))
+        return LoRALinear(layer, **options, key=next(keys))
 
-    return replace_linears(model, adapt, targets=targets, kinds=kinds, what="lora")
+    out = replace_linears(model, adapt, targets=targets, kinds=kinds, what="lora")
+    if experts is None:  # with everything adapted, and only where there are experts
+        experts = targets is None and any(_is_moe(x) for x in jax.tree.leaves(out, is_leaf=_is_moe))
+    return _adapt_experts(out, options, expert_key) if experts else out
+
+
+_EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _is_moe(x) -> bool:
+    return isinstance(x, MoE)
+
+
+def _adapt_experts(model, options, key):
+    """Every expert weight of every MoE layer wrapped in a `LoRAWeight`."""
+    layers = [x for x in jax.tree.leaves(model, is_leaf=_is_moe) if _is_moe(x)]
+    if not layers:
+        raise ConfigError("lora(experts=True): the model has no mixture-of-experts layer (eqzoo.nn.MoE).")
+    keys = iter(jax.random.split(key, 3 * len(layers)))
+
+    def one(layer):
+        if not _is_moe(layer):
+            return layer
+        for name in _EXPERT_WEIGHTS:
+            w = getattr(layer, name)
+            if isinstance(w, LoRAWeight):
+                raise ConfigError(
+                    "lora: the experts already have LoRA adapters; merge them first "
+                    "(eqzoo.peft.merge) or pass experts=False."
+                )
+            layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, LoRAWeight(w, **options, key=next(keys)))
+        return layer
+
+    return jax.tree.map(one, model, is_leaf=_is_moe)
 
 
 def _is_lora(x) -> bool:
-    return isinstance(x, LoRALinear)
+    return isinstance(x, LoRALinear | LoRAWeight)
 
 
 def adapter_filter(model, *, also: Targets = None):
@@ -192,7 +314,7 @@ def adapter_filter(model, *, also: Targets = None):
     if not any(_is_lora(x) for x in jax.tree.leaves(model, is_leaf=_is_lora)):
         raise ConfigError("adapter_filter: the model has no LoRA adapters; add them with eqzoo.peft.lora first.")
 
-    def on_adapters(layer: LoRALinear):
+    def on_adapters(layer: LoRALinear | LoRAWeight):
         return jax.tree.map(lambda x: x is layer.lora_a or x is layer.lora_b, layer)
 
     spec = jax.tree.map(lambda x: on_adapters(x) if _is_lora(x) else False, model, is_leaf=_is_lora)
@@ -227,7 +349,8 @@ def _dense(layer: eqx.nn.Linear | AbstractLinear) -> eqx.nn.Linear:
 def merge(model):
     """A copy of `model` with every [`eqzoo.peft.LoRALinear`][] folded into a plain
     `equinox.nn.Linear` whose weight is `W + scaling * lora_b @ lora_a` (in the base weight's
-    dtype; summed in float32). The merged model computes what the adapted one does and runs at
+    dtype; summed in float32), and every [`eqzoo.peft.LoRAWeight`][] into the plain expert
+    array `W + scaling * lora_a @ lora_b`. The merged model computes what the adapted one does and runs at
     the base model's speed; it can be exported with `eqzoo.hf.save_pretrained`.
 
     A quantized base (`eqzoo.quant.QuantizedLinear`) is dequantized first, so the merged layer
@@ -237,12 +360,18 @@ def merge(model):
     """
     if not any(_is_lora(x) for x in jax.tree.leaves(model, is_leaf=_is_lora)):
         raise ConfigError("merge: the model has no LoRA adapters (nothing to merge).")
-    return jax.tree.map(lambda x: x.as_linear() if _is_lora(x) else x, model, is_leaf=_is_lora)
+    def one(x):
+        if isinstance(x, LoRAWeight):
+            return x.merged()
+        return x.as_linear() if isinstance(x, LoRALinear) else x
+
+    return jax.tree.map(one, model, is_leaf=_is_lora)
 
 
 def unwrap(model):
-    """A copy of `model` with every [`eqzoo.peft.LoRALinear`][] replaced by its base layer: the
-    adapters are dropped (the base model back)."""
+    """A copy of `model` with every [`eqzoo.peft.LoRALinear`][] replaced by its base layer and
+    every [`eqzoo.peft.LoRAWeight`][] by its base weight: the adapters are dropped (the base
+    model back)."""
     return jax.tree.map(lambda x: x.base if _is_lora(x) else x, model, is_leaf=_is_lora)
 
 

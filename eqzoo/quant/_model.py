@@ -5,7 +5,15 @@ import jax
 import jax.numpy as jnp
 
 from .._errors import ConfigError
-from ..nn import AbstractLinear, MoE, Targets, linear_paths, replace_linears, select_linears
+from ..nn import (
+    AbstractLinear,
+    AbstractWeight,
+    MoE,
+    Targets,
+    linear_paths,
+    replace_linears,
+    select_linears,
+)
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear
 from ._weight import QuantizedWeight
@@ -97,6 +105,12 @@ def _quantize_experts(model):
             return layer
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(layer, name)
+            if isinstance(w, AbstractWeight) and not isinstance(w, QuantizedWeight):
+                raise ConfigError(
+                    f"quantize: the experts' {name} is a {type(w).__name__}, not a float array; "
+                    "quantize before adding LoRA (eqzoo.peft.lora(eqzoo.quant.quantize(model), ...)), "
+                    "or pass experts=False."
+                )
             if not isinstance(w, QuantizedWeight):
                 layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, QuantizedWeight(w))
         return layer

@@ -67,10 +67,16 @@ MIXTRAL_RULES: tuple[tuple[str, P], ...] = (
     # small: replicated.
     # Int8 experts (eqzoo.quant.QuantizedWeight) keep the layout: codes as the weight, the
     # per-column scale (layers, experts, out) as its columns.
-    (r"mlp\.(gate|up)_proj(\.codes)?$", P(None, None, "fsdp", "tensor")),
-    (r"mlp\.(gate|up)_proj\.scale$", P(None, None, "tensor")),
-    (r"mlp\.down_proj(\.codes)?$", P(None, None, "tensor", "fsdp")),
-    (r"mlp\.down_proj\.scale$", P(None, None, "fsdp")),
+    # LoRA on experts (eqzoo.peft.LoRAWeight) keeps the base's layout under `.base`; its
+    # factors are split like the side of the weight they share: `lora_b` of gate/up
+    # (layers, experts, r, hidden) and `lora_a` of down (layers, experts, hidden, r) over
+    # `tensor`; the other factors are small and replicated.
+    (r"mlp\.(gate|up)_proj(\.base)*(\.codes)?$", P(None, None, "fsdp", "tensor")),
+    (r"mlp\.(gate|up)_proj(\.base)*\.scale$", P(None, None, "tensor")),
+    (r"mlp\.down_proj(\.base)*(\.codes)?$", P(None, None, "tensor", "fsdp")),
+    (r"mlp\.down_proj(\.base)*\.scale$", P(None, None, "fsdp")),
+    (r"mlp\.(gate|up)_proj\.lora_b$", P(None, None, None, "tensor")),
+    (r"mlp\.down_proj\.lora_a$", P(None, None, "tensor", None)),
 )
 """Default rules for [`eqzoo.models.Mixtral`][]: `LLAMA_RULES` for attention, embeddings and
 norms; each expert's SwiGLU split as a dense SwiGLU is (hidden units over `tensor`, embedding
