@@ -163,12 +163,16 @@ def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Qwen2 is Llama's architecture with biases on the query, key and value projections. Its
     # sliding window is per layer: layer_types (transformers 5), or use_sliding_window with the
     # layers from max_window_layers on. eqzoo's layers share one window, so it is all or none.
-    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    # Qwen2 has no attention_bias option (its q/k/v always have biases, o never): ignored.
+    fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768)
     layers = fields["num_layers"]
     types = d.get("layer_types")
     if types is None:
-        first = int(d.get("max_window_layers", 28))
-        sliding = d.get("use_sliding_window", False)
+        # As transformers: no window unless use_sliding_window and a sliding_window are given.
+        sliding = bool(d.get("use_sliding_window", False)) and d.get("sliding_window", 4096) is not None
+        first = d.get("max_window_layers", 28)
+        if sliding and (isinstance(first, bool) or not isinstance(first, int) or first < 0):
+            raise _unsupported(d, "max_window_layers", first, "it must be a non-negative integer")
         types = ["sliding_attention" if sliding and i >= first else "full_attention" for i in range(layers)]
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:

@@ -101,7 +101,9 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False) -> Any:
         if "not in the file" in message or "not in the model" in message or _shape_differs(message):
             message = message.replace("\nPass cast=True to convert dtypes.", "") + (
                 "\nAdapt the model with the targets and rank the adapters were trained with "
-                "(eqzoo.peft.lora(base, rank=..., targets=...))."
+                "(eqzoo.peft.lora(base, rank=..., targets=..., experts=...)); a mixture-of-experts "
+                "model adapted without experts (before they were adapted by default) needs "
+                "experts=False."
             )
         else:  # dtypes only
             message = message.replace("Pass cast=True", "Pass load_adapters(..., cast=True)")

@@ -254,8 +254,8 @@ def lora(
             f"lora: {already} already have LoRA adapters; merge them first (eqzoo.peft.merge) or "
             "narrow the targets."
         )
-    key, expert_key = jax.random.split(key)
     keys = iter(jax.random.split(key, max(len(selected), 1)))
+    expert_key = jax.random.fold_in(key, 0x6578)  # the linear adapters' keys stay as they were
     options = dict(rank=rank, alpha=alpha, use_rslora=use_rslora, dtype=dtype)
 
     def adapt(path, layer):

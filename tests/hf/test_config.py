@@ -158,6 +158,12 @@ def test_qwen2_sliding_window_on_some_layers_is_refused():
         config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32})
     with pytest.raises(HFFormatError, match=r"must be on in every layer"):
         config_from_hf(qwen2 | {"layer_types": ["full_attention", "sliding_attention"] * 2, "sliding_window": 32})
+    # As transformers reads them: a null window or max_window_layers with sliding off is no window.
+    assert config_from_hf(qwen2 | {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 2}).sliding_window is None
+    assert config_from_hf(qwen2 | {"max_window_layers": None}).sliding_window is None
+    with pytest.raises(HFFormatError, match=r"max_window_layers=None.*non-negative integer"):
+        config_from_hf(qwen2 | {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": None})
+    assert config_from_hf(qwen2 | {"attention_bias": True}).qkv_bias  # a key Qwen2 does not read
 
 
 def test_mixtral_without_renormalised_router_weights_is_not_exported():

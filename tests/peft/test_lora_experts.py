@@ -63,6 +63,8 @@ def test_fresh_expert_adapters_compute_the_base_model():
     assert not _is_weight(attn_only.blocks.layers.mlp.gate_proj)
     both = peft.lora(model, rank=4, targets="attn", experts=True, key=jax.random.key(1))
     assert _is_weight(both.blocks.layers.mlp.gate_proj)
+    # Adapting the experts does not change the linear adapters a key draws.
+    np.testing.assert_array_equal(both.blocks.layers.attn.q_proj.lora_a, attn_only.blocks.layers.attn.q_proj.lora_a)
 
 
 @pytest.mark.parametrize("implementation", ["dense", "capacity", "ragged"])
