@@ -24,6 +24,11 @@ from ._precision import (
     Precision as Precision,
     cast_floating as cast_floating,
 )
+from ._preference import (
+    DPO_KEYS as DPO_KEYS,
+    dpo_loss as dpo_loss,
+    sequence_logprobs as sequence_logprobs,
+)
 from ._state import StateParts as StateParts, TrainState as TrainState
 from ._step import (
     EvalStep as EvalStep,
@@ -51,6 +56,9 @@ __all__ = [
     "classification_loss",
     "cross_entropy",
     "LM_LOSS_IMPLEMENTATIONS",
+    "DPO_KEYS",
+    "dpo_loss",
+    "sequence_logprobs",
     "auto_chunk_size",
     "fused_cross_entropy",
     "lm_loss",
