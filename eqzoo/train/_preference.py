@@ -80,6 +80,10 @@ def dpo_loss(
     training. A `loss_fn(model, batch, key)` for [`eqzoo.train.make_train_step`][]; pass
     `functools.partial(dpo_loss, beta=...)` for other settings.
 
+    Each row holds one sequence (packed pairs are not supported), and a mixture-of-experts
+    model's router losses are not added. Compute the reference at the precision the policy
+    trains in (`precision.cast_to_compute(reference)`), or the loss does not start at `log 2`.
+
     **Arguments:**
 
     - `batch`: the keys of `DPO_KEYS`: for the chosen and the rejected response of each pair,
