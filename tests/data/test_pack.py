@@ -98,6 +98,17 @@ def test_generator_input_and_array_loader():
     assert batch["tokens"].shape == (4, 16) and batch["tokens"].dtype == np.int32
 
 
+def test_memory_mapped_packed_arrays_give_the_same_batches(tmp_path):
+    packed = data.pack_documents(_documents(n=60), 16)
+    for name, array in packed.items():
+        np.save(tmp_path / f"{name}.npy", array)
+    mapped = {name: np.load(tmp_path / f"{name}.npy", mmap_mode="r") for name in packed}
+    in_memory, from_disk = data.ArrayLoader(packed, batch_size=4, seed=0), data.ArrayLoader(mapped, batch_size=4, seed=0)
+    for _ in range(3):
+        a, b = next(in_memory), next(from_disk)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_pack_documents_errors():
     docs = [np.arange(5)]
     with pytest.raises(ConfigError, match=r"seq_len must be an integer in \[1, 2\*\*31 - 1\]; got 0"):
