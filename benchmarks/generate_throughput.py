@@ -6,6 +6,8 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --preset gpt2-124m --batches 1,64 --new-tokens 256 --json
     python benchmarks/generate_throughput.py --smoke --json
     python benchmarks/generate_throughput.py --quantize int8 --json   # int8 linear weights (eqzoo.quant)
+    python benchmarks/generate_throughput.py --preset tiny-mixtral --set num_experts=8 --batches 1 \
+        --read-all-experts --json   # the baseline of MoE decoding's gather path (eqzoo.nn.MoE.decode)
 """
 
 import argparse
@@ -16,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _throughput import parse_set
 
 import eqzoo
 import eqzoo.quant
@@ -34,13 +37,20 @@ def main(argv=None) -> dict:
                    help="layer loop inside the decode loop (generate_batch(unroll_layers=...))")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8 weight-only linear layers (eqzoo.quant.quantize) after the dtype cast")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the preset (repeatable)")
+    p.add_argument("--read-all-experts", action="store_true",
+                   help="MoE layers read every expert's weights for every token (turns off the "
+                        "gather path of eqzoo.nn.MoE.decode: the baseline it is measured against)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.batches, args.new_tokens, args.repeats = "tiny-gpt2", "1,4", 16, 2
 
-    model = eqzoo.models.create(args.preset, key=jax.random.key(0))
+    if args.read_all_experts:
+        eqzoo.nn.MoE.gathers = lambda self, tokens: False  # this process only
+    model = eqzoo.models.create(args.preset, key=jax.random.key(0), **parse_set(args.set))
     model = cast_floating(model, jnp.dtype(args.dtype))
     if args.quantize == "int8":
         model = eqzoo.quant.quantize(model)
@@ -74,6 +84,8 @@ def main(argv=None) -> dict:
         "device": jax.devices()[0].device_kind,
         "dtype": args.dtype,
         "quantize": args.quantize,
+        "overrides": args.set,
+        "read_all_experts": args.read_all_experts,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",

@@ -117,6 +117,15 @@ ROWS: tuple[Row, ...] = (
     # bias (what jax.nn.dot_product_attention does with a boolean mask): its cost against the
     # gpt2-124m row.
     _train("gpt2-124m-packed-8", *GPT2, "--packed-docs", "8"),
+    # MoE decoding: at batch 1 each token gathers its 2 of 8 experts' weights
+    # (eqzoo.nn.MoE.decode); the second row reads every expert, the baseline.
+    *(
+        Row(f"generate-mixtral-2l{suffix}", ("benchmarks/generate_throughput.py", "--preset", "mixtral-8x7b",
+                                             "--set", "num_layers=2", "--set", "max_seq=4096",
+                                             "--batches", "1,64", "--new-tokens", "256", *extra),
+            GENERATE_TIMEOUT_S)
+        for suffix, extra in (("", ()), ("-all-experts", ("--read-all-experts",)))
+    ),
 )
 """The GPU table, in priority order."""
 

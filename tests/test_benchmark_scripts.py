@@ -47,6 +47,8 @@ GPU_ROWS = [
     "mixtral-2l-dense",
     "mixtral-2l-ragged",
     "gpt2-124m-packed-8",
+    "generate-mixtral-2l",
+    "generate-mixtral-2l-all-experts",
 ]
 
 

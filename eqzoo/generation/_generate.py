@@ -14,7 +14,7 @@ from ..models._lm import AbstractLM
 from ._sampling import check_sampling, sample_logits
 
 
-def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache):
+def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, batch_size=1):
     prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
     positions = jnp.arange(total, dtype=jnp.int32)
@@ -25,7 +25,7 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
 
     if use_cache:
         cache = model.init_cache(total)
-        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32))  # prefill
+        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32), batch_size=batch_size)  # prefill
         last = logits[length - 1]
 
         def body(i, carry):
@@ -37,7 +37,7 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
             buf = buf.at[pos].set(tok)
             if eos_token is not None:
                 done = done | (tok == eos_token)
-            logits, cache = model.decode(tok[None], cache, pos)
+            logits, cache = model.decode(tok[None], cache, pos, batch_size=batch_size)
             return buf, cache, logits[0], done, key
 
         buf, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, cache, last, done, key))
@@ -90,7 +90,8 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
         # Each layer's weights sliced out of the stack here, once, outside the token loop (sliced
         # inside it, even unrolled, XLA:CPU copies them on every token).
         model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
-    return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, **static))(prompts, lengths, keys)
+    batch_size = prompts.shape[0]  # static: lets MoE layers read only the chosen experts
+    return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, batch_size=batch_size, **static))(prompts, lengths, keys)
 
 
 def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):

@@ -178,11 +178,18 @@ class AbstractLM(eqx.Module):
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), one)
 
     def decode(
-        self, tokens: Int[Array, " seq"], cache: KVCache, index: Int[Array, ""]
+        self,
+        tokens: Int[Array, " seq"],
+        cache: KVCache,
+        index: Int[Array, ""],
+        *,
+        batch_size: int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
         `cache` (from `init_cache`). Prefill with the prompt at `index=0`, then feed one token at
-        a time.
+        a time. `batch_size`: how many sequences are decoded together (the `jax.vmap` around
+        the call), which lets mixture-of-experts layers read only the experts the step's tokens
+        chose when they are few ([`eqzoo.nn.MoE.decode`][]; [`eqzoo.generate`][] passes it).
 
         **Returns:** `(logits of shape (seq, vocab), updated cache)`.
         """
@@ -195,7 +202,7 @@ class AbstractLM(eqx.Module):
         # own slot in place; as per-layer scan outputs it would be rewritten whole every token.
         def step(block, carry, layer):
             h, cache = carry
-            return block.decode(h, cache, index, layer), None
+            return block.decode(h, cache, index, layer, batch_size), None
 
         layers = jnp.arange(self.blocks.num_layers, dtype=jnp.int32)
         (x, cache), _ = self.blocks.apply(step, (x, cache), layers)

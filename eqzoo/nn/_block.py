@@ -65,9 +65,14 @@ class TransformerBlock(eqx.Module):
         cache: KVCache,
         index: Int[Array, ""],
         layer: Int[Array, ""] | None = None,
+        batch_size: int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Like `__call__` for new positions starting at `index`, reading and extending `cache`
-        (this layer's, or slot `layer` of a stacked cache; see [`eqzoo.nn.Attention.decode`][])."""
+        (this layer's, or slot `layer` of a stacked cache; see [`eqzoo.nn.Attention.decode`][]).
+        `batch_size`, the number of sequences decoded together, lets an
+        [`eqzoo.nn.MoE`][] read only the chosen experts ([`eqzoo.nn.MoE.decode`][])."""
         h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer)
         x = x + h
+        if isinstance(self.mlp, MoE):
+            return x + self.mlp.decode(self.mlp_norm(x), batch_size), cache
         return x + self.mlp(self.mlp_norm(x)), cache

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import eqzoo
-from eqzoo import models, train
+from eqzoo import models, quant, train
 from eqzoo._errors import ConfigError
 
 MODEL_TOL = 1e-4  # fp32, whole models
@@ -163,3 +163,40 @@ def test_lm_loss_warns_when_the_loss_cannot_reach_the_routers():
     switch = models.create(dataclasses.replace(CONFIG, experts_per_token=1, normalize_router_weights=False), key=jax.random.key(0))
     grads = eqx.filter_grad(lambda m: train.lm_loss(m, _batch())[1]["nll"])(switch)
     assert float(jnp.max(jnp.abs(grads.blocks.layers.mlp.router.weight))) > 0  # Switch weighting trains them
+
+
+@pytest.mark.parametrize("implementation", ["dense", "ragged"])
+def test_decoding_one_token_reads_only_the_chosen_experts(implementation):
+    """At batch 1 a decode step gathers its 2 of 8 experts' weights (no product touches the
+    whole expert stack) and gives the logits of the full forward pass."""
+    model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8, moe_implementation=implementation)
+    tokens = jax.random.randint(jax.random.key(1), (9,), 0, 200, dtype=jnp.int32)
+    cache = model.init_cache(16)
+    logits, cache = model.decode(tokens[:5], cache, jnp.int32(0), batch_size=1)  # prefill: 10 assignments, all experts
+    rows = [logits]
+    for t in range(5, 9):
+        logits, cache = model.decode(tokens[t : t + 1], cache, jnp.int32(t), batch_size=1)
+        rows.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(rows), model(tokens), atol=1e-5, rtol=1e-5)
+    moe = model.blocks[0].mlp
+    assert moe.gathers(1) and not moe.gathers(4)
+    x = jnp.ones((1, model.config.embed_dim))
+    stack = tuple(moe.gate_proj.shape)  # (experts, embed, hidden)
+
+    def operands(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                yield from (tuple(v.aval.shape) for v in eqn.invars)
+
+    assert stack in set(operands(jax.make_jaxpr(lambda x: moe.decode(x, None))(x).jaxpr)) or implementation == "ragged"
+    assert stack not in set(operands(jax.make_jaxpr(lambda x: moe.decode(x, 1))(x).jaxpr))
+
+
+def test_gathered_and_full_expert_decoding_generate_the_same_tokens():
+    model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8)
+    prompt = jax.random.randint(jax.random.key(2), (6,), 0, 200, dtype=jnp.int32)
+    alone = eqzoo.generate(model, prompt, max_new_tokens=12)  # batch 1: gathers
+    batched = eqzoo.generation.generate_batch(model, jnp.stack([prompt] * 8), None, max_new_tokens=12)
+    np.testing.assert_array_equal(alone, batched[0])  # batch 8 routes 16 assignments: every expert read
+    int8 = quant.quantize(model)
+    assert not int8.blocks[0].mlp.gathers(1)  # int8 experts are read whole (dequantized first)
