@@ -48,8 +48,16 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.preset, args.batches, args.new_tokens, args.repeats = "tiny-gpt2", "1,4", 16, 2
 
+    gathers = eqzoo.nn.MoE.gathers
     if args.read_all_experts:
-        eqzoo.nn.MoE.gathers = lambda self, tokens: False  # this process only
+        eqzoo.nn.MoE.gathers = lambda self, tokens: False  # undone at the end of main
+    try:
+        return _run(args)
+    finally:
+        eqzoo.nn.MoE.gathers = gathers
+
+
+def _run(args) -> dict:
     model = eqzoo.models.create(args.preset, key=jax.random.key(0), **parse_set(args.set))
     model = cast_floating(model, jnp.dtype(args.dtype))
     if args.quantize == "int8":

@@ -277,8 +277,13 @@ class MoE(eqx.Module):
         step routes one token to 2 of 8 experts), each position's `k` experts' weights are
         gathered and only they are read: decoding is bound by the bytes of weights it reads, and
         the other implementations read every expert's weights for every token. Exact: the same
-        products as `"dense"` on the chosen experts (tested)."""
-        if batch_size is None or x.ndim != 2 or not self.gathers(batch_size * x.shape[0]):
+        products as `"dense"` on the chosen experts (tested). Under `"capacity"` only single
+        tokens are gathered (a longer prefill may drop assignments; the gather path never does)."""
+        # Under "capacity" a prefill of several tokens may drop assignments, which the gather
+        # path never does: there it gathers single tokens only (never dropped), so a sequence's
+        # output does not depend on the batch size.
+        several = self.implementation == "capacity" and x.ndim == 2 and x.shape[0] > 1
+        if batch_size is None or x.ndim != 2 or several or not self.gathers(batch_size * x.shape[0]):
             return self(x)
         weights, experts, _ = self.route(x)  # (seq, k)
 

@@ -200,3 +200,17 @@ def test_gathered_and_full_expert_decoding_generate_the_same_tokens():
     np.testing.assert_array_equal(alone, batched[0])  # batch 8 routes 16 assignments: every expert read
     int8 = quant.quantize(model)
     assert not int8.blocks[0].mlp.gathers(1)  # int8 experts are read whole (dequantized first)
+
+
+def test_capacity_prefill_does_not_depend_on_the_batch_size():
+    """A short prefill under "capacity" may drop assignments; the gather path would not, so it
+    is not taken there and batch 1 and batch 8 give the same logits and tokens."""
+    model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8, experts_per_token=1,
+                          moe_implementation="capacity")
+    prompt = jax.random.randint(jax.random.key(2), (3,), 0, 200, dtype=jnp.int32)
+    cache = model.init_cache(8)
+    one, _ = model.decode(prompt, cache, jnp.int32(0), batch_size=1)
+    eight, _ = model.decode(prompt, cache, jnp.int32(0), batch_size=8)
+    np.testing.assert_array_equal(one, eight)
+    alone = eqzoo.generate(model, prompt, max_new_tokens=8)
+    np.testing.assert_array_equal(alone, eqzoo.generation.generate_batch(model, jnp.stack([prompt] * 8), None, max_new_tokens=8)[0])
