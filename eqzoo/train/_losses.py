@@ -83,6 +83,20 @@ def _chunked_batch_nll(features, head, targets, chunk_size):
     return nll.reshape(targets.shape)
 
 
+def packing_args(tokens, label: str, **values) -> dict[str, Array]:
+    """The given (not `None`) per-position arrays for the model (`segment_ids`, `positions`),
+    each checked to have the tokens' `(batch, seq)` shape; `label.format(name=...)` names one
+    in errors."""
+    given = {name: v for name, v in values.items() if v is not None}
+    for name, value in given.items():
+        if getattr(value, "shape", None) != tokens.shape:
+            raise ShapeError(
+                f"{label.format(name=name)} must have the tokens' shape {shape_str(tokens.shape)}; "
+                f"got {shape_str(getattr(value, 'shape', ()))}."
+            )
+    return given
+
+
 def _batch_vmap(fn):
     # eqzoo.sharding.batch_vmap: under a mesh the batch axis is pinned to data x fsdp (imported
     # here: eqzoo.sharding imports eqzoo.train).
@@ -157,13 +171,7 @@ def lm_loss(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
-    packing = {k: batch[k] for k in ("segment_ids", "positions") if batch.get(k) is not None}
-    for name, value in packing.items():
-        if getattr(value, "shape", None) != tokens.shape:
-            raise ShapeError(
-                f"lm_loss: batch[{name!r}] must have the tokens' shape {shape_str(tokens.shape)}; "
-                f"got {shape_str(getattr(value, 'shape', ()))}."
-            )
+    packing = packing_args(tokens, "lm_loss: batch[{name!r}]", segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
     if mask is None and "segment_ids" in packing:
         mask = packing["segment_ids"] != 0  # padding (segment 0) never counts
     # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.

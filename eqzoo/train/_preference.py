@@ -6,7 +6,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._losses import _batch_vmap, _chunked_batch_nll
+from ._losses import _batch_vmap, _chunked_batch_nll, packing_args
 
 
 def sequence_logprobs(
@@ -37,13 +37,8 @@ def sequence_logprobs(
             f"sequence_logprobs takes tokens and targets of one shape (batch, seq); got "
             f"{shape_str(tokens.shape)} and {shape_str(targets.shape)}."
         )
-    packing = {k: v for k, v in (("segment_ids", segment_ids), ("positions", positions)) if v is not None}
-    for name, value in (("mask", mask), *packing.items()):
-        if value is not None and value.shape != tokens.shape:
-            raise ShapeError(
-                f"sequence_logprobs: {name} must have the tokens' shape {shape_str(tokens.shape)}; "
-                f"got {shape_str(value.shape)}."
-            )
+    packing_args(tokens, "sequence_logprobs: {name}", mask=mask)
+    packing = packing_args(tokens, "sequence_logprobs: {name}", segment_ids=segment_ids, positions=positions)
     features = _batch_vmap(model.features)(tokens, **packing)
     nll = _chunked_batch_nll(features, model.head_weight(), targets, chunk_size)
     w = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)

@@ -41,11 +41,16 @@ def _check_scalar_loss(loss):
         )
 
 
-def _weigh_aux(aux, w, counted, weigh):
+def _weigh(x, w):
+    """`x * w` for a floating array; other arrays (integer counts) unchanged."""
+    return x * w.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _weigh_aux(aux, w, counted):
     """Every floating metric times `w`, except the count `"tokens"` itself when weighting by it."""
     if isinstance(aux, dict):
-        return {name: a if counted and name == "tokens" else jax.tree.map(lambda x: weigh(x, w), a) for name, a in aux.items()}
-    return jax.tree.map(lambda x: weigh(x, w), aux)
+        return {name: a if counted and name == "tokens" else jax.tree.map(lambda x: _weigh(x, w), a) for name, a in aux.items()}
+    return jax.tree.map(lambda x: _weigh(x, w), aux)
 
 
 def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
@@ -236,26 +241,22 @@ def make_train_step(
             # those of the whole batch. Otherwise micro-batches (of equal size) weigh alike.
             counted = isinstance(aux_shape, dict) and "tokens" in aux_shape and aux_shape["tokens"].shape == ()
 
-            def weigh(x, w):
-                return x * w.astype(x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
             def body(carry, xs):
                 g_acc, loss_acc, aux_acc, w_acc, mstate = carry
                 mb, k = xs
                 (_, (loss, mstate, aux)), g = grad_fn(params, mstate, mb, k)
                 w = aux["tokens"].astype(jnp.float32) if counted else jnp.ones((), jnp.float32)
-                g_acc = jax.tree.map(lambda acc, x: acc + weigh(x, w), g_acc, g)
-                aux = _weigh_aux(aux, w, counted, weigh)
-                aux_acc = jax.tree.map(jnp.add, aux_acc, aux)
-                return (g_acc, loss_acc + weigh(loss, w), aux_acc, w_acc + w, mstate), None
+                g_acc = jax.tree.map(lambda acc, x: acc + _weigh(x, w), g_acc, g)
+                aux_acc = jax.tree.map(jnp.add, aux_acc, _weigh_aux(aux, w, counted))
+                return (g_acc, loss_acc + _weigh(loss, w), aux_acc, w_acc + w, mstate), None
 
             zero = jnp.zeros((), jnp.float32)
             init = (zero_grads, jnp.zeros((), jnp.dtype(precision.output_dtype)), zero_aux, zero, parts.model_state)
             (grads, loss, aux, total, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
-            inv = 1.0 / jnp.maximum(total, 1.0) if counted else jnp.float32(1.0 / grad_accum_steps)
-            grads = jax.tree.map(lambda g: weigh(g, inv), grads)
-            loss = weigh(loss, inv)
-            aux = _weigh_aux(aux, inv, counted, weigh)
+            inv = 1.0 / jnp.maximum(total, 1.0)  # total: the tokens counted, or the micro-batches
+            grads = jax.tree.map(lambda g: _weigh(g, inv), grads)
+            loss = _weigh(loss, inv)
+            aux = _weigh_aux(aux, inv, counted)
 
         if scale is not None:
             grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)

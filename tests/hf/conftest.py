@@ -28,35 +28,30 @@ def _gpt2(seed: int, **overrides):
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**(config | overrides))).eval()
 
 
-def _llama(seed: int, **overrides):
-    config = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
-        rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
+# The decoder shape every Llama-layout family's tiny model shares (GQA, no bos/eos/pad ids).
+_DECODER = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
+    rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+)
+
+
+def _decoder(model_cls, config_cls, seed: int, **config):
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**(config | overrides))).eval()
+    return model_cls(config_cls(**(_DECODER | config))).eval()
+
+
+def _llama(seed: int, **overrides):
+    return _decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig, seed, **overrides)
 
 
 def _mistral(seed: int, **overrides):
-    config = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
-        rms_norm_eps=1e-5, sliding_window=8, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return transformers.MistralForCausalLM(transformers.MistralConfig(**(config | overrides))).eval()
+    return _decoder(transformers.MistralForCausalLM, transformers.MistralConfig, seed, **({"sliding_window": 8} | overrides))
 
 
 def _qwen2(seed: int, **overrides):
-    config = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_SEQ,
-        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**(config | overrides))).eval()
+    config = dict(rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False)
+    model = _decoder(transformers.Qwen2ForCausalLM, transformers.Qwen2Config, seed, **(config | overrides))
     with torch.no_grad():  # transformers initialises biases to zero: make them matter
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
@@ -65,14 +60,8 @@ def _qwen2(seed: int, **overrides):
 
 
 def _mixtral(seed: int, **overrides):
-    config = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=MAX_SEQ, rms_norm_eps=1e-5, router_aux_loss_coef=0.05,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**(config | overrides))).eval()
+    config = dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.05)
+    return _decoder(transformers.MixtralForCausalLM, transformers.MixtralConfig, seed, **(config | overrides))
 
 
 # The model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
