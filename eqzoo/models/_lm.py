@@ -70,12 +70,9 @@ class AbstractLM(eqx.Module):
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
-        if segment_ids is None and layer_positions is None:
-            x = self.blocks(x)
-        else:
-            x, _ = self.blocks.apply(
-                lambda block, h, _: (block(h, positions=layer_positions, segment_ids=segment_ids), None), x
-            )
+        x, _ = self.blocks.apply(
+            lambda block, h, _: (block(h, positions=layer_positions, segment_ids=segment_ids), None), x
+        )
         return self.final_norm(x)
 
     def features_and_aux(
@@ -100,11 +97,13 @@ class AbstractLM(eqx.Module):
         x, aux = self.blocks.apply(layer, x)
         return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
 
+    def _check_packing(self, tokens, segment_ids, positions) -> None:
+        for name, value in (("segment_ids", segment_ids), ("positions", positions)):
+            check_per_position(name, value, tokens.shape[0], type(self).__name__)
+
     def _positions(self, tokens, segment_ids, positions):
         """The positions to embed at, and those the layers need (`None`: `0..seq-1`)."""
-        name = type(self).__name__
-        check_per_position("segment_ids", segment_ids, tokens.shape[0], name)
-        check_per_position("positions", positions, tokens.shape[0], name)
+        self._check_packing(tokens, segment_ids, positions)
         if positions is None and segment_ids is not None:
             positions = segment_positions(segment_ids)
         if positions is None:
@@ -153,8 +152,8 @@ class AbstractLM(eqx.Module):
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         if segment_ids is None and positions is None:
             return self._forward(tokens)
-        check_per_position("segment_ids", segment_ids, tokens.shape[0], type(self).__name__)
-        check_per_position("positions", positions, tokens.shape[0], type(self).__name__)
+        # Checked before `features`, whose jaxtyping annotations would give a generic error.
+        self._check_packing(tokens, segment_ids, positions)
         return self.logits(self.features(tokens, segment_ids=segment_ids, positions=positions))
 
     def _forward(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
