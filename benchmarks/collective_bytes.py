@@ -7,7 +7,8 @@ allocated: it is built with `eqx.filter_eval_shape` and laid out with
 by the trip counts of the loops around them), inside and outside loops. XLA's partitioner makes
 the same choices for fake CPU devices as for GPUs, so this sizes a multi-GPU step's traffic on
 a laptop. `param_mib` is the fp32 parameter size, the gradient a data-parallel step must
-all-reduce at least once.
+all-reduce at least once; `state_mib_per_device` the train state (parameters and optimizer
+moments) one device holds in the mesh's layout.
 
     python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
         --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --loss fused,full --json
@@ -16,6 +17,7 @@ all-reduce at least once.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -77,11 +79,17 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
     compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
     compile_s = time.perf_counter() - t0
     summary = perf.collective_summary(compiled)
+    # The train state (parameters, optimizer moments) one device holds, from the layout alone.
+    state_bytes = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+        for x in jax.tree.leaves(state) if hasattr(x, "sharding")
+    )
     total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
     return {
         "preset": args.preset, "overrides": parse_set(args.set), "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
         "chunk_size": args.chunk_size, "precision": args.precision,
         "param_mib": round(config.num_params() * 4 / 2**20, 1),
+        "state_mib_per_device": round(state_bytes / 2**20, 1),
         "collective_ops": total["ops"], "collective_mib": round(total["mib"], 1),
         "in_loop_ops": total["in_loop_ops"], "in_loop_mib": round(total["in_loop_mib"], 1),
         "by_kind": {k: v for k, v in summary.items() if k != "total"},
@@ -103,7 +111,7 @@ def main(argv=None) -> dict:
             if not args.json:
                 print(f"{mesh_spec:18s} loss={loss:8s} {row['collective_ops']:5d} collectives, "
                       f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
-                      f"params {row['param_mib']} MiB fp32)", file=sys.stderr)
+                      f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB a device)", file=sys.stderr)
     result = {"benchmark": "collective_bytes", "smoke": args.smoke, "rows": rows}
     print(json.dumps(result))
     return result

@@ -1,4 +1,4 @@
-"""Train a GPT-2 or Llama on a device mesh: data, FSDP and tensor parallelism, one code path.
+"""Train a GPT-2, Llama or Mixtral on a device mesh: data, FSDP, expert and tensor parallelism.
 
 The same script runs on one CPU (JAX is asked for 8 fake CPU devices), on the GPUs of one
 machine, and across hosts. The train state is created directly in its sharded layout
@@ -10,6 +10,7 @@ Python standard library's own source (nothing downloaded).
     python examples/sharded_training.py --mesh data=2,fsdp=2,tensor=2 --steps 20 --json
     python examples/sharded_training.py --smoke --json      # CI: a few steps, checked vs 1 device
     python examples/sharded_training.py --mesh fsdp=-1 --model llama --precision bf16
+    python examples/sharded_training.py --mesh data=2,expert=4 --model mixtral --check
 
 Several hosts: start the same command on every host with COORDINATOR_ADDRESS (host:port of
 process 0), NUM_PROCESSES and PROCESS_ID set, or under SLURM (`srun`); see docs/scaling.md.
@@ -44,6 +45,11 @@ MODELS = {
     # Tiny presets, with head counts that every tensor-parallel size up to 8 divides.
     "gpt2": ("tiny-gpt2", {"num_heads": 8}),
     "llama": ("tiny-llama", {"num_heads": 8, "num_kv_heads": 4}),
+    # 8 experts, so that every expert-parallel size up to 8 holds whole experts.
+    "mixtral": (
+        "tiny-mixtral",
+        {"num_heads": 8, "num_kv_heads": 4, "num_experts": 8, "moe_implementation": "capacity"},
+    ),
 }
 PRECISIONS = {"fp32": Precision.fp32(), "bf16": Precision.bf16(), "fp16": Precision.fp16()}
 

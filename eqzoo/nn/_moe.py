@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
+from ._expert_parallel import expert_parallel_size, from_experts, to_experts
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
 from ._weight import AbstractWeight, weight_value
@@ -65,6 +66,12 @@ class MoE(eqx.Module):
       higher-order derivatives raise a `ConfigError`, and **per-example weight gradients
       (`jax.vmap` of `jax.grad`) come out summed over the batch** — use `"dense"` or
       `"capacity"` for those.
+
+    Under an eqzoo mesh with an `expert` axis (expert parallelism: the experts split over it by
+    [`eqzoo.sharding.MIXTRAL_RULES`][]), `"capacity"` and `"dense"` send each sequence's expert
+    slots to their experts' devices and back by `all_to_all`, inside a training step's
+    [`eqzoo.sharding.activation_sharding`][] (same values; reverse-mode derivatives only
+    there); `"ragged"` gathers the experts instead.
 
     `"dense"` and `"ragged"` agree to 1e-5, and `"capacity"` with `capacity_factor >=
     num_experts / experts_per_token` (nothing can be dropped) agrees with both (tested).
@@ -174,9 +181,18 @@ class MoE(eqx.Module):
 
     def _dense(self, x, experts):
         w_gate, w_up, w_down = self._weights(x.dtype)
-        g = jnp.einsum("td,edh->teh", x, w_gate)
-        u = jnp.einsum("td,edh->teh", x, w_up)
-        y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
+        if expert_parallel_size() > 1:
+            # Experts split over the mesh's `expert` axis: every expert's slots hold the whole
+            # sequence, sent to the expert's device and back (as "capacity" with room for all).
+            xs = to_experts(jnp.broadcast_to(x, (self.num_experts, *x.shape)))
+            g = jnp.einsum("etd,edh->eth", xs, w_gate)
+            u = jnp.einsum("etd,edh->eth", xs, w_up)
+            y = from_experts(jnp.einsum("eth,ehd->etd", jax.nn.silu(g) * u, w_down))
+            y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
+        else:
+            g = jnp.einsum("td,edh->teh", x, w_gate)
+            u = jnp.einsum("td,edh->teh", x, w_up)
+            y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
         return jnp.take_along_axis(y, experts[..., None], axis=1), None
 
     def _capacity(self, x, experts):
@@ -196,9 +212,15 @@ class MoE(eqx.Module):
         xs = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[slot_token]
         w_gate, w_up, w_down = self._weights(x.dtype)
         xs = xs.reshape(e, c, -1)
+        parallel = expert_parallel_size() > 1
+        if parallel:  # experts split over the mesh's `expert` axis: the slots go to them
+            xs = to_experts(xs)
         g = jnp.einsum("ecd,edh->ech", xs, w_gate)
         u = jnp.einsum("ecd,edh->ech", xs, w_up)
-        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down).reshape(e * c, -1)
+        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down)
+        if parallel:
+            ys = from_experts(ys)
+        ys = ys.reshape(e * c, -1)
         ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[-1]), ys.dtype)])
         out = ys[slot].reshape(seq, k, -1)  # dropped assignments read the zero row
         return out, kept.reshape(seq, k)

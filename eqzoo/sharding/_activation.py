@@ -23,7 +23,7 @@ ACTIVATION_RULES: dict[str, P] = {
     # One sequence's hidden states, (seq, embed): replicated across `fsdp` (weights are
     # gathered, activations are not split by width) and across `tensor` (Megatron keeps the
     # residual stream whole on every tensor-parallel device). The batch axis is added by the
-    # vmap around the model: `batch_vmap` pins it to data x fsdp, plain `jax.vmap` leaves it
+    # vmap around the model: `batch_vmap` pins it to the batch axes, plain `jax.vmap` leaves it
     # unconstrained.
     "residual": P(None, None),
     # The token embedding table (vocab, embed) as the lookup uses it: gathered over `fsdp`
@@ -90,7 +90,7 @@ def active_mesh() -> Mesh | None:
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The axes of `mesh` that split a batch (`data`, `fsdp`; those of size 1 left out)."""
+    """The axes of `mesh` that split a batch (`data`, `fsdp`, `expert`; those of size 1 left out)."""
     return tuple(a for a in _BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
@@ -99,7 +99,8 @@ def batch_vmap(fn: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
 
     Use it instead of `jax.vmap` to batch a per-example model in a loss that runs under a mesh
     (eqzoo's losses do). Inside [`eqzoo.sharding.activation_sharding`][] (which
-    `make_train_step(mesh=...)` enters) it is `jax.vmap(fn, spmd_axis_name=("data", "fsdp"))`
+    `make_train_step(mesh=...)` enters) it is
+    `jax.vmap(fn, spmd_axis_name=("data", "fsdp", "expert"))`
     (the axes of size > 1), so every sharding constraint inside `fn` — the
     [`eqzoo.sharding.constrain`][] calls of the transformer blocks — also pins the batch axis to
     those mesh axes. Outside, or on a mesh without batch axes, it is plain `jax.vmap`.

@@ -1,4 +1,4 @@
-"""Device meshes with eqzoo's named axes: `data`, `fsdp` and `tensor`."""
+"""Device meshes with eqzoo's named axes: `data`, `fsdp`, `expert` and `tensor`."""
 
 import math
 import re
@@ -11,20 +11,24 @@ from jax.sharding import AxisType, Mesh
 
 from ._errors import ShardingError
 
-AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
 """The mesh axis names eqzoo uses, outermost first.
 
 - `data`: plain data parallelism (parameters replicated, batch split).
 - `fsdp`: fully sharded data parallelism (batch split *and* parameters split over their
   embedding dimension, gathered layer by layer).
+- `expert`: expert parallelism for mixture-of-experts layers (each device holds
+  `num_experts / expert` whole experts; tokens travel to their experts and back by all-to-all).
+  Outside the expert layers it splits the batch, as `data` does.
 - `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
 
 `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
-tensor parallelism communicates inside every layer.
+tensor parallelism communicates inside every layer; `expert` comes next, since its all-to-alls
+run in every mixture-of-experts layer.
 """
 
 # The axes a batch is split over (eqzoo.sharding.BATCH_SPEC), outermost first.
-_BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+_BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 
 _ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
 
@@ -68,7 +72,7 @@ def parse_mesh_shape(shape: str | Mapping[str, int]) -> dict[str, int]:
         if name not in AXES:
             raise ShardingError(
                 f"unknown mesh axis {name!r} in {shape!r}; eqzoo meshes have the axes {list(AXES)} "
-                "(data parallel, fully sharded data parallel, tensor parallel)."
+                "(data parallel, fully sharded data parallel, expert parallel, tensor parallel)."
             )
         if name in seen:
             raise ShardingError(f"mesh axis {name!r} is given twice in {shape!r}.")
@@ -110,15 +114,17 @@ def _fmt(sizes: Mapping[str, int]) -> str:
 
 
 def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `tensor`.
+    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `expert`,
+    `tensor`.
 
-    Every eqzoo mesh has all three axes (those not given have size 1), always in that order, so
+    Every eqzoo mesh has all four axes (those not given have size 1), always in that order, so
     one set of sharding rules works on any mesh shape. The device order comes from
     `jax.make_mesh`, which places the innermost axis (`tensor`) on the most closely connected
     devices. On several hosts it spans every process's devices (call
     [`eqzoo.sharding.initialize`][] first).
 
-    **Example:** `make_mesh("data=2,fsdp=2,tensor=2")`, `make_mesh({"fsdp": -1})`.
+    **Example:** `make_mesh("data=2,fsdp=2,tensor=2")`, `make_mesh({"fsdp": -1})`,
+    `make_mesh("fsdp=2,expert=4")` (a mixture of experts, 2 of its experts on each device).
 
     **Arguments:**
 
@@ -143,5 +149,5 @@ def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[A
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    """The sizes of a mesh's axes as a dict, e.g. `{"data": 2, "fsdp": 2, "tensor": 2}`."""
+    """The sizes of a mesh's axes as a dict, e.g. `{"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}`."""
     return {str(name): int(size) for name, size in mesh.shape.items()}

@@ -61,28 +61,32 @@ the up projection and the untied `lm_head` like the embedding."""
 
 MIXTRAL_RULES: tuple[tuple[str, P], ...] = (
     *_TRANSFORMER_RULES,
-    # Experts (layers, experts, embed, hidden) and (layers, experts, hidden, embed): like a
-    # SwiGLU's projections, hidden units split over `tensor` and the embedding over `fsdp`,
-    # every device holding a slice of every expert. The router (layers, experts, embed) is
-    # small: replicated.
+    # Experts (layers, experts, embed, hidden) and (layers, experts, hidden, embed): whole
+    # experts split over `expert` (expert parallelism), and inside each expert, like a SwiGLU's
+    # projections, hidden units over `tensor` and the embedding over `fsdp`. The router
+    # (layers, experts, embed) is small: replicated.
     # Int8 experts (eqzoo.quant.QuantizedWeight) keep the layout: codes as the weight, the
     # per-column scale (layers, experts, out) as its columns.
     # LoRA on experts (eqzoo.peft.LoRAWeight) keeps the base's layout under `.base`; its
-    # factors are split like the side of the weight they share: `lora_b` of gate/up
-    # (layers, experts, r, hidden) and `lora_a` of down (layers, experts, hidden, r) over
-    # `tensor`; the other factors are small and replicated.
-    (r"mlp\.(gate|up)_proj(\.base)*(\.codes)?$", P(None, None, "fsdp", "tensor")),
-    (r"mlp\.(gate|up)_proj(\.base)*\.scale$", P(None, None, "tensor")),
-    (r"mlp\.down_proj(\.base)*(\.codes)?$", P(None, None, "tensor", "fsdp")),
-    (r"mlp\.down_proj(\.base)*\.scale$", P(None, None, "fsdp")),
-    (r"mlp\.(gate|up)_proj\.lora_b$", P(None, None, None, "tensor")),
-    (r"mlp\.down_proj\.lora_a$", P(None, None, "tensor", None)),
+    # factors (layers, experts, ...) are split over `expert` like their experts, and along the
+    # side of the weight they share: `lora_b` of gate/up (layers, experts, r, hidden) and
+    # `lora_a` of down (layers, experts, hidden, r) over `tensor`.
+    (r"mlp\.(gate|up)_proj(\.base)*(\.codes)?$", P(None, "expert", "fsdp", "tensor")),
+    (r"mlp\.(gate|up)_proj(\.base)*\.scale$", P(None, "expert", "tensor")),
+    (r"mlp\.down_proj(\.base)*(\.codes)?$", P(None, "expert", "tensor", "fsdp")),
+    (r"mlp\.down_proj(\.base)*\.scale$", P(None, "expert", "fsdp")),
+    (r"mlp\.(gate|up)_proj\.lora_b$", P(None, "expert", None, "tensor")),
+    (r"mlp\.down_proj\.lora_a$", P(None, "expert", "tensor", None)),
+    (r"mlp\.(gate|up|down)_proj\.lora_(a|b)$", P(None, "expert")),
 )
 """Default rules for [`eqzoo.models.Mixtral`][]: `LLAMA_RULES` for attention, embeddings and
-norms; each expert's SwiGLU split as a dense SwiGLU is (hidden units over `tensor`, embedding
-over `fsdp`); the router replicated. Inside a layer each device routes and computes its own
-batch shard's tokens (a `shard_map` over the batch axes, see [`eqzoo.nn.MoE`][]), so no token
-crosses devices; the experts' weights are gathered over `fsdp` as every FSDP weight is."""
+norms; whole experts split over the mesh's `expert` axis (expert parallelism: with
+`expert=4`, each device holds a quarter of the experts), and each expert's SwiGLU split as a
+dense SwiGLU is (hidden units over `tensor`, embedding over `fsdp`); the router replicated.
+Under `"capacity"` tokens travel to their experts' devices and back by all-to-all over
+`expert` (see [`eqzoo.nn.MoE`][]); otherwise each device routes and computes its own batch
+shard's tokens, with the experts' weights gathered over `fsdp` (and `expert`) as every FSDP
+weight is."""
 
 VIT_RULES: tuple[tuple[str, P], ...] = (
     *_TRANSFORMER_RULES,
@@ -183,11 +187,12 @@ def check_spec(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
             used.append(axis)
         n = math.prod(sizes[a] for a in axes)
         if shape[dim] % n:
-            names = "x".join(f"{a}={sizes[a]}" for a in axes)
+            names = "x".join(f"{a}={sizes[a]}" for a in axes if sizes[a] > 1)
+            what = "num_experts" if "expert" in axes and sizes["expert"] > 1 else "heads, hidden or vocab"
             raise ShardingError(
                 f"parameter {path!r} of shape {shape_str(shape)}: dimension {dim} (size "
                 f"{shape[dim]}) is assigned to mesh axis {names} ({n} devices), which does not "
-                f"divide it. Choose sizes divisible by {n} (e.g. heads, hidden or vocab), a "
+                f"divide it. Choose sizes divisible by {n} (e.g. {what}), a "
                 "smaller mesh axis, or a rule that leaves this dimension unsharded (None)."
             )
     return spec

@@ -15,7 +15,8 @@ from ._mesh import _BATCH_AXES
 from ._rules import Rules, _entry_axes, _is_leaf_array, default_rules, partition_specs, path_str
 
 BATCH_SPEC = P(_BATCH_AXES)
-"""How batches are split: the leading (batch) axis over `data` x `fsdp`, everything else whole."""
+"""How batches are split: the leading (batch) axis over `data` x `fsdp` x `expert`, everything else
+whole."""
 
 
 def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
@@ -182,7 +183,7 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
             raise ShardingError(f"{who}: batch spec {spec} names mesh axis {unknown[0]!r}, not in {sizes}.")
         n = math.prod(sizes[a] for a in axes)
         if shape[dim] % n:
-            names = "x".join(f"{a}={sizes[a]}" for a in axes)
+            names = "x".join(f"{a}={sizes[a]}" for a in axes if sizes[a] > 1)
             raise ShardingError(
                 f"{who}: {name} of shape {shape_str(shape)}: dimension {dim} (size {shape[dim]}) is "
                 f"split over mesh axis {names} ({n} devices), which does not divide it; use a "
@@ -205,7 +206,7 @@ def shard_batch(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
 
     - `batch`: a pytree of arrays whose leading axis is the batch.
     - `mesh`: the mesh.
-    - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp`.
+    - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp` x `expert`.
 
     **Returns:** the batch as sharded `jax.Array`s.
 

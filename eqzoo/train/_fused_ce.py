@@ -10,7 +10,7 @@ that is three matrix products (logits, d_features, d_head), the same as the plai
 fewer than recomputing the logits under `jax.checkpoint`.
 
 Under a mesh (inside `eqzoo.sharding.activation_sharding`, as `make_train_step(mesh=...)` sets
-up), the batch rows are split over the batch axes (`data` x `fsdp`) and each device keeps its
+up), the batch rows are split over the batch axes (`data` x `fsdp` x `expert`) and each device keeps its
 own partial head gradient, `(shards, vocab, embed)` with the first axis sharded, summed once
 after the last chunk. Accumulated into one replicated `(vocab, embed)` array instead, it costs
 an all-reduce of the whole head gradient per chunk; and the head is gathered over `fsdp` once,
@@ -256,7 +256,7 @@ def fused_cross_entropy(
       logits under 512 MiB per device).
 
     Inside [`eqzoo.sharding.activation_sharding`][] (which `make_train_step(mesh=...)` enters),
-    the rows are kept split over the mesh's `data` x `fsdp` axes, the head is gathered over
+    the rows are kept split over the mesh's batch axes (`data` x `fsdp` x `expert`), the head is gathered over
     `fsdp` once (vocab-parallel over `tensor` when it divides the vocabulary), and each device
     accumulates its own partial head gradient (in float32), cast to the head's dtype and reduced
     once at the end rather than once per chunk.

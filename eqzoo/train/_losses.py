@@ -98,7 +98,7 @@ def packing_args(tokens, label: str, **values) -> dict[str, Array]:
 
 
 def _batch_vmap(fn):
-    # eqzoo.sharding.batch_vmap: under a mesh the batch axis is pinned to data x fsdp (imported
+    # eqzoo.sharding.batch_vmap: under a mesh the batch axis is pinned to the batch axes (data x fsdp x expert) (imported
     # here: eqzoo.sharding imports eqzoo.train).
     from ..sharding._activation import batch_vmap
 
@@ -144,7 +144,7 @@ def lm_loss(
       [`eqzoo.train.auto_chunk_size`][], under 512 MiB of float32 logits per chunk).
 
     The batch is vmapped with [`eqzoo.sharding.batch_vmap`][], so under a mesh the batch axis
-    stays split over `data` x `fsdp` inside the model.
+    stays split over the batch axes (`data` x `fsdp` x `expert`) inside the model.
 
     A model with auxiliary losses (a mixture-of-experts [`eqzoo.models.Mixtral`][]: its
     `aux_loss_weights()` is not empty) is run through `features_and_aux`, and the loss is the
