@@ -15,7 +15,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "ViTForImageClassification": "vit",
 }
 """The Hugging Face `architectures` eqzoo reads and writes, with their `model_type`."""
@@ -159,13 +161,10 @@ def _mistral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     return fields | dict(sliding_window=_sliding_window(d, 4096))
 
 
-def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
-    # Qwen2 is Llama's architecture with biases on the query, key and value projections. Its
-    # sliding window is per layer: layer_types (transformers 5), or use_sliding_window with the
-    # layers from max_window_layers on. eqzoo's layers share one window, so it is all or none.
-    # Qwen2 has no attention_bias option (its q/k/v always have biases, o never): ignored.
-    fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768)
-    layers = fields["num_layers"]
+def _qwen_window(d: Mapping[str, Any], layers: int) -> int | None:
+    # Qwen2's and Qwen3's sliding window is per layer: layer_types (transformers 5), or
+    # use_sliding_window with the layers from max_window_layers on. eqzoo's layers share one
+    # window, so it is all or none.
     types = d.get("layer_types")
     if types is None:
         # As transformers: no window unless use_sliding_window and a sliding_window are given.
@@ -177,16 +176,56 @@ def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown:
         raise _unsupported(d, "layer_types", unknown, "only 'full_attention' and 'sliding_attention' layers exist here")
-    window = None
-    if "sliding_attention" in types:
-        if "full_attention" in types:
-            raise _unsupported(
-                d, "layer_types", types,
-                "eqzoo's layers share one attention pattern, so sliding-window attention must be on "
-                "in every layer (max_window_layers=0) or in none (use_sliding_window=false)",
-            )
-        window = _sliding_window(d, 4096)
-    return fields | dict(qkv_bias=True, sliding_window=window)
+    if "sliding_attention" not in types:
+        return None
+    if "full_attention" in types:
+        raise _unsupported(
+            d, "layer_types", types,
+            "eqzoo's layers share one attention pattern, so sliding-window attention must be on "
+            "in every layer (max_window_layers=0) or in none (use_sliding_window=false)",
+        )
+    return _sliding_window(d, 4096)
+
+
+def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    # Qwen2 is Llama's architecture with biases on the query, key and value projections.
+    # Qwen2 has no attention_bias option (its q/k/v always have biases, o never): ignored.
+    fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768)
+    return fields | dict(qkv_bias=True, sliding_window=_qwen_window(d, fields["num_layers"]))
+
+
+def _qwen3_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    # Qwen3 is Llama's architecture with an RMSNorm over each head's queries and keys (no
+    # biases unless attention_bias, which _llama_from_hf refuses).
+    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    return fields | dict(qk_norm=True, sliding_window=_qwen_window(d, fields["num_layers"]))
+
+
+def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    # Qwen3-MoE: Qwen3's attention and Mixtral's routed SwiGLU experts (no shared expert), the
+    # chosen experts' weights renormalised only with norm_topk_prob. Its window, if any, is on
+    # every layer (use_sliding_window).
+    experts = d.get("num_experts", d.get("num_local_experts"))
+    if experts is None:
+        raise HFFormatError("config.json of model_type 'qwen3_moe' lacks ['num_experts'].")
+    _require(d, "num_experts_per_tok", "moe_intermediate_size")
+    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    step = d.get("decoder_sparse_step", 1)
+    dense_layers = list(d.get("mlp_only_layers") or [])
+    if dense_layers or step != 1:
+        key, value = ("mlp_only_layers", dense_layers) if dense_layers else ("decoder_sparse_step", step)
+        raise _unsupported(
+            d, key, value,
+            "eqzoo's Mixtral has experts in every layer (mlp_only_layers=[] and decoder_sparse_step=1)",
+        )
+    window = _sliding_window(d, 4096) if d.get("use_sliding_window", False) else None
+    return fields | dict(
+        hidden_dim=int(d["moe_intermediate_size"]), num_experts=int(experts),
+        experts_per_token=int(d["num_experts_per_tok"]),
+        normalize_router_weights=bool(d.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        qk_norm=True, sliding_window=window,
+    )
 
 
 def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,7 +285,9 @@ _FROM_HF = {
     "llama": (LlamaConfig, _llama_from_hf),
     "mistral": (LlamaConfig, _mistral_from_hf),
     "qwen2": (LlamaConfig, _qwen2_from_hf),
+    "qwen3": (LlamaConfig, _qwen3_from_hf),
     "mixtral": (MixtralConfig, _mixtral_from_hf),
+    "qwen3_moe": (MixtralConfig, _qwen3_moe_from_hf),
     "vit": (ViTConfig, _vit_from_hf),
 }
 
@@ -260,7 +301,11 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`;
     `MistralForCausalLM` configs (Llama's with `sliding_window`, into a
     [`eqzoo.models.LlamaConfig`][] with `sliding_window`); `Qwen2ForCausalLM` configs (a
-    `LlamaConfig` with `qkv_bias=True`; a sliding window only if every layer has it); `MixtralForCausalLM` configs (as
+    `LlamaConfig` with `qkv_bias=True`; a sliding window only if every layer has it);
+    `Qwen3ForCausalLM` configs (a `LlamaConfig` with `qk_norm=True`, the window read as
+    Qwen2's); `Qwen3MoeForCausalLM` configs (a [`eqzoo.models.MixtralConfig`][] with
+    `qk_norm=True`, `moe_intermediate_size` as `hidden_dim`, `norm_topk_prob` as
+    `normalize_router_weights`; experts in every layer); `MixtralForCausalLM` configs (as
     Llama's, plus `sliding_window`, `num_local_experts`, `num_experts_per_tok` and
     `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in training,
     is ignored with a warning); and
@@ -294,8 +339,9 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
 
     eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`; Mixtral's
     `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with
-    `qkv_bias` is written as `Qwen2ForCausalLM`, one with only a `sliding_window` as
-    `MistralForCausalLM` (transformers' Llama has neither). Llama and Mixtral rotary
+    `qk_norm` is written as `Qwen3ForCausalLM`, one with `qkv_bias` as `Qwen2ForCausalLM`, one
+    with only a `sliding_window` as `MistralForCausalLM` (transformers' Llama has none of
+    them); a `MixtralConfig` with `qk_norm` as `Qwen3MoeForCausalLM`. Llama and Mixtral rotary
     settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
@@ -305,23 +351,37 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
 
     **Returns:** a JSON-able dict with `architectures` and `model_type`.
 
-    **Raises:** `HFFormatError` for a `pool="mean"` ViT, which Hugging Face has no layout for.
+    **Raises:** `HFFormatError` for a `pool="mean"` ViT, which Hugging Face has no layout for,
+    and for combinations no Hugging Face architecture has (`qk_norm` with `qkv_bias`; a
+    Mixtral without renormalised router weights and without `qk_norm`).
     """
     if isinstance(config, ViTConfig):
         return _vit_to_hf(config)
+    if isinstance(config, MixtralConfig) and config.qk_norm:
+        return _qwen3_moe_to_hf(config)
     if isinstance(config, MixtralConfig):
         return _mixtral_to_hf(config)
+    if isinstance(config, LlamaConfig) and config.qk_norm:
+        if config.qkv_bias:
+            raise HFFormatError(
+                "a LlamaConfig with both qk_norm and qkv_bias has no Hugging Face equivalent: "
+                "Qwen3ForCausalLM normalises queries and keys but has no query/key/value-only "
+                "biases, Qwen2ForCausalLM the reverse. Export a model with one of them."
+            )
+        return {
+            "architectures": ["Qwen3ForCausalLM"],
+            "model_type": "qwen3",
+            **_decoder_to_hf(config),
+            **_qwen_window_to_hf(config),
+            "attention_bias": False,
+        }
     if isinstance(config, LlamaConfig) and config.qkv_bias:
         # Qwen2 is the Llama with query/key/value biases; its window, if any, on every layer.
-        window = config.sliding_window
         return {
             "architectures": ["Qwen2ForCausalLM"],
             "model_type": "qwen2",
             **_decoder_to_hf(config),
-            "use_sliding_window": window is not None,
-            "sliding_window": window,
-            "max_window_layers": 0 if window is not None else config.num_layers,
-            "layer_types": ["sliding_attention" if window is not None else "full_attention"] * config.num_layers,
+            **_qwen_window_to_hf(config),
         }
     if isinstance(config, LlamaConfig) and config.sliding_window is not None:
         # transformers' Llama has no sliding window; Mistral is the same model with one.
@@ -389,6 +449,35 @@ def _decoder_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
         "tie_word_embeddings": c.tie_embeddings,
         "bos_token_id": None,
         "eos_token_id": None,
+    }
+
+
+def _qwen_window_to_hf(c: LlamaConfig) -> dict[str, Any]:
+    """Qwen2's and Qwen3's window keys: the window, if any, on every layer."""
+    window = c.sliding_window
+    return {
+        "use_sliding_window": window is not None,
+        "sliding_window": window,
+        "max_window_layers": 0 if window is not None else c.num_layers,
+        "layer_types": ["sliding_attention" if window is not None else "full_attention"] * c.num_layers,
+    }
+
+
+def _qwen3_moe_to_hf(c: MixtralConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **_decoder_to_hf(c),
+        "moe_intermediate_size": c.hidden_dim,
+        "num_experts": c.num_experts,
+        "num_experts_per_tok": c.experts_per_token,
+        "norm_topk_prob": c.normalize_router_weights,
+        "router_aux_loss_coef": c.router_aux_loss_coef,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "use_sliding_window": c.sliding_window is not None,
+        "sliding_window": c.sliding_window,
+        "attention_bias": False,
     }
 
 

@@ -106,7 +106,7 @@ def _gpt2_rules(prefix: str) -> list[TensorRule]:
     return rules
 
 
-def _decoder_rules(tied: bool, qkv_bias: bool = False) -> list[TensorRule]:
+def _decoder_rules(tied: bool, qkv_bias: bool = False, qk_norm: bool = False) -> list[TensorRule]:
     """Llama's embeddings, norms, attention and head, which Mixtral shares."""
     h = "model.layers.{i}."
     layer = ("blocks", "layers")
@@ -121,14 +121,17 @@ def _decoder_rules(tied: bool, qkv_bias: bool = False) -> list[TensorRule]:
     if qkv_bias:  # Qwen2
         for proj in ("q_proj", "k_proj", "v_proj"):
             rules.append(TensorRule(layer + ("attn", proj, "bias"), f"{h}self_attn.{proj}.bias"))
+    if qk_norm:  # Qwen3
+        for norm in ("q_norm", "k_norm"):
+            rules.append(TensorRule(layer + ("attn", norm, "weight"), f"{h}self_attn.{norm}.weight"))
     if not tied:
         rules.append(TensorRule(("lm_head", "weight"), "lm_head.weight"))
     return rules
 
 
-def _llama_rules(tied: bool, qkv_bias: bool = False) -> list[TensorRule]:
+def _llama_rules(tied: bool, qkv_bias: bool = False, qk_norm: bool = False) -> list[TensorRule]:
     mlp = ("blocks", "layers", "mlp")
-    return _decoder_rules(tied, qkv_bias) + [
+    return _decoder_rules(tied, qkv_bias, qk_norm) + [
         TensorRule(mlp + (ours, "weight"), f"model.layers.{{i}}.mlp.{theirs}.weight")
         for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj"))
     ]
@@ -141,6 +144,15 @@ def _mixtral_rules(tied: bool) -> list[TensorRule]:
     rules = _decoder_rules(tied) + [TensorRule(mlp + ("router", "weight"), f"{moe}gate.weight")]
     for ours, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
         rules.append(TensorRule(mlp + (ours,), f"{moe}experts.{{j}}.{theirs}.weight", transpose=True))
+    return rules
+
+
+def _qwen3_moe_rules(tied: bool) -> list[TensorRule]:
+    # Qwen3-MoE names its router `mlp.gate` and its experts' projections as a Llama MLP's.
+    moe, mlp = "model.layers.{i}.mlp.", ("blocks", "layers", "mlp")
+    rules = _decoder_rules(tied, qk_norm=True) + [TensorRule(mlp + ("router", "weight"), f"{moe}gate.weight")]
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules.append(TensorRule(mlp + (proj,), f"{moe}experts.{{j}}.{proj}.weight", transpose=True))
     return rules
 
 
@@ -184,10 +196,11 @@ def _refuse_fused_experts(names: Iterable[str]) -> None:
     fused = sorted(n for n in names if _FUSED_EXPERTS.fullmatch(n))
     if fused:
         raise HFFormatError(
-            f"the checkpoint stores Mixtral experts fused (for example {fused[0]!r}), "
+            f"the checkpoint stores its experts fused (for example {fused[0]!r}), "
             "transformers' in-memory layout, not the one its save_pretrained writes. eqzoo reads "
-            "the per-expert layout ('model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight'); "
-            "re-save the model with MixtralForCausalLM.from_pretrained(...).save_pretrained(...)."
+            "the per-expert layout ('model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight' "
+            "for Mixtral, 'model.layers.{i}.mlp.experts.{j}.gate_proj.weight' for Qwen3-MoE); "
+            "re-save the model with AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)."
         )
 
 
@@ -216,5 +229,6 @@ def rules_for(
         ignored.append(r"lm_head\.weight")
     if isinstance(config, MixtralConfig):
         _refuse_fused_experts(names)
-        return _mixtral_rules(config.tie_embeddings), re.compile("|".join(ignored))
-    return _llama_rules(config.tie_embeddings, config.qkv_bias), re.compile("|".join(ignored))
+        rules = _qwen3_moe_rules if config.qk_norm else _mixtral_rules
+        return rules(config.tie_embeddings), re.compile("|".join(ignored))
+    return _llama_rules(config.tie_embeddings, config.qkv_bias, config.qk_norm), re.compile("|".join(ignored))

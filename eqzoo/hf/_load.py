@@ -123,10 +123,12 @@ def load_pretrained(
     `GPT2LMHeadModel`, `LlamaForCausalLM` (grouped-query attention, tied or untied head,
     `head_dim`, `rope_theta`, Llama-3 `rope_scaling`), `MistralForCausalLM` (Llama's tensors;
     its `sliding_window` into the config), `Qwen2ForCausalLM` (Llama's tensors plus q/k/v
-    biases), `MixtralForCausalLM` (as Llama, with
+    biases), `Qwen3ForCausalLM` (Llama's tensors plus the per-head `q_norm`/`k_norm`
+    scales), `MixtralForCausalLM` (as Llama, with
     per-expert tensors `block_sparse_moe.experts.{j}.w1/w2/w3` stacked into
     [`eqzoo.nn.MoE`][]'s (in, out) expert arrays; see [`eqzoo.hf.config_from_hf`][] for
-    `sliding_window` and `router_jitter_noise`) and `ViTForImageClassification` (square
+    `sliding_window` and `router_jitter_noise`), `Qwen3MoeForCausalLM` (Qwen3's attention,
+    experts `mlp.experts.{j}.gate_proj/up_proj/down_proj` stacked the same way) and `ViTForImageClassification` (square
     images, exact GELU, q/k/v biases; loaded as a `pool="cls"` [`eqzoo.models.ViT`][]). The
     model's structure is built with `equinox.filter_eval_shape`, so no random initialisation is
     allocated; every tensor is then read from its memory-mapped file (only the part needed),

@@ -112,8 +112,10 @@ def save_pretrained(
     unexpected weights: Llama tensors keep their names and layout; GPT-2's are transposed into
     `Conv1D`'s (in, out) layout and q/k/v fused into `c_attn`; Mixtral's stacked (in, out) expert
     arrays become one transposed `w1` (gate) / `w3` (up) / `w2` (down) tensor per expert, the
-    layout `MixtralForCausalLM.save_pretrained` writes. A tied head is not written (HF ties it
-    on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
+    layout `MixtralForCausalLM.save_pretrained` writes (a Mixtral with `qk_norm` is written as
+    `Qwen3MoeForCausalLM`, experts as `mlp.experts.{j}.gate_proj/up_proj/down_proj`; a Llama
+    with `qk_norm` as `Qwen3ForCausalLM`, with `qkv_bias` as `Qwen2ForCausalLM`, with only a
+    window as `MistralForCausalLM`). A tied head is not written (HF ties it on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
     for `transformers.AutoModelForImageClassification` (`ViTForImageClassification`).
 
     **Arguments:**

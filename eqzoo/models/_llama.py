@@ -42,6 +42,9 @@ class LlamaConfig:
       checkpoints load as a Llama with it.
     - `qkv_bias`: biases on the query, key and value projections (not the output one): Qwen2's
       attention. Hugging Face `Qwen2ForCausalLM` checkpoints load as a Llama with it.
+    - `qk_norm`: an RMSNorm (epsilon `rms_norm_eps`) over each head's queries and keys before
+      the rotary embedding: Qwen3's attention. Hugging Face `Qwen3ForCausalLM` checkpoints load
+      as a Llama with it.
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -59,6 +62,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None
     qkv_bias: bool = False
+    qk_norm: bool = False
     remat: str = "none"
     scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
@@ -82,6 +86,8 @@ class LlamaConfig:
         attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * hd
         per_layer = attn + 3 * d * h + 2 * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return self.vocab_size * d + head + self.num_layers * per_layer + d
@@ -156,6 +162,7 @@ def decoder_layers(c, make_mlp, key):
                 c.embed_dim, c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.resolved_head_dim,
                 use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
                 use_bias=getattr(c, "qkv_bias", False), out_bias=False,
+                qk_norm=c.qk_norm, qk_norm_eps=c.rms_norm_eps,
                 backend=c.attention_backend, sliding_window=c.sliding_window, out_init_std=out_std,
                 key=ka,  # type: ignore[arg-type]
             ),

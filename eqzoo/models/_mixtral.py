@@ -33,7 +33,8 @@ class MixtralConfig:
 
     - `vocab_size`, `max_seq`, `num_layers`, `num_heads`, `num_kv_heads`, `embed_dim`,
       `head_dim`, `rope_theta`, `rope_scaling`, `rms_norm_eps`, `tie_embeddings`,
-      `sliding_window`: as in [`eqzoo.models.LlamaConfig`][].
+      `sliding_window`, `qk_norm`: as in [`eqzoo.models.LlamaConfig`][] (with `qk_norm`,
+      Hugging Face `Qwen3MoeForCausalLM` checkpoints load as a Mixtral).
     - `hidden_dim`: each expert's SwiGLU inner width.
     - `num_experts`: experts per layer; `experts_per_token`: how many each token uses.
     - `normalize_router_weights`: renormalise the chosen experts' router probabilities to sum
@@ -67,6 +68,7 @@ class MixtralConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False
     router_aux_loss_coef: float = 0.02
     router_z_loss_coef: float = 0.001
     moe_implementation: str = "dense"
@@ -108,7 +110,7 @@ class MixtralConfig:
 
     def _layer_params(self, experts: int) -> int:
         d, h, hd = self.embed_dim, self.hidden_dim, self.resolved_head_dim
-        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + (2 * hd if self.qk_norm else 0)
         return attn + d * self.num_experts + experts * 3 * d * h + 2 * d  # + router, two norms
 
     def _params(self, experts: int) -> int:

@@ -52,6 +52,11 @@ _PRESETS: dict[str, Any] = {
         embed_dim=4096, hidden_dim=14336, rope_theta=500000.0,
         rope_scaling=RopeScaling(factor=8.0), tie_embeddings=False,
     ),
+    "qwen3-0.6b": LlamaConfig(  # the shape of Qwen3 0.6B: per-head query/key norms, tied head
+        vocab_size=151936, max_seq=40960, num_layers=28, num_heads=16, num_kv_heads=8,
+        embed_dim=1024, hidden_dim=3072, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_embeddings=True, qk_norm=True,
+    ),
     # Mixture-of-experts decoders. tiny-mixtral routes each token to 2 of 4 experts; mixtral-8x7b
     # is the shape of Mixtral 8x7B (46.7B parameters, 12.9B active per token).
     "tiny-mixtral": MixtralConfig(
@@ -59,6 +64,11 @@ _PRESETS: dict[str, Any] = {
         hidden_dim=128, num_experts=4, experts_per_token=2,
     ),
     "mixtral-8x7b": MixtralConfig(),
+    "qwen3-30b-a3b": MixtralConfig(  # the shape of Qwen3 30B-A3B: 128 experts, 8 a token
+        vocab_size=151936, max_seq=40960, num_layers=48, num_heads=32, num_kv_heads=4,
+        embed_dim=2048, hidden_dim=768, num_experts=128, experts_per_token=8, head_dim=128,
+        rope_theta=1e6, rms_norm_eps=1e-6, router_aux_loss_coef=0.001, qk_norm=True,
+    ),
     "mlp-small": MLPConfig(),
     "cnn-digits": CNNConfig(),
     # Vision Transformers. tiny-vit fits scikit-learn's 8x8 digits (16 patches of 2x2); the others

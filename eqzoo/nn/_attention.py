@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, Int
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
+from ._norm import RMSNorm
 from ._rope import RopeScaling, RotaryEmbedding
 
 AttentionBackend = Literal["xla", "cudnn", "auto"]
@@ -99,6 +100,8 @@ class Attention(eqx.Module):
     v_proj: eqx.nn.Linear | AbstractLinear
     o_proj: eqx.nn.Linear | AbstractLinear
     rope: RotaryEmbedding | None
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -121,6 +124,8 @@ class Attention(eqx.Module):
         backend: AttentionBackend = "auto",
         causal: bool = True,
         sliding_window: int | None = None,
+        qk_norm: bool = False,
+        qk_norm_eps: float = 1e-6,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -143,6 +148,9 @@ class Attention(eqx.Module):
         - `sliding_window`: if given, each position attends only to itself and the
           `sliding_window - 1` positions before it (Mistral's sliding-window attention, counted
           as Hugging Face's `sliding_window`); needs `causal=True`. `None`: every earlier position.
+        - `qk_norm`: an RMSNorm over each head's queries and keys (one `head_dim` scale for
+          the queries, one for the keys, shared by the heads), before the rotary embedding:
+          Qwen3's attention. `qk_norm_eps`: its epsilon.
         - `init_std`, `out_init_std`: normal init scale of the input / output projections.
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
@@ -177,6 +185,8 @@ class Attention(eqx.Module):
         out_lin = lin if out_bias is None else dict(lin, use_bias=out_bias)
         self.o_proj = init_linear(num_heads * head_dim, embed_dim, std=out_std, key=ko, **out_lin)
         self.rope = RotaryEmbedding(head_dim, theta=rope_theta, scaling=rope_scaling) if use_rope else None
+        self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype) if qk_norm else None
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -189,6 +199,8 @@ class Attention(eqx.Module):
         q = apply_linear(self.q_proj, x).reshape(seq, self.num_heads, self.head_dim)
         k = apply_linear(self.k_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
         v = apply_linear(self.v_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q = self.rope(q, positions)
             k = self.rope(k, positions)

@@ -59,6 +59,27 @@ def _qwen2(seed: int, **overrides):
     return model
 
 
+def _randomize_qk_norms(model):
+    with torch.no_grad():  # transformers initialises the norms to ones: make them matter
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1.0, 0.3)
+            layer.self_attn.k_norm.weight.normal_(1.0, 0.3)
+    return model
+
+
+def _qwen3(seed: int, **overrides):
+    config = dict(rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True, head_dim=32, use_sliding_window=False)
+    return _randomize_qk_norms(_decoder(transformers.Qwen3ForCausalLM, transformers.Qwen3Config, seed, **(config | overrides)))
+
+
+def _qwen3_moe(seed: int, **overrides):
+    config = dict(
+        rms_norm_eps=1e-6, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, router_aux_loss_coef=0.05,
+    )
+    return _randomize_qk_norms(_decoder(transformers.Qwen3MoeForCausalLM, transformers.Qwen3MoeConfig, seed, **(config | overrides)))
+
+
 def _mixtral(seed: int, **overrides):
     config = dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.05)
     return _decoder(transformers.MixtralForCausalLM, transformers.MixtralConfig, seed, **(config | overrides))
@@ -69,7 +90,9 @@ def _mixtral(seed: int, **overrides):
 # head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta, and
 # Mixtral (GQA, 4 experts, top-2, untied head; per-expert tensors in HF, stacked in eqzoo), and
 # Mistral (Llama's layout with an 8-position sliding window, shorter than the test sequences), and
-# Qwen2 (Llama's layout with query/key/value biases, random here; tied head).
+# Qwen2 (Llama's layout with query/key/value biases, random here; tied head), Qwen3 (Llama's
+# layout with per-head query/key RMSNorms, random here; tied head, head_dim 32 != 64 / 4) and
+# Qwen3-MoE (Qwen3's attention, 4 experts, top-2 without renormalised weights, untied head).
 BUILDERS = {
     "gpt2": lambda: _gpt2(0),
     "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
@@ -77,6 +100,8 @@ BUILDERS = {
     "mixtral": lambda: _mixtral(4),
     "mistral": lambda: _mistral(5),
     "qwen2": lambda: _qwen2(6),
+    "qwen3": lambda: _qwen3(7),
+    "qwen3-moe": lambda: _qwen3_moe(8),
 }
 FAMILIES = list(BUILDERS)
 
@@ -99,6 +124,16 @@ def make_mistral(seed: int = 0, **overrides):
 def make_qwen2(seed: int = 0, **overrides):
     """A tiny random `Qwen2ForCausalLM` (eval mode, random q/k/v biases)."""
     return _qwen2(seed, **overrides)
+
+
+def make_qwen3(seed: int = 0, **overrides):
+    """A tiny random `Qwen3ForCausalLM` (eval mode, random query/key norms)."""
+    return _qwen3(seed, **overrides)
+
+
+def make_qwen3_moe(seed: int = 0, **overrides):
+    """A tiny random `Qwen3MoeForCausalLM` (eval mode, random query/key norms)."""
+    return _qwen3_moe(seed, **overrides)
 
 
 def make_mixtral(seed: int = 0, **overrides):
@@ -188,6 +223,7 @@ def hft():
     return types.SimpleNamespace(
         torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
         make_mixtral=make_mixtral, make_mistral=make_mistral, make_qwen2=make_qwen2,
+        make_qwen3=make_qwen3, make_qwen3_moe=make_qwen3_moe,
         hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
         load_with_transformers=load_with_transformers,
     )

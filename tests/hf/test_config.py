@@ -37,8 +37,24 @@ LLAMA3 = RopeScaling(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, ori
         ),
         LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176, qkv_bias=True, tie_embeddings=True),
         LlamaConfig(vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64, hidden_dim=176, qkv_bias=True, sliding_window=16),
+        LlamaConfig(
+            vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+            hidden_dim=176, head_dim=32, qk_norm=True, tie_embeddings=True, sliding_window=16,
+        ),
+        MixtralConfig(
+            vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+            hidden_dim=48, num_experts=8, experts_per_token=2, qk_norm=True,
+            normalize_router_weights=False, router_aux_loss_coef=0.001,
+        ),
+        MixtralConfig(
+            vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+            hidden_dim=48, num_experts=8, experts_per_token=2, qk_norm=True, sliding_window=16,
+        ),
     ],
-    ids=["gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied", "mistral-windowed", "mixtral-windowed", "qwen2", "qwen2-windowed"],
+    ids=[
+        "gpt2", "llama", "llama3-scaled-tied", "mixtral", "mixtral-top1-scaled-tied", "mistral-windowed",
+        "mixtral-windowed", "qwen2", "qwen2-windowed", "qwen3-windowed-tied", "qwen3-moe", "qwen3-moe-windowed-normalised",
+    ],
 )
 def test_round_trip_through_transformers_config(config, tmp_path, hft):
     hf = config_to_hf(config)
@@ -51,7 +67,12 @@ def test_round_trip_through_transformers_config(config, tmp_path, hft):
     assert config_from_hf(hf_config.to_dict()) == config
     # ... and so does ours.
     assert config_from_hf(hf) == config
-    if isinstance(config, MixtralConfig):
+    if isinstance(config, MixtralConfig) and config.qk_norm:
+        assert type(hf_config).__name__ == "Qwen3MoeConfig"
+        assert hf_config.num_experts == config.num_experts
+        assert hf_config.norm_topk_prob == config.normalize_router_weights
+        assert hf_config.moe_intermediate_size == config.hidden_dim
+    elif isinstance(config, MixtralConfig):
         assert type(hf_config).__name__ == "MixtralConfig"
         assert hf_config.num_local_experts == config.num_experts
         assert hf_config.num_experts_per_tok == config.experts_per_token
@@ -60,7 +81,10 @@ def test_round_trip_through_transformers_config(config, tmp_path, hft):
     if isinstance(config, LlamaConfig | MixtralConfig):
         assert getattr(hf_config, "sliding_window", None) == config.sliding_window  # HF Llama has none
         if isinstance(config, LlamaConfig):
-            expected = "Qwen2Config" if config.qkv_bias else "LlamaConfig" if config.sliding_window is None else "MistralConfig"
+            expected = (
+                "Qwen3Config" if config.qk_norm else "Qwen2Config" if config.qkv_bias
+                else "LlamaConfig" if config.sliding_window is None else "MistralConfig"
+            )
             assert type(hf_config).__name__ == expected
         assert hf_config.num_key_value_heads == config.num_kv_heads
         assert hf_config.head_dim == config.resolved_head_dim
@@ -170,3 +194,37 @@ def test_mixtral_without_renormalised_router_weights_is_not_exported():
     config = MixtralConfig(normalize_router_weights=False)
     with pytest.raises(HFFormatError, match=r"normalize_router_weights=False\) has no Hugging Face equivalent"):
         config_to_hf(config)
+
+
+def test_qwen3_families_read_as_transformers_does():
+    qwen3 = {
+        "model_type": "qwen3", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "head_dim": 32,
+    }
+    c = config_from_hf(qwen3)
+    assert isinstance(c, LlamaConfig) and c.qk_norm and not c.qkv_bias and c.sliding_window is None
+    assert c.rms_norm_eps == 1e-6 and c.max_seq == 32768 and c.head_dim == 32
+    assert config_from_hf(qwen3 | {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 32}).sliding_window == 32
+    with pytest.raises(HFFormatError, match=r"must be on in every layer"):
+        config_from_hf(qwen3 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32})
+    with pytest.raises(HFFormatError, match=r"attention_bias=True.*no biases"):
+        config_from_hf(qwen3 | {"attention_bias": True})
+    moe = {k: v for k, v in qwen3.items() if k != "head_dim"} | {
+        "model_type": "qwen3_moe", "moe_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2,
+    }
+    m = config_from_hf(moe)
+    assert isinstance(m, MixtralConfig) and m.qk_norm and m.hidden_dim == 48 and m.num_experts == 8
+    assert not m.normalize_router_weights and m.router_aux_loss_coef == 0.001 and m.sliding_window is None
+    assert config_from_hf(moe | {"norm_topk_prob": True}).normalize_router_weights
+    # transformers 5 writes num_local_experts; a window only with use_sliding_window.
+    assert config_from_hf({k: v for k, v in moe.items() if k != "num_experts"} | {"num_local_experts": 4}).num_experts == 4
+    assert config_from_hf(moe | {"sliding_window": 32}).sliding_window is None
+    assert config_from_hf(moe | {"sliding_window": 32, "use_sliding_window": True}).sliding_window == 32
+    with pytest.raises(HFFormatError, match=r"mlp_only_layers=\[1\].*experts in every layer"):
+        config_from_hf(moe | {"mlp_only_layers": [1]})
+    with pytest.raises(HFFormatError, match=r"decoder_sparse_step=2.*experts in every layer"):
+        config_from_hf(moe | {"decoder_sparse_step": 2})
+    with pytest.raises(HFFormatError, match=r"lacks \['num_experts'\]"):
+        config_from_hf({k: v for k, v in moe.items() if k != "num_experts"})
+    with pytest.raises(HFFormatError, match=r"both qk_norm and qkv_bias has no Hugging Face equivalent"):
+        config_to_hf(LlamaConfig(qk_norm=True, qkv_bias=True))

@@ -108,7 +108,7 @@ def test_fused_mixtral_experts_are_refused_with_the_fix(hf_checkpoints, tmp_path
 
     folder = _copy(hf_checkpoints("mixtral")[1], tmp_path)
     _edit_tensors(folder, fuse)
-    with pytest.raises(HFFormatError, match=r"(?s)stores Mixtral experts fused \(for example 'model.layers.0.mlp.experts.down_proj'\).*experts.\{j\}.w1.weight.*from_pretrained\(...\).save_pretrained\(...\)"):
+    with pytest.raises(HFFormatError, match=r"(?s)stores its experts fused \(for example 'model.layers.0.mlp.experts.down_proj'\).*experts.\{j\}.w1.weight.*from_pretrained\(...\).save_pretrained\(...\)"):
         eqzoo.hf.load_pretrained(folder)
 
 

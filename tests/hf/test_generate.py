@@ -7,7 +7,7 @@ import pytest
 import eqzoo
 from eqzoo.generation import generate_batch
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2"]
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe"]
 NEW_TOKENS = 32
 LENGTHS = (5, 9, 13)
 

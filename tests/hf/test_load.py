@@ -15,8 +15,8 @@ from eqzoo.models import GPT2, Llama, Mixtral
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2"]
-CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama, "qwen2": Llama}
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe"]
+CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama, "qwen2": Llama, "qwen3": Llama, "qwen3-moe": Mixtral}
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
 
 

@@ -30,8 +30,20 @@ CONFIGS = {
         vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
         hidden_dim=96, num_experts=4, experts_per_token=2, router_aux_loss_coef=0.05,
     ),
+    "qwen3": LlamaConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=176, head_dim=32, rms_norm_eps=1e-6, tie_embeddings=True, qk_norm=True,
+    ),
+    "qwen3-moe": MixtralConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=48, num_experts=4, experts_per_token=2, normalize_router_weights=False,
+        rms_norm_eps=1e-6, qk_norm=True,
+    ),
 }
-ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM"}
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "qwen3-moe": "Qwen3MoeForCausalLM",
+}
 
 
 def _random_model(family: str, seed: int = 0):
