@@ -19,6 +19,7 @@ Prints one JSON line with `--json`.
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -139,7 +140,7 @@ def main(argv=None) -> dict:
     seq_len = shape["max_seq"]
     mesh = sh.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
-        batch_size = max(batch_size, sh.mesh_shape(mesh)["data"] * sh.mesh_shape(mesh)["fsdp"])
+        batch_size = max(batch_size, math.prod(mesh.shape[a] for a in sh.batch_axes(mesh)))
 
     summary = {
         "benchmark": "compile_time",

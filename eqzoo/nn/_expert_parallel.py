@@ -25,6 +25,8 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec as P
 
+from .._errors import ConfigError
+
 
 def expert_parallel_size() -> int:
     """The size of the active eqzoo mesh's `expert` axis (1 without a mesh), read at trace time."""
@@ -93,8 +95,31 @@ def _per_example_op(batched_op):
     return op
 
 
-_to_op = _per_example_op(_batch_to_experts)
-_from_op = _per_example_op(_batch_from_experts)
+_NOT_REVERSE_MODE = (
+    "expert parallelism (an eqzoo mesh with expert > 1, inside activation_sharding) supports "
+    "reverse-mode gradients (jax.grad, as training takes them), not forward-mode or higher-order "
+    "differentiation (jax.jvp, jax.jacfwd, jax.hessian, a gradient of a gradient); run those "
+    "on a mesh without an `expert` axis (the values are the same)."
+)
+
+
+def _refuse_forward_mode(op):
+    """`op`, whose forward-mode derivative raises a `ConfigError` saying what to do instead:
+    reached by a derivative of the backward pass (a gradient of a gradient, a Hessian)."""
+
+    @jax.custom_jvp
+    def guarded(x):
+        return op(x)
+
+    @guarded.defjvp
+    def _(primals, tangents):
+        raise ConfigError(_NOT_REVERSE_MODE)
+
+    return guarded
+
+
+_to_op = _refuse_forward_mode(_per_example_op(_batch_to_experts))
+_from_op = _refuse_forward_mode(_per_example_op(_batch_from_experts))
 
 
 @jax.custom_vjp
@@ -118,7 +143,8 @@ def to_experts(x):
     blocks moves by one `all_to_all` over `expert` from "batch split over every batch axis" to
     "batch over `data` x `fsdp`, experts over `expert`", so each device computes its own
     experts. Call it only where expert parallelism is wanted
-    (`expert_parallel_size() > 1`): its derivative is reverse-mode only.
+    (`expert_parallel_size() > 1`): its derivative is reverse-mode only (`jax.jvp` raises JAX's
+    `TypeError` for a `custom_vjp`; higher-order derivatives a `ConfigError`).
     """
     return _to(x)
 

@@ -208,7 +208,7 @@ _NO_FORWARD_MODE = (
     "MoE(implementation='ragged') supports reverse-mode gradients (jax.grad of a batched or "
     "unbatched call, as training takes them), not forward-mode or higher-order differentiation "
     "(jax.jvp, jax.jacfwd, jax.hessian, a gradient of a gradient); use implementation='dense' "
-    "or 'capacity' there."
+    "or 'capacity' there (on a mesh without an `expert` axis, where those are reverse-mode only too)."
 )
 
 

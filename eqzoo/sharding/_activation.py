@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import ShardingError
 from ._mesh import _BATCH_AXES
-from ._rules import _entry_axes
+from ._rules import _entry_axes, drop_missing_axes
 
 ACTIVATION_RULES: dict[str, P] = {
     # One sequence's hidden states, (seq, embed): replicated across `fsdp` (weights are
@@ -60,7 +60,7 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, P] | None = None)
     """
     if mesh is not None and rules is None:
         # eqzoo's defaults fit any mesh: an axis the mesh lacks is dropped from them.
-        rules = {name: _drop_missing(spec, mesh) for name, spec in ACTIVATION_RULES.items()}
+        rules = {name: drop_missing_axes(spec, mesh) for name, spec in ACTIVATION_RULES.items()}
     elif mesh is not None:
         rules = dict(rules)
         for name, spec in rules.items():
@@ -123,16 +123,6 @@ def batch_vmap(fn: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, **spmd)(*args, **kwargs)
 
     return batched
-
-
-def _drop_missing(spec: P, mesh: Mesh) -> P:
-    def keep(entry):
-        if entry is None or entry is P.UNCONSTRAINED:
-            return entry
-        axes = tuple(a for a in _entry_axes(entry) if a in mesh.shape)
-        return None if not axes else axes[0] if len(axes) == 1 else axes
-
-    return P(*(keep(e) for e in spec))
 
 
 def _spec_axes(spec: P) -> list[str]:

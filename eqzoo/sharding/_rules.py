@@ -83,10 +83,10 @@ MIXTRAL_RULES: tuple[tuple[str, P], ...] = (
 norms; whole experts split over the mesh's `expert` axis (expert parallelism: with
 `expert=4`, each device holds a quarter of the experts), and each expert's SwiGLU split as a
 dense SwiGLU is (hidden units over `tensor`, embedding over `fsdp`); the router replicated.
-Under `"capacity"` tokens travel to their experts' devices and back by all-to-all over
-`expert` (see [`eqzoo.nn.MoE`][]); otherwise each device routes and computes its own batch
-shard's tokens, with the experts' weights gathered over `fsdp` (and `expert`) as every FSDP
-weight is."""
+Under `"capacity"` and `"dense"` tokens travel to their experts' devices and back by
+all-to-all over `expert` (see [`eqzoo.nn.MoE`][]); under `"ragged"`, and without an `expert`
+axis, each device routes and computes its own batch shard's tokens, with the experts' weights
+gathered over `fsdp` (and `expert`) as every FSDP weight is."""
 
 VIT_RULES: tuple[tuple[str, P], ...] = (
     *_TRANSFORMER_RULES,
@@ -155,6 +155,19 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
     if entry is None or entry is P.UNCONSTRAINED:
         return ()
     return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def drop_missing_axes(spec: P, mesh: Mesh) -> P:
+    """`spec` without the mesh axes `mesh` lacks: eqzoo's defaults (rules, `BATCH_SPEC`) name
+    all four eqzoo axes, and fit a mesh built by hand with only some of them."""
+
+    def keep(entry):
+        if entry is None or entry is P.UNCONSTRAINED:
+            return entry
+        axes = tuple(a for a in _entry_axes(entry) if a in mesh.shape)
+        return None if not axes else axes[0] if len(axes) == 1 else axes
+
+    return P(*(keep(e) for e in spec))
 
 
 def check_spec(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:

@@ -12,7 +12,15 @@ from .._errors import shape_str, user_stacklevel
 from ..train._state import TrainState
 from ._errors import ShardingError
 from ._mesh import _BATCH_AXES
-from ._rules import Rules, _entry_axes, _is_leaf_array, default_rules, partition_specs, path_str
+from ._rules import (
+    Rules,
+    _entry_axes,
+    _is_leaf_array,
+    default_rules,
+    drop_missing_axes,
+    partition_specs,
+    path_str,
+)
 
 BATCH_SPEC = P(_BATCH_AXES)
 """How batches are split: the leading (batch) axis over `data` x `fsdp` x `expert`, everything else
@@ -48,10 +56,11 @@ def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
     return specs
 
 
-def _resolve_rules(tree: Any, rules: Rules | None) -> Rules:
+def _resolve_rules(tree: Any, rules: Rules | None, mesh: Mesh) -> Rules:
     if rules is not None:
         return rules
-    return default_rules(tree.model if isinstance(tree, TrainState) else tree)
+    defaults = default_rules(tree.model if isinstance(tree, TrainState) else tree)
+    return tuple((pattern, drop_missing_axes(spec, mesh)) for pattern, spec in defaults)
 
 
 def _warn_split_heads(model: Any, mesh: Mesh) -> None:
@@ -99,7 +108,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     """
     if rules is None:
         _warn_split_heads(tree.model if isinstance(tree, TrainState) else tree, mesh)
-    rules = _resolve_rules(tree, rules)
+    rules = _resolve_rules(tree, rules, mesh)
     if isinstance(tree, TrainState):
         shardings = [NamedSharding(mesh, s) for s in _state_specs(tree, rules, mesh)]
         return jax.tree.unflatten(jax.tree.structure(tree), shardings)
@@ -191,7 +200,14 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
             )
 
 
+def _batch_spec(spec: P, mesh: Mesh) -> P:
+    # The default fits any mesh (a hand-built one may lack `expert`, say); a given spec is taken as is.
+    return drop_missing_axes(spec, mesh) if spec == BATCH_SPEC else spec
+
+
 def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str) -> Any:
+    spec = _batch_spec(spec, mesh)
+
     def one(path, x):
         _check_batch_leaf(who, path, tuple(np.shape(x)), spec, mesh)
         return NamedSharding(mesh, spec)
@@ -235,6 +251,7 @@ def make_global_batch(local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any
     **Raises:** [`eqzoo.sharding.ShardingError`][] when the global batch size is not divisible
     by the mesh axes of `spec`.
     """
+    spec = _batch_spec(spec, mesh)
 
     def one(path, x):
         x = np.asarray(x)

@@ -148,9 +148,9 @@ def test_sharded_expert_lora_step_equals_one_device():
     one, m1 = make_train_step(lm_loss, optimizer, donate=False)(init(jax.random.key(4)), batch)
     state = sh.sharded_init(init, jax.random.key(4), mesh=mesh, rules=sh.MIXTRAL_RULES)
     mlp = state.model.blocks.layers.mlp
-    assert mlp.up_proj.lora_b.sharding.spec == jax.P(None, None, None, "tensor")
-    assert mlp.up_proj.base.sharding.spec == jax.P(None, None, "fsdp", "tensor")
-    assert mlp.down_proj.lora_a.sharding.spec == jax.P(None, None, "tensor", None)
+    assert mlp.up_proj.lora_b.sharding.spec == jax.P(None, "expert", None, "tensor")
+    assert mlp.up_proj.base.sharding.spec == jax.P(None, "expert", "fsdp", "tensor")
+    assert mlp.down_proj.lora_a.sharding.spec == jax.P(None, "expert", "tensor", None)
     many, mk = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)(state, sh.shard_batch(batch, mesh))
     assert abs(float(m1["loss"]) - float(mk["loss"])) < 1e-5
     for a, b in zip(jax.tree.leaves(one.arrays), jax.tree.leaves(many.arrays), strict=True):

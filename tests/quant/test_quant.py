@@ -458,9 +458,9 @@ def test_quantized_mixtral_generates_and_shards():
     mesh = sh.make_mesh("data=2,fsdp=2,tensor=2")
     placed = sh.shard(q, mesh)
     gate = placed.blocks.layers.mlp.gate_proj
-    assert gate.codes.sharding.spec == jax.P(None, None, "fsdp", "tensor")  # the float experts' layout
-    assert gate.scale.sharding.spec == jax.P(None, None, "tensor")
-    assert placed.blocks.layers.mlp.down_proj.scale.sharding.spec == jax.P(None, None, "fsdp")
+    assert gate.codes.sharding.spec == jax.P(None, "expert", "fsdp", "tensor")  # the float experts' layout
+    assert gate.scale.sharding.spec == jax.P(None, "expert", "tensor")
+    assert placed.blocks.layers.mlp.down_proj.scale.sharding.spec == jax.P(None, "expert", "fsdp")
     tokens = jnp.stack([_tokens(16, seed) for seed in range(4)])
 
     @eqx.filter_jit

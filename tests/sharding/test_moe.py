@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from eqzoo import perf, sharding as sh
+from eqzoo._errors import ConfigError
 from eqzoo.train import TrainState, lm_loss, make_train_step
 
 TOL = 1e-5  # fp32: sharding only splits and reorders the sums
@@ -138,3 +139,29 @@ def test_expert_parallel_odd_batches_and_nested_vmaps(lab):
     np.testing.assert_allclose(forward(model, tokens, mesh), forward(model, tokens, None), atol=TOL, rtol=TOL)
     stacked = jnp.asarray(lab.make_batch(16, 8)["tokens"]).reshape(2, 8, 8)
     np.testing.assert_allclose(nested(model, stacked, mesh), nested(model, stacked, None), atol=TOL, rtol=TOL)
+
+
+def test_expert_parallel_is_reverse_mode_only_and_says_so(lab):
+    layer = jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, lab.make_model("mixtral-capacity").blocks.layers.mlp)
+    x = jax.random.normal(jax.random.key(0), (8, 4, layer.router.weight.shape[1]))
+    mesh = sh.make_mesh("data=2,expert=4")
+
+    def f(scale, mesh):
+        with sh.activation_sharding(mesh):
+            return jnp.sum(sh.batch_vmap(layer)(x * scale) ** 2)
+
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda s: f(s, mesh)))(1.0), jax.grad(lambda s: f(s, None))(1.0), rtol=TOL)
+    with pytest.raises(ConfigError, match=r"expert parallelism .* supports reverse-mode gradients .* without an `expert` axis"):
+        jax.hessian(lambda s: f(s, mesh))(1.0)
+
+
+def test_default_layouts_fit_a_mesh_built_without_an_expert_axis(lab):
+    # BATCH_SPEC and MIXTRAL_RULES name `expert`; a hand-built mesh without it drops the axis
+    # (a spec the user passes is still checked strictly).
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    batch = sh.shard_batch(lab.make_batch(), mesh)
+    assert batch["tokens"].sharding.spec == jax.P(("data", "fsdp"))
+    gate = sh.shard(lab.make_model("mixtral"), mesh).blocks.layers.mlp.gate_proj
+    assert gate.sharding.spec == jax.P(None, None, "fsdp", "tensor")
+    with pytest.raises(sh.ShardingError, match=r"names mesh axis 'expert'"):
+        sh.shard_batch(lab.make_batch(), mesh, spec=jax.P(("data", "expert")))
