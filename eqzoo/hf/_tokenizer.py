@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any, no_type_check
 
 import numpy as np
-from jaxtyping import Int, Integer
+from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
 from ..data import AbstractTokenizer, TokenizerError
+from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
 from ._files import TOKENIZER_NAME
 
@@ -26,23 +27,43 @@ def _token_string(value: Any) -> str | None:
     return None
 
 
+def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
+    # transformers 5 writes the template to chat_template.jinja; older folders keep it in
+    # tokenizer_config.json, as a string or a list of named templates ("default" is the one used).
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        return file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
 class HFTokenizer(AbstractTokenizer):
     """A Hugging Face fast tokenizer (`tokenizers.Tokenizer`) behind eqzoo's tokenizer protocol.
 
     `encode` gives int32 numpy ids ready for `eqzoo.generate`; `decode` turns ids back into
     text. The special tokens named in `tokenizer_config.json` (if the folder has one) are
     available as `bos_token_id`, `eos_token_id`, `pad_token_id` and `unk_token_id` (`None` when
-    unknown).
+    unknown). A chat model's template (`chat_template.jinja`, or `chat_template` in
+    `tokenizer_config.json`) is `chat_template`: [`eqzoo.hf.HFTokenizer.apply_chat_template`][]
+    renders conversations with it and [`eqzoo.hf.HFTokenizer.encode_chat`][] gives the tokens
+    and the assistant-token mask for fine-tuning.
     """
 
-    def __init__(self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None):
+    def __init__(self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None, chat_template: str | None = None):
         """**Arguments:**
 
         - `tokenizer`: a `tokenizers.Tokenizer`.
         - `special_tokens`: optional `{"eos_token": "</s>", ...}` naming the special tokens.
+        - `chat_template`: optional Jinja chat template (Hugging Face's format).
         """
         self.tokenizer = tokenizer
         self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise TokenizerError(f"chat_template must be a string (a Jinja template), got {type(chat_template).__name__}.")
+        self.chat_template = chat_template
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "HFTokenizer":
@@ -54,14 +75,18 @@ class HFTokenizer(AbstractTokenizer):
         except Exception as err:  # the Rust side raises a bare Exception on malformed files
             raise HFFormatError(f"cannot read {str(file)!r} as a tokenizers tokenizer.json: {err}") from None
         special: dict[str, str] = {}
+        config: dict[str, Any] = {}
         config_file = file.with_name("tokenizer_config.json")
         if config_file.is_file():
-            config = json.loads(config_file.read_text())
+            try:
+                config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as err:
+                raise HFFormatError(f"cannot parse {str(config_file)!r} as JSON: {err}") from None
             for key in _SPECIAL:
                 token = _token_string(config.get(key))
                 if token is not None:
                     special[key] = token
-        return cls(tokenizer, special)
+        return cls(tokenizer, special, _read_chat_template(file.parent, config))
 
     def _special_id(self, key: str) -> int | None:
         token = self._special.get(key)
@@ -113,9 +138,94 @@ class HFTokenizer(AbstractTokenizer):
             raise TokenizerError(f"token ids must lie in [0, {self.vocab_size}); got ids from {arr.min()} to {arr.max()}.")
         return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
 
+    def _template(self, who: str) -> str:
+        if self.chat_template is None:
+            raise TokenizerError(
+                f"HFTokenizer.{who}: this tokenizer has no chat template (neither chat_template.jinja "
+                "nor a chat_template in tokenizer_config.json); base models usually have none. Pass "
+                "one as HFTokenizer(..., chat_template=...) or format the text yourself."
+            )
+        return self.chat_template
+
+    def _special_strings(self) -> dict[str, str]:
+        return dict(self._special)
+
+    @no_type_check  # check_messages says how to fix a bad conversation
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        **template_kwargs: Any,
+    ) -> Int[np.ndarray, " seq"] | str:
+        """A conversation rendered with the model's chat template, as token ids (or text).
+
+        Renders as Hugging Face's `apply_chat_template` does (Jinja's sandbox, the special-token
+        strings `bos_token`, `eos_token`, `pad_token`, `unk_token` as variables) and encodes
+        the text without adding special tokens again (the template writes them).
+
+        **Arguments:**
+
+        - `messages`: a list of `{"role": ..., "content": ...}` dicts.
+        - `add_generation_prompt`: end with the header of an assistant turn, so that the model
+          writes the reply (for generation).
+        - `tokenize`: `False` returns the text.
+        - `template_kwargs`: more template variables: `tools=[...]`, or a template's own switches
+          (Qwen3's `enable_thinking=False`, say).
+
+        **Returns:** int32 token ids, or the text.
+
+        **Raises:** `TokenizerError` when there is no template, a message is malformed, or the
+        template fails (its `raise_exception` message included).
+        """
+        text = render(
+            self._template("apply_chat_template"), check_messages(messages), self._special_strings(),
+            add_generation_prompt=bool(add_generation_prompt), **template_kwargs,
+        )
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    @no_type_check  # check_messages says how to fix a bad conversation
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], **template_kwargs: Any
+    ) -> tuple[Int[np.ndarray, " seq"], Bool[np.ndarray, " seq"]]:
+        """A conversation's token ids and which of them the assistant wrote: a fine-tuning
+        example.
+
+        The mask is `True` for the tokens of each assistant turn after its generation prompt
+        (the reply and what closes the turn, such as `<|im_end|>`), `False` for the system and
+        user turns and the headers: the tokens a supervised fine-tune trains on. Pass the pairs
+        to [`eqzoo.data.pack_documents`][] as documents and `target_masks`.
+
+        A token that straddles the edge of a reply counts as the reply's. The spans come from
+        rendering the conversation up to each reply and through it, so a template that renders
+        earlier turns differently once later ones exist (one that drops earlier reasoning) is
+        refused with a `TokenizerError` unless only its last turn is a reply.
+
+        **Arguments:** `messages`, as for [`eqzoo.hf.HFTokenizer.apply_chat_template`][];
+        `template_kwargs`, more template variables.
+
+        **Returns:** `(tokens, mask)`: int32 ids and a boolean mask of the same length.
+        """
+        text, spans = assistant_spans(
+            self._template("encode_chat"), check_messages(messages), self._special_strings(), **template_kwargs
+        )
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        tokens = np.asarray(encoding.ids, dtype=np.int32)
+        mask = np.zeros(tokens.shape, dtype=bool)
+        if spans and tokens.size:
+            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            for start, end in spans:
+                mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
+        return tokens, mask
+
     def to_dict(self) -> dict[str, Any]:
-        """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}}`, JSON-able."""
-        return {"type": "hf", "tokenizer_json": self.tokenizer.to_str(), "special_tokens": dict(self._special)}
+        """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}, "chat_template": ...}`,
+        JSON-able."""
+        return {
+            "type": "hf", "tokenizer_json": self.tokenizer.to_str(), "special_tokens": dict(self._special),
+            "chat_template": self.chat_template,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "HFTokenizer":
@@ -123,7 +233,7 @@ class HFTokenizer(AbstractTokenizer):
         if not isinstance(d, Mapping) or d.get("type") != "hf" or "tokenizer_json" not in d:
             raise TokenizerError("HFTokenizer.from_dict needs the output of HFTokenizer.to_dict() (type 'hf').")
         tokenizers = require("tokenizers", "hf")
-        return cls(tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"))
+        return cls(tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"), d.get("chat_template"))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()

@@ -69,3 +69,118 @@ def test_errors(tokenizer_dir, tmp_path):
         tok.decode(np.zeros((2, 2), np.int32))
     with pytest.raises(TokenizerError, match="needs the output of HFTokenizer.to_dict"):
         HFTokenizer.from_dict({"type": "char"})
+
+
+# A ChatML-style template, written for these tests; the assistant turn in {% generation %} tags
+# so that transformers can report its own assistant mask to compare with.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' + '\\n' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# One that checks roles, reads a special token and a caller's switch.
+STRICT = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+    "[{{ m['role'] | upper }}]{{ m['content'] | tojson }}{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT]{% if terse %}(short){% endif %}{% endif %}"
+)
+CHAT = [
+    {"role": "system", "content": "You copy files."},
+    {"role": "user", "content": "def copy(src, dst):"},
+    {"role": "assistant", "content": "return shutil.copyfile(src, dst)"},
+    {"role": "user", "content": "and a tree? <b>ünï</b>"},
+    {"role": "assistant", "content": "shutil.copytree(src, dst)"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """A BPE tokenizer with ChatML's special tokens; the template in tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(LINES, trainer)
+    folder = tmp_path_factory.mktemp("chat")
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "chat_template": CHATML}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _fast(folder, hft, template):
+    return hft.transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), chat_template=template, eos_token="<|im_end|>", bos_token="<|endoftext|>"
+    )
+
+
+@pytest.mark.parametrize("template", ["chatml", "strict"])
+def test_chat_template_renders_as_transformers_does(chat_dir, hft, template, tmp_path):
+    text = CHATML if template == "chatml" else STRICT
+    tok = load_tokenizer(chat_dir) if template == "chatml" else HFTokenizer.from_file(chat_dir / "tokenizer.json")
+    if template == "strict":  # transformers 5's own file beside the tokenizer: chat_template.jinja
+        shutil.copy(chat_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+        shutil.copy(chat_dir / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+        (tmp_path / "chat_template.jinja").write_text(STRICT)
+        tok = load_tokenizer(tmp_path)
+    fast = _fast(chat_dir, hft, text)
+    chat = CHAT if template == "chatml" else CHAT[1:]
+    for messages, generation in ((chat, False), (chat[:-1], True)):
+        kwargs = {"terse": True} if template == "strict" else {}
+        ours = tok.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False, **kwargs)
+        assert ours == fast.apply_chat_template(messages, add_generation_prompt=generation, tokenize=False, **kwargs)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=generation, **kwargs)
+        assert ids.dtype == np.int32
+        assert ids.tolist() == fast.apply_chat_template(messages, add_generation_prompt=generation, return_dict=False, **kwargs)
+    assert HFTokenizer.from_dict(json.loads(json.dumps(tok.to_dict()))).chat_template == text
+
+
+def test_encode_chat_masks_the_assistant_tokens_as_transformers_does(chat_dir, hft):
+    tok = load_tokenizer(chat_dir)
+    tokens, mask = tok.encode_chat(CHAT)
+    reference = _fast(chat_dir, hft, CHATML).apply_chat_template(
+        CHAT, return_dict=True, return_assistant_tokens_mask=True
+    )
+    assert tokens.tolist() == reference["input_ids"]
+    assert mask.astype(int).tolist() == reference["assistant_masks"]
+    assert tok.decode(tokens[mask], skip_special_tokens=False) == (
+        "return shutil.copyfile(src, dst)<|im_end|>\nshutil.copytree(src, dst)<|im_end|>\n"
+    )
+    # Packed for fine-tuning: only the assistant's tokens are targets.
+    from eqzoo.data import pack_documents
+
+    second = tok.encode_chat(CHAT[:3])
+    packed = pack_documents([tokens, second[0]], 256, target_masks=[mask, second[1]])
+    assert packed["mask"].sum() == mask[1:].sum() + second[1][1:].sum()
+
+
+def test_chat_template_errors(chat_dir, tokenizer_dir):
+    with pytest.raises(TokenizerError, match=r"has no chat template .*chat_template="):
+        load_tokenizer(tokenizer_dir).apply_chat_template(CHAT)
+    tok = load_tokenizer(chat_dir)
+    with pytest.raises(TokenizerError, match=r"a conversation is a list of messages"):
+        tok.apply_chat_template("hello")
+    with pytest.raises(TokenizerError, match=r"message 1 of the conversation must be a dict with a string 'role'"):
+        tok.apply_chat_template([CHAT[0], {"content": "no role"}])
+    strict = HFTokenizer(tok.tokenizer, chat_template=STRICT)
+    with pytest.raises(TokenizerError, match=r"refused the conversation: roles must alternate user/assistant"):
+        strict.apply_chat_template(CHAT)  # starts with a system turn
+    with pytest.raises(TokenizerError, match=r"does not parse \(line 1\)"):
+        HFTokenizer(tok.tokenizer, chat_template="{% for m in messages %}").apply_chat_template(CHAT)
+    # The sandbox: a template cannot reach Python internals.
+    with pytest.raises(TokenizerError, match=r"failed while rendering"):
+        HFTokenizer(tok.tokenizer, chat_template="{{ messages.__class__.__mro__ }}").apply_chat_template(CHAT)
+    # A template that rewrites earlier turns once later ones exist has no assistant spans ...
+    forgetful = "{% for m in messages %}{% if loop.last or m['role'] != 'assistant' %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    with pytest.raises(TokenizerError, match=r"cannot tell which tokens are assistant message 2's"):
+        HFTokenizer(tok.tokenizer, chat_template=forgetful).encode_chat(CHAT)
+    # ... but its last reply, alone, is well defined.
+    tokens, mask = HFTokenizer(tok.tokenizer, chat_template=forgetful).encode_chat(CHAT[:3])
+    assert tok.decode(tokens[mask]).strip() == "return shutil.copyfile(src, dst)"
