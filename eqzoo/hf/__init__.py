@@ -1,5 +1,6 @@
-"""Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Qwen2, Mixtral and ViT
-checkpoints as safetensors, read their configs, and read their fast tokenizers.
+"""Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral,
+Qwen3-MoE and ViT checkpoints as safetensors, read their configs, and read their fast tokenizers
+(and chat templates).
 
 Imported explicitly (`import eqzoo.hf`); needs the `hf` extra (`pip install 'eqzoo[hf]'`) for
 `safetensors` and `tokenizers`. Nothing is downloaded and no pickle is ever loaded.

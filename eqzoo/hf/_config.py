@@ -197,7 +197,8 @@ def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 def _qwen3_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Qwen3 is Llama's architecture with an RMSNorm over each head's queries and keys (no
     # biases unless attention_bias, which _llama_from_hf refuses).
-    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads.
+    fields = _llama_from_hf({"head_dim": 128} | dict(d), theta=10000.0, eps=1e-6, max_seq=32768)
     return fields | dict(qk_norm=True, sliding_window=_qwen_window(d, fields["num_layers"]))
 
 
@@ -209,7 +210,10 @@ def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     if experts is None:
         raise HFFormatError("config.json of model_type 'qwen3_moe' lacks ['num_experts'].")
     _require(d, "num_experts_per_tok", "moe_intermediate_size")
-    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=32768)
+    # transformers' defaults for keys a file may leave out: 4 key/value heads, and the width of
+    # dense layers (unused: every layer has experts).
+    defaults = {"num_key_value_heads": 4, "intermediate_size": 6144}
+    fields = _llama_from_hf(defaults | {k: v for k, v in d.items() if v is not None or k not in defaults}, theta=10000.0, eps=1e-6, max_seq=32768)
     step = d.get("decoder_sparse_step", 1)
     dense_layers = list(d.get("mlp_only_layers") or [])
     if dense_layers or step != 1:
@@ -468,6 +472,7 @@ def _qwen3_moe_to_hf(c: MixtralConfig) -> dict[str, Any]:
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         **_decoder_to_hf(c),
+        "intermediate_size": 6144,  # transformers' default; no layer is dense
         "moe_intermediate_size": c.hidden_dim,
         "num_experts": c.num_experts,
         "num_experts_per_tok": c.experts_per_token,

@@ -64,10 +64,13 @@ _PRESETS: dict[str, Any] = {
         hidden_dim=128, num_experts=4, experts_per_token=2,
     ),
     "mixtral-8x7b": MixtralConfig(),
-    "qwen3-30b-a3b": MixtralConfig(  # the shape of Qwen3 30B-A3B: 128 experts, 8 a token
+    # The shape of Qwen3 30B-A3B: 128 experts, 8 a token. "capacity": "dense" would run all
+    # 128 experts on every token (16 times the expert FLOPs).
+    "qwen3-30b-a3b": MixtralConfig(
         vocab_size=151936, max_seq=40960, num_layers=48, num_heads=32, num_kv_heads=4,
         embed_dim=2048, hidden_dim=768, num_experts=128, experts_per_token=8, head_dim=128,
         rope_theta=1e6, rms_norm_eps=1e-6, router_aux_loss_coef=0.001, qk_norm=True,
+        normalize_router_weights=True, moe_implementation="capacity",
     ),
     "mlp-small": MLPConfig(),
     "cnn-digits": CNNConfig(),

@@ -228,3 +228,16 @@ def test_qwen3_families_read_as_transformers_does():
         config_from_hf({k: v for k, v in moe.items() if k != "num_experts"})
     with pytest.raises(HFFormatError, match=r"both qk_norm and qkv_bias has no Hugging Face equivalent"):
         config_to_hf(LlamaConfig(qk_norm=True, qkv_bias=True))
+
+
+def test_qwen3_keys_left_out_take_transformers_defaults(hft):
+    base = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    dense = config_from_hf(base | {"model_type": "qwen3", "intermediate_size": 96})
+    assert dense.resolved_head_dim == hft.transformers.Qwen3Config(**base).head_dim == 128
+    # (transformers' dense default of 32 key/value heads would exceed these 4 heads: eqzoo keeps
+    # one per head there, as Llama's default.)
+    moe_keys = {"moe_intermediate_size": 48, "num_experts": 8, "num_experts_per_tok": 2}
+    moe = config_from_hf(base | moe_keys | {"model_type": "qwen3_moe"})  # no intermediate_size either
+    theirs = hft.transformers.Qwen3MoeConfig(**base, **moe_keys)
+    assert moe.num_kv_heads == theirs.num_key_value_heads == 4
+    assert moe.resolved_head_dim == 64 // 4 and config_to_hf(moe)["intermediate_size"] == theirs.intermediate_size
