@@ -14,7 +14,7 @@ from .._typing import PRNGKey
 from ._expert_parallel import expert_parallel_size, from_experts, to_experts
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
-from ._weight import AbstractWeight, weight_value
+from ._weight import AbstractWeight, weight_take, weight_value
 
 MoEImplementation = Literal["dense", "capacity", "ragged"]
 _IMPLEMENTATIONS = get_args(MoEImplementation)
@@ -288,9 +288,9 @@ class MoE(eqx.Module):
     def gathers(self, tokens: int) -> bool:
         """Whether [`eqzoo.nn.MoE.decode`][] reads only the chosen experts for a call on
         `tokens` positions in all (every sequence of the batch): when they choose fewer than
-        `num_experts` experts in all and the expert weights are plain arrays."""
-        plain = not any(isinstance(w, AbstractWeight) for w in (self.gate_proj, self.up_proj, self.down_proj))
-        return plain and tokens * self.experts_per_token < self.num_experts
+        `num_experts` experts in all. Plain arrays, int8 experts and LoRA-adapted experts are
+        then read expert by expert ([`eqzoo.nn.AbstractWeight.take`][])."""
+        return tokens * self.experts_per_token < self.num_experts
 
     @no_type_check  # checked in with_aux / below
     def decode(self, x: Float[Array, "seq embed"], batch_size: int | None = None) -> Float[Array, "seq embed"]:
@@ -299,8 +299,9 @@ class MoE(eqx.Module):
         step routes one token to 2 of 8 experts), each position's `k` experts' weights are
         gathered and only they are read: decoding is bound by the bytes of weights it reads, and
         the other implementations read every expert's weights for every token. Exact: the same
-        products as `"dense"` on the chosen experts (tested). Under `"capacity"` only single
-        tokens are gathered (a longer prefill may drop assignments; the gather path never does)."""
+        products as `"dense"` on the chosen experts (tested; int8 and LoRA experts too). Under
+        `"capacity"` only single tokens are gathered (a longer prefill may drop assignments;
+        the gather path never does)."""
         # Under "capacity" a prefill of several tokens may drop assignments, which the gather
         # path never does: there it gathers single tokens only (never dropped), so a sequence's
         # output does not depend on the batch size.
@@ -310,7 +311,7 @@ class MoE(eqx.Module):
         weights, experts, _ = self.route(x)  # (seq, k)
 
         def take(w):
-            return jnp.take(w, experts, axis=0).astype(x.dtype)  # (seq, k, ...) of the chosen experts
+            return weight_take(w, experts, x.dtype)  # (seq, k, ...) of the chosen experts
 
         g = jnp.einsum("td,tkdh->tkh", x, take(self.gate_proj))
         u = jnp.einsum("td,tkdh->tkh", x, take(self.up_proj))

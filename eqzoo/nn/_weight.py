@@ -12,14 +12,22 @@ class AbstractWeight(eqx.Module):
     """A weight held in another form (int8 codes and scales, for example) that a layer turns
     into the floating array it multiplies with, through [`eqzoo.nn.weight_value`][].
 
-    Subclasses implement `materialize` and the `shape` and `dtype` of the array they stand for.
-    Inside a [`eqzoo.nn.Stacked`][] their array leaves carry the stacked layer axis first, and
-    `materialize` sees one layer's slice.
+    Subclasses implement `materialize` and the `shape` and `dtype` of the array they stand for,
+    and may override `take` to read only the entries it picks. Inside a [`eqzoo.nn.Stacked`][]
+    their array leaves carry the stacked layer axis first, and `materialize` sees one layer's
+    slice.
     """
 
     @abc.abstractmethod
     def materialize(self, dtype) -> Float[Array, "..."]:
         """The floating weight, in `dtype`."""
+
+    def take(self, indices, dtype) -> Float[Array, "..."]:
+        """`jnp.take(materialize(dtype), indices, axis=0)`: the weight's entries along its
+        leading axis (an expert each, for the experts of an [`eqzoo.nn.MoE`][]) at `indices`,
+        in `dtype`. This default forms the whole weight first; subclasses override it to read
+        only the entries picked (decoding a mixture of experts reads a few experts a token)."""
+        return jnp.take(self.materialize(dtype), indices, axis=0)
 
     @property
     @abc.abstractmethod
@@ -30,6 +38,12 @@ class AbstractWeight(eqx.Module):
     @abc.abstractmethod
     def dtype(self) -> jnp.dtype:
         """The floating dtype of the weight this stands for."""
+
+
+def weight_take(w: Float[Array, "..."] | AbstractWeight, indices, dtype) -> Float[Array, "..."]:
+    """`w`'s entries along its leading axis at `indices`, as a floating array of `dtype`: a
+    gather then a cast for an array, [`eqzoo.nn.AbstractWeight.take`][] otherwise."""
+    return w.take(indices, dtype) if isinstance(w, AbstractWeight) else jnp.take(w, indices, axis=0).astype(dtype)
 
 
 def weight_value(w: Float[Array, "..."] | AbstractWeight, dtype) -> Float[Array, "..."]:

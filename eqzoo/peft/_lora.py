@@ -24,6 +24,7 @@ from ..nn import (
     linear_dtype,
     replace_linears,
     select_linears,
+    weight_take,
     weight_value,
 )
 from ..nn._replace import _compile_targets
@@ -200,6 +201,14 @@ class LoRAWeight(AbstractWeight):
     def materialize(self, dtype) -> Float[Array, "*lead in out"]:
         """The adapted weight `base + delta()`, summed in float32, in `dtype`."""
         return (weight_value(self.base, jnp.float32) + self.delta()).astype(dtype)
+
+    def take(self, indices, dtype) -> Float[Array, "..."]:
+        """The adapted entries at `indices` along the leading axis (an expert each): the base's
+        entries (read alone, an int8 base's too) plus their own low-rank updates."""
+        base = weight_take(self.base, indices, jnp.float32)
+        a = jnp.take(self.lora_a, indices, axis=0).astype(jnp.float32)
+        b = jnp.take(self.lora_b, indices, axis=0).astype(jnp.float32)
+        return (base + self.scaling * jnp.einsum("...ir,...ro->...io", a, b)).astype(dtype)
 
     def merged(self) -> Float[Array, "*lead in out"]:
         """The adapted weight as a plain array in the base's dtype (an int8 base is

@@ -36,6 +36,13 @@ class QuantizedWeight(AbstractWeight):
         w = self.codes.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., None, :]
         return w.astype(dtype)
 
+    def take(self, indices, dtype) -> Float[Array, "..."]:
+        """The entries at `indices` along the leading axis, dequantized: only their codes and
+        scales are read."""
+        codes = jnp.take(self.codes, indices, axis=0).astype(jnp.float32)
+        scale = jnp.take(self.scale, indices, axis=0).astype(jnp.float32)
+        return (codes * scale[..., None, :]).astype(dtype)
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape."""

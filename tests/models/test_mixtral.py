@@ -198,8 +198,48 @@ def test_gathered_and_full_expert_decoding_generate_the_same_tokens():
     alone = eqzoo.generate(model, prompt, max_new_tokens=12)  # batch 1: gathers
     batched = eqzoo.generation.generate_batch(model, jnp.stack([prompt] * 8), None, max_new_tokens=12)
     np.testing.assert_array_equal(alone, batched[0])  # batch 8 routes 16 assignments: every expert read
-    int8 = quant.quantize(model)
-    assert not int8.blocks[0].mlp.gathers(1)  # int8 experts are read whole (dequantized first)
+
+
+def _primitives_reading(jaxpr, shape):
+    """The primitives (inside nested jaxprs too) that take an operand of `shape`."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        subs = [v for v in eqn.params.values() if isinstance(v, jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr)]
+        if subs:
+            for sub in subs:
+                found |= _primitives_reading(getattr(sub, "jaxpr", sub), shape)
+        elif any(tuple(getattr(v.aval, "shape", ())) == shape for v in eqn.invars):
+            found.add(eqn.primitive.name)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["int8", "lora", "int8-lora"])
+def test_int8_and_lora_experts_decode_by_gathering_too(kind):
+    """Int8 experts, LoRA-adapted experts and LoRA over int8 experts are read expert by expert
+    when decoding (only a gather touches the whole stack) and give the full pass's logits."""
+    from eqzoo import peft
+
+    model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8)
+    if kind.startswith("int8"):
+        model = quant.quantize(model)
+    if kind.endswith("lora"):
+        model = peft.lora(model, rank=2, targets="router", experts=True, key=jax.random.key(3))
+        model = jax.tree.map(lambda a: a + 0.05 if eqx.is_inexact_array(a) and a.ndim == 4 and a.shape[-2] == 2 else a, model)
+    moe = model.blocks[0].mlp
+    assert moe.gathers(1)
+    x = jax.random.normal(jax.random.key(4), (1, model.config.embed_dim))
+    np.testing.assert_allclose(moe.decode(x, 1), moe.decode(x, None), atol=1e-5, rtol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda x: moe.decode(x, 1))(x).jaxpr
+    # Codes, LoRA factors, float bases (the (experts, ., .) arrays; a 2-D scale shares its shape
+    # with the router's weight): each only gathered.
+    leaves = [a for a in jax.tree.leaves((moe.gate_proj, moe.up_proj, moe.down_proj)) if eqx.is_array(a) and a.ndim == 3]
+    for leaf in leaves:
+        assert _primitives_reading(jaxpr, tuple(leaf.shape)) <= {"gather"}, (kind, leaf.shape)
+    prompt = jax.random.randint(jax.random.key(2), (6,), 0, 200, dtype=jnp.int32)
+    cache = model.init_cache(16)
+    logits, cache = model.decode(prompt[:5], cache, jnp.int32(0), batch_size=1)
+    step, _ = model.decode(prompt[5:], cache, jnp.int32(5), batch_size=1)
+    np.testing.assert_allclose(step, eqx.filter_jit(lambda m, t: m(t))(model, prompt)[5:], atol=1e-4, rtol=1e-4)
 
 
 def test_capacity_prefill_does_not_depend_on_the_batch_size():
