@@ -39,7 +39,11 @@ from ._stacked import (
     remat_policy as remat_policy,
     resolve_scan as resolve_scan,
 )
-from ._weight import AbstractWeight as AbstractWeight, weight_take as weight_take, weight_value as weight_value
+from ._weight import (
+    AbstractWeight as AbstractWeight,
+    weight_take as weight_take,
+    weight_value as weight_value,
+)
 
 __all__ = [
     "AbstractLinear",
