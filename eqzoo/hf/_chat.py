@@ -7,11 +7,15 @@ and HTML characters alone, `raise_exception(message)` and `strftime_now(format)`
 `{% generation %}` tag (which marks assistant text for some trainers) renders its body.
 """
 
+import contextvars
 import datetime
 import functools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from .._errors import require
 from ..data import TokenizerError
@@ -27,6 +31,14 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+# The spans `{% generation %}` blocks render, while a tracked render runs: (rendered pieces so
+# far, spans found).
+_TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "eqzoo_chat_generation", default=None
+)
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 @functools.cache
 def _environment():
     jinja2 = require("jinja2", "hf")
@@ -36,11 +48,14 @@ def _environment():
             f"sandbox escapes); found {jinja2.__version__}. Upgrade with `pip install -U jinja2`."
         )
     from jinja2 import nodes
+    from jinja2.exceptions import SecurityError
     from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.utils import Namespace
 
     class Generation(Extension):
-        # `{% generation %}...{% endgeneration %}`: rendered as its body.
+        # `{% generation %}...{% endgeneration %}`: rendered as its body; inside a tracked render
+        # the body's character span is recorded (the assistant's text, for encode_chat).
         tags = {"generation"}
 
         def parse(self, parser):
@@ -49,7 +64,31 @@ def _environment():
             return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
         def _body(self, caller):
-            return caller()
+            text = caller()
+            tracking = _TRACKING.get()
+            if tracking is not None:
+                pieces, spans = tracking
+                start = sum(map(len, pieces))
+                spans.append((start, start + len(text)))
+            return text
+
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise SecurityError(f"a chat template may not store {name!r} on a namespace (names starting with '_').")
+
+    class SafeNamespace(Namespace):
+        # Jinja's namespace, refusing underscore names (a stored `__html__` would be called by
+        # the escape filter outside the sandbox's call checks).
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                _check_name(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            _check_name(name)
+            Namespace.__setitem__(self, name, value)
 
     def raise_exception(message):
         raise TokenizerError(f"the chat template refused the conversation: {message}")
@@ -57,12 +96,18 @@ def _environment():
     def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
+    def make_dict(*args, **kwargs):
+        # A function, not Python's `dict` type: `dict.update(...)` would mutate the caller's data.
+        return dict(*args, **kwargs)
+
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation]
     )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.globals["namespace"] = SafeNamespace
+    env.globals["dict"] = make_dict
     return env
 
 
@@ -75,13 +120,42 @@ def _compile(template: str):
         raise TokenizerError(f"the chat template does not parse (line {err.lineno}): {err.message}") from None
 
 
+def plain(value: Any, where: str) -> Any:
+    """`value` rebuilt from JSON-like types only (dicts with string keys, lists, strings,
+    numbers, booleans, `None`; numpy scalars and arrays become numbers and lists), so that a
+    template sees data, never the caller's objects and their methods."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TokenizerError(f"{where}: chat template data needs string keys; got {key!r}.")
+            out[key] = plain(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [plain(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    raise TokenizerError(
+        f"{where} is a {type(value).__name__}; a chat template takes JSON-like data (dicts, lists, "
+        "strings, numbers, booleans, None). Pass tools as JSON schemas, not Python functions."
+    )
+
+
 def check_messages(messages: Any) -> list[dict[str, Any]]:
-    """`messages` as a list of dicts, each with a string `role`; a `TokenizerError` otherwise."""
+    """`messages` as plain data (see `plain`), each a dict with a string `role`; keys whose
+    value is `None` dropped (as transformers does: `"content": None` on a tool-call message
+    means no content). A `TokenizerError` otherwise."""
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
         raise TokenizerError(
             "a conversation is a list of messages such as [{'role': 'user', 'content': 'Hi'}]; got "
             f"{type(messages).__name__}."
         )
+    if not messages:
+        raise TokenizerError("the conversation is empty; give at least one message.")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
@@ -89,31 +163,53 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
                 f"message {i} of the conversation must be a dict with a string 'role' (and usually "
                 f"'content'); got {message!r}."
             )
-        out.append(dict(message))
+        out.append({k: v for k, v in plain(message, f"message {i}").items() if v is not None})
     return out
 
 
-def render(template: str, messages: list[dict[str, Any]], special: Mapping[str, str], *, add_generation_prompt: bool, **kwargs: Any) -> str:
+def render(
+    template: str, messages: list[dict[str, Any]], special: Mapping[str, str], *, add_generation_prompt: bool,
+    track: bool = False, **kwargs: Any,
+) -> str | tuple[str, list[tuple[int, int]]]:
     """The text of `messages` under `template`, with the tokenizer's special-token strings
-    (`bos_token`, ...) and `kwargs` (e.g. `tools`, or a template's own switches) as variables."""
+    (`bos_token`, ...), `tools` and `documents` (default `None`) and `kwargs` (a template's own
+    switches) as variables, all as plain data. With `track`, also the spans of its
+    `{% generation %}` blocks."""
     jinja2 = require("jinja2", "hf")
-    variables = {**special, **kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt}
+    extra = {"tools": None, "documents": None} | {k: plain(v, f"template variable {k!r}") for k, v in kwargs.items()}
+    variables = {**special, **extra, "messages": messages, "add_generation_prompt": add_generation_prompt}
+    pieces: list[str] = []
+    spans: list[tuple[int, int]] = []
+    token = _TRACKING.set((pieces, spans) if track else None)
     try:
-        return _compile(template).render(**variables)
+        for piece in _compile(template).generate(**variables):
+            pieces.append(piece)
     except TokenizerError:
         raise
     except jinja2.TemplateError as err:
         raise TokenizerError(f"the chat template failed while rendering: {err}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as err:
+        raise TokenizerError(
+            f"the chat template failed while rendering ({type(err).__name__}: {err}); check the "
+            "messages have the fields and types this template expects."
+        ) from None
+    finally:
+        _TRACKING.reset(token)
+    text = "".join(pieces)
+    return (text, spans) if track else text
 
 
 def assistant_spans(template: str, messages: list[dict[str, Any]], special: Mapping[str, str], **kwargs: Any) -> tuple[str, list[tuple[int, int]]]:
-    """The text of the whole conversation and, for each assistant message, the character span
-    the template renders for it after its generation prompt (the reply and whatever closes the
-    turn, such as an end-of-turn token).
+    """The text of the whole conversation and the character spans of the assistant's text.
 
-    Found by rendering the conversation up to each reply with the generation prompt and through
-    it without; a template that renders an earlier turn differently once later turns exist (one
-    that drops earlier reasoning, say) has no such spans, and a `TokenizerError` says so."""
+    A template with `{% generation %}` blocks marks them itself: their spans. Otherwise each
+    assistant message's span runs from the end of the conversation rendered up to it with the
+    generation prompt to the end of it rendered through the reply (the reply and what closes
+    the turn). That needs the template to write a reply as its generation prompt begins it and
+    to render earlier turns the same once later turns exist; a `TokenizerError` says which of
+    the two fails."""
+    if _GENERATION_TAG.search(template):
+        return render(template, messages, special, add_generation_prompt=False, track=True, **kwargs)
     full = render(template, messages, special, add_generation_prompt=False, **kwargs)
     spans = []
     for i, message in enumerate(messages):
@@ -121,12 +217,19 @@ def assistant_spans(template: str, messages: list[dict[str, Any]], special: Mapp
             continue
         before = render(template, messages[:i], special, add_generation_prompt=True, **kwargs)
         through = render(template, messages[: i + 1], special, add_generation_prompt=False, **kwargs)
-        if not (through.startswith(before) and full.startswith(through)):
+        if not through.startswith(before):
             raise TokenizerError(
-                f"cannot tell which tokens are assistant message {i}'s: the chat template does not "
-                "render the conversation up to that reply as a prefix of the whole (templates that "
-                "rewrite earlier turns, e.g. dropping earlier reasoning, do this). Build the mask "
-                "yourself, or train on one reply per conversation (the last one)."
+                f"cannot tell which tokens are assistant message {i}'s: the template writes the reply "
+                "differently from the generation prompt it gives (a prompt that opens a thinking "
+                "block, say). Mark the assistant's text with {% generation %}...{% endgeneration %} "
+                "in the template (HFTokenizer(..., chat_template=...)), or build the mask yourself."
+            )
+        if not full.startswith(through):
+            raise TokenizerError(
+                f"cannot tell which tokens are assistant message {i}'s: the template renders the "
+                "conversation up to that reply differently once later turns follow (it rewrites "
+                "earlier turns, e.g. dropping earlier reasoning). Make one example per reply (each "
+                "conversation ending at its reply), or mark the assistant's text with {% generation %} tags."
             )
         spans.append((len(before), len(through)))
     return full, spans

@@ -15,7 +15,7 @@ from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
 from ._files import TOKENIZER_NAME
 
-_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
+_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
 
 def _token_string(value: Any) -> str | None:
@@ -27,17 +27,26 @@ def _token_string(value: Any) -> str | None:
     return None
 
 
-def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | None:
-    # transformers 5 writes the template to chat_template.jinja; older folders keep it in
-    # tokenizer_config.json, as a string or a list of named templates ("default" is the one used).
-    file = folder / "chat_template.jinja"
-    if file.is_file():
-        return file.read_text()
+def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | dict[str, str] | None:
+    # transformers 5 writes the template to chat_template.jinja (and named ones to
+    # additional_chat_templates/{name}.jinja); older folders keep it in tokenizer_config.json,
+    # as a string or a list of {"name", "template"} entries.
+    named: dict[str, str] = {}
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+        named = {t["name"]: t["template"] for t in template if isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
+    elif isinstance(template, str):
+        named["default"] = template
+    file = folder / "chat_template.jinja"
+    if file.is_file():
+        named["default"] = file.read_text(encoding="utf-8")
+    extra = folder / "additional_chat_templates"
+    if extra.is_dir():
+        for path in sorted(extra.glob("*.jinja")):
+            named[path.stem] = path.read_text(encoding="utf-8")
+    if not named:
+        return None
+    return named["default"] if set(named) == {"default"} else named
 
 
 class HFTokenizer(AbstractTokenizer):
@@ -47,21 +56,29 @@ class HFTokenizer(AbstractTokenizer):
     text. The special tokens named in `tokenizer_config.json` (if the folder has one) are
     available as `bos_token_id`, `eos_token_id`, `pad_token_id` and `unk_token_id` (`None` when
     unknown). A chat model's template (`chat_template.jinja`, or `chat_template` in
-    `tokenizer_config.json`) is `chat_template`: [`eqzoo.hf.HFTokenizer.apply_chat_template`][]
+    `tokenizer_config.json`; several named ones as a dict) is `chat_template`: [`eqzoo.hf.HFTokenizer.apply_chat_template`][]
     renders conversations with it and [`eqzoo.hf.HFTokenizer.encode_chat`][] gives the tokens
     and the assistant-token mask for fine-tuning.
     """
 
-    def __init__(self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None, chat_template: str | None = None):
+    def __init__(
+        self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None,
+        chat_template: str | Mapping[str, str] | None = None,
+    ):
         """**Arguments:**
 
         - `tokenizer`: a `tokenizers.Tokenizer`.
         - `special_tokens`: optional `{"eos_token": "</s>", ...}` naming the special tokens.
-        - `chat_template`: optional Jinja chat template (Hugging Face's format).
+        - `chat_template`: optional Jinja chat template (Hugging Face's format), or several by
+          name (`"default"`, and `"tool_use"` for calls with tools, as transformers picks them).
         """
         self.tokenizer = tokenizer
         self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
-        if chat_template is not None and not isinstance(chat_template, str):
+        if isinstance(chat_template, Mapping):
+            chat_template = dict(chat_template)
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in chat_template.items()):
+                raise TokenizerError("chat_template given by name must map names to template strings.")
+        elif chat_template is not None and not isinstance(chat_template, str):
             raise TokenizerError(f"chat_template must be a string (a Jinja template), got {type(chat_template).__name__}.")
         self.chat_template = chat_template
 
@@ -79,7 +96,7 @@ class HFTokenizer(AbstractTokenizer):
         config_file = file.with_name("tokenizer_config.json")
         if config_file.is_file():
             try:
-                config = json.loads(config_file.read_text())
+                config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise HFFormatError(f"cannot parse {str(config_file)!r} as JSON: {err}") from None
             for key in _SPECIAL:
@@ -138,14 +155,24 @@ class HFTokenizer(AbstractTokenizer):
             raise TokenizerError(f"token ids must lie in [0, {self.vocab_size}); got ids from {arr.min()} to {arr.max()}.")
         return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
 
-    def _template(self, who: str) -> str:
-        if self.chat_template is None:
+    def _template(self, who: str, tools: Any = None) -> str:
+        template = self.chat_template
+        if template is None:
             raise TokenizerError(
                 f"HFTokenizer.{who}: this tokenizer has no chat template (neither chat_template.jinja "
                 "nor a chat_template in tokenizer_config.json); base models usually have none. Pass "
                 "one as HFTokenizer(..., chat_template=...) or format the text yourself."
             )
-        return self.chat_template
+        if isinstance(template, str):
+            return template
+        # As transformers picks among named templates: "tool_use" when tools are given.
+        name = "tool_use" if tools is not None and "tool_use" in template else "default"
+        if name not in template:
+            raise TokenizerError(
+                f"HFTokenizer.{who}: this tokenizer's chat templates are {sorted(template)}, none named "
+                "'default'; pass the one to use as chat_template=tokenizer.chat_template[name]."
+            )
+        return template[name]
 
     def _special_strings(self) -> dict[str, str]:
         return dict(self._special)
@@ -156,6 +183,7 @@ class HFTokenizer(AbstractTokenizer):
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
         tokenize: bool = True,
         **template_kwargs: Any,
     ) -> Int[np.ndarray, " seq"] | str:
@@ -170,6 +198,8 @@ class HFTokenizer(AbstractTokenizer):
         - `messages`: a list of `{"role": ..., "content": ...}` dicts.
         - `add_generation_prompt`: end with the header of an assistant turn, so that the model
           writes the reply (for generation).
+        - `continue_final_message`: end right after the last message's content, without what
+          closes its turn, so that the model continues it (a reply begun for it, say).
         - `tokenize`: `False` returns the text.
         - `template_kwargs`: more template variables: `tools=[...]`, or a template's own switches
           (Qwen3's `enable_thinking=False`, say).
@@ -179,10 +209,24 @@ class HFTokenizer(AbstractTokenizer):
         **Raises:** `TokenizerError` when there is no template, a message is malformed, or the
         template fails (its `raise_exception` message included).
         """
+        messages = check_messages(messages)
+        if add_generation_prompt and continue_final_message:
+            raise TokenizerError(
+                "apply_chat_template: add_generation_prompt starts a new assistant turn and "
+                "continue_final_message continues the last one; ask for one of them."
+            )
+        template = self._template("apply_chat_template", template_kwargs.get("tools"))
         text = render(
-            self._template("apply_chat_template"), check_messages(messages), self._special_strings(),
-            add_generation_prompt=bool(add_generation_prompt), **template_kwargs,
+            template, messages, self._special_strings(), add_generation_prompt=bool(add_generation_prompt), **template_kwargs,
         )
+        if continue_final_message:
+            content = messages[-1].get("content")
+            if not isinstance(content, str) or not content.strip() or content.strip() not in text:
+                raise TokenizerError(
+                    "apply_chat_template(continue_final_message=True) needs the last message's text "
+                    "content as the template renders it; it was not found in the rendered text."
+                )
+            text = text[: text.rindex(content.strip()) + len(content.strip())]
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @no_type_check  # check_messages says how to fix a bad conversation
@@ -192,24 +236,35 @@ class HFTokenizer(AbstractTokenizer):
         """A conversation's token ids and which of them the assistant wrote: a fine-tuning
         example.
 
-        The mask is `True` for the tokens of each assistant turn after its generation prompt
-        (the reply and what closes the turn, such as `<|im_end|>`), `False` for the system and
-        user turns and the headers: the tokens a supervised fine-tune trains on. Pass the pairs
-        to [`eqzoo.data.pack_documents`][] as documents and `target_masks`.
+        The mask is `True` for the assistant's tokens, `False` for the system and user turns and
+        the headers: the tokens a supervised fine-tune trains on. Pass the pairs to
+        [`eqzoo.data.pack_documents`][] as documents and `target_masks`. Which text is the
+        assistant's:
 
-        A token that straddles the edge of a reply counts as the reply's. The spans come from
-        rendering the conversation up to each reply and through it, so a template that renders
-        earlier turns differently once later ones exist (one that drops earlier reasoning) is
-        refused with a `TokenizerError` unless only its last turn is a reply.
+        - a template with `{% generation %}...{% endgeneration %}` blocks marks it: the blocks'
+          text (the same mask as transformers' `return_assistant_tokens_mask`);
+        - otherwise each assistant turn after its generation prompt (the reply and what closes
+          the turn, such as `<|im_end|>` and the newline after it), found by rendering the
+          conversation up to each reply and through it. A template that writes a reply other
+          than as its generation prompt begins it (a prompt that opens a thinking block), or
+          that renders earlier turns differently once later ones exist (one that drops earlier
+          reasoning), has no such spans: a `TokenizerError` says which, and what to do.
+
+        A token that straddles the edge of the assistant's text counts as the assistant's.
 
         **Arguments:** `messages`, as for [`eqzoo.hf.HFTokenizer.apply_chat_template`][];
         `template_kwargs`, more template variables.
 
         **Returns:** `(tokens, mask)`: int32 ids and a boolean mask of the same length.
         """
-        text, spans = assistant_spans(
-            self._template("encode_chat"), check_messages(messages), self._special_strings(), **template_kwargs
-        )
+        for name in ("add_generation_prompt", "continue_final_message"):
+            if name in template_kwargs:
+                raise TokenizerError(
+                    f"encode_chat renders whole conversations for training; {name} is for "
+                    "apply_chat_template (generation)."
+                )
+        template = self._template("encode_chat", template_kwargs.get("tools"))
+        text, spans = assistant_spans(template, check_messages(messages), self._special_strings(), **template_kwargs)
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         tokens = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(tokens.shape, dtype=bool)

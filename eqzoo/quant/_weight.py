@@ -1,4 +1,5 @@
-"""Int8 weight arrays read whole by their layer: the stacked experts of a mixture of experts."""
+"""Int8 weight arrays a layer reads as arrays, not linear layers: the stacked experts of a
+mixture of experts (dequantized whole for training, expert by expert when decoding)."""
 
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8, Shaped

@@ -75,7 +75,7 @@ def test_errors(tokenizer_dir, tmp_path):
 # so that transformers can report its own assistant mask to compare with.
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' + '\\n' }}{% endgeneration %}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
     "{% else %}{{ m['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
@@ -151,6 +151,13 @@ def test_encode_chat_masks_the_assistant_tokens_as_transformers_does(chat_dir, h
     assert tokens.tolist() == reference["input_ids"]
     assert mask.astype(int).tolist() == reference["assistant_masks"]
     assert tok.decode(tokens[mask], skip_special_tokens=False) == (
+        "return shutil.copyfile(src, dst)<|im_end|>shutil.copytree(src, dst)<|im_end|>"
+    )
+    # Without generation tags: each turn after its generation prompt, the newline included.
+    untagged = HFTokenizer(tok.tokenizer, chat_template=CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    plain_tokens, plain_mask = untagged.encode_chat(CHAT)
+    assert plain_tokens.tolist() == tokens.tolist()
+    assert tok.decode(plain_tokens[plain_mask], skip_special_tokens=False) == (
         "return shutil.copyfile(src, dst)<|im_end|>\nshutil.copytree(src, dst)<|im_end|>\n"
     )
     # Packed for fine-tuning: only the assistant's tokens are targets.
@@ -184,3 +191,52 @@ def test_chat_template_errors(chat_dir, tokenizer_dir):
     # ... but its last reply, alone, is well defined.
     tokens, mask = HFTokenizer(tok.tokenizer, chat_template=forgetful).encode_chat(CHAT[:3])
     assert tok.decode(tokens[mask]).strip() == "return shutil.copyfile(src, dst)"
+
+
+def test_chat_templates_see_plain_data_only(chat_dir, tmp_path):
+    tok = load_tokenizer(chat_dir)
+    target = tmp_path / "written"
+    parts = [{"role": "user", "content": np.arange(3)}]
+    with pytest.raises(TokenizerError, match=r"failed while rendering"):  # a list now: no .dump
+        HFTokenizer(tok.tokenizer, chat_template="{{ messages[0].content.dump('" + str(target) + "') }}").apply_chat_template(parts)
+    assert not target.exists()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    evil = "{{ dict.update(messages[0]['content'][0], {'text': 'evil'}) }}"
+    with pytest.raises(TokenizerError, match=r"'function object' has no attribute 'update'"):
+        HFTokenizer(tok.tokenizer, chat_template=evil).apply_chat_template(messages)
+    assert HFTokenizer(tok.tokenizer, chat_template="{{ dict(a=1) | tojson }}").apply_chat_template(messages, tokenize=False) == '{"a": 1}'
+    assert messages[0]["content"][0]["text"] == "hi"  # the caller's data is never the template's
+    for template in ("{% set ns = namespace(_x=1) %}", "{% set ns = namespace(a=1) %}{% set ns._y = 2 %}"):
+        with pytest.raises(TokenizerError, match=r"may not store '_[xy]' on a namespace"):
+            HFTokenizer(tok.tokenizer, chat_template=template).apply_chat_template(messages)
+    with pytest.raises(TokenizerError, match=r"message 0\['tools_fn'\] is a builtin_function_or_method.*JSON schemas"):
+        tok.apply_chat_template([{"role": "user", "content": "x", "tools_fn": print}])
+    with pytest.raises(TokenizerError, match=r"the conversation is empty"):
+        tok.apply_chat_template([])
+
+
+def test_chat_template_inputs_as_transformers_passes_them(chat_dir, hft):
+    # None-valued keys dropped, tools/documents None when not given, the special-token strings,
+    # named templates ("tool_use" when tools are given) and continue_final_message.
+    template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content if m.content is defined else '(no content)' }}{% endfor %}"
+        "{% if tools is not none %}TOOLS{{ tools | tojson }}{% endif %}|{{ eos_token }}"
+    )
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": []}]
+    tok = HFTokenizer(load_tokenizer(chat_dir).tokenizer, {"eos_token": "<|im_end|>"}, chat_template=template)
+    fast = _fast(chat_dir, hft, template)
+    assert tok.apply_chat_template(messages, tokenize=False) == fast.apply_chat_template(messages, tokenize=False)
+    named = {"default": "{% for m in messages %}{{ m.content }}{% endfor %}", "tool_use": "TOOLS:{{ tools | length }}"}
+    both = HFTokenizer(tok.tokenizer, chat_template=named)
+    tools = [{"type": "function", "function": {"name": "copy", "parameters": {}}}]
+    assert both.apply_chat_template(messages[:1], tokenize=False) == "hi"
+    assert both.apply_chat_template(messages[:1], tools=tools, tokenize=False) == "TOOLS:1"
+    with pytest.raises(TokenizerError, match=r"chat templates are \['tool_use'\], none named 'default'"):
+        HFTokenizer(tok.tokenizer, chat_template={"tool_use": "x"}).apply_chat_template(messages)
+    chatml = load_tokenizer(chat_dir)
+    prefill = CHAT[:2] + [{"role": "assistant", "content": "return shutil"}]
+    ours = chatml.apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    assert ours == _fast(chat_dir, hft, CHATML).apply_chat_template(prefill, continue_final_message=True, tokenize=False)
+    assert ours.endswith("assistant\nreturn shutil")
+    with pytest.raises(TokenizerError, match=r"encode_chat renders whole conversations .* add_generation_prompt"):
+        chatml.encode_chat(CHAT, add_generation_prompt=True)
