@@ -15,6 +15,7 @@ import json
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,6 +43,9 @@ def main(argv=None) -> dict:
     p.add_argument("--read-all-experts", action="store_true",
                    help="MoE layers read every expert's weights for every token (turns off the "
                         "gather path of eqzoo.nn.MoE.decode: the baseline it is measured against)")
+    p.add_argument("--draft-layers", type=int, default=0,
+                   help="speculative decoding with the model's first N layers as the draft (0: off)")
+    p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes a round")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -67,8 +71,13 @@ def _run(args) -> dict:
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
-        run = lambda prompts=prompts: eqzoo.generation.generate_batch(
-            model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll)  # noqa: E731
+        if args.draft_layers:
+            draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
+            run = lambda prompts=prompts, draft=draft: eqzoo.generation.generate_speculative(  # noqa: E731
+                model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True)
+        else:
+            run = lambda prompts=prompts: eqzoo.generation.generate_batch(
+                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll)  # noqa: E731
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0
@@ -78,7 +87,11 @@ def _run(args) -> dict:
             jax.block_until_ready(run())
             times.append(time.perf_counter() - t0)
         best = min(times)
-        rows.append({
+        extra = {}
+        if args.draft_layers:
+            rounds = np.asarray(run()[1]["rounds"])
+            extra = {"tokens_per_round": float(args.new_tokens / rounds.mean())}
+        rows.append({**extra,
             "batch": batch,
             "tokens_per_s": batch * args.new_tokens / best,
             "ms_per_token": 1e3 * best / args.new_tokens,
@@ -94,6 +107,8 @@ def _run(args) -> dict:
         "quantize": args.quantize,
         "overrides": args.set,
         "read_all_experts": args.read_all_experts,
+        "draft_layers": args.draft_layers,
+        "num_draft": args.num_draft if args.draft_layers else None,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",

@@ -10,5 +10,6 @@ from ._generate import (
     resolve_unroll as resolve_unroll,
 )
 from ._sampling import sample_logits as sample_logits
+from ._speculative import generate_speculative as generate_speculative
 
-__all__ = ["UNROLL_DECODE_DEFAULTS", "generate", "generate_batch", "resolve_unroll", "sample_logits"]
+__all__ = ["UNROLL_DECODE_DEFAULTS", "generate", "generate_batch", "generate_speculative", "resolve_unroll", "sample_logits"]

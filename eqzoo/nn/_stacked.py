@@ -149,6 +149,24 @@ class Stacked(eqx.Module, Generic[M]):
         object.__setattr__(new, "scan", False)
         return new
 
+    def first(self, n: int) -> "Stacked[M]":
+        """The first `n` layers as a stack of their own (same scan and remat settings): e.g. a
+        model's early layers as a draft for [`eqzoo.generation.generate_speculative`][],
+        `eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(2))`."""
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
+            raise ConfigError(f"Stacked.first: n must be between 1 and num_layers={self.num_layers}, got {n!r}.")
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        if isinstance(self.layers, tuple):
+            layers = self.layers[:n]
+        else:
+            arrays, static = eqx.partition(self.layers, eqx.is_array)
+            layers = eqx.combine(jax.tree.map(lambda a: a[:n], arrays), static)
+        object.__setattr__(new, "layers", layers)
+        object.__setattr__(new, "num_layers", n)
+        return new
+
     def __len__(self) -> int:
         return self.num_layers
 

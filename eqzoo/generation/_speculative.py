@@ -1,0 +1,185 @@
+"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023), greedy: a small draft model
+proposes a few tokens, the model checks them all in one pass, and every proposal up to the
+first disagreement is kept, plus the model's own next token.
+
+The state of one row, between rounds: `n` tokens are known (`buf[:n]`), both KV caches hold
+positions `[0, n - 1)`, and the last known token `buf[n - 1]` is fed next. A round:
+
+1. the draft feeds `buf[n - 1]`, then each of its own proposals, `num_draft + 1` single-token
+   steps: proposals `d_1 .. d_k` at positions `n .. n + k - 1` (the last step only writes
+   `d_k` into the draft's cache, so that its cache is whole if every proposal is kept);
+2. the model feeds `buf[n - 1], d_1 .. d_k` in one call: its greedy tokens `g_0 .. g_k` for
+   positions `n .. n + k`;
+3. `a` = how many leading proposals equal the model's tokens (`d_i == g_{i-1}`); the round
+   writes `d_1 .. d_a, g_a` and `n` grows by `a + 1`. The caches now hold correct entries for
+   `[0, n - 1)`; entries past it are stale but lie at positions the next round rewrites before
+   any query reaches them (a query at position `p` reads keys at positions `<= p` only).
+
+The output is the model's own greedy decoding (each kept token is the model's argmax given the
+tokens before it), up to ties between logits that the one-pass check and single-token steps
+round differently.
+"""
+
+from typing import no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Int
+
+from .._errors import ConfigError, ShapeError, shape_str
+from ..models._lm import AbstractLM
+from ._generate import resolve_unroll
+
+
+def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size):
+    k = num_draft
+    prompt_len = prompt.shape[0]
+    total = prompt_len + max_new_tokens
+    room = total + k + 1  # a round may write up to k + 1 tokens past the last one needed
+    positions = jnp.arange(room, dtype=jnp.int32)
+    buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
+    buf = jnp.where(positions < length, buf, pad_token)
+    zero = jnp.zeros((), jnp.int32)
+    _, cache = model.decode(prompt, model.init_cache(room), zero, batch_size=batch_size)
+    _, draft_cache = draft.decode(prompt, draft.init_cache(room), zero, batch_size=batch_size)
+
+    def propose(carry):
+        draft_cache, n, buf = carry
+
+        def step(i, c):
+            draft_cache, tok, proposals = c
+            logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
+            nxt = jnp.argmax(logits[0]).astype(jnp.int32)
+            proposals = proposals.at[i].set(nxt)
+            return draft_cache, nxt, proposals
+
+        draft_cache, _, proposals = jax.lax.fori_loop(
+            0, k + 1, step, (draft_cache, buf[n - 1], jnp.zeros((k + 1,), jnp.int32))
+        )
+        return draft_cache, proposals[:k]
+
+    def cond(carry):
+        _, _, n, _, done, _ = carry
+        return (n < length + max_new_tokens) & ~done
+
+    def body(carry):
+        cache, draft_cache, n, buf, done, rounds = carry
+        draft_cache, proposals = propose((draft_cache, n, buf))
+        fed = jnp.concatenate([buf[n - 1][None], proposals])  # (k + 1,) at positions n - 1 ..
+        logits, cache = model.decode(fed, cache, n - 1, batch_size=batch_size)
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # g_0 .. g_k for positions n .. n + k
+        agree = jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))
+        accepted = jnp.sum(agree)  # a: leading proposals equal to the model's tokens
+        # Positions n .. n + k get d_1 .. d_a, then g_a; the rest of the window is rewritten
+        # by later rounds (or cut off), so write the model's tokens there (g_i = d_{i+1} for i < a).
+        new = jnp.where(jnp.arange(k + 1) <= accepted, greedy, pad_token)
+        buf = jax.lax.dynamic_update_slice(buf, new, (n,))
+        if eos_token is not None:
+            written = jnp.arange(k + 1) <= accepted
+            done = done | jnp.any(written & (new == eos_token))
+        return cache, draft_cache, n + accepted + 1, buf, done, rounds + 1
+
+    init = (cache, draft_cache, length, buf, jnp.zeros((), bool), zero)
+    _, _, _, buf, _, rounds = jax.lax.while_loop(cond, body, init)
+    # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
+    generated = (positions >= length) & (positions < length + max_new_tokens)
+    if eos_token is not None:
+        is_eos = (generated & (buf == eos_token)).astype(jnp.int32)
+        after_eos = (jnp.cumsum(is_eos) - is_eos) > 0  # strictly after the first eos
+        generated = generated & ~after_eos
+    buf = jnp.where((positions < length) | generated, buf, pad_token)
+    return buf[:total], rounds
+
+
+@eqx.filter_jit
+def _speculate_batch(model, draft, prompts, lengths, *, unroll_layers, **static):
+    if unroll_layers:  # as generate_batch: each layer sliced out of the stack once, outside the loop
+        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
+        draft = eqx.tree_at(lambda m: m.blocks, draft, draft.blocks.unstacked())
+    batch_size = prompts.shape[0]
+    return jax.vmap(lambda p, n: _speculate_one(model, draft, p, n, batch_size=batch_size, **static))(prompts, lengths)
+
+
+@no_type_check  # validated below with messages that say how to fix the call
+def generate_speculative(
+    model: AbstractLM,
+    draft: AbstractLM,
+    prompts: Int[Array, "batch seq"],
+    lengths: Int[Array, " batch"] | None = None,
+    *,
+    max_new_tokens: int,
+    num_draft: int = 4,
+    eos_token: int | None = None,
+    pad_token: int = 0,
+    return_stats: bool = False,
+    unroll_layers: bool | str = "auto",
+) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], dict[str, Array]]:
+    """Greedy decoding of `model`, sped up by a smaller `draft` model that proposes tokens.
+
+    Each round the draft proposes `num_draft` tokens one by one, `model` scores them all in one
+    pass, and the proposals up to the first one `model` disagrees with are kept, followed by
+    `model`'s own token there: every round adds between 1 and `num_draft + 1` tokens, each
+    the one `model`'s greedy decoding picks. The output is therefore `model`'s greedy decoding
+    (as [`eqzoo.generation.generate_batch`][] with `temperature=0`), up to ties between logits
+    that the one-pass check and single steps round differently. It pays when the draft is much
+    cheaper than `model` and usually agrees with it (a smaller model of the same family and
+    tokenizer, or `model`'s own first layers). The whole loop is one compiled program.
+
+    **Arguments:**
+
+    - `model`: the language model whose greedy output is wanted.
+    - `draft`: a language model with the same vocabulary.
+    - `prompts`: right-padded prompts `(batch, seq)`; `lengths`: their real lengths (default:
+      all `seq`), each at least 1.
+    - `max_new_tokens`: tokens to add to each prompt.
+    - `num_draft`: tokens the draft proposes per round (`>= 1`).
+    - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
+    - `pad_token`: fills positions after each row's tokens.
+    - `return_stats`: also return `{"rounds": (batch,) int32}`, the rounds each row took (its
+      tokens per round, `max_new_tokens / rounds`, measure how often the draft was right).
+    - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][], for both models.
+
+    **Returns:** `(batch, seq + max_new_tokens)` tokens (and the stats).
+
+    **Raises:** `ConfigError` for models that are not eqzoo language models, vocabularies that
+    differ or a bad `num_draft`; `ShapeError` for prompts that, with the new tokens and one
+    round's lookahead (`num_draft + 1`), exceed either model's `max_seq`.
+    """
+    for name, m in (("model", model), ("draft", draft)):
+        if not isinstance(m, AbstractLM):
+            raise ConfigError(f"generate_speculative: {name} must be an eqzoo language model; got {type(m).__name__}.")
+    if model.config.vocab_size != draft.config.vocab_size:
+        raise ConfigError(
+            f"generate_speculative: the draft's vocabulary ({draft.config.vocab_size}) differs from the "
+            f"model's ({model.config.vocab_size}); the draft must share the model's tokenizer."
+        )
+    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
+        raise ConfigError(f"generate_speculative: num_draft must be a positive integer, got {num_draft!r}.")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ConfigError(f"generate_speculative: max_new_tokens must be >= 1, got {max_new_tokens!r}.")
+    prompts = jnp.asarray(prompts)
+    if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise ShapeError(
+            f"generate_speculative takes integer prompts of shape (batch, seq); got {shape_str(prompts.shape)} "
+            f"of dtype {prompts.dtype}."
+        )
+    need = prompts.shape[1] + max_new_tokens + num_draft + 1
+    for name, m in (("model", model), ("draft", draft)):
+        if need > m.max_seq:
+            raise ShapeError(
+                f"generate_speculative: prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} "
+                f"+ one round's lookahead {num_draft + 1} = {need} exceeds the {name}'s max_seq={m.max_seq}; "
+                "shorten the prompt or ask for fewer tokens."
+            )
+    batch = prompts.shape[0]
+    lengths = jnp.full((batch,), prompts.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
+    if not isinstance(lengths, jax.core.Tracer) and (bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > prompts.shape[1]))):
+        raise ShapeError(f"each prompt length must be in [1, {prompts.shape[1]}]; got {lengths.tolist()}.")
+    tokens, rounds = _speculate_batch(
+        model, draft, prompts.astype(jnp.int32), lengths, max_new_tokens=max_new_tokens,
+        num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
+    )
+    return (tokens, {"rounds": rounds}) if return_stats else tokens
