@@ -74,7 +74,8 @@ def _run(args) -> dict:
         if args.draft_layers:
             draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
             run = lambda prompts=prompts, draft=draft: eqzoo.generation.generate_speculative(  # noqa: E731
-                model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True)
+                model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True,
+                unroll_layers=unroll)
         else:
             run = lambda prompts=prompts: eqzoo.generation.generate_batch(
                 model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll)  # noqa: E731

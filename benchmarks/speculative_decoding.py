@@ -112,8 +112,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "speculative_decoding", "smoke": args.smoke, "backend": jax.default_backend(),
         "model": f"{args.layers}x{args.width}", "draft": f"{args.draft_layers}x{args.draft_width}",
-        "params": models.GPT2Config(vocab_size=256, num_layers=args.layers, num_heads=max(1, args.width // 64), embed_dim=args.width).num_params(),
-        "draft_params": models.GPT2Config(vocab_size=256, num_layers=args.draft_layers, num_heads=max(1, args.draft_width // 64), embed_dim=args.draft_width).num_params(),
+        "params": model.config.num_params(), "draft_params": draft.config.num_params(),
         "train_steps": args.steps, "loss": loss, "draft_loss": draft_loss,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
         "greedy_tokens_per_s": args.prompts * args.new_tokens / base_s, "speculative": rows,

@@ -112,6 +112,18 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
         )
 
 
+def prompt_lengths(prompts, lengths):
+    """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked:
+    the right shape, each in `[1, seq]` (when concrete)."""
+    batch, seq = prompts.shape
+    lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
+    if not isinstance(lengths, jax.core.Tracer) and (bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > seq))):
+        raise ShapeError(f"each prompt length must be in [1, {seq}]; got {lengths.tolist()}.")
+    return lengths
+
+
 @no_type_check  # validated below with messages that say how to fix the call
 def generate_batch(
     model: AbstractLM,
@@ -153,15 +165,7 @@ def generate_batch(
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
     _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
     batch = prompts.shape[0]
-    if lengths is None:
-        lengths = jnp.full((batch,), prompts.shape[1], jnp.int32)
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if lengths.shape != (batch,):
-        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
-    if not isinstance(lengths, jax.core.Tracer) and (
-        bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > prompts.shape[1]))
-    ):
-        raise ShapeError(f"each prompt length must be in [1, {prompts.shape[1]}]; got {lengths.tolist()}.")
+    lengths = prompt_lengths(prompts, lengths)
     if key is None:
         key = jax.random.key(0)  # greedy decoding: never used
     keys = jax.random.split(key, batch)

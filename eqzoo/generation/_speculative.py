@@ -2,8 +2,9 @@
 proposes a few tokens, the model checks them all in one pass, and every proposal up to the
 first disagreement is kept, plus the model's own next token.
 
-The state of one row, between rounds: `n` tokens are known (`buf[:n]`), both KV caches hold
-positions `[0, n - 1)`, and the last known token `buf[n - 1]` is fed next. A round:
+The first new token comes from the model's prefill, as in `generate_batch`. The state of one
+row between rounds: `n` tokens are known (`buf[:n]`), both KV caches hold positions
+`[0, n - 1)`, and the last known token `buf[n - 1]` is fed next. A round:
 
 1. the draft feeds `buf[n - 1]`, then each of its own proposals, `num_draft + 1` single-token
    steps: proposals `d_1 .. d_k` at positions `n .. n + k - 1` (the last step only writes
@@ -15,8 +16,10 @@ positions `[0, n - 1)`, and the last known token `buf[n - 1]` is fed next. A rou
    `[0, n - 1)`; entries past it are stale but lie at positions the next round rewrites before
    any query reaches them (a query at position `p` reads keys at positions `<= p` only).
 
-The output is the model's own greedy decoding (each kept token is the model's argmax given the
-tokens before it), up to ties between logits that the one-pass check and single-token steps
+Mixture-of-experts layers that run `"capacity"` (which may drop assignments when several tokens
+go through at once, where single-token decoding never drops) check in `"dense"`, so that the
+check computes what `generate_batch`'s single steps compute. The output is the model's own
+greedy decoding, up to ties between logits that the one-pass check and single-token steps
 round differently.
 """
 
@@ -29,30 +32,42 @@ from jaxtyping import Array, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ..models._lm import AbstractLM
-from ._generate import resolve_unroll
+from ..nn import MoE
+from ._generate import prompt_lengths, resolve_unroll
+
+
+def _dropless(model):
+    """`model` with its `"capacity"` mixture-of-experts layers running `"dense"` (same weights)."""
+    return jax.tree.map(
+        lambda m: m.with_implementation("dense") if isinstance(m, MoE) and m.implementation == "capacity" else m,
+        model, is_leaf=lambda m: isinstance(m, MoE),
+    )
 
 
 def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size):
     k = num_draft
     prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
-    room = total + k + 1  # a round may write up to k + 1 tokens past the last one needed
+    # A round starts at n <= total - 1: its caches are written up to position n + k - 1 and its
+    # tokens up to n + k.
+    room = total + k
     positions = jnp.arange(room, dtype=jnp.int32)
     buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
     buf = jnp.where(positions < length, buf, pad_token)
     zero = jnp.zeros((), jnp.int32)
-    _, cache = model.decode(prompt, model.init_cache(room), zero, batch_size=batch_size)
-    _, draft_cache = draft.decode(prompt, draft.init_cache(room), zero, batch_size=batch_size)
+    logits, cache = model.decode(prompt, model.init_cache(room - 1), zero, batch_size=batch_size)
+    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1), zero, batch_size=batch_size)
+    first = jnp.argmax(logits[length - 1]).astype(jnp.int32)  # the prefill's token, as generate_batch's
+    buf = buf.at[length].set(first)
+    done = jnp.zeros((), bool) if eos_token is None else first == eos_token
+    checker = _dropless(model)
 
-    def propose(carry):
-        draft_cache, n, buf = carry
-
+    def propose(draft_cache, n, buf):
         def step(i, c):
             draft_cache, tok, proposals = c
             logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
             nxt = jnp.argmax(logits[0]).astype(jnp.int32)
-            proposals = proposals.at[i].set(nxt)
-            return draft_cache, nxt, proposals
+            return draft_cache, nxt, proposals.at[i].set(nxt)
 
         draft_cache, _, proposals = jax.lax.fori_loop(
             0, k + 1, step, (draft_cache, buf[n - 1], jnp.zeros((k + 1,), jnp.int32))
@@ -65,22 +80,21 @@ def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, e
 
     def body(carry):
         cache, draft_cache, n, buf, done, rounds = carry
-        draft_cache, proposals = propose((draft_cache, n, buf))
+        draft_cache, proposals = propose(draft_cache, n, buf)
         fed = jnp.concatenate([buf[n - 1][None], proposals])  # (k + 1,) at positions n - 1 ..
-        logits, cache = model.decode(fed, cache, n - 1, batch_size=batch_size)
+        logits, cache = checker.decode(fed, cache, n - 1, batch_size=batch_size)
         greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # g_0 .. g_k for positions n .. n + k
         agree = jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))
         accepted = jnp.sum(agree)  # a: leading proposals equal to the model's tokens
-        # Positions n .. n + k get d_1 .. d_a, then g_a; the rest of the window is rewritten
-        # by later rounds (or cut off), so write the model's tokens there (g_i = d_{i+1} for i < a).
-        new = jnp.where(jnp.arange(k + 1) <= accepted, greedy, pad_token)
-        buf = jax.lax.dynamic_update_slice(buf, new, (n,))
+        # Positions n .. n + k get d_1 .. d_a, then g_a (g_i = d_{i+1} for i < a); the rest of
+        # the window is rewritten by later rounds (or cut off).
+        written = jnp.arange(k + 1) <= accepted
+        buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, greedy, pad_token), (n,))
         if eos_token is not None:
-            written = jnp.arange(k + 1) <= accepted
-            done = done | jnp.any(written & (new == eos_token))
+            done = done | jnp.any(written & (greedy == eos_token))
         return cache, draft_cache, n + accepted + 1, buf, done, rounds + 1
 
-    init = (cache, draft_cache, length, buf, jnp.zeros((), bool), zero)
+    init = (cache, draft_cache, length + 1, buf, done, zero)
     _, _, _, buf, _, rounds = jax.lax.while_loop(cond, body, init)
     # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
     generated = (positions >= length) & (positions < length + max_new_tokens)
@@ -122,7 +136,8 @@ def generate_speculative(
     `model`'s own token there: every round adds between 1 and `num_draft + 1` tokens, each
     the one `model`'s greedy decoding picks. The output is therefore `model`'s greedy decoding
     (as [`eqzoo.generation.generate_batch`][] with `temperature=0`), up to ties between logits
-    that the one-pass check and single steps round differently. It pays when the draft is much
+    that the one-pass check and single steps round differently; `"capacity"` mixture-of-experts
+    layers check in `"dense"` (one token at a time, as decoding runs them, they drop nothing). It pays when the draft is much
     cheaper than `model` and usually agrees with it (a smaller model of the same family and
     tokenizer, or `model`'s own first layers). The whole loop is one compiled program.
 
@@ -144,7 +159,7 @@ def generate_speculative(
 
     **Raises:** `ConfigError` for models that are not eqzoo language models, vocabularies that
     differ or a bad `num_draft`; `ShapeError` for prompts that, with the new tokens and one
-    round's lookahead (`num_draft + 1`), exceed either model's `max_seq`.
+    round's lookahead (`num_draft - 1`), exceed either model's `max_seq`.
     """
     for name, m in (("model", model), ("draft", draft)):
         if not isinstance(m, AbstractLM):
@@ -164,20 +179,15 @@ def generate_speculative(
             f"generate_speculative takes integer prompts of shape (batch, seq); got {shape_str(prompts.shape)} "
             f"of dtype {prompts.dtype}."
         )
-    need = prompts.shape[1] + max_new_tokens + num_draft + 1
+    need = prompts.shape[1] + max_new_tokens + num_draft - 1
     for name, m in (("model", model), ("draft", draft)):
         if need > m.max_seq:
             raise ShapeError(
                 f"generate_speculative: prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} "
-                f"+ one round's lookahead {num_draft + 1} = {need} exceeds the {name}'s max_seq={m.max_seq}; "
+                f"+ one round's lookahead {num_draft - 1} = {need} exceeds the {name}'s max_seq={m.max_seq}; "
                 "shorten the prompt or ask for fewer tokens."
             )
-    batch = prompts.shape[0]
-    lengths = jnp.full((batch,), prompts.shape[1], jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    if lengths.shape != (batch,):
-        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
-    if not isinstance(lengths, jax.core.Tracer) and (bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > prompts.shape[1]))):
-        raise ShapeError(f"each prompt length must be in [1, {prompts.shape[1]}]; got {lengths.tolist()}.")
+    lengths = prompt_lengths(prompts, lengths)
     tokens, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, max_new_tokens=max_new_tokens,
         num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),

@@ -1,7 +1,7 @@
 """Expert parallelism: the all-to-all that carries a batch's expert slots to their experts' devices.
 
 Under `"capacity"` each sequence's tokens are gathered into an `(experts, capacity, embed)` block
-(see [`eqzoo.nn.MoE`][]); vmapped over the batch that is `(batch, experts, capacity, embed)`, with
+(under `"dense"` every expert's slots hold the whole sequence; see [`eqzoo.nn.MoE`][]); vmapped over the batch that is `(batch, experts, capacity, embed)`, with
 the batch split over the mesh's batch axes (`data`, `fsdp`, `expert`). With experts split over
 the `expert` axis, `to_experts` moves the block to
 `(batch over data x fsdp, experts over expert)`: one `all_to_all` over `expert`, after which each
@@ -25,7 +25,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 from jax.sharding import PartitionSpec as P
 
-from .._errors import ConfigError
+from ._grouped import refuse_forward_mode
 
 
 def expert_parallel_size() -> int:
@@ -103,23 +103,8 @@ _NOT_REVERSE_MODE = (
 )
 
 
-def _refuse_forward_mode(op):
-    """`op`, whose forward-mode derivative raises a `ConfigError` saying what to do instead:
-    reached by a derivative of the backward pass (a gradient of a gradient, a Hessian)."""
-
-    @jax.custom_jvp
-    def guarded(x):
-        return op(x)
-
-    @guarded.defjvp
-    def _(primals, tangents):
-        raise ConfigError(_NOT_REVERSE_MODE)
-
-    return guarded
-
-
-_to_op = _refuse_forward_mode(_per_example_op(_batch_to_experts))
-_from_op = _refuse_forward_mode(_per_example_op(_batch_from_experts))
+_to_op = refuse_forward_mode(_per_example_op(_batch_to_experts), _NOT_REVERSE_MODE)
+_from_op = refuse_forward_mode(_per_example_op(_batch_from_experts), _NOT_REVERSE_MODE)
 
 
 @jax.custom_vjp

@@ -212,9 +212,10 @@ _NO_FORWARD_MODE = (
 )
 
 
-def _refuse_forward_mode(op):
-    """`op`, whose forward-mode derivative raises a `ConfigError` saying what to use instead
-    (JAX would otherwise recurse through the batching rules without end)."""
+def refuse_forward_mode(op, message: str = _NO_FORWARD_MODE):
+    """`op`, whose forward-mode derivative raises a `ConfigError` with `message` saying what
+    to use instead (JAX would otherwise recurse through the batching rules without end; a
+    derivative of a `custom_vjp`'s backward pass reaches it too)."""
 
     @jax.custom_jvp
     def guarded(*args):
@@ -222,13 +223,13 @@ def _refuse_forward_mode(op):
 
     @guarded.defjvp
     def _(primals, tangents):
-        raise ConfigError(_NO_FORWARD_MODE)
+        raise ConfigError(message)
 
     return guarded
 
 
-_forward_guarded = _refuse_forward_mode(_forward_op)
-_backward_guarded = _refuse_forward_mode(_backward_op)
+_forward_guarded = refuse_forward_mode(_forward_op)
+_backward_guarded = refuse_forward_mode(_backward_op)
 
 
 @jax.custom_vjp

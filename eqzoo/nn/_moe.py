@@ -1,5 +1,6 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
+import dataclasses
 import math
 from typing import Literal, get_args, no_type_check
 
@@ -273,6 +274,17 @@ class MoE(eqx.Module):
         if kept is not None:
             dropped = 1.0 - jnp.sum(w[:, None] * kept.astype(jnp.float32)) / (total * self.experts_per_token)
         return y, {"moe_load_balance": balance, "moe_z_loss": z_loss, "moe_dropped": dropped}
+
+    def with_implementation(self, implementation: str) -> "MoE":
+        """The same layer (same weights) running its experts with another `implementation`:
+        e.g. `"dense"` where a computation must drop nothing."""
+        if implementation not in _IMPLEMENTATIONS:
+            raise ConfigError(f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
+        new = object.__new__(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(new, field.name, getattr(self, field.name))
+        object.__setattr__(new, "implementation", implementation)
+        return new
 
     def router_trains_from_loss(self) -> bool:
         """Whether the model's loss reaches the router: not when each token uses one expert

@@ -152,7 +152,9 @@ class Stacked(eqx.Module, Generic[M]):
     def first(self, n: int) -> "Stacked[M]":
         """The first `n` layers as a stack of their own (same scan and remat settings): e.g. a
         model's early layers as a draft for [`eqzoo.generation.generate_speculative`][],
-        `eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(2))`."""
+        `eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(2))`. (Such a model's
+        `config` still gives the full depth: fine for decoding, not for `num_params` or for
+        saving and rebuilding it from its config.)"""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
             raise ConfigError(f"Stacked.first: n must be between 1 and num_layers={self.num_layers}, got {n!r}.")
         new = object.__new__(type(self))
