@@ -213,7 +213,7 @@ def _primitives_reading(jaxpr, shape):
     return found
 
 
-@pytest.mark.parametrize("kind", ["int8", "lora", "int8-lora"])
+@pytest.mark.parametrize("kind", ["int8", "int8-lora"])  # int8-lora: LoRAWeight.take over QuantizedWeight.take
 def test_int8_and_lora_experts_decode_by_gathering_too(kind):
     """Int8 experts, LoRA-adapted experts and LoRA over int8 experts are read expert by expert
     when decoding (only a gather touches the whole stack) and give the full pass's logits."""
