@@ -70,7 +70,7 @@ def trained(layers: int, width: int, tokens: np.ndarray, args, log) -> tuple[eqx
     return state.model, loss
 
 
-def timed(fn, repeats: int = 2) -> tuple[object, float]:
+def timed(fn, repeats: int = 3) -> tuple[object, float]:
     out = jax.block_until_ready(fn())  # compile
     best = float("inf")
     for _ in range(repeats):
