@@ -1,6 +1,5 @@
 """A sparse mixture-of-experts feed-forward layer: a router sends each token to `k` SwiGLU experts."""
 
-import dataclasses
 import math
 from typing import Literal, get_args, no_type_check
 
@@ -13,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Int
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ._expert_parallel import expert_parallel_size, from_experts, to_experts
+from ._fields import with_fields
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
 from ._weight import AbstractWeight, weight_take, weight_value
@@ -280,11 +280,7 @@ class MoE(eqx.Module):
         e.g. `"dense"` where a computation must drop nothing."""
         if implementation not in _IMPLEMENTATIONS:
             raise ConfigError(f"MoE implementation must be one of {_IMPLEMENTATIONS}, got {implementation!r}.")
-        new = object.__new__(type(self))
-        for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
-        object.__setattr__(new, "implementation", implementation)
-        return new
+        return with_fields(self, implementation=implementation)
 
     def router_trains_from_loss(self) -> bool:
         """Whether the model's loss reaches the router: not when each token uses one expert

@@ -1,6 +1,5 @@
 """`Stacked`: N identical layers held as one module with stacked parameters, run by `lax.scan`."""
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
+from ._fields import with_fields
 
 M = TypeVar("M", bound=eqx.Module)
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
@@ -142,12 +142,7 @@ class Stacked(eqx.Module, Generic[M]):
         """
         if isinstance(self.layers, tuple):
             return self
-        new = object.__new__(type(self))
-        for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
-        object.__setattr__(new, "layers", tuple(self[i] for i in range(self.num_layers)))
-        object.__setattr__(new, "scan", False)
-        return new
+        return with_fields(self, layers=tuple(self[i] for i in range(self.num_layers)), scan=False)
 
     def first(self, n: int) -> "Stacked[M]":
         """The first `n` layers as a stack of their own (same scan and remat settings): e.g. a
@@ -157,17 +152,12 @@ class Stacked(eqx.Module, Generic[M]):
         saving and rebuilding it from its config.)"""
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.num_layers:
             raise ConfigError(f"Stacked.first: n must be between 1 and num_layers={self.num_layers}, got {n!r}.")
-        new = object.__new__(type(self))
-        for field in dataclasses.fields(self):
-            object.__setattr__(new, field.name, getattr(self, field.name))
         if isinstance(self.layers, tuple):
             layers = self.layers[:n]
         else:
             arrays, static = eqx.partition(self.layers, eqx.is_array)
             layers = eqx.combine(jax.tree.map(lambda a: a[:n], arrays), static)
-        object.__setattr__(new, "layers", layers)
-        object.__setattr__(new, "num_layers", n)
-        return new
+        return with_fields(self, layers=layers, num_layers=n)
 
     def __len__(self) -> int:
         return self.num_layers

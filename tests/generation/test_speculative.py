@@ -83,3 +83,11 @@ def test_bad_calls(llama):
         generate_speculative(llama, llama, prompts, jnp.array([0, 1, 2]), max_new_tokens=4)
     with pytest.raises(ConfigError, match=r"Stacked.first: n must be between 1 and num_layers=3, got 4"):
         llama.blocks.first(4)
+    with pytest.raises(ConfigError, match=r"draft must be an eqzoo language model; got MLP"):
+        generate_speculative(llama, models.create("mlp-small", key=jax.random.key(0)), prompts, max_new_tokens=4)
+    with pytest.raises(ConfigError, match=r"max_new_tokens must be >= 1, got 0"):
+        generate_speculative(llama, llama, prompts, max_new_tokens=0)
+    with pytest.raises(ShapeError, match=r"integer prompts of shape \(batch, seq\); got \(7,\)"):
+        generate_speculative(llama, llama, prompts[0], max_new_tokens=4)
+    with pytest.raises(ConfigError, match=r"MoE implementation must be one of .* got 'sparse'"):
+        _scaled("tiny-mixtral", 0).blocks.layers.mlp.with_implementation("sparse")

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -15,21 +16,28 @@ tokenizers = pytest.importorskip("tokenizers")
 LINES = [line for line in Path(shutil.__file__).read_text().splitlines()[:400] if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    """A byte-level BPE tokenizer trained on a few hundred lines of the standard library."""
+def _bpe_folder(tmp_path_factory, name, special_tokens):
+    """A folder with a byte-level BPE tokenizer.json trained on a few hundred lines of the
+    standard library, with `special_tokens`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        vocab_size=300, special_tokens=special_tokens, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(LINES, trainer)
-    folder = tmp_path_factory.mktemp("tokenizer")
+    folder = tmp_path_factory.mktemp(name)
     tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A byte-level BPE tokenizer with one special token."""
+    folder = _bpe_folder(tmp_path_factory, "tokenizer", ["<|endoftext|>"])
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}, "bos_token": "<|endoftext|>"}))
     return folder
 
@@ -98,18 +106,7 @@ CHAT = [
 @pytest.fixture(scope="module")
 def chat_dir(tmp_path_factory):
     """A BPE tokenizer with ChatML's special tokens; the template in tokenizer_config.json."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(LINES, trainer)
-    folder = tmp_path_factory.mktemp("chat")
-    tok.save(str(folder / "tokenizer.json"))
+    folder = _bpe_folder(tmp_path_factory, "chat", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     config = {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "chat_template": CHATML}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
@@ -213,6 +210,13 @@ def test_chat_templates_see_plain_data_only(chat_dir, tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "x", "tools_fn": print}])
     with pytest.raises(TokenizerError, match=r"the conversation is empty"):
         tok.apply_chat_template([])
+    # The jaxtyping hook of the test suite rejects these annotations first; without it, our checks do.
+    with pytest.raises((TokenizerError, jaxtyping.TypeCheckError), match=r"chat_template"):
+        HFTokenizer(tok.tokenizer, chat_template=3)
+    with pytest.raises((TokenizerError, jaxtyping.TypeCheckError), match=r"chat_template"):
+        HFTokenizer(tok.tokenizer, chat_template={"default": 3})
+    with pytest.raises(TokenizerError, match=r"add_generation_prompt starts a new assistant turn .* ask for one of them"):
+        tok.apply_chat_template(CHAT, add_generation_prompt=True, continue_final_message=True)
 
 
 def test_chat_template_inputs_as_transformers_passes_them(chat_dir, hft):
