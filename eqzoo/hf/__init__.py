@@ -1,5 +1,5 @@
 """Hugging Face interoperability: load and save GPT-2, Llama, Mistral, Qwen2, Qwen3, Mixtral,
-Qwen3-MoE and ViT checkpoints as safetensors, read their configs, and read their fast tokenizers
+Qwen3-MoE, Gemma (1, 2 and 3) and ViT checkpoints as safetensors, read their configs, and read their fast tokenizers
 (and chat templates).
 
 Imported explicitly (`import eqzoo.hf`); needs the `hf` extra (`pip install 'eqzoo[hf]'`) for

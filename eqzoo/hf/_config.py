@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import ConfigError, user_stacklevel
-from ..models import GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
+from ..models import GemmaConfig, GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
 from ..nn import RopeScaling
 from ._errors import HFFormatError
 
@@ -18,6 +18,9 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
     "ViTForImageClassification": "vit",
 }
 """The Hugging Face `architectures` eqzoo reads and writes, with their `model_type`."""
@@ -101,8 +104,14 @@ def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, Ro
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type == "default":
         return float(theta), None
+    if rope_type == "linear":
+        if "factor" not in merged:
+            raise HFFormatError("config.json's linear rope scaling lacks 'factor'.")
+        return float(theta), RopeScaling(factor=float(merged["factor"]), rope_type="linear")
     if rope_type != "llama3":
-        raise _unsupported(d, "rope_type", rope_type, "only 'default' and 'llama3' rotary embeddings are implemented")
+        raise _unsupported(
+            d, "rope_type", rope_type, "only 'default', 'linear' and 'llama3' rotary embeddings are implemented"
+        )
     try:
         scaling_obj = RopeScaling(
             factor=float(merged["factor"]),
@@ -252,6 +261,91 @@ def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3_text": 6}  # transformers' defaults: every n-th layer full
+
+
+def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Gemma, Gemma 2 and Gemma 3 (text) into one `GemmaConfig`; keys a file leaves out take
+    transformers' defaults for its generation."""
+    family = _family(d)
+    _require(d, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for key in ("attention_bias", "use_bidirectional_attention"):
+        if d.get(key):
+            why = "Gemma's projections have no biases" if key == "attention_bias" else "eqzoo's Gemma is a causal decoder"
+            raise _unsupported(d, key, d[key], why)
+    act_key = "hidden_act" if family == "gemma" else "hidden_activation"
+    act = d.get(act_key) or "gelu_pytorch_tanh"
+    if family == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # transformers reads Gemma's legacy "gelu" as the tanh GELU
+    if act not in _GELU_TANH + ("gelu",):
+        raise _unsupported(d, act_key, act, f"eqzoo's Gemma gates with the tanh GELU {_GELU_TANH} or 'gelu'")
+    layers = int(d["num_hidden_layers"])
+    head_dim = int(d.get("head_dim") or 256)
+    scalar = d.get("query_pre_attn_scalar", None if family == "gemma" else 256)
+    if scalar is not None and float(scalar) == head_dim:
+        scalar = None
+    fields: dict[str, Any] = dict(
+        vocab_size=int(d["vocab_size"]),
+        max_seq=int(d.get("max_position_embeddings", 131072 if family == "gemma3_text" else 8192)),
+        num_layers=layers, num_heads=int(d["num_attention_heads"]),
+        num_kv_heads=int(d.get("num_key_value_heads") or (16 if family == "gemma" else 4)),
+        embed_dim=int(d["hidden_size"]), hidden_dim=int(d["intermediate_size"]), head_dim=head_dim,
+        query_pre_attn_scalar=None if scalar is None else float(scalar),
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", True)),
+        activation="gelu" if act == "gelu" else "gelu_tanh",
+        post_norms=family != "gemma", qk_norm=family == "gemma3_text",
+    )
+    if family == "gemma":
+        theta, scaling = _rope_from_hf(d, 10000.0)
+        return fields | dict(
+            rope_theta=theta, rope_scaling=scaling, sliding_window=None, sliding_window_pattern=None,
+            attn_logit_softcap=None, final_logit_softcap=None,
+        )
+    caps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}[family]
+    attn_cap = d.get("attn_logit_softcapping", caps[0])
+    final_cap = d.get("final_logit_softcapping", caps[1])
+    if family == "gemma2":
+        theta, scaling = _rope_from_hf(d, 10000.0)
+        local_theta = None
+    else:
+        theta, scaling, local_theta = _gemma3_rope_from_hf(d)
+    window = _sliding_window(d, 4096)
+    pattern = d.get("sliding_window_pattern", _GEMMA_PATTERN[family])
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise _unsupported(d, "sliding_window_pattern", pattern, "it must be a positive integer")
+    default_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    types = d.get("layer_types") or default_types
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown or len(types) != layers:
+        raise _unsupported(d, "layer_types", types, f"one of 'sliding_attention' / 'full_attention' per layer ({layers})")
+    # (GemmaConfig turns the kinds back into a pattern when one gives them.)
+    return fields | dict(
+        rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
+        sliding_window=window, layer_types=None if window is None else tuple(types),
+        sliding_window_pattern=None,
+        attn_logit_softcap=None if attn_cap is None else float(attn_cap),
+        final_logit_softcap=None if final_cap is None else float(final_cap),
+    )
+
+
+def _gemma3_rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    # transformers 5: rope_parameters keyed by layer type; 4.x: rope_theta and rope_scaling for the
+    # full layers, rope_local_base_freq for the sliding ones.
+    params = d.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+        theta, scaling = _rope_from_hf({"rope_parameters": full}, 1e6)
+        local_theta, local_scaling = _rope_from_hf({"rope_parameters": local}, 10000.0)
+        if local_scaling is not None:
+            raise _unsupported(d, "rope_parameters.sliding_attention", local, "the sliding layers' rotary embedding is unscaled here")
+    else:
+        theta, scaling = _rope_from_hf(d, 1e6)
+        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+    return theta, scaling, local_theta
+
+
 def _square(d: Mapping[str, Any], key: str) -> int:
     value = d[key]
     if isinstance(value, list | tuple):
@@ -292,11 +386,16 @@ _FROM_HF = {
     "qwen3": (LlamaConfig, _qwen3_from_hf),
     "mixtral": (MixtralConfig, _mixtral_from_hf),
     "qwen3_moe": (MixtralConfig, _qwen3_moe_from_hf),
+    "gemma": (GemmaConfig, _gemma_from_hf),
+    "gemma2": (GemmaConfig, _gemma_from_hf),
+    "gemma3_text": (GemmaConfig, _gemma_from_hf),
     "vit": (ViTConfig, _vit_from_hf),
 }
 
 
-def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config | LlamaConfig | MixtralConfig | ViTConfig:
+def config_from_hf(
+    hf_config: Mapping[str, Any], **overrides: Any
+) -> GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig | ViTConfig:
     """The eqzoo config described by a Hugging Face `config.json` dict.
 
     Reads `GPT2LMHeadModel` and `LlamaForCausalLM` configs, including grouped-query attention
@@ -312,7 +411,11 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     `normalize_router_weights`; experts in every layer); `MixtralForCausalLM` configs (as
     Llama's, plus `sliding_window`, `num_local_experts`, `num_experts_per_tok` and
     `router_aux_loss_coef`; `router_jitter_noise`, noise transformers adds only in training,
-    is ignored with a warning); and
+    is ignored with a warning); `GemmaForCausalLM`, `Gemma2ForCausalLM` and
+    `Gemma3ForCausalLM` (`model_type` `"gemma3_text"`) configs (a [`eqzoo.models.GemmaConfig`][]:
+    `query_pre_attn_scalar`, `layer_types` or `sliding_window_pattern`, the soft caps, and
+    Gemma 3's per-layer-type `rope_parameters` or the older `rope_local_base_freq`; linear
+    rope scaling; `use_bidirectional_attention` is refused); and
     `ViTForImageClassification` configs (the number of classes from `id2label`, square
     `image_size` and `patch_size`, `layer_norm_eps`).
 
@@ -324,7 +427,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
       `moe_implementation`.
 
     **Returns:** a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][],
-    [`eqzoo.models.MixtralConfig`][] or [`eqzoo.models.ViTConfig`][].
+    [`eqzoo.models.MixtralConfig`][], [`eqzoo.models.GemmaConfig`][] or
+    [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
     ones) or option; `ConfigError` for an unknown override.
@@ -338,29 +442,36 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides: Any) -> GPT2Config
     return cls(**{**fields, **overrides})
 
 
-def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -> dict[str, Any]:
+def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig | ViTConfig) -> dict[str, Any]:
     """The Hugging Face `config.json` dict of an eqzoo config (inverse of [`eqzoo.hf.config_from_hf`][]).
 
     eqzoo-only fields (`remat`, `scan_layers`, `attention_backend`; Mixtral's
     `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with
     `qk_norm` is written as `Qwen3ForCausalLM`, one with `qkv_bias` as `Qwen2ForCausalLM`, one
     with only a `sliding_window` as `MistralForCausalLM` (transformers' Llama has none of
-    them); a `MixtralConfig` with `qk_norm` as `Qwen3MoeForCausalLM`. Llama and Mixtral rotary
+    them); a `MixtralConfig` with `qk_norm` as `Qwen3MoeForCausalLM`. A `GemmaConfig` is
+    written as the oldest generation that holds it: `Gemma3ForCausalLM` with `qk_norm` or
+    `local_rope_theta`, `Gemma2ForCausalLM` with `post_norms`, else `GemmaForCausalLM`; its
+    `layer_types` are written out per layer. Llama and Mixtral rotary
     settings are written both as transformers 5 `rope_parameters` and as the older
     `rope_theta` / `rope_scaling` keys, so either major version reads them.
 
     **Arguments:** `config`, a [`eqzoo.models.GPT2Config`][], [`eqzoo.models.LlamaConfig`][],
-    [`eqzoo.models.MixtralConfig`][] or [`eqzoo.models.ViTConfig`][] (with `pool="cls"`: Hugging
+    [`eqzoo.models.MixtralConfig`][], [`eqzoo.models.GemmaConfig`][] or
+    [`eqzoo.models.ViTConfig`][] (with `pool="cls"`: Hugging
     Face's ViT has a class token).
 
     **Returns:** a JSON-able dict with `architectures` and `model_type`.
 
     **Raises:** `HFFormatError` for a `pool="mean"` ViT, which Hugging Face has no layout for,
     and for combinations no Hugging Face architecture has (`qk_norm` with `qkv_bias`; a
-    Mixtral without renormalised router weights and without `qk_norm`).
+    Mixtral without renormalised router weights and without `qk_norm`; a Gemma with `qk_norm`
+    but no `post_norms`, with Gemma 2's extras but no `post_norms`, or gated by silu).
     """
     if isinstance(config, ViTConfig):
         return _vit_to_hf(config)
+    if isinstance(config, GemmaConfig):
+        return _gemma_to_hf(config)
     if isinstance(config, MixtralConfig) and config.qk_norm:
         return _qwen3_moe_to_hf(config)
     if isinstance(config, MixtralConfig):
@@ -421,10 +532,13 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig) -
     }
 
 
-def _rope_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
+def _rope_to_hf(c: LlamaConfig | MixtralConfig | GemmaConfig) -> dict[str, Any]:
     scaling = None
     rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
-    if c.rope_scaling is not None:
+    if c.rope_scaling is not None and c.rope_scaling.rope_type == "linear":
+        scaling = {"rope_type": "linear", "factor": c.rope_scaling.factor}
+        rope_parameters = {**scaling, "rope_theta": c.rope_theta}
+    elif c.rope_scaling is not None:
         scaling = {
             "rope_type": "llama3",
             "factor": c.rope_scaling.factor,
@@ -503,6 +617,81 @@ def _mixtral_to_hf(c: MixtralConfig) -> dict[str, Any]:
         "router_aux_loss_coef": c.router_aux_loss_coef,
         "router_jitter_noise": 0.0,
         "sliding_window": c.sliding_window,
+    }
+
+
+def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
+    # The oldest generation that holds the config: Gemma 3 for query/key norms or a separate
+    # local rotary base, Gemma 2 for sandwich norms, else Gemma.
+    if c.activation == "silu":
+        raise HFFormatError("Hugging Face's Gemma gates with GELU; a GemmaConfig(activation='silu') has no equivalent.")
+    if c.qk_norm or c.local_rope_theta is not None:
+        family, arch = "gemma3_text", "Gemma3ForCausalLM"
+        if not (c.qk_norm and c.post_norms):
+            raise HFFormatError(
+                "a GemmaConfig with qk_norm or local_rope_theta is a Gemma 3, whose layers always "
+                "have query/key norms and sandwich norms (qk_norm=True, post_norms=True); this one "
+                f"has qk_norm={c.qk_norm}, post_norms={c.post_norms}, which no Hugging Face Gemma has."
+            )
+    elif c.post_norms:
+        family, arch = "gemma2", "Gemma2ForCausalLM"
+    else:
+        family, arch = "gemma", "GemmaForCausalLM"
+        extras = {
+            "sliding_window": c.sliding_window, "attn_logit_softcap": c.attn_logit_softcap,
+            "final_logit_softcap": c.final_logit_softcap,
+            "query_pre_attn_scalar": None if c.query_pre_attn_scalar in (None, c.head_dim) else c.query_pre_attn_scalar,
+            # transformers reads Gemma's hidden_act "gelu" as the tanh GELU
+            "activation": None if c.activation == "gelu_tanh" else c.activation,
+        }
+        extras = {k: v for k, v in extras.items() if v is not None}
+        if extras:
+            raise HFFormatError(
+                "a GemmaConfig without post_norms is written as GemmaForCausalLM, which has no "
+                "sliding window, soft caps, query_pre_attn_scalar other than head_dim, or exact "
+                f"GELU; this one sets {extras}. Set post_norms=True (Gemma 2) or drop them."
+            )
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": family,
+        "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_seq,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads,
+        "hidden_size": c.embed_dim,
+        "intermediate_size": c.hidden_dim,
+        "head_dim": c.head_dim,
+        ("hidden_act" if family == "gemma" else "hidden_activation"): (
+            "gelu" if c.activation == "gelu" else "gelu_pytorch_tanh"
+        ),
+        "rms_norm_eps": c.rms_norm_eps,
+        "tie_word_embeddings": c.tie_embeddings,
+        "attention_bias": False,
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+    if family == "gemma3_text":
+        full = _rope_to_hf(c)["rope_parameters"]
+        local = {"rope_type": "default", "rope_theta": c.rope_theta if c.local_rope_theta is None else c.local_rope_theta}
+        out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    else:
+        out |= _rope_to_hf(c)
+    if family == "gemma":
+        return out
+    scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+    if float(scalar) != int(scalar):
+        raise HFFormatError(
+            f"GemmaConfig(query_pre_attn_scalar={scalar}) has no Hugging Face equivalent: "
+            "transformers' Gemma configs take an integer there."
+        )
+    return out | {
+        "query_pre_attn_scalar": int(scalar),
+        "sliding_window": c.sliding_window,
+        "layer_types": list(c.resolved_layer_types),
+        "attn_logit_softcapping": c.attn_logit_softcap,
+        "final_logit_softcapping": c.final_logit_softcap,
     }
 
 

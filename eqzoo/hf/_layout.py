@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ..models import GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
+from ..models import GemmaConfig, GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
 from ._errors import HFFormatError
 
 _INDICES = ("i", "j")  # layer, expert
@@ -156,6 +156,22 @@ def _qwen3_moe_rules(tied: bool) -> list[TensorRule]:
     return rules
 
 
+def _gemma_rules(c: GemmaConfig) -> list[TensorRule]:
+    # Gemma's tensors are Llama's, norms included (HF stores the weight w of `1 + w`, which is
+    # eqzoo's offset-1 RMSNorm weight). Gemma 2 and 3 add the sandwich norms; there the pre-MLP
+    # norm is `pre_feedforward_layernorm` and `post_attention_layernorm` normalises the
+    # attention's output (in Gemma and Llama it is the pre-MLP norm).
+    h, layer = "model.layers.{i}.", ("blocks", "layers")
+    rules = [r for r in _llama_rules(c.tie_embeddings, qk_norm=c.qk_norm) if r.path != layer + ("mlp_norm", "weight")]
+    if not c.post_norms:
+        return rules + [TensorRule(layer + ("mlp_norm", "weight"), f"{h}post_attention_layernorm.weight")]
+    return rules + [
+        TensorRule(layer + ("post_attn_norm", "weight"), f"{h}post_attention_layernorm.weight"),
+        TensorRule(layer + ("mlp_norm", "weight"), f"{h}pre_feedforward_layernorm.weight"),
+        TensorRule(layer + ("post_mlp_norm", "weight"), f"{h}post_feedforward_layernorm.weight"),
+    ]
+
+
 def _vit_rules() -> list[TensorRule]:
     e, h = "vit.embeddings.", "vit.encoder.layer.{i}."
     layer = ("blocks", "layers")
@@ -205,7 +221,7 @@ def _refuse_fused_experts(names: Iterable[str]) -> None:
 
 
 def rules_for(
-    config: GPT2Config | LlamaConfig | MixtralConfig | ViTConfig, names: Iterable[str] = ()
+    config: GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig | ViTConfig, names: Iterable[str] = ()
 ) -> tuple[list[TensorRule], re.Pattern[str]]:
     """The tensor rules of a model with `config`, and a pattern matching ignorable tensor names.
 
@@ -231,4 +247,6 @@ def rules_for(
         _refuse_fused_experts(names)
         rules = _qwen3_moe_rules if config.qk_norm else _mixtral_rules
         return rules(config.tie_embeddings), re.compile("|".join(ignored))
+    if isinstance(config, GemmaConfig):
+        return _gemma_rules(config), re.compile("|".join(ignored))
     return _llama_rules(config.tie_embeddings, config.qkv_bias, config.qk_norm), re.compile("|".join(ignored))

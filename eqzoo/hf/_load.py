@@ -12,7 +12,7 @@ from jax.sharding import Sharding
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError
-from ..models import GPT2, Llama, Mixtral, ViT, model_class
+from ..models import GPT2, Gemma, Llama, Mixtral, ViT, model_class
 from ._config import config_from_hf
 from ._errors import HFFormatError
 from ._files import TensorReader, as_folder, read_config, weight_files
@@ -115,7 +115,7 @@ def load_pretrained(
     dtype: DTypeLike | None = None,
     sharding: ShardingSpec = None,
     config_overrides: Mapping[str, Any] | None = None,
-) -> GPT2 | Llama | Mixtral | ViT:
+) -> GPT2 | Llama | Mixtral | Gemma | ViT:
     """Load a local Hugging Face checkpoint folder as an eqzoo model.
 
     The folder holds `config.json` and `model.safetensors`, or shards
@@ -128,7 +128,10 @@ def load_pretrained(
     per-expert tensors `block_sparse_moe.experts.{j}.w1/w2/w3` stacked into
     [`eqzoo.nn.MoE`][]'s (in, out) expert arrays; see [`eqzoo.hf.config_from_hf`][] for
     `sliding_window` and `router_jitter_noise`), `Qwen3MoeForCausalLM` (Qwen3's attention,
-    experts `mlp.experts.{j}.gate_proj/up_proj/down_proj` stacked the same way) and `ViTForImageClassification` (square
+    experts `mlp.experts.{j}.gate_proj/up_proj/down_proj` stacked the same way),
+    `GemmaForCausalLM`, `Gemma2ForCausalLM` and `Gemma3ForCausalLM` (Llama's tensors plus
+    Gemma 2's `pre_feedforward_layernorm` / `post_feedforward_layernorm` and Gemma 3's
+    `q_norm` / `k_norm`; loaded as a [`eqzoo.models.Gemma`][]) and `ViTForImageClassification` (square
     images, exact GELU, q/k/v biases; loaded as a `pool="cls"` [`eqzoo.models.ViT`][]). The
     model's structure is built with `equinox.filter_eval_shape`, so no random initialisation is
     allocated; every tensor is then read from its memory-mapped file (only the part needed),
@@ -148,8 +151,8 @@ def load_pretrained(
       model-shaped pytree of shardings, or `None` for the default device.
     - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`.
 
-    **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][]
-    or [`eqzoo.models.ViT`][].
+    **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][],
+    [`eqzoo.models.Gemma`][] or [`eqzoo.models.ViT`][].
 
     **Raises:** `HFFormatError` for a missing `config.json`, an unsupported architecture,
     pickle-only weights (`.bin`; refused, with the command to convert them), a missing,

@@ -13,7 +13,7 @@ import numpy as np
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, require
-from ..models import GPT2, Llama, Mixtral, ViT
+from ..models import GPT2, Gemma, Llama, Mixtral, ViT
 from ..nn import AbstractLinear, AbstractWeight, select_linears
 from ..sharding import path_str
 from ._config import config_to_hf
@@ -98,7 +98,7 @@ def _check_plain_linears(model) -> None:
 
 @no_type_check  # arguments are validated inside, with messages that say what is supported
 def save_pretrained(
-    model: GPT2 | Llama | Mixtral | ViT,
+    model: GPT2 | Llama | Mixtral | Gemma | ViT,
     path: str | os.PathLike[str],
     *,
     dtype: DTypeLike | None = None,
@@ -115,13 +115,15 @@ def save_pretrained(
     layout `MixtralForCausalLM.save_pretrained` writes (a Mixtral with `qk_norm` is written as
     `Qwen3MoeForCausalLM`, experts as `mlp.experts.{j}.gate_proj/up_proj/down_proj`; a Llama
     with `qk_norm` as `Qwen3ForCausalLM`, with `qkv_bias` as `Qwen2ForCausalLM`, with only a
-    window as `MistralForCausalLM`). A tied head is not written (HF ties it on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
+    window as `MistralForCausalLM`). A Gemma is written as `GemmaForCausalLM`,
+    `Gemma2ForCausalLM` or `Gemma3ForCausalLM` (see [`eqzoo.hf.config_to_hf`][]), its norm
+    weights as they are (both sides scale by `1 + weight`). A tied head is not written (HF ties it on load). Per-layer parameters are split out of `Stacked.layers`. A ViT is written
     for `transformers.AutoModelForImageClassification` (`ViTForImageClassification`).
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][]
-      or [`eqzoo.models.ViT`][] (`pool="cls"`).
+    - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][],
+      [`eqzoo.models.Gemma`][] or [`eqzoo.models.ViT`][] (`pool="cls"`).
     - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
     - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
     - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
@@ -131,9 +133,9 @@ def save_pretrained(
 
     **Returns:** the folder's path.
     """
-    if not isinstance(model, GPT2 | Llama | Mixtral | ViT):
+    if not isinstance(model, GPT2 | Llama | Mixtral | Gemma | ViT):
         raise HFFormatError(
-            f"save_pretrained exports eqzoo GPT2, Llama, Mixtral and ViT models; got {type(model).__name__}."
+            f"save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got {type(model).__name__}."
         )
     _check_plain_linears(model)
     safetensors_numpy = require("safetensors.numpy", "hf")

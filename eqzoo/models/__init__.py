@@ -3,6 +3,7 @@
 from ._cnn import CNN as CNN, CNNConfig as CNNConfig
 from ._denoiser import AbstractDenoiser as AbstractDenoiser
 from ._dit import DiT as DiT, DiTConfig as DiTConfig
+from ._gemma import Gemma as Gemma, GemmaConfig as GemmaConfig
 from ._gpt2 import GPT2 as GPT2, GPT2Config as GPT2Config
 from ._llama import Llama as Llama, LlamaConfig as LlamaConfig
 from ._lm import AbstractLM as AbstractLM
@@ -27,6 +28,8 @@ __all__ = [
     "CNNConfig",
     "DiT",
     "DiTConfig",
+    "Gemma",
+    "GemmaConfig",
     "GPT2",
     "GPT2Config",
     "Llama",

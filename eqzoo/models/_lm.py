@@ -14,6 +14,12 @@ from ..sharding._activation import constrain, constrain_forward
 from ._validate import check_tokens
 
 
+def softcap(x: Array, cap: float) -> Array:
+    """`cap * tanh(x / cap)`: squashes `x` smoothly into `(-cap, cap)`."""
+    c = jnp.asarray(cap, x.dtype)
+    return c * jnp.tanh(x / c)
+
+
 def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
     """Each position's offset from the start of its segment (a run of equal ids):
     `[1, 1, 1, 2, 2, 0]` gives `[0, 1, 2, 0, 1, 0]`."""
@@ -71,7 +77,8 @@ class AbstractLM(eqx.Module):
         positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
         x, _ = self.blocks.apply(
-            lambda block, h, _: (block(h, positions=layer_positions, segment_ids=segment_ids), None), x
+            lambda block, h, layer: (block(h, positions=layer_positions, segment_ids=segment_ids, layer=layer), None),
+            x, self._layer_indices(),
         )
         return self.final_norm(x)
 
@@ -91,11 +98,16 @@ class AbstractLM(eqx.Module):
         positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
 
-        def layer(block, h, _):
-            return block.with_aux(h, mask, positions=layer_positions, segment_ids=segment_ids)
+        def layer(block, h, i):
+            return block.with_aux(h, mask, positions=layer_positions, segment_ids=segment_ids, layer=i)
 
-        x, aux = self.blocks.apply(layer, x)
+        x, aux = self.blocks.apply(layer, x, self._layer_indices())
         return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
+
+    def _layer_indices(self) -> Int[Array, " layers"]:
+        """Each block's index, given to it as it runs (attention whose window differs by layer
+        reads it: Gemma 2 and 3)."""
+        return jnp.arange(self.blocks.num_layers, dtype=jnp.int32)
 
     def _check_packing(self, tokens, segment_ids, positions) -> None:
         for name, value in (("segment_ids", segment_ids), ("positions", positions)):
@@ -116,10 +128,21 @@ class AbstractLM(eqx.Module):
         dense model)."""
         return {}
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """If set, the logits are `logit_softcap * tanh(raw / logit_softcap)` (Gemma 2's
+        `final_logit_softcapping`); the losses of [`eqzoo.train`][] apply it too. `None` here."""
+        return None
+
     def logits(self, features: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
-        """Next-token logits from `features`, in the features' dtype."""
+        """Next-token logits from `features`, in the features' dtype (soft-capped in float32
+        when the model has a `logit_softcap`)."""
         head = constrain_forward(self.head_weight(), "vocab_table")  # as the lookup reads it
-        return features @ head.T.astype(features.dtype)
+        logits = features @ head.T.astype(features.dtype)
+        cap = self.logit_softcap
+        if cap is None:
+            return logits
+        return softcap(logits.astype(jnp.float32), cap).astype(features.dtype)
 
     @no_type_check  # our own checks below give clearer messages than a generic type error
     def __call__(

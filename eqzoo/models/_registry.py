@@ -10,6 +10,7 @@ from .._typing import PRNGKey
 from ..nn import RopeScaling
 from ._cnn import CNN, CNNConfig
 from ._dit import DiT, DiTConfig
+from ._gemma import Gemma, GemmaConfig
 from ._gpt2 import GPT2, GPT2Config
 from ._llama import Llama, LlamaConfig
 from ._mixtral import Mixtral, MixtralConfig
@@ -17,10 +18,10 @@ from ._mlp import MLP, MLPConfig
 from ._unet import UNet, UNetConfig
 from ._vit import ViT, ViTConfig
 
-ModelConfig = GPT2Config | LlamaConfig | MixtralConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
+ModelConfig = GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
 
 _FAMILIES: dict[type, type] = {
-    GPT2Config: GPT2, LlamaConfig: Llama, MixtralConfig: Mixtral, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,
+    GPT2Config: GPT2, LlamaConfig: Llama, MixtralConfig: Mixtral, GemmaConfig: Gemma, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,
     DiTConfig: DiT, UNetConfig: UNet,
 }
 _STATEFUL = (CNNConfig,)
@@ -56,6 +57,20 @@ _PRESETS: dict[str, Any] = {
         vocab_size=151936, max_seq=40960, num_layers=28, num_heads=16, num_kv_heads=8,
         embed_dim=1024, hidden_dim=3072, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_embeddings=True, qk_norm=True,
+    ),
+    # Gemma family. tiny-gemma2 alternates 8-token windows with full attention and soft-caps
+    # its logits; gemma2-2b is the shape of Gemma 2 2B; gemma3-1b of Gemma 3 1B (5 windowed
+    # layers of 512 to 1 full layer, query/key norms, rotary base 10k locally and 1M globally).
+    "tiny-gemma2": GemmaConfig(
+        vocab_size=256, max_seq=128, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=128, head_dim=16, sliding_window=8,
+    ),
+    "gemma2-2b": GemmaConfig(remat="dots_no_batch"),
+    "gemma3-1b": GemmaConfig(
+        vocab_size=262144, max_seq=32768, num_layers=26, num_heads=4, num_kv_heads=1,
+        embed_dim=1152, hidden_dim=6912, head_dim=256,
+        rope_theta=1e6, local_rope_theta=10000.0, sliding_window=512, sliding_window_pattern=6,
+        qk_norm=True, attn_logit_softcap=None, final_logit_softcap=None,
     ),
     # Mixture-of-experts decoders. tiny-mixtral routes each token to 2 of 4 experts; mixtral-8x7b
     # is the shape of Mixtral 8x7B (46.7B parameters, 12.9B active per token).

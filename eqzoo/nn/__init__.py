@@ -19,7 +19,7 @@ from ._linear import (
     init_linear as init_linear,
     linear_dtype as linear_dtype,
 )
-from ._mlp import MLP as MLP, SwiGLU as SwiGLU
+from ._mlp import GLU_ACTIVATIONS as GLU_ACTIVATIONS, MLP as MLP, SwiGLU as SwiGLU
 from ._moe import MoE as MoE, MoEImplementation as MoEImplementation
 from ._norm import LayerNorm as LayerNorm, RMSNorm as RMSNorm
 from ._patch import PatchEmbed as PatchEmbed
@@ -68,6 +68,7 @@ __all__ = [
     "RotaryEmbedding",
     "Stacked",
     "SwiGLU",
+    "GLU_ACTIVATIONS",
     "Targets",
     "TransformerBlock",
     "apply_linear",

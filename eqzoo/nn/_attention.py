@@ -12,7 +12,7 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._norm import RMSNorm
-from ._rope import RopeScaling, RotaryEmbedding
+from ._rope import RopeScaling, RotaryEmbedding, rotate
 
 AttentionBackend = Literal["xla", "cudnn", "auto"]
 _BACKENDS = ("xla", "cudnn", "auto")
@@ -33,8 +33,10 @@ def resolve_backend(backend: str, dtype) -> Literal["xla", "cudnn"]:
     return backend  # type: ignore[return-value]
 
 
-def _xla_attention(q, k, v, mask):
-    """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend."""
+def _xla_attention(q, k, v, mask, scale=None, softcap=None):
+    """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend.
+    `scale` multiplies the logits (default `head_dim ** -0.5`); `softcap` caps them as
+    `softcap * tanh(logits / softcap)` before the mask (Gemma 2)."""
     # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
     # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
     # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
@@ -43,7 +45,9 @@ def _xla_attention(q, k, v, mask):
     kv_heads = k.shape[1]
     qg = q.reshape(seq, kv_heads, heads // kv_heads, head_dim)  # query head h uses kv head h // group
     logits = jnp.einsum("tkgh,skh->kgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * jnp.float32(head_dim**-0.5)
+    logits = logits * jnp.float32(head_dim**-0.5 if scale is None else scale)
+    if softcap is not None:
+        logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("kgts,skh->tkgh", probs, v)
@@ -100,6 +104,7 @@ class Attention(eqx.Module):
     v_proj: eqx.nn.Linear | AbstractLinear
     o_proj: eqx.nn.Linear | AbstractLinear
     rope: RotaryEmbedding | None
+    local_rope: RotaryEmbedding | None
     q_norm: RMSNorm | None
     k_norm: RMSNorm | None
     num_heads: int = eqx.field(static=True)
@@ -108,6 +113,9 @@ class Attention(eqx.Module):
     backend: str = eqx.field(static=True)
     causal: bool = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
+    window_layers: tuple[bool, ...] | None = eqx.field(static=True)
+    scale: float | None = eqx.field(static=True)
+    logit_softcap: float | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -124,8 +132,13 @@ class Attention(eqx.Module):
         backend: AttentionBackend = "auto",
         causal: bool = True,
         sliding_window: int | None = None,
+        window_layers: tuple[bool, ...] | None = None,
+        local_rope_theta: float | None = None,
         qk_norm: bool = False,
         qk_norm_eps: float = 1e-6,
+        qk_norm_offset: float = 0.0,
+        scale: float | None = None,
+        logit_softcap: float | None = None,
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
@@ -148,9 +161,23 @@ class Attention(eqx.Module):
         - `sliding_window`: if given, each position attends only to itself and the
           `sliding_window - 1` positions before it (Mistral's sliding-window attention, counted
           as Hugging Face's `sliding_window`); needs `causal=True`. `None`: every earlier position.
+        - `window_layers`: for a layer of a [`eqzoo.nn.Stacked`][] whose layers alternate
+          between windowed and full attention (Gemma 2 and 3), which layers of the stack use
+          `sliding_window`: entry `i` for layer `i`. Every layer of the stack holds the same
+          tuple, and is told its index at run time (`layer=`). `None`: every layer windowed
+          if `sliding_window` is given.
+        - `local_rope_theta`: the rotary base of the windowed layers when it differs from the
+          full layers' `rope_theta` (Gemma 3: 10,000 locally, 1,000,000 globally; `rope_scaling`
+          applies to the full layers only). Needs `window_layers`.
         - `qk_norm`: an RMSNorm over each head's queries and keys (one `head_dim` scale for
           the queries, one for the keys, shared by the heads), before the rotary embedding:
-          Qwen3's attention. `qk_norm_eps`: its epsilon.
+          Qwen3's and Gemma 3's attention. `qk_norm_eps`: its epsilon; `qk_norm_offset`: its
+          [`eqzoo.nn.RMSNorm`][] offset (1 for Gemma's `1 + weight` norms).
+        - `scale`: the factor on the query-key logits; default `head_dim ** -0.5` (Gemma:
+          `query_pre_attn_scalar ** -0.5`).
+        - `logit_softcap`: if given, the logits become `logit_softcap * tanh(logits /
+          logit_softcap)` before masking (Gemma 2's `attn_logit_softcapping`). cuDNN has no
+          such option: `backend="auto"` then runs XLA's attention, and `"cudnn"` is refused.
         - `init_std`, `out_init_std`: normal init scale of the input / output projections.
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
@@ -176,6 +203,27 @@ class Attention(eqx.Module):
                     "sliding_window needs causal=True: the window counts the positions before each "
                     "one (a bidirectional layer has no such window here)."
                 )
+        if window_layers is not None:
+            window_layers = tuple(window_layers)
+            if sliding_window is None or not all(isinstance(w, bool) for w in window_layers) or not window_layers:
+                raise ConfigError(
+                    "window_layers must be a non-empty tuple of booleans (True: that layer uses "
+                    f"sliding_window), given together with sliding_window; got {window_layers!r} "
+                    f"with sliding_window={sliding_window!r}."
+                )
+        if local_rope_theta is not None and (window_layers is None or not use_rope):
+            raise ConfigError(
+                "local_rope_theta sets the rotary base of the windowed layers of a stack that "
+                "mixes windowed and full layers: it needs use_rope=True and window_layers."
+            )
+        for name, value in (("scale", scale), ("logit_softcap", logit_softcap)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+                raise ConfigError(f"{name} must be a positive number or None, got {value!r}.")
+        if logit_softcap is not None and backend == "cudnn":
+            raise ConfigError(
+                "logit_softcap has no cuDNN implementation (jax.nn.dot_product_attention takes no "
+                "softcap); use backend='xla', or 'auto', which runs XLA's attention for it."
+            )
         kq, kk, kv, ko = jax.random.split(key, 4)
         out_std = init_std if out_init_std is None else out_init_std
         lin = dict(use_bias=use_bias, dtype=dtype)
@@ -185,16 +233,47 @@ class Attention(eqx.Module):
         out_lin = lin if out_bias is None else dict(lin, use_bias=out_bias)
         self.o_proj = init_linear(num_heads * head_dim, embed_dim, std=out_std, key=ko, **out_lin)
         self.rope = RotaryEmbedding(head_dim, theta=rope_theta, scaling=rope_scaling) if use_rope else None
-        self.q_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype) if qk_norm else None
-        self.k_norm = RMSNorm(head_dim, eps=qk_norm_eps, dtype=dtype) if qk_norm else None
+        self.local_rope = None if local_rope_theta is None else RotaryEmbedding(head_dim, theta=local_rope_theta)
+        norm = dict(eps=qk_norm_eps, offset=qk_norm_offset, dtype=dtype)
+        self.q_norm = RMSNorm(head_dim, **norm) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, **norm) if qk_norm else None
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.backend = backend
         self.causal = causal
         self.sliding_window = sliding_window
+        self.window_layers = window_layers
+        self.scale = None if scale is None else float(scale)
+        self.logit_softcap = None if logit_softcap is None else float(logit_softcap)
 
-    def _qkv(self, x, positions):
+    def _windowed(self, layer) -> bool | Array:
+        """Whether this layer attends within `sliding_window`: a Python bool when it is known
+        without the layer index, else a traced boolean from `window_layers[layer]`."""
+        if self.window_layers is None:
+            return self.sliding_window is not None
+        if layer is None:
+            raise ConfigError(
+                "this Attention uses sliding_window on some layers of its stack only "
+                "(window_layers), so it needs its layer index: call it with layer=i (the "
+                "models pass it), or build it without window_layers."
+            )
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            if not 0 <= layer < len(self.window_layers):
+                raise ConfigError(f"layer={layer} is outside window_layers (length {len(self.window_layers)}).")
+            return self.window_layers[layer]
+        flags = jnp.asarray(self.window_layers, dtype=bool)
+        return flags[jnp.clip(jnp.asarray(layer, jnp.int32), 0, len(self.window_layers) - 1)]
+
+    def _rotate(self, x, positions, windowed):
+        if self.local_rope is None or windowed is False:
+            return self.rope(x, positions)
+        if windowed is True:
+            return self.local_rope(x, positions)
+        inv_freq = jnp.where(windowed, jnp.asarray(self.local_rope.inv_freq()), jnp.asarray(self.rope.inv_freq()))
+        return rotate(x, positions, inv_freq)
+
+    def _qkv(self, x, positions, windowed=False):
         seq = x.shape[0]
         q = apply_linear(self.q_proj, x).reshape(seq, self.num_heads, self.head_dim)
         k = apply_linear(self.k_proj, x).reshape(seq, self.num_kv_heads, self.head_dim)
@@ -202,8 +281,8 @@ class Attention(eqx.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            q = self.rope(q, positions)
-            k = self.rope(k, positions)
+            q = self._rotate(q, positions, windowed)
+            k = self._rotate(k, positions, windowed)
         return checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
 
     def _out(self, o):
@@ -216,6 +295,7 @@ class Attention(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        layer: Int[Array, ""] | int | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, "seq embed"]:
         """Self-attention over one whole sequence (causal unless built with `causal=False`).
@@ -228,6 +308,8 @@ class Attention(eqx.Module):
         - `segment_ids`: for several documents packed into one row, which document each
           position belongs to (contiguous runs of equal ids); a position then attends only to
           positions of its own segment. `None`: one segment.
+        - `layer`: this layer's index in its stack; needed (and only read) when the layer was
+          built with `window_layers`.
         - `key`: unused (no dropout).
 
         **Returns:** the attention output, same shape and dtype as `x`.
@@ -242,31 +324,45 @@ class Attention(eqx.Module):
         check_per_position("segment_ids", segment_ids, seq, "Attention")
         if positions is None:
             positions = jnp.arange(seq, dtype=jnp.int32)
-        q, k, v = self._qkv(x, positions)
+        windowed = self._windowed(layer)
+        q, k, v = self._qkv(x, positions, windowed)
         mask = None
         if segment_ids is not None:
             mask = segment_ids[:, None] == segment_ids[None, :]
-        window = self.sliding_window
-        if resolve_backend(self.backend, q.dtype) == "cudnn":
+        window = self.sliding_window if windowed is not False else None
+        backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype)
+        if backend == "cudnn":
             # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
             # one), given per head: under vmap, jax 0.10's batching rule for the cuDNN call
             # reshapes a batched bias to (batch, heads, seq, seq) and fails on a head axis of 1.
             # The window is cuDNN's own (`(window - 1, 0)`: itself and window - 1 before).
+            # A window on some layers of a stack only: both calls are compiled and the layer's
+            # flag picks one at run time (cuDNN's window is a static argument).
             if mask is not None:
                 mask = jnp.broadcast_to(mask, (self.num_heads, seq, seq))
-            o = jax.nn.dot_product_attention(
-                q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn",
-                local_window_size=None if window is None else (window - 1, 0),
-            )
+
+            def cudnn(local_window):
+                return jax.nn.dot_product_attention(
+                    q, k, v, mask=mask, is_causal=self.causal, implementation="cudnn",
+                    scale=self.scale, local_window_size=local_window,
+                )
+
+            if window is None:
+                o = cudnn(None)
+            elif windowed is True:
+                o = cudnn((window - 1, 0))
+            else:
+                o = jax.lax.cond(windowed, lambda: cudnn((window - 1, 0)), lambda: cudnn(None))
         else:
             if self.causal:
                 causal = jnp.tril(jnp.ones((seq, seq), bool))
                 if window is not None and window < seq:
-                    causal = causal & jnp.triu(jnp.ones((seq, seq), bool), -(window - 1))
+                    band = jnp.triu(jnp.ones((seq, seq), bool), -(window - 1))
+                    causal = causal & (band if windowed is True else band | ~windowed)
                 mask = causal if mask is None else mask & causal
             elif mask is None:
                 mask = jnp.ones((seq, seq), bool)
-            o = _xla_attention(q, k, v, mask)
+            o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap)
         return self._out(o)
 
     def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
@@ -296,7 +392,8 @@ class Attention(eqx.Module):
         - `index`: the absolute position of `x[0]` (an int32 scalar array).
         - `layer`: which layer's slot of a stacked cache to read and write. The new keys and
           values are written into the stacked arrays in place (inside a scan over layers the
-          cache is then a loop carry that is updated, never copied whole).
+          cache is then a loop carry that is updated, never copied whole). A layer built with
+          `window_layers` needs it (and a stacked cache).
 
         **Returns:** `(output, updated cache)`.
 
@@ -311,7 +408,8 @@ class Attention(eqx.Module):
         seq = x.shape[0]
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(seq, dtype=jnp.int32)
-        q, k, v = self._qkv(x, positions)
+        windowed = self._windowed(layer)
+        q, k, v = self._qkv(x, positions, windowed)
         zero = jnp.zeros((), jnp.int32)
         k = k.astype(cache.keys.dtype)
         v = v.astype(cache.values.dtype)
@@ -328,7 +426,10 @@ class Attention(eqx.Module):
         max_seq = layer_keys.shape[0]
         key_positions = jnp.arange(max_seq, dtype=jnp.int32)
         mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
-        if self.sliding_window is not None:
-            mask = mask & (key_positions[None, :] > positions[:, None] - self.sliding_window)
-        o = _xla_attention(q, layer_keys.astype(q.dtype), layer_values.astype(q.dtype), mask)
+        if windowed is not False:
+            band = key_positions[None, :] > positions[:, None] - self.sliding_window
+            mask = mask & (band if windowed is True else band | ~windowed)
+        o = _xla_attention(
+            q, layer_keys.astype(q.dtype), layer_values.astype(q.dtype), mask, self.scale, self.logit_softcap
+        )
         return self._out(o), KVCache(keys, values)

@@ -1,4 +1,4 @@
-"""The pre-norm transformer block shared by GPT-2, Llama and Mixtral."""
+"""The pre-norm transformer block shared by GPT-2, Llama, Mixtral and Gemma."""
 
 import equinox as eqx
 from jaxtyping import Array, Bool, Float, Int
@@ -12,19 +12,45 @@ from ._norm import LayerNorm, RMSNorm
 
 
 class TransformerBlock(eqx.Module):
-    """`x + attn(norm(x))`, then `x + mlp(norm(x))` (pre-norm residual block)."""
+    """`x + attn(norm(x))`, then `x + mlp(norm(x))` (pre-norm residual block).
+
+    With `post_attn_norm` / `post_mlp_norm` each branch's output is normalised again before it
+    joins the residual stream, `x + post_norm(attn(norm(x)))` (the "sandwich" norms of
+    Gemma 2 and 3).
+    """
 
     attn_norm: LayerNorm | RMSNorm
     attn: Attention
     mlp_norm: LayerNorm | RMSNorm
     mlp: MLP | SwiGLU | MoE
+    post_attn_norm: LayerNorm | RMSNorm | None = None
+    post_mlp_norm: LayerNorm | RMSNorm | None = None
 
-    def __init__(self, attn_norm: LayerNorm | RMSNorm, attn: Attention, mlp_norm: LayerNorm | RMSNorm, mlp: MLP | SwiGLU | MoE):
-        """**Arguments:** the four sub-layers, already built."""
+    def __init__(
+        self,
+        attn_norm: LayerNorm | RMSNorm,
+        attn: Attention,
+        mlp_norm: LayerNorm | RMSNorm,
+        mlp: MLP | SwiGLU | MoE,
+        *,
+        post_attn_norm: LayerNorm | RMSNorm | None = None,
+        post_mlp_norm: LayerNorm | RMSNorm | None = None,
+    ):
+        """**Arguments:** the four sub-layers, already built; optionally the norms applied to the
+        attention's and the MLP's outputs before the residual additions."""
         self.attn_norm = attn_norm
         self.attn = attn
         self.mlp_norm = mlp_norm
         self.mlp = mlp
+        self.post_attn_norm = post_attn_norm
+        self.post_mlp_norm = post_mlp_norm
+
+    def _attend(self, x, positions, segment_ids, layer):
+        h = self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids, layer=layer)
+        return h if self.post_attn_norm is None else self.post_attn_norm(h)
+
+    def _post_mlp(self, h):
+        return h if self.post_mlp_norm is None else self.post_mlp_norm(h)
 
     def __call__(
         self,
@@ -32,14 +58,16 @@ class TransformerBlock(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        layer: Int[Array, ""] | int | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence; `positions` and `segment_ids` as for
-        [`eqzoo.nn.Attention`][] (packed documents). **Returns:** same shape and dtype."""
+        [`eqzoo.nn.Attention`][] (packed documents); `layer`, this block's index in its stack
+        (read only by attention built with `window_layers`). **Returns:** same shape and dtype."""
         # A no-op unless traced inside eqzoo.sharding.activation_sharding(mesh).
-        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+        x = x + self._attend(x, positions, segment_ids, layer)
         x = constrain(x, "residual")
-        return constrain(x + self.mlp(self.mlp_norm(x)), "residual")
+        return constrain(x + self._post_mlp(self.mlp(self.mlp_norm(x))), "residual")
 
     def with_aux(
         self,
@@ -48,16 +76,17 @@ class TransformerBlock(eqx.Module):
         *,
         positions: Int[Array, " seq"] | None = None,
         segment_ids: Int[Array, " seq"] | None = None,
+        layer: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`__call__` plus the feed-forward layer's auxiliary statistics: the router losses of
         an [`eqzoo.nn.MoE`][] over the positions `mask` weights (see `MoE.with_aux`), an empty
         dict for a dense MLP."""
         if not isinstance(self.mlp, MoE):
-            return self(x, positions=positions, segment_ids=segment_ids), {}
-        x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+            return self(x, positions=positions, segment_ids=segment_ids, layer=layer), {}
+        x = x + self._attend(x, positions, segment_ids, layer)
         x = constrain(x, "residual")
         h, aux = self.mlp.with_aux(self.mlp_norm(x), mask)
-        return constrain(x + h, "residual"), aux
+        return constrain(x + self._post_mlp(h), "residual"), aux
 
     def decode(
         self,
@@ -72,7 +101,7 @@ class TransformerBlock(eqx.Module):
         `batch_size`, the number of sequences decoded together, lets an
         [`eqzoo.nn.MoE`][] read only the chosen experts ([`eqzoo.nn.MoE.decode`][])."""
         h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer)
-        x = x + h
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         if isinstance(self.mlp, MoE):
-            return x + self.mlp.decode(self.mlp_norm(x), batch_size), cache
-        return x + self.mlp(self.mlp_norm(x)), cache
+            return x + self._post_mlp(self.mlp.decode(self.mlp_norm(x), batch_size)), cache
+        return x + self._post_mlp(self.mlp(self.mlp_norm(x))), cache

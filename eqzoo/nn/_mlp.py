@@ -1,10 +1,11 @@
-"""Position-wise feed-forward layers: a GELU MLP (GPT-2) and SwiGLU (Llama)."""
+"""Position-wise feed-forward layers: a GELU MLP (GPT-2) and gated SwiGLU / GeGLU (Llama, Gemma)."""
 
 import equinox as eqx
 import jax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
+from .._errors import ConfigError
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear
 
@@ -45,12 +46,25 @@ class MLP(eqx.Module):
         return checkpoint_name(apply_linear(self.down, h), "mlp_out")
 
 
+GLU_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+"""The gate activations [`eqzoo.nn.SwiGLU`][] takes: `"silu"` (SwiGLU: Llama, Mistral, Qwen),
+`"gelu_tanh"` (GeGLU with the tanh GELU: Gemma) and `"gelu"` (GeGLU with the exact GELU)."""
+
+
+def _glu_activation(name: str, x):
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
+
+
 class SwiGLU(eqx.Module):
-    """`down(silu(gate(x)) * up(x))` (Shazeer, 2020, "GLU Variants Improve Transformer")."""
+    """`down(act(gate(x)) * up(x))` with `act` = silu (SwiGLU) or GELU (GeGLU) (Shazeer, 2020,
+    "GLU Variants Improve Transformer")."""
 
     gate: eqx.nn.Linear | AbstractLinear
     up: eqx.nn.Linear | AbstractLinear
     down: eqx.nn.Linear | AbstractLinear
+    activation: str = eqx.field(static=True, default="silu")
 
     def __init__(
         self,
@@ -58,12 +72,17 @@ class SwiGLU(eqx.Module):
         hidden_dim: int,
         *,
         use_bias: bool = False,
+        activation: str = "silu",
         init_std: float = 0.02,
         out_init_std: float | None = None,
         dtype=None,
         key: PRNGKey,
     ):
-        """**Arguments:** `embed_dim`, `hidden_dim`, `use_bias`, init scales, `dtype`, `key`."""
+        """**Arguments:** `embed_dim`, `hidden_dim`, `use_bias`, `activation` (one of
+        `GLU_ACTIVATIONS`: `"silu"`, `"gelu_tanh"`, `"gelu"`), init scales, `dtype`, `key`."""
+        if activation not in GLU_ACTIVATIONS:
+            raise ConfigError(f"SwiGLU: activation must be one of {GLU_ACTIVATIONS}, got {activation!r}.")
+        self.activation = activation
         k1, k2, k3 = jax.random.split(key, 3)
         out_std = init_std if out_init_std is None else out_init_std
         lin = dict(use_bias=use_bias, dtype=dtype)
@@ -77,4 +96,4 @@ class SwiGLU(eqx.Module):
         """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
         g = checkpoint_name(apply_linear(self.gate, x), "mlp_gate")
         u = checkpoint_name(apply_linear(self.up, x), "mlp_up")
-        return checkpoint_name(apply_linear(self.down, jax.nn.silu(g) * u), "mlp_out")
+        return checkpoint_name(apply_linear(self.down, _glu_activation(self.activation, g) * u), "mlp_out")

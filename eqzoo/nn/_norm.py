@@ -15,22 +15,29 @@ def _as_float32(x: Array) -> Array:
 class RMSNorm(eqx.Module):
     """Root-mean-square normalisation over the last axis, with a learned scale.
 
-    `y = x / sqrt(mean(x**2) + eps) * weight`, computed in float32 and returned in the dtype of
-    `x` (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization").
+    `y = x / sqrt(mean(x**2) + eps) * (offset + weight)`, computed in float32 and returned in the
+    dtype of `x` (Zhang & Sennrich, 2019, "Root Mean Square Layer Normalization"). `offset` is 0
+    for Llama-style norms; Gemma's store the scale as `1 + weight` (`offset=1`), with the weight
+    starting at zero.
     """
 
     weight: Float[Array, " embed"]
     eps: float = eqx.field(static=True)
+    offset: float = eqx.field(static=True, default=0.0)
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None):
+    def __init__(self, dim: int, *, eps: float = 1e-6, offset: float = 0.0, dtype=None):
         """**Arguments:**
 
         - `dim`: size of the normalised (last) axis.
         - `eps`: added to the mean square for numerical stability.
+        - `offset`: added to the weight to form the scale (`1.0` for Gemma's norms, whose
+          weight starts at 0 and whose checkpoints store the scale minus one). The weight
+          starts at `1 - offset`, so a new norm scales by 1 either way.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
-        self.weight = jnp.ones((dim,), dtype=dtype)
+        self.weight = jnp.full((dim,), 1.0 - offset, dtype=dtype)
         self.eps = eps
+        self.offset = float(offset)
 
     def __call__(self, x: Float[Array, "*shape embed"]) -> Float[Array, "*shape embed"]:
         """**Arguments:** `x`, any leading shape, last axis of size `dim`.
@@ -39,7 +46,10 @@ class RMSNorm(eqx.Module):
         """
         x32 = _as_float32(x)
         scale = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale * _as_float32(self.weight)).astype(x.dtype)
+        weight = _as_float32(self.weight)
+        if self.offset:
+            weight = weight + jnp.float32(self.offset)
+        return (x32 * scale * weight).astype(x.dtype)
 
 
 class LayerNorm(eqx.Module):

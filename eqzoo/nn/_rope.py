@@ -13,20 +13,30 @@ from .._errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style rotary frequency scaling (the `rope_scaling` block of a HF config with
-    `rope_type="llama3"`): long wavelengths are divided by `factor`, short ones kept, and the band
-    between is interpolated smoothly.
+    """Rotary frequency scaling: the `rope_scaling` block of a HF config.
+
+    - `rope_type="llama3"` (Llama 3.1): long wavelengths are divided by `factor`, short ones
+      kept, and the band between is interpolated smoothly.
+    - `rope_type="linear"` (position interpolation; Gemma 3's global layers): every frequency is
+      divided by `factor`, i.e. positions are divided by it. Only `factor` is used.
 
     **Arguments:** `factor`, `low_freq_factor`, `high_freq_factor`,
-    `original_max_position_embeddings`.
+    `original_max_position_embeddings`, `rope_type`.
     """
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
 
     def __post_init__(self):
+        if self.rope_type not in ("llama3", "linear"):
+            raise ConfigError(f"RopeScaling: rope_type must be 'llama3' or 'linear', got {self.rope_type!r}.")
+        if self.rope_type == "linear":
+            if not self.factor > 0:
+                raise ConfigError(f"RopeScaling(rope_type='linear') needs factor > 0; got factor={self.factor}.")
+            return
         if self.factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
             raise ConfigError(
                 f"RopeScaling needs factor > 0 and high_freq_factor > low_freq_factor; got "
@@ -36,6 +46,8 @@ class RopeScaling:
 
     def apply(self, inv_freq: np.ndarray) -> np.ndarray:
         """Scale inverse frequencies (a numpy array) and return the new ones."""
+        if self.rope_type == "linear":
+            return inv_freq / self.factor
         low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
         high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
         wavelen = 2 * math.pi / inv_freq
@@ -89,10 +101,20 @@ class RotaryEmbedding(eqx.Module):
 
         **Returns:** `x` rotated, same shape and dtype.
         """
-        angles = positions.astype(jnp.float32)[:, None] * jnp.asarray(self.inv_freq())[None, :]
-        cos = jnp.cos(angles)[:, None, :]  # (seq, 1, head_dim/2)
-        sin = jnp.sin(angles)[:, None, :]
-        x32 = x.astype(jnp.float32)
-        x1, x2 = jnp.split(x32, 2, axis=-1)
-        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        return out.astype(x.dtype)
+        return rotate(x, positions, jnp.asarray(self.inv_freq()))
+
+
+def rotate(
+    x: Float[Array, "seq heads head_dim"], positions: Int[Array, " seq"], inv_freq: Float[Array, " half"]
+) -> Float[Array, "seq heads head_dim"]:
+    """Rotate `x` (rotate-half layout) by `positions * inv_freq`: what a
+    [`eqzoo.nn.RotaryEmbedding`][] does with its own frequencies. Takes the frequencies as an
+    array so that a layer can choose between several at run time (Gemma 3's local and global
+    layers)."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
+    cos = jnp.cos(angles)[:, None, :]  # (seq, 1, head_dim/2)
+    sin = jnp.sin(angles)[:, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)

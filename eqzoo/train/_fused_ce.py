@@ -157,13 +157,21 @@ def _nll(logits, tc):
     return lse, lse - target
 
 
-def _loss_only(features, head, targets, weights, chunk, layout):
+def _cap(logits, softcap):
+    """The soft-capped logits and `d capped / d logits` (`None` without a cap)."""
+    if softcap is None:
+        return logits, None
+    t = jnp.tanh(logits / jnp.float32(softcap))
+    return jnp.float32(softcap) * t, 1.0 - t * t
+
+
+def _loss_only(features, head, targets, weights, chunk, layout, softcap):
     f, t, w = _pad(features, targets, weights, chunk)
     head = _place_head(head, layout)
 
     def body(total, xs):
         fc, tc, wc = xs
-        logits = _logits(_rows(fc, layout), head).reshape(*tc.shape, head.shape[0])
+        logits, _ = _cap(_logits(_rows(fc, layout), head).reshape(*tc.shape, head.shape[0]), softcap)
         _, nll = _nll(logits, tc)
         return _add_total(total, nll * wc, layout), None
 
@@ -171,12 +179,12 @@ def _loss_only(features, head, targets, weights, chunk, layout):
     return jnp.sum(total)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(features, head, targets, weights, chunk, layout):
-    return _loss_only(features, head, targets, weights, chunk, layout)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(features, head, targets, weights, chunk, layout, softcap):
+    return _loss_only(features, head, targets, weights, chunk, layout, softcap)
 
 
-def _fused_fwd(features, head, targets, weights, chunk, layout):
+def _fused_fwd(features, head, targets, weights, chunk, layout, softcap):
     f, t, w = _pad(features, targets, weights, chunk)
     vocab = head.shape[0]
     head = _place_head(head, layout)
@@ -186,6 +194,7 @@ def _fused_fwd(features, head, targets, weights, chunk, layout):
         fc, tc, wc = xs
         rows = _rows(fc, layout)  # (batch * chunk, embed), or (shards, rows per shard, embed)
         logits = _logits(rows, head).reshape(*tc.shape, vocab)  # (batch, chunk, vocab) float32
+        logits, d_cap = _cap(logits, softcap)
         # logsumexp and softmax from one pass of exp (jax.nn.logsumexp + exp would take two)
         top = jnp.max(logits, axis=-1, keepdims=True)
         e = jnp.exp(logits - top)
@@ -194,6 +203,8 @@ def _fused_fwd(features, head, targets, weights, chunk, layout):
         nll = lse - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
         # d(sum w * nll) / d logits = w * (softmax - onehot(target))
         g = (e / total_e - jax.nn.one_hot(tc, vocab, dtype=jnp.float32)) * wc[..., None]
+        if d_cap is not None:  # through the cap: d capped / d raw = 1 - tanh^2
+            g = g * d_cap
         # the rows' shape: plain 2-d matrix products, or batched over the shards
         g = g.astype(fc.dtype).reshape(*rows.shape[:-1], vocab)
         d_fc = _dot(g, head, _D_ROWS[g.ndim]).astype(fc.dtype).reshape(fc.shape)
@@ -217,7 +228,7 @@ def _fused_fwd(features, head, targets, weights, chunk, layout):
     return total, (d_features, d_head, targets, weights)
 
 
-def _fused_bwd(chunk, layout, residuals, cotangent):
+def _fused_bwd(chunk, layout, softcap, residuals, cotangent):
     d_features, d_head, targets, weights = residuals
     scale_f = cotangent.astype(d_features.dtype)
     scale_h = cotangent.astype(d_head.dtype)
@@ -236,6 +247,7 @@ def fused_cross_entropy(
     weights: Float[Array, "batch seq"] | None = None,
     *,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> Float[Array, ""]:
     """`sum(weights * nll)` of `targets` under `softmax(features @ head.T)`, chunk by chunk.
 
@@ -254,6 +266,8 @@ def fused_cross_entropy(
     - `chunk_size`: positions per sequence in one chunk (default:
       [`eqzoo.train.auto_chunk_size`][] of the batch one device holds, which keeps a chunk's
       logits under 512 MiB per device).
+    - `softcap`: if given, the logits are `softcap * tanh(logits / softcap)` (a model's
+      `logit_softcap`, Gemma 2's `final_logit_softcapping`); the gradient goes through the cap.
 
     Inside [`eqzoo.sharding.activation_sharding`][] (which `make_train_step(mesh=...)` enters),
     the rows are kept split over the mesh's batch axes (`data` x `fsdp` x `expert`), the head is gathered over
@@ -283,6 +297,9 @@ def fused_cross_entropy(
         raise ShapeError(
             f"fused_cross_entropy: weights {shape_str(weights.shape)} must match targets {shape_str(targets.shape)}."
         )
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, int | float) or not softcap > 0):
+        raise ConfigError(f"fused_cross_entropy: softcap must be a positive number or None, got {softcap!r}.")
     head = head.astype(features.dtype)
-    return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size, layout)
+    cap = None if softcap is None else float(softcap)
+    return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size, layout, cap)
 

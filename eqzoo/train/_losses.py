@@ -42,8 +42,9 @@ def cross_entropy(
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def _chunked_nll(features, head, targets, chunk_size):
-    """Per-position NLL, computing `chunk_size` rows of logits at a time (recomputed in backward)."""
+def _chunked_nll(features, head, targets, chunk_size, softcap=None):
+    """Per-position NLL, computing `chunk_size` rows of logits at a time (recomputed in backward);
+    `softcap`: the model's logit soft cap, if any."""
     seq = features.shape[0]
     pad = (-seq) % chunk_size
     if pad:
@@ -57,6 +58,8 @@ def _chunked_nll(features, head, targets, chunk_size):
     def one(args):
         fc, tc = args
         logits = (fc @ head.T.astype(fc.dtype)).astype(jnp.float32)  # (chunk, vocab)
+        if softcap is not None:
+            logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
         lse = jax.nn.logsumexp(logits, axis=-1)
         tl = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return lse - tl
@@ -65,14 +68,14 @@ def _chunked_nll(features, head, targets, chunk_size):
     return nll[:seq]
 
 
-def _chunked_batch_nll(features, head, targets, chunk_size):
+def _chunked_batch_nll(features, head, targets, chunk_size, softcap=None):
     """`_chunked_nll` of every sequence. Under a mesh, each batch shard gets its own copy of the
     head (a broadcast `(shards, vocab, embed)`, split over the batch axes), so the backward
     pass accumulates one head gradient per shard through the chunks and sums them once at the
     end; with one shared head, XLA all-reduced the whole head gradient in every chunk."""
     layout = _layout(targets.shape[0], head.shape[0])
     chunk = _chunk(chunk_size, *targets.shape, head.shape[0], layout)
-    per_sequence = jax.vmap(lambda h, f, t: _chunked_nll(f, h, t, chunk), in_axes=(None, 0, 0))
+    per_sequence = jax.vmap(lambda h, f, t: _chunked_nll(f, h, t, chunk, softcap), in_axes=(None, 0, 0))
     if layout is None:
         return per_sequence(head, features, targets)
     s = layout.shards
@@ -189,13 +192,14 @@ def lm_loss(
         nll_mean = cross_entropy(logits, targets, mask)
     else:
         head = model.head_weight()
+        cap = getattr(model, "logit_softcap", None)
         if not aux_weights:
             feats = _batch_vmap(model.features)(tokens, **packing)
         w = None if mask is None else mask.astype(jnp.float32)
         if implementation == "fused":
-            total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size)
+            total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=cap)
         else:
-            nll = _chunked_batch_nll(feats, head, targets, chunk_size)
+            nll = _chunked_batch_nll(feats, head, targets, chunk_size, cap)
             total = jnp.sum(nll if w is None else nll * w)
         nll_mean = total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
     count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)

@@ -40,7 +40,7 @@ def sequence_logprobs(
     packing_args(tokens, "sequence_logprobs: {name}", mask=mask)
     packing = packing_args(tokens, "sequence_logprobs: {name}", segment_ids=segment_ids, positions=positions)
     features = _batch_vmap(model.features)(tokens, **packing)
-    nll = _chunked_batch_nll(features, model.head_weight(), targets, chunk_size)
+    nll = _chunked_batch_nll(features, model.head_weight(), targets, chunk_size, getattr(model, "logit_softcap", None))
     w = jnp.ones(tokens.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
     return -jnp.sum(nll * w, axis=-1)
 

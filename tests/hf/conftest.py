@@ -85,6 +85,41 @@ def _mixtral(seed: int, **overrides):
     return _decoder(transformers.MixtralForCausalLM, transformers.MixtralConfig, seed, **(config | overrides))
 
 
+def _randomize_gemma_norms(model):
+    with torch.no_grad():  # transformers initialises Gemma's norm weights (scale - 1) to zero
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    return model
+
+
+def _gemma(seed: int, **overrides):
+    config = dict(head_dim=32, rms_norm_eps=1e-6, tie_word_embeddings=True)
+    return _randomize_gemma_norms(_decoder(transformers.GemmaForCausalLM, transformers.GemmaConfig, seed, **(config | overrides)))
+
+
+def _gemma2(seed: int, **overrides):
+    # Caps small enough to bend these tiny models' logits (Gemma 2 2B's are 50 and 30).
+    config = dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, rms_norm_eps=1e-6,
+        attn_logit_softcapping=3.0, final_logit_softcapping=2.0, tie_word_embeddings=True,
+    )
+    return _randomize_gemma_norms(_decoder(transformers.Gemma2ForCausalLM, transformers.Gemma2Config, seed, **(config | overrides)))
+
+
+def _gemma3(seed: int, **overrides):
+    config = dict(
+        head_dim=32, query_pre_attn_scalar=24, sliding_window=8, rms_norm_eps=1e-6, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        tie_word_embeddings=False,
+    )
+    return _randomize_gemma_norms(_decoder(transformers.Gemma3ForCausalLM, transformers.Gemma3TextConfig, seed, **(config | overrides)))
+
+
 # The model families every parity test covers: GPT-2 (tied head, fused c_attn in Conv1D
 # layout), Llama with grouped-query attention and an untied head, Llama with GQA, a tied
 # head, an explicit head_dim that differs from hidden/heads and a non-default rope_theta, and
@@ -92,7 +127,11 @@ def _mixtral(seed: int, **overrides):
 # Mistral (Llama's layout with an 8-position sliding window, shorter than the test sequences), and
 # Qwen2 (Llama's layout with query/key/value biases, random here; tied head), Qwen3 (Llama's
 # layout with per-head query/key RMSNorms, random here; tied head, head_dim 32 != 64 / 4) and
-# Qwen3-MoE (Qwen3's attention, 4 experts, top-2 without renormalised weights, untied head).
+# Qwen3-MoE (Qwen3's attention, 4 experts, top-2 without renormalised weights, untied head),
+# Gemma 2 (sandwich norms, scaled embeddings, 8-position windows on alternate layers, soft caps
+# small enough to matter, query_pre_attn_scalar != head_dim; random norms, tied head) and Gemma 3
+# (query/key norms, an explicit sliding/full/sliding layer_types, a local rotary base of 10k and
+# a linearly scaled global one; untied head).
 BUILDERS = {
     "gpt2": lambda: _gpt2(0),
     "llama-gqa-untied": lambda: _llama(1, tie_word_embeddings=False),
@@ -102,6 +141,8 @@ BUILDERS = {
     "qwen2": lambda: _qwen2(6),
     "qwen3": lambda: _qwen3(7),
     "qwen3-moe": lambda: _qwen3_moe(8),
+    "gemma2": lambda: _gemma2(9),
+    "gemma3": lambda: _gemma3(10),
 }
 FAMILIES = list(BUILDERS)
 
@@ -134,6 +175,11 @@ def make_qwen3(seed: int = 0, **overrides):
 def make_qwen3_moe(seed: int = 0, **overrides):
     """A tiny random `Qwen3MoeForCausalLM` (eval mode, random query/key norms)."""
     return _qwen3_moe(seed, **overrides)
+
+
+def make_gemma(seed: int = 0, **overrides):
+    """A tiny random `GemmaForCausalLM` (eval mode, random norms)."""
+    return _gemma(seed, **overrides)
 
 
 def make_mixtral(seed: int = 0, **overrides):
@@ -223,7 +269,7 @@ def hft():
     return types.SimpleNamespace(
         torch=torch, transformers=transformers, VOCAB=VOCAB, MAX_SEQ=MAX_SEQ, FAMILIES=FAMILIES, make_gpt2=make_gpt2, make_llama=make_llama,
         make_mixtral=make_mixtral, make_mistral=make_mistral, make_qwen2=make_qwen2,
-        make_qwen3=make_qwen3, make_qwen3_moe=make_qwen3_moe,
+        make_qwen3=make_qwen3, make_qwen3_moe=make_qwen3_moe, make_gemma=make_gemma,
         hf_logits=hf_logits, random_tokens=random_tokens, transformers_messages=transformers_messages,
         load_with_transformers=load_with_transformers,
     )

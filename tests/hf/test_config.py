@@ -241,3 +241,84 @@ def test_qwen3_keys_left_out_take_transformers_defaults(hft):
     theirs = hft.transformers.Qwen3MoeConfig(**base, **moe_keys)
     assert moe.num_kv_heads == theirs.num_key_value_heads == 4
     assert moe.resolved_head_dim == 64 // 4 and config_to_hf(moe)["intermediate_size"] == theirs.intermediate_size
+
+
+# The published configs of Gemma 2 2B (transformers 4 spelling) and Gemma 3 1B (its text config,
+# with transformers 4's sliding_window_pattern and rope_local_base_freq), as far as eqzoo reads them.
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "vocab_size": 256000,
+    "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26, "num_attention_heads": 8,
+    "num_key_value_heads": 4, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "attention_bias": False, "tie_word_embeddings": True,
+}
+GEMMA3_1B = {
+    "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+    "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+    "num_key_value_heads": 1, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "rope_scaling": None, "query_pre_attn_scalar": 256,
+    "sliding_window": 512, "sliding_window_pattern": 6, "attn_logit_softcapping": None,
+    "final_logit_softcapping": None, "attention_bias": False,
+}
+
+
+def test_published_gemma_configs_are_the_presets(hft):
+    from eqzoo.models import get_config
+
+    assert config_from_hf(GEMMA2_2B, remat="dots_no_batch") == get_config("gemma2-2b")
+    assert config_from_hf(GEMMA3_1B) == get_config("gemma3-1b")
+    # transformers 5's reading (layer_types and per-type rope_parameters written out) agrees.
+    for published in (GEMMA2_2B, GEMMA3_1B):
+        cls = {"gemma2": hft.transformers.Gemma2Config, "gemma3_text": hft.transformers.Gemma3TextConfig}[published["model_type"]]
+        keys = {k: v for k, v in published.items() if k not in ("architectures", "model_type")}
+        assert config_from_hf(cls(**keys).to_dict()) == config_from_hf(published)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(post_norms=False, sliding_window=None, attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None),
+        dict(),
+        dict(layer_types=("full_attention", "sliding_attention", "sliding_attention", "full_attention"), tie_embeddings=False),
+        dict(qk_norm=True, local_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(factor=8.0, rope_type="linear"),
+             sliding_window_pattern=3, attn_logit_softcap=None, final_logit_softcap=None),
+        dict(sliding_window_pattern=None),
+    ],
+    ids=["gemma", "gemma2", "gemma2-explicit-layers-untied", "gemma3-linear-rope", "gemma2-all-sliding"],
+)
+def test_gemma_round_trip_through_transformers_config(overrides, tmp_path, hft):
+    from eqzoo.models import get_config
+
+    config = get_config("tiny-gemma2", **overrides)
+    hf = config_to_hf(config)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with hft.transformers_messages() as messages:
+        hf_config = hft.transformers.AutoConfig.from_pretrained(tmp_path)
+    assert not messages, messages
+    expected = {"gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}[hf["model_type"]]
+    assert type(hf_config).__name__ == expected
+    assert hf["model_type"] == ("gemma3_text" if config.qk_norm else "gemma2" if config.post_norms else "gemma")
+    assert config_from_hf(hf_config.to_dict()) == config
+    assert config_from_hf(hf) == config
+    if config.post_norms:
+        assert list(hf_config.layer_types) == list(config.resolved_layer_types)
+
+
+def test_gemma_options_without_a_hugging_face_form_are_refused():
+    from eqzoo.models import get_config
+
+    with pytest.raises(HFFormatError, match="without post_norms is written as GemmaForCausalLM"):
+        config_to_hf(get_config("tiny-gemma2", post_norms=False))
+    with pytest.raises(HFFormatError, match="is a Gemma 3"):
+        config_to_hf(get_config("tiny-gemma2", qk_norm=True, post_norms=False))
+    with pytest.raises(HFFormatError, match="activation='silu'"):
+        config_to_hf(get_config("tiny-gemma2", activation="silu"))
+    with pytest.raises(HFFormatError, match="use_bidirectional_attention"):
+        config_from_hf(GEMMA3_1B | {"use_bidirectional_attention": True})
+    with pytest.raises(HFFormatError, match="layer_types"):
+        config_from_hf(GEMMA2_2B | {"layer_types": ["sliding_attention"] * 3})
+    # Gemma's legacy hidden_act "gelu" means the tanh GELU, as transformers reads it.
+    gemma = {k: v for k, v in GEMMA2_2B.items() if k not in ("architectures", "hidden_activation")}
+    assert config_from_hf(gemma | {"model_type": "gemma", "hidden_act": "gelu"}).activation == "gelu_tanh"

@@ -7,7 +7,7 @@ import pytest
 import eqzoo
 from eqzoo.generation import generate_batch
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe"]
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe", "gemma2", "gemma3"]
 NEW_TOKENS = 32
 LENGTHS = (5, 9, 13)
 

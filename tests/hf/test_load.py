@@ -10,13 +10,16 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqzoo.hf
-from eqzoo.models import GPT2, Llama, Mixtral
+from eqzoo.models import GPT2, Gemma, Llama, Mixtral
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors.numpy import load_file  # noqa: E402
 
-FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe"]
-CLASSES = {"gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama, "qwen2": Llama, "qwen3": Llama, "qwen3-moe": Mixtral}
+FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe", "gemma2", "gemma3"]
+CLASSES = {
+    "gpt2": GPT2, "llama-gqa-untied": Llama, "llama-gqa-tied": Llama, "mixtral": Mixtral, "mistral": Llama,
+    "qwen2": Llama, "qwen3": Llama, "qwen3-moe": Mixtral, "gemma2": Gemma, "gemma3": Gemma,
+}
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
 
 
@@ -87,6 +90,17 @@ def test_loaded_sliding_windows(hf_checkpoints, loaded, tmp_path, hft):
     assert model.config.sliding_window == 5 and model.config.qkv_bias
     err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
     assert err < ATOL, f"qwen2, sliding window 5: max logit error {err:.2e} >= {ATOL}"
+
+
+def test_first_gemma_matches_transformers(tmp_path, hft):
+    """Gemma (the first generation: no sandwich norms, windows or caps) with random norms."""
+    hf_model = hft.make_gemma(11)
+    hf_model.save_pretrained(tmp_path)
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    assert type(model) is Gemma and not model.config.post_norms and model.config.sliding_window is None
+    tokens = hft.random_tokens(3)
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"gemma: max logit error {err:.2e} >= {ATOL}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

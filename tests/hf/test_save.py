@@ -10,7 +10,7 @@ import pytest
 
 import eqzoo.hf
 from eqzoo._errors import ConfigError
-from eqzoo.models import GPT2Config, LlamaConfig, MixtralConfig, model_class
+from eqzoo.models import GemmaConfig, GPT2Config, LlamaConfig, MixtralConfig, model_class
 from eqzoo.nn import RopeScaling
 
 ATOL = 1e-4  # fp32, whole model (STYLE.md rule 11)
@@ -39,10 +39,23 @@ CONFIGS = {
         hidden_dim=48, num_experts=4, experts_per_token=2, normalize_router_weights=False,
         rms_norm_eps=1e-6, qk_norm=True,
     ),
+    # Gemma 3: windows on layers 0 and 2 of 3, two rotary bases, query/key norms, untied head;
+    # Gemma (the first): no sandwich norms, windows or caps.
+    "gemma3": GemmaConfig(
+        vocab_size=160, max_seq=64, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=96, head_dim=32, query_pre_attn_scalar=24.0, rope_theta=1e6, local_rope_theta=1e4,
+        sliding_window=8, sliding_window_pattern=2, qk_norm=True, attn_logit_softcap=None,
+        final_logit_softcap=None, tie_embeddings=False,
+    ),
+    "gemma": GemmaConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=96, head_dim=32, sliding_window=None, post_norms=False, attn_logit_softcap=None,
+        final_logit_softcap=None,
+    ),
 }
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-    "qwen3-moe": "Qwen3MoeForCausalLM",
+    "qwen3-moe": "Qwen3MoeForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma": "GemmaForCausalLM",
 }
 
 

@@ -73,6 +73,7 @@ ADAPTERS = {
     models.GPT2Config: (_lm_batch, train.lm_loss, "tokens"),
     models.LlamaConfig: (_lm_batch, train.lm_loss, "tokens"),
     models.MixtralConfig: (_lm_batch, train.lm_loss, "tokens"),
+    models.GemmaConfig: (_lm_batch, train.lm_loss, "tokens"),
     models.MLPConfig: (_mlp_batch, train.classification_loss, "x"),
     models.CNNConfig: (_cnn_batch, _cnn_loss, "x"),
     models.ViTConfig: (_vit_batch, train.classification_loss, "x"),
@@ -312,6 +313,8 @@ KNOWN_SIZES = {
     "llama-1b": 1_235_814_400,  # Llama 3.2 1B
     "llama-8b": 8_030_261_248,  # Llama 3.1 8B
     "mixtral-8x7b": 46_702_792_704,  # Mixtral 8x7B
+    "gemma2-2b": 2_614_341_888,  # Gemma 2 2B
+    "gemma3-1b": 999_885_952,  # Gemma 3 1B
     "vit-s16": 22_050_664,  # ViT-S/16 (DeiT-S), 1000 classes
     "vit-b16": 86_567_656,  # ViT-B/16, 1000 classes
     "vit-l16": 304_326_632,  # ViT-L/16, 1000 classes
@@ -350,7 +353,7 @@ def _matmul_flops(jaxpr) -> float:
 
 LM_PRESETS = [
     p for p in PRESETS
-    if isinstance(models.get_config(p), models.GPT2Config | models.LlamaConfig | models.MixtralConfig)
+    if isinstance(models.get_config(p), models.GPT2Config | models.LlamaConfig | models.MixtralConfig | models.GemmaConfig)
 ]
 
 
@@ -364,7 +367,9 @@ def test_flops_per_token_counts_the_matmuls(name):
         # Model FLOPs count the experts a token uses: "ragged" multiplies exactly those ("dense",
         # the default, multiplies every expert).
         config = models.get_config(config, moe_implementation="ragged")
-    seq = 64
+    # Model FLOPs count a window's positions only; XLA's masked attention multiplies them all,
+    # so trace at most one window long (tiny-gemma2's window is 8).
+    seq = min(64, getattr(config, "sliding_window", None) or 64)
     model = eqx.filter_eval_shape(lambda k: models.create(config, key=k), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
 
@@ -375,7 +380,17 @@ def test_flops_per_token_counts_the_matmuls(name):
     measured = _matmul_flops(jaxpr) / seq
     expected = config.flops_per_token(seq)
     assert abs(measured - expected) <= 0.02 * expected, f"{name}: traced {measured:.4g}, formula {expected:.4g}"
-    assert config.flops_per_token(2 * seq) - expected == pytest.approx(12 * config.num_layers * config.embed_dim * seq)
+    if isinstance(config, models.GemmaConfig):
+        # Gemma counts attention at num_heads * head_dim, and a sliding layer's span stops growing
+        # at its window.
+        grown = [
+            min(2 * seq, config.sliding_window) - seq if kind == "sliding_attention" else seq
+            for kind in config.resolved_layer_types
+        ]
+        increment = 12 * config.num_heads * config.head_dim * sum(grown)
+    else:
+        increment = 12 * config.num_layers * config.embed_dim * seq
+    assert config.flops_per_token(2 * seq) - expected == pytest.approx(increment)
 
 
 VIT_PRESETS = [p for p in PRESETS if isinstance(models.get_config(p), models.ViTConfig)]

@@ -215,6 +215,21 @@ def test_cudnn_sliding_window_matches_formula():
     np.testing.assert_allclose(out.astype(jnp.float32), reference_attention(attn, x), atol=5e-2, rtol=5e-2)  # bf16
 
 
+@pytest.mark.gpu
+def test_cudnn_windows_chosen_by_layer_match_xla():
+    # Gemma's mixed stack on cuDNN: the traced layer index picks one of two compiled calls.
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    kw = dict(num_kv_heads=2, sliding_window=16, window_layers=(True, False), local_rope_theta=100.0,
+              scale=0.1, init_std=0.3, key=jax.random.key(0))
+    cudnn, xla = Attention(EMBED, 4, backend="cudnn", **kw), Attention(EMBED, 4, backend="xla", **kw)
+    x = jax.random.normal(jax.random.key(42), (128, EMBED)).astype(jnp.bfloat16)
+    for layer in (0, 1):
+        got = jax.jit(lambda x, i: cudnn(x, layer=i))(x, jnp.int32(layer)).astype(jnp.float32)
+        want = xla(x.astype(jnp.float32), layer=layer)
+        np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)  # bf16
+
+
 def test_attention_config_errors():
     key = jax.random.key(0)
     with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=32 \(or pass head_dim\)"):
