@@ -44,8 +44,8 @@ def test_unsupported_architecture_lists_the_supported_ones(hf_checkpoints, tmp_p
     _edit_config(folder, architectures=["BertForMaskedLM"], model_type="bert")
     with pytest.raises(HFFormatError, match=r"unsupported architectures \['BertForMaskedLM'\].*supports GPT2LMHeadModel \(model_type 'gpt2'\), LlamaForCausalLM.*MixtralForCausalLM \(model_type 'mixtral'\)"):
         eqzoo.hf.load_pretrained(folder)
-    with pytest.raises(HFFormatError, match=r"unsupported model_type 'gemma'.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
-        eqzoo.hf.config_from_hf({"model_type": "gemma"})
+    with pytest.raises(HFFormatError, match=r"unsupported model_type 'phi3'.*LlamaForCausalLM.*MistralForCausalLM.*Qwen2ForCausalLM"):
+        eqzoo.hf.config_from_hf({"model_type": "phi3"})
     with pytest.raises(HFFormatError, match=r"architectures \['LlamaForCausalLM'\] but model_type 'gpt2'"):
         eqzoo.hf.config_from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "gpt2"})
 
@@ -160,10 +160,10 @@ def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
     [
         ({"model_type": "llama", "hidden_act": "gelu"}, r"hidden_act='gelu'.*SwiGLU with silu"),
         ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True.*no biases"),
-        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default' and 'llama3'"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default', 'linear' and 'llama3'"),
         ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope scaling lacks 'low_freq_factor'"),
         ({"model_type": "mixtral", "hidden_act": "gelu"}, r"hidden_act='gelu'.*SwiGLU with silu"),
-        ({"model_type": "mixtral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default' and 'llama3'"),
+        ({"model_type": "mixtral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default', 'linear' and 'llama3'"),
         ({"model_type": "gpt2", "activation_function": "relu"}, r"activation_function='relu'.*tanh GELU"),
         ({"model_type": "gpt2", "tie_word_embeddings": False}, r"tie_word_embeddings=False.*always ties"),
         ({"model_type": "gpt2", "n_inner": 100}, r"n_inner=100.*multiple of n_embd=64"),
@@ -201,5 +201,5 @@ def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
     with pytest.raises(ConfigError, match=r"the sharding for 'embed.weight' is a str"):
         eqzoo.hf.load_pretrained(folder, sharding=lambda path, leaf: "replicated")  # type: ignore[arg-type,return-value]
     mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
-    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama, Mixtral and ViT models; got MLP"):
+    with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got MLP"):
         eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]
