@@ -5,9 +5,11 @@ few percent of tokens), so this trains both models first, on the standard librar
 bytes (nothing downloaded): a GPT-2-style model and a much smaller draft, for the same number of
 steps. It then decodes the same prompts with `eqzoo.generation.generate_batch` (greedy) and
 with `eqzoo.generation.generate_speculative`, checks that the tokens are equal, and reports
-tokens/s, the draft's tokens per round and the speed-up.
+tokens/s, the draft's tokens per round and the speed-up. With `--temperature T` both sample
+instead (the tokens are then equal in distribution only, so `same_tokens` is null).
 
     python benchmarks/speculative_decoding.py --json                 # about 6 minutes on 2 CPU cores
+    python benchmarks/speculative_decoding.py --temperature 1.0 --json
     python benchmarks/speculative_decoding.py --smoke --json
 """
 
@@ -39,6 +41,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=192)
     p.add_argument("--num-draft", default="2,4,6", help="comma-separated proposals per round")
+    p.add_argument(
+        "--temperature", type=float, default=0.0,
+        help="0: greedy (the tokens must equal generate_batch's); > 0: sampling (equal in distribution only)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -91,19 +97,23 @@ def main(argv=None) -> dict:
     starts = rng.integers(0, tokens.shape[0] - args.prompt_len, args.prompts)
     prompts = [jnp.asarray(tokens[s : s + args.prompt_len][None]) for s in starts]
 
+    sampling = dict(temperature=args.temperature, key=jax.random.key(1)) if args.temperature > 0 else {}
+
     def plain():
-        return [eqzoo.generation.generate_batch(model, p, max_new_tokens=args.new_tokens) for p in prompts]
+        return [eqzoo.generation.generate_batch(model, p, max_new_tokens=args.new_tokens, **sampling) for p in prompts]
 
     reference, base_s = timed(plain)
     rows = []
     for k in (int(x) for x in args.num_draft.split(",")):
         def speculative(k=k):
             return [eqzoo.generation.generate_speculative(
-                model, draft, p, max_new_tokens=args.new_tokens, num_draft=k, return_stats=True) for p in prompts]
+                model, draft, p, max_new_tokens=args.new_tokens, num_draft=k, return_stats=True, **sampling)
+                for p in prompts]
 
         outs, spec_s = timed(speculative)
         rounds = np.asarray([int(o[1]["rounds"][0]) for o in outs])
-        same = all(bool(jnp.array_equal(o[0], r)) for o, r in zip(outs, reference, strict=True))
+        # Sampling draws other random numbers than generate_batch: equal in distribution only.
+        same = all(bool(jnp.array_equal(o[0], r)) for o, r in zip(outs, reference, strict=True)) if not sampling else None
         rows.append({
             "num_draft": k, "tokens_per_s": args.prompts * args.new_tokens / spec_s,
             "tokens_per_round": float(args.new_tokens / rounds.mean()), "speedup": base_s / spec_s,
@@ -114,7 +124,7 @@ def main(argv=None) -> dict:
         "model": f"{args.layers}x{args.width}", "draft": f"{args.draft_layers}x{args.draft_width}",
         "params": model.config.num_params(), "draft_params": draft.config.num_params(),
         "train_steps": args.steps, "loss": loss, "draft_loss": draft_loss,
-        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "temperature": args.temperature,
         "greedy_tokens_per_s": args.prompts * args.new_tokens / base_s, "speculative": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -40,12 +40,20 @@ def sample_logits(
     **Returns:** the chosen token id, an int32 scalar.
     """
     check_sampling(temperature, top_k, top_p)
-    logits = logits.astype(jnp.float32)
     if temperature == 0.0:
-        return jnp.argmax(logits).astype(jnp.int32)
+        return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
     if key is None:
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
-    logits = logits / temperature
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+def filter_logits(
+    logits: Float[Array, " vocab"], temperature: float, top_k: int | None, top_p: float | None
+) -> Float[Array, " vocab"]:
+    """The float32 logits `sample_logits` samples from when `temperature > 0`: divided by the
+    temperature, with the tokens top-k / top-p removes at float32's lowest value (their
+    softmax is the sampling distribution)."""
+    logits = logits.astype(jnp.float32) / temperature
     neg_inf = jnp.finfo(jnp.float32).min
     if top_k is not None and top_k < logits.shape[0]:
         kth = jax.lax.top_k(logits, top_k)[0][-1]
@@ -58,4 +66,4 @@ def sample_logits(
         keep_sorted = (jnp.cumsum(probs) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
         logits = jnp.where(keep, logits, neg_inf)
-    return jax.random.categorical(key, logits).astype(jnp.int32)
+    return logits

@@ -1,6 +1,6 @@
-"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023), greedy: a small draft model
+"""Speculative decoding (Leviathan et al., 2023; Chen et al., 2023): a small draft model
 proposes a few tokens, the model checks them all in one pass, and every proposal up to the
-first disagreement is kept, plus the model's own next token.
+first rejection is kept, plus one token of the model's own.
 
 The first new token comes from the model's prefill, as in `generate_batch`. The state of one
 row between rounds: `n` tokens are known (`buf[:n]`), both KV caches hold positions
@@ -12,7 +12,14 @@ row between rounds: `n` tokens are known (`buf[:n]`), both KV caches hold positi
 2. the model feeds `buf[n - 1], d_1 .. d_k` in one call: its greedy tokens `g_0 .. g_k` for
    positions `n .. n + k`;
 3. `a` = how many leading proposals equal the model's tokens (`d_i == g_{i-1}`); the round
-   writes `d_1 .. d_a, g_a` and `n` grows by `a + 1`. The caches now hold correct entries for
+   writes `d_1 .. d_a, g_a` and `n` grows by `a + 1`.
+
+When sampling (`temperature > 0`), the draft samples `d_i` from its filtered distribution
+`q_i`, the model's pass gives its filtered distributions `p_0 .. p_k`, and `d_i` is accepted
+with probability `min(1, p_{i-1}(d_i) / q_i(d_i))`, in order, until the first rejection at
+`i = a + 1`; the round's own token is then sampled from `max(p_a - q_{a+1}, 0)` renormalised (or
+from `p_k` when all `k` are accepted). Each token so produced is distributed as the model's own
+sampling would draw it (Leviathan et al., Theorem 1). In both cases the caches now hold correct entries for
    `[0, n - 1)`; entries past it are stale but lie at positions the next round rewrites before
    any query reaches them (a query at position `p` reads keys at positions `<= p` only).
 
@@ -31,9 +38,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
 from ._generate import prompt_lengths, resolve_unroll
+from ._sampling import check_sampling, filter_logits, sample_logits
 
 
 def _dropless(model):
@@ -44,8 +53,16 @@ def _dropless(model):
     )
 
 
-def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size):
+def _speculate_one(
+    model, draft, prompt, length, key, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size,
+    temperature, top_k, top_p,
+):
     k = num_draft
+    sampling = temperature > 0.0
+
+    def dist(logits):  # the sampling distribution of one position's logits
+        return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p))
+
     prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
     # A round starts at n <= total - 1: its caches are written up to position n + k - 1 and its
@@ -57,45 +74,78 @@ def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, e
     zero = jnp.zeros((), jnp.int32)
     logits, cache = model.decode(prompt, model.init_cache(room - 1), zero, batch_size=batch_size)
     _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1), zero, batch_size=batch_size)
-    first = jnp.argmax(logits[length - 1]).astype(jnp.int32)  # the prefill's token, as generate_batch's
+    key, sub = jax.random.split(key)
+    # the prefill's token, as generate_batch's
+    first = sample_logits(logits[length - 1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
     buf = buf.at[length].set(first)
     done = jnp.zeros((), bool) if eos_token is None else first == eos_token
     checker = _dropless(model)
 
-    def propose(draft_cache, n, buf):
-        def step(i, c):
-            draft_cache, tok, proposals = c
-            logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
-            nxt = jnp.argmax(logits[0]).astype(jnp.int32)
-            return draft_cache, nxt, proposals.at[i].set(nxt)
+    vocab = model.config.vocab_size
 
-        draft_cache, _, proposals = jax.lax.fori_loop(
-            0, k + 1, step, (draft_cache, buf[n - 1], jnp.zeros((k + 1,), jnp.int32))
+    def propose(draft_cache, n, buf, key):
+        # The draft's tokens d_1 .. d_k and, when sampling, the distributions q_1 .. q_k they
+        # were drawn from (the (k + 1)-th step only writes d_k into the draft's cache).
+        def step(i, c):
+            draft_cache, tok, proposals, qs = c
+            logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
+            if sampling:
+                q = dist(logits[0])
+                nxt = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q)).astype(jnp.int32)
+                qs = qs.at[i].set(q)
+            else:
+                nxt = jnp.argmax(logits[0]).astype(jnp.int32)
+            return draft_cache, nxt, proposals.at[i].set(nxt), qs
+
+        qs = jnp.zeros((k + 1, vocab if sampling else 0), jnp.float32)
+        draft_cache, _, proposals, qs = jax.lax.fori_loop(
+            0, k + 1, step, (draft_cache, buf[n - 1], jnp.zeros((k + 1,), jnp.int32), qs)
         )
-        return draft_cache, proposals[:k]
+        return draft_cache, proposals[:k], qs[:k]
+
+    def judge(logits, proposals, qs, key):
+        """`(a, tokens)`: how many proposals are kept, and the k + 1 tokens for positions
+        n .. n + k whose first a + 1 the round writes."""
+        if not sampling:
+            greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # g_0 .. g_k for positions n .. n + k
+            # a: leading proposals equal to the model's tokens; then g_a (g_i = d_{i+1} for i < a)
+            return jnp.sum(jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))), greedy
+        ps = jax.vmap(dist)(logits)  # p_0 .. p_k
+        rows = jnp.arange(k)
+        k_accept, k_resample = jax.random.split(key)
+        ratio = ps[rows, proposals] / qs[rows, proposals]  # q_i(d_i) > 0: d_i was drawn from q_i
+        keep = jax.random.uniform(k_accept, (k,)) < ratio
+        accepted = jnp.sum(jnp.cumprod(keep.astype(jnp.int32)))
+        # After a rejection at proposal a + 1: max(p_a - q_{a+1}, 0), renormalised; after k
+        # acceptances: p_k (q padded with a zero row).
+        q_next = jnp.concatenate([qs, jnp.zeros((1, qs.shape[1]), qs.dtype)])[accepted]
+        residual = jnp.maximum(ps[accepted] - q_next, 0.0)
+        residual = jnp.where(jnp.sum(residual) > 0, residual, ps[accepted])  # p_a == q_{a+1}: rounding
+        own = jax.random.categorical(k_resample, jnp.log(residual)).astype(jnp.int32)
+        tokens = jnp.concatenate([proposals, own[None]]).at[accepted].set(own)
+        return accepted, tokens
 
     def cond(carry):
-        _, _, n, _, done, _ = carry
+        _, _, n, _, done, _, _ = carry
         return (n < length + max_new_tokens) & ~done
 
     def body(carry):
-        cache, draft_cache, n, buf, done, rounds = carry
-        draft_cache, proposals = propose(draft_cache, n, buf)
+        cache, draft_cache, n, buf, done, rounds, key = carry
+        key, k_draft, k_judge = jax.random.split(key, 3)
+        draft_cache, proposals, qs = propose(draft_cache, n, buf, k_draft)
         fed = jnp.concatenate([buf[n - 1][None], proposals])  # (k + 1,) at positions n - 1 ..
         logits, cache = checker.decode(fed, cache, n - 1, batch_size=batch_size)
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # g_0 .. g_k for positions n .. n + k
-        agree = jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))
-        accepted = jnp.sum(agree)  # a: leading proposals equal to the model's tokens
-        # Positions n .. n + k get d_1 .. d_a, then g_a (g_i = d_{i+1} for i < a); the rest of
-        # the window is rewritten by later rounds (or cut off).
+        accepted, tokens = judge(logits, proposals, qs, k_judge)
+        # Positions n .. n + k get d_1 .. d_a, then the model's own token; the rest of the
+        # window is rewritten by later rounds (or cut off).
         written = jnp.arange(k + 1) <= accepted
-        buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, greedy, pad_token), (n,))
+        buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, tokens, pad_token), (n,))
         if eos_token is not None:
-            done = done | jnp.any(written & (greedy == eos_token))
-        return cache, draft_cache, n + accepted + 1, buf, done, rounds + 1
+            done = done | jnp.any(written & (tokens == eos_token))
+        return cache, draft_cache, n + accepted + 1, buf, done, rounds + 1, key
 
-    init = (cache, draft_cache, length + 1, buf, done, zero)
-    _, _, _, buf, _, rounds = jax.lax.while_loop(cond, body, init)
+    init = (cache, draft_cache, length + 1, buf, done, zero, key)
+    _, _, _, buf, _, rounds, _ = jax.lax.while_loop(cond, body, init)
     # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
     generated = (positions >= length) & (positions < length + max_new_tokens)
     if eos_token is not None:
@@ -107,12 +157,14 @@ def _speculate_one(model, draft, prompt, length, *, max_new_tokens, num_draft, e
 
 
 @eqx.filter_jit
-def _speculate_batch(model, draft, prompts, lengths, *, unroll_layers, **static):
+def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **static):
     if unroll_layers:  # as generate_batch: each layer sliced out of the stack once, outside the loop
         model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
         draft = eqx.tree_at(lambda m: m.blocks, draft, draft.blocks.unstacked())
     batch_size = prompts.shape[0]
-    return jax.vmap(lambda p, n: _speculate_one(model, draft, p, n, batch_size=batch_size, **static))(prompts, lengths)
+    return jax.vmap(lambda p, n, k: _speculate_one(model, draft, p, n, k, batch_size=batch_size, **static))(
+        prompts, lengths, keys
+    )
 
 
 @no_type_check  # validated below with messages that say how to fix the call
@@ -124,22 +176,37 @@ def generate_speculative(
     *,
     max_new_tokens: int,
     num_draft: int = 4,
+    key: PRNGKey | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
     eos_token: int | None = None,
     pad_token: int = 0,
     return_stats: bool = False,
     unroll_layers: bool | str = "auto",
 ) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], dict[str, Array]]:
-    """Greedy decoding of `model`, sped up by a smaller `draft` model that proposes tokens.
+    """Decoding of `model`, sped up by a smaller `draft` model that proposes tokens.
 
     Each round the draft proposes `num_draft` tokens one by one, `model` scores them all in one
-    pass, and the proposals up to the first one `model` disagrees with are kept, followed by
-    `model`'s own token there: every round adds between 1 and `num_draft + 1` tokens, each
-    the one `model`'s greedy decoding picks. The output is therefore `model`'s greedy decoding
-    (as [`eqzoo.generation.generate_batch`][] with `temperature=0`), up to ties between logits
-    that the one-pass check and single steps round differently; `"capacity"` mixture-of-experts
-    layers check in `"dense"` (one token at a time, as decoding runs them, they drop nothing). It pays when the draft is much
-    cheaper than `model` and usually agrees with it (a smaller model of the same family and
-    tokenizer, or `model`'s own first layers). The whole loop is one compiled program.
+    pass, and the proposals up to the first one `model` rejects are kept, followed by a token
+    of `model`'s own: every round adds between 1 and `num_draft + 1` tokens.
+
+    - Greedy (`temperature=0`, the default): a proposal is kept when it is `model`'s greedy
+      token, so the output is `model`'s greedy decoding (as
+      [`eqzoo.generation.generate_batch`][] with `temperature=0`), up to ties between logits
+      that the one-pass check and single steps round differently.
+    - Sampling (`temperature > 0`, with optional `top_k` / `top_p`): both models' distributions
+      are filtered as [`eqzoo.generation.sample_logits`][] filters them; a proposal `d` drawn
+      from the draft's `q` is kept with probability `min(1, p(d) / q(d))`, and after a
+      rejection the model's token is drawn from `max(p - q, 0)` renormalised. Every token is
+      then distributed exactly as `generate_batch` with the same settings would draw it
+      (Leviathan et al., 2023), though not with the same random numbers: the outputs are equal
+      in distribution, not token for token.
+
+    `"capacity"` mixture-of-experts layers check in `"dense"` (one token at a time, as decoding
+    runs them, they drop nothing). It pays when the draft is much cheaper than `model` and
+    usually agrees with it (a smaller model of the same family and tokenizer, or `model`'s own
+    first layers). The whole loop is one compiled program.
 
     **Arguments:**
 
@@ -149,6 +216,8 @@ def generate_speculative(
       all `seq`), each at least 1.
     - `max_new_tokens`: tokens to add to each prompt.
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
+    - `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][]; a key is needed
+      when `temperature > 0`.
     - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
     - `pad_token`: fills positions after each row's tokens.
     - `return_stats`: also return `{"rounds": (batch,) int32}`, the rounds each row took (its
@@ -158,7 +227,8 @@ def generate_speculative(
     **Returns:** `(batch, seq + max_new_tokens)` tokens (and the stats).
 
     **Raises:** `ConfigError` for models that are not eqzoo language models, vocabularies that
-    differ or a bad `num_draft`; `ShapeError` for prompts that, with the new tokens and one
+    differ, a bad `num_draft` or sampling settings, or `temperature > 0` without a `key`;
+    `ShapeError` for prompts that, with the new tokens and one
     round's lookahead (`num_draft - 1`), exceed either model's `max_seq`.
     """
     for name, m in (("model", model), ("draft", draft)):
@@ -187,9 +257,14 @@ def generate_speculative(
                 f"+ one round's lookahead {num_draft - 1} = {need} exceeds the {name}'s max_seq={m.max_seq}; "
                 "shorten the prompt or ask for fewer tokens."
             )
+    check_sampling(temperature, top_k, top_p)
+    if key is None and temperature > 0:
+        raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     lengths = prompt_lengths(prompts, lengths)
+    keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
     tokens, rounds = _speculate_batch(
-        model, draft, prompts.astype(jnp.int32), lengths, max_new_tokens=max_new_tokens,
+        model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
         num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
+        temperature=float(temperature), top_k=top_k, top_p=top_p,
     )
     return (tokens, {"rounds": rounds}) if return_stats else tokens

@@ -281,9 +281,7 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
         raise _unsupported(d, act_key, act, f"eqzoo's Gemma gates with the tanh GELU {_GELU_TANH} or 'gelu'")
     layers = int(d["num_hidden_layers"])
     head_dim = int(d.get("head_dim") or 256)
-    scalar = d.get("query_pre_attn_scalar", None if family == "gemma" else 256)
-    if scalar is not None and float(scalar) == head_dim:
-        scalar = None
+    scalar = None if family == "gemma" else d.get("query_pre_attn_scalar", 256)  # Gemma: head_dim
     fields: dict[str, Any] = dict(
         vocab_size=int(d["vocab_size"]),
         max_seq=int(d.get("max_position_embeddings", 131072 if family == "gemma3_text" else 8192)),
@@ -305,12 +303,21 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     caps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}[family]
     attn_cap = d.get("attn_logit_softcapping", caps[0])
     final_cap = d.get("final_logit_softcapping", caps[1])
+    if family == "gemma3_text" and attn_cap is not None:
+        warnings.warn(
+            f"config.json has attn_logit_softcapping={attn_cap}, which transformers' Gemma 3 reads but "
+            "never applies; eqzoo ignores it too, so the loaded model computes what transformers does.",
+            stacklevel=user_stacklevel(),
+        )
+        attn_cap = None
     if family == "gemma2":
         theta, scaling = _rope_from_hf(d, 10000.0)
         local_theta = None
     else:
         theta, scaling, local_theta = _gemma3_rope_from_hf(d)
     window = _sliding_window(d, 4096)
+    if window is None:
+        local_theta = None  # no sliding layers
     pattern = d.get("sliding_window_pattern", _GEMMA_PATTERN[family])
     if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
         raise _unsupported(d, "sliding_window_pattern", pattern, "it must be a positive integer")
@@ -323,7 +330,7 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     return fields | dict(
         rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
         sliding_window=window, layer_types=None if window is None else tuple(types),
-        sliding_window_pattern=None,
+        sliding_window_pattern=pattern if window is None else None,
         attn_logit_softcap=None if attn_cap is None else float(attn_cap),
         final_logit_softcap=None if final_cap is None else float(final_cap),
     )
@@ -338,8 +345,13 @@ def _gemma3_rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | Non
         local = dict(params.get("sliding_attention") or {})
         theta, scaling = _rope_from_hf({"rope_parameters": full}, 1e6)
         local_theta, local_scaling = _rope_from_hf({"rope_parameters": local}, 10000.0)
+        if (local_theta, local_scaling) == (theta, scaling):
+            return theta, scaling, None  # the sliding layers rotate as the full ones do
         if local_scaling is not None:
-            raise _unsupported(d, "rope_parameters.sliding_attention", local, "the sliding layers' rotary embedding is unscaled here")
+            raise _unsupported(
+                d, "rope_parameters.sliding_attention", local,
+                "the sliding layers' rotary embedding is either the full layers' or an unscaled one",
+            )
     else:
         theta, scaling = _rope_from_hf(d, 1e6)
         local_theta = float(d.get("rope_local_base_freq", 10000.0))
@@ -640,7 +652,7 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
         extras = {
             "sliding_window": c.sliding_window, "attn_logit_softcap": c.attn_logit_softcap,
             "final_logit_softcap": c.final_logit_softcap,
-            "query_pre_attn_scalar": None if c.query_pre_attn_scalar in (None, c.head_dim) else c.query_pre_attn_scalar,
+            "query_pre_attn_scalar": None if c.query_pre_attn_scalar in (None, float(c.head_dim)) else c.query_pre_attn_scalar,
             # transformers reads Gemma's hidden_act "gelu" as the tanh GELU
             "activation": None if c.activation == "gelu_tanh" else c.activation,
         }
@@ -673,8 +685,14 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
         "pad_token_id": None,
     }
     if family == "gemma3_text":
+        if c.attn_logit_softcap is not None:
+            raise HFFormatError(
+                f"GemmaConfig(attn_logit_softcap={c.attn_logit_softcap}) with Gemma 3's query/key norms has no "
+                "Hugging Face equivalent: transformers' Gemma 3 never applies attn_logit_softcapping."
+            )
         full = _rope_to_hf(c)["rope_parameters"]
-        local = {"rope_type": "default", "rope_theta": c.rope_theta if c.local_rope_theta is None else c.local_rope_theta}
+        # Without a local base the sliding layers rotate as the full ones, scaling included.
+        local = dict(full) if c.local_rope_theta is None else {"rope_type": "default", "rope_theta": c.local_rope_theta}
         out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
     else:
         out |= _rope_to_hf(c)

@@ -49,12 +49,14 @@ class GemmaConfig:
     - `vocab_size`, `max_seq`, `num_layers`, `num_heads`, `num_kv_heads`, `embed_dim`.
     - `hidden_dim`: the gated MLP's inner width.
     - `head_dim`: per-head width (Gemma's is not `embed_dim // num_heads`).
-    - `query_pre_attn_scalar`: the attention logits are scaled by its inverse square root;
-      `None` means `head_dim` (a value equal to `head_dim` is stored as `None`).
-    - `rope_theta`, `rope_scaling`: the rotary base and optional scaling of the full-attention
-      layers (Gemma 3 4B and up: linear, factor 8).
-    - `local_rope_theta`: the rotary base of the sliding-window layers when it differs
-      (Gemma 3); `None` means `rope_theta`.
+    - `query_pre_attn_scalar`: the attention logits are scaled by its inverse square root
+      (256 in Gemma 2 and 3, whatever `head_dim`); `None` means `head_dim` (Gemma).
+    - `rope_theta`, `rope_scaling`: the rotary base and optional scaling (Gemma 3 4B and up:
+      linear, factor 8) of every layer, or of the full-attention layers only when
+      `local_rope_theta` is given.
+    - `local_rope_theta`: the rotary base of the sliding-window layers, unscaled (Gemma 3:
+      10,000); `None`: they use `rope_theta` and `rope_scaling` as the full layers do. Needs
+      `sliding_window`.
     - `rms_norm_eps`: epsilon of every RMSNorm. The norms scale by `1 + weight`, as Gemma's do.
     - `sliding_window`: the window of the sliding layers (itself and the `sliding_window - 1`
       positions before); `None`: every layer attends to every earlier position.
@@ -64,10 +66,9 @@ class GemmaConfig:
       layer is a full one and the others slide (layer `i` is full when `(i + 1) %
       sliding_window_pattern == 0`): 2 for Gemma 2, 6 for Gemma 3; `None`: every layer slides.
 
-    The two are stored in one canonical form, so that configs of the same model compare equal:
-    kinds that a pattern gives become that pattern (the smallest; `layer_types=None`), other
-    kinds stay explicit (`sliding_window_pattern=None`), and without a window both are `None`.
-    Read the kinds from `resolved_layer_types`.
+    Explicit `layer_types` that a pattern gives are stored as that pattern (the smallest;
+    `layer_types=None`), so that a loaded config equals the preset it is; other kinds stay
+    explicit, with `sliding_window_pattern=None`. Read the kinds from `resolved_layer_types`.
     - `post_norms`: normalise each attention and MLP output before its residual addition
       (Gemma 2 and 3).
     - `qk_norm`: an RMSNorm over each head's queries and keys (Gemma 3).
@@ -76,7 +77,8 @@ class GemmaConfig:
       `attention_backend="auto"` runs XLA's attention (cuDNN has no cap).
     - `activation`: the gate activation of the MLP, one of `eqzoo.nn.GLU_ACTIVATIONS`
       (Gemma: `"gelu_tanh"`).
-    - `tie_embeddings`: share the (scaled) token embedding with the output head.
+    - `tie_embeddings`: use the token embedding table as the output head (the table itself:
+      the `sqrt(embed_dim)` factor is applied to the input embeddings only).
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -88,7 +90,7 @@ class GemmaConfig:
     embed_dim: int = 2304
     hidden_dim: int = 9216
     head_dim: int = 256
-    query_pre_attn_scalar: float | None = None
+    query_pre_attn_scalar: float | None = 256.0
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     local_rope_theta: float | None = None
@@ -140,20 +142,22 @@ class GemmaConfig:
                     "GemmaConfig: layer_types has sliding_attention layers but sliding_window is "
                     "None; give the window's size."
                 )
-        # One spelling per layout, so that equal models have equal (hashable) configs whichever
-        # way they were given: the pattern that gives the layer kinds, if one does, else the kinds.
-        types, pattern = self.layer_types, self.sliding_window_pattern
-        if self.sliding_window is None:
-            types, pattern = None, None
-        elif types is not None:
+            # Kinds that a pattern gives are kept as that pattern (the smallest), so that a
+            # loaded config equals the preset it is; other kinds stay explicit.
+            types = self.layer_types
             found = [p for p in [None, *range(1, self.num_layers + 1)] if _pattern(self.num_layers, p) == types]
-            types, pattern = (None, found[0]) if found else (types, None)
-        elif pattern is not None and pattern > self.num_layers:
-            pattern = None  # no layer is full either way
-        object.__setattr__(self, "layer_types", types)
-        object.__setattr__(self, "sliding_window_pattern", pattern)
-        if self.query_pre_attn_scalar is not None and self.query_pre_attn_scalar == self.head_dim:
-            object.__setattr__(self, "query_pre_attn_scalar", None)  # the default's own spelling
+            object.__setattr__(self, "layer_types", None if found else types)
+            object.__setattr__(self, "sliding_window_pattern", found[0] if found else None)
+        if self.local_rope_theta is not None and self.sliding_window is None:
+            raise ConfigError(
+                "GemmaConfig: local_rope_theta is the rotary base of the sliding layers, and with "
+                "sliding_window=None there are none; drop it or give the window."
+            )
+        if self.attn_logit_softcap is not None and self.attention_backend == "cudnn":
+            raise ConfigError(
+                "GemmaConfig: attn_logit_softcap has no cuDNN implementation; use "
+                "attention_backend='auto' (XLA's attention then) or 'xla', or attn_logit_softcap=None."
+            )
 
     @property
     def resolved_head_dim(self) -> int:

@@ -63,14 +63,14 @@ _PRESETS: dict[str, Any] = {
     # layers of 512 to 1 full layer, query/key norms, rotary base 10k locally and 1M globally).
     "tiny-gemma2": GemmaConfig(
         vocab_size=256, max_seq=128, num_layers=4, num_heads=4, num_kv_heads=2, embed_dim=64,
-        hidden_dim=128, head_dim=16, sliding_window=8,
+        hidden_dim=128, head_dim=16, query_pre_attn_scalar=16.0, sliding_window=8,
     ),
-    "gemma2-2b": GemmaConfig(remat="dots_no_batch"),
+    "gemma2-2b": GemmaConfig(remat="full"),
     "gemma3-1b": GemmaConfig(
         vocab_size=262144, max_seq=32768, num_layers=26, num_heads=4, num_kv_heads=1,
-        embed_dim=1152, hidden_dim=6912, head_dim=256,
+        embed_dim=1152, hidden_dim=6912, head_dim=256, query_pre_attn_scalar=256.0,
         rope_theta=1e6, local_rope_theta=10000.0, sliding_window=512, sliding_window_pattern=6,
-        qk_norm=True, attn_logit_softcap=None, final_logit_softcap=None,
+        qk_norm=True, attn_logit_softcap=None, final_logit_softcap=None, remat="dots_no_batch",
     ),
     # Mixture-of-experts decoders. tiny-mixtral routes each token to 2 of 4 experts; mixtral-8x7b
     # is the shape of Mixtral 8x7B (46.7B parameters, 12.9B active per token).

@@ -18,18 +18,30 @@ AttentionBackend = Literal["xla", "cudnn", "auto"]
 _BACKENDS = ("xla", "cudnn", "auto")
 
 
-def resolve_backend(backend: str, dtype) -> Literal["xla", "cudnn"]:
+def _cudnn_max_head_dim() -> int:
+    """The widest head cuDNN flash attention takes on this GPU: 256 from Hopper (compute
+    capability 9.0) on, 128 before (as `jax.nn.dot_product_attention` checks)."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return 256 if float(capability) >= 9.0 else 128
+    except (TypeError, ValueError):
+        return 128
+
+
+def resolve_backend(backend: str, dtype, head_dim: int | None = None) -> Literal["xla", "cudnn"]:
     """The attention implementation `backend` means for arrays of `dtype` on this platform.
 
     `"auto"` picks cuDNN flash attention on a GPU for half-precision inputs (the only ones cuDNN
-    supports) and XLA's own attention everywhere else.
+    supports) whose heads are no wider than cuDNN takes there (`head_dim`, when given: 128
+    before Hopper, 256 from it), and XLA's own attention everywhere else.
     """
     if backend not in _BACKENDS:
         raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
     if backend == "auto":
         on_gpu = jax.default_backend() == "gpu"
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return "cudnn" if on_gpu and half else "xla"
+        fits = head_dim is None or not on_gpu or head_dim <= _cudnn_max_head_dim()
+        return "cudnn" if on_gpu and half and fits else "xla"
     return backend  # type: ignore[return-value]
 
 
@@ -256,9 +268,12 @@ class Attention(eqx.Module):
             raise ConfigError(
                 "this Attention uses sliding_window on some layers of its stack only "
                 "(window_layers), so it needs its layer index: call it with layer=i (the "
-                "models pass it), or build it without window_layers."
+                "models pass it; decode also needs the stacked cache of every layer), or build "
+                "it without window_layers."
             )
-        if isinstance(layer, int) and not isinstance(layer, bool):
+        if isinstance(layer, bool):
+            raise ConfigError(f"layer must be an integer index, got {layer!r}.")
+        if isinstance(layer, int):
             if not 0 <= layer < len(self.window_layers):
                 raise ConfigError(f"layer={layer} is outside window_layers (length {len(self.window_layers)}).")
             return self.window_layers[layer]
@@ -330,7 +345,7 @@ class Attention(eqx.Module):
         if segment_ids is not None:
             mask = segment_ids[:, None] == segment_ids[None, :]
         window = self.sliding_window if windowed is not False else None
-        backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype)
+        backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype, self.head_dim)
         if backend == "cudnn":
             # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
             # one), given per head: under vmap, jax 0.10's batching rule for the cuDNN call
@@ -404,6 +419,12 @@ class Attention(eqx.Module):
             raise ConfigError(
                 "decode needs causal attention; this layer was built with causal=False (a "
                 "bidirectional layer sees later positions, which a KV cache does not hold yet)."
+            )
+        if layer is not None and cache.keys.ndim != 4:
+            raise ShapeError(
+                f"decode(layer=...) reads slot `layer` of a stacked cache (layers, max_seq, kv_heads, "
+                f"head_dim); got one layer's cache {shape_str(cache.keys.shape)}. Use the model's "
+                "init_cache, or stack this layer's: jax.tree.map(lambda a: a[None], cache)."
             )
         seq = x.shape[0]
         index = jnp.asarray(index, dtype=jnp.int32)

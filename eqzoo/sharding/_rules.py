@@ -247,7 +247,8 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
 def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     """The default rules for a model (or its config, or an abstract model).
 
-    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama, `MIXTRAL_RULES` for Mixtral,
+    **Returns:** `GPT2_RULES` for GPT-2, `LLAMA_RULES` for Llama and Gemma (the same parameter
+    layout; Gemma's extra norms are replicated), `MIXTRAL_RULES` for Mixtral,
     `VIT_RULES` for ViT, `DIT_RULES` for DiT, and `()` otherwise (every parameter replicated:
     plain data parallelism, whatever the mesh).
     """
@@ -255,6 +256,8 @@ def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     from ..models import (
         GPT2,
         DiT,
+        Gemma,
+        GemmaConfig,
         DiTConfig,
         GPT2Config,
         Llama,
@@ -267,7 +270,7 @@ def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
 
     if isinstance(model, GPT2 | GPT2Config):
         return GPT2_RULES
-    if isinstance(model, Llama | LlamaConfig):
+    if isinstance(model, Llama | LlamaConfig | Gemma | GemmaConfig):
         return LLAMA_RULES
     if isinstance(model, Mixtral | MixtralConfig):
         return MIXTRAL_RULES

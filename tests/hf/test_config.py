@@ -267,8 +267,8 @@ GEMMA3_1B = {
 def test_published_gemma_configs_are_the_presets(hft):
     from eqzoo.models import get_config
 
-    assert config_from_hf(GEMMA2_2B, remat="dots_no_batch") == get_config("gemma2-2b")
-    assert config_from_hf(GEMMA3_1B) == get_config("gemma3-1b")
+    assert config_from_hf(GEMMA2_2B, remat="full") == get_config("gemma2-2b")
+    assert config_from_hf(GEMMA3_1B, remat="dots_no_batch") == get_config("gemma3-1b")
     # transformers 5's reading (layer_types and per-type rope_parameters written out) agrees.
     for published in (GEMMA2_2B, GEMMA3_1B):
         cls = {"gemma2": hft.transformers.Gemma2Config, "gemma3_text": hft.transformers.Gemma3TextConfig}[published["model_type"]]
@@ -279,14 +279,17 @@ def test_published_gemma_configs_are_the_presets(hft):
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(post_norms=False, sliding_window=None, attn_logit_softcap=None, final_logit_softcap=None, query_pre_attn_scalar=None),
+        dict(post_norms=False, sliding_window=None, sliding_window_pattern=None, attn_logit_softcap=None,
+             final_logit_softcap=None, query_pre_attn_scalar=None),
         dict(),
         dict(layer_types=("full_attention", "sliding_attention", "sliding_attention", "full_attention"), tie_embeddings=False),
         dict(qk_norm=True, local_rope_theta=10000.0, rope_theta=1e6, rope_scaling=RopeScaling(factor=8.0, rope_type="linear"),
              sliding_window_pattern=3, attn_logit_softcap=None, final_logit_softcap=None),
         dict(sliding_window_pattern=None),
+        # no local base: the sliding layers rotate as the full ones, scaling included
+        dict(qk_norm=True, rope_scaling=RopeScaling(factor=4.0, rope_type="linear"), attn_logit_softcap=None),
     ],
-    ids=["gemma", "gemma2", "gemma2-explicit-layers-untied", "gemma3-linear-rope", "gemma2-all-sliding"],
+    ids=["gemma", "gemma2", "gemma2-explicit-layers-untied", "gemma3-linear-rope", "gemma2-all-sliding", "gemma3-one-rope"],
 )
 def test_gemma_round_trip_through_transformers_config(overrides, tmp_path, hft):
     from eqzoo.models import get_config
@@ -315,6 +318,10 @@ def test_gemma_options_without_a_hugging_face_form_are_refused():
         config_to_hf(get_config("tiny-gemma2", qk_norm=True, post_norms=False))
     with pytest.raises(HFFormatError, match="activation='silu'"):
         config_to_hf(get_config("tiny-gemma2", activation="silu"))
+    with pytest.raises(HFFormatError, match="transformers' Gemma 3 never applies attn_logit_softcapping"):
+        config_to_hf(get_config("tiny-gemma2", qk_norm=True))
+    with pytest.warns(UserWarning, match="reads but never applies; eqzoo ignores it too"):
+        assert config_from_hf(GEMMA3_1B | {"attn_logit_softcapping": 50.0}).attn_logit_softcap is None
     with pytest.raises(HFFormatError, match="use_bidirectional_attention"):
         config_from_hf(GEMMA3_1B | {"use_bidirectional_attention": True})
     with pytest.raises(HFFormatError, match="layer_types"):

@@ -39,18 +39,20 @@ CONFIGS = {
         hidden_dim=48, num_experts=4, experts_per_token=2, normalize_router_weights=False,
         rms_norm_eps=1e-6, qk_norm=True,
     ),
-    # Gemma 3: windows on layers 0 and 2 of 3, two rotary bases, query/key norms, untied head;
-    # Gemma (the first): no sandwich norms, windows or caps.
+    # Gemma 3: windows on layers 0 and 2 of 3, query/key norms, untied head, one linearly scaled
+    # rotary embedding for every layer (no local base: written as the sliding layers' too; the
+    # loading tests cover two bases); Gemma (the first): no sandwich norms, windows or caps.
     "gemma3": GemmaConfig(
         vocab_size=160, max_seq=64, num_layers=3, num_heads=4, num_kv_heads=2, embed_dim=64,
-        hidden_dim=96, head_dim=32, query_pre_attn_scalar=24.0, rope_theta=1e6, local_rope_theta=1e4,
+        hidden_dim=96, head_dim=32, query_pre_attn_scalar=24.0, rope_theta=1e4,
+        rope_scaling=RopeScaling(factor=2.0, rope_type="linear"),
         sliding_window=8, sliding_window_pattern=2, qk_norm=True, attn_logit_softcap=None,
         final_logit_softcap=None, tie_embeddings=False,
     ),
     "gemma": GemmaConfig(
         vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
         hidden_dim=96, head_dim=32, sliding_window=None, post_norms=False, attn_logit_softcap=None,
-        final_logit_softcap=None,
+        final_logit_softcap=None, query_pre_attn_scalar=None, sliding_window_pattern=None,
     ),
 }
 ARCHITECTURES = {

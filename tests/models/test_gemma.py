@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from eqzoo import models, nn, train
-from eqzoo._errors import ConfigError
+from eqzoo._errors import ConfigError, ShapeError
 
 TOL = 1e-5  # fp32, a few layers
 
@@ -116,6 +116,10 @@ def test_config_and_layer_errors_name_the_fix():
         models.get_config("tiny-gemma2", sliding_window=None, layer_types=("sliding_attention",) * 4)
     with pytest.raises(ConfigError, match="activation"):
         models.get_config("tiny-gemma2", activation="relu")
+    with pytest.raises(ConfigError, match="local_rope_theta is the rotary base of the sliding layers"):
+        models.get_config("tiny-gemma2", sliding_window=None, local_rope_theta=1e4)
+    with pytest.raises(ConfigError, match="attn_logit_softcap has no cuDNN implementation; use attention_backend='auto'"):
+        models.get_config("tiny-gemma2", attention_backend="cudnn")
     key = jax.random.key(0)
     with pytest.raises(ConfigError, match="given together with sliding_window"):
         nn.Attention(32, 2, window_layers=(True, False), key=key)
@@ -126,6 +130,8 @@ def test_config_and_layer_errors_name_the_fix():
     mixed = nn.Attention(32, 2, sliding_window=4, window_layers=(True, False), key=key)
     with pytest.raises(ConfigError, match="needs its layer index"):
         mixed(jnp.ones((5, 32)))
+    with pytest.raises(ShapeError, match=r"stacked cache .* got one layer's cache \(8, 2, 16\)"):
+        mixed.decode(jnp.ones((1, 32)), mixed.init_cache(8), jnp.int32(0), jnp.int32(1))
 
 
 def test_windows_and_pattern_resolve_as_transformers_does():
@@ -144,5 +150,7 @@ def test_layer_kinds_have_one_canonical_spelling():
     odd = ("full_attention", "sliding_attention", "sliding_attention", "full_attention")
     kept = models.get_config(c, layer_types=odd)
     assert kept.layer_types == odd and kept.sliding_window_pattern is None and kept.resolved_layer_types == odd
-    assert models.get_config(c, sliding_window_pattern=9) == models.get_config(c, sliding_window_pattern=None)
     assert hash(explicit) == hash(c)
+    # A pattern the user gives is kept (so later edits see it), even where it changes nothing.
+    assert models.get_config(c, sliding_window_pattern=9).sliding_window_pattern == 9
+    assert models.get_config("gemma2-2b", sliding_window=None).sliding_window_pattern == 2

@@ -19,6 +19,8 @@ MODELS = {
     "gpt2": ("tiny-gpt2", {}),
     "llama": ("tiny-llama", {"num_heads": 8, "num_kv_heads": 4}),
     "mixtral": ("tiny-mixtral", {"num_heads": 8, "num_kv_heads": 4}),
+    # Gemma 2's layout: windows of 8 on alternate layers (shorter than SEQ), soft caps, sandwich norms.
+    "gemma": ("tiny-gemma2", {"num_heads": 8, "num_kv_heads": 4}),
     # The sparse expert implementations; capacity 2.0 = experts / k: nothing dropped.
     "mixtral-ragged": ("tiny-mixtral", {"num_heads": 8, "num_kv_heads": 4, "moe_implementation": "ragged"}),
     "mixtral-capacity": (

@@ -1,5 +1,6 @@
 """Sharded training computes what one device computes: losses and gradients under data, FSDP,
-tensor and combined sharding within 1e-5 (fp32) of a single device, for GPT-2 and Llama; remat
+tensor and combined sharding within 1e-5 (fp32) of a single device, for GPT-2, Llama, Mixtral
+and Gemma; remat
 policies change nothing; a sharded train step keeps the state's layout and donates it."""
 
 import equinox as eqx
@@ -21,7 +22,7 @@ TOL = 1e-5  # fp32: the sharded program sums in a different order, nothing more
 
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
-@pytest.mark.parametrize("model_name", ["gpt2", "llama", "mixtral"])
+@pytest.mark.parametrize("model_name", ["gpt2", "llama", "mixtral", "gemma"])
 def test_loss_and_grads_match_single_device(lab, model_name, mesh_name):
     ref_loss, ref_grads, _ = lab.loss_and_grads(model_name, None)
     loss, grads, model = lab.loss_and_grads(model_name, MESHES[mesh_name])

@@ -33,6 +33,7 @@ def test_path_str_and_first_match_wins():
 def test_default_rules_dispatch(lab):
     assert sh.default_rules(lab.make_model("gpt2")) is sh.GPT2_RULES
     assert sh.default_rules(lab.make_model("llama").config) is sh.LLAMA_RULES
+    assert sh.default_rules(lab.make_model("gemma")) is sh.LLAMA_RULES
     assert sh.default_rules(eqzoo.models.create("mlp-small", key=jax.random.key(0))) == ()
 
 
