@@ -562,8 +562,8 @@ def _rope_to_hf(c: LlamaConfig | MixtralConfig | GemmaConfig) -> dict[str, Any]:
     return {"rope_theta": c.rope_theta, "rope_scaling": scaling, "rope_parameters": rope_parameters}
 
 
-def _decoder_to_hf(c: LlamaConfig | MixtralConfig) -> dict[str, Any]:
-    """The keys Llama and Mixtral configs share."""
+def _decoder_to_hf(c: LlamaConfig | MixtralConfig | GemmaConfig) -> dict[str, Any]:
+    """The keys Llama, Mixtral and Gemma configs share."""
     return {
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_seq,
@@ -663,25 +663,15 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
                 "sliding window, soft caps, query_pre_attn_scalar other than head_dim, or exact "
                 f"GELU; this one sets {extras}. Set post_norms=True (Gemma 2) or drop them."
             )
+    # Llama's keys, with Gemma's activation key and (Gemma 3) rotary settings per layer type.
+    shared = {k: v for k, v in _decoder_to_hf(c).items() if k != "hidden_act"}
+    act = "gelu" if c.activation == "gelu" else "gelu_pytorch_tanh"
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": family,
-        "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.max_seq,
-        "num_hidden_layers": c.num_layers,
-        "num_attention_heads": c.num_heads,
-        "num_key_value_heads": c.num_kv_heads,
-        "hidden_size": c.embed_dim,
-        "intermediate_size": c.hidden_dim,
-        "head_dim": c.head_dim,
-        ("hidden_act" if family == "gemma" else "hidden_activation"): (
-            "gelu" if c.activation == "gelu" else "gelu_pytorch_tanh"
-        ),
-        "rms_norm_eps": c.rms_norm_eps,
-        "tie_word_embeddings": c.tie_embeddings,
+        **shared,
+        ("hidden_act" if family == "gemma" else "hidden_activation"): act,
         "attention_bias": False,
-        "bos_token_id": None,
-        "eos_token_id": None,
         "pad_token_id": None,
     }
     if family == "gemma3_text":
@@ -690,12 +680,11 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
                 f"GemmaConfig(attn_logit_softcap={c.attn_logit_softcap}) with Gemma 3's query/key norms has no "
                 "Hugging Face equivalent: transformers' Gemma 3 never applies attn_logit_softcapping."
             )
-        full = _rope_to_hf(c)["rope_parameters"]
+        full = out.pop("rope_parameters")
+        del out["rope_theta"], out["rope_scaling"]
         # Without a local base the sliding layers rotate as the full ones, scaling included.
         local = dict(full) if c.local_rope_theta is None else {"rope_type": "default", "rope_theta": c.local_rope_theta}
         out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
-    else:
-        out |= _rope_to_hf(c)
     if family == "gemma":
         return out
     scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
