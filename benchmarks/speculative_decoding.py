@@ -125,7 +125,9 @@ def main(argv=None) -> dict:
         "params": model.config.num_params(), "draft_params": draft.config.num_params(),
         "train_steps": args.steps, "loss": loss, "draft_loss": draft_loss,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "temperature": args.temperature,
-        "greedy_tokens_per_s": args.prompts * args.new_tokens / base_s, "speculative": rows,
+        # generate_batch's tokens/s: greedy, or sampling with --temperature
+        "greedy_tokens_per_s" if not sampling else "sampling_tokens_per_s": args.prompts * args.new_tokens / base_s,
+        "speculative": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return result

@@ -19,15 +19,17 @@ When sampling (`temperature > 0`), the draft samples `d_i` from its filtered dis
 with probability `min(1, p_{i-1}(d_i) / q_i(d_i))`, in order, until the first rejection at
 `i = a + 1`; the round's own token is then sampled from `max(p_a - q_{a+1}, 0)` renormalised (or
 from `p_k` when all `k` are accepted). Each token so produced is distributed as the model's own
-sampling would draw it (Leviathan et al., Theorem 1). In both cases the caches now hold correct entries for
-   `[0, n - 1)`; entries past it are stale but lie at positions the next round rewrites before
-   any query reaches them (a query at position `p` reads keys at positions `<= p` only).
+sampling would draw it (Leviathan et al., Theorem 1).
+
+In both cases the caches now hold correct entries for `[0, n - 1)`; entries past it are stale
+but lie at positions the next round rewrites before any query reaches them (a query at
+position `p` reads keys at positions `<= p` only).
 
 Mixture-of-experts layers that run `"capacity"` (which may drop assignments when several tokens
 go through at once, where single-token decoding never drops) check in `"dense"`, so that the
 check computes what `generate_batch`'s single steps compute. The output is the model's own
-greedy decoding, up to ties between logits that the one-pass check and single-token steps
-round differently.
+greedy decoding, or a sample of the model's own sampling distribution, up to logits that the
+one-pass check and single-token steps round differently.
 """
 
 from typing import no_type_check
@@ -85,7 +87,7 @@ def _speculate_one(
 
     def propose(draft_cache, n, buf, key):
         # The draft's tokens d_1 .. d_k and, when sampling, the distributions q_1 .. q_k they
-        # were drawn from (the (k + 1)-th step only writes d_k into the draft's cache).
+        # were drawn from; then d_k is fed once more, only to write it into the draft's cache.
         def step(i, c):
             draft_cache, tok, proposals, qs = c
             logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
@@ -97,11 +99,12 @@ def _speculate_one(
                 nxt = jnp.argmax(logits[0]).astype(jnp.int32)
             return draft_cache, nxt, proposals.at[i].set(nxt), qs
 
-        qs = jnp.zeros((k + 1, vocab if sampling else 0), jnp.float32)
-        draft_cache, _, proposals, qs = jax.lax.fori_loop(
-            0, k + 1, step, (draft_cache, buf[n - 1], jnp.zeros((k + 1,), jnp.int32), qs)
+        qs = jnp.zeros((k, vocab if sampling else 0), jnp.float32)
+        draft_cache, last, proposals, qs = jax.lax.fori_loop(
+            0, k, step, (draft_cache, buf[n - 1], jnp.zeros((k,), jnp.int32), qs)
         )
-        return draft_cache, proposals[:k], qs[:k]
+        _, draft_cache = draft.decode(last[None], draft_cache, n - 1 + k, batch_size=batch_size)
+        return draft_cache, proposals, qs
 
     def judge(logits, proposals, qs, key):
         """`(a, tokens)`: how many proposals are kept, and the k + 1 tokens for positions
@@ -210,7 +213,7 @@ def generate_speculative(
 
     **Arguments:**
 
-    - `model`: the language model whose greedy output is wanted.
+    - `model`: the language model whose output (greedy or sampled) is wanted.
     - `draft`: a language model with the same vocabulary.
     - `prompts`: right-padded prompts `(batch, seq)`; `lengths`: their real lengths (default:
       all `seq`), each at least 1.

@@ -296,8 +296,10 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     )
     if family == "gemma":
         theta, scaling = _rope_from_hf(d, 10000.0)
+        # No windows; the pattern only if eqzoo wrote one (else GemmaConfig's default).
         return fields | dict(
-            rope_theta=theta, rope_scaling=scaling, sliding_window=None, sliding_window_pattern=None,
+            rope_theta=theta, rope_scaling=scaling, sliding_window=None,
+            sliding_window_pattern=d.get("sliding_window_pattern", GemmaConfig.sliding_window_pattern),
             attn_logit_softcap=None, final_logit_softcap=None,
         )
     caps = {"gemma2": (50.0, 30.0), "gemma3_text": (None, None)}[family]
@@ -316,21 +318,25 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     else:
         theta, scaling, local_theta = _gemma3_rope_from_hf(d)
     window = _sliding_window(d, 4096)
-    if window is None:
-        local_theta = None  # no sliding layers
-    pattern = d.get("sliding_window_pattern", _GEMMA_PATTERN[family])
-    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
-        raise _unsupported(d, "sliding_window_pattern", pattern, "it must be a positive integer")
-    default_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
-    types = d.get("layer_types") or default_types
+    pattern = d.get("sliding_window_pattern", _GEMMA_PATTERN[family])  # eqzoo writes it too (or null)
+    if pattern is not None and (isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1):
+        raise _unsupported(d, "sliding_window_pattern", pattern, "it must be a positive integer or null")
+    patterned = ["full_attention" if pattern is not None and (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    types = list(d.get("layer_types") or patterned)
     unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
     if unknown or len(types) != layers:
         raise _unsupported(d, "layer_types", types, f"one of 'sliding_attention' / 'full_attention' per layer ({layers})")
-    # (GemmaConfig turns the kinds back into a pattern when one gives them.)
+    if "sliding_attention" not in types:
+        window = None  # every layer full (eqzoo writes max_seq as the unused window then)
+    if window is None:
+        local_theta = None  # no sliding layers
+    # Kinds the file's pattern gives keep that pattern; other kinds stay explicit (GemmaConfig
+    # turns them into a pattern if one gives them).
+    explicit = window is not None and types != patterned
     return fields | dict(
         rope_theta=theta, rope_scaling=scaling, local_rope_theta=local_theta,
-        sliding_window=window, layer_types=None if window is None else tuple(types),
-        sliding_window_pattern=pattern if window is None else None,
+        sliding_window=window, layer_types=tuple(types) if explicit else None,
+        sliding_window_pattern=None if explicit else pattern,
         attn_logit_softcap=None if attn_cap is None else float(attn_cap),
         final_logit_softcap=None if final_cap is None else float(final_cap),
     )
@@ -685,9 +691,11 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
         # Without a local base the sliding layers rotate as the full ones, scaling included.
         local = dict(full) if c.local_rope_theta is None else {"rope_type": "default", "rope_theta": c.local_rope_theta}
         out["rope_parameters"] = {"full_attention": full, "sliding_attention": local}
+    # Not read by transformers when layer_types is given; kept so the config reads back equal.
+    out["sliding_window_pattern"] = c.sliding_window_pattern
     if family == "gemma":
         return out
-    scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+    scalar = c.query_pre_attn_scalar  # never None: GemmaConfig stores head_dim there
     if float(scalar) != int(scalar):
         raise HFFormatError(
             f"GemmaConfig(query_pre_attn_scalar={scalar}) has no Hugging Face equivalent: "
@@ -695,7 +703,9 @@ def _gemma_to_hf(c: GemmaConfig) -> dict[str, Any]:
         )
     return out | {
         "query_pre_attn_scalar": int(scalar),
-        "sliding_window": c.sliding_window,
+        # transformers builds the sliding mask whatever the layer kinds, so a model without a
+        # window gets max_seq there (unused: every layer is full_attention).
+        "sliding_window": c.max_seq if c.sliding_window is None else c.sliding_window,
         "layer_types": list(c.resolved_layer_types),
         "attn_logit_softcapping": c.attn_logit_softcap,
         "final_logit_softcapping": c.final_logit_softcap,

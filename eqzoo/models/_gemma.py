@@ -50,13 +50,14 @@ class GemmaConfig:
     - `hidden_dim`: the gated MLP's inner width.
     - `head_dim`: per-head width (Gemma's is not `embed_dim // num_heads`).
     - `query_pre_attn_scalar`: the attention logits are scaled by its inverse square root
-      (256 in Gemma 2 and 3, whatever `head_dim`); `None` means `head_dim` (Gemma).
+      (256 in Gemma 2 and 3, whatever `head_dim`); `None` is stored as `float(head_dim)`
+      (Gemma's scaling).
     - `rope_theta`, `rope_scaling`: the rotary base and optional scaling (Gemma 3 4B and up:
       linear, factor 8) of every layer, or of the full-attention layers only when
       `local_rope_theta` is given.
     - `local_rope_theta`: the rotary base of the sliding-window layers, unscaled (Gemma 3:
-      10,000); `None`: they use `rope_theta` and `rope_scaling` as the full layers do. Needs
-      `sliding_window`.
+      10,000); `None`: they use `rope_theta` and `rope_scaling` as the full layers do (a value
+      equal to an unscaled `rope_theta` is stored as `None`). Needs `sliding_window`.
     - `rms_norm_eps`: epsilon of every RMSNorm. The norms scale by `1 + weight`, as Gemma's do.
     - `sliding_window`: the window of the sliding layers (itself and the `sliding_window - 1`
       positions before); `None`: every layer attends to every earlier position.
@@ -148,6 +149,13 @@ class GemmaConfig:
             found = [p for p in [None, *range(1, self.num_layers + 1)] if _pattern(self.num_layers, p) == types]
             object.__setattr__(self, "layer_types", None if found else types)
             object.__setattr__(self, "sliding_window_pattern", found[0] if found else None)
+        # One spelling for these, so that a config reads back from Hugging Face equal: the scalar
+        # None means head_dim (now: it stays put if head_dim changes later, as in transformers),
+        # and a local base equal to the unscaled global one is no separate base.
+        if self.query_pre_attn_scalar is None:
+            object.__setattr__(self, "query_pre_attn_scalar", float(self.head_dim))
+        if self.local_rope_theta == self.rope_theta and self.rope_scaling is None:
+            object.__setattr__(self, "local_rope_theta", None)
         if self.local_rope_theta is not None and self.sliding_window is None:
             raise ConfigError(
                 "GemmaConfig: local_rope_theta is the rotary base of the sliding layers, and with "
@@ -228,7 +236,7 @@ class Gemma(AbstractLM):
             rope_theta, rope_scaling = c.local_rope_theta, None  # every layer is a local one
         elif window_layers is not None and c.local_rope_theta is not None:
             local_theta = c.local_rope_theta
-        scalar = c.head_dim if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar
+        scalar = c.query_pre_attn_scalar  # never None: GemmaConfig stores head_dim there
         eps = c.rms_norm_eps
 
         def norm():

@@ -32,15 +32,15 @@ def resolve_backend(backend: str, dtype, head_dim: int | None = None) -> Literal
     """The attention implementation `backend` means for arrays of `dtype` on this platform.
 
     `"auto"` picks cuDNN flash attention on a GPU for half-precision inputs (the only ones cuDNN
-    supports) whose heads are no wider than cuDNN takes there (`head_dim`, when given: 128
-    before Hopper, 256 from it), and XLA's own attention everywhere else.
+    supports) whose heads cuDNN takes there (`head_dim`, when given: a multiple of 8, at most
+    128 before Hopper and 256 from it), and XLA's own attention everywhere else.
     """
     if backend not in _BACKENDS:
         raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
     if backend == "auto":
         on_gpu = jax.default_backend() == "gpu"
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        fits = head_dim is None or not on_gpu or head_dim <= _cudnn_max_head_dim()
+        fits = head_dim is None or not on_gpu or (head_dim % 8 == 0 and head_dim <= _cudnn_max_head_dim())
         return "cudnn" if on_gpu and half and fits else "xla"
     return backend  # type: ignore[return-value]
 

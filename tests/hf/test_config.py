@@ -288,8 +288,20 @@ def test_published_gemma_configs_are_the_presets(hft):
         dict(sliding_window_pattern=None),
         # no local base: the sliding layers rotate as the full ones, scaling included
         dict(qk_norm=True, rope_scaling=RopeScaling(factor=4.0, rope_type="linear"), attn_logit_softcap=None),
+        # a pattern longer than the stack (every layer slides), kept as given
+        dict(qk_norm=True, local_rope_theta=1e4, rope_theta=1e6, sliding_window_pattern=6, attn_logit_softcap=None),
+        dict(query_pre_attn_scalar=None),
+        dict(sliding_window=None, sliding_window_pattern=None),
+        dict(sliding_window=None),  # pattern 2 kept, unused
+        dict(post_norms=False, sliding_window=None, attn_logit_softcap=None, final_logit_softcap=None,
+             query_pre_attn_scalar=16.0),  # Gemma-shaped, pattern left at its default
+        dict(qk_norm=True, local_rope_theta=1e4, rope_theta=1e4, attn_logit_softcap=None),  # one base
     ],
-    ids=["gemma", "gemma2", "gemma2-explicit-layers-untied", "gemma3-linear-rope", "gemma2-all-sliding", "gemma3-one-rope"],
+    ids=[
+        "gemma", "gemma2", "gemma2-explicit-layers-untied", "gemma3-linear-rope", "gemma2-all-sliding",
+        "gemma3-one-rope", "gemma3-long-pattern", "gemma2-scalar-none", "gemma2-no-window-no-pattern",
+        "gemma2-no-window", "gemma-defaults", "gemma3-equal-bases",
+    ],
 )
 def test_gemma_round_trip_through_transformers_config(overrides, tmp_path, hft):
     from eqzoo.models import get_config

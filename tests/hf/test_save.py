@@ -49,6 +49,11 @@ CONFIGS = {
         sliding_window=8, sliding_window_pattern=2, qk_norm=True, attn_logit_softcap=None,
         final_logit_softcap=None, tie_embeddings=False,
     ),
+    # Gemma 2 without a window (transformers still builds its sliding mask: max_seq is written).
+    "gemma2-full": GemmaConfig(
+        vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+        hidden_dim=96, head_dim=32, sliding_window=None,
+    ),
     "gemma": GemmaConfig(
         vocab_size=160, max_seq=64, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
         hidden_dim=96, head_dim=32, sliding_window=None, post_norms=False, attn_logit_softcap=None,
@@ -58,6 +63,7 @@ CONFIGS = {
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel", "mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "qwen3-moe": "Qwen3MoeForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma": "GemmaForCausalLM",
+    "gemma2-full": "Gemma2ForCausalLM",
 }
 
 

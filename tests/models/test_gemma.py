@@ -117,7 +117,7 @@ def test_config_and_layer_errors_name_the_fix():
     with pytest.raises(ConfigError, match="activation"):
         models.get_config("tiny-gemma2", activation="relu")
     with pytest.raises(ConfigError, match="local_rope_theta is the rotary base of the sliding layers"):
-        models.get_config("tiny-gemma2", sliding_window=None, local_rope_theta=1e4)
+        models.get_config("tiny-gemma2", sliding_window=None, local_rope_theta=100.0)
     with pytest.raises(ConfigError, match="attn_logit_softcap has no cuDNN implementation; use attention_backend='auto'"):
         models.get_config("tiny-gemma2", attention_backend="cudnn")
     key = jax.random.key(0)

@@ -230,6 +230,21 @@ def test_cudnn_windows_chosen_by_layer_match_xla():
         np.testing.assert_allclose(got, want, atol=5e-2, rtol=5e-2)  # bf16
 
 
+def test_auto_backend_takes_cudnn_only_for_heads_it_supports(monkeypatch):
+    # What "auto" picks on a GPU, without one: cuDNN takes half precision, heads a multiple of 8,
+    # at most 128 wide before Hopper and 256 from it.
+    import eqzoo.nn._attention as attention
+
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    for capability, widest in ((8.0, 128), (9.0, 256)):
+        monkeypatch.setattr(attention, "_cudnn_max_head_dim", lambda widest=widest: widest)
+        assert attention.resolve_backend("auto", jnp.bfloat16, 128) == "cudnn"
+        assert attention.resolve_backend("auto", jnp.bfloat16, 256) == ("cudnn" if capability >= 9.0 else "xla")
+        assert attention.resolve_backend("auto", jnp.bfloat16, 36) == "xla"  # not a multiple of 8
+        assert attention.resolve_backend("auto", jnp.float32, 64) == "xla"
+        assert attention.resolve_backend("cudnn", jnp.bfloat16, 256) == "cudnn"  # explicit: as asked
+
+
 def test_attention_config_errors():
     key = jax.random.key(0)
     with pytest.raises(ConfigError, match=r"num_heads=5 must divide embed_dim=32 \(or pass head_dim\)"):
