@@ -11,9 +11,18 @@ from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
-from ..nn import GLU_ACTIVATIONS, Attention, Embedding, RMSNorm, RopeScaling, Stacked, SwiGLU, TransformerBlock
-from ._lm import AbstractLM
+from ..nn import (
+    GLU_ACTIVATIONS,
+    Attention,
+    Embedding,
+    RMSNorm,
+    RopeScaling,
+    Stacked,
+    SwiGLU,
+    TransformerBlock,
+)
 from ._llama import check_decoder
+from ._lm import AbstractLM
 from ._validate import check_positive
 
 LAYER_TYPES = ("sliding_attention", "full_attention")

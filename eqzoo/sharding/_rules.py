@@ -256,9 +256,9 @@ def default_rules(model: Any) -> tuple[tuple[str, P], ...]:
     from ..models import (
         GPT2,
         DiT,
+        DiTConfig,
         Gemma,
         GemmaConfig,
-        DiTConfig,
         GPT2Config,
         Llama,
         LlamaConfig,

@@ -1,13 +1,13 @@
 """Speculative decoding: the model's own greedy tokens, whatever the draft proposes; when
 sampling, the model's own distribution over continuations."""
 
+import itertools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import itertools
 
 from eqzoo import models
 from eqzoo._errors import ConfigError, ShapeError
