@@ -158,9 +158,9 @@ class GemmaConfig:
             found = [p for p in [None, *range(1, self.num_layers + 1)] if _pattern(self.num_layers, p) == types]
             object.__setattr__(self, "layer_types", None if found else types)
             object.__setattr__(self, "sliding_window_pattern", found[0] if found else None)
-        # One spelling for these, so that a config reads back from Hugging Face equal: the scalar
-        # None means head_dim (now: it stays put if head_dim changes later, as in transformers),
-        # and a local base equal to the unscaled global one is no separate base.
+        # One spelling for these, so that a config reads back from Hugging Face equal: a scalar
+        # of None means head_dim as it is now (it then stays put if head_dim changes, as
+        # transformers' does), and a local base equal to the unscaled global one is no separate base.
         if self.query_pre_attn_scalar is None:
             object.__setattr__(self, "query_pre_attn_scalar", float(self.head_dim))
         if self.local_rope_theta == self.rope_theta and self.rope_scaling is None:
