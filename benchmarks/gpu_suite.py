@@ -126,6 +126,10 @@ ROWS: tuple[Row, ...] = (
             GENERATE_TIMEOUT_S)
         for suffix, extra in (("", ()), ("-all-experts", ("--read-all-experts",)))
     ),
+    # Gemma, last: Gemma 3 1B runs cuDNN with a lax.cond per layer between its windowed and
+    # full calls; Gemma 2 2B soft-caps its attention logits, so it runs XLA's attention.
+    _train("gemma3-1b", "--preset", "gemma3-1b", "--batch", "8", "--seq", "2048", "--steps", "10", "--warmup", "3"),
+    _train("gemma2-2b", "--preset", "gemma2-2b", "--batch", "8", "--seq", "2048", "--steps", "10", "--warmup", "3"),
 )
 """The GPU table, in priority order."""
 

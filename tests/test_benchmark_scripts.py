@@ -49,6 +49,8 @@ GPU_ROWS = [
     "gpt2-124m-packed-8",
     "generate-mixtral-2l",
     "generate-mixtral-2l-all-experts",
+    "gemma3-1b",
+    "gemma2-2b",
 ]
 
 
