@@ -9,15 +9,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
-from ..nn._attention import check_per_position
+from ..nn._attention import check_per_position, softcap
 from ..sharding._activation import constrain, constrain_forward
 from ._validate import check_tokens
-
-
-def softcap(x: Array, cap: float) -> Array:
-    """`cap * tanh(x / cap)`: squashes `x` smoothly into `(-cap, cap)`."""
-    c = jnp.asarray(cap, x.dtype)
-    return c * jnp.tanh(x / c)
 
 
 def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:

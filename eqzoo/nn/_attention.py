@@ -45,10 +45,17 @@ def resolve_backend(backend: str, dtype, head_dim: int | None = None) -> Literal
     return backend  # type: ignore[return-value]
 
 
-def _xla_attention(q, k, v, mask, scale=None, softcap=None):
+def softcap(x: Array, cap: float) -> Array:
+    """`cap * tanh(x / cap)`: squashes `x` smoothly into `(-cap, cap)` (Gemma 2's soft caps on
+    attention and output logits)."""
+    c = jnp.asarray(cap, x.dtype)
+    return c * jnp.tanh(x / c)
+
+
+def _xla_attention(q, k, v, mask, scale=None, cap=None):
     """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend.
-    `scale` multiplies the logits (default `head_dim ** -0.5`); `softcap` caps them as
-    `softcap * tanh(logits / softcap)` before the mask (Gemma 2)."""
+    `scale` multiplies the logits (default `head_dim ** -0.5`); `cap` soft-caps them
+    (`softcap`) before the mask (Gemma 2)."""
     # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
     # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
     # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
@@ -58,8 +65,8 @@ def _xla_attention(q, k, v, mask, scale=None, softcap=None):
     qg = q.reshape(seq, kv_heads, heads // kv_heads, head_dim)  # query head h uses kv head h // group
     logits = jnp.einsum("tkgh,skh->kgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(head_dim**-0.5 if scale is None else scale)
-    if softcap is not None:
-        logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
+    if cap is not None:
+        logits = softcap(logits, cap)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("kgts,skh->tkgh", probs, v)

@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
-from ._fused_ce import _chunk, _constrain, _layout, fused_cross_entropy
+from ._fused_ce import _cap, _chunk, _constrain, _layout, fused_cross_entropy
 
 
 def cross_entropy(
@@ -58,8 +58,7 @@ def _chunked_nll(features, head, targets, chunk_size, softcap=None):
     def one(args):
         fc, tc = args
         logits = (fc @ head.T.astype(fc.dtype)).astype(jnp.float32)  # (chunk, vocab)
-        if softcap is not None:
-            logits = jnp.float32(softcap) * jnp.tanh(logits / jnp.float32(softcap))
+        logits, _ = _cap(logits, softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         tl = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
         return lse - tl
