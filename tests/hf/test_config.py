@@ -341,3 +341,20 @@ def test_gemma_options_without_a_hugging_face_form_are_refused():
     # Gemma's legacy hidden_act "gelu" means the tanh GELU, as transformers reads it.
     gemma = {k: v for k, v in GEMMA2_2B.items() if k not in ("architectures", "hidden_activation")}
     assert config_from_hf(gemma | {"model_type": "gemma", "hidden_act": "gelu"}).activation == "gelu_tanh"
+
+
+def test_gemma_files_and_exports_without_an_equivalent_are_refused():
+    from eqzoo.models import get_config
+
+    with pytest.raises(HFFormatError, match=r"query_pre_attn_scalar=24.5\) has no Hugging Face equivalent"):
+        config_to_hf(get_config("tiny-gemma2", query_pre_attn_scalar=24.5))
+    with pytest.raises(HFFormatError, match="linear rope scaling lacks 'factor'"):
+        config_from_hf(GEMMA2_2B | {"rope_scaling": {"rope_type": "linear"}})
+    scaled_local = {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+    }
+    with pytest.raises(HFFormatError, match="either the full layers' or an unscaled one"):
+        config_from_hf(GEMMA3_1B | {"rope_parameters": scaled_local})
+    with pytest.raises(HFFormatError, match="sliding_window_pattern='x'.*positive integer or null"):
+        config_from_hf(GEMMA3_1B | {"sliding_window_pattern": "x"})

@@ -154,3 +154,36 @@ def test_layer_kinds_have_one_canonical_spelling():
     # A pattern the user gives is kept (so later edits see it), even where it changes nothing.
     assert models.get_config(c, sliding_window_pattern=9).sliding_window_pattern == 9
     assert models.get_config("gemma2-2b", sliding_window=None).sliding_window_pattern == 2
+
+
+def test_bad_options_of_the_new_layer_settings_name_the_problem():
+    from jaxtyping import TypeCheckError
+
+    from eqzoo.train import fused_cross_entropy
+
+    key = jax.random.key(0)
+    with pytest.raises(ConfigError, match="rope_type must be 'llama3' or 'linear', got 'yarn'"):
+        nn.RopeScaling(rope_type="yarn")
+    with pytest.raises(ConfigError, match=r"rope_type='linear'\) needs factor > 0"):
+        nn.RopeScaling(factor=0.0, rope_type="linear")
+    with pytest.raises(ConfigError, match="SwiGLU: activation must be one of"):
+        nn.SwiGLU(8, 16, activation="relu", key=key)
+    with pytest.raises(ConfigError, match="scale must be a positive number or None, got 0.0"):
+        nn.Attention(32, 2, scale=0.0, key=key)
+    with pytest.raises(ConfigError, match="logit_softcap must be a positive number or None"):
+        nn.Attention(32, 2, logit_softcap=-1.0, key=key)
+    mixed = nn.Attention(32, 2, sliding_window=4, window_layers=(True, False), key=key)
+    with pytest.raises(ConfigError, match=r"layer=5 is outside window_layers \(length 2\)"):
+        mixed(jnp.ones((5, 32)), layer=5)
+    with pytest.raises(ConfigError, match="layer must be an integer index, got True"):
+        mixed(jnp.ones((5, 32)), layer=True)
+    with pytest.raises(ConfigError, match="sliding_window_pattern must be a positive integer or None, got 0"):
+        models.get_config("tiny-gemma2", sliding_window_pattern=0)
+    with pytest.raises(ConfigError, match="final_logit_softcap must be a positive number or None, got 0.0"):
+        models.get_config("tiny-gemma2", final_logit_softcap=0.0)
+    # The test suite's jaxtyping hook checks the field's type before GemmaConfig does.
+    with pytest.raises((ConfigError, TypeCheckError), match="layer_types"):
+        models.get_config("tiny-gemma2", layer_types=["full_attention"] * 4)
+    feats, head = jnp.ones((1, 4, 8)), jnp.ones((16, 8))
+    with pytest.raises(ConfigError, match="softcap must be a positive number or None, got 0"):
+        fused_cross_entropy(feats, head, jnp.zeros((1, 4), jnp.int32), softcap=0)
