@@ -93,13 +93,14 @@ class LlamaConfig:
         return self.vocab_size * d + head + self.num_layers * per_layer + d
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: `6 N + 12 L d T`, N without the input embedding table when
-        the head is separate (a lookup does no matmul; a tied table is counted once, as the head);
-        T is at most `sliding_window`."""
+        """Training FLOPs per token: `6 N + 12 L d_attn T`, N without the input embedding table
+        when the head is separate (a lookup does no matmul; a tied table is counted once, as the
+        head), `d_attn = num_heads * head_dim` (the width attention runs at: `embed_dim` unless
+        `head_dim` says otherwise, as in Qwen3) and T at most `sliding_window`."""
         t = self.max_seq if seq_len is None else seq_len
         t = t if self.sliding_window is None else min(t, self.sliding_window)
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
-        return 6.0 * n + 12.0 * self.num_layers * self.embed_dim * t
+        return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.resolved_head_dim * t
 
 
 class Llama(AbstractLM):

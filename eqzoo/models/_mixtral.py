@@ -127,13 +127,14 @@ class MixtralConfig:
         return self._params(self.experts_per_token)
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: `6 N + 12 L d T` with N the *active* parameters (the
+        """Training FLOPs per token: `6 N + 12 L d_attn T` with N the *active* parameters (the
         `experts_per_token` experts a token uses, the router, attention, the head; the input
-        embedding table left out when the head is separate); T is at most `sliding_window`."""
+        embedding table left out when the head is separate), `d_attn = num_heads * head_dim`
+        and T at most `sliding_window`."""
         t = self.max_seq if seq_len is None else seq_len
         t = t if self.sliding_window is None else min(t, self.sliding_window)
         n = self.num_active_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
-        return 6.0 * n + 12.0 * self.num_layers * self.embed_dim * t
+        return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.resolved_head_dim * t
 
 
 class Mixtral(AbstractLM):

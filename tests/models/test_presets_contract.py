@@ -380,16 +380,20 @@ def test_flops_per_token_counts_the_matmuls(name):
     measured = _matmul_flops(jaxpr) / seq
     expected = config.flops_per_token(seq)
     assert abs(measured - expected) <= 0.02 * expected, f"{name}: traced {measured:.4g}, formula {expected:.4g}"
+    # Attention is counted at num_heads * head_dim (GPT-2: embed_dim), and a Gemma sliding
+    # layer's span stops growing at its window.
+    if isinstance(config, models.GPT2Config):
+        width = config.embed_dim
+    else:
+        width = config.num_heads * (config.head_dim if isinstance(config, models.GemmaConfig) else config.resolved_head_dim)
     if isinstance(config, models.GemmaConfig):
-        # Gemma counts attention at num_heads * head_dim, and a sliding layer's span stops growing
-        # at its window.
         grown = [
             min(2 * seq, config.sliding_window) - seq if kind == "sliding_attention" else seq
             for kind in config.resolved_layer_types
         ]
-        increment = 12 * config.num_heads * config.head_dim * sum(grown)
     else:
-        increment = 12 * config.num_layers * config.embed_dim * seq
+        grown = [seq] * config.num_layers
+    increment = 12 * width * sum(grown)
     assert config.flops_per_token(2 * seq) - expected == pytest.approx(increment)
 
 
