@@ -8,6 +8,9 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --quantize int8 --json   # int8 linear weights (eqzoo.quant)
     python benchmarks/generate_throughput.py --preset tiny-mixtral --set num_experts=8 --batches 1 \
         --read-all-experts --json   # the baseline of MoE decoding's gather path (eqzoo.nn.MoE.decode)
+    python benchmarks/generate_throughput.py --preset tiny-llama --set sliding_window=64 --set max_seq=2048 \
+        --prompt-len 1536 --new-tokens 256 --batches 8 --full-length-cache --json   # the baseline of
+        # the sliding-window ring caches (eqzoo.nn.KVCache)
 """
 
 import argparse
@@ -43,6 +46,9 @@ def main(argv=None) -> dict:
     p.add_argument("--read-all-experts", action="store_true",
                    help="MoE layers read every expert's weights for every token (turns off the "
                         "gather path of eqzoo.nn.MoE.decode: the baseline it is measured against)")
+    p.add_argument("--full-length-cache", action="store_true",
+                   help="sliding-window layers keep every position (init_cache(lookahead=max_seq)) "
+                        "rather than a ring of sliding_window slots: the baseline the rings are measured against")
     p.add_argument("--draft-layers", type=int, default=0,
                    help="speculative decoding with the model's first N layers as the draft (0: off)")
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes a round")
@@ -53,12 +59,17 @@ def main(argv=None) -> dict:
         args.preset, args.batches, args.new_tokens, args.repeats = "tiny-gpt2", "1,4", 16, 2
 
     gathers = eqzoo.nn.MoE.gathers
+    init_cache = eqzoo.models.AbstractLM.init_cache
     if args.read_all_experts:
         eqzoo.nn.MoE.gathers = lambda self, tokens: False  # undone at the end of main
+    if args.full_length_cache:  # a lookahead of max_seq makes every ring full length; undone below
+        eqzoo.models.AbstractLM.init_cache = lambda self, max_seq=None, **kw: init_cache(
+            self, max_seq, **{**kw, "lookahead": self.max_seq})
     try:
         return _run(args)
     finally:
         eqzoo.nn.MoE.gathers = gathers
+        eqzoo.models.AbstractLM.init_cache = init_cache
 
 
 def _run(args) -> dict:
@@ -108,6 +119,7 @@ def _run(args) -> dict:
         "quantize": args.quantize,
         "overrides": args.set,
         "read_all_experts": args.read_all_experts,
+        "full_length_cache": args.full_length_cache,
         "draft_layers": args.draft_layers,
         "num_draft": args.num_draft if args.draft_layers else None,
         "prompt_len": args.prompt_len,

@@ -25,7 +25,8 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
 
     if use_cache:
         cache = model.init_cache(total)
-        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32), batch_size=batch_size)  # prefill
+        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
+        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32), batch_size=batch_size, valid_length=length)
         last = logits[length - 1]
 
         def body(i, carry):

@@ -23,7 +23,9 @@ sampling would draw it (Leviathan et al., Theorem 1).
 
 In both cases the caches now hold correct entries for `[0, n - 1)`; entries past it are stale
 but lie at positions the next round rewrites before any query reaches them (a query at
-position `p` reads keys at positions `<= p` only).
+position `p` reads keys at positions `<= p` only). A sliding-window layer's ring holds
+`num_draft - 1` slots more than its window, so that those stale rows never take the slot of a
+position still inside the window.
 
 Mixture-of-experts layers that run `"capacity"` (which may drop assignments when several tokens
 go through at once, where single-token decoding never drops) check in `"dense"`, so that the
@@ -74,8 +76,12 @@ def _speculate_one(
     buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
     buf = jnp.where(positions < length, buf, pad_token)
     zero = jnp.zeros((), jnp.int32)
-    logits, cache = model.decode(prompt, model.init_cache(room - 1), zero, batch_size=batch_size)
-    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1), zero, batch_size=batch_size)
+    # A round writes up to k - 1 positions past the next round's start, then rewinds: a
+    # sliding-window layer's ring keeps that many slots more than its window (and, as in
+    # generate_batch, the prefill keeps the prompt's real positions, not its padding).
+    prefill = dict(batch_size=batch_size, valid_length=length)
+    logits, cache = model.decode(prompt, model.init_cache(room - 1, lookahead=k - 1), zero, **prefill)
+    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1, lookahead=k - 1), zero, **prefill)
     key, sub = jax.random.split(key)
     # the prefill's token, as generate_batch's
     first = sample_logits(logits[length - 1], sub, temperature=temperature, top_k=top_k, top_p=top_p)

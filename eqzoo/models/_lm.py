@@ -5,6 +5,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from .._errors import ShapeError
@@ -176,11 +177,14 @@ class AbstractLM(eqx.Module):
     def _forward(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         return self.logits(self.features(tokens))
 
-    def init_cache(self, max_seq: int | None = None, *, dtype=None) -> KVCache:
+    def init_cache(self, max_seq: int | None = None, *, dtype=None, lookahead: int = 0) -> KVCache:
         """An empty KV cache for every layer (arrays with a leading layer axis).
 
         **Arguments:** `max_seq` positions (default `config.max_seq`); `dtype` (default the
-        attention parameters' dtype).
+        attention parameters' dtype); `lookahead`, for sliding-window layers, whose caches are
+        rings of `sliding_window + lookahead` slots: how far past the next decode index a call
+        may write positions that a later call rewrites (see [`eqzoo.nn.Attention.init_cache`][];
+        [`eqzoo.generation.generate_speculative`][] sets it).
         """
         max_seq = self.max_seq if max_seq is None else max_seq
         if max_seq > self.max_seq:
@@ -188,10 +192,7 @@ class AbstractLM(eqx.Module):
                 f"{type(self).__name__}.init_cache({max_seq}) exceeds the config's max_seq={self.max_seq}; "
                 "positions past it are undefined. Ask for at most max_seq positions."
             )
-        layer0 = self.blocks[0]
-        one = layer0.attn.init_cache(max_seq, dtype=dtype)
-        n = self.blocks.num_layers
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), one)
+        return self.blocks[0].attn.init_cache(max_seq, dtype=dtype, layers=self.blocks.num_layers, lookahead=lookahead)
 
     def decode(
         self,
@@ -200,26 +201,32 @@ class AbstractLM(eqx.Module):
         index: Int[Array, ""],
         *,
         batch_size: int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
         `cache` (from `init_cache`). Prefill with the prompt at `index=0`, then feed one token at
         a time. `batch_size`: how many sequences are decoded together (the `jax.vmap` around
         the call), which lets mixture-of-experts layers read only the experts the step's tokens
         chose when they are few ([`eqzoo.nn.MoE.decode`][]; [`eqzoo.generate`][] passes it).
+        `valid_length`: how many of `tokens` are real, the rest right padding that a
+        sliding-window layer's ring need not keep (default: all).
 
         **Returns:** `(logits of shape (seq, vocab), updated cache)`.
         """
-        check_tokens(tokens, max_seq=cache.keys.shape[1], model=type(self).__name__)
+        check_tokens(tokens, max_seq=cache.max_seq, model=type(self).__name__)
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)
 
         # The stacked cache rides in the carry and each layer writes its new keys/values into its
         # own slot in place; as per-layer scan outputs it would be rewritten whole every token.
+        # The indices are numpy: unrolled layers get Python ints (a mixed stack's cache slots are
+        # then chosen at trace time), scanned ones a traced index.
         def step(block, carry, layer):
             h, cache = carry
-            return block.decode(h, cache, index, layer, batch_size), None
+            layer = int(layer) if isinstance(layer, np.generic) else layer
+            return block.decode(h, cache, index, layer, batch_size, valid_length), None
 
-        layers = jnp.arange(self.blocks.num_layers, dtype=jnp.int32)
+        layers = np.arange(self.blocks.num_layers, dtype=np.int32)
         (x, cache), _ = self.blocks.apply(step, (x, cache), layers)
         return self.logits(self.final_norm(x)), cache

@@ -97,16 +97,89 @@ class KVCache(eqx.Module):
     """Keys and values of the positions already decoded, for one sequence: one layer's, or every
     layer's stacked along a leading axis (what a model's `init_cache` returns).
 
-    Positions at or beyond the current decode index hold stale values; attention masks them.
+    A layer with a `sliding_window` attends to its last `sliding_window` positions only, so its
+    cache is a ring of `min(max_seq, sliding_window + lookahead)` slots: position `p` lives in slot
+    `p % slots`, and the slot count, not `max_seq`, sets its memory (Gemma 3 1B at 32k positions
+    keeps 4 of its 26 layers at full length). A stack that mixes windowed and full layers (Gemma 2
+    and 3, [`eqzoo.nn.Attention`][]'s `window_layers`) keeps two stacks: `keys`/`values` for its
+    full layers, `window_keys`/`window_values` (rings) for its windowed ones, each in layer order.
+
+    Slots at or beyond the current decode index (or, in a ring, holding positions that fell out of
+    the window) hold stale values; attention masks them.
     """
 
-    keys: Float[Array, "*layers max_seq kv_heads head_dim"]
-    values: Float[Array, "*layers max_seq kv_heads head_dim"]
+    keys: Float[Array, "*layers slots kv_heads head_dim"]
+    values: Float[Array, "*layers slots kv_heads head_dim"]
+    window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | None
+    window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | None
+    max_seq: int = eqx.field(static=True)
 
-    @property
-    def max_seq(self) -> int:
-        """How many positions the cache can hold."""
-        return self.keys.shape[-3]
+    def __init__(
+        self,
+        keys: Float[Array, "*layers slots kv_heads head_dim"],
+        values: Float[Array, "*layers slots kv_heads head_dim"],
+        window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | None = None,
+        window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | None = None,
+        *,
+        max_seq: int | None = None,
+    ):
+        """**Arguments:** the arrays described above; `max_seq`, how many positions the cache
+        covers (the last position it can be asked for plus one): default the slot count of
+        `keys`, which is right for a cache without rings."""
+        if (window_keys is None) != (window_values is None):
+            raise ConfigError("KVCache: give window_keys and window_values together, or neither.")
+        self.keys = keys
+        self.values = values
+        self.window_keys = window_keys
+        self.window_values = window_values
+        self.max_seq = int(keys.shape[-3] if max_seq is None else max_seq)
+
+
+def _slot_positions(last: Array, slots: int) -> Int[Array, " slots"]:
+    """The position each slot of a ring of `slots` holds once positions up to `last` are written:
+    the latest `p <= last` with `p % slots == slot` (negative: never written)."""
+    slot = jnp.arange(slots, dtype=jnp.int32)
+    return last - jnp.mod(last - slot, slots)
+
+
+def _layer_slice(arr, slot):
+    return arr if slot is None else jax.lax.dynamic_index_in_dim(arr, slot, keepdims=False)
+
+
+def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
+    """`arr` (one layer's `(slots, kv, hd)`, or layer `slot` of a stack) with `new`'s rows
+    written at positions `index, index + 1, ...`: at those rows when the cache is full length,
+    at `position % slots` in a ring. A ring keeps the last rows of `new` that fit, and of those
+    only the first `valid` (padding never pushes real positions out). `keep`: a traced bool; when
+    False the cache is left as it was (a layer of a mixed stack writes one of its two stacks)."""
+    slots, seq = arr.shape[-3], new.shape[0]
+    zero = jnp.zeros((), jnp.int32)
+    if slots >= max_seq or seq == 1:
+        start = index if slots >= max_seq else jnp.mod(index, slots)
+        where = (start, zero, zero) if slot is None else (slot, start, zero, zero)
+        update = new if slot is None else new[None]
+        if keep is not None:
+            update = jnp.where(keep, update, jax.lax.dynamic_slice(arr, where, update.shape))
+        return jax.lax.dynamic_update_slice(arr, update, where)
+    count = min(seq, slots)  # consecutive positions: distinct slots
+    valid = seq if valid is None else valid
+    first = jnp.clip(valid - count, 0, seq - count).astype(jnp.int32)
+    rows = first + jnp.arange(count, dtype=jnp.int32)
+    update = jax.lax.dynamic_slice_in_dim(new, first, count)
+    at = jnp.mod(index + rows, slots)
+    target = arr.at[at] if slot is None else arr.at[slot, at]
+    write = rows < valid
+    if keep is not None:
+        write = write & keep
+    update = jnp.where(write[:, None, None], update, target.get())
+    return target.set(update)
+
+
+def _writes_first(arr, seq, max_seq) -> bool:
+    """Whether a decode step writes its keys before attending (it overwrites nothing it needs):
+    a full-length cache, or one new position; else a ring attends over its old slots and the new
+    keys side by side, then writes."""
+    return arr.shape[-3] >= max_seq or seq == 1
 
 
 class Attention(eqx.Module):
@@ -387,18 +460,118 @@ class Attention(eqx.Module):
             o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap)
         return self._out(o)
 
-    def init_cache(self, max_seq: int, *, dtype=None) -> KVCache:
-        """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions (dtype defaults to the params')."""
+    def init_cache(self, max_seq: int, *, dtype=None, layers: int | None = None, lookahead: int = 0) -> KVCache:
+        """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions.
+
+        **Arguments:**
+
+        - `max_seq`: how many positions it covers.
+        - `dtype`: defaults to the parameters'.
+        - `layers`: `None` for this layer's own cache; `n` for the stacked cache of a stack of
+          `n` layers like this one (a model's `init_cache`), which for a stack that mixes
+          windowed and full layers (`window_layers`) is one stack of each.
+        - `lookahead`: with a `sliding_window`, the windowed layers keep rings of
+          `min(max_seq, sliding_window + lookahead)` slots. A decode call that writes
+          positions which a later call rewrites (speculative decoding writes proposals, then
+          rewinds to the first rejected one) needs `lookahead` at least how far past the next
+          decode index it wrote, so that those stale rows never take the slot of a position
+          still in the window.
+
+        **Raises:** `ConfigError` for a negative `lookahead` or a `layers` larger than the
+        stack's `window_layers`.
+        """
+        if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+            raise ConfigError(f"lookahead must be a non-negative integer, got {lookahead!r}.")
         dtype = linear_dtype(self.q_proj) if dtype is None else dtype
-        shape = (max_seq, self.num_kv_heads, self.head_dim)
-        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        ring = max_seq if self.sliding_window is None else min(max_seq, self.sliding_window + lookahead)
+
+        def zeros(n, slots):
+            shape = (() if n is None else (n,)) + (slots, self.num_kv_heads, self.head_dim)
+            return jnp.zeros(shape, dtype)
+
+        if self.window_layers is None:
+            return KVCache(zeros(layers, ring), zeros(layers, ring), max_seq=max_seq)
+        if layers is None:  # one layer of a mixed stack, index unknown: full length
+            return KVCache(zeros(None, max_seq), zeros(None, max_seq), max_seq=max_seq)
+        if layers > len(self.window_layers):
+            raise ConfigError(
+                f"init_cache(layers={layers}): this attention's window_layers covers "
+                f"{len(self.window_layers)} layers."
+            )
+        windowed = sum(self.window_layers[:layers])
+        full = layers - windowed
+        return KVCache(
+            zeros(full, max_seq), zeros(full, max_seq), zeros(windowed, ring), zeros(windowed, ring),
+            max_seq=max_seq,
+        )
+
+    def _group_slots(self, layer):
+        """For layer `layer` of a mixed stack: its slot in the full layers' stack and in the
+        windowed layers' stack (0 in the one it is not in)."""
+        full, window, nf, nw = [], [], 0, 0
+        for w in self.window_layers:
+            full.append(0 if w else nf)
+            window.append(nw if w else 0)
+            nf, nw = nf + (not w), nw + w
+        if isinstance(layer, int):
+            return full[layer], window[layer]
+        i = jnp.clip(jnp.asarray(layer, jnp.int32), 0, len(self.window_layers) - 1)
+        return jnp.asarray(full, jnp.int32)[i], jnp.asarray(window, jnp.int32)[i]
+
+    def _attend_cached(self, q, keys, values, key_positions, positions, window):
+        """Attention of the new positions' queries over cached keys at `key_positions`
+        (negative: empty); `window`: `None`, a width, or `(width, traced flag)`."""
+        mask = (key_positions[None, :] <= positions[:, None]) & (key_positions[None, :] >= 0)
+        if window is not None:
+            width, flag = window if isinstance(window, tuple) else (window, True)
+            band = key_positions[None, :] > positions[:, None] - width
+            mask = mask & (band if flag is True else band | ~flag)
+        return _xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, self.scale, self.logit_softcap)
+
+    def _decode_group(self, q, k, v, keys, values, slot, index, positions, max_seq, window, valid, keep):
+        """Write this step's keys/values into one stack (`keys`, `values`; layer `slot`), and
+        attend. Returns `(attend, keys, values, finish)`: `attend()` the attention output,
+        `finish(keys, values)` the writes still to do after it."""
+        seq = q.shape[0]
+        slots = keys.shape[-3]
+
+        def write(keys, values):
+            return (
+                _cache_write(keys, k, slot, index, max_seq, valid=valid, keep=keep),
+                _cache_write(values, v, slot, index, max_seq, valid=valid, keep=keep),
+            )
+
+        if _writes_first(keys, seq, max_seq):
+            keys, values = write(keys, values)
+            if slots >= max_seq:
+                key_positions = jnp.arange(slots, dtype=jnp.int32)
+            else:
+                key_positions = _slot_positions(index + seq - 1, slots)
+
+            def attend():
+                return self._attend_cached(
+                    q, _layer_slice(keys, slot), _layer_slice(values, slot), key_positions, positions, window
+                )
+
+            return attend, keys, values, lambda keys, values: (keys, values)
+
+        # A ring taking several positions: the old slots and the new rows side by side.
+        key_positions = jnp.concatenate([_slot_positions(index - 1, slots), positions])
+
+        def attend_ring():
+            both_k = jnp.concatenate([_layer_slice(keys, slot), k.astype(keys.dtype)])
+            both_v = jnp.concatenate([_layer_slice(values, slot), v.astype(values.dtype)])
+            return self._attend_cached(q, both_k, both_v, key_positions, positions, window)
+
+        return attend_ring, keys, values, write
 
     def decode(
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
         index: Int[Array, ""],
-        layer: Int[Array, ""] | None = None,
+        layer: Int[Array, ""] | int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Attend from `seq` new positions starting at `index`, reading and extending `cache`.
 
@@ -408,19 +581,24 @@ class Attention(eqx.Module):
         **Arguments:**
 
         - `x`: the new positions' inputs.
-        - `cache`: the keys/values of earlier positions: this layer's `(max_seq, kv_heads,
-          head_dim)` arrays, or, with `layer`, every layer's `(layers, max_seq, kv_heads,
-          head_dim)` arrays.
+        - `cache`: the keys/values of earlier positions (from `init_cache`): this layer's
+          `(slots, kv_heads, head_dim)` arrays, or, with `layer`, every layer's stacked ones.
         - `index`: the absolute position of `x[0]` (an int32 scalar array).
         - `layer`: which layer's slot of a stacked cache to read and write. The new keys and
           values are written into the stacked arrays in place (inside a scan over layers the
           cache is then a loop carry that is updated, never copied whole). A layer built with
-          `window_layers` needs it (and a stacked cache).
+          `window_layers` needs it (and a stacked cache). A Python int routes a mixed stack's
+          layer at trace time; a traced one writes both stacks (one of them unchanged) and picks
+          the attention with `lax.cond`.
+        - `valid_length`: how many of the new positions are real (right-padded prompts); a
+          sliding-window ring then keeps the last `sliding_window` real positions rather than
+          padding. Default: all.
 
         **Returns:** `(output, updated cache)`.
 
         **Raises:** `ConfigError` for a layer built with `causal=False` (a KV cache only makes
-        sense when a position never attends to later ones).
+        sense when a position never attends to later ones); `ShapeError` for a cache whose
+        layout does not match the call.
         """
         if not self.causal:
             raise ConfigError(
@@ -429,7 +607,7 @@ class Attention(eqx.Module):
             )
         if layer is not None and cache.keys.ndim != 4:
             raise ShapeError(
-                f"decode(layer=...) reads slot `layer` of a stacked cache (layers, max_seq, kv_heads, "
+                f"decode(layer=...) reads slot `layer` of a stacked cache (layers, slots, kv_heads, "
                 f"head_dim); got one layer's cache {shape_str(cache.keys.shape)}. Use the model's "
                 "init_cache, or stack this layer's: jax.tree.map(lambda a: a[None], cache)."
             )
@@ -438,26 +616,42 @@ class Attention(eqx.Module):
         positions = index + jnp.arange(seq, dtype=jnp.int32)
         windowed = self._windowed(layer)
         q, k, v = self._qkv(x, positions, windowed)
-        zero = jnp.zeros((), jnp.int32)
-        k = k.astype(cache.keys.dtype)
-        v = v.astype(cache.values.dtype)
+        layer = layer if layer is None or isinstance(layer, int) else jnp.asarray(layer, jnp.int32)
+        mixed = self.window_layers is not None and cache.window_keys is not None
+        common = dict(index=index, positions=positions, max_seq=cache.max_seq, valid=valid_length)
+        if not mixed:
+            if self.window_layers is not None and cache.keys.shape[-3] < cache.max_seq:
+                raise ShapeError(
+                    "this attention mixes windowed and full layers (window_layers): its cache needs "
+                    "either full-length slots for every layer or the two stacks of a mixed cache; "
+                    "build it with the model's init_cache (or init_cache(max_seq, layers=n))."
+                )
+            window = None if windowed is False else self.sliding_window if windowed is True else (self.sliding_window, windowed)
+            attend, keys, values, finish = self._decode_group(
+                q, k, v, cache.keys, cache.values, layer, window=window, keep=None, **common
+            )
+            o = attend()
+            keys, values = finish(keys, values)
+            return self._out(o), KVCache(keys, values, max_seq=cache.max_seq)
         if layer is None:
-            keys = jax.lax.dynamic_update_slice(cache.keys, k, (index, zero, zero))
-            values = jax.lax.dynamic_update_slice(cache.values, v, (index, zero, zero))
-            layer_keys, layer_values = keys, values
+            raise ConfigError("a mixed cache (window_keys) is a stacked cache: call decode with layer=i.")
+        full_slot, window_slot = self._group_slots(layer)
+        static = isinstance(windowed, bool)
+        groups = []
+        for arrays, slot, in_group, window in (
+            ((cache.keys, cache.values), full_slot, not windowed if static else ~windowed, None),
+            ((cache.window_keys, cache.window_values), window_slot, windowed, self.sliding_window),
+        ):
+            if arrays[0].shape[0] == 0 or in_group is False:  # no such layers / not this layer's
+                groups.append((None, *arrays, lambda keys, values: (keys, values)))
+                continue
+            keep = None if in_group is True else in_group
+            groups.append(self._decode_group(q, k, v, *arrays, slot, window=window, keep=keep, **common))
+        (attend_full, keys, values, finish_full), (attend_window, wkeys, wvalues, finish_window) = groups
+        if attend_full is None or attend_window is None:
+            o = (attend_window or attend_full)()
         else:
-            layer = jnp.asarray(layer, dtype=jnp.int32)
-            keys = jax.lax.dynamic_update_slice(cache.keys, k[None], (layer, index, zero, zero))
-            values = jax.lax.dynamic_update_slice(cache.values, v[None], (layer, index, zero, zero))
-            layer_keys = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
-            layer_values = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
-        max_seq = layer_keys.shape[0]
-        key_positions = jnp.arange(max_seq, dtype=jnp.int32)
-        mask = key_positions[None, :] <= positions[:, None]  # (seq, max_seq)
-        if windowed is not False:
-            band = key_positions[None, :] > positions[:, None] - self.sliding_window
-            mask = mask & (band if windowed is True else band | ~windowed)
-        o = _xla_attention(
-            q, layer_keys.astype(q.dtype), layer_values.astype(q.dtype), mask, self.scale, self.logit_softcap
-        )
-        return self._out(o), KVCache(keys, values)
+            o = jax.lax.cond(windowed, attend_window, attend_full)
+        keys, values = finish_full(keys, values)
+        wkeys, wvalues = finish_window(wkeys, wvalues)
+        return self._out(o), KVCache(keys, values, wkeys, wvalues, max_seq=cache.max_seq)

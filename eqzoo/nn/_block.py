@@ -93,14 +93,16 @@ class TransformerBlock(eqx.Module):
         x: Float[Array, "seq embed"],
         cache: KVCache,
         index: Int[Array, ""],
-        layer: Int[Array, ""] | None = None,
+        layer: Int[Array, ""] | int | None = None,
         batch_size: int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Like `__call__` for new positions starting at `index`, reading and extending `cache`
-        (this layer's, or slot `layer` of a stacked cache; see [`eqzoo.nn.Attention.decode`][]).
-        `batch_size`, the number of sequences decoded together, lets an
-        [`eqzoo.nn.MoE`][] read only the chosen experts ([`eqzoo.nn.MoE.decode`][])."""
-        h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer)
+        (this layer's, or slot `layer` of a stacked cache; `valid_length` as in
+        [`eqzoo.nn.Attention.decode`][]). `batch_size`, the number of sequences decoded
+        together, lets an [`eqzoo.nn.MoE`][] read only the chosen experts
+        ([`eqzoo.nn.MoE.decode`][])."""
+        h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer, valid_length)
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         if isinstance(self.mlp, MoE):
             return x + self._post_mlp(self.mlp.decode(self.mlp_norm(x), batch_size)), cache
