@@ -7,6 +7,7 @@ from typing import Any
 
 from .._errors import ConfigError, user_stacklevel
 from ..models import GemmaConfig, GPT2Config, LlamaConfig, MixtralConfig, ViTConfig
+from ..models._llama import LAYER_TYPES
 from ..nn import RopeScaling
 from ._errors import HFFormatError
 
@@ -170,37 +171,31 @@ def _mistral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     return fields | dict(sliding_window=_sliding_window(d, 4096))
 
 
-def _qwen_window(d: Mapping[str, Any], layers: int) -> int | None:
-    # Qwen2's and Qwen3's sliding window is per layer: layer_types (transformers 5), or
-    # use_sliding_window with the layers from max_window_layers on. eqzoo's layers share one
-    # window, so it is all or none.
+def _qwen_window(d: Mapping[str, Any], layers: int) -> dict[str, Any]:
+    # Qwen2's and Qwen3's window, as transformers reads it: the window only with
+    # use_sliding_window; then on the layers layer_types names (transformers 5 writes it), or
+    # else on those from max_window_layers on.
+    window = _sliding_window(d, 4096) if bool(d.get("use_sliding_window", False)) else None
     types = d.get("layer_types")
     if types is None:
-        # As transformers: no window unless use_sliding_window and a sliding_window are given.
-        sliding = bool(d.get("use_sliding_window", False)) and d.get("sliding_window", 4096) is not None
+        if window is None:
+            return dict(sliding_window=None, layer_types=None)
         first = d.get("max_window_layers", 28)
-        if sliding and (isinstance(first, bool) or not isinstance(first, int) or first < 0):
+        if isinstance(first, bool) or not isinstance(first, int) or first < 0:
             raise _unsupported(d, "max_window_layers", first, "it must be a non-negative integer")
-        types = ["sliding_attention" if sliding and i >= first else "full_attention" for i in range(layers)]
-    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
-    if unknown:
-        raise _unsupported(d, "layer_types", unknown, "only 'full_attention' and 'sliding_attention' layers exist here")
-    if "sliding_attention" not in types:
-        return None
-    if "full_attention" in types:
-        raise _unsupported(
-            d, "layer_types", types,
-            "eqzoo's layers share one attention pattern, so sliding-window attention must be on "
-            "in every layer (max_window_layers=0) or in none (use_sliding_window=false)",
-        )
-    return _sliding_window(d, 4096)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    if not isinstance(types, list | tuple) or len(types) != layers or not set(types) <= set(LAYER_TYPES):
+        raise _unsupported(d, "layer_types", types, f"one of 'sliding_attention' / 'full_attention' per layer ({layers})")
+    if window is None or "sliding_attention" not in types:
+        return dict(sliding_window=None, layer_types=None)
+    return dict(sliding_window=window, layer_types=None if "full_attention" not in types else tuple(types))
 
 
 def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Qwen2 is Llama's architecture with biases on the query, key and value projections.
     # Qwen2 has no attention_bias option (its q/k/v always have biases, o never): ignored.
     fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768)
-    return fields | dict(qkv_bias=True, sliding_window=_qwen_window(d, fields["num_layers"]))
+    return fields | dict(qkv_bias=True, **_qwen_window(d, fields["num_layers"]))
 
 
 def _qwen3_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,7 +203,7 @@ def _qwen3_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # biases unless attention_bias, which _llama_from_hf refuses).
     # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads.
     fields = _llama_from_hf({"head_dim": 128} | dict(d), theta=10000.0, eps=1e-6, max_seq=32768)
-    return fields | dict(qk_norm=True, sliding_window=_qwen_window(d, fields["num_layers"]))
+    return fields | dict(qk_norm=True, **_qwen_window(d, fields["num_layers"]))
 
 
 def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -518,6 +513,13 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig 
         }
     if isinstance(config, LlamaConfig) and config.sliding_window is not None:
         # transformers' Llama has no sliding window; Mistral is the same model with one.
+        if config.layer_types is not None:
+            raise HFFormatError(
+                "a LlamaConfig whose sliding_window is on some layers only (layer_types) is written "
+                "as Qwen2 or Qwen3, the Llama layouts with per-layer windows: this one has neither "
+                "qkv_bias nor qk_norm, and MistralForCausalLM's window is on every layer. Export "
+                "with the window on every layer (layer_types=None) or none."
+            )
         return {
             "architectures": ["MistralForCausalLM"],
             "model_type": "mistral",
@@ -589,13 +591,16 @@ def _decoder_to_hf(c: LlamaConfig | MixtralConfig | GemmaConfig) -> dict[str, An
 
 
 def _qwen_window_to_hf(c: LlamaConfig) -> dict[str, Any]:
-    """Qwen2's and Qwen3's window keys: the window, if any, on every layer."""
+    """Qwen2's and Qwen3's window keys: the window and the layers it is on."""
     window = c.sliding_window
+    types = c.layer_types or ("sliding_attention" if window is not None else "full_attention",) * c.num_layers
     return {
         "use_sliding_window": window is not None,
         "sliding_window": window,
-        "max_window_layers": 0 if window is not None else c.num_layers,
-        "layer_types": ["sliding_attention" if window is not None else "full_attention"] * c.num_layers,
+        # Not read by transformers when layer_types is given: the first windowed layer, which
+        # is what it means when the windowed layers are the last ones.
+        "max_window_layers": types.index("sliding_attention") if window is not None else c.num_layers,
+        "layer_types": list(types),
     }
 
 

@@ -21,12 +21,9 @@ from ..nn import (
     SwiGLU,
     TransformerBlock,
 )
-from ._llama import check_decoder
+from ._llama import check_decoder, check_layer_types
 from ._lm import AbstractLM
 from ._validate import check_positive
-
-LAYER_TYPES = ("sliding_attention", "full_attention")
-"""The attention kinds a Gemma layer can have (Hugging Face's `layer_types` spelling)."""
 
 
 def _pattern(num_layers: int, every: int | None) -> tuple[str, ...]:
@@ -135,23 +132,7 @@ class GemmaConfig:
         if pattern is not None and (isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1):
             raise ConfigError(f"GemmaConfig: sliding_window_pattern must be a positive integer or None, got {pattern!r}.")
         if self.layer_types is not None:
-            if isinstance(self.layer_types, str) or not isinstance(self.layer_types, tuple):
-                raise ConfigError(
-                    "GemmaConfig: layer_types must be a tuple of strings (one per layer), got "
-                    f"{self.layer_types!r}."
-                )
-            unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
-            if unknown or len(self.layer_types) != self.num_layers:
-                raise ConfigError(
-                    f"GemmaConfig: layer_types must give one of {LAYER_TYPES} for each of the "
-                    f"num_layers={self.num_layers} layers; got {len(self.layer_types)} entries"
-                    + (f" with unknown kinds {unknown}" if unknown else "") + "."
-                )
-            if self.sliding_window is None and "sliding_attention" in self.layer_types:
-                raise ConfigError(
-                    "GemmaConfig: layer_types has sliding_attention layers but sliding_window is "
-                    "None; give the window's size."
-                )
+            check_layer_types("GemmaConfig", self.layer_types, self.num_layers, self.sliding_window)
             # Kinds that a pattern gives are kept as that pattern (the smallest), so that a
             # loaded config equals the preset it is; other kinds stay explicit.
             types = self.layer_types

@@ -22,6 +22,8 @@ from ._lm import AbstractLM
 from ._validate import check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+"""The attention kinds a layer can have (Hugging Face's `layer_types` spelling)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,10 @@ class LlamaConfig:
     - `qk_norm`: an RMSNorm (epsilon `rms_norm_eps`) over each head's queries and keys before
       the rotary embedding: Qwen3's attention. Hugging Face `Qwen3ForCausalLM` checkpoints load
       as a Llama with it.
+    - `layer_types`: with a `sliding_window`, which layers use it: `"sliding_attention"` or
+      `"full_attention"` for each layer (Qwen2's and Qwen3's `max_window_layers`: full layers
+      first, windowed from there on). `None`: every layer windowed. Kinds that are all the same
+      are stored one way: all sliding as `None`, all full as `sliding_window=None`.
     - `remat`, `scan_layers`, `attention_backend`: as in [`eqzoo.models.GPT2Config`][].
     """
 
@@ -63,6 +69,7 @@ class LlamaConfig:
     sliding_window: int | None = None
     qkv_bias: bool = False
     qk_norm: bool = False
+    layer_types: tuple[str, ...] | None = None
     remat: str = "none"
     scan_layers: bool | str = "auto"
     attention_backend: str = "auto"
@@ -74,6 +81,19 @@ class LlamaConfig:
             embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
         )
         check_decoder("LlamaConfig", self)
+        if self.layer_types is not None:
+            check_layer_types("LlamaConfig", self.layer_types, self.num_layers, self.sliding_window)
+            if "full_attention" not in self.layer_types:
+                object.__setattr__(self, "layer_types", None)
+            elif "sliding_attention" not in self.layer_types:
+                object.__setattr__(self, "layer_types", None)
+                object.__setattr__(self, "sliding_window", None)
+
+    @property
+    def window_layers(self) -> tuple[bool, ...] | None:
+        """For a stack that mixes windowed and full layers, whether each layer is windowed
+        (what [`eqzoo.nn.Attention`][] takes); `None` when all layers are alike."""
+        return None if self.layer_types is None else tuple(k == "sliding_attention" for k in self.layer_types)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -96,11 +116,13 @@ class LlamaConfig:
         """Training FLOPs per token: `6 N + 12 L d_attn T`, N without the input embedding table
         when the head is separate (a lookup does no matmul; a tied table is counted once, as the
         head), `d_attn = num_heads * head_dim` (the width attention runs at: `embed_dim` unless
-        `head_dim` says otherwise, as in Qwen3) and T at most `sliding_window`."""
+        `head_dim` says otherwise, as in Qwen3) and T at most `sliding_window` on the windowed
+        layers (the sum over layers of each one's span when `layer_types` mixes them)."""
         t = self.max_seq if seq_len is None else seq_len
-        t = t if self.sliding_window is None else min(t, self.sliding_window)
+        windowed = self.window_layers or (self.sliding_window is not None,) * self.num_layers
+        spans = sum(min(t, self.sliding_window) if w else t for w in windowed)
         n = self.num_params() - (0 if self.tie_embeddings else self.vocab_size * self.embed_dim)
-        return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.resolved_head_dim * t
+        return 6.0 * n + 12.0 * self.num_heads * self.resolved_head_dim * spans
 
 
 class Llama(AbstractLM):
@@ -147,6 +169,25 @@ def check_decoder(name: str, c) -> None:
         raise ConfigError(f"{name}: sliding_window must be a positive integer or None, got {window!r}.")
 
 
+def check_layer_types(name: str, layer_types, num_layers: int, sliding_window: int | None) -> None:
+    """Raise `ConfigError` naming `name` unless `layer_types` is a tuple of one of
+    `LAYER_TYPES` per layer, with a window for its sliding layers."""
+    if isinstance(layer_types, str) or not isinstance(layer_types, tuple):
+        raise ConfigError(f"{name}: layer_types must be a tuple of strings (one per layer), got {layer_types!r}.")
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown or len(layer_types) != num_layers:
+        raise ConfigError(
+            f"{name}: layer_types must give one of {LAYER_TYPES} for each of the "
+            f"num_layers={num_layers} layers; got {len(layer_types)} entries"
+            + (f" with unknown kinds {unknown}" if unknown else "") + "."
+        )
+    if sliding_window is None and "sliding_attention" in layer_types:
+        raise ConfigError(
+            f"{name}: layer_types has sliding_attention layers but sliding_window is None; give "
+            "the window's size."
+        )
+
+
 def decoder_layers(c, make_mlp, key):
     """The layers of a Llama-style decoder (`LlamaConfig` or `MixtralConfig`): the token
     embedding, the stacked pre-norm blocks (RMSNorm, rotary grouped-query attention and
@@ -164,8 +205,8 @@ def decoder_layers(c, make_mlp, key):
                 use_rope=True, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
                 use_bias=getattr(c, "qkv_bias", False), out_bias=False,
                 qk_norm=c.qk_norm, qk_norm_eps=c.rms_norm_eps,
-                backend=c.attention_backend, sliding_window=c.sliding_window, out_init_std=out_std,
-                key=ka,  # type: ignore[arg-type]
+                backend=c.attention_backend, sliding_window=c.sliding_window,
+                window_layers=getattr(c, "window_layers", None), out_init_std=out_std, key=ka,  # type: ignore[arg-type]
             ),
             RMSNorm(c.embed_dim, eps=c.rms_norm_eps),
             make_mlp(out_std, km),

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+from jaxtyping import TypeCheckError
 
+from eqzoo._errors import ConfigError
 from eqzoo.hf import SUPPORTED_ARCHITECTURES, HFFormatError, config_from_hf, config_to_hf
 from eqzoo.models import GPT2Config, LlamaConfig, MixtralConfig
 from eqzoo.nn import RopeScaling
@@ -170,7 +172,7 @@ def test_sliding_windows_map_both_ways():
     assert config_to_hf(MixtralConfig(sliding_window=128))["sliding_window"] == 128
 
 
-def test_qwen2_sliding_window_on_some_layers_is_refused():
+def test_qwen2_windows_read_as_transformers_does():
     qwen2 = {
         "model_type": "qwen2", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96,
         "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -178,16 +180,41 @@ def test_qwen2_sliding_window_on_some_layers_is_refused():
     assert config_from_hf(qwen2).qkv_bias and config_from_hf(qwen2).sliding_window is None
     assert config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 32}).sliding_window == 32
     assert config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 4, "sliding_window": 32}).sliding_window is None
-    with pytest.raises(HFFormatError, match=r"must be on in every layer \(max_window_layers=0\) or in none"):
-        config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32})
-    with pytest.raises(HFFormatError, match=r"must be on in every layer"):
-        config_from_hf(qwen2 | {"layer_types": ["full_attention", "sliding_attention"] * 2, "sliding_window": 32})
+    # the window from layer max_window_layers on
+    some = config_from_hf(qwen2 | {"use_sliding_window": True, "max_window_layers": 3, "sliding_window": 32})
+    assert some.sliding_window == 32 and some.window_layers == (False, False, False, True)
+    assert config_from_hf(config_to_hf(some)) == some
+    odd = ("full_attention", "sliding_attention") * 2
+    explicit = config_from_hf(qwen2 | {"use_sliding_window": True, "layer_types": list(odd), "sliding_window": 32})
+    assert explicit.layer_types == odd and config_to_hf(explicit)["layer_types"] == list(odd)
+    # transformers drops the window without use_sliding_window, whatever layer_types says
+    assert config_from_hf(qwen2 | {"layer_types": list(odd), "sliding_window": 32}).sliding_window is None
+    with pytest.raises(HFFormatError, match=r"layer_types.*one of 'sliding_attention' / 'full_attention' per layer \(4\)"):
+        config_from_hf(qwen2 | {"use_sliding_window": True, "layer_types": ["sliding_attention"] * 3, "sliding_window": 32})
     # As transformers reads them: a null window or max_window_layers with sliding off is no window.
     assert config_from_hf(qwen2 | {"use_sliding_window": True, "sliding_window": None, "max_window_layers": 2}).sliding_window is None
     assert config_from_hf(qwen2 | {"max_window_layers": None}).sliding_window is None
     with pytest.raises(HFFormatError, match=r"max_window_layers=None.*non-negative integer"):
         config_from_hf(qwen2 | {"use_sliding_window": True, "sliding_window": 32, "max_window_layers": None})
     assert config_from_hf(qwen2 | {"attention_bias": True}).qkv_bias  # a key Qwen2 does not read
+    # Mistral's window is on every layer: a plain Llama with windows on some layers has no format
+    with pytest.raises(HFFormatError, match="neither qkv_bias nor qk_norm"):
+        config_to_hf(LlamaConfig(num_layers=2, sliding_window=8, layer_types=("full_attention", "sliding_attention")))
+
+
+def test_llama_layer_types_are_checked_and_stored_one_way():
+    kinds = ("full_attention", "sliding_attention")
+    assert LlamaConfig(num_layers=2, sliding_window=8, layer_types=kinds).window_layers == (False, True)
+    alike = LlamaConfig(num_layers=2, sliding_window=8, layer_types=("sliding_attention",) * 2)
+    assert alike.layer_types is None and alike == LlamaConfig(num_layers=2, sliding_window=8)
+    full = LlamaConfig(num_layers=2, sliding_window=8, layer_types=("full_attention",) * 2)
+    assert full.sliding_window is None and full == LlamaConfig(num_layers=2)
+    with pytest.raises((ConfigError, TypeCheckError), match="layer_types"):
+        LlamaConfig(num_layers=2, sliding_window=8, layer_types=kinds[:1])
+    with pytest.raises(ConfigError, match="sliding_window is None"):
+        LlamaConfig(num_layers=2, layer_types=kinds)
+    with pytest.raises((ConfigError, TypeCheckError), match="layer_types"):
+        LlamaConfig(num_layers=2, sliding_window=8, layer_types=["full_attention", "sliding_attention"])
 
 
 def test_mixtral_without_renormalised_router_weights_is_not_exported():
@@ -205,8 +232,8 @@ def test_qwen3_families_read_as_transformers_does():
     assert isinstance(c, LlamaConfig) and c.qk_norm and not c.qkv_bias and c.sliding_window is None
     assert c.rms_norm_eps == 1e-6 and c.max_seq == 32768 and c.head_dim == 32
     assert config_from_hf(qwen3 | {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": 32}).sliding_window == 32
-    with pytest.raises(HFFormatError, match=r"must be on in every layer"):
-        config_from_hf(qwen3 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32})
+    assert config_from_hf(qwen3 | {"use_sliding_window": True, "max_window_layers": 2, "sliding_window": 32}).window_layers == (
+        False, False, True, True)
     with pytest.raises(HFFormatError, match=r"attention_bias=True.*no biases"):
         config_from_hf(qwen3 | {"attention_bias": True})
     moe = {k: v for k, v in qwen3.items() if k != "head_dim"} | {

@@ -92,6 +92,38 @@ def test_loaded_sliding_windows(hf_checkpoints, loaded, tmp_path, hft):
     assert err < ATOL, f"qwen2, sliding window 5: max logit error {err:.2e} >= {ATOL}"
 
 
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_windows_on_some_layers_match_transformers(family, tmp_path, hft):
+    """Qwen2's max_window_layers (full layers first, windowed from there on) and Qwen3's explicit
+    layer_types (windowed first, then full; 3 layers, window 5 of 20 positions): loaded, the
+    logits and greedy decoding through the ring caches match transformers; exported, transformers
+    reads the same kinds back."""
+    if family == "qwen2":
+        hf_model = hft.make_qwen2(8, use_sliding_window=True, sliding_window=5, max_window_layers=1, num_hidden_layers=3)
+        kinds = ("full_attention", "sliding_attention", "sliding_attention")
+    else:
+        kinds = ("sliding_attention", "full_attention", "sliding_attention")
+        hf_model = hft.make_qwen3(9, use_sliding_window=True, sliding_window=5, layer_types=list(kinds), num_hidden_layers=3)
+    hf_model.save_pretrained(tmp_path / "hf")
+    model = eqzoo.hf.load_pretrained(tmp_path / "hf")
+    assert model.config.layer_types == kinds and model.config.sliding_window == 5
+    tokens = hft.random_tokens(10, shape=(2, 20))
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"{family}, windows on {kinds}: max logit error {err:.2e} >= {ATOL}"
+    cache = model.init_cache(24)
+    assert cache.keys.shape[0] + cache.window_keys.shape[0] == 3 and cache.window_keys.shape[1] == 5
+    new = eqzoo.generate(model, jnp.asarray(tokens[0, :9]), max_new_tokens=10)
+    with hft.torch.no_grad():
+        want = hf_model.generate(hft.torch.as_tensor(tokens[:1, :9], dtype=hft.torch.long), max_new_tokens=10, do_sample=False)
+    np.testing.assert_array_equal(np.asarray(new), want[0].numpy())
+    eqzoo.hf.save_pretrained(model, tmp_path / "out")
+    back = hft.load_with_transformers(tmp_path / "out")
+    assert tuple(back.config.layer_types) == kinds and back.config.sliding_window == 5
+    err = np.abs(hft.hf_logits(back, tokens) - hft.hf_logits(hf_model, tokens)).max()
+    assert err == 0.0, f"{family}: exported logits differ by {err:.2e}"
+
+
 def test_first_gemma_matches_transformers(tmp_path, hft):
     """Gemma (the first generation: no sandwich norms, windows or caps) with random norms."""
     hf_model = hft.make_gemma(11)

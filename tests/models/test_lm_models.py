@@ -145,6 +145,24 @@ def test_sliding_window_config(family):
     assert windowed.flops_per_token(256) == full.flops_per_token(256)
 
 
+
+def test_windows_on_some_llama_layers():
+    # Layers 0 and 1 full, 2 and 3 windowed (Qwen's max_window_layers=2): each layer equals a
+    # model built with its kind everywhere, and the FLOPs count each layer's own span.
+    kinds = ("full_attention",) * 2 + ("sliding_attention",) * 2
+    config = models.get_config("tiny-llama", num_layers=4, sliding_window=3, layer_types=kinds)
+    model = models.create(config, key=jax.random.key(0))
+    attn = model.blocks.layers.attn
+    assert attn.window_layers == (False, False, True, True) and attn.sliding_window == 3
+    windowed, full = models.get_config(config, layer_types=None), models.get_config(config, sliding_window=None, layer_types=None)
+    alike = {True: models.create(windowed, key=jax.random.key(0)), False: models.create(full, key=jax.random.key(0))}
+    h = jax.random.normal(jax.random.key(1), (12, config.embed_dim))
+    for i, w in enumerate(attn.window_layers):  # same key: same weights, whatever the windows
+        np.testing.assert_allclose(model.blocks[i](h, layer=i), alike[w].blocks[i](h), atol=1e-6)
+    assert not np.allclose(alike[True].blocks[0](h), alike[False].blocks[0](h), atol=1e-3)  # the window matters
+    assert config.flops_per_token(64) == (windowed.flops_per_token(64) + full.flops_per_token(64)) / 2
+
+
 def test_qkv_bias_adds_biases_to_query_key_value_only():
     config = models.get_config("tiny-llama", qkv_bias=True)
     attn = models.create(config, key=jax.random.key(0)).blocks.layers.attn
