@@ -11,6 +11,7 @@ from jaxtyping import Array, Int
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
+from ..nn._fields import with_fields
 from ._sampling import check_sampling, sample_logits
 
 
@@ -85,12 +86,19 @@ def resolve_unroll(unroll_layers: bool | str, backend: str | None = None) -> boo
     return UNROLL_DECODE_DEFAULTS.get(jax.default_backend() if backend is None else backend, False)
 
 
+def decoding_model(model, unroll_layers: bool):
+    """`model` as a decode loop runs it. With `unroll_layers`, each layer's weights are sliced out
+    of the stack here, once, outside the token loop (sliced inside it, even unrolled, XLA:CPU
+    copies them on every token). And without remat: nothing is differentiated, and under
+    `jax.checkpoint` an unrolled layer's index would be traced (a mixed sliding-window stack
+    then writes both its caches rather than routing at trace time)."""
+    blocks = model.blocks.unstacked() if unroll_layers else model.blocks
+    return eqx.tree_at(lambda m: m.blocks, model, with_fields(blocks, remat="none"))
+
+
 @eqx.filter_jit
 def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
-    if unroll_layers:
-        # Each layer's weights sliced out of the stack here, once, outside the token loop (sliced
-        # inside it, even unrolled, XLA:CPU copies them on every token).
-        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
+    model = decoding_model(model, unroll_layers)
     batch_size = prompts.shape[0]  # static: lets MoE layers read only the chosen experts
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, batch_size=batch_size, **static))(prompts, lengths, keys)
 

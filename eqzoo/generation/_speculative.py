@@ -45,7 +45,7 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
-from ._generate import prompt_lengths, resolve_unroll
+from ._generate import decoding_model, prompt_lengths, resolve_unroll
 from ._sampling import check_sampling, filter_logits, sample_logits
 
 
@@ -167,9 +167,7 @@ def _speculate_one(
 
 @eqx.filter_jit
 def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **static):
-    if unroll_layers:  # as generate_batch: each layer sliced out of the stack once, outside the loop
-        model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
-        draft = eqx.tree_at(lambda m: m.blocks, draft, draft.blocks.unstacked())
+    model, draft = decoding_model(model, unroll_layers), decoding_model(draft, unroll_layers)  # as generate_batch
     batch_size = prompts.shape[0]
     return jax.vmap(lambda p, n, k: _speculate_one(model, draft, p, n, k, batch_size=batch_size, **static))(
         prompts, lengths, keys

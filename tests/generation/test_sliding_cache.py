@@ -86,6 +86,10 @@ def test_padded_prompts_keep_their_real_positions(lm):
     reference = generate_batch(lm, prompts, lengths, max_new_tokens=6, use_cache=False)
     np.testing.assert_array_equal(out, reference)
     assert len(set(np.asarray(out[2, 11:]).tolist())) > 1  # not a degenerate repeat
+    # remat (the Gemma presets train with it) is dropped for decoding; unrolled, the layers then
+    # route to their caches at trace time
+    remat = eqx.tree_at(lambda m: m.blocks, lm, nn._fields.with_fields(lm.blocks, remat="full"))
+    np.testing.assert_array_equal(generate_batch(remat, prompts, lengths, max_new_tokens=6, unroll_layers=True), reference)
 
 
 def test_speculative_decoding_rewinds_within_the_ring(lm):
