@@ -102,7 +102,20 @@ class AbstractLM(eqx.Module):
     def _layer_indices(self) -> Int[Array, " layers"]:
         """Each block's index, given to it as it runs (attention whose window differs by layer
         reads it: Gemma 2 and 3)."""
+        self._check_window_layers()
         return jnp.arange(self.blocks.num_layers, dtype=jnp.int32)
+
+    def _check_window_layers(self) -> None:
+        # A traced index past the end of the pattern cannot raise inside the scan, so a stack
+        # longer than its attention's window_layers is refused here, while shapes are static.
+        layers = self.blocks.layers
+        pattern = (layers[0] if isinstance(layers, tuple) else layers).attn.window_layers  # static: no slicing
+        if pattern is not None and len(pattern) < self.blocks.num_layers:
+            raise ShapeError(
+                f"{type(self).__name__}: the stack has {self.blocks.num_layers} layers but its "
+                f"attention's window_layers covers {len(pattern)}; build the layers with one "
+                "window_layers entry per layer."
+            )
 
     def _check_packing(self, tokens, segment_ids, positions) -> None:
         for name, value in (("segment_ids", segment_ids), ("positions", positions)):
@@ -227,6 +240,7 @@ class AbstractLM(eqx.Module):
             layer = int(layer) if isinstance(layer, np.generic) else layer
             return block.decode(h, cache, index, layer, batch_size, valid_length), None
 
+        self._check_window_layers()
         layers = np.arange(self.blocks.num_layers, dtype=np.int32)
         (x, cache), _ = self.blocks.apply(step, (x, cache), layers)
         return self.logits(self.final_norm(x)), cache

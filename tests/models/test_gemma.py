@@ -173,6 +173,13 @@ def test_bad_options_of_the_new_layer_settings_name_the_problem():
     with pytest.raises(ConfigError, match="logit_softcap must be a positive number or None"):
         nn.Attention(32, 2, logit_softcap=-1.0, key=key)
     mixed = nn.Attention(32, 2, sliding_window=4, window_layers=(True, False), key=key)
+    # a stack longer than its window pattern: refused before a traced index could run past it
+    model = models.create("tiny-gemma2", key=key)
+    longer = eqx.tree_at(lambda m: m.blocks, model, nn.Stacked.from_layers([model.blocks[i] for i in (0, 1, 2, 3, 0)]))
+    with pytest.raises(ShapeError, match="stack has 5 layers but its attention's window_layers covers 4"):
+        longer(jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ShapeError, match="stack has 5 layers"):
+        longer.decode(jnp.zeros((3,), jnp.int32), model.init_cache(8), jnp.int32(0))
     with pytest.raises(ConfigError, match=r"layer=5 is outside window_layers \(length 2\)"):
         mixed(jnp.ones((5, 32)), layer=5)
     with pytest.raises(ConfigError, match="layer must be an integer index, got True"):
