@@ -195,7 +195,7 @@ class AbstractLM(eqx.Module):
 
         **Arguments:** `max_seq` positions (default `config.max_seq`); `dtype` (default the
         attention parameters' dtype); `lookahead`, for sliding-window layers, whose caches are
-        rings of `sliding_window + lookahead` slots: how far past the next decode index a call
+        rings of `min(max_seq, sliding_window + lookahead)` slots: how far past the next decode index a call
         may write positions that a later call rewrites (see [`eqzoo.nn.Attention.init_cache`][];
         [`eqzoo.generation.generate_speculative`][] sets it).
         """

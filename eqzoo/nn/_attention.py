@@ -158,6 +158,8 @@ def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
         start = index if slots >= max_seq else jnp.mod(index, slots)
         where = (start, zero, zero) if slot is None else (slot, start, zero, zero)
         update = new if slot is None else new[None]
+        if slots < max_seq and valid is not None:  # a padding row must not take a ring slot
+            keep = valid > 0 if keep is None else keep & (valid > 0)
         if keep is not None:
             update = jnp.where(keep, update, jax.lax.dynamic_slice(arr, where, update.shape))
         return jax.lax.dynamic_update_slice(arr, update, where)

@@ -92,9 +92,29 @@ def test_padded_prompts_keep_their_real_positions(lm):
     np.testing.assert_array_equal(generate_batch(remat, prompts, lengths, max_new_tokens=6, unroll_layers=True), reference)
 
 
+def test_chunked_prefill_of_ragged_rows_keeps_each_rows_window(lm):
+    # Two rows of 9 and 7 real tokens prefilled in chunks under vmap, each chunk told how many
+    # of its rows are real (valid_length, 0 once a row has ended: a one-token chunk included),
+    # then each row's next token at its own length: the forward pass's logits.
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, lm.config.vocab_size)
+    lengths = jnp.array([9, 7], jnp.int32)
+    chunk = jax.jit(jax.vmap(lambda t, c, i, v: lm.decode(t, c, i, valid_length=v), in_axes=(0, 0, None, 0)))
+    step = jax.jit(jax.vmap(lambda t, c, i: lm.decode(t, c, i), in_axes=(0, 0, 0)))
+    for sizes in ([4, 4, 1], [8, 1], [3, 3, 3]):
+        cache = jax.vmap(lambda _: lm.init_cache(16))(jnp.arange(2))
+        start = 0
+        for size in sizes:
+            _, cache = chunk(tokens[:, start : start + size], cache, jnp.int32(start), jnp.clip(lengths - start, 0, size))
+            start += size
+        logits, _ = step(tokens[jnp.arange(2), lengths][:, None], cache, lengths)
+        for row, n in enumerate(lengths.tolist()):
+            np.testing.assert_allclose(logits[row, 0], lm(tokens[row, : n + 1])[n], atol=TOL, err_msg=f"{sizes}, row {row}")
+
+
 def test_speculative_decoding_rewinds_within_the_ring(lm):
-    # Each round writes proposals past the next start, then rewinds: the rings hold num_draft
-    # slots more than the window, so no position inside the window is lost. The output is the
+    # Each round writes proposals past the next start, then rewinds: the rings hold num_draft - 1
+    # slots more than the window, so no position inside the window is lost (with one slot fewer
+    # this test's rows differ from generate_batch's). The output is the
     # model's own greedy decoding, with a draft that disagrees often (other weights).
     draft = _scaled(models.get_config(_config("all-windowed"), num_layers=1), 7)
     prompts = jax.random.randint(jax.random.key(6), (2, 9), 0, 256, dtype=jnp.int32)
