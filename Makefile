@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 train: install
 	$(BIN)/python examples/train_char_gpt.py
 
+# pytest: a crashed worker (a segfault) fails the run at once rather than being replaced.
 test: install
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
 	$(BIN)/python scripts/run_examples.py --smoke
 	$(BIN)/python scripts/run_benchmarks.py
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir .site
