@@ -146,6 +146,13 @@ def _layer_slice(arr, slot):
     return arr if slot is None else jax.lax.dynamic_index_in_dim(arr, slot, keepdims=False)
 
 
+def _writes_first(arr, seq, max_seq) -> bool:
+    """Whether a decode step writes its keys before attending (it overwrites nothing it needs):
+    a full-length cache, or one new position; else a ring attends over its old slots and the new
+    keys side by side, then writes."""
+    return arr.shape[-3] >= max_seq or seq == 1
+
+
 def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
     """`arr` (one layer's `(slots, kv, hd)`, or layer `slot` of a stack) with `new`'s rows
     written at positions `index, index + 1, ...`: at those rows when the cache is full length,
@@ -154,7 +161,7 @@ def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
     False the cache is left as it was (a layer of a mixed stack writes one of its two stacks)."""
     slots, seq = arr.shape[-3], new.shape[0]
     zero = jnp.zeros((), jnp.int32)
-    if slots >= max_seq or seq == 1:
+    if _writes_first(arr, seq, max_seq):
         start = index if slots >= max_seq else jnp.mod(index, slots)
         where = (start, zero, zero) if slot is None else (slot, start, zero, zero)
         update = new if slot is None else new[None]
@@ -175,13 +182,6 @@ def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
         write = write & keep
     update = jnp.where(write[:, None, None], update, target.get())
     return target.set(update)
-
-
-def _writes_first(arr, seq, max_seq) -> bool:
-    """Whether a decode step writes its keys before attending (it overwrites nothing it needs):
-    a full-length cache, or one new position; else a ring attends over its old slots and the new
-    keys side by side, then writes."""
-    return arr.shape[-3] >= max_seq or seq == 1
 
 
 class Attention(eqx.Module):
@@ -635,8 +635,6 @@ class Attention(eqx.Module):
             o = attend()
             keys, values = finish(keys, values)
             return self._out(o), KVCache(keys, values, max_seq=cache.max_seq)
-        if layer is None:
-            raise ConfigError("a mixed cache (window_keys) is a stacked cache: call decode with layer=i.")
         full_slot, window_slot = self._group_slots(layer)
         static = isinstance(windowed, bool)
         groups = []
