@@ -11,6 +11,7 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --preset tiny-llama --set sliding_window=64 --set max_seq=2048 \
         --prompt-len 1536 --new-tokens 256 --batches 8 --full-length-cache --json   # the baseline of
         # the sliding-window ring caches (eqzoo.nn.KVCache)
+    python benchmarks/generate_throughput.py --cache-dtype int8 --json   # int8 KV cache (eqzoo.nn.QuantizedKV)
 """
 
 import argparse
@@ -52,6 +53,8 @@ def main(argv=None) -> dict:
     p.add_argument("--draft-layers", type=int, default=0,
                    help="speculative decoding with the model's first N layers as the draft (0: off)")
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes a round")
+    p.add_argument("--cache-dtype", choices=["model", "float32", "bfloat16", "int8"], default="model",
+                   help="the KV cache's dtype (generate_batch(cache_dtype=...)); model: the parameters'")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -78,6 +81,10 @@ def _run(args) -> dict:
     if args.quantize == "int8":
         model = eqzoo.quant.quantize(model)
     unroll = {"auto": "auto", "unrolled": True, "scan": False}[args.layers]
+    cache_dtype = None if args.cache_dtype == "model" else jnp.dtype(args.cache_dtype)
+    total = args.prompt_len + args.new_tokens
+    cache = jax.eval_shape(lambda: model.init_cache(total, dtype=cache_dtype))
+    cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
     rng = np.random.default_rng(0)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
@@ -86,10 +93,10 @@ def _run(args) -> dict:
             draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
             run = lambda prompts=prompts, draft=draft: eqzoo.generation.generate_speculative(  # noqa: E731
                 model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True,
-                unroll_layers=unroll)
+                unroll_layers=unroll, cache_dtype=cache_dtype)
         else:
             run = lambda prompts=prompts: eqzoo.generation.generate_batch(
-                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll)  # noqa: E731
+                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll, cache_dtype=cache_dtype)  # noqa: E731
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0
@@ -120,6 +127,8 @@ def _run(args) -> dict:
         "overrides": args.set,
         "read_all_experts": args.read_all_experts,
         "full_length_cache": args.full_length_cache,
+        "cache_dtype": args.cache_dtype,
+        "cache_mib_per_sequence": cache_bytes / 2**20,
         "draft_layers": args.draft_layers,
         "num_draft": args.num_draft if args.draft_layers else None,
         "prompt_len": args.prompt_len,

@@ -97,6 +97,16 @@ ROWS: tuple[Row, ...] = (
     Row("generate-int8", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                           "--batches", "1,64", "--new-tokens", "256", "--quantize", "int8"),
         GENERATE_TIMEOUT_S),
+    # Long contexts at batch 64: the KV cache (~2.3 GB in bf16 by the last token), not the
+    # weights (0.25 GB), is most of what a step reads. An int8 cache (eqzoo.nn.QuantizedKV) holds
+    # 53% of the bf16 bytes; does XLA fuse the int8 -> bf16 conversion into the attention
+    # products, or pay for a converted copy?
+    *(
+        Row(f"generate-long{suffix}", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                                       "--batches", "1,64", "--prompt-len", "768", "--new-tokens", "256", *extra),
+            GENERATE_TIMEOUT_S)
+        for suffix, extra in (("", ()), ("-int8-cache", ("--cache-dtype", "int8")))
+    ),
     # The image models, last: ViT-B/16 classifying 224x224 images, DiT-XL/2 denoising 32x32x4
     # latents (256 tokens each).
     Row("vit-b16", ("benchmarks/image_throughput.py", "--preset", "vit-b16", "--batch", "256",
@@ -144,6 +154,8 @@ SMOKE_ROWS: tuple[Row, ...] = (
         env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
     Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
     Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
+        SMOKE_TIMEOUT_S),
+    Row("tiny-generate-int8-cache", ("benchmarks/generate_throughput.py", "--smoke", "--cache-dtype", "int8"),
         SMOKE_TIMEOUT_S),
     Row("tiny-gpt2-packed", ("benchmarks/train_throughput.py", *TINY, "--packed-docs", "4"), SMOKE_TIMEOUT_S),
     Row("tiny-mixtral-capacity", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],

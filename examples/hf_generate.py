@@ -2,6 +2,7 @@
 
     python examples/hf_generate.py PATH --prompt "Once upon a time" --max-new-tokens 40
     python examples/hf_generate.py --smoke --json     # no checkpoint needed (what CI runs)
+    python examples/hf_generate.py PATH --cache-dtype int8   # an int8 KV cache (eqzoo.nn.QuantizedKV)
 
 PATH is a folder with config.json, model.safetensors (or shards + index) and tokenizer.json;
 nothing is downloaded. `--smoke` without PATH builds a tiny random GPT-2 with transformers
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
     parser.add_argument("--no-cache", action="store_true", help="recompute the prefix each step (slower)")
+    parser.add_argument("--cache-dtype", choices=["model", "bfloat16", "int8"], default="model",
+                        help="KV cache storage: the parameters' dtype (default), bfloat16, or int8 codes with scales")
     parser.add_argument("--smoke", action="store_true", help="tiny self-made checkpoint when PATH is omitted; checks parity")
     parser.add_argument("--json", action="store_true", help="print one JSON summary line last")
     args = parser.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             model, jnp.asarray(prompt), max_new_tokens=max_new, key=jax.random.key(args.seed),
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             eos_token=tokenizer.eos_token_id, pad_token=tokenizer.pad_token_id or 0,
-            use_cache=not args.no_cache,
+            use_cache=not args.no_cache, cache_dtype=None if args.cache_dtype == "model" else jnp.dtype(args.cache_dtype),
         )
         start = time.perf_counter()
         out = np.asarray(run())  # includes compilation
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": type(model).__name__,
             "params": int(sum(x.size for x in jax.tree.leaves(model))),
             "dtype": args.dtype,
+            "cache_dtype": args.cache_dtype,
             "prompt_tokens": int(len(prompt)),
             "new_tokens": int(len(new)),
             "load_s": round(load_s, 3),

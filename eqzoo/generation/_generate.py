@@ -11,11 +11,12 @@ from jaxtyping import Array, Int
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
+from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
 from ._sampling import check_sampling, sample_logits
 
 
-def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, batch_size=1):
+def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, batch_size=1):
     prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
     positions = jnp.arange(total, dtype=jnp.int32)
@@ -25,7 +26,7 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
     done = jnp.zeros((), bool)
 
     if use_cache:
-        cache = model.init_cache(total)
+        cache = model.init_cache(total, dtype=cache_dtype)
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
         logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32), batch_size=batch_size, valid_length=length)
         last = logits[length - 1]
@@ -103,7 +104,7 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, batch_size=batch_size, **static))(prompts, lengths, keys)
 
 
-def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, cache_dtype=None):
     if not isinstance(model, AbstractLM):
         raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama); got {type(model).__name__}.")
     if max_new_tokens < 1:
@@ -113,6 +114,8 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
+    if cache_dtype is not None:
+        check_cache_dtype(cache_dtype, None)
     total = prompts.shape[-1] + max_new_tokens
     if total > model.max_seq:
         raise ShapeError(
@@ -148,6 +151,7 @@ def generate_batch(
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
+    cache_dtype=None,
 ) -> Int[Array, "batch total"]:
     """Continue a batch of prompts of different lengths, in one compiled program.
 
@@ -165,6 +169,9 @@ def generate_batch(
       stacked weights; compiles longer, one copy of the layer per depth); `False` keeps the
       model's own layer loop; `"auto"` (default) follows
       [`eqzoo.generation.UNROLL_DECODE_DEFAULTS`][] for the backend.
+    - `cache_dtype`: the KV cache's dtype: default the model's attention parameters'; a
+      floating dtype (`jnp.bfloat16` halves an fp32 model's cache); or `jnp.int8`, codes with
+      one scale per position and head ([`eqzoo.nn.QuantizedKV`][]), about a quarter of fp32.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding.
@@ -172,7 +179,7 @@ def generate_batch(
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
-    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
+    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, cache_dtype)
     batch = prompts.shape[0]
     lengths = prompt_lengths(prompts, lengths)
     if key is None:
@@ -182,7 +189,7 @@ def generate_batch(
         model, prompts.astype(jnp.int32), lengths, keys,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
         eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
-        unroll_layers=resolve_unroll(unroll_layers),
+        unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
     )
 
 
@@ -200,6 +207,7 @@ def generate(
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
+    cache_dtype=None,
 ) -> Int[Array, " total"]:
     """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
 
@@ -215,7 +223,7 @@ def generate(
     - `top_k`, `top_p`: optional top-k / nucleus filtering.
     - `eos_token`: stop token; after it the output is `pad_token`.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
-    - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][].
+    - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][].
 
     **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long.
     """
@@ -230,5 +238,5 @@ def generate(
     return generate_batch(
         model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
-        unroll_layers=unroll_layers,
+        unroll_layers=unroll_layers, cache_dtype=cache_dtype,
     )[0]

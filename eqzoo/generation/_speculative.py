@@ -45,6 +45,7 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
+from ..nn._attention import check_cache_dtype
 from ._generate import decoding_model, prompt_lengths, resolve_unroll
 from ._sampling import check_sampling, filter_logits, sample_logits
 
@@ -59,7 +60,7 @@ def _dropless(model):
 
 def _speculate_one(
     model, draft, prompt, length, key, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size,
-    temperature, top_k, top_p,
+    temperature, top_k, top_p, cache_dtype=None,
 ):
     k = num_draft
     sampling = temperature > 0.0
@@ -80,8 +81,8 @@ def _speculate_one(
     # sliding-window layer's ring keeps that many slots more than its window (and, as in
     # generate_batch, the prefill keeps the prompt's real positions, not its padding).
     prefill = dict(batch_size=batch_size, valid_length=length)
-    logits, cache = model.decode(prompt, model.init_cache(room - 1, lookahead=k - 1), zero, **prefill)
-    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1, lookahead=k - 1), zero, **prefill)
+    logits, cache = model.decode(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), zero, **prefill)
+    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), zero, **prefill)
     key, sub = jax.random.split(key)
     # the prefill's token, as generate_batch's
     first = sample_logits(logits[length - 1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -191,6 +192,7 @@ def generate_speculative(
     pad_token: int = 0,
     return_stats: bool = False,
     unroll_layers: bool | str = "auto",
+    cache_dtype=None,
 ) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], dict[str, Array]]:
     """Decoding of `model`, sped up by a smaller `draft` model that proposes tokens.
 
@@ -229,7 +231,8 @@ def generate_speculative(
     - `pad_token`: fills positions after each row's tokens.
     - `return_stats`: also return `{"rounds": (batch,) int32}`, the rounds each row took (its
       tokens per round, `max_new_tokens / rounds`, measure how often the draft was right).
-    - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][], for both models.
+    - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][], for both
+      models.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens (and the stats).
 
@@ -265,6 +268,8 @@ def generate_speculative(
                 "shorten the prompt or ask for fewer tokens."
             )
     check_sampling(temperature, top_k, top_p)
+    if cache_dtype is not None:
+        check_cache_dtype(cache_dtype, None)
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     lengths = prompt_lengths(prompts, lengths)
@@ -272,6 +277,6 @@ def generate_speculative(
     tokens, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
         num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
-        temperature=float(temperature), top_k=top_k, top_p=top_p,
+        temperature=float(temperature), top_k=top_k, top_p=top_p, cache_dtype=cache_dtype,
     )
     return (tokens, {"rounds": rounds}) if return_stats else tokens

@@ -194,7 +194,8 @@ class AbstractLM(eqx.Module):
         """An empty KV cache for every layer (arrays with a leading layer axis).
 
         **Arguments:** `max_seq` positions (default `config.max_seq`); `dtype` (default the
-        attention parameters' dtype); `lookahead`, for sliding-window layers, whose caches are
+        attention parameters' dtype; `jnp.int8` stores int8 codes with per-position scales,
+        [`eqzoo.nn.QuantizedKV`][]); `lookahead`, for sliding-window layers, whose caches are
         rings of `min(max_seq, sliding_window + lookahead)` slots: how far past the next decode index a call
         may write positions that a later call rewrites (see [`eqzoo.nn.Attention.init_cache`][];
         [`eqzoo.generation.generate_speculative`][] sets it).

@@ -8,6 +8,7 @@ from ._attention import (
     Attention as Attention,
     AttentionBackend as AttentionBackend,
     KVCache as KVCache,
+    QuantizedKV as QuantizedKV,
     resolve_backend as resolve_backend,
 )
 from ._block import TransformerBlock as TransformerBlock
@@ -53,6 +54,7 @@ __all__ = [
     "ConvBlock",
     "Embedding",
     "KVCache",
+    "QuantizedKV",
     "LayerNorm",
     "MLP",
     "MoE",

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Int8
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -52,10 +52,12 @@ def softcap(x: Array, cap: float) -> Array:
     return c * jnp.tanh(x / c)
 
 
-def _xla_attention(q, k, v, mask, scale=None, cap=None):
+def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=None):
     """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend.
     `scale` multiplies the logits (default `head_dim ** -0.5`); `cap` soft-caps them
-    (`softcap`) before the mask (Gemma 2)."""
+    (`softcap`) before the mask (Gemma 2). `k_scale`, `v_scale`: `(kv_seq, kv_heads)` scales of
+    int8 keys/values (an int8 [`eqzoo.nn.KVCache`][]): `k`'s scale multiplies the logits and
+    `v`'s the probabilities, so no dequantized copy of the cache is made."""
     # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
     # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
     # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
@@ -65,11 +67,15 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None):
     qg = q.reshape(seq, kv_heads, heads // kv_heads, head_dim)  # query head h uses kv head h // group
     logits = jnp.einsum("tkgh,skh->kgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * jnp.float32(head_dim**-0.5 if scale is None else scale)
+    if k_scale is not None:
+        logits = logits * k_scale.astype(jnp.float32).T[:, None, None, :]
     if cap is not None:
         logits = softcap(logits, cap)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("kgts,skh->tkgh", probs, v)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale.astype(jnp.float32).T[:, None, None, :]
+    out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v)
     return out.reshape(seq, heads, head_dim)
 
 
@@ -93,6 +99,52 @@ def check_per_position(name: str, value, seq: int, who: str) -> None:
         )
 
 
+class QuantizedKV(eqx.Module):
+    """Cached keys or values stored as int8 codes, with one scale per position and head: the
+    arrays of an int8 [`eqzoo.nn.KVCache`][] (`init_cache(dtype=jnp.int8)`).
+
+    Each new `head_dim` row `x` is stored as `codes = clip(round(x / s), -127, 127)` with
+    `s = max|x| / 127` (as [`eqzoo.quant.quantize_int8`][] rounds a weight row), so every entry
+    is within `s / 2` of `codes * s`. Attention never dequantizes the cache: the key scales
+    multiply the query-key logits and the value scales the attention probabilities. A position
+    takes `head_dim` bytes plus one scale per head, against `2 * head_dim` in bfloat16.
+    """
+
+    codes: Int8[Array, "*layers slots kv_heads head_dim"]
+    scales: Float[Array, "*layers slots kv_heads 1"]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The codes' shape (that of the floating array it stands for)."""
+        return self.codes.shape
+
+    @property
+    def ndim(self) -> int:
+        """The codes' rank."""
+        return self.codes.ndim
+
+    @property
+    def dtype(self):
+        """`int8`, the codes' dtype."""
+        return self.codes.dtype
+
+
+def _quantize_rows(x, scale_dtype) -> QuantizedKV:
+    """`x` `(seq, kv_heads, head_dim)` as int8 codes with one `scale_dtype` scale per row."""
+    from ..quant._int8 import quantize_int8  # eqzoo.quant imports eqzoo.nn
+
+    codes, scales = quantize_int8(x.astype(scale_dtype))
+    return QuantizedKV(codes, scales[..., None])
+
+
+def _as_stored(x, like):
+    """The new keys or values `x` in the form of the cache arrays `like`: cast to their dtype,
+    or quantized for a [`QuantizedKV`][eqzoo.nn.QuantizedKV]."""
+    if isinstance(like, QuantizedKV):
+        return _quantize_rows(x, like.scales.dtype)
+    return x.astype(like.dtype)
+
+
 class KVCache(eqx.Module):
     """Keys and values of the positions already decoded, for one sequence: one layer's, or every
     layer's stacked along a leading axis (what a model's `init_cache` returns).
@@ -106,20 +158,23 @@ class KVCache(eqx.Module):
 
     Slots at or beyond the current decode index (or, in a ring, holding positions that fell out of
     the window) hold stale values; attention masks them.
+
+    The arrays are floating (any dtype: new keys and values are cast to it), or, for an int8
+    cache, [`eqzoo.nn.QuantizedKV`][]s of codes and per-position scales; all four alike.
     """
 
-    keys: Float[Array, "*layers slots kv_heads head_dim"]
-    values: Float[Array, "*layers slots kv_heads head_dim"]
-    window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | None
-    window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | None
+    keys: Float[Array, "*layers slots kv_heads head_dim"] | QuantizedKV
+    values: Float[Array, "*layers slots kv_heads head_dim"] | QuantizedKV
+    window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | QuantizedKV | None
+    window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | QuantizedKV | None
     max_seq: int = eqx.field(static=True)
 
     def __init__(
         self,
-        keys: Float[Array, "*layers slots kv_heads head_dim"],
-        values: Float[Array, "*layers slots kv_heads head_dim"],
-        window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | None = None,
-        window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | None = None,
+        keys: Float[Array, "*layers slots kv_heads head_dim"] | QuantizedKV,
+        values: Float[Array, "*layers slots kv_heads head_dim"] | QuantizedKV,
+        window_keys: Float[Array, "window_layers window_slots kv_heads head_dim"] | QuantizedKV | None = None,
+        window_values: Float[Array, "window_layers window_slots kv_heads head_dim"] | QuantizedKV | None = None,
         *,
         max_seq: int | None = None,
     ):
@@ -128,6 +183,9 @@ class KVCache(eqx.Module):
         `keys`, which is right for a cache without rings."""
         if (window_keys is None) != (window_values is None):
             raise ConfigError("KVCache: give window_keys and window_values together, or neither.")
+        arrays = [a for a in (keys, values, window_keys, window_values) if a is not None]
+        if len({isinstance(a, QuantizedKV) for a in arrays}) > 1:
+            raise ConfigError("KVCache: the arrays must be all int8 (QuantizedKV) or all floating, not a mix.")
         self.keys = keys
         self.values = values
         self.window_keys = window_keys
@@ -143,7 +201,9 @@ def _slot_positions(last: Array, slots: int) -> Int[Array, " slots"]:
 
 
 def _layer_slice(arr, slot):
-    return arr if slot is None else jax.lax.dynamic_index_in_dim(arr, slot, keepdims=False)
+    if slot is None:
+        return arr
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, slot, keepdims=False), arr)
 
 
 def _writes_first(arr, seq, max_seq) -> bool:
@@ -158,7 +218,12 @@ def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
     written at positions `index, index + 1, ...`: at those rows when the cache is full length,
     at `position % slots` in a ring. A ring keeps the last rows of `new` that fit, and of those
     only the first `valid` (padding never pushes real positions out). `keep`: a traced bool; when
-    False the cache is left as it was (a layer of a mixed stack writes one of its two stacks)."""
+    False the cache is left as it was (a layer of a mixed stack writes one of its two stacks).
+    `new` is already in `arr`'s form (`_as_stored`); a `QuantizedKV` writes codes and scales alike."""
+    if isinstance(arr, QuantizedKV):
+        return jax.tree.map(
+            lambda a, n: _cache_write(a, n, slot, index, max_seq, valid=valid, keep=keep), arr, new
+        )
     slots, seq = arr.shape[-3], new.shape[0]
     zero = jnp.zeros((), jnp.int32)
     if _writes_first(arr, seq, max_seq):
@@ -182,6 +247,19 @@ def _cache_write(arr, new, slot, index, max_seq, *, valid=None, keep=None):
         write = write & keep
     update = jnp.where(write[:, None, None], update, target.get())
     return target.set(update)
+
+
+def check_cache_dtype(dtype, default):
+    """`dtype` for a KV cache as a numpy dtype (`None`: `default`), checked: floating or int8."""
+    try:
+        dtype = jnp.dtype(default if dtype is None else dtype)
+    except TypeError as e:
+        raise ConfigError(f"cache dtype {dtype!r} is not a dtype; use e.g. jnp.bfloat16 or jnp.int8.") from e
+    if not (jnp.issubdtype(dtype, jnp.floating) or dtype == jnp.int8):
+        raise ConfigError(
+            f"a KV cache is floating or int8 (codes with per-position scales); got dtype {dtype.name}."
+        )
+    return dtype
 
 
 class Attention(eqx.Module):
@@ -468,7 +546,9 @@ class Attention(eqx.Module):
         **Arguments:**
 
         - `max_seq`: how many positions it covers.
-        - `dtype`: defaults to the parameters'.
+        - `dtype`: a floating dtype, default the parameters'; or `jnp.int8` for an int8 cache
+          ([`eqzoo.nn.QuantizedKV`][]: about half the bytes of bfloat16, its scales in the
+          parameters' dtype).
         - `layers`: `None` for this layer's own cache; `n` for the stacked cache of a stack of
           `n` layers like this one (a model's `init_cache`), which for a stack that mixes
           windowed and full layers (`window_layers`) is one stack of each.
@@ -479,16 +559,18 @@ class Attention(eqx.Module):
           decode index it wrote, so that those stale rows never take the slot of a position
           still in the window.
 
-        **Raises:** `ConfigError` for a negative `lookahead` or a `layers` larger than the
-        stack's `window_layers`.
+        **Raises:** `ConfigError` for a negative `lookahead`, a `layers` larger than the
+        stack's `window_layers`, or a `dtype` that is neither floating nor int8.
         """
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise ConfigError(f"lookahead must be a non-negative integer, got {lookahead!r}.")
-        dtype = linear_dtype(self.q_proj) if dtype is None else dtype
+        dtype = check_cache_dtype(dtype, linear_dtype(self.q_proj))
         ring = max_seq if self.sliding_window is None else min(max_seq, self.sliding_window + lookahead)
 
         def zeros(n, slots):
             shape = (() if n is None else (n,)) + (slots, self.num_kv_heads, self.head_dim)
+            if dtype == jnp.int8:
+                return QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1] + (1,), linear_dtype(self.q_proj)))
             return jnp.zeros(shape, dtype)
 
         if self.window_layers is None:
@@ -528,6 +610,11 @@ class Attention(eqx.Module):
             width, flag = window if isinstance(window, tuple) else (window, True)
             band = key_positions[None, :] > positions[:, None] - width
             mask = mask & (band if flag is True else band | ~flag)
+        if isinstance(keys, QuantizedKV):
+            return _xla_attention(
+                q, keys.codes.astype(q.dtype), values.codes.astype(q.dtype), mask, self.scale, self.logit_softcap,
+                k_scale=keys.scales[..., 0], v_scale=values.scales[..., 0],
+            )
         return _xla_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, self.scale, self.logit_softcap)
 
     def _decode_group(self, q, k, v, keys, values, slot, index, positions, max_seq, window, valid, keep):
@@ -536,6 +623,7 @@ class Attention(eqx.Module):
         `finish(keys, values)` the writes still to do after it."""
         seq = q.shape[0]
         slots = keys.shape[-3]
+        k, v = _as_stored(k, keys), _as_stored(v, values)
 
         def write(keys, values):
             return (
@@ -561,8 +649,8 @@ class Attention(eqx.Module):
         key_positions = jnp.concatenate([_slot_positions(index - 1, slots), positions])
 
         def attend_ring():
-            both_k = jnp.concatenate([_layer_slice(keys, slot), k.astype(keys.dtype)])
-            both_v = jnp.concatenate([_layer_slice(values, slot), v.astype(values.dtype)])
+            both_k = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _layer_slice(keys, slot), k)
+            both_v = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _layer_slice(values, slot), v)
             return self._attend_cached(q, both_k, both_v, key_positions, positions, window)
 
         return attend_ring, keys, values, write

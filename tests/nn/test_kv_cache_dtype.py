@@ -1,0 +1,171 @@
+"""A KV cache in another dtype than the model's: a floating one (new keys and values are cast
+to it) or int8 codes with one scale per position and head (`eqzoo.nn.QuantizedKV`), through
+every cache layout (full length, rings, a mixed stack) and the generation entry points."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jaxtyping import TypeCheckError
+
+import eqzoo.nn._attention as attention_module
+from eqzoo import models, nn
+from eqzoo._errors import ConfigError
+from eqzoo.generation import generate_batch, generate_speculative
+from eqzoo.nn._attention import _xla_attention
+from eqzoo.quant import dequantize_int8, quantize_int8
+
+
+def _scaled(name, **overrides):
+    # init_std is 0.02: scale the weights up so the logits spread (up to ~6) and greedy decoding
+    # does not repeat one token.
+    model = models.create(name, key=jax.random.key(0), **overrides)
+    return jax.tree.map(lambda a: 4 * a if eqx.is_inexact_array(a) else a, model)
+
+
+LAYOUTS = {
+    # every layer windowed: one stack of rings (window 4; 16 positions wrap them)
+    "rings": dict(name="tiny-llama", num_layers=2, max_seq=32, sliding_window=4),
+    # a windowed layer and a full-length one, soft-capped logits: both stacks of a mixed cache
+    "mixed": dict(name="tiny-gemma2", num_layers=2, max_seq=32, sliding_window=4),
+}
+
+
+def _decode_all(model, tokens, cache):
+    # a prefill longer than the ring, a chunk of three (a ring's old slots and new rows side by
+    # side), then single tokens
+    decode = jax.jit(lambda c, t, i: model.decode(t, c, i))
+    logits, cache = decode(cache, tokens[:7], jnp.int32(0))
+    steps = [logits]
+    logits, cache = decode(cache, tokens[7:10], jnp.int32(7))
+    steps.append(logits)
+    for i in range(10, tokens.shape[0]):
+        logits, cache = decode(cache, tokens[i : i + 1], jnp.int32(i))
+        steps.append(logits)
+    return jnp.concatenate(steps), cache
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def run(request):
+    """`(model, tokens, forward logits, {cache kind: (decoded logits, final cache)})`."""
+    kw = dict(LAYOUTS[request.param])
+    model = _scaled(kw.pop("name"), **kw)
+    tokens = jax.random.randint(jax.random.key(2), (16,), 0, model.config.vocab_size)
+    out = {name: _decode_all(model, tokens, model.init_cache(24, dtype=dtype))
+           for name, dtype in (("float32", None), ("bfloat16", jnp.bfloat16), ("int8", jnp.int8))}
+    # The reference for int8: an fp32 cache whose new rows are rounded to their int8 grid
+    # (quantize, then dequantize) before they are stored.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention_module, "_as_stored", lambda x, like: dequantize_int8(*quantize_int8(x)).astype(like.dtype))
+        out["rounded"] = _decode_all(model, tokens, model.init_cache(24))
+    return model, tokens, model(tokens), out
+
+
+def test_scaled_int8_attention_equals_attention_over_dequantized_keys():
+    # The scales multiply the logits (keys) and the probabilities (values) instead of
+    # dequantizing the cache: the same numbers as attending over codes * scale, to fp32 rounding.
+    kq, kk, kv, ks, kt = jax.random.split(jax.random.key(1), 5)
+    q = jax.random.normal(kq, (3, 4, 8))
+    codes_k = jax.random.randint(kk, (10, 2, 8), -127, 128).astype(jnp.int8)
+    codes_v = jax.random.randint(kv, (10, 2, 8), -127, 128).astype(jnp.int8)
+    k_scale, v_scale = jax.random.uniform(ks, (2, 10, 2), minval=1e-3, maxval=2e-2)
+    mask = jax.random.bernoulli(kt, 0.7, (3, 10)).at[:, 0].set(True)
+    got = _xla_attention(q, codes_k.astype(q.dtype), codes_v.astype(q.dtype), mask, k_scale=k_scale, v_scale=v_scale)
+    want = _xla_attention(
+        q, codes_k.astype(q.dtype) * k_scale[..., None], codes_v.astype(q.dtype) * v_scale[..., None], mask
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_decoding_with_a_bfloat16_cache_stays_close_to_the_forward_pass(run):
+    # fp32 model, bf16 cache (new keys and values cast to it). Tolerance 2% of the largest logit
+    # (~6-9): measured errors up to ~0.5%. The fp32 cache's: 1e-4 (rounding, ~2e-5).
+    _, _, want, out = run
+    scale = float(jnp.max(jnp.abs(want)))
+    assert scale > 2.0
+    np.testing.assert_allclose(out["float32"][0], want, atol=1e-4)
+    got, cache = out["bfloat16"]
+    assert {a.dtype for a in jax.tree.leaves(cache)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_allclose(got, want, atol=0.02 * scale)
+
+
+def test_int8_decoding_equals_a_float_cache_of_rounded_rows(run):
+    # Equal to the rounded-rows reference to fp32 rounding (tolerance 1e-4, measured ~6e-6): the
+    # int8 path adds no error beyond the rounding of the rows, so what it loses against the exact
+    # cache is quantization alone (up to ~0.4 on logits of ~9 with these sharp random weights).
+    _, _, _, out = run
+    got, cache = out["int8"]
+    assert {a.dtype for a in jax.tree.leaves(cache)} == {jnp.dtype(jnp.int8), jnp.dtype(jnp.float32)}
+    np.testing.assert_allclose(got, out["rounded"][0], atol=1e-4)
+    assert not np.allclose(got, out["float32"][0], atol=1e-3)  # the rounding is real
+
+
+def test_int8_cache_rows_are_within_half_a_step_of_the_float_rows(run):
+    # What the int8 cache holds after a prefill, a chunk and single steps: the float cache's rows
+    # rounded to their grid, |codes * scale - row| <= scale / 2, scale = max|row| / 127. Compared
+    # for the model's first layer, whose keys and values do not depend on the cache (later
+    # layers see the first one's slightly different output).
+    model, _, _, out = run
+    exact, quant = out["float32"][1], out["int8"][1]
+    window_layers = model.blocks.layers.attn.window_layers
+    # all windowed (window_layers None): the rings are keys / values
+    first = ("window_keys", "window_values") if window_layers is not None and window_layers[0] else ("keys", "values")
+    for name in ("keys", "values", "window_keys", "window_values"):
+        want, got = getattr(exact, name), getattr(quant, name)
+        if want is None:
+            assert got is None
+            continue
+        assert isinstance(got, nn.QuantizedKV) and got.shape == want.shape and got.dtype == jnp.int8
+        if name not in first:
+            continue
+        want, codes, scales = want[0], got.codes[0], got.scales[0]
+        written = jnp.any(want != 0, axis=-1, keepdims=True)  # slots decode wrote (the rest are 0 in both)
+        assert int(jnp.sum(jnp.all(written, axis=(-2, -1)))) == min(16, want.shape[0])  # 16 positions decoded
+        np.testing.assert_allclose(scales, jnp.max(jnp.abs(want), axis=-1, keepdims=True) / 127, rtol=1e-5)
+        err = jnp.abs(codes.astype(want.dtype) * scales - want)
+        assert bool(jnp.all(err <= scales / 2 * (1 + 1e-4) + 1e-7)), name
+
+
+def test_int8_cache_memory():
+    # gpt2-124m (fp32 parameters, head_dim 64): int8 codes + one fp32 scale per head and position
+    # are (64 + 4) / 256 of the fp32 cache.
+    model = jax.eval_shape(lambda: models.create("gpt2-124m", key=jax.random.key(0)))
+
+    def nbytes(dtype):
+        cache = jax.eval_shape(lambda m: m.init_cache(1024, dtype=dtype), model)
+        return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+
+    assert nbytes(jnp.int8) / nbytes(None) == pytest.approx(68 / 256)
+    assert nbytes(jnp.bfloat16) / nbytes(None) == pytest.approx(0.5)
+
+
+def test_generation_with_an_int8_cache_follows_the_float_one():
+    # Greedy tokens from an int8 cache agree with the fp32 cache's on a model with spread logits
+    # (a broken scale agrees on ~1/vocab of them); all three entry points take cache_dtype.
+    model = _scaled("tiny-gemma2", num_layers=2, max_seq=40)
+    prompts = jax.random.randint(jax.random.key(4), (3, 9), 0, model.config.vocab_size)
+    lengths = jnp.array([9, 4, 6])
+    want = generate_batch(model, prompts, lengths, max_new_tokens=12)
+    got = generate_batch(model, prompts, lengths, max_new_tokens=12, cache_dtype=jnp.int8)
+    assert float(jnp.mean(got[:, 9:] == want[:, 9:])) >= 0.9
+    spec = generate_speculative(model, model, prompts, lengths, max_new_tokens=12, cache_dtype=jnp.int8)
+    assert float(jnp.mean(spec[:, 9:] == want[:, 9:])) >= 0.9
+    from eqzoo import generate
+
+    one = generate(model, prompts[0], max_new_tokens=12, cache_dtype="bfloat16")
+    assert float(jnp.mean(one[9:] == want[0, 9:])) >= 0.9
+
+
+def test_bad_cache_dtypes_are_refused():
+    model = models.create("tiny-llama", key=jax.random.key(0))
+    with pytest.raises(ConfigError, match="floating or int8"):
+        model.init_cache(8, dtype=jnp.int32)
+    with pytest.raises(ConfigError, match="not a dtype"):
+        model.init_cache(8, dtype="float-ish")
+    with pytest.raises((ConfigError, TypeCheckError), match="floating or int8"):
+        generate_batch(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=2, cache_dtype=jnp.uint8)
+    q = model.init_cache(8, dtype=jnp.int8)
+    f = model.init_cache(8)
+    with pytest.raises(ConfigError, match="all int8"):
+        nn.KVCache(q.keys, f.values)
