@@ -116,6 +116,8 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
     if cache_dtype is not None:
         check_cache_dtype(cache_dtype, None)
+        if not use_cache:
+            raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
     total = prompts.shape[-1] + max_new_tokens
     if total > model.max_seq:
         raise ShapeError(
@@ -172,6 +174,7 @@ def generate_batch(
     - `cache_dtype`: the KV cache's dtype: default the model's attention parameters'; a
       floating dtype (`jnp.bfloat16` halves an fp32 model's cache); or `jnp.int8`, codes with
       one scale per position and head ([`eqzoo.nn.QuantizedKV`][]), about a quarter of fp32.
+      Only with `use_cache=True`.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding.

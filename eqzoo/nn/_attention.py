@@ -57,7 +57,7 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=No
     `scale` multiplies the logits (default `head_dim ** -0.5`); `cap` soft-caps them
     (`softcap`) before the mask (Gemma 2). `k_scale`, `v_scale`: `(kv_seq, kv_heads)` scales of
     int8 keys/values (an int8 [`eqzoo.nn.KVCache`][]): `k`'s scale multiplies the logits and
-    `v`'s the probabilities, so no dequantized copy of the cache is made."""
+    `v`'s the probabilities, so the codes are never multiplied by their scales."""
     # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
     # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
     # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
@@ -73,10 +73,18 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=No
         logits = softcap(logits, cap)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale.astype(jnp.float32).T[:, None, None, :]
-    out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v)
-    return out.reshape(seq, heads, head_dim)
+    if v_scale is None:
+        out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v)
+        return out.reshape(seq, heads, head_dim)
+    # The value scales enter the probabilities relative to each head's largest, so the products
+    # stay in [0, 1]: `probability * scale` itself (~1/context * max|v|/127) would fall below
+    # float16's normal range at long contexts. The head's largest scale multiplies the output.
+    v_scale = v_scale.astype(jnp.float32).T  # (kv_heads, kv_seq)
+    top = jnp.max(v_scale, axis=-1)
+    top = jnp.where(top > 0, top, jnp.ones_like(top))
+    probs = probs * (v_scale / top[:, None])[:, None, None, :]
+    out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out * top[None, :, None, None]).astype(v.dtype).reshape(seq, heads, head_dim)
 
 
 def check_per_position(name: str, value, seq: int, who: str) -> None:
@@ -105,13 +113,27 @@ class QuantizedKV(eqx.Module):
 
     Each new `head_dim` row `x` is stored as `codes = clip(round(x / s), -127, 127)` with
     `s = max|x| / 127` (as [`eqzoo.quant.quantize_int8`][] rounds a weight row), so every entry
-    is within `s / 2` of `codes * s`. Attention never dequantizes the cache: the key scales
-    multiply the query-key logits and the value scales the attention probabilities. A position
+    is within `s / 2` of `codes * s`. Attention never multiplies the codes by their scales: the
+    key scales multiply the query-key logits and the value scales the attention probabilities
+    (the codes are only widened to the compute dtype for the products). A position
     takes `head_dim` bytes plus one scale per head, against `2 * head_dim` in bfloat16.
     """
 
     codes: Int8[Array, "*layers slots kv_heads head_dim"]
     scales: Float[Array, "*layers slots kv_heads 1"]
+
+    def __init__(self, codes: Int8[Array, "*layers slots kv_heads head_dim"], scales: Float[Array, "*layers slots kv_heads 1"]):
+        """**Arguments:** `codes`, int8; `scales`, one per row of `codes` (its shape with a last
+        axis of 1)."""
+        if jnp.dtype(codes.dtype) != jnp.int8:
+            raise ConfigError(f"QuantizedKV: codes must be int8; got dtype {jnp.dtype(codes.dtype).name}.")
+        if tuple(scales.shape) != (*codes.shape[:-1], 1):
+            raise ShapeError(
+                f"QuantizedKV: scales must have shape {shape_str((*codes.shape[:-1], 1))} (one per row "
+                f"of codes {shape_str(codes.shape)}); got {shape_str(scales.shape)}."
+            )
+        self.codes = codes
+        self.scales = scales
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from jaxtyping import TypeCheckError
 
 import eqzoo.nn._attention as attention_module
 from eqzoo import models, nn
-from eqzoo._errors import ConfigError
+from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.generation import generate_batch, generate_speculative
 from eqzoo.nn._attention import _xla_attention
 from eqzoo.quant import dequantize_int8, quantize_int8
@@ -76,6 +76,27 @@ def test_scaled_int8_attention_equals_attention_over_dequantized_keys():
         q, codes_k.astype(q.dtype) * k_scale[..., None], codes_v.astype(q.dtype) * v_scale[..., None], mask
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_values_keep_float16_precision_at_long_contexts():
+    # One query over 2,048 cached positions with small values (|v| ~ 0.01) in float16: each
+    # probability times its value scale (~5e-4 * 8e-5) is below float16's normal range, so the
+    # scales enter relative to the head's largest. Tolerance 5e-3 relative (measured 4.4e-4);
+    # multiplying the raw scales into the probabilities gave 0.15.
+    kq, kk, kv = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(kq, (1, 2, 16), jnp.float16)
+    k = jax.random.normal(kk, (2048, 1, 16))
+    v = 0.01 * jax.random.normal(kv, (2048, 1, 16))
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_int8(k), quantize_int8(v)
+    mask = jnp.ones((1, 2048), bool)
+    got = _xla_attention(
+        q, k_codes.astype(q.dtype), v_codes.astype(q.dtype), mask,
+        k_scale=k_scale.astype(q.dtype), v_scale=v_scale.astype(q.dtype),
+    )
+    want = _xla_attention(q.astype(jnp.float32), dequantize_int8(k_codes, k_scale), dequantize_int8(v_codes, v_scale), mask)
+    assert got.dtype == jnp.float16
+    err = float(jnp.linalg.norm(got.astype(jnp.float32) - want) / jnp.linalg.norm(want))
+    assert err < 5e-3, err
 
 
 def test_decoding_with_a_bfloat16_cache_stays_close_to_the_forward_pass(run):
@@ -169,3 +190,9 @@ def test_bad_cache_dtypes_are_refused():
     f = model.init_cache(8)
     with pytest.raises(ConfigError, match="all int8"):
         nn.KVCache(q.keys, f.values)
+    with pytest.raises(ConfigError, match="use_cache=False"):
+        generate_batch(model, jnp.zeros((1, 3), jnp.int32), max_new_tokens=2, cache_dtype=jnp.int8, use_cache=False)
+    with pytest.raises((ShapeError, TypeCheckError), match="scales must have shape|scales"):
+        nn.QuantizedKV(jnp.zeros((4, 2, 8), jnp.int8), jnp.zeros((5, 2, 1)))
+    with pytest.raises((ConfigError, TypeCheckError), match="int8|codes"):
+        nn.QuantizedKV(jnp.zeros((4, 2, 8), jnp.int16), jnp.zeros((4, 2, 1)))
