@@ -78,9 +78,10 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=No
         return out.reshape(seq, heads, head_dim)
     # The value scales enter the probabilities relative to each head's largest, so the products
     # stay in [0, 1]: `probability * scale` itself (~1/context * max|v|/127) would fall below
-    # float16's normal range at long contexts. The head's largest scale multiplies the output.
+    # float16's normal range at long contexts. The head's largest scale among the positions some
+    # query attends to (stale slots have probability 0) multiplies the output.
     v_scale = v_scale.astype(jnp.float32).T  # (kv_heads, kv_seq)
-    top = jnp.max(v_scale, axis=-1)
+    top = jnp.max(jnp.where(jnp.any(mask, axis=0), v_scale, 0.0), axis=-1)
     top = jnp.where(top > 0, top, jnp.ones_like(top))
     probs = probs * (v_scale / top[:, None])[:, None, None, :]
     out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
