@@ -1,6 +1,7 @@
 """Test configuration: 8 fake CPU devices and strict dtype promotion, set before JAX computes;
 XLA:CPU's code generator at -O0."""
 
+import gc
 import os
 
 # The suite compiles over a thousand small programs on CI's 2 cores, and compiling, not running,
@@ -11,8 +12,6 @@ import os
 # `--xla_backend_optimization_level` in XLA_FLAGS is left as it is.
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-
-import gc  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

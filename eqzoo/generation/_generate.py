@@ -104,7 +104,7 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
     return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, batch_size=batch_size, **static))(prompts, lengths, keys)
 
 
-def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, cache_dtype=None):
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
     if not isinstance(model, AbstractLM):
         raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama); got {type(model).__name__}.")
     if max_new_tokens < 1:
@@ -114,10 +114,6 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
-    if cache_dtype is not None:
-        check_cache_dtype(cache_dtype, None)
-        if not use_cache:
-            raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
     total = prompts.shape[-1] + max_new_tokens
     if total > model.max_seq:
         raise ShapeError(
@@ -182,7 +178,11 @@ def generate_batch(
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
-    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, cache_dtype)
+    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
+    if cache_dtype is not None:
+        if not use_cache:
+            raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
+        cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value: "int8" and jnp.int8 compile once
     batch = prompts.shape[0]
     lengths = prompt_lengths(prompts, lengths)
     if key is None:

@@ -269,7 +269,7 @@ def generate_speculative(
             )
     check_sampling(temperature, top_k, top_p)
     if cache_dtype is not None:
-        check_cache_dtype(cache_dtype, None)
+        cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value per dtype
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     lengths = prompt_lengths(prompts, lengths)

@@ -587,13 +587,14 @@ class Attention(eqx.Module):
         """
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise ConfigError(f"lookahead must be a non-negative integer, got {lookahead!r}.")
-        dtype = check_cache_dtype(dtype, linear_dtype(self.q_proj))
+        param_dtype = linear_dtype(self.q_proj)
+        dtype = check_cache_dtype(dtype, param_dtype)
         ring = max_seq if self.sliding_window is None else min(max_seq, self.sliding_window + lookahead)
 
         def zeros(n, slots):
             shape = (() if n is None else (n,)) + (slots, self.num_kv_heads, self.head_dim)
             if dtype == jnp.int8:
-                return QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1] + (1,), linear_dtype(self.q_proj)))
+                return QuantizedKV(jnp.zeros(shape, jnp.int8), jnp.zeros(shape[:-1] + (1,), param_dtype))
             return jnp.zeros(shape, dtype)
 
         if self.window_layers is None:
