@@ -12,6 +12,12 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
         --prompt-len 1536 --new-tokens 256 --batches 8 --full-length-cache --json   # the baseline of
         # the sliding-window ring caches (eqzoo.nn.KVCache)
     python benchmarks/generate_throughput.py --cache-dtype int8 --json   # int8 KV cache (eqzoo.nn.QuantizedKV)
+    python benchmarks/generate_throughput.py --prompt-len 768 --prefill-via-decode --json   # the baseline of
+        # AbstractLM.prefill: the prompt through decode at index 0, logits for every position
+
+Each row also times the prefill alone (`prefill_ms`: the batch's prompts through
+`model.prefill`, jitted and vmapped as the decode loop runs it) and reports the compiled
+prefill's scratch memory where the backend says (`prefill_temp_mib`).
 """
 
 import argparse
@@ -55,6 +61,9 @@ def main(argv=None) -> dict:
     p.add_argument("--num-draft", type=int, default=4, help="tokens the draft proposes a round")
     p.add_argument("--cache-dtype", choices=["model", "float32", "bfloat16", "int8"], default="model",
                    help="the KV cache's dtype (generate_batch(cache_dtype=...)); model: the parameters'")
+    p.add_argument("--prefill-via-decode", action="store_true",
+                   help="start each sequence with decode at index 0 (attention over every cache slot, logits "
+                        "for every prompt position) rather than AbstractLM.prefill: the baseline it is measured against")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -63,6 +72,9 @@ def main(argv=None) -> dict:
 
     gathers = eqzoo.nn.MoE.gathers
     init_cache = eqzoo.models.AbstractLM.init_cache
+    prefill = eqzoo.models.AbstractLM.prefill
+    if args.prefill_via_decode:  # undone at the end of main
+        eqzoo.models.AbstractLM.prefill = _prefill_via_decode
     if args.read_all_experts:
         eqzoo.nn.MoE.gathers = lambda self, tokens: False  # undone at the end of main
     if args.full_length_cache:  # a lookahead of max_seq makes every ring full length; undone below
@@ -73,6 +85,35 @@ def main(argv=None) -> dict:
     finally:
         eqzoo.nn.MoE.gathers = gathers
         eqzoo.models.AbstractLM.init_cache = init_cache
+        eqzoo.models.AbstractLM.prefill = prefill
+
+
+def _prefill_via_decode(self, tokens, cache, *, batch_size=None, valid_length=None):
+    logits, cache = self.decode(tokens, cache, jnp.zeros((), jnp.int32), batch_size=batch_size, valid_length=valid_length)
+    last = tokens.shape[0] - 1 if valid_length is None else valid_length - 1
+    return logits[last], cache
+
+
+def _prefill_timing(model, prompts, total, cache_dtype, unroll, repeats) -> dict:
+    """The prompts alone through `model.prefill`, as the decode loop runs it."""
+    batch = prompts.shape[0]
+
+    @jax.jit
+    def prefill(model, prompts):
+        if eqzoo.generation.resolve_unroll(unroll):  # as generate_batch runs the layers
+            model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
+        return jax.vmap(lambda p: model.prefill(p, model.init_cache(total, dtype=cache_dtype), batch_size=batch))(prompts)
+
+    compiled = prefill.lower(model, prompts).compile()
+    memory = compiled.memory_analysis()
+    jax.block_until_ready(compiled(model, prompts))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(model, prompts))
+        times.append(time.perf_counter() - t0)
+    temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+    return {"prefill_ms": 1e3 * min(times), "prefill_temp_mib": None if temp is None else temp / 2**20}
 
 
 def _run(args) -> dict:
@@ -110,6 +151,8 @@ def _run(args) -> dict:
         if args.draft_layers:
             rounds = np.asarray(run()[1]["rounds"])
             extra = {"tokens_per_round": float(args.new_tokens / rounds.mean())}
+        if not args.draft_layers:
+            extra.update(_prefill_timing(model, prompts, total, cache_dtype, unroll, args.repeats))
         rows.append({**extra,
             "batch": batch,
             "tokens_per_s": batch * args.new_tokens / best,
@@ -128,6 +171,7 @@ def _run(args) -> dict:
         "read_all_experts": args.read_all_experts,
         "full_length_cache": args.full_length_cache,
         "cache_dtype": args.cache_dtype,
+        "prefill": "decode at index 0" if args.prefill_via_decode else "prefill",
         "cache_mib_per_sequence": cache_bytes / 2**20,
         "draft_layers": args.draft_layers,
         "num_draft": args.num_draft if args.draft_layers else None,

@@ -105,7 +105,10 @@ ROWS: tuple[Row, ...] = (
         Row(f"generate-long{suffix}", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                                        "--batches", "1,64", "--prompt-len", "768", "--new-tokens", "256", *extra),
             GENERATE_TIMEOUT_S)
-        for suffix, extra in (("", ()), ("-int8-cache", ("--cache-dtype", "int8")))
+        for suffix, extra in (
+            ("", ()), ("-int8-cache", ("--cache-dtype", "int8")),
+            ("-prefill-via-decode", ("--prefill-via-decode",)),  # the baseline of AbstractLM.prefill (cuDNN)
+        )
     ),
     # The image models, last: ViT-B/16 classifying 224x224 images, DiT-XL/2 denoising 32x32x4
     # latents (256 tokens each).
@@ -156,6 +159,8 @@ SMOKE_ROWS: tuple[Row, ...] = (
     Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
         SMOKE_TIMEOUT_S),
     Row("tiny-generate-int8-cache", ("benchmarks/generate_throughput.py", "--smoke", "--cache-dtype", "int8"),
+        SMOKE_TIMEOUT_S),
+    Row("tiny-generate-prefill-via-decode", ("benchmarks/generate_throughput.py", "--smoke", "--prefill-via-decode"),
         SMOKE_TIMEOUT_S),
     Row("tiny-gpt2-packed", ("benchmarks/train_throughput.py", *TINY, "--packed-docs", "4"), SMOKE_TIMEOUT_S),
     Row("tiny-mixtral-capacity", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],

@@ -28,8 +28,7 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
     if use_cache:
         cache = model.init_cache(total, dtype=cache_dtype)
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
-        logits, cache = model.decode(prompt, cache, jnp.zeros((), jnp.int32), batch_size=batch_size, valid_length=length)
-        last = logits[length - 1]
+        last, cache = model.prefill(prompt, cache, batch_size=batch_size, valid_length=length)
 
         def body(i, carry):
             buf, cache, last, done, key = carry

@@ -81,11 +81,11 @@ def _speculate_one(
     # sliding-window layer's ring keeps that many slots more than its window (and, as in
     # generate_batch, the prefill keeps the prompt's real positions, not its padding).
     prefill = dict(batch_size=batch_size, valid_length=length)
-    logits, cache = model.decode(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), zero, **prefill)
-    _, draft_cache = draft.decode(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), zero, **prefill)
+    last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
+    _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
     key, sub = jax.random.split(key)
     # the prefill's token, as generate_batch's
-    first = sample_logits(logits[length - 1], sub, temperature=temperature, top_k=top_k, top_p=top_p)
+    first = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
     buf = buf.at[length].set(first)
     done = jnp.zeros((), bool) if eos_token is None else first == eos_token
     checker = _dropless(model)

@@ -218,8 +218,8 @@ class AbstractLM(eqx.Module):
         valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
-        `cache` (from `init_cache`). Prefill with the prompt at `index=0`, then feed one token at
-        a time. `batch_size`: how many sequences are decoded together (the `jax.vmap` around
+        `cache` (from `init_cache`). Start with the prompt (`prefill`, or `decode` at `index=0`),
+        then feed one token at a time. `batch_size`: how many sequences are decoded together (the `jax.vmap` around
         the call), which lets mixture-of-experts layers read only the experts the step's tokens
         chose when they are few ([`eqzoo.nn.MoE.decode`][]; [`eqzoo.generate`][] passes it).
         `valid_length`: how many of `tokens` are real, the rest right padding that a
@@ -227,6 +227,45 @@ class AbstractLM(eqx.Module):
 
         **Returns:** `(logits of shape (seq, vocab), updated cache)`.
         """
+        x, cache = self._cached_features(tokens, cache, index, batch_size, valid_length, fresh=False)
+        return self.logits(x), cache
+
+    def prefill(
+        self,
+        tokens: Int[Array, " seq"],
+        cache: KVCache,
+        *,
+        batch_size: int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
+    ) -> tuple[Float[Array, " vocab"], KVCache]:
+        """Start a sequence: write the keys and values of the prompt `tokens` (positions
+        `0 .. seq-1`) into `cache`, and return the next-token logits after its last real
+        position.
+
+        The same as `decode(tokens, cache, 0)` followed by `logits[valid_length - 1]`, but
+        cheaper in the two places a long prompt costs most:
+
+        - each layer attends among the prompt's positions alone, on its training path
+          ([`eqzoo.nn.Attention.prefill`][]: cuDNN's fused kernel on GPU in half precision)
+          rather than through XLA over every slot of the cache;
+        - the output head runs for one position, not `seq` (a `(seq, vocab)` logits matrix
+          is tens of MiB per sequence at GPT-2's vocabulary).
+
+        [`eqzoo.generate`][] and the other decoding loops start with it.
+
+        **Arguments:** `tokens`, the (right-padded) prompt; `cache`, from `init_cache`;
+        `batch_size`, `valid_length` (how many of `tokens` are real; default all) as for
+        `decode`.
+
+        **Returns:** `(logits of shape (vocab,) for the position after the prompt, updated cache)`.
+        """
+        x, cache = self._cached_features(tokens, cache, jnp.zeros((), jnp.int32), batch_size, valid_length, fresh=True)
+        last = tokens.shape[0] - 1 if valid_length is None else jnp.asarray(valid_length, jnp.int32) - 1
+        return self.logits(jax.lax.dynamic_slice_in_dim(x, last, 1))[0], cache
+
+    def _cached_features(self, tokens, cache, index, batch_size, valid_length, *, fresh):
+        """The final normalised features of `tokens` at `index, ...` through the cache, and the
+        updated cache: `decode`'s and (`fresh`, index 0) `prefill`'s body."""
         check_tokens(tokens, max_seq=cache.max_seq, model=type(self).__name__)
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
@@ -239,9 +278,11 @@ class AbstractLM(eqx.Module):
         def step(block, carry, layer):
             h, cache = carry
             layer = int(layer) if isinstance(layer, np.generic) else layer
+            if fresh:
+                return block.prefill(h, cache, layer, batch_size, valid_length), None
             return block.decode(h, cache, index, layer, batch_size, valid_length), None
 
         self._check_window_layers()
         layers = np.arange(self.blocks.num_layers, dtype=np.int32)
         (x, cache), _ = self.blocks.apply(step, (x, cache), layers)
-        return self.logits(self.final_norm(x)), cache
+        return self.final_norm(x), cache

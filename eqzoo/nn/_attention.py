@@ -524,9 +524,15 @@ class Attention(eqx.Module):
             positions = jnp.arange(seq, dtype=jnp.int32)
         windowed = self._windowed(layer)
         q, k, v = self._qkv(x, positions, windowed)
-        mask = None
-        if segment_ids is not None:
-            mask = segment_ids[:, None] == segment_ids[None, :]
+        mask = None if segment_ids is None else segment_ids[:, None] == segment_ids[None, :]
+        return self._out(self._attend_among(q, k, v, windowed, mask))
+
+    def _attend_among(self, q, k, v, windowed, mask=None):
+        """Attention of `seq` positions among themselves: causal unless built otherwise, within
+        the window when `windowed` (a bool, or a traced flag for a mixed stack), and within
+        `mask` (boolean `(seq, seq)`) when given. The path of `__call__`, and of `prefill`:
+        cuDNN's fused kernel where `backend` resolves to it, else XLA's."""
+        seq = q.shape[0]
         window = self.sliding_window if windowed is not False else None
         backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype, self.head_dim)
         if backend == "cudnn":
@@ -561,7 +567,7 @@ class Attention(eqx.Module):
             elif mask is None:
                 mask = jnp.ones((seq, seq), bool)
             o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap)
-        return self._out(o)
+        return o
 
     def init_cache(self, max_seq: int, *, dtype=None, layers: int | None = None, lookahead: int = 0) -> KVCache:
         """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions.
@@ -689,8 +695,10 @@ class Attention(eqx.Module):
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Attend from `seq` new positions starting at `index`, reading and extending `cache`.
 
-        Used for prefill (`seq` = prompt length, `index` = 0) and for decoding one token at a time
-        (`seq` = 1). Equal to `__call__` on the full sequence, position by position.
+        Used for decoding one token at a time (`seq` = 1), for several at once (speculative
+        decoding's checks), and for a prompt at `index` 0, though `prefill` does that one with
+        attention over the prompt alone. Equal to `__call__` on the full sequence, position by
+        position.
 
         **Arguments:**
 
@@ -714,9 +722,39 @@ class Attention(eqx.Module):
         sense when a position never attends to later ones); `ShapeError` for a cache whose
         layout does not match the call.
         """
+        return self._extend(x, cache, index, layer, valid_length, fresh=False)
+
+    def prefill(
+        self,
+        x: Float[Array, "seq embed"],
+        cache: KVCache,
+        layer: Int[Array, ""] | int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
+    ) -> tuple[Float[Array, "seq embed"], KVCache]:
+        """Start a sequence: `decode(x, cache, 0, layer, valid_length)`, with the attention
+        computed among the new positions alone, as `__call__` computes it.
+
+        Position 0 has nothing before it, so the cache's earlier contents are never read: the
+        attention runs on the layer's training path (cuDNN's fused kernel where `backend`
+        resolves to it) over `seq` keys rather than over every slot of the cache, and never
+        through an int8 cache's rounding. The new keys and values are written as `decode`
+        writes them. Equal to `decode` at index 0 (to rounding; exactly so with a float cache
+        on the XLA path).
+
+        **Arguments:** as for `decode`, without `index`.
+
+        **Returns:** `(output, updated cache)`.
+
+        **Raises:** as `decode`.
+        """
+        return self._extend(x, cache, jnp.zeros((), jnp.int32), layer, valid_length, fresh=True)
+
+    def _extend(self, x, cache, index, layer, valid_length, *, fresh):
+        """`decode` (`fresh=False`) or `prefill` (`fresh=True`: attention among the new
+        positions only, `index` 0)."""
         if not self.causal:
             raise ConfigError(
-                "decode needs causal attention; this layer was built with causal=False (a "
+                "decode and prefill need causal attention; this layer was built with causal=False (a "
                 "bidirectional layer sees later positions, which a KV cache does not hold yet)."
             )
         if layer is not None and cache.keys.ndim != 4:
@@ -744,7 +782,7 @@ class Attention(eqx.Module):
             attend, keys, values, finish = self._decode_group(
                 q, k, v, cache.keys, cache.values, layer, window=window, keep=None, **common
             )
-            o = attend()
+            o = self._attend_among(q, k, v, windowed) if fresh else attend()
             keys, values = finish(keys, values)
             return self._out(o), KVCache(keys, values, max_seq=cache.max_seq)
         full_slot, window_slot = self._group_slots(layer)
@@ -760,7 +798,9 @@ class Attention(eqx.Module):
             keep = None if in_group is True else in_group
             groups.append(self._decode_group(q, k, v, *arrays, slot, window=window, keep=keep, **common))
         (attend_full, keys, values, finish_full), (attend_window, wkeys, wvalues, finish_window) = groups
-        if attend_full is None or attend_window is None:
+        if fresh:
+            o = self._attend_among(q, k, v, windowed)
+        elif attend_full is None or attend_window is None:
             o = (attend_window or attend_full)()
         else:
             o = jax.lax.cond(windowed, attend_window, attend_full)

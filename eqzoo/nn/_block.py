@@ -103,7 +103,24 @@ class TransformerBlock(eqx.Module):
         together, lets an [`eqzoo.nn.MoE`][] read only the chosen experts
         ([`eqzoo.nn.MoE.decode`][])."""
         h, cache = self.attn.decode(self.attn_norm(x), cache, index, layer, valid_length)
+        return self._finish_cached(x, h, batch_size), cache
+
+    def prefill(
+        self,
+        x: Float[Array, "seq embed"],
+        cache: KVCache,
+        layer: Int[Array, ""] | int | None = None,
+        batch_size: int | None = None,
+        valid_length: Int[Array, ""] | int | None = None,
+    ) -> tuple[Float[Array, "seq embed"], KVCache]:
+        """`decode` at index 0, with the attention among the new positions alone
+        ([`eqzoo.nn.Attention.prefill`][]): the start of a sequence."""
+        h, cache = self.attn.prefill(self.attn_norm(x), cache, layer, valid_length)
+        return self._finish_cached(x, h, batch_size), cache
+
+    def _finish_cached(self, x, h, batch_size):
+        """The rest of the block after the cached attention's output `h`."""
         x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
         if isinstance(self.mlp, MoE):
-            return x + self._post_mlp(self.mlp.decode(self.mlp_norm(x), batch_size)), cache
-        return x + self._post_mlp(self.mlp(self.mlp_norm(x))), cache
+            return x + self._post_mlp(self.mlp.decode(self.mlp_norm(x), batch_size))
+        return x + self._post_mlp(self.mlp(self.mlp_norm(x)))

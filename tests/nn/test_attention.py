@@ -133,8 +133,10 @@ def test_bidirectional_attention_matches_unmasked_formula(name):
 
 def test_bidirectional_attention_refuses_kv_cache_decoding():
     attn = Attention(EMBED, 4, causal=False, key=jax.random.key(0))
-    with pytest.raises(ConfigError, match="decode needs causal attention"):
+    with pytest.raises(ConfigError, match="decode and prefill need causal attention"):
         attn.decode(X, attn.init_cache(SEQ), jnp.int32(0))
+    with pytest.raises(ConfigError, match="decode and prefill need causal attention"):
+        attn.prefill(X, attn.init_cache(SEQ))
 
 
 def test_bf16_input_keeps_dtype_and_is_close():
