@@ -15,9 +15,9 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --prompt-len 768 --prefill-via-decode --json   # the baseline of
         # AbstractLM.prefill: the prompt through decode at index 0, logits for every position
 
-Each row also times the prefill alone (`prefill_ms`: the batch's prompts through
-`model.prefill`, jitted and vmapped as the decode loop runs it) and reports the compiled
-prefill's scratch memory where the backend says (`prefill_temp_mib`).
+Each row without a draft model also times the prefill alone (`prefill_ms`: the batch's
+prompts through `model.prefill`, jitted and vmapped as the decode loop runs it) and reports
+the compiled prefill's scratch memory where the backend says (`prefill_temp_mib`).
 """
 
 import argparse
@@ -151,7 +151,7 @@ def _run(args) -> dict:
         if args.draft_layers:
             rounds = np.asarray(run()[1]["rounds"])
             extra = {"tokens_per_round": float(args.new_tokens / rounds.mean())}
-        if not args.draft_layers:
+        else:
             extra.update(_prefill_timing(model, prompts, total, cache_dtype, unroll, args.repeats))
         rows.append({**extra,
             "batch": batch,

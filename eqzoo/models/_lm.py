@@ -218,10 +218,10 @@ class AbstractLM(eqx.Module):
         valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
-        `cache` (from `init_cache`). Start with the prompt (`prefill`, or `decode` at `index=0`),
-        then feed one token at a time. `batch_size`: how many sequences are decoded together (the `jax.vmap` around
-        the call), which lets mixture-of-experts layers read only the experts the step's tokens
-        chose when they are few ([`eqzoo.nn.MoE.decode`][]; [`eqzoo.generate`][] passes it).
+        `cache` (from `init_cache`). Start with the prompt (`prefill`, or `decode` at
+        `index=0`), then feed one token at a time. `batch_size`: how many sequences are decoded
+        together (the `jax.vmap` around the call), which lets mixture-of-experts layers read
+        only the experts the step's tokens chose when they are few ([`eqzoo.nn.MoE.decode`][]; [`eqzoo.generate`][] passes it).
         `valid_length`: how many of `tokens` are real, the rest right padding that a
         sliding-window layer's ring need not keep (default: all).
 
@@ -242,12 +242,15 @@ class AbstractLM(eqx.Module):
         `0 .. seq-1`) into `cache`, and return the next-token logits after its last real
         position.
 
-        The same as `decode(tokens, cache, 0)` followed by `logits[valid_length - 1]`, but
-        cheaper in the two places a long prompt costs most:
+        The same as `decode(tokens, cache, 0)` followed by `logits[valid_length - 1]` (to
+        rounding; with a cache narrower than the compute dtype, closer to the forward pass, as
+        the prompt attends with its exact keys and values), but cheaper in the two places a
+        long prompt costs most:
 
         - each layer attends among the prompt's positions alone, on its training path
-          ([`eqzoo.nn.Attention.prefill`][]: cuDNN's fused kernel on GPU in half precision)
-          rather than through XLA over every slot of the cache;
+          ([`eqzoo.nn.Attention.prefill`][]: cuDNN's fused kernel on GPU in half precision
+          without attention soft-capping, else XLA over `(seq, seq)` scores) rather than
+          through XLA over every slot of the cache;
         - the output head runs for one position, not `seq` (a `(seq, vocab)` logits matrix
           is tens of MiB per sequence at GPT-2's vocabulary).
 

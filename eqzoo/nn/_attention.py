@@ -736,10 +736,12 @@ class Attention(eqx.Module):
 
         Position 0 has nothing before it, so the cache's earlier contents are never read: the
         attention runs on the layer's training path (cuDNN's fused kernel where `backend`
-        resolves to it) over `seq` keys rather than over every slot of the cache, and never
-        through an int8 cache's rounding. The new keys and values are written as `decode`
-        writes them. Equal to `decode` at index 0 (to rounding; exactly so with a float cache
-        on the XLA path).
+        resolves to it: half precision, no `logit_softcap`) over `seq` keys rather than over
+        every slot of the cache, with the exact keys and values rather than the cache's copy.
+        The new keys and values are written as `decode` writes them. Equal to `decode` at
+        index 0 to rounding, and exactly on the XLA path with a cache in the compute dtype;
+        with a narrower cache (bfloat16 for a float32 model, int8) it is closer to `__call__`
+        than `decode` is, since the prompt's attention skips the cache's rounding.
 
         **Arguments:** as for `decode`, without `index`.
 

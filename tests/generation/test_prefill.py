@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from eqzoo import models, nn
+from eqzoo.generation import generate_batch
+from eqzoo.train import cast_floating
 
 TOL = 1e-5  # fp32; prefill and decode-at-0 add the same terms over different key sets (masked ones are exact zeros)
 WINDOW = 4
@@ -28,6 +30,8 @@ CONFIGS = {
     "all-windowed": lambda: models.get_config("tiny-llama", num_layers=2, sliding_window=WINDOW, max_seq=40),
     # Gemma 2: alternating windowed / full layers, soft-capped attention logits (the XLA path)
     "mixed": lambda: models.get_config("tiny-gemma2", num_layers=3, sliding_window=WINDOW, max_seq=40),
+    # mixture-of-experts layers: MoE.decode's path, not MoE.__call__'s
+    "moe": lambda: models.get_config("tiny-mixtral", num_layers=2, max_seq=40),
 }
 
 
@@ -84,6 +88,35 @@ def test_prefill_never_reads_the_cache(lm):
     assert isinstance(int8_cache.keys, nn.QuantizedKV)
 
 
+def test_prefill_of_a_batch_and_of_a_bfloat16_model():
+    # As the decoding loops call it: vmapped over ragged rows with batch_size, lengths traced,
+    # through MoE layers. Then a bf16 model with a Python-int length, eager. Tolerances: 1e-5 in
+    # fp32; in bf16 1% of the largest logit.
+    moe = _scaled(CONFIGS["moe"]())
+    tokens = jax.random.randint(jax.random.key(3), (3, 11), 0, moe.config.vocab_size)
+    lengths = jnp.array([1, 6, 11], jnp.int32)
+
+    @jax.jit
+    def both(model, tokens, lengths):
+        def one(t, n):
+            got, _ = model.prefill(t, model.init_cache(16), batch_size=3, valid_length=n)
+            logits, _ = model.decode(t, model.init_cache(16), jnp.int32(0), batch_size=3, valid_length=n)
+            return got, logits[n - 1]
+        return jax.vmap(one)(tokens, lengths)
+
+    got, want = both(moe, tokens, lengths)
+    np.testing.assert_allclose(got, want, atol=TOL)
+    for row, n in enumerate([1, 6, 11]):
+        np.testing.assert_allclose(got[row], moe(tokens[row, :n])[-1], atol=1e-4)
+
+    llama = cast_floating(_scaled(CONFIGS["full"]()), jnp.bfloat16)
+    got, _ = llama.prefill(tokens[0], llama.init_cache(16), valid_length=7)
+    want = llama.decode(tokens[0], llama.init_cache(16), jnp.int32(0), valid_length=7)[0][6]
+    assert got.dtype == jnp.bfloat16
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    np.testing.assert_allclose(got, want, atol=0.01 * float(jnp.max(jnp.abs(want))))
+
+
 def test_attention_prefill_matches_the_training_call():
     # One layer: a ring of 4 slots for 9 positions, a 3-token tail of padding.
     attn = nn.Attention(32, 4, num_kv_heads=2, sliding_window=WINDOW, backend="xla", init_std=0.3, key=jax.random.key(0))
@@ -110,3 +143,25 @@ def test_cudnn_prefill_matches_xla():
         want, _ = xla.prefill(x, xla.init_cache(160, layers=2), layer)
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=5e-2, rtol=5e-2)  # bf16
         assert got_cache.keys.dtype == jnp.bfloat16
+
+
+@pytest.mark.gpu
+def test_cudnn_prefill_in_generation_matches_xla():
+    # What generate_batch sends cuDNN on GPU: ragged prompts (1 and 11 real tokens of 11) under
+    # vmap, bf16. The first generated token's logits against the XLA backend's, bf16 tolerance.
+    if jax.default_backend() != "gpu":
+        pytest.skip("cuDNN attention needs a GPU")
+    models_by_backend = {
+        b: cast_floating(_scaled(models.get_config("tiny-llama", attention_backend=b, max_seq=40)), jnp.bfloat16)
+        for b in ("cudnn", "xla")
+    }
+    tokens = jax.random.randint(jax.random.key(4), (2, 11), 0, 256)
+    lengths = jnp.array([1, 11], jnp.int32)
+    first = {
+        b: jax.jit(jax.vmap(lambda t, n, m=m: m.prefill(t, m.init_cache(24), batch_size=2, valid_length=n)[0]))(tokens, lengths)
+        for b, m in models_by_backend.items()
+    }
+    scale = float(jnp.max(jnp.abs(first["xla"].astype(jnp.float32))))
+    np.testing.assert_allclose(first["cudnn"].astype(jnp.float32), first["xla"].astype(jnp.float32), atol=5e-2 * scale)
+    out = generate_batch(models_by_backend["cudnn"], tokens, lengths, max_new_tokens=4)
+    assert out.shape == (2, 15)
