@@ -30,20 +30,23 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
         last, cache = model.prefill(prompt, cache, batch_size=batch_size, valid_length=length)
 
-        def body(i, carry):
-            buf, cache, last, done, key = carry
+        def emit(i, buf, last, done, key):  # token i after the prompt, from the logits before it
             key, sub = jax.random.split(key)
-            tok = sample(last, sub)
-            tok = jnp.where(done, pad_token, tok)
-            pos = length + i
-            buf = buf.at[pos].set(tok)
+            tok = jnp.where(done, pad_token, sample(last, sub))
+            buf = buf.at[length + i].set(tok)
             if eos_token is not None:
                 done = done | (tok == eos_token)
-            logits, cache = model.decode(tok[None], cache, pos, batch_size=batch_size)
+            return buf, tok, done, key
+
+        def body(i, carry):
+            buf, cache, last, done, key = carry
+            buf, tok, done, key = emit(i, buf, last, done, key)
+            logits, cache = model.decode(tok[None], cache, length + i, batch_size=batch_size)
             return buf, cache, logits[0], done, key
 
-        buf, *_ = jax.lax.fori_loop(0, max_new_tokens, body, (buf, cache, last, done, key))
-        return buf
+        # The last token needs no decode step after it: it is emitted after the loop.
+        buf, _, last, done, key = _token_loop(body, (buf, cache, last, done, key), max_new_tokens - 1, eos_token is not None)
+        return emit(max_new_tokens - 1, buf, last, done, key)[0]
 
     def body_nocache(i, carry):
         buf, done, key = carry
@@ -56,8 +59,25 @@ def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, to
             done = done | (tok == eos_token)
         return buf, done, key
 
-    buf, _, _ = jax.lax.fori_loop(0, max_new_tokens, body_nocache, (buf, done, key))
+    buf, _, _ = _token_loop(body_nocache, (buf, done, key), max_new_tokens, eos_token is not None)
     return buf
+
+
+def _token_loop(body, carry, max_new_tokens, stops):
+    """`body(i, carry)` for `i` in `0 .. max_new_tokens - 1`; with `stops`, only until the
+    carry's `done` flag (its second-to-last entry) is set. Under the `vmap` over a batch the
+    loop then ends once every row is done; rows done earlier keep their carry unchanged, and
+    their remaining positions already hold the padding. Without `stops` the trip count is
+    static (`fori_loop`)."""
+    if not stops:
+        return jax.lax.fori_loop(0, max_new_tokens, body, carry)
+
+    def cond(state):
+        i, carry = state
+        return (i < max_new_tokens) & ~carry[-2]
+
+    _, carry = jax.lax.while_loop(cond, lambda state: (state[0] + 1, body(*state)), (jnp.zeros((), jnp.int32), carry))
+    return carry
 
 
 UNROLL_DECODE_DEFAULTS: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": False}
@@ -158,7 +178,8 @@ def generate_batch(
     - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens.
     - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1.
     - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
-    - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
+    - `eos_token`: once a row produces it, the rest of that row is `pad_token`; the loop stops
+      once every row has produced it (without it, it runs all `max_new_tokens` steps).
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
     - `unroll_layers`: `True` slices the layers out of the stack once and runs them unrolled
@@ -223,7 +244,7 @@ def generate(
     - `key`: PRNG key for sampling (unused when greedy).
     - `temperature`: 0 (default) is greedy decoding; higher is more random.
     - `top_k`, `top_p`: optional top-k / nucleus filtering.
-    - `eos_token`: stop token; after it the output is `pad_token`.
+    - `eos_token`: stop token; after it the output is `pad_token`, and decoding stops.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
     - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][].
 

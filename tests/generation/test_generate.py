@@ -93,6 +93,38 @@ def test_eos_stops_and_pads(llama, greedy):
     assert first + 1 < out.shape[0] and bool(jnp.all(out[first + 1 :] == 255))
 
 
+def test_decoding_stops_once_every_row_has_eos(llama, greedy, monkeypatch):
+    # Each decode step reports the position it writes (instrumenting the real model): with eos
+    # in every row the loop ends at the last row's eos; with a row that never produces it, it
+    # runs all NEW steps. The tokens are those of the full loop either way.
+    n = PROMPT.shape[0]
+    eos = int(greedy[n + 2])
+    first = n + int(np.argmax(np.asarray(greedy[n:]) == eos))
+    positions = []
+    decode = models.AbstractLM.decode
+
+    def counted(self, tokens, cache, index, **kw):
+        jax.debug.callback(lambda i: positions.append(int(np.max(i))), index)
+        return decode(self, tokens, cache, index, **kw)
+
+    monkeypatch.setattr(models.AbstractLM, "decode", counted)
+    both = generate_batch(llama, jnp.stack([PROMPT, PROMPT]), max_new_tokens=NEW, eos_token=eos, pad_token=254)
+    assert max(positions) == first  # eos is decoded at `first` in both rows, then the loop ends
+    for row in both:
+        np.testing.assert_array_equal(row[: first + 1], greedy[: first + 1])
+        assert bool(jnp.all(row[first + 1 :] == 254))
+
+    positions.clear()
+    other = jnp.roll(PROMPT, 2)
+    want = eqzoo.generate(llama, other, max_new_tokens=NEW)
+    assert eos not in np.asarray(want[n:]).tolist()  # this row never stops
+    mixed = generate_batch(llama, jnp.stack([PROMPT, other]), max_new_tokens=NEW, eos_token=eos, pad_token=253)
+    assert max(positions) == n + NEW - 2  # every step but the last token's, which needs none
+    np.testing.assert_array_equal(mixed[0, : first + 1], greedy[: first + 1])
+    assert bool(jnp.all(mixed[0, first + 1 :] == 253))
+    np.testing.assert_array_equal(mixed[1], want)
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(llama, greedy):
     key = jax.random.key(3)
     top_k = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=key, temperature=1.0, top_k=1)
