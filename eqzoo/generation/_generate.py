@@ -6,7 +6,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -16,51 +16,55 @@ from ..nn._fields import with_fields
 from ._sampling import check_sampling, sample_logits
 
 
-def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, batch_size=1):
+def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False, batch_size=1):
     prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
     positions = jnp.arange(total, dtype=jnp.int32)
     buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
     buf = jnp.where(positions < length, buf, pad_token)
+    out = (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     done = jnp.zeros((), bool)
+    stops = eos_token is not None
+
+    def emit(i, out, logits, done, key):
+        """Token `i` after the prompt, drawn from `logits` (the position before it), written into
+        `out` = (tokens, log-probabilities or None)."""
+        buf, logps = out
+        key, sub = jax.random.split(key)
+        tok = jnp.where(done, pad_token, sample(logits, sub))
+        buf = buf.at[length + i].set(tok)
+        if logps is not None:  # under the model's own distribution: no temperature, no filtering
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
+            logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
+        if stops:
+            done = done | (tok == eos_token)
+        return (buf, logps), tok, done, key
 
     if use_cache:
         cache = model.init_cache(total, dtype=cache_dtype)
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
         last, cache = model.prefill(prompt, cache, batch_size=batch_size, valid_length=length)
 
-        def emit(i, buf, last, done, key):  # token i after the prompt, from the logits before it
-            key, sub = jax.random.split(key)
-            tok = jnp.where(done, pad_token, sample(last, sub))
-            buf = buf.at[length + i].set(tok)
-            if eos_token is not None:
-                done = done | (tok == eos_token)
-            return buf, tok, done, key
-
         def body(i, carry):
-            buf, cache, last, done, key = carry
-            buf, tok, done, key = emit(i, buf, last, done, key)
+            out, cache, last, done, key = carry
+            out, tok, done, key = emit(i, out, last, done, key)
             logits, cache = model.decode(tok[None], cache, length + i, batch_size=batch_size)
-            return buf, cache, logits[0], done, key
+            return out, cache, logits[0], done, key
 
         # The last token needs no decode step after it: it is emitted after the loop.
-        buf, _, last, done, key = _token_loop(body, (buf, cache, last, done, key), max_new_tokens - 1, eos_token is not None)
-        return emit(max_new_tokens - 1, buf, last, done, key)[0]
+        out, _, last, done, key = _token_loop(body, (out, cache, last, done, key), max_new_tokens - 1, stops)
+        out = emit(max_new_tokens - 1, out, last, done, key)[0]
+    else:
 
-    def body_nocache(i, carry):
-        buf, done, key = carry
-        key, sub = jax.random.split(key)
-        pos = length + i
-        tok = sample(model._forward(buf)[pos - 1], sub)  # full causal forward; rows past pos unused
-        tok = jnp.where(done, pad_token, tok)
-        buf = buf.at[pos].set(tok)
-        if eos_token is not None:
-            done = done | (tok == eos_token)
-        return buf, done, key
+        def body_nocache(i, carry):
+            out, done, key = carry
+            logits = model._forward(out[0])[length + i - 1]  # full causal forward; rows past it unused
+            out, _, done, key = emit(i, out, logits, done, key)
+            return out, done, key
 
-    buf, _, _ = _token_loop(body_nocache, (buf, done, key), max_new_tokens, eos_token is not None)
-    return buf
+        out, _, _ = _token_loop(body_nocache, (out, done, key), max_new_tokens, stops)
+    return out if return_logprobs else out[0]
 
 
 def _token_loop(body, carry, max_new_tokens, stops):
@@ -169,7 +173,8 @@ def generate_batch(
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
-) -> Int[Array, "batch total"]:
+    return_logprobs: bool = False,
+) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], Float[Array, "batch total"]]:
     """Continue a batch of prompts of different lengths, in one compiled program.
 
     **Arguments:**
@@ -191,9 +196,15 @@ def generate_batch(
       floating dtype (`jnp.bfloat16` halves an fp32 model's cache); or `jnp.int8`, codes with
       one scale per position and head ([`eqzoo.nn.QuantizedKV`][]), about a quarter of fp32.
       Only with `use_cache=True`.
+    - `return_logprobs`: also return each generated token's log-probability under the model's
+      own distribution (the log-softmax of its logits, in float32, before `temperature`,
+      `top_k` and `top_p`): what `jax.nn.log_softmax(model(tokens))` gives at the position
+      before it, to rounding; the score an RL or evaluation loop needs.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
-    `max_new_tokens` generated tokens, then padding.
+    `max_new_tokens` generated tokens, then padding. With `return_logprobs`, `(tokens,
+    logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
+    (after eos, too).
     """
     prompts = jnp.asarray(prompts)
     if prompts.ndim != 2:
@@ -213,6 +224,7 @@ def generate_batch(
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
         eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
+        return_logprobs=bool(return_logprobs),
     )
 
 
@@ -231,7 +243,8 @@ def generate(
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
-) -> Int[Array, " total"]:
+    return_logprobs: bool = False,
+) -> Int[Array, " total"] | tuple[Int[Array, " total"], Float[Array, " total"]]:
     """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
 
     The whole loop (prefill, then one token per step) runs inside one compiled program.
@@ -246,9 +259,12 @@ def generate(
     - `top_k`, `top_p`: optional top-k / nucleus filtering.
     - `eos_token`: stop token; after it the output is `pad_token`, and decoding stops.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
-    - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][].
+    - `unroll_layers`, `cache_dtype`, `return_logprobs`: as in
+      [`eqzoo.generation.generate_batch`][].
 
-    **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long.
+    **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long;
+    with `return_logprobs`, `(tokens, logprobs)`, the generated tokens' log-probabilities at
+    their positions and 0 elsewhere.
     """
     prompt = jnp.asarray(prompt)
     if prompt.ndim != 1:
@@ -258,8 +274,9 @@ def generate(
         )
     if prompt.shape[0] < 1:
         raise ShapeError("generate needs a prompt of at least one token.")
-    return generate_batch(
+    out = generate_batch(
         model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
         top_k=top_k, top_p=top_p, eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
-        unroll_layers=unroll_layers, cache_dtype=cache_dtype,
-    )[0]
+        unroll_layers=unroll_layers, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+    )
+    return jax.tree.map(lambda a: a[0], out)

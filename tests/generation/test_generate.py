@@ -125,6 +125,33 @@ def test_decoding_stops_once_every_row_has_eos(llama, greedy, monkeypatch):
     np.testing.assert_array_equal(mixed[1], want)
 
 
+def test_logprobs_are_the_models_own_scores(llama, greedy):
+    # Each generated token's log-probability equals the forward pass's log-softmax at the
+    # position before it (fp32; tolerance 1e-5, the KV cache's rounding against the full pass),
+    # whatever the sampling settings; 0 over the prompt and after eos. The tokens are unchanged.
+    n = PROMPT.shape[0]
+    tokens, logps = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, return_logprobs=True)
+    np.testing.assert_array_equal(tokens, greedy)
+    want = jnp.take_along_axis(jax.nn.log_softmax(llama(tokens[:-1])), tokens[1:, None], axis=-1)[:, 0]
+    assert logps.shape == tokens.shape and logps.dtype == jnp.float32
+    np.testing.assert_allclose(logps[n:], want[n - 1 :], atol=1e-5)
+    assert bool(jnp.all(logps[:n] == 0)) and bool(jnp.all(logps[n:] < 0))
+
+    prompts = jnp.stack([PROMPT, jnp.roll(PROMPT, 2)])
+    kw = dict(max_new_tokens=NEW, key=jax.random.key(5), temperature=1.5, top_k=20, return_logprobs=True)
+    sampled, logps = generate_batch(llama, prompts, **kw)
+    np.testing.assert_array_equal(sampled, generate_batch(llama, prompts, **{**kw, "return_logprobs": False}))
+    for row in range(2):
+        want = jnp.take_along_axis(jax.nn.log_softmax(llama(sampled[row, :-1])), sampled[row, 1:, None], axis=-1)[:, 0]
+        np.testing.assert_allclose(logps[row, n:], want[n - 1 :], atol=1e-5)
+    np.testing.assert_allclose(generate_batch(llama, prompts, use_cache=False, **kw)[1], logps, atol=1e-5)
+
+    eos = int(greedy[n + 2])
+    first = n + int(np.argmax(np.asarray(greedy[n:]) == eos))
+    _, logps = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=eos, return_logprobs=True)
+    assert float(logps[first]) < 0 and bool(jnp.all(logps[first + 1 :] == 0))
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(llama, greedy):
     key = jax.random.key(3)
     top_k = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=key, temperature=1.0, top_k=1)
