@@ -16,72 +16,75 @@ from ..nn._fields import with_fields
 from ._sampling import check_sampling, sample_logits
 
 
-def _generate_one(model, prompt, length, key, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False, batch_size=1):
-    prompt_len = prompt.shape[0]
+def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False):
+    """Decode the batch, each row at its own position. Each step's work is per row (`vmap`);
+    the token loop runs outside the `vmap`, so that with `eos_token` its stop test is one
+    scalar: a `while_loop` under `vmap` would keep or discard each row's whole carry, the KV
+    cache included, by a select on every step, and the cache could no longer be updated in
+    place."""
+    batch, prompt_len = prompts.shape  # static: lets MoE layers read only the chosen experts
     total = prompt_len + max_new_tokens
-    positions = jnp.arange(total, dtype=jnp.int32)
-    buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
-    buf = jnp.where(positions < length, buf, pad_token)
-    out = (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None)
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    done = jnp.zeros((), bool)
     stops = eos_token is not None
+    rows = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
 
-    def emit(i, out, logits, done, key):
-        """Token `i` after the prompt, drawn from `logits` (the position before it), written into
-        `out` = (tokens, log-probabilities or None)."""
-        buf, logps = out
-        key, sub = jax.random.split(key)
+    def start(prompt, length):
+        buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
+        buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
+        out = (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None)
+        if not use_cache:
+            return {"out": out, "done": jnp.zeros((), bool)}
+        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
+        last, cache = model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
+        return {"out": out, "done": jnp.zeros((), bool), "cache": cache, "last": last}
+
+    def emit(i, state, logits, length):
+        """Token `i` after the prompt, drawn from `logits` (the position before it) with
+        `state["key"]`, written into `state["out"]` = (tokens, log-probabilities or None). A
+        row already done gets padding."""
+        (buf, logps), done = state["out"], state["done"]
+        key, sub = jax.random.split(state["key"])
         tok = jnp.where(done, pad_token, sample(logits, sub))
         buf = buf.at[length + i].set(tok)
-        if logps is not None:  # under the model's own distribution: no temperature, no filtering
+        if logps is not None:  # under the decoding model's own distribution: no temperature, no filtering
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
             logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
         if stops:
             done = done | (tok == eos_token)
-        return (buf, logps), tok, done, key
+        return {**state, "out": (buf, logps), "done": done, "key": key}, tok
 
+    @rows
+    def step(i, state, length):
+        if not use_cache:  # the full causal forward pass; rows past the position unused
+            return emit(i, state, model._forward(state["out"][0])[length + i - 1], length)[0]
+        state, tok = emit(i, state, state["last"], length)
+        logits, cache = model.decode(tok[None], state["cache"], length + i, batch_size=batch)
+        return {**state, "cache": cache, "last": logits[0]}
+
+    state = {**jax.vmap(start)(prompts, lengths), "key": keys}
+    # With the cache the last token needs no decode step after it: it is emitted after the loop.
+    state = _token_loop(step, state, lengths, max_new_tokens - 1 if use_cache else max_new_tokens, stops)
     if use_cache:
-        cache = model.init_cache(total, dtype=cache_dtype)
-        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
-        last, cache = model.prefill(prompt, cache, batch_size=batch_size, valid_length=length)
-
-        def body(i, carry):
-            out, cache, last, done, key = carry
-            out, tok, done, key = emit(i, out, last, done, key)
-            logits, cache = model.decode(tok[None], cache, length + i, batch_size=batch_size)
-            return out, cache, logits[0], done, key
-
-        # The last token needs no decode step after it: it is emitted after the loop.
-        out, _, last, done, key = _token_loop(body, (out, cache, last, done, key), max_new_tokens - 1, stops)
-        out = emit(max_new_tokens - 1, out, last, done, key)[0]
-    else:
-
-        def body_nocache(i, carry):
-            out, done, key = carry
-            logits = model._forward(out[0])[length + i - 1]  # full causal forward; rows past it unused
-            out, _, done, key = emit(i, out, logits, done, key)
-            return out, done, key
-
-        out, _, _ = _token_loop(body_nocache, (out, done, key), max_new_tokens, stops)
-    return out if return_logprobs else out[0]
+        state = rows(lambda i, state, length: emit(i, state, state["last"], length)[0])(max_new_tokens - 1, state, lengths)
+    return state["out"] if return_logprobs else state["out"][0]
 
 
-def _token_loop(body, carry, max_new_tokens, stops):
-    """`body(i, carry)` for `i` in `0 .. max_new_tokens - 1`; with `stops`, only until the
-    carry's `done` flag (its second-to-last entry) is set. Under the `vmap` over a batch the
-    loop then ends once every row is done; rows done earlier keep their carry unchanged, and
-    their remaining positions already hold the padding. Without `stops` the trip count is
-    static (`fori_loop`)."""
+def _token_loop(step, state, lengths, steps, stops):
+    """`state = step(i, state, lengths)` for `i` in `0 .. steps - 1`: a `fori_loop`, or with
+    `stops` a `while_loop` that ends early once every row's `state["done"]` is set (a row
+    done before the others is stepped on, emitting padding)."""
     if not stops:
-        return jax.lax.fori_loop(0, max_new_tokens, body, carry)
+        return jax.lax.fori_loop(0, steps, lambda i, state: step(i, state, lengths), state)
 
-    def cond(state):
-        i, carry = state
-        return (i < max_new_tokens) & ~carry[-2]
+    def cond(carry):
+        i, state = carry
+        return (i < steps) & ~jnp.all(state["done"])
 
-    _, carry = jax.lax.while_loop(cond, lambda state: (state[0] + 1, body(*state)), (jnp.zeros((), jnp.int32), carry))
-    return carry
+    def body(carry):
+        i, state = carry
+        return i + 1, step(i, state, lengths)
+
+    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))[1]
 
 
 UNROLL_DECODE_DEFAULTS: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": False}
@@ -123,8 +126,7 @@ def decoding_model(model, unroll_layers: bool):
 @eqx.filter_jit
 def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
     model = decoding_model(model, unroll_layers)
-    batch_size = prompts.shape[0]  # static: lets MoE layers read only the chosen experts
-    return jax.vmap(lambda p, n, k: _generate_one(model, p, n, k, batch_size=batch_size, **static))(prompts, lengths, keys)
+    return _generate_rows(model, prompts, lengths, keys, **static)
 
 
 def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
@@ -196,10 +198,12 @@ def generate_batch(
       floating dtype (`jnp.bfloat16` halves an fp32 model's cache); or `jnp.int8`, codes with
       one scale per position and head ([`eqzoo.nn.QuantizedKV`][]), about a quarter of fp32.
       Only with `use_cache=True`.
-    - `return_logprobs`: also return each generated token's log-probability under the model's
-      own distribution (the log-softmax of its logits, in float32, before `temperature`,
-      `top_k` and `top_p`): what `jax.nn.log_softmax(model(tokens))` gives at the position
-      before it, to rounding; the score an RL or evaluation loop needs.
+    - `return_logprobs`: also return each generated token's log-probability under the
+      decoding model's own distribution (the log-softmax of its logits, in float32, before
+      `temperature`, `top_k` and `top_p`): the score an RL or evaluation loop needs. With a
+      cache in the model's dtype it is what `jax.nn.log_softmax(model(tokens))` gives at the
+      position before the token, to rounding; with a narrower `cache_dtype` it includes that
+      cache's rounding, as the tokens do.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding. With `return_logprobs`, `(tokens,
@@ -214,6 +218,8 @@ def generate_batch(
         if not use_cache:
             raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value: "int8" and jnp.int8 compile once
+    if not isinstance(return_logprobs, bool):
+        raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     batch = prompts.shape[0]
     lengths = prompt_lengths(prompts, lengths)
     if key is None:
@@ -224,7 +230,7 @@ def generate_batch(
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
         eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
-        return_logprobs=bool(return_logprobs),
+        return_logprobs=return_logprobs,
     )
 
 

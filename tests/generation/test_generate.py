@@ -150,6 +150,8 @@ def test_logprobs_are_the_models_own_scores(llama, greedy):
     first = n + int(np.argmax(np.asarray(greedy[n:]) == eos))
     _, logps = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=eos, return_logprobs=True)
     assert float(logps[first]) < 0 and bool(jnp.all(logps[first + 1 :] == 0))
+    with pytest.raises(ConfigError, match="return_logprobs must be True or False, got 'yes'"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, return_logprobs="yes")
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(llama, greedy):
