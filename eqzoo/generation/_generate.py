@@ -31,12 +31,12 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
     def start(prompt, length):
         buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
         buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
-        out = (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None)
+        state = {"out": (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None), "done": jnp.zeros((), bool)}
         if not use_cache:
-            return {"out": out, "done": jnp.zeros((), bool)}
+            return state
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
         last, cache = model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
-        return {"out": out, "done": jnp.zeros((), bool), "cache": cache, "last": last}
+        return {**state, "cache": cache, "last": last}
 
     def emit(i, state, logits, length):
         """Token `i` after the prompt, drawn from `logits` (the position before it) with
