@@ -34,12 +34,13 @@ greedy decoding, or a sample of the model's own sampling distribution, up to log
 one-pass check and single-token steps round differently.
 """
 
+import functools
 from typing import no_type_check
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Int
+from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -58,39 +59,52 @@ def _dropless(model):
     )
 
 
-def _speculate_one(
-    model, draft, prompt, length, key, *, max_new_tokens, num_draft, eos_token, pad_token, batch_size,
-    temperature, top_k, top_p, cache_dtype=None,
+def _speculate_rows(
+    model, draft, prompts, lengths, keys, *, max_new_tokens, num_draft, eos_token, pad_token, temperature,
+    top_k, top_p, cache_dtype=None, return_logprobs=False,
 ):
+    """Speculative decoding of every row, each at its own position: the rounds' work is per row
+    (`vmap`), the loop over rounds runs outside the `vmap` with one scalar stop test (any row
+    still live). A `while_loop` under `vmap` would instead select, on every round, between each
+    row's new and old carry, both KV caches included, so that the caches could no longer be
+    updated in place. A row that has finished keeps running rounds with the others; they write
+    only its caches, which nothing reads again."""
     k = num_draft
+    batch_size, prompt_len = prompts.shape
     sampling = temperature > 0.0
+    rows = functools.partial(jax.vmap, in_axes=(0, 0))  # (per-row state, length)
 
     def dist(logits):  # the sampling distribution of one position's logits
         return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p))
 
-    prompt_len = prompt.shape[0]
     total = prompt_len + max_new_tokens
-    # A round starts at n <= total - 1: its caches are written up to position n + k - 1 and its
-    # tokens up to n + k.
+    # A live round starts at n <= total - 1: its caches are written up to position n + k - 1
+    # and its tokens up to n + k.
     room = total + k
     positions = jnp.arange(room, dtype=jnp.int32)
-    buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
-    buf = jnp.where(positions < length, buf, pad_token)
-    zero = jnp.zeros((), jnp.int32)
-    # A round writes up to k - 1 positions past the next round's start, then rewinds: a
-    # sliding-window layer's ring keeps that many slots more than its window (and, as in
-    # generate_batch, the prefill keeps the prompt's real positions, not its padding).
-    prefill = dict(batch_size=batch_size, valid_length=length)
-    last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
-    _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
-    key, sub = jax.random.split(key)
-    # the prefill's token, as generate_batch's
-    first = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-    buf = buf.at[length].set(first)
-    done = jnp.zeros((), bool) if eos_token is None else first == eos_token
     checker = _dropless(model)
-
     vocab = model.config.vocab_size
+
+    def start(prompt, length, key):
+        buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
+        buf = jnp.where(positions < length, buf, pad_token)
+        # A round writes up to k - 1 positions past the next round's start, then rewinds: a
+        # sliding-window layer's ring keeps that many slots more than its window (and, as in
+        # generate_batch, the prefill keeps the prompt's real positions, not its padding).
+        prefill = dict(batch_size=batch_size, valid_length=length)
+        last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
+        _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
+        key, sub = jax.random.split(key)
+        # the prefill's token, as generate_batch's
+        first = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        done = jnp.zeros((), bool) if eos_token is None else first == eos_token
+        state = dict(
+            cache=cache, draft_cache=draft_cache, n=length + 1, buf=buf.at[length].set(first), done=done,
+            rounds=jnp.zeros((), jnp.int32), key=key,
+        )
+        if return_logprobs:  # under the model's own distribution: no temperature, no filtering
+            state["logps"] = jnp.zeros((room,), jnp.float32).at[length].set(_logprob(last, first))
+        return state
 
     def propose(draft_cache, n, buf, key):
         # The draft's tokens d_1 .. d_k and, when sampling, the distributions q_1 .. q_k they
@@ -121,9 +135,9 @@ def _speculate_one(
             # a: leading proposals equal to the model's tokens; then g_a (g_i = d_{i+1} for i < a)
             return jnp.sum(jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))), greedy
         ps = jax.vmap(dist)(logits)  # p_0 .. p_k
-        rows = jnp.arange(k)
+        idx = jnp.arange(k)
         k_accept, k_resample = jax.random.split(key)
-        ratio = ps[rows, proposals] / qs[rows, proposals]  # q_i(d_i) > 0: d_i was drawn from q_i
+        ratio = ps[idx, proposals] / qs[idx, proposals]  # q_i(d_i) > 0: d_i was drawn from q_i
         keep = jax.random.uniform(k_accept, (k,)) < ratio
         accepted = jnp.sum(jnp.cumprod(keep.astype(jnp.int32)))
         # After a rejection at proposal a + 1: max(p_a - q_{a+1}, 0), renormalised; after k
@@ -135,44 +149,64 @@ def _speculate_one(
         tokens = jnp.concatenate([proposals, own[None]]).at[accepted].set(own)
         return accepted, tokens
 
-    def cond(carry):
-        _, _, n, _, done, _, _ = carry
-        return (n < length + max_new_tokens) & ~done
+    def live(state, length):
+        return (state["n"] < length + max_new_tokens) & ~state["done"]
 
-    def body(carry):
-        cache, draft_cache, n, buf, done, rounds, key = carry
-        key, k_draft, k_judge = jax.random.split(key, 3)
-        draft_cache, proposals, qs = propose(draft_cache, n, buf, k_draft)
+    @rows
+    def round_(state, length):
+        on = live(state, length)
+        # A finished row may stand past the caches' last slot; its round runs at the last live
+        # start instead, writing caches that nothing reads again, and changes nothing else.
+        n = jnp.minimum(state["n"], total - 1)
+        buf = state["buf"]
+        key, k_draft, k_judge = jax.random.split(state["key"], 3)
+        draft_cache, proposals, qs = propose(state["draft_cache"], n, buf, k_draft)
         fed = jnp.concatenate([buf[n - 1][None], proposals])  # (k + 1,) at positions n - 1 ..
-        logits, cache = checker.decode(fed, cache, n - 1, batch_size=batch_size)
+        logits, cache = checker.decode(fed, state["cache"], n - 1, batch_size=batch_size)
         accepted, tokens = judge(logits, proposals, qs, k_judge)
         # Positions n .. n + k get d_1 .. d_a, then the model's own token; the rest of the
         # window is rewritten by later rounds (or cut off).
         written = jnp.arange(k + 1) <= accepted
-        buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, tokens, pad_token), (n,))
+        new_buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, tokens, pad_token), (n,))
+        done = state["done"]
         if eos_token is not None:
-            done = done | jnp.any(written & (tokens == eos_token))
-        return cache, draft_cache, n + accepted + 1, buf, done, rounds + 1, key
+            done = done | (on & jnp.any(written & (tokens == eos_token)))
+        new = dict(
+            cache=cache, draft_cache=draft_cache, n=jnp.where(on, n + accepted + 1, state["n"]),
+            buf=jnp.where(on, new_buf, buf), done=done, rounds=state["rounds"] + on.astype(jnp.int32),
+            key=key,  # a finished row's key is never used again
+        )
+        if return_logprobs:  # the check's logits for positions n .. n + k score the tokens written there
+            logps = jnp.where(written, jax.vmap(_logprob)(logits, tokens), 0.0)
+            new["logps"] = jnp.where(on, jax.lax.dynamic_update_slice(state["logps"], logps, (n,)), state["logps"])
+        return new
 
-    init = (cache, draft_cache, length + 1, buf, done, zero, key)
-    _, _, _, buf, _, rounds, _ = jax.lax.while_loop(cond, body, init)
-    # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
-    generated = (positions >= length) & (positions < length + max_new_tokens)
-    if eos_token is not None:
-        is_eos = (generated & (buf == eos_token)).astype(jnp.int32)
-        after_eos = (jnp.cumsum(is_eos) - is_eos) > 0  # strictly after the first eos
-        generated = generated & ~after_eos
-    buf = jnp.where((positions < length) | generated, buf, pad_token)
-    return buf[:total], rounds
+    state = jax.vmap(start)(prompts, lengths, keys)
+    state = jax.lax.while_loop(lambda s: jnp.any(jax.vmap(live)(s, lengths)), lambda s: round_(s, lengths), state)
+
+    def finish(buf, logps, length):
+        # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
+        generated = (positions >= length) & (positions < length + max_new_tokens)
+        if eos_token is not None:
+            is_eos = (generated & (buf == eos_token)).astype(jnp.int32)
+            after_eos = (jnp.cumsum(is_eos) - is_eos) > 0  # strictly after the first eos
+            generated = generated & ~after_eos
+        buf = jnp.where((positions < length) | generated, buf, pad_token)[:total]
+        return buf if logps is None else (buf, jnp.where(generated, logps, 0.0)[:total])
+
+    out = jax.vmap(finish)(state["buf"], state.get("logps"), lengths)
+    return out, state["rounds"]
+
+
+def _logprob(logits, token):
+    """`token`'s log-probability under `logits` (float32 log-softmax)."""
+    return jax.nn.log_softmax(logits.astype(jnp.float32))[token]
 
 
 @eqx.filter_jit
 def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **static):
     model, draft = decoding_model(model, unroll_layers), decoding_model(draft, unroll_layers)  # as generate_batch
-    batch_size = prompts.shape[0]
-    return jax.vmap(lambda p, n, k: _speculate_one(model, draft, p, n, k, batch_size=batch_size, **static))(
-        prompts, lengths, keys
-    )
+    return _speculate_rows(model, draft, prompts, lengths, keys, **static)
 
 
 @no_type_check  # validated below with messages that say how to fix the call
@@ -193,7 +227,13 @@ def generate_speculative(
     return_stats: bool = False,
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
-) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], dict[str, Array]]:
+    return_logprobs: bool = False,
+) -> (
+    Int[Array, "batch total"]
+    | tuple[Int[Array, "batch total"], dict[str, Array]]
+    | tuple[Int[Array, "batch total"], Float[Array, "batch total"]]
+    | tuple[Int[Array, "batch total"], Float[Array, "batch total"], dict[str, Array]]
+):
     """Decoding of `model`, sped up by a smaller `draft` model that proposes tokens.
 
     Each round the draft proposes `num_draft` tokens one by one, `model` scores them all in one
@@ -233,8 +273,15 @@ def generate_speculative(
       tokens per round, `max_new_tokens / rounds`, measure how often the draft was right).
     - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][], for both
       models.
+    - `return_logprobs`: also return each generated token's log-probability under `model`'s
+      own distribution (float32 log-softmax of its logits, before `temperature`, `top_k` and
+      `top_p`), as [`eqzoo.generation.generate_batch`][] returns it. A token from a round's
+      check is scored by the check's logits, which round differently from single steps.
 
-    **Returns:** `(batch, seq + max_new_tokens)` tokens (and the stats).
+    **Returns:** `(batch, seq + max_new_tokens)` tokens; with `return_logprobs`, then their
+    float32 log-probabilities of the same shape (0 at the prompt and at padding); with
+    `return_stats`, then the stats: `tokens`, `(tokens, logprobs)`, `(tokens, stats)` or
+    `(tokens, logprobs, stats)`.
 
     **Raises:** `ConfigError` for models that are not eqzoo language models, vocabularies that
     differ, a bad `num_draft` or sampling settings, or `temperature > 0` without a `key`;
@@ -270,13 +317,18 @@ def generate_speculative(
     check_sampling(temperature, top_k, top_p)
     if cache_dtype is not None:
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value per dtype
+    for flag, value in (("return_stats", return_stats), ("return_logprobs", return_logprobs)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"generate_speculative: {flag} must be True or False, got {value!r}.")
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     lengths = prompt_lengths(prompts, lengths)
     keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
-    tokens, rounds = _speculate_batch(
+    out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
         num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
         temperature=float(temperature), top_k=top_k, top_p=top_p, cache_dtype=cache_dtype,
+        return_logprobs=return_logprobs,
     )
-    return (tokens, {"rounds": rounds}) if return_stats else tokens
+    out = out if return_logprobs else (out,)
+    return (*out, {"rounds": rounds}) if return_stats else out if return_logprobs else out[0]

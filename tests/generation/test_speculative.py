@@ -2,6 +2,8 @@
 sampling, the model's own distribution over continuations."""
 
 import itertools
+import math
+import re
 
 import equinox as eqx
 import jax
@@ -11,7 +13,7 @@ import pytest
 
 from eqzoo import models
 from eqzoo._errors import ConfigError, ShapeError
-from eqzoo.generation import generate_batch, generate_speculative
+from eqzoo.generation import _generate, _speculative, generate_batch, generate_speculative
 from eqzoo.generation._sampling import filter_logits
 
 NEW = 12
@@ -129,3 +131,64 @@ def test_sampling_draws_the_models_distribution(temperature, top_k):
     empirical = np.bincount(index, minlength=vocab**new) / n
     tv = 0.5 * np.abs(empirical - exact).sum()
     assert tv < 0.025, f"total variation {tv:.3f} from the model's own distribution"
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logprobs_are_the_models_own_scores(llama, sampled):
+    # Each generated token's log-probability equals the full forward pass's log-softmax at the
+    # position before it (fp32; tolerance 2e-5, the one-pass check's rounding against the full
+    # pass: measured at most 8.6e-6), for tokens that came from the prefill, from kept proposals and from the model's own
+    # token of a round; 0 over the prompt and after eos. The tokens and stats are unchanged.
+    prompts, lengths = _prompts()
+    draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))  # agrees often: rounds of several tokens
+    kw = dict(max_new_tokens=NEW, num_draft=3, return_stats=True)
+    if sampled:
+        kw |= dict(temperature=1.5, top_k=20, key=jax.random.key(3))
+    tokens, stats = generate_speculative(llama, draft, prompts, lengths, **kw)
+    eos = int(tokens[1, 2 + 5])  # row 1's 6th new token: the rest of that row is padding
+    tokens, stats = generate_speculative(llama, draft, prompts, lengths, eos_token=eos, **kw)
+    scored, logps, scored_stats = generate_speculative(llama, draft, prompts, lengths, eos_token=eos, return_logprobs=True, **kw)
+    np.testing.assert_array_equal(scored, tokens)
+    np.testing.assert_array_equal(scored_stats["rounds"], stats["rounds"])
+    assert logps.shape == tokens.shape and logps.dtype == jnp.float32
+    assert (np.asarray(stats["rounds"]) < NEW - 1).any()  # some round kept a proposal
+    for row, n in enumerate(np.asarray(lengths)):
+        want = jnp.take_along_axis(jax.nn.log_softmax(llama(tokens[row, :-1])), tokens[row, 1:, None], axis=-1)[:, 0]
+        toks = np.asarray(tokens[row])
+        first_eos = n + int(np.argmax(toks[n:] == eos)) if eos in toks[n:].tolist() else n + NEW - 1
+        np.testing.assert_allclose(logps[row, n : first_eos + 1], want[n - 1 : first_eos], rtol=0, atol=2e-5)
+        assert (np.asarray(logps[row, :n]) == 0).all() and (np.asarray(logps[row, first_eos + 1 :]) == 0).all()
+    assert int(np.asarray(tokens[1, 2 + 5])) == eos and (np.asarray(logps[1, 2 + 6 :]) == 0).all()
+    with pytest.raises(ConfigError, match=r"return_logprobs must be True or False, got 1"):
+        generate_speculative(llama, draft, prompts, max_new_tokens=4, return_logprobs=1)
+    only = generate_speculative(llama, draft, prompts, lengths, eos_token=eos, return_logprobs=True, **{**kw, "return_stats": False})
+    np.testing.assert_array_equal(only[1], logps)
+
+
+def _largest_select(compiled_text: str) -> int:
+    # Elements in the largest `select` of a compiled program's HLO.
+    shapes = re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} select\(", compiled_text)
+    return max(math.prod(int(d) for d in s.split(",") if d) for s in shapes)
+
+
+@pytest.mark.parametrize("loop", ["speculative", "generate_batch with eos"])
+def test_the_decoding_loops_never_select_a_whole_kv_cache(llama, loop):
+    # A `while_loop` under `vmap` keeps or discards each row's carry by a select on every
+    # iteration, the KV caches included, so they are copied instead of updated in place. The
+    # loops run their stop test outside the `vmap`: no select in the program is as large as one
+    # layer's cache over the batch (the largest left are attention's masks). Mutation check: a
+    # `while_loop` inside the `vmap` (the structure before) selects the whole stacked cache.
+    batch, prompt_len, new = 4, 7, 20
+    prompts = jnp.zeros((batch, prompt_len), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    keys = jax.random.split(jax.random.key(0), batch)
+    common = dict(max_new_tokens=new, eos_token=3, pad_token=0, temperature=0.0, top_k=None, top_p=None,
+                  unroll_layers=False, cache_dtype=None)
+    if loop == "speculative":
+        lowered = _speculative._speculate_batch.lower(llama, llama, prompts, lengths, keys, num_draft=3, **common)
+        slots = prompt_len + new + 3 - 1
+    else:
+        lowered = _generate._generate_batch_jit.lower(llama, prompts, lengths, keys, use_cache=True, **common)
+        slots = prompt_len + new
+    one_layer = batch * math.prod(llama.init_cache(slots).keys.shape[1:])  # (slots, kv heads, head dim)
+    assert _largest_select(lowered.compile().compiled.as_text()) < one_layer
