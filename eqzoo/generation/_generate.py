@@ -1,6 +1,7 @@
 """Autoregressive decoding with a KV cache, compiled as one program."""
 
 import functools
+from collections.abc import Sequence
 from typing import no_type_check
 
 import equinox as eqx
@@ -13,7 +14,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
-from ._sampling import check_sampling, sample_logits
+from ._sampling import check_sampling, check_stop_tokens, is_eos, sample_logits
 
 
 def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False):
@@ -50,7 +51,7 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
             logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
         if stops:
-            done = done | (tok == eos_token)
+            done = done | is_eos(tok, eos_token)
         return {**state, "out": (buf, logps), "done": done, "key": key}, tok
 
     @rows
@@ -131,7 +132,7 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
 
 def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
     if not isinstance(model, AbstractLM):
-        raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama); got {type(model).__name__}.")
+        raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama, Mixtral, Gemma); got {type(model).__name__}.")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     check_sampling(temperature, top_k, top_p)
@@ -170,7 +171,7 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token: int | None = None,
+    eos_token: int | Sequence[int] | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
@@ -181,12 +182,14 @@ def generate_batch(
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `model`: an eqzoo language model ([`eqzoo.models.AbstractLM`][]: GPT-2, Llama, Mixtral,
+      Gemma).
     - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens.
     - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1.
     - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
-    - `eos_token`: once a row produces it, the rest of that row is `pad_token`; the loop stops
-      once every row has produced it (without it, it runs all `max_new_tokens` steps).
+    - `eos_token`: a stop token id, or a sequence of them (a `generation_config.json` may list
+      several): once a row produces one, the rest of that row is `pad_token`; the loop stops
+      once every row has (without it, it runs all `max_new_tokens` steps).
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
     - `unroll_layers`: `True` slices the layers out of the stack once and runs them unrolled
@@ -220,6 +223,7 @@ def generate_batch(
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value: "int8" and jnp.int8 compile once
     if not isinstance(return_logprobs, bool):
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
+    eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     batch = prompts.shape[0]
     lengths = prompt_lengths(prompts, lengths)
     if key is None:
@@ -244,7 +248,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token: int | None = None,
+    eos_token: int | Sequence[int] | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
@@ -257,13 +261,15 @@ def generate(
 
     **Arguments:**
 
-    - `model`: a [`eqzoo.models.GPT2`][] or [`eqzoo.models.Llama`][].
+    - `model`: an eqzoo language model ([`eqzoo.models.AbstractLM`][]: GPT-2, Llama, Mixtral,
+      Gemma).
     - `prompt`: token ids of one sequence (at least one token).
     - `max_new_tokens`: how many tokens to generate.
     - `key`: PRNG key for sampling (unused when greedy).
     - `temperature`: 0 (default) is greedy decoding; higher is more random.
     - `top_k`, `top_p`: optional top-k / nucleus filtering.
-    - `eos_token`: stop token; after it the output is `pad_token`, and decoding stops.
+    - `eos_token`: stop token id (or a sequence of them); after it the output is `pad_token`,
+      and decoding stops.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
     - `unroll_layers`, `cache_dtype`, `return_logprobs`: as in
       [`eqzoo.generation.generate_batch`][].

@@ -1,5 +1,7 @@
 """Turning next-token logits into a token: greedy, temperature, top-k and top-p (nucleus)."""
 
+import operator
+
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
@@ -16,6 +18,42 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ConfigError(f"top_k must be a positive integer or None, got {top_k}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}.")
+
+
+def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tuple[tuple[int, ...] | None, int]:
+    """`(eos, pad)`: `eos_token` as a tuple of token ids (or `None`) and `pad_token` as an int,
+    both static values, after checking them. `eos_token` is one id or a sequence of ids (as a
+    `generation_config.json`'s `eos_token_id` may list several), each in `[0, vocab_size)`."""
+
+    def as_id(x, what):
+        try:
+            if isinstance(x, bool):
+                raise TypeError
+            return operator.index(x)  # ints, NumPy integers, integer 0-d arrays
+        except TypeError:
+            raise ConfigError(f"{where}: {what} must be an integer token id, got {x!r}.") from None
+
+    pad = as_id(pad_token, "pad_token")
+    if eos_token is None:
+        return None, pad
+    ids = tuple(as_id(e, "each eos_token") for e in eos_token) if isinstance(eos_token, list | tuple) else (as_id(eos_token, "eos_token"),)
+    if not ids:
+        raise ConfigError(f"{where}: eos_token is an empty sequence; pass None to decode without a stop token.")
+    outside = [e for e in ids if not 0 <= e < vocab_size]
+    if outside:
+        raise ConfigError(
+            f"{where}: eos_token {outside} lies outside the model's vocabulary [0, {vocab_size}); "
+            "it could never be produced."
+        )
+    return ids, pad
+
+
+def is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
+    """Where `tokens` is one of the stop tokens `eos`."""
+    hit = tokens == eos[0]
+    for e in eos[1:]:
+        hit = hit | (tokens == e)
+    return hit
 
 
 def sample_logits(

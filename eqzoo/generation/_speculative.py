@@ -35,6 +35,7 @@ one-pass check and single-token steps round differently.
 """
 
 import functools
+from collections.abc import Sequence
 from typing import no_type_check
 
 import equinox as eqx
@@ -48,7 +49,7 @@ from ..models._lm import AbstractLM
 from ..nn import MoE
 from ..nn._attention import check_cache_dtype
 from ._generate import decoding_model, prompt_lengths, resolve_unroll
-from ._sampling import check_sampling, filter_logits, sample_logits
+from ._sampling import check_sampling, check_stop_tokens, filter_logits, is_eos, sample_logits
 
 
 def _dropless(model):
@@ -97,7 +98,7 @@ def _speculate_rows(
         key, sub = jax.random.split(key)
         # the prefill's token, as generate_batch's
         first = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
-        done = jnp.zeros((), bool) if eos_token is None else first == eos_token
+        done = jnp.zeros((), bool) if eos_token is None else is_eos(first, eos_token)
         state = dict(
             cache=cache, draft_cache=draft_cache, n=length + 1, buf=buf.at[length].set(first), done=done,
             rounds=jnp.zeros((), jnp.int32), key=key,
@@ -170,7 +171,7 @@ def _speculate_rows(
         new_buf = jax.lax.dynamic_update_slice(buf, jnp.where(written, tokens, pad_token), (n,))
         done = state["done"]
         if eos_token is not None:
-            done = done | (on & jnp.any(written & (tokens == eos_token)))
+            done = done | (on & jnp.any(written & is_eos(tokens, eos_token)))
         new = dict(
             cache=cache, draft_cache=draft_cache, n=jnp.where(on, n + accepted + 1, state["n"]),
             buf=jnp.where(on, new_buf, buf), done=done, rounds=state["rounds"] + on.astype(jnp.int32),
@@ -188,8 +189,8 @@ def _speculate_rows(
         # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
         generated = (positions >= length) & (positions < length + max_new_tokens)
         if eos_token is not None:
-            is_eos = (generated & (buf == eos_token)).astype(jnp.int32)
-            after_eos = (jnp.cumsum(is_eos) - is_eos) > 0  # strictly after the first eos
+            stop = (generated & is_eos(buf, eos_token)).astype(jnp.int32)
+            after_eos = (jnp.cumsum(stop) - stop) > 0  # strictly after the first eos
             generated = generated & ~after_eos
         buf = jnp.where((positions < length) | generated, buf, pad_token)[:total]
         return buf if logps is None else (buf, jnp.where(generated, logps, 0.0)[:total])
@@ -222,7 +223,7 @@ def generate_speculative(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token: int | None = None,
+    eos_token: int | Sequence[int] | None = None,
     pad_token: int = 0,
     return_stats: bool = False,
     unroll_layers: bool | str = "auto",
@@ -267,7 +268,8 @@ def generate_speculative(
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
     - `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][]; a key is needed
       when `temperature > 0`.
-    - `eos_token`: once a row produces it, the rest of that row is `pad_token`.
+    - `eos_token`: a stop token id or a sequence of them: once a row produces one, the rest of
+      that row is `pad_token`.
     - `pad_token`: fills positions after each row's tokens.
     - `return_stats`: also return `{"rounds": (batch,) int32}`, the rounds each row took (its
       tokens per round, `max_new_tokens / rounds`, measure how often the draft was right).
@@ -322,6 +324,7 @@ def generate_speculative(
             raise ConfigError(f"generate_speculative: {flag} must be True or False, got {value!r}.")
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+    eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
     lengths = prompt_lengths(prompts, lengths)
     keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
     out, rounds = _speculate_batch(

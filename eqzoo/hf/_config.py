@@ -1,6 +1,7 @@
 """Conversion between Hugging Face `config.json` dicts and eqzoo's frozen model configs."""
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -66,13 +67,36 @@ def _require(d: Mapping[str, Any], *keys: str) -> None:
         raise HFFormatError(f"config.json of model_type {d.get('model_type')!r} lacks {missing}.")
 
 
+_MISSING = object()
+
+
+def _number(d: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    # d[key] (or d.get(key, default)) as `kind`; a null, a string or a fraction where an integer
+    # belongs is a damaged config.json, named as such rather than failing inside int()/float().
+    value = d[key] if default is _MISSING else d.get(key, default)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (kind is int and value != int(value)):
+        raise HFFormatError(
+            f"config.json has {key}={value!r}; it must be {'an integer' if kind is int else 'a finite number'}."
+        )
+    return kind(value)
+
+
+def _int(d: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
+    return _number(d, key, int, default)
+
+
+def _float(d: Mapping[str, Any], key: str, default: Any = _MISSING) -> float:
+    return _number(d, key, float, default)
+
+
 def _unsupported(d: Mapping[str, Any], key: str, value: Any, why: str) -> HFFormatError:
     return HFFormatError(f"config.json has {key}={value!r}, which eqzoo does not support: {why}.")
 
 
 def _gpt2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     _require(d, "vocab_size", "n_positions", "n_layer", "n_head", "n_embd")
-    embed = int(d["n_embd"])
+    embed = _int(d, "n_embd")
     inner = d.get("n_inner")
     inner = 4 * embed if inner is None else int(inner)
     if inner % embed:
@@ -89,9 +113,9 @@ def _gpt2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     if d.get("add_cross_attention", False):
         raise _unsupported(d, "add_cross_attention", True, "eqzoo's GPT-2 is decoder-only")
     return dict(
-        vocab_size=int(d["vocab_size"]), max_seq=int(d["n_positions"]), num_layers=int(d["n_layer"]),
-        num_heads=int(d["n_head"]), embed_dim=embed, mlp_ratio=inner // embed,
-        layer_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        vocab_size=_int(d, "vocab_size"), max_seq=_int(d, "n_positions"), num_layers=_int(d, "n_layer"),
+        num_heads=_int(d, "n_head"), embed_dim=embed, mlp_ratio=inner // embed,
+        layer_norm_eps=_float(d, "layer_norm_epsilon", 1e-5),
     )
 
 
@@ -108,17 +132,17 @@ def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, Ro
     if rope_type == "linear":
         if "factor" not in merged:
             raise HFFormatError("config.json's linear rope scaling lacks 'factor'.")
-        return float(theta), RopeScaling(factor=float(merged["factor"]), rope_type="linear")
+        return float(theta), RopeScaling(factor=_float(merged, "factor"), rope_type="linear")
     if rope_type != "llama3":
         raise _unsupported(
             d, "rope_type", rope_type, "only 'default', 'linear' and 'llama3' rotary embeddings are implemented"
         )
     try:
         scaling_obj = RopeScaling(
-            factor=float(merged["factor"]),
-            low_freq_factor=float(merged["low_freq_factor"]),
-            high_freq_factor=float(merged["high_freq_factor"]),
-            original_max_position_embeddings=int(merged["original_max_position_embeddings"]),
+            factor=_float(merged, "factor"),
+            low_freq_factor=_float(merged, "low_freq_factor"),
+            high_freq_factor=_float(merged, "high_freq_factor"),
+            original_max_position_embeddings=_int(merged, "original_max_position_embeddings"),
         )
     except KeyError as err:
         raise HFFormatError(f"config.json's llama3 rope scaling lacks {err.args[0]!r}.") from None
@@ -137,19 +161,19 @@ def _llama_from_hf(
     for key in ("attention_bias", "mlp_bias"):
         if d.get(key, False):
             raise _unsupported(d, key, True, "eqzoo's Llama and Mixtral have no biases")
-    heads = int(d["num_attention_heads"])
-    embed = int(d["hidden_size"])
+    heads = _int(d, "num_attention_heads")
+    embed = _int(d, "hidden_size")
     head_dim = d.get("head_dim")
     if head_dim is not None and int(head_dim) == embed // heads and embed % heads == 0:
         head_dim = None  # the default: keep eqzoo configs equal whichever way HF spelled it
     theta, scaling = _rope_from_hf(d, theta)
     kv_heads = d.get("num_key_value_heads")
     return dict(
-        vocab_size=int(d["vocab_size"]), max_seq=int(d.get("max_position_embeddings", max_seq)),
-        num_layers=int(d["num_hidden_layers"]), num_heads=heads,
+        vocab_size=_int(d, "vocab_size"), max_seq=_int(d, "max_position_embeddings", max_seq),
+        num_layers=_int(d, "num_hidden_layers"), num_heads=heads,
         num_kv_heads=heads if kv_heads is None else int(kv_heads), embed_dim=embed,
-        hidden_dim=int(d["intermediate_size"]), head_dim=None if head_dim is None else int(head_dim),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(d.get("rms_norm_eps", eps)),
+        hidden_dim=_int(d, "intermediate_size"), head_dim=None if head_dim is None else int(head_dim),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=_float(d, "rms_norm_eps", eps),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
     )
 
@@ -228,10 +252,10 @@ def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
         )
     window = _sliding_window(d, 4096) if d.get("use_sliding_window", False) else None
     return fields | dict(
-        hidden_dim=int(d["moe_intermediate_size"]), num_experts=int(experts),
-        experts_per_token=int(d["num_experts_per_tok"]),
+        hidden_dim=_int(d, "moe_intermediate_size"), num_experts=int(experts),
+        experts_per_token=_int(d, "num_experts_per_tok"),
         normalize_router_weights=bool(d.get("norm_topk_prob", False)),
-        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        router_aux_loss_coef=_float(d, "router_aux_loss_coef", 0.001),
         qk_norm=True, sliding_window=window,
     )
 
@@ -251,8 +275,8 @@ def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
             stacklevel=user_stacklevel(),
         )
     return fields | dict(
-        num_experts=int(d["num_local_experts"]), experts_per_token=int(d["num_experts_per_tok"]),
-        router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
+        num_experts=_int(d, "num_local_experts"), experts_per_token=_int(d, "num_experts_per_tok"),
+        router_aux_loss_coef=_float(d, "router_aux_loss_coef", 0.001),
     )
 
 
@@ -274,17 +298,17 @@ def _gemma_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
         act = "gelu_pytorch_tanh"  # transformers reads Gemma's legacy "gelu" as the tanh GELU
     if act not in _GELU_TANH + ("gelu",):
         raise _unsupported(d, act_key, act, f"eqzoo's Gemma gates with the tanh GELU {_GELU_TANH} or 'gelu'")
-    layers = int(d["num_hidden_layers"])
+    layers = _int(d, "num_hidden_layers")
     head_dim = int(d.get("head_dim") or 256)
     scalar = None if family == "gemma" else d.get("query_pre_attn_scalar", 256)  # Gemma: head_dim
     fields: dict[str, Any] = dict(
-        vocab_size=int(d["vocab_size"]),
-        max_seq=int(d.get("max_position_embeddings", 131072 if family == "gemma3_text" else 8192)),
-        num_layers=layers, num_heads=int(d["num_attention_heads"]),
+        vocab_size=_int(d, "vocab_size"),
+        max_seq=_int(d, "max_position_embeddings", 131072 if family == "gemma3_text" else 8192),
+        num_layers=layers, num_heads=_int(d, "num_attention_heads"),
         num_kv_heads=int(d.get("num_key_value_heads") or (16 if family == "gemma" else 4)),
-        embed_dim=int(d["hidden_size"]), hidden_dim=int(d["intermediate_size"]), head_dim=head_dim,
+        embed_dim=_int(d, "hidden_size"), hidden_dim=_int(d, "intermediate_size"), head_dim=head_dim,
         query_pre_attn_scalar=None if scalar is None else float(scalar),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
         tie_embeddings=bool(d.get("tie_word_embeddings", True)),
         activation="gelu" if act == "gelu" else "gelu_tanh",
         post_norms=family != "gemma", qk_norm=family == "gemma3_text",
@@ -355,7 +379,7 @@ def _gemma3_rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | Non
             )
     else:
         theta, scaling = _rope_from_hf(d, 1e6)
-        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+        local_theta = _float(d, "rope_local_base_freq", 10000.0)
     return theta, scaling, local_theta
 
 
@@ -370,8 +394,8 @@ def _square(d: Mapping[str, Any], key: str) -> int:
 
 def _vit_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     _require(d, "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-    embed = int(d["hidden_size"])
-    inner = int(d["intermediate_size"])
+    embed = _int(d, "hidden_size")
+    inner = _int(d, "intermediate_size")
     if inner % embed:
         raise _unsupported(d, "intermediate_size", inner, f"the MLP width must be a multiple of hidden_size={embed}")
     act = d.get("hidden_act", "gelu")
@@ -380,14 +404,14 @@ def _vit_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     if not d.get("qkv_bias", True):
         raise _unsupported(d, "qkv_bias", False, "eqzoo's ViT has biases on every projection")
     labels = d.get("id2label")
-    num_classes = len(labels) if labels else int(d.get("num_labels", 2))
+    num_classes = len(labels) if labels else _int(d, "num_labels", 2)
     return dict(
         image_size=_square(d, "image_size") if "image_size" in d else 224,
         patch_size=_square(d, "patch_size") if "patch_size" in d else 16,
-        in_channels=int(d.get("num_channels", 3)), num_classes=num_classes,
-        num_layers=int(d["num_hidden_layers"]), num_heads=int(d["num_attention_heads"]),
+        in_channels=_int(d, "num_channels", 3), num_classes=num_classes,
+        num_layers=_int(d, "num_hidden_layers"), num_heads=_int(d, "num_attention_heads"),
         embed_dim=embed, mlp_ratio=inner // embed, pool="cls",
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
+        layer_norm_eps=_float(d, "layer_norm_eps", 1e-12),
     )
 
 
@@ -417,7 +441,8 @@ def config_from_hf(
     spellings), `rms_norm_eps` / `layer_norm_epsilon` and `tie_word_embeddings`;
     `MistralForCausalLM` configs (Llama's with `sliding_window`, into a
     [`eqzoo.models.LlamaConfig`][] with `sliding_window`); `Qwen2ForCausalLM` configs (a
-    `LlamaConfig` with `qkv_bias=True`; a sliding window only if every layer has it);
+    `LlamaConfig` with `qkv_bias=True`; with `use_sliding_window`, the window on the layers
+    `layer_types` names, or else on those from `max_window_layers` on);
     `Qwen3ForCausalLM` configs (a `LlamaConfig` with `qk_norm=True`, the window read as
     Qwen2's); `Qwen3MoeForCausalLM` configs (a [`eqzoo.models.MixtralConfig`][] with
     `qk_norm=True`, `moe_intermediate_size` as `hidden_dim`, `norm_topk_prob` as
@@ -447,7 +472,12 @@ def config_from_hf(
     ones) or option; `ConfigError` for an unknown override.
     """
     cls, read = _FROM_HF[_family(hf_config)]
-    fields = read(hf_config)
+    try:
+        fields = read(hf_config)
+    except HFFormatError:
+        raise
+    except (TypeError, ValueError) as err:  # a value of the wrong type where _int/_float do not look
+        raise HFFormatError(f"config.json holds a value of the wrong type ({err}); compare it with the model's original.") from None
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - names)
     if unknown:

@@ -3,12 +3,13 @@
 import contextlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._errors import require
+from .._errors import require, user_stacklevel
 from ._errors import HFFormatError
 
 CONFIG_NAME = "config.json"
@@ -61,8 +62,20 @@ def _refuse_pickle(folder: Path, found: list[str]) -> HFFormatError:
 
 
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of the checkpoint in `folder`: one file, or the shards of an index."""
+    """The safetensors files of the checkpoint in `folder`: one file, or the shards of an index.
+
+    Where a folder holds both, the single file is read, as `transformers` reads it, with a
+    warning (one of them is probably left over from an earlier save).
+    """
     index = folder / INDEX_NAME
+    single = folder / WEIGHTS_NAME
+    if index.is_file() and single.is_file():
+        warnings.warn(
+            f"{str(folder)!r} holds both {WEIGHTS_NAME} and {INDEX_NAME}; reading {WEIGHTS_NAME}, as "
+            "transformers does. Delete the one left over from an earlier save to silence this.",
+            stacklevel=user_stacklevel(),
+        )
+        return [single]
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -73,7 +86,6 @@ def weight_files(folder: Path) -> list[Path]:
         if missing:
             raise HFFormatError(f"{INDEX_NAME} in {str(folder)!r} names shard files that are missing: {missing}.")
         return [folder / s for s in shards]
-    single = folder / WEIGHTS_NAME
     if single.is_file():
         return [single]
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -106,15 +118,26 @@ class TensorReader(contextlib.ExitStack):
                 self.close()
                 raise HFFormatError(f"cannot read {str(file)!r} as safetensors: {err}") from None
             for name in handle.keys():
-                self._where[name] = handle
+                if name in self._where:  # which copy is meant? never pick one silently
+                    first = self._where[name][1]
+                    self.close()
+                    raise HFFormatError(
+                        f"the tensor {name!r} is stored twice, in {first.name!r} and {file.name!r}; a checkpoint "
+                        "holds each tensor once. Re-save the checkpoint, or remove the stray shard."
+                    )
+                self._where[name] = (handle, file)
         return self
 
     def names(self) -> set[str]:
         return set(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in self._where[name].get_slice(name).get_shape())
+        return tuple(int(n) for n in self._where[name][0].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code of the tensor `name` (`"F32"`, `"BF16"`, `"I64"`, ...)."""
+        return str(self._where[name][0].get_slice(name).get_dtype())
 
     def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
         """`tensor[index]` of the tensor `name`, reading only that part from disk."""
-        return np.asarray(self._where[name].get_slice(name)[index])
+        return np.asarray(self._where[name][0].get_slice(name)[index])

@@ -1,6 +1,8 @@
 """Loading a Hugging Face safetensors checkpoint into an eqzoo model, tensor by tensor."""
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, no_type_check
 
@@ -11,8 +13,8 @@ import numpy as np
 from jax.sharding import Sharding
 from jax.typing import DTypeLike
 
-from .._errors import ConfigError, EqzooError
-from ..models import GPT2, Gemma, Llama, Mixtral, ViT, model_class
+from .._errors import ConfigError, EqzooError, user_stacklevel
+from ..models import GPT2, Gemma, GPT2Config, Llama, Mixtral, ViT, model_class
 from ._config import config_from_hf
 from ._errors import HFFormatError
 from ._files import TensorReader, as_folder, read_config, weight_files
@@ -86,6 +88,12 @@ def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[t
                 f"tensor {name!r} has shape {found} but config.json implies {expected}; "
                 "the weights and config.json do not belong together."
             )
+        code = reader.dtype(name)
+        if not code.startswith(("F", "BF")):  # every parameter eqzoo reads is floating point
+            raise HFFormatError(
+                f"tensor {name!r} is stored as {code}, not floating point; a model's weights are "
+                "floats (F32, F16, BF16). The file is damaged or was not written as model weights."
+            )
 
 
 def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -106,6 +114,36 @@ def _read_leaf(reader: TensorReader, rule: TensorRule, leaf_shape: tuple[int, ..
         out[where] = x
     assert out is not None
     return out
+
+
+def _untie_a_separate_head(config, reader: TensorReader, folder, *, forced: bool):
+    """`config`, untied when its config.json ties the head to the embedding but the weights hold
+    an `lm_head.weight` that differs from it: transformers then computes with the stored head
+    (and warns), so eqzoo does too. Equal copies stay tied; a `tie_embeddings` override wins."""
+    names = reader.names()
+    if isinstance(config, GPT2Config):
+        table = next((n for n in ("transformer.wte.weight", "wte.weight") if n in names), None)
+    else:
+        table = "model.embed_tokens.weight" if getattr(config, "tie_embeddings", False) else None
+    if forced or table is None or "lm_head.weight" not in names or table not in names:
+        return config
+    def whole(name):
+        return reader.read(name, tuple(slice(None) for _ in reader.shape(name)))
+
+    if reader.shape(table) == reader.shape("lm_head.weight") and np.array_equal(whole(table), whole("lm_head.weight")):
+        return config
+    if isinstance(config, GPT2Config):
+        raise HFFormatError(
+            f"the checkpoint in {str(folder)!r} stores an lm_head.weight that differs from the token "
+            "embedding, but eqzoo's GPT-2 ties its output head to the embedding (as GPT2LMHeadModel does)."
+        )
+    warnings.warn(
+        f"config.json in {str(folder)!r} ties the output head to the token embedding, but the weights "
+        "hold a separate lm_head.weight that differs from it; loading it untied (tie_embeddings=False), "
+        "as transformers does. Pass config_overrides={'tie_embeddings': True} to tie it anyway.",
+        stacklevel=user_stacklevel(),
+    )
+    return dataclasses.replace(config, tie_embeddings=False)
 
 
 @no_type_check  # arguments are validated inside, with messages that say what is supported
@@ -160,14 +198,16 @@ def load_pretrained(
     """
     folder = as_folder(path)
     dtype = None if dtype is None else jnp.dtype(dtype)
-    config = config_from_hf(read_config(folder), **dict(config_overrides or {}))
+    overrides = dict(config_overrides or {})
+    config = config_from_hf(read_config(folder), **overrides)
     files = weight_files(folder)
-    model_cls = model_class(config)
-    skeleton = eqx.filter_eval_shape(model_cls, config, key=jax.random.key(0))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
-    structs = {_names_of(kp): leaf for kp, leaf in flat}
-    shapes = {p: tuple(s.shape) for p, s in structs.items()}
     with TensorReader(files) as reader:
+        config = _untie_a_separate_head(config, reader, folder, forced="tie_embeddings" in overrides)
+        model_cls = model_class(config)
+        skeleton = eqx.filter_eval_shape(model_cls, config, key=jax.random.key(0))
+        flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
+        structs = {_names_of(kp): leaf for kp, leaf in flat}
+        shapes = {p: tuple(s.shape) for p, s in structs.items()}
         rules, ignored = rules_for(config, reader.names())
         by_path = {r.path: r for r in rules}
         uncovered = sorted(".".join(p) for p in structs if p not in by_path)

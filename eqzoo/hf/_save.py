@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, no_type_check
@@ -18,12 +19,27 @@ from ..nn import AbstractLinear, AbstractWeight, select_linears
 from ..sharding import path_str
 from ._config import config_to_hf
 from ._errors import HFFormatError
-from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME
+from ._files import (
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    INDEX_NAME,
+    TOKENIZER_NAME,
+    WEIGHTS_NAME,
+    as_folder,
+    read_config,
+)
 from ._layout import TensorRule, get_path, rules_for
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# What `like=` copies from the original folder besides its token ids: the generation settings
+# and the tokenizer, whichever of these files it has.
+_CARRIED = (
+    GENERATION_CONFIG_NAME, TOKENIZER_NAME, "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja", "chat_template.json", "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "preprocessor_config.json",
+)
 
 
 def _parse_size(size: int | str) -> int:
@@ -104,6 +120,7 @@ def save_pretrained(
     dtype: DTypeLike | None = None,
     max_shard_size: int | str | None = None,
     extra_config: Mapping[str, Any] | None = None,
+    like: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write `model` as a Hugging Face checkpoint folder: `config.json`, `generation_config.json`
     (language models) and `model.safetensors` (or shards plus `model.safetensors.index.json`).
@@ -130,8 +147,19 @@ def save_pretrained(
       string such as `"2GB"` / `"500MiB"`); `None` writes one file.
     - `extra_config`: more `config.json` keys, e.g. `{"eos_token_id": 2}`; they may not change
       the architecture.
+    - `like`: the Hugging Face folder the model came from (before fine-tuning). Its token ids
+      (`bos_token_id`, `eos_token_id`, `pad_token_id` in `config.json`, where `extra_config`
+      does not set them), its `generation_config.json` and its tokenizer files
+      (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, chat templates,
+      ...) are carried over, so the folder written decodes and stops as the original did. An
+      eqzoo model holds no token ids: without `like` (or `extra_config`) they are written as
+      null, and `transformers`' `generate` then never stops at an end-of-sequence token.
 
     **Returns:** the folder's path.
+
+    **Raises:** `HFFormatError` for a model of another kind or one with adapters or int8
+    layers; `ConfigError` for an `extra_config` that changes the architecture or a `like`
+    folder whose vocabulary size differs from the model's.
     """
     if not isinstance(model, GPT2 | Llama | Mixtral | Gemma | ViT):
         raise HFFormatError(
@@ -149,6 +177,18 @@ def save_pretrained(
         if hf.get(key) is not None and hf[key] != value:
             raise ConfigError(f"extra_config may not change {key!r} (the model has {hf[key]!r}, got {value!r}).")
         hf[key] = value
+    source = None if like is None else as_folder(like)
+    if source is not None:
+        original = read_config(source)
+        vocab = original.get("vocab_size", original.get("text_config", {}).get("vocab_size"))
+        if vocab is not None and vocab != hf.get("vocab_size", vocab):
+            raise ConfigError(
+                f"save_pretrained: like={str(source)!r} has vocab_size {vocab}, the model {hf['vocab_size']}; "
+                "its token ids and tokenizer would not fit this model."
+            )
+        for key in _TOKEN_IDS:
+            if hf.get(key) is None and original.get(key) is not None:
+                hf[key] = original[key]
     hf["dtype"] = str(np.dtype(model.final_norm.weight.dtype) if dtype is None else dtype)  # what from_pretrained uses
 
     limit = None if max_shard_size is None else _parse_size(max_shard_size)
@@ -186,7 +226,11 @@ def save_pretrained(
     if n > 1:
         _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     _write_json(folder / CONFIG_NAME, hf)
-    if not isinstance(model, ViT):  # a classifier generates nothing
+    carried = [] if source is None else [source / n for n in _CARRIED if (source / n).is_file()]
+    if not isinstance(model, ViT) and not any(f.name == GENERATION_CONFIG_NAME for f in carried):
         generation = {"_from_model_config": True} | {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}
         _write_json(folder / GENERATION_CONFIG_NAME, generation)
+    for file in carried:
+        if not (folder / file.name).exists() or not (folder / file.name).samefile(file):
+            shutil.copyfile(file, folder / file.name)
     return folder

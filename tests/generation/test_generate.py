@@ -184,6 +184,44 @@ def test_sample_logits_filters():
     assert int(sample_logits(logits, None)) == 1  # greedy needs no key
 
 
+def test_several_eos_tokens_stop_at_the_first_of_any(llama, greedy):
+    # eos_token may list several ids (a generation_config.json's eos_token_id often does): each
+    # row stops at the first token that is any of them; speculative decoding agrees.
+    prompts = jnp.stack([PROMPT, jnp.roll(PROMPT, 1)])
+    full = generate_batch(llama, prompts, max_new_tokens=NEW)
+    n = PROMPT.shape[0]
+    stops = (int(full[0, n + 4]), int(full[1, n + 1]))
+    out = generate_batch(llama, prompts, max_new_tokens=NEW, eos_token=list(stops), pad_token=255)
+    for row in range(2):
+        toks = np.asarray(full[row, n:])
+        first = n + int(np.argmax(np.isin(toks, stops)))
+        np.testing.assert_array_equal(out[row, : first + 1], full[row, : first + 1])
+        assert (np.asarray(out[row, first + 1 :]) == 255).all() and first + 1 < out.shape[1]
+    speculative = eqzoo.generation.generate_speculative(llama, llama, prompts, max_new_tokens=NEW, num_draft=2, eos_token=stops, pad_token=255)
+    np.testing.assert_array_equal(speculative, out)
+    single = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=np.int64(stops[0]), pad_token=255)  # a NumPy integer
+    np.testing.assert_array_equal(single, generate_batch(llama, PROMPT[None], max_new_tokens=NEW, eos_token=stops[0], pad_token=255)[0])
+
+
+@pytest.mark.parametrize(
+    "eos, pad, match",
+    [
+        ("x", 0, r"eos_token must be an integer token id, got 'x'"),
+        (1.5, 0, r"eos_token must be an integer token id, got 1.5"),
+        ([3, None], 0, r"each eos_token must be an integer token id, got None"),
+        ([], 0, r"eos_token is an empty sequence; pass None"),
+        ([3, 256], 0, r"eos_token \[256\] lies outside the model's vocabulary \[0, 256\)"),
+        (-1, 0, r"eos_token \[-1\] lies outside"),
+        (3, "pad", r"pad_token must be an integer token id, got 'pad'"),
+    ],
+)
+def test_bad_stop_tokens_are_refused(llama, eos, pad, match):
+    with pytest.raises(ConfigError, match=match):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, eos_token=eos, pad_token=pad)
+    with pytest.raises(ConfigError, match=match):
+        eqzoo.generation.generate_speculative(llama, llama, PROMPT[None], max_new_tokens=2, eos_token=eos, pad_token=pad)
+
+
 def test_generation_errors(llama):
     with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=20)

@@ -182,7 +182,7 @@ def test_the_decoding_loops_never_select_a_whole_kv_cache(llama, loop):
     prompts = jnp.zeros((batch, prompt_len), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     keys = jax.random.split(jax.random.key(0), batch)
-    common = dict(max_new_tokens=new, eos_token=3, pad_token=0, temperature=0.0, top_k=None, top_p=None,
+    common = dict(max_new_tokens=new, eos_token=(3,), pad_token=0, temperature=0.0, top_k=None, top_p=None,
                   unroll_layers=False, cache_dtype=None)
     if loop == "speculative":
         lowered = _speculative._speculate_batch.lower(llama, llama, prompts, lengths, keys, num_draft=3, **common)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import warnings
 
 import equinox as eqx
 import jax
@@ -144,6 +145,7 @@ def test_missing_files(hf_checkpoints, tmp_path):
 
 def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
     folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
+    (folder / "model.safetensors").rename(folder / "model-00002-of-00002.safetensors")
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}})
     )
@@ -203,3 +205,69 @@ def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
     mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
     with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got MLP"):
         eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]
+
+
+def test_a_tied_config_with_a_different_stored_head_loads_untied_as_transformers_does(hf_checkpoints, tmp_path, hft):
+    # config.json says tie_word_embeddings, but the file holds an lm_head.weight unlike the
+    # embedding: transformers computes with the stored head (and warns), so eqzoo does too
+    # (fp32, tolerance 1e-5). Tying it silently gave logits up to ~1.4 away.
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    _edit_config(folder, tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match=r"ties the output head .* separate lm_head.weight that differs from it; loading it untied"):
+        model = eqzoo.hf.load_pretrained(folder)
+    assert not model.config.tie_embeddings
+    tokens = hft.random_tokens(0)
+    want = hft.hf_logits(hf_checkpoints("llama-gqa-untied")[0], tokens)
+    np.testing.assert_allclose(np.asarray(jax.vmap(model)(tokens)), want, rtol=1e-5, atol=1e-5)
+    forced = eqzoo.hf.load_pretrained(folder, config_overrides={"tie_embeddings": True})  # the override wins
+    assert forced.config.tie_embeddings
+    # a stored head equal to the embedding stays tied, without a warning
+    _edit_tensors(folder, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert eqzoo.hf.load_pretrained(folder).config.tie_embeddings
+    # GPT-2 always ties: a different stored head is refused
+    gpt2 = _copy(hf_checkpoints("gpt2")[1], tmp_path / "g")
+    _edit_tensors(gpt2, lambda t: t.__setitem__("lm_head.weight", t["transformer.wte.weight"] + 1))
+    with pytest.raises(HFFormatError, match=r"lm_head.weight that differs from the token embedding.*GPT-2 ties"):
+        eqzoo.hf.load_pretrained(gpt2)
+
+
+def test_duplicated_tensors_both_weight_files_and_integer_weights(hf_checkpoints, tmp_path):
+    folder = _copy(hf_checkpoints("gpt2")[1], tmp_path)
+    tensors = safetensors_numpy.load_file(str(folder / "model.safetensors"))
+    # a tensor stored in two shards: which copy is meant is never guessed
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2] + [names[-1]], "model-00002-of-00002.safetensors": names[len(names) // 2 :]}
+    for file, part in shards.items():
+        safetensors_numpy.save_file({n: tensors[n] for n in part}, str(folder / file), metadata={"format": "pt"})
+    index = {"weight_map": {n: f for f, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    # both a single file and an index: the single file is read, as transformers reads it
+    with pytest.warns(UserWarning, match=r"holds both model.safetensors and model.safetensors.index.json; reading model.safetensors"):
+        eqzoo.hf.load_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(HFFormatError, match=rf"the tensor '{names[-1]}' is stored twice, in 'model-00001-of-00002.safetensors' and 'model-00002-of-00002.safetensors'"):
+        eqzoo.hf.load_pretrained(folder)
+
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path / "int")
+    _edit_tensors(folder, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].astype(np.int32)))
+    with pytest.raises(HFFormatError, match=r"tensor 'model.norm.weight' is stored as I32, not floating point"):
+        eqzoo.hf.load_pretrained(folder, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("rms_norm_eps", None, r"rms_norm_eps=None; it must be a finite number"),
+        ("max_position_embeddings", None, r"max_position_embeddings=None; it must be an integer"),
+        ("num_hidden_layers", "2", r"num_hidden_layers='2'; it must be an integer"),
+        ("hidden_size", 64.5, r"hidden_size=64.5; it must be an integer"),
+        ("head_dim", "wide", r"wrong type"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_named(key, value, match):
+    base = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4)
+    assert eqzoo.hf.config_from_hf(base | {"num_hidden_layers": 2.0}).num_layers == 2  # an integral float is an integer
+    with pytest.raises(HFFormatError, match=match):
+        eqzoo.hf.config_from_hf(base | {key: value})

@@ -1,6 +1,7 @@
 """Exporting eqzoo models: transformers loads them with no warnings and computes the same logits."""
 
 import json
+import shutil
 
 import equinox as eqx
 import jax
@@ -136,3 +137,44 @@ def test_extra_config_and_generation_config(tmp_path, hft):
         eqzoo.hf.save_pretrained(model, tmp_path, extra_config={"num_hidden_layers": 3})
     with pytest.raises(ConfigError, match="max_shard_size must be bytes or a string like '5GB'"):
         eqzoo.hf.save_pretrained(model, tmp_path, max_shard_size="lots")
+
+
+def test_like_carries_token_ids_generation_config_and_tokenizer(hf_checkpoints, tmp_path, hft):
+    # Load, (fine-tune,) export with like=the original: the token ids, the generation settings
+    # (here two eos ids, as instruction-tuned models list them) and the tokenizer files come
+    # along, so transformers decodes and stops as with the original. Without like they are null.
+    source = tmp_path / "source"
+    shutil.copytree(hf_checkpoints("llama-gqa-untied")[1], source)
+    config = json.loads((source / "config.json").read_text())
+    config.update(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    (source / "config.json").write_text(json.dumps(config))
+    generation = {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": False, "max_new_tokens": 5}
+    (source / "generation_config.json").write_text(json.dumps(generation))
+    (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    model = eqzoo.hf.load_pretrained(source)
+
+    plain = eqzoo.hf.save_pretrained(model, tmp_path / "plain")
+    assert json.loads((plain / "config.json").read_text())["eos_token_id"] is None
+    assert not (plain / "tokenizer_config.json").exists()
+
+    out = eqzoo.hf.save_pretrained(model, tmp_path / "out", like=source)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"], written["pad_token_id"]) == (1, 2, 0)
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    assert (out / "tokenizer_config.json").read_text() == (source / "tokenizer_config.json").read_text()
+    hf_model = hft.load_with_transformers(out)
+    assert hf_model.generation_config.eos_token_id == [2, 7]
+    np.testing.assert_allclose(  # fp32; tolerance 1e-5: the same weights in both
+        hft.hf_logits(hf_model, hft.random_tokens(0)), np.asarray(jax.vmap(model)(hft.random_tokens(0))), rtol=1e-5, atol=1e-5
+    )
+    again = eqzoo.hf.save_pretrained(model, out, like=out)  # exporting over the folder it came from
+    assert json.loads((again / "generation_config.json").read_text()) == generation
+    # extra_config wins over like
+    eqzoo.hf.save_pretrained(model, tmp_path / "eos5", like=source, extra_config={"eos_token_id": 5})
+    assert json.loads((tmp_path / "eos5" / "config.json").read_text())["eos_token_id"] == 5
+
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    (other / "config.json").write_text(json.dumps({**config, "vocab_size": 999}))
+    with pytest.raises(ConfigError, match=r"like=.* has vocab_size 999, the model 160"):
+        eqzoo.hf.save_pretrained(model, tmp_path / "bad", like=other)
