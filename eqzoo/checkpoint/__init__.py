@@ -13,6 +13,7 @@ from ._errors import (
 )
 from ._meta import (
     FORMAT_VERSION as FORMAT_VERSION,
+    RESTORE_MAY_CHANGE as RESTORE_MAY_CHANGE,
     CheckpointMeta as CheckpointMeta,
     Restored as Restored,
 )
@@ -24,6 +25,7 @@ from ._weights import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "RESTORE_MAY_CHANGE",
     "CheckpointCorruptError",
     "CheckpointError",
     "CheckpointMeta",

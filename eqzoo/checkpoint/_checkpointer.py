@@ -28,7 +28,15 @@ from ..train import TrainState
 from ._config import is_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
 from ._integrity import MANIFEST, VerifiedPyTreeHandler, verify_manifest
-from ._meta import CheckpointMeta, Restored, build_meta, check_fit, meta_object, validate_meta
+from ._meta import (
+    CheckpointMeta,
+    Restored,
+    build_meta,
+    check_config,
+    check_fit,
+    meta_object,
+    validate_meta,
+)
 from ._tree import (
     default_sharding,
     describe,
@@ -388,6 +396,7 @@ class Checkpointer:
         *,
         step: int | None = None,
         shardings: ShardingSpec = None,
+        allow_config_change: bool = False,
     ) -> Restored:
         """Restore a step into the structure of `target`.
 
@@ -401,12 +410,17 @@ class Checkpointer:
           `(name, target_leaf) -> Sharding`. Default: the target leaf's own sharding (a
           `jax.ShapeDtypeStruct(..., sharding=...)` or a real array's), else the first local
           device. Any mesh works, whatever the mesh at save time.
+        - `allow_config_change`: restore even where the target's model config differs from the
+          saved one in a field that changes what the weights mean (heads, rope, norms, ...; see
+          [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][] for those that may always differ). Shapes
+          and dtypes are checked either way.
 
         **Returns:** [`eqzoo.checkpoint.Restored`][] `(state, data_state, meta)`; pass
         `data_state` to the loader's `load_state_dict`.
 
         **Raises:** `CheckpointNotFoundError` (no committed step, or not that step),
-        `CheckpointMismatchError` (the arrays do not fit `target`; lists each path),
+        `CheckpointMismatchError` (the arrays do not fit `target`, listing each path; or the
+        target's model config differs from the saved one, listing each field),
         `CheckpointCorruptError` (integrity check failed; with `fallback_to_intact` the newest
         intact older step is restored instead, with a warning), `CheckpointVersionError`.
         """
@@ -420,7 +434,7 @@ class Checkpointer:
         corrupt: list[CheckpointCorruptError] = []
         for s in candidates:
             try:
-                restored = self._restore_step(target, s, shardings)
+                restored = self._restore_step(target, s, shardings, allow_config_change)
             except CheckpointCorruptError as err:
                 corrupt.append(err)
                 continue
@@ -450,12 +464,15 @@ class Checkpointer:
         self._manager.reload()
         return str(dest)
 
-    def _restore_step(self, target: TrainState, step: int, shardings: ShardingSpec) -> Restored:
+    def _restore_step(self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False) -> Restored:
         meta = self._read_meta(step)
         names = state_names(target)
         leaves = dict(zip(names, target.arrays, strict=True))
         expected = {name: describe(leaf) for name, leaf in leaves.items()}
         check_fit(expected, meta["arrays"], where=f"step {step} in {self._directory}")
+        if not allow_config_change:  # the config save() would store for this target
+            found = self._config if self._config is not None else getattr(getattr(target.structure.static, "model", None), "config", None)
+            check_config(meta.get("config"), found if is_config(found) else None, where=f"step {step} in {self._directory}")
         state_dir = self._step_dir(step) / _STATE
         problems = verify_manifest(state_dir)
         if problems is None:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..train import TrainState
-from ._config import config_to_dict, decode_config
+from ._config import config_from_dict, config_to_dict, decode_config
 from ._errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -114,6 +114,50 @@ def meta_object(meta: dict[str, Any]) -> CheckpointMeta:
         metadata=meta.get("metadata") or {},
         arrays=meta["arrays"],
     )
+
+
+RESTORE_MAY_CHANGE: frozenset[str] = frozenset({
+    "remat", "scan_layers", "attention_backend", "moe_implementation", "moe_capacity_factor", "max_seq",
+    "router_aux_loss_coef", "router_z_loss_coef",
+})
+"""Model config fields that may differ between a saved run and its restore target: how the model
+runs (rematerialisation, scan or unrolled layers, attention kernel, mixture-of-experts
+dispatch and capacity), the longest sequence (its arrays, where it has any, are checked by
+shape), and the router losses' weights. Any other field that differs changes what the stored
+weights mean, and [`eqzoo.checkpoint.Checkpointer.restore`][] refuses it."""
+
+
+def check_config(saved: Any, target: Any, *, where: str) -> None:
+    """Raise `CheckpointMismatchError` listing the config fields in which the target's model
+    config (`target`, a config object) differs from the saved one (`saved`, its stored JSON
+    form), other than those in `RESTORE_MAY_CHANGE`. Nothing to compare when either is `None`."""
+    if saved is None or target is None:
+        return
+    mine = config_to_dict(target)
+    if not (isinstance(saved, dict) and isinstance(mine, dict) and "fields" in saved and "fields" in mine):
+        return
+    differ = []
+    if saved.get("__dataclass__") != mine.get("__dataclass__"):
+        differ.append(f"config class: saved {saved.get('__dataclass__')}, target {mine.get('__dataclass__')}")
+    for name in sorted(set(saved["fields"]) | set(mine["fields"])):
+        a, b = saved["fields"].get(name, "<absent>"), mine["fields"].get(name, "<absent>")
+        if name not in RESTORE_MAY_CHANGE and a != b:
+            differ.append(f"{name}: saved {_shown(a)}, target {_shown(b)}")
+    if differ:
+        raise CheckpointMismatchError(
+            f"{where} was saved from a model config that differs from the restore target's in "
+            f"{len(differ)} field(s), which changes what the stored weights mean even where every "
+            "shape fits:\n" + list_items(differ)
+            + "\nBuild the target from the saved config (Checkpointer.meta(step).config), or pass "
+            "allow_config_change=True to restore into the other config on purpose."
+        )
+
+
+def _shown(value: Any) -> str:
+    try:
+        return repr(config_from_dict(value))
+    except Exception:  # an encoded form this eqzoo cannot rebuild: show it as stored
+        return repr(value)
 
 
 def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) -> None:

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..nn import ConvBlock, ResidualBlock
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class CNNConfig:
     blocks_per_stage: int = 1
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive("CNNConfig", in_channels=self.in_channels, num_classes=self.num_classes)
         if not self.widths or any(w <= 0 for w in self.widths):
             raise ConfigError(f"CNNConfig: widths must be a non-empty tuple of positive ints, got {self.widths}.")

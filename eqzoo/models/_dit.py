@@ -14,7 +14,7 @@ from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..nn import MLP, REMAT_POLICIES, Attention, Embedding, Stacked, apply_linear, linear_dtype
 from ._denoiser import AbstractDenoiser, TimestepEmbedding, check_denoiser_inputs
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -54,6 +54,7 @@ class DiTConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "DiTConfig", image_size=self.image_size, in_channels=self.in_channels,
             patch_size=self.patch_size, num_layers=self.num_layers, num_heads=self.num_heads,

@@ -23,7 +23,7 @@ from ..nn import (
 )
 from ._llama import check_decoder, check_layer_types
 from ._lm import AbstractLM
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 
 def _pattern(num_layers: int, every: int | None) -> tuple[str, ...]:
@@ -116,6 +116,7 @@ class GemmaConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "GemmaConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,

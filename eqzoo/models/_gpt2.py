@@ -21,7 +21,7 @@ from ..nn import (
 )
 from ..sharding._activation import constrain, constrain_forward
 from ._lm import AbstractLM
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -55,6 +55,7 @@ class GPT2Config:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "GPT2Config", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, embed_dim=self.embed_dim,

@@ -19,7 +19,7 @@ from ..nn import (
     TransformerBlock,
 )
 from ._lm import AbstractLM
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -75,6 +75,7 @@ class LlamaConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "LlamaConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
@@ -148,6 +149,8 @@ class Llama(AbstractLM):
 def check_decoder(name: str, c) -> None:
     """The checks a Llama-style config (`LlamaConfig`, `MixtralConfig`) shares: heads, remat,
     scan, attention backend and sliding window. Raises `ConfigError` naming `name`."""
+    if not (isinstance(c.rope_theta, int | float) and not isinstance(c.rope_theta, bool) and c.rope_theta > 0):
+        raise ConfigError(f"{name}: rope_theta must be a positive number (the rotary base), got {c.rope_theta!r}.")
     if c.head_dim is None and c.embed_dim % c.num_heads:
         raise ConfigError(
             f"{name}: num_heads={c.num_heads} must divide embed_dim={c.embed_dim} "

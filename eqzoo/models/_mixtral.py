@@ -19,7 +19,7 @@ from ..nn import (
 )
 from ._llama import check_decoder, decoder_layers
 from ._lm import AbstractLM
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _MOE_IMPLEMENTATIONS = get_args(MoEImplementation)
 
@@ -78,6 +78,7 @@ class MixtralConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "MixtralConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,

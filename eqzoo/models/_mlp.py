@@ -10,7 +10,7 @@ from jaxtyping import Array, Float
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..nn import linear_dtype
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jax.nn.tanh, "silu": jax.nn.silu}
 
@@ -30,6 +30,7 @@ class MLPConfig:
     activation: str = "relu"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive("MLPConfig", in_features=self.in_features, out_features=self.out_features, width=self.width)
         if self.depth < 0:
             raise ConfigError(f"MLPConfig: depth must be >= 0, got {self.depth}.")

@@ -14,7 +14,7 @@ from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..nn import Attention, Embedding, apply_linear
 from ._denoiser import AbstractDenoiser, TimestepEmbedding, check_denoiser_inputs
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -53,6 +53,7 @@ class UNetConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "UNetConfig", image_size=self.image_size, in_channels=self.in_channels,
             base_channels=self.base_channels, num_res_blocks=self.num_res_blocks,

@@ -1,5 +1,10 @@
 """Input checks shared by the models: they run at trace time and say how to fix the call."""
 
+import dataclasses
+import numbers
+import types
+import typing
+
 import jax.numpy as jnp
 
 from .._errors import ConfigError, ShapeError, shape_str
@@ -37,3 +42,27 @@ def check_positive(name: str, **values: int | float) -> None:
     bad = {k: v for k, v in values.items() if not v > 0}
     if bad:
         raise ConfigError(f"{name}: these must be positive, got {bad}.")
+
+
+def check_integer_fields(config) -> None:
+    """Raise `ConfigError` naming every field of the config dataclass `config` annotated `int`
+    (or `int | None`, or `tuple[int, ...]`) whose value is not an integer: `num_layers=2.5`
+    would otherwise pass the positivity checks and fail later, far from its cause."""
+    bad = {}
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        optional = isinstance(kind, types.UnionType) and set(typing.get_args(kind)) == {int, type(None)}
+        if kind is int or (optional and value is not None):
+            ok = _is_int(value)
+        elif typing.get_origin(kind) is tuple and typing.get_args(kind) == (int, ...):
+            ok = isinstance(value, tuple) and all(_is_int(v) for v in value)
+        else:
+            continue
+        if not ok:
+            bad[field.name] = value
+    if bad:
+        raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

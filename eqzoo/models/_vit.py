@@ -23,7 +23,7 @@ from ..nn import (
     init_linear,
 )
 from ..sharding._activation import constrain
-from ._validate import check_positive
+from ._validate import check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 _POOLS = ("cls", "mean")
@@ -67,6 +67,7 @@ class ViTConfig:
     attention_backend: str = "auto"
 
     def __post_init__(self):
+        check_integer_fields(self)
         check_positive(
             "ViTConfig", image_size=self.image_size, patch_size=self.patch_size,
             in_channels=self.in_channels, num_classes=self.num_classes, num_layers=self.num_layers,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,7 +22,8 @@ class FitResult:
     """What [`eqzoo.train.fit`][] returns.
 
     **Attributes:** `state` (the final `TrainState`), `history` (every logged record, a list of
-    dicts with `step` and float metrics), `stopped_early` (a callback asked to stop).
+    dicts with `step` and float metrics), `stopped_early` (a callback or a signal asked to
+    stop, or the batches ran out before `num_steps`).
     """
 
     state: TrainState
@@ -73,7 +75,9 @@ def fit(
 
     - `state`: the starting [`eqzoo.train.TrainState`][] (its `step` may be > 0 when resuming).
     - `train_step`: from [`eqzoo.train.make_train_step`][].
-    - `batches`: an iterator of batches (e.g. an `eqzoo.data.TokenLoader`).
+    - `batches`: an iterable of batches (e.g. an `eqzoo.data.TokenLoader`). If it ends before
+      `num_steps`, training stops there with a warning: the last steps are logged (and
+      evaluated and checkpointed) as at the end, and the result has `stopped_early=True`.
     - `num_steps`: the total step count to reach.
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
@@ -114,12 +118,22 @@ def fit(
         assert eval_step is not None and eval_batches is not None
         return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
 
-    while step < num_steps:
-        state, metrics = train_step(state, next(iterator))
-        step += 1
-        pending.append(metrics)
-        is_last = step == num_steps
-        if step % log_every == 0 or is_last:
+    while step < num_steps and not stopped:
+        try:
+            batch = next(iterator)
+        except StopIteration:  # the data ended first: keep what was trained, and say so
+            warnings.warn(
+                f"fit: the batches ran out after step {step} of num_steps={num_steps}; returning the state "
+                "trained so far (stopped_early=True). Pass more batches (more epochs) or a smaller num_steps.",
+                stacklevel=2,
+            )
+            stopped = True
+        else:
+            state, metrics = train_step(state, batch)
+            step += 1
+            pending.append(metrics)
+        is_last = step == num_steps or stopped
+        if pending and (step % log_every == 0 or is_last):
             host = jax.device_get(pending)
             pending = []
             now = time.perf_counter()
@@ -139,8 +153,6 @@ def fit(
             checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
             if checkpointer.should_stop():
                 stopped = True
-        if stopped:
-            break
     for logger in loggers:
         logger.close()
     return FitResult(state, history, stopped)

@@ -126,7 +126,9 @@ def lm_loss(
     - `model`: a [`eqzoo.models.GPT2`][] / [`eqzoo.models.Llama`][] /
       [`eqzoo.models.Mixtral`][] (or any model with `features(tokens)` and `head_weight()`).
     - `batch`: `{"tokens": (batch, seq) int, "targets": (batch, seq) int}` and optionally
-      `"mask"`: (batch, seq) weights of positions that count; for packed documents (what
+      `"mask"`: (batch, seq) weights of positions that count. A negative target (Hugging
+      Face's `-100`) does not count either, as if masked out; a target at or above the
+      vocabulary size makes the loss NaN; for packed documents (what
       [`eqzoo.data.pack_documents`][] makes) `"segment_ids"` and `"positions"` (batch, seq)
       int, passed to the model so each document attends only to itself. With `"segment_ids"`
       and no `"mask"`, the padding (segment id 0) does not count.
@@ -160,6 +162,12 @@ def lm_loss(
     `"mask"`, the router statistics count only the masked-in positions too (every position is
     still routed, and under `"capacity"` still takes expert slots).
     """
+    missing = [k for k in ("tokens", "targets") if k not in batch]
+    if missing:
+        raise ConfigError(
+            f"lm_loss needs batch['tokens'] and batch['targets'] (the next token at each position); the batch "
+            f"has no {missing} (its keys: {sorted(batch)})."
+        )
     tokens, targets = batch["tokens"], batch["targets"]
     if tokens.ndim != 2 or tokens.shape != targets.shape:
         raise ShapeError(
@@ -176,6 +184,11 @@ def lm_loss(
     packing = packing_args(tokens, "lm_loss: batch[{name!r}]", segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
     if mask is None and "segment_ids" in packing:
         mask = packing["segment_ids"] != 0  # padding (segment 0) never counts
+    # A negative target (Hugging Face's -100) marks a position that does not count: it is masked
+    # out and read as class 0, rather than indexing the vocabulary from its end.
+    ignored = targets < 0
+    mask = ~ignored if mask is None else jnp.where(ignored, jnp.zeros((), mask.dtype), mask)
+    targets = jnp.where(ignored, 0, targets)
     # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
     aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
     aux: dict[str, Array] = {}

@@ -242,6 +242,32 @@ def test_mismatch_lists_each_path_with_expected_and_found(ckpt_dir, open_checkpo
         ckpt.restore(sgd)
 
 
+
+def test_a_target_config_that_changes_the_weights_meaning_is_refused_even_where_shapes_fit(ckpt_dir, open_checkpointer):
+    # 4 heads of width 16 and 8 of width 8 store the same shapes, as do two RoPE bases: only the
+    # saved config tells them apart. How the model runs (remat, scan, max_seq) may change.
+    opt = optax.adamw(1e-2)
+    config = models.get_config("tiny-llama", num_layers=1, num_heads=4, num_kv_heads=2)
+    state = train.TrainState.create(models.create(config, key=jax.random.key(0)), opt, key=jax.random.key(1))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    rewired = checkpoint.abstract_state(models.get_config(config, num_heads=8, num_kv_heads=4, rope_theta=5e5), opt)
+    with pytest.raises(checkpoint.CheckpointMismatchError) as info:
+        ckpt.restore(rewired)
+    message = str(info.value)
+    assert "differs from the restore target's in 3 field(s)" in message
+    for line in ("num_heads: saved 4, target 8", "num_kv_heads: saved 2, target 4", "rope_theta: saved 10000.0, target 500000.0"):
+        assert line in message
+    assert "allow_config_change=True" in message
+    forced = ckpt.restore(rewired, allow_config_change=True)  # on purpose: the arrays fit
+    assert forced.state.model.config.num_heads == 8
+    how = checkpoint.abstract_state(models.get_config(config, remat="full", scan_layers=False, max_seq=config.max_seq * 2), opt)
+    restored = ckpt.restore(how)
+    assert checkpoint.params_sha256(restored.state.model) == checkpoint.params_sha256(state.model)
+    assert {"remat", "scan_layers", "max_seq"} <= checkpoint.RESTORE_MAY_CHANGE
+
+
 def _cast(model):
     return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model)
 

@@ -202,6 +202,28 @@ def test_non_positive_sizes():
         models.GPT2Config(num_layers=0)
 
 
+@pytest.mark.parametrize(
+    "preset, changes, match",
+    [
+        ("tiny-gpt2", {"num_layers": 2.5}, r"GPT2Config: these must be integers, got \{'num_layers': 2.5\}"),
+        ("tiny-llama", {"num_heads": True, "head_dim": 8.0}, r"LlamaConfig: these must be integers, got \{'num_heads': True, 'head_dim': 8.0\}"),
+        ("tiny-llama", {"rope_theta": -1.0}, r"LlamaConfig: rope_theta must be a positive number \(the rotary base\), got -1.0"),
+        ("tiny-mixtral", {"rope_theta": 0}, r"MixtralConfig: rope_theta must be a positive number"),
+        ("tiny-gemma2", {"sliding_window_pattern": 2.0}, r"GemmaConfig: these must be integers, got \{'sliding_window_pattern': 2.0\}"),
+        ("tiny-unet", {"channel_mults": (1, 2.0)}, r"UNetConfig: these must be integers, got \{'channel_mults': \(1, 2.0\)\}"),
+    ],
+)
+def test_non_integer_sizes_and_a_bad_rope_base(preset, changes, match):
+    # A float size passed the positivity checks and failed later inside `create` (range() of a
+    # float); a negative rope base gave NaN logits. The config's own checks are called directly:
+    # under the test suite's jaxtyping hook, the constructor's annotations refuse a float first.
+    config = dataclasses.replace(models.get_config(preset))  # a copy: the preset itself stays intact
+    for name, value in changes.items():
+        object.__setattr__(config, name, value)
+    with pytest.raises(ConfigError, match=match):
+        config.__post_init__()
+
+
 def test_register_preset_is_picked_up_and_guards_names():
     config = models.get_config("tiny-gpt2", num_layers=1)
     models.register_preset("test-only-gpt2", config)

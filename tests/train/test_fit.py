@@ -80,6 +80,25 @@ def test_callback_returning_true_stops(steps):
     assert int(result.state.step) == 3 and [r["step"] for r in result.history] == [1, 2, 3]
 
 
+def test_batches_that_run_out_stop_training_with_a_warning(steps):
+    # Five batches for ten steps: five steps are taken, the last window (steps 5, not a multiple
+    # of log_every) is logged and evaluated as at the end, and the state trained so far comes back.
+    train_step, eval_step = steps
+    with pytest.warns(UserWarning, match=r"batches ran out after step 5 of num_steps=10; returning the state trained so far"):
+        result = train.fit(
+            _state(), train_step, [batch_at(i) for i in range(5)], num_steps=10, log_every=2,
+            eval_step=eval_step, eval_batches=eval_batches,
+        )
+    assert result.stopped_early and int(result.state.step) == 5
+    assert [r["step"] for r in result.history] == [2, 4, 5] and "eval/loss" in result.history[-1]
+    straight = train.fit(_state(), train_step, batches(), num_steps=5, log_every=2)
+    assert _same_params(result.state.model, straight.state.model)
+
+
+def _same_params(a, b):
+    return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)), strict=True))
+
+
 def test_resume_from_state_step_continues_the_same_trajectory(steps):
     train_step, _ = steps
     straight = train.fit(_state(), train_step, batches(), num_steps=6, log_every=1)

@@ -61,6 +61,23 @@ def test_chunked_losses_equal_full_loss_and_grads(gpt2, mask, implementation):
             np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["fused", "chunked", "full"])
+def test_negative_targets_are_ignored_like_masked_positions(gpt2, implementation):
+    # Hugging Face marks positions that do not count with the target -100: the loss, its
+    # gradients and the counted tokens equal those with a mask (tolerance 1e-5, float32), where
+    # before -100 read the vocabulary's 156th class from its end and counted.
+    masked = _batch(True)
+    ignored = {"tokens": masked["tokens"], "targets": jnp.where(masked["mask"], masked["targets"], -100)}
+    (want, aux_want), want_grads = _loss_and_grads(gpt2, masked, implementation, 5)
+    (got, aux_got), got_grads = _loss_and_grads(gpt2, ignored, implementation, 5)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert float(aux_got["tokens"]) == float(aux_want["tokens"]) == 19.0
+    for g, g0 in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-5)
+    both = dict(ignored, mask=jnp.ones_like(masked["mask"]))  # a mask that keeps them does not bring them back
+    np.testing.assert_allclose(_loss_and_grads(gpt2, both, implementation, 5)[0][0], want, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_cross_entropy_matches_float64_formula():
     # The primitive on its own, against numpy in float64 (tolerance 1e-5 relative, float32).
     b, t, d, v = 3, 11, 8, 19
@@ -131,6 +148,8 @@ def test_lm_loss_errors(gpt2):
         train.lm_loss(gpt2, _batch(False), chunk_size=0)
     with pytest.raises(ConfigError, match=r"implementation must be one of \('fused', 'chunked', 'full'\), got 'flash'"):
         train.lm_loss(gpt2, _batch(False), implementation="flash")
+    with pytest.raises(ConfigError, match=r"lm_loss needs batch\['tokens'\] and batch\['targets'\].*has no \['targets'\] \(its keys: \['tokens'\]\)"):
+        train.lm_loss(gpt2, {"tokens": _batch(False)["tokens"]})
 
 
 @pytest.mark.parametrize("implementation", ["fused", "full"])
