@@ -6,6 +6,7 @@ and resuming from it yields bitwise the same batches as never stopping. The batc
 *global* batch: process `i` of `P` materialises only rows `[i*B/P, (i+1)*B/P)`.
 """
 
+import zlib
 from collections.abc import Iterator, Mapping
 from typing import Any, final
 
@@ -51,12 +52,13 @@ def _resolve_process(
     return process_index, process_count
 
 
-def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any]) -> int:
-    """Validate a state dict against this loader's configuration and return its step."""
+def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any], optional: frozenset[str] = frozenset()) -> int:
+    """Validate a state dict against this loader's configuration and return its step. Keys in
+    `optional` may be absent (states saved before eqzoo recorded them); then they are not checked."""
     if not isinstance(state, Mapping):
         raise ConfigError(f"{who}.load_state_dict takes a dict; got {type(state).__name__}.")
     keys = set(expected) | {"step"}
-    if set(state) != keys:
+    if set(state) | (optional & keys) != keys:
         unknown = sorted(set(state) - keys)
         missing = sorted(keys - set(state))
         raise ConfigError(
@@ -65,7 +67,16 @@ def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any]) ->
             "returned (a state from another kind of loader does not fit)."
         )
     for key, want in expected.items():
+        if key not in state:  # an optional key the saved state predates
+            continue
         got = state[key]
+        if key == "tokens_fingerprint" and got != want:
+            raise ConfigError(
+                f"{who}.load_state_dict: the saved state was taken over another token stream (fingerprint "
+                f"{got} against this loader's {want}, with the same number of tokens): another corpus, "
+                "tokenizer or ordering would yield different batches. Build the loader from the tokens "
+                "of the run being resumed."
+            )
         if got != want or type(got) is not type(want):
             raise ConfigError(
                 f"{who}.load_state_dict: the saved state has {key}={got!r} but this loader has "
@@ -79,6 +90,20 @@ def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any]) ->
             f"dict that {who}.state_dict() returned."
         )
     return step
+
+
+def _fingerprint(tokens: np.ndarray) -> int:
+    """CRC-32 of a token stream's length, dtype and a fixed sample of it: the first, middle and
+    last 65,536 tokens and 256 windows of 64 spread evenly over the whole (about 1 MiB read,
+    whatever the stream's size)."""
+    n, block = tokens.shape[0], 65_536
+    starts = {0, max(0, n // 2 - block // 2), max(0, n - block)}
+    parts = [tokens[a : a + block] for a in sorted(starts)]
+    parts += [tokens[a : a + 64] for a in np.linspace(0, max(0, n - 64), 256).astype(np.int64)]
+    crc = zlib.crc32(f"{n}:{tokens.dtype.str}".encode())
+    for part in parts:
+        crc = zlib.crc32(np.ascontiguousarray(part).tobytes(), crc)
+    return crc
 
 
 @final
@@ -140,6 +165,7 @@ class TokenLoader:
             self._batch_size, process_index, process_count, who
         )
         self._tokens = tokens
+        self._fingerprint: int | None = None
         self._step = 0
 
     @property
@@ -195,8 +221,12 @@ class TokenLoader:
     def state_dict(self) -> dict[str, int]:
         """The loader's position and the settings it must be resumed with, as a JSON-able dict.
 
-        **Returns:** `{"step", "seed", "batch_size", "seq_len", "num_tokens"}`. It does not
-        depend on the process, so one saved state resumes any process (or process count).
+        **Returns:** `{"step", "seed", "batch_size", "seq_len", "num_tokens",
+        "tokens_fingerprint"}`. The fingerprint is a CRC-32 of the token stream's length, dtype
+        and a fixed sample of it (its first, middle and last 64 Ki tokens and 256 windows spread
+        over the rest), cheap even for a memory-mapped corpus of billions of tokens, that tells
+        another corpus or tokenizer of the same length apart. It does not depend on the process,
+        so one saved state resumes any process (or process count).
         """
         return {"step": self._step, **self._config()}
 
@@ -204,16 +234,20 @@ class TokenLoader:
         """Resume from `state_dict()`'s output: the next batch is the one that would have come.
 
         **Raises:** `ConfigError` for unknown or missing keys, a negative step, or a seed,
-        batch size, sequence length or token count that differs from this loader's.
+        batch size, sequence length, token count or token fingerprint that differs from this
+        loader's (a state saved before the fingerprint was recorded is resumed without it).
         """
-        self._step = _load_state("TokenLoader", state, self._config())
+        self._step = _load_state("TokenLoader", state, self._config(), optional=frozenset({"tokens_fingerprint"}))
 
     def _config(self) -> dict[str, int]:
+        if self._fingerprint is None:  # once: the tokens never change
+            self._fingerprint = _fingerprint(self._tokens)
         return {
             "seed": self._seed,
             "batch_size": self._batch_size,
             "seq_len": self._seq_len,
             "num_tokens": int(self._tokens.shape[0]),
+            "tokens_fingerprint": self._fingerprint,
         }
 
     def __repr__(self) -> str:

@@ -120,6 +120,24 @@ def test_token_load_state_errors():
         _token_loader(seed=1).load_state_dict({**state, "step": -3})
 
 
+
+def test_a_state_from_another_token_stream_of_the_same_length_is_refused():
+    # Another corpus or tokenizer with the same token count (here the stream reversed, and one
+    # token changed in the middle) gave other batches after a "successful" resume.
+    state = _token_loader().state_dict()
+    assert isinstance(state["tokens_fingerprint"], int)
+    changed = TOKENS.copy()
+    changed[len(changed) // 2] += 1
+    for other in (TOKENS[::-1].copy(), changed):
+        with pytest.raises(ConfigError, match=r"saved state was taken over another token stream .* same number of tokens"):
+            _token_loader(tokens=other).load_state_dict(state)
+    _token_loader(tokens=TOKENS.copy()).load_state_dict(state)  # equal tokens in another array resume
+    older = {k: v for k, v in state.items() if k != "tokens_fingerprint"}  # saved before fingerprints
+    loader = _token_loader()
+    loader.load_state_dict(older)
+    assert loader.step == state["step"]
+
+
 # ---------------------------------------------------------------------------------- ArrayLoader
 
 
@@ -194,7 +212,7 @@ def test_array_errors():
     with pytest.raises(ConfigError, match="num_examples=50 but this loader has num_examples=40"):
         _array_loader(n=40).load_state_dict(state)
     token_state = _token_loader().state_dict()
-    with pytest.raises(ConfigError, match=r"unknown keys \['num_tokens', 'seq_len'\]"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['num_tokens', 'seq_len', 'tokens_fingerprint'\]"):
         _array_loader().load_state_dict(token_state)
 
 
