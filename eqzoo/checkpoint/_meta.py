@@ -172,10 +172,17 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
     ]
     problems = differ + missing + extra
     if problems:
+        names = [p.split(":")[0] for p in problems]
+        hint = (
+            "\nEvery difference is in the optimizer state: build the target with the saved run's "
+            "optimizer and Precision (fp16's dynamic loss scale wraps the optimizer state, so a "
+            "change to or from fp16 moves every opt_state path)."
+            if all(n.startswith("opt_state") for n in names) else ""
+        )
         raise CheckpointMismatchError(
             f"{where} does not fit the restore target ({len(differ)} with another shape/dtype, "
             f"{len(missing)} missing, {len(extra)} unexpected):\n"
             + list_items(problems)
             + "\nBuild the target from the same model config and optimizer as the saved run "
-            "(Checkpointer.meta(step).config holds the saved config)."
+            "(Checkpointer.meta(step).config holds the saved config)." + hint
         )
