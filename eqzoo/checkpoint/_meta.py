@@ -127,22 +127,30 @@ shape), and the router losses' weights. Any other field that differs changes wha
 weights mean, and [`eqzoo.checkpoint.Checkpointer.restore`][] refuses it."""
 
 
-def check_config(saved: Any, target: Any, *, where: str) -> None:
-    """Raise `CheckpointMismatchError` listing the config fields in which the target's model
-    config (`target`, a config object) differs from the saved one (`saved`, its stored JSON
-    form), other than those in `RESTORE_MAY_CHANGE`. Nothing to compare when either is `None`."""
+def config_differences(saved: Any, target: Any) -> list[str]:
+    """`"field: saved X, target Y"` for each field in which the config `target` differs from the
+    stored JSON form `saved` ([`eqzoo.checkpoint.config_to_dict`][]'s), except those in
+    `RESTORE_MAY_CHANGE`; empty when either is `None` or not a stored config."""
     if saved is None or target is None:
-        return
+        return []
     mine = config_to_dict(target)
     if not (isinstance(saved, dict) and isinstance(mine, dict) and "fields" in saved and "fields" in mine):
-        return
+        return []
+    if saved.get("__dataclass__") != mine.get("__dataclass__"):  # its fields are another story
+        return [f"config class: saved {saved.get('__dataclass__')}, target {mine.get('__dataclass__')}"]
     differ = []
-    if saved.get("__dataclass__") != mine.get("__dataclass__"):
-        differ.append(f"config class: saved {saved.get('__dataclass__')}, target {mine.get('__dataclass__')}")
     for name in sorted(set(saved["fields"]) | set(mine["fields"])):
         a, b = saved["fields"].get(name, "<absent>"), mine["fields"].get(name, "<absent>")
         if name not in RESTORE_MAY_CHANGE and a != b:
             differ.append(f"{name}: saved {_shown(a)}, target {_shown(b)}")
+    return differ
+
+
+def check_config(saved: Any, target: Any, *, where: str) -> None:
+    """Raise `CheckpointMismatchError` listing the config fields in which the target's model
+    config (`target`, a config object) differs from the saved one (`saved`, its stored JSON
+    form), other than those in `RESTORE_MAY_CHANGE`. Nothing to compare when either is `None`."""
+    differ = config_differences(saved, target)
     if differ:
         raise CheckpointMismatchError(
             f"{where} was saved from a model config that differs from the restore target's in "

@@ -31,6 +31,14 @@ def linear_paths(model) -> list[str]:
     return [_path_str(p) for p, leaf in leaves if _is_linear(leaf)]
 
 
+# Hugging Face / PEFT module names (as in `target_modules`) whose eqzoo layer has another name:
+# named in the error when such a target matches nothing.
+_HF_NAMES = {
+    "gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down",
+    "w1": "mlp.gate", "w3": "mlp.up", "w2": "mlp.down",
+}
+
+
 def _compile_targets(targets: Targets, what: str) -> list[re.Pattern] | None:
     if targets is None:
         return None
@@ -77,9 +85,11 @@ def replace_linears(
     if compiled is not None:
         unused = [c.pattern for c in compiled if not any(c.search(p) for p in linear)]
         if unused:
+            names = {t: _HF_NAMES[t] for t in unused if t in _HF_NAMES and any(_HF_NAMES[t] in p for p in linear)}
+            hint = "".join(f" Hugging Face's {t!r} is eqzoo's {n!r}." for t, n in names.items())
             raise ConfigError(
                 f"{what}: target(s) {unused} match no linear layer; the model's linear layers are "
-                f"{linear or 'none'}."
+                f"{linear or 'none'}.{hint}"
             )
     new = []
     for (_, leaf), path in zip(leaves, paths, strict=True):

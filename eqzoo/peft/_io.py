@@ -10,7 +10,9 @@ import equinox as eqx
 import jax
 
 from .._errors import ConfigError, require
-from ..checkpoint import CheckpointMismatchError, load_weights, save_weights
+from ..checkpoint import CheckpointMismatchError, config_to_dict, load_weights, save_weights
+from ..checkpoint._config import is_config
+from ..checkpoint._meta import config_differences
 from ..nn import Targets
 from ..sharding import path_str
 from ._lora import _is_lora, adapter_filter
@@ -30,7 +32,9 @@ def save_adapters(
 ) -> None:
     """Write only the LoRA factors of `model` (and nothing of the base model) to a safetensors
     file, with each adapter's scaling in the header; see [`eqzoo.checkpoint.save_weights`][] for
-    the file format (per-tensor CRC-32, written atomically).
+    the file format (per-tensor CRC-32, written atomically). The model's config is recorded
+    too, so that adapters are not loaded onto a base of another architecture whose shapes
+    happen to fit.
 
     **Arguments:**
 
@@ -45,8 +49,16 @@ def save_adapters(
         raise ConfigError(f"save_adapters: the metadata key {_KEY!r} is eqzoo's own (the adapters' scalings); use another name.")
     adapters = eqx.filter(model, adapter_filter(model, also=also))
     also_list = None if also is None else ([also] if isinstance(also, str) else list(also))
-    header = {_KEY: json.dumps({"scaling": _scalings(model), "also": also_list}), **(metadata or {})}
+    base = _base_config(model)
+    info = {"scaling": _scalings(model), "also": also_list, "base_config": None if base is None else config_to_dict(base)}
+    header = {_KEY: json.dumps(info), **(metadata or {})}
     save_weights(adapters, path, metadata=header)
+
+
+def _base_config(model):
+    # The adapted model's config (a dataclass), if it has one.
+    config = getattr(model, "config", None)
+    return config if is_config(config) else None
 
 
 def _header(path) -> dict:
@@ -68,17 +80,21 @@ def _shape_differs(message: str) -> bool:
     return any(a != b for a, b in re.findall(r"expected \w+(\([^)]*\)), found \w+(\([^)]*\))", message))
 
 
-def load_adapters(model, path: str | os.PathLike, *, cast: bool = False) -> Any:
+def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_base_change: bool = False) -> Any:
     """`model` with its LoRA factors (and any parameters saved with them through `also`) read
     from a file written by [`eqzoo.peft.save_adapters`][].
 
     `model` must be adapted the same way as the saved one (same targets, rank and alpha:
     `eqzoo.peft.lora(base, rank=..., alpha=..., targets=..., key=...)`); its base weights are kept.
     With `cast=True` the file's dtypes may differ from the model's and are cast to the model's
-    (e.g. adapters trained in bfloat16 loaded into float32 factors).
+    (e.g. adapters trained in bfloat16 loaded into float32 factors). The model's config must
+    equal the one the adapters were trained on (up to how it runs: see
+    [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]); `allow_base_change=True` loads them onto
+    another on purpose. Files written before the config was recorded are not checked.
 
-    **Raises:** `CheckpointMismatchError` if the adapters' layers, shapes or scalings differ
-    (the message lists each), or the file was not written by `save_adapters`;
+    **Raises:** `CheckpointMismatchError` if the adapters' layers, shapes or scalings, or the
+    base model's config, differ (the message lists each), or the file was not written by
+    `save_adapters`;
     `CheckpointNotFoundError` / `CheckpointCorruptError` as [`eqzoo.checkpoint.load_weights`][]
     does.
     """
@@ -108,6 +124,14 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False) -> Any:
         else:  # dtypes only
             message = message.replace("Pass cast=True", "Pass load_adapters(..., cast=True)")
         raise CheckpointMismatchError(message) from err
+    # The arrays fit: is it the base they were trained on?
+    differ = [] if allow_base_change else config_differences(info.get("base_config"), _base_config(model))
+    if differ:
+        raise CheckpointMismatchError(
+            f"adapters in {path} were trained on a base model whose config differs from this model's:\n- "
+            + "\n- ".join(d.replace(": saved ", ": adapters' base ").replace(", target ", ", this model ") for d in differ)
+            + "\nLoad them onto the model they were trained on, or pass allow_base_change=True to do it on purpose."
+        )
     saved, ours = info["scaling"], _scalings(model)
     problems = [
         f"{name}: the file's adapter has scaling {saved[name]}, the model's {ours[name]}"

@@ -64,6 +64,8 @@ def test_targets_pick_layers_by_path_and_bad_targets_say_what_exists():
     assert attn.q_proj.lora_a.shape == (2, 2, 64) and attn.q_proj.lora_b.shape == (2, 64, 2)
     with pytest.raises(eqzoo._errors.ConfigError, match=r"match no linear layer.*blocks\.layers\.attn\.q_proj"):
         peft.lora(_model(), targets="qproj", key=jax.random.key(1))
+    with pytest.raises(eqzoo._errors.ConfigError, match=r"\['gate_proj', 'down_proj'\] match no linear layer.*Hugging Face's 'gate_proj' is eqzoo's 'mlp.gate'\. Hugging Face's 'down_proj' is eqzoo's 'mlp.down'\.$"):
+        peft.lora(_model("tiny-llama"), targets=["q_proj", "gate_proj", "down_proj"], key=jax.random.key(1))
     with pytest.raises(eqzoo._errors.ConfigError, match="already have LoRA adapters"):
         peft.lora(adapted, targets="q_proj", key=jax.random.key(2))
     with pytest.raises(eqzoo._errors.ConfigError, match="positive integer"):
@@ -178,6 +180,14 @@ def test_save_and_load_adapters_round_trip_and_refuse_mismatches(tmp_path):
     eqzoo.checkpoint.save_weights(_model(), plain)
     with pytest.raises(CheckpointMismatchError, match="not written by eqzoo.peft.save_adapters"):
         peft.load_adapters(fresh, plain)
+    # A base of another config whose shapes fit (8 heads of 8 rather than 4 of 16, another norm
+    # epsilon) is refused; how it runs (remat) may differ; allow_base_change loads on purpose.
+    rewired = peft.lora(_model(num_heads=8, layer_norm_eps=1e-6), rank=4, targets="attn", key=jax.random.key(7))
+    with pytest.raises(CheckpointMismatchError, match=r"trained on a base model whose config differs(.|\n)*layer_norm_eps: adapters' base 1e-05, this model 1e-06(.|\n)*num_heads: adapters' base 4, this model 8"):
+        peft.load_adapters(rewired, path)
+    peft.load_adapters(rewired, path, allow_base_change=True)
+    remat = peft.lora(_model(remat="full"), rank=4, targets="attn", key=jax.random.key(7))
+    peft.load_adapters(remat, path)
 
 
 def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
