@@ -18,6 +18,7 @@ from ._registry import (
     model_class as model_class,
     register_preset as register_preset,
 )
+from ._resize import resize_vocab as resize_vocab
 from ._unet import UNet as UNet, UNetConfig as UNetConfig
 from ._vit import ViT as ViT, ViTConfig as ViTConfig
 
@@ -49,4 +50,5 @@ __all__ = [
     "list_presets",
     "model_class",
     "register_preset",
+    "resize_vocab",
 ]

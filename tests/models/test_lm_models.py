@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 
 from eqzoo import models, train
 from eqzoo._errors import ConfigError, ShapeError
@@ -234,3 +235,37 @@ def test_register_preset_is_picked_up_and_guards_names():
             models.register_preset("test-only-gpt2", config)
     finally:
         models._registry._PRESETS.pop("test-only-gpt2", None)
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny-gpt2", {}), ("tiny-llama", {"tie_embeddings": False}), ("tiny-gemma2", {})])
+def test_resize_vocab_keeps_the_old_logits_and_starts_new_tokens_at_the_mean(preset, overrides):
+    # Tokens added to a tokenizer (chat markers) need rows: ids below the old size keep exactly
+    # their logits; a new id's embedding and head row are the mean rows; a model that sees a new
+    # id trains to a finite loss; shrinking drops the last rows.
+    model = models.create(preset, key=jax.random.key(0), max_seq=32, **overrides)
+    old = model.config.vocab_size
+    grown = models.resize_vocab(model, old + 10)
+    assert grown.config.vocab_size == old + 10 and grown.embed.weight.shape[0] == old + 10
+    tokens = jax.random.randint(jax.random.key(1), (12,), 0, old)
+    np.testing.assert_array_equal(np.asarray(grown(tokens))[:, :old], np.asarray(model(tokens)))
+    head = grown.head_weight()
+    np.testing.assert_allclose(head[old:], np.broadcast_to(np.mean(np.asarray(model.head_weight()), 0), (10, head.shape[1])), rtol=1e-6, atol=1e-7)
+    new_ids = tokens.at[3].set(old + 4)
+    loss, _ = train.lm_loss(grown, {"tokens": new_ids[None, :-1], "targets": new_ids[None, 1:]})
+    assert np.isfinite(float(loss))
+    shrunk = models.resize_vocab(grown, old - 6)
+    np.testing.assert_array_equal(np.asarray(shrunk.embed.weight), np.asarray(model.embed.weight[: old - 6]))
+    assert models.resize_vocab(model, old) is model
+
+
+def test_resize_vocab_errors():
+    llama = models.create("tiny-llama", key=jax.random.key(0))
+    with pytest.raises(ConfigError, match="vocab_size must be a positive integer, got 0"):
+        models.resize_vocab(llama, 0)
+    with pytest.raises((ConfigError, TypeCheckError), match="takes an eqzoo language model; got MLP|AbstractLM"):
+        models.resize_vocab(models.create("mlp-small", key=jax.random.key(0)), 10)
+    from eqzoo import peft
+
+    adapted = peft.lora(llama, rank=2, key=jax.random.key(1))
+    with pytest.raises(ConfigError, match="resize the plain model first, then adapt or quantize it"):
+        models.resize_vocab(adapted, 300)
