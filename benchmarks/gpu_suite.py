@@ -139,6 +139,10 @@ ROWS: tuple[Row, ...] = (
             GENERATE_TIMEOUT_S)
         for suffix, extra in (("", ()), ("-all-experts", ("--read-all-experts",)))
     ),
+    # Speculative decoding of a trained 6-layer model with a 1-layer draft, against plain
+    # decoding: on GPU a round's one-pass check should cost about one step, so its tokens per
+    # round should turn into speed, where on CPU (compute-bound) it barely does.
+    Row("speculative", ("benchmarks/speculative_decoding.py",), GENERATE_TIMEOUT_S),
     # Gemma, last: Gemma 3 1B runs cuDNN with a lax.cond per layer between its windowed and
     # full calls; Gemma 2 2B soft-caps its attention logits, so it runs XLA's attention.
     _train("gemma3-1b", "--preset", "gemma3-1b", "--batch", "8", "--seq", "2048", "--steps", "10", "--warmup", "3"),

@@ -52,6 +52,7 @@ GPU_ROWS = [
     "gpt2-124m-packed-8",
     "generate-mixtral-2l",
     "generate-mixtral-2l-all-experts",
+    "speculative",
     "gemma3-1b",
     "gemma2-2b",
 ]
