@@ -28,6 +28,8 @@ def sample_ode(
     stepsize_controller: Any = None,
     max_steps: int = 4096,
     initial_noise: Float[Array, "batch channels height width"] | None = None,
+    clip_x0: float | None = None,
+    sigma_max: float | None = None,
 ) -> Float[Array, "batch channels height width"]:
     """Generate images by integrating the probability-flow ODE with a Diffrax solver.
 
@@ -51,31 +53,45 @@ def sample_ode(
       `diffrax.PIDController(rtol=1e-3, atol=1e-3)`.
     - `max_steps`: the solver's step limit.
     - `initial_noise`: start from this `x_T` instead of drawing it from `key`.
+    - `clip_x0`: as for [`eqzoo.diffusion.sample`][]: each `x0` estimate the vector field
+      uses is clipped to `[-clip_x0, clip_x0]` and the noise re-derived from it.
+    - `sigma_max`: start the solve at this noise level when the schedule's largest is higher
+      (the state `x_T * sqrt(1 + sigma_max^2)`, as if the diffusion ended there). The cosine
+      schedule's largest is ~20,000, where the model's noise error, multiplied by `sigma`,
+      swamps the image; 80 (Karras et al., 2022) loses nothing visible from data of unit scale
+      and bounds that error. `None`: the schedule's own.
 
     **Returns:** the samples, float32, of shape `shape`.
 
-    **Raises:** `MissingDependencyError` without Diffrax (`pip install 'eqzoo[sciml]'`).
+    **Raises:** `MissingDependencyError` without Diffrax (`pip install 'eqzoo[sciml]'`);
+    `ConfigError` for a `sigma_max` or `clip_x0` that is not positive.
     """
     diffrax = require("diffrax", "sciml")
     check_prediction(prediction)
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}.")
-    shape = _check_sample_args(model, shape, labels, guidance_scale)
-    if labels is not None:
-        labels = jnp.asarray(labels, jnp.int32)
+    for name, value in (("sigma_max", sigma_max), ("clip_x0", clip_x0)):
+        if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"sample_ode: {name} must be a positive number or None, got {value!r}.")
+    shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)
     x_T = jax.random.normal(key, shape, jnp.float32) if initial_noise is None else jnp.asarray(initial_noise, jnp.float32)
     solver = diffrax.Heun() if solver is None else solver
     controller = diffrax.ConstantStepSize() if stepsize_controller is None else stepsize_controller
     w = jnp.float32(guidance_scale) if labels is not None and guidance_scale != 1.0 else None
-    return _solve(model, schedule, x_T, labels, w, solver, controller, steps=steps, max_steps=max_steps, prediction=prediction)
+    return _solve(
+        model, schedule, x_T, labels, w, solver, controller, steps=steps, max_steps=max_steps, prediction=prediction,
+        clip_x0=None if clip_x0 is None else float(clip_x0), sigma_max=None if sigma_max is None else float(sigma_max),
+    )
 
 
 @eqx.filter_jit
-def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_steps, prediction):
+def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_steps, prediction, clip_x0, sigma_max):
     import diffrax
 
     log_sigma = lambda t: -0.5 * schedule.log_snr(t)  # noqa: E731
     u_start, u_end = log_sigma(schedule.num_timesteps - 1), log_sigma(0)
+    if sigma_max is not None:
+        u_start = jnp.minimum(u_start, jnp.log(jnp.float32(sigma_max)))
 
     def epsilon(y, u):
         t = schedule.timestep_of_log_snr(-2.0 * u)
@@ -86,7 +102,10 @@ def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_st
             pred = jax.vmap(lambda xi, ti: guided_prediction(model, xi, ti, None, 1.0))(x, t_batch)
         else:
             pred = jax.vmap(lambda xi, ti, li: guided_prediction(model, xi, ti, li, 1.0 if w is None else w))(x, t_batch, labels)
-        return to_epsilon_and_x0(prediction, pred, x, abar)[0]
+        eps, x0 = to_epsilon_and_x0(prediction, pred, x, abar)
+        if clip_x0 is not None:
+            eps = (x - jnp.sqrt(abar) * jnp.clip(x0, -clip_x0, clip_x0)) / jnp.sqrt(1.0 - abar)
+        return eps
 
     def vector_field(u, y, args):
         return jnp.exp(u) * epsilon(y, u)
@@ -97,4 +116,5 @@ def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_st
         stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
     )
     y = solution.ys[0]
-    return y - jnp.exp(u_end) * epsilon(y, u_end)
+    x0 = y - jnp.exp(u_end) * epsilon(y, u_end)
+    return x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)  # the clipped estimate, less its rounding

@@ -52,18 +52,33 @@ def to_epsilon_and_x0(prediction: str, pred: Array, x_t: Array, abar: Array) -> 
     return s * x_t + a * pred, a * x_t - s * pred  # v = a eps - s x0
 
 
-def _check_sample_args(model, shape, labels, guidance_scale) -> tuple[int, ...]:
+def _check_sample_args(model, shape, labels, guidance_scale, initial_noise=None) -> tuple[tuple[int, ...], Array | None]:
+    """`(shape, labels)` checked: labels as an int32 array (a list is fine), each a class or the
+    null class when concrete, one per sample; `initial_noise` of `shape`."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4:
         raise ShapeError(f"shape must be (num_samples, channels, height, width); got {shape_str(shape)}.")
+    if initial_noise is not None and tuple(jnp.shape(initial_noise)) != shape:
+        raise ShapeError(f"initial_noise must have shape {shape_str(shape)}; got {shape_str(jnp.shape(initial_noise))}.")
     if labels is not None:
         if model.null_label is None:
             raise ConfigError("labels were given but the model is unconditional (num_classes=0).")
+        raw = labels
+        labels = jnp.asarray(labels)
+        if not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}.")
         if labels.shape != (shape[0],):
             raise ShapeError(f"labels must have shape ({shape[0]},), one per sample; got {shape_str(labels.shape)}.")
+        if not isinstance(raw, jax.core.Tracer) and bool(jnp.any((labels < 0) | (labels > model.null_label))):
+            bad = sorted({int(v) for v in np.asarray(labels) if not 0 <= v <= model.null_label})
+            raise ConfigError(
+                f"labels {bad} are not classes of this model: they must be in [0, {model.null_label}] "
+                f"({model.null_label} is the null class, for unconditional samples)."
+            )
+        labels = labels.astype(jnp.int32)
     elif guidance_scale != 1.0:
         raise ConfigError("guidance_scale != 1 needs labels: guidance contrasts each label with the null class.")
-    return shape
+    return shape, labels
 
 
 def sample(
@@ -113,7 +128,10 @@ def sample(
       for fidelity to the label. Needs `labels`.
     - `prediction`: what the model predicts, `"epsilon"` or `"v"` (as it was trained).
     - `clip_x0`: if given, clip each `x0` estimate to `[-clip_x0, clip_x0]` (e.g. `1.0` for
-      data scaled to `[-1, 1]`).
+      data scaled to `[-1, 1]`). Recommended with the cosine schedule: its last noise level
+      is `sigma = sqrt((1 - abar) / abar)` ~ 20,000 (`abar_T` ~ 2.4e-9, the betas capped at
+      0.999), so a first `x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)` multiplies the model's
+      noise error by that much.
     - `initial_noise`: start from this `x_T` instead of drawing it from `key`.
     - `unroll`: passed to `lax.scan`. `True` unrolls the loop into straight-line code (longer
       compile). On CPU, XLA runs convolutions inside a loop an order of magnitude slower than
@@ -133,15 +151,12 @@ def sample(
     eta = 0.0 if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must be in [0, 1], got {eta}.")
-    shape = _check_sample_args(model, shape, labels, guidance_scale)
+    shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)
     ts = sampling_timesteps(schedule.num_timesteps, steps)
-    if labels is not None:
-        labels = jnp.asarray(labels, jnp.int32)
     key_init, key_steps = jax.random.split(key)
     if initial_noise is None:
         initial_noise = jax.random.normal(key_init, shape, jnp.float32)
-    elif tuple(initial_noise.shape) != shape:
-        raise ShapeError(f"initial_noise must have shape {shape_str(shape)}; got {shape_str(initial_noise.shape)}.")
+    initial_noise = jnp.asarray(initial_noise)
     # The scale is traced (no recompilation per value); only whether to guide is static.
     w = jnp.float32(guidance_scale) if labels is not None and guidance_scale != 1.0 else None
     return _sample(

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jaxtyping import TypeCheckError
 
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.diffusion import NoiseSchedule, guided_prediction, sample, sample_ode, sampling_timesteps
@@ -167,6 +168,46 @@ def test_the_loop_is_one_scan_traced_once():
     assert counts[0] == counts[1] <= 2, counts  # the model is traced once, whatever the step count
 
 
+
+def test_ode_sampler_from_a_capped_noise_level_matches_the_exact_flow():
+    # sigma_max starts the solve at that noise level, from x_T * sqrt(1 + sigma_max^2): the same
+    # closed form as above with sigma_T = sigma_max (adaptive Tsit5 at 1e-6: 1e-5).
+    oracle, means, std = _gaussian_case()
+    labels = jnp.zeros((SHAPE[0],), jnp.int32)
+    noise = jax.random.normal(jax.random.key(6), SHAPE)
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    sig_max, sig_min = 80.0, np.sqrt((1 - abar[0]) / abar[0])
+    mu = np.asarray(means[0], np.float64)
+    y_T = np.asarray(noise, np.float64) * np.sqrt(1 + sig_max**2)
+    y = mu + (y_T - mu) * np.sqrt(std**2 + sig_min**2) / np.sqrt(std**2 + sig_max**2)
+    expected = mu + (y - mu) * std**2 / (std**2 + sig_min**2)
+    out = sample_ode(
+        oracle, SCHED, key=jax.random.key(0), shape=SHAPE, labels=labels, initial_noise=noise, sigma_max=sig_max,
+        solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6),
+    )
+    assert np.abs(np.asarray(out, np.float64) - expected).max() < 1e-5
+
+
+class Biased(GaussianOracle):
+    """The exact predictor plus a constant noise error, which the cosine schedule's first x0
+    estimate, (x - sqrt(1 - abar) eps) / sqrt(abar), multiplies by ~20,000."""
+
+    def __call__(self, x, t, label=None, *, key=None):
+        return super().__call__(x, t, label) + 0.05
+
+
+def test_clip_x0_keeps_both_samplers_in_range():
+    # With clip_x0 every x0 estimate, and so the output, stays in [-clip_x0, clip_x0] whatever
+    # the model's error; unclipped, the ODE sampler's first estimates here reach ~1,000.
+    cosine = NoiseSchedule.cosine(1000)
+    model = Biased(cosine, _points(), 0.0)
+    args = dict(key=jax.random.key(0), shape=SHAPE, labels=LABELS)
+    assert np.abs(np.asarray(sample(model, cosine, clip_x0=0.5, **args))).max() <= 0.5
+    assert np.abs(np.asarray(sample_ode(model, cosine, clip_x0=0.5, **args))).max() <= 0.5 + 1e-6
+    unclipped = np.abs(np.asarray(sample_ode(model, cosine, **args))).max()
+    assert unclipped > 0.5, unclipped  # the clip did something
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -178,6 +219,10 @@ def test_the_loop_is_one_scan_traced_once():
         (dict(steps=2000), ConfigError, "steps must be between 1 and"),
         (dict(shape=(1, 3, 3)), ShapeError, r"shape must be \(num_samples"),
         (dict(prediction="x0"), ConfigError, "prediction must be one of"),
+        (dict(labels=jnp.asarray([0, 1, 2, 3, 4, -1], jnp.int32)), ConfigError, r"labels \[-1, 4\] are not classes of this model: they must be in \[0, 3\]"),
+        (dict(labels=jnp.zeros((6,), jnp.float32)), (ConfigError, TypeCheckError), "labels must be integer class ids|labels"),
+        # (the test suite's jaxtyping hook may see the batch size disagree with the labels' first)
+        (dict(initial_noise=jnp.zeros((3, 1, 3, 3))), (ShapeError, TypeCheckError), r"initial_noise must have shape \(6, 1, 3, 3\); got \(3, 1, 3, 3\)|initial_noise"),
     ],
 )
 def test_sampler_errors(kwargs, error, match):
@@ -185,3 +230,8 @@ def test_sampler_errors(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         sample(GaussianOracle(SCHED, _points(), 0.0), SCHED, **args)
+    if "method" not in kwargs and "eta" not in kwargs and "steps" not in kwargs:  # sample_ode checks the same
+        with pytest.raises(error, match=match):
+            sample_ode(GaussianOracle(SCHED, _points(), 0.0), SCHED, **args)
+    with pytest.raises(ConfigError, match="sigma_max must be a positive number or None, got 0.0"):
+        sample_ode(GaussianOracle(SCHED, _points(), 0.0), SCHED, key=jax.random.key(0), shape=SHAPE, sigma_max=0.0)
