@@ -148,6 +148,35 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
         )
 
 
+def as_prompts(prompts, who: str) -> Array:
+    """`prompts` as an array; prompts of different lengths (a ragged list) get a message that
+    says how to batch them."""
+    try:
+        return jnp.asarray(prompts)
+    except (TypeError, ValueError) as err:
+        raise ShapeError(
+            f"{who}: the prompts do not form one array ({err}). Right-pad prompts of different lengths "
+            "into one (batch, seq) array and pass their real lengths as `lengths`."
+        ) from None
+
+
+def check_token_range(prompts, lengths, vocab_size: int, who: str) -> None:
+    """Raise `ConfigError` for a token id outside `[0, vocab_size)` among the prompts' real
+    tokens (padding past each length may hold anything), when they are concrete: the embedding
+    lookup would clamp it to another token without a word."""
+    if isinstance(prompts, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
+        return
+    real = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
+    outside = real & ((prompts < 0) | (prompts >= vocab_size))
+    if bool(jnp.any(outside)):
+        bad = sorted({int(v) for v in jnp.asarray(prompts)[outside].tolist()})[:8]
+        raise ConfigError(
+            f"{who}: prompt token ids {bad} lie outside the model's vocabulary [0, {vocab_size}); "
+            "was the prompt encoded with another tokenizer? (eqzoo.models.resize_vocab grows the "
+            "model for tokens added to its tokenizer.)"
+        )
+
+
 def prompt_lengths(prompts, lengths):
     """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked:
     the right shape, each in `[1, seq]` (when concrete)."""
@@ -213,7 +242,7 @@ def generate_batch(
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
-    prompts = jnp.asarray(prompts)
+    prompts = as_prompts(prompts, "generate_batch")
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
     _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
@@ -226,6 +255,7 @@ def generate_batch(
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     batch = prompts.shape[0]
     lengths = prompt_lengths(prompts, lengths)
+    check_token_range(prompts, lengths, model.config.vocab_size, "generate")
     if key is None:
         key = jax.random.key(0)  # greedy decoding: never used
     keys = jax.random.split(key, batch)
@@ -278,7 +308,7 @@ def generate(
     with `return_logprobs`, `(tokens, logprobs)`, the generated tokens' log-probabilities at
     their positions and 0 elsewhere.
     """
-    prompt = jnp.asarray(prompt)
+    prompt = as_prompts(prompt, "generate")
     if prompt.ndim != 1:
         raise ShapeError(
             f"generate takes one prompt of shape (seq,); got {shape_str(prompt.shape)}. "

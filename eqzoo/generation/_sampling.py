@@ -1,5 +1,6 @@
 """Turning next-token logits into a token: greedy, temperature, top-k and top-p (nucleus)."""
 
+import math
 import operator
 
 import jax
@@ -12,8 +13,8 @@ from .._typing import PRNGKey
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise `ConfigError` for sampling settings outside their valid ranges."""
-    if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 means greedy), got {temperature}.")
+    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
+        raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be a positive integer or None, got {top_k}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -88,10 +89,13 @@ def sample_logits(
 def filter_logits(
     logits: Float[Array, " vocab"], temperature: float, top_k: int | None, top_p: float | None
 ) -> Float[Array, " vocab"]:
-    """The float32 logits `sample_logits` samples from when `temperature > 0`: divided by the
-    temperature, with the tokens top-k / top-p removes at float32's lowest value (their
+    """The float32 logits `sample_logits` samples from when `temperature > 0`: less their
+    largest, divided by the temperature, with the tokens top-k / top-p removes at float32's lowest value (their
     softmax is the sampling distribution)."""
-    logits = logits.astype(jnp.float32) / temperature
+    logits = logits.astype(jnp.float32)
+    # Shifted by the largest first (the softmax is unchanged): a tiny temperature then sends the
+    # others to -inf and the largest to 0, where dividing the raw logits overflowed to inf - inf.
+    logits = (logits - jnp.max(logits)) / temperature
     neg_inf = jnp.finfo(jnp.float32).min
     if top_k is not None and top_k < logits.shape[0]:
         kth = jax.lax.top_k(logits, top_k)[0][-1]

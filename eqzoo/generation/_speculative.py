@@ -48,7 +48,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
 from ..nn._attention import check_cache_dtype
-from ._generate import decoding_model, prompt_lengths, resolve_unroll
+from ._generate import as_prompts, check_token_range, decoding_model, prompt_lengths, resolve_unroll
 from ._sampling import check_sampling, check_stop_tokens, filter_logits, is_eos, sample_logits
 
 
@@ -302,7 +302,7 @@ def generate_speculative(
         raise ConfigError(f"generate_speculative: num_draft must be a positive integer, got {num_draft!r}.")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"generate_speculative: max_new_tokens must be >= 1, got {max_new_tokens!r}.")
-    prompts = jnp.asarray(prompts)
+    prompts = as_prompts(prompts, "generate_speculative")
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(
             f"generate_speculative takes integer prompts of shape (batch, seq); got {shape_str(prompts.shape)} "
@@ -326,6 +326,7 @@ def generate_speculative(
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
     lengths = prompt_lengths(prompts, lengths)
+    check_token_range(prompts, lengths, model.config.vocab_size, "generate_speculative")
     keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
     out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,

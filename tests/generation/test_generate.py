@@ -222,11 +222,26 @@ def test_bad_stop_tokens_are_refused(llama, eos, pad, match):
         eqzoo.generation.generate_speculative(llama, llama, PROMPT[None], max_new_tokens=2, eos_token=eos, pad_token=pad)
 
 
+def test_a_vanishing_temperature_samples_the_greedy_tokens(llama, greedy):
+    # Dividing raw logits by 1e-45 (a float32 subnormal) overflowed to inf - inf = NaN and gave
+    # garbage; shifted by the largest logit first, the largest becomes 0 and the rest -inf.
+    out = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, temperature=1e-45, key=jax.random.key(3))
+    np.testing.assert_array_equal(out, greedy)
+
+
 def test_generation_errors(llama):
     with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=20)
-    with pytest.raises(ConfigError, match=r"temperature must be >= 0 \(0 means greedy\), got -1"):
+    with pytest.raises(ConfigError, match=r"temperature must be a finite number >= 0 \(0 means greedy\), got -1"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ConfigError, match=r"temperature must be a finite number >= 0 .*got nan"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=float("nan"), key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"prompt token ids \[-1, 300\] lie outside the model's vocabulary \[0, 256\)"):
+        eqzoo.generate(llama, PROMPT.at[0].set(300).at[1].set(-1), max_new_tokens=2)
+    padded = jnp.stack([PROMPT, PROMPT.at[3:].set(-1)])  # padding past a row's length may hold anything
+    generate_batch(llama, padded, jnp.array([5, 3]), max_new_tokens=2)
+    with pytest.raises(ShapeError, match=r"prompts do not form one array .*Right-pad prompts of different lengths"):
+        generate_batch(llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=0.7)
     with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 0"):
