@@ -130,14 +130,22 @@ weights mean, and [`eqzoo.checkpoint.Checkpointer.restore`][] refuses it."""
 def config_differences(saved: Any, target: Any) -> list[str]:
     """`"field: saved X, target Y"` for each field in which the config `target` differs from the
     stored JSON form `saved` ([`eqzoo.checkpoint.config_to_dict`][]'s), except those in
-    `RESTORE_MAY_CHANGE`; empty when either is `None` or not a stored config."""
+    `RESTORE_MAY_CHANGE`. Empty when either is `None`, not a stored config, or of another class
+    than `target` (a config of the caller's own, stored with `save(..., config=...)`: the
+    arrays' names and shapes are still checked). The saved form is rebuilt first where it can
+    be, so a field added to the class since it was written takes its default rather than
+    counting as a difference."""
     if saved is None or target is None:
         return []
     mine = config_to_dict(target)
     if not (isinstance(saved, dict) and isinstance(mine, dict) and "fields" in saved and "fields" in mine):
         return []
-    if saved.get("__dataclass__") != mine.get("__dataclass__"):  # its fields are another story
-        return [f"config class: saved {saved.get('__dataclass__')}, target {mine.get('__dataclass__')}"]
+    if saved.get("__dataclass__") != mine.get("__dataclass__"):
+        return []
+    try:
+        saved = config_to_dict(config_from_dict(saved))  # defaults for fields it predates
+    except Exception:  # a class this eqzoo cannot rebuild it as: compare the stored form
+        pass
     differ = []
     for name in sorted(set(saved["fields"]) | set(mine["fields"])):
         a, b = saved["fields"].get(name, "<absent>"), mine["fields"].get(name, "<absent>")

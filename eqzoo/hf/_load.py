@@ -127,10 +127,18 @@ def _untie_a_separate_head(config, reader: TensorReader, folder, *, forced: bool
         table = "model.embed_tokens.weight" if getattr(config, "tie_embeddings", False) else None
     if forced or table is None or "lm_head.weight" not in names or table not in names:
         return config
-    def whole(name):
-        return reader.read(name, tuple(slice(None) for _ in reader.shape(name)))
+    def equal() -> bool:  # block by block (a head is ~1 GB), stopping at the first difference
+        shape = reader.shape(table)
+        if shape != reader.shape("lm_head.weight"):
+            return False
+        rest = tuple(slice(None) for _ in shape[1:])
+        for start in range(0, shape[0], 4096):
+            rows = (slice(start, min(start + 4096, shape[0])), *rest)
+            if not np.array_equal(reader.read(table, rows), reader.read("lm_head.weight", rows)):
+                return False
+        return True
 
-    if reader.shape(table) == reader.shape("lm_head.weight") and np.array_equal(whole(table), whole("lm_head.weight")):
+    if equal():
         return config
     if isinstance(config, GPT2Config):
         raise HFFormatError(

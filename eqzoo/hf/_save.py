@@ -151,7 +151,7 @@ def save_pretrained(
       (`bos_token_id`, `eos_token_id`, `pad_token_id` in `config.json`, where `extra_config`
       does not set them), its `generation_config.json` and its tokenizer files
       (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, chat templates,
-      ...) are carried over, so the folder written decodes and stops as the original did. An
+      ...) are carried over (token ids in `extra_config` win, in both JSON files), so the folder written decodes and stops as the original did. An
       eqzoo model holds no token ids: without `like` (or `extra_config`) they are written as
       null, and `transformers`' `generate` then never stops at an end-of-sequence token.
 
@@ -233,4 +233,9 @@ def save_pretrained(
     for file in carried:
         if not (folder / file.name).exists() or not (folder / file.name).samefile(file):
             shutil.copyfile(file, folder / file.name)
+    given = {k: v for k, v in dict(extra_config or {}).items() if k in _TOKEN_IDS}
+    if given and any(f.name == GENERATION_CONFIG_NAME for f in carried):
+        # transformers' generate reads generation_config.json first: the ids given win there too
+        generation = json.loads((folder / GENERATION_CONFIG_NAME).read_text())
+        _write_json(folder / GENERATION_CONFIG_NAME, {**generation, **given})
     return folder

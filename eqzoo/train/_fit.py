@@ -52,6 +52,10 @@ def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> 
     return {k: v / n for k, v in sums.items()}
 
 
+def _evaluated(history: list[dict[str, float]], step: int) -> bool:
+    return bool(history) and history[-1]["step"] == step and any(k.startswith("eval/") for k in history[-1])
+
+
 def fit(
     state: TrainState,
     train_step: TrainStep,
@@ -102,10 +106,10 @@ def fit(
     loggers = list(loggers)
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)
-    step = int(state.step)
+    step = first_step = int(state.step)
     history: list[dict[str, float]] = []
     pending: list[dict[str, jax.Array]] = []
-    stopped = False
+    stopped = out_of_data = False
     last_time = time.perf_counter()
     last_step = step
 
@@ -127,7 +131,7 @@ def fit(
                 "trained so far (stopped_early=True). Pass more batches (more epochs) or a smaller num_steps.",
                 stacklevel=2,
             )
-            stopped = True
+            stopped = out_of_data = True
         else:
             state, metrics = train_step(state, batch)
             step += 1
@@ -149,6 +153,13 @@ def fit(
             # The next window starts after evaluation, logging and callbacks, so steps_per_s
             # measures training alone.
             last_time, last_step = time.perf_counter(), step
+        elif out_of_data and eval_step is not None and step > first_step and not _evaluated(history, step):
+            # The data ran out right after a logged step that was not evaluated: evaluate it now,
+            # as at the end.
+            record = {"step": float(step), **run_eval()}
+            emit(record)
+            for cb in callbacks:
+                cb(step, state, record)
         if checkpointer is not None:
             checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
             if checkpointer.should_stop():

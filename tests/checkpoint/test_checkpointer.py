@@ -234,10 +234,10 @@ def test_mismatch_lists_each_path_with_expected_and_found(ckpt_dir, open_checkpo
     assert "opt_state.0.mu.net.layers.1.weight: expected float32(3, 10), found float32(3, 8)" in message
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.1.0.nu.net.layers.0.weight: expected float32\(8, 6\), not in the checkpoint"):
         ckpt.restore(_plus_extra_adam(mlp_config))
+    assert "Every difference is in the optimizer state" not in message  # the model differs too
     bf16 = checkpoint.abstract_state(lambda k: _cast(models.create(mlp_config, key=k)), opt)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model.net.layers.0.bias: expected bfloat16\(8,\), found float32\(8,\)"):
         ckpt.restore(bf16)
-    assert "Every difference is in the optimizer state" not in message  # the model differs too
     sgd = checkpoint.abstract_state(mlp_config, optax.sgd(1e-2))
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.0.mu.net.layers.0.weight: found float32\(8, 6\), not in the target(.|\n)*Every difference is in the optimizer state: .*Precision"):
         ckpt.restore(sgd)
@@ -267,6 +267,17 @@ def test_a_target_config_that_changes_the_weights_meaning_is_refused_even_where_
     restored = ckpt.restore(how)
     assert checkpoint.params_sha256(restored.state.model) == checkpoint.params_sha256(state.model)
     assert {"remat", "scan_layers", "max_seq"} <= checkpoint.RESTORE_MAY_CHANGE
+    # A checkpoint written before a config field existed (here: its qk_norm and layer_types
+    # removed from the stored config) restores into the same model: the field takes its default.
+    from eqzoo.checkpoint._integrity import with_crc
+
+    path = ckpt_dir / "0" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    for field in ("qk_norm", "layer_types"):
+        del meta["config"]["fields"][field]
+    path.write_text(json.dumps(with_crc(meta)))
+    older = open_checkpointer(ckpt_dir)
+    assert checkpoint.params_sha256(older.restore(how).state.model) == checkpoint.params_sha256(state.model)
 
 
 def _cast(model):

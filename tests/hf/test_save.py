@@ -172,6 +172,7 @@ def test_like_carries_token_ids_generation_config_and_tokenizer(hf_checkpoints, 
     # extra_config wins over like
     eqzoo.hf.save_pretrained(model, tmp_path / "eos5", like=source, extra_config={"eos_token_id": 5})
     assert json.loads((tmp_path / "eos5" / "config.json").read_text())["eos_token_id"] == 5
+    assert json.loads((tmp_path / "eos5" / "generation_config.json").read_text()) == {**generation, "eos_token_id": 5}
 
     other = tmp_path / "other"
     shutil.copytree(source, other)

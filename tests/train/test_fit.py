@@ -93,6 +93,14 @@ def test_batches_that_run_out_stop_training_with_a_warning(steps):
     assert [r["step"] for r in result.history] == [2, 4, 5] and "eval/loss" in result.history[-1]
     straight = train.fit(_state(), train_step, batches(), num_steps=5, log_every=2)
     assert _same_params(result.state.model, straight.state.model)
+    # Four batches: they run out right after the logged step 4, which is then evaluated.
+    with pytest.warns(UserWarning, match=r"batches ran out after step 4 of num_steps=10"):
+        result = train.fit(
+            _state(), train_step, [batch_at(i) for i in range(4)], num_steps=10, log_every=2,
+            eval_step=eval_step, eval_batches=eval_batches,
+        )
+    assert [r["step"] for r in result.history] == [2, 4, 4] and "eval/loss" in result.history[-1]
+    assert "eval/loss" not in result.history[1] and int(result.state.step) == 4
 
 
 def _same_params(a, b):
