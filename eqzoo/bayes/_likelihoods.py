@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Shaped
 
 from .._errors import ConfigError, ShapeError, require, shape_str
@@ -58,6 +59,10 @@ class AbstractLikelihood(eqx.Module):
     def prepare_target(self, y: Array, dtype: Any) -> Array:
         """Cast targets to the dtype the distribution's `log_prob` expects."""
         return jnp.asarray(y, dtype)
+
+    def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        """Raise `ConfigError` for observed target values outside the distribution's support
+        (`observed`: the concrete, finite, unmasked targets, flattened). Default: any value."""
 
     def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
         """The `out_size` a linear head needs to produce for targets of `target_shape`."""
@@ -275,6 +280,11 @@ class Bernoulli(AbstractLikelihood):
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
         return dist.BernoulliLogits(output)
 
+    def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        bad = np.unique(observed[(observed != 0) & (observed != 1)])
+        if bad.size:
+            raise ConfigError(f"a Bernoulli head takes targets 0 and 1; y also holds {bad[:8].tolist()}.")
+
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
         return jax.nn.sigmoid(output)
 
@@ -298,6 +308,15 @@ class Categorical(AbstractLikelihood):
 
     def prepare_target(self, y: Array, dtype: Any) -> Array:
         return jnp.asarray(y, jnp.int32)
+
+    def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        classes = output_shape[-1]
+        bad = np.unique(observed[(observed != np.round(observed)) | (observed < 0) | (observed >= classes)])
+        if bad.size:
+            raise ConfigError(
+                f"a Categorical head over {classes} classes takes integer labels in [0, {classes}); y also "
+                f"holds {bad[:8].tolist()}. Give the module (or num_outputs) one output per class."
+            )
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
         return dist.CategoricalLogits(output)
@@ -332,6 +351,11 @@ class Poisson(AbstractLikelihood):
     def prepare_target(self, y: Array, dtype: Any) -> Array:
         # NumPyro's Poisson accepts float counts; keeping the output dtype avoids int/float mixing
         return jnp.asarray(y, dtype)
+
+    def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        bad = np.unique(observed[observed < 0])
+        if bad.size:
+            raise ConfigError(f"a Poisson head takes counts >= 0; y also holds {bad[:8].tolist()}.")
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
         return jnp.exp(output)

@@ -198,7 +198,8 @@ def check_data(
         )
     if mask is not None and mask.dtype != jnp.bool_:
         raise ShapeError(f"the observation mask must be boolean; got dtype {mask.dtype}.")
-    check_target_shape(likelihood, _module_output_shape(module, x), y, mask)
+    output_shape = _module_output_shape(module, x)
+    check_target_shape(likelihood, output_shape, y, mask)
     if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
         return x, y, mask
     if jnp.issubdtype(x.dtype, jnp.inexact) and not np.isfinite(np.asarray(x)).all():
@@ -218,4 +219,8 @@ def check_data(
                 f"observed targets y contain NaN or infinity (first at indices {bad}); drop those "
                 f"examples or pass mask=... with False there to leave them unobserved."
             )
+    observed = np.ones(y.shape, bool)
+    if mask is not None:
+        observed = np.broadcast_to(np.asarray(mask).reshape(mask.shape + (1,) * (y.ndim - mask.ndim)), y.shape)
+    likelihood.check_target_values(np.asarray(y)[observed], output_shape[1:])
     return x, y, mask

@@ -279,6 +279,24 @@ def test_non_finite_data_is_an_error():
         bayes.run_nuts(bm, x_bad, np.zeros(4, np.float32), key=jax.random.key(0))
 
 
+def test_targets_outside_the_likelihoods_support_are_named():
+    # Labels past the module's classes, negative ones, fractions, or Bernoulli targets other
+    # than 0/1 made NumPyro fail with "Cannot find valid initial parameters".
+    x = np.zeros((5, 2), np.float32)
+    cat = bayes.BayesianModel(eqx.nn.MLP(2, 3, 4, 1, key=jax.random.key(0)), 1.0, bayes.Categorical())
+    with pytest.raises(bayes_errors().ConfigError, match=r"Categorical head over 3 classes takes integer labels in \[0, 3\); y also holds \[-1, 4\]"):
+        cat.check_data(x, np.array([0, 1, 2, 4, -1]))
+    with pytest.raises(bayes_errors().ConfigError, match=r"y also holds \[1.5\]"):
+        cat.check_data(x, np.array([0, 1, 2, 1.5, 0], np.float32))
+    cat.check_data(x, np.array([0, 1, 2, 9, 0]), np.array([True, True, True, False, True]))  # masked out: fine
+    ber = bayes.BayesianModel(eqx.nn.MLP(2, "scalar", 4, 1, key=jax.random.key(0)), 1.0, bayes.Bernoulli())
+    with pytest.raises(bayes_errors().ConfigError, match=r"Bernoulli head takes targets 0 and 1; y also holds \[2.0\]"):
+        ber.check_data(x, np.array([0, 1, 2, 1, 0], np.float32))
+    poisson = bayes.BayesianModel(eqx.nn.MLP(2, "scalar", 4, 1, key=jax.random.key(0)), 1.0, bayes.Poisson())
+    with pytest.raises(bayes_errors().ConfigError, match=r"Poisson head takes counts >= 0; y also holds \[-3.0\]"):
+        poisson.check_data(x, np.array([0, 1, -3, 1, 0], np.float32))
+
+
 def bayes_errors():
     import eqzoo._errors as errors
 
