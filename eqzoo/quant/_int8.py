@@ -35,8 +35,16 @@ def quantize_int8(
 
     **Returns:** `(q, scale)`: int8 codes of `w`'s shape, and the scale `(*lead, out)` in `w`'s
     dtype.
+
+    **Raises:** `ConfigError` for a weight that is not floating point, or (when concrete) holds
+    NaN or infinity.
     """
     _check_floating(w, "quantize_int8")
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ConfigError(
+            f"quantize_int8: the weight holds {int(jnp.sum(~jnp.isfinite(w)))} NaN or infinite value(s); "
+            "their rows would get a NaN or infinite scale. Fix the weights (a diverged run?) first."
+        )
     w32 = w.astype(jnp.float32)
     scale = (jnp.max(jnp.abs(w32), axis=-1) / QMAX).astype(w.dtype)  # (*lead, out)
     s32 = scale.astype(jnp.float32)

@@ -250,6 +250,9 @@ def test_bad_weights_are_refused():
         quant.quantize({"w": jnp.ones(3)})
     with pytest.raises(ConfigError, match=r"0 \(_Wrapped\)'\]\. Quantize before wrapping layers"):
         quant.quantize([_Wrapped(lin)])  # e.g. a LoRA adapter
+    diverged = eqx.tree_at(lambda m: m.weight, lin, lin.weight.at[1, 2].set(jnp.nan).at[0, 0].set(jnp.inf))
+    with pytest.raises(ConfigError, match=r"the weight holds 2 NaN or infinite value\(s\)"):
+        quant.quantize([diverged])
 
 
 # -------------------------------------------------------------------------------------------- QAT
