@@ -92,6 +92,10 @@ def make_diffusion_loss(
         labels = None
         if null is not None:
             labels = jnp.asarray(batch["y"], jnp.int32) if "y" in batch else jnp.full((n,), null, jnp.int32)
+            if labels.shape != (n,):
+                raise ShapeError(
+                    f"batch['y'] must hold one class label per image, shape ({n},); got {shape_str(labels.shape)}."
+                )
             if label_dropout > 0:
                 drop = jax.random.bernoulli(k_drop, label_dropout, (n,))
                 labels = jnp.where(drop, jnp.int32(null), labels)

@@ -204,6 +204,12 @@ class LatentODE(eqx.Module):
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
         pred = self.decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target)
+        if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
+            raise ShapeError(
+                f"LatentODE.loss: xs_target has shape {shape_str(jnp.shape(xs_target))}, but the model "
+                f"predicts {shape_str(pred.shape)} at the {pred.shape[0]} target times; pass one row "
+                "of data_size values per target time."
+            )
         std = jnp.asarray(obs_std, dtype=pred.dtype)
         nll = 0.5 * jnp.sum(((pred - xs_target) / std) ** 2) + xs_target.size * (
             jnp.log(std) + 0.5 * jnp.log(jnp.asarray(2 * np.pi, dtype=pred.dtype))

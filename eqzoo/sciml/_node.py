@@ -51,10 +51,17 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
     try:
         out = eqx.filter_eval_shape(vector_field, t0, y0, args)
     except TypeError as err:
+        arity = "positional argument" in str(err) and not isinstance(vector_field, Autonomous)
+        hint = (
+            "If your module takes only the state, wrap it: eqzoo.sciml.Autonomous(module)."
+            if arity else
+            f"Check that the network takes the state y0 as it is, of shape {shape_str(jnp.shape(y0))} "
+            "(one trajectory: batch several with jax.vmap over the solve, not by a leading axis "
+            "on y0)."
+        )
         raise VectorFieldError(
             f"{owner}: the vector field is called as f(t, y, args) (Diffrax's convention) and "
-            f"that call failed with TypeError: {err}. If your module takes only the state, "
-            f"wrap it: eqzoo.sciml.Autonomous(module)."
+            f"that call failed with TypeError: {err}. {hint}"
         ) from err
     out_shape = getattr(out, "shape", None)
     if out_shape != jnp.shape(y0):

@@ -70,3 +70,5 @@ def test_loss_errors():
         make_diffusion_loss(sched, label_dropout=1.5)
     with pytest.raises(ShapeError, match=r"got x of shape \(3, 4\)"):
         make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 4))}, jax.random.key(0))
+    with pytest.raises(ShapeError, match=r"batch\['y'\] must hold one class label per image, shape \(3,\); got \(2,\)"):
+        make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 1, 2, 2)), "y": jnp.zeros((2,), jnp.int32)}, jax.random.key(0))

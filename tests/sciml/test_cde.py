@@ -169,7 +169,7 @@ def test_latent_ode_forecast_shapes_vmap_and_grad(latent):
     assert float(jnp.abs(grads.ode.vector_field.module.layers[0].weight).sum()) > 0
 
 
-def test_latent_ode_errors(latent):
+def test_latent_ode_errors(latent, unchecked):
     ts, xs = _series(jax.random.key(10), batch=1)
     with pytest.raises(sciml.TimeGridError, match="start time t0 must not be after"):
         latent(ts[0] + 1.0, xs[0], jnp.array([0.5, 1.0]))
@@ -179,6 +179,9 @@ def test_latent_ode_errors(latent):
         latent.encode(ts[0], jnp.ones((9, 5)))
     with pytest.raises(ConfigError, match="obs_std must be positive"):
         latent.loss(ts[0], xs[0], ts[0], xs[0], key=jax.random.key(0), obs_std=0.0)
+    # a target of the wrong width broadcast against the prediction, scaled by the wrong size
+    with unchecked(), pytest.raises(ShapeError, match=r"xs_target has shape \(9, 1\), but the model predicts \(9, 2\)"):
+        latent.loss(ts[0], xs[0], ts[0], xs[0][:, :1], key=jax.random.key(0))
 
 
 def test_size_errors(unchecked):

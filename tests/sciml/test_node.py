@@ -173,6 +173,11 @@ def test_state_only_module_needs_the_autonomous_wrapper():
     mlp = _mlp(jax.random.key(6))
     with pytest.raises(sciml.VectorFieldError, match=r"wrap it: eqzoo.sciml.Autonomous\(module\)"):
         sciml.NeuralODE(mlp)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
+    # Already wrapped, but the network takes another state size: the hint is about the state.
+    wrapped = sciml.Autonomous(_mlp(jax.random.key(6), 3, 3))
+    with pytest.raises(sciml.VectorFieldError, match=r"takes the state y0 as it is, of shape \(2,\)") as info:
+        sciml.NeuralODE(wrapped)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
+    assert "Autonomous(module)" not in str(info.value)
 
 
 def _stiff(t, y, args):
