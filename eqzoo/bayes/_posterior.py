@@ -52,7 +52,10 @@ class Prediction(eqx.Module):
         the same function), so convergence is judged on the predictions instead.
 
         **Returns:** `{"r_hat_max": float, "ess_min": float}` over all entries of the mean
-        function (split-R-hat and ESS as in `numpyro.diagnostics`).
+        function (split-R-hat and ESS as in `numpyro.diagnostics`). For NUTS they judge the
+        chains' mixing. An SVI posterior's draws are independent samples of the fitted guide,
+        so its R-hat is ~1 and its ESS ~ the number of draws by construction: they say nothing
+        about how well the guide fits (compare predictions on held-out data instead).
         """
         if self.function_samples is None or self.num_chains is None:
             raise ConfigError(

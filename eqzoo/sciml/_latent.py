@@ -117,6 +117,13 @@ class LatentODE(eqx.Module):
                 f"(times, data_size={self.data_size}); got ts_obs {shape_str(ts.shape)} and "
                 f"xs_obs {shape_str(xs.shape)}. For a batch, wrap the call in jax.vmap."
             )
+        if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+            # caught here: downstream the NaN surfaces thousands of solver steps later as "stiff"
+            bad = jnp.argwhere(~jnp.isfinite(xs))[:3].tolist()
+            raise ShapeError(
+                f"LatentODE: xs_obs holds NaN or infinity (first at {bad}); drop those observation "
+                "times (each series may have its own ts_obs) rather than passing gaps as NaN."
+            )
         gaps = jnp.concatenate([ts[1:] - ts[:-1], jnp.zeros((1,), ts.dtype)])  # (times,)
         inputs = jnp.concatenate([xs, gaps[:, None]], axis=1)[::-1]  # latest first
 

@@ -182,6 +182,8 @@ def test_latent_ode_errors(latent, unchecked):
     # a target of the wrong width broadcast against the prediction, scaled by the wrong size
     with unchecked(), pytest.raises(ShapeError, match=r"xs_target has shape \(9, 1\), but the model predicts \(9, 2\)"):
         latent.loss(ts[0], xs[0], ts[0], xs[0][:, :1], key=jax.random.key(0))
+    with pytest.raises(ShapeError, match=r"xs_obs holds NaN or infinity \(first at \[\[3, 1\]\]\)"):
+        latent.encode(ts[0], xs[0].at[3, 1].set(jnp.nan))
 
 
 def test_size_errors(unchecked):
