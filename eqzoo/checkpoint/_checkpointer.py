@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from ..train import TrainState
-from ._config import is_config
+from ._config import model_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
 from ._integrity import MANIFEST, VerifiedPyTreeHandler, verify_manifest
 from ._meta import (
@@ -229,11 +229,7 @@ class Checkpointer:
             self._remove_unfinished()
         names = state_names(state)
         items = {name: to_stored(leaf) for name, leaf in zip(names, state.arrays, strict=True)}
-        config = config if config is not None else self._config
-        if config is None:
-            static_model = getattr(state.structure.static, "model", None)
-            found = getattr(static_model, "config", None)
-            config = found if is_config(found) else None
+        config = self._stored_config(state) if config is None else config
         meta = build_meta(
             step=step,
             arrays={name: describe(leaf) for name, leaf in zip(names, state.arrays, strict=True)},
@@ -464,15 +460,19 @@ class Checkpointer:
         self._manager.reload()
         return str(dest)
 
+    def _stored_config(self, state: TrainState) -> Any:
+        """The config `save` stores for `state` unless given one: the constructor's, else the
+        model's own."""
+        return self._config if self._config is not None else model_config(getattr(state.structure.static, "model", None))
+
     def _restore_step(self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False) -> Restored:
         meta = self._read_meta(step)
         names = state_names(target)
         leaves = dict(zip(names, target.arrays, strict=True))
         expected = {name: describe(leaf) for name, leaf in leaves.items()}
         check_fit(expected, meta["arrays"], where=f"step {step} in {self._directory}")
-        if not allow_config_change:  # the config save() would store for this target
-            found = self._config if self._config is not None else getattr(getattr(target.structure.static, "model", None), "config", None)
-            check_config(meta.get("config"), found if is_config(found) else None, where=f"step {step} in {self._directory}")
+        if not allow_config_change:
+            check_config(meta.get("config"), self._stored_config(target), where=f"step {step} in {self._directory}")
         state_dir = self._step_dir(step) / _STATE
         problems = verify_manifest(state_dir)
         if problems is None:

@@ -21,6 +21,12 @@ def is_config(obj: Any) -> bool:
     return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(obj, eqx.Module)
 
 
+def model_config(model: Any) -> Any:
+    """`model.config` when it is a config dataclass (eqzoo's models hold theirs), else `None`."""
+    config = getattr(model, "config", None)
+    return config if is_config(config) else None
+
+
 def config_to_dict(config: Any) -> Any:
     """Encode a config (a dataclass, possibly nesting others) as JSON-able data.
 

@@ -127,8 +127,8 @@ shape), and the router losses' weights. Any other field that differs changes wha
 weights mean, and [`eqzoo.checkpoint.Checkpointer.restore`][] refuses it."""
 
 
-def config_differences(saved: Any, target: Any) -> list[str]:
-    """`"field: saved X, target Y"` for each field in which the config `target` differs from the
+def config_differences(saved: Any, target: Any, sides: tuple[str, str] = ("saved", "target")) -> list[str]:
+    """`"field: saved X, target Y"` (the two words are `sides`) for each field in which the config `target` differs from the
     stored JSON form `saved` ([`eqzoo.checkpoint.config_to_dict`][]'s), except those in
     `RESTORE_MAY_CHANGE`. Empty when either is `None`, not a stored config, or of another class
     than `target` (a config of the caller's own, stored with `save(..., config=...)`: the
@@ -150,7 +150,7 @@ def config_differences(saved: Any, target: Any) -> list[str]:
     for name in sorted(set(saved["fields"]) | set(mine["fields"])):
         a, b = saved["fields"].get(name, "<absent>"), mine["fields"].get(name, "<absent>")
         if name not in RESTORE_MAY_CHANGE and a != b:
-            differ.append(f"{name}: saved {_shown(a)}, target {_shown(b)}")
+            differ.append(f"{name}: {sides[0]} {_shown(a)}, {sides[1]} {_shown(b)}")
     return differ
 
 

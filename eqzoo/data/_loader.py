@@ -52,9 +52,14 @@ def _resolve_process(
     return process_index, process_count
 
 
-def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any], optional: frozenset[str] = frozenset()) -> int:
+def _load_state(
+    who: str, state: Mapping[str, Any], expected: dict[str, Any], optional: frozenset[str] = frozenset(),
+    why: Mapping[str, str] | None = None,
+) -> int:
     """Validate a state dict against this loader's configuration and return its step. Keys in
-    `optional` may be absent (states saved before eqzoo recorded them); then they are not checked."""
+    `optional` may be absent (states saved before eqzoo recorded them); then they are not checked.
+    `why[key]`, where given, is what a mismatch of that key means, said instead of the advice to
+    construct the loader with the saved value (a fingerprint is not a setting)."""
     if not isinstance(state, Mapping):
         raise ConfigError(f"{who}.load_state_dict takes a dict; got {type(state).__name__}.")
     keys = set(expected) | {"step"}
@@ -70,13 +75,8 @@ def _load_state(who: str, state: Mapping[str, Any], expected: dict[str, Any], op
         if key not in state:  # an optional key the saved state predates
             continue
         got = state[key]
-        if key == "tokens_fingerprint" and got != want:
-            raise ConfigError(
-                f"{who}.load_state_dict: the saved state was taken over another token stream (fingerprint "
-                f"{got} against this loader's {want}, with the same number of tokens): another corpus, "
-                "tokenizer or ordering would yield different batches. Build the loader from the tokens "
-                "of the run being resumed."
-            )
+        if key in (why or {}) and got != want:
+            raise ConfigError(f"{who}.load_state_dict: {why[key].format(got=got, want=want)}")
         if got != want or type(got) is not type(want):
             raise ConfigError(
                 f"{who}.load_state_dict: the saved state has {key}={got!r} but this loader has "
@@ -237,7 +237,13 @@ class TokenLoader:
         batch size, sequence length, token count or token fingerprint that differs from this
         loader's (a state saved before the fingerprint was recorded is resumed without it).
         """
-        self._step = _load_state("TokenLoader", state, self._config(), optional=frozenset({"tokens_fingerprint"}))
+        self._step = _load_state(
+            "TokenLoader", state, self._config(), optional=frozenset({"tokens_fingerprint"}), why={"tokens_fingerprint": (
+                "the saved state was taken over another token stream (fingerprint {got} against this loader's "
+                "{want}, with the same number of tokens): another corpus, tokenizer or ordering would yield "
+                "different batches. Build the loader from the tokens of the run being resumed."
+            )},
+        )
 
     def _config(self) -> dict[str, int]:
         if self._fingerprint is None:  # once: the tokens never change

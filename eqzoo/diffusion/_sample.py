@@ -63,13 +63,12 @@ def _check_sample_args(model, shape, labels, guidance_scale, initial_noise=None)
     if labels is not None:
         if model.null_label is None:
             raise ConfigError("labels were given but the model is unconditional (num_classes=0).")
-        raw = labels
-        labels = jnp.asarray(labels)
+        labels = jnp.asarray(labels)  # a tracer stays one
         if not jnp.issubdtype(labels.dtype, jnp.integer):
             raise ConfigError(f"labels must be integer class ids; got dtype {labels.dtype}.")
         if labels.shape != (shape[0],):
             raise ShapeError(f"labels must have shape ({shape[0]},), one per sample; got {shape_str(labels.shape)}.")
-        if not isinstance(raw, jax.core.Tracer) and bool(jnp.any((labels < 0) | (labels > model.null_label))):
+        if not isinstance(labels, jax.core.Tracer) and bool(jnp.any((labels < 0) | (labels > model.null_label))):
             bad = sorted({int(v) for v in np.asarray(labels) if not 0 <= v <= model.null_label})
             raise ConfigError(
                 f"labels {bad} are not classes of this model: they must be in [0, {model.null_label}] "

@@ -11,7 +11,7 @@ import jax
 
 from .._errors import ConfigError, require
 from ..checkpoint import CheckpointMismatchError, config_to_dict, load_weights, save_weights
-from ..checkpoint._config import is_config
+from ..checkpoint._config import model_config
 from ..checkpoint._meta import config_differences
 from ..nn import Targets
 from ..sharding import path_str
@@ -49,16 +49,10 @@ def save_adapters(
         raise ConfigError(f"save_adapters: the metadata key {_KEY!r} is eqzoo's own (the adapters' scalings); use another name.")
     adapters = eqx.filter(model, adapter_filter(model, also=also))
     also_list = None if also is None else ([also] if isinstance(also, str) else list(also))
-    base = _base_config(model)
+    base = model_config(model)
     info = {"scaling": _scalings(model), "also": also_list, "base_config": None if base is None else config_to_dict(base)}
     header = {_KEY: json.dumps(info), **(metadata or {})}
     save_weights(adapters, path, metadata=header)
-
-
-def _base_config(model):
-    # The adapted model's config (a dataclass), if it has one.
-    config = getattr(model, "config", None)
-    return config if is_config(config) else None
 
 
 def _header(path) -> dict:
@@ -125,11 +119,11 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
             message = message.replace("Pass cast=True", "Pass load_adapters(..., cast=True)")
         raise CheckpointMismatchError(message) from err
     # The arrays fit: is it the base they were trained on?
-    differ = [] if allow_base_change else config_differences(info.get("base_config"), _base_config(model))
+    differ = [] if allow_base_change else config_differences(info.get("base_config"), model_config(model), ("adapters' base", "this model"))
     if differ:
         raise CheckpointMismatchError(
             f"adapters in {path} were trained on a base model whose config differs from this model's:\n- "
-            + "\n- ".join(d.replace(": saved ", ": adapters' base ").replace(", target ", ", this model ") for d in differ)
+            + "\n- ".join(differ)
             + "\nLoad them onto the model they were trained on, or pass allow_base_change=True to do it on purpose."
         )
     saved, ours = info["scaling"], _scalings(model)

@@ -137,6 +137,7 @@ def fit(
             step += 1
             pending.append(metrics)
         is_last = step == num_steps or stopped
+        record = None
         if pending and (step % log_every == 0 or is_last):
             host = jax.device_get(pending)
             pending = []
@@ -145,21 +146,18 @@ def fit(
             for k in host[0]:
                 record[f"train/{k}"] = float(np.mean([m[k] for m in host]))
             record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
-            if eval_step is not None and (step % (eval_every or num_steps) == 0 or is_last):
-                record.update(run_eval())
+        # Evaluated with a logged record, or alone when the data ran out right after one that
+        # was not evaluated.
+        due = step % (eval_every or num_steps) == 0 or is_last
+        if eval_step is not None and due and (record is not None or (out_of_data and step > first_step and not _evaluated(history, step))):
+            record = (record or {"step": float(step)}) | run_eval()
+        if record is not None:
             emit(record)
             if any(cb(step, state, record) for cb in callbacks):
                 stopped = True
             # The next window starts after evaluation, logging and callbacks, so steps_per_s
             # measures training alone.
             last_time, last_step = time.perf_counter(), step
-        elif out_of_data and eval_step is not None and step > first_step and not _evaluated(history, step):
-            # The data ran out right after a logged step that was not evaluated: evaluate it now,
-            # as at the end.
-            record = {"step": float(step), **run_eval()}
-            emit(record)
-            for cb in callbacks:
-                cb(step, state, record)
         if checkpointer is not None:
             checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
             if checkpointer.should_stop():
