@@ -5,7 +5,8 @@ few percent of tokens), so this trains both models first, on the standard librar
 bytes (nothing downloaded): a GPT-2-style model and a much smaller draft, for the same number of
 steps. It then decodes the same prompts with `eqzoo.generation.generate_batch` (greedy) and
 with `eqzoo.generation.generate_speculative`, checks that the tokens are equal, and reports
-tokens/s, the draft's tokens per round and the speed-up. With `--temperature T` both sample
+tokens/s, the draft's tokens per round, the speed-up, and each compiled program's scratch memory
+(`scratch_mib`, XLA's temporaries: both models' KV caches and the loop's buffers). With `--temperature T` both sample
 instead (the tokens are then equal in distribution only, so `same_tokens` is null).
 
     python benchmarks/speculative_decoding.py --json                 # about 6 minutes on 2 CPU cores
@@ -86,6 +87,14 @@ def timed(fn, repeats: int = 3) -> tuple[object, float]:
     return out, best
 
 
+def scratch_mib(fn, *args) -> float | None:
+    """XLA's scratch memory (`temp_size_in_bytes`) of `fn(*args)` compiled whole, in MiB."""
+    arrays, static = eqx.partition(args, eqx.is_array)
+    memory = jax.jit(lambda a: fn(*eqx.combine(a, static))).lower(arrays).compile().memory_analysis()
+    temp = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+    return None if temp is None else temp / 2**20
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json or not args.smoke else (lambda msg: None)
@@ -114,8 +123,13 @@ def main(argv=None) -> dict:
         rounds = np.asarray([int(o[1]["rounds"][0]) for o in outs])
         # Sampling draws other random numbers than generate_batch: equal in distribution only.
         same = all(bool(jnp.array_equal(o[0], r)) for o, r in zip(outs, reference, strict=True)) if not sampling else None
+        scratch = scratch_mib(
+            lambda m, d, p, k=k: eqzoo.generation.generate_speculative(
+                m, d, p, max_new_tokens=args.new_tokens, num_draft=k, **sampling),
+            model, draft, prompts[0],
+        )
         rows.append({
-            "num_draft": k, "tokens_per_s": args.prompts * args.new_tokens / spec_s,
+            "num_draft": k, "tokens_per_s": args.prompts * args.new_tokens / spec_s, "scratch_mib": scratch,
             "tokens_per_round": float(args.new_tokens / rounds.mean()), "speedup": base_s / spec_s,
             "same_tokens": same,
         })
@@ -127,6 +141,10 @@ def main(argv=None) -> dict:
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "batch": 1, "temperature": args.temperature,
         # generate_batch's tokens/s: greedy, or sampling with --temperature
         "greedy_tokens_per_s" if not sampling else "sampling_tokens_per_s": args.prompts * args.new_tokens / base_s,
+        "scratch_mib": scratch_mib(
+            lambda m, p: eqzoo.generation.generate_batch(m, p, max_new_tokens=args.new_tokens, **sampling),
+            model, prompts[0],
+        ),  # generate_batch's; each row below holds its own
         "speculative": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))

@@ -7,6 +7,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
@@ -160,32 +161,32 @@ def as_prompts(prompts, who: str) -> Array:
         ) from None
 
 
-def check_token_range(prompts, lengths, vocab_size: int, who: str) -> None:
-    """Raise `ConfigError` for a token id outside `[0, vocab_size)` among the prompts' real
-    tokens (padding past each length may hold anything), when they are concrete: the embedding
-    lookup would clamp it to another token without a word."""
+def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
+    """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked.
+
+    Always: `lengths` has shape `(batch,)`. When the values are concrete (read back once, on
+    the host): each length is in `[1, seq]`, and every real prompt token (padding past each
+    length may hold anything) is in `[0, vocab_size)`, since the embedding lookup would clamp
+    an id outside to another token without a word.
+    """
+    batch, seq = prompts.shape
+    lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (batch,):
+        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
     if isinstance(prompts, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
-        return
-    real = jnp.arange(prompts.shape[1])[None, :] < lengths[:, None]
-    outside = real & ((prompts < 0) | (prompts >= vocab_size))
-    if bool(jnp.any(outside)):
-        bad = sorted({int(v) for v in jnp.asarray(prompts)[outside].tolist()})[:8]
+        return lengths
+    host_lengths = np.asarray(lengths)
+    if (host_lengths < 1).any() or (host_lengths > seq).any():
+        raise ShapeError(f"each prompt length must be in [1, {seq}]; got {host_lengths.tolist()}.")
+    host = np.asarray(prompts)
+    outside = (np.arange(seq)[None, :] < host_lengths[:, None]) & ((host < 0) | (host >= vocab_size))
+    if outside.any():
+        bad = sorted({int(v) for v in host[outside].tolist()})[:8]
         raise ConfigError(
             f"{who}: prompt token ids {bad} lie outside the model's vocabulary [0, {vocab_size}); "
             "was the prompt encoded with another tokenizer? (eqzoo.models.resize_vocab grows the "
             "model for tokens added to its tokenizer.)"
         )
-
-
-def prompt_lengths(prompts, lengths):
-    """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked:
-    the right shape, each in `[1, seq]` (when concrete)."""
-    batch, seq = prompts.shape
-    lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    if lengths.shape != (batch,):
-        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
-    if not isinstance(lengths, jax.core.Tracer) and (bool(jnp.any(lengths < 1)) or bool(jnp.any(lengths > seq))):
-        raise ShapeError(f"each prompt length must be in [1, {seq}]; got {lengths.tolist()}.")
     return lengths
 
 
@@ -254,8 +255,7 @@ def generate_batch(
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     batch = prompts.shape[0]
-    lengths = prompt_lengths(prompts, lengths)
-    check_token_range(prompts, lengths, model.config.vocab_size, "generate")
+    lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate")
     if key is None:
         key = jax.random.key(0)  # greedy decoding: never used
     keys = jax.random.split(key, batch)

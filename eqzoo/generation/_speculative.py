@@ -48,7 +48,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
 from ..nn._attention import check_cache_dtype
-from ._generate import as_prompts, check_token_range, decoding_model, prompt_lengths, resolve_unroll
+from ._generate import as_prompts, decoding_model, prompt_lengths, resolve_unroll
 from ._sampling import check_sampling, check_stop_tokens, filter_logits, is_eos, sample_logits
 
 
@@ -325,8 +325,7 @@ def generate_speculative(
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
-    lengths = prompt_lengths(prompts, lengths)
-    check_token_range(prompts, lengths, model.config.vocab_size, "generate_speculative")
+    lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative")
     keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
     out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,

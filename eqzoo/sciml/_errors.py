@@ -36,16 +36,18 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def check_times(ts, name: str = "ts"):
+def check_times(ts, name: str = "ts", *, min_points: int = 2):
     """Check a grid of time points; returns `ts` (possibly wrapped by a runtime check).
 
-    Shape is always checked at trace time. Order and finiteness are checked on concrete values
+    `min_points` is 2 where the grid itself sets the interval (`ts[0]` to `ts[-1]`) and 1 where
+    the start time is given separately. Shape is always checked at trace time. Order and finiteness are checked on concrete values
     when `ts` is concrete, and with `equinox.error_if` when it is traced.
     """
     shape = tuple(jnp.shape(ts))
-    if len(shape) != 1 or shape[0] < 2:
+    if len(shape) != 1 or shape[0] < min_points:
         raise TimeGridError(
-            f"{name} must be a 1-d array of at least 2 strictly increasing time points; got "
+            f"{name} must be a 1-d array of at least {min_points} strictly increasing time "
+            f"point{'s' if min_points > 1 else ''}; got "
             f"shape {shape_str(shape)}. eqzoo sciml layers take one example: for a batch, wrap "
             f"the call in jax.vmap (with in_axes=None for times shared by every example)."
         )

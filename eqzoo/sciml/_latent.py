@@ -13,7 +13,7 @@ from jaxtyping import Array, Float, Real
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._errors import check_times
+from ._errors import TimeGridError, check_times, is_traced
 from ._node import Autonomous, NeuralODE
 from ._solve import AdjointLike
 
@@ -110,7 +110,7 @@ class LatentODE(eqx.Module):
 
         **Returns:** `(mean, log_std)`, each of shape `(latent,)`.
         """
-        ts = jnp.asarray(check_times(ts, "ts_obs"), dtype=xs.dtype)
+        ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1), dtype=xs.dtype)
         if xs.ndim != 2 or xs.shape != (ts.shape[0], self.data_size):
             raise ShapeError(
                 f"LatentODE takes one series: ts_obs of shape (times,) and xs_obs of shape "
@@ -145,6 +145,16 @@ class LatentODE(eqx.Module):
 
         **Returns:** predicted observations, shape `(times, data_size)`.
         """
+        return self._decode(z0, t0, ts, "ts")
+
+    def _decode(self, z0, t0, ts, name: str):
+        ts = check_times(ts, name, min_points=1)  # checked under the caller's name; one time is fine
+        if not (is_traced(ts) or is_traced(t0)) and np.asarray(ts)[0] < np.asarray(t0):
+            raise TimeGridError(
+                f"LatentODE: {name}[0]={np.asarray(ts)[0].item()!r} is before the first observation "
+                f"time {np.asarray(t0).item()!r}; the latent state is inferred at the first "
+                f"observation and evolved forward from there. Drop the earlier {name} values."
+            )
         zs = self.ode(z0, ts, t0=t0)  # (times, latent)
         return jax.vmap(self.decoder)(zs)
 
@@ -175,7 +185,7 @@ class LatentODE(eqx.Module):
             if key is None
             else mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
         )
-        return self.decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_pred)
+        return self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_pred, "ts_pred")
 
     def loss(
         self,
@@ -210,7 +220,7 @@ class LatentODE(eqx.Module):
         mean, log_std = self.encode(ts_obs, xs_obs)
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
-        pred = self.decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target)
+        pred = self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target, "ts_target")
         if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
             raise ShapeError(
                 f"LatentODE.loss: xs_target has shape {shape_str(jnp.shape(xs_target))}, but the model "

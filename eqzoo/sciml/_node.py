@@ -166,7 +166,7 @@ class NeuralODE(eqx.Module):
         **Returns:** the `diffrax.Solution` (`sol.ys` has shape `(times, *state)` when `output`
         is `"trajectory"`, `(1, *state)` when it is `"final"`).
         """
-        ts = check_times(ts)
+        ts = check_times(ts, min_points=2 if t0 is None else 1)
         if t0 is not None:
             ts = check_start(t0, ts)
             t0 = jnp.asarray(t0, dtype=y0.dtype)
@@ -200,8 +200,8 @@ class NeuralODE(eqx.Module):
         **Arguments:**
 
         - `y0`: the initial state of one example, any shape.
-        - `ts`: strictly increasing, finite times, at least two; integration starts at `ts[0]`
-          (or at `t0`) and ends at `ts[-1]`.
+        - `ts`: strictly increasing, finite times, at least two (one when `t0` is given);
+          integration starts at `ts[0]` (or at `t0`) and ends at `ts[-1]`.
         - `args`: passed to the vector field unchanged.
         - `t0`: the time of `y0` when it is earlier than `ts[0]` (then the first saved state is
           already evolved); default `ts[0]`.

@@ -4,6 +4,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
@@ -23,6 +24,11 @@ class JSONLLogger:
     """Appends one JSON object per logged step to a file: `{"step": 10, "train/loss": 2.3, ...}`.
 
     Each line is flushed as it is written, so a killed run keeps everything logged before.
+
+    A run resumed from a checkpoint appends to the same file. It repeats the steps logged after
+    that checkpoint, so on its first log the records from that step on are dropped (with a
+    warning naming how many): the file stays one history with each step once. A file that
+    cannot be read as JSON lines is never rewritten; its new lines are appended.
     """
 
     def __init__(self, path: str | Path):
@@ -30,9 +36,13 @@ class JSONLLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
+        self._first = True
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write one line."""
+        if self._first:
+            self._first = False
+            self._rewind(int(step))
         record = {"step": int(step), **{k: _json_float(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -40,6 +50,40 @@ class JSONLLogger:
     def close(self) -> None:
         """Close the file."""
         self._file.close()
+
+    def _rewind(self, step: int) -> None:
+        """Drop the records of steps `>= step` that an earlier run wrote (see the class doc)."""
+        if self.path.stat().st_size == 0:
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        torn = not lines[-1].endswith("\n")  # a run killed mid-write: its last line is cut short
+        steps, cut = [], False
+        for i, line in enumerate(lines):
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                if not (torn and i == len(lines) - 1):
+                    return  # not a log this class wrote: never rewritten
+                steps.append(step)  # the cut-short line is dropped with the repeated ones
+                cut = True
+        keep = [line for line, s in zip(lines, steps, strict=True) if s < step]
+        if torn and keep and keep[-1] is lines[-1]:
+            keep[-1] += "\n"  # a whole record that lost only its newline
+        if keep == lines:
+            return
+        repeated = sum(s >= step for s in steps) - cut
+        if repeated:
+            warnings.warn(
+                f"JSONLLogger: {self.path} already holds {repeated} record(s) from step {step} on, "
+                f"which this run logs again (a resume from an earlier checkpoint); they are "
+                f"dropped. Use a new path to keep an unrelated run's log.",
+                stacklevel=3,
+            )
+        self._file.close()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file, whole
+        self._file = self.path.open("a")
 
 
 def _json_float(v: Any) -> Any:

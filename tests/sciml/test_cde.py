@@ -169,10 +169,28 @@ def test_latent_ode_forecast_shapes_vmap_and_grad(latent):
     assert float(jnp.abs(grads.ode.vector_field.module.layers[0].weight).sum()) > 0
 
 
+def test_latent_ode_takes_one_observation_and_one_prediction_time(latent):
+    ts, xs = _series(jax.random.key(8), batch=1)
+    ts_pred = jnp.linspace(float(ts[0, 0]), 2.0, 5)
+    many = latent(ts[0], xs[0], ts_pred)
+    # one prediction time is the matching row of a longer grid (the solver saves at each time)
+    for i in (0, 4):
+        one = latent(ts[0], xs[0], ts_pred[i : i + 1])
+        assert one.shape == (1, 2)
+        np.testing.assert_allclose(one[0], many[i], atol=1e-5)  # adaptive steps differ slightly
+    # a series of one observation is encoded too (the encoder reads it; no interval is needed)
+    first = latent(ts[0][:1], xs[0][:1], ts_pred)
+    assert first.shape == (5, 2) and bool(jnp.all(jnp.isfinite(first)))
+
+
 def test_latent_ode_errors(latent, unchecked):
     ts, xs = _series(jax.random.key(10), batch=1)
-    with pytest.raises(sciml.TimeGridError, match="start time t0 must not be after"):
+    with pytest.raises(sciml.TimeGridError, match=r"ts_pred\[0\]=0.5 is before the first observation"):
         latent(ts[0] + 1.0, xs[0], jnp.array([0.5, 1.0]))
+    with pytest.raises(sciml.TimeGridError, match=r"ts_target\[0\]=0.5 is before the first observation"):
+        latent.loss(ts[0] + 1.0, xs[0], jnp.array([0.5, 1.0]), xs[0][:2], key=jax.random.key(0))
+    with pytest.raises(sciml.TimeGridError, match="ts_pred must be a 1-d array of at least 1 strictly"):
+        latent(ts[0], xs[0], jnp.zeros((0,)))
     with pytest.raises(sciml.TimeGridError, match=r"ts_obs must be finite and strictly increasing"):
         latent(ts[0][::-1], xs[0], jnp.array([1.0, 2.0]))
     with pytest.raises(ShapeError, match=r"xs_obs of shape \(times, data_size=2\)"):

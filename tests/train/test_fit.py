@@ -168,3 +168,33 @@ def test_steps_per_s_counts_training_time_only(steps, monkeypatch):
     rates = [r["train/steps_per_s"] for r in result.history]
     assert len(rates) == 4 and all("eval/loss" in r for r in result.history)
     assert rates == pytest.approx([1.0] * 4, rel=1e-12)
+
+
+def test_jsonl_logger_keeps_each_step_once_across_a_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = train.JSONLLogger(path)
+    for step in (2, 4, 6, 8):
+        first.log(step, {"loss": float(step)})
+    first.close()
+    with path.open("a") as f:
+        f.write('{"step": 10, "lo')  # the run was killed while writing this line
+    resumed = train.JSONLLogger(path)  # restored from the checkpoint of step 4
+    with pytest.warns(UserWarning, match=r"holds 2 record\(s\) from step 6 on"):
+        resumed.log(6, {"loss": 60.0})
+    resumed.log(8, {"loss": 80.0})
+    resumed.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert records == [{"step": 2, "loss": 2.0}, {"step": 4, "loss": 4.0},
+                       {"step": 6, "loss": 60.0}, {"step": 8, "loss": 80.0}]
+    # a later run that starts after everything logged only appends, silently
+    later = train.JSONLLogger(path)
+    later.log(10, {"loss": 1.0})
+    later.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 6, 8, 10]
+    # a file the logger did not write is never rewritten
+    other = tmp_path / "notes.jsonl"
+    other.write_text("free text\n")
+    foreign = train.JSONLLogger(other)
+    foreign.log(0, {"loss": 1.0})
+    foreign.close()
+    assert other.read_text().splitlines()[0] == "free text"
