@@ -35,7 +35,9 @@ class RMSNorm(eqx.Module):
           starts at `1 - offset`, so a new norm scales by 1 either way.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
-        self.weight = jnp.full((dim,), 1.0 - offset, dtype=dtype)
+        # (1 - offset) * ones, not jnp.full(..., 1.0 - offset): a Python float fill with dtype=None
+        # makes a weakly typed array, which turns strong after one update and recompiles the step
+        self.weight = (1.0 - offset) * jnp.ones((dim,), dtype=dtype)
         self.eps = eps
         self.offset = float(offset)
 

@@ -160,6 +160,9 @@ def test_init_is_deterministic_and_float32(case):
     assert not _bitwise_equal(_params(_create(case.name, 7)), _params(case.model))
     leaves = jax.tree.leaves(_params(case.model))
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
+    # A weakly typed parameter turns strong after its first update (and Adam's moments after
+    # the second), so the train step would compile three times.
+    assert not [x.shape for x in leaves if x.weak_type], "weakly typed parameters"
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
     n = sum(x.size for x in leaves)
     assert n == case.config.num_params(), f"{case.name}: counted {n}, config says {case.config.num_params()}"
