@@ -1,6 +1,7 @@
 """Test configuration: 8 fake CPU devices and strict dtype promotion, set before JAX computes;
 XLA:CPU's code generator at -O0."""
 
+import contextlib
 import gc
 import os
 
@@ -14,6 +15,7 @@ if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
+import jaxtyping  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -33,3 +35,20 @@ def _free_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+@pytest.fixture
+def unchecked():
+    """A context manager that turns jaxtyping/beartype checks off, to reach eqzoo's own
+    validation of arguments that the annotations already reject (e.g. a bad `Literal`)."""
+
+    @contextlib.contextmanager
+    def off():
+        before = jaxtyping.config.jaxtyping_disable
+        jaxtyping.config.update("jaxtyping_disable", True)
+        try:
+            yield
+        finally:
+            jaxtyping.config.update("jaxtyping_disable", before)
+
+    return off

@@ -261,7 +261,8 @@ def fused_cross_entropy(
     - `features`: final hidden states, `(batch, seq, embed)`, usually bfloat16.
     - `head`: the output projection `(vocab, embed)` — the token embedding when tied. Cast to
       the features' dtype for the matrix products, which accumulate in float32.
-    - `targets`: integer class ids `(batch, seq)`.
+    - `targets`: integer class ids `(batch, seq)`. A negative target (Hugging Face's `-100`)
+      has weight 0, as in [`eqzoo.train.cross_entropy`][].
     - `weights`: optional per-position weights (a mask); default all ones.
     - `chunk_size`: positions per sequence in one chunk (default:
       [`eqzoo.train.auto_chunk_size`][] of the batch one device holds, which keeps a chunk's
@@ -301,5 +302,7 @@ def fused_cross_entropy(
         raise ConfigError(f"fused_cross_entropy: softcap must be a positive number or None, got {softcap!r}.")
     head = head.astype(features.dtype)
     cap = None if softcap is None else float(softcap)
+    ignored = targets < 0  # read as class 0 with weight 0, rather than indexing from the end
+    targets, weights = jnp.where(ignored, 0, targets), jnp.where(ignored, 0.0, weights.astype(jnp.float32))
     return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size, layout, cap)
 

@@ -22,23 +22,30 @@ def cross_entropy(
     **Arguments:**
 
     - `logits`: unnormalised scores, any leading shape.
-    - `targets`: integer class ids with the leading shape of `logits`.
-    - `mask`: optional weights (bool or float); masked-out positions do not count.
+    - `targets`: integer class ids with the leading shape of `logits`. A negative target
+      (Hugging Face's `-100`) does not count, as if masked out.
+    - `mask`: optional weights (bool or float) of the targets' shape; masked-out positions do
+      not count.
 
-    **Returns:** the mean over (unmasked) positions, a float32 scalar.
+    **Returns:** the mean over counted positions, a float32 scalar (0 when none counts).
     """
     if logits.shape[:-1] != targets.shape:
         raise ShapeError(
             f"cross_entropy: logits {shape_str(logits.shape)} and targets {shape_str(targets.shape)} "
             "must share their leading shape."
         )
+    if mask is not None and jnp.shape(mask) != targets.shape:  # would broadcast over the wrong axis
+        raise ShapeError(
+            f"cross_entropy: mask must have the targets' shape {shape_str(targets.shape)}; got "
+            f"{shape_str(jnp.shape(mask))}."
+        )
     logits = logits.astype(jnp.float32)
+    ignored = targets < 0  # read as class 0 and not counted, rather than indexing from the end
+    targets = jnp.where(ignored, 0, targets)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     nll = lse - target_logit
-    if mask is None:
-        return jnp.mean(nll)
-    w = mask.astype(jnp.float32)
+    w = (~ignored).astype(jnp.float32) if mask is None else jnp.where(ignored, 0.0, mask.astype(jnp.float32))
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
@@ -181,6 +188,16 @@ def lm_loss(
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     mask = batch.get("mask")
+    packing_args(tokens, "lm_loss: batch[{name!r}]", mask=mask)  # a mask of another shape would broadcast
+    needs = ("__call__",) if implementation == "full" else ("features", "head_weight")
+    if not all(hasattr(model, name) for name in needs):
+        raise ConfigError(
+            f"lm_loss(implementation={implementation!r}) needs a model with "
+            f"{' and '.join(f'`{n}`' for n in needs)} (eqzoo's language models have them); "
+            f"{type(model).__name__} has not"
+            + (". Use implementation='full', which only calls model(tokens) -> (seq, vocab) logits."
+               if implementation != "full" and callable(model) else ".")
+        )
     packing = packing_args(tokens, "lm_loss: batch[{name!r}]", segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
     if mask is None and "segment_ids" in packing:
         mask = packing["segment_ids"] != 0  # padding (segment 0) never counts

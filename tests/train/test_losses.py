@@ -24,6 +24,20 @@ def test_cross_entropy_matches_formula_with_mask():
     np.testing.assert_allclose(train.cross_entropy(logits, targets), nll.mean(), rtol=LOSS_TOL)
     m = np.asarray(mask, np.float64)
     np.testing.assert_allclose(train.cross_entropy(logits, targets, mask), (nll * m).sum() / m.sum(), rtol=LOSS_TOL)
+    # a negative target (Hugging Face's -100) counts as a masked-out position, here as in lm_loss
+    ignored = jnp.where(mask, targets, -100)
+    np.testing.assert_allclose(train.cross_entropy(logits, ignored), (nll * m).sum() / m.sum(), rtol=LOSS_TOL)
+    np.testing.assert_allclose(train.cross_entropy(logits, ignored, jnp.ones((3, 5))), (nll * m).sum() / m.sum(), rtol=LOSS_TOL)
+
+
+def test_a_mask_of_another_shape_is_refused(gpt2, unchecked):
+    # A (seq,) mask meant as one weight per row broadcast along the sequence instead.
+    logits, targets = jnp.zeros((3, 5, 7)), jnp.zeros((3, 5), jnp.int32)
+    with unchecked(), pytest.raises(ShapeError, match=r"cross_entropy: mask must have the targets' shape \(3, 5\); got \(5,\)"):
+        train.cross_entropy(logits, targets, jnp.ones((5,), bool))
+    batch = _batch(False)
+    with pytest.raises(ShapeError, match=r"lm_loss: batch\['mask'\] must have the tokens' shape \(2, 12\); got \(12,\)"):
+        train.lm_loss(gpt2, {**batch, "mask": jnp.arange(12) < 8})
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +150,14 @@ def test_fused_cross_entropy_errors():
         train.fused_cross_entropy(f, h, t.astype(jnp.float32))
     with pytest.raises(ShapeError, match=r"weights \(2, 3\) must match targets \(2, 4\)"):
         train.fused_cross_entropy(f, h, t, jnp.ones((2, 3)))
+    # a negative target has weight 0, as in cross_entropy (it indexed the head from its end)
+    feats, head = jax.random.normal(jax.random.key(0), (2, 4, 8)), jax.random.normal(jax.random.key(1), (10, 8))
+    targets = jnp.array([[1, -100, 3, 4], [-1, 2, 2, 9]])
+    keep = (targets >= 0).astype(jnp.float32)
+    np.testing.assert_allclose(
+        train.fused_cross_entropy(feats, head, targets),
+        train.fused_cross_entropy(feats, head, jnp.maximum(targets, 0), keep), rtol=LOSS_TOL,
+    )
     with pytest.raises(ConfigError, match="chunk_size must be a positive integer, got -1"):
         train.fused_cross_entropy(f, h, t, chunk_size=-1)
 
@@ -150,6 +172,9 @@ def test_lm_loss_errors(gpt2):
         train.lm_loss(gpt2, _batch(False), implementation="flash")
     with pytest.raises(ConfigError, match=r"lm_loss needs batch\['tokens'\] and batch\['targets'\].*has no \['targets'\] \(its keys: \['tokens'\]\)"):
         train.lm_loss(gpt2, {"tokens": _batch(False)["tokens"]})
+    plain = eqx.nn.Linear(4, 4, key=jax.random.key(0))  # a model without features/head_weight
+    with pytest.raises(ConfigError, match=r"needs a model with `features` and `head_weight`.*Linear has not\. Use implementation='full'"):
+        train.lm_loss(plain, _batch(False))
 
 
 @pytest.mark.parametrize("implementation", ["fused", "full"])
