@@ -48,6 +48,7 @@ def run_nuts(
     - `target_accept_prob`, `max_tree_depth`, `dense_mass`: NUTS settings.
     - `init`: `"uniform"` starts each chain at a random point (NumPyro's `init_to_uniform`,
       overdispersed, which R-hat needs); `"module"` starts at the module's current values.
+    - `progress_bar`: show NumPyro's progress bar while sampling.
     - `key`: a PRNG key.
 
     **Returns:** a `Posterior` with `(chains, draws, ...)` samples, divergence counts and the

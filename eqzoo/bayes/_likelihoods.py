@@ -161,6 +161,7 @@ class Gaussian(AbstractLikelihood):
 
     @property
     def site_names(self) -> tuple[str, ...]:
+        """The noise site: `("noise_scale",)`, `("noise_variance",)`, or `()` if none."""
         if self.scale_prior is not None:
             return ("noise_scale",)
         if self.variance_prior is not None:
@@ -168,6 +169,7 @@ class Gaussian(AbstractLikelihood):
         return ()
 
     def sample_params(self) -> dict[str, Array]:
+        """In a NumPyro model: sample the noise scale or variance if it has a prior; else `{}`."""
         if self.scale_prior is not None:
             return {"noise_scale": _noise_site(self.scale_prior, "noise_scale")}
         if self.variance_prior is not None:
@@ -175,6 +177,7 @@ class Gaussian(AbstractLikelihood):
         return {}
 
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`output_shape`, without the last axis of 2 when heteroscedastic."""
         if self.heteroscedastic:
             if not output_shape or output_shape[-1] != 2:
                 raise ShapeError(
@@ -194,17 +197,21 @@ class Gaussian(AbstractLikelihood):
         return output, jnp.sqrt(params["noise_variance"]).astype(output.dtype)
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """`Normal(mean, scale)`, batch shape `(batch, *target)`."""
         loc, scale = self._loc_scale(output, params)
         return dist.Normal(loc, jnp.broadcast_to(scale, loc.shape))
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """The output (its first channel when heteroscedastic)."""
         return self._loc_scale(output, params)[0]
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """The noise variance `scale**2`, broadcast to the mean's shape."""
         loc, scale = self._loc_scale(output, params)
         return jnp.broadcast_to(scale**2, loc.shape)
 
     def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
+        """The `out_size` of a linear head; `2` (mean, raw scale) when heteroscedastic."""
         if self.heteroscedastic:
             if target_shape != ():
                 raise ShapeError(
@@ -241,14 +248,17 @@ class StudentT(AbstractLikelihood):
 
     @property
     def site_names(self) -> tuple[str, ...]:
+        """`("noise_scale",)` when the scale has a prior, else `()`."""
         return () if self.scale_prior is None else ("noise_scale",)
 
     def sample_params(self) -> dict[str, Array]:
+        """Inside a NumPyro model: sample the scale, if it has a prior; `{}` otherwise."""
         if self.scale_prior is None:
             return {}
         return {"noise_scale": _noise_site(self.scale_prior, "noise_scale")}
 
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's shape: one target entry per output entry."""
         return output_shape
 
     def _scale(self, output: Array, params: dict[str, Array]) -> Array:
@@ -257,14 +267,17 @@ class StudentT(AbstractLikelihood):
         return jnp.broadcast_to(params["noise_scale"].astype(output.dtype), output.shape)
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """`StudentT(df, output, scale)`, batch shape `(batch, *target)`."""
         return dist.StudentT(
             jnp.full((), self.df, output.dtype), output, self._scale(output, params)
         )
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """The output (the location; the mean exists for `df > 1`)."""
         return output
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """`scale**2 * df / (df - 2)`; infinite for `df <= 2`."""
         factor = self.df / (self.df - 2.0) if self.df > 2 else math.inf
         return self._scale(output, params) ** 2 * factor
 
@@ -275,20 +288,25 @@ class Bernoulli(AbstractLikelihood):
     classifier: ClassVar[bool] = True
 
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's shape: one logit per binary target."""
         return output_shape
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """`BernoulliLogits(output)`, batch shape `(batch, *target)`."""
         return dist.BernoulliLogits(output)
 
     def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        """Raise `ConfigError` for observed targets other than 0 and 1."""
         bad = np.unique(observed[(observed != 0) & (observed != 1)])
         if bad.size:
             raise ConfigError(f"a Bernoulli head takes targets 0 and 1; y also holds {bad[:8].tolist()}.")
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """The probability of a 1, `sigmoid(output)`."""
         return jax.nn.sigmoid(output)
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """`p * (1 - p)` with `p = sigmoid(output)`."""
         p = jax.nn.sigmoid(output)
         return p * (1 - p)
 
@@ -299,6 +317,7 @@ class Categorical(AbstractLikelihood):
     classifier: ClassVar[bool] = True
 
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """`output_shape` without its last (classes) axis."""
         if not output_shape:
             raise ShapeError(
                 "a Categorical head needs the module to output (..., classes) logits per example; "
@@ -307,9 +326,11 @@ class Categorical(AbstractLikelihood):
         return output_shape[:-1]
 
     def prepare_target(self, y: Array, dtype: Any) -> Array:
+        """The class labels as int32."""
         return jnp.asarray(y, jnp.int32)
 
     def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        """Raise `ConfigError` for labels that are not integers in `[0, classes)`."""
         classes = output_shape[-1]
         bad = np.unique(observed[(observed != np.round(observed)) | (observed < 0) | (observed >= classes)])
         if bad.size:
@@ -319,16 +340,20 @@ class Categorical(AbstractLikelihood):
             )
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """`CategoricalLogits(output)`, batch shape `(batch, *target)`."""
         return dist.CategoricalLogits(output)
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """The class probabilities, `softmax(output)` over the last axis."""
         return jax.nn.softmax(output, axis=-1)
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """`p * (1 - p)` per class, with `p` the class probabilities."""
         p = jax.nn.softmax(output, axis=-1)
         return p * (1 - p)
 
     def head_shape(self, target_shape: tuple[int, ...], num_outputs: int | None) -> Any:
+        """The `out_size` of a linear head: `num_outputs`, the number of classes."""
         if target_shape != ():
             raise ShapeError(
                 f"a Categorical linear last layer takes one label per example; got per-example "
@@ -343,24 +368,30 @@ class Poisson(AbstractLikelihood):
     """Poisson likelihood for counts; the module outputs the log rate."""
 
     def target_shape(self, output_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's shape: one log rate per count."""
         return output_shape
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
+        """`Poisson(exp(output))`, batch shape `(batch, *target)`."""
         return dist.Poisson(jnp.exp(output))
 
     def prepare_target(self, y: Array, dtype: Any) -> Array:
+        """The counts in the output's floating dtype (NumPyro's `Poisson` takes floats)."""
         # NumPyro's Poisson accepts float counts; keeping the output dtype avoids int/float mixing
         return jnp.asarray(y, dtype)
 
     def check_target_values(self, observed: np.ndarray, output_shape: tuple[int, ...]) -> None:
+        """Raise `ConfigError` for negative observed counts."""
         bad = np.unique(observed[observed < 0])
         if bad.size:
             raise ConfigError(f"a Poisson head takes counts >= 0; y also holds {bad[:8].tolist()}.")
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
+        """The rate, `exp(output)`."""
         return jnp.exp(output)
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
+        """The rate, `exp(output)` (a Poisson's variance equals its mean)."""
         return jnp.exp(output)
 
 

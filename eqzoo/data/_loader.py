@@ -7,11 +7,11 @@ and resuming from it yields bitwise the same batches as never stopping. The batc
 """
 
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, final
 
 import numpy as np
-from jaxtyping import Int, Integer
+from jaxtyping import Array, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 
@@ -92,17 +92,19 @@ def _load_state(
     return step
 
 
-def _fingerprint(tokens: np.ndarray) -> int:
-    """CRC-32 of a token stream's length, dtype and a fixed sample of it: the first, middle and
-    last 65,536 tokens and 256 windows of 64 spread evenly over the whole (about 1 MiB read,
-    whatever the stream's size)."""
+def _fingerprint(tokens: np.ndarray, *, legacy: bool = False) -> int:
+    """CRC-32 of a token stream's length and a fixed sample of its values: the first, middle
+    and last 65,536 tokens and 256 windows of 64 spread evenly over the whole (about 1 MiB read,
+    whatever the stream's size). The values are hashed as int64, so the same ids stored in
+    another dtype (int32 ids in a uint16 memmap) match. `legacy`: the first version, which
+    hashed the dtype and the raw bytes (states saved with it still resume)."""
     n, block = tokens.shape[0], 65_536
     starts = {0, max(0, n // 2 - block // 2), max(0, n - block)}
     parts = [tokens[a : a + block] for a in sorted(starts)]
     parts += [tokens[a : a + 64] for a in np.linspace(0, max(0, n - 64), 256).astype(np.int64)]
-    crc = zlib.crc32(f"{n}:{tokens.dtype.str}".encode())
+    crc = zlib.crc32(f"{n}:{tokens.dtype.str}".encode() if legacy else f"{n}:ids".encode())
     for part in parts:
-        crc = zlib.crc32(np.ascontiguousarray(part).tobytes(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(part if legacy else part.astype(np.int64)).tobytes(), crc)
     return crc
 
 
@@ -117,7 +119,8 @@ class TokenLoader:
 
     **Arguments:**
 
-    - `tokens`: a 1-D integer token array (a `np.memmap` works; only windows are read).
+    - `tokens`: a 1-D integer token array (a `np.memmap` works; only windows are read); a
+      list or a JAX array is copied into a NumPy array once.
     - `batch_size`: the GLOBAL batch size, across all processes.
     - `seq_len`: tokens per row.
     - `seed`: an int >= 0; with `step` it fixes every batch.
@@ -131,7 +134,7 @@ class TokenLoader:
 
     def __init__(
         self,
-        tokens: Integer[np.ndarray, " num_tokens"],
+        tokens: Integer[np.ndarray, " num_tokens"] | Integer[Array, " num_tokens"] | Sequence[int],
         *,
         batch_size: int,
         seq_len: int,
@@ -140,6 +143,8 @@ class TokenLoader:
         process_count: int | None = None,
     ):
         who = "TokenLoader"
+        if not isinstance(tokens, np.ndarray):  # a list, or a JAX array (copied to the host once)
+            tokens = np.asarray(tokens)
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise ShapeError(
                 "TokenLoader takes a 1-D integer token array; got shape "
@@ -222,8 +227,8 @@ class TokenLoader:
         """The loader's position and the settings it must be resumed with, as a JSON-able dict.
 
         **Returns:** `{"step", "seed", "batch_size", "seq_len", "num_tokens",
-        "tokens_fingerprint"}`. The fingerprint is a CRC-32 of the token stream's length, dtype
-        and a fixed sample of it (its first, middle and last 64 Ki tokens and 256 windows spread
+        "tokens_fingerprint"}`. The fingerprint is a CRC-32 of the token stream's length and a
+        fixed sample of its values (whatever their dtype) (its first, middle and last 64 Ki tokens and 256 windows spread
         over the rest), cheap even for a memory-mapped corpus of billions of tokens, that tells
         another corpus or tokenizer of the same length apart. It does not depend on the process,
         so one saved state resumes any process (or process count).
@@ -237,8 +242,12 @@ class TokenLoader:
         batch size, sequence length, token count or token fingerprint that differs from this
         loader's (a state saved before the fingerprint was recorded is resumed without it).
         """
+        config = self._config()
+        saved = state.get("tokens_fingerprint") if isinstance(state, Mapping) else None
+        if saved not in (None, config["tokens_fingerprint"]) and saved == _fingerprint(self._tokens, legacy=True):
+            state = {**state, "tokens_fingerprint": config["tokens_fingerprint"]}  # the first version's
         self._step = _load_state(
-            "TokenLoader", state, self._config(), optional=frozenset({"tokens_fingerprint"}), why={"tokens_fingerprint": (
+            "TokenLoader", state, config, optional=frozenset({"tokens_fingerprint"}), why={"tokens_fingerprint": (
                 "the saved state was taken over another token stream (fingerprint {got} against this loader's "
                 "{want}, with the same number of tokens): another corpus, tokenizer or ordering would yield "
                 "different batches. Build the loader from the tokens of the run being resumed."

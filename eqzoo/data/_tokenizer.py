@@ -108,7 +108,7 @@ class CharTokenizer(AbstractTokenizer):
         self._unk = unk
         # Look-up by binary search over sorted code points keeps encode vectorised (a corpus of
         # millions of characters encodes in milliseconds rather than a Python loop per char).
-        self._codepoints = np.frombuffer(chars.encode("utf-32-le"), dtype="<u4").copy()
+        self._codepoints = np.frombuffer(chars.encode("utf-32-le", errors="surrogatepass"), dtype="<u4").copy()
         self._order = np.argsort(self._codepoints, kind="stable").astype(np.int32)
         self._sorted = self._codepoints[self._order]
 
@@ -154,6 +154,8 @@ class CharTokenizer(AbstractTokenizer):
         **Raises:** `TokenizerError` naming the first character not in the alphabet (when
         `unk` is `None`).
         """
+        if not isinstance(text, str):
+            raise TokenizerError(f"CharTokenizer.encode takes a str; got {type(text).__name__}.")
         cps = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype="<u4")
         pos = np.minimum(np.searchsorted(self._sorted, cps), len(self._sorted) - 1)
         known = self._sorted[pos] == cps
@@ -206,7 +208,8 @@ class CharTokenizer(AbstractTokenizer):
 class ByteTokenizer(AbstractTokenizer):
     """A byte-level tokenizer: the UTF-8 bytes of the text are the ids (vocabulary of 256).
 
-    Every string encodes; decoding replaces invalid UTF-8 (e.g. a sequence cut inside a
+    Every valid string encodes (a lone surrogate, which UTF-8 cannot hold, raises
+    `TokenizerError`); decoding replaces invalid UTF-8 (e.g. a sequence cut inside a
     multi-byte character) with U+FFFD rather than raising.
     """
 
@@ -216,8 +219,22 @@ class ByteTokenizer(AbstractTokenizer):
         return 256
 
     def encode(self, text: str) -> Int[np.ndarray, " seq"]:
-        """Encode `text` as its UTF-8 bytes, as int32 ids."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        """Encode `text` as its UTF-8 bytes, as int32 ids.
+
+        **Raises:** `TokenizerError` for a `text` that is not a string or holds a lone
+        surrogate (UTF-8 cannot encode it).
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"ByteTokenizer.encode takes a str; got {type(text).__name__} (decode bytes first).")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise TokenizerError(
+                f"ByteTokenizer.encode: text[{err.start}] is the lone surrogate U+{ord(text[err.start]):04X}, which "
+                "UTF-8 cannot encode (text decoded with errors='surrogateescape' holds them); clean it first, "
+                "e.g. text.encode('utf-8', 'replace').decode('utf-8')."
+            ) from None
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int]) -> str:
         """Decode byte ids as UTF-8 with `errors="replace"`.

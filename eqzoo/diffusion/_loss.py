@@ -37,9 +37,16 @@ def diffusion_loss(
     (`prediction="epsilon"`, DDPM's "simple" loss) or the velocity
     `sqrt(abar_t) noise - sqrt(1 - abar_t) x0` (`"v"`).
 
-    **Arguments:** the model, the schedule, a batch of clean images `x0`, one integer timestep
-    and one noise array per image, optional class `labels` (`None`: the model's default, the
-    null class for conditional models), and `prediction`.
+    **Arguments:**
+
+    - `model`: the denoiser ([`eqzoo.models.AbstractDenoiser`][]), called on one image.
+    - `schedule`: the [`eqzoo.diffusion.NoiseSchedule`][].
+    - `x0`: a batch of clean images.
+    - `t`: one integer timestep per image, in `0 .. T-1`.
+    - `noise`: the standard normal noise added to each image, the shape of `x0`.
+    - `labels`: one class label per image; `None`: the model's default (the null class for
+      conditional models).
+    - `prediction`: `"epsilon"` or `"v"`, what the model predicts.
 
     **Returns:** the scalar loss (float32).
     """

@@ -15,7 +15,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
-from ._sampling import check_sampling, check_stop_tokens, is_eos, sample_logits
+from ._sampling import check_sampling, check_stop_tokens, draw, is_eos, traced_settings
 
 
 def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False):
@@ -26,7 +26,7 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
     place."""
     batch, prompt_len = prompts.shape  # static: lets MoE layers read only the chosen experts
     total = prompt_len + max_new_tokens
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = eos_token is not None
     rows = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
 
@@ -36,7 +36,10 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
         state = {"out": (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None), "done": jnp.zeros((), bool)}
         if not use_cache:
             return state
-        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding
+        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding,
+        # and the padding is read as token 0 (it may hold any id: one outside the vocabulary
+        # would embed as NaN, and attention multiplies even masked-out values by zero)
+        prompt = jnp.where(jnp.arange(prompt_len) < length, prompt, 0)
         last, cache = model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
         return {**state, "cache": cache, "last": last}
 
@@ -57,8 +60,11 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
 
     @rows
     def step(i, state, length):
-        if not use_cache:  # the full causal forward pass; rows past the position unused
-            return emit(i, state, model._forward(state["out"][0])[length + i - 1], length)[0]
+        if not use_cache:  # the full causal forward pass; rows past the position unused (the
+            # padding read as token 0: pad_token may lie outside the vocabulary, as in start)
+            buf = state["out"][0]
+            tokens = jnp.where(jnp.arange(total) < length + i, buf, 0)
+            return emit(i, state, model._forward(tokens)[length + i - 1], length)[0]
         state, tok = emit(i, state, state["last"], length)
         logits, cache = model.decode(tok[None], state["cache"], length + i, batch_size=batch)
         return {**state, "cache": cache, "last": logits[0]}
@@ -131,11 +137,40 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
     return _generate_rows(model, prompts, lengths, keys, **static)
 
 
-def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
+def loop_settings(temperature, top_k, top_p) -> dict:
+    """The sampling settings as a decode loop takes them: temperature and top-p as arguments
+    (a new value compiles nothing); greedy decoding, and top-k (it sets a shape), static."""
+    temperature, top_p = traced_settings(temperature, top_p)
+    return dict(temperature=temperature, top_k=None if temperature is None else top_k, top_p=top_p)
+
+
+def check_model(model, who: str) -> None:
+    """Raise `ConfigError` unless `model` is an eqzoo language model (checked first: a model
+    and prompt passed the other way round would otherwise fail on the prompt's shape)."""
     if not isinstance(model, AbstractLM):
-        raise ConfigError(f"generate needs an eqzoo language model (GPT2, Llama, Mixtral, Gemma); got {type(model).__name__}.")
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        raise ConfigError(f"{who} needs an eqzoo language model (GPT2, Llama, Mixtral, Gemma) as its first argument; got {type(model).__name__}.")
+
+
+def check_key(key, who: str) -> None:
+    """Raise `ConfigError` unless `key` is `None` or a PRNG key (typed, or a legacy uint32 pair)."""
+    if key is None:
+        return
+    dtype = getattr(key, "dtype", None)
+    typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ()
+    legacy = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)
+    if not (typed or legacy):
+        raise ConfigError(f"{who}: key must be one PRNG key, jax.random.key(seed); got {key!r}.")
+
+
+def check_count(value, name: str, who: str) -> None:
+    """Raise `ConfigError` unless `value` is an integer >= 1 (not a bool or a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ConfigError(f"{who}: {name} must be an integer >= 1, got {value!r}.")
+
+
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
+    check_count(max_new_tokens, "max_new_tokens", "generate")
+    check_key(key, "generate")
     check_sampling(temperature, top_k, top_p)
     if key is None and temperature > 0:
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
@@ -170,6 +205,8 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
     an id outside to another token without a word.
     """
     batch, seq = prompts.shape
+    if lengths is not None and not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+        raise ShapeError(f"lengths must be integers (each prompt's real length); got dtype {jnp.asarray(lengths).dtype}.")
     lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
     if lengths.shape != (batch,):
         raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
@@ -178,7 +215,7 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
     host_lengths = np.asarray(lengths)
     if (host_lengths < 1).any() or (host_lengths > seq).any():
         raise ShapeError(f"each prompt length must be in [1, {seq}]; got {host_lengths.tolist()}.")
-    host = np.asarray(prompts)
+    host = np.asarray(prompts).astype(np.int64)  # uint8 ids: 256 would wrap to 0
     outside = (np.arange(seq)[None, :] < host_lengths[:, None]) & ((host < 0) | (host >= vocab_size))
     if outside.any():
         bad = sorted({int(v) for v in host[outside].tolist()})[:8]
@@ -238,11 +275,21 @@ def generate_batch(
       position before the token, to rounding; with a narrower `cache_dtype` it includes that
       cache's rounding, as the tokens do.
 
+    The loop is compiled once per prompt shape, `max_new_tokens`, stop and pad tokens, `top_k`
+    and whether it samples at all: a new `temperature` or `top_p` (per request, say) reuses
+    the compiled program. Padding past each row's length may hold any id, even one outside
+    the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
+    is routed as training routes it, with a capacity per sequence set by the padded width,
+    so a prompt's first logits may differ slightly with how far it is padded when
+    assignments are dropped (decoding steps drop nothing); `"dense"` or `"ragged"` layers
+    ([`eqzoo.nn.MoE.with_implementation`][]) never drop.
+
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding. With `return_logprobs`, `(tokens,
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
+    check_model(model, "generate_batch")
     prompts = as_prompts(prompts, "generate_batch")
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
@@ -261,7 +308,7 @@ def generate_batch(
     keys = jax.random.split(key, batch)
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
-        max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=top_k, top_p=top_p,
+        max_new_tokens=max_new_tokens, **loop_settings(temperature, top_k, top_p),
         eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
@@ -308,6 +355,7 @@ def generate(
     with `return_logprobs`, `(tokens, logprobs)`, the generated tokens' log-probabilities at
     their positions and 0 elsewhere.
     """
+    check_model(model, "generate")
     prompt = as_prompts(prompt, "generate")
     if prompt.ndim != 1:
         raise ShapeError(

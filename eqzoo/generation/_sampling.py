@@ -2,21 +2,24 @@
 
 import math
 import operator
+from typing import no_type_check
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
 
 
+@no_type_check  # it validates these itself, with messages that say how to fix the call
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise `ConfigError` for sampling settings outside their valid ranges."""
     if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
         raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be a positive integer or None, got {top_k}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
+        raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}.")
 
@@ -83,11 +86,34 @@ def sample_logits(
         return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
     if key is None:
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+    return draw(logits, key, temperature, top_k, top_p)
+
+
+def traced_settings(temperature: float, top_p: float | None) -> tuple[Array | None, Array | None]:
+    """`(temperature, top_p)` as the decode loops take them, after `check_sampling`: `None` for
+    greedy decoding and for no top-p filter (static: they change the program), otherwise
+    float32 arrays, which a compiled loop reads as arguments, so that a new value does not
+    compile the loop again."""
+    greedy = float(temperature) == 0.0
+    return (
+        None if greedy else jnp.asarray(temperature, jnp.float32),
+        None if greedy or top_p is None or top_p >= 1.0 else jnp.asarray(top_p, jnp.float32),
+    )
+
+
+def draw(logits, key, temperature, top_k, top_p):
+    """One token from `logits`: the argmax when `temperature` is `None`, else a sample of the
+    filtered logits (`temperature` and `top_p` may be traced; see `traced_settings`)."""
+    if temperature is None:
+        return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
     return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
 
 def filter_logits(
-    logits: Float[Array, " vocab"], temperature: float, top_k: int | None, top_p: float | None
+    logits: Float[Array, " vocab"],
+    temperature: float | Float[Array, ""],
+    top_k: int | None,
+    top_p: float | Float[Array, ""] | None,
 ) -> Float[Array, " vocab"]:
     """The float32 logits `sample_logits` samples from when `temperature > 0`: less their
     largest, divided by the temperature, with the tokens top-k / top-p removes at float32's lowest value (their
@@ -100,7 +126,7 @@ def filter_logits(
     if top_k is not None and top_k < logits.shape[0]:
         kth = jax.lax.top_k(logits, top_k)[0][-1]
         logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (isinstance(top_p, jax.Array) or top_p < 1.0):  # an array: maybe traced
         order = jnp.argsort(-logits)
         sorted_logits = logits[order]
         probs = jax.nn.softmax(sorted_logits)

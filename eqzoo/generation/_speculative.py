@@ -48,8 +48,15 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
 from ..nn._attention import check_cache_dtype
-from ._generate import as_prompts, decoding_model, prompt_lengths, resolve_unroll
-from ._sampling import check_sampling, check_stop_tokens, filter_logits, is_eos, sample_logits
+from ._generate import (
+    as_prompts,
+    check_key,
+    decoding_model,
+    loop_settings,
+    prompt_lengths,
+    resolve_unroll,
+)
+from ._sampling import check_sampling, check_stop_tokens, draw, filter_logits, is_eos
 
 
 def _dropless(model):
@@ -72,7 +79,7 @@ def _speculate_rows(
     only its caches, which nothing reads again."""
     k = num_draft
     batch_size, prompt_len = prompts.shape
-    sampling = temperature > 0.0
+    sampling = temperature is not None  # else greedy; temperature and top_p may be traced
     rows = functools.partial(jax.vmap, in_axes=(0, 0))  # (per-row state, length)
 
     def dist(logits):  # the sampling distribution of one position's logits
@@ -93,11 +100,12 @@ def _speculate_rows(
         # sliding-window layer's ring keeps that many slots more than its window (and, as in
         # generate_batch, the prefill keeps the prompt's real positions, not its padding).
         prefill = dict(batch_size=batch_size, valid_length=length)
+        prompt = jnp.where(positions[:prompt_len] < length, prompt, 0)  # padding may hold any id
         last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
         _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
         key, sub = jax.random.split(key)
         # the prefill's token, as generate_batch's
-        first = sample_logits(last, sub, temperature=temperature, top_k=top_k, top_p=top_p)
+        first = draw(last, sub, temperature, top_k, top_p)
         done = jnp.zeros((), bool) if eos_token is None else is_eos(first, eos_token)
         state = dict(
             cache=cache, draft_cache=draft_cache, n=length + 1, buf=buf.at[length].set(first), done=done,
@@ -322,6 +330,7 @@ def generate_speculative(
     for flag, value in (("return_stats", return_stats), ("return_logprobs", return_logprobs)):
         if not isinstance(value, bool):
             raise ConfigError(f"generate_speculative: {flag} must be True or False, got {value!r}.")
+    check_key(key, "generate_speculative")
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
@@ -330,7 +339,7 @@ def generate_speculative(
     out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
         num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
-        temperature=float(temperature), top_k=top_k, top_p=top_p, cache_dtype=cache_dtype,
+        **loop_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )
     out = out if return_logprobs else (out,)

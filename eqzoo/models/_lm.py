@@ -12,7 +12,7 @@ from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
 from ..nn._attention import check_per_position, softcap
 from ..sharding._activation import constrain, constrain_forward
-from ._validate import check_tokens
+from ._validate import check_cache_span, check_tokens
 
 
 def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
@@ -139,7 +139,8 @@ class AbstractLM(eqx.Module):
     @property
     def logit_softcap(self) -> float | None:
         """If set, the logits are `logit_softcap * tanh(raw / logit_softcap)` (Gemma 2's
-        `final_logit_softcapping`); the losses of [`eqzoo.train`][] apply it too. `None` here."""
+        `final_logit_softcapping`); the losses of `eqzoo.train` (such as
+        [`lm_loss`][eqzoo.train.lm_loss]) apply it too. `None` here."""
         return None
 
     def logits(self, features: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
@@ -212,14 +213,15 @@ class AbstractLM(eqx.Module):
         self,
         tokens: Int[Array, " seq"],
         cache: KVCache,
-        index: Int[Array, ""],
+        index: Int[Array, ""] | int,
         *,
         batch_size: int | None = None,
         valid_length: Int[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
-        `cache` (from `init_cache`). Start with the prompt (`prefill`, or `decode` at
-        `index=0`), then feed one token at a time. `batch_size`: how many sequences are decoded
+        `cache` (from `init_cache`), which must hold those positions (`index + seq` at most
+        its length; checked when `index` is concrete, outside `jit`). Start with the prompt
+        (`prefill`, or `decode` at `index=0`), then feed one token at a time. `batch_size`: how many sequences are decoded
         together (the `jax.vmap` around the call), which lets mixture-of-experts layers read
         only the experts the step's tokens chose when they are few ([`eqzoo.nn.MoE.decode`][];
         [`eqzoo.generate`][] passes it). `valid_length`: how many of `tokens` are real, the rest
@@ -269,7 +271,9 @@ class AbstractLM(eqx.Module):
     def _cached_features(self, tokens, cache, index, batch_size, valid_length, *, fresh):
         """The final normalised features of `tokens` at `index, ...` through the cache, and the
         updated cache: `decode`'s and (`fresh`, index 0) `prefill`'s body."""
-        check_tokens(tokens, max_seq=cache.max_seq, model=type(self).__name__)
+        name = f"{type(self).__name__}.{'prefill' if fresh else 'decode'}"
+        check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
+        check_cache_span(tokens.shape[0], index, valid_length, cache.max_seq, name)
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)

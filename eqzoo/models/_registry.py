@@ -19,6 +19,8 @@ from ._unet import UNet, UNetConfig
 from ._vit import ViT, ViTConfig
 
 ModelConfig = GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig | MLPConfig | CNNConfig | ViTConfig | DiTConfig | UNetConfig
+"""Any of eqzoo's model configs: what [`eqzoo.models.get_config`][] returns and
+[`eqzoo.models.create`][] builds a model from."""
 
 _FAMILIES: dict[type, type] = {
     GPT2Config: GPT2, LlamaConfig: Llama, MixtralConfig: Mixtral, GemmaConfig: Gemma, MLPConfig: MLP, CNNConfig: CNN, ViTConfig: ViT,

@@ -5,6 +5,7 @@ import numbers
 import types
 import typing
 
+import jax
 import jax.numpy as jnp
 
 from .._errors import ConfigError, ShapeError, shape_str
@@ -35,6 +36,26 @@ def check_tokens(tokens, *, max_seq: int, model: str) -> None:
         )
     if shape[0] == 0:
         raise ShapeError(f"{model} got an empty sequence; pass at least one token.")
+
+
+def check_cache_span(seq: int, index, valid_length, cache_positions: int, model: str) -> None:
+    """Raise `ShapeError` when `seq` tokens written at `index` fall outside a cache of
+    `cache_positions` positions, or `valid_length` is not in `[1, seq]`. Checked on concrete
+    values only (inside `jit` they are traced): past its end the cache write would be clamped
+    and the logits silently wrong."""
+    if not isinstance(index, jax.core.Tracer):
+        start = int(index)
+        if start < 0 or start + seq > cache_positions:
+            raise ShapeError(
+                f"{model}: {seq} token(s) at index {start} need cache positions {start} .. {start + seq - 1}, "
+                f"but the cache holds positions 0 .. {cache_positions - 1}; build a longer one with "
+                f"model.init_cache({max(start + seq, 1)}) (at most the config's max_seq), or start "
+                "a new sequence."
+            )
+    if valid_length is not None and not isinstance(valid_length, jax.core.Tracer):
+        n = int(valid_length)
+        if not 1 <= n <= seq:
+            raise ShapeError(f"{model}: valid_length must be in [1, {seq}] (the tokens given); got {n}.")
 
 
 def check_positive(name: str, **values: int | float) -> None:

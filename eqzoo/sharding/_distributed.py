@@ -211,8 +211,16 @@ def initialize(
     by `jax.process_index()`), and assemble global batches with
     [`eqzoo.sharding.make_global_batch`][].
 
-    **Arguments:** as for `resolve_distributed_args`; `**kwargs` (e.g.
-    `initialization_timeout`) go to `jax.distributed.initialize`.
+    **Arguments:**
+
+    - `coordinator_address`: `host:port` of process 0.
+    - `num_processes`: how many processes take part.
+    - `process_id`: this process's index, in `[0, num_processes)`.
+    - `local_device_ids`: the local devices this process uses (an id or a sequence of ids;
+      default: every local device).
+    - `env`: the environment to read what is not given (default `os.environ`); pass a dict to
+      test.
+    - `**kwargs`: passed on to `jax.distributed.initialize` (e.g. `initialization_timeout`).
 
     **Returns:** the [`eqzoo.sharding.DistributedArgs`][] used.
     """

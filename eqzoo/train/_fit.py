@@ -15,6 +15,8 @@ from ._state import TrainState
 from ._step import EvalStep, TrainStep
 
 Callback = Callable[[int, TrainState, dict[str, float]], bool | None]
+"""A `fit` callback: `cb(step, state, record)`, called after each log with the step, the
+train state and the logged record (a dict of float metrics); returning `True` stops training."""
 
 
 @dataclasses.dataclass

@@ -132,6 +132,17 @@ def test_a_state_from_another_token_stream_of_the_same_length_is_refused():
         with pytest.raises(ConfigError, match=r"saved state was taken over another token stream .* same number of tokens"):
             _token_loader(tokens=other).load_state_dict(state)
     _token_loader(tokens=TOKENS.copy()).load_state_dict(state)  # equal tokens in another array resume
+    # ... and in another dtype (the batches are the same int32 windows), or as a list
+    for same in (TOKENS.astype(np.uint16), TOKENS.astype(np.int64), TOKENS.tolist()):
+        resumed = _token_loader(tokens=same)
+        resumed.load_state_dict(state)
+        np.testing.assert_array_equal(next(resumed)["tokens"], next(_token_loader(tokens=TOKENS))["tokens"])
+    # a state saved by the first fingerprint (dtype and raw bytes hashed) still resumes
+    from eqzoo.data._loader import _fingerprint
+
+    first = {**state, "tokens_fingerprint": _fingerprint(TOKENS, legacy=True)}
+    assert first["tokens_fingerprint"] != state["tokens_fingerprint"]
+    _token_loader().load_state_dict(first)
     older = {k: v for k, v in state.items() if k != "tokens_fingerprint"}  # saved before fingerprints
     loader = _token_loader()
     loader.load_state_dict(older)

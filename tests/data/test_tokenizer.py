@@ -79,6 +79,17 @@ def test_byte_round_trip():
     assert tok.decode(ids) == TEXT
 
 
+def test_lone_surrogates(unchecked):
+    # UTF-8 cannot hold a lone surrogate: a TokenizerError naming it, not a UnicodeEncodeError
+    with pytest.raises(TokenizerError, match=r"text\[1\] is the lone surrogate U\+D800"):
+        ByteTokenizer().encode("a\ud800b")
+    with unchecked(), pytest.raises(TokenizerError, match="takes a str; got bytes"):
+        ByteTokenizer().encode(b"abc")
+    # a character tokenizer keeps them (UTF-32 code points), alphabet included
+    tok = CharTokenizer.from_text("a\ud800b")
+    assert tok.decode(tok.encode("b\ud800a")) == "b\ud800a"
+
+
 def test_byte_decode_replaces_invalid_utf8():
     tok = ByteTokenizer()
     ids = tok.encode("ö")[:1]  # first byte of a two-byte character

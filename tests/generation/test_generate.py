@@ -229,6 +229,38 @@ def test_a_vanishing_temperature_samples_the_greedy_tokens(llama, greedy):
     np.testing.assert_array_equal(out, greedy)
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "nocache"])
+def test_padding_and_pad_token_may_hold_any_id(llama, use_cache):
+    # Padding past a row's length, and pad_token, outside the vocabulary: embedded as they were,
+    # they gave NaN (attention multiplies even masked-out values by zero) and a row of zeros.
+    lengths = jnp.array([5, 3])
+    clean = jnp.stack([PROMPT, PROMPT.at[3:].set(0)])
+    want = generate_batch(llama, clean, lengths, max_new_tokens=4, use_cache=use_cache, return_logprobs=True)
+    for pad in (-1, 256, 10**6):
+        padded = jnp.stack([PROMPT, PROMPT.at[3:].set(pad)])
+        tokens, logps = generate_batch(
+            llama, padded, lengths, max_new_tokens=4, use_cache=use_cache, pad_token=pad, return_logprobs=True
+        )
+        np.testing.assert_array_equal(np.where(np.asarray(want[0]) == 0, pad, want[0])[:, 5:], tokens[:, 5:])
+        np.testing.assert_array_equal(tokens[1, 3:7], want[0][1, 3:7])  # row 1's generated tokens
+        np.testing.assert_allclose(logps, want[1], atol=1e-6)
+
+
+def test_sampling_settings_are_arguments_of_the_compiled_loop(llama):
+    # A server's per-request temperature or top-p compiles nothing new; top-k sets a shape.
+    from eqzoo.generation._generate import _generate_batch_jit
+
+    def run(**settings):
+        return eqzoo.generate(llama, PROMPT, max_new_tokens=3, key=jax.random.key(0), **settings)
+
+    run(temperature=0.7, top_p=0.9)
+    before = _generate_batch_jit._cached._cache_size()
+    outs = [run(temperature=t, top_p=p) for t, p in ((0.3, 0.5), (1.1, 0.95), (1e-6, 0.9))]
+    assert _generate_batch_jit._cached._cache_size() == before
+    greedy = eqzoo.generate(llama, PROMPT, max_new_tokens=3)
+    np.testing.assert_array_equal(outs[-1], greedy)  # and the traced values are the ones used
+
+
 def test_generation_errors(llama):
     with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=20)
@@ -238,8 +270,10 @@ def test_generation_errors(llama):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=float("nan"), key=jax.random.key(0))
     with pytest.raises(ConfigError, match=r"prompt token ids \[-1, 300\] lie outside the model's vocabulary \[0, 256\)"):
         eqzoo.generate(llama, PROMPT.at[0].set(300).at[1].set(-1), max_new_tokens=2)
-    padded = jnp.stack([PROMPT, PROMPT.at[3:].set(-1)])  # padding past a row's length may hold anything
-    generate_batch(llama, padded, jnp.array([5, 3]), max_new_tokens=2)
+    # uint8 ids are ids (comparing them with the vocabulary size 256 wrapped it to 0)
+    np.testing.assert_array_equal(
+        eqzoo.generate(llama, PROMPT.astype(jnp.uint8), max_new_tokens=2), eqzoo.generate(llama, PROMPT, max_new_tokens=2)
+    )
     with pytest.raises(ShapeError, match=r"prompts do not form one array .*Right-pad prompts of different lengths"):
         generate_batch(llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
@@ -248,8 +282,17 @@ def test_generation_errors(llama):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=0)
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] or None, got 0.0"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_p=0.0)
-    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
-        eqzoo.generate(llama, PROMPT, max_new_tokens=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ConfigError, match=f"max_new_tokens must be an integer >= 1, got {bad!r}"):
+            eqzoo.generate(llama, PROMPT, max_new_tokens=bad)
+    with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 2\.5"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=2.5)
+    with pytest.raises(ConfigError, match=r"key must be one PRNG key, jax\.random\.key\(seed\); got 0"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=0, temperature=1.0)
+    with pytest.raises(ShapeError, match="lengths must be integers .*got dtype float32"):
+        generate_batch(llama, jnp.stack([PROMPT, PROMPT]), jnp.array([3.7, 5.0]), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="generate needs an eqzoo language model .* as its first argument; got ArrayImpl"):
+        eqzoo.generate(PROMPT, llama, max_new_tokens=2)  # swapped
     with pytest.raises(ShapeError, match=r"one prompt of shape \(seq,\); got \(2, 5\).*generate_batch"):
         eqzoo.generate(llama, jnp.stack([PROMPT, PROMPT]), max_new_tokens=2)
     with pytest.raises(ShapeError, match="prompt token ids must be integers; got dtype float32"):

@@ -52,6 +52,17 @@ def test_equals_the_models_greedy_decoding(llama, draft_kind):
         assert (rounds == -(-(NEW - 1) // 4)).all()
 
 
+def test_padding_and_pad_token_may_hold_any_id(llama):
+    # Padding outside the vocabulary embedded as NaN and ruined the row (rows 1 and 2 here).
+    prompts, lengths = _prompts()
+    draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))
+    want = generate_speculative(llama, draft, prompts, lengths, max_new_tokens=NEW, num_draft=3)
+    padded = jnp.where(jnp.arange(7) < lengths[:, None], prompts, 10**6)
+    got = generate_speculative(llama, draft, padded, lengths, max_new_tokens=NEW, num_draft=3, pad_token=-1)
+    real = np.arange(7 + NEW) < (lengths[:, None] + NEW)
+    np.testing.assert_array_equal(np.where(real, want, -1), got)
+
+
 def test_eos_and_a_mixture_of_experts_model(llama):
     mixtral = _scaled("tiny-mixtral", 2, num_experts=8)
     prompts, lengths = _prompts()

@@ -107,6 +107,26 @@ def test_cache_longer_than_max_seq_is_rejected(gpt2):
         gpt2.init_cache(64)
 
 
+def test_decoding_past_the_cache_is_refused(gpt2):
+    # Past its last position the cache write was clamped: logits silently off by ~3%.
+    seq = jnp.arange(20, dtype=jnp.int32)
+    cache = gpt2.init_cache(16)
+    _, cache = gpt2.prefill(seq[:16], cache)
+    with pytest.raises(ShapeError, match=r"GPT2\.decode: 1 token\(s\) at index 16 need cache positions 16 \.\. 16, but the cache holds positions 0 \.\. 15; .*init_cache\(17\)"):
+        gpt2.decode(seq[16:17], cache, 16)
+    with pytest.raises(ShapeError, match=r"3 token\(s\) at index 14 need cache positions 14 \.\. 16"):
+        gpt2.decode(seq[14:17], cache, 14)
+    with pytest.raises(ShapeError, match=r"at index -1 need"):
+        gpt2.decode(seq[:1], cache, -1)
+    with pytest.raises(ShapeError, match=r"GPT2\.prefill: 20 token\(s\) at index 0 need cache positions 0 \.\. 19"):
+        gpt2.prefill(seq, cache)
+    for bad in (0, 6):
+        with pytest.raises(ShapeError, match=rf"GPT2\.prefill: valid_length must be in \[1, 5\] \(the tokens given\); got {bad}"):
+            gpt2.prefill(seq[:5], gpt2.init_cache(16), valid_length=bad)
+    logits, _ = gpt2.decode(seq[15:16], cache, 15)  # the last position still decodes
+    assert logits.shape == (1, gpt2.config.vocab_size)
+
+
 # ------------------------------------------------------------------------------ config errors
 
 
