@@ -59,7 +59,18 @@ def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
 def _resolve_rules(tree: Any, rules: Rules | None, mesh: Mesh) -> Rules:
     if rules is not None:
         return rules
-    defaults = default_rules(tree.model if isinstance(tree, TrainState) else tree)
+    model = tree.model if isinstance(tree, TrainState) else tree
+    defaults = default_rules(model)
+    split = {a: int(mesh.shape[a]) for a in ("fsdp", "tensor") if int(mesh.shape.get(a, 1)) > 1}
+    if not defaults and split and jax.tree.leaves(model):
+        axes = ", ".join(f"{a}={n}" for a, n in split.items())
+        warnings.warn(
+            f"eqzoo has no default sharding rules for {type(model).__name__}: every parameter is "
+            f"replicated, and the mesh's {axes} splits only the batch. Pass rules=((regex, "
+            "PartitionSpec), ...) for its parameter paths (eqzoo.sharding.LLAMA_RULES shows the "
+            "form; docs/scaling.md), or use a mesh with data parallelism alone.",
+            stacklevel=user_stacklevel(),
+        )
     return tuple((pattern, drop_missing_axes(spec, mesh)) for pattern, spec in defaults)
 
 

@@ -3,7 +3,7 @@
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -101,10 +101,25 @@ def fit(
 
     **Returns:** a [`eqzoo.train.FitResult`][].
     """
-    if num_steps < 0 or log_every < 1:
-        raise ConfigError(f"need num_steps >= 0 and log_every >= 1; got {num_steps} and {log_every}.")
+    # Checked before the first step: a bad argument found at the first evaluation (by default
+    # at the end) would lose the whole run, its input state donated.
+    for name, value, least in (("num_steps", num_steps, 0), ("log_every", log_every, 1), ("eval_every", eval_every, 1)):
+        if value is None and name == "eval_every":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            raise ConfigError(f"fit: {name} must be an integer >= {least}; got {value!r}.")
     if (eval_step is None) != (eval_batches is None):
         raise ConfigError("pass eval_step and eval_batches together (or neither).")
+    if eval_batches is not None and not callable(eval_batches):
+        raise ConfigError(
+            f"fit: eval_batches must be a function returning the evaluation batches (each evaluation "
+            f"iterates them afresh), e.g. eval_batches=lambda: batches; got a {type(eval_batches).__name__}."
+        )
+    if isinstance(batches, Mapping):
+        raise ConfigError(
+            "fit: batches must yield batches (an iterator, a loader, a list of dicts); got one dict, whose "
+            "iteration yields its keys. Pass [batch] (one step) or itertools.repeat(batch)."
+        )
     loggers = list(loggers)
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)

@@ -5,6 +5,7 @@ import dataclasses
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import PyTree
 
 from .._errors import ConfigError
@@ -16,23 +17,32 @@ _FLOATS = ("float32", "bfloat16", "float16", "float64")
 class Precision:
     """Which dtypes a train step uses.
 
-    Parameters (and the optimizer's arithmetic) stay in `param_dtype`; the forward and backward
-    passes run on a copy cast to `compute_dtype`; the loss is taken in `output_dtype`. The LLM
-    default `Precision.bf16()` keeps float32 master weights and computes in bfloat16.
+    Parameters (and the optimizer's arithmetic) stay in `param_dtype`: `TrainState.create(...,
+    precision=...)` casts the trainable ones to it. The forward and backward passes run on a
+    copy cast to `compute_dtype`; the loss is taken in `output_dtype`. The LLM default
+    `Precision.bf16()` keeps float32 master weights and computes in bfloat16.
 
-    **Arguments:** `param_dtype`, `compute_dtype`, `output_dtype` as dtype names, and
+    **Arguments:** `param_dtype`, `compute_dtype`, `output_dtype` as dtype names or dtypes
+    (`"bfloat16"` or `jnp.bfloat16`; stored as names), and
     `loss_scale`: `None`, or `"dynamic"` (needed for float16 compute) to multiply the loss before
     the backward pass and skip steps whose gradients overflow.
     """
 
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    output_dtype: str = "float32"
+    param_dtype: DTypeLike = "float32"  # a name once built
+    compute_dtype: DTypeLike = "float32"
+    output_dtype: DTypeLike = "float32"
     loss_scale: str | None = None
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype", "output_dtype"):
             value = getattr(self, name)
+            if not isinstance(value, str):  # jnp.bfloat16, np.dtype("float32"), ...
+                try:
+                    value = jnp.dtype(value).name
+                except TypeError:
+                    pass
+                else:
+                    object.__setattr__(self, name, value)
             if value not in _FLOATS:
                 raise ConfigError(f"Precision.{name} must be one of {_FLOATS}, got {value!r}.")
         if self.loss_scale not in (None, "dynamic"):
@@ -65,6 +75,14 @@ class Precision:
     def cast_to_param(self, tree: PyTree) -> PyTree:
         """Cast every floating-point array leaf of `tree` to `param_dtype`."""
         return cast_floating(tree, jnp.dtype(self.param_dtype))
+
+
+def check_precision(precision, who: str) -> None:
+    """Raise `ConfigError` unless `precision` is a `Precision` (a string such as "bf16" is not)."""
+    if not isinstance(precision, Precision):
+        raise ConfigError(
+            f"{who}: precision must be an eqzoo.train.Precision, e.g. Precision.bf16(); got {precision!r}."
+        )
 
 
 def cast_floating(tree: PyTree, dtype) -> PyTree:

@@ -16,7 +16,7 @@ from jaxtyping import Array, Int, PyTree
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
-from ._precision import DynamicLossScale, Precision
+from ._precision import DynamicLossScale, Precision, check_precision
 
 
 class StateParts(NamedTuple):
@@ -87,8 +87,10 @@ class TrainState(eqx.Module):
         - `model_state`: optional `eqx.nn.State` (BatchNorm statistics) for stateful models.
         - `trainable`: an `eqx.partition` filter (a callable or a pytree of bools) choosing the
           leaves that receive gradients; the others stay fixed. Default: every float array.
-        - `precision`: the [`eqzoo.train.Precision`][] the train step will use; with dynamic
-          loss scaling the optimizer state also holds the loss scale.
+        - `precision`: the [`eqzoo.train.Precision`][] the train step will use. The trainable
+          floating-point leaves are cast to its `param_dtype` (the others, a frozen base
+          model say, are kept as they are), and with dynamic loss scaling the optimizer state
+          also holds the loss scale.
 
         **Returns:** the `TrainState`.
         """
@@ -97,6 +99,10 @@ class TrainState(eqx.Module):
                 "TrainState.create needs a typed PRNG key; make one with jax.random.key(seed) "
                 "(not the legacy jax.random.PRNGKey)."
             )
+        if precision is not None:
+            check_precision(precision, "TrainState.create")
+            params, frozen = eqx.partition(model, trainable)
+            model = eqx.combine(precision.cast_to_param(params), frozen)
         params = eqx.filter(model, trainable)
         opt_state = optimizer.init(params)
         if precision is not None and precision.loss_scale == "dynamic":

@@ -11,7 +11,7 @@ from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ._losses import tree_global_norm
-from ._precision import DynamicLossScale, Precision
+from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
 
 LossFn = Callable[..., Any]
@@ -126,6 +126,24 @@ class TrainStep:
         return sum(f._cache_size() for f in self._compiled.values())
 
 
+def _check_optimizer(optimizer, params, opt_state) -> None:
+    """Raise `ConfigError` when the state's optimizer state is not what this step's optimizer
+    makes (at trace time, from shapes only): the step's optimizer would otherwise update with
+    a state built by another one (Adam's moments under SGD), or fail deep inside optax."""
+    expected = jax.eval_shape(optimizer.init, params)
+    if jax.tree.structure(expected) != jax.tree.structure(opt_state):
+        raise ConfigError(
+            "the state's optimizer state does not match the train step's optimizer: build both from one "
+            "optimizer (TrainState.create(model, optimizer, ...) and make_train_step(loss_fn, optimizer)). "
+            f"The step's optimizer makes {_describe(expected)}; the state holds {_describe(opt_state)}."
+        )
+
+
+def _describe(opt_state) -> str:
+    names = [type(x).__name__ for x in jax.tree.leaves(opt_state, is_leaf=lambda x: x is not opt_state and isinstance(x, tuple) and hasattr(x, "_fields"))]
+    return "(" + ", ".join(names) + ")" if names else "an empty state"
+
+
 def _keep_layout(x, sharding):
     # Leaves that are not arrays (static fields, functions) have no sharding to keep.
     return jax.lax.with_sharding_constraint(x, sharding) if isinstance(sharding, jax.sharding.Sharding) else x
@@ -182,11 +200,10 @@ def make_train_step(
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
     """
     precision = Precision() if precision is None else precision
-    if grad_accum_steps < 1:
-        raise ConfigError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
+    check_precision(precision, "make_train_step")
+    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
     scaling = precision.loss_scale == "dynamic"
-
-    casts = jnp.dtype(precision.compute_dtype) != jnp.dtype(precision.param_dtype)
 
     def pure_step(structure, arrays, batch, shardings=None):
         parts: StateParts = structure.unflatten(arrays)
@@ -203,11 +220,16 @@ def make_train_step(
         else:
             scale = None
         params, frozen = eqx.partition(model, structure.trainable)
+        _check_optimizer(optimizer, params, opt_state)
         key, step_key = jax.random.split(parts.key)
         # Under a mesh, the compute-dtype copy keeps each parameter's layout, so a weight that
         # must be gathered is gathered after the cast (in bf16), not before it (in fp32). Left
         # to itself, XLA's sharding propagation moved the gather of the tied embedding in front
         # of the cast.
+        # Whether the cast changes anything: read from the parameters themselves (a float32
+        # model under a bf16-param policy is still cast).
+        compute_dtype = jnp.dtype(precision.compute_dtype)
+        casts = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute_dtype for x in jax.tree.leaves(params))
         model_shardings = None if shardings is None or not casts else structure.unflatten(shardings).model
 
         def compute(p, model_state, mb, k):

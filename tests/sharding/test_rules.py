@@ -184,3 +184,15 @@ def test_tensor_size_that_cuts_heads_warns_with_the_sizes_that_do_not(lab):
         warnings.simplefilter("error")
         sh.abstract_sharded(abstract, sh.make_mesh("data=2,tensor=4"))  # whole heads: silent
         sh.abstract_sharded(abstract, sh.make_mesh("tensor=8"), rules=sh.LLAMA_RULES)  # own rules: silent
+
+
+def test_a_model_without_rules_on_an_fsdp_or_tensor_mesh_warns():
+    import warnings
+
+    mlp = eqx.filter_eval_shape(lambda: eqx.nn.MLP(16, 16, 32, 2, key=jax.random.key(0)))  # a user's own model
+    with pytest.warns(UserWarning, match=r"no default sharding rules for MLP: every parameter is replicated, and the mesh's fsdp=4, tensor=2 splits only the batch"):
+        sh.abstract_sharded(mlp, sh.make_mesh("fsdp=4,tensor=2"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sh.abstract_sharded(mlp, sh.make_mesh("data=8"))  # data parallelism replicates anyway: silent
+        sh.abstract_sharded(mlp, sh.make_mesh("fsdp=8"), rules=((r".*weight", jax.sharding.PartitionSpec("fsdp")),))  # own rules: silent

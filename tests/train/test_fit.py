@@ -131,12 +131,22 @@ def test_resume_from_state_step_continues_the_same_trajectory(steps):
     assert done.history == [] and int(done.state.step) == 6
 
 
-def test_fit_argument_errors(steps):
+def test_fit_argument_errors(steps, unchecked):
     train_step, eval_step = steps
     with pytest.raises(ConfigError, match="pass eval_step and eval_batches together"):
         train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step)
-    with pytest.raises(ConfigError, match="need num_steps >= 0 and log_every >= 1; got 1 and 0"):
+    with pytest.raises(ConfigError, match="fit: log_every must be an integer >= 1; got 0"):
         train.fit(_state(), train_step, batches(), num_steps=1, log_every=0)
+    # each of these was found late (at the first evaluation, by default the last step) or not
+    # at all; checked without the annotations, as a user's run is
+    with unchecked(), pytest.raises(ConfigError, match=r"fit: num_steps must be an integer >= 0; got 2\.5"):
+        train.fit(_state(), train_step, batches(), num_steps=2.5)
+    with pytest.raises(ConfigError, match=r"fit: eval_every must be an integer >= 1; got -1"):
+        train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=eval_batches, eval_every=-1)
+    with unchecked(), pytest.raises(ConfigError, match=r"eval_batches must be a function .*eval_batches=lambda: batches; got a list"):
+        train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=list(eval_batches()))
+    with pytest.raises(ConfigError, match=r"got one dict, whose iteration yields its keys"):
+        train.fit(_state(), train_step, next(batches()), num_steps=1)
     with pytest.raises(ConfigError, match="evaluate got no batches"):
         train.evaluate(eval_step, _state(), [])
 

@@ -80,7 +80,7 @@ def test_grad_accumulation_needs_divisible_batch(lm):
     step = train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=3)
     with pytest.raises(ShapeError, match=r"leading axis divisible by 3; got an array of shape \(8, 8\)"):
         step(state, _lm_batch())
-    with pytest.raises(ConfigError, match="grad_accum_steps must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match="grad_accum_steps must be an integer >= 1, got 0"):
         train.make_train_step(train.lm_loss, optimizer, grad_accum_steps=0)
 
 
@@ -156,6 +156,36 @@ def test_precision_errors(mlp):
     state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))  # no precision
     step = train.make_train_step(_scaled_loss, optimizer, precision=precision)
     with pytest.raises(ConfigError, match=r"TrainState\.create\(\.\.\., precision=precision\)"):
+        step(state, _mlp_batch())
+
+
+def test_precision_param_dtype_is_the_trainable_parameters_dtype(mlp, unchecked):
+    # Precision(param_dtype=...) was recorded and never applied: parameters stayed float32.
+    precision = train.Precision(param_dtype=jnp.bfloat16, compute_dtype="bfloat16")  # a dtype is a name
+    assert precision.param_dtype == "bfloat16"
+    optimizer = optax.sgd(1e-2, momentum=0.9)
+    model = _fresh(mlp)
+    spec = jax.tree.map(eqx.is_inexact_array, model)
+    spec = eqx.tree_at(lambda m: m.net.layers[0].weight, spec, replace=False)  # one frozen leaf
+    state = train.TrainState.create(model, optimizer, key=jax.random.key(0), precision=precision, trainable=spec)
+    state, _ = train.make_train_step(train.classification_loss, optimizer, precision=precision)(state, _mlp_batch())
+    assert state.model.net.layers[0].weight.dtype == jnp.float32  # frozen: kept as it was
+    assert {x.dtype for x in _arrays(state.model.net.layers[1:])} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in _arrays(state.opt_state) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+    with unchecked():
+        with pytest.raises(ConfigError, match=r"make_train_step: precision must be an eqzoo\.train\.Precision, e\.g\. Precision\.bf16\(\); got 'bf16'"):
+            train.make_train_step(train.classification_loss, optimizer, precision="bf16")
+        with pytest.raises(ConfigError, match=r"TrainState\.create: precision must be"):
+            train.TrainState.create(model, optimizer, key=jax.random.key(0), precision="bf16")
+        with pytest.raises(ConfigError, match=r"grad_accum_steps must be an integer >= 1, got 2\.0"):
+            train.make_train_step(train.classification_loss, optimizer, grad_accum_steps=2.0)
+
+
+def test_a_step_with_another_optimizer_than_the_state_is_refused(mlp):
+    # The step's optimizer won silently: SGD stepped on with Adam's moments carried along unused.
+    state = train.TrainState.create(_fresh(mlp), optax.adam(1e-2), key=jax.random.key(0))
+    step = train.make_train_step(train.classification_loss, optax.sgd(0.1, momentum=0.9))
+    with pytest.raises(ConfigError, match=r"optimizer state does not match the train step's optimizer.*makes \(TraceState, EmptyState\); the state holds \(ScaleByAdamState, EmptyState\)"):
         step(state, _mlp_batch())
 
 
