@@ -40,6 +40,38 @@ def require(module: str, extra: str) -> ModuleType:
         ) from err
 
 
+def check_sizes(who: str, **sizes) -> None:
+    """Raise `ConfigError` naming the first size that is not a positive integer (a bool, a
+    float, zero or a negative number would fail later, deep inside JAX)."""
+    import numbers
+
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ConfigError(f"{who}: {name} must be a positive integer; got {name}={value!r}.")
+
+
+def check_positive_numbers(who: str, **values) -> None:
+    """Raise `ConfigError` naming the first value that is not a finite positive number (a rotary
+    base of 0 makes NaN, for one)."""
+    import math
+    import numbers
+
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{who}: {name} must be a positive number; got {name}={value!r}.")
+
+
+def check_last_axis(who: str, x, size: int) -> None:
+    """Raise `ShapeError` unless `x` is a floating-point array whose last axis has `size`
+    entries (a size-1 axis would broadcast silently; integers would be cast)."""
+    import jax.numpy as jnp
+
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ShapeError(f"{who} takes floating-point inputs; got dtype {jnp.dtype(x.dtype).name}.")
+    if x.ndim == 0 or x.shape[-1] != size:
+        raise ShapeError(f"{who} takes inputs whose last axis has {size} entries; got shape {shape_str(x.shape)}.")
+
+
 def shape_str(shape: tuple[int, ...]) -> str:
     """Format a shape the way error messages show it: `(8, 128)`."""
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, Int, Int8
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import (
+    ConfigError,
+    ShapeError,
+    check_last_axis,
+    check_positive_numbers,
+    check_sizes,
+    shape_str,
+)
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._norm import RMSNorm
@@ -377,6 +384,13 @@ class Attention(eqx.Module):
         - `dtype`: parameter dtype. `key`: a PRNG key.
         """
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        check_sizes("Attention", embed_dim=embed_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        if head_dim is not None:
+            check_sizes("Attention", head_dim=head_dim)
+        if use_rope:
+            check_positive_numbers("Attention", rope_theta=rope_theta)
+            if local_rope_theta is not None:
+                check_positive_numbers("Attention", local_rope_theta=local_rope_theta)
         if head_dim is None:
             if embed_dim % num_heads:
                 raise ConfigError(
@@ -517,6 +531,7 @@ class Attention(eqx.Module):
                 f"Attention takes one sequence of shape (seq, embed); got {shape_str(x.shape)}. "
                 "Wrap the call in jax.vmap for a batch."
             )
+        check_last_axis("Attention", x, self.q_proj.in_features)
         seq = x.shape[0]
         check_per_position("positions", positions, seq, "Attention")
         check_per_position("segment_ids", segment_ids, seq, "Attention")

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from .._errors import check_sizes
 from .._typing import PRNGKey
 
 
@@ -18,6 +19,7 @@ class Embedding(eqx.Module):
 
     def __init__(self, num_embeddings: int, embed_dim: int, *, init_std: float = 0.02, dtype=None, key: PRNGKey):
         """**Arguments:** table size, `embed_dim`, normal init scale `init_std`, `dtype`, `key`."""
+        check_sizes("Embedding", num_embeddings=num_embeddings, embed_dim=embed_dim)
         dtype = jnp.float32 if dtype is None else dtype
         self.weight = init_std * jax.random.normal(key, (num_embeddings, embed_dim), dtype=dtype)
 

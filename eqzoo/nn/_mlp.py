@@ -5,7 +5,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_sizes
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear
 
@@ -31,6 +31,7 @@ class MLP(eqx.Module):
     ):
         """**Arguments:** `embed_dim`, `hidden_dim`, `use_bias`, `approximate_gelu` (the tanh
         form GPT-2 uses), init scales, parameter `dtype` and `key`."""
+        check_sizes("MLP", embed_dim=embed_dim, hidden_dim=hidden_dim)
         k1, k2 = jax.random.split(key)
         out_std = init_std if out_init_std is None else out_init_std
         self.up = init_linear(embed_dim, hidden_dim, use_bias=use_bias, std=init_std, dtype=dtype, key=k1)
@@ -82,6 +83,7 @@ class SwiGLU(eqx.Module):
         `GLU_ACTIVATIONS`: `"silu"`, `"gelu_tanh"`, `"gelu"`), init scales, `dtype`, `key`."""
         if activation not in GLU_ACTIVATIONS:
             raise ConfigError(f"SwiGLU: activation must be one of {GLU_ACTIVATIONS}, got {activation!r}.")
+        check_sizes("SwiGLU", embed_dim=embed_dim, hidden_dim=hidden_dim)
         self.activation = activation
         k1, k2, k3 = jax.random.split(key, 3)
         out_std = init_std if out_init_std is None else out_init_std

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from .._errors import check_last_axis, check_sizes
+
 
 def _as_float32(x: Array) -> Array:
     # At least float32 (float64 stays). Not `jnp.promote_types`: under strict dtype promotion it
@@ -35,6 +37,7 @@ class RMSNorm(eqx.Module):
           starts at `1 - offset`, so a new norm scales by 1 either way.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
+        check_sizes("RMSNorm", dim=dim)
         # (1 - offset) * ones, not jnp.full(..., 1.0 - offset): a Python float fill with dtype=None
         # makes a weakly typed array, which turns strong after one update and recompiles the step
         self.weight = (1.0 - offset) * jnp.ones((dim,), dtype=dtype)
@@ -46,6 +49,7 @@ class RMSNorm(eqx.Module):
 
         **Returns:** the normalised array, same shape and dtype as `x`.
         """
+        check_last_axis("RMSNorm", x, self.weight.shape[-1])
         x32 = _as_float32(x)
         scale = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         weight = _as_float32(self.weight)
@@ -72,6 +76,7 @@ class LayerNorm(eqx.Module):
         - `use_bias`: whether to learn an additive bias.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
+        check_sizes("LayerNorm", dim=dim)
         self.weight = jnp.ones((dim,), dtype=dtype)
         self.bias = jnp.zeros((dim,), dtype=dtype) if use_bias else None
         self.eps = eps
@@ -81,6 +86,7 @@ class LayerNorm(eqx.Module):
 
         **Returns:** the normalised array, same shape and dtype as `x`.
         """
+        check_last_axis("LayerNorm", x, self.weight.shape[-1])
         x32 = _as_float32(x)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive_numbers, check_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,8 @@ class RotaryEmbedding(eqx.Module):
         - `theta`: base of the geometric sequence of wavelengths.
         - `scaling`: optional [`eqzoo.nn.RopeScaling`][].
         """
+        check_sizes("RotaryEmbedding", head_dim=head_dim)
+        check_positive_numbers("RotaryEmbedding", theta=theta)
         if head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {head_dim}.")
         self.head_dim = head_dim

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_sizes
 from .._typing import PRNGKey
 from ._fields import with_fields
 
@@ -105,8 +105,7 @@ class Stacked(eqx.Module, Generic[M]):
           whichever `SCAN_DEFAULTS` records as faster on the backend at trace time.
         - `key`: a PRNG key.
         """
-        if num_layers < 1:
-            raise ConfigError(f"Stacked needs num_layers >= 1, got {num_layers}.")
+        check_sizes("Stacked", num_layers=num_layers)
         remat_policy(remat)  # validate
         resolve_scan(scan, "cpu")  # validate
         keys = jax.random.split(key, num_layers)

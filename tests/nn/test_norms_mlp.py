@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eqzoo import nn
+from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.nn import MLP, ConvBlock, Embedding, LayerNorm, ResidualBlock, RMSNorm, SwiGLU
 
 LAYER_TOL = 1e-5  # fp32, single layers
@@ -134,3 +136,41 @@ def test_conv_blocks_under_named_vmap():
     assert bool(jnp.all(out >= 0))  # ends in a ReLU
     # training mode updated the running statistics
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(res_state), jax.tree.leaves(new_state), strict=True))
+
+
+K = jax.random.key(0)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: nn.Attention(64, -4, key=K), "Attention: num_heads must be a positive integer; got num_heads=-4"),
+        (lambda: nn.Attention(64, 4, head_dim=0, key=K), "Attention: head_dim must be a positive integer"),
+        (lambda: nn.Attention(64, 4, num_kv_heads=-2, key=K), "Attention: num_kv_heads must be a positive integer"),
+        (lambda: nn.Attention(64, 4, rope_theta=0.0, key=K), r"Attention: rope_theta must be a positive number; got rope_theta=0\.0"),
+        (lambda: nn.RotaryEmbedding(8, theta=-1.0), "RotaryEmbedding: theta must be a positive number"),
+        (lambda: nn.SwiGLU(64, -1, key=K), "SwiGLU: hidden_dim must be a positive integer"),
+        (lambda: nn.MLP(64, -3, key=K), "MLP: hidden_dim must be a positive integer"),
+        (lambda: nn.Embedding(-5, 64, key=K), "Embedding: num_embeddings must be a positive integer"),
+        (lambda: nn.RMSNorm(0), "RMSNorm: dim must be a positive integer; got dim=0"),
+        (lambda: nn.LayerNorm(-1), "LayerNorm: dim must be a positive integer"),
+        (lambda: nn.Stacked(lambda k: nn.RMSNorm(4), 2.0, key=K), r"Stacked: num_layers must be a positive integer; got num_layers=2\.0"),
+    ],
+)
+def test_layer_sizes_are_checked_when_built(build, match, unchecked):
+    # These failed later, deep inside JAX (an MLIR "Invalid type", a reshape, a NaN rotary base).
+    with unchecked(), pytest.raises(ConfigError, match=match):
+        build()
+
+
+def test_layers_check_the_width_and_dtype_of_their_input(unchecked):
+    attn = nn.Attention(64, 4, key=K)
+    with unchecked():  # without the annotations: a size-1 axis broadcast, integers were cast
+        with pytest.raises(ShapeError, match=r"RMSNorm takes inputs whose last axis has 64 entries; got shape \(8, 1\)"):
+            nn.RMSNorm(64)(jnp.ones((8, 1)))
+        with pytest.raises(ShapeError, match="LayerNorm takes floating-point inputs; got dtype int32"):
+            nn.LayerNorm(64)(jnp.ones((8, 64), jnp.int32))
+        with pytest.raises(ShapeError, match=r"Attention takes inputs whose last axis has 64 entries; got shape \(8, 32\)"):
+            attn(jnp.ones((8, 32)))
+        with pytest.raises(ShapeError, match="Attention takes floating-point inputs; got dtype int32"):
+            attn(jnp.ones((8, 64), jnp.int32))

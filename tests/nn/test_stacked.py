@@ -119,7 +119,7 @@ def test_remat_is_applied_only_when_asked():
 def test_stacked_config_errors():
     with pytest.raises(ConfigError, match=r"unknown remat policy 'most'; choose one of \['dots'"):
         remat_policy("most")
-    with pytest.raises(ConfigError, match="num_layers >= 1, got 0"):
+    with pytest.raises(ConfigError, match="Stacked: num_layers must be a positive integer; got num_layers=0"):
         Stacked(_block, 0, key=jax.random.key(0))
 
 
