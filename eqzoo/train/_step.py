@@ -17,7 +17,7 @@ from ._state import StateParts, TrainState
 LossFn = Callable[..., Any]
 
 
-def _split_loss(out: Any, stateful: bool) -> tuple[jax.Array, Any, dict]:
+def _split_loss(out: Any, stateful: bool) -> tuple[Any, Any, dict]:  # the loss is checked after
     """Normalise a loss function's return value to `(loss, model_state, aux)`."""
     if stateful:
         if not isinstance(out, tuple) or len(out) not in (2, 3):
@@ -34,9 +34,14 @@ def _split_loss(out: Any, stateful: bool) -> tuple[jax.Array, Any, dict]:
 
 
 def _check_scalar_loss(loss):
-    if not (hasattr(loss, "shape") and loss.shape == ()):
+    if not hasattr(loss, "shape"):  # a Python number does not depend on the parameters
         raise ShapeError(
-            f"loss_fn must return a scalar loss; got shape {shape_str(getattr(loss, 'shape', ()))}. "
+            f"loss_fn must return a JAX scalar computed from the model; got a {type(loss).__name__} "
+            f"({loss!r}), which no gradient can flow through (a float(...) or .item() inside the loss?)."
+        )
+    if loss.shape != ():
+        raise ShapeError(
+            f"loss_fn must return a scalar loss; got shape {shape_str(loss.shape)}. "
             "Reduce it with jnp.mean."
         )
 

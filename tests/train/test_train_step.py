@@ -242,6 +242,9 @@ def test_non_scalar_loss_is_rejected(mlp):
     step = train.make_train_step(per_example_loss, optimizer)
     with pytest.raises(ShapeError, match=r"scalar loss; got shape \(8,\)\. Reduce it with jnp\.mean"):
         step(state, _mlp_batch())
+    constant = train.make_train_step(lambda model, batch, key: 1.0, optimizer)
+    with pytest.raises(ShapeError, match=r"a JAX scalar computed from the model; got a float \(1\.0\)"):
+        constant(state, _mlp_batch())
 
 
 def test_eval_step_matches_loss(mlp):
