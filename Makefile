@@ -21,8 +21,8 @@ train: install
 test: install
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
-	$(BIN)/python scripts/run_examples.py --smoke
-	$(BIN)/python scripts/run_benchmarks.py
+	$(BIN)/python scripts/run_examples.py --smoke --skip-tested --jobs 2
+	$(BIN)/python scripts/run_benchmarks.py --jobs 2
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir .site
 
 lint: install

@@ -127,6 +127,8 @@ def main(argv=None) -> dict:
                              flops_per_token=config.flops_per_token(args.seq),
                              peak_tflops=args.peak_tflops, losses=losses),
         "compile_s": compile_s,
+        # executables the step built over warmup and timed steps: 1 unless something recompiled
+        "step_compilations": step.num_compilations,
         "peak_memory_gib": peak,
         "peak_memory_source": peak_source,
     }

@@ -16,11 +16,13 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="only these benchmarks (file stems)")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="seconds before a benchmark is killed and counted as failed")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="benchmarks run at the same time (their smoke figures are not checked)")
     args = parser.parse_args()
     scripts = sorted(s for s in (ROOT / "benchmarks").glob("*.py") if not s.name.startswith("_"))
     if args.names:
         scripts = [s for s in scripts if s.stem in args.names]
-    return run_scripts(scripts, ["--smoke", "--json"], noun="benchmarks", timeout=args.timeout)
+    return run_scripts(scripts, ["--smoke", "--json"], noun="benchmarks", timeout=args.timeout, jobs=args.jobs)
 
 
 if __name__ == "__main__":

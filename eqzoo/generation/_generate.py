@@ -15,7 +15,14 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
-from ._sampling import check_sampling, check_stop_tokens, draw, is_eos, traced_settings
+from ._sampling import (
+    check_sampling,
+    check_stop_tokens,
+    draw,
+    is_eos,
+    traced_settings,
+    traced_stop_tokens,
+)
 
 
 def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False):
@@ -309,8 +316,8 @@ def generate_batch(
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
         max_new_tokens=max_new_tokens, **loop_settings(temperature, top_k, top_p),
-        eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
-        unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
+        **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
+        use_cache=use_cache, unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )
 
@@ -344,7 +351,8 @@ def generate(
     - `max_new_tokens`: how many tokens to generate.
     - `key`: PRNG key for sampling (unused when greedy).
     - `temperature`: 0 (default) is greedy decoding; higher is more random.
-    - `top_k`, `top_p`: optional top-k / nucleus filtering.
+    - `top_k`, `top_p`: optional top-k / nucleus filtering when sampling (greedy decoding
+      ignores them); tokens tied with the `k`-th most likely are kept too.
     - `eos_token`: stop token id (or a sequence of them); after it the output is `pad_token`,
       and decoding stops.
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).

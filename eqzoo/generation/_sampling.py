@@ -38,6 +38,8 @@ def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tupl
             raise ConfigError(f"{where}: {what} must be an integer token id, got {x!r}.") from None
 
     pad = as_id(pad_token, "pad_token")
+    if not -(2**31) <= pad < 2**31:
+        raise ConfigError(f"{where}: pad_token must fit in int32 (the tokens' dtype); got {pad}.")
     if eos_token is None:
         return None, pad
     ids = tuple(as_id(e, "each eos_token") for e in eos_token) if isinstance(eos_token, list | tuple) else (as_id(eos_token, "eos_token"),)
@@ -52,12 +54,17 @@ def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tupl
     return ids, pad
 
 
-def is_eos(tokens: Array, eos: tuple[int, ...]) -> Array:
-    """Where `tokens` is one of the stop tokens `eos`."""
-    hit = tokens == eos[0]
-    for e in eos[1:]:
-        hit = hit | (tokens == e)
-    return hit
+def traced_stop_tokens(eos: tuple[int, ...] | None, pad: int) -> tuple[Array | None, Array]:
+    """`check_stop_tokens`'s values as a decode loop takes them: int32 arrays, which a compiled
+    loop reads as arguments (other stop or pad ids compile nothing new; only the number of
+    stop ids is part of the program). `None` (no stop token) stays static."""
+    return (None if eos is None else jnp.asarray(eos, jnp.int32)), jnp.asarray(pad, jnp.int32)
+
+
+def is_eos(tokens: Array, eos: Array | tuple[int, ...]) -> Array:
+    """Where `tokens` is one of the stop tokens `eos` (a `(n,)` array or a tuple of ids)."""
+    eos = jnp.asarray(eos, jnp.int32)
+    return jnp.any(tokens[..., None] == eos, axis=-1)
 
 
 def sample_logits(

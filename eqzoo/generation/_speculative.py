@@ -56,7 +56,14 @@ from ._generate import (
     prompt_lengths,
     resolve_unroll,
 )
-from ._sampling import check_sampling, check_stop_tokens, draw, filter_logits, is_eos
+from ._sampling import (
+    check_sampling,
+    check_stop_tokens,
+    draw,
+    filter_logits,
+    is_eos,
+    traced_stop_tokens,
+)
 
 
 def _dropless(model):
@@ -338,7 +345,8 @@ def generate_speculative(
     keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
     out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
-        num_draft=num_draft, eos_token=eos_token, pad_token=pad_token, unroll_layers=resolve_unroll(unroll_layers),
+        num_draft=num_draft, unroll_layers=resolve_unroll(unroll_layers),
+        **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         **loop_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )

@@ -259,6 +259,14 @@ def test_sampling_settings_are_arguments_of_the_compiled_loop(llama):
     assert _generate_batch_jit._cached._cache_size() == before
     greedy = eqzoo.generate(llama, PROMPT, max_new_tokens=3)
     np.testing.assert_array_equal(outs[-1], greedy)  # and the traced values are the ones used
+    # so are the stop and pad ids (only how many stop ids there are is part of the program)
+    stop = int(greedy[6])
+    first = eqzoo.generate(llama, PROMPT, max_new_tokens=3, eos_token=[stop, 1], pad_token=7)
+    before = _generate_batch_jit._cached._cache_size()
+    other = eqzoo.generate(llama, PROMPT, max_new_tokens=3, eos_token=[int(greedy[5]), 2], pad_token=9)
+    assert _generate_batch_jit._cached._cache_size() == before
+    np.testing.assert_array_equal(first, greedy.at[7].set(7))  # stopped at the stop id, padded
+    np.testing.assert_array_equal(other, greedy.at[6:].set(9))
 
 
 def test_generation_errors(llama):
