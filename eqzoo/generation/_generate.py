@@ -194,6 +194,12 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
 def as_prompts(prompts, who: str) -> Array:
     """`prompts` as an array; prompts of different lengths (a ragged list) get a message that
     says how to batch them."""
+    if isinstance(prompts, dict) or hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding, say
+        raise ShapeError(
+            f"{who}: prompts must be token ids, an integer array; got a {type(prompts).__name__} with keys "
+            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids', with the real lengths "
+            "from its attention mask as `lengths`)."
+        )
     try:
         return jnp.asarray(prompts)
     except (TypeError, ValueError) as err:

@@ -284,6 +284,8 @@ def test_generation_errors(llama):
     )
     with pytest.raises(ShapeError, match=r"prompts do not form one array .*Right-pad prompts of different lengths"):
         generate_batch(llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
+    with pytest.raises(ShapeError, match=r"prompts must be token ids, an integer array; got a dict with keys \['attention_mask', 'input_ids'\]"):
+        generate_batch(llama, {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}, max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=0.7)
     with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 0"):
