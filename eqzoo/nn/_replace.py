@@ -106,6 +106,42 @@ def replace_linears(
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
+EXPERT_FIELDS = ("gate_proj", "up_proj", "down_proj")  # a MoE layer's expert arrays, as targets see them
+
+
+def split_expert_targets(model, targets: Targets, *, what: str) -> tuple[Targets, bool, bool]:
+    """Which linear layers and whether the expert weights `targets` selects, for the functions
+    that treat a mixture-of-experts layer's expert arrays beside its linear layers (quantize,
+    LoRA): an expert array counts as the path `<MoE layer path>.gate_proj` (and `up_proj`,
+    `down_proj`), so `"mlp"` or `"gate_proj"` reaches a Mixtral's experts, not only its router.
+
+    **Returns:** `(linear_targets, experts, linears)`: the targets to pass on for linear layers
+    (the patterns that match one), whether some pattern matches an expert array, and whether
+    any linear layer is to be touched. `targets=None` gives `(None, False, True)`.
+
+    **Raises:** `ConfigError` for a pattern that matches neither (naming the paths there are).
+    """
+    compiled = _compile_targets(targets, what)
+    if compiled is None:
+        return None, False, True
+    from ._moe import MoE  # here: _moe imports this package's linear helpers
+
+    moe_paths = [_path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, MoE))[0] if isinstance(x, MoE)]
+    expert_paths = [f"{p}.{f}" for p in moe_paths for f in EXPERT_FIELDS]
+    linear = linear_paths(model)
+    on_linear = [c.pattern for c in compiled if any(c.search(p) for p in linear)]
+    on_experts = [c.pattern for c in compiled if any(c.search(p) for p in expert_paths)]
+    unused = [c.pattern for c in compiled if c.pattern not in on_linear and c.pattern not in on_experts]
+    if unused and not expert_paths:  # the plain message, with its Hugging Face name hints
+        replace_linears(model, lambda path, x: x, targets=unused, kinds=(eqx.nn.Linear, AbstractLinear), what=what)
+    if unused:
+        raise ConfigError(
+            f"{what}: target(s) {unused} match no linear layer and no expert weights; the model's linear "
+            f"layers are {linear or 'none'}" + (f" and its expert weights {expert_paths}" if expert_paths else "") + "."
+        )
+    return (on_linear or None), bool(on_experts), bool(on_linear)
+
+
 def select_linears(model, targets: Targets = None, *, what: str = "select_linears") -> list[tuple[str, eqx.Module]]:
     """`(path, layer)` of every linear layer `targets` selects (of any kind: `equinox.nn.Linear`
     or [`eqzoo.nn.AbstractLinear`][]), outermost only, in tree order; nothing is changed.

@@ -27,7 +27,7 @@ from ..nn import (
     weight_take,
     weight_value,
 )
-from ..nn._replace import _compile_targets
+from ..nn._replace import _compile_targets, split_expert_targets
 from ..sharding import path_str
 
 
@@ -245,18 +245,22 @@ def lora(
       `alpha / rank = 1`.
     - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every linear layer (as QLoRA
       recommends), or regexes searched in the dotted paths that
-      [`eqzoo.nn.linear_paths`][] lists, e.g. `"q_proj|v_proj"` or `r"attn\\."`.
+      [`eqzoo.nn.linear_paths`][] lists, e.g. `"q_proj|v_proj"` or `r"attn\\."`. A
+      mixture-of-experts layer's expert arrays count as the paths `<layer>.gate_proj`,
+      `<layer>.up_proj` and `<layer>.down_proj`, adapted together (so `"mlp"` reaches a Mixtral's experts and its
+      router).
     - `experts`: also adapt the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
       arrays, not linear layers: most of a Mixtral's parameters), one low-rank pair per
-      expert. `None` (default): when `targets` is `None` (adapt everything), not when
-      `targets` names layers.
+      expert. `None` (default): when `targets` is `None` (adapt everything) or matches an
+      expert array's path.
     - `key`: split into one key per adapted layer (stacked layers draw one factor per depth).
 
     **Returns:** the adapted model. **Raises:** `ConfigError` for a bad rank, a target that
     matches no linear layer, or a target layer that already has an adapter.
     """
     kinds = (eqx.nn.Linear, AbstractLinear)
-    selected = select_linears(model, targets, what="lora")
+    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="lora")
+    selected = select_linears(model, linear_targets, what="lora") if linears else []
     already = [path for path, layer in selected if isinstance(layer, LoRALinear)]
     if already:
         raise ConfigError(
@@ -270,9 +274,9 @@ def lora(
     def adapt(path, layer):
         return LoRALinear(layer, **options, key=next(keys))
 
-    out = replace_linears(model, adapt, targets=targets, kinds=kinds, what="lora")
-    if experts is None:  # with everything adapted, and only where there are experts
-        experts = targets is None and any(_is_moe(x) for x in jax.tree.leaves(out, is_leaf=_is_moe))
+    out = replace_linears(model, adapt, targets=linear_targets, kinds=kinds, what="lora") if linears else model
+    if experts is None:  # with everything adapted, or targets that name expert weights
+        experts = (targets is None or hits_experts) and any(_is_moe(x) for x in jax.tree.leaves(out, is_leaf=_is_moe))
     return _adapt_experts(out, options, expert_key) if experts else out
 
 

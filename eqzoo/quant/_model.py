@@ -14,6 +14,7 @@ from ..nn import (
     replace_linears,
     select_linears,
 )
+from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear
 from ._weight import QuantizedWeight
@@ -47,19 +48,36 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
     - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every float linear layer
       but the routers of mixture-of-experts layers (small, and a rounded router can change
       which experts a token picks), or regexes searched in the dotted paths
-      [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`.
+      [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`. A mixture-of-experts layer's expert
+      arrays count as the paths `<layer>.gate_proj`, `<layer>.up_proj` and `<layer>.down_proj`
+      (so `"mlp"` reaches a Mixtral's experts, all three arrays together); its router is quantized only when a target
+      names `"router"`.
     - `experts`: also quantize the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
       arrays, not linear layers) into [`eqzoo.quant.QuantizedWeight`][]s, one scale per
       expert and output column; they are most of a Mixtral's parameters. `None` (default):
-      when `targets` is `None` (quantize everything), not when `targets` names layers.
+      when `targets` is `None` (quantize everything) or matches an expert array's path.
 
     **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
     the model is already quantized, or if a selected weight is not floating point.
     """
-    selected = select_linears(model, targets, what="quantize")
+    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="quantize")
+    if experts is None:
+        experts = targets is None or hits_experts
+    # A router is quantized only when a target names it: a rounded router can change which
+    # experts a token picks ("mlp" on a Mixtral means its experts, not its router).
+    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
+
+    def skipped(path):
+        return path.split(".")[-1] == "router" and not names_router
+
+    if not linears:  # the targets name expert weights only
+        return _quantize_experts(model, refuse_quantized=True)
+    selected = select_linears(model, linear_targets, what="quantize")
     already = [p for p, x in selected if isinstance(x, QuantizedLinear)]
-    todo = [p for p, x in selected if isinstance(x, eqx.nn.Linear | FakeQuantLinear)]
+    todo = [p for p, x in selected if isinstance(x, eqx.nn.Linear | FakeQuantLinear) and not skipped(p)]
+    if not todo and experts and hits_experts:  # "mlp" on a Mixtral: its router, left float, and its experts
+        return _quantize_experts(model, refuse_quantized=True)
     if already and (targets is not None or not todo):
         raise ConfigError(
             f"quantize: {already} are already quantized (int8); quantizing twice would only lose "
@@ -77,7 +95,7 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
         )
 
     def one(path, layer):
-        if targets is None and path.split(".")[-1] == "router":
+        if skipped(path):
             return layer
         base = layer.base if isinstance(layer, FakeQuantLinear) else layer
         if not jnp.issubdtype(base.weight.dtype, jnp.floating):
@@ -87,9 +105,7 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
             )
         return QuantizedLinear(base)
 
-    out = replace_linears(model, one, targets=targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
-    if experts is None:
-        experts = targets is None
+    out = replace_linears(model, one, targets=linear_targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
     return _quantize_experts(out) if experts else out
 
 
@@ -97,8 +113,15 @@ def _is_moe(x) -> bool:
     return isinstance(x, MoE)
 
 
-def _quantize_experts(model):
-    """Every float expert array of every MoE layer as a `QuantizedWeight`."""
+def _quantize_experts(model, *, refuse_quantized: bool = False):
+    """Every float expert array of every MoE layer as a `QuantizedWeight`; with
+    `refuse_quantized` (the targets named only experts), `ConfigError` when none is float."""
+    moes = [x for x in jax.tree.leaves(model, is_leaf=_is_moe) if _is_moe(x)]
+    if refuse_quantized and moes and all(isinstance(getattr(m, n), QuantizedWeight) for m in moes for n in EXPERT_FIELDS):
+        raise ConfigError(
+            "quantize: the targeted expert weights are already quantized (int8); quantizing twice would only "
+            "lose precision. Call eqzoo.quant.dequantize first."
+        )
 
     def one(layer):
         if not _is_moe(layer):

@@ -478,3 +478,25 @@ def test_hf_export_refuses_int8_experts(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     with pytest.raises(hf.HFFormatError, match=r"blocks\.layers\.mlp\.gate_proj \(QuantizedWeight\).*eqzoo\.quant\.dequantize"):
         hf.save_pretrained(quant.quantize(_mixtral(), targets="attn", experts=True), tmp_path / "bad")
+
+
+def test_targets_that_name_a_mixture_of_experts_layer_reach_its_experts():
+    # "mlp" on a Mixtral quantized (or adapted) only its router, the opposite of what it means.
+    from eqzoo import peft
+
+    model = eqzoo.models.create("tiny-mixtral", key=jax.random.key(0))
+    moe = quant.quantize(model, targets="mlp").blocks.layers.mlp
+    assert isinstance(moe.gate_proj, quant.QuantizedWeight) and isinstance(moe.down_proj, quant.QuantizedWeight)
+    assert isinstance(moe.router, eqx.nn.Linear)  # routers stay float unless named
+    assert isinstance(quant.quantize(model, targets="router").blocks.layers.mlp.router, quant.QuantizedLinear)
+    experts_only = quant.quantize(model, targets="up_proj")
+    assert isinstance(experts_only.blocks.layers.attn.q_proj, eqx.nn.Linear)
+    assert isinstance(experts_only.blocks.layers.mlp.up_proj, quant.QuantizedWeight)
+    with pytest.raises(ConfigError, match="targeted expert weights are already quantized"):
+        quant.quantize(experts_only, targets="mlp")
+    with pytest.raises(ConfigError, match=r"are already quantized"):
+        quant.quantize(quant.quantize(model))  # the float routers left alone do not hide it
+    with pytest.raises(ConfigError, match=r"match no linear layer and no expert weights; .* its expert weights \['blocks\.layers\.mlp\.gate_proj'"):
+        quant.quantize(model, targets="ffn")
+    adapted = peft.lora(model, rank=2, targets="mlp", key=jax.random.key(1)).blocks.layers.mlp
+    assert isinstance(adapted.router, peft.LoRALinear) and isinstance(adapted.gate_proj, peft.LoRAWeight)
