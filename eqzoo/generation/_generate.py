@@ -164,7 +164,12 @@ def check_key(key, who: str) -> None:
         return
     dtype = getattr(key, "dtype", None)
     typed = dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and key.shape == ()
-    legacy = dtype == jnp.uint32 and getattr(key, "shape", None) == (2,)
+    legacy = dtype == jnp.uint32 and len(getattr(key, "shape", ())) == 1  # threefry (2,), rbg (4,)
+    if legacy:
+        try:
+            jax.random.wrap_key_data(key)  # the default PRNG implementation's key shape
+        except (TypeError, ValueError):
+            legacy = False
     if not (typed or legacy):
         raise ConfigError(f"{who}: key must be one PRNG key, jax.random.key(seed); got {key!r}.")
 
@@ -214,8 +219,8 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
 
     Always: `lengths` has shape `(batch,)`. When the values are concrete (read back once, on
     the host): each length is in `[1, seq]`, and every real prompt token (padding past each
-    length may hold anything) is in `[0, vocab_size)`, since the embedding lookup would clamp
-    an id outside to another token without a word.
+    length may hold anything) is in `[0, vocab_size)`: the embedding lookup would read NaN for
+    an id past the vocabulary and another token's row for a negative one, without a word.
     """
     batch, seq = prompts.shape
     if lengths is not None and not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
@@ -225,6 +230,8 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
         raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
     if isinstance(prompts, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
         return lengths
+    if not all(getattr(a, "is_fully_addressable", True) for a in (prompts, lengths)):
+        return lengths  # spread over processes: this one cannot read them all
     host_lengths = np.asarray(lengths)
     if (host_lengths < 1).any() or (host_lengths > seq).any():
         raise ShapeError(f"each prompt length must be in [1, {seq}]; got {host_lengths.tolist()}.")
@@ -288,9 +295,9 @@ def generate_batch(
       position before the token, to rounding; with a narrower `cache_dtype` it includes that
       cache's rounding, as the tokens do.
 
-    The loop is compiled once per prompt shape, `max_new_tokens`, stop and pad tokens, `top_k`
-    and whether it samples at all: a new `temperature` or `top_p` (per request, say) reuses
-    the compiled program. Padding past each row's length may hold any id, even one outside
+    The loop is compiled once per prompt shape, `max_new_tokens`, number of stop tokens, `top_k`,
+    whether it samples at all and whether it filters by `top_p`: a new `temperature`, `top_p`
+    value, stop or pad id (per request, say) reuses the compiled program. Padding past each row's length may hold any id, even one outside
     the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when

@@ -1,6 +1,7 @@
 """`fit`: the thin loop around a compiled train step — logging, evaluation, callbacks."""
 
 import dataclasses
+import operator
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -92,7 +93,8 @@ def fit(
       last log) and `train/steps_per_s` (training steps per second over that window, not
       counting evaluation, loggers and callbacks; checkpoint saves count, as the time they
       take from training).
-    - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`.
+    - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`; one with a
+      `begin(step)` method is told first the step training starts from.
     - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
       -> bool` and `should_stop() -> bool`, called after every step (see
@@ -106,7 +108,13 @@ def fit(
     for name, value, least in (("num_steps", num_steps, 0), ("log_every", log_every, 1), ("eval_every", eval_every, 1)):
         if value is None and name == "eval_every":
             continue
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            number = operator.index(value)  # ints, NumPy integers, integer 0-d arrays
+        except TypeError:
+            number = None
+        if number is None or number < least:
             raise ConfigError(f"fit: {name} must be an integer >= {least}; got {value!r}.")
     if (eval_step is None) != (eval_batches is None):
         raise ConfigError("pass eval_step and eval_batches together (or neither).")
@@ -124,6 +132,9 @@ def fit(
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)
     step = first_step = int(state.step)
+    for logger in loggers:
+        if callable(getattr(logger, "begin", None)):
+            logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
     history: list[dict[str, float]] = []
     pending: list[dict[str, jax.Array]] = []
     stopped = out_of_data = False

@@ -2,13 +2,14 @@
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Protocol, TextIO, runtime_checkable
 
-from .._errors import require
+from .._errors import require, user_stacklevel
 
 
 @runtime_checkable
@@ -25,10 +26,15 @@ class JSONLLogger:
 
     Each line is flushed as it is written, so a killed run keeps everything logged before.
 
-    A run resumed from a checkpoint appends to the same file. It repeats the steps logged after
-    that checkpoint, so on its first log the records from that step on are dropped (with a
-    warning naming how many): the file stays one history with each step once. A file that
-    cannot be read as JSON lines is never rewritten; its new lines are appended.
+    A run resumed from a checkpoint appends to the file of the run it resumes, and runs the
+    steps after that checkpoint again. [`eqzoo.train.fit`][] tells the logger the step it starts
+    from (`begin`), and the records the file already holds past that step are cut off (with a
+    warning saying how many), as is a last line cut short by a kill: the file stays one history
+    with each step once. A fresh run (step 0) on an old file keeps none of it. Only what the
+    file held when the logger opened it is considered, and the file is truncated in place, so
+    another logger appending to it is not disturbed. A file that is not a log of this class (a
+    line that is not a JSON object with an integer `"step"`) is never cut; its new lines are
+    appended.
     """
 
     def __init__(self, path: str | Path):
@@ -36,7 +42,15 @@ class JSONLLogger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a")
+        self._held = self._file.tell()  # bytes an earlier run wrote: the only ones ever cut
         self._first = True
+
+    def begin(self, step: int) -> None:
+        """The run starts after `step` (a resumed state's step, or 0): records of later steps
+        that the file already holds are cut off. [`eqzoo.train.fit`][] calls it; without it,
+        the first `log` cuts from its own step."""
+        self._first = False
+        self._rewind(int(step) + 1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Write one line."""
@@ -52,38 +66,44 @@ class JSONLLogger:
         self._file.close()
 
     def _rewind(self, step: int) -> None:
-        """Drop the records of steps `>= step` that an earlier run wrote (see the class doc)."""
-        if self.path.stat().st_size == 0:
+        """Cut the records of steps `>= step` that the file held when opened (see the class doc)."""
+        if not self._held:
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        torn = not lines[-1].endswith("\n")  # a run killed mid-write: its last line is cut short
-        steps, cut = [], False
+        with self.path.open("rb") as f:
+            lines = f.read(self._held).splitlines(keepends=True)
+        offset, cut_at, repeated = 0, None, 0
         for i, line in enumerate(lines):
-            try:
-                steps.append(int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                if not (torn and i == len(lines) - 1):
-                    return  # not a log this class wrote: never rewritten
-                steps.append(step)  # the cut-short line is dropped with the repeated ones
-                cut = True
-        keep = [line for line, s in zip(lines, steps, strict=True) if s < step]
-        if torn and keep and keep[-1] is lines[-1]:
-            keep[-1] += "\n"  # a whole record that lost only its newline
-        if keep == lines:
+            last = i == len(lines) - 1
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                    s = record["step"]
+                    if isinstance(s, bool) or not isinstance(s, int):
+                        raise TypeError
+                except (ValueError, KeyError, TypeError):
+                    if not (last and not line.endswith(b"\n") and line.startswith(b'{"step": ')):
+                        if not lines[-1].endswith(b"\n"):
+                            self._file.write("\n")  # appended to, never cut: on a line of its own
+                        return  # not a log this class wrote
+                    cut_at = offset if cut_at is None else cut_at
+                    break
+                if s >= step:
+                    cut_at = offset if cut_at is None else cut_at
+                    repeated += 1
+            offset += len(line)
+        if cut_at is None:
+            if lines and not lines[-1].endswith(b"\n"):
+                self._file.write("\n")  # a whole record that lost only its newline
             return
-        repeated = sum(s >= step for s in steps) - cut
         if repeated:
             warnings.warn(
-                f"JSONLLogger: {self.path} already holds {repeated} record(s) from step {step} on, "
-                f"which this run logs again (a resume from an earlier checkpoint); they are "
-                f"dropped. Use a new path to keep an unrelated run's log.",
-                stacklevel=3,
+                f"JSONLLogger: {self.path} already holds {repeated} record(s) from step {step} on, which this "
+                f"run logs again (it resumes from an earlier checkpoint, or starts afresh); they are cut off. "
+                f"Use a new path to keep an unrelated run's log.",
+                stacklevel=user_stacklevel(),
             )
-        self._file.close()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        tmp.replace(self.path)  # atomic: a crash here leaves the old or the new file, whole
-        self._file = self.path.open("a")
+        self._file.flush()
+        os.truncate(self.path, cut_at)  # in place: the same file, for every handle and link to it
 
 
 def _json_float(v: Any) -> Any:

@@ -6,6 +6,7 @@ arrays and rebuilds the state in O(1) Python work, whatever the number of parame
 structured views (`state.model`, `state.opt_state`, ...) are rebuilt on access.
 """
 
+import warnings
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Int, PyTree
 
-from .._errors import ConfigError
+from .._errors import ConfigError, user_stacklevel
 from .._typing import PRNGKey
 from ._precision import DynamicLossScale, Precision, check_precision
 
@@ -102,6 +103,15 @@ class TrainState(eqx.Module):
         if precision is not None:
             check_precision(precision, "TrainState.create")
             params, frozen = eqx.partition(model, trainable)
+            want = jnp.dtype(precision.param_dtype)
+            wider = {x.dtype.name for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < want.itemsize}
+            if wider:
+                warnings.warn(
+                    f"TrainState.create: the trainable {sorted(wider)} parameters are cast to {want.name}, "
+                    f"precision.param_dtype (master weights: their memory and the optimizer's grow with "
+                    f"it). To keep them as they are, pass Precision(param_dtype={sorted(wider)[0]!r}, ...).",
+                    stacklevel=user_stacklevel(),
+                )
             model = eqx.combine(precision.cast_to_param(params), frozen)
         params = eqx.filter(model, trainable)
         opt_state = optimizer.init(params)

@@ -299,6 +299,9 @@ def test_generation_errors(llama):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=2.5)
     with pytest.raises(ConfigError, match=r"key must be one PRNG key, jax\.random\.key\(seed\); got 0"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=0, temperature=1.0)
+    eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.PRNGKey(0), temperature=1.0)  # a legacy key
+    with pytest.raises(ConfigError, match="key must be one PRNG key"):  # not the default implementation's shape
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jnp.zeros((4,), jnp.uint32), temperature=1.0)
     with pytest.raises(ShapeError, match="lengths must be integers .*got dtype float32"):
         generate_batch(llama, jnp.stack([PROMPT, PROMPT]), jnp.array([3.7, 5.0]), max_new_tokens=2)
     with pytest.raises(ConfigError, match="generate needs an eqzoo language model .* as its first argument; got ArrayImpl"):

@@ -147,6 +147,8 @@ def test_fit_argument_errors(steps, unchecked):
         train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=list(eval_batches()))
     with pytest.raises(ConfigError, match=r"got one dict, whose iteration yields its keys"):
         train.fit(_state(), train_step, next(batches()), num_steps=1)
+    state = _state()
+    assert int(train.fit(state, train_step, batches(), num_steps=state.step + 1).state.step) == 1  # a JAX scalar
     with pytest.raises(ConfigError, match="evaluate got no batches"):
         train.evaluate(eval_step, _state(), [])
 
@@ -201,10 +203,32 @@ def test_jsonl_logger_keeps_each_step_once_across_a_resume(tmp_path):
     later.log(10, {"loss": 1.0})
     later.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4, 6, 8, 10]
-    # a file the logger did not write is never rewritten
-    other = tmp_path / "notes.jsonl"
-    other.write_text("free text\n")
-    foreign = train.JSONLLogger(other)
-    foreign.log(0, {"loss": 1.0})
-    foreign.close()
-    assert other.read_text().splitlines()[0] == "free text"
+    # fit's begin(step): a run resumed from step 4 cuts what came after; a fresh one (step 0)
+    # keeps nothing of an old run (its first log, at step 6, would have kept steps 2 and 4)
+    for start, kept in ((4, [2, 4]), (0, [])):
+        path.write_text("".join(json.dumps({"step": s, "loss": 0.0}) + "\n" for s in (2, 4, 6, 8)))
+        logger = train.JSONLLogger(path)
+        with pytest.warns(UserWarning, match=rf"holds {4 - len(kept)} record\(s\) from step {start + 1} on"):
+            logger.begin(start)
+        logger.log(6, {"loss": 1.0})
+        logger.close()
+        assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [*kept, 6]
+    # two loggers on one path: the second one's cut leaves the first one's new records alone
+    path.write_text("")
+    a, b = train.JSONLLogger(path), train.JSONLLogger(path)
+    a.log(10, {"loss": 1.0})
+    b.log(10, {"loss": 2.0})
+    a.log(20, {"loss": 1.0})
+    a.close()
+    b.close()
+    assert [json.loads(line)["loss"] for line in path.read_text().splitlines()] == [1.0, 2.0, 1.0]
+    # a file the logger did not write is never cut, even one whose last line has no newline
+    for text in ("free text\n", "notes without a newline", '{"step": 1}\n{"epoch": 3}'):
+        other = tmp_path / "notes.jsonl"
+        other.write_text(text)
+        foreign = train.JSONLLogger(other)
+        foreign.begin(0)
+        foreign.log(0, {"loss": 1.0})
+        foreign.close()
+        assert other.read_text().startswith(text.rstrip("\n") + "\n")
+        assert json.loads(other.read_text().splitlines()[-1]) == {"step": 0, "loss": 1.0}

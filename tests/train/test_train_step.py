@@ -172,6 +172,11 @@ def test_precision_param_dtype_is_the_trainable_parameters_dtype(mlp, unchecked)
     assert state.model.net.layers[0].weight.dtype == jnp.float32  # frozen: kept as it was
     assert {x.dtype for x in _arrays(state.model.net.layers[1:])} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in _arrays(state.opt_state) if x.ndim} == {jnp.dtype(jnp.bfloat16)}
+    # widening a bf16 model to float32 master weights doubles its memory: said, not silent
+    bf16_model = train.cast_floating(_fresh(mlp), jnp.dtype(jnp.bfloat16))
+    with pytest.warns(UserWarning, match=r"trainable \['bfloat16'\] parameters are cast to float32.*Precision\(param_dtype='bfloat16'"):
+        widened = train.TrainState.create(bf16_model, optimizer, key=jax.random.key(0), precision=train.Precision.bf16())
+    assert {x.dtype for x in _arrays(widened.model)} == {jnp.dtype(jnp.float32)}
     with unchecked():
         with pytest.raises(ConfigError, match=r"make_train_step: precision must be an eqzoo\.train\.Precision, e\.g\. Precision\.bf16\(\); got 'bf16'"):
             train.make_train_step(train.classification_loss, optimizer, precision="bf16")
