@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jaxtyping import Array, Int
 
 from .._errors import ConfigError
 from ._loggers import Logger
@@ -64,7 +65,7 @@ def fit(
     train_step: TrainStep,
     batches: Iterable[Any],
     *,
-    num_steps: int,
+    num_steps: int | Int[Array, ""],
     eval_step: EvalStep | None = None,
     eval_batches: Callable[[], Iterable[Any]] | None = None,
     eval_every: int | None = None,
