@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from .._errors import require
-from ._config import config_to_dict, is_config
+from ._config import config_to_dict, is_config, model_config
 from ._errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -21,6 +21,7 @@ from ._errors import (
     CheckpointNotFoundError,
     list_items,
 )
+from ._meta import config_differences
 from ._tree import is_array_like, is_key, leaf_names
 
 _SAFETENSORS_DTYPES = {
@@ -105,7 +106,7 @@ def save_weights(model: Any, path: str | os.PathLike, *, metadata: dict[str, str
         tmp.unlink(missing_ok=True)
 
 
-def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False) -> Any:
+def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allow_config_change: bool = False) -> Any:
     """Load a safetensors file written by [`eqzoo.checkpoint.save_weights`][] into the structure
     of `like`.
 
@@ -116,11 +117,14 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False) -> A
       and `ShapeDtypeStruct(..., sharding=...)`); otherwise arrays go to the first local device.
     - `path`: the `.safetensors` file.
     - `cast`: allow dtypes to differ and cast to `like`'s (e.g. fp32 weights into a bf16 model).
+    - `allow_config_change`: load even where `like`'s model config differs from the one the
+      file records (beyond [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]): a Mixtral's routing
+      (`experts_per_token`, say) or a rotary base changes the model without changing a shape.
 
     **Returns:** the model with the file's weights.
 
     **Raises:** `CheckpointNotFoundError` (no file), `CheckpointMismatchError` (names, shapes or
-    dtypes do not fit; lists each path), `CheckpointCorruptError` (unreadable file or a tensor
+    dtypes do not fit, or the recorded model config differs; lists each), `CheckpointCorruptError` (unreadable file or a tensor
     whose CRC-32 does not match).
     """
     safetensors = require("safetensors", "hf")
@@ -154,6 +158,19 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False) -> A
                 f"weights file {path} does not fit the model:\n" + list_items(problems)
                 + ("\nPass cast=True to convert dtypes." if not cast else "")
             )
+        # the arrays fit: is it the model they were saved from?
+        if not allow_config_change and "eqzoo.config" in header:
+            try:
+                saved = json.loads(header["eqzoo.config"])
+            except ValueError:
+                saved = None
+            differ = config_differences(saved, model_config(like), ("file", "model"))
+            if differ:
+                raise CheckpointMismatchError(
+                    f"weights file {path} was saved from a model whose config differs from this one's:\n"
+                    + list_items(differ)
+                    + "\nLoad it into a model built from the same config, or pass allow_config_change=True to do it on purpose."
+                )
         try:
             crcs = json.loads(header.get("eqzoo.crc32", "{}"))
         except ValueError:

@@ -105,7 +105,8 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
         ) from err
     adapters, rest = eqx.partition(model, spec)
     try:
-        loaded = load_weights(adapters, path, cast=cast)  # checks names, shapes, dtypes and CRCs
+        # checks names, shapes, dtypes and CRCs; the base config is compared below, with its own message
+        loaded = load_weights(adapters, path, cast=cast, allow_config_change=True)
     except CheckpointMismatchError as err:
         message = str(err)
         if "not in the file" in message or "not in the model" in message or _shape_differs(message):

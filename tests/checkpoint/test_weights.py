@@ -110,3 +110,17 @@ def test_params_sha256(model):
 
     by_hand = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))))
     assert by_hand.hexdigest() == digest
+
+
+def test_a_file_saved_from_another_config_of_the_same_shapes_is_refused(tmp_path):
+    # Routing that differs (experts per token) changes a Mixtral without changing a shape: it loaded.
+    model = models.create("tiny-mixtral", key=jax.random.key(0))
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(model, path)
+    other = models.create("tiny-mixtral", key=jax.random.key(1), experts_per_token=1)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)saved from a model whose config differs.*experts_per_token: file 2, model 1.*allow_config_change=True"):
+        checkpoint.load_weights(other, path)
+    loaded = checkpoint.load_weights(other, path, allow_config_change=True)
+    np.testing.assert_array_equal(loaded.embed.weight, model.embed.weight)
+    # how it runs may differ (RESTORE_MAY_CHANGE): another MoE implementation loads silently
+    checkpoint.load_weights(models.create("tiny-mixtral", key=jax.random.key(1), moe_implementation="dense"), path)
