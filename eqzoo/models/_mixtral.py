@@ -2,6 +2,7 @@
 feed-forward layers, each token routed to `experts_per_token` of `num_experts` SwiGLU experts."""
 
 import dataclasses
+import math
 from typing import get_args
 
 import equinox as eqx
@@ -91,13 +92,16 @@ class MixtralConfig:
                 f"num_experts={self.num_experts}; a token can use at most every expert once."
             )
         check_decoder("MixtralConfig", self)
-        if self.router_aux_loss_coef < 0 or self.router_z_loss_coef < 0:
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor"):
+            value = getattr(self, name)
+            least = ">" if name == "moe_capacity_factor" else ">="
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            if not (ok and (value > 0 if least == ">" else value >= 0)):
+                raise ConfigError(f"MixtralConfig: {name} must be a finite number {least} 0, got {value!r}.")
+        if not isinstance(self.normalize_router_weights, bool):
             raise ConfigError(
-                "MixtralConfig: router_aux_loss_coef and router_z_loss_coef must be >= 0, got "
-                f"{self.router_aux_loss_coef} and {self.router_z_loss_coef}."
+                f"MixtralConfig: normalize_router_weights must be True or False, got {self.normalize_router_weights!r}."
             )
-        if not self.moe_capacity_factor > 0:
-            raise ConfigError(f"MixtralConfig: moe_capacity_factor must be positive, got {self.moe_capacity_factor}.")
         if self.moe_implementation not in _MOE_IMPLEMENTATIONS:
             raise ConfigError(
                 f"MixtralConfig: moe_implementation must be one of {_MOE_IMPLEMENTATIONS}, got "

@@ -18,8 +18,8 @@ Two JAX facts shape this file:
   weights). Its batching rule sums the weight gradients over the batch, which is what the
   gradient of a batched loss needs, and why per-example weight gradients (`vmap` of `grad`,
   indistinguishable from inside the rule) come out summed. A batch of cotangents for one input
-  (`jax.jacrev`) is run one cotangent at a time instead. Forward-mode derivatives raise a
-  `ConfigError`.
+  (`jax.jacrev`) is run one cotangent at a time instead. Forward mode (`jax.jvp`) raises JAX's
+  own `TypeError` for a `custom_vjp` function; second derivatives a `ConfigError`.
 
 The residuals the backward pass keeps are in token order, so they are per token whatever batch
 they were computed in. Under an eqzoo mesh ([`eqzoo.sharding.activation_sharding`][]) the

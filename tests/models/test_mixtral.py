@@ -132,13 +132,18 @@ def test_active_parameters_and_flops():
     [
         ({"num_experts": 4, "experts_per_token": 5}, r"experts_per_token=5 exceeds num_experts=4"),
         ({"num_experts": 0}, r"these must be positive, got \{'num_experts': 0\}"),
-        ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef and router_z_loss_coef must be >= 0"),
+        ({"router_aux_loss_coef": -0.1}, r"router_aux_loss_coef must be a finite number >= 0, got -0\.1"),
+        ({"router_z_loss_coef": float("nan")}, r"router_z_loss_coef must be a finite number >= 0, got nan"),
         ({"moe_implementation": "sparse"}, r"moe_implementation must be one of \('dense', 'capacity', 'ragged'\), got 'sparse'"),
-        ({"moe_capacity_factor": 0.0}, r"moe_capacity_factor must be positive, got 0.0"),
+        ({"moe_capacity_factor": 0.0}, r"moe_capacity_factor must be a finite number > 0, got 0\.0"),
+        # these failed inside the forward pass (OverflowError, TypeError) or were read as truthy
+        ({"moe_capacity_factor": float("inf")}, r"moe_capacity_factor must be a finite number > 0, got inf"),
+        ({"moe_capacity_factor": "1.5"}, r"moe_capacity_factor must be a finite number > 0, got '1\.5'"),
+        ({"normalize_router_weights": "no"}, r"normalize_router_weights must be True or False, got 'no'"),
     ],
 )
-def test_config_errors(overrides, message):
-    with pytest.raises(ConfigError, match=message):
+def test_config_errors(overrides, message, unchecked):
+    with unchecked(), pytest.raises(ConfigError, match=message):  # eqzoo's own checks, as a user's run meets them
         models.get_config("tiny-mixtral", **overrides)
 
 
