@@ -124,8 +124,8 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
     **Returns:** the model with the file's weights.
 
     **Raises:** `CheckpointNotFoundError` (no file), `CheckpointMismatchError` (names, shapes or
-    dtypes do not fit, or the recorded model config differs; lists each), `CheckpointCorruptError` (unreadable file or a tensor
-    whose CRC-32 does not match).
+    dtypes do not fit, or the recorded model config differs; lists each),
+    `CheckpointCorruptError` (unreadable file or a tensor whose CRC-32 does not match).
     """
     safetensors = require("safetensors", "hf")
     if isinstance(like, str) or is_config(like):

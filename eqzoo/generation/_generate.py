@@ -295,10 +295,10 @@ def generate_batch(
       position before the token, to rounding; with a narrower `cache_dtype` it includes that
       cache's rounding, as the tokens do.
 
-    The loop is compiled once per prompt shape, `max_new_tokens`, number of stop tokens, `top_k`,
-    whether it samples at all and whether it filters by `top_p`: a new `temperature`, `top_p`
-    value, stop or pad id (per request, say) reuses the compiled program. Padding past each row's length may hold any id, even one outside
-    the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
+    The loop is compiled once per prompt shape, `max_new_tokens`, number of stop tokens,
+    `top_k`, whether it samples at all and whether it filters by `top_p`: a new `temperature`,
+    `top_p` value, stop or pad id (per request, say) reuses the compiled program. Padding past
+    each row's length may hold any id, even one outside the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when
     assignments are dropped (decoding steps drop nothing); `"dense"` or `"ragged"` layers

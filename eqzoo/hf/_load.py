@@ -154,6 +154,25 @@ def _untie_a_separate_head(config, reader: TensorReader, folder, *, forced: bool
     return dataclasses.replace(config, tie_embeddings=False)
 
 
+def _warn_meaning_overrides(base, config, overrides) -> None:
+    """Warn when `config_overrides` change a field that says what the weights compute (routing,
+    a rotary base, ...), not only how the model runs: the model then is not the checkpoint's."""
+    from ..checkpoint import RESTORE_MAY_CHANGE  # here: eqzoo.checkpoint imports eqzoo.train
+
+    changed = sorted(
+        k for k in overrides
+        if k not in RESTORE_MAY_CHANGE and k != "tie_embeddings" and hasattr(base, k) and getattr(base, k) != getattr(config, k)
+    )
+    if changed:
+        warnings.warn(
+            f"load_pretrained: config_overrides change {changed} from the checkpoint's "
+            f"({', '.join(f'{k}={getattr(base, k)!r}' for k in changed)}): the weights were trained "
+            "with those, so the model computes something other than the checkpoint. Fields that only "
+            "say how it runs (eqzoo.checkpoint.RESTORE_MAY_CHANGE: remat, scan_layers, ...) are safe.",
+            stacklevel=user_stacklevel(),
+        )
+
+
 @no_type_check  # arguments are validated inside, with messages that say what is supported
 def load_pretrained(
     path: str | os.PathLike[str],
@@ -195,7 +214,9 @@ def load_pretrained(
       `(path, shape_dtype) -> Sharding | None` given each parameter's dotted path (e.g.
       `"blocks.layers.attn.q_proj.weight"`, with the leading layer axis in `shape_dtype`), a
       model-shaped pytree of shardings, or `None` for the default device.
-    - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`.
+    - `config_overrides`: eqzoo config fields to set, e.g. `{"remat": "full"}`. Setting a
+      field that changes what the weights compute (one outside
+      [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][], such as `experts_per_token`) warns.
 
     **Returns:** a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][],
     [`eqzoo.models.Gemma`][] or [`eqzoo.models.ViT`][].
@@ -208,6 +229,7 @@ def load_pretrained(
     dtype = None if dtype is None else jnp.dtype(dtype)
     overrides = dict(config_overrides or {})
     config = config_from_hf(read_config(folder), **overrides)
+    _warn_meaning_overrides(config_from_hf(read_config(folder)), config, overrides)
     files = weight_files(folder)
     with TensorReader(files) as reader:
         config = _untie_a_separate_head(config, reader, folder, forced="tie_embeddings" in overrides)

@@ -64,9 +64,9 @@ class MoE(eqx.Module):
       is routed at once, and under an eqzoo mesh each device routes its own tokens (see
       `eqzoo/nn/_grouped.py`). Its gradient is written out for reverse mode as training takes
       it (`jax.grad` of a batched or unbatched call; `jax.jacrev`): forward mode raises JAX's
-      `TypeError` for a `custom_vjp` function, higher-order derivatives a `ConfigError`, and **per-example weight gradients
-      (`jax.vmap` of `jax.grad`) come out summed over the batch** — use `"dense"` or
-      `"capacity"` for those.
+      `TypeError` for a `custom_vjp` function, higher-order derivatives a `ConfigError`, and
+      **per-example weight gradients (`jax.vmap` of `jax.grad`) come out summed over the
+      batch** — use `"dense"` or `"capacity"` for those.
 
     Under an eqzoo mesh with an `expert` axis (expert parallelism: the experts split over it by
     [`eqzoo.sharding.MIXTRAL_RULES`][]), `"capacity"` and `"dense"` send each sequence's expert

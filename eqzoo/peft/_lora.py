@@ -247,8 +247,8 @@ def lora(
       recommends), or regexes searched in the dotted paths that
       [`eqzoo.nn.linear_paths`][] lists, e.g. `"q_proj|v_proj"` or `r"attn\\."`. A
       mixture-of-experts layer's expert arrays count as the paths `<layer>.gate_proj`,
-      `<layer>.up_proj` and `<layer>.down_proj`, adapted together (so `"mlp"` reaches a Mixtral's experts and its
-      router).
+      `<layer>.up_proj` and `<layer>.down_proj`, adapted together (so `"mlp"` reaches a
+      Mixtral's experts and its router).
     - `experts`: also adapt the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
       arrays, not linear layers: most of a Mixtral's parameters), one low-rank pair per
       expert. `None` (default): when `targets` is `None` (adapt everything) or matches an

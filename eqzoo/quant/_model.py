@@ -49,9 +49,9 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
       but the routers of mixture-of-experts layers (small, and a rounded router can change
       which experts a token picks), or regexes searched in the dotted paths
       [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"`. A mixture-of-experts layer's expert
-      arrays count as the paths `<layer>.gate_proj`, `<layer>.up_proj` and `<layer>.down_proj`
-      (so `"mlp"` reaches a Mixtral's experts, all three arrays together); its router is quantized only when a target
-      names `"router"`.
+      arrays count as the paths `<layer>.gate_proj`, `<layer>.up_proj` and `<layer>.down_proj`,
+      quantized together (so `"mlp"` reaches a Mixtral's experts); its router is quantized only
+      when a target names `"router"`.
     - `experts`: also quantize the expert weights of every [`eqzoo.nn.MoE`][] layer (stacked
       arrays, not linear layers) into [`eqzoo.quant.QuantizedWeight`][]s, one scale per
       expert and output column; they are most of a Mixtral's parameters. `None` (default):
@@ -72,6 +72,8 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
         return path.split(".")[-1] == "router" and not names_router
 
     if not linears:  # the targets name expert weights only
+        if not experts:
+            raise ConfigError(f"quantize: targets {targets!r} name only expert weights, but experts=False.")
         return _quantize_experts(model, refuse_quantized=True)
     selected = select_linears(model, linear_targets, what="quantize")
     already = [p for p, x in selected if isinstance(x, QuantizedLinear)]

@@ -68,8 +68,11 @@ def prepare_qat(model, *, targets: Targets = None):
 
     - `model`: any model whose linear layers are `equinox.nn.Linear`s applied through
       [`eqzoo.nn.apply_linear`][] (every eqzoo model) or called directly (`equinox.nn.MLP`).
-    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every `equinox.nn.Linear`,
-      or regexes searched in the dotted paths [`eqzoo.nn.linear_paths`][] lists.
+    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every `equinox.nn.Linear`
+      but the routers of mixture-of-experts layers (which `quantize` keeps float), or regexes
+      searched in the dotted paths [`eqzoo.nn.linear_paths`][] lists. The expert arrays of a
+      mixture-of-experts layer are not linear layers and are not wrapped: `quantize` rounds
+      them after training, as it would without QAT.
 
     **Returns:** the wrapped model (paths such as `blocks.layers.attn.q_proj.base.weight`, which
     the default sharding rules place like the unwrapped weight). **Raises:** `ConfigError` if a
@@ -79,6 +82,8 @@ def prepare_qat(model, *, targets: Targets = None):
     count = []
 
     def wrap(path, layer):
+        if targets is None and path.split(".")[-1] == "router":
+            return layer  # as quantize leaves it: float, so QAT and the deployed model agree
         count.append(path)
         return FakeQuantLinear(layer)
 

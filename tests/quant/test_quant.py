@@ -500,3 +500,10 @@ def test_targets_that_name_a_mixture_of_experts_layer_reach_its_experts():
         quant.quantize(model, targets="ffn")
     adapted = peft.lora(model, rank=2, targets="mlp", key=jax.random.key(1)).blocks.layers.mlp
     assert isinstance(adapted.router, peft.LoRALinear) and isinstance(adapted.gate_proj, peft.LoRAWeight)
+    with pytest.raises(ConfigError, match=r"targets 'up_proj' name only expert weights, but experts=False"):
+        quant.quantize(model, targets="up_proj", experts=False)
+    # QAT leaves routers float, as quantize does: the deployed model's router is the trained one
+    qat = quant.prepare_qat(model)
+    assert isinstance(qat.blocks.layers.mlp.router, eqx.nn.Linear)
+    assert isinstance(qat.blocks.layers.attn.q_proj, quant.FakeQuantLinear)
+    assert isinstance(quant.quantize(qat).blocks.layers.mlp.router, eqx.nn.Linear)
