@@ -50,6 +50,7 @@ from ..nn import MoE
 from ..nn._attention import check_cache_dtype
 from ._generate import (
     as_prompts,
+    check_count,
     check_key,
     decoding_model,
     loop_settings,
@@ -313,10 +314,8 @@ def generate_speculative(
             f"generate_speculative: the draft's vocabulary ({draft.config.vocab_size}) differs from the "
             f"model's ({model.config.vocab_size}); the draft must share the model's tokenizer."
         )
-    if isinstance(num_draft, bool) or not isinstance(num_draft, int) or num_draft < 1:
-        raise ConfigError(f"generate_speculative: num_draft must be a positive integer, got {num_draft!r}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"generate_speculative: max_new_tokens must be >= 1, got {max_new_tokens!r}.")
+    check_count(num_draft, "num_draft", "generate_speculative")
+    check_count(max_new_tokens, "max_new_tokens", "generate_speculative")
     prompts = as_prompts(prompts, "generate_speculative")
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(

@@ -90,7 +90,7 @@ def test_bad_calls(llama):
     prompts, _ = _prompts()
     with pytest.raises(ConfigError, match=r"draft's vocabulary \(512\) differs from the model's \(256\)"):
         generate_speculative(llama, _scaled("tiny-llama", 1, vocab_size=512), prompts, max_new_tokens=4)
-    with pytest.raises(ConfigError, match=r"num_draft must be a positive integer, got 0"):
+    with pytest.raises(ConfigError, match=r"generate_speculative: num_draft must be an integer >= 1, got 0"):
         generate_speculative(llama, llama, prompts, max_new_tokens=4, num_draft=0)
     with pytest.raises(ShapeError, match=r"7 \+ max_new_tokens 31 \+ one round's lookahead 3 = 41 exceeds the model's max_seq=40"):
         generate_speculative(llama, llama, prompts, max_new_tokens=31)
@@ -102,7 +102,7 @@ def test_bad_calls(llama):
         llama.blocks.first(4)
     with pytest.raises(ConfigError, match=r"draft must be an eqzoo language model; got MLP"):
         generate_speculative(llama, models.create("mlp-small", key=jax.random.key(0)), prompts, max_new_tokens=4)
-    with pytest.raises(ConfigError, match=r"max_new_tokens must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"generate_speculative: max_new_tokens must be an integer >= 1, got 0"):
         generate_speculative(llama, llama, prompts, max_new_tokens=0)
     with pytest.raises(ShapeError, match=r"integer prompts of shape \(batch, seq\); got \(7,\)"):
         generate_speculative(llama, llama, prompts[0], max_new_tokens=4)
