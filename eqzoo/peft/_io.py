@@ -8,6 +8,8 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from .._errors import ConfigError, require
 from ..checkpoint import CheckpointMismatchError, config_to_dict, load_weights, save_weights
@@ -27,6 +29,48 @@ def _scalings(model) -> dict[str, float]:
     return {path_str(path): x.scaling for path, x in leaves if _is_lora(x)}
 
 
+_SAMPLED_ARRAYS = 8
+_SAMPLED_VALUES = 16
+
+
+def _base_sample(base) -> dict[str, dict[str, Any]] | None:
+    # A few values of the frozen base weights (the first row of the first arrays by path), to
+    # tell a base from another of the same config: a pretrained model and its instruct-tuned
+    # sibling share every shape. None when an array is not readable from this process.
+    leaves = [
+        (path_str(path), x)
+        for path, x in jax.tree_util.tree_flatten_with_path(base)[0]
+        if eqx.is_inexact_array(x) and x.size
+    ]
+    sample = {}
+    for name, x in sorted(leaves, key=lambda item: item[0])[:_SAMPLED_ARRAYS]:
+        if not getattr(x, "is_fully_addressable", True):
+            return None
+        row = x[(0,) * (x.ndim - 1)][:_SAMPLED_VALUES] if x.ndim else x
+        sample[name] = {"dtype": jnp.dtype(x.dtype).name, "values": np.asarray(row, np.float64).reshape(-1).tolist()}
+    return sample
+
+
+def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
+    a, b = np.asarray(saved["values"], np.float64), np.asarray(ours["values"], np.float64)
+    if a.shape != b.shape:
+        return False
+    da, db = jnp.dtype(saved["dtype"]), jnp.dtype(ours["dtype"])
+    if da.itemsize != db.itemsize:  # compare in the narrower dtype: a bf16 base upcast to float32 is the same base
+        narrow = da if da.itemsize < db.itemsize else db
+        a, b = a.astype(narrow), b.astype(narrow)
+    elif da != db:  # float16 against bfloat16: neither holds the other
+        eps = max(float(jnp.finfo(da).eps), float(jnp.finfo(db).eps))
+        return bool(np.allclose(a, b, rtol=eps, atol=0.0, equal_nan=True))
+    return bool(np.array_equal(a, b, equal_nan=True))
+
+
+def _base_differences(saved: Any, ours: dict[str, dict[str, Any]] | None) -> list[str]:
+    if not isinstance(saved, dict) or ours is None:
+        return []  # written before the sample was recorded, or not readable here
+    return [name for name in saved if name in ours and not _same_values(saved[name], ours[name])]
+
+
 def save_adapters(
     model, path: str | os.PathLike, *, also: Targets = None, metadata: dict[str, str] | None = None
 ) -> None:
@@ -34,7 +78,8 @@ def save_adapters(
     file, with each adapter's scaling in the header; see [`eqzoo.checkpoint.save_weights`][] for
     the file format (per-tensor CRC-32, written atomically). The model's config is recorded
     too, so that adapters are not loaded onto a base of another architecture whose shapes
-    happen to fit.
+    happen to fit, and so are a few values of the frozen base weights (the first row of the
+    first 8 arrays by path), so that they are not loaded onto another model of the same config.
 
     **Arguments:**
 
@@ -47,10 +92,16 @@ def save_adapters(
     """
     if metadata and _KEY in metadata:
         raise ConfigError(f"save_adapters: the metadata key {_KEY!r} is eqzoo's own (the adapters' scalings); use another name.")
-    adapters = eqx.filter(model, adapter_filter(model, also=also))
+    spec = adapter_filter(model, also=also)
+    adapters = eqx.filter(model, spec)
     also_list = None if also is None else ([also] if isinstance(also, str) else list(also))
     base = model_config(model)
-    info = {"scaling": _scalings(model), "also": also_list, "base_config": None if base is None else config_to_dict(base)}
+    info = {
+        "scaling": _scalings(model),
+        "also": also_list,
+        "base_config": None if base is None else config_to_dict(base),
+        "base_sample": _base_sample(eqx.filter(model, spec, inverse=True)),
+    }
     header = {_KEY: json.dumps(info), **(metadata or {})}
     save_weights(adapters, path, metadata=header)
 
@@ -83,8 +134,12 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
     With `cast=True` the file's dtypes may differ from the model's and are cast to the model's
     (e.g. adapters trained in bfloat16 loaded into float32 factors). The model's config must
     equal the one the adapters were trained on (up to how it runs: see
-    [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]); `allow_base_change=True` loads them onto
-    another on purpose. Files written before the config was recorded are not checked.
+    [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]), and so must the sampled values of its frozen
+    base weights (compared in the narrower dtype, so a base cast from bfloat16 to float32 is the
+    same base; quantized arrays are not compared); `allow_base_change=True` loads them onto
+    another on purpose (adapters trained on a base model applied to its instruct-tuned
+    sibling, say). Files written before the config or the sample was recorded are not checked
+    for them.
 
     **Raises:** `CheckpointMismatchError` if the adapters' layers, shapes or scalings, or the
     base model's config, differ (the message lists each), or the file was not written by
@@ -126,6 +181,15 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
             f"adapters in {path} were trained on a base model whose config differs from this model's:\n- "
             + "\n- ".join(differ)
             + "\nLoad them onto the model they were trained on, or pass allow_base_change=True to do it on purpose."
+        )
+    changed = [] if allow_base_change else _base_differences(info.get("base_sample"), _base_sample(rest))
+    if changed:
+        raise CheckpointMismatchError(
+            f"adapters in {path} were trained on a base model of this config with other weights: the "
+            f"sampled values of {len(changed)} frozen array(s) differ ({', '.join(changed[:3])}"
+            + (", ..." if len(changed) > 3 else "")
+            + "). Load them onto the weights they were trained on, or pass allow_base_change=True "
+            "to apply them to another base on purpose."
         )
     saved, ours = info["scaling"], _scalings(model)
     problems = [

@@ -190,6 +190,33 @@ def test_save_and_load_adapters_round_trip_and_refuse_mismatches(tmp_path):
     peft.load_adapters(remat, path)
 
 
+def test_load_adapters_refuses_another_base_of_the_same_config(tmp_path):
+    # A pretrained base and its instruct-tuned sibling share every shape and the config: only
+    # the weights tell them apart.
+    adapted = _with_random_b(peft.lora(_model(), rank=2, targets="attn", key=jax.random.key(1)), jax.random.key(2))
+    path = tmp_path / "a.safetensors"
+    peft.save_adapters(adapted, path)
+    sibling = peft.lora(eqzoo.models.create("tiny-gpt2", key=jax.random.key(5)), rank=2, targets="attn", key=jax.random.key(7))
+    # Four of the eight sampled arrays differ: biases (zeros) and norm weights (ones) at init do not.
+    with pytest.raises(CheckpointMismatchError, match=r"trained on a base model of this config with other weights: the sampled values of 4 frozen array\(s\) differ \(blocks\.layers\.attn\.k_proj\.base\.weight, .*allow_base_change=True"):
+        peft.load_adapters(sibling, path)
+    tokens = jnp.arange(10, dtype=jnp.int32)
+    on_purpose = peft.load_adapters(sibling, path, allow_base_change=True)
+    np.testing.assert_array_equal(
+        np.asarray(on_purpose.blocks.layers.attn.q_proj.lora_b), np.asarray(adapted.blocks.layers.attn.q_proj.lora_b)
+    )
+    # The same base in bfloat16 (as served) is the same base: compared in the narrower dtype.
+    low = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, _model())
+    served = peft.load_adapters(peft.lora(low, rank=2, targets="attn", key=jax.random.key(7)), path, cast=True)
+    np.testing.assert_allclose(
+        np.asarray(served(tokens).astype(jnp.float32)), np.asarray(adapted(tokens)), rtol=0.1, atol=0.1
+    )  # bfloat16 weights: a loose tolerance, the test is that the load is accepted
+    # One changed value in a sampled array (the first row of the first arrays by path) is seen.
+    nudged = eqx.tree_at(lambda m: m.blocks.layers.attn.k_proj.weight, _model(), replace_fn=lambda w: w.at[0, 0, 3].add(1e-3))
+    with pytest.raises(CheckpointMismatchError, match=r"1 frozen array\(s\) differ \(blocks\.layers\.attn\.k_proj\.base\.weight\)"):
+        peft.load_adapters(peft.lora(nudged, rank=2, targets="attn", key=jax.random.key(7)), path)
+
+
 def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     adapted = _with_random_b(peft.lora(_model(), rank=2, key=jax.random.key(1)), jax.random.key(2))
