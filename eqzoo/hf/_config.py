@@ -150,7 +150,7 @@ def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, Ro
 
 
 def _llama_from_hf(
-    d: Mapping[str, Any], *, theta: float = 10000.0, eps: float = 1e-6, max_seq: int = 2048
+    d: Mapping[str, Any], *, theta: float = 10000.0, eps: float = 1e-6, max_seq: int = 2048, kv_default: int | None = None
 ) -> dict[str, Any]:
     # The keyword defaults are transformers' for keys a config.json leaves out (LlamaConfig's;
     # Mixtral passes its own).
@@ -167,7 +167,11 @@ def _llama_from_hf(
     if head_dim is not None and int(head_dim) == embed // heads and embed % heads == 0:
         head_dim = None  # the default: keep eqzoo configs equal whichever way HF spelled it
     theta, scaling = _rope_from_hf(d, theta)
-    kv_heads = d.get("num_key_value_heads")
+    # A key left out takes the family's transformers default (`kv_default`: Mistral's and
+    # Mixtral's 8, Qwen2's and Qwen3's 32) where that divides the heads; an explicit null, or
+    # a default that cannot fit (tiny test configs), means one per head, as Llama's default.
+    default_kv = kv_default if kv_default is not None and heads % kv_default == 0 else None
+    kv_heads = d.get("num_key_value_heads", default_kv)
     return dict(
         vocab_size=_int(d, "vocab_size"), max_seq=_int(d, "max_position_embeddings", max_seq),
         num_layers=_int(d, "num_hidden_layers"), num_heads=heads,
@@ -191,7 +195,7 @@ def _sliding_window(d: Mapping[str, Any], default: int | None) -> int | None:
 
 def _mistral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Mistral is Llama's architecture with sliding-window attention; its defaults differ.
-    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=4096 * 32)
+    fields = _llama_from_hf(d, theta=10000.0, eps=1e-6, max_seq=4096 * 32, kv_default=8)
     return fields | dict(sliding_window=_sliding_window(d, 4096))
 
 
@@ -218,7 +222,7 @@ def _qwen_window(d: Mapping[str, Any], layers: int) -> dict[str, Any]:
 def _qwen2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Qwen2 is Llama's architecture with biases on the query, key and value projections.
     # Qwen2 has no attention_bias option (its q/k/v always have biases, o never): ignored.
-    fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768)
+    fields = _llama_from_hf({k: v for k, v in d.items() if k != "attention_bias"}, theta=10000.0, eps=1e-6, max_seq=32768, kv_default=32)
     return fields | dict(qkv_bias=True, **_qwen_window(d, fields["num_layers"]))
 
 
@@ -226,7 +230,7 @@ def _qwen3_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # Qwen3 is Llama's architecture with an RMSNorm over each head's queries and keys (no
     # biases unless attention_bias, which _llama_from_hf refuses).
     # transformers' Qwen3Config defaults head_dim to 128, not hidden_size / heads.
-    fields = _llama_from_hf({"head_dim": 128} | dict(d), theta=10000.0, eps=1e-6, max_seq=32768)
+    fields = _llama_from_hf({"head_dim": 128} | dict(d), theta=10000.0, eps=1e-6, max_seq=32768, kv_default=32)
     return fields | dict(qk_norm=True, **_qwen_window(d, fields["num_layers"]))
 
 
@@ -262,7 +266,7 @@ def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _mixtral_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     _require(d, "num_local_experts", "num_experts_per_tok")
-    fields = _llama_from_hf(d, theta=1e6, eps=1e-5, max_seq=4096 * 32)
+    fields = _llama_from_hf(d, theta=1e6, eps=1e-5, max_seq=4096 * 32, kv_default=8)
     fields["sliding_window"] = _sliding_window(d, None)
     jitter = float(d.get("router_jitter_noise") or 0.0)
     if jitter:
@@ -469,9 +473,20 @@ def config_from_hf(
     [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
-    ones) or option; `ConfigError` for an unknown override.
+    ones) or option, or a quantized checkpoint (`quantization_config`: GPTQ, AWQ, bitsandbytes,
+    FP8, ...); `ConfigError` for an unknown override.
     """
     cls, read = _FROM_HF[_family(hf_config)]
+    quantization = hf_config.get("quantization_config")
+    if quantization:
+        # GPTQ/AWQ/bitsandbytes/FP8 files hold packed integers or scaled 8-bit floats under
+        # their own tensor names: never plain weights, whatever the tensor checks would say.
+        method = quantization.get("quant_method") if isinstance(quantization, Mapping) else None
+        raise _unsupported(
+            hf_config, "quantization_config", {"quant_method": method},
+            "eqzoo.hf reads unquantized float32/float16/bfloat16 checkpoints only. Load the "
+            "original (unquantized) checkpoint, then quantize in eqzoo with eqzoo.quant.quantize",
+        )
     try:
         fields = read(hf_config)
     except HFFormatError:

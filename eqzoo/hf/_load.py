@@ -89,7 +89,13 @@ def _check_tensors(reader: TensorReader, rules: list[TensorRule], shapes: dict[t
                 "the weights and config.json do not belong together."
             )
         code = reader.dtype(name)
-        if not code.startswith(("F", "BF")):  # every parameter eqzoo reads is floating point
+        if code.startswith("F8"):  # 8-bit floats are a quantized checkpoint's, with scales beside them
+            raise HFFormatError(
+                f"tensor {name!r} is stored as {code}, an 8-bit float: the checkpoint is quantized. "
+                "eqzoo.hf reads F32, F16 and BF16 weights; load the unquantized checkpoint, then "
+                "quantize in eqzoo with eqzoo.quant.quantize."
+            )
+        if code not in ("F16", "F32", "F64", "BF16"):  # every parameter eqzoo reads is floating point
             raise HFFormatError(
                 f"tensor {name!r} is stored as {code}, not floating point; a model's weights are "
                 "floats (F32, F16, BF16). The file is damaged or was not written as model weights."

@@ -53,7 +53,8 @@ class HFTokenizer(AbstractTokenizer):
     """A Hugging Face fast tokenizer (`tokenizers.Tokenizer`) behind eqzoo's tokenizer protocol.
 
     `encode` gives int32 numpy ids ready for `eqzoo.generate`; `decode` turns ids back into
-    text. The special tokens named in `tokenizer_config.json` (if the folder has one) are
+    text. The special tokens named in `tokenizer_config.json` (or, for older folders,
+    `special_tokens_map.json`) are
     available as `bos_token_id`, `eos_token_id`, `pad_token_id` and `unk_token_id` (`None` when
     unknown). A chat model's template (`chat_template.jinja`, or `chat_template` in
     `tokenizer_config.json`; several named ones as a dict) is `chat_template`: [`eqzoo.hf.HFTokenizer.apply_chat_template`][]
@@ -84,7 +85,9 @@ class HFTokenizer(AbstractTokenizer):
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "HFTokenizer":
-        """Read a `tokenizer.json` file (and `tokenizer_config.json` beside it, if present)."""
+        """Read a `tokenizer.json` file (and `tokenizer_config.json` and `special_tokens_map.json`
+        beside it, if present; where both name a special token, `special_tokens_map.json` wins,
+        as in transformers)."""
         tokenizers = require("tokenizers", "hf")
         file = Path(path)
         try:
@@ -93,16 +96,25 @@ class HFTokenizer(AbstractTokenizer):
             raise HFFormatError(f"cannot read {str(file)!r} as a tokenizers tokenizer.json: {err}") from None
         special: dict[str, str] = {}
         config: dict[str, Any] = {}
-        config_file = file.with_name("tokenizer_config.json")
-        if config_file.is_file():
+        # tokenizer_config.json names the special tokens; older folders (and some published
+        # ones) name them in special_tokens_map.json, which transformers reads after it: where
+        # both name one, special_tokens_map.json's wins, as in transformers 4 and 5.
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = file.with_name(name)
+            if not path.is_file():
+                continue
             try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
+                data = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
-                raise HFFormatError(f"cannot parse {str(config_file)!r} as JSON: {err}") from None
+                raise HFFormatError(f"cannot parse {str(path)!r} as JSON: {err}") from None
+            if not isinstance(data, dict):
+                raise HFFormatError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
             for key in _SPECIAL:
-                token = _token_string(config.get(key))
+                token = _token_string(data.get(key))
                 if token is not None:
                     special[key] = token
+            if name == "tokenizer_config.json":
+                config = data
         return cls(tokenizer, special, _read_chat_template(file.parent, config))
 
     def _special_id(self, key: str) -> int | None:

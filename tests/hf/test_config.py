@@ -270,6 +270,23 @@ def test_qwen3_keys_left_out_take_transformers_defaults(hft):
     assert moe.resolved_head_dim == 64 // 4 and config_to_hf(moe)["intermediate_size"] == theirs.intermediate_size
 
 
+@pytest.mark.parametrize("model_type", ["mistral", "mixtral", "qwen2", "qwen3"])
+def test_key_value_heads_left_out_take_transformers_defaults(model_type, hft):
+    # transformers' default (8 for Mistral and Mixtral, 32 for Qwen2 and Qwen3) where it fits
+    # the heads; an explicit null means one per head (as Qwen's configs read it; transformers 5
+    # refuses a null for Mistral and Mixtral).
+    base = {"vocab_size": 100, "hidden_size": 256, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 64}
+    extra = {"num_local_experts": 4, "num_experts_per_tok": 2} if model_type == "mixtral" else {}
+    cls = {"mistral": "MistralConfig", "mixtral": "MixtralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}[model_type]
+    theirs = getattr(hft.transformers, cls)
+    ours = config_from_hf(base | extra | {"model_type": model_type})
+    assert ours.num_kv_heads == theirs(**base, **extra).num_key_value_heads in (8, 32)
+    explicit_null = config_from_hf(base | extra | {"model_type": model_type, "num_key_value_heads": None})
+    assert explicit_null.num_kv_heads == 64
+    if model_type.startswith("qwen"):
+        assert theirs(**base, num_key_value_heads=None).num_key_value_heads == 64
+
+
 # The published configs of Gemma 2 2B (transformers 4 spelling) and Gemma 3 1B (its text config,
 # with transformers 4's sliding_window_pattern and rope_local_base_freq), as far as eqzoo reads them.
 GEMMA2_2B = {

@@ -120,6 +120,17 @@ def test_bad_sliding_window_is_refused(hf_checkpoints, tmp_path):
         eqzoo.hf.load_pretrained(folder)
 
 
+def test_quantized_checkpoints_are_refused_by_their_method(hf_checkpoints, tmp_path):
+    # A GPTQ/AWQ/bitsandbytes/FP8 folder's tensors are packed integers or scaled 8-bit floats
+    # under other names: refused up front by the config key, not by a tensor-name mismatch.
+    folder = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path)
+    _edit_config(folder, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(HFFormatError, match=r"quantization_config=\{'quant_method': 'fp8'\}, which eqzoo does not support: .*unquantized.*eqzoo.quant.quantize"):
+        eqzoo.hf.load_pretrained(folder)
+    with pytest.raises(HFFormatError, match=r"quantization_config=\{'quant_method': 'gptq'\}"):
+        eqzoo.hf.config_from_hf(json.loads((folder / "config.json").read_text()) | {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+
+
 def test_pickle_checkpoints_are_refused_with_a_conversion_command(hf_checkpoints, tmp_path):
     folder = tmp_path / "old"
     folder.mkdir()
@@ -254,6 +265,16 @@ def test_duplicated_tensors_both_weight_files_and_integer_weights(hf_checkpoints
     _edit_tensors(folder, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"].astype(np.int32)))
     with pytest.raises(HFFormatError, match=r"tensor 'model.norm.weight' is stored as I32, not floating point"):
         eqzoo.hf.load_pretrained(folder, dtype=np.float32)
+    # 8-bit floats without a quantization_config: a quantized file all the same, never loaded as weights
+    import safetensors.torch
+    import torch
+
+    fp8 = _copy(hf_checkpoints("llama-gqa-untied")[1], tmp_path / "fp8")
+    tensors = safetensors.torch.load_file(str(fp8 / "model.safetensors"))
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.float8_e4m3fn)
+    safetensors.torch.save_file(tensors, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(HFFormatError, match=r"tensor 'model.norm.weight' is stored as F8_E4M3, an 8-bit float: the checkpoint is quantized"):
+        eqzoo.hf.load_pretrained(fp8)
 
 
 @pytest.mark.parametrize(

@@ -64,6 +64,28 @@ def test_matches_transformers_fast_tokenizer(tokenizer_dir, hft):
     assert load_tokenizer(tokenizer_dir).encode(text).tolist() == fast(text)["input_ids"]
 
 
+def test_special_tokens_named_only_in_special_tokens_map_are_read(tokenizer_dir, tmp_path, hft):
+    # Older folders name their special tokens in special_tokens_map.json alone; transformers reads
+    # them there, so eos_token_id (what generation stops at) must not come back None.
+    folder = tmp_path / "old"
+    folder.mkdir()
+    shutil.copy(tokenizer_dir / "tokenizer.json", folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "<|endoftext|>"}, "bos_token": "<|endoftext|>"}))
+    theirs = hft.transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(folder)
+    assert ours.eos_token_id == ours.bos_token_id == theirs.eos_token_id == theirs.bos_token_id is not None
+    # Where both files name a token, transformers takes special_tokens_map.json's.
+    (folder / "tokenizer_config.json").write_text(json.dumps({"pad_token": "def", "eos_token": "<|endoftext|>"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}))
+    theirs = hft.transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(folder)
+    assert ours.pad_token_id == theirs.pad_token_id == ours.eos_token_id
+    (folder / "special_tokens_map.json").write_text("[]")
+    with pytest.raises(HFFormatError, match=r"special_tokens_map.json' must hold a JSON object, got list"):
+        load_tokenizer(folder)
+
+
 def test_errors(tokenizer_dir, tmp_path):
     with pytest.raises(HFFormatError, match=r"no tokenizer.json at .*found: \[\].*AutoTokenizer.from_pretrained\(path\).save_pretrained\(path\)"):
         load_tokenizer(tmp_path)
