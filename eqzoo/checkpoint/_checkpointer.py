@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
+from .._errors import user_stacklevel
 from ..train import TrainState
 from ._config import model_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
@@ -34,6 +35,7 @@ from ._meta import (
     build_meta,
     check_config,
     check_fit,
+    check_model_class,
     meta_object,
     validate_meta,
 )
@@ -58,6 +60,23 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
     return int(value)
+
+
+def _register_at_exit(fn: Callable[[], None]) -> None:
+    # A save still being written when the main program ends must be committed before the
+    # interpreter shuts down the thread pools orbax's background commit submits work to.
+    # concurrent.futures stops accepting work in threading's own exit hooks, which run before
+    # `atexit`'s: a plain atexit handler waits too late (the commit fails with "cannot schedule
+    # new futures after interpreter shutdown" and the step stays an unfinished temporary
+    # directory). threading's hooks run newest first, so this one runs before that shutdown.
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(fn)
+            return
+        except RuntimeError:  # already shutting down
+            pass
+    atexit.register(fn)
 
 
 def _committed_steps(directory: Path) -> list[int]:
@@ -160,7 +179,7 @@ class Checkpointer:
                 obj.close()
 
         self._atexit = wait_at_exit
-        atexit.register(wait_at_exit)
+        _register_at_exit(wait_at_exit)
 
     # ------------------------------------------------------------------ listing
 
@@ -265,6 +284,8 @@ class Checkpointer:
         **Returns:** whether a save was started.
         """
         step = int(state.step) if step is None else int(step)
+        if self._current_step is None and self._restored_step is not None:
+            self._warn_newer_steps()
         self._current_step = step
         due = force or self._signal is not None or (self._save_every is not None and step % self._save_every == 0)
         if not due:
@@ -279,6 +300,19 @@ class Checkpointer:
                 stacklevel=2,
             )
         return self.save(state, data_state=state_dict() if callable(state_dict) else None, step=step)
+
+    def _warn_newer_steps(self) -> None:
+        # Training on from an older step than the newest committed one (restore(step=...)): its
+        # first save of a step that is already committed raises, perhaps hours from now.
+        newer = [s for s in self.all_steps() if s > self._restored_step]
+        if newer:
+            warnings.warn(
+                f"training goes on from step {self._restored_step}, but {self._directory} already holds the "
+                f"newer committed step(s) {newer}; saving any of them again raises CheckpointError. To "
+                "branch from this step, move the newer steps out of the directory (or save into another "
+                "directory) before training.",
+                stacklevel=user_stacklevel(),
+            )
 
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT was received and the current step is saved and committed
@@ -445,7 +479,17 @@ class Checkpointer:
             self._restored_step = s
             return restored
         if len(corrupt) == 1:
-            raise corrupt[0]
+            err = corrupt[0]
+            older = [s for s in self.all_steps() if s < err.step]
+            if older and step is None:  # say how to go on from an earlier step
+                raise CheckpointCorruptError(
+                    f"{err}\nEarlier committed steps: {older}. To resume from the newest intact one, "
+                    "construct the Checkpointer with fallback_to_intact=True (it moves the damaged "
+                    f"step aside to corrupt-{err.step}-<time>/), or move {self._step_dir(err.step)} "
+                    f"out of {self._directory} yourself.",
+                    step=err.step, parameters=err.parameters,
+                ) from err
+            raise err
         raise CheckpointCorruptError(
             f"every committed step in {self._directory} is damaged:\n" + "\n".join(str(e) for e in corrupt),
             step=corrupt[0].step,
@@ -470,9 +514,12 @@ class Checkpointer:
         names = state_names(target)
         leaves = dict(zip(names, target.arrays, strict=True))
         expected = {name: describe(leaf) for name, leaf in leaves.items()}
-        check_fit(expected, meta["arrays"], where=f"step {step} in {self._directory}")
+        where = f"step {step} in {self._directory}"
         if not allow_config_change:
-            check_config(meta.get("config"), self._stored_config(target), where=f"step {step} in {self._directory}")
+            check_model_class(meta.get("config"), self._stored_config(target), where=where)
+        check_fit(expected, meta["arrays"], where=where)
+        if not allow_config_change:
+            check_config(meta.get("config"), self._stored_config(target), where=where)
         state_dir = self._step_dir(step) / _STATE
         problems = verify_manifest(state_dir)
         if problems is None:

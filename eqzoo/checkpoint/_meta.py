@@ -169,6 +169,26 @@ def check_config(saved: Any, target: Any, *, where: str) -> None:
         )
 
 
+def check_model_class(saved: Any, target: Any, *, where: str) -> None:
+    """Raise `CheckpointMismatchError` when the saved model config and the target's are both
+    eqzoo model configs of different classes (another architecture: a Llama checkpoint restored
+    into a GPT-2), before the arrays are compared path by path. A config of the caller's own
+    (another module) is left to the arrays' check."""
+    if saved is None or target is None or not isinstance(saved, dict):
+        return
+    mine = config_to_dict(target)
+    tags = saved.get("__dataclass__"), mine.get("__dataclass__") if isinstance(mine, dict) else None
+    if not all(isinstance(t, str) and t.startswith("eqzoo.") for t in tags) or tags[0] == tags[1]:
+        return
+    names = [t.rsplit(":", 1)[-1] for t in tags]
+    raise CheckpointMismatchError(
+        f"{where} holds a {names[0]} model, but the restore target is a {names[1]} model: another "
+        f"architecture, whose weights cannot be restored into it. Build the target from the saved "
+        f"config (abstract_state(Checkpointer.meta(step).config, optimizer)), or use another "
+        f"directory for the new model."
+    )
+
+
 def _shown(value: Any) -> str:
     try:
         return repr(config_from_dict(value))

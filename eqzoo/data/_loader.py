@@ -65,7 +65,7 @@ def _load_state(
     keys = set(expected) | {"step"}
     if set(state) | (optional & keys) != keys:
         unknown = sorted(set(state) - keys)
-        missing = sorted(keys - set(state))
+        missing = sorted(keys - set(state) - optional)
         raise ConfigError(
             f"{who}.load_state_dict expects exactly the keys {sorted(keys)}; got unknown keys "
             f"{unknown} and missing keys {missing}. Pass the dict that {who}.state_dict() "
@@ -428,8 +428,10 @@ class ArrayLoader:
     def state_dict(self) -> dict[str, Any]:
         """The loader's position and the settings it must be resumed with, as a JSON-able dict.
 
-        **Returns:** `{"step", "seed", "batch_size", "num_examples", "shuffle", "drop_last"}`.
-        It does not depend on the process, so one saved state resumes any process.
+        **Returns:** `{"step", "seed", "batch_size", "num_examples", "shuffle", "drop_last",
+        "example_shapes"}`, where `example_shapes` maps each array's name to the shape of one
+        example (e.g. `{"tokens": [1024], ...}` for packed rows of 1024). It does not depend on
+        the process, so one saved state resumes any process.
         """
         return {"step": self._step, **self._config()}
 
@@ -437,12 +439,22 @@ class ArrayLoader:
         """Resume from `state_dict()`'s output: the next batch is the one that would have come.
 
         **Raises:** `ConfigError` for unknown or missing keys, a negative step, or settings
-        (seed, batch size, dataset size, shuffle, drop_last) that differ from this loader's.
+        (array names and per-example shapes, seed, batch size, dataset size, shuffle,
+        drop_last) that differ from this loader's (a state saved before the shapes were
+        recorded is resumed without them).
         """
-        self._step = _load_state("ArrayLoader", state, self._config())
+        self._step = _load_state(
+            "ArrayLoader", state, self._config(), optional=frozenset({"example_shapes"}), why={"example_shapes": (
+                "the saved state was taken over arrays whose examples have the names and shapes {got}, but "
+                "this loader's are {want}: other data (another sequence length for packed rows, other "
+                "features) would make other batches. Build the loader from the data of the run being "
+                "resumed, or start a new run for the new data."
+            )},
+        )
 
     def _config(self) -> dict[str, Any]:
         return {
+            "example_shapes": {name: list(arr.shape[1:]) for name, arr in self._arrays.items()},
             "seed": self._seed,
             "batch_size": self._batch_size,
             "num_examples": self._num_examples,

@@ -133,6 +133,13 @@ def fit(
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)
     step = first_step = int(state.step)
+    if first_step > num_steps:
+        warnings.warn(
+            f"fit: the state is already at step {first_step}, past num_steps={num_steps} (a run resumed "
+            "with a smaller num_steps?); nothing is trained, logged or saved. Pass a num_steps above the "
+            "state's step to train on.",
+            stacklevel=2,
+        )
     for logger in loggers:
         if callable(getattr(logger, "begin", None)):
             logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it

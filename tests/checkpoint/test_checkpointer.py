@@ -280,6 +280,37 @@ def test_a_target_config_that_changes_the_weights_meaning_is_refused_even_where_
     assert checkpoint.params_sha256(older.restore(how).state.model) == checkpoint.params_sha256(state.model)
 
 
+def test_a_checkpoint_of_another_architecture_is_refused_by_name(ckpt_dir, open_checkpointer):
+    opt = optax.adamw(1e-2)
+    config = models.get_config("tiny-llama", num_layers=1)
+    state = train.TrainState.create(models.create(config, key=jax.random.key(0)), opt, key=jax.random.key(1))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    other = checkpoint.abstract_state(models.get_config("tiny-gpt2", num_layers=1), opt)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"step 0 in .* holds a LlamaConfig model, but the restore target is a GPT2Config model: another architecture"):
+        ckpt.restore(other)
+
+
+def test_training_on_from_an_older_step_warns_at_once_of_the_newer_steps(ckpt_dir, open_checkpointer, state_factory):
+    ckpt = open_checkpointer(ckpt_dir, save_every=5)
+    for step in (5, 10):
+        ckpt.save(state_factory(), step=step)
+    ckpt.wait()
+    resumed = open_checkpointer(ckpt_dir, save_every=5)
+    state = resumed.restore(state_factory(), step=5).state
+    with pytest.warns(UserWarning, match=r"goes on from step 5, but .* holds the newer committed step\(s\) \[10\]; saving any of them again raises"):
+        assert not resumed.maybe_save(state, step=6)  # the first step after the restore: long before step 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed.maybe_save(state, step=7)  # said once
+        latest = open_checkpointer(ckpt_dir, save_every=5)
+        latest.restore(state_factory())  # the newest step: nothing to say
+        latest.maybe_save(state, step=11)
+    with pytest.raises(checkpoint.CheckpointError, match="step 10 is already committed"):
+        resumed.maybe_save(state, step=10)
+
+
 def _cast(model):
     return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, model)
 

@@ -60,6 +60,18 @@ def test_damaged_array_file_names_step_and_parameter(damage, saved, ckpt_dir, op
     assert ckpt.all_steps() == [5, 10]  # without fallback nothing is moved
 
 
+def test_damaged_latest_step_names_the_earlier_steps_and_the_way_on(saved, ckpt_dir, open_checkpointer, state_factory):
+    _array_file(ckpt_dir, 10).unlink()
+    ckpt = open_checkpointer(ckpt_dir)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=r"(?s)step 10 in .* is corrupt.*\nEarlier committed steps: \[5\]\. .*fallback_to_intact=True .*corrupt-10-<time>") as info:
+        ckpt.restore(state_factory())
+    assert info.value.step == 10 and info.value.parameters == (WEIGHT,)
+    assert ckpt.all_steps() == [5, 10]
+    with pytest.raises(checkpoint.CheckpointCorruptError) as info:  # the step asked for: no advice to go elsewhere
+        ckpt.restore(state_factory(), step=10)
+    assert "Earlier committed steps" not in str(info.value)
+
+
 def test_fallback_restores_previous_intact_step_and_moves_damage_aside(saved, ckpt_dir, open_checkpointer, state_factory, same_state):
     _flip_byte(_array_file(ckpt_dir, 10, "opt_state.0.mu.net.layers.1.bias"))
     ckpt = open_checkpointer(ckpt_dir, fallback_to_intact=True)

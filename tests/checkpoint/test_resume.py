@@ -185,3 +185,24 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(straight, env, tmp_pat
     assert summary["resumed_from"] == stopped_at and summary["step"] == STEPS
     assert summary["params_sha256"] == straight_summary["params_sha256"]
     _assert_same_run(run, straight_run, target, same_state)
+
+
+_EXIT_WITHOUT_CLOSE = """
+import sys, jax, optax
+from eqzoo import checkpoint, models, train
+model = models.create(models.MLPConfig(in_features=4, out_features=2, width=8, depth=1), key=jax.random.key(0))
+ckpt = checkpoint.Checkpointer(sys.argv[1], handle_signals=False)
+ckpt.save(train.TrainState.create(model, optax.adam(1e-3), key=jax.random.key(1)), step=3)
+sys.setswitchinterval(30.0)  # keep the GIL: the background commit cannot finish before the exit starts
+"""
+
+
+def test_a_save_in_flight_when_the_program_ends_without_close_is_committed(env, tmp_path):
+    # The docs promise close() runs at interpreter exit; it must run before the interpreter
+    # stops the thread pools orbax commits with, or the last step is lost as a tmp directory.
+    directory = tmp_path / "ckpt"
+    proc = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cannot schedule new futures" not in proc.stderr
+    assert sorted(p.name for p in directory.iterdir()) == ["3"]

@@ -227,6 +227,26 @@ def test_array_errors():
         _array_loader().load_state_dict(token_state)
 
 
+def test_array_state_from_rows_of_another_shape_is_refused():
+    # Packed rows of another seq_len: the state names the per-example shapes that differ,
+    # rather than only the dataset size (which changes with them, and is not a setting).
+    n = 50
+    state = json.loads(json.dumps(_array_loader(n).state_dict()))
+    assert state["example_shapes"] == {"x": [3], "y": []}
+    wider = ArrayLoader({"x": np.zeros((n, 4), np.float32), "y": np.zeros(n, np.int32)}, batch_size=8, seed=0,
+                        process_index=0, process_count=1)
+    with pytest.raises(ConfigError, match=r"examples have the names and shapes \{'x': \[3\], 'y': \[\]\}, but this loader's are \{'x': \[4\]"):
+        wider.load_state_dict(state)
+    renamed = ArrayLoader({"z": np.zeros((n, 3), np.float32), "y": np.zeros(n, np.int32)}, batch_size=8, seed=0,
+                          process_index=0, process_count=1)
+    with pytest.raises(ConfigError, match="names and shapes"):
+        renamed.load_state_dict(state)
+    # A state saved before the shapes were recorded still resumes.
+    loader = _array_loader(n)
+    loader.load_state_dict({k: v for k, v in {**state, "step": 7}.items() if k != "example_shapes"})
+    assert loader.step == 7
+
+
 def test_token_accepts_unsigned_tokens():
     # Token files on disk are often uint16; windows still come out int32.
     small = _token_loader(tokens=TOKENS.astype(np.uint16)).batch_at(2)

@@ -129,6 +129,10 @@ def test_resume_from_state_step_continues_the_same_trajectory(steps):
     # already at num_steps: nothing to do
     done = train.fit(second.state, train_step, batches(), num_steps=6)
     assert done.history == [] and int(done.state.step) == 6
+    # past num_steps (resumed with a smaller one): said, rather than a silent no-op
+    with pytest.warns(UserWarning, match=r"already at step 6, past num_steps=4 .*nothing is trained"):
+        past = train.fit(second.state, train_step, batches(), num_steps=4)
+    assert past.history == [] and int(past.state.step) == 6
 
 
 def test_fit_argument_errors(steps, unchecked):
