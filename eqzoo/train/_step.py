@@ -6,6 +6,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import PyTree
 
@@ -86,6 +87,10 @@ class TrainStep:
         self._pure_step = pure_step
         self._donate = donate
         self._mesh = mesh
+        # One process holds the whole batch, so a host (numpy) batch is the global batch and is
+        # split over the mesh here; on several processes which rows it is is the caller's to say
+        # (make_global_batch).
+        self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
 
     def _jitted(self, structure, arrays):
@@ -117,6 +122,8 @@ class TrainStep:
 
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         """Take one optimizer step. **Returns:** `(new state, metrics)`."""
+        if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
+            batch = _place_host_batch(batch, self._mesh)
         arrays, metrics = self._jitted(state.structure, state.arrays)(state.arrays, batch)
         # Called through the class: a bound method of an Equinox module costs ~17 µs to build.
         return TrainState._with_arrays(state, arrays), metrics
@@ -129,6 +136,14 @@ class TrainStep:
     def num_compilations(self) -> int:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
         return sum(f._cache_size() for f in self._compiled.values())
+
+
+def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+    # numpy leaves would enter the step replicated on every device, then be resharded inside
+    # it (and compile another program than a placed batch): split them as shard_batch does.
+    from ..sharding import shard_batch  # eqzoo.sharding imports eqzoo.train
+
+    return jax.tree.map(lambda x: shard_batch(x, mesh) if isinstance(x, np.ndarray) and x.ndim else x, batch)
 
 
 def _check_optimizer(optimizer, params, opt_state) -> None:
@@ -197,8 +212,10 @@ def make_train_step(
     - `mesh`: for a state sharded on this `jax.sharding.Mesh` (see `eqzoo.sharding`): the new
       state keeps the input state's shardings (`out_shardings`), metrics are replicated, and
       the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to
-      the first call fixes the layout; pass batches already placed (`eqzoo.sharding.shard_batch`
-      / `make_global_batch`). With gradient accumulation, micro-batch `i` then takes rows
+      the first call fixes the layout. In one process, a host (numpy) batch, as the eqzoo
+      loaders yield and `fit` passes on, is split over the mesh as
+      `eqzoo.sharding.shard_batch` does; on several processes pass batches already placed
+      (`eqzoo.sharding.make_global_batch`: which rows a process holds is yours to say). With gradient accumulation, micro-batch `i` then takes rows
       `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from eqzoo import sharding as sh
 from eqzoo.train import Precision, TrainState, lm_loss, make_train_step
@@ -152,3 +153,23 @@ def test_token_lookup_gathers_the_table_not_activations(lab):
     assert found  # the step does communicate (vocab-parallel lookup, tensor-parallel layers)
     whole_batch = [c for c in found if c.kind == "all-gather" and re.match(r"\w+\[8,16,", c.shape)]
     assert whole_batch == []
+
+
+def test_a_host_batch_is_split_over_the_mesh_like_shard_batch(lab):
+    # A loader's numpy batch (what fit passes on) is placed as shard_batch places it: the same
+    # numbers and the same compiled program as a batch placed by hand, not a replicated copy
+    # resharded inside the step (a second program).
+    mesh = sh.make_mesh(MESH)
+    optimizer = optax.sgd(0.1)
+    state = sh.sharded_init(
+        lambda key: TrainState.create(lab.build_model("llama", key), optimizer, key=key), jax.random.key(3), mesh=mesh
+    )
+    host = {k: np.asarray(v) for k, v in lab.make_batch(batch=8, seed=2).items()}
+    step = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)
+    from_host, m_host = step(state, host)
+    placed, m_placed = step(state, sh.shard_batch(host, mesh))
+    assert step.num_compilations == 1
+    assert float(m_host["loss"]) == float(m_placed["loss"])
+    assert lab.max_abs_diff(from_host.arrays, placed.arrays) == 0.0
+    with pytest.raises(sh.ShardingError, match=r"divisible"):
+        step(state, {k: v[:6] for k, v in host.items()})  # 6 rows over data x fsdp = 4
