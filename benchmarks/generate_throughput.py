@@ -128,7 +128,8 @@ def _run(args) -> dict:
     cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
     rng = np.random.default_rng(0)
     rows = []
-    for batch in (int(b) for b in args.batches.split(",")):
+    batches = [int(b) for b in args.batches.split(",")]
+    for batch in batches:
         prompts = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
         if args.draft_layers:
             draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
@@ -160,6 +161,10 @@ def _run(args) -> dict:
             "seconds": best,
             "first_call_s": compile_and_first_s,
         })
+        if args.json and len(rows) < len(batches):  # the batches so far, should a later one not finish
+            print(json.dumps({"benchmark": "generate_throughput", "partial": f"{len(rows)} of {len(batches)} batches",
+                              "preset": args.preset, "backend": jax.default_backend(),
+                              "device": jax.devices()[0].device_kind, "results": rows}), flush=True)
     result = {
         "benchmark": "generate_throughput",
         "preset": args.preset,
@@ -180,7 +185,7 @@ def _run(args) -> dict:
         "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",
         "results": rows,
     }
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)
     return result
 
 

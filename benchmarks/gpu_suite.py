@@ -15,7 +15,20 @@ stop the others. With `--total-budget`, a row is started only if the time elapse
 timeout fits in the budget; rows that do not fit are recorded as skipped, and later rows with
 shorter timeouts may still run. At the end: a markdown table (tokens/s, step ms, MFU, peak GiB,
 compile s) and one JSON line summarising the run, last on stdout (with `--json`, the table goes
-to stderr and stdout is that line alone). Exits 1 if any row failed or timed out.
+to stderr and stdout is that line alone). Exits 1 if any row failed, timed out or was interrupted.
+
+Before the rows, a preflight (a few seconds) imports eqzoo and runs one JAX computation, and
+writes what it found (backend, device, jax/jaxlib versions, XLA_FLAGS) as the first line of
+`--out`. If JAX's backend is not a GPU (a missing or broken CUDA plugin: every row would run on
+the CPU until its timeout), the suite stops there with status 2 (`--allow-cpu` runs anyway). If
+JAX fails to start only with eqzoo's XLA flags (`eqzoo.perf.GPU_XLA_FLAGS`: a flag that a newer
+XLA no longer knows is fatal), every row runs with `EQZOO_XLA_FLAGS=0` and the record says so.
+The budget counts the preflight. SIGTERM (an outer `timeout`) or Ctrl-C kills the running row,
+records it as `interrupted` with whatever JSON it had printed (rows run unbuffered, and the
+benchmarks print their compile time, and each generation batch, as they go), and still prints
+the table and summary. Under an outer time limit, leave a margin:
+
+    timeout 480 python benchmarks/gpu_suite.py --out $OUT/gpu_suite.jsonl --total-budget 450
 
     python benchmarks/gpu_suite.py --list
     python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
@@ -68,16 +81,20 @@ GPT2 = ("--preset", "gpt2-124m", "--batch", "16", "--seq", "1024", "--steps", "2
 BASELINE = GPT2[2:]
 
 ROWS: tuple[Row, ...] = (
+    # The three targets of docs/performance.md (gpt2-124m and llama-1b MFU, gpt2-124m decoding
+    # tokens/s) and the plain-Equinox baseline come first: a short run should measure them.
     _train("gpt2-124m", *GPT2),
     Row("equinox-baseline", ("benchmarks/equinox_baseline.py", *BASELINE), TRAIN_TIMEOUT_S),
-    Row("torch-baseline", ("benchmarks/torch_baseline.py", *BASELINE), TRAIN_TIMEOUT_S),
+    Row("generate", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                     "--batches", "1,64", "--new-tokens", "256"), GENERATE_TIMEOUT_S),
+    _train("llama-1b", "--preset", "llama-1b", "--batch", "8", "--seq", "2048",
+           "--steps", "10", "--warmup", "3"),
+    # --require-cuda: a PyTorch without CUDA fails at once rather than train on the CPU until
+    # the row's timeout.
+    Row("torch-baseline", ("benchmarks/torch_baseline.py", *BASELINE, "--require-cuda"), TRAIN_TIMEOUT_S),
     _train("gpt2-124m-unrolled", *GPT2, "--scan", "false"),
     _train("gpt2-124m-xla-attention", *GPT2, "--attention", "xla"),
     _train("gpt2-124m-full-logits", *GPT2, "--loss", "full"),
-    _train("llama-1b", "--preset", "llama-1b", "--batch", "8", "--seq", "2048",
-           "--steps", "10", "--warmup", "3"),
-    Row("generate", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
-                     "--batches", "1,64", "--new-tokens", "256"), GENERATE_TIMEOUT_S),
     _train("gpt2-124m-no-eqzoo-flags", *GPT2, env=(("EQZOO_XLA_FLAGS", "0"),)),
     _train("gpt2-124m-cublas-gemm", *GPT2,
            env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
@@ -214,33 +231,50 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+class Interrupted(BaseException):  # noqa: N818 -- raised through, like KeyboardInterrupt
+    """A row was stopped by Ctrl-C or SIGTERM; `record` is what it had printed by then."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["row"])
+        self.record = record
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_row(row: Row, timeout_s: float) -> dict:
     """Runs one row in its own process group, killed (with any children) after `timeout_s`.
 
+    The row's Python runs unbuffered (`PYTHONUNBUFFERED=1`), so the JSON lines a benchmark
+    prints as it goes (its compile time; each generation batch) survive a kill.
+
     **Returns:**
 
-    The row's benchmark JSON (if it printed one) merged with `status`, `rc`, `wall_s`,
-    `timeout_s`, `cmd`, `env` and, unless it passed, the tails of its stderr and stdout.
+    The row's benchmark JSON (its last JSON line, if it printed one) merged with `status`,
+    `rc`, `wall_s`, `timeout_s`, `cmd`, `env` and, unless it passed, the tails of its stderr
+    and stdout. On Ctrl-C or SIGTERM the row is killed and `Interrupted` raised with its
+    record (status `interrupted`).
     """
-    env = {**os.environ, **row_env(row, os.environ)}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **row_env(row, os.environ)}
     start = time.perf_counter()
     proc = subprocess.Popen(command(row), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    timed_out = False
+    timed_out, interrupted = False, False
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         timed_out = True
-    except BaseException:  # Ctrl-C: take the row down with us
-        _kill_group(proc.pid)
-        proc.wait()
-        raise
-    if timed_out:
+    except BaseException:  # Ctrl-C or SIGTERM: take the row down with us, keep what it printed
+        interrupted = True
+    if timed_out or interrupted:
         _kill_group(proc.pid)
         stdout, stderr = proc.communicate()
     wall_s = time.perf_counter() - start
     result = _last_json(stdout) or {}
-    if timed_out:
+    if interrupted:
+        status = "interrupted"
+    elif timed_out:
         status = "timeout"
     elif proc.returncode == 0 and result:
         status = "ok"
@@ -252,7 +286,45 @@ def run_row(row: Row, timeout_s: float) -> dict:
     if status != "ok":
         record["stderr_tail"] = _tail(stderr)
         record["stdout_tail"] = _tail(stdout)
+    if interrupted:
+        raise Interrupted(record)
     return record
+
+
+PREFLIGHT_TIMEOUT_S = 120.0
+# What every row does first (import eqzoo, which adds its XLA flags; create JAX's backend; run
+# one computation), in seconds rather than a row's timeout, and what it found.
+_PREFLIGHT_CODE = """\
+import json, os, sys, jax, jaxlib
+import eqzoo
+from eqzoo.perf import applied_xla_flags
+x = jax.numpy.arange(4.0).sum().block_until_ready()
+print(json.dumps({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                  "device_count": jax.device_count(), "jax": jax.__version__,
+                  "jaxlib": jaxlib.__version__, "python": sys.version.split()[0],
+                  "eqzoo_xla_flags": applied_xla_flags(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}))
+"""
+PREFLIGHT = Row("preflight", ("-c", _PREFLIGHT_CODE), PREFLIGHT_TIMEOUT_S)
+
+
+def preflight(runner: Callable[[Row, float], dict] = run_row) -> dict:
+    """Checks that JAX and eqzoo start, before any row spends its timeout finding out.
+
+    If they fail with eqzoo's XLA flags (an XLA release that no longer knows one aborts at
+    backend creation, and would fail every row), it tries again without them; when that
+    works the record says `"eqzoo_xla_flags_dropped": true` and the caller runs every row
+    with `EQZOO_XLA_FLAGS=0`.
+
+    **Returns:** the preflight's record (`status`, `backend`, `device`, versions, flags).
+    """
+    record = runner(PREFLIGHT, PREFLIGHT_TIMEOUT_S)
+    if record["status"] == "ok" or os.environ.get("EQZOO_XLA_FLAGS", "").strip() == "0":
+        return record
+    without = runner(dataclasses.replace(PREFLIGHT, env=(("EQZOO_XLA_FLAGS", "0"),)), PREFLIGHT_TIMEOUT_S)
+    if without["status"] != "ok":
+        return record
+    return {**without, "eqzoo_xla_flags_dropped": True, "with_eqzoo_xla_flags": {
+        k: record.get(k) for k in ("status", "rc", "stderr_tail")}}
 
 
 def run_suite(
@@ -285,12 +357,18 @@ def run_suite(
             log(f"{head}: skipped ({record['reason']})")
         else:
             log(f"{head} (timeout {timeout_s:.0f}s): {command_line(row, os.environ)}")
-            record = runner(row, timeout_s)
+            try:
+                record = runner(row, timeout_s)
+            except Interrupted as stop:  # recorded, then no further rows
+                record = stop.record
             log(f"{head}: {record['status']} in {record.get('wall_s', 0):.1f}s")
         record = {"run_id": run_id, **record}
         with out.open("a") as f:
             f.write(json.dumps(record) + "\n")
         records.append(record)
+        if record["status"] == "interrupted":
+            log("interrupted: no further rows")
+            break
     return records
 
 
@@ -329,7 +407,7 @@ _SUMMARY_KEYS = ("tokens_per_s", "images_per_s", "step_ms", "mfu", "compile_s", 
 
 
 def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:
-    counts = {s: 0 for s in ("ok", "failed", "timeout", "skipped")}
+    counts = {s: 0 for s in ("ok", "failed", "timeout", "skipped", "interrupted")}
     rows = []
     for r in records:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
@@ -392,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="start a row only if elapsed time + its timeout fits in this")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every row's timeout")
     p.add_argument("--smoke", action="store_true", help="tiny rows on CPU (checks this driver)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="run the rows even if JAX's backend is not a GPU (the preflight stops otherwise)")
+    p.add_argument("--no-preflight", action="store_true", help="skip the preflight check")
     p.add_argument("--json", action="store_true",
                    help="stdout is the JSON summary line alone (the table goes to stderr)")
     args = p.parse_args(argv)
@@ -404,12 +485,49 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(tempfile.gettempdir()) / "gpu_suite_smoke.jsonl" if args.smoke
                        else Path("gpu_suite.jsonl"))
     start = time.monotonic()
-    records = run_suite(rows, out=out, total_budget_s=args.total_budget,
-                        timeout_scale=args.timeout_scale)
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    # SIGTERM (an outer `timeout`) as Ctrl-C: the running row is killed and recorded, and the
+    # table and summary are still printed.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        records, pre = [], None
+        if not args.no_preflight:
+            try:
+                pre = preflight()
+            except Interrupted as stop:
+                pre = stop.record
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with out.open("a") as f:
+                f.write(json.dumps(pre) + "\n")
+            log(f"preflight: {pre['status']} in {pre.get('wall_s', 0):.1f}s: backend {pre.get('backend')}, "
+                f"{pre.get('device')}, jax {pre.get('jax')}, XLA_FLAGS {pre.get('XLA_FLAGS')!r}")
+            stop = None
+            if pre["status"] != "ok":
+                stop = "JAX or eqzoo failed to start (see the preflight record's stderr_tail in --out)"
+            elif pre.get("backend") != "gpu" and not (args.smoke or args.allow_cpu):
+                stop = (f"JAX's backend is {pre.get('backend')!r}, not a GPU (no CUDA jaxlib plugin, or it "
+                        "failed to load): every row would time out on the CPU. --allow-cpu runs them anyway")
+            if stop:
+                log(f"gpu_suite: {stop}.")
+                print(json.dumps({"benchmark": "gpu_suite", "error": stop, "preflight": pre}), flush=True)
+                return 2
+            if pre.get("eqzoo_xla_flags_dropped"):
+                log("gpu_suite: JAX failed to start with eqzoo's XLA flags and started without them; "
+                    "every row runs with EQZOO_XLA_FLAGS=0 (see the preflight record).")
+                os.environ["EQZOO_XLA_FLAGS"] = "0"
+        budget = None if args.total_budget is None else args.total_budget - (time.monotonic() - start)
+        records = run_suite(rows, out=out, total_budget_s=budget, timeout_scale=args.timeout_scale, log=log)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     result = summary(records, out=out, elapsed_s=time.monotonic() - start, args=args)
+    if pre is not None:
+        result["preflight"] = {k: pre.get(k) for k in ("backend", "device", "jax", "jaxlib", "XLA_FLAGS", "wall_s")}
+        result["preflight"]["eqzoo_xla_flags_dropped"] = bool(pre.get("eqzoo_xla_flags_dropped"))
+        if result["device"] is None:  # no row got as far as printing its device
+            result["device"], result["backend"] = pre.get("device"), pre.get("backend")
     print(markdown_table(records) + "\n", file=sys.stderr if args.json else sys.stdout, flush=True)
     print(json.dumps(result), flush=True)
-    return 1 if result["failed"] or result["timeout"] else 0
+    return 1 if result["failed"] or result["timeout"] or result["interrupted"] else 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ Prints the keys of `train_throughput.py`. `compile_s` is the wall time of the fi
 
     python benchmarks/torch_baseline.py --batch 16 --seq 1024 --steps 30 --json
     python benchmarks/torch_baseline.py --smoke --json          # tiny, for CI on CPU
+
+`--require-cuda` (as `gpu_suite.py` runs it) exits at once with status 2 where PyTorch has no
+CUDA device: GPT-2 124M at batch 16 x 1024 would otherwise train on the CPU until the row's
+timeout.
 """
 
 import argparse
@@ -118,9 +122,14 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on, except --smoke on CPU)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help=PEAK_TFLOPS_HELP)
+    p.add_argument("--require-cuda", action="store_true",
+                   help="exit at once (status 2) when PyTorch sees no CUDA device, rather than run on the CPU")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.require_cuda and not torch.cuda.is_available():
+        p.exit(2, f"torch_baseline: --require-cuda, but PyTorch {torch.__version__} sees no CUDA device "
+                  f"(built for CUDA {torch.version.cuda}); not running GPT-2 on the CPU.\n")
     if args.smoke:
         # the sizes of eqzoo's tiny-gpt2 preset, as train_throughput.py --smoke runs it
         args.layers, args.embed, args.heads, args.vocab, args.max_seq = 2, 64, 4, 256, 128

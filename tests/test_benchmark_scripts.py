@@ -29,12 +29,12 @@ runner = _load(ROOT / "scripts" / "_run_scripts.py")
 GPU_ROWS = [
     "gpt2-124m",
     "equinox-baseline",
+    "generate",
+    "llama-1b",
     "torch-baseline",
     "gpt2-124m-unrolled",
     "gpt2-124m-xla-attention",
     "gpt2-124m-full-logits",
-    "llama-1b",
-    "generate",
     "gpt2-124m-no-eqzoo-flags",
     "gpt2-124m-cublas-gemm",
     "gpt2-124m-remat-dots",
@@ -74,11 +74,12 @@ def test_list_prints_the_rows_in_priority_order(capsys):
         "--warmup 3 --json"
     )
     assert lines[GPU_ROWS.index("generate")].split("\t")[1] == "200s"
-    for name, script in (("equinox-baseline", "equinox_baseline"), ("torch-baseline", "torch_baseline")):
+    for name, script, extra in (("equinox-baseline", "equinox_baseline", ""),
+                                ("torch-baseline", "torch_baseline", " --require-cuda")):
         cells = lines[GPU_ROWS.index(name)].split("\t")
         assert cells[1] == "150s"
         assert cells[2].endswith(
-            f"benchmarks/{script}.py --batch 16 --seq 1024 --steps 20 --warmup 3 --json"
+            f"benchmarks/{script}.py --batch 16 --seq 1024 --steps 20 --warmup 3{extra} --json"
         )
 
 
@@ -150,6 +151,73 @@ def test_rows_keep_going_past_a_failure_and_a_timeout(tmp_path):
     assert by_name["hang"]["wall_s"] < 10
     assert by_name["loss-rose"]["step_ms"] == 1.0  # figures of a failed row are kept
     assert len(out.read_text().splitlines()) == 5
+
+
+def test_a_row_interrupted_by_a_signal_is_recorded_with_what_it_printed(tmp_path, monkeypatch):
+    # SIGTERM from an outer `timeout` (here SIGALRM, handled the same way): the row is killed,
+    # its JSON printed so far is kept (the driver runs rows unbuffered, whatever the caller's
+    # environment says), and no later row starts.
+    import signal
+
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+
+    rows = [
+        _row("first", "import json; print(json.dumps({'tokens_per_s': 1.0}))"),
+        _row("slow", "import json, time; print(json.dumps({'compile_s': 2.5})); time.sleep(60)"),
+        _row("never", "print('{}')"),
+    ]
+    out = tmp_path / "suite.jsonl"
+    previous = signal.signal(signal.SIGALRM, suite._raise_interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 3.0)
+        records = suite.run_suite(rows, out=out, log=lambda s: None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert [r["status"] for r in records] == ["ok", "interrupted"]
+    assert records[1]["compile_s"] == 2.5 and records[1]["wall_s"] < 30
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_preflight_retries_without_eqzoo_xla_flags():
+    calls = []
+
+    def fake_runner(row, timeout_s):
+        calls.append(dict(row.env))
+        if row.env:  # EQZOO_XLA_FLAGS=0: JAX starts
+            return {"row": row.name, "status": "ok", "backend": "gpu"}
+        return {"row": row.name, "status": "failed", "rc": -6, "stderr_tail": "Unknown flags in XLA_FLAGS"}
+
+    record = suite.preflight(fake_runner)
+    assert calls == [{}, {"EQZOO_XLA_FLAGS": "0"}]
+    assert record["status"] == "ok" and record["eqzoo_xla_flags_dropped"]
+    assert "Unknown flags" in record["with_eqzoo_xla_flags"]["stderr_tail"]
+    calls.clear()
+    assert "eqzoo_xla_flags_dropped" not in suite.preflight(lambda row, t: calls.append(1) or {"status": "ok"})
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("found, code", [
+    ({"status": "ok", "backend": "cpu"}, 2),
+    ({"status": "failed", "rc": 1}, 2),
+    ({"status": "ok", "backend": "gpu", "eqzoo_xla_flags_dropped": True}, 0),
+])
+def test_the_preflight_stops_the_suite_before_rows_that_cannot_run(tmp_path, monkeypatch, capsys, found, code):
+    ran = []
+    monkeypatch.setattr(suite, "preflight", lambda: {"row": "preflight", **found})
+    monkeypatch.setattr(suite, "run_row", lambda row, t: ran.append(row.name) or {"row": row.name, "status": "ok"})
+    monkeypatch.setenv("EQZOO_XLA_FLAGS", "1")  # restored after the test
+    out = tmp_path / "suite.jsonl"
+    monkeypatch.setattr(suite, "run_suite", lambda rows, **kw: [
+        {"run_id": "x", **suite.run_row(r, 1.0)} for r in rows[:1]])
+    assert suite.main(["--out", str(out), "--json"]) == code
+    first = json.loads(out.read_text().splitlines()[0])
+    assert first["row"] == "preflight"
+    if code == 2:
+        assert ran == [] and "error" in json.loads(capsys.readouterr().out.splitlines()[-1])
+    else:
+        assert ran == ["gpt2-124m"] and suite.os.environ["EQZOO_XLA_FLAGS"] == "0"
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["preflight"]["eqzoo_xla_flags_dropped"]
 
 
 def test_table_has_a_line_per_generation_batch():

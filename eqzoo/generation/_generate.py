@@ -148,7 +148,9 @@ def loop_settings(temperature, top_k, top_p) -> dict:
     """The sampling settings as a decode loop takes them: temperature and top-p as arguments
     (a new value compiles nothing); greedy decoding, and top-k (it sets a shape), static."""
     temperature, top_p = traced_settings(temperature, top_p)
-    return dict(temperature=temperature, top_k=None if temperature is None else top_k, top_p=top_p)
+    # A Python int: `eqx.filter_jit` would trace a NumPy integer (an array to it) as an argument.
+    top_k = None if temperature is None or top_k is None else int(top_k)
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 def check_model(model, who: str) -> None:
@@ -172,6 +174,14 @@ def check_key(key, who: str) -> None:
             legacy = False
     if not (typed or legacy):
         raise ConfigError(f"{who}: key must be one PRNG key, jax.random.key(seed); got {key!r}.")
+
+
+def typed_key(key):
+    """`key` as a typed PRNG key: a legacy uint32 key (after `check_key`) wrapped, so that
+    the decode loops see one key type and a legacy key does not compile them again."""
+    if key is not None and getattr(key, "dtype", None) == jnp.uint32:
+        return jax.random.wrap_key_data(key)
+    return key
 
 
 def check_count(value, name: str, who: str) -> None:
@@ -325,10 +335,10 @@ def generate_batch(
     lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate")
     if key is None:
         key = jax.random.key(0)  # greedy decoding: never used
-    keys = jax.random.split(key, batch)
+    keys = jax.random.split(typed_key(key), batch)
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
-        max_new_tokens=max_new_tokens, **loop_settings(temperature, top_k, top_p),
+        max_new_tokens=int(max_new_tokens), **loop_settings(temperature, top_k, top_p),  # static: a Python int
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         use_cache=use_cache, unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,

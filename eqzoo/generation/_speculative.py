@@ -56,6 +56,7 @@ from ._generate import (
     loop_settings,
     prompt_lengths,
     resolve_unroll,
+    typed_key,
 )
 from ._sampling import (
     check_sampling,
@@ -341,10 +342,10 @@ def generate_speculative(
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
     lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative")
-    keys = jax.random.split(jax.random.key(0) if key is None else key, prompts.shape[0])
+    keys = jax.random.split(jax.random.key(0) if key is None else typed_key(key), prompts.shape[0])
     out, rounds = _speculate_batch(
-        model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=max_new_tokens,
-        num_draft=num_draft, unroll_layers=resolve_unroll(unroll_layers),
+        model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=int(max_new_tokens),
+        num_draft=int(num_draft), unroll_layers=resolve_unroll(unroll_layers),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         **loop_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,

@@ -227,6 +227,10 @@ class AbstractLM(eqx.Module):
         [`eqzoo.generate`][] passes it). `valid_length`: how many of `tokens` are real, the rest
         right padding that a sliding-window layer's ring need not keep (default: all).
 
+        In a hand-written loop of compiled steps, pass `index` as an array
+        (`jnp.int32(i)`): `eqx.filter_jit` makes a Python int static, so every position would
+        compile the step again.
+
         **Returns:** `(logits of shape (seq, vocab), updated cache)`.
         """
         x, cache = self._cached_features(tokens, cache, index, batch_size, valid_length, fresh=False)

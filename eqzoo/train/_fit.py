@@ -43,17 +43,18 @@ class FitResult:
 
 
 def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> dict[str, float]:
-    """Average `eval_step` metrics over `batches` (each metric weighted equally per batch)."""
+    """Average `eval_step` metrics over `batches` (each metric weighted equally per batch).
+
+    The steps are dispatched one after another and their metrics read back once, at the end,
+    so the host never waits for the device between batches."""
+    pending = [eval_step(state, batch) for batch in batches]
+    if not pending:
+        raise ConfigError("evaluate got no batches; check the eval data source.")
     sums: dict[str, float] = {}
-    n = 0
-    for batch in batches:
-        metrics = jax.device_get(eval_step(state, batch))
+    for metrics in jax.device_get(pending):
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-        n += 1
-    if n == 0:
-        raise ConfigError("evaluate got no batches; check the eval data source.")
-    return {k: v / n for k, v in sums.items()}
+    return {k: v / len(pending) for k, v in sums.items()}
 
 
 def _evaluated(history: list[dict[str, float]], step: int) -> bool:
@@ -86,10 +87,11 @@ def fit(
     - `batches`: an iterable of batches (e.g. an `eqzoo.data.TokenLoader`). If it ends before
       `num_steps`, training stops there with a warning: the last steps are logged (and
       evaluated and checkpointed) as at the end, and the result has `stopped_early=True`.
-    - `num_steps`: the total step count to reach.
+    - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
-      step; logged as `eval/<name>`.
+      step; logged as `eval/<name>`, in the step's `train/` record when it has one (`eval_every`
+      need not be a multiple of `log_every`).
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
       last log) and `train/steps_per_s` (training steps per second over that window, not
       counting evaluation, loggers and callbacks; checkpoint saves count, as the time they
@@ -117,6 +119,10 @@ def fit(
             number = None
         if number is None or number < least:
             raise ConfigError(f"fit: {name} must be an integer >= {least}; got {value!r}.")
+        if name == "num_steps":
+            # A Python int from here on: compared with a device scalar, each step's tests
+            # (`step < num_steps`, the eval schedule) would each read it back from the device.
+            num_steps = number
     if (eval_step is None) != (eval_batches is None):
         raise ConfigError("pass eval_step and eval_batches together (or neither).")
     if eval_batches is not None and not callable(eval_batches):
@@ -145,7 +151,7 @@ def fit(
             logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
     history: list[dict[str, float]] = []
     pending: list[dict[str, jax.Array]] = []
-    stopped = out_of_data = False
+    stopped = False
     last_time = time.perf_counter()
     last_step = step
 
@@ -167,7 +173,7 @@ def fit(
                 "trained so far (stopped_early=True). Pass more batches (more epochs) or a smaller num_steps.",
                 stacklevel=2,
             )
-            stopped = out_of_data = True
+            stopped = True
         else:
             state, metrics = train_step(state, batch)
             step += 1
@@ -182,10 +188,11 @@ def fit(
             for k in host[0]:
                 record[f"train/{k}"] = float(np.mean([m[k] for m in host]))
             record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
-        # Evaluated with a logged record, or alone when the data ran out right after one that
-        # was not evaluated.
+        # Evaluated on its own schedule, with the logged record when there is one (eval_every
+        # need not be a multiple of log_every), once per step: not again when the data ran out
+        # right after an evaluated step.
         due = step % (eval_every or num_steps) == 0 or is_last
-        if eval_step is not None and due and (record is not None or (out_of_data and step > first_step and not _evaluated(history, step))):
+        if eval_step is not None and due and step > first_step and not _evaluated(history, step):
             record = (record or {"step": float(step)}) | run_eval()
         if record is not None:
             emit(record)

@@ -92,6 +92,7 @@ class TrainStep:
         # (make_global_batch).
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
+        self._traces: dict[Any, int] = {}
 
     def _jitted(self, structure, arrays):
         fn = self._compiled.get(structure)
@@ -116,6 +117,12 @@ class TrainStep:
                 # Pin the new state to the input state's layout, so it stays sharded step after
                 # step and donated buffers are reused; metrics are replicated.
                 jit_kwargs["out_shardings"] = (shardings, jax.NamedSharding(mesh, jax.P()))
+            untraced = flat_step
+
+            def flat_step(arrays, batch):  # counts traces, for num_compilations' fallback
+                self._traces[structure] = self._traces.get(structure, 0) + 1
+                return untraced(arrays, batch)
+
             fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
             self._compiled[structure] = fn
         return fn
@@ -135,7 +142,17 @@ class TrainStep:
     @property
     def num_compilations(self) -> int:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
-        return sum(f._cache_size() for f in self._compiled.values())
+        return sum(_cache_size(f, self._traces.get(s, 0)) for s, f in self._compiled.items())
+
+
+def _cache_size(jitted, traces: int) -> int:
+    # `_cache_size` is private to `jax.jit`'s wrapper: where a JAX release drops or changes it,
+    # count the traces instead (one per new batch shape or dtype) rather than fail a run.
+    size = getattr(jitted, "_cache_size", None)
+    try:
+        return int(size())
+    except Exception:
+        return traces
 
 
 def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:

@@ -269,6 +269,23 @@ def test_sampling_settings_are_arguments_of_the_compiled_loop(llama):
     np.testing.assert_array_equal(other, greedy.at[6:].set(9))
 
 
+def test_numpy_integer_counts_are_static_like_ints(llama):
+    # A NumPy integer (from a config, an array of lengths) is an array to eqx.filter_jit: passed
+    # on as it is, max_new_tokens would be traced and fail to set the output's shape.
+    from eqzoo.generation._generate import _generate_batch_jit
+
+    key = jax.random.key(0)
+    want = eqzoo.generate(llama, PROMPT, max_new_tokens=3, temperature=0.7, top_k=5, key=key)
+    before = _generate_batch_jit._cached._cache_size()
+    got = eqzoo.generate(llama, PROMPT, max_new_tokens=np.int64(3), temperature=0.7, top_k=np.int32(5), key=key)
+    np.testing.assert_array_equal(got, want)
+    assert _generate_batch_jit._cached._cache_size() == before  # the same compiled loop
+    # and so is a legacy uint32 key: the same draws as the typed key with its bits
+    legacy = eqzoo.generate(llama, PROMPT, max_new_tokens=3, temperature=0.7, top_k=5, key=jax.random.key_data(key))
+    np.testing.assert_array_equal(legacy, want)
+    assert _generate_batch_jit._cached._cache_size() == before
+
+
 def test_generation_errors(llama):
     with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=20)

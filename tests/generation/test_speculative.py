@@ -52,6 +52,15 @@ def test_equals_the_models_greedy_decoding(llama, draft_kind):
         assert (rounds == -(-(NEW - 1) // 4)).all()
 
 
+def test_numpy_integer_counts(llama):
+    # max_new_tokens and num_draft set shapes: NumPy integers are taken as the ints they hold.
+    draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))
+    prompts, lengths = _prompts()
+    want = generate_speculative(llama, draft, prompts, lengths, max_new_tokens=NEW, num_draft=3)
+    got = generate_speculative(llama, draft, prompts, lengths, max_new_tokens=np.int64(NEW), num_draft=np.int32(3))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_padding_and_pad_token_may_hold_any_id(llama):
     # Padding outside the vocabulary embedded as NaN and ruined the row (rows 1 and 2 here).
     prompts, lengths = _prompts()

@@ -66,6 +66,48 @@ def test_fit_logs_jsonl_and_evaluates(steps, tmp_path):
     assert lines[-1]["train/loss"] < lines[0]["train/loss"]
 
 
+def test_eval_every_need_not_be_a_multiple_of_log_every(steps):
+    # Every 3rd step and the last are evaluated whatever log_every is: step 3 alone (not a
+    # logged step), step 6 with its logged record, step 7 at the end.
+    train_step, eval_step = steps
+    result = train.fit(
+        _state(), train_step, batches(), num_steps=7, log_every=2, eval_step=eval_step,
+        eval_batches=eval_batches, eval_every=3,
+    )
+    assert [r["step"] for r in result.history] == [2, 3, 4, 6, 7]
+    assert [r["step"] for r in result.history if "eval/loss" in r] == [3, 6, 7]
+    assert "train/loss" not in result.history[1] and "train/loss" in result.history[3]
+
+
+def test_num_steps_as_a_device_scalar_is_read_once(steps, monkeypatch):
+    # num_steps=jnp.asarray(n) is read back once; the per-step tests then use a Python int
+    # (compared with the device scalar, each step would synchronise with the device 3 times).
+    train_step, eval_step = steps
+    state = _state()
+    num_steps = jnp.asarray(4)
+    reads = []
+    impl = type(num_steps)
+    original = impl.__bool__
+    monkeypatch.setattr(impl, "__bool__", lambda self: reads.append(self.shape) or original(self))
+    result = train.fit(state, train_step, batches(), num_steps=num_steps, log_every=2,
+                       eval_step=eval_step, eval_batches=eval_batches)
+    assert reads == []
+    assert [r["step"] for r in result.history] == [2, 4] and "eval/loss" in result.history[-1]
+
+
+def test_evaluate_reads_the_metrics_back_once(steps, monkeypatch):
+    # Every eval batch is dispatched before any metric is read: one device_get for them all.
+    _, eval_step = steps
+    state = _state()
+    want = [float(eval_step(state, b)["loss"]) for b in eval_batches()]
+    reads = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(1) or device_get(x))
+    got = train.evaluate(eval_step, state, eval_batches())
+    assert len(reads) == 1
+    np.testing.assert_allclose(got["loss"], np.mean(want), rtol=1e-6)
+
+
 def test_callback_returning_true_stops(steps):
     train_step, _ = steps
     seen = []

@@ -134,6 +134,26 @@ def test_dynamic_loss_scaling_skips_overflowing_steps(mlp):
     assert not np.array_equal(_arrays(state.model)[0], _arrays(before[0])[0])  # training resumed
 
 
+def test_num_compilations_counts_batch_shapes_without_private_jax_api(mlp, monkeypatch):
+    # One executable per batch shape; the input state's buffers are donated (deleted). Where
+    # jax.jit's private `_cache_size` is gone (a newer JAX), the count comes from the traces.
+    from eqzoo.train import _step
+
+    optimizer = optax.sgd(0.1)
+    step = train.make_train_step(train.classification_loss, optimizer)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))
+    batch = {"x": _mlp_batch()["x"], "y": _mlp_batch()["y"]}
+    first = state
+    state, _ = step(state, batch)
+    assert all(a.is_deleted() for a in first.arrays)
+    state, _ = step(state, batch)
+    state, _ = step(state, {k: v[:4] for k, v in batch.items()})
+    assert step.num_compilations == 2
+    cache_size = _step._cache_size
+    monkeypatch.setattr(_step, "_cache_size", lambda jitted, traces: cache_size(object(), traces))
+    assert step.num_compilations == 2
+
+
 def test_dynamic_loss_scale_grows_after_period():
     scale = train.DynamicLossScale.init(initial=8.0, period=2)
     scale = scale.adjust(jnp.bool_(True))
