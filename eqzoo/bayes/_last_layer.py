@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
+from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real, Shaped
 
 from .._errors import ConfigError, ShapeError, require, shape_str
 from ._inference import run_nuts, run_svi
@@ -169,7 +169,7 @@ class ConjugateGaussianHead(eqx.Module):
         )
 
     def log_predictive_density(
-        self, features: Float[ArrayIn, "batch features"], y: Float[ArrayIn, " batch *outputs"]
+        self, features: Float[ArrayIn, "batch features"], y: Real[ArrayIn, " batch *outputs"]
     ) -> Float[Array, " batch"]:
         """Exact `log p(y_i | x_i, data)` per example (summed over outputs)."""
         loc, quad = self._loc_var(features)
@@ -205,7 +205,7 @@ def _draw(
 
 def fit_conjugate_gaussian(
     features: Float[ArrayIn, "batch features"],
-    y: Float[ArrayIn, " batch *outputs"],
+    y: Real[ArrayIn, " batch *outputs"],
     *,
     prior_scale: float = 1.0,
     noise_scale: float | None = None,

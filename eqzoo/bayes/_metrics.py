@@ -4,7 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Shaped
+from jaxtyping import Array, Float, Int, Integer, Shaped
 
 from .._errors import ShapeError, shape_str
 from ._types import ArrayIn
@@ -61,7 +61,7 @@ def _as_class_probs(probs: Array) -> Array:
 
 def reliability_diagram(
     probs: Float[ArrayIn, " batch *classes"],
-    labels: Int[ArrayIn, " batch"],
+    labels: Integer[ArrayIn, " batch"],
     *,
     num_bins: int = 10,
 ) -> tuple[Float[Array, " bins"], Float[Array, " bins"], Int[Array, " bins"]]:
@@ -80,6 +80,7 @@ def reliability_diagram(
     accuracy 0.
     """
     probs, labels = _as_class_probs(jnp.asarray(probs)), jnp.asarray(labels)
+    labels = labels.astype(jnp.int32)  # uint8 labels compare with argmax's int32 under strict promotion
     if labels.shape != probs.shape[:1]:
         raise ShapeError(
             f"labels must be ({probs.shape[0]},) to match probs {shape_str(probs.shape)}; got "
@@ -97,7 +98,7 @@ def reliability_diagram(
 
 def expected_calibration_error(
     probs: Float[ArrayIn, " batch *classes"],
-    labels: Int[ArrayIn, " batch"],
+    labels: Integer[ArrayIn, " batch"],
     *,
     num_bins: int = 10,
 ) -> Float[Array, ""]:

@@ -5,7 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -26,7 +26,7 @@ def diffusion_loss(
     x0: Float[Array, "batch channels height width"],
     t: Int[Array, " batch"],
     noise: Float[Array, "batch channels height width"],
-    labels: Int[Array, " batch"] | None = None,
+    labels: Integer[Array, " batch"] | None = None,
     *,
     prediction: str = "epsilon",
 ) -> Float[Array, ""]:

@@ -5,7 +5,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError, require
 from .._typing import PRNGKey
@@ -20,7 +20,7 @@ def sample_ode(
     *,
     key: PRNGKey,
     shape: tuple[int, ...],  # checked below, with a clearer message than the type checker's
-    labels: Int[Array, " batch"] | None = None,
+    labels: Integer[Array, " batch"] | None = None,
     guidance_scale: float = 1.0,
     prediction: str = "epsilon",
     steps: int = 25,

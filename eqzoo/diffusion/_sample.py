@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -86,7 +86,7 @@ def sample(
     *,
     key: PRNGKey,
     shape: tuple[int, ...],  # checked below, with a clearer message than the type checker's
-    labels: Int[Array, " batch"] | None = None,
+    labels: Integer[Array, " batch"] | None = None,
     steps: int = 50,
     method: str = "ddim",
     eta: float | None = None,

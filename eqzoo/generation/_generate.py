@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -260,8 +260,8 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
 @no_type_check  # validated below with messages that say how to fix the call
 def generate_batch(
     model: AbstractLM,
-    prompts: Int[Array, "batch seq"],
-    lengths: Int[Array, " batch"] | None = None,
+    prompts: Integer[Array, "batch seq"],
+    lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
     key: PRNGKey | None = None,
@@ -348,7 +348,7 @@ def generate_batch(
 @no_type_check  # validated below with messages that say how to fix the call
 def generate(
     model: AbstractLM,
-    prompt: Int[Array, " seq"],
+    prompt: Integer[Array, " seq"],
     *,
     max_new_tokens: int,
     key: PRNGKey | None = None,

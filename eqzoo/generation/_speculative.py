@@ -41,7 +41,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -231,8 +231,8 @@ def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **s
 def generate_speculative(
     model: AbstractLM,
     draft: AbstractLM,
-    prompts: Int[Array, "batch seq"],
-    lengths: Int[Array, " batch"] | None = None,
+    prompts: Integer[Array, "batch seq"],
+    lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
     num_draft: int = 4,

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Real
+from jaxtyping import Array, Float, Integer, Real
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
@@ -236,7 +236,7 @@ class DiT(AbstractDenoiser):
         x = patches.reshape(g, g, c, p, p).transpose(2, 0, 3, 1, 4)  # (channels, rows, p, cols, p)
         return x.reshape(c, g * p, g * p)
 
-    def condition(self, t: Real[Array, ""], label: Int[Array, ""] | None) -> Float[Array, " embed"]:
+    def condition(self, t: Real[Array, ""], label: Integer[Array, ""] | None) -> Float[Array, " embed"]:
         """The conditioning vector: timestep embedding plus class embedding."""
         cond = self.time_embed(t.astype(jnp.float32))
         if self.label_embed is not None and label is not None:
@@ -248,7 +248,7 @@ class DiT(AbstractDenoiser):
         self,
         x: Float[Array, "channels height width"],
         t: Real[Array, ""] | float | int,
-        label: Int[Array, ""] | int | None = None,
+        label: Integer[Array, ""] | int | None = None,
         *,
         key: PRNGKey | None = None,
     ) -> Float[Array, "channels height width"]:

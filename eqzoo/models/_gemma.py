@@ -7,7 +7,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
@@ -259,7 +259,7 @@ class Gemma(AbstractLM):
         self.lm_head = None if c.tie_embeddings else Embedding(c.vocab_size, c.embed_dim, key=k_head)
 
     def embed_tokens(
-        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
+        self, tokens: Integer[Array, " seq"], positions: Integer[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """The token embeddings times `sqrt(embed_dim)`, the factor rounded to their dtype."""
         rows = self.token_embeddings(tokens)

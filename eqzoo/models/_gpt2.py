@@ -6,7 +6,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
@@ -141,7 +141,7 @@ class GPT2(AbstractLM):
         self.lm_head = None
 
     def embed_tokens(
-        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
+        self, tokens: Integer[Array, " seq"], positions: Integer[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """Token embeddings plus learned position embeddings. Under a mesh the position table
         is read whole (the `"position_table"` activation rule): with packed documents the

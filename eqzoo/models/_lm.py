@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Integer
 
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
@@ -15,7 +15,7 @@ from ..sharding._activation import constrain, constrain_forward
 from ._validate import check_cache_span, check_tokens
 
 
-def segment_positions(segment_ids: Int[Array, " seq"]) -> Int[Array, " seq"]:
+def segment_positions(segment_ids: Integer[Array, " seq"]) -> Integer[Array, " seq"]:
     """Each position's offset from the start of its segment (a run of equal ids):
     `[1, 1, 1, 2, 2, 0]` gives `[0, 1, 2, 0, 1, 0]`."""
     seq = segment_ids.shape[0]
@@ -42,12 +42,12 @@ class AbstractLM(eqx.Module):
         return self.config.max_seq  # type: ignore[attr-defined]
 
     def embed_tokens(
-        self, tokens: Int[Array, " seq"], positions: Int[Array, " seq"]
+        self, tokens: Integer[Array, " seq"], positions: Integer[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """Input embeddings of `tokens` at absolute `positions` (overridden by subclasses)."""
         return self.token_embeddings(tokens)
 
-    def token_embeddings(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
+    def token_embeddings(self, tokens: Integer[Array, " seq"]) -> Float[Array, "seq embed"]:
         """Rows of the token embedding table. Under a mesh the table is laid out by the
         `"vocab_table"` activation rule first (gathered over `fsdp`, vocab-parallel over
         `tensor`; see [`eqzoo.sharding.ACTIVATION_RULES`][])."""
@@ -60,10 +60,10 @@ class AbstractLM(eqx.Module):
 
     def features(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Integer[Array, " seq"],
         *,
-        segment_ids: Int[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        positions: Integer[Array, " seq"] | None = None,
     ) -> Float[Array, "seq embed"]:
         """The final normalised hidden states of one sequence (before the output head);
         `segment_ids` / `positions` as for `__call__`."""
@@ -79,11 +79,11 @@ class AbstractLM(eqx.Module):
 
     def features_and_aux(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Integer[Array, " seq"],
         mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None,
         *,
-        segment_ids: Int[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        positions: Integer[Array, " seq"] | None = None,
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`features(tokens)` and the blocks' auxiliary statistics over the positions `mask`
         weights, averaged over layers: the router losses of mixture-of-experts layers
@@ -156,10 +156,10 @@ class AbstractLM(eqx.Module):
     @no_type_check  # our own checks below give clearer messages than a generic type error
     def __call__(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Integer[Array, " seq"],
         *,
-        segment_ids: Int[Array, " seq"] | None = None,
-        positions: Int[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        positions: Integer[Array, " seq"] | None = None,
         key=None,
     ) -> Float[Array, "seq vocab"]:
         """Next-token logits for every position of one sequence.
@@ -182,13 +182,18 @@ class AbstractLM(eqx.Module):
         **Returns:** logits of shape `(seq, vocab)` in the parameters' dtype.
         """
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
+        # A NumPy array (what the tokenizers and loaders return) is accepted like a JAX one,
+        # with type checking on or off: the annotated methods below take JAX arrays.
+        tokens, segment_ids, positions = (
+            None if a is None else jnp.asarray(a) for a in (tokens, segment_ids, positions)
+        )
         if segment_ids is None and positions is None:
             return self._forward(tokens)
         # Checked before `features`, whose jaxtyping annotations would give a generic error.
         self._check_packing(tokens, segment_ids, positions)
         return self.logits(self.features(tokens, segment_ids=segment_ids, positions=positions))
 
-    def _forward(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
+    def _forward(self, tokens: Integer[Array, " seq"]) -> Float[Array, "seq vocab"]:
         return self.logits(self.features(tokens))
 
     def init_cache(self, max_seq: int | None = None, *, dtype=None, lookahead: int = 0) -> KVCache:
@@ -211,12 +216,12 @@ class AbstractLM(eqx.Module):
 
     def decode(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Integer[Array, " seq"],
         cache: KVCache,
-        index: Int[Array, ""] | int,
+        index: Integer[Array, ""] | int,
         *,
         batch_size: int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq vocab"], KVCache]:
         """Logits for `tokens` placed at positions `index, index+1, ...`, using and extending
         `cache` (from `init_cache`), which must hold those positions (`index + seq` at most
@@ -238,11 +243,11 @@ class AbstractLM(eqx.Module):
 
     def prefill(
         self,
-        tokens: Int[Array, " seq"],
+        tokens: Integer[Array, " seq"],
         cache: KVCache,
         *,
         batch_size: int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, " vocab"], KVCache]:
         """Start a sequence: write the keys and values of the prompt `tokens` (positions
         `0 .. seq-1`) into `cache`, and return the next-token logits after its last real

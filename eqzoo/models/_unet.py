@@ -8,7 +8,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Real
+from jaxtyping import Array, Float, Integer, Real
 
 from .._errors import ConfigError
 from .._typing import PRNGKey
@@ -292,7 +292,7 @@ class UNet(AbstractDenoiser):
         self,
         x: Float[Array, "channels height width"],
         t: Real[Array, ""] | float | int,
-        label: Int[Array, ""] | int | None = None,
+        label: Integer[Array, ""] | int | None = None,
         *,
         key: PRNGKey | None = None,
     ) -> Float[Array, "channels height width"]:

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
-from jaxtyping import Array, Float, Int, Int8
+from jaxtyping import Array, Float, Int, Int8, Integer
 
 from .._errors import (
     ConfigError,
@@ -505,9 +505,9 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        layer: Int[Array, ""] | int | None = None,
+        positions: Integer[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        layer: Integer[Array, ""] | int | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, "seq embed"]:
         """Self-attention over one whole sequence (causal unless built with `causal=False`).
@@ -704,9 +704,9 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        index: Int[Array, ""],
-        layer: Int[Array, ""] | int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        index: Integer[Array, ""],
+        layer: Integer[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Attend from `seq` new positions starting at `index`, reading and extending `cache`.
 
@@ -743,8 +743,8 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        layer: Int[Array, ""] | int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        layer: Integer[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Start a sequence: `decode(x, cache, 0, layer, valid_length)`, with the attention
         computed among the new positions alone, as `__call__` computes it.

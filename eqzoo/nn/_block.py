@@ -1,7 +1,7 @@
 """The pre-norm transformer block shared by GPT-2, Llama, Mixtral and Gemma."""
 
 import equinox as eqx
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Integer
 
 from .._typing import PRNGKey
 from ..sharding._activation import constrain
@@ -56,9 +56,9 @@ class TransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        layer: Int[Array, ""] | int | None = None,
+        positions: Integer[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        layer: Integer[Array, ""] | int | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence; `positions` and `segment_ids` as for
@@ -74,9 +74,9 @@ class TransformerBlock(eqx.Module):
         x: Float[Array, "seq embed"],
         mask: Float[Array, " seq"] | Bool[Array, " seq"] | None = None,
         *,
-        positions: Int[Array, " seq"] | None = None,
-        segment_ids: Int[Array, " seq"] | None = None,
-        layer: Int[Array, ""] | int | None = None,
+        positions: Integer[Array, " seq"] | None = None,
+        segment_ids: Integer[Array, " seq"] | None = None,
+        layer: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
         """`__call__` plus the feed-forward layer's auxiliary statistics: the router losses of
         an [`eqzoo.nn.MoE`][] over the positions `mask` weights (see `MoE.with_aux`), an empty
@@ -92,10 +92,10 @@ class TransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        index: Int[Array, ""],
-        layer: Int[Array, ""] | int | None = None,
+        index: Integer[Array, ""],
+        layer: Integer[Array, ""] | int | None = None,
         batch_size: int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """Like `__call__` for new positions starting at `index`, reading and extending `cache`
         (this layer's, or slot `layer` of a stacked cache; `valid_length` as in
@@ -109,9 +109,9 @@ class TransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        layer: Int[Array, ""] | int | None = None,
+        layer: Integer[Array, ""] | int | None = None,
         batch_size: int | None = None,
-        valid_length: Int[Array, ""] | int | None = None,
+        valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
         """`decode` at index 0, with the attention among the new positions alone
         ([`eqzoo.nn.Attention.prefill`][]): the start of a sequence."""

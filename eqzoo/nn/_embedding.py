@@ -3,7 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import check_sizes
 from .._typing import PRNGKey
@@ -28,7 +28,7 @@ class Embedding(eqx.Module):
         """Rows in the table."""
         return self.weight.shape[0]
 
-    def __call__(self, ids: Int[Array, " seq"]) -> Float[Array, "seq embed"]:
+    def __call__(self, ids: Integer[Array, " seq"]) -> Float[Array, "seq embed"]:
         """**Arguments:** `ids`, integer indices. **Returns:** their vectors."""
         return jnp.take(self.weight, ids, axis=0)
 

@@ -5,7 +5,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, check_sizes
+from .._errors import ConfigError, check_last_axis, check_sizes
 from .._typing import PRNGKey
 from ._linear import AbstractLinear, apply_linear, init_linear
 
@@ -42,6 +42,7 @@ class MLP(eqx.Module):
         self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
     ) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        check_last_axis("MLP", x, self.up.in_features)
         h = checkpoint_name(apply_linear(self.up, x), "mlp_up")  # (seq, hidden)
         h = jax.nn.gelu(h, approximate=self.approximate_gelu)
         return checkpoint_name(apply_linear(self.down, h), "mlp_out")
@@ -96,6 +97,7 @@ class SwiGLU(eqx.Module):
         self, x: Float[Array, "seq embed"], *, key: PRNGKey | None = None
     ) -> Float[Array, "seq embed"]:
         """**Arguments:** `x`, one sequence. **Returns:** same shape and dtype."""
+        check_last_axis("SwiGLU", x, self.gate.in_features)
         g = checkpoint_name(apply_linear(self.gate, x), "mlp_gate")
         u = checkpoint_name(apply_linear(self.up, x), "mlp_up")
         return checkpoint_name(apply_linear(self.down, _glu_activation(self.activation, g) * u), "mlp_out")

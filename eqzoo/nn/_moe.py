@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Bool, Float, Int
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_last_axis, shape_str
 from .._typing import PRNGKey
 from ._expert_parallel import expert_parallel_size, from_experts, to_experts
 from ._fields import with_fields
@@ -259,6 +259,7 @@ class MoE(eqx.Module):
                 f"MoE takes one sequence of shape (seq, embed); got {shape_str(x.shape)}. "
                 "Wrap the call in jax.vmap for a batch."
             )
+        check_last_axis("MoE", x, self.router.in_features)
         weights, experts, logits = self.route(x)
         out, kept = self._experts(x, experts)  # (seq, k, embed)
         y = jnp.einsum("tk,tkd->td", weights.astype(x.dtype), out)

@@ -6,7 +6,7 @@ import math
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError, check_positive_numbers, check_sizes
 
@@ -94,7 +94,7 @@ class RotaryEmbedding(eqx.Module):
         return inv.astype(np.float32)
 
     def __call__(
-        self, x: Float[Array, "seq heads head_dim"], positions: Int[Array, " seq"]
+        self, x: Float[Array, "seq heads head_dim"], positions: Integer[Array, " seq"]
     ) -> Float[Array, "seq heads head_dim"]:
         """**Arguments:**
 
@@ -107,7 +107,7 @@ class RotaryEmbedding(eqx.Module):
 
 
 def rotate(
-    x: Float[Array, "seq heads head_dim"], positions: Int[Array, " seq"], inv_freq: Float[Array, " half"]
+    x: Float[Array, "seq heads head_dim"], positions: Integer[Array, " seq"], inv_freq: Float[Array, " half"]
 ) -> Float[Array, "seq heads head_dim"]:
     """Rotate `x` (rotate-half layout) by `positions * inv_freq`: what a
     [`eqzoo.nn.RotaryEmbedding`][] does with its own frequencies. Takes the frequencies as an

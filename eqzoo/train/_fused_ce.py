@@ -23,7 +23,7 @@ from typing import NamedTuple, no_type_check
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 
@@ -243,7 +243,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def fused_cross_entropy(
     features: Float[Array, "batch seq embed"],
     head: Float[Array, "vocab embed"],
-    targets: Int[Array, "batch seq"],
+    targets: Integer[Array, "batch seq"],
     weights: Float[Array, "batch seq"] | None = None,
     *,
     chunk_size: int | None = None,

@@ -5,7 +5,8 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PyTree
+import numpy as np
+from jaxtyping import Array, Bool, Float, Integer, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
@@ -14,7 +15,7 @@ from ._fused_ce import _cap, _chunk, _constrain, _layout, fused_cross_entropy
 
 def cross_entropy(
     logits: Float[Array, "*batch vocab"],
-    targets: Int[Array, "*batch"],
+    targets: Integer[Array, "*batch"],
     mask: Bool[Array, "*batch"] | Float[Array, "*batch"] | None = None,
 ) -> Float[Array, ""]:
     """Mean negative log-likelihood of `targets` under `softmax(logits)`, computed in float32.
@@ -120,7 +121,7 @@ LM_LOSS_IMPLEMENTATIONS = ("fused", "chunked", "full")
 
 def lm_loss(
     model,
-    batch: dict[str, Array],
+    batch: dict[str, Array | np.ndarray],
     key: PRNGKey | None = None,
     *,
     implementation: str = "fused",
@@ -255,7 +256,7 @@ def _warn_untrained_routers(model) -> None:
 
 
 def classification_loss(
-    model, batch: dict[str, Array], key: PRNGKey | None = None
+    model, batch: dict[str, Array | np.ndarray], key: PRNGKey | None = None
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Softmax cross-entropy of a stateless classifier on `{"x": inputs, "y": labels}`.
 

@@ -2,7 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+import numpy as np
+from jaxtyping import Array, Bool, Float, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -11,12 +12,12 @@ from ._losses import _batch_vmap, _chunked_batch_nll, packing_args
 
 def sequence_logprobs(
     model,
-    tokens: Int[Array, "batch seq"],
-    targets: Int[Array, "batch seq"],
+    tokens: Integer[Array, "batch seq"],
+    targets: Integer[Array, "batch seq"],
     mask: Bool[Array, "batch seq"] | Float[Array, "batch seq"] | None = None,
     *,
-    segment_ids: Int[Array, "batch seq"] | None = None,
-    positions: Int[Array, "batch seq"] | None = None,
+    segment_ids: Integer[Array, "batch seq"] | None = None,
+    positions: Integer[Array, "batch seq"] | None = None,
     chunk_size: int | None = None,
 ) -> Float[Array, " batch"]:
     """`sum_t mask[t] * log p(targets[t] | tokens[:t + 1])` for each row: the log-probability
@@ -55,7 +56,7 @@ DPO_KEYS = (
 
 def dpo_loss(
     model,
-    batch: dict[str, Array],
+    batch: dict[str, Array | np.ndarray],
     key: PRNGKey | None = None,
     *,
     beta: float | int = 0.1,

@@ -203,3 +203,13 @@ def test_conjugate_mask_equals_dropping_rows():
         assert jnp.abs(masked.head.cov - dropped.head.cov).max() < TOL
         with pytest.raises(errors.ShapeError, match="mask must be boolean"):
             bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.Gaussian(0.2), mask=keep * 1)
+
+
+def test_conjugate_fit_takes_integer_targets():
+    # Integer regression targets (counts, grades) worked with type checking off and failed in
+    # fit_conjugate_gaussian's annotation (Float) with it on.
+    x, y = _linear_data(30, 2, 0.2, 5, dtype=np.float32)
+    y_int = jnp.round(y * 10).astype(jnp.int32)
+    got = bayes.fit_last_layer(eqx.nn.Identity(), x, y_int, bayes.Gaussian(0.2))
+    want = bayes.fit_last_layer(eqx.nn.Identity(), x, y_int.astype(jnp.float32), bayes.Gaussian(0.2))
+    np.testing.assert_allclose(got.head.mean, want.head.mean, rtol=0, atol=0)

@@ -79,3 +79,14 @@ def test_crps_gaussian_known_value_and_sample_estimate():
     )
     with pytest.raises((errors.ShapeError, jaxtyping.TypeCheckError), match="samples"):
         bayes.crps_samples(y, draws[:, :2])
+
+
+def test_calibration_takes_unsigned_labels():
+    # uint8 labels (an image data set's) were rejected by the annotation when type checking
+    # was on and worked when it was off; with strict promotion the comparison needs int32 too.
+    sure = jnp.tile(jnp.array([[0.95, 0.05]], jnp.float32), (1000, 1))
+    half = np.arange(1000) % 2
+    want = bayes.expected_calibration_error(sure, jnp.asarray(half, jnp.int32))
+    for dtype in (np.uint8, np.int64):
+        got = bayes.expected_calibration_error(sure, jnp.asarray(half.astype(dtype)))
+        assert float(got) == pytest.approx(float(want), abs=0)

@@ -82,6 +82,35 @@ def test_float_tokens_are_rejected(gpt2):
         gpt2(jnp.zeros((8,), jnp.float32))
 
 
+@pytest.mark.parametrize("dtype", [jnp.uint8, jnp.uint16, jnp.int16])
+def test_unsigned_and_narrow_token_ids_are_accepted_under_type_checking(lm, dtype):
+    # check_tokens accepts any integer dtype (uint16 is how large token corpora are stored), but
+    # the annotations said Int (signed only): with the documented import hook on, uint8/uint16
+    # ids failed in a private method while the same call worked with checking off.
+    tokens = jnp.arange(8, dtype=jnp.int32) % lm.config.vocab_size
+    want = lm(tokens)
+    narrow = tokens.astype(dtype)
+    np.testing.assert_allclose(lm(narrow), want, rtol=0, atol=0)  # same gather: exactly equal
+    np.testing.assert_allclose(
+        lm(narrow, segment_ids=jnp.ones(8, dtype), positions=jnp.arange(8, dtype=dtype)), want, rtol=0, atol=MODEL_TOL
+    )
+    batch = {"tokens": narrow[None, :-1], "targets": narrow[None, 1:]}
+    wide = {"tokens": tokens[None, :-1], "targets": tokens[None, 1:]}
+    for implementation in train.LM_LOSS_IMPLEMENTATIONS:
+        got = train.lm_loss(lm, batch, implementation=implementation)[0]
+        np.testing.assert_allclose(got, train.lm_loss(lm, wide, implementation=implementation)[0], rtol=1e-6)
+
+
+def test_numpy_tokens_and_batches_are_accepted_under_type_checking(gpt2):
+    # What the tokenizers and TokenLoader return; worked unchecked, a TypeCheckError checked
+    # (lm_loss's message printed the whole model: ~3,000 characters).
+    tokens = np.arange(8, dtype=np.int32)
+    np.testing.assert_allclose(gpt2(tokens), gpt2(jnp.asarray(tokens)), rtol=0, atol=0)
+    batch = {"tokens": tokens[None, :-1], "targets": tokens[None, 1:]}
+    want = train.lm_loss(gpt2, jax.tree.map(jnp.asarray, batch))[0]
+    np.testing.assert_allclose(train.lm_loss(gpt2, batch)[0], want, rtol=1e-6)
+
+
 def test_too_long_sequence_names_max_seq(gpt2):
     with pytest.raises(ShapeError, match=r"length 33 .*max_seq=32"):
         gpt2(jnp.zeros((33,), jnp.int32))

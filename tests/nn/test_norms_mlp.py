@@ -1,6 +1,8 @@
 """Norms against their formulas (and computing in fp32 for bf16 input); MLP and SwiGLU against
 theirs; embeddings and conv blocks."""
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -174,3 +176,26 @@ def test_layers_check_the_width_and_dtype_of_their_input(unchecked):
             attn(jnp.ones((8, 32)))
         with pytest.raises(ShapeError, match="Attention takes floating-point inputs; got dtype int32"):
             attn(jnp.ones((8, 64), jnp.int32))
+
+
+def test_feed_forward_layers_name_a_wrong_width(unchecked):
+    # Was JAX's "dot_general requires contracting dimensions to have the same shape".
+    x = jnp.ones((8, 17))
+    layers = {
+        "MLP": MLP(16, 32, key=K),
+        "SwiGLU": SwiGLU(16, 32, key=K),
+        "MoE": nn.MoE(16, 32, 4, 2, key=K),
+    }
+    for name, layer in layers.items():
+        for mode in (contextlib.nullcontext, unchecked):
+            with mode(), pytest.raises(ShapeError, match=rf"{name} takes inputs whose last axis has 16 entries; got shape \(8, 17\)"):
+                layer(x)
+        with unchecked(), pytest.raises(ShapeError, match=f"{name} takes floating-point inputs; got dtype int32"):
+            layer(jnp.ones((8, 16), jnp.int32))
+
+
+def test_embedding_takes_unsigned_ids():
+    emb = Embedding(300, 8, key=K)
+    ids = jnp.array([0, 7, 255], jnp.int32)
+    np.testing.assert_array_equal(emb(ids.astype(jnp.uint8)), emb(ids))
+    np.testing.assert_array_equal(emb(jnp.array([299], jnp.uint16)), emb.weight[299:])
