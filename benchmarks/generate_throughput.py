@@ -33,6 +33,7 @@ from _throughput import parse_set
 
 import eqzoo
 import eqzoo.quant
+from eqzoo.generation._generate import decoding_model  # how the decode loops run the model
 from eqzoo.train import cast_floating
 
 
@@ -100,8 +101,8 @@ def _prefill_timing(model, prompts, total, cache_dtype, unroll, repeats) -> dict
 
     @jax.jit
     def prefill(model, prompts):
-        if eqzoo.generation.resolve_unroll(unroll):  # as generate_batch runs the layers
-            model = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
+        # as generate_batch runs the layers: unrolled or not, and without remat
+        model = decoding_model(model, eqzoo.generation.resolve_unroll(unroll))
         return jax.vmap(lambda p: model.prefill(p, model.init_cache(total, dtype=cache_dtype), batch_size=batch))(prompts)
 
     compiled = prefill.lower(model, prompts).compile()

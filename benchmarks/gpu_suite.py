@@ -383,6 +383,12 @@ def table_lines(record: dict) -> list[list[str]]:
         return [[f"{name} (batch {r.get('batch')})", _fmt(r.get("tokens_per_s"), ",.0f"),
                  _fmt(r.get("ms_per_token"), ".2f"), "-", "-", _fmt(r.get("first_call_s"), ".1f"),
                  status] for r in record["results"]]
+    if "speculative" in record:  # speculative_decoding: plain greedy, then each num_draft
+        plain = [[f"{name} (greedy, no draft)", _fmt(record.get("greedy_tokens_per_s"), ",.0f"),
+                  "-", "-", "-", "-", status]]
+        return plain + [[f"{name} (num_draft {r.get('num_draft')}, x{_fmt(r.get('speedup'), '.2f')})",
+                         _fmt(r.get("tokens_per_s"), ",.0f"), "-", "-", "-", "-", status]
+                        for r in record["speculative"]]
     mfu = record.get("mfu")
     if "images_per_s" in record:  # image_throughput: images/s in the throughput column
         name, record = f"{name} (images/s)", {**record, "tokens_per_s": record["images_per_s"]}
@@ -416,6 +422,10 @@ def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:
         if "results" in r:
             row["results"] = [{k: g.get(k) for k in ("batch", "tokens_per_s", "ms_per_token")}
                               for g in r["results"]]
+        if "speculative" in r:
+            row["greedy_tokens_per_s"] = r.get("greedy_tokens_per_s")
+            row["speculative"] = [{k: g.get(k) for k in ("num_draft", "tokens_per_s", "speedup", "same_tokens")}
+                                  for g in r["speculative"]]
         rows.append(row)
     ran = [r for r in records if r.get("device")]
     result = {

@@ -93,7 +93,9 @@ class TrainState(eqx.Module):
           model say, are kept as they are), and with dynamic loss scaling the optimizer state
           also holds the loss scale.
 
-        **Returns:** the `TrainState`.
+        **Returns:** the `TrainState`. It holds `model`'s arrays and `key` themselves, not
+        copies: a train step that donates (the default) frees them at its first call, so go
+        on with `state.model`, or pass `jax.tree.map(jnp.copy, model)` to keep the original.
         """
         if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
             raise ConfigError(
