@@ -17,7 +17,7 @@ Token ids, segment ids, positions and class labels are `Integer` (signed or unsi
 token corpora are common), not `Int` (signed only).
 """
 
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 from jaxtyping import PRNGKeyArray, PyTree
 
@@ -27,4 +27,16 @@ PRNGKey: TypeAlias = PRNGKeyArray
 Metrics: TypeAlias = dict[str, Any]
 """A flat mapping from metric name to a scalar array or Python number."""
 
-__all__ = ["PRNGKey", "PyTree", "Metrics"]
+
+
+@runtime_checkable
+class TextStream(Protocol):
+    """Where progress lines go: anything with `write(str)` and `flush()` (`sys.stderr`, an open
+    text file, `io.StringIO`); `typing.TextIO` would refuse `io.StringIO` under type checking."""
+
+    def write(self, s: str, /) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
+__all__ = ["PRNGKey", "PyTree", "Metrics", "TextStream"]

@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.checkpoint_dir is not None:
         # Made first, so SIGTERM/SIGINT during setup already stop cleanly (after one step). It
         # saves the whole TrainState, the loader's position and the model config every
-        # --checkpoint-every steps (asynchronously) and at the last step.
-        checkpointer = checkpoint.Checkpointer(args.checkpoint_dir, save_every=args.checkpoint_every)
+        # --checkpoint-every steps (asynchronously) and at the last step, and says so on stderr.
+        checkpointer = checkpoint.Checkpointer(args.checkpoint_dir, save_every=args.checkpoint_every, progress=sys.stderr)
     setup = build(args)
     p: Preset = args.preset
     print(

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from .._errors import user_stacklevel
+from .._typing import TextStream
 from ..train import TrainState
 from ._config import model_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
@@ -116,6 +117,9 @@ class Checkpointer:
       step instead of raising.
     - `config`: the model config to store; default: the model's own `config` field, if any.
     - `compression`: zstd-compress array files (smaller, slower to write and read).
+    - `progress`: a stream (`sys.stderr`, say) to report each save on, in process 0: one line
+      when it starts, with how long training waited for it, and one when it is committed
+      (seen at the next `save`/`maybe_save` call, or at `close`). Default: silent.
     """
 
     def __init__(
@@ -130,7 +134,11 @@ class Checkpointer:
         fallback_to_intact: bool = False,
         config: Any = None,
         compression: bool = False,
+        progress: TextStream | None = None,
     ):
+        self._progress = progress if jax.process_index() == 0 else None
+        self._async = async_save
+        self._pending: tuple[int, float] | None = None  # (step, when its save began), until seen committed
         self._save_every = _check_count("save_every", save_every, allow_none=True)
         keep_last = _check_count("keep_last", keep_last, allow_none=True)
         keep_every = _check_count("keep_every", keep_every, allow_none=True)
@@ -246,6 +254,7 @@ class Checkpointer:
             )
         if self._last_saved is None:
             self._remove_unfinished()
+        began = time.perf_counter()
         names = state_names(state)
         items = {name: to_stored(leaf) for name, leaf in zip(names, state.arrays, strict=True)}
         config = self._stored_config(state) if config is None else config
@@ -264,7 +273,30 @@ class Checkpointer:
             force=True,
         )
         self._last_saved = step
+        if self._progress is not None:
+            self._report_commit()  # the previous save, if it committed meanwhile
+            waited = time.perf_counter() - began
+            how = "copied off the device" if self._async else "written"
+            self._say(f"saving step {step} to {self._directory} (training waited {waited:.2f}s while it was {how})")
+            self._pending = (step, began)
+            self._report_commit()  # a synchronous save is committed already
         return True
+
+    def _say(self, line: str) -> None:
+        print(f"checkpoint: {line}", file=self._progress, flush=True)
+
+    def _report_commit(self, *, finished: bool = False) -> None:
+        # One stat call while a save is pending: cheap enough for every step. `finished`: the
+        # writes are over, so a step not committed now never will be.
+        if self._pending is None:
+            return
+        step, began = self._pending
+        if self._step_dir(step).is_dir():
+            self._pending = None
+            self._say(f"step {step} committed, {time.perf_counter() - began:.1f}s after its save began")
+        elif finished:
+            self._pending = None
+            self._say(f"step {step} was NOT committed (its write failed; see the errors above)")
 
     def _remove_unfinished(self) -> None:
         # Temporary step directories of saves that never committed (the writer was killed).
@@ -284,6 +316,8 @@ class Checkpointer:
         **Returns:** whether a save was started.
         """
         step = int(state.step) if step is None else int(step)
+        if self._pending is not None:
+            self._report_commit()
         if self._current_step is None and self._restored_step is not None:
             self._warn_newer_steps()
         self._current_step = step
@@ -361,6 +395,7 @@ class Checkpointer:
         self._closed = True
         try:
             self._manager.wait_until_finished()
+            self._report_commit(finished=True)
             self._manager.close()
         finally:
             if threading.current_thread() is threading.main_thread():

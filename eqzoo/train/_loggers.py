@@ -7,9 +7,10 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .._errors import require, user_stacklevel
+from .._typing import TextStream
 
 
 @runtime_checkable
@@ -132,7 +133,7 @@ class TensorBoardLogger:
 class ConsoleLogger:
     """Prints a progress line per logged step: step, metrics, speed and time left."""
 
-    def __init__(self, total_steps: int | None = None, *, stream: TextIO | None = None, keys: tuple[str, ...] | None = None):
+    def __init__(self, total_steps: int | None = None, *, stream: TextStream | None = None, keys: tuple[str, ...] | None = None):
         """**Arguments:** `total_steps` (for the ETA), output `stream` (default stderr), and the
         metric `keys` to show (default all)."""
         self.total = total_steps

@@ -372,3 +372,26 @@ def test_meta_crc_covers_every_field():
     flipped = {**meta, "data_state": {"step": 13}}
     assert not crc_ok(flipped)
     assert meta["crc32"] == zlib.crc32(json.dumps({"data_state": {"step": 12}, "format": "eqzoo.checkpoint"}, sort_keys=True).encode())
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_progress_reports_each_save_and_its_commit(async_save, ckpt_dir, state_factory):
+    import io
+    import re
+
+    stream = io.StringIO()
+    ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=async_save, progress=stream)
+    state = state_factory()
+    ckpt.save(state, step=2)
+    ckpt.save(state, step=4)  # waits for step 2's commit first, which is then reported
+    ckpt.close()
+    lines = stream.getvalue().splitlines()
+    assert [re.sub(r"[\d.]+s", "Ts", line) for line in lines] == [
+        f"checkpoint: saving step 2 to {ckpt_dir} (training waited Ts while it was {'copied off the device' if async_save else 'written'})",
+        "checkpoint: step 2 committed, Ts after its save began",
+        f"checkpoint: saving step 4 to {ckpt_dir} (training waited Ts while it was {'copied off the device' if async_save else 'written'})",
+        "checkpoint: step 4 committed, Ts after its save began",
+    ]
+    silent = checkpoint.Checkpointer(ckpt_dir / "quiet")
+    silent.save(state, step=2)
+    silent.close()  # nothing to report on, and nothing printed: progress defaults to None
