@@ -119,6 +119,31 @@ def _gpt2_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
+def _check_partial_rotary(d: Mapping[str, Any], merged: Mapping[str, Any], rope_type: str) -> None:
+    # `partial_rotary_factor` (in the rotary parameters, or else at the top level, as transformers
+    # takes it) asks to rotate only the first fraction of each head; eqzoo rotates the whole head.
+    factor = merged.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if factor is None or factor == 1:
+        return
+    factor = _float({"partial_rotary_factor": factor}, "partial_rotary_factor")
+    if rope_type == "default":
+        # Accepted: for every family read here, transformers 5's default rotary embedding is the
+        # model's own `compute_default_rope_parameters`, which never reads the factor and
+        # rotates the whole head, as eqzoo does (the logits agree; tests/hf/test_load.py).
+        return
+    # transformers' linear and llama3 rotary functions do read it and compute frequencies for the
+    # first fraction of the head only; these models' attention then applies them to the whole
+    # head and fails at the first forward pass. Refused: rotating the whole head would compute
+    # something the file does not describe.
+    raise _unsupported(
+        d, "partial_rotary_factor", factor,
+        f"with rope_type {rope_type!r} transformers rotates only that fraction of each head (and "
+        "this architecture's attention cannot apply it), while eqzoo rotates the whole head. Only "
+        "partial_rotary_factor=1.0 (or any value with rope_type 'default', which transformers ignores "
+        "for this architecture) is supported",
+    )
+
+
 def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, RopeScaling | None]:
     # transformers 5 writes `rope_parameters` (holding rope_theta); 4.x wrote `rope_theta` and
     # `rope_scaling` (with "type" in the oldest files, "rope_type" later).
@@ -127,6 +152,7 @@ def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, Ro
     theta = params.get("rope_theta", d.get("rope_theta", default_theta))
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
+    _check_partial_rotary(d, merged, rope_type)
     if rope_type == "default":
         return float(theta), None
     if rope_type == "linear":
@@ -372,8 +398,10 @@ def _gemma3_rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | Non
     if "full_attention" in params or "sliding_attention" in params:
         full = dict(params.get("full_attention") or {})
         local = dict(params.get("sliding_attention") or {})
-        theta, scaling = _rope_from_hf({"rope_parameters": full}, 1e6)
-        local_theta, local_scaling = _rope_from_hf({"rope_parameters": local}, 10000.0)
+        # A top-level partial_rotary_factor applies to each layer type (transformers copies it in).
+        partial = {"partial_rotary_factor": d["partial_rotary_factor"]} if "partial_rotary_factor" in d else {}
+        theta, scaling = _rope_from_hf({"rope_parameters": full, **partial}, 1e6)
+        local_theta, local_scaling = _rope_from_hf({"rope_parameters": local, **partial}, 10000.0)
         if (local_theta, local_scaling) == (theta, scaling):
             return theta, scaling, None  # the sliding layers rotate as the full ones do
         if local_scaling is not None:
@@ -473,7 +501,8 @@ def config_from_hf(
     [`eqzoo.models.ViTConfig`][].
 
     **Raises:** `HFFormatError` for an unsupported architecture (the message lists the supported
-    ones) or option, or a quantized checkpoint (`quantization_config`: GPTQ, AWQ, bitsandbytes,
+    ones) or option (for example a `partial_rotary_factor` below 1 with a `linear` or `llama3`
+    rotary embedding: eqzoo rotates the whole head), or a quantized checkpoint (`quantization_config`: GPTQ, AWQ, bitsandbytes,
     FP8, ...); `ConfigError` for an unknown override.
     """
     cls, read = _FROM_HF[_family(hf_config)]
@@ -507,7 +536,9 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig 
     `router_z_loss_coef` and `moe_implementation`) are not written. A `LlamaConfig` with
     `qk_norm` is written as `Qwen3ForCausalLM`, one with `qkv_bias` as `Qwen2ForCausalLM`, one
     with only a `sliding_window` as `MistralForCausalLM` (transformers' Llama has none of
-    them); a `MixtralConfig` with `qk_norm` as `Qwen3MoeForCausalLM`. A `GemmaConfig` is
+    them), one with none of them as `LlamaForCausalLM` (a Mistral checkpoint with
+    `sliding_window: null` loads as such a config; [`eqzoo.hf.save_pretrained`][] with `like=`
+    that checkpoint writes it as Mistral again); a `MixtralConfig` with `qk_norm` as `Qwen3MoeForCausalLM`. A `GemmaConfig` is
     written as the oldest generation that holds it: `Gemma3ForCausalLM` with `qk_norm` or
     `local_rope_theta`, `Gemma2ForCausalLM` with `post_norms`, else `GemmaForCausalLM`; its
     `layer_types` are written out per layer. Llama and Mixtral rotary
@@ -595,6 +626,26 @@ def config_to_hf(config: GPT2Config | LlamaConfig | MixtralConfig | GemmaConfig 
         "bos_token_id": None,
         "eos_token_id": None,
     }
+
+
+def as_architecture_of(hf: dict[str, Any], original: Mapping[str, Any]) -> dict[str, Any]:
+    """`hf` (from `config_to_hf`) rewritten as `original`'s architecture where that architecture
+    computes the same model exactly, else `hf` unchanged.
+
+    The one such pair among the architectures read here: a Llama without a window is a
+    `MistralForCausalLM` with `sliding_window: null` (same tensors, same computation; loading
+    such a Mistral gives a plain `LlamaConfig`, so without this it would come back as Llama).
+    Qwen2 always has query/key/value biases and Qwen3 query/key norms, which a Llama lacks, and
+    every other family loads back into the architecture it came from.
+    """
+    architectures = original.get("architectures") or []
+    architectures = [architectures] if isinstance(architectures, str) else list(architectures)
+    mistral = "MistralForCausalLM" in architectures or (not architectures and original.get("model_type") == "mistral")
+    if hf.get("architectures") == ["LlamaForCausalLM"] and mistral:
+        # Mistral's projections never have biases: it has no attention_bias / mlp_bias keys.
+        out = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias")}
+        return out | {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None}
+    return hf
 
 
 def _rope_to_hf(c: LlamaConfig | MixtralConfig | GemmaConfig) -> dict[str, Any]:

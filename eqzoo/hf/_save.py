@@ -17,7 +17,7 @@ from .._errors import ConfigError, EqzooError, require
 from ..models import GPT2, Gemma, Llama, Mixtral, ViT
 from ..nn import AbstractLinear, AbstractWeight, select_linears
 from ..sharding import path_str
-from ._config import config_to_hf
+from ._config import as_architecture_of, config_to_hf
 from ._errors import HFFormatError
 from ._files import (
     CONFIG_NAME,
@@ -143,6 +143,7 @@ def save_pretrained(
       [`eqzoo.models.Gemma`][] or [`eqzoo.models.ViT`][] (`pool="cls"`).
     - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
     - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
+      `config.json` names the result as both `dtype` (transformers 5) and `torch_dtype` (4.x).
     - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
       string such as `"2GB"` / `"500MiB"`); `None` writes one file.
     - `extra_config`: more `config.json` keys, e.g. `{"eos_token_id": 2}`; they may not change
@@ -154,6 +155,10 @@ def save_pretrained(
       ...) are carried over (token ids in `extra_config` win, in both JSON files), so the folder written decodes and stops as the original did. An
       eqzoo model holds no token ids: without `like` (or `extra_config`) they are written as
       null, and `transformers`' `generate` then never stops at an end-of-sequence token.
+      Where `like`'s architecture holds the model exactly, it is kept: a Mistral checkpoint
+      with `sliding_window: null` loads as a plain Llama and is written as
+      `MistralForCausalLM` again (without `like`, as `LlamaForCausalLM`, which computes the
+      same logits).
 
     **Returns:** the folder's path.
 
@@ -173,23 +178,28 @@ def save_pretrained(
     table = _tensor_table(model, rules, dtype)
 
     hf = config_to_hf(config)
-    for key, value in dict(extra_config or {}).items():
-        if hf.get(key) is not None and hf[key] != value:
-            raise ConfigError(f"extra_config may not change {key!r} (the model has {hf[key]!r}, got {value!r}).")
-        hf[key] = value
     source = None if like is None else as_folder(like)
+    original = {} if source is None else read_config(source)
     if source is not None:
-        original = read_config(source)
         vocab = original.get("vocab_size", original.get("text_config", {}).get("vocab_size"))
         if vocab is not None and vocab != hf.get("vocab_size", vocab):
             raise ConfigError(
                 f"save_pretrained: like={str(source)!r} has vocab_size {vocab}, the model {hf['vocab_size']}; "
                 "its token ids and tokenizer would not fit this model."
             )
-        for key in _TOKEN_IDS:
-            if hf.get(key) is None and original.get(key) is not None:
-                hf[key] = original[key]
-    hf["dtype"] = str(np.dtype(model.final_norm.weight.dtype) if dtype is None else dtype)  # what from_pretrained uses
+        hf = as_architecture_of(hf, original)  # keep like's architecture where it is exact
+    # The dtype from_pretrained(dtype="auto") loads the weights as: transformers 5 reads "dtype",
+    # 4.x "torch_dtype" (without it, 4.x's torch_dtype="auto" loads float32). Where both are
+    # present, transformers 5 keeps "dtype" and drops "torch_dtype" without a warning.
+    written = str(np.dtype(model.final_norm.weight.dtype) if dtype is None else dtype)
+    hf["dtype"] = hf["torch_dtype"] = written
+    for key, value in dict(extra_config or {}).items():
+        if hf.get(key) is not None and hf[key] != value:
+            raise ConfigError(f"extra_config may not change {key!r} (the model has {hf[key]!r}, got {value!r}).")
+        hf[key] = value
+    for key in _TOKEN_IDS:
+        if hf.get(key) is None and original.get(key) is not None:
+            hf[key] = original[key]
 
     limit = None if max_shard_size is None else _parse_size(max_shard_size)
     folder = Path(path)

@@ -175,6 +175,27 @@ def test_bad_index_and_corrupt_file(hf_checkpoints, tmp_path):
         ({"model_type": "llama", "attention_bias": True}, r"attention_bias=True.*no biases"),
         ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default', 'linear' and 'llama3'"),
         ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"llama3 rope scaling lacks 'low_freq_factor'"),
+        # transformers' linear / llama3 rotary embeddings read partial_rotary_factor (from the rope
+        # parameters, or else the top level) and rotate only that fraction of each head.
+        (
+            {"model_type": "llama", "rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 0.5}},
+            r"partial_rotary_factor=0.5.*rope_type 'linear' transformers rotates only that fraction.*eqzoo rotates the whole head",
+        ),
+        (
+            {"model_type": "mistral", "partial_rotary_factor": 0.25, "rope_scaling": {
+                "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }},
+            r"partial_rotary_factor=0.25.*rope_type 'llama3'",
+        ),
+        (
+            {"model_type": "gemma3_text", "partial_rotary_factor": 0.5, "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            }},
+            r"partial_rotary_factor=0.5.*rope_type 'linear'",
+        ),
+        ({"model_type": "llama", "partial_rotary_factor": "half"}, r"partial_rotary_factor='half'; it must be a finite number"),
         ({"model_type": "mixtral", "hidden_act": "gelu"}, r"hidden_act='gelu'.*SwiGLU with silu"),
         ({"model_type": "mixtral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'.*'default', 'linear' and 'llama3'"),
         ({"model_type": "gpt2", "activation_function": "relu"}, r"activation_function='relu'.*tanh GELU"),
@@ -190,9 +211,20 @@ def test_unsupported_options(config, match):
             num_local_experts=4, num_experts_per_tok=2,
         ),
         "gpt2": dict(vocab_size=100, n_positions=32, n_layer=1, n_head=4, n_embd=64),
-    }[config["model_type"]]
+    }[{"mistral": "llama", "gemma3_text": "llama"}.get(config["model_type"], config["model_type"])]
     with pytest.raises(HFFormatError, match=match):
         eqzoo.hf.config_from_hf(base | config)
+
+
+def test_partial_rotary_factor_with_default_rope_is_accepted():
+    # transformers' default rotary embedding for these families ignores it (parity: test_load.py).
+    base = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    plain = eqzoo.hf.config_from_hf({"model_type": "qwen2", **base})
+    assert eqzoo.hf.config_from_hf({"model_type": "qwen2", "partial_rotary_factor": 0.5, **base}) == plain
+    gemma3 = {"model_type": "gemma3_text", "sliding_window": 8, **base}
+    local = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    nested = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": local}
+    assert eqzoo.hf.config_from_hf(gemma3 | {"rope_parameters": nested}).local_rope_theta == 1e4
 
 
 def test_incomplete_config_names_missing_keys():

@@ -263,3 +263,25 @@ def test_gpt2_checkpoint_without_prefix_and_with_buffers(hf_checkpoints, loaded,
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     (tmp_path / "config.json").write_text((folder / "config.json").read_text())
     assert _same(eqzoo.hf.load_pretrained(tmp_path), loaded("gpt2"))
+
+
+@pytest.mark.parametrize("where", ["top-level", "rope_parameters"])
+def test_partial_rotary_factor_with_default_rope_is_ignored_as_transformers_does(where, tmp_path, hft):
+    # transformers' Llama-family default rotary embedding never reads partial_rotary_factor: it
+    # rotates the whole head, as eqzoo does, so such files load (the scaled rope types, which do
+    # read it, are refused: test_errors.py).
+    hf_model = hft.make_llama(12)
+    hf_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    if where == "top-level":
+        config["partial_rotary_factor"] = 0.5
+    else:
+        config["rope_parameters"] = {**config["rope_parameters"], "partial_rotary_factor": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reread = hft.transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reread.config.rope_parameters["partial_rotary_factor"] == 0.5  # transformers sees it ...
+    model = eqzoo.hf.load_pretrained(tmp_path)
+    tokens = hft.random_tokens(7, shape=(2, 40))
+    err = np.abs(_logits(model, tokens) - hft.hf_logits(reread, tokens)).max()  # ... and ignores it
+    assert err < ATOL, f"partial_rotary_factor ({where}): max logit error {err:.2e} >= {ATOL}"
+    assert np.abs(hft.hf_logits(reread, tokens) - hft.hf_logits(hf_model, tokens)).max() == 0.0

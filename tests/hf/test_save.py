@@ -1,5 +1,6 @@
 """Exporting eqzoo models: transformers loads them with no warnings and computes the same logits."""
 
+import dataclasses
 import json
 import shutil
 
@@ -118,9 +119,16 @@ def test_sharded_export(tmp_path, hft):
 def test_bf16_export(tmp_path, hft):
     model = _random_model("gpt2", seed=2)
     eqzoo.hf.save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
-    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    hf_model = hft.load_with_transformers(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    # "dtype" for transformers 5, "torch_dtype" for 4.x (whose torch_dtype="auto" reads only it)
+    assert (written["dtype"], written["torch_dtype"]) == ("bfloat16", "bfloat16")
+    hf_model = hft.load_with_transformers(tmp_path)  # asserts: no warning about either key
     assert hf_model.dtype == hft.torch.bfloat16
+    with hft.transformers_messages() as messages:
+        auto = hft.transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert auto.dtype == hft.torch.bfloat16 and auto.config.dtype == hft.torch.bfloat16 and not messages, messages
+    with pytest.raises(ConfigError, match="extra_config may not change 'torch_dtype' \\(the model has 'bfloat16', got 'float32'\\)"):
+        eqzoo.hf.save_pretrained(model, tmp_path, dtype=jnp.bfloat16, extra_config={"torch_dtype": "float32"})
     back = eqzoo.hf.load_pretrained(tmp_path)
     expected = np.asarray(model.embed.weight.astype(jnp.bfloat16))
     assert np.asarray(back.embed.weight).tobytes() == expected.tobytes()
@@ -179,3 +187,38 @@ def test_like_carries_token_ids_generation_config_and_tokenizer(hf_checkpoints, 
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": 999}))
     with pytest.raises(ConfigError, match=r"like=.* has vocab_size 999, the model 160"):
         eqzoo.hf.save_pretrained(model, tmp_path / "bad", like=other)
+
+
+def test_like_keeps_mistral_without_a_window(tmp_path, hft):
+    # A Mistral with sliding_window null is a Llama exactly, and loads as a plain LlamaConfig.
+    # Exported with like= the original it is a MistralForCausalLM again; without like, Llama.
+    source = tmp_path / "source"
+    hft.make_mistral(11, sliding_window=None).save_pretrained(source)
+    model = eqzoo.hf.load_pretrained(source)
+    assert isinstance(model.config, LlamaConfig) and model.config.sliding_window is None
+
+    plain = json.loads((eqzoo.hf.save_pretrained(model, tmp_path / "plain") / "config.json").read_text())
+    assert (plain["architectures"], plain["model_type"]) == (["LlamaForCausalLM"], "llama")
+
+    out = eqzoo.hf.save_pretrained(model, tmp_path / "out", like=source)
+    written = json.loads((out / "config.json").read_text())
+    assert (written["architectures"], written["model_type"]) == (["MistralForCausalLM"], "mistral")
+    assert written["sliding_window"] is None and "attention_bias" not in written
+    hf_model = hft.load_with_transformers(out)  # asserts: no missing/unexpected keys, no warnings
+    assert type(hf_model).__name__ == "MistralForCausalLM" and hf_model.config.sliding_window is None
+    tokens = hft.random_tokens(6, shape=(2, 40))
+    err = np.abs(np.asarray(_batched(model, jnp.asarray(tokens))) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"Mistral without a window: max |eqzoo - transformers| logit = {err:.2e} >= {ATOL}"
+    assert bool(eqx.tree_equal(eqzoo.hf.load_pretrained(out), model))
+
+    # like= keeps an architecture only where it is exact: a windowed Llama stays Mistral next to
+    # a Llama folder, and a Llama with query/key/value biases stays Qwen2 next to a Mistral one.
+    llama_folder = tmp_path / "plain"
+    for changes, like, expected in [
+        ({"sliding_window": 8}, llama_folder, "MistralForCausalLM"),
+        ({"qkv_bias": True}, source, "Qwen2ForCausalLM"),
+    ]:
+        config = dataclasses.replace(CONFIGS["llama-gqa-untied"], **changes)
+        other = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), eqx.filter_eval_shape(model_class(config), config, key=jax.random.key(0)))
+        eqzoo.hf.save_pretrained(other, tmp_path / "other", like=like)
+        assert json.loads((tmp_path / "other" / "config.json").read_text())["architectures"] == [expected]
