@@ -17,9 +17,13 @@ from .._typing import TextStream
 class Logger(Protocol):
     """What [`eqzoo.train.fit`][] calls: `log(step, metrics)` with floats, then `close()`."""
 
-    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record `metrics` (`"train/loss"`, `"eval/loss"`, ...: floats) at `step`."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush and release what the logger holds; called once, when `fit` ends."""
+        ...
 
 
 class JSONLLogger:
