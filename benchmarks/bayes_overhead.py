@@ -15,10 +15,14 @@ Reported: NUTS wall time (compilation included, as a user sees it), NUTS time pe
 step (removes differences in trajectory length) and SVI steps per second (AutoNormal, Adam via
 `optax_to_numpyro`). Each side runs `--repeats` times, the sides rotating; ratios use the best
 (smallest) time of each side, the usual choice on a shared machine where other load only ever
-adds time, and are also given from medians and from process CPU time. A short untimed run of each side first pays the
-one-off costs of a fresh process (NumPyro's eager set-up ops compile on first use), which would
-otherwise be charged to whichever side runs first. Those costs are nearly all process-wide, so
-`--smoke` warms up the eqzoo side alone (which pays them for every side) to stay quick in CI.
+adds time, and are also given from medians and from process CPU time. Every timed SVI call gets
+a new `optax.adam` object, so eqzoo compiles each time, as `SVI.run` does. `svi_refit_*` then
+times one more call on new data of the same shape with the optimizer object of the call before
+(eqzoo reuses its compiled program; `SVI.run` compiles again) and counts its XLA compilations.
+A short untimed run of each side first pays the one-off costs of a fresh process (NumPyro's
+eager set-up ops compile on first use), which would otherwise be charged to whichever side runs
+first. Those costs are nearly all process-wide, so `--smoke` warms up the eqzoo side alone
+(which pays them for every side) to stay quick in CI.
 
     python benchmarks/bayes_overhead.py --json
     python benchmarks/bayes_overhead.py --smoke --json
@@ -105,9 +109,10 @@ def nuts_numpyro(model, x, y, warmup, samples, key):
     return int(mcmc.get_extra_fields()["num_steps"].sum())
 
 
-def svi_eqzoo(x, y, steps, key):
+def svi_eqzoo(x, y, steps, key, optimizer=None):
+    optimizer = optax.adam(1e-2) if optimizer is None else optimizer
     post = bayes.run_svi(
-        eqzoo_model(), x, y, num_steps=steps, optimizer=optax.adam(1e-2), num_samples=100, key=key
+        eqzoo_model(), x, y, num_steps=steps, optimizer=optimizer, num_samples=100, key=key
     )
     jax.block_until_ready(post.samples)
     return float(post.losses[-100:].mean())
@@ -122,6 +127,31 @@ def svi_numpyro(model, x, y, steps, key):
         draws = guide.sample_posterior(sample_key, result.params, x, y, sample_shape=(100,))
     jax.block_until_ready(draws)
     return float(result.losses[-100:].mean())
+
+
+COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, secs, **_: (
+        COMPILES.append(secs) if event == "/jax/core/compile/backend_compile_duration" else None
+    )
+)
+
+
+def refit(x, y, steps):
+    """Wall time and XLA compilations of a second SVI fit on new data of the same shape."""
+    x2, y2 = x[::-1], y[::-1] + 0.1
+    optimizer = optax.adam(1e-2)
+    svi_eqzoo(x, y, steps, jax.random.key(7), optimizer)
+    out = {}
+    for side, fn in (
+        ("eqzoo", lambda: svi_eqzoo(x2, y2, steps, jax.random.key(8), optimizer)),
+        ("numpyro_eqx", lambda: svi_numpyro(numpyro_eqx_model, x2, y2, steps, jax.random.key(8))),
+    ):
+        before = len(COMPILES)
+        wall = timed(fn)[0]
+        out[f"svi_refit_s_{side}"] = round(wall, 3)
+        out[f"svi_refit_compiles_{side}"] = len(COMPILES) - before
+    return out
 
 
 def timed(fn, *args):
@@ -220,6 +250,7 @@ def main() -> None:
         "svi_ratio_vs_jnp": ratio("svi", "numpyro_jnp"),
         "svi_cpu_ratio_vs_jnp": ratio("svi", "numpyro_jnp", cpu),
         "svi_final_loss": {s: round(loss[s], 2) for s in sides},
+        **refit(x, y, steps),
         "repeats": repeats,
     }
     print(json.dumps(summary))

@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import Any, Literal
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
@@ -129,14 +130,18 @@ def run_svi(
     """Fit a variational posterior by stochastic variational inference, then sample it.
 
     Maximises the ELBO (`Trace_ELBO`) with an optax optimizer (through
-    `numpyro.optim.optax_to_numpyro`), compiled into one `lax.scan` over steps.
+    `numpyro.optim.optax_to_numpyro`). Initialisation, a `lax.scan` over the steps and the draws
+    from the guide are one compiled program, cached: a later call with data of the same shapes
+    and dtypes, a model of the same structure (new values are fine), the same `guide`,
+    `optimizer` object and sizes, and any `key` reuses it instead of compiling again.
 
     **Arguments:**
 
     - `model`: the `BayesianModel`.
     - `x`, `y`: inputs and targets; `mask` optionally hides targets.
     - `num_steps`: optimisation steps.
-    - `optimizer`: an optax transformation; `optax.adam(1e-2)` by default.
+    - `optimizer`: an optax transformation; `optax.adam(1e-2)` by default. It is part of the
+      compiled program: pass the same object again to reuse the program.
     - `guide`: `"normal"` (mean-field `AutoNormal`), `"lowrank"`
       (`AutoLowRankMultivariateNormal` of rank `rank`) or a callable `model -> guide`.
     - `init_scale`: the guide's initial scale.
@@ -157,22 +162,75 @@ def run_svi(
             f"subsample_size must be in [1, {x.shape[0]}] (the number of examples); got "
             f"{subsample_size}."
         )
+    if not callable(guide):  # a bad name fails here, not while tracing
+        _make_guide(guide, model, init_scale, rank)
+    settings = dict(
+        num_steps=num_steps,
+        optimizer=optimizer if optimizer is not None else _DEFAULT_OPTIMIZER,
+        guide=guide,
+        rank=rank,
+        init_scale=float(init_scale),
+        num_particles=num_particles,
+        subsample_size=subsample_size,
+        num_samples=num_samples,
+    )
+    with jax.numpy_dtype_promotion("standard"):  # as in run_nuts
+        losses, draws, finite = _svi_compiled(model, x, y, mask, key, **settings)
+        if not finite:
+            # NumPyro checks distribution parameters only outside `jit`: rerun eagerly so that a
+            # model that is invalid at its initial values, or a fit that diverged, fails (or
+            # returns) exactly as `SVI.run` does, with NumPyro's message.
+            losses, draws = _svi_fit_and_sample(model, x, y, mask, key, **settings)
+    samples = {k: jnp.expand_dims(draws[k], 0) for k in model.site_names}
+    return Posterior(model, samples, "svi", losses=losses)
+
+
+# One optax object for the default, so calls without `optimizer=` share a compiled program.
+_DEFAULT_OPTIMIZER = optax.adam(1e-2)
+
+
+def _svi_fit_and_sample(
+    model: BayesianModel,
+    x: Any,
+    y: Any,
+    mask: Any,
+    key: PRNGKeyArray,
+    *,
+    num_steps: int,
+    optimizer: optax.GradientTransformation,
+    guide: Any,
+    rank: int | None,
+    init_scale: float,
+    num_particles: int,
+    subsample_size: int | None,
+    num_samples: int,
+) -> tuple[Any, dict[str, Any]]:
+    # What `SVI.run(progress_bar=False)` then `guide.sample_posterior` compute.
     g = _make_guide(guide, model, init_scale, rank)
-    opt = optim.optax_to_numpyro(optimizer if optimizer is not None else optax.adam(1e-2))
+    opt = optim.optax_to_numpyro(optimizer)
     svi = infer.SVI(model.model, g, opt, loss=infer.Trace_ELBO(num_particles=num_particles))
     fit_key, sample_key = jax.random.split(key)
-    with jax.numpy_dtype_promotion("standard"):  # as in run_nuts
-        result = svi.run(
-            fit_key, num_steps, x, y, mask=mask, subsample_size=subsample_size, progress_bar=False
-        )
-        draws = g.sample_posterior(
-            sample_key,
-            result.params,
-            x,
-            y,
-            mask=mask,
-            subsample_size=subsample_size,
-            sample_shape=(num_samples,),
-        )
-    samples = {k: jnp.expand_dims(draws[k], 0) for k in model.site_names}
-    return Posterior(model, samples, "svi", losses=result.losses)
+    data = dict(mask=mask, subsample_size=subsample_size)
+    state = svi.init(fit_key, x, y, **data)
+
+    def step(state: Any, _: None) -> tuple[Any, Any]:
+        return svi.update(state, x, y, **data)
+
+    state, losses = jax.lax.scan(step, state, None, length=num_steps)
+    params = svi.get_params(state)
+    draws = g.sample_posterior(sample_key, params, x, y, **data, sample_shape=(num_samples,))
+    return losses, draws
+
+
+@eqx.filter_jit
+def _svi_compiled(
+    model: BayesianModel, x: Any, y: Any, mask: Any, key: PRNGKeyArray, **settings: Any
+) -> Any:
+    # `SVI.run` builds a fresh step closure each call and runs its `lax.scan` outside `jit`, so
+    # every call compiled anew; here the data, the model's arrays and the key are arguments, and
+    # the rest (model structure, guide, optimizer object, sizes) is the compilation cache key.
+    losses, draws = _svi_fit_and_sample(model, x, y, mask, key, **settings)
+    finite = jnp.isfinite(losses).all()
+    for d in jax.tree.leaves(draws):
+        finite = finite & jnp.isfinite(d).all()
+    return losses, draws, finite

@@ -1,12 +1,13 @@
 """Scores of probabilistic predictions: NLPD, interval coverage, calibration error, CRPS."""
 
 import math
+from typing import no_type_check
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Integer, Shaped
+from jaxtyping import Array, Float, Int, Integer, Real, Shaped
 
-from .._errors import ShapeError, shape_str
+from .._errors import ShapeError, check_sizes, shape_str
 from ._types import ArrayIn
 
 
@@ -38,12 +39,14 @@ def negative_log_predictive_density(
 
 
 def interval_coverage(
-    y: Float[ArrayIn, " batch *target"],
+    y: Real[ArrayIn, " batch *target"],
     lower: Float[ArrayIn, " batch *target"],
     upper: Float[ArrayIn, " batch *target"],
 ) -> Float[Array, ""]:
-    """The fraction of targets inside `[lower, upper]`; near `prob` when calibrated."""
-    y, lower, upper = jnp.asarray(y), jnp.asarray(lower), jnp.asarray(upper)
+    """The fraction of targets inside `[lower, upper]`; near `prob` when calibrated. `y` may be
+    integer (counts, for a Poisson likelihood)."""
+    lower, upper = jnp.asarray(lower), jnp.asarray(upper)
+    y = jnp.asarray(y).astype(lower.dtype)  # integer counts compare as floats (strict promotion)
     inside = (y >= lower) & (y <= upper)
     return inside.astype(lower.dtype).mean()
 
@@ -59,6 +62,7 @@ def _as_class_probs(probs: Array) -> Array:
     return probs
 
 
+@no_type_check  # checked below, with messages that name the mismatch
 def reliability_diagram(
     probs: Float[ArrayIn, " batch *classes"],
     labels: Integer[ArrayIn, " batch"],
@@ -79,13 +83,21 @@ def reliability_diagram(
     **Returns:** `(confidence, accuracy, count)` per bin; empty bins have confidence and
     accuracy 0.
     """
+    check_sizes("reliability_diagram", num_bins=num_bins)
     probs, labels = _as_class_probs(jnp.asarray(probs)), jnp.asarray(labels)
-    labels = labels.astype(jnp.int32)  # uint8 labels compare with argmax's int32 under strict promotion
+    if not jnp.issubdtype(probs.dtype, jnp.floating):
+        raise ShapeError(f"probs must be floating-point probabilities; got dtype {probs.dtype.name}.")
     if labels.shape != probs.shape[:1]:
         raise ShapeError(
-            f"labels must be ({probs.shape[0]},) to match probs {shape_str(probs.shape)}; got "
+            f"labels must be ({probs.shape[0]},), one per row of probs {shape_str(probs.shape)}; got "
             f"{shape_str(labels.shape)}."
         )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):  # float labels would be truncated silently
+        raise ShapeError(
+            f"labels must be integer class ids; got dtype {labels.dtype.name}. Convert with "
+            "labels.astype(jnp.int32)."
+        )
+    labels = labels.astype(jnp.int32)  # uint8 labels compare with argmax's int32 under strict promotion
     confidence = probs.max(-1)
     correct = (probs.argmax(-1) == labels).astype(probs.dtype)
     bins = jnp.clip(jnp.floor(confidence * num_bins).astype(jnp.int32), 0, num_bins - 1)
@@ -96,6 +108,7 @@ def reliability_diagram(
     return conf_sum / denom, acc_sum / denom, count
 
 
+@no_type_check  # checked in reliability_diagram, with messages that name the mismatch
 def expected_calibration_error(
     probs: Float[ArrayIn, " batch *classes"],
     labels: Integer[ArrayIn, " batch"],
@@ -118,16 +131,17 @@ def expected_calibration_error(
 
 
 def crps_gaussian(
-    y: Float[ArrayIn, " batch *target"],
+    y: Real[ArrayIn, " batch *target"],
     mean: Float[ArrayIn, " batch *target"],
     std: Float[ArrayIn, " batch *target"],
 ) -> Float[Array, ""]:
     """Continuous ranked probability score of Gaussian predictions, averaged (lower is better).
 
     Closed form (Gneiting & Raftery, 2007): `std * (z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi))`
-    with `z = (y - mean) / std`.
+    with `z = (y - mean) / std`. `y` may be integer (counts).
     """
-    y, mean, std = jnp.asarray(y), jnp.asarray(mean), jnp.asarray(std)
+    mean, std = jnp.asarray(mean), jnp.asarray(std)
+    y = jnp.asarray(y).astype(mean.dtype)  # integer counts (strict promotion needs the cast)
     z = (y - mean) / std
     cdf = jax.scipy.stats.norm.cdf(z)
     pdf = jax.scipy.stats.norm.pdf(z)

@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
@@ -15,6 +16,16 @@ from ._schedule import NoiseSchedule, check_prediction
 
 def _apply(model: AbstractDenoiser, x: Array, t: Array, labels: Array | None) -> Array:
     """The model on a batch: one timestep (and label) per image."""
+    null = model.null_label
+    if labels is not None and null is not None and not isinstance(labels, jax.core.Tracer):
+        # Checked here: inside the vmap below the model sees traced labels it cannot check.
+        host = np.asarray(labels)
+        if ((host < 0) | (host > null)).any():
+            bad = sorted({int(v) for v in host.ravel() if not 0 <= v <= null})[:8]
+            raise ConfigError(
+                f"labels {bad} are not classes of this model: they must be in [0, {null}] "
+                f"({null} is the null class, for unconditional samples)."
+            )
     if labels is None:
         return jax.vmap(lambda xi, ti: model(xi, ti))(x, t)
     return jax.vmap(model)(x, t, labels)

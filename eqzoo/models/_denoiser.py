@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Real
 
-from .._errors import ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..nn import apply_linear, init_linear
+from ._validate import IMAGE_FIX, check_floating
 
 
 class AbstractDenoiser(eqx.Module):
@@ -25,7 +26,11 @@ class AbstractDenoiser(eqx.Module):
 
     Class-conditional models hold one extra, learned "null" class, index `null_label`
     (`= num_classes`), which stands for "no label": the loss swaps it in for a fraction of the
-    labels, and classifier-free guidance contrasts it with the real label.
+    labels, and classifier-free guidance contrasts it with the real label. A label outside
+    `[0, num_classes]` raises `ConfigError` when it is concrete; a traced one (under `jax.jit` or
+    `jax.vmap`) cannot be checked, and the embedding lookup then reads the null class's row for
+    it (JAX wraps -1 to the last row and clamps indices past the end), so check data labels
+    before the training step.
     """
 
     @property
@@ -76,10 +81,11 @@ class TimestepEmbedding(eqx.Module):
 
 def check_denoiser_inputs(
     model: str, x, t, label, *, channels: int, image_size: int, num_classes: int
-) -> tuple[Array, Array | None]:
-    """Raise `ShapeError` unless `x` is one `(channels, image_size, image_size)` image, `t` a
-    scalar and `label` an integer scalar (or `None`); **returns** `(t, label)` as arrays, with a
-    `None` label replaced by the null class of a conditional model."""
+) -> tuple[Array, Array, Array | None]:
+    """Raise `ShapeError` unless `x` is one floating-point `(channels, image_size, image_size)`
+    image, `t` a scalar and `label` an integer scalar (or `None`), and `ConfigError` unless a
+    concrete label is in `[0, num_classes]` (the last being the null class); **returns** `(x, t, label)` as JAX
+    arrays, with a `None` label replaced by the null class of a conditional model."""
     expected = (channels, image_size, image_size)
     shape = tuple(getattr(x, "shape", ()))
     if shape != expected:
@@ -90,7 +96,8 @@ def check_denoiser_inputs(
             else ""
         )
         raise ShapeError(f"{model} takes one image of shape {shape_str(expected)}; got {shape_str(shape)}.{hint}")
-    t = jnp.asarray(t)
+    check_floating(x, model=model, what="images", fix=IMAGE_FIX)
+    x, t = jnp.asarray(x), jnp.asarray(t)  # a NumPy image is accepted like a JAX one
     if t.shape != ():
         raise ShapeError(
             f"{model} takes one scalar timestep t; got shape {shape_str(t.shape)}. For a batch of "
@@ -99,13 +106,21 @@ def check_denoiser_inputs(
     if num_classes == 0:
         if label is not None:
             raise ShapeError(f"{model} was built with num_classes=0 (unconditional); call it without a label.")
-        return t, None
+        return x, t, None
     if label is None:
-        return t, jnp.asarray(num_classes, jnp.int32)
+        return x, t, jnp.asarray(num_classes, jnp.int32)
     label = jnp.asarray(label)
     if label.shape != () or not jnp.issubdtype(label.dtype, jnp.integer):
         raise ShapeError(
             f"{model} takes one integer class label (a scalar); got shape {shape_str(label.shape)} "
             f"and dtype {label.dtype}. For a batch, vmap over x, t and the labels together."
         )
-    return t, label
+    # The embedding lookup would read a wrong row silently: -1 wraps to the null class and JAX
+    # clamps 99 to it. A traced label (under jit or vmap) cannot be read, so is not checked.
+    if not isinstance(label, jax.core.Tracer) and not 0 <= int(label) <= num_classes:
+        raise ConfigError(
+            f"{model}: class label {int(label)} is not a class of this model; labels must be in "
+            f"[0, {num_classes - 1}], or {num_classes} (or None) for the null class of "
+            "classifier-free guidance."
+        )
+    return x, t, label

@@ -256,14 +256,16 @@ class DiT(AbstractDenoiser):
 
         - `x`: one noisy image `(in_channels, image_size, image_size)` (vmap for a batch).
         - `t`: its timestep, a scalar.
-        - `label`: its class, an int32 scalar; `None` means the null class (unconditional). A
-          model built with `num_classes=0` takes no label.
+        - `label`: its class, an int32 scalar in `[0, num_classes)`; `num_classes` or `None`
+          means the null class (unconditional); others raise `ConfigError` when concrete (see
+          [`AbstractDenoiser`][eqzoo.models.AbstractDenoiser] for traced labels). A model built
+          with `num_classes=0` takes no label.
         - `key`: unused (no dropout).
 
         **Returns:** the prediction, same shape as `x`, in the parameters' dtype.
         """
         c = self.config
-        t, label = check_denoiser_inputs(
+        x, t, label = check_denoiser_inputs(
             "DiT", x, t, label, channels=c.in_channels, image_size=c.image_size, num_classes=c.num_classes
         )
         dtype = linear_dtype(self.patch_embed)  # compute in the params' dtype (bf16 under a policy)

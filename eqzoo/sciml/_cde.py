@@ -5,7 +5,7 @@ Series", NeurIPS 2020. The control path is a Hermite cubic spline with backward 
 (Morrill, Kidger, Yang, Lyons, "Neural CDEs for Online Prediction Tasks", 2021).
 """
 
-from typing import Literal
+from typing import Literal, no_type_check
 
 import diffrax
 import equinox as eqx
@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Real
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._errors import check_times, is_traced
+from ._errors import check_floating, check_times, is_traced
 from ._solve import (
     AdjointLike,
     check_result,
@@ -150,6 +150,7 @@ class NeuralCDE(eqx.Module):
         self.max_steps = max_steps
 
     def _check_inputs(self, ts, xs) -> None:
+        check_floating("NeuralCDE", "xs", xs)
         if xs.ndim != 2 or xs.shape[1] != self.in_channels or xs.shape[0] != jnp.shape(ts)[0]:
             raise ShapeError(
                 f"NeuralCDE takes one series: ts of shape (times,) and xs of shape (times, "
@@ -163,6 +164,7 @@ class NeuralCDE(eqx.Module):
                 f"missing channels (e.g. with the channel mean) before the call."
             )
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def control(
         self, ts: Real[Array | np.ndarray, " times"], xs: Float[Array, "times channels"]
     ) -> diffrax.AbstractPath:
@@ -172,8 +174,9 @@ class NeuralCDE(eqx.Module):
 
         **Returns:** a `diffrax.CubicInterpolation` or `diffrax.LinearInterpolation`.
         """
-        ts = jnp.asarray(check_times(ts), dtype=xs.dtype)
-        self._check_inputs(ts, xs)
+        ts = check_times(ts)
+        self._check_inputs(ts, xs)  # before the cast: integer xs would make the times integers
+        ts, xs = jnp.asarray(ts, dtype=xs.dtype), jnp.asarray(xs)
         if self.use_time_channel:
             xs = jnp.concatenate([ts[:, None], xs], axis=1)  # (times, 1 + channels)
         if self.interpolation == "cubic":
@@ -181,6 +184,7 @@ class NeuralCDE(eqx.Module):
             return diffrax.CubicInterpolation(ts, coeffs)
         return diffrax.LinearInterpolation(ts, xs)
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def __call__(
         self,
         ts: Real[Array | np.ndarray, " times"],

@@ -51,6 +51,9 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
             f"shape {shape_str(shape)}. eqzoo sciml layers take one example: for a batch, wrap "
             f"the call in jax.vmap (with in_axes=None for times shared by every example)."
         )
+    dtype = ts.dtype if hasattr(ts, "dtype") else np.asarray(ts).dtype
+    if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TimeGridError(f"{name} must hold real numbers (integers or floats); got dtype {jnp.dtype(dtype).name}.")
     rule = f"{name} must be finite and strictly increasing"
     if not is_traced(ts):
         values = np.asarray(ts)
@@ -81,8 +84,26 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
     )
 
 
+def check_floating(owner: str, name: str, x) -> None:
+    """Raise `ShapeError` unless `x` is an array with a floating dtype (integer states or
+    observations would be cast, or make the solver fail far from the cause)."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        raise ShapeError(f"{owner} takes {name} as a JAX or NumPy array; got {type(x).__name__}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ShapeError(
+            f"{owner} takes a floating-point {name}; got dtype {jnp.dtype(dtype).name}. Convert with "
+            f"{name}.astype(jnp.float32)."
+        )
+
+
 def check_start(t0, ts, name: str = "ts"):
     """Check that the start time `t0` is not after the first saving time; returns `ts`."""
+    if jnp.shape(t0) != () or not jnp.issubdtype(jnp.result_type(t0), jnp.number):
+        raise TimeGridError(
+            f"t0 must be one time (a scalar); got shape {shape_str(jnp.shape(t0))} and dtype "
+            f"{jnp.result_type(t0).name}. For a batch, wrap the call in jax.vmap."
+        )
     rule = f"the start time t0 must not be after the first saving time {name}[0]"
     if not (is_traced(t0) or is_traced(ts)):
         first, start = np.asarray(ts)[0].item(), np.asarray(t0).item()

@@ -4,6 +4,8 @@ Rubanova, Chen, Duvenaud, "Latent ODEs for Irregularly-Sampled Time Series", Neu
 the variational form follows Chen et al., "Neural Ordinary Differential Equations", 2018.
 """
 
+from typing import no_type_check
+
 import diffrax
 import equinox as eqx
 import jax
@@ -13,7 +15,7 @@ from jaxtyping import Array, Float, Real
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._errors import TimeGridError, check_times, is_traced
+from ._errors import TimeGridError, check_floating, check_times, is_traced
 from ._node import Autonomous, NeuralODE
 from ._solve import AdjointLike
 
@@ -98,6 +100,7 @@ class LatentODE(eqx.Module):
         self.data_size = data_size
         self.latent_size = latent_size
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def encode(
         self, ts: Real[Array | np.ndarray, " times"], xs: Float[Array, "times channels"]
     ) -> tuple[Float[Array, " latent"], Float[Array, " latent"]]:
@@ -110,7 +113,9 @@ class LatentODE(eqx.Module):
 
         **Returns:** `(mean, log_std)`, each of shape `(latent,)`.
         """
+        check_floating("LatentODE", "xs_obs", xs)
         ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1), dtype=xs.dtype)
+        xs = jnp.asarray(xs)
         if xs.ndim != 2 or xs.shape != (ts.shape[0], self.data_size):
             raise ShapeError(
                 f"LatentODE takes one series: ts_obs of shape (times,) and xs_obs of shape "
@@ -158,6 +163,7 @@ class LatentODE(eqx.Module):
         zs = self.ode(z0, ts, t0=t0)  # (times, latent)
         return jax.vmap(self.decoder)(zs)
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def __call__(
         self,
         ts_obs: Real[Array | np.ndarray, " obs_times"],
@@ -187,6 +193,7 @@ class LatentODE(eqx.Module):
         )
         return self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_pred, "ts_pred")
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def loss(
         self,
         ts_obs: Real[Array | np.ndarray, " obs_times"],
@@ -221,6 +228,7 @@ class LatentODE(eqx.Module):
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
         pred = self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target, "ts_target")
+        check_floating("LatentODE.loss", "xs_target", xs_target)
         if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
             raise ShapeError(
                 f"LatentODE.loss: xs_target has shape {shape_str(jnp.shape(xs_target))}, but the model "

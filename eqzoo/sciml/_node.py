@@ -4,7 +4,7 @@ Chen, Rubanova, Bettencourt, Duvenaud, "Neural Ordinary Differential Equations",
 """
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, no_type_check
 
 import diffrax
 import equinox as eqx
@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, Float, Real
 
 from .._errors import ConfigError, shape_str
-from ._errors import VectorFieldError, check_start, check_times
+from ._errors import VectorFieldError, check_floating, check_start, check_times
 from ._solve import (
     AdjointLike,
     check_result,
@@ -148,6 +148,7 @@ class NeuralODE(eqx.Module):
         self.max_steps = max_steps
         self.output = output
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def solve(
         self,
         y0: Float[Array, "*state"],
@@ -166,6 +167,7 @@ class NeuralODE(eqx.Module):
         **Returns:** the `diffrax.Solution` (`sol.ys` has shape `(times, *state)` when `output`
         is `"trajectory"`, `(1, *state)` when it is `"final"`).
         """
+        check_floating("NeuralODE", "y0", y0)
         ts = check_times(ts, min_points=2 if t0 is None else 1)
         if t0 is not None:
             ts = check_start(t0, ts)
@@ -186,6 +188,7 @@ class NeuralODE(eqx.Module):
             t0=t0,
         )
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def __call__(
         self,
         y0: Float[Array, "*state"],

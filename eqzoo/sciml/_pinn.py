@@ -9,8 +9,9 @@ function `pde(u, x)` returning the residual at `x`, written with `gradient`, `la
 `jax.jacfwd` or `jax.hessian` on `u`. Points are stacked as `(points, dim)`.
 """
 
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, no_type_check
 
 import equinox as eqx
 import jax
@@ -28,7 +29,21 @@ Target: TypeAlias = Float[Array, "..."] | Callable[[Float[Array, " dim"]], Any]
 """Condition values: an array with one row per point, or a function of one point."""
 
 
+def _check_point(name: str, x: Any) -> None:
+    # Checked here, not left to jaxtyping: with checking off a stack of points (points, dim) would
+    # be differentiated as one point and give a plausible-looking wrong value.
+    shape, dtype = jnp.shape(x), getattr(x, "dtype", None)
+    if len(shape) != 1 or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        got = f"shape {shape_str(shape)}" + ("" if dtype is None else f" and dtype {jnp.dtype(dtype).name}")
+        raise ShapeError(
+            f"{name} takes one point x, a floating-point array of shape (dim,); got {got}. For "
+            f"several points, vmap over them: jax.vmap(lambda x: {name}(u, x))(points) (or "
+            f"pinn_residual); convert integers with x.astype(jnp.float32)."
+        )
+
+
 def _scalar_check(name: str, fn: Field, x: Any) -> None:
+    _check_point(name, x)
     out = eqx.filter_eval_shape(fn, x)
     shape = getattr(out, "shape", None)
     if shape != ():
@@ -40,6 +55,7 @@ def _scalar_check(name: str, fn: Field, x: Any) -> None:
         )
 
 
+@no_type_check  # checked below with messages that say how to fix the call
 def gradient(fn: Field, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
     """The gradient `∇u(x)` of a scalar field at one point.
 
@@ -54,6 +70,7 @@ def gradient(fn: Field, x: Float[Array, " dim"]) -> Float[Array, " dim"]:
     return jax.grad(fn)(x)
 
 
+@no_type_check  # checked below with messages that say how to fix the call
 def laplacian(
     fn: Field, x: Float[Array, " dim"], dims: Sequence[int] | None = None
 ) -> Float[Array, ""]:
@@ -73,7 +90,7 @@ def laplacian(
     """
     _scalar_check("laplacian", fn, x)
     if dims is not None:
-        bad = [d for d in dims if not -x.shape[0] <= d < x.shape[0]]
+        bad = [d for d in dims if not _is_int(d) or not -x.shape[0] <= d < x.shape[0]]
         if bad or len(dims) == 0:
             raise ConfigError(
                 f"laplacian: dims must be a non-empty list of coordinates of x (dim="
@@ -84,11 +101,13 @@ def laplacian(
     return jnp.sum(diag if dims is None else diag[jnp.asarray(list(dims))])
 
 
+@no_type_check  # checked below with messages that say how to fix the call
 def divergence(fn: Field, x: Float[Array, " dim"]) -> Float[Array, ""]:
     """The divergence `∇·v(x) = Σ_i ∂v_i/∂x_i` of a vector field `v(x) -> (dim,)` at one point.
 
     **Returns:** a scalar.
     """
+    _check_point("divergence", x)
     out = eqx.filter_eval_shape(fn, x)
     if getattr(out, "shape", None) != x.shape:
         raise ShapeError(
@@ -106,8 +125,20 @@ def _check_points(name: str, points: Any, dim: int | None = None) -> None:
             f"{name} must be a stack of points of shape {want}; got shape {shape_str(shape)}. "
             f"A single point x of shape (dim,) is points[None]."
         )
+    dtype = getattr(points, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ShapeError(
+            f"{name} must be floating point (derivatives need it); got "
+            f"{type(points).__name__ if dtype is None else jnp.dtype(dtype).name}. Convert with "
+            f"points.astype(jnp.float32)."
+        )
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@no_type_check  # checked below with messages that say how to fix the call
 def pinn_residual(
     pde: Callable[[Field, Float[Array, " dim"]], Any],
     u: Field,
@@ -126,7 +157,12 @@ def pinn_residual(
     for a system.
     """
     _check_points("pinn_residual: points", points)
-    return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(points)
+    if not (callable(pde) and callable(u)):
+        raise ConfigError(
+            f"pinn_residual takes pde(u, x) and the field u, both callable; got pde of type "
+            f"{type(pde).__name__} and u of type {type(u).__name__}."
+        )
+    return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(jnp.asarray(points))
 
 
 def _condition_error(u: Field, condition: Any, name: str) -> Float[Array, ""]:

@@ -1,5 +1,7 @@
 """Preference tuning: the log-probability of whole sequences, and the DPO loss built on it."""
 
+from typing import no_type_check
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from .._typing import PRNGKey
 from ._losses import _batch_vmap, _chunked_batch_nll, packing_args
 
 
+@no_type_check  # checked below: a generic type error would print the whole model
 def sequence_logprobs(
     model,
     tokens: Integer[Array, "batch seq"],
@@ -33,10 +36,33 @@ def sequence_logprobs(
 
     **Returns:** a `(batch,)` float32 array.
     """
+    # NumPy arrays (what loaders return) are accepted like JAX ones, with type checking on or off.
+    tokens, targets, mask, segment_ids, positions = (
+        None if a is None else jnp.asarray(a) for a in (tokens, targets, mask, segment_ids, positions)
+    )
     if tokens.ndim != 2 or tokens.shape != targets.shape:
         raise ShapeError(
             f"sequence_logprobs takes tokens and targets of one shape (batch, seq); got "
             f"{shape_str(tokens.shape)} and {shape_str(targets.shape)}."
+        )
+    ids = {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    for name, value in ids.items():
+        if value is not None and not jnp.issubdtype(value.dtype, jnp.integer):
+            raise ShapeError(
+                f"sequence_logprobs takes integer {name}; got dtype {value.dtype.name}. Convert with "
+                f"{name}.astype(jnp.int32)."
+            )
+    if mask is not None and not (mask.dtype == jnp.bool_ or jnp.issubdtype(mask.dtype, jnp.floating)):
+        raise ShapeError(
+            f"sequence_logprobs takes a bool or floating-point mask; got dtype {mask.dtype.name}. "
+            "Convert with mask.astype(bool)."
+        )
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if not (hasattr(model, "features") and hasattr(model, "head_weight")):
+        raise ConfigError(
+            "sequence_logprobs needs a language model with `features` and `head_weight` (eqzoo's "
+            f"language models have them); {type(model).__name__} has not."
         )
     packing_args(tokens, "sequence_logprobs: {name}", mask=mask)
     packing = packing_args(tokens, "sequence_logprobs: {name}", segment_ids=segment_ids, positions=positions)

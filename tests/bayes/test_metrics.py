@@ -1,5 +1,6 @@
 """Probabilistic scores against direct computations and known values."""
 
+import contextlib
 import math
 
 import jax
@@ -53,9 +54,36 @@ def test_expected_calibration_error():
     )
     with pytest.raises(errors.ShapeError, match=r"probs must be \(batch, classes\)"):
         bayes.expected_calibration_error(jnp.ones((4, 2, 2)) / 2, half[:4])
-    # caught by jaxtyping's shape check when it is on, by eqzoo's own check otherwise
-    with pytest.raises((errors.ShapeError, jaxtyping.TypeCheckError), match="labels"):
-        bayes.expected_calibration_error(sure, half[:10])
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_calibration_errors_are_eqzoos_in_both_modes(checked, unchecked):
+    # With checking on, a generic ~700-character jaxtyping error used to pre-empt these.
+    sure = jnp.tile(jnp.array([[0.95, 0.05]], jnp.float32), (1000, 1))
+    half = jnp.asarray(np.arange(1000) % 2, jnp.int32)
+    with contextlib.nullcontext() if checked else unchecked():
+        for fn in (bayes.expected_calibration_error, bayes.reliability_diagram):
+            with pytest.raises(errors.ShapeError, match=r"labels must be \(1000,\), one per row of probs \(1000, 2\); got \(10,\)"):
+                fn(sure, half[:10])
+            with pytest.raises(errors.ShapeError, match=r"labels must be integer class ids; got dtype float32"):
+                fn(sure, half.astype(jnp.float32))  # unchecked, these were truncated silently
+            with pytest.raises(errors.ShapeError, match=r"probs must be floating-point probabilities; got dtype int32"):
+                fn(jnp.ones((1000, 2), jnp.int32), half)
+            with pytest.raises(errors.ConfigError, match="num_bins must be a positive integer; got num_bins=0"):
+                fn(sure, half, num_bins=0)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_interval_coverage_and_crps_take_integer_counts(checked, unchecked):
+    # Poisson counts: rejected by the Float annotation with checking on, while they worked off.
+    counts = jnp.array([0, 1, 2, 5], jnp.int32)
+    floats = counts.astype(jnp.float32)
+    lower, upper = jnp.array([0.0, 1.5, 0.5, 4.0]), jnp.array([1.0, 2.0, 2.0, 6.0])
+    mean, std = jnp.array([0.5, 1.0, 2.5, 4.0]), jnp.array([1.0, 0.5, 2.0, 1.5])
+    with contextlib.nullcontext() if checked else unchecked():
+        assert float(bayes.interval_coverage(counts, lower, upper)) == 0.75
+        assert float(bayes.interval_coverage(np.asarray(counts), lower, upper)) == 0.75
+        got = bayes.crps_gaussian(counts, mean, std)
+    assert float(got) == pytest.approx(float(bayes.crps_gaussian(floats, mean, std)), abs=0)
 
 
 def test_crps_gaussian_known_value_and_sample_estimate():

@@ -72,3 +72,15 @@ def test_loss_errors():
         make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 4))}, jax.random.key(0))
     with pytest.raises(ShapeError, match=r"batch\['y'\] must hold one class label per image, shape \(3,\); got \(2,\)"):
         make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 1, 2, 2)), "y": jnp.zeros((2,), jnp.int32)}, jax.random.key(0))
+
+
+def test_concrete_out_of_range_labels_are_refused():
+    # Inside the loss's vmap the model sees traced labels it cannot check: -1 would read the
+    # null class's row and 99 be clamped to it, silently.
+    sched = NoiseSchedule.linear(10)
+    x, t = jnp.zeros((2, 1, 2, 2)), jnp.array([1, 2], jnp.int32)
+    for bad, shown in (([0, 99], "[99]"), ([-1, 1], "[-1]")):
+        with pytest.raises(ConfigError, match=rf"labels \{shown}\ are not classes of this model: they must be in \[0, 3\]"):
+            diffusion_loss(_affine(), sched, x, t, jnp.zeros_like(x), jnp.asarray(bad, jnp.int32))
+    # the null class (3) is a valid label
+    assert np.isfinite(float(diffusion_loss(_affine(), sched, x, t, jnp.zeros_like(x), jnp.asarray([3, 0], jnp.int32))))

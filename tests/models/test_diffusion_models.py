@@ -1,6 +1,8 @@
 """DiT and UNet: shapes, zero initialisation, the null class, scan vs unrolled, bf16, training,
 parameter counts against the published models, and their error messages."""
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.extend
@@ -189,6 +191,40 @@ def test_shape_errors(name, x_shape, t, label, match):
     model = _model(name)
     with pytest.raises(ShapeError, match=match):
         model(jnp.zeros(x_shape), t, label)
+
+
+def test_out_of_range_labels_are_refused_and_the_null_label_allowed(tiny, unchecked):
+    # -1 wrapped to the null class's embedding row and 99 was clamped to it: a silently
+    # unconditional prediction for what the caller meant as a class.
+    name, model, perturbed = tiny
+    x = jax.random.normal(jax.random.key(1), (1, 8, 8))
+    for label in (99, -1, jnp.int32(11), np.int64(-3)):
+        for mode in (contextlib.nullcontext(), unchecked()):
+            with mode, pytest.raises(
+                ConfigError,
+                match=rf"class label {int(label)} is not a class of this model; labels must be in \[0, 9\], or 10 \(or None\)",
+            ):
+                model(x, 3, label)
+    forward = eqx.filter_jit(lambda m, x, label: m(x, jnp.int32(3), label))
+    null = forward(perturbed, x, jnp.int32(model.null_label))
+    np.testing.assert_allclose(null, forward(perturbed, x, None), atol=1e-6)  # fp32, same graph
+    assert not np.allclose(null, forward(perturbed, x, jnp.int32(3)), atol=1e-4)
+    # Traced labels cannot be checked; as documented, out-of-range ones read the null class.
+    np.testing.assert_allclose(forward(perturbed, x, jnp.int32(99)), null, atol=1e-6)
+    np.testing.assert_allclose(forward(perturbed, x, jnp.int32(-1)), null, atol=1e-6)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_images_must_be_floating_and_may_be_numpy(tiny, checked, unchecked):
+    name, model, perturbed = tiny
+    x = np.random.default_rng(0).normal(size=(1, 8, 8)).astype(np.float32)
+    want = eqx.filter_jit(lambda m, x: m(x, jnp.int32(3), jnp.int32(1)))(perturbed, jnp.asarray(x))
+    with contextlib.nullcontext() if checked else unchecked():
+        # With checking on, a NumPy image was rejected by a private method's annotation (DiT).
+        np.testing.assert_allclose(perturbed(x, 3, 1), want, atol=1e-5)  # fp32, eager vs jit
+        # uint8 pixels were silently cast as 0..255 values (both modes, UNet; unchecked, DiT).
+        with pytest.raises(ShapeError, match=r"takes floating-point images; got dtype uint8\. Convert with x\.astype\(jnp\.float32\) / 255"):
+            model(np.zeros((1, 8, 8), np.uint8), 3, 1)
 
 
 def test_unconditional_models_take_no_label():

@@ -7,6 +7,8 @@ count of `eqx.filter_eval_shape(...)` of the model, and `flops_per_token` agains
 FLOPs of a traced (never run) gradient computation.
 """
 
+import contextlib
+
 import equinox as eqx
 import jax
 import jax.extend
@@ -16,6 +18,7 @@ import optax
 import pytest
 
 from eqzoo import diffusion, models, train
+from eqzoo._errors import ShapeError
 
 SMALL = 5_000_000  # parameters; presets below this run on CPU in the contract suite
 SEQ = 16  # tokens per sequence for language-model presets
@@ -181,6 +184,27 @@ def test_jit_and_vmap(case):
     other = jax.tree.map(lambda a: a + 1 if eqx.is_inexact_array(a) else a, case.model)
     case.jit_forward(other, case.model_state, case.inputs[0])
     assert case.forward_traces - traces <= 2, "jit: 1 trace, vmap: 1 trace, new instance: none"
+
+
+# Presets whose models take floating-point inputs (language models take integer tokens:
+# tested in test_lm_models.py).
+FLOAT_INPUT_PRESETS = [p for p in SMALL_PRESETS if ADAPTERS[type(models.get_config(p))][2] == "x"]
+
+
+@pytest.mark.parametrize("checked", [True, False])
+@pytest.mark.parametrize("name", FLOAT_INPUT_PRESETS)
+def test_float_inputs_may_be_numpy_and_integers_are_refused(name, checked, unchecked):
+    # Integer images (uint8 pixels) were silently cast as 0..255 values with checking off and
+    # rejected by a private method's annotation with it on; NumPy floats the other way round.
+    case = Case(name)
+    x = case.inputs[0]
+    want = case.jit_forward(case.model, case.model_state, x)
+    fix = "/ 255" if x.ndim == 3 else r"\."
+    with contextlib.nullcontext() if checked else unchecked():
+        got = case.forward(case.model, case.model_state, np.asarray(x))
+        np.testing.assert_allclose(got, want, atol=MODEL_TOL, rtol=MODEL_TOL)  # eager vs jit
+        with pytest.raises(ShapeError, match=rf"takes floating-point \w+; got dtype uint8\. Convert with x\.astype\(jnp\.float32\) ?{fix}"):
+            case.forward(case.model, case.model_state, np.asarray(x).astype(np.uint8))
 
 
 def _count_traces(loss_fn, counter):

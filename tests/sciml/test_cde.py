@@ -1,5 +1,7 @@
 """NeuralCDE and LatentODE: shapes, batching, gradients and input errors."""
 
+import contextlib
+
 import diffrax
 import equinox as eqx
 import jax
@@ -214,3 +216,22 @@ def test_size_errors(unchecked):
         sciml.NeuralCDE(2, 4, 3, output="last", key=key)
     with pytest.raises(ConfigError, match="LatentODE: latent_size must be >= 1; got latent_size=0"):
         sciml.LatentODE(2, 0, 8, key=key)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_batch_and_dtype_errors_are_eqzoos_in_both_modes(cde, latent, checked, unchecked):
+    # With checking on, a generic 650-860 character jaxtyping error used to pre-empt these.
+    ts, xs = _series(jax.random.key(5), batch=3)
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(sciml.TimeGridError, match=r"ts must be .*got shape \(3, 9\)\..*wrap the call in jax\.vmap"):
+            cde(ts, xs)
+        with pytest.raises(ShapeError, match=r"NeuralCDE takes one series: .*got ts \(9,\) and xs \(3, 9, 2\)\. .*jax\.vmap"):
+            cde(ts[0], xs)
+        with pytest.raises(ShapeError, match=r"NeuralCDE takes a floating-point xs; got dtype int32"):
+            cde(ts[0], xs[0].astype(jnp.int32))
+        with pytest.raises(sciml.TimeGridError, match=r"ts_obs must be .*got shape \(3, 9\)\..*wrap the call in jax\.vmap"):
+            latent(ts, xs, jnp.array([1.0, 2.0]))
+        with pytest.raises(ShapeError, match=r"LatentODE takes a floating-point xs_obs; got dtype int32"):
+            latent(ts[0], xs[0].astype(jnp.int32), jnp.array([1.0, 2.0]))
+        with pytest.raises(ShapeError, match=r"LatentODE\.loss takes a floating-point xs_target; got dtype int32"):
+            latent.loss(ts[0], xs[0], ts[0], xs[0].astype(jnp.int32), key=jax.random.key(0))

@@ -1,5 +1,7 @@
 """NeuralODE: reference solutions, adjoints, batching and the errors it teaches."""
 
+import contextlib
+
 import diffrax
 import equinox as eqx
 import jax
@@ -282,3 +284,21 @@ def test_time_grid_shape_error(unchecked):
     model = sciml.NeuralODE(lambda t, y, args: -y)
     with unchecked(), pytest.raises(sciml.TimeGridError, match=r"at least 2 .* got shape \(1,\)"):
         model(jnp.ones(1), jnp.array([0.0]))
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_input_errors_are_eqzoos_in_both_modes(checked, unchecked):
+    # With checking on, a generic 700-character jaxtyping error used to pre-empt these.
+    model = sciml.NeuralODE(lambda t, y, args: -y)
+    ts = jnp.linspace(0.0, 1.0, 3)
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(sciml.TimeGridError, match=r"got shape \(4, 3\)\. .*wrap the call in jax\.vmap"):
+            model(jnp.ones(2), jnp.ones((4, 3)))
+        with pytest.raises(ShapeError, match=r"floating-point y0; got dtype int32\. Convert with y0\.astype"):
+            model(jnp.ones(2, jnp.int32), ts)  # unchecked, this used to integrate silently
+        with pytest.raises(sciml.TimeGridError, match="ts must hold real numbers .*got dtype bool"):
+            model(jnp.ones(2), jnp.array([False, True]))
+        with pytest.raises(sciml.TimeGridError, match=r"t0 must be one time \(a scalar\); got shape \(2,\)"):
+            model(jnp.ones(2), ts, t0=jnp.zeros(2))
+        with pytest.raises(ShapeError, match=r"floating-point y0; got dtype int32"):
+            model.solve(jnp.ones(2, jnp.int32), ts)

@@ -1,5 +1,6 @@
 """PINN helpers: derivatives, residuals, losses, collocation sampling, and the Poisson example."""
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
@@ -172,3 +173,30 @@ def test_more_pinn_errors(unchecked):
             sciml.pinn_loss(exact, poisson, jnp.ones((4, 2)), boundary=jnp.ones((4, 2)))
     with pytest.raises(ConfigError, match="dims must name at least one coordinate"):
         sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dims=())
+
+
+@pytest.mark.parametrize("checked", [True, False])
+@pytest.mark.parametrize("name", ["gradient", "laplacian", "divergence"])
+def test_derivatives_refuse_a_stack_of_points_in_both_modes(name, checked, unchecked):
+    # Unchecked, laplacian(u, points) returned one scalar for 3 points (and gradient a (3, 2)
+    # array): the sum over the stack, differentiated as one point.
+    u = (lambda x: x) if name == "divergence" else (lambda x: jnp.sum(x**2))
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(ShapeError, match=rf"{name} takes one point x, .*\(dim,\); got shape \(3, 2\) and dtype float32\..*jax\.vmap"):
+            getattr(sciml, name)(u, jnp.ones((3, 2)))
+        with pytest.raises(ShapeError, match=r"got shape \(2,\) and dtype int32.*x\.astype\(jnp\.float32\)"):
+            getattr(sciml, name)(u, jnp.ones((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_pinn_residual_errors_are_eqzoos_in_both_modes(checked, unchecked):
+    pde = lambda u, x: sciml.laplacian(u, x)
+    u = lambda x: jnp.sum(x**2)
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(ShapeError, match=r"points must be a stack of points of shape \(points, dim\); got shape \(3,\)"):
+            sciml.pinn_residual(pde, u, jnp.ones((3,)))
+        with pytest.raises(ShapeError, match=r"points must be floating point .*got int32"):
+            sciml.pinn_residual(pde, u, jnp.ones((3, 2), jnp.int32))
+        with pytest.raises(ConfigError, match=r"laplacian: dims must be .*got dims=\[0.5\]"):
+            sciml.laplacian(u, jnp.ones((2,)), dims=[0.5])
+    np.testing.assert_allclose(sciml.pinn_residual(pde, u, np.ones((3, 2), np.float32)), np.full(3, 4.0), rtol=1e-6)
