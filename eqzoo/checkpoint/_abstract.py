@@ -38,6 +38,9 @@ def abstract_state(
     """
     if isinstance(model, str) or is_config(model):
         from ..models import create
+        from ..models._registry import check_buildable
+
+        check_buildable(model)
 
         config = model
 

@@ -130,6 +130,9 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
     safetensors = require("safetensors", "hf")
     if isinstance(like, str) or is_config(like):
         from ..models import create
+        from ..models._registry import check_buildable
+
+        check_buildable(like)
 
         config = like
         like = eqx.filter_eval_shape(lambda k: create(config, key=k), jax.random.key(0))
@@ -150,13 +153,16 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
         expected = {n: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for n, leaf in zip(names, leaves, strict=True)}
         problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
         problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
+        dtypes_differ = False
         for n, (shape, dtype) in expected.items():
             if n in found and (found[n][0] != shape or (found[n][1] != dtype and not cast)):
                 problems.append(f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}")
+                dtypes_differ = dtypes_differ or found[n][1] != dtype
         if problems:
+            # cast=True converts dtypes only: suggesting it for a shape mismatch would mislead.
             raise CheckpointMismatchError(
                 f"weights file {path} does not fit the model:\n" + list_items(problems)
-                + ("\nPass cast=True to convert dtypes." if not cast else "")
+                + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
             )
         # the arrays fit: is it the model they were saved from?
         if not allow_config_change and "eqzoo.config" in header:

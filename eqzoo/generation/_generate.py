@@ -157,7 +157,19 @@ def check_model(model, who: str) -> None:
     """Raise `ConfigError` unless `model` is an eqzoo language model (checked first: a model
     and prompt passed the other way round would otherwise fail on the prompt's shape)."""
     if not isinstance(model, AbstractLM):
-        raise ConfigError(f"{who} needs an eqzoo language model (GPT2, Llama, Mixtral, Gemma) as its first argument; got {type(model).__name__}.")
+        raise ConfigError(
+            f"{who} needs an eqzoo language model (GPT2, Llama, Mixtral, Gemma) as its first argument; got "
+            f"{type(model).__name__}. A model of your own decodes by subclassing eqzoo.models.AbstractLM "
+            "(its docstring lists what a subclass provides)."
+        )
+    # A subclass of the user's own: decoding reads these two config fields.
+    config = getattr(model, "config", None)
+    missing = [name for name in ("vocab_size", "max_seq") if not isinstance(getattr(config, name, None), int)]
+    if missing:
+        raise ConfigError(
+            f"{who}: {type(model).__name__}.config must have integer fields vocab_size and max_seq (decoding "
+            f"reads them); its config ({type(config).__name__}) lacks {missing}."
+        )
 
 
 def check_key(key, who: str) -> None:

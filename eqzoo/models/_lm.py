@@ -29,6 +29,15 @@ class AbstractLM(eqx.Module):
 
     Subclasses (`GPT2`, `Llama`) provide the embedding of tokens at positions; this class gives
     the forward pass, the (tied or untied) output head and KV-cache decoding.
+
+    A model of your own gets [`eqzoo.generate`][eqzoo.generation.generate] and
+    [`eqzoo.train.lm_loss`][] by subclassing it with the fields `embed` (an
+    [`eqzoo.nn.Embedding`][]), `blocks` (an [`eqzoo.nn.Stacked`][] of
+    [`eqzoo.nn.TransformerBlock`][]s: decoding calls their KV-cache methods), `final_norm`
+    (an [`eqzoo.nn.RMSNorm`][] or [`eqzoo.nn.LayerNorm`][]), `lm_head` (an `Embedding`, or
+    `None` to tie the head to `embed`) and `config`, a static field whose `vocab_size` and
+    `max_seq` are integers; override `embed_tokens` to add position embeddings. (`lm_loss`
+    alone needs only `features(tokens)` and `head_weight()`.)
     """
 
     embed: eqx.AbstractVar[Embedding]

@@ -135,6 +135,20 @@ def register_preset(name: str, config: ModelConfig, *, overwrite: bool = False) 
     _PRESETS[name] = config
 
 
+def check_buildable(config: Any) -> None:
+    """Raise `ConfigError` unless `config` is a preset name or a config of one of eqzoo's model
+    families (checked before `create`, whose annotations would give a generic type error): a
+    config of the user's own model says to pass the model instead."""
+    if isinstance(config, str) or type(config) in _FAMILIES:
+        return
+    raise ConfigError(
+        f"{type(config).__name__} is not one of eqzoo's model configs ({[t.__name__ for t in _FAMILIES]}), "
+        "so eqzoo cannot build its model. For a model of your own pass the model itself: "
+        "checkpoint.abstract_state(lambda k: MyModel(config, key=k), optimizer), "
+        "checkpoint.load_weights(eqx.filter_eval_shape(MyModel, config, key=key), path)."
+    )
+
+
 def get_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
     """The config of a named preset (or `preset` itself if it is a config), with fields replaced.
 
@@ -148,6 +162,8 @@ def get_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
         config = _PRESETS[preset]
     elif type(preset) in _FAMILIES:
         config = preset
+    elif dataclasses.is_dataclass(preset) and not isinstance(preset, type):
+        check_buildable(preset)
     else:
         raise ConfigError(f"expected a preset name or a model config, got {type(preset).__name__}.")
     if overrides:

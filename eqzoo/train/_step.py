@@ -1,5 +1,6 @@
 """Compiled train and eval steps: pure functions of (state, batch), dispatched with low overhead."""
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,32 @@ def _split_loss(out: Any, stateful: bool) -> tuple[Any, Any, dict]:  # the loss 
             raise ConfigError("loss_fn(model, batch, key) must return a loss or (loss, aux).")
         return out[0], None, out[1]
     return out, None, {}
+
+
+def _check_arity(loss_fn: LossFn, stateful: bool, who: str) -> None:
+    """Raise `ConfigError` when `loss_fn` cannot take the arguments the step passes: four with a
+    `model_state` (`model, model_state, batch, key`), three without. Python's own `TypeError`
+    ("missing 1 required positional argument: 'key'") does not say that the state decides."""
+    try:
+        params = inspect.signature(loss_fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    varargs = any(p.kind is p.VAR_POSITIONAL for p in params)
+    name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+    if stateful and not varargs and len(positional) < 4:
+        raise ConfigError(
+            f"{who}: the state holds a model_state, so the loss is called as {name}(model, model_state, "
+            f"batch, key), but {name} takes at most {len(positional)} positional arguments. Write a loss "
+            "that takes and returns the model_state, or build the state without model_state=."
+        )
+    if not stateful and required > 3:
+        raise ConfigError(
+            f"{who}: {name} needs {required} positional arguments (model, model_state, batch, key?), but the "
+            "state has no model_state, so it is called as loss_fn(model, batch, key). For a stateful model "
+            "(BatchNorm) pass model_state= to TrainState.create (from eqx.nn.make_with_state)."
+        )
 
 
 def _check_scalar_loss(loss):
@@ -75,6 +102,29 @@ def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
     return jax.tree.map(split, batch)
 
 
+def _known(compiled: dict, structure, same: Callable[[Any], bool] = lambda known: True) -> Callable | None:
+    """The function compiled for `structure`, or for an earlier structure equal to it.
+
+    Structures are looked up by identity (no per-step work), but `state.replace(...)`,
+    `TrainState.from_parts`, `shard_state` and a checkpoint restore each make a new, equal one:
+    matched here by treedef, non-array leaves and trainable filter, they reuse the compiled
+    step rather than trace and compile it again (and keep another executable alive). `same`
+    adds a test of the earlier structure (a mesh step's compiled layout)."""
+    fn = compiled.get(structure)
+    if fn is not None:
+        return fn
+    for known, known_fn in compiled.items():
+        if (
+            known.treedef == structure.treedef
+            and known.trainable is structure.trainable
+            and eqx.tree_equal(known.static, structure.static) is True
+            and same(known)
+        ):
+            compiled[structure] = known_fn
+            return known_fn
+    return None
+
+
 class TrainStep:
     """A compiled `step(state, batch) -> (state, metrics)`; made by [`eqzoo.train.make_train_step`][].
 
@@ -93,9 +143,17 @@ class TrainStep:
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
         self._traces: dict[Any, int] = {}
+        self._layouts: dict[Any, tuple] = {}  # under a mesh: the state layout each was compiled for
 
     def _jitted(self, structure, arrays):
-        fn = self._compiled.get(structure)
+        fn = self._compiled.get(structure)  # the per-step path: one dict lookup
+        if fn is None and self._mesh is None:
+            fn = _known(self._compiled, structure)
+        elif fn is None:  # the compiled step pins the state to its layout: reuse it only for that one
+            layout = tuple(getattr(a, "sharding", None) for a in arrays)
+            fn = _known(self._compiled, structure, lambda known: self._layouts.get(known) == layout)
+            if fn is not None:
+                self._layouts[structure] = layout
         if fn is None:
             pure = self._pure_step
             mesh = self._mesh
@@ -117,6 +175,7 @@ class TrainStep:
                 # Pin the new state to the input state's layout, so it stays sharded step after
                 # step and donated buffers are reused; metrics are replicated.
                 jit_kwargs["out_shardings"] = (shardings, jax.NamedSharding(mesh, jax.P()))
+                self._layouts[structure] = shardings
             untraced = flat_step
 
             def flat_step(arrays, batch):  # counts traces, for num_compilations' fallback
@@ -142,7 +201,10 @@ class TrainStep:
     @property
     def num_compilations(self) -> int:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
-        return sum(_cache_size(f, self._traces.get(s, 0)) for s, f in self._compiled.items())
+        counted: dict[int, int] = {}  # equal structures share one function: count it once
+        for s, f in self._compiled.items():
+            counted[id(f)] = max(counted.get(id(f), 0), _cache_size(f, self._traces.get(s, 0)))
+        return sum(counted.values())
 
 
 def _cache_size(jitted, traces: int) -> int:
@@ -248,6 +310,7 @@ def make_train_step(
         parts: StateParts = structure.unflatten(arrays)
         model, opt_state = parts.model, parts.opt_state
         stateful = parts.model_state is not None
+        _check_arity(loss_fn, stateful, "make_train_step")
         if scaling:
             if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[1], DynamicLossScale)):
                 raise ConfigError(
@@ -357,7 +420,7 @@ class EvalStep:
 
     def __call__(self, state: TrainState, batch: PyTree) -> dict[str, jax.Array]:
         """Evaluate on one batch. **Returns:** a dict of device scalars."""
-        fn = self._compiled.get(state.structure)
+        fn = _known(self._compiled, state.structure)
         if fn is None:
             structure = state.structure
             fn = jax.jit(lambda arrays, b: self._pure(structure, arrays, b))
@@ -385,6 +448,7 @@ def make_eval_step(metric_fn: LossFn, *, precision: Precision | None = None) -> 
         parts: StateParts = structure.unflatten(arrays)
         model = precision.cast_to_compute(eqx.nn.inference_mode(parts.model))
         stateful = parts.model_state is not None
+        _check_arity(metric_fn, stateful, "make_eval_step")
         if stateful:
             out = metric_fn(model, parts.model_state, batch, None)
         else:

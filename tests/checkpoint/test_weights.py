@@ -1,13 +1,17 @@
 """Weights-only safetensors files and the parameter fingerprint."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import safetensors.numpy
 
 from eqzoo import checkpoint, models
+from eqzoo._errors import ConfigError
 
 CONFIG = models.GPT2Config(vocab_size=16, max_seq=8, num_layers=1, num_heads=2, embed_dim=8)
 
@@ -124,3 +128,34 @@ def test_a_file_saved_from_another_config_of_the_same_shapes_is_refused(tmp_path
     np.testing.assert_array_equal(loaded.embed.weight, model.embed.weight)
     # how it runs may differ (RESTORE_MAY_CHANGE): another MoE implementation loads silently
     checkpoint.load_weights(models.create("tiny-mixtral", key=jax.random.key(1), moe_implementation="dense"), path)
+
+
+class _OwnNet(eqx.Module):
+    """A model of the user's own, with its own config dataclass (not an eqzoo family)."""
+
+    config: "_OwnConfig" = eqx.field(static=True)
+    lin: eqx.nn.Linear
+
+    def __init__(self, config, *, key):
+        self.config = config
+        self.lin = eqx.nn.Linear(4, config.width, key=key)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OwnConfig:
+    width: int = 3
+
+
+def test_own_model_shape_mismatch_and_own_config(tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(_OwnNet(_OwnConfig(), key=jax.random.key(0)), path)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"lin.weight: expected float32\(5, 4\), found float32\(3, 4\)") as err:
+        checkpoint.load_weights(_OwnNet(_OwnConfig(width=5), key=jax.random.key(0)), path)
+    assert "cast=True" not in str(err.value)  # shapes differ, not dtypes: casting would not help
+    # a config eqzoo cannot build a model from says to pass the model instead
+    with pytest.raises(ConfigError, match="_OwnConfig is not one of eqzoo's model configs .*pass the model itself"):
+        checkpoint.load_weights(_OwnConfig(), path)
+    with pytest.raises(ConfigError, match="_OwnConfig is not one of eqzoo's model configs .*abstract_state\\(lambda k"):
+        checkpoint.abstract_state(_OwnConfig(), optax.sgd(0.1))
+    loaded = checkpoint.load_weights(eqx.filter_eval_shape(_OwnNet, _OwnConfig(), key=jax.random.key(1)), path)
+    assert loaded.lin.weight.shape == (3, 4)

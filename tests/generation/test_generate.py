@@ -1,12 +1,16 @@
 """Decoding: the KV cache changes nothing, batches equal single prompts, eos, sampling, errors."""
 
+import dataclasses
+from typing import Any
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import eqzoo
-from eqzoo import models
+from eqzoo import models, nn
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.generation import generate_batch, sample_logits
 
@@ -330,4 +334,52 @@ def test_generation_errors(llama):
     with pytest.raises(ShapeError, match=r"each prompt length must be in \[1, 5\]; got \[0, 5\]"):
         generate_batch(llama, jnp.stack([PROMPT, PROMPT]), jnp.array([0, 5]), max_new_tokens=2)
     with pytest.raises(ConfigError, match="needs an eqzoo language model"):
+        eqzoo.generate(models.create("mlp-small", key=jax.random.key(0)), PROMPT, max_new_tokens=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OwnConfig:
+    vocab_size: int = 128
+    max_seq: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoVocabConfig:
+    max_seq: int = 16
+
+
+class _OwnDecoder(models.AbstractLM):
+    """A decoder of the user's own, built from eqzoo.nn layers as the AbstractLM docstring says."""
+
+    config: Any = eqx.field(static=True)
+    embed: nn.Embedding
+    blocks: nn.Stacked
+    final_norm: nn.RMSNorm
+    lm_head: nn.Embedding | None
+
+    def __init__(self, config, *, key):
+        k1, k2 = jax.random.split(key)
+        self.config = config
+
+        def block(k):
+            a, b = jax.random.split(k)
+            return nn.TransformerBlock(nn.RMSNorm(16), nn.Attention(16, 4, num_kv_heads=2, key=a), nn.RMSNorm(16), nn.SwiGLU(16, 32, key=b))
+
+        self.embed = nn.Embedding(128, 16, key=k1)
+        self.blocks = nn.Stacked(block, 2, key=k2)
+        self.final_norm = nn.RMSNorm(16)
+        self.lm_head = None
+
+
+def test_own_abstract_lm_subclass_decodes_greedily_and_needs_config_fields():
+    model = _OwnDecoder(_OwnConfig(), key=jax.random.key(0))
+    out = eqzoo.generate(model, PROMPT, max_new_tokens=5)
+    seq = PROMPT
+    for _ in range(5):  # the reference: the full forward pass, one token at a time
+        seq = jnp.concatenate([seq, jnp.argmax(model(seq)[-1])[None].astype(seq.dtype)])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))  # greedy: exact
+    broken = _OwnDecoder(_NoVocabConfig(), key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"_OwnDecoder.config must have integer fields vocab_size and max_seq .*lacks \['vocab_size'\]"):
+        eqzoo.generate(broken, PROMPT, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="got MLP. A model of your own decodes by subclassing eqzoo.models.AbstractLM"):
         eqzoo.generate(models.create("mlp-small", key=jax.random.key(0)), PROMPT, max_new_tokens=2)

@@ -173,3 +173,21 @@ def test_a_host_batch_is_split_over_the_mesh_like_shard_batch(lab):
     assert lab.max_abs_diff(from_host.arrays, placed.arrays) == 0.0
     with pytest.raises(sh.ShardingError, match=r"divisible"):
         step(state, {k: v[:6] for k, v in host.items()})  # 6 rows over data x fsdp = 4
+
+
+def test_an_equal_state_reuses_the_mesh_step_only_in_the_same_layout(lab):
+    # shard_state / replace make a new structure object: the same layout reuses the compiled
+    # step; another layout (the step pins the state's) compiles its own.
+    mesh = sh.make_mesh(MESH)
+    optimizer = optax.sgd(0.1)
+    step = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)
+    fresh = lambda: TrainState.create(lab.build_model("gpt2", jax.random.key(0)), optimizer, key=jax.random.key(1))  # noqa: E731
+    batch = lab.make_batch()
+    state, _ = step(sh.shard_state(fresh(), mesh), batch)
+    state, _ = step(state.replace(model=state.model), batch)
+    assert step.num_compilations == 1
+    replicated = sh.shard_state(fresh(), mesh, rules=())
+    out, _ = step(replicated, batch)
+    assert step.num_compilations == 2
+    weight = out.model.embed.weight
+    assert weight.sharding.spec == replicated.model.embed.weight.sharding.spec  # kept its own layout

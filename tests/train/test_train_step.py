@@ -278,3 +278,50 @@ def test_eval_step_matches_loss(mlp):
     loss, aux = train.classification_loss(mlp, {"x": _mlp_batch()["x"], "y": _mlp_batch()["y"]})
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["accuracy"], aux["accuracy"])
+
+
+def test_loss_arity_must_match_whether_the_state_has_a_model_state(mlp):
+    optimizer = optax.sgd(0.1)
+
+    def stateful_loss(model, model_state, batch, key):
+        return train.classification_loss(model, batch)[0], model_state
+
+    stateless = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"make_train_step: stateful_loss needs 4 positional arguments .*pass model_state= to TrainState.create"):
+        train.make_train_step(stateful_loss, optimizer)(stateless, _mlp_batch())
+    with pytest.raises(ConfigError, match=r"make_eval_step: stateful_loss needs 4 positional arguments"):
+        train.make_eval_step(stateful_loss)(stateless, _mlp_batch())
+    with_state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0), model_state={"n": jnp.zeros(())})
+    with pytest.raises(ConfigError, match=r"holds a model_state, so the loss is called as classification_loss\(model, model_state, batch, key\), but classification_loss takes at most 3"):
+        train.make_train_step(train.classification_loss, optimizer)(with_state, _mlp_batch())
+    # a loss that takes the state (or *args) still runs
+    state, metrics = train.make_train_step(stateful_loss, optimizer)(with_state, _mlp_batch())
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_an_equal_state_structure_reuses_the_compiled_step(mlp):
+    # state.replace (like from_parts, shard_state, a restore) makes a new structure object; an
+    # equal one must not trace and compile the step again.
+    optimizer = optax.sgd(0.1)
+    traces = []
+
+    def loss(model, batch, key):
+        traces.append(1)  # runs once per trace
+        return train.classification_loss(model, batch)
+
+    step = train.make_train_step(loss, optimizer)
+    evaluate = train.make_eval_step(loss)
+    state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(0))
+    state, _ = step(state, _mlp_batch())
+    evaluate(state, _mlp_batch())
+    for i in range(3):
+        state = state.replace(key=jax.random.key(i))
+        state, _ = step(state, _mlp_batch())
+        evaluate(state, _mlp_batch())
+    assert len(traces) == 2 and step.num_compilations == 1
+    # another trainable filter is another step
+    frozen = train.TrainState.from_parts(state.parts(), trainable=lambda x: False)
+    before = np.asarray(jax.tree.leaves(frozen.model)[0])
+    frozen, _ = step(frozen, _mlp_batch())
+    assert len(traces) == 3  # traced anew, with the new filter: nothing trains
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(frozen.model)[0]), before)
