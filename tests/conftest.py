@@ -52,3 +52,44 @@ def unchecked():
             jaxtyping.config.update("jaxtyping_disable", before)
 
     return off
+
+
+class CompileLog:
+    """Collects the "Compiling <name> ..." records `jax.log_compiles` emits, one per XLA
+    compilation (those whose message contains `containing`, when given), as `compiled`."""
+
+    def __init__(self, containing: str | None = None):
+        self.containing = containing
+
+    def __enter__(self):
+        import logging
+
+        self.compiled = []
+        log = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith("Compiling ") and (log.containing is None or log.containing in msg):
+                    log.compiled.append(msg[:80])
+
+        self._handler = Handler(level=logging.DEBUG)
+        self._logger = logging.getLogger("jax")
+        self._level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.DEBUG)
+        self._ctx = jax.log_compiles(True)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._level)
+
+
+@pytest.fixture
+def compile_log():
+    """`CompileLog`: `with compile_log() as log: ...` then `log.compiled` (the XLA compilations
+    in the block; `compile_log("flat_step")` keeps the train steps' only)."""
+    return CompileLog

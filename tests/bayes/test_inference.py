@@ -80,35 +80,6 @@ def test_svi_mean_field_with_subsampling_and_masked_nans():
     assert ll.shape == (500, 60) and jnp.isfinite(ll).all()
 
 
-class _CompileLog:
-    """Collects the "Compiling ..." records `jax.log_compiles` emits: every XLA compilation."""
-
-    def __enter__(self):
-        import logging
-
-        self.compiled = []
-        log = self
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                if record.getMessage().startswith("Compiling "):
-                    log.compiled.append(record.getMessage()[:80])
-
-        self._handler = Handler(level=logging.DEBUG)
-        self._logger = logging.getLogger("jax")
-        self._level = self._logger.level
-        self._logger.addHandler(self._handler)
-        self._logger.setLevel(logging.DEBUG)
-        self._ctx = jax.log_compiles(True)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        self._logger.removeHandler(self._handler)
-        self._logger.setLevel(self._level)
-
-
 def _numpyro_svi(model, x, y, num_steps, num_samples, key):
     # run_svi's reference: NumPyro's own SVI.run, then draws from the fitted guide
     from numpyro.infer import SVI, Trace_ELBO
@@ -124,7 +95,7 @@ def _numpyro_svi(model, x, y, num_steps, num_samples, key):
     return result.losses, draws
 
 
-def test_svi_refit_on_same_shaped_data_compiles_nothing_and_matches_numpyro():
+def test_svi_refit_on_same_shaped_data_compiles_nothing_and_matches_numpyro(compile_log):
     x0, y0 = _linear_problem(n=32, seed=0)
     x1, y1 = _linear_problem(n=32, seed=1)
     first = _linear_model()
@@ -134,7 +105,7 @@ def test_svi_refit_on_same_shaped_data_compiles_nothing_and_matches_numpyro():
     )
     key = jax.random.key(3)
     bayes.run_svi(first, x0, y0, num_steps=60, num_samples=500, key=jax.random.key(0))
-    with _CompileLog() as log:
+    with compile_log() as log:
         post = bayes.run_svi(other, x1, y1, num_steps=60, num_samples=500, key=key)
     assert log.compiled == []
     losses, draws = _numpyro_svi(other, jnp.asarray(x1), jnp.asarray(y1), 60, 500, key)

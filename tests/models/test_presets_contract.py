@@ -215,37 +215,7 @@ def _count_traces(loss_fn, counter):
     return counted
 
 
-class _CompileLog:
-    """Collects the "Compiling flat_step ..." records `jax.log_compiles` emits for train steps."""
-
-    def __enter__(self):
-        import logging
-
-        self.compiled = []
-        log = self
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                msg = record.getMessage()
-                if msg.startswith("Compiling ") and "flat_step" in msg:
-                    log.compiled.append(msg[:80])
-
-        self._handler = Handler(level=logging.DEBUG)
-        self._logger = logging.getLogger("jax")
-        self._level = self._logger.level
-        self._logger.addHandler(self._handler)
-        self._logger.setLevel(logging.DEBUG)
-        self._ctx = jax.log_compiles(True)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
-        self._logger.removeHandler(self._handler)
-        self._logger.setLevel(self._level)
-
-
-def _run_steps(case, precision, n=3, lr=1e-2):
+def _run_steps(case, precision, compile_log, n=3, lr=1e-2):
     traces = []
     optimizer = optax.sgd(lr)
     step = train.make_train_step(_count_traces(case.loss_fn, traces), optimizer, precision=precision)
@@ -253,7 +223,7 @@ def _run_steps(case, precision, n=3, lr=1e-2):
     state = train.TrainState.create(
         model, optimizer, key=jax.random.key(0), model_state=model_state, precision=precision
     )
-    with _CompileLog() as log:
+    with compile_log("flat_step") as log:
         state, first = step(state, case.batch)  # compiles
         compiled_first = list(log.compiled)
         after_first = jax.tree.map(np.asarray, _params(state.model))
@@ -270,11 +240,11 @@ def _run_steps(case, precision, n=3, lr=1e-2):
     return state, [jax.tree.map(float, m) for m in metrics], after_first
 
 
-def test_fp32_steps_finite_gradients_no_recompilation(case):
+def test_fp32_steps_finite_gradients_no_recompilation(case, compile_log):
     lr = 1e-2
     model, _ = case.fresh()
     before = jax.tree.map(np.asarray, _params(model))
-    state, metrics, after_first = _run_steps(case, None, lr=lr)
+    state, metrics, after_first = _run_steps(case, None, compile_log, lr=lr)
     assert all(np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]) for m in metrics)
     if case.stateful:  # the loss's new model_state (BatchNorm statistics) is carried forward
         assert not _bitwise_equal(state.model_state, case.model_state)
@@ -291,12 +261,12 @@ def test_fp32_steps_finite_gradients_no_recompilation(case):
         assert np.any(g != 0), f"{case.name}: no gradient reaches {jax.tree_util.keystr(path)}"
 
 
-def test_bf16_policy_keeps_fp32_params(case):
+def test_bf16_policy_keeps_fp32_params(case, compile_log):
     precision = train.Precision.bf16()
     # The compute copy really computes in bf16 (shapes only: nothing compiled).
     out = eqx.filter_eval_shape(case.forward, precision.cast_to_compute(case.model), case.model_state, case.inputs[0])
     assert out.dtype == jnp.bfloat16
-    state, metrics, _ = _run_steps(case, precision)
+    state, metrics, _ = _run_steps(case, precision, compile_log)
     assert all(np.isfinite(m["loss"]) for m in metrics)
     leaves = jax.tree.leaves(_params(state.model))
     assert all(x.dtype == jnp.float32 for x in leaves), "master params must stay fp32"
