@@ -61,7 +61,8 @@ def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
         a, b = a.astype(narrow), b.astype(narrow)
     elif da != db:  # float16 against bfloat16: neither holds the other
         eps = max(float(jnp.finfo(da).eps), float(jnp.finfo(db).eps))
-        return bool(np.allclose(a, b, rtol=eps, atol=0.0, equal_nan=True))
+        tiny = max(float(jnp.finfo(da).tiny), float(jnp.finfo(db).tiny))  # float16's subnormals
+        return bool(np.allclose(a, b, rtol=eps, atol=tiny, equal_nan=True))
     return bool(np.array_equal(a, b, equal_nan=True))
 
 

@@ -216,6 +216,13 @@ def _batch_spec(spec: P, mesh: Mesh) -> P:
     return drop_missing_axes(spec, mesh) if spec == BATCH_SPEC else spec
 
 
+def batch_split(mesh: Mesh) -> int:
+    """How many ways `BATCH_SPEC` splits a batch's leading axis on `mesh` (data x fsdp x expert)."""
+    spec = _batch_spec(BATCH_SPEC, mesh)
+    sizes = {str(k): int(v) for k, v in mesh.shape.items()}
+    return math.prod(sizes[a] for a in _entry_axes(spec[0])) if len(spec) else 1
+
+
 def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str) -> Any:
     spec = _batch_spec(spec, mesh)
 

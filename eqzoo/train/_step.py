@@ -220,9 +220,20 @@ def _cache_size(jitted, traces: int) -> int:
 def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     # numpy leaves would enter the step replicated on every device, then be resharded inside
     # it (and compile another program than a placed batch): split them as shard_batch does.
+    # A leaf whose leading axis the split does not divide (a short last batch, a (classes,)
+    # table that is not per example) is replicated, as jit would place it.
     from ..sharding import shard_batch  # eqzoo.sharding imports eqzoo.train
+    from ..sharding._shard import batch_split
 
-    return jax.tree.map(lambda x: shard_batch(x, mesh) if isinstance(x, np.ndarray) and x.ndim else x, batch)
+    n = batch_split(mesh)
+    replicated = jax.NamedSharding(mesh, jax.P())
+
+    def place(x):
+        if not (isinstance(x, np.ndarray) and x.ndim):
+            return x
+        return shard_batch(x, mesh) if x.shape[0] % n == 0 else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, batch)
 
 
 def _check_optimizer(optimizer, params, opt_state) -> None:
@@ -293,7 +304,8 @@ def make_train_step(
       the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to
       the first call fixes the layout. In one process, a host (numpy) batch, as the eqzoo
       loaders yield and `fit` passes on, is split over the mesh as
-      `eqzoo.sharding.shard_batch` does; on several processes pass batches already placed
+      `eqzoo.sharding.shard_batch` does (a leaf whose leading axis the split does not divide,
+      a short last batch say, is copied to every device, as `jax.jit` would place it); on several processes pass batches already placed
       (`eqzoo.sharding.make_global_batch`: which rows a process holds is yours to say). With gradient accumulation, micro-batch `i` then takes rows
       `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
 
