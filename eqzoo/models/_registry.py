@@ -176,7 +176,10 @@ def get_config(preset: str | ModelConfig, **overrides: Any) -> ModelConfig:
 
 
 def model_class(config: ModelConfig) -> type:
-    """The model class a config builds (`GPT2Config` -> `GPT2`, ...)."""
+    """The model class a config builds (`GPT2Config` -> `GPT2`, ...).
+
+    **Raises:** `ConfigError` for a config that is not one of eqzoo's model families."""
+    check_buildable(config)
     return _FAMILIES[type(config)]
 
 

@@ -146,7 +146,7 @@ class _OwnConfig:
     width: int = 3
 
 
-def test_own_model_shape_mismatch_and_own_config(tmp_path):
+def test_own_model_shape_mismatch_and_own_config(tmp_path, unchecked):
     path = tmp_path / "w.safetensors"
     checkpoint.save_weights(_OwnNet(_OwnConfig(), key=jax.random.key(0)), path)
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"lin.weight: expected float32\(5, 4\), found float32\(3, 4\)") as err:
@@ -157,5 +157,7 @@ def test_own_model_shape_mismatch_and_own_config(tmp_path):
         checkpoint.load_weights(_OwnConfig(), path)
     with pytest.raises(ConfigError, match="_OwnConfig is not one of eqzoo's model configs .*abstract_state\\(lambda k"):
         checkpoint.abstract_state(_OwnConfig(), optax.sgd(0.1))
+    with unchecked(), pytest.raises(ConfigError, match="_OwnConfig is not one of eqzoo's model configs"):
+        models.model_class(_OwnConfig())  # a KeyError before; with checking on, its annotation refuses it
     loaded = checkpoint.load_weights(eqx.filter_eval_shape(_OwnNet, _OwnConfig(), key=jax.random.key(1)), path)
     assert loaded.lin.weight.shape == (3, 4)
