@@ -145,10 +145,18 @@ class ConsoleLogger:
         self.keys = keys
         self._start: float | None = None
         self._start_step = 0
+        self._warned_past_total = False
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Print one line."""
         now = time.perf_counter()
+        if self.total and step > self.total and not self._warned_past_total:
+            self._warned_past_total = True
+            warnings.warn(
+                f"ConsoleLogger: step {step} is past total_steps={self.total}; total_steps is the run's "
+                "number of steps (for the ETA), not how often fit logs (that is fit's log_every).",
+                stacklevel=user_stacklevel(),
+            )
         if self._start is None:
             self._start, self._start_step = now, step
         shown = {k: v for k, v in metrics.items() if self.keys is None or k in self.keys}

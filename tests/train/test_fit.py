@@ -1,6 +1,7 @@
 """`fit`: JSONL logging, periodic evaluation, stopping from a callback, resuming from `state.step`."""
 
 import json
+import warnings
 
 import equinox as eqx
 import jax
@@ -289,3 +290,9 @@ def test_console_logger_prints_to_any_text_stream():
     logger = train.ConsoleLogger(10, stream=stream, keys=("train/loss",))
     logger.log(5, {"train/loss": 1.25, "train/steps_per_s": 3.0})
     assert stream.getvalue().startswith("step      5/10 | train/loss 1.25")
+    # total_steps taken for the logging interval: said once, not printed as "step 60/10" silently
+    with pytest.warns(UserWarning, match=r"step 20 is past total_steps=10; total_steps is the run's number of steps"):
+        logger.log(20, {"train/loss": 1.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logger.log(30, {"train/loss": 1.0})
