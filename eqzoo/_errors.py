@@ -61,13 +61,22 @@ def check_positive_numbers(who: str, **values) -> None:
             raise ConfigError(f"{who}: {name} must be a positive number; got {name}={value!r}.")
 
 
+def check_floating(who: str, x, what: str = "inputs", fix: str = "") -> None:
+    """Raise `ShapeError` unless `x` is an array (JAX or NumPy) of a floating dtype: integer
+    pixels, features or states would be cast as they are, silently. `fix` ends the message."""
+    import jax.numpy as jnp
+
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        raise ShapeError(f"{who} takes {what} as a JAX or NumPy array; got {type(x).__name__}.")
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ShapeError(f"{who} takes floating-point {what}; got dtype {jnp.dtype(dtype).name}." + (f" {fix}" if fix else ""))
+
+
 def check_last_axis(who: str, x, size: int) -> None:
     """Raise `ShapeError` unless `x` is a floating-point array whose last axis has `size`
     entries (a size-1 axis would broadcast silently; integers would be cast)."""
-    import jax.numpy as jnp
-
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ShapeError(f"{who} takes floating-point inputs; got dtype {jnp.dtype(x.dtype).name}.")
+    check_floating(who, x)
     if x.ndim == 0 or x.shape[-1] != size:
         raise ShapeError(f"{who} takes inputs whose last axis has {size} entries; got shape {shape_str(x.shape)}.")
 

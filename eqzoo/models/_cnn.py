@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..nn import ConvBlock, ResidualBlock
-from ._validate import IMAGE_FIX, check_floating, check_integer_fields, check_positive
+from ._validate import IMAGE_FIX, check_integer_fields, check_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,6 @@ class CNN(eqx.Module):
                 f"{shape_str(getattr(x, 'shape', ()))}. For a batch, wrap the call in "
                 "jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name='batch')."
             )
-        check_floating(x, model="CNN", what="images", fix=IMAGE_FIX)
+        check_floating("CNN", x, "images", IMAGE_FIX)
         feats, state = self.features(jnp.asarray(x), state)  # a NumPy image is accepted like a JAX one
         return self.head(feats), state

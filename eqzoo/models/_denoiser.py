@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Real
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..nn import apply_linear, init_linear
-from ._validate import IMAGE_FIX, check_floating
+from ._validate import IMAGE_FIX
 
 
 class AbstractDenoiser(eqx.Module):
@@ -96,7 +96,7 @@ def check_denoiser_inputs(
             else ""
         )
         raise ShapeError(f"{model} takes one image of shape {shape_str(expected)}; got {shape_str(shape)}.{hint}")
-    check_floating(x, model=model, what="images", fix=IMAGE_FIX)
+    check_floating(model, x, "images", IMAGE_FIX)
     x, t = jnp.asarray(x), jnp.asarray(t)  # a NumPy image is accepted like a JAX one
     if t.shape != ():
         raise ShapeError(

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..nn import linear_dtype
-from ._validate import check_floating, check_integer_fields, check_positive
+from ._validate import check_integer_fields, check_positive
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jax.nn.tanh, "silu": jax.nn.silu}
 
@@ -73,7 +73,7 @@ class MLP(eqx.Module):
                 f"MLP takes one vector of shape ({self.config.in_features},); got "
                 f"{shape_str(getattr(x, 'shape', ()))}. For a batch, wrap the call in jax.vmap(model)."
             )
-        check_floating(x, model="MLP", what="features")
+        check_floating("MLP", x, "features", "Convert with x.astype(jnp.float32).")
         return self._forward(jnp.asarray(x))  # a NumPy vector is accepted like a JAX one
 
     def _forward(self, x: Float[Array, " features"]) -> Float[Array, " out"]:

@@ -90,12 +90,4 @@ def _is_int(value) -> bool:
 
 
 IMAGE_FIX = "Convert with x.astype(jnp.float32) / 255 (or the scaling the model was trained with)."
-"""The fix `check_floating` suggests for integer (uint8) images."""
-
-
-def check_floating(x, *, model: str, what: str, fix: str = "Convert with x.astype(jnp.float32).") -> None:
-    """Raise `ShapeError` unless `x` has a floating dtype: integer pixels or features would be
-    cast as they are (0..255 where the model was trained on unit-scale inputs), silently."""
-    dtype = jnp.dtype(x.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ShapeError(f"{model} takes floating-point {what}; got dtype {dtype.name}. {fix}")
+"""The fix `eqzoo._errors.check_floating` names for integer (uint8) images."""

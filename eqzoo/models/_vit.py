@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..nn import (
     MLP,
@@ -23,7 +23,7 @@ from ..nn import (
     init_linear,
 )
 from ..sharding._activation import constrain
-from ._validate import IMAGE_FIX, check_floating, check_integer_fields, check_positive
+from ._validate import IMAGE_FIX, check_integer_fields, check_positive
 
 _BACKENDS = ("xla", "cudnn", "auto")
 _POOLS = ("cls", "mean")
@@ -240,6 +240,6 @@ class ViT(eqx.Module):
                 f"ViT takes one image of shape (channels, height, width) = {shape_str(want)}; got "
                 f"{shape_str(shape)}.{hint}"
             )
-        check_floating(x, model="ViT", what="images", fix=IMAGE_FIX)
+        check_floating("ViT", x, "images", IMAGE_FIX)
         # A NumPy image is accepted like a JAX one, with type checking on or off.
         return apply_linear(self.head, self.features(jnp.asarray(x))[None])[0]

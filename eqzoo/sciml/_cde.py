@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Real
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
-from ._errors import check_floating, check_times, is_traced
+from ._errors import check_times, is_traced
 from ._solve import (
     AdjointLike,
     check_result,
@@ -150,7 +150,7 @@ class NeuralCDE(eqx.Module):
         self.max_steps = max_steps
 
     def _check_inputs(self, ts, xs) -> None:
-        check_floating("NeuralCDE", "xs", xs)
+        check_floating("NeuralCDE", xs, "xs", "Convert with xs.astype(jnp.float32).")
         if xs.ndim != 2 or xs.shape[1] != self.in_channels or xs.shape[0] != jnp.shape(ts)[0]:
             raise ShapeError(
                 f"NeuralCDE takes one series: ts of shape (times,) and xs of shape (times, "

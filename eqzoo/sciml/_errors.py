@@ -84,19 +84,6 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
     )
 
 
-def check_floating(owner: str, name: str, x) -> None:
-    """Raise `ShapeError` unless `x` is an array with a floating dtype (integer states or
-    observations would be cast, or make the solver fail far from the cause)."""
-    dtype = getattr(x, "dtype", None)
-    if dtype is None:
-        raise ShapeError(f"{owner} takes {name} as a JAX or NumPy array; got {type(x).__name__}.")
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ShapeError(
-            f"{owner} takes a floating-point {name}; got dtype {jnp.dtype(dtype).name}. Convert with "
-            f"{name}.astype(jnp.float32)."
-        )
-
-
 def check_start(t0, ts, name: str = "ts"):
     """Check that the start time `t0` is not after the first saving time; returns `ts`."""
     if jnp.shape(t0) != () or not jnp.issubdtype(jnp.result_type(t0), jnp.number):

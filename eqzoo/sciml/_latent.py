@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Real
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
-from ._errors import TimeGridError, check_floating, check_times, is_traced
+from ._errors import TimeGridError, check_times, is_traced
 from ._node import Autonomous, NeuralODE
 from ._solve import AdjointLike
 
@@ -113,7 +113,7 @@ class LatentODE(eqx.Module):
 
         **Returns:** `(mean, log_std)`, each of shape `(latent,)`.
         """
-        check_floating("LatentODE", "xs_obs", xs)
+        check_floating("LatentODE", xs, "xs_obs", "Convert with xs_obs.astype(jnp.float32).")
         ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1), dtype=xs.dtype)
         xs = jnp.asarray(xs)
         if xs.ndim != 2 or xs.shape != (ts.shape[0], self.data_size):
@@ -228,7 +228,7 @@ class LatentODE(eqx.Module):
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
         pred = self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target, "ts_target")
-        check_floating("LatentODE.loss", "xs_target", xs_target)
+        check_floating("LatentODE.loss", xs_target, "xs_target", "Convert with xs_target.astype(jnp.float32).")
         if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
             raise ShapeError(
                 f"LatentODE.loss: xs_target has shape {shape_str(jnp.shape(xs_target))}, but the model "

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Real
 
-from .._errors import ConfigError, shape_str
-from ._errors import VectorFieldError, check_floating, check_start, check_times
+from .._errors import ConfigError, check_floating, shape_str
+from ._errors import VectorFieldError, check_start, check_times
 from ._solve import (
     AdjointLike,
     check_result,
@@ -167,7 +167,7 @@ class NeuralODE(eqx.Module):
         **Returns:** the `diffrax.Solution` (`sol.ys` has shape `(times, *state)` when `output`
         is `"trajectory"`, `(1, *state)` when it is `"final"`).
         """
-        check_floating("NeuralODE", "y0", y0)
+        check_floating("NeuralODE", y0, "y0", "Convert with y0.astype(jnp.float32).")
         ts = check_times(ts, min_points=2 if t0 is None else 1)
         if t0 is not None:
             ts = check_start(t0, ts)

@@ -227,11 +227,11 @@ def test_batch_and_dtype_errors_are_eqzoos_in_both_modes(cde, latent, checked, u
             cde(ts, xs)
         with pytest.raises(ShapeError, match=r"NeuralCDE takes one series: .*got ts \(9,\) and xs \(3, 9, 2\)\. .*jax\.vmap"):
             cde(ts[0], xs)
-        with pytest.raises(ShapeError, match=r"NeuralCDE takes a floating-point xs; got dtype int32"):
+        with pytest.raises(ShapeError, match=r"NeuralCDE takes floating-point xs; got dtype int32"):
             cde(ts[0], xs[0].astype(jnp.int32))
         with pytest.raises(sciml.TimeGridError, match=r"ts_obs must be .*got shape \(3, 9\)\..*wrap the call in jax\.vmap"):
             latent(ts, xs, jnp.array([1.0, 2.0]))
-        with pytest.raises(ShapeError, match=r"LatentODE takes a floating-point xs_obs; got dtype int32"):
+        with pytest.raises(ShapeError, match=r"LatentODE takes floating-point xs_obs; got dtype int32"):
             latent(ts[0], xs[0].astype(jnp.int32), jnp.array([1.0, 2.0]))
-        with pytest.raises(ShapeError, match=r"LatentODE\.loss takes a floating-point xs_target; got dtype int32"):
+        with pytest.raises(ShapeError, match=r"LatentODE\.loss takes floating-point xs_target; got dtype int32"):
             latent.loss(ts[0], xs[0], ts[0], xs[0].astype(jnp.int32), key=jax.random.key(0))
