@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_step=setup.eval_step, eval_batches=setup.eval_batches,
         eval_every=p.eval_every, log_every=p.log_every, loggers=loggers,
         checkpointer=checkpointer,
+        run_config={"lr": args.lr, "seed": args.seed},  # recorded in each checkpoint; a resume that changes it warns
     )
     train_seconds = time.perf_counter() - train_start
     steps_done = int(result.state.step) - steps_before

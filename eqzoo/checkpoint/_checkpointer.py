@@ -8,6 +8,7 @@ when every file is written, so a step is either listed complete or not listed at
 """
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -38,8 +39,10 @@ from ._meta import (
     check_fit,
     check_model_class,
     meta_object,
+    run_differences,
     validate_meta,
 )
+from ._statics import check_statics, describe_statics
 from ._tree import (
     default_sharding,
     describe,
@@ -63,21 +66,38 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     return int(value)
 
 
-def _register_at_exit(fn: Callable[[], None]) -> None:
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # not yet closed; closed at exit
+_hook_registered = False
+
+
+def _close_open_at_exit() -> None:
+    for ckpt in list(_OPEN):
+        ckpt.close()
+
+
+def _track_open(ckpt: "Checkpointer") -> None:
     # A save still being written when the main program ends must be committed before the
     # interpreter shuts down the thread pools orbax's background commit submits work to.
     # concurrent.futures stops accepting work in threading's own exit hooks, which run before
     # `atexit`'s: a plain atexit handler waits too late (the commit fails with "cannot schedule
     # new futures after interpreter shutdown" and the step stays an unfinished temporary
-    # directory). threading's hooks run newest first, so this one runs before that shutdown.
+    # directory). threading's hooks run newest first, so this one runs before that shutdown:
+    # it is registered once, when the first Checkpointer is made (concurrent.futures is
+    # imported by then), and closes every Checkpointer still open. Those hooks can never be
+    # unregistered, so one per Checkpointer would pile up in a long process.
+    global _hook_registered
+    _OPEN.add(ckpt)
+    if _hook_registered:
+        return
+    _hook_registered = True
     register = getattr(threading, "_register_atexit", None)
     if register is not None:
         try:
-            register(fn)
+            register(_close_open_at_exit)
             return
         except RuntimeError:  # already shutting down
             pass
-    atexit.register(fn)
+    atexit.register(_close_open_at_exit)
 
 
 def _committed_steps(directory: Path) -> list[int]:
@@ -92,8 +112,10 @@ class Checkpointer:
 
     A saved step holds every array of the [`eqzoo.train.TrainState`][] (model, optimizer state,
     step, the typed PRNG key as its raw key data), the data loader's `state_dict()`, the model
-    config as JSON and a format version. Non-array leaves (activation functions, configs held as
-    static fields) are not saved: the restore target supplies them.
+    config as JSON, the model's JSON-able non-array settings (static fields such as a layer's
+    `temp`), what `fit` records of the run, and a format version. Non-array leaves (activation
+    functions, configs held as static fields) are not restored: the restore target supplies
+    them, and `restore` refuses a target whose recorded settings differ.
 
     Use it as the `checkpointer=` of [`eqzoo.train.fit`][], which calls `maybe_save` and
     `should_stop` after every step; call `close()` (or use `with Checkpointer(...) as ckpt:`)
@@ -172,6 +194,8 @@ class Checkpointer:
         self._previous_handlers: dict[int, Any] = {}
         self._closed = False
         self._warned_no_data_state = False
+        self._statics_cache: tuple[Any, dict[str, Any]] | None = None
+        self._run: dict[str, Any] | None = None
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.getsignal(sig)
@@ -179,15 +203,7 @@ class Checkpointer:
                     continue
                 self._previous_handlers[sig] = previous
                 signal.signal(sig, self._on_signal)
-        ref = weakref.ref(self)
-
-        def wait_at_exit():
-            obj = ref()
-            if obj is not None and not obj._closed:
-                obj.close()
-
-        self._atexit = wait_at_exit
-        _register_at_exit(wait_at_exit)
+        _track_open(self)
 
     # ------------------------------------------------------------------ listing
 
@@ -264,6 +280,8 @@ class Checkpointer:
             config=config,
             data_state=data_state,
             metadata=metadata,
+            statics=self._statics(state),
+            run=self._run,
         )
         self._manager.save(
             step,
@@ -335,6 +353,32 @@ class Checkpointer:
             )
         return self.save(state, data_state=state_dict() if callable(state_dict) else None, step=step)
 
+    def begin_run(self, run: Mapping[str, Any], *, step: int) -> None:
+        """The [`eqzoo.train.fit`][] hook, called before the first step: `run` (the run's
+        `num_steps`, batch shapes and `run_config`) is recorded in every step saved from now on.
+        When training goes on from a committed `step` whose record differs (a changed learning
+        rate, batch shape or `num_steps`), warns once, naming each setting and both values.
+
+        **Raises:** `CheckpointError` if `run` is not JSON-able.
+        """
+        try:
+            self._run = json.loads(json.dumps(dict(run)))
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"fit's run record (its run_config) must be JSON-able: {err}") from err
+        if step not in self.all_steps():
+            return
+        differ = run_differences(self._read_meta(step).get("run"), self._run)
+        if differ:
+            warnings.warn(
+                f"training goes on from step {step} of {self._directory} with other settings than the run "
+                f"that saved it ({len(differ)} changed):\n" + list_items(differ)
+                + "\nThe run goes on as now set up and records the new settings with its next saves "
+                "(but an optax.inject_hyperparams optimizer keeps the restored hyperparameters in its "
+                "state, whatever the code now passes); if that is not meant, restart with the saved "
+                "ones (Checkpointer.meta(step).run holds them).",
+                stacklevel=user_stacklevel(),
+            )
+
     def _warn_newer_steps(self) -> None:
         # Training on from an older step than the newest committed one (restore(step=...)): its
         # first save of a step that is already committed raises, perhaps hours from now.
@@ -400,7 +444,7 @@ class Checkpointer:
         finally:
             if threading.current_thread() is threading.main_thread():
                 self._restore_signals()
-            atexit.unregister(self._atexit)
+            _OPEN.discard(self)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -477,15 +521,17 @@ class Checkpointer:
           device. Any mesh works, whatever the mesh at save time.
         - `allow_config_change`: restore even where the target's model config differs from the
           saved one in a field that changes what the weights mean (heads, rope, norms, ...; see
-          [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][] for those that may always differ). Shapes
-          and dtypes are checked either way.
+          [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][] for those that may always differ), or in a
+          recorded non-array setting of its layers (a static `temp`, an `eps`; those that only
+          say how it runs, `backend`, `remat`, `scan`, `inference`, may always differ). Shapes and dtypes are
+          checked either way.
 
         **Returns:** [`eqzoo.checkpoint.Restored`][] `(state, data_state, meta)`; pass
         `data_state` to the loader's `load_state_dict`.
 
         **Raises:** `CheckpointNotFoundError` (no committed step, or not that step),
         `CheckpointMismatchError` (the arrays do not fit `target`, listing each path; or the
-        target's model config differs from the saved one, listing each field),
+        target's model config or non-array settings differ from the saved ones, listing each),
         `CheckpointCorruptError` (integrity check failed; with `fallback_to_intact` the newest
         intact older step is restored instead, with a warning), `CheckpointVersionError`.
         """
@@ -539,6 +585,13 @@ class Checkpointer:
         self._manager.reload()
         return str(dest)
 
+    def _statics(self, state: TrainState) -> dict[str, Any]:
+        # Every state a compiled step returns shares its structure: described once per structure.
+        cached = self._statics_cache
+        if cached is None or cached[0] is not state.structure:
+            cached = self._statics_cache = (state.structure, describe_statics(state.model))
+        return cached[1]
+
     def _stored_config(self, state: TrainState) -> Any:
         """The config `save` stores for `state` unless given one: the constructor's, else the
         model's own."""
@@ -555,6 +608,7 @@ class Checkpointer:
         check_fit(expected, meta["arrays"], where=where)
         if not allow_config_change:
             check_config(meta.get("config"), self._stored_config(target), where=where)
+            check_statics(meta.get("statics"), target.model, where=where)
         state_dir = self._step_dir(step) / _STATE
         problems = verify_manifest(state_dir)
         if problems is None:

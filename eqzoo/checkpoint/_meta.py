@@ -33,7 +33,9 @@ class CheckpointMeta:
     **Attributes:** `step`; `format_version`; `eqzoo_version` (that wrote it); `config` (the
     model config, rebuilt as its dataclass, or `None`); `data_state` (the loader's `state_dict()`,
     or `None`); `metadata` (the user dict passed to `save`); `arrays` (`{name: {"shape",
-    "dtype"}}` for every stored array).
+    "dtype"}}` for every stored array); `run` (what [`eqzoo.train.fit`][] recorded of the run
+    that saved it: `num_steps`, the batch shapes, your `run_config`; `None` for a save outside
+    `fit` or one written by an older eqzoo).
     """
 
     step: int
@@ -43,6 +45,7 @@ class CheckpointMeta:
     data_state: Any
     metadata: dict[str, Any]
     arrays: dict[str, dict[str, Any]]
+    run: dict[str, Any] | None = None
 
 
 class Restored(NamedTuple):
@@ -60,6 +63,8 @@ def build_meta(
     config: Any,
     data_state: Mapping[str, Any] | None,
     metadata: Mapping[str, Any] | None,
+    statics: Mapping[str, Any] | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON metadata of a step, with its CRC-32; raises if something is not JSON-able."""
     from .. import __version__
@@ -74,10 +79,14 @@ def build_meta(
         "metadata": dict(metadata or {}),
         "arrays": arrays,
     }
+    if statics is not None:
+        meta["statics"] = dict(statics)
+    if run is not None:
+        meta["run"] = dict(run)
     try:
         meta = json.loads(json.dumps(meta))  # exactly what a reader will see
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint metadata must be JSON-able (data_state, metadata, config): {err}") from err
+        raise CheckpointError(f"checkpoint metadata must be JSON-able (data_state, metadata, config, fit's run_config): {err}") from err
     return with_crc(meta)
 
 
@@ -113,6 +122,7 @@ def meta_object(meta: dict[str, Any]) -> CheckpointMeta:
         data_state=meta.get("data_state"),
         metadata=meta.get("metadata") or {},
         arrays=meta["arrays"],
+        run=meta.get("run"),
     )
 
 
@@ -196,6 +206,28 @@ def _shown(value: Any) -> str:
         return repr(value)
 
 
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def run_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
+    """`"setting: saved X, now Y"` for each setting of [`eqzoo.train.fit`][]'s run record
+    (`num_steps`, `batch...`, `run_config...`, nested keys joined by dots) that differs."""
+    if not isinstance(saved, dict):
+        return []
+    a, b = _flat(saved, ""), _flat(json.loads(json.dumps(dict(now))), "")
+    return [
+        f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, "<absent>") != b.get(k, "<absent>")
+    ]
+
+
 def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) -> None:
     """Raise `CheckpointMismatchError` listing every array that is missing, unexpected, or has
     another shape or dtype than the target expects."""
@@ -215,6 +247,12 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
             "change to or from fp16 moves every opt_state path)."
             if all(n.startswith("opt_state") for n in names) else ""
         )
+        if not missing and not extra and all(list(expected[n]["shape"]) == list(found[n]["shape"]) for n in names):
+            hint += (
+                "\nOnly dtypes differ: restore does not cast. Restore with the saved run's dtypes "
+                "(its Precision's param_dtype), then cast the restored model; for the model alone, "
+                "save_weights + load_weights(..., cast=True) converts."
+            )
         raise CheckpointMismatchError(
             f"{where} does not fit the restore target ({len(differ)} with another shape/dtype, "
             f"{len(missing)} missing, {len(extra)} unexpected):\n"

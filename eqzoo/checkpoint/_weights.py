@@ -22,6 +22,7 @@ from ._errors import (
     list_items,
 )
 from ._meta import config_differences
+from ._statics import describe_statics, statics_differences
 from ._tree import is_array_like, is_key, leaf_names
 
 _SAFETENSORS_DTYPES = {
@@ -65,13 +66,20 @@ def _named_arrays(tree: Any) -> tuple[list[str], list[Any]]:
     return leaf_names(arrays, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)), leaves
 
 
+def _header_json(header: dict[str, str], key: str) -> Any:
+    try:
+        return json.loads(header[key]) if key in header else None
+    except ValueError:
+        return None
+
+
 def save_weights(model: Any, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> None:
     """Write every array of `model` to a safetensors file, keyed by leaf path
     (`blocks.attn.qkv.weight`), for inference or sharing. Not a training checkpoint (no optimizer
     state, step or key; use [`eqzoo.checkpoint.Checkpointer`][] for that).
 
-    The header's metadata holds the model `config` as JSON (when the model has one) and a CRC-32
-    per tensor, which [`eqzoo.checkpoint.load_weights`][] checks. The file is written beside its
+    The header's metadata holds the model `config` as JSON (when the model has one), its
+    JSON-able non-array settings (static fields, by path) and a CRC-32 per tensor, which [`eqzoo.checkpoint.load_weights`][] checks. The file is written beside its
     destination and renamed into place, so `path` is never half-written.
 
     **Arguments:** `model`; `path` of the `.safetensors` file; `metadata`, extra string pairs for
@@ -94,6 +102,7 @@ def save_weights(model: Any, path: str | os.PathLike, *, metadata: dict[str, str
     config = getattr(model, "config", None)
     if is_config(config):
         header["eqzoo.config"] = json.dumps(config_to_dict(config))
+    header["eqzoo.statics"] = json.dumps(describe_statics(model))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -119,7 +128,8 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
     - `cast`: allow dtypes to differ and cast to `like`'s (e.g. fp32 weights into a bf16 model).
     - `allow_config_change`: load even where `like`'s model config differs from the one the
       file records (beyond [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]): a Mixtral's routing
-      (`experts_per_token`, say) or a rotary base changes the model without changing a shape.
+      (`experts_per_token`, say) or a rotary base changes the model without changing a shape;
+      likewise where a recorded non-array setting of its layers (a static `temp`, say) differs.
 
     **Returns:** the model with the file's weights.
 
@@ -164,19 +174,22 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
                 f"weights file {path} does not fit the model:\n" + list_items(problems)
                 + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
             )
-        # the arrays fit: is it the model they were saved from?
-        if not allow_config_change and "eqzoo.config" in header:
-            try:
-                saved = json.loads(header["eqzoo.config"])
-            except ValueError:
-                saved = None
+        # the arrays fit: is it the model they were saved from? (its config, then the non-array
+        # settings of its layers, which repeat the config's where it has one)
+        differ: list[str] = []
+        what, verb = "config", "differs"
+        if not allow_config_change:
+            saved = _header_json(header, "eqzoo.config")
             differ = config_differences(saved, model_config(like), ("file", "model"))
-            if differ:
-                raise CheckpointMismatchError(
-                    f"weights file {path} was saved from a model whose config differs from this one's:\n"
-                    + list_items(differ)
-                    + "\nLoad it into a model built from the same config, or pass allow_config_change=True to do it on purpose."
-                )
+            if not differ:
+                saved, what, verb = _header_json(header, "eqzoo.statics"), "non-array settings", "differ"
+                differ = statics_differences(saved, describe_statics(like), ("file", "model"))
+        if differ:
+            raise CheckpointMismatchError(
+                f"weights file {path} was saved from a model whose {what} {verb} from this one's:\n"
+                + list_items(differ)
+                + f"\nLoad it into a model built with the same {what}, or pass allow_config_change=True to do it on purpose."
+            )
         try:
             crcs = json.loads(header.get("eqzoo.crc32", "{}"))
         except ValueError:

@@ -61,6 +61,20 @@ def _evaluated(history: list[dict[str, float]], step: int) -> bool:
     return bool(history) and history[-1]["step"] == step and any(k.startswith("eval/") for k in history[-1])
 
 
+def _run_record(num_steps: int, batch: Any, run_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a checkpoint records of the run that saved it (read on the host: no device sync)."""
+    leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+    def name(path) -> str:
+        return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "batch"
+
+    shapes = {
+        name(path): f"{np.dtype(x.dtype).name}{tuple(int(d) for d in x.shape)}"
+        for path, x in leaves
+        if hasattr(x, "shape") and hasattr(x, "dtype")
+    }
+    return {"num_steps": num_steps, "batch": shapes, "run_config": dict(run_config or {})}
+
+
 def fit(
     state: TrainState,
     train_step: TrainStep,
@@ -74,6 +88,7 @@ def fit(
     loggers: Iterable[Logger] = (),
     callbacks: Iterable[Callback] = (),
     checkpointer: Any = None,
+    run_config: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """Train until `state.step == num_steps`, logging, evaluating and calling back on the way.
 
@@ -102,7 +117,13 @@ def fit(
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
       -> bool` and `should_stop() -> bool`, called after every step (see
       `eqzoo.checkpoint.Checkpointer`); `step` is the step just taken, so it need not be read
-      back from the device.
+      back from the device. One with a `begin_run(run, *, step)` method is told first what this
+      run is (below).
+    - `run_config`: your run's settings that `fit` cannot see (learning rate, schedule,
+      warmup, ...), a JSON-able dict. With `num_steps` and the first batch's shapes and
+      dtypes it is recorded in every checkpoint the `checkpointer` saves (`meta.run`), and a
+      run resumed from a checkpoint whose record differs warns once, naming each setting that
+      changed.
 
     **Returns:** a [`eqzoo.train.FitResult`][].
     """
@@ -130,6 +151,8 @@ def fit(
             f"fit: eval_batches must be a function returning the evaluation batches (each evaluation "
             f"iterates them afresh), e.g. eval_batches=lambda: batches; got a {type(eval_batches).__name__}."
         )
+    if run_config is not None and not isinstance(run_config, Mapping):
+        raise ConfigError(f"fit: run_config must be a dict of your run's settings; got a {type(run_config).__name__}.")
     if isinstance(batches, Mapping):
         raise ConfigError(
             "fit: batches must yield batches (an iterator, a loader, a list of dicts); got one dict, whose "
@@ -149,6 +172,7 @@ def fit(
     for logger in loggers:
         if callable(getattr(logger, "begin", None)):
             logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
+    begin_run = getattr(checkpointer, "begin_run", None)
     history: list[dict[str, float]] = []
     pending: list[dict[str, jax.Array]] = []
     stopped = False
@@ -175,6 +199,9 @@ def fit(
             )
             stopped = True
         else:
+            if callable(begin_run):  # before the first step: a bad run_config fails here
+                begin_run(_run_record(num_steps, batch, run_config), step=first_step)
+                begin_run = None
             state, metrics = train_step(state, batch)
             step += 1
             pending.append(metrics)

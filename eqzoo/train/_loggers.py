@@ -135,7 +135,16 @@ class TensorBoardLogger:
 
 
 class ConsoleLogger:
-    """Prints a progress line per logged step: step, metrics, speed and time left."""
+    """Prints a progress line per logged step: step, metrics, speed and time left.
+
+    The speed is training steps per second: under [`eqzoo.train.fit`][] it is taken from the
+    `train/steps_per_s` that `fit` measures per logging window (evaluation, its compilation,
+    logging and callbacks not counted; the time training waits for a checkpoint save counted),
+    from the second logged window on, so the train step's first compilation is left out too.
+    Metrics without `train/steps_per_s` (a loop of your own) are timed by the wall clock from
+    the first logged step. The ETA divides the steps left by that speed, so it leaves out the
+    evaluations still to come.
+    """
 
     def __init__(self, total_steps: int | None = None, *, stream: TextStream | None = None, keys: tuple[str, ...] | None = None):
         """**Arguments:** `total_steps` (for the ETA), output `stream` (default stderr), and the
@@ -145,7 +154,25 @@ class ConsoleLogger:
         self.keys = keys
         self._start: float | None = None
         self._start_step = 0
+        self._last_step: int | None = None
+        self._train_steps = 0
+        self._train_seconds = 0.0
         self._warned_past_total = False
+
+    def _rate(self, step: int, metrics: dict[str, float], now: float) -> float | None:
+        window = metrics.get("train/steps_per_s")
+        if window is not None:  # fit's own measure of the steps since its previous train record
+            previous, self._last_step = self._last_step, step
+            window = float(window)
+            if previous is not None and step > previous and math.isfinite(window) and window > 0:
+                self._train_steps += step - previous
+                self._train_seconds += (step - previous) / window
+        if self._last_step is not None:  # timed by fit (an evaluation-only record adds nothing)
+            return self._train_steps / self._train_seconds if self._train_seconds > 0 else None
+        if self._start is None:
+            self._start, self._start_step = now, step
+        elapsed, done = now - self._start, step - self._start_step
+        return done / elapsed if done > 0 and elapsed > 0 else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Print one line."""
@@ -157,15 +184,11 @@ class ConsoleLogger:
                 "number of steps (for the ETA), not how often fit logs (that is fit's log_every).",
                 stacklevel=user_stacklevel(),
             )
-        if self._start is None:
-            self._start, self._start_step = now, step
         shown = {k: v for k, v in metrics.items() if self.keys is None or k in self.keys}
         parts = [f"step {step:>6d}" + (f"/{self.total}" if self.total else "")]
         parts += [f"{k} {float(v):.4g}" for k, v in shown.items()]
-        elapsed = now - self._start
-        done = step - self._start_step
-        if done > 0 and elapsed > 0:
-            rate = done / elapsed
+        rate = self._rate(step, metrics, now)
+        if rate is not None:
             parts.append(f"{rate:.2f} steps/s")
             if self.total:
                 parts.append(f"eta {_fmt_seconds((self.total - step) / rate)}")

@@ -10,6 +10,7 @@ import zlib
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -235,8 +236,9 @@ def test_mismatch_lists_each_path_with_expected_and_found(ckpt_dir, open_checkpo
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.1.0.nu.net.layers.0.weight: expected float32\(8, 6\), not in the checkpoint"):
         ckpt.restore(_plus_extra_adam(mlp_config))
     assert "Every difference is in the optimizer state" not in message  # the model differs too
+    assert "Only dtypes differ" not in message  # shapes do: casting would not help
     bf16 = checkpoint.abstract_state(lambda k: _cast(models.create(mlp_config, key=k)), opt)
-    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model.net.layers.0.bias: expected bfloat16\(8,\), found float32\(8,\)"):
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)model.net.layers.0.bias: expected bfloat16\(8,\), found float32\(8,\).*Only dtypes differ: restore does not cast"):
         ckpt.restore(bf16)
     sgd = checkpoint.abstract_state(mlp_config, optax.sgd(1e-2))
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"opt_state.0.mu.net.layers.0.weight: found float32\(8, 6\), not in the target(.|\n)*Every difference is in the optimizer state: .*Precision"):
@@ -395,3 +397,116 @@ def test_progress_reports_each_save_and_its_commit(async_save, ckpt_dir, state_f
     silent = checkpoint.Checkpointer(ckpt_dir / "quiet")
     silent.save(state, step=2)
     silent.close()  # nothing to report on, and nothing printed: progress defaults to None
+
+
+class _Tempered(eqx.Module):
+    """A layer whose softmax temperature is a static field: no array shape records it."""
+
+    weight: jax.Array
+    temp: float = eqx.field(static=True)
+    activation: str = eqx.field(static=True, default="relu")
+
+    def __init__(self, temp, *, key, activation="relu"):
+        self.weight = jax.random.normal(key, (3, 4))
+        self.temp = temp
+        self.activation = activation
+
+
+def test_non_array_settings_are_recorded_and_a_target_that_differs_is_refused(ckpt_dir, open_checkpointer, monkeypatch):
+    opt = optax.sgd(0.1)
+    state = train.TrainState.create({"head": _Tempered(2.0, key=jax.random.key(0))}, opt, key=jax.random.key(1))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    hotter = checkpoint.abstract_state(lambda k: {"head": _Tempered(3.0, key=k, activation="gelu")}, opt)
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError,
+        match=r"(?s)non-array settings differ from the restore target's in 2 field\(s\).*"
+        r"model.head.temp: saved 2.0, target 3.0\n  model.head.activation: saved 'relu', target 'gelu'\n.*allow_config_change=True",
+    ):
+        ckpt.restore(hotter)
+    assert ckpt.restore(hotter, allow_config_change=True).state.model["head"].temp == 3.0  # on purpose
+    same = ckpt.restore(checkpoint.abstract_state(lambda k: {"head": _Tempered(2.0, key=k)}, opt))
+    assert same.state.model["head"].temp == 2.0
+    # how it runs may differ: a target in inference mode (dropout off) restores
+    with_dropout = train.TrainState.create({"drop": eqx.nn.Dropout(0.1)}, opt, key=jax.random.key(1))
+    other = open_checkpointer(ckpt_dir.with_name("dropout"))
+    other.save(with_dropout)
+    other.wait()
+    target = with_dropout.replace(model=eqx.nn.inference_mode(with_dropout.model))
+    assert other.restore(target).state.model["drop"].inference
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model.drop.p: saved 0.1, target 0.5"):
+        other.restore(train.TrainState.create({"drop": eqx.nn.Dropout(0.5)}, opt, key=jax.random.key(1)))
+    # a step written before settings were recorded restores as before
+    from eqzoo.checkpoint._integrity import with_crc
+
+    path = ckpt_dir / "0" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    assert meta["statics"] == {"fields": {"model.head.activation": "relu", "model.head.temp": 2.0}, "truncated": False}
+    del meta["statics"]
+    path.write_text(json.dumps(with_crc(meta)))
+    assert open_checkpointer(ckpt_dir).restore(hotter).state.model["head"].temp == 3.0
+    # the record is capped
+    from eqzoo.checkpoint import _statics
+
+    monkeypatch.setattr(_statics, "MAX_STATICS", 1)
+    assert _statics.describe_statics({"head": _Tempered(2.0, key=jax.random.key(0))}) == {
+        "fields": {"model.head.temp": 2.0}, "truncated": True
+    }
+
+
+@pytest.mark.filterwarnings("ignore:the batches .generator. have no state_dict")
+def test_fit_records_its_run_and_a_resume_that_changes_it_warns_once(ckpt_dir, open_checkpointer, mlp_config):
+    from eqzoo.train import _fit
+
+    opt = optax.sgd(0.1)
+    step = train.make_train_step(train.classification_loss, opt)
+
+    def batches(size):
+        while True:
+            yield {"x": jnp.ones((size, 6)), "y": jnp.zeros((size,), jnp.int32)}
+
+    state = train.TrainState.create(models.create(mlp_config, key=jax.random.key(0)), opt, key=jax.random.key(1))
+    ckpt = open_checkpointer(ckpt_dir, save_every=2)
+    first = train.fit(state, step, batches(4), num_steps=4, checkpointer=ckpt, run_config={"lr": 0.1, "sched": {"warmup": 2}})
+    ckpt.wait()
+    assert ckpt.meta(4).run == {"num_steps": 4, "batch": {"x": "float32(4, 6)", "y": "int32(4,)"},
+                                "run_config": {"lr": 0.1, "sched": {"warmup": 2}}}
+    resumed = open_checkpointer(ckpt_dir, save_every=2)
+    state = resumed.restore(checkpoint.abstract_state(mlp_config, opt)).state
+    with pytest.warns(UserWarning) as record:
+        train.fit(state, step, batches(8), num_steps=6, checkpointer=resumed, run_config={"lr": 0.3, "sched": {"warmup": 2}})
+    changed = [str(w.message) for w in record if "other settings" in str(w.message)]
+    assert len(changed) == 1
+    assert "training goes on from step 4 of" in changed[0] and "(4 changed)" in changed[0]
+    for line in ("batch.x: saved 'float32(4, 6)', now 'float32(8, 6)'", "num_steps: saved 4, now 6", "run_config.lr: saved 0.1, now 0.3"):
+        assert f"  {line}\n" in changed[0]
+    resumed.wait()
+    assert resumed.meta(6).run["run_config"] == {"lr": 0.3, "sched": {"warmup": 2}}
+    # only what changed is named: here the run is extended
+    again = open_checkpointer(ckpt_dir, save_every=2)
+    state = again.restore(checkpoint.abstract_state(mlp_config, opt)).state
+    with pytest.warns(UserWarning, match=r"from step 6 of .*\(1 changed\):\n  num_steps: saved 6, now 8\nThe run goes on as now set up"):
+        train.fit(state, step, batches(8), num_steps=8, checkpointer=again, run_config={"lr": 0.3, "sched": {"warmup": 2}})
+    # a run_config that cannot be recorded fails before the first step
+    with pytest.raises(checkpoint.CheckpointError, match="fit's run record \\(its run_config\\) must be JSON-able"):
+        train.fit(first.state, step, batches(4), num_steps=9, checkpointer=open_checkpointer(ckpt_dir.with_name("b")), run_config={"opt": opt})
+    assert _fit._run_record(3, {"x": np.zeros((2, 5), np.int8)}, None) == {"num_steps": 3, "batch": {"x": "int8(2, 5)"}, "run_config": {}}
+
+
+def test_checkpointers_share_one_exit_hook(tmp_path):
+    import threading
+
+    hooks = getattr(threading, "_threading_atexits", None)
+    if hooks is None:
+        pytest.skip("this Python registers the hook with atexit")
+    checkpoint.Checkpointer(tmp_path / "a", handle_signals=False).close()  # the hook exists from now on
+    before = len(hooks)
+    made = [checkpoint.Checkpointer(tmp_path / str(i), handle_signals=False) for i in range(5)]
+    assert len(hooks) == before
+    from eqzoo.checkpoint._checkpointer import _OPEN
+
+    assert all(c in _OPEN for c in made)
+    for c in made:
+        c.close()
+    assert not any(c in _OPEN for c in made)

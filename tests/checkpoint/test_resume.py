@@ -191,8 +191,11 @@ _EXIT_WITHOUT_CLOSE = """
 import sys, jax, optax
 from eqzoo import checkpoint, models, train
 model = models.create(models.MLPConfig(in_features=4, out_features=2, width=8, depth=1), key=jax.random.key(0))
-ckpt = checkpoint.Checkpointer(sys.argv[1], handle_signals=False)
-ckpt.save(train.TrainState.create(model, optax.adam(1e-3), key=jax.random.key(1)), step=3)
+state = train.TrainState.create(model, optax.adam(1e-3), key=jax.random.key(1))
+# two open Checkpointers, each with a save in flight: one exit hook commits both
+ckpts = [checkpoint.Checkpointer(f"{sys.argv[1]}/{name}", handle_signals=False) for name in ("a", "b")]
+for ckpt in ckpts:
+    ckpt.save(state, step=3)
 sys.setswitchinterval(30.0)  # keep the GIL: the background commit cannot finish before the exit starts
 """
 
@@ -205,4 +208,4 @@ def test_a_save_in_flight_when_the_program_ends_without_close_is_committed(env, 
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cannot schedule new futures" not in proc.stderr
-    assert sorted(p.name for p in directory.iterdir()) == ["3"]
+    assert [sorted(p.name for p in (directory / name).iterdir()) for name in ("a", "b")] == [["3"], ["3"]]

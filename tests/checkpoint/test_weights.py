@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors
 import safetensors.numpy
 
 from eqzoo import checkpoint, models
@@ -161,3 +162,30 @@ def test_own_model_shape_mismatch_and_own_config(tmp_path, unchecked):
         models.model_class(_OwnConfig())  # a KeyError before; with checking on, its annotation refuses it
     loaded = checkpoint.load_weights(eqx.filter_eval_shape(_OwnNet, _OwnConfig(), key=jax.random.key(1)), path)
     assert loaded.lin.weight.shape == (3, 4)
+
+
+class _Scaled(eqx.Module):
+    """A layer of the user's own whose output scale is a static field (no config to compare)."""
+
+    lin: eqx.nn.Linear
+    scale: float = eqx.field(static=True)
+
+    def __init__(self, scale, *, key):
+        self.lin = eqx.nn.Linear(4, 3, key=key)
+        self.scale = scale
+
+
+def test_a_file_saved_with_other_non_array_settings_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    checkpoint.save_weights(_Scaled(0.5, key=jax.random.key(0)), path)
+    other = eqx.filter_eval_shape(lambda k: _Scaled(2.0, key=k), jax.random.key(1))
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)whose non-array settings differ from this one's:\n  model.scale: file 0.5, model 2.0\n.*allow_config_change=True"):
+        checkpoint.load_weights(other, path)
+    assert checkpoint.load_weights(other, path, allow_config_change=True).scale == 2.0
+    assert checkpoint.load_weights(_Scaled(0.5, key=jax.random.key(1)), path).scale == 0.5
+    # a file written before the settings were recorded loads as before
+    tensors = safetensors.numpy.load_file(str(path))
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        header = {k: v for k, v in f.metadata().items() if k != "eqzoo.statics"}
+    safetensors.numpy.save_file(tensors, str(path), metadata=header)
+    assert checkpoint.load_weights(other, path).scale == 2.0

@@ -296,3 +296,47 @@ def test_console_logger_prints_to_any_text_stream():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         logger.log(30, {"train/loss": 1.0})
+
+
+def test_console_logger_rate_counts_training_time_only(steps, monkeypatch):
+    """A fake clock: each train step takes 1 s, each evaluation (its compile, say) 1000 s, and
+    the first window holds a 50 s compile. The printed speed is 1 step/s throughout, from the
+    second window on (the ETA follows it); before, the line after the first evaluation read
+    "0.00 steps/s | eta 1h23m" for 5 steps left."""
+    import io
+    import types
+
+    from eqzoo.train import _fit, _loggers
+
+    now = [0.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(_fit, "time", clock)
+    monkeypatch.setattr(_loggers, "time", clock)
+    train_step, eval_step = steps
+
+    def timed_batches():
+        for i, batch in enumerate(batches()):
+            now[0] += 51.0 if i == 0 else 1.0
+            yield batch
+
+    def slow_eval_batches():
+        now[0] += 1000.0
+        return eval_batches()
+
+    stream = io.StringIO()
+    train.fit(
+        _state(), train_step, timed_batches(), num_steps=8, log_every=2, eval_step=eval_step,
+        eval_batches=slow_eval_batches, eval_every=3, loggers=[train.ConsoleLogger(8, stream=stream, keys=())],
+    )
+    lines = stream.getvalue().splitlines()
+    # steps 2, 3 (evaluation only), 4, 6, 8: the evaluation-only record adds no window
+    assert [line.split(" | ")[0].split()[1] for line in lines] == ["2/8", "3/8", "4/8", "6/8", "8/8"]
+    assert lines[0] == "step      2/8" and lines[1] == "step      3/8"
+    assert lines[2:] == ["step      4/8 | 1.00 steps/s | eta 0m04s", "step      6/8 | 1.00 steps/s | eta 0m02s",
+                         "step      8/8 | 1.00 steps/s | eta 0m00s"]
+    # a loop of its own (no train/steps_per_s): timed by the wall clock from its first log
+    own = train.ConsoleLogger(stream=stream)
+    own.log(10, {"loss": 1.0})
+    now[0] += 4.0
+    own.log(20, {"loss": 1.0})
+    assert stream.getvalue().splitlines()[-1] == "step     20 | loss 1 | 2.50 steps/s"
