@@ -39,6 +39,7 @@ from ._meta import (
     check_fit,
     check_model_class,
     meta_object,
+    renamed_codes,
     run_differences,
     validate_meta,
 )
@@ -605,7 +606,10 @@ class Checkpointer:
         where = f"step {step} in {self._directory}"
         if not allow_config_change:
             check_model_class(meta.get("config"), self._stored_config(target), where=where)
-        check_fit(expected, meta["arrays"], where=where)
+        stored_as = renamed_codes(expected, meta["arrays"])  # int8 codes older eqzoo saved as `weight`
+        found = {n: spec for n, spec in meta["arrays"].items() if n not in stored_as.values()}
+        found.update({n: meta["arrays"][old] for n, old in stored_as.items()})
+        check_fit(expected, found, where=where)
         if not allow_config_change:
             check_config(meta.get("config"), self._stored_config(target), where=where)
             check_statics(meta.get("statics"), target.model, where=where)
@@ -618,7 +622,8 @@ class Checkpointer:
                 step=step, parameters=("<manifest>",),
             )
         if problems:
-            affected = sorted({rel.split("/")[0] if rel.split("/")[0] in leaves else f"<{rel}>" for rel, _ in problems})
+            stored_names = {stored_as.get(n, n) for n in leaves}
+            affected = sorted({rel.split("/")[0] if rel.split("/")[0] in stored_names else f"<{rel}>" for rel, _ in problems})
             raise CheckpointCorruptError(
                 f"step {step} in {self._directory} is corrupt; damaged parameter(s): {affected}.\n"
                 + list_items([f"{rel}: {why}" for rel, why in problems]),
@@ -635,8 +640,9 @@ class Checkpointer:
                 spec.sharding.shard_shape(spec.shape)
             except Exception as err:
                 raise CheckpointError(f"cannot place {name} of shape {spec.shape} with sharding {spec.sharding}: {err}") from err
-            abstract[name] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
-            restore_args[name] = ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
+            stored_name = stored_as.get(name, name)
+            abstract[stored_name] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
+            restore_args[stored_name] = ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
         try:
             stored = self._read_arrays(step, abstract, restore_args)
         except Exception as err:  # TensorStore read failures surface as several exception types
@@ -646,7 +652,7 @@ class Checkpointer:
                 f"{str(err).splitlines()[0][:300]}",
                 step=step, parameters=tuple(bad),
             ) from err
-        arrays = tuple(from_stored(stored[name], leaves[name]) for name in names)
+        arrays = tuple(from_stored(stored[stored_as.get(name, name)], leaves[name]) for name in names)
         state = TrainState(arrays, target.structure)
         info = meta_object(meta)
         return Restored(state, info.data_state, info)

@@ -228,6 +228,32 @@ def run_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def renamed_codes(expected: Mapping[str, Any], found: Mapping[str, Any]) -> dict[str, str]:
+    """`{target name: stored name}` for the int8 codes of `eqzoo.quant.QuantizedLinear` layers
+    written before the field was renamed from `weight` to `codes` (`...q_proj.weight` in the
+    file, `...q_proj.codes` in the target), so that such files and steps restore unchanged.
+
+    Both arguments map a name to `{"shape": [...], "dtype": "..."}`. A name is mapped only when
+    the target's `<prefix>.codes` is int8 and missing from the file, and the file holds an int8
+    `<prefix>.weight` of the same shape (which the target lacks) beside `<prefix>.scale`: the
+    old layout of one layer, nothing else."""
+    out = {}
+    for name, spec in expected.items():
+        if not name.endswith(".codes") or name in found or spec["dtype"] != "int8":
+            continue
+        prefix = name[: -len("codes")]
+        old = found.get(prefix + "weight")
+        if (
+            old is not None
+            and prefix + "weight" not in expected
+            and prefix + "scale" in found
+            and old["dtype"] == "int8"
+            and list(old["shape"]) == list(spec["shape"])
+        ):
+            out[name] = prefix + "weight"
+    return out
+
+
 def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) -> None:
     """Raise `CheckpointMismatchError` listing every array that is missing, unexpected, or has
     another shape or dtype than the target expects."""
@@ -252,6 +278,19 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
                 "\nOnly dtypes differ: restore does not cast. Restore with the saved run's dtypes "
                 "(its Precision's param_dtype), then cast the restored model; for the model alone, "
                 "save_weights + load_weights(..., cast=True) converts."
+            )
+        extra_names = [n for n in found if n not in expected]
+        missing_names = [n for n in expected if n not in found]
+        if any(n.endswith(".codes") for n in extra_names) and not any(n.endswith(".codes") for n in expected):
+            hint += (
+                "\nThe checkpoint holds int8 layers (`codes` and `scale`, from eqzoo.quant.quantize) and the "
+                "target does not: quantize the target the same way, e.g. abstract_state(lambda k: "
+                "eqzoo.quant.quantize(eqzoo.models.create(config, key=k)), optimizer)."
+            )
+        elif any(n.endswith(".codes") for n in missing_names) and not any(n.endswith(".codes") for n in found):
+            hint += (
+                "\nThe target has int8 layers (eqzoo.quant) and the checkpoint does not: restore the "
+                "float model, then quantize it."
             )
         raise CheckpointMismatchError(
             f"{where} does not fit the restore target ({len(differ)} with another shape/dtype, "

@@ -21,7 +21,7 @@ from ._errors import (
     CheckpointNotFoundError,
     list_items,
 )
-from ._meta import config_differences
+from ._meta import config_differences, renamed_codes
 from ._statics import describe_statics, statics_differences
 from ._tree import is_array_like, is_key, leaf_names
 
@@ -161,6 +161,12 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
             sl = f.get_slice(name)
             found[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
         expected = {n: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for n, leaf in zip(names, leaves, strict=True)}
+        # int8 codes that older eqzoo saved as a QuantizedLinear `weight`: read under that name
+        stored_as = renamed_codes(
+            {n: {"shape": e[0], "dtype": e[1]} for n, e in expected.items()},
+            {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()},
+        )
+        found = {n: v for n, v in found.items() if n not in stored_as.values()} | {n: found[old] for n, old in stored_as.items()}
         problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
         problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
         dtypes_differ = False
@@ -196,6 +202,7 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
             crcs = {}
         loaded = []
         for name, leaf in zip(names, leaves, strict=True):
+            name = stored_as.get(name, name)
             try:
                 value = f.get_tensor(name)
             except Exception as err:

@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int, Real
 
 from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
-from ..nn import apply_linear, init_linear
+from ..nn import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._validate import IMAGE_FIX
 
 
@@ -62,8 +62,8 @@ def sinusoidal_embedding(t: Float[Array, ""], dim: int, max_period: float = 1000
 class TimestepEmbedding(eqx.Module):
     """A sinusoidal embedding of the timestep followed by `Linear -> SiLU -> Linear`."""
 
-    first: eqx.nn.Linear
-    second: eqx.nn.Linear
+    first: eqx.nn.Linear | AbstractLinear
+    second: eqx.nn.Linear | AbstractLinear
     frequency_dim: int = eqx.field(static=True)
 
     def __init__(self, frequency_dim: int, hidden_dim: int, out_dim: int, *, key: PRNGKey):
@@ -75,7 +75,8 @@ class TimestepEmbedding(eqx.Module):
 
     def __call__(self, t: Float[Array, ""]) -> Float[Array, " embed"]:
         """**Arguments:** a scalar timestep. **Returns:** its embedding, in the params' dtype."""
-        h = sinusoidal_embedding(t, self.frequency_dim).astype(self.first.weight.dtype)
+        # linear_dtype, not first.weight: an int8 or adapted layer (eqzoo.quant, eqzoo.peft) has none
+        h = sinusoidal_embedding(t, self.frequency_dim).astype(linear_dtype(self.first))
         return apply_linear(self.second, jax.nn.silu(apply_linear(self.first, h)))
 
 

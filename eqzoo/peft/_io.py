@@ -16,6 +16,7 @@ from ..checkpoint import CheckpointMismatchError, config_to_dict, load_weights, 
 from ..checkpoint._config import model_config
 from ..checkpoint._meta import config_differences
 from ..nn import Targets
+from ..quant import QuantizedLinear, QuantizedWeight
 from ..sharding import path_str
 from ._lora import _is_lora, adapter_filter
 
@@ -33,29 +34,53 @@ _SAMPLED_ARRAYS = 8
 _SAMPLED_VALUES = 16
 
 
+def _is_int8(x) -> bool:
+    return isinstance(x, QuantizedLinear | QuantizedWeight)
+
+
+def _row(x) -> np.ndarray:
+    # The first `_SAMPLED_VALUES` values along the last axis, at index 0 of every other axis.
+    return np.asarray(x[(0,) * (x.ndim - 1)][:_SAMPLED_VALUES] if x.ndim else x, np.float64).reshape(-1)
+
+
 def _base_sample(base) -> dict[str, dict[str, Any]] | None:
     # A few values of the frozen base weights (the first row of the first arrays by path), to
     # tell a base from another of the same config: a pretrained model and its instruct-tuned
-    # sibling share every shape. None when an array is not readable from this process.
-    leaves = [
-        (path_str(path), x)
-        for path, x in jax.tree_util.tree_flatten_with_path(base)[0]
-        if eqx.is_inexact_array(x) and x.size
-    ]
+    # sibling share every shape. An int8 weight is sampled under its float weight's name
+    # (`q_proj.base.weight` of a QuantizedLinear, the expert array's own path for a
+    # QuantizedWeight) as its codes with each code's scale, so it is compared with the float
+    # base it was quantized from as well as with another int8 copy. None when an array is not
+    # readable from this process.
+    entries = []  # (name, arrays to read, how to sample them)
+    for path, x in jax.tree_util.tree_flatten_with_path(base, is_leaf=_is_int8)[0]:
+        name = path_str(path)
+        if isinstance(x, QuantizedLinear):
+            entries.append((f"{name}.weight", x))
+            if eqx.is_inexact_array(x.bias) and x.bias.size:
+                entries.append((f"{name}.bias", x.bias))
+        elif isinstance(x, QuantizedWeight) or (eqx.is_inexact_array(x) and x.size):
+            entries.append((name, x))
     sample = {}
-    for name, x in sorted(leaves, key=lambda item: item[0])[:_SAMPLED_ARRAYS]:
-        if not getattr(x, "is_fully_addressable", True):
+    for name, x in sorted(entries, key=lambda item: item[0])[:_SAMPLED_ARRAYS]:
+        arrays = (x.codes, x.scale) if _is_int8(x) else (x,)
+        if not all(getattr(a, "is_fully_addressable", True) for a in arrays):
             return None
-        row = x[(0,) * (x.ndim - 1)][:_SAMPLED_VALUES] if x.ndim else x
-        sample[name] = {"dtype": jnp.dtype(x.dtype).name, "values": np.asarray(row, np.float64).reshape(-1).tolist()}
+        if isinstance(x, QuantizedLinear):  # one scale per output row: the sampled row's
+            codes = _row(x.codes)
+            scale = np.full(codes.shape, float(x.scale[(0,) * x.scale.ndim]))
+        elif isinstance(x, QuantizedWeight):  # one scale per output column: the sampled row's columns
+            codes, scale = _row(x.codes), _row(x.scale)
+        else:
+            sample[name] = {"dtype": jnp.dtype(x.dtype).name, "values": _row(x).tolist()}
+            continue
+        sample[name] = {
+            "dtype": "int8", "values": codes.tolist(),
+            "scale": scale.tolist(), "scale_dtype": jnp.dtype(x.scale.dtype).name,
+        }
     return sample
 
 
-def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
-    a, b = np.asarray(saved["values"], np.float64), np.asarray(ours["values"], np.float64)
-    if a.shape != b.shape:
-        return False
-    da, db = jnp.dtype(saved["dtype"]), jnp.dtype(ours["dtype"])
+def _same_floats(a: np.ndarray, b: np.ndarray, da, db) -> bool:
     if da.itemsize != db.itemsize:  # compare in the narrower dtype: a bf16 base upcast to float32 is the same base
         narrow = da if da.itemsize < db.itemsize else db
         a, b = a.astype(narrow), b.astype(narrow)
@@ -64,6 +89,38 @@ def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
         tiny = max(float(jnp.finfo(da).tiny), float(jnp.finfo(db).tiny))  # float16's subnormals
         return bool(np.allclose(a, b, rtol=eps, atol=tiny, equal_nan=True))
     return bool(np.array_equal(a, b, equal_nan=True))
+
+
+def _interval(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    # The float weights an entry is consistent with, as centre and half-width: an int8 code
+    # stands for every weight within half a step of `code * scale` (plus the scale's own
+    # rounding, for a bfloat16 scale); a float value for those within its dtype's rounding.
+    values = np.asarray(entry["values"], np.float64)
+    if "scale" in entry:
+        scale = np.asarray(entry["scale"], np.float64)
+        centre = values * scale
+        return centre, scale / 2 + float(jnp.finfo(jnp.dtype(entry["scale_dtype"])).eps) * np.abs(centre)
+    finfo = jnp.finfo(jnp.dtype(entry["dtype"]))
+    return values, float(finfo.eps) * np.abs(values) + float(finfo.tiny)
+
+
+def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
+    a, b = np.asarray(saved["values"], np.float64), np.asarray(ours["values"], np.float64)
+    if a.shape != b.shape:
+        return False
+    int8 = ("scale" in saved, "scale" in ours)
+    if not any(int8):
+        return _same_floats(a, b, jnp.dtype(saved["dtype"]), jnp.dtype(ours["dtype"]))
+    if all(int8) and saved["scale_dtype"] == ours["scale_dtype"]:  # the same int8 copy: bit for bit
+        return bool(np.array_equal(a, b)) and bool(
+            np.array_equal(np.asarray(saved["scale"], np.float64), np.asarray(ours["scale"], np.float64))
+        )
+    # int8 against the float base it may come from (or an int8 copy of it in another dtype):
+    # every value within the rounding of both.
+    (ca, ha), (cb, hb) = _interval(saved), _interval(ours)
+    if ca.shape != cb.shape:
+        return False
+    return bool(np.all(np.abs(ca - cb) <= (ha + hb) * (1 + 1e-6)))
 
 
 def _base_differences(saved: Any, ours: dict[str, dict[str, Any]] | None) -> list[str]:
@@ -137,7 +194,9 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
     equal the one the adapters were trained on (up to how it runs: see
     [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]), and so must the sampled values of its frozen
     base weights (compared in the narrower dtype, so a base cast from bfloat16 to float32 is the
-    same base; quantized arrays are not compared); `allow_base_change=True` loads them onto
+    same base; int8 codes and scales exactly against another int8 copy, and against a float
+    base to within half a quantization step, so adapters trained on `eqzoo.quant.quantize(base)`
+    load onto `base` and the other way round); `allow_base_change=True` loads them onto
     another on purpose (adapters trained on a base model applied to its instruct-tuned
     sibling, say). Files written before the config or the sample was recorded are not checked
     for them.

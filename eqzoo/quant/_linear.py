@@ -1,5 +1,7 @@
 """`QuantizedLinear`: a linear layer holding its weight as int8 codes and a per-channel scale."""
 
+from typing import NoReturn
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -33,9 +35,9 @@ def dense_linear(weight: Array, bias: Array | None, in_features: int, out_featur
 
 
 class QuantizedLinear(AbstractLinear):
-    """A linear layer with an int8 weight: `y = (x @ weight.T) * scale + bias`.
+    """A linear layer with an int8 weight: `y = (x @ codes.T) * scale + bias`.
 
-    Weight-only, symmetric, per-output-channel quantization: `weight` holds int8 codes in
+    Weight-only, symmetric, per-output-channel quantization: `codes` holds int8 codes in
     `[-127, 127]` and `scale` one floating scale per output unit, in the floating dtype the
     original weight had (so a float32 layer keeps a float32 scale and a bfloat16 one a bfloat16
     scale). The scale multiplies the product rather than the weight (the same map, since it is
@@ -43,9 +45,14 @@ class QuantizedLinear(AbstractLinear):
     optional `bias` stays floating. Inside a [`eqzoo.nn.Stacked`][] every array carries the
     stacked layer axis first. Build it from a float layer, or quantize a whole model with
     [`eqzoo.quant.quantize`][].
+
+    It has no `weight`: the codes alone are not the weight (they are up to `127 / max|w|` times
+    it), so code that reads `layer.weight` of a float `equinox.nn.Linear` fails here with an
+    `AttributeError` rather than computing with them. Call the layer, or take the float weight
+    from `as_linear()` (`codes * scale`).
     """
 
-    weight: Int8[Array, "*layers out in"]
+    codes: Int8[Array, "*layers out in"]
     scale: Float[Array, "*layers out"]
     bias: Float[Array, "*layers out"] | None
     in_features: int = eqx.field(static=True)
@@ -62,10 +69,20 @@ class QuantizedLinear(AbstractLinear):
         equinox's `"scalar"` features.
         """
         check_features(layer, "QuantizedLinear")
-        self.weight, self.scale = quantize_int8(layer.weight)
+        self.codes, self.scale = quantize_int8(layer.weight)
         self.bias = layer.bias
         self.in_features = layer.in_features
         self.out_features = layer.out_features
+
+    @property
+    def weight(self) -> NoReturn:
+        """Not available: raises `AttributeError` naming `codes`, `scale` and `as_linear()`."""
+        raise AttributeError(
+            "QuantizedLinear has no `weight`: it holds int8 `codes` and a per-output-channel `scale` "
+            "(the weight is codes * scale; codes alone are up to 127 / max|w| times too large). Call "
+            "the layer (layer(x), or eqzoo.nn.apply_linear(layer, x)), or take the float weight from "
+            "layer.as_linear().weight (eqzoo.quant.dequantize(model) for a whole model)."
+        )
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -83,13 +100,13 @@ class QuantizedLinear(AbstractLinear):
         # (*shape, out), in code units: up to 127 / max|w| times the layer's output, so it is
         # accumulated and kept in float32 until the scale brings it back (in float16 it could
         # overflow where the float layer does not).
-        y = jnp.matmul(x, self.weight.T.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.matmul(x, self.codes.T.astype(x.dtype), preferred_element_type=jnp.float32)
         y = (y * self.scale.astype(jnp.float32)).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y
 
     def as_linear(self) -> eqx.nn.Linear:
-        """The dequantized layer: an `equinox.nn.Linear` with weight `weight * scale` in the
+        """The dequantized layer: an `equinox.nn.Linear` with weight `codes * scale` in the
         original dtype (and any stacked axes), computing the same map up to rounding."""
-        return dense_linear(dequantize_int8(self.weight, self.scale), self.bias, self.in_features, self.out_features)
+        return dense_linear(dequantize_int8(self.codes, self.scale), self.bias, self.in_features, self.out_features)

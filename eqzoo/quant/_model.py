@@ -145,7 +145,7 @@ def _quantize_experts(model, *, refuse_quantized: bool = False):
 
 def dequantize(model):
     """A copy of `model` (or of one layer) with every [`eqzoo.quant.QuantizedLinear`][] turned
-    back into a float `equinox.nn.Linear` (`weight * scale`, in the original dtype), every
+    back into a float `equinox.nn.Linear` (`codes * scale`, in the original dtype), every
     [`eqzoo.quant.QuantizedWeight`][] (mixture-of-experts weights) into its float array, and every
     [`eqzoo.quant.FakeQuantLinear`][] into an `equinox.nn.Linear` holding its fake-quantized
     weight: in both cases the dense layer computing the same map. Use it to export a quantized

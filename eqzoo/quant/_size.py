@@ -52,7 +52,7 @@ def size_report(model) -> dict[str, int | float]:
     dense, params = total, 0
     for layer in jax.tree.leaves(model, is_leaf=_is_qlinear):
         if _is_qlinear(layer):
-            codes = layer.codes if isinstance(layer, QuantizedWeight) else layer.weight
+            codes = layer.codes
             n = int(np.prod(codes.shape, dtype=np.int64))
             params += n
             # int8 codes + scale  ->  a float weight of the scale's dtype

@@ -29,15 +29,15 @@ _TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     (r"^(embed|lm_head)\.weight$", P("tensor", "fsdp")),
     # Column-parallel: outputs (heads, MLP hidden units) split over `tensor`, inputs over `fsdp`.
     # A projection wrapped by eqzoo.peft (`q_proj.base.weight`) or quantized by eqzoo.quant
-    # (int8 `weight`, per-output-channel `scale`) keeps its base weight's layout.
-    (r"attn\.(q|k|v)_proj\.(base\.)*weight$", P(None, "tensor", "fsdp")),
+    # (int8 `codes`, per-output-channel `scale`) keeps its base weight's layout.
+    (r"attn\.(q|k|v)_proj\.(base\.)*(weight|codes)$", P(None, "tensor", "fsdp")),
     (r"attn\.(q|k|v)_proj\.(base\.)*(bias|scale)$", P(None, "tensor")),
-    (r"mlp\.(up|gate)\.(base\.)*weight$", P(None, "tensor", "fsdp")),
+    (r"mlp\.(up|gate)\.(base\.)*(weight|codes)$", P(None, "tensor", "fsdp")),
     (r"mlp\.(up|gate)\.(base\.)*(bias|scale)$", P(None, "tensor")),
     # Row-parallel: inputs split over `tensor` (one all-reduce after the layer), outputs over
     # `fsdp`. Their biases, and the norms, are small: replicated.
-    (r"attn\.o_proj\.(base\.)*weight$", P(None, "fsdp", "tensor")),
-    (r"mlp\.down\.(base\.)*weight$", P(None, "fsdp", "tensor")),
+    (r"attn\.o_proj\.(base\.)*(weight|codes)$", P(None, "fsdp", "tensor")),
+    (r"mlp\.down\.(base\.)*(weight|codes)$", P(None, "fsdp", "tensor")),
     # LoRA factors (rank r is tiny): the column-parallel `lora_b` (layers, out, r) is split like
     # its layer's outputs and the row-parallel `lora_a` (layers, r, in) like its inputs, so the
     # adapter's output has the base output's layout; the other factors are replicated.
@@ -103,12 +103,12 @@ DIT_RULES: tuple[tuple[str, P], ...] = (
     *_TRANSFORMER_RULES,
     # (layers, 6 embed, embed) and (2 embed, embed): the adaLN projections of the conditioning
     # vector, FSDP over their input (the embedding), like every other projection.
-    (r"^blocks\.layers\.modulation\.(base\.)*weight$", P(None, None, "fsdp")),
-    (r"^final_modulation\.(base\.)*weight$", P(None, "fsdp")),
-    (r"^patch_embed\.(base\.)*weight$", P("fsdp")),  # (embed, patch pixels)
-    (r"^final_linear\.(base\.)*weight$", P(None, "fsdp")),  # (patch pixels, embed)
+    (r"^blocks\.layers\.modulation\.(base\.)*(weight|codes)$", P(None, None, "fsdp")),
+    (r"^final_modulation\.(base\.)*(weight|codes)$", P(None, "fsdp")),
+    (r"^patch_embed\.(base\.)*(weight|codes)$", P("fsdp")),  # (embed, patch pixels)
+    (r"^final_linear\.(base\.)*(weight|codes)$", P(None, "fsdp")),  # (patch pixels, embed)
     (r"^label_embed\.weight$", P(None, "fsdp")),  # (classes + 1, embed)
-    (r"^time_embed\.second\.(base\.)*weight$", P("fsdp")),  # (embed, hidden)
+    (r"^time_embed\.second\.(base\.)*(weight|codes)$", P("fsdp")),  # (embed, hidden)
 )
 """Default rules for [`eqzoo.models.DiT`][]: its attention and MLP are GPT-2's, so as
 `GPT2_RULES` (FSDP over the embedding dimension, Megatron tensor parallelism in the blocks); the

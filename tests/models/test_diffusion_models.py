@@ -104,6 +104,25 @@ def test_bf16_keeps_dtype_and_is_close(tiny):
     assert err < 0.05 * np.abs(ref).max(), err
 
 
+def test_dit_quantizes_and_adapts_with_its_timestep_embedding():
+    # The timestep MLP's first layer sets the embedding's dtype: read from the layer, not from
+    # a `.weight` that an int8 (eqzoo.quant) or adapted (eqzoo.peft) layer does not have.
+    from eqzoo import peft, quant
+
+    perturbed = _perturbed(_model("tiny-dit"), 5)
+    x, t, y = _inputs(perturbed.config)
+    ref = np.asarray(_batched(perturbed, x, t, y))
+    q = quant.quantize(perturbed)
+    assert isinstance(q.time_embed.first, quant.QuantizedLinear)
+    out = np.asarray(_batched(q, x, t, y))
+    assert out.dtype == np.float32
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.015  # int8 rounding, as for the LMs
+    adapted = peft.lora(perturbed, rank=2, key=jax.random.key(1))  # lora_b = 0: the base's function
+    np.testing.assert_allclose(np.asarray(_batched(adapted, x, t, y)), ref, rtol=MODEL_TOL, atol=MODEL_TOL)
+    qat = quant.prepare_qat(perturbed)
+    np.testing.assert_allclose(np.asarray(_batched(quant.quantize(qat), x, t, y)), np.asarray(_batched(qat, x, t, y)), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_a_few_train_steps_lower_the_loss(name):
     schedule = diffusion.NoiseSchedule.linear(100)

@@ -217,6 +217,42 @@ def test_load_adapters_refuses_another_base_of_the_same_config(tmp_path):
         peft.load_adapters(peft.lora(nudged, rank=2, targets="attn", key=jax.random.key(7)), path)
 
 
+def test_load_adapters_compares_the_codes_and_scales_of_an_int8_base(tmp_path):
+    quant = pytest.importorskip("eqzoo.quant")
+    preset = "tiny-llama"
+    base = eqzoo.models.create(preset, key=jax.random.key(0))
+    other = eqzoo.models.create(preset, key=jax.random.key(5))
+
+    def load(model, path):
+        return peft.load_adapters(peft.lora(model, rank=2, targets="attn", key=jax.random.key(7)), path, cast=True)
+
+    on_int8 = tmp_path / "int8.safetensors"
+    peft.save_adapters(_with_random_b(peft.lora(quant.quantize(base), rank=2, targets="attn", key=jax.random.key(1)), jax.random.key(2)), on_int8)
+    on_float = tmp_path / "float.safetensors"
+    peft.save_adapters(peft.lora(base, rank=2, targets="attn", key=jax.random.key(1)), on_float)
+    # The same base, however it is stored, is accepted: the int8 copy, the float base it was
+    # quantized from (to within half a step), its bfloat16 serving copy and the int8 copy of that.
+    bf16 = eqzoo.train.cast_floating(base, jnp.bfloat16)
+    for same in (quant.quantize(base), base, bf16, quant.quantize(bf16)):
+        load(same, on_int8)
+    load(quant.quantize(base), on_float)
+    load(quant.quantize(bf16), on_float)
+    # Another base is refused, int8 or float, whichever side is int8.
+    refused = r"trained on a base model of this config with other weights: the sampled values of 7 frozen array\(s\) differ \(blocks\.layers\.attn\.k_proj\.base\.weight"
+    for path, model in ((on_int8, quant.quantize(other)), (on_int8, other), (on_float, quant.quantize(other))):
+        with pytest.raises(CheckpointMismatchError, match=refused):
+            load(model, path)
+    # The codes are compared, not only the scales: one code of a sampled row moved (its row's
+    # scale, the row's largest weight, unchanged) is seen.
+    q = quant.quantize(base)
+    codes = q.blocks.layers.attn.k_proj.codes
+    i = int(jnp.argmin(jnp.abs(codes[0, 0, :16])))  # not the row's largest code
+    moved = eqx.tree_at(lambda m: m.blocks.layers.attn.k_proj.codes, q, codes.at[0, 0, i].add(1))
+    assert np.array_equal(np.asarray(moved.blocks.layers.attn.k_proj.scale), np.asarray(q.blocks.layers.attn.k_proj.scale))
+    with pytest.raises(CheckpointMismatchError, match=r"1 frozen array\(s\) differ \(blocks\.layers\.attn\.k_proj\.base\.weight\)"):
+        load(moved, on_int8)
+
+
 def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     adapted = _with_random_b(peft.lora(_model(), rank=2, key=jax.random.key(1)), jax.random.key(2))
@@ -297,7 +333,7 @@ def test_lora_on_an_int8_base_trains_and_merges_to_float():
         first = float(metrics["loss"]) if first is None else first
     assert float(metrics["loss"]) < first
     tuned = state.model
-    assert tuned.blocks.layers.attn.q_proj.base.weight.dtype == jnp.int8  # the base stayed int8
+    assert tuned.blocks.layers.attn.q_proj.base.codes.dtype == jnp.int8  # the base stayed int8
     merged = peft.merge(tuned)
     assert isinstance(merged.blocks.layers.attn.q_proj, eqx.nn.Linear)
     assert merged.blocks.layers.attn.q_proj.weight.dtype == jnp.float32

@@ -92,7 +92,7 @@ def test_fake_quantize_is_the_rounded_weight_with_an_identity_gradient():
 def test_quantized_linear_computes_its_dequantized_layer():
     lin = eqx.nn.Linear(24, 10, key=jax.random.key(0))
     layer = quant.QuantizedLinear(lin)
-    assert layer.weight.dtype == jnp.int8 and layer.scale.shape == (10,) and layer.dtype == jnp.float32
+    assert layer.codes.dtype == jnp.int8 and layer.scale.shape == (10,) and layer.dtype == jnp.float32
     assert (layer.in_features, layer.out_features) == (24, 10)
     x = jax.random.normal(jax.random.key(1), (3, 5, 24))
     dense = quant.dequantize(layer)
@@ -103,6 +103,28 @@ def test_quantized_linear_computes_its_dequantized_layer():
     np.testing.assert_allclose(np.asarray(layer(x[0, 0])), np.asarray(ref[0, 0]), rtol=1e-5, atol=1e-6)
     # and the float layer is close: per-weight error <= scale / 2
     np.testing.assert_allclose(np.asarray(layer.apply(x)), np.asarray(jax.vmap(jax.vmap(lin))(x)), atol=0.02)
+
+
+def test_reading_weight_of_an_int8_layer_fails_and_says_what_to_use():
+    # A model of one's own that multiplies by `self.proj.weight` would compute with the codes,
+    # up to 127 / max|w| times the weight (measured: outputs off by ~2000 on this one), so the
+    # int8 layer has `codes`, and `.weight` raises, naming what to use.
+    class Own(eqx.Module):
+        proj: eqx.nn.Linear
+
+        def __call__(self, x):
+            return self.proj.weight @ x + self.proj.bias
+
+    own = Own(eqx.nn.Linear(64, 32, key=jax.random.key(0)))
+    q = quant.quantize(own)
+    x = jax.random.normal(jax.random.key(1), (64,))
+    with pytest.raises(AttributeError, match=r"QuantizedLinear has no `weight`: it holds int8 `codes` and .*`scale`.*as_linear\(\)\.weight"):
+        q(x)
+    with pytest.raises(AttributeError, match="no `weight`"):
+        eqx.filter_jit(lambda m, v: m(v))(q, x)  # at trace time too
+    assert not hasattr(q.proj, "weight") and q.proj.codes.dtype == jnp.int8
+    dense = q.proj.as_linear()  # the documented way to the float weight
+    np.testing.assert_allclose(np.asarray(dense.weight @ x + dense.bias), np.asarray(q.proj(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_quantize_works_on_plain_equinox_models():
@@ -128,15 +150,15 @@ def test_quantized_model_is_close_stores_int8_and_leaves_embeddings_alone(preset
     assert len(layers) == len(eqzoo.nn.linear_paths(model))
     n = model.config.num_layers
     for layer in layers:
-        assert layer.weight.dtype == jnp.int8 and layer.weight.shape == (n, layer.out_features, layer.in_features)
+        assert layer.codes.dtype == jnp.int8 and layer.codes.shape == (n, layer.out_features, layer.in_features)
         assert layer.scale.dtype == jnp.float32 and layer.scale.shape == (n, layer.out_features)
     assert q.embed.weight is model.embed.weight  # embeddings (and the tied head) untouched
     # the linear weights take ~4x fewer bytes than fp32 (the scales add 4 bytes per row)
-    dense_bytes = sum(4 * x.weight.size for x in layers)
-    int8_bytes = sum(x.weight.size + 4 * x.scale.size for x in layers)
+    dense_bytes = sum(4 * x.codes.size for x in layers)
+    int8_bytes = sum(x.codes.size + 4 * x.scale.size for x in layers)
     assert 3.7 < dense_bytes / int8_bytes <= 4
     report, float_report = quant.size_report(q), quant.size_report(model)
-    assert report["int8_bytes"] == sum(x.weight.size for x in layers)
+    assert report["int8_bytes"] == sum(x.codes.size for x in layers)
     assert report["dense_bytes"] == float_report["total_bytes"] == float_report["dense_bytes"]
     assert report["total_bytes"] < float_report["total_bytes"] and float_report["ratio"] == 1.0
     # the same figures from an abstract model, without building it
@@ -183,7 +205,7 @@ def test_bfloat16_model_keeps_bfloat16_scales_and_cache():
     model = cast_floating(_model("tiny-llama"), jnp.dtype(jnp.bfloat16))
     q = quant.quantize(model)
     layer = q.blocks.layers.attn.q_proj
-    assert layer.weight.dtype == jnp.int8 and layer.scale.dtype == jnp.bfloat16 and layer.dtype == jnp.bfloat16
+    assert layer.codes.dtype == jnp.int8 and layer.scale.dtype == jnp.bfloat16 and layer.dtype == jnp.bfloat16
     assert q.init_cache(8).keys.dtype == jnp.bfloat16
     tokens = _tokens(32)
     out = _fwd(q, tokens)
@@ -310,7 +332,7 @@ def test_qat_training_lowers_the_loss_and_converts_exactly():
                               np.asarray(qat.blocks.layers.attn.q_proj.base.weight))
     # the trained QAT model converts to int8 computing the same outputs
     converted = quant.quantize(trained)
-    assert converted.blocks.layers.mlp.down.weight.dtype == jnp.int8
+    assert converted.blocks.layers.mlp.down.codes.dtype == jnp.int8
     tokens = _tokens(32)
     np.testing.assert_allclose(np.asarray(_fwd(converted, tokens)), np.asarray(_fwd(trained, tokens)), rtol=1e-5, atol=1e-5)
 
@@ -335,10 +357,10 @@ def test_sharded_quantized_model_matches_one_device():
     q = quant.quantize(eqzoo.models.create("tiny-llama", key=jax.random.key(0), num_heads=8, num_kv_heads=4))
     placed = sh.shard(q, mesh)
     q_proj = placed.blocks.layers.attn.q_proj
-    assert q_proj.weight.dtype == jnp.int8
-    assert q_proj.weight.sharding.spec == jax.P(None, "tensor", "fsdp")  # the float weight's layout
+    assert q_proj.codes.dtype == jnp.int8
+    assert q_proj.codes.sharding.spec == jax.P(None, "tensor", "fsdp")  # the float weight's layout
     assert q_proj.scale.sharding.spec == jax.P(None, "tensor")
-    assert placed.blocks.layers.mlp.down.weight.sharding.spec == jax.P(None, "fsdp", "tensor")
+    assert placed.blocks.layers.mlp.down.codes.sharding.spec == jax.P(None, "fsdp", "tensor")
     tokens = _tokens(16)
     forward = eqx.filter_jit(lambda m, t: m(t))
     np.testing.assert_allclose(np.asarray(forward(placed, tokens)), np.asarray(forward(q, tokens)), rtol=1e-5, atol=1e-5)
@@ -355,12 +377,74 @@ def test_weights_round_trip_keeps_int8(tmp_path):
     eqzoo.checkpoint.save_weights(q, path)
     like = eqx.filter_eval_shape(lambda k: quant.quantize(eqzoo.models.create("tiny-llama", key=k)), jax.random.key(1))
     back = eqzoo.checkpoint.load_weights(like, path)
-    assert back.blocks.layers.attn.q_proj.weight.dtype == jnp.int8
+    assert back.blocks.layers.attn.q_proj.codes.dtype == jnp.int8
     for a, b in zip(jax.tree.leaves(eqx.filter(back, eqx.is_array)), jax.tree.leaves(eqx.filter(q, eqx.is_array)), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CheckpointMismatchError, match=r"q_proj\.scale: found float32\(2, 64\), not in the model"):
         eqzoo.checkpoint.load_weights(_model("tiny-llama"), path)
+
+
+class _QuantizedLinearBeforeRename(eqx.Module):
+    # QuantizedLinear's arrays as eqzoo wrote them before `weight` became `codes`.
+    weight: jax.Array
+    scale: jax.Array
+    bias: jax.Array | None
+
+
+def _before_rename(model):
+    def old(x):
+        return _QuantizedLinearBeforeRename(x.codes, x.scale, x.bias) if isinstance(x, quant.QuantizedLinear) else x
+
+    return jax.tree.map(old, model, is_leaf=lambda x: isinstance(x, quant.QuantizedLinear))
+
+
+def test_files_and_checkpoints_written_before_the_codes_rename_restore_unchanged(tmp_path):
+    pytest.importorskip("safetensors")
+    q = _quantized("tiny-llama")
+    old = _before_rename(q)
+    assert "blocks.layers.attn.q_proj.weight" in {sh.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(old)[0]}
+    like = eqx.filter_eval_shape(lambda k: quant.quantize(eqzoo.models.create("tiny-llama", key=k)), jax.random.key(1))
+
+    def same(a, b):
+        for x, y in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)), strict=True):
+            assert x.dtype == y.dtype
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    # weights-only files: the int8 `weight` is read into `codes`
+    eqzoo.checkpoint.save_weights(old, tmp_path / "old.safetensors")
+    same(eqzoo.checkpoint.load_weights(like, tmp_path / "old.safetensors"), q)
+    # a whole training state through orbax
+    optimizer = optax.sgd(0.1)
+    with eqzoo.checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(TrainState.create(old, optimizer, key=jax.random.key(2)))
+        ckpt.wait()
+    target = TrainState.create(quant.quantize(eqzoo.models.create("tiny-llama", key=jax.random.key(3))), optimizer, key=jax.random.key(2))
+    with eqzoo.checkpoint.Checkpointer(tmp_path / "ckpt") as ckpt:
+        restored = ckpt.restore(target).state
+    same(restored.model, q)
+    # only the old layout of the same layer is read so: an int8 `weight` of another shape is refused
+    small = _before_rename(quant.quantize(eqzoo.models.create("tiny-llama", key=jax.random.key(0), embed_dim=32, num_heads=2, num_kv_heads=2)))
+    eqzoo.checkpoint.save_weights(small, tmp_path / "small.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"q_proj\.codes: expected int8\(2, 64, 64\), not in the file"):
+        eqzoo.checkpoint.load_weights(like, tmp_path / "small.safetensors", allow_config_change=True)
+
+
+def test_restoring_int8_into_float_and_back_says_to_quantize(tmp_path):
+    optimizer = optax.sgd(0.1)
+    with eqzoo.checkpoint.Checkpointer(tmp_path / "int8") as ckpt:
+        ckpt.save(TrainState.create(_quantized("tiny-llama"), optimizer, key=jax.random.key(2)))
+        ckpt.wait()
+        # the saved config is the float model's: a target built from it alone is float
+        with pytest.raises(CheckpointMismatchError, match=r"(?s)q_proj\.codes: found int8.*holds int8 layers.*eqzoo\.quant\.quantize\(eqzoo\.models\.create"):
+            ckpt.restore(eqzoo.checkpoint.abstract_state(ckpt.meta().config, optimizer))
+        int8_target = eqzoo.checkpoint.abstract_state(lambda k: quant.quantize(eqzoo.models.create("tiny-llama", key=k)), optimizer)
+        ckpt.restore(int8_target)
+    with eqzoo.checkpoint.Checkpointer(tmp_path / "float") as ckpt:
+        ckpt.save(TrainState.create(_model("tiny-llama"), optimizer, key=jax.random.key(2)))
+        ckpt.wait()
+        with pytest.raises(CheckpointMismatchError, match=r"(?s)q_proj\.codes: expected int8.*target has int8 layers.*restore the float model, then quantize"):
+            ckpt.restore(int8_target)
 
 
 def test_hf_export_refuses_int8_and_takes_the_dequantized_model(tmp_path):
@@ -434,7 +518,7 @@ def test_quantized_mixtral_stores_int8_experts_and_stays_close(implementation):
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.015  # int8 rounding, as for dense models
     report = quant.size_report(q)
     assert report["quantized_params"] == sum(w.codes.size for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)) + sum(
-        x.weight.size for x in (q.blocks.layers.attn.q_proj, q.blocks.layers.attn.k_proj, q.blocks.layers.attn.v_proj, q.blocks.layers.attn.o_proj)
+        x.codes.size for x in (q.blocks.layers.attn.q_proj, q.blocks.layers.attn.k_proj, q.blocks.layers.attn.v_proj, q.blocks.layers.attn.o_proj)
     )
     assert report["ratio"] > 2.5  # fp32: the experts are 77% of tiny-mixtral
 
