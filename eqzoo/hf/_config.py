@@ -705,7 +705,10 @@ def _qwen3_moe_to_hf(c: MixtralConfig) -> dict[str, Any]:
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         **_decoder_to_hf(c),
-        "intermediate_size": 6144,  # transformers' default; no layer is dense
+        # Every layer is sparse (decoder_sparse_step 1, no mlp_only_layers), so transformers
+        # builds no dense MLP of this width; Qwen's releases set it to the experts' width a
+        # token uses (30B-A3B: 8 x 768 = 6144), which tools read as the active MLP width.
+        "intermediate_size": c.experts_per_token * c.hidden_dim,
         "moe_intermediate_size": c.hidden_dim,
         "num_experts": c.num_experts,
         "num_experts_per_tok": c.experts_per_token,

@@ -15,11 +15,16 @@ Two JAX facts shape this file:
 - A `custom_vmap` function cannot be differentiated in reverse mode, so the op is a
   `jax.custom_vjp` whose forward and backward passes are each `custom_vmap` functions; the
   backward pass is written out (three grouped products for the input gradient, three for the
-  weights). Its batching rule sums the weight gradients over the batch, which is what the
-  gradient of a batched loss needs, and why per-example weight gradients (`vmap` of `grad`,
-  indistinguishable from inside the rule) come out summed. A batch of cotangents for one input
-  (`jax.jacrev`) is run one cotangent at a time instead. Forward mode (`jax.jvp`) raises JAX's
-  own `TypeError` for a `custom_vjp` function; second derivatives a `ConfigError`.
+  weights). A batched backward pass cannot tell the gradient of a batched loss (`grad` of
+  `vmap`, where JAX then sums the weight gradients over the batch) from per-example gradients
+  (`vmap` of `grad`, as in DP-SGD, where they must stay apart). So by default it gives every
+  batch member its own weight gradient (one sort and three grouped products per member), which
+  is right for both. eqzoo's train step, which only ever takes the gradient of the batch's
+  loss, traces it inside `summed_weight_gradients()`: there the backward pass routes the whole
+  batch in one sort and returns the weight gradients already summed, without a per-member
+  copy of the expert weights' gradient (batch times the experts' size). A batch of cotangents
+  for one input (`jax.jacrev`) is run one cotangent at a time. Forward mode (`jax.jvp`) raises
+  JAX's own `TypeError` for a `custom_vjp` function; second derivatives a `ConfigError`.
 
 The residuals the backward pass keeps are in token order, so they are per token whatever batch
 they were computed in. Under an eqzoo mesh ([`eqzoo.sharding.activation_sharding`][]) the
@@ -28,7 +33,10 @@ only its own tokens, with the expert weights gathered over `fsdp` and split over
 the hidden units.
 """
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -105,18 +113,42 @@ def _backward(x, experts, w_gate, w_up, w_down, g, u, dy, tensor_axis=None):
 
 _WEIGHTS = (2, 3, 4)  # argument positions of w_gate, w_up, w_down in both ops
 
+_SUMMED = contextvars.ContextVar("eqzoo_moe_summed_weight_gradients", default=False)
+
+
+@contextlib.contextmanager
+def summed_weight_gradients() -> Iterator[None]:
+    """While tracing the gradient of a loss over a whole batch (`jax.grad` of a `jax.vmap`,
+    never the reverse), let the batched backward pass of the dropless experts sum the weight
+    gradients over the batch in one pass. eqzoo's train step traces its gradient inside it.
+
+    Outside it the backward pass keeps one weight gradient per batch member, right for
+    per-example gradients too, at the cost of a transient `(batch, *expert weights)` gradient
+    per layer; inside it a `jax.vmap` of `jax.grad` would get the batch's sum for every
+    member."""
+    token = _SUMMED.set(True)
+    try:
+        yield
+    finally:
+        _SUMMED.reset(token)
+
 
 def _batched_call(fn, axis_size, in_batched, args, *, weight_outs):
-    """Run the unbatched `fn(x, experts, w_gate, w_up, w_down, *per_token)` on a batch by
-    flattening the batch into the token axis, so one sort routes every token of the batch.
+    """Run the unbatched `fn(x, experts, w_gate, w_up, w_down, *per_token)` on a batch.
 
-    Every output but the last `weight_outs` is per token and comes back with the batch axis;
-    the last `weight_outs` (weight gradients) come back summed over the batch, unbatched: what
-    the gradient of a batched call needs (`jax.grad` of a `jax.vmap`ped loss), and the reason
-    per-example weight gradients (`jax.vmap` of `jax.grad`) are not supported (see `MoE`).
+    The forward pass (`weight_outs=0`) flattens the batch into the token axis, so one sort
+    routes every token of the batch, and every output comes back with the batch axis.
+
+    The backward pass (`weight_outs=3`: its last three outputs are weight gradients) runs one
+    batch member at a time and returns every output with the batch axis, weight gradients
+    included: per-example weight gradients. That is right both for the gradient of a batched
+    call (`jax.grad` of a `jax.vmap`ped loss: JAX sums them over the batch, as it does for any
+    unbatched input of a batched `custom_vjp`) and for per-example gradients (`jax.vmap` of
+    `jax.grad`, where they must stay apart): the rule is called the same way for both and
+    cannot tell them apart, so summing here gave every example the batch's sum.
 
     A batch of weights (a vmap over models), or of cotangents for one input (`jax.jacrev`,
-    `jax.vmap` of a `jax.vjp`), is run one member at a time instead."""
+    `jax.vmap` of a `jax.vjp`), is also run one member at a time."""
 
     def batched(a, b):
         return a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
@@ -124,22 +156,44 @@ def _batched_call(fn, axis_size, in_batched, args, *, weight_outs):
     if any(in_batched[i] for i in _WEIGHTS) or not in_batched[0]:
         out = lax.map(lambda a: fn(*a), tuple(map(batched, args, in_batched)))
         return out, jax.tree.map(lambda _: True, out)
+    if weight_outs and not _SUMMED.get():
+        args = tuple(a if i in _WEIGHTS else batched(a, b) for i, (a, b) in enumerate(zip(args, in_batched, strict=True)))
+        out = _mesh_fn(_per_member(fn), weight_outs, axis_size, per_member=True)(*args)
+        return out, jax.tree.map(lambda _: True, out)
     flat = [
         a if i in _WEIGHTS else batched(a, b).reshape(-1, *a.shape[1 + b:])
         for i, (a, b) in enumerate(zip(args, in_batched, strict=True))
     ]
     fn = _mesh_fn(fn, weight_outs, flat[0].shape[0])
     leaves, tree = jax.tree.flatten(fn(*flat))
+    # per token: back with the batch axis; weight gradients (summed mode): summed, unbatched
     per_token = len(leaves) - weight_outs
     out = [leaf.reshape(axis_size, -1, *leaf.shape[1:]) if i < per_token else leaf for i, leaf in enumerate(leaves)]
     return jax.tree.unflatten(tree, out), jax.tree.unflatten(tree, [i < per_token for i in range(len(leaves))])
 
 
-def _mesh_fn(fn, n_weight_grads, tokens):
-    """`fn` (unbatched, on `tokens` flat tokens), or its `shard_map` over the active eqzoo mesh:
-    each device routes and computes its own tokens. Not inside another `shard_map` (a nested
-    vmap's outer level runs inside the inner level's), and not when the tokens do not split
-    evenly over the batch devices (then XLA partitions the plain computation as it can)."""
+def _per_member(fn):
+    """`fn` over a leading batch axis of every argument but the (shared) weights, one member
+    at a time (`lax.map`): each member sorts its own tokens and gets its own weight gradients."""
+
+    def run(x, experts, w_gate, w_up, w_down, *per_token, tensor_axis=None):
+        def one(a):
+            x, experts, *rest = a
+            return fn(x, experts, w_gate, w_up, w_down, *rest, tensor_axis=tensor_axis)
+
+        return lax.map(one, (x, experts, *per_token))
+
+    return run
+
+
+def _mesh_fn(fn, n_weight_grads, tokens, *, per_member=False):
+    """`fn` (unbatched, on `tokens` flat tokens; with `per_member`, on `tokens` batch members
+    along a leading axis), or its `shard_map` over the active eqzoo mesh: each device routes and
+    computes its own tokens (with `per_member`, its own members' weight gradients, which the
+    caller's `grad` sums; otherwise the weight gradients summed over the batch devices).
+    Not inside another `shard_map` (a nested vmap's outer level runs inside the inner level's),
+    and not when the tokens do not split evenly over the batch devices (then XLA partitions the
+    plain computation as it can)."""
     from ..sharding._activation import active_mesh, batch_axes
 
     mesh = active_mesh()
@@ -153,18 +207,20 @@ def _mesh_fn(fn, n_weight_grads, tokens):
         return fn
     from jax.sharding import PartitionSpec as P
 
-    tok = P(batch)
+    lead = (batch,) if per_member else ()  # the batch members' axis, split over the batch axes
+    tok = P(batch)  # tokens (or batch members) along the leading axis
     w_specs = (P(None, None, tensor), P(None, None, tensor), P(None, tensor, None))
-    res = P(batch, None, tensor)  # (tokens, k, hidden): hidden units split like the weights
+    res = P(*lead, None, None, tensor) if per_member else P(batch, None, tensor)  # ([batch,] tokens, k, hidden)
     # forward: (x, experts, weights) -> (y, (g, u)); backward: (+ g, u, dy) -> (dx, dW...)
     if n_weight_grads:
-        in_specs, out_specs = (tok, tok, *w_specs, res, res, tok), (tok, *w_specs)
+        dw = tuple(P(*lead, *s) for s in w_specs)  # per member when per_member
+        in_specs, out_specs = (tok, tok, *w_specs, res, res, tok), (tok, *dw)
     else:
         in_specs, out_specs = (tok, tok, *w_specs), (tok, (res, res))
 
     def body(*a):
         out = fn(*a, tensor_axis=tensor)
-        if n_weight_grads and batch:
+        if n_weight_grads and batch and not per_member:  # summed mode: each device's partial sum
             out = (out[0], *(lax.psum(w, batch) for w in out[1:]))
         return out
 

@@ -63,10 +63,10 @@ class MoE(eqx.Module):
       `num_experts` times the FLOPs: there `"dense"` is faster. Under `jax.vmap` the whole batch
       is routed at once, and under an eqzoo mesh each device routes its own tokens (see
       `eqzoo/nn/_grouped.py`). Its gradient is written out for reverse mode as training takes
-      it (`jax.grad` of a batched or unbatched call; `jax.jacrev`): forward mode raises JAX's
-      `TypeError` for a `custom_vjp` function, higher-order derivatives a `ConfigError`, and
-      **per-example weight gradients (`jax.vmap` of `jax.grad`) come out summed over the
-      batch** — use `"dense"` or `"capacity"` for those.
+      it (`jax.grad` of a batched or unbatched call; per-example gradients, `jax.vmap` of
+      `jax.grad`, outside eqzoo's train step, which sums the weight gradients in one pass;
+      `jax.jacrev`): forward mode raises JAX's `TypeError` for a `custom_vjp`
+      function, higher-order derivatives a `ConfigError`.
 
     Under an eqzoo mesh with an `expert` axis (expert parallelism: the experts split over it by
     [`eqzoo.sharding.MIXTRAL_RULES`][]), `"capacity"` and `"dense"` send each sequence's expert

@@ -17,13 +17,18 @@ from ._int8 import (
 )
 from ._linear import QuantizedLinear as QuantizedLinear
 from ._model import dequantize as dequantize, quantize as quantize
-from ._qat import FakeQuantLinear as FakeQuantLinear, prepare_qat as prepare_qat
+from ._qat import (
+    FakeQuantLinear as FakeQuantLinear,
+    FakeQuantWeight as FakeQuantWeight,
+    prepare_qat as prepare_qat,
+)
 from ._size import size_report as size_report
 from ._weight import QuantizedWeight as QuantizedWeight
 
 __all__ = [
     "QMAX",
     "FakeQuantLinear",
+    "FakeQuantWeight",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",

@@ -16,7 +16,7 @@ from ..nn import (
 )
 from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ._linear import QuantizedLinear
-from ._qat import FakeQuantLinear
+from ._qat import FakeQuantLinear, FakeQuantWeight
 from ._weight import QuantizedWeight
 
 
@@ -130,6 +130,8 @@ def _quantize_experts(model, *, refuse_quantized: bool = False):
             return layer
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(layer, name)
+            if isinstance(w, FakeQuantWeight):  # from prepare_qat: the int8 weight it trained as
+                w = w.base
             if isinstance(w, AbstractWeight) and not isinstance(w, QuantizedWeight):
                 raise ConfigError(
                     f"quantize: the experts' {name} is a {type(w).__name__}, not a float array; "
@@ -146,9 +148,10 @@ def _quantize_experts(model, *, refuse_quantized: bool = False):
 def dequantize(model):
     """A copy of `model` (or of one layer) with every [`eqzoo.quant.QuantizedLinear`][] turned
     back into a float `equinox.nn.Linear` (`codes * scale`, in the original dtype), every
-    [`eqzoo.quant.QuantizedWeight`][] (mixture-of-experts weights) into its float array, and every
+    [`eqzoo.quant.QuantizedWeight`][] (mixture-of-experts weights) into its float array, every
     [`eqzoo.quant.FakeQuantLinear`][] into an `equinox.nn.Linear` holding its fake-quantized
-    weight: in both cases the dense layer computing the same map. Use it to export a quantized
+    weight, and every [`eqzoo.quant.FakeQuantWeight`][] into its fake-quantized array: in all
+    cases the dense layer computing the same map. Use it to export a quantized
     model (e.g. `eqzoo.hf.save_pretrained`, which writes dense weights) or to quantize again
     differently; the rounding itself is not undone.
 
@@ -157,12 +160,12 @@ def dequantize(model):
     if not any(_is_any_quant(x) for x in jax.tree.leaves(model, is_leaf=_is_any_quant)):
         paths = linear_paths(model)
         raise ConfigError(
-            "dequantize: the model has no QuantizedLinear, FakeQuantLinear or QuantizedWeight "
+            "dequantize: the model has no QuantizedLinear, FakeQuantLinear, QuantizedWeight or FakeQuantWeight "
             f"(nothing to dequantize); its linear layers are {paths or 'none'}."
         )
 
     def one(x):
-        if isinstance(x, QuantizedWeight):
+        if isinstance(x, QuantizedWeight | FakeQuantWeight):
             return x.materialize(x.dtype)
         return x.as_linear() if _is_quant(x) else x
 
@@ -170,4 +173,4 @@ def dequantize(model):
 
 
 def _is_any_quant(x) -> bool:
-    return _is_quant(x) or isinstance(x, QuantizedWeight)
+    return _is_quant(x) or isinstance(x, QuantizedWeight | FakeQuantWeight)

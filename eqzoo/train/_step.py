@@ -12,6 +12,7 @@ import optax
 from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
+from ..nn._grouped import summed_weight_gradients
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
@@ -360,7 +361,14 @@ def make_train_step(
             scaled = loss * scale.astype(loss.dtype) if scale is not None else loss
             return scaled, (loss, new_model_state, aux)
 
-        grad_fn = jax.value_and_grad(compute, has_aux=True)
+        value_and_grad = jax.value_and_grad(compute, has_aux=True)
+
+        def grad_fn(*args):
+            # the gradient of the batch's loss, never per-example ones: dropless experts may sum
+            # their weight gradients over the batch in one pass (eqzoo/nn/_grouped.py)
+            with summed_weight_gradients():
+                return value_and_grad(*args)
+
         if grad_accum_steps == 1:
             (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
         else:

@@ -101,6 +101,28 @@ def test_export_loads_in_transformers_with_equal_logits(family, tmp_path, hft):
     assert bool(eqx.tree_equal(eqzoo.hf.load_pretrained(tmp_path), model))
 
 
+def test_qwen3_moe_export_writes_the_model_s_widths(tmp_path, hft):
+    # intermediate_size was transformers' default 6144 whatever the model; it is now the expert
+    # width a token uses (Qwen's convention), and the sparse-layer keys say every layer is sparse.
+    config = dataclasses.replace(CONFIGS["qwen3-moe"], experts_per_token=3)
+    skeleton = eqx.filter_eval_shape(model_class(config), config, key=jax.random.key(0))
+    rng = np.random.default_rng(3)
+    model = jax.tree.map(lambda s: jnp.asarray(0.1 * rng.standard_normal(s.shape, dtype=np.float32)), skeleton)
+    eqzoo.hf.save_pretrained(model, tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["intermediate_size"] == 3 * 48 and written["moe_intermediate_size"] == 48
+    assert (written["decoder_sparse_step"], written["mlp_only_layers"], written["num_experts"], written["num_experts_per_tok"]) == (1, [], 4, 3)
+    hf_model = hft.load_with_transformers(tmp_path)
+    assert hf_model.config.intermediate_size == 144
+    assert all(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in hf_model.model.layers)
+    tokens = hft.random_tokens(7, shape=(2, 24))
+    err = np.abs(np.asarray(_batched(model, jnp.asarray(tokens))) - hft.hf_logits(hf_model, tokens)).max()
+    assert err < ATOL, f"max |eqzoo - transformers| logit = {err:.2e} >= {ATOL}"  # fp32 whole model: 1e-4
+    assert eqzoo.hf.config_from_hf(written) == config
+    with pytest.raises(ConfigError, match=r"extra_config may not change 'mlp_only_layers' \(the model has \[\], got \[0\]\)"):
+        eqzoo.hf.save_pretrained(model, tmp_path, extra_config={"mlp_only_layers": [0]})
+
+
 def test_sharded_export(tmp_path, hft):
     model = _random_model("llama-gqa-untied", seed=1)
     eqzoo.hf.save_pretrained(model, tmp_path, max_shard_size="30KB")

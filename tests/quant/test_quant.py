@@ -558,6 +558,46 @@ def test_quantized_mixtral_generates_and_shards():
     np.testing.assert_allclose(np.asarray(forward(placed, sh.shard_batch(tokens, mesh), mesh)), np.asarray(forward(q, tokens)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("implementation", ["dense", "capacity", "ragged"])
+def test_qat_reaches_the_experts_and_quantize_computes_the_qat_model(implementation):
+    # QAT once left the experts float while quantize rounded them: the deployed model computed
+    # something QAT never trained. fp32 whole model: 1e-5 (the same rounded weights).
+    model = _mixtral(implementation)
+    qat = quant.prepare_qat(model)
+    mlp = qat.blocks.layers.mlp
+    for w in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        assert isinstance(w, quant.FakeQuantWeight) and w.base.dtype == jnp.float32
+    assert isinstance(mlp.router, eqx.nn.Linear)  # float, as quantize leaves it
+    tokens = _tokens(24)
+    forward = eqx.filter_jit(lambda m, t: m(t))
+    ref = np.asarray(forward(qat, tokens))
+    assert _rel(ref, forward(quant.prepare_qat(model, experts=False), tokens)) > 1e-4  # the experts are rounded
+    np.testing.assert_allclose(np.asarray(forward(quant.quantize(qat), tokens)), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(forward(quant.dequantize(qat), tokens)), ref, rtol=1e-5, atol=1e-5)
+    # Straight-through: the experts' master weights get the gradient taken at the rounded weights.
+    x = jax.random.normal(jax.random.key(3), (6, mlp.router.in_features))
+    layer = jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, mlp)  # the first layer
+    rounded = eqx.tree_at(lambda m: m.gate_proj, layer, layer.gate_proj.materialize(jnp.float32))
+    loss = lambda m: jnp.sum(m(x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        np.asarray(eqx.filter_grad(loss)(layer).gate_proj.base), np.asarray(eqx.filter_grad(loss)(rounded).gate_proj), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_qat_experts_follow_quantize_targets():
+    model = _mixtral()
+    named = quant.prepare_qat(model, targets="attn")  # as quantize(targets="attn"): experts float
+    assert named.blocks.layers.mlp.gate_proj.dtype == jnp.float32 and not isinstance(named.blocks.layers.mlp.gate_proj, quant.FakeQuantWeight)
+    experts_only = quant.prepare_qat(model, targets="up_proj")
+    assert isinstance(experts_only.blocks.layers.mlp.up_proj, quant.FakeQuantWeight)
+    assert isinstance(experts_only.blocks.layers.attn.q_proj, eqx.nn.Linear)
+    assert isinstance(quant.prepare_qat(model, experts=False).blocks.layers.mlp.gate_proj, jax.Array)
+    with pytest.raises(ConfigError, match=r"prepare_qat: the experts' gate_proj is a FakeQuantWeight, not a float array"):
+        quant.prepare_qat(experts_only, targets="attn", experts=True)
+    with pytest.raises(ConfigError, match=r"FakeQuantWeight trains floating-point weights; got dtype int32"):
+        quant.FakeQuantWeight(jnp.ones((2, 3, 4), jnp.int32))
+
+
 def test_hf_export_refuses_int8_experts(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     with pytest.raises(hf.HFFormatError, match=r"blocks\.layers\.mlp\.gate_proj \(QuantizedWeight\).*eqzoo\.quant\.dequantize"):

@@ -2,6 +2,7 @@
 a fixed batch, and a cache of single-device / sharded losses and gradients so that each
 (model, mesh, remat) combination is compiled once per session."""
 
+import contextlib
 import functools
 import types
 
@@ -12,6 +13,7 @@ import pytest
 
 import eqzoo
 from eqzoo import sharding as sh
+from eqzoo.nn._grouped import summed_weight_gradients
 from eqzoo.train import lm_loss
 
 # tiny-llama has 4 query / 2 key-value heads; 8 / 4 lets tensor=4 split whole heads, GQA kept.
@@ -66,10 +68,12 @@ def _loss(model, batch):
 _CACHE: dict = {}
 
 
-def loss_and_grads(name: str, mesh_spec: str | None, remat: str = "none", precision: str = "float32"):
+def loss_and_grads(name: str, mesh_spec: str | None, remat: str = "none", precision: str = "float32", summed: bool = False):
     """`(loss, grads, model)` of `lm_loss` on the fixed batch: on one device (`mesh_spec=None`)
-    or sharded by the default rules on `make_mesh(mesh_spec)`, with activation constraints."""
-    key = (name, mesh_spec, remat, precision)
+    or sharded by the default rules on `make_mesh(mesh_spec)`, with activation constraints.
+    `summed`: traced as eqzoo's train step traces its gradient (dropless experts sum their
+    weight gradients over the batch in one pass)."""
+    key = (name, mesh_spec, remat, precision, summed)
     if key not in _CACHE:
         model = make_model(name, remat=remat)
         batch = make_batch()
@@ -83,7 +87,7 @@ def loss_and_grads(name: str, mesh_spec: str | None, remat: str = "none", precis
         # every sum) is the same.
         @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
         def f(model, batch):
-            with sh.activation_sharding(mesh):
+            with sh.activation_sharding(mesh), (summed_weight_gradients() if summed else contextlib.nullcontext()):
                 return eqx.filter_value_and_grad(_loss)(model, batch)
 
         loss, grads = f(model, batch)

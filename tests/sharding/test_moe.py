@@ -27,6 +27,16 @@ def test_sparse_experts_match_single_device(lab, name, mesh_spec):
     assert lab.max_abs_diff(grads, ref_grads) < TOL
 
 
+@pytest.mark.parametrize("mesh_spec", [None, "data=2,fsdp=2,tensor=2"])
+def test_ragged_summed_weight_gradients_match_per_member(lab, mesh_spec):
+    # The train step's one-pass backward pass (weight gradients summed over the batch, and over
+    # the batch devices by a psum in the shard_map) gives the per-member path's gradients.
+    ref_loss, ref_grads, _ = lab.loss_and_grads("mixtral-ragged", None)
+    loss, grads, _ = lab.loss_and_grads("mixtral-ragged", mesh_spec, summed=True)
+    assert abs(float(loss) - float(ref_loss)) < TOL
+    assert lab.max_abs_diff(grads, ref_grads) < TOL
+
+
 _COLLECTIVES: dict = {}  # compiled once per session for the tests that share a mesh
 
 
