@@ -7,9 +7,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
-from .._errors import ConfigError, require
+from .._errors import ConfigError, check_positive_numbers, check_sizes, require
 from ._model import BayesianModel
 from ._posterior import Posterior
 
@@ -60,6 +60,8 @@ def run_nuts(
             f"run_nuts needs num_samples >= 1, num_warmup >= 0 and num_chains >= 1; got "
             f"{num_samples}, {num_warmup}, {num_chains}."
         )
+    if not 0 < target_accept_prob < 1:  # NUTS ran with 1.5 and adapted its step size to it
+        raise ConfigError(f"run_nuts: target_accept_prob must be in (0, 1); got {target_accept_prob!r}.")
     x, y, mask = model.check_data(x, y, mask)
     if init == "module":
         strategy = infer.init_to_value(values=model.values())
@@ -118,7 +120,8 @@ def run_svi(
     *,
     mask: Any = None,
     num_steps: int = 2000,
-    optimizer: optax.GradientTransformation | None = None,
+    optimizer: optax.GradientTransformation | Callable[..., optax.GradientTransformation] | None = None,
+    learning_rate: float | Float[Array, ""] | None = None,
     guide: str | Callable[[Callable[..., None]], Any] = "normal",
     rank: int | None = None,
     init_scale: float = 0.1,
@@ -133,7 +136,9 @@ def run_svi(
     `numpyro.optim.optax_to_numpyro`). Initialisation, a `lax.scan` over the steps and the draws
     from the guide are one compiled program, cached: a later call with data of the same shapes
     and dtypes, a model of the same structure (new values are fine), the same `guide`,
-    `optimizer` object and sizes, and any `key` reuses it instead of compiling again.
+    `optimizer` object and sizes, and any `key` reuses it instead of compiling again. The
+    learning rate given as `learning_rate=` and prior scales are arguments of the program, not
+    constants: a sweep over either compiles once.
 
     **Arguments:**
 
@@ -141,7 +146,11 @@ def run_svi(
     - `x`, `y`: inputs and targets; `mask` optionally hides targets.
     - `num_steps`: optimisation steps.
     - `optimizer`: an optax transformation; `optax.adam(1e-2)` by default. It is part of the
-      compiled program: pass the same object again to reuse the program.
+      compiled program: pass the same object again to reuse the program. With
+      `learning_rate=`, an optax optimizer *factory* instead (`optax.adam`, the default, or
+      `optax.adamw`, `optax.sgd`, ...), called as `optimizer(learning_rate)`.
+    - `learning_rate`: a positive float or scalar array; it is passed to the compiled program as
+      an argument, so fits that differ only in it (a learning-rate sweep) compile once.
     - `guide`: `"normal"` (mean-field `AutoNormal`), `"lowrank"`
       (`AutoLowRankMultivariateNormal` of rank `rank`) or a callable `model -> guide`.
     - `init_scale`: the guide's initial scale.
@@ -152,11 +161,22 @@ def run_svi(
 
     **Returns:** a `Posterior` with one "chain" of `num_samples` draws and the loss per step.
     """
-    if num_steps < 1 or num_samples < 1:
-        raise ConfigError(
-            f"run_svi needs num_steps, num_samples >= 1; got {num_steps}, {num_samples}."
-        )
+    # num_particles=0 returned NaN losses, and num_steps=2.5 ran, without an error
+    check_sizes("run_svi", num_steps=num_steps, num_samples=num_samples, num_particles=num_particles)
+    check_positive_numbers("run_svi", init_scale=init_scale)
     x, y, mask = model.check_data(x, y, mask)
+    if learning_rate is not None:
+        check_positive_numbers("run_svi", learning_rate=learning_rate)
+        if optimizer is None:
+            optimizer = optax.adam
+        elif isinstance(optimizer, optax.GradientTransformation) or not callable(optimizer):
+            raise ConfigError(
+                f"run_svi: with learning_rate=..., optimizer must be an optax optimizer factory "
+                f"called as optimizer(learning_rate), e.g. optax.adam or optax.adamw; got "
+                f"{type(optimizer).__name__}. Pass optax.adam rather than optax.adam(1e-2), or "
+                f"drop learning_rate."
+            )
+        learning_rate = jnp.asarray(learning_rate, dtype=jnp.result_type(float))
     if subsample_size is not None and not 0 < subsample_size <= x.shape[0]:
         raise ConfigError(
             f"subsample_size must be in [1, {x.shape[0]}] (the number of examples); got "
@@ -167,6 +187,7 @@ def run_svi(
     settings = dict(
         num_steps=num_steps,
         optimizer=optimizer if optimizer is not None else _DEFAULT_OPTIMIZER,
+        learning_rate=learning_rate,  # an array (or None): a traced argument, not a constant
         guide=guide,
         rank=rank,
         init_scale=float(init_scale),
@@ -197,7 +218,8 @@ def _svi_fit_and_sample(
     key: PRNGKeyArray,
     *,
     num_steps: int,
-    optimizer: optax.GradientTransformation,
+    optimizer: Any,
+    learning_rate: Any,
     guide: Any,
     rank: int | None,
     init_scale: float,
@@ -207,7 +229,7 @@ def _svi_fit_and_sample(
 ) -> tuple[Any, dict[str, Any]]:
     # What `SVI.run(progress_bar=False)` then `guide.sample_posterior` compute.
     g = _make_guide(guide, model, init_scale, rank)
-    opt = optim.optax_to_numpyro(optimizer)
+    opt = optim.optax_to_numpyro(optimizer if learning_rate is None else optimizer(learning_rate))
     svi = infer.SVI(model.model, g, opt, loss=infer.Trace_ELBO(num_particles=num_particles))
     fit_key, sample_key = jax.random.split(key)
     data = dict(mask=mask, subsample_size=subsample_size)
@@ -229,6 +251,7 @@ def _svi_compiled(
     # `SVI.run` builds a fresh step closure each call and runs its `lax.scan` outside `jit`, so
     # every call compiled anew; here the data, the model's arrays and the key are arguments, and
     # the rest (model structure, guide, optimizer object, sizes) is the compilation cache key.
+    # The learning rate, when given, and the model's prior parameters are arrays: arguments.
     losses, draws = _svi_fit_and_sample(model, x, y, mask, key, **settings)
     finite = jnp.isfinite(losses).all()
     for d in jax.tree.leaves(draws):

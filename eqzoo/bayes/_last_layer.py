@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Real, Shaped
 
-from .._errors import ConfigError, ShapeError, require, shape_str
+from .._errors import ConfigError, ShapeError, check_positive_numbers, require, shape_str
 from ._inference import run_nuts, run_svi
 from ._likelihoods import AbstractLikelihood, Categorical, Gaussian
 from ._model import BayesianModel, check_data
@@ -230,10 +230,9 @@ def fit_conjugate_gaussian(
 
     **Returns:** a `ConjugateGaussianHead`.
     """
-    if not prior_scale > 0 or (noise_scale is not None and not noise_scale > 0):
-        raise ConfigError(
-            f"prior_scale and noise_scale must be > 0; got {prior_scale}, {noise_scale}."
-        )
+    check_positive_numbers("fit_conjugate_gaussian", prior_scale=prior_scale)
+    if noise_scale is not None:
+        check_positive_numbers("fit_conjugate_gaussian", noise_scale=noise_scale)
     if features.ndim != 2 or y.shape[:1] != features.shape[:1] or y.ndim > 2:
         raise ShapeError(
             f"expected features (batch, features) and y (batch,) or (batch, outputs) with the same "

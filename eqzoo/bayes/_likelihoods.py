@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Shaped
 
-from .._errors import ConfigError, ShapeError, require, shape_str
+from .._errors import ConfigError, ShapeError, check_positive_numbers, require, shape_str
+from ._priors import with_array_params
 
 numpyro = require("numpyro", "bayes")
 dist = require("numpyro.distributions", "bayes")
@@ -107,8 +108,13 @@ def _check_scale_mode(cls: str, scale: Any, priors: list[Any], heteroscedastic: 
             f"{cls} takes one way to set the noise: a fixed `scale`, a prior on it, or "
             f"`heteroscedastic=True`; got {modes} of them."
         )
-    if scale is not None and not scale > 0:
-        raise ConfigError(f"{cls} needs a fixed scale > 0; got {scale}.")
+    if scale is not None:
+        check_positive_numbers(cls, scale=scale)
+
+
+def _array_params(prior: Any) -> Any:
+    # Arrays, not Python floats, so that a sweep over noise priors reuses run_svi's program.
+    return None if prior is None else with_array_params(prior, jnp.result_type(float))
 
 
 def _noise_site(prior: Any, name: str) -> Array:
@@ -154,8 +160,8 @@ class Gaussian(AbstractLikelihood):
         if scale is None and scale_prior is None and variance_prior is None and not heteroscedastic:
             scale_prior = dist.HalfNormal(1.0)
         self.scale = None if scale is None else float(scale)
-        self.scale_prior = scale_prior
-        self.variance_prior = variance_prior
+        self.scale_prior = _array_params(scale_prior)
+        self.variance_prior = _array_params(variance_prior)
         self.heteroscedastic = heteroscedastic
         self.min_scale = float(min_scale)
 
@@ -238,13 +244,12 @@ class StudentT(AbstractLikelihood):
 
     def __init__(self, df: float = 4.0, scale: float | None = None, *, scale_prior: Any = None):
         _check_scale_mode("StudentT", scale, [scale_prior], False)
-        if not df > 0:
-            raise ConfigError(f"StudentT needs df > 0; got {df}.")
+        check_positive_numbers("StudentT", df=df)
         if scale is None and scale_prior is None:
             scale_prior = dist.HalfNormal(1.0)
         self.df = float(df)
         self.scale = None if scale is None else float(scale)
-        self.scale_prior = scale_prior
+        self.scale_prior = _array_params(scale_prior)
 
     @property
     def site_names(self) -> tuple[str, ...]:

@@ -5,6 +5,7 @@ from typing import no_type_check
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Integer, Real, Shaped
 
 from .._errors import ShapeError, check_sizes, shape_str
@@ -38,6 +39,20 @@ def negative_log_predictive_density(
     return -lpd.mean()
 
 
+def _check_same_shape(who: str, **arrays: Array) -> None:
+    # Trace-time: y of shape (batch,) against bounds of shape (batch, 1) would broadcast to
+    # (batch, batch) and average over every pair, silently (coverage 0.2 instead of 1.0).
+    shapes = {name: tuple(a.shape) for name, a in arrays.items()}
+    if len(set(shapes.values())) > 1:
+        got = ", ".join(f"{name} {shape_str(shape)}" for name, shape in shapes.items())
+        raise ShapeError(
+            f"{who}: {', '.join(shapes)} must have the same shape, one entry per target; got "
+            f"{got}. They would broadcast against each other and score the wrong pairs; reshape "
+            f"one to match (e.g. y.reshape(lower.shape))."
+        )
+
+
+@no_type_check  # checked below, with messages that name the mismatch
 def interval_coverage(
     y: Real[ArrayIn, " batch *target"],
     lower: Float[ArrayIn, " batch *target"],
@@ -46,6 +61,7 @@ def interval_coverage(
     """The fraction of targets inside `[lower, upper]`; near `prob` when calibrated. `y` may be
     integer (counts, for a Poisson likelihood)."""
     lower, upper = jnp.asarray(lower), jnp.asarray(upper)
+    _check_same_shape("interval_coverage", y=jnp.asarray(y), lower=lower, upper=upper)
     y = jnp.asarray(y).astype(lower.dtype)  # integer counts compare as floats (strict promotion)
     inside = (y >= lower) & (y <= upper)
     return inside.astype(lower.dtype).mean()
@@ -60,6 +76,26 @@ def _as_class_probs(probs: Array) -> Array:
             f"{shape_str(probs.shape)}."
         )
     return probs
+
+
+def _check_probs_and_labels(probs: np.ndarray, labels: np.ndarray) -> None:
+    # Concrete values only. Logits, or labels counted from 1, bin and score without error: ECE on
+    # logits came out as 1.24 (it lies in [0, 1]) and labels + 1 as 0.93 on a 97%-accurate head.
+    tol = 1e-2 if probs.dtype.itemsize < 4 else 1e-3
+    p = probs.astype(np.float32)
+    if p.min() < -tol or p.max() > 1 + tol or np.abs(p.sum(-1) - 1).max() > tol:
+        raise ShapeError(
+            f"probs must be probabilities, each row summing to 1; got values in "
+            f"[{p.min():.4g}, {p.max():.4g}] and row sums in [{p.sum(-1).min():.4g}, "
+            f"{p.sum(-1).max():.4g}]. For logits, pass jax.nn.softmax(logits, axis=-1) (or "
+            f"jax.nn.sigmoid for a binary head)."
+        )
+    classes = probs.shape[-1]
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ShapeError(
+            f"labels must be class ids in [0, {classes}) for probs with {classes} columns; got "
+            f"labels in [{labels.min()}, {labels.max()}]. Labels counted from 1 need labels - 1."
+        )
 
 
 @no_type_check  # checked below, with messages that name the mismatch
@@ -97,6 +133,8 @@ def reliability_diagram(
             f"labels must be integer class ids; got dtype {labels.dtype.name}. Convert with "
             "labels.astype(jnp.int32)."
         )
+    if not (isinstance(probs, jax.core.Tracer) or isinstance(labels, jax.core.Tracer)):
+        _check_probs_and_labels(np.asarray(probs), np.asarray(labels))
     labels = labels.astype(jnp.int32)  # uint8 labels compare with argmax's int32 under strict promotion
     confidence = probs.max(-1)
     correct = (probs.argmax(-1) == labels).astype(probs.dtype)
@@ -130,6 +168,7 @@ def expected_calibration_error(
     return (weight * jnp.abs(acc - conf)).sum()
 
 
+@no_type_check  # checked below, with messages that name the mismatch
 def crps_gaussian(
     y: Real[ArrayIn, " batch *target"],
     mean: Float[ArrayIn, " batch *target"],
@@ -138,9 +177,11 @@ def crps_gaussian(
     """Continuous ranked probability score of Gaussian predictions, averaged (lower is better).
 
     Closed form (Gneiting & Raftery, 2007): `std * (z (2 Phi(z) - 1) + 2 phi(z) - 1/sqrt(pi))`
-    with `z = (y - mean) / std`. `y` may be integer (counts).
+    with `z = (y - mean) / std`. `y` may be integer (counts); `std` may be one scalar shared by
+    every target.
     """
     mean, std = jnp.asarray(mean), jnp.asarray(std)
+    _check_same_shape("crps_gaussian", y=jnp.asarray(y), mean=mean, **({} if std.ndim == 0 else {"std": std}))
     y = jnp.asarray(y).astype(mean.dtype)  # integer counts (strict promotion needs the cast)
     z = (y - mean) / std
     cdf = jax.scipy.stats.norm.cdf(z)

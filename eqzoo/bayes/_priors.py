@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._errors import ConfigError, require
+from .._errors import ConfigError, check_positive_numbers, require
 
 dist = require("numpyro.distributions", "bayes")
 
@@ -53,8 +53,7 @@ class FanInNormal(eqx.Module):
     scale: float = eqx.field(static=True)
 
     def __init__(self, scale: float = 1.0):
-        if not scale > 0:
-            raise ConfigError(f"FanInNormal needs scale > 0; got {scale}.")
+        check_positive_numbers("FanInNormal", scale=scale)
         self.scale = float(scale)
 
     def __call__(self, path: str, leaf: Array) -> Any:
@@ -76,8 +75,7 @@ class AroundValue(eqx.Module):
     scale: float = eqx.field(static=True)
 
     def __init__(self, scale: float = 0.1):
-        if not scale > 0:
-            raise ConfigError(f"AroundValue needs scale > 0; got {scale}.")
+        check_positive_numbers("AroundValue", scale=scale)
         self.scale = float(scale)
 
     def __call__(self, path: str, leaf: Array) -> Any:
@@ -171,6 +169,7 @@ def _as_distribution(prior: PriorLike, path: str, leaf: Array) -> Any:
         prior = prior(path, leaf)
     if not isinstance(prior, dist.Distribution):
         raise ConfigError(f"the prior for {path!r} is not a NumPyro distribution: {prior!r}.")
+    prior = with_array_params(prior, leaf.dtype)
     if prior.event_shape != ():
         raise ConfigError(
             f"the prior for {path!r} has event shape {prior.event_shape}; use a univariate "
@@ -187,6 +186,18 @@ def _as_distribution(prior: PriorLike, path: str, leaf: Array) -> Any:
             f"broadcast to the leaf's shape {shape}."
         )
     return prior.expand(shape).to_event(len(shape))
+
+
+def with_array_params(distribution: Any, dtype: Any) -> Any:
+    """`distribution` with its Python-float parameters turned into arrays of `dtype`.
+
+    `eqx.filter_jit` (and so `run_svi`'s compiled program) treats a Python float in a pytree as
+    a constant of the program and an array as an argument: with floats, every new prior scale
+    compiled the whole fit again.
+    """
+    return jtu.tree_map(
+        lambda v: jnp.asarray(v, dtype) if isinstance(v, float) else v, distribution
+    )
 
 
 def resolve_priors(

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, check_floating, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, check_positive, shape_str
 from .._typing import PRNGKey
 from ..nn import ConvBlock, ResidualBlock
-from ._validate import IMAGE_FIX, check_integer_fields, check_positive
+from ._validate import IMAGE_FIX, check_integer_fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, Real
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import MLP, REMAT_POLICIES, Attention, Embedding, Stacked, apply_linear, linear_dtype
 from ._denoiser import AbstractDenoiser, TimestepEmbedding, check_denoiser_inputs
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 _BACKENDS = ("xla", "cudnn", "auto")
 

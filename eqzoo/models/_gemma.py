@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import (
     GLU_ACTIVATIONS,
@@ -23,7 +23,7 @@ from ..nn import (
 )
 from ._llama import check_decoder, check_layer_types
 from ._lm import AbstractLM
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 
 def _pattern(num_layers: int, every: int | None) -> tuple[str, ...]:

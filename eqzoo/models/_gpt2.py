@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import (
     MLP,
@@ -21,7 +21,7 @@ from ..nn import (
 )
 from ..sharding._activation import constrain, constrain_forward
 from ._lm import AbstractLM
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 _BACKENDS = ("xla", "cudnn", "auto")
 

@@ -6,7 +6,7 @@ import math
 import equinox as eqx
 import jax
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import (
     REMAT_POLICIES,
@@ -19,7 +19,7 @@ from ..nn import (
     TransformerBlock,
 )
 from ._lm import AbstractLM
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 _BACKENDS = ("xla", "cudnn", "auto")
 LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -7,7 +7,7 @@ from typing import get_args
 
 import equinox as eqx
 
-from .._errors import ConfigError
+from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import (
     Embedding,
@@ -20,7 +20,7 @@ from ..nn import (
 )
 from ._llama import check_decoder, decoder_layers
 from ._lm import AbstractLM
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 _MOE_IMPLEMENTATIONS = get_args(MoEImplementation)
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, check_floating, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, check_positive, shape_str
 from .._typing import PRNGKey
 from ..nn import linear_dtype
-from ._validate import check_integer_fields, check_positive
+from ._validate import check_integer_fields
 
 _ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jax.nn.tanh, "silu": jax.nn.silu}
 

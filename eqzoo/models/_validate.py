@@ -58,13 +58,6 @@ def check_cache_span(seq: int, index, valid_length, cache_positions: int, model:
             raise ShapeError(f"{model}: valid_length must be in [1, {seq}] (the tokens given); got {n}.")
 
 
-def check_positive(name: str, **values: int | float) -> None:
-    """Raise `ConfigError` naming every value that is not positive."""
-    bad = {k: v for k, v in values.items() if not v > 0}
-    if bad:
-        raise ConfigError(f"{name}: these must be positive, got {bad}.")
-
-
 def check_integer_fields(config) -> None:
     """Raise `ConfigError` naming every field of the config dataclass `config` annotated `int`
     (or `int | None`, or `tuple[int, ...]`) whose value is not an integer: `num_layers=2.5`

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, check_floating, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, check_positive, shape_str
 from .._typing import PRNGKey
 from ..nn import (
     MLP,
@@ -23,7 +23,7 @@ from ..nn import (
     init_linear,
 )
 from ..sharding._activation import constrain
-from ._validate import IMAGE_FIX, check_integer_fields, check_positive
+from ._validate import IMAGE_FIX, check_integer_fields
 
 _BACKENDS = ("xla", "cudnn", "auto")
 _POOLS = ("cls", "mean")

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import ConfigError, EqzooError, ShapeError, shape_str
+from .._errors import EqzooError, ShapeError, shape_str
 
 
 class TimeGridError(EqzooError, ValueError):
@@ -103,14 +103,6 @@ def check_start(t0, ts, name: str = "ts"):
     import equinox as eqx
 
     return eqx.error_if(ts, ~(t0 <= ts[0]), f"{rule} (checked at run time: values are traced).")
-
-
-def check_positive(name: str, value, *, allow_none: bool = False):
-    """Raise `ConfigError` unless `value` is a positive number (or None when allowed)."""
-    if value is None and allow_none:
-        return
-    if value is None or not value > 0:
-        raise ConfigError(f"{name} must be a positive number; got {name}={value!r}.")
 
 
 __all__ = ["TimeGridError", "VectorFieldError", "SolverError"]

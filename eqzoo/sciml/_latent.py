@@ -4,6 +4,7 @@ Rubanova, Chen, Duvenaud, "Latent ODEs for Irregularly-Sampled Time Series", Neu
 the variational form follows Chen et al., "Neural Ordinary Differential Equations", 2018.
 """
 
+import numbers
 from typing import no_type_check
 
 import diffrax
@@ -140,16 +141,39 @@ class LatentODE(eqx.Module):
         stats = self.to_latent(h)
         return stats[: self.latent_size], stats[self.latent_size :]
 
+    @no_type_check  # checked below with messages that say how to fix the call
     def decode(
         self,
-        z0: Float[Array, " latent"],
+        z0: Float[Array | np.ndarray, " latent"],
         t0: Real[Array | np.ndarray, ""] | float,
         ts: Real[Array | np.ndarray, " times"],
     ) -> Float[Array, "times channels"]:
         """Evolve `z0` from time `t0` and decode at every time of `ts` (all `>= t0`).
 
+        **Arguments:**
+
+        - `z0`: one latent state, shape `(latent_size,)` (e.g. the mean from `encode`).
+        - `t0`: the time of `z0` (the first observation time), a scalar.
+        - `ts`: strictly increasing decoding times, none before `t0`.
+
         **Returns:** predicted observations, shape `(times, data_size)`.
         """
+        check_floating("LatentODE.decode", z0, "z0", "Convert with z0.astype(jnp.float32).")
+        if tuple(jnp.shape(z0)) != (self.latent_size,):
+            raise ShapeError(
+                f"LatentODE.decode takes one latent state z0 of shape (latent_size={self.latent_size},); "
+                f"got shape {shape_str(jnp.shape(z0))}. For a batch, wrap the call in jax.vmap "
+                "(in_axes=(0, None, None) when every series shares t0 and ts)."
+            )
+        t0_dtype = getattr(t0, "dtype", None)
+        if t0_dtype is None and isinstance(t0, numbers.Real) and not isinstance(t0, bool):
+            t0_dtype = np.asarray(t0).dtype
+        if jnp.shape(t0) != () or t0_dtype is None or not jnp.issubdtype(t0_dtype, jnp.number) or jnp.issubdtype(t0_dtype, jnp.complexfloating):
+            got = f"shape {shape_str(jnp.shape(t0))}" + (f" and dtype {jnp.dtype(t0_dtype).name}" if t0_dtype is not None else f" ({type(t0).__name__})")
+            raise TimeGridError(
+                f"LatentODE.decode: t0 must be one real time (a scalar: the first observation time "
+                f"ts_obs[0]); got {got}. For a batch, wrap the call in jax.vmap."
+            )
         return self._decode(z0, t0, ts, "ts")
 
     def _decode(self, z0, t0, ts, name: str):

@@ -50,7 +50,7 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
     """At trace time: `vector_field(t0, y0, args)` must run and return the shape of `y0`."""
     try:
         out = eqx.filter_eval_shape(vector_field, t0, y0, args)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # a batched y0 fails as a ValueError (broadcasting)
         arity = "positional argument" in str(err) and not isinstance(vector_field, Autonomous)
         hint = (
             "If your module takes only the state, wrap it: eqzoo.sciml.Autonomous(module)."
@@ -61,7 +61,7 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
         )
         raise VectorFieldError(
             f"{owner}: the vector field is called as f(t, y, args) (Diffrax's convention) and "
-            f"that call failed with TypeError: {err}. {hint}"
+            f"that call failed with {type(err).__name__}: {err}. {hint}"
         ) from err
     out_shape = getattr(out, "shape", None)
     if out_shape != jnp.shape(y0):

@@ -17,15 +17,16 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Real
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
+from ._errors import is_traced
 
 Field: TypeAlias = Callable[[Float[Array, " dim"]], Any]
 """A function (usually an `eqx.Module`) of one point `x: (dim,)`."""
 
-Target: TypeAlias = Float[Array, "..."] | Callable[[Float[Array, " dim"]], Any]
+Target: TypeAlias = Real[Array, "..."] | Callable[[Float[Array, " dim"]], Any]
 """Condition values: an array with one row per point, or a function of one point."""
 
 
@@ -120,7 +121,7 @@ def divergence(fn: Field, x: Float[Array, " dim"]) -> Float[Array, ""]:
 def _check_points(name: str, points: Any, dim: int | None = None) -> None:
     shape = jnp.shape(points)
     if len(shape) != 2 or shape[0] < 1 or (dim is not None and shape[1] != dim):
-        want = "(points, dim)" if dim is None else f"(points, {dim})"
+        want = "(points, dim)" if dim is None else f"(points, {dim}) (the interior points' dim)"
         raise ShapeError(
             f"{name} must be a stack of points of shape {want}; got shape {shape_str(shape)}. "
             f"A single point x of shape (dim,) is points[None]."
@@ -165,26 +166,67 @@ def pinn_residual(
     return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(jnp.asarray(points))
 
 
-def _condition_error(u: Field, condition: Any, name: str) -> Float[Array, ""]:
+def _condition_error(who: str, u: Field, condition: Any, name: str, dim: int) -> Float[Array, ""]:
     if not (isinstance(condition, tuple) and len(condition) == 2):
         raise ConfigError(
-            f"pinn_loss: {name} must be a pair (points, target) with points of shape "
+            f"{who}: {name} must be a pair (points, target) with points of shape "
             f"(points, dim) and target an array of values or a function of one point; got "
             f"{type(condition).__name__}."
         )
     points, target = condition
-    _check_points(f"pinn_loss: {name} points", points)
-    pred = jax.vmap(u)(points)
-    values = jax.vmap(target)(points) if callable(target) else jnp.asarray(target)
+    _check_points(f"{who}: {name} points", points, dim)
+    pred = jax.vmap(u)(jnp.asarray(points))
+    if callable(target):
+        values = jax.vmap(lambda x: jnp.asarray(target(x)))(jnp.asarray(points))
+    else:
+        values = jnp.asarray(target)
+    if not (jnp.issubdtype(values.dtype, jnp.floating) or jnp.issubdtype(values.dtype, jnp.integer)):
+        raise ShapeError(f"{who}: {name} target must hold real numbers; got dtype {values.dtype.name}.")
     if values.shape != pred.shape:
         raise ShapeError(
-            f"pinn_loss: {name} target must have one value per point with the shape of "
+            f"{who}: {name} target must have one value per point with the shape of "
             f"u(x); got u at {points.shape[0]} points of shape {shape_str(pred.shape)} and "
             f"target of shape {shape_str(values.shape)}."
         )
     return jnp.mean((pred - values.astype(pred.dtype)) ** 2)
 
 
+def _check_weight(who: str, name: str, weight: Any) -> None:
+    # A negative weight rewards the optimiser for violating that term: the loss is unbounded
+    # below and training "converges" to garbage.
+    if is_traced(weight):
+        if jnp.shape(weight) != ():
+            raise ConfigError(f"{who}: {name} must be a scalar; got shape {shape_str(jnp.shape(weight))}.")
+        return
+    value = np.asarray(weight) if hasattr(weight, "dtype") else weight
+    ok_type = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if isinstance(value, np.ndarray):
+        ok_type = value.shape == () and (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer))
+    if not ok_type or not (np.isfinite(value) and value >= 0):
+        raise ConfigError(
+            f"{who}: {name} must be a finite number >= 0 (a float, or a scalar array when it is "
+            f"scheduled under jit); got {name}={weight!r}."
+        )
+
+
+def _loss_terms(who: str, u: Any, pde: Any, interior: Any, boundary: Any, initial: Any) -> dict[str, Any]:
+    _check_points(f"{who}: interior", interior)
+    if not (callable(u) and callable(pde)):
+        raise ConfigError(
+            f"{who} takes the field u and pde(u, x), both callable (u first); got u of type "
+            f"{type(u).__name__} and pde of type {type(pde).__name__}."
+        )
+    dim = jnp.shape(interior)[1]
+    residual = pinn_residual(pde, u, interior)
+    terms = {"pde": jnp.mean(residual**2)}
+    if boundary is not None:
+        terms["boundary"] = _condition_error(who, u, boundary, "boundary", dim)
+    if initial is not None:
+        terms["initial"] = _condition_error(who, u, initial, "initial", dim)
+    return terms
+
+
+@no_type_check  # checked below with messages that say how to fix the call
 def pinn_loss_terms(
     u: Field,
     pde: Callable[[Field, Float[Array, " dim"]], Any],
@@ -200,15 +242,10 @@ def pinn_loss_terms(
     **Returns:** a dict with `"pde"` and, when given, `"boundary"` and `"initial"`, each a
     scalar mean squared error.
     """
-    residual = pinn_residual(pde, u, interior)
-    terms = {"pde": jnp.mean(residual**2)}
-    if boundary is not None:
-        terms["boundary"] = _condition_error(u, boundary, "boundary")
-    if initial is not None:
-        terms["initial"] = _condition_error(u, initial, "initial")
-    return terms
+    return _loss_terms("pinn_loss_terms", u, pde, interior, boundary, initial)
 
 
+@no_type_check  # checked below with messages that say how to fix the call
 def pinn_loss(
     u: Field,
     pde: Callable[[Field, Float[Array, " dim"]], Any],
@@ -216,9 +253,9 @@ def pinn_loss(
     *,
     boundary: tuple[Float[Array, "bpoints dim"], Target] | None = None,
     initial: tuple[Float[Array, "ipoints dim"], Target] | None = None,
-    pde_weight: float = 1.0,
-    boundary_weight: float = 1.0,
-    initial_weight: float = 1.0,
+    pde_weight: float | Float[Array, ""] = 1.0,
+    boundary_weight: float | Float[Array, ""] = 1.0,
+    initial_weight: float | Float[Array, ""] = 1.0,
 ) -> Float[Array, ""]:
     """The physics-informed loss: weighted mean squared PDE residual plus condition errors.
 
@@ -234,13 +271,22 @@ def pinn_loss(
     - `boundary`: `(points, target)` where `u` must equal `target` (Dirichlet); `target` is an
       array of shape `(bpoints, *out)` or a function of one point.
     - `initial`: `(points, target)` for an initial condition, same form (points at `t = t0`).
-    - `pde_weight`, `boundary_weight`, `initial_weight`: weights of the terms.
+    - `pde_weight`, `boundary_weight`, `initial_weight`: weights of the terms, finite and
+      `>= 0`; a scalar array (traced under `jit`) schedules a weight without recompiling.
 
     **Returns:** a scalar.
+
+    **Raises:** `ShapeError` for points that are not a floating `(points, dim)` stack (boundary
+    and initial points must have the interior's `dim`) or a target of the wrong shape;
+    `ConfigError` for a malformed condition or a negative or non-finite weight. These are
+    checked by eqzoo itself, with or without jaxtyping's runtime checking.
     """
-    terms = pinn_loss_terms(u, pde, interior, boundary=boundary, initial=initial)
     weights = {"pde": pde_weight, "boundary": boundary_weight, "initial": initial_weight}
-    return sum((weights[k] * v for k, v in terms.items()), start=jnp.zeros((), terms["pde"].dtype))
+    for name, weight in weights.items():
+        _check_weight("pinn_loss", f"{name}_weight", weight)
+    terms = _loss_terms("pinn_loss", u, pde, interior, boundary, initial)
+    dtype = terms["pde"].dtype
+    return sum((jnp.asarray(weights[k], dtype) * v for k, v in terms.items()), start=jnp.zeros((), dtype))
 
 
 def _box(name: str, lower: Any, upper: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -259,9 +305,10 @@ def _box(name: str, lower: Any, upper: Any) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _check_num(name: str, num: int) -> None:
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+def _check_num(name: str, num: int) -> int:
+    if not _is_int(num) or num < 1:  # NumPy integers are fine
         raise ConfigError(f"{name}: num must be a positive int; got num={num!r}.")
+    return int(num)  # a Python int: a shape for the jitted samplers, not a traced argument
 
 
 @eqx.filter_jit
@@ -298,7 +345,7 @@ def sample_collocation(
     **Returns:** points of shape `(num, dim)`.
     """
     lo, hi = _box("sample_collocation", lower, upper)
-    _check_num("sample_collocation", num)
+    num = _check_num("sample_collocation", num)
     if method not in ("uniform", "latin"):
         raise ConfigError(
             f"sample_collocation: method must be 'uniform' or 'latin'; got method={method!r}."
@@ -347,8 +394,17 @@ def sample_boundary(
     **Returns:** points of shape `(num, dim)`.
     """
     lo, hi = _box("sample_boundary", lower, upper)
-    _check_num("sample_boundary", num)
+    num = _check_num("sample_boundary", num)
     dim = lo.shape[0]
+    if dims is not None:
+        # `d % dim` alone turned dims=(2,) on a 2-d box (coordinates counted from 1) into the
+        # faces of coordinate 0, silently.
+        bad = [d for d in dims if not _is_int(d) or not -dim <= d < dim]
+        if bad or len({int(d) % dim for d in dims}) != len(dims):
+            raise ConfigError(
+                f"sample_boundary: dims must be distinct coordinates of the box, each in "
+                f"[-{dim}, {dim}) (counted from 0); got dims={list(dims)}."
+            )
     dims = tuple(range(dim)) if dims is None else tuple(int(d) % dim for d in dims)
     if not dims:
         raise ConfigError("sample_boundary: dims must name at least one coordinate; got [].")

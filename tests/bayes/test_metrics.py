@@ -118,3 +118,31 @@ def test_calibration_takes_unsigned_labels():
     for dtype in (np.uint8, np.int64):
         got = bayes.expected_calibration_error(sure, jnp.asarray(half.astype(dtype)))
         assert float(got) == pytest.approx(float(want), abs=0)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_metrics_refuse_logits_bad_labels_and_broadcasting_shapes(checked, unchecked):
+    # Each of these used to return a plausible number with checking off: ECE of logits 1.24 (it
+    # lies in [0, 1]), labels counted from 1 scored as wrong, and y (5,) against bounds (5, 1)
+    # broadcast to (5, 5) for a coverage of 0.2 where every target is inside its interval.
+    probs = jnp.tile(jnp.array([[0.7, 0.2, 0.1]], jnp.float32), (6, 1))
+    labels = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+    y = jnp.arange(5.0)
+    with contextlib.nullcontext() if checked else unchecked():
+        for fn in (bayes.expected_calibration_error, bayes.reliability_diagram):
+            with pytest.raises(errors.ShapeError, match=r"probs must be probabilities, each row summing to 1; got values in \[-2\.303, -0\.3567\].*jax\.nn\.softmax"):
+                fn(jnp.log(probs), labels)
+            with pytest.raises(errors.ShapeError, match=r"labels must be class ids in \[0, 3\) for probs with 3 columns; got labels in \[1, 3\]"):
+                fn(probs, labels + 1)
+            with pytest.raises(errors.ShapeError, match=r"labels must be class ids in \[0, 2\)"):
+                fn(jnp.full((6,), 0.5), labels)  # binary: probability of class 1
+        with pytest.raises(errors.ShapeError, match=r"interval_coverage: y, lower, upper must have the same shape, one entry per target; got y \(5,\), lower \(5, 1\), upper \(5, 1\)"):
+            bayes.interval_coverage(y, (y - 0.5)[:, None], (y + 0.5)[:, None])
+        with pytest.raises(errors.ShapeError, match=r"crps_gaussian: y, mean, std must have the same shape.*got y \(5,\), mean \(5, 1\), std \(5, 1\)"):
+            bayes.crps_gaussian(y, y[:, None], jnp.ones((5, 1)))
+        assert float(bayes.interval_coverage(y, y - 0.5, y + 0.5)) == 1.0
+        # a scalar std is shared by every target: the same value as a full array of it (exact)
+        shared = bayes.crps_gaussian(y, y + 0.3, jnp.asarray(0.5))
+        assert float(shared) == float(bayes.crps_gaussian(y, y + 0.3, jnp.full((5,), 0.5)))
+        # within tolerance of a sum of 1: accepted, and ECE stays in [0, 1]
+        assert 0.0 <= float(bayes.expected_calibration_error(probs * (1 + 5e-4), labels)) <= 1.0

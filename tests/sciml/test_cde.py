@@ -235,3 +235,27 @@ def test_batch_and_dtype_errors_are_eqzoos_in_both_modes(cde, latent, checked, u
             latent(ts[0], xs[0].astype(jnp.int32), jnp.array([1.0, 2.0]))
         with pytest.raises(ShapeError, match=r"LatentODE\.loss takes floating-point xs_target; got dtype int32"):
             latent.loss(ts[0], xs[0], ts[0], xs[0].astype(jnp.int32), key=jax.random.key(0))
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_latent_decode_errors_are_eqzoos_in_both_modes(latent, checked, unchecked):
+    # Unchecked, a batch of z0 or a z0 of the wrong size surfaced as a VectorFieldError about the
+    # network, and a vector t0 as NumPy's "truth value of an array ... is ambiguous".
+    ts = jnp.linspace(0.0, 1.0, 4)
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(ShapeError, match=r"LatentODE\.decode takes one latent state z0 of shape \(latent_size=3,\); got shape \(2, 3\)\..*jax\.vmap"):
+            latent.decode(jnp.zeros((2, 3)), 0.0, ts)
+        with pytest.raises(ShapeError, match=r"z0 of shape \(latent_size=3,\); got shape \(5,\)"):
+            latent.decode(jnp.zeros(5), 0.0, ts)
+        with pytest.raises(ShapeError, match=r"LatentODE\.decode takes floating-point z0; got dtype int32"):
+            latent.decode(jnp.zeros(3, jnp.int32), 0.0, ts)
+        with pytest.raises(sciml.TimeGridError, match=r"LatentODE\.decode: t0 must be one real time .*got shape \(2,\) and dtype float32"):
+            latent.decode(jnp.zeros(3), jnp.zeros(2), ts)
+        with pytest.raises(sciml.TimeGridError, match=r"t0 must be one real time .*got shape \(\) \(str\)"):
+            latent.decode(jnp.zeros(3), "0", ts)
+        with pytest.raises(sciml.TimeGridError, match=r"ts must be a 1-d array .*got shape \(1, 4\)"):
+            latent.decode(jnp.zeros(3), 0.0, ts[None])
+    # NumPy z0 and an integer t0 are fine in both modes, and match the JAX call to 1e-6
+    out = latent.decode(np.zeros(3, np.float32), 0, ts)
+    np.testing.assert_allclose(out, latent.decode(jnp.zeros(3), 0.0, ts), atol=1e-6)
+    assert out.shape == (4, 2)

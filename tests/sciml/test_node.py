@@ -180,6 +180,10 @@ def test_state_only_module_needs_the_autonomous_wrapper():
     with pytest.raises(sciml.VectorFieldError, match=r"takes the state y0 as it is, of shape \(2,\)") as info:
         sciml.NeuralODE(wrapped)(jnp.ones(2), jnp.linspace(0.0, 1.0, 3))
     assert "Autonomous(module)" not in str(info.value)
+    # A batch of states (2, 2) for an MLP of one state: the bias add fails as a ValueError, which
+    # used to escape as JAX's bare "Incompatible shapes for broadcasting".
+    with pytest.raises(sciml.VectorFieldError, match=r"failed with ValueError: Incompatible shapes.*of shape \(2, 2\) \(one trajectory: batch several with jax\.vmap"):
+        sciml.NeuralODE(sciml.Autonomous(mlp))(jnp.ones((2, 2)), jnp.linspace(0.0, 1.0, 3))
 
 
 def _stiff(t, y, args):

@@ -173,6 +173,16 @@ def test_more_pinn_errors(unchecked):
             sciml.pinn_loss(exact, poisson, jnp.ones((4, 2)), boundary=jnp.ones((4, 2)))
     with pytest.raises(ConfigError, match="dims must name at least one coordinate"):
         sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dims=())
+    # dims=(2,) on a 2-d box used to wrap to coordinate 0 (its faces x = 0 and x = 1), silently
+    with pytest.raises(ConfigError, match=r"dims must be distinct coordinates of the box, each in \[-2, 2\) \(counted from 0\); got dims=\[2\]"):
+        sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dims=(2,))
+    with pytest.raises(ConfigError, match=r"got dims=\[0, -2\]"):
+        sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dims=(0, -2))
+    # NumPy integers are sizes too (the int annotation refuses them when checking is on); dims=(-1,)
+    # is the last coordinate (its faces y = 0 and y = 2)
+    with unchecked():
+        pts = sciml.sample_boundary(jax.random.key(0), np.int64(50), [0.0, 0.0], [1.0, 2.0], dims=(-1,))
+    assert pts.shape == (50, 2) and set(np.unique(np.asarray(pts[:, 1]))) <= {0.0, 2.0}
 
 
 @pytest.mark.parametrize("checked", [True, False])
@@ -200,3 +210,41 @@ def test_pinn_residual_errors_are_eqzoos_in_both_modes(checked, unchecked):
         with pytest.raises(ConfigError, match=r"laplacian: dims must be .*got dims=\[0.5\]"):
             sciml.laplacian(u, jnp.ones((2,)), dims=[0.5])
     np.testing.assert_allclose(sciml.pinn_residual(pde, u, np.ones((3, 2), np.float32)), np.full(3, 4.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_pinn_loss_errors_are_eqzoos_in_both_modes(checked, unchecked):
+    # Unchecked, boundary points of another dim than the interior's were evaluated silently (u
+    # read only the coordinates it indexes) and a negative weight made the loss unbounded below;
+    # checked, these were 1,100-1,400 character jaxtyping errors.
+    u = lambda x: x[0] ** 2 + x[1] ** 2
+    pde = lambda u, x: sciml.laplacian(u, x) - 4.0
+    pts = jnp.ones((5, 2))
+    with contextlib.nullcontext() if checked else unchecked():
+        for fn in (sciml.pinn_loss, sciml.pinn_loss_terms):
+            name = fn.__name__
+            with pytest.raises(ShapeError, match=rf"{name}: interior must be a stack of points of shape \(points, dim\); got shape \(2,\)"):
+                fn(u, pde, jnp.ones(2))
+            with pytest.raises(ShapeError, match=rf"{name}: interior must be floating point .*got int32"):
+                fn(u, pde, jnp.ones((5, 2), jnp.int32))
+            with pytest.raises(ShapeError, match=rf"{name}: boundary points must be .*\(points, 3\) \(the interior points' dim\); got shape \(4, 2\)"):
+                fn(u, pde, jnp.ones((5, 3)), boundary=(jnp.ones((4, 2)), jnp.zeros(4)))
+            with pytest.raises(ShapeError, match=rf"{name}: initial points must be floating point .*got int32"):
+                fn(u, pde, pts, initial=(jnp.ones((4, 2), jnp.int32), jnp.zeros(4)))
+            with pytest.raises(ShapeError, match=rf"{name}: boundary target must have one value per point.*got u at 4 points of shape \(4,\) and target of shape \(3,\)"):
+                fn(u, pde, pts, boundary=(jnp.ones((4, 2)), jnp.zeros(3)))
+            with pytest.raises(ConfigError, match=rf"{name} takes the field u and pde\(u, x\), both callable"):
+                fn(u, "poisson", pts)
+        with pytest.raises(ConfigError, match=r"pinn_loss: boundary_weight must be a finite number >= 0 .*got boundary_weight=-1\.0"):
+            sciml.pinn_loss(u, pde, pts, boundary_weight=-1.0)
+        with pytest.raises(ConfigError, match=r"pde_weight must be a finite number >= 0 .*got pde_weight=nan"):
+            sciml.pinn_loss(u, pde, pts, pde_weight=float("nan"))
+        with pytest.raises(ConfigError, match=r"initial_weight must be a finite number >= 0 .*got initial_weight='10'"):
+            sciml.pinn_loss(u, pde, pts, initial_weight="10")
+        # NumPy points, an integer target and a weight given as an array (e.g. a schedule traced
+        # under jit) are accepted in both modes: u = 2 on the boundary, so the term is 4 per point.
+        bnd = (np.ones((4, 2), np.float32), np.zeros(4, np.int32))
+        loss = eqx.filter_jit(lambda w: sciml.pinn_loss(u, pde, pts, boundary=bnd, boundary_weight=w))(jnp.asarray(10.0))
+        np.testing.assert_allclose(loss, 40.0, rtol=1e-6)
+        terms = sciml.pinn_loss_terms(u, pde, np.asarray(pts), boundary=bnd)
+        np.testing.assert_allclose([terms["pde"], terms["boundary"]], [0.0, 4.0], atol=1e-5)
