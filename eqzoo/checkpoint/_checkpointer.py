@@ -30,6 +30,7 @@ from .._typing import TextStream
 from ..train import TrainState
 from ._config import model_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
+from ._hyperparams import HyperparamsChoice, check_choice, reconcile
 from ._integrity import MANIFEST, VerifiedPyTreeHandler, verify_manifest
 from ._meta import (
     CheckpointMeta,
@@ -375,8 +376,8 @@ class Checkpointer:
                 f"that saved it ({len(differ)} changed):\n" + list_items(differ)
                 + "\nThe run goes on as now set up and records the new settings with its next saves "
                 "(but an optax.inject_hyperparams optimizer keeps the restored hyperparameters in its "
-                "state, whatever the code now passes); if that is not meant, restart with the saved "
-                "ones (Checkpointer.meta(step).run holds them).",
+                "state, unless restored with Checkpointer.restore(..., hyperparams='target')); if that "
+                "is not meant, restart with the saved ones (Checkpointer.meta(step).run holds them).",
                 stacklevel=user_stacklevel(),
             )
 
@@ -507,6 +508,7 @@ class Checkpointer:
         step: int | None = None,
         shardings: ShardingSpec = None,
         allow_config_change: bool = False,
+        hyperparams: HyperparamsChoice = "saved",
     ) -> Restored:
         """Restore a step into the structure of `target`.
 
@@ -526,6 +528,12 @@ class Checkpointer:
           recorded non-array setting of its layers (a static `temp`, an `eps`; those that only
           say how it runs, `backend`, `remat`, `scan`, `inference`, may always differ). Shapes and dtypes are
           checked either way.
+        - `hyperparams`: where the numeric hyperparameters of an `optax.inject_hyperparams`
+          optimizer (arrays of its state) come from. `"saved"` (default): the checkpoint's, so the
+          run goes on as it was; a real target holding other values gets a warning naming each.
+          `"target"`: the target's, to train on with the values the code now passes (a learning
+          rate changed on purpose); needs a real target (`TrainState.create`), not an abstract
+          one. Scheduled hyperparameters follow the optimizer's schedule either way.
 
         **Returns:** [`eqzoo.checkpoint.Restored`][] `(state, data_state, meta)`; pass
         `data_state` to the loader's `load_state_dict`.
@@ -540,13 +548,14 @@ class Checkpointer:
             raise CheckpointError(
                 f"Checkpointer.restore needs a TrainState target (real or from abstract_state); got {type(target).__name__}."
             )
+        check_choice(hyperparams, target, state_names(target))
         candidates = self._pick_steps(step)
         if step is not None or not self._fallback:
             candidates = candidates[:1]
         corrupt: list[CheckpointCorruptError] = []
         for s in candidates:
             try:
-                restored = self._restore_step(target, s, shardings, allow_config_change)
+                restored = self._restore_step(target, s, shardings, allow_config_change, hyperparams)
             except CheckpointCorruptError as err:
                 corrupt.append(err)
                 continue
@@ -598,7 +607,10 @@ class Checkpointer:
         model's own."""
         return self._config if self._config is not None else model_config(getattr(state.structure.static, "model", None))
 
-    def _restore_step(self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False) -> Restored:
+    def _restore_step(
+        self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False,
+        hyperparams: HyperparamsChoice = "saved",
+    ) -> Restored:
         meta = self._read_meta(step)
         names = state_names(target)
         leaves = dict(zip(names, target.arrays, strict=True))
@@ -653,6 +665,7 @@ class Checkpointer:
                 step=step, parameters=tuple(bad),
             ) from err
         arrays = tuple(from_stored(stored[stored_as.get(name, name)], leaves[name]) for name in names)
+        arrays = reconcile(target, arrays, names, hyperparams, where)
         state = TrainState(arrays, target.structure)
         info = meta_object(meta)
         return Restored(state, info.data_state, info)

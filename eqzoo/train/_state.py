@@ -94,8 +94,10 @@ class TrainState(eqx.Module):
           also holds the loss scale.
 
         **Returns:** the `TrainState`. It holds `model`'s arrays and `key` themselves, not
-        copies: a train step that donates (the default) frees them at its first call, so go
-        on with `state.model`, or pass `jax.tree.map(jnp.copy, model)` to keep the original.
+        copies: a train step that donates (the default) frees the trainable ones at its first
+        call, so go on with `state.model`, or pass `jax.tree.map(jnp.copy, model)` to keep the
+        original. Arrays the `trainable` filter leaves out (a frozen base) are not donated: the
+        new states share them.
         """
         if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
             raise ConfigError(

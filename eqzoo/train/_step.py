@@ -1,6 +1,7 @@
 """Compiled train and eval steps: pure functions of (state, batch), dispatched with low overhead."""
 
 import inspect
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -131,7 +132,8 @@ class TrainStep:
 
     The first call for a given state structure traces and compiles; later calls dispatch the
     cached executable over the state's flat arrays (donated, so the input state must not be used
-    again). Metrics are device scalars; convert with `float()` only when you log them.
+    again; the model arrays the trainable filter leaves out are neither donated nor copied: the
+    new state holds the same ones). Metrics are device scalars; convert with `float()` only when you log them.
     """
 
     def __init__(self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None):
@@ -159,6 +161,8 @@ class TrainStep:
             pure = self._pure_step
             mesh = self._mesh
             jit_kwargs = {}
+            frozen = _frozen_indices(structure, arrays)
+            split = _Split(len(arrays), frozen) if frozen else None
             if mesh is None:
 
                 def flat_step(arrays, batch):
@@ -175,7 +179,8 @@ class TrainStep:
 
                 # Pin the new state to the input state's layout, so it stays sharded step after
                 # step and donated buffers are reused; metrics are replicated.
-                jit_kwargs["out_shardings"] = (shardings, jax.NamedSharding(mesh, jax.P()))
+                out = shardings if split is None else split.updated(shardings)
+                jit_kwargs["out_shardings"] = (out, jax.NamedSharding(mesh, jax.P()))
                 self._layouts[structure] = shardings
             untraced = flat_step
 
@@ -183,7 +188,17 @@ class TrainStep:
                 self._traces[structure] = self._traces.get(structure, 0) + 1
                 return untraced(arrays, batch)
 
-            fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
+            if split is None:
+                fn = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
+            else:
+                whole = flat_step
+
+                def flat_step(updated, frozen, batch):  # only the updated arrays go in donated and come back
+                    arrays, metrics = whole(split.merge(updated, frozen), batch)
+                    return split.updated(arrays), metrics
+
+                jitted = jax.jit(flat_step, donate_argnums=(0,) if self._donate else (), **jit_kwargs)
+                fn = _SplitStep(jitted, split)
             self._compiled[structure] = fn
         return fn
 
@@ -204,8 +219,74 @@ class TrainStep:
         """How many distinct executables the step holds (one per state structure and batch shape)."""
         counted: dict[int, int] = {}  # equal structures share one function: count it once
         for s, f in self._compiled.items():
+            f = getattr(f, "jitted", f)  # a _SplitStep's jax.jit
             counted[id(f)] = max(counted.get(id(f), 0), _cache_size(f, self._traces.get(s, 0)))
         return sum(counted.values())
+
+
+def _frozen_indices(structure, arrays) -> tuple[int, ...]:
+    """The positions in `arrays` of the model arrays that the trainable filter leaves out (a
+    base model under LoRA, int8 codes): the step returns them unchanged. Read from a trace of
+    the state (`arrays` may be abstract), where the filter sees what it sees in the step."""
+    frozen: list[int] = []
+
+    def probe(arrays):
+        position = {id(a): i for i, a in enumerate(arrays)}
+        model = structure.unflatten(arrays).model
+        is_none = lambda x: x is None  # noqa: E731  (keeps the two flattenings aligned)
+        chosen = jax.tree.leaves(eqx.filter(model, structure.trainable), is_leaf=is_none)
+        for leaf, kept in zip(jax.tree.leaves(model, is_leaf=is_none), chosen, strict=True):
+            if kept is None and id(leaf) in position:
+                frozen.append(position[id(leaf)])
+
+    jax.eval_shape(probe, tuple(arrays))
+    return tuple(sorted(frozen))
+
+
+def _getter(indices: tuple[int, ...]) -> Callable[[tuple], tuple]:
+    """`lambda xs: tuple(xs[i] for i in indices)`, at C speed (one item still gives a tuple)."""
+    if not indices:
+        return lambda xs: ()
+    get = operator.itemgetter(*indices)
+    return get if len(indices) > 1 else lambda xs: (get(xs),)
+
+
+class _Split:
+    """A state's flat arrays split into those the step updates and the frozen ones, and back."""
+
+    def __init__(self, num_arrays: int, frozen: tuple[int, ...]):
+        kept = set(frozen)
+        updated = tuple(i for i in range(num_arrays) if i not in kept)
+        self.updated = _getter(updated)
+        self.frozen = _getter(frozen)
+        where = {i: j for j, i in enumerate(updated + frozen)}
+        self._order = _getter(tuple(where[i] for i in range(num_arrays)))
+
+    def merge(self, updated: tuple, frozen: tuple) -> tuple:
+        return self._order(tuple(updated) + tuple(frozen))
+
+
+class _SplitStep:
+    """The compiled step of a state with frozen model arrays. Only the arrays the step updates
+    (trainable parameters, optimizer state, step, key, model_state) are donated and returned:
+    the frozen ones go in undonated and the new state holds those very arrays. Donating them
+    would delete a base model the caller still holds (to reuse, merge or load adapters onto);
+    returning them undonated would make XLA copy them, doubling their memory."""
+
+    __slots__ = ("jitted", "_split")
+
+    def __init__(self, jitted, split: _Split):
+        self.jitted = jitted
+        self._split = split
+
+    def __call__(self, arrays: tuple, batch: PyTree) -> tuple[tuple, dict]:
+        split = self._split
+        frozen = split.frozen(arrays)
+        updated, metrics = self.jitted(split.updated(arrays), frozen, batch)
+        return split.merge(updated, frozen), metrics
+
+    def lower(self, arrays: tuple, batch: PyTree):
+        return self.jitted.lower(self._split.updated(arrays), self._split.frozen(arrays), batch)
 
 
 def _cache_size(jitted, traces: int) -> int:
@@ -300,6 +381,8 @@ def make_train_step(
       count different numbers of positions per micro-batch (and `"tokens"` is the batch's
       total); otherwise the micro-batches weigh alike.
     - `donate`: donate the input state's buffers to the output (halves peak state memory).
+      Frozen model arrays (those the state's `trainable` filter leaves out) are never donated:
+      the step does not return them, and the new state holds the input's.
     - `mesh`: for a state sharded on this `jax.sharding.Mesh` (see `eqzoo.sharding`): the new
       state keeps the input state's shardings (`out_shardings`), metrics are replicated, and
       the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to

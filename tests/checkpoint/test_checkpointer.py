@@ -510,3 +510,41 @@ def test_checkpointers_share_one_exit_hook(tmp_path):
     for c in made:
         c.close()
     assert not any(c in _OPEN for c in made)
+
+
+def test_injected_hyperparameters_resume_as_saved_unless_the_target_is_asked_for(ckpt_dir, open_checkpointer, mlp_config, unchecked):
+    # optax.inject_hyperparams keeps numeric hyperparameters as arrays of the optimizer state:
+    # a restore takes the saved ones (exact resume), warns where a real target holds others,
+    # and takes the target's with hyperparams="target". A scheduled one is never compared.
+    schedule = optax.linear_schedule(1.0, 0.0, transition_steps=10)
+
+    def optimizer(lr):
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=schedule)
+
+    def fresh(lr):
+        return train.TrainState.create(models.create(mlp_config, key=jax.random.key(0)), optimizer(lr), key=jax.random.key(1))
+
+    state = fresh(0.1).replace(step=jnp.asarray(3, jnp.int32))
+    state = state.replace(opt_state=state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "momentum": jnp.asarray(0.7)}))
+    ckpt = open_checkpointer(ckpt_dir, async_save=False)
+    ckpt.save(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same values, or an abstract target: nothing to say
+        assert float(ckpt.restore(fresh(0.1)).state.opt_state.hyperparams["learning_rate"]) == np.float32(0.1)
+        assert float(ckpt.restore(checkpoint.abstract_state(mlp_config, optimizer(0.5))).state.opt_state.hyperparams["learning_rate"]) == np.float32(0.1)
+    with pytest.warns(UserWarning, match=r"values differ from the saved ones in 1 hyperparameter\(s\):\n  opt_state\.hyperparams\.learning_rate: saved 0\.1\d*, target 0\.5\nThe restored state keeps the saved values"):
+        kept = ckpt.restore(fresh(0.5)).state
+    chosen = ckpt.restore(fresh(0.5), hyperparams="target").state
+    assert float(kept.opt_state.hyperparams["learning_rate"]) == np.float32(0.1)
+    assert float(chosen.opt_state.hyperparams["learning_rate"]) == np.float32(0.5)
+    assert float(chosen.opt_state.hyperparams["momentum"]) == np.float32(0.7)  # scheduled: the saved one
+    # the next update uses them: SGD moves the weights 5 times as far with the target's 0.5
+    step = train.make_train_step(train.classification_loss, optimizer(0.5), donate=False)
+    batch = {"x": jnp.ones((4, 6)), "y": jnp.zeros((4,), jnp.int32)}
+    w0 = np.asarray(kept.model.net.layers[0].weight)
+    moved = [np.asarray(step(s, batch)[0].model.net.layers[0].weight) - w0 for s in (kept, chosen)]
+    np.testing.assert_allclose(moved[1], 5 * moved[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(checkpoint.CheckpointError, match=r"hyperparams='target'\) takes the hyperparameters from the target, but the target's \['opt_state\.hyperparams\.learning_rate'\] have no values"):
+        ckpt.restore(checkpoint.abstract_state(mlp_config, optimizer(0.5)), hyperparams="target")
+    with unchecked(), pytest.raises(checkpoint.CheckpointError, match="must be 'saved' or 'target'; got 'new'"):
+        ckpt.restore(fresh(0.5), hyperparams="new")

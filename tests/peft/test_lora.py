@@ -414,3 +414,32 @@ def test_lora_refuses_layers_it_cannot_adapt_or_merge():
     # a selected layer of a kind the caller does not replace
     with pytest.raises(eqzoo._errors.ConfigError, match=r"0 is a _Opaque, not one of \['Linear'\]; narrow the targets"):
         eqzoo.nn.replace_linears([_Opaque(jnp.ones((3, 4)), 4, 3)], lambda p, x: x, targets="0")
+
+
+def test_a_train_step_leaves_the_frozen_base_usable_and_shares_it():
+    # The step donates only what it updates: the base model passed to peft.lora stays alive
+    # (to merge, reuse or load adapters onto) and the new state holds those very arrays, not
+    # copies (XLA returns no frozen array: its output is the adapters and optimizer state).
+    base = _model()
+    tokens = jnp.arange(12, dtype=jnp.int32)
+    before = np.asarray(base(tokens))
+    adapted = peft.lora(base, rank=2, targets="attn", key=jax.random.key(1))
+    optimizer = optax.sgd(0.5)
+    first = TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=jax.random.key(2))
+    step = make_train_step(lm_loss, optimizer, grad_accum_steps=2)
+    batch = _batch(256)
+    frozen = [x for x in jax.tree.leaves(eqx.filter(base, eqx.is_array))]
+    frozen_bytes = sum(x.nbytes for x in frozen)
+    memory = step.lower(first, batch).compile().memory_analysis()
+    assert memory.output_size_in_bytes < memory.argument_size_in_bytes - frozen_bytes
+    state, _ = step(first, batch)
+    state, _ = step(state.replace(key=jax.random.key(3)), batch)  # an equal structure: no recompile
+    assert step.num_compilations == 1
+    assert not any(x.is_deleted() for x in frozen)
+    np.testing.assert_array_equal(np.asarray(base(tokens)), before)  # exactly the base's outputs
+    assert first.model.blocks.layers.attn.q_proj.lora_b.is_deleted()  # the adapters were donated
+    kept = {id(x) for x in jax.tree.leaves(eqx.filter(peft.unwrap(state.model), eqx.is_array))}
+    assert all(id(x) in kept for x in frozen)  # the same arrays, not copies
+    assert float(jnp.max(jnp.abs(state.model.blocks.layers.attn.q_proj.lora_b))) > 0
+    merged = peft.merge(peft.lora(base, rank=2, targets="attn", key=jax.random.key(1)))
+    np.testing.assert_array_equal(np.asarray(merged(tokens)), before)
