@@ -324,7 +324,7 @@ def generate_batch(
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when
     assignments are dropped (decoding steps drop nothing); `"dense"` or `"ragged"` layers
-    ([`eqzoo.nn.MoE.with_implementation`][]) never drop.
+    ([`eqzoo.models.Mixtral.with_moe_implementation`][]) never drop.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
     `max_new_tokens` generated tokens, then padding. With `return_logprobs`, `(tokens,

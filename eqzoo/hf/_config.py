@@ -272,17 +272,38 @@ def _qwen3_moe_from_hf(d: Mapping[str, Any]) -> dict[str, Any]:
     # dense layers (unused: every layer has experts).
     defaults = {"num_key_value_heads": 4, "intermediate_size": 6144}
     fields = _llama_from_hf(defaults | {k: v for k, v in d.items() if v is not None or k not in defaults}, theta=10000.0, eps=1e-6, max_seq=32768)
+    # transformers' rule (Qwen3MoeDecoderLayer): layer i has experts unless i is in
+    # mlp_only_layers, num_experts is 0 or (i + 1) is not a multiple of decoder_sparse_step.
+    # Entries of mlp_only_layers naming no layer (past the last, negative) match none, as there.
+    layers = fields["num_layers"]
     step = d.get("decoder_sparse_step", 1)
-    dense_layers = list(d.get("mlp_only_layers") or [])
-    if dense_layers or step != 1:
-        key, value = ("mlp_only_layers", dense_layers) if dense_layers else ("decoder_sparse_step", step)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise _unsupported(d, "decoder_sparse_step", step, "it must be a positive integer")
+    only = d.get("mlp_only_layers") or []
+    if not isinstance(only, list | tuple) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise _unsupported(d, "mlp_only_layers", only, "it must be a list of layer indices")
+    if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+        raise _unsupported(d, "num_experts", experts, "it must be a non-negative integer")
+    dense = [i for i in range(layers) if i in only or experts == 0 or (i + 1) % step]
+    if len(dense) == layers:
+        raise _unsupported(
+            d, "num_experts" if experts == 0 else ("mlp_only_layers" if only else "decoder_sparse_step"),
+            experts if experts == 0 else (only if only else step),
+            "it leaves no layer with experts: the model is a dense Qwen3 (SwiGLU of intermediate_size in "
+            "every layer), which eqzoo reads as a LlamaConfig with qk_norm=True from a config.json of "
+            "model_type 'qwen3' (architectures ['Qwen3ForCausalLM'], head_dim written out as Qwen3's default is "
+            "128; the weights keep their names)",
+        )
+    if dense:
+        key, value = ("mlp_only_layers", only) if any(i in only for i in dense) else ("decoder_sparse_step", step)
         raise _unsupported(
             d, key, value,
-            "eqzoo's Mixtral has experts in every layer (mlp_only_layers=[] and decoder_sparse_step=1)",
+            f"it makes layers {dense} of {layers} dense, and eqzoo's Mixtral has experts in every layer "
+            "(mlp_only_layers=[] and decoder_sparse_step=1)",
         )
     window = _sliding_window(d, 4096) if d.get("use_sliding_window", False) else None
     return fields | dict(
-        hidden_dim=_int(d, "moe_intermediate_size"), num_experts=int(experts),
+        hidden_dim=_int(d, "moe_intermediate_size"), num_experts=experts,
         experts_per_token=_int(d, "num_experts_per_tok"),
         normalize_router_weights=bool(d.get("norm_topk_prob", False)),
         router_aux_loss_coef=_float(d, "router_aux_loss_coef", 0.001),

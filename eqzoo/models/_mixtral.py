@@ -6,6 +6,7 @@ import math
 from typing import get_args
 
 import equinox as eqx
+import jax
 
 from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
@@ -18,6 +19,7 @@ from ..nn import (
     Stacked,
     TransformerBlock,
 )
+from ..nn._fields import with_fields
 from ._llama import check_decoder, decoder_layers
 from ._lm import AbstractLM
 from ._validate import check_integer_fields
@@ -176,3 +178,28 @@ class Mixtral(AbstractLM):
             "moe_load_balance": self.config.router_aux_loss_coef,
             "moe_z_loss": self.config.router_z_loss_coef,
         }
+
+    def with_moe_implementation(self, implementation: str) -> "Mixtral":
+        """The same model, its parameters shared (not copied), with every mixture-of-experts
+        layer running its experts by `implementation` and `config.moe_implementation` set to it.
+
+        Typical use: a model trained with `"capacity"`, which drops assignments past an expert's
+        capacity, evaluated with `"dense"` (or `"ragged"`), which drop none, as decoding never
+        does (single tokens are never dropped): `model.with_moe_implementation("dense")`.
+
+        **Arguments:** `implementation`, one of `"dense"`, `"capacity"`, `"ragged"` (see
+        [`eqzoo.nn.MoE`][]).
+
+        **Returns:** a [`eqzoo.models.Mixtral`][] whose arrays are this model's own.
+        """
+        if implementation not in _MOE_IMPLEMENTATIONS:
+            raise ConfigError(
+                f"Mixtral.with_moe_implementation: implementation must be one of {_MOE_IMPLEMENTATIONS}, "
+                f"got {implementation!r}."
+            )
+        model = jax.tree.map(
+            lambda m: m.with_implementation(implementation) if isinstance(m, MoE) else m,
+            self, is_leaf=lambda m: isinstance(m, MoE),
+        )
+        config = dataclasses.replace(self.config, moe_implementation=implementation)
+        return with_fields(model, config=config)  # config is static: not a tree leaf

@@ -125,7 +125,9 @@ def summed_weight_gradients() -> Iterator[None]:
     Outside it the backward pass keeps one weight gradient per batch member, right for
     per-example gradients too, at the cost of a transient `(batch, *expert weights)` gradient
     per layer; inside it a `jax.vmap` of `jax.grad` would get the batch's sum for every
-    member."""
+    member. It is read while tracing, and `jax.jit`'s cache does not know of it: enter it
+    inside the traced function (as the train step does), never around a call of a function
+    that is also traced outside it."""
     token = _SUMMED.set(True)
     try:
         yield

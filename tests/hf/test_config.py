@@ -247,12 +247,33 @@ def test_qwen3_families_read_as_transformers_does():
     assert config_from_hf({k: v for k, v in moe.items() if k != "num_experts"} | {"num_local_experts": 4}).num_experts == 4
     assert config_from_hf(moe | {"sliding_window": 32}).sliding_window is None
     assert config_from_hf(moe | {"sliding_window": 32, "use_sliding_window": True}).sliding_window == 32
-    with pytest.raises(HFFormatError, match=r"mlp_only_layers=\[1\].*experts in every layer"):
+    with pytest.raises(HFFormatError, match=r"mlp_only_layers=\[1\].*layers \[1\] of 4 dense.*experts in every layer"):
         config_from_hf(moe | {"mlp_only_layers": [1]})
     with pytest.raises(HFFormatError, match=r"decoder_sparse_step=2.*experts in every layer"):
         config_from_hf(moe | {"decoder_sparse_step": 2})
     with pytest.raises(HFFormatError, match=r"lacks \['num_experts'\]"):
         config_from_hf({k: v for k, v in moe.items() if k != "num_experts"})
+    with pytest.raises(HFFormatError, match=r"num_experts=0.*no layer with experts.*dense Qwen3.*LlamaConfig with qk_norm=True"):
+        config_from_hf(moe | {"num_experts": 0})
+    with pytest.raises(HFFormatError, match=r"mlp_only_layers=\[0, 1, 2, 3\].*no layer with experts.*model_type 'qwen3'"):
+        config_from_hf(moe | {"mlp_only_layers": [0, 1, 2, 3]})
+    with pytest.raises(HFFormatError, match=r"decoder_sparse_step=0.*positive integer"):
+        config_from_hf(moe | {"decoder_sparse_step": 0})
+
+
+@pytest.mark.parametrize("only", [[5], [-1], [2, 7]])
+def test_qwen3_moe_mlp_only_layers_past_the_model_are_ignored_as_transformers_does(only, hft):
+    # transformers makes layer i dense only when i is in mlp_only_layers: indices naming no
+    # layer of this 2-layer model leave every layer sparse.
+    hf_model = hft.make_qwen3_moe(0, num_hidden_layers=2, mlp_only_layers=only)
+    assert [type(layer.mlp).__name__ for layer in hf_model.model.layers] == ["Qwen3MoeSparseMoeBlock"] * 2
+    d = hf_model.config.to_dict()
+    assert config_from_hf(d) == config_from_hf(d | {"mlp_only_layers": []})
+    # and a step past the last layer leaves none sparse, as there
+    hf_dense = hft.make_qwen3_moe(0, num_hidden_layers=2, decoder_sparse_step=3)
+    assert all(type(layer.mlp).__name__ == "Qwen3MoeMLP" for layer in hf_dense.model.layers)
+    with pytest.raises(HFFormatError, match=r"decoder_sparse_step=3.*no layer with experts"):
+        config_from_hf(hf_dense.config.to_dict())
     with pytest.raises(HFFormatError, match=r"both qk_norm and qkv_bias has no Hugging Face equivalent"):
         config_to_hf(LlamaConfig(qk_norm=True, qkv_bias=True))
 
@@ -267,7 +288,10 @@ def test_qwen3_keys_left_out_take_transformers_defaults(hft):
     moe = config_from_hf(base | moe_keys | {"model_type": "qwen3_moe"})  # no intermediate_size either
     theirs = hft.transformers.Qwen3MoeConfig(**base, **moe_keys)
     assert moe.num_kv_heads == theirs.num_key_value_heads == 4
-    assert moe.resolved_head_dim == 64 // 4 and config_to_hf(moe)["intermediate_size"] == theirs.intermediate_size
+    assert moe.resolved_head_dim == 64 // 4
+    # No layer is dense, so transformers builds nothing of `intermediate_size` (its default is
+    # 6144): eqzoo writes the experts' width a token uses, 2 x 48, as Qwen's releases do.
+    assert config_to_hf(moe)["intermediate_size"] == 96 != theirs.intermediate_size
 
 
 @pytest.mark.parametrize("model_type", ["mistral", "mixtral", "qwen2", "qwen3"])

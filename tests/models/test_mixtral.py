@@ -93,6 +93,35 @@ def test_capacity_model_reports_dropped_assignments():
     assert np.isfinite(float(loss))
 
 
+def test_with_moe_implementation_switches_every_layer_and_shares_the_weights(pair):
+    # A "capacity" model that drops assignments (capacity 0.5 of a balanced load), switched to
+    # "dense" for evaluation: the same logits as a "dense" model of the same weights (fp32,
+    # MODEL_TOL), none dropped, and not one array copied.
+    _, dense = pair
+    capacity = models.create(
+        dataclasses.replace(CONFIG, moe_implementation="capacity", moe_capacity_factor=0.5), key=jax.random.key(0)
+    )
+    batch = _batch()
+    forward = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))
+    assert float(eqx.filter_jit(train.lm_loss)(capacity, batch)[1]["moe_dropped"]) > 0.1
+    switched = capacity.with_moe_implementation("dense")
+    assert switched.config == dataclasses.replace(capacity.config, moe_implementation="dense")
+    assert switched.blocks.layers.mlp.implementation == "dense"
+    np.testing.assert_allclose(forward(switched, batch["tokens"]), forward(dense, batch["tokens"]), atol=MODEL_TOL, rtol=0)
+    assert float(np.max(np.abs(forward(capacity, batch["tokens"]) - forward(dense, batch["tokens"])))) > 10 * MODEL_TOL
+    assert float(eqx.filter_jit(train.lm_loss)(switched, batch)[1]["moe_dropped"]) == 0.0
+    mine, theirs = jax.tree.leaves(eqx.filter(switched, eqx.is_array)), jax.tree.leaves(eqx.filter(capacity, eqx.is_array))
+    assert len(mine) == len(theirs) and all(a is b for a, b in zip(mine, theirs, strict=True))
+    # a model whose layers are not scanned, and back again
+    unrolled = models.create(dataclasses.replace(CONFIG, moe_implementation="capacity", scan_layers=False), key=jax.random.key(0))
+    ragged = unrolled.with_moe_implementation("ragged")
+    layers = [m for m in jax.tree.leaves(ragged, is_leaf=lambda m: isinstance(m, eqzoo.nn.MoE)) if isinstance(m, eqzoo.nn.MoE)]
+    assert layers and all(m.implementation == "ragged" for m in layers)
+    assert ragged.with_moe_implementation("capacity").config == unrolled.config
+    with pytest.raises(ConfigError, match=r"with_moe_implementation: implementation must be one of .*'dense'.*got 'sparse'"):
+        capacity.with_moe_implementation("sparse")
+
+
 def test_zero_weights_leave_the_plain_loss(pair):
     ragged, _ = pair
     off = models.create(dataclasses.replace(CONFIG, router_aux_loss_coef=0.0, router_z_loss_coef=0.0), key=jax.random.key(0))
