@@ -224,8 +224,9 @@ def as_prompts(prompts, who: str) -> Array:
     if isinstance(prompts, dict) or hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding, say
         raise ShapeError(
             f"{who}: prompts must be token ids, an integer array; got a {type(prompts).__name__} with keys "
-            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids', with the real lengths "
-            "from its attention mask as `lengths`)."
+            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids' padded on the right "
+            "(padding_side='right': eqzoo reads row i's first lengths[i] ids as its prompt), with the real "
+            "lengths from its attention mask, attention_mask.sum(-1), as `lengths`)."
         )
     try:
         return jnp.asarray(prompts)
@@ -296,8 +297,8 @@ def generate_batch(
     - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens.
     - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1.
     - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
-    - `eos_token`: a stop token id, or a sequence of them (a `generation_config.json` may list
-      several): once a row produces one, the rest of that row is `pad_token`; the loop stops
+    - `eos_token`: a stop token id, or a sequence (or 1-D array) of them (a
+      `generation_config.json` may list several): once a row produces one, the rest of that row is `pad_token`; the loop stops
       once every row has (without it, it runs all `max_new_tokens` steps).
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._errors import ConfigError
+from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 
 
@@ -42,7 +42,10 @@ def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tupl
         raise ConfigError(f"{where}: pad_token must fit in int32 (the tokens' dtype); got {pad}.")
     if eos_token is None:
         return None, pad
-    ids = tuple(as_id(e, "each eos_token") for e in eos_token) if isinstance(eos_token, list | tuple) else (as_id(eos_token, "eos_token"),)
+    if getattr(eos_token, "ndim", None) == 1:  # a NumPy or JAX array of ids (not traced: ids are static)
+        eos_token = np.asarray(eos_token).tolist()
+    many = isinstance(eos_token, list | tuple | range)
+    ids = tuple(as_id(e, "each eos_token") for e in eos_token) if many else (as_id(eos_token, "eos_token"),)
     if not ids:
         raise ConfigError(f"{where}: eos_token is an empty sequence; pass None to decode without a stop token.")
     outside = [e for e in ids if not 0 <= e < vocab_size]
@@ -67,33 +70,53 @@ def is_eos(tokens: Array, eos: Array | tuple[int, ...]) -> Array:
     return jnp.any(tokens[..., None] == eos, axis=-1)
 
 
+@no_type_check  # it validates its arguments itself, with messages that say how to fix the call
 def sample_logits(
     logits: Float[Array, " vocab"],
     key: PRNGKey | None,
     *,
-    temperature: float = 0.0,
+    temperature: float | Float[Array, ""] = 0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | Float[Array, ""] | None = None,
 ) -> Int[Array, ""]:
     """Choose the next token from one position's logits.
 
     **Arguments:**
 
-    - `logits`: unnormalised scores over the vocabulary.
+    - `logits`: unnormalised scores over the vocabulary, shape `(vocab,)` (one position; for a
+      batch, `jax.vmap` it with one key per row, `jax.random.split(key, batch)`).
     - `key`: PRNG key; needed unless `temperature == 0`.
     - `temperature`: 0 picks the most likely token (greedy); otherwise logits are divided by it.
-    - `top_k`: keep only the `k` most likely tokens.
+      A traced value (an argument of your own `jax.jit`ted step): one compile serves every value;
+      it is not range-checked, and a value `<= 0` picks the greedy token; a key is then needed.
+    - `top_k`: keep only the `k` most likely tokens (and those tied with the `k`-th).
     - `top_p`: keep the smallest set of most likely tokens whose probability reaches `p`
-      (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration").
+      (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"); it may be
+      traced, too (not range-checked then).
 
     **Returns:** the chosen token id, an int32 scalar.
     """
-    check_sampling(temperature, top_k, top_p)
-    if temperature == 0.0:
-        return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
+    logits = jnp.asarray(logits)
+    if logits.ndim != 1:
+        raise ShapeError(
+            f"sample_logits takes one position's logits, shape (vocab,); got {shape_str(logits.shape)}. "
+            "For a batch, jax.vmap(sample_logits)(logits, jax.random.split(key, batch))."
+        )
+    traced_t, traced_p = (isinstance(v, jax.core.Tracer) for v in (temperature, top_p))
+    check_sampling(1.0 if traced_t else temperature, top_k, None if traced_p else top_p)
+    greedy = jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
+    if not traced_t and temperature == 0.0:
+        return greedy
     if key is None:
-        raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
-    return draw(logits, key, temperature, top_k, top_p)
+        raise ConfigError(
+            "sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed)"
+            + (" (a traced temperature may be > 0)." if traced_t else ".")
+        )
+    if not traced_t:
+        return draw(logits, key, temperature, top_k, top_p)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    sampled = draw(logits, key, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def traced_settings(temperature: float, top_p: float | None) -> tuple[Array | None, Array | None]:

@@ -188,6 +188,44 @@ def test_sample_logits_filters():
     assert int(sample_logits(logits, None)) == 1  # greedy needs no key
 
 
+def test_sample_logits_refuses_a_batch_of_logits():
+    # Unchecked, a (batch, vocab) array gave one argmax over the flattened array (index 3 here,
+    # not [1, 0]) and top-k filtered every row by the last row's k-th logit: wrong, silently.
+    logits = jnp.array([[0.0, 5.0, 1.0], [9.0, 0.0, 0.0]])
+    for settings in ({}, {"temperature": 1.0, "top_k": 1}):
+        with pytest.raises(ShapeError, match=r"one position's logits, shape \(vocab,\); got \(2, 3\)"):
+            sample_logits(logits, jax.random.key(0), **settings)
+    rows = jax.vmap(lambda row, k: sample_logits(row, k, temperature=1.0, top_k=1))(logits, jax.random.split(jax.random.key(0), 2))
+    np.testing.assert_array_equal(rows, [1, 0])
+
+
+def test_sample_logits_takes_a_traced_temperature_and_top_p(compile_log):
+    # In a hand-written jitted step the temperature and top-p are arguments: one compile for every
+    # value (they raised TracerBoolConversionError); a temperature <= 0 picks the greedy token.
+    logits = jnp.log(jnp.array([0.05, 0.4, 0.3, 0.2, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 500)
+    draw = jax.jit(jax.vmap(lambda k, t, p: sample_logits(logits, k, temperature=t, top_p=p), in_axes=(0, None, None)))
+    draw(keys, 1.0, 0.75)
+    with compile_log() as log:
+        tokens = {(t, p): set(np.asarray(draw(keys, t, p)).tolist()) for t, p in ((1.0, 0.75), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0), (1.0, 0.1))}
+    assert log.compiled == []
+    assert tokens[(1.0, 0.75)] == {1, 2, 3} and tokens[(1.0, 1.0)] == {0, 1, 2, 3, 4}
+    assert tokens[(0.0, 1.0)] == tokens[(-1.0, 1.0)] == tokens[(1.0, 0.1)] == {1}  # greedy; the top token alone
+    with pytest.raises(ConfigError, match=r"needs a PRNG key.*a traced temperature may be > 0"):
+        jax.jit(lambda t: sample_logits(logits, None, temperature=t))(0.5)
+
+
+def test_eos_token_may_be_an_array_of_ids(llama, greedy):
+    # generation_config's ids as a NumPy or JAX array stop as the same list does.
+    stops = [int(greedy[PROMPT.shape[0] + 2]), 1]
+    want = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=stops)
+    assert (np.asarray(want[PROMPT.shape[0] + 3 :]) == 0).all()  # it did stop
+    for ids in (np.asarray(stops), jnp.asarray(stops, jnp.int32)):
+        np.testing.assert_array_equal(eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=ids), want)
+    with pytest.raises(ConfigError, match=r"each eos_token must be an integer token id, got 1.5"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, eos_token=np.array([1.5]))
+
+
 def test_several_eos_tokens_stop_at_the_first_of_any(llama, greedy):
     # eos_token may list several ids (a generation_config.json's eos_token_id often does): each
     # row stops at the first token that is any of them; speculative decoding agrees.
