@@ -159,6 +159,14 @@ def fit(
             "iteration yields its keys. Pass [batch] (one step) or itertools.repeat(batch)."
         )
     loggers = list(loggers)
+    for logger in loggers:  # checked now, not at the first log or, for close, after the last step
+        missing = [m for m in ("log", "close") if not callable(getattr(logger, m, None))]
+        if missing:
+            raise ConfigError(
+                f"fit: each logger needs log(step, metrics) and close() methods (eqzoo.train.Logger); "
+                f"{type(logger).__name__} has no {' or '.join(missing)}. Give it a close() that does "
+                "nothing if it holds nothing to flush."
+            )
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)
     step = first_step = int(state.step)

@@ -194,6 +194,14 @@ def test_fit_argument_errors(steps, unchecked):
         train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=list(eval_batches()))
     with pytest.raises(ConfigError, match=r"got one dict, whose iteration yields its keys"):
         train.fit(_state(), train_step, next(batches()), num_steps=1)
+    # a logger without close() crashed after the last step, and the run's result was lost
+
+    class PrintOnly:
+        def log(self, step, metrics):
+            pass
+
+    with unchecked(), pytest.raises(ConfigError, match=r"each logger needs log\(step, metrics\) and close\(\).*PrintOnly has no close"):
+        train.fit(_state(), train_step, batches(), num_steps=1, loggers=[PrintOnly()])
     state = _state()
     assert int(train.fit(state, train_step, batches(), num_steps=state.step + 1).state.step) == 1  # a JAX scalar
     with pytest.raises(ConfigError, match="evaluate got no batches"):
