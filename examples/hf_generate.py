@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         out = np.asarray(run())
         generate_s = time.perf_counter() - start
         new = out[len(prompt):]
+        decoded = len(new)  # the loop stops at eos: the tokens it decoded, eos included
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new.tolist():
             new = new[: new.tolist().index(tokenizer.eos_token_id)]
+            decoded = len(new) + 1
         text = tokenizer.decode(new)
 
         summary = {
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             "new_tokens": int(len(new)),
             "load_s": round(load_s, 3),
             "first_call_s": round(first_s, 3),
-            "tokens_per_s": round(max_new / generate_s, 1),
+            "tokens_per_s": round(decoded / generate_s, 1),
             "text": text,
         }
         ok = True
