@@ -60,6 +60,8 @@ def run_nuts(
             f"run_nuts needs num_samples >= 1, num_warmup >= 0 and num_chains >= 1; got "
             f"{num_samples}, {num_warmup}, {num_chains}."
         )
+    # max_tree_depth=0 failed inside NumPyro with "IndexError: index is out of bounds"
+    check_sizes("run_nuts", max_tree_depth=max_tree_depth)
     if not 0 < target_accept_prob < 1:  # NUTS ran with 1.5 and adapted its step size to it
         raise ConfigError(f"run_nuts: target_accept_prob must be in (0, 1); got {target_accept_prob!r}.")
     x, y, mask = model.check_data(x, y, mask)

@@ -326,7 +326,7 @@ def _conjugate_noise(likelihood: AbstractLikelihood) -> dict[str, Any] | None:
     if not isinstance(likelihood, Gaussian) or likelihood.heteroscedastic:
         return None
     if likelihood.scale is not None:
-        return {"noise_scale": likelihood.scale}
+        return {"noise_scale": float(likelihood.scale)}  # an array field of the head
     prior = likelihood.variance_prior
     if isinstance(prior, dist.InverseGamma) and prior.batch_shape == ():
         return {"noise_concentration": float(prior.concentration), "noise_rate": float(prior.rate)}

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Shaped
+from jaxtyping import Array, Float, Shaped
 
 from .._errors import ConfigError, ShapeError, check_positive_numbers, require, shape_str
 from ._priors import with_array_params
@@ -117,6 +117,12 @@ def _array_params(prior: Any) -> Any:
     return None if prior is None else with_array_params(prior, jnp.result_type(float))
 
 
+def _array_scalar(value: Any) -> Array:
+    # An array field, not a static float: a sweep over a fixed scale (or df) reuses run_svi's
+    # program instead of compiling the whole fit once per value.
+    return jnp.asarray(value, jnp.result_type(float))
+
+
 def _noise_site(prior: Any, name: str) -> Array:
     if prior.batch_shape != () or prior.event_shape != ():
         raise ConfigError(f"the prior for {name!r} must be a scalar distribution.")
@@ -134,14 +140,15 @@ class Gaussian(AbstractLikelihood):
 
     **Arguments:**
 
-    - `scale`: fixed noise standard deviation.
+    - `scale`: fixed noise standard deviation (a float or scalar array, held as an array: fits
+      that differ only in it reuse `run_svi`'s compiled program).
     - `scale_prior`: prior over the noise standard deviation (site `"noise_scale"`).
     - `variance_prior`: prior over the noise variance (site `"noise_variance"`).
     - `heteroscedastic`: predict the scale per example.
     - `min_scale`: floor added to a heteroscedastic scale.
     """
 
-    scale: float | None = eqx.field(static=True)
+    scale: Float[Array, ""] | None
     scale_prior: Any
     variance_prior: Any
     heteroscedastic: bool = eqx.field(static=True)
@@ -149,7 +156,7 @@ class Gaussian(AbstractLikelihood):
 
     def __init__(
         self,
-        scale: float | None = None,
+        scale: float | Float[Array, ""] | None = None,
         *,
         scale_prior: Any = None,
         variance_prior: Any = None,
@@ -157,9 +164,15 @@ class Gaussian(AbstractLikelihood):
         min_scale: float = 1e-3,
     ):
         _check_scale_mode("Gaussian", scale, [scale_prior, variance_prior], heteroscedastic)
+        if not (isinstance(min_scale, int | float) and math.isfinite(min_scale) and min_scale >= 0):
+            # a negative floor made softplus(raw) + min_scale a negative scale: NaN log densities
+            raise ConfigError(
+                f"Gaussian: min_scale is the floor of a heteroscedastic scale and must be a finite "
+                f"number >= 0; got min_scale={min_scale!r}."
+            )
         if scale is None and scale_prior is None and variance_prior is None and not heteroscedastic:
             scale_prior = dist.HalfNormal(1.0)
-        self.scale = None if scale is None else float(scale)
+        self.scale = None if scale is None else _array_scalar(scale)
         self.scale_prior = _array_params(scale_prior)
         self.variance_prior = _array_params(variance_prior)
         self.heteroscedastic = heteroscedastic
@@ -197,7 +210,7 @@ class Gaussian(AbstractLikelihood):
         if self.heteroscedastic:
             return output[..., 0], jax.nn.softplus(output[..., 1]) + self.min_scale
         if self.scale is not None:
-            return output, jnp.full((), self.scale, output.dtype)
+            return output, self.scale.astype(output.dtype)
         if self.scale_prior is not None:
             return output, params["noise_scale"].astype(output.dtype)
         return output, jnp.sqrt(params["noise_variance"]).astype(output.dtype)
@@ -233,22 +246,29 @@ class StudentT(AbstractLikelihood):
 
     **Arguments:**
 
-    - `df`: degrees of freedom (fixed).
-    - `scale`: fixed scale; if `None`, learned with `scale_prior` (site `"noise_scale"`).
+    - `df`: degrees of freedom (fixed; held as an array, like `scale`).
+    - `scale`: fixed scale; if `None`, learned with `scale_prior` (site `"noise_scale"`). A
+      float or scalar array, held as an array: a sweep over it compiles `run_svi` once.
     - `scale_prior`: prior over the scale; `HalfNormal(1.0)` by default.
     """
 
-    df: float = eqx.field(static=True)
-    scale: float | None = eqx.field(static=True)
+    df: Float[Array, ""]
+    scale: Float[Array, ""] | None
     scale_prior: Any
 
-    def __init__(self, df: float = 4.0, scale: float | None = None, *, scale_prior: Any = None):
+    def __init__(
+        self,
+        df: float | Float[Array, ""] = 4.0,
+        scale: float | Float[Array, ""] | None = None,
+        *,
+        scale_prior: Any = None,
+    ):
         _check_scale_mode("StudentT", scale, [scale_prior], False)
         check_positive_numbers("StudentT", df=df)
         if scale is None and scale_prior is None:
             scale_prior = dist.HalfNormal(1.0)
-        self.df = float(df)
-        self.scale = None if scale is None else float(scale)
+        self.df = _array_scalar(df)
+        self.scale = None if scale is None else _array_scalar(scale)
         self.scale_prior = _array_params(scale_prior)
 
     @property
@@ -268,14 +288,12 @@ class StudentT(AbstractLikelihood):
 
     def _scale(self, output: Array, params: dict[str, Array]) -> Array:
         if self.scale is not None:
-            return jnp.full(output.shape, self.scale, output.dtype)
+            return jnp.broadcast_to(self.scale.astype(output.dtype), output.shape)
         return jnp.broadcast_to(params["noise_scale"].astype(output.dtype), output.shape)
 
     def distribution(self, output: Array, params: dict[str, Array]) -> Any:
         """`StudentT(df, output, scale)`, batch shape `(batch, *target)`."""
-        return dist.StudentT(
-            jnp.full((), self.df, output.dtype), output, self._scale(output, params)
-        )
+        return dist.StudentT(self.df.astype(output.dtype), output, self._scale(output, params))
 
     def mean(self, output: Array, params: dict[str, Array]) -> Array:
         """The output (the location; the mean exists for `df > 1`)."""
@@ -283,7 +301,10 @@ class StudentT(AbstractLikelihood):
 
     def variance(self, output: Array, params: dict[str, Array]) -> Array:
         """`scale**2 * df / (df - 2)`; infinite for `df <= 2`."""
-        factor = self.df / (self.df - 2.0) if self.df > 2 else math.inf
+        df = self.df.astype(output.dtype)
+        two = jnp.asarray(2, output.dtype)
+        # where, not `if`: df is an array (possibly traced), not a Python float
+        factor = jnp.where(df > two, df / jnp.maximum(df - two, jnp.finfo(output.dtype).tiny), jnp.inf)
         return self._scale(output, params) ** 2 * factor
 
 

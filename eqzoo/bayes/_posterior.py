@@ -77,14 +77,18 @@ def _check_prob(prob: float) -> None:
         raise ConfigError(f"prob is the interval's probability mass, in (0, 1); got {prob}.")
 
 
-def _quantiles(a: Array, prob: float) -> tuple[Array, Array]:
-    q = jnp.quantile(a, jnp.array([(1 - prob) / 2, (1 + prob) / 2], a.dtype), axis=0)
+def _quantiles(a: Array, prob: Float[Array, ""]) -> tuple[Array, Array]:
+    q = jnp.quantile(a, jnp.stack([(1 - prob) / 2, (1 + prob) / 2]).astype(a.dtype), axis=0)
     return q[0], q[1]
 
 
 @eqx.filter_jit
 def _predict(
-    model: BayesianModel, samples: dict[str, Array], x: Array, key: PRNGKeyArray, prob: float
+    model: BayesianModel,
+    samples: dict[str, Array],
+    x: Array,
+    key: PRNGKeyArray,
+    prob: Float[Array, ""],
 ) -> tuple[Array, ...]:
     lik = model.likelihood
 
@@ -205,7 +209,8 @@ class Posterior(eqx.Module):
         _check_prob(prob)
         with jax.numpy_dtype_promotion("standard"):  # NumPyro's samplers assume it
             mean, std, lower, upper, draws, means = _predict(
-                self.model, self.flat_samples(), jnp.asarray(x), key, prob
+                # prob as an array: a sweep over interval levels (a calibration curve) compiles once
+                self.model, self.flat_samples(), jnp.asarray(x), key, jnp.asarray(prob, jnp.result_type(float))
             )
         return Prediction(mean, std, lower, upper, draws, means, prob, self.num_chains)
 

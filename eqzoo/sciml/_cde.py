@@ -177,11 +177,23 @@ class NeuralCDE(eqx.Module):
         ts = check_times(ts)
         self._check_inputs(ts, xs)  # before the cast: integer xs would make the times integers
         ts, xs = jnp.asarray(ts, dtype=xs.dtype), jnp.asarray(xs)
+        if is_traced(xs):  # under jit/vmap a NaN here surfaced as max_steps, blamed on stiffness
+            xs = eqx.error_if(
+                xs,
+                ~jnp.all(jnp.isfinite(xs[0])),
+                "NeuralCDE: the first observation xs[0] must be fully observed (it sets the "
+                "initial hidden state; checked at run time because xs is traced). Fill its "
+                "missing channels (e.g. with the channel mean) before the call.",
+            )
         if self.use_time_channel:
             xs = jnp.concatenate([ts[:, None], xs], axis=1)  # (times, 1 + channels)
         if self.interpolation == "cubic":
             coeffs = diffrax.backward_hermite_coefficients(ts, xs, fill_forward_nans_at_end=True)
             return diffrax.CubicInterpolation(ts, coeffs)
+        # missing values filled along the line between their neighbours (trailing ones carried
+        # forward), as the cubic path fills them: a NaN left in the path made the solver reject
+        # every step until max_steps, reported as stiffness
+        xs = diffrax.linear_interpolation(ts, xs, fill_forward_nans_at_end=True)
         return diffrax.LinearInterpolation(ts, xs)
 
     @no_type_check  # checked below with messages that say how to fix the call
@@ -225,6 +237,7 @@ class NeuralCDE(eqx.Module):
             adjoint=self.adjoint,
             dt0=self.dt0,
             max_steps=self.max_steps,
+            owner="NeuralCDE",
         )
         messages = failure_messages(
             "NeuralCDE", self.solver, self.stepsize_controller, self.dt0, self.max_steps

@@ -85,16 +85,22 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
 
 
 def check_start(t0, ts, name: str = "ts"):
-    """Check that the start time `t0` is not after the first saving time; returns `ts`."""
+    """Check that the start time `t0` is finite and not after the first saving time; returns `ts`."""
     if jnp.shape(t0) != () or not jnp.issubdtype(jnp.result_type(t0), jnp.number):
         raise TimeGridError(
             f"t0 must be one time (a scalar); got shape {shape_str(jnp.shape(t0))} and dtype "
             f"{jnp.result_type(t0).name}. For a batch, wrap the call in jax.vmap."
         )
     rule = f"the start time t0 must not be after the first saving time {name}[0]"
+    finite = "the start time t0 must be a finite number"
     if not (is_traced(t0) or is_traced(ts)):
         first, start = np.asarray(ts)[0].item(), np.asarray(t0).item()
-        if not np.isfinite(start) or start > first:
+        if not np.isfinite(start):  # NaN compares False both ways: not "after" ts[0]
+            raise TimeGridError(
+                f"{finite}; got t0={start!r}. Pass the time of the initial state (e.g. the first "
+                f"observation time), or leave t0=None to start at {name}[0]."
+            )
+        if start > first:
             raise TimeGridError(
                 f"{rule}; got t0={start!r} and {name}[0]={first!r}. Pass an earlier t0, or "
                 f"leave t0=None to start at {name}[0]."
@@ -102,7 +108,10 @@ def check_start(t0, ts, name: str = "ts"):
         return ts
     import equinox as eqx
 
-    return eqx.error_if(ts, ~(t0 <= ts[0]), f"{rule} (checked at run time: values are traced).")
+    traced = " (checked at run time: values are traced)."
+    return eqx.branched_error_if(
+        ts, ~(t0 <= ts[0]), jnp.where(jnp.isfinite(t0), 0, 1), [rule + traced, finite + traced]
+    )
 
 
 __all__ = ["TimeGridError", "VectorFieldError", "SolverError"]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Real
 
-from .._errors import ConfigError, ShapeError, check_floating, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, check_positive_numbers, shape_str
 from .._typing import PRNGKey
 from ._errors import TimeGridError, check_times, is_traced
 from ._node import Autonomous, NeuralODE
@@ -123,9 +123,10 @@ class LatentODE(eqx.Module):
                 f"(times, data_size={self.data_size}); got ts_obs {shape_str(ts.shape)} and "
                 f"xs_obs {shape_str(xs.shape)}. For a batch, wrap the call in jax.vmap."
             )
-        if not isinstance(xs, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(xs))):
+        # NumPy, not jnp: inside `jit` a jnp op on concrete (closed-over) data returns a tracer
+        if not is_traced(xs) and not np.isfinite(np.asarray(xs)).all():
             # caught here: downstream the NaN surfaces thousands of solver steps later as "stiff"
-            bad = jnp.argwhere(~jnp.isfinite(xs))[:3].tolist()
+            bad = np.argwhere(~np.isfinite(np.asarray(xs)))[:3].tolist()
             raise ShapeError(
                 f"LatentODE: xs_obs holds NaN or infinity (first at {bad}); drop those observation "
                 "times (each series may have its own ts_obs) rather than passing gaps as NaN."
@@ -174,11 +175,22 @@ class LatentODE(eqx.Module):
                 f"LatentODE.decode: t0 must be one real time (a scalar: the first observation time "
                 f"ts_obs[0]); got {got}. For a batch, wrap the call in jax.vmap."
             )
+        if not is_traced(t0) and not np.isfinite(np.asarray(t0)):
+            raise TimeGridError(
+                f"LatentODE.decode: t0 must be a finite time (the first observation time "
+                f"ts_obs[0]); got t0={np.asarray(t0).item()!r}."
+            )
         return self._decode(z0, t0, ts, "ts")
 
     def _decode(self, z0, t0, ts, name: str):
         ts = check_times(ts, name, min_points=1)  # checked under the caller's name; one time is fine
-        if not (is_traced(ts) or is_traced(t0)) and np.asarray(ts)[0] < np.asarray(t0):
+        # a non-finite t0 is left to NeuralODE's check_start, which says so (inf would read here
+        # as "every time is before t0", NaN as "no time is")
+        if (
+            not (is_traced(ts) or is_traced(t0))
+            and np.isfinite(np.asarray(t0))
+            and np.asarray(ts)[0] < np.asarray(t0)
+        ):
             raise TimeGridError(
                 f"LatentODE: {name}[0]={np.asarray(ts)[0].item()!r} is before the first observation "
                 f"time {np.asarray(t0).item()!r}; the latent state is inferred at the first "
@@ -226,8 +238,8 @@ class LatentODE(eqx.Module):
         xs_target: Float[Array, "target_times channels"],
         *,
         key: PRNGKey,
-        obs_std: float = 0.1,
-        kl_weight: float = 1.0,
+        obs_std: float | Float[Array, ""] = 0.1,
+        kl_weight: float | Float[Array, ""] = 1.0,
     ) -> Float[Array, ""]:
         """The negative evidence lower bound of one series, per target value.
 
@@ -241,13 +253,15 @@ class LatentODE(eqx.Module):
         - `ts_target`, `xs_target`: where the prediction is scored, shape
           `(target_times, data_size)`.
         - `key`: PRNG key for the posterior sample.
-        - `obs_std`: standard deviation of the Gaussian observation noise.
+        - `obs_std`: standard deviation of the Gaussian observation noise: a positive number, or
+          a scalar array (a traced one too, e.g. `jnp.exp(log_std)` of a learned noise level;
+          its value is then not checked).
         - `kl_weight`: weight of the KL term (anneal it from 0 to 1 to help early training).
 
         **Returns:** a scalar.
         """
-        if not obs_std > 0:
-            raise ConfigError(f"LatentODE.loss: obs_std must be positive; got {obs_std!r}.")
+        # a traced obs_std (a learned noise scale) passes: its value is unknown at trace time
+        check_positive_numbers("LatentODE.loss", obs_std=obs_std)
         mean, log_std = self.encode(ts_obs, xs_obs)
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps

@@ -186,6 +186,7 @@ class NeuralODE(eqx.Module):
             dt0=self.dt0,
             max_steps=self.max_steps,
             t0=t0,
+            owner="NeuralODE",
         )
 
     @no_type_check  # checked below with messages that say how to fix the call

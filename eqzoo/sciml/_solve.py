@@ -147,23 +147,39 @@ def diffeqsolve(
     dt0: float | None,
     max_steps: int,
     t0: Any = None,
+    owner: str = "the solve",
 ) -> diffrax.Solution:
     """`diffrax.diffeqsolve` from `t0` (default `ts[0]`) to `ts[-1]`, saving at `ts` or at the end.
 
-    Never throws: the caller checks `sol.result` (see `check_result`).
+    Never throws on a failed solve: the caller checks `sol.result` (see `check_result`). Raises
+    `ConfigError` when forward-mode autodiff reaches an adjoint that only has a reverse rule.
     """
     saveat = diffrax.SaveAt(ts=ts) if save_ts else diffrax.SaveAt(t1=True)
-    return diffrax.diffeqsolve(
-        terms,
-        solver,
-        ts[0] if t0 is None else t0,
-        ts[-1],
-        dt0,
-        y0,
-        args,
-        saveat=saveat,
-        stepsize_controller=stepsize_controller,
-        adjoint=adjoint,
-        max_steps=max_steps,
-        throw=False,
-    )
+    try:
+        return diffrax.diffeqsolve(
+            terms,
+            solver,
+            ts[0] if t0 is None else t0,
+            ts[-1],
+            dt0,
+            y0,
+            args,
+            saveat=saveat,
+            stepsize_controller=stepsize_controller,
+            adjoint=adjoint,
+            max_steps=max_steps,
+            throw=False,
+        )
+    except TypeError as err:
+        # JAX's own message names neither the solve nor the fix. Trace time only: the reverse
+        # path compiles to the same program. (Under `jax.jacfwd(jax.jit(f))` the JVP runs on
+        # the traced program after this call returns, and JAX's message comes through as is.)
+        if "forward-mode" not in str(err) or isinstance(adjoint, diffrax.DirectAdjoint):
+            raise
+        raise ConfigError(
+            f"{owner}: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) cannot go "
+            f"through adjoint={type(adjoint).__name__}(), whose gradient is a reverse-mode-only "
+            f"custom_vjp. Build the layer with adjoint=\"direct\" "
+            f"(diffrax.DirectAdjoint), which supports forward and reverse mode (it costs more "
+            f"memory and compile time)."
+        ) from err

@@ -149,6 +149,10 @@ def test_svi_sweeps_over_learning_rate_and_prior_scales_compile_once(compile_log
         lambda s: bayes.BayesianModel(lin, bayes.FanInNormal(s), bayes.Gaussian(0.3)),
         lambda s: bayes.BayesianModel(lin, {"weight": bayes.AroundValue(s), "bias": dist.Normal(0.0, s)}, bayes.Gaussian(0.3)),
         lambda s: bayes.BayesianModel(lin, 1.0, bayes.Gaussian(scale_prior=dist.HalfNormal(s))),
+        # fixed likelihood parameters: static floats compiled the fit once per value (4-7 s)
+        lambda s: bayes.BayesianModel(lin, 1.0, bayes.Gaussian(s)),
+        lambda s: bayes.BayesianModel(lin, 1.0, bayes.StudentT(4.0, s)),
+        lambda s: bayes.BayesianModel(lin, 1.0, bayes.StudentT(2.0 + s, 0.3)),
     ]
     for make in specs:
         first = bayes.run_svi(make(0.5), x, y, **fit)
@@ -184,6 +188,22 @@ def _fake_posterior(model, draws=6, chains=2, seed=0):
     for site in model.likelihood.site_names:
         samples[site] = jnp.full((chains, draws), 0.5, jnp.float32)
     return bayes.Posterior(model, samples, "nuts")
+
+
+def test_predict_sweeps_over_interval_levels_compile_once(compile_log):
+    # prob was a constant of the compiled predictive: 0.75 s per level of a calibration curve
+    x, _ = _linear_problem(n=10)
+    post = _fake_posterior(_linear_model(), draws=50)
+    key = jax.random.key(0)
+    wide = post.predict(x, key=key, prob=0.9)
+    with compile_log() as log:
+        narrow = post.predict(x, key=key, prob=0.5)
+    assert log.compiled == []
+    np.testing.assert_array_equal(narrow.samples, wide.samples)  # same key, same draws
+    # the interval is the central 50% of the draws (float32 quantiles: 1e-5)
+    np.testing.assert_allclose(narrow.lower, np.quantile(np.asarray(narrow.samples), 0.25, axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(narrow.upper, np.quantile(np.asarray(narrow.samples), 0.75, axis=0), rtol=1e-5, atol=1e-6)
+    assert (narrow.upper - narrow.lower < wide.upper - wide.lower).all() and narrow.prob == 0.5
 
 
 LIKELIHOODS = {
@@ -244,6 +264,10 @@ def test_inference_argument_errors(unchecked):
         bayes.run_nuts(model, x, y, num_samples=0, key=jax.random.key(0))
     with pytest.raises(errors.ConfigError, match=r"run_nuts: target_accept_prob must be in \(0, 1\); got 1\.5"):
         bayes.run_nuts(model, x, y, target_accept_prob=1.5, key=jax.random.key(0))
+    with pytest.raises(errors.ConfigError, match=r"run_nuts: max_tree_depth must be a positive integer; got max_tree_depth=0"):
+        bayes.run_nuts(model, x, y, max_tree_depth=0, key=jax.random.key(0))
+    with pytest.raises(errors.ConfigError, match=r"Gaussian: min_scale .* must be a finite number >= 0; got min_scale=-1\.0"):
+        bayes.Gaussian(heteroscedastic=True, min_scale=-1.0)
     # num_particles=0 returned NaN losses and num_steps=2.5 ran: both without an error
     with pytest.raises(errors.ConfigError, match=r"run_svi: num_particles must be a positive integer; got num_particles=0"):
         bayes.run_svi(model, x, y, num_particles=0, key=jax.random.key(0))

@@ -301,3 +301,23 @@ def bayes_errors():
     import eqzoo._errors as errors
 
     return errors
+
+
+def test_fixed_likelihood_parameters_are_arrays_read_under_jit():
+    # scale and df are array leaves (not static floats), so they are traced under jit: the
+    # moments must not branch on them in Python
+    variance = eqx.filter_jit(lambda lik, out: lik.variance(out, {}))
+    out = jnp.zeros(3, jnp.float32)
+    got = variance(bayes.StudentT(4.0, 0.5), out)
+    np.testing.assert_allclose(got, 0.25 * 4.0 / 2.0, rtol=1e-6)  # scale**2 * df / (df - 2)
+    assert got.dtype == jnp.float32
+    for df in (2.0, 1.5):
+        assert jnp.isinf(variance(bayes.StudentT(df, 0.5), out)).all()
+    np.testing.assert_allclose(variance(bayes.Gaussian(0.3), out), 0.09, rtol=1e-6)
+    with jax.enable_x64(True):
+        out64 = jnp.zeros(2, jnp.float64)
+        assert variance(bayes.Gaussian(0.3), out64).dtype == jnp.float64
+    with pytest.raises(bayes_errors().ConfigError, match="scale must be a positive number"):
+        bayes.Gaussian(0.0)
+    with pytest.raises(bayes_errors().ConfigError, match="df must be a positive number"):
+        bayes.StudentT(jnp.asarray(-1.0))

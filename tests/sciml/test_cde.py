@@ -104,6 +104,22 @@ def test_cde_missing_values_are_interpolated(cde):
     assert bool(jnp.all(jnp.isfinite(out)))
 
 
+def test_linear_cde_fills_missing_values_like_the_docs_say(build):
+    # A NaN stayed in the linear path: the solver rejected every step until max_steps and the
+    # error blamed stiffness.
+    ts, xs = _series(jax.random.key(4), batch=1)
+    ts, xs = ts[0], xs[0]
+    model = build(sciml.NeuralCDE, jax.random.key(3), 2, 4, 3, width=8, depth=1, interpolation="linear", solver=diffrax.Bosh3())
+    missing = xs.at[4, 1].set(jnp.nan).at[-1, 0].set(jnp.nan)
+    w = (ts[4] - ts[3]) / (ts[5] - ts[3])
+    filled = xs.at[4, 1].set((1 - w) * xs[3, 1] + w * xs[5, 1]).at[-1, 0].set(xs[-2, 0])
+    got, want = model.control(ts, missing), model.control(ts, filled)
+    for t in (ts[4], (ts[4] + ts[5]) / 2, ts[-1]):
+        np.testing.assert_allclose(got.evaluate(t), want.evaluate(t), atol=1e-6)  # float32
+    out = _call(model, ts, missing)
+    assert out.shape == (3,) and bool(jnp.all(jnp.isfinite(out)))
+
+
 def test_cde_input_errors(cde, unchecked):
     ts, xs = _series(jax.random.key(5), batch=1, channels=3)
     with pytest.raises(
@@ -113,6 +129,9 @@ def test_cde_input_errors(cde, unchecked):
     ts, xs = _series(jax.random.key(5), batch=1)
     with pytest.raises(ShapeError, match=r"first observation xs\[0\] must be fully observed"):
         cde(ts[0], xs[0].at[0, 1].set(jnp.nan))
+    # traced (the usual training call): was a max_steps error blaming stiffness
+    with pytest.raises(Exception, match=r"xs\[0\] must be fully observed .*checked at run time"):
+        jax.block_until_ready(_call(cde, ts[0], xs[0].at[0, 1].set(jnp.nan)))
     with pytest.raises(sciml.TimeGridError, match="strictly increasing"):
         cde(ts[0][::-1], xs[0])
     with pytest.raises(sciml.TimeGridError, match="non-finite"):
@@ -197,8 +216,10 @@ def test_latent_ode_errors(latent, unchecked):
         latent(ts[0][::-1], xs[0], jnp.array([1.0, 2.0]))
     with pytest.raises(ShapeError, match=r"xs_obs of shape \(times, data_size=2\)"):
         latent.encode(ts[0], jnp.ones((9, 5)))
-    with pytest.raises(ConfigError, match="obs_std must be positive"):
+    with pytest.raises(ConfigError, match="obs_std must be a positive number; got obs_std=0.0"):
         latent.loss(ts[0], xs[0], ts[0], xs[0], key=jax.random.key(0), obs_std=0.0)
+    with pytest.raises(ConfigError, match="obs_std must be a positive number"):
+        latent.loss(ts[0], xs[0], ts[0], xs[0], key=jax.random.key(0), obs_std=jnp.full(2, 0.1))
     # a target of the wrong width broadcast against the prediction, scaled by the wrong size
     with unchecked(), pytest.raises(ShapeError, match=r"xs_target has shape \(9, 1\), but the model predicts \(9, 2\)"):
         latent.loss(ts[0], xs[0], ts[0], xs[0][:, :1], key=jax.random.key(0))
@@ -255,7 +276,35 @@ def test_latent_decode_errors_are_eqzoos_in_both_modes(latent, checked, unchecke
             latent.decode(jnp.zeros(3), "0", ts)
         with pytest.raises(sciml.TimeGridError, match=r"ts must be a 1-d array .*got shape \(1, 4\)"):
             latent.decode(jnp.zeros(3), 0.0, ts[None])
+        # NaN was reported as "t0 must not be after the first saving time", inf as "ts[0] is
+        # before the first observation time inf"
+        for bad in (jnp.nan, np.inf):
+            with pytest.raises(sciml.TimeGridError, match=rf"LatentODE\.decode: t0 must be a finite time .*got t0={bad}"):
+                latent.decode(jnp.zeros(3), jnp.asarray(bad), ts)
     # NumPy z0 and an integer t0 are fine in both modes, and match the JAX call to 1e-6
     out = latent.decode(np.zeros(3, np.float32), 0, ts)
     np.testing.assert_allclose(out, latent.decode(jnp.zeros(3), 0.0, ts), atol=1e-6)
     assert out.shape == (4, 2)
+
+
+def test_latent_loss_takes_a_traced_noise_scale_and_closed_over_data(latent):
+    # A learned obs_std (traced) failed with TracerBoolConversionError, and so did series
+    # closed over by a jitted function (encode's NaN check ran jnp on them under the trace).
+    ts, xs = _series(jax.random.key(11), batch=1)
+    ts, xs = ts[0], xs[0]
+    key = jax.random.key(0)
+
+    @eqx.filter_jit
+    def loss_and_grad(model, std):
+        return jax.value_and_grad(lambda s: model.loss(ts, xs, ts, xs, key=key, obs_std=s))(std)
+
+    stds = (0.2, 0.5)
+    values = [loss_and_grad(latent, jnp.asarray(s)) for s in stds]
+    eager = latent.loss(ts, xs, ts, xs, key=key, obs_std=0.2)
+    np.testing.assert_allclose(values[0][0], eager, rtol=1e-5)  # float32, jit against eager
+    # per target value the loss is a / s**2 + log(s) + c (a: half the mean squared error, the
+    # KL term is constant in s): solve for a from the two values, then d/ds = -2a/s**3 + 1/s
+    (l1, g1), (l2, _) = values
+    a = (l1 - l2 - np.log(stds[0] / stds[1])) / (stds[0] ** -2 - stds[1] ** -2)
+    np.testing.assert_allclose(g1, -2 * a / stds[0] ** 3 + 1 / stds[0], rtol=1e-4)
+    assert float(a) > 0

@@ -74,6 +74,13 @@ def test_start_time_before_first_save():
     np.testing.assert_allclose(ys[:, 0], jnp.exp(-jnp.array([1.0, 2.0])), rtol=1e-5)
     with pytest.raises(sciml.TimeGridError, match="start time t0 must not be after"):
         model(jnp.ones(1), jnp.array([1.0, 2.0]), t0=1.5)
+    with pytest.raises(sciml.TimeGridError, match=r"start time t0 must be a finite number; got t0=nan"):
+        model(jnp.ones(1), jnp.array([1.0, 2.0]), t0=float("nan"))
+    run = eqx.filter_jit(lambda t0: model(jnp.ones(1), jnp.array([1.0, 2.0]), t0=t0))
+    with pytest.raises(Exception, match=r"t0 must be a finite number \(checked at run time"):
+        jax.block_until_ready(run(jnp.asarray(jnp.nan)))
+    with pytest.raises(Exception, match=r"t0 must not be after .* \(checked at run time"):
+        jax.block_until_ready(run(jnp.asarray(1.5)))
 
 
 def test_args_reach_the_vector_field():
@@ -132,6 +139,22 @@ def test_forward_mode_needs_direct_adjoint():
     model = sciml.NeuralODE(lambda t, y, args: -y, adjoint="direct", output="final")
     jac = jax.jacfwd(lambda y0: model(y0, jnp.array([0.0, 1.0])))(jnp.ones(2))
     np.testing.assert_allclose(jac, jnp.exp(-1.0) * jnp.eye(2), rtol=1e-3)
+
+
+def test_forward_mode_through_a_reverse_only_adjoint_names_direct():
+    # JAX's own message ("can't apply forward-mode autodiff (jvp) to a custom_vjp function")
+    # named neither the layer nor the fix
+    ts = jnp.array([0.0, 1.0])
+    for adjoint in ("recursive", "backsolve"):
+        model = sciml.NeuralODE(lambda t, y, args: -y, adjoint=adjoint, output="final")
+        with pytest.raises(ConfigError, match=r'NeuralODE: forward-mode .* adjoint="direct"'):
+            jax.jacfwd(lambda y0, m=model: m(y0, ts))(jnp.ones(2))
+        with pytest.raises(ConfigError, match="forward-mode"):
+            jax.jit(jax.hessian(lambda y0, m=model: m(y0, ts).sum()))(jnp.ones(2))
+    # reverse mode is untouched: d(y0 e^-1)/dy0
+    model = sciml.NeuralODE(lambda t, y, args: -y, output="final")
+    grad = jax.grad(lambda y0: model(y0, ts).sum())(jnp.ones(2))
+    np.testing.assert_allclose(grad, jnp.exp(-1.0) * jnp.ones(2), rtol=1e-3)  # solver rtol 1e-3
 
 
 # ---------------------------------------------------------------- errors
