@@ -224,9 +224,8 @@ def as_prompts(prompts, who: str) -> Array:
     if isinstance(prompts, dict) or hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding, say
         raise ShapeError(
             f"{who}: prompts must be token ids, an integer array; got a {type(prompts).__name__} with keys "
-            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids' padded on the right "
-            "(padding_side='right': eqzoo reads row i's first lengths[i] ids as its prompt), with the real "
-            "lengths from its attention mask, attention_mask.sum(-1), as `lengths`)."
+            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids' as prompts "
+            "and its 'attention_mask' as attention_mask= (left or right padding))."
         )
     try:
         return jnp.asarray(prompts)
@@ -237,13 +236,53 @@ def as_prompts(prompts, who: str) -> Array:
         ) from None
 
 
-def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
+def from_attention_mask(prompts, lengths, attention_mask, who: str):
+    """`(prompts, lengths)` from a tokenizer's 0/1 `attention_mask` of `prompts`' shape: the
+    lengths are its row sums, and a left-padded row (padding, then its tokens) is rotated so
+    that its tokens come first, as the decode loops read them. Each row must be one run of
+    ones, at its start or at its end (checked when the mask is concrete)."""
+    if lengths is not None:
+        raise ConfigError(f"{who}: pass lengths or attention_mask, not both (the lengths are the mask's row sums).")
+    mask = jnp.asarray(attention_mask)
+    if mask.shape != prompts.shape:
+        raise ShapeError(f"{who}: attention_mask must have the prompts' shape {shape_str(prompts.shape)}; got {shape_str(mask.shape)}.")
+    if not (jnp.issubdtype(mask.dtype, jnp.integer) or mask.dtype == jnp.bool_):
+        raise ShapeError(f"{who}: attention_mask must hold 0/1 integers or booleans; got dtype {mask.dtype}.")
+    seq = prompts.shape[1]
+    if not isinstance(mask, jax.core.Tracer) and getattr(mask, "is_fully_addressable", True):
+        host = np.asarray(mask).astype(np.int64)
+        if not np.isin(host, (0, 1)).all():
+            raise ShapeError(f"{who}: attention_mask must hold only 0 (padding) and 1 (token); got {sorted(set(host.ravel().tolist()))[:8]}.")
+        ones, first = host.sum(-1), host.argmax(-1)
+        pos = np.arange(seq)[None, :]
+        run = (pos >= first[:, None]) & (pos < (first + ones)[:, None])
+        bad = np.flatnonzero((ones == 0) | (run != host.astype(bool)).any(-1) | ((first > 0) & (first + ones < seq)))
+        if bad.size:
+            raise ShapeError(
+                f"{who}: attention_mask rows {bad.tolist()[:8]} are not one run of tokens padded on the left or "
+                "on the right (every row needs at least one token, and no padding in its middle)."
+            )
+    return _right_align(prompts, mask)
+
+
+@jax.jit  # one dispatch (and one compilation per shape), not one per operation
+def _right_align(prompts, mask):
+    mask = mask.astype(bool)
+    first = jnp.argmax(mask, axis=-1)  # the first real token: 0 for right padding
+    rotate = (jnp.arange(prompts.shape[1])[None, :] + first[:, None]) % prompts.shape[1]
+    return jnp.take_along_axis(prompts, rotate, axis=1), mask.sum(-1, dtype=jnp.int32)
+
+
+def prompt_lengths(prompts, lengths, vocab_size: int, who: str, pad_token: int | None = None):
     """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked.
 
     Always: `lengths` has shape `(batch,)`. When the values are concrete (read back once, on
     the host): each length is in `[1, seq]`, and every real prompt token (padding past each
     length may hold anything) is in `[0, vocab_size)`: the embedding lookup would read NaN for
     an id past the vocabulary and another token's row for a negative one, without a word.
+    With `pad_token`, a row that looks left-padded (shorter than `seq`, its first
+    `seq - length` ids all `pad_token` and some id past its length another) is refused: read
+    as right-padded, its padding would be part of its prompt and its last tokens cut off.
     """
     batch, seq = prompts.shape
     if lengths is not None and not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
@@ -267,6 +306,18 @@ def prompt_lengths(prompts, lengths, vocab_size: int, who: str):
             "was the prompt encoded with another tokenizer? (eqzoo.models.resize_vocab grows the "
             "model for tokens added to its tokenizer.)"
         )
+    if pad_token is not None:
+        pos = np.arange(seq)[None, :]
+        head = pos < (seq - host_lengths)[:, None]  # where a left-padded row's padding would be
+        tail = pos >= host_lengths[:, None]  # where a right-padded row's padding is
+        left = (host_lengths < seq) & np.where(head, host == pad_token, True).all(-1) & (tail & (host != pad_token)).any(-1)
+        if left.any():
+            raise ShapeError(
+                f"{who}: prompt rows {np.flatnonzero(left).tolist()[:8]} look left-padded: they start with "
+                f"pad_token {pad_token} and hold other ids past their lengths, but row i's prompt is its first "
+                "lengths[i] ids (right padding). Pass the tokenizer's attention_mask as attention_mask= instead "
+                "of lengths (left or right padding), or pad on the right (padding_side='right')."
+            )
     return lengths
 
 
@@ -277,6 +328,7 @@ def generate_batch(
     lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
+    attention_mask: Integer[Array, "batch seq"] | None = None,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -294,8 +346,15 @@ def generate_batch(
 
     - `model`: an eqzoo language model ([`eqzoo.models.AbstractLM`][]: GPT-2, Llama, Mixtral,
       Gemma).
-    - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens.
-    - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1.
+    - `prompts`: right-padded prompts; row `i` holds `lengths[i]` real tokens. (Or padded on
+      either side, with `attention_mask`.)
+    - `lengths`: real length of each prompt (default: all `seq`). Each must be >= 1. A row
+      that looks left-padded (it starts with `pad_token` and holds other ids past its
+      length) is refused: read as right-padded, its prompt would lose its last tokens.
+    - `attention_mask`: instead of `lengths`, a tokenizer's 0/1 mask of `prompts`' shape
+      (1 for a token), padded on the left (`padding_side="left"`, transformers' habit for
+      decoding) or on the right, row by row. The output is right-padded either way: row `i`
+      starts with its prompt's tokens.
     - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
     - `eos_token`: a stop token id, or a sequence (or 1-D array) of them (a
       `generation_config.json` may list several): once a row produces one, the rest of that row is `pad_token`; the loop stops
@@ -345,7 +404,11 @@ def generate_batch(
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     batch = prompts.shape[0]
-    lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate")
+    if attention_mask is not None:
+        prompts, lengths = from_attention_mask(prompts, lengths, attention_mask, "generate_batch")
+        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate")
+    else:
+        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate", pad_token)
     if key is None:
         key = jax.random.key(0)  # greedy decoding: never used
     keys = jax.random.split(typed_key(key), batch)

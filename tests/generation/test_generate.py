@@ -421,3 +421,45 @@ def test_own_abstract_lm_subclass_decodes_greedily_and_needs_config_fields():
         eqzoo.generate(broken, PROMPT, max_new_tokens=2)
     with pytest.raises(ConfigError, match="got MLP. A model of your own decodes by subclassing eqzoo.models.AbstractLM"):
         eqzoo.generate(models.create("mlp-small", key=jax.random.key(0)), PROMPT, max_new_tokens=2)
+
+
+def test_attention_mask_takes_left_and_right_padding(llama):
+    # transformers pads decoder-only batches on the left; read through `lengths` that padding
+    # became part of the prompt and the prompt's end was cut off, without a word.
+    prompts = [PROMPT, jnp.array([3, 1], jnp.int32), jnp.array([9, 8, 7, 6], jnp.int32)]
+    singles = [eqzoo.generate(llama, p, max_new_tokens=NEW) for p in prompts]
+    for side in ("left", "right"):
+        widths = [(5 - p.shape[0], 0) if side == "left" else (0, 5 - p.shape[0]) for p in prompts]
+        ids = jnp.stack([jnp.pad(p, w, constant_values=11) for p, w in zip(prompts, widths, strict=True)])
+        mask = jnp.stack([jnp.pad(jnp.ones_like(p), w) for p, w in zip(prompts, widths, strict=True)])
+        out = generate_batch(llama, ids, max_new_tokens=NEW, attention_mask=mask, pad_token=11)
+        for row, p, single in zip(out, prompts, singles, strict=True):  # greedy: exact
+            n = p.shape[0] + NEW
+            np.testing.assert_array_equal(row[:n], single, err_msg=side)
+            np.testing.assert_array_equal(row[n:], 11)
+    # a boolean NumPy mask (as a tokenizer may return) works too
+    ids = np.array([[0, 0, 0, 3, 1], [5, 17, 42, 7, 99]])
+    out = generate_batch(llama, ids, max_new_tokens=NEW, attention_mask=ids > 0)
+    np.testing.assert_array_equal(out[0, : 2 + NEW], singles[1])
+
+
+def test_left_padded_prompts_with_lengths_are_refused(llama):
+    ids = jnp.array([[5, 17, 42, 7, 99], [0, 0, 0, 3, 1]])
+    with pytest.raises(ShapeError, match=r"prompt rows \[1\] look left-padded: they start with pad_token 0 .*attention_mask="):
+        generate_batch(llama, ids, jnp.array([5, 2]), max_new_tokens=2)
+    # right padding with pad_token, and a prompt that starts with pad_token, are not left padding
+    generate_batch(llama, jnp.array([[0, 0, 3, 0, 0]]), jnp.array([3]), max_new_tokens=2)
+
+
+def test_attention_mask_errors(llama):
+    ids = jnp.stack([PROMPT, PROMPT])
+    with pytest.raises(ConfigError, match="pass lengths or attention_mask, not both"):
+        generate_batch(llama, ids, jnp.array([5, 5]), max_new_tokens=2, attention_mask=jnp.ones((2, 5), jnp.int32))
+    with pytest.raises(ShapeError, match=r"attention_mask must have the prompts' shape \(2, 5\); got \(2, 4\)"):
+        generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ShapeError, match="attention_mask must hold 0/1 integers or booleans; got dtype float32"):
+        generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.ones((2, 5)))
+    with pytest.raises(ShapeError, match=r"attention_mask must hold only 0 \(padding\) and 1 \(token\); got \[1, 2\]"):
+        generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.array([[1, 1, 1, 1, 1], [2, 1, 1, 1, 1]]))
+    with pytest.raises(ShapeError, match=r"attention_mask rows \[0, 1\] are not one run of tokens padded on the left or on the right"):
+        generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.array([[1, 0, 1, 1, 1], [0, 0, 0, 0, 0]]))

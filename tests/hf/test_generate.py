@@ -57,3 +57,84 @@ def test_greedy_matches_transformers(family, use_cache, hf_checkpoints, loaded, 
         # The single-prompt entry point agrees too, for the longest prompt.
         single = eqzoo.generate(model, jnp.asarray(prompts[-1]), max_new_tokens=NEW_TOKENS, use_cache=use_cache)
         np.testing.assert_array_equal(np.asarray(single), expected[-1])
+
+
+def test_generation_config_written_by_transformers(tmp_path, hft):
+    import eqzoo.hf
+
+    gen = hft.transformers.GenerationConfig
+    gen(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[128001, 128009], bos_token_id=128000).save_pretrained(tmp_path)
+    config = eqzoo.hf.load_generation_config(tmp_path)
+    # transformers samples with top_k=50 where the file sets none
+    assert config == eqzoo.hf.GenerationConfig(eos_token=(128001, 128009), temperature=0.6, top_k=50, top_p=0.9)
+    assert config.kwargs(max_new_tokens=7) == dict(eos_token=(128001, 128009), temperature=0.6, top_k=50, top_p=0.9, max_new_tokens=7)
+    gen(do_sample=True, top_k=0, top_p=1.0, pad_token_id=3, max_new_tokens=12).save_pretrained(tmp_path)
+    config = eqzoo.hf.load_generation_config(tmp_path / "generation_config.json")
+    assert config.kwargs() == dict(pad_token=3, temperature=1.0, max_new_tokens=12)  # nothing filters
+    # do_sample unset: greedy (transformers no longer saves such a file; older releases hold them)
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_k": 5, "eos_token_id": 2}')
+    assert eqzoo.hf.load_generation_config(tmp_path).kwargs() == dict(eos_token=(2,), temperature=0.0)
+
+
+def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoints, loaded, hft):
+    import eqzoo.hf
+
+    hf_model, _ = hf_checkpoints("gpt2")
+    prompt = _prompts(hft.VOCAB)[0, : LENGTHS[0]]
+    free = _transformers_greedy("gpt2", hf_model, _prompts(hft.VOCAB), hft)[0]
+    stops = [int(free[LENGTHS[0] + 3]), int(free[LENGTHS[0] + 9])]  # the 4th and 10th new tokens
+    hft.transformers.GenerationConfig(eos_token_id=stops, pad_token_id=hft.VOCAB - 1, max_new_tokens=16).save_pretrained(tmp_path)
+    with hft.torch.no_grad():
+        want = hf_model.generate(hft.torch.as_tensor(prompt[None], dtype=hft.torch.long),
+                                 generation_config=hft.transformers.GenerationConfig.from_pretrained(tmp_path))[0].numpy()
+    got = np.asarray(eqzoo.generate(loaded("gpt2"), jnp.asarray(prompt), **eqzoo.hf.load_generation_config(tmp_path).kwargs()))
+    assert got.shape == (LENGTHS[0] + 16,) and want.shape[0] <= got.shape[0]
+    np.testing.assert_array_equal(got[: want.shape[0]], want)
+    np.testing.assert_array_equal(got[want.shape[0]:], hft.VOCAB - 1)  # padding after the stop
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("{", "is not valid JSON"),
+        ("[1]", "must hold a JSON object, got list"),
+        ('{"eos_token_id": [2, "x"]}', r"eos_token_id must be a token id \(an integer >= 0\) or a list of them; got \[2, 'x'\]"),
+        ('{"pad_token_id": -1}', r"pad_token_id must be a token id \(an integer >= 0\); got -1"),
+        ('{"do_sample": "yes"}', "do_sample must be true or false; got 'yes'"),
+        ('{"do_sample": true, "temperature": 0}', r"temperature must be > 0 with do_sample: true \(for greedy decoding set do_sample: false\)"),
+        ('{"top_p": 1.5}', r"top_p must be a number in \(0.0, 1.0\]; got 1.5"),
+        ('{"top_k": -1}', "top_k must be an integer >= 0; got -1"),
+        ('{"max_new_tokens": 0}', "max_new_tokens must be an integer >= 1; got 0"),
+    ],
+)
+def test_bad_generation_configs_are_refused(tmp_path, text, match):
+    import eqzoo.hf
+
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(eqzoo.hf.HFFormatError, match=match):
+        eqzoo.hf.load_generation_config(tmp_path)
+
+
+def test_generation_config_missing_or_unsupported(tmp_path):
+    import eqzoo.hf
+
+    with pytest.raises(eqzoo.hf.HFFormatError, match=r"no generation_config.json at .*pass eos_token= yourself"):
+        eqzoo.hf.load_generation_config(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"num_beams": 4, "repetition_penalty": 1.0, "eos_token_id": 1}')
+    with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4\}, which eqzoo's decoding does not apply"):
+        assert eqzoo.hf.load_generation_config(tmp_path).eos_token == (1,)
+
+
+def test_left_padded_batch_with_attention_mask_matches_transformers(hf_checkpoints, loaded, hft):
+    # transformers' tokenizers pad on the left for decoding: the mask says where the prompt is
+    hf_model, _ = hf_checkpoints("gpt2")
+    prompts = _prompts(hft.VOCAB)
+    expected = _transformers_greedy("gpt2", hf_model, prompts, hft)
+    width = max(LENGTHS)
+    left = np.full_like(prompts, hft.VOCAB - 1)
+    mask = np.zeros_like(prompts)
+    for i, n in enumerate(LENGTHS):
+        left[i, width - n:], mask[i, width - n:] = prompts[i, :n], 1
+    out = np.asarray(generate_batch(loaded("gpt2"), left, attention_mask=mask, max_new_tokens=NEW_TOKENS))
+    for i, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(out[i, : n + NEW_TOKENS], expected[i], err_msg=f"prompt {i}")

@@ -1,0 +1,145 @@
+"""Reading a checkpoint folder's `generation_config.json` into `eqzoo.generate`'s arguments."""
+
+import dataclasses
+import json
+import math
+import operator
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .._errors import user_stacklevel
+from ._errors import HFFormatError
+from ._files import GENERATION_CONFIG_NAME
+
+# Settings that change what transformers' generate produces and that eqzoo's decoding does not
+# have, with the value that leaves them off.
+_UNSUPPORTED = {
+    "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": None,
+    "min_length": 0, "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
+    "exponential_decay_length_penalty": None, "sequence_bias": None,
+}
+_TOP_K = 50  # transformers' top_k when sampling and the file sets none
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """A checkpoint's default decoding settings, as transformers' `generate` applies them.
+
+    **Fields:** `eos_token` (a tuple of stop ids, or `None`), `pad_token` (or `None`),
+    `temperature` (0.0 for greedy: `do_sample` false or absent), `top_k` and `top_p` (`None`
+    when off), `max_new_tokens` (or `None`); `max_length` (prompt and new tokens together,
+    kept for reference: eqzoo asks for `max_new_tokens`).
+    """
+
+    eos_token: tuple[int, ...] | None = None
+    pad_token: int | None = None
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+
+    def kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of [`eqzoo.generate`][eqzoo.generation.generate] and
+        [`eqzoo.generation.generate_batch`][] these settings give (those left unset are left
+        out, so generate's defaults apply), updated with `overrides`:
+        `eqzoo.generate(model, prompt, **config.kwargs(key=key, max_new_tokens=64))`."""
+        out = {
+            "eos_token": self.eos_token, "pad_token": self.pad_token, "temperature": self.temperature,
+            "top_k": self.top_k, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+        }
+        return {k: v for k, v in out.items() if v is not None} | overrides
+
+
+def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
+    """Read `generation_config.json` (in the folder `path`, or the file `path` itself).
+
+    As transformers reads it: without `do_sample: true` decoding is greedy (`temperature`,
+    `top_k` and `top_p` are ignored); when sampling, an absent `temperature` is 1.0 and an
+    absent `top_k` is 50 (transformers' defaults), `top_k: 0` and `top_p: 1.0` filter nothing.
+    `eos_token_id` may be one id or a list. Settings eqzoo's decoding lacks (beams, repetition
+    penalties, `min_new_tokens`, ...) are named in a warning when they would change the output.
+
+    **Returns:** a frozen [`eqzoo.hf.GenerationConfig`][]; `.kwargs(**overrides)` gives the
+    keyword arguments of `eqzoo.generate`.
+
+    **Raises:** [`eqzoo.hf.HFFormatError`][] for a missing or unreadable file and for values
+    outside their ranges (the message names the key and the value).
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        raise HFFormatError(
+            f"no {GENERATION_CONFIG_NAME} at {str(file)!r}; a checkpoint without one decodes with "
+            "eqzoo.generate's defaults (greedy, no stop token): pass eos_token= yourself."
+        )
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise HFFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
+    if not isinstance(raw, dict):
+        raise HFFormatError(f"{str(file)!r} must hold a JSON object, got {type(raw).__name__}.")
+
+    def bad(key: str, rule: str) -> HFFormatError:
+        return HFFormatError(f"{str(file)!r}: {key} must be {rule}; got {raw[key]!r}.")
+
+    def token_id(value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise bad(key, "a token id (an integer >= 0) or a list of them" if key == "eos_token_id" else "a token id (an integer >= 0)")
+        return operator.index(value)
+
+    def number(key: str, low: float, high: float, low_open: bool) -> float | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        if not ok or value > high or value < low or (low_open and value == low):
+            raise bad(key, f"a number in {'(' if low_open else '['}{low}, {high}]")
+        return float(value)
+
+    def count(key: str, low: int) -> int | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(key, f"an integer >= {low}")
+        return value
+
+    eos = raw.get("eos_token_id")
+    if eos is not None:
+        eos = tuple(token_id(e, "eos_token_id") for e in eos) if isinstance(eos, list) else (token_id(eos, "eos_token_id"),)
+        eos = eos or None  # an empty list: no stop token
+    pad = raw.get("pad_token_id")
+    pad = None if pad is None else token_id(pad, "pad_token_id")
+    sample = raw.get("do_sample")
+    if sample is not None and not isinstance(sample, bool):
+        raise bad("do_sample", "true or false")
+    temperature = number("temperature", 0.0, math.inf, low_open=False)
+    top_p = number("top_p", 0.0, 1.0, low_open=True)
+    top_k = count("top_k", 0)
+    if sample and temperature == 0.0:
+        raise bad("temperature", "> 0 with do_sample: true (for greedy decoding set do_sample: false)")
+    if sample:
+        temperature = 1.0 if temperature is None else temperature
+        top_k = _TOP_K if top_k is None else (top_k or None)
+        top_p = None if top_p == 1.0 else top_p
+    else:
+        temperature, top_k, top_p = 0.0, None, None
+    unsupported = {
+        k: raw[k] for k, off in _UNSUPPORTED.items() if raw.get(k) is not None and raw[k] != off and raw[k] != []
+    }
+    if unsupported:
+        warnings.warn(
+            f"{str(file)!r} sets {unsupported}, which eqzoo's decoding does not apply: its tokens can differ "
+            "from transformers' generate with this file.",
+            stacklevel=user_stacklevel(),
+        )
+    return GenerationConfig(
+        eos_token=eos, pad_token=pad, temperature=temperature, top_k=top_k, top_p=top_p,
+        max_new_tokens=count("max_new_tokens", 1), max_length=count("max_length", 1),
+    )
