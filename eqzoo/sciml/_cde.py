@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, ArrayLike, Float, Int, Real
 
 from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
@@ -25,6 +25,15 @@ from ._solve import (
     resolve_adjoint,
     validate_config,
 )
+
+_PADDING = (
+    "NeuralCDE: the last row of xs has no observed value, which looks like padding: padded "
+    "rows would move the readout (the time channel keeps growing through them, and the "
+    "readout is taken at ts[-1]). Pass length=<number of valid rows> (an integer array under "
+    "jax.vmap, e.g. jax.vmap(lambda t, x, n: cde(t, x, length=n))(ts, xs, lengths)), or drop "
+    "the rows that hold no observation."
+)
+_RUNTIME = " (Checked at run time because xs is traced.)"
 
 
 class _CDEField(eqx.Module):
@@ -48,8 +57,11 @@ class NeuralCDE(eqx.Module):
     at `z(ts[0]) = initial(X(ts[0]))`, evolves by `dz/dt = f(z) dX/dt` with `f` an MLP whose
     output is reshaped to `(hidden, channels)`, and a linear readout maps `z` to the output.
     One series per call; every series in a `jax.vmap` batch must have the same number of
-    observations (their times may differ). `NaN` in `xs` marks a missing value (cubic
-    interpolation fills it from its neighbours); the first row must be observed.
+    rows (their times may differ): pad shorter series at the end and pass `length=`, the number
+    of valid rows, so that the solve stops at the last valid time. `NaN` in `xs` marks a missing
+    value (cubic interpolation fills it from its neighbours); the first row must be observed,
+    and without `length` the last row must hold an observed value (an all-`NaN` last row is
+    refused as padding).
 
     **Arguments:**
 
@@ -61,7 +73,8 @@ class NeuralCDE(eqx.Module):
       it the model cannot see how fast the series was sampled).
     - `interpolation`: `"cubic"` (smooth; adaptive solvers step efficiently) or `"linear"`
       (kinks at every observation, which the step-size controller is told about).
-    - `output`: `"final"` returns the readout at `ts[-1]`; `"trajectory"` at every `ts`.
+    - `output`: `"final"` returns the readout at the last valid time (`ts[-1]`, or
+      `ts[length - 1]`); `"trajectory"` at every `ts`.
     - `solver`, `stepsize_controller`, `adjoint`, `dt0`, `max_steps`: as for
       [`NeuralODE`][eqzoo.sciml.NeuralODE].
     - `key`: PRNG key for the initial parameters.
@@ -149,7 +162,32 @@ class NeuralCDE(eqx.Module):
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
 
-    def _check_inputs(self, ts, xs) -> None:
+    def _check_length(self, length, times: int):
+        """`length` as a Python int (concrete) or a default-int array (traced, checked at run time)."""
+        rule = (
+            f"NeuralCDE: length must be one integer, the number of valid rows of the series, "
+            f"with 1 <= length <= times={times}"
+        )
+        if isinstance(length, bool) or not (
+            isinstance(length, int) or jnp.issubdtype(jnp.result_type(length), jnp.integer)
+        ) or jnp.shape(length) != ():
+            shape = shape_str(jnp.shape(length))
+            raise ConfigError(
+                f"{rule}; got {type(length).__name__} of shape {shape}. For a batch of padded "
+                f"series, map over an integer array of lengths: "
+                f"jax.vmap(lambda t, x, n: cde(t, x, length=n))(ts, xs, lengths)."
+            )
+        if not is_traced(length):
+            value = int(length)
+            if not 1 <= value <= times:
+                raise ConfigError(f"{rule}; got length={value}.")
+            return value
+        length = jnp.asarray(length).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
+        return eqx.error_if(
+            length, (length < 1) | (length > times), f"{rule} (checked at run time: traced)."
+        )
+
+    def _check_inputs(self, ts, xs, length) -> None:
         check_floating("NeuralCDE", xs, "xs", "Convert with xs.astype(jnp.float32).")
         if xs.ndim != 2 or xs.shape[1] != self.in_channels or xs.shape[0] != jnp.shape(ts)[0]:
             raise ShapeError(
@@ -157,26 +195,65 @@ class NeuralCDE(eqx.Module):
                 f"in_channels={self.in_channels}); got ts {shape_str(jnp.shape(ts))} and xs "
                 f"{shape_str(xs.shape)}. For a batch, wrap the call in jax.vmap."
             )
-        if not is_traced(xs) and not np.all(np.isfinite(np.asarray(xs[0]))):
+        if is_traced(xs):
+            return  # checked at run time in `control`
+        # NumPy before indexing: a JAX array closed over by a jitted function is concrete, but
+        # indexing it under the trace gives a tracer
+        first, final = np.asarray(xs)[0], np.asarray(xs)[-1]
+        if not np.all(np.isfinite(first)):
             raise ShapeError(
                 f"NeuralCDE: the first observation xs[0] must be fully observed (it sets the "
-                f"initial hidden state); got xs[0]={np.asarray(xs[0]).tolist()}. Fill its "
+                f"initial hidden state); got xs[0]={first.tolist()}. Fill its "
                 f"missing channels (e.g. with the channel mean) before the call."
             )
+        if length is None and not np.any(np.isfinite(final)):
+            raise ShapeError(f"{_PADDING} Got xs[-1]={final.tolist()}.")
 
     @no_type_check  # checked below with messages that say how to fix the call
     def control(
-        self, ts: Real[Array | np.ndarray, " times"], xs: Float[Array, "times channels"]
+        self,
+        ts: Real[Array | np.ndarray, " times"],
+        xs: Float[Array, "times channels"],
+        *,
+        length: int | Int[ArrayLike, ""] | None = None,
     ) -> diffrax.AbstractPath:
         """The continuous control path `X` through the observations (time channel first).
 
-        **Arguments:** `ts`, `xs` as for `__call__`.
+        **Arguments:** `ts`, `xs`, `length` as for `__call__`. With `length`, the rows from
+        `length` on are replaced before interpolating (increasing times after
+        `ts[length - 1]`, the last observed value of each channel carried forward), so the path
+        up to `ts[length - 1]` is that of the unpadded series.
 
         **Returns:** a `diffrax.CubicInterpolation` or `diffrax.LinearInterpolation`.
         """
-        ts = check_times(ts)
-        self._check_inputs(ts, xs)  # before the cast: integer xs would make the times integers
+        if length is not None:
+            if jnp.ndim(ts) != 1:
+                check_times(ts)  # raises the shape error
+            length = self._check_length(length, jnp.shape(ts)[0])
+        ts = check_times(ts, length=length)
+        self._check_inputs(ts, xs, length)  # before the cast: integer xs would make times integer
         ts, xs = jnp.asarray(ts, dtype=xs.dtype), jnp.asarray(xs)
+        if length is not None:
+            # Padding is replaced, whatever it held (zeros, NaN, repeated or later times), so
+            # that the path up to ts[length - 1] is the unpadded one: the interpolation of an
+            # interval looks ahead to the next observed value of each channel, which must not be
+            # in the padding.
+            index = jnp.arange(ts.shape[0])
+            valid = index < length  # (times,)
+            # each channel's values after its last observed valid row carry that row forward
+            # (what the unpadded path does with missing values at the end), padding included
+            observed = jnp.isfinite(xs) & valid[:, None]  # (times, channels)
+            last = jnp.max(jnp.where(observed, index[:, None], 0), axis=0)  # (channels,)
+            carried = jnp.take_along_axis(xs, last[None, :], axis=0)  # (1, channels)
+            xs = jnp.where(index[:, None] > last, carried, xs)
+            t_last = ts[length - 1]
+            # a step that float rounding cannot lose, so the padded times stay increasing
+            step = jnp.maximum(
+                jnp.maximum(t_last - ts[0], 1.0), 8 * jnp.finfo(ts.dtype).eps * jnp.abs(t_last)
+            )
+            ts = jnp.where(valid, ts, t_last + (index - (length - 1)).astype(ts.dtype) * step)
+        if is_traced(xs) and length is None:  # padding made the readout drift silently
+            xs = eqx.error_if(xs, ~jnp.any(jnp.isfinite(xs[-1])), _PADDING + _RUNTIME)
         if is_traced(xs):  # under jit/vmap a NaN here surfaced as max_steps, blamed on stiffness
             xs = eqx.error_if(
                 xs,
@@ -202,6 +279,7 @@ class NeuralCDE(eqx.Module):
         ts: Real[Array | np.ndarray, " times"],
         xs: Float[Array, "times channels"],
         *,
+        length: int | Int[ArrayLike, ""] | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, " out"] | Float[Array, "times out"]:
         """Run the CDE over one irregularly sampled series.
@@ -210,14 +288,24 @@ class NeuralCDE(eqx.Module):
 
         - `ts`: the observation times, strictly increasing and finite.
         - `xs`: the observations, shape `(times, in_channels)`; `NaN` marks a missing value.
+        - `length`: the number of valid rows of a series padded at the end (for batching
+          series of different lengths), an integer in `[1, times]`, possibly traced (an array
+          under `jax.vmap` or `jax.jit`, which compiles once for every length). The solve
+          stops at `ts[length - 1]`; the padded rows of `ts` and `xs` are ignored whatever they
+          hold. `None` (default): every row is valid, and an all-`NaN` last row is refused as
+          padding.
         - `key`: unused (deterministic); accepted for a uniform layer interface.
 
-        **Returns:** the readout at `ts[-1]`, shape `(out,)`, when `output` is `"final"`; at
-        every time of `ts`, shape `(times, out)`, when it is `"trajectory"`.
+        **Returns:** the readout at the last valid time (`ts[-1]`, or `ts[length - 1]`), shape
+        `(out,)`, when `output` is `"final"`; at every time of `ts`, shape `(times, out)`, when
+        it is `"trajectory"` (rows from `length` on repeat the final readout).
         """
         del key
-        path = self.control(ts, xs)
-        ts = path.ts
+        path = self.control(ts, xs, length=length)
+        ts = path.ts  # padding replaced by increasing times after the last valid one
+        t_end = ts[-1] if length is None else ts[length - 1]
+        # with length, the padded rows are saved at the final time
+        saved = ts if length is None else jnp.minimum(ts, t_end)
         z0 = self.initial(path.evaluate(ts[0]))
         term = diffrax.ControlTerm(self.vector_field, path).to_ode()
         controller = self.stepsize_controller
@@ -229,7 +317,7 @@ class NeuralCDE(eqx.Module):
         sol = diffeqsolve(
             term,
             self.solver,
-            ts,
+            saved,
             z0,
             None,
             save_ts=self.output == "trajectory",
@@ -237,6 +325,7 @@ class NeuralCDE(eqx.Module):
             adjoint=self.adjoint,
             dt0=self.dt0,
             max_steps=self.max_steps,
+            t1=t_end,
             owner="NeuralCDE",
         )
         messages = failure_messages(

@@ -36,12 +36,14 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def check_times(ts, name: str = "ts", *, min_points: int = 2):
+def check_times(ts, name: str = "ts", *, min_points: int = 2, length=None):
     """Check a grid of time points; returns `ts` (possibly wrapped by a runtime check).
 
     `min_points` is 2 where the grid itself sets the interval (`ts[0]` to `ts[-1]`) and 1 where
     the start time is given separately. Shape is always checked at trace time. Order and finiteness are checked on concrete values
-    when `ts` is concrete, and with `equinox.error_if` when it is traced.
+    when `ts` is concrete, and with `equinox.error_if` when it is traced. With `length` (an
+    integer, possibly traced, already checked to be in range) only `ts[:length]` is checked:
+    the rest is padding.
     """
     shape = tuple(jnp.shape(ts))
     if len(shape) != 1 or shape[0] < min_points:
@@ -55,8 +57,10 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
     if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
         raise TimeGridError(f"{name} must hold real numbers (integers or floats); got dtype {jnp.dtype(dtype).name}.")
     rule = f"{name} must be finite and strictly increasing"
-    if not is_traced(ts):
-        values = np.asarray(ts)
+    if length is not None:
+        rule += f" up to {name}[length - 1]"
+    if not (is_traced(ts) or is_traced(length)):
+        values = np.asarray(ts)[: None if length is None else int(length)]
         bad = ~np.isfinite(values)
         if bad.any():
             raise TimeGridError(
@@ -75,11 +79,16 @@ def check_times(ts, name: str = "ts", *, min_points: int = 2):
         return ts
     import equinox as eqx
 
-    ok = jnp.all(jnp.isfinite(ts)) & jnp.all(ts[1:] > ts[:-1])
+    if length is None:
+        ok = jnp.all(jnp.isfinite(ts)) & jnp.all(ts[1:] > ts[:-1])
+    else:  # the padding past length - 1 may hold anything
+        valid = jnp.arange(shape[0]) < length
+        ok = jnp.all(jnp.isfinite(ts) | ~valid) & jnp.all((ts[1:] > ts[:-1]) | ~valid[1:])
     return eqx.error_if(
         ts,
         ~ok,
-        f"{rule} (checked at run time because {name} is traced). Sort the observations by "
+        f"{rule} (checked at run time because {name if length is None else name + ' or length'}"
+        f" is traced). Sort the observations by "
         f"time and drop non-finite ones before the call.",
     )
 

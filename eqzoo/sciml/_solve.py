@@ -147,9 +147,11 @@ def diffeqsolve(
     dt0: float | None,
     max_steps: int,
     t0: Any = None,
+    t1: Any = None,
     owner: str = "the solve",
 ) -> diffrax.Solution:
-    """`diffrax.diffeqsolve` from `t0` (default `ts[0]`) to `ts[-1]`, saving at `ts` or at the end.
+    """`diffrax.diffeqsolve` from `t0` (default `ts[0]`) to `t1` (default `ts[-1]`), saving at
+    `ts` or at the end.
 
     Never throws on a failed solve: the caller checks `sol.result` (see `check_result`). Raises
     `ConfigError` when forward-mode autodiff reaches an adjoint that only has a reverse rule.
@@ -160,7 +162,7 @@ def diffeqsolve(
             terms,
             solver,
             ts[0] if t0 is None else t0,
-            ts[-1],
+            ts[-1] if t1 is None else t1,
             dt0,
             y0,
             args,

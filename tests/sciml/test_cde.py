@@ -140,6 +140,102 @@ def test_cde_input_errors(cde, unchecked):
         sciml.NeuralCDE(2, 4, 3, interpolation="spline", key=jax.random.key(0))
 
 
+def _pad(ts, xs, rows, t_pad, x_pad):
+    """Pad one series at the end to `rows` rows with times `t_pad` and values `x_pad`."""
+    extra = rows - ts.shape[0]
+    return (
+        jnp.concatenate([ts, jnp.full(extra, t_pad, ts.dtype)]),
+        jnp.concatenate([xs, jnp.full((extra, xs.shape[1]), x_pad, xs.dtype)]),
+    )
+
+
+def test_cde_padded_batch_with_length_matches_unpadded_series(cde, compile_log):
+    # Padding with later times and NaN moved the readout (0.522 unpadded, 0.389 padded to t=2,
+    # 0.294 padded to t=5, for one model): the time channel kept growing through the padding
+    # and the readout was taken at ts[-1].
+    ts, xs = _series(jax.random.key(12), batch=3)
+    lengths = jnp.array([9, 5, 3])
+    xs = xs.at[1, 4, 0].set(jnp.nan)  # missing at the last valid row: carried forward as unpadded
+    # pad each series whatever way: later times and NaN, zeros, repeated last time and NaN
+    padding = [(2.0, jnp.nan), (0.0, 0.0), (float(ts[2, 2]), jnp.nan)]
+    padded = [_pad(ts[i, :n], xs[i, :n], 9, *padding[i]) for i, n in enumerate(lengths.tolist())]
+    ts_pad, xs_pad = (jnp.stack(a) for a in zip(*padded, strict=True))
+
+    @eqx.filter_jit
+    def batch(model, ts, xs, lengths):
+        def loss(m):
+            out = jax.vmap(lambda t, x, n: m(t, x, length=n))(ts, xs, lengths)  # (batch, out)
+            return jnp.sum(out[:, 0]), out
+
+        return eqx.filter_value_and_grad(loss, has_aux=True)(model)
+
+    @eqx.filter_jit
+    def single(model, ts, xs):
+        return eqx.filter_value_and_grad(lambda m: m(ts, xs)[0])(model)
+
+    (_, out), grads = batch(cde, ts_pad, xs_pad, lengths)
+    want = [single(cde, ts[i, :n], xs[i, :n]) for i, n in enumerate(lengths.tolist())]
+    # batched and unbatched solves take slightly different steps (rtol=1e-5): 1e-4
+    np.testing.assert_allclose(out[:, 0], [float(v) for v, _ in want], atol=1e-4)
+    for got_leaf, *want_leaves in zip(
+        jax.tree.leaves(eqx.filter(grads, eqx.is_array)),
+        *(jax.tree.leaves(eqx.filter(g, eqx.is_array)) for _, g in want),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got_leaf, sum(want_leaves), atol=1e-4)
+    # one series alone: the padded call with length is the unpadded call, to float32 rounding
+    one = _call(cde, ts[1, :5], xs[1, :5])
+    np.testing.assert_allclose(cde(ts_pad[1], xs_pad[1], length=5), one, atol=1e-6)
+    # the lengths are traced: other lengths reuse the compiled step
+    with compile_log("batch") as log:
+        batch(cde, ts_pad, xs_pad, jnp.array([4, 5, 2]))
+    assert log.compiled == []
+
+
+def test_cde_trajectory_with_length_repeats_the_final_readout(build):
+    ts, xs = _series(jax.random.key(13), batch=1)
+    ts, xs = ts[0], xs[0]
+    model = build(sciml.NeuralCDE, jax.random.key(3), 2, 4, 3, width=8, depth=1, interpolation="linear", output="trajectory", solver=diffrax.Bosh3())
+    full = _call(model, ts[:6], xs[:6])  # (6, 3)
+    got = model(*_pad(ts[:6], xs[:6], 9, 5.0, jnp.nan), length=6)  # (9, 3)
+    np.testing.assert_allclose(got[:6], full, atol=1e-6)  # float32: the same solve
+    np.testing.assert_allclose(got[6:], jnp.broadcast_to(full[-1], (3, 3)), atol=1e-6)
+
+
+def test_cde_padding_without_length_is_refused(cde):
+    ts, xs = _series(jax.random.key(14), batch=1)
+    ts, xs = _pad(ts[0, :6], xs[0, :6], 9, 5.0, jnp.nan)
+    ts = ts.at[6:].set(jnp.array([2.0, 3.0, 5.0]))
+    with pytest.raises(ShapeError, match=r"last row of xs has no observed value, which looks like padding.*Pass length="):
+        cde(ts, xs)
+    with pytest.raises(Exception, match=r"looks like padding.*Pass length=.*Checked at run time because xs is traced"):
+        jax.block_until_ready(_call(cde, ts, xs))
+    # one missing channel in the last row is a missing value, not padding
+    assert bool(jnp.all(jnp.isfinite(cde(ts[:6], xs[:6].at[-1, 0].set(jnp.nan)))))
+
+
+def test_cde_length_errors(cde, unchecked):
+    ts, xs = _series(jax.random.key(15), batch=1)
+    ts, xs = ts[0], xs[0]
+    with pytest.raises(ConfigError, match=r"length must be one integer.*1 <= length <= times=9; got length=10"):
+        cde(ts, xs, length=10)
+    with pytest.raises(ConfigError, match=r"1 <= length <= times=9; got length=0"):
+        cde(ts, xs, length=0)
+    with unchecked(), pytest.raises(ConfigError, match=r"length must be one integer.*got ndarray of shape \(3,\).*jax\.vmap\(lambda t, x, n"):
+        cde(ts, xs, length=np.array([9, 5, 3]))
+    with unchecked(), pytest.raises(ConfigError, match=r"length must be one integer.*got float"):
+        cde(ts, xs, length=4.0)
+    # series closed over by a jitted function: the xs[0] check raised TracerArrayConversionError
+    run = eqx.filter_jit(lambda m, n: m(ts, xs, length=n))
+    with pytest.raises(Exception, match=r"1 <= length <= times=9 \(checked at run time"):
+        jax.block_until_ready(run(cde, jnp.asarray(12)))
+    np.testing.assert_allclose(run(cde, jnp.asarray(9)), _call(cde, ts, xs), atol=1e-6)  # float32
+    # only the valid rows must be increasing; a decrease before length is still refused
+    with pytest.raises(sciml.TimeGridError, match=r"strictly increasing up to ts\[length - 1\]; got ts\[2\]"):
+        cde(ts.at[3].set(0.0), xs, length=5)
+    assert cde(ts.at[6].set(0.0), xs, length=5).shape == (3,)
+
+
 def test_cde_step_limit(build):
     ts, xs = _series(jax.random.key(6), batch=1)
     model = build(
