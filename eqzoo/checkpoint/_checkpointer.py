@@ -358,8 +358,9 @@ class Checkpointer:
     def begin_run(self, run: Mapping[str, Any], *, step: int) -> None:
         """The [`eqzoo.train.fit`][] hook, called before the first step: `run` (the run's
         `num_steps`, batch shapes and `run_config`) is recorded in every step saved from now on.
-        When training goes on from a committed `step` whose record differs (a changed learning
-        rate, batch shape or `num_steps`), warns once, naming each setting and both values.
+        When training goes on from a committed `step` whose record differs (a changed batch
+        shape or `run_config` entry, such as a learning rate; not `num_steps`, which a run
+        trained on for longer changes), warns once, naming each setting and both values.
 
         **Raises:** `CheckpointError` if `run` is not JSON-able.
         """
@@ -369,7 +370,8 @@ class Checkpointer:
             raise CheckpointError(f"fit's run record (its run_config) must be JSON-able: {err}") from err
         if step not in self.all_steps():
             return
-        differ = run_differences(self._read_meta(step).get("run"), self._run)
+        # num_steps is recorded but not compared: training on for longer is the usual resume
+        differ = [d for d in run_differences(self._read_meta(step).get("run"), self._run) if not d.startswith("num_steps:")]
         if differ:
             warnings.warn(
                 f"training goes on from step {step} of {self._directory} with other settings than the run "
@@ -526,7 +528,7 @@ class Checkpointer:
           saved one in a field that changes what the weights mean (heads, rope, norms, ...; see
           [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][] for those that may always differ), or in a
           recorded non-array setting of its layers (a static `temp`, an `eps`; those that only
-          say how it runs, `backend`, `remat`, `scan`, `inference`, may always differ). Shapes and dtypes are
+          say how it runs or trains, `backend`, `remat`, `scan`, `inference`, a dropout rate, may always differ). Shapes and dtypes are
           checked either way.
         - `hyperparams`: where the numeric hyperparameters of an `optax.inject_hyperparams`
           optimizer (arrays of its state) come from. `"saved"` (default): the checkpoint's, so the

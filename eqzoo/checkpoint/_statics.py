@@ -25,6 +25,15 @@ unrolled layers, mixture-of-experts dispatch, `eqx.nn.inference_mode`'s flag): l
 may differ between a saved run and its restore target."""
 
 
+_TRAINING_ONLY: tuple[tuple[type, frozenset[str]], ...] = (
+    (eqx.nn.Dropout, frozenset({"p"})),
+    (eqx.nn.BatchNorm, frozenset({"momentum"})),
+)
+"""Fields of these layers that only shape training (a dropout rate, a running-statistics
+momentum), not what the weights compute at inference: fine-tuning may change them, so they are
+not recorded."""
+
+
 def _value(v: Any) -> tuple[bool, Any]:
     """`(True, JSON form)` for numbers, strings, bools, None and tuples of them; else `(False, None)`."""
     if v is None or isinstance(v, bool | int):
@@ -44,7 +53,10 @@ def _walk(obj: Any, path: str, out: dict[str, Any]) -> bool:
     if len(out) >= MAX_STATICS:
         return False
     if isinstance(obj, eqx.Module):
+        skip = next((names for cls, names in _TRAINING_ONLY if isinstance(obj, cls)), frozenset())
         for f in dataclasses.fields(obj):
+            if f.name in skip:
+                continue
             if not _walk(getattr(obj, f.name, None), f"{path}.{f.name}", out):
                 return False
         return True
@@ -105,4 +117,3 @@ def _shown(value: Any) -> str:
         return repr(config_from_dict(value))
     except Exception:  # an encoded form this eqzoo cannot rebuild: show it as stored
         return repr(value)
-

@@ -14,6 +14,7 @@ from ._attention import (
 from ._block import TransformerBlock as TransformerBlock
 from ._conv import ConvBlock as ConvBlock, ResidualBlock as ResidualBlock
 from ._embedding import Embedding as Embedding
+from ._grouped import summed_weight_gradients as summed_weight_gradients
 from ._linear import (
     AbstractLinear as AbstractLinear,
     apply_linear as apply_linear,
@@ -82,6 +83,7 @@ __all__ = [
     "resolve_backend",
     "resolve_scan",
     "select_linears",
+    "summed_weight_gradients",
     "weight_take",
     "weight_value",
 ]

@@ -164,6 +164,8 @@ def prepare_qat(model, *, targets: Targets = None, experts: bool | None = None):
     linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="prepare_qat")
     if experts is None:
         experts = targets is None or hits_experts
+    if hits_experts and not linears and not experts:
+        raise ConfigError(f"prepare_qat: targets {targets!r} name only expert weights, but experts=False.")
     names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
     count = []
 

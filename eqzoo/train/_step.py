@@ -211,7 +211,9 @@ class TrainStep:
         return TrainState._with_arrays(state, arrays), metrics
 
     def lower(self, state: TrainState, batch: PyTree):
-        """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead)."""
+        """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead):
+        `.compile()` of it is called as `compiled(state.arrays, batch)` and returns the new
+        state's flat arrays and the metrics, whether or not the state has frozen arrays."""
         return self._jitted(state.structure, state.arrays).lower(state.arrays, batch)
 
     @property
@@ -285,8 +287,46 @@ class _SplitStep:
         updated, metrics = self.jitted(split.updated(arrays), frozen, batch)
         return split.merge(updated, frozen), metrics
 
-    def lower(self, arrays: tuple, batch: PyTree):
-        return self.jitted.lower(self._split.updated(arrays), self._split.frozen(arrays), batch)
+    def lower(self, arrays: tuple, batch: PyTree) -> "_SplitLowered":
+        split = self._split
+        return _SplitLowered(self.jitted.lower(split.updated(arrays), split.frozen(arrays), batch), split)
+
+
+class _Delegate:
+    """Forwards every other attribute (`as_text`, `cost_analysis`, `memory_analysis`, ...) to
+    the wrapped JAX object."""
+
+    __slots__ = ("_inner", "_split")
+
+    def __init__(self, inner, split: _Split):
+        self._inner = inner
+        self._split = split
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+class _SplitLowered(_Delegate):
+    """A `_SplitStep`'s lowered program: `compile()` gives one called as `(arrays, batch)`, as
+    a step without frozen arrays is."""
+
+    __slots__ = ()
+
+    def compile(self, *args, **kwargs) -> "_SplitCompiled":
+        return _SplitCompiled(self._inner.compile(*args, **kwargs), self._split)
+
+
+class _SplitCompiled(_Delegate):
+    """A compiled `_SplitStep`: called with the state's flat arrays and a batch, returns the
+    new flat arrays (the frozen ones the very same) and the metrics."""
+
+    __slots__ = ()
+
+    def __call__(self, arrays: tuple, batch: PyTree) -> tuple[tuple, dict]:
+        split = self._split
+        frozen = split.frozen(arrays)
+        updated, metrics = self._inner(split.updated(arrays), frozen, batch)
+        return split.merge(updated, frozen), metrics
 
 
 def _cache_size(jitted, traces: int) -> int:

@@ -428,15 +428,15 @@ def test_non_array_settings_are_recorded_and_a_target_that_differs_is_refused(ck
     assert ckpt.restore(hotter, allow_config_change=True).state.model["head"].temp == 3.0  # on purpose
     same = ckpt.restore(checkpoint.abstract_state(lambda k: {"head": _Tempered(2.0, key=k)}, opt))
     assert same.state.model["head"].temp == 2.0
-    # how it runs may differ: a target in inference mode (dropout off) restores
+    # how it runs or trains may differ: a target in inference mode (dropout off) or with another
+    # dropout rate (fine-tuning) restores
     with_dropout = train.TrainState.create({"drop": eqx.nn.Dropout(0.1)}, opt, key=jax.random.key(1))
     other = open_checkpointer(ckpt_dir.with_name("dropout"))
     other.save(with_dropout)
     other.wait()
     target = with_dropout.replace(model=eqx.nn.inference_mode(with_dropout.model))
     assert other.restore(target).state.model["drop"].inference
-    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model.drop.p: saved 0.1, target 0.5"):
-        other.restore(train.TrainState.create({"drop": eqx.nn.Dropout(0.5)}, opt, key=jax.random.key(1)))
+    assert other.restore(train.TrainState.create({"drop": eqx.nn.Dropout(0.5)}, opt, key=jax.random.key(1))).state.model["drop"].p == 0.5
     # a step written before settings were recorded restores as before
     from eqzoo.checkpoint._integrity import with_crc
 
@@ -478,16 +478,22 @@ def test_fit_records_its_run_and_a_resume_that_changes_it_warns_once(ckpt_dir, o
         train.fit(state, step, batches(8), num_steps=6, checkpointer=resumed, run_config={"lr": 0.3, "sched": {"warmup": 2}})
     changed = [str(w.message) for w in record if "other settings" in str(w.message)]
     assert len(changed) == 1
-    assert "training goes on from step 4 of" in changed[0] and "(4 changed)" in changed[0]
-    for line in ("batch.x: saved 'float32(4, 6)', now 'float32(8, 6)'", "num_steps: saved 4, now 6", "run_config.lr: saved 0.1, now 0.3"):
+    assert "training goes on from step 4 of" in changed[0] and "(3 changed)" in changed[0]
+    for line in ("batch.x: saved 'float32(4, 6)', now 'float32(8, 6)'", "run_config.lr: saved 0.1, now 0.3"):
         assert f"  {line}\n" in changed[0]
+    assert "num_steps" not in changed[0]
     resumed.wait()
     assert resumed.meta(6).run["run_config"] == {"lr": 0.3, "sched": {"warmup": 2}}
-    # only what changed is named: here the run is extended
+    # a run trained on for longer (only num_steps changed) is the usual resume: no warning, and
+    # the new num_steps is recorded
     again = open_checkpointer(ckpt_dir, save_every=2)
     state = again.restore(checkpoint.abstract_state(mlp_config, opt)).state
-    with pytest.warns(UserWarning, match=r"from step 6 of .*\(1 changed\):\n  num_steps: saved 6, now 8\nThe run goes on as now set up"):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         train.fit(state, step, batches(8), num_steps=8, checkpointer=again, run_config={"lr": 0.3, "sched": {"warmup": 2}})
+    assert not [w for w in record if "other settings" in str(w.message)]
+    again.wait()
+    assert again.meta(8).run["num_steps"] == 8
     # a run_config that cannot be recorded fails before the first step
     with pytest.raises(checkpoint.CheckpointError, match="fit's run record \\(its run_config\\) must be JSON-able"):
         train.fit(first.state, step, batches(4), num_steps=9, checkpointer=open_checkpointer(ckpt_dir.with_name("b")), run_config={"opt": opt})

@@ -320,7 +320,7 @@ def test_the_train_step_sums_ragged_weight_gradients_in_one_pass():
     # backward pass routes the whole batch in one sort and sums the weight gradients: no
     # per-member loop (lax.map: a scan in the jaxpr) and no (batch, *weights) gradient. Same
     # gradient as the per-member path within 1e-5 (fp32).
-    from eqzoo.nn._grouped import summed_weight_gradients
+    from eqzoo.nn import summed_weight_gradients
 
     layer = _layer("ragged", init_std=0.5)
     x = _x((3, 5, EMBED), seed=4)

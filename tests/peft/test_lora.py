@@ -432,7 +432,12 @@ def test_a_train_step_leaves_the_frozen_base_usable_and_shares_it():
     frozen_bytes = sum(x.nbytes for x in frozen)
     memory = step.lower(first, batch).compile().memory_analysis()
     assert memory.output_size_in_bytes < memory.argument_size_in_bytes - frozen_bytes
-    state, _ = step(first, batch)
+    # compiled ahead, the step is still called with the state's flat arrays
+    ahead = make_train_step(lm_loss, optimizer, grad_accum_steps=2, donate=False).lower(first, batch).compile()
+    ahead_arrays, ahead_metrics = ahead(first.arrays, batch)
+    assert len(ahead_arrays) == len(first.arrays)
+    state, metrics = step(first, batch)
+    np.testing.assert_allclose(float(ahead_metrics["loss"]), float(metrics["loss"]), rtol=1e-6)
     state, _ = step(state.replace(key=jax.random.key(3)), batch)  # an equal structure: no recompile
     assert step.num_compilations == 1
     assert not any(x.is_deleted() for x in frozen)

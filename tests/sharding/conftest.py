@@ -13,7 +13,7 @@ import pytest
 
 import eqzoo
 from eqzoo import sharding as sh
-from eqzoo.nn._grouped import summed_weight_gradients
+from eqzoo.nn import summed_weight_gradients
 from eqzoo.train import lm_loss
 
 # tiny-llama has 4 query / 2 key-value heads; 8 / 4 lets tensor=4 split whole heads, GQA kept.

@@ -192,6 +192,8 @@ def test_fit_argument_errors(steps, unchecked):
         train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=eval_batches, eval_every=-1)
     with unchecked(), pytest.raises(ConfigError, match=r"eval_batches must be a function .*eval_batches=lambda: batches; got a list"):
         train.fit(_state(), train_step, batches(), num_steps=1, eval_step=eval_step, eval_batches=list(eval_batches()))
+    with unchecked(), pytest.raises(ConfigError, match=r"fit: run_config must be a dict of your run.s settings; got a list"):
+        train.fit(_state(), train_step, batches(), num_steps=1, run_config=[("lr", 0.1)])
     with pytest.raises(ConfigError, match=r"got one dict, whose iteration yields its keys"):
         train.fit(_state(), train_step, next(batches()), num_steps=1)
     # a logger without close() crashed after the last step, and the run's result was lost
