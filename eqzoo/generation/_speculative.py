@@ -53,6 +53,7 @@ from ._generate import (
     check_count,
     check_key,
     decoding_model,
+    from_attention_mask,
     loop_settings,
     prompt_lengths,
     resolve_unroll,
@@ -235,6 +236,7 @@ def generate_speculative(
     lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
+    attention_mask: Integer[Array, "batch seq"] | None = None,
     num_draft: int = 4,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
@@ -280,7 +282,10 @@ def generate_speculative(
     - `model`: the language model whose output (greedy or sampled) is wanted.
     - `draft`: a language model with the same vocabulary.
     - `prompts`: right-padded prompts `(batch, seq)`; `lengths`: their real lengths (default:
-      all `seq`), each at least 1.
+      all `seq`), each at least 1. A row that looks left-padded is refused, as in
+      [`eqzoo.generation.generate_batch`][].
+    - `attention_mask`: instead of `lengths`, a tokenizer's 0/1 mask, padded on the left or on
+      the right, as in [`eqzoo.generation.generate_batch`][]; the output is right-padded.
     - `max_new_tokens`: tokens to add to each prompt.
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
     - `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][]; a key is needed
@@ -341,7 +346,11 @@ def generate_speculative(
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
-    lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative")
+    if attention_mask is not None:
+        prompts, lengths = from_attention_mask(prompts, lengths, attention_mask, "generate_speculative")
+        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative")
+    else:
+        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative", pad_token)
     keys = jax.random.split(jax.random.key(0) if key is None else typed_key(key), prompts.shape[0])
     out, rounds = _speculate_batch(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=int(max_new_tokens),

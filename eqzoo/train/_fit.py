@@ -64,6 +64,7 @@ def _evaluated(history: list[dict[str, float]], step: int) -> bool:
 def _run_record(num_steps: int, batch: Any, run_config: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a checkpoint records of the run that saved it (read on the host: no device sync)."""
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+
     def name(path) -> str:
         return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path) or "batch"
 

@@ -52,6 +52,20 @@ def test_equals_the_models_greedy_decoding(llama, draft_kind):
         assert (rounds == -(-(NEW - 1) // 4)).all()
 
 
+def test_left_padded_prompts_take_an_attention_mask(llama):
+    # As generate_batch: left padding read through lengths lost the prompts' ends silently; it is
+    # refused, and attention_mask= (left or right padding) gives the right-padded greedy output.
+    prompts, lengths = _prompts()
+    reference = generate_batch(llama, prompts, lengths, max_new_tokens=NEW, pad_token=11)
+    seq = prompts.shape[1]
+    left = jnp.stack([jnp.roll(jnp.where(jnp.arange(seq) < n, row, 11), seq - n) for row, n in zip(prompts, lengths, strict=True)])
+    mask = jnp.arange(seq)[None, :] >= (seq - lengths)[:, None]
+    out = generate_speculative(llama, llama, left, max_new_tokens=NEW, attention_mask=mask, pad_token=11, num_draft=2)
+    np.testing.assert_array_equal(out, reference)
+    with pytest.raises(ShapeError, match=r"prompt rows \[1, 2\] look left-padded"):
+        generate_speculative(llama, llama, left, lengths, max_new_tokens=NEW, pad_token=11)
+
+
 def test_numpy_integer_counts(llama):
     # max_new_tokens and num_draft set shapes: NumPy integers are taken as the ints they hold.
     draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))
