@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,15 @@ def make_loader() -> ArrayLoader:
     return ArrayLoader({"x": x, "y": y}, batch_size=8, seed=0)
 
 
+def _held_if_named(fn, final: str):
+    def held(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst).rstrip("/")) == final:
+            threading.Event().wait()  # until the process is killed
+        return fn(src, dst, *args, **kwargs)
+
+    return held
+
+
 class DieAfterSave:
     """Wraps a Checkpointer: SIGKILL this process right after the save of step `die_at` starts."""
 
@@ -53,10 +63,13 @@ class DieAfterSave:
 
     def maybe_save(self, state, batches, *, force=False, step=None):
         if step == self.die_at:
-            # Keep the GIL on this thread from the moment the save returns until the kill, so
-            # the save's background commit (Python code: the final rename) cannot finish first.
-            # Without it, a tiny state on an idle machine was sometimes committed before the kill.
+            # The save's background commit must not finish before the kill. Keeping the GIL on
+            # this thread (a long switch interval) was not enough on a loaded machine (CI saw
+            # the step committed first), so the commit's rename of the step's temporary directory
+            # to its final name waits until the kill.
             sys.setswitchinterval(30.0)
+            for name in ("rename", "replace"):
+                setattr(os, name, _held_if_named(getattr(os, name), str(self.die_at)))
         saved = self.inner.maybe_save(state, batches, force=force, step=step)
         if saved and step == self.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
