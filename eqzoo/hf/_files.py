@@ -41,13 +41,19 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"no {CONFIG_NAME} in {str(folder)!r} (found: {sorted(p.name for p in folder.iterdir())}); "
             "a Hugging Face checkpoint folder needs the model's config.json beside its weights."
         )
+    return read_json_object(file)
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """The JSON object in `file` (config.json, generation_config.json, tokenizer_config.json,
+    ...); `HFFormatError` if it is not valid JSON or holds something else than an object."""
     try:
-        config = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise HFFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
-    if not isinstance(config, dict):
-        raise HFFormatError(f"{str(file)!r} must hold a JSON object, got {type(config).__name__}.")
-    return config
+    if not isinstance(data, dict):
+        raise HFFormatError(f"{str(file)!r} must hold a JSON object, got {type(data).__name__}.")
+    return data
 
 
 def _refuse_pickle(folder: Path, found: list[str]) -> HFFormatError:

@@ -1,7 +1,6 @@
 """Reading a checkpoint folder's `generation_config.json` into `eqzoo.generate`'s arguments."""
 
 import dataclasses
-import json
 import math
 import operator
 import os
@@ -11,7 +10,7 @@ from typing import Any
 
 from .._errors import user_stacklevel
 from ._errors import HFFormatError
-from ._files import GENERATION_CONFIG_NAME
+from ._files import GENERATION_CONFIG_NAME, read_json_object
 
 # Settings that change what transformers' generate produces and that eqzoo's decoding does not
 # have, with the value that leaves them off.
@@ -78,12 +77,7 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
             f"no {GENERATION_CONFIG_NAME} at {str(file)!r}; a checkpoint without one decodes with "
             "eqzoo.generate's defaults (greedy, no stop token): pass eos_token= yourself."
         )
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise HFFormatError(f"{str(file)!r} is not valid JSON: {err}.") from None
-    if not isinstance(raw, dict):
-        raise HFFormatError(f"{str(file)!r} must hold a JSON object, got {type(raw).__name__}.")
+    raw = read_json_object(file)
 
     def bad(key: str, rule: str) -> HFFormatError:
         return HFFormatError(f"{str(file)!r}: {key} must be {rule}; got {raw[key]!r}.")

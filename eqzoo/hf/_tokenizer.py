@@ -1,6 +1,5 @@
 """Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +12,7 @@ from .._errors import require
 from ..data import AbstractTokenizer, TokenizerError
 from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
-from ._files import TOKENIZER_NAME
+from ._files import TOKENIZER_NAME, read_json_object
 
 _SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
 
@@ -103,12 +102,7 @@ class HFTokenizer(AbstractTokenizer):
             path = file.with_name(name)
             if not path.is_file():
                 continue
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise HFFormatError(f"cannot parse {str(path)!r} as JSON: {err}") from None
-            if not isinstance(data, dict):
-                raise HFFormatError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}.")
+            data = read_json_object(path)
             for key in _SPECIAL:
                 token = _token_string(data.get(key))
                 if token is not None:
