@@ -259,6 +259,10 @@ def test_qwen3_families_read_as_transformers_does():
         config_from_hf(moe | {"mlp_only_layers": [0, 1, 2, 3]})
     with pytest.raises(HFFormatError, match=r"decoder_sparse_step=0.*positive integer"):
         config_from_hf(moe | {"decoder_sparse_step": 0})
+    with pytest.raises(HFFormatError, match=r"mlp_only_layers='1'.*must be a list of layer indices"):
+        config_from_hf(moe | {"mlp_only_layers": "1"})
+    with pytest.raises(HFFormatError, match=r"num_experts=-1.*non-negative integer"):
+        config_from_hf(moe | {"num_experts": -1})
 
 
 @pytest.mark.parametrize("only", [[5], [-1], [2, 7]])
