@@ -6,6 +6,7 @@ from ._corpus import (
     split_tokens as split_tokens,
     stdlib_corpus as stdlib_corpus,
 )
+from ._encoding import EncodedBatch as EncodedBatch
 from ._loader import ArrayLoader as ArrayLoader, TokenLoader as TokenLoader
 from ._pack import pack_documents as pack_documents
 from ._tokenizer import (
@@ -22,6 +23,7 @@ __all__ = [
     "ByteTokenizer",
     "CharTokenizer",
     "CorpusError",
+    "EncodedBatch",
     "TokenLoader",
     "TokenizerError",
     "pack_documents",

@@ -2,16 +2,13 @@
 
 import abc
 from collections.abc import Mapping, Sequence
-from typing import Any, final
+from typing import Any, Literal, final, no_type_check
 
 import numpy as np
 from jaxtyping import Int, Integer
 
-from .._errors import ConfigError, EqzooError
-
-
-class TokenizerError(EqzooError, ValueError):
-    """Text or token ids that a tokenizer cannot encode or decode."""
+from .._errors import ConfigError
+from ._encoding import EncodedBatch, TokenizerError, check_batch_request, pad_rows, rows_to_decode
 
 
 class AbstractTokenizer(abc.ABC):
@@ -19,6 +16,8 @@ class AbstractTokenizer(abc.ABC):
 
     - `encode(text) -> Int[np.ndarray, "seq"]` (int32) and `decode(ids) -> str`;
     - `vocab_size`: ids lie in `[0, vocab_size)`;
+    - `encode_batch(texts) -> EncodedBatch` and `decode_batch(ids, attention_mask) -> list[str]`,
+      built here on `encode` and `decode` (a tokenizer may override them with a faster path);
     - `to_dict()` returns a JSON-able dict (with a `"type"` key) that `from_dict` (or
       [`eqzoo.data.tokenizer_from_dict`][]) turns back into an equal tokenizer.
     """
@@ -35,6 +34,82 @@ class AbstractTokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int]) -> str:
         """Decode token ids back into text."""
+
+    @property
+    def pad_token_id(self) -> int | None:
+        """The id `encode_batch` pads with by default; `None` (the default) when the tokenizer
+        has no pad token, and `encode_batch` then needs `pad_token_id=`."""
+        return None
+
+    @property
+    def padding_side(self) -> str:
+        """The side `encode_batch` pads on by default: `"right"` unless the tokenizer says
+        otherwise."""
+        return "right"
+
+    @no_type_check  # checked with messages that say how to fix the call
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        padding: Literal["longest", "max_length"] = "longest",
+        max_length: int | None = None,
+        truncation: bool = False,
+        padding_side: Literal["right", "left"] | None = None,
+        pad_to_multiple_of: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> EncodedBatch:
+        """Encode several texts and pad them to one width, with the attention mask.
+
+        The same ids and mask as transformers' `tokenizer(texts, padding=..., truncation=...,
+        max_length=..., padding_side=..., pad_to_multiple_of=...)`, as int32 NumPy arrays.
+
+        **Arguments:**
+
+        - `texts`: a list of strings.
+        - `padding`: `"longest"` pads to the longest text of the batch (transformers'
+          `padding=True`); `"max_length"` pads every row to `max_length` (fixed widths compile
+          once, see [`eqzoo.generation.generate_batch`][]).
+        - `max_length`: the width for `padding="max_length"`, and the cut for `truncation`.
+        - `truncation`: cut texts longer than `max_length` tokens (keeping their start).
+        - `padding_side`: `"right"` (training, and `generate_batch(lengths=)`) or `"left"`
+          (transformers' habit for decoding); default the tokenizer's `padding_side`.
+        - `pad_to_multiple_of`: round the width up to a multiple of this.
+        - `pad_token_id`: the id padding holds (default the tokenizer's `pad_token_id`). It is
+          never read by a model given the mask.
+
+        **Returns:** an [`eqzoo.data.EncodedBatch`][]: `ids` and `attention_mask`, int32
+        `(batch, seq)`.
+
+        **Raises:** `TokenizerError` when there is no pad token (pass `pad_token_id=`), for
+        `truncation=True` or `padding="max_length"` without `max_length`, and for a text longer
+        than `max_length` under `padding="max_length"` without `truncation`.
+        """
+        request = check_batch_request(
+            f"{type(self).__name__}.encode_batch", texts, padding=padding, max_length=max_length,
+            truncation=truncation, padding_side=self.padding_side if padding_side is None else padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id,
+            default_pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
+        )
+        rows = [self.encode(text) for text in request.texts]
+        if request.truncation:
+            rows = [row[: request.max_length] for row in rows]
+        return pad_rows(rows, request, f"{type(self).__name__}.encode_batch")
+
+    @no_type_check  # checked with messages that say how to fix the call
+    def decode_batch(self, ids: Any, attention_mask: Any = None) -> list[str]:
+        """Decode each row of a batch; with `attention_mask`, without its padding.
+
+        **Arguments:**
+
+        - `ids`: `(batch, seq)` integer ids (NumPy or JAX), or a list of rows of any lengths.
+        - `attention_mask`: optional 0/1 mask of `ids`' shape (an
+          [`eqzoo.data.EncodedBatch`][]'s): only the positions marked 1 are decoded, so a
+          left- or right-padded batch decodes to its texts.
+
+        **Returns:** a list of strings, one a row.
+        """
+        return [self.decode(row) for row in rows_to_decode(ids, attention_mask, f"{type(self).__name__}.decode_batch")]
 
     @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:

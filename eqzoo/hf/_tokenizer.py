@@ -1,15 +1,17 @@
 """Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, no_type_check
+from typing import Any, Literal, no_type_check
 
 import numpy as np
 from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
-from ..data import AbstractTokenizer, TokenizerError
+from ..data import AbstractTokenizer, EncodedBatch, TokenizerError
+from ..data._encoding import check_batch_request, check_fits, rows_to_decode
 from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
 from ._files import TOKENIZER_NAME, read_json_object
@@ -52,7 +54,10 @@ class HFTokenizer(AbstractTokenizer):
     """A Hugging Face fast tokenizer (`tokenizers.Tokenizer`) behind eqzoo's tokenizer protocol.
 
     `encode` gives int32 numpy ids ready for `eqzoo.generate`; `decode` turns ids back into
-    text. The special tokens named in `tokenizer_config.json` (or, for older folders,
+    text. [`eqzoo.hf.HFTokenizer.encode_batch`][] encodes and pads a batch with the
+    `tokenizers` library's own batch encoder (ids and attention mask equal to transformers'
+    `tokenizer(texts, padding=...)`), ready for [`eqzoo.generation.generate_batch`][]'s
+    `attention_mask`; [`eqzoo.hf.HFTokenizer.decode_batch`][] decodes it back. The special tokens named in `tokenizer_config.json` (or, for older folders,
     `special_tokens_map.json`) are
     available as `bos_token_id`, `eos_token_id`, `pad_token_id` and `unk_token_id` (`None` when
     unknown). A chat model's template (`chat_template.jinja`, or `chat_template` in
@@ -63,16 +68,25 @@ class HFTokenizer(AbstractTokenizer):
 
     def __init__(
         self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None,
-        chat_template: str | Mapping[str, str] | None = None,
+        chat_template: str | Mapping[str, str] | None = None, *, padding_side: str = "right",
     ):
         """**Arguments:**
 
         - `tokenizer`: a `tokenizers.Tokenizer`.
-        - `special_tokens`: optional `{"eos_token": "</s>", ...}` naming the special tokens.
+        - `special_tokens`: optional `{"eos_token": "</s>", ...}` naming the special tokens;
+          `"pad_token"` is what `encode_batch` pads with.
         - `chat_template`: optional Jinja chat template (Hugging Face's format), or several by
           name (`"default"`, and `"tool_use"` for calls with tools, as transformers picks them).
+        - `padding_side`: `"right"` or `"left"`, the side `encode_batch` pads on by default
+          (`tokenizer_config.json`'s `padding_side`).
         """
+        if padding_side not in ("right", "left"):
+            raise TokenizerError(f"HFTokenizer: padding_side must be 'right' or 'left'; got {padding_side!r}.")
         self.tokenizer = tokenizer
+        self._padding_side = padding_side
+        # encode_batch sets padding and truncation on the shared `tokenizers.Tokenizer` for one
+        # call (as transformers does) and restores them; the lock keeps other calls out meanwhile.
+        self._lock = threading.Lock()
         self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
         if isinstance(chat_template, Mapping):
             chat_template = dict(chat_template)
@@ -95,6 +109,12 @@ class HFTokenizer(AbstractTokenizer):
             raise HFFormatError(f"cannot read {str(file)!r} as a tokenizers tokenizer.json: {err}") from None
         special: dict[str, str] = {}
         config: dict[str, Any] = {}
+        # A tokenizer.json may carry its own padding settings; transformers takes its pad token
+        # and side as defaults, under tokenizer_config.json's.
+        json_padding = tokenizer.padding or {}
+        if isinstance(json_padding.get("pad_token"), str) and tokenizer.token_to_id(json_padding["pad_token"]) is not None:
+            special["pad_token"] = json_padding["pad_token"]
+        padding_side = json_padding.get("direction", "right")
         # tokenizer_config.json names the special tokens; older folders (and some published
         # ones) name them in special_tokens_map.json, which transformers reads after it: where
         # both name one, special_tokens_map.json's wins, as in transformers 4 and 5.
@@ -109,7 +129,10 @@ class HFTokenizer(AbstractTokenizer):
                     special[key] = token
             if name == "tokenizer_config.json":
                 config = data
-        return cls(tokenizer, special, _read_chat_template(file.parent, config))
+        padding_side = config.get("padding_side", padding_side)
+        if padding_side not in ("right", "left"):
+            raise HFFormatError(f"{str(file.with_name('tokenizer_config.json'))!r}: padding_side must be 'right' or 'left'; got {padding_side!r}.")
+        return cls(tokenizer, special, _read_chat_template(file.parent, config), padding_side=padding_side)
 
     def _special_id(self, key: str) -> int | None:
         token = self._special.get(key)
@@ -131,6 +154,12 @@ class HFTokenizer(AbstractTokenizer):
         return self._special_id("pad_token")
 
     @property
+    def padding_side(self) -> str:
+        """The side `encode_batch` pads on unless told: `tokenizer_config.json`'s `padding_side`,
+        else `"right"`."""
+        return self._padding_side
+
+    @property
     def unk_token_id(self) -> int | None:
         """The id of the unknown token, if known."""
         return self._special_id("unk_token")
@@ -145,21 +174,148 @@ class HFTokenizer(AbstractTokenizer):
         as Llama's BOS, unless `add_special_tokens=False`)."""
         if not isinstance(text, str):
             raise TokenizerError(f"HFTokenizer.encode takes a str, got {type(text).__name__}.")
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        with self._lock:
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         return np.asarray(ids, dtype=np.int32)
 
+    @no_type_check  # checked with messages that say how to fix the call
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        padding: Literal["longest", "max_length"] = "longest",
+        max_length: int | None = None,
+        truncation: bool = False,
+        padding_side: Literal["right", "left"] | None = None,
+        pad_to_multiple_of: int | None = None,
+        pad_token_id: int | None = None,
+        add_special_tokens: bool = True,
+    ) -> EncodedBatch:
+        """Encode several texts and pad them to one width, with the attention mask.
+
+        The ids and mask equal transformers' `tokenizer(texts, padding=..., truncation=...,
+        max_length=..., padding_side=..., pad_to_multiple_of=...)["input_ids"]` and
+        `["attention_mask"]`, as int32 arrays: both come from the `tokenizers` library's batch
+        encoder (parallel, in Rust) with its padding and truncation switched on for the call.
+        For decoding, pad on the left or the right and pass both to
+        [`eqzoo.generation.generate_batch`][]:
+
+        ```python
+        batch = tokenizer.encode_batch(prompts, padding_side="left")
+        out = generate_batch(model, batch.ids, attention_mask=batch.attention_mask,
+                             max_new_tokens=32, pad_token=tokenizer.pad_token_id)
+        ```
+
+        **Arguments:**
+
+        - `texts`: a list of strings.
+        - `padding`: `"longest"` (transformers' `padding=True`) or `"max_length"`.
+        - `max_length`: the width for `padding="max_length"` and the cut for `truncation`
+          (special tokens included, as in transformers). Unlike transformers there is no
+          `model_max_length` default: pass it.
+        - `truncation`: cut texts longer than `max_length` tokens, keeping their start.
+        - `padding_side`: `"right"` or `"left"`; default [`eqzoo.hf.HFTokenizer.padding_side`][].
+        - `pad_to_multiple_of`: round the width up to a multiple of this.
+        - `pad_token_id`: the id to pad with; default the tokenizer's `pad_token_id`. A
+          tokenizer without a pad token (GPT-2's and Llama's have none) is refused rather than
+          padded with 0 or eos unasked: pass `pad_token_id=tokenizer.eos_token_id` (the mask
+          hides the padding from the model) or set `pad_token` in `tokenizer_config.json`.
+        - `add_special_tokens`: add the tokenizer's own special tokens (Llama's BOS, say), as
+          `encode` does.
+
+        **Returns:** an [`eqzoo.data.EncodedBatch`][]: `ids` and `attention_mask`, int32
+        `(batch, seq)`, and `padding_side`.
+
+        **Raises:** `TokenizerError` for a missing pad token, `truncation=True` or
+        `padding="max_length"` without `max_length`, a text longer than `max_length` under
+        `padding="max_length"` without `truncation`, or a malformed list of texts.
+        """
+        request = check_batch_request(
+            "HFTokenizer.encode_batch", texts, padding=padding, max_length=max_length, truncation=truncation,
+            padding_side=self.padding_side if padding_side is None else padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id,
+            default_pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
+        )
+        if not isinstance(add_special_tokens, bool):
+            raise TokenizerError(f"HFTokenizer.encode_batch: add_special_tokens must be True or False; got {add_special_tokens!r}.")
+        tok = self.tokenizer
+        with self._lock:
+            saved_padding, saved_truncation = tok.padding, tok.truncation
+            try:
+                if request.truncation:
+                    tok.enable_truncation(request.max_length, stride=0, strategy="longest_first", direction="right")
+                else:
+                    tok.no_truncation()
+                # A fixed length pads shorter rows and leaves longer ones as they are (checked below).
+                tok.enable_padding(
+                    direction=request.padding_side, pad_id=request.pad_token_id,
+                    pad_token=tok.id_to_token(request.pad_token_id),
+                    length=request.max_length if request.padding == "max_length" else None,
+                    pad_to_multiple_of=request.pad_to_multiple_of,
+                )
+                encodings = tok.encode_batch(request.texts, add_special_tokens=add_special_tokens)
+            except Exception as err:  # the Rust side raises a bare Exception (a max_length below the special tokens' count, say)
+                raise TokenizerError(f"HFTokenizer.encode_batch: the tokenizers library refused the batch: {err}") from None
+            finally:
+                tok.no_padding()
+                tok.no_truncation()
+                if saved_padding is not None:
+                    tok.enable_padding(**saved_padding)
+                if saved_truncation is not None:
+                    tok.enable_truncation(**saved_truncation)
+        masks = [e.attention_mask for e in encodings]
+        check_fits([sum(m) for m in masks], request, "HFTokenizer.encode_batch")
+        return EncodedBatch(
+            np.asarray([e.ids for e in encodings], dtype=np.int32), np.asarray(masks, dtype=np.int32), request.padding_side
+        )
+
     @no_type_check  # checked below with a message that says how to fix the call
-    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        """The text of one sequence of token ids."""
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of one sequence of token ids.
+
+        `skip_special_tokens` defaults to `False`, as in transformers: special tokens (eos, a
+        chat template's `<|im_start|>`) are written out, so `decode(encode(text)) == text` for
+        text that holds them. Padding is best removed with the mask
+        ([`eqzoo.hf.HFTokenizer.decode_batch`][] takes it, or `decode(row[mask == 1])`), which
+        works whether or not the pad token is special.
+        """
         arr = np.asarray(ids)
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise TokenizerError(
                 f"HFTokenizer.decode takes one 1-d sequence of integer ids; got shape {arr.shape} "
-                f"and dtype {arr.dtype}. Decode one row at a time."
+                f"and dtype {arr.dtype}. Decode one row at a time, or a batch with decode_batch."
             )
+        self._check_ids(arr)
+        return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
+
+    def _check_ids(self, arr: np.ndarray) -> None:
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             raise TokenizerError(f"token ids must lie in [0, {self.vocab_size}); got ids from {arr.min()} to {arr.max()}.")
-        return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
+
+    @no_type_check  # checked with messages that say how to fix the call
+    def decode_batch(self, ids: Any, attention_mask: Any = None, *, skip_special_tokens: bool = False) -> list[str]:
+        """Decode each row of a batch (with the `tokenizers` library's batch decoder); with
+        `attention_mask`, without its padding.
+
+        **Arguments:**
+
+        - `ids`: `(batch, seq)` integer ids (NumPy or JAX), or a list of rows of any lengths.
+        - `attention_mask`: optional 0/1 mask of `ids`' shape, such as an
+          [`eqzoo.data.EncodedBatch`][]'s: only positions marked 1 are decoded, so a left- or
+          right-padded batch decodes to its texts whichever its pad token.
+        - `skip_special_tokens`: drop special tokens; `False` by default, as in transformers'
+          `batch_decode` (see [`eqzoo.hf.HFTokenizer.decode`][]).
+
+        **Returns:** a list of strings, one a row.
+        """
+        rows = rows_to_decode(ids, attention_mask, "HFTokenizer.decode_batch")
+        for row in rows:
+            if row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)):
+                raise TokenizerError(
+                    f"HFTokenizer.decode_batch takes rows of integer ids; got a row of shape {row.shape} and dtype {row.dtype}."
+                )
+            self._check_ids(row)
+        return self.tokenizer.decode_batch([[int(i) for i in row] for row in rows], skip_special_tokens=skip_special_tokens)
 
     def _template(self, who: str, tools: Any = None) -> str:
         template = self.chat_template
@@ -236,6 +392,64 @@ class HFTokenizer(AbstractTokenizer):
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @no_type_check  # check_messages says how to fix a bad conversation
+    def apply_chat_template_batch(
+        self,
+        conversations: Sequence[Sequence[Mapping[str, Any]]],
+        *,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        padding: Literal["longest", "max_length"] = "longest",
+        max_length: int | None = None,
+        truncation: bool = False,
+        padding_side: Literal["right", "left"] | None = None,
+        pad_to_multiple_of: int | None = None,
+        pad_token_id: int | None = None,
+        **template_kwargs: Any,
+    ) -> EncodedBatch:
+        """Several conversations rendered with the chat template and padded into one batch:
+        prompts for [`eqzoo.generation.generate_batch`][].
+
+        Each conversation is rendered as [`eqzoo.hf.HFTokenizer.apply_chat_template`][] renders
+        it, then the texts are encoded as [`eqzoo.hf.HFTokenizer.encode_batch`][] encodes them,
+        without adding special tokens (the template writes them): the ids and mask of
+        transformers' `apply_chat_template(conversations, padding=..., return_dict=True)`.
+
+        ```python
+        batch = tokenizer.apply_chat_template_batch(conversations, add_generation_prompt=True, padding_side="left")
+        out = generate_batch(model, batch.ids, attention_mask=batch.attention_mask, max_new_tokens=64)
+        # row i of out: its prompt (batch.lengths[i] ids), the reply, then padding
+        replies = tokenizer.decode_batch([row[n:] for row, n in zip(np.asarray(out), batch.lengths)], skip_special_tokens=True)
+        ```
+
+        **Arguments:** `conversations`, a list of conversations (each a list of messages);
+        `add_generation_prompt`, `continue_final_message` and `template_kwargs` as for
+        `apply_chat_template`; the padding arguments as for `encode_batch`.
+
+        **Returns:** an [`eqzoo.data.EncodedBatch`][].
+        """
+        if isinstance(conversations, str | bytes | Mapping) or not isinstance(conversations, Sequence) or not conversations:
+            raise TokenizerError(
+                "apply_chat_template_batch takes a non-empty list of conversations, each a list of messages; "
+                f"got {type(conversations).__name__}. For one conversation use apply_chat_template."
+            )
+        if any(isinstance(c, Mapping) for c in conversations):
+            raise TokenizerError(
+                "apply_chat_template_batch takes a list of conversations, and got a list of messages: one "
+                "conversation. Wrap it, [messages], or use apply_chat_template(messages)."
+            )
+        texts = [
+            self.apply_chat_template(
+                c, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                tokenize=False, **template_kwargs,
+            )
+            for c in conversations
+        ]
+        return self.encode_batch(
+            texts, padding=padding, max_length=max_length, truncation=truncation, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id, add_special_tokens=False,
+        )
+
+    @no_type_check  # check_messages says how to fix a bad conversation
     def encode_chat(
         self, messages: Sequence[Mapping[str, Any]], **template_kwargs: Any
     ) -> tuple[Int[np.ndarray, " seq"], Bool[np.ndarray, " seq"]]:
@@ -271,7 +485,8 @@ class HFTokenizer(AbstractTokenizer):
                 )
         template = self._template("encode_chat", template_kwargs.get("tools"))
         text, spans = assistant_spans(template, check_messages(messages), self._special_strings(), **template_kwargs)
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        with self._lock:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
         tokens = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(tokens.shape, dtype=bool)
         if spans and tokens.size:
@@ -281,11 +496,13 @@ class HFTokenizer(AbstractTokenizer):
         return tokens, mask
 
     def to_dict(self) -> dict[str, Any]:
-        """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}, "chat_template": ...}`,
-        JSON-able."""
+        """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}, "chat_template": ...,
+        "padding_side": ...}`, JSON-able."""
+        with self._lock:
+            tokenizer_json = self.tokenizer.to_str()
         return {
-            "type": "hf", "tokenizer_json": self.tokenizer.to_str(), "special_tokens": dict(self._special),
-            "chat_template": self.chat_template,
+            "type": "hf", "tokenizer_json": tokenizer_json, "special_tokens": dict(self._special),
+            "chat_template": self.chat_template, "padding_side": self._padding_side,
         }
 
     @classmethod
@@ -294,13 +511,17 @@ class HFTokenizer(AbstractTokenizer):
         if not isinstance(d, Mapping) or d.get("type") != "hf" or "tokenizer_json" not in d:
             raise TokenizerError("HFTokenizer.from_dict needs the output of HFTokenizer.to_dict() (type 'hf').")
         tokenizers = require("tokenizers", "hf")
-        return cls(tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"), d.get("chat_template"))
+        return cls(
+            tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"), d.get("chat_template"),
+            padding_side=d.get("padding_side", "right"),
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        return hash(self.tokenizer.to_str())
+        with self._lock:
+            return hash(self.tokenizer.to_str())
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size})"

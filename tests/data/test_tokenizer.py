@@ -113,3 +113,48 @@ def test_from_dict_errors():
         CharTokenizer.from_dict({"type": "byte"})
     with pytest.raises(ConfigError, match="expects a dict with exactly the keys"):
         ByteTokenizer.from_dict({"type": "byte", "extra": 1})
+
+
+def test_encode_batch_pads_on_either_side_and_decodes_back():
+    # The default on AbstractTokenizer: encode each text, cut, pad with the given id.
+    tok = CharTokenizer.from_text("abcdef_")
+    pad = tok.encode("_")[0]
+    texts = ["abc", "f", "dead"]
+    right = tok.encode_batch(texts, pad_token_id=pad)
+    assert right.ids.dtype == right.attention_mask.dtype == np.int32 and right.padding_side == "right"
+    np.testing.assert_array_equal(right.ids, np.stack([tok.encode(t) for t in ("abc_", "f___", "dead")]))
+    np.testing.assert_array_equal(right.attention_mask, [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(right.lengths, [3, 1, 4])
+    left = tok.encode_batch(texts, pad_token_id=pad, padding_side="left", pad_to_multiple_of=3)
+    np.testing.assert_array_equal(left.ids, np.stack([tok.encode(t) for t in ("___abc", "_____f", "__dead")]))
+    np.testing.assert_array_equal(left.attention_mask.sum(1), [3, 1, 4])
+    for batch in (right, left):
+        assert tok.decode_batch(batch.ids, batch.attention_mask) == texts
+    assert tok.decode_batch(left.ids)[1] == "_____f"  # no mask: every id
+    cut = ByteTokenizer().encode_batch(["héllo", "hi"], padding="max_length", max_length=3, truncation=True, pad_token_id=0)
+    np.testing.assert_array_equal(cut.ids, [[104, 195, 169], [104, 105, 0]])
+    assert ByteTokenizer().decode_batch([[104, 105], [33]]) == ["hi", "!"]  # rows of any lengths
+
+
+def test_encode_batch_errors():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(TokenizerError, match=r"no pad token, and eqzoo never pads with 0 or eos silently\. Pass pad_token_id="):
+        tok.encode_batch(["ab", "c"])
+    with pytest.raises(TokenizerError, match=r"takes a list of strings; got str\. For one text use encode"):
+        tok.encode_batch("abc", pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"truncation=True needs max_length .*pass max_length="):
+        tok.encode_batch(["ab"], truncation=True, pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"max_length=2 does nothing with padding='longest' and truncation=False"):
+        tok.encode_batch(["ab"], max_length=2, pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"text 1 has 3 tokens, more than max_length=2 .*truncation=True"):
+        tok.encode_batch(["ab", "abc"], padding="max_length", max_length=2, pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"padding must be 'longest' .* got True"):
+        tok.encode_batch(["ab"], padding=True, pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"pad_token_id must be an id in \[0, 3\); got 3"):
+        tok.encode_batch(["ab"], pad_token_id=3)
+    with pytest.raises(TokenizerError, match=r"max_length=6, which is not a multiple of pad_to_multiple_of=4"):
+        tok.encode_batch(["ab"], truncation=True, max_length=6, pad_to_multiple_of=4, pad_token_id=0)
+    with pytest.raises(TokenizerError, match=r"attention_mask must have the ids' shape \(batch, seq\); got ids \(1, 2\) and mask \(1, 3\)"):
+        tok.decode_batch(np.zeros((1, 2), np.int32), np.ones((1, 3), np.int32))
+    with pytest.raises(TokenizerError, match=r"takes a batch of id rows, \(batch, seq\); got shape \(2,\)"):
+        tok.decode_batch(np.zeros(2, np.int32))

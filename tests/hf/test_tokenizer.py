@@ -266,3 +266,160 @@ def test_chat_template_inputs_as_transformers_passes_them(chat_dir, hft):
     assert ours.endswith("assistant\nreturn shutil")
     with pytest.raises(TokenizerError, match=r"encode_chat renders whole conversations .* add_generation_prompt"):
         chatml.encode_chat(CHAT, add_generation_prompt=True)
+
+
+TEXTS = ["import os", "def copyfileobj(fsrc, fdst, length=0):", "x", "shutil.copytree(src, dst) ünï <|endoftext|>"]
+
+
+@pytest.fixture(scope="module")
+def pad_dir(tmp_path_factory):
+    """A BPE tokenizer that adds a BOS (as Llama's does) and names a pad token."""
+    from tokenizers import processors
+
+    folder = _bpe_folder(tmp_path_factory, "pad", ["<|endoftext|>", "<pad>", "<s>"])
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "<|endoftext|>", "bos_token": "<s>", "pad_token": "<pad>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+# encode_batch's arguments, and the same request to transformers' tokenizer(...).
+BATCH_SETTINGS = [
+    ({}, {"padding": True}),
+    ({"padding_side": "left"}, {"padding": True, "padding_side": "left"}),
+    ({"truncation": True, "max_length": 5, "padding_side": "left"}, {"padding": True, "truncation": True, "max_length": 5, "padding_side": "left"}),
+    ({"padding": "max_length", "max_length": 30}, {"padding": "max_length", "max_length": 30}),
+    ({"padding": "max_length", "max_length": 29, "pad_to_multiple_of": 4, "padding_side": "left"},
+     {"padding": "max_length", "max_length": 29, "pad_to_multiple_of": 4, "padding_side": "left"}),
+    ({"pad_to_multiple_of": 8, "add_special_tokens": False}, {"padding": True, "pad_to_multiple_of": 8, "add_special_tokens": False}),
+    ({"padding": "max_length", "max_length": 12, "truncation": True, "pad_to_multiple_of": 4},
+     {"padding": "max_length", "max_length": 12, "truncation": True, "pad_to_multiple_of": 4}),
+]
+
+
+def test_encode_batch_matches_transformers(pad_dir, hft):
+    ours = load_tokenizer(pad_dir)
+    theirs = hft.transformers.AutoTokenizer.from_pretrained(pad_dir)
+    assert ours.pad_token_id == theirs.pad_token_id is not None and ours.padding_side == theirs.padding_side == "right"
+    for kwargs, reference in BATCH_SETTINGS:
+        batch = ours.encode_batch(TEXTS, **kwargs)
+        want = theirs(TEXTS, return_tensors="np", **reference)
+        assert batch.ids.dtype == batch.attention_mask.dtype == np.int32, kwargs
+        np.testing.assert_array_equal(batch.ids, want["input_ids"], err_msg=str(kwargs))  # exact
+        np.testing.assert_array_equal(batch.attention_mask, want["attention_mask"], err_msg=str(kwargs))
+        assert batch.padding_side == kwargs.get("padding_side", "right")
+    # Each row is the text's own encoding; the tokenizer's settings are left as they were.
+    batch = ours.encode_batch(TEXTS, padding_side="left", pad_to_multiple_of=8)
+    for row, mask, text in zip(batch.ids, batch.attention_mask, TEXTS, strict=True):
+        assert row[mask == 1].tolist() == ours.encode(text).tolist()
+    assert ours.tokenizer.padding is None and ours.tokenizer.truncation is None
+
+
+def test_decode_batch_and_the_skip_special_tokens_default(pad_dir, hft):
+    ours = load_tokenizer(pad_dir)
+    theirs = hft.transformers.AutoTokenizer.from_pretrained(pad_dir)
+    for side in ("left", "right"):
+        batch = ours.encode_batch(TEXTS, padding_side=side)
+        # With the mask: the texts, whichever side was padded (BOS and the literal <|endoftext|> kept).
+        assert ours.decode_batch(batch.ids, batch.attention_mask) == ["<s>" + t for t in TEXTS]
+        # Without it, as transformers' batch_decode: special tokens kept by default, or all dropped.
+        assert ours.decode_batch(batch.ids) == theirs.batch_decode(batch.ids)
+        assert ours.decode_batch(batch.ids, skip_special_tokens=True) == theirs.batch_decode(batch.ids, skip_special_tokens=True)
+    # decode keeps special tokens by default too, as transformers' decode does: text holding them round-trips.
+    ids = ours.encode(TEXTS[3], add_special_tokens=False)
+    assert ours.decode(ids) == theirs.decode(ids.tolist()) == TEXTS[3]
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids.tolist(), skip_special_tokens=True)
+
+
+def test_padding_defaults_come_from_the_tokenizer_files(pad_dir, tmp_path, hft):
+    # tokenizer_config.json's padding_side; a pad token and side from tokenizer.json's own padding.
+    tok = tokenizers.Tokenizer.from_file(str(pad_dir / "tokenizer.json"))
+    tok.enable_padding(direction="left", pad_id=tok.token_to_id("<pad>"), pad_token="<pad>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ours, theirs = load_tokenizer(tmp_path), hft.transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.pad_token_id == theirs.pad_token_id == tok.token_to_id("<pad>")
+    assert ours.padding_side == theirs.padding_side == "left"
+    np.testing.assert_array_equal(ours.encode_batch(TEXTS).ids, theirs(TEXTS, padding=True, return_tensors="np")["input_ids"])
+    # encode, as transformers' single call, does not pad.
+    assert ours.encode("x").tolist() == theirs("x")["input_ids"]
+    config = {"pad_token": "<pad>", "padding_side": "left", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (pad_dir.parent / "cfg").mkdir(exist_ok=True)
+    shutil.copy(pad_dir / "tokenizer.json", pad_dir.parent / "cfg" / "tokenizer.json")
+    (pad_dir.parent / "cfg" / "tokenizer_config.json").write_text(json.dumps(config))
+    left = load_tokenizer(pad_dir.parent / "cfg")
+    assert left.padding_side == "left" and left.encode_batch(TEXTS).attention_mask[2, 0] == 0
+    assert HFTokenizer.from_dict(json.loads(json.dumps(left.to_dict()))).padding_side == "left"
+
+
+def test_encode_batch_errors(tokenizer_dir, pad_dir):
+    plain = load_tokenizer(tokenizer_dir)  # GPT-2-like: no pad token
+    with pytest.raises(TokenizerError, match=r"no pad token, and eqzoo never pads with 0 or eos silently\. Pass pad_token_id=.*eos_token_id"):
+        plain.encode_batch(TEXTS)
+    batch = plain.encode_batch(TEXTS, pad_token_id=plain.eos_token_id)
+    assert (batch.ids[batch.attention_mask == 0] == plain.eos_token_id).all()
+    tok = load_tokenizer(pad_dir)
+    with pytest.raises(TokenizerError, match=r"padding='max_length' needs max_length"):
+        tok.encode_batch(TEXTS, padding="max_length")
+    with pytest.raises(TokenizerError, match=r"text 1 has 28 tokens, more than max_length=8 \(texts \[1, 3\] are too long\); pass truncation=True"):
+        tok.encode_batch(TEXTS, padding="max_length", max_length=8)
+    with pytest.raises(TokenizerError, match=r"item 1 is a bytes"):
+        tok.encode_batch(["a", b"b"])
+    with pytest.raises(TokenizerError, match=r"padding_side must be 'right' or 'left' .*got 'top'"):
+        tok.encode_batch(TEXTS, padding_side="top")
+    with pytest.raises(TokenizerError, match=r"token ids must lie in \[0, 300\)"):
+        tok.decode_batch(np.array([[1, 300]]))
+
+
+def test_left_padded_batch_generates_as_each_prompt_alone(pad_dir):
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import eqzoo
+    from eqzoo.generation import generate_batch
+
+    tok = load_tokenizer(pad_dir)
+    def init(key):  # one compiled program rather than an eager op per parameter
+        model = eqzoo.models.create("tiny-llama", key=key, max_seq=32, vocab_size=tok.vocab_size, num_layers=1)
+        # init_std is 0.02: scale the weights up so greedy decoding does not just repeat one token.
+        return jax.tree.map(lambda a: 8 * a if eqx.is_inexact_array(a) else a, model)
+
+    model = eqx.filter_jit(init)(jax.random.key(0))
+    prompts = ["import os", "def copy(src):", "x"]
+    batch = tok.encode_batch(prompts, padding_side="left")
+    assert batch.attention_mask[2, 0] == 0  # padded on the left
+    new = 4
+    out = np.asarray(generate_batch(model, batch.ids, attention_mask=batch.attention_mask, max_new_tokens=new, pad_token=tok.pad_token_id))
+    # Each row is its prompt alone, unpadded, then its greedy continuation: the argmax of the
+    # model run on that row alone (right padding after it is never attended to; one compile).
+    logits = eqx.filter_jit(jax.vmap(lambda m, x: m(x), in_axes=(None, 0)))(model, jnp.asarray(out))
+    for row, row_logits, prompt, n in zip(out, np.asarray(logits), prompts, batch.lengths, strict=True):
+        assert row[:n].tolist() == tok.encode(prompt).tolist()
+        np.testing.assert_array_equal(row[n : n + new], row_logits[n - 1 : n + new - 1].argmax(-1))  # greedy: exact
+        assert (row[n + new :] == tok.pad_token_id).all()
+    assert len(set(out[:, -new:].ravel().tolist())) > 1  # not a degenerate repeat
+
+
+def test_chat_batch_matches_transformers(chat_dir, hft):
+    tok = load_tokenizer(chat_dir)
+    ours = HFTokenizer(tok.tokenizer, {"pad_token": "<|endoftext|>", "eos_token": "<|im_end|>"}, chat_template=CHATML)
+    theirs = hft.transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(chat_dir / "tokenizer.json"), chat_template=CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    conversations = [CHAT[:2], CHAT[1:4], [{"role": "user", "content": "hi"}]]
+    batch = ours.apply_chat_template_batch(conversations, add_generation_prompt=True, padding_side="left")
+    want = theirs.apply_chat_template(
+        conversations, add_generation_prompt=True, padding=True, tokenizer_kwargs={"padding_side": "left"},
+        return_dict=True, return_tensors="np",
+    )
+    np.testing.assert_array_equal(batch.ids, want["input_ids"])
+    np.testing.assert_array_equal(batch.attention_mask, want["attention_mask"])
+    for row, mask, conversation in zip(batch.ids, batch.attention_mask, conversations, strict=True):
+        assert row[mask == 1].tolist() == ours.apply_chat_template(conversation, add_generation_prompt=True).tolist()
+    with pytest.raises(TokenizerError, match=r"got a list of messages: one conversation\. Wrap it, \[messages\]"):
+        ours.apply_chat_template_batch(CHAT)
+    with pytest.raises(TokenizerError, match=r"no pad token"):
+        tok.apply_chat_template_batch(conversations)
