@@ -7,15 +7,12 @@ metadata, and a CRC-32 of itself). Orbax writes a step into a temporary director
 when every file is written, so a step is either listed complete or not listed at all.
 """
 
-import atexit
-import json
 import os
 import shutil
 import signal
 import threading
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,13 +22,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
-from .._errors import user_stacklevel
 from .._typing import TextStream
 from ..train import TrainState
 from ._config import model_config
-from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, list_items
-from ._hyperparams import HyperparamsChoice, check_choice, reconcile
-from ._integrity import MANIFEST, VerifiedPyTreeHandler, verify_manifest
+from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from ._exit import OPEN, track_open
+from ._hyperparams import HyperparamsChoice, Resolved, check_choice, reconcile
+from ._integrity import VerifiedPyTreeHandler, check_step_files
 from ._meta import (
     CheckpointMeta,
     Restored,
@@ -41,16 +38,15 @@ from ._meta import (
     check_model_class,
     meta_object,
     renamed_codes,
-    run_differences,
     validate_meta,
 )
-from ._statics import check_statics, describe_statics
+from ._run import run_record, warn_changed_run, warn_newer_steps
+from ._statics import StaticsCache, check_statics
 from ._tree import (
-    default_sharding,
     describe,
     from_stored,
+    restore_specs,
     state_names,
-    stored_spec,
     to_stored,
 )
 
@@ -66,40 +62,6 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
     return int(value)
-
-
-_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()  # not yet closed; closed at exit
-_hook_registered = False
-
-
-def _close_open_at_exit() -> None:
-    for ckpt in list(_OPEN):
-        ckpt.close()
-
-
-def _track_open(ckpt: "Checkpointer") -> None:
-    # A save still being written when the main program ends must be committed before the
-    # interpreter shuts down the thread pools orbax's background commit submits work to.
-    # concurrent.futures stops accepting work in threading's own exit hooks, which run before
-    # `atexit`'s: a plain atexit handler waits too late (the commit fails with "cannot schedule
-    # new futures after interpreter shutdown" and the step stays an unfinished temporary
-    # directory). threading's hooks run newest first, so this one runs before that shutdown:
-    # it is registered once, when the first Checkpointer is made (concurrent.futures is
-    # imported by then), and closes every Checkpointer still open. Those hooks can never be
-    # unregistered, so one per Checkpointer would pile up in a long process.
-    global _hook_registered
-    _OPEN.add(ckpt)
-    if _hook_registered:
-        return
-    _hook_registered = True
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(_close_open_at_exit)
-            return
-        except RuntimeError:  # already shutting down
-            pass
-    atexit.register(_close_open_at_exit)
 
 
 def _committed_steps(directory: Path) -> list[int]:
@@ -196,7 +158,7 @@ class Checkpointer:
         self._previous_handlers: dict[int, Any] = {}
         self._closed = False
         self._warned_no_data_state = False
-        self._statics_cache: tuple[Any, dict[str, Any]] | None = None
+        self._statics = StaticsCache()
         self._run: dict[str, Any] | None = None
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,7 +167,7 @@ class Checkpointer:
                     continue
                 self._previous_handlers[sig] = previous
                 signal.signal(sig, self._on_signal)
-        _track_open(self)
+        track_open(self)
 
     # ------------------------------------------------------------------ listing
 
@@ -339,7 +301,7 @@ class Checkpointer:
         if self._pending is not None:
             self._report_commit()
         if self._current_step is None and self._restored_step is not None:
-            self._warn_newer_steps()
+            warn_newer_steps(self._restored_step, self.all_steps(), self._directory)
         self._current_step = step
         due = force or self._signal is not None or (self._save_every is not None and step % self._save_every == 0)
         if not due:
@@ -357,44 +319,17 @@ class Checkpointer:
 
     def begin_run(self, run: Mapping[str, Any], *, step: int) -> None:
         """The [`eqzoo.train.fit`][] hook, called before the first step: `run` (the run's
-        `num_steps`, batch shapes and `run_config`) is recorded in every step saved from now on.
-        When training goes on from a committed `step` whose record differs (a changed batch
-        shape or `run_config` entry, such as a learning rate; not `num_steps`, which a run
-        trained on for longer changes), warns once, naming each setting and both values.
+        `num_steps`, batch shapes, `run_config` and the `optax.inject_hyperparams` values its
+        state starts from, `hyperparams`) is recorded in every step saved from now on. When
+        training goes on from a committed `step` whose record differs (a changed batch shape,
+        `run_config` entry or injected value, such as a learning rate; not `num_steps`, which a
+        run trained on for longer changes), warns once, naming each setting and both values.
 
         **Raises:** `CheckpointError` if `run` is not JSON-able.
         """
-        try:
-            self._run = json.loads(json.dumps(dict(run)))
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"fit's run record (its run_config) must be JSON-able: {err}") from err
-        if step not in self.all_steps():
-            return
-        # num_steps is recorded but not compared: training on for longer is the usual resume
-        differ = [d for d in run_differences(self._read_meta(step).get("run"), self._run) if not d.startswith("num_steps:")]
-        if differ:
-            warnings.warn(
-                f"training goes on from step {step} of {self._directory} with other settings than the run "
-                f"that saved it ({len(differ)} changed):\n" + list_items(differ)
-                + "\nThe run goes on as now set up and records the new settings with its next saves "
-                "(but an optax.inject_hyperparams optimizer keeps the restored hyperparameters in its "
-                "state, unless restored with Checkpointer.restore(..., hyperparams='target')); if that "
-                "is not meant, restart with the saved ones (Checkpointer.meta(step).run holds them).",
-                stacklevel=user_stacklevel(),
-            )
-
-    def _warn_newer_steps(self) -> None:
-        # Training on from an older step than the newest committed one (restore(step=...)): its
-        # first save of a step that is already committed raises, perhaps hours from now.
-        newer = [s for s in self.all_steps() if s > self._restored_step]
-        if newer:
-            warnings.warn(
-                f"training goes on from step {self._restored_step}, but {self._directory} already holds the "
-                f"newer committed step(s) {newer}; saving any of them again raises CheckpointError. To "
-                "branch from this step, move the newer steps out of the directory (or save into another "
-                "directory) before training.",
-                stacklevel=user_stacklevel(),
-            )
+        self._run = run_record(run)
+        if step in self.all_steps():
+            warn_changed_run(self._read_meta(step).get("run"), self._run, step=step, directory=self._directory)
 
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT was received and the current step is saved and committed
@@ -448,7 +383,7 @@ class Checkpointer:
         finally:
             if threading.current_thread() is threading.main_thread():
                 self._restore_signals()
-            _OPEN.discard(self)
+            OPEN.discard(self)
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -535,7 +470,12 @@ class Checkpointer:
           run goes on as it was; a real target holding other values gets a warning naming each.
           `"target"`: the target's, to train on with the values the code now passes (a learning
           rate changed on purpose); needs a real target (`TrainState.create`), not an abstract
-          one. Scheduled hyperparameters follow the optimizer's schedule either way.
+          one. A dict, `{"learning_rate": 1e-4}`: the saved ones, with those it names set to its
+          values (cast to the stored dtype, placed as the restored arrays are), from a real or
+          an abstract target alike: a fine-tune resumed with a new learning rate. A name is the
+          hyperparameter's (`"learning_rate"`), or its path (`"opt_state.1.hyperparams.learning_rate"`)
+          where two injected states share it. Scheduled hyperparameters follow the optimizer's
+          schedule whichever you choose, and cannot be set.
 
         **Returns:** [`eqzoo.checkpoint.Restored`][] `(state, data_state, meta)`; pass
         `data_state` to the loader's `load_state_dict`.
@@ -544,20 +484,22 @@ class Checkpointer:
         `CheckpointMismatchError` (the arrays do not fit `target`, listing each path; or the
         target's model config or non-array settings differ from the saved ones, listing each),
         `CheckpointCorruptError` (integrity check failed; with `fallback_to_intact` the newest
-        intact older step is restored instead, with a warning), `CheckpointVersionError`.
+        intact older step is restored instead, with a warning), `CheckpointVersionError`;
+        `CheckpointError` for a `hyperparams` dict naming what is not an unscheduled injected
+        hyperparameter of the target (listing those it has), or a value that is not a number.
         """
         if not isinstance(target, TrainState):
             raise CheckpointError(
                 f"Checkpointer.restore needs a TrainState target (real or from abstract_state); got {type(target).__name__}."
             )
-        check_choice(hyperparams, target, state_names(target))
+        chosen = check_choice(hyperparams, target, state_names(target))
         candidates = self._pick_steps(step)
         if step is not None or not self._fallback:
             candidates = candidates[:1]
         corrupt: list[CheckpointCorruptError] = []
         for s in candidates:
             try:
-                restored = self._restore_step(target, s, shardings, allow_config_change, hyperparams)
+                restored = self._restore_step(target, s, shardings, allow_config_change, chosen)
             except CheckpointCorruptError as err:
                 corrupt.append(err)
                 continue
@@ -597,13 +539,6 @@ class Checkpointer:
         self._manager.reload()
         return str(dest)
 
-    def _statics(self, state: TrainState) -> dict[str, Any]:
-        # Every state a compiled step returns shares its structure: described once per structure.
-        cached = self._statics_cache
-        if cached is None or cached[0] is not state.structure:
-            cached = self._statics_cache = (state.structure, describe_statics(state.model))
-        return cached[1]
-
     def _stored_config(self, state: TrainState) -> Any:
         """The config `save` stores for `state` unless given one: the constructor's, else the
         model's own."""
@@ -611,7 +546,7 @@ class Checkpointer:
 
     def _restore_step(
         self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False,
-        hyperparams: HyperparamsChoice = "saved",
+        hyperparams: Resolved = "saved",
     ) -> Restored:
         meta = self._read_meta(step)
         names = state_names(target)
@@ -627,36 +562,8 @@ class Checkpointer:
         if not allow_config_change:
             check_config(meta.get("config"), self._stored_config(target), where=where)
             check_statics(meta.get("statics"), target.model, where=where)
-        state_dir = self._step_dir(step) / _STATE
-        problems = verify_manifest(state_dir)
-        if problems is None:
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory}: the checksum manifest {state_dir / MANIFEST} is missing or "
-                "unreadable, so the arrays cannot be verified.",
-                step=step, parameters=("<manifest>",),
-            )
-        if problems:
-            stored_names = {stored_as.get(n, n) for n in leaves}
-            affected = sorted({rel.split("/")[0] if rel.split("/")[0] in stored_names else f"<{rel}>" for rel, _ in problems})
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory} is corrupt; damaged parameter(s): {affected}.\n"
-                + list_items([f"{rel}: {why}" for rel, why in problems]),
-                step=step, parameters=tuple(affected),
-            )
-        abstract, restore_args = {}, {}
-        for name, leaf in leaves.items():
-            if callable(shardings) and not isinstance(shardings, Sharding):
-                sharding = shardings(name, leaf)
-            else:
-                sharding = default_sharding(leaf, shardings)
-            spec = stored_spec(leaf, sharding)
-            try:
-                spec.sharding.shard_shape(spec.shape)
-            except Exception as err:
-                raise CheckpointError(f"cannot place {name} of shape {spec.shape} with sharding {spec.sharding}: {err}") from err
-            stored_name = stored_as.get(name, name)
-            abstract[stored_name] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
-            restore_args[stored_name] = ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
+        check_step_files(self._step_dir(step) / _STATE, {stored_as.get(n, n) for n in leaves}, step=step, where=where)
+        abstract, restore_args = restore_specs(leaves, shardings, stored_as)
         try:
             stored = self._read_arrays(step, abstract, restore_args)
         except Exception as err:  # TensorStore read failures surface as several exception types

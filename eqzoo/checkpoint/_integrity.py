@@ -16,6 +16,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from ._errors import CheckpointCorruptError, list_items
+
 MANIFEST = "eqzoo_checksums.json"
 _CHUNK = 8 << 20
 
@@ -115,3 +117,22 @@ def with_crc(meta: dict[str, Any]) -> dict[str, Any]:
 def crc_ok(meta: dict[str, Any]) -> bool:
     """Whether `meta["crc32"]` matches the rest of `meta`."""
     return isinstance(meta, dict) and meta.get("crc32") == with_crc(meta)["crc32"]
+
+
+def check_step_files(state_dir: Path, stored_names: set[str], *, step: int, where: str) -> None:
+    """Raise `CheckpointCorruptError` when the arrays of a step (`state_dir`) fail their checksum
+    manifest, naming each damaged parameter (one of `stored_names`) or other file."""
+    problems = verify_manifest(state_dir)
+    if problems is None:
+        raise CheckpointCorruptError(
+            f"{where}: the checksum manifest {state_dir / MANIFEST} is missing or "
+            "unreadable, so the arrays cannot be verified.",
+            step=step, parameters=("<manifest>",),
+        )
+    if problems:
+        affected = sorted({rel.split("/")[0] if rel.split("/")[0] in stored_names else f"<{rel}>" for rel, _ in problems})
+        raise CheckpointCorruptError(
+            f"{where} is corrupt; damaged parameter(s): {affected}.\n"
+            + list_items([f"{rel}: {why}" for rel, why in problems]),
+            step=step, parameters=tuple(affected),
+        )

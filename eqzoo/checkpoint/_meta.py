@@ -34,8 +34,9 @@ class CheckpointMeta:
     model config, rebuilt as its dataclass, or `None`); `data_state` (the loader's `state_dict()`,
     or `None`); `metadata` (the user dict passed to `save`); `arrays` (`{name: {"shape",
     "dtype"}}` for every stored array); `run` (what [`eqzoo.train.fit`][] recorded of the run
-    that saved it: `num_steps`, the batch shapes, your `run_config`; `None` for a save outside
-    `fit` or one written by an older eqzoo).
+    that saved it: `num_steps`, the batch shapes, your `run_config`, and `hyperparams`, the
+    `optax.inject_hyperparams` values it started from, where its optimizer has any; `None` for a
+    save outside `fit` or one written by an older eqzoo).
     """
 
     step: int
@@ -204,28 +205,6 @@ def _shown(value: Any) -> str:
         return repr(config_from_dict(value))
     except Exception:  # an encoded form this eqzoo cannot rebuild: show it as stored
         return repr(value)
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def run_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
-    """`"setting: saved X, now Y"` for each setting of [`eqzoo.train.fit`][]'s run record
-    (`num_steps`, `batch...`, `run_config...`, nested keys joined by dots) that differs."""
-    if not isinstance(saved, dict):
-        return []
-    a, b = _flat(saved, ""), _flat(json.loads(json.dumps(dict(now))), "")
-    return [
-        f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
-    ]
 
 
 def renamed_codes(expected: Mapping[str, Any], found: Mapping[str, Any]) -> dict[str, str]:

@@ -117,3 +117,17 @@ def _shown(value: Any) -> str:
         return repr(config_from_dict(value))
     except Exception:  # an encoded form this eqzoo cannot rebuild: show it as stored
         return repr(value)
+
+
+class StaticsCache:
+    """`describe_statics(state.model)` of a `TrainState`, described once per structure: every
+    state a compiled step returns shares its structure."""
+
+    def __init__(self):
+        self._cached: tuple[Any, dict[str, Any]] | None = None
+
+    def __call__(self, state: Any) -> dict[str, Any]:
+        cached = self._cached
+        if cached is None or cached[0] is not state.structure:
+            cached = self._cached = (state.structure, describe_statics(state.model))
+        return cached[1]

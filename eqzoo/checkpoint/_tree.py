@@ -14,7 +14,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
 from .._errors import shape_str
 from ._errors import CheckpointError
@@ -151,3 +152,23 @@ def default_sharding(leaf: Any, override) -> Any:
 
 def is_array_like(x: Any) -> bool:
     return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def restore_specs(leaves: dict[str, Any], shardings: Any, stored_as: dict[str, str]) -> tuple[dict, dict]:
+    """`(abstract, restore_args)` for orbax: for each target leaf (`{name: leaf}`), keyed by its
+    stored name (`stored_as`, else its own), where `shardings` (`restore`'s argument) puts it."""
+    abstract, restore_args = {}, {}
+    for name, leaf in leaves.items():
+        if callable(shardings) and not isinstance(shardings, Sharding):
+            sharding = shardings(name, leaf)
+        else:
+            sharding = default_sharding(leaf, shardings)
+        spec = stored_spec(leaf, sharding)
+        try:
+            spec.sharding.shard_shape(spec.shape)
+        except Exception as err:
+            raise CheckpointError(f"cannot place {name} of shape {spec.shape} with sharding {spec.sharding}: {err}") from err
+        stored_name = stored_as.get(name, name)
+        abstract[stored_name] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=spec.sharding)
+        restore_args[stored_name] = ocp.ArrayRestoreArgs(sharding=spec.sharding, global_shape=spec.shape, dtype=spec.dtype)
+    return abstract, restore_args

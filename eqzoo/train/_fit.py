@@ -61,8 +61,12 @@ def _evaluated(history: list[dict[str, float]], step: int) -> bool:
     return bool(history) and history[-1]["step"] == step and any(k.startswith("eval/") for k in history[-1])
 
 
-def _run_record(num_steps: int, batch: Any, run_config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """What a checkpoint records of the run that saved it (read on the host: no device sync)."""
+def _run_record(
+    num_steps: int, batch: Any, run_config: Mapping[str, Any] | None, hyperparams: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint records of the run that saved it (the batch is described on the host, no
+    device sync); `hyperparams`, the `optax.inject_hyperparams` values the state starts from,
+    only when it has any."""
     leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
 
     def name(path) -> str:
@@ -73,7 +77,10 @@ def _run_record(num_steps: int, batch: Any, run_config: Mapping[str, Any] | None
         for path, x in leaves
         if hasattr(x, "shape") and hasattr(x, "dtype")
     }
-    return {"num_steps": num_steps, "batch": shapes, "run_config": dict(run_config or {})}
+    record = {"num_steps": num_steps, "batch": shapes, "run_config": dict(run_config or {})}
+    if hyperparams:
+        record["hyperparams"] = dict(hyperparams)
+    return record
 
 
 def fit(
@@ -122,9 +129,9 @@ def fit(
       run is (below).
     - `run_config`: your run's settings that `fit` cannot see (learning rate, schedule,
       warmup, ...), a JSON-able dict. With `num_steps` and the first batch's shapes and
-      dtypes it is recorded in every checkpoint the `checkpointer` saves (`meta.run`), and a
-      run resumed from a checkpoint whose record differs warns once, naming each setting that
-      changed.
+      dtypes, and the numeric `optax.inject_hyperparams` values the state starts from, it is
+      recorded in every checkpoint the `checkpointer` saves (`meta.run`), and a run resumed
+      from a checkpoint whose record differs warns once, naming each setting that changed.
 
     **Returns:** a [`eqzoo.train.FitResult`][].
     """
@@ -209,7 +216,10 @@ def fit(
             stopped = True
         else:
             if callable(begin_run):  # before the first step: a bad run_config fails here
-                begin_run(_run_record(num_steps, batch, run_config), step=first_step)
+                # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
+                from ..checkpoint._hyperparams import injected_values
+
+                begin_run(_run_record(num_steps, batch, run_config, injected_values(state)), step=first_step)
                 begin_run = None
             state, metrics = train_step(state, batch)
             step += 1
