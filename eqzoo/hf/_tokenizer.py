@@ -115,6 +115,10 @@ class HFTokenizer(AbstractTokenizer):
         if isinstance(json_padding.get("pad_token"), str) and tokenizer.token_to_id(json_padding["pad_token"]) is not None:
             special["pad_token"] = json_padding["pad_token"]
         padding_side = json_padding.get("direction", "right")
+        # ...but a single encode neither pads nor truncates unless asked, as in transformers
+        # (encode_batch sets both for its call).
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
         # tokenizer_config.json names the special tokens; older folders (and some published
         # ones) name them in special_tokens_map.json, which transformers reads after it: where
         # both name one, special_tokens_map.json's wins, as in transformers 4 and 5.

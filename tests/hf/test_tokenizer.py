@@ -352,6 +352,16 @@ def test_padding_defaults_come_from_the_tokenizer_files(pad_dir, tmp_path, hft):
     left = load_tokenizer(pad_dir.parent / "cfg")
     assert left.padding_side == "left" and left.encode_batch(TEXTS).attention_mask[2, 0] == 0
     assert HFTokenizer.from_dict(json.loads(json.dumps(left.to_dict()))).padding_side == "left"
+    # A file that pads to a fixed length and truncates: a single encode does neither (as in
+    # transformers, which switches both off for a call that does not ask for them).
+    tok = tokenizers.Tokenizer.from_file(str(pad_dir / "tokenizer.json"))
+    tok.enable_padding(pad_id=tok.token_to_id("<pad>"), pad_token="<pad>", length=64)
+    tok.enable_truncation(max_length=3)
+    (tmp_path / "fixed").mkdir()
+    tok.save(str(tmp_path / "fixed" / "tokenizer.json"))
+    ours, theirs = load_tokenizer(tmp_path / "fixed"), hft.transformers.AutoTokenizer.from_pretrained(tmp_path / "fixed")
+    assert ours.encode(TEXTS[1]).tolist() == theirs(TEXTS[1])["input_ids"]
+    assert len(ours.encode(TEXTS[1])) > 3 and ours.encode_batch(TEXTS).ids.shape[1] == max(len(ours.encode(t)) for t in TEXTS)
 
 
 def test_encode_batch_errors(tokenizer_dir, pad_dir):
