@@ -17,30 +17,45 @@ from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
 from ._sampling import (
     check_sampling,
+    check_stop_sequences,
     check_stop_tokens,
     draw,
+    ends_with_stop,
     is_eos,
+    penalize_repeats,
     traced_settings,
+    traced_stop_sequences,
     traced_stop_tokens,
 )
 
 
-def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache, cache_dtype=None, return_logprobs=False):
+def _generate_rows(
+    model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
+    cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None,
+):
     """Decode the batch, each row at its own position. Each step's work is per row (`vmap`);
     the token loop runs outside the `vmap`, so that with `eos_token` its stop test is one
     scalar: a `while_loop` under `vmap` would keep or discard each row's whole carry, the KV
     cache included, by a select on every step, and the cache could no longer be updated in
-    place."""
+    place. With a `repetition_penalty` each row carries a `(vocab,)` bool of the ids it has
+    seen, set once from the prompt and by one scatter per token (no rescan of the sequence);
+    with `stop_sequences`, its last `longest` generated tokens."""
     batch, prompt_len = prompts.shape  # static: lets MoE layers read only the chosen experts
     total = prompt_len + max_new_tokens
-    sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p)
-    stops = eos_token is not None
+    vocab = model.config.vocab_size
+    sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    stops = eos_token is not None or stop_sequences is not None
     rows = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
 
     def start(prompt, length):
         buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
         buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
         state = {"out": (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None), "done": jnp.zeros((), bool)}
+        if repetition_penalty is not None:  # the prompt's real tokens; its padding (index vocab) is dropped
+            real = jnp.where(jnp.arange(prompt_len) < length, prompt, vocab)
+            state["seen"] = jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
+        if stop_sequences is not None:  # -1: no generated token there yet (matches no stop id)
+            state["recent"] = jnp.full((stop_sequences.shape[1],), -1, jnp.int32)
         if not use_cache:
             return state
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding,
@@ -56,14 +71,23 @@ def _generate_rows(model, prompts, lengths, keys, *, max_new_tokens, temperature
         row already done gets padding."""
         (buf, logps), done = state["out"], state["done"]
         key, sub = jax.random.split(state["key"])
-        tok = jnp.where(done, pad_token, sample(logits, sub))
+        state = dict(state)
+        if repetition_penalty is not None:  # transformers' order: the penalty, then temperature and the filters
+            tok = jnp.where(done, pad_token, sample(penalize_repeats(logits, state["seen"], repetition_penalty), sub))
+            state["seen"] = state["seen"].at[jnp.where(done, vocab, tok)].set(True, mode="drop")
+        else:
+            tok = jnp.where(done, pad_token, sample(logits, sub))
         buf = buf.at[length + i].set(tok)
-        if logps is not None:  # under the decoding model's own distribution: no temperature, no filtering
+        if logps is not None:  # under the decoding model's own distribution: no penalty, no temperature, no filtering
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
             logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
-        if stops:
-            done = done | is_eos(tok, eos_token)
-        return {**state, "out": (buf, logps), "done": done, "key": key}, tok
+        finished = done
+        if eos_token is not None:
+            finished = finished | is_eos(tok, eos_token)
+        if stop_sequences is not None:
+            state["recent"] = jnp.concatenate([state["recent"][1:], tok[None]])
+            finished = finished | ends_with_stop(state["recent"], stop_sequences)
+        return {**state, "out": (buf, logps), "done": finished, "key": key}, tok
 
     @rows
     def step(i, state, length):
@@ -144,13 +168,14 @@ def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **stati
     return _generate_rows(model, prompts, lengths, keys, **static)
 
 
-def loop_settings(temperature, top_k, top_p) -> dict:
-    """The sampling settings as a decode loop takes them: temperature and top-p as arguments
-    (a new value compiles nothing); greedy decoding, and top-k (it sets a shape), static."""
-    temperature, top_p = traced_settings(temperature, top_p)
+def loop_settings(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0) -> dict:
+    """The sampling settings as a decode loop takes them: temperature, top-p, min-p and the
+    repetition penalty as arguments (a new value compiles nothing); greedy decoding, top-k (it
+    sets a shape) and whether each filter and the penalty is on, static."""
+    temperature, top_p, min_p, repetition_penalty = traced_settings(temperature, top_p, min_p, repetition_penalty)
     # A Python int: `eqx.filter_jit` would trace a NumPy integer (an array to it) as an argument.
     top_k = None if temperature is None or top_k is None else int(top_k)
-    return dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
 
 
 def check_model(model, who: str) -> None:
@@ -202,10 +227,10 @@ def check_count(value, name: str, who: str) -> None:
         raise ConfigError(f"{who}: {name} must be an integer >= 1, got {value!r}.")
 
 
-def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache):
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p=None, repetition_penalty=1.0):
     check_count(max_new_tokens, "max_new_tokens", "generate")
     check_key(key, "generate")
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if key is None and temperature > 0:
         raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
@@ -333,7 +358,10 @@ def generate_batch(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
@@ -355,10 +383,19 @@ def generate_batch(
       (1 for a token), padded on the left (`padding_side="left"`, transformers' habit for
       decoding) or on the right, row by row. The output is right-padded either way: row `i`
       starts with its prompt's tokens.
-    - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][].
+    - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`, `min_p`,
+      `repetition_penalty`: as in [`eqzoo.generate`][]. Each row's penalty counts its own
+      prompt's real tokens and its generated ones, never the padding (transformers' batched
+      `generate` counts a left-padded row's pad id as seen; eqzoo decodes such a row as
+      transformers decodes that prompt alone).
     - `eos_token`: a stop token id, or a sequence (or 1-D array) of them (a
       `generation_config.json` may list several): once a row produces one, the rest of that row is `pad_token`; the loop stops
       once every row has (without it, it runs all `max_new_tokens` steps).
+    - `stop_sequences`: multi-token stops, a list of token-id sequences (a stop string
+      pre-tokenized: `tokenizer.encode(text, add_special_tokens=False)`): once a row's
+      generated tokens end with one of them, that row stops as at `eos_token` (the stop's
+      tokens are kept, then `pad_token`). Only generated tokens match: a stop that begins in
+      the prompt does not. Both may be given; either stops a row.
     - `pad_token`: fills positions after each row's prompt + generated tokens.
     - `use_cache`: decode with the KV cache (default) or recompute the whole prefix each step.
     - `unroll_layers`: `True` slices the layers out of the stack once and runs them unrolled
@@ -372,14 +409,17 @@ def generate_batch(
       Only with `use_cache=True`.
     - `return_logprobs`: also return each generated token's log-probability under the
       decoding model's own distribution (the log-softmax of its logits, in float32, before
-      `temperature`, `top_k` and `top_p`): the score an RL or evaluation loop needs. With a
+      `repetition_penalty`, `temperature`, `top_k`, `top_p` and `min_p`): the score an RL or evaluation loop needs. With a
       cache in the model's dtype it is what `jax.nn.log_softmax(model(tokens))` gives at the
       position before the token, to rounding; with a narrower `cache_dtype` it includes that
       cache's rounding, as the tokens do.
 
     The loop is compiled once per prompt shape, `max_new_tokens`, number of stop tokens,
-    `top_k`, whether it samples at all and whether it filters by `top_p`: a new `temperature`,
-    `top_p` value, stop or pad id (per request, say) reuses the compiled program. Padding past
+    number and longest length of the stop sequences, `top_k`, whether it samples at all,
+    whether it filters by `top_p` and by `min_p`, and whether `repetition_penalty` is 1.0: a new
+    `temperature`, `top_p`, `min_p` or penalty value, stop or pad id (per request, say) reuses
+    the compiled program. The order on each step's logits is transformers': repetition
+    penalty, then temperature, top-k, top-p, min-p. Padding past
     each row's length may hold any id, even one outside the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when
@@ -395,7 +435,7 @@ def generate_batch(
     prompts = as_prompts(prompts, "generate_batch")
     if prompts.ndim != 2:
         raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
-    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache)
+    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p, repetition_penalty)
     if cache_dtype is not None:
         if not use_cache:
             raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
@@ -403,6 +443,7 @@ def generate_batch(
     if not isinstance(return_logprobs, bool):
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
+    stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, "generate")
     batch = prompts.shape[0]
     if attention_mask is not None:
         prompts, lengths = from_attention_mask(prompts, lengths, attention_mask, "generate_batch")
@@ -414,8 +455,10 @@ def generate_batch(
     keys = jax.random.split(typed_key(key), batch)
     return _generate_batch_jit(
         model, prompts.astype(jnp.int32), lengths, keys,
-        max_new_tokens=int(max_new_tokens), **loop_settings(temperature, top_k, top_p),  # static: a Python int
+        max_new_tokens=int(max_new_tokens),  # static: a Python int
+        **loop_settings(temperature, top_k, top_p, min_p, repetition_penalty),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
+        stop_sequences=traced_stop_sequences(stop_sequences),
         use_cache=use_cache, unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )
@@ -431,7 +474,10 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
     pad_token: int = 0,
     use_cache: bool = True,
     unroll_layers: bool | str = "auto",
@@ -452,8 +498,18 @@ def generate(
     - `temperature`: 0 (default) is greedy decoding; higher is more random.
     - `top_k`, `top_p`: optional top-k / nucleus filtering when sampling (greedy decoding
       ignores them); tokens tied with the `k`-th most likely are kept too.
+    - `min_p`: when sampling, keep only tokens whose probability (after temperature, top-k
+      and top-p) is at least `min_p` times the most likely one's (greedy decoding ignores it;
+      `None` or 0 is off).
+    - `repetition_penalty`: transformers' penalty on repeats (Keskar et al., 2019): for every
+      token id already in the prompt or generated so far, a positive logit is divided by it
+      and a negative one multiplied (1.0, the default, is off; > 1 discourages repeats).
+      Applied before temperature and the filters, in greedy decoding too.
     - `eos_token`: stop token id (or a sequence of them); after it the output is `pad_token`,
       and decoding stops.
+    - `stop_sequences`: multi-token stops, token-id sequences: once the generated tokens end
+      with one, decoding stops as at `eos_token` (the stop is kept); see
+      [`eqzoo.generation.generate_batch`][].
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
     - `unroll_layers`, `cache_dtype`, `return_logprobs`: as in
       [`eqzoo.generation.generate_batch`][].
@@ -473,7 +529,8 @@ def generate(
         raise ShapeError("generate needs a prompt of at least one token.")
     out = generate_batch(
         model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
-        top_k=top_k, top_p=top_p, eos_token=eos_token, pad_token=pad_token, use_cache=use_cache,
+        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token=eos_token,
+        stop_sequences=stop_sequences, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=unroll_layers, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
     )
     return jax.tree.map(lambda a: a[0], out)

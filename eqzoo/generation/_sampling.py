@@ -1,4 +1,5 @@
-"""Turning next-token logits into a token: greedy, temperature, top-k and top-p (nucleus)."""
+"""Turning next-token logits into a token: greedy, temperature, top-k, top-p (nucleus) and
+min-p; the repetition penalty and multi-token stop sequences the decode loops apply."""
 
 import math
 import operator
@@ -14,7 +15,9 @@ from .._typing import PRNGKey
 
 
 @no_type_check  # it validates these itself, with messages that say how to fix the call
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
+) -> None:
     """Raise `ConfigError` for sampling settings outside their valid ranges."""
     if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
         raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
@@ -22,6 +25,16 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}.")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, int | float | np.number) or not 0.0 <= min_p <= 1.0):
+        raise ConfigError(f"min_p must be a number in [0, 1] or None (0 filters nothing), got {min_p!r}.")
+    if (
+        isinstance(repetition_penalty, bool)
+        or not isinstance(repetition_penalty, int | float | np.number)
+        or not (repetition_penalty > 0 and math.isfinite(repetition_penalty))
+    ):
+        raise ConfigError(
+            f"repetition_penalty must be a finite number > 0 (1.0 is off; > 1 discourages repeats), got {repetition_penalty!r}."
+        )
 
 
 def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tuple[tuple[int, ...] | None, int]:
@@ -64,6 +77,73 @@ def traced_stop_tokens(eos: tuple[int, ...] | None, pad: int) -> tuple[Array | N
     return (None if eos is None else jnp.asarray(eos, jnp.int32)), jnp.asarray(pad, jnp.int32)
 
 
+@no_type_check  # it validates these itself, with messages that say how to fix the call
+def check_stop_sequences(stop_sequences, vocab_size: int, where: str) -> tuple[tuple[int, ...], ...] | None:
+    """`stop_sequences` as a tuple of tuples of token ids (static values), after checking
+    them: a sequence (list, tuple or 1-D arrays) of non-empty sequences of ids in
+    `[0, vocab_size)`; `None` for none."""
+    if stop_sequences is None:
+        return None
+    how = "pass a list of token-id lists, e.g. stop_sequences=[[13, 198]] (tokenizer.encode(text, add_special_tokens=False) for a stop string)"
+    if isinstance(stop_sequences, str | bytes) or not isinstance(stop_sequences, list | tuple) and getattr(stop_sequences, "ndim", None) != 2:
+        raise ConfigError(f"{where}: stop_sequences must be a sequence of token-id sequences; got {stop_sequences!r}; {how}.")
+    out = []
+    for seq in list(stop_sequences):
+        if isinstance(seq, str | bytes):
+            raise ConfigError(f"{where}: stop_sequences holds the string {seq!r}; token ids are needed: {how}.")
+        if getattr(seq, "ndim", None) == 1:  # a NumPy or JAX array of ids (not traced: ids are static)
+            seq = np.asarray(seq).tolist()
+        if not isinstance(seq, list | tuple | range):
+            raise ConfigError(
+                f"{where}: each stop sequence must be a sequence of token ids; got {seq!r} (a single stop id "
+                f"belongs in eos_token=; otherwise {how})."
+            )
+        ids = []
+        for x in seq:
+            if isinstance(x, bool) or not isinstance(x, int | np.integer):
+                raise ConfigError(f"{where}: stop sequence {list(seq)!r} holds {x!r}, not an integer token id.")
+            ids.append(int(x))
+        if not ids:
+            raise ConfigError(f"{where}: stop_sequences holds an empty sequence, which would stop at once; drop it.")
+        outside = [x for x in ids if not 0 <= x < vocab_size]
+        if outside:
+            raise ConfigError(
+                f"{where}: stop sequence {ids} holds ids {outside} outside the model's vocabulary [0, {vocab_size}); "
+                "it could never be produced."
+            )
+        out.append(tuple(ids))
+    if not out:
+        raise ConfigError(f"{where}: stop_sequences is empty; pass None to decode without stop sequences.")
+    return tuple(out)
+
+
+def traced_stop_sequences(stops: tuple[tuple[int, ...], ...] | None) -> Array | None:
+    """`check_stop_sequences`'s value as a decode loop takes it: an int32 `(n, longest)` array,
+    each sequence at the end of its row after `-1`s (which match anything). Only its shape is
+    part of the compiled program: other ids of the same lengths compile nothing new."""
+    if stops is None:
+        return None
+    width = max(len(s) for s in stops)
+    return jnp.asarray([(-1,) * (width - len(s)) + s for s in stops], jnp.int32)
+
+
+def ends_with_stop(recent: Array, stops: Array) -> Array:
+    """Whether `recent`, the last `longest` generated tokens (oldest first; `-1` before the
+    first), ends with one of `stops` (`traced_stop_sequences`' array)."""
+    return jnp.any(jnp.all((stops < 0) | (recent[None, :] == stops), axis=-1))
+
+
+def penalize_repeats(logits: Array, seen: Array, penalty: Array | None) -> Array:
+    """The repetition penalty (Keskar et al., 2019, "CTRL"), as transformers'
+    `RepetitionPenaltyLogitsProcessor` applies it: for each token id `seen` (already in the
+    prompt or generated), a positive logit is divided by `penalty` and a negative one
+    multiplied by it. `penalty` `None` leaves `logits` as they are."""
+    if penalty is None:
+        return logits
+    logits = logits.astype(jnp.float32)
+    return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def is_eos(tokens: Array, eos: Array | tuple[int, ...]) -> Array:
     """Where `tokens` is one of the stop tokens `eos` (a `(n,)` array or a tuple of ids)."""
     eos = jnp.asarray(eos, jnp.int32)
@@ -78,6 +158,7 @@ def sample_logits(
     temperature: float | Float[Array, ""] = 0.0,
     top_k: int | None = None,
     top_p: float | Float[Array, ""] | None = None,
+    min_p: float | Float[Array, ""] | None = None,
 ) -> Int[Array, ""]:
     """Choose the next token from one position's logits.
 
@@ -93,6 +174,13 @@ def sample_logits(
     - `top_p`: keep the smallest set of most likely tokens whose probability reaches `p`
       (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"); it may be
       traced, too (not range-checked then).
+    - `min_p`: keep only tokens whose probability is at least `min_p` times the most likely
+      token's (Nguyen et al., 2024, "Turning Up the Heat: Min-p Sampling"); may be traced.
+
+    The filters apply in transformers' order: temperature, then top-k, then top-p, then min-p
+    (each on what the previous ones kept; min-p after temperature, so temperature changes which
+    tokens it keeps). A repetition penalty needs the tokens so far: the decode loops
+    ([`eqzoo.generate`][]) apply it to the logits before all of these.
 
     **Returns:** the chosen token id, an int32 scalar.
     """
@@ -102,8 +190,8 @@ def sample_logits(
             f"sample_logits takes one position's logits, shape (vocab,); got {shape_str(logits.shape)}. "
             "For a batch, jax.vmap(sample_logits)(logits, jax.random.split(key, batch))."
         )
-    traced_t, traced_p = (isinstance(v, jax.core.Tracer) for v in (temperature, top_p))
-    check_sampling(1.0 if traced_t else temperature, top_k, None if traced_p else top_p)
+    traced_t, traced_p, traced_m = (isinstance(v, jax.core.Tracer) for v in (temperature, top_p, min_p))
+    check_sampling(1.0 if traced_t else temperature, top_k, None if traced_p else top_p, None if traced_m else min_p)
     greedy = jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
     if not traced_t and temperature == 0.0:
         return greedy
@@ -113,30 +201,36 @@ def sample_logits(
             + (" (a traced temperature may be > 0)." if traced_t else ".")
         )
     if not traced_t:
-        return draw(logits, key, temperature, top_k, top_p)
+        return draw(logits, key, temperature, top_k, top_p, min_p)
     temperature = jnp.asarray(temperature, jnp.float32)
-    sampled = draw(logits, key, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p)
+    sampled = draw(logits, key, jnp.where(temperature > 0, temperature, 1.0), top_k, top_p, min_p)
     return jnp.where(temperature > 0, sampled, greedy)
 
 
-def traced_settings(temperature: float, top_p: float | None) -> tuple[Array | None, Array | None]:
-    """`(temperature, top_p)` as the decode loops take them, after `check_sampling`: `None` for
-    greedy decoding and for no top-p filter (static: they change the program), otherwise
-    float32 arrays, which a compiled loop reads as arguments, so that a new value does not
-    compile the loop again."""
+def traced_settings(
+    temperature: float, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
+) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+    """`(temperature, top_p, min_p, repetition_penalty)` as the decode loops take them, after
+    `check_sampling`: `None` for greedy decoding, for no top-p or min-p filter and for no
+    penalty (1.0) (static: they change the program), otherwise float32 arrays, which a
+    compiled loop reads as arguments, so that a new value does not compile the loop again.
+    Greedy decoding drops the filters (the most likely token survives them all) but keeps the
+    penalty, as transformers does."""
     greedy = float(temperature) == 0.0
     return (
         None if greedy else jnp.asarray(temperature, jnp.float32),
         None if greedy or top_p is None or top_p >= 1.0 else jnp.asarray(top_p, jnp.float32),
+        None if greedy or min_p is None or min_p <= 0.0 else jnp.asarray(min_p, jnp.float32),
+        None if float(repetition_penalty) == 1.0 else jnp.asarray(repetition_penalty, jnp.float32),
     )
 
 
-def draw(logits, key, temperature, top_k, top_p):
+def draw(logits, key, temperature, top_k, top_p, min_p=None):
     """One token from `logits`: the argmax when `temperature` is `None`, else a sample of the
-    filtered logits (`temperature` and `top_p` may be traced; see `traced_settings`)."""
+    filtered logits (`temperature`, `top_p` and `min_p` may be traced; see `traced_settings`)."""
     if temperature is None:
         return jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, min_p)).astype(jnp.int32)
 
 
 def filter_logits(
@@ -144,10 +238,12 @@ def filter_logits(
     temperature: float | Float[Array, ""],
     top_k: int | None,
     top_p: float | Float[Array, ""] | None,
+    min_p: float | Float[Array, ""] | None = None,
 ) -> Float[Array, " vocab"]:
     """The float32 logits `sample_logits` samples from when `temperature > 0`: less their
-    largest, divided by the temperature, with the tokens top-k / top-p removes at float32's lowest value (their
-    softmax is the sampling distribution)."""
+    largest, divided by the temperature, with the tokens top-k / top-p / min-p remove (in
+    that order, as transformers applies them) at float32's lowest value (their softmax is the
+    sampling distribution)."""
     logits = logits.astype(jnp.float32)
     # Shifted by the largest first (the softmax is unchanged): a tiny temperature then sends the
     # others to -inf and the largest to 0, where dividing the raw logits overflowed to inf - inf.
@@ -164,4 +260,9 @@ def filter_logits(
         keep_sorted = (jnp.cumsum(probs) - probs) < top_p
         keep = jnp.zeros_like(keep_sorted).at[order].set(keep_sorted)
         logits = jnp.where(keep, logits, neg_inf)
+    if min_p is not None and (isinstance(min_p, jax.Array) or min_p > 0.0):
+        # In probabilities, as transformers' MinPLogitsWarper compares them; the most likely
+        # token always passes (probs <= its own).
+        probs = jax.nn.softmax(logits)
+        logits = jnp.where(probs < min_p * jnp.max(probs), neg_inf, logits)
     return logits

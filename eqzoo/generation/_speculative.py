@@ -222,6 +222,13 @@ def _logprob(logits, token):
     return jax.nn.log_softmax(logits.astype(jnp.float32))[token]
 
 
+def _sampling_settings(temperature, top_k, top_p) -> dict:
+    """`loop_settings` without min-p and the repetition penalty (refused above, so off)."""
+    settings = loop_settings(temperature, top_k, top_p)
+    del settings["min_p"], settings["repetition_penalty"]
+    return settings
+
+
 @eqx.filter_jit
 def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **static):
     model, draft = decoding_model(model, unroll_layers), decoding_model(draft, unroll_layers)  # as generate_batch
@@ -242,7 +249,10 @@ def generate_speculative(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
+    stop_sequences: Sequence[Sequence[int]] | None = None,
     pad_token: int = 0,
     return_stats: bool = False,
     unroll_layers: bool | str = "auto",
@@ -290,6 +300,13 @@ def generate_speculative(
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
     - `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][]; a key is needed
       when `temperature > 0`.
+    - `min_p`, `repetition_penalty`, `stop_sequences`: accepted only at their off values
+      (`None`, 1.0, `None`), and refused otherwise with a `ConfigError`, so that settings from
+      [`eqzoo.hf.GenerationConfig.kwargs`][] are never silently dropped. A penalty would make
+      each proposal's distribution depend on the proposals before it in the same round (the
+      one-pass check would need a presence set per position, for both models, and the
+      acceptance test the penalised `p` and `q`), and a stop sequence can end inside a round;
+      [`eqzoo.generation.generate_batch`][] applies all three.
     - `eos_token`: a stop token id or a sequence of them: once a row produces one, the rest of
       that row is `pad_token`.
     - `pad_token`: fills positions after each row's tokens.
@@ -337,6 +354,18 @@ def generate_speculative(
                 "shorten the prompt or ask for fewer tokens."
             )
     check_sampling(temperature, top_k, top_p)
+    refused = {
+        name: value for name, value, off in (
+            ("min_p", min_p, None), ("repetition_penalty", repetition_penalty, 1.0), ("stop_sequences", stop_sequences, None)
+        ) if not (value is off or (off is not None and value == off))
+    }
+    if refused:
+        raise ConfigError(
+            f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty or "
+            "min_p the draft's proposals and the one-pass check would need per-position penalised distributions "
+            "within each round, and a stop sequence can end inside a round. Decode with "
+            "eqzoo.generation.generate_batch, which applies them, or drop them here."
+        )
     if cache_dtype is not None:
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value per dtype
     for flag, value in (("return_stats", return_stats), ("return_logprobs", return_logprobs)):
@@ -356,7 +385,7 @@ def generate_speculative(
         model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=int(max_new_tokens),
         num_draft=int(num_draft), unroll_layers=resolve_unroll(unroll_layers),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
-        **loop_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
+        **_sampling_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )
     out = out if return_logprobs else (out,)

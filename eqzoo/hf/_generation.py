@@ -15,8 +15,8 @@ from ._files import GENERATION_CONFIG_NAME, read_json_object
 # Settings that change what transformers' generate produces and that eqzoo's decoding does not
 # have, with the value that leaves them off.
 _UNSUPPORTED = {
-    "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": None,
-    "min_length": 0, "typical_p": 1.0, "min_p": None, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "num_beams": 1, "no_repeat_ngram_size": 0, "min_new_tokens": None,
+    "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
     "exponential_decay_length_penalty": None, "sequence_bias": None,
@@ -29,9 +29,10 @@ class GenerationConfig:
     """A checkpoint's default decoding settings, as transformers' `generate` applies them.
 
     **Fields:** `eos_token` (a tuple of stop ids, or `None`), `pad_token` (or `None`),
-    `temperature` (0.0 for greedy: `do_sample` false or absent), `top_k` and `top_p` (`None`
-    when off), `max_new_tokens` (or `None`); `max_length` (prompt and new tokens together,
-    kept for reference: eqzoo asks for `max_new_tokens`).
+    `temperature` (0.0 for greedy: `do_sample` false or absent), `top_k`, `top_p` and `min_p`
+    (`None` when off), `repetition_penalty` (`None` when off, 1.0), `max_new_tokens` (or
+    `None`); `max_length` (prompt and new tokens together, kept for reference: eqzoo asks for
+    `max_new_tokens`).
     """
 
     eos_token: tuple[int, ...] | None = None
@@ -39,6 +40,8 @@ class GenerationConfig:
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_new_tokens: int | None = None
     max_length: int | None = None
 
@@ -49,7 +52,8 @@ class GenerationConfig:
         `eqzoo.generate(model, prompt, **config.kwargs(key=key, max_new_tokens=64))`."""
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "temperature": self.temperature,
-            "top_k": self.top_k, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+            "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens,
         }
         return {k: v for k, v in out.items() if v is not None} | overrides
 
@@ -59,9 +63,11 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
 
     As transformers reads it: without `do_sample: true` decoding is greedy (`temperature`,
     `top_k` and `top_p` are ignored); when sampling, an absent `temperature` is 1.0 and an
-    absent `top_k` is 50 (transformers' defaults), `top_k: 0` and `top_p: 1.0` filter nothing.
-    `eos_token_id` may be one id or a list. Settings eqzoo's decoding lacks (beams, repetition
-    penalties, `min_new_tokens`, ...) are named in a warning when they would change the output.
+    absent `top_k` is 50 (transformers' defaults), `top_k: 0`, `top_p: 1.0` and `min_p: 0`
+    filter nothing; `min_p` applies only when sampling. `repetition_penalty` applies in greedy
+    decoding too (1.0 is off). `eos_token_id` may be one id or a list. Settings eqzoo's
+    decoding lacks (beams, `no_repeat_ngram_size`, `min_new_tokens`, ...) are named in a
+    warning when they would change the output.
 
     **Returns:** a frozen [`eqzoo.hf.GenerationConfig`][]; `.kwargs(**overrides)` gives the
     keyword arguments of `eqzoo.generate`.
@@ -115,6 +121,9 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
         raise bad("do_sample", "true or false")
     temperature = number("temperature", 0.0, math.inf, low_open=False)
     top_p = number("top_p", 0.0, 1.0, low_open=True)
+    min_p = number("min_p", 0.0, 1.0, low_open=False)
+    penalty = number("repetition_penalty", 0.0, math.inf, low_open=True)
+    penalty = None if penalty == 1.0 else penalty
     top_k = count("top_k", 0)
     if sample and temperature == 0.0:
         raise bad("temperature", "> 0 with do_sample: true (for greedy decoding set do_sample: false)")
@@ -122,8 +131,9 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
         temperature = 1.0 if temperature is None else temperature
         top_k = _TOP_K if top_k is None else (top_k or None)
         top_p = None if top_p == 1.0 else top_p
+        min_p = min_p or None  # 0 keeps every token
     else:
-        temperature, top_k, top_p = 0.0, None, None
+        temperature, top_k, top_p, min_p = 0.0, None, None, None
     unsupported = {
         k: raw[k] for k, off in _UNSUPPORTED.items() if raw.get(k) is not None and raw[k] != off and raw[k] != []
     }
@@ -134,6 +144,6 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
             stacklevel=user_stacklevel(),
         )
     return GenerationConfig(
-        eos_token=eos, pad_token=pad, temperature=temperature, top_k=top_k, top_p=top_p,
-        max_new_tokens=count("max_new_tokens", 1), max_length=count("max_length", 1),
+        eos_token=eos, pad_token=pad, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=penalty, max_new_tokens=count("max_new_tokens", 1), max_length=count("max_length", 1),
     )

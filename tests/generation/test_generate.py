@@ -463,3 +463,130 @@ def test_attention_mask_errors(llama):
         generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.array([[1, 1, 1, 1, 1], [2, 1, 1, 1, 1]]))
     with pytest.raises(ShapeError, match=r"attention_mask rows \[0, 1\] are not one run of tokens padded on the left or on the right"):
         generate_batch(llama, ids, max_new_tokens=2, attention_mask=jnp.array([[1, 0, 1, 1, 1], [0, 0, 0, 0, 0]]))
+
+
+@eqx.filter_jit
+def _next_logits(model, tokens, n):
+    return model(tokens)[n - 1]  # causal: positions past n do not change it
+
+
+def _penalised_greedy(model, prompt, new, penalty):
+    """A plain reference: the full forward pass each step, transformers' penalty on every id
+    in the prompt or generated so far, then the argmax."""
+    tokens = list(np.asarray(prompt).tolist())
+    for _ in range(new):
+        buf = jnp.asarray(tokens + [0] * (model.max_seq - len(tokens)), jnp.int32)  # one shape: one compile
+        logits = np.array(_next_logits(model, buf, jnp.asarray(len(tokens))), np.float32)
+        seen = sorted(set(tokens))
+        logits[seen] = np.where(logits[seen] < 0, logits[seen] * penalty, logits[seen] / penalty)
+        tokens.append(int(np.argmax(logits)))
+    return np.asarray(tokens)
+
+
+REPEATS = jnp.array([5, 8, 174, 234, 99], jnp.int32)  # its greedy continuation repeats a token
+
+
+def test_repetition_penalty_counts_prompt_and_generated_tokens_not_padding(llama):
+    want = _penalised_greedy(llama, REPEATS, NEW, 1.8)
+    short = REPEATS[2:]
+    want_short = _penalised_greedy(llama, short, NEW, 1.8)
+    # Padding is never "seen": pad with the id the short row generates first, which the
+    # penalty would push down had the padding counted; on the right and on the left.
+    pad = int(want_short[3])
+    right = jnp.stack([REPEATS, jnp.concatenate([short, jnp.full((2,), pad, jnp.int32)])])
+    out = generate_batch(llama, right, jnp.array([5, 3]), max_new_tokens=NEW, repetition_penalty=1.8, pad_token=pad)
+    np.testing.assert_array_equal(out[0], want)
+    np.testing.assert_array_equal(out[1, : 3 + NEW], want_short)
+    assert not np.array_equal(_penalised_greedy(llama, REPEATS, NEW, 1.0), want)  # the penalty changes this continuation
+    left = jnp.stack([REPEATS, jnp.concatenate([jnp.full((2,), pad, jnp.int32), short])])
+    mask = jnp.array([[1] * 5, [0, 0, 1, 1, 1]])
+    out = generate_batch(llama, left, attention_mask=mask, max_new_tokens=NEW, repetition_penalty=1.8, pad_token=pad)
+    np.testing.assert_array_equal(out[0], want)
+    np.testing.assert_array_equal(out[1, : 3 + NEW], want_short)
+
+
+def test_sample_logits_min_p_filters_after_temperature():
+    logits = jnp.log(jnp.array([0.05, 0.4, 0.3, 0.2, 0.05]))
+    keys = jax.random.split(jax.random.key(0), 500)
+    draw = jax.jit(jax.vmap(lambda k, t, m: sample_logits(logits, k, temperature=t, min_p=m), in_axes=(0, None, None)))
+    # min_p 0.3 keeps p >= 0.3 * 0.4 = 0.12 at temperature 1; at temperature 0.5 the
+    # probabilities are squared and renormalised (0.2 falls to 0.25 of the top): it keeps two
+    assert set(np.asarray(draw(keys, 1.0, 0.3)).tolist()) == {1, 2, 3}
+    assert set(np.asarray(draw(keys, 0.5, 0.3)).tolist()) == {1, 2}
+    assert set(np.asarray(draw(keys, 1.0, 0.0)).tolist()) == {0, 1, 2, 3, 4}
+    assert set(np.asarray(draw(keys, 1.0, 1.0)).tolist()) == {1}  # the top token always passes
+
+
+def test_penalty_min_p_and_stop_sequences_are_arguments_of_the_compiled_loop(llama, compile_log):
+    # A sweep over the penalty and min-p, or other stop ids of the same lengths, compiles nothing.
+    def run(penalty, min_p, stop):
+        return eqzoo.generate(
+            llama, PROMPT, max_new_tokens=NEW, temperature=0.7, key=jax.random.key(0), repetition_penalty=penalty,
+            min_p=min_p, stop_sequences=[stop, [3]],
+        )
+
+    run(1.2, 0.1, [1, 2])
+    with compile_log() as log:
+        outs = [run(p, m, s) for p, m, s in ((1.5, 0.3, [4, 5]), (1.8, 1.0, [254, 255]))]
+    assert log.compiled == []
+    # min_p 1.0 keeps only the top token: the penalised greedy decoding (the traced values are used)
+    np.testing.assert_array_equal(outs[-1], _penalised_greedy(llama, PROMPT, NEW, 1.8))
+
+
+def _stopped(tokens, n, stops, pad):
+    """`tokens` (a prompt of `n` then generated ones) as a stop at the first generated
+    position that ends one of `stops` leaves them: kept up to it, `pad` after."""
+    out = np.array(tokens)
+    gen = out[n:].tolist()
+    for j in range(len(gen)):
+        if any(len(s) <= j + 1 and gen[j + 1 - len(s) : j + 1] == list(s) for s in stops):
+            out[n + j + 1 :] = pad
+            return out, j
+    return out, None
+
+
+def test_stop_sequences_stop_where_the_generated_tokens_end_with_one(llama):
+    prompts = jnp.stack([PROMPT, jnp.roll(PROMPT, 1)])
+    full = np.asarray(generate_batch(llama, prompts, max_new_tokens=NEW))
+    n = PROMPT.shape[0]
+    span = [int(full[0, n + 3]), int(full[0, n + 4])]  # a stop across two generated tokens
+    assert span[1] not in full[0, n : n + 4].tolist()  # so no earlier token ends it
+    # a stop that begins in the prompt matches nothing: only generated tokens count
+    across = [int(full[1, n - 1]), int(full[1, n])]
+    eos = int(full[1, n + 2])  # row 1 stops at eos; either kind stops a row
+    stops = [np.asarray(span), across]  # arrays of ids are accepted
+    out = np.asarray(generate_batch(llama, prompts, max_new_tokens=NEW, stop_sequences=stops, eos_token=eos, pad_token=255))
+    row0, at0 = _stopped(full[0], n, [span, across, [eos]], 255)
+    row1, at1 = _stopped(full[1], n, [span, across, [eos]], 255)
+    assert (at0, at1) == (4, 2)  # row 0 on the span's second token, row 1 on eos
+    np.testing.assert_array_equal(out[0], row0)
+    np.testing.assert_array_equal(out[1], row1)
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        ({"stop_sequences": "\n\n"}, r"stop_sequences must be a sequence of token-id sequences; got '\\n\\n'.*tokenizer\.encode"),
+        ({"stop_sequences": [13, 198]}, r"each stop sequence must be a sequence of token ids; got 13 \(a single stop id belongs in eos_token="),
+        ({"stop_sequences": ["ab"]}, r"holds the string 'ab'; token ids are needed"),
+        ({"stop_sequences": [[1, 2], []]}, r"stop_sequences holds an empty sequence, which would stop at once"),
+        ({"stop_sequences": []}, r"stop_sequences is empty; pass None"),
+        ({"stop_sequences": [[1, 256]]}, r"stop sequence \[1, 256\] holds ids \[256\] outside the model's vocabulary \[0, 256\)"),
+        ({"stop_sequences": [[1, -1]]}, r"holds ids \[-1\] outside"),
+        ({"stop_sequences": [[1, 2.0]]}, r"stop sequence \[1, 2\.0\] holds 2\.0, not an integer token id"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be a finite number > 0 \(1\.0 is off; > 1 discourages repeats\), got 0\.0"),
+        ({"repetition_penalty": float("inf")}, r"repetition_penalty must be a finite number > 0 .*got inf"),
+        ({"repetition_penalty": None}, r"repetition_penalty must be a finite number > 0 .*got None"),
+        ({"min_p": 1.5, "temperature": 1.0}, r"min_p must be a number in \[0, 1\] or None \(0 filters nothing\), got 1\.5"),
+        ({"min_p": -0.1}, r"min_p must be a number in \[0, 1\] .*got -0\.1"),
+    ],
+)
+def test_bad_penalty_min_p_and_stop_sequences_are_refused(llama, settings, match):
+    with pytest.raises(ConfigError, match=match):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), **settings)
+
+
+def test_speculative_decoding_refuses_penalty_min_p_and_stop_sequences(llama):
+    for name, value in (("repetition_penalty", 1.3), ("min_p", 0.1), ("stop_sequences", [[1, 2]])):
+        with pytest.raises(ConfigError, match=rf"generate_speculative does not apply \['{name}'\].*Decode with eqzoo\.generation\.generate_batch"):
+            eqzoo.generation.generate_speculative(llama, llama, PROMPT[None], max_new_tokens=2, **{name: value})

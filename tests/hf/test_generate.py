@@ -1,5 +1,7 @@
 """Greedy decoding of a loaded checkpoint gives exactly transformers' greedy tokens."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -105,6 +107,8 @@ def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoint
         ('{"top_p": 1.5}', r"top_p must be a number in \(0.0, 1.0\]; got 1.5"),
         ('{"top_k": -1}', "top_k must be an integer >= 0; got -1"),
         ('{"max_new_tokens": 0}', "max_new_tokens must be an integer >= 1; got 0"),
+        ('{"repetition_penalty": 0}', r"repetition_penalty must be a number in \(0.0, inf\]; got 0"),
+        ('{"min_p": 1.5}', r"min_p must be a number in \[0.0, 1.0\]; got 1.5"),
     ],
 )
 def test_bad_generation_configs_are_refused(tmp_path, text, match):
@@ -120,9 +124,12 @@ def test_generation_config_missing_or_unsupported(tmp_path):
 
     with pytest.raises(eqzoo.hf.HFFormatError, match=r"no generation_config.json at .*pass eos_token= yourself"):
         eqzoo.hf.load_generation_config(tmp_path)
-    (tmp_path / "generation_config.json").write_text('{"num_beams": 4, "repetition_penalty": 1.0, "eos_token_id": 1}')
+    (tmp_path / "generation_config.json").write_text(
+        '{"num_beams": 4, "repetition_penalty": 1.2, "min_p": 0.1, "do_sample": true, "eos_token_id": 1}'
+    )
     with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4\}, which eqzoo's decoding does not apply"):
-        assert eqzoo.hf.load_generation_config(tmp_path).eos_token == (1,)
+        config = eqzoo.hf.load_generation_config(tmp_path)
+    assert (config.eos_token, config.repetition_penalty, config.min_p) == ((1,), 1.2, 0.1)
 
 
 def test_left_padded_batch_with_attention_mask_matches_transformers(hf_checkpoints, loaded, hft):
@@ -138,3 +145,60 @@ def test_left_padded_batch_with_attention_mask_matches_transformers(hf_checkpoin
     out = np.asarray(generate_batch(loaded("gpt2"), left, attention_mask=mask, max_new_tokens=NEW_TOKENS))
     for i, n in enumerate(LENGTHS):
         np.testing.assert_array_equal(out[i, : n + NEW_TOKENS], expected[i], err_msg=f"prompt {i}")
+
+
+def test_repetition_penalty_matches_transformers_with_left_padding(tmp_path, hf_checkpoints, loaded, hft):
+    # repetition_penalty from a generation_config.json, applied as transformers applies it in
+    # greedy decoding; a left-padded batch decodes each row as transformers decodes it alone
+    # (the padding is not a "seen" token: here the pad id is a token the penalty changes).
+    import eqzoo.hf
+
+    hf_model, _ = hf_checkpoints("gpt2")
+    prompts = _prompts(hft.VOCAB)
+    hft.transformers.GenerationConfig(repetition_penalty=1.3).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unapplied
+        kwargs = eqzoo.hf.load_generation_config(tmp_path).kwargs(max_new_tokens=NEW_TOKENS)
+    assert kwargs == dict(temperature=0.0, repetition_penalty=1.3, max_new_tokens=NEW_TOKENS)
+    expected = []
+    for row, n in zip(prompts, LENGTHS, strict=True):
+        with hft.torch.no_grad():
+            out = hf_model.generate(
+                hft.torch.as_tensor(row[None, :n], dtype=hft.torch.long), attention_mask=hft.torch.ones((1, n), dtype=hft.torch.long),
+                do_sample=False, repetition_penalty=1.3, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                pad_token_id=0, eos_token_id=None,
+            )
+        expected.append(out[0].numpy())
+    free = _transformers_greedy("gpt2", hf_model, prompts, hft)
+    assert not any(np.array_equal(e, f) for e, f in zip(expected, free, strict=True))  # the penalty matters
+    width = max(LENGTHS)
+    left, mask = np.full_like(prompts, hft.VOCAB - 1), np.zeros_like(prompts)
+    for i, n in enumerate(LENGTHS):
+        left[i, width - n:], mask[i, width - n:] = prompts[i, :n], 1
+    assert any(hft.VOCAB - 1 in e[n:].tolist() for e, n in zip(expected, LENGTHS, strict=True))  # the pad id is generated
+    got = np.asarray(generate_batch(loaded("gpt2"), left, attention_mask=mask, **kwargs))
+    for i, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(got[i, : n + NEW_TOKENS], expected[i], err_msg=f"prompt {i}")
+
+
+def test_min_p_keeps_what_transformers_keeps(hft):
+    # Temperature, then top-k, then min-p, as transformers orders its warpers; the kept sets and
+    # the renormalised distributions agree (float32, atol 1e-6) on random logits.
+    import jax
+
+    from eqzoo.generation._sampling import filter_logits
+
+    torch, lp = hft.torch, hft.transformers.generation.logits_process
+    logits = np.random.default_rng(0).normal(size=(16, hft.VOCAB)).astype(np.float32) * 3
+    for temperature, top_k, min_p in ((1.0, None, 0.1), (0.7, None, 0.05), (1.5, 20, 0.2)):
+        warpers = [lp.TemperatureLogitsWarper(temperature)] + ([lp.TopKLogitsWarper(top_k)] if top_k else [])
+        warpers.append(lp.MinPLogitsWarper(min_p))
+        want = torch.as_tensor(logits)
+        for w in warpers:
+            want = w(None, want)
+        want = want.numpy()
+        got = np.asarray(jax.vmap(lambda x: filter_logits(x, temperature, top_k, None, min_p))(logits))  # noqa: B023
+        kept = np.isfinite(want)
+        np.testing.assert_array_equal(got > np.finfo(np.float32).min, kept)
+        assert 1 < kept.sum(-1).max() < hft.VOCAB  # the filter does filter, and keeps more than the top
+        np.testing.assert_allclose(np.asarray(jax.nn.softmax(got)), torch.softmax(torch.as_tensor(want), -1).numpy(), atol=1e-6)
