@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Integer
+from jaxtyping import Array, Bool, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -353,7 +353,7 @@ def generate_batch(
     lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
-    attention_mask: Integer[Array, "batch seq"] | None = None,
+    attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,

@@ -41,7 +41,7 @@ from typing import no_type_check
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Integer
+from jaxtyping import Array, Bool, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
@@ -243,7 +243,7 @@ def generate_speculative(
     lengths: Integer[Array, " batch"] | None = None,
     *,
     max_new_tokens: int,
-    attention_mask: Integer[Array, "batch seq"] | None = None,
+    attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     num_draft: int = 4,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
