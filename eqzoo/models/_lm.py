@@ -93,11 +93,16 @@ class AbstractLM(eqx.Module):
         *,
         segment_ids: Integer[Array, " seq"] | None = None,
         positions: Integer[Array, " seq"] | None = None,
-    ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, ""]]]:
+        per_layer: bool = False,
+    ) -> tuple[Float[Array, "seq embed"], dict[str, Float[Array, "*layers"]]]:
         """`features(tokens)` and the blocks' auxiliary statistics over the positions `mask`
         weights, averaged over layers: the router losses of mixture-of-experts layers
         ([`eqzoo.nn.MoE.with_aux`][]); an empty dict for a dense model.
-        [`eqzoo.train.lm_loss`][] adds them, weighted by `aux_loss_weights()`."""
+        [`eqzoo.train.lm_loss`][] adds them, weighted by `aux_loss_weights()`.
+
+        With `per_layer=True` each statistic is a `(num_layers,)` array, one value per block in
+        order, instead of their mean (which is bit-identical to the default's): to find the
+        layers whose routing collapses. Scanned and unrolled layers give the same values."""
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         positions, layer_positions = self._positions(tokens, segment_ids, positions)
         x = self.embed_tokens(tokens, positions)
@@ -105,7 +110,9 @@ class AbstractLM(eqx.Module):
         def layer(block, h, i):
             return block.with_aux(h, mask, positions=layer_positions, segment_ids=segment_ids, layer=i)
 
-        x, aux = self.blocks.apply(layer, x, self._layer_indices())
+        x, aux = self.blocks.apply(layer, x, self._layer_indices())  # each (layers,)
+        if per_layer:
+            return self.final_norm(x), aux
         return self.final_norm(x), {name: jnp.mean(v) for name, v in aux.items()}
 
     def _layer_indices(self) -> Int[Array, " layers"]:

@@ -16,7 +16,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, Real
 
 from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
-from ._errors import check_times, is_traced
+from ._errors import check_length, check_times, is_traced
 from ._solve import (
     AdjointLike,
     check_result,
@@ -164,27 +164,11 @@ class NeuralCDE(eqx.Module):
 
     def _check_length(self, length, times: int):
         """`length` as a Python int (concrete) or a default-int array (traced, checked at run time)."""
-        rule = (
-            f"NeuralCDE: length must be one integer, the number of valid rows of the series, "
-            f"with 1 <= length <= times={times}"
-        )
-        if isinstance(length, bool) or not (
-            isinstance(length, int) or jnp.issubdtype(jnp.result_type(length), jnp.integer)
-        ) or jnp.shape(length) != ():
-            shape = shape_str(jnp.shape(length))
-            raise ConfigError(
-                f"{rule}; got {type(length).__name__} of shape {shape}. For a batch of padded "
-                f"series, map over an integer array of lengths: "
-                f"jax.vmap(lambda t, x, n: cde(t, x, length=n))(ts, xs, lengths)."
-            )
-        if not is_traced(length):
-            value = int(length)
-            if not 1 <= value <= times:
-                raise ConfigError(f"{rule}; got length={value}.")
-            return value
-        length = jnp.asarray(length).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
-        return eqx.error_if(
-            length, (length < 1) | (length > times), f"{rule} (checked at run time: traced)."
+        return check_length(
+            "NeuralCDE",
+            length,
+            times,
+            example="jax.vmap(lambda t, x, n: cde(t, x, length=n))(ts, xs, lengths)",
         )
 
     def _check_inputs(self, ts, xs, length) -> None:

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import EqzooError, ShapeError, shape_str
+from .._errors import ConfigError, EqzooError, ShapeError, shape_str
 
 
 class TimeGridError(EqzooError, ValueError):
@@ -34,6 +34,35 @@ class SolverError(EqzooError, RuntimeError):
 def is_traced(x) -> bool:
     """Whether `x` is a tracer (inside `jax.jit`, `jax.vmap`, `jax.grad`, ...)."""
     return isinstance(x, jax.core.Tracer)
+
+
+def check_length(owner: str, length, times: int, *, name: str = "length", example: str = ""):
+    """A number of valid rows `length` in `[1, times]`: returned as a Python int when concrete,
+    as a default-int array wrapped in a run-time check when traced (one compile for every
+    length). `example` shows the batched call in the error for a non-scalar `length`."""
+    rule = (
+        f"{owner}: {name} must be one integer, the number of valid rows of the series, "
+        f"with 1 <= {name} <= times={times}"
+    )
+    if isinstance(length, bool) or not (
+        isinstance(length, int) or jnp.issubdtype(jnp.result_type(length), jnp.integer)
+    ) or jnp.shape(length) != ():
+        shape = shape_str(jnp.shape(length))
+        raise ConfigError(
+            f"{rule}; got {type(length).__name__} of shape {shape}. For a batch of padded "
+            f"series, map over an integer array of lengths{': ' + example if example else ''}."
+        )
+    if not is_traced(length):
+        value = int(length)
+        if not 1 <= value <= times:
+            raise ConfigError(f"{rule}; got {name}={value}.")
+        return value
+    import equinox as eqx
+
+    length = jnp.asarray(length).astype(jax.dtypes.canonicalize_dtype(jnp.int_))
+    return eqx.error_if(
+        length, (length < 1) | (length > times), f"{rule} (checked at run time: traced)."
+    )
 
 
 def check_times(ts, name: str = "ts", *, min_points: int = 2, length=None):

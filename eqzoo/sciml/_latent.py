@@ -12,13 +12,18 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, ArrayLike, Float, Int, Real
 
 from .._errors import ConfigError, ShapeError, check_floating, check_positive_numbers, shape_str
 from .._typing import PRNGKey
-from ._errors import TimeGridError, check_times, is_traced
+from ._errors import TimeGridError, check_length, check_start, check_times, is_traced
 from ._node import Autonomous, NeuralODE
-from ._solve import AdjointLike
+from ._solve import AdjointLike, check_result, diffeqsolve, failure_messages
+
+_LENGTH_EXAMPLE = (
+    "jax.vmap(lambda t, x, n: model.loss(t, x, t, x, key=key, length=n, target_length=n))"
+    "(ts, xs, lengths)"
+)
 
 
 class LatentODE(eqx.Module):
@@ -29,7 +34,10 @@ class LatentODE(eqx.Module):
     first observation time `ts_obs[0]`. A linear map gives the mean and log standard deviation
     of the latent initial state `z0`; `z0` follows an autonomous neural ODE in latent space,
     and an MLP decodes each latent state back to an observation. Prediction times may lie past
-    the observations (forecasting). One series per call; batch with `jax.vmap`.
+    the observations (forecasting). One series per call; batch with `jax.vmap`. Every series
+    of a batch must have the same number of rows: pad the shorter ones at the end and pass
+    `length=` (and `target_length=` to `loss`), so the padding changes neither the encoding
+    nor the loss.
 
     **Arguments:**
 
@@ -103,19 +111,32 @@ class LatentODE(eqx.Module):
 
     @no_type_check  # checked below with messages that say how to fix the call
     def encode(
-        self, ts: Real[Array | np.ndarray, " times"], xs: Float[Array, "times channels"]
+        self,
+        ts: Real[Array | np.ndarray, " times"],
+        xs: Float[Array, "times channels"],
+        *,
+        length: int | Int[ArrayLike, ""] | None = None,
     ) -> tuple[Float[Array, " latent"], Float[Array, " latent"]]:
         """The approximate posterior of the latent state at `ts[0]`.
 
         **Arguments:**
 
-        - `ts`: observation times, strictly increasing and finite.
+        - `ts`: observation times, strictly increasing and finite (up to `ts[length - 1]`).
         - `xs`: observations, shape `(times, data_size)`.
+        - `length`: the number of valid rows of a series padded at the end (for batching
+          series of different lengths), an integer in `[1, times]`, possibly traced (an array
+          under `jax.vmap` or `jax.jit`, which compiles once for every length). The encoder
+          skips the rows from `length` on, whatever they hold, so the result is that of
+          `ts[:length], xs[:length]`. `None` (default): every row is an observation.
 
         **Returns:** `(mean, log_std)`, each of shape `(latent,)`.
         """
         check_floating("LatentODE", xs, "xs_obs", "Convert with xs_obs.astype(jnp.float32).")
-        ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1), dtype=xs.dtype)
+        if length is not None:
+            if jnp.ndim(ts) != 1:
+                check_times(ts, "ts_obs", min_points=1)  # raises the shape error
+            length = check_length("LatentODE", length, jnp.shape(ts)[0], example=_LENGTH_EXAMPLE)
+        ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1, length=length), dtype=xs.dtype)
         xs = jnp.asarray(xs)
         if xs.ndim != 2 or xs.shape != (ts.shape[0], self.data_size):
             raise ShapeError(
@@ -124,21 +145,39 @@ class LatentODE(eqx.Module):
                 f"xs_obs {shape_str(xs.shape)}. For a batch, wrap the call in jax.vmap."
             )
         # NumPy, not jnp: inside `jit` a jnp op on concrete (closed-over) data returns a tracer
-        if not is_traced(xs) and not np.isfinite(np.asarray(xs)).all():
+        # with a traced length the padding is unknown: it may hold anything, NaN included
+        if not (is_traced(xs) or is_traced(length)) and not np.isfinite(
+            np.asarray(xs)[:length]
+        ).all():
             # caught here: downstream the NaN surfaces thousands of solver steps later as "stiff"
-            bad = np.argwhere(~np.isfinite(np.asarray(xs)))[:3].tolist()
+            bad = np.argwhere(~np.isfinite(np.asarray(xs)[:length]))[:3].tolist()
             raise ShapeError(
                 f"LatentODE: xs_obs holds NaN or infinity (first at {bad}); drop those observation "
                 "times (each series may have its own ts_obs) rather than passing gaps as NaN."
             )
-        gaps = jnp.concatenate([ts[1:] - ts[:-1], jnp.zeros((1,), ts.dtype)])  # (times,)
-        inputs = jnp.concatenate([xs, gaps[:, None]], axis=1)[::-1]  # latest first
-
-        def step(h, x):
-            return self.encoder(x, h), None
-
         h0 = jnp.zeros((self.encoder.hidden_size,), xs.dtype)
-        h, _ = jax.lax.scan(step, h0, inputs)
+        if length is None:
+            gaps = jnp.concatenate([ts[1:] - ts[:-1], jnp.zeros((1,), ts.dtype)])  # (times,)
+            inputs = jnp.concatenate([xs, gaps[:, None]], axis=1)[::-1]  # latest first
+
+            def step(h, x):
+                return self.encoder(x, h), None
+
+            h, _ = jax.lax.scan(step, h0, inputs)
+        else:
+            valid = jnp.arange(ts.shape[0]) < length  # (times,)
+            # Padding replaced before use, not only skipped: a NaN there would reach the
+            # gradient through the unselected branch of the `where` below (0 * NaN).
+            xs = jnp.where(valid[:, None], xs, 0)
+            ts = jnp.where(valid, ts, ts[length - 1])  # the gap after the last valid row is 0
+            gaps = jnp.concatenate([ts[1:] - ts[:-1], jnp.zeros((1,), ts.dtype)])  # (times,)
+            inputs = jnp.concatenate([xs, gaps[:, None]], axis=1)[::-1]  # latest first
+
+            def step(h, x_and_valid):
+                x, v = x_and_valid
+                return jnp.where(v, self.encoder(x, h), h), None  # padded rows keep h
+
+            h, _ = jax.lax.scan(step, h0, (inputs, valid[::-1]))
         stats = self.to_latent(h)
         return stats[: self.latent_size], stats[self.latent_size :]
 
@@ -182,8 +221,9 @@ class LatentODE(eqx.Module):
             )
         return self._decode(z0, t0, ts, "ts")
 
-    def _decode(self, z0, t0, ts, name: str):
-        ts = check_times(ts, name, min_points=1)  # checked under the caller's name; one time is fine
+    def _decode(self, z0, t0, ts, name: str, length=None):
+        # checked under the caller's name; one time is fine
+        ts = check_times(ts, name, min_points=1, length=length)
         # a non-finite t0 is left to NeuralODE's check_start, which says so (inf would read here
         # as "every time is before t0", NaN as "no time is")
         if (
@@ -196,7 +236,35 @@ class LatentODE(eqx.Module):
                 f"time {np.asarray(t0).item()!r}; the latent state is inferred at the first "
                 f"observation and evolved forward from there. Drop the earlier {name} values."
             )
-        zs = self.ode(z0, ts, t0=t0)  # (times, latent)
+        if length is None:
+            zs = self.ode(z0, ts, t0=t0)  # (times, latent)
+            return jax.vmap(self.decoder)(zs)
+        # Padded times are saved at the last valid time and the solve ends there, so the
+        # steps, hence the valid rows, are those of the unpadded grid.
+        ts = jnp.asarray(ts, dtype=z0.dtype)
+        valid = jnp.arange(ts.shape[0]) < length
+        ts = jnp.where(valid, ts, ts[length - 1])  # (times,), non-decreasing
+        ts = check_start(t0, ts, name)
+        ode = self.ode
+        sol = diffeqsolve(
+            diffrax.ODETerm(ode.vector_field),
+            ode.solver,
+            ts,
+            z0,
+            None,
+            save_ts=True,
+            stepsize_controller=ode.stepsize_controller,
+            adjoint=ode.adjoint,
+            dt0=ode.dt0,
+            max_steps=ode.max_steps,
+            t0=jnp.asarray(t0, dtype=z0.dtype),
+            t1=ts[length - 1],
+            owner="LatentODE",
+        )
+        messages = failure_messages(
+            "LatentODE", ode.solver, ode.stepsize_controller, ode.dt0, ode.max_steps
+        )
+        zs = check_result(sol.ys, sol, messages)  # (times, latent)
         return jax.vmap(self.decoder)(zs)
 
     @no_type_check  # checked below with messages that say how to fix the call
@@ -206,6 +274,7 @@ class LatentODE(eqx.Module):
         xs_obs: Float[Array, "obs_times channels"],
         ts_pred: Real[Array | np.ndarray, " pred_times"],
         *,
+        length: int | Int[ArrayLike, ""] | None = None,
         key: PRNGKey | None = None,
     ) -> Float[Array, "pred_times channels"]:
         """Predict the series at `ts_pred` from its observations.
@@ -216,12 +285,14 @@ class LatentODE(eqx.Module):
           `(obs_times, data_size)` of one series.
         - `ts_pred`: strictly increasing prediction times, none before `ts_obs[0]`; they may
           extend past `ts_obs[-1]` (forecasting).
+        - `length`: the number of valid observation rows of a padded series, as for
+          `encode`.
         - `key`: when given, sample `z0` from the approximate posterior; when `None`, use its
           mean (deterministic prediction).
 
         **Returns:** predicted observations at `ts_pred`, shape `(pred_times, data_size)`.
         """
-        mean, log_std = self.encode(ts_obs, xs_obs)
+        mean, log_std = self.encode(ts_obs, xs_obs, length=length)
         z0 = (
             mean
             if key is None
@@ -240,11 +311,14 @@ class LatentODE(eqx.Module):
         key: PRNGKey,
         obs_std: float | Float[Array, ""] = 0.1,
         kl_weight: float | Float[Array, ""] = 1.0,
+        length: int | Int[ArrayLike, ""] | None = None,
+        target_length: int | Int[ArrayLike, ""] | None = None,
     ) -> Float[Array, ""]:
         """The negative evidence lower bound of one series, per target value.
 
         `(Σ -log N(xs_target | decoded, obs_std²) + kl_weight · KL(q(z0) ‖ N(0, I)))
-        / xs_target.size`, with one reparameterised sample of `z0`. Targets may include the
+        / xs_target.size`, with one reparameterised sample of `z0` (with `target_length`, the
+        sum and the size count the valid target rows only). Targets may include the
         observations themselves (reconstruction) and later times (forecasting).
 
         **Arguments:**
@@ -257,15 +331,40 @@ class LatentODE(eqx.Module):
           a scalar array (a traced one too, e.g. `jnp.exp(log_std)` of a learned noise level;
           its value is then not checked).
         - `kl_weight`: weight of the KL term (anneal it from 0 to 1 to help early training).
+        - `length`: the number of valid rows of padded observations, as for
+          `encode`.
+        - `target_length`: the number of valid rows of padded targets, an integer in
+          `[1, target_times]`, possibly traced; the rows from `target_length` on are not
+          scored, whatever they hold. Required with `length` (pass `target_length=length` when
+          the targets are the observations, `ts_target.shape[0]` when none is padded), so that
+          padded targets are never scored by accident. `None`: every target row is scored.
 
-        **Returns:** a scalar.
+        **Returns:** a scalar, equal (to float rounding) to the loss of the unpadded series.
         """
         # a traced obs_std (a learned noise scale) passes: its value is unknown at trace time
         check_positive_numbers("LatentODE.loss", obs_std=obs_std)
-        mean, log_std = self.encode(ts_obs, xs_obs)
+        if length is not None and target_length is None:
+            raise ConfigError(
+                "LatentODE.loss: got length= (padded observations) but no target_length=, so "
+                "every target row would be scored, padding included. Pass "
+                "target_length=length when the targets are the observations (reconstruction), "
+                "or target_length=<valid target rows> (ts_target.shape[0] when none is padded)."
+            )
+        if target_length is not None:
+            if jnp.ndim(ts_target) != 1:
+                check_times(ts_target, "ts_target", min_points=1)  # raises the shape error
+            target_length = check_length(
+                "LatentODE.loss",
+                target_length,
+                jnp.shape(ts_target)[0],
+                name="target_length",
+                example=_LENGTH_EXAMPLE,
+            )
+        mean, log_std = self.encode(ts_obs, xs_obs, length=length)
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
-        pred = self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_target, "ts_target")
+        t0 = jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0]
+        pred = self._decode(z0, t0, ts_target, "ts_target", target_length)
         check_floating("LatentODE.loss", xs_target, "xs_target", "Convert with xs_target.astype(jnp.float32).")
         if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
             raise ShapeError(
@@ -274,8 +373,15 @@ class LatentODE(eqx.Module):
                 "of data_size values per target time."
             )
         std = jnp.asarray(obs_std, dtype=pred.dtype)
-        nll = 0.5 * jnp.sum(((pred - xs_target) / std) ** 2) + xs_target.size * (
+        residual = pred - xs_target  # (target_times, channels)
+        if target_length is None:
+            size = xs_target.size
+        else:
+            valid = jnp.arange(pred.shape[0]) < target_length  # (target_times,)
+            residual = jnp.where(valid[:, None], residual, 0)  # padding may hold NaN
+            size = jnp.asarray(target_length * self.data_size, dtype=pred.dtype)
+        nll = 0.5 * jnp.sum((residual / std) ** 2) + size * (
             jnp.log(std) + 0.5 * jnp.log(jnp.asarray(2 * np.pi, dtype=pred.dtype))
         )
         kl = 0.5 * jnp.sum(jnp.exp(2 * log_std) + mean**2 - 1.0 - 2 * log_std)
-        return (nll + jnp.asarray(kl_weight, dtype=pred.dtype) * kl) / xs_target.size
+        return (nll + jnp.asarray(kl_weight, dtype=pred.dtype) * kl) / size

@@ -288,3 +288,22 @@ def test_capacity_prefill_does_not_depend_on_the_batch_size():
     np.testing.assert_array_equal(one, eight)
     alone = eqzoo.generate(model, prompt, max_new_tokens=8)
     np.testing.assert_array_equal(alone, eqzoo.generation.generate_batch(model, jnp.stack([prompt] * 8), None, max_new_tokens=8)[0])
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_per_layer_router_statistics_average_to_the_reported_ones(scan_layers):
+    # The statistics were only available averaged over layers, which hides one collapsing layer.
+    config = dataclasses.replace(CONFIG, moe_implementation="capacity", moe_capacity_factor=0.5, scan_layers=scan_layers)
+    model = models.create(config, key=jax.random.key(0))
+    tokens = _batch()["tokens"][0]
+
+    @eqx.filter_jit
+    def both(m, t):
+        return m.features_and_aux(t)[1], m.features_and_aux(t, per_layer=True)[1]
+
+    averaged, per_layer = both(model, tokens)
+    assert set(per_layer) == set(averaged) == {"moe_load_balance", "moe_z_loss", "moe_dropped"}
+    for name, values in per_layer.items():
+        assert values.shape == (CONFIG.num_layers,)
+        np.testing.assert_array_equal(jnp.mean(values), averaged[name])  # the same reduction: bit-identical
+    assert float(jnp.max(per_layer["moe_dropped"])) > 0.0

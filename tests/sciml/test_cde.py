@@ -404,3 +404,68 @@ def test_latent_loss_takes_a_traced_noise_scale_and_closed_over_data(latent):
     a = (l1 - l2 - np.log(stds[0] / stds[1])) / (stds[0] ** -2 - stds[1] ** -2)
     np.testing.assert_allclose(g1, -2 * a / stds[0] ** 3 + 1 / stds[0], rtol=1e-4)
     assert float(a) > 0
+
+
+def test_latent_padded_series_with_length_matches_unpadded_series(latent, compile_log):
+    # Padding changed the encoding silently: the GRU read the padded rows (and their gaps)
+    # first, and loss scored the padded targets.
+    ts, xs = (np.asarray(a) for a in _series(jax.random.key(16), batch=3))  # NumPy: no compiles
+    lengths = [9, 5, 3]
+    ts_pad, xs_pad = ts.copy(), xs.copy()
+    ts_pad[1, 5:], xs_pad[1, 5:] = 2.0 + np.arange(4), np.nan  # later times and NaN
+    ts_pad[2, 3:], xs_pad[2, 3:] = 0.0, 0.0  # zeros
+    keys = jax.random.split(jax.random.key(17), 3)
+
+    @eqx.filter_jit
+    def batch(model, ts, xs, lengths):
+        encoded = jax.vmap(lambda t, x, n: model.encode(t, x, length=n))(ts, xs, lengths)
+        losses = jax.vmap(
+            lambda t, x, n, k: model.loss(t, x, t, x, key=k, length=n, target_length=n)
+        )(ts, xs, lengths, keys)
+        return encoded, losses
+
+    (means, log_stds), losses = batch(latent, ts_pad, xs_pad, jnp.asarray(lengths))
+    encode = eqx.filter_jit(lambda model, ts, xs: model.encode(ts, xs))
+    for i, n in enumerate(lengths):
+        mean, log_std = encode(latent, ts[i, :n], xs[i, :n])
+        # the encoder has no adaptive steps: batched and single agree to float32 rounding
+        np.testing.assert_allclose(means[i], mean, atol=1e-6)
+        np.testing.assert_allclose(log_stds[i], log_std, atol=1e-6)
+    # the decoding solve is adaptive: batched steps may round differently (measured: 1e-7)
+    loss = eqx.filter_jit(lambda model, ts, xs, key: model.loss(ts, xs, ts, xs, key=key))
+    np.testing.assert_allclose(losses[1], loss(latent, ts[1, :5], xs[1, :5], keys[1]), rtol=1e-4)
+    # the lengths are traced: other lengths reuse the compiled program
+    with compile_log("batch") as log:
+        jax.block_until_ready(batch(latent, ts_pad, xs_pad, jnp.array([4, 5, 2])))
+    assert log.compiled == []
+
+
+def test_latent_length_errors(latent, unchecked):
+    ts, xs = _series(jax.random.key(18), batch=1)
+    ts, xs = ts[0], xs[0]
+    key = jax.random.key(0)
+    with pytest.raises(ConfigError, match=r"LatentODE: length must be one integer.*1 <= length <= times=9; got length=10"):
+        latent.encode(ts, xs, length=10)
+    with pytest.raises(ConfigError, match=r"1 <= length <= times=9; got length=0"):
+        latent(ts, xs, ts, length=0)
+    with unchecked(), pytest.raises(ConfigError, match=r"length must be one integer.*got float.*map over an integer array of lengths: jax\.vmap"):
+        latent.encode(ts, xs, length=4.0)
+    with unchecked(), pytest.raises(ConfigError, match=r"length must be one integer.*got ndarray of shape \(3,\)"):
+        latent.encode(ts, xs, length=np.array([9, 5, 3]))
+    with pytest.raises(ConfigError, match=r"got length= \(padded observations\) but no target_length=.*target_length=length"):
+        latent.loss(ts, xs, ts, xs, key=key, length=5)
+    with pytest.raises(ConfigError, match=r"LatentODE\.loss: target_length must be one integer.*1 <= target_length <= times=4; got target_length=5"):
+        latent.loss(ts, xs, ts[:4], xs[:4], key=key, target_length=5)
+    # traced: checked at run time
+    run = eqx.filter_jit(lambda m, n: m.encode(ts, xs, length=n))
+    with pytest.raises(Exception, match=r"1 <= length <= times=9 \(checked at run time"):
+        jax.block_until_ready(run(latent, jnp.asarray(12)))
+    # only the valid rows must be increasing and finite; the padding may hold anything
+    with pytest.raises(sciml.TimeGridError, match=r"ts_obs must be finite and strictly increasing up to ts_obs\[length - 1\]; got ts_obs\[2\]"):
+        latent.encode(ts.at[3].set(0.0), xs, length=5)
+    with pytest.raises(ShapeError, match=r"xs_obs holds NaN or infinity \(first at \[\[3, 1\]\]\)"):
+        latent.encode(ts, xs.at[3, 1].set(jnp.nan), length=5)
+    with pytest.raises(sciml.TimeGridError, match=r"ts_target must be finite and strictly increasing up to ts_target\[length - 1\]"):
+        latent.loss(ts, xs, ts.at[1].set(ts[2]), xs, key=key, target_length=5)
+    mean, _ = latent.encode(ts.at[6].set(jnp.nan), xs.at[7].set(jnp.nan), length=5)
+    assert bool(jnp.all(jnp.isfinite(mean)))
