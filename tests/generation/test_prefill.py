@@ -18,8 +18,11 @@ TOL = 1e-5  # fp32; prefill and decode-at-0 add the same terms over different ke
 WINDOW = 4
 
 
+@eqx.filter_jit
 def _scaled(config):
     # init_std is 0.02: scale the weights up so that the logits differ visibly between positions.
+    # Built under one jit: eager initialisation compiles every small random op separately (~5 s
+    # a model on CI's cores).
     model = models.create(config, key=jax.random.key(0))
     return jax.tree.map(lambda a: 4 * a if eqx.is_inexact_array(a) else a, model)
 
@@ -119,11 +122,19 @@ def test_prefill_of_a_batch_and_of_a_bfloat16_model():
 
 def test_attention_prefill_matches_the_training_call():
     # One layer: a ring of 4 slots for 9 positions, a 3-token tail of padding.
-    attn = nn.Attention(32, 4, num_kv_heads=2, sliding_window=WINDOW, backend="xla", init_std=0.3, key=jax.random.key(0))
+    # Built and run under jit (the same computations): eagerly, every small op compiles apart.
+    make = lambda k: nn.Attention(32, 4, num_kv_heads=2, sliding_window=WINDOW, backend="xla", init_std=0.3, key=k)
+    attn = eqx.filter_jit(make)(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (9, 32))
-    out, cache = attn.prefill(x, attn.init_cache(12), valid_length=6)
-    np.testing.assert_allclose(out[:6], attn(x[:6]), atol=TOL)
-    want_out, want_cache = attn.decode(x, attn.init_cache(12), jnp.int32(0), valid_length=6)
+
+    @eqx.filter_jit
+    def run(attn, x):
+        prefilled = attn.prefill(x, attn.init_cache(12), valid_length=6)
+        decoded = attn.decode(x, attn.init_cache(12), jnp.int32(0), valid_length=6)
+        return prefilled, attn(x[:6]), decoded
+
+    (out, cache), train, (want_out, want_cache) = run(attn, x)
+    np.testing.assert_allclose(out[:6], train, atol=TOL)
     np.testing.assert_allclose(out[:6], want_out[:6], atol=TOL)
     np.testing.assert_allclose(cache.keys, want_cache.keys, atol=TOL)
     assert cache.keys.shape[0] == WINDOW

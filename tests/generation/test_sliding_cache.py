@@ -17,8 +17,10 @@ TOL = 1e-4  # fp32, a few layers with weights scaled 4x: logits up to ~6, roundi
 WINDOW = 4
 
 
+@eqx.filter_jit
 def _scaled(config, seed):
     # init_std is 0.02: scale the weights up so greedy decoding does not just repeat one token.
+    # Built under one jit: eager initialisation compiles every small random op separately.
     model = models.create(config, key=jax.random.key(seed))
     return jax.tree.map(lambda a: 4 * a if eqx.is_inexact_array(a) else a, model)
 
