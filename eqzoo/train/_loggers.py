@@ -1,15 +1,17 @@
 """Metric loggers: JSON lines, TensorBoard (when tensorboardX is installed), and the console."""
 
+import fnmatch
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from .._errors import require, user_stacklevel
+from .._errors import ConfigError, require, user_stacklevel
 from .._typing import TextStream
 
 
@@ -144,14 +146,25 @@ class ConsoleLogger:
     Metrics without `train/steps_per_s` (a loop of your own) are timed by the wall clock from
     the first logged step. The ETA divides the steps left by that speed, so it leaves out the
     evaluations still to come.
+
+    Per-layer metrics (a key with a `/layer_<i>` part, such as the `train/moe_dropped/layer_3`
+    of [`lm_loss(per_layer=True)`][eqzoo.train.lm_loss]: three per layer, 192 for a 64-layer
+    model) are left off the line unless `keys` asks for them; the structured loggers
+    ([`eqzoo.train.JSONLLogger`][], [`eqzoo.train.TensorBoardLogger`][]) record every key.
     """
 
     def __init__(self, total_steps: int | None = None, *, stream: TextStream | None = None, keys: tuple[str, ...] | None = None):
         """**Arguments:** `total_steps` (for the ETA), output `stream` (default stderr), and the
-        metric `keys` to show (default all)."""
+        metric `keys` to show, in the order the metrics come: each a key or a shell-style pattern
+        (`fnmatch`: `"train/moe_dropped/*"` shows that statistic of every layer). The default
+        shows every metric except the per-layer ones."""
+        if isinstance(keys, str) or (keys is not None and not all(isinstance(k, str) for k in keys)):
+            raise ConfigError(
+                f"ConsoleLogger: keys must be a tuple of metric names or patterns, such as ('train/loss',); got {keys!r}."
+            )
         self.total = total_steps
         self.stream = sys.stderr if stream is None else stream
-        self.keys = keys
+        self.keys = None if keys is None else tuple(keys)
         self._start: float | None = None
         self._start_step = 0
         self._last_step: int | None = None
@@ -184,7 +197,7 @@ class ConsoleLogger:
                 "number of steps (for the ETA), not how often fit logs (that is fit's log_every).",
                 stacklevel=user_stacklevel(),
             )
-        shown = {k: v for k, v in metrics.items() if self.keys is None or k in self.keys}
+        shown = {k: v for k, v in metrics.items() if self._shows(k)}
         parts = [f"step {step:>6d}" + (f"/{self.total}" if self.total else "")]
         parts += [f"{k} {float(v):.4g}" for k, v in shown.items()]
         rate = self._rate(step, metrics, now)
@@ -194,8 +207,16 @@ class ConsoleLogger:
                 parts.append(f"eta {_fmt_seconds((self.total - step) / rate)}")
         print(" | ".join(parts), file=self.stream, flush=True)
 
+    def _shows(self, key: str) -> bool:
+        if self.keys is None:
+            return _PER_LAYER.search(key) is None
+        return any(key == k or fnmatch.fnmatchcase(key, k) for k in self.keys)
+
     def close(self) -> None:
         """Nothing to release."""
+
+
+_PER_LAYER = re.compile(r"/layer_\d+(/|$)")  # a per-layer metric: "train/moe_dropped/layer_3"
 
 
 def _fmt_seconds(s: float) -> str:

@@ -1,6 +1,7 @@
 """Losses: cross-entropy with a mask, and a language-model loss that never materialises the
 float32 logits of the whole batch at once."""
 
+import inspect
 import warnings
 
 import jax
@@ -126,6 +127,7 @@ def lm_loss(
     *,
     implementation: str = "fused",
     chunk_size: int | None = None,
+    per_layer: bool = False,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Next-token cross-entropy of an eqzoo language model on a batch.
 
@@ -154,6 +156,11 @@ def lm_loss(
           batch's logits (the plain reference path).
     - `chunk_size`: positions per sequence in one chunk for `"fused"`/`"chunked"` (default:
       [`eqzoo.train.auto_chunk_size`][], under 512 MiB of float32 logits per chunk).
+    - `per_layer`: also report each auxiliary statistic layer by layer (see below), to find the
+      layer whose routing collapses; off by default, since it adds three scalar metrics per
+      layer to every step's output and every log record (192 for a 64-layer model). Pass it
+      to a train step with `functools.partial(lm_loss, per_layer=True)`. The loss and the
+      averaged metrics are the same with it (bit for bit); a dense model adds nothing.
 
     The batch is vmapped with [`eqzoo.sharding.batch_vmap`][], so under a mesh the batch axis
     stays split over the batch axes (`data` x `fsdp` x `expert`) inside the model.
@@ -169,6 +176,13 @@ def lm_loss(
     (`"moe_dropped"`, the fraction of expert assignments dropped for lack of capacity). With a
     `"mask"`, the router statistics count only the masked-in positions too (every position is
     still routed, and under `"capacity"` still takes expert slots).
+
+    With `per_layer=True` the metrics also hold each statistic of each block as a scalar,
+    `"<name>/layer_<i>"` (`"moe_dropped/layer_0"`, ...; `i` zero-padded to the width of the
+    last index, `layer_07` in a 12-layer model, so the keys sort in layer order), weighted over
+    the batch's sequences as the averages are: their mean over layers is the averaged metric
+    (up to float rounding). The model's `features_and_aux` must then take `per_layer=True`
+    and return `(num_layers,)` arrays, as eqzoo's models do.
     """
     missing = [k for k in ("tokens", "targets") if k not in batch]
     if missing:
@@ -188,6 +202,8 @@ def lm_loss(
         )
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+    if not isinstance(per_layer, bool):
+        raise ConfigError(f"lm_loss: per_layer must be True or False, got {per_layer!r}.")
     mask = batch.get("mask")
     packing_args(tokens, "lm_loss: batch[{name!r}]", mask=mask)  # a mask of another shape would broadcast
     needs = ("__call__",) if implementation == "full" else ("features", "head_weight")
@@ -210,13 +226,19 @@ def lm_loss(
     # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
     aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
     aux: dict[str, Array] = {}
+    layers: dict[str, Array] = {}
     if aux_weights:
         _warn_untrained_routers(model)
         # Each sequence's statistics over its counted positions, weighted by their number.
         args = (tokens,) if mask is None else (tokens, mask)
-        feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
+        if per_layer:
+            feats, aux, layers = _batch_vmap(_with_layers(model))(*args, **packing)
+        else:
+            feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
         counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
-        aux = {name: jnp.sum(v * counted) / jnp.maximum(jnp.sum(counted), 1.0) for name, v in aux.items()}
+        weight = jnp.maximum(jnp.sum(counted), 1.0)
+        aux = {name: jnp.sum(v * counted) / weight for name, v in aux.items()}
+        aux |= _layer_metrics(layers, counted, weight)
     if implementation == "full":
         logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens, **packing)
         nll_mean = cross_entropy(logits, targets, mask)
@@ -237,6 +259,41 @@ def lm_loss(
         return nll_mean, {"tokens": count}
     loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
     return loss, {"tokens": count, "nll": nll_mean, **aux}
+
+
+def _with_layers(model):
+    """`features_and_aux` of one sequence with its statistics both averaged over layers (the
+    same computation as the default, so the averages stay bit-identical) and per layer."""
+    params = inspect.signature(model.features_and_aux).parameters
+    if "per_layer" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ConfigError(
+            f"lm_loss(per_layer=True) needs the model's features_and_aux to take per_layer=True and return each "
+            f"statistic per layer; {type(model).__name__}.features_and_aux has no per_layer argument. Add one "
+            "(returning (num_layers,) arrays), or leave per_layer=False."
+        )
+
+    def run(*args, **kwargs):
+        feats, per = model.features_and_aux(*args, per_layer=True, **kwargs)
+        for name, v in per.items():
+            if jnp.ndim(v) != 1:
+                raise ShapeError(
+                    f"lm_loss(per_layer=True): {type(model).__name__}.features_and_aux(..., per_layer=True) must "
+                    f"return each statistic as a (num_layers,) array; got {name!r} of shape {shape_str(jnp.shape(v))}."
+                )
+        return feats, {name: jnp.mean(v) for name, v in per.items()}, per
+
+    return run
+
+
+def _layer_metrics(layers: dict[str, Array], counted, weight) -> dict[str, Array]:
+    """`"<name>/layer_<i>"`: each `(batch, layers)` statistic weighted over the sequences by
+    their `counted` positions, as the averaged metrics are."""
+    out = {}
+    for name, v in layers.items():
+        per = jnp.sum(v * counted[:, None], axis=0) / weight  # (layers,)
+        width = len(str(per.shape[0] - 1))
+        out |= {f"{name}/layer_{i:0{width}d}": per[i] for i in range(per.shape[0])}
+    return out
 
 
 def _warn_untrained_routers(model) -> None:

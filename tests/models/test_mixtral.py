@@ -2,16 +2,18 @@
 equal every-expert products), batched decoding, parameter counts and config errors."""
 
 import dataclasses
+import functools
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import eqzoo
 from eqzoo import models, quant, train
-from eqzoo._errors import ConfigError
+from eqzoo._errors import ConfigError, ShapeError
 
 MODEL_TOL = 1e-4  # fp32, whole models
 CONFIG = models.get_config("tiny-mixtral", max_seq=32)
@@ -38,6 +40,11 @@ def test_lm_loss_adds_weighted_router_losses(pair):
     (total_d, metrics_d), grads_d = grad(dense)
     assert set(metrics) == {"tokens", "nll", "moe_load_balance", "moe_z_loss", "moe_dropped"}
     assert float(metrics["moe_dropped"]) == 0.0
+    # per_layer=True adds one scalar per statistic and layer, and nothing else
+    _, layered = eqx.filter_eval_shape(lambda m: train.lm_loss(m, batch, per_layer=True), ragged)  # values: below
+    stats = ("moe_load_balance", "moe_z_loss", "moe_dropped")
+    assert set(layered) == set(metrics) | {f"{n}/layer_{i}" for n in stats for i in range(CONFIG.num_layers)}
+    assert all(layered[k].shape == () for k in layered)
     expected = (
         metrics["nll"]
         + CONFIG.router_aux_loss_coef * metrics["moe_load_balance"]
@@ -307,3 +314,108 @@ def test_per_layer_router_statistics_average_to_the_reported_ones(scan_layers):
         assert values.shape == (CONFIG.num_layers,)
         np.testing.assert_array_equal(jnp.mean(values), averaged[name])  # the same reduction: bit-identical
     assert float(jnp.max(per_layer["moe_dropped"])) > 0.0
+
+
+# A tiny Qwen3-MoE (a Mixtral with query/key norms, renormalised top-k, "capacity" experts).
+QWEN3_MOE = dataclasses.replace(
+    CONFIG, qk_norm=True, normalize_router_weights=True, router_aux_loss_coef=0.001, moe_implementation="capacity"
+)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dataclasses.replace(CONFIG, num_layers=3, moe_implementation="capacity", moe_capacity_factor=0.5, scan_layers=False),
+        dataclasses.replace(QWEN3_MOE, num_layers=3, moe_capacity_factor=0.5),
+    ],
+    ids=["mixtral-unrolled", "qwen3-moe-scanned"],
+)
+def test_per_layer_metrics_in_a_train_step_leave_the_loss_alone(config, compile_log):
+    # fit logged only the layers' averages, which hide one collapsing layer. Three layers with a
+    # mask that counts each sequence differently, so the layers and the weighting both matter.
+    model = models.create(config, key=jax.random.key(0))
+    optimizer = optax.sgd(0.1)
+    loss = functools.partial(train.lm_loss, implementation="full")  # the quickest to compile; all share the router path
+    batch = _batch() | {"mask": jnp.arange(24)[None, :] < jnp.array([[24], [10], [5], [20]])}
+
+    def one_step(loss_fn):
+        state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
+        return train.make_train_step(loss_fn, optimizer, donate=False)(state, batch)
+
+    before_state, before = one_step(loss)
+    with compile_log("flat_step") as log:
+        after_state, after = one_step(functools.partial(loss, per_layer=True))
+    assert len(log.compiled) == 1  # one program, with the per-layer scalars among its outputs
+    for name, value in before.items():  # the loss, the averages, the gradient: bit for bit
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+    params = [jax.tree.leaves(eqx.filter(s.model, eqx.is_array)) for s in (before_state, after_state)]
+    for a, b in zip(*params, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for name in ("moe_load_balance", "moe_z_loss", "moe_dropped"):
+        layers = [after[f"{name}/layer_{i}"] for i in range(3)]
+        # the same sums in another order: fp32 rounding only
+        np.testing.assert_allclose(np.mean(layers), before[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    assert len({float(after[f"moe_load_balance/layer_{i}"]) for i in range(3)}) == 3  # not one value repeated
+    assert set(after) - set(before) == {f"{n}/layer_{i}" for n in ("moe_load_balance", "moe_z_loss", "moe_dropped") for i in range(3)}
+
+
+def test_per_layer_keys_are_zero_padded_and_a_dense_model_adds_none():
+    # shapes only: nothing is initialised or compiled
+    def metrics(config):
+        model = eqx.filter_eval_shape(models.create, config, key=jax.random.key(0))
+        return eqx.filter_eval_shape(lambda m: train.lm_loss(m, _batch(batch=1, seq=4), per_layer=True), model)[1]
+
+    deep = metrics(dataclasses.replace(CONFIG, num_layers=11))
+    layers = sorted(k.split("/")[1] for k in deep if k.startswith("moe_dropped/"))
+    assert layers == [f"layer_{i:02d}" for i in range(11)]  # sorted as the layers are
+    assert set(metrics(models.get_config("tiny-llama", max_seq=32))) == {"tokens"}
+
+
+class _TwoLayerToy(eqx.Module):
+    """A model with an auxiliary loss whose features_and_aux predates per_layer (or, with
+    `scalar=True`, takes it and still returns averages)."""
+
+    embed: jax.Array
+    scalar: bool = eqx.field(static=True, default=False)
+
+    def features(self, tokens):
+        return self.embed[tokens]
+
+    def head_weight(self):
+        return self.embed
+
+    def aux_loss_weights(self):
+        return {"toy": 0.1}
+
+    def features_and_aux(self, tokens, mask=None, **kwargs):
+        if not self.scalar and "per_layer" in kwargs:
+            raise TypeError("unexpected per_layer")
+        return self.embed[tokens], {"toy": jnp.sum(self.embed)}
+
+
+def test_per_layer_metrics_need_a_model_that_reports_layers(unchecked):
+    batch = _batch(batch=2, seq=4)
+    embed = jnp.ones((CONFIG.vocab_size, 8))
+
+    class Old(eqx.Module):
+        inner: _TwoLayerToy
+
+        def features(self, tokens):
+            return self.inner.features(tokens)
+
+        def head_weight(self):
+            return self.inner.head_weight()
+
+        def aux_loss_weights(self):
+            return self.inner.aux_loss_weights()
+
+        def features_and_aux(self, tokens, mask=None):
+            return self.inner.features_and_aux(tokens, mask)
+
+    assert set(train.lm_loss(Old(_TwoLayerToy(embed)), batch)[1]) == {"tokens", "nll", "toy"}
+    with pytest.raises(ConfigError, match=r"per_layer=True\) needs the model's features_and_aux to take per_layer=True.*Old"):
+        train.lm_loss(Old(_TwoLayerToy(embed)), batch, per_layer=True)
+    with pytest.raises(ShapeError, match=r"each statistic as a \(num_layers,\) array; got 'toy' of shape \(\)"):
+        train.lm_loss(_TwoLayerToy(embed, scalar=True), batch, per_layer=True)
+    with unchecked(), pytest.raises(ConfigError, match=r"lm_loss: per_layer must be True or False, got 'yes'"):
+        train.lm_loss(_TwoLayerToy(embed), batch, per_layer="yes")

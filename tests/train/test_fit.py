@@ -350,3 +350,43 @@ def test_console_logger_rate_counts_training_time_only(steps, monkeypatch):
     now[0] += 4.0
     own.log(20, {"loss": 1.0})
     assert stream.getvalue().splitlines()[-1] == "step     20 | loss 1 | 2.50 steps/s"
+
+
+def test_console_logger_leaves_per_layer_metrics_to_the_structured_loggers(tmp_path, unchecked, monkeypatch):
+    # lm_loss(per_layer=True) adds three metrics per layer (192 for 64 layers); the console line
+    # printed them all.
+    import io
+    import sys
+    import types
+
+    def layered_loss(model, batch, key):
+        loss, metrics = train.classification_loss(model, batch, key)
+        return loss, metrics | {f"moe_dropped/layer_{i}": jnp.float32(i) for i in range(2)}
+
+    stream, tensorboard = io.StringIO(), {}
+    writer = types.SimpleNamespace(add_scalar=lambda k, v, step: tensorboard.setdefault(k, v), close=lambda: None)
+    fake = types.ModuleType("tensorboardX")  # not installed here: a stand-in writer
+    fake.SummaryWriter = lambda logdir: writer
+    monkeypatch.setitem(sys.modules, "tensorboardX", fake)
+    board = train.TensorBoardLogger(tmp_path / "tb")
+    train.fit(
+        _state(), train.make_train_step(layered_loss, OPTIMIZER), batches(), num_steps=2, log_every=2,
+        loggers=[train.ConsoleLogger(stream=stream), train.JSONLLogger(tmp_path / "log.jsonl"), board],
+    )
+    line = stream.getvalue()
+    assert "train/accuracy" in line and "train/loss" in line and "layer_" not in line
+    record = json.loads((tmp_path / "log.jsonl").read_text())
+    assert record["train/moe_dropped/layer_0"] == 0.0 and record["train/moe_dropped/layer_1"] == 1.0
+    assert {"train/moe_dropped/layer_0", "train/moe_dropped/layer_1", "train/loss"} <= set(tensorboard)
+    # asked for by name or by a shell-style pattern, they are shown, in the metrics' order
+    metrics = {"train/loss": 2.0, "train/moe_dropped": 0.5, "train/moe_dropped/layer_0": 0.25, "train/moe_dropped/layer_1": 0.75}
+    for keys, shown in [
+        (("train/moe_dropped/*", "train/loss"), "train/loss 2 | train/moe_dropped/layer_0 0.25 | train/moe_dropped/layer_1 0.75"),
+        (("train/moe_dropped/layer_1",), "train/moe_dropped/layer_1 0.75"),
+        (None, "train/loss 2 | train/moe_dropped 0.5"),
+    ]:
+        stream = io.StringIO()
+        train.ConsoleLogger(stream=stream, keys=keys).log(1, metrics)
+        assert stream.getvalue() == f"step      1 | {shown}\n"
+    with unchecked(), pytest.raises(ConfigError, match=r"keys must be a tuple of metric names or patterns.*got 'train/loss'"):
+        train.ConsoleLogger(keys="train/loss")
