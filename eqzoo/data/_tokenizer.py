@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, final, no_type_check
 
 import numpy as np
+from jax import Array
 from jaxtyping import Int, Integer
 
 from .._errors import ConfigError
@@ -14,7 +15,8 @@ from ._encoding import EncodedBatch, TokenizerError, check_batch_request, pad_ro
 class AbstractTokenizer(abc.ABC):
     """The protocol every eqzoo tokenizer follows.
 
-    - `encode(text) -> Int[np.ndarray, "seq"]` (int32) and `decode(ids) -> str`;
+    - `encode(text) -> Int[np.ndarray, "seq"]` (int32) and `decode(ids) -> str` (ids as a NumPy
+      or JAX array, e.g. what `eqzoo.generate` returns, or a list of ints);
     - `vocab_size`: ids lie in `[0, vocab_size)`;
     - `encode_batch(texts) -> EncodedBatch` and `decode_batch(ids, attention_mask) -> list[str]`,
       built here on `encode` and `decode` (a tokenizer may override them with a faster path);
@@ -32,7 +34,7 @@ class AbstractTokenizer(abc.ABC):
         """Encode `text` into an int32 array of token ids."""
 
     @abc.abstractmethod
-    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int]) -> str:
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Integer[Array, " seq"] | Sequence[int]) -> str:
         """Decode token ids back into text."""
 
     @property
@@ -247,7 +249,7 @@ class CharTokenizer(AbstractTokenizer):
             ids = np.where(known, ids, np.int32(self._chars.index(self._unk)))
         return ids.astype(np.int32)
 
-    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int]) -> str:
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Integer[Array, " seq"] | Sequence[int]) -> str:
         """Decode ids into the string of their characters.
 
         **Raises:** `TokenizerError` for an id outside `[0, vocab_size)`.
@@ -311,7 +313,7 @@ class ByteTokenizer(AbstractTokenizer):
             ) from None
         return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
-    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int]) -> str:
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Integer[Array, " seq"] | Sequence[int]) -> str:
         """Decode byte ids as UTF-8 with `errors="replace"`.
 
         **Raises:** `TokenizerError` for an id outside `[0, 256)`.

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal, no_type_check
 
 import numpy as np
+from jax import Array
 from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
@@ -274,7 +275,7 @@ class HFTokenizer(AbstractTokenizer):
         )
 
     @no_type_check  # checked below with a message that says how to fix the call
-    def decode(self, ids: Integer[np.ndarray, " seq"] | Sequence[int], *, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Integer[np.ndarray, " seq"] | Integer[Array, " seq"] | Sequence[int], *, skip_special_tokens: bool = False) -> str:
         """The text of one sequence of token ids.
 
         `skip_special_tokens` defaults to `False`, as in transformers: special tokens (eos, a

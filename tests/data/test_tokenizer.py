@@ -1,5 +1,6 @@
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,6 +24,14 @@ def test_char_round_trip_on_corpus():
     assert ids.min() >= 0 and ids.max() < tok.vocab_size
     assert tok.decode(ids) == text
     assert tok.chars == "".join(sorted(set(text)))
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text("abc"), ByteTokenizer()])
+def test_decode_takes_jax_arrays(tok):
+    """What `eqzoo.generate` returns decodes as it is, type checking on (the docs do this)."""
+    ids = tok.encode("cab")
+    assert tok.decode(jnp.asarray(ids)) == "cab"
+    assert tok.decode(jnp.asarray(ids, jnp.uint8)) == "cab"
 
 
 def test_char_ids_are_alphabet_positions():
