@@ -15,6 +15,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
+from ._prompts import as_prompts, host_values, prompt_batch
 from ._sampling import (
     check_sampling,
     check_stop_sequences,
@@ -163,8 +164,9 @@ def decoding_model(model, unroll_layers: bool):
 
 
 @eqx.filter_jit
-def _generate_batch_jit(model, prompts, lengths, keys, *, unroll_layers, **static):
+def _generate_batch_jit(model, prompts, lengths, key, *, unroll_layers, **static):
     model = decoding_model(model, unroll_layers)
+    keys = jax.random.split(key, prompts.shape[0])  # one per row; split here, not in a dispatch of its own
     return _generate_rows(model, prompts, lengths, keys, **static)
 
 
@@ -213,6 +215,20 @@ def check_key(key, who: str) -> None:
         raise ConfigError(f"{who}: key must be one PRNG key, jax.random.key(seed); got {key!r}.")
 
 
+@functools.cache
+def _unused_key():
+    """The key greedy decoding passes (it never draws from it), made once rather than on every
+    call (a dispatch); concrete even when first asked for under a trace."""
+    with jax.ensure_compile_time_eval():
+        return jax.random.key(0)
+
+
+def loop_key(key):
+    """`key` (after `check_key`) as the decode loops take it: a typed key, which they split
+    into one per row; for `None` (greedy decoding: never used), one constant key."""
+    return _unused_key() if key is None else typed_key(key)
+
+
 def typed_key(key):
     """`key` as a typed PRNG key: a legacy uint32 key (after `check_key`) wrapped, so that
     the decode loops see one key type and a legacy key does not compile them again."""
@@ -241,109 +257,6 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
             f"prompt length {prompts.shape[-1]} + max_new_tokens {max_new_tokens} = {total} exceeds the "
             f"model's max_seq={model.max_seq}; shorten the prompt or ask for fewer tokens."
         )
-
-
-def as_prompts(prompts, who: str) -> Array:
-    """`prompts` as an array; prompts of different lengths (a ragged list) get a message that
-    says how to batch them."""
-    if isinstance(prompts, dict) or hasattr(prompts, "keys"):  # a tokenizer's BatchEncoding, say
-        raise ShapeError(
-            f"{who}: prompts must be token ids, an integer array; got a {type(prompts).__name__} with keys "
-            f"{sorted(prompts.keys())[:6]} (a tokenizer's output? pass its 'input_ids' as prompts "
-            "and its 'attention_mask' as attention_mask= (left or right padding))."
-        )
-    try:
-        return jnp.asarray(prompts)
-    except (TypeError, ValueError) as err:
-        raise ShapeError(
-            f"{who}: the prompts do not form one array ({err}). Right-pad prompts of different lengths "
-            "into one (batch, seq) array and pass their real lengths as `lengths`."
-        ) from None
-
-
-def from_attention_mask(prompts, lengths, attention_mask, who: str):
-    """`(prompts, lengths)` from a tokenizer's 0/1 `attention_mask` of `prompts`' shape: the
-    lengths are its row sums, and a left-padded row (padding, then its tokens) is rotated so
-    that its tokens come first, as the decode loops read them. Each row must be one run of
-    ones, at its start or at its end (checked when the mask is concrete)."""
-    if lengths is not None:
-        raise ConfigError(f"{who}: pass lengths or attention_mask, not both (the lengths are the mask's row sums).")
-    mask = jnp.asarray(attention_mask)
-    if mask.shape != prompts.shape:
-        raise ShapeError(f"{who}: attention_mask must have the prompts' shape {shape_str(prompts.shape)}; got {shape_str(mask.shape)}.")
-    if not (jnp.issubdtype(mask.dtype, jnp.integer) or mask.dtype == jnp.bool_):
-        raise ShapeError(f"{who}: attention_mask must hold 0/1 integers or booleans; got dtype {mask.dtype}.")
-    seq = prompts.shape[1]
-    if not isinstance(mask, jax.core.Tracer) and getattr(mask, "is_fully_addressable", True):
-        host = np.asarray(mask).astype(np.int64)
-        if not np.isin(host, (0, 1)).all():
-            raise ShapeError(f"{who}: attention_mask must hold only 0 (padding) and 1 (token); got {sorted(set(host.ravel().tolist()))[:8]}.")
-        ones, first = host.sum(-1), host.argmax(-1)
-        pos = np.arange(seq)[None, :]
-        run = (pos >= first[:, None]) & (pos < (first + ones)[:, None])
-        bad = np.flatnonzero((ones == 0) | (run != host.astype(bool)).any(-1) | ((first > 0) & (first + ones < seq)))
-        if bad.size:
-            raise ShapeError(
-                f"{who}: attention_mask rows {bad.tolist()[:8]} are not one run of tokens padded on the left or "
-                "on the right (every row needs at least one token, and no padding in its middle)."
-            )
-    return _right_align(prompts, mask)
-
-
-@jax.jit  # one dispatch (and one compilation per shape), not one per operation
-def _right_align(prompts, mask):
-    mask = mask.astype(bool)
-    first = jnp.argmax(mask, axis=-1)  # the first real token: 0 for right padding
-    rotate = (jnp.arange(prompts.shape[1])[None, :] + first[:, None]) % prompts.shape[1]
-    return jnp.take_along_axis(prompts, rotate, axis=1), mask.sum(-1, dtype=jnp.int32)
-
-
-def prompt_lengths(prompts, lengths, vocab_size: int, who: str, pad_token: int | None = None):
-    """The int32 `(batch,)` lengths of right-padded `prompts` (default: all `seq`), checked.
-
-    Always: `lengths` has shape `(batch,)`. When the values are concrete (read back once, on
-    the host): each length is in `[1, seq]`, and every real prompt token (padding past each
-    length may hold anything) is in `[0, vocab_size)`: the embedding lookup would read NaN for
-    an id past the vocabulary and another token's row for a negative one, without a word.
-    With `pad_token`, a row that looks left-padded (shorter than `seq`, its first
-    `seq - length` ids all `pad_token` and some id past its length another) is refused: read
-    as right-padded, its padding would be part of its prompt and its last tokens cut off.
-    """
-    batch, seq = prompts.shape
-    if lengths is not None and not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-        raise ShapeError(f"lengths must be integers (each prompt's real length); got dtype {jnp.asarray(lengths).dtype}.")
-    lengths = jnp.full((batch,), seq, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    if lengths.shape != (batch,):
-        raise ShapeError(f"lengths must have shape ({batch},) to match prompts; got {shape_str(lengths.shape)}.")
-    if isinstance(prompts, jax.core.Tracer) or isinstance(lengths, jax.core.Tracer):
-        return lengths
-    if not all(getattr(a, "is_fully_addressable", True) for a in (prompts, lengths)):
-        return lengths  # spread over processes: this one cannot read them all
-    host_lengths = np.asarray(lengths)
-    if (host_lengths < 1).any() or (host_lengths > seq).any():
-        raise ShapeError(f"each prompt length must be in [1, {seq}]; got {host_lengths.tolist()}.")
-    host = np.asarray(prompts).astype(np.int64)  # uint8 ids: 256 would wrap to 0
-    outside = (np.arange(seq)[None, :] < host_lengths[:, None]) & ((host < 0) | (host >= vocab_size))
-    if outside.any():
-        bad = sorted({int(v) for v in host[outside].tolist()})[:8]
-        raise ConfigError(
-            f"{who}: prompt token ids {bad} lie outside the model's vocabulary [0, {vocab_size}); "
-            "was the prompt encoded with another tokenizer? (eqzoo.models.resize_vocab grows the "
-            "model for tokens added to its tokenizer.)"
-        )
-    if pad_token is not None:
-        pos = np.arange(seq)[None, :]
-        head = pos < (seq - host_lengths)[:, None]  # where a left-padded row's padding would be
-        tail = pos >= host_lengths[:, None]  # where a right-padded row's padding is
-        left = (host_lengths < seq) & np.where(head, host == pad_token, True).all(-1) & (tail & (host != pad_token)).any(-1)
-        if left.any():
-            raise ShapeError(
-                f"{who}: prompt rows {np.flatnonzero(left).tolist()[:8]} look left-padded: they start with "
-                f"pad_token {pad_token} and hold other ids past their lengths, but row i's prompt is its first "
-                "lengths[i] ids (right padding). Pass the tokenizer's attention_mask as attention_mask= instead "
-                "of lengths (left or right padding), or pad on the right (padding_side='right')."
-            )
-    return lengths
 
 
 @no_type_check  # validated below with messages that say how to fix the call
@@ -444,17 +357,10 @@ def generate_batch(
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, "generate")
-    batch = prompts.shape[0]
-    if attention_mask is not None:
-        prompts, lengths = from_attention_mask(prompts, lengths, attention_mask, "generate_batch")
-        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate")
-    else:
-        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate", pad_token)
-    if key is None:
-        key = jax.random.key(0)  # greedy decoding: never used
-    keys = jax.random.split(typed_key(key), batch)
+    who = "generate" if attention_mask is None else "generate_batch"
+    prompts, lengths = prompt_batch(prompts, lengths, attention_mask, model.config.vocab_size, who, pad_token)
     return _generate_batch_jit(
-        model, prompts.astype(jnp.int32), lengths, keys,
+        model, prompts, lengths, loop_key(key),
         max_new_tokens=int(max_new_tokens),  # static: a Python int
         **loop_settings(temperature, top_k, top_p, min_p, repetition_penalty),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
@@ -527,6 +433,11 @@ def generate(
         )
     if prompt.shape[0] < 1:
         raise ShapeError("generate needs a prompt of at least one token.")
+    # One prompt on one device: its host copy (made once, and cached on the array) is the batch
+    # of one, so that the checks read no new array back (prompt[None] would be one, computed
+    # after whatever the device is still running).
+    if not isinstance(prompt, jax.core.Tracer) and isinstance(prompt, jax.Array) and len(prompt.sharding.device_set) == 1:
+        prompt = host_values(prompt)
     out = generate_batch(
         model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token=eos_token,

@@ -70,11 +70,13 @@ def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tupl
     return ids, pad
 
 
-def traced_stop_tokens(eos: tuple[int, ...] | None, pad: int) -> tuple[Array | None, Array]:
+def traced_stop_tokens(eos: tuple[int, ...] | None, pad: int) -> tuple[np.ndarray | None, np.ndarray]:
     """`check_stop_tokens`'s values as a decode loop takes them: int32 arrays, which a compiled
     loop reads as arguments (other stop or pad ids compile nothing new; only the number of
-    stop ids is part of the program). `None` (no stop token) stays static."""
-    return (None if eos is None else jnp.asarray(eos, jnp.int32)), jnp.asarray(pad, jnp.int32)
+    stop ids is part of the program). `None` (no stop token) stays static. NumPy arrays: the
+    compiled loop transfers them with its call, where a `jax.Array` would cost a dispatch of
+    its own on every call."""
+    return (None if eos is None else np.asarray(eos, np.int32)), np.asarray(pad, np.int32)
 
 
 @no_type_check  # it validates these itself, with messages that say how to fix the call
@@ -117,14 +119,14 @@ def check_stop_sequences(stop_sequences, vocab_size: int, where: str) -> tuple[t
     return tuple(out)
 
 
-def traced_stop_sequences(stops: tuple[tuple[int, ...], ...] | None) -> Array | None:
+def traced_stop_sequences(stops: tuple[tuple[int, ...], ...] | None) -> np.ndarray | None:
     """`check_stop_sequences`'s value as a decode loop takes it: an int32 `(n, longest)` array,
     each sequence at the end of its row after `-1`s (which match anything). Only its shape is
     part of the compiled program: other ids of the same lengths compile nothing new."""
     if stops is None:
         return None
     width = max(len(s) for s in stops)
-    return jnp.asarray([(-1,) * (width - len(s)) + s for s in stops], jnp.int32)
+    return np.asarray([(-1,) * (width - len(s)) + s for s in stops], np.int32)  # NumPy, as traced_stop_tokens
 
 
 def ends_with_stop(recent: Array, stops: Array) -> Array:
@@ -209,19 +211,20 @@ def sample_logits(
 
 def traced_settings(
     temperature: float, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
-) -> tuple[Array | None, Array | None, Array | None, Array | None]:
+) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """`(temperature, top_p, min_p, repetition_penalty)` as the decode loops take them, after
     `check_sampling`: `None` for greedy decoding, for no top-p or min-p filter and for no
     penalty (1.0) (static: they change the program), otherwise float32 arrays, which a
-    compiled loop reads as arguments, so that a new value does not compile the loop again.
+    compiled loop reads as arguments, so that a new value does not compile the loop again (NumPy
+    arrays, as `traced_stop_tokens` gives).
     Greedy decoding drops the filters (the most likely token survives them all) but keeps the
     penalty, as transformers does."""
     greedy = float(temperature) == 0.0
     return (
-        None if greedy else jnp.asarray(temperature, jnp.float32),
-        None if greedy or top_p is None or top_p >= 1.0 else jnp.asarray(top_p, jnp.float32),
-        None if greedy or min_p is None or min_p <= 0.0 else jnp.asarray(min_p, jnp.float32),
-        None if float(repetition_penalty) == 1.0 else jnp.asarray(repetition_penalty, jnp.float32),
+        None if greedy else np.asarray(temperature, np.float32),
+        None if greedy or top_p is None or top_p >= 1.0 else np.asarray(top_p, np.float32),
+        None if greedy or min_p is None or min_p <= 0.0 else np.asarray(min_p, np.float32),
+        None if float(repetition_penalty) == 1.0 else np.asarray(repetition_penalty, np.float32),
     )
 
 

@@ -49,16 +49,14 @@ from ..models._lm import AbstractLM
 from ..nn import MoE
 from ..nn._attention import check_cache_dtype
 from ._generate import (
-    as_prompts,
     check_count,
     check_key,
     decoding_model,
-    from_attention_mask,
+    loop_key,
     loop_settings,
-    prompt_lengths,
     resolve_unroll,
-    typed_key,
 )
+from ._prompts import as_prompts, prompt_batch
 from ._sampling import (
     check_sampling,
     check_stop_tokens,
@@ -79,7 +77,7 @@ def _dropless(model):
 
 def _speculate_rows(
     model, draft, prompts, lengths, keys, *, max_new_tokens, num_draft, eos_token, pad_token, temperature,
-    top_k, top_p, cache_dtype=None, return_logprobs=False,
+    top_k, top_p, min_p=None, cache_dtype=None, return_logprobs=False,
 ):
     """Speculative decoding of every row, each at its own position: the rounds' work is per row
     (`vmap`), the loop over rounds runs outside the `vmap` with one scalar stop test (any row
@@ -89,11 +87,11 @@ def _speculate_rows(
     only its caches, which nothing reads again."""
     k = num_draft
     batch_size, prompt_len = prompts.shape
-    sampling = temperature is not None  # else greedy; temperature and top_p may be traced
+    sampling = temperature is not None  # else greedy; temperature, top_p and min_p may be traced
     rows = functools.partial(jax.vmap, in_axes=(0, 0))  # (per-row state, length)
 
-    def dist(logits):  # the sampling distribution of one position's logits
-        return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p))
+    def dist(logits):  # the sampling distribution of one position's logits (draft's q and model's p alike)
+        return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p, min_p))
 
     total = prompt_len + max_new_tokens
     # A live round starts at n <= total - 1: its caches are written up to position n + k - 1
@@ -115,7 +113,7 @@ def _speculate_rows(
         _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
         key, sub = jax.random.split(key)
         # the prefill's token, as generate_batch's
-        first = draw(last, sub, temperature, top_k, top_p)
+        first = draw(last, sub, temperature, top_k, top_p, min_p)
         done = jnp.zeros((), bool) if eos_token is None else is_eos(first, eos_token)
         state = dict(
             cache=cache, draft_cache=draft_cache, n=length + 1, buf=buf.at[length].set(first), done=done,
@@ -222,16 +220,17 @@ def _logprob(logits, token):
     return jax.nn.log_softmax(logits.astype(jnp.float32))[token]
 
 
-def _sampling_settings(temperature, top_k, top_p) -> dict:
-    """`loop_settings` without min-p and the repetition penalty (refused above, so off)."""
-    settings = loop_settings(temperature, top_k, top_p)
-    del settings["min_p"], settings["repetition_penalty"]
+def _sampling_settings(temperature, top_k, top_p, min_p) -> dict:
+    """`loop_settings` without the repetition penalty (refused above, so off)."""
+    settings = loop_settings(temperature, top_k, top_p, min_p)
+    del settings["repetition_penalty"]
     return settings
 
 
 @eqx.filter_jit
-def _speculate_batch(model, draft, prompts, lengths, keys, *, unroll_layers, **static):
+def _speculate_batch(model, draft, prompts, lengths, key, *, unroll_layers, **static):
     model, draft = decoding_model(model, unroll_layers), decoding_model(draft, unroll_layers)  # as generate_batch
+    keys = jax.random.split(key, prompts.shape[0])  # one per row, as generate_batch splits them
     return _speculate_rows(model, draft, prompts, lengths, keys, **static)
 
 
@@ -274,8 +273,10 @@ def generate_speculative(
       token, so the output is `model`'s greedy decoding (as
       [`eqzoo.generation.generate_batch`][] with `temperature=0`), up to ties between logits
       that the one-pass check and single steps round differently.
-    - Sampling (`temperature > 0`, with optional `top_k` / `top_p`): both models' distributions
-      are filtered as [`eqzoo.generation.sample_logits`][] filters them; a proposal `d` drawn
+    - Sampling (`temperature > 0`, with optional `top_k` / `top_p` / `min_p`): both models'
+      distributions are filtered as [`eqzoo.generation.sample_logits`][] filters them (the
+      same filters, in the same order, for the draft's `q` and the model's `p`, so `p` is the
+      distribution `generate_batch` samples); a proposal `d` drawn
       from the draft's `q` is kept with probability `min(1, p(d) / q(d))`, and after a
       rejection the model's token is drawn from `max(p - q, 0)` renormalised. Every token is
       then distributed exactly as `generate_batch` with the same settings would draw it
@@ -298,15 +299,16 @@ def generate_speculative(
       the right, as in [`eqzoo.generation.generate_batch`][]; the output is right-padded.
     - `max_new_tokens`: tokens to add to each prompt.
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
-    - `key`, `temperature`, `top_k`, `top_p`: as in [`eqzoo.generate`][]; a key is needed
-      when `temperature > 0`.
-    - `min_p`, `repetition_penalty`, `stop_sequences`: accepted only at their off values
-      (`None`, 1.0, `None`), and refused otherwise with a `ConfigError`, so that settings from
+    - `key`, `temperature`, `top_k`, `top_p`, `min_p`: as in [`eqzoo.generate`][]; a key is
+      needed when `temperature > 0`. A new `temperature`, `top_p` or `min_p` value compiles
+      nothing new.
+    - `repetition_penalty`, `stop_sequences`: accepted only at their off values (1.0,
+      `None`), and refused otherwise with a `ConfigError`, so that settings from
       [`eqzoo.hf.GenerationConfig.kwargs`][] are never silently dropped. A penalty would make
       each proposal's distribution depend on the proposals before it in the same round (the
       one-pass check would need a presence set per position, for both models, and the
       acceptance test the penalised `p` and `q`), and a stop sequence can end inside a round;
-      [`eqzoo.generation.generate_batch`][] applies all three.
+      [`eqzoo.generation.generate_batch`][] applies both.
     - `eos_token`: a stop token id or a sequence of them: once a row produces one, the rest of
       that row is `pad_token`.
     - `pad_token`: fills positions after each row's tokens.
@@ -315,8 +317,8 @@ def generate_speculative(
     - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][], for both
       models.
     - `return_logprobs`: also return each generated token's log-probability under `model`'s
-      own distribution (float32 log-softmax of its logits, before `temperature`, `top_k` and
-      `top_p`), as [`eqzoo.generation.generate_batch`][] returns it. A token from a round's
+      own distribution (float32 log-softmax of its logits, before `temperature`, `top_k`,
+      `top_p` and `min_p`), as [`eqzoo.generation.generate_batch`][] returns it. A token from a round's
       check is scored by the check's logits, which round differently from single steps.
 
     **Returns:** `(batch, seq + max_new_tokens)` tokens; with `return_logprobs`, then their
@@ -353,16 +355,16 @@ def generate_speculative(
                 f"+ one round's lookahead {num_draft - 1} = {need} exceeds the {name}'s max_seq={m.max_seq}; "
                 "shorten the prompt or ask for fewer tokens."
             )
-    check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p, min_p)
     refused = {
         name: value for name, value, off in (
-            ("min_p", min_p, None), ("repetition_penalty", repetition_penalty, 1.0), ("stop_sequences", stop_sequences, None)
+            ("repetition_penalty", repetition_penalty, 1.0), ("stop_sequences", stop_sequences, None)
         ) if not (value is off or (off is not None and value == off))
     }
     if refused:
         raise ConfigError(
-            f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty or "
-            "min_p the draft's proposals and the one-pass check would need per-position penalised distributions "
+            f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty "
+            "the draft's proposals and the one-pass check would need per-position penalised distributions "
             "within each round, and a stop sequence can end inside a round. Decode with "
             "eqzoo.generation.generate_batch, which applies them, or drop them here."
         )
@@ -375,17 +377,12 @@ def generate_speculative(
     if key is None and temperature > 0:
         raise ConfigError("generate_speculative: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate_speculative")
-    if attention_mask is not None:
-        prompts, lengths = from_attention_mask(prompts, lengths, attention_mask, "generate_speculative")
-        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative")
-    else:
-        lengths = prompt_lengths(prompts, lengths, model.config.vocab_size, "generate_speculative", pad_token)
-    keys = jax.random.split(jax.random.key(0) if key is None else typed_key(key), prompts.shape[0])
+    prompts, lengths = prompt_batch(prompts, lengths, attention_mask, model.config.vocab_size, "generate_speculative", pad_token)
     out, rounds = _speculate_batch(
-        model, draft, prompts.astype(jnp.int32), lengths, keys, max_new_tokens=int(max_new_tokens),
+        model, draft, prompts, lengths, loop_key(key), max_new_tokens=int(max_new_tokens),
         num_draft=int(num_draft), unroll_layers=resolve_unroll(unroll_layers),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
-        **_sampling_settings(temperature, top_k, top_p), cache_dtype=cache_dtype,
+        **_sampling_settings(temperature, top_k, top_p, min_p), cache_dtype=cache_dtype,
         return_logprobs=return_logprobs,
     )
     out = out if return_logprobs else (out,)

@@ -586,7 +586,38 @@ def test_bad_penalty_min_p_and_stop_sequences_are_refused(llama, settings, match
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), **settings)
 
 
-def test_speculative_decoding_refuses_penalty_min_p_and_stop_sequences(llama):
-    for name, value in (("repetition_penalty", 1.3), ("min_p", 0.1), ("stop_sequences", [[1, 2]])):
+def test_speculative_decoding_refuses_penalty_and_stop_sequences(llama):
+    for name, value in (("repetition_penalty", 1.3), ("stop_sequences", [[1, 2]])):
         with pytest.raises(ConfigError, match=rf"generate_speculative does not apply \['{name}'\].*Decode with eqzoo\.generation\.generate_batch"):
             eqzoo.generation.generate_speculative(llama, llama, PROMPT[None], max_new_tokens=2, **{name: value})
+
+
+def test_numpy_inputs_are_checked_on_the_host_and_compile_nothing_new(llama, compile_log):
+    # Serving loops call generate_batch per request. NumPy prompts, lengths and masks are checked
+    # where they are and handed to the compiled loop as they are: no device round trip (reading
+    # back an array the call computed, such as the default lengths, waited for whatever the
+    # device was still running; the guard refuses such a read on accelerators, not on CPU, where
+    # arrays live on the host) and no program that jax.Array inputs did not compile.
+    prompts = np.stack([np.asarray(PROMPT), np.roll(np.asarray(PROMPT), 2)])
+    lengths = np.array([5, 3])
+    mask = (np.arange(5)[None, :] < lengths[:, None]).astype(np.int64)
+    settings = dict(max_new_tokens=3, temperature=0.7, key=jax.random.key(0), eos_token=3)
+    want = generate_batch(llama, jnp.asarray(prompts), jnp.asarray(lengths), **settings)
+    one = eqzoo.generate(llama, jnp.asarray(prompts[0]), **settings)
+    with compile_log() as log, jax.transfer_guard_device_to_host("disallow"):
+        outs = [generate_batch(llama, prompts, lengths, **settings), generate_batch(llama, prompts, attention_mask=mask, **settings)]
+        outs.append(eqzoo.generate(llama, prompts[0], **settings))
+    assert log.compiled == []
+    np.testing.assert_array_equal(outs[0], want)
+    np.testing.assert_array_equal(outs[1], want)
+    np.testing.assert_array_equal(outs[2], one)
+    np.testing.assert_array_equal(one, generate_batch(llama, jnp.asarray(prompts[:1]), **settings)[0])
+    # and the values of NumPy inputs are checked as those of jax.Arrays are
+    with pytest.raises(ConfigError, match=r"prompt token ids \[300\] lie outside the model's vocabulary"):
+        generate_batch(llama, np.where(np.arange(5) == 1, 300, prompts), lengths, **settings)
+    with pytest.raises(ShapeError, match=r"each prompt length must be in \[1, 5\]; got \[5, 4294967299\]"):
+        generate_batch(llama, prompts, np.array([5, 2**32 + 3]), **settings)  # not wrapped to 3 first
+    with pytest.raises(ShapeError, match=r"prompt rows \[1\] look left-padded"):
+        generate_batch(llama, np.roll(np.where(np.arange(5) < 3, prompts, 0), 2, axis=1), lengths, **settings)
+    with pytest.raises(ShapeError, match=r"attention_mask rows \[1\] are not one run of tokens"):
+        generate_batch(llama, prompts, attention_mask=np.array([[1] * 5, [1, 0, 1, 1, 1]]), **settings)

@@ -1,6 +1,7 @@
 """Speculative decoding: the model's own greedy tokens, whatever the draft proposes; when
 sampling, the model's own distribution over continuations."""
 
+import functools
 import itertools
 import math
 import re
@@ -66,12 +67,21 @@ def test_left_padded_prompts_take_an_attention_mask(llama):
         generate_speculative(llama, llama, left, lengths, max_new_tokens=NEW, pad_token=11)
 
 
-def test_numpy_integer_counts(llama):
+def test_numpy_integer_counts_and_inputs(llama, compile_log):
     # max_new_tokens and num_draft set shapes: NumPy integers are taken as the ints they hold.
     draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))
     prompts, lengths = _prompts()
     want = generate_speculative(llama, draft, prompts, lengths, max_new_tokens=NEW, num_draft=3)
     got = generate_speculative(llama, draft, prompts, lengths, max_new_tokens=np.int64(NEW), num_draft=np.int32(3))
+    np.testing.assert_array_equal(got, want)
+    # NumPy prompts and lengths are checked on the host and passed on as they are (as in
+    # generate_batch: no device round trip, nothing new compiled)
+    host_prompts = np.asarray(prompts)
+    with compile_log() as log, jax.transfer_guard_device_to_host("disallow"):
+        got = generate_speculative(llama, draft, host_prompts, np.asarray(lengths), max_new_tokens=NEW, num_draft=3)
+        with pytest.raises(ShapeError, match=r"each prompt length must be in \[1, 7\]"):
+            generate_speculative(llama, draft, host_prompts, np.array([0, 1, 2]), max_new_tokens=NEW, num_draft=3)
+    assert log.compiled == []
     np.testing.assert_array_equal(got, want)
 
 
@@ -109,6 +119,23 @@ def test_capacity_experts_check_without_dropping(llama):
         np.testing.assert_array_equal(out, reference)
 
 
+def test_min_p_one_samples_the_greedy_tokens_and_min_p_is_an_argument(llama, compile_log):
+    # min_p 1.0 keeps only the most likely token, in the draft's q and the model's p alike: the
+    # output is the model's greedy decoding, whatever the key (exact: the limit needs no
+    # statistics). Another min_p value, or another temperature, compiles nothing new.
+    draft = eqx.tree_at(lambda m: m.blocks, llama, llama.blocks.first(1))
+    prompts, lengths = _prompts()
+    reference = generate_batch(llama, prompts, lengths, max_new_tokens=NEW)
+    run = functools.partial(generate_speculative, llama, draft, prompts, lengths, max_new_tokens=NEW, num_draft=3)
+    np.testing.assert_array_equal(run(temperature=1.5, min_p=1.0, key=jax.random.key(3)), reference)
+    with compile_log() as log:
+        other = run(temperature=0.7, min_p=0.9, key=jax.random.key(4))
+    assert log.compiled == []
+    np.testing.assert_array_equal(other, reference)  # 0.9: the runner-up is never that close here
+    with pytest.raises(ConfigError, match=r"min_p must be a number in \[0, 1\] .*got 1\.5"):
+        run(temperature=1.0, min_p=1.5, key=jax.random.key(0))
+
+
 def test_bad_calls(llama):
     prompts, _ = _prompts()
     with pytest.raises(ConfigError, match=r"draft's vocabulary \(512\) differs from the model's \(256\)"):
@@ -137,13 +164,16 @@ def test_bad_calls(llama):
         _scaled("tiny-mixtral", 0).blocks.layers.mlp.with_implementation("sparse")
 
 
-@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.8, 4)])
-def test_sampling_draws_the_models_distribution(temperature, top_k):
+@pytest.mark.parametrize("temperature,top_k,min_p", [(1.0, None, None), (0.8, 4, None), (1.0, None, 0.05)])
+def test_sampling_draws_the_models_distribution(temperature, top_k, min_p):
     # A 6-token vocabulary: every 3-token continuation's probability under the model's (filtered)
     # sampling is computed exactly, and 20,000 speculative samples, with a draft of other
     # weights (so proposals are often rejected and the residual max(p - q, 0) is drawn from),
     # must match it. Total variation distance bound 0.025: these samples measured 0.0077 and
     # 0.0044; drawing the replacement token from p instead of the residual gave 0.078 and 0.039.
+    # With min_p 0.05 (it removes a total variation of 0.23 from this model's distribution; the
+    # draft's q and the model's p filtered alike): measured 0.0021; min_p left out of the
+    # model's p in the check gave 0.196, left out of the prefill's first token 0.042.
     vocab, new, n = 6, 3, 20_000
 
     def make(seed, layers):
@@ -154,11 +184,11 @@ def test_sampling_draws_the_models_distribution(temperature, top_k):
     prompt = jnp.array([1, 2, 3], jnp.int32)
     seqs = np.array(list(itertools.product(range(vocab), repeat=new)), np.int32)
     full = jnp.concatenate([jnp.broadcast_to(prompt, (len(seqs), 3)), jnp.asarray(seqs)], axis=1)
-    probs = jax.nn.softmax(jax.vmap(jax.vmap(lambda x: filter_logits(x, temperature, top_k, None)))(jax.vmap(model)(full)))
+    probs = jax.nn.softmax(jax.vmap(jax.vmap(lambda x: filter_logits(x, temperature, top_k, None, min_p)))(jax.vmap(model)(full)))
     exact = np.prod([np.asarray(probs[np.arange(len(seqs)), 2 + t, seqs[:, t]]) for t in range(new)], axis=0)
     out, stats = generate_speculative(
         model, draft, jnp.broadcast_to(prompt, (n, 3)), max_new_tokens=new, num_draft=2,
-        key=jax.random.key(7), temperature=temperature, top_k=top_k, return_stats=True,
+        key=jax.random.key(7), temperature=temperature, top_k=top_k, min_p=min_p, return_stats=True,
     )
     assert float(jnp.mean(stats["rounds"])) < new - 1  # some rounds kept a proposal
     index = (np.asarray(out[:, 3:]) * vocab ** np.arange(new - 1, -1, -1)).sum(axis=1)
@@ -215,14 +245,13 @@ def test_the_decoding_loops_never_select_a_whole_kv_cache(llama, loop):
     batch, prompt_len, new = 4, 7, 20
     prompts = jnp.zeros((batch, prompt_len), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    keys = jax.random.split(jax.random.key(0), batch)
     common = dict(max_new_tokens=new, eos_token=(3,), pad_token=0, temperature=0.0, top_k=None, top_p=None,
                   unroll_layers=False, cache_dtype=None)
     if loop == "speculative":
-        lowered = _speculative._speculate_batch.lower(llama, llama, prompts, lengths, keys, num_draft=3, **common)
+        lowered = _speculative._speculate_batch.lower(llama, llama, prompts, lengths, jax.random.key(0), num_draft=3, **common)
         slots = prompt_len + new + 3 - 1
     else:
-        lowered = _generate._generate_batch_jit.lower(llama, prompts, lengths, keys, use_cache=True, **common)
+        lowered = _generate._generate_batch_jit.lower(llama, prompts, lengths, jax.random.key(0), use_cache=True, **common)
         slots = prompt_len + new
     one_layer = batch * math.prod(llama.init_cache(slots).keys.shape[1:])  # (slots, kv heads, head dim)
     assert _largest_select(lowered.compile().compiled.as_text()) < one_layer
