@@ -27,7 +27,7 @@ from ..train import TrainState
 from ._config import model_config
 from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 from ._exit import OPEN, track_open
-from ._hyperparams import HyperparamsChoice, Resolved, check_choice, reconcile
+from ._hyperparams import HyperparamsChoice, Resolved, check_choice, reconcile, set_names
 from ._integrity import VerifiedPyTreeHandler, check_step_files
 from ._meta import (
     CheckpointMeta,
@@ -160,6 +160,7 @@ class Checkpointer:
         self._warned_no_data_state = False
         self._statics = StaticsCache()
         self._run: dict[str, Any] | None = None
+        self._set_by_restore: frozenset[str] = frozenset()  # injected values the last restore was told to set
         if handle_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.getsignal(sig)
@@ -324,12 +325,18 @@ class Checkpointer:
         training goes on from a committed `step` whose record differs (a changed batch shape,
         `run_config` entry or injected value, such as a learning rate; not `num_steps`, which a
         run trained on for longer changes), warns once, naming each setting and both values.
+        Injected values that this Checkpointer's last restore was told to set
+        (`hyperparams={...}`, or all of them with `hyperparams="target"`) are changed on purpose
+        and not named.
 
         **Raises:** `CheckpointError` if `run` is not JSON-able.
         """
         self._run = run_record(run)
         if step in self.all_steps():
-            warn_changed_run(self._read_meta(step).get("run"), self._run, step=step, directory=self._directory)
+            warn_changed_run(
+                self._read_meta(step).get("run"), self._run, step=step, directory=self._directory,
+                set_on_purpose=self._set_by_restore,
+            )
 
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT was received and the current step is saved and committed
@@ -512,6 +519,7 @@ class Checkpointer:
                     stacklevel=2,
                 )
             self._restored_step = s
+            self._set_by_restore = set_names(chosen, target)
             return restored
         if len(corrupt) == 1:
             err = corrupt[0]

@@ -130,6 +130,18 @@ def _resolve(values: Mapping[Any, Any], target) -> dict[int, Any]:
     return out
 
 
+def set_names(choice: Resolved, target) -> frozenset[str]:
+    """The run-record names (`fit`'s `hyperparams` entry) of the injected values a restore was
+    told to set: those of a `hyperparams` dict, or every unscheduled one with `"target"`."""
+    if choice == "saved":
+        return frozenset()
+    injected = _injected(target)
+    return frozenset(
+        _key(h, injected) for h in injected
+        if not h.scheduled and (choice == "target" or h.position in choice)
+    )
+
+
 def check_choice(choice: Any, target, names: tuple[str, ...]) -> Resolved:
     """Raise `CheckpointError` for a bad `hyperparams=` or, with `"target"`, a target without
     values; returns the choice, a dict of values resolved to `{position: value}`."""

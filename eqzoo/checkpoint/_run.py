@@ -42,14 +42,18 @@ def run_record(run: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"fit's run record (its run_config) must be JSON-able: {err}") from err
 
 
-def warn_changed_run(saved: Any, run: dict[str, Any], *, step: int, directory: Path) -> None:
+def warn_changed_run(
+    saved: Any, run: dict[str, Any], *, step: int, directory: Path, set_on_purpose: frozenset[str] = frozenset()
+) -> None:
     """Warn once, naming each setting and both values, when the run record `saved` of the
-    committed `step` differs from `run` (other than in `num_steps`)."""
+    committed `step` differs from `run` (other than in `num_steps`, and in the injected
+    hyperparameters named in `set_on_purpose`, which a restore was told to set)."""
     if isinstance(saved, dict) and "hyperparams" not in saved:
         # saved by an eqzoo that did not record injected values: nothing to compare them with
         run = {k: v for k, v in run.items() if k != "hyperparams"}
     # num_steps is recorded but not compared: training on for longer is the usual resume
-    differ = [d for d in run_differences(saved, run) if not d.startswith("num_steps:")]
+    skip = ("num_steps:", *(f"hyperparams.{name}:" for name in set_on_purpose))
+    differ = [d for d in run_differences(saved, run) if not d.startswith(skip)]
     if differ:
         warnings.warn(
             f"training goes on from step {step} of {directory} with other settings than the run "

@@ -1,5 +1,6 @@
 """Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
 
+import copy
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -520,6 +521,25 @@ class HFTokenizer(AbstractTokenizer):
             tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"), d.get("chat_template"),
             padding_side=d.get("padding_side", "right"),
         )
+
+    def __copy__(self) -> "HFTokenizer":
+        # A shallow copy shares the `tokenizers.Tokenizer`, so it shares the lock that guards it.
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What copy.deepcopy and pickle (multiprocessing workers) take. A lock cannot be copied:
+        # each copy makes its own, for its own `tokenizers.Tokenizer`, copied under this lock
+        # (never mid-encode_batch, while its padding is switched on for that call).
+        with self._lock:
+            state = {**self.__dict__, "tokenizer": copy.copy(self.tokenizer)}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()

@@ -158,13 +158,19 @@ class ConsoleLogger:
         metric `keys` to show, in the order the metrics come: each a key or a shell-style pattern
         (`fnmatch`: `"train/moe_dropped/*"` shows that statistic of every layer). The default
         shows every metric except the per-layer ones."""
+        given = keys
+        if not (isinstance(keys, str) or keys is None):
+            try:
+                keys = tuple(keys)  # read once: a generator checked first would show nothing
+            except TypeError:  # not a collection: refused below
+                keys = (keys,)
         if isinstance(keys, str) or (keys is not None and not all(isinstance(k, str) for k in keys)):
             raise ConfigError(
-                f"ConsoleLogger: keys must be a tuple of metric names or patterns, such as ('train/loss',); got {keys!r}."
+                f"ConsoleLogger: keys must be a tuple of metric names or patterns, such as ('train/loss',); got {given!r}."
             )
         self.total = total_steps
         self.stream = sys.stderr if stream is None else stream
-        self.keys = None if keys is None else tuple(keys)
+        self.keys = keys
         self._start: float | None = None
         self._start_step = 0
         self._last_step: int | None = None

@@ -652,9 +652,13 @@ def test_fit_records_injected_values_and_warns_when_a_resume_changes_them(ckpt_d
         while True:
             yield {"x": jnp.ones((4, 6)), "y": jnp.zeros((4,), jnp.int32)}
 
-    def resume(num_steps, **restore_kwargs):
+    def resume(num_steps, lr=None, **restore_kwargs):
         ckpt = open_checkpointer(ckpt_dir, save_every=2)
         state = ckpt.restore(checkpoint.abstract_state(mlp_config, opt), **restore_kwargs).state
+        if lr is not None:  # set by hand after the restore: fit has no way to know it was meant
+            opt_state = state.opt_state
+            opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+            state = state.replace(opt_state=opt_state)
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
             train.fit(state, step, batches(), num_steps=num_steps, checkpointer=ckpt)
@@ -668,9 +672,12 @@ def test_fit_records_injected_values_and_warns_when_a_resume_changes_them(ckpt_d
     assert ckpt.meta(2).run["hyperparams"] == {"learning_rate": 0.1}
     ckpt, changed = resume(4)  # the saved values: nothing changed
     assert changed == []
-    ckpt, changed = resume(6, hyperparams={"learning_rate": 0.03})
+    ckpt, changed = resume(6, lr=0.03)
     assert len(changed) == 1 and "(1 changed):\n  hyperparams.learning_rate: saved 0.1, now 0.03\n" in changed[0]
     assert ckpt.meta(6).run["hyperparams"] == {"learning_rate": 0.03}
+    # values the restore was told to set were changed on purpose: recorded, not warned about
+    ckpt, changed = resume(8, hyperparams={"learning_rate": 0.01})
+    assert changed == [] and ckpt.meta(8).run["hyperparams"] == {"learning_rate": 0.01}
     # a step whose record predates injected values (an older eqzoo's fit): nothing to compare
     older = open_checkpointer(ckpt_dir.with_name("older"), async_save=False)
     older.begin_run({"num_steps": 2, "batch": {"x": "float32(4, 6)", "y": "int32(4,)"}, "run_config": {}}, step=0)

@@ -317,6 +317,27 @@ def test_encode_batch_matches_transformers(pad_dir, hft):
     assert ours.tokenizer.padding is None and ours.tokenizer.truncation is None
 
 
+def test_copies_and_pickles_despite_the_encode_batch_lock(pad_dir):
+    # The lock that guards encode_batch's temporary padding settings cannot be copied: without
+    # __getstate__, copy.deepcopy and pickle (multiprocessing workers) raised "cannot pickle
+    # '_thread.lock' object". A deep copy has its own tokenizer and lock; a shallow one shares both.
+    import copy
+    import pickle
+
+    tok = load_tokenizer(pad_dir)
+    want = tok.encode_batch(TEXTS, padding_side="left")
+    shallow, deep = copy.copy(tok), copy.deepcopy(tok)
+    assert shallow.tokenizer is tok.tokenizer and shallow._lock is tok._lock
+    assert deep.tokenizer is not tok.tokenizer and deep._lock is not tok._lock
+    for clone in (shallow, deep):
+        assert clone == tok
+        batch = clone.encode_batch(TEXTS, padding_side="left")
+        np.testing.assert_array_equal(batch.ids, want.ids)
+        np.testing.assert_array_equal(batch.attention_mask, want.attention_mask)
+        assert clone.tokenizer.padding is None and clone.encode(TEXTS[0]).tolist() == tok.encode(TEXTS[0]).tolist()
+    assert pickle.dumps(tok)  # written only: eqzoo never loads pickle
+
+
 def test_decode_batch_and_the_skip_special_tokens_default(pad_dir, hft):
     ours = load_tokenizer(pad_dir)
     theirs = hft.transformers.AutoTokenizer.from_pretrained(pad_dir)

@@ -390,3 +390,7 @@ def test_console_logger_leaves_per_layer_metrics_to_the_structured_loggers(tmp_p
         assert stream.getvalue() == f"step      1 | {shown}\n"
     with unchecked(), pytest.raises(ConfigError, match=r"keys must be a tuple of metric names or patterns.*got 'train/loss'"):
         train.ConsoleLogger(keys="train/loss")
+    with unchecked():  # any iterable of names, read once (a generator was consumed by the check and showed nothing)
+        stream = io.StringIO()
+        train.ConsoleLogger(stream=stream, keys=(k for k in ["train/loss"])).log(1, metrics)
+    assert stream.getvalue() == "step      1 | train/loss 2\n"
