@@ -37,6 +37,28 @@ def _free_compiled_programs():
     gc.collect()
 
 
+@pytest.fixture(scope="session")
+def create():
+    """`eqzoo.models.create`, with its signature, built under one `eqx.filter_jit`.
+
+    Eager initialisation dispatches every small random op on its own (~2 s a tiny model on CI's
+    cores); one compiled program draws the same weights (up to the last bit). The preset name or
+    config and the keyword overrides are static (hashed, so a new value compiles anew and equal
+    values share a program); `key` is traced. Keep `models.create` itself for tests of the eager
+    path, of warnings or errors raised while building, or of build-time type checks.
+    """
+    import equinox as eqx
+
+    from eqzoo import models
+
+    jitted = eqx.filter_jit(models.create)
+
+    def create(preset, *, key, **overrides):
+        return jitted(preset, key=key, **overrides)
+
+    return create
+
+
 @pytest.fixture
 def unchecked():
     """A context manager that turns jaxtyping/beartype checks off, to reach eqzoo's own

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqzoo import models, train
+from eqzoo import train
 from eqzoo._errors import ConfigError, ShapeError
 
 LOSS_TOL = 1e-5
@@ -41,9 +41,9 @@ def test_a_mask_of_another_shape_is_refused(gpt2, unchecked):
 
 
 @pytest.fixture(scope="module")
-def gpt2():
+def gpt2(create):
     # tied embeddings: the head's gradient and the embedding's gradient meet in one leaf
-    return models.create("tiny-gpt2", key=jax.random.key(0), max_seq=32, num_layers=1)
+    return create("tiny-gpt2", key=jax.random.key(0), max_seq=32, num_layers=1)
 
 
 def _batch(mask: bool):
@@ -178,10 +178,10 @@ def test_lm_loss_errors(gpt2):
 
 
 @pytest.mark.parametrize("implementation", ["fused", "full"])
-def test_fused_loss_never_forms_the_whole_batch_logits(implementation):
+def test_fused_loss_never_forms_the_whole_batch_logits(implementation, create):
     # Structural check on the compiled program (bf16 compute, as in training): the fused loss
     # holds only (batch, chunk, vocab) logits; the full path, for contrast, the whole batch's.
-    model = models.create("tiny-gpt2", key=jax.random.key(0), max_seq=64, vocab_size=512)
+    model = create("tiny-gpt2", key=jax.random.key(0), max_seq=64, vocab_size=512)
     model = train.cast_floating(model, jnp.dtype(jnp.bfloat16))
     tokens = jnp.zeros((4, 64), jnp.int32)
     batch = {"tokens": tokens, "targets": tokens}

@@ -11,15 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from eqzoo import models, train
+from eqzoo import train
 from eqzoo._errors import ConfigError, ShapeError
 
 TOL = 1e-5  # fp32
 
 
 @pytest.fixture(scope="module")
-def model():
-    return models.create("tiny-llama", key=jax.random.key(0), max_seq=16)
+def model(create):
+    return create("tiny-llama", key=jax.random.key(0), max_seq=16)
 
 
 def _rows(seed, n=4, seq=12, vocab=256):

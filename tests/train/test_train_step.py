@@ -25,8 +25,8 @@ def _arrays(tree):
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return models.create("tiny-gpt2", key=jax.random.key(0), max_seq=16, num_layers=1)
+def lm(create):
+    return create("tiny-gpt2", key=jax.random.key(0), max_seq=16, num_layers=1)
 
 
 def _lm_batch(n=8, seq=8):
@@ -88,8 +88,8 @@ def test_grad_accumulation_needs_divisible_batch(lm):
 
 
 @pytest.fixture(scope="module")
-def mlp():
-    return models.create("mlp-small", key=jax.random.key(0))
+def mlp(create):
+    return create("mlp-small", key=jax.random.key(0))
 
 
 def _mlp_batch(mult=1.0):
@@ -234,12 +234,12 @@ def test_trainable_filter_freezes_leaves(mlp):
         assert same == (i < len(state.model.net.layers) - 1), f"layer {i}"
 
 
-def test_state_parts_and_replace(mlp):
+def test_state_parts_and_replace(mlp, create):
     optimizer = optax.sgd(0.1)
     state = train.TrainState.create(_fresh(mlp), optimizer, key=jax.random.key(3))
     assert int(state.step) == 0 and state.model_state is None
     assert np.array_equal(jax.random.key_data(state.key), jax.random.key_data(jax.random.key(3)))
-    other = models.create("mlp-small", key=jax.random.key(9))
+    other = create("mlp-small", key=jax.random.key(9))
     replaced = state.replace(model=other, step=jnp.int32(7))
     assert int(replaced.step) == 7 and int(state.step) == 0  # the original is unchanged
     for a, b in zip(_arrays(replaced.model), _arrays(other), strict=True):
@@ -325,3 +325,27 @@ def test_an_equal_state_structure_reuses_the_compiled_step(mlp):
     frozen, _ = step(frozen, _mlp_batch())
     assert len(traces) == 3  # traced anew, with the new filter: nothing trains
     np.testing.assert_array_equal(np.asarray(jax.tree.leaves(frozen.model)[0]), before)
+
+
+# ------------------------------------------------------------------------------ the `create` fixture
+
+
+def test_the_create_fixture_draws_the_eager_weights_and_compiles_once_per_config(create, compile_log):
+    # The suite builds models with conftest's `create` (under one jit): the same random draws as
+    # `models.create` (fp32, up to the last bit); a new key reuses the program; a new override or
+    # config compiles anew, and each gets its own sizes.
+    config = models.MLPConfig(in_features=4, out_features=3, width=8, depth=1)
+    eager = models.create(config, key=jax.random.key(0))
+    with compile_log("create") as log:
+        jitted = create(config, key=jax.random.key(0))
+        again = create(config, key=jax.random.key(1))
+        assert len(log.compiled) == 1
+        wider = create(config, key=jax.random.key(0), width=16)
+        other = create(models.MLPConfig(in_features=4, out_features=3, width=8, depth=2), key=jax.random.key(0))
+    assert len(log.compiled) == 3
+    assert jax.tree.structure(jitted) == jax.tree.structure(eager) and jitted.config == config
+    for a, b in zip(_arrays(jitted), _arrays(eager), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(_arrays(again)[0], _arrays(jitted)[0])
+    assert wider.config.width == 16 and _arrays(wider)[0].shape == (16, 4)
+    assert other.config.depth == 2 and len(_arrays(other)) == len(_arrays(jitted)) + 2
