@@ -17,8 +17,8 @@ before a block, invisible on the site, adapt a page to CI's two CPU cores:
 - `<!-- docs-test: skip (why it cannot run here) -->`: the next block is not run; the reason
   is required.
 
-Run one page by hand with `python tests/test_docs_snippets.py docs/hf.md` (from any directory:
-it writes its files, `runs/` and the like, to the current one).
+Run one page by hand with `python tests/docs/test_snippets.py docs/hf.md` (from any directory:
+the pages write their files, `runs/` and the like, under a new temporary directory).
 """
 
 import dataclasses
@@ -31,7 +31,7 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 KINDS = ("setup", "check", "replace", "raises", "skip")
 
@@ -236,7 +236,7 @@ def run_page(path: Path) -> str | None:
 
 
 def main(argv: list[str]) -> int:
-    """`python tests/test_docs_snippets.py [--json OUT] [PAGE.md ...]`: runs the pages (default:
+    """`python tests/docs/test_snippets.py [--json OUT] [PAGE.md ...]`: runs the pages (default:
     every guide with code) one after another in this process, each in a fresh namespace and a
     fresh directory under one new temporary directory (the folders and checkpoints the pages
     write never land in the checkout); with `--json`, writes `{page: failure or null}`."""
