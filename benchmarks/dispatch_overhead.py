@@ -1,4 +1,5 @@
-"""Per-step dispatch overhead of `eqzoo.train.make_train_step`, as one JSON line.
+"""Per-step dispatch overhead of `eqzoo.train.make_train_step`, and per-call overhead of
+`eqzoo.generation.generate_batch`, as one JSON line.
 
 Small models, where a step's compute is short and Python work per step shows, are trained
 three ways on the same device-resident batch, with the same loss and optimizer:
@@ -18,7 +19,15 @@ the end of a block; the blocks of the variants are interleaved (so load on the m
 them alike) and the median block gives `step_ms`; `cpu_ms` is the process's CPU time per step
 (all threads), steadier than wall time on a shared machine.
 
+`generate` rows: `generate_batch` on tiny-gpt2 (batch 4, NumPy prompts of 16 tokens, 4 new
+tokens; greedy, and sampling with temperature 0.7, top-p 0.9 and an eos id) against its
+compiled loop alone, called with the very arguments `generate_batch` hands it (recorded from
+one call): the difference is what a call does on the host before its loop runs. Each call is
+waited for; `ms` is the median of `--calls` calls, best of `--rounds` rounds, the variants
+interleaved within each round.
+
     python benchmarks/dispatch_overhead.py --json
+    python benchmarks/dispatch_overhead.py --part generate --json
     python benchmarks/dispatch_overhead.py --smoke --json
     python benchmarks/dispatch_overhead.py --typecheck --json   # eqzoo under jaxtyping+beartype
 """
@@ -156,6 +165,63 @@ def filter_jit_runner(model, loss_fn, optimizer, batch) -> tuple[Callable[[int],
     return run, lambda: holder["out"]
 
 
+def _loop_call(call: Callable[[], Any]) -> tuple[Callable, tuple, dict]:
+    """The compiled decode loop and the arguments `call` (one `generate_batch` call) hands it."""
+    from eqzoo.generation import _generate
+
+    loop, seen = _generate._generate_batch_jit, []
+
+    def record(*args, **kwargs):
+        seen.append((args, kwargs))
+        return loop(*args, **kwargs)
+
+    _generate._generate_batch_jit = record
+    try:
+        jax.block_until_ready(call())
+    finally:
+        _generate._generate_batch_jit = loop
+    (args, kwargs), = seen
+    return loop, args, kwargs
+
+
+def bench_generate(*, calls: int, rounds: int) -> dict[str, Any]:
+    """Per-call latency of `generate_batch` and of its compiled loop alone, in ms."""
+    from eqzoo.generation import generate_batch
+
+    model = eqzoo.models.create("tiny-gpt2", key=jax.random.key(0))
+    prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (4, 16)).astype(np.int32)
+    settings = {
+        "greedy": {},
+        "sampling": {"temperature": 0.7, "top_p": 0.9, "eos_token": 3, "key": jax.random.key(0)},
+    }
+    variants: dict[str, Callable[[], Any]] = {}
+    for name, kw in settings.items():
+        call = lambda kw=kw: generate_batch(model, prompts, max_new_tokens=4, **kw)  # noqa: E731
+        loop, args, kwargs = _loop_call(call)
+        variants[f"generate_batch ({name})"] = call
+        variants[f"compiled loop alone ({name})"] = lambda loop=loop, args=args, kwargs=kwargs: loop(*args, **kwargs)
+    for run in variants.values():  # compiled above; settle
+        for _ in range(3):
+            jax.block_until_ready(run())
+    best = {v: float("inf") for v in variants}
+    for _ in range(rounds):
+        for v, run in variants.items():  # interleaved, so drift hits all alike
+            times = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run())
+                times.append((time.perf_counter() - t0) * 1e3)
+            best[v] = min(best[v], statistics.median(times))
+    ms = {v: round(t, 4) for v, t in best.items()}
+    return {
+        "preset": "tiny-gpt2", "batch_size": 4, "prompt_len": 16, "max_new_tokens": 4,
+        "calls_per_round": calls, "rounds": rounds, "ms": ms,
+        "overhead_ms": {
+            name: round(best[f"generate_batch ({name})"] - best[f"compiled loop alone ({name})"], 4) for name in settings
+        },
+    }
+
+
 RUNNERS = {
     "eqzoo": eqzoo_runner,
     "floor": floor_runner,
@@ -211,13 +277,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=200, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=9, help="timed blocks per variant (median)")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=200, help="generate calls per round (median)")
+    parser.add_argument("--rounds", type=int, default=5, help="generate rounds (best)")
+    parser.add_argument("--part", choices=("all", "train", "generate"), default="all", help="which rows to run")
     parser.add_argument("--smoke", action="store_true", help="few steps (a quick check, noisy)")
     parser.add_argument("--typecheck", action="store_true", help="import eqzoo under jaxtyping+beartype")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.blocks, args.warmup = 20, 3, 3
-    cases = {"mlp-small": (32, 0), "tiny-gpt2": (4, 64)}
+        args.steps, args.blocks, args.warmup, args.calls, args.rounds = 20, 3, 3, 10, 2
+    cases = {"mlp-small": (32, 0), "tiny-gpt2": (4, 64)} if args.part != "generate" else {}
     result: dict[str, Any] = {
         "benchmark": "dispatch_overhead",
         "backend": jax.default_backend(),
@@ -233,7 +302,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         if not args.json:
             print(name, json.dumps(result["cases"][name]), file=sys.stderr)
-    result["max_ratio_to_floor"] = max(c["ratio_to_floor"] for c in result["cases"].values())
+    if cases:
+        result["max_ratio_to_floor"] = max(c["ratio_to_floor"] for c in result["cases"].values())
+    if args.part != "train":
+        result["generate"] = bench_generate(calls=args.calls, rounds=args.rounds)
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return result
 

@@ -14,27 +14,81 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 
 
+def _setting(value, name: str, rule: str, valid) -> float:
+    """A sampling setting as a Python float, after checking it: a Python int or float, or a
+    concrete 0-d integer or floating NumPy or JAX array (`np.float32(0.9)`, `jnp.array(0.9)`),
+    for which `valid(float)` holds. Bools, NaN, other types and shapes, and traced values are
+    refused with a message naming `name` and its `rule`."""
+    if isinstance(value, jax.core.Tracer):
+        raise ConfigError(
+            f"{name} is traced here (an argument of your own jax.jit): the decode loops compile their own program "
+            f"and take {name} as a concrete value, and a new value compiles nothing new. Call them outside "
+            "jax.jit, or call sample_logits, which takes a traced value, in a step of your own."
+        )
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        if value.shape != ():
+            raise ConfigError(
+                f"{name} must be one number (a Python float or a 0-d array); got an array of shape "
+                f"{shape_str(value.shape)}. One setting applies to every row of a batch."
+            )
+        if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+            raise ConfigError(f"{name} must be {rule}, got {value!r} (dtype {value.dtype}).")
+        number, shown = float(value), float(value)
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float64: out of every range here
+            number = math.inf if value > 0 else -math.inf
+        shown = value
+    else:
+        raise ConfigError(f"{name} must be {rule}, got {value!r}.")
+    if math.isnan(number) or not valid(number):  # NaN fails every comparison; checked by name all the same
+        raise ConfigError(f"{name} must be {rule}, got {shown!r}.")
+    return number
+
+
 @no_type_check  # it validates these itself, with messages that say how to fix the call
 def check_sampling(
     temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
 ) -> None:
-    """Raise `ConfigError` for sampling settings outside their valid ranges."""
-    if not (temperature >= 0 and math.isfinite(temperature)):  # NaN fails every comparison
-        raise ConfigError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+    """Raise `ConfigError` for sampling settings outside their valid ranges. Each float
+    setting may be a Python number or a concrete 0-d real NumPy or JAX array (see `_setting`)."""
+    _setting(temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda t: 0 <= t < math.inf)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
         raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}.")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ConfigError(f"top_p must be in (0, 1] or None, got {top_p}.")
-    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, int | float | np.number) or not 0.0 <= min_p <= 1.0):
-        raise ConfigError(f"min_p must be a number in [0, 1] or None (0 filters nothing), got {min_p!r}.")
-    if (
-        isinstance(repetition_penalty, bool)
-        or not isinstance(repetition_penalty, int | float | np.number)
-        or not (repetition_penalty > 0 and math.isfinite(repetition_penalty))
-    ):
+    if top_p is not None:
+        _setting(top_p, "top_p", "in (0, 1] or None", lambda p: 0.0 < p <= 1.0)
+    if min_p is not None:
+        _setting(min_p, "min_p", "a number in [0, 1] or None (0 filters nothing)", lambda m: 0.0 <= m <= 1.0)
+    _setting(
+        repetition_penalty, "repetition_penalty", "a finite number > 0 (1.0 is off; > 1 discourages repeats)",
+        lambda r: 0 < r < math.inf,
+    )
+
+
+def as_token_id(x, where: str, what: str) -> int:
+    """`x` as a Python int token id: an int, a NumPy integer or a concrete integer 0-d array
+    (not a bool); `what` names it in the error."""
+    if not isinstance(x, bool | np.bool_) and getattr(x, "dtype", None) != np.bool_:
+        try:
+            return operator.index(x)
+        except TypeError:
+            pass
+    raise ConfigError(f"{where}: {what} must be an integer token id, got {x!r}.")
+
+
+def token_ids(values, vocab_size: int, where: str, what: str, each: str) -> tuple[int, ...]:
+    """`values` (token ids) as a tuple of Python ints, each checked by `as_token_id` (named
+    `each` in its error) and to lie in `[0, vocab_size)` (the ids named `what` in that error):
+    the one id check behind `eos_token` and `stop_sequences`."""
+    ids = tuple(as_token_id(x, where, each) for x in values)
+    outside = [x for x in ids if not 0 <= x < vocab_size]
+    if outside:
         raise ConfigError(
-            f"repetition_penalty must be a finite number > 0 (1.0 is off; > 1 discourages repeats), got {repetition_penalty!r}."
+            f"{where}: {what} {list(ids)} holds ids {outside} outside the model's vocabulary [0, {vocab_size}); "
+            "it could never be produced."
         )
+    return ids
 
 
 def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tuple[tuple[int, ...] | None, int]:
@@ -42,31 +96,19 @@ def check_stop_tokens(eos_token, pad_token, vocab_size: int, where: str) -> tupl
     both static values, after checking them. `eos_token` is one id or a sequence of ids (as a
     `generation_config.json`'s `eos_token_id` may list several), each in `[0, vocab_size)`."""
 
-    def as_id(x, what):
-        try:
-            if isinstance(x, bool):
-                raise TypeError
-            return operator.index(x)  # ints, NumPy integers, integer 0-d arrays
-        except TypeError:
-            raise ConfigError(f"{where}: {what} must be an integer token id, got {x!r}.") from None
-
-    pad = as_id(pad_token, "pad_token")
+    pad = as_token_id(pad_token, where, "pad_token")
     if not -(2**31) <= pad < 2**31:
         raise ConfigError(f"{where}: pad_token must fit in int32 (the tokens' dtype); got {pad}.")
     if eos_token is None:
         return None, pad
     if getattr(eos_token, "ndim", None) == 1:  # a NumPy or JAX array of ids (not traced: ids are static)
         eos_token = np.asarray(eos_token).tolist()
-    many = isinstance(eos_token, list | tuple | range)
-    ids = tuple(as_id(e, "each eos_token") for e in eos_token) if many else (as_id(eos_token, "eos_token"),)
+    if isinstance(eos_token, list | tuple | range):
+        ids = token_ids(eos_token, vocab_size, where, "eos_token", "each eos_token")
+    else:
+        ids = token_ids((eos_token,), vocab_size, where, "eos_token", "eos_token")
     if not ids:
         raise ConfigError(f"{where}: eos_token is an empty sequence; pass None to decode without a stop token.")
-    outside = [e for e in ids if not 0 <= e < vocab_size]
-    if outside:
-        raise ConfigError(
-            f"{where}: eos_token {outside} lies outside the model's vocabulary [0, {vocab_size}); "
-            "it could never be produced."
-        )
     return ids, pad
 
 
@@ -100,19 +142,9 @@ def check_stop_sequences(stop_sequences, vocab_size: int, where: str) -> tuple[t
                 f"{where}: each stop sequence must be a sequence of token ids; got {seq!r} (a single stop id "
                 f"belongs in eos_token=; otherwise {how})."
             )
-        ids = []
-        for x in seq:
-            if isinstance(x, bool) or not isinstance(x, int | np.integer):
-                raise ConfigError(f"{where}: stop sequence {list(seq)!r} holds {x!r}, not an integer token id.")
-            ids.append(int(x))
-        if not ids:
+        if not seq:
             raise ConfigError(f"{where}: stop_sequences holds an empty sequence, which would stop at once; drop it.")
-        outside = [x for x in ids if not 0 <= x < vocab_size]
-        if outside:
-            raise ConfigError(
-                f"{where}: stop sequence {ids} holds ids {outside} outside the model's vocabulary [0, {vocab_size}); "
-                "it could never be produced."
-            )
+        ids = token_ids(seq, vocab_size, where, "stop sequence", f"each id of stop sequence {list(seq)!r}")
         out.append(tuple(ids))
     if not out:
         raise ConfigError(f"{where}: stop_sequences is empty; pass None to decode without stop sequences.")
@@ -179,6 +211,10 @@ def sample_logits(
     - `min_p`: keep only tokens whose probability is at least `min_p` times the most likely
       token's (Nguyen et al., 2024, "Turning Up the Heat: Min-p Sampling"); may be traced.
 
+    `temperature`, `top_p` and `min_p` may each be a Python number or a concrete 0-d integer or
+    floating NumPy or JAX array (as the decode loops take them, `repetition_penalty` too); bools,
+    NaN and arrays of other shapes are refused.
+
     The filters apply in transformers' order: temperature, then top-k, then top-p, then min-p
     (each on what the previous ones kept; min-p after temperature, so temperature changes which
     tokens it keeps). A repetition penalty needs the tokens so far: the decode loops
@@ -209,8 +245,12 @@ def sample_logits(
     return jnp.where(temperature > 0, sampled, greedy)
 
 
+# A sampling float as `check_sampling` takes it: a Python number or a 0-d real array.
+Setting = float | int | np.number | np.ndarray | Array
+
+
 def traced_settings(
-    temperature: float, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
+    temperature: Setting, top_p: Setting | None, min_p: Setting | None = None, repetition_penalty: Setting = 1.0
 ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """`(temperature, top_p, min_p, repetition_penalty)` as the decode loops take them, after
     `check_sampling`: `None` for greedy decoding, for no top-p or min-p filter and for no
@@ -219,7 +259,10 @@ def traced_settings(
     arrays, as `traced_stop_tokens` gives).
     Greedy decoding drops the filters (the most likely token survives them all) but keeps the
     penalty, as transformers does."""
-    greedy = float(temperature) == 0.0
+    # Python floats first: each may be a 0-d NumPy or JAX array (check_sampling takes them alike).
+    temperature, repetition_penalty = float(temperature), float(repetition_penalty)
+    top_p, min_p = (None if v is None else float(v) for v in (top_p, min_p))
+    greedy = temperature == 0.0
     return (
         None if greedy else np.asarray(temperature, np.float32),
         None if greedy or top_p is None or top_p >= 1.0 else np.asarray(top_p, np.float32),

@@ -1,8 +1,8 @@
 """Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
 
 import copy
+import inspect
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, no_type_check
@@ -13,7 +13,7 @@ from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
 from ..data import AbstractTokenizer, EncodedBatch, TokenizerError
-from ..data._encoding import check_batch_request, check_fits, rows_to_decode
+from . import _batch
 from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
 from ._files import TOKENIZER_NAME, read_json_object
@@ -71,6 +71,7 @@ class HFTokenizer(AbstractTokenizer):
     def __init__(
         self, tokenizer: Any, special_tokens: Mapping[str, str] | None = None,
         chat_template: str | Mapping[str, str] | None = None, *, padding_side: str = "right",
+        truncation_side: str = "right",
     ):
         """**Arguments:**
 
@@ -81,14 +82,17 @@ class HFTokenizer(AbstractTokenizer):
           name (`"default"`, and `"tool_use"` for calls with tools, as transformers picks them).
         - `padding_side`: `"right"` or `"left"`, the side `encode_batch` pads on by default
           (`tokenizer_config.json`'s `padding_side`).
+        - `truncation_side`: `"right"` (keep each text's start) or `"left"` (keep its end),
+          the side `encode_batch(..., truncation=True)` cuts on by default
+          (`tokenizer_config.json`'s `truncation_side`).
+
+        `tokenizer` is shared by every call and never reconfigured: `encode_batch` pads and
+        truncates with copies of it, one per setting, so calls from several threads need no lock.
         """
-        if padding_side not in ("right", "left"):
-            raise TokenizerError(f"HFTokenizer: padding_side must be 'right' or 'left'; got {padding_side!r}.")
+        self._padding_side = _batch.check_side(padding_side, "padding_side", "HFTokenizer")
+        self._truncation_side = _batch.check_side(truncation_side, "truncation_side", "HFTokenizer")
         self.tokenizer = tokenizer
-        self._padding_side = padding_side
-        # encode_batch sets padding and truncation on the shared `tokenizers.Tokenizer` for one
-        # call (as transformers does) and restores them; the lock keeps other calls out meanwhile.
-        self._lock = threading.Lock()
+        self._batch_encoders = _batch.BatchEncoders(tokenizer)
         self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
         if isinstance(chat_template, Mapping):
             chat_template = dict(chat_template)
@@ -117,6 +121,7 @@ class HFTokenizer(AbstractTokenizer):
         if isinstance(json_padding.get("pad_token"), str) and tokenizer.token_to_id(json_padding["pad_token"]) is not None:
             special["pad_token"] = json_padding["pad_token"]
         padding_side = json_padding.get("direction", "right")
+        truncation_side = (tokenizer.truncation or {}).get("direction", "right")  # likewise, as transformers reads it
         # ...but a single encode neither pads nor truncates unless asked, as in transformers
         # (encode_batch sets both for its call).
         tokenizer.no_padding()
@@ -135,10 +140,11 @@ class HFTokenizer(AbstractTokenizer):
                     special[key] = token
             if name == "tokenizer_config.json":
                 config = data
-        padding_side = config.get("padding_side", padding_side)
-        if padding_side not in ("right", "left"):
-            raise HFFormatError(f"{str(file.with_name('tokenizer_config.json'))!r}: padding_side must be 'right' or 'left'; got {padding_side!r}.")
-        return cls(tokenizer, special, _read_chat_template(file.parent, config), padding_side=padding_side)
+        sides = {"padding_side": config.get("padding_side", padding_side), "truncation_side": config.get("truncation_side", truncation_side)}
+        for name, side in sides.items():
+            if side not in _batch.SIDES:
+                raise HFFormatError(f"{str(file.with_name('tokenizer_config.json'))!r}: {name} must be 'right' or 'left'; got {side!r}.")
+        return cls(tokenizer, special, _read_chat_template(file.parent, config), **sides)
 
     def _special_id(self, key: str) -> int | None:
         token = self._special.get(key)
@@ -166,6 +172,13 @@ class HFTokenizer(AbstractTokenizer):
         return self._padding_side
 
     @property
+    def truncation_side(self) -> str:
+        """The side `encode_batch(..., truncation=True)` cuts on unless told:
+        `tokenizer_config.json`'s `truncation_side` (else the direction of `tokenizer.json`'s
+        own truncation, as transformers reads it), else `"right"`."""
+        return self._truncation_side
+
+    @property
     def unk_token_id(self) -> int | None:
         """The id of the unknown token, if known."""
         return self._special_id("unk_token")
@@ -180,8 +193,7 @@ class HFTokenizer(AbstractTokenizer):
         as Llama's BOS, unless `add_special_tokens=False`)."""
         if not isinstance(text, str):
             raise TokenizerError(f"HFTokenizer.encode takes a str, got {type(text).__name__}.")
-        with self._lock:
-            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids  # no lock: never reconfigured
         return np.asarray(ids, dtype=np.int32)
 
     @no_type_check  # checked with messages that say how to fix the call
@@ -192,6 +204,7 @@ class HFTokenizer(AbstractTokenizer):
         padding: Literal["longest", "max_length"] = "longest",
         max_length: int | None = None,
         truncation: bool = False,
+        truncation_side: Literal["right", "left"] | None = None,
         padding_side: Literal["right", "left"] | None = None,
         pad_to_multiple_of: int | None = None,
         pad_token_id: int | None = None,
@@ -201,8 +214,10 @@ class HFTokenizer(AbstractTokenizer):
 
         The ids and mask equal transformers' `tokenizer(texts, padding=..., truncation=...,
         max_length=..., padding_side=..., pad_to_multiple_of=...)["input_ids"]` and
-        `["attention_mask"]`, as int32 arrays: both come from the `tokenizers` library's batch
-        encoder (parallel, in Rust) with its padding and truncation switched on for the call.
+        `["attention_mask"]` (with its `truncation_side`), as int32 arrays: both come from the
+        `tokenizers` library's batch encoder (parallel, in Rust), run on a copy of the tokenizer
+        with this call's padding and truncation switched on (made on the first call with a
+        setting and kept for later ones; the shared tokenizer is never reconfigured).
         For decoding, pad on the left or the right and pass both to
         [`eqzoo.generation.generate_batch`][]:
 
@@ -219,7 +234,10 @@ class HFTokenizer(AbstractTokenizer):
         - `max_length`: the width for `padding="max_length"` and the cut for `truncation`
           (special tokens included, as in transformers). Unlike transformers there is no
           `model_max_length` default: pass it.
-        - `truncation`: cut texts longer than `max_length` tokens, keeping their start.
+        - `truncation`: cut texts longer than `max_length` tokens, keeping their start (or
+          their end, with `truncation_side="left"`).
+        - `truncation_side`: `"right"` or `"left"`, the side `truncation` cuts on; default
+          [`eqzoo.hf.HFTokenizer.truncation_side`][].
         - `padding_side`: `"right"` or `"left"`; default [`eqzoo.hf.HFTokenizer.padding_side`][].
         - `pad_to_multiple_of`: round the width up to a multiple of this.
         - `pad_token_id`: the id to pad with; default the tokenizer's `pad_token_id`. A
@@ -236,43 +254,10 @@ class HFTokenizer(AbstractTokenizer):
         `padding="max_length"` without `max_length`, a text longer than `max_length` under
         `padding="max_length"` without `truncation`, or a malformed list of texts.
         """
-        request = check_batch_request(
-            "HFTokenizer.encode_batch", texts, padding=padding, max_length=max_length, truncation=truncation,
-            padding_side=self.padding_side if padding_side is None else padding_side,
-            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id,
-            default_pad_token_id=self.pad_token_id, vocab_size=self.vocab_size,
-        )
-        if not isinstance(add_special_tokens, bool):
-            raise TokenizerError(f"HFTokenizer.encode_batch: add_special_tokens must be True or False; got {add_special_tokens!r}.")
-        tok = self.tokenizer
-        with self._lock:
-            saved_padding, saved_truncation = tok.padding, tok.truncation
-            try:
-                if request.truncation:
-                    tok.enable_truncation(request.max_length, stride=0, strategy="longest_first", direction="right")
-                else:
-                    tok.no_truncation()
-                # A fixed length pads shorter rows and leaves longer ones as they are (checked below).
-                tok.enable_padding(
-                    direction=request.padding_side, pad_id=request.pad_token_id,
-                    pad_token=tok.id_to_token(request.pad_token_id),
-                    length=request.max_length if request.padding == "max_length" else None,
-                    pad_to_multiple_of=request.pad_to_multiple_of,
-                )
-                encodings = tok.encode_batch(request.texts, add_special_tokens=add_special_tokens)
-            except Exception as err:  # the Rust side raises a bare Exception (a max_length below the special tokens' count, say)
-                raise TokenizerError(f"HFTokenizer.encode_batch: the tokenizers library refused the batch: {err}") from None
-            finally:
-                tok.no_padding()
-                tok.no_truncation()
-                if saved_padding is not None:
-                    tok.enable_padding(**saved_padding)
-                if saved_truncation is not None:
-                    tok.enable_truncation(**saved_truncation)
-        masks = [e.attention_mask for e in encodings]
-        check_fits([sum(m) for m in masks], request, "HFTokenizer.encode_batch")
-        return EncodedBatch(
-            np.asarray([e.ids for e in encodings], dtype=np.int32), np.asarray(masks, dtype=np.int32), request.padding_side
+        return _batch.encode_batch(
+            self, texts, padding=padding, max_length=max_length, truncation=truncation,
+            truncation_side=truncation_side, padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id, add_special_tokens=add_special_tokens,
         )
 
     @no_type_check  # checked below with a message that says how to fix the call
@@ -291,12 +276,8 @@ class HFTokenizer(AbstractTokenizer):
                 f"HFTokenizer.decode takes one 1-d sequence of integer ids; got shape {arr.shape} "
                 f"and dtype {arr.dtype}. Decode one row at a time, or a batch with decode_batch."
             )
-        self._check_ids(arr)
+        _batch.check_ids(arr, self.vocab_size)
         return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
-
-    def _check_ids(self, arr: np.ndarray) -> None:
-        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
-            raise TokenizerError(f"token ids must lie in [0, {self.vocab_size}); got ids from {arr.min()} to {arr.max()}.")
 
     @no_type_check  # checked with messages that say how to fix the call
     def decode_batch(self, ids: Any, attention_mask: Any = None, *, skip_special_tokens: bool = False) -> list[str]:
@@ -314,14 +295,7 @@ class HFTokenizer(AbstractTokenizer):
 
         **Returns:** a list of strings, one a row.
         """
-        rows = rows_to_decode(ids, attention_mask, "HFTokenizer.decode_batch")
-        for row in rows:
-            if row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)):
-                raise TokenizerError(
-                    f"HFTokenizer.decode_batch takes rows of integer ids; got a row of shape {row.shape} and dtype {row.dtype}."
-                )
-            self._check_ids(row)
-        return self.tokenizer.decode_batch([[int(i) for i in row] for row in rows], skip_special_tokens=skip_special_tokens)
+        return _batch.decode_batch(self, ids, attention_mask, skip_special_tokens=skip_special_tokens)
 
     def _template(self, who: str, tools: Any = None) -> str:
         template = self.chat_template
@@ -404,13 +378,7 @@ class HFTokenizer(AbstractTokenizer):
         *,
         add_generation_prompt: bool = False,
         continue_final_message: bool = False,
-        padding: Literal["longest", "max_length"] = "longest",
-        max_length: int | None = None,
-        truncation: bool = False,
-        padding_side: Literal["right", "left"] | None = None,
-        pad_to_multiple_of: int | None = None,
-        pad_token_id: int | None = None,
-        **template_kwargs: Any,
+        **kwargs: Any,
     ) -> EncodedBatch:
         """Several conversations rendered with the chat template and padded into one batch:
         prompts for [`eqzoo.generation.generate_batch`][].
@@ -428,8 +396,11 @@ class HFTokenizer(AbstractTokenizer):
         ```
 
         **Arguments:** `conversations`, a list of conversations (each a list of messages);
-        `add_generation_prompt`, `continue_final_message` and `template_kwargs` as for
-        `apply_chat_template`; the padding arguments as for `encode_batch`.
+        `add_generation_prompt` and `continue_final_message` as for `apply_chat_template`;
+        `kwargs`, [`eqzoo.hf.HFTokenizer.encode_batch`][]'s padding and truncation arguments
+        (`padding`, `max_length`, `truncation`, `truncation_side`, `padding_side`,
+        `pad_to_multiple_of`, `pad_token_id`; its defaults and checks), and any other name a
+        template variable, as for `apply_chat_template`.
 
         **Returns:** an [`eqzoo.data.EncodedBatch`][].
         """
@@ -443,6 +414,8 @@ class HFTokenizer(AbstractTokenizer):
                 "apply_chat_template_batch takes a list of conversations, and got a list of messages: one "
                 "conversation. Wrap it, [messages], or use apply_chat_template(messages)."
             )
+        padding = {k: v for k, v in kwargs.items() if k in _PADDING_ARGUMENTS}
+        template_kwargs = {k: v for k, v in kwargs.items() if k not in _PADDING_ARGUMENTS}
         texts = [
             self.apply_chat_template(
                 c, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
@@ -450,10 +423,7 @@ class HFTokenizer(AbstractTokenizer):
             )
             for c in conversations
         ]
-        return self.encode_batch(
-            texts, padding=padding, max_length=max_length, truncation=truncation, padding_side=padding_side,
-            pad_to_multiple_of=pad_to_multiple_of, pad_token_id=pad_token_id, add_special_tokens=False,
-        )
+        return self.encode_batch(texts, add_special_tokens=False, **padding)
 
     @no_type_check  # check_messages says how to fix a bad conversation
     def encode_chat(
@@ -491,8 +461,7 @@ class HFTokenizer(AbstractTokenizer):
                 )
         template = self._template("encode_chat", template_kwargs.get("tools"))
         text, spans = assistant_spans(template, check_messages(messages), self._special_strings(), **template_kwargs)
-        with self._lock:
-            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
         tokens = np.asarray(encoding.ids, dtype=np.int32)
         mask = np.zeros(tokens.shape, dtype=bool)
         if spans and tokens.size:
@@ -503,12 +472,11 @@ class HFTokenizer(AbstractTokenizer):
 
     def to_dict(self) -> dict[str, Any]:
         """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}, "chat_template": ...,
-        "padding_side": ...}`, JSON-able."""
-        with self._lock:
-            tokenizer_json = self.tokenizer.to_str()
+        "padding_side": ..., "truncation_side": ...}`, JSON-able."""
         return {
-            "type": "hf", "tokenizer_json": tokenizer_json, "special_tokens": dict(self._special),
+            "type": "hf", "tokenizer_json": self.tokenizer.to_str(), "special_tokens": dict(self._special),
             "chat_template": self.chat_template, "padding_side": self._padding_side,
+            "truncation_side": self._truncation_side,
         }
 
     @classmethod
@@ -519,37 +487,39 @@ class HFTokenizer(AbstractTokenizer):
         tokenizers = require("tokenizers", "hf")
         return cls(
             tokenizers.Tokenizer.from_str(d["tokenizer_json"]), d.get("special_tokens"), d.get("chat_template"),
-            padding_side=d.get("padding_side", "right"),
+            padding_side=d.get("padding_side", "right"), truncation_side=d.get("truncation_side", "right"),
         )
 
     def __copy__(self) -> "HFTokenizer":
-        # A shallow copy shares the `tokenizers.Tokenizer`, so it shares the lock that guards it.
+        # A shallow copy shares the `tokenizers.Tokenizer`, and so the copies encode_batch keeps of it.
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
-        # What copy.deepcopy and pickle (multiprocessing workers) take. A lock cannot be copied:
-        # each copy makes its own, for its own `tokenizers.Tokenizer`, copied under this lock
-        # (never mid-encode_batch, while its padding is switched on for that call).
-        with self._lock:
-            state = {**self.__dict__, "tokenizer": copy.copy(self.tokenizer)}
-        del state["_lock"]
+        # What copy.deepcopy and pickle (multiprocessing workers) take: the batch copies hold a
+        # lock, which cannot be copied; each copy makes its own for its own `tokenizers.Tokenizer`.
+        state = {**self.__dict__, "tokenizer": copy.copy(self.tokenizer)}
+        del state["_batch_encoders"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_truncation_side", "right")
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._batch_encoders = _batch.BatchEncoders(self.tokenizer)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()
 
     def __hash__(self) -> int:
-        with self._lock:
-            return hash(self.tokenizer.to_str())
+        return hash(self.tokenizer.to_str())
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size})"
+
+
+# The names apply_chat_template_batch hands to encode_batch: its padding and truncation arguments.
+_PADDING_ARGUMENTS = frozenset(inspect.signature(HFTokenizer.encode_batch).parameters) - {"self", "texts", "add_special_tokens"}
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> HFTokenizer:

@@ -13,6 +13,12 @@ import eqzoo
 from eqzoo import models, nn
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.generation import generate_batch, sample_logits
+from eqzoo.generation._sampling import (
+    check_sampling,
+    check_stop_sequences,
+    check_stop_tokens,
+    traced_settings,
+)
 
 NEW = 8  # tokens generated per call
 
@@ -252,9 +258,11 @@ def test_several_eos_tokens_stop_at_the_first_of_any(llama, greedy):
         (1.5, 0, r"eos_token must be an integer token id, got 1.5"),
         ([3, None], 0, r"each eos_token must be an integer token id, got None"),
         ([], 0, r"eos_token is an empty sequence; pass None"),
-        ([3, 256], 0, r"eos_token \[256\] lies outside the model's vocabulary \[0, 256\)"),
-        (-1, 0, r"eos_token \[-1\] lies outside"),
+        ([3, 256], 0, r"eos_token \[3, 256\] holds ids \[256\] outside the model's vocabulary \[0, 256\)"),
+        (-1, 0, r"eos_token \[-1\] holds ids \[-1\] outside"),
         (3, "pad", r"pad_token must be an integer token id, got 'pad'"),
+        (True, 0, r"eos_token must be an integer token id, got True"),
+        (3, np.bool_(False), r"pad_token must be an integer token id, got np\.False_"),
     ],
 )
 def test_bad_stop_tokens_are_refused(llama, eos, pad, match):
@@ -573,7 +581,8 @@ def test_stop_sequences_stop_where_the_generated_tokens_end_with_one(llama):
         ({"stop_sequences": []}, r"stop_sequences is empty; pass None"),
         ({"stop_sequences": [[1, 256]]}, r"stop sequence \[1, 256\] holds ids \[256\] outside the model's vocabulary \[0, 256\)"),
         ({"stop_sequences": [[1, -1]]}, r"holds ids \[-1\] outside"),
-        ({"stop_sequences": [[1, 2.0]]}, r"stop sequence \[1, 2\.0\] holds 2\.0, not an integer token id"),
+        ({"stop_sequences": [[1, 2.0]]}, r"each id of stop sequence \[1, 2\.0\] must be an integer token id, got 2\.0"),
+        ({"stop_sequences": [[1, True]]}, r"each id of stop sequence \[1, True\] must be an integer token id, got True"),
         ({"repetition_penalty": 0.0}, r"repetition_penalty must be a finite number > 0 \(1\.0 is off; > 1 discourages repeats\), got 0\.0"),
         ({"repetition_penalty": float("inf")}, r"repetition_penalty must be a finite number > 0 .*got inf"),
         ({"repetition_penalty": None}, r"repetition_penalty must be a finite number > 0 .*got None"),
@@ -584,6 +593,57 @@ def test_stop_sequences_stop_where_the_generated_tokens_end_with_one(llama):
 def test_bad_penalty_min_p_and_stop_sequences_are_refused(llama, settings, match):
     with pytest.raises(ConfigError, match=match):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), **settings)
+
+
+# Every sampling float on, so that one compiled loop serves each call below (the values are arguments).
+SAMPLING = {"temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "repetition_penalty": 1.3}
+
+
+@pytest.mark.parametrize(
+    "name, whole, out_of_range, rule",
+    [
+        ("temperature", 1, -0.5, r"temperature must be a finite number >= 0 \(0 means greedy\)"),
+        ("top_p", 1, 1.5, r"top_p must be in \(0, 1\] or None"),
+        ("min_p", 1, 1.5, r"min_p must be a number in \[0, 1\] or None \(0 filters nothing\)"),
+        ("repetition_penalty", 2, 0.0, r"repetition_penalty must be a finite number > 0 \(1\.0 is off; > 1 discourages repeats\)"),
+    ],
+)
+def test_sampling_settings_take_python_numbers_and_0d_arrays_alike(llama, name, whole, out_of_range, rule):
+    # min_p and repetition_penalty refused 0-d arrays that temperature and top_p took; now each
+    # setting takes a Python number or a concrete 0-d integer or floating array, NumPy or JAX.
+    def run(value):
+        return eqzoo.generate(llama, PROMPT, max_new_tokens=3, key=jax.random.key(1), **SAMPLING | {name: value})
+
+    want = run(SAMPLING[name])
+    for kind in (np.float32, np.float64, np.asarray, jnp.asarray, lambda v: np.asarray(v, np.float32)):
+        np.testing.assert_array_equal(run(kind(SAMPLING[name])), want, err_msg=f"{name}: {kind}")  # float32 alike: exact
+    # Integers, too: checked alike, and handed to the loop as the float would be (top_p=1 is off: no second compile here).
+    want = traced_settings(**SAMPLING | {name: float(whole)})
+    for value in (whole, np.int64(whole), np.asarray(whole), jnp.asarray(whole, jnp.int32)):
+        check_sampling(**SAMPLING | {name: value}, top_k=None)
+        for got, expected in zip(traced_settings(**SAMPLING | {name: value}), want, strict=True):
+            np.testing.assert_array_equal(got, expected, err_msg=f"{name}: {value!r}")
+    refused = [
+        (True, rf"{rule}, got True"), (np.bool_(True), rf"{rule}, got np\.True_"),
+        (jnp.asarray(True), rf"{rule}, got .*dtype bool"), (np.asarray(0.5 + 0j), rf"{rule}, got .*dtype complex128"),
+        ("0.5", rf"{rule}, got '0\.5'"), (float("nan"), rf"{rule}, got nan"), (np.float32("nan"), rf"{rule}, got nan"),
+        (out_of_range, rf"{rule}, got {out_of_range}"), (jnp.asarray(out_of_range), rf"{rule}, got {out_of_range}"),
+        (np.full(2, SAMPLING[name]), rf"{name} must be one number \(a Python float or a 0-d array\); got an array of shape \(2,\)"),
+        (jnp.asarray([SAMPLING[name]]), rf"{name} must be one number .*shape \(1,\)"),
+    ]
+    for value, match in refused:
+        with pytest.raises(ConfigError, match=match):
+            run(value)
+    # Under the caller's own jax.jit the value is traced: said so (it raised TracerBoolConversionError).
+    with pytest.raises(ConfigError, match=rf"{name} is traced here .*call sample_logits, which takes a traced value"):
+        jax.jit(run)(SAMPLING[name])
+
+
+def test_stop_ids_take_integer_0d_arrays_as_eos_token_does():
+    # stop_sequences checked its ids apart from eos_token, and refused 0-d integer arrays that eos_token took.
+    ids = [np.int64(1), np.asarray(2), jnp.asarray(3, jnp.int32)]
+    assert check_stop_tokens(ids, 0, 256, "generate") == ((1, 2, 3), 0)
+    assert check_stop_sequences([ids, [4]], 256, "generate") == ((1, 2, 3), (4,))
 
 
 def test_speculative_decoding_refuses_penalty_and_stop_sequences(llama):

@@ -318,17 +318,17 @@ def test_encode_batch_matches_transformers(pad_dir, hft):
 
 
 def test_copies_and_pickles_despite_the_encode_batch_lock(pad_dir):
-    # The lock that guards encode_batch's temporary padding settings cannot be copied: without
+    # The lock that guards encode_batch's configured copies cannot be copied: without
     # __getstate__, copy.deepcopy and pickle (multiprocessing workers) raised "cannot pickle
-    # '_thread.lock' object". A deep copy has its own tokenizer and lock; a shallow one shares both.
+    # '_thread.lock' object". A deep copy has its own tokenizer and copies; a shallow one shares both.
     import copy
     import pickle
 
     tok = load_tokenizer(pad_dir)
     want = tok.encode_batch(TEXTS, padding_side="left")
     shallow, deep = copy.copy(tok), copy.deepcopy(tok)
-    assert shallow.tokenizer is tok.tokenizer and shallow._lock is tok._lock
-    assert deep.tokenizer is not tok.tokenizer and deep._lock is not tok._lock
+    assert shallow.tokenizer is tok.tokenizer and shallow._batch_encoders is tok._batch_encoders
+    assert deep.tokenizer is not tok.tokenizer and deep._batch_encoders is not tok._batch_encoders
     for clone in (shallow, deep):
         assert clone == tok
         batch = clone.encode_batch(TEXTS, padding_side="left")
@@ -336,6 +336,75 @@ def test_copies_and_pickles_despite_the_encode_batch_lock(pad_dir):
         np.testing.assert_array_equal(batch.attention_mask, want.attention_mask)
         assert clone.tokenizer.padding is None and clone.encode(TEXTS[0]).tolist() == tok.encode(TEXTS[0]).tolist()
     assert pickle.dumps(tok)  # written only: eqzoo never loads pickle
+
+
+def test_truncation_side_matches_transformers(pad_dir, tmp_path, hft):
+    # truncation_side "left" keeps each text's end, from the call or tokenizer_config.json, as
+    # transformers' truncation_side does (exact ids and mask; special tokens kept, as there).
+    shutil.copy(pad_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    config = json.loads((pad_dir / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"truncation_side": "left"}))
+    right, left = load_tokenizer(pad_dir), load_tokenizer(tmp_path)
+    theirs = {side: hft.transformers.AutoTokenizer.from_pretrained(tmp_path if side == "left" else pad_dir) for side in ("right", "left")}
+    assert (right.truncation_side, left.truncation_side) == (theirs["right"].truncation_side, theirs["left"].truncation_side) == ("right", "left")
+    for kwargs in ({"max_length": 5}, {"max_length": 6, "padding": "max_length", "padding_side": "left"}):
+        for side in ("right", "left"):
+            want = theirs[side](TEXTS, truncation=True, return_tensors="np", **{"padding": True} | kwargs)
+            default, other = (left, right) if side == "left" else (right, left)
+            for ours, override in ((default, None), (other, side)):  # the file's side, or the call's
+                batch = ours.encode_batch(TEXTS, truncation=True, truncation_side=override, **kwargs)
+                np.testing.assert_array_equal(batch.ids, want["input_ids"], err_msg=f"{side} {kwargs}")  # exact
+                np.testing.assert_array_equal(batch.attention_mask, want["attention_mask"], err_msg=f"{side} {kwargs}")
+    cut = left.encode_batch(TEXTS, truncation=True, max_length=5).ids[1]
+    assert cut[0] == left.bos_token_id and cut[1:].tolist() == left.encode(TEXTS[1], add_special_tokens=False)[-4:].tolist()
+    assert HFTokenizer.from_dict(json.loads(json.dumps(left.to_dict()))).truncation_side == "left"
+    # tokenizer.json's own truncation direction is the default under tokenizer_config.json's, as in transformers.
+    tok = tokenizers.Tokenizer.from_file(str(pad_dir / "tokenizer.json"))
+    tok.enable_truncation(max_length=7, direction="left")
+    (tmp_path / "json").mkdir()
+    tok.save(str(tmp_path / "json" / "tokenizer.json"))
+    (tmp_path / "json" / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path / "json").truncation_side == hft.transformers.AutoTokenizer.from_pretrained(tmp_path / "json").truncation_side == "left"
+    with pytest.raises(TokenizerError, match=r"encode_batch: truncation_side must be 'right' or 'left'; got 'middle'"):
+        right.encode_batch(TEXTS, truncation=True, max_length=5, truncation_side="middle")
+    with pytest.raises(TokenizerError, match=r"HFTokenizer: truncation_side must be 'right' or 'left'; got 'up'"):
+        HFTokenizer(right.tokenizer, truncation_side="up")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | {"truncation_side": "both"}))
+    with pytest.raises(HFFormatError, match=r"tokenizer_config\.json'.*truncation_side must be 'right' or 'left'; got 'both'"):
+        load_tokenizer(tmp_path)
+
+
+def test_threads_mixing_single_and_batch_encodes_get_their_own_results(pad_dir):
+    # encode_batch pads and truncates copies of the tokenizer, so single encodes take no lock and
+    # never see a batch's settings: 0 wrong results from threads interleaving both (the shared
+    # tokenizer switched padding on per batch call, and single encodes waited on a lock for it).
+    import threading
+
+    tok = load_tokenizer(pad_dir)
+    singles = {t: tok.encode(t).tolist() for t in TEXTS}
+    settings = [{"padding_side": "left"}, {"truncation": True, "max_length": 5}, {"padding": "max_length", "max_length": 32}]
+    batches = [tok.encode_batch(TEXTS, **s) for s in settings]
+    wrong, barrier = [], threading.Barrier(6)
+
+    def work(i):
+        barrier.wait()
+        for j in range(60):
+            if (i + j) % 3:
+                text = TEXTS[(i + j) % len(TEXTS)]
+                if tok.encode(text).tolist() != singles[text]:
+                    wrong.append((i, j))
+            else:
+                k = (i + j) % len(settings)
+                if not np.array_equal(tok.encode_batch(TEXTS, **settings[k]).ids, batches[k].ids):
+                    wrong.append((i, j))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+    assert tok.tokenizer.padding is None and tok.tokenizer.truncation is None  # never reconfigured
 
 
 def test_decode_batch_and_the_skip_special_tokens_default(pad_dir, hft):
@@ -450,6 +519,13 @@ def test_chat_batch_matches_transformers(chat_dir, hft):
     np.testing.assert_array_equal(batch.attention_mask, want["attention_mask"])
     for row, mask, conversation in zip(batch.ids, batch.attention_mask, conversations, strict=True):
         assert row[mask == 1].tolist() == ours.apply_chat_template(conversation, add_generation_prompt=True).tolist()
+    # The padding and truncation arguments go to encode_batch, with its defaults and checks; truncation_side too.
+    cut = ours.apply_chat_template_batch(conversations, add_generation_prompt=True, truncation=True, max_length=6, truncation_side="left")
+    np.testing.assert_array_equal(cut.ids, ours.encode_batch(
+        [ours.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations],
+        truncation=True, max_length=6, truncation_side="left", add_special_tokens=False).ids)
+    with pytest.raises(TokenizerError, match=r"HFTokenizer\.encode_batch: padding_side must be 'right' or 'left' .*got 'top'"):
+        ours.apply_chat_template_batch(conversations, padding_side="top")
     with pytest.raises(TokenizerError, match=r"got a list of messages: one conversation\. Wrap it, \[messages\]"):
         ours.apply_chat_template_batch(CHAT)
     with pytest.raises(TokenizerError, match=r"no pad token"):
