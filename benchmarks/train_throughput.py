@@ -6,9 +6,21 @@ model FLOPs utilisation (MFU: `flops_per_token * tokens/s / peak`, with the conf
 
     python benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 50 --json
     python benchmarks/train_throughput.py --smoke --json          # tiny, for CI on CPU
+
+`--readback N` also times what `fit` does once per log window: reading N steps' metrics back to
+the host, as `fit` does (averaged on the device, one transfer: `readback_ms`) and as it did
+before (`jax.device_get` of every step's scalars, then NumPy means: `readback_per_scalar_ms`),
+each on fresh metrics, best of 3; and `fit` itself over N steps logging once (`fit_step_ms`,
+best of 2). With `--per-layer` the loss reports each MoE layer's statistics too (three
+metrics per layer). On the deep, narrow capacity Mixtral where per-layer metrics cost most:
+
+    python benchmarks/train_throughput.py --preset tiny-mixtral --batch 4 --seq 24 --precision fp32 \
+        --set num_layers=64 --set embed_dim=32 --set hidden_dim=64 --set moe_implementation=capacity \
+        --steps 10 --readback 100 --per-layer --json
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -21,6 +33,7 @@ from _throughput import PEAK_TFLOPS_HELP, parse_set, report, throughput_figures,
 
 import eqzoo
 from eqzoo import train
+from eqzoo.train._readback import mean_metrics
 
 
 def peak_memory_gib(compiled) -> tuple[float, str]:
@@ -31,6 +44,41 @@ def peak_memory_gib(compiled) -> tuple[float, str]:
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
     return total / 2**30, "xla_estimate"
+
+
+def time_readback(state, step, batches, n: int) -> dict:
+    """Milliseconds to read `n` steps' metrics back to the host, both ways, each on the metrics of
+    `n` fresh steps (a device array read once keeps its host copy), best of 3 after a warm-up;
+    then `fit` over `n` steps logging once, ms per step, best of 2."""
+
+    def window():
+        nonlocal state
+        pending = []
+        for i in range(n):
+            state, metrics = step(state, batches[i % len(batches)])
+            pending.append(metrics)
+        jax.block_until_ready((state.arrays, pending))  # time the read-back alone
+        return pending
+
+    def per_scalar(pending):  # what fit did before: one transfer per scalar, NumPy means
+        host = jax.device_get(pending)
+        return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+    mean_metrics(window())  # compiles the read-back programs for this window length
+    times = {"readback_ms": [], "readback_per_scalar_ms": []}
+    for _ in range(3):
+        for name, read in (("readback_ms", mean_metrics), ("readback_per_scalar_ms", per_scalar)):
+            pending = window()
+            t0 = time.perf_counter()
+            read(pending)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    fit_ms = []
+    for _ in range(2):
+        start = int(state.step)
+        t0 = time.perf_counter()
+        state = train.fit(state, step, itertools.cycle(batches), num_steps=start + n, log_every=n).state
+        fit_ms.append(1e3 * (time.perf_counter() - t0) / n)
+    return {"readback_steps": n, **{k: min(v) for k, v in times.items()}, "fit_step_ms": min(fit_ms)}
 
 
 def main(argv=None) -> dict:
@@ -53,11 +101,18 @@ def main(argv=None) -> dict:
     p.add_argument("--packed-docs", type=int, default=0, metavar="N",
                    help="split every row into N documents with segment_ids (packed-sequence "
                         "attention masks, eqzoo.data.pack_documents); 0: one document per row")
+    p.add_argument("--per-layer", action="store_true",
+                   help="lm_loss(per_layer=True): each MoE layer's statistics are metrics too")
+    p.add_argument("--readback", type=int, default=None, metavar="N",
+                   help="also time reading N steps' metrics back to the host, and fit over N steps "
+                        "(default: 0, not timed; 4 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, 64, 8, 2
+        args.readback = 4 if args.readback is None else args.readback
+    args.readback = args.readback or 0
 
     overrides = {"attention_backend": args.attention, **parse_set(args.set)}
     if args.remat is not None:
@@ -74,7 +129,7 @@ def main(argv=None) -> dict:
     state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
     del model
     def loss_fn(m, b, k):
-        return train.lm_loss(m, b, k, implementation=args.loss, chunk_size=args.chunk_size)
+        return train.lm_loss(m, b, k, implementation=args.loss, chunk_size=args.chunk_size, per_layer=args.per_layer)
     step = train.make_train_step(loss_fn, optimizer, precision=precision)
 
     batches = [{"tokens": jnp.asarray(x), "targets": jnp.asarray(y)}
@@ -111,6 +166,8 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - t0
     losses = [float(x) for x in losses]
 
+    readback = time_readback(state, step, batches, args.readback) if args.readback else {}
+
     peak, peak_source = peak_memory_gib(compiled)
     result = {
         "benchmark": "train_throughput",
@@ -127,6 +184,8 @@ def main(argv=None) -> dict:
         "loss": args.loss,
         "chunk_size": args.chunk_size,
         "packed_docs": args.packed_docs,
+        "per_layer": args.per_layer,
+        "metrics_per_step": len(m),
         "params": config.num_params(),
         **throughput_figures(batch=args.batch, seq=args.seq, steps=args.steps, elapsed=elapsed,
                              flops_per_token=config.flops_per_token(args.seq),
@@ -136,6 +195,7 @@ def main(argv=None) -> dict:
         "step_compilations": step.num_compilations,
         "peak_memory_gib": peak,
         "peak_memory_source": peak_source,
+        **readback,
     }
     return report(result, args.json)
 

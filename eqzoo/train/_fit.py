@@ -13,6 +13,7 @@ from jaxtyping import Array, Int
 
 from .._errors import ConfigError
 from ._loggers import Logger
+from ._readback import mean_metrics
 from ._state import TrainState
 from ._step import EvalStep, TrainStep
 
@@ -45,16 +46,14 @@ class FitResult:
 def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> dict[str, float]:
     """Average `eval_step` metrics over `batches` (each metric weighted equally per batch).
 
-    The steps are dispatched one after another and their metrics read back once, at the end,
-    so the host never waits for the device between batches."""
+    The steps are dispatched one after another and their metrics averaged on the device and
+    read back once, at the end, in one transfer, so the host never waits for the device between
+    batches (as `fit` reads a log window's metrics back; an array metric counts as the mean of
+    its elements)."""
     pending = [eval_step(state, batch) for batch in batches]
     if not pending:
         raise ConfigError("evaluate got no batches; check the eval data source.")
-    sums: dict[str, float] = {}
-    for metrics in jax.device_get(pending):
-        for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / len(pending) for k, v in sums.items()}
+    return mean_metrics(pending)
 
 
 def _evaluated(history: list[dict[str, float]], step: int) -> bool:
@@ -101,7 +100,9 @@ def fit(
     """Train until `state.step == num_steps`, logging, evaluating and calling back on the way.
 
     The loop only dispatches compiled steps; it reads metrics back to the host every `log_every`
-    steps (so the device is not synchronised every step).
+    steps (so the device is not synchronised every step), averaged over the window on the
+    device and read back as one vector: one transfer per log, however many metrics the step
+    returns (with `lm_loss(per_layer=True)`, three per MoE layer).
 
     **Arguments:**
 
@@ -116,9 +117,10 @@ def fit(
       step; logged as `eval/<name>`, in the step's `train/` record when it has one (`eval_every`
       need not be a multiple of `log_every`).
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
-      last log) and `train/steps_per_s` (training steps per second over that window, not
-      counting evaluation, loggers and callbacks; checkpoint saves count, as the time they
-      take from training).
+      last log, in float32 on the device; an integer or bool metric as a float, an array metric
+      as the mean of its elements) and `train/steps_per_s` (training steps per second over
+      that window, not counting evaluation, loggers and callbacks; checkpoint saves count, as
+      the time they take from training).
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`; one with a
       `begin(step)` method is told first the step training starts from.
     - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
@@ -227,12 +229,10 @@ def fit(
         is_last = step == num_steps or stopped
         record = None
         if pending and (step % log_every == 0 or is_last):
-            host = jax.device_get(pending)
+            means = mean_metrics(pending)  # one transfer, however many steps and metrics
             pending = []
             now = time.perf_counter()
-            record = {"step": float(step)}
-            for k in host[0]:
-                record[f"train/{k}"] = float(np.mean([m[k] for m in host]))
+            record = {"step": float(step)} | {f"train/{k}": v for k, v in means.items()}
             record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
         # Evaluated on its own schedule, with the logged record when there is one (eval_every
         # need not be a multiple of log_every), once per step: not again when the data ran out

@@ -194,3 +194,40 @@ def test_an_equal_state_reuses_the_mesh_step_only_in_the_same_layout(lab):
     assert step.num_compilations == 2
     weight = out.model.embed.weight
     assert weight.sharding.spec == replicated.model.embed.weight.sharding.spec  # kept its own layout
+
+
+def test_fit_reads_a_sharded_runs_metrics_back_in_one_transfer(monkeypatch):
+    # A mesh step's metrics are replicated scalars (here with per-layer ones, as lm_loss's
+    # per_layer=True adds): a log window's means are one replicated vector, read back from one
+    # device.
+    from eqzoo import models
+    from eqzoo.train import classification_loss, fit
+
+    def loss_fn(model, batch, key):
+        loss, metrics = classification_loss(model, batch, key)
+        return loss, metrics | {f"moe_dropped/layer_{i}": loss * (i + 1) for i in range(3)}
+
+    mesh = sh.make_mesh("data=8")
+    optimizer = optax.sgd(0.1)
+    config = models.get_config("mlp-small", in_features=8, width=16, depth=1, out_features=3)
+    state = lambda: sh.shard_state(  # noqa: E731
+        TrainState.create(models.create(config, key=jax.random.key(0)), optimizer, key=jax.random.key(0)), mesh
+    )
+    step = make_train_step(loss_fn, optimizer, mesh=mesh, donate=False)
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.normal(size=(8, 8)).astype(np.float32), "y": rng.integers(0, 3, 8).astype(np.int32)} for _ in range(3)]
+    s, per_step = state(), []
+    for batch in batches:
+        s, metrics = step(s, batch)
+        assert all(v.sharding.is_fully_replicated and len(v.sharding.device_set) == 8 for v in metrics.values())
+        per_step.append({k: np.float64(v) for k, v in metrics.items()})
+    reads = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(jax.tree.leaves(x)) or device_get(x))
+    history = fit(state(), step, batches, num_steps=3, log_every=2).history
+    assert [len(leaves) for leaves in reads] == [1, 1]
+    assert all(leaves[0].sharding.is_fully_replicated for leaves in reads)
+    assert "train/moe_dropped/layer_2" in history[0] and len(history[0]) == len(per_step[0]) + 2
+    for record, window in zip(history, [per_step[:2], per_step[2:]], strict=True):
+        for k in window[0]:  # float32 means against float64 ones
+            np.testing.assert_allclose(record[f"train/{k}"], np.mean([m[k] for m in window]), rtol=1e-6, atol=0)

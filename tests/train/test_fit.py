@@ -394,3 +394,77 @@ def test_console_logger_leaves_per_layer_metrics_to_the_structured_loggers(tmp_p
         stream = io.StringIO()
         train.ConsoleLogger(stream=stream, keys=(k for k in ["train/loss"])).log(1, metrics)
     assert stream.getvalue() == "step      1 | train/loss 2\n"
+
+
+def mixed_loss(model, batch, key):
+    """classification_loss with metrics of every kind a loss returns: per-layer float keys, an
+    integer count, a bool, a bf16 value and a per-example array."""
+    loss, metrics = train.classification_loss(model, batch, key)
+    logits = jax.vmap(model)(batch["x"])
+    per_example = -jax.nn.log_softmax(logits)[jnp.arange(batch["x"].shape[0]), batch["y"]]
+    layers = {f"moe_dropped/layer_{i}": jnp.abs(logits[i, 0]) * (i + 1) for i in range(3)}
+    counted = {"tokens": jnp.sum(batch["y"] > 0), "all_right": metrics["accuracy"] == 1.0}
+    return loss, metrics | layers | counted | {"half": loss.astype(jnp.bfloat16), "per_example": per_example}
+
+
+def test_logged_metrics_are_the_windows_means(steps):
+    # Each record holds, per metric, the mean over the steps since the last log (the short last
+    # window too), as the float64 NumPy mean of the steps' values: within 1e-6 relative, the
+    # device's float32 mean (a bf16 metric is averaged in float32, without rounding to bf16).
+    _, eval_step = steps
+    step = train.make_train_step(mixed_loss, OPTIMIZER, donate=False)
+    state, per_step = _state(), []
+    for i in range(5):
+        state, metrics = step(state, batch_at(i))
+        per_step.append({k: np.asarray(jax.device_get(v), np.float64) for k, v in metrics.items()})
+    result = train.fit(_state(), step, batches(), num_steps=5, log_every=2)
+    assert [r["step"] for r in result.history] == [2, 4, 5]
+    for record, window in zip(result.history, [per_step[0:2], per_step[2:4], per_step[4:5]], strict=True):
+        assert list(record) == ["step", *(f"train/{k}" for k in sorted(window[0])), "train/steps_per_s"]
+        assert all(type(v) is float for v in record.values())
+        for k in window[0]:
+            np.testing.assert_allclose(record[f"train/{k}"], np.mean([m[k] for m in window]), rtol=1e-6, atol=0)
+    assert 0 < result.history[0]["train/tokens"] <= 8 and result.history[-1]["train/all_right"] in (0.0, 1.0)
+    # evaluate averages over the batches the same way
+    want = [jax.device_get(eval_step(state, b)) for b in eval_batches()]
+    got = train.evaluate(eval_step, state, eval_batches())
+    assert list(got) == ["accuracy", "loss"] and all(type(v) is float for v in got.values())
+    for k in got:
+        np.testing.assert_allclose(got[k], np.mean([np.float64(m[k]) for m in want]), rtol=1e-6, atol=0)
+
+
+def test_a_log_window_is_read_back_in_one_transfer_compiled_once(steps, compile_log, monkeypatch):
+    # 3 per-layer metrics and 5 others a step: the base code read back each step's 11 scalars
+    # (22 a window of 2); one vector now, compiled once per window length, however many logs.
+    _, eval_step = steps
+    step = train.make_train_step(mixed_loss, OPTIMIZER)
+    reads = []
+    device_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: reads.append(jax.tree.leaves(x)) or device_get(x))
+    jax.clear_caches()  # so that the read-back programs compile here, whatever ran before
+
+    def run(num_steps):
+        reads.clear()
+        with compile_log() as log:
+            result = train.fit(_state(), step, batches(), num_steps=num_steps, log_every=2,
+                               eval_step=eval_step, eval_batches=eval_batches, eval_every=4)
+        return result, [c.split(" ")[1] for c in log.compiled if c.split(" ")[1] in ("jit(_pack)", "jit(_mean)")]
+
+    result, compiled = run(7)  # windows of 2, 2, 2 and 1; evaluated at steps 4 and 7
+    assert [r["step"] for r in result.history] == [2, 4, 6, 7]
+    assert len(reads) == 4 + 2 and all(len(leaves) == 1 for leaves in reads)
+    # the train metrics' and eval metrics' packing; windows of 2 steps, 1 step, 2 eval batches
+    assert sorted(compiled) == ["jit(_mean)"] * 3 + ["jit(_pack)"] * 2
+    result, compiled = run(15)  # twice the logs: nothing compiles again
+    assert len(result.history) == 8 and compiled == []
+    assert len(reads) == 8 + 4 and all(len(leaves) == 1 for leaves in reads)
+
+
+def test_a_metric_that_is_not_a_number_is_named(steps):
+    def nested_loss(model, batch, key):
+        loss, metrics = train.classification_loss(model, batch, key)
+        return loss, metrics | {"router": {"a": loss, "b": loss}}
+
+    step = train.make_train_step(nested_loss, OPTIMIZER)
+    with pytest.raises(ConfigError, match=r"metric 'router' is a dict.*\{'router/a': \.\.\., 'router/b': \.\.\.\}"):
+        train.fit(_state(), step, batches(), num_steps=2, log_every=2)
