@@ -14,6 +14,9 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --cache-dtype int8 --json   # int8 KV cache (eqzoo.nn.QuantizedKV)
     python benchmarks/generate_throughput.py --prompt-len 768 --prefill-via-decode --json   # the baseline of
         # AbstractLM.prefill: the prompt through decode at index 0, logits for every position
+    python benchmarks/generate_throughput.py --preset tiny-gpt2 --batches 1 --new-tokens 64 --stream-chunk 8 \
+        --repeats 7 --json   # eqzoo.generation.generate_stream: time to the first chunk and in all, against
+        # generate_batch's (medians), and the cost of each chunk's host round trip
 
 Each row without a draft model also times the prefill alone (`prefill_ms`: the batch's
 prompts through `model.prefill`, jitted and vmapped as the decode loop runs it) and reports
@@ -65,11 +68,15 @@ def main(argv=None) -> dict:
     p.add_argument("--prefill-via-decode", action="store_true",
                    help="start each sequence with decode at index 0 (attention over every cache slot, logits "
                         "for every prompt position) rather than AbstractLM.prefill: the baseline it is measured against")
+    p.add_argument("--stream-chunk", type=int, default=0, metavar="N",
+                   help="also time eqzoo.generation.generate_stream with chunk_size=N (0: off): its first chunk "
+                        "and the whole stream, against generate_batch, medians of --repeats calls")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.batches, args.new_tokens, args.repeats = "tiny-gpt2", "1,4", 16, 2
+        args.stream_chunk = args.stream_chunk or 8  # the streaming path runs in CI too
 
     gathers = eqzoo.nn.MoE.gathers
     init_cache = eqzoo.models.AbstractLM.init_cache
@@ -117,6 +124,39 @@ def _prefill_timing(model, prompts, total, cache_dtype, unroll, repeats) -> dict
     return {"prefill_ms": 1e3 * min(times), "prefill_temp_mib": None if temp is None else temp / 2**20}
 
 
+def _stream_timing(model, prompts, args, unroll, cache_dtype, run) -> dict:
+    """`generate_stream` with `chunk_size=args.stream_chunk`: the median time to its first chunk
+    and to its end, `generate_batch`'s median (`run`) timed alternately with it, and what each
+    chunk costs beyond that (the whole stream's extra time over the number of chunks)."""
+    stream = lambda: eqzoo.generation.generate_stream(  # noqa: E731
+        model, prompts, max_new_tokens=args.new_tokens, chunk_size=args.stream_chunk, unroll_layers=unroll,
+        cache_dtype=cache_dtype)
+    for _ in stream():  # compiles the prefill and the chunk programs
+        pass
+    first, whole, batch_s = [], [], []
+    for _ in range(max(args.repeats, 1)):
+        t0 = time.perf_counter()
+        chunks = stream()
+        next(chunks)  # its tokens are on the host: the chunk is done
+        first.append(time.perf_counter() - t0)
+        for _ in chunks:
+            pass
+        whole.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(run())
+        batch_s.append(time.perf_counter() - t0)
+    n_chunks = -(-args.new_tokens // args.stream_chunk)
+    whole_s, batch_med = float(np.median(whole)), float(np.median(batch_s))
+    return {
+        "stream_chunk": args.stream_chunk,
+        "stream_chunks": n_chunks,
+        "stream_first_chunk_s": float(np.median(first)),
+        "stream_total_s": whole_s,
+        "batch_total_median_s": batch_med,
+        "stream_overhead_ms_per_chunk": 1e3 * (whole_s - batch_med) / n_chunks,
+    }
+
+
 def _run(args) -> dict:
     model = eqzoo.models.create(args.preset, key=jax.random.key(0), **parse_set(args.set))
     model = cast_floating(model, jnp.dtype(args.dtype))
@@ -155,6 +195,8 @@ def _run(args) -> dict:
             extra = {"tokens_per_round": float(args.new_tokens / rounds.mean())}
         else:
             extra.update(_prefill_timing(model, prompts, total, cache_dtype, unroll, args.repeats))
+            if args.stream_chunk:
+                extra.update(_stream_timing(model, prompts, args, unroll, cache_dtype, run))
         rows.append({**extra,
             "batch": batch,
             "tokens_per_s": batch * args.new_tokens / best,
@@ -184,6 +226,7 @@ def _run(args) -> dict:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "layers": "unrolled" if eqzoo.generation.resolve_unroll(unroll) else "scan",
+        "stream_chunk": args.stream_chunk or None,
         "results": rows,
     }
     print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)

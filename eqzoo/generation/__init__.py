@@ -11,5 +11,15 @@ from ._generate import (
 )
 from ._sampling import sample_logits as sample_logits
 from ._speculative import generate_speculative as generate_speculative
+from ._stream import StreamChunk as StreamChunk, generate_stream as generate_stream
 
-__all__ = ["UNROLL_DECODE_DEFAULTS", "generate", "generate_batch", "generate_speculative", "resolve_unroll", "sample_logits"]
+__all__ = [
+    "UNROLL_DECODE_DEFAULTS",
+    "StreamChunk",
+    "generate",
+    "generate_batch",
+    "generate_speculative",
+    "generate_stream",
+    "resolve_unroll",
+    "sample_logits",
+]

@@ -1,8 +1,8 @@
 """Autoregressive decoding with a KV cache, compiled as one program."""
 
 import functools
-from collections.abc import Sequence
-from typing import no_type_check
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, no_type_check
 
 import equinox as eqx
 import jax
@@ -30,25 +30,45 @@ from ._sampling import (
 )
 
 
-def _generate_rows(
-    model, prompts, lengths, keys, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
-    cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None,
-):
-    """Decode the batch, each row at its own position. Each step's work is per row (`vmap`);
-    the token loop runs outside the `vmap`, so that with `eos_token` its stop test is one
-    scalar: a `while_loop` under `vmap` would keep or discard each row's whole carry, the KV
-    cache included, by a select on every step, and the cache could no longer be updated in
-    place. With a `repetition_penalty` each row carries a `(vocab,)` bool of the ids it has
-    seen, set once from the prompt and by one scatter per token (no rescan of the sequence);
-    with `stop_sequences`, its last `longest` generated tokens."""
-    batch, prompt_len = prompts.shape  # static: lets MoE layers read only the chosen experts
+class _RowLoop(NamedTuple):
+    """The pieces of the token loop over a batch, shared by `generate_batch` (one program) and
+    `generate_stream` (a prefill program, then one program per chunk of steps):
+
+    - `start(prompts, lengths, keys)`: each row's state, prefilled (with the cache);
+    - `step(i, state, lengths)`: emit token `i` of every row (and decode it, with the cache);
+    - `steps`: how many `step`s: with the cache the last token needs no decode after it, so
+      `max_new_tokens - 1`, and `finish` emits it;
+    - `finish(state, lengths)`: the state after the loop (with the cache: token
+      `max_new_tokens - 1` emitted; without: as it is);
+    - `stops`: whether a row can stop early (the loop is then a `while_loop`)."""
+
+    start: Callable
+    step: Callable
+    steps: int
+    finish: Callable
+    stops: bool
+
+
+def _row_loop(
+    model, shape, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
+    cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None, count=False,
+) -> _RowLoop:
+    """The token loop over a batch of prompts of `shape`, each row at its own position. Each
+    step's work is per row (`vmap`); the token loop runs outside the `vmap`, so that with
+    `eos_token` its stop test is one scalar: a `while_loop` under `vmap` would keep or discard
+    each row's whole carry, the KV cache included, by a select on every step, and the cache
+    could no longer be updated in place. With a `repetition_penalty` each row carries a
+    `(vocab,)` bool of the ids it has seen, set once from the prompt and by one scatter per
+    token (no rescan of the sequence); with `stop_sequences`, its last `longest` generated
+    tokens; with `count`, how many tokens it has generated (up to its stop)."""
+    batch, prompt_len = shape  # static: lets MoE layers read only the chosen experts
     total = prompt_len + max_new_tokens
     vocab = model.config.vocab_size
     sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     stops = eos_token is not None or stop_sequences is not None
     rows = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
 
-    def start(prompt, length):
+    def start_row(prompt, length):
         buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
         buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
         state = {"out": (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None), "done": jnp.zeros((), bool)}
@@ -57,6 +77,8 @@ def _generate_rows(
             state["seen"] = jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
         if stop_sequences is not None:  # -1: no generated token there yet (matches no stop id)
             state["recent"] = jnp.full((stop_sequences.shape[1],), -1, jnp.int32)
+        if count:
+            state["count"] = jnp.zeros((), jnp.int32)
         if not use_cache:
             return state
         # prefill; a sliding-window ring keeps the prompt's real positions, not its padding,
@@ -65,6 +87,9 @@ def _generate_rows(
         prompt = jnp.where(jnp.arange(prompt_len) < length, prompt, 0)
         last, cache = model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
         return {**state, "cache": cache, "last": last}
+
+    def start(prompts, lengths, keys):
+        return {**jax.vmap(start_row)(prompts, lengths), "key": keys}
 
     def emit(i, state, logits, length):
         """Token `i` after the prompt, drawn from `logits` (the position before it) with
@@ -82,6 +107,8 @@ def _generate_rows(
         if logps is not None:  # under the decoding model's own distribution: no penalty, no temperature, no filtering
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
             logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
+        if count:
+            state["count"] = state["count"] + (~done).astype(jnp.int32)
         finished = done
         if eos_token is not None:
             finished = finished | is_eos(tok, eos_token)
@@ -101,20 +128,29 @@ def _generate_rows(
         logits, cache = model.decode(tok[None], state["cache"], length + i, batch_size=batch)
         return {**state, "cache": cache, "last": logits[0]}
 
-    state = {**jax.vmap(start)(prompts, lengths), "key": keys}
-    # With the cache the last token needs no decode step after it: it is emitted after the loop.
-    state = _token_loop(step, state, lengths, max_new_tokens - 1 if use_cache else max_new_tokens, stops)
-    if use_cache:
-        state = rows(lambda i, state, length: emit(i, state, state["last"], length)[0])(max_new_tokens - 1, state, lengths)
-    return state["out"] if return_logprobs else state["out"][0]
+    def finish(state, lengths):
+        if not use_cache:
+            return state
+        return rows(lambda i, state, length: emit(i, state, state["last"], length)[0])(max_new_tokens - 1, state, lengths)
+
+    return _RowLoop(start, step, max_new_tokens - 1 if use_cache else max_new_tokens, finish, stops)
 
 
-def _token_loop(step, state, lengths, steps, stops):
-    """`state = step(i, state, lengths)` for `i` in `0 .. steps - 1`: a `fori_loop`, or with
-    `stops` a `while_loop` that ends early once every row's `state["done"]` is set (a row
-    done before the others is stepped on, emitting padding)."""
+def _generate_rows(model, prompts, lengths, keys, **settings):
+    """Decode the batch (see `_row_loop`): `(tokens, logprobs)` with `return_logprobs`, else the tokens."""
+    loop = _row_loop(model, prompts.shape, **settings)
+    state = _token_loop(loop.step, loop.start(prompts, lengths, keys), lengths, loop.steps, loop.stops)
+    state = loop.finish(state, lengths)
+    return state["out"] if settings.get("return_logprobs") else state["out"][0]
+
+
+def _token_loop(step, state, lengths, steps, stops, first=0):
+    """`state = step(i, state, lengths)` for `i` in `first .. steps - 1`: a `fori_loop`, or
+    with `stops` a `while_loop` that ends early once every row's `state["done"]` is set (a
+    row done before the others is stepped on, emitting padding). `first` and `steps` may be
+    traced (a chunk of the loop, in `generate_stream`)."""
     if not stops:
-        return jax.lax.fori_loop(0, steps, lambda i, state: step(i, state, lengths), state)
+        return jax.lax.fori_loop(first, steps, lambda i, state: step(i, state, lengths), state)
 
     def cond(carry):
         i, state = carry
@@ -124,7 +160,7 @@ def _token_loop(step, state, lengths, steps, stops):
         i, state = carry
         return i + 1, step(i, state, lengths)
 
-    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))[1]
+    return jax.lax.while_loop(cond, body, (jnp.asarray(first, jnp.int32), state))[1]
 
 
 UNROLL_DECODE_DEFAULTS: dict[str, bool] = {"cpu": False, "gpu": True, "tpu": False}
@@ -344,10 +380,26 @@ def generate_batch(
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
-    check_model(model, "generate_batch")
-    prompts = as_prompts(prompts, "generate_batch")
+    prompts, lengths, key, settings = prepare_batch(
+        model, prompts, lengths, "generate_batch", max_new_tokens=max_new_tokens, attention_mask=attention_mask, key=key,
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        eos_token=eos_token, stop_sequences=stop_sequences, pad_token=pad_token, use_cache=use_cache,
+        cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+    )
+    return _generate_batch_jit(model, prompts, lengths, key, unroll_layers=resolve_unroll(unroll_layers), **settings)
+
+
+def prepare_batch(
+    model, prompts, lengths, who: str, *, max_new_tokens, attention_mask, key, temperature, top_k, top_p, min_p,
+    repetition_penalty, eos_token, stop_sequences, pad_token, use_cache, cache_dtype, return_logprobs,
+) -> tuple:
+    """`generate_batch`'s arguments checked and as its compiled loop takes them: `(prompts,
+    lengths, key, settings)`, `settings` the loop's keyword arguments (static values and NumPy
+    arrays: see `loop_settings`) but `unroll_layers`. `who` names the caller in errors."""
+    check_model(model, who)
+    prompts = as_prompts(prompts, who)
     if prompts.ndim != 2:
-        raise ShapeError(f"generate_batch takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
+        raise ShapeError(f"{who} takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
     _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p, repetition_penalty)
     if cache_dtype is not None:
         if not use_cache:
@@ -357,17 +409,17 @@ def generate_batch(
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
     stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, "generate")
-    who = "generate" if attention_mask is None else "generate_batch"
+    if who == "generate_batch" and attention_mask is None:
+        who = "generate"  # the messages generate_batch has always given (eqzoo.generate's too)
     prompts, lengths = prompt_batch(prompts, lengths, attention_mask, model.config.vocab_size, who, pad_token)
-    return _generate_batch_jit(
-        model, prompts, lengths, loop_key(key),
+    settings = dict(
         max_new_tokens=int(max_new_tokens),  # static: a Python int
         **loop_settings(temperature, top_k, top_p, min_p, repetition_penalty),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         stop_sequences=traced_stop_sequences(stop_sequences),
-        use_cache=use_cache, unroll_layers=resolve_unroll(unroll_layers), cache_dtype=cache_dtype,
-        return_logprobs=return_logprobs,
+        use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
     )
+    return prompts, lengths, loop_key(key), settings
 
 
 @no_type_check  # validated below with messages that say how to fix the call
