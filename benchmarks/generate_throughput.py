@@ -6,6 +6,7 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
     python benchmarks/generate_throughput.py --preset gpt2-124m --batches 1,64 --new-tokens 256 --json
     python benchmarks/generate_throughput.py --smoke --json
     python benchmarks/generate_throughput.py --quantize int8 --json   # int8 linear weights (eqzoo.quant)
+    python benchmarks/generate_throughput.py --quantize int4 --group-size 128 --json   # packed int4, group-wise scales
     python benchmarks/generate_throughput.py --preset tiny-mixtral --set num_experts=8 --batches 1 \
         --read-all-experts --json   # the baseline of MoE decoding's gather path (eqzoo.nn.MoE.decode)
     python benchmarks/generate_throughput.py --preset tiny-llama --set sliding_window=64 --set max_seq=2048 \
@@ -50,8 +51,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", choices=["auto", "unrolled", "scan"], default="auto",
                    help="layer loop inside the decode loop (generate_batch(unroll_layers=...))")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none",
-                   help="int8 weight-only linear layers (eqzoo.quant.quantize) after the dtype cast")
+    p.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                   help="int8 or int4 weight-only linear layers (eqzoo.quant.quantize) after the dtype cast")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale for --quantize (eqzoo.quant.quantize(group_size=...)); default: "
+                        "per channel for int8, 128 for int4 (or the largest power of two dividing every layer's inputs)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field of the preset (repeatable)")
     p.add_argument("--read-all-experts", action="store_true",
@@ -157,11 +161,24 @@ def _stream_timing(model, prompts, args, unroll, cache_dtype, run) -> dict:
     }
 
 
+def _int4_group(model) -> int:
+    # 128 (the usual int4 group), or the largest power of two below it dividing every linear
+    # layer's inputs (the tiny presets have 64 and 176).
+    sizes = [x.in_features for x in jax.tree.leaves(model, is_leaf=lambda x: isinstance(x, eqx.nn.Linear))
+             if isinstance(x, eqx.nn.Linear)]
+    group = 128
+    while group > 2 and any(n % group for n in sizes):
+        group //= 2
+    return group
+
+
 def _run(args) -> dict:
     model = eqzoo.models.create(args.preset, key=jax.random.key(0), **parse_set(args.set))
     model = cast_floating(model, jnp.dtype(args.dtype))
-    if args.quantize == "int8":
-        model = eqzoo.quant.quantize(model)
+    if args.quantize != "none":
+        if args.quantize == "int4" and args.group_size is None:
+            args.group_size = _int4_group(model)
+        model = eqzoo.quant.quantize(model, bits=int(args.quantize[3:]), group_size=args.group_size)
     unroll = {"auto": "auto", "unrolled": True, "scan": False}[args.layers]
     cache_dtype = None if args.cache_dtype == "model" else jnp.dtype(args.cache_dtype)
     total = args.prompt_len + args.new_tokens
@@ -215,6 +232,7 @@ def _run(args) -> dict:
         "device": jax.devices()[0].device_kind,
         "dtype": args.dtype,
         "quantize": args.quantize,
+        "group_size": args.group_size if args.quantize != "none" else None,
         "overrides": args.set,
         "read_all_experts": args.read_all_experts,
         "full_length_cache": args.full_length_cache,

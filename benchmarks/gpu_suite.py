@@ -32,7 +32,7 @@ the table and summary. Under an outer time limit, leave a margin:
 
     python benchmarks/gpu_suite.py --list
     python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
-    python benchmarks/gpu_suite.py --smoke          # CPU: five tiny rows, exercises this driver
+    python benchmarks/gpu_suite.py --smoke          # CPU: two tiny rows, exercises this driver
 
 This driver imports neither JAX nor eqzoo, so it holds no GPU memory while the rows run.
 """
@@ -114,6 +114,12 @@ ROWS: tuple[Row, ...] = (
     Row("generate-int8", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                           "--batches", "1,64", "--new-tokens", "256", "--quantize", "int8"),
         GENERATE_TIMEOUT_S),
+    # Int4 codes packed two to a byte with a bf16 scale per 128 inputs: a quarter of bf16's weight
+    # bytes, if XLA fuses the unpacking and scaling into the products rather than writing a
+    # bf16 copy of each weight (on CPU it was no faster than int8).
+    Row("generate-int4", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
+                          "--batches", "1,64", "--new-tokens", "256", "--quantize", "int4", "--group-size", "128"),
+        GENERATE_TIMEOUT_S),
     # Long contexts at batch 64: the KV cache (~2.3 GB in bf16 by the last token), not the
     # weights (0.25 GB), is most of what a step reads. An int8 cache (eqzoo.nn.QuantizedKV) holds
     # 53% of the bf16 bytes; does XLA fuse the int8 -> bf16 conversion into the attention
@@ -170,22 +176,18 @@ ROWS: tuple[Row, ...] = (
 # The sizes of train_throughput.py --smoke: fewer steps and the loss on random tokens may not fall.
 TINY = ("--preset", "tiny-gpt2", "--batch", "4", "--seq", "64", "--steps", "8", "--warmup", "2")
 
+# Two rows: `make test` runs train_throughput.py and generate_throughput.py --smoke on their own,
+# so each row here stacks the options the GPU rows add (each one a separate compile, ~12 s of CI's
+# CPU a row) on a single run: the driver's logic is the same for one row or eight.
 SMOKE_ROWS: tuple[Row, ...] = (
-    Row("tiny-gpt2", ("benchmarks/train_throughput.py", *TINY), SMOKE_TIMEOUT_S),
-    # Both kinds of environment override, as rows 7 and 8 use them.
-    Row("tiny-gpt2-env", ("benchmarks/train_throughput.py", *TINY), SMOKE_TIMEOUT_S,
-        env=(("EQZOO_XLA_FLAGS", "0"),),
+    # Both kinds of environment override, as rows 7 and 8 use them; the packed and MoE rows' options.
+    Row("tiny-mixtral-capacity-packed", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],
+                                         "--set", "moe_implementation=capacity", "--packed-docs", "4"),
+        SMOKE_TIMEOUT_S, env=(("EQZOO_XLA_FLAGS", "0"),),
         env_append=(("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false"),)),
-    Row("tiny-generate", ("benchmarks/generate_throughput.py", "--smoke"), SMOKE_TIMEOUT_S),
-    Row("tiny-generate-int8", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8"),
-        SMOKE_TIMEOUT_S),
-    Row("tiny-generate-int8-cache", ("benchmarks/generate_throughput.py", "--smoke", "--cache-dtype", "int8"),
-        SMOKE_TIMEOUT_S),
-    Row("tiny-generate-prefill-via-decode", ("benchmarks/generate_throughput.py", "--smoke", "--prefill-via-decode"),
-        SMOKE_TIMEOUT_S),
-    Row("tiny-gpt2-packed", ("benchmarks/train_throughput.py", *TINY, "--packed-docs", "4"), SMOKE_TIMEOUT_S),
-    Row("tiny-mixtral-capacity", ("benchmarks/train_throughput.py", "--preset", "tiny-mixtral", *TINY[2:],
-                                  "--set", "moe_implementation=capacity"), SMOKE_TIMEOUT_S),
+    # The generate rows' options: int8 weights, an int8 cache, the decode-at-index-0 prefill.
+    Row("tiny-generate-int8-prefill-via-decode", ("benchmarks/generate_throughput.py", "--smoke", "--quantize", "int8",
+                                                  "--cache-dtype", "int8", "--prefill-via-decode"), SMOKE_TIMEOUT_S),
 )
 """The `--smoke` rows: tiny sizes on CPU, to check this driver in CI."""
 

@@ -42,6 +42,7 @@ GPU_ROWS = [
     "gpt2-124m-loss-chunk-512",
     "generate-scan-layers",
     "generate-int8",
+    "generate-int4",
     "generate-long",
     "generate-long-int8-cache",
     "generate-long-prefill-via-decode",
@@ -93,6 +94,7 @@ def test_rows_differ_from_the_default_row_only_as_named():
     assert rows["gpt2-124m-no-eqzoo-flags"].argv == base
     assert rows["gpt2-124m-cublas-gemm"].argv == base
     assert rows["generate-int8"].argv == (*rows["generate"].argv, "--quantize", "int8")
+    assert rows["generate-int4"].argv == (*rows["generate"].argv, "--quantize", "int4", "--group-size", "128")
     assert rows["generate-long-int8-cache"].argv == (*rows["generate-long"].argv, "--cache-dtype", "int8")
     assert rows["generate-long-prefill-via-decode"].argv == (*rows["generate-long"].argv, "--prefill-via-decode")
     assert suite.row_env(rows["gpt2-124m-no-eqzoo-flags"], {}) == {"EQZOO_XLA_FLAGS": "0"}

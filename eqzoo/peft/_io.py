@@ -65,16 +65,21 @@ def _base_sample(base) -> dict[str, dict[str, Any]] | None:
         arrays = (x.codes, x.scale) if _is_int8(x) else (x,)
         if not all(getattr(a, "is_fully_addressable", True) for a in arrays):
             return None
-        if isinstance(x, QuantizedLinear):  # one scale per output row: the sampled row's
-            codes = _row(x.codes)
-            scale = np.full(codes.shape, float(x.scale[(0,) * x.scale.ndim]))
-        elif isinstance(x, QuantizedWeight):  # one scale per output column: the sampled row's columns
-            codes, scale = _row(x.codes), _row(x.scale)
+        if isinstance(x, QuantizedLinear):  # one scale per output row (and group): the sampled row's
+            codes = _row(x.int_codes())
+            lead = (0,) * (x.codes.ndim - 1)
+            if x.group_size is None:
+                scale = np.full(codes.shape, float(x.scale[lead]))
+            else:  # (*layers, out, groups): the row's scales, each repeated over its group
+                scale = np.repeat(np.asarray(x.scale[lead], np.float64), x.group_size)[: codes.size]
+        elif isinstance(x, QuantizedWeight):  # one scale per output column (and group): the sampled row's columns
+            codes = _row(x.int_codes())
+            scale = _row(x.scale) if x.group_size is None else _row(x.scale[..., 0])  # row 0 is in group 0
         else:
             sample[name] = {"dtype": jnp.dtype(x.dtype).name, "values": _row(x).tolist()}
             continue
         sample[name] = {
-            "dtype": "int8", "values": codes.tolist(),
+            "dtype": f"int{x.bits}", "values": codes.tolist(),
             "scale": scale.tolist(), "scale_dtype": jnp.dtype(x.scale.dtype).name,
         }
     return sample
@@ -111,11 +116,13 @@ def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
     int8 = ("scale" in saved, "scale" in ours)
     if not any(int8):
         return _same_floats(a, b, jnp.dtype(saved["dtype"]), jnp.dtype(ours["dtype"]))
-    if all(int8) and saved["scale_dtype"] == ours["scale_dtype"]:  # the same int8 copy: bit for bit
+    same_grid = saved["dtype"] == ours["dtype"] and saved["scale_dtype"] == ours["scale_dtype"]
+    if all(int8) and same_grid:  # the same int8 (int4) copy: bit for bit
         return bool(np.array_equal(a, b)) and bool(
             np.array_equal(np.asarray(saved["scale"], np.float64), np.asarray(ours["scale"], np.float64))
         )
-    # int8 against the float base it may come from (or an int8 copy of it in another dtype):
+    # int8 against the float base it may come from (or an int8 copy of it in another dtype, or
+    # an int4 copy):
     # every value within the rounding of both.
     (ca, ha), (cb, hb) = _interval(saved), _interval(ours)
     if ca.shape != cb.shape:

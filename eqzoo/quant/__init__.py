@@ -1,14 +1,23 @@
-"""Int8 weight-only quantization: post-training ([`eqzoo.quant.quantize`][]) and
+"""Int8 and int4 weight-only quantization: post-training ([`eqzoo.quant.quantize`][]) and
 quantization-aware training with fake quantization ([`eqzoo.quant.prepare_qat`][]).
 
 Every selected `equinox.nn.Linear` becomes an [`eqzoo.quant.QuantizedLinear`][]: int8 codes
-with one float scale per output channel, about 4x smaller than float32 (2x than bfloat16); the
-experts of mixture-of-experts layers become [`eqzoo.quant.QuantizedWeight`][]s.
+with one float scale per output channel, about 4x smaller than float32 (2x than bfloat16), or
+int4 codes packed two to a byte with group-wise scales (`quantize(model, bits=4,
+group_size=128)`); the experts of mixture-of-experts layers become
+[`eqzoo.quant.QuantizedWeight`][]s.
 Activations, embeddings, norms and the output head stay floating; the quantized model runs
 anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded meshes,
 `eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
 """
 
+from ._int4 import (
+    QMAX4 as QMAX4,
+    dequantize_int4 as dequantize_int4,
+    pack_int4 as pack_int4,
+    quantize_int4 as quantize_int4,
+    unpack_int4 as unpack_int4,
+)
 from ._int8 import (
     QMAX as QMAX,
     dequantize_int8 as dequantize_int8,
@@ -27,15 +36,20 @@ from ._weight import QuantizedWeight as QuantizedWeight
 
 __all__ = [
     "QMAX",
+    "QMAX4",
     "FakeQuantLinear",
     "FakeQuantWeight",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",
+    "dequantize_int4",
     "dequantize_int8",
     "fake_quantize",
+    "pack_int4",
     "prepare_qat",
     "quantize",
+    "quantize_int4",
     "quantize_int8",
     "size_report",
+    "unpack_int4",
 ]

@@ -1,15 +1,16 @@
-"""`QuantizedLinear`: a linear layer holding its weight as int8 codes and a per-channel scale."""
+"""`QuantizedLinear`: a linear layer holding its weight as int8 (or packed int4) codes and
+per-channel (or per-channel-and-group) scales."""
 
 from typing import NoReturn
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8
+from jaxtyping import Array, Float, Int8, UInt8
 
 from .._errors import ConfigError
 from ..nn import AbstractLinear
-from ._int8 import dequantize_int8, quantize_int8
+from ._int4 import dequantize_groups, quantize_weight, unpacked
 
 
 def check_features(layer: eqx.nn.Linear, what: str) -> None:
@@ -35,50 +36,66 @@ def dense_linear(weight: Array, bias: Array | None, in_features: int, out_featur
 
 
 class QuantizedLinear(AbstractLinear):
-    """A linear layer with an int8 weight: `y = (x @ codes.T) * scale + bias`.
+    """A linear layer with an int8 or int4 weight: `y = (x @ codes.T) * scale + bias`.
 
-    Weight-only, symmetric, per-output-channel quantization: `codes` holds int8 codes in
-    `[-127, 127]` and `scale` one floating scale per output unit, in the floating dtype the
-    original weight had (so a float32 layer keeps a float32 scale and a bfloat16 one a bfloat16
-    scale). The scale multiplies the product rather than the weight (the same map, since it is
-    constant along the summed axis), so no dequantized copy of the weight is ever made. The
-    optional `bias` stays floating. Inside a [`eqzoo.nn.Stacked`][] every array carries the
-    stacked layer axis first. Build it from a float layer, or quantize a whole model with
-    [`eqzoo.quant.quantize`][].
+    Weight-only, symmetric quantization. With the defaults (`bits=8`, `group_size=None`),
+    `codes` holds int8 codes in `[-127, 127]` and `scale` one floating scale per output unit.
+    With `bits=4`, `codes` holds codes in `[-7, 7]` packed two to a byte (uint8, `in // 2`
+    bytes per row, [`eqzoo.quant.pack_int4`][]). With a `group_size`, each output unit has one
+    scale per group of `group_size` consecutive inputs (`scale` is `(out, in // group_size)`),
+    which bounds the rounding by the largest weight of the group rather than of the row: the
+    usual choice for int4 (e.g. 128; Frantar et al., "GPTQ", 2022, and Lin et al., "AWQ", 2023,
+    use group-wise int4 scales too). Scales keep the floating dtype the original weight had.
+
+    Per channel, the scale multiplies the product rather than the weight (the same map, since
+    it is constant along the summed axis). With groups it cannot, so the codes are unpacked and
+    scaled into the compute dtype inside the compiled product: a temporary XLA may fuse into
+    the matrix product, never a stored copy. The optional `bias` stays floating. Inside a
+    [`eqzoo.nn.Stacked`][] every array carries the stacked layer axis first. Build it from a
+    float layer, or quantize a whole model with [`eqzoo.quant.quantize`][].
 
     It has no `weight`: the codes alone are not the weight (they are up to `127 / max|w|` times
-    it), so code that reads `layer.weight` of a float `equinox.nn.Linear` fails here with an
-    `AttributeError` rather than computing with them. Call the layer, or take the float weight
-    from `as_linear()` (`codes * scale`).
+    it, and int4 codes are packed), so code that reads `layer.weight` of a float
+    `equinox.nn.Linear` fails here with an `AttributeError` rather than computing with them.
+    Call the layer, or take the float weight from `as_linear()` (`codes * scale`).
     """
 
-    codes: Int8[Array, "*layers out in"]
-    scale: Float[Array, "*layers out"]
+    codes: Int8[Array, "*layers out in"] | UInt8[Array, "*layers out in_half"]
+    scale: Float[Array, "*layers out"] | Float[Array, "*layers out groups"]
     bias: Float[Array, "*layers out"] | None
     in_features: int = eqx.field(static=True)
     out_features: int = eqx.field(static=True)
+    bits: int = eqx.field(static=True, default=8)
+    group_size: int | None = eqx.field(static=True, default=None)
 
-    def __init__(self, layer: eqx.nn.Linear):
+    def __init__(self, layer: eqx.nn.Linear, *, bits: int = 8, group_size: int | None = None):
         """**Arguments:**
 
         - `layer`: the float `equinox.nn.Linear` to quantize (its arrays may carry leading
-          stacked-layer axes). Its weight is rounded to the nearest int8 code with
-          `scale = max|w| / 127` per output row ([`eqzoo.quant.quantize_int8`][]).
+          stacked-layer axes). Its weight is rounded to the nearest code with
+          `scale = max|w| / qmax` per output row (or row and group), `qmax` 127 for int8
+          ([`eqzoo.quant.quantize_int8`][]) and 7 for int4 ([`eqzoo.quant.quantize_int4`][]).
+        - `bits`: 8 (int8 codes) or 4 (int4 codes packed two to a byte).
+        - `group_size`: how many consecutive inputs share a scale; it must divide
+          `in_features`. `None`: one scale per output row.
 
-        **Raises:** `ConfigError` if the weight is not floating point or the layer has
-        equinox's `"scalar"` features.
+        **Raises:** `ConfigError` if the weight is not floating point, the layer has
+        equinox's `"scalar"` features, `bits` is not 4 or 8, `group_size` does not divide
+        `in_features`, or (int4) `in_features` is odd.
         """
         check_features(layer, "QuantizedLinear")
-        self.codes, self.scale = quantize_int8(layer.weight)
+        self.codes, self.scale = quantize_weight(layer.weight, bits, group_size, "QuantizedLinear")
         self.bias = layer.bias
         self.in_features = layer.in_features
         self.out_features = layer.out_features
+        self.bits = bits
+        self.group_size = group_size
 
     @property
     def weight(self) -> NoReturn:
         """Not available: raises `AttributeError` naming `codes`, `scale` and `as_linear()`."""
         raise AttributeError(
-            "QuantizedLinear has no `weight`: it holds int8 `codes` and a per-output-channel `scale` "
+            f"QuantizedLinear has no `weight`: it holds int{self.bits} `codes` and a per-output-channel `scale` "
             "(the weight is codes * scale; codes alone are up to 127 / max|w| times too large). Call "
             "the layer (layer(x), or eqzoo.nn.apply_linear(layer, x)), or take the float weight from "
             "layer.as_linear().weight (eqzoo.quant.dequantize(model) for a whole model)."
@@ -86,22 +103,32 @@ class QuantizedLinear(AbstractLinear):
 
     @property
     def dtype(self) -> jnp.dtype:
-        """The floating dtype of the original weight (the scale's dtype), never int8: it is what
-        e.g. a KV cache for this layer's outputs is made of."""
+        """The floating dtype of the original weight (the scale's dtype), never an integer one: it
+        is what e.g. a KV cache for this layer's outputs is made of."""
         return self.scale.dtype
+
+    def int_codes(self) -> Int8[Array, "*layers out in"]:
+        """The codes as int8, one per weight (`(*layers, out, in)`): int4 codes unpacked."""
+        return unpacked(self.codes, self.bits)
 
     def apply(self, x: Float[Array, "*shape in"]) -> Float[Array, "*shape out"]:
         """The layer applied to every vector along the last axis of `x`, in `x`'s dtype.
 
-        The int8 codes are converted to `x`'s dtype inside the product (exactly: every int8
-        value is representable in bfloat16 and wider), which accumulates in float32; the
-        per-channel scale is applied to that float32 output before it is cast to `x`'s dtype.
+        The codes are converted to `x`'s dtype inside the product (exactly: every int8 value is
+        representable in bfloat16 and wider), which accumulates in float32; a per-channel
+        scale is applied to that float32 output before it is cast to `x`'s dtype. Group-wise
+        scales multiply the codes (in float32, then cast to `x`'s dtype) before the product.
         """
-        # (*shape, out), in code units: up to 127 / max|w| times the layer's output, so it is
-        # accumulated and kept in float32 until the scale brings it back (in float16 it could
-        # overflow where the float layer does not).
-        y = jnp.matmul(x, self.codes.T.astype(x.dtype), preferred_element_type=jnp.float32)
-        y = (y * self.scale.astype(jnp.float32)).astype(x.dtype)
+        codes = self.int_codes()  # (out, in) int8
+        if self.group_size is None:
+            # (*shape, out), in code units: up to 127 / max|w| times the layer's output, so it is
+            # accumulated and kept in float32 until the scale brings it back (in float16 it could
+            # overflow where the float layer does not).
+            y = jnp.matmul(x, codes.T.astype(x.dtype), preferred_element_type=jnp.float32)
+            y = (y * self.scale.astype(jnp.float32)).astype(x.dtype)
+        else:
+            w = dequantize_groups(codes, self.scale, x.dtype)  # (out, in), a temporary inside the program
+            y = jnp.matmul(x, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias.astype(x.dtype)
         return y
@@ -109,4 +136,5 @@ class QuantizedLinear(AbstractLinear):
     def as_linear(self) -> eqx.nn.Linear:
         """The dequantized layer: an `equinox.nn.Linear` with weight `codes * scale` in the
         original dtype (and any stacked axes), computing the same map up to rounding."""
-        return dense_linear(dequantize_int8(self.codes, self.scale), self.bias, self.in_features, self.out_features)
+        weight = dequantize_groups(self.int_codes(), self.scale, self.scale.dtype)
+        return dense_linear(weight, self.bias, self.in_features, self.out_features)

@@ -1,4 +1,4 @@
-"""Whole-model int8 post-training quantization, and its inverse."""
+"""Whole-model int8 / int4 post-training quantization, and its inverse."""
 
 import equinox as eqx
 import jax
@@ -15,6 +15,8 @@ from ..nn import (
     select_linears,
 )
 from ..nn._replace import EXPERT_FIELDS, split_expert_targets
+from ..sharding import path_str
+from ._int4 import check_bits_and_groups
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear, FakeQuantWeight
 from ._weight import QuantizedWeight
@@ -24,14 +26,19 @@ def _is_quant(x) -> bool:
     return isinstance(x, QuantizedLinear | FakeQuantLinear)
 
 
-def quantize(model, *, targets: Targets = None, experts: bool | None = None):
-    """A copy of `model` with each selected linear layer replaced by an int8
+def quantize(
+    model, *, targets: Targets = None, experts: bool | None = None, bits: int = 8, group_size: int | None = None
+):
+    """A copy of `model` with each selected linear layer replaced by an int8 (or int4)
     [`eqzoo.quant.QuantizedLinear`][] (weight-only post-training quantization).
 
     Each `equinox.nn.Linear`'s weight is rounded to the nearest int8 code with one symmetric
     scale per output channel, `scale = max|w| / 127` over the input axis (an all-zero row gets
-    scale 0); a [`eqzoo.quant.FakeQuantLinear`][] from [`eqzoo.quant.prepare_qat`][] becomes
-    the `QuantizedLinear` computing what it computed. Biases stay floating, and so does
+    scale 0). With `bits=4` the codes lie in `[-7, 7]` (`scale = max|w| / 7`) and are packed two
+    to a byte; with a `group_size`, each output channel gets one scale per group of
+    `group_size` consecutive inputs (int4 usually wants groups: `bits=4, group_size=128`). A
+    [`eqzoo.quant.FakeQuantLinear`][] from [`eqzoo.quant.prepare_qat`][] becomes the int8
+    per-channel `QuantizedLinear` computing what it computed. Biases stay floating, and so does
     everything that is not a linear layer: the token and position embeddings, the norms, and
     the output head (GPT-2's head is tied to the embedding; Llama's `lm_head` is an embedding-
     shaped matrix too), which keep their dtype. Activations are not quantized: every product
@@ -56,11 +63,19 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
       arrays, not linear layers) into [`eqzoo.quant.QuantizedWeight`][]s, one scale per
       expert and output column; they are most of a Mixtral's parameters. `None` (default):
       when `targets` is `None` (quantize everything) or matches an expert array's path.
+    - `bits`: 8 (int8 codes, the default) or 4 (int4 codes in `[-7, 7]`, packed two to a byte:
+      half the bytes of int8). Experts are quantized alike, packed along their contracted axis.
+    - `group_size`: `None` (default), one scale per output channel; or how many consecutive
+      inputs (contracted rows, for experts) share a scale. It must divide every selected
+      layer's input size.
 
     **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
-    the model is already quantized, or if a selected weight is not floating point.
+    the model is already quantized, if a selected weight is not floating point, if `bits` is
+    not 4 or 8, if `group_size` does not divide a selected layer's input size (naming the
+    layer), or if a QAT model (trained for the int8 per-channel grid) is asked for another.
     """
+    check_bits_and_groups(bits, group_size, 2 * (group_size or 1), "quantize")  # bits, and group_size's type
     linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="quantize")
     if experts is None:
         experts = targets is None or hits_experts
@@ -74,15 +89,15 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
     if not linears:  # the targets name expert weights only
         if not experts:
             raise ConfigError(f"quantize: targets {targets!r} name only expert weights, but experts=False.")
-        return _quantize_experts(model, refuse_quantized=True)
+        return _quantize_experts(model, refuse_quantized=True, bits=bits, group_size=group_size)
     selected = select_linears(model, linear_targets, what="quantize")
     already = [p for p, x in selected if isinstance(x, QuantizedLinear)]
     todo = [p for p, x in selected if isinstance(x, eqx.nn.Linear | FakeQuantLinear) and not skipped(p)]
     if not todo and experts and hits_experts:  # "mlp" on a Mixtral: its router, left float, and its experts
-        return _quantize_experts(model, refuse_quantized=True)
+        return _quantize_experts(model, refuse_quantized=True, bits=bits, group_size=group_size)
     if already and (targets is not None or not todo):
         raise ConfigError(
-            f"quantize: {already} are already quantized (int8); quantizing twice would only lose "
+            f"quantize: {already} are already quantized; quantizing twice would only lose "
             "precision. Narrow the targets, or call eqzoo.quant.dequantize first."
         )
     if not todo:
@@ -99,38 +114,53 @@ def quantize(model, *, targets: Targets = None, experts: bool | None = None):
     def one(path, layer):
         if skipped(path):
             return layer
+        if isinstance(layer, FakeQuantLinear):
+            _refuse_qat_regrid(path, bits, group_size)
         base = layer.base if isinstance(layer, FakeQuantLinear) else layer
         if not jnp.issubdtype(base.weight.dtype, jnp.floating):
             raise ConfigError(
                 f"quantize: {path} has a weight of dtype {base.weight.dtype}; only floating-point weights "
                 "are quantized. Leave it out of the targets."
             )
-        return QuantizedLinear(base)
+        check_bits_and_groups(bits, group_size, base.in_features, f"quantize: {path} {type(base).__name__}({base.in_features} -> {base.out_features})")
+        return QuantizedLinear(base, bits=bits, group_size=group_size)
 
     out = replace_linears(model, one, targets=linear_targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
-    return _quantize_experts(out) if experts else out
+    return _quantize_experts(out, bits=bits, group_size=group_size) if experts else out
+
+
+def _refuse_qat_regrid(path: str, bits: int, group_size: int | None) -> None:
+    if bits != 8 or group_size is not None:
+        raise ConfigError(
+            f"quantize: {path} was trained by prepare_qat for the int8 per-channel grid; quantizing it with "
+            f"bits={bits}, group_size={group_size} would not compute what it trained. Convert it with "
+            "quantize(model) (bits=8, group_size=None), or drop the QAT rounding first: "
+            f"quantize(eqzoo.quant.dequantize(model), bits={bits}, group_size={group_size})."
+        )
 
 
 def _is_moe(x) -> bool:
     return isinstance(x, MoE)
 
 
-def _quantize_experts(model, *, refuse_quantized: bool = False):
+def _quantize_experts(model, *, refuse_quantized: bool = False, bits: int = 8, group_size: int | None = None):
     """Every float expert array of every MoE layer as a `QuantizedWeight`; with
     `refuse_quantized` (the targets named only experts), `ConfigError` when none is float."""
     moes = [x for x in jax.tree.leaves(model, is_leaf=_is_moe) if _is_moe(x)]
     if refuse_quantized and moes and all(isinstance(getattr(m, n), QuantizedWeight) for m in moes for n in EXPERT_FIELDS):
         raise ConfigError(
-            "quantize: the targeted expert weights are already quantized (int8); quantizing twice would only "
+            "quantize: the targeted expert weights are already quantized; quantizing twice would only "
             "lose precision. Call eqzoo.quant.dequantize first."
         )
 
-    def one(layer):
+    def one(path, layer):
         if not _is_moe(layer):
             return layer
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(layer, name)
+            where = f"{path_str(path)}.{name}"
             if isinstance(w, FakeQuantWeight):  # from prepare_qat: the int8 weight it trained as
+                _refuse_qat_regrid(where, bits, group_size)
                 w = w.base
             if isinstance(w, AbstractWeight) and not isinstance(w, QuantizedWeight):
                 raise ConfigError(
@@ -139,10 +169,13 @@ def _quantize_experts(model, *, refuse_quantized: bool = False):
                     "or pass experts=False."
                 )
             if not isinstance(w, QuantizedWeight):
-                layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, QuantizedWeight(w))
+                contract = w.shape[-2]
+                check_bits_and_groups(bits, group_size, contract, f"quantize: {where} (experts' weight {tuple(w.shape)}, contracting {contract})")
+                q = QuantizedWeight(w, bits=bits, group_size=group_size)
+                layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, q)
         return layer
 
-    return jax.tree.map(one, model, is_leaf=_is_moe)
+    return jax.tree_util.tree_map_with_path(one, model, is_leaf=_is_moe)
 
 
 def dequantize(model):

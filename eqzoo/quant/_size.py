@@ -35,32 +35,36 @@ def size_report(model) -> dict[str, int | float]:
 
     - `"int8_bytes"`: the int8 weights of [`eqzoo.quant.QuantizedLinear`][] layers and
       [`eqzoo.quant.QuantizedWeight`][]s (and any other int8 array);
+    - `"int4_bytes"`: the packed int4 codes of `bits=4` layers and weights (two codes a byte);
     - `"float_bytes"`: every floating array (embeddings, norms, biases, scales, float layers);
-    - `"other_bytes"`: the remaining arrays (integer, boolean);
+    - `"other_bytes"`: the remaining arrays (other integer arrays, boolean);
     - `"total_bytes"`: their sum;
     - `"dense_bytes"`: what the model would take with every `QuantizedLinear` and
       `QuantizedWeight` dequantized to a float weight of its original dtype (and no scale):
       the unquantized size;
     - `"ratio"`: `dense_bytes / total_bytes`, how many times smaller the model is (1.0 for a
       model with nothing quantized);
-    - `"quantized_params"`: the number of weights stored as int8 codes.
+    - `"quantized_params"`: the number of weights stored as int8 or int4 codes.
     """
     arrays = [x for x in jax.tree.leaves(model) if _is_sized(x)]
     int8 = sum(_nbytes(x) for x in arrays if np.dtype(x.dtype) == np.int8)
     floating = sum(_nbytes(x) for x in arrays if jax.dtypes.issubdtype(x.dtype, np.floating))
     total = sum(_nbytes(x) for x in arrays)
-    dense, params = total, 0
+    dense, params, int4 = total, 0, 0
     for layer in jax.tree.leaves(model, is_leaf=_is_qlinear):
         if _is_qlinear(layer):
             codes = layer.codes
-            n = int(np.prod(codes.shape, dtype=np.int64))
+            n = int(np.prod(codes.shape, dtype=np.int64)) * (2 if layer.bits == 4 else 1)
             params += n
-            # int8 codes + scale  ->  a float weight of the scale's dtype
+            if layer.bits == 4:
+                int4 += _nbytes(codes)
+            # codes + scales  ->  a float weight of the scale's dtype
             dense += n * np.dtype(layer.scale.dtype).itemsize - _nbytes(codes) - _nbytes(layer.scale)
     return {
         "int8_bytes": int8,
+        "int4_bytes": int4,
         "float_bytes": floating,
-        "other_bytes": total - int8 - floating,
+        "other_bytes": total - int8 - int4 - floating,
         "total_bytes": total,
         "dense_bytes": dense,
         "ratio": dense / total if total else 1.0,

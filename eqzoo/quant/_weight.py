@@ -1,55 +1,81 @@
-"""Int8 weight arrays a layer reads as arrays, not linear layers: the stacked experts of a
+"""Int8 or int4 weight arrays a layer reads as arrays, not linear layers: the stacked experts of a
 mixture of experts (dequantized whole for training, expert by expert when decoding)."""
 
+import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int8, Shaped
+from jaxtyping import Array, Float, Int8, Shaped, UInt8
 
 from ..nn import AbstractWeight
-from ._int8 import _check_floating, quantize_int8
+from ._int4 import dequantize_groups, quantize_weight, unpacked
 
 
 class QuantizedWeight(AbstractWeight):
-    """A weight `W` used as `x @ W` (contracted along its second-to-last axis), held as int8
-    codes with one floating scale per output column: the experts of an [`eqzoo.nn.MoE`][]
-    after [`eqzoo.quant.quantize`][].
+    """A weight `W` used as `x @ W` (contracted along its second-to-last axis), held as integer
+    codes with one floating scale per output column (and group of contracted rows): the experts
+    of an [`eqzoo.nn.MoE`][] after [`eqzoo.quant.quantize`][].
 
-    `codes` has `W`'s shape; `scale` is `max|W| / 127` over the contracted axis, one per
-    column (and per leading index: expert, stacked layer), in `W`'s dtype, as
-    [`eqzoo.quant.quantize_int8`][] computes per output row of a linear layer. The layer
-    multiplies with `codes * scale` in its compute dtype: the weight is int8 at rest (half of
-    bfloat16, a quarter of float32) and in memory until its layer runs.
+    With the defaults (`bits=8`, `group_size=None`) `codes` is int8 of `W`'s shape and `scale`
+    is `max|W| / 127` over the contracted axis, one per column (and per leading index: expert,
+    stacked layer), in `W`'s dtype, as [`eqzoo.quant.quantize_int8`][] computes per output row of
+    a linear layer. With `bits=4` the codes lie in `[-7, 7]`, packed two to a byte along the
+    contracted axis (uint8 `(*lead, contract // 2, out)`); with a `group_size`, `scale` is
+    `(*lead, out, contract // group_size)`, one per column and group of contracted rows. The
+    layer multiplies with `codes * scale` in its compute dtype: the weight is int8 (or int4) at
+    rest and in memory until its layer runs.
     """
 
-    codes: Int8[Array, "*lead contract out"]
-    scale: Float[Array, "*lead out"]
+    codes: Int8[Array, "*lead contract out"] | UInt8[Array, "*lead contract_half out"]
+    scale: Float[Array, "*lead out"] | Float[Array, "*lead out groups"]
+    bits: int = eqx.field(static=True, default=8)
+    group_size: int | None = eqx.field(static=True, default=None)
 
-    def __init__(self, weight: Shaped[Array, "*lead contract out"]):  # dtype checked below, with the fix
-        """**Arguments:** `weight`, the floating array to quantize, `(*lead, contract, out)`.
+    def __init__(
+        self, weight: Shaped[Array, "*lead contract out"], *, bits: int = 8, group_size: int | None = None
+    ):  # dtype checked below, with the fix
+        """**Arguments:**
 
-        **Raises:** `ConfigError` if it is not floating point.
+        - `weight`: the floating array to quantize, `(*lead, contract, out)`.
+        - `bits`: 8 or 4 (int4 codes packed two to a byte along `contract`).
+        - `group_size`: how many consecutive contracted rows share a scale; it must divide
+          `contract`. `None`: one scale per output column.
+
+        **Raises:** `ConfigError` if it is not floating point, `bits` is not 4 or 8,
+        `group_size` does not divide `contract`, or (int4) `contract` is odd.
         """
-        _check_floating(weight, "QuantizedWeight")
-        codes, self.scale = quantize_int8(jnp.swapaxes(weight, -1, -2))  # rows = output columns
+        # Rows = output columns, so the contracted axis is last, as for a linear layer's weight.
+        codes, self.scale = quantize_weight(jnp.swapaxes(weight, -1, -2), bits, group_size, "QuantizedWeight")
         self.codes = jnp.swapaxes(codes, -1, -2)
+        self.bits = bits
+        self.group_size = group_size
+
+    def int_codes(self) -> Int8[Array, "*lead contract out"]:
+        """The codes as int8, one per weight, in `W`'s shape: int4 codes unpacked."""
+        return jnp.swapaxes(unpacked(jnp.swapaxes(self.codes, -1, -2), self.bits), -1, -2)
 
     def materialize(self, dtype) -> Float[Array, "*lead contract out"]:
-        """`codes * scale` (per column) in `dtype`."""
-        w = self.codes.astype(jnp.float32) * self.scale.astype(jnp.float32)[..., None, :]
-        return w.astype(dtype)
+        """`codes * scale` (per column, or column and group) in `dtype`."""
+        return _dequantize(self.codes, self.scale, self.bits, dtype)
 
     def take(self, indices, dtype) -> Float[Array, "..."]:
         """The entries at `indices` along the leading axis, dequantized: only their codes and
         scales are read."""
-        codes = jnp.take(self.codes, indices, axis=0).astype(jnp.float32)
-        scale = jnp.take(self.scale, indices, axis=0).astype(jnp.float32)
-        return (codes * scale[..., None, :]).astype(dtype)
+        codes = jnp.take(self.codes, indices, axis=0)
+        scale = jnp.take(self.scale, indices, axis=0)
+        return _dequantize(codes, scale, self.bits, dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The weight's shape."""
-        return tuple(self.codes.shape)
+        shape = tuple(self.codes.shape)
+        return (*shape[:-2], shape[-2] * (2 if self.bits == 4 else 1), shape[-1])
 
     @property
     def dtype(self) -> jnp.dtype:
         """The floating dtype of the original weight (the scale's)."""
         return self.scale.dtype
+
+
+def _dequantize(codes, scale, bits, dtype):
+    # (..., contract[/2], out) -> (..., out, contract) rows, dequantized per row (and group), back.
+    rows = unpacked(jnp.swapaxes(codes, -1, -2), bits)
+    return jnp.swapaxes(dequantize_groups(rows, scale, jnp.float32), -1, -2).astype(dtype)

@@ -127,9 +127,24 @@ class Case:
         )
 
 
+@pytest.fixture(scope="module")
+def cases():
+    """`cases(name)`: the preset's `Case`, built on first use and shared by every test of this
+    module (each small preset is built once here, not once per test)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = Case(name)
+        return built[name]
+
+    yield get
+    built.clear()
+
+
 @pytest.fixture(scope="module", params=SMALL_PRESETS)
-def case(request):
-    return Case(request.param)
+def case(request, cases):
+    return cases(request.param)
 
 
 def _params(model):
@@ -193,10 +208,10 @@ FLOAT_INPUT_PRESETS = [p for p in SMALL_PRESETS if ADAPTERS[type(models.get_conf
 
 @pytest.mark.parametrize("checked", [True, False])
 @pytest.mark.parametrize("name", FLOAT_INPUT_PRESETS)
-def test_float_inputs_may_be_numpy_and_integers_are_refused(name, checked, unchecked):
+def test_float_inputs_may_be_numpy_and_integers_are_refused(name, checked, unchecked, cases):
     # Integer images (uint8 pixels) were silently cast as 0..255 values with checking off and
     # rejected by a private method's annotation with it on; NumPy floats the other way round.
-    case = Case(name)
+    case = cases(name)
     x = case.inputs[0]
     want = case.jit_forward(case.model, case.model_state, x)
     fix = "/ 255" if x.ndim == 3 else r"\."

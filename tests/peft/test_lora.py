@@ -253,6 +253,26 @@ def test_load_adapters_compares_the_codes_and_scales_of_an_int8_base(tmp_path):
         load(moved, on_int8)
 
 
+def test_load_adapters_compares_an_int4_base_by_its_unpacked_codes_and_group_scales(tmp_path):
+    # An int4 base is sampled as codes (unpacked) with each code's group scale: accepted on the
+    # float base it came from and on its int8 copy (each within half a step), refused elsewhere.
+    quant = pytest.importorskip("eqzoo.quant")
+    base = eqzoo.models.create("tiny-llama", key=jax.random.key(0))
+    other = eqzoo.models.create("tiny-llama", key=jax.random.key(5))
+
+    def load(model, path):
+        return peft.load_adapters(peft.lora(model, rank=2, targets="attn", key=jax.random.key(7)), path)
+
+    on_int4 = tmp_path / "int4.safetensors"
+    peft.save_adapters(peft.lora(quant.quantize(base, bits=4, group_size=16), rank=2, targets="attn", key=jax.random.key(1)), on_int4)
+    for same in (quant.quantize(base, bits=4, group_size=16), base, quant.quantize(base)):
+        load(same, on_int4)
+    refused = r"the sampled values of 7 frozen array\(s\) differ"
+    for model in (quant.quantize(other, bits=4, group_size=16), other):
+        with pytest.raises(CheckpointMismatchError, match=refused):
+            load(model, on_int4)
+
+
 def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     adapted = _with_random_b(peft.lora(_model(), rank=2, key=jax.random.key(1)), jax.random.key(2))

@@ -1,0 +1,177 @@
+"""Int4 codes packed two to a byte, and group-wise scales (one per output channel and group of
+`group_size` consecutive inputs), for int4 and int8 weight-only quantization."""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int8, UInt8
+
+from .._errors import ConfigError
+from ._int8 import QMAX, _check_floating, quantize_int8
+
+QMAX4 = 7
+"""The largest int4 code used: codes lie in `[-7, 7]`, symmetric about zero (-8 unused)."""
+
+BITS = (4, 8)
+
+
+def check_bits_and_groups(bits, group_size, in_features: int, what: str) -> None:
+    """Raise `ConfigError` unless `bits` is 4 or 8 and `group_size` (None: per channel) is a
+    positive integer dividing `in_features`, the contracted size (even, for packed int4)."""
+    if bits not in BITS or isinstance(bits, bool):
+        raise ConfigError(f"{what}: bits must be 4 or 8; got {bits!r}.")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+            raise ConfigError(f"{what}: group_size must be a positive integer or None (per channel); got {group_size!r}.")
+        if in_features % group_size:
+            fits = [2**k for k in range(group_size.bit_length()) if 2**k <= group_size and in_features % 2**k == 0]
+            hint = f"a divisor of {in_features} (group_size={fits[-1]} fits)" if fits[-1] > 1 else f"a divisor of {in_features}"
+            raise ConfigError(
+                f"{what}: group_size={group_size} does not divide its {in_features} inputs (the contracted "
+                f"size; each group of inputs gets its own scale). Pick {hint}, group_size=None for one "
+                "scale per output channel, or leave this layer out of the targets."
+            )
+    if bits == 4 and in_features % 2:
+        raise ConfigError(
+            f"{what}: int4 codes are packed two to a byte along the {in_features} inputs, an odd count. "
+            "Use bits=8 for this layer, or leave it out of the targets."
+        )
+
+
+def pack_int4(codes: Int8[Array, "*lead n"]) -> UInt8[Array, "*lead n_half"]:
+    """Pack int4 codes two to a byte along the last axis.
+
+    Code `2i` goes to the low four bits of byte `i` and code `2i + 1` to the high four bits,
+    each as a 4-bit two's complement number, so every value in `[-8, 7]` round-trips through
+    [`eqzoo.quant.unpack_int4`][] (quantization itself uses `[-7, 7]`). Values outside that
+    range keep only their low four bits.
+
+    **Arguments:** `codes`, int8 codes `(*lead, n)` with `n` even.
+
+    **Returns:** uint8 bytes `(*lead, n // 2)`: half the bytes of the int8 codes.
+
+    **Raises:** `ConfigError` if `codes` is not int8 or its last axis is odd.
+    """
+    if jnp.dtype(codes.dtype) != jnp.int8 or codes.shape[-1] % 2:
+        raise ConfigError(
+            f"pack_int4 packs int8 codes along an even last axis; got {jnp.dtype(codes.dtype).name} of shape "
+            f"{tuple(codes.shape)}."
+        )
+    u = jax.lax.bitcast_convert_type(codes, jnp.uint8)
+    return (u[..., 0::2] & 0x0F) | (u[..., 1::2] << 4)  # uint8 shifts drop the high bits
+
+
+def unpack_int4(packed: UInt8[Array, "*lead n_half"]) -> Int8[Array, "*lead n"]:
+    """The int8 codes [`eqzoo.quant.pack_int4`][] packed: each byte's low four bits, then its
+    high four bits, sign-extended, along the last axis.
+
+    **Arguments:** `packed`, uint8 bytes `(*lead, m)`.
+
+    **Returns:** int8 codes `(*lead, 2 * m)` in `[-8, 7]`.
+    """
+    # Arithmetic right shifts of the signed byte sign-extend each nibble.
+    hi = jax.lax.bitcast_convert_type(packed, jnp.int8) >> 4
+    lo = jax.lax.bitcast_convert_type(packed << 4, jnp.int8) >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def quantize_groups(w, qmax: int, group_size: int | None):
+    """Integer codes of `w` in `[-qmax, qmax]` (int8, unpacked) and their scales
+    `max|w| / qmax`, one per row (`group_size=None`: shape `(*lead, out)`) or per row and group
+    of `group_size` consecutive entries of the last axis (`(*lead, out, in // group_size)`)."""
+    w32 = w.astype(jnp.float32)
+    if group_size is None:
+        grouped = w32[..., None, :]  # (*lead, out, 1, in)
+    else:
+        grouped = w32.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)  # (*lead, out, groups, size)
+    scale = (jnp.max(jnp.abs(grouped), axis=-1) / qmax).astype(w.dtype)  # (*lead, out, groups)
+    s32 = scale.astype(jnp.float32)
+    safe = jnp.where(s32 > 0, s32, jnp.ones_like(s32))  # an all-zero group: any divisor gives 0
+    q = jnp.clip(jnp.round(grouped / safe[..., None]), -qmax, qmax).astype(jnp.int8).reshape(w.shape)
+    return q, (scale[..., 0] if group_size is None else scale)
+
+
+def dequantize_groups(q, scale, dtype):
+    """`q * scale` in `dtype` (computed in float32), `scale` per row `(*lead, out)` or per row and
+    group `(*lead, out, groups)`."""
+    q32 = q.astype(jnp.float32)
+    s32 = scale.astype(jnp.float32)
+    if scale.ndim == q.ndim - 1:
+        return (q32 * s32[..., None]).astype(dtype)
+    groups = scale.shape[-1]
+    w = q32.reshape(*q.shape[:-1], groups, q.shape[-1] // groups) * s32[..., None]  # (*lead, out, groups, size)
+    return w.reshape(q.shape).astype(dtype)
+
+
+def quantize_int4(
+    w: Float[Array, "*lead out in"], group_size: int | None = None
+) -> tuple[UInt8[Array, "*lead out in_half"], Float[Array, "*lead out"] | Float[Array, "*lead out groups"]]:
+    """Round `w` to int4 codes in `[-7, 7]`, packed two to a byte, with one symmetric scale per
+    output channel (row) and group of `group_size` consecutive inputs.
+
+    `scale = max|w_group| / 7` and `q = clip(round(w / scale), -7, 7)`, so `q * scale` is within
+    `scale / 2` of `w` element by element; an all-zero group gets `scale = 0` and `q = 0`. As in
+    [`eqzoo.quant.quantize_int8`][], the scale is kept in `w`'s dtype and the codes are rounded
+    against that stored scale (in float32). Symmetric, without a zero point: zero is exact, the
+    layer needs no offset term, and only the code -8 goes unused.
+
+    **Arguments:**
+
+    - `w`: a floating weight `(*lead, out, in)`, `in` even (leading axes are quantized
+      independently).
+    - `group_size`: how many consecutive inputs share a scale; it must divide `in`. `None`:
+      one scale per row.
+
+    **Returns:** `(packed, scale)`: uint8 bytes `(*lead, out, in // 2)` ([`eqzoo.quant.pack_int4`][]),
+    and the scale, `(*lead, out)` for `group_size=None`, else `(*lead, out, in // group_size)`,
+    in `w`'s dtype.
+
+    **Raises:** `ConfigError` for a weight that is not floating point or (when concrete) holds
+    NaN or infinity, or a `group_size` that does not divide `in`, or an odd `in`.
+    """
+    _check_floating(w, "quantize_int4")
+    check_bits_and_groups(4, group_size, w.shape[-1], "quantize_int4")
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ConfigError(
+            f"quantize_int4: the weight holds {int(jnp.sum(~jnp.isfinite(w)))} NaN or infinite value(s); "
+            "their groups would get a NaN or infinite scale. Fix the weights (a diverged run?) first."
+        )
+    q, scale = quantize_groups(w, QMAX4, group_size)
+    return pack_int4(q), scale
+
+
+def dequantize_int4(
+    packed: UInt8[Array, "*lead out in_half"], scale: Float[Array, "*lead out"] | Float[Array, "*lead out groups"]
+) -> Float[Array, "*lead out in"]:
+    """The dense weight `unpack_int4(packed) * scale` (per row, or per row and group when `scale`
+    has a groups axis), in the scale's dtype (computed in float32).
+
+    **Arguments:** `packed`, uint8 bytes `(*lead, out, in // 2)`; `scale`, `(*lead, out)` or
+    `(*lead, out, groups)`.
+
+    **Returns:** the dequantized weight `(*lead, out, in)`.
+    """
+    return dequantize_groups(unpack_int4(packed), scale, scale.dtype)
+
+
+def qmax(bits: int) -> int:
+    """The largest code of a `bits`-bit symmetric grid."""
+    return QMAX4 if bits == 4 else QMAX
+
+
+def quantize_weight(w, bits: int, group_size: int | None, what: str):
+    """`w` `(*lead, out, in)` as stored codes (int8 `(*lead, out, in)`, or packed int4 uint8
+    `(*lead, out, in // 2)`) and scales (`(*lead, out)`, or `(*lead, out, groups)`)."""
+    _check_floating(w, what)
+    check_bits_and_groups(bits, group_size, w.shape[-1], what)
+    if bits == 8 and group_size is None:
+        return quantize_int8(w)  # the int8 per-channel path, unchanged
+    if bits == 4:
+        return quantize_int4(w, group_size)
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        quantize_int8(w)  # raises, naming the count
+    return quantize_groups(w, QMAX, group_size)
+
+
+def unpacked(codes, bits: int):
+    """Stored codes as int8 codes in the weight's layout (int4 bytes unpacked along the last axis)."""
+    return unpack_int4(codes) if bits == 4 else codes
