@@ -17,7 +17,8 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
         # AbstractLM.prefill: the prompt through decode at index 0, logits for every position
     python benchmarks/generate_throughput.py --preset tiny-gpt2 --batches 1 --new-tokens 64 --stream-chunk 8 \
         --repeats 7 --json   # eqzoo.generation.generate_stream: time to the first chunk and in all, against
-        # generate_batch's (medians), and the cost of each chunk's host round trip
+        # generate_batch's (medians), and the cost of each chunk's host round trip, pipelined
+        # (the default) and with pipeline=False
 
 Each row without a draft model also times the prefill alone (`prefill_ms`: the batch's
 prompts through `model.prefill`, jitted and vmapped as the decode loop runs it) and reports
@@ -74,7 +75,7 @@ def main(argv=None) -> dict:
                         "for every prompt position) rather than AbstractLM.prefill: the baseline it is measured against")
     p.add_argument("--stream-chunk", type=int, default=0, metavar="N",
                    help="also time eqzoo.generation.generate_stream with chunk_size=N (0: off): its first chunk "
-                        "and the whole stream, against generate_batch, medians of --repeats calls")
+                        "and the whole stream, pipelined and not, against generate_batch, medians of --repeats calls")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -129,35 +130,43 @@ def _prefill_timing(model, prompts, total, cache_dtype, unroll, repeats) -> dict
 
 
 def _stream_timing(model, prompts, args, unroll, cache_dtype, run) -> dict:
-    """`generate_stream` with `chunk_size=args.stream_chunk`: the median time to its first chunk
-    and to its end, `generate_batch`'s median (`run`) timed alternately with it, and what each
-    chunk costs beyond that (the whole stream's extra time over the number of chunks)."""
-    stream = lambda: eqzoo.generation.generate_stream(  # noqa: E731
-        model, prompts, max_new_tokens=args.new_tokens, chunk_size=args.stream_chunk, unroll_layers=unroll,
-        cache_dtype=cache_dtype)
-    for _ in stream():  # compiles the prefill and the chunk programs
+    """`generate_stream` with `chunk_size=args.stream_chunk`, pipelined (the default) and not
+    (`pipeline=False`: each chunk read back before the next is dispatched): the median time to
+    its first chunk and to its end, `generate_batch`'s median (`run`) timed alternately with
+    both, and what each chunk costs beyond that (the whole stream's extra time over the number
+    of chunks)."""
+    def stream(pipeline):
+        return eqzoo.generation.generate_stream(
+            model, prompts, max_new_tokens=args.new_tokens, chunk_size=args.stream_chunk, unroll_layers=unroll,
+            cache_dtype=cache_dtype, pipeline=pipeline)
+
+    for _ in stream(True):  # compiles the prefill and the chunk programs (one for both ways)
         pass
-    first, whole, batch_s = [], [], []
+    times = {"first": [], "whole": [], "first_unpipelined": [], "whole_unpipelined": [], "batch": []}
     for _ in range(max(args.repeats, 1)):
-        t0 = time.perf_counter()
-        chunks = stream()
-        next(chunks)  # its tokens are on the host: the chunk is done
-        first.append(time.perf_counter() - t0)
-        for _ in chunks:
-            pass
-        whole.append(time.perf_counter() - t0)
+        for pipeline, suffix in ((True, ""), (False, "_unpipelined")):
+            t0 = time.perf_counter()
+            chunks = stream(pipeline)
+            next(chunks)  # its tokens are on the host: the chunk is done
+            times["first" + suffix].append(time.perf_counter() - t0)
+            for _ in chunks:
+                pass
+            times["whole" + suffix].append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         jax.block_until_ready(run())
-        batch_s.append(time.perf_counter() - t0)
+        times["batch"].append(time.perf_counter() - t0)
     n_chunks = -(-args.new_tokens // args.stream_chunk)
-    whole_s, batch_med = float(np.median(whole)), float(np.median(batch_s))
+    med = {k: float(np.median(v)) for k, v in times.items()}
     return {
         "stream_chunk": args.stream_chunk,
         "stream_chunks": n_chunks,
-        "stream_first_chunk_s": float(np.median(first)),
-        "stream_total_s": whole_s,
-        "batch_total_median_s": batch_med,
-        "stream_overhead_ms_per_chunk": 1e3 * (whole_s - batch_med) / n_chunks,
+        "stream_first_chunk_s": med["first"],
+        "stream_total_s": med["whole"],
+        "stream_unpipelined_first_chunk_s": med["first_unpipelined"],
+        "stream_unpipelined_total_s": med["whole_unpipelined"],
+        "batch_total_median_s": med["batch"],
+        "stream_overhead_ms_per_chunk": 1e3 * (med["whole"] - med["batch"]) / n_chunks,
+        "stream_unpipelined_overhead_ms_per_chunk": 1e3 * (med["whole_unpipelined"] - med["batch"]) / n_chunks,
     }
 
 

@@ -9,6 +9,7 @@ from ._corpus import (
 from ._encoding import EncodedBatch as EncodedBatch
 from ._loader import ArrayLoader as ArrayLoader, TokenLoader as TokenLoader
 from ._pack import pack_documents as pack_documents
+from ._stream_decoder import StreamDecoder as StreamDecoder
 from ._tokenizer import (
     AbstractTokenizer as AbstractTokenizer,
     ByteTokenizer as ByteTokenizer,
@@ -24,6 +25,7 @@ __all__ = [
     "CharTokenizer",
     "CorpusError",
     "EncodedBatch",
+    "StreamDecoder",
     "TokenLoader",
     "TokenizerError",
     "pack_documents",

@@ -10,6 +10,7 @@ from jaxtyping import Int, Integer
 
 from .._errors import ConfigError
 from ._encoding import EncodedBatch, TokenizerError, check_batch_request, pad_rows, rows_to_decode
+from ._stream_decoder import StreamDecoder
 
 
 class AbstractTokenizer(abc.ABC):
@@ -20,6 +21,8 @@ class AbstractTokenizer(abc.ABC):
     - `vocab_size`: ids lie in `[0, vocab_size)`;
     - `encode_batch(texts) -> EncodedBatch` and `decode_batch(ids, attention_mask) -> list[str]`,
       built here on `encode` and `decode` (a tokenizer may override them with a faster path);
+    - `stream_decoder() -> StreamDecoder`, the text of a stream of ids a chunk at a time, also
+      built on `decode`;
     - `to_dict()` returns a JSON-able dict (with a `"type"` key) that `from_dict` (or
       [`eqzoo.data.tokenizer_from_dict`][]) turns back into an equal tokenizer.
     """
@@ -112,6 +115,19 @@ class AbstractTokenizer(abc.ABC):
         **Returns:** a list of strings, one a row.
         """
         return [self.decode(row) for row in rows_to_decode(ids, attention_mask, f"{type(self).__name__}.decode_batch")]
+
+    def stream_decoder(self) -> StreamDecoder:
+        """An incremental decoder for one stream of ids (one row of
+        [`eqzoo.generation.generate_stream`][]'s chunks): `push(ids)` returns the text the new
+        ids complete, `flush()` the rest; joined, they are `decode(all ids)` however the ids were
+        split (see [`eqzoo.data.StreamDecoder`][]).
+
+        Built on `decode`: each push decodes the new ids with a few ids of context, so its cost
+        does not grow with the text so far.
+
+        **Returns:** a new [`eqzoo.data.StreamDecoder`][].
+        """
+        return StreamDecoder(self.decode, self.vocab_size, type(self).__name__)
 
     @abc.abstractmethod
     def to_dict(self) -> dict[str, Any]:

@@ -117,6 +117,7 @@ def generate_stream(
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
     return_logprobs: bool = False,
+    pipeline: bool = True,
 ) -> Iterator[StreamChunk]:
     """Continue a batch of prompts as [`eqzoo.generation.generate_batch`][] does, yielding the
     tokens a chunk at a time as they are decoded (for a server or a chat UI).
@@ -125,7 +126,8 @@ def generate_stream(
     one more, which carries the whole loop state (the KV cache, each row's key, done flag,
     seen ids and recent tokens) and donates it, so the cache is updated in place as inside
     `generate_batch`'s one program. The host waits once per chunk (to hand its tokens over),
-    never per token. The stream ends after `max_new_tokens` tokens, or after the chunk in
+    never per token, and (pipelined) while the next chunk runs. The stream ends after
+    `max_new_tokens` tokens, or after the chunk in
     which every row has stopped (at `eos_token` or a stop sequence).
 
     Concatenated, the chunks' tokens are `generate_batch`'s generated tokens with the same
@@ -140,9 +142,16 @@ def generate_stream(
       the last (shorter) one included; it compiles once per prompt shape, `max_new_tokens`,
       `chunk_size` and the static settings `generate_batch` lists (a new `temperature`,
       `top_p`, `min_p`, penalty, stop or pad id compiles nothing).
+    - `pipeline`: from the second chunk on, dispatch chunk k + 1 before reading chunk k's
+      tokens back (default), so the device computes while the host hands them over; the first
+      chunk is read at once, so it comes no later. When every row has stopped in chunk k, the
+      chunk already dispatched after it is dropped unread (at most one chunk of wasted work).
+      `False` reads each chunk back before dispatching the next.
 
     The arguments are checked when `generate_stream` is called, before the first chunk.
-    Closing the stream early (`break`) drops its state: nothing else is held.
+    Closing the stream early (`break`) drops its state (and a chunk still running): nothing
+    else is held. To turn the tokens into text, push each row's new tokens
+    (`tokens[i, :counts[i]]`) to a tokenizer's [`eqzoo.data.StreamDecoder`][].
 
     **Returns:** an iterator of [`eqzoo.generation.StreamChunk`][]s: each chunk's `(batch, n)`
     tokens (with `return_logprobs`, their log-probabilities), how many of them each row
@@ -156,23 +165,38 @@ def generate_stream(
         pad_token=pad_token, use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
     )
     unroll = resolve_unroll(unroll_layers)
-    return _stream(model, prompts, lengths, key, min(int(chunk_size), settings["max_new_tokens"]), unroll, settings)
+    return _stream(model, prompts, lengths, key, min(int(chunk_size), settings["max_new_tokens"]), unroll, settings,
+                   bool(pipeline))
 
 
-def _stream(model, prompts, lengths, key, chunk_size, unroll, settings):
+def _stream(model, prompts, lengths, key, chunk_size, unroll, settings, pipeline):
     state = _stream_start(model, prompts, lengths, key, unroll_layers=unroll, **settings)
     # The settings the loop reads as arguments stay arguments (not donated); the rest is static.
     traced = {k: v for k, v in settings.items() if isinstance(v, np.ndarray)}
     static = tuple(sorted((k, v) for k, v in settings.items() if k not in traced))
     arrays, skeleton = _split_model(model)
     max_new = settings["max_new_tokens"]
+    held = None  # (first, out): the chunk dispatched but not yet read back
     for first in range(0, max_new, chunk_size):
         state, out = _stream_chunk(
             state, arrays, np.asarray(first, np.int32), traced,
             skeleton=skeleton, shape=prompts.shape, chunk_size=chunk_size, unroll_layers=unroll, static=static,
         )
-        tokens, logps, counts, done = jax.device_get(out)  # the one wait of the chunk
-        n = min(chunk_size, max_new - first)
-        yield StreamChunk(tokens[:, :n], None if logps is None else logps[:, :n], counts, done)
-        if done.all():
+        # Pipelined, the chunk just dispatched runs while the one before it is read and handed
+        # over. Not the first: it is read at once, so that the first tokens come no later.
+        if pipeline and first > 0:
+            previous, held = held, (first, out)
+            if previous is None:
+                continue
+            first, out = previous
+        chunk = _read(out, min(chunk_size, max_new - first))
+        yield chunk
+        if chunk.done.all():  # a chunk dispatched after it (pipelined) is dropped unread
             return
+    if held is not None:
+        yield _read(held[1], min(chunk_size, max_new - held[0]))
+
+
+def _read(out, n) -> StreamChunk:
+    tokens, logps, counts, done = jax.device_get(out)  # the one wait of the chunk
+    return StreamChunk(tokens[:, :n], None if logps is None else logps[:, :n], counts, done)

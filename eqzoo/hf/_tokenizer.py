@@ -12,7 +12,7 @@ from jax import Array
 from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
-from ..data import AbstractTokenizer, EncodedBatch, TokenizerError
+from ..data import AbstractTokenizer, EncodedBatch, StreamDecoder, TokenizerError
 from . import _batch
 from ._chat import assistant_spans, check_messages, render
 from ._errors import HFFormatError
@@ -278,6 +278,27 @@ class HFTokenizer(AbstractTokenizer):
             )
         _batch.check_ids(arr, self.vocab_size)
         return self.tokenizer.decode([int(i) for i in arr], skip_special_tokens=skip_special_tokens)
+
+    def stream_decoder(self, *, skip_special_tokens: bool = False) -> StreamDecoder:
+        """An incremental decoder for one stream of ids (one row of
+        [`eqzoo.generation.generate_stream`][]'s chunks): `push(ids)` returns the text the new
+        ids complete, holding back a character cut between chunks (byte-level BPE) and decoding
+        a SentencePiece "▁" after earlier text as the space it is there; `flush()` returns the
+        rest. Joined, they are `decode(all ids, skip_special_tokens=...)` however the ids were
+        split (see [`eqzoo.data.StreamDecoder`][]); each push costs the same however long the
+        text so far.
+
+        The `tokenizers` library's own `decoders.DecodeStream` is not used: it has no `flush`, so
+        ids held back at the end (a reply cut inside a character) would never be written.
+
+        **Arguments:**
+
+        - `skip_special_tokens`: drop special tokens, as in [`eqzoo.hf.HFTokenizer.decode`][].
+
+        **Returns:** a new [`eqzoo.data.StreamDecoder`][].
+        """
+        skip = bool(skip_special_tokens)
+        return StreamDecoder(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip), self.vocab_size, "HFTokenizer")
 
     @no_type_check  # checked with messages that say how to fix the call
     def decode_batch(self, ids: Any, attention_mask: Any = None, *, skip_special_tokens: bool = False) -> list[str]:

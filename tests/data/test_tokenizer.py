@@ -8,6 +8,7 @@ from eqzoo._errors import ConfigError
 from eqzoo.data import (
     ByteTokenizer,
     CharTokenizer,
+    StreamDecoder,
     TokenizerError,
     stdlib_corpus,
     tokenizer_from_dict,
@@ -167,3 +168,71 @@ def test_encode_batch_errors():
         tok.decode_batch(np.zeros((1, 2), np.int32), np.ones((1, 3), np.int32))
     with pytest.raises(TokenizerError, match=r"takes a batch of id rows, \(batch, seq\); got shape \(2,\)"):
         tok.decode_batch(np.zeros(2, np.int32))
+
+
+MULTIBYTE = "naïve café — 東京タワー 🎉👩‍💻 中文字符 ünïcödé, Ωmega ∑ 🙂!\n"
+
+
+def _random_splits(ids, rng, times=25):
+    """`times` random splits of `ids` into pushes (empty pushes and single ids included)."""
+    for _ in range(times):
+        cuts = np.sort(rng.integers(0, len(ids) + 1, rng.integers(1, max(2, len(ids) // 2))))
+        yield np.split(np.asarray(ids), cuts)
+
+
+def check_stream_decoding(tok, ids, *, seed=0, **kw):
+    """For random splits of `ids`, the pushed texts and flush() joined are decode(ids), exactly
+    (a helper the HF tokenizer tests share)."""
+    want = tok.decode(ids, **kw)
+    for pieces in _random_splits(ids, np.random.default_rng(seed)):
+        decoder = tok.stream_decoder(**kw)
+        got = [decoder.push(p) for p in pieces]
+        assert "".join(got) + decoder.flush() == want, [len(p) for p in pieces]
+
+
+@pytest.mark.parametrize("tok", [CharTokenizer.from_text(MULTIBYTE + "\ufffd"), ByteTokenizer()], ids=["char", "byte"])
+def test_stream_decoder_joins_to_decode_for_any_split(tok):
+    ids = tok.encode(MULTIBYTE * 3 + "ï\ufffdé\ufffd")  # a literal U+FFFD too, at the very end
+    check_stream_decoding(tok, ids)
+    if isinstance(tok, ByteTokenizer):
+        # invalid UTF-8 (a cut character, a stray continuation byte), and a stream cut inside a
+        # character: flush() writes what decode does
+        check_stream_decoding(tok, np.concatenate([ids[:9], [0xE4, 0xB8, 0x41, 0x80, 0x42], ids[:5], [0xF0, 0x9F]]))
+
+
+def test_stream_decoder_holds_back_a_cut_character():
+    decoder = ByteTokenizer().stream_decoder()
+    emoji = list("🎉".encode())
+    assert decoder.push([104, 105] + emoji[:2]) == "hi"  # the emoji's first two bytes held back
+    assert decoder.push(emoji[2:3]) == ""
+    assert decoder.push(emoji[3:] + [33]) == "🎉!"
+    assert decoder.push(emoji[:1]) == ""
+    assert decoder.flush() == "\ufffd"  # cut at the end: what decode writes for it
+    assert decoder.push(np.int32(65)) == "A"  # flushed: a new stream
+
+
+def test_stream_decoder_cost_does_not_grow_with_the_text():
+    # Each push decodes the new ids and a few of context, never the text so far: as many ids
+    # are decoded for the last pushes of a long stream as for the first.
+    tok = ByteTokenizer()
+    decoded = []
+    decoder = StreamDecoder(lambda ids: decoded.append(len(ids)) or tok.decode(ids), 256)
+    ids = tok.encode(MULTIBYTE * 40)
+    per_push = []
+    for piece in np.array_split(ids, len(ids) // 7):
+        decoded.clear()
+        decoder.push(piece)
+        per_push.append(sum(decoded))
+    # (re-decoding the text so far would decode ~1,000 ids a push on average)
+    assert len(ids) > 2000 and max(per_push) <= 64, max(per_push)
+
+
+def test_stream_decoder_errors():
+    decoder = CharTokenizer.from_text("abc").stream_decoder()
+    with pytest.raises(TokenizerError, match=r"push takes a 1-D sequence of integer ids; got shape \(2, 2\)"):
+        decoder.push(np.zeros((2, 2), np.int32))
+    with pytest.raises(TokenizerError, match="got shape \\(2,\\) and dtype float32"):
+        decoder.push(np.zeros(2, np.float32))
+    with pytest.raises(TokenizerError, match=r"ids must lie in \[0, 3\); got id 3 at position 1 of this push"):
+        decoder.push([0, 3])
+    assert decoder.push([0, 1, 2]) == "abc"  # a refused push leaves the decoder as it was

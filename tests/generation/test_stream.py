@@ -1,5 +1,6 @@
 """Streaming decoding: the chunks are generate_batch's tokens, one compiled chunk program, donation."""
 
+import gc
 import warnings
 
 import jax
@@ -96,7 +97,8 @@ def test_one_chunk_program_and_new_settings_compile_nothing(llama, compile_log):
 def test_chunks_donate_the_state_in_place(llama):
     # Each chunk's input state (the KV cache included) is donated, with no "donated buffers were
     # not usable" warning: every buffer is aliased to the chunk's output state.
-    stream = generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, chunk_size=4, eos_token=3, return_logprobs=True)
+    # (chunk_size 2: four chunks, so that the second next() dispatches one more, pipelined or not)
+    stream = generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, chunk_size=2, eos_token=3, return_logprobs=True)
     frame = stream.gi_frame
     next(stream)
     state = frame.f_locals["state"]
@@ -105,6 +107,68 @@ def test_chunks_donate_the_state_in_place(llama):
         next(stream)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state))
     assert "cache" in state
+
+
+def test_the_next_chunk_is_dispatched_before_this_one_is_read(llama, greedy, monkeypatch):
+    # Pipelined, chunk k + 1 is already queued when chunk k (k >= 1) is handed over, and its
+    # tokens (read after chunk k + 1 took over the donated state) are still generate_batch's;
+    # the first chunk, and every chunk with pipeline=False, is read back before the next is
+    # dispatched. Either way, the same chunks.
+    from eqzoo.generation import _stream
+
+    dispatched = []
+    real = _stream._stream_chunk
+    monkeypatch.setattr(_stream, "_stream_chunk", lambda *a, **kw: dispatched.append(a[2]) or real(*a, **kw))
+    chunks = {}
+    for pipeline in (True, False):
+        dispatched.clear()
+        stream = generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, chunk_size=3, pipeline=pipeline)
+        chunks[pipeline] = [next(stream)]
+        assert dispatched == [0]
+        chunks[pipeline].append(next(stream))
+        assert dispatched == ([0, 3, 6] if pipeline else [0, 3])
+        chunks[pipeline] += list(stream)
+        assert dispatched == [0, 3, 6]
+    np.testing.assert_array_equal(_joined(chunks[True], PROMPTS, LENGTHS, 0), greedy)
+    for a, b in zip(chunks[True], chunks[False], strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.counts, b.counts)
+
+
+def test_a_chunk_dispatched_after_every_row_stopped_is_never_yielded(llama, greedy, monkeypatch):
+    # Every row stops in the second chunk: the pipelined stream has dispatched the third (all
+    # padding) by then, and drops it unread: the same two chunks as without pipelining.
+    from eqzoo.generation import _stream
+
+    dispatched = []
+    real = _stream._stream_chunk
+    monkeypatch.setattr(_stream, "_stream_chunk", lambda *a, **kw: dispatched.append(a[2]) or real(*a, **kw))
+    stops = [[int(greedy[0, 5 + 3])], [int(greedy[1, 2 + 4])]]  # row 0 at its fourth token, row 1 its fifth
+    settings = dict(max_new_tokens=NEW, chunk_size=3, stop_sequences=stops, pad_token=255)
+    two = list(generate_stream(llama, PROMPTS, LENGTHS, **settings))
+    assert dispatched == [0, 3, 6] and len(two) == 2 and not two[0].done.any() and two[1].done.all()
+    np.testing.assert_array_equal(two[1].counts, [1, 2])
+    np.testing.assert_array_equal(two[1].tokens, [[greedy[0, 8], 255, 255], [*greedy[1, 5:7], 255]])
+    unpipelined = list(generate_stream(llama, PROMPTS, LENGTHS, pipeline=False, **settings))
+    assert len(unpipelined) == 2
+    for a, b in zip(two, unpipelined, strict=True):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_dropping_a_stream_with_a_chunk_in_flight(llama, greedy):
+    # A client that leaves while the next chunk is still running: the generator is closed (or
+    # collected) with that chunk's state unread; nothing waits on it, and the next stream works.
+    for leave in ("close", "collect"):
+        stream = generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, chunk_size=2)
+        next(stream), next(stream)
+        held = stream.gi_frame.f_locals["held"]
+        assert held is not None  # the third chunk, dispatched and unread
+        if leave == "close":
+            stream.close()
+        del stream, held
+        gc.collect()
+    chunks = list(generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, chunk_size=2))
+    np.testing.assert_array_equal(_joined(chunks, PROMPTS, LENGTHS, 0), greedy)
 
 
 def test_closing_early_leaves_the_next_stream_working(llama, greedy):

@@ -530,3 +530,71 @@ def test_chat_batch_matches_transformers(chat_dir, hft):
         ours.apply_chat_template_batch(CHAT)
     with pytest.raises(TokenizerError, match=r"no pad token"):
         tok.apply_chat_template_batch(conversations)
+
+
+STREAM_TEXTS = ["naïve café — 東京タワー 🎉👩‍💻 中文字符 ünïcödé,  two  spaces", "def f(x):\n    return x  # ∑ 🙂"]
+
+
+def _stream_tokenizer(kind):
+    """A tokenizer trained here on a few hundred standard-library lines, with the special token
+    `</s>`: byte-level BPE (GPT-2, Llama 3); a Metaspace "▁" BPE; or Llama 2's layout ("▁" for
+    spaces, byte-fallback tokens `<0xNN>` for characters the vocabulary lacks, a leading space
+    stripped)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    elif kind == "metaspace":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set("".join(STREAM_TEXTS)))  # every character of the texts is a token
+    else:  # llama-2 style
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        alphabet = []
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<unk>", "</s>"], show_progress=False, initial_alphabet=alphabet)
+    tok.train_from_iterator(LINES, trainer)
+    if kind == "llama-2":  # the same vocabulary, with a token for each byte for what it lacks
+        model = json.loads(tok.to_str())["model"]
+        vocab = dict(model["vocab"])
+        for b in range(256):
+            vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        special = tok.get_added_tokens_decoder()
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+        tok.add_special_tokens([t for _, t in sorted(special.items())])
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return HFTokenizer(tok, {"eos_token": "</s>"})
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace", "llama-2"])
+def test_stream_decoder_joins_to_decode_for_any_split(kind):
+    tok = _stream_tokenizer(kind)
+    eos = tok.eos_token_id
+    ids = np.concatenate([tok.encode(STREAM_TEXTS[0]), [eos], tok.encode(STREAM_TEXTS[1]), tok.encode(STREAM_TEXTS[0])[:9]])
+    assert tok.decode(tok.encode(STREAM_TEXTS[0])) == STREAM_TEXTS[0]  # the texts are the tokenizer's to write
+    if kind != "metaspace":  # the characters the vocabulary lacks are split into bytes
+        assert len(tok.encode("東京🎉")) > 3
+    rng = np.random.default_rng(0)
+    for skip in (False, True):
+        want = tok.decode(ids, skip_special_tokens=skip)
+        assert ("</s>" in want) is not skip
+        for _ in range(25):
+            pieces = np.split(ids, np.sort(rng.integers(0, len(ids) + 1, rng.integers(1, len(ids) // 2))))
+            decoder = tok.stream_decoder(skip_special_tokens=skip)
+            got = "".join(decoder.push(p) for p in pieces) + decoder.flush()
+            assert got == want, [len(p) for p in pieces]
+    # decoded alone, the chunks give other text: the failure the decoder avoids
+    pieces = np.array_split(ids, 12)
+    assert "".join(tok.decode(p) for p in pieces) != tok.decode(ids)
+
+
+def test_stream_decoder_refuses_ids_outside_the_vocabulary():
+    tok = _stream_tokenizer("byte-level")
+    with pytest.raises(TokenizerError, match=rf"HFTokenizer stream decoder: ids must lie in \[0, {tok.vocab_size}\); got id -1"):
+        tok.stream_decoder().push([1, -1])
