@@ -1,11 +1,9 @@
 """`HFTokenizer`'s batch path: encoding a padded (and maybe truncated) batch with the
 `tokenizers` library's batch encoder, and decoding one.
 
-The shared `tokenizers.Tokenizer` is never reconfigured: each distinct padding and truncation
-setting gets its own copy of it, configured once and kept, so that single encodes on the
-shared one need no lock."""
+The shared `tokenizers.Tokenizer` is never reconfigured: batch calls pad and truncate with a
+copy of it (`BatchEncoder`), so that single encodes on the shared one need no lock."""
 
-import collections
 import copy
 import threading
 from typing import Any
@@ -25,37 +23,39 @@ def check_side(value: Any, name: str, who: str, *, why: str = "") -> str:
     return value
 
 
-class BatchEncoders:
-    """Copies of one `tokenizers.Tokenizer`, each with one padding and truncation setting
-    switched on; the most recently used `size` are kept. Copying costs about as much as
-    reading the tokenizer.json again (it is serialised and parsed), so a serving loop that
-    keeps its settings pays it once."""
+class BatchEncoder:
+    """One copy of a `tokenizers.Tokenizer` for batch calls, reconfigured for each call's
+    padding and truncation under its own lock, so the shared tokenizer is never reconfigured
+    and single encodes on it need no lock (batch calls take turns; each is parallel in Rust).
+    The copy is made on the first batch call (about as costly as reading the tokenizer.json
+    again: it is serialised and parsed) and made afresh when the tokenizer it was made from is
+    replaced (`hf.tokenizer = ...`) or gains tokens (`add_tokens`, `add_special_tokens`).
+    Setting a padding or truncation length costs next to nothing, so a length that changes
+    with every call (a per-request `max_length`) is as fast as a fixed one."""
 
-    def __init__(self, tokenizer: Any, size: int = 8):
-        self._tokenizer = tokenizer
-        self._size = size
-        self._copies: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
-        self._lock = threading.Lock()  # guards the dict only; encoding runs outside it
+    def __init__(self):
+        self._source: tuple[Any, int] | None = None  # what the copy was made from, compared by identity
+        self._copy: Any = None
+        self._lock = threading.Lock()
 
-    def get(self, padding: dict[str, Any], truncation: dict[str, Any] | None) -> Any:
-        """The copy with `padding` (`enable_padding`'s arguments) and `truncation`
-        (`enable_truncation`'s, or `None` for none) switched on."""
-        key = (tuple(sorted(padding.items())), None if truncation is None else tuple(sorted(truncation.items())))
+    def encode(
+        self, tokenizer: Any, texts: list[str], padding: dict[str, Any], truncation: dict[str, Any] | None,
+        add_special_tokens: bool,
+    ) -> list[Any]:
+        """`tokenizer.encode_batch(texts)` with `padding` (`enable_padding`'s arguments) and
+        `truncation` (`enable_truncation`'s, or `None` for none: any truncation the tokenizer
+        carries is switched off) on, run on the copy."""
+        source = (tokenizer, tokenizer.get_vocab_size(with_added_tokens=True))
         with self._lock:
-            found = self._copies.get(key)
-            if found is not None:
-                self._copies.move_to_end(key)
-                return found
-        tok = copy.copy(self._tokenizer)  # outside the lock: other settings' batches go on meanwhile
-        if truncation is not None:
-            tok.enable_truncation(**truncation)
-        tok.enable_padding(**padding)
-        with self._lock:
-            tok = self._copies.setdefault(key, tok)  # another thread's copy, if it made one first
-            self._copies.move_to_end(key)
-            while len(self._copies) > self._size:
-                self._copies.popitem(last=False)
-        return tok
+            if self._source is None or self._source[0] is not source[0] or self._source[1] != source[1]:
+                self._copy, self._source = copy.copy(tokenizer), source
+            tok = self._copy
+            if truncation is None:
+                tok.no_truncation()
+            else:
+                tok.enable_truncation(**truncation)
+            tok.enable_padding(**padding)
+            return tok.encode_batch(texts, add_special_tokens=add_special_tokens)
 
 
 def encode_batch(
@@ -74,7 +74,8 @@ def encode_batch(
     if not isinstance(add_special_tokens, bool):
         raise TokenizerError(f"{who}: add_special_tokens must be True or False; got {add_special_tokens!r}.")
     try:
-        tok = hf._batch_encoders.get(
+        encodings = hf._batch_encoder.encode(
+            hf.tokenizer, request.texts,
             # A fixed length pads shorter rows and leaves longer ones as they are (checked below).
             dict(
                 direction=request.padding_side, pad_id=request.pad_token_id,
@@ -84,8 +85,8 @@ def encode_batch(
             ),
             dict(max_length=request.max_length, stride=0, strategy="longest_first", direction=truncation_side)
             if request.truncation else None,
+            add_special_tokens,
         )
-        encodings = tok.encode_batch(request.texts, add_special_tokens=add_special_tokens)
     except Exception as err:  # the Rust side raises a bare Exception (a max_length below the special tokens' count, say)
         raise TokenizerError(f"{who}: the tokenizers library refused the batch: {err}") from None
     masks = [e.attention_mask for e in encodings]

@@ -87,12 +87,13 @@ class HFTokenizer(AbstractTokenizer):
           (`tokenizer_config.json`'s `truncation_side`).
 
         `tokenizer` is shared by every call and never reconfigured: `encode_batch` pads and
-        truncates with copies of it, one per setting, so calls from several threads need no lock.
+        truncates with one copy of it, reconfigured per call under its own lock, so single
+        encodes from several threads need no lock.
         """
         self._padding_side = _batch.check_side(padding_side, "padding_side", "HFTokenizer")
         self._truncation_side = _batch.check_side(truncation_side, "truncation_side", "HFTokenizer")
         self.tokenizer = tokenizer
-        self._batch_encoders = _batch.BatchEncoders(tokenizer)
+        self._batch_encoder = _batch.BatchEncoder()
         self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
         if isinstance(chat_template, Mapping):
             chat_template = dict(chat_template)
@@ -216,8 +217,8 @@ class HFTokenizer(AbstractTokenizer):
         max_length=..., padding_side=..., pad_to_multiple_of=...)["input_ids"]` and
         `["attention_mask"]` (with its `truncation_side`), as int32 arrays: both come from the
         `tokenizers` library's batch encoder (parallel, in Rust), run on a copy of the tokenizer
-        with this call's padding and truncation switched on (made on the first call with a
-        setting and kept for later ones; the shared tokenizer is never reconfigured).
+        with this call's padding and truncation switched on (made on the first batch call and
+        kept; batch calls take turns on it, and the shared tokenizer is never reconfigured).
         For decoding, pad on the left or the right and pass both to
         [`eqzoo.generation.generate_batch`][]:
 
@@ -512,22 +513,22 @@ class HFTokenizer(AbstractTokenizer):
         )
 
     def __copy__(self) -> "HFTokenizer":
-        # A shallow copy shares the `tokenizers.Tokenizer`, and so the copies encode_batch keeps of it.
+        # A shallow copy shares the `tokenizers.Tokenizer`, and so the copy encode_batch keeps of it.
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__dict__)
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
-        # What copy.deepcopy and pickle (multiprocessing workers) take: the batch copies hold a
+        # What copy.deepcopy and pickle (multiprocessing workers) take: the batch copy holds a
         # lock, which cannot be copied; each copy makes its own for its own `tokenizers.Tokenizer`.
         state = {**self.__dict__, "tokenizer": copy.copy(self.tokenizer)}
-        del state["_batch_encoders"]
+        del state["_batch_encoder"]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_truncation_side", "right")
         self.__dict__.update(state)
-        self._batch_encoders = _batch.BatchEncoders(self.tokenizer)
+        self._batch_encoder = _batch.BatchEncoder()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HFTokenizer) and self.to_dict() == other.to_dict()

@@ -317,6 +317,26 @@ def test_encode_batch_matches_transformers(pad_dir, hft):
     assert ours.tokenizer.padding is None and ours.tokenizer.truncation is None
 
 
+def test_encode_batch_follows_the_tokenizer_it_holds(pad_dir):
+    # encode_batch runs on configured copies of `tokenizer`, kept per setting: a copy made before
+    # the tokenizer gained a token, or before `tokenizer` was replaced, went on encoding with the
+    # old vocabulary (batch rows unlike the texts' single encodes), and a truncation the
+    # tokenizer carried cut the texts of a truncation=False batch.
+    tok = load_tokenizer(pad_dir)
+    text = "x = 1 <|im_start|>"
+    tok.encode_batch([text])  # makes and keeps the copy for this setting
+    tok.tokenizer.add_special_tokens(["<|im_start|>"])
+    assert tok.encode_batch([text]).ids[0].tolist() == tok.encode(text).tolist()
+    assert tok.tokenizer.token_to_id("<|im_start|>") in tok.encode(text).tolist()
+    tok.tokenizer = tokenizers.Tokenizer.from_file(str(pad_dir / "tokenizer.json"))  # without it again
+    assert tok.encode_batch([text]).ids[0].tolist() == tok.encode(text).tolist()
+    raw = tokenizers.Tokenizer.from_file(str(pad_dir / "tokenizer.json"))
+    raw.enable_truncation(max_length=3)  # as a tokenizer.json may carry it
+    batch = HFTokenizer(raw, {"pad_token": "<pad>"}).encode_batch(TEXTS)
+    assert batch.attention_mask.sum(1).tolist() == [len(tok.encode(t)) for t in TEXTS]
+    assert max(len(tok.encode(t)) for t in TEXTS) > 3
+
+
 def test_copies_and_pickles_despite_the_encode_batch_lock(pad_dir):
     # The lock that guards encode_batch's configured copies cannot be copied: without
     # __getstate__, copy.deepcopy and pickle (multiprocessing workers) raised "cannot pickle
@@ -327,8 +347,8 @@ def test_copies_and_pickles_despite_the_encode_batch_lock(pad_dir):
     tok = load_tokenizer(pad_dir)
     want = tok.encode_batch(TEXTS, padding_side="left")
     shallow, deep = copy.copy(tok), copy.deepcopy(tok)
-    assert shallow.tokenizer is tok.tokenizer and shallow._batch_encoders is tok._batch_encoders
-    assert deep.tokenizer is not tok.tokenizer and deep._batch_encoders is not tok._batch_encoders
+    assert shallow.tokenizer is tok.tokenizer and shallow._batch_encoder is tok._batch_encoder
+    assert deep.tokenizer is not tok.tokenizer and deep._batch_encoder is not tok._batch_encoder
     for clone in (shallow, deep):
         assert clone == tok
         batch = clone.encode_batch(TEXTS, padding_side="left")
