@@ -16,6 +16,8 @@ from eqzoo import quant, sharding as sh
 from eqzoo._errors import ConfigError
 from eqzoo.train import TrainState, cast_floating
 
+from .helpers import _fwd, _of_type, _rel, _tokens
+
 # Relative error ||q(t) - f(t)|| / ||f(t)|| of the fp32 logits of randomly initialised tiny
 # models over 64 random tokens, 3 seeds. Int4's step is 127 / 7 = 18x int8's, and the error
 # follows: int8 per channel 0.0060-0.0063 (tiny-gpt2), 0.0023-0.0025 (tiny-llama); int4 per
@@ -43,24 +45,6 @@ def _int4(preset="tiny-llama", group_size=GROUP):
 
 def _abstract(preset, **kwargs):
     return eqx.filter_eval_shape(lambda k: quant.quantize(eqzoo.models.create(preset, key=k), **kwargs), jax.random.key(0))
-
-
-@eqx.filter_jit
-def _fwd(model, x):
-    return model(x)
-
-
-def _tokens(n=64, seed=10):
-    return jax.random.randint(jax.random.key(seed), (n,), 0, 256, dtype=jnp.int32)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _of_type(tree, cls):
-    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
 
 
 def _same_arrays(a, b):

@@ -17,6 +17,8 @@ from eqzoo._errors import ConfigError
 from eqzoo.checkpoint import CheckpointMismatchError
 from eqzoo.train import TrainState, cast_floating, lm_loss, make_train_step
 
+from .helpers import _fwd, _of_type, _rel, _tokens
+
 PRESETS = ["tiny-gpt2", "tiny-llama"]
 # Relative error ||q(t) - f(t)|| / ||f(t)|| of the fp32 logits of a randomly initialised tiny
 # model over 64 random tokens, measured over 3 seeds: tiny-gpt2 0.0060-0.0064, tiny-llama
@@ -33,25 +35,6 @@ def _model(preset="tiny-gpt2", **overrides):
 @functools.cache
 def _quantized(preset="tiny-gpt2"):
     return quant.quantize(_model(preset))
-
-
-@eqx.filter_jit
-def _fwd(model, x):
-    # One compiled forward per model structure (eager whole-model calls are slower on CPU).
-    return model(x)
-
-
-def _tokens(n=64, seed=10):
-    return jax.random.randint(jax.random.key(seed), (n,), 0, 256, dtype=jnp.int32)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _of_type(tree, cls):
-    return [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, cls)) if isinstance(x, cls)]
 
 
 # ----------------------------------------------------------------------------------- the rounding
