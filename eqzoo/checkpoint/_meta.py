@@ -233,6 +233,72 @@ def renamed_codes(expected: Mapping[str, Any], found: Mapping[str, Any]) -> dict
     return out
 
 
+def _quant_layout(codes: Mapping[str, Any], scale: Mapping[str, Any] | None) -> tuple[int, int | None] | None:
+    """`(bits, group_size)` of an `eqzoo.quant` layer from its codes' and scale's shapes and
+    dtypes, or `None` when they are not such a pair. Linear layers hold codes `(*lead, out, in')`
+    and experts `(*lead, contract', out)` (`'`: halved when int4 codes are packed two to a
+    byte); both hold scales `(*lead, out)` per channel or `(*lead, out, groups)` with groups."""
+    bits = {"uint8": 4, "int8": 8}.get(codes["dtype"])
+    if bits is None or scale is None:
+        return None
+    cs, ss = list(codes["shape"]), list(scale["shape"])
+    if len(ss) == len(cs) - 1:
+        return bits, None
+    if len(ss) != len(cs) or not ss[-1] or len(cs) < 2:
+        return None
+    packed = cs[-1] if ss[:-1] == cs[:-1] else cs[-2]  # a linear layer's inputs, else an expert's contracted rows
+    return bits, packed * (8 // bits) // ss[-1]
+
+
+def _layout_str(layout: tuple[int, int | None]) -> str:
+    bits, group_size = layout
+    codes = "int4 codes (uint8, packed two to a byte)" if bits == 4 else "int8 codes"
+    return codes + (" with one scale per output channel" if group_size is None else f" with groups of {group_size}")
+
+
+def quant_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str) -> str:
+    """A line naming the cause when the arrays that do not fit are `eqzoo.quant` layers: the
+    `what` (checkpoint, file) holds quantized layers and the target float ones, or the reverse,
+    or both are quantized with other `bits` / `group_size` (whose shapes and dtypes differ, an
+    error that otherwise names no cause). Both arguments map a name to `{"shape", "dtype"}`;
+    empty when nothing applies."""
+
+    def layouts(arrays):
+        return {
+            n[: -len("codes")]: _quant_layout(arrays[n], arrays.get(n[: -len("codes")] + "scale"))
+            for n in arrays if n.endswith(".codes")
+        }
+
+    saved, target = layouts(found), layouts(expected)
+    differ = [(p, saved[p], target[p]) for p in target if p in saved and saved[p] and target[p] and saved[p] != target[p]]
+    if differ:
+        (prefix, theirs, ours), more = differ[0], len(differ) - 1
+        bits, group_size = theirs
+        return (
+            f"\nThe {what} holds {'int4' if bits == 4 else 'int8'} layers quantized otherwise than the target's: "
+            f"{prefix.rstrip('.')} holds {_layout_str(theirs)}, the target {_layout_str(ours)}"
+            + (f" ({more} more layer(s) alike)" if more else "")
+            + f". Build the target with eqzoo.quant.quantize(..., bits={bits}, group_size={group_size}), as the "
+            "saved model was (prepare_qat takes the same bits and group_size)."
+        )
+    known = [layout for layout in saved.values() if layout]
+    if saved and not target:
+        bits, group_size = known[0] if known else (8, None)
+        args = "" if (bits, group_size) == (8, None) else f", bits={bits}, group_size={group_size}"
+        return (
+            f"\nThe {what} holds int{bits} layers (`codes` and `scale`, from eqzoo.quant.quantize) and the "
+            "target does not: quantize the target the same way, e.g. abstract_state(lambda k: "
+            f"eqzoo.quant.quantize(eqzoo.models.create(config, key=k){args}), optimizer)."
+        )
+    if target and not saved:
+        bits = next((layout[0] for layout in target.values() if layout), 8)
+        return (
+            f"\nThe target has int{bits} layers (eqzoo.quant) and the {what} does not: restore the "
+            "float model, then quantize it."
+        )
+    return ""
+
+
 def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) -> None:
     """Raise `CheckpointMismatchError` listing every array that is missing, unexpected, or has
     another shape or dtype than the target expects."""
@@ -258,19 +324,7 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
                 "(its Precision's param_dtype), then cast the restored model; for the model alone, "
                 "save_weights + load_weights(..., cast=True) converts."
             )
-        extra_names = [n for n in found if n not in expected]
-        missing_names = [n for n in expected if n not in found]
-        if any(n.endswith(".codes") for n in extra_names) and not any(n.endswith(".codes") for n in expected):
-            hint += (
-                "\nThe checkpoint holds int8 layers (`codes` and `scale`, from eqzoo.quant.quantize) and the "
-                "target does not: quantize the target the same way, e.g. abstract_state(lambda k: "
-                "eqzoo.quant.quantize(eqzoo.models.create(config, key=k)), optimizer)."
-            )
-        elif any(n.endswith(".codes") for n in missing_names) and not any(n.endswith(".codes") for n in found):
-            hint += (
-                "\nThe target has int8 layers (eqzoo.quant) and the checkpoint does not: restore the "
-                "float model, then quantize it."
-            )
+        hint += quant_hint(expected, found, "checkpoint")
         raise CheckpointMismatchError(
             f"{where} does not fit the restore target ({len(differ)} with another shape/dtype, "
             f"{len(missing)} missing, {len(extra)} unexpected):\n"

@@ -21,7 +21,7 @@ from ._errors import (
     CheckpointNotFoundError,
     list_items,
 )
-from ._meta import config_differences, renamed_codes
+from ._meta import config_differences, quant_hint, renamed_codes
 from ._statics import describe_statics, statics_differences
 from ._tree import is_array_like, is_key, leaf_names
 
@@ -161,11 +161,9 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
             sl = f.get_slice(name)
             found[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
         expected = {n: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for n, leaf in zip(names, leaves, strict=True)}
+        specs = {n: {"shape": e[0], "dtype": e[1]} for n, e in expected.items()}
         # int8 codes that older eqzoo saved as a QuantizedLinear `weight`: read under that name
-        stored_as = renamed_codes(
-            {n: {"shape": e[0], "dtype": e[1]} for n, e in expected.items()},
-            {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()},
-        )
+        stored_as = renamed_codes(specs, {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()})
         found = {n: v for n, v in found.items() if n not in stored_as.values()} | {n: found[old] for n, old in stored_as.items()}
         problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
         problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
@@ -173,12 +171,13 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
         for n, (shape, dtype) in expected.items():
             if n in found and (found[n][0] != shape or (found[n][1] != dtype and not cast)):
                 problems.append(f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}")
-                dtypes_differ = dtypes_differ or found[n][1] != dtype
+                dtypes_differ = dtypes_differ or (found[n][0] == shape and found[n][1] != dtype)
         if problems:
             # cast=True converts dtypes only: suggesting it for a shape mismatch would mislead.
             raise CheckpointMismatchError(
                 f"weights file {path} does not fit the model:\n" + list_items(problems)
                 + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
+                + quant_hint(specs, {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()}, "file")
             )
         # the arrays fit: is it the model they were saved from? (its config, then the non-array
         # settings of its layers, which repeat the config's where it has one)

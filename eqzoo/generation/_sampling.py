@@ -47,15 +47,47 @@ def _setting(value, name: str, rule: str, valid) -> float:
     return number
 
 
+def top_k_setting(value) -> int | None:
+    """`top_k` as a Python int (or `None`), after checking it: a Python int, or a concrete 0-d
+    integer NumPy or JAX array (`np.int64(40)`, `jnp.array(40)`), at least 1. Bools, floats,
+    other shapes and traced values are refused: top-k sets a shape (how many logits
+    `jax.lax.top_k` keeps), so it is a compile-time constant, never an array the loop traces."""
+    if value is None:
+        return None
+    rule = "top_k must be a positive integer or None"
+    if isinstance(value, jax.core.Tracer):
+        raise ConfigError(
+            "top_k is traced here (an argument of your own jax.jit): it sets how many logits are kept, a "
+            "shape, so it must be concrete. Pass it as a Python int, or mark it static "
+            "(jax.jit(..., static_argnames='top_k'))."
+        )
+    if isinstance(value, np.ndarray | np.generic | jax.Array):
+        if value.shape != ():
+            raise ConfigError(
+                f"top_k must be one integer (a Python int or a 0-d integer array); got an array of shape "
+                f"{shape_str(value.shape)}. One setting applies to every row of a batch."
+            )
+        if not jnp.issubdtype(value.dtype, jnp.integer):
+            raise ConfigError(f"{rule}, got {value!r} (dtype {value.dtype}).")
+        number = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ConfigError(f"{rule}, got {value!r}.")
+    if number < 1:
+        raise ConfigError(f"{rule}, got {number}.")
+    return number
+
+
 @no_type_check  # it validates these itself, with messages that say how to fix the call
 def check_sampling(
     temperature: float, top_k: int | None, top_p: float | None, min_p: float | None = None, repetition_penalty: float = 1.0
 ) -> None:
     """Raise `ConfigError` for sampling settings outside their valid ranges. Each float
-    setting may be a Python number or a concrete 0-d real NumPy or JAX array (see `_setting`)."""
+    setting may be a Python number or a concrete 0-d real NumPy or JAX array (see `_setting`),
+    and `top_k` a Python int or a concrete 0-d integer array (see `top_k_setting`)."""
     _setting(temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda t: 0 <= t < math.inf)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1):
-        raise ConfigError(f"top_k must be a positive integer or None, got {top_k!r}.")
+    top_k_setting(top_k)
     if top_p is not None:
         _setting(top_p, "top_p", "in (0, 1] or None", lambda p: 0.0 < p <= 1.0)
     if min_p is not None:
@@ -204,7 +236,8 @@ def sample_logits(
     - `temperature`: 0 picks the most likely token (greedy); otherwise logits are divided by it.
       A traced value (an argument of your own `jax.jit`ted step): one compile serves every value;
       it is not range-checked, and a value `<= 0` picks the greedy token; a key is then needed.
-    - `top_k`: keep only the `k` most likely tokens (and those tied with the `k`-th).
+    - `top_k`: keep only the `k` most likely tokens (and those tied with the `k`-th): a Python
+      int or a concrete 0-d integer NumPy or JAX array (never traced: it sets a shape).
     - `top_p`: keep the smallest set of most likely tokens whose probability reaches `p`
       (Holtzman et al., 2020, "The Curious Case of Neural Text Degeneration"); it may be
       traced, too (not range-checked then).
@@ -230,6 +263,7 @@ def sample_logits(
         )
     traced_t, traced_p, traced_m = (isinstance(v, jax.core.Tracer) for v in (temperature, top_p, min_p))
     check_sampling(1.0 if traced_t else temperature, top_k, None if traced_p else top_p, None if traced_m else min_p)
+    top_k = top_k_setting(top_k)  # a Python int: jax.lax.top_k takes k as a shape
     greedy = jnp.argmax(logits.astype(jnp.float32)).astype(jnp.int32)
     if not traced_t and temperature == 0.0:
         return greedy

@@ -21,7 +21,6 @@ from ._int4 import (
 from ._int8 import (
     QMAX as QMAX,
     dequantize_int8 as dequantize_int8,
-    fake_quantize as fake_quantize,
     quantize_int8 as quantize_int8,
 )
 from ._linear import QuantizedLinear as QuantizedLinear
@@ -29,6 +28,7 @@ from ._model import dequantize as dequantize, quantize as quantize
 from ._qat import (
     FakeQuantLinear as FakeQuantLinear,
     FakeQuantWeight as FakeQuantWeight,
+    fake_quantize as fake_quantize,
     prepare_qat as prepare_qat,
 )
 from ._size import size_report as size_report

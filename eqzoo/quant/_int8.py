@@ -1,5 +1,5 @@
-"""Symmetric int8 quantization of a weight matrix, one scale per output channel, and its
-straight-through fake-quantized form for quantization-aware training."""
+"""Symmetric int8 quantization of a weight matrix, one scale per output channel (its
+straight-through fake-quantized form for quantization-aware training is in `_qat.py`)."""
 
 import jax
 import jax.numpy as jnp
@@ -65,24 +65,3 @@ def dequantize_int8(
     w = q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
     return w.astype(scale.dtype)
 
-
-def fake_quantize(w: Float[Array, "*lead out in"]) -> Float[Array, "*lead out in"]:
-    """`w` rounded to its int8 grid in the forward pass, the identity in the backward pass.
-
-    The straight-through form of `w + stop_gradient(dequantize_int8(*quantize_int8(w)) - w)`:
-    the value is exactly the weight an int8 [`eqzoo.quant.QuantizedLinear`][] would hold, and
-    the gradient with respect to `w` is the gradient with respect to that rounded weight (the
-    straight-through estimator of Bengio et al., "Estimating or Propagating Gradients Through
-    Stochastic Neurons for Conditional Computation", 2013; used for QAT by Jacob et al.,
-    "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
-    Inference", 2018).
-
-    **Arguments:** `w`, a floating weight `(*lead, out, in)`.
-
-    **Returns:** the fake-quantized weight, in `w`'s shape and dtype.
-    """
-    _check_floating(w, "fake_quantize")
-    rounded = dequantize_int8(*quantize_int8(jax.lax.stop_gradient(w)))
-    # `rounded + (w - w)` rather than `w + (rounded - w)`: the same gradient, and the value is
-    # bit-for-bit the rounded weight (w - w is exactly 0; rounded - w then + w can be off by an ulp).
-    return rounded + (w - jax.lax.stop_gradient(w))

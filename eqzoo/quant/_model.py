@@ -18,7 +18,7 @@ from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ..sharding import path_str
 from ._int4 import check_bits_and_groups
 from ._linear import QuantizedLinear
-from ._qat import FakeQuantLinear, FakeQuantWeight
+from ._qat import FakeQuantLinear, FakeQuantWeight, grid_str
 from ._weight import QuantizedWeight
 
 
@@ -37,8 +37,9 @@ def quantize(
     scale 0). With `bits=4` the codes lie in `[-7, 7]` (`scale = max|w| / 7`) and are packed two
     to a byte; with a `group_size`, each output channel gets one scale per group of
     `group_size` consecutive inputs (int4 usually wants groups: `bits=4, group_size=128`). A
-    [`eqzoo.quant.FakeQuantLinear`][] from [`eqzoo.quant.prepare_qat`][] becomes the int8
-    per-channel `QuantizedLinear` computing what it computed. Biases stay floating, and so does
+    [`eqzoo.quant.FakeQuantLinear`][] from [`eqzoo.quant.prepare_qat`][] becomes the
+    `QuantizedLinear` computing what it computed; pass the `bits` and `group_size` it was
+    trained for (another grid is refused). Biases stay floating, and so does
     everything that is not a linear layer: the token and position embeddings, the norms, and
     the output head (GPT-2's head is tied to the embedding; Llama's `lm_head` is an embedding-
     shaped matrix too), which keep their dtype. Activations are not quantized: every product
@@ -73,7 +74,8 @@ def quantize(
     layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
     the model is already quantized, if a selected weight is not floating point, if `bits` is
     not 4 or 8, if `group_size` does not divide a selected layer's input size (naming the
-    layer), or if a QAT model (trained for the int8 per-channel grid) is asked for another.
+    layer), or if a layer of a QAT model is asked for another grid than `prepare_qat` trained
+    it for (naming both and the call that converts it).
     """
     check_bits_and_groups(bits, group_size, 2 * (group_size or 1), "quantize")  # bits, and group_size's type
     linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="quantize")
@@ -115,7 +117,7 @@ def quantize(
         if skipped(path):
             return layer
         if isinstance(layer, FakeQuantLinear):
-            _refuse_qat_regrid(path, bits, group_size)
+            _refuse_qat_regrid(path, layer, bits, group_size)
         base = layer.base if isinstance(layer, FakeQuantLinear) else layer
         if not jnp.issubdtype(base.weight.dtype, jnp.floating):
             raise ConfigError(
@@ -129,12 +131,17 @@ def quantize(
     return _quantize_experts(out, bits=bits, group_size=group_size) if experts else out
 
 
-def _refuse_qat_regrid(path: str, bits: int, group_size: int | None) -> None:
-    if bits != 8 or group_size is not None:
+def _refuse_qat_regrid(path: str, layer: FakeQuantLinear | FakeQuantWeight, bits: int, group_size: int | None) -> None:
+    # Refused, not converted: the QAT layer's outputs are what was trained and evaluated, and
+    # another grid would deploy a model nobody measured.
+    trained = (layer.bits, layer.group_size)
+    if (bits, group_size) != trained:
+        inputs = "contracted rows" if isinstance(layer, FakeQuantWeight) else "inputs"
         raise ConfigError(
-            f"quantize: {path} was trained by prepare_qat for the int8 per-channel grid; quantizing it with "
-            f"bits={bits}, group_size={group_size} would not compute what it trained. Convert it with "
-            "quantize(model) (bits=8, group_size=None), or drop the QAT rounding first: "
+            f"quantize: {path} was trained by prepare_qat for {grid_str(*trained, inputs)} (bits={trained[0]}, "
+            f"group_size={trained[1]}); quantizing it with bits={bits}, group_size={group_size} would not compute "
+            f"what it trained. Convert it with quantize(model, bits={trained[0]}, group_size={trained[1]}) "
+            "(with the same targets), or round the QAT weights again on purpose: "
             f"quantize(eqzoo.quant.dequantize(model), bits={bits}, group_size={group_size})."
         )
 
@@ -159,8 +166,8 @@ def _quantize_experts(model, *, refuse_quantized: bool = False, bits: int = 8, g
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = getattr(layer, name)
             where = f"{path_str(path)}.{name}"
-            if isinstance(w, FakeQuantWeight):  # from prepare_qat: the int8 weight it trained as
-                _refuse_qat_regrid(where, bits, group_size)
+            if isinstance(w, FakeQuantWeight):  # from prepare_qat: the quantized weight it trained as
+                _refuse_qat_regrid(where, w, bits, group_size)
                 w = w.base
             if isinstance(w, AbstractWeight) and not isinstance(w, QuantizedWeight):
                 raise ConfigError(

@@ -17,6 +17,7 @@ from eqzoo.generation._sampling import (
     check_sampling,
     check_stop_sequences,
     check_stop_tokens,
+    top_k_setting,
     traced_settings,
 )
 
@@ -606,37 +607,59 @@ SAMPLING = {"temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "repetition_penalty
         ("top_p", 1, 1.5, r"top_p must be in \(0, 1\] or None"),
         ("min_p", 1, 1.5, r"min_p must be a number in \[0, 1\] or None \(0 filters nothing\)"),
         ("repetition_penalty", 2, 0.0, r"repetition_penalty must be a finite number > 0 \(1\.0 is off; > 1 discourages repeats\)"),
+        ("top_k", 3, 0, r"top_k must be a positive integer or None"),
     ],
 )
 def test_sampling_settings_take_python_numbers_and_0d_arrays_alike(llama, name, whole, out_of_range, rule):
     # min_p and repetition_penalty refused 0-d arrays that temperature and top_p took; now each
     # setting takes a Python number or a concrete 0-d integer or floating array, NumPy or JAX.
+    # top_k refused 0-d integer arrays: it takes them too, and integers only (it sets a shape).
     def run(value):
         return eqzoo.generate(llama, PROMPT, max_new_tokens=3, key=jax.random.key(1), **SAMPLING | {name: value})
 
-    want = run(SAMPLING[name])
-    for kind in (np.float32, np.float64, np.asarray, jnp.asarray, lambda v: np.asarray(v, np.float32)):
-        np.testing.assert_array_equal(run(kind(SAMPLING[name])), want, err_msg=f"{name}: {kind}")  # float32 alike: exact
-    # Integers, too: checked alike, and handed to the loop as the float would be (top_p=1 is off: no second compile here).
-    want = traced_settings(**SAMPLING | {name: float(whole)})
-    for value in (whole, np.int64(whole), np.asarray(whole), jnp.asarray(whole, jnp.int32)):
-        check_sampling(**SAMPLING | {name: value}, top_k=None)
-        for got, expected in zip(traced_settings(**SAMPLING | {name: value}), want, strict=True):
-            np.testing.assert_array_equal(got, expected, err_msg=f"{name}: {value!r}")
-    refused = [
+    integers = (whole, np.int64(whole), np.int32(whole), np.asarray(whole), jnp.asarray(whole, jnp.int32))
+    if name == "top_k":
+        want = run(whole)
+        logits = jax.random.normal(jax.random.key(2), (64,))
+        drawn = sample_logits(logits, jax.random.key(3), temperature=0.7, top_k=whole)
+        for value in integers:
+            k = top_k_setting(value)
+            assert k == whole and type(k) is int, value  # handed on as a Python int: the same static setting
+            np.testing.assert_array_equal(run(value), want, err_msg=f"{name}: {value!r}")
+            assert int(sample_logits(logits, jax.random.key(3), temperature=0.7, top_k=value)) == int(drawn)
+        not_whole = [
+            (float(whole), rf"{rule}, got {float(whole)}"), (np.float32(whole), rf"{rule}, got .*dtype float32"),
+            (jnp.asarray(float(whole)), rf"{rule}, got .*dtype float32"), (np.asarray(-1), rf"{rule}, got -1"),
+        ]
+        one, traced = "integer", r"top_k is traced here .*a shape, so it must be concrete"
+    else:
+        want = run(SAMPLING[name])
+        for kind in (np.float32, np.float64, np.asarray, jnp.asarray, lambda v: np.asarray(v, np.float32)):
+            np.testing.assert_array_equal(run(kind(SAMPLING[name])), want, err_msg=f"{name}: {kind}")  # float32 alike: exact
+        # Integers, too: checked alike, and handed to the loop as the float would be (top_p=1 is off: no second compile here).
+        want = traced_settings(**SAMPLING | {name: float(whole)})
+        for value in integers:
+            check_sampling(**SAMPLING | {name: value}, top_k=None)
+            for got, expected in zip(traced_settings(**SAMPLING | {name: value}), want, strict=True):
+                np.testing.assert_array_equal(got, expected, err_msg=f"{name}: {value!r}")
+        not_whole = [
+            (np.asarray(0.5 + 0j), rf"{rule}, got .*dtype complex128"), (float("nan"), rf"{rule}, got nan"),
+            (np.float32("nan"), rf"{rule}, got nan"),
+        ]
+        one, traced = "number", rf"{name} is traced here .*call sample_logits, which takes a traced value"
+    refused = not_whole + [
         (True, rf"{rule}, got True"), (np.bool_(True), rf"{rule}, got np\.True_"),
-        (jnp.asarray(True), rf"{rule}, got .*dtype bool"), (np.asarray(0.5 + 0j), rf"{rule}, got .*dtype complex128"),
-        ("0.5", rf"{rule}, got '0\.5'"), (float("nan"), rf"{rule}, got nan"), (np.float32("nan"), rf"{rule}, got nan"),
+        (jnp.asarray(True), rf"{rule}, got .*dtype bool"), ("0.5", rf"{rule}, got '0\.5'"),
         (out_of_range, rf"{rule}, got {out_of_range}"), (jnp.asarray(out_of_range), rf"{rule}, got {out_of_range}"),
-        (np.full(2, SAMPLING[name]), rf"{name} must be one number \(a Python float or a 0-d array\); got an array of shape \(2,\)"),
-        (jnp.asarray([SAMPLING[name]]), rf"{name} must be one number .*shape \(1,\)"),
+        (np.full(2, whole), rf"{name} must be one {one} \(a Python (float|int) or a 0-d (integer )?array\); got an array of shape \(2,\)"),
+        (jnp.asarray([whole]), rf"{name} must be one {one} .*shape \(1,\)"),
     ]
     for value, match in refused:
         with pytest.raises(ConfigError, match=match):
             run(value)
     # Under the caller's own jax.jit the value is traced: said so (it raised TracerBoolConversionError).
-    with pytest.raises(ConfigError, match=rf"{name} is traced here .*call sample_logits, which takes a traced value"):
-        jax.jit(run)(SAMPLING[name])
+    with pytest.raises(ConfigError, match=traced):
+        jax.jit(run)(whole if name == "top_k" else SAMPLING[name])
 
 
 def test_stop_ids_take_integer_0d_arrays_as_eos_token_does():
