@@ -9,6 +9,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
@@ -115,6 +116,14 @@ def save_weights(model: Any, path: str | os.PathLike, *, metadata: dict[str, str
         tmp.unlink(missing_ok=True)
 
 
+def _floating(dtype_name: str) -> bool:
+    """Whether a dtype name (a safetensors or NumPy one, as `load_weights` reads them) is floating."""
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(dtype_name), jnp.floating))
+    except TypeError:
+        return False
+
+
 def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allow_config_change: bool = False) -> Any:
     """Load a safetensors file written by [`eqzoo.checkpoint.save_weights`][] into the structure
     of `like`.
@@ -125,7 +134,9 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
       preset name (the abstract model is built from it). Each leaf's sharding is kept (arrays
       and `ShapeDtypeStruct(..., sharding=...)`); otherwise arrays go to the first local device.
     - `path`: the `.safetensors` file.
-    - `cast`: allow dtypes to differ and cast to `like`'s (e.g. fp32 weights into a bf16 model).
+    - `cast`: allow floating dtypes to differ and cast to `like`'s (e.g. fp32 weights into a
+      bf16 model). Integer arrays (quantized codes) are never cast: a dtype that differs there
+      is refused.
     - `allow_config_change`: load even where `like`'s model config differs from the one the
       file records (beyond [`eqzoo.checkpoint.RESTORE_MAY_CHANGE`][]): a Mixtral's routing
       (`experts_per_token`, say) or a rotary base changes the model without changing a shape;
@@ -169,8 +180,14 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
         problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
         dtypes_differ = False
         for n, (shape, dtype) in expected.items():
-            if n in found and (found[n][0] != shape or (found[n][1] != dtype and not cast)):
-                problems.append(f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}")
+            # cast=True converts between floating dtypes only: integer arrays (quantized codes,
+            # counters) hold values a cast would change into other values, not rounder ones
+            castable = cast and _floating(found[n][1]) and _floating(dtype) if n in found else False
+            if n in found and (found[n][0] != shape or (found[n][1] != dtype and not castable)):
+                problems.append(
+                    f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}"
+                    + (" (cast=True converts floating dtypes only)" if cast and found[n][0] == shape else "")
+                )
                 dtypes_differ = dtypes_differ or (found[n][0] == shape and found[n][1] != dtype)
         if problems:
             # cast=True converts dtypes only: suggesting it for a shape mismatch would mislead.

@@ -189,3 +189,23 @@ def test_a_file_saved_with_other_non_array_settings_is_refused(tmp_path):
         header = {k: v for k, v in f.metadata().items() if k != "eqzoo.statics"}
     safetensors.numpy.save_file(tensors, str(path), metadata=header)
     assert checkpoint.load_weights(other, path).scale == 2.0
+
+
+class _Codes(eqx.Module):
+    """Integer codes beside a floating scale, as a quantized layer holds them."""
+
+    codes: jax.Array
+    scale: jax.Array
+
+
+def test_cast_converts_floating_dtypes_only(tmp_path):
+    path = tmp_path / "w.safetensors"
+    saved = _Codes(jnp.arange(-3, 3, dtype=jnp.int8).reshape(2, 3), jnp.ones((2,), jnp.float32))
+    checkpoint.save_weights(saved, path)
+    # the floating scale casts; the integer codes would turn into other values (uint8 wraps -3 to 253)
+    for codes in (jnp.zeros((2, 3), jnp.uint8), jnp.zeros((2, 3), jnp.float32)):
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=r"codes: expected \w+\(2, 3\), found int8\(2, 3\) \(cast=True converts floating dtypes only\)"):
+            checkpoint.load_weights(_Codes(codes, jnp.ones((2,), jnp.bfloat16)), path, cast=True)
+    loaded = checkpoint.load_weights(_Codes(jnp.zeros((2, 3), jnp.int8), jnp.ones((2,), jnp.bfloat16)), path, cast=True)
+    assert loaded.scale.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(loaded.codes), np.asarray(saved.codes))
