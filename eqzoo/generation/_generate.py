@@ -463,6 +463,10 @@ def generate(
       token id already in the prompt or generated so far, a positive logit is divided by it
       and a negative one multiplied (1.0, the default, is off; > 1 discourages repeats).
       Applied before temperature and the filters, in greedy decoding too.
+
+      Each of these settings is a Python number or a concrete 0-d NumPy/JAX array (an integer
+      one for `top_k`); a value traced under your own `jax.jit` is refused: call `generate`
+      outside it (it compiles its own loop), or draw with [`eqzoo.generation.sample_logits`][].
     - `eos_token`: stop token id (or a sequence of them); after it the output is `pad_token`,
       and decoding stops.
     - `stop_sequences`: multi-token stops, token-id sequences: once the generated tokens end
