@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8, UInt8
 
 from .._errors import ConfigError
-from ._int8 import QMAX, _check_floating, quantize_int8
+from ._int8 import QMAX, _check_floating, check_finite, dequantize_groups, quantize_groups
 
 QMAX4 = 7
 """The largest int4 code used: codes lie in `[-7, 7]`, symmetric about zero (-8 unused)."""
@@ -74,34 +74,6 @@ def unpack_int4(packed: UInt8[Array, "*lead n_half"]) -> Int8[Array, "*lead n"]:
     return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 
-def quantize_groups(w, qmax: int, group_size: int | None):
-    """Integer codes of `w` in `[-qmax, qmax]` (int8, unpacked) and their scales
-    `max|w| / qmax`, one per row (`group_size=None`: shape `(*lead, out)`) or per row and group
-    of `group_size` consecutive entries of the last axis (`(*lead, out, in // group_size)`)."""
-    w32 = w.astype(jnp.float32)
-    if group_size is None:
-        grouped = w32[..., None, :]  # (*lead, out, 1, in)
-    else:
-        grouped = w32.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)  # (*lead, out, groups, size)
-    scale = (jnp.max(jnp.abs(grouped), axis=-1) / qmax).astype(w.dtype)  # (*lead, out, groups)
-    s32 = scale.astype(jnp.float32)
-    safe = jnp.where(s32 > 0, s32, jnp.ones_like(s32))  # an all-zero group: any divisor gives 0
-    q = jnp.clip(jnp.round(grouped / safe[..., None]), -qmax, qmax).astype(jnp.int8).reshape(w.shape)
-    return q, (scale[..., 0] if group_size is None else scale)
-
-
-def dequantize_groups(q, scale, dtype):
-    """`q * scale` in `dtype` (computed in float32), `scale` per row `(*lead, out)` or per row and
-    group `(*lead, out, groups)`."""
-    q32 = q.astype(jnp.float32)
-    s32 = scale.astype(jnp.float32)
-    if scale.ndim == q.ndim - 1:
-        return (q32 * s32[..., None]).astype(dtype)
-    groups = scale.shape[-1]
-    w = q32.reshape(*q.shape[:-1], groups, q.shape[-1] // groups) * s32[..., None]  # (*lead, out, groups, size)
-    return w.reshape(q.shape).astype(dtype)
-
-
 def quantize_int4(
     w: Float[Array, "*lead out in"], group_size: int | None = None
 ) -> tuple[UInt8[Array, "*lead out in_half"], Float[Array, "*lead out"] | Float[Array, "*lead out groups"]]:
@@ -130,11 +102,7 @@ def quantize_int4(
     """
     _check_floating(w, "quantize_int4")
     check_bits_and_groups(4, group_size, w.shape[-1], "quantize_int4")
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-        raise ConfigError(
-            f"quantize_int4: the weight holds {int(jnp.sum(~jnp.isfinite(w)))} NaN or infinite value(s); "
-            "their groups would get a NaN or infinite scale. Fix the weights (a diverged run?) first."
-        )
+    check_finite(w, "quantize_int4")
     q, scale = quantize_groups(w, QMAX4, group_size)
     return pack_int4(q), scale
 
@@ -163,13 +131,9 @@ def quantize_weight(w, bits: int, group_size: int | None, what: str):
     `(*lead, out, in // 2)`) and scales (`(*lead, out)`, or `(*lead, out, groups)`)."""
     _check_floating(w, what)
     check_bits_and_groups(bits, group_size, w.shape[-1], what)
-    if bits == 8 and group_size is None:
-        return quantize_int8(w)  # the int8 per-channel path, unchanged
-    if bits == 4:
-        return quantize_int4(w, group_size)
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-        quantize_int8(w)  # raises, naming the count
-    return quantize_groups(w, QMAX, group_size)
+    check_finite(w, what)
+    q, scale = quantize_groups(w, qmax(bits), group_size)
+    return (pack_int4(q) if bits == 4 else q), scale
 
 
 def unpacked(codes, bits: int):

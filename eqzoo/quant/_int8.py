@@ -19,6 +19,45 @@ def _check_floating(w, what: str) -> None:
         )
 
 
+def check_finite(w, what: str) -> None:
+    """Raise `ConfigError` if `w` is concrete and holds NaN or infinity (its rows or groups would
+    get a NaN or infinite scale); a traced `w` is not checked."""
+    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
+        raise ConfigError(
+            f"{what}: the weight holds {int(jnp.sum(~jnp.isfinite(w)))} NaN or infinite value(s); "
+            "their rows would get a NaN or infinite scale. Fix the weights (a diverged run?) first."
+        )
+
+
+def quantize_groups(w, qmax: int, group_size: int | None):
+    """Integer codes of `w` in `[-qmax, qmax]` (int8, unpacked) and their scales
+    `max|w| / qmax`, one per row (`group_size=None`: shape `(*lead, out)`) or per row and group
+    of `group_size` consecutive entries of the last axis (`(*lead, out, in // group_size)`), in
+    `w`'s dtype; the codes are rounded against the stored scale, in float32."""
+    w32 = w.astype(jnp.float32)
+    if group_size is None:
+        grouped = w32[..., None, :]  # (*lead, out, 1, in)
+    else:
+        grouped = w32.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)  # (*lead, out, groups, size)
+    scale = (jnp.max(jnp.abs(grouped), axis=-1) / qmax).astype(w.dtype)  # (*lead, out, groups)
+    s32 = scale.astype(jnp.float32)
+    safe = jnp.where(s32 > 0, s32, jnp.ones_like(s32))  # an all-zero group: any divisor gives 0
+    q = jnp.clip(jnp.round(grouped / safe[..., None]), -qmax, qmax).astype(jnp.int8).reshape(w.shape)
+    return q, (scale[..., 0] if group_size is None else scale)
+
+
+def dequantize_groups(q, scale, dtype):
+    """`q * scale` in `dtype` (computed in float32), `scale` per row `(*lead, out)` or per row and
+    group `(*lead, out, groups)`."""
+    q32 = q.astype(jnp.float32)
+    s32 = scale.astype(jnp.float32)
+    if scale.ndim == q.ndim - 1:
+        return (q32 * s32[..., None]).astype(dtype)
+    groups = scale.shape[-1]
+    w = q32.reshape(*q.shape[:-1], groups, q.shape[-1] // groups) * s32[..., None]  # (*lead, out, groups, size)
+    return w.reshape(q.shape).astype(dtype)
+
+
 def quantize_int8(
     w: Float[Array, "*lead out in"],
 ) -> tuple[Int8[Array, "*lead out in"], Float[Array, "*lead out"]]:
@@ -40,17 +79,8 @@ def quantize_int8(
     NaN or infinity.
     """
     _check_floating(w, "quantize_int8")
-    if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-        raise ConfigError(
-            f"quantize_int8: the weight holds {int(jnp.sum(~jnp.isfinite(w)))} NaN or infinite value(s); "
-            "their rows would get a NaN or infinite scale. Fix the weights (a diverged run?) first."
-        )
-    w32 = w.astype(jnp.float32)
-    scale = (jnp.max(jnp.abs(w32), axis=-1) / QMAX).astype(w.dtype)  # (*lead, out)
-    s32 = scale.astype(jnp.float32)
-    safe = jnp.where(s32 > 0, s32, jnp.ones_like(s32))  # an all-zero row: any divisor gives 0
-    q = jnp.clip(jnp.round(w32 / safe[..., None]), -QMAX, QMAX).astype(jnp.int8)
-    return q, scale
+    check_finite(w, "quantize_int8")
+    return quantize_groups(w, QMAX, None)
 
 
 def dequantize_int8(
@@ -62,6 +92,5 @@ def dequantize_int8(
 
     **Returns:** the dequantized weight, shaped like `q`.
     """
-    w = q.astype(jnp.float32) * scale.astype(jnp.float32)[..., None]
-    return w.astype(scale.dtype)
+    return dequantize_groups(q, scale, scale.dtype)
 

@@ -10,7 +10,8 @@ from jaxtyping import Array, Float, Int8, UInt8
 
 from .._errors import ConfigError
 from ..nn import AbstractLinear
-from ._int4 import dequantize_groups, quantize_weight, unpacked
+from ._int4 import quantize_weight, unpacked
+from ._int8 import dequantize_groups
 
 
 def check_features(layer: eqx.nn.Linear, what: str) -> None:

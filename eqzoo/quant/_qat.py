@@ -10,8 +10,8 @@ from .._errors import ConfigError
 from ..nn import AbstractLinear, AbstractWeight, MoE, Targets, apply_linear, replace_linears
 from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ..sharding import path_str
-from ._int4 import check_bits_and_groups, dequantize_groups, qmax, quantize_groups
-from ._int8 import _check_floating, dequantize_int8, quantize_int8
+from ._int4 import check_bits_and_groups, qmax
+from ._int8 import _check_floating, check_finite, dequantize_groups, quantize_groups
 from ._linear import check_features, dense_linear
 
 
@@ -54,14 +54,10 @@ def fake_quantize(
     """
     _check_floating(w, "fake_quantize")
     check_bits_and_groups(bits, group_size, w.shape[-1], "fake_quantize")
+    check_finite(w, "fake_quantize")
     w0 = jax.lax.stop_gradient(w)
-    if bits == 8 and group_size is None:
-        rounded = dequantize_int8(*quantize_int8(w0))  # the int8 per-channel path, unchanged
-    else:
-        if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(w))):
-            quantize_int8(w)  # raises, naming the count
-        # quantize_int4 and quantize_weight round with these same two functions
-        rounded = dequantize_groups(*quantize_groups(w0, qmax(bits), group_size), w.dtype)
+    # quantize_int8, quantize_int4 and quantize_weight round with these same two functions
+    rounded = dequantize_groups(*quantize_groups(w0, qmax(bits), group_size), w.dtype)
     # `rounded + (w - w)` rather than `w + (rounded - w)`: the same gradient, and the value is
     # bit-for-bit the rounded weight (w - w is exactly 0; rounded - w then + w can be off by an ulp).
     return rounded + (w - w0)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int8, Shaped, UInt8
 
 from ..nn import AbstractWeight
-from ._int4 import dequantize_groups, quantize_weight, unpacked
+from ._int4 import quantize_weight, unpacked
+from ._int8 import dequantize_groups
 
 
 class QuantizedWeight(AbstractWeight):
