@@ -14,6 +14,15 @@ from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 
 
+def _check_0d(value, name: str, what: str) -> None:
+    """Raise `ConfigError` unless the array `value` is 0-d (`what`: what `name` must be)."""
+    if value.shape != ():
+        raise ConfigError(
+            f"{name} must be {what}; got an array of shape {shape_str(value.shape)}. One setting applies "
+            "to every row of a batch."
+        )
+
+
 def _setting(value, name: str, rule: str, valid) -> float:
     """A sampling setting as a Python float, after checking it: a Python int or float, or a
     concrete 0-d integer or floating NumPy or JAX array (`np.float32(0.9)`, `jnp.array(0.9)`),
@@ -26,11 +35,7 @@ def _setting(value, name: str, rule: str, valid) -> float:
             "jax.jit, or call sample_logits, which takes a traced value, in a step of your own."
         )
     if isinstance(value, np.ndarray | np.generic | jax.Array):
-        if value.shape != ():
-            raise ConfigError(
-                f"{name} must be one number (a Python float or a 0-d array); got an array of shape "
-                f"{shape_str(value.shape)}. One setting applies to every row of a batch."
-            )
+        _check_0d(value, name, "one number (a Python float or a 0-d array)")
         if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
             raise ConfigError(f"{name} must be {rule}, got {value!r} (dtype {value.dtype}).")
         number, shown = float(value), float(value)
@@ -62,11 +67,7 @@ def top_k_setting(value) -> int | None:
             "(jax.jit(..., static_argnames='top_k'))."
         )
     if isinstance(value, np.ndarray | np.generic | jax.Array):
-        if value.shape != ():
-            raise ConfigError(
-                f"top_k must be one integer (a Python int or a 0-d integer array); got an array of shape "
-                f"{shape_str(value.shape)}. One setting applies to every row of a batch."
-            )
+        _check_0d(value, "top_k", "one integer (a Python int or a 0-d integer array)")
         if not jnp.issubdtype(value.dtype, jnp.integer):
             raise ConfigError(f"{rule}, got {value!r} (dtype {value.dtype}).")
         number = int(value)
