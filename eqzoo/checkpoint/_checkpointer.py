@@ -8,52 +8,32 @@ when every file is written, so a step is either listed complete or not listed at
 """
 
 import os
-import shutil
-import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import Sharding
 
 from .._typing import TextStream
 from ..train import TrainState
 from ._config import model_config
-from ._errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from ._errors import CheckpointCorruptError, CheckpointError
 from ._exit import OPEN, track_open
-from ._hyperparams import HyperparamsChoice, Resolved, check_choice, reconcile, set_names
-from ._integrity import VerifiedPyTreeHandler, check_step_files
-from ._meta import (
-    CheckpointMeta,
-    Restored,
-    build_meta,
-    check_config,
-    check_fit,
-    check_model_class,
-    meta_object,
-    renamed_codes,
-    validate_meta,
-)
+from ._hyperparams import HyperparamsChoice, check_choice, set_names
+from ._integrity import VerifiedPyTreeHandler
+from ._meta import CheckpointMeta, Restored, build_meta, meta_object
+from ._progress import SaveProgress
+from ._restore import ShardingSpec, read_meta, restore_step
 from ._run import run_record, warn_changed_run, warn_newer_steps
-from ._statics import StaticsCache, check_statics
-from ._tree import (
-    describe,
-    from_stored,
-    restore_specs,
-    state_names,
-    to_stored,
-)
-
-_STATE, _META = "state", "meta"
-_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
-
-ShardingSpec = Sharding | Callable[[str, Any], Sharding] | None
+from ._signals import StopSignals
+from ._statics import StaticsCache
+from ._steps import META, STATE, committed_steps, pick_steps, quarantine, remove_unfinished
+from ._tree import describe, state_names, to_stored
 
 
 def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
@@ -62,13 +42,6 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
     return int(value)
-
-
-def _committed_steps(directory: Path) -> list[int]:
-    if not directory.is_dir():
-        return []
-    # Orbax's own listing: numeric step directories only; temporary (uncommitted) ones are skipped.
-    return sorted(m.step for m in ocp.step.standard_name_format().find_all(directory))
 
 
 class Checkpointer:
@@ -122,13 +95,12 @@ class Checkpointer:
         compression: bool = False,
         progress: TextStream | None = None,
     ):
-        self._progress = progress if jax.process_index() == 0 else None
         self._async = async_save
-        self._pending: tuple[int, float] | None = None  # (step, when its save began), until seen committed
         self._save_every = _check_count("save_every", save_every, allow_none=True)
         keep_last = _check_count("keep_last", keep_last, allow_none=True)
         keep_every = _check_count("keep_every", keep_every, allow_none=True)
         self._directory = Path(directory).absolute()
+        self._progress = SaveProgress(progress if jax.process_index() == 0 else None, self._directory)
         self._existed = self._directory.is_dir()
         self._fallback = fallback_to_intact
         self._config = config
@@ -138,10 +110,10 @@ class Checkpointer:
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         state_handler = VerifiedPyTreeHandler(use_ocdbt=False, use_compression=compression)
         meta_handler = ocp.JsonCheckpointHandler()
-        registry.add(_STATE, ocp.args.PyTreeSave, state_handler)
-        registry.add(_STATE, ocp.args.PyTreeRestore, state_handler)
-        registry.add(_META, ocp.args.JsonSave, meta_handler)
-        registry.add(_META, ocp.args.JsonRestore, meta_handler)
+        registry.add(STATE, ocp.args.PyTreeSave, state_handler)
+        registry.add(STATE, ocp.args.PyTreeRestore, state_handler)
+        registry.add(META, ocp.args.JsonSave, meta_handler)
+        registry.add(META, ocp.args.JsonRestore, meta_handler)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
@@ -154,20 +126,12 @@ class Checkpointer:
         self._last_saved: int | None = None
         self._restored_step: int | None = None
         self._current_step: int | None = None
-        self._signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
         self._closed = False
         self._warned_no_data_state = False
         self._statics = StaticsCache()
         self._run: dict[str, Any] | None = None
         self._set_by_restore: frozenset[str] = frozenset()  # injected values the last restore was told to set
-        if handle_signals and threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous = signal.getsignal(sig)
-                if previous == signal.SIG_IGN:  # the process ignores it (nohup, a runner): so do we
-                    continue
-                self._previous_handlers[sig] = previous
-                signal.signal(sig, self._on_signal)
+        self._signals = StopSignals(handle_signals)
         track_open(self)
 
     # ------------------------------------------------------------------ listing
@@ -179,7 +143,7 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """The committed steps in the directory, oldest first (in-flight saves are not listed)."""
-        return _committed_steps(self._directory)
+        return committed_steps(self._directory)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or `None` when there is none."""
@@ -234,7 +198,7 @@ class Checkpointer:
                 "delete the newer steps, or use another directory."
             )
         if self._last_saved is None:
-            self._remove_unfinished()
+            remove_unfinished(self._directory)
         began = time.perf_counter()
         names = state_names(state)
         items = {name: to_stored(leaf) for name, leaf in zip(names, state.arrays, strict=True)}
@@ -251,43 +215,13 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                **{_STATE: ocp.args.PyTreeSave(items), _META: ocp.args.JsonSave(meta)}
+                **{STATE: ocp.args.PyTreeSave(items), META: ocp.args.JsonSave(meta)}
             ),
             force=True,
         )
         self._last_saved = step
-        if self._progress is not None:
-            self._report_commit()  # the previous save, if it committed meanwhile
-            waited = time.perf_counter() - began
-            how = "copied off the device" if self._async else "written"
-            self._say(f"saving step {step} to {self._directory} (training waited {waited:.2f}s while it was {how})")
-            self._pending = (step, began)
-            self._report_commit()  # a synchronous save is committed already
+        self._progress.started(step, began, asynchronous=self._async)
         return True
-
-    def _say(self, line: str) -> None:
-        print(f"checkpoint: {line}", file=self._progress, flush=True)
-
-    def _report_commit(self, *, finished: bool = False) -> None:
-        # One stat call while a save is pending: cheap enough for every step. `finished`: the
-        # writes are over, so a step not committed now never will be.
-        if self._pending is None:
-            return
-        step, began = self._pending
-        if self._step_dir(step).is_dir():
-            self._pending = None
-            self._say(f"step {step} committed, {time.perf_counter() - began:.1f}s after its save began")
-        elif finished:
-            self._pending = None
-            self._say(f"step {step} was NOT committed (its write failed; see the errors above)")
-
-    def _remove_unfinished(self) -> None:
-        # Temporary step directories of saves that never committed (the writer was killed).
-        if jax.process_index() != 0 or not self._directory.is_dir():
-            return
-        for path in self._directory.iterdir():
-            if _TMP in path.name and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
 
     def maybe_save(self, state: TrainState, batches: Any = None, *, force: bool = False, step: int | None = None) -> bool:
         """The [`eqzoo.train.fit`][] hook, called after every step: save when the step is a
@@ -299,12 +233,11 @@ class Checkpointer:
         **Returns:** whether a save was started.
         """
         step = int(state.step) if step is None else int(step)
-        if self._pending is not None:
-            self._report_commit()
+        self._progress.check()
         if self._current_step is None and self._restored_step is not None:
             warn_newer_steps(self._restored_step, self.all_steps(), self._directory)
         self._current_step = step
-        due = force or self._signal is not None or (self._save_every is not None and step % self._save_every == 0)
+        due = force or self._signals.received is not None or (self._save_every is not None and step % self._save_every == 0)
         if not due:
             return False
         state_dict = getattr(batches, "state_dict", None)
@@ -341,7 +274,7 @@ class Checkpointer:
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT was received and the current step is saved and committed
         (this call waits for the commit)."""
-        if self._signal is None or self._current_step is None or self._current_step != self._last_saved:
+        if self._signals.received is None or self._current_step is None or self._current_step != self._last_saved:
             return False
         self.wait()
         return True
@@ -349,30 +282,7 @@ class Checkpointer:
     @property
     def stop_signal(self) -> int | None:
         """The signal number that asked training to stop, or `None`."""
-        return self._signal
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:
-            # A second signal: stop waiting for a clean save and behave as without us. The previous
-            # handler is called here, synchronously (re-raising the signal would run it at some
-            # later bytecode, possibly after the interrupted code has moved on).
-            previous = self._previous_handlers.get(signum, signal.SIG_DFL)
-            self._restore_signals()
-            if callable(previous):
-                previous(signum, frame)  # default_int_handler raises KeyboardInterrupt here
-            elif previous == signal.SIG_DFL:
-                signal.raise_signal(signum)  # the default action (terminate) happens at once
-            return
-        self._signal = signum
-        name = signal.Signals(signum).name
-        os.write(2, f"eqzoo.checkpoint: received {name}; saving the current step, then stopping "
-                    f"(send {name} again to stop at once).\n".encode())
-
-    def _restore_signals(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            if signal.getsignal(sig) == self._on_signal:  # not if someone replaced ours since
-                signal.signal(sig, handler)
-        self._previous_handlers = {}
+        return self._signals.received
 
     def wait(self) -> None:
         """Block until every started save is committed."""
@@ -385,11 +295,11 @@ class Checkpointer:
         self._closed = True
         try:
             self._manager.wait_until_finished()
-            self._report_commit(finished=True)
+            self._progress.check(finished=True)
             self._manager.close()
         finally:
             if threading.current_thread() is threading.main_thread():
-                self._restore_signals()
+                self._signals.restore()
             OPEN.discard(self)
 
     def __enter__(self) -> "Checkpointer":
@@ -403,19 +313,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring
 
-    def _step_dir(self, step: int) -> Path:
-        return self._directory / str(step)
-
     def _read_meta(self, step: int) -> dict[str, Any]:
-        path = self._step_dir(step) / _META
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
-        except Exception as err:  # orbax wraps JSON and IO errors in several types
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory}: its metadata ({path}) cannot be read: {err}",
-                step=step, parameters=("<metadata>",),
-            ) from err
-        return validate_meta(meta, step=step, where=f"step {step} in {self._directory}", path=path)
+        return read_meta(self._manager, self._directory, step)
 
     def meta(self, step: int | None = None) -> CheckpointMeta:
         """The metadata of `step` (default: the newest committed step), without reading arrays.
@@ -423,27 +322,8 @@ class Checkpointer:
         Useful to build the restore target from the stored config:
         `abstract_state(ckpt.meta().config, optimizer)`.
         """
-        step = self._pick_steps(step)[0]
+        step = pick_steps(self._directory, step, existed=self._existed)[0]
         return meta_object(self._read_meta(step))
-
-    def _pick_steps(self, step: int | None) -> list[int]:
-        steps = self.all_steps()
-        if not steps:
-            if not self._existed and not any(self._directory.iterdir()):
-                why = "the directory did not exist (it was created empty)"
-            else:
-                tmp = [p.name for p in self._directory.iterdir() if _TMP in p.name]
-                why = "it holds no committed step" + (
-                    f" (only unfinished saves {tmp}, which are never restored)" if tmp else ""
-                )
-            raise CheckpointNotFoundError(f"no checkpoint to restore in {self._directory}: {why}.")
-        if step is not None:
-            if int(step) not in steps:
-                raise CheckpointNotFoundError(
-                    f"step {step} is not a committed step in {self._directory}; committed steps: {steps}."
-                )
-            return [int(step)]
-        return sorted(steps, reverse=True)
 
     def restore(
         self,
@@ -500,18 +380,21 @@ class Checkpointer:
                 f"Checkpointer.restore needs a TrainState target (real or from abstract_state); got {type(target).__name__}."
             )
         chosen = check_choice(hyperparams, target, state_names(target))
-        candidates = self._pick_steps(step)
+        candidates = pick_steps(self._directory, step, existed=self._existed)
         if step is not None or not self._fallback:
             candidates = candidates[:1]
         corrupt: list[CheckpointCorruptError] = []
         for s in candidates:
             try:
-                restored = self._restore_step(target, s, shardings, allow_config_change, chosen)
+                restored = restore_step(
+                    self._manager, self._directory, target, s, shardings, self._stored_config(target),
+                    allow_config_change, chosen,
+                )
             except CheckpointCorruptError as err:
                 corrupt.append(err)
                 continue
             if corrupt:
-                moved = [self._quarantine(err.step) for err in corrupt]
+                moved = [quarantine(self._manager, self._directory, err.step) for err in corrupt]
                 warnings.warn(
                     f"restored step {s}, the newest intact step, because step(s) "
                     f"{[err.step for err in corrupt]} are damaged (moved aside to {moved}):\n"
@@ -528,7 +411,7 @@ class Checkpointer:
                 raise CheckpointCorruptError(
                     f"{err}\nEarlier committed steps: {older}. To resume from the newest intact one, "
                     "construct the Checkpointer with fallback_to_intact=True (it moves the damaged "
-                    f"step aside to corrupt-{err.step}-<time>/), or move {self._step_dir(err.step)} "
+                    f"step aside to corrupt-{err.step}-<time>/), or move {self._directory / str(err.step)} "
                     f"out of {self._directory} yourself.",
                     step=err.step, parameters=err.parameters,
                 ) from err
@@ -539,64 +422,7 @@ class Checkpointer:
             parameters=corrupt[0].parameters,
         ) from corrupt[0]
 
-    def _quarantine(self, step: int) -> str:
-        if jax.process_index() != 0:
-            return str(self._step_dir(step))
-        dest = self._directory / f"corrupt-{step}-{int(time.time())}"
-        os.replace(self._step_dir(step), dest)
-        self._manager.reload()
-        return str(dest)
-
     def _stored_config(self, state: TrainState) -> Any:
         """The config `save` stores for `state` unless given one: the constructor's, else the
         model's own."""
         return self._config if self._config is not None else model_config(getattr(state.structure.static, "model", None))
-
-    def _restore_step(
-        self, target: TrainState, step: int, shardings: ShardingSpec, allow_config_change: bool = False,
-        hyperparams: Resolved = "saved",
-    ) -> Restored:
-        meta = self._read_meta(step)
-        names = state_names(target)
-        leaves = dict(zip(names, target.arrays, strict=True))
-        expected = {name: describe(leaf) for name, leaf in leaves.items()}
-        where = f"step {step} in {self._directory}"
-        if not allow_config_change:
-            check_model_class(meta.get("config"), self._stored_config(target), where=where)
-        stored_as = renamed_codes(expected, meta["arrays"])  # int8 codes older eqzoo saved as `weight`
-        found = {n: spec for n, spec in meta["arrays"].items() if n not in stored_as.values()}
-        found.update({n: meta["arrays"][old] for n, old in stored_as.items()})
-        check_fit(expected, found, where=where)
-        if not allow_config_change:
-            check_config(meta.get("config"), self._stored_config(target), where=where)
-            check_statics(meta.get("statics"), target.model, where=where)
-        check_step_files(self._step_dir(step) / _STATE, {stored_as.get(n, n) for n in leaves}, step=step, where=where)
-        abstract, restore_args = restore_specs(leaves, shardings, stored_as)
-        try:
-            stored = self._read_arrays(step, abstract, restore_args)
-        except Exception as err:  # TensorStore read failures surface as several exception types
-            bad = self._unreadable(step, abstract, restore_args)
-            raise CheckpointCorruptError(
-                f"step {step} in {self._directory}: reading the arrays failed for parameter(s) {bad}: "
-                f"{str(err).splitlines()[0][:300]}",
-                step=step, parameters=tuple(bad),
-            ) from err
-        arrays = tuple(from_stored(stored[stored_as.get(name, name)], leaves[name]) for name in names)
-        arrays = reconcile(target, arrays, names, hyperparams, where)
-        state = TrainState(arrays, target.structure)
-        info = meta_object(meta)
-        return Restored(state, info.data_state, info)
-
-    def _read_arrays(self, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
-        args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
-        return self._manager.restore(step, args=ocp.args.Composite(**{_STATE: args}))[_STATE]
-
-    def _unreadable(self, step: int, abstract: dict, restore_args: dict) -> list[str]:
-        # Only on the error path: read the arrays one at a time to name the ones that fail.
-        bad = []
-        for name in abstract:
-            try:
-                self._read_arrays(step, {name: abstract[name]}, {name: restore_args[name]}, partial=True)
-            except Exception:
-                bad.append(name)
-        return bad

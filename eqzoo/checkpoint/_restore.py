@@ -1,0 +1,95 @@
+"""Reading one committed step back: its metadata, the checks that it fits the restore target,
+and its arrays, placed as the target asks."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from jax.sharding import Sharding
+
+from ..train import TrainState
+from ._errors import CheckpointCorruptError
+from ._hyperparams import Resolved, reconcile
+from ._integrity import check_step_files
+from ._meta import (
+    Restored,
+    check_config,
+    check_fit,
+    check_model_class,
+    meta_object,
+    renamed_codes,
+    validate_meta,
+)
+from ._statics import check_statics
+from ._steps import META, STATE
+from ._tree import describe, from_stored, restore_specs, state_names
+
+ShardingSpec = Sharding | Callable[[str, Any], Sharding] | None
+
+
+def read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, Any]:
+    """The validated metadata of `step`; `CheckpointCorruptError` if it cannot be read."""
+    path = directory / str(step) / META
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    except Exception as err:  # orbax wraps JSON and IO errors in several types
+        raise CheckpointCorruptError(
+            f"step {step} in {directory}: its metadata ({path}) cannot be read: {err}",
+            step=step, parameters=("<metadata>",),
+        ) from err
+    return validate_meta(meta, step=step, where=f"step {step} in {directory}", path=path)
+
+
+def restore_step(
+    manager: ocp.CheckpointManager, directory: Path, target: TrainState, step: int, shardings: ShardingSpec,
+    stored_config: Any, allow_config_change: bool = False, hyperparams: Resolved = "saved",
+) -> Restored:
+    """Restore `step` into the structure of `target` (see `Checkpointer.restore`); `stored_config`
+    is the config a save of `target` would store, compared with the saved one."""
+    meta = read_meta(manager, directory, step)
+    names = state_names(target)
+    leaves = dict(zip(names, target.arrays, strict=True))
+    expected = {name: describe(leaf) for name, leaf in leaves.items()}
+    where = f"step {step} in {directory}"
+    if not allow_config_change:
+        check_model_class(meta.get("config"), stored_config, where=where)
+    stored_as = renamed_codes(expected, meta["arrays"])  # int8 codes older eqzoo saved as `weight`
+    found = {n: spec for n, spec in meta["arrays"].items() if n not in stored_as.values()}
+    found.update({n: meta["arrays"][old] for n, old in stored_as.items()})
+    check_fit(expected, found, where=where)
+    if not allow_config_change:
+        check_config(meta.get("config"), stored_config, where=where)
+        check_statics(meta.get("statics"), target.model, where=where)
+    check_step_files(directory / str(step) / STATE, {stored_as.get(n, n) for n in leaves}, step=step, where=where)
+    abstract, restore_args = restore_specs(leaves, shardings, stored_as)
+    try:
+        stored = _read_arrays(manager, step, abstract, restore_args)
+    except Exception as err:  # TensorStore read failures surface as several exception types
+        bad = _unreadable(manager, step, abstract, restore_args)
+        raise CheckpointCorruptError(
+            f"step {step} in {directory}: reading the arrays failed for parameter(s) {bad}: "
+            f"{str(err).splitlines()[0][:300]}",
+            step=step, parameters=tuple(bad),
+        ) from err
+    arrays = tuple(from_stored(stored[stored_as.get(name, name)], leaves[name]) for name in names)
+    arrays = reconcile(target, arrays, names, hyperparams, where)
+    state = TrainState(arrays, target.structure)
+    info = meta_object(meta)
+    return Restored(state, info.data_state, info)
+
+
+def _read_arrays(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
+    args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
+    return manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+
+def _unreadable(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict) -> list[str]:
+    # Only on the error path: read the arrays one at a time to name the ones that fail.
+    bad = []
+    for name in abstract:
+        try:
+            _read_arrays(manager, step, {name: abstract[name]}, {name: restore_args[name]}, partial=True)
+        except Exception:
+            bad.append(name)
+    return bad
