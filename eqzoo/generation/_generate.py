@@ -1,7 +1,7 @@
 """Autoregressive decoding with a KV cache, compiled as one program."""
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, no_type_check
 
 import equinox as eqx
@@ -15,6 +15,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ..nn._fields import with_fields
+from ._processors import LogitsProcessor, apply_processors, check_processors, logit_bias_vector
 from ._prompts import as_prompts, host_values, prompt_batch
 from ._sampling import (
     check_sampling,
@@ -52,6 +53,7 @@ class _RowLoop(NamedTuple):
 def _row_loop(
     model, shape, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
     cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None, count=False,
+    logit_bias=None, processors=(), row_limits=None,
 ) -> _RowLoop:
     """The token loop over a batch of prompts of `shape`, each row at its own position. Each
     step's work is per row (`vmap`); the token loop runs outside the `vmap`, so that with
@@ -89,7 +91,10 @@ def _row_loop(
         return {**state, "cache": cache, "last": last}
 
     def start(prompts, lengths, keys):
-        return {**jax.vmap(start_row)(prompts, lengths), "key": keys}
+        state = {**jax.vmap(start_row)(prompts, lengths), "key": keys}
+        if row_limits is not None:
+            state["limit"] = jnp.asarray(row_limits, jnp.int32)
+        return state
 
     def emit(i, state, logits, length):
         """Token `i` after the prompt, drawn from `logits` (the position before it) with
@@ -98,11 +103,14 @@ def _row_loop(
         (buf, logps), done = state["out"], state["done"]
         key, sub = jax.random.split(state["key"])
         state = dict(state)
-        if repetition_penalty is not None:  # transformers' order: the penalty, then temperature and the filters
-            tok = jnp.where(done, pad_token, sample(penalize_repeats(logits, state["seen"], repetition_penalty), sub))
+        # transformers' order: the penalty, then (eqzoo's) the bias and the user's processors,
+        # then temperature and the filters
+        scores = logits if repetition_penalty is None else penalize_repeats(logits, state["seen"], repetition_penalty)
+        if logit_bias is not None or processors:
+            scores = apply_processors(scores, buf, length + i, jnp.asarray(i, jnp.int32), logit_bias=logit_bias, processors=processors)
+        tok = jnp.where(done, pad_token, sample(scores, sub))
+        if repetition_penalty is not None:
             state["seen"] = state["seen"].at[jnp.where(done, vocab, tok)].set(True, mode="drop")
-        else:
-            tok = jnp.where(done, pad_token, sample(logits, sub))
         buf = buf.at[length + i].set(tok)
         if logps is not None:  # under the decoding model's own distribution: no penalty, no temperature, no filtering
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
@@ -115,6 +123,8 @@ def _row_loop(
         if stop_sequences is not None:
             state["recent"] = jnp.concatenate([state["recent"][1:], tok[None]])
             finished = finished | ends_with_stop(state["recent"], stop_sequences)
+        if row_limits is not None:  # this row's own max_new_tokens reached
+            finished = finished | (i + 1 >= state["limit"])
         return {**state, "out": (buf, logps), "done": finished, "key": key}, tok
 
     @rows
@@ -316,6 +326,8 @@ def generate_batch(
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
     return_logprobs: bool = False,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Int[Array, "batch total"] | tuple[Int[Array, "batch total"], Float[Array, "batch total"]]:
     """Continue a batch of prompts of different lengths, in one compiled program.
 
@@ -332,7 +344,11 @@ def generate_batch(
       (1 for a token), padded on the left (`padding_side="left"`, transformers' habit for
       decoding) or on the right, row by row. The output is right-padded either way: row `i`
       starts with its prompt's tokens.
-    - `max_new_tokens`, `key`, `temperature`, `top_k`, `top_p`, `min_p`,
+    - `max_new_tokens`: as in [`eqzoo.generate`][], or one limit per row (a list or 1-D
+      array of `batch` ints >= 1): the loop is compiled for the largest, and row `i` stops
+      after its own `max_new_tokens[i]` tokens (as at `eos_token`: `pad_token` after them).
+      Other limits with the same largest compile nothing new.
+    - `key`, `temperature`, `top_k`, `top_p`, `min_p`,
       `repetition_penalty`: as in [`eqzoo.generate`][]. Each row's penalty counts its own
       prompt's real tokens and its generated ones, never the padding (transformers' batched
       `generate` counts a left-padded row's pad id as seen; eqzoo decodes such a row as
@@ -361,22 +377,36 @@ def generate_batch(
       `repetition_penalty`, `temperature`, `top_k`, `top_p` and `min_p`): the score an RL or evaluation loop needs. With a
       cache in the model's dtype it is what `jax.nn.log_softmax(model(tokens))` gives at the
       position before the token, to rounding; with a narrower `cache_dtype` it includes that
-      cache's rounding, as the tokens do.
+      cache's rounding, as the tokens do. `logit_bias` and `logits_processors` do not change
+      them either: a banned token the model favours still has its own high log-probability.
+    - `logits_processors`: a sequence of [`eqzoo.generation.LogitsProcessor`][]s, functions
+      or `equinox.Module`s `fn(logits, tokens, position, step) -> logits` applied to each
+      row's logits at each step, in order, inside the compiled loop: after the repetition
+      penalty and `logit_bias`, before temperature and the filters (greedy decoding takes the
+      argmax of what they return). A processor sees one row. The same function object
+      compiles once; a new `lambda` per call compiles the loop again every time; a Module's
+      array fields are arguments of the compiled loop (a new value compiles nothing).
+    - `logit_bias`: a mapping of token id to a bias added to its logit at every step (the
+      OpenAI API's `logit_bias`): `-inf` (or a large negative number) bans a token, a large
+      positive one all but forces it. Passed as a dense `(vocab,)` float32 argument: other ids,
+      values or numbers of entries compile nothing new. Ids must lie in the vocabulary; NaN,
+      `+inf` and a bias that bans every id are refused.
 
-    The loop is compiled once per prompt shape, `max_new_tokens`, number of stop tokens,
+    The loop is compiled once per prompt shape, `max_new_tokens` (the largest, per row), number of stop tokens,
     number and longest length of the stop sequences, `top_k`, whether it samples at all,
     whether it filters by `top_p` and by `min_p`, and whether `repetition_penalty` is 1.0: a new
-    `temperature`, `top_p`, `min_p` or penalty value, stop or pad id (per request, say) reuses
-    the compiled program. The order on each step's logits is transformers': repetition
-    penalty, then temperature, top-k, top-p, min-p. Padding past
+    `temperature`, `top_p`, `min_p` or penalty value, stop or pad id, `logit_bias` (per request,
+    say) reuses the compiled program; each plain-function processor is part of it. The order
+    on each step's logits: the repetition penalty, then `logit_bias` and `logits_processors`,
+    then temperature, top-k, top-p, min-p (transformers' order, for those it has). Padding past
     each row's length may hold any id, even one outside the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when
     assignments are dropped (decoding steps drop nothing); `"dense"` or `"ragged"` layers
     ([`eqzoo.models.Mixtral.with_moe_implementation`][]) never drop.
 
-    **Returns:** `(batch, seq + max_new_tokens)` tokens: row `i` is its prompt, then its
-    `max_new_tokens` generated tokens, then padding. With `return_logprobs`, `(tokens,
+    **Returns:** `(batch, seq + max_new_tokens)` tokens (the largest, with per-row limits): row
+    `i` is its prompt, then its generated tokens, then padding. With `return_logprobs`, `(tokens,
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
@@ -384,7 +414,8 @@ def generate_batch(
         model, prompts, lengths, "generate_batch", max_new_tokens=max_new_tokens, attention_mask=attention_mask, key=key,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         eos_token=eos_token, stop_sequences=stop_sequences, pad_token=pad_token, use_cache=use_cache,
-        cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+        cache_dtype=cache_dtype, return_logprobs=return_logprobs, logits_processors=logits_processors,
+        logit_bias=logit_bias,
     )
     return _generate_batch_jit(model, prompts, lengths, key, unroll_layers=resolve_unroll(unroll_layers), **settings)
 
@@ -392,14 +423,17 @@ def generate_batch(
 def prepare_batch(
     model, prompts, lengths, who: str, *, max_new_tokens, attention_mask, key, temperature, top_k, top_p, min_p,
     repetition_penalty, eos_token, stop_sequences, pad_token, use_cache, cache_dtype, return_logprobs,
+    logits_processors=None, logit_bias=None,
 ) -> tuple:
     """`generate_batch`'s arguments checked and as its compiled loop takes them: `(prompts,
     lengths, key, settings)`, `settings` the loop's keyword arguments (static values and NumPy
     arrays: see `loop_settings`) but `unroll_layers`. `who` names the caller in errors."""
     check_model(model, who)
+    caller = who  # `who` may become "generate" below, for the messages generate_batch has always given
     prompts = as_prompts(prompts, who)
     if prompts.ndim != 2:
         raise ShapeError(f"{who} takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
+    max_new_tokens, row_limits = _row_limits(max_new_tokens, prompts.shape[0], who)
     _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p, repetition_penalty)
     if cache_dtype is not None:
         if not use_cache:
@@ -418,8 +452,31 @@ def prepare_batch(
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         stop_sequences=traced_stop_sequences(stop_sequences),
         use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+        logit_bias=logit_bias_vector(logit_bias, model.config.vocab_size, caller),
+        processors=check_processors(logits_processors, caller), row_limits=row_limits,
     )
     return prompts, lengths, loop_key(key), settings
+
+
+@no_type_check  # validated here, with messages that say how to fix the call
+def _row_limits(max_new_tokens, batch: int, who: str) -> tuple:
+    """`(max_new_tokens, row_limits)`: an int `max_new_tokens` as it is, with `None`; a sequence
+    or 1-D array of one int >= 1 per row as its largest (the loop's static length) and an int32
+    `(batch,)` NumPy array (traced: other limits with the same largest compile nothing new)."""
+    if isinstance(max_new_tokens, list | tuple) or getattr(max_new_tokens, "ndim", 0) == 1:
+        if isinstance(max_new_tokens, jax.core.Tracer):
+            raise ConfigError(f"{who}: per-row max_new_tokens must be concrete (a list or NumPy array), not traced.")
+        limits = list(np.asarray(max_new_tokens).tolist()) if hasattr(max_new_tokens, "ndim") else list(max_new_tokens)
+        if len(limits) != batch:
+            raise ConfigError(
+                f"{who}: max_new_tokens holds {len(limits)} limits for a batch of {batch} prompts; give one per row "
+                "(or one int for all)."
+            )
+        for n in limits:
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+                raise ConfigError(f"{who}: each per-row max_new_tokens must be an integer >= 1, got {limits}.")
+        return max(limits), np.asarray(limits, np.int32)
+    return max_new_tokens, None
 
 
 @no_type_check  # validated below with messages that say how to fix the call
@@ -441,6 +498,8 @@ def generate(
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
     return_logprobs: bool = False,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> Int[Array, " total"] | tuple[Int[Array, " total"], Float[Array, " total"]]:
     """Continue one prompt with up to `max_new_tokens` tokens, decoding with the KV cache.
 
@@ -473,14 +532,19 @@ def generate(
       with one, decoding stops as at `eos_token` (the stop is kept); see
       [`eqzoo.generation.generate_batch`][].
     - `use_cache`: `False` recomputes the whole prefix each step (slower; for checking).
-    - `unroll_layers`, `cache_dtype`, `return_logprobs`: as in
-      [`eqzoo.generation.generate_batch`][].
+    - `unroll_layers`, `cache_dtype`, `return_logprobs`, `logits_processors`, `logit_bias`: as
+      in [`eqzoo.generation.generate_batch`][] (a processor sees the one row, `(vocab,)`).
 
     **Returns:** the prompt followed by the generated tokens, `seq + max_new_tokens` long;
     with `return_logprobs`, `(tokens, logprobs)`, the generated tokens' log-probabilities at
     their positions and 0 elsewhere.
     """
     check_model(model, "generate")
+    if isinstance(max_new_tokens, list | tuple) or getattr(max_new_tokens, "ndim", 0) == 1:
+        raise ConfigError(
+            f"generate decodes one prompt: max_new_tokens must be one int, got {max_new_tokens!r} (per-row limits "
+            "are eqzoo.generation.generate_batch's)."
+        )
     prompt = as_prompts(prompt, "generate")
     if prompt.ndim != 1:
         raise ShapeError(
@@ -499,5 +563,6 @@ def generate(
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token=eos_token,
         stop_sequences=stop_sequences, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=unroll_layers, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+        logits_processors=logits_processors, logit_bias=logit_bias,
     )
     return jax.tree.map(lambda a: a[0], out)

@@ -35,7 +35,7 @@ one-pass check and single-token steps round differently.
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import no_type_check
 
 import equinox as eqx
@@ -257,6 +257,8 @@ def generate_speculative(
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
     return_logprobs: bool = False,
+    logits_processors: Sequence[Callable] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
 ) -> (
     Int[Array, "batch total"]
     | tuple[Int[Array, "batch total"], dict[str, Array]]
@@ -309,6 +311,10 @@ def generate_speculative(
       one-pass check would need a presence set per position, for both models, and the
       acceptance test the penalised `p` and `q`), and a stop sequence can end inside a round;
       [`eqzoo.generation.generate_batch`][] applies both.
+    - `logits_processors`, `logit_bias`: accepted only empty or `None`, refused otherwise with a
+      `ConfigError` for the same reason: the acceptance test compares the two models' own
+      distributions, and processed ones would have to be computed per position of a round,
+      against proposals the round may still reject.
     - `eos_token`: a stop token id or a sequence of them: once a row produces one, the rest of
       that row is `pad_token`.
     - `pad_token`: fills positions after each row's tokens.
@@ -366,6 +372,18 @@ def generate_speculative(
             f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty "
             "the draft's proposals and the one-pass check would need per-position penalised distributions "
             "within each round, and a stop sequence can end inside a round. Decode with "
+            "eqzoo.generation.generate_batch, which applies them, or drop them here."
+        )
+    steering = {
+        name: value for name, value in (("logits_processors", logits_processors), ("logit_bias", logit_bias))
+        if value is not None and not (isinstance(value, list | tuple | dict) and not value)
+    }
+    if steering:
+        raise ConfigError(
+            f"generate_speculative does not apply {sorted(steering)}: its acceptance test keeps a proposal "
+            "with probability min(1, p/q) for the model's and the draft's own distributions p and q, so that the "
+            "tokens follow the model's; with processors or a bias the test would need both models' logits "
+            "processed at every position of a round, each against tokens the round may still reject. Decode with "
             "eqzoo.generation.generate_batch, which applies them, or drop them here."
         )
     if cache_dtype is not None:

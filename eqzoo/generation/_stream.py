@@ -2,7 +2,7 @@
 tokens to the host as it ends."""
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple, no_type_check
 
 import equinox as eqx
@@ -21,6 +21,7 @@ from ._generate import (
     prepare_batch,
     resolve_unroll,
 )
+from ._processors import LogitsProcessor
 
 
 class StreamChunk(NamedTuple):
@@ -28,11 +29,12 @@ class StreamChunk(NamedTuple):
 
     - `tokens`: `(batch, n)` int32, the next `n` generated tokens of every row (`n` is the
       stream's `chunk_size`, or fewer in the last chunk). A row that stopped (at `eos_token`
-      or a stop sequence, both kept) has `pad_token` after its stop.
+      or a stop sequence, both kept, or at its own per-row `max_new_tokens`) has `pad_token`
+      after its stop.
     - `logprobs`: `(batch, n)` float32 log-probabilities of `tokens`, as `generate_batch`'s
       `return_logprobs` gives them (0 after a stop); `None` unless `return_logprobs=True`.
     - `counts`: `(batch,)` int32, how many of this chunk's tokens each row generated (up to
-      and with its stop; `n` for a row still going): row `i`'s new tokens are
+      and with its stop or its own per-row `max_new_tokens`; `n` for a row still going): row `i`'s new tokens are
       `tokens[i, :counts[i]]`.
     - `done`: `(batch,)` bool, which rows have stopped, in this chunk or before.
     """
@@ -79,6 +81,8 @@ def _stream_chunk(state, arrays, first, traced, *, skeleton, shape, chunk_size, 
     log-probabilities (or `None`), counts and done flags."""
     model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
     settings = {**dict(static), **traced}
+    # the processors' arrays traced, the rest (functions, static fields) part of the program
+    settings["processors"] = _join_model(settings.pop("processor_arrays"), settings.pop("processor_skeleton"))
     loop = _row_loop(model, shape, count=True, **settings)
     lengths, max_new = state["lengths"], settings["max_new_tokens"]
     before = state["count"]
@@ -117,6 +121,8 @@ def generate_stream(
     unroll_layers: bool | str = "auto",
     cache_dtype=None,
     return_logprobs: bool = False,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
     pipeline: bool = True,
 ) -> Iterator[StreamChunk]:
     """Continue a batch of prompts as [`eqzoo.generation.generate_batch`][] does, yielding the
@@ -128,7 +134,8 @@ def generate_stream(
     `generate_batch`'s one program. The host waits once per chunk (to hand its tokens over),
     never per token, and (pipelined) while the next chunk runs. The stream ends after
     `max_new_tokens` tokens, or after the chunk in
-    which every row has stopped (at `eos_token` or a stop sequence).
+    which every row has stopped (at `eos_token`, a stop sequence or its own limit, when
+    `max_new_tokens` gives one per row: the stream runs for the largest).
 
     Concatenated, the chunks' tokens are `generate_batch`'s generated tokens with the same
     arguments and `key`, token for token (the same loop runs, in pieces); row `i`'s
@@ -141,7 +148,9 @@ def generate_stream(
       sooner, larger costs fewer host round trips. Each chunk is the same compiled program,
       the last (shorter) one included; it compiles once per prompt shape, `max_new_tokens`,
       `chunk_size` and the static settings `generate_batch` lists (a new `temperature`,
-      `top_p`, `min_p`, penalty, stop or pad id compiles nothing).
+      `top_p`, `min_p`, penalty, stop or pad id, `logit_bias`, per-row limits with the same
+      largest, or array fields of a Module processor compiles nothing; a new plain-function
+      processor compiles the chunk program again).
     - `pipeline`: from the second chunk on, dispatch chunk k + 1 before reading chunk k's
       tokens back (default), so the device computes while the host hands them over; the first
       chunk is read at once, so it comes no later. When every row has stopped in chunk k, the
@@ -163,6 +172,7 @@ def generate_stream(
         key=key, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, eos_token=eos_token, stop_sequences=stop_sequences,
         pad_token=pad_token, use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+        logits_processors=logits_processors, logit_bias=logit_bias,
     )
     unroll = resolve_unroll(unroll_layers)
     return _stream(model, prompts, lengths, key, min(int(chunk_size), settings["max_new_tokens"]), unroll, settings,
@@ -170,10 +180,14 @@ def generate_stream(
 
 
 def _stream(model, prompts, lengths, key, chunk_size, unroll, settings, pipeline):
-    state = _stream_start(model, prompts, lengths, key, unroll_layers=unroll, **settings)
+    settings = dict(settings)
+    processor_arrays, processor_skeleton = _split_model(settings.pop("processors"))
+    state = _stream_start(model, prompts, lengths, key, unroll_layers=unroll, **settings)  # the prefill: no processors
     # The settings the loop reads as arguments stay arguments (not donated); the rest is static.
     traced = {k: v for k, v in settings.items() if isinstance(v, np.ndarray)}
     static = tuple(sorted((k, v) for k, v in settings.items() if k not in traced))
+    traced["processor_arrays"] = processor_arrays
+    static = (*static, ("processor_skeleton", processor_skeleton))
     arrays, skeleton = _split_model(model)
     max_new = settings["max_new_tokens"]
     held = None  # (first, out): the chunk dispatched but not yet read back
