@@ -7,6 +7,7 @@ from jaxtyping import Array, Float, Int8, UInt8
 
 from .._errors import ConfigError
 from ._int8 import QMAX, _check_floating, check_finite, dequantize_groups, quantize_groups
+from ._product import nibbles
 
 QMAX4 = 7
 """The largest int4 code used: codes lie in `[-7, 7]`, symmetric about zero (-8 unused)."""
@@ -68,9 +69,7 @@ def unpack_int4(packed: UInt8[Array, "*lead n_half"]) -> Int8[Array, "*lead n"]:
 
     **Returns:** int8 codes `(*lead, 2 * m)` in `[-8, 7]`.
     """
-    # Arithmetic right shifts of the signed byte sign-extend each nibble.
-    hi = jax.lax.bitcast_convert_type(packed, jnp.int8) >> 4
-    lo = jax.lax.bitcast_convert_type(packed << 4, jnp.int8) >> 4
+    lo, hi = nibbles(packed)
     return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
 
 

@@ -12,6 +12,7 @@ from .._errors import ConfigError
 from ..nn import AbstractLinear
 from ._int4 import quantize_weight, unpacked
 from ._int8 import dequantize_groups
+from ._product import int4_product, use_int4_product
 
 
 def check_features(layer: eqx.nn.Linear, what: str) -> None:
@@ -49,9 +50,12 @@ class QuantizedLinear(AbstractLinear):
     use group-wise int4 scales too). Scales keep the floating dtype the original weight had.
 
     Per channel, the scale multiplies the product rather than the weight (the same map, since
-    it is constant along the summed axis). With groups it cannot, so the codes are unpacked and
-    scaled into the compute dtype inside the compiled product: a temporary XLA may fuse into
-    the matrix product, never a stored copy. The optional `bias` stays floating. Inside a
+    it is constant along the summed axis). With groups it cannot, so the codes are scaled into
+    the compute dtype inside the compiled product: a temporary XLA may fuse into the matrix
+    product, never a stored copy. Int4 codes are not interleaved back into the weight's order:
+    the low nibbles (even inputs) and the high nibbles (odd inputs) make two products, which
+    XLA:CPU fuses with their unpacking when decoding (see the CPU figures in the quantization
+    guide). The optional `bias` stays floating. Inside a
     [`eqzoo.nn.Stacked`][] every array carries the stacked layer axis first. Build it from a
     float layer, or quantize a whole model with [`eqzoo.quant.quantize`][].
 
@@ -119,7 +123,15 @@ class QuantizedLinear(AbstractLinear):
         representable in bfloat16 and wider), which accumulates in float32; a per-channel
         scale is applied to that float32 output before it is cast to `x`'s dtype. Group-wise
         scales multiply the codes (in float32, then cast to `x`'s dtype) before the product.
+        Int4 contracts the even inputs with the low nibbles and the odd ones with the high
+        nibbles, two float32 sums added at the end: the dequantize-then-multiply result up to
+        the order of the sums (tested to 1e-5 in float32).
         """
+        if self.bits == 4 and use_int4_product(self.group_size):
+            # packed: the two nibbles as two contiguous halves (see _product.py); other backends,
+            # and an odd group size (it splits a byte between two groups), unpack below instead
+            y = int4_product(x, self.codes, self.scale).astype(x.dtype)
+            return y if self.bias is None else y + self.bias.astype(x.dtype)
         codes = self.int_codes()  # (out, in) int8
         if self.group_size is None:
             # (*shape, out), in code units: up to 127 / max|w| times the layer's output, so it is
