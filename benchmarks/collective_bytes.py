@@ -11,7 +11,7 @@ all-reduce at least once; `state_mib_per_device` the train state (parameters and
 moments) one device holds in the mesh's layout.
 
     python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
-        --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --loss fused,full --json
+        --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --mesh data=2,context=4 --loss fused,full --json
     python benchmarks/collective_bytes.py --smoke --json
 """
 
@@ -67,7 +67,7 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
         return train.TrainState.create(model, optimizer, key=jax.random.key(1))
 
     state = sh.abstract_sharded(eqx.filter_eval_shape(make_state), mesh)
-    rows = jax.NamedSharding(mesh, sh.BATCH_SPEC)
+    rows = jax.NamedSharding(mesh, sh.batch_spec(mesh))  # (batch, seq): the sequence over context too
     tok = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32, sharding=rows)
 
     def loss_fn(m, b, k):

@@ -49,7 +49,7 @@ def _abstract(config, batch_size, seq_len, mesh):
     if mesh is not None:
         state = sh.abstract_sharded(state, mesh)
         batch = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, sh.BATCH_SPEC)),
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, sh.batch_spec(mesh, x.ndim))),
             batch,
         )
     return state, batch

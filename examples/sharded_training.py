@@ -1,4 +1,4 @@
-"""Train a GPT-2, Llama or Mixtral on a device mesh: data, FSDP, expert and tensor parallelism.
+"""Train a GPT-2, Llama or Mixtral on a device mesh: data, FSDP, context, expert and tensor parallelism.
 
 The same script runs on one CPU (JAX is asked for 8 fake CPU devices), on the GPUs of one
 machine, and across hosts. The train state is created directly in its sharded layout
@@ -11,6 +11,7 @@ Python standard library's own source (nothing downloaded).
     python examples/sharded_training.py --smoke --json      # CI: a few steps, checked vs 1 device
     python examples/sharded_training.py --mesh fsdp=-1 --model llama --precision bf16
     python examples/sharded_training.py --mesh data=2,expert=4 --model mixtral --check
+    python examples/sharded_training.py --mesh data=2,context=4 --model llama   # long sequences
 
 Several hosts: start the same command on every host with COORDINATOR_ADDRESS (host:port of
 process 0), NUM_PROCESSES and PROCESS_ID set, or under SLURM (`srun`); see docs/scaling.md.

@@ -11,7 +11,7 @@ from jaxtyping import Array, Bool, Float, Int, Integer
 from .._errors import ShapeError
 from ..nn import Embedding, KVCache, LayerNorm, RMSNorm, Stacked, TransformerBlock
 from ..nn._attention import check_per_position, softcap
-from ..sharding._activation import constrain, constrain_forward
+from ..sharding._activation import check_context_split, constrain, constrain_forward
 from ._validate import check_cache_span, check_tokens
 
 
@@ -140,6 +140,9 @@ class AbstractLM(eqx.Module):
     def _positions(self, tokens, segment_ids, positions):
         """The positions to embed at, and those the layers need (`None`: `0..seq-1`)."""
         self._check_packing(tokens, segment_ids, positions)
+        # Under context parallelism the positions are the sequence's global ones: the program is
+        # written for the whole sequence and XLA splits it, iotas and masks included.
+        check_context_split(tokens.shape[0], type(self).__name__)
         if positions is None and segment_ids is not None:
             positions = segment_positions(segment_ids)
         if positions is None:

@@ -17,6 +17,8 @@ from .._errors import (
     shape_str,
 )
 from .._typing import PRNGKey
+from ..sharding._activation import active_mesh, constrain
+from ..sharding._mesh import context_size
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._norm import RMSNorm
 from ._rope import RopeScaling, RotaryEmbedding, rotate
@@ -539,6 +541,11 @@ class Attention(eqx.Module):
             positions = jnp.arange(seq, dtype=jnp.int32)
         windowed = self._windowed(layer)
         q, k, v = self._qkv(x, positions, windowed)
+        # Context parallelism (a mesh with context > 1): the queries stay split along the
+        # sequence and the keys/values are gathered, so each device scores its own query rows
+        # against every key. The mask below is written for global positions; XLA splits its
+        # rows like the queries'. No-ops without a mesh.
+        q, k, v = constrain(q, "attn_q"), constrain(k, "attn_kv"), constrain(v, "attn_kv")
         mask = None if segment_ids is None else segment_ids[:, None] == segment_ids[None, :]
         return self._out(self._attend_among(q, k, v, windowed, mask))
 
@@ -550,6 +557,19 @@ class Attention(eqx.Module):
         seq = q.shape[0]
         window = self.sliding_window if windowed is not False else None
         backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype, self.head_dim)
+        if backend == "cudnn" and context_size(active_mesh()) > 1:
+            # jax's partitioner for the cuDNN call takes batch- and head-split operands only
+            # ("Sharding on sequence dim is not allowed"): it would need the whole sequence on
+            # every device. "auto" takes the XLA path (queries split, keys/values gathered).
+            if self.backend == "cudnn":
+                raise ConfigError(
+                    f"attention backend 'cudnn' cannot run under context parallelism (mesh "
+                    f"context={context_size(active_mesh())}): jax's cuDNN attention takes "
+                    "operands split over batch and heads only, not along the sequence. Use "
+                    "backend='auto' or 'xla' (XLA's attention with the keys and values gathered "
+                    "over context), or a mesh with context=1."
+                )
+            backend = "xla"
         if backend == "cudnn":
             # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
             # one), given per head: under vmap, jax 0.10's batching rule for the cuDNN call

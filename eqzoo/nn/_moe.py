@@ -260,6 +260,7 @@ class MoE(eqx.Module):
                 "Wrap the call in jax.vmap for a batch."
             )
         check_last_axis("MoE", x, self.router.in_features)
+        self._check_context_parallel()
         weights, experts, logits = self.route(x)
         out, kept = self._experts(x, experts)  # (seq, k, embed)
         y = jnp.einsum("tk,tkd->td", weights.astype(x.dtype), out)
@@ -275,6 +276,30 @@ class MoE(eqx.Module):
         if kept is not None:
             dropped = 1.0 - jnp.sum(w[:, None] * kept.astype(jnp.float32)) / (total * self.experts_per_token)
         return y, {"moe_load_balance": balance, "moe_z_loss": z_loss, "moe_dropped": dropped}
+
+    def _check_context_parallel(self) -> None:
+        # Under context parallelism (mesh context > 1) each device holds a slice of every
+        # sequence. "dense" without expert parallelism is per position and runs on that slice;
+        # the others need the whole sequence (or the batch's tokens) on a device: "capacity"
+        # ranks every position of the sequence for its expert slots, "ragged" and the expert
+        # exchange split tokens over the batch axes only. Refused rather than gathered.
+        from ..sharding._activation import active_mesh  # eqzoo.sharding imports eqzoo.nn
+        from ..sharding._mesh import context_size
+
+        ctx = context_size(active_mesh())
+        if ctx == 1:
+            return
+        if self.implementation != "dense" or expert_parallel_size() > 1:
+            what = (
+                f"moe_implementation={self.implementation!r}" if self.implementation != "dense"
+                else f"expert parallelism (mesh expert={expert_parallel_size()})"
+            )
+            raise ConfigError(
+                f"MoE: {what} cannot run under context parallelism (mesh context={ctx}): it needs "
+                "each sequence's tokens whole on one device, and eqzoo refuses to gather them. Use "
+                "moe_implementation='dense' on a mesh with expert=1 (model.with_moe_implementation"
+                "('dense')), or a mesh with context=1."
+            )
 
     def with_implementation(self, implementation: str) -> "MoE":
         """The same layer (same weights) running its experts with another `implementation`:

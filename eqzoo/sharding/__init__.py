@@ -43,6 +43,7 @@ from ._rules import (
 from ._shard import (
     BATCH_SPEC as BATCH_SPEC,
     abstract_sharded as abstract_sharded,
+    batch_spec as batch_spec,
     make_global_batch as make_global_batch,
     shard as shard,
     shard_batch as shard_batch,
@@ -66,6 +67,7 @@ __all__ = [
     "activation_sharding",
     "active_mesh",
     "batch_axes",
+    "batch_spec",
     "batch_vmap",
     "check_spec",
     "constrain",

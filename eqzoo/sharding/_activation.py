@@ -16,16 +16,26 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import ShardingError
-from ._mesh import _BATCH_AXES
+from ._mesh import _BATCH_AXES, context_size
 from ._rules import _entry_axes, drop_missing_axes
 
 ACTIVATION_RULES: dict[str, P] = {
-    # One sequence's hidden states, (seq, embed): replicated across `fsdp` (weights are
-    # gathered, activations are not split by width) and across `tensor` (Megatron keeps the
-    # residual stream whole on every tensor-parallel device). The batch axis is added by the
-    # vmap around the model: `batch_vmap` pins it to the batch axes, plain `jax.vmap` leaves it
+    # One sequence's hidden states, (seq, embed): split along the sequence over `context`
+    # (context parallelism: a block's norms, MLP and projections are per position, so they run
+    # on each device's own positions); replicated across `fsdp` (weights are gathered,
+    # activations are not split by width) and across `tensor` (Megatron keeps the residual
+    # stream whole on every tensor-parallel device). The batch axis is added by the vmap around
+    # the model: `batch_vmap` pins it to the batch axes, plain `jax.vmap` leaves it
     # unconstrained.
-    "residual": P(None, None),
+    "residual": P("context", None),
+    # Attention's rotated queries (seq, heads, head_dim): they stay split over `context`, each
+    # device computing its own query rows. Heads and head_dim are left to XLA (split over
+    # `tensor` by the projection's layout).
+    "attn_q": P("context", P.UNCONSTRAINED, P.UNCONSTRAINED),
+    # Attention's rotated keys and values (seq, kv_heads, head_dim) as the scores read them:
+    # whole along the sequence, i.e. all-gathered over `context` once per layer (and their
+    # gradients reduce-scattered back in the backward pass).
+    "attn_kv": P(None, P.UNCONSTRAINED, P.UNCONSTRAINED),
     # The token embedding table (vocab, embed) as the lookup uses it: gathered over `fsdp`
     # (as FSDP gathers every weight it uses) and vocab-parallel over `tensor`, so a lookup is a
     # masked local gather plus one all-reduce over `tensor`.
@@ -36,8 +46,11 @@ ACTIVATION_RULES: dict[str, P] = {
 }
 """The default activation rules: logical name -> `PartitionSpec`. `"residual"` is the hidden
 states of one example (no batch axis: [`eqzoo.sharding.batch_vmap`][] adds it, over the mesh's
-batch axes); `"vocab_table"` is the token embedding table as the lookup reads it, and
-`"position_table"` GPT-2's position embedding table as its lookup reads it."""
+batch axes), split along the sequence over `context`; `"attn_q"` and `"attn_kv"` are
+attention's queries (split over `context`) and keys/values (gathered over `context`) of one
+example; `"vocab_table"` is the token embedding table as the lookup reads it, and
+`"position_table"` GPT-2's position embedding table as its lookup reads it. On a mesh with
+`context=1` (the default) the `context` entries split nothing."""
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P]] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
@@ -90,7 +103,10 @@ def active_mesh() -> Mesh | None:
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-    """The axes of `mesh` that split a batch (`data`, `fsdp`, `expert`; those of size 1 left out)."""
+    """The axes of `mesh` that split a batch (`data`, `fsdp`, `expert`; those of size 1 left out).
+
+    `context` is not among them: it splits each sequence along its length (the batch's second
+    axis), not the batch; see [`eqzoo.sharding.batch_spec`][]."""
     return tuple(a for a in _BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
@@ -123,6 +139,21 @@ def batch_vmap(fn: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, **spmd)(*args, **kwargs)
 
     return batched
+
+
+def check_context_split(seq: int, who: str) -> None:
+    """Raise [`eqzoo.sharding.ShardingError`][] when the active mesh splits sequences over
+    `context` and `context` does not divide `seq` (read at trace time; nothing to check
+    outside [`eqzoo.sharding.activation_sharding`][])."""
+    ctx = context_size(active_mesh())
+    if ctx > 1 and seq % ctx:
+        down, up = seq - seq % ctx, seq + ctx - seq % ctx
+        raise ShardingError(
+            f"{who}: a sequence of {seq} positions cannot be split over mesh axis context={ctx} "
+            f"(context parallelism needs the sequence length divisible by {ctx}). Use sequences "
+            f"of {down or up} or {up} positions (pad the rows; packed rows can be padded with "
+            "segment id 0), or a mesh whose context size divides the length."
+        )
 
 
 def _spec_axes(spec: P) -> list[str]:

@@ -1,4 +1,4 @@
-"""Device meshes with eqzoo's named axes: `data`, `fsdp`, `expert` and `tensor`."""
+"""Device meshes with eqzoo's named axes: `data`, `fsdp`, `context`, `expert` and `tensor`."""
 
 import math
 import re
@@ -11,7 +11,7 @@ from jax.sharding import AxisType, Mesh
 
 from ._errors import ShardingError
 
-AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "context", "expert", "tensor")
 """The mesh axis names eqzoo uses, outermost first.
 
 - `data`: plain data parallelism (parameters replicated, batch split).
@@ -20,15 +20,26 @@ AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
 - `expert`: expert parallelism for mixture-of-experts layers (each device holds
   `num_experts / expert` whole experts; tokens travel to their experts and back by all-to-all).
   Outside the expert layers it splits the batch, as `data` does.
+- `context`: context (sequence) parallelism for long sequences: each sequence is split along
+  its length, the residual stream stays split inside every block, and attention gathers the
+  keys and values over `context` (docs/scaling.md, "Context parallelism").
 - `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
 
 `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
 tensor parallelism communicates inside every layer; `expert` comes next, since its all-to-alls
-run in every mixture-of-experts layer.
+run in every mixture-of-experts layer. `context` is next: it also communicates in every layer
+(an all-gather of the keys and values, a reduce-scatter of their gradients), but that traffic
+is a layer's keys and values only (a fraction of the residual stream under grouped-query
+attention) and can overlap with the query projection, so it goes outside `expert` and
+`tensor` and inside `fsdp` and `data`, whose weight gathers and gradient reductions are
+prefetched or run once per step. An axis of size 1 changes no device's place, so meshes written
+before `context` existed keep their device order.
 """
 
 # The axes a batch is split over (eqzoo.sharding.BATCH_SPEC), outermost first.
 _BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
+# The axis a sequence is split over (context parallelism).
+CONTEXT_AXIS = "context"
 
 _ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
 
@@ -72,7 +83,8 @@ def parse_mesh_shape(shape: str | Mapping[str, int]) -> dict[str, int]:
         if name not in AXES:
             raise ShardingError(
                 f"unknown mesh axis {name!r} in {shape!r}; eqzoo meshes have the axes {list(AXES)} "
-                "(data parallel, fully sharded data parallel, expert parallel, tensor parallel)."
+                "(data parallel, fully sharded data parallel, context (sequence) parallel, expert "
+                "parallel, tensor parallel)."
             )
         if name in seen:
             raise ShardingError(f"mesh axis {name!r} is given twice in {shape!r}.")
@@ -114,17 +126,18 @@ def _fmt(sizes: Mapping[str, int]) -> str:
 
 
 def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `expert`,
-    `tensor`.
+    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `context`,
+    `expert`, `tensor`.
 
-    Every eqzoo mesh has all four axes (those not given have size 1), always in that order, so
+    Every eqzoo mesh has all five axes (those not given have size 1), always in that order, so
     one set of sharding rules works on any mesh shape. The device order comes from
     `jax.make_mesh`, which places the innermost axis (`tensor`) on the most closely connected
     devices. On several hosts it spans every process's devices (call
     [`eqzoo.sharding.initialize`][] first).
 
     **Example:** `make_mesh("data=2,fsdp=2,tensor=2")`, `make_mesh({"fsdp": -1})`,
-    `make_mesh("fsdp=2,expert=4")` (a mixture of experts, 2 of its experts on each device).
+    `make_mesh("fsdp=2,expert=4")` (a mixture of experts, 2 of its experts on each device),
+    `make_mesh("data=2,context=4")` (each sequence split in 4 along its length).
 
     **Arguments:**
 
@@ -149,5 +162,11 @@ def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[A
 
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
-    """The sizes of a mesh's axes as a dict, e.g. `{"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}`."""
+    """The sizes of a mesh's axes as a dict, e.g.
+    `{"data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}`."""
     return {str(name): int(size) for name, size in mesh.shape.items()}
+
+
+def context_size(mesh: Mesh | None) -> int:
+    """The size of `mesh`'s `context` axis: 1 without a mesh, or on one built without the axis."""
+    return 1 if mesh is None else int(mesh.shape.get(CONTEXT_AXIS, 1))

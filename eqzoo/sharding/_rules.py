@@ -159,7 +159,7 @@ def _entry_axes(entry: Any) -> tuple[str, ...]:
 
 def drop_missing_axes(spec: P, mesh: Mesh) -> P:
     """`spec` without the mesh axes `mesh` lacks: eqzoo's defaults (rules, `BATCH_SPEC`) name
-    all four eqzoo axes, and fit a mesh built by hand with only some of them."""
+    eqzoo axes, and fit a mesh built by hand with only some of them."""
 
     def keep(entry):
         if entry is None or entry is P.UNCONSTRAINED:

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .._errors import shape_str, user_stacklevel
 from ..train._state import TrainState
 from ._errors import ShardingError
-from ._mesh import _BATCH_AXES
+from ._mesh import _BATCH_AXES, CONTEXT_AXIS, context_size
 from ._rules import (
     Rules,
     _entry_axes,
@@ -24,7 +24,27 @@ from ._rules import (
 
 BATCH_SPEC = P(_BATCH_AXES)
 """How batches are split: the leading (batch) axis over `data` x `fsdp` x `expert`, everything else
-whole."""
+whole. On a mesh with `context > 1`, the functions that take it as their default
+(`shard_batch`, `make_global_batch`, a train step's host batches) also split the second
+(sequence) axis of every leaf with one over `context`: see [`eqzoo.sharding.batch_spec`][]."""
+
+
+def batch_spec(mesh: Mesh, ndim: int = 2) -> P:
+    """The default `PartitionSpec` of a batch leaf with `ndim` dimensions on `mesh`.
+
+    The leading (batch) axis is split over the mesh's batch axes (`BATCH_SPEC`, less the axes
+    the mesh lacks). On a mesh with `context > 1` (context parallelism), a leaf with two or
+    more dimensions is read as `(batch, seq, ...)` and its sequence axis is split over
+    `context` too: tokens `(batch, seq)` -> `P(("data", "fsdp", "expert"), "context")`.
+
+    **Arguments:** `mesh`; `ndim`, the leaf's number of dimensions.
+
+    **Returns:** the spec.
+    """
+    spec = drop_missing_axes(BATCH_SPEC, mesh)
+    if ndim >= 2 and context_size(mesh) > 1:
+        return P(*spec, CONTEXT_AXIS)
+    return spec
 
 
 def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
@@ -202,6 +222,16 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
         if unknown:
             raise ShardingError(f"{who}: batch spec {spec} names mesh axis {unknown[0]!r}, not in {sizes}.")
         n = math.prod(sizes[a] for a in axes)
+        if shape[dim] % n and dim == 1 and CONTEXT_AXIS in axes:
+            raise ShardingError(
+                f"{who}: {name} of shape {shape_str(shape)}: its sequence length {shape[dim]} is "
+                f"split over mesh axis context={sizes[CONTEXT_AXIS]} (context parallelism reads a "
+                f"batch leaf's second axis as its sequence), which does not divide it. Use a "
+                f"sequence length divisible by {n} (e.g. {shape[dim] - shape[dim] % n or n} or "
+                f"{shape[dim] + n - shape[dim] % n}: pad the rows, or change seq_len), or a mesh "
+                "with a context size that divides it (context=1 for batches without a sequence "
+                "axis, such as images)."
+            )
         if shape[dim] % n:
             names = "x".join(f"{a}={sizes[a]}" for a in axes if sizes[a] > 1)
             raise ShardingError(
@@ -211,9 +241,10 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
             )
 
 
-def _batch_spec(spec: P, mesh: Mesh) -> P:
-    # The default fits any mesh (a hand-built one may lack `expert`, say); a given spec is taken as is.
-    return drop_missing_axes(spec, mesh) if spec == BATCH_SPEC else spec
+def _batch_spec(spec: P, mesh: Mesh, ndim: int = 1) -> P:
+    # The default fits any mesh (a hand-built one may lack `expert`, say) and splits a leaf's
+    # sequence over `context`; a given spec is taken as is.
+    return batch_spec(mesh, ndim) if spec == BATCH_SPEC else spec
 
 
 def batch_split(mesh: Mesh) -> int:
@@ -224,11 +255,10 @@ def batch_split(mesh: Mesh) -> int:
 
 
 def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str) -> Any:
-    spec = _batch_spec(spec, mesh)
-
     def one(path, x):
-        _check_batch_leaf(who, path, tuple(np.shape(x)), spec, mesh)
-        return NamedSharding(mesh, spec)
+        leaf_spec = _batch_spec(spec, mesh, np.ndim(x))
+        _check_batch_leaf(who, path, tuple(np.shape(x)), leaf_spec, mesh)
+        return NamedSharding(mesh, leaf_spec)
 
     return jax.tree_util.tree_map_with_path(one, batch)
 
@@ -240,11 +270,14 @@ def shard_batch(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
 
     - `batch`: a pytree of arrays whose leading axis is the batch.
     - `mesh`: the mesh.
-    - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp` x `expert`.
+    - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp` x
+      `expert` (and, with `context > 1`, a leaf's second axis, its sequence, over `context`:
+      [`eqzoo.sharding.batch_spec`][]).
 
     **Returns:** the batch as sharded `jax.Array`s.
 
-    **Raises:** [`eqzoo.sharding.ShardingError`][] when the batch size is not divisible.
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when the batch size, or under context
+    parallelism the sequence length, is not divisible.
     """
     return jax.device_put(batch, _batch_sharding(batch, mesh, spec, "shard_batch"))
 
@@ -262,22 +295,23 @@ def make_global_batch(local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any
 
     - `local_batch`: a pytree of numpy (or JAX) arrays, this process's rows.
     - `mesh`: the global mesh.
-    - `spec`: how to split each leaf of the global batch; default `BATCH_SPEC`.
+    - `spec`: how to split each leaf of the global batch; default `BATCH_SPEC` (with
+      `context > 1`, as [`eqzoo.sharding.batch_spec`][] gives).
 
     **Returns:** the global batch.
 
-    **Raises:** [`eqzoo.sharding.ShardingError`][] when the global batch size is not divisible
-    by the mesh axes of `spec`.
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when the global batch size (or, under
+    context parallelism, the sequence length) is not divisible by the mesh axes of `spec`.
     """
-    spec = _batch_spec(spec, mesh)
 
     def one(path, x):
         x = np.asarray(x)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:] if x.ndim else x.shape
+        leaf_spec = _batch_spec(spec, mesh, x.ndim)
         _check_batch_leaf(
             f"make_global_batch ({jax.process_count()} process(es) x local rows)", path,
-            global_shape, spec, mesh,
+            global_shape, leaf_spec, mesh,
         )
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, global_shape)
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, leaf_spec), x, global_shape)
 
     return jax.tree_util.tree_map_with_path(one, local_batch)

@@ -53,15 +53,45 @@ class _Layout(NamedTuple):
     vocab_axis: str | None
 
 
-def _layout(batch: int, vocab: int) -> _Layout | None:
+def _context_fold(seq: int) -> int:
+    """Under context parallelism (the active mesh's `context` > 1, dividing `seq`), the number
+    of pieces each sequence is split into; else 1."""
+    from ..sharding._activation import active_mesh
+    from ..sharding._mesh import context_size
+
+    ctx = context_size(active_mesh())
+    return ctx if ctx > 1 and seq % ctx == 0 else 1
+
+
+def _fold(x, fold):
+    # (batch, seq, ...) -> (fold * batch, seq / fold, ...), piece-major: with the sequence split
+    # over `context`, piece i of every sequence is what context device i holds, so the new
+    # leading axis is split over `context` then the batch axes, and no data moves.
+    if fold == 1:
+        return x
+    b, s = x.shape[:2]
+    pieces = jnp.swapaxes(x.reshape(b, fold, s // fold, *x.shape[2:]), 0, 1)
+    return pieces.reshape(fold * b, s // fold, *x.shape[2:])
+
+
+def _unfold(x, fold):
+    # The inverse of `_fold`.
+    if fold == 1:
+        return x
+    n, c = x.shape[:2]
+    pieces = jnp.swapaxes(x.reshape(fold, n // fold, c, *x.shape[2:]), 0, 1)
+    return pieces.reshape(n // fold, fold * c, *x.shape[2:])
+
+
+def _layout(batch: int, vocab: int, context: bool = False) -> _Layout | None:
     # Read at trace time, like eqzoo.sharding.constrain (imported here: eqzoo.sharding imports
-    # eqzoo.train).
+    # eqzoo.train). `context`: the rows were folded by `_fold`, so `context` splits them too.
     from ..sharding._activation import active_mesh, batch_axes
 
     mesh = active_mesh()
     if mesh is None:
         return None
-    axes = batch_axes(mesh)
+    axes = (("context",) if context else ()) + batch_axes(mesh)
     shards = math.prod(mesh.shape[a] for a in axes)
     if shards == 1 or batch % shards:
         return None  # nothing to split, or a batch the mesh cannot split: XLA's own choice
@@ -271,7 +301,9 @@ def fused_cross_entropy(
       `logit_softcap`, Gemma 2's `final_logit_softcapping`); the gradient goes through the cap.
 
     Inside [`eqzoo.sharding.activation_sharding`][] (which `make_train_step(mesh=...)` enters),
-    the rows are kept split over the mesh's batch axes (`data` x `fsdp` x `expert`), the head is gathered over
+    the rows are kept split over the mesh's batch axes (`data` x `fsdp` x `expert`; with
+    `context > 1` each device's piece of a sequence counts as a row of its own, so the chunks
+    run inside every piece at once), the head is gathered over
     `fsdp` once (vocab-parallel over `tensor` when it divides the vocabulary), and each device
     accumulates its own partial head gradient (in float32), cast to the head's dtype and reduced
     once at the end rather than once per chunk.
@@ -290,8 +322,6 @@ def fused_cross_entropy(
     if not jnp.issubdtype(targets.dtype, jnp.integer):
         raise ShapeError(f"fused_cross_entropy: targets must be integer class ids; got dtype {targets.dtype}.")
     batch, seq = targets.shape
-    layout = _layout(batch, head.shape[0])
-    chunk_size = _chunk(chunk_size, batch, seq, head.shape[0], layout)
     if weights is None:
         weights = jnp.ones((batch, seq), jnp.float32)
     elif weights.shape != targets.shape:
@@ -304,5 +334,11 @@ def fused_cross_entropy(
     cap = None if softcap is None else float(softcap)
     ignored = targets < 0  # read as class 0 with weight 0, rather than indexing from the end
     targets, weights = jnp.where(ignored, 0, targets), jnp.where(ignored, 0.0, weights.astype(jnp.float32))
+    # Under context parallelism each device's piece of a sequence is a row of its own: chunks
+    # are then cut inside every device's piece, and every device works on every chunk.
+    fold = _context_fold(seq)
+    features, targets, weights = _fold(features, fold), _fold(targets, fold), _fold(weights, fold)
+    layout = _layout(batch * fold, head.shape[0], context=fold > 1)
+    chunk_size = _chunk(chunk_size, batch * fold, seq // fold, head.shape[0], layout)
     return _fused(features, head, targets.astype(jnp.int32), weights.astype(jnp.float32), chunk_size, layout, cap)
 

@@ -11,7 +11,16 @@ from jaxtyping import Array, Bool, Float, Integer, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
-from ._fused_ce import _cap, _chunk, _constrain, _layout, fused_cross_entropy
+from ._fused_ce import (
+    _cap,
+    _chunk,
+    _constrain,
+    _context_fold,
+    _fold,
+    _layout,
+    _unfold,
+    fused_cross_entropy,
+)
 
 
 def cross_entropy(
@@ -81,17 +90,19 @@ def _chunked_batch_nll(features, head, targets, chunk_size, softcap=None):
     head (a broadcast `(shards, vocab, embed)`, split over the batch axes), so the backward
     pass accumulates one head gradient per shard through the chunks and sums them once at the
     end; with one shared head, XLA all-reduced the whole head gradient in every chunk."""
-    layout = _layout(targets.shape[0], head.shape[0])
+    fold = _context_fold(targets.shape[1])  # under context parallelism, each device's piece is a row
+    features, targets = _fold(features, fold), _fold(targets, fold)
+    layout = _layout(targets.shape[0], head.shape[0], context=fold > 1)
     chunk = _chunk(chunk_size, *targets.shape, head.shape[0], layout)
     per_sequence = jax.vmap(lambda h, f, t: _chunked_nll(f, h, t, chunk, softcap), in_axes=(None, 0, 0))
     if layout is None:
-        return per_sequence(head, features, targets)
+        return _unfold(per_sequence(head, features, targets), fold)
     s = layout.shards
     heads = _constrain(jnp.broadcast_to(head, (s, *head.shape)), layout, layout.batch_axes, layout.vocab_axis, None)
     f = features.reshape(s, -1, *features.shape[1:])
     t = targets.reshape(s, -1, targets.shape[1])
     nll = jax.vmap(per_sequence, spmd_axis_name=layout.batch_axes)(heads, f, t)
-    return nll.reshape(targets.shape)
+    return _unfold(nll.reshape(targets.shape), fold)
 
 
 def packing_args(tokens, label: str, **values) -> dict[str, Array]:

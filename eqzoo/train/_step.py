@@ -351,6 +351,8 @@ def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     replicated = jax.NamedSharding(mesh, jax.P())
 
     def place(x):
+        # Under context parallelism shard_batch also splits the sequence (axis 1), and says
+        # so when context does not divide it.
         if not (isinstance(x, np.ndarray) and x.ndim):
             return x
         return shard_batch(x, mesh) if x.shape[0] % n == 0 else jax.device_put(x, replicated)
@@ -428,7 +430,9 @@ def make_train_step(
       the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to
       the first call fixes the layout. In one process, a host (numpy) batch, as the eqzoo
       loaders yield and `fit` passes on, is split over the mesh as
-      `eqzoo.sharding.shard_batch` does (a leaf whose leading axis the split does not divide,
+      `eqzoo.sharding.shard_batch` does (on a mesh with `context > 1` each leaf's second axis,
+      its sequence, is split over `context` too: context parallelism, docs/scaling.md; a leaf
+      whose leading axis the split does not divide,
       a short last batch say, is copied to every device, as `jax.jit` would place it); on several processes pass batches already placed
       (`eqzoo.sharding.make_global_batch`: which rows a process holds is yours to say). With gradient accumulation, micro-batch `i` then takes rows
       `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
@@ -557,21 +561,43 @@ def make_train_step(
 class EvalStep:
     """A compiled `metrics = evaluate(state, batch)`; made by [`eqzoo.train.make_eval_step`][]."""
 
-    def __init__(self, pure: Callable):
+    def __init__(self, pure: Callable, mesh: jax.sharding.Mesh | None = None):
         self._pure = pure
+        self._mesh = mesh
+        self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
+
+    def _jitted(self, structure) -> Callable:
+        fn = _known(self._compiled, structure)
+        if fn is None:
+            mesh = self._mesh
+            if mesh is None:
+                fn = jax.jit(lambda arrays, b: self._pure(structure, arrays, b))
+            else:
+                from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
+
+                def traced(arrays, b):
+                    with activation_sharding(mesh):
+                        return self._pure(structure, arrays, b)
+
+                fn = jax.jit(traced, out_shardings=jax.NamedSharding(mesh, jax.P()))
+            self._compiled[structure] = fn
+        return fn
 
     def __call__(self, state: TrainState, batch: PyTree) -> dict[str, jax.Array]:
         """Evaluate on one batch. **Returns:** a dict of device scalars."""
-        fn = _known(self._compiled, state.structure)
-        if fn is None:
-            structure = state.structure
-            fn = jax.jit(lambda arrays, b: self._pure(structure, arrays, b))
-            self._compiled[structure] = fn
-        return fn(state.arrays, batch)
+        if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
+            batch = _place_host_batch(batch, self._mesh)
+        return self._jitted(state.structure)(state.arrays, batch)
+
+    def lower(self, state: TrainState, batch: PyTree):
+        """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead)."""
+        return self._jitted(state.structure).lower(state.arrays, batch)
 
 
-def make_eval_step(metric_fn: LossFn, *, precision: Precision | None = None) -> EvalStep:
+def make_eval_step(
+    metric_fn: LossFn, *, precision: Precision | None = None, mesh: jax.sharding.Mesh | None = None
+) -> EvalStep:
     """Build a compiled evaluation step.
 
     **Arguments:**
@@ -581,6 +607,11 @@ def make_eval_step(metric_fn: LossFn, *, precision: Precision | None = None) -> 
       `(loss, model_state[, aux])` — the same contract as a loss function, so a loss function can
       be reused. The model is put in inference mode (`eqx.nn.inference_mode`) first.
     - `precision`: compute-dtype policy, as for training.
+    - `mesh`: for a state sharded on this mesh: the step is traced inside
+      `eqzoo.sharding.activation_sharding(mesh)` (so the activation rules apply: under
+      context parallelism the sequence stays split, as in the train step) and, in one process,
+      a host (numpy) batch is split over the mesh as `make_train_step(mesh=...)` splits it.
+      Metrics are replicated.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.
@@ -600,4 +631,4 @@ def make_eval_step(metric_fn: LossFn, *, precision: Precision | None = None) -> 
         _check_scalar_loss(loss)
         return {"loss": loss.astype(jnp.float32), **aux}
 
-    return EvalStep(pure)
+    return EvalStep(pure, mesh)

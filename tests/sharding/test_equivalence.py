@@ -1,5 +1,5 @@
 """Sharded training computes what one device computes: losses and gradients under data, FSDP,
-tensor and combined sharding within 1e-5 (fp32) of a single device, for GPT-2, Llama, Mixtral
+tensor, context and combined sharding within 1e-5 (fp32) of a single device, for GPT-2, Llama, Mixtral
 and Gemma; remat
 policies change nothing; a sharded train step keeps the state's layout and donates it."""
 
@@ -17,6 +17,9 @@ MESHES = {
     "fsdp": "fsdp=8",
     "tensor": "data=2,tensor=4",
     "fsdp_tensor": "data=2,fsdp=2,tensor=2",
+    # context parallelism: each sequence of 16 split in 4 (2) pieces along its length
+    "context": "data=2,context=4",
+    "context_fsdp_tensor": "fsdp=2,context=2,tensor=2",
 }
 TOL = 1e-5  # fp32: the sharded program sums in a different order, nothing more
 
@@ -28,7 +31,7 @@ def test_loss_and_grads_match_single_device(lab, model_name, mesh_name):
     loss, grads, model = lab.loss_and_grads(model_name, MESHES[mesh_name])
     assert abs(float(loss) - float(ref_loss)) < TOL
     assert lab.max_abs_diff(grads, ref_grads) < TOL
-    assert not all(p.sharding.is_fully_replicated for p in jax.tree.leaves(eqx.filter(model, eqx.is_array))) or mesh_name == "data"
+    assert not all(p.sharding.is_fully_replicated for p in jax.tree.leaves(eqx.filter(model, eqx.is_array))) or mesh_name in ("data", "context")  # weights replicated
 
 
 @pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch", "minimal"])

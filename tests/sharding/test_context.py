@@ -1,0 +1,128 @@
+"""Context parallelism: a `context` mesh axis splits every sequence along its length. A train
+step on it computes what one device computes (packed documents too); attention gathers keys and
+values over `context` while the residual stream stays split; per-device activation memory falls;
+and what cannot run split is refused with an error that names the fix."""
+
+import re
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eqzoo
+from eqzoo import perf, sharding as sh
+from eqzoo._errors import ConfigError
+from eqzoo.train import TrainState, lm_loss, make_eval_step, make_train_step
+
+TOL = 1e-5  # fp32: the split program sums in another order, nothing more
+
+
+def _packed_batch(lab):
+    # Three documents per row, then padding (segment 0): each document's positions restart at 0,
+    # and a document that starts inside one context piece ends in another.
+    batch = lab.make_batch()
+    seg = np.zeros((lab.BATCH, lab.SEQ), np.int32)
+    seg[:, :5], seg[:, 5:11], seg[:, 11:14] = 1, 2, 3
+    return {**batch, "segment_ids": seg}
+
+
+def test_train_step_on_a_context_mesh_equals_one_device(lab):
+    # Losses and gradients of every model on data=2,context=4 and fsdp=2,context=2,tensor=2 are
+    # checked in test_equivalence.py; here a whole step, on packed documents.
+    optimizer = optax.sgd(0.5)
+    batch, mesh_spec = _packed_batch(lab), "fsdp=2,context=2,tensor=2"
+    state = TrainState.create(lab.make_model("llama"), optimizer, key=jax.random.key(1))
+    ref_state, ref_metrics = make_train_step(lm_loss, optimizer, donate=False)(state, batch)
+
+    mesh = sh.make_mesh(mesh_spec)
+    step = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)
+    new_state, metrics = step(sh.shard_state(state, mesh), batch)  # a host batch, split by the step
+    assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < TOL
+    assert float(metrics["tokens"]) == float(ref_metrics["tokens"])
+    assert lab.max_abs_diff(new_state.model, ref_state.model) < TOL  # lr 0.5: gradients within 2e-5
+
+
+def test_host_batches_split_the_sequence_over_context(lab):
+    mesh = sh.make_mesh("data=2,context=4")
+    placed = sh.shard_batch({**lab.make_batch(), "row": np.zeros((lab.BATCH,), np.int32)}, mesh)
+    assert placed["tokens"].sharding.spec == jax.P(("data", "fsdp", "expert"), "context")
+    assert placed["row"].sharding.spec == jax.P(("data", "fsdp", "expert"))  # no sequence axis
+    assert placed["tokens"].addressable_shards[0].data.shape == (lab.BATCH // 2, lab.SEQ // 4)
+    assert sh.batch_spec(sh.make_mesh("data=8")) == jax.P(("data", "fsdp", "expert"))
+
+
+@pytest.mark.parametrize("implementation", ["full", "chunked"])
+def test_every_loss_implementation_matches_one_device(lab, implementation):
+    # "fused" is the default, checked by the train-step test; the others fold the sequence too.
+    mesh = sh.make_mesh("data=2,context=4")
+    model, batch = lab.make_model("gpt2"), lab.make_batch()
+    ref = lm_loss(model, jax.tree.map(jnp.asarray, batch), implementation=implementation)[0]
+    evaluate = make_eval_step(lambda m, b, k: lm_loss(m, b, implementation=implementation), mesh=mesh)
+    got = evaluate(sh.shard_state(TrainState.create(model, optax.sgd(0.1), key=jax.random.key(0)), mesh), batch)
+    assert abs(float(got["loss"]) - float(ref)) < TOL
+
+
+def _llama_step(lab, mesh, seq):
+    mesh = sh.make_mesh(mesh) if isinstance(mesh, str) else mesh
+    optimizer = optax.sgd(0.1)
+    state = sh.abstract_sharded(
+        eqx.filter_eval_shape(lambda: TrainState.create(lab.build_model("llama", jax.random.key(0), max_seq=max(seq, 128)), optimizer, key=jax.random.key(1))),
+        mesh,
+    )
+    tok = jax.ShapeDtypeStruct((2, seq), jnp.int32, sharding=jax.NamedSharding(mesh, sh.batch_spec(mesh)))
+    step = make_train_step(lm_loss, optimizer, mesh=mesh, donate=False)
+    return step.lower(state, {"tokens": tok, "targets": tok}).compile()
+
+
+def test_attention_gathers_keys_and_values_not_the_residual_stream(lab):
+    # Inside the scanned layers the only activations gathered are each layer's keys and values
+    # (batch 1 per data shard, the whole sequence of 64, 4 kv heads of 8): two all-gathers in
+    # the forward pass and two in the rematerialised/backward pass. The residual stream (.., 64
+    # embed) is never gathered, in or out of the layer loop.
+    compiled = _llama_step(lab, "data=2,context=4", 64)
+    found = perf.collectives(compiled)
+    gathers = [c for c in found if c.kind == "all-gather" and c.in_loop]
+    assert gathers and {re.match(r"\w+\[([\d,]*)\]", c.shape).group(1) for c in gathers} == {"1,64,4,8"}
+    assert sum(c.count for c in gathers) >= 2 * 2  # K and V of both layers
+    residual = [c for c in found if c.kind == "all-gather" and re.search(r"\[\d+,64,64\]", c.shape)]
+    assert residual == []
+    summary = perf.collective_summary(found)
+    assert summary["all-gather"]["in_loop_mib"] > 0
+
+
+def test_context_parallelism_cuts_activation_memory(lab):
+    # Same sequences (2 of 512 positions), same data split: with context=4 each device holds a
+    # quarter of each sequence's activations (plus the gathered keys/values of one layer).
+    pairs = sh.make_mesh("data=2", devices=jax.devices()[:2])
+    whole = _llama_step(lab, pairs, 512).memory_analysis().temp_size_in_bytes
+    split = _llama_step(lab, "data=2,context=4", 512).memory_analysis().temp_size_in_bytes
+    assert split < 0.5 * whole, (split, whole)
+
+
+def test_a_sequence_context_does_not_divide_is_refused(lab):
+    mesh = sh.make_mesh("data=2,context=4")
+    with pytest.raises(sh.ShardingError, match=r"sequence length 10 is split over mesh axis context=4.*divisible by 4 \(e\.g\. 8 or 12"):
+        sh.shard_batch(lab.make_batch(seq=10), mesh)
+    model = lab.make_model("gpt2")
+    with sh.activation_sharding(mesh), pytest.raises(sh.ShardingError, match=r"GPT2: a sequence of 10 positions cannot be split over mesh axis context=4"):
+        jax.eval_shape(model, jnp.zeros((10,), jnp.int32))
+
+
+def test_features_that_need_the_whole_sequence_are_refused(lab):
+    mesh = sh.make_mesh("data=2,context=4")
+    x = jnp.zeros((8, 64))
+    attn = eqzoo.nn.Attention(64, 4, backend="cudnn", key=jax.random.key(0))
+    with sh.activation_sharding(mesh), pytest.raises(ConfigError, match=r"'cudnn' cannot run under context parallelism.*backend='auto' or 'xla'"):
+        jax.eval_shape(attn, x)
+    auto = eqzoo.nn.Attention(64, 4, backend="auto", key=jax.random.key(0))
+    with sh.activation_sharding(mesh):
+        jax.eval_shape(auto, x)  # "auto" takes XLA's attention
+    moe = lab.make_model("mixtral-capacity")
+    with sh.activation_sharding(mesh), pytest.raises(ConfigError, match=r"moe_implementation='capacity' cannot run under context parallelism.*'dense'"):
+        jax.eval_shape(moe, jnp.zeros((8,), jnp.int32))
+    expert_mesh = sh.make_mesh("context=2,expert=4")
+    with sh.activation_sharding(expert_mesh), pytest.raises(ConfigError, match=r"expert parallelism \(mesh expert=4\) cannot run"):
+        jax.eval_shape(jax.vmap(lab.make_model("mixtral")), jnp.zeros((4, 8), jnp.int32))
