@@ -34,7 +34,10 @@ class StreamDecoder:
     Each push decodes the new ids with a few tokens of context (the last ones already written,
     and any held back), never the whole text so far: its cost depends on the chunk, not on the
     length of the stream. Ids that decode to nothing but U+FFFD (invalid UTF-8 bytes, as an
-    untrained model may emit) are held until a character follows them or `flush()`.
+    untrained model may emit) are held until a character follows them, `flush()`, or (for a
+    long run) until later ids show that no character can end in them: then their U+FFFD are
+    written, all but the last few ids' (a long run costs each push a bounded number of decoded
+    ids too).
 
     Made by a tokenizer's `stream_decoder()`
     ([`eqzoo.data.AbstractTokenizer.stream_decoder`][],
@@ -80,12 +83,14 @@ class StreamDecoder:
             return ""
         # The text up to the end of the last whole character: usually the last id; a character
         # still cut ends within the last few.
+        full = text = self._decode(self._ids)  # the text of all the ids so far
         for cut in range(n, max(self._start, n - _SPLIT), -1):
-            text = self._decode(self._ids[:cut])
+            text = full if cut == n else self._decode(self._ids[:cut])
             if not text.endswith(_REPLACEMENT):
                 break
         else:
-            return ""  # held: the ids end inside a character (or decode to U+FFFD alone)
+            # held: the ids end inside a character, or decode to U+FFFD alone (invalid bytes).
+            return self._release(n, full)
         new = text[self._offset :]
         self._trim(cut, text)
         return new
@@ -100,12 +105,31 @@ class StreamDecoder:
         self._ids, self._start, self._offset = [], 0, 0
         return rest
 
+    def _release(self, n: int, full: str) -> str:
+        # A held run of ids that decode to U+FFFD alone would be decoded again on every push, for
+        # as long as it runs (an untrained model emits such runs): O(n^2) over the stream. Its
+        # leading part is written as decode writes it once no character can still end in it: a
+        # character is at most 4 UTF-8 bytes, so one that starts before the last _SPLIT ids and
+        # is not whole in `full` (the text of all ids so far) would need more than 4 bytes when
+        # those ids hold 4 or more (each U+FFFD or character of their text is at least a byte).
+        cut = n - _SPLIT
+        if cut <= self._start or len(self._decode(self._ids[cut:])) < _SPLIT:
+            return ""
+        text = self._decode(self._ids[:cut])
+        if not full.startswith(text):  # a character does end past `cut`: keep holding
+            return ""
+        new = text[self._offset :]
+        self._trim(cut, text)
+        return new
+
     def _trim(self, cut: int, text: str) -> None:
         # Keep a few ids before `cut` as context: the fewest (from _CONTEXT) whose text is the
-        # end of `text` (not starting inside a character, nor decoding otherwise at the start).
+        # end of `text` (not starting inside a character, nor decoding otherwise at the start),
+        # and not empty: ids that decode to nothing (special tokens skipped) place the next ones
+        # at the start of a text, where WordPiece and SentencePiece decoders write no space.
         for keep in range(min(_CONTEXT, cut), min(_CONTEXT + _SPLIT, cut) + 1):
             context = self._decode(self._ids[cut - keep : cut])
-            if text.endswith(context):
+            if context and text.endswith(context):
                 self._ids = self._ids[cut - keep :]
                 self._start, self._offset = keep, len(context)
                 return

@@ -80,7 +80,7 @@ def _base_sample(base) -> dict[str, dict[str, Any]] | None:
             continue
         sample[name] = {
             "dtype": f"int{x.bits}", "values": codes.tolist(),
-            "scale": scale.tolist(), "scale_dtype": jnp.dtype(x.scale.dtype).name,
+            "scale": scale.tolist(), "scale_dtype": jnp.dtype(x.scale.dtype).name, "group_size": x.group_size,
         }
     return sample
 
@@ -109,6 +109,17 @@ def _interval(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return values, float(finfo.eps) * np.abs(values) + float(finfo.tiny)
 
 
+def _same_grid(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
+    # The same codes dtype, scale dtype and group size: two copies of one base are then equal bit
+    # for bit. A sample written before the group size was recorded has the same grid as ours
+    # where its scales are ours.
+    if saved["dtype"] != ours["dtype"] or saved["scale_dtype"] != ours["scale_dtype"]:
+        return False
+    if "group_size" in saved and "group_size" in ours:
+        return saved["group_size"] == ours["group_size"]
+    return bool(np.array_equal(np.asarray(saved["scale"], np.float64), np.asarray(ours["scale"], np.float64)))
+
+
 def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
     a, b = np.asarray(saved["values"], np.float64), np.asarray(ours["values"], np.float64)
     if a.shape != b.shape:
@@ -116,14 +127,15 @@ def _same_values(saved: dict[str, Any], ours: dict[str, Any]) -> bool:
     int8 = ("scale" in saved, "scale" in ours)
     if not any(int8):
         return _same_floats(a, b, jnp.dtype(saved["dtype"]), jnp.dtype(ours["dtype"]))
-    same_grid = saved["dtype"] == ours["dtype"] and saved["scale_dtype"] == ours["scale_dtype"]
-    if all(int8) and same_grid:  # the same int8 (int4) copy: bit for bit
+    if all(int8) and _same_grid(saved, ours):  # the same int8 (int4) copy: bit for bit
         return bool(np.array_equal(a, b)) and bool(
             np.array_equal(np.asarray(saved["scale"], np.float64), np.asarray(ours["scale"], np.float64))
         )
-    # int8 against the float base it may come from (or an int8 copy of it in another dtype, or
-    # an int4 copy):
-    # every value within the rounding of both.
+    # Quantized against the float base it may come from, or two copies of one float base on
+    # different grids (int8 and int4, another group size or scale dtype): each dequantized value
+    # `code * scale` is within half its grid's step of the float weight (plus its scale's dtype
+    # rounding), so the two agree within the sum of both half-widths, at most one step of the
+    # coarser grid; a float value within its dtype's rounding. Every value within that.
     (ca, ha), (cb, hb) = _interval(saved), _interval(ours)
     if ca.shape != cb.shape:
         return False

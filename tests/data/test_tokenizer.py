@@ -227,6 +227,43 @@ def test_stream_decoder_cost_does_not_grow_with_the_text():
     assert len(ids) > 2000 and max(per_push) <= 64, max(per_push)
 
 
+def count_decoded(tok):
+    """A stream decoder over `tok.decode` and the list of how many ids each decode call took."""
+    decoded = []
+    return StreamDecoder(lambda ids: decoded.append(len(ids)) or tok.decode(ids), tok.vocab_size), decoded
+
+
+def test_stream_decoder_cost_is_bounded_in_a_long_invalid_run():
+    # 2,000 lone continuation bytes decode to 2,000 U+FFFD, as an untrained model's ids may: the
+    # base code held the whole run and decoded it again on each push (~4,000 ids a push at the
+    # end, O(n^2) in all); once a run passes 4 ids its head can no longer end in a character.
+    tok = ByteTokenizer()
+    ids = np.concatenate([tok.encode("ok "), np.tile(np.arange(0x80, 0xC0), 32)[:2000], tok.encode("é!")])
+    decoder, decoded = count_decoded(tok)
+    per_push, texts = [], []
+    for piece in np.array_split(ids, len(ids) // 3):
+        decoded.clear()
+        texts.append(decoder.push(piece))
+        per_push.append(sum(decoded))
+    assert "".join(texts) + decoder.flush() == tok.decode(ids) == "ok " + "\ufffd" * 2000 + "é!"
+    assert max(per_push) <= 96, max(per_push)
+    assert sum(len(t) > 0 for t in texts) > 600  # the run is written as it comes, not at its end
+
+
+def test_stream_decoder_joins_to_decode_across_long_invalid_runs():
+    # Invalid runs mixed with characters cut across pushes: truncated multi-byte starts, stray
+    # continuation bytes and an overlong run; every split joins to decode(ids) exactly.
+    tok = ByteTokenizer()
+    rng = np.random.default_rng(1)
+    valid = tok.encode(MULTIBYTE)
+    parts = []
+    for _ in range(12):
+        parts.append(rng.integers(0x80, 0x100, rng.integers(1, 40)))  # continuation and start bytes alike
+        parts.append(valid[: rng.integers(1, len(valid))])
+    parts.append([0xF0, 0x9F, 0x8E])  # a stream cut inside a character
+    check_stream_decoding(tok, np.concatenate(parts).astype(np.int64))
+
+
 def test_stream_decoder_errors():
     decoder = CharTokenizer.from_text("abc").stream_decoder()
     with pytest.raises(TokenizerError, match=r"push takes a 1-D sequence of integer ids; got shape \(2, 2\)"):

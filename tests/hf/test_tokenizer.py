@@ -614,6 +614,81 @@ def test_stream_decoder_joins_to_decode_for_any_split(kind):
     assert "".join(tok.decode(p) for p in pieces) != tok.decode(ids)
 
 
+def _gpt2_byte_ids(tok, data: bytes) -> list[int]:
+    """The ids of a byte-level BPE's single-byte tokens for `data` (GPT-2's byte-to-character
+    table: printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    char = {b: chr(b) if b in printable else chr(next(others)) for b in range(256)}
+    return [tok.tokenizer.token_to_id(char[b]) for b in data]
+
+
+def test_stream_decoder_writes_a_long_invalid_run_as_it_comes():
+    # 2,000 lone continuation bytes (an untrained model's ids) between text: joined, the pushes
+    # are decode's text; each push decodes a bounded number of ids (the base code decoded the
+    # whole held run again on every push: ~2,000 ids a push by the end).
+    from eqzoo.data import StreamDecoder
+
+    tok = _stream_tokenizer("byte-level")
+    run = _gpt2_byte_ids(tok, bytes(range(0x80, 0xC0)) * 32)[:2000]
+    ids = np.concatenate([tok.encode("def f(x):"), run, tok.encode("東京 🎉"), run[:7], _gpt2_byte_ids(tok, "🎉".encode()[:3])])
+    want = tok.decode(ids)
+    assert want.count("\ufffd") == 2008  # each lone byte one U+FFFD, and the cut emoji one
+    decoded = []
+    decoder = StreamDecoder(lambda i: decoded.append(len(i)) or tok.decode(i), tok.vocab_size)
+    per_push, texts = [], []
+    for piece in np.array_split(ids, len(ids) // 3):
+        decoded.clear()
+        texts.append(decoder.push(piece))
+        per_push.append(sum(decoded))
+    assert "".join(texts) + decoder.flush() == want
+    assert max(per_push) <= 96, max(per_push)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        decoder = tok.stream_decoder()
+        pieces = np.split(ids, np.sort(rng.integers(0, len(ids), 300)))
+        assert "".join(decoder.push(p) for p in pieces) + decoder.flush() == want, [len(p) for p in pieces]
+
+
+def _wordpiece_folder(tmp_path_factory):
+    """A BERT-style WordPiece tokenizer.json ("##" continuations, lowercasing, punctuation split)
+    trained on a few hundred lines of the standard library."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]"], show_progress=False)
+    tok.train_from_iterator(LINES, trainer)
+    folder = tmp_path_factory.mktemp("wordpiece")
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def test_stream_decoder_joins_to_decode_for_wordpiece(tmp_path_factory):
+    # WordPiece decode puts a space before each token but a "##" piece (joined to the one
+    # before), and its cleanup drops the space before some punctuation and contractions
+    # (" ," -> ",", " n't" -> "n't"); each rule looks at one token and the space before it, not
+    # across tokens, so a token's text never changes the text written before it, and any split
+    # joins to decode's text. Checked here with a BERT-style tokenizer loaded by load_tokenizer.
+    tok = load_tokenizer(_wordpiece_folder(tmp_path_factory))
+    text = "Don't copy, shutil.copyfileobj(fsrc, fdst)! It's done... isn't it? We've 're 'm 'd co-op [x] 東京"
+    ids = np.concatenate([tok.encode(f"{text} {LINES[5]}"), [tok.tokenizer.token_to_id("[UNK]")], tok.encode("unzip xyzzyq")])
+    want = tok.decode(ids)
+    # "##" pieces joined, no space before "," or "!"; the pre-tokenizer splits "'" off, so "don ' t"
+    assert want.startswith("don ' t copy, shutil. copyfileobj ( fsrc, fdst )! it ' s done...") and "##" not in want
+    assert sum(tok.tokenizer.id_to_token(int(i)).startswith("##") for i in ids) > 10  # words in pieces
+    rng = np.random.default_rng(0)
+    for skip in (False, True):
+        want = tok.decode(ids, skip_special_tokens=skip)
+        for _ in range(25):
+            pieces = np.split(ids, np.sort(rng.integers(0, len(ids) + 1, rng.integers(1, len(ids) // 2))))
+            decoder = tok.stream_decoder(skip_special_tokens=skip)
+            got = "".join(decoder.push(p) for p in pieces) + decoder.flush()
+            assert got == want, [len(p) for p in pieces]
+
+
 def test_stream_decoder_refuses_ids_outside_the_vocabulary():
     tok = _stream_tokenizer("byte-level")
     with pytest.raises(TokenizerError, match=rf"HFTokenizer stream decoder: ids must lie in \[0, {tok.vocab_size}\); got id -1"):

@@ -273,6 +273,35 @@ def test_load_adapters_compares_an_int4_base_by_its_unpacked_codes_and_group_sca
             load(model, on_int4)
 
 
+def test_load_adapters_compares_copies_on_other_grids_within_their_rounding(tmp_path, create):
+    # Two quantized copies of one float base on different grids (int4 with 32-wide and 128-wide
+    # groups; int8 and int4) hold different codes and scales: each dequantized value is within
+    # half its own step of the float weight, so they agree within the sum of both half-steps.
+    # The base code compared same-dtype copies bit for bit and refused g32 -> g128 as another base.
+    quant = pytest.importorskip("eqzoo.quant")
+    sizes = {"embed_dim": 128, "hidden_dim": 256}  # inputs of 128 and 256: both group sizes divide them
+    base, other = (create("tiny-llama", key=jax.random.key(seed), **sizes) for seed in (0, 5))
+    quantize = eqx.filter_jit(quant.quantize)  # compiled: ~0.7 s a copy here, eagerly ~5 s
+
+    def load(model, path):
+        return peft.load_adapters(peft.lora(model, rank=2, targets="attn", key=jax.random.key(7)), path)
+
+    def save(model, name):
+        peft.save_adapters(peft.lora(model, rank=2, targets="attn", key=jax.random.key(1)), tmp_path / name)
+        return tmp_path / name
+
+    g32, g128, int8 = (quantize(base, bits=bits, group_size=g) for bits, g in ((4, 32), (4, 128), (8, None)))
+    assert not np.array_equal(np.asarray(g32.blocks.layers.attn.k_proj.scale[0, 0, 0]), np.asarray(g128.blocks.layers.attn.k_proj.scale[0, 0, 0]))
+    on_g32, on_int8 = save(g32, "g32.safetensors"), save(int8, "int8.safetensors")
+    load(g128, on_g32)  # refused by the base code
+    load(int8, on_g32)
+    load(g128, on_int8)
+    other_g128 = quantize(other, bits=4, group_size=128)
+    for path in (on_g32, on_int8):
+        with pytest.raises(CheckpointMismatchError, match=r"the sampled values of 7 frozen array\(s\) differ"):
+            load(other_g128, path)
+
+
 def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
     hf = pytest.importorskip("eqzoo.hf")
     adapted = _with_random_b(peft.lora(_model(), rank=2, key=jax.random.key(1)), jax.random.key(2))

@@ -495,3 +495,33 @@ def test_a_metric_that_is_not_a_number_is_named(steps):
     step = train.make_train_step(nested_loss, OPTIMIZER)
     with pytest.raises(ConfigError, match=r"metric 'router' is a dict.*\{'router/a': \.\.\., 'router/b': \.\.\.\}"):
         train.fit(_state(), step, batches(), num_steps=2, log_every=2)
+
+
+def test_integer_metrics_are_summed_exactly():
+    # A step's token count of 2**24 + 1 (16 x 1024 x 1024 + 1): a float32 sum rounds it to 2**24
+    # (the base code logged 16777216.0); the int32 word pair keeps it, over a window that crosses
+    # blocks, whose sum (~6e8) and per-step values near int32's ends would overflow one int32.
+    window = [{"tokens": jnp.int32(2**24 + 1), "big": jnp.int32(2**31 - 1), "low": jnp.int32(-(2**31)),
+               "counts": jnp.full((3,), 2**31 - 1, jnp.uint32) + jnp.uint32(2**31), "loss": jnp.float32(0.1 * i),
+               "flag": jnp.bool_(i % 3 == 0)} for i in range(40)]
+    means = mean_metrics(window)
+    assert list(means) == ["big", "counts", "flag", "loss", "low", "tokens"]
+    assert means["tokens"] == 2**24 + 1 and means["big"] == 2**31 - 1 and means["low"] == -(2**31)
+    assert means["counts"] == 2**32 - 1 and means["flag"] == 14 / 40  # exact: the one division in float64
+    np.testing.assert_allclose(means["loss"], np.mean(0.1 * np.arange(40, dtype=np.float32)), rtol=1e-6, atol=0)
+    # An integer array metric is the mean of its elements, as before: 1 + 2**24 + 2 over 3 elements.
+    assert mean_metrics([{"n": jnp.array([1, 2**24, 2], jnp.int32)}] * 2) == {"n": (2**24 + 3) / 3}
+    # Past the words' range (|sum| >= 2**47, here ~6e15) the float32 mean stands in, within 1e-6.
+    huge = mean_metrics([{"n": jnp.full((2**15,), 2**31 - 1, jnp.int32)}] * 100)
+    np.testing.assert_allclose(huge["n"], 2**31 - 1, rtol=1e-6, atol=0)
+
+
+def test_a_metric_that_changes_kind_within_a_window_is_refused():
+    # An integer metric's mean is its exact window sum / (elements x steps): the base code averaged
+    # 3 and 3.5 to 3.25 here, and the sum would mix kinds now. Checked once per metrics structure.
+    with pytest.raises(ConfigError, match=r"metric 'n' is an integer with 1 elements on the first step of the log window and a float32 on another"):
+        mean_metrics([{"n": jnp.int32(3)}, {"n": jnp.float32(3.5)}])
+    with pytest.raises(ConfigError, match=r"metric 'n' is an integer with 1 elements .* an integer with 2 elements on another"):
+        mean_metrics([{"n": jnp.int32(3)}, {"n": jnp.zeros(2, jnp.int32)}])
+    # A float on the first step keeps the float mean, as before.
+    assert mean_metrics([{"n": jnp.float32(3.5)}, {"n": jnp.int32(3)}]) == {"n": 3.25}
