@@ -3,6 +3,14 @@
 `eqzoo.generate` is this package's `generate`.
 """
 
+from ._builtin_processors import (
+    BannedSequences as BannedSequences,
+    MinLength as MinLength,
+    MinNewTokens as MinNewTokens,
+    NoRepeatNGram as NoRepeatNGram,
+    SuppressTokens as SuppressTokens,
+    SuppressTokensAtBegin as SuppressTokensAtBegin,
+)
 from ._generate import (
     UNROLL_DECODE_DEFAULTS as UNROLL_DECODE_DEFAULTS,
     generate as generate,
@@ -15,7 +23,13 @@ from ._speculative import generate_speculative as generate_speculative
 from ._stream import StreamChunk as StreamChunk, generate_stream as generate_stream
 
 __all__ = [
+    "BannedSequences",
     "LogitsProcessor",
+    "MinLength",
+    "MinNewTokens",
+    "NoRepeatNGram",
+    "SuppressTokens",
+    "SuppressTokensAtBegin",
     "UNROLL_DECODE_DEFAULTS",
     "StreamChunk",
     "generate",

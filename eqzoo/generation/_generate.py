@@ -453,7 +453,7 @@ def prepare_batch(
         stop_sequences=traced_stop_sequences(stop_sequences),
         use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
         logit_bias=logit_bias_vector(logit_bias, model.config.vocab_size, caller),
-        processors=check_processors(logits_processors, caller), row_limits=row_limits,
+        processors=check_processors(logits_processors, caller, model.config.vocab_size), row_limits=row_limits,
     )
     return prompts, lengths, loop_key(key), settings
 

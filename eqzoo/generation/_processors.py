@@ -10,6 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from .._errors import ConfigError, ShapeError, shape_str
+from ._builtin_processors import out_of_vocab
 from ._sampling import as_token_id
 
 LogitsProcessor = Callable[[Float[Array, " vocab"], Int[Array, " total"], Int[Array, ""], Int[Array, ""]], Float[Array, " vocab"]]
@@ -42,8 +43,9 @@ same shapes and dtypes (another bias, another table) reuses the compiled loop.""
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
-def check_processors(processors, who: str) -> tuple:
-    """`logits_processors` as the decode loop takes them: a tuple (empty for none) of callables."""
+def check_processors(processors, who: str, vocab_size: int | None = None) -> tuple:
+    """`logits_processors` as the decode loop takes them: a tuple (empty for none) of callables.
+    With `vocab_size`, the built-in processors' token ids are checked to lie in the vocabulary."""
     if processors is None:
         return ()
     if callable(processors):
@@ -58,6 +60,12 @@ def check_processors(processors, who: str) -> tuple:
             raise ConfigError(
                 f"{who}: logits_processors[{k}] is not callable (got {fn!r}); each is "
                 "fn(logits, tokens, position, step) -> logits (see eqzoo.generation.LogitsProcessor)."
+            )
+        outside = [] if vocab_size is None else out_of_vocab(fn, vocab_size)
+        if outside:
+            raise ConfigError(
+                f"{who}: logits_processors[{k}] ({_name(fn)}) holds ids {outside} outside the model's vocabulary "
+                f"[0, {vocab_size}); it would ban or wait for tokens the model can never produce. Drop them."
             )
     return tuple(processors)
 

@@ -95,6 +95,55 @@ def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoint
     np.testing.assert_array_equal(got[want.shape[0]:], hft.VOCAB - 1)  # padding after the stop
 
 
+def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoints, loaded, hft, compile_log):
+    # no_repeat_ngram_size, bad_words_ids (one id, a bigram, and the eos id, which transformers
+    # drops), min_new_tokens (holding back the eos, row 0's first free token), suppress_tokens and
+    # begin_suppress_tokens from a generation_config.json: transformers' greedy tokens, row by
+    # row, and the same tokens as the processors passed by hand (compiling nothing new).
+    import eqzoo.hf
+    from eqzoo.generation import (
+        BannedSequences,
+        MinNewTokens,
+        NoRepeatNGram,
+        SuppressTokens,
+        SuppressTokensAtBegin,
+    )
+
+    hf_model, _ = hf_checkpoints("gpt2")
+    prompts = _prompts(hft.VOCAB)
+    free = _transformers_greedy("gpt2", hf_model, prompts, hft)
+    new = [f[n:] for f, n in zip(free, LENGTHS, strict=True)]
+    eos = int(new[0][1])
+    settings = dict(
+        no_repeat_ngram_size=3, bad_words_ids=[[int(new[1][2])], [int(new[2][0]), int(new[2][1])], [eos]],
+        min_new_tokens=4, suppress_tokens=[int(new[0][5])], begin_suppress_tokens=[int(new[1][0])],
+        eos_token_id=eos, pad_token_id=hft.VOCAB - 1, max_new_tokens=12,
+    )
+    hft.transformers.GenerationConfig(**settings).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left unapplied
+        config = eqzoo.hf.load_generation_config(tmp_path)
+    expected = []
+    for row, n in zip(prompts, LENGTHS, strict=True):
+        with hft.torch.no_grad():
+            out = hf_model.generate(hft.torch.as_tensor(row[None, :n], dtype=hft.torch.long), attention_mask=hft.torch.ones((1, n), dtype=hft.torch.long),
+                                    generation_config=hft.transformers.GenerationConfig.from_pretrained(tmp_path))
+        expected.append(out[0].numpy())
+    assert not any(np.array_equal(e, f[: len(e)]) for e, f in zip(expected, free, strict=True))  # the settings matter
+    model = loaded("gpt2")
+    got = np.asarray(generate_batch(model, prompts, np.asarray(LENGTHS), **config.kwargs()))
+    for i, n in enumerate(LENGTHS):
+        np.testing.assert_array_equal(got[i, : n + 12], expected[i], err_msg=f"prompt {i}")
+    by_hand = [
+        NoRepeatNGram(3), BannedSequences(settings["bad_words_ids"][:2]), MinNewTokens(4, eos),
+        SuppressTokens(settings["suppress_tokens"]), SuppressTokensAtBegin(settings["begin_suppress_tokens"]),
+    ]
+    with compile_log() as log:
+        again = generate_batch(model, prompts, np.asarray(LENGTHS), **config.kwargs(logits_processors=by_hand))
+    np.testing.assert_array_equal(again, got)
+    assert log.compiled == []
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [
@@ -109,6 +158,9 @@ def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoint
         ('{"max_new_tokens": 0}', "max_new_tokens must be an integer >= 1; got 0"),
         ('{"repetition_penalty": 0}', r"repetition_penalty must be a number in \(0.0, inf\]; got 0"),
         ('{"min_p": 1.5}', r"min_p must be a number in \[0.0, 1.0\]; got 1.5"),
+        ('{"no_repeat_ngram_size": -1}', "no_repeat_ngram_size must be an integer >= 0; got -1"),
+        ('{"bad_words_ids": [[1], []]}', r"bad_words_ids must be a list of non-empty lists of token ids \(integers >= 0\); got \[\[1\], \[\]\]"),
+        ('{"suppress_tokens": [3, -1]}', r"suppress_tokens must be a list of token ids \(integers >= 0\); got \[3, -1\]"),
     ],
 )
 def test_bad_generation_configs_are_refused(tmp_path, text, match):

@@ -1,0 +1,138 @@
+"""The ready-made processors: the same bans as transformers' own processors, and in generation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eqzoo._errors import ConfigError
+from eqzoo.generation import (
+    BannedSequences,
+    MinLength,
+    MinNewTokens,
+    NoRepeatNGram,
+    SuppressTokens,
+    SuppressTokensAtBegin,
+    generate_batch,
+)
+
+torch = pytest.importorskip("torch")
+lp = pytest.importorskip("transformers.generation.logits_process")
+
+VOCAB = 256  # tiny-gpt2's
+PROMPTS = np.array([[4, 9, 4, 9, 4], [3, 3, 0, 0, 0]], np.int32)  # bigrams that repeat
+LENGTHS = np.array([5, 2])
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def gpt2(create):
+    model = create("tiny-gpt2", key=jax.random.key(0), max_seq=24)
+    # init_std is 0.02: scaled up so greedy decoding does not just repeat one token
+    return jax.tree.map(lambda a: 8 * a if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating) else a, model)
+
+
+@pytest.fixture(scope="module")
+def greedy(gpt2):
+    return np.asarray(generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=NEW))
+
+
+def _against_transformers(ours, theirs, *, prompt_len=3, vocab=10, total=14, rows=24, seed=0, plant=()):
+    """Our processor and transformers' on the same random logits and token histories (ids from
+    a small alphabet, so n-grams and phrases recur; each row at its own length, the buffer past
+    it filled with other ids that must be ignored; `plant` written just before the position
+    in every other row long enough): the same ids at -inf, exactly, and every other logit
+    unchanged (tolerance 0: neither does arithmetic on them). Returns the banned mask."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(rows, vocab)).astype(np.float32)
+    tokens = rng.integers(0, 4, size=(rows, total)).astype(np.int32)
+    lengths = rng.integers(prompt_len, total, size=rows).astype(np.int32)  # the position being chosen
+    for r in range(0, rows, 2):
+        if plant and lengths[r] >= len(plant):
+            tokens[r, lengths[r] - len(plant) : lengths[r]] = plant
+    got = np.asarray(jax.jit(jax.vmap(ours))(logits, tokens, lengths, lengths - prompt_len))
+    for r, n in enumerate(lengths):
+        want = theirs(torch.as_tensor(tokens[None, r, :n], dtype=torch.long), torch.as_tensor(logits[None, r]))[0].numpy()
+        np.testing.assert_array_equal(np.isneginf(got[r]), np.isneginf(want), err_msg=f"row {r}, length {n}")
+        np.testing.assert_array_equal(got[r], want)
+    return np.isneginf(got)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_no_repeat_ngram_bans_what_transformers_bans(n):
+    banned = _against_transformers(NoRepeatNGram(n), lp.NoRepeatNGramLogitsProcessor(n), seed=n)
+    assert banned.any() and not banned.all()
+
+
+def test_banned_sequences_ban_what_transformers_bans():
+    # one-token, two-token and a phrase longer than some rows' history; one starting like another
+    long = [3, 1, 2, 0, 3, 1, 2, 5]  # its prefix planted in some rows; others are too short for it
+    sequences = [[2], [1, 3], [0, 0, 1], long]
+    kw = dict(prompt_len=1, seed=4, plant=long[:-1])
+    banned = _against_transformers(BannedSequences(sequences), lp.NoBadWordsLogitsProcessor(sequences), **kw)
+    assert banned[:, 2].all() and banned[:, [1, 3, 5]].any(axis=0).all() and not banned[:, [1, 3, 5]].all(axis=0).any()
+    # padded to a larger shape: the same bans
+    _against_transformers(BannedSequences(sequences, pad_to=(6, 12)), lp.NoBadWordsLogitsProcessor(sequences), **kw)
+
+
+def test_min_tokens_and_suppression_ban_what_transformers_bans():
+    # prompt length 3: transformers' MinNewTokens skips it, MinLength counts it; begin_index is
+    # the prompt's length (a decoder-only model's first generated token)
+    _against_transformers(MinNewTokens(4, [2, 7]), lp.MinNewTokensLengthLogitsProcessor(3, 4, [2, 7]))
+    _against_transformers(MinLength(6, 5), lp.MinLengthLogitsProcessor(6, 5))
+    _against_transformers(SuppressTokens([1, 8]), lp.SuppressTokensLogitsProcessor([1, 8]))
+    # rows of every length, some at step 0
+    banned = _against_transformers(
+        SuppressTokensAtBegin([0, 9]), lp.SuppressTokensAtBeginLogitsProcessor([0, 9], 3), total=5, rows=12, seed=1
+    )
+    assert banned.any() and not banned.all()
+
+
+def _bigrams(row):
+    return list(zip(row[:-1], row[1:], strict=True))
+
+
+def test_greedy_generation_with_no_repeat_bigram_never_repeats_one(gpt2, greedy):
+    # Generation with NoRepeatNGram(2) over prompts whose bigrams repeat, and a tiny model that
+    # otherwise loops: no bigram of the row (prompt included) completes twice.
+    out = np.asarray(generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=NEW, logits_processors=[NoRepeatNGram(2)]))
+    assert any(len(set(_bigrams(f[: n + NEW]))) < n + NEW - 1 for f, n in zip(greedy.tolist(), LENGTHS, strict=True))
+    for row, n in zip(out.tolist(), LENGTHS, strict=True):
+        row = row[: n + NEW]
+        generated = _bigrams(row)[n - 1 :]  # the bigrams each generated token completes
+        assert len(set(generated)) == len(generated) and not set(_bigrams(row[:n])) & set(generated), row
+
+
+def test_min_new_tokens_delays_eos_and_another_value_compiles_nothing(gpt2, greedy, compile_log):
+    eos = int(greedy[0, 5 + 1])  # row 0's second token: greedy decoding with this eos stops there
+    kw = dict(max_new_tokens=NEW, eos_token=eos, pad_token=0)
+    out = np.asarray(generate_batch(gpt2, PROMPTS, LENGTHS, logits_processors=[MinNewTokens(4, eos)], **kw))
+    assert eos not in out[0, 5 : 5 + 4].tolist() and eos not in out[1, 2 : 2 + 4].tolist()
+    assert out[0, 5] == greedy[0, 5] and out[0, 6] != eos
+    with compile_log() as log:
+        again = np.asarray(generate_batch(gpt2, PROMPTS, LENGTHS, logits_processors=[MinNewTokens(1, [eos])], **kw))
+    assert log.compiled == []  # the count is traced (and the ids: an array of the same length)
+    np.testing.assert_array_equal(again[0, : 5 + 2], greedy[0, : 5 + 2])  # eos allowed from step 1: it stops there
+    assert (again[0, 5 + 2 :] == 0).all()
+
+
+def test_built_in_processors_refuse_bad_arguments():
+    with pytest.raises(ConfigError, match=r"NoRepeatNGram: n must be an integer >= 1, got 0"):
+        NoRepeatNGram(0)
+    with pytest.raises(ConfigError, match=r"MinNewTokens: min_new_tokens must be an integer >= 0, got -1"):
+        MinNewTokens(-1, 2)
+    with pytest.raises(ConfigError, match=r"MinLength: eos_tokens is empty; give at least one token id"):
+        MinLength(3, [])
+    with pytest.raises(ConfigError, match=r"SuppressTokens: ids must hold token ids \(integers >= 0\); got \[1, -2\]"):
+        SuppressTokens([1, -2])
+    with pytest.raises(ConfigError, match=r"BannedSequences: sequences must be a non-empty list of token-id lists"):
+        BannedSequences([])
+    with pytest.raises(ConfigError, match=r"BannedSequences: sequences\[1\] is empty"):
+        BannedSequences([[1], []])
+    with pytest.raises(ConfigError, match=r"pad_to must be a \(count, longest\) tuple of ints at least \(2, 2\)"):
+        BannedSequences([[1], [2, 3]], pad_to=(2, 1))
+
+
+def test_ids_outside_the_vocabulary_are_refused_by_generate(gpt2):
+    with pytest.raises(ConfigError, match=r"logits_processors\[1\] \(BannedSequences\) holds ids \[256, 300\] outside the model's vocabulary \[0, 256\)"):
+        generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=2, logits_processors=[NoRepeatNGram(2), BannedSequences([[300], [1, 256]])])
