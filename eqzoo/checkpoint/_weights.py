@@ -167,70 +167,100 @@ def load_weights(like: Any, path: str | os.PathLike, *, cast: bool = False, allo
         raise CheckpointCorruptError(f"weights file {path} is corrupt or truncated: {err}", step=None) from err
     with f:
         header = f.metadata() or {}
-        found = {}
-        for name in f.keys():
-            sl = f.get_slice(name)
-            found[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
         expected = {n: (tuple(leaf.shape), np.dtype(leaf.dtype).name) for n, leaf in zip(names, leaves, strict=True)}
-        specs = {n: {"shape": e[0], "dtype": e[1]} for n, e in expected.items()}
-        # int8 codes that older eqzoo saved as a QuantizedLinear `weight`: read under that name
-        stored_as = renamed_codes(specs, {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()})
-        found = {n: v for n, v in found.items() if n not in stored_as.values()} | {n: found[old] for n, old in stored_as.items()}
-        problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
-        problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
-        dtypes_differ = False
-        for n, (shape, dtype) in expected.items():
-            # cast=True converts between floating dtypes only: integer arrays (quantized codes,
-            # counters) hold values a cast would change into other values, not rounder ones
-            castable = cast and _floating(found[n][1]) and _floating(dtype) if n in found else False
-            if n in found and (found[n][0] != shape or (found[n][1] != dtype and not castable)):
-                problems.append(
-                    f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}"
-                    + (" (cast=True converts floating dtypes only)" if cast and found[n][0] == shape else "")
-                )
-                dtypes_differ = dtypes_differ or (found[n][0] == shape and found[n][1] != dtype)
-        if problems:
-            # cast=True converts dtypes only: suggesting it for a shape mismatch would mislead.
-            raise CheckpointMismatchError(
-                f"weights file {path} does not fit the model:\n" + list_items(problems)
-                + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
-                + quant_hint(specs, {n: {"shape": v[0], "dtype": v[1]} for n, v in found.items()}, "file")
-            )
-        # the arrays fit: is it the model they were saved from? (its config, then the non-array
-        # settings of its layers, which repeat the config's where it has one)
-        differ: list[str] = []
-        what, verb = "config", "differs"
+        found, stored_as = _file_specs(f, expected)
+        _check_fit(path, expected, found, cast=cast)
         if not allow_config_change:
-            saved = _header_json(header, "eqzoo.config")
-            differ = config_differences(saved, model_config(like), ("file", "model"))
-            if not differ:
-                saved, what, verb = _header_json(header, "eqzoo.statics"), "non-array settings", "differ"
-                differ = statics_differences(saved, describe_statics(like), ("file", "model"))
-        if differ:
-            raise CheckpointMismatchError(
-                f"weights file {path} was saved from a model whose {what} {verb} from this one's:\n"
-                + list_items(differ)
-                + f"\nLoad it into a model built with the same {what}, or pass allow_config_change=True to do it on purpose."
-            )
-        try:
-            crcs = json.loads(header.get("eqzoo.crc32", "{}"))
-        except ValueError:
-            crcs = {}
-        loaded = []
-        for name, leaf in zip(names, leaves, strict=True):
-            name = stored_as.get(name, name)
-            try:
-                value = f.get_tensor(name)
-            except Exception as err:
-                raise CheckpointCorruptError(f"weights file {path}: tensor {name} cannot be read: {err}", step=None, parameters=(name,)) from err
-            if name in crcs and zlib.crc32(_raw(value)) != crcs[name]:
-                raise CheckpointCorruptError(
-                    f"weights file {path}: tensor {name} fails its CRC-32 check (the file was altered).",
-                    step=None, parameters=(name,),
-                )
-            sharding = getattr(leaf, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
-            loaded.append(jax.device_put(value.astype(leaf.dtype, copy=False), sharding))
+            _check_recorded(path, header, like)
+        loaded = _read_tensors(f, path, [stored_as.get(n, n) for n in names], leaves, header)
     it = iter(loaded)
     return jax.tree.map(
         lambda x: next(it) if is_array_like(x) else x, like, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)
     )
+
+
+_Specs = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name)
+
+
+def _as_specs(specs: _Specs) -> dict[str, dict[str, Any]]:
+    return {n: {"shape": v[0], "dtype": v[1]} for n, v in specs.items()}
+
+
+def _file_specs(f: Any, expected: _Specs) -> tuple[_Specs, dict[str, str]]:
+    """The shape and dtype of each tensor in the open file `f`, under the names of `expected`
+    where older eqzoo stored int8 codes as a QuantizedLinear `weight`, and those renames
+    (model name -> name in the file)."""
+    found = {}
+    for name in f.keys():
+        sl = f.get_slice(name)
+        found[name] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype()))
+    # int8 codes that older eqzoo saved as a QuantizedLinear `weight`: read under that name
+    stored_as = renamed_codes(_as_specs(expected), _as_specs(found))
+    found = {n: v for n, v in found.items() if n not in stored_as.values()} | {n: found[old] for n, old in stored_as.items()}
+    return found, stored_as
+
+
+def _check_fit(path: Path, expected: _Specs, found: _Specs, *, cast: bool) -> None:
+    """Raise `CheckpointMismatchError` listing every array missing from the file, not in the
+    model, or of another shape or (without `cast`, or for integers) dtype."""
+    problems = [f"{n}: expected {e[1]}{e[0]}, not in the file" for n, e in expected.items() if n not in found]
+    problems += [f"{n}: found {v[1]}{v[0]}, not in the model" for n, v in found.items() if n not in expected]
+    dtypes_differ = False
+    for n, (shape, dtype) in expected.items():
+        # cast=True converts between floating dtypes only: integer arrays (quantized codes,
+        # counters) hold values a cast would change into other values, not rounder ones
+        castable = cast and _floating(found[n][1]) and _floating(dtype) if n in found else False
+        if n in found and (found[n][0] != shape or (found[n][1] != dtype and not castable)):
+            problems.append(
+                f"{n}: expected {dtype}{shape}, found {found[n][1]}{found[n][0]}"
+                + (" (cast=True converts floating dtypes only)" if cast and found[n][0] == shape else "")
+            )
+            dtypes_differ = dtypes_differ or (found[n][0] == shape and found[n][1] != dtype)
+    if problems:
+        # cast=True converts dtypes only: suggesting it for a shape mismatch would mislead.
+        raise CheckpointMismatchError(
+            f"weights file {path} does not fit the model:\n" + list_items(problems)
+            + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
+            + quant_hint(_as_specs(expected), _as_specs(found), "file")
+        )
+
+
+def _check_recorded(path: Path, header: dict[str, str], like: Any) -> None:
+    """The arrays fit: raise `CheckpointMismatchError` unless `like` is the model they were
+    saved from, by the config the file records, then by the non-array settings of its layers
+    (which repeat the config's where it has one)."""
+    what, verb = "config", "differs"
+    differ = config_differences(_header_json(header, "eqzoo.config"), model_config(like), ("file", "model"))
+    if not differ:
+        what, verb = "non-array settings", "differ"
+        differ = statics_differences(_header_json(header, "eqzoo.statics"), describe_statics(like), ("file", "model"))
+    if differ:
+        raise CheckpointMismatchError(
+            f"weights file {path} was saved from a model whose {what} {verb} from this one's:\n"
+            + list_items(differ)
+            + f"\nLoad it into a model built with the same {what}, or pass allow_config_change=True to do it on purpose."
+        )
+
+
+def _read_tensors(f: Any, path: Path, names: list[str], leaves: list[Any], header: dict[str, str]) -> list[jax.Array]:
+    """Read the tensor `names[i]` of the open file `f` for each leaf, check its CRC-32 where the
+    header records one, and put it on the leaf's sharding (else the first local device) in the
+    leaf's dtype."""
+    try:
+        crcs = json.loads(header.get("eqzoo.crc32", "{}"))
+    except ValueError:
+        crcs = {}
+    loaded = []
+    for name, leaf in zip(names, leaves, strict=True):
+        try:
+            value = f.get_tensor(name)
+        except Exception as err:
+            raise CheckpointCorruptError(f"weights file {path}: tensor {name} cannot be read: {err}", step=None, parameters=(name,)) from err
+        if name in crcs and zlib.crc32(_raw(value)) != crcs[name]:
+            raise CheckpointCorruptError(
+                f"weights file {path}: tensor {name} fails its CRC-32 check (the file was altered).",
+                step=None, parameters=(name,),
+            )
+        sharding = getattr(leaf, "sharding", None) or SingleDeviceSharding(jax.local_devices()[0])
+        loaded.append(jax.device_put(value.astype(leaf.dtype, copy=False), sharding))
+    return loaded

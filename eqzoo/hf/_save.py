@@ -98,7 +98,11 @@ def _write_json(file: Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, file)
 
 
-def _check_plain_linears(model) -> None:
+def _check_model(model) -> None:
+    if not isinstance(model, GPT2 | Llama | Mixtral | Gemma | ViT):
+        raise HFFormatError(
+            f"save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got {type(model).__name__}."
+        )
     # The Hugging Face layout has one dense weight per projection: a LoRA adapter or an int8
     # weight would be dropped or misread, so refuse with the fix instead.
     odd = [f"{path} ({type(x).__name__})" for path, x in select_linears(model) if isinstance(x, AbstractLinear)]
@@ -166,18 +170,28 @@ def save_pretrained(
     layers; `ConfigError` for an `extra_config` that changes the architecture or a `like`
     folder whose vocabulary size differs from the model's.
     """
-    if not isinstance(model, GPT2 | Llama | Mixtral | Gemma | ViT):
-        raise HFFormatError(
-            f"save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got {type(model).__name__}."
-        )
-    _check_plain_linears(model)
+    _check_model(model)
     safetensors_numpy = require("safetensors.numpy", "hf")
     dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
-    config = model.config
-    rules, _ = rules_for(config)
+    rules, _ = rules_for(model.config)
     table = _tensor_table(model, rules, dtype)
+    hf = _hf_config(model, like, dtype, extra_config)
+    limit = None if max_shard_size is None else _parse_size(max_shard_size)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_weights(model, table, _plan_shards(table, limit), folder, safetensors_numpy)
+    _write_json(folder / CONFIG_NAME, hf)
+    _carry_over(model, hf, like, folder, extra_config)
+    return folder
 
-    hf = config_to_hf(config)
+
+def _hf_config(
+    model, like: str | os.PathLike[str] | None, dtype: np.dtype | None, extra_config: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """The `config.json` dict `save_pretrained` writes: the model's config, in the `like`
+    folder's architecture where that holds it exactly, with the export dtype, `extra_config`,
+    and `like`'s token ids where neither sets them."""
+    hf = config_to_hf(model.config)
     source = None if like is None else as_folder(like)
     original = {} if source is None else read_config(source)
     if source is not None:
@@ -200,12 +214,13 @@ def save_pretrained(
     for key in _TOKEN_IDS:
         if hf.get(key) is None and original.get(key) is not None:
             hf[key] = original[key]
+    return hf
 
-    limit = None if max_shard_size is None else _parse_size(max_shard_size)
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
 
-    # Plan the shards from shapes alone, then materialise one shard at a time.
+def _plan_shards(table: Mapping[str, tuple[Any, tuple[int, ...], np.dtype]], limit: int | None) -> list[list[str]]:
+    """The tensor names of each shard, in name order, from shapes alone: a shard is closed when
+    the next tensor would take it past `limit` bytes (`None`: one shard). A tensor bigger than
+    `limit` gets a shard of its own; an empty table, one empty shard."""
     shards: list[list[str]] = [[]]
     size = 0
     for name in sorted(table):
@@ -216,6 +231,13 @@ def save_pretrained(
             size = 0
         shards[-1].append(name)
         size += nbytes
+    return shards
+
+
+def _write_weights(model, table, shards: list[list[str]], folder: Path, safetensors_numpy) -> None:
+    """Write `shards` (materialising one shard at a time) as `model.safetensors`, or as
+    numbered shards with their index; remove weight files of an earlier save that these do not
+    replace."""
     n = len(shards)
     files = [WEIGHTS_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     for old in folder.iterdir():  # stale weights from an earlier save would shadow or mix in
@@ -235,7 +257,16 @@ def save_pretrained(
         del tensors, cache
     if n > 1:
         _write_json(folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    _write_json(folder / CONFIG_NAME, hf)
+
+
+def _carry_over(
+    model, hf: Mapping[str, Any], like: str | os.PathLike[str] | None, folder: Path,
+    extra_config: Mapping[str, Any] | None,
+) -> None:
+    """Copy the `like` folder's generation config and tokenizer files into `folder` (or, without
+    a generation config, write one of `hf`'s token ids for a language model); token ids given in
+    `extra_config` win in a carried `generation_config.json` too."""
+    source = None if like is None else as_folder(like)
     carried = [] if source is None else [source / n for n in _CARRIED if (source / n).is_file()]
     if not isinstance(model, ViT) and not any(f.name == GENERATION_CONFIG_NAME for f in carried):
         generation = {"_from_model_config": True} | {k: hf[k] for k in _TOKEN_IDS if hf.get(k) is not None}
@@ -248,4 +279,3 @@ def save_pretrained(
         # transformers' generate reads generation_config.json first: the ids given win there too
         generation = json.loads((folder / GENERATION_CONFIG_NAME).read_text())
         _write_json(folder / GENERATION_CONFIG_NAME, {**generation, **given})
-    return folder

@@ -1,10 +1,11 @@
-"""Hugging Face `tokenizer.json` files, read with the `tokenizers` library."""
+"""`HFTokenizer`: a Hugging Face fast tokenizer behind eqzoo's tokenizer protocol, and
+`load_tokenizer`. Reading its files is `_tokenizer_files`'s; its batch and chat paths are
+`_batch`'s and `_tokenizer_chat`'s."""
 
 import copy
 import inspect
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, no_type_check
 
 import numpy as np
@@ -13,43 +14,8 @@ from jaxtyping import Bool, Int, Integer
 
 from .._errors import require
 from ..data import AbstractTokenizer, EncodedBatch, StreamDecoder, TokenizerError
-from . import _batch
-from ._chat import assistant_spans, check_messages, render
-from ._errors import HFFormatError
-from ._files import TOKENIZER_NAME, read_json_object
-
-_SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
-
-
-def _token_string(value: Any) -> str | None:
-    # tokenizer_config.json spells a special token as a string or as {"content": ...}.
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _read_chat_template(folder: Path, config: Mapping[str, Any]) -> str | dict[str, str] | None:
-    # transformers 5 writes the template to chat_template.jinja (and named ones to
-    # additional_chat_templates/{name}.jinja); older folders keep it in tokenizer_config.json,
-    # as a string or a list of {"name", "template"} entries.
-    named: dict[str, str] = {}
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t["name"]: t["template"] for t in template if isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
-    elif isinstance(template, str):
-        named["default"] = template
-    file = folder / "chat_template.jinja"
-    if file.is_file():
-        named["default"] = file.read_text(encoding="utf-8")
-    extra = folder / "additional_chat_templates"
-    if extra.is_dir():
-        for path in sorted(extra.glob("*.jinja")):
-            named[path.stem] = path.read_text(encoding="utf-8")
-    if not named:
-        return None
-    return named["default"] if set(named) == {"default"} else named
+from . import _batch, _tokenizer_chat
+from ._tokenizer_files import SPECIAL, find_tokenizer_file, read_tokenizer_file
 
 
 class HFTokenizer(AbstractTokenizer):
@@ -94,7 +60,7 @@ class HFTokenizer(AbstractTokenizer):
         self._truncation_side = _batch.check_side(truncation_side, "truncation_side", "HFTokenizer")
         self.tokenizer = tokenizer
         self._batch_encoder = _batch.BatchEncoder()
-        self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in _SPECIAL}
+        self._special = {k: v for k, v in dict(special_tokens or {}).items() if k in SPECIAL}
         if isinstance(chat_template, Mapping):
             chat_template = dict(chat_template)
             if not all(isinstance(k, str) and isinstance(v, str) for k, v in chat_template.items()):
@@ -108,44 +74,8 @@ class HFTokenizer(AbstractTokenizer):
         """Read a `tokenizer.json` file (and `tokenizer_config.json` and `special_tokens_map.json`
         beside it, if present; where both name a special token, `special_tokens_map.json` wins,
         as in transformers)."""
-        tokenizers = require("tokenizers", "hf")
-        file = Path(path)
-        try:
-            tokenizer = tokenizers.Tokenizer.from_file(str(file))
-        except Exception as err:  # the Rust side raises a bare Exception on malformed files
-            raise HFFormatError(f"cannot read {str(file)!r} as a tokenizers tokenizer.json: {err}") from None
-        special: dict[str, str] = {}
-        config: dict[str, Any] = {}
-        # A tokenizer.json may carry its own padding settings; transformers takes its pad token
-        # and side as defaults, under tokenizer_config.json's.
-        json_padding = tokenizer.padding or {}
-        if isinstance(json_padding.get("pad_token"), str) and tokenizer.token_to_id(json_padding["pad_token"]) is not None:
-            special["pad_token"] = json_padding["pad_token"]
-        padding_side = json_padding.get("direction", "right")
-        truncation_side = (tokenizer.truncation or {}).get("direction", "right")  # likewise, as transformers reads it
-        # ...but a single encode neither pads nor truncates unless asked, as in transformers
-        # (encode_batch sets both for its call).
-        tokenizer.no_padding()
-        tokenizer.no_truncation()
-        # tokenizer_config.json names the special tokens; older folders (and some published
-        # ones) name them in special_tokens_map.json, which transformers reads after it: where
-        # both name one, special_tokens_map.json's wins, as in transformers 4 and 5.
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            path = file.with_name(name)
-            if not path.is_file():
-                continue
-            data = read_json_object(path)
-            for key in _SPECIAL:
-                token = _token_string(data.get(key))
-                if token is not None:
-                    special[key] = token
-            if name == "tokenizer_config.json":
-                config = data
-        sides = {"padding_side": config.get("padding_side", padding_side), "truncation_side": config.get("truncation_side", truncation_side)}
-        for name, side in sides.items():
-            if side not in _batch.SIDES:
-                raise HFFormatError(f"{str(file.with_name('tokenizer_config.json'))!r}: {name} must be 'right' or 'left'; got {side!r}.")
-        return cls(tokenizer, special, _read_chat_template(file.parent, config), **sides)
+        tokenizer, special, chat_template, sides = read_tokenizer_file(path)
+        return cls(tokenizer, special, chat_template, **sides)
 
     def _special_id(self, key: str) -> int | None:
         token = self._special.get(key)
@@ -319,25 +249,6 @@ class HFTokenizer(AbstractTokenizer):
         """
         return _batch.decode_batch(self, ids, attention_mask, skip_special_tokens=skip_special_tokens)
 
-    def _template(self, who: str, tools: Any = None) -> str:
-        template = self.chat_template
-        if template is None:
-            raise TokenizerError(
-                f"HFTokenizer.{who}: this tokenizer has no chat template (neither chat_template.jinja "
-                "nor a chat_template in tokenizer_config.json); base models usually have none. Pass "
-                "one as HFTokenizer(..., chat_template=...) or format the text yourself."
-            )
-        if isinstance(template, str):
-            return template
-        # As transformers picks among named templates: "tool_use" when tools are given.
-        name = "tool_use" if tools is not None and "tool_use" in template else "default"
-        if name not in template:
-            raise TokenizerError(
-                f"HFTokenizer.{who}: this tokenizer's chat templates are {sorted(template)}, none named "
-                "'default'; pass the one to use as chat_template=tokenizer.chat_template[name]."
-            )
-        return template[name]
-
     def _special_strings(self) -> dict[str, str]:
         return dict(self._special)
 
@@ -373,25 +284,10 @@ class HFTokenizer(AbstractTokenizer):
         **Raises:** `TokenizerError` when there is no template, a message is malformed, or the
         template fails (its `raise_exception` message included).
         """
-        messages = check_messages(messages)
-        if add_generation_prompt and continue_final_message:
-            raise TokenizerError(
-                "apply_chat_template: add_generation_prompt starts a new assistant turn and "
-                "continue_final_message continues the last one; ask for one of them."
-            )
-        template = self._template("apply_chat_template", template_kwargs.get("tools"))
-        text = render(
-            template, messages, self._special_strings(), add_generation_prompt=bool(add_generation_prompt), **template_kwargs,
+        return _tokenizer_chat.apply_chat_template(
+            self, messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tokenize=tokenize, template_kwargs=template_kwargs,
         )
-        if continue_final_message:
-            content = messages[-1].get("content")
-            if not isinstance(content, str) or not content.strip() or content.strip() not in text:
-                raise TokenizerError(
-                    "apply_chat_template(continue_final_message=True) needs the last message's text "
-                    "content as the template renders it; it was not found in the rendered text."
-                )
-            text = text[: text.rindex(content.strip()) + len(content.strip())]
-        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     @no_type_check  # check_messages says how to fix a bad conversation
     def apply_chat_template_batch(
@@ -426,26 +322,12 @@ class HFTokenizer(AbstractTokenizer):
 
         **Returns:** an [`eqzoo.data.EncodedBatch`][].
         """
-        if isinstance(conversations, str | bytes | Mapping) or not isinstance(conversations, Sequence) or not conversations:
-            raise TokenizerError(
-                "apply_chat_template_batch takes a non-empty list of conversations, each a list of messages; "
-                f"got {type(conversations).__name__}. For one conversation use apply_chat_template."
-            )
-        if any(isinstance(c, Mapping) for c in conversations):
-            raise TokenizerError(
-                "apply_chat_template_batch takes a list of conversations, and got a list of messages: one "
-                "conversation. Wrap it, [messages], or use apply_chat_template(messages)."
-            )
         padding = {k: v for k, v in kwargs.items() if k in _PADDING_ARGUMENTS}
         template_kwargs = {k: v for k, v in kwargs.items() if k not in _PADDING_ARGUMENTS}
-        texts = [
-            self.apply_chat_template(
-                c, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                tokenize=False, **template_kwargs,
-            )
-            for c in conversations
-        ]
-        return self.encode_batch(texts, add_special_tokens=False, **padding)
+        return _tokenizer_chat.apply_chat_template_batch(
+            self, conversations, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, padding=padding, template_kwargs=template_kwargs,
+        )
 
     @no_type_check  # check_messages says how to fix a bad conversation
     def encode_chat(
@@ -475,22 +357,7 @@ class HFTokenizer(AbstractTokenizer):
 
         **Returns:** `(tokens, mask)`: int32 ids and a boolean mask of the same length.
         """
-        for name in ("add_generation_prompt", "continue_final_message"):
-            if name in template_kwargs:
-                raise TokenizerError(
-                    f"encode_chat renders whole conversations for training; {name} is for "
-                    "apply_chat_template (generation)."
-                )
-        template = self._template("encode_chat", template_kwargs.get("tools"))
-        text, spans = assistant_spans(template, check_messages(messages), self._special_strings(), **template_kwargs)
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
-        tokens = np.asarray(encoding.ids, dtype=np.int32)
-        mask = np.zeros(tokens.shape, dtype=bool)
-        if spans and tokens.size:
-            offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-            for start, end in spans:
-                mask |= (offsets[:, 0] < end) & (offsets[:, 1] > start)
-        return tokens, mask
+        return _tokenizer_chat.encode_chat(self, messages, template_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """`{"type": "hf", "tokenizer_json": ..., "special_tokens": {...}, "chat_template": ...,
@@ -556,15 +423,4 @@ def load_tokenizer(path: str | os.PathLike[str]) -> HFTokenizer:
     `transformers.AutoTokenizer.from_pretrained(path).save_pretrained(path)`, which writes
     `tokenizer.json`), or when it cannot be parsed.
     """
-    file = Path(path)
-    if file.is_dir():
-        file = file / TOKENIZER_NAME
-    if not file.is_file():
-        folder = file.parent
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-        raise HFFormatError(
-            f"no {TOKENIZER_NAME} at {str(file)!r} (found: {found}). eqzoo reads fast tokenizers only; "
-            "if the folder has slow-tokenizer files (vocab.json + merges.txt, tokenizer.model), write "
-            "tokenizer.json once with `transformers.AutoTokenizer.from_pretrained(path).save_pretrained(path)`."
-        )
-    return HFTokenizer.from_file(file)
+    return HFTokenizer.from_file(find_tokenizer_file(path))

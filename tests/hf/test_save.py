@@ -138,6 +138,24 @@ def test_sharded_export(tmp_path, hft):
     assert sorted(p.name for p in tmp_path.glob("model*")) == ["model.safetensors"]
 
 
+def test_plan_shards_edge_cases():
+    from eqzoo.hf._save import _plan_shards
+
+    f32, i8 = np.dtype(np.float32), np.dtype(np.int8)
+    table = {"c": (None, (2,), f32), "a": (None, (2, 2), f32), "b": (None, (16,), i8)}  # 8, 16, 16 bytes
+    assert _plan_shards(table, None) == [["a", "b", "c"]]  # no limit: one shard, in name order
+    assert _plan_shards(table, 40) == [["a", "b", "c"]]  # exact fit: 16 + 16 + 8 == 40
+    assert _plan_shards(table, 39) == [["a", "b"], ["c"]]
+    assert _plan_shards(table, 32) == [["a", "b"], ["c"]]
+    assert _plan_shards(table, 31) == [["a"], ["b", "c"]]
+    # a tensor bigger than the limit gets a shard of its own rather than being split or refused
+    big = {**table, "bb": (None, (100,), f32)}
+    assert _plan_shards(big, 16) == [["a"], ["b"], ["bb"], ["c"]]
+    assert _plan_shards({"x": (None, (3, 5), f32)}, 1) == [["x"]]
+    # an empty table: one empty shard (save_pretrained writes one model.safetensors)
+    assert _plan_shards({}, None) == [[]] and _plan_shards({}, 10) == [[]]
+
+
 def test_bf16_export(tmp_path, hft):
     model = _random_model("gpt2", seed=2)
     eqzoo.hf.save_pretrained(model, tmp_path, dtype=jnp.bfloat16)
