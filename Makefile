@@ -20,7 +20,7 @@ train: install
 # pytest: a crashed worker (a segfault) fails the run at once rather than being replaced.
 test: install
 	$(BIN)/python -m ruff check .
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --max-worker-restart=0
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0
 	$(BIN)/python scripts/run_examples.py --smoke --skip-tested --jobs 2
 	$(BIN)/python scripts/run_benchmarks.py --jobs 2
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --quiet --site-dir .site

@@ -115,3 +115,31 @@ def compile_log():
     """`CompileLog`: `with compile_log() as log: ...` then `log.compiled` (the XLA compilations
     in the block; `compile_log("flat_step")` keeps the train steps' only)."""
     return CompileLog
+
+
+# Test files that take long for their few tests, started first. `make test` runs the files on two
+# workers in this order (`--dist loadfile --no-loadscope-reorder`), the others after them, most
+# tests first (xdist's own order). xdist's order alone started the docs-snippet files (a few
+# tests, minutes each: they run every page's code in a subprocess) about 17 minutes into a
+# 21-minute run, so they ran alone at the end. Only the order changes: every file still runs.
+START_FIRST = (
+    "tests/docs/test_snippets.py",
+    "tests/docs/test_snippets_2.py",
+    "tests/examples/test_examples_smoke.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Order the collected tests by file: `START_FIRST`'s files first, then the files with the
+    most tests; within a file, the tests keep their order."""
+    counts: dict[str, int] = {}
+    for item in items:
+        file = item.nodeid.split("::", 1)[0]
+        counts[file] = counts.get(file, 0) + 1
+
+    def rank(item):
+        file = item.nodeid.split("::", 1)[0]
+        first = START_FIRST.index(file) if file in START_FIRST else len(START_FIRST)
+        return (first, -counts[file], file)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
