@@ -17,6 +17,9 @@ before a block, invisible on the site, adapt a page to CI's two CPU cores:
 - `<!-- docs-test: skip (why it cannot run here) -->`: the next block is not run; the reason
   is required.
 
+Only blocks tagged exactly ```python run. Code of other libraries, shown for comparison (the
+Flax NNX blocks of migrating.md), is tagged ```py: highlighted as Python, never run.
+
 This module holds the machinery; `test_snippets.py` and `test_snippets_2.py` each run one part
 of the pages (`part`), so that CI's two pytest workers share them. Run one page by hand with
 `python tests/docs/test_snippets.py docs/hf.md` (from any directory: the pages write their
@@ -285,6 +288,7 @@ COSTS = {
     "getting-started.md": 4.9,
     "hf.md": 13.1,
     "index.md": 3.8,
+    "migrating.md": 5.0,
     "moe.md": 18.5,
     "packing.md": 7.7,
     "quantization.md": 17.2,

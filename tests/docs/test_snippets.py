@@ -22,7 +22,7 @@ PAGES = _snippets.part(0)
 
 def test_every_guide_with_code_is_run():
     every = _snippets.pages()
-    assert len(every) >= 13, [p.name for p in every]
+    assert len(every) >= 14, [p.name for p in every]
     for page in every:
         _snippets.parse(page)  # raises DirectiveError for a malformed directive
     parts = [_snippets.part(i) for i in range(_snippets.PARTS)]
