@@ -23,6 +23,7 @@ from ._errors import ShardingError as ShardingError
 from ._init import lower_sharded_init as lower_sharded_init, sharded_init as sharded_init
 from ._mesh import (
     AXES as AXES,
+    SEQUENCE_KEYS as SEQUENCE_KEYS,
     make_mesh as make_mesh,
     mesh_shape as mesh_shape,
     parse_mesh_shape as parse_mesh_shape,
@@ -62,6 +63,7 @@ __all__ = [
     "VIT_RULES",
     "DIT_RULES",
     "Rules",
+    "SEQUENCE_KEYS",
     "ShardingError",
     "abstract_sharded",
     "activation_sharding",

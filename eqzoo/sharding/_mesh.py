@@ -41,6 +41,18 @@ _BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 # The axis a sequence is split over (context parallelism).
 CONTEXT_AXIS = "context"
 
+SEQUENCE_KEYS: tuple[str, ...] = (
+    "tokens", "targets", "mask", "segment_ids", "positions",
+    "chosen_tokens", "chosen_targets", "chosen_mask", "rejected_tokens", "rejected_targets", "rejected_mask",
+)
+"""The batch keys whose entries are `(batch, seq, ...)` sequences: those eqzoo's own losses read
+([`eqzoo.train.lm_loss`][] and the preference losses). Under context parallelism (a mesh with
+`context > 1`) these entries of a dict batch have their second axis split over `context`; any
+other named entry (class labels `(batch, k)`, images, per-example features) is split over the
+batch axes only. Pass `sequence_keys=` to [`eqzoo.sharding.shard_batch`][],
+[`eqzoo.sharding.make_global_batch`][], [`eqzoo.train.make_train_step`][] or
+[`eqzoo.train.make_eval_step`][] to name your own."""
+
 _ITEM = re.compile(r"^\s*([A-Za-z_]\w*)\s*=\s*(-?\d+)\s*$")
 
 

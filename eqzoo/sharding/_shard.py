@@ -2,6 +2,7 @@
 
 import math
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .._errors import shape_str, user_stacklevel
 from ..train._state import TrainState
 from ._errors import ShardingError
-from ._mesh import _BATCH_AXES, CONTEXT_AXIS, context_size
+from ._mesh import _BATCH_AXES, CONTEXT_AXIS, SEQUENCE_KEYS, context_size
 from ._rules import (
     Rules,
     _entry_axes,
@@ -26,23 +27,27 @@ BATCH_SPEC = P(_BATCH_AXES)
 """How batches are split: the leading (batch) axis over `data` x `fsdp` x `expert`, everything else
 whole. On a mesh with `context > 1`, the functions that take it as their default
 (`shard_batch`, `make_global_batch`, a train step's host batches) also split the second
-(sequence) axis of every leaf with one over `context`: see [`eqzoo.sharding.batch_spec`][]."""
+(sequence) axis of each sequence entry over `context` (the entries named in
+[`eqzoo.sharding.SEQUENCE_KEYS`][] or in `sequence_keys=`): see [`eqzoo.sharding.batch_spec`][]."""
 
 
-def batch_spec(mesh: Mesh, ndim: int = 2) -> P:
+def batch_spec(mesh: Mesh, ndim: int = 2, *, sequence: bool = True) -> P:
     """The default `PartitionSpec` of a batch leaf with `ndim` dimensions on `mesh`.
 
     The leading (batch) axis is split over the mesh's batch axes (`BATCH_SPEC`, less the axes
-    the mesh lacks). On a mesh with `context > 1` (context parallelism), a leaf with two or
-    more dimensions is read as `(batch, seq, ...)` and its sequence axis is split over
+    the mesh lacks). On a mesh with `context > 1` (context parallelism), a sequence leaf with
+    two or more dimensions is read as `(batch, seq, ...)` and its sequence axis is split over
     `context` too: tokens `(batch, seq)` -> `P(("data", "fsdp", "expert"), "context")`.
 
-    **Arguments:** `mesh`; `ndim`, the leaf's number of dimensions.
+    **Arguments:** `mesh`; `ndim`, the leaf's number of dimensions; `sequence`, whether the
+    leaf is a sequence (`False` for class labels `(batch, k)`, images or per-example features:
+    only the batch axis is split). The batch functions decide it per entry from its key:
+    [`eqzoo.sharding.SEQUENCE_KEYS`][].
 
     **Returns:** the spec.
     """
     spec = drop_missing_axes(BATCH_SPEC, mesh)
-    if ndim >= 2 and context_size(mesh) > 1:
+    if sequence and ndim >= 2 and context_size(mesh) > 1:
         return P(*spec, CONTEXT_AXIS)
     return spec
 
@@ -229,8 +234,9 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
                 f"batch leaf's second axis as its sequence), which does not divide it. Use a "
                 f"sequence length divisible by {n} (e.g. {shape[dim] - shape[dim] % n or n} or "
                 f"{shape[dim] + n - shape[dim] % n}: pad the rows, or change seq_len), or a mesh "
-                "with a context size that divides it (context=1 for batches without a sequence "
-                "axis, such as images)."
+                "with a context size that divides it. If this entry is not a sequence (labels, "
+                "images, per-example features), leave its key out of sequence_keys= "
+                "(default eqzoo.sharding.SEQUENCE_KEYS) and only its batch axis is split."
             )
         if shape[dim] % n:
             names = "x".join(f"{a}={sizes[a]}" for a in axes if sizes[a] > 1)
@@ -241,10 +247,48 @@ def _check_batch_leaf(who: str, path: Any, shape: tuple[int, ...], spec: P, mesh
             )
 
 
-def _batch_spec(spec: P, mesh: Mesh, ndim: int = 1) -> P:
-    # The default fits any mesh (a hand-built one may lack `expert`, say) and splits a leaf's
-    # sequence over `context`; a given spec is taken as is.
-    return batch_spec(mesh, ndim) if spec == BATCH_SPEC else spec
+def _batch_spec(spec: P, mesh: Mesh, ndim: int = 1, sequence: bool = True) -> P:
+    # The default fits any mesh (a hand-built one may lack `expert`, say) and splits a sequence
+    # leaf over `context`; a given spec is taken as is.
+    return batch_spec(mesh, ndim, sequence=sequence) if spec == BATCH_SPEC else spec
+
+
+def _sequence_keys(sequence_keys: Collection[str] | None, who: str) -> frozenset[str] | None:
+    if sequence_keys is None:
+        return None
+    if isinstance(sequence_keys, str) or not all(isinstance(k, str) for k in sequence_keys):
+        raise ShardingError(
+            f"{who}: sequence_keys must be a collection of batch key names, e.g. "
+            f"('tokens', 'targets'), or None; got {sequence_keys!r}"
+            + (f" (one key is written ({sequence_keys!r},))." if isinstance(sequence_keys, str) else ".")
+        )
+    return frozenset(sequence_keys)
+
+
+def _leaf_name(path: Any) -> str | None:
+    # The innermost dict key or attribute name on the path; None for a bare array or an entry
+    # of a tuple or list batch.
+    for entry in reversed(path):
+        if isinstance(entry, jax.tree_util.DictKey):
+            return str(entry.key)
+        if isinstance(entry, jax.tree_util.GetAttrKey):
+            return entry.name
+    return None
+
+
+def _is_sequence(path: Any, sequence_keys: frozenset[str] | None) -> bool:
+    # A named entry is a sequence when its name is among the keys; an unnamed one (a tuple
+    # batch, a bare array) and every entry under sequence_keys=None are read by shape.
+    name = _leaf_name(path)
+    return sequence_keys is None or name is None or name in sequence_keys
+
+
+def _leaf_sharding(
+    who: str, path: Any, shape: tuple[int, ...], mesh: Mesh, spec: P, sequence_keys: frozenset[str] | None
+) -> NamedSharding:
+    leaf_spec = _batch_spec(spec, mesh, len(shape), _is_sequence(path, sequence_keys))
+    _check_batch_leaf(who, path, shape, leaf_spec, mesh)
+    return NamedSharding(mesh, leaf_spec)
 
 
 def batch_split(mesh: Mesh) -> int:
@@ -254,16 +298,16 @@ def batch_split(mesh: Mesh) -> int:
     return math.prod(sizes[a] for a in _entry_axes(spec[0])) if len(spec) else 1
 
 
-def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str) -> Any:
-    def one(path, x):
-        leaf_spec = _batch_spec(spec, mesh, np.ndim(x))
-        _check_batch_leaf(who, path, tuple(np.shape(x)), leaf_spec, mesh)
-        return NamedSharding(mesh, leaf_spec)
-
-    return jax.tree_util.tree_map_with_path(one, batch)
+def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str, sequence_keys: Collection[str] | None) -> Any:
+    keys = _sequence_keys(sequence_keys, who)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: _leaf_sharding(who, path, tuple(np.shape(x)), mesh, spec, keys), batch
+    )
 
 
-def shard_batch(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
+def shard_batch(
+    batch: Any, mesh: Mesh, spec: P = BATCH_SPEC, *, sequence_keys: Collection[str] | None = SEQUENCE_KEYS
+) -> Any:
     """Put a *global* batch (the same full batch in every process) on `mesh`.
 
     **Arguments:**
@@ -271,18 +315,25 @@ def shard_batch(batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
     - `batch`: a pytree of arrays whose leading axis is the batch.
     - `mesh`: the mesh.
     - `spec`: how to split each leaf; default `BATCH_SPEC`, the batch axis over `data` x `fsdp` x
-      `expert` (and, with `context > 1`, a leaf's second axis, its sequence, over `context`:
+      `expert` (and, with `context > 1`, a sequence entry's second axis over `context`:
       [`eqzoo.sharding.batch_spec`][]).
+    - `sequence_keys`: which entries are sequences, by key (a dict batch's keys, at any depth;
+      default [`eqzoo.sharding.SEQUENCE_KEYS`][], the keys eqzoo's losses read). Other named
+      entries are split over the batch axes only; unnamed leaves (a tuple batch, a bare array)
+      and, with `None`, every leaf count as sequences when they have two or more dimensions.
+      Matters only on a mesh with `context > 1`.
 
     **Returns:** the batch as sharded `jax.Array`s.
 
     **Raises:** [`eqzoo.sharding.ShardingError`][] when the batch size, or under context
     parallelism the sequence length, is not divisible.
     """
-    return jax.device_put(batch, _batch_sharding(batch, mesh, spec, "shard_batch"))
+    return jax.device_put(batch, _batch_sharding(batch, mesh, spec, "shard_batch", sequence_keys))
 
 
-def make_global_batch(local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any:
+def make_global_batch(
+    local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC, *, sequence_keys: Collection[str] | None = SEQUENCE_KEYS
+) -> Any:
     """Assemble each process's slice of a batch into one global `jax.Array` per leaf.
 
     On `P` processes, process `i` passes the rows it loaded (an eqzoo loader built with the
@@ -297,21 +348,20 @@ def make_global_batch(local_batch: Any, mesh: Mesh, spec: P = BATCH_SPEC) -> Any
     - `mesh`: the global mesh.
     - `spec`: how to split each leaf of the global batch; default `BATCH_SPEC` (with
       `context > 1`, as [`eqzoo.sharding.batch_spec`][] gives).
+    - `sequence_keys`: which entries are sequences, as for [`eqzoo.sharding.shard_batch`][].
 
     **Returns:** the global batch.
 
     **Raises:** [`eqzoo.sharding.ShardingError`][] when the global batch size (or, under
     context parallelism, the sequence length) is not divisible by the mesh axes of `spec`.
     """
+    who = f"make_global_batch ({jax.process_count()} process(es) x local rows)"
+    keys = _sequence_keys(sequence_keys, who)
 
     def one(path, x):
         x = np.asarray(x)
         global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:] if x.ndim else x.shape
-        leaf_spec = _batch_spec(spec, mesh, x.ndim)
-        _check_batch_leaf(
-            f"make_global_batch ({jax.process_count()} process(es) x local rows)", path,
-            global_shape, leaf_spec, mesh,
-        )
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, leaf_spec), x, global_shape)
+        sharding = _leaf_sharding(who, path, global_shape, mesh, spec, keys)
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree_util.tree_map_with_path(one, local_batch)

@@ -2,7 +2,7 @@
 
 import inspect
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import equinox as eqx
@@ -14,6 +14,7 @@ from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ..nn._grouped import summed_weight_gradients
+from ..sharding._mesh import SEQUENCE_KEYS
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
@@ -136,10 +137,14 @@ class TrainStep:
     new state holds the same ones). Metrics are device scalars; convert with `float()` only when you log them.
     """
 
-    def __init__(self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None,
+        sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+    ):
         self._pure_step = pure_step
         self._donate = donate
         self._mesh = mesh
+        self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_train_step")
         # One process holds the whole batch, so a host (numpy) batch is the global batch and is
         # split over the mesh here; on several processes which rows it is is the caller's to say
         # (make_global_batch).
@@ -205,7 +210,7 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, dict[str, jax.Array]]:
         """Take one optimizer step. **Returns:** `(new state, metrics)`."""
         if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
-            batch = _place_host_batch(batch, self._mesh)
+            batch = _place_host_batch(batch, self._mesh, self._sequence_keys)
         arrays, metrics = self._jitted(state.structure, state.arrays)(state.arrays, batch)
         # Called through the class: a bound method of an Equinox module costs ~17 µs to build.
         return TrainState._with_arrays(state, arrays), metrics
@@ -339,25 +344,33 @@ def _cache_size(jitted, traces: int) -> int:
         return traces
 
 
-def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
+def _checked_sequence_keys(sequence_keys: Collection[str] | None, who: str) -> frozenset[str] | None:
+    from ..sharding._shard import _sequence_keys  # eqzoo.sharding imports eqzoo.train
+
+    return _sequence_keys(sequence_keys, who)
+
+
+def _place_host_batch(batch: PyTree, mesh: jax.sharding.Mesh, sequence_keys: frozenset[str] | None) -> PyTree:
     # numpy leaves would enter the step replicated on every device, then be resharded inside
     # it (and compile another program than a placed batch): split them as shard_batch does.
     # A leaf whose leading axis the split does not divide (a short last batch, a (classes,)
     # table that is not per example) is replicated, as jit would place it.
-    from ..sharding import shard_batch  # eqzoo.sharding imports eqzoo.train
-    from ..sharding._shard import batch_split
+    # eqzoo.sharding imports eqzoo.train
+    from ..sharding._shard import BATCH_SPEC, _leaf_sharding, batch_split
 
     n = batch_split(mesh)
     replicated = jax.NamedSharding(mesh, jax.P())
 
-    def place(x):
-        # Under context parallelism shard_batch also splits the sequence (axis 1), and says
-        # so when context does not divide it.
+    def place(path, x):
+        # Under context parallelism a sequence entry's second axis is split too (and an error
+        # says so when context does not divide it).
         if not (isinstance(x, np.ndarray) and x.ndim):
             return x
-        return shard_batch(x, mesh) if x.shape[0] % n == 0 else jax.device_put(x, replicated)
+        if x.shape[0] % n:
+            return jax.device_put(x, replicated)
+        return jax.device_put(x, _leaf_sharding("shard_batch", path, x.shape, mesh, BATCH_SPEC, sequence_keys))
 
-    return jax.tree.map(place, batch)
+    return jax.tree_util.tree_map_with_path(place, batch)
 
 
 def _check_optimizer(optimizer, params, opt_state) -> None:
@@ -402,6 +415,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     donate: bool = True,
     mesh: jax.sharding.Mesh | None = None,
+    sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
 ) -> TrainStep:
     """Build the compiled training step.
 
@@ -430,12 +444,18 @@ def make_train_step(
       the step is traced inside `eqzoo.sharding.activation_sharding(mesh)`. The state passed to
       the first call fixes the layout. In one process, a host (numpy) batch, as the eqzoo
       loaders yield and `fit` passes on, is split over the mesh as
-      `eqzoo.sharding.shard_batch` does (on a mesh with `context > 1` each leaf's second axis,
-      its sequence, is split over `context` too: context parallelism, docs/scaling.md; a leaf
+      `eqzoo.sharding.shard_batch` does (on a mesh with `context > 1` the second axis of each
+      entry named in `sequence_keys` is split over `context` too: context parallelism,
+      docs/scaling.md; a leaf
       whose leading axis the split does not divide,
       a short last batch say, is copied to every device, as `jax.jit` would place it); on several processes pass batches already placed
       (`eqzoo.sharding.make_global_batch`: which rows a process holds is yours to say). With gradient accumulation, micro-batch `i` then takes rows
       `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
+    - `sequence_keys`: the batch keys whose entries are `(batch, seq, ...)` sequences, which a
+      mesh with `context > 1` splits along `seq` (default [`eqzoo.sharding.SEQUENCE_KEYS`][],
+      the keys eqzoo's losses read); other named entries (labels `(batch, k)`, images) are
+      split over the batch axes only. `None` reads every leaf of two or more dimensions as a
+      sequence. As for [`eqzoo.sharding.shard_batch`][].
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -555,15 +575,19 @@ def make_train_step(
             metrics["loss_scale"] = new_opt_state[1].scale
         return tuple(new_arrays), metrics
 
-    return TrainStep(pure_step, donate, mesh)
+    return TrainStep(pure_step, donate, mesh, sequence_keys)
 
 
 class EvalStep:
     """A compiled `metrics = evaluate(state, batch)`; made by [`eqzoo.train.make_eval_step`][]."""
 
-    def __init__(self, pure: Callable, mesh: jax.sharding.Mesh | None = None):
+    def __init__(
+        self, pure: Callable, mesh: jax.sharding.Mesh | None = None,
+        sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+    ):
         self._pure = pure
         self._mesh = mesh
+        self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_eval_step")
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
 
@@ -587,7 +611,7 @@ class EvalStep:
     def __call__(self, state: TrainState, batch: PyTree) -> dict[str, jax.Array]:
         """Evaluate on one batch. **Returns:** a dict of device scalars."""
         if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
-            batch = _place_host_batch(batch, self._mesh)
+            batch = _place_host_batch(batch, self._mesh, self._sequence_keys)
         return self._jitted(state.structure)(state.arrays, batch)
 
     def lower(self, state: TrainState, batch: PyTree):
@@ -596,7 +620,11 @@ class EvalStep:
 
 
 def make_eval_step(
-    metric_fn: LossFn, *, precision: Precision | None = None, mesh: jax.sharding.Mesh | None = None
+    metric_fn: LossFn,
+    *,
+    precision: Precision | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
 ) -> EvalStep:
     """Build a compiled evaluation step.
 
@@ -612,6 +640,7 @@ def make_eval_step(
       context parallelism the sequence stays split, as in the train step) and, in one process,
       a host (numpy) batch is split over the mesh as `make_train_step(mesh=...)` splits it.
       Metrics are replicated.
+    - `sequence_keys`: which batch entries are sequences, as for `make_train_step`.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.
@@ -631,4 +660,4 @@ def make_eval_step(
         _check_scalar_loss(loss)
         return {"loss": loss.astype(jnp.float32), **aux}
 
-    return EvalStep(pure, mesh)
+    return EvalStep(pure, mesh, sequence_keys)

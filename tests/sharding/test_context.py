@@ -126,3 +126,36 @@ def test_features_that_need_the_whole_sequence_are_refused(lab):
     expert_mesh = sh.make_mesh("context=2,expert=4")
     with sh.activation_sharding(expert_mesh), pytest.raises(ConfigError, match=r"expert parallelism \(mesh expert=4\) cannot run"):
         jax.eval_shape(jax.vmap(lab.make_model("mixtral")), jnp.zeros((4, 8), jnp.int32))
+
+
+def test_entries_that_are_not_sequences_keep_their_second_axis_whole(lab):
+    # Class labels (batch, 3): 3 is no multiple of context=4, and it is no sequence. Named
+    # entries are sequences by key (eqzoo.sharding.SEQUENCE_KEYS), so only tokens/targets split.
+    mesh = sh.make_mesh("data=2,context=4")
+    batch = {**lab.make_batch(), "labels": np.ones((lab.BATCH, 3), np.float32)}
+    placed = sh.shard_batch(batch, mesh)
+    assert placed["labels"].sharding.spec == jax.P(("data", "fsdp", "expert"))
+    assert placed["tokens"].sharding.spec == jax.P(("data", "fsdp", "expert"), "context")
+    assert sh.batch_spec(mesh, 2, sequence=False) == jax.P(("data", "fsdp", "expert"))
+    own = sh.shard_batch(batch, mesh, sequence_keys=("tokens",))  # targets not split either
+    assert own["targets"].sharding.spec == jax.P(("data", "fsdp", "expert"))
+    assert sh.shard_batch((batch["tokens"],), mesh)[0].sharding.spec[1] == "context"  # unnamed: by shape
+    with pytest.raises(sh.ShardingError, match=r"labels'\] of shape \(8, 3\).*leave its key out of sequence_keys"):
+        sh.shard_batch(batch, mesh, sequence_keys=None)  # None: every 2-D leaf is a sequence
+    with pytest.raises(sh.ShardingError, match=r"sequence_keys must be a collection.*written \('tokens',\)"):
+        make_train_step(lm_loss, optax.sgd(0.1), mesh=mesh, sequence_keys="tokens")
+
+
+def test_a_step_with_a_non_sequence_entry_on_a_context_mesh_equals_one_device(lab):
+    # A loss that also reads per-example labels (batch, 3): the host batch is placed by the step.
+    def loss_fn(model, batch, key):
+        loss, aux = lm_loss(model, batch, key)
+        return loss + 1e-2 * jnp.mean(batch["labels"] * jnp.arange(3.0)), aux
+
+    model = lab.make_model("gpt2")
+    batch = {**lab.make_batch(), "labels": np.arange(lab.BATCH * 3, dtype=np.float32).reshape(lab.BATCH, 3)}
+    ref = loss_fn(model, jax.tree.map(jnp.asarray, batch), None)[0]
+    mesh = sh.make_mesh("data=2,context=4")
+    state = sh.shard_state(TrainState.create(model, optax.sgd(0.1), key=jax.random.key(0)), mesh)
+    got = make_eval_step(loss_fn, mesh=mesh)(state, batch)
+    assert abs(float(got["loss"]) - float(ref)) < TOL
