@@ -1,6 +1,6 @@
 """Packing whole documents into fixed-length rows, with segment ids so none attends to another."""
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,29 @@ def pack_documents(
     document has a pair; `ShapeError` for a document that is not 1-D integer ids, or a target
     mask of another length.
     """
+    _check_arguments(documents, seq_len, num_bins, pad_id, eos_id)
+    masks = None if target_masks is None else iter(target_masks)
+    bins = _BestFit(seq_len, num_bins)
+    count = 0
+    for i, doc in enumerate(documents):  # read once, each document placed before the next is read
+        count += 1
+        tokens, weights = _document(i, doc, masks, eos_id)
+        pairs = tokens.shape[0] - 1
+        for start in range(0, max(pairs, 0), seq_len):
+            m = min(seq_len, pairs - start)
+            bins.place((tokens[start : start + m + 1], weights[start + 1 : start + m + 1]))
+    if masks is not None and next(masks, _END) is not _END:
+        raise ShapeError(f"pack_documents: more target masks than the {count} documents.")
+    rows = bins.rows()
+    if not rows:
+        raise ConfigError(
+            f"pack_documents: none of the {count} documents has two tokens (a next-token pair); "
+            "pass longer documents, or eos_id to give each one an end-of-document target."
+        )
+    return _arrays(rows, seq_len, pad_id)
+
+
+def _check_arguments(documents: Any, seq_len: Any, num_bins: Any, pad_id: Any, eos_id: Any) -> None:
     for name, value, minimum in (("seq_len", seq_len, 1), ("num_bins", num_bins, 1), ("pad_id", pad_id, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not minimum <= value <= _INT32_MAX:
             raise ConfigError(f"pack_documents: {name} must be an integer in [{minimum}, 2**31 - 1]; got {value!r}.")
@@ -99,79 +122,83 @@ def pack_documents(
             "pack_documents takes an iterable of documents (one token sequence each); got one 1-D "
             "array. Wrap a single document in a list: pack_documents([tokens], seq_len)."
         )
-    masks_iter = None if target_masks is None else iter(target_masks)
 
-    # A piece is (tokens of length m + 1, target mask of length m); rows are lists of pieces.
-    Piece = tuple[np.ndarray, np.ndarray]
-    finished: list[list[Piece]] = []
-    open_rows: list[list[Piece]] = []
-    room: list[int] = []
 
-    def place(piece: Piece) -> None:
+def _document(i: int, doc: Any, masks: Iterator[Any] | None, eos_id: int | np.integer | None) -> tuple[np.ndarray, np.ndarray]:
+    """Document `i`'s tokens (int32) and target weights (bool, as long), with `eos_id`
+    appended (a target that counts) when given; its mask is the next of `masks`."""
+    tokens = _as_document(i, doc)
+    if masks is None:
+        weights = np.ones(tokens.shape[0], bool)
+    else:
+        try:
+            weights = np.array(next(masks), dtype=bool)  # a copy, as for the tokens
+        except StopIteration:
+            raise ShapeError(f"pack_documents: target_masks ran out at document {i}; give one mask per document.") from None
+        if weights.shape != tokens.shape:
+            raise ShapeError(
+                f"pack_documents: target mask {i} has shape {shape_str(weights.shape)} but "
+                f"document {i} has {tokens.shape[0]} tokens; they must match."
+            )
+    if eos_id is not None:
+        tokens = np.append(tokens, np.int32(eos_id))
+        weights = np.append(weights, True)
+    return tokens, weights
+
+
+# A piece is (tokens of length m + 1, target mask of length m); rows are lists of pieces.
+_Piece = tuple[np.ndarray, np.ndarray]
+
+
+class _BestFit:
+    """Best-fit packing of pieces into rows of `seq_len` pairs, `num_bins` rows open at once."""
+
+    def __init__(self, seq_len: int | np.integer, num_bins: int | np.integer):
+        self.seq_len, self.num_bins = seq_len, num_bins
+        self.finished: list[list[_Piece]] = []
+        self.open_rows: list[list[_Piece]] = []
+        self.room: list[int] = []
+
+    def place(self, piece: _Piece) -> None:
+        """Put `piece` in the open row it fills most tightly; when none has room, finish the
+        fullest open row (when `num_bins` are open) and open a new one. A row left with no
+        room is finished at once, its slot freed for another."""
         m = piece[1].shape[0]
-        if m == seq_len:
-            finished.append([piece])
+        if m == self.seq_len:
+            self.finished.append([piece])
             return
-        fits = [i for i, r in enumerate(room) if r >= m]
-        if fits:
-            i = min(fits, key=lambda j: room[j])
-        else:
-            if len(open_rows) == num_bins:
-                full = min(range(len(room)), key=lambda j: room[j])
-                finished.append(open_rows.pop(full))
-                room.pop(full)
-            open_rows.append([])
-            room.append(seq_len)
-            i = len(room) - 1
-        open_rows[i].append(piece)
-        room[i] -= m
-        if room[i] == 0:  # full: finished now, its slot freed for another row
-            finished.append(open_rows.pop(i))
-            room.pop(i)
+        fits = [i for i, r in enumerate(self.room) if r >= m]
+        i = min(fits, key=lambda j: self.room[j]) if fits else self._open_row()
+        self.open_rows[i].append(piece)
+        self.room[i] -= m
+        if self.room[i] == 0:
+            self.finished.append(self.open_rows.pop(i))
+            self.room.pop(i)
 
-    count = 0
-    for i, doc in enumerate(documents):
-        count += 1
-        tokens = _as_document(i, doc)
-        if masks_iter is None:
-            weights = np.ones(tokens.shape[0], bool)
-        else:
-            try:
-                weights = np.array(next(masks_iter), dtype=bool)  # a copy, as for the tokens
-            except StopIteration:
-                raise ShapeError(
-                    f"pack_documents: target_masks ran out at document {i}; give one mask per document."
-                ) from None
-            if weights.shape != tokens.shape:
-                raise ShapeError(
-                    f"pack_documents: target mask {i} has shape {shape_str(weights.shape)} but "
-                    f"document {i} has {tokens.shape[0]} tokens; they must match."
-                )
-        if eos_id is not None:
-            tokens = np.append(tokens, np.int32(eos_id))
-            weights = np.append(weights, True)
-        pairs = tokens.shape[0] - 1
-        for start in range(0, max(pairs, 0), seq_len):
-            m = min(seq_len, pairs - start)
-            place((tokens[start : start + m + 1], weights[start + 1 : start + m + 1]))
-    if masks_iter is not None and next(masks_iter, _END) is not _END:
-        raise ShapeError(f"pack_documents: more target masks than the {count} documents.")
-    finished.extend(open_rows)
-    if not finished:
-        raise ConfigError(
-            f"pack_documents: none of the {count} documents has two tokens (a next-token pair); "
-            "pass longer documents, or eos_id to give each one an end-of-document target."
-        )
+    def _open_row(self) -> int:
+        if len(self.open_rows) == self.num_bins:
+            full = min(range(len(self.room)), key=lambda j: self.room[j])
+            self.finished.append(self.open_rows.pop(full))
+            self.room.pop(full)
+        self.open_rows.append([])
+        self.room.append(self.seq_len)
+        return len(self.room) - 1
 
-    rows = len(finished)
+    def rows(self) -> list[list[_Piece]]:
+        """Every row: the finished ones in the order they were finished, then the open ones."""
+        return self.finished + self.open_rows
+
+
+def _arrays(rows: list[list[_Piece]], seq_len: int | np.integer, pad_id: int | np.integer) -> PackedArrays:
+    """The rows of pieces as `pack_documents`' arrays."""
     out = {
-        "tokens": np.full((rows, seq_len), pad_id, np.int32),
-        "targets": np.full((rows, seq_len), pad_id, np.int32),
-        "segment_ids": np.zeros((rows, seq_len), np.int32),
-        "positions": np.zeros((rows, seq_len), np.int32),
-        "mask": np.zeros((rows, seq_len), bool),
+        "tokens": np.full((len(rows), seq_len), pad_id, np.int32),
+        "targets": np.full((len(rows), seq_len), pad_id, np.int32),
+        "segment_ids": np.zeros((len(rows), seq_len), np.int32),
+        "positions": np.zeros((len(rows), seq_len), np.int32),
+        "mask": np.zeros((len(rows), seq_len), bool),
     }
-    for r, pieces in enumerate(finished):
+    for r, pieces in enumerate(rows):
         at = 0
         for s, (tokens, weights) in enumerate(pieces, start=1):
             m = weights.shape[0]

@@ -8,6 +8,7 @@ from ._builtin_processors import (
     MinLength as MinLength,
     MinNewTokens as MinNewTokens,
     NoRepeatNGram as NoRepeatNGram,
+    SequenceBias as SequenceBias,
     SuppressTokens as SuppressTokens,
     SuppressTokensAtBegin as SuppressTokensAtBegin,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "MinLength",
     "MinNewTokens",
     "NoRepeatNGram",
+    "SequenceBias",
     "SuppressTokens",
     "SuppressTokensAtBegin",
     "UNROLL_DECODE_DEFAULTS",

@@ -1,8 +1,8 @@
-"""Ready-made logits processors: transformers' n-gram, banned-phrase, minimum-length and
-suppression processors, as `equinox.Module`s for `logits_processors=`."""
+"""Ready-made logits processors: transformers' n-gram, banned-phrase, sequence-bias,
+minimum-length and suppression processors, as `equinox.Module`s for `logits_processors=`."""
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import no_type_check
 
 import equinox as eqx
@@ -52,6 +52,46 @@ def _ban(logits: Array, ids: Array | np.ndarray, where: Array | bool = True) -> 
     return jnp.where(mask, -jnp.inf, logits)
 
 
+@no_type_check  # validated here, with messages that say how to fix the call
+def _padded(sequences, who: str, pad_to) -> tuple[np.ndarray, np.ndarray]:
+    """`sequences` (non-empty token-id lists) right-aligned in an int32 `(count, longest)` array,
+    each ending in the last column, and their int32 `(count,)` lengths (0 for a padding row);
+    `pad_to` a larger `(count, longest)` to pad to, or `None`."""
+    if isinstance(sequences, np.ndarray | jax.Array) or not isinstance(sequences, Sequence) or not sequences:
+        raise ConfigError(f"{who}: sequences must be a non-empty list of token-id lists, e.g. [[318, 257], [42]]; got {sequences!r}.")
+    seqs = [_ids(s, who, f"sequences[{k}]", empty_ok=False) for k, s in enumerate(sequences)]
+    count, longest = len(seqs), max(len(s) for s in seqs)
+    if pad_to is not None:
+        rule = f"{who}: pad_to must be a (count, longest) tuple of ints at least ({count}, {longest}) for these sequences; got {pad_to!r}."
+        if not (isinstance(pad_to, tuple) and len(pad_to) == 2):
+            raise ConfigError(rule)
+        want = tuple(_count(x, who, "each pad_to entry", 1) for x in pad_to)
+        if want[0] < count or want[1] < longest:
+            raise ConfigError(rule)
+        count, longest = want
+    padded = np.zeros((count, longest), np.int32)
+    lengths = np.zeros((count,), np.int32)
+    for k, s in enumerate(seqs):
+        padded[k, longest - len(s) :], lengths[k] = s, len(s)
+    return padded, lengths
+
+
+def _completes(
+    sequences: Int[Array | np.ndarray, "count longest"], lengths: Int[Array | np.ndarray, " count"],
+    tokens: Int[Array, " total"], position: Int[Array, ""],
+) -> Array:
+    """Which sequences (right-aligned, as `_padded` holds them) the token at `position` would
+    complete: the row's tokens before it end with the sequence less its last token (always, for
+    a one-token sequence; never for a padding row or a sequence longer than the row so far).
+    A bool `(count,)`."""
+    longest = sequences.shape[1]
+    # the row's last `longest - 1` tokens, aligned with the sequences' prefixes
+    idx = position - (longest - 1) + jnp.arange(longest - 1)  # (longest - 1,)
+    context = jnp.where(idx >= 0, tokens[jnp.maximum(idx, 0)], -1)  # -1 before the row: matches no id
+    used = jnp.arange(longest - 1)[None, :] >= longest - lengths[:, None]  # (count, longest - 1)
+    return jnp.all(~used | (sequences[:, :-1] == context[None, :]), axis=1) & (lengths > 0)
+
+
 def out_of_vocab(processor, vocab_size: int) -> list[int]:
     """The token ids a built-in processor holds that lie outside `[0, vocab_size)` (empty for
     any other processor): `generate` refuses them before tracing the loop."""
@@ -59,7 +99,7 @@ def out_of_vocab(processor, vocab_size: int) -> list[int]:
         arrays = [processor.eos_tokens]
     elif isinstance(processor, SuppressTokens | SuppressTokensAtBegin):
         arrays = [processor.ids]
-    elif isinstance(processor, BannedSequences):
+    elif isinstance(processor, BannedSequences | SequenceBias):
         arrays = [processor.sequences]
     else:
         return []
@@ -181,35 +221,14 @@ class BannedSequences(eqx.Module):
 
     @no_type_check  # validated here, with messages that say how to fix the call
     def __init__(self, sequences: Sequence[Sequence[int]], *, pad_to: tuple[int, int] | None = None):
-        who = "BannedSequences"
-        if isinstance(sequences, np.ndarray | jax.Array) or not isinstance(sequences, Sequence) or not sequences:
-            raise ConfigError(f"{who}: sequences must be a non-empty list of token-id lists, e.g. [[318, 257], [42]]; got {sequences!r}.")
-        seqs = [_ids(s, who, f"sequences[{k}]", empty_ok=False) for k, s in enumerate(sequences)]
-        count, longest = len(seqs), max(len(s) for s in seqs)
-        if pad_to is not None:
-            rule = f"{who}: pad_to must be a (count, longest) tuple of ints at least ({count}, {longest}) for these sequences; got {pad_to!r}."
-            if not (isinstance(pad_to, tuple) and len(pad_to) == 2):
-                raise ConfigError(rule)
-            want = tuple(_count(x, who, "each pad_to entry", 1) for x in pad_to)
-            if want[0] < count or want[1] < longest:
-                raise ConfigError(rule)
-            count, longest = want
-        self.sequences = np.zeros((count, longest), np.int32)
-        self.lengths = np.zeros((count,), np.int32)
-        for k, s in enumerate(seqs):
-            self.sequences[k, longest - len(s) :], self.lengths[k] = s, len(s)
+        self.sequences, self.lengths = _padded(sequences, "BannedSequences", pad_to)
 
     def __call__(
         self, logits: Float[Array, " vocab"], tokens: Int[Array, " total"], position: Int[Array, ""], step: Int[Array, ""]
     ) -> Float[Array, " vocab"]:
         """One row's `logits` with each sequence's last token at `-inf` where the row ends with
         the rest of it."""
-        longest = self.sequences.shape[1]
-        # the row's last `longest - 1` tokens, aligned with the sequences' prefixes
-        idx = position - (longest - 1) + jnp.arange(longest - 1)  # (longest - 1,)
-        context = jnp.where(idx >= 0, tokens[jnp.maximum(idx, 0)], -1)  # -1 before the row: matches no id
-        used = jnp.arange(longest - 1)[None, :] >= longest - self.lengths[:, None]  # (count, longest - 1)
-        match = jnp.all(~used | (self.sequences[:, :-1] == context[None, :]), axis=1) & (self.lengths > 0)
+        match = _completes(self.sequences, self.lengths, tokens, position)
         return _ban(logits, jnp.where(match, self.sequences[:, -1], logits.shape[0]))
 
 
@@ -255,3 +274,63 @@ class SuppressTokensAtBegin(eqx.Module):
     ) -> Float[Array, " vocab"]:
         """One row's `logits` with `ids` at `-inf` at step 0."""
         return _ban(logits, self.ids, step == 0)
+
+
+class SequenceBias(eqx.Module):
+    """Adds a bias to the last token of each sequence wherever the row's previous tokens (prompt
+    included) equal the rest of it; a one-token sequence's bias applies at every step. Where
+    several sequences end in the same token and match, their biases add. A sequence longer than
+    the row so far biases nothing yet. As transformers' `SequenceBiasLogitsProcessor`
+    (`sequence_bias` in a `generation_config.json`, or `generate(sequence_bias=...)`); a bias
+    of `-inf` bans, as [`eqzoo.generation.BannedSequences`][] does.
+
+    The sequences are held padded as in `BannedSequences` (traced, with their float32 biases:
+    another mapping with the same padded shape compiles nothing new; `pad_to` fixes that shape).
+
+    **Arguments:**
+
+    - `sequence_bias`: a non-empty mapping of token-id sequence (a tuple) to bias (a number),
+      `{(318, 257): -2.0, (42,): 1.5}`, or a list of `(ids, bias)` pairs, as transformers takes
+      it (a sequence given twice keeps its last bias). Ids are checked against the vocabulary
+      when `generate` runs.
+    - `pad_to`: `(count, longest)` to pad to (the padding biases nothing), or `None`.
+    """
+
+    sequences: Int[np.ndarray, "count longest"]  # right-aligned: each sequence ends in the last column
+    lengths: Int[np.ndarray, " count"]  # 0 for a padding row
+    biases: Float[np.ndarray, " count"]  # 0 for a padding row
+
+    @no_type_check  # validated here, with messages that say how to fix the call
+    def __init__(self, sequence_bias: Mapping | Sequence, *, pad_to: tuple[int, int] | None = None):
+        who = "SequenceBias"
+        rule = (
+            f"{who}: sequence_bias must be a non-empty mapping of token-id tuple to bias, e.g. "
+            f"{{(318, 257): -2.0, (42,): 1.5}}, or a list of (ids, bias) pairs; got {sequence_bias!r}."
+        )
+        if isinstance(sequence_bias, Mapping):
+            pairs = list(sequence_bias.items())
+        elif isinstance(sequence_bias, Sequence) and not isinstance(sequence_bias, str):
+            pairs = list(sequence_bias)
+        else:
+            raise ConfigError(rule)
+        if not pairs or not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in pairs):
+            raise ConfigError(rule)
+        merged = {}
+        for k, (ids, bias) in enumerate(pairs):
+            if isinstance(bias, bool | np.bool_) or not isinstance(bias, int | float | np.integer | np.floating) or np.isnan(bias):
+                raise ConfigError(f"{who}: the bias of {ids!r} must be a number (not NaN), got {bias!r}.")
+            key = tuple(_ids(ids, who, f"sequence {k}", empty_ok=False).tolist())
+            merged[key] = float(bias)
+        self.sequences, self.lengths = _padded([list(ids) for ids in merged], who, pad_to)
+        self.biases = np.zeros(self.lengths.shape, np.float32)
+        self.biases[: len(merged)] = list(merged.values())
+
+    def __call__(
+        self, logits: Float[Array, " vocab"], tokens: Int[Array, " total"], position: Int[Array, ""], step: Int[Array, ""]
+    ) -> Float[Array, " vocab"]:
+        """One row's `logits` plus the bias of each sequence the next token would complete."""
+        match = _completes(self.sequences, self.lengths, tokens, position)
+        bias = jnp.zeros_like(logits).at[self.sequences[:, -1]].add(jnp.where(match, self.biases, 0.0), mode="drop")
+        # The summed bias is added once, as transformers adds it: without the barrier XLA may
+        # scatter each bias into the logits in turn, rounding after each.
+        return logits + jax.lax.optimization_barrier(bias)

@@ -5,10 +5,14 @@ import math
 import operator
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._errors import user_stacklevel
+import jax
+import numpy as np
+
+from .._errors import ConfigError, user_stacklevel
 from ._errors import HFFormatError
 from ._files import GENERATION_CONFIG_NAME, read_json_object
 
@@ -17,9 +21,10 @@ from ._files import GENERATION_CONFIG_NAME, read_json_object
 _UNSUPPORTED = {
     "num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
-    "exponential_decay_length_penalty": None, "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
 }
 _TOP_K = 50  # transformers' top_k when sampling and the file sets none
+_FILE_EOS: Any = object()  # `logits_processors()`'s default: the file's eos ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +38,7 @@ class GenerationConfig:
     `max_new_tokens`); and the settings [`logits_processors`][eqzoo.hf.GenerationConfig.logits_processors]
     applies, each `None` when off: `no_repeat_ngram_size`, `bad_words_ids` (a tuple of id
     tuples), `suppress_tokens`, `begin_suppress_tokens` (tuples of ids), `min_new_tokens` and
-    `min_length` (prompt included).
+    `min_length` (prompt included), and `sequence_bias` (a tuple of `(ids, bias)` pairs).
     """
 
     eos_token: tuple[int, ...] | None = None
@@ -51,32 +56,41 @@ class GenerationConfig:
     begin_suppress_tokens: tuple[int, ...] | None = None
     min_new_tokens: int | None = None
     min_length: int | None = None
+    sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
 
-    def logits_processors(self) -> list:
+    def logits_processors(self, *, eos_token: Any = _FILE_EOS) -> list:
         """The [`eqzoo.generation`][eqzoo.generation.NoRepeatNGram] processors these settings
         give, in transformers' order (empty when none is set), as transformers' `generate`
-        builds them from the file: `no_repeat_ngram_size` >= 1 gives
+        builds them from the file: `sequence_bias` gives
+        [`SequenceBias`][eqzoo.generation.SequenceBias]; `no_repeat_ngram_size` >= 1
         [`NoRepeatNGram`][eqzoo.generation.NoRepeatNGram]; `bad_words_ids`
         [`BannedSequences`][eqzoo.generation.BannedSequences] (less the one-token sequences
         that are an eos id, as transformers drops them); `min_length` and `min_new_tokens`
-        (> 0, with an `eos_token`: without one there is nothing to hold back)
+        (> 0, with an eos id: without one there is nothing to hold back)
         [`MinLength`][eqzoo.generation.MinLength] and
-        [`MinNewTokens`][eqzoo.generation.MinNewTokens] on the file's eos ids;
+        [`MinNewTokens`][eqzoo.generation.MinNewTokens] on the eos ids;
         `suppress_tokens` [`SuppressTokens`][eqzoo.generation.SuppressTokens];
-        `begin_suppress_tokens` [`SuppressTokensAtBegin`][eqzoo.generation.SuppressTokensAtBegin]."""
+        `begin_suppress_tokens` [`SuppressTokensAtBegin`][eqzoo.generation.SuppressTokensAtBegin].
+
+        **Arguments:** `eos_token`, the eos ids the processors use in place of the file's (one
+        id, a list of ids or `None`, as `eqzoo.generate`'s `eos_token`); by default the file's.
+        [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] passes its `eos_token` override here."""
         from ..generation import (
             BannedSequences,
             MinLength,
             MinNewTokens,
             NoRepeatNGram,
+            SequenceBias,
             SuppressTokens,
             SuppressTokensAtBegin,
         )
 
+        eos = (self.eos_token or ()) if eos_token is _FILE_EOS else _eos_override(eos_token)
         out: list = []
+        if self.sequence_bias:
+            out.append(SequenceBias(dict(self.sequence_bias)))
         if self.no_repeat_ngram_size:
             out.append(NoRepeatNGram(self.no_repeat_ngram_size))
-        eos = self.eos_token or ()
         bad = [list(b) for b in self.bad_words_ids or () if not (len(b) == 1 and b[0] in eos)]
         if bad:
             out.append(BannedSequences(bad))
@@ -96,15 +110,35 @@ class GenerationConfig:
         out, so generate's defaults apply), updated with `overrides`:
         `eqzoo.generate(model, prompt, **config.kwargs(key=key, max_new_tokens=64))`.
         `logits_processors` holds [`logits_processors()`][eqzoo.hf.GenerationConfig.logits_processors]
-        when there are any; an override replaces it, so add processors of your own after them:
+        when there are any, built with the `eos_token` override when there is one (so
+        `MinNewTokens` and `MinLength` hold back the ids the decoding stops on); a
+        `logits_processors` override replaces them, so add processors of your own after them:
         `config.kwargs(logits_processors=[*config.logits_processors(), mine])`."""
+        eos = overrides.get("eos_token", _FILE_EOS)
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "temperature": self.temperature,
             "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens,
-            "logits_processors": self.logits_processors() or None,
+            "logits_processors": None if "logits_processors" in overrides else self.logits_processors(eos_token=eos) or None,
         }
         return {k: v for k, v in out.items() if v is not None} | overrides
+
+
+def _eos_override(value: Any) -> tuple[int, ...]:
+    """An `eos_token` override (`None`, one id or a sequence of ids) as a tuple of ids."""
+    if value is None:
+        return ()
+    if isinstance(value, int | np.integer) and not isinstance(value, bool):
+        return (operator.index(value),)
+    ids = np.asarray(value).reshape(-1).tolist() if isinstance(value, np.ndarray | jax.Array) else value
+    if isinstance(ids, str) or not isinstance(ids, Sequence) or not all(
+        isinstance(i, int | np.integer) and not isinstance(i, bool) and i >= 0 for i in ids
+    ):
+        raise ConfigError(
+            f"GenerationConfig: eos_token must be a token id, a list of token ids or None (as eqzoo.generate "
+            f"takes it); got {value!r}."
+        )
+    return tuple(operator.index(i) for i in ids)
 
 
 def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
@@ -115,10 +149,12 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     absent `top_k` is 50 (transformers' defaults), `top_k: 0`, `top_p: 1.0` and `min_p: 0`
     filter nothing; `min_p` applies only when sampling. `repetition_penalty` applies in greedy
     decoding too (1.0 is off). `eos_token_id` may be one id or a list. Settings eqzoo's
-    decoding lacks (beams, `typical_p`, `sequence_bias`, ...) are named in a warning when they
-    would change the output. `no_repeat_ngram_size`, `bad_words_ids`, `suppress_tokens`,
-    `begin_suppress_tokens`, `min_new_tokens` and `min_length` are applied by logits processors
-    (see [`eqzoo.hf.GenerationConfig.logits_processors`][]).
+    decoding lacks (beams, `typical_p`, ...) are named in a warning when they would change the
+    output. `sequence_bias` (a list of `[ids, bias]` pairs, as transformers saves it),
+    `no_repeat_ngram_size`, `bad_words_ids`, `suppress_tokens`, `begin_suppress_tokens`,
+    `min_new_tokens` and `min_length` are applied by logits processors (see
+    [`eqzoo.hf.GenerationConfig.logits_processors`][]); `sequence_bias` together with a
+    `repetition_penalty` warns, as eqzoo applies the two in the other order.
 
     **Returns:** a frozen [`eqzoo.hf.GenerationConfig`][]; `.kwargs(**overrides)` gives the
     keyword arguments of `eqzoo.generate`.
@@ -134,90 +170,156 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
             f"no {GENERATION_CONFIG_NAME} at {str(file)!r}; a checkpoint without one decodes with "
             "eqzoo.generate's defaults (greedy, no stop token): pass eos_token= yourself."
         )
-    raw = read_json_object(file)
-
-    def bad(key: str, rule: str) -> HFFormatError:
-        return HFFormatError(f"{str(file)!r}: {key} must be {rule}; got {raw[key]!r}.")
-
-    def token_id(value: Any, key: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad(key, "a token id (an integer >= 0) or a list of them" if key == "eos_token_id" else "a token id (an integer >= 0)")
-        return operator.index(value)
-
-    def number(key: str, low: float, high: float, low_open: bool) -> float | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-        if not ok or value > high or value < low or (low_open and value == low):
-            raise bad(key, f"a number in {'(' if low_open else '['}{low}, {high}]")
-        return float(value)
-
-    def count(key: str, low: int) -> int | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise bad(key, f"an integer >= {low}")
-        return value
-
-    def id_list(key: str) -> tuple[int, ...] | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
-            raise bad(key, "a list of token ids (integers >= 0)")
-        return tuple(value) or None
-
-    def id_lists(key: str) -> tuple[tuple[int, ...], ...] | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        ok = isinstance(value, list) and all(
-            isinstance(s, list) and s and all(not isinstance(v, bool) and isinstance(v, int) and v >= 0 for v in s)
-            for s in value
-        )
-        if not ok:
-            raise bad(key, "a list of non-empty lists of token ids (integers >= 0)")
-        return tuple(tuple(s) for s in value) or None
-
-    eos = raw.get("eos_token_id")
-    if eos is not None:
-        eos = tuple(token_id(e, "eos_token_id") for e in eos) if isinstance(eos, list) else (token_id(eos, "eos_token_id"),)
-        eos = eos or None  # an empty list: no stop token
+    raw = _Raw(repr(str(file)), read_json_object(file))
+    eos = _eos_ids(raw)
     pad = raw.get("pad_token_id")
-    pad = None if pad is None else token_id(pad, "pad_token_id")
+    pad = None if pad is None else _token_id(raw, pad, "pad_token_id")
+    decoding = _decoding(raw)
+    _warn_unsupported(raw)
+    sequence_bias = _sequence_bias(raw)
+    if sequence_bias and decoding["repetition_penalty"] is not None:
+        warnings.warn(
+            f"{raw.where} sets both sequence_bias and repetition_penalty: eqzoo adds the bias after the "
+            "penalty, transformers before it, so a biased token the row already holds can score differently.",
+            stacklevel=user_stacklevel(),
+        )
+    return GenerationConfig(
+        eos_token=eos, pad_token=pad, **decoding,
+        max_new_tokens=_count(raw, "max_new_tokens", 1), max_length=_count(raw, "max_length", 1),
+        no_repeat_ngram_size=_count(raw, "no_repeat_ngram_size", 0) or None, bad_words_ids=_id_lists(raw, "bad_words_ids"),
+        suppress_tokens=_id_list(raw, "suppress_tokens"), begin_suppress_tokens=_id_list(raw, "begin_suppress_tokens"),
+        min_new_tokens=_count(raw, "min_new_tokens", 0) or None, min_length=_count(raw, "min_length", 0) or None,
+        sequence_bias=sequence_bias,
+    )
+
+
+class _Raw(dict):
+    """A `generation_config.json`'s object, with `where` (the file, quoted) for messages."""
+
+    def __init__(self, where: str, values: dict[str, Any]):
+        super().__init__(values)
+        self.where = where
+
+    def bad(self, key: str, rule: str) -> HFFormatError:
+        return HFFormatError(f"{self.where}: {key} must be {rule}; got {self[key]!r}.")
+
+
+def _is_id(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 0
+
+
+def _token_id(raw: _Raw, value: Any, key: str) -> int:
+    if not _is_id(value):
+        raise raw.bad(key, "a token id (an integer >= 0) or a list of them" if key == "eos_token_id" else "a token id (an integer >= 0)")
+    return operator.index(value)
+
+
+def _eos_ids(raw: _Raw) -> tuple[int, ...] | None:
+    """`eos_token_id`, one id or a list, as a tuple (`None` when absent or an empty list: no
+    stop token)."""
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return None
+    eos = tuple(_token_id(raw, e, "eos_token_id") for e in eos) if isinstance(eos, list) else (_token_id(raw, eos, "eos_token_id"),)
+    return eos or None
+
+
+def _number(raw: _Raw, key: str, low: float, high: float, low_open: bool) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or value > high or value < low or (low_open and value == low):
+        raise raw.bad(key, f"a number in {'(' if low_open else '['}{low}, {high}]")
+    return float(value)
+
+
+def _count(raw: _Raw, key: str, low: int) -> int | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise raw.bad(key, f"an integer >= {low}")
+    return value
+
+
+def _id_list(raw: _Raw, key: str) -> tuple[int, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(_is_id(v) for v in value):
+        raise raw.bad(key, "a list of token ids (integers >= 0)")
+    return tuple(value) or None
+
+
+def _id_lists(raw: _Raw, key: str) -> tuple[tuple[int, ...], ...] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, list) and s and all(_is_id(v) for v in s) for s in value):
+        raise raw.bad(key, "a list of non-empty lists of token ids (integers >= 0)")
+    return tuple(tuple(s) for s in value) or None
+
+
+def _sequence_bias(raw: _Raw) -> tuple[tuple[tuple[int, ...], float], ...] | None:
+    """`sequence_bias` as transformers saves it, a list of `[[ids...], bias]` pairs, as a tuple
+    of `(ids, bias)` (a sequence listed twice keeps its last bias, as transformers' dict does)."""
+    value = raw.get("sequence_bias")
+    if value is None:
+        return None
+
+    def pair(entry: Any) -> bool:
+        return (
+            isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and bool(entry[0])
+            and all(_is_id(v) for v in entry[0]) and not isinstance(entry[1], bool)
+            and isinstance(entry[1], int | float) and not math.isnan(entry[1])
+        )
+
+    if not isinstance(value, list) or not all(pair(e) for e in value):
+        raise raw.bad(
+            "sequence_bias", "a list of [token-id list, bias] pairs, e.g. [[[318, 257], -2.0], [[42], 1.5]], as "
+            "transformers saves it"
+        )
+    merged = {tuple(ids): float(bias) for ids, bias in value}
+    return tuple(merged.items()) or None
+
+
+def _decoding(raw: _Raw) -> dict[str, Any]:
+    """`temperature`, `top_k`, `top_p`, `min_p` and `repetition_penalty` as transformers applies
+    them: sampling's defaults and no-op values with `do_sample: true`, greedy otherwise."""
     sample = raw.get("do_sample")
     if sample is not None and not isinstance(sample, bool):
-        raise bad("do_sample", "true or false")
-    temperature = number("temperature", 0.0, math.inf, low_open=False)
-    top_p = number("top_p", 0.0, 1.0, low_open=True)
-    min_p = number("min_p", 0.0, 1.0, low_open=False)
-    penalty = number("repetition_penalty", 0.0, math.inf, low_open=True)
-    penalty = None if penalty == 1.0 else penalty
-    top_k = count("top_k", 0)
-    if sample and temperature == 0.0:
-        raise bad("temperature", "> 0 with do_sample: true (for greedy decoding set do_sample: false)")
-    if sample:
-        temperature = 1.0 if temperature is None else temperature
-        top_k = _TOP_K if top_k is None else (top_k or None)
-        top_p = None if top_p == 1.0 else top_p
-        min_p = min_p or None  # 0 keeps every token
-    else:
-        temperature, top_k, top_p, min_p = 0.0, None, None, None
+        raise raw.bad("do_sample", "true or false")
+    temperature = _number(raw, "temperature", 0.0, math.inf, low_open=False)
+    top_p = _number(raw, "top_p", 0.0, 1.0, low_open=True)
+    min_p = _number(raw, "min_p", 0.0, 1.0, low_open=False)
+    penalty = _number(raw, "repetition_penalty", 0.0, math.inf, low_open=True)
+    top_k = _count(raw, "top_k", 0)
+    if not sample:
+        return dict(temperature=0.0, top_k=None, top_p=None, min_p=None, repetition_penalty=_off(penalty, 1.0))
+    if temperature == 0.0:
+        raise raw.bad("temperature", "> 0 with do_sample: true (for greedy decoding set do_sample: false)")
+    return dict(
+        temperature=1.0 if temperature is None else temperature,
+        top_k=_TOP_K if top_k is None else _off(top_k, 0),
+        top_p=_off(top_p, 1.0),
+        min_p=_off(min_p, 0.0),  # 0 keeps every token
+        repetition_penalty=_off(penalty, 1.0),
+    )
+
+
+def _off(value: Any, off: Any) -> Any:
+    """`None` for the value that turns a setting off."""
+    return None if value == off else value
+
+
+def _warn_unsupported(raw: _Raw) -> None:
     unsupported = {
         k: raw[k] for k, off in _UNSUPPORTED.items() if raw.get(k) is not None and raw[k] != off and raw[k] != []
     }
     if unsupported:
         warnings.warn(
-            f"{str(file)!r} sets {unsupported}, which eqzoo's decoding does not apply: its tokens can differ "
+            f"{raw.where} sets {unsupported}, which eqzoo's decoding does not apply: its tokens can differ "
             "from transformers' generate with this file.",
             stacklevel=user_stacklevel(),
         )
-    return GenerationConfig(
-        eos_token=eos, pad_token=pad, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=penalty, max_new_tokens=count("max_new_tokens", 1), max_length=count("max_length", 1),
-        no_repeat_ngram_size=count("no_repeat_ngram_size", 0) or None, bad_words_ids=id_lists("bad_words_ids"),
-        suppress_tokens=id_list("suppress_tokens"), begin_suppress_tokens=id_list("begin_suppress_tokens"),
-        min_new_tokens=count("min_new_tokens", 0) or None, min_length=count("min_length", 0) or None,
-    )

@@ -126,7 +126,15 @@ def collectives(program: Any) -> list[Collective]:
     **Raises:** `ConfigError` (a `ValueError`) for a lowered but uncompiled program (its StableHLO has
     no collectives yet) or another object.
     """
-    text = _hlo_text(program)
+    bodies, entry = _computations(_hlo_text(program))
+    calls = {n: [call for line in lines for call in _calls(line)] for n, lines in bodies.items()}
+    found: list[Collective] = []
+    _visit(entry, bodies, calls, found, count=1, in_loop=False, exact=True)
+    return found
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], str]:
+    """Each computation's body lines, by name, and the ENTRY computation's name."""
     bodies: dict[str, list[str]] = {}
     entry, name = None, None
     for line in text.splitlines():
@@ -140,39 +148,45 @@ def collectives(program: Any) -> list[Collective]:
             bodies[name].append(line)
     if entry is None:
         raise ConfigError("collectives(): no ENTRY computation found in the HLO text.")
+    return bodies, entry
 
-    # Each computation's callees with their trip counts; loop bodies are marked.
-    calls: dict[str, list[tuple[str, int, bool, bool]]] = {n: [] for n in bodies}
-    for n, lines in bodies.items():
-        for line in lines:
-            w = _WHILE.search(line)
-            if w:
-                trips = _TRIPS.search(line)
-                calls[n].append((w.group(1), int(trips.group(1)) if trips else 1, True, trips is not None))
-            for pattern, known in ((_CALLEES, True), (_BRANCHES, False)):
-                for single, many in pattern.findall(line):
-                    for callee in [single] if single else [c.strip() for c in many.split(",")]:
-                        if callee:
-                            calls[n].append((callee, 1, False, known))
 
-    found: list[Collective] = []
+_Call = tuple[str, int, bool, bool]  # (callee, trips, is a loop body, count known)
 
-    def visit(n: str, count: int, in_loop: bool, exact: bool) -> None:
-        # The call graph of an HLO module is acyclic; a computation called from two places is
-        # visited (and counted) once per call site.
-        if n not in bodies:
-            return
-        for line in bodies[n]:
-            m = _OP.search(line)
-            if m:
-                kind, start = m.group("kind"), bool(m.group("start"))
-                shape = _result_shape(kind, start, m.group("shape").strip())
-                found.append(Collective(kind, shape, _nbytes(shape), count, n, in_loop, exact))
-        for callee, trips, is_loop, known in calls[n]:
-            visit(callee, count * trips, in_loop or is_loop, exact and known)
 
-    visit(entry, 1, False, True)
-    return found
+def _calls(line: str) -> list[_Call]:
+    """The computations one HLO instruction calls: a `while`'s body with its trip count (1 and
+    not known when XLA knows none), then its other callees, a conditional's branches not known."""
+    out: list[_Call] = []
+    w = _WHILE.search(line)
+    if w:
+        trips = _TRIPS.search(line)
+        out.append((w.group(1), int(trips.group(1)) if trips else 1, True, trips is not None))
+    for pattern, known in ((_CALLEES, True), (_BRANCHES, False)):
+        for single, many in pattern.findall(line):
+            for callee in [single] if single else [c.strip() for c in many.split(",")]:
+                if callee:
+                    out.append((callee, 1, False, known))
+    return out
+
+
+def _visit(
+    name: str, bodies: dict[str, list[str]], calls: dict[str, list[_Call]], found: list[Collective], *,
+    count: int, in_loop: bool, exact: bool,
+) -> None:
+    """Append the collectives of computation `name` to `found`, then its callees', depth first.
+    The call graph of an HLO module is acyclic; a computation called from two places is visited
+    (and counted) once per call site."""
+    if name not in bodies:
+        return
+    for line in bodies[name]:
+        m = _OP.search(line)
+        if m:
+            kind, start = m.group("kind"), bool(m.group("start"))
+            shape = _result_shape(kind, start, m.group("shape").strip())
+            found.append(Collective(kind, shape, _nbytes(shape), count, name, in_loop, exact))
+    for callee, trips, is_loop, known in calls[name]:
+        _visit(callee, bodies, calls, found, count=count * trips, in_loop=in_loop or is_loop, exact=exact and known)
 
 
 def collective_summary(program: Any | list[Collective]) -> dict[str, dict[str, int | float]]:

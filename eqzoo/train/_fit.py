@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jaxtyping import Array, Int
 
-from .._errors import ConfigError
+from .._errors import ConfigError, user_stacklevel
 from ._loggers import Logger
 from ._readback import mean_metrics
 from ._state import TrainState
@@ -139,21 +139,49 @@ def fit(
     """
     # Checked before the first step: a bad argument found at the first evaluation (by default
     # at the end) would lose the whole run, its input state donated.
-    for name, value, least in (("num_steps", num_steps, 0), ("log_every", log_every, 1), ("eval_every", eval_every, 1)):
-        if value is None and name == "eval_every":
-            continue
-        try:
-            if isinstance(value, bool):
-                raise TypeError
-            number = operator.index(value)  # ints, NumPy integers, integer 0-d arrays
-        except TypeError:
-            number = None
-        if number is None or number < least:
-            raise ConfigError(f"fit: {name} must be an integer >= {least}; got {value!r}.")
-        if name == "num_steps":
-            # A Python int from here on: compared with a device scalar, each step's tests
-            # (`step < num_steps`, the eval schedule) would each read it back from the device.
-            num_steps = number
+    num_steps = _checked_arguments(num_steps, log_every, eval_every, eval_step, eval_batches, run_config, batches)
+    loggers = _checked_loggers(loggers)
+    callbacks = list(callbacks)
+    iterator: Iterator[Any] = iter(batches)
+    run = _Run.begin(state, num_steps, loggers, checkpointer)
+    while run.step < num_steps and not run.stopped:
+        run.train_one(iterator, train_step, run_config)
+        is_last = run.step == num_steps or run.stopped
+        record = run.window_record(log_every, is_last)
+        if eval_step is not None and run.eval_due(eval_every, is_last):
+            assert eval_batches is not None  # checked above: both or neither
+            record = (record or {"step": float(run.step)}) | _eval_record(eval_step, run.state, eval_batches)
+        if record is not None:
+            run.publish(record, callbacks)
+        if checkpointer is not None:
+            run.checkpoint(checkpointer, batches, is_last)
+    return run.end()
+
+
+def _count_argument(name: str, value: Any, least: int) -> int:
+    """`value` as a Python int (ints, NumPy integers, integer 0-d arrays; never a bool), or a
+    `ConfigError` naming `name` and the least value allowed."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise ConfigError(f"fit: {name} must be an integer >= {least}; got {value!r}.")
+    return number
+
+
+def _checked_arguments(
+    num_steps: Any, log_every: Any, eval_every: Any, eval_step: Any, eval_batches: Any, run_config: Any, batches: Any
+) -> int:
+    """`fit`'s arguments checked, in this order; returns `num_steps` as a Python int (compared
+    with a device scalar, each step's tests, `step < num_steps` and the eval schedule, would each
+    read it back from the device)."""
+    num_steps = _count_argument("num_steps", num_steps, 0)
+    _count_argument("log_every", log_every, 1)
+    if eval_every is not None:
+        _count_argument("eval_every", eval_every, 1)
     if (eval_step is None) != (eval_batches is None):
         raise ConfigError("pass eval_step and eval_batches together (or neither).")
     if eval_batches is not None and not callable(eval_batches):
@@ -168,8 +196,14 @@ def fit(
             "fit: batches must yield batches (an iterator, a loader, a list of dicts); got one dict, whose "
             "iteration yields its keys. Pass [batch] (one step) or itertools.repeat(batch)."
         )
+    return num_steps
+
+
+def _checked_loggers(loggers: Iterable[Logger]) -> list[Logger]:
+    """The loggers as a list, each checked now for `log` and `close`: not at the first log or,
+    for `close`, after the last step."""
     loggers = list(loggers)
-    for logger in loggers:  # checked now, not at the first log or, for close, after the last step
+    for logger in loggers:
         missing = [m for m in ("log", "close") if not callable(getattr(logger, m, None))]
         if missing:
             raise ConfigError(
@@ -177,80 +211,118 @@ def fit(
                 f"{type(logger).__name__} has no {' or '.join(missing)}. Give it a close() that does "
                 "nothing if it holds nothing to flush."
             )
-    callbacks = list(callbacks)
-    iterator: Iterator[Any] = iter(batches)
-    step = first_step = int(state.step)
-    if first_step > num_steps:
-        warnings.warn(
-            f"fit: the state is already at step {first_step}, past num_steps={num_steps} (a run resumed "
-            "with a smaller num_steps?); nothing is trained, logged or saved. Pass a num_steps above the "
-            "state's step to train on.",
-            stacklevel=2,
-        )
-    for logger in loggers:
-        if callable(getattr(logger, "begin", None)):
-            logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
-    begin_run = getattr(checkpointer, "begin_run", None)
-    history: list[dict[str, float]] = []
-    pending: list[dict[str, jax.Array]] = []
-    stopped = False
-    last_time = time.perf_counter()
-    last_step = step
+    return loggers
 
-    def emit(record: dict[str, float]) -> None:
-        history.append(record)
+
+def _eval_record(eval_step: EvalStep, state: TrainState, eval_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
+    """One evaluation's metrics, as `eval/<name>`."""
+    return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
+
+
+@dataclasses.dataclass
+class _Run:
+    """What one `fit` call tracks between steps: the state, the step reached (a Python int: the
+    loop never reads the device's), the log window's pending metrics and its start, the history
+    and whether to stop. Its methods are `fit`'s steps, in the order `fit` calls them. (Its warnings
+    point at the code that called `fit`.)"""
+
+    state: TrainState
+    num_steps: int
+    loggers: list[Logger]
+    first_step: int
+    step: int
+    begin_run: Callable[..., Any] | None  # the checkpointer's, until the first batch is known
+    last_time: float
+    last_step: int
+    history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+    stopped: bool = False
+
+    @classmethod
+    def begin(cls, state: TrainState, num_steps: int, loggers: list[Logger], checkpointer: Any) -> "_Run":
+        """Read the state's step (once), warn when it is past `num_steps`, tell the loggers
+        the step training starts from, and start the first log window."""
+        first_step = int(state.step)
+        if first_step > num_steps:
+            warnings.warn(
+                f"fit: the state is already at step {first_step}, past num_steps={num_steps} (a run resumed "
+                "with a smaller num_steps?); nothing is trained, logged or saved. Pass a num_steps above the "
+                "state's step to train on.",
+                stacklevel=user_stacklevel(),
+            )
         for logger in loggers:
-            logger.log(int(record["step"]), {k: v for k, v in record.items() if k != "step"})
+            if callable(getattr(logger, "begin", None)):
+                logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
+        begin_run = getattr(checkpointer, "begin_run", None)
+        return cls(
+            state=state, num_steps=num_steps, loggers=loggers, first_step=first_step, step=first_step,
+            begin_run=begin_run if callable(begin_run) else None, last_time=time.perf_counter(), last_step=first_step,
+        )
 
-    def run_eval() -> dict[str, float]:
-        assert eval_step is not None and eval_batches is not None
-        return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
-
-    while step < num_steps and not stopped:
+    def train_one(self, iterator: Iterator[Any], train_step: TrainStep, run_config: Mapping[str, Any] | None) -> None:
+        """Take the next batch and dispatch one step on it (its metrics join the window); when
+        the data has ended, warn and stop instead. Before the first step, tell the checkpointer
+        what this run is."""
         try:
             batch = next(iterator)
         except StopIteration:  # the data ended first: keep what was trained, and say so
             warnings.warn(
-                f"fit: the batches ran out after step {step} of num_steps={num_steps}; returning the state "
+                f"fit: the batches ran out after step {self.step} of num_steps={self.num_steps}; returning the state "
                 "trained so far (stopped_early=True). Pass more batches (more epochs) or a smaller num_steps.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
-            stopped = True
-        else:
-            if callable(begin_run):  # before the first step: a bad run_config fails here
-                # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
-                from ..checkpoint._hyperparams import injected_values
+            self.stopped = True
+            return
+        if self.begin_run is not None:  # before the first step: a bad run_config fails here
+            # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
+            from ..checkpoint._hyperparams import injected_values
 
-                begin_run(_run_record(num_steps, batch, run_config, injected_values(state)), step=first_step)
-                begin_run = None
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append(metrics)
-        is_last = step == num_steps or stopped
-        record = None
-        if pending and (step % log_every == 0 or is_last):
-            means = mean_metrics(pending)  # one transfer, however many steps and metrics
-            pending = []
-            now = time.perf_counter()
-            record = {"step": float(step)} | {f"train/{k}": v for k, v in means.items()}
-            record["train/steps_per_s"] = (step - last_step) / max(now - last_time, 1e-9)
-        # Evaluated on its own schedule, with the logged record when there is one (eval_every
-        # need not be a multiple of log_every), once per step: not again when the data ran out
-        # right after an evaluated step.
-        due = step % (eval_every or num_steps) == 0 or is_last
-        if eval_step is not None and due and step > first_step and not _evaluated(history, step):
-            record = (record or {"step": float(step)}) | run_eval()
-        if record is not None:
-            emit(record)
-            if any(cb(step, state, record) for cb in callbacks):
-                stopped = True
-            # The next window starts after evaluation, logging and callbacks, so steps_per_s
-            # measures training alone.
-            last_time, last_step = time.perf_counter(), step
-        if checkpointer is not None:
-            checkpointer.maybe_save(state, batches, force=is_last or stopped, step=step)
-            if checkpointer.should_stop():
-                stopped = True
-    for logger in loggers:
-        logger.close()
-    return FitResult(state, history, stopped)
+            self.begin_run(_run_record(self.num_steps, batch, run_config, injected_values(self.state)), step=self.first_step)
+            self.begin_run = None
+        self.state, metrics = train_step(self.state, batch)
+        self.step += 1
+        self.pending.append(metrics)
+
+    def window_record(self, log_every: int, is_last: bool) -> dict[str, float] | None:
+        """At a log step (or the last), the window's `train/` record: its metrics averaged on
+        the device and read back in one transfer, however many steps and metrics, and
+        `train/steps_per_s`; otherwise `None`."""
+        if not self.pending or not (self.step % log_every == 0 or is_last):
+            return None
+        means = mean_metrics(self.pending)
+        self.pending = []
+        now = time.perf_counter()
+        record = {"step": float(self.step)} | {f"train/{k}": v for k, v in means.items()}
+        record["train/steps_per_s"] = (self.step - self.last_step) / max(now - self.last_time, 1e-9)
+        return record
+
+    def eval_due(self, eval_every: int | None, is_last: bool) -> bool:
+        """Whether to evaluate after this step: on its own schedule, with the logged record when
+        there is one (eval_every need not be a multiple of log_every), once per step: not again
+        when the data ran out right after an evaluated step."""
+        due = self.step % (eval_every or self.num_steps) == 0 or is_last
+        return due and self.step > self.first_step and not _evaluated(self.history, self.step)
+
+    def publish(self, record: dict[str, float], callbacks: list[Callback]) -> None:
+        """Log `record` to the history and every logger, call the callbacks (stopping when one
+        returns `True`), then start the next log window."""
+        self.history.append(record)
+        for logger in self.loggers:
+            logger.log(int(record["step"]), {k: v for k, v in record.items() if k != "step"})
+        if any(cb(self.step, self.state, record) for cb in callbacks):
+            self.stopped = True
+        # The next window starts after evaluation, logging and callbacks, so steps_per_s
+        # measures training alone.
+        self.last_time, self.last_step = time.perf_counter(), self.step
+
+    def checkpoint(self, checkpointer: Any, batches: Iterable[Any], is_last: bool) -> None:
+        """Let the checkpointer save (forced at the end of the run) and ask it whether to stop."""
+        checkpointer.maybe_save(self.state, batches, force=is_last or self.stopped, step=self.step)
+        if checkpointer.should_stop():
+            self.stopped = True
+
+    def end(self) -> FitResult:
+        """Close the loggers; the run's result."""
+        for logger in self.loggers:
+            logger.close()
+        return FitResult(self.state, self.history, self.stopped)

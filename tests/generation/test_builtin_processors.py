@@ -11,6 +11,7 @@ from eqzoo.generation import (
     MinLength,
     MinNewTokens,
     NoRepeatNGram,
+    SequenceBias,
     SuppressTokens,
     SuppressTokensAtBegin,
     generate_batch,
@@ -88,6 +89,23 @@ def test_min_tokens_and_suppression_ban_what_transformers_bans():
     assert banned.any() and not banned.all()
 
 
+def test_sequence_bias_adds_what_transformers_adds():
+    # one-token (always), two ending in the same token (their biases add where both match), a
+    # ban (-inf), and a phrase longer than some rows' history; biases exact in float32, so the
+    # sums' order cannot matter: the same logits exactly (tolerance 0)
+    long = (3, 1, 2, 0, 3, 1, 2, 5)
+    bias = {(2,): 1.5, (1, 3): -2.0, (0, 1, 3): 0.75, (0, 0): -float("inf"), long: 4.25}
+    kw = dict(prompt_len=1, seed=5, plant=long[:-1])
+    banned = _against_transformers(SequenceBias(bias), lp.SequenceBiasLogitsProcessor(bias), **kw)
+    assert banned[:, 0].any() and not banned[:, 0].all()
+    # as a list of pairs, and padded to a larger shape: the same
+    pairs = [[list(k), v] for k, v in bias.items()]
+    _against_transformers(SequenceBias(pairs, pad_to=(7, 10)), lp.SequenceBiasLogitsProcessor(pairs), **kw)
+    # the row [0, 1] before position 2: 3 gets -2.0 + 0.75, 2 gets 1.5, the rest nothing
+    got = SequenceBias(bias)(jnp.zeros(6), jnp.array([0, 1, 4, 4]), jnp.int32(2), jnp.int32(0))
+    np.testing.assert_array_equal(got, [0.0, 0.0, 1.5, -1.25, 0.0, 0.0])
+
+
 def _bigrams(row):
     return list(zip(row[:-1], row[1:], strict=True))
 
@@ -131,8 +149,16 @@ def test_built_in_processors_refuse_bad_arguments():
         BannedSequences([[1], []])
     with pytest.raises(ConfigError, match=r"pad_to must be a \(count, longest\) tuple of ints at least \(2, 2\)"):
         BannedSequences([[1], [2, 3]], pad_to=(2, 1))
+    with pytest.raises(ConfigError, match=r"SequenceBias: sequence_bias must be a non-empty mapping of token-id tuple to bias"):
+        SequenceBias({})
+    with pytest.raises(ConfigError, match=r"SequenceBias: the bias of \(1, 2\) must be a number \(not NaN\), got nan"):
+        SequenceBias({(1, 2): float("nan")})
+    with pytest.raises(ConfigError, match=r"SequenceBias: sequence 1 must hold token ids \(integers >= 0\); got \[-1\]"):
+        SequenceBias([([1], 1.0), ([-1], 2.0)])
 
 
 def test_ids_outside_the_vocabulary_are_refused_by_generate(gpt2):
     with pytest.raises(ConfigError, match=r"logits_processors\[1\] \(BannedSequences\) holds ids \[256, 300\] outside the model's vocabulary \[0, 256\)"):
         generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=2, logits_processors=[NoRepeatNGram(2), BannedSequences([[300], [1, 256]])])
+    with pytest.raises(ConfigError, match=r"logits_processors\[0\] \(SequenceBias\) holds ids \[999\] outside"):
+        generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=2, logits_processors=[SequenceBias({(999, 1): 1.0})])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import eqzoo
+from eqzoo._errors import ConfigError
 from eqzoo.generation import generate_batch
 
 FAMILIES = ["gpt2", "llama-gqa-untied", "llama-gqa-tied", "mixtral", "mistral", "qwen2", "qwen3", "qwen3-moe", "gemma2", "gemma3"]
@@ -97,14 +98,15 @@ def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoint
 
 def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoints, loaded, hft, compile_log):
     # no_repeat_ngram_size, bad_words_ids (one id, a bigram, and the eos id, which transformers
-    # drops), min_new_tokens (holding back the eos, row 0's first free token), suppress_tokens and
-    # begin_suppress_tokens from a generation_config.json: transformers' greedy tokens, row by
+    # drops), min_new_tokens (holding back the eos, row 0's first free token), suppress_tokens,
+    # begin_suppress_tokens and sequence_bias (one id, a bigram) from a generation_config.json: transformers' greedy tokens, row by
     # row, and the same tokens as the processors passed by hand (compiling nothing new).
     import eqzoo.hf
     from eqzoo.generation import (
         BannedSequences,
         MinNewTokens,
         NoRepeatNGram,
+        SequenceBias,
         SuppressTokens,
         SuppressTokensAtBegin,
     )
@@ -117,6 +119,7 @@ def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoint
     settings = dict(
         no_repeat_ngram_size=3, bad_words_ids=[[int(new[1][2])], [int(new[2][0]), int(new[2][1])], [eos]],
         min_new_tokens=4, suppress_tokens=[int(new[0][5])], begin_suppress_tokens=[int(new[1][0])],
+        sequence_bias=[[[int(new[2][3])], -30.0], [[int(new[0][2]), int(new[0][3])], 2.5]],
         eos_token_id=eos, pad_token_id=hft.VOCAB - 1, max_new_tokens=12,
     )
     hft.transformers.GenerationConfig(**settings).save_pretrained(tmp_path)
@@ -135,7 +138,7 @@ def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoint
     for i, n in enumerate(LENGTHS):
         np.testing.assert_array_equal(got[i, : n + 12], expected[i], err_msg=f"prompt {i}")
     by_hand = [
-        NoRepeatNGram(3), BannedSequences(settings["bad_words_ids"][:2]), MinNewTokens(4, eos),
+        SequenceBias(settings["sequence_bias"]), NoRepeatNGram(3), BannedSequences(settings["bad_words_ids"][:2]), MinNewTokens(4, eos),
         SuppressTokens(settings["suppress_tokens"]), SuppressTokensAtBegin(settings["begin_suppress_tokens"]),
     ]
     with compile_log() as log:
@@ -161,6 +164,8 @@ def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoint
         ('{"no_repeat_ngram_size": -1}', "no_repeat_ngram_size must be an integer >= 0; got -1"),
         ('{"bad_words_ids": [[1], []]}', r"bad_words_ids must be a list of non-empty lists of token ids \(integers >= 0\); got \[\[1\], \[\]\]"),
         ('{"suppress_tokens": [3, -1]}', r"suppress_tokens must be a list of token ids \(integers >= 0\); got \[3, -1\]"),
+        ('{"sequence_bias": {"(1, 2)": -1.0}}', r"sequence_bias must be a list of \[token-id list, bias\] pairs, e.g. .*; got \{'\(1, 2\)': -1.0\}"),
+        ('{"sequence_bias": [[[1, 2], "x"]]}', r"sequence_bias must be a list of \[token-id list, bias\] pairs"),
     ],
 )
 def test_bad_generation_configs_are_refused(tmp_path, text, match):
@@ -254,3 +259,53 @@ def test_min_p_keeps_what_transformers_keeps(hft):
         np.testing.assert_array_equal(got > np.finfo(np.float32).min, kept)
         assert 1 < kept.sum(-1).max() < hft.VOCAB  # the filter does filter, and keeps more than the top
         np.testing.assert_allclose(np.asarray(jax.nn.softmax(got)), torch.softmax(torch.as_tensor(want), -1).numpy(), atol=1e-6)
+
+
+def test_generation_config_sequence_bias(tmp_path, hft):
+    # sequence_bias as transformers saves it becomes SequenceBias, first (no warning); with a
+    # repetition_penalty it warns of the order.
+    import eqzoo.hf
+    from eqzoo.generation import SequenceBias
+
+    bias = [[[1, 2], -1.0], [[3], 2.5], [[1, 2], 0.5]]  # (1, 2) twice: the last bias holds, as in transformers
+    hft.transformers.GenerationConfig(sequence_bias=bias, no_repeat_ngram_size=2).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = eqzoo.hf.load_generation_config(tmp_path)
+    assert config.sequence_bias == (((1, 2), 0.5), ((3,), 2.5))
+    first, _ = config.logits_processors()
+    assert isinstance(first, SequenceBias) and first.biases.tolist() == [0.5, 2.5]
+    hft.transformers.GenerationConfig(sequence_bias=bias, repetition_penalty=1.3).save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"sets both sequence_bias and repetition_penalty: eqzoo adds the bias after the penalty"):
+        eqzoo.hf.load_generation_config(tmp_path)
+
+
+def test_generation_config_eos_override_rebuilds_the_eos_processors(tmp_path, hft):
+    # An eos_token override rebuilds MinNewTokens, MinLength and the eos filter of bad_words_ids
+    # on the override's ids, not the file's.
+    import eqzoo.hf
+    from eqzoo.generation import BannedSequences, MinLength, MinNewTokens
+
+    hft.transformers.GenerationConfig(
+        min_new_tokens=2, min_length=4, eos_token_id=5, bad_words_ids=[[6], [5], [7, 8]]
+    ).save_pretrained(tmp_path)
+    config = eqzoo.hf.load_generation_config(tmp_path)
+
+    def held_back(kwargs):
+        procs = [p for p in kwargs["logits_processors"] if isinstance(p, MinNewTokens | MinLength)]
+        return [sorted(p.eos_tokens.tolist()) for p in procs]
+
+    def banned(kwargs):
+        (ban,) = [p for p in kwargs["logits_processors"] if isinstance(p, BannedSequences)]
+        return ban.sequences[:, -1].tolist()
+
+    assert held_back(config.kwargs()) == [[5], [5]] and banned(config.kwargs()) == [6, 8]  # [5] dropped
+    override = config.kwargs(eos_token=[6, 9])
+    assert override["eos_token"] == [6, 9] and held_back(override) == [[6, 9], [6, 9]]
+    assert banned(override) == [5, 8]  # now [6] is dropped and [5] kept
+    assert held_back(config.kwargs(eos_token=np.int32(7))) == [[7], [7]]
+    assert held_back(config.kwargs(eos_token=None)) == []  # nothing to hold back
+    assert held_back(config.kwargs(logits_processors=config.logits_processors(eos_token=3))) == [[3], [3]]
+    assert config.kwargs(eos_token=6, logits_processors=[])["logits_processors"] == []
+    with pytest.raises(ConfigError, match=r"GenerationConfig: eos_token must be a token id, a list of token ids or None .*; got 'x'"):
+        config.kwargs(eos_token="x")

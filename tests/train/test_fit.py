@@ -525,3 +525,14 @@ def test_a_metric_that_changes_kind_within_a_window_is_refused():
         mean_metrics([{"n": jnp.int32(3)}, {"n": jnp.zeros(2, jnp.int32)}])
     # A float on the first step keeps the float mean, as before.
     assert mean_metrics([{"n": jnp.float32(3.5)}, {"n": jnp.int32(3)}]) == {"n": 3.25}
+
+
+def test_fit_warnings_point_at_the_caller(steps):
+    # The run-out and past-num_steps warnings name the line that called fit, not eqzoo's code nor
+    # the type-checking wrapper the test hook puts around fit.
+    train_step, _ = steps
+    with pytest.warns(UserWarning, match=r"batches ran out after step 2") as record:
+        result = train.fit(_state(), train_step, [batch_at(0), batch_at(1)], num_steps=3, log_every=2)
+    with pytest.warns(UserWarning, match=r"already at step 2, past num_steps=1") as past:
+        train.fit(result.state, train_step, batches(), num_steps=1)
+    assert [w.filename for w in [*record, *past]] == [__file__, __file__]
