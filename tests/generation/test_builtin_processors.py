@@ -27,13 +27,6 @@ NEW = 8
 
 
 @pytest.fixture(scope="module")
-def gpt2(create):
-    model = create("tiny-gpt2", key=jax.random.key(0), max_seq=24)
-    # init_std is 0.02: scaled up so greedy decoding does not just repeat one token
-    return jax.tree.map(lambda a: 8 * a if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating) else a, model)
-
-
-@pytest.fixture(scope="module")
 def greedy(gpt2):
     return np.asarray(generate_batch(gpt2, PROMPTS, LENGTHS, max_new_tokens=NEW))
 
