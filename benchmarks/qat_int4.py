@@ -56,7 +56,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.smoke:
         args.steps, args.qat_steps, args.max_chars, args.eval_batches = 20, 10, 200_000, 2
-        args.embed_dim, args.num_heads, args.group_size = 32, 2, 16
+        # one layer: each of the three fits compiles its own train step, and compiling is most
+        # of a smoke run's time
+        args.embed_dim, args.num_heads, args.group_size, args.num_layers = 32, 2, 16, 1
     t0 = time.perf_counter()
 
     text = data.stdlib_corpus(max_chars=args.max_chars)

@@ -110,7 +110,7 @@ def test_adjoints_agree_and_match_finite_differences():
                     eqx.combine(unravel(theta), static),
                     adjoint=adjoint,
                     stepsize_controller=diffrax.PIDController(rtol=1e-9, atol=1e-11),
-                    max_steps=256,  # a small budget: DirectAdjoint's compile time grows with it
+                    max_steps=32,  # a small budget (the solves take ~6 steps): DirectAdjoint's compile time grows with it
                 )
                 return jnp.sum(model(y0, ts) ** 2)
 
