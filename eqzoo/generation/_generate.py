@@ -458,12 +458,17 @@ def prepare_batch(
     return prompts, lengths, loop_key(key), settings
 
 
+def _per_row(max_new_tokens) -> bool:
+    """Whether `max_new_tokens` gives one limit per row (a list, tuple or 1-D array)."""
+    return isinstance(max_new_tokens, list | tuple) or getattr(max_new_tokens, "ndim", 0) == 1
+
+
 @no_type_check  # validated here, with messages that say how to fix the call
 def _row_limits(max_new_tokens, batch: int, who: str) -> tuple:
     """`(max_new_tokens, row_limits)`: an int `max_new_tokens` as it is, with `None`; a sequence
     or 1-D array of one int >= 1 per row as its largest (the loop's static length) and an int32
     `(batch,)` NumPy array (traced: other limits with the same largest compile nothing new)."""
-    if isinstance(max_new_tokens, list | tuple) or getattr(max_new_tokens, "ndim", 0) == 1:
+    if _per_row(max_new_tokens):
         if isinstance(max_new_tokens, jax.core.Tracer):
             raise ConfigError(f"{who}: per-row max_new_tokens must be concrete (a list or NumPy array), not traced.")
         limits = list(np.asarray(max_new_tokens).tolist()) if hasattr(max_new_tokens, "ndim") else list(max_new_tokens)
@@ -540,7 +545,7 @@ def generate(
     their positions and 0 elsewhere.
     """
     check_model(model, "generate")
-    if isinstance(max_new_tokens, list | tuple) or getattr(max_new_tokens, "ndim", 0) == 1:
+    if _per_row(max_new_tokens):
         raise ConfigError(
             f"generate decodes one prompt: max_new_tokens must be one int, got {max_new_tokens!r} (per-row limits "
             "are eqzoo.generation.generate_batch's)."
