@@ -8,7 +8,12 @@ by the trip counts of the loops around them), inside and outside loops. XLA's pa
 the same choices for fake CPU devices as for GPUs, so this sizes a multi-GPU step's traffic on
 a laptop. `param_mib` is the fp32 parameter size, the gradient a data-parallel step must
 all-reduce at least once; `state_mib_per_device` the train state (parameters and optimizer
-moments) one device holds in the mesh's layout.
+moments) one device holds in the mesh's layout; `temp_mib_per_device` XLA's temporaries
+(activations, workspace) on one device (`memory_analysis()`). `--context-attention gather,ring`
+compares the two attention strategies of context parallelism (docs/scaling.md):
+
+    python benchmarks/collective_bytes.py --preset tiny-llama --set num_heads=8 --set num_kv_heads=4 \
+        --batch 2 --seq 2048 --mesh data=2,context=4 --loss fused --context-attention gather,ring
 
     python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
         --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --mesh data=2,context=4 --loss fused,full --json
@@ -34,6 +39,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--loss", default="fused,full", help="comma-separated lm_loss implementations")
     p.add_argument("--chunk-size", type=int, default=None, help="lm_loss chunk_size (default: automatic)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--context-attention", default="gather",
+                   help="comma-separated attention strategies under context > 1 (gather, ring)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set moe_implementation=capacity (repeatable)")
@@ -47,7 +54,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(args, mesh_spec: str, loss: str) -> dict:
+def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -74,7 +81,7 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
         return train.lm_loss(m, b, k, implementation=loss, chunk_size=args.chunk_size)
 
     policy = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
-    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy)
+    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy, context_attention=context_attention)
     t0 = time.perf_counter()
     compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
     compile_s = time.perf_counter() - t0
@@ -87,6 +94,8 @@ def measure(args, mesh_spec: str, loss: str) -> dict:
     total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
     return {
         "preset": args.preset, "overrides": parse_set(args.set), "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
+        "context_attention": context_attention,
+        "temp_mib_per_device": round(compiled.memory_analysis().temp_size_in_bytes / 2**20, 1),
         "chunk_size": args.chunk_size, "precision": args.precision,
         "param_mib": round(config.num_params() * 4 / 2**20, 1),
         "state_mib_per_device": round(state_bytes / 2**20, 1),
@@ -106,12 +115,14 @@ def main(argv=None) -> dict:
     rows = []
     for mesh_spec in args.mesh:
         for loss in args.loss.split(","):
-            row = measure(args, mesh_spec, loss)
-            rows.append(row)
-            if not args.json:
-                print(f"{mesh_spec:18s} loss={loss:8s} {row['collective_ops']:5d} collectives, "
-                      f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
-                      f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB a device)", file=sys.stderr)
+            for strategy in args.context_attention.split(","):
+                row = measure(args, mesh_spec, loss, strategy)
+                rows.append(row)
+                if not args.json:
+                    print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:6s} {row['collective_ops']:5d} collectives, "
+                          f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
+                          f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB, "
+                          f"temporaries {row['temp_mib_per_device']} MiB a device)", file=sys.stderr)
     result = {"benchmark": "collective_bytes", "smoke": args.smoke, "rows": rows}
     print(json.dumps(result))
     return result

@@ -17,10 +17,16 @@ from .._errors import (
     shape_str,
 )
 from .._typing import PRNGKey
-from ..sharding._activation import active_mesh, constrain
+from ..sharding._activation import (
+    active_context_attention,
+    active_mesh,
+    check_context_split,
+    constrain,
+)
 from ..sharding._mesh import context_size
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._norm import RMSNorm
+from ._ring import ring_attention
 from ._rope import RopeScaling, RotaryEmbedding, rotate
 
 AttentionBackend = Literal["xla", "cudnn", "auto"]
@@ -300,7 +306,10 @@ class Attention(eqx.Module):
     `num_kv_heads < num_heads` shares each key/value head between `num_heads // num_kv_heads`
     query heads. Rotary embeddings are applied to queries and keys when `use_rope`. The attention
     itself is cuDNN flash attention (`jax.nn.dot_product_attention`) on GPU, or a plain XLA
-    einsum-softmax-einsum program (`backend`).
+    einsum-softmax-einsum program (`backend`). Under context parallelism (a mesh with
+    `context > 1` in [`eqzoo.sharding.activation_sharding`][]) it runs XLA's attention with the
+    keys and values gathered over `context`, or ring attention with `context_attention="ring"`
+    ([`eqzoo.sharding.CONTEXT_ATTENTION`][]).
     """
 
     q_proj: eqx.nn.Linear | AbstractLinear
@@ -541,6 +550,18 @@ class Attention(eqx.Module):
             positions = jnp.arange(seq, dtype=jnp.int32)
         windowed = self._windowed(layer)
         q, k, v = self._qkv(x, positions, windowed)
+        mesh = active_mesh()
+        if context_size(mesh) > 1 and active_context_attention() == "ring":
+            # Ring attention: every device keeps its own query and key/value blocks and the
+            # key/value blocks travel round the context ring (eqzoo/nn/_ring.py).
+            self._check_context_backend(mesh, "ring")
+            check_context_split(seq, "Attention")  # each device takes an equal block
+            o = ring_attention(
+                q, k, v, mesh=mesh, causal=self.causal,
+                window=self.sliding_window if windowed is not False else None, windowed=windowed,
+                segment_ids=segment_ids, scale=self.scale, cap=self.logit_softcap,
+            )
+            return self._out(o)
         # Context parallelism (a mesh with context > 1): the queries stay split along the
         # sequence and the keys/values are gathered, so each device scores its own query rows
         # against every key. The mask below is written for global positions; XLA splits its
@@ -561,14 +582,7 @@ class Attention(eqx.Module):
             # jax's partitioner for the cuDNN call takes batch- and head-split operands only
             # ("Sharding on sequence dim is not allowed"): it would need the whole sequence on
             # every device. "auto" takes the XLA path (queries split, keys/values gathered).
-            if self.backend == "cudnn":
-                raise ConfigError(
-                    f"attention backend 'cudnn' cannot run under context parallelism (mesh "
-                    f"context={context_size(active_mesh())}): jax's cuDNN attention takes "
-                    "operands split over batch and heads only, not along the sequence. Use "
-                    "backend='auto' or 'xla' (XLA's attention with the keys and values gathered "
-                    "over context), or a mesh with context=1."
-                )
+            self._check_context_backend(active_mesh(), "gather")
             backend = "xla"
         if backend == "cudnn":
             # The segment mask reaches cuDNN as an additive bias (jax turns a boolean mask into
@@ -603,6 +617,26 @@ class Attention(eqx.Module):
                 mask = jnp.ones((seq, seq), bool)
             o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap)
         return o
+
+    def _check_context_backend(self, mesh, strategy):
+        """Refuse `backend="cudnn"` under context parallelism; `"auto"` runs XLA's attention."""
+        if self.backend != "cudnn":
+            return
+        ctx = context_size(mesh)
+        if strategy == "ring":
+            raise ConfigError(
+                f"attention backend 'cudnn' cannot run ring attention (mesh context={ctx}, "
+                "context_attention='ring'): each ring step needs the block's running softmax "
+                "max and sum, which jax's cuDNN attention does not return. Use backend='auto' "
+                "or 'xla' (XLA's attention on each key/value block), or context_attention='gather'."
+            )
+        raise ConfigError(
+            f"attention backend 'cudnn' cannot run under context parallelism (mesh "
+            f"context={ctx}): jax's cuDNN attention takes "
+            "operands split over batch and heads only, not along the sequence. Use "
+            "backend='auto' or 'xla' (XLA's attention with the keys and values gathered "
+            "over context, or context_attention='ring'), or a mesh with context=1."
+        )
 
     def init_cache(self, max_seq: int, *, dtype=None, layers: int | None = None, lookahead: int = 0) -> KVCache:
         """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions.

@@ -7,7 +7,10 @@ Everything here builds on `jax.sharding.Mesh`, `NamedSharding`, `with_sharding_c
 
 from ._activation import (
     ACTIVATION_RULES as ACTIVATION_RULES,
+    CONTEXT_ATTENTION as CONTEXT_ATTENTION,
+    ContextAttention as ContextAttention,
     activation_sharding as activation_sharding,
+    active_context_attention as active_context_attention,
     active_mesh as active_mesh,
     batch_axes as batch_axes,
     batch_vmap as batch_vmap,
@@ -56,6 +59,8 @@ __all__ = [
     "ACTIVATION_RULES",
     "AXES",
     "BATCH_SPEC",
+    "CONTEXT_ATTENTION",
+    "ContextAttention",
     "DistributedArgs",
     "GPT2_RULES",
     "LLAMA_RULES",
@@ -67,6 +72,7 @@ __all__ = [
     "ShardingError",
     "abstract_sharded",
     "activation_sharding",
+    "active_context_attention",
     "active_mesh",
     "batch_axes",
     "batch_spec",

@@ -10,7 +10,7 @@ import contextvars
 import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -34,7 +34,8 @@ ACTIVATION_RULES: dict[str, P] = {
     "attn_q": P("context", P.UNCONSTRAINED, P.UNCONSTRAINED),
     # Attention's rotated keys and values (seq, kv_heads, head_dim) as the scores read them:
     # whole along the sequence, i.e. all-gathered over `context` once per layer (and their
-    # gradients reduce-scattered back in the backward pass).
+    # gradients reduce-scattered back in the backward pass). Not read by ring attention
+    # (`context_attention="ring"`), which keeps them split.
     "attn_kv": P(None, P.UNCONSTRAINED, P.UNCONSTRAINED),
     # The token embedding table (vocab, embed) as the lookup uses it: gathered over `fsdp`
     # (as FSDP gathers every weight it uses) and vocab-parallel over `tensor`, so a lookup is a
@@ -52,13 +53,41 @@ example; `"vocab_table"` is the token embedding table as the lookup reads it, an
 `"position_table"` GPT-2's position embedding table as its lookup reads it. On a mesh with
 `context=1` (the default) the `context` entries split nothing."""
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P]] | None] = contextvars.ContextVar(
+ContextAttention = Literal["gather", "ring"]
+"""The type of a `context_attention` argument: `"gather"` or `"ring"`
+([`eqzoo.sharding.CONTEXT_ATTENTION`][])."""
+CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring")
+"""The attention strategies under context parallelism (a mesh with `context > 1`), chosen with
+`context_attention=` on [`eqzoo.sharding.activation_sharding`][],
+[`eqzoo.train.make_train_step`][] and [`eqzoo.train.make_eval_step`][]:
+
+- `"gather"` (the default): each device keeps its query rows and all-gathers the keys and
+  values over `context` (the `"attn_kv"` rule); XLA partitions the one-device program.
+- `"ring"`: ring attention (Liu et al., 2023, "Ring Attention with Blockwise Transformers"):
+  each device keeps its own key/value block and passes it round the `context` ring
+  (`context` steps of `jax.lax.ppermute`), combining the blocks with a float32 online
+  softmax. No device holds the whole keys/values or a `(heads, seq / context, seq)` score
+  block: per-device attention memory falls with `context` (docs/scaling.md)."""
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
 )
 
 
+def check_context_attention(value, who: str) -> str:
+    """`value` if it names a strategy of `eqzoo.sharding.CONTEXT_ATTENTION`, else a `ShardingError`."""
+    if not isinstance(value, str) or value not in CONTEXT_ATTENTION:
+        raise ShardingError(
+            f"{who}: context_attention must be one of {CONTEXT_ATTENTION} ('gather': all-gather the "
+            f"keys/values over context; 'ring': ring attention); got {value!r}."
+        )
+    return value
+
+
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh | None, rules: Mapping[str, P] | None = None) -> Iterator[None]:
+def activation_sharding(
+    mesh: Mesh | None, rules: Mapping[str, P] | None = None, *, context_attention: ContextAttention = "gather"
+) -> Iterator[None]:
     """Within this context, [`eqzoo.sharding.constrain`][] applies sharding constraints on `mesh`.
 
     The context is read while a function is *traced*: wrap the first call of a jitted step (or
@@ -70,7 +99,11 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, P] | None = None)
     - `mesh`: the device mesh, or `None` to switch constraints off inside the block.
     - `rules`: logical activation name -> `PartitionSpec` of one unbatched example; defaults to
       `eqzoo.sharding.ACTIVATION_RULES`. Names missing from the rules are left unconstrained.
+    - `context_attention`: how attention runs when `mesh` has `context > 1`: `"gather"`
+      (all-gather the keys and values) or `"ring"` (ring attention); see
+      `eqzoo.sharding.CONTEXT_ATTENTION`. Ignored on a mesh with `context=1`.
     """
+    check_context_attention(context_attention, "activation_sharding")
     if mesh is not None and rules is None:
         # eqzoo's defaults fit any mesh: an axis the mesh lacks is dropped from them.
         rules = {name: drop_missing_axes(spec, mesh) for name, spec in ACTIVATION_RULES.items()}
@@ -85,7 +118,7 @@ def activation_sharding(mesh: Mesh | None, rules: Mapping[str, P] | None = None)
                         f"activation rule {name!r} uses mesh axis {axis!r}, which the mesh "
                         f"{dict(mesh.shape)} does not have."
                     )
-    token = _ACTIVE.set(None if mesh is None else (mesh, rules))
+    token = _ACTIVE.set(None if mesh is None else (mesh, rules, context_attention))
     try:
         yield
     finally:
@@ -100,6 +133,13 @@ def active_mesh() -> Mesh | None:
     """
     active = _ACTIVE.get()
     return None if active is None else active[0]
+
+
+def active_context_attention() -> str:
+    """The `context_attention` of the innermost [`eqzoo.sharding.activation_sharding`][] block
+    (`"gather"` outside one); read at trace time by [`eqzoo.nn.Attention`][]."""
+    active = _ACTIVE.get()
+    return "gather" if active is None else active[2]
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

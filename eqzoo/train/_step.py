@@ -14,6 +14,7 @@ from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ..nn._grouped import summed_weight_gradients
+from ..sharding._activation import ContextAttention, check_context_attention
 from ..sharding._mesh import SEQUENCE_KEYS
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
@@ -139,11 +140,12 @@ class TrainStep:
 
     def __init__(
         self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None,
-        sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+        sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
     ):
         self._pure_step = pure_step
         self._donate = donate
         self._mesh = mesh
+        self._context_attention = context_attention
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_train_step")
         # One process holds the whole batch, so a host (numpy) batch is the global batch and is
         # split over the mesh here; on several processes which rows it is is the caller's to say
@@ -178,8 +180,10 @@ class TrainStep:
 
                 shardings = _mesh_shardings(arrays, mesh)
 
+                context_attention = self._context_attention
+
                 def flat_step(arrays, batch):
-                    with activation_sharding(mesh):
+                    with activation_sharding(mesh, context_attention=context_attention):
                         return pure(structure, arrays, batch, shardings)
 
                 # Pin the new state to the input state's layout, so it stays sharded step after
@@ -416,6 +420,7 @@ def make_train_step(
     donate: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+    context_attention: ContextAttention = "gather",
 ) -> TrainStep:
     """Build the compiled training step.
 
@@ -456,12 +461,17 @@ def make_train_step(
       the keys eqzoo's losses read); other named entries (labels `(batch, k)`, images) are
       split over the batch axes only. `None` reads every leaf of two or more dimensions as a
       sequence. As for [`eqzoo.sharding.shard_batch`][].
+    - `context_attention`: under a `mesh` with `context > 1`, how attention runs: `"gather"`
+      (all-gather each layer's keys and values over `context`) or `"ring"` (ring attention:
+      key/value blocks passed round the `context` ring; per-device attention memory falls
+      with `context`). See [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md.
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
     """
     precision = Precision() if precision is None else precision
     check_precision(precision, "make_train_step")
+    check_context_attention(context_attention, "make_train_step")
     if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
     scaling = precision.loss_scale == "dynamic"
@@ -575,7 +585,7 @@ def make_train_step(
             metrics["loss_scale"] = new_opt_state[1].scale
         return tuple(new_arrays), metrics
 
-    return TrainStep(pure_step, donate, mesh, sequence_keys)
+    return TrainStep(pure_step, donate, mesh, sequence_keys, context_attention)
 
 
 class EvalStep:
@@ -583,10 +593,11 @@ class EvalStep:
 
     def __init__(
         self, pure: Callable, mesh: jax.sharding.Mesh | None = None,
-        sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+        sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
     ):
         self._pure = pure
         self._mesh = mesh
+        self._context_attention = context_attention
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_eval_step")
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
@@ -600,8 +611,10 @@ class EvalStep:
             else:
                 from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
 
+                context_attention = self._context_attention
+
                 def traced(arrays, b):
-                    with activation_sharding(mesh):
+                    with activation_sharding(mesh, context_attention=context_attention):
                         return self._pure(structure, arrays, b)
 
                 fn = jax.jit(traced, out_shardings=jax.NamedSharding(mesh, jax.P()))
@@ -625,6 +638,7 @@ def make_eval_step(
     precision: Precision | None = None,
     mesh: jax.sharding.Mesh | None = None,
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
+    context_attention: ContextAttention = "gather",
 ) -> EvalStep:
     """Build a compiled evaluation step.
 
@@ -641,11 +655,13 @@ def make_eval_step(
       a host (numpy) batch is split over the mesh as `make_train_step(mesh=...)` splits it.
       Metrics are replicated.
     - `sequence_keys`: which batch entries are sequences, as for `make_train_step`.
+    - `context_attention`: `"gather"` or `"ring"`, as for `make_train_step`.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.
     """
     precision = Precision() if precision is None else precision
+    check_context_attention(context_attention, "make_eval_step")
 
     def pure(structure, arrays, batch):
         parts: StateParts = structure.unflatten(arrays)
@@ -660,4 +676,4 @@ def make_eval_step(
         _check_scalar_loss(loss)
         return {"loss": loss.astype(jnp.float32), **aux}
 
-    return EvalStep(pure, mesh, sequence_keys)
+    return EvalStep(pure, mesh, sequence_keys, context_attention)

@@ -61,6 +61,14 @@ def make_batch(batch: int = BATCH, seq: int = SEQ, seed: int = 0) -> dict[str, n
     return {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
 
 
+def packed_batch() -> dict[str, np.ndarray]:
+    """`make_batch()` with three packed documents per row, then padding (segment 0): a document
+    that starts inside one context piece ends in another."""
+    seg = np.zeros((BATCH, SEQ), np.int32)
+    seg[:, :5], seg[:, 5:11], seg[:, 11:14] = 1, 2, 3
+    return {**make_batch(), "segment_ids": seg}
+
+
 def _loss(model, batch):
     return lm_loss(model, batch)[0]
 
@@ -68,15 +76,19 @@ def _loss(model, batch):
 _CACHE: dict = {}
 
 
-def loss_and_grads(name: str, mesh_spec: str | None, remat: str = "none", precision: str = "float32", summed: bool = False):
+def loss_and_grads(
+    name: str, mesh_spec: str | None, remat: str = "none", precision: str = "float32", summed: bool = False,
+    context_attention: str = "gather", packed: bool = False,
+):
     """`(loss, grads, model)` of `lm_loss` on the fixed batch: on one device (`mesh_spec=None`)
     or sharded by the default rules on `make_mesh(mesh_spec)`, with activation constraints.
     `summed`: traced as eqzoo's train step traces its gradient (dropless experts sum their
-    weight gradients over the batch in one pass)."""
-    key = (name, mesh_spec, remat, precision, summed)
+    weight gradients over the batch in one pass). `context_attention`: as for
+    `activation_sharding`; `packed`: the batch of `packed_batch` (documents packed in rows)."""
+    key = (name, mesh_spec, remat, precision, summed, context_attention, packed)
     if key not in _CACHE:
         model = make_model(name, remat=remat)
-        batch = make_batch()
+        batch = packed_batch() if packed else make_batch()
         mesh = None
         if mesh_spec is not None:
             mesh = sh.make_mesh(mesh_spec)
@@ -87,7 +99,7 @@ def loss_and_grads(name: str, mesh_spec: str | None, remat: str = "none", precis
         # every sum) is the same.
         @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
         def f(model, batch):
-            with sh.activation_sharding(mesh), (summed_weight_gradients() if summed else contextlib.nullcontext()):
+            with sh.activation_sharding(mesh, context_attention=context_attention), (summed_weight_gradients() if summed else contextlib.nullcontext()):
                 return eqx.filter_value_and_grad(_loss)(model, batch)
 
         loss, grads = f(model, batch)
@@ -115,6 +127,7 @@ def lab():
         make_model=make_model,
         build_model=build_model,
         make_batch=make_batch,
+        packed_batch=packed_batch,
         loss_and_grads=loss_and_grads,
         max_abs_diff=max_abs_diff,
         BATCH=BATCH,
