@@ -19,6 +19,14 @@ The whole decode loop (prefill + one token per step) runs inside one compiled pr
         --repeats 7 --json   # eqzoo.generation.generate_stream: time to the first chunk and in all, against
         # generate_batch's (medians), and the cost of each chunk's host round trip, pipelined
         # (the default) and with pipeline=False
+    python benchmarks/generate_throughput.py --preset tiny-gpt2 --batches 4 --new-tokens 256 --dtype float32 \
+        --repeats 7 --processors none,no_repeat_ngram=3,banned=32x4 --json   # what logits processors cost
+        # in the decode loop: NoRepeatNGram(3), BannedSequences of 32 random 4-token sequences
+
+`--processors` takes comma-separated settings, each timed on its own: `none`, `no_repeat_ngram=N`
+(`NoRepeatNGram(N)`), `banned=CxL` (`BannedSequences` of C random sequences of L tokens, seed 0),
+`sequence_bias=CxL` (`SequenceBias`, the same sequences with random biases), or several joined
+with `+` (`no_repeat_ngram=3+banned=32x4`, in that order).
 
 Each row without a draft model also times the prefill alone (`prefill_ms`: the batch's
 prompts through `model.prefill`, jitted and vmapped as the decode loop runs it) and reports
@@ -76,12 +84,17 @@ def main(argv=None) -> dict:
     p.add_argument("--stream-chunk", type=int, default=0, metavar="N",
                    help="also time eqzoo.generation.generate_stream with chunk_size=N (0: off): its first chunk "
                         "and the whole stream, pipelined and not, against generate_batch, medians of --repeats calls")
+    p.add_argument("--processors", default="none", metavar="SETTING,...",
+                   help="logits processors to time, comma-separated settings each timed on its own: none, "
+                        "no_repeat_ngram=N, banned=CxL, sequence_bias=CxL, or several joined with + (see above)")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
         args.preset, args.batches, args.new_tokens, args.repeats = "tiny-gpt2", "1,4", 16, 2
         args.stream_chunk = args.stream_chunk or 8  # the streaming path runs in CI too
+        if args.processors == "none":  # the processors' path too, at the last batch only
+            args.processors = "none,no_repeat_ngram=2+banned=4x3"
 
     gathers = eqzoo.nn.MoE.gathers
     init_cache = eqzoo.models.AbstractLM.init_cache
@@ -170,6 +183,36 @@ def _stream_timing(model, prompts, args, unroll, cache_dtype, run) -> dict:
     }
 
 
+def _processors(spec: str, vocab: int) -> list:
+    """The logits processors one `--processors` setting names (see the module docstring)."""
+    from eqzoo.generation import BannedSequences, NoRepeatNGram, SequenceBias
+
+    out = []
+    for part in spec.split("+"):
+        name, _, value = part.partition("=")
+        try:
+            if name == "none" and not value:
+                continue
+            if name == "no_repeat_ngram":
+                out.append(NoRepeatNGram(int(value)))
+                continue
+            if name in ("banned", "sequence_bias"):
+                count, length = (int(v) for v in value.split("x"))
+                rng = np.random.default_rng(0)
+                seqs = rng.integers(0, vocab, (count, length)).tolist()
+                if name == "banned":
+                    out.append(BannedSequences(seqs))
+                else:
+                    biases = rng.normal(size=count).tolist()
+                    out.append(SequenceBias([(s, b) for s, b in zip(seqs, biases, strict=True)]))
+                continue
+        except ValueError:
+            pass
+        raise SystemExit(f"--processors: cannot read {part!r}; the settings are none, no_repeat_ngram=N, "
+                         "banned=CxL and sequence_bias=CxL (C sequences of L tokens), joined with + to combine")
+    return out
+
+
 def _int4_group(model) -> int:
     # 128 (the usual int4 group), or the largest power of two below it dividing every linear
     # layer's inputs (the tiny presets have 64 and 176).
@@ -196,16 +239,27 @@ def _run(args) -> dict:
     rng = np.random.default_rng(0)
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
-    for batch in batches:
-        prompts = jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
+    settings = args.processors.split(",")
+    for spec in settings:  # parsed before any timing: a typo fails at once
+        if _processors(spec, model.config.vocab_size) and args.draft_layers:
+            raise SystemExit("--processors: generate_speculative takes no logits processors; drop --draft-layers")
+    runs = [(batch, spec) for batch in batches for spec in settings]
+    if args.smoke:  # processors other than none at the last batch only: CI's time
+        runs = [(b, spec) for b, spec in runs if spec == "none" or b == batches[-1]]
+    batch_prompts = {batch: jnp.asarray(rng.integers(0, model.config.vocab_size, (batch, args.prompt_len), dtype=np.int32))
+                     for batch in batches}  # the same prompts for every processors setting
+    for batch, spec in runs:
+        prompts = batch_prompts[batch]
+        processors = _processors(spec, model.config.vocab_size) or None
         if args.draft_layers:
             draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
             run = lambda prompts=prompts, draft=draft: eqzoo.generation.generate_speculative(  # noqa: E731
                 model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True,
                 unroll_layers=unroll, cache_dtype=cache_dtype)
         else:
-            run = lambda prompts=prompts: eqzoo.generation.generate_batch(
-                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll, cache_dtype=cache_dtype)  # noqa: E731
+            run = lambda prompts=prompts, processors=processors: eqzoo.generation.generate_batch(  # noqa: E731
+                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll, cache_dtype=cache_dtype,
+                logits_processors=processors)
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0
@@ -219,19 +273,20 @@ def _run(args) -> dict:
         if args.draft_layers:
             rounds = np.asarray(run()[1]["rounds"])
             extra = {"tokens_per_round": float(args.new_tokens / rounds.mean())}
-        else:
+        elif processors is None:  # the prefill and the stream run without processors: timed once per batch
             extra.update(_prefill_timing(model, prompts, total, cache_dtype, unroll, args.repeats))
             if args.stream_chunk:
                 extra.update(_stream_timing(model, prompts, args, unroll, cache_dtype, run))
         rows.append({**extra,
             "batch": batch,
+            "processors": spec,
             "tokens_per_s": batch * args.new_tokens / best,
             "ms_per_token": 1e3 * best / args.new_tokens,
             "seconds": best,
             "first_call_s": compile_and_first_s,
         })
-        if args.json and len(rows) < len(batches):  # the batches so far, should a later one not finish
-            print(json.dumps({"benchmark": "generate_throughput", "partial": f"{len(rows)} of {len(batches)} batches",
+        if args.json and len(rows) < len(runs):  # the rows so far, should a later one not finish
+            print(json.dumps({"benchmark": "generate_throughput", "partial": f"{len(rows)} of {len(runs)} rows",
                               "preset": args.preset, "backend": jax.default_backend(),
                               "device": jax.devices()[0].device_kind, "results": rows}), flush=True)
     result = {

@@ -289,3 +289,14 @@ def test_examples_left_to_the_test_suite_are_run_by_it():
         assert any(called.search(src) and "main(" in src and '"--smoke"' in src for src in sources), (
             f"no test runs examples/{name}.py"
         )
+
+
+def test_memory_estimate_refuses_a_mesh_it_cannot_lay_out(monkeypatch):
+    # Checked before JAX starts (the fake devices are set up only after): a mesh larger than
+    # --devices, and an axis without its size.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # its `from _throughput import ...`
+    estimate = _load(ROOT / "benchmarks" / "memory_estimate.py")
+    with pytest.raises(SystemExit, match=r"--mesh data=2,context=8 takes 16 devices; --devices is 8: raise it"):
+        estimate.main(["--mesh", "data=2", "--mesh", "data=2,context=8"])
+    with pytest.raises(SystemExit, match=r"--mesh 'context': write each axis with its size, e.g. --mesh data=2,context=4"):
+        estimate.main(["--mesh", "context"])

@@ -18,13 +18,14 @@ from ._generate import (
     generate_batch as generate_batch,
     resolve_unroll as resolve_unroll,
 )
-from ._processors import LogitsProcessor as LogitsProcessor
+from ._processors import BeforePenalty as BeforePenalty, LogitsProcessor as LogitsProcessor
 from ._sampling import sample_logits as sample_logits
 from ._speculative import generate_speculative as generate_speculative
 from ._stream import StreamChunk as StreamChunk, generate_stream as generate_stream
 
 __all__ = [
     "BannedSequences",
+    "BeforePenalty",
     "LogitsProcessor",
     "MinLength",
     "MinNewTokens",

@@ -103,11 +103,11 @@ def _row_loop(
         (buf, logps), done = state["out"], state["done"]
         key, sub = jax.random.split(state["key"])
         state = dict(state)
-        # transformers' order: the penalty, then (eqzoo's) the bias and the user's processors,
-        # then temperature and the filters
-        scores = logits if repetition_penalty is None else penalize_repeats(logits, state["seen"], repetition_penalty)
-        if logit_bias is not None or processors:
-            scores = apply_processors(scores, buf, length + i, jnp.asarray(i, jnp.int32), logit_bias=logit_bias, processors=processors)
+        # transformers' order: BeforePenalty processors, the penalty, then (eqzoo's) the bias and
+        # the other processors, then temperature and the filters
+        penalize = None if repetition_penalty is None else lambda s: penalize_repeats(s, state["seen"], repetition_penalty)
+        scores = apply_processors(logits, buf, length + i, jnp.asarray(i, jnp.int32), logit_bias=logit_bias,
+                                  processors=processors, penalize=penalize)
         tok = jnp.where(done, pad_token, sample(scores, sub))
         if repetition_penalty is not None:
             state["seen"] = state["seen"].at[jnp.where(done, vocab, tok)].set(True, mode="drop")
@@ -382,9 +382,9 @@ def generate_batch(
     - `logits_processors`: a sequence of [`eqzoo.generation.LogitsProcessor`][]s, functions
       or `equinox.Module`s `fn(logits, tokens, position, step) -> logits` applied to each
       row's logits at each step, in order, inside the compiled loop: after the repetition
-      penalty and `logit_bias`, before temperature and the filters (greedy decoding takes the
-      argmax of what they return). A processor sees one row. The same function object
-      compiles once; a new `lambda` per call compiles the loop again every time; a Module's
+      penalty and `logit_bias` (before them, wrapped in [`eqzoo.generation.BeforePenalty`][]),
+      before temperature and the filters (greedy decoding takes the argmax of what they
+      return). A processor sees one row. The same function object compiles once; a new `lambda` per call compiles the loop again every time; a Module's
       array fields are arguments of the compiled loop (a new value compiles nothing).
     - `logit_bias`: a mapping of token id to a bias added to its logit at every step (the
       OpenAI API's `logit_bias`): `-inf` (or a large negative number) bans a token, a large
@@ -397,8 +397,9 @@ def generate_batch(
     whether it filters by `top_p` and by `min_p`, and whether `repetition_penalty` is 1.0: a new
     `temperature`, `top_p`, `min_p` or penalty value, stop or pad id, `logit_bias` (per request,
     say) reuses the compiled program; each plain-function processor is part of it. The order
-    on each step's logits: the repetition penalty, then `logit_bias` and `logits_processors`,
-    then temperature, top-k, top-p, min-p (transformers' order, for those it has). Padding past
+    on each step's logits: the `BeforePenalty` processors, the repetition penalty, then
+    `logit_bias` and the other `logits_processors`, then temperature, top-k, top-p, min-p
+    (transformers' order, for those it has). Padding past
     each row's length may hold any id, even one outside the vocabulary; it is never read. Under `"capacity"` mixture-of-experts layers the prompt
     is routed as training routes it, with a capacity per sequence set by the padded width,
     so a prompt's first logits may differ slightly with how far it is padded when

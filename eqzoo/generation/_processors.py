@@ -5,6 +5,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import no_type_check
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
@@ -19,7 +20,8 @@ LogitsProcessor = Callable[[Float[Array, " vocab"], Int[Array, " total"], Int[Ar
 `vmap` over rows (it sees one row; write it for one sequence, as an eqzoo layer is written).
 
 - `logits`: float32 `(vocab,)`, the model's scores for the token being chosen, after the
-  repetition penalty, `logit_bias` and the processors before this one.
+  repetition penalty, `logit_bias` and the processors before this one (before all three for a
+  processor wrapped in [`eqzoo.generation.BeforePenalty`][]: only the processors before it).
 - `tokens`: int32 `(total,)` with `total = seq + max_new_tokens`: the row's prompt, then the
   tokens generated so far, then `pad_token`. `tokens[:position]` are real.
 - `position`: int32 scalar, the index in `tokens` of the token being chosen (the row's prompt
@@ -42,10 +44,48 @@ time. An `equinox.Module`'s array fields are traced instead: a new instance with
 same shapes and dtypes (another bias, another table) reuses the compiled loop."""
 
 
+class BeforePenalty(eqx.Module):
+    """Runs `processor` before the repetition penalty and `logit_bias`, where the decode loops
+    run every other processor after them: transformers' place for its
+    `SequenceBiasLogitsProcessor`, which adds `sequence_bias` before `repetition_penalty`
+    divides (or multiplies) the logits of the ids a row holds.
+    [`eqzoo.hf.GenerationConfig.logits_processors`][] wraps its
+    [`SequenceBias`][eqzoo.generation.SequenceBias] in it, so a checkpoint setting both decodes as
+    transformers decodes it. Without a `repetition_penalty` and a `logit_bias` the wrapper
+    changes nothing.
+
+    Wrapped processors go first in `logits_processors` (one after an unwrapped one is refused),
+    so the list's order is the order they run in: the wrapped ones, the penalty, `logit_bias`,
+    the others, then temperature and the filters.
+
+    **Arguments:** `processor`, a [`eqzoo.generation.LogitsProcessor`][] (a function or an
+    `equinox.Module`; a Module's array fields stay arguments of the compiled loop).
+    """
+
+    processor: LogitsProcessor
+
+    @no_type_check  # validated here, with a message that says how to fix the call
+    def __init__(self, processor: LogitsProcessor):
+        if isinstance(processor, BeforePenalty):
+            processor = processor.processor  # wrapping twice means what wrapping once does
+        if not callable(processor):
+            raise ConfigError(
+                f"BeforePenalty wraps a logits processor, fn(logits, tokens, position, step) -> logits; got {processor!r}."
+            )
+        self.processor = processor
+
+    def __call__(
+        self, logits: Float[Array, " vocab"], tokens: Int[Array, " total"], position: Int[Array, ""], step: Int[Array, ""]
+    ) -> Float[Array, " vocab"]:
+        """What `processor` returns for these arguments."""
+        return self.processor(logits, tokens, position, step)
+
+
 @no_type_check  # validated here, with messages that say how to fix the call
 def check_processors(processors, who: str, vocab_size: int | None = None) -> tuple:
     """`logits_processors` as the decode loop takes them: a tuple (empty for none) of callables.
-    With `vocab_size`, the built-in processors' token ids are checked to lie in the vocabulary."""
+    With `vocab_size`, the built-in processors' token ids are checked to lie in the vocabulary
+    (inside a `BeforePenalty` too); a `BeforePenalty` after an unwrapped processor is refused."""
     if processors is None:
         return ()
     if callable(processors):
@@ -61,7 +101,14 @@ def check_processors(processors, who: str, vocab_size: int | None = None) -> tup
                 f"{who}: logits_processors[{k}] is not callable (got {fn!r}); each is "
                 "fn(logits, tokens, position, step) -> logits (see eqzoo.generation.LogitsProcessor)."
             )
-        outside = [] if vocab_size is None else out_of_vocab(fn, vocab_size)
+        if isinstance(fn, BeforePenalty) and k and not isinstance(processors[k - 1], BeforePenalty):
+            raise ConfigError(
+                f"{who}: logits_processors[{k}] ({_name(fn)}) runs before the repetition penalty, but comes after "
+                f"logits_processors[{k - 1}] ({_name(processors[k - 1])}), which runs after it; put the BeforePenalty "
+                "processors first, so the list is the order they run in."
+            )
+        inner = fn.processor if isinstance(fn, BeforePenalty) else fn
+        outside = [] if vocab_size is None else out_of_vocab(inner, vocab_size)
         if outside:
             raise ConfigError(
                 f"{who}: logits_processors[{k}] ({_name(fn)}) holds ids {outside} outside the model's vocabulary "
@@ -106,18 +153,37 @@ def logit_bias_vector(logit_bias, vocab_size: int, who: str) -> np.ndarray | Non
 
 
 def _name(fn) -> str:
+    if isinstance(fn, BeforePenalty):
+        return f"BeforePenalty({_name(fn.processor)})"
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
 def apply_processors(
-    logits: Array, tokens: Array, position: Array, step: Array, *, logit_bias: Array | None, processors: tuple
+    logits: Array, tokens: Array, position: Array, step: Array, *, logit_bias: Array | None, processors: tuple,
+    penalize: Callable[[Array], Array] | None = None,
 ) -> Array:
-    """One row's `logits` (already penalised) plus `logit_bias`, then through each processor in
-    order; float32. Each processor's output is checked as the loop is traced."""
+    """One row's `logits` in transformers' order: the processors wrapped in `BeforePenalty`,
+    then `penalize` (the repetition penalty, a function of the logits; `None` when off), then
+    `logit_bias`, then the other processors in order; float32. With none of these, `logits` as
+    they are. Each processor's output is checked as the loop is traced."""
+    if logit_bias is None and not processors and penalize is None:
+        return logits
     logits = logits.astype(jnp.float32)
+    first = 0
+    while first < len(processors) and isinstance(processors[first], BeforePenalty):  # check_processors: first
+        first += 1
+    logits = _run(logits, tokens, position, step, processors, range(first))
+    if penalize is not None:
+        logits = penalize(logits)
     if logit_bias is not None:
         logits = logits + logit_bias
-    for k, fn in enumerate(processors):
+    return _run(logits, tokens, position, step, processors, range(first, len(processors)))
+
+
+def _run(logits: Array, tokens: Array, position: Array, step: Array, processors: tuple, which: range) -> Array:
+    """`logits` through `processors[k]` for each `k` in `which`, each output checked."""
+    for k in which:
+        fn = processors[k]
         out = fn(logits, tokens, position, step)
         shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
         if shape != logits.shape or dtype != jnp.float32:

@@ -62,7 +62,9 @@ class GenerationConfig:
         """The [`eqzoo.generation`][eqzoo.generation.NoRepeatNGram] processors these settings
         give, in transformers' order (empty when none is set), as transformers' `generate`
         builds them from the file: `sequence_bias` gives
-        [`SequenceBias`][eqzoo.generation.SequenceBias]; `no_repeat_ngram_size` >= 1
+        [`SequenceBias`][eqzoo.generation.SequenceBias] wrapped in
+        [`BeforePenalty`][eqzoo.generation.BeforePenalty] (transformers adds the bias before
+        `repetition_penalty`; the others run after it); `no_repeat_ngram_size` >= 1
         [`NoRepeatNGram`][eqzoo.generation.NoRepeatNGram]; `bad_words_ids`
         [`BannedSequences`][eqzoo.generation.BannedSequences] (less the one-token sequences
         that are an eos id, as transformers drops them); `min_length` and `min_new_tokens`
@@ -77,6 +79,7 @@ class GenerationConfig:
         [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] passes its `eos_token` override here."""
         from ..generation import (
             BannedSequences,
+            BeforePenalty,
             MinLength,
             MinNewTokens,
             NoRepeatNGram,
@@ -88,7 +91,7 @@ class GenerationConfig:
         eos = (self.eos_token or ()) if eos_token is _FILE_EOS else _eos_override(eos_token)
         out: list = []
         if self.sequence_bias:
-            out.append(SequenceBias(dict(self.sequence_bias)))
+            out.append(BeforePenalty(SequenceBias(dict(self.sequence_bias))))
         if self.no_repeat_ngram_size:
             out.append(NoRepeatNGram(self.no_repeat_ngram_size))
         bad = [list(b) for b in self.bad_words_ids or () if not (len(b) == 1 and b[0] in eos)]
@@ -153,8 +156,8 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     output. `sequence_bias` (a list of `[ids, bias]` pairs, as transformers saves it),
     `no_repeat_ngram_size`, `bad_words_ids`, `suppress_tokens`, `begin_suppress_tokens`,
     `min_new_tokens` and `min_length` are applied by logits processors (see
-    [`eqzoo.hf.GenerationConfig.logits_processors`][]); `sequence_bias` together with a
-    `repetition_penalty` warns, as eqzoo applies the two in the other order.
+    [`eqzoo.hf.GenerationConfig.logits_processors`][]), `sequence_bias` before
+    `repetition_penalty` and the others after it, as transformers orders them.
 
     **Returns:** a frozen [`eqzoo.hf.GenerationConfig`][]; `.kwargs(**overrides)` gives the
     keyword arguments of `eqzoo.generate`.
@@ -177,12 +180,6 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     decoding = _decoding(raw)
     _warn_unsupported(raw)
     sequence_bias = _sequence_bias(raw)
-    if sequence_bias and decoding["repetition_penalty"] is not None:
-        warnings.warn(
-            f"{raw.where} sets both sequence_bias and repetition_penalty: eqzoo adds the bias after the "
-            "penalty, transformers before it, so a biased token the row already holds can score differently.",
-            stacklevel=user_stacklevel(),
-        )
     return GenerationConfig(
         eos_token=eos, pad_token=pad, **decoding,
         max_new_tokens=_count(raw, "max_new_tokens", 1), max_length=_count(raw, "max_length", 1),

@@ -8,6 +8,7 @@ import pytest
 from eqzoo._errors import ConfigError
 from eqzoo.generation import (
     BannedSequences,
+    BeforePenalty,
     MinLength,
     MinNewTokens,
     NoRepeatNGram,
@@ -97,6 +98,51 @@ def test_sequence_bias_adds_what_transformers_adds():
     # the row [0, 1] before position 2: 3 gets -2.0 + 0.75, 2 gets 1.5, the rest nothing
     got = SequenceBias(bias)(jnp.zeros(6), jnp.array([0, 1, 4, 4]), jnp.int32(2), jnp.int32(0))
     np.testing.assert_array_equal(got, [0.0, 0.0, 1.5, -1.25, 0.0, 0.0])
+
+
+def test_before_penalty_orders_sequence_bias_and_the_penalty_as_transformers():
+    # transformers' list for sequence_bias + repetition_penalty + no_repeat_ngram_size: the bias,
+    # the penalty, the n-gram ban. eqzoo's loop step (apply_processors) with the bias wrapped in
+    # BeforePenalty gives the same logits (the same bans exactly; the values within one float32
+    # rounding, rtol 1e-6: XLA may divide by the penalty as a multiply by its reciprocal);
+    # unwrapped, the bias is added after the penalty and seen ids' values move by far more.
+    from eqzoo.generation._processors import apply_processors
+    from eqzoo.generation._sampling import penalize_repeats
+
+    bias = {(2,): 1.5, (1, 3): -2.0, (0,): 3.0}
+    rng = np.random.default_rng(6)
+    logits = (rng.normal(size=(24, 10)) * 3).astype(np.float32)
+    tokens = rng.integers(0, 4, size=(24, 14)).astype(np.int32)
+    lengths = rng.integers(3, 14, size=24).astype(np.int32)
+
+    def step(processors, logits, tokens, position):
+        seen = jnp.zeros((10,), bool).at[jnp.where(jnp.arange(14) < position, tokens, 10)].set(True, mode="drop")
+        return apply_processors(logits, tokens, position, position - 3, logit_bias=None, processors=processors,
+                                penalize=lambda s: penalize_repeats(s, seen, jnp.float32(1.5)))
+
+    def run(processors):
+        return np.asarray(jax.jit(jax.vmap(lambda *a: step(processors, *a)))(logits, tokens, lengths))
+
+    theirs = [lp.SequenceBiasLogitsProcessor(bias), lp.RepetitionPenaltyLogitsProcessor(1.5), lp.NoRepeatNGramLogitsProcessor(2)]
+    want = np.stack([logits[r] for r in range(24)])
+    for r, n in enumerate(lengths):
+        row = torch.as_tensor(logits[None, r])
+        for proc in theirs:
+            row = proc(torch.as_tensor(tokens[None, r, :n], dtype=torch.long), row)
+        want[r] = row[0].numpy()
+    got = run((BeforePenalty(SequenceBias(bias)), NoRepeatNGram(2)))
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    after = run((SequenceBias(bias), NoRepeatNGram(2)))
+    finite = np.isfinite(want)
+    assert np.abs(after - want)[finite].max() > 0.5
+
+
+def test_before_penalty_refuses_what_is_not_a_processor():
+    with pytest.raises(ConfigError, match=r"BeforePenalty wraps a logits processor, fn\(logits, tokens, position, step\) -> logits; got 3"):
+        BeforePenalty(3)
+    inner = SequenceBias({(1,): 1.0})
+    assert BeforePenalty(BeforePenalty(inner)).processor is inner  # wrapping twice is wrapping once
 
 
 def _bigrams(row):

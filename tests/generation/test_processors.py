@@ -164,6 +164,9 @@ def test_bad_processors_logit_bias_and_row_limits_are_refused(gpt2):
         run(logits_processors=halved)
     with pytest.raises(ConfigError, match=r"logits_processors\[0\] is not callable"):
         run(logits_processors=["ban"])
+    with pytest.raises(ConfigError, match=r"logits_processors\[1\] \(BeforePenalty\(.*ban\)\) runs before the repetition "
+                       r"penalty, but comes after logits_processors\[0\] \(.*ban\), which runs after it; put the BeforePenalty"):
+        run(logits_processors=[_ban(1), eqzoo.generation.BeforePenalty(_ban(2))])
     with pytest.raises(ConfigError, match=r"logit_bias holds id 256, outside the model's vocabulary \[0, 256\)"):
         run(logit_bias={256: -1.0})
     with pytest.raises(ConfigError, match=r"logit_bias\[3\] is nan; a bias is a finite number or -inf"):

@@ -99,11 +99,15 @@ def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoint
 def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoints, loaded, hft, compile_log):
     # no_repeat_ngram_size, bad_words_ids (one id, a bigram, and the eos id, which transformers
     # drops), min_new_tokens (holding back the eos, row 0's first free token), suppress_tokens,
-    # begin_suppress_tokens and sequence_bias (one id, a bigram) from a generation_config.json: transformers' greedy tokens, row by
-    # row, and the same tokens as the processors passed by hand (compiling nothing new).
+    # begin_suppress_tokens, sequence_bias (one id, a bigram, and each row's first prompt token,
+    # an id the penalty applies to) and repetition_penalty from a generation_config.json:
+    # transformers' greedy tokens, row by row (the bias added before the penalty, as
+    # transformers adds it), and the same tokens as the processors passed by hand (compiling
+    # nothing new).
     import eqzoo.hf
     from eqzoo.generation import (
         BannedSequences,
+        BeforePenalty,
         MinNewTokens,
         NoRepeatNGram,
         SequenceBias,
@@ -119,8 +123,9 @@ def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoint
     settings = dict(
         no_repeat_ngram_size=3, bad_words_ids=[[int(new[1][2])], [int(new[2][0]), int(new[2][1])], [eos]],
         min_new_tokens=4, suppress_tokens=[int(new[0][5])], begin_suppress_tokens=[int(new[1][0])],
-        sequence_bias=[[[int(new[2][3])], -30.0], [[int(new[0][2]), int(new[0][3])], 2.5]],
-        eos_token_id=eos, pad_token_id=hft.VOCAB - 1, max_new_tokens=12,
+        sequence_bias=[[[int(new[2][3])], -30.0], [[int(new[0][2]), int(new[0][3])], 2.5],
+                       *([[int(prompts[i, 0])], b] for i, b in enumerate((4.0, 3.0, -2.0)))],
+        repetition_penalty=1.5, eos_token_id=eos, pad_token_id=hft.VOCAB - 1, max_new_tokens=12,
     )
     hft.transformers.GenerationConfig(**settings).save_pretrained(tmp_path)
     with warnings.catch_warnings():
@@ -138,7 +143,7 @@ def test_generation_config_processors_match_transformers(tmp_path, hf_checkpoint
     for i, n in enumerate(LENGTHS):
         np.testing.assert_array_equal(got[i, : n + 12], expected[i], err_msg=f"prompt {i}")
     by_hand = [
-        SequenceBias(settings["sequence_bias"]), NoRepeatNGram(3), BannedSequences(settings["bad_words_ids"][:2]), MinNewTokens(4, eos),
+        BeforePenalty(SequenceBias(settings["sequence_bias"])), NoRepeatNGram(3), BannedSequences(settings["bad_words_ids"][:2]), MinNewTokens(4, eos),
         SuppressTokens(settings["suppress_tokens"]), SuppressTokensAtBegin(settings["begin_suppress_tokens"]),
     ]
     with compile_log() as log:
@@ -262,22 +267,21 @@ def test_min_p_keeps_what_transformers_keeps(hft):
 
 
 def test_generation_config_sequence_bias(tmp_path, hft):
-    # sequence_bias as transformers saves it becomes SequenceBias, first (no warning); with a
-    # repetition_penalty it warns of the order.
+    # sequence_bias as transformers saves it becomes SequenceBias, first and before the penalty
+    # (BeforePenalty), with a repetition_penalty too (no warning: transformers' order is kept;
+    # the tokens: test_generation_config_processors_match_transformers).
     import eqzoo.hf
-    from eqzoo.generation import SequenceBias
+    from eqzoo.generation import BeforePenalty, NoRepeatNGram, SequenceBias
 
     bias = [[[1, 2], -1.0], [[3], 2.5], [[1, 2], 0.5]]  # (1, 2) twice: the last bias holds, as in transformers
-    hft.transformers.GenerationConfig(sequence_bias=bias, no_repeat_ngram_size=2).save_pretrained(tmp_path)
+    hft.transformers.GenerationConfig(sequence_bias=bias, no_repeat_ngram_size=2, repetition_penalty=1.3).save_pretrained(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         config = eqzoo.hf.load_generation_config(tmp_path)
-    assert config.sequence_bias == (((1, 2), 0.5), ((3,), 2.5))
-    first, _ = config.logits_processors()
-    assert isinstance(first, SequenceBias) and first.biases.tolist() == [0.5, 2.5]
-    hft.transformers.GenerationConfig(sequence_bias=bias, repetition_penalty=1.3).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match=r"sets both sequence_bias and repetition_penalty: eqzoo adds the bias after the penalty"):
-        eqzoo.hf.load_generation_config(tmp_path)
+    assert config.sequence_bias == (((1, 2), 0.5), ((3,), 2.5)) and config.repetition_penalty == 1.3
+    first, second = config.logits_processors()
+    assert isinstance(first, BeforePenalty) and isinstance(second, NoRepeatNGram)
+    assert isinstance(first.processor, SequenceBias) and first.processor.biases.tolist() == [0.5, 2.5]
 
 
 def test_generation_config_eos_override_rebuilds_the_eos_processors(tmp_path, hft):
