@@ -117,6 +117,57 @@ def remat_table(config, batch_size, seq_len, steps, rounds=3) -> list[dict]:
     return rows
 
 
+def _sizes(smoke: bool, layers: str | None) -> tuple[list[int], dict, int, dict, int]:
+    """The depths, the model shape, the batch size, and the remat section's shape and step
+    count: the full run's, or `--smoke`'s small ones; `--layers` overrides the depths."""
+    if smoke:
+        # Two depths, each scanned and unrolled, run every path of the compile section; the
+        # unrolled compile grows with depth, so the smoke run keeps the deeper one shallow.
+        depths = [2, 3]
+        shape = dict(embed_dim=64, num_heads=4, vocab_size=256, max_seq=32)
+        batch_size, remat_shape, remat_steps = 4, dict(num_layers=2, embed_dim=64, num_heads=4, vocab_size=256, max_seq=32), 2
+    else:
+        depths = [12, 24, 48]
+        shape = dict(embed_dim=256, num_heads=4, vocab_size=1024, max_seq=128)
+        batch_size, remat_shape, remat_steps = 8, dict(num_layers=4, embed_dim=128, num_heads=4, vocab_size=256, max_seq=128), 10
+    if layers:
+        depths = [int(d) for d in layers.split(",")]
+    return depths, shape, batch_size, remat_shape, remat_steps
+
+
+def compile_section(depths, shape, batch_size, seq_len, mesh, *, smoke: bool, show: bool) -> dict:
+    """The compile section's entries of the summary: every depth timed scanned and unrolled,
+    and the deep-vs-shallow ratios (printed too when `show`)."""
+    # Warm up (first-compile costs of XLA and of tracing the library) so they do not land
+    # on the first measured config; --smoke, whose figures are not compared, skips it.
+    if not smoke:
+        warm = eqzoo.models.get_config("tiny-gpt2", num_layers=1, **shape)
+        time_compile(warm, batch_size, seq_len, mesh)
+    runs = []
+    for scan in (True, False):
+        for depth in depths:
+            config = eqzoo.models.get_config("tiny-gpt2", num_layers=depth, scan_layers=scan, **shape)
+            runs.append({"layers": depth, "scan_layers": scan, **time_compile(config, batch_size, seq_len, mesh)})
+
+    def total(depth, scan, key="total_s"):
+        return next(r[key] for r in runs if r["layers"] == depth and r["scan_layers"] == scan)
+
+    lo, hi = depths[0], depths[-1]
+    out = dict(
+        shape={**shape, "batch": batch_size, "seq": seq_len},
+        runs=runs,
+        scan_ratio_deep_vs_shallow=round(total(hi, True) / total(lo, True), 3),
+        scan_ratio_deep_vs_shallow_cpu=round(total(hi, True, "total_cpu_s") / total(lo, True, "total_cpu_s"), 3),
+        unrolled_ratio_deep_vs_shallow=round(total(hi, False) / total(lo, False), 3),
+        scan_target_met=total(hi, True) / total(lo, True) <= 1.3,
+    )
+    if show:
+        for r in runs:
+            print(f"{r['layers']:3d} layers  scan={r['scan_layers']!s:5}  lower {r['lower_s']:.2f}s  compile {r['compile_s']:.2f}s")
+        print(f"scanned {hi} vs {lo} layers: {out['scan_ratio_deep_vs_shallow']}x (target <= 1.3)")
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="fewer, smaller configs")
@@ -127,18 +178,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sections = set(args.sections.split(","))
 
-    if args.smoke:
-        # Two depths, each scanned and unrolled, run every path of the compile section; the
-        # unrolled compile grows with depth, so the smoke run keeps the deeper one shallow.
-        depths = [2, 3]
-        shape = dict(embed_dim=64, num_heads=4, vocab_size=256, max_seq=32)
-        batch_size, remat_shape, remat_steps = 4, dict(num_layers=2, embed_dim=64, num_heads=4, vocab_size=256, max_seq=32), 2
-    else:
-        depths = [12, 24, 48]
-        shape = dict(embed_dim=256, num_heads=4, vocab_size=1024, max_seq=128)
-        batch_size, remat_shape, remat_steps = 8, dict(num_layers=4, embed_dim=128, num_heads=4, vocab_size=256, max_seq=128), 10
-    if args.layers:
-        depths = [int(d) for d in args.layers.split(",")]
+    depths, shape, batch_size, remat_shape, remat_steps = _sizes(args.smoke, args.layers)
     seq_len = shape["max_seq"]
     mesh = sh.make_mesh(args.mesh) if args.mesh else None
     if mesh is not None:
@@ -155,33 +195,7 @@ def main(argv=None) -> dict:
         "mesh": sh.mesh_shape(mesh) if mesh is not None else None,
     }
     if "compile" in sections:
-        # Warm up (first-compile costs of XLA and of tracing the library) so they do not land
-        # on the first measured config; --smoke, whose figures are not compared, skips it.
-        if not args.smoke:
-            warm = eqzoo.models.get_config("tiny-gpt2", num_layers=1, **shape)
-            time_compile(warm, batch_size, seq_len, mesh)
-        runs = []
-        for scan in (True, False):
-            for depth in depths:
-                config = eqzoo.models.get_config("tiny-gpt2", num_layers=depth, scan_layers=scan, **shape)
-                runs.append({"layers": depth, "scan_layers": scan, **time_compile(config, batch_size, seq_len, mesh)})
-
-        def total(depth, scan, key="total_s"):
-            return next(r[key] for r in runs if r["layers"] == depth and r["scan_layers"] == scan)
-
-        lo, hi = depths[0], depths[-1]
-        summary.update(
-            shape={**shape, "batch": batch_size, "seq": seq_len},
-            runs=runs,
-            scan_ratio_deep_vs_shallow=round(total(hi, True) / total(lo, True), 3),
-            scan_ratio_deep_vs_shallow_cpu=round(total(hi, True, "total_cpu_s") / total(lo, True, "total_cpu_s"), 3),
-            unrolled_ratio_deep_vs_shallow=round(total(hi, False) / total(lo, False), 3),
-            scan_target_met=total(hi, True) / total(lo, True) <= 1.3,
-        )
-        if not args.json:
-            for r in runs:
-                print(f"{r['layers']:3d} layers  scan={r['scan_layers']!s:5}  lower {r['lower_s']:.2f}s  compile {r['compile_s']:.2f}s")
-            print(f"scanned {hi} vs {lo} layers: {summary['scan_ratio_deep_vs_shallow']}x (target <= 1.3)")
+        summary.update(compile_section(depths, shape, batch_size, seq_len, mesh, smoke=args.smoke, show=not args.json))
     if "remat" in sections:
         remat_cfg = eqzoo.models.get_config("tiny-gpt2", **remat_shape)
         summary["remat"] = {
@@ -194,7 +208,6 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(summary))
     return summary
-
 
 if __name__ == "__main__":
     main()

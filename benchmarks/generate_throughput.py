@@ -224,13 +224,32 @@ def _int4_group(model) -> int:
     return group
 
 
-def _run(args) -> dict:
+def _model(args):
+    """The preset in `--dtype`, quantized as `--quantize` asks (filling in an int4 group size)."""
     model = eqzoo.models.create(args.preset, key=jax.random.key(0), **parse_set(args.set))
     model = cast_floating(model, jnp.dtype(args.dtype))
     if args.quantize != "none":
         if args.quantize == "int4" and args.group_size is None:
             args.group_size = _int4_group(model)
         model = eqzoo.quant.quantize(model, bits=int(args.quantize[3:]), group_size=args.group_size)
+    return model
+
+
+def _runner(model, prompts, processors, args, unroll, cache_dtype):
+    """A no-argument call of what one row times: speculative decoding with `--draft-layers`,
+    else `generate_batch` with `processors`."""
+    if args.draft_layers:
+        draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
+        return lambda: eqzoo.generation.generate_speculative(
+            model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True,
+            unroll_layers=unroll, cache_dtype=cache_dtype)
+    return lambda: eqzoo.generation.generate_batch(
+        model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll, cache_dtype=cache_dtype,
+        logits_processors=processors)
+
+
+def _run(args) -> dict:
+    model = _model(args)
     unroll = {"auto": "auto", "unrolled": True, "scan": False}[args.layers]
     cache_dtype = None if args.cache_dtype == "model" else jnp.dtype(args.cache_dtype)
     total = args.prompt_len + args.new_tokens
@@ -251,15 +270,7 @@ def _run(args) -> dict:
     for batch, spec in runs:
         prompts = batch_prompts[batch]
         processors = _processors(spec, model.config.vocab_size) or None
-        if args.draft_layers:
-            draft = eqx.tree_at(lambda m: m.blocks, model, model.blocks.first(args.draft_layers))
-            run = lambda prompts=prompts, draft=draft: eqzoo.generation.generate_speculative(  # noqa: E731
-                model, draft, prompts, max_new_tokens=args.new_tokens, num_draft=args.num_draft, return_stats=True,
-                unroll_layers=unroll, cache_dtype=cache_dtype)
-        else:
-            run = lambda prompts=prompts, processors=processors: eqzoo.generation.generate_batch(  # noqa: E731
-                model, prompts, max_new_tokens=args.new_tokens, unroll_layers=unroll, cache_dtype=cache_dtype,
-                logits_processors=processors)
+        run = _runner(model, prompts, processors, args, unroll, cache_dtype)
         t0 = time.perf_counter()
         jax.block_until_ready(run())
         compile_and_first_s = time.perf_counter() - t0

@@ -62,11 +62,9 @@ def _positive_int(value: Any, name: str, who: str) -> int | None:
     return int(value)
 
 
-def check_batch_request(
-    who: str, texts: Any, *, padding: Any, max_length: Any, truncation: Any, padding_side: Any,
-    pad_to_multiple_of: Any, pad_token_id: Any, default_pad_token_id: int | None, vocab_size: int,
-) -> BatchRequest:
-    """Each setting of a batch encode checked, with a message that says how to fix it."""
+def _checked_texts(who: str, texts: Any) -> list[str]:
+    """`texts` as a non-empty list of strings; a lone string (a common slip: it is a sequence of
+    characters) and other items are refused."""
     if isinstance(texts, str | bytes) or not isinstance(texts, Sequence):
         raise TokenizerError(
             f"{who} takes a list of strings; got {type(texts).__name__}. For one text use encode(text), "
@@ -78,19 +76,15 @@ def check_batch_request(
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad:
         raise TokenizerError(f"{who} takes a list of strings; item {bad[0]} is a {type(texts[bad[0]]).__name__}.")
-    if padding not in ("longest", "max_length"):
-        raise TokenizerError(
-            f"{who}: padding must be 'longest' (to the batch's longest text; transformers' padding=True) "
-            f"or 'max_length' (to max_length); got {padding!r}. Batches are always padded: the ids form one array."
-        )
-    if not isinstance(truncation, bool):
-        raise TokenizerError(f"{who}: truncation must be True or False; got {truncation!r}.")
-    if padding_side not in ("right", "left"):
-        raise TokenizerError(
-            f"{who}: padding_side must be 'right' or 'left' (left for decoder-only generation); got {padding_side!r}."
-        )
-    max_length = _positive_int(max_length, "max_length", who)
-    pad_to_multiple_of = _positive_int(pad_to_multiple_of, "pad_to_multiple_of", who)
+    return texts
+
+
+def _check_length_options(
+    who: str, padding: str, max_length: int | None, truncation: bool, pad_to_multiple_of: int | None
+) -> None:
+    """Refuse combinations of the (individually valid) length options that cannot mean what the
+    caller wants: a cut or a pad to no length, a `max_length` that nothing uses, and a cut that
+    padding would then extend."""
     if max_length is None and (truncation or padding == "max_length"):
         need = "truncation=True" if truncation else "padding='max_length'"
         raise TokenizerError(
@@ -108,6 +102,11 @@ def check_batch_request(
             f"pad_to_multiple_of={pad_to_multiple_of}, so rows would be padded past the cut (transformers refuses "
             "this too); make max_length a multiple of it."
         )
+
+
+def _resolved_pad_token_id(who: str, pad_token_id: Any, default_pad_token_id: int | None, vocab_size: int) -> int:
+    """The id to pad with: the one passed, else the tokenizer's own; never a silent fallback
+    (0 or eos), and always an id of the vocabulary."""
     if pad_token_id is None:
         pad_token_id = default_pad_token_id
     if pad_token_id is None:
@@ -119,9 +118,32 @@ def check_batch_request(
         )
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int | np.integer) or not 0 <= pad_token_id < vocab_size:
         raise TokenizerError(f"{who}: pad_token_id must be an id in [0, {vocab_size}); got {pad_token_id!r}.")
-    return BatchRequest(
-        texts, padding, max_length, truncation, padding_side, pad_to_multiple_of, int(pad_token_id)
-    )
+    return int(pad_token_id)
+
+
+def check_batch_request(
+    who: str, texts: Any, *, padding: Any, max_length: Any, truncation: Any, padding_side: Any,
+    pad_to_multiple_of: Any, pad_token_id: Any, default_pad_token_id: int | None, vocab_size: int,
+) -> BatchRequest:
+    """Each setting of a batch encode checked, with a message that says how to fix it: the
+    texts, then each option alone, then how the length options combine, then the pad id."""
+    texts = _checked_texts(who, texts)
+    if padding not in ("longest", "max_length"):
+        raise TokenizerError(
+            f"{who}: padding must be 'longest' (to the batch's longest text; transformers' padding=True) "
+            f"or 'max_length' (to max_length); got {padding!r}. Batches are always padded: the ids form one array."
+        )
+    if not isinstance(truncation, bool):
+        raise TokenizerError(f"{who}: truncation must be True or False; got {truncation!r}.")
+    if padding_side not in ("right", "left"):
+        raise TokenizerError(
+            f"{who}: padding_side must be 'right' or 'left' (left for decoder-only generation); got {padding_side!r}."
+        )
+    max_length = _positive_int(max_length, "max_length", who)
+    pad_to_multiple_of = _positive_int(pad_to_multiple_of, "pad_to_multiple_of", who)
+    _check_length_options(who, padding, max_length, truncation, pad_to_multiple_of)
+    pad_token_id = _resolved_pad_token_id(who, pad_token_id, default_pad_token_id, vocab_size)
+    return BatchRequest(texts, padding, max_length, truncation, padding_side, pad_to_multiple_of, pad_token_id)
 
 
 def check_fits(lengths: Sequence[int], request: BatchRequest, who: str) -> None:

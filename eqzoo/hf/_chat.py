@@ -39,23 +39,14 @@ _TRACKING: contextvars.ContextVar[tuple[list[str], list[tuple[int, int]]] | None
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-@functools.cache
-def _environment():
-    jinja2 = require("jinja2", "hf")
-    if _version(jinja2.__version__) < _MIN_JINJA:
-        raise ImportError(
-            f"chat templates need jinja2 >= {'.'.join(map(str, _MIN_JINJA))} (older releases have "
-            f"sandbox escapes); found {jinja2.__version__}. Upgrade with `pip install -U jinja2`."
-        )
+def _generation_extension():
+    """Jinja's `{% generation %}...{% endgeneration %}` tag: rendered as its body; inside a
+    tracked render the body's character span is recorded (the assistant's text, for
+    encode_chat). A class made on first use, as jinja2 is an optional dependency."""
     from jinja2 import nodes
-    from jinja2.exceptions import SecurityError
     from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    from jinja2.utils import Namespace
 
     class Generation(Extension):
-        # `{% generation %}...{% endgeneration %}`: rendered as its body; inside a tracked render
-        # the body's character span is recorded (the assistant's text, for encode_chat).
         tags = {"generation"}
 
         def parse(self, parser):
@@ -72,13 +63,21 @@ def _environment():
                 spans.append((start, start + len(text)))
             return text
 
+    return Generation
+
+
+def _safe_namespace():
+    """Jinja's `namespace`, refusing underscore names (a stored `__html__` would be called by
+    the escape filter outside the sandbox's call checks). A class made on first use, as jinja2
+    is an optional dependency."""
+    from jinja2.exceptions import SecurityError
+    from jinja2.utils import Namespace
+
     def _check_name(name):
         if isinstance(name, str) and name.startswith("_"):
             raise SecurityError(f"a chat template may not store {name!r} on a namespace (names starting with '_').")
 
     class SafeNamespace(Namespace):
-        # Jinja's namespace, refusing underscore names (a stored `__html__` would be called by
-        # the escape filter outside the sandbox's call checks).
         def __init__(*args, **kwargs):
             self, args = args[0], args[1:]
             attrs = dict(*args, **kwargs)
@@ -90,24 +89,45 @@ def _environment():
             _check_name(name)
             Namespace.__setitem__(self, name, value)
 
-    def raise_exception(message):
-        raise TokenizerError(f"the chat template refused the conversation: {message}")
+    return SafeNamespace
 
-    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    def make_dict(*args, **kwargs):
-        # A function, not Python's `dict` type: `dict.update(...)` would mutate the caller's data.
-        return dict(*args, **kwargs)
+def _raise_exception(message):
+    # templates call raise_exception(message) to refuse a conversation they cannot render
+    raise TokenizerError(f"the chat template refused the conversation: {message}")
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # transformers' tojson: non-ASCII text and HTML characters left as they are (Jinja's own
+    # filter escapes them for HTML)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _make_dict(*args, **kwargs):
+    # A function, not Python's `dict` type: `dict.update(...)` would mutate the caller's data.
+    return dict(*args, **kwargs)
+
+
+@functools.cache
+def _environment():
+    """The one sandboxed Jinja environment every chat template compiles in (see the module
+    docstring for what it offers)."""
+    jinja2 = require("jinja2", "hf")
+    if _version(jinja2.__version__) < _MIN_JINJA:
+        raise ImportError(
+            f"chat templates need jinja2 >= {'.'.join(map(str, _MIN_JINJA))} (older releases have "
+            f"sandbox escapes); found {jinja2.__version__}. Upgrade with `pip install -U jinja2`."
+        )
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", Generation]
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_extension()]
     )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    env.globals["namespace"] = SafeNamespace
-    env.globals["dict"] = make_dict
+    env.globals["namespace"] = _safe_namespace()
+    env.globals["dict"] = _make_dict
     return env
 
 

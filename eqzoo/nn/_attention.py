@@ -300,6 +300,66 @@ def check_cache_dtype(dtype, default):
     return dtype
 
 
+def _head_layout(embed_dim: int, num_heads: int, num_kv_heads: int, head_dim: int | None) -> int:
+    """The head size (default `embed_dim // num_heads`), once the heads split the width evenly
+    and each key/value head serves a whole group of query heads."""
+    if head_dim is None:
+        if embed_dim % num_heads:
+            raise ConfigError(
+                f"num_heads={num_heads} must divide embed_dim={embed_dim} (or pass head_dim)."
+            )
+        head_dim = embed_dim // num_heads
+    if num_heads % num_kv_heads:
+        raise ConfigError(
+            f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} for grouped-query "
+            "attention; pick a divisor of num_heads."
+        )
+    return head_dim
+
+
+def _window_options(
+    sliding_window, window_layers, causal: bool, use_rope: bool, local_rope_theta
+) -> tuple[bool, ...] | None:
+    """`window_layers` as a tuple, once the sliding-window options agree with each other: a
+    window needs causal attention, per-layer windows need a window, and a local rotary base
+    needs per-layer windows (the layers it applies to)."""
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ConfigError(f"sliding_window must be a positive integer or None, got {sliding_window!r}.")
+        if not causal:
+            raise ConfigError(
+                "sliding_window needs causal=True: the window counts the positions before each "
+                "one (a bidirectional layer has no such window here)."
+            )
+    if window_layers is not None:
+        window_layers = tuple(window_layers)
+        if sliding_window is None or not all(isinstance(w, bool) for w in window_layers) or not window_layers:
+            raise ConfigError(
+                "window_layers must be a non-empty tuple of booleans (True: that layer uses "
+                f"sliding_window), given together with sliding_window; got {window_layers!r} "
+                f"with sliding_window={sliding_window!r}."
+            )
+    if local_rope_theta is not None and (window_layers is None or not use_rope):
+        raise ConfigError(
+            "local_rope_theta sets the rotary base of the windowed layers of a stack that "
+            "mixes windowed and full layers: it needs use_rope=True and window_layers."
+        )
+    return window_layers
+
+
+def _check_logit_options(scale, logit_softcap, backend: str) -> None:
+    """Refuse a logit scale or soft cap that is not a positive number, and a soft cap on the
+    cuDNN backend, which has none."""
+    for name, value in (("scale", scale), ("logit_softcap", logit_softcap)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise ConfigError(f"{name} must be a positive number or None, got {value!r}.")
+    if logit_softcap is not None and backend == "cudnn":
+        raise ConfigError(
+            "logit_softcap has no cuDNN implementation (jax.nn.dot_product_attention takes no "
+            "softcap); use backend='xla', or 'auto', which runs XLA's attention for it."
+        )
+
+
 class Attention(eqx.Module):
     """Causal self-attention with multi-head or grouped-query heads (Ainslie et al., 2023).
 
@@ -402,48 +462,11 @@ class Attention(eqx.Module):
             check_positive_numbers("Attention", rope_theta=rope_theta)
             if local_rope_theta is not None:
                 check_positive_numbers("Attention", local_rope_theta=local_rope_theta)
-        if head_dim is None:
-            if embed_dim % num_heads:
-                raise ConfigError(
-                    f"num_heads={num_heads} must divide embed_dim={embed_dim} (or pass head_dim)."
-                )
-            head_dim = embed_dim // num_heads
-        if num_heads % num_kv_heads:
-            raise ConfigError(
-                f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads} for grouped-query "
-                "attention; pick a divisor of num_heads."
-            )
+        head_dim = _head_layout(embed_dim, num_heads, num_kv_heads, head_dim)
         if backend not in _BACKENDS:
             raise ConfigError(f"attention backend must be one of {_BACKENDS}, got {backend!r}.")
-        if sliding_window is not None:
-            if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-                raise ConfigError(f"sliding_window must be a positive integer or None, got {sliding_window!r}.")
-            if not causal:
-                raise ConfigError(
-                    "sliding_window needs causal=True: the window counts the positions before each "
-                    "one (a bidirectional layer has no such window here)."
-                )
-        if window_layers is not None:
-            window_layers = tuple(window_layers)
-            if sliding_window is None or not all(isinstance(w, bool) for w in window_layers) or not window_layers:
-                raise ConfigError(
-                    "window_layers must be a non-empty tuple of booleans (True: that layer uses "
-                    f"sliding_window), given together with sliding_window; got {window_layers!r} "
-                    f"with sliding_window={sliding_window!r}."
-                )
-        if local_rope_theta is not None and (window_layers is None or not use_rope):
-            raise ConfigError(
-                "local_rope_theta sets the rotary base of the windowed layers of a stack that "
-                "mixes windowed and full layers: it needs use_rope=True and window_layers."
-            )
-        for name, value in (("scale", scale), ("logit_softcap", logit_softcap)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
-                raise ConfigError(f"{name} must be a positive number or None, got {value!r}.")
-        if logit_softcap is not None and backend == "cudnn":
-            raise ConfigError(
-                "logit_softcap has no cuDNN implementation (jax.nn.dot_product_attention takes no "
-                "softcap); use backend='xla', or 'auto', which runs XLA's attention for it."
-            )
+        window_layers = _window_options(sliding_window, window_layers, causal, use_rope, local_rope_theta)
+        _check_logit_options(scale, logit_softcap, backend)
         kq, kk, kv, ko = jax.random.split(key, 4)
         out_std = init_std if out_init_std is None else out_init_std
         lin = dict(use_bias=use_bias, dtype=dtype)

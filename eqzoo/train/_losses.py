@@ -195,6 +195,26 @@ def lm_loss(
     (up to float rounding). The model's `features_and_aux` must then take `per_layer=True`
     and return `(num_layers,)` arrays, as eqzoo's models do.
     """
+    tokens, targets, mask = _checked_lm_batch(model, batch, implementation, chunk_size, per_layer)
+    packing = packing_args(tokens, "lm_loss: batch[{name!r}]", segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    mask, targets = _counted_positions(targets, mask, packing)
+    # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
+    aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
+    feats, aux = None, {}
+    if aux_weights:
+        feats, aux = _features_and_aux(model, tokens, mask, packing, per_layer)
+    nll_mean = _mean_nll(model, implementation, chunk_size, feats, tokens, targets, mask, packing)
+    count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
+    if not aux_weights:
+        return nll_mean, {"tokens": count}
+    loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
+    return loss, {"tokens": count, "nll": nll_mean, **aux}
+
+
+def _checked_lm_batch(model, batch, implementation, chunk_size, per_layer):
+    """`lm_loss`'s arguments checked before anything is traced: the batch's keys and shapes,
+    the options, and that the model has what the implementation calls. **Returns:** the
+    batch's tokens, targets and mask (`None` when it has none)."""
     missing = [k for k in ("tokens", "targets") if k not in batch]
     if missing:
         raise ConfigError(
@@ -226,50 +246,60 @@ def lm_loss(
             + (". Use implementation='full', which only calls model(tokens) -> (seq, vocab) logits."
                if implementation != "full" and callable(model) else ".")
         )
-    packing = packing_args(tokens, "lm_loss: batch[{name!r}]", segment_ids=batch.get("segment_ids"), positions=batch.get("positions"))
+    return tokens, targets, mask
+
+
+def _counted_positions(targets, mask, packing):
+    """The weights of the positions that count, and the targets with the ignored ones read as
+    class 0. Without a mask, packed rows' padding (segment id 0) does not count; a negative
+    target (Hugging Face's -100) never does, and is read as class 0 rather than indexing the
+    vocabulary from its end."""
     if mask is None and "segment_ids" in packing:
-        mask = packing["segment_ids"] != 0  # padding (segment 0) never counts
-    # A negative target (Hugging Face's -100) marks a position that does not count: it is masked
-    # out and read as class 0, rather than indexing the vocabulary from its end.
+        mask = packing["segment_ids"] != 0
     ignored = targets < 0
     mask = ~ignored if mask is None else jnp.where(ignored, jnp.zeros((), mask.dtype), mask)
-    targets = jnp.where(ignored, 0, targets)
-    # Auxiliary losses (the router losses of mixture-of-experts layers): per sequence, averaged.
-    aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
-    aux: dict[str, Array] = {}
+    return mask, jnp.where(ignored, 0, targets)
+
+
+def _features_and_aux(
+    model, tokens, mask, packing, per_layer: bool
+) -> tuple[Array, dict[str, Array]]:
+    """The features of a model with auxiliary losses, and those losses and statistics as
+    metrics: each sequence's over its counted positions, averaged over the sequences weighted
+    by their number (and, with `per_layer`, each layer's too)."""
+    _warn_untrained_routers(model)
+    args = (tokens,) if mask is None else (tokens, mask)
     layers: dict[str, Array] = {}
-    if aux_weights:
-        _warn_untrained_routers(model)
-        # Each sequence's statistics over its counted positions, weighted by their number.
-        args = (tokens,) if mask is None else (tokens, mask)
-        if per_layer:
-            feats, aux, layers = _batch_vmap(_with_layers(model))(*args, **packing)
-        else:
-            feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
-        counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
-        weight = jnp.maximum(jnp.sum(counted), 1.0)
-        aux = {name: jnp.sum(v * counted) / weight for name, v in aux.items()}
-        aux |= _layer_metrics(layers, counted, weight)
-    if implementation == "full":
-        logits = _batch_vmap(model.logits)(feats) if aux_weights else _batch_vmap(model)(tokens, **packing)
-        nll_mean = cross_entropy(logits, targets, mask)
+    if per_layer:
+        feats, aux, layers = _batch_vmap(_with_layers(model))(*args, **packing)
     else:
-        head = model.head_weight()
-        cap = getattr(model, "logit_softcap", None)
-        if not aux_weights:
-            feats = _batch_vmap(model.features)(tokens, **packing)
-        w = None if mask is None else mask.astype(jnp.float32)
-        if implementation == "fused":
-            total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=cap)
-        else:
-            nll = _chunked_batch_nll(feats, head, targets, chunk_size, cap)
-            total = jnp.sum(nll if w is None else nll * w)
-        nll_mean = total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
-    count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
-    if not aux_weights:
-        return nll_mean, {"tokens": count}
-    loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
-    return loss, {"tokens": count, "nll": nll_mean, **aux}
+        feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
+    counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
+    weight = jnp.maximum(jnp.sum(counted), 1.0)
+    aux = {name: jnp.sum(v * counted) / weight for name, v in aux.items()}
+    aux |= _layer_metrics(layers, counted, weight)
+    return feats, aux
+
+
+def _mean_nll(
+    model, implementation: str, chunk_size, feats, tokens, targets, mask, packing
+) -> Float[Array, ""]:
+    """The mean next-token NLL over the counted positions, by `implementation`; `feats`: the
+    features already computed along with the auxiliary losses, or `None` to run the model."""
+    if implementation == "full":
+        logits = _batch_vmap(model.logits)(feats) if feats is not None else _batch_vmap(model)(tokens, **packing)
+        return cross_entropy(logits, targets, mask)
+    head = model.head_weight()
+    cap = getattr(model, "logit_softcap", None)
+    if feats is None:
+        feats = _batch_vmap(model.features)(tokens, **packing)
+    w = None if mask is None else mask.astype(jnp.float32)
+    if implementation == "fused":
+        total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=cap)
+    else:
+        nll = _chunked_batch_nll(feats, head, targets, chunk_size, cap)
+        total = jnp.sum(nll if w is None else nll * w)
+    return total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
 
 
 def _with_layers(model):

@@ -411,6 +411,117 @@ def _mesh_shardings(arrays, mesh) -> tuple:
     return shardings
 
 
+def _split_loss_scale(opt_state, scaling: bool) -> tuple[Any, DynamicLossScale | None]:
+    """The optimizer's own state and the dynamic loss scale that `TrainState.create(...,
+    precision=...)` pairs it with (`None` without dynamic loss scaling)."""
+    if not scaling:
+        return opt_state, None
+    if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[1], DynamicLossScale)):
+        raise ConfigError(
+            "precision uses dynamic loss scaling but the state has no loss scale: create it "
+            "with TrainState.create(..., precision=precision)."
+        )
+    return opt_state
+
+
+def _compute_model_shardings(structure, shardings, params, precision: Precision):
+    """Under a mesh, the model's shardings for its compute-dtype copy to keep (`None`: no mesh,
+    or a cast that changes nothing), so that a weight that must be gathered is gathered after
+    the cast (in bf16), not before it (in fp32). Left to itself, XLA's sharding propagation
+    moved the gather of the tied embedding in front of the cast."""
+    # Whether the cast changes anything: read from the parameters themselves (a float32
+    # model under a bf16-param policy is still cast).
+    compute_dtype = jnp.dtype(precision.compute_dtype)
+    casts = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute_dtype for x in jax.tree.leaves(params))
+    return None if shardings is None or not casts else structure.unflatten(shardings).model
+
+
+def _make_grad_fn(loss_fn: LossFn, precision: Precision, frozen, scale, stateful: bool, model_shardings) -> Callable:
+    """`grad_fn(params, model_state, batch, key) -> ((scaled loss, (loss, model_state, aux)),
+    grads)`: the loss of the trainable `params` joined with the `frozen` rest, cast to the
+    compute dtype, checked to be a scalar, and times the loss `scale` (if any) before
+    differentiation."""
+
+    def compute(p, model_state, mb, k):
+        m = precision.cast_to_compute(eqx.combine(p, frozen))
+        if model_shardings is not None:
+            m = jax.tree.map(_keep_layout, m, model_shardings)
+        if stateful:
+            out = loss_fn(m, model_state, mb, k)
+        else:
+            out = loss_fn(m, mb, k)
+        loss, new_model_state, aux = _split_loss(out, stateful)
+        _check_scalar_loss(loss)
+        loss = loss.astype(jnp.dtype(precision.output_dtype))
+        scaled = loss * scale.astype(loss.dtype) if scale is not None else loss
+        return scaled, (loss, new_model_state, aux)
+
+    value_and_grad = jax.value_and_grad(compute, has_aux=True)
+
+    def grad_fn(*args):
+        # the gradient of the batch's loss, never per-example ones: dropless experts may sum
+        # their weight gradients over the batch in one pass (eqzoo/nn/_grouped.py)
+        with summed_weight_gradients():
+            return value_and_grad(*args)
+
+    return grad_fn
+
+
+def _accumulate_grads(grad_fn, params, model_state, batch, key, steps: int, *, strided: bool, loss_dtype):
+    """Gradient accumulation: `grad_fn` over `steps` micro-batches of `batch` in one `lax.scan`.
+    **Returns:** the whole batch's `(grads, loss, aux, model_state)`, each micro-batch weighted
+    by the positions it counted (its `"tokens"` metric) when the loss reports them, else alike."""
+    mbs = _microbatches(batch, steps, strided=strided)
+    keys = jax.random.split(key, steps)
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    first_mb = jax.tree.map(lambda x: x[0], mbs)
+    aux_shape = jax.eval_shape(lambda: grad_fn(params, model_state, first_mb, keys[0])[0][1][2])
+    zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
+
+    # A loss that reports how many positions it averaged over (`"tokens"`, as lm_loss
+    # does) is a mean over a different count in each micro-batch (masks, packed rows):
+    # weighting each micro-batch by its count makes the accumulated loss and gradient
+    # those of the whole batch. Otherwise micro-batches (of equal size) weigh alike.
+    counted = isinstance(aux_shape, dict) and "tokens" in aux_shape and aux_shape["tokens"].shape == ()
+
+    def body(carry, xs):
+        g_acc, loss_acc, aux_acc, w_acc, mstate = carry
+        mb, k = xs
+        (_, (loss, mstate, aux)), g = grad_fn(params, mstate, mb, k)
+        w = aux["tokens"].astype(jnp.float32) if counted else jnp.ones((), jnp.float32)
+        g_acc = jax.tree.map(lambda acc, x: acc + _weigh(x, w), g_acc, g)
+        aux_acc = jax.tree.map(jnp.add, aux_acc, _weigh_aux(aux, w, counted))
+        return (g_acc, loss_acc + _weigh(loss, w), aux_acc, w_acc + w, mstate), None
+
+    zero = jnp.zeros((), jnp.float32)
+    init = (zero_grads, jnp.zeros((), loss_dtype), zero_aux, zero, model_state)
+    (grads, loss, aux, total, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
+    inv = 1.0 / jnp.maximum(total, 1.0)  # total: the tokens counted, or the micro-batches
+    grads = jax.tree.map(lambda g: _weigh(g, inv), grads)
+    loss = _weigh(loss, inv)
+    aux = _weigh_aux(aux, inv, counted)
+    return grads, loss, aux, model_state
+
+
+def _apply_grads(optimizer, grads, params, opt_state, scale, loss_scale: DynamicLossScale | None):
+    """One optimizer update from the (loss-scaled) gradients. Under dynamic loss scaling a step
+    whose gradients are not finite leaves the parameters and optimizer state as they were,
+    and the scale adjusts. **Returns:** `(grad_norm, new_params, new_opt_state)`, the last
+    paired with the new loss scale under dynamic loss scaling."""
+    if scale is not None:
+        grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
+    grad_norm = tree_global_norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = eqx.apply_updates(params, updates)
+    if loss_scale is not None:
+        finite = jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_params = keep(new_params, params)
+        new_opt_state = keep(new_opt_state, opt_state)
+        new_opt_state = (new_opt_state, loss_scale.adjust(finite))
+    return grad_norm, new_params, new_opt_state
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -478,98 +589,23 @@ def make_train_step(
 
     def pure_step(structure, arrays, batch, shardings=None):
         parts: StateParts = structure.unflatten(arrays)
-        model, opt_state = parts.model, parts.opt_state
         stateful = parts.model_state is not None
         _check_arity(loss_fn, stateful, "make_train_step")
-        if scaling:
-            if not (isinstance(opt_state, tuple) and len(opt_state) == 2 and isinstance(opt_state[1], DynamicLossScale)):
-                raise ConfigError(
-                    "precision uses dynamic loss scaling but the state has no loss scale: create it "
-                    "with TrainState.create(..., precision=precision)."
-                )
-            opt_state, loss_scale = opt_state
-            scale = loss_scale.scale
-        else:
-            scale = None
-        params, frozen = eqx.partition(model, structure.trainable)
+        opt_state, loss_scale = _split_loss_scale(parts.opt_state, scaling)
+        scale = None if loss_scale is None else loss_scale.scale
+        params, frozen = eqx.partition(parts.model, structure.trainable)
         _check_optimizer(optimizer, params, opt_state)
         key, step_key = jax.random.split(parts.key)
-        # Under a mesh, the compute-dtype copy keeps each parameter's layout, so a weight that
-        # must be gathered is gathered after the cast (in bf16), not before it (in fp32). Left
-        # to itself, XLA's sharding propagation moved the gather of the tied embedding in front
-        # of the cast.
-        # Whether the cast changes anything: read from the parameters themselves (a float32
-        # model under a bf16-param policy is still cast).
-        compute_dtype = jnp.dtype(precision.compute_dtype)
-        casts = any(jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute_dtype for x in jax.tree.leaves(params))
-        model_shardings = None if shardings is None or not casts else structure.unflatten(shardings).model
-
-        def compute(p, model_state, mb, k):
-            m = precision.cast_to_compute(eqx.combine(p, frozen))
-            if model_shardings is not None:
-                m = jax.tree.map(_keep_layout, m, model_shardings)
-            if stateful:
-                out = loss_fn(m, model_state, mb, k)
-            else:
-                out = loss_fn(m, mb, k)
-            loss, new_model_state, aux = _split_loss(out, stateful)
-            _check_scalar_loss(loss)
-            loss = loss.astype(jnp.dtype(precision.output_dtype))
-            scaled = loss * scale.astype(loss.dtype) if scale is not None else loss
-            return scaled, (loss, new_model_state, aux)
-
-        value_and_grad = jax.value_and_grad(compute, has_aux=True)
-
-        def grad_fn(*args):
-            # the gradient of the batch's loss, never per-example ones: dropless experts may sum
-            # their weight gradients over the batch in one pass (eqzoo/nn/_grouped.py)
-            with summed_weight_gradients():
-                return value_and_grad(*args)
-
+        model_shardings = _compute_model_shardings(structure, shardings, params, precision)
+        grad_fn = _make_grad_fn(loss_fn, precision, frozen, scale, stateful, model_shardings)
         if grad_accum_steps == 1:
             (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
         else:
-            mbs = _microbatches(batch, grad_accum_steps, strided=mesh is not None)
-            keys = jax.random.split(step_key, grad_accum_steps)
-            zero_grads = jax.tree.map(jnp.zeros_like, params)
-            first_mb = jax.tree.map(lambda x: x[0], mbs)
-            aux_shape = jax.eval_shape(lambda: grad_fn(params, parts.model_state, first_mb, keys[0])[0][1][2])
-            zero_aux = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape)
-
-            # A loss that reports how many positions it averaged over (`"tokens"`, as lm_loss
-            # does) is a mean over a different count in each micro-batch (masks, packed rows):
-            # weighting each micro-batch by its count makes the accumulated loss and gradient
-            # those of the whole batch. Otherwise micro-batches (of equal size) weigh alike.
-            counted = isinstance(aux_shape, dict) and "tokens" in aux_shape and aux_shape["tokens"].shape == ()
-
-            def body(carry, xs):
-                g_acc, loss_acc, aux_acc, w_acc, mstate = carry
-                mb, k = xs
-                (_, (loss, mstate, aux)), g = grad_fn(params, mstate, mb, k)
-                w = aux["tokens"].astype(jnp.float32) if counted else jnp.ones((), jnp.float32)
-                g_acc = jax.tree.map(lambda acc, x: acc + _weigh(x, w), g_acc, g)
-                aux_acc = jax.tree.map(jnp.add, aux_acc, _weigh_aux(aux, w, counted))
-                return (g_acc, loss_acc + _weigh(loss, w), aux_acc, w_acc + w, mstate), None
-
-            zero = jnp.zeros((), jnp.float32)
-            init = (zero_grads, jnp.zeros((), jnp.dtype(precision.output_dtype)), zero_aux, zero, parts.model_state)
-            (grads, loss, aux, total, model_state), _ = jax.lax.scan(body, init, (mbs, keys))
-            inv = 1.0 / jnp.maximum(total, 1.0)  # total: the tokens counted, or the micro-batches
-            grads = jax.tree.map(lambda g: _weigh(g, inv), grads)
-            loss = _weigh(loss, inv)
-            aux = _weigh_aux(aux, inv, counted)
-
-        if scale is not None:
-            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
-        grad_norm = tree_global_norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = eqx.apply_updates(params, updates)
-        if scaling:
-            finite = jnp.isfinite(grad_norm)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-            new_params = keep(new_params, params)
-            new_opt_state = keep(new_opt_state, opt_state)
-            new_opt_state = (new_opt_state, loss_scale.adjust(finite))
+            grads, loss, aux, model_state = _accumulate_grads(
+                grad_fn, params, parts.model_state, batch, step_key, grad_accum_steps,
+                strided=mesh is not None, loss_dtype=jnp.dtype(precision.output_dtype),
+            )
+        grad_norm, new_params, new_opt_state = _apply_grads(optimizer, grads, params, opt_state, scale, loss_scale)
         new_parts = StateParts(
             eqx.combine(new_params, frozen), new_opt_state, parts.step + 1, key,
             model_state if stateful else parts.model_state,

@@ -78,54 +78,14 @@ def parse(path: Path) -> list[Block]:
         stripped = lines[i].strip()
         if stripped.startswith("<!-- docs-test:"):
             start = i
-            body = stripped[len("<!-- docs-test:"):]
-            while "-->" not in body:
-                i += 1
-                if i == len(lines):
-                    raise DirectiveError(f"{where(start)}: docs-test comment never closed with -->")
-                body += "\n" + lines[i]
-            body = body[: body.index("-->")]
-            match = re.match(r"\s*(\w*)(.*)", body, flags=re.S)
-            kind, rest = match.group(1), match.group(2)
-            if kind not in KINDS:
-                raise DirectiveError(f"{where(start)}: unknown docs-test directive {kind!r}; use one of {KINDS}")
-            if kind in ("setup", "check"):
-                code = rest.split("\n", 1)[1] if "\n" in rest else ""
-                blocks.append(Block(line=start + 2, code=textwrap.dedent(code), kind="setup"))
-            elif kind == "skip":
-                reason = rest.strip()
-                if not re.fullmatch(r"\(.*\S.*\)", reason, flags=re.S):
-                    raise DirectiveError(
-                        f"{where(start)}: a docs-test skip needs its reason in parentheses, "
-                        "e.g. <!-- docs-test: skip (needs a GPU) -->"
-                    )
-                pending["skip"] = reason[1:-1].strip()
-            elif kind == "raises":
-                if not re.fullmatch(r"\w+", rest.strip()):
-                    raise DirectiveError(f"{where(start)}: docs-test raises takes one exception name, got {rest.strip()!r}")
-                pending["raises"] = rest.strip()
-            else:  # replace
-                pairs = []
-                for entry in rest.strip().splitlines():
-                    if entry.strip():
-                        if " => " not in entry:
-                            raise DirectiveError(f"{where(start)}: docs-test replace lines are 'OLD => NEW', got {entry.strip()!r}")
-                        old, new = entry.strip().split(" => ", 1)
-                        pairs.append((old, new))
-                pending.setdefault("replacements", []).extend(pairs)
+            body, i = _comment_body(lines, i, where)
+            setup = _directive(body, start, where, pending)
+            if setup is not None:
+                blocks.append(setup)
             i += 1
             continue
         if stripped.startswith("```python"):
-            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
-            start = i + 1
-            i += 1
-            while i < len(lines) and lines[i].strip() != "```":
-                i += 1
-            code = textwrap.dedent("\n".join(ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[start:i]))
-            block = Block(line=start + 1, code=code, **pending)
-            for old, _ in block.replacements:
-                if old not in code:
-                    raise DirectiveError(f"{where(start)}: docs-test replace text {old!r} is not in the block")
+            block, i = _python_block(lines, i, pending, where)
             blocks.append(block)
             pending = {}
             i += 1
@@ -136,6 +96,74 @@ def parse(path: Path) -> list[Block]:
     if pending:
         raise DirectiveError(f"{path.name}: a docs-test directive at the end of the page has no block")
     return blocks
+
+
+def _comment_body(lines: list[str], i: int, where) -> tuple[str, int]:
+    """The text of the `<!-- docs-test: ... -->` comment opening on line `i` (it may span
+    lines), and the line it closes on."""
+    start = i
+    body = lines[i].strip()[len("<!-- docs-test:"):]
+    while "-->" not in body:
+        i += 1
+        if i == len(lines):
+            raise DirectiveError(f"{where(start)}: docs-test comment never closed with -->")
+        body += "\n" + lines[i]
+    return body[: body.index("-->")], i
+
+
+def _directive(body: str, start: int, where, pending: dict) -> Block | None:
+    """One directive's effect: a `setup`/`check` comment is a block of its own (returned); the
+    others are recorded in `pending`, for the next ```python block."""
+    match = re.match(r"\s*(\w*)(.*)", body, flags=re.S)
+    kind, rest = match.group(1), match.group(2)
+    if kind not in KINDS:
+        raise DirectiveError(f"{where(start)}: unknown docs-test directive {kind!r}; use one of {KINDS}")
+    if kind in ("setup", "check"):
+        code = rest.split("\n", 1)[1] if "\n" in rest else ""
+        return Block(line=start + 2, code=textwrap.dedent(code), kind="setup")
+    if kind == "skip":
+        reason = rest.strip()
+        if not re.fullmatch(r"\(.*\S.*\)", reason, flags=re.S):
+            raise DirectiveError(
+                f"{where(start)}: a docs-test skip needs its reason in parentheses, "
+                "e.g. <!-- docs-test: skip (needs a GPU) -->"
+            )
+        pending["skip"] = reason[1:-1].strip()
+    elif kind == "raises":
+        if not re.fullmatch(r"\w+", rest.strip()):
+            raise DirectiveError(f"{where(start)}: docs-test raises takes one exception name, got {rest.strip()!r}")
+        pending["raises"] = rest.strip()
+    else:  # replace
+        pending.setdefault("replacements", []).extend(_replacements(rest, start, where))
+    return None
+
+
+def _replacements(rest: str, start: int, where) -> list[tuple[str, str]]:
+    """A `replace` directive's `OLD => NEW` lines as pairs."""
+    pairs = []
+    for entry in rest.strip().splitlines():
+        if entry.strip():
+            if " => " not in entry:
+                raise DirectiveError(f"{where(start)}: docs-test replace lines are 'OLD => NEW', got {entry.strip()!r}")
+            old, new = entry.strip().split(" => ", 1)
+            pairs.append((old, new))
+    return pairs
+
+
+def _python_block(lines: list[str], i: int, pending: dict, where) -> tuple[Block, int]:
+    """The ```python block opening on line `i`, dedented, with the `pending` directives, and
+    the line of its closing fence."""
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    start = i + 1
+    i += 1
+    while i < len(lines) and lines[i].strip() != "```":
+        i += 1
+    code = textwrap.dedent("\n".join(ln[len(indent):] if ln.startswith(indent) else ln for ln in lines[start:i]))
+    block = Block(line=start + 1, code=code, **pending)
+    for old, _ in block.replacements:
+        if old not in code:
+            raise DirectiveError(f"{where(start)}: docs-test replace text {old!r} is not in the block")
+    return block, i
 
 
 # A ChatML template of the kind Qwen's folders carry, with {% generation %} tags around replies.
