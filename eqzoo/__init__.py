@@ -28,8 +28,8 @@ from . import (  # noqa: E402
     nn as nn,
     train as train,
 )
-from .generation import generate as generate  # noqa: E402
+from .generation import generate as generate, generate_beam as generate_beam  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "generate", "generation", "models", "nn", "perf", "train"]
+__all__ = ["data", "generate", "generate_beam", "generation", "models", "nn", "perf", "train"]

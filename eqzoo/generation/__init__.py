@@ -1,8 +1,9 @@
 """Decoding: KV-cache generation for one prompt or a batch, and token sampling.
 
-`eqzoo.generate` is this package's `generate`.
+`eqzoo.generate` is this package's `generate`, `eqzoo.generate_beam` its `generate_beam`.
 """
 
+from ._beam import generate_beam as generate_beam
 from ._builtin_processors import (
     BannedSequences as BannedSequences,
     MinLength as MinLength,
@@ -37,6 +38,7 @@ __all__ = [
     "StreamChunk",
     "generate",
     "generate_batch",
+    "generate_beam",
     "generate_speculative",
     "generate_stream",
     "resolve_unroll",

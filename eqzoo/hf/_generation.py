@@ -17,11 +17,10 @@ from ._errors import HFFormatError
 from ._files import GENERATION_CONFIG_NAME, read_json_object
 
 # Settings that change what transformers' generate produces and that eqzoo's decoding does not
-# have, with the value that leaves them off.
+# have, with the value that leaves them off (`num_beams` with `do_sample`, beam sampling, too).
 _UNSUPPORTED = {
-    "num_beams": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
-    "exponential_decay_length_penalty": None,
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
 }
 _TOP_K = 50  # transformers' top_k when sampling and the file sets none
 _FILE_EOS: Any = object()  # `logits_processors()`'s default: the file's eos ids
@@ -38,7 +37,11 @@ class GenerationConfig:
     `max_new_tokens`); and the settings [`logits_processors`][eqzoo.hf.GenerationConfig.logits_processors]
     applies, each `None` when off: `no_repeat_ngram_size`, `bad_words_ids` (a tuple of id
     tuples), `suppress_tokens`, `begin_suppress_tokens` (tuples of ids), `min_new_tokens` and
-    `min_length` (prompt included), and `sequence_bias` (a tuple of `(ids, bias)` pairs).
+    `min_length` (prompt included), and `sequence_bias` (a tuple of `(ids, bias)` pairs); and
+    beam search's `num_beams` (1: none), `length_penalty`, `early_stopping` (`True`, `False` or
+    `"never"`) and `num_return_sequences`, which
+    [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] passes to
+    [`eqzoo.generation.generate_beam`][].
     """
 
     eos_token: tuple[int, ...] | None = None
@@ -57,6 +60,10 @@ class GenerationConfig:
     min_new_tokens: int | None = None
     min_length: int | None = None
     sequence_bias: tuple[tuple[tuple[int, ...], float], ...] | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
 
     def logits_processors(self, *, eos_token: Any = _FILE_EOS) -> list:
         """The [`eqzoo.generation`][eqzoo.generation.NoRepeatNGram] processors these settings
@@ -116,15 +123,60 @@ class GenerationConfig:
         when there are any, built with the `eos_token` override when there is one (so
         `MinNewTokens` and `MinLength` hold back the ids the decoding stops on); a
         `logits_processors` override replaces them, so add processors of your own after them:
-        `config.kwargs(logits_processors=[*config.logits_processors(), mine])`."""
-        eos = overrides.get("eos_token", _FILE_EOS)
+        `config.kwargs(logits_processors=[*config.logits_processors(), mine])`. A file that asks
+        for beam search (`num_beams` > 1, without sampling) warns: these arguments decode
+        greedily; [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the search's."""
+        if self.num_beams > 1 and self.temperature == 0.0:
+            warnings.warn(
+                f"this generation config asks for beam search (num_beams={self.num_beams}); kwargs() gives "
+                "eqzoo.generate's arguments, which decode greedily. For transformers' beams: "
+                "eqzoo.generation.generate_beam(model, prompt, **config.beam_kwargs()).",
+                stacklevel=user_stacklevel(),
+            )
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "temperature": self.temperature,
             "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens,
-            "logits_processors": None if "logits_processors" in overrides else self.logits_processors(eos_token=eos) or None,
         }
-        return {k: v for k, v in out.items() if v is not None} | overrides
+        return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
+
+    def beam_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of [`eqzoo.generation.generate_beam`][] these settings give,
+        updated with `overrides`, as [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] gives
+        `eqzoo.generate`'s: `num_beams`, `length_penalty`, `early_stopping`,
+        `num_return_sequences`, the eos and pad ids, `max_new_tokens` and the logits
+        processors (those left unset are left out):
+        `generate_beam(model, prompt, **config.beam_kwargs(max_new_tokens=32))`.
+
+        **Raises:** `ConfigError` when the file samples (`do_sample: true` with beams is
+        transformers' beam sampling, which eqzoo lacks) or sets a `repetition_penalty`
+        (`generate_beam` has none); the message says how to search without it."""
+        if self.temperature > 0.0:
+            raise ConfigError(
+                "GenerationConfig.beam_kwargs: this file samples (do_sample: true); eqzoo's beam search is "
+                "deterministic (transformers' do_sample=False). Sample with eqzoo.generate(**config.kwargs()), or "
+                "search without sampling: dataclasses.replace(config, temperature=0.0).beam_kwargs()."
+            )
+        if self.repetition_penalty is not None:
+            raise ConfigError(
+                f"GenerationConfig.beam_kwargs: this file sets repetition_penalty={self.repetition_penalty}, which "
+                "eqzoo.generation.generate_beam does not apply, so its beams would differ from transformers'. To "
+                "search without it: dataclasses.replace(config, repetition_penalty=None).beam_kwargs()."
+            )
+        out = {
+            "eos_token": self.eos_token, "pad_token": self.pad_token, "max_new_tokens": self.max_new_tokens,
+            "num_beams": self.num_beams, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
+            "num_return_sequences": self.num_return_sequences,
+        }
+        return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
+
+    def _processors(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """`{"logits_processors": [...]}` for `kwargs` and `beam_kwargs` (empty when there are
+        none, or when `overrides` replaces them), built with the `eos_token` override."""
+        if "logits_processors" in overrides:
+            return {}
+        processors = self.logits_processors(eos_token=overrides.get("eos_token", _FILE_EOS))
+        return {"logits_processors": processors} if processors else {}
 
 
 def _eos_override(value: Any) -> tuple[int, ...]:
@@ -152,8 +204,10 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     absent `top_k` is 50 (transformers' defaults), `top_k: 0`, `top_p: 1.0` and `min_p: 0`
     filter nothing; `min_p` applies only when sampling. `repetition_penalty` applies in greedy
     decoding too (1.0 is off). `eos_token_id` may be one id or a list. Settings eqzoo's
-    decoding lacks (beams, `typical_p`, ...) are named in a warning when they would change the
-    output. `sequence_bias` (a list of `[ids, bias]` pairs, as transformers saves it),
+    decoding lacks (beam sampling, `typical_p`, ...) are named in a warning when they would change the
+    output. Beam search's settings (`num_beams`, `length_penalty`, `early_stopping`,
+    `num_return_sequences`) are kept for [`eqzoo.generation.generate_beam`][]
+    ([`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs]). `sequence_bias` (a list of `[ids, bias]` pairs, as transformers saves it),
     `no_repeat_ngram_size`, `bad_words_ids`, `suppress_tokens`, `begin_suppress_tokens`,
     `min_new_tokens` and `min_length` are applied by logits processors (see
     [`eqzoo.hf.GenerationConfig.logits_processors`][]), `sequence_bias` before
@@ -178,7 +232,8 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     pad = raw.get("pad_token_id")
     pad = None if pad is None else _token_id(raw, pad, "pad_token_id")
     decoding = _decoding(raw)
-    _warn_unsupported(raw)
+    beams = _beams(raw)
+    _warn_unsupported(raw, sampling=decoding["temperature"] > 0.0)
     sequence_bias = _sequence_bias(raw)
     return GenerationConfig(
         eos_token=eos, pad_token=pad, **decoding,
@@ -186,7 +241,7 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
         no_repeat_ngram_size=_count(raw, "no_repeat_ngram_size", 0) or None, bad_words_ids=_id_lists(raw, "bad_words_ids"),
         suppress_tokens=_id_list(raw, "suppress_tokens"), begin_suppress_tokens=_id_list(raw, "begin_suppress_tokens"),
         min_new_tokens=_count(raw, "min_new_tokens", 0) or None, min_length=_count(raw, "min_length", 0) or None,
-        sequence_bias=sequence_bias,
+        sequence_bias=sequence_bias, **beams,
     )
 
 
@@ -305,15 +360,27 @@ def _decoding(raw: _Raw) -> dict[str, Any]:
     )
 
 
+def _beams(raw: _Raw) -> dict[str, Any]:
+    """`num_beams`, `length_penalty`, `early_stopping` and `num_return_sequences`, checked (the
+    defaults where absent)."""
+    early = raw.get("early_stopping", False)
+    if early is not True and early is not False and early != "never":
+        raise raw.bad("early_stopping", 'true, false or "never"')
+    penalty = _number(raw, "length_penalty", -math.inf, math.inf, low_open=False)
+    return dict(
+        num_beams=_count(raw, "num_beams", 1) or 1, length_penalty=1.0 if penalty is None else penalty,
+        early_stopping=early, num_return_sequences=_count(raw, "num_return_sequences", 1) or 1,
+    )
+
+
 def _off(value: Any, off: Any) -> Any:
     """`None` for the value that turns a setting off."""
     return None if value == off else value
 
 
-def _warn_unsupported(raw: _Raw) -> None:
-    unsupported = {
-        k: raw[k] for k, off in _UNSUPPORTED.items() if raw.get(k) is not None and raw[k] != off and raw[k] != []
-    }
+def _warn_unsupported(raw: _Raw, sampling: bool) -> None:
+    off = _UNSUPPORTED | ({"num_beams": 1} if sampling else {})  # beam sampling
+    unsupported = {k: raw[k] for k, v in off.items() if raw.get(k) is not None and raw[k] != v and raw[k] != []}
     if unsupported:
         warnings.warn(
             f"{raw.where} sets {unsupported}, which eqzoo's decoding does not apply: its tokens can differ "

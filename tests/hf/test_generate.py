@@ -313,3 +313,146 @@ def test_generation_config_eos_override_rebuilds_the_eos_processors(tmp_path, hf
     assert config.kwargs(eos_token=6, logits_processors=[])["logits_processors"] == []
     with pytest.raises(ConfigError, match=r"GenerationConfig: eos_token must be a token id, a list of token ids or None .*; got 'x'"):
         config.kwargs(eos_token="x")
+
+
+# Beam search. At transformers' initial weight scale these tiny models' beams mostly repeat one
+# token; their matrices are scaled by 4 so that hypotheses differ and finish at different steps.
+BEAM_NEW = 12
+BEAM_PAD = 159  # nonzero: transformers pads a finished hypothesis with eos when pad_token_id is 0
+
+
+def _scaled_pair(hf_model, folder, hft):
+    import eqzoo.hf
+
+    with hft.torch.no_grad():
+        for param in hf_model.parameters():
+            if param.ndim == 2:
+                param.mul_(4.0)
+    hf_model.save_pretrained(folder)
+    return hf_model, eqzoo.hf.load_pretrained(folder)
+
+
+def _transformers_beams(hf_model, prompt, hft, **settings):
+    """transformers' beam search of one prompt: `(sequences, sequences_scores)` (`None` without
+    beams: greedy decoding)."""
+    torch = hft.torch
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.as_tensor(np.asarray(prompt)[None], dtype=torch.long), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            do_sample=False, pad_token_id=BEAM_PAD, return_dict_in_generate=True, output_scores=True, **settings,
+        )
+    scores = getattr(out, "sequences_scores", None)
+    return out.sequences.numpy(), None if scores is None else scores.numpy()
+
+
+def _assert_same_beams(tokens, scores, want, want_scores, what):
+    """eqzoo's hypotheses (padded to `seq + max_new_tokens`) against transformers' (cut to the
+    longest returned): the same tokens, `BEAM_PAD` past them, and the scores to 1e-4 (float32
+    sums of up to 12 log-probabilities, as transformers sums them)."""
+    tokens = np.asarray(tokens)
+    np.testing.assert_array_equal(tokens[:, : want.shape[1]], want, err_msg=what)
+    np.testing.assert_array_equal(tokens[:, want.shape[1]:], BEAM_PAD, err_msg=what)
+    np.testing.assert_allclose(np.asarray(scores), want_scores, rtol=0, atol=1e-4, err_msg=what)
+
+
+def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
+    # transformers' generate(num_beams=4, do_sample=False) on a tiny GPT-2: the same hypotheses,
+    # token for token, and their scores, for each early_stopping mode, length penalties that
+    # favour short (< 0) and long (2.0) hypotheses and several returned sequences, with an eos
+    # that greedy decoding emits. For this prompt early_stopping "never" and False differ (the
+    # bound on what a running beam may reach). Other settings reuse the compiled search.
+    from eqzoo.generation import generate_beam
+
+    hf_model, model = _scaled_pair(hft.make_gpt2(0), tmp_path, hft)
+    prompt = np.array([70, 75, 151, 31, 79], np.int32)
+    greedy, _ = _transformers_beams(hf_model, prompt, hft, max_new_tokens=BEAM_NEW, eos_token_id=None)
+    eos = int(greedy[0, len(prompt) + 4])  # greedy's 5th new token
+    settings = [
+        dict(num_return_sequences=4),  # early_stopping=False, length_penalty=1.0
+        dict(early_stopping="never", num_return_sequences=4),
+        dict(early_stopping=True, length_penalty=2.0, num_return_sequences=3),
+        dict(length_penalty=-1.0, num_return_sequences=2),
+    ]
+    stopped_early, outputs = 0, []
+    for k, setting in enumerate(settings):
+        want, want_scores = _transformers_beams(hf_model, prompt, hft, num_beams=4, max_new_tokens=BEAM_NEW, eos_token_id=eos, **setting)
+        with compile_log("_beam_jit") as log:
+            tokens, scores = generate_beam(
+                model, jnp.asarray(prompt), max_new_tokens=BEAM_NEW, num_beams=4, eos_token=eos, pad_token=BEAM_PAD,
+                return_scores=True, **setting,
+            )
+        _assert_same_beams(tokens, scores, want, want_scores, str(setting))
+        assert tokens.shape == (setting.get("num_return_sequences", 1), len(prompt) + BEAM_NEW)
+        stopped_early += int(np.sum(np.asarray(tokens)[:, -1] == BEAM_PAD))
+        outputs.append(np.asarray(tokens))
+        assert len(log.compiled) == (1 if k == 0 else 0), log.compiled
+    assert stopped_early >= 3  # hypotheses that ended at eos before max_new_tokens
+    assert not np.array_equal(outputs[0], outputs[1])  # early_stopping False and "never" differ here
+
+
+def test_beam_search_batch_with_processor_matches_transformers_llama(tmp_path, hft):
+    # A Llama (rotary positions, grouped-query KV cache): a right-padded batch of prompts of
+    # different lengths, with no_repeat_ngram_size as a logits processor (applied, as
+    # transformers applies it in beam search, to log-probabilities): each row's hypotheses are
+    # transformers' for that prompt alone.
+    from eqzoo.generation import NoRepeatNGram, generate_beam
+
+    hf_model, model = _scaled_pair(hft.make_llama(0), tmp_path, hft)
+    rows = [np.array([5, 17, 42, 7, 99, 3], np.int32), np.array([11, 60, 2, 150], np.int32)]
+    prompts = np.zeros((2, 6), np.int32)
+    for i, row in enumerate(rows):
+        prompts[i, : len(row)] = row
+    greedy, _ = _transformers_beams(hf_model, rows[0], hft, max_new_tokens=BEAM_NEW, eos_token_id=None)
+    eos = int(greedy[0, len(rows[0]) + 3])
+    setting = dict(num_beams=3, num_return_sequences=3, length_penalty=1.5)
+    tokens, scores = generate_beam(
+        model, prompts, np.array([6, 4]), max_new_tokens=BEAM_NEW, eos_token=eos, pad_token=BEAM_PAD,
+        logits_processors=[NoRepeatNGram(2)], return_scores=True, **setting,
+    )
+    assert tokens.shape == (2, 3, 6 + BEAM_NEW) and scores.shape == (2, 3)
+    for i, row in enumerate(rows):
+        want, want_scores = _transformers_beams(
+            hf_model, row, hft, max_new_tokens=BEAM_NEW, eos_token_id=eos, no_repeat_ngram_size=2, **setting
+        )
+        _assert_same_beams(np.asarray(tokens[i])[:, : len(row) + BEAM_NEW], scores[i], want, want_scores, f"row {i}")
+        np.testing.assert_array_equal(np.asarray(tokens[i])[:, len(row) + BEAM_NEW:], BEAM_PAD)
+
+
+def test_generation_config_carries_beam_settings(tmp_path, hf_checkpoints, loaded, hft):
+    # num_beams, length_penalty, early_stopping and num_return_sequences from a
+    # generation_config.json (no warning now): beam_kwargs() gives generate_beam transformers'
+    # search with that file; kwargs() (eqzoo.generate's, greedy) warns that it is not it.
+    import dataclasses
+
+    import eqzoo.hf
+    from eqzoo.generation import generate_beam
+
+    hf_model, _ = hf_checkpoints("gpt2")
+    prompt = np.array([11, 60, 2, 150, 33], np.int32)
+    greedy, _ = _transformers_beams(hf_model, prompt, hft, max_new_tokens=BEAM_NEW, eos_token_id=None)
+    eos = int(greedy[0, len(prompt) + 2])
+    hft.transformers.GenerationConfig(
+        num_beams=4, length_penalty=0.5, early_stopping=True, num_return_sequences=2, eos_token_id=eos,
+        pad_token_id=BEAM_PAD, max_new_tokens=BEAM_NEW,
+    ).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = eqzoo.hf.load_generation_config(tmp_path)
+    kwargs = config.beam_kwargs()
+    assert kwargs == dict(
+        eos_token=(eos,), pad_token=BEAM_PAD, max_new_tokens=BEAM_NEW, num_beams=4, length_penalty=0.5,
+        early_stopping=True, num_return_sequences=2,
+    )
+    with hft.torch.no_grad():
+        want = hf_model.generate(
+            hft.torch.as_tensor(prompt[None], dtype=hft.torch.long), return_dict_in_generate=True, output_scores=True,
+            generation_config=hft.transformers.GenerationConfig.from_pretrained(tmp_path),
+        )
+    tokens, scores = generate_beam(loaded("gpt2"), jnp.asarray(prompt), return_scores=True, **kwargs)
+    _assert_same_beams(tokens, scores, want.sequences.numpy(), want.sequences_scores.numpy(), "from the file")
+    with pytest.warns(UserWarning, match=r"asks for beam search \(num_beams=4\); kwargs\(\) gives eqzoo.generate's"):
+        config.kwargs()
+    with pytest.raises(ConfigError, match=r"repetition_penalty=1.2, which eqzoo.generation.generate_beam does not apply"):
+        dataclasses.replace(config, repetition_penalty=1.2).beam_kwargs()
+    with pytest.raises(ConfigError, match=r"this file samples \(do_sample: true\); eqzoo's beam search is deterministic"):
+        dataclasses.replace(config, temperature=0.7).beam_kwargs()

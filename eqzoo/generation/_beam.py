@@ -1,0 +1,311 @@
+"""Beam search with a KV cache, compiled as one program, scored as transformers' `_beam_search`.
+
+Each prompt keeps `num_beams` running hypotheses and `num_beams` finished ones. A step, for
+every prompt at once:
+
+1. each running beam's next-token log-probabilities (the log-softmax of its logits, float32,
+   then `logit_bias` and the processors, as transformers applies its processors to
+   log-probabilities in beam search), plus the beam's running score (its summed
+   log-probabilities);
+2. the best `K = max(2, 1 + number of eos ids) * num_beams` continuations over every beam and
+   token (enough that `num_beams` of them do not stop);
+3. the best `num_beams` continuations that do not stop (an eos id, or the last step) run on;
+   the KV cache rows are gathered by the beam each came from;
+4. a continuation among the first `num_beams` that stops is a finished hypothesis, scored by
+   its summed log-probability over `generated ** length_penalty` (`generated`: its new tokens,
+   eos included; the prompt is not counted) and kept if it is among the best `num_beams`
+   finished so far;
+5. transformers' early-stopping rule decides whether the search may end (see `generate_beam`).
+
+Transformers' `-1e9` offsets are kept as they are (rather than `-inf`), so that the order of
+hypotheses, ties included, is transformers' own."""
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int, Integer
+
+from .._errors import ConfigError, ShapeError, shape_str
+from ..models._lm import AbstractLM
+from ..nn._attention import check_cache_dtype
+from ._generate import check_count, check_model, decoding_model, resolve_unroll
+from ._processors import LogitsProcessor, apply_processors, check_processors, logit_bias_vector
+from ._prompts import as_prompts, prompt_batch
+from ._sampling import check_stop_tokens, is_eos, traced_stop_tokens
+
+_NEG = -1.0e9  # transformers' offset for a hypothesis that may not be chosen
+
+# Sampling settings `generate` takes, with the value that leaves each off: refused here unless off.
+_SAMPLING_OFF: dict[str, Any] = {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": None, "key": None}
+
+
+@eqx.filter_jit
+def _beam_jit(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, *, unroll_layers, **static):
+    model = decoding_model(model, unroll_layers)
+    return _beam_search(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, **static)
+
+
+def _beam_search(
+    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, *, num_beams, max_new_tokens, cache_dtype,
+    processors,
+):
+    """The search (see the module docstring) for right-padded `prompts` of `lengths`:
+    `(tokens (batch, num_beams, total), scores (batch, num_beams))`, best first. `scale[t]` and
+    `bound[t]`: the length-penalty divisors of a hypothesis finished at step `t` and of the
+    early-stopping bound after step `t`; `full_stops`: `early_stopping is True`."""
+    batch, prompt_len = prompts.shape
+    total = prompt_len + max_new_tokens
+    vocab, n = model.config.vocab_size, num_beams
+    k = max(2, 1 + (0 if eos is None else eos.shape[0])) * n
+    rows = batch * n
+    pos = jnp.arange(total)
+    row_lengths = jnp.repeat(lengths, n)  # (rows,): beam j of prompt b is row b * n + j
+
+    def prefill(prompt, length):  # the padding read as token 0, as in generate_batch
+        prompt = jnp.where(jnp.arange(prompt_len) < length, prompt, 0)
+        return model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
+
+    # One prefill per prompt; every beam starts from its prompt's logits and cache.
+    last, cache = jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), jax.vmap(prefill)(prompts, lengths))
+    buf = jnp.concatenate([prompts, jnp.zeros((batch, max_new_tokens), jnp.int32)], axis=1)
+    buf = jnp.broadcast_to(jnp.where(pos < lengths[:, None], buf, pad)[:, None], (batch, n, total))
+    state = {
+        "running": buf,  # (batch, n, total)
+        "running_scores": jnp.tile(jnp.where(jnp.arange(n) == 0, 0.0, _NEG).astype(jnp.float32), (batch, 1)),
+        "finished": buf,  # (batch, n, total)
+        "scores": jnp.full((batch, n), _NEG, jnp.float32),
+        "done": jnp.zeros((batch, n), bool),  # which finished slots hold a hypothesis
+        "open": jnp.ones((batch,), bool),  # whether a prompt's finished beams may still improve
+        "go": jnp.ones((), bool),
+        "last": last,  # (rows, vocab)
+        "cache": cache,
+    }
+
+    def take(a, index):  # a[b, index[b, i]] for each prompt b: (batch, m, ...) from (batch, *, ...)
+        return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
+    def select(t, state):
+        """Step `t` (the `t`-th new token): steps 1-5 of the module docstring, and the chosen
+        beams' `(rows,)` new tokens and parent rows."""
+        logp = jax.nn.log_softmax(state["last"].astype(jnp.float32), axis=-1)  # (rows, vocab)
+        if logit_bias is not None or processors:
+            apply = lambda lp, tokens, at: apply_processors(lp, tokens, at, t, logit_bias=logit_bias, processors=processors)  # noqa: E731
+            logp = jax.vmap(apply)(logp, state["running"].reshape(rows, total), row_lengths + t)
+        acc = (logp.reshape(batch, n, vocab) + state["running_scores"][:, :, None]).reshape(batch, n * vocab)
+        top, index = jax.lax.top_k(acc, k)  # (batch, k), best first
+        parent, tok = index // vocab, (index % vocab).astype(jnp.int32)
+        cand = jnp.where(pos == (lengths[:, None] + t)[:, :, None], tok[:, :, None], take(state["running"], parent))
+        hits = jnp.broadcast_to(t == max_new_tokens - 1, (batch, k))  # the last step stops every beam
+        if eos is not None:
+            hits = hits | is_eos(tok, eos)
+        # The best `n` continuations that did not stop run on.
+        live = top + hits.astype(jnp.float32) * _NEG
+        keep = jax.lax.top_k(live, n)[1]  # (batch, n)
+        running_scores = take(live, keep)
+        # The first `n` that stopped are finished hypotheses, scored with the length penalty;
+        # none is added to a prompt whose finished beams are full (early_stopping=True) or may
+        # no longer improve.
+        just = hits & (jnp.arange(k) < n)
+        new = top / scale[t]
+        new = new + (jnp.all(state["done"], axis=1, keepdims=True) & full_stops).astype(jnp.float32) * _NEG
+        new = new + (~state["open"][:, None]).astype(jnp.float32) * _NEG
+        new = new + (~just).astype(jnp.float32) * _NEG
+        best = jax.lax.top_k(jnp.concatenate([state["scores"], new], axis=1), n)[1]
+        finished = take(jnp.concatenate([state["finished"], cand], axis=1), best)
+        scores = take(jnp.concatenate([state["scores"], new], axis=1), best)
+        done = take(jnp.concatenate([state["done"], just], axis=1), best)
+        # transformers' heuristic: the best running beam, at the best length it may reach,
+        # against the worst finished one (any slot still empty counts as -1e9)
+        worst = jnp.where(done, jnp.min(scores, axis=1, keepdims=True), _NEG)
+        open_ = state["open"] & jnp.any((running_scores[:, :1] / bound[t]) > worst, axis=1)
+        go = jnp.any(open_) & ~(jnp.all(done) & full_stops) & ~jnp.all(hits)
+        state = {
+            **state, "running": take(cand, keep), "running_scores": running_scores, "finished": finished,
+            "scores": scores, "done": done, "open": open_, "go": go,
+        }
+        parents = (take(parent, keep) + n * jnp.arange(batch)[:, None]).reshape(rows)
+        return state, take(tok, keep).reshape(rows), parents
+
+    def body(carry):
+        t, state = carry
+        state, tok, parents = select(t, state)
+        cache = jax.tree.map(lambda a: a[parents], state["cache"])  # each beam's cache, from its parent
+        decode = lambda tk, c, at: model.decode(tk[None], c, at, batch_size=rows)  # noqa: E731
+        logits, cache = jax.vmap(decode)(tok, cache, row_lengths + t)
+        return t + 1, {**state, "last": logits[:, 0], "cache": cache}
+
+    def cond(carry):
+        t, state = carry
+        return (t < max_new_tokens - 1) & state["go"]
+
+    # The last step needs no decode after it; after an early stop it changes nothing (every
+    # prompt's finished beams are then closed to new hypotheses).
+    t, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+    state = select(t, state)[0]
+    return state["finished"], state["scores"]
+
+
+@functools.partial(jax.jit, static_argnames=("count", "single"))
+def _best(tokens, scores, *, count: int, single: bool):
+    """The `count` best hypotheses of each prompt (of the one prompt, `single`): sliced in a
+    small program of its own, so that another `num_return_sequences` compiles only this."""
+    tokens, scores = tokens[:, :count], scores[:, :count]
+    return (tokens[0], scores[0]) if single else (tokens, scores)
+
+
+def _penalty_tables(length_penalty: float, early_stopping, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """`(scale, bound)`, float32 `(max_new_tokens,)`: a hypothesis finished with `t + 1` new
+    tokens is scored `sum / scale[t]`; after step `t` the best running beam's bound divides by
+    `bound[t]` (with `early_stopping="never"` and a positive penalty, by the longest length it
+    may reach). Computed in float64 as Python computes transformers' `length ** penalty`, then
+    rounded to float32: arguments of the compiled search, so other values compile nothing."""
+    lengths = np.arange(1, max_new_tokens + 1, dtype=np.float64)
+    scale = lengths**length_penalty
+    bound = np.full_like(scale, float(max_new_tokens) ** length_penalty) if early_stopping == "never" and length_penalty > 0 else scale
+    return scale.astype(np.float32), bound.astype(np.float32)
+
+
+@no_type_check  # validated here, with messages that say how to fix the call
+def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, sampling) -> float:
+    """Raise `ConfigError` for beam settings outside their ranges and for sampling settings;
+    return `length_penalty` as a float."""
+    check_count(num_beams, "num_beams", "generate_beam")
+    check_count(num_return_sequences, "num_return_sequences", "generate_beam")
+    if num_return_sequences > num_beams:
+        raise ConfigError(
+            f"generate_beam: num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}; the search "
+            f"keeps num_beams finished hypotheses. Raise num_beams to at least {num_return_sequences}."
+        )
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, int | float | np.number) or not np.isfinite(length_penalty):
+        raise ConfigError(
+            f"generate_beam: length_penalty must be a finite number (1.0: average log-probability per token; 0: "
+            f"none; > 1 favours longer hypotheses), got {length_penalty!r}."
+        )
+    if early_stopping is not True and early_stopping is not False and early_stopping != "never":
+        raise ConfigError(f"generate_beam: early_stopping must be True, False or 'never' (transformers'), got {early_stopping!r}.")
+    unknown = sorted(set(sampling) - set(_SAMPLING_OFF))
+    if unknown:
+        raise ConfigError(f"generate_beam got unexpected keyword arguments {unknown}; see its docstring for the ones it takes.")
+    on = {name: value for name, value in sampling.items() if value is not None and value != _SAMPLING_OFF[name]}
+    if on:
+        raise ConfigError(
+            f"generate_beam got {on}: eqzoo's beam search is deterministic (transformers' num_beams > 1 with "
+            "do_sample=False); it takes no key, temperature, top_k, top_p or min_p. For sampling use eqzoo.generate."
+        )
+    return float(length_penalty)
+
+
+@no_type_check  # validated here, with messages that say how to fix the call
+def generate_beam(
+    model: AbstractLM,
+    prompts: Integer[Array, " seq"] | Integer[Array, "batch seq"],
+    lengths: Integer[Array, " batch"] | None = None,
+    *,
+    max_new_tokens: int,
+    num_beams: int = 4,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token: int | Sequence[int] | None = None,
+    pad_token: int = 0,
+    attention_mask: Integer[Array, "batch seq"] | None = None,
+    unroll_layers: bool | str = "auto",
+    cache_dtype=None,
+    return_scores: bool = False,
+    logits_processors: Sequence[LogitsProcessor] | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    **sampling: Any,
+) -> (
+    Int[Array, "*batch beams total"] | tuple[Int[Array, "*batch beams total"], Float[Array, "*batch beams"]]
+):
+    """Beam search (transformers' `generate(num_beams=..., do_sample=False)`): the
+    `num_return_sequences` most likely continuations of each prompt among `num_beams`
+    hypotheses, decoding with the KV cache, in one compiled program.
+
+    The prompt is prefilled once and its cache copied to the beams; the cache then holds
+    `batch * num_beams` rows, gathered by the beam each continuation came from on every step
+    (inside the loop: no host round trip). Tokens and scores follow transformers'
+    `_beam_search`: a hypothesis's score is its summed log-probability (float32) divided by
+    `new_tokens ** length_penalty`, the prompt not counted.
+
+    **Arguments:**
+
+    - `model`: an eqzoo language model ([`eqzoo.models.AbstractLM`][]).
+    - `prompts`: one prompt `(seq,)`, or a batch `(batch, seq)` right-padded with `lengths`
+      (or `attention_mask`), as [`eqzoo.generation.generate_batch`][] takes them; each prompt
+      is searched as transformers searches it alone.
+    - `max_new_tokens`: the most tokens a hypothesis may add (>= 1).
+    - `num_beams`: hypotheses kept per prompt (>= 1).
+    - `num_return_sequences`: how many of the best finished hypotheses to return, best first
+      (at most `num_beams`).
+    - `length_penalty`: the exponent of the new-token count a hypothesis's summed
+      log-probability is divided by: 1.0 (default) is the mean per token, 0 the plain sum
+      (favours short ones), > 1 favours longer ones.
+    - `early_stopping`: when a prompt's search ends (transformers' rule): `True`, once it has
+      `num_beams` finished hypotheses; `False` (default), once no running beam could beat the
+      worst of them were it to finish now; `"never"`, once none could at the best length it
+      may still reach (the exact rule for `length_penalty >= 0`). Every prompt ends at
+      `max_new_tokens` in any case.
+    - `eos_token`: a stop id, or several: a beam that picks one is finished (the eos is kept,
+      then `pad_token`). Without one every hypothesis runs `max_new_tokens` tokens.
+    - `pad_token`: fills each hypothesis after its last token.
+    - `unroll_layers`, `cache_dtype`: as in [`eqzoo.generation.generate_batch`][].
+    - `return_scores`: also return each hypothesis's score.
+    - `logits_processors`, `logit_bias`: as in [`eqzoo.generation.generate_batch`][], but,
+      as transformers applies its processors in beam search, to each beam's next-token
+      log-probabilities (a `-inf` bans a token; a bias shifts its score, unnormalised). A
+      processor sees one beam's tokens.
+
+    Sampling settings (`key`, `temperature`, `top_k`, `top_p`, `min_p`) are refused: the
+    search is deterministic. The program is compiled once per prompt shape,
+    `max_new_tokens`, `num_beams`, number of eos ids and processors; `length_penalty`,
+    `early_stopping`, the eos and pad ids and `logit_bias` values are its arguments (other
+    values compile nothing); another `num_return_sequences` compiles only a small slicing
+    program.
+
+    **Returns:** the hypotheses, `(num_return_sequences, seq + max_new_tokens)` for one prompt
+    or `(batch, num_return_sequences, seq + max_new_tokens)` for a batch: each is its
+    prompt, its new tokens, then `pad_token`. With `return_scores`, `(tokens, scores)`, the
+    scores float32 `(num_return_sequences,)` or `(batch, num_return_sequences)`, best first.
+    """
+    check_model(model, "generate_beam")
+    length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, sampling)
+    check_count(max_new_tokens, "max_new_tokens", "generate_beam")
+    prompts = as_prompts(prompts, "generate_beam")
+    single = prompts.ndim == 1
+    if single:
+        if lengths is not None or attention_mask is not None:
+            raise ConfigError("generate_beam: lengths and attention_mask are for a batch of prompts (batch, seq); one prompt takes neither.")
+        prompts = prompts[None]
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise ShapeError(f"generate_beam takes one prompt (seq,) or a batch (batch, seq) of at least one token; got {shape_str(prompts.shape)}.")
+    if not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
+    total = prompts.shape[1] + max_new_tokens
+    if total > model.max_seq:
+        raise ShapeError(
+            f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds the model's "
+            f"max_seq={model.max_seq}; shorten the prompt or ask for fewer tokens."
+        )
+    vocab = model.config.vocab_size
+    eos, pad = check_stop_tokens(eos_token, pad_token, vocab, "generate_beam")
+    if max(2, 1 + len(eos or ())) > vocab:
+        raise ConfigError(f"generate_beam: a vocabulary of {vocab} ids is too small for beam search with {len(eos or ())} eos ids.")
+    if not isinstance(return_scores, bool):
+        raise ConfigError(f"generate_beam: return_scores must be True or False, got {return_scores!r}.")
+    prompts, lengths = prompt_batch(prompts, lengths, attention_mask, vocab, "generate_beam", pad)
+    scale, bound = _penalty_tables(length_penalty, early_stopping, int(max_new_tokens))
+    tokens, scores = _beam_jit(
+        model, prompts, lengths, *traced_stop_tokens(eos, pad), scale, bound, np.asarray(early_stopping is True),
+        logit_bias_vector(logit_bias, vocab, "generate_beam"), unroll_layers=resolve_unroll(unroll_layers),
+        num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+        cache_dtype=None if cache_dtype is None else check_cache_dtype(cache_dtype, None),
+        processors=check_processors(logits_processors, "generate_beam", vocab),
+    )
+    tokens, scores = _best(tokens, scores, count=int(num_return_sequences), single=single)
+    return (tokens, scores) if return_scores else tokens
