@@ -9,11 +9,12 @@ the same choices for fake CPU devices as for GPUs, so this sizes a multi-GPU ste
 a laptop. `param_mib` is the fp32 parameter size, the gradient a data-parallel step must
 all-reduce at least once; `state_mib_per_device` the train state (parameters and optimizer
 moments) one device holds in the mesh's layout; `temp_mib_per_device` XLA's temporaries
-(activations, workspace) on one device (`memory_analysis()`). `--context-attention gather,ring`
-compares the two attention strategies of context parallelism (docs/scaling.md):
+(activations, workspace) on one device (`memory_analysis()`). `--context-attention
+gather,ring,ring_balanced` compares the attention strategies of context parallelism
+(docs/scaling.md):
 
     python benchmarks/collective_bytes.py --preset tiny-llama --set num_heads=8 --set num_kv_heads=4 \
-        --batch 2 --seq 2048 --mesh data=2,context=4 --loss fused --context-attention gather,ring
+        --batch 2 --seq 2048 --mesh data=2,context=4 --loss fused --context-attention gather,ring,ring_balanced
 
     python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
         --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --mesh data=2,context=4 --loss fused,full --json
@@ -40,7 +41,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=None, help="lm_loss chunk_size (default: automatic)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--context-attention", default="gather",
-                   help="comma-separated attention strategies under context > 1 (gather, ring)")
+                   help="comma-separated attention strategies under context > 1 (gather, ring, ring_balanced)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set moe_implementation=capacity (repeatable)")
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
                 row = measure(args, mesh_spec, loss, strategy)
                 rows.append(row)
                 if not args.json:
-                    print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:6s} {row['collective_ops']:5d} collectives, "
+                    print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:13s} {row['collective_ops']:5d} collectives, "
                           f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
                           f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB, "
                           f"temporaries {row['temp_mib_per_device']} MiB a device)", file=sys.stderr)

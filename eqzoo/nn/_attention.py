@@ -23,6 +23,7 @@ from ..sharding._activation import (
     check_context_split,
     constrain,
 )
+from ..sharding._errors import ShardingError
 from ..sharding._mesh import context_size
 from ._linear import AbstractLinear, apply_linear, init_linear, linear_dtype
 from ._norm import RMSNorm
@@ -369,7 +370,7 @@ class Attention(eqx.Module):
     einsum-softmax-einsum program (`backend`). Under context parallelism (a mesh with
     `context > 1` in [`eqzoo.sharding.activation_sharding`][]) it runs XLA's attention with the
     keys and values gathered over `context`, or ring attention with `context_attention="ring"`
-    ([`eqzoo.sharding.CONTEXT_ATTENTION`][]).
+    (or `"ring_balanced"`, its load-balanced order; [`eqzoo.sharding.CONTEXT_ATTENTION`][]).
     """
 
     q_proj: eqx.nn.Linear | AbstractLinear
@@ -574,15 +575,19 @@ class Attention(eqx.Module):
         windowed = self._windowed(layer)
         q, k, v = self._qkv(x, positions, windowed)
         mesh = active_mesh()
-        if context_size(mesh) > 1 and active_context_attention() == "ring":
+        strategy = active_context_attention()
+        if context_size(mesh) > 1 and strategy != "gather":
             # Ring attention: every device keeps its own query and key/value blocks and the
             # key/value blocks travel round the context ring (eqzoo/nn/_ring.py).
-            self._check_context_backend(mesh, "ring")
+            self._check_context_backend(mesh, strategy)
             check_context_split(seq, "Attention")  # each device takes an equal block
+            balanced = strategy == "ring_balanced" and self.causal
+            if balanced:
+                self._check_balanced_split(seq, context_size(mesh))
             o = ring_attention(
                 q, k, v, mesh=mesh, causal=self.causal,
                 window=self.sliding_window if windowed is not False else None, windowed=windowed,
-                segment_ids=segment_ids, scale=self.scale, cap=self.logit_softcap,
+                segment_ids=segment_ids, scale=self.scale, cap=self.logit_softcap, balanced=balanced,
             )
             return self._out(o)
         # Context parallelism (a mesh with context > 1): the queries stay split along the
@@ -646,10 +651,10 @@ class Attention(eqx.Module):
         if self.backend != "cudnn":
             return
         ctx = context_size(mesh)
-        if strategy == "ring":
+        if strategy != "gather":
             raise ConfigError(
                 f"attention backend 'cudnn' cannot run ring attention (mesh context={ctx}, "
-                "context_attention='ring'): each ring step needs the block's running softmax "
+                f"context_attention={strategy!r}): each ring step needs the block's running softmax "
                 "max and sum, which jax's cuDNN attention does not return. Use backend='auto' "
                 "or 'xla' (XLA's attention on each key/value block), or context_attention='gather'."
             )
@@ -660,6 +665,17 @@ class Attention(eqx.Module):
             "backend='auto' or 'xla' (XLA's attention with the keys and values gathered "
             "over context, or context_attention='ring'), or a mesh with context=1."
         )
+
+    def _check_balanced_split(self, seq, ctx):
+        """Refuse a sequence that `2 * context` chunks cannot split (the load-balanced order)."""
+        if seq % (2 * ctx):
+            down, up = seq - seq % (2 * ctx), seq + 2 * ctx - seq % (2 * ctx)
+            raise ShardingError(
+                f"Attention: context_attention='ring_balanced' cuts a sequence into 2 * context = "
+                f"{2 * ctx} chunks (mesh context={ctx}), and {seq} positions are not divisible by "
+                f"{2 * ctx}. Use sequences of {down or up} or {up} positions (pad the rows; packed "
+                "rows can be padded with segment id 0), or context_attention='ring'."
+            )
 
     def init_cache(self, max_seq: int, *, dtype=None, layers: int | None = None, lookahead: int = 0) -> KVCache:
         """An empty [`eqzoo.nn.KVCache`][] for `max_seq` positions.

@@ -53,10 +53,10 @@ example; `"vocab_table"` is the token embedding table as the lookup reads it, an
 `"position_table"` GPT-2's position embedding table as its lookup reads it. On a mesh with
 `context=1` (the default) the `context` entries split nothing."""
 
-ContextAttention = Literal["gather", "ring"]
-"""The type of a `context_attention` argument: `"gather"` or `"ring"`
+ContextAttention = Literal["gather", "ring", "ring_balanced"]
+"""The type of a `context_attention` argument: `"gather"`, `"ring"` or `"ring_balanced"`
 ([`eqzoo.sharding.CONTEXT_ATTENTION`][])."""
-CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring")
+CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring", "ring_balanced")
 """The attention strategies under context parallelism (a mesh with `context > 1`), chosen with
 `context_attention=` on [`eqzoo.sharding.activation_sharding`][],
 [`eqzoo.train.make_train_step`][] and [`eqzoo.train.make_eval_step`][]:
@@ -67,7 +67,13 @@ CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring")
   each device keeps its own key/value block and passes it round the `context` ring
   (`context` steps of `jax.lax.ppermute`), combining the blocks with a float32 online
   softmax. No device holds the whole keys/values or a `(heads, seq / context, seq)` score
-  block: per-device attention memory falls with `context` (docs/scaling.md)."""
+  block: per-device attention memory falls with `context` (docs/scaling.md).
+- `"ring_balanced"`: ring attention in the load-balanced ("zigzag") order for causal
+  attention: the sequence is cut into `2 * context` chunks and device `i` works on chunks `i`
+  and `2 * context - 1 - i` (moved there and back by `jax.lax.ppermute` inside each attention
+  layer), so that every device has the same unmasked work at every ring step and the step's
+  critical path is about halved. Needs sequence lengths divisible by `2 * context`; attention
+  built with `causal=False` runs as `"ring"`."""
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
@@ -79,7 +85,8 @@ def check_context_attention(value, who: str) -> str:
     if not isinstance(value, str) or value not in CONTEXT_ATTENTION:
         raise ShardingError(
             f"{who}: context_attention must be one of {CONTEXT_ATTENTION} ('gather': all-gather the "
-            f"keys/values over context; 'ring': ring attention); got {value!r}."
+            "keys/values over context; 'ring': ring attention; 'ring_balanced': ring attention in "
+            f"the load-balanced order for causal attention); got {value!r}."
         )
     return value
 
@@ -100,8 +107,9 @@ def activation_sharding(
     - `rules`: logical activation name -> `PartitionSpec` of one unbatched example; defaults to
       `eqzoo.sharding.ACTIVATION_RULES`. Names missing from the rules are left unconstrained.
     - `context_attention`: how attention runs when `mesh` has `context > 1`: `"gather"`
-      (all-gather the keys and values) or `"ring"` (ring attention); see
-      `eqzoo.sharding.CONTEXT_ATTENTION`. Ignored on a mesh with `context=1`.
+      (all-gather the keys and values), `"ring"` (ring attention) or `"ring_balanced"` (ring
+      attention in the load-balanced order); see `eqzoo.sharding.CONTEXT_ATTENTION`. Ignored on
+      a mesh with `context=1`.
     """
     check_context_attention(context_attention, "activation_sharding")
     if mesh is not None and rules is None:

@@ -22,8 +22,8 @@ AXES: tuple[str, ...] = ("data", "fsdp", "context", "expert", "tensor")
   Outside the expert layers it splits the batch, as `data` does.
 - `context`: context (sequence) parallelism for long sequences: each sequence is split along
   its length, the residual stream stays split inside every block, and attention gathers the
-  keys and values over `context`, or with `context_attention="ring"` passes their blocks round
-  the `context` ring (docs/scaling.md, "Context parallelism").
+  keys and values over `context`, or with `context_attention="ring"` (or `"ring_balanced"`)
+  passes their blocks round the `context` ring (docs/scaling.md, "Context parallelism").
 - `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
 
 `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because

@@ -573,9 +573,11 @@ def make_train_step(
       split over the batch axes only. `None` reads every leaf of two or more dimensions as a
       sequence. As for [`eqzoo.sharding.shard_batch`][].
     - `context_attention`: under a `mesh` with `context > 1`, how attention runs: `"gather"`
-      (all-gather each layer's keys and values over `context`) or `"ring"` (ring attention:
+      (all-gather each layer's keys and values over `context`), `"ring"` (ring attention:
       key/value blocks passed round the `context` ring; per-device attention memory falls
-      with `context`). See [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md.
+      with `context`) or `"ring_balanced"` (ring attention in the load-balanced order, which
+      evens out causal attention's work across the ring). See
+      [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md.
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -691,7 +693,7 @@ def make_eval_step(
       a host (numpy) batch is split over the mesh as `make_train_step(mesh=...)` splits it.
       Metrics are replicated.
     - `sequence_keys`: which batch entries are sequences, as for `make_train_step`.
-    - `context_attention`: `"gather"` or `"ring"`, as for `make_train_step`.
+    - `context_attention`: `"gather"`, `"ring"` or `"ring_balanced"`, as for `make_train_step`.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.

@@ -74,6 +74,11 @@ def _loss(model, batch):
 
 
 _CACHE: dict = {}
+_COMPILED: dict = {}
+
+
+def _key(name, mesh_spec, remat="none", precision="float32", summed=False, context_attention="gather", packed=False):
+    return (name, mesh_spec, remat, precision, summed, context_attention, packed)
 
 
 def loss_and_grads(
@@ -85,7 +90,7 @@ def loss_and_grads(
     `summed`: traced as eqzoo's train step traces its gradient (dropless experts sum their
     weight gradients over the batch in one pass). `context_attention`: as for
     `activation_sharding`; `packed`: the batch of `packed_batch` (documents packed in rows)."""
-    key = (name, mesh_spec, remat, precision, summed, context_attention, packed)
+    key = _key(name, mesh_spec, remat, precision, summed, context_attention, packed)
     if key not in _CACHE:
         model = make_model(name, remat=remat)
         batch = packed_batch() if packed else make_batch()
@@ -102,9 +107,18 @@ def loss_and_grads(
             with sh.activation_sharding(mesh, context_attention=context_attention), (summed_weight_gradients() if summed else contextlib.nullcontext()):
                 return eqx.filter_value_and_grad(_loss)(model, batch)
 
-        loss, grads = f(model, batch)
+        compiled = f.lower(model, batch).compile()
+        loss, grads = compiled(model, batch)
         _CACHE[key] = (loss, grads, model)
+        _COMPILED[key] = compiled
     return _CACHE[key]
+
+
+def compiled_loss_and_grads(name: str, mesh_spec: str | None, **kwargs):
+    """The compiled program behind `loss_and_grads(name, mesh_spec, **kwargs)` (to read its HLO,
+    e.g. with `eqzoo.perf.collectives`), compiled once with it."""
+    loss_and_grads(name, mesh_spec, **kwargs)
+    return _COMPILED[_key(name, mesh_spec, **kwargs)]
 
 
 def max_abs_diff(a, b) -> float:
@@ -129,6 +143,7 @@ def lab():
         make_batch=make_batch,
         packed_batch=packed_batch,
         loss_and_grads=loss_and_grads,
+        compiled_loss_and_grads=compiled_loss_and_grads,
         max_abs_diff=max_abs_diff,
         BATCH=BATCH,
         SEQ=SEQ,

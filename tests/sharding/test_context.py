@@ -114,7 +114,7 @@ def test_context_parallelism_cuts_activation_memory(lab):
 
 def test_ring_attention_refusals(lab, unchecked):
     mesh = sh.make_mesh("data=2,context=4")
-    with unchecked(), pytest.raises(sh.ShardingError, match=r"context_attention must be one of \('gather', 'ring'\).*got 'rings'"):
+    with unchecked(), pytest.raises(sh.ShardingError, match=r"context_attention must be one of \('gather', 'ring', 'ring_balanced'\).*got 'rings'"):
         make_train_step(lm_loss, optax.sgd(0.1), mesh=mesh, context_attention="rings")
     attn = eqzoo.nn.Attention(64, 4, backend="cudnn", key=jax.random.key(0))
     with sh.activation_sharding(mesh, context_attention="ring"), pytest.raises(ConfigError, match=r"'cudnn' cannot run ring attention.*backend='auto' or 'xla'"):
@@ -124,6 +124,11 @@ def test_ring_attention_refusals(lab, unchecked):
         jax.eval_shape(auto, jnp.zeros((8, 64)))  # XLA's attention on each block
         with pytest.raises(sh.ShardingError, match=r"Attention: a sequence of 10 positions cannot be split over mesh axis context=4"):
             jax.eval_shape(auto, jnp.zeros((10, 64)))
+    with sh.activation_sharding(mesh, context_attention="ring_balanced"):
+        with pytest.raises(sh.ShardingError, match=r"'ring_balanced' cuts a sequence into 2 \* context = 8 chunks.*12 positions.*8 or 16 positions"):
+            jax.eval_shape(auto, jnp.zeros((12, 64)))
+        # Without the causal mask there is nothing to balance: the contiguous ring, 4 blocks of 3.
+        jax.eval_shape(eqzoo.nn.Attention(64, 4, causal=False, key=jax.random.key(0)), jnp.zeros((12, 64)))
 
 
 def test_a_sequence_context_does_not_divide_is_refused(lab):
@@ -186,15 +191,31 @@ def test_a_step_with_a_non_sequence_entry_on_a_context_mesh_equals_one_device(la
 
 
 @pytest.mark.parametrize(
-    ("model_name", "mesh_spec", "packed"),
-    [("llama", "data=2,context=4", True), ("gemma", "fsdp=2,context=2,tensor=2", False)],
-    ids=["llama-packed-data-context", "gemma-fsdp-context-tensor"],
+    ("model_name", "mesh_spec", "packed", "strategy"),
+    [
+        ("llama", "data=2,context=4", True, "ring"),
+        ("gemma", "fsdp=2,context=2,tensor=2", False, "ring"),
+        ("llama", "data=2,context=4", True, "ring_balanced"),
+    ],
+    ids=["llama-packed-data-context", "gemma-fsdp-context-tensor", "balanced-llama-packed-data-context"],
 )
-def test_ring_attention_equals_one_device(lab, model_name, mesh_spec, packed):
+def test_ring_attention_equals_one_device(lab, model_name, mesh_spec, packed, strategy):
     # Llama: GQA (8 heads / 4 kv heads), packed documents crossing the pieces, causal blocks
     # skipped. Gemma 2: soft caps, windows of 8 on alternate layers (a traced flag in the layer
-    # scan), 2 pieces of 8, heads split over tensor and the batch over fsdp.
+    # scan), 2 pieces of 8, heads split over tensor and the batch over fsdp. Balanced: 8 chunks
+    # of 2 positions, device i holding chunks i and 7 - i, so that documents cross chunks.
     ref_loss, ref_grads, _ = lab.loss_and_grads(model_name, None, packed=packed)
-    loss, grads, _ = lab.loss_and_grads(model_name, mesh_spec, context_attention="ring", packed=packed)
+    loss, grads, _ = lab.loss_and_grads(model_name, mesh_spec, context_attention=strategy, packed=packed)
     assert abs(float(loss) - float(ref_loss)) < TOL
     assert lab.max_abs_diff(grads, ref_grads) < TOL
+    if model_name == "llama":
+        # The balanced order ran: besides the ring's key/value blocks (4 sequences a device, 4
+        # positions, 4 kv heads of 8), the layer loop permutes half-blocks of 2 positions, of
+        # the queries and the output (8 heads) and of the keys and values (4 kv heads).
+        compiled = lab.compiled_loss_and_grads(model_name, mesh_spec, context_attention=strategy, packed=packed)
+        permuted = {
+            re.match(r"\w+\[([\d,]*)\]", c.shape).group(1)
+            for c in perf.collectives(compiled) if c.kind == "collective-permute" and c.in_loop
+        }
+        halves = {"4,2,8,8", "4,2,4,8"} if strategy == "ring_balanced" else set()
+        assert permuted == {"4,4,4,8"} | halves
