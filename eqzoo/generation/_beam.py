@@ -4,13 +4,14 @@ Each prompt keeps `num_beams` running hypotheses and `num_beams` finished ones. 
 every prompt at once:
 
 1. each running beam's next-token log-probabilities (the log-softmax of its logits, float32,
-   then `logit_bias` and the processors, as transformers applies its processors to
-   log-probabilities in beam search), plus the beam's running score (its summed
+   then the repetition penalty, `logit_bias` and the processors, as transformers applies its
+   processors to log-probabilities in beam search), plus the beam's running score (its summed
    log-probabilities);
 2. the best `K = max(2, 1 + number of eos ids) * num_beams` continuations over every beam and
    token (enough that `num_beams` of them do not stop);
 3. the best `num_beams` continuations that do not stop (an eos id, or the last step) run on;
-   the KV cache rows are gathered by the beam each came from;
+   the KV cache rows (and, with a repetition penalty, the ids each has seen) are gathered by
+   the beam each came from;
 4. a continuation among the first `num_beams` that stops is a finished hypothesis, scored by
    its summed log-probability over `generated ** length_penalty` (`generated`: its new tokens,
    eos included; the prompt is not counted) and kept if it is among the best `num_beams`
@@ -36,7 +37,14 @@ from ..nn._attention import check_cache_dtype
 from ._generate import check_count, check_model, decoding_model, resolve_unroll
 from ._processors import LogitsProcessor, apply_processors, check_processors, logit_bias_vector
 from ._prompts import as_prompts, prompt_batch
-from ._sampling import check_stop_tokens, is_eos, traced_stop_tokens
+from ._sampling import (
+    check_sampling,
+    check_stop_tokens,
+    is_eos,
+    penalize_repeats,
+    traced_settings,
+    traced_stop_tokens,
+)
 
 _NEG = -1.0e9  # transformers' offset for a hypothesis that may not be chosen
 
@@ -45,19 +53,20 @@ _SAMPLING_OFF: dict[str, Any] = {"temperature": 0.0, "top_k": None, "top_p": Non
 
 
 @eqx.filter_jit
-def _beam_jit(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, *, unroll_layers, **static):
+def _beam_jit(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, *, unroll_layers, **static):
     model = decoding_model(model, unroll_layers)
-    return _beam_search(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, **static)
+    return _beam_search(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, **static)
 
 
 def _beam_search(
-    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, *, num_beams, max_new_tokens, cache_dtype,
-    processors,
+    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, *, num_beams, max_new_tokens,
+    cache_dtype, processors,
 ):
     """The search (see the module docstring) for right-padded `prompts` of `lengths`:
     `(tokens (batch, num_beams, total), scores (batch, num_beams))`, best first. `scale[t]` and
     `bound[t]`: the length-penalty divisors of a hypothesis finished at step `t` and of the
-    early-stopping bound after step `t`; `full_stops`: `early_stopping is True`."""
+    early-stopping bound after step `t`; `full_stops`: `early_stopping is True`; `penalty`: the
+    repetition penalty (`None` when off)."""
     batch, prompt_len = prompts.shape
     total = prompt_len + max_new_tokens
     vocab, n = model.config.vocab_size, num_beams
@@ -85,17 +94,27 @@ def _beam_search(
         "last": last,  # (rows, vocab)
         "cache": cache,
     }
+    if penalty is not None:  # each beam's seen ids: its prompt's real tokens (padding, index vocab, dropped)
+        real = jnp.where(jnp.arange(prompt_len) < lengths[:, None], prompts, vocab)
+        seen = jax.vmap(lambda ids: jnp.zeros((vocab,), bool).at[ids].set(True, mode="drop"))(real)
+        state["seen"] = jnp.repeat(seen, n, axis=0)  # (rows, vocab)
 
     def take(a, index):  # a[b, index[b, i]] for each prompt b: (batch, m, ...) from (batch, *, ...)
         return jnp.take_along_axis(a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
+    def process(t, logp, tokens, at, seen):
+        """One beam's log-probabilities through the penalty (on the ids it has `seen`), the
+        bias and the processors, in `generate_batch`'s order."""
+        penalize = None if penalty is None else lambda s: penalize_repeats(s, seen, penalty)
+        return apply_processors(logp, tokens, at, t, logit_bias=logit_bias, processors=processors, penalize=penalize)
 
     def select(t, state):
         """Step `t` (the `t`-th new token): steps 1-5 of the module docstring, and the chosen
         beams' `(rows,)` new tokens and parent rows."""
         logp = jax.nn.log_softmax(state["last"].astype(jnp.float32), axis=-1)  # (rows, vocab)
-        if logit_bias is not None or processors:
-            apply = lambda lp, tokens, at: apply_processors(lp, tokens, at, t, logit_bias=logit_bias, processors=processors)  # noqa: E731
-            logp = jax.vmap(apply)(logp, state["running"].reshape(rows, total), row_lengths + t)
+        if logit_bias is not None or processors or penalty is not None:
+            beams = state["running"].reshape(rows, total)
+            logp = jax.vmap(functools.partial(process, t))(logp, beams, row_lengths + t, state.get("seen"))
         acc = (logp.reshape(batch, n, vocab) + state["running_scores"][:, :, None]).reshape(batch, n * vocab)
         top, index = jax.lax.top_k(acc, k)  # (batch, k), best first
         parent, tok = index // vocab, (index % vocab).astype(jnp.int32)
@@ -129,7 +148,10 @@ def _beam_search(
             "scores": scores, "done": done, "open": open_, "go": go,
         }
         parents = (take(parent, keep) + n * jnp.arange(batch)[:, None]).reshape(rows)
-        return state, take(tok, keep).reshape(rows), parents
+        chosen = take(tok, keep).reshape(rows)
+        if penalty is not None:  # each kept beam's seen ids: its parent's, and its new token
+            state["seen"] = state["seen"][parents].at[jnp.arange(rows), chosen].set(True)
+        return state, chosen, parents
 
     def body(carry):
         t, state = carry
@@ -211,6 +233,7 @@ def generate_beam(
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    repetition_penalty: float = 1.0,
     eos_token: int | Sequence[int] | None = None,
     pad_token: int = 0,
     attention_mask: Integer[Array, "batch seq"] | None = None,
@@ -251,6 +274,14 @@ def generate_beam(
       worst of them were it to finish now; `"never"`, once none could at the best length it
       may still reach (the exact rule for `length_penalty >= 0`). Every prompt ends at
       `max_new_tokens` in any case.
+    - `repetition_penalty`: transformers' penalty on repeats (Keskar et al., 2019), applied as
+      transformers applies it in beam search: to each beam's next-token log-probabilities, for
+      every id in that beam's own sequence (its prompt's real tokens, then its new ones), a
+      negative score is multiplied by it and a positive one divided, so > 1 discourages
+      repeats (1.0, the default, is off; a Python number or a concrete 0-d array, as in
+      [`eqzoo.generate`][]). Each beam carries a `(vocab,)` set of the ids it has seen, gathered
+      from the beam it came from at each step, as its KV cache is. It comes after the
+      [`eqzoo.generation.BeforePenalty`][] processors and before `logit_bias` and the others.
     - `eos_token`: a stop id, or several: a beam that picks one is finished (the eos is kept,
       then `pad_token`). Without one every hypothesis runs `max_new_tokens` tokens.
     - `pad_token`: fills each hypothesis after its last token.
@@ -263,10 +294,10 @@ def generate_beam(
 
     Sampling settings (`key`, `temperature`, `top_k`, `top_p`, `min_p`) are refused: the
     search is deterministic. The program is compiled once per prompt shape,
-    `max_new_tokens`, `num_beams`, number of eos ids and processors; `length_penalty`,
-    `early_stopping`, the eos and pad ids and `logit_bias` values are its arguments (other
-    values compile nothing); another `num_return_sequences` compiles only a small slicing
-    program.
+    `max_new_tokens`, `num_beams`, number of eos ids and processors, and whether
+    `repetition_penalty` is 1.0; `length_penalty`, `early_stopping`, the penalty, the eos and
+    pad ids and `logit_bias` values are its arguments (other values compile nothing); another
+    `num_return_sequences` compiles only a small slicing program.
 
     **Returns:** the hypotheses, `(num_return_sequences, seq + max_new_tokens)` for one prompt
     or `(batch, num_return_sequences, seq + max_new_tokens)` for a batch: each is its
@@ -276,6 +307,7 @@ def generate_beam(
     check_model(model, "generate_beam")
     length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, sampling)
     check_count(max_new_tokens, "max_new_tokens", "generate_beam")
+    check_sampling(0.0, None, None, None, repetition_penalty)
     prompts = as_prompts(prompts, "generate_beam")
     single = prompts.ndim == 1
     if single:
@@ -302,7 +334,8 @@ def generate_beam(
     scale, bound = _penalty_tables(length_penalty, early_stopping, int(max_new_tokens))
     tokens, scores = _beam_jit(
         model, prompts, lengths, *traced_stop_tokens(eos, pad), scale, bound, np.asarray(early_stopping is True),
-        logit_bias_vector(logit_bias, vocab, "generate_beam"), unroll_layers=resolve_unroll(unroll_layers),
+        logit_bias_vector(logit_bias, vocab, "generate_beam"), traced_settings(0.0, None, None, repetition_penalty)[3],
+        unroll_layers=resolve_unroll(unroll_layers),
         num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
         cache_dtype=None if cache_dtype is None else check_cache_dtype(cache_dtype, None),
         processors=check_processors(logits_processors, "generate_beam", vocab),

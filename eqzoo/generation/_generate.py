@@ -50,100 +50,141 @@ class _RowLoop(NamedTuple):
     stops: bool
 
 
-def _row_loop(
-    model, shape, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
-    cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None, count=False,
-    logit_bias=None, processors=(), row_limits=None,
-) -> _RowLoop:
-    """The token loop over a batch of prompts of `shape`, each row at its own position. Each
-    step's work is per row (`vmap`); the token loop runs outside the `vmap`, so that with
-    `eos_token` its stop test is one scalar: a `while_loop` under `vmap` would keep or discard
-    each row's whole carry, the KV cache included, by a select on every step, and the cache
-    could no longer be updated in place. With a `repetition_penalty` each row carries a
-    `(vocab,)` bool of the ids it has seen, set once from the prompt and by one scatter per
-    token (no rescan of the sequence); with `stop_sequences`, its last `longest` generated
-    tokens; with `count`, how many tokens it has generated (up to its stop)."""
-    batch, prompt_len = shape  # static: lets MoE layers read only the chosen experts
-    total = prompt_len + max_new_tokens
-    vocab = model.config.vocab_size
-    sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
-    stops = eos_token is not None or stop_sequences is not None
-    rows = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
+def _row_loop(model, shape, **settings) -> _RowLoop:
+    """The token loop over a batch of prompts of `shape`, each row at its own position (the
+    phases of one row: `_RowDecoder`). Each step's work is per row (`vmap`); the token loop runs
+    outside the `vmap`, so that with `eos_token` its stop test is one scalar: a `while_loop`
+    under `vmap` would keep or discard each row's whole carry, the KV cache included, by a
+    select on every step, and the cache could no longer be updated in place."""
+    rows = _RowDecoder(model, shape, **settings)
+    per_row = functools.partial(jax.vmap, in_axes=(None, 0, 0))  # (step, per-row state, length)
+    steps = rows.max_new_tokens - 1 if rows.use_cache else rows.max_new_tokens
+    return _RowLoop(rows.start, per_row(rows.step), steps, rows.finish, rows.stops)
 
-    def start_row(prompt, length):
-        buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
-        buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
-        state = {"out": (buf, jnp.zeros((total,), jnp.float32) if return_logprobs else None), "done": jnp.zeros((), bool)}
-        if repetition_penalty is not None:  # the prompt's real tokens; its padding (index vocab) is dropped
-            real = jnp.where(jnp.arange(prompt_len) < length, prompt, vocab)
-            state["seen"] = jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
-        if stop_sequences is not None:  # -1: no generated token there yet (matches no stop id)
-            state["recent"] = jnp.full((stop_sequences.shape[1],), -1, jnp.int32)
-        if count:
-            state["count"] = jnp.zeros((), jnp.int32)
-        if not use_cache:
-            return state
-        # prefill; a sliding-window ring keeps the prompt's real positions, not its padding,
-        # and the padding is read as token 0 (it may hold any id: one outside the vocabulary
-        # would embed as NaN, and attention multiplies even masked-out values by zero)
-        prompt = jnp.where(jnp.arange(prompt_len) < length, prompt, 0)
-        last, cache = model.prefill(prompt, model.init_cache(total, dtype=cache_dtype), batch_size=batch, valid_length=length)
-        return {**state, "cache": cache, "last": last}
 
-    def start(prompts, lengths, keys):
-        state = {**jax.vmap(start_row)(prompts, lengths), "key": keys}
-        if row_limits is not None:
-            state["limit"] = jnp.asarray(row_limits, jnp.int32)
+class _RowDecoder:
+    """One row's decoding, phase by phase, for `_row_loop`: `start_row` (its state, prefilled),
+    `emit` (draw one token and record it), `step` (emit, then decode it with the cache) and
+    `finish` (the last token, which needs no decode after it). The settings are those of
+    `generate_batch`'s loop (see `prepare_batch`): static values and traced arrays.
+
+    With a `repetition_penalty` each row carries a `(vocab,)` bool of the ids it has seen, set
+    once from the prompt and by one scatter per token (no rescan of the sequence); with
+    `stop_sequences`, its last `longest` generated tokens; with `count`, how many tokens it has
+    generated (up to its stop)."""
+
+    def __init__(
+        self, model, shape, *, max_new_tokens, temperature, top_k, top_p, eos_token, pad_token, use_cache,
+        cache_dtype=None, return_logprobs=False, min_p=None, repetition_penalty=None, stop_sequences=None,
+        count=False, logit_bias=None, processors=(), row_limits=None,
+    ):
+        self.model = model
+        self.batch, self.prompt_len = shape  # static: lets MoE layers read only the chosen experts
+        self.max_new_tokens, self.total = max_new_tokens, self.prompt_len + max_new_tokens
+        self.vocab = model.config.vocab_size
+        self.sample = functools.partial(draw, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        self.eos_token, self.pad_token, self.stop_sequences, self.row_limits = eos_token, pad_token, stop_sequences, row_limits
+        self.use_cache, self.cache_dtype, self.return_logprobs, self.count = use_cache, cache_dtype, return_logprobs, count
+        self.repetition_penalty, self.logit_bias, self.processors = repetition_penalty, logit_bias, processors
+        self.stops = eos_token is not None or stop_sequences is not None
+
+    def start(self, prompts, lengths, keys):
+        """Every row's state (see `start_row`), with its key and its own limit."""
+        state = {**jax.vmap(self.start_row)(prompts, lengths), "key": keys}
+        if self.row_limits is not None:
+            state["limit"] = jnp.asarray(self.row_limits, jnp.int32)
         return state
 
-    def emit(i, state, logits, length):
+    def start_row(self, prompt, length):
+        """One row's state before its first token: its output buffer (the prompt, then
+        padding), its done flag, the trackers its settings need and, with the cache, the
+        prefill's cache and last logits."""
+        max_new_tokens, total, pad_token, vocab = self.max_new_tokens, self.total, self.pad_token, self.vocab
+        buf = jnp.concatenate([prompt, jnp.full((max_new_tokens,), pad_token, jnp.int32)])
+        buf = jnp.where(jnp.arange(total) < length, buf, pad_token)
+        state = {"out": (buf, jnp.zeros((total,), jnp.float32) if self.return_logprobs else None), "done": jnp.zeros((), bool)}
+        if self.repetition_penalty is not None:  # the prompt's real tokens; its padding (index vocab) is dropped
+            real = jnp.where(jnp.arange(self.prompt_len) < length, prompt, vocab)
+            state["seen"] = jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
+        if self.stop_sequences is not None:  # -1: no generated token there yet (matches no stop id)
+            state["recent"] = jnp.full((self.stop_sequences.shape[1],), -1, jnp.int32)
+        if self.count:
+            state["count"] = jnp.zeros((), jnp.int32)
+        if not self.use_cache:
+            return state
+        return {**state, **self.prefill(prompt, length)}
+
+    def prefill(self, prompt, length):
+        """`{"cache", "last"}` after one row's prompt. A sliding-window ring keeps the prompt's
+        real positions, not its padding, and the padding is read as token 0 (it may hold any
+        id: one outside the vocabulary would embed as NaN, and attention multiplies even
+        masked-out values by zero)."""
+        prompt = jnp.where(jnp.arange(self.prompt_len) < length, prompt, 0)
+        cache = self.model.init_cache(self.total, dtype=self.cache_dtype)
+        last, cache = self.model.prefill(prompt, cache, batch_size=self.batch, valid_length=length)
+        return {"cache": cache, "last": last}
+
+    def emit(self, i, state, logits, length):
         """Token `i` after the prompt, drawn from `logits` (the position before it) with
         `state["key"]`, written into `state["out"]` = (tokens, log-probabilities or None). A
         row already done gets padding."""
         (buf, logps), done = state["out"], state["done"]
         key, sub = jax.random.split(state["key"])
         state = dict(state)
-        # transformers' order: BeforePenalty processors, the penalty, then (eqzoo's) the bias and
-        # the other processors, then temperature and the filters
-        penalize = None if repetition_penalty is None else lambda s: penalize_repeats(s, state["seen"], repetition_penalty)
-        scores = apply_processors(logits, buf, length + i, jnp.asarray(i, jnp.int32), logit_bias=logit_bias,
-                                  processors=processors, penalize=penalize)
-        tok = jnp.where(done, pad_token, sample(scores, sub))
-        if repetition_penalty is not None:
-            state["seen"] = state["seen"].at[jnp.where(done, vocab, tok)].set(True, mode="drop")
+        scores = self.scores(i, state, logits, buf, length)
+        tok = jnp.where(done, self.pad_token, self.sample(scores, sub))
+        if self.repetition_penalty is not None:
+            state["seen"] = state["seen"].at[jnp.where(done, self.vocab, tok)].set(True, mode="drop")
         buf = buf.at[length + i].set(tok)
         if logps is not None:  # under the decoding model's own distribution: no penalty, no temperature, no filtering
             logp = jax.nn.log_softmax(logits.astype(jnp.float32))[tok]
             logps = logps.at[length + i].set(jnp.where(done, 0.0, logp))
-        if count:
+        if self.count:
             state["count"] = state["count"] + (~done).astype(jnp.int32)
-        finished = done
-        if eos_token is not None:
-            finished = finished | is_eos(tok, eos_token)
-        if stop_sequences is not None:
-            state["recent"] = jnp.concatenate([state["recent"][1:], tok[None]])
-            finished = finished | ends_with_stop(state["recent"], stop_sequences)
-        if row_limits is not None:  # this row's own max_new_tokens reached
-            finished = finished | (i + 1 >= state["limit"])
-        return {**state, "out": (buf, logps), "done": finished, "key": key}, tok
+        return {**self.stop_test(i, state, tok, done), "out": (buf, logps), "key": key}, tok
 
-    @rows
-    def step(i, state, length):
-        if not use_cache:  # the full causal forward pass; rows past the position unused (the
-            # padding read as token 0: pad_token may lie outside the vocabulary, as in start)
+    def scores(self, i, state, logits, buf, length):
+        """The logits token `i` is drawn from, in transformers' order: BeforePenalty
+        processors, the penalty, then (eqzoo's) the bias and the other processors (temperature
+        and the filters follow, in `draw`)."""
+        penalize = None
+        if self.repetition_penalty is not None:
+            penalize = lambda s: penalize_repeats(s, state["seen"], self.repetition_penalty)  # noqa: E731
+        return apply_processors(logits, buf, length + i, jnp.asarray(i, jnp.int32), logit_bias=self.logit_bias,
+                                processors=self.processors, penalize=penalize)
+
+    def stop_test(self, i, state, tok, done):
+        """`state` with `done` set once the row has stopped: at an eos id, at the end of a stop
+        sequence (its recent tokens updated with `tok`), or at its own `max_new_tokens`."""
+        finished = done
+        if self.eos_token is not None:
+            finished = finished | is_eos(tok, self.eos_token)
+        if self.stop_sequences is not None:
+            state["recent"] = jnp.concatenate([state["recent"][1:], tok[None]])
+            finished = finished | ends_with_stop(state["recent"], self.stop_sequences)
+        if self.row_limits is not None:  # this row's own max_new_tokens reached
+            finished = finished | (i + 1 >= state["limit"])
+        return {**state, "done": finished}
+
+    def step(self, i, state, length):
+        """Emit token `i` of one row and, with the cache, decode it (its logits are the next
+        step's); without, the full causal forward pass up to it."""
+        if not self.use_cache:  # rows past the position unused (the padding read as token 0:
+            # pad_token may lie outside the vocabulary, as in prefill)
             buf = state["out"][0]
-            tokens = jnp.where(jnp.arange(total) < length + i, buf, 0)
-            return emit(i, state, model._forward(tokens)[length + i - 1], length)[0]
-        state, tok = emit(i, state, state["last"], length)
-        logits, cache = model.decode(tok[None], state["cache"], length + i, batch_size=batch)
+            tokens = jnp.where(jnp.arange(self.total) < length + i, buf, 0)
+            return self.emit(i, state, self.model._forward(tokens)[length + i - 1], length)[0]
+        state, tok = self.emit(i, state, state["last"], length)
+        logits, cache = self.model.decode(tok[None], state["cache"], length + i, batch_size=self.batch)
         return {**state, "cache": cache, "last": logits[0]}
 
-    def finish(state, lengths):
-        if not use_cache:
+    def finish(self, state, lengths):
+        """The state after the token loop: with the cache, the last token (`max_new_tokens -
+        1`) emitted, which needs no decode after it; without, as it is."""
+        if not self.use_cache:
             return state
-        return rows(lambda i, state, length: emit(i, state, state["last"], length)[0])(max_new_tokens - 1, state, lengths)
-
-    return _RowLoop(start, step, max_new_tokens - 1 if use_cache else max_new_tokens, finish, stops)
+        last = lambda i, state, length: self.emit(i, state, state["last"], length)[0]  # noqa: E731
+        return jax.vmap(last, in_axes=(None, 0, 0))(self.max_new_tokens - 1, state, lengths)
 
 
 def _generate_rows(model, prompts, lengths, keys, **settings):

@@ -75,83 +75,111 @@ def _dropless(model):
     )
 
 
-def _speculate_rows(
-    model, draft, prompts, lengths, keys, *, max_new_tokens, num_draft, eos_token, pad_token, temperature,
-    top_k, top_p, min_p=None, cache_dtype=None, return_logprobs=False,
-):
-    """Speculative decoding of every row, each at its own position: the rounds' work is per row
-    (`vmap`), the loop over rounds runs outside the `vmap` with one scalar stop test (any row
-    still live). A `while_loop` under `vmap` would instead select, on every round, between each
-    row's new and old carry, both KV caches included, so that the caches could no longer be
-    updated in place. A row that has finished keeps running rounds with the others; they write
-    only its caches, which nothing reads again."""
-    k = num_draft
-    batch_size, prompt_len = prompts.shape
-    sampling = temperature is not None  # else greedy; temperature, top_p and min_p may be traced
-    rows = functools.partial(jax.vmap, in_axes=(0, 0))  # (per-row state, length)
+def _speculate_rows(model, draft, prompts, lengths, keys, **settings):
+    """Speculative decoding of every row, each at its own position (the phases of a row:
+    `_Speculation`): the rounds' work is per row (`vmap`), the loop over rounds runs outside the
+    `vmap` with one scalar stop test (any row still live). A `while_loop` under `vmap` would
+    instead select, on every round, between each row's new and old carry, both KV caches
+    included, so that the caches could no longer be updated in place. A row that has finished
+    keeps running rounds with the others; they write only its caches, which nothing reads
+    again."""
+    spec = _Speculation(model, draft, prompts.shape, **settings)
+    state = jax.vmap(spec.start)(prompts, lengths, keys)
+    state = jax.lax.while_loop(
+        lambda s: jnp.any(jax.vmap(spec.live)(s, lengths)), lambda s: jax.vmap(spec.round_)(s, lengths), state
+    )
+    out = jax.vmap(spec.finish)(state["buf"], state.get("logps"), lengths)
+    return out, state["rounds"]
 
-    def dist(logits):  # the sampling distribution of one position's logits (draft's q and model's p alike)
-        return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p, min_p))
 
-    total = prompt_len + max_new_tokens
-    # A live round starts at n <= total - 1: its caches are written up to position n + k - 1
-    # and its tokens up to n + k.
-    room = total + k
-    positions = jnp.arange(room, dtype=jnp.int32)
-    checker = _dropless(model)
-    vocab = model.config.vocab_size
+class _Speculation:
+    """One row's speculative decoding, phase by phase, for `_speculate_rows` (the module
+    docstring describes a round): `start` (prefill both models and draw the first token),
+    `propose` (the draft's tokens), `judge` (which of them the model keeps), `round_` (one
+    round), `live` (whether a row still needs rounds) and `finish` (cut the row to its
+    tokens). The settings are static values and traced arrays, as `generate_speculative`
+    passes them."""
 
-    def start(prompt, length, key):
+    def __init__(
+        self, model, draft, shape, *, max_new_tokens, num_draft, eos_token, pad_token, temperature, top_k, top_p,
+        min_p=None, cache_dtype=None, return_logprobs=False,
+    ):
+        self.model, self.draft, self.k = model, draft, num_draft
+        self.batch_size, self.prompt_len = shape
+        self.sampling = temperature is not None  # else greedy; temperature, top_p and min_p may be traced
+        self.temperature, self.top_k, self.top_p, self.min_p = temperature, top_k, top_p, min_p
+        self.max_new_tokens, self.eos_token, self.pad_token = max_new_tokens, eos_token, pad_token
+        self.cache_dtype, self.return_logprobs = cache_dtype, return_logprobs
+        self.total = self.prompt_len + max_new_tokens
+        # A live round starts at n <= total - 1: its caches are written up to position n + k - 1
+        # and its tokens up to n + k.
+        self.room = self.total + num_draft
+        self.positions = jnp.arange(self.room, dtype=jnp.int32)
+        self.checker = _dropless(model)
+        self.vocab = model.config.vocab_size
+
+    def dist(self, logits):
+        """The sampling distribution of one position's logits (the draft's q and the model's p alike)."""
+        return jax.nn.softmax(filter_logits(logits, self.temperature, self.top_k, self.top_p, self.min_p))
+
+    def start(self, prompt, length, key):
+        """One row's state before its first round: both caches prefilled, and the prefill's
+        token drawn, as `generate_batch` draws it."""
+        k, room, prompt_len, pad_token = self.k, self.room, self.prompt_len, self.pad_token
         buf = jnp.concatenate([prompt, jnp.full((room - prompt_len,), pad_token, jnp.int32)])
-        buf = jnp.where(positions < length, buf, pad_token)
+        buf = jnp.where(self.positions < length, buf, pad_token)
         # A round writes up to k - 1 positions past the next round's start, then rewinds: a
         # sliding-window layer's ring keeps that many slots more than its window (and, as in
         # generate_batch, the prefill keeps the prompt's real positions, not its padding).
-        prefill = dict(batch_size=batch_size, valid_length=length)
-        prompt = jnp.where(positions[:prompt_len] < length, prompt, 0)  # padding may hold any id
-        last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
-        _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=cache_dtype, lookahead=k - 1), **prefill)
+        prefill = dict(batch_size=self.batch_size, valid_length=length)
+        prompt = jnp.where(self.positions[:prompt_len] < length, prompt, 0)  # padding may hold any id
+        model, draft = self.model, self.draft
+        last, cache = model.prefill(prompt, model.init_cache(room - 1, dtype=self.cache_dtype, lookahead=k - 1), **prefill)
+        _, draft_cache = draft.prefill(prompt, draft.init_cache(room - 1, dtype=self.cache_dtype, lookahead=k - 1), **prefill)
         key, sub = jax.random.split(key)
-        # the prefill's token, as generate_batch's
-        first = draw(last, sub, temperature, top_k, top_p, min_p)
-        done = jnp.zeros((), bool) if eos_token is None else is_eos(first, eos_token)
+        first = draw(last, sub, self.temperature, self.top_k, self.top_p, self.min_p)
+        done = jnp.zeros((), bool) if self.eos_token is None else is_eos(first, self.eos_token)
         state = dict(
             cache=cache, draft_cache=draft_cache, n=length + 1, buf=buf.at[length].set(first), done=done,
             rounds=jnp.zeros((), jnp.int32), key=key,
         )
-        if return_logprobs:  # under the model's own distribution: no temperature, no filtering
+        if self.return_logprobs:  # under the model's own distribution: no temperature, no filtering
             state["logps"] = jnp.zeros((room,), jnp.float32).at[length].set(_logprob(last, first))
         return state
 
-    def propose(draft_cache, n, buf, key):
-        # The draft's tokens d_1 .. d_k and, when sampling, the distributions q_1 .. q_k they
-        # were drawn from; then d_k is fed once more, only to write it into the draft's cache.
-        def step(i, c):
-            draft_cache, tok, proposals, qs = c
-            logits, draft_cache = draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=batch_size)
-            if sampling:
-                q = dist(logits[0])
-                nxt = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q)).astype(jnp.int32)
-                qs = qs.at[i].set(q)
-            else:
-                nxt = jnp.argmax(logits[0]).astype(jnp.int32)
-            return draft_cache, nxt, proposals.at[i].set(nxt), qs
-
-        qs = jnp.zeros((k, vocab if sampling else 0), jnp.float32)
+    def propose(self, draft_cache, n, buf, key):
+        """The draft's tokens d_1 .. d_k and, when sampling, the distributions q_1 .. q_k they
+        were drawn from; then d_k is fed once more, only to write it into the draft's cache."""
+        k = self.k
+        qs = jnp.zeros((k, self.vocab if self.sampling else 0), jnp.float32)
         draft_cache, last, proposals, qs = jax.lax.fori_loop(
-            0, k, step, (draft_cache, buf[n - 1], jnp.zeros((k,), jnp.int32), qs)
+            0, k, functools.partial(self._draft_step, n=n, key=key),
+            (draft_cache, buf[n - 1], jnp.zeros((k,), jnp.int32), qs),
         )
-        _, draft_cache = draft.decode(last[None], draft_cache, n - 1 + k, batch_size=batch_size)
+        _, draft_cache = self.draft.decode(last[None], draft_cache, n - 1 + k, batch_size=self.batch_size)
         return draft_cache, proposals, qs
 
-    def judge(logits, proposals, qs, key):
+    def _draft_step(self, i, carry, *, n, key):
+        """One of `propose`'s draft steps: feed the last token, draw proposal `i`."""
+        draft_cache, tok, proposals, qs = carry
+        logits, draft_cache = self.draft.decode(tok[None], draft_cache, n - 1 + i, batch_size=self.batch_size)
+        if self.sampling:
+            q = self.dist(logits[0])
+            nxt = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(q)).astype(jnp.int32)
+            qs = qs.at[i].set(q)
+        else:
+            nxt = jnp.argmax(logits[0]).astype(jnp.int32)
+        return draft_cache, nxt, proposals.at[i].set(nxt), qs
+
+    def judge(self, logits, proposals, qs, key):
         """`(a, tokens)`: how many proposals are kept, and the k + 1 tokens for positions
         n .. n + k whose first a + 1 the round writes."""
-        if not sampling:
+        k = self.k
+        if not self.sampling:
             greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # g_0 .. g_k for positions n .. n + k
             # a: leading proposals equal to the model's tokens; then g_a (g_i = d_{i+1} for i < a)
             return jnp.sum(jnp.cumprod((proposals == greedy[:k]).astype(jnp.int32))), greedy
-        ps = jax.vmap(dist)(logits)  # p_0 .. p_k
+        ps = jax.vmap(self.dist)(logits)  # p_0 .. p_k
         idx = jnp.arange(k)
         k_accept, k_resample = jax.random.split(key)
         ratio = ps[idx, proposals] / qs[idx, proposals]  # q_i(d_i) > 0: d_i was drawn from q_i
@@ -166,21 +194,24 @@ def _speculate_rows(
         tokens = jnp.concatenate([proposals, own[None]]).at[accepted].set(own)
         return accepted, tokens
 
-    def live(state, length):
-        return (state["n"] < length + max_new_tokens) & ~state["done"]
+    def live(self, state, length):
+        """Whether a row still needs rounds: it has not all its tokens, nor stopped at an eos."""
+        return (state["n"] < length + self.max_new_tokens) & ~state["done"]
 
-    @rows
-    def round_(state, length):
-        on = live(state, length)
+    def round_(self, state, length):
+        """One round of one row: propose, check in one pass, keep the accepted prefix and the
+        model's own token."""
+        k, pad_token, eos_token = self.k, self.pad_token, self.eos_token
+        on = self.live(state, length)
         # A finished row may stand past the caches' last slot; its round runs at the last live
         # start instead, writing caches that nothing reads again, and changes nothing else.
-        n = jnp.minimum(state["n"], total - 1)
+        n = jnp.minimum(state["n"], self.total - 1)
         buf = state["buf"]
         key, k_draft, k_judge = jax.random.split(state["key"], 3)
-        draft_cache, proposals, qs = propose(state["draft_cache"], n, buf, k_draft)
+        draft_cache, proposals, qs = self.propose(state["draft_cache"], n, buf, k_draft)
         fed = jnp.concatenate([buf[n - 1][None], proposals])  # (k + 1,) at positions n - 1 ..
-        logits, cache = checker.decode(fed, state["cache"], n - 1, batch_size=batch_size)
-        accepted, tokens = judge(logits, proposals, qs, k_judge)
+        logits, cache = self.checker.decode(fed, state["cache"], n - 1, batch_size=self.batch_size)
+        accepted, tokens = self.judge(logits, proposals, qs, k_judge)
         # Positions n .. n + k get d_1 .. d_a, then the model's own token; the rest of the
         # window is rewritten by later rounds (or cut off).
         written = jnp.arange(k + 1) <= accepted
@@ -193,26 +224,21 @@ def _speculate_rows(
             buf=jnp.where(on, new_buf, buf), done=done, rounds=state["rounds"] + on.astype(jnp.int32),
             key=key,  # a finished row's key is never used again
         )
-        if return_logprobs:  # the check's logits for positions n .. n + k score the tokens written there
+        if self.return_logprobs:  # the check's logits for positions n .. n + k score the tokens written there
             logps = jnp.where(written, jax.vmap(_logprob)(logits, tokens), 0.0)
             new["logps"] = jnp.where(on, jax.lax.dynamic_update_slice(state["logps"], logps, (n,)), state["logps"])
         return new
 
-    state = jax.vmap(start)(prompts, lengths, keys)
-    state = jax.lax.while_loop(lambda s: jnp.any(jax.vmap(live)(s, lengths)), lambda s: round_(s, lengths), state)
-
-    def finish(buf, logps, length):
-        # Keep exactly max_new_tokens after the prompt, and padding after the first eos.
-        generated = (positions >= length) & (positions < length + max_new_tokens)
-        if eos_token is not None:
-            stop = (generated & is_eos(buf, eos_token)).astype(jnp.int32)
+    def finish(self, buf, logps, length):
+        """Keep exactly max_new_tokens after the prompt, and padding after the first eos."""
+        positions = self.positions
+        generated = (positions >= length) & (positions < length + self.max_new_tokens)
+        if self.eos_token is not None:
+            stop = (generated & is_eos(buf, self.eos_token)).astype(jnp.int32)
             after_eos = (jnp.cumsum(stop) - stop) > 0  # strictly after the first eos
             generated = generated & ~after_eos
-        buf = jnp.where((positions < length) | generated, buf, pad_token)[:total]
-        return buf if logps is None else (buf, jnp.where(generated, logps, 0.0)[:total])
-
-    out = jax.vmap(finish)(state["buf"], state.get("logps"), lengths)
-    return out, state["rounds"]
+        buf = jnp.where((positions < length) | generated, buf, self.pad_token)[: self.total]
+        return buf if logps is None else (buf, jnp.where(generated, logps, 0.0)[: self.total])
 
 
 def _logprob(logits, token):
@@ -225,6 +251,47 @@ def _sampling_settings(temperature, top_k, top_p, min_p) -> dict:
     settings = loop_settings(temperature, top_k, top_p, min_p)
     del settings["repetition_penalty"]
     return settings
+
+
+def _check_pair(model, draft) -> None:
+    """Raise `ConfigError` unless `model` and `draft` are eqzoo language models with one vocabulary."""
+    for name, m in (("model", model), ("draft", draft)):
+        if not isinstance(m, AbstractLM):
+            raise ConfigError(f"generate_speculative: {name} must be an eqzoo language model; got {type(m).__name__}.")
+    if model.config.vocab_size != draft.config.vocab_size:
+        raise ConfigError(
+            f"generate_speculative: the draft's vocabulary ({draft.config.vocab_size}) differs from the "
+            f"model's ({model.config.vocab_size}); the draft must share the model's tokenizer."
+        )
+
+
+def _refuse_unapplied(repetition_penalty, stop_sequences, logits_processors, logit_bias) -> None:
+    """Raise `ConfigError` for the settings `generate_speculative` does not apply, unless they
+    are off, so that settings from `GenerationConfig.kwargs` are never silently dropped."""
+    refused = {
+        name: value for name, value, off in (
+            ("repetition_penalty", repetition_penalty, 1.0), ("stop_sequences", stop_sequences, None)
+        ) if not (value is off or (off is not None and value == off))
+    }
+    if refused:
+        raise ConfigError(
+            f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty "
+            "the draft's proposals and the one-pass check would need per-position penalised distributions "
+            "within each round, and a stop sequence can end inside a round. Decode with "
+            "eqzoo.generation.generate_batch, which applies them, or drop them here."
+        )
+    steering = {
+        name: value for name, value in (("logits_processors", logits_processors), ("logit_bias", logit_bias))
+        if value is not None and not (isinstance(value, list | tuple | dict) and not value)
+    }
+    if steering:
+        raise ConfigError(
+            f"generate_speculative does not apply {sorted(steering)}: its acceptance test keeps a proposal "
+            "with probability min(1, p/q) for the model's and the draft's own distributions p and q, so that the "
+            "tokens follow the model's; with processors or a bias the test would need both models' logits "
+            "processed at every position of a round, each against tokens the round may still reject. Decode with "
+            "eqzoo.generation.generate_batch, which applies them, or drop them here."
+        )
 
 
 @eqx.filter_jit
@@ -337,14 +404,7 @@ def generate_speculative(
     `ShapeError` for prompts that, with the new tokens and one
     round's lookahead (`num_draft - 1`), exceed either model's `max_seq`.
     """
-    for name, m in (("model", model), ("draft", draft)):
-        if not isinstance(m, AbstractLM):
-            raise ConfigError(f"generate_speculative: {name} must be an eqzoo language model; got {type(m).__name__}.")
-    if model.config.vocab_size != draft.config.vocab_size:
-        raise ConfigError(
-            f"generate_speculative: the draft's vocabulary ({draft.config.vocab_size}) differs from the "
-            f"model's ({model.config.vocab_size}); the draft must share the model's tokenizer."
-        )
+    _check_pair(model, draft)
     check_count(num_draft, "num_draft", "generate_speculative")
     check_count(max_new_tokens, "max_new_tokens", "generate_speculative")
     prompts = as_prompts(prompts, "generate_speculative")
@@ -362,30 +422,7 @@ def generate_speculative(
                 "shorten the prompt or ask for fewer tokens."
             )
     check_sampling(temperature, top_k, top_p, min_p)
-    refused = {
-        name: value for name, value, off in (
-            ("repetition_penalty", repetition_penalty, 1.0), ("stop_sequences", stop_sequences, None)
-        ) if not (value is off or (off is not None and value == off))
-    }
-    if refused:
-        raise ConfigError(
-            f"generate_speculative does not apply {sorted(refused)} (got {refused}): with a repetition penalty "
-            "the draft's proposals and the one-pass check would need per-position penalised distributions "
-            "within each round, and a stop sequence can end inside a round. Decode with "
-            "eqzoo.generation.generate_batch, which applies them, or drop them here."
-        )
-    steering = {
-        name: value for name, value in (("logits_processors", logits_processors), ("logit_bias", logit_bias))
-        if value is not None and not (isinstance(value, list | tuple | dict) and not value)
-    }
-    if steering:
-        raise ConfigError(
-            f"generate_speculative does not apply {sorted(steering)}: its acceptance test keeps a proposal "
-            "with probability min(1, p/q) for the model's and the draft's own distributions p and q, so that the "
-            "tokens follow the model's; with processors or a bias the test would need both models' logits "
-            "processed at every position of a round, each against tokens the round may still reject. Decode with "
-            "eqzoo.generation.generate_batch, which applies them, or drop them here."
-        )
+    _refuse_unapplied(repetition_penalty, stop_sequences, logits_processors, logit_bias)
     if cache_dtype is not None:
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value per dtype
     for flag, value in (("return_stats", return_stats), ("return_logprobs", return_logprobs)):

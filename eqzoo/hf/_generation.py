@@ -144,29 +144,23 @@ class GenerationConfig:
         """The keyword arguments of [`eqzoo.generation.generate_beam`][] these settings give,
         updated with `overrides`, as [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] gives
         `eqzoo.generate`'s: `num_beams`, `length_penalty`, `early_stopping`,
-        `num_return_sequences`, the eos and pad ids, `max_new_tokens` and the logits
-        processors (those left unset are left out):
+        `num_return_sequences`, `repetition_penalty`, the eos and pad ids, `max_new_tokens` and
+        the logits processors (those left unset are left out):
         `generate_beam(model, prompt, **config.beam_kwargs(max_new_tokens=32))`.
 
         **Raises:** `ConfigError` when the file samples (`do_sample: true` with beams is
-        transformers' beam sampling, which eqzoo lacks) or sets a `repetition_penalty`
-        (`generate_beam` has none); the message says how to search without it."""
+        transformers' beam sampling, which eqzoo lacks); the message says how to search
+        without it."""
         if self.temperature > 0.0:
             raise ConfigError(
                 "GenerationConfig.beam_kwargs: this file samples (do_sample: true); eqzoo's beam search is "
                 "deterministic (transformers' do_sample=False). Sample with eqzoo.generate(**config.kwargs()), or "
                 "search without sampling: dataclasses.replace(config, temperature=0.0).beam_kwargs()."
             )
-        if self.repetition_penalty is not None:
-            raise ConfigError(
-                f"GenerationConfig.beam_kwargs: this file sets repetition_penalty={self.repetition_penalty}, which "
-                "eqzoo.generation.generate_beam does not apply, so its beams would differ from transformers'. To "
-                "search without it: dataclasses.replace(config, repetition_penalty=None).beam_kwargs()."
-            )
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "max_new_tokens": self.max_new_tokens,
             "num_beams": self.num_beams, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
-            "num_return_sequences": self.num_return_sequences,
+            "num_return_sequences": self.num_return_sequences, "repetition_penalty": self.repetition_penalty,
         }
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
 

@@ -204,7 +204,7 @@ def lm_loss(
     if aux_weights:
         feats, aux = _features_and_aux(model, tokens, mask, packing, per_layer)
     nll_mean = _mean_nll(model, implementation, chunk_size, feats, tokens, targets, mask, packing)
-    count = jnp.asarray(tokens.size if mask is None else jnp.sum(mask.astype(jnp.float32)), jnp.float32)
+    count = jnp.sum(mask.astype(jnp.float32))
     if not aux_weights:
         return nll_mean, {"tokens": count}
     loss = nll_mean + sum(jnp.float32(w) * aux[name] for name, w in aux_weights.items())
@@ -253,7 +253,7 @@ def _counted_positions(targets, mask, packing):
     """The weights of the positions that count, and the targets with the ignored ones read as
     class 0. Without a mask, packed rows' padding (segment id 0) does not count; a negative
     target (Hugging Face's -100) never does, and is read as class 0 rather than indexing the
-    vocabulary from its end."""
+    vocabulary from its end. The weights are never `None`: what follows reads them as they are."""
     if mask is None and "segment_ids" in packing:
         mask = packing["segment_ids"] != 0
     ignored = targets < 0
@@ -268,13 +268,12 @@ def _features_and_aux(
     metrics: each sequence's over its counted positions, averaged over the sequences weighted
     by their number (and, with `per_layer`, each layer's too)."""
     _warn_untrained_routers(model)
-    args = (tokens,) if mask is None else (tokens, mask)
     layers: dict[str, Array] = {}
     if per_layer:
-        feats, aux, layers = _batch_vmap(_with_layers(model))(*args, **packing)
+        feats, aux, layers = _batch_vmap(_with_layers(model))(tokens, mask, **packing)
     else:
-        feats, aux = _batch_vmap(model.features_and_aux)(*args, **packing)
-    counted = jnp.sum(mask.astype(jnp.float32), axis=1) if mask is not None else jnp.ones(tokens.shape[:1])
+        feats, aux = _batch_vmap(model.features_and_aux)(tokens, mask, **packing)
+    counted = jnp.sum(mask.astype(jnp.float32), axis=1)
     weight = jnp.maximum(jnp.sum(counted), 1.0)
     aux = {name: jnp.sum(v * counted) / weight for name, v in aux.items()}
     aux |= _layer_metrics(layers, counted, weight)
@@ -293,13 +292,13 @@ def _mean_nll(
     cap = getattr(model, "logit_softcap", None)
     if feats is None:
         feats = _batch_vmap(model.features)(tokens, **packing)
-    w = None if mask is None else mask.astype(jnp.float32)
+    w = mask.astype(jnp.float32)
     if implementation == "fused":
         total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=cap)
     else:
         nll = _chunked_batch_nll(feats, head, targets, chunk_size, cap)
-        total = jnp.sum(nll if w is None else nll * w)
-    return total / (tokens.size if w is None else jnp.maximum(jnp.sum(w), 1.0))
+        total = jnp.sum(nll * w)
+    return total / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _with_layers(model):

@@ -22,6 +22,7 @@ PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
         (dict(num_beam=4), ConfigError, r"generate_beam got unexpected keyword arguments \['num_beam'\]"),
         (dict(early_stopping="sometimes"), ConfigError, r"early_stopping must be True, False or 'never' .*got 'sometimes'"),
         (dict(length_penalty=float("nan")), ConfigError, r"length_penalty must be a finite number .*got nan"),
+        (dict(repetition_penalty=0.0), ConfigError, r"repetition_penalty must be a finite number > 0 .*got 0.0"),
         (dict(eos_token=300), ConfigError, r"generate_beam: eos_token \[300\] holds ids \[300\] outside the model's vocabulary"),
     ],
 )

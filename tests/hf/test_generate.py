@@ -360,7 +360,9 @@ def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
     # token for token, and their scores, for each early_stopping mode, length penalties that
     # favour short (< 0) and long (2.0) hypotheses and several returned sequences, with an eos
     # that greedy decoding emits. For this prompt early_stopping "never" and False differ (the
-    # bound on what a running beam may reach). Other settings reuse the compiled search.
+    # bound on what a running beam may reach). A repetition penalty, applied to each beam's
+    # log-probabilities over its own sequence's ids, changes the hypotheses. Other settings
+    # reuse the compiled search (turning the penalty on compiles it once; its value is traced).
     from eqzoo.generation import generate_beam
 
     hf_model, model = _scaled_pair(hft.make_gpt2(0), tmp_path, hft)
@@ -372,6 +374,8 @@ def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
         dict(early_stopping="never", num_return_sequences=4),
         dict(early_stopping=True, length_penalty=2.0, num_return_sequences=3),
         dict(length_penalty=-1.0, num_return_sequences=2),
+        dict(repetition_penalty=1.3, length_penalty=2.0, num_return_sequences=4),
+        dict(repetition_penalty=2.0, early_stopping="never", num_return_sequences=4),
     ]
     stopped_early, outputs = 0, []
     for k, setting in enumerate(settings):
@@ -385,9 +389,10 @@ def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
         assert tokens.shape == (setting.get("num_return_sequences", 1), len(prompt) + BEAM_NEW)
         stopped_early += int(np.sum(np.asarray(tokens)[:, -1] == BEAM_PAD))
         outputs.append(np.asarray(tokens))
-        assert len(log.compiled) == (1 if k == 0 else 0), log.compiled
+        assert len(log.compiled) == (1 if k in (0, 4) else 0), log.compiled
     assert stopped_early >= 3  # hypotheses that ended at eos before max_new_tokens
     assert not np.array_equal(outputs[0], outputs[1])  # early_stopping False and "never" differ here
+    assert not np.array_equal(outputs[0], outputs[4])  # the penalty changes the hypotheses
 
 
 def test_beam_search_batch_with_processor_matches_transformers_llama(tmp_path, hft):
@@ -452,7 +457,6 @@ def test_generation_config_carries_beam_settings(tmp_path, hf_checkpoints, loade
     _assert_same_beams(tokens, scores, want.sequences.numpy(), want.sequences_scores.numpy(), "from the file")
     with pytest.warns(UserWarning, match=r"asks for beam search \(num_beams=4\); kwargs\(\) gives eqzoo.generate's"):
         config.kwargs()
-    with pytest.raises(ConfigError, match=r"repetition_penalty=1.2, which eqzoo.generation.generate_beam does not apply"):
-        dataclasses.replace(config, repetition_penalty=1.2).beam_kwargs()
+    assert dataclasses.replace(config, repetition_penalty=1.2).beam_kwargs() == kwargs | dict(repetition_penalty=1.2)
     with pytest.raises(ConfigError, match=r"this file samples \(do_sample: true\); eqzoo's beam search is deterministic"):
         dataclasses.replace(config, temperature=0.7).beam_kwargs()
