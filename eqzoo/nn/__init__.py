@@ -44,6 +44,7 @@ from ._stacked import (
 from ._weight import (
     AbstractWeight as AbstractWeight,
     weight_take as weight_take,
+    weight_take_matmul as weight_take_matmul,
     weight_value as weight_value,
 )
 
@@ -85,5 +86,6 @@ __all__ = [
     "select_linears",
     "summed_weight_gradients",
     "weight_take",
+    "weight_take_matmul",
     "weight_value",
 ]

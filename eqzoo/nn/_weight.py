@@ -29,6 +29,14 @@ class AbstractWeight(eqx.Module):
         only the entries picked (decoding a mixture of experts reads a few experts a token)."""
         return jnp.take(self.materialize(dtype), indices, axis=0)
 
+    def take_matmul(self, x: Float[Array, "*idx contract"], indices) -> Float[Array, "*idx out"]:
+        """`x @ W[indices]` for each index, in `x`'s dtype: each of `x`'s vectors times the
+        weight's entry (an expert's `(contract, out)` matrix) at the matching index of
+        `indices` (an integer array of `x`'s leading shape). This default multiplies with
+        `take(indices, x.dtype)`, one product per index; subclasses override it to multiply
+        from their stored form (int4 experts on CPU: [`eqzoo.quant.QuantizedWeight`][])."""
+        return jnp.einsum("...d,...do->...o", x, self.take(indices, x.dtype))
+
     @property
     @abc.abstractmethod
     def shape(self) -> tuple[int, ...]:
@@ -44,6 +52,15 @@ def weight_take(w: Float[Array, "..."] | AbstractWeight, indices, dtype) -> Floa
     """`w`'s entries along its leading axis at `indices`, as a floating array of `dtype`: a
     gather then a cast for an array, [`eqzoo.nn.AbstractWeight.take`][] otherwise."""
     return w.take(indices, dtype) if isinstance(w, AbstractWeight) else jnp.take(w, indices, axis=0).astype(dtype)
+
+
+def weight_take_matmul(w: Float[Array, "..."] | AbstractWeight, x: Float[Array, "*idx contract"], indices) -> Float[Array, "*idx out"]:
+    """`x @ w[indices]` for each index, in `x`'s dtype: a product with `weight_take(w, indices,
+    x.dtype)` batched over the indices for an array, [`eqzoo.nn.AbstractWeight.take_matmul`][]
+    otherwise."""
+    if isinstance(w, AbstractWeight):
+        return w.take_matmul(x, indices)
+    return jnp.einsum("...d,...do->...o", x, weight_take(w, indices, x.dtype))
 
 
 def weight_value(w: Float[Array, "..."] | AbstractWeight, dtype) -> Float[Array, "..."]:

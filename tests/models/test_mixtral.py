@@ -283,6 +283,31 @@ def test_int8_and_lora_experts_decode_by_gathering_too(kind):
     np.testing.assert_allclose(step, eqx.filter_jit(lambda m, t: m(t))(model, prompt)[5:], atol=1e-4, rtol=1e-4)
 
 
+def test_gathered_experts_are_multiplied_in_their_stored_layout():
+    """The batch-1 decode step multiplies each chosen expert in its stored layout, products
+    batched over the position and choice (XLA:CPU once transposed the k gathered weights into
+    one (embed, k * hidden) float operand, element by element); int4 experts on CPU multiply
+    from their packed bytes, the low and high nibbles as two (embed // 2, hidden) halves, and no
+    float (embed, hidden) expert weight is formed. Equal to the dequantize-then-multiply
+    product within 1e-5 (float32), per channel, in groups, and with an odd group size (which
+    splits bytes between groups, so it dequantizes instead)."""
+    embed, hidden, k = 64, 128, 2
+    moe = eqzoo.nn.MoE(embed, hidden, 8, k, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(4), (3, k, embed))
+    idx = jnp.array([[0, 5], [7, 7], [2, 1]], jnp.int32)
+    for group_size in (None, 16, 1):
+        w = quant.QuantizedWeight(moe.gate_proj, bits=4, group_size=group_size)
+        want = jnp.einsum("tkd,tkdh->tkh", x, w.take(idx, jnp.float32))
+        np.testing.assert_allclose(w.take_matmul(x, idx), want, atol=1e-5, rtol=1e-5)
+    fields = lambda m: (m.gate_proj, m.up_proj, m.down_proj)  # noqa: E731
+    moe = eqx.tree_at(fields, moe, tuple(quant.QuantizedWeight(a, bits=4, group_size=16) for a in fields(moe)))
+    hlo = jax.jit(jax.vmap(lambda x: moe.decode(x, 1))).lower(jnp.ones((1, 1, embed))).compile().as_text()
+    on_cpu = jax.default_backend() == "cpu"
+    assert f"f32[{embed},{k * hidden}]" not in hlo
+    assert (f"f32[{k},{embed // 2},{hidden}]" in hlo) == on_cpu  # the nibble halves, gate and up
+    assert (f"f32[{k},{embed},{hidden}]" not in hlo) == on_cpu
+
+
 def test_capacity_prefill_does_not_depend_on_the_batch_size():
     """A short prefill under "capacity" may drop assignments; the gather path would not, so it
     is not taken there and batch 1 and batch 8 give the same logits and tokens."""
