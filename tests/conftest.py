@@ -96,7 +96,12 @@ def unchecked():
 
 class CompileLog:
     """Collects the "Compiling <name> ..." records `jax.log_compiles` emits, one per XLA
-    compilation (those whose message contains `containing`, when given), as `compiled`."""
+    compilation (those whose message contains `containing`, when given), as `compiled`.
+
+    Compiled programs outlive a test module (`_free_compiled_programs`), so a program an
+    earlier module compiled may already be cached: "nothing compiles" (`compiled == []`) holds
+    either way, but a test that counts compiles (`len(log.compiled) == 1`) calls
+    `jax.clear_caches()` first."""
 
     def __init__(self, containing: str | None = None):
         self.containing = containing

@@ -130,7 +130,8 @@ class GenerationConfig:
             warnings.warn(
                 f"this generation config asks for beam search (num_beams={self.num_beams}); kwargs() gives "
                 "eqzoo.generate's arguments, which decode greedily. For transformers' beams: "
-                "eqzoo.generation.generate_beam(model, prompt, **config.beam_kwargs()).",
+                "eqzoo.generation.generate_beam(model, prompt, **config.beam_kwargs()) (with max_new_tokens=N "
+                "there when the file sets none).",
                 stacklevel=user_stacklevel(),
             )
         out = {
@@ -373,7 +374,8 @@ def _off(value: Any, off: Any) -> Any:
 
 
 def _warn_unsupported(raw: _Raw, sampling: bool) -> None:
-    off = _UNSUPPORTED | ({"num_beams": 1} if sampling else {})  # beam sampling
+    # beam sampling; several samples per prompt (eqzoo.generate draws one: repeat the prompt)
+    off = _UNSUPPORTED | ({"num_beams": 1, "num_return_sequences": 1} if sampling else {})
     unsupported = {k: raw[k] for k, v in off.items() if raw.get(k) is not None and raw[k] != v and raw[k] != []}
     if unsupported:
         warnings.warn(

@@ -322,8 +322,9 @@ class MoE(eqx.Module):
     def gathers(self, tokens: int) -> bool:
         """Whether [`eqzoo.nn.MoE.decode`][] reads only the chosen experts for a call on
         `tokens` positions in all (every sequence of the batch): when they choose fewer than
-        `num_experts` experts in all. Plain arrays, int8 experts and LoRA-adapted experts are
-        then read expert by expert ([`eqzoo.nn.AbstractWeight.take`][])."""
+        `num_experts` experts in all. Plain arrays, quantized experts and LoRA-adapted experts
+        are then multiplied expert by expert ([`eqzoo.nn.weight_take_matmul`][],
+        [`eqzoo.nn.AbstractWeight.take_matmul`][]; int4 experts on CPU from their packed bytes)."""
         return tokens * self.experts_per_token < self.num_experts
 
     @no_type_check  # checked in with_aux / below

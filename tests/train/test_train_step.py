@@ -336,6 +336,7 @@ def test_the_create_fixture_draws_the_eager_weights_and_compiles_once_per_config
     # config compiles anew, and each gets its own sizes.
     config = models.MLPConfig(in_features=4, out_features=3, width=8, depth=1)
     eager = models.create(config, key=jax.random.key(0))
+    jax.clear_caches()  # counted from a cold cache (an earlier module may have built this config)
     with compile_log("create") as log:
         jitted = create(config, key=jax.random.key(0))
         again = create(config, key=jax.random.key(1))
