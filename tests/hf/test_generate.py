@@ -188,9 +188,11 @@ def test_generation_config_missing_or_unsupported(tmp_path):
     with pytest.raises(eqzoo.hf.HFFormatError, match=r"no generation_config.json at .*pass eos_token= yourself"):
         eqzoo.hf.load_generation_config(tmp_path)
     (tmp_path / "generation_config.json").write_text(
-        '{"num_beams": 4, "repetition_penalty": 1.2, "min_p": 0.1, "do_sample": true, "eos_token_id": 1}'
+        '{"num_beams": 4, "num_return_sequences": 2, "repetition_penalty": 1.2, "min_p": 0.1, "do_sample": true, '
+        '"eos_token_id": 1}'
     )
-    with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4\}, which eqzoo's decoding does not apply"):
+    # beam sampling, and several samples per prompt (eqzoo.generate draws one), are named
+    with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4, 'num_return_sequences': 2\}, which eqzoo's decoding does not apply"):
         config = eqzoo.hf.load_generation_config(tmp_path)
     assert (config.eos_token, config.repetition_penalty, config.min_p) == ((1,), 1.2, 0.1)
 
