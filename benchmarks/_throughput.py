@@ -2,6 +2,8 @@
 report. Imports neither JAX nor eqzoo, so the PyTorch baseline uses it too."""
 
 import json
+import math
+import os
 import sys
 
 import numpy as np
@@ -33,6 +35,22 @@ def throughput_figures(*, batch: int, seq: int, steps: int, elapsed: float, flop
         "loss_last": losses[-1],
         "loss_fell": losses[-1] < losses[0],
     }
+
+
+def mesh_size(spec: str) -> int:
+    """The devices a mesh spec (`data=2,context=4`) takes."""
+    try:
+        return math.prod(int(part.partition("=")[2]) for part in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--mesh {spec!r}: write each axis with its size, e.g. --mesh data=2,context=4") from None
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Lay meshes on `count` fake CPU devices: sets `XLA_FLAGS` (appended to the caller's) and
+    `JAX_PLATFORMS=cpu` unless set. Call before JAX starts its backend (the first computation)."""
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def parse_set(items: list[str]) -> dict:

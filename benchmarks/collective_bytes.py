@@ -24,11 +24,10 @@ gather,ring,ring_balanced` compares the attention strategies of context parallel
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-from _throughput import parse_set
+from _throughput import parse_set, use_fake_cpu_devices
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -110,9 +109,7 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") 
 def main(argv=None) -> dict:
     args = parse(argv)
     # Before JAX starts: the fake devices the meshes are laid on.
-    flag = f"--xla_force_host_platform_device_count={args.devices}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    use_fake_cpu_devices(args.devices)
     rows = []
     for mesh_spec in args.mesh:
         for loss in args.loss.split(","):

@@ -24,21 +24,12 @@ by `eqzoo.sharding.abstract_sharded` and the batch split by `batch_spec` (the se
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
-from _throughput import parse_set
+from _throughput import mesh_size, parse_set, use_fake_cpu_devices
 
 GIB = 2**30
-
-
-def _mesh_size(spec: str) -> int:
-    """The devices a mesh spec (`data=2,context=4`) takes."""
-    try:
-        return math.prod(int(part.partition("=")[2]) for part in spec.split(","))
-    except ValueError:
-        raise SystemExit(f"--mesh {spec!r}: write each axis with its size, e.g. --mesh data=2,context=4") from None
 
 
 def estimate(preset: str, batch: int, seq: int, remat: str, loss: str, scan: str, precision: str,
@@ -74,7 +65,7 @@ def estimate(preset: str, batch: int, seq: int, remat: str, loss: str, scan: str
         step = train.make_train_step(loss_fn, optimizer, precision=policy)
         tok = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     else:
-        mesh = sh.make_mesh(mesh_spec, devices=jax.devices()[: _mesh_size(mesh_spec)])
+        mesh = sh.make_mesh(mesh_spec, devices=jax.devices()[: mesh_size(mesh_spec)])
         state = sh.abstract_sharded(state, mesh)
         # one device's share of the state, from the layout alone
         state_bytes = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -126,12 +117,10 @@ def main(argv=None) -> dict:
         args.mesh = args.mesh or ["none", "data=2,context=2"]
     meshes = [None if m == "none" else m for m in args.mesh or ["none"]]
     for m in meshes:
-        if m is not None and _mesh_size(m) > args.devices:
-            raise SystemExit(f"--mesh {m} takes {_mesh_size(m)} devices; --devices is {args.devices}: raise it")
+        if m is not None and mesh_size(m) > args.devices:
+            raise SystemExit(f"--mesh {m} takes {mesh_size(m)} devices; --devices is {args.devices}: raise it")
     if any(m is not None for m in meshes):  # before JAX starts: the fake devices the meshes are laid on
-        flag = f"--xla_force_host_platform_device_count={args.devices}"
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        use_fake_cpu_devices(args.devices)
     rows = []
     for mesh in meshes:
         for seq in (int(s) for s in args.seq.split(",")):

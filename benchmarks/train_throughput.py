@@ -17,6 +17,18 @@ metrics per layer). On the deep, narrow capacity Mixtral where per-layer metrics
     python benchmarks/train_throughput.py --preset tiny-mixtral --batch 4 --seq 24 --precision fp32 \
         --set num_layers=64 --set embed_dim=32 --set hidden_dim=64 --set moe_implementation=capacity \
         --steps 10 --readback 100 --per-layer --json
+
+With `--mesh` the step is `make_train_step(mesh=...)` on that mesh (on `--devices` fake CPU
+devices, 8 by default; `--devices 0` takes the backend's own devices), the state placed by
+`eqzoo.sharding.shard_state` and the batches by `shard_batch`, once for each
+`--context-attention` strategy and each `--seq` (comma-separated), one JSON line each:
+`step_ms` is the median of the timed steps (each timed on its own, after `--warmup` steps),
+`tokens_per_s` the batch's tokens over it, `compile_s` the compile, with the temporaries and
+collective MiB of one device (docs/scaling.md's context-parallel table):
+
+    python benchmarks/train_throughput.py --preset tiny-llama --set num_heads=8 --set num_kv_heads=4 \
+        --batch 2 --seq 1024,2048 --precision fp32 --mesh data=2,context=4 \
+        --context-attention gather,ring,ring_balanced --steps 5 --warmup 1 --json
 """
 
 import argparse
@@ -29,7 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _throughput import PEAK_TFLOPS_HELP, parse_set, report, throughput_figures, token_batches
+from _throughput import (
+    PEAK_TFLOPS_HELP,
+    mesh_size,
+    parse_set,
+    report,
+    throughput_figures,
+    token_batches,
+    use_fake_cpu_devices,
+)
 
 import eqzoo
 from eqzoo import train
@@ -81,11 +101,108 @@ def time_readback(state, step, batches, n: int) -> dict:
     return {"readback_steps": n, **{k: min(v) for k, v in times.items()}, "fit_step_ms": min(fit_ms)}
 
 
+def time_on_mesh(args, overrides: dict, seqs: list[int]) -> list[dict]:
+    """Times `make_train_step(mesh=...)` on `args.mesh` for each `(seq, context_attention)`:
+    one row each, printed as it is measured."""
+    from eqzoo import perf, sharding as sh
+
+    devices = jax.devices()
+    if mesh_size(args.mesh) > len(devices):
+        raise SystemExit(f"--mesh {args.mesh} takes {mesh_size(args.mesh)} devices; there are "
+                         f"{len(devices)}: raise --devices")
+    mesh = sh.make_mesh(args.mesh, devices=devices[: mesh_size(args.mesh)])
+    optimizer = optax.adamw(3e-4, b2=0.95, weight_decay=0.1)
+    precision = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
+
+    def loss_fn(m, b, k):
+        return train.lm_loss(m, b, k, implementation=args.loss, chunk_size=args.chunk_size)
+
+    rows = []
+    for seq in seqs:
+        config = eqzoo.models.get_config(args.preset, **overrides)
+        if seq > config.max_seq:
+            config = eqzoo.models.get_config(config, max_seq=seq)
+        batches = [sh.shard_batch({"tokens": x, "targets": y}, mesh)
+                   for x, y in token_batches(config.vocab_size, args.batch, seq)]
+        for strategy in args.context_attention.split(","):
+            # A fresh state for each strategy: the step donates it.
+            state = train.TrainState.create(eqzoo.models.create(config, key=jax.random.key(0)), optimizer,
+                                            key=jax.random.key(1))
+            state = sh.shard_state(state, mesh)
+            step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=precision,
+                                         context_attention=strategy)
+            t0 = time.perf_counter()
+            compiled = step.lower(state, batches[0]).compile()
+            compile_s = time.perf_counter() - t0
+            losses, times = [], []
+            for i in range(args.warmup + args.steps):
+                t0 = time.perf_counter()
+                state, m = step(state, batches[i % len(batches)])
+                jax.block_until_ready((state.arrays, m))
+                times.append(time.perf_counter() - t0)
+                losses.append(float(m["loss"]))
+            step_s = float(np.median(times[args.warmup:]))
+            summary = perf.collective_summary(compiled).get("total", {"ops": 0, "mib": 0.0})
+            row = {
+                "benchmark": "train_throughput", "preset": args.preset, "overrides": overrides,
+                "backend": jax.default_backend(), "device": devices[0].device_kind,
+                "mesh": args.mesh, "context_attention": strategy, "batch": args.batch, "seq": seq,
+                "steps": args.steps, "warmup": args.warmup, "precision": args.precision, "loss": args.loss,
+                "step_ms": 1e3 * step_s,
+                "step_ms_min": 1e3 * min(times[args.warmup:]),
+                "step_ms_max": 1e3 * max(times[args.warmup:]),
+                "tokens_per_s": args.batch * seq / step_s,
+                "compile_s": compile_s,
+                "step_compilations": step.num_compilations,
+                "temp_mib_per_device": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                "collective_ops": summary["ops"], "collective_mib": summary["mib"],
+                "loss_first": losses[0], "loss_last": losses[-1], "loss_fell": losses[-1] < losses[0],
+            }
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"seq={seq:<6d} {strategy:13s} step {row['step_ms']:9.1f} ms (median of {args.steps}), "
+                      f"{row['tokens_per_s']:9.0f} tokens/s, compile {compile_s:5.1f} s, temporaries "
+                      f"{row['temp_mib_per_device']:.1f} MiB, collectives {row['collective_mib']:.1f} MiB a device",
+                      flush=True)
+    return rows
+
+
+def smoke_on_mesh(args) -> bool:
+    """`--smoke`'s mesh row: the smoke model on `data=2,context=2` with ring attention (gather runs
+    in `memory_estimate.py --smoke`), a warm-up and two timed steps, fp32. Whether the loss fell."""
+    smoke = argparse.Namespace(**{**vars(args), "mesh": "data=2,context=2", "context_attention": "ring",
+                                  "steps": 2, "warmup": 1, "precision": "fp32", "json": True})
+    return all(r["loss_fell"] for r in time_on_mesh(smoke, parse_set(args.set), [args.seq]))
+
+
+def resolve_args(p: argparse.ArgumentParser, args) -> list[int]:
+    """Fills in `--smoke`'s sizes and returns `--seq`'s lengths (several only with `--mesh`); with
+    `--mesh` or `--smoke`, also lays the run on fake CPU devices, which must happen before JAX
+    starts its backend."""
+    if args.smoke:
+        args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, "64", 8, 2
+        args.readback = 4 if args.readback is None else args.readback
+    args.readback = args.readback or 0
+    try:
+        seqs = [int(s) for s in args.seq.split(",")]
+    except ValueError:
+        p.error(f"--seq takes comma-separated integers, got {args.seq!r}")
+    if args.mesh is None and len(seqs) > 1:
+        p.error(f"several --seq lengths ({args.seq}) are timed only with --mesh; give one")
+    if (args.mesh or args.smoke) and args.devices:
+        if args.mesh and mesh_size(args.mesh) > args.devices:
+            p.error(f"--mesh {args.mesh} takes {mesh_size(args.mesh)} devices; --devices is {args.devices}: raise it")
+        use_fake_cpu_devices(max(args.devices, 4) if args.smoke else args.devices)
+    return seqs
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="gpt2-124m")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--seq", default="1024", help="sequence length (with --mesh: comma-separated lengths)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -106,13 +223,23 @@ def main(argv=None) -> dict:
     p.add_argument("--readback", type=int, default=None, metavar="N",
                    help="also time reading N steps' metrics back to the host, and fit over N steps "
                         "(default: 0, not timed; 4 with --smoke)")
-    p.add_argument("--smoke", action="store_true", help="tiny model and sizes (CPU regression guard)")
+    p.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                   help="time make_train_step(mesh=...) on this mesh, e.g. data=2,context=4 (one JSON "
+                        "line per --seq and --context-attention)")
+    p.add_argument("--context-attention", default="gather",
+                   help="with --mesh: comma-separated strategies under context > 1 (gather, ring, ring_balanced)")
+    p.add_argument("--devices", type=int, default=8,
+                   help="with --mesh: fake CPU devices to lay it on (0: the backend's own devices)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model and sizes (CPU regression guard); also times data=2,context=2 "
+                        "with ring attention")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.preset, args.batch, args.seq, args.steps, args.warmup = "tiny-gpt2", 4, 64, 8, 2
-        args.readback = 4 if args.readback is None else args.readback
-    args.readback = args.readback or 0
+    seqs = resolve_args(p, args)
+    if args.mesh:
+        rows = time_on_mesh(args, parse_set(args.set), seqs)
+        return {"rows": rows, "loss_fell": all(r["loss_fell"] for r in rows)}
+    args.seq = seqs[0]
 
     overrides = {"attention_backend": args.attention, **parse_set(args.set)}
     if args.remat is not None:
@@ -197,7 +324,10 @@ def main(argv=None) -> dict:
         "peak_memory_source": peak_source,
         **readback,
     }
-    return report(result, args.json)
+    report(result, args.json)
+    if args.smoke:  # the mesh path too, at a tiny size, each row one JSON line
+        result["loss_fell"] &= smoke_on_mesh(args)
+    return result
 
 
 if __name__ == "__main__":
