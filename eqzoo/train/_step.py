@@ -227,7 +227,12 @@ class TrainStep:
 
     @property
     def num_compilations(self) -> int:
-        """How many distinct executables the step holds (one per state structure and batch shape)."""
+        """How many entries the step's `jax.jit` dispatch caches hold: one per state structure
+        and batch shape, so a second one means the step recompiled. One exception, JAX's own: a
+        typed PRNG key that a jitted call returned and its fast path handed back again gets a
+        second cache entry without a new trace or compile (reproduced with a bare `jax.jit` that
+        splits a key, jax 0.10), so a step on a mesh reads 2 from its third call on while XLA
+        compiled once (`jax_log_compiles` shows one compile)."""
         counted: dict[int, int] = {}  # equal structures share one function: count it once
         for s, f in self._compiled.items():
             f = getattr(f, "jitted", f)  # a _SplitStep's jax.jit
