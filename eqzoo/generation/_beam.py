@@ -1,4 +1,5 @@
-"""Beam search with a KV cache, compiled as one program, scored as transformers' `_beam_search`.
+"""Beam search and beam sampling with a KV cache, compiled as one program, scored as transformers'
+`_beam_search`.
 
 Each prompt keeps `num_beams` running hypotheses and `num_beams` finished ones. A step, for
 every prompt at once:
@@ -8,7 +9,9 @@ every prompt at once:
    processors to log-probabilities in beam search), plus the beam's running score (its summed
    log-probabilities);
 2. the best `K = max(2, 1 + number of eos ids) * num_beams` continuations over every beam and
-   token (enough that `num_beams` of them do not stop);
+   token (enough that `num_beams` of them do not stop); with beam sampling, the log-probabilities
+   are first tempered and filtered (`warp_logprobs`) and the `K` are drawn without replacement
+   from the softmax of the sums, then sorted by them (`_draw`);
 3. the best `num_beams` continuations that do not stop (an eos id, or the last step) run on;
    the KV cache rows (and, with a repetition penalty, the ids each has seen) are gathered by
    the beam each came from;
@@ -32,9 +35,17 @@ import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
-from ._generate import check_count, check_model, decoding_model, resolve_unroll
+from ._generate import (
+    check_count,
+    check_key,
+    check_model,
+    decoding_model,
+    resolve_unroll,
+    typed_key,
+)
 from ._processors import LogitsProcessor, apply_processors, check_processors, logit_bias_vector
 from ._prompts import as_prompts, prompt_batch
 from ._sampling import (
@@ -42,31 +53,58 @@ from ._sampling import (
     check_stop_tokens,
     is_eos,
     penalize_repeats,
+    top_k_setting,
     traced_settings,
     traced_stop_tokens,
+    warp_logprobs,
 )
 
 _NEG = -1.0e9  # transformers' offset for a hypothesis that may not be chosen
 
-# Sampling settings `generate` takes, with the value that leaves each off: refused here unless off.
-_SAMPLING_OFF: dict[str, Any] = {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": None, "key": None}
-
 
 @eqx.filter_jit
-def _beam_jit(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, *, unroll_layers, **static):
+def _beam_jit(
+    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, key, warp, *, unroll_layers, **static
+):
     model = decoding_model(model, unroll_layers)
-    return _beam_search(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, **static)
+    return _beam_search(model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, key, warp, **static)
+
+
+def _draw(acc, k, key):
+    """`(scores, index)` of the `k` continuations kept from `acc` (batch, beams * vocab), best
+    first: the `k` best (`key` `None`: beam search), or `k` drawn without replacement from
+    `softmax(acc)` (beam sampling: transformers' `torch.multinomial(..., replacement=False)`).
+
+    The Gumbel-top-k trick (Vieira, 2014; Kool et al., 2019, "Stochastic Beams and Where to Find
+    Them"): with `G_i` i.i.d. standard Gumbel, the index of the largest `acc_i + G_i` is drawn
+    with probability `softmax(acc)_i` (the Gumbel-max trick), and, given that it was `i`, the
+    remaining perturbed values are still independent Gumbels shifted by their `acc` (the max
+    and the arg max of such a set are independent), so the second largest is a draw from the
+    softmax over the others, and so on: the `k` largest are `k` sequential draws without
+    replacement, in one `top_k`. A `-inf` candidate (banned by a processor or a filter) stays
+    `-inf` and is never taken ahead of a finite one; only when fewer than `k` are finite are
+    `-inf` ones taken, at the end, with score `-inf`, as beam search then
+    takes them. Candidates whose probability rounds to 0 in float32 (a running score of
+    `-1e9`) are drawn after every other finite one, ordered by `acc + G`, where torch takes
+    such zero-probability categories in an order of its own."""
+    if key is None:
+        return jax.lax.top_k(acc, k)
+    index = jax.lax.top_k(acc + jax.random.gumbel(key, acc.shape, jnp.float32), k)[1]
+    top, order = jax.lax.top_k(jnp.take_along_axis(acc, index, axis=1), k)  # by score, as transformers sorts them
+    return top, jnp.take_along_axis(index, order, axis=1)
 
 
 def _beam_search(
-    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, *, num_beams, max_new_tokens,
-    cache_dtype, processors,
+    model, prompts, lengths, eos, pad, scale, bound, full_stops, logit_bias, penalty, key, warp, *, num_beams,
+    max_new_tokens, cache_dtype, processors, top_k=None,
 ):
     """The search (see the module docstring) for right-padded `prompts` of `lengths`:
     `(tokens (batch, num_beams, total), scores (batch, num_beams))`, best first. `scale[t]` and
     `bound[t]`: the length-penalty divisors of a hypothesis finished at step `t` and of the
     early-stopping bound after step `t`; `full_stops`: `early_stopping is True`; `penalty`: the
-    repetition penalty (`None` when off)."""
+    repetition penalty (`None` when off). Beam sampling: `key` (step `t` draws with
+    `fold_in(key, t)`) and `warp`, `(temperature, top_p, min_p)` (each but the temperature
+    `None` when off), with the static `top_k`; `key` and `warp` `None` for beam search."""
     batch, prompt_len = prompts.shape
     total = prompt_len + max_new_tokens
     vocab, n = model.config.vocab_size, num_beams
@@ -104,19 +142,21 @@ def _beam_search(
 
     def process(t, logp, tokens, at, seen):
         """One beam's log-probabilities through the penalty (on the ids it has `seen`), the
-        bias and the processors, in `generate_batch`'s order."""
+        bias and the processors, in `generate_batch`'s order, then (beam sampling) the warpers."""
         penalize = None if penalty is None else lambda s: penalize_repeats(s, seen, penalty)
-        return apply_processors(logp, tokens, at, t, logit_bias=logit_bias, processors=processors, penalize=penalize)
+        logp = apply_processors(logp, tokens, at, t, logit_bias=logit_bias, processors=processors, penalize=penalize)
+        # beam sampling: transformers' warpers, after the processors, keeping k // n tokens or more
+        return logp if warp is None else warp_logprobs(logp, warp[0], top_k, warp[1], warp[2], keep=k // n)
 
     def select(t, state):
         """Step `t` (the `t`-th new token): steps 1-5 of the module docstring, and the chosen
         beams' `(rows,)` new tokens and parent rows."""
         logp = jax.nn.log_softmax(state["last"].astype(jnp.float32), axis=-1)  # (rows, vocab)
-        if logit_bias is not None or processors or penalty is not None:
+        if logit_bias is not None or processors or penalty is not None or warp is not None:
             beams = state["running"].reshape(rows, total)
             logp = jax.vmap(functools.partial(process, t))(logp, beams, row_lengths + t, state.get("seen"))
         acc = (logp.reshape(batch, n, vocab) + state["running_scores"][:, :, None]).reshape(batch, n * vocab)
-        top, index = jax.lax.top_k(acc, k)  # (batch, k), best first
+        top, index = _draw(acc, k, None if key is None else jax.random.fold_in(key, t))  # (batch, k), best first
         parent, tok = index // vocab, (index % vocab).astype(jnp.int32)
         cand = jnp.where(pos == (lengths[:, None] + t)[:, :, None], tok[:, :, None], take(state["running"], parent))
         hits = jnp.broadcast_to(t == max_new_tokens - 1, (batch, k))  # the last step stops every beam
@@ -167,7 +207,9 @@ def _beam_search(
 
     # The last step needs no decode after it; after an early stop it changes nothing (every
     # prompt's finished beams are then closed to new hypotheses).
-    t, state = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state))
+    t = jnp.zeros((), jnp.int32)
+    if max_new_tokens > 1:  # one new token: no decode step to compile
+        t, state = jax.lax.while_loop(cond, body, (t, state))
     state = select(t, state)[0]
     return state["finished"], state["scores"]
 
@@ -193,9 +235,9 @@ def _penalty_tables(length_penalty: float, early_stopping, max_new_tokens: int) 
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
-def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, sampling) -> float:
-    """Raise `ConfigError` for beam settings outside their ranges and for sampling settings;
-    return `length_penalty` as a float."""
+def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown) -> float:
+    """Raise `ConfigError` for beam settings outside their ranges and for `unknown` keyword
+    arguments; return `length_penalty` as a float."""
     check_count(num_beams, "num_beams", "generate_beam")
     check_count(num_return_sequences, "num_return_sequences", "generate_beam")
     if num_return_sequences > num_beams:
@@ -210,16 +252,65 @@ def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_
         )
     if early_stopping is not True and early_stopping is not False and early_stopping != "never":
         raise ConfigError(f"generate_beam: early_stopping must be True, False or 'never' (transformers'), got {early_stopping!r}.")
-    unknown = sorted(set(sampling) - set(_SAMPLING_OFF))
     if unknown:
-        raise ConfigError(f"generate_beam got unexpected keyword arguments {unknown}; see its docstring for the ones it takes.")
-    on = {name: value for name, value in sampling.items() if value is not None and value != _SAMPLING_OFF[name]}
-    if on:
-        raise ConfigError(
-            f"generate_beam got {on}: eqzoo's beam search is deterministic (transformers' num_beams > 1 with "
-            "do_sample=False); it takes no key, temperature, top_k, top_p or min_p. For sampling use eqzoo.generate."
-        )
+        raise ConfigError(f"generate_beam got unexpected keyword arguments {sorted(unknown)}; see its docstring for the ones it takes.")
     return float(length_penalty)
+
+
+@no_type_check  # validated here, with messages that say how to fix the call
+def _beam_sampling(do_sample, **settings) -> tuple:
+    """`(key, warp, top_k)` as the compiled search takes them (see `_beam_search`) for the
+    sampling `settings` (`key`, `temperature`, `top_k`, `top_p`, `min_p`), after checking them:
+    `(None, None, None)` without `do_sample`, when any of them left on is refused. With it the
+    temperature (default 1.0, transformers') must be > 0 and a key is needed; the temperature,
+    top-p and min-p are float32 arguments (a new value compiles nothing), top-k static."""
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"generate_beam: do_sample must be True or False, got {do_sample!r}.")
+    if not do_sample:
+        # temperature=0.0 is eqzoo.generate's greedy decoding: off, as None is
+        on = {name: v for name, v in settings.items() if v is not None and not (name == "temperature" and v == 0.0)}
+        if on:
+            raise ConfigError(
+                f"generate_beam got {on} with do_sample=False: beam search is deterministic (transformers' num_beams "
+                "> 1 with do_sample=False) and takes no key, temperature, top_k, top_p or min_p. For beam sampling "
+                "pass do_sample=True and a key; for sampling without beams use eqzoo.generate."
+            )
+        return None, None, None
+    temperature = 1.0 if settings["temperature"] is None else settings["temperature"]
+    check_sampling(temperature, settings["top_k"], settings["top_p"], settings["min_p"])
+    if float(temperature) == 0.0:
+        raise ConfigError(
+            "generate_beam: beam sampling (do_sample=True) needs a temperature > 0 (default 1.0, as in "
+            "transformers); got 0. For the deterministic search pass do_sample=False."
+        )
+    check_key(settings["key"], "generate_beam")
+    if settings["key"] is None:
+        raise ConfigError("generate_beam: beam sampling (do_sample=True) needs a PRNG key: pass key=jax.random.key(seed).")
+    temperature, top_p, min_p, _ = traced_settings(temperature, settings["top_p"], settings["min_p"])
+    top_k = top_k_setting(settings["top_k"])
+    return typed_key(settings["key"]), (temperature, top_p, min_p), None if top_k is None else int(top_k)
+
+
+def _beam_prompts(model, prompts, lengths, attention_mask, max_new_tokens) -> tuple:
+    """`(prompts, single)`: the prompts as a batch `(batch, seq)` after checking their shape,
+    dtype and length, and whether one prompt `(seq,)` was given."""
+    prompts = as_prompts(prompts, "generate_beam")
+    single = prompts.ndim == 1
+    if single:
+        if lengths is not None or attention_mask is not None:
+            raise ConfigError("generate_beam: lengths and attention_mask are for a batch of prompts (batch, seq); one prompt takes neither.")
+        prompts = prompts[None]
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise ShapeError(f"generate_beam takes one prompt (seq,) or a batch (batch, seq) of at least one token; got {shape_str(prompts.shape)}.")
+    if not jnp.issubdtype(prompts.dtype, jnp.integer):
+        raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
+    total = prompts.shape[1] + max_new_tokens
+    if total > model.max_seq:
+        raise ShapeError(
+            f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds the model's "
+            f"max_seq={model.max_seq}; shorten the prompt or ask for fewer tokens."
+        )
+    return prompts, single
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
@@ -242,13 +333,21 @@ def generate_beam(
     return_scores: bool = False,
     logits_processors: Sequence[LogitsProcessor] | None = None,
     logit_bias: Mapping[int, float] | None = None,
-    **sampling: Any,
+    do_sample: bool = False,
+    key: PRNGKey | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    **unknown: Any,
 ) -> (
     Int[Array, "*batch beams total"] | tuple[Int[Array, "*batch beams total"], Float[Array, "*batch beams"]]
 ):
     """Beam search (transformers' `generate(num_beams=..., do_sample=False)`): the
     `num_return_sequences` most likely continuations of each prompt among `num_beams`
-    hypotheses, decoding with the KV cache, in one compiled program.
+    hypotheses, decoding with the KV cache, in one compiled program. With `do_sample=True`,
+    beam sampling (transformers' `num_beams > 1, do_sample=True`): the continuations kept at
+    each step are drawn rather than the best taken.
 
     The prompt is prefilled once and its cache copied to the beams; the cache then holds
     `batch * num_beams` rows, gathered by the beam each continuation came from on every step
@@ -291,13 +390,30 @@ def generate_beam(
       as transformers applies its processors in beam search, to each beam's next-token
       log-probabilities (a `-inf` bans a token; a bias shifts its score, unnormalised). A
       processor sees one beam's tokens.
+    - `do_sample`: `True` for beam sampling, as transformers' `_beam_search` samples. Each
+      beam's processed log-probabilities go through the temperature (divided by it), top-k,
+      top-p and min-p, in that order, each keeping at least the number of eos ids plus one
+      (at least 2) best tokens per beam (transformers' `min_tokens_to_keep` in beam methods);
+      added to the beam's running score, as in the search; then `max(2, 1 + number of eos
+      ids) * num_beams` candidates over every beam and token are drawn without replacement
+      from the softmax of those sums (one `top_k` of the sums plus Gumbel noise, which draws
+      what sequential draws without replacement draw) and sorted by their sums. The rest is
+      the search's: the best `num_beams` drawn that do not stop run on, and hypotheses are
+      finished, scored (with the warped log-probabilities, as transformers scores them),
+      length-penalised and early-stopped as above. Without it the settings below are refused.
+    - `key`: the PRNG key beam sampling draws with (step `t` uses `jax.random.fold_in(key, t)`).
+    - `temperature`: > 0 (default 1.0, transformers'); divides the log-probabilities, so it
+      also scales the hypotheses' scores.
+    - `top_k`, `top_p`, `min_p`: as in [`eqzoo.generate`][], per beam, with at least the
+      `min_tokens_to_keep` above kept by each (so `top_k=1` keeps 2 tokens per beam without an
+      eos id).
 
-    Sampling settings (`key`, `temperature`, `top_k`, `top_p`, `min_p`) are refused: the
-    search is deterministic. The program is compiled once per prompt shape,
-    `max_new_tokens`, `num_beams`, number of eos ids and processors, and whether
-    `repetition_penalty` is 1.0; `length_penalty`, `early_stopping`, the penalty, the eos and
-    pad ids and `logit_bias` values are its arguments (other values compile nothing); another
-    `num_return_sequences` compiles only a small slicing program.
+    The program is compiled once per prompt shape, `max_new_tokens`, `num_beams`, number of
+    eos ids and processors, whether `repetition_penalty` is 1.0, and, when sampling, `top_k`
+    and whether top-p and min-p filter; `length_penalty`, `early_stopping`, the penalty, the
+    eos and pad ids, `logit_bias` values, the key, the temperature and the top-p and min-p
+    values are its arguments (other values compile nothing); another `num_return_sequences`
+    compiles only a small slicing program.
 
     **Returns:** the hypotheses, `(num_return_sequences, seq + max_new_tokens)` for one prompt
     or `(batch, num_return_sequences, seq + max_new_tokens)` for a batch: each is its
@@ -305,25 +421,11 @@ def generate_beam(
     scores float32 `(num_return_sequences,)` or `(batch, num_return_sequences)`, best first.
     """
     check_model(model, "generate_beam")
-    length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, sampling)
+    length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown)
     check_count(max_new_tokens, "max_new_tokens", "generate_beam")
     check_sampling(0.0, None, None, None, repetition_penalty)
-    prompts = as_prompts(prompts, "generate_beam")
-    single = prompts.ndim == 1
-    if single:
-        if lengths is not None or attention_mask is not None:
-            raise ConfigError("generate_beam: lengths and attention_mask are for a batch of prompts (batch, seq); one prompt takes neither.")
-        prompts = prompts[None]
-    if prompts.ndim != 2 or prompts.shape[1] < 1:
-        raise ShapeError(f"generate_beam takes one prompt (seq,) or a batch (batch, seq) of at least one token; got {shape_str(prompts.shape)}.")
-    if not jnp.issubdtype(prompts.dtype, jnp.integer):
-        raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
-    total = prompts.shape[1] + max_new_tokens
-    if total > model.max_seq:
-        raise ShapeError(
-            f"prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} exceeds the model's "
-            f"max_seq={model.max_seq}; shorten the prompt or ask for fewer tokens."
-        )
+    key, warp, top_k = _beam_sampling(do_sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    prompts, single = _beam_prompts(model, prompts, lengths, attention_mask, max_new_tokens)
     vocab = model.config.vocab_size
     eos, pad = check_stop_tokens(eos_token, pad_token, vocab, "generate_beam")
     if max(2, 1 + len(eos or ())) > vocab:
@@ -335,7 +437,7 @@ def generate_beam(
     tokens, scores = _beam_jit(
         model, prompts, lengths, *traced_stop_tokens(eos, pad), scale, bound, np.asarray(early_stopping is True),
         logit_bias_vector(logit_bias, vocab, "generate_beam"), traced_settings(0.0, None, None, repetition_penalty)[3],
-        unroll_layers=resolve_unroll(unroll_layers),
+        key, warp, unroll_layers=resolve_unroll(unroll_layers), top_k=top_k,
         num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
         cache_dtype=None if cache_dtype is None else check_cache_dtype(cache_dtype, None),
         processors=check_processors(logits_processors, "generate_beam", vocab),

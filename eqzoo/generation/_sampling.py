@@ -347,3 +347,39 @@ def filter_logits(
         probs = jax.nn.softmax(logits)
         logits = jnp.where(probs < min_p * jnp.max(probs), neg_inf, logits)
     return logits
+
+
+def warp_logprobs(
+    logp: Float[Array, " vocab"],
+    temperature: Float[Array, ""],
+    top_k: int | None,
+    top_p: Float[Array, ""] | None,
+    min_p: Float[Array, ""] | None,
+    keep: int,
+) -> Float[Array, " vocab"]:
+    """One beam's (processed) log-probabilities through transformers' sampling warpers, as its
+    beam sampling applies them: divided by `temperature`, then top-k, top-p and min-p, each
+    keeping at least the `keep` best tokens (transformers' `min_tokens_to_keep`, the number of
+    eos ids plus one and at least 2, so that a beam always has a continuation that does not
+    stop); removed tokens at `-inf`.
+
+    Unlike `filter_logits`, the scores are not shifted by their largest: beam sampling adds them
+    to each beam's running score and compares them across beams. Top-p follows transformers'
+    formula (a token is removed when the mass of the tokens no more likely than it is at most
+    `1 - top_p`), summed from the least likely, as transformers sums it."""
+    x = logp.astype(jnp.float32) / temperature
+    vocab = x.shape[0]
+    order = jnp.argsort(-x)  # best first; the `keep` best survive every filter below
+    rank = jnp.zeros((vocab,), jnp.int32).at[order].set(jnp.arange(vocab, dtype=jnp.int32))
+    if top_k is not None and top_k < vocab:
+        kth = jax.lax.top_k(x, min(max(top_k, keep), vocab))[0][-1]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if top_p is not None:
+        probs = jax.nn.softmax(x[order])  # best first
+        tail = jnp.cumsum(probs[::-1])[::-1]  # each token's mass and that of the tokens after it
+        remove = jnp.zeros((vocab,), bool).at[order].set(tail <= 1 - top_p)
+        x = jnp.where(remove & (rank >= keep), -jnp.inf, x)
+    if min_p is not None:
+        probs = jax.nn.softmax(x)
+        x = jnp.where((probs < min_p * jnp.max(probs)) & (rank >= keep), -jnp.inf, x)
+    return x

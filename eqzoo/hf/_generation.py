@@ -17,10 +17,12 @@ from ._errors import HFFormatError
 from ._files import GENERATION_CONFIG_NAME, read_json_object
 
 # Settings that change what transformers' generate produces and that eqzoo's decoding does not
-# have, with the value that leaves them off (`num_beams` with `do_sample`, beam sampling, too).
+# have, with the value that leaves them off (`num_beam_groups`: group beam search, which
+# transformers 5 moved out of the library to a Hub `custom_generate` repository).
 _UNSUPPORTED = {
     "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+    "num_beam_groups": 1,
 }
 _TOP_K = 50  # transformers' top_k when sampling and the file sets none
 _FILE_EOS: Any = object()  # `logits_processors()`'s default: the file's eos ids
@@ -124,14 +126,16 @@ class GenerationConfig:
         `MinNewTokens` and `MinLength` hold back the ids the decoding stops on); a
         `logits_processors` override replaces them, so add processors of your own after them:
         `config.kwargs(logits_processors=[*config.logits_processors(), mine])`. A file that asks
-        for beam search (`num_beams` > 1, without sampling) warns: these arguments decode
-        greedily; [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the search's."""
-        if self.num_beams > 1 and self.temperature == 0.0:
+        for beams (`num_beams` > 1: beam search, or beam sampling with `do_sample`) warns: these
+        arguments decode one sequence, greedily or sampled, without beams;
+        [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the beams'."""
+        if self.num_beams > 1:
+            what, how = ("beam sampling", "sample without beams") if self.temperature > 0.0 else ("beam search", "decode greedily")
             warnings.warn(
-                f"this generation config asks for beam search (num_beams={self.num_beams}); kwargs() gives "
-                "eqzoo.generate's arguments, which decode greedily. For transformers' beams: "
+                f"this generation config asks for {what} (num_beams={self.num_beams}); kwargs() gives "
+                f"eqzoo.generate's arguments, which {how}. For transformers' beams: "
                 "eqzoo.generation.generate_beam(model, prompt, **config.beam_kwargs()) (with max_new_tokens=N "
-                "there when the file sets none).",
+                "there when the file sets none, and key=... for beam sampling).",
                 stacklevel=user_stacklevel(),
             )
         out = {
@@ -147,22 +151,18 @@ class GenerationConfig:
         `eqzoo.generate`'s: `num_beams`, `length_penalty`, `early_stopping`,
         `num_return_sequences`, `repetition_penalty`, the eos and pad ids, `max_new_tokens` and
         the logits processors (those left unset are left out):
-        `generate_beam(model, prompt, **config.beam_kwargs(max_new_tokens=32))`.
-
-        **Raises:** `ConfigError` when the file samples (`do_sample: true` with beams is
-        transformers' beam sampling, which eqzoo lacks); the message says how to search
-        without it."""
-        if self.temperature > 0.0:
-            raise ConfigError(
-                "GenerationConfig.beam_kwargs: this file samples (do_sample: true); eqzoo's beam search is "
-                "deterministic (transformers' do_sample=False). Sample with eqzoo.generate(**config.kwargs()), or "
-                "search without sampling: dataclasses.replace(config, temperature=0.0).beam_kwargs()."
-            )
+        `generate_beam(model, prompt, **config.beam_kwargs(max_new_tokens=32))`. A file that
+        samples (`do_sample: true` with beams: transformers' beam sampling) adds
+        `do_sample=True` and its `temperature`, `top_k`, `top_p` and `min_p` (transformers'
+        `top_k` of 50 where the file sets none); pass the key as an override:
+        `config.beam_kwargs(key=jax.random.key(0))`."""
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "max_new_tokens": self.max_new_tokens,
             "num_beams": self.num_beams, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
             "num_return_sequences": self.num_return_sequences, "repetition_penalty": self.repetition_penalty,
         }
+        if self.temperature > 0.0:  # beam sampling
+            out |= {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
 
     def _processors(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     absent `top_k` is 50 (transformers' defaults), `top_k: 0`, `top_p: 1.0` and `min_p: 0`
     filter nothing; `min_p` applies only when sampling. `repetition_penalty` applies in greedy
     decoding too (1.0 is off). `eos_token_id` may be one id or a list. Settings eqzoo's
-    decoding lacks (beam sampling, `typical_p`, ...) are named in a warning when they would change the
+    decoding lacks (group beam search, `typical_p`, ...) are named in a warning when they would change the
     output. Beam search's settings (`num_beams`, `length_penalty`, `early_stopping`,
     `num_return_sequences`) are kept for [`eqzoo.generation.generate_beam`][]
     ([`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs]). `sequence_bias` (a list of `[ids, bias]` pairs, as transformers saves it),
@@ -374,8 +374,10 @@ def _off(value: Any, off: Any) -> Any:
 
 
 def _warn_unsupported(raw: _Raw, sampling: bool) -> None:
-    # beam sampling; several samples per prompt (eqzoo.generate draws one: repeat the prompt)
-    off = _UNSUPPORTED | ({"num_beams": 1, "num_return_sequences": 1} if sampling else {})
+    # several samples per prompt without beams (eqzoo.generate draws one: repeat the prompt);
+    # with beams, generate_beam returns num_return_sequences of them, sampled or not
+    several = sampling and raw.get("num_beams") in (None, 1)
+    off = _UNSUPPORTED | ({"num_return_sequences": 1} if several else {})
     unsupported = {k: raw[k] for k, v in off.items() if raw.get(k) is not None and raw[k] != v and raw[k] != []}
     if unsupported:
         warnings.warn(

@@ -188,13 +188,17 @@ def test_generation_config_missing_or_unsupported(tmp_path):
     with pytest.raises(eqzoo.hf.HFFormatError, match=r"no generation_config.json at .*pass eos_token= yourself"):
         eqzoo.hf.load_generation_config(tmp_path)
     (tmp_path / "generation_config.json").write_text(
-        '{"num_beams": 4, "num_return_sequences": 2, "repetition_penalty": 1.2, "min_p": 0.1, "do_sample": true, '
-        '"eos_token_id": 1}'
+        '{"num_beams": 4, "num_beam_groups": 2, "num_return_sequences": 2, "repetition_penalty": 1.2, "min_p": 0.1, '
+        '"do_sample": true, "eos_token_id": 1}'
     )
-    # beam sampling, and several samples per prompt (eqzoo.generate draws one), are named
-    with pytest.warns(UserWarning, match=r"sets \{'num_beams': 4, 'num_return_sequences': 2\}, which eqzoo's decoding does not apply"):
+    # group beam search is named; beam sampling (generate_beam) and its num_return_sequences are not
+    with pytest.warns(UserWarning, match=r"sets \{'num_beam_groups': 2\}, which eqzoo's decoding does not apply"):
         config = eqzoo.hf.load_generation_config(tmp_path)
-    assert (config.eos_token, config.repetition_penalty, config.min_p) == ((1,), 1.2, 0.1)
+    assert (config.eos_token, config.repetition_penalty, config.min_p, config.num_beams) == ((1,), 1.2, 0.1, 4)
+    # several samples per prompt without beams (eqzoo.generate draws one) are named
+    (tmp_path / "generation_config.json").write_text('{"num_return_sequences": 2, "do_sample": true}')
+    with pytest.warns(UserWarning, match=r"sets \{'num_return_sequences': 2\}, which eqzoo's decoding does not apply"):
+        eqzoo.hf.load_generation_config(tmp_path)
 
 
 def test_left_padded_batch_with_attention_mask_matches_transformers(hf_checkpoints, loaded, hft):
@@ -337,12 +341,12 @@ def _scaled_pair(hf_model, folder, hft):
 
 def _transformers_beams(hf_model, prompt, hft, **settings):
     """transformers' beam search of one prompt: `(sequences, sequences_scores)` (`None` without
-    beams: greedy decoding)."""
+    beams: greedy decoding); beam sampling with `do_sample=True` in `settings`."""
     torch = hft.torch
     with torch.no_grad():
         out = hf_model.generate(
             torch.as_tensor(np.asarray(prompt)[None], dtype=torch.long), attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
-            do_sample=False, pad_token_id=BEAM_PAD, return_dict_in_generate=True, output_scores=True, **settings,
+            pad_token_id=BEAM_PAD, return_dict_in_generate=True, output_scores=True, **(dict(do_sample=False) | settings),
         )
     scores = getattr(out, "sequences_scores", None)
     return out.sequences.numpy(), None if scores is None else scores.numpy()
@@ -366,7 +370,8 @@ def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
     # bound on what a running beam may reach). A repetition penalty, applied to each beam's
     # log-probabilities over its own sequence's ids, changes the hypotheses. Other settings
     # reuse the compiled search (turning the penalty on compiles it once; its value is traced).
-    from eqzoo.generation import generate_beam
+    # A sequence_bias, wrapped in BeforePenalty, is added before the penalty, as in transformers.
+    from eqzoo.generation import BeforePenalty, SequenceBias, generate_beam
 
     hf_model, model = _scaled_pair(hft.make_gpt2(0), tmp_path, hft)
     prompt = np.array([70, 75, 151, 31, 79], np.int32)
@@ -379,24 +384,31 @@ def test_beam_search_matches_transformers(tmp_path, hft, compile_log):
         dict(length_penalty=-1.0, num_return_sequences=2),
         dict(repetition_penalty=1.3, length_penalty=2.0, num_return_sequences=4),
         dict(repetition_penalty=2.0, early_stopping="never", num_return_sequences=4),
+        # sequence_bias (BeforePenalty(SequenceBias)) before the penalty, as transformers orders them
+        # (after it, as a plain processor, these hypotheses differ)
+        dict(repetition_penalty=1.5, sequence_bias={(95, 96): -2.0, (96,): 4.0}, num_return_sequences=4),
     ]
     stopped_early, outputs = 0, []
     jax.clear_caches()  # the first search's compile counted from a cold cache (see CompileLog)
     for k, setting in enumerate(settings):
         want, want_scores = _transformers_beams(hf_model, prompt, hft, num_beams=4, max_new_tokens=BEAM_NEW, eos_token_id=eos, **setting)
+        ours = dict(setting)
+        if "sequence_bias" in ours:
+            ours["logits_processors"] = [BeforePenalty(SequenceBias(ours.pop("sequence_bias")))]
         with compile_log("_beam_jit") as log:
             tokens, scores = generate_beam(
                 model, jnp.asarray(prompt), max_new_tokens=BEAM_NEW, num_beams=4, eos_token=eos, pad_token=BEAM_PAD,
-                return_scores=True, **setting,
+                return_scores=True, **ours,
             )
         _assert_same_beams(tokens, scores, want, want_scores, str(setting))
         assert tokens.shape == (setting.get("num_return_sequences", 1), len(prompt) + BEAM_NEW)
         stopped_early += int(np.sum(np.asarray(tokens)[:, -1] == BEAM_PAD))
         outputs.append(np.asarray(tokens))
-        assert len(log.compiled) == (1 if k in (0, 4) else 0), log.compiled
+        assert len(log.compiled) == (1 if k in (0, 4, 6) else 0), log.compiled
     assert stopped_early >= 3  # hypotheses that ended at eos before max_new_tokens
     assert not np.array_equal(outputs[0], outputs[1])  # early_stopping False and "never" differ here
     assert not np.array_equal(outputs[0], outputs[4])  # the penalty changes the hypotheses
+    assert not np.array_equal(outputs[4], outputs[6])  # and so does the bias
 
 
 def test_beam_search_batch_with_processor_matches_transformers_llama(tmp_path, hft):
@@ -425,6 +437,46 @@ def test_beam_search_batch_with_processor_matches_transformers_llama(tmp_path, h
         )
         _assert_same_beams(np.asarray(tokens[i])[:, : len(row) + BEAM_NEW], scores[i], want, want_scores, f"row {i}")
         np.testing.assert_array_equal(np.asarray(tokens[i])[:, len(row) + BEAM_NEW:], BEAM_PAD)
+
+
+def test_beam_sampling_matches_transformers(tmp_path, hft, compile_log):
+    # transformers' beam sampling (num_beams=3, do_sample=True) where it is deterministic: its
+    # warpers keep at least 2 tokens per beam (min_tokens_to_keep: one more than the eos ids),
+    # and top_p=0.05 (or min_p=0.9) keeps no more, so 2 * num_beams candidates are left, exactly
+    # as many as it draws without replacement (the first step's 2 beside the -1e9 beams'). The
+    # hypotheses are then fixed (the same for two torch seeds) and eqzoo's, drawn with any key,
+    # equal them token for token, with the scores (tempered log-probabilities) to 1e-4. The
+    # first settings come from a generation_config.json (beam_kwargs); the second, other
+    # temperature, top_p and min_p values, reuse the compiled search.
+    import eqzoo.hf
+    from eqzoo.generation import generate_beam
+
+    hf_model, model = _scaled_pair(hft.make_gpt2(0), tmp_path, hft)
+    prompt = np.array([70, 75, 151, 31, 79], np.int32)
+    greedy, _ = _transformers_beams(hf_model, prompt, hft, max_new_tokens=BEAM_NEW, eos_token_id=None)
+    eos = int(greedy[0, len(prompt) + 4])
+    hft.transformers.GenerationConfig(
+        do_sample=True, num_beams=3, num_return_sequences=3, temperature=1.5, top_p=0.05, min_p=0.05, length_penalty=2.0,
+        eos_token_id=eos, pad_token_id=BEAM_PAD, max_new_tokens=BEAM_NEW,
+    ).save_pretrained(tmp_path / "sampling")
+    kwargs = eqzoo.hf.load_generation_config(tmp_path / "sampling").beam_kwargs()
+    assert kwargs["do_sample"] and kwargs["top_k"] == 50  # transformers' top_k where the file sets none
+    settings = [
+        kwargs,
+        kwargs | dict(temperature=0.6, top_p=0.9, min_p=0.9, early_stopping="never", length_penalty=1.0),
+    ]
+    for k, setting in enumerate(settings):
+        theirs = dict(setting, eos_token_id=setting["eos_token"][0])
+        for name in ("eos_token", "pad_token"):
+            theirs.pop(name)
+        hft.torch.manual_seed(0)
+        want, want_scores = _transformers_beams(hf_model, prompt, hft, **theirs)
+        hft.torch.manual_seed(1)
+        np.testing.assert_array_equal(_transformers_beams(hf_model, prompt, hft, **theirs)[0], want)
+        with compile_log("_beam_jit") as log:
+            tokens, scores = generate_beam(model, jnp.asarray(prompt), key=jax.random.key(k), return_scores=True, **setting)
+        _assert_same_beams(tokens, scores, want, want_scores, str(setting))
+        assert len(log.compiled) == (1 if k == 0 else 0), log.compiled
 
 
 def test_generation_config_carries_beam_settings(tmp_path, hf_checkpoints, loaded, hft):
@@ -462,5 +514,8 @@ def test_generation_config_carries_beam_settings(tmp_path, hf_checkpoints, loade
     with pytest.warns(UserWarning, match=r"asks for beam search \(num_beams=4\); kwargs\(\) gives eqzoo.generate's"):
         config.kwargs()
     assert dataclasses.replace(config, repetition_penalty=1.2).beam_kwargs() == kwargs | dict(repetition_penalty=1.2)
-    with pytest.raises(ConfigError, match=r"this file samples \(do_sample: true\); eqzoo's beam search is deterministic"):
-        dataclasses.replace(config, temperature=0.7).beam_kwargs()
+    # a file that samples with beams: transformers' beam sampling, with its filters
+    sampling = dataclasses.replace(config, temperature=0.7, top_k=50, top_p=0.9)
+    assert sampling.beam_kwargs() == kwargs | dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
+    with pytest.warns(UserWarning, match=r"asks for beam sampling \(num_beams=4\); kwargs\(\) gives eqzoo.generate's .*sample without beams"):
+        sampling.kwargs()
