@@ -3,6 +3,8 @@ and passes the key/value blocks round the ring, combining them with an online so
 load-balanced order each device holds an early and a late chunk of the sequence instead of one
 contiguous block, so that causal attention gives every device the same work at every step."""
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
@@ -54,6 +56,14 @@ def ring_attention(
     work at every step, where in the contiguous order the last device scores a whole block at
     every step while the others wait for it.
 
+    The backward pass is the ring's own (`jax.custom_vjp`, as in Liu et al., 2023, with the
+    log-sum-exp recomputation of FlashAttention, Dao et al., 2022): the forward pass saves q,
+    the device's own k/v block, the output and each row's float32 log-sum-exp, not the blocks
+    it received. The backward pass passes the key/value blocks round again, recomputes each
+    step's scores (same masks, skips and cap), keeps the queries' gradient, and sends each
+    block's key/value gradient with it, one step further at the end so that it arrives home.
+    Reverse mode only: `jax.jvp` through it raises JAX's `custom_vjp` error.
+
     Manual over `context` and the mesh's batch axes (the model is vmapped over the batch with
     `spmd_axis_name` set to them, [`eqzoo.sharding.batch_vmap`][], and shard_map's batching
     rule places the batch over those axes); `tensor` stays automatic (heads split by XLA).
@@ -77,6 +87,40 @@ def ring_attention(
     )(*args)
 
 
+class _Queries(NamedTuple):
+    """One device's query rows in the backward pass: the queries, their global positions and
+    segment ids, the output's cotangent `do` (like `q`), and per row the forward's float32
+    log-sum-exp `lse` and `delta = sum(do * out)`, both `(kv_heads, group, rows)`."""
+
+    q: Any
+    pos: Any
+    seg: Any
+    do: Any
+    lse: Any
+    delta: Any
+
+    def rows(self, part):
+        """The rows `part` (a slice of the block) of each."""
+        return _Queries(
+            self.q[part], self.pos[part], None if self.seg is None else self.seg[part],
+            self.do[part], self.lse[:, :, part], self.delta[:, :, part],
+        )
+
+
+class _Keys(NamedTuple):
+    """A key/value block visiting in the backward pass: keys, values, their global positions and
+    segment ids."""
+
+    k: Any
+    v: Any
+    pos: Any
+    seg: Any
+
+    def rows(self, part):
+        """The keys `part` (a slice of the block) of each."""
+        return _Keys(self.k[part], self.v[part], self.pos[part], None if self.seg is None else self.seg[part])
+
+
 class _Ring:
     """The static shape of one ring-attention call (sizes, which masks apply, the order) and the
     per-device program `body` that `jax.shard_map` runs; see `ring_attention`."""
@@ -89,15 +133,18 @@ class _Ring:
         self.half = self.blk // 2
         self.causal, self.window, self.has_seg, self.cap = causal, window, has_seg, cap
         self.balanced = balanced and causal  # without the causal mask every device has the same work
-        self.scale = jnp.float32(self.head_dim**-0.5 if scale is None else scale)
+        # A Python float: an array made here would be a tracer of the caller's trace (a scanned
+        # layer's), which the custom VJP's backward, traced later, must not close over.
+        self.scale = float(self.head_dim**-0.5 if scale is None else scale)
         self.perm = [(i, (i + 1) % ctx) for i in range(ctx)]  # device i hands its block to i + 1
         self.traced_flag = window is not None and not isinstance(windowed, bool)
         self.use_window = window is not None and windowed is not False
         if self.balanced:
             self.firsts, self.seconds = _zigzag_perms(ctx)
-        # The backward pass recomputes each step's scores from its inputs instead of storing
-        # every step's score block.
-        self.step = jax.checkpoint(self._step)
+        # The static values (sizes, masks, order) live on this object, which the custom VJP
+        # closes over; its array arguments are q, k, v, the segment ids and the traced flag.
+        self.attend = jax.custom_vjp(self._attend)
+        self.attend.defvjp(self._attend_fwd, self._attend_bwd)
 
     def _mask(self, q_pos, k_pos, qseg, kseg, flag):
         """Which (query, key) pairs attend, from their global positions: causal, the window,
@@ -112,18 +159,23 @@ class _Ring:
             mask = mask & (qseg[:, None] == kseg[None, :])
         return mask
 
-    def _step(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
+    def _scores(self, qb, q_pos, kb, k_pos, qseg, kseg, flag):
+        """The (kv, g, rows, keys) float32 scaled and soft-capped logits (unmasked) of the query
+        rows against the keys, and the (rows, keys) mask."""
+        rows = qb.shape[0]
+        qg = qb.reshape(rows, self.kv_heads, self.group, self.head_dim)
+        logits = jnp.einsum("tkgh,skh->kgts", qg, kb, preferred_element_type=jnp.float32) * jnp.float32(self.scale)
+        if self.cap is not None:
+            c = jnp.float32(self.cap)
+            logits = c * jnp.tanh(logits / c)
+        return logits, self._mask(q_pos, k_pos, qseg, kseg, flag)
+
+    def step(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
         """Query rows at global positions `q_pos` against keys at `k_pos`, folded into their
         running softmax: `carry` is the (kv, g, rows) running max and sum (float32) and the
         (kv, g, rows, head_dim) output."""
         m, total, o = carry
-        rows = qb.shape[0]
-        qg = qb.reshape(rows, self.kv_heads, self.group, self.head_dim)
-        logits = jnp.einsum("tkgh,skh->kgts", qg, kb, preferred_element_type=jnp.float32) * self.scale
-        if self.cap is not None:
-            c = jnp.float32(self.cap)
-            logits = c * jnp.tanh(logits / c)
-        mask = self._mask(q_pos, k_pos, qseg, kseg, flag)
+        logits, mask = self._scores(qb, q_pos, kb, k_pos, qseg, kseg, flag)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)  # (kv, g, rows, keys)
@@ -132,35 +184,74 @@ class _Ring:
         pv = jnp.einsum("kgts,skh->kgth", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
         return m_new, total, o * alpha[..., None] + pv
 
+    def grad_step(self, qs: _Queries, ks: _Keys, flag):
+        """The gradient of the query rows `qs` against the keys `ks`, from the scores recomputed
+        and the forward's log-sum-exp: float32 dq `(rows, kv, g, head_dim)`, dk and dv
+        `(keys, kv, head_dim)` (summed over the query heads that share a key/value head)."""
+        logits, mask = self._scores(qs.q, qs.pos, ks.k, ks.pos, qs.seg, ks.seg, flag)
+        p = jnp.where(mask, jnp.exp(logits - qs.lse[..., None]), 0.0)  # the probabilities (kv, g, rows, keys)
+        rows = qs.q.shape[0]
+        do = qs.do.reshape(rows, self.kv_heads, self.group, self.head_dim)
+        dv = jnp.einsum("kgts,tkgh->skh", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("tkgh,skh->kgts", do.astype(ks.v.dtype), ks.v, preferred_element_type=jnp.float32)
+        ds = p * (dp - qs.delta[..., None])  # the softmax's derivative (zero where masked)
+        if self.cap is not None:  # d(c tanh(x / c))/dx = 1 - tanh^2; p = 0 where masked
+            ds = ds * (1.0 - jnp.square(logits / jnp.float32(self.cap)))
+        ds = ds * jnp.float32(self.scale)
+        qg = qs.q.reshape(do.shape)
+        dq = jnp.einsum("kgts,skh->tkgh", ds.astype(ks.k.dtype), ks.k, preferred_element_type=jnp.float32)
+        dk = jnp.einsum("kgts,tkgh->skh", ds.astype(qg.dtype), qg, preferred_element_type=jnp.float32)
+        return dq, dk, dv
+
     def _near(self, k_last, q_first, flag):
         """Whether the last key is within the window of the first query (always, off the window)."""
         ok = k_last > q_first - self.window
         return ok | ~flag if self.traced_flag else ok
 
-    def fold_contiguous(self, carry, t, me, src, qb, seg, kb, vb, kseg, flag):
-        """The block of `src` against this device's block; skipped when no query may see it."""
+    def positions(self, device):
+        """The (blk,) global positions of `device`'s block: contiguous, or its (early, late)
+        chunks in the balanced order."""
+        if not self.balanced:
+            return device * self.blk + jnp.arange(self.blk, dtype=jnp.int32)
+        half, ar = self.half, jnp.arange(self.half, dtype=jnp.int32)
+        return jnp.concatenate([device * half + ar, (2 * self.ctx - 1 - device) * half + ar])
+
+    def contiguous_live(self, me, src, flag):
+        """Whether a query of `me` may see a key of `src` (contiguous order, after the first step)."""
         blk = self.blk
-        ar = jnp.arange(blk, dtype=jnp.int32)
-        args = (qb, me * blk + ar, kb, vb, src * blk + ar, seg, kseg, flag)
-        if t == 0 or not (self.causal or self.use_window):
-            return self.step(carry, *args)
         live = jnp.asarray(True)
         if self.causal:
             live = src <= me
         if self.use_window:
             live = live & self._near(src * blk + blk - 1, me * blk, flag)
-        return jax.lax.cond(live, lambda c: self.step(c, *args), lambda c: c, carry)
+        return live
+
+    def balanced_index(self, me, src, flag):
+        """Which pairs of chunks a later step of the balanced order scores: 0 both query chunks
+        against `src`'s early chunk (`src < me`), 1 the late query chunk against both of `src`'s
+        (`src > me`), 2 none (the keys wholly before the window)."""
+        half, ctx = self.half, self.ctx
+        index = jnp.where(src < me, 0, 1)
+        if self.use_window:
+            live = jnp.where(
+                src < me, self._near(src * half + half - 1, me * half, flag),
+                self._near((2 * ctx - src) * half - 1, (2 * ctx - 1 - me) * half, flag),
+            )
+            index = jnp.where(live, index, 2)
+        return index
+
+    def fold_contiguous(self, carry, t, me, src, qb, seg, kb, vb, kseg, flag):
+        """The block of `src` against this device's block; skipped when no query may see it."""
+        args = (qb, self.positions(me), kb, vb, self.positions(src), seg, kseg, flag)
+        if t == 0 or not (self.causal or self.use_window):
+            return self.step(carry, *args)
+        return jax.lax.cond(self.contiguous_live(me, src, flag), lambda c: self.step(c, *args), lambda c: c, carry)
 
     def fold_balanced(self, carry, t, me, src, qb, seg, kb, vb, kseg, flag):
         """`src`'s (early, late) chunks against this device's (early, late) chunks: three pairs
         at the first step, then the two `src < me` or `src > me` leaves unmasked."""
-        half, blk, ctx = self.half, self.blk, self.ctx
-        ar = jnp.arange(half, dtype=jnp.int32)
-
-        def positions(device):  # (blk,) global positions of the device's early and late chunk
-            return jnp.concatenate([device * half + ar, (2 * ctx - 1 - device) * half + ar])
-
-        q_pos, k_pos = positions(me), positions(src)
+        half, blk = self.half, self.blk
+        q_pos, k_pos = self.positions(me), self.positions(src)
         early, late, everything = slice(0, half), slice(half, blk), slice(0, blk)
 
         def pair(c, rows, keys):  # the query rows `rows` against the keys `keys`
@@ -178,16 +269,40 @@ class _Ring:
         branches = [
             lambda c: pair(c, everything, early),  # src < me: src's early chunk precedes both of mine
             lambda c: pair(c, late, everything),  # src > me: both of src's precede my late chunk
+            lambda c: c,  # neither: the pair's keys are wholly before the window
         ]
-        index = jnp.where(src < me, 0, 1)
-        if self.use_window:  # neither: the pair's keys are wholly before the window
-            live = jnp.where(
-                src < me, self._near(src * half + half - 1, me * half, flag),
-                self._near((2 * ctx - src) * half - 1, (2 * ctx - 1 - me) * half, flag),
-            )
-            index = jnp.where(live, index, 2)
-            branches.append(lambda c: c)
-        return jax.lax.switch(index, branches, carry)
+        return jax.lax.switch(self.balanced_index(me, src, flag), branches[: 3 if self.use_window else 2], carry)
+
+    def zero_grads(self, dtype=jnp.float32):
+        """Zero (dq, dk, dv) contributions of one step, shaped as `grad_step` returns them."""
+        kv = (self.blk, self.kv_heads, self.head_dim)
+        return jnp.zeros((self.blk, self.kv_heads, self.group, self.head_dim), dtype), jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)
+
+    def grad_pair(self, qs, ks, rows, keys, flag):
+        """`grad_step` of the query rows `rows` against the keys `keys` (slices of the block),
+        padded with zeros to whole blocks."""
+        dq, dk, dv = self.grad_step(qs.rows(rows), ks.rows(keys), flag)
+        zq, zk, zv = self.zero_grads()
+        return zq.at[rows].set(dq), zk.at[keys].set(dk), zv.at[keys].set(dv)
+
+    def grad_fold(self, t, me, src, qs, ks, flag):
+        """One backward step: this device's queries against `src`'s block, with the forward's
+        pairs and skips; the (dq, dk, dv) contributions, float32."""
+        half, blk = self.half, self.blk
+        early, late, everything = slice(0, half), slice(half, blk), slice(0, blk)
+        if not self.balanced:
+            if t == 0 or not (self.causal or self.use_window):
+                return self.grad_step(qs, ks, flag)
+            return jax.lax.cond(self.contiguous_live(me, src, flag), lambda: self.grad_step(qs, ks, flag), self.zero_grads)
+        if t == 0:
+            a, b = self.grad_pair(qs, ks, everything, early, flag), self.grad_pair(qs, ks, late, late, flag)
+            return tuple(x + y for x, y in zip(a, b, strict=True))
+        branches = [
+            lambda: self.grad_pair(qs, ks, everything, early, flag),
+            lambda: self.grad_pair(qs, ks, late, everything, flag),
+            self.zero_grads,
+        ]
+        return jax.lax.switch(self.balanced_index(me, src, flag), branches[: 3 if self.use_window else 2])
 
     def to_zigzag(self, x, even):
         """This device's contiguous block -> its (early, late) chunks."""
@@ -204,16 +319,11 @@ class _Ring:
         b = jax.lax.ppermute(b, CONTEXT_AXIS, [(d, s) for s, d in self.seconds])
         return jnp.concatenate([a, b])
 
-    def body(self, qb, kb, vb, *rest):
-        """One device's program: its query block against every key/value block as they pass."""
-        rest = list(rest)
-        seg = rest.pop(0) if self.has_seg else None
-        flag = rest.pop(0) if self.traced_flag else True
+    def _forward(self, qb, kb, vb, seg, flag):
+        """This device's queries against every key/value block as they pass: the output
+        `(blk, heads, head_dim)` and the float32 log-sum-exp of each row `(kv, g, blk)`."""
+        flag = True if flag is None else flag
         me = jax.lax.axis_index(CONTEXT_AXIS)
-        even = me % 2 == 0
-        if self.balanced:
-            qb, kb, vb = (self.to_zigzag(x, even) for x in (qb, kb, vb))
-            seg = self.to_zigzag(seg, even) if self.has_seg else None
         shape = (self.kv_heads, self.group, self.blk)
         carry = (
             jnp.full(shape, jnp.finfo(jnp.float32).min, jnp.float32),
@@ -230,7 +340,61 @@ class _Ring:
             if t < self.ctx - 1:
                 kb, vb = nxt[0], nxt[1]
                 kseg = nxt[2] if self.has_seg else None
-        _, total, o = carry
+        m, total, o = carry
         out = o / total[..., None]  # every query sees at least itself: total > 0
         out = out.transpose(2, 0, 1, 3).reshape(self.blk, self.heads, self.head_dim).astype(qb.dtype)
+        return out, m + jnp.log(total)
+
+    def _attend(self, qb, kb, vb, seg, flag):
+        return self._forward(qb, kb, vb, seg, flag)[0]
+
+    def _attend_fwd(self, qb, kb, vb, seg, flag):
+        # Saved: this device's q and its own k/v block, the output and the (kv, g, blk) float32
+        # log-sum-exp; not the blocks received from the ring.
+        out, lse = self._forward(qb, kb, vb, seg, flag)
+        return out, (qb, kb, vb, seg, flag, out, lse)
+
+    def _attend_bwd(self, res, dout):
+        """The ring once more: each visiting block's scores are recomputed from q and the
+        log-sum-exp; dq accumulates here, and each block's dk/dv accumulator travels with it."""
+        qb, kb, vb, seg, flag, out, lse = res
+        me = jax.lax.axis_index(CONTEXT_AXIS)
+        split = (self.blk, self.kv_heads, self.group, self.head_dim)
+        delta = jnp.einsum(  # (kv, g, blk): sum(do * out) per row
+            "tkgh,tkgh->kgt", dout.reshape(split).astype(jnp.float32), out.reshape(split).astype(jnp.float32),
+        )
+        qs = _Queries(qb, self.positions(me), seg, dout, lse, delta)
+        ks = _Keys(kb, vb, None, seg)
+        dq, own, acc = jnp.zeros(split, jnp.float32), None, None
+        for t in range(self.ctx):
+            src = jnp.mod(me - t, self.ctx)
+            if t < self.ctx - 1:  # the next block, before this one's scores (as in the forward)
+                nxt = [jax.lax.ppermute(a, CONTEXT_AXIS, self.perm) for a in (ks.k, ks.v) + ((ks.seg,) if self.has_seg else ())]
+            dq_t, dk_t, dv_t = self.grad_fold(t, me, src, qs, ks._replace(pos=self.positions(src)), True if flag is None else flag)
+            dq = dq + dq_t
+            # The own block's dk/dv stay here; the block that arrives at step 1 starts an
+            # accumulator, which is added to after this step's scores (so its exchange overlaps
+            # them) and handed on with the block. After the last step it holds every device's
+            # part of block me + 1's gradient and goes one step on, home: context - 1 exchanges.
+            if t == 0:
+                own = (dk_t, dv_t)
+            else:
+                acc = (dk_t, dv_t) if acc is None else (acc[0] + dk_t, acc[1] + dv_t)
+                acc = tuple(jax.lax.ppermute(a, CONTEXT_AXIS, self.perm) for a in acc)
+            if t < self.ctx - 1:
+                ks = _Keys(nxt[0], nxt[1], None, nxt[2] if self.has_seg else None)
+        dk, dv = own if acc is None else (own[0] + acc[0], own[1] + acc[1])
+        # The segment ids and the window flag are integer/bool inputs: no cotangent (None).
+        return dq.reshape(qb.shape).astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None
+
+    def body(self, qb, kb, vb, *rest):
+        """One device's program: its query block against every key/value block as they pass."""
+        rest = list(rest)
+        seg = rest.pop(0) if self.has_seg else None
+        flag = rest.pop(0) if self.traced_flag else None
+        even = jax.lax.axis_index(CONTEXT_AXIS) % 2 == 0
+        if self.balanced:
+            qb, kb, vb = (self.to_zigzag(x, even) for x in (qb, kb, vb))
+            seg = self.to_zigzag(seg, even) if self.has_seg else None
+        out = self.attend(qb, kb, vb, seg, flag)
         return self.from_zigzag(out, even) if self.balanced else out

@@ -97,7 +97,7 @@ def test_context_parallelism_cuts_activation_memory(lab):
     # Same sequences (2 of 512 positions), same data split: with context=4 each device holds a
     # quarter of each sequence's activations (plus the gathered keys/values of one layer). Ring
     # attention holds neither the gathered keys/values nor a (heads, 128, 512) score block:
-    # 66.3, 17.3 and 9.0 MiB measured (241 and 101 MiB at 2,048 positions, docs/scaling.md).
+    # 66.3, 17.3 and 8.0 MiB measured (241 and 97 MiB at 2,048 positions, docs/scaling.md).
     pairs = sh.make_mesh("data=2", devices=jax.devices()[:2])
     whole = _llama_step(lab, pairs, 512).memory_analysis().temp_size_in_bytes
     split = _llama_step(lab, "data=2,context=4", 512).memory_analysis().temp_size_in_bytes
@@ -225,34 +225,55 @@ def test_ring_attention_equals_one_device(lab, model_name, mesh_spec, packed, st
 
 
 @pytest.mark.parametrize("balanced", [False, True], ids=["contiguous", "balanced"])
-def test_ring_attention_masks_like_one_device_with_a_window_shorter_than_a_block(balanced):
+def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_shorter_than_a_block(balanced):
     # The models' windows are as long as a ring block, so no block is ever wholly before a
     # window there; here a window of 2 on blocks of 8 (chunks of 4 balanced) skips such blocks,
-    # with documents crossing blocks, a static and a traced window flag (on and off). Window 2:
-    # the previous block's last key is exactly at the edge of a block's first query's window,
-    # so a skip test off by one fails (checked).
+    # with documents crossing blocks, a static and a traced window flag (on and off), GQA (4
+    # heads, 2 kv heads) and a soft cap of 1.5. Window 2: the previous block's last key is
+    # exactly at the edge of a block's first query's window, so a skip test off by one fails
+    # (checked). The gradients of q, k and v come from the ring's own backward pass.
     from eqzoo.nn._attention import _xla_attention
     from eqzoo.nn._ring import ring_attention
 
     mesh = sh.make_mesh("context=4", devices=jax.devices()[:4])
-    seq, window = 32, 2
-    kq, kk, kv = jax.random.split(jax.random.key(0), 3)
+    seq, window, cap = 32, 2, 1.5
+    kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
     q = jax.random.normal(kq, (seq, 4, 8))
     k, v = jax.random.normal(kk, (seq, 2, 8)), jax.random.normal(kv, (seq, 2, 8))
+    cotangent = jax.random.normal(kd, (seq, 4, 8))
     seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), [7, 11, 9, 5]))
     pos = jnp.arange(seq)
     causal_docs = (pos[None, :] <= pos[:, None]) & (seg[:, None] == seg[None, :])
     band = pos[None, :] > pos[:, None] - window
 
+    def with_grads(attend):  # the output and the gradients of sum(cotangent * output)
+        def run(q, k, v, *rest):  # rest: the segment ids or mask, the traced flag
+            out, pullback = jax.vjp(lambda q, k, v: attend(q, k, v, *rest), q, k, v)
+            return out, pullback(cotangent)
+
+        return run
+
     def ring(windowed):
         return lambda q, k, v, seg, *flag: ring_attention(
             q, k, v, mesh=mesh, causal=True, window=window, windowed=flag[0] if flag else windowed,
-            segment_ids=seg, scale=None, cap=None, balanced=balanced,
+            segment_ids=seg, scale=None, cap=cap, balanced=balanced,
         )
 
-    want = _xla_attention(q, k, v, causal_docs & band)
-    assert jnp.max(jnp.abs(jax.jit(ring(True))(q, k, v, seg) - want)) < TOL
-    traced = jax.jit(ring(None))
-    assert jnp.max(jnp.abs(traced(q, k, v, seg, jnp.asarray(True)) - want)) < TOL
-    unwindowed = _xla_attention(q, k, v, causal_docs)
-    assert jnp.max(jnp.abs(traced(q, k, v, seg, jnp.asarray(False)) - unwindowed)) < TOL
+    one_device = jax.jit(with_grads(lambda q, k, v, mask: _xla_attention(q, k, v, mask, None, cap)))
+
+    def check(got, mask):
+        want = one_device(q, k, v, mask)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):  # out, dq, dk, dv
+            assert jnp.max(jnp.abs(x - y)) < TOL
+
+    check(jax.jit(with_grads(ring(True)))(q, k, v, seg), causal_docs & band)
+    traced = jax.jit(with_grads(ring(None)))
+    check(traced(q, k, v, seg, jnp.asarray(True)), causal_docs & band)
+    check(traced(q, k, v, seg, jnp.asarray(False)), causal_docs)
+    # The backward pass keeps q, this device's own k and v blocks, the output and a float32
+    # log-sum-exp per query row, not the key/value blocks each ring step received (nor each
+    # step's running softmax): 5 float arrays of 3,200 elements, where autodiff through the
+    # ring kept 31 (14,608 elements) contiguous and 55 (20,752) balanced.
+    pullback = jax.eval_shape(lambda *a: jax.vjp(ring(None), *a)[1], q, k, v, seg, jnp.asarray(True))
+    saved = [x.size for x in jax.tree.leaves(pullback) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert sorted(saved) == sorted([q.size, q.size, k.size, v.size, seq * 4])
