@@ -154,10 +154,12 @@ def test_cde_padded_batch_with_length_matches_unpadded_series(cde, compile_log):
     # 0.294 padded to t=5, for one model): the time channel kept growing through the padding
     # and the readout was taken at ts[-1].
     ts, xs = _series(jax.random.key(12), batch=3)
-    lengths = jnp.array([9, 5, 3])
+    # Two padded series of one length: the unpadded reference calls (`single`, a compiled solve
+    # and its gradient per series length) then compile for two lengths, not three.
+    lengths = jnp.array([9, 5, 5])
     xs = xs.at[1, 4, 0].set(jnp.nan)  # missing at the last valid row: carried forward as unpadded
     # pad each series whatever way: later times and NaN, zeros, repeated last time and NaN
-    padding = [(2.0, jnp.nan), (0.0, 0.0), (float(ts[2, 2]), jnp.nan)]
+    padding = [(2.0, jnp.nan), (0.0, 0.0), (float(ts[2, 4]), jnp.nan)]
     padded = [_pad(ts[i, :n], xs[i, :n], 9, *padding[i]) for i, n in enumerate(lengths.tolist())]
     ts_pad, xs_pad = (jnp.stack(a) for a in zip(*padded, strict=True))
 
