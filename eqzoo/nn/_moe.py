@@ -182,18 +182,20 @@ class MoE(eqx.Module):
 
     def _dense(self, x, experts):
         w_gate, w_up, w_down = self._weights(x.dtype)
-        if expert_parallel_size() > 1:
-            # Experts split over the mesh's `expert` axis: every expert's slots hold the whole
-            # sequence, sent to the expert's device and back (as "capacity" with room for all).
-            xs = to_experts(jnp.broadcast_to(x, (self.num_experts, *x.shape)))
-            g = jnp.einsum("etd,edh->eth", xs, w_gate)
-            u = jnp.einsum("etd,edh->eth", xs, w_up)
-            y = from_experts(jnp.einsum("eth,ehd->etd", jax.nn.silu(g) * u, w_down))
-            y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
-        else:
-            g = jnp.einsum("td,edh->teh", x, w_gate)
-            u = jnp.einsum("td,edh->teh", x, w_up)
-            y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
+        # Every expert's slots hold the whole sequence, the products batched over the experts:
+        # "td,edh->teh" made XLA:CPU copy each (experts, embed, hidden) weight into one
+        # (embed, experts * hidden) operand first (measured: Mixtral-style 16-token prefill
+        # 126 -> 75 ms CPU time, float experts; int4 experts alike).
+        xs = jnp.broadcast_to(x, (self.num_experts, *x.shape))  # (experts, seq, embed)
+        parallel = expert_parallel_size() > 1
+        if parallel:  # experts split over the mesh's `expert` axis: the slots go to them and back
+            xs = to_experts(xs)
+        g = jnp.einsum("etd,edh->eth", xs, w_gate)
+        u = jnp.einsum("etd,edh->eth", xs, w_up)
+        y = jnp.einsum("eth,ehd->etd", jax.nn.silu(g) * u, w_down)
+        if parallel:
+            y = from_experts(y)
+        y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
         return jnp.take_along_axis(y, experts[..., None], axis=1), None
 
     def _capacity(self, x, experts):
