@@ -13,6 +13,7 @@ from ._builtin_processors import (
     SuppressTokens as SuppressTokens,
     SuppressTokensAtBegin as SuppressTokensAtBegin,
 )
+from ._engine import DecodeEngine as DecodeEngine, DecodeState as DecodeState
 from ._generate import (
     UNROLL_DECODE_DEFAULTS as UNROLL_DECODE_DEFAULTS,
     generate as generate,
@@ -21,17 +22,22 @@ from ._generate import (
 )
 from ._processors import BeforePenalty as BeforePenalty, LogitsProcessor as LogitsProcessor
 from ._sampling import sample_logits as sample_logits
+from ._serve import Request as Request, ServeEvent as ServeEvent, serve as serve
 from ._speculative import generate_speculative as generate_speculative
 from ._stream import StreamChunk as StreamChunk, generate_stream as generate_stream
 
 __all__ = [
     "BannedSequences",
     "BeforePenalty",
+    "DecodeEngine",
+    "DecodeState",
     "LogitsProcessor",
     "MinLength",
     "MinNewTokens",
     "NoRepeatNGram",
+    "Request",
     "SequenceBias",
+    "ServeEvent",
     "SuppressTokens",
     "SuppressTokensAtBegin",
     "UNROLL_DECODE_DEFAULTS",
@@ -43,4 +49,5 @@ __all__ = [
     "generate_stream",
     "resolve_unroll",
     "sample_logits",
+    "serve",
 ]

@@ -1,0 +1,129 @@
+"""Continuous batching vs static batches, as JSON: wall time, tokens/s and decode steps.
+
+Requests with mixed budgets (new tokens drawn uniformly from `--min-new .. --max-new`, greedy,
+no eos) are served two ways with the same batch size: `eqzoo.generation.serve` on a
+`DecodeEngine` of `--slots` slots (a finished request frees its slot at once), and
+`eqzoo.generation.generate_batch` on consecutive groups of `--slots` requests (each group runs
+until its longest budget; per-row limits). Both are timed on a second pass (every program
+already compiled); the tokens are checked equal. `decode_steps` counts the steps each ran
+(static: the sum of each group's longest budget; continuous: the engine's decode steps,
+`steps_per_call` per call, the last call's unused steps included).
+
+    python benchmarks/continuous_batching.py --json                       # tiny-gpt2-sized, ~1 min on 2 CPU cores
+    python benchmarks/continuous_batching.py --preset gpt2-124m --json    # several minutes
+    python benchmarks/continuous_batching.py --smoke --json
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from eqzoo import models
+from eqzoo.generation import DecodeEngine, Request, generate_batch, serve
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny-gpt2")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--min-new", type=int, default=8)
+    p.add_argument("--max-new", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=16, help="prompts are 4 .. this many tokens")
+    p.add_argument("--steps-per-call", default="1,8,32", help="comma-separated engine steps per host round trip")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU regression guard)")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.requests, args.slots, args.min_new, args.max_new, args.prompt_len, args.steps_per_call = 4, 2, 2, 8, 8, "4"
+    return args
+
+
+def workload(args, vocab: int) -> tuple[list[np.ndarray], list[int]]:
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, vocab, rng.integers(4, args.prompt_len + 1)).astype(np.int32) for _ in range(args.requests)]
+    budgets = rng.integers(args.min_new, args.max_new + 1, args.requests).tolist()
+    return prompts, budgets
+
+
+def static(model, prompts, budgets, slots) -> tuple[dict, int]:
+    """Consecutive groups of `slots` requests through generate_batch: each request's tokens and the steps run."""
+    out, steps, width = {}, 0, max(len(p) for p in prompts)  # one prompt width: one program per group maximum
+    for start in range(0, len(prompts), slots):
+        group = range(start, min(start + slots, len(prompts)))
+        padded = np.zeros((len(group), width), np.int32)
+        for row, i in enumerate(group):
+            padded[row, : len(prompts[i])] = prompts[i]
+        limits = [budgets[i] for i in group]
+        tokens = np.asarray(generate_batch(model, padded, np.asarray([len(prompts[i]) for i in group]), max_new_tokens=limits))
+        for row, i in enumerate(group):
+            out[i] = tokens[row, len(prompts[i]) : len(prompts[i]) + budgets[i]].tolist()
+        steps += max(limits)
+    return out, steps
+
+
+def continuous(engine, prompts, budgets) -> tuple[dict, int]:
+    out, calls = {}, 0
+    for event in serve(engine, [Request(p, b) for p, b in zip(prompts, budgets, strict=True)]):
+        out.setdefault(event.id, []).extend(event.tokens.tolist())
+        calls += 1
+    return out, calls
+
+
+def timed(fn, *args):
+    fn(*args)  # compiles
+    start = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    max_len = args.prompt_len + args.max_new  # the model's positions: random weights, any length
+    model = eqx.filter_jit(lambda key: models.create(args.preset, key=key, max_seq=max_len))(jax.random.key(0))
+    prompts, budgets = workload(args, model.config.vocab_size)
+    total = int(sum(budgets))
+    (want, static_steps), static_s = timed(static, model, prompts, budgets, args.slots)
+    result = {
+        "preset": args.preset, "requests": args.requests, "slots": args.slots, "new_tokens": total,
+        "budgets": [args.min_new, args.max_new], "backend": jax.default_backend(),
+        "static": {"wall_s": round(static_s, 3), "tokens_per_s": round(total / static_s, 1), "decode_steps": static_steps},
+        "continuous": {},
+    }
+    for k in (int(s) for s in args.steps_per_call.split(",")):
+        engine = DecodeEngine(model, slots=args.slots, max_len=max_len, steps_per_call=k)
+        counter = {}
+
+        def run(engine=engine, counter=counter):
+            steps = 0
+            original = engine.step
+
+            def counted(state, steps_=None):
+                nonlocal steps
+                steps += engine.steps_per_call
+                return original(state, steps_)
+
+            engine.step = counted
+            try:
+                got = continuous(engine, prompts, budgets)[0]
+            finally:
+                del engine.step
+            counter["steps"] = steps
+            return got
+
+        got, seconds = timed(run)
+        result["continuous"][f"steps_per_call={k}"] = {
+            "wall_s": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "decode_steps": counter["steps"],
+            "speedup": round(static_s / seconds, 2), "same_tokens": got == want,
+        }
+    print(json.dumps(result))
+    return 0 if all(r["same_tokens"] for r in result["continuous"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Continuous batching: a fixed number of decode slots, each holding one request at its own
+position, filled by a prefill program per prompt-length bucket and advanced together by one
+decode program of fixed shape (Yu et al., 2022, "Orca"; vLLM and JetStream serve this way)."""
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import no_type_check
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int, Integer, Key
+
+from .._errors import ConfigError, ShapeError, shape_str
+from .._typing import PRNGKey
+from ..models._lm import AbstractLM
+from ..nn._attention import KVCache, check_cache_dtype
+from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
+from ._prompts import as_prompts
+from ._sampling import check_sampling, check_stop_tokens, filter_logits, top_k_setting
+from ._stream import _join_model, _split_model
+
+
+class DecodeState(eqx.Module):
+    """The immutable state of a [`eqzoo.generation.DecodeEngine`][]: every slot's KV cache and
+    decoding settings, stacked on a leading `slots` axis. `insert` and `step` return a new one
+    (and donate the old one: use only the state they return).
+
+    - `cache`: each slot's KV cache ([`eqzoo.nn.KVCache`][] of `max_len` positions, its arrays
+      with a leading `slots` axis).
+    - `logits`: float32 `(slots, vocab)`, the next-token logits of each slot.
+    - `position`: int32 `(slots,)`, where each slot's next token goes (its prompt length plus
+      the tokens generated so far).
+    - `remaining`: int32 `(slots,)`, how many tokens each slot may still generate.
+    - `active`: bool `(slots,)`, which slots are decoding (a free or finished slot is not).
+    - `key`: `(slots,)` PRNG keys, each slot's own.
+    - `temperature`, `top_p`, `min_p`: float32 `(slots,)` (0 greedy; 1 and 0 filter nothing);
+      `top_k`: int32 `(slots,)` (the vocabulary size filters nothing).
+    - `eos`: int32 `(slots, stop_ids)`, each slot's stop ids, `-1` where it has fewer.
+    """
+
+    cache: KVCache
+    logits: Float[Array, "slots vocab"]
+    position: Int[Array, " slots"]
+    remaining: Int[Array, " slots"]
+    active: Bool[Array, " slots"]
+    key: Key[Array, " slots"]
+    temperature: Float[Array, " slots"]
+    top_k: Int[Array, " slots"]
+    top_p: Float[Array, " slots"]
+    min_p: Float[Array, " slots"]
+    eos: Int[Array, "slots stop_ids"]
+
+
+def _slot_settings(state: DecodeState) -> tuple:
+    return state.temperature, state.top_k, state.top_p, state.min_p
+
+
+@functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids"))
+def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids) -> DecodeState:
+    model = _join_model(arrays, skeleton)
+    one = model.init_cache(max_len, dtype=cache_dtype)
+    vocab = model.config.vocab_size
+    zeros = lambda dtype: jnp.zeros((slots,), dtype)  # noqa: E731
+    return DecodeState(
+        cache=jax.tree.map(lambda a: jnp.zeros((slots, *a.shape), a.dtype), one),
+        logits=jnp.zeros((slots, vocab), jnp.float32), position=zeros(jnp.int32), remaining=zeros(jnp.int32),
+        active=zeros(bool), key=jax.random.split(jax.random.key(0), slots), temperature=zeros(jnp.float32),
+        top_k=jnp.full((slots,), vocab, jnp.int32), top_p=jnp.ones((slots,), jnp.float32), min_p=zeros(jnp.float32),
+        eos=jnp.full((slots, stop_ids), -1, jnp.int32),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "cache_dtype"), donate_argnums=0)
+def _insert(state, arrays, slot, prompt, length, request, *, skeleton, unroll_layers, cache_dtype) -> DecodeState:
+    """Prefill `prompt` (padded to its bucket; `length` real tokens) into a fresh cache and write
+    it, its next-token logits and the `request`'s settings into row `slot` of `state`."""
+    model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
+
+    def prefill(prompt, length):  # as generate_batch's rows prefill (padding read as token 0)
+        prompt = jnp.where(jnp.arange(prompt.shape[0]) < length, prompt, 0)
+        cache = model.init_cache(state.cache.max_seq, dtype=cache_dtype)
+        return model.prefill(prompt, cache, batch_size=1, valid_length=length)
+
+    last, cache = jax.tree.map(lambda a: a[0], jax.vmap(prefill)(prompt[None], length[None]))  # a batch of one, as generate's
+    key = jax.random.split(request["key"], 1)[0]  # generate's row key, so that sampling matches it
+    put = lambda rows, row: rows.at[slot].set(row)  # noqa: E731
+    return DecodeState(
+        cache=jax.tree.map(put, state.cache, cache), logits=put(state.logits, last.astype(jnp.float32)),
+        position=put(state.position, length), remaining=put(state.remaining, request["max_new_tokens"]),
+        active=put(state.active, jnp.ones((), bool)), key=put(state.key, key),
+        temperature=put(state.temperature, request["temperature"]), top_k=put(state.top_k, request["top_k"]),
+        top_p=put(state.top_p, request["top_p"]), min_p=put(state.min_p, request["min_p"]),
+        eos=put(state.eos, request["eos"]),
+    )
+
+
+def _sample(logits, key, temperature, top_k, top_p, min_p, *, filtered: bool):
+    """One slot's sampled token, as `generate` draws it (`filter_logits`, then a categorical
+    draw) with its settings traced: top-k by the `top_k`-th largest logit (the vocabulary size
+    keeps all), top-p of 1 as no filter (a bound of 2 keeps every token exactly)."""
+    x = logits.astype(jnp.float32)
+    x = (x - jnp.max(x)) / jnp.where(temperature > 0, temperature, 1.0)
+    if filtered:  # x's largest is 0, so filter_logits' own shift and a temperature of 1 leave it exact
+        kth = jnp.sort(x)[x.shape[0] - top_k]
+        x = jnp.where(x < kth, jnp.finfo(jnp.float32).min, x)
+        x = filter_logits(x, 1.0, None, jnp.where(top_p < 1.0, top_p, 2.0), min_p)
+    else:
+        x = filter_logits(x, 1.0, None, None, min_p)
+    return jax.random.categorical(key, x).astype(jnp.int32)
+
+
+def _choose(state: DecodeState, keys) -> Int[Array, " slots"]:
+    """Every slot's next token from its logits: greedy where its temperature is 0. The sampling
+    and the sort the top-k / top-p filters need run only when a live slot asks for them."""
+    greedy = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+    temperature, top_k, top_p, _ = _slot_settings(state)
+    sampling = state.active & (temperature > 0)
+    filtering = sampling & ((top_k < state.logits.shape[-1]) | (top_p < 1.0))
+
+    def sampled(filtered):
+        draw = jax.vmap(functools.partial(_sample, filtered=filtered))
+        return lambda: jnp.where(temperature > 0, draw(state.logits, keys, *_slot_settings(state)), greedy)
+
+    branches = (lambda: greedy, sampled(False), sampled(True))
+    return jax.lax.switch(jnp.any(sampling).astype(jnp.int32) + jnp.any(filtering).astype(jnp.int32), branches)
+
+
+def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots"]]:
+    """One token for every active slot (`-1` for the others), and each decoded into its cache.
+    Inactive slots decode too (the shape is fixed), at a clamped position: their cache is
+    replaced whole when a request next lands there."""
+    slots, max_len = state.position.shape[0], state.cache.max_seq
+    split = jax.vmap(jax.random.split)(state.key)  # as generate's rows: (key, sub) per token
+    live = state.active
+    tok = jnp.where(live, _choose(state, split[:, 1]), -1)
+    remaining = state.remaining - live.astype(jnp.int32)
+    stopped = jnp.any((tok[:, None] == state.eos) & live[:, None], axis=-1) | (remaining <= 0)
+
+    def decode(tok, cache, position):
+        logits, cache = model.decode(tok[None], cache, position, batch_size=slots)
+        return logits[0].astype(jnp.float32), cache
+
+    at = jnp.minimum(state.position, max_len - 1)
+    logits, cache = jax.vmap(decode)(jnp.maximum(tok, 0), state.cache, at)
+    state = dataclasses.replace(
+        state, cache=cache, logits=logits, position=state.position + live.astype(jnp.int32), remaining=remaining,
+        active=live & ~stopped, key=split[:, 0],
+    )
+    return state, tok
+
+
+@functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "steps"), donate_argnums=0)
+def _step(state, arrays, *, skeleton, unroll_layers, steps):
+    """Up to `steps` decode steps (fewer once no slot is active): the state and `(slots, steps)`
+    tokens, `-1` where a slot emitted none."""
+    model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
+    tokens = jnp.full((state.position.shape[0], steps), -1, jnp.int32)
+
+    def cond(carry):
+        i, state, _ = carry
+        return (i < steps) & jnp.any(state.active)
+
+    def body(carry):
+        i, state, tokens = carry
+        state, tok = _advance(model, state)
+        return i + 1, state, jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
+
+    _, state, tokens = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, tokens))
+    return state, tokens
+
+
+def _buckets(prompt_buckets, max_len: int) -> tuple[int, ...]:
+    """The prompt widths prefill compiles for: powers of two from 16, then `max_len - 1` (the
+    longest prompt that leaves room for one token); or the user's, checked."""
+    if prompt_buckets is None:
+        widths = [2**i for i in range(4, max(4, math.ceil(math.log2(max(max_len - 1, 1)))) + 1)]
+        return tuple(sorted({w for w in widths if w < max_len - 1} | {max_len - 1}))
+    widths = list(prompt_buckets)
+    if not widths or any(isinstance(w, bool) or not isinstance(w, int | np.integer) or not 1 <= w < max_len for w in widths):
+        raise ConfigError(
+            f"DecodeEngine: prompt_buckets must be integers in [1, max_len - 1 = {max_len - 1}] (a prompt needs room "
+            f"for one new token), got {prompt_buckets!r}."
+        )
+    return tuple(sorted({int(w) for w in widths}))
+
+
+class DecodeEngine:
+    """Continuous batching (Yu et al., 2022, "Orca: A Distributed Serving System for
+    Transformer-Based Generative Models"): `slots` rows decoded together, each holding one
+    request at its own position. A new request is prefilled into a free slot while the others
+    keep their place; a finished request frees its slot at once, so no row waits for the
+    longest of a batch as in [`eqzoo.generation.generate_batch`][].
+
+    The engine holds the model and the compiled programs; the decoding state is a separate,
+    immutable [`eqzoo.generation.DecodeState`][] that `init_state`, `insert` and `step`
+    return (each donates the state it is given: keep only the new one).
+    [`eqzoo.generation.serve`][] runs the host loop (admit, step, stream, free).
+
+    With greedy decoding each request's tokens equal [`eqzoo.generate`][]'s for its prompt alone
+    (as `generate_batch`'s rows do, to the last bit on CPU), whatever slot it lands in and
+    whatever its neighbours do; sampling with a request's `key` draws the tokens
+    `eqzoo.generate` draws with that key and the same settings.
+
+    Compiled programs: one `insert` per prompt bucket (prompts of lengths within one bucket
+    share it), one `step` per `steps`. Sampling settings, stop ids, budgets and keys are
+    arguments: a new value compiles nothing.
+    """
+
+    @no_type_check  # validated here, with messages that say how to fix the call
+    def __init__(
+        self,
+        model: AbstractLM,
+        *,
+        slots: int,
+        max_len: int,
+        cache_dtype=None,
+        prompt_buckets: Sequence[int] | None = None,
+        steps_per_call: int = 8,
+        stop_ids: int = 4,
+        unroll_layers: bool | str = "auto",
+    ):
+        """**Arguments:**
+
+        - `model`: an eqzoo language model ([`eqzoo.models.AbstractLM`][]).
+        - `slots`: how many requests decode at once (the decode program's batch).
+        - `max_len`: positions per slot: a request's prompt plus its `max_new_tokens` must fit.
+          At most the model's `max_seq`.
+        - `cache_dtype`: the KV cache's dtype, as in [`eqzoo.generation.generate_batch`][].
+        - `prompt_buckets`: the widths prompts are padded to before prefill, one compiled
+          `insert` each (default: powers of two from 16, and `max_len - 1`).
+        - `steps_per_call`: decode steps per `step` call (default 8): one host round trip
+          hands over up to this many tokens per slot. A slot that finishes mid-call idles for
+          the rest of it; more steps cost fewer round trips.
+        - `stop_ids`: the most eos ids one request may give (a static width; default 4).
+        - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][].
+        """
+        check_model(model, "DecodeEngine")
+        for name, value in (("slots", slots), ("max_len", max_len), ("steps_per_call", steps_per_call), ("stop_ids", stop_ids)):
+            check_count(value, name, "DecodeEngine")
+        if not 2 <= max_len <= model.max_seq:
+            raise ShapeError(
+                f"DecodeEngine: max_len={max_len} must lie in [2, the model's max_seq={model.max_seq}] (a prompt "
+                "token and a new one at least); lower max_len or build the model with a larger max_seq."
+            )
+        self.model = model
+        self.slots, self.max_len, self.steps_per_call, self.stop_ids = int(slots), int(max_len), int(steps_per_call), int(stop_ids)
+        self.cache_dtype = None if cache_dtype is None else check_cache_dtype(cache_dtype, None)
+        self.prompt_buckets = _buckets(prompt_buckets, self.max_len)
+        self.unroll_layers = resolve_unroll(unroll_layers)
+        self._arrays, self._skeleton = _split_model(model)
+
+    def init_state(self) -> DecodeState:
+        """A state with every slot free."""
+        return _init(self._arrays, skeleton=self._skeleton, slots=self.slots, max_len=self.max_len,
+                     cache_dtype=self.cache_dtype, stop_ids=self.stop_ids)
+
+    def bucket(self, length: int) -> int:
+        """The width a prompt of `length` tokens is padded to (the smallest bucket that holds it)."""
+        for width in self.prompt_buckets:
+            if length <= width:
+                return width
+        raise ShapeError(
+            f"DecodeEngine: a prompt of {length} tokens is longer than the largest prompt bucket "
+            f"({self.prompt_buckets[-1]}); pass prompt_buckets with a wider one or shorten the prompt."
+        )
+
+    @no_type_check  # validated here, with messages that say how to fix the call
+    def insert(
+        self,
+        state: DecodeState,
+        slot: int,
+        prompt: Integer[Array, " seq"],
+        *,
+        max_new_tokens: int,
+        key: PRNGKey | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        eos_token: int | Sequence[int] | None = None,
+    ) -> DecodeState:
+        """Prefill `prompt` into the free `slot` and start decoding it there.
+
+        **Arguments:**
+
+        - `state`: the current [`eqzoo.generation.DecodeState`][] (donated).
+        - `slot`: a free slot (`not state.active[slot]`): an int in `[0, slots)`.
+        - `prompt`: one prompt's token ids, 1-D, at least one token.
+        - `max_new_tokens`: the request's token budget; `len(prompt) + max_new_tokens` must be
+          at most `max_len`.
+        - `key`, `temperature`, `top_k`, `top_p`, `min_p`: as in [`eqzoo.generate`][], for this
+          request alone (arguments of the compiled programs: new values compile nothing).
+        - `eos_token`: a stop id or a sequence of at most `stop_ids` of them: the slot stops
+          after producing one (it is emitted).
+
+        Reads `state.active` back to check the slot is free ([`eqzoo.generation.serve`][]
+        tracks its slots itself and skips the read).
+
+        **Returns:** the new state.
+        """
+        self._check_slot(slot)
+        if bool(np.asarray(state.active)[slot]):
+            raise ConfigError(
+                f"DecodeEngine.insert: slot {slot} is still decoding a request; insert into a free slot "
+                f"(free: {np.flatnonzero(~np.asarray(state.active)).tolist()}) or step until it finishes."
+            )
+        return self._insert(state, slot, prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
+                            top_k=top_k, top_p=top_p, min_p=min_p, eos_token=eos_token)
+
+    def _check_slot(self, slot) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.slots:
+            raise ConfigError(f"DecodeEngine.insert: slot must be an int in [0, {self.slots}), got {slot!r}.")
+
+    def _insert(self, state, slot, prompt, **request) -> DecodeState:
+        """`insert` without the busy check (the caller knows the slot is free)."""
+        prompt, settings = self._request(prompt, **request)
+        length = prompt.shape[0]
+        padded = np.zeros((self.bucket(length),), np.int32)
+        padded[:length] = prompt
+        return _insert(state, self._arrays, np.asarray(slot, np.int32), padded, np.asarray(length, np.int32), settings,
+                       skeleton=self._skeleton, unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
+
+    def _request(self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token) -> tuple:
+        """The prompt as a host int32 array and the request's settings as the insert program
+        takes them, after checking both."""
+        who, vocab = "DecodeEngine.insert", self.model.config.vocab_size
+        prompt = np.asarray(as_prompts(prompt, who))
+        if prompt.ndim != 1 or prompt.shape[0] < 1 or not np.issubdtype(prompt.dtype, np.integer):
+            raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
+                             f"{shape_str(prompt.shape)} of dtype {prompt.dtype}. For several, insert each into its own slot.")
+        if prompt.min() < 0 or prompt.max() >= vocab:
+            raise ConfigError(f"{who}: the prompt holds ids outside the model's vocabulary [0, {vocab}).")
+        check_count(max_new_tokens, "max_new_tokens", who)
+        if prompt.shape[0] + max_new_tokens > self.max_len:
+            raise ShapeError(
+                f"{who}: prompt length {prompt.shape[0]} + max_new_tokens {max_new_tokens} = "
+                f"{prompt.shape[0] + max_new_tokens} exceeds the engine's max_len={self.max_len}; shorten the prompt, "
+                "ask for fewer tokens or build the engine with a larger max_len."
+            )
+        check_key(key, who)
+        check_sampling(temperature, top_k, top_p, min_p)
+        if key is None and temperature > 0:
+            raise ConfigError(f"{who}: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+        eos, _ = check_stop_tokens(eos_token, 0, vocab, who)
+        eos = () if eos is None else eos
+        if len(eos) > self.stop_ids:
+            raise ConfigError(f"{who}: {len(eos)} eos ids given, but the engine takes at most stop_ids={self.stop_ids}; "
+                              "build it with a larger stop_ids.")
+        top_k = top_k_setting(top_k)
+        settings = dict(
+            max_new_tokens=np.asarray(max_new_tokens, np.int32), key=loop_key(key),
+            temperature=np.asarray(float(temperature), np.float32),
+            top_k=np.asarray(vocab if top_k is None else min(top_k, vocab), np.int32),
+            top_p=np.asarray(1.0 if top_p is None else float(top_p), np.float32),
+            min_p=np.asarray(0.0 if min_p is None else float(min_p), np.float32),
+            eos=np.asarray(eos + (-1,) * (self.stop_ids - len(eos)), np.int32),
+        )
+        return prompt.astype(np.int32), settings
+
+    def step(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, Int[Array, "slots steps"]]:
+        """Decode up to `steps` tokens (default `steps_per_call`) for every active slot, in one
+        compiled program of fixed shape (it ends early once no slot is active). A slot stops at
+        one of its eos ids (emitted) or at its `max_new_tokens`, and is free from then on.
+
+        **Returns:** `(state, tokens)`: the new state (the given one is donated) and int32
+        `(slots, steps)` tokens, each slot's new ones in order, `-1` where it emitted none.
+        Nothing is read back to the host.
+        """
+        steps = self.steps_per_call if steps is None else steps
+        check_count(steps, "steps", "DecodeEngine.step")
+        return _step(state, self._arrays, skeleton=self._skeleton, unroll_layers=self.unroll_layers, steps=int(steps))
