@@ -181,22 +181,37 @@ class MoE(eqx.Module):
         return [weight_value(p, dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
 
     def _dense(self, x, experts):
-        w_gate, w_up, w_down = self._weights(x.dtype)
-        # Every expert's slots hold the whole sequence, the products batched over the experts:
-        # "td,edh->teh" made XLA:CPU copy each (experts, embed, hidden) weight into one
-        # (embed, experts * hidden) operand first (measured: Mixtral-style 16-token prefill
-        # 126 -> 75 ms CPU time, float experts; int4 experts alike).
-        xs = jnp.broadcast_to(x, (self.num_experts, *x.shape))  # (experts, seq, embed)
-        parallel = expert_parallel_size() > 1
-        if parallel:  # experts split over the mesh's `expert` axis: the slots go to them and back
-            xs = to_experts(xs)
-        g = jnp.einsum("etd,edh->eth", xs, w_gate)
-        u = jnp.einsum("etd,edh->eth", xs, w_up)
-        y = jnp.einsum("eth,ehd->etd", jax.nn.silu(g) * u, w_down)
-        if parallel:
-            y = from_experts(y)
-        y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
+        from ..sharding._activation import active_mesh  # eqzoo.sharding imports eqzoo.nn
+
+        if active_mesh() is None or expert_parallel_size() > 1:
+            # Every expert's slots hold the whole sequence, the products batched over the
+            # experts: "td,edh->teh" made XLA:CPU copy each (experts, embed, hidden) weight into
+            # one (embed, experts * hidden) operand first (measured: Mixtral-style 16-token
+            # prefill 126 -> 75 ms CPU time, float experts; int4 experts alike).
+            y = self._expert_slots(jnp.broadcast_to(x, (self.num_experts, *x.shape)), x.dtype)  # (experts, seq, embed)
+            y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
+        else:
+            # Under a mesh without expert parallelism the partitioner splits the broadcast
+            # tokens over the experts (and gathers them under FSDP); contracting the shared
+            # tokens with every expert's weights keeps tokens where they are.
+            w_gate, w_up, w_down = self._weights(x.dtype)
+            g = jnp.einsum("td,edh->teh", x, w_gate)
+            u = jnp.einsum("td,edh->teh", x, w_up)
+            y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
         return jnp.take_along_axis(y, experts[..., None], axis=1), None
+
+    def _expert_slots(self, xs, dtype):
+        """Each expert's SwiGLU on its own slots, `(experts, slots, embed)` in and out, the
+        products batched over the experts; with the experts split over the mesh's `expert`
+        axis the slots go to their experts' devices and back."""
+        w_gate, w_up, w_down = self._weights(dtype)
+        parallel = expert_parallel_size() > 1
+        if parallel:
+            xs = to_experts(xs)
+        g = jnp.einsum("ecd,edh->ech", xs, w_gate)
+        u = jnp.einsum("ecd,edh->ech", xs, w_up)
+        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down)
+        return from_experts(ys) if parallel else ys
 
     def _capacity(self, x, experts):
         seq, k = experts.shape
@@ -213,17 +228,7 @@ class MoE(eqx.Module):
         # Which token fills each of the e * c slots (seq: an empty slot, reading a zero row).
         slot_token = jnp.full((e * c + 1,), seq, jnp.int32).at[slot].set(token)[: e * c]
         xs = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[slot_token]
-        w_gate, w_up, w_down = self._weights(x.dtype)
-        xs = xs.reshape(e, c, -1)
-        parallel = expert_parallel_size() > 1
-        if parallel:  # experts split over the mesh's `expert` axis: the slots go to them
-            xs = to_experts(xs)
-        g = jnp.einsum("ecd,edh->ech", xs, w_gate)
-        u = jnp.einsum("ecd,edh->ech", xs, w_up)
-        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down)
-        if parallel:
-            ys = from_experts(ys)
-        ys = ys.reshape(e * c, -1)
+        ys = self._expert_slots(xs.reshape(e, c, -1), x.dtype).reshape(e * c, -1)
         ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[-1]), ys.dtype)])
         out = ys[slot].reshape(seq, k, -1)  # dropped assignments read the zero row
         return out, kept.reshape(seq, k)
