@@ -4,13 +4,15 @@ Requests with mixed budgets (new tokens drawn uniformly from `--min-new .. --max
 no eos) are served two ways with the same batch size: `eqzoo.generation.serve` on a
 `DecodeEngine` of `--slots` slots (a finished request frees its slot at once), and
 `eqzoo.generation.generate_batch` on consecutive groups of `--slots` requests (each group runs
-until its longest budget; per-row limits). Both are timed on a second pass (every program
-already compiled); the tokens are checked equal. `decode_steps` counts the steps each ran
+until its longest budget; per-row limits). Both are timed after a first pass (every program
+already compiled), the median of `--repeats` passes; the tokens are checked equal. `decode_steps` counts the steps each ran
 (static: the sum of each group's longest budget; continuous: the engine's decode steps,
 `steps_per_call` per call, the last call's unused steps included).
 
     python benchmarks/continuous_batching.py --json                       # tiny-gpt2-sized, ~1 min on 2 CPU cores
     python benchmarks/continuous_batching.py --preset gpt2-124m --json    # several minutes
+    python benchmarks/continuous_batching.py --set embed_dim=256 --set num_layers=4 --json  # a mid-size model
+    python benchmarks/continuous_batching.py --requests 64 --min-new 2 --max-new 8 --json  # admission-heavy
     python benchmarks/continuous_batching.py --smoke --json
 """
 
@@ -36,6 +38,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=16, help="prompts are 4 .. this many tokens")
     p.add_argument("--steps-per-call", default="1,8,32", help="comma-separated engine steps per host round trip")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the preset (an int or float), e.g. --set embed_dim=256")
+    p.add_argument("--repeats", type=int, default=1, help="timed passes after the compiling one (the median is reported)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -75,22 +80,34 @@ def continuous(engine, prompts, budgets) -> tuple[dict, int]:
     return out, calls
 
 
-def timed(fn, *args):
+def overrides(pairs) -> dict:
+    out = {}
+    for pair in pairs:
+        field, _, value = pair.partition("=")
+        out[field] = float(value) if "." in value or "e" in value else int(value)
+    return out
+
+
+def timed(fn, *args, repeats=1):
     fn(*args)  # compiles
-    start = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn(*args)
+        seconds.append(time.perf_counter() - start)
+    return result, float(np.median(seconds))
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     max_len = args.prompt_len + args.max_new  # the model's positions: random weights, any length
-    model = eqx.filter_jit(lambda key: models.create(args.preset, key=key, max_seq=max_len))(jax.random.key(0))
+    config = overrides(args.set)
+    model = eqx.filter_jit(lambda key: models.create(args.preset, key=key, max_seq=max_len, **config))(jax.random.key(0))
     prompts, budgets = workload(args, model.config.vocab_size)
     total = int(sum(budgets))
-    (want, static_steps), static_s = timed(static, model, prompts, budgets, args.slots)
+    (want, static_steps), static_s = timed(static, model, prompts, budgets, args.slots, repeats=args.repeats)
     result = {
-        "preset": args.preset, "requests": args.requests, "slots": args.slots, "new_tokens": total,
+        "preset": args.preset, "set": config, "repeats": args.repeats, "requests": args.requests, "slots": args.slots, "new_tokens": total,
         "budgets": [args.min_new, args.max_new], "backend": jax.default_backend(),
         "static": {"wall_s": round(static_s, 3), "tokens_per_s": round(total / static_s, 1), "decode_steps": static_steps},
         "continuous": {},
@@ -101,22 +118,23 @@ def main(argv=None) -> int:
 
         def run(engine=engine, counter=counter):
             steps = 0
-            original = engine.step
+            name = "_step" if hasattr(engine, "_step") else "step"  # the call serve makes (`step` in older eqzoo)
+            original = getattr(engine, name)
 
             def counted(state, steps_=None):
                 nonlocal steps
                 steps += engine.steps_per_call
                 return original(state, steps_)
 
-            engine.step = counted
+            setattr(engine, name, counted)
             try:
                 got = continuous(engine, prompts, budgets)[0]
             finally:
-                del engine.step
+                delattr(engine, name)
             counter["steps"] = steps
             return got
 
-        got, seconds = timed(run)
+        got, seconds = timed(run, repeats=args.repeats)
         result["continuous"][f"steps_per_call={k}"] = {
             "wall_s": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "decode_steps": counter["steps"],
             "speedup": round(static_s / seconds, 2), "same_tokens": got == want,

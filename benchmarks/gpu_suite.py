@@ -166,6 +166,12 @@ ROWS: tuple[Row, ...] = (
     # decoding: on GPU a round's one-pass check should cost about one step, so its tokens per
     # round should turn into speed, where on CPU (compute-bound) it barely does.
     Row("speculative", ("benchmarks/speculative_decoding.py",), GENERATE_TIMEOUT_S),
+    # Continuous batching (serve on a DecodeEngine of 8 slots) against static batches of 8
+    # (generate_batch, each group until its longest budget), 32 requests of 8 .. 256 new tokens:
+    # on GPU a decode step costs about the same for 8 live rows as for 1, so the static batches'
+    # idle rows should turn into the continuous engine's speedup; 8 and 32 steps a host call.
+    Row("continuous-batching", ("benchmarks/continuous_batching.py", "--preset", "gpt2-124m",
+                                "--steps-per-call", "8,32"), GENERATE_TIMEOUT_S),
     # Gemma, last: Gemma 3 1B runs cuDNN with a lax.cond per layer between its windowed and
     # full calls; Gemma 2 2B soft-caps its attention logits, so it runs XLA's attention.
     _train("gemma3-1b", "--preset", "gemma3-1b", "--batch", "8", "--seq", "2048", "--steps", "10", "--warmup", "3"),
@@ -396,6 +402,11 @@ def table_lines(record: dict) -> list[list[str]]:
         return plain + [[f"{name} (num_draft {r.get('num_draft')}, x{_fmt(r.get('speedup'), '.2f')})",
                          _fmt(r.get("tokens_per_s"), ",.0f"), "-", "-", "-", "-", status]
                         for r in record["speculative"]]
+    if "continuous" in record:  # continuous_batching: static batches, then each steps_per_call
+        static = [[f"{name} (static batches)", _fmt(record.get("static", {}).get("tokens_per_s"), ",.0f"),
+                   "-", "-", "-", "-", status]]
+        return static + [[f"{name} ({k}, x{_fmt(r.get('speedup'), '.2f')})", _fmt(r.get("tokens_per_s"), ",.0f"),
+                          "-", "-", "-", "-", status] for k, r in record["continuous"].items()]
     mfu = record.get("mfu")
     if "images_per_s" in record:  # image_throughput: images/s in the throughput column
         name, record = f"{name} (images/s)", {**record, "tokens_per_s": record["images_per_s"]}

@@ -55,6 +55,7 @@ GPU_ROWS = [
     "generate-mixtral-2l",
     "generate-mixtral-2l-all-experts",
     "speculative",
+    "continuous-batching",
     "gemma3-1b",
     "gemma2-2b",
 ]
@@ -234,10 +235,14 @@ def test_table_has_a_line_per_generation_batch():
          "peak_memory_gib": 30.0, "compile_s": 20.0},
         {"row": "speculative", "status": "ok", "greedy_tokens_per_s": 1000.0, "speculative": [
             {"num_draft": 4, "tokens_per_s": 1800.0, "speedup": 1.8, "same_tokens": True}]},
+        {"row": "continuous-batching", "status": "ok", "static": {"tokens_per_s": 500.0}, "continuous": {
+            "steps_per_call=8": {"tokens_per_s": 900.0, "speedup": 1.8, "same_tokens": True}}},
     ]
     lines = suite.markdown_table(records).splitlines()
     assert lines[7] == "| speculative (greedy, no draft) | 1,000 | - | - | - | - | ok |"
     assert lines[8] == "| speculative (num_draft 4, x1.80) | 1,800 | - | - | - | - | ok |"
+    assert lines[9] == "| continuous-batching (static batches) | 500 | - | - | - | - | ok |"
+    assert lines[10] == "| continuous-batching (steps_per_call=8, x1.80) | 900 | - | - | - | - | ok |"
     assert lines[2] == "| gpt2-124m | 123,457 | 132.7 | 45.7% | 21.50 | 31.2 | ok |"
     assert lines[3] == "| generate (batch 1) | 400 | 2.50 | - | - | 9.0 | ok |"
     assert lines[4].startswith("| generate (batch 64) | 20,000 |")

@@ -20,7 +20,14 @@ from ..models._lm import AbstractLM
 from ..nn._attention import KVCache, check_cache_dtype
 from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
 from ._prompts import as_prompts
-from ._sampling import check_sampling, check_stop_tokens, filter_logits, top_k_setting
+from ._sampling import (
+    check_sampling,
+    check_stop_sequences,
+    check_stop_tokens,
+    filter_logits,
+    top_k_setting,
+)
+from ._speculative import _dropless
 from ._stream import _join_model, _split_model
 
 
@@ -40,6 +47,10 @@ class DecodeState(eqx.Module):
     - `temperature`, `top_p`, `min_p`: float32 `(slots,)` (0 greedy; 1 and 0 filter nothing);
       `top_k`: int32 `(slots,)` (the vocabulary size filters nothing).
     - `eos`: int32 `(slots, stop_ids)`, each slot's stop ids, `-1` where it has fewer.
+    - `stops`: int32 `(slots, stop_sequence_count, stop_sequence_length)`, each slot's stop
+      sequences, each at the end of its row after `-1`s; a row of `-1`s is no sequence.
+    - `recent`: int32 `(slots, stop_sequence_length)`, each slot's last generated tokens
+      (oldest first; `-1` before its first), which the stop sequences are matched against.
     """
 
     cache: KVCache
@@ -53,14 +64,16 @@ class DecodeState(eqx.Module):
     top_p: Float[Array, " slots"]
     min_p: Float[Array, " slots"]
     eos: Int[Array, "slots stop_ids"]
+    stops: Int[Array, "slots stop_sequences stop_length"]
+    recent: Int[Array, "slots stop_length"]
 
 
 def _slot_settings(state: DecodeState) -> tuple:
     return state.temperature, state.top_k, state.top_p, state.min_p
 
 
-@functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids"))
-def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids", "stop_shape"))
+def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids, stop_shape) -> DecodeState:
     model = _join_model(arrays, skeleton)
     one = model.init_cache(max_len, dtype=cache_dtype)
     vocab = model.config.vocab_size
@@ -70,14 +83,17 @@ def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids) -> DecodeS
         logits=jnp.zeros((slots, vocab), jnp.float32), position=zeros(jnp.int32), remaining=zeros(jnp.int32),
         active=zeros(bool), key=jax.random.split(jax.random.key(0), slots), temperature=zeros(jnp.float32),
         top_k=jnp.full((slots,), vocab, jnp.int32), top_p=jnp.ones((slots,), jnp.float32), min_p=zeros(jnp.float32),
-        eos=jnp.full((slots, stop_ids), -1, jnp.int32),
+        eos=jnp.full((slots, stop_ids), -1, jnp.int32), stops=jnp.full((slots, *stop_shape), -1, jnp.int32),
+        recent=jnp.full((slots, stop_shape[1]), -1, jnp.int32),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "cache_dtype"), donate_argnums=0)
-def _insert(state, arrays, slot, prompt, length, request, *, skeleton, unroll_layers, cache_dtype) -> DecodeState:
-    """Prefill `prompt` (padded to its bucket; `length` real tokens) into a fresh cache and write
-    it, its next-token logits and the `request`'s settings into row `slot` of `state`."""
+def _insert(state, arrays, slots, prompts, lengths, requests, *, skeleton, unroll_layers, cache_dtype) -> DecodeState:
+    """Prefill each of `prompts` (`(n, bucket)`, `lengths` real tokens each) into a fresh cache
+    and write it, its next-token logits and its request's settings (`requests`: each a leading
+    `n` axis) into row `slots[i]` of `state`, all rows in one scatter. A slot index past the
+    last (a padding row of the admission batch) writes nothing."""
     model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
 
     def prefill(prompt, length):  # as generate_batch's rows prefill (padding read as token 0)
@@ -85,16 +101,18 @@ def _insert(state, arrays, slot, prompt, length, request, *, skeleton, unroll_la
         cache = model.init_cache(state.cache.max_seq, dtype=cache_dtype)
         return model.prefill(prompt, cache, batch_size=1, valid_length=length)
 
-    last, cache = jax.tree.map(lambda a: a[0], jax.vmap(prefill)(prompt[None], length[None]))  # a batch of one, as generate's
-    key = jax.random.split(request["key"], 1)[0]  # generate's row key, so that sampling matches it
-    put = lambda rows, row: rows.at[slot].set(row)  # noqa: E731
+    last, cache = jax.vmap(prefill)(prompts, lengths)  # each row a batch of one, as generate's
+    keys = jax.vmap(lambda key: jax.random.split(key, 1)[0])(jnp.stack(requests["key"]))  # generate's row key: sampling matches it
+    put = lambda rows, new: rows.at[slots].set(new, mode="drop")  # noqa: E731
+    n = slots.shape[0]
     return DecodeState(
         cache=jax.tree.map(put, state.cache, cache), logits=put(state.logits, last.astype(jnp.float32)),
-        position=put(state.position, length), remaining=put(state.remaining, request["max_new_tokens"]),
-        active=put(state.active, jnp.ones((), bool)), key=put(state.key, key),
-        temperature=put(state.temperature, request["temperature"]), top_k=put(state.top_k, request["top_k"]),
-        top_p=put(state.top_p, request["top_p"]), min_p=put(state.min_p, request["min_p"]),
-        eos=put(state.eos, request["eos"]),
+        position=put(state.position, lengths), remaining=put(state.remaining, requests["max_new_tokens"]),
+        active=put(state.active, jnp.ones((n,), bool)), key=put(state.key, keys),
+        temperature=put(state.temperature, requests["temperature"]), top_k=put(state.top_k, requests["top_k"]),
+        top_p=put(state.top_p, requests["top_p"]), min_p=put(state.min_p, requests["min_p"]),
+        eos=put(state.eos, requests["eos"]), stops=put(state.stops, requests["stops"]),
+        recent=put(state.recent, jnp.full((n, state.recent.shape[1]), -1, jnp.int32)),
     )
 
 
@@ -138,7 +156,11 @@ def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots
     live = state.active
     tok = jnp.where(live, _choose(state, split[:, 1]), -1)
     remaining = state.remaining - live.astype(jnp.int32)
-    stopped = jnp.any((tok[:, None] == state.eos) & live[:, None], axis=-1) | (remaining <= 0)
+    recent = jnp.concatenate([state.recent[:, 1:], tok[:, None]], axis=1)  # (slots, stop_length)
+    # a stop sequence matches where each of its ids does (its -1 padding matches anything);
+    # a row of -1s (its last id -1) is no sequence
+    ends = jnp.all((state.stops < 0) | (recent[:, None, :] == state.stops), axis=-1) & (state.stops[..., -1] >= 0)
+    stopped = jnp.any((tok[:, None] == state.eos) | ends, axis=-1) & live | (remaining <= 0)
 
     def decode(tok, cache, position):
         logits, cache = model.decode(tok[None], cache, position, batch_size=slots)
@@ -148,15 +170,16 @@ def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots
     logits, cache = jax.vmap(decode)(jnp.maximum(tok, 0), state.cache, at)
     state = dataclasses.replace(
         state, cache=cache, logits=logits, position=state.position + live.astype(jnp.int32), remaining=remaining,
-        active=live & ~stopped, key=split[:, 0],
+        active=live & ~stopped, key=split[:, 0], recent=recent,
     )
     return state, tok
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "steps"), donate_argnums=0)
 def _step(state, arrays, *, skeleton, unroll_layers, steps):
-    """Up to `steps` decode steps (fewer once no slot is active): the state and `(slots, steps)`
-    tokens, `-1` where a slot emitted none."""
+    """Up to `steps` decode steps (fewer once no slot is active): the state, `(slots, steps)`
+    tokens (`-1` where a slot emitted none) and which slots are still active (a buffer of its
+    own, which a host may read after the state is donated to the next call)."""
     model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
     tokens = jnp.full((state.position.shape[0], steps), -1, jnp.int32)
 
@@ -170,7 +193,7 @@ def _step(state, arrays, *, skeleton, unroll_layers, steps):
         return i + 1, state, jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
 
     _, state, tokens = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, tokens))
-    return state, tokens
+    return state, tokens, jnp.copy(state.active)
 
 
 def _buckets(prompt_buckets, max_len: int) -> tuple[int, ...]:
@@ -206,8 +229,17 @@ class DecodeEngine:
     `eqzoo.generate` draws with that key and the same settings.
 
     Compiled programs: one `insert` per prompt bucket (prompts of lengths within one bucket
-    share it), one `step` per `steps`. Sampling settings, stop ids, budgets and keys are
-    arguments: a new value compiles nothing.
+    share it) and admission batch size (`serve` prefills the requests it admits together:
+    1, 2, 4, ... up to `slots` prompts a program, padded with rows that write nothing), one
+    `step` per `steps`. Sampling settings, stop ids, stop sequences (within the engine's
+    `stop_sequence_count` and `stop_sequence_length`), budgets and keys are arguments: a new
+    value compiles nothing.
+
+    Mixture-of-experts layers that run `"capacity"` run `"dense"` here (the same weights; see
+    [`eqzoo.nn.MoE`][]): a capacity router would drop a prompt's assignments depending on
+    the bucket it is padded to. So no assignment is ever dropped, and a request's tokens are
+    those `eqzoo.generate` gives for it with `model.with_moe_implementation("dense")` (the
+    same as with `"capacity"` wherever its prefill drops nothing: decoding steps never drop).
     """
 
     @no_type_check  # validated here, with messages that say how to fix the call
@@ -221,6 +253,8 @@ class DecodeEngine:
         prompt_buckets: Sequence[int] | None = None,
         steps_per_call: int = 8,
         stop_ids: int = 4,
+        stop_sequence_count: int = 4,
+        stop_sequence_length: int = 8,
         unroll_layers: bool | str = "auto",
     ):
         """**Arguments:**
@@ -236,10 +270,14 @@ class DecodeEngine:
           hands over up to this many tokens per slot. A slot that finishes mid-call idles for
           the rest of it; more steps cost fewer round trips.
         - `stop_ids`: the most eos ids one request may give (a static width; default 4).
+        - `stop_sequence_count`, `stop_sequence_length`: the most stop sequences one request
+          may give (default 4), and the longest (default 8 tokens): static widths.
         - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][].
         """
         check_model(model, "DecodeEngine")
-        for name, value in (("slots", slots), ("max_len", max_len), ("steps_per_call", steps_per_call), ("stop_ids", stop_ids)):
+        counts = dict(slots=slots, max_len=max_len, steps_per_call=steps_per_call, stop_ids=stop_ids,
+                      stop_sequence_count=stop_sequence_count, stop_sequence_length=stop_sequence_length)
+        for name, value in counts.items():
             check_count(value, name, "DecodeEngine")
         if not 2 <= max_len <= model.max_seq:
             raise ShapeError(
@@ -248,15 +286,18 @@ class DecodeEngine:
             )
         self.model = model
         self.slots, self.max_len, self.steps_per_call, self.stop_ids = int(slots), int(max_len), int(steps_per_call), int(stop_ids)
+        self.stop_shape = (int(stop_sequence_count), int(stop_sequence_length))
+        # prompts prefilled by one program: 1, 2, 4, ... and `slots`
+        self.admission_sizes = tuple(sorted({2**i for i in range(self.slots.bit_length()) if 2**i < self.slots} | {self.slots}))
         self.cache_dtype = None if cache_dtype is None else check_cache_dtype(cache_dtype, None)
         self.prompt_buckets = _buckets(prompt_buckets, self.max_len)
         self.unroll_layers = resolve_unroll(unroll_layers)
-        self._arrays, self._skeleton = _split_model(model)
+        self._arrays, self._skeleton = _split_model(_dropless(model))
 
     def init_state(self) -> DecodeState:
         """A state with every slot free."""
         return _init(self._arrays, skeleton=self._skeleton, slots=self.slots, max_len=self.max_len,
-                     cache_dtype=self.cache_dtype, stop_ids=self.stop_ids)
+                     cache_dtype=self.cache_dtype, stop_ids=self.stop_ids, stop_shape=self.stop_shape)
 
     def bucket(self, length: int) -> int:
         """The width a prompt of `length` tokens is padded to (the smallest bucket that holds it)."""
@@ -282,6 +323,7 @@ class DecodeEngine:
         top_p: float | None = None,
         min_p: float | None = None,
         eos_token: int | Sequence[int] | None = None,
+        stop_sequences: Sequence[Sequence[int]] | None = None,
     ) -> DecodeState:
         """Prefill `prompt` into the free `slot` and start decoding it there.
 
@@ -296,6 +338,10 @@ class DecodeEngine:
           request alone (arguments of the compiled programs: new values compile nothing).
         - `eos_token`: a stop id or a sequence of at most `stop_ids` of them: the slot stops
           after producing one (it is emitted).
+        - `stop_sequences`: multi-token stops, token-id sequences (at most
+          `stop_sequence_count`, each at most `stop_sequence_length` long), as
+          [`eqzoo.generate`][] takes them: the slot stops once its generated tokens end with
+          one (it is emitted). Checked on the device, every step.
 
         Reads `state.active` back to check the slot is free ([`eqzoo.generation.serve`][]
         tracks its slots itself and skips the read).
@@ -308,23 +354,39 @@ class DecodeEngine:
                 f"DecodeEngine.insert: slot {slot} is still decoding a request; insert into a free slot "
                 f"(free: {np.flatnonzero(~np.asarray(state.active)).tolist()}) or step until it finishes."
             )
-        return self._insert(state, slot, prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
-                            top_k=top_k, top_p=top_p, min_p=min_p, eos_token=eos_token)
+        request = self._request(prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_k=top_k,
+                                top_p=top_p, min_p=min_p, eos_token=eos_token, stop_sequences=stop_sequences)
+        return self._insert_batch(state, [slot], [request])
 
     def _check_slot(self, slot) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int | np.integer) or not 0 <= slot < self.slots:
             raise ConfigError(f"DecodeEngine.insert: slot must be an int in [0, {self.slots}), got {slot!r}.")
 
-    def _insert(self, state, slot, prompt, **request) -> DecodeState:
-        """`insert` without the busy check (the caller knows the slot is free)."""
-        prompt, settings = self._request(prompt, **request)
-        length = prompt.shape[0]
-        padded = np.zeros((self.bucket(length),), np.int32)
-        padded[:length] = prompt
-        return _insert(state, self._arrays, np.asarray(slot, np.int32), padded, np.asarray(length, np.int32), settings,
+    def _insert_batch(self, state, slots, requests) -> DecodeState:
+        """Prefill the `requests` (`_request`'s values) into the free `slots`, in one program per
+        prompt bucket, each batch padded to an admission size with rows that write nothing."""
+        by_bucket: dict[int, list] = {}
+        for slot, request in zip(slots, requests, strict=True):
+            by_bucket.setdefault(self.bucket(request[0].shape[0]), []).append((slot, request))
+        for width, rows in by_bucket.items():
+            for start in range(0, len(rows), self.slots):
+                state = self._prefill_rows(state, width, rows[start : start + self.slots])
+        return state
+
+    def _prefill_rows(self, state, width, rows) -> DecodeState:
+        n = next(size for size in self.admission_sizes if size >= len(rows))
+        rows = rows + [(self.slots, rows[0][1])] * (n - len(rows))  # padding: slot `slots` writes nothing
+        padded = np.zeros((n, width), np.int32)
+        for i, (_, (prompt, _)) in enumerate(rows):
+            padded[i, : prompt.shape[0]] = prompt
+        lengths = np.asarray([prompt.shape[0] for _, (prompt, _) in rows], np.int32)
+        requests = [request for _, (_, request) in rows]
+        settings = {k: np.stack([r[k] for r in requests]) for k in requests[0] if k != "key"}
+        settings["key"] = [r["key"] for r in requests]  # stacked in the program: no dispatch of its own
+        return _insert(state, self._arrays, np.asarray([slot for slot, _ in rows], np.int32), padded, lengths, settings,
                        skeleton=self._skeleton, unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
 
-    def _request(self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token) -> tuple:
+    def _request(self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token, stop_sequences) -> tuple:
         """The prompt as a host int32 array and the request's settings as the insert program
         takes them, after checking both."""
         who, vocab = "DecodeEngine.insert", self.model.config.vocab_size
@@ -350,6 +412,7 @@ class DecodeEngine:
         if len(eos) > self.stop_ids:
             raise ConfigError(f"{who}: {len(eos)} eos ids given, but the engine takes at most stop_ids={self.stop_ids}; "
                               "build it with a larger stop_ids.")
+        stops = self._stops(stop_sequences, who)
         top_k = top_k_setting(top_k)
         settings = dict(
             max_new_tokens=np.asarray(max_new_tokens, np.int32), key=loop_key(key),
@@ -357,9 +420,25 @@ class DecodeEngine:
             top_k=np.asarray(vocab if top_k is None else min(top_k, vocab), np.int32),
             top_p=np.asarray(1.0 if top_p is None else float(top_p), np.float32),
             min_p=np.asarray(0.0 if min_p is None else float(min_p), np.float32),
-            eos=np.asarray(eos + (-1,) * (self.stop_ids - len(eos)), np.int32),
+            eos=np.asarray(eos + (-1,) * (self.stop_ids - len(eos)), np.int32), stops=stops,
         )
         return prompt.astype(np.int32), settings
+
+    def _stops(self, stop_sequences, who: str) -> np.ndarray:
+        """The stop sequences as `(stop_sequence_count, stop_sequence_length)` int32, each right-aligned
+        after `-1`s, rows of `-1`s for none, after checking them against the engine's widths."""
+        stops = check_stop_sequences(stop_sequences, self.model.config.vocab_size, who) or ()
+        count, length = self.stop_shape
+        longest = max((len(s) for s in stops), default=0)
+        if len(stops) > count or longest > length:
+            raise ConfigError(
+                f"{who}: {len(stops)} stop sequences of up to {longest} tokens given, but the engine takes at most "
+                f"stop_sequence_count={count} of at most stop_sequence_length={length} tokens; build it with larger ones."
+            )
+        out = np.full((count, length), -1, np.int32)
+        for row, seq in enumerate(stops):
+            out[row, length - len(seq) :] = seq
+        return out
 
     def step(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, Int[Array, "slots steps"]]:
         """Decode up to `steps` tokens (default `steps_per_call`) for every active slot, in one
@@ -370,6 +449,11 @@ class DecodeEngine:
         `(slots, steps)` tokens, each slot's new ones in order, `-1` where it emitted none.
         Nothing is read back to the host.
         """
+        state, tokens, _ = self._step(state, steps)
+        return state, tokens
+
+    def _step(self, state, steps) -> tuple:
+        """`step`, and which slots are still active after it (its own buffer)."""
         steps = self.steps_per_call if steps is None else steps
         check_count(steps, "steps", "DecodeEngine.step")
         return _step(state, self._arrays, skeleton=self._skeleton, unroll_layers=self.unroll_layers, steps=int(steps))

@@ -56,22 +56,41 @@ def _served(engine, requests) -> dict:
     return {k: tokens for k, (tokens, _) in out.items()}
 
 
+def _cut(row, eos, stop):
+    """`row` up to and with its first `eos` or first end of the sequence `stop`."""
+    ends = [i for i in range(len(row)) if row[i] == eos or row[: i + 1][-len(stop) :] == stop]
+    return row[: ends[0] + 1] if ends else row
+
+
+# Qwen3-MoE's shape in miniature: query/key norms, renormalised router weights, "capacity"
+# experts (which the engine runs dropless: its reference is the dense model's generate).
+QWEN3_MOE = dict(num_layers=1, qk_norm=True, normalize_router_weights=True, moe_implementation="capacity")
+
+
 @pytest.mark.parametrize(
     "name, overrides",
-    [("tiny-llama", {}), ("tiny-gemma2", dict(num_layers=2, sliding_window=4))],
-    ids=["llama-gqa", "gemma2-window"],
+    [("tiny-llama", {}), ("tiny-gemma2", dict(num_layers=2, sliding_window=4)), ("tiny-mixtral", QWEN3_MOE)],
+    ids=["llama-gqa", "gemma2-window", "qwen3-moe-capacity"],
 )
 def test_greedy_serving_equals_decoding_each_prompt_alone(name, overrides, compile_log):
     """Grouped-query attention with RoPE at each slot's own positions; Gemma 2's windowed
-    layers keep 4-slot rings, which the prompts and tokens run past."""
+    layers keep 4-slot rings, which the prompts and tokens run past; a mixture of experts whose
+    capacity router would drop a padded prompt's assignments (and, over the slot batch, let
+    neighbours and the free slots' dummy tokens take each other's room). Stop ids and
+    per-request stop sequences end requests mid-way, checked on the device."""
     model, prompts = _scaled(name, 1, max_seq=24, **overrides), _prompts()
+    reference = model.with_moe_implementation("dense") if "moe_implementation" in overrides else model
     # generate_batch's rows are generate's of each prompt alone (tests/generation/test_generate.py)
-    ref = np.asarray(generate_batch(model, _padded(prompts), np.asarray(LENGTHS), max_new_tokens=list(BUDGETS)))
+    ref = np.asarray(generate_batch(reference, _padded(prompts), np.asarray(LENGTHS), max_new_tokens=list(BUDGETS)))
     ref = [ref[i, n : n + b].tolist() for i, (n, b) in enumerate(zip(LENGTHS, BUDGETS, strict=True))]
     eos = ref[3][4]  # request 3 stops mid-way (others may too)
-    want = {i: row[: row.index(eos) + 1] if eos in row else row for i, row in enumerate(ref)}
-    assert len(want[3]) < BUDGETS[3]
-    requests = [Request(p, b, id=i, eos_token=[eos, 255]) for i, (p, b) in enumerate(zip(prompts, BUDGETS, strict=True))]
+    stops = {i: [ref[i][j : j + 2]] for i, j in ((1, 3), (5, 1))}  # requests 1 and 5: a stop sequence mid-way
+    want = {i: _cut(row, eos, stops.get(i, [[-1]])[0]) for i, row in enumerate(ref)}
+    assert len(want[3]) < BUDGETS[3] and len(want[1]) < BUDGETS[1] and len(want[5]) < BUDGETS[5]
+    requests = [
+        Request(p, b, id=i, eos_token=[eos, 255], stop_sequences=stops.get(i, [[255, 255, 255]]))
+        for i, (p, b) in enumerate(zip(prompts, BUDGETS, strict=True))
+    ]
     engine = _engine(model)  # more requests than slots
     assert _served(engine, requests) == want
     with compile_log() as log:  # other slots, neighbours and prompt lengths (one bucket): nothing new
@@ -119,6 +138,11 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         engine.insert(state, 1, prompt, max_new_tokens=2, temperature=1.0)
     with pytest.raises(ConfigError, match="at most stop_ids=4; build it with a larger stop_ids"):
         engine.insert(state, 1, prompt, max_new_tokens=2, eos_token=[1, 2, 3, 4, 5])
+    with pytest.raises(ConfigError, match=r"2 stop sequences of up to 9 tokens given, but the engine takes at most "
+                       r"stop_sequence_count=4 of at most stop_sequence_length=8 tokens; build it with larger ones"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, stop_sequences=[[1, 2], list(range(9))])
+    with pytest.raises(ConfigError, match="stop_sequences holds the string"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, stop_sequences=["\n\n"])
     with pytest.raises(ConfigError, match=r"outside the model's vocabulary \[0, 256\)"):
         engine.insert(state, 1, jnp.asarray([3, 256]), max_new_tokens=2)
     with pytest.raises(ShapeError, match=r"max_len=40 must lie in \[2, the model's max_seq=24\]"):
