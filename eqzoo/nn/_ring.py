@@ -12,6 +12,37 @@ from jax.sharding import Mesh, PartitionSpec as P
 from ..sharding._activation import batch_axes
 from ..sharding._mesh import CONTEXT_AXIS, context_size
 
+_TILE = 512
+"""Query rows a ring step scores at once. A step over more rows splits them into equal tiles
+(the largest size above `_TILE / 2` and at most `_TILE` that divides them; the whole block
+where none does) scored one after another, so that a step's float32 scores and the arrays made from
+them are `(heads, tile, keys)`, not `(heads, blk, blk)`. Blocks up to `_TILE` rows (sequences
+up to `_TILE * context` positions) score in one tile, as before tiling. Private: the tests
+lower it to put tile edges inside small blocks."""
+
+
+def _tile_count(rows: int, tile: int) -> int:
+    """How many equal tiles of at most `tile` (and more than `tile / 2`) rows `rows` splits into;
+    1 when the rows fit one tile or no such size divides them."""
+    if rows <= tile:
+        return 1
+    for size in range(tile, tile // 2, -1):
+        if rows % size == 0:
+            return rows // size
+    return 1
+
+
+def _split(x, n: int, axis: int):
+    """`x` with its axis `axis` cut into `n` equal tiles, stacked on a new leading axis."""
+    shape = x.shape[:axis] + (n, x.shape[axis] // n) + x.shape[axis + 1 :]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _join(x, axis: int):
+    """The inverse of `_split`: the leading tile axis put back in place along `axis`."""
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
 
 def _zigzag_perms(ctx: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     # Contiguously, device i holds chunks 2i (first half) and 2i + 1 (second half) of 2 ctx;
@@ -44,6 +75,12 @@ def ring_attention(
 
     A block no query of this device may see (wholly in its future under the causal mask, or
     wholly before the window) skips its scores with `lax.cond`; the ring exchange still runs.
+
+    A step over more than `_TILE` (512) query rows scores them in equal tiles, one after another
+    (as FlashAttention, Dao et al., 2022, tiles its rows), each against the whole visiting
+    block, so that a step's float32 scores are `(heads, tile, blk)`: linear in the block. A tile
+    wholly past the window of the block's keys is skipped as a block is. Blocks of up to
+    `_TILE` rows score in one tile.
 
     `balanced` (with `causal`): the load-balanced ("zigzag") order. The sequence is cut into
     `2 * context` chunks of `blk / 2` and, on entry, two `ppermute`s of half-blocks move them so
@@ -106,6 +143,13 @@ class _Queries(NamedTuple):
             self.do[part], self.lse[:, :, part], self.delta[:, :, part],
         )
 
+    def tiles(self, n):
+        """Each cut into `n` tiles of rows, stacked on a leading axis (for `lax.scan`)."""
+        return _Queries(
+            _split(self.q, n, 0), _split(self.pos, n, 0), None if self.seg is None else _split(self.seg, n, 0),
+            _split(self.do, n, 0), _split(self.lse, n, 2), _split(self.delta, n, 2),
+        )
+
 
 class _Keys(NamedTuple):
     """A key/value block visiting in the backward pass: keys, values, their global positions and
@@ -137,6 +181,7 @@ class _Ring:
         # layer's), which the custom VJP's backward, traced later, must not close over.
         self.scale = float(self.head_dim**-0.5 if scale is None else scale)
         self.perm = [(i, (i + 1) % ctx) for i in range(ctx)]  # device i hands its block to i + 1
+        self.tile = _TILE
         self.traced_flag = window is not None and not isinstance(windowed, bool)
         self.use_window = window is not None and windowed is not False
         if self.balanced:
@@ -170,10 +215,34 @@ class _Ring:
             logits = c * jnp.tanh(logits / c)
         return logits, self._mask(q_pos, k_pos, qseg, kseg, flag)
 
+    def tile_live(self, q_pos, k_pos, flag):
+        """Whether any query of a tile at `q_pos` may see a key at `k_pos` under the window: not
+        when the last key is before the first query's window. (The causal mask never hides a
+        whole tile of query rows: a step's keys are all in their past, or it is the diagonal.)"""
+        return self._near(jnp.max(k_pos), jnp.min(q_pos), flag)
+
     def step(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
         """Query rows at global positions `q_pos` against keys at `k_pos`, folded into their
         running softmax: `carry` is the (kv, g, rows) running max and sum (float32) and the
-        (kv, g, rows, head_dim) output."""
+        (kv, g, rows, head_dim) output. More rows than a tile are scored tile by tile
+        (`lax.map`), each tile's rows against all the keys, into its part of the carry."""
+        n = _tile_count(qb.shape[0], self.tile)
+        if n == 1:
+            return self.step_tile(carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag)
+
+        def one(tile):  # one tile's rows: their (max, sum, output) carry, q, positions, segments
+            c, qt, pt, st = tile
+
+            def score(c):
+                return self.step_tile(c, qt, pt, kb, vb, k_pos, st, kseg, flag)
+
+            return jax.lax.cond(self.tile_live(pt, k_pos, flag), score, lambda c: c, c) if self.use_window else score(c)
+
+        tiles = (tuple(_split(x, n, 2) for x in carry), _split(qb, n, 0), _split(q_pos, n, 0), None if qseg is None else _split(qseg, n, 0))
+        return tuple(_join(x, 2) for x in jax.lax.map(one, tiles))
+
+    def step_tile(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
+        """`step` for rows scored at once: the (kv, g, rows, keys) float32 scores live here."""
         m, total, o = carry
         logits, mask = self._scores(qb, q_pos, kb, k_pos, qseg, kseg, flag)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -187,7 +256,29 @@ class _Ring:
     def grad_step(self, qs: _Queries, ks: _Keys, flag):
         """The gradient of the query rows `qs` against the keys `ks`, from the scores recomputed
         and the forward's log-sum-exp: float32 dq `(rows, kv, g, head_dim)`, dk and dv
-        `(keys, kv, head_dim)` (summed over the query heads that share a key/value head)."""
+        `(keys, kv, head_dim)` (summed over the query heads that share a key/value head). More
+        rows than a tile are scored tile by tile (`lax.scan`): dq per tile, dk and dv summed
+        over the tiles."""
+        n = _tile_count(qs.q.shape[0], self.tile)
+        if n == 1:
+            return self.grad_tile(qs, ks, flag)
+        zero = jnp.zeros((ks.k.shape[0], self.kv_heads, self.head_dim), jnp.float32)
+
+        def one(acc, qt):
+            if self.use_window:
+                zq = jnp.zeros((qt.q.shape[0], self.kv_heads, self.group, self.head_dim), jnp.float32)
+                live = self.tile_live(qt.pos, ks.pos, flag)
+                dq, dk, dv = jax.lax.cond(live, lambda: self.grad_tile(qt, ks, flag), lambda: (zq, zero, zero))
+            else:
+                dq, dk, dv = self.grad_tile(qt, ks, flag)
+            return (acc[0] + dk, acc[1] + dv), dq
+
+        (dk, dv), dq = jax.lax.scan(one, (zero, zero), qs.tiles(n))
+        return _join(dq, 0), dk, dv
+
+    def grad_tile(self, qs: _Queries, ks: _Keys, flag):
+        """`grad_step` for rows scored at once: the (kv, g, rows, keys) float32 scores,
+        probabilities and their gradients live here."""
         logits, mask = self._scores(qs.q, qs.pos, ks.k, ks.pos, qs.seg, ks.seg, flag)
         p = jnp.where(mask, jnp.exp(logits - qs.lse[..., None]), 0.0)  # the probabilities (kv, g, rows, keys)
         rows = qs.q.shape[0]

@@ -224,23 +224,37 @@ def test_ring_attention_equals_one_device(lab, model_name, mesh_spec, packed, st
         assert any(c.kind == "collective-permute" and c.in_loop for c in perf.collectives(compiled))
 
 
+def _shapes(jaxpr):
+    """The shapes of every value a jaxpr computes, its sub-jaxprs' (scans, conds, shard_maps) too."""
+    for eqn in jaxpr.eqns:
+        yield from (var.aval.shape for var in eqn.outvars)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _shapes(sub)
+
+
 @pytest.mark.parametrize("balanced", [False, True], ids=["contiguous", "balanced"])
-def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_shorter_than_a_block(balanced):
+def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_shorter_than_a_block(balanced, monkeypatch):
     # The models' windows are as long as a ring block, so no block is ever wholly before a
     # window there; here a window of 2 on blocks of 8 (chunks of 4 balanced) skips such blocks,
     # with documents crossing blocks, a static and a traced window flag (on and off), GQA (4
-    # heads, 2 kv heads) and a soft cap of 1.5. Window 2: the previous block's last key is
-    # exactly at the edge of a block's first query's window, so a skip test off by one fails
-    # (checked). The gradients of q, k and v come from the ring's own backward pass.
+    # heads, 2 kv heads, head_dim 6) and a soft cap of 1.5. Window 2: the previous block's last
+    # key is exactly at the edge of a block's first query's window, so a skip test off by one
+    # fails (checked). The gradients of q, k and v come from the ring's own backward pass.
+    # Tiles of 4 query rows (512 outside tests): a block's 8 rows score as 2 tiles, in the
+    # forward and the backward pass, with the causal diagonal, documents and the window
+    # crossing tile edges, and a tile wholly before the window skipped; balanced, a chunk's 4
+    # rows score as one tile. A tile offset off by one row fails (checked).
+    from eqzoo.nn import _ring
     from eqzoo.nn._attention import _xla_attention
     from eqzoo.nn._ring import ring_attention
 
+    monkeypatch.setattr(_ring, "_TILE", 4)
     mesh = sh.make_mesh("context=4", devices=jax.devices()[:4])
     seq, window, cap = 32, 2, 1.5
     kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(kq, (seq, 4, 8))
-    k, v = jax.random.normal(kk, (seq, 2, 8)), jax.random.normal(kv, (seq, 2, 8))
-    cotangent = jax.random.normal(kd, (seq, 4, 8))
+    q = jax.random.normal(kq, (seq, 4, 6))
+    k, v = jax.random.normal(kk, (seq, 2, 6)), jax.random.normal(kv, (seq, 2, 6))
+    cotangent = jax.random.normal(kd, (seq, 4, 6))
     seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), [7, 11, 9, 5]))
     pos = jnp.arange(seq)
     causal_docs = (pos[None, :] <= pos[:, None]) & (seg[:, None] == seg[None, :])
@@ -266,14 +280,20 @@ def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_sho
         for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):  # out, dq, dk, dv
             assert jnp.max(jnp.abs(x - y)) < TOL
 
-    check(jax.jit(with_grads(ring(True)))(q, k, v, seg), causal_docs & band)
+    static = jax.jit(with_grads(ring(True)))
+    check(static(q, k, v, seg), causal_docs & band)
     traced = jax.jit(with_grads(ring(None)))
     check(traced(q, k, v, seg, jnp.asarray(True)), causal_docs & band)
     check(traced(q, k, v, seg, jnp.asarray(False)), causal_docs)
+    # No scores (or masks) of a whole block's 8 query rows against 8 keys, or 4 balanced,
+    # forward or backward: a tile's 4 rows at most (head_dim 6, so that no other array is
+    # shaped like them). Fails untiled (checked).
+    program = static.trace(q, k, v, seg).jaxpr.jaxpr  # the program `static` ran (its cached trace)
+    assert not [s for s in _shapes(program) if s[-2:] in {(8, 8), (8, 4)}]
     # The backward pass keeps q, this device's own k and v blocks, the output and a float32
     # log-sum-exp per query row, not the key/value blocks each ring step received (nor each
-    # step's running softmax): 5 float arrays of 3,200 elements, where autodiff through the
-    # ring kept 31 (14,608 elements) contiguous and 55 (20,752) balanced.
+    # step's running softmax): 5 float arrays of 2,432 elements, where autodiff through the
+    # ring kept 31 contiguous and 55 balanced.
     pullback = jax.eval_shape(lambda *a: jax.vjp(ring(None), *a)[1], q, k, v, seg, jnp.asarray(True))
     saved = [x.size for x in jax.tree.leaves(pullback) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert sorted(saved) == sorted([q.size, q.size, k.size, v.size, seq * 4])
