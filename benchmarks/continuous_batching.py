@@ -140,7 +140,11 @@ def main(argv=None) -> int:
             "speedup": round(static_s / seconds, 2), "same_tokens": got == want,
         }
     print(json.dumps(result))
-    return 0 if all(r["same_tokens"] for r in result["continuous"].values()) else 1
+    # Greedy tokens must equal generate_batch's on CPU (tested there to the last bit); on an
+    # accelerator another prefill batch shape may round differently and flip a near-tie, so
+    # `same_tokens` is reported, not enforced.
+    same = all(r["same_tokens"] for r in result["continuous"].values())
+    return 0 if same or jax.default_backend() != "cpu" else 1
 
 
 if __name__ == "__main__":

@@ -191,6 +191,8 @@ def resolve_args(p: argparse.ArgumentParser, args) -> list[int]:
         p.error(f"--seq takes comma-separated integers, got {args.seq!r}")
     if args.mesh is None and len(seqs) > 1:
         p.error(f"several --seq lengths ({args.seq}) are timed only with --mesh; give one")
+    if args.mesh and args.warmup < 1:  # lower().compile() does not fill the step's dispatch cache
+        p.error("--mesh needs --warmup 1 or more: the first call of the step compiles it again")
     if (args.mesh or args.smoke) and args.devices:
         if args.mesh and mesh_size(args.mesh) > args.devices:
             p.error(f"--mesh {args.mesh} takes {mesh_size(args.mesh)} devices; --devices is {args.devices}: raise it")
@@ -232,7 +234,7 @@ def main(argv=None) -> dict:
                    help="with --mesh: fake CPU devices to lay it on (0: the backend's own devices)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny model and sizes (CPU regression guard); also times data=2,context=2 "
-                        "with ring attention")
+                        "with ring attention, so the whole run is on fake CPU devices (even on a GPU host)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     seqs = resolve_args(p, args)

@@ -403,6 +403,7 @@ class DecodeEngine:
                 f"{prompt.shape[0] + max_new_tokens} exceeds the engine's max_len={self.max_len}; shorten the prompt, "
                 "ask for fewer tokens or build the engine with a larger max_len."
             )
+        self.bucket(prompt.shape[0])  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
         check_sampling(temperature, top_k, top_p, min_p)
         if key is None and temperature > 0:
@@ -443,7 +444,8 @@ class DecodeEngine:
     def step(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, Int[Array, "slots steps"]]:
         """Decode up to `steps` tokens (default `steps_per_call`) for every active slot, in one
         compiled program of fixed shape (it ends early once no slot is active). A slot stops at
-        one of its eos ids (emitted) or at its `max_new_tokens`, and is free from then on.
+        one of its eos ids or the end of one of its stop sequences (emitted) or at its
+        `max_new_tokens`, and is free from then on.
 
         **Returns:** `(state, tokens)`: the new state (the given one is donated) and int32
         `(slots, steps)` tokens, each slot's new ones in order, `-1` where it emitted none.

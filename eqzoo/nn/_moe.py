@@ -183,11 +183,13 @@ class MoE(eqx.Module):
     def _dense(self, x, experts):
         from ..sharding._activation import active_mesh  # eqzoo.sharding imports eqzoo.nn
 
-        if active_mesh() is None or expert_parallel_size() > 1:
+        if expert_parallel_size() > 1 or (active_mesh() is None and jax.default_backend() == "cpu"):
             # Every expert's slots hold the whole sequence, the products batched over the
             # experts: "td,edh->teh" made XLA:CPU copy each (experts, embed, hidden) weight into
             # one (embed, experts * hidden) operand first (measured: Mixtral-style 16-token
-            # prefill 126 -> 75 ms CPU time, float experts; int4 experts alike).
+            # prefill 126 -> 75 ms CPU time, float experts; int4 experts alike). CPU only until
+            # an accelerator measures it: there the broadcast tokens become the residual of the
+            # weight gradients' products.
             y = self._expert_slots(jnp.broadcast_to(x, (self.num_experts, *x.shape)), x.dtype)  # (experts, seq, embed)
             y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
         else:

@@ -80,7 +80,8 @@ def ring_attention(
     (as FlashAttention, Dao et al., 2022, tiles its rows), each against the whole visiting
     block, so that a step's float32 scores are `(heads, tile, blk)`: linear in the block. A tile
     wholly past the window of the block's keys is skipped as a block is. Blocks of up to
-    `_TILE` rows score in one tile.
+    `_TILE` rows score in one tile, and so does a block whose row count no size from `_TILE / 2
+    + 1` to `_TILE` divides (twice a prime, say): its scores are `(heads, blk, blk)` again.
 
     `balanced` (with `causal`): the load-balanced ("zigzag") order. The sequence is cut into
     `2 * context` chunks of `blk / 2` and, on entry, two `ppermute`s of half-blocks move them so

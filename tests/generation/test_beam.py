@@ -25,6 +25,7 @@ PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
         (dict(temperature=0.7, top_k=5), ConfigError,
          r"got \{'temperature': 0.7, 'top_k': 5\} with do_sample=False: beam search is deterministic .* For beam "
          r"sampling pass do_sample=True and a key"),
+        (dict(do_sample="yes"), ConfigError, r"generate_beam: do_sample must be True or False, got 'yes'"),
         (dict(do_sample=True), ConfigError, r"beam sampling \(do_sample=True\) needs a PRNG key: pass key=jax.random.key"),
         (dict(do_sample=True, key=jax.random.key(0), temperature=0.0), ConfigError,
          r"beam sampling \(do_sample=True\) needs a temperature > 0 .*For the deterministic search pass do_sample=False"),

@@ -156,3 +156,7 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         DecodeEngine(model, slots=2, max_len=24, prompt_buckets=(8, 16)).insert(state, 1, np.arange(17), max_new_tokens=2)
     with pytest.raises(ConfigError, match="serve: requests must be eqzoo.generation.Request objects; request 0"):
         next(serve(engine, [(prompt, 2)]))
+    with pytest.raises(ConfigError, match="serve needs an eqzoo.generation.DecodeEngine, got GPT2"):
+        next(serve(model, []))
+    with pytest.raises(ShapeError, match=r"takes one prompt of at least one integer token id, shape \(seq,\); got \(2, 3\)"):
+        engine.insert(state, 1, np.zeros((2, 3), np.int32), max_new_tokens=2)
