@@ -24,6 +24,7 @@ import time
 import equinox as eqx
 import jax
 import numpy as np
+from _throughput import parse_set
 
 from eqzoo import models
 from eqzoo.generation import DecodeEngine, Request, generate_batch, serve
@@ -39,7 +40,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=16, help="prompts are 4 .. this many tokens")
     p.add_argument("--steps-per-call", default="1,8,32", help="comma-separated engine steps per host round trip")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field of the preset (an int or float), e.g. --set embed_dim=256")
+                   help="override a config field of the preset, e.g. --set embed_dim=256")
     p.add_argument("--repeats", type=int, default=1, help="timed passes after the compiling one (the median is reported)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CPU regression guard)")
     p.add_argument("--json", action="store_true")
@@ -73,19 +74,23 @@ def static(model, prompts, budgets, slots) -> tuple[dict, int]:
 
 
 def continuous(engine, prompts, budgets) -> tuple[dict, int]:
-    out, calls = {}, 0
-    for event in serve(engine, [Request(p, b) for p, b in zip(prompts, budgets, strict=True)]):
-        out.setdefault(event.id, []).extend(event.tokens.tolist())
-        calls += 1
-    return out, calls
+    """Every request through `serve`: each request's tokens, and the decode steps the engine's
+    step calls ran (counted on the engine's `_step`, the call `serve` makes)."""
+    out, steps = {}, 0
+    step = engine._step
 
+    def counted(state, n):
+        nonlocal steps
+        steps += n
+        return step(state, n)
 
-def overrides(pairs) -> dict:
-    out = {}
-    for pair in pairs:
-        field, _, value = pair.partition("=")
-        out[field] = float(value) if "." in value or "e" in value else int(value)
-    return out
+    engine._step = counted
+    try:
+        for event in serve(engine, [Request(p, b) for p, b in zip(prompts, budgets, strict=True)]):
+            out.setdefault(event.id, []).extend(event.tokens.tolist())
+    finally:
+        del engine._step
+    return out, steps
 
 
 def timed(fn, *args, repeats=1):
@@ -101,7 +106,7 @@ def timed(fn, *args, repeats=1):
 def main(argv=None) -> int:
     args = parse(argv)
     max_len = args.prompt_len + args.max_new  # the model's positions: random weights, any length
-    config = overrides(args.set)
+    config = parse_set(args.set)
     model = eqx.filter_jit(lambda key: models.create(args.preset, key=key, max_seq=max_len, **config))(jax.random.key(0))
     prompts, budgets = workload(args, model.config.vocab_size)
     total = int(sum(budgets))
@@ -114,29 +119,9 @@ def main(argv=None) -> int:
     }
     for k in (int(s) for s in args.steps_per_call.split(",")):
         engine = DecodeEngine(model, slots=args.slots, max_len=max_len, steps_per_call=k)
-        counter = {}
-
-        def run(engine=engine, counter=counter):
-            steps = 0
-            name = "_step" if hasattr(engine, "_step") else "step"  # the call serve makes (`step` in older eqzoo)
-            original = getattr(engine, name)
-
-            def counted(state, steps_=None):
-                nonlocal steps
-                steps += engine.steps_per_call
-                return original(state, steps_)
-
-            setattr(engine, name, counted)
-            try:
-                got = continuous(engine, prompts, budgets)[0]
-            finally:
-                delattr(engine, name)
-            counter["steps"] = steps
-            return got
-
-        got, seconds = timed(run, repeats=args.repeats)
+        (got, steps), seconds = timed(continuous, engine, prompts, budgets, repeats=args.repeats)
         result["continuous"][f"steps_per_call={k}"] = {
-            "wall_s": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "decode_steps": counter["steps"],
+            "wall_s": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "decode_steps": steps,
             "speedup": round(static_s / seconds, 2), "same_tokens": got == want,
         }
     print(json.dumps(result))
