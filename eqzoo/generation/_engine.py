@@ -5,7 +5,7 @@ decode program of fixed shape (Yu et al., 2022, "Orca"; vLLM and JetStream serve
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import no_type_check
 
 import equinox as eqx
@@ -19,6 +19,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import KVCache, check_cache_dtype
 from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
+from ._processors import logit_bias_vector
 from ._prompts import as_prompts
 from ._sampling import (
     check_sampling,
@@ -51,6 +52,14 @@ class DecodeState(eqx.Module):
       sequences, each at the end of its row after `-1`s; a row of `-1`s is no sequence.
     - `recent`: int32 `(slots, stop_sequence_length)`, each slot's last generated tokens
       (oldest first; `-1` before its first), which the stop sequences are matched against.
+    - `repetition_penalty`: float32 `(slots,)` (1 is off).
+    - `seen`: bool `(slots, vocab)`, the ids each slot's prompt and tokens hold (what its
+      repetition penalty applies to): one byte per slot and vocabulary entry, a quarter of
+      `logits`.
+    - `bias_ids`, `bias`: int32 and float32 `(slots, logit_bias_ids)`, each slot's
+      `logit_bias` as ids and the biases added to their logits (`vocab` where it has fewer:
+      an id that adds nothing).
+    - `return_logprobs`: bool `(slots,)`, which slots report their tokens' log-probabilities.
     """
 
     cache: KVCache
@@ -66,14 +75,19 @@ class DecodeState(eqx.Module):
     eos: Int[Array, "slots stop_ids"]
     stops: Int[Array, "slots stop_sequences stop_length"]
     recent: Int[Array, "slots stop_length"]
+    repetition_penalty: Float[Array, " slots"]
+    seen: Bool[Array, "slots vocab"]
+    bias_ids: Int[Array, "slots bias_ids"]
+    bias: Float[Array, "slots bias_ids"]
+    return_logprobs: Bool[Array, " slots"]
 
 
 def _slot_settings(state: DecodeState) -> tuple:
     return state.temperature, state.top_k, state.top_p, state.min_p
 
 
-@functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids", "stop_shape"))
-def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids, stop_shape) -> DecodeState:
+@functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids", "stop_shape", "bias_ids"))
+def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids, stop_shape, bias_ids) -> DecodeState:
     model = _join_model(arrays, skeleton)
     one = model.init_cache(max_len, dtype=cache_dtype)
     vocab = model.config.vocab_size
@@ -84,7 +98,9 @@ def _init(arrays, *, skeleton, slots, max_len, cache_dtype, stop_ids, stop_shape
         active=zeros(bool), key=jax.random.split(jax.random.key(0), slots), temperature=zeros(jnp.float32),
         top_k=jnp.full((slots,), vocab, jnp.int32), top_p=jnp.ones((slots,), jnp.float32), min_p=zeros(jnp.float32),
         eos=jnp.full((slots, stop_ids), -1, jnp.int32), stops=jnp.full((slots, *stop_shape), -1, jnp.int32),
-        recent=jnp.full((slots, stop_shape[1]), -1, jnp.int32),
+        recent=jnp.full((slots, stop_shape[1]), -1, jnp.int32), repetition_penalty=jnp.ones((slots,), jnp.float32),
+        seen=jnp.zeros((slots, vocab), bool), bias_ids=jnp.full((slots, bias_ids), vocab, jnp.int32),
+        bias=jnp.zeros((slots, bias_ids), jnp.float32), return_logprobs=zeros(bool),
     )
 
 
@@ -102,6 +118,12 @@ def _insert(state, arrays, slots, prompts, lengths, requests, *, skeleton, unrol
         return model.prefill(prompt, cache, batch_size=1, valid_length=length)
 
     last, cache = jax.vmap(prefill)(prompts, lengths)  # each row a batch of one, as generate's
+
+    def seen(prompt, length):  # the ids the prompt holds, as generate's `seen` starts (padding: id vocab, dropped)
+        vocab = state.seen.shape[1]
+        real = jnp.where(jnp.arange(prompt.shape[0]) < length, prompt, vocab)
+        return jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
+
     keys = jax.vmap(lambda key: jax.random.split(key, 1)[0])(jnp.stack(requests["key"]))  # generate's row key: sampling matches it
     put = lambda rows, new: rows.at[slots].set(new, mode="drop")  # noqa: E731
     n = slots.shape[0]
@@ -113,6 +135,10 @@ def _insert(state, arrays, slots, prompts, lengths, requests, *, skeleton, unrol
         top_p=put(state.top_p, requests["top_p"]), min_p=put(state.min_p, requests["min_p"]),
         eos=put(state.eos, requests["eos"]), stops=put(state.stops, requests["stops"]),
         recent=put(state.recent, jnp.full((n, state.recent.shape[1]), -1, jnp.int32)),
+        repetition_penalty=put(state.repetition_penalty, requests["repetition_penalty"]),
+        seen=put(state.seen, jax.vmap(seen)(prompts, lengths)),
+        bias_ids=put(state.bias_ids, requests["bias_ids"]), bias=put(state.bias, requests["bias"]),
+        return_logprobs=put(state.return_logprobs, requests["return_logprobs"]),
     )
 
 
@@ -131,30 +157,68 @@ def _sample(logits, key, temperature, top_k, top_p, min_p, *, filtered: bool):
     return jax.random.categorical(key, x).astype(jnp.int32)
 
 
-def _choose(state: DecodeState, keys) -> Int[Array, " slots"]:
-    """Every slot's next token from its logits: greedy where its temperature is 0. The sampling
-    and the sort the top-k / top-p filters need run only when a live slot asks for them."""
-    greedy = jnp.argmax(state.logits, axis=-1).astype(jnp.int32)
+def _scores(state: DecodeState) -> Float[Array, "slots vocab"]:
+    """The logits each slot's token is chosen from, in `generate`'s order: its repetition
+    penalty on the ids its prompt and tokens hold (`penalize_repeats`), then its `logit_bias`
+    added. Each runs only when a live slot asks for it; a penalty of 1 and no bias leave a
+    slot's logits exactly as they are."""
+    live, slots, vocab = state.active, state.logits.shape[0], state.logits.shape[1]
+    penalty = state.repetition_penalty[:, None]
+
+    def penalize(x):
+        return jnp.where(state.seen, jnp.where(x < 0, x * penalty, x / penalty), x)
+
+    def bias(x):  # ids `vocab` (no entry) are dropped
+        return x.at[jnp.arange(slots)[:, None], state.bias_ids].add(state.bias, mode="drop")
+
+    same = lambda x: x  # noqa: E731
+    x = jax.lax.cond(jnp.any(live & (state.repetition_penalty != 1.0)), penalize, same, state.logits)
+    return jax.lax.cond(jnp.any(live & jnp.any(state.bias_ids < vocab, axis=-1)), bias, same, x)
+
+
+def _logprobs(state: DecodeState, tok) -> Float[Array, " slots"]:
+    """Each slot's log-probability of `tok` under its model's own distribution (the log-softmax
+    of its raw logits, as `generate`'s `return_logprobs`: before the penalty, the bias,
+    temperature and the filters); 0 where a slot does not report them or emits nothing.
+    Computed only when a live slot asks for them."""
+    want = state.active & state.return_logprobs
+
+    def computed():
+        logp = jax.nn.log_softmax(state.logits, axis=-1)
+        return jnp.take_along_axis(logp, jnp.maximum(tok, 0)[:, None], axis=1)[:, 0]
+
+    logp = jax.lax.cond(jnp.any(want), computed, lambda: jnp.zeros(want.shape, jnp.float32))
+    return jnp.where(want, logp, 0.0)
+
+
+def _choose(state: DecodeState, scores, keys) -> Int[Array, " slots"]:
+    """Every slot's next token from its `scores` (`_scores`): greedy where its temperature is
+    0. The sampling and the sort the top-k / top-p filters need run only when a live slot asks
+    for them."""
+    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
     temperature, top_k, top_p, _ = _slot_settings(state)
     sampling = state.active & (temperature > 0)
-    filtering = sampling & ((top_k < state.logits.shape[-1]) | (top_p < 1.0))
+    filtering = sampling & ((top_k < scores.shape[-1]) | (top_p < 1.0))
 
     def sampled(filtered):
         draw = jax.vmap(functools.partial(_sample, filtered=filtered))
-        return lambda: jnp.where(temperature > 0, draw(state.logits, keys, *_slot_settings(state)), greedy)
+        return lambda: jnp.where(temperature > 0, draw(scores, keys, *_slot_settings(state)), greedy)
 
     branches = (lambda: greedy, sampled(False), sampled(True))
     return jax.lax.switch(jnp.any(sampling).astype(jnp.int32) + jnp.any(filtering).astype(jnp.int32), branches)
 
 
-def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots"]]:
-    """One token for every active slot (`-1` for the others), and each decoded into its cache.
-    Inactive slots decode too (the shape is fixed), at a clamped position: their cache is
-    replaced whole when a request next lands there."""
-    slots, max_len = state.position.shape[0], state.cache.max_seq
+def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots"], Float[Array, " slots"]]:
+    """One token for every active slot (`-1` for the others) and its log-probability (0 where
+    a slot does not report them), and each token decoded into its cache. Inactive slots decode
+    too (the shape is fixed), at a clamped position: their cache is replaced whole when a
+    request next lands there."""
+    slots, max_len, vocab = state.position.shape[0], state.cache.max_seq, state.logits.shape[1]
     split = jax.vmap(jax.random.split)(state.key)  # as generate's rows: (key, sub) per token
     live = state.active
-    tok = jnp.where(live, _choose(state, split[:, 1]), -1)
+    tok = jnp.where(live, _choose(state, _scores(state), split[:, 1]), -1)
+    logp = _logprobs(state, tok)
+    seen = state.seen.at[jnp.arange(slots), jnp.where(live, tok, vocab)].set(True, mode="drop")
     remaining = state.remaining - live.astype(jnp.int32)
     recent = jnp.concatenate([state.recent[:, 1:], tok[:, None]], axis=1)  # (slots, stop_length)
     # a stop sequence matches where each of its ids does (its -1 padding matches anything);
@@ -170,30 +234,33 @@ def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots
     logits, cache = jax.vmap(decode)(jnp.maximum(tok, 0), state.cache, at)
     state = dataclasses.replace(
         state, cache=cache, logits=logits, position=state.position + live.astype(jnp.int32), remaining=remaining,
-        active=live & ~stopped, key=split[:, 0], recent=recent,
+        active=live & ~stopped, key=split[:, 0], recent=recent, seen=seen,
     )
-    return state, tok
+    return state, tok, logp
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "steps"), donate_argnums=0)
 def _step(state, arrays, *, skeleton, unroll_layers, steps):
     """Up to `steps` decode steps (fewer once no slot is active): the state, `(slots, steps)`
-    tokens (`-1` where a slot emitted none) and which slots are still active (a buffer of its
-    own, which a host may read after the state is donated to the next call)."""
+    tokens (`-1` where a slot emitted none), their `(slots, steps)` log-probabilities (0 where
+    a slot does not report them) and which slots are still active (a buffer of its own, which
+    a host may read after the state is donated to the next call)."""
     model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
     tokens = jnp.full((state.position.shape[0], steps), -1, jnp.int32)
+    logps = jnp.zeros((state.position.shape[0], steps), jnp.float32)
 
     def cond(carry):
-        i, state, _ = carry
+        i, state, *_ = carry
         return (i < steps) & jnp.any(state.active)
 
     def body(carry):
-        i, state, tokens = carry
-        state, tok = _advance(model, state)
-        return i + 1, state, jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
+        i, state, tokens, logps = carry
+        state, tok, logp = _advance(model, state)
+        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], i, axis=1)  # noqa: E731
+        return i + 1, state, put(tokens, tok), put(logps, logp)
 
-    _, state, tokens = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, tokens))
-    return state, tokens, jnp.copy(state.active)
+    _, state, tokens, logps = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, tokens, logps))
+    return state, tokens, logps, jnp.copy(state.active)
 
 
 def _buckets(prompt_buckets, max_len: int) -> tuple[int, ...]:
@@ -232,8 +299,15 @@ class DecodeEngine:
     share it) and admission batch size (`serve` prefills the requests it admits together:
     1, 2, 4, ... up to `slots` prompts a program, padded with rows that write nothing), one
     `step` per `steps`. Sampling settings, stop ids, stop sequences (within the engine's
-    `stop_sequence_count` and `stop_sequence_length`), budgets and keys are arguments: a new
-    value compiles nothing.
+    `stop_sequence_count` and `stop_sequence_length`), repetition penalties, logit biases
+    (within `logit_bias_ids`), whether a request reports log-probabilities, budgets and keys
+    are arguments: a new value compiles nothing.
+
+    Per-request repetition penalties and logit biases give the greedy tokens `eqzoo.generate`
+    gives with the same settings. The penalty keeps a `(slots, vocab)` bool table of the ids
+    each slot has seen (one byte an entry: a quarter of the `(slots, vocab)` float32 logits
+    the state holds anyway); a bias is `logit_bias_ids` (id, value) pairs per slot. A step
+    runs the penalty, the bias and the log-probabilities only when a live slot asks for them.
 
     Mixture-of-experts layers that run `"capacity"` run `"dense"` here (the same weights; see
     [`eqzoo.nn.MoE`][]): a capacity router would drop a prompt's assignments depending on
@@ -255,6 +329,7 @@ class DecodeEngine:
         stop_ids: int = 4,
         stop_sequence_count: int = 4,
         stop_sequence_length: int = 8,
+        logit_bias_ids: int = 16,
         unroll_layers: bool | str = "auto",
     ):
         """**Arguments:**
@@ -272,11 +347,14 @@ class DecodeEngine:
         - `stop_ids`: the most eos ids one request may give (a static width; default 4).
         - `stop_sequence_count`, `stop_sequence_length`: the most stop sequences one request
           may give (default 4), and the longest (default 8 tokens): static widths.
+        - `logit_bias_ids`: the most ids one request's `logit_bias` may bias (a static width;
+          default 16).
         - `unroll_layers`: as in [`eqzoo.generation.generate_batch`][].
         """
         check_model(model, "DecodeEngine")
         counts = dict(slots=slots, max_len=max_len, steps_per_call=steps_per_call, stop_ids=stop_ids,
-                      stop_sequence_count=stop_sequence_count, stop_sequence_length=stop_sequence_length)
+                      stop_sequence_count=stop_sequence_count, stop_sequence_length=stop_sequence_length,
+                      logit_bias_ids=logit_bias_ids)
         for name, value in counts.items():
             check_count(value, name, "DecodeEngine")
         if not 2 <= max_len <= model.max_seq:
@@ -287,6 +365,7 @@ class DecodeEngine:
         self.model = model
         self.slots, self.max_len, self.steps_per_call, self.stop_ids = int(slots), int(max_len), int(steps_per_call), int(stop_ids)
         self.stop_shape = (int(stop_sequence_count), int(stop_sequence_length))
+        self.logit_bias_ids = int(logit_bias_ids)
         # prompts prefilled by one program: 1, 2, 4, ... and `slots`
         self.admission_sizes = tuple(sorted({2**i for i in range(self.slots.bit_length()) if 2**i < self.slots} | {self.slots}))
         self.cache_dtype = None if cache_dtype is None else check_cache_dtype(cache_dtype, None)
@@ -297,7 +376,8 @@ class DecodeEngine:
     def init_state(self) -> DecodeState:
         """A state with every slot free."""
         return _init(self._arrays, skeleton=self._skeleton, slots=self.slots, max_len=self.max_len,
-                     cache_dtype=self.cache_dtype, stop_ids=self.stop_ids, stop_shape=self.stop_shape)
+                     cache_dtype=self.cache_dtype, stop_ids=self.stop_ids, stop_shape=self.stop_shape,
+                     bias_ids=self.logit_bias_ids)
 
     def bucket(self, length: int) -> int:
         """The width a prompt of `length` tokens is padded to (the smallest bucket that holds it)."""
@@ -324,6 +404,9 @@ class DecodeEngine:
         min_p: float | None = None,
         eos_token: int | Sequence[int] | None = None,
         stop_sequences: Sequence[Sequence[int]] | None = None,
+        repetition_penalty: float = 1.0,
+        logit_bias: Mapping[int, float] | None = None,
+        return_logprobs: bool = False,
     ) -> DecodeState:
         """Prefill `prompt` into the free `slot` and start decoding it there.
 
@@ -342,6 +425,11 @@ class DecodeEngine:
           `stop_sequence_count`, each at most `stop_sequence_length` long), as
           [`eqzoo.generate`][] takes them: the slot stops once its generated tokens end with
           one (it is emitted). Checked on the device, every step.
+        - `repetition_penalty`: as in [`eqzoo.generate`][] (on the ids of this request's
+          prompt and tokens).
+        - `logit_bias`: as in [`eqzoo.generate`][], at most `logit_bias_ids` ids.
+        - `return_logprobs`: whether `step(..., return_logprobs=True)` reports this slot's
+          tokens' log-probabilities, as [`eqzoo.generate`][] defines them (0 otherwise).
 
         Reads `state.active` back to check the slot is free ([`eqzoo.generation.serve`][]
         tracks its slots itself and skips the read).
@@ -355,7 +443,9 @@ class DecodeEngine:
                 f"(free: {np.flatnonzero(~np.asarray(state.active)).tolist()}) or step until it finishes."
             )
         request = self._request(prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_k=top_k,
-                                top_p=top_p, min_p=min_p, eos_token=eos_token, stop_sequences=stop_sequences)
+                                top_p=top_p, min_p=min_p, eos_token=eos_token, stop_sequences=stop_sequences,
+                                repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                                return_logprobs=return_logprobs)
         return self._insert_batch(state, [slot], [request])
 
     def _check_slot(self, slot) -> None:
@@ -386,10 +476,13 @@ class DecodeEngine:
         return _insert(state, self._arrays, np.asarray([slot for slot, _ in rows], np.int32), padded, lengths, settings,
                        skeleton=self._skeleton, unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
 
-    def _request(self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token, stop_sequences) -> tuple:
+    def _request(
+        self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token, stop_sequences,
+        repetition_penalty=1.0, logit_bias=None, return_logprobs=False, who="DecodeEngine.insert",
+    ) -> tuple:
         """The prompt as a host int32 array and the request's settings as the insert program
-        takes them, after checking both."""
-        who, vocab = "DecodeEngine.insert", self.model.config.vocab_size
+        takes them, after checking both (`who` names the caller in errors)."""
+        vocab = self.model.config.vocab_size
         prompt = np.asarray(as_prompts(prompt, who))
         if prompt.ndim != 1 or prompt.shape[0] < 1 or not np.issubdtype(prompt.dtype, np.integer):
             raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
@@ -405,7 +498,9 @@ class DecodeEngine:
             )
         self.bucket(prompt.shape[0])  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
-        check_sampling(temperature, top_k, top_p, min_p)
+        check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
+        if not isinstance(return_logprobs, bool | np.bool_):
+            raise ConfigError(f"{who}: return_logprobs must be True or False, got {return_logprobs!r}.")
         if key is None and temperature > 0:
             raise ConfigError(f"{who}: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
         eos, _ = check_stop_tokens(eos_token, 0, vocab, who)
@@ -414,6 +509,7 @@ class DecodeEngine:
             raise ConfigError(f"{who}: {len(eos)} eos ids given, but the engine takes at most stop_ids={self.stop_ids}; "
                               "build it with a larger stop_ids.")
         stops = self._stops(stop_sequences, who)
+        bias_ids, bias = self._bias(logit_bias, who)
         top_k = top_k_setting(top_k)
         settings = dict(
             max_new_tokens=np.asarray(max_new_tokens, np.int32), key=loop_key(key),
@@ -422,8 +518,25 @@ class DecodeEngine:
             top_p=np.asarray(1.0 if top_p is None else float(top_p), np.float32),
             min_p=np.asarray(0.0 if min_p is None else float(min_p), np.float32),
             eos=np.asarray(eos + (-1,) * (self.stop_ids - len(eos)), np.int32), stops=stops,
+            repetition_penalty=np.asarray(float(repetition_penalty), np.float32), bias_ids=bias_ids, bias=bias,
+            return_logprobs=np.asarray(bool(return_logprobs)),
         )
         return prompt.astype(np.int32), settings
+
+    def _bias(self, logit_bias, who: str) -> tuple[np.ndarray, np.ndarray]:
+        """`logit_bias` (checked as `generate` checks it) as int32 ids and float32 biases, each
+        `(logit_bias_ids,)`, the unused entries id `vocab` (dropped) and bias 0."""
+        vocab, width = self.model.config.vocab_size, self.logit_bias_ids
+        dense = logit_bias_vector(logit_bias, vocab, who)
+        ids = np.zeros((0,), np.int64) if dense is None else np.flatnonzero(dense)  # a bias of 0 adds nothing
+        if ids.shape[0] > width:
+            raise ConfigError(f"{who}: logit_bias biases {ids.shape[0]} ids, but the engine takes at most "
+                              f"logit_bias_ids={width}; build it with a larger logit_bias_ids.")
+        out_ids, out = np.full((width,), vocab, np.int32), np.zeros((width,), np.float32)
+        out_ids[: ids.shape[0]] = ids
+        if dense is not None:
+            out[: ids.shape[0]] = dense[ids]
+        return out_ids, out
 
     def _stops(self, stop_sequences, who: str) -> np.ndarray:
         """The stop sequences as `(stop_sequence_count, stop_sequence_length)` int32, each right-aligned
@@ -441,7 +554,7 @@ class DecodeEngine:
             out[row, length - len(seq) :] = seq
         return out
 
-    def step(self, state: DecodeState, steps: int | None = None) -> tuple[DecodeState, Int[Array, "slots steps"]]:
+    def step(self, state: DecodeState, steps: int | None = None, *, return_logprobs: bool = False) -> tuple:
         """Decode up to `steps` tokens (default `steps_per_call`) for every active slot, in one
         compiled program of fixed shape (it ends early once no slot is active). A slot stops at
         one of its eos ids or the end of one of its stop sequences (emitted) or at its
@@ -449,13 +562,17 @@ class DecodeEngine:
 
         **Returns:** `(state, tokens)`: the new state (the given one is donated) and int32
         `(slots, steps)` tokens, each slot's new ones in order, `-1` where it emitted none.
-        Nothing is read back to the host.
+        With `return_logprobs=True`, `(state, tokens, logprobs)`: float32 `(slots, steps)`,
+        each token's log-probability for the slots inserted with `return_logprobs=True`, 0
+        elsewhere (one program either way: this only picks what is returned). Nothing is read
+        back to the host.
         """
-        state, tokens, _ = self._step(state, steps)
-        return state, tokens
+        state, tokens, logprobs, _ = self._step(state, steps)
+        return (state, tokens, logprobs) if return_logprobs else (state, tokens)
 
     def _step(self, state, steps) -> tuple:
-        """`step`, and which slots are still active after it (its own buffer)."""
+        """`step`: the state, tokens, log-probabilities, and which slots are still active after
+        it (its own buffer)."""
         steps = self.steps_per_call if steps is None else steps
         check_count(steps, "steps", "DecodeEngine.step")
         return _step(state, self._arrays, skeleton=self._skeleton, unroll_layers=self.unroll_layers, steps=int(steps))

@@ -2,14 +2,15 @@
 each request's tokens, free a slot when its request ends."""
 
 import dataclasses
-from collections.abc import Hashable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, no_type_check
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, no_type_check
 
 import jax
 import numpy as np
 
 from .._errors import ConfigError
 from ._engine import DecodeEngine
+from ._generate import check_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +20,10 @@ class Request:
     - `prompt`: token ids, 1-D (a list or array), at least one.
     - `max_new_tokens`: its token budget (prompt + budget at most the engine's `max_len`).
     - `id`: any hashable name its events carry (default: its index in the requests).
-    - `key`, `temperature`, `top_k`, `top_p`, `min_p`, `eos_token`, `stop_sequences`: as
-      [`eqzoo.generation.DecodeEngine.insert`][] takes them.
+    - `key`, `temperature`, `top_k`, `top_p`, `min_p`, `eos_token`, `stop_sequences`,
+      `repetition_penalty`, `logit_bias`, `return_logprobs`: as
+      [`eqzoo.generation.DecodeEngine.insert`][] takes them. With `return_logprobs=True` the
+      request's events carry its tokens' log-probabilities (`ServeEvent.logprobs`).
     """
 
     prompt: Any
@@ -33,69 +36,127 @@ class Request:
     min_p: float | None = None
     eos_token: int | Sequence[int] | None = None
     stop_sequences: Sequence[Sequence[int]] | None = None
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] | None = None
+    return_logprobs: bool = False
 
 
-class ServeEvent(NamedTuple):
-    """New tokens of one request, as [`eqzoo.generation.serve`][] yields them.
+@dataclasses.dataclass(frozen=True, eq=False)
+class ServeEvent:
+    """New tokens of one request, or its refusal, as [`eqzoo.generation.serve`][] yields them.
 
-    - `id`: the request's `id`.
+    - `id`: the request's `id` (its index in the requests when it has none, or is not a
+      `Request`).
     - `tokens`: int32 NumPy `(n,)`, its tokens decoded since its last event (an eos id it
-      stopped at included); `n` may be 0 in a request's last event.
+      stopped at included); `n` may be 0 in a request's last event, and is 0 in a refusal.
     - `done`: whether the request has ended (at an eos id, a stop sequence or its
-      `max_new_tokens`); `serve` has given its slot to a new request already, or does before
-      the next step call it launches.
+      `max_new_tokens`, or refused); `serve` has given its slot to a new request already, or
+      does before the next step call it launches.
+    - `logprobs`: float32 NumPy `(n,)`, the log-probability of each of `tokens` as
+      [`eqzoo.generate`][] returns them (`return_logprobs`), for a request with
+      `return_logprobs=True`; `None` for the others.
+    - `error`: `None`, or for a request `serve` refused (it never took a slot) the message
+      saying why; its one event, `done` with no tokens.
+
+    It unpacks as the triple `id, tokens, done = event` (and `event[0]` .. `event[2]` index
+    it); `logprobs` and `error` are read by name.
     """
 
     id: Hashable
     tokens: np.ndarray
     done: bool
+    logprobs: np.ndarray | None = None
+    error: str | None = None
+
+    def __iter__(self):
+        return iter((self.id, self.tokens, self.done))
+
+    def __len__(self) -> int:
+        return 3
+
+    def __getitem__(self, index):
+        return (self.id, self.tokens, self.done)[index]
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
-def serve(engine: DecodeEngine, requests: Iterable[Request], *, steps: int | None = None) -> Iterator[ServeEvent]:
+def serve(
+    engine: DecodeEngine, requests: Iterable[Request], *, steps: int | None = None, on_error: str = "event",
+    pipeline: bool = True,
+) -> Iterator[ServeEvent]:
     """Serve `requests` with continuous batching on `engine`: free slots take the next
     requests (prefilled together, one `engine.insert` program per prompt bucket), every
     `engine.step` decodes up to `steps` tokens of every active slot in one compiled call, and
     a request that ends frees its slot for the next one.
 
     `requests` is read lazily, one request per free slot, so it may be a generator of requests
-    as they arrive. Each request's arguments are checked when it is admitted. The host never
-    waits per token, and overlaps the device: it launches step call k + 1 before it reads call
-    k's tokens back, so the device decodes while the host hands tokens over and admits
-    requests. A request whose budget runs out within call k frees its slot for call k + 1
-    (the host counts the steps); one that ends earlier, at an eos id or a stop sequence, is
-    seen when call k is read, so its slot idles through call k + 1 (emitting nothing) and
-    takes its next request after it.
+    as they arrive. Each request is checked when it is admitted. A bad one (not a `Request`,
+    a prompt no bucket holds, a budget past `max_len`, a bad setting: whatever
+    `DecodeEngine.insert` would refuse) is by default refused on its own: `serve` yields one
+    event for it, `done` with no tokens and the reason in `error`, and goes on serving the
+    others, the requests in flight included; its slot takes the next request.
+
+    With `pipeline=True` (default) the host never waits per token, and overlaps the device:
+    it launches step call k + 1 before it reads call k's tokens back, so the device decodes
+    while the host hands tokens over and admits requests. A request whose budget runs out
+    within call k frees its slot for call k + 1 (the host counts the steps); one that ends
+    earlier, at an eos id or a stop sequence, is seen when call k is read, so its slot idles
+    through call k + 1 (emitting nothing) and takes its next request after it. With
+    `pipeline=False` the host reads each call before it launches the next: the device waits
+    for the host between calls, but a slot freed at an eos id takes its next request in the
+    very next call, and each event comes one call earlier (for latency-bound serving of few
+    requests).
 
     **Arguments:**
 
     - `engine`: a [`eqzoo.generation.DecodeEngine`][].
     - `requests`: an iterable of [`eqzoo.generation.Request`][]s.
     - `steps`: decode steps per call (default the engine's `steps_per_call`).
+    - `on_error`: `"event"` (default) refuses a bad request with an event, as above;
+      `"raise"` raises its error at once (ending the loop, and with it the requests in
+      flight).
+    - `pipeline`: whether call k + 1 is launched before call k is read (default `True`).
+
+    Raised at once, whatever `on_error`: an `engine` that is not a `DecodeEngine`, a bad
+    `steps`, `on_error` or `pipeline` (at the first `next`: `serve` is a generator), and
+    whatever the `requests` iterable itself raises or the device raises.
 
     **Returns:** an iterator of [`eqzoo.generation.ServeEvent`][]s, one per request that made
-    progress in a step call, in slot order; each request's last event has `done=True`.
+    progress in a step call, in slot order, and one per refused request (before the events of
+    the call read next); each request's last event has `done=True`.
     """
-    if not isinstance(engine, DecodeEngine):
-        raise ConfigError(f"serve needs an eqzoo.generation.DecodeEngine, got {type(engine).__name__}.")
-    steps = engine.steps_per_call if steps is None else steps
+    _check_serve(engine, steps, on_error, pipeline)
+    steps = engine.steps_per_call if steps is None else int(steps)
     pending = enumerate(iter(requests))
     state = engine.init_state()
     book = _Slots(engine.slots)
-    held = None  # the call launched but not yet read: its tokens, active flags and slot holders
+    held = None  # the call launched but not yet read: its tokens, log-probabilities, active flags and slot holders
     exhausted = False
     while True:
+        refused = []
         if not exhausted and book.free():
-            state, exhausted = _admit(engine, state, book, pending)
+            state, exhausted, refused = _admit(engine, state, book, pending, raising=on_error == "raise")
         launched = None
         if book.may_run():
-            state, tokens, active = engine._step(state, steps)
-            launched = (tokens, active, book.launch(steps))
-        if held is None and launched is None:
+            state, tokens, logprobs, active = engine._step(state, steps)
+            launched = (tokens, logprobs, active, book.launch(steps))
+        yield from refused
+        ready, held = (held, launched) if pipeline else (launched, None)
+        if ready is not None:
+            yield from book.read(*ready)
+        elif held is None:
             return
-        if held is not None:
-            yield from book.read(*held)
-        held = launched
+
+
+def _check_serve(engine, steps, on_error, pipeline) -> None:
+    """The checks of `serve`'s own arguments, which raise whatever `on_error`."""
+    if not isinstance(engine, DecodeEngine):
+        raise ConfigError(f"serve needs an eqzoo.generation.DecodeEngine, got {type(engine).__name__}.")
+    if steps is not None:
+        check_count(steps, "steps", "serve")
+    if on_error not in ("event", "raise"):
+        raise ConfigError(f"serve: on_error must be 'event' (refuse a bad request with an event) or 'raise', got {on_error!r}.")
+    if not isinstance(pipeline, bool):
+        raise ConfigError(f"serve: pipeline must be True or False, got {pipeline!r}.")
 
 
 class _Slots:
@@ -106,15 +167,15 @@ class _Slots:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.holder: dict[int, tuple] = {}  # slot -> (number, id) of its latest request
+        self.holder: dict[int, tuple] = {}  # slot -> (number, id, return_logprobs) of its latest request
         self.left: dict[int, int] = {}  # slot -> budget left after the calls launched (<= 0: ends in one)
         self.open: set = set()  # numbers of requests not yet seen to end
 
     def free(self) -> list[int]:
         return [s for s in range(self.slots) if s not in self.holder or self.left[s] <= 0]
 
-    def take(self, slot: int, number: int, rid, budget: int) -> None:
-        self.holder[slot], self.left[slot] = (number, rid), budget
+    def take(self, slot: int, number: int, rid, budget: int, logprobs: bool) -> None:
+        self.holder[slot], self.left[slot] = (number, rid, logprobs), budget
         self.open.add(number)
 
     def may_run(self) -> bool:
@@ -127,16 +188,19 @@ class _Slots:
             self.left[slot] -= steps
         return {s: h for s, h in self.holder.items() if h[0] in self.open}
 
-    def read(self, tokens, active, holders) -> list[ServeEvent]:
-        """The events of one call (the one wait of it): each open holder's tokens. A request
-        seen to end in an earlier call emitted nothing in this one, and gives no event."""
-        tokens, active = jax.device_get((tokens, active))
+    def read(self, tokens, logprobs, active, holders) -> list[ServeEvent]:
+        """The events of one call (the one wait of it): each open holder's tokens (and their
+        log-probabilities, read back only when a holder asks for them). A request seen to end
+        in an earlier call emitted nothing in this one, and gives no event."""
+        want = any(h[2] for h in holders.values())
+        tokens, active, logprobs = jax.device_get((tokens, active, logprobs if want else None))
         events = []
-        for slot, (number, rid) in sorted(holders.items()):
+        for slot, (number, rid, with_logprobs) in sorted(holders.items()):
             if number not in self.open:
                 continue
-            done = not bool(active[slot])
-            events.append(ServeEvent(rid, tokens[slot][tokens[slot] >= 0], done))
+            done, emitted = not bool(active[slot]), tokens[slot] >= 0
+            logp = logprobs[slot][emitted] if with_logprobs else None
+            events.append(ServeEvent(rid, tokens[slot][emitted], done, logp))
             if done:
                 self.open.discard(number)
                 if self.holder[slot][0] == number:  # not yet given to a new request
@@ -144,26 +208,43 @@ class _Slots:
         return events
 
 
-def _admit(engine, state, book, pending) -> tuple:
+def _admit(engine, state, book, pending, *, raising: bool) -> tuple:
     """Prefill the next requests into the free slots (one program per prompt bucket):
-    `(state, whether none is left)`."""
-    slots, taken, exhausted = [], [], False
-    for slot in book.free():
+    `(state, whether none is left, the events of the requests refused)`. A refused request
+    leaves its slot to the next one (with `raising`, its error is raised instead)."""
+    slots, taken, refused, exhausted = [], [], [], False
+    free = iter(book.free())
+    slot = next(free, None)
+    while slot is not None:
         try:
             index, request = next(pending)
         except StopIteration:
             exhausted = True
             break
-        if not isinstance(request, Request):
-            raise ConfigError(f"serve: requests must be eqzoo.generation.Request objects; request {index} is a "
-                              f"{type(request).__name__}.")
-        taken.append(engine._request(
-            request.prompt, max_new_tokens=request.max_new_tokens, key=request.key, temperature=request.temperature,
-            top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, eos_token=request.eos_token,
-            stop_sequences=request.stop_sequences,
-        ))
+        rid = request.id if isinstance(request, Request) and request.id is not None else index
+        try:
+            taken.append(_checked(engine, index, request))
+        except (ValueError, TypeError) as error:  # eqzoo's ConfigError and ShapeError are ValueErrors
+            if raising:
+                raise
+            refused.append(ServeEvent(rid, np.zeros((0,), np.int32), True, error=str(error)))
+            continue
         slots.append(slot)
-        book.take(slot, index, index if request.id is None else request.id, int(request.max_new_tokens))
+        book.take(slot, index, rid, int(request.max_new_tokens), bool(request.return_logprobs))
+        slot = next(free, None)
     if taken:
         state = engine._insert_batch(state, slots, taken)
-    return state, exhausted
+    return state, exhausted, refused
+
+
+def _checked(engine, index, request) -> tuple:
+    """`request` (number `index`) as the engine's insert takes it, after checking it."""
+    if not isinstance(request, Request):
+        raise ConfigError(f"serve: requests must be eqzoo.generation.Request objects; request {index} is a "
+                          f"{type(request).__name__}.")
+    return engine._request(
+        request.prompt, max_new_tokens=request.max_new_tokens, key=request.key, temperature=request.temperature,
+        top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, eos_token=request.eos_token,
+        stop_sequences=request.stop_sequences, repetition_penalty=request.repetition_penalty,
+        logit_bias=request.logit_bias, return_logprobs=request.return_logprobs, who="serve",
+    )

@@ -46,12 +46,22 @@ def _padded(prompts):
     return padded
 
 
-def _served(engine, requests) -> dict:
+def _served(engine, requests, logprobs=None, errors=None, **options) -> dict:
+    """Each request's tokens; each one's log-probabilities into `logprobs` and each refusal's
+    message into `errors` (dicts by id), where given."""
     out = {}
-    for event in serve(engine, requests):
+    for event in serve(engine, requests, **options):
         assert event.id not in out or not out[event.id][1], "a request produced tokens after it was done"
+        if event.error is not None:
+            assert errors is not None, event.error
+            assert event.done and event.tokens.shape == (0,) and event.id not in out and event.id not in errors
+            errors[event.id] = event.error
+            continue
         tokens, _ = out.get(event.id, ([], False))
         out[event.id] = (tokens + event.tokens.tolist(), event.done)
+        if event.logprobs is not None:
+            assert logprobs is not None and event.logprobs.shape == event.tokens.shape
+            logprobs[event.id] = logprobs.get(event.id, []) + event.logprobs.tolist()
     assert all(done for _, done in out.values())
     return {k: tokens for k, (tokens, _) in out.items()}
 
@@ -98,26 +108,46 @@ def test_greedy_serving_equals_decoding_each_prompt_alone(name, overrides, compi
     assert log.compiled == []
 
 
-def test_each_request_follows_its_own_key_and_greedy_rows_match(gpt2):
+def test_each_request_follows_its_own_key_and_greedy_rows_match(gpt2, compile_log):
     """Sampled tokens depend on the request's key and settings only (the draws of
     `eqzoo.generate` with them), not on its slot or neighbours; a greedy request among sampled
-    ones decodes as alone."""
+    ones decodes as alone. Log-probabilities (a sampled and a greedy request) are
+    `generate`'s; a greedy request's repetition penalty and logit bias give `generate`'s
+    tokens. Requests turning these on and off compile nothing."""
     prompts = _prompts(1)
     settings = [dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9), dict(), dict(temperature=1.3, min_p=0.05)]
     requests = [
-        Request(p, b, id=i, key=jax.random.key(10 + i), **settings[i % len(settings)])
+        Request(p, b, id=i, key=jax.random.key(10 + i), return_logprobs=i in (1, 2), **settings[i % len(settings)])
         for i, (p, b) in enumerate(zip(prompts, BUDGETS, strict=True))
     ]
-    first = _served(_engine(gpt2), requests)
+    first_logprobs, second_logprobs = {}, {}
+    first = _served(_engine(gpt2), requests, first_logprobs)
     hot = Request(prompts[0], 6, id="hot", key=jax.random.key(99), temperature=2.0)  # a new neighbour
-    second = _served(_engine(gpt2), [requests[i] for i in (4, 5, 1)] + [hot] + [requests[i] for i in (3, 2, 0)])
+    plain = Request(prompts[2], 12, id="plain", key=jax.random.key(0))  # greedy (the key unused), no penalty: it repeats tokens
+    bias = {int(first[2][0]): -np.inf, 7: 1.5}  # bans plain's first token
+    penalized = Request(prompts[2], 12, id="penalized", key=plain.key, repetition_penalty=1.5, logit_bias=bias)
+    order = [requests[i] for i in (4, 5, 1)] + [hot, penalized] + [requests[i] for i in (3, 2, 0)] + [plain]
+    with compile_log() as log:  # other slots and neighbours; penalty, bias, log-probabilities on and off
+        second = _served(_engine(gpt2), order, second_logprobs)
+    assert log.compiled == [], log.compiled
     assert {k: second[k] for k in first} == first
+    for k, logp in first_logprobs.items():  # a prompt prefilled in another admission batch rounds its logits differently
+        np.testing.assert_allclose(second_logprobs[k], logp, rtol=0, atol=1e-5)
     assert first[0] != first[4][: len(first[0])]  # sampled: different keys, different tokens
     r = requests[1]
-    alone = eqzoo.generate(gpt2, r.prompt, max_new_tokens=r.max_new_tokens, key=r.key, temperature=0.7, top_k=20, top_p=0.9)
+    alone, logp = eqzoo.generate(gpt2, r.prompt, max_new_tokens=r.max_new_tokens, key=r.key, temperature=0.7, top_k=20,
+                                 top_p=0.9, return_logprobs=True)
     assert first[1] == np.asarray(alone)[len(r.prompt) :].tolist()
-    ref = np.asarray(generate_batch(gpt2, prompts[2][None], max_new_tokens=BUDGETS[2]))  # request 2 is greedy
-    assert first[2] == ref[0, LENGTHS[2] :].tolist()
+    # fp32: the engine's logits are a slot batch's (another matmul shape than generate's one row), so
+    # they round differently in the last bits; the tokens are equal, the log-probabilities within 1e-5
+    np.testing.assert_allclose(first_logprobs[1], np.asarray(logp)[len(r.prompt) :], rtol=0, atol=1e-5)
+    ref, logp = generate_batch(gpt2, prompts[2][None], max_new_tokens=BUDGETS[2], return_logprobs=True)  # request 2 is greedy
+    assert first[2] == np.asarray(ref)[0, LENGTHS[2] :].tolist()
+    np.testing.assert_allclose(first_logprobs[2], np.asarray(logp)[0, LENGTHS[2] :], rtol=0, atol=1e-5)
+    assert set(first_logprobs) == {1, 2} and min(first_logprobs[1]) < -1.0  # sampled: not always the likeliest
+    ref = eqzoo.generate(gpt2, prompts[2], max_new_tokens=12, repetition_penalty=1.5, logit_bias=bias)
+    assert second["penalized"] == np.asarray(ref)[LENGTHS[2] :].tolist()
+    assert len(set(second["plain"])) < 12 and len(set(second["penalized"])) == 12  # the penalty acts
 
 
 def test_bad_requests_are_refused_with_the_fix(gpt2):
@@ -154,9 +184,54 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
     assert DecodeEngine(model, slots=2, max_len=24, prompt_buckets=(8, 16)).bucket(9) == 16
     with pytest.raises(ShapeError, match=r"longer than the largest prompt bucket \(16\); pass prompt_buckets"):
         DecodeEngine(model, slots=2, max_len=24, prompt_buckets=(8, 16)).insert(state, 1, np.arange(17), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="at most logit_bias_ids=16; build it with a larger logit_bias_ids"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, logit_bias={i: 1.0 for i in range(17)})
+    with pytest.raises(ConfigError, match="repetition_penalty must be a finite number > 0"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, repetition_penalty=0.0)
     with pytest.raises(ConfigError, match="serve: requests must be eqzoo.generation.Request objects; request 0"):
-        next(serve(engine, [(prompt, 2)]))
+        next(serve(engine, [(prompt, 2)], on_error="raise"))
+    with pytest.raises(ConfigError, match="serve: on_error must be 'event'"):
+        next(serve(engine, [], on_error="skip"))
     with pytest.raises(ConfigError, match="serve needs an eqzoo.generation.DecodeEngine, got GPT2"):
         next(serve(model, []))
     with pytest.raises(ShapeError, match=r"takes one prompt of at least one integer token id, shape \(seq,\); got \(2, 3\)"):
         engine.insert(state, 1, np.zeros((2, 3), np.int32), max_new_tokens=2)
+
+
+def test_a_bad_request_mid_stream_is_refused_alone(gpt2):
+    """Bad requests arriving while others decode each get one event with the reason; the
+    requests in flight and after them decode as if they had not come."""
+    engine, prompts = _engine(gpt2), _prompts(2)
+    good = [Request(prompts[i], b, id=f"ok{i}") for i, b in ((0, 12), (1, 3), (2, 6))]
+    bad = [
+        Request(prompts[3], 20, id="long"),  # prompt 12 + 20 > max_len 24
+        ("not", "a request"),  # no id: its index, 3
+        Request(prompts[4], 2, id="hot", temperature=1.0),  # no key
+        Request([3, 999], 2, id="oov"),  # an id outside the vocabulary
+    ]
+    errors = {}
+    # ok0 decodes while the bad ones arrive (ok1's slot frees first), ok2 after them
+    served = _served(engine, good[:2] + bad + good[2:], errors=errors)
+    assert served == _served(engine, good)
+    assert set(errors) == {"long", 3, "hot", "oov"}
+    assert "prompt length 12 + max_new_tokens 20 = 32 exceeds the engine's max_len=24" in errors["long"]
+    assert "request 3 is a tuple" in errors[3] and "needs a PRNG key" in errors["hot"]
+    assert "outside the model's vocabulary [0, 256)" in errors["oov"]
+
+
+def test_serve_launches_a_call_before_it_reads_the_last_unless_told_not_to(gpt2, monkeypatch):
+    """With `pipeline=True` every step call but the first is launched before the previous
+    one is read (the real calls, recorded in order); with `pipeline=False` each is read first,
+    so a slot freed at an eos id takes the waiting request one call sooner."""
+    engine, prompts, calls = _engine(gpt2), _prompts(3), []
+    step, device_get = engine._step, jax.device_get
+    monkeypatch.setattr(engine, "_step", lambda *a: calls.append("step") or step(*a))
+    monkeypatch.setattr(jax, "device_get", lambda x: calls.append("read") or device_get(x))
+    eos = _served(engine, [Request(prompts[0], 1)])[0][0]
+    requests = [Request(prompts[0], 9, eos_token=eos), Request(prompts[1], 9), Request(prompts[2], 6)]
+    calls.clear()
+    pipelined = _served(engine, requests)
+    assert calls == ["step"] + ["step", "read"] * 3 + ["read"]  # request 0 ends in call 1; its slot idles in call 2
+    calls.clear()
+    assert _served(engine, requests, pipeline=False) == pipelined and pipelined[0] == [eos]
+    assert calls == ["step", "read"] * 3  # request 2 takes the slot in call 2
