@@ -82,8 +82,13 @@ BASELINE = GPT2[2:]
 
 ROWS: tuple[Row, ...] = (
     # The three targets of docs/performance.md (gpt2-124m and llama-1b MFU, gpt2-124m decoding
-    # tokens/s) and the plain-Equinox baseline come first: a short run should measure them.
+    # tokens/s), gpt2-124m with fp8 matmuls and the plain-Equinox baseline come first: a short
+    # run should measure them.
     _train("gpt2-124m", *GPT2),
+    # fp8 training matmuls (eqzoo.quant.prepare_fp8), beside the bf16 row it is measured against:
+    # every linear layer's products with e4m3 operands and e5m2 gradients, per-tensor scales
+    # each step, which XLA turns into cuBLASLt fp8 GEMMs on Hopper. Not yet measured.
+    _train("gpt2-124m-fp8", *GPT2, "--fp8"),
     Row("equinox-baseline", ("benchmarks/equinox_baseline.py", *BASELINE), TRAIN_TIMEOUT_S),
     Row("generate", ("benchmarks/generate_throughput.py", "--preset", "gpt2-124m",
                      "--batches", "1,64", "--new-tokens", "256"), GENERATE_TIMEOUT_S),

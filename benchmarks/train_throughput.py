@@ -7,6 +7,12 @@ model FLOPs utilisation (MFU: `flops_per_token * tokens/s / peak`, with the conf
     python benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 50 --json
     python benchmarks/train_throughput.py --smoke --json          # tiny, for CI on CPU
 
+`--fp8` wraps every linear layer in `eqzoo.quant.prepare_fp8` (fp8 operands in the products,
+forward and backward, per-tensor scales each step; the JSON line has `"fp8": true`). The speedup
+needs a GPU with fp8 tensor cores (Ada, Hopper); on a CPU the fp8 rounding is emulated, slower:
+
+    python benchmarks/train_throughput.py --preset gpt2-124m --batch 16 --seq 1024 --steps 20 --fp8 --json
+
 `--readback N` also times what `fit` does once per log window: reading N steps' metrics back to
 the host, as `fit` does (averaged on the device, one transfer: `readback_ms`) and as it did
 before (`jax.device_get` of every step's scalars, then NumPy means: `readback_per_scalar_ms`),
@@ -177,6 +183,13 @@ def smoke_on_mesh(args) -> bool:
     return all(r["loss_fell"] for r in time_on_mesh(smoke, parse_set(args.set), [args.seq]))
 
 
+def with_fp8(model):
+    """`--fp8`: every linear layer's products in fp8 (`eqzoo.quant.prepare_fp8`)."""
+    from eqzoo import quant
+
+    return quant.prepare_fp8(model)
+
+
 def resolve_args(p: argparse.ArgumentParser, args) -> list[int]:
     """Fills in `--smoke`'s sizes and returns `--seq`'s lengths (several only with `--mesh`); with
     `--mesh` or `--smoke`, also lays the run on fake CPU devices, which must happen before JAX
@@ -191,6 +204,8 @@ def resolve_args(p: argparse.ArgumentParser, args) -> list[int]:
         p.error(f"--seq takes comma-separated integers, got {args.seq!r}")
     if args.mesh is None and len(seqs) > 1:
         p.error(f"several --seq lengths ({args.seq}) are timed only with --mesh; give one")
+    if args.fp8 and args.mesh:
+        p.error("--fp8 is timed on one device only (without --mesh)")
     if args.mesh and args.warmup < 1:  # lower().compile() does not fill the step's dispatch cache
         p.error("--mesh needs --warmup 1 or more: the first call of the step compiles it again")
     if (args.mesh or args.smoke) and args.devices:
@@ -235,6 +250,8 @@ def main(argv=None) -> dict:
     p.add_argument("--smoke", action="store_true",
                    help="tiny model and sizes (CPU regression guard); also times data=2,context=2 "
                         "with ring attention, so the whole run is on fake CPU devices (even on a GPU host)")
+    p.add_argument("--fp8", action="store_true",
+                   help="fp8 training matmuls: eqzoo.quant.prepare_fp8 on every linear layer")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     seqs = resolve_args(p, args)
@@ -253,6 +270,7 @@ def main(argv=None) -> dict:
         overrides["max_seq"] = args.seq
         config = eqzoo.models.get_config(args.preset, **overrides)
     model = eqzoo.models.create(config, key=jax.random.key(0))
+    model = with_fp8(model) if args.fp8 else model
     optimizer = optax.adamw(3e-4, b2=0.95, weight_decay=0.1)
     precision = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
     state = train.TrainState.create(model, optimizer, key=jax.random.key(1))
@@ -307,6 +325,7 @@ def main(argv=None) -> dict:
         "seq": args.seq,
         "steps": args.steps,
         "precision": args.precision,
+        "fp8": args.fp8,
         "remat": config.remat,
         "scan_layers": eqzoo.nn.resolve_scan(config.scan_layers),
         "attention": args.attention,

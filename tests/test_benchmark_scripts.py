@@ -28,6 +28,7 @@ runner = _load(ROOT / "scripts" / "_run_scripts.py")
 
 GPU_ROWS = [
     "gpt2-124m",
+    "gpt2-124m-fp8",
     "equinox-baseline",
     "generate",
     "llama-1b",
@@ -88,6 +89,7 @@ def test_list_prints_the_rows_in_priority_order(capsys):
 def test_rows_differ_from_the_default_row_only_as_named():
     rows = {r.name: r for r in suite.ROWS}
     base = rows["gpt2-124m"].argv
+    assert rows["gpt2-124m-fp8"].argv == (*base, "--fp8")
     assert rows["gpt2-124m-unrolled"].argv == (*base, "--scan", "false")
     assert rows["gpt2-124m-xla-attention"].argv == (*base, "--attention", "xla")
     assert rows["gpt2-124m-full-logits"].argv == (*base, "--loss", "full")

@@ -9,8 +9,20 @@ group_size=128)`); the experts of mixture-of-experts layers become
 Activations, embeddings, norms and the output head stay floating; the quantized model runs
 anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded meshes,
 `eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
+
+Training matmuls in fp8 are [`eqzoo.quant.prepare_fp8`][]: the float weights stay the
+parameters, and each selected linear layer's products take e4m3 operands forward and e5m2
+gradients backward, with per-tensor scales recomputed at every call.
 """
 
+from ._fp8 import (
+    E4M3_MAX as E4M3_MAX,
+    E5M2_MAX as E5M2_MAX,
+    Fp8Linear as Fp8Linear,
+    fp8_matmul as fp8_matmul,
+    prepare_fp8 as prepare_fp8,
+    unwrap_fp8 as unwrap_fp8,
+)
 from ._int4 import (
     QMAX4 as QMAX4,
     dequantize_int4 as dequantize_int4,
@@ -35,21 +47,27 @@ from ._size import size_report as size_report
 from ._weight import QuantizedWeight as QuantizedWeight
 
 __all__ = [
+    "E4M3_MAX",
+    "E5M2_MAX",
     "QMAX",
     "QMAX4",
     "FakeQuantLinear",
     "FakeQuantWeight",
+    "Fp8Linear",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",
     "dequantize_int4",
     "dequantize_int8",
     "fake_quantize",
+    "fp8_matmul",
     "pack_int4",
+    "prepare_fp8",
     "prepare_qat",
     "quantize",
     "quantize_int4",
     "quantize_int8",
     "size_report",
     "unpack_int4",
+    "unwrap_fp8",
 ]
