@@ -13,23 +13,37 @@ from ..sharding._activation import batch_axes
 from ..sharding._mesh import CONTEXT_AXIS, context_size
 
 _TILE = 512
-"""Query rows a ring step scores at once. A step over more rows splits them into equal tiles
-(the largest size above `_TILE / 2` and at most `_TILE` that divides them; the whole block
-where none does) scored one after another, so that a step's float32 scores and the arrays made from
-them are `(heads, tile, keys)`, not `(heads, blk, blk)`. Blocks up to `_TILE` rows (sequences
-up to `_TILE * context` positions) score in one tile, as before tiling. Private: the tests
-lower it to put tile edges inside small blocks."""
+"""Query rows (and keys) a ring step scores at once. A step over more rows splits them into
+equal tiles (the largest size above `_TILE / 2` and at most `_TILE` that divides them) scored one
+after another, and a visiting block of more keys is folded in key tiles cut the same way, so that
+a step's float32 scores and the arrays made from them are `(heads, tile, key tile)`, not
+`(heads, blk, blk)`. Where no such size divides the rows (twice a prime, say), the rows are
+padded to the next multiple of `ceil(rows / ceil(rows / _TILE))`, fewer than one padded row per
+tile, and the padded rows (or keys) are masked out. Blocks up to `_TILE` rows (sequences up to
+`_TILE * context` positions) score in one tile, as before tiling. Private: the tests lower it to
+put tile edges inside small blocks."""
 
 
-def _tile_count(rows: int, tile: int) -> int:
-    """How many equal tiles of at most `tile` (and more than `tile / 2`) rows `rows` splits into;
-    1 when the rows fit one tile or no such size divides them."""
+def _tiling(rows: int, tile: int) -> tuple[int, int]:
+    """`(n, padded)`: `rows` split into `n` equal tiles of at most `tile` rows (more than `tile / 2`
+    when `n > 1`), after padding them to `padded` rows. `(1, rows)` when the rows fit one tile;
+    no padding when a size above `tile / 2` divides them."""
     if rows <= tile:
-        return 1
+        return 1, rows
     for size in range(tile, tile // 2, -1):
         if rows % size == 0:
-            return rows // size
-    return 1
+            return rows // size, rows
+    n = -(-rows // tile)
+    return n, n * -(-rows // n)
+
+
+def _pad(x, extra: int, axis: int, value=None):
+    """`x` with `extra` rows added at the end of axis `axis`: `value`, or copies of the last row."""
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, mode="edge") if value is None else jnp.pad(x, widths, constant_values=value)
 
 
 def _split(x, n: int, axis: int):
@@ -77,11 +91,15 @@ def ring_attention(
     wholly before the window) skips its scores with `lax.cond`; the ring exchange still runs.
 
     A step over more than `_TILE` (512) query rows scores them in equal tiles, one after another
-    (as FlashAttention, Dao et al., 2022, tiles its rows), each against the whole visiting
-    block, so that a step's float32 scores are `(heads, tile, blk)`: linear in the block. A tile
-    wholly past the window of the block's keys is skipped as a block is. Blocks of up to
-    `_TILE` rows score in one tile, and so does a block whose row count no size from `_TILE / 2
-    + 1` to `_TILE` divides (twice a prime, say): its scores are `(heads, blk, blk)` again.
+    (as FlashAttention, Dao et al., 2022, tiles its rows), and a tile meets more than `_TILE`
+    visiting keys in key tiles (an online softmax inside the step; the backward pass sums dq
+    over them), so that a step's float32 scores are `(heads, tile, key tile)` whatever the
+    block. A row tile wholly past the window of the block's keys is skipped as a block is (key
+    tiles are not). Blocks of up to `_TILE` rows score in one tile. Rows or keys that no size
+    from `_TILE / 2 + 1` to `_TILE` divides (twice a prime, say) are padded to equal tiles of at
+    most `_TILE` (fewer padded rows than tiles): padded rows are dropped from the forward's
+    output and have zero probabilities in the backward pass, so they add nothing to any
+    gradient; padded keys are masked out.
 
     `balanced` (with `causal`): the load-balanced ("zigzag") order. The sequence is cut into
     `2 * context` chunks of `blk / 2` and, on entry, two `ppermute`s of half-blocks move them so
@@ -100,7 +118,9 @@ def ring_attention(
     it received. The backward pass passes the key/value blocks round again, recomputes each
     step's scores (same masks, skips and cap), keeps the queries' gradient, and sends each
     block's key/value gradient with it, one step further at the end so that it arrives home.
-    Reverse mode only: `jax.jvp` through it raises JAX's `custom_vjp` error.
+    Reverse mode only: `jax.jvp` through it raises JAX's `custom_vjp` error (use
+    `context_attention="gather"` for forward mode); forward over reverse (a `jax.jvp` of a
+    gradient, for Hessian-vector products) differentiates the two passes themselves and runs.
 
     Manual over `context` and the mesh's batch axes (the model is vmapped over the batch with
     `spmd_axis_name` set to them, [`eqzoo.sharding.batch_vmap`][], and shard_map's batching
@@ -142,6 +162,15 @@ class _Queries(NamedTuple):
         return _Queries(
             self.q[part], self.pos[part], None if self.seg is None else self.seg[part],
             self.do[part], self.lse[:, :, part], self.delta[:, :, part],
+        )
+
+    def pad(self, extra):
+        """`extra` rows added that contribute nothing to a gradient: zero queries and cotangents,
+        zero `delta` and an infinite log-sum-exp (so their probabilities are exactly 0), and the
+        last row's position and segment (so a tile's window test is unchanged)."""
+        return _Queries(
+            _pad(self.q, extra, 0, 0), _pad(self.pos, extra, 0), None if self.seg is None else _pad(self.seg, extra, 0),
+            _pad(self.do, extra, 0, 0), _pad(self.lse, extra, 2, jnp.inf), _pad(self.delta, extra, 2, 0),
         )
 
     def tiles(self, n):
@@ -205,16 +234,17 @@ class _Ring:
             mask = mask & (qseg[:, None] == kseg[None, :])
         return mask
 
-    def _scores(self, qb, q_pos, kb, k_pos, qseg, kseg, flag):
+    def _scores(self, qb, q_pos, kb, k_pos, qseg, kseg, flag, valid=None):
         """The (kv, g, rows, keys) float32 scaled and soft-capped logits (unmasked) of the query
-        rows against the keys, and the (rows, keys) mask."""
+        rows against the keys, and the (rows, keys) mask; `valid` (keys,) masks padded keys."""
         rows = qb.shape[0]
         qg = qb.reshape(rows, self.kv_heads, self.group, self.head_dim)
         logits = jnp.einsum("tkgh,skh->kgts", qg, kb, preferred_element_type=jnp.float32) * jnp.float32(self.scale)
         if self.cap is not None:
             c = jnp.float32(self.cap)
             logits = c * jnp.tanh(logits / c)
-        return logits, self._mask(q_pos, k_pos, qseg, kseg, flag)
+        mask = self._mask(q_pos, k_pos, qseg, kseg, flag)
+        return logits, mask if valid is None else mask & valid[None, :]
 
     def tile_live(self, q_pos, k_pos, flag):
         """Whether any query of a tile at `q_pos` may see a key at `k_pos` under the window: not
@@ -226,10 +256,16 @@ class _Ring:
         """Query rows at global positions `q_pos` against keys at `k_pos`, folded into their
         running softmax: `carry` is the (kv, g, rows) running max and sum (float32) and the
         (kv, g, rows, head_dim) output. More rows than a tile are scored tile by tile
-        (`lax.map`), each tile's rows against all the keys, into its part of the carry."""
-        n = _tile_count(qb.shape[0], self.tile)
+        (`lax.map`), each tile's rows against all the keys, into its part of the carry; rows that
+        no tile size divides are padded first (`_tiling`), and the padded rows' carry dropped."""
+        rows = qb.shape[0]
+        n, padded = _tiling(rows, self.tile)
         if n == 1:
             return self.step_tile(carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag)
+        extra = padded - rows  # padded rows: zero queries, the last row's position and segment
+        carry = tuple(_pad(x, extra, 2, 0) for x in carry)
+        qb, q_pos = _pad(qb, extra, 0, 0), _pad(q_pos, extra, 0)
+        qseg = None if qseg is None else _pad(qseg, extra, 0)
 
         def one(tile):  # one tile's rows: their (max, sum, output) carry, q, positions, segments
             c, qt, pt, st = tile
@@ -240,12 +276,40 @@ class _Ring:
             return jax.lax.cond(self.tile_live(pt, k_pos, flag), score, lambda c: c, c) if self.use_window else score(c)
 
         tiles = (tuple(_split(x, n, 2) for x in carry), _split(qb, n, 0), _split(q_pos, n, 0), None if qseg is None else _split(qseg, n, 0))
-        return tuple(_join(x, 2) for x in jax.lax.map(one, tiles))
+        return tuple(_join(x, 2)[:, :, :rows] for x in jax.lax.map(one, tiles))
+
+    def key_tiles(self, k_pos, kseg, *values):
+        """`(n, tiles)`: the keys cut into `n` tiles as `_tiling` cuts rows, for `lax.scan`:
+        positions, segments (or None), a (keys,) validity (None without padding) and each of
+        `values` (zeros where padded)."""
+        keys = k_pos.shape[0]
+        n, padded = _tiling(keys, self.tile)
+        extra = padded - keys
+        valid = None if extra == 0 else _pad(jnp.ones((keys,), bool), extra, 0, False)
+        cut = [_pad(k_pos, extra, 0), None if kseg is None else _pad(kseg, extra, 0), valid]
+        cut += [_pad(x, extra, 0, 0) for x in values]
+        return n, tuple(None if x is None else _split(x, n, 0) for x in cut)
 
     def step_tile(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
-        """`step` for rows scored at once: the (kv, g, rows, keys) float32 scores live here."""
+        """`step` for rows scored at once. More keys than a tile are folded in tile by tile
+        (`lax.scan`, the online softmax over key tiles; padded keys masked out), so that the
+        float32 scores are `(kv, g, rows, key tile)`. No key tile is skipped: a `lax.cond` here
+        (inside a differentiated layer scan) more than doubled the train step's temporaries."""
+        n, tiles = self.key_tiles(k_pos, kseg, kb, vb)
+        if n == 1:
+            return self.fold_keys(carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag)
+
+        def one(c, tile):
+            kp, ks, valid, kt, vt = tile
+            return self.fold_keys(c, qb, q_pos, kt, vt, kp, qseg, ks, flag, valid), None
+
+        return jax.lax.scan(one, carry, tiles)[0]
+
+    def fold_keys(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag, valid=None):
+        """The rows against the keys scored at once: the (kv, g, rows, keys) float32 scores live
+        here."""
         m, total, o = carry
-        logits, mask = self._scores(qb, q_pos, kb, k_pos, qseg, kseg, flag)
+        logits, mask = self._scores(qb, q_pos, kb, k_pos, qseg, kseg, flag, valid)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
         p = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)  # (kv, g, rows, keys)
@@ -259,10 +323,13 @@ class _Ring:
         and the forward's log-sum-exp: float32 dq `(rows, kv, g, head_dim)`, dk and dv
         `(keys, kv, head_dim)` (summed over the query heads that share a key/value head). More
         rows than a tile are scored tile by tile (`lax.scan`): dq per tile, dk and dv summed
-        over the tiles."""
-        n = _tile_count(qs.q.shape[0], self.tile)
+        over the tiles. Rows that no tile size divides are padded first with rows whose
+        probabilities are 0 (`_Queries.pad`), and their dq dropped."""
+        rows = qs.q.shape[0]
+        n, padded = _tiling(rows, self.tile)
         if n == 1:
             return self.grad_tile(qs, ks, flag)
+        qs = qs.pad(padded - rows)
         zero = jnp.zeros((ks.k.shape[0], self.kv_heads, self.head_dim), jnp.float32)
 
         def one(acc, qt):
@@ -275,12 +342,29 @@ class _Ring:
             return (acc[0] + dk, acc[1] + dv), dq
 
         (dk, dv), dq = jax.lax.scan(one, (zero, zero), qs.tiles(n))
-        return _join(dq, 0), dk, dv
+        return _join(dq, 0)[:rows], dk, dv
 
     def grad_tile(self, qs: _Queries, ks: _Keys, flag):
-        """`grad_step` for rows scored at once: the (kv, g, rows, keys) float32 scores,
-        probabilities and their gradients live here."""
-        logits, mask = self._scores(qs.q, qs.pos, ks.k, ks.pos, qs.seg, ks.seg, flag)
+        """`grad_step` for rows scored at once. More keys than a tile are scored tile by tile
+        (`lax.scan`, as in `step_tile`): dq summed over the key tiles, dk and dv per key tile."""
+        n, tiles = self.key_tiles(ks.pos, ks.seg, ks.k, ks.v)
+        if n == 1:
+            return self.grad_keys(qs, ks, flag)
+        rows, keys = qs.q.shape[0], ks.k.shape[0]
+        zq = jnp.zeros((rows, self.kv_heads, self.group, self.head_dim), jnp.float32)
+
+        def one(dq, tile):  # no key tile skipped, as in `step_tile`
+            kp, kseg, valid, kt, vt = tile
+            dq_t, dk, dv = self.grad_keys(qs, _Keys(kt, vt, kp, kseg), flag, valid)
+            return dq + dq_t, (dk, dv)
+
+        dq, (dk, dv) = jax.lax.scan(one, zq, tiles)
+        return dq, _join(dk, 0)[:keys], _join(dv, 0)[:keys]
+
+    def grad_keys(self, qs: _Queries, ks: _Keys, flag, valid=None):
+        """The gradient of rows against keys scored at once: the (kv, g, rows, keys) float32
+        scores, probabilities and their gradients live here."""
+        logits, mask = self._scores(qs.q, qs.pos, ks.k, ks.pos, qs.seg, ks.seg, flag, valid)
         p = jnp.where(mask, jnp.exp(logits - qs.lse[..., None]), 0.0)  # the probabilities (kv, g, rows, keys)
         rows = qs.q.shape[0]
         do = qs.do.reshape(rows, self.kv_heads, self.group, self.head_dim)

@@ -232,30 +232,32 @@ def _shapes(jaxpr):
             yield from _shapes(sub)
 
 
-@pytest.mark.parametrize("balanced", [False, True], ids=["contiguous", "balanced"])
-def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_shorter_than_a_block(balanced, monkeypatch):
+@pytest.mark.parametrize(("balanced", "seq"), [(False, 40), (True, 32)], ids=["contiguous-padded-tiles", "balanced"])
+def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_shorter_than_a_block(balanced, seq, monkeypatch):
     # The models' windows are as long as a ring block, so no block is ever wholly before a
-    # window there; here a window of 2 on blocks of 8 (chunks of 4 balanced) skips such blocks,
-    # with documents crossing blocks, a static and a traced window flag (on and off), GQA (4
-    # heads, 2 kv heads, head_dim 6) and a soft cap of 1.5. Window 2: the previous block's last
-    # key is exactly at the edge of a block's first query's window, so a skip test off by one
-    # fails (checked). The gradients of q, k and v come from the ring's own backward pass.
-    # Tiles of 4 query rows (512 outside tests): a block's 8 rows score as 2 tiles, in the
-    # forward and the backward pass, with the causal diagonal, documents and the window
-    # crossing tile edges, and a tile wholly before the window skipped; balanced, a chunk's 4
-    # rows score as one tile. A tile offset off by one row fails (checked).
+    # window there; here a window of 2 on blocks of 10 (contiguous, 40 positions) or chunks of
+    # 4 (balanced, 32) skips such blocks, with documents crossing blocks, a static and a traced
+    # window flag (on and off), GQA (4 heads, 2 kv heads, head_dim 7) and a soft cap of 1.5.
+    # Window 2: the previous block's last key is exactly at the edge of a block's first query's
+    # window, so a skip test off by one fails (checked). The gradients of q, k and v come from
+    # the ring's own backward pass. Tiles of 4 query rows and 4 keys (512 outside tests), in
+    # the forward and the backward pass, with the causal diagonal, documents and the window
+    # crossing tile edges, and a row tile wholly before the window skipped. Balanced, a step's
+    # 8 rows or keys are 2 tiles of 4. Contiguous, no size from 3 to 4 divides a block's 10, so
+    # its rows and its keys are padded to 3 tiles of 4 (padded rows dropped from the output and
+    # given no gradient, padded keys masked out). A tile offset off by one row fails (checked).
     from eqzoo.nn import _ring
     from eqzoo.nn._attention import _xla_attention
     from eqzoo.nn._ring import ring_attention
 
     monkeypatch.setattr(_ring, "_TILE", 4)
     mesh = sh.make_mesh("context=4", devices=jax.devices()[:4])
-    seq, window, cap = 32, 2, 1.5
+    window, cap = 2, 1.5
     kq, kk, kv, kd = jax.random.split(jax.random.key(0), 4)
-    q = jax.random.normal(kq, (seq, 4, 6))
-    k, v = jax.random.normal(kk, (seq, 2, 6)), jax.random.normal(kv, (seq, 2, 6))
-    cotangent = jax.random.normal(kd, (seq, 4, 6))
-    seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), [7, 11, 9, 5]))
+    q = jax.random.normal(kq, (seq, 4, 7))
+    k, v = jax.random.normal(kk, (seq, 2, 7)), jax.random.normal(kv, (seq, 2, 7))
+    cotangent = jax.random.normal(kd, (seq, 4, 7))
+    seg = jnp.asarray(np.repeat(np.arange(1, 5, dtype=np.int32), [7, 11, 9, seq - 27]))
     pos = jnp.arange(seq)
     causal_docs = (pos[None, :] <= pos[:, None]) & (seg[:, None] == seg[None, :])
     band = pos[None, :] > pos[:, None] - window
@@ -285,11 +287,13 @@ def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_sho
     traced = jax.jit(with_grads(ring(None)))
     check(traced(q, k, v, seg, jnp.asarray(True)), causal_docs & band)
     check(traced(q, k, v, seg, jnp.asarray(False)), causal_docs)
-    # No scores (or masks) of a whole block's 8 query rows against 8 keys, or 4 balanced,
-    # forward or backward: a tile's 4 rows at most (head_dim 6, so that no other array is
-    # shaped like them). Fails untiled (checked).
+    # No scores, probabilities or masks ((kv 2, group 2, rows, keys) or (rows, keys)) of more
+    # than a tile's 4 query rows or 4 keys, forward or backward: keys are tiled too (head_dim
+    # 7, and (kv, g, rows, 1) is a row statistic broadcast). Fails with whole blocks, with
+    # query tiles only, and on 40 positions without the padding (checked).
     program = static.trace(q, k, v, seg).jaxpr.jaxpr  # the program `static` ran (its cached trace)
-    assert not [s for s in _shapes(program) if s[-2:] in {(8, 8), (8, 4)}]
+    scores = [s for s in _shapes(program) if len(s) == 2 or (len(s) == 4 and s[:2] == (2, 2) and s[-1] not in (1, 7))]
+    assert scores and max(max(s[-2:]) for s in scores) == 4
     # The backward pass keeps q, this device's own k and v blocks, the output and a float32
     # log-sum-exp per query row, not the key/value blocks each ring step received (nor each
     # step's running softmax): 5 float arrays of 2,432 elements, where autodiff through the
