@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +24,41 @@ def last_line_is_json(stdout: str) -> bool:
     return True
 
 
+DEFAULT_COST = 10.0
+"""Seconds assumed for a script missing from the caller's `costs`."""
+
+
+def longest_first(scripts: list[Path], costs: Mapping[str, float]) -> list[Path]:
+    """`scripts` in the order they start: the costliest first (`costs` by file stem, a script
+    missing there counts as `DEFAULT_COST`), ties by name. With `jobs` workers, starting the
+    long ones first keeps one long script from running alone at the end while the other
+    workers idle."""
+    return sorted(scripts, key=lambda s: (-costs.get(s.stem, DEFAULT_COST), s.name))
+
+
+def fast_compile_env(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` with XLA:CPU's code generator at -O0 (`--xla_backend_optimization_level=0` added to
+    `XLA_FLAGS`), as the test suite compiles; a level `base` already sets is kept.
+
+    The smoke runs' time is mostly compiling small programs, and their figures are not checked:
+    at -O0 `bayes_overhead.py --smoke` took 41 s of CPU against 60 s, `image_throughput.py
+    --smoke` 19 s against 34 s (back to back on the shared 2-core machine); all 18 benchmarks 265 s
+    against 412 s. XLA's own passes are
+    the same; the machine code may round differently in the last bits."""
+    env = dict(base)
+    flags = env.get("XLA_FLAGS", "")
+    if "--xla_backend_optimization_level" not in flags:
+        env["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
+    return env
+
+
 def run_scripts(
-    scripts: list[Path], flags: list[str], *, noun: str, timeout: float | None = None, jobs: int = 1
+    scripts: list[Path], flags: list[str], *, noun: str, timeout: float | None = None, jobs: int = 1,
+    costs: Mapping[str, float] | None = None, env: Mapping[str, str] | None = None,
 ) -> int:
-    """Runs `python SCRIPT *flags` for each script from the repository root, `jobs` at a time.
+    """Runs `python SCRIPT *flags` for each script from the repository root, `jobs` at a time,
+    the costliest first by `costs` (seconds by file stem; `longest_first`), in the environment
+    `env` (default: this process's).
 
     Prints `ok  ` / `FAIL` with the wall time per script as each finishes (and a failure's
     output tails), then `N passed, N failed`. A script still running after `timeout` seconds is
@@ -41,13 +73,15 @@ def run_scripts(
         print(f"no {noun} found", file=sys.stderr)
         return 1
     failed = []
+    scripts = longest_first(scripts, costs or {})
 
     def run(script: Path) -> tuple[Path, subprocess.CompletedProcess, float, bool]:
         cmd = [sys.executable, str(script), *flags]
         start = time.perf_counter()
         timed_out = False
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                                  env=None if env is None else dict(env))
         except subprocess.TimeoutExpired as e:
             proc = subprocess.CompletedProcess(cmd, None, _text(e.stdout), _text(e.stderr))
             timed_out = True

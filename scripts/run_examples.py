@@ -19,6 +19,14 @@ RUN_IN_TESTS = frozenset({
     "pinn_poisson",
 })
 
+# CPU seconds of each `--smoke --json` run, one at a time on the shared 2-core machine: the
+# costliest start first (`_run_scripts.longest_first`), so with `--jobs 2` no long example
+# runs alone at the end. Only the order depends on these; a missing example counts as 10 s.
+COSTS = {
+    "bayesian_digits": 31.0, "neural_ode": 25.0, "neural_cde": 23.5, "sharded_training": 20.5,
+    "train_char_gpt": 17.0, "hf_generate": 13.0,
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -33,7 +41,7 @@ def main() -> int:
     if args.skip_tested:
         scripts = [s for s in scripts if s.stem not in RUN_IN_TESTS]
     flags = ["--json"] + (["--smoke"] if args.smoke else [])
-    return run_scripts(scripts, flags, noun="examples", jobs=args.jobs)
+    return run_scripts(scripts, flags, noun="examples", jobs=args.jobs, costs=COSTS)
 
 
 if __name__ == "__main__":

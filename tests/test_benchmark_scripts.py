@@ -5,6 +5,7 @@ tiny `python -c` programs."""
 
 import importlib.util
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -274,6 +275,33 @@ def test_run_scripts_fails_on_a_bad_exit_a_missing_json_line_or_a_timeout(tmp_pa
     assert out.splitlines()[-1] == "1 passed, 3 failed"
     assert runner.run_scripts([], [], noun="things") == 1
     assert "no things found" in capsys.readouterr().err
+
+
+def test_run_scripts_starts_the_costliest_first_in_the_given_environment(tmp_path, capsys):
+    # One at a time, each script appends its name and $RUN_MARK to a file: the start order is
+    # the costs' descending order, a script missing from `costs` counting as DEFAULT_COST, ties
+    # by name; every script sees `env`.
+    log = tmp_path / "order.txt"
+    names = ["a_cheap", "b_unknown", "c_dear", "d_unknown", "e_dearest"]
+    for name in names:
+        (tmp_path / f"{name}.py").write_text(
+            f"import json, os\nwith open({str(log)!r}, 'a') as f: f.write({name!r} + os.environ['RUN_MARK'] + '\\n')\n"
+            "print(json.dumps({}))\n"
+        )
+    costs = {"a_cheap": 1.0, "c_dear": 30.0, "e_dearest": 90.0}
+    env = {**os.environ, "RUN_MARK": "-m"}
+    assert runner.run_scripts([tmp_path / f"{n}.py" for n in names], [], noun="things", costs=costs, env=env) == 0
+    assert log.read_text().split() == ["e_dearest-m", "c_dear-m", "b_unknown-m", "d_unknown-m", "a_cheap-m"]
+    assert capsys.readouterr().out.splitlines()[-1] == "5 passed, 0 failed"
+
+
+def test_scripts_compile_at_o0_unless_the_caller_chose_a_level():
+    flag = "--xla_backend_optimization_level"
+    assert runner.fast_compile_env({"A": "1"}) == {"A": "1", "XLA_FLAGS": f"{flag}=0"}
+    assert runner.fast_compile_env({"XLA_FLAGS": "--xla_dump_to=/tmp/d"})["XLA_FLAGS"] == (
+        f"--xla_dump_to=/tmp/d {flag}=0"
+    )
+    assert runner.fast_compile_env({"XLA_FLAGS": f"{flag}=2"}) == {"XLA_FLAGS": f"{flag}=2"}
 
 
 def test_examples_left_to_the_test_suite_are_run_by_it():
