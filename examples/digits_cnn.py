@@ -102,8 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_set, test_set = load(args.seed)
     config = models.get_config("cnn-digits", widths=(16, 32)) if args.smoke else models.get_config("cnn-digits")
     key_model, key_train = jax.random.split(jax.random.key(args.seed))
-    # Initialised under one jit: run eagerly, each initialiser op would be compiled on its own.
-    model, model_state = eqx.filter_jit(models.create)(config, key=key_model)
+    model, model_state = models.create(config, key=key_model)
     model, model_state = with_batch_statistics(model, model_state)
 
     loader = data.ArrayLoader(train_set, batch_size=args.batch_size, seed=args.seed)

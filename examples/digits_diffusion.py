@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_set, test_set = load(args.seed)
     schedule = diffusion.NoiseSchedule.cosine(1000)
     key_model, key_train, key_eval, key_sample = jax.random.split(jax.random.key(args.seed), 4)
-    # Initialised under one jit: run eagerly, each initialiser op would be compiled on its own.
-    model = eqx.filter_jit(models.create)(PRESETS[args.model], key=key_model)
+    model = models.create(PRESETS[args.model], key=key_model)
     num_params = models.get_config(PRESETS[args.model]).num_params()
 
     loader = data.ArrayLoader(train_set, batch_size=batch_size, seed=args.seed)

@@ -23,7 +23,6 @@ import jaxtyping
 with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
     from eqzoo import data, models, train
 
-import equinox as eqx
 import jax
 import numpy as np
 import optax
@@ -61,8 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train_set, test_set = load(args.seed)
     config = models.get_config("tiny-vit")
     key_model, key_train = jax.random.split(jax.random.key(args.seed))
-    # Initialised under one jit: run eagerly, each initialiser op would be compiled on its own.
-    model = eqx.filter_jit(models.create)(config, key=key_model)
+    model = models.create(config, key=key_model)
 
     loader = data.ArrayLoader(train_set, batch_size=args.batch_size, seed=args.seed)
     num_steps = epochs * loader.steps_per_epoch

@@ -59,28 +59,13 @@ def _mappings() -> int:
 
 @pytest.fixture(scope="session")
 def create():
-    """`eqzoo.models.create`, with its signature, built under one `eqx.filter_jit`.
-
-    Eager initialisation dispatches every small random op on its own (~2 s a tiny model on CI's
-    cores); one compiled program draws the same weights within float32 rounding, not bit for
-    bit: XLA's algebraic simplifier folds `jax.random.normal`'s sqrt(2) into an initialiser's
-    standard deviation, which moves about a quarter of the normal-drawn weights by one unit in
-    the last place (compiling with `xla_disable_hlo_passes="algsimp"` removes the difference;
-    the test of this fixture compares with rtol 1e-6). The preset name or
-    config and the keyword overrides are static (hashed, so a new value compiles anew and equal
-    values share a program); `key` is traced. Keep `models.create` itself for tests of the eager
-    path, of warnings or errors raised while building, or of build-time type checks.
-    """
-    import equinox as eqx
-
+    """`eqzoo.models.create` itself, which builds in one compiled program per initialisation
+    (a new key, or a config differing only in fields that cannot change the arrays, reuses it)
+    and draws the eager build's arrays bit for bit. Pass `jit=False` for tests of the eager
+    path or of build-time type checks inside the constructors."""
     from eqzoo import models
 
-    jitted = eqx.filter_jit(models.create)
-
-    def create(preset, *, key, **overrides):
-        return jitted(preset, key=key, **overrides)
-
-    return create
+    return models.create
 
 
 @pytest.fixture

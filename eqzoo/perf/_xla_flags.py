@@ -24,6 +24,16 @@ GPU_XLA_FLAGS: dict[str, str] = {
 overlap collectives with compute on sharded runs and is harmless on one GPU.
 """
 
+# Eager initialisation runs each random draw and each scaling as its own small program. Compiled
+# together, XLA's algebraic simplifier folds `jax.random.normal`'s sqrt(2) into the initialiser's
+# standard deviation, which rounds differently: about a quarter of the normal-drawn weights move
+# by one unit in the last place. Without that pass a whole build computes what the eager ops do,
+# bit for bit (checked for every small preset by tests/models/test_presets_contract.py, sharded
+# by tests/sharding/test_init.py).
+EAGER_EXACT_OPTIONS: dict[str, str] = {"xla_disable_hlo_passes": "algsimp"}
+"""The `compiler_options` of the compiled model builds (`eqzoo.models.create`,
+`eqzoo.sharding.sharded_init`): their arrays equal those built eagerly, op by op."""
+
 # Modules a CUDA build of JAX installs: the `jax-cudaNN-plugin` / `jax-cudaNN-pjrt` wheels that
 # `jax[cuda12]` / `jax[cuda13]` pull in, and the older `jaxlib.cuda` layout. The same names JAX
 # itself probes (jax/_src/lib/__init__.py, jax/experimental/mosaic/gpu). Looked up, never imported.

@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 from jax.sharding import Mesh
 
+from ..perf._xla_flags import EAGER_EXACT_OPTIONS
 from ._rules import Rules
 from ._shard import tree_shardings
 
@@ -25,8 +26,8 @@ def _prepare(fn: Callable[..., Any], args: tuple, kwargs: dict, mesh: Mesh, rule
 
     # With out_shardings the compiler partitions the initialisers themselves: each device draws
     # only its own shard (JAX's default threefry PRNG is partitionable), so no device ever holds
-    # a whole parameter.
-    jitted = jax.jit(init, out_shardings=[targets[i] for i in where])
+    # a whole parameter. The options keep the draws bit-identical to an eager (unsharded) build.
+    jitted = jax.jit(init, out_shardings=[targets[i] for i in where], compiler_options=EAGER_EXACT_OPTIONS)
     return jitted, dynamic, leaves, treedef, where
 
 

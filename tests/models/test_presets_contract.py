@@ -18,7 +18,10 @@ import optax
 import pytest
 
 from eqzoo import diffusion, models, train
-from eqzoo._errors import ShapeError
+from eqzoo._errors import ConfigError, ShapeError
+from eqzoo.models._build import _INIT_FREE
+from eqzoo.models._registry import _construct
+from eqzoo.nn import RopeScaling
 
 SMALL = 5_000_000  # parameters; presets below this run on CPU in the contract suite
 SEQ = 16  # tokens per sequence for language-model presets
@@ -174,7 +177,13 @@ def _create(name, seed):
 
 
 def test_init_is_deterministic_and_float32(case):
-    assert _bitwise_equal(_params(_create(case.name, 0)), _params(case.model))
+    # `create` builds in one compiled program (case.model); eager building, op by op, gives the
+    # same pytree (static fields, non-array leaves, BatchNorm state) and the same bits.
+    eager = models.create(case.name, key=jax.random.key(0), jit=False)
+    built = (case.model, case.model_state) if case.stateful else case.model
+    assert jax.tree.structure(eager) == jax.tree.structure(built)
+    assert jax.tree.leaves(eqx.filter(eager, eqx.is_array, inverse=True)) == jax.tree.leaves(eqx.filter(built, eqx.is_array, inverse=True))
+    assert _bitwise_equal(eqx.filter(eager, eqx.is_array), eqx.filter(built, eqx.is_array))
     assert not _bitwise_equal(_params(_create(case.name, 7)), _params(case.model))
     leaves = jax.tree.leaves(_params(case.model))
     assert leaves and all(x.dtype == jnp.float32 for x in leaves)
@@ -300,6 +309,66 @@ def test_serialisation_round_trip(case, tmp_path):
     assert _bitwise_equal(eqx.filter(loaded, eqx.is_array), eqx.filter(tree, eqx.is_array))
     x = case.inputs[0]
     assert np.array_equal(case.jit_forward(*loaded, x), case.jit_forward(*tree, x))
+
+
+# ------------------------------------------------------------------------------ compiled builds
+
+FAMILY_PRESETS = {type(models.get_config(p)): p for p in reversed(SMALL_PRESETS)}  # one small preset a family
+
+# A second value for each field some config declares init-free (`_build._INIT_FREE`); a field
+# declared without one here fails the test below.
+OTHER_VALUES = {
+    "remat": "full", "attention_backend": "xla", "layer_norm_eps": 1e-3, "rms_norm_eps": 1e-3,
+    "rope_theta": 1234.0, "rope_scaling": RopeScaling(factor=8.0), "local_rope_theta": 1234.0,
+    "sliding_window": 16, "query_pre_attn_scalar": 32.0, "attn_logit_softcap": None,
+    "final_logit_softcap": None, "router_aux_loss_coef": 0.5, "router_z_loss_coef": 0.5,
+    "moe_implementation": "capacity", "moe_capacity_factor": 2.0, "normalize_router_weights": False,
+    ("activation", models.MLPConfig): "tanh", ("activation", models.GemmaConfig): "silu",
+}
+
+
+def _arrays(tree):
+    return [x for x in jax.tree.leaves(tree) if eqx.is_array(x)]
+
+
+def _build_program(config):
+    """The traced build of `config`'s arrays from a key: equal programs, equal arrays for every key."""
+    closed = jax.make_jaxpr(lambda k: _arrays(_construct(config, k)))(jax.random.key(0))
+    return str(closed.jaxpr), [np.asarray(c) for c in closed.consts]
+
+
+@pytest.mark.parametrize("family", list(ADAPTERS), ids=lambda t: t.__name__)
+def test_init_free_fields_do_not_change_the_build(family):
+    # Configs differing only in declared init-free fields share one compiled build: each such
+    # field, set to another value, must trace to the same program (same ops, same constants).
+    base = models.get_config(FAMILY_PRESETS[family])
+    program, consts = _build_program(base)
+    for field in sorted(_INIT_FREE[family]):
+        other = OTHER_VALUES.get((field, family), OTHER_VALUES.get(field))
+        assert getattr(base, field) != other, f"{field}: pick a value other than the preset's"
+        got, got_consts = _build_program(models.get_config(base, **{field: other}))
+        assert got == program, f"{family.__name__}.{field} changes the initialisation; it is not init-free"
+        assert len(got_consts) == len(consts) and all(map(np.array_equal, got_consts, consts)), field
+
+
+def test_create_compiles_once_per_initialisation(compile_log):
+    # A new key, or a field that cannot change the arrays, reuses the compiled build; a new size
+    # compiles anew. Each result carries its own config; config errors come before any tracing.
+    config = models.MLPConfig(in_features=4, out_features=3, width=8, depth=1)
+    jax.clear_caches()  # counted from a cold cache (an earlier module may have built this config)
+    with compile_log("create_") as log:
+        first = models.create(config, key=jax.random.key(0))
+        again = models.create(config, key=jax.random.PRNGKey(1))  # a raw key: the same program
+        gelu = models.create(config, key=jax.random.key(0), activation="gelu")
+        assert len(log.compiled) == 1, log.compiled
+        wider = models.create(config, key=jax.random.key(0), width=16)
+        with pytest.raises(ConfigError, match=r"MLPConfig: depth must be >= 0, got -1\."):
+            models.create(config, key=jax.random.key(0), depth=-1)
+    assert len(log.compiled) == 2, log.compiled
+    assert gelu.config.activation == "gelu" and gelu.net.activation is jax.nn.gelu and first.net.activation is jax.nn.relu
+    assert _bitwise_equal(_arrays(gelu), _arrays(first))
+    assert _bitwise_equal(_arrays(again), _arrays(models.create(config, key=jax.random.key(1), jit=False)))
+    assert wider.config.width == 16 and wider.net.layers[0].weight.shape == (16, 4)
 
 
 # ------------------------------------------------------------------------------ every preset

@@ -35,13 +35,8 @@ def _features(model, x):
     return model.features(x)
 
 
-# Initialised under one jit: eagerly, each initialiser op would be compiled on its own. One
-# wrapper for the module, so a config built twice compiles once.
-_jit_create = eqx.filter_jit(models.create)
-
-
 def _create(config, seed=0, **overrides):
-    return _jit_create(config, key=jax.random.key(seed), **overrides)
+    return models.create(config, key=jax.random.key(seed), **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -28,9 +28,9 @@ INT4_RTOL = {"tiny-gpt2": 0.15, "tiny-llama": 0.07}
 GROUP = 16  # divides every input size of the tiny presets (64, 176, 256)
 
 
-# Built and quantized under jit: one compiled program each, rather than every small op
-# dispatched on its own (the same arrays).
-_create = eqx.filter_jit(eqzoo.models.create)
+# Quantized under jit: one compiled program, rather than every small op dispatched on its own
+# (the same arrays). `create` compiles its build already.
+_create = eqzoo.models.create
 _quantize = eqx.filter_jit(quant.quantize)
 
 

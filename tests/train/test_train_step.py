@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from eqzoo import models, train
+from eqzoo import train
 from eqzoo._errors import ConfigError, ShapeError
 
 
@@ -325,28 +325,3 @@ def test_an_equal_state_structure_reuses_the_compiled_step(mlp):
     frozen, _ = step(frozen, _mlp_batch())
     assert len(traces) == 3  # traced anew, with the new filter: nothing trains
     np.testing.assert_array_equal(np.asarray(jax.tree.leaves(frozen.model)[0]), before)
-
-
-# ------------------------------------------------------------------------------ the `create` fixture
-
-
-def test_the_create_fixture_draws_the_eager_weights_and_compiles_once_per_config(create, compile_log):
-    # The suite builds models with conftest's `create` (under one jit): the same random draws as
-    # `models.create` (fp32, up to the last bit); a new key reuses the program; a new override or
-    # config compiles anew, and each gets its own sizes.
-    config = models.MLPConfig(in_features=4, out_features=3, width=8, depth=1)
-    eager = models.create(config, key=jax.random.key(0))
-    jax.clear_caches()  # counted from a cold cache (an earlier module may have built this config)
-    with compile_log("create") as log:
-        jitted = create(config, key=jax.random.key(0))
-        again = create(config, key=jax.random.key(1))
-        assert len(log.compiled) == 1
-        wider = create(config, key=jax.random.key(0), width=16)
-        other = create(models.MLPConfig(in_features=4, out_features=3, width=8, depth=2), key=jax.random.key(0))
-    assert len(log.compiled) == 3
-    assert jax.tree.structure(jitted) == jax.tree.structure(eager) and jitted.config == config
-    for a, b in zip(_arrays(jitted), _arrays(eager), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    assert not np.allclose(_arrays(again)[0], _arrays(jitted)[0])
-    assert wider.config.width == 16 and _arrays(wider)[0].shape == (16, 4)
-    assert other.config.depth == 2 and len(_arrays(other)) == len(_arrays(jitted)) + 2
