@@ -42,7 +42,7 @@ def fast_compile_env(base: Mapping[str, str]) -> dict[str, str]:
 
     The smoke runs' time is mostly compiling small programs, and their figures are not checked:
     at -O0 `bayes_overhead.py --smoke` took 41 s of CPU against 60 s, `image_throughput.py
-    --smoke` 19 s against 34 s (back to back on the shared 2-core machine); all 18 benchmarks 265 s
+    --smoke` 19 s against 34 s (back to back on the shared 2-core machine); the 18 benchmarks of the time 265 s
     against 412 s. XLA's own passes are
     the same; the machine code may round differently in the last bits."""
     env = dict(base)

@@ -19,7 +19,7 @@ COSTS = {
     "bayes_overhead": 38.0, "dispatch_overhead": 25.0, "compile_time": 23.5, "gpu_suite": 21.0,
     "sciml_overhead": 19.0, "image_throughput": 19.0, "qat_int4": 18.5, "memory_estimate": 15.5,
     "generate_throughput": 14.0, "speculative_decoding": 14.0, "train_throughput": 13.0,
-    "collective_bytes": 12.5, "quant_products": 8.5, "continuous_batching": 7.5,
+    "collective_bytes": 12.5, "create_time": 12.0, "quant_products": 8.5, "continuous_batching": 7.5,
     "equinox_baseline": 6.5, "torch_baseline": 5.5, "checkpoint_io": 2.5, "packing_fill": 1.0,
 }
 

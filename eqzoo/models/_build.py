@@ -50,16 +50,34 @@ They hold programs only, never arrays."""
 _PROGRAMS: collections.OrderedDict[Any, Callable] = collections.OrderedDict()
 
 
-def _init_key(config: Any, exact: bool) -> tuple:
-    """What determines a config's arrays: its class and every field not declared init-free."""
+def _hashable(value: Any) -> Any:
+    """`value` with its lists (a config may hold `widths=[16, 32]`) as tuples, for a cache key."""
+    if isinstance(value, list | tuple):
+        return tuple(map(_hashable, value))
+    return value
+
+
+def _init_key(construct: Callable, config: Any, exact: bool) -> tuple | None:
+    """What determines a config's arrays: the constructor, the config's class and every field
+    not declared init-free; `None` if a field's value cannot be hashed (no program is kept)."""
     free = frozenset() if exact else _INIT_FREE.get(type(config), frozenset())
-    return (type(config), exact, tuple((f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in free))
+    fields = tuple((f.name, _hashable(getattr(config, f.name))) for f in dataclasses.fields(config) if f.name not in free)
+    key = (construct, type(config), exact, fields)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _program(construct: Callable[[Any, Any], Any], config: Any, *, exact: bool = False) -> Callable:
     """The cached compiled build of `config` (built from the first config seen with the same
-    init key): a function from the key to the list of the model's array leaves."""
-    cache_key = _init_key(config, exact)
+    init key): a function from the key to the list of the model's array leaves. A config with
+    an unhashable field gets a program of its own, not kept."""
+    cache_key = _init_key(construct, config, exact)
+    if cache_key is None:
+        return jax.jit(lambda key: [x for x in jax.tree.leaves(construct(config, key)) if eqx.is_array(x)],
+                       compiler_options=EAGER_EXACT_OPTIONS)
     program = _PROGRAMS.get(cache_key)
     if program is None:
         def arrays(key):

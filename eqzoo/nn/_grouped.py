@@ -120,7 +120,8 @@ _SUMMED = contextvars.ContextVar("eqzoo_moe_summed_weight_gradients", default=Fa
 def summed_weight_gradients() -> Iterator[None]:
     """While tracing the gradient of a loss over a whole batch (`jax.grad` of a `jax.vmap`,
     never the reverse), let the batched backward pass of the dropless experts sum the weight
-    gradients over the batch in one pass. eqzoo's train step traces its gradient inside it.
+    gradients over the batch in one pass, and let fp8 products ([`eqzoo.quant.fp8_matmul`][])
+    run once on the whole batch with its scales. eqzoo's train step traces its gradient inside it.
 
     Outside it the backward pass keeps one weight gradient per batch member, right for
     per-example gradients too, at the cost of a transient `(batch, *expert weights)` gradient

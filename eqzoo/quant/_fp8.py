@@ -9,6 +9,7 @@ from jaxtyping import Array, Float
 
 from .._errors import ConfigError
 from ..nn import AbstractLinear, Targets, replace_linears
+from ..nn._grouped import _SUMMED
 from ._linear import check_features
 
 E4M3_MAX = 448.0
@@ -74,11 +75,22 @@ def _backward(xq, sx, wq, sw, g):
 
 
 # Models take one example and the train step vmaps them, but a per-tensor scale must be one
-# scalar for the whole batch: per-example scales would be a vector the GEMM rewriter cannot fold
-# (it wants scalars), and the weight gradient would be one product per example, summed. So under
-# `jax.vmap` over the activations alone, the vmap rules below run the product once on the whole
-# batched array (batch axis first), giving unbatched scales and one weight gradient. Anything
-# else (a batched weight: an ensemble) maps the one-example product, one scale per member.
+# scalar for the whole batch to reach the GPU's fp8 GEMM: per-example scales would be a vector
+# the GEMM rewriter cannot fold (it wants scalars), and the weight gradient would be one product
+# per example, summed. A batched backward pass cannot tell the gradient of a batched loss
+# (`grad` of `vmap`, where the weight gradients are summed) from per-example gradients (`vmap`
+# of `grad`, DP-SGD, where they must stay apart), as eqzoo/nn/_grouped.py explains. So, as the
+# dropless experts do, the rules below read `summed_weight_gradients()` (the train step traces
+# its gradient inside it): there, under `jax.vmap` over the activations alone, the product runs
+# once on the whole batched array (batch axis first) with the batch's scales, and the backward
+# pass returns one weight gradient, already summed. Anywhere else every batch member is its own
+# product with its own scales (an example's output then never depends on its neighbours: eval,
+# generation, per-example gradients), and so is anything else batched (a batched weight: an
+# ensemble).
+def _whole_batch(in_batched) -> bool:
+    return bool(_SUMMED.get()) and list(in_batched) == [True] + [False] * (len(in_batched) - 1)
+
+
 @custom_vmap
 def _forward_batchable(x, w):
     return _forward(x, w)
@@ -87,9 +99,9 @@ def _forward_batchable(x, w):
 @_forward_batchable.def_vmap
 def _forward_rule(axis_size, in_batched, x, w):
     del axis_size
-    x_batched, w_batched = in_batched
-    if x_batched and not w_batched:
+    if _whole_batch(in_batched):
         return _forward_batchable(x, w), (True, (True, False, False, False))
+    x_batched, w_batched = in_batched
     out = jax.vmap(_forward, in_axes=(0 if x_batched else None, 0 if w_batched else None))(x, w)
     return out, jax.tree.map(lambda _: True, out)
 
@@ -102,7 +114,7 @@ def _backward_batchable(xq, sx, wq, sw, g):
 @_backward_batchable.def_vmap
 def _backward_rule(axis_size, in_batched, xq, sx, wq, sw, g):
     del axis_size
-    if list(in_batched) == [True, False, False, False, True]:  # the activations' batch, as forwarded
+    if _whole_batch(in_batched[:4]) and in_batched[4]:  # the activations' batch, forwarded whole
         return _backward_batchable(xq, sx, wq, sw, g), (True, False)
     axes = [0 if b else None for b in in_batched]
     out = jax.vmap(_backward, in_axes=axes)(xq, sx, wq, sw, g)
@@ -136,11 +148,16 @@ def fp8_matmul(x: Float[Array, "*shape in"], w: Float[Array, "out in"]) -> Float
     e5m2 `g` with the e4m3 `w` and `x` saved by the forward pass (float32 accumulation). This is
     "current" (just-in-time) scaling: no amax history, so nothing to carry between steps.
 
-    Under `jax.vmap` over `x` (how eqzoo trains: one example per call, vmapped), the scales
-    are those of the whole batch, and the weight gradient is one product over every token.
+    In eqzoo's train step (one example per call, vmapped, its gradient traced inside
+    [`eqzoo.nn.summed_weight_gradients`][]) the scales are those of the whole batch and the
+    weight gradient is one product over every token. Under any other `jax.vmap` each example
+    is scaled on its own (its output never depends on the rest of the batch; `jax.vmap` of
+    `jax.grad` gives true per-example gradients), one product per example.
     Written so XLA:GPU rewrites each product into one cuBLASLt fp8 GEMM on Ada/Hopper GPUs
     (each dot operand is `convert(fp8) * scalar`); elsewhere, XLA runs the same arithmetic on
-    the up-converted values (emulated fp8: the rounding, not the speed).
+    the up-converted values (emulated fp8: the rounding, not the speed). The operands are
+    converted back up in `x`'s dtype: under bfloat16 compute each scale and each rescaled
+    operand is rounded to bfloat16 too (2^-9 relative), on top of the fp8 rounding.
 
     **Arguments:**
 
@@ -248,9 +265,10 @@ def prepare_fp8(model, *, targets: Targets = None):
     out = replace_linears(model, wrap, targets=targets, kinds=(eqx.nn.Linear,), what="prepare_fp8")
     if not count:
         raise ConfigError(
-            "prepare_fp8: the model has no plain equinox.nn.Linear layer to wrap (its linear layers "
-            "are already fp8, quantized or adapted, or it has none). For a model that is already "
-            "fp8, there is nothing to do; unwrap it with eqzoo.quant.unwrap_fp8 first to re-select."
+            "prepare_fp8: nothing to wrap: the selected layers are routers of mixture-of-experts layers "
+            "(skipped unless a target names 'router'; experts are never wrapped), or the model has no plain "
+            "equinox.nn.Linear layer (its linear layers are already fp8, quantized or adapted, or it has "
+            "none). For a model that is already fp8, unwrap it with eqzoo.quant.unwrap_fp8 first to re-select."
         )
     return out
 

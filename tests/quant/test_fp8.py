@@ -79,7 +79,11 @@ def test_fp8_gradients_are_within_e5m2_rounding_and_cast_to_fp8():  # ~1.5 s
     def per_example(x, w):  # as models run: one example per call, vmapped
         return jax.vmap(quant.fp8_matmul, in_axes=(0, None))(x, w)
 
-    grad = jax.jit(jax.grad(lambda x, w: loss(per_example, x, w), argnums=(0, 1)))
+    def summed(x, w):  # as the train step traces its gradient
+        with eqzoo.nn.summed_weight_gradients():
+            return jax.grad(lambda x, w: loss(per_example, x, w), argnums=(0, 1))(x, w)
+
+    grad = jax.jit(summed)
     dx, dw = (np.asarray(g, np.float64) for g in grad(x, w))
     g2, x2 = cot.reshape(-1, 48).astype(np.float64), np.asarray(x, np.float64).reshape(-1, 64)
     w2 = np.asarray(w, np.float64)
@@ -89,11 +93,19 @@ def test_fp8_gradients_are_within_e5m2_rounding_and_cast_to_fp8():  # ~1.5 s
     assert np.all(np.abs(dw - ref_dw) <= _bound(g2.T, eg.T, x2, ex))
     assert np.linalg.norm(dw - ref_dw) / np.linalg.norm(ref_dw) > 0.005  # rounded, not float
 
-    # Under vmap the scales are the whole batch's, as the GPU's fp8 GEMM needs (scalars): the
-    # per-example computation equals the one on the whole (2, 12, 64) tensor.
+    # In the train step's gradient the scales are the whole batch's, as the GPU's fp8 GEMM needs
+    # (scalars): the per-example computation equals the one on the whole (2, 12, 64) tensor.
     whole = jax.jit(jax.grad(lambda x, w: loss(quant.fp8_matmul, x, w), argnums=(0, 1)))(x, w)
     np.testing.assert_array_equal(np.asarray(whole[1]), np.asarray(dw, np.float32))
-    np.testing.assert_array_equal(np.asarray(per_example(x, w)), np.asarray(quant.fp8_matmul(x, w)))
+    # Anywhere else each example is its own product with its own scales: outputs equal a loop
+    # over the examples, and `vmap` of `grad` gives each its own weight gradient (not the sum).
+    one = [quant.fp8_matmul(x[i], w) for i in range(2)]
+    np.testing.assert_array_equal(np.asarray(per_example(x, w)), np.asarray(jnp.stack(one)))
+    assert not np.array_equal(np.asarray(per_example(x, w)), np.asarray(quant.fp8_matmul(x, w)))  # the outlier's scale
+    dw_one = jax.grad(lambda x, w, c: jnp.sum(quant.fp8_matmul(x, w) * c), argnums=1)
+    each = jax.jit(jax.vmap(dw_one, (0, None, 0)))
+    looped = [dw_one(x[i], w, cot[i]) for i in range(2)]
+    np.testing.assert_allclose(np.asarray(each(x, w, cot)), np.asarray(jnp.stack(looped)), rtol=1e-5, atol=1e-5)  # float32 sums
 
     # The program really casts: e4m3 operands forward, an e5m2 gradient backward.
     forward = jax.jit(per_example).lower(x, w).as_text()
@@ -149,7 +161,7 @@ def test_prepare_fp8_targets_and_errors(create):  # ~1 s
     attn = quant.prepare_fp8(model, targets="attn")
     assert isinstance(attn.blocks.layers.attn.q_proj, quant.Fp8Linear)
     assert isinstance(attn.blocks.layers.mlp.up, eqx.nn.Linear)
-    with pytest.raises(ConfigError, match="no plain equinox.nn.Linear layer to wrap"):
+    with pytest.raises(ConfigError, match="nothing to wrap: the selected layers are routers.*no plain equinox.nn.Linear layer"):
         quant.prepare_fp8(quant.prepare_fp8(model))
     with pytest.raises(ConfigError, match=r"attn\.q_proj is a Fp8Linear, not one of \['Linear'\]"):
         quant.prepare_fp8(attn, targets="q_proj")
