@@ -293,8 +293,9 @@ class _Ring:
     def step_tile(self, carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag):
         """`step` for rows scored at once. More keys than a tile are folded in tile by tile
         (`lax.scan`, the online softmax over key tiles; padded keys masked out), so that the
-        float32 scores are `(kv, g, rows, key tile)`. No key tile is skipped: a `lax.cond` here
-        (inside a differentiated layer scan) more than doubled the train step's temporaries."""
+        float32 scores are `(kv, g, rows, key tile)`. No key tile is skipped (the diagonal step's
+        future tiles could be; with the masks built in the loop, `device`, a `lax.cond` here
+        costs no memory, but it would save arithmetic on one step in `context`)."""
         n, tiles = self.key_tiles(k_pos, kseg, kb, vb)
         if n == 1:
             return self.fold_keys(carry, qb, q_pos, kb, vb, k_pos, qseg, kseg, flag)
@@ -378,6 +379,17 @@ class _Ring:
         dq = jnp.einsum("kgts,skh->tkgh", ds.astype(ks.k.dtype), ks.k, preferred_element_type=jnp.float32)
         dk = jnp.einsum("kgts,tkgh->skh", ds.astype(qg.dtype), qg, preferred_element_type=jnp.float32)
         return dq, dk, dv
+
+    def device(self, qb):
+        """This device's index on the `context` axis, and `qb`, passed together through
+        `jax.lax.optimization_barrier` so that the index depends on the queries. Without it the
+        index, and with it every position, mask and skip test, depends on nothing the caller
+        computes: when a differentiated `lax.scan` over layers hoists what its body computes
+        from loop constants alone out of the loop (JAX's scan partial evaluation), it computed
+        the masks of every ring step, row tile and key tile of the layer before the loop and
+        kept them all live (stacked over the tiles; a `lax.cond` on a position-only test made
+        them float32 and 3.7 times larger)."""
+        return jax.lax.optimization_barrier((jax.lax.axis_index(CONTEXT_AXIS), qb))
 
     def _near(self, k_last, q_first, flag):
         """Whether the last key is within the window of the first query (always, off the window)."""
@@ -499,7 +511,7 @@ class _Ring:
         """This device's queries against every key/value block as they pass: the output
         `(blk, heads, head_dim)` and the float32 log-sum-exp of each row `(kv, g, blk)`."""
         flag = True if flag is None else flag
-        me = jax.lax.axis_index(CONTEXT_AXIS)
+        me, qb = self.device(qb)
         shape = (self.kv_heads, self.group, self.blk)
         carry = (
             jnp.full(shape, jnp.finfo(jnp.float32).min, jnp.float32),
@@ -534,7 +546,7 @@ class _Ring:
         """The ring once more: each visiting block's scores are recomputed from q and the
         log-sum-exp; dq accumulates here, and each block's dk/dv accumulator travels with it."""
         qb, kb, vb, seg, flag, out, lse = res
-        me = jax.lax.axis_index(CONTEXT_AXIS)
+        me, qb = self.device(qb)
         split = (self.blk, self.kv_heads, self.group, self.head_dim)
         delta = jnp.einsum(  # (kv, g, blk): sum(do * out) per row
             "tkgh,tkgh->kgt", dout.reshape(split).astype(jnp.float32), out.reshape(split).astype(jnp.float32),

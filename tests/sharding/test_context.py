@@ -224,12 +224,17 @@ def test_ring_attention_equals_one_device(lab, model_name, mesh_spec, packed, st
         assert any(c.kind == "collective-permute" and c.in_loop for c in perf.collectives(compiled))
 
 
-def _shapes(jaxpr):
-    """The shapes of every value a jaxpr computes, its sub-jaxprs' (scans, conds, shard_maps) too."""
+def _values(jaxpr):
+    """Every value a jaxpr computes, its sub-jaxprs' (scans, conds, shard_maps) too."""
     for eqn in jaxpr.eqns:
-        yield from (var.aval.shape for var in eqn.outvars)
+        yield from eqn.outvars
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _shapes(sub)
+            yield from _values(sub)
+
+
+def _shapes(jaxpr):
+    """The shapes of every value a jaxpr computes, its sub-jaxprs' too."""
+    return (var.aval.shape for var in _values(jaxpr))
 
 
 @pytest.mark.parametrize(("balanced", "seq"), [(False, 40), (True, 32)], ids=["contiguous-padded-tiles", "balanced"])
@@ -301,3 +306,13 @@ def test_ring_attention_and_its_gradients_mask_like_one_device_with_a_window_sho
     pullback = jax.eval_shape(lambda *a: jax.vjp(ring(None), *a)[1], q, k, v, seg, jnp.asarray(True))
     saved = [x.size for x in jax.tree.leaves(pullback) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert sorted(saved) == sorted([q.size, q.size, k.size, v.size, seq * 4])
+    # Differentiated in a scan over 2 layers, the masks are built inside the loop, one
+    # (kv, g, rows, keys) tile at a time: no boolean array of more than 4 dimensions. Without
+    # the barrier tying the device index to q (`_Ring.device`), the scan's partial evaluation
+    # hoisted them out of the loop, stacked over the row and key tiles (checked).
+    def two_layers(q, k, v, seg):
+        return jnp.sum(jax.lax.scan(lambda x, _: (ring(True)(x, k, v, seg), None), q, None, length=2)[0])
+
+    layered = jax.make_jaxpr(jax.grad(two_layers))(q, k, v, seg).jaxpr
+    masks = [x.aval.shape for x in _values(layered) if x.aval.dtype == jnp.bool_]
+    assert masks and max(len(s) for s in masks) == 4
