@@ -20,6 +20,7 @@ from ._generate import (
     generate_batch as generate_batch,
     resolve_unroll as resolve_unroll,
 )
+from ._prefix import Prefix as Prefix
 from ._processors import BeforePenalty as BeforePenalty, LogitsProcessor as LogitsProcessor
 from ._sampling import sample_logits as sample_logits
 from ._serve import Request as Request, ServeEvent as ServeEvent, serve as serve
@@ -35,6 +36,7 @@ __all__ = [
     "MinLength",
     "MinNewTokens",
     "NoRepeatNGram",
+    "Prefix",
     "Request",
     "SequenceBias",
     "ServeEvent",

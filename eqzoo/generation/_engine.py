@@ -19,6 +19,7 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import KVCache, check_cache_dtype
 from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
+from ._prefix import Prefix, _prefill_prefix, check_prefix, check_prefix_tokens, prefixed_rows
 from ._processors import logit_bias_vector
 from ._prompts import as_prompts
 from ._sampling import (
@@ -124,20 +125,42 @@ def _insert(state, arrays, slots, prompts, lengths, requests, *, skeleton, unrol
         real = jnp.where(jnp.arange(prompt.shape[0]) < length, prompt, vocab)
         return jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
 
+    return _admitted(state, slots, last, cache, jax.vmap(seen)(prompts, lengths), lengths, requests)
+
+
+@functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "cache_dtype"), donate_argnums=0)
+def _insert_prefixed(
+    state, arrays, slots, suffixes, lengths, prefix_tokens, prefix_lengths, prefix_caches, requests, *, skeleton,
+    unroll_layers, cache_dtype,
+) -> DecodeState:
+    """`_insert` for prompts that follow a prefix (`prefix_tokens`, `prefix_lengths` and the
+    lists of `n` prefix caches, one per row, all of one width): each slot's cache starts as
+    its prefix's rows, and only the suffix is prefilled (`prefixed_rows`)."""
+    model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
+    caches = jax.tree.map(lambda *rows: jnp.stack(rows), *prefix_caches)  # stacked here: no dispatch of its own
+    last, cache, seen, position = prefixed_rows(
+        model, state.cache, suffixes, lengths, prefix_tokens, prefix_lengths, caches, cache_dtype
+    )
+    return _admitted(state, slots, last, cache, seen, position, requests)
+
+
+def _admitted(state, slots, last, cache, seen, position, requests) -> DecodeState:
+    """`state` with row `slots[i]` holding admitted request `i`: its prefilled `cache`, the
+    next-token logits `last`, the ids its prompt holds (`seen`), its `position` and its
+    settings (`requests`), all rows in one scatter; slot `slots` (padding) writes nothing."""
     keys = jax.vmap(lambda key: jax.random.split(key, 1)[0])(jnp.stack(requests["key"]))  # generate's row key: sampling matches it
     put = lambda rows, new: rows.at[slots].set(new, mode="drop")  # noqa: E731
     n = slots.shape[0]
     return DecodeState(
         cache=jax.tree.map(put, state.cache, cache), logits=put(state.logits, last.astype(jnp.float32)),
-        position=put(state.position, lengths), remaining=put(state.remaining, requests["max_new_tokens"]),
+        position=put(state.position, position), remaining=put(state.remaining, requests["max_new_tokens"]),
         active=put(state.active, jnp.ones((n,), bool)), key=put(state.key, keys),
         temperature=put(state.temperature, requests["temperature"]), top_k=put(state.top_k, requests["top_k"]),
         top_p=put(state.top_p, requests["top_p"]), min_p=put(state.min_p, requests["min_p"]),
         eos=put(state.eos, requests["eos"]), stops=put(state.stops, requests["stops"]),
         recent=put(state.recent, jnp.full((n, state.recent.shape[1]), -1, jnp.int32)),
         repetition_penalty=put(state.repetition_penalty, requests["repetition_penalty"]),
-        seen=put(state.seen, jax.vmap(seen)(prompts, lengths)),
-        bias_ids=put(state.bias_ids, requests["bias_ids"]), bias=put(state.bias, requests["bias"]),
+        seen=put(state.seen, seen), bias_ids=put(state.bias_ids, requests["bias_ids"]), bias=put(state.bias, requests["bias"]),
         return_logprobs=put(state.return_logprobs, requests["return_logprobs"]),
     )
 
@@ -298,8 +321,10 @@ class DecodeEngine:
     Compiled programs: one `insert` per prompt bucket (prompts of lengths within one bucket
     share it) and admission batch size (`serve` prefills the requests it admits together:
     1, 2, 4, ... up to `slots` prompts a program, padded with rows that write nothing), one
-    `step` per `steps`. Sampling settings, stop ids, stop sequences (within the engine's
-    `stop_sequence_count` and `stop_sequence_length`), repetition penalties, logit biases
+    `step` per `steps`; with prefixes (`prefill_prefix`), one prefix prefill per prompt bucket
+    and one `insert` per (prompt bucket, prefix bucket, admission size). Sampling settings,
+    stop ids, stop sequences (within the engine's `stop_sequence_count` and
+    `stop_sequence_length`), repetition penalties, logit biases
     (within `logit_bias_ids`), whether a request reports log-probabilities, budgets and keys
     are arguments: a new value compiles nothing.
 
@@ -390,6 +415,43 @@ class DecodeEngine:
         )
 
     @no_type_check  # validated here, with messages that say how to fix the call
+    def prefill_prefix(self, tokens: Integer[Array, " seq"]) -> Prefix:
+        """Prefill a prompt prefix that many requests share (a system prompt, few-shot
+        examples, a chat template's header) once, for `insert(..., prefix=...)` and
+        `Request(..., prefix=...)`: each request that names it gets the prefix's keys and values
+        copied into its slot and prefills only its own `prompt`, at the positions after the
+        prefix. Its tokens are those of serving `prefix + prompt` as one prompt (greedy: equal
+        to [`eqzoo.generation.generate_batch`][]'s for the joined prompt, tested on CPU; the
+        logits to float rounding, as the prompt runs through `decode` over the cached rows),
+        and repetition penalties count the prefix's ids as prompt ids.
+
+        The prefix is padded to a prompt bucket and prefilled by one compiled program per
+        bucket (its length traced: another prefix of the bucket compiles nothing); requests with
+        a prefix prefill in one `insert` program per (prompt bucket, prefix bucket, admission
+        size), their prefix lengths traced too. The prompt after the prefix is bucketed as a
+        plain prompt is, and `prefix + prompt + max_new_tokens` must fit `max_len`. The prefix
+        holds its bucket's positions of every layer, windowed ones in position order too (an
+        admission after a prefix builds each slot's cache at full length, then turns its
+        windowed layers into the slot's rings).
+
+        **Arguments:**
+
+        - `tokens`: the prefix's token ids, 1-D, at least one and at most `max_len - 2` (room
+          for a prompt token and a new one) and the largest prompt bucket.
+
+        **Returns:** an immutable [`eqzoo.generation.Prefix`][] (this engine's only).
+        """
+        who = "DecodeEngine.prefill_prefix"
+        tokens = check_prefix_tokens(as_prompts(tokens, who), self.model.config.vocab_size, self.max_len,
+                                     self.prompt_buckets[-1], who)
+        padded = np.zeros((self.bucket(tokens.shape[0]),), np.int32)
+        padded[: tokens.shape[0]] = tokens
+        cache = _prefill_prefix(self._arrays, padded, np.int32(tokens.shape[0]), skeleton=self._skeleton,
+                                unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
+        tokens.setflags(write=False)
+        return Prefix(tokens, cache, self)
+
+    @no_type_check  # validated here, with messages that say how to fix the call
     def insert(
         self,
         state: DecodeState,
@@ -407,6 +469,7 @@ class DecodeEngine:
         repetition_penalty: float = 1.0,
         logit_bias: Mapping[int, float] | None = None,
         return_logprobs: bool = False,
+        prefix: Prefix | None = None,
     ) -> DecodeState:
         """Prefill `prompt` into the free `slot` and start decoding it there.
 
@@ -414,9 +477,10 @@ class DecodeEngine:
 
         - `state`: the current [`eqzoo.generation.DecodeState`][] (donated).
         - `slot`: a free slot (`not state.active[slot]`): an int in `[0, slots)`.
-        - `prompt`: one prompt's token ids, 1-D, at least one token.
-        - `max_new_tokens`: the request's token budget; `len(prompt) + max_new_tokens` must be
-          at most `max_len`.
+        - `prompt`: one prompt's token ids, 1-D, at least one token (with a `prefix`, the
+          tokens after it).
+        - `max_new_tokens`: the request's token budget; `len(prompt) + max_new_tokens` (plus
+          the prefix's length) must be at most `max_len`.
         - `key`, `temperature`, `top_k`, `top_p`, `min_p`: as in [`eqzoo.generate`][], for this
           request alone (arguments of the compiled programs: new values compile nothing).
         - `eos_token`: a stop id or a sequence of at most `stop_ids` of them: the slot stops
@@ -430,6 +494,9 @@ class DecodeEngine:
         - `logit_bias`: as in [`eqzoo.generate`][], at most `logit_bias_ids` ids.
         - `return_logprobs`: whether `step(..., return_logprobs=True)` reports this slot's
           tokens' log-probabilities, as [`eqzoo.generate`][] defines them (0 otherwise).
+        - `prefix`: a [`eqzoo.generation.Prefix`][] from this engine's `prefill_prefix`: the
+          slot starts with its keys and values and prefills only `prompt` after it, as if
+          the prompt were `prefix.tokens` followed by `prompt`.
 
         Reads `state.active` back to check the slot is free ([`eqzoo.generation.serve`][]
         tracks its slots itself and skips the read).
@@ -445,7 +512,7 @@ class DecodeEngine:
         request = self._request(prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_k=top_k,
                                 top_p=top_p, min_p=min_p, eos_token=eos_token, stop_sequences=stop_sequences,
                                 repetition_penalty=repetition_penalty, logit_bias=logit_bias,
-                                return_logprobs=return_logprobs)
+                                return_logprobs=return_logprobs, prefix=prefix)
         return self._insert_batch(state, [slot], [request])
 
     def _check_slot(self, slot) -> None:
@@ -454,11 +521,13 @@ class DecodeEngine:
 
     def _insert_batch(self, state, slots, requests) -> DecodeState:
         """Prefill the `requests` (`_request`'s values) into the free `slots`, in one program per
-        prompt bucket, each batch padded to an admission size with rows that write nothing."""
-        by_bucket: dict[int, list] = {}
+        prompt bucket and prefix bucket (none for requests without a prefix), each batch padded
+        to an admission size with rows that write nothing."""
+        groups: dict[tuple, list] = {}
         for slot, request in zip(slots, requests, strict=True):
-            by_bucket.setdefault(self.bucket(request[0].shape[0]), []).append((slot, request))
-        for width, rows in by_bucket.items():
+            prompt, _, prefix = request
+            groups.setdefault((self.bucket(prompt.shape[0]), None if prefix is None else prefix.width), []).append((slot, request))
+        for (width, _), rows in groups.items():
             for start in range(0, len(rows), self.slots):
                 state = self._prefill_rows(state, width, rows[start : start + self.slots])
         return state
@@ -467,22 +536,34 @@ class DecodeEngine:
         n = next(size for size in self.admission_sizes if size >= len(rows))
         rows = rows + [(self.slots, rows[0][1])] * (n - len(rows))  # padding: slot `slots` writes nothing
         padded = np.zeros((n, width), np.int32)
-        for i, (_, (prompt, _)) in enumerate(rows):
+        for i, (_, (prompt, _, _)) in enumerate(rows):
             padded[i, : prompt.shape[0]] = prompt
-        lengths = np.asarray([prompt.shape[0] for _, (prompt, _) in rows], np.int32)
-        requests = [request for _, (_, request) in rows]
+        lengths = np.asarray([prompt.shape[0] for _, (prompt, _, _) in rows], np.int32)
+        requests = [request for _, (_, request, _) in rows]
         settings = {k: np.stack([r[k] for r in requests]) for k in requests[0] if k != "key"}
         settings["key"] = [r["key"] for r in requests]  # stacked in the program: no dispatch of its own
-        return _insert(state, self._arrays, np.asarray([slot for slot, _ in rows], np.int32), padded, lengths, settings,
-                       skeleton=self._skeleton, unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
+        slots = np.asarray([slot for slot, _ in rows], np.int32)
+        static = dict(skeleton=self._skeleton, unroll_layers=self.unroll_layers, cache_dtype=self.cache_dtype)
+        prefixes = [prefix for _, (_, _, prefix) in rows]
+        if prefixes[0] is None:
+            return _insert(state, self._arrays, slots, padded, lengths, settings, **static)
+        tokens = np.zeros((n, prefixes[0].width), np.int32)
+        for i, prefix in enumerate(prefixes):
+            tokens[i, : prefix.length] = prefix.tokens
+        return _insert_prefixed(state, self._arrays, slots, padded, lengths, tokens,
+                                np.asarray([p.length for p in prefixes], np.int32), [p.cache for p in prefixes],
+                                settings, **static)
 
     def _request(
         self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token, stop_sequences,
-        repetition_penalty=1.0, logit_bias=None, return_logprobs=False, who="DecodeEngine.insert",
+        repetition_penalty=1.0, logit_bias=None, return_logprobs=False, prefix=None, who="DecodeEngine.insert",
     ) -> tuple:
-        """The prompt as a host int32 array and the request's settings as the insert program
-        takes them, after checking both (`who` names the caller in errors)."""
+        """The prompt as a host int32 array, the request's settings as the insert program
+        takes them and its prefix (or `None`), after checking all three (`who` names the caller
+        in errors)."""
         vocab = self.model.config.vocab_size
+        if prefix is not None:
+            check_prefix(prefix, self, who)
         prompt = np.asarray(as_prompts(prompt, who))
         if prompt.ndim != 1 or prompt.shape[0] < 1 or not np.issubdtype(prompt.dtype, np.integer):
             raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
@@ -490,11 +571,13 @@ class DecodeEngine:
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise ConfigError(f"{who}: the prompt holds ids outside the model's vocabulary [0, {vocab}).")
         check_count(max_new_tokens, "max_new_tokens", who)
-        if prompt.shape[0] + max_new_tokens > self.max_len:
+        before = 0 if prefix is None else prefix.length
+        if before + prompt.shape[0] + max_new_tokens > self.max_len:
+            head = "" if prefix is None else f"prefix length {before} + "
             raise ShapeError(
-                f"{who}: prompt length {prompt.shape[0]} + max_new_tokens {max_new_tokens} = "
-                f"{prompt.shape[0] + max_new_tokens} exceeds the engine's max_len={self.max_len}; shorten the prompt, "
-                "ask for fewer tokens or build the engine with a larger max_len."
+                f"{who}: {head}prompt length {prompt.shape[0]} + max_new_tokens {max_new_tokens} = "
+                f"{before + prompt.shape[0] + max_new_tokens} exceeds the engine's max_len={self.max_len}; shorten the "
+                "prompt, ask for fewer tokens or build the engine with a larger max_len."
             )
         self.bucket(prompt.shape[0])  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
@@ -521,7 +604,7 @@ class DecodeEngine:
             repetition_penalty=np.asarray(float(repetition_penalty), np.float32), bias_ids=bias_ids, bias=bias,
             return_logprobs=np.asarray(bool(return_logprobs)),
         )
-        return prompt.astype(np.int32), settings
+        return prompt.astype(np.int32), settings, prefix
 
     def _bias(self, logit_bias, who: str) -> tuple[np.ndarray, np.ndarray]:
         """`logit_bias` (checked as `generate` checks it) as int32 ids and float32 biases, each

@@ -11,6 +11,7 @@ import numpy as np
 from .._errors import ConfigError
 from ._engine import DecodeEngine
 from ._generate import check_count
+from ._prefix import Prefix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +25,10 @@ class Request:
       `repetition_penalty`, `logit_bias`, `return_logprobs`: as
       [`eqzoo.generation.DecodeEngine.insert`][] takes them. With `return_logprobs=True` the
       request's events carry its tokens' log-probabilities (`ServeEvent.logprobs`).
+    - `prefix`: a [`eqzoo.generation.Prefix`][] from the engine's `prefill_prefix` that the
+      prompt follows (`prompt` is then the tokens after it; prefix + prompt + budget at most
+      `max_len`): the slot starts with the prefix's keys and values, only `prompt` is
+      prefilled. Requests with and without prefixes, or with different ones, mix freely.
     """
 
     prompt: Any
@@ -39,6 +44,7 @@ class Request:
     repetition_penalty: float = 1.0
     logit_bias: Mapping[int, float] | None = None
     return_logprobs: bool = False
+    prefix: Prefix | None = None
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -246,5 +252,5 @@ def _checked(engine, index, request) -> tuple:
         request.prompt, max_new_tokens=request.max_new_tokens, key=request.key, temperature=request.temperature,
         top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, eos_token=request.eos_token,
         stop_sequences=request.stop_sequences, repetition_penalty=request.repetition_penalty,
-        logit_bias=request.logit_bias, return_logprobs=request.return_logprobs, who="serve",
+        logit_bias=request.logit_bias, return_logprobs=request.return_logprobs, prefix=request.prefix, who="serve",
     )

@@ -235,3 +235,70 @@ def test_serve_launches_a_call_before_it_reads_the_last_unless_told_not_to(gpt2,
     calls.clear()
     assert _served(engine, requests, pipeline=False) == pipelined and pipelined[0] == [eos]
     assert calls == ["step", "read"] * 3  # request 2 takes the slot in call 2
+
+
+def test_a_prefix_prefilled_once_serves_as_the_joined_prompt(compile_log):
+    """Requests after a shared prefix (`prefill_prefix` once, `Request(..., prefix=)`) get the
+    tokens of their joined prompt, mixed in one serving with requests without one and with
+    another prefix, on Gemma 2's windowed layers (4-slot rings, which the prefixes and tokens
+    run past). Prefix B (11 tokens) ends past `max_len - bucket` (24 - 16), so its requests'
+    suffix chunks start inside it and recompute its last 3 positions. A repetition penalty
+    counts the prefix's ids as prompt ids. Other prefixes of the same bucket compile nothing."""
+    model = _scaled("tiny-gemma2", 1, max_seq=24, num_layers=2, sliding_window=4)
+    engine, rng = _engine(model), np.random.default_rng(4)
+    suffixes = [rng.integers(0, 256, n).astype(np.int32) for n in (4, 2, 5, 3, 5)]
+    budgets, uses = (8, 6, 7, 5, 8), ("a", "b", None, "a", "b")  # first admission: a and b in one program
+
+    def serving(a, b):
+        prefixes = {"a": engine.prefill_prefix(a), "b": engine.prefill_prefix(b), None: None}
+        requests = [Request(s, n, id=i, prefix=prefixes[u], repetition_penalty=1.3, return_logprobs=i == 1)
+                    for i, (s, n, u) in enumerate(zip(suffixes, budgets, uses, strict=True))]
+        logprobs = {}
+        return _served(engine, requests, logprobs), logprobs
+
+    def reference(a, b):
+        joined = [s if u is None else np.concatenate([{"a": a, "b": b}[u], s]) for s, u in zip(suffixes, uses, strict=True)]
+        lengths, padded = [len(j) for j in joined], np.zeros((len(joined), 16), np.int32)  # one width: one compile
+        for row, j in zip(padded, joined, strict=True):
+            row[: len(j)] = j
+        ref, logp = generate_batch(model, padded, np.asarray(lengths), max_new_tokens=list(budgets),
+                                   repetition_penalty=1.3, return_logprobs=True)
+        rows = [(np.asarray(ref)[i, n : n + k].tolist(), np.asarray(logp)[i, n : n + k]) for i, (n, k) in enumerate(zip(lengths, budgets, strict=True))]
+        return {i: tokens for i, (tokens, _) in enumerate(rows)}, rows[1][1]
+
+    a, b = rng.integers(0, 256, 5).astype(np.int32), rng.integers(0, 256, 11).astype(np.int32)
+    (served, logprobs), (want, want_logp) = serving(a, b), reference(a, b)
+    assert served == want
+    # fp32: the suffix runs through decode over the cache, the joined prompt through prefill: 1e-5
+    np.testing.assert_allclose(logprobs[1], want_logp, rtol=0, atol=1e-5)
+    c, d = rng.integers(0, 256, 7).astype(np.int32), rng.integers(0, 256, 9).astype(np.int32)
+    want, _ = reference(c, d)
+    with compile_log() as log:  # new prefixes (prefilled too), lengths 7 and 9, of the same bucket (16)
+        served, _ = serving(c, d)
+    assert log.compiled == [], log.compiled
+    assert served == want
+
+
+def test_bad_prefixes_are_refused_with_the_fix(gpt2):
+    engine, other = _engine(gpt2), _engine(gpt2)
+    state = engine.init_state()
+    prefix = engine.prefill_prefix(np.arange(10))
+    assert prefix.length == 10 and prefix.width == 16 and prefix.tokens.tolist() == list(range(10))
+    with pytest.raises(ShapeError, match=r"prefix length 10 \+ prompt length 6 \+ max_new_tokens 9 = 25 exceeds the "
+                       r"engine's max_len=24"):
+        engine.insert(state, 0, np.arange(6), max_new_tokens=9, prefix=prefix)
+    with pytest.raises(ConfigError, match=r"this prefix was made by another DecodeEngine .* make it with this engine's "
+                       r"prefill_prefix"):
+        other.insert(state, 0, np.arange(6), max_new_tokens=2, prefix=prefix)
+    with pytest.raises(ConfigError, match=r"prefix must be an eqzoo.generation.Prefix from engine.prefill_prefix\(tokens\), "
+                       "got ndarray"):
+        engine.insert(state, 0, np.arange(6), max_new_tokens=2, prefix=np.arange(3))
+    with pytest.raises(ShapeError, match=r"a prefix of 23 tokens is too long for this engine: at most 22 \(max_len=24"):
+        engine.prefill_prefix(np.arange(23))
+    with pytest.raises(ShapeError, match=r"takes one prefix of at least one integer token id, shape \(seq,\); got shape \(0,\)"):
+        engine.prefill_prefix(np.zeros((0,), np.int32))
+    with pytest.raises(ConfigError, match=r"the prefix holds ids outside the model's vocabulary \[0, 256\)"):
+        engine.prefill_prefix([5, 300])
+    errors = {}  # serve refuses it alone
+    assert _served(other, [Request(np.arange(6), 2, id="x", prefix=prefix)], errors=errors) == {}
+    assert "made by another DecodeEngine" in errors["x"]
