@@ -286,6 +286,17 @@ def _step(state, arrays, *, skeleton, unroll_layers, steps):
     return state, tokens, logps, jnp.copy(state.active)
 
 
+def _check_prompt(prompt: np.ndarray, who: str) -> None:
+    """Refuse anything but one non-empty prompt of integer ids, with the fix for each case."""
+    several = ("give each its own Request" if who == "serve" else "insert each into its own slot")
+    if prompt.ndim != 1 or prompt.shape[0] < 1:
+        raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
+                         f"{shape_str(prompt.shape)}. For several prompts, {several}.")
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got dtype "
+                         f"{prompt.dtype}. Token ids are integers: pass the tokenizer's ids, or cast with .astype(np.int32).")
+
+
 def _buckets(prompt_buckets, max_len: int) -> tuple[int, ...]:
     """The prompt widths prefill compiles for: powers of two from 16, then `max_len - 1` (the
     longest prompt that leaves room for one token); or the user's, checked."""
@@ -565,9 +576,7 @@ class DecodeEngine:
         if prefix is not None:
             check_prefix(prefix, self, who)
         prompt = np.asarray(as_prompts(prompt, who))
-        if prompt.ndim != 1 or prompt.shape[0] < 1 or not np.issubdtype(prompt.dtype, np.integer):
-            raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
-                             f"{shape_str(prompt.shape)} of dtype {prompt.dtype}. For several, insert each into its own slot.")
+        _check_prompt(prompt, who)
         if prompt.min() < 0 or prompt.max() >= vocab:
             raise ConfigError(f"{who}: the prompt holds ids outside the model's vocabulary [0, {vocab}).")
         check_count(max_new_tokens, "max_new_tokens", who)

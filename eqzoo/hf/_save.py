@@ -105,15 +105,26 @@ def _check_model(model) -> None:
         )
     # The Hugging Face layout has one dense weight per projection: a LoRA adapter or an int8
     # weight would be dropped or misread, so refuse with the fix instead.
-    odd = [f"{path} ({type(x).__name__})" for path, x in select_linears(model) if isinstance(x, AbstractLinear)]
+    found = [(path, x) for path, x in select_linears(model) if isinstance(x, AbstractLinear)]
     leaves = jax.tree_util.tree_flatten_with_path(model, is_leaf=lambda x: isinstance(x, AbstractWeight))[0]
-    odd += [f"{path_str(p)} ({type(x).__name__})" for p, x in leaves if isinstance(x, AbstractWeight)]
-    if odd:
+    found += [(path_str(p), x) for p, x in leaves if isinstance(x, AbstractWeight)]
+    if found:
+        kinds = {type(x).__name__ for _, x in found}
+        fixes = "; ".join([fix for names, fix in _UNWRAP_FIXES if kinds & names] or [fix for _, fix in _UNWRAP_FIXES])
         raise HFFormatError(
-            f"save_pretrained writes dense weights, but these layers are not plain linear layers: {odd}. "
-            "Fold LoRA adapters in with eqzoo.peft.merge(model) (or save them alone with "
-            "eqzoo.peft.save_adapters), and turn int8 layers back with eqzoo.quant.dequantize(model)."
+            "save_pretrained writes dense weights, but these layers are not plain linear layers: "
+            f"{[f'{path} ({type(x).__name__})' for path, x in found]}. {fixes[0].upper()}{fixes[1:]}; then save."
         )
+
+
+# The layer kinds save_pretrained refuses, and the call that turns each back into dense weights.
+_UNWRAP_FIXES = (
+    ({"LoRALinear", "LoRAWeight"}, "fold LoRA adapters in with eqzoo.peft.merge(model) (or save them alone with "
+     "eqzoo.peft.save_adapters)"),
+    ({"QuantizedLinear", "QuantizedWeight", "FakeQuantLinear", "FakeQuantWeight"},
+     "turn int8/int4 and quantization-aware layers back into dense ones with eqzoo.quant.dequantize(model)"),
+    ({"Fp8Linear"}, "unwrap fp8 training layers with eqzoo.quant.unwrap_fp8(model) (their weights are the float ones)"),
+)
 
 
 @no_type_check  # arguments are validated inside, with messages that say what is supported

@@ -368,6 +368,9 @@ def merge(model):
 
     A quantized base (`eqzoo.quant.QuantizedLinear`) is dequantized first, so the merged layer
     is floating point; quantize the merged model again with `eqzoo.quant.quantize` if wanted.
+    An fp8 training base (`eqzoo.quant.Fp8Linear`) holds float weights: the merged layer is a
+    plain `equinox.nn.Linear` (wrap the merged model with `eqzoo.quant.prepare_fp8` again to go on
+    training with fp8 products).
 
     **Raises:** `ConfigError` if the model has no adapters.
     """

@@ -16,6 +16,7 @@ from ..nn import (
 )
 from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ..sharding import path_str
+from ._fp8 import Fp8Linear
 from ._int4 import check_bits_and_groups
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear, FakeQuantWeight, grid_str
@@ -103,14 +104,9 @@ def quantize(
             "precision. Narrow the targets, or call eqzoo.quant.dequantize first."
         )
     if not todo:
-        wrapped = [p for p, x in selected if isinstance(x, AbstractLinear)]
-        hint = (
-            " Quantize before wrapping layers (for LoRA on an int8 base: "
-            "eqzoo.peft.lora(eqzoo.quant.quantize(model), ...))." if wrapped else ""
-        )
         raise ConfigError(
             "quantize: the model has no float linear layer to quantize; its linear layers are "
-            f"{[f'{p} ({type(x).__name__})' for p, x in selected] or 'none'}.{hint}"
+            f"{[f'{p} ({type(x).__name__})' for p, x in selected] or 'none'}.{_wrapped_hint(selected)}"
         )
 
     def one(path, layer):
@@ -129,6 +125,17 @@ def quantize(
 
     out = replace_linears(model, one, targets=linear_targets, kinds=(eqx.nn.Linear, FakeQuantLinear), what="quantize")
     return _quantize_experts(out, bits=bits, group_size=group_size) if experts else out
+
+
+def _wrapped_hint(selected) -> str:
+    """The fix `quantize` suggests when every selected linear layer is wrapped already."""
+    hint = (
+        " Quantize before wrapping layers (for LoRA on an int8 base: "
+        "eqzoo.peft.lora(eqzoo.quant.quantize(model), ...))." if any(isinstance(x, AbstractLinear) for _, x in selected) else ""
+    )
+    if any(isinstance(x, Fp8Linear) for _, x in selected):  # fp8 training layers hold float weights
+        hint += " Unwrap fp8 training layers first: eqzoo.quant.quantize(eqzoo.quant.unwrap_fp8(model))."
+    return hint
 
 
 def _refuse_qat_regrid(path: str, layer: FakeQuantLinear | FakeQuantWeight, bits: int, group_size: int | None) -> None:

@@ -14,8 +14,9 @@ from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ..nn._grouped import summed_weight_gradients
-from ..sharding._activation import ContextAttention, check_context_attention
-from ..sharding._mesh import SEQUENCE_KEYS
+from ..sharding._activation import ContextAttention, batch_axes, check_context_attention
+from ..sharding._errors import ShardingError
+from ..sharding._mesh import SEQUENCE_KEYS, context_size
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
@@ -104,6 +105,24 @@ def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
         return x.reshape((k, x.shape[0] // k) + x.shape[1:])
 
     return jax.tree.map(split, batch)
+
+
+def _check_ring_microbatches(batch: PyTree, k: int, mesh, context_attention: str) -> None:
+    """Ring attention runs each micro-batch under a `shard_map` over the mesh's batch axes, so
+    its rows must split evenly over them (read at trace time; `"gather"` needs no such split)."""
+    if mesh is None or k == 1 or context_attention == "gather" or context_size(mesh) == 1:
+        return
+    axes = batch_axes(mesh)
+    ways = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
+    rows = {x.shape[0] // k for x in jax.tree.leaves(batch) if x.ndim and x.shape[0] % k == 0}
+    for n in sorted(rows):
+        if n % ways:
+            raise ShardingError(
+                f"make_train_step: grad_accum_steps={k} cuts the batch into micro-batches of {n} rows, but "
+                f"context_attention={context_attention!r} splits each micro-batch over the mesh's batch axes "
+                f"{dict((a, mesh.shape[a]) for a in axes)} ({ways} ways), which {n} rows do not fill evenly. Use a "
+                f"batch of a multiple of {k * ways} rows, fewer accumulation steps, or context_attention='gather'."
+            )
 
 
 def _known(compiled: dict, structure, same: Callable[[Any], bool] = lambda known: True) -> Callable | None:
@@ -582,7 +601,9 @@ def make_train_step(
       key/value blocks passed round the `context` ring; per-device attention memory falls
       with `context`) or `"ring_balanced"` (ring attention in the load-balanced order, which
       evens out causal attention's work across the ring). See
-      [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md.
+      [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md. With ring attention and
+      `grad_accum_steps > 1`, each micro-batch's rows must split evenly over the mesh's batch
+      axes (a `ShardingError` when the step is traced says so).
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -608,6 +629,7 @@ def make_train_step(
         if grad_accum_steps == 1:
             (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
         else:
+            _check_ring_microbatches(batch, grad_accum_steps, mesh, context_attention)
             grads, loss, aux, model_state = _accumulate_grads(
                 grad_fn, params, parts.model_state, batch, step_key, grad_accum_steps,
                 strided=mesh is not None, loss_dtype=jnp.dtype(precision.output_dtype),

@@ -196,6 +196,10 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         next(serve(model, []))
     with pytest.raises(ShapeError, match=r"takes one prompt of at least one integer token id, shape \(seq,\); got \(2, 3\)"):
         engine.insert(state, 1, np.zeros((2, 3), np.int32), max_new_tokens=2)
+    with pytest.raises(ShapeError, match=r"serve takes one prompt.*got \(2, 3\)\. For several prompts, give each its own Request"):
+        next(serve(engine, [Request(np.zeros((2, 3), np.int32), 2)], on_error="raise"))
+    with pytest.raises(ShapeError, match=r"got dtype float32\. Token ids are integers.*astype\(np\.int32\)"):
+        next(serve(engine, [Request(np.zeros((3,), np.float32), 2)], on_error="raise"))
 
 
 def test_a_bad_request_mid_stream_is_refused_alone(gpt2):

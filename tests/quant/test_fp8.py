@@ -14,6 +14,7 @@ import pytest
 
 import eqzoo
 import eqzoo.checkpoint
+import eqzoo.hf
 from eqzoo import quant
 from eqzoo._errors import ConfigError
 from eqzoo.train import Precision, TrainState, lm_loss, make_train_step
@@ -156,7 +157,7 @@ def test_fp8_training_tracks_bf16_and_unwraps_to_the_trained_weights(create, tmp
     np.testing.assert_array_equal(np.asarray(loaded.blocks.layers.mlp.up.base.weight), np.asarray(layer.base.weight))
 
 
-def test_prepare_fp8_targets_and_errors(create):  # ~1 s
+def test_prepare_fp8_targets_and_errors(create, tmp_path):  # ~1 s
     model = create(_tiny(), key=jax.random.key(0))
     attn = quant.prepare_fp8(model, targets="attn")
     assert isinstance(attn.blocks.layers.attn.q_proj, quant.Fp8Linear)
@@ -176,6 +177,11 @@ def test_prepare_fp8_targets_and_errors(create):  # ~1 s
         quant.prepare_fp8(ints)
     with pytest.raises(ConfigError, match="no Fp8Linear layer"):
         quant.unwrap_fp8(model)
+    # quantize and the Hugging Face export refuse fp8 layers with the call that unwraps them
+    with pytest.raises(ConfigError, match=r"Fp8Linear.*eqzoo\.quant\.quantize\(eqzoo\.quant\.unwrap_fp8\(model\)\)"):
+        quant.quantize(quant.prepare_fp8(model))
+    with pytest.raises(eqzoo.hf.HFFormatError, match=r"\(Fp8Linear\)'\]\. Unwrap fp8 training layers with eqzoo\.quant\.unwrap_fp8"):
+        eqzoo.hf.save_pretrained(attn, tmp_path)
     # an all-zero input or weight is a zero product, not NaN (the scale guards amax = 0)
     zero = quant.fp8_matmul(jnp.zeros((3, 8)), jnp.ones((4, 8)))
     assert np.array_equal(np.asarray(zero), np.zeros((3, 4)))

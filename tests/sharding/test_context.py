@@ -129,6 +129,15 @@ def test_ring_attention_refusals(lab, unchecked):
             jax.eval_shape(auto, jnp.zeros((12, 64)))
         # Without the causal mask there is nothing to balance: the contiguous ring, 4 blocks of 3.
         jax.eval_shape(eqzoo.nn.Attention(64, 4, causal=False, key=jax.random.key(0)), jnp.zeros((12, 64)))
+    # Gradient accumulation's micro-batches must split over the batch axes as ring attention's
+    # shard_map splits them (2 rows in 2 micro-batches of 1 on data=2: once a shape error deep in
+    # the backward pass); refused when the step is traced.
+    state = sh.abstract_sharded(eqx.filter_eval_shape(
+        lambda: TrainState.create(lab.build_model("llama", jax.random.key(0)), optax.sgd(0.1), key=jax.random.key(1))), mesh)
+    tok = jax.ShapeDtypeStruct((2, 16), jnp.int32, sharding=jax.NamedSharding(mesh, sh.batch_spec(mesh)))
+    step = make_train_step(lm_loss, optax.sgd(0.1), mesh=mesh, donate=False, grad_accum_steps=2, context_attention="ring")
+    with pytest.raises(sh.ShardingError, match=r"micro-batches of 1 rows.*\{'data': 2\}.*multiple of 4 rows.*context_attention='gather'"):
+        step.lower(state, {"tokens": tok, "targets": tok})
 
 
 def test_a_sequence_context_does_not_divide_is_refused(lab):
