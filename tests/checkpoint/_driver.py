@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +59,8 @@ def _held_if_named(fn, final: str):
 class DieAfterSave:
     """Wraps a Checkpointer: SIGKILL this process right after the save of step `die_at` starts."""
 
-    def __init__(self, inner: checkpoint.Checkpointer, die_at: int | None):
-        self.inner, self.die_at = inner, die_at
+    def __init__(self, inner: checkpoint.Checkpointer, die_at: int | None, directory: str):
+        self.inner, self.die_at, self.directory = inner, die_at, directory
 
     def maybe_save(self, state, batches, *, force=False, step=None):
         if step == self.die_at:
@@ -72,6 +73,13 @@ class DieAfterSave:
                 setattr(os, name, _held_if_named(getattr(os, name), str(self.die_at)))
         saved = self.inner.maybe_save(state, batches, force=force, step=step)
         if saved and step == self.die_at:
+            # The save's temporary directory may be created by its background thread: wait for
+            # it (sleeping hands that thread the GIL), so the kill finds the save in flight even
+            # on a loaded machine (a loaded run once killed before the directory existed).
+            tmp = os.path.join(self.directory, f"{self.die_at}.orbax-checkpoint-tmp")
+            deadline = time.monotonic() + 60.0
+            while not os.path.exists(tmp) and time.monotonic() < deadline:
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGKILL)
         return saved
 
@@ -104,7 +112,7 @@ def main() -> None:
     step_fn = train.make_train_step(loss_fn, opt)
     result = train.fit(
         state, step_fn, loader, num_steps=args.steps, log_every=1,
-        loggers=[train.JSONLLogger(args.log)], checkpointer=DieAfterSave(ckpt, args.die_after_save),
+        loggers=[train.JSONLLogger(args.log)], checkpointer=DieAfterSave(ckpt, args.die_after_save, args.dir),
     )
     ckpt.close()
     print(json.dumps({
