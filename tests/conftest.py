@@ -131,21 +131,40 @@ def compile_log():
     return CompileLog
 
 
-# Test files that take long for their few tests, started first. `make test` runs the files on two
-# workers in this order (`--dist loadfile --no-loadscope-reorder`), the others after them, most
-# tests first (xdist's own order). xdist's order alone started the docs-snippet files (a few
-# tests, minutes each: they run every page's code in a subprocess) about 17 minutes into a
-# 21-minute run, so they ran alone at the end. Only the order changes: every file still runs.
-START_FIRST = (
-    "tests/docs/test_snippets.py",
-    "tests/docs/test_snippets_2.py",
-    "tests/examples/test_examples_smoke.py",
-)
+# Seconds each test file took (setup + call + teardown summed, `--durations=0` of `make test`'s
+# pytest command on the 2-core machine, partly loaded; files under 15 s left out). `make test`
+# runs the files on two workers in the order below (`--dist loadfile --no-loadscope-reorder`):
+# the costliest first, so that no long file starts near the end and runs alone while the other
+# worker idles (xdist's own order started the docs-snippet files, a few tests of minutes each,
+# about 17 minutes into a 21-minute run). Then the files not listed, most tests first. Only the
+# order depends on these figures: every file still runs, and a stale figure costs wall time only.
+FILE_COSTS = {
+    "tests/models/test_presets_contract.py": 355, "tests/docs/test_snippets.py": 299,
+    "tests/docs/test_snippets_2.py": 285, "tests/generation/test_generate.py": 197,
+    "tests/hf/test_generate.py": 174, "tests/peft/test_lora.py": 160, "tests/sharding/test_moe.py": 158,
+    "tests/models/test_mixtral.py": 157, "tests/models/test_lm_models.py": 154,
+    "tests/examples/test_examples_smoke.py": 142, "tests/sharding/test_equivalence.py": 124,
+    "tests/bayes/test_inference.py": 95, "tests/quant/test_int4.py": 89,
+    "tests/models/test_diffusion_models.py": 86, "tests/generation/test_speculative.py": 85,
+    "tests/sciml/test_cde.py": 83, "tests/hf/test_load.py": 79, "tests/nn/test_moe.py": 70,
+    "tests/quant/test_quant.py": 67, "tests/sharding/test_context.py": 56,
+    "tests/nn/test_kv_cache_dtype.py": 55, "tests/models/test_gemma.py": 55,
+    "tests/generation/test_sliding_cache.py": 53, "tests/sharding/test_train.py": 52,
+    "tests/generation/test_prefill.py": 51, "tests/sciml/test_node.py": 50, "tests/train/test_losses.py": 42,
+    "tests/models/test_packing.py": 41, "tests/peft/test_lora_experts.py": 39, "tests/sciml/test_pinn.py": 35,
+    "tests/generation/test_engine.py": 32, "tests/bayes/test_last_layer.py": 30,
+    "tests/nn/test_attention.py": 30, "tests/diffusion/test_sample.py": 29,
+    "tests/train/test_preference.py": 24, "tests/generation/test_stream.py": 23,
+    "tests/train/test_train_step.py": 19, "tests/nn/test_stacked.py": 19,
+    "tests/generation/test_processors.py": 19, "tests/checkpoint/test_resume.py": 17,
+    "tests/sharding/test_distributed.py": 17, "tests/bayes/test_model.py": 17, "tests/models/test_vit.py": 17,
+    "tests/quant/test_fp8.py": 17, "tests/nn/test_norms_mlp.py": 16,
+}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Order the collected tests by file: `START_FIRST`'s files first, then the files with the
-    most tests; within a file, the tests keep their order."""
+    """Order the collected tests by file: the costliest of `FILE_COSTS` first, then the files
+    with the most tests; within a file, the tests keep their order."""
     counts: dict[str, int] = {}
     for item in items:
         file = item.nodeid.split("::", 1)[0]
@@ -153,7 +172,6 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         file = item.nodeid.split("::", 1)[0]
-        first = START_FIRST.index(file) if file in START_FIRST else len(START_FIRST)
-        return (first, -counts[file], file)
+        return (-FILE_COSTS.get(file, 0), -counts[file], file)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
