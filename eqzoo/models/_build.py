@@ -75,16 +75,16 @@ def _program(construct: Callable[[Any, Any], Any], config: Any, *, exact: bool =
     init key): a function from the key to the list of the model's array leaves. A config with
     an unhashable field gets a program of its own, not kept."""
     cache_key = _init_key(construct, config, exact)
-    if cache_key is None:
-        return jax.jit(lambda key: [x for x in jax.tree.leaves(construct(config, key)) if eqx.is_array(x)],
-                       compiler_options=EAGER_EXACT_OPTIONS)
-    program = _PROGRAMS.get(cache_key)
+    program = None if cache_key is None else _PROGRAMS.get(cache_key)
     if program is None:
         def arrays(key):
             return [x for x in jax.tree.leaves(construct(config, key)) if eqx.is_array(x)]
 
         arrays.__name__ = f"create_{type(config).__name__}"
-        program = _PROGRAMS[cache_key] = jax.jit(arrays, compiler_options=EAGER_EXACT_OPTIONS)
+        program = jax.jit(arrays, compiler_options=EAGER_EXACT_OPTIONS)
+        if cache_key is None:
+            return program
+        _PROGRAMS[cache_key] = program
         while len(_PROGRAMS) > CACHE_SIZE:
             _PROGRAMS.popitem(last=False)
     _PROGRAMS.move_to_end(cache_key)

@@ -192,6 +192,10 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         next(serve(engine, [(prompt, 2)], on_error="raise"))
     with pytest.raises(ConfigError, match="serve: on_error must be 'event'"):
         next(serve(engine, [], on_error="skip"))
+    with pytest.raises(ConfigError, match="serve: pipeline must be True or False, got 1"):
+        next(serve(engine, [], pipeline=1))
+    with pytest.raises(ConfigError, match="DecodeEngine.insert: return_logprobs must be True or False, got 'yes'"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, return_logprobs="yes")
     with pytest.raises(ConfigError, match="serve needs an eqzoo.generation.DecodeEngine, got GPT2"):
         next(serve(model, []))
     with pytest.raises(ShapeError, match=r"takes one prompt of at least one integer token id, shape \(seq,\); got \(2, 3\)"):

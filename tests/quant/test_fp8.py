@@ -177,6 +177,8 @@ def test_prepare_fp8_targets_and_errors(create, tmp_path):  # ~1 s
         quant.prepare_fp8(ints)
     with pytest.raises(ConfigError, match="no Fp8Linear layer"):
         quant.unwrap_fp8(model)
+    with pytest.raises(ConfigError, match="Fp8Linear computes with floating-point weights; got dtype int8"):
+        quant.Fp8Linear(ints.blocks.layers.mlp.up)
     # quantize and the Hugging Face export refuse fp8 layers with the call that unwraps them
     with pytest.raises(ConfigError, match=r"Fp8Linear.*eqzoo\.quant\.quantize\(eqzoo\.quant\.unwrap_fp8\(model\)\)"):
         quant.quantize(quant.prepare_fp8(model))
