@@ -13,7 +13,8 @@ from ._builtin_processors import (
     SuppressTokens as SuppressTokens,
     SuppressTokensAtBegin as SuppressTokensAtBegin,
 )
-from ._engine import DecodeEngine as DecodeEngine, DecodeState as DecodeState
+from ._decode_step import DecodeState as DecodeState
+from ._engine import DecodeEngine as DecodeEngine
 from ._generate import (
     UNROLL_DECODE_DEFAULTS as UNROLL_DECODE_DEFAULTS,
     generate as generate,

@@ -1,90 +1,32 @@
 """Continuous batching: a fixed number of decode slots, each holding one request at its own
 position, filled by a prefill program per prompt-length bucket and advanced together by one
-decode program of fixed shape (Yu et al., 2022, "Orca"; vLLM and JetStream serve this way)."""
+decode program of fixed shape (Yu et al., 2022, "Orca"; vLLM and JetStream serve this way).
 
-import dataclasses
+This module is the engine and its admission side (checking a request, prefilling it into a
+slot); the decode step it runs is `_decode_step`'s."""
+
 import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import no_type_check
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, Integer, Key
+from jaxtyping import Array, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
-from ..nn._attention import KVCache, check_cache_dtype
+from ..nn._attention import check_cache_dtype
+from ._decode_step import DecodeState, _step
 from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
 from ._prefix import Prefix, _prefill_prefix, check_prefix, check_prefix_tokens, prefixed_rows
 from ._processors import logit_bias_vector
 from ._prompts import as_prompts
-from ._sampling import (
-    check_sampling,
-    check_stop_sequences,
-    check_stop_tokens,
-    filter_logits,
-    top_k_setting,
-)
+from ._sampling import check_sampling, check_stop_sequences, check_stop_tokens, top_k_setting
 from ._speculative import _dropless
 from ._stream import _join_model, _split_model
-
-
-class DecodeState(eqx.Module):
-    """The immutable state of a [`eqzoo.generation.DecodeEngine`][]: every slot's KV cache and
-    decoding settings, stacked on a leading `slots` axis. `insert` and `step` return a new one
-    (and donate the old one: use only the state they return).
-
-    - `cache`: each slot's KV cache ([`eqzoo.nn.KVCache`][] of `max_len` positions, its arrays
-      with a leading `slots` axis).
-    - `logits`: float32 `(slots, vocab)`, the next-token logits of each slot.
-    - `position`: int32 `(slots,)`, where each slot's next token goes (its prompt length plus
-      the tokens generated so far).
-    - `remaining`: int32 `(slots,)`, how many tokens each slot may still generate.
-    - `active`: bool `(slots,)`, which slots are decoding (a free or finished slot is not).
-    - `key`: `(slots,)` PRNG keys, each slot's own.
-    - `temperature`, `top_p`, `min_p`: float32 `(slots,)` (0 greedy; 1 and 0 filter nothing);
-      `top_k`: int32 `(slots,)` (the vocabulary size filters nothing).
-    - `eos`: int32 `(slots, stop_ids)`, each slot's stop ids, `-1` where it has fewer.
-    - `stops`: int32 `(slots, stop_sequence_count, stop_sequence_length)`, each slot's stop
-      sequences, each at the end of its row after `-1`s; a row of `-1`s is no sequence.
-    - `recent`: int32 `(slots, stop_sequence_length)`, each slot's last generated tokens
-      (oldest first; `-1` before its first), which the stop sequences are matched against.
-    - `repetition_penalty`: float32 `(slots,)` (1 is off).
-    - `seen`: bool `(slots, vocab)`, the ids each slot's prompt and tokens hold (what its
-      repetition penalty applies to): one byte per slot and vocabulary entry, a quarter of
-      `logits`.
-    - `bias_ids`, `bias`: int32 and float32 `(slots, logit_bias_ids)`, each slot's
-      `logit_bias` as ids and the biases added to their logits (`vocab` where it has fewer:
-      an id that adds nothing).
-    - `return_logprobs`: bool `(slots,)`, which slots report their tokens' log-probabilities.
-    """
-
-    cache: KVCache
-    logits: Float[Array, "slots vocab"]
-    position: Int[Array, " slots"]
-    remaining: Int[Array, " slots"]
-    active: Bool[Array, " slots"]
-    key: Key[Array, " slots"]
-    temperature: Float[Array, " slots"]
-    top_k: Int[Array, " slots"]
-    top_p: Float[Array, " slots"]
-    min_p: Float[Array, " slots"]
-    eos: Int[Array, "slots stop_ids"]
-    stops: Int[Array, "slots stop_sequences stop_length"]
-    recent: Int[Array, "slots stop_length"]
-    repetition_penalty: Float[Array, " slots"]
-    seen: Bool[Array, "slots vocab"]
-    bias_ids: Int[Array, "slots bias_ids"]
-    bias: Float[Array, "slots bias_ids"]
-    return_logprobs: Bool[Array, " slots"]
-
-
-def _slot_settings(state: DecodeState) -> tuple:
-    return state.temperature, state.top_k, state.top_p, state.min_p
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids", "stop_shape", "bias_ids"))
@@ -119,13 +61,7 @@ def _insert(state, arrays, slots, prompts, lengths, requests, *, skeleton, unrol
         return model.prefill(prompt, cache, batch_size=1, valid_length=length)
 
     last, cache = jax.vmap(prefill)(prompts, lengths)  # each row a batch of one, as generate's
-
-    def seen(prompt, length):  # the ids the prompt holds, as generate's `seen` starts (padding: id vocab, dropped)
-        vocab = state.seen.shape[1]
-        real = jnp.where(jnp.arange(prompt.shape[0]) < length, prompt, vocab)
-        return jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
-
-    return _admitted(state, slots, last, cache, jax.vmap(seen)(prompts, lengths), lengths, requests)
+    return _admitted(state, slots, last, cache, prompts, lengths, requests)
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "cache_dtype"), donate_argnums=0)
@@ -138,162 +74,55 @@ def _insert_prefixed(
     its prefix's rows, and only the suffix is prefilled (`prefixed_rows`)."""
     model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
     caches = jax.tree.map(lambda *rows: jnp.stack(rows), *prefix_caches)  # stacked here: no dispatch of its own
-    last, cache, seen, position = prefixed_rows(
+    last, cache, joined, total = prefixed_rows(
         model, state.cache, suffixes, lengths, prefix_tokens, prefix_lengths, caches, cache_dtype
     )
-    return _admitted(state, slots, last, cache, seen, position, requests)
+    return _admitted(state, slots, last, cache, joined, total, requests)
 
 
-def _admitted(state, slots, last, cache, seen, position, requests) -> DecodeState:
+def _admitted(state, slots, last, cache, prompts, lengths, requests) -> DecodeState:
     """`state` with row `slots[i]` holding admitted request `i`: its prefilled `cache`, the
-    next-token logits `last`, the ids its prompt holds (`seen`), its `position` and its
-    settings (`requests`), all rows in one scatter; slot `slots` (padding) writes nothing."""
+    next-token logits `last`, its whole prompt (`prompts[i]`, a prefix's tokens included, its
+    first `lengths[i]` real: the slot's next position, and the ids its repetition penalty
+    starts from) and its settings (`requests`), all rows in one scatter; slot `slots`
+    (padding) writes nothing."""
     keys = jax.vmap(lambda key: jax.random.split(key, 1)[0])(jnp.stack(requests["key"]))  # generate's row key: sampling matches it
     put = lambda rows, new: rows.at[slots].set(new, mode="drop")  # noqa: E731
-    n = slots.shape[0]
+    n, vocab = slots.shape[0], state.seen.shape[1]
+
+    def seen(prompt, length):  # the ids the prompt holds, as generate's `seen` starts (padding: id vocab, dropped)
+        real = jnp.where(jnp.arange(prompt.shape[0]) < length, prompt, vocab)
+        return jnp.zeros((vocab,), bool).at[real].set(True, mode="drop")
+
     return DecodeState(
         cache=jax.tree.map(put, state.cache, cache), logits=put(state.logits, last.astype(jnp.float32)),
-        position=put(state.position, position), remaining=put(state.remaining, requests["max_new_tokens"]),
+        position=put(state.position, lengths), remaining=put(state.remaining, requests["max_new_tokens"]),
         active=put(state.active, jnp.ones((n,), bool)), key=put(state.key, keys),
         temperature=put(state.temperature, requests["temperature"]), top_k=put(state.top_k, requests["top_k"]),
         top_p=put(state.top_p, requests["top_p"]), min_p=put(state.min_p, requests["min_p"]),
         eos=put(state.eos, requests["eos"]), stops=put(state.stops, requests["stops"]),
         recent=put(state.recent, jnp.full((n, state.recent.shape[1]), -1, jnp.int32)),
         repetition_penalty=put(state.repetition_penalty, requests["repetition_penalty"]),
-        seen=put(state.seen, seen), bias_ids=put(state.bias_ids, requests["bias_ids"]), bias=put(state.bias, requests["bias"]),
+        seen=put(state.seen, jax.vmap(seen)(prompts, lengths)), bias_ids=put(state.bias_ids, requests["bias_ids"]), bias=put(state.bias, requests["bias"]),
         return_logprobs=put(state.return_logprobs, requests["return_logprobs"]),
     )
 
 
-def _sample(logits, key, temperature, top_k, top_p, min_p, *, filtered: bool):
-    """One slot's sampled token, as `generate` draws it (`filter_logits`, then a categorical
-    draw) with its settings traced: top-k by the `top_k`-th largest logit (the vocabulary size
-    keeps all), top-p of 1 as no filter (a bound of 2 keeps every token exactly)."""
-    x = logits.astype(jnp.float32)
-    x = (x - jnp.max(x)) / jnp.where(temperature > 0, temperature, 1.0)
-    if filtered:  # x's largest is 0, so filter_logits' own shift and a temperature of 1 leave it exact
-        kth = jnp.sort(x)[x.shape[0] - top_k]
-        x = jnp.where(x < kth, jnp.finfo(jnp.float32).min, x)
-        x = filter_logits(x, 1.0, None, jnp.where(top_p < 1.0, top_p, 2.0), min_p)
-    else:
-        x = filter_logits(x, 1.0, None, None, min_p)
-    return jax.random.categorical(key, x).astype(jnp.int32)
-
-
-def _scores(state: DecodeState) -> Float[Array, "slots vocab"]:
-    """The logits each slot's token is chosen from, in `generate`'s order: its repetition
-    penalty on the ids its prompt and tokens hold (`penalize_repeats`), then its `logit_bias`
-    added. Each runs only when a live slot asks for it; a penalty of 1 and no bias leave a
-    slot's logits exactly as they are."""
-    live, slots, vocab = state.active, state.logits.shape[0], state.logits.shape[1]
-    penalty = state.repetition_penalty[:, None]
-
-    def penalize(x):
-        return jnp.where(state.seen, jnp.where(x < 0, x * penalty, x / penalty), x)
-
-    def bias(x):  # ids `vocab` (no entry) are dropped
-        return x.at[jnp.arange(slots)[:, None], state.bias_ids].add(state.bias, mode="drop")
-
-    same = lambda x: x  # noqa: E731
-    x = jax.lax.cond(jnp.any(live & (state.repetition_penalty != 1.0)), penalize, same, state.logits)
-    return jax.lax.cond(jnp.any(live & jnp.any(state.bias_ids < vocab, axis=-1)), bias, same, x)
-
-
-def _logprobs(state: DecodeState, tok) -> Float[Array, " slots"]:
-    """Each slot's log-probability of `tok` under its model's own distribution (the log-softmax
-    of its raw logits, as `generate`'s `return_logprobs`: before the penalty, the bias,
-    temperature and the filters); 0 where a slot does not report them or emits nothing.
-    Computed only when a live slot asks for them."""
-    want = state.active & state.return_logprobs
-
-    def computed():
-        logp = jax.nn.log_softmax(state.logits, axis=-1)
-        return jnp.take_along_axis(logp, jnp.maximum(tok, 0)[:, None], axis=1)[:, 0]
-
-    logp = jax.lax.cond(jnp.any(want), computed, lambda: jnp.zeros(want.shape, jnp.float32))
-    return jnp.where(want, logp, 0.0)
-
-
-def _choose(state: DecodeState, scores, keys) -> Int[Array, " slots"]:
-    """Every slot's next token from its `scores` (`_scores`): greedy where its temperature is
-    0. The sampling and the sort the top-k / top-p filters need run only when a live slot asks
-    for them."""
-    greedy = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    temperature, top_k, top_p, _ = _slot_settings(state)
-    sampling = state.active & (temperature > 0)
-    filtering = sampling & ((top_k < scores.shape[-1]) | (top_p < 1.0))
-
-    def sampled(filtered):
-        draw = jax.vmap(functools.partial(_sample, filtered=filtered))
-        return lambda: jnp.where(temperature > 0, draw(scores, keys, *_slot_settings(state)), greedy)
-
-    branches = (lambda: greedy, sampled(False), sampled(True))
-    return jax.lax.switch(jnp.any(sampling).astype(jnp.int32) + jnp.any(filtering).astype(jnp.int32), branches)
-
-
-def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots"], Float[Array, " slots"]]:
-    """One token for every active slot (`-1` for the others) and its log-probability (0 where
-    a slot does not report them), and each token decoded into its cache. Inactive slots decode
-    too (the shape is fixed), at a clamped position: their cache is replaced whole when a
-    request next lands there."""
-    slots, max_len, vocab = state.position.shape[0], state.cache.max_seq, state.logits.shape[1]
-    split = jax.vmap(jax.random.split)(state.key)  # as generate's rows: (key, sub) per token
-    live = state.active
-    tok = jnp.where(live, _choose(state, _scores(state), split[:, 1]), -1)
-    logp = _logprobs(state, tok)
-    seen = state.seen.at[jnp.arange(slots), jnp.where(live, tok, vocab)].set(True, mode="drop")
-    remaining = state.remaining - live.astype(jnp.int32)
-    recent = jnp.concatenate([state.recent[:, 1:], tok[:, None]], axis=1)  # (slots, stop_length)
-    # a stop sequence matches where each of its ids does (its -1 padding matches anything);
-    # a row of -1s (its last id -1) is no sequence
-    ends = jnp.all((state.stops < 0) | (recent[:, None, :] == state.stops), axis=-1) & (state.stops[..., -1] >= 0)
-    stopped = jnp.any((tok[:, None] == state.eos) | ends, axis=-1) & live | (remaining <= 0)
-
-    def decode(tok, cache, position):
-        logits, cache = model.decode(tok[None], cache, position, batch_size=slots)
-        return logits[0].astype(jnp.float32), cache
-
-    at = jnp.minimum(state.position, max_len - 1)
-    logits, cache = jax.vmap(decode)(jnp.maximum(tok, 0), state.cache, at)
-    state = dataclasses.replace(
-        state, cache=cache, logits=logits, position=state.position + live.astype(jnp.int32), remaining=remaining,
-        active=live & ~stopped, key=split[:, 0], recent=recent, seen=seen,
-    )
-    return state, tok, logp
-
-
-@functools.partial(jax.jit, static_argnames=("skeleton", "unroll_layers", "steps"), donate_argnums=0)
-def _step(state, arrays, *, skeleton, unroll_layers, steps):
-    """Up to `steps` decode steps (fewer once no slot is active): the state, `(slots, steps)`
-    tokens (`-1` where a slot emitted none), their `(slots, steps)` log-probabilities (0 where
-    a slot does not report them) and which slots are still active (a buffer of its own, which
-    a host may read after the state is donated to the next call)."""
-    model = decoding_model(_join_model(arrays, skeleton), unroll_layers)
-    tokens = jnp.full((state.position.shape[0], steps), -1, jnp.int32)
-    logps = jnp.zeros((state.position.shape[0], steps), jnp.float32)
-
-    def cond(carry):
-        i, state, *_ = carry
-        return (i < steps) & jnp.any(state.active)
-
-    def body(carry):
-        i, state, tokens, logps = carry
-        state, tok, logp = _advance(model, state)
-        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], i, axis=1)  # noqa: E731
-        return i + 1, state, put(tokens, tok), put(logps, logp)
-
-    _, state, tokens, logps = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, tokens, logps))
-    return state, tokens, logps, jnp.copy(state.active)
+def _named(error: ConfigError | ShapeError, who: str) -> ConfigError | ShapeError:
+    """`error` with its message starting `"{who}: "`, as every refusal of a request does
+    (`error` itself where it does already; the shared sampling checks name no caller)."""
+    message = str(error)
+    return error if message.startswith(f"{who}: ") else type(error)(f"{who}: {message}")
 
 
 def _check_prompt(prompt: np.ndarray, who: str) -> None:
     """Refuse anything but one non-empty prompt of integer ids, with the fix for each case."""
     several = ("give each its own Request" if who == "serve" else "insert each into its own slot")
     if prompt.ndim != 1 or prompt.shape[0] < 1:
-        raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got "
+        raise ShapeError(f"{who}: a prompt is one sequence of at least one integer token id, shape (seq,); got "
                          f"{shape_str(prompt.shape)}. For several prompts, {several}.")
     if not np.issubdtype(prompt.dtype, np.integer):
-        raise ShapeError(f"{who} takes one prompt of at least one integer token id, shape (seq,); got dtype "
+        raise ShapeError(f"{who}: a prompt is one sequence of at least one integer token id, shape (seq,); got dtype "
                          f"{prompt.dtype}. Token ids are integers: pass the tokenizer's ids, or cast with .astype(np.int32).")
 
 
@@ -417,11 +246,15 @@ class DecodeEngine:
 
     def bucket(self, length: int) -> int:
         """The width a prompt of `length` tokens is padded to (the smallest bucket that holds it)."""
+        return self._bucket(length, "DecodeEngine")
+
+    def _bucket(self, length: int, who: str) -> int:
+        """`bucket`, its error naming `who`."""
         for width in self.prompt_buckets:
             if length <= width:
                 return width
         raise ShapeError(
-            f"DecodeEngine: a prompt of {length} tokens is longer than the largest prompt bucket "
+            f"{who}: a prompt of {length} tokens is longer than the largest prompt bucket "
             f"({self.prompt_buckets[-1]}); pass prompt_buckets with a wider one or shorten the prompt."
         )
 
@@ -570,8 +403,26 @@ class DecodeEngine:
         repetition_penalty=1.0, logit_bias=None, return_logprobs=False, prefix=None, who="DecodeEngine.insert",
     ) -> tuple:
         """The prompt as a host int32 array, the request's settings as the insert program
-        takes them and its prefix (or `None`), after checking all three (`who` names the caller
-        in errors)."""
+        takes them and its prefix (or `None`), after checking all three. A bad request raises
+        `ConfigError` or `ShapeError` (what `serve` refuses a request for), its message
+        starting `"{who}: "` (`_named`: the one place that names the caller)."""
+        try:
+            return self._checked_request(
+                prompt, max_new_tokens=max_new_tokens, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+                min_p=min_p, eos_token=eos_token, stop_sequences=stop_sequences, repetition_penalty=repetition_penalty,
+                logit_bias=logit_bias, return_logprobs=return_logprobs, prefix=prefix, who=who,
+            )
+        except (ConfigError, ShapeError) as error:
+            named = _named(error, who)
+            if named is error:
+                raise
+            raise named from None
+
+    def _checked_request(
+        self, prompt, *, max_new_tokens, key, temperature, top_k, top_p, min_p, eos_token, stop_sequences,
+        repetition_penalty, logit_bias, return_logprobs, prefix, who,
+    ) -> tuple:
+        """`_request`'s checks and values."""
         vocab = self.model.config.vocab_size
         if prefix is not None:
             check_prefix(prefix, self, who)
@@ -588,7 +439,7 @@ class DecodeEngine:
                 f"{before + prompt.shape[0] + max_new_tokens} exceeds the engine's max_len={self.max_len}; shorten the "
                 "prompt, ask for fewer tokens or build the engine with a larger max_len."
             )
-        self.bucket(prompt.shape[0])  # refused here, before serve books the slot, if no bucket holds it
+        self._bucket(prompt.shape[0], who)  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if not isinstance(return_logprobs, bool | np.bool_):

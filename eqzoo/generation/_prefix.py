@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._errors import ConfigError, ShapeError
-from ..nn._attention import KVCache, _slot_positions
+from ..nn._attention import KVCache, ring_positions
 from ._generate import decoding_model
 from ._stream import _join_model
 
@@ -64,8 +64,10 @@ def _prefill_prefix(arrays, tokens, length, *, skeleton, unroll_layers, cache_dt
 def prefixed_rows(model, template: KVCache, suffixes, lengths, prefix_tokens, prefix_lengths, prefix_caches, cache_dtype) -> tuple:
     """Prefill each of `suffixes` (`(n, bucket)`, `lengths` real tokens) after its prefix
     (`prefix_tokens` `(n, width)`, `prefix_lengths` real, `prefix_caches` stacked on `n`):
-    `(next-token logits, caches shaped as a slot's (template: the state's cache), seen ids,
-    positions)`, one row each, as `_insert`'s prefill gives them for the joined prompt.
+    `(next-token logits, caches shaped as a slot's (template: the state's cache), joined
+    prompts, their lengths)`, one row each, the logits and caches as `_insert`'s prefill gives
+    them for the joined prompt (`(n, width + bucket)`, its first `prefix_lengths + lengths`
+    tokens real; padding 0).
 
     The suffix runs through `decode` at the positions after the prefix, over a cache of
     `max_len` positions in order holding the prefix's rows. Its `bucket`-wide chunk must fit
@@ -94,13 +96,11 @@ def prefixed_rows(model, template: KVCache, suffixes, lengths, prefix_tokens, pr
         def as_slot(w, t):  # t: the state's leaf, (slots, layers, positions, ...)
             if t.shape[2] == max_len:
                 return w
-            ring = jnp.maximum(_slot_positions(total - 1, t.shape[2]), 0)  # a never-written slot is masked
+            ring = jnp.maximum(ring_positions(total - 1, t.shape[2]), 0)  # a never-written slot is masked
             return jnp.take(w, ring, axis=1)
 
         cache = treedef.unflatten([as_slot(w, t) for w, t in zip(jax.tree.leaves(work), leaves, strict=True)])
-        vocab = model.config.vocab_size
-        seen = jnp.zeros((vocab,), bool).at[jnp.where(i < total, joined, vocab)].set(True, mode="drop")
-        return last, cache, seen, total
+        return last, cache, joined, total
 
     return jax.vmap(row)(suffixes, lengths, prefix_tokens, prefix_lengths, prefix_caches)
 

@@ -8,7 +8,7 @@ from typing import Any, no_type_check
 import jax
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import ConfigError, ShapeError
 from ._engine import DecodeEngine
 from ._generate import check_count
 from ._prefix import Prefix
@@ -20,7 +20,8 @@ class Request:
 
     - `prompt`: token ids, 1-D (a list or array), at least one.
     - `max_new_tokens`: its token budget (prompt + budget at most the engine's `max_len`).
-    - `id`: any hashable name its events carry (default: its index in the requests).
+    - `id`: any hashable name its events carry (default: its index in the requests);
+      `serve` refuses a request whose id is not hashable (a list, a dict).
     - `key`, `temperature`, `top_k`, `top_p`, `min_p`, `eos_token`, `stop_sequences`,
       `repetition_penalty`, `logit_bias`, `return_logprobs`: as
       [`eqzoo.generation.DecodeEngine.insert`][] takes them. With `return_logprobs=True` the
@@ -51,8 +52,8 @@ class Request:
 class ServeEvent:
     """New tokens of one request, or its refusal, as [`eqzoo.generation.serve`][] yields them.
 
-    - `id`: the request's `id` (its index in the requests when it has none, or is not a
-      `Request`).
+    - `id`: the request's `id` (its index in the requests when it has none, is not a
+      `Request`, or is refused for an id that is not hashable).
     - `tokens`: int32 NumPy `(n,)`, its tokens decoded since its last event (an eos id it
       stopped at included); `n` may be 0 in a request's last event, and is 0 in a refusal.
     - `done`: whether the request has ended (at an eos id, a stop sequence or its
@@ -62,7 +63,7 @@ class ServeEvent:
       [`eqzoo.generate`][] returns them (`return_logprobs`), for a request with
       `return_logprobs=True`; `None` for the others.
     - `error`: `None`, or for a request `serve` refused (it never took a slot) the message
-      saying why; its one event, `done` with no tokens.
+      saying why, starting `"serve: "`; its one event, `done` with no tokens.
 
     It unpacks as the triple `id, tokens, done = event` (and `event[0]` .. `event[2]` index
     it); `logprobs` and `error` are read by name.
@@ -96,10 +97,12 @@ def serve(
 
     `requests` is read lazily, one request per free slot, so it may be a generator of requests
     as they arrive. Each request is checked when it is admitted. A bad one (not a `Request`,
-    a prompt no bucket holds, a budget past `max_len`, a bad setting: whatever
-    `DecodeEngine.insert` would refuse) is by default refused on its own: `serve` yields one
-    event for it, `done` with no tokens and the reason in `error`, and goes on serving the
-    others, the requests in flight included; its slot takes the next request.
+    an id that is not hashable, a prompt no bucket holds, a budget past `max_len`, a bad
+    setting: whatever `DecodeEngine.insert` would refuse, each a `ConfigError` or
+    `ShapeError`) is by default refused on its own: `serve` yields one event for it, `done`
+    with no tokens and the reason in `error`, and goes on serving the others, the requests in
+    flight included; its slot takes the next request. Any other exception is no request's
+    fault and propagates.
 
     With `pipeline=True` (default) the host never waits per token, and overlaps the device:
     it launches step call k + 1 before it reads call k's tokens back, so the device decodes
@@ -227,14 +230,14 @@ def _admit(engine, state, book, pending, *, raising: bool) -> tuple:
         except StopIteration:
             exhausted = True
             break
-        rid = request.id if isinstance(request, Request) and request.id is not None else index
         try:
             taken.append(_checked(engine, index, request))
-        except (ValueError, TypeError) as error:  # eqzoo's ConfigError and ShapeError are ValueErrors
+        except (ConfigError, ShapeError) as error:  # a bad request; anything else is a bug and propagates
             if raising:
                 raise
-            refused.append(ServeEvent(rid, np.zeros((0,), np.int32), True, error=str(error)))
+            refused.append(_refusal(_request_id(index, request), error))
             continue
+        rid = _request_id(index, request)
         slots.append(slot)
         book.take(slot, index, rid, int(request.max_new_tokens), bool(request.return_logprobs))
         slot = next(free, None)
@@ -243,11 +246,43 @@ def _admit(engine, state, book, pending, *, raising: bool) -> tuple:
     return state, exhausted, refused
 
 
+def _refusal(rid, error: ConfigError | ShapeError) -> ServeEvent:
+    """The one event of a request refused for `error` (its message starts `"serve: "`, as
+    `_checked`'s do)."""
+    return ServeEvent(rid, np.zeros((0,), np.int32), True, error=str(error))
+
+
+def _unhashable(x) -> str | None:
+    """Why `x` is not hashable (`hash`'s message), or `None` where it is. A tuple holding a
+    list passes `isinstance(x, Hashable)` and the `Hashable` annotation, but not `hash`."""
+    try:
+        hash(x)
+    except TypeError as error:
+        return str(error)
+    return None
+
+
+def _request_id(index: int, request) -> Hashable:
+    """The id `request`'s events carry: its own, or `index` where it has none (or one that is
+    not hashable, for its refusal)."""
+    if isinstance(request, Request) and request.id is not None and _unhashable(request.id) is None:
+        return request.id
+    return index
+
+
 def _checked(engine, index, request) -> tuple:
-    """`request` (number `index`) as the engine's insert takes it, after checking it."""
+    """`request` (number `index`) as the engine's insert takes it, after checking it: a bad
+    one raises `ConfigError` or `ShapeError`, its message starting `"serve: "`."""
     if not isinstance(request, Request):
         raise ConfigError(f"serve: requests must be eqzoo.generation.Request objects; request {index} is a "
                           f"{type(request).__name__}.")
+    why = _unhashable(request.id)
+    if why is not None:
+        raise ConfigError(
+            f"serve: request {index}'s id {request.id!r} is not hashable ({why}); its events "
+            "carry the id for you to key each request's tokens by: give a str, an int or a tuple of them, or None "
+            "(its index)."
+        )
     return engine._request(
         request.prompt, max_new_tokens=request.max_new_tokens, key=request.key, temperature=request.temperature,
         top_k=request.top_k, top_p=request.top_p, min_p=request.min_p, eos_token=request.eos_token,

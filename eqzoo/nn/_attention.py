@@ -232,9 +232,21 @@ class KVCache(eqx.Module):
         self.max_seq = int(keys.shape[-3] if max_seq is None else max_seq)
 
 
-def _slot_positions(last: Array, slots: int) -> Int[Array, " slots"]:
-    """The position each slot of a ring of `slots` holds once positions up to `last` are written:
-    the latest `p <= last` with `p % slots == slot` (negative: never written)."""
+def ring_positions(last: Array, slots: int) -> Int[Array, " slots"]:
+    """The position each slot of a [`KVCache`][eqzoo.nn.KVCache] ring of `slots` slots holds
+    once positions up to `last` are written (position `p` lives in slot `p % slots`): the
+    latest `p <= last` with `p % slots == slot`, negative for a slot never written.
+
+    Internal (not exported), shared by attention, which masks a ring's keys by it, and by
+    prefix caching (`eqzoo.generation`), which lays a cache kept in position order out as a
+    slot's ring with it.
+
+    **Arguments:**
+
+    - `last`: the last position written (an int32 scalar, possibly traced).
+    - `slots`: the ring's slot count (static).
+
+    **Returns:** int32 `(slots,)`, the position each slot holds."""
     slot = jnp.arange(slots, dtype=jnp.int32)
     return last - jnp.mod(last - slot, slots)
 
@@ -774,7 +786,7 @@ class Attention(eqx.Module):
             if slots >= max_seq:
                 key_positions = jnp.arange(slots, dtype=jnp.int32)
             else:
-                key_positions = _slot_positions(index + seq - 1, slots)
+                key_positions = ring_positions(index + seq - 1, slots)
 
             def attend():
                 return self._attend_cached(
@@ -784,7 +796,7 @@ class Attention(eqx.Module):
             return attend, keys, values, lambda keys, values: (keys, values)
 
         # A ring taking several positions: the old slots and the new rows side by side.
-        key_positions = jnp.concatenate([_slot_positions(index - 1, slots), positions])
+        key_positions = jnp.concatenate([ring_positions(index - 1, slots), positions])
 
         def attend_ring():
             both_k = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), _layer_slice(keys, slot), k)

@@ -162,7 +162,7 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
     state = engine.insert(state, 0, prompt, max_new_tokens=8)
     with pytest.raises(ConfigError, match=r"slot 0 is still decoding a request; insert into a free slot \(free: \[1\]\)"):
         engine.insert(state, 0, prompt, max_new_tokens=2)
-    with pytest.raises(ConfigError, match="top_p must be in"):
+    with pytest.raises(ConfigError, match=r"^DecodeEngine.insert: top_p must be in"):  # the shared check, named
         engine.insert(state, 1, prompt, max_new_tokens=2, temperature=1.0, key=jax.random.key(0), top_p=1.5)
     with pytest.raises(ConfigError, match="temperature > 0 needs a PRNG key"):
         engine.insert(state, 1, prompt, max_new_tokens=2, temperature=1.0)
@@ -182,7 +182,8 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
     with pytest.raises(ConfigError, match=r"prompt_buckets must be integers in \[1, max_len - 1 = 15\]"):
         DecodeEngine(model, slots=2, max_len=16, prompt_buckets=(8, 16))
     assert DecodeEngine(model, slots=2, max_len=24, prompt_buckets=(8, 16)).bucket(9) == 16
-    with pytest.raises(ShapeError, match=r"longer than the largest prompt bucket \(16\); pass prompt_buckets"):
+    with pytest.raises(ShapeError, match=r"^DecodeEngine.insert: a prompt of 17 tokens is longer than the largest "
+                       r"prompt bucket \(16\); pass prompt_buckets"):
         DecodeEngine(model, slots=2, max_len=24, prompt_buckets=(8, 16)).insert(state, 1, np.arange(17), max_new_tokens=2)
     with pytest.raises(ConfigError, match="at most logit_bias_ids=16; build it with a larger logit_bias_ids"):
         engine.insert(state, 1, prompt, max_new_tokens=2, logit_bias={i: 1.0 for i in range(17)})
@@ -198,17 +199,19 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         engine.insert(state, 1, prompt, max_new_tokens=2, return_logprobs="yes")
     with pytest.raises(ConfigError, match="serve needs an eqzoo.generation.DecodeEngine, got GPT2"):
         next(serve(model, []))
-    with pytest.raises(ShapeError, match=r"takes one prompt of at least one integer token id, shape \(seq,\); got \(2, 3\)"):
+    with pytest.raises(ShapeError, match=r"insert: a prompt is one sequence of at least one integer token id, shape "
+                       r"\(seq,\); got \(2, 3\)"):
         engine.insert(state, 1, np.zeros((2, 3), np.int32), max_new_tokens=2)
-    with pytest.raises(ShapeError, match=r"serve takes one prompt.*got \(2, 3\)\. For several prompts, give each its own Request"):
+    with pytest.raises(ShapeError, match=r"serve: a prompt is one.*got \(2, 3\)\. For several prompts, give each its own Request"):
         next(serve(engine, [Request(np.zeros((2, 3), np.int32), 2)], on_error="raise"))
     with pytest.raises(ShapeError, match=r"got dtype float32\. Token ids are integers.*astype\(np\.int32\)"):
         next(serve(engine, [Request(np.zeros((3,), np.float32), 2)], on_error="raise"))
 
 
 def test_a_bad_request_mid_stream_is_refused_alone(gpt2):
-    """Bad requests arriving while others decode each get one event with the reason; the
-    requests in flight and after them decode as if they had not come."""
+    """Bad requests arriving while others decode each get one event with the reason (each
+    starting "serve: ", the shared sampling checks' too); the requests in flight and after
+    them decode as if they had not come."""
     engine, prompts = _engine(gpt2), _prompts(2)
     good = [Request(prompts[i], b, id=f"ok{i}") for i, b in ((0, 12), (1, 3), (2, 6))]
     bad = [
@@ -216,15 +219,30 @@ def test_a_bad_request_mid_stream_is_refused_alone(gpt2):
         ("not", "a request"),  # no id: its index, 3
         Request(prompts[4], 2, id="hot", temperature=1.0),  # no key
         Request([3, 999], 2, id="oov"),  # an id outside the vocabulary
+        Request(prompts[4], 2, id="top_p", temperature=1.0, key=jax.random.key(0), top_p=1.5),
+        Request(prompts[4], 2, id=("x", [1])),  # not hashable (a Hashable tuple): its refusal carries its index, 7
     ]
     errors = {}
     # ok0 decodes while the bad ones arrive (ok1's slot frees first), ok2 after them
     served = _served(engine, good[:2] + bad + good[2:], errors=errors)
     assert served == _served(engine, good)
-    assert set(errors) == {"long", 3, "hot", "oov"}
+    assert set(errors) == {"long", 3, "hot", "oov", "top_p", 7}
+    assert all(error.startswith("serve: ") for error in errors.values()), errors
     assert "prompt length 12 + max_new_tokens 20 = 32 exceeds the engine's max_len=24" in errors["long"]
     assert "request 3 is a tuple" in errors[3] and "needs a PRNG key" in errors["hot"]
     assert "outside the model's vocabulary [0, 256)" in errors["oov"]
+    assert errors["top_p"] == "serve: top_p must be in (0, 1] or None, got 1.5."
+    assert "request 7's id ('x', [1]) is not hashable (unhashable type: 'list')" in errors[7]
+
+
+def test_serve_refuses_bad_requests_only_and_lets_its_own_faults_through(gpt2):
+    """A fault that is no request's fault (here the engine's own state, broken after it was
+    built: a TypeError from the request checks that read it) propagates out of `serve` even
+    with `on_error="event"`, rather than being reported as a refusal of the request."""
+    engine = _engine(gpt2)
+    engine.prompt_buckets = None
+    with pytest.raises(TypeError, match="^'NoneType' object is not iterable$"):  # raised as it is
+        list(serve(engine, [Request(np.arange(3), 2)]))
 
 
 def test_serve_launches_a_call_before_it_reads_the_last_unless_told_not_to(gpt2, monkeypatch):
