@@ -44,6 +44,13 @@ def _is_float(a):
 PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
 
 
+@eqx.filter_jit
+def _forward(model, tokens):
+    """The full forward pass, compiled once per model and length (called eagerly, a model's
+    layer scan compiles anew on every call: ~1 s each on CI's CPUs)."""
+    return model(tokens)
+
+
 @pytest.fixture(scope="module")
 def greedy(llama):
     return eqzoo.generate(llama, PROMPT, max_new_tokens=NEW)
@@ -57,7 +64,7 @@ def test_greedy_with_and_without_cache_agree(lm):
     np.testing.assert_array_equal(cached, uncached)
     assert len(set(np.asarray(cached[PROMPT.shape[0] :]).tolist())) > 1  # not a degenerate repeat
     # greedy: each new token is the argmax of the full forward pass over the tokens before it
-    logits = lm(cached[:-1])
+    logits = _forward(lm, cached[:-1])
     np.testing.assert_array_equal(jnp.argmax(logits[PROMPT.shape[0] - 1 :], -1), cached[PROMPT.shape[0] :])
 
 
@@ -143,7 +150,7 @@ def test_logprobs_are_the_models_own_scores(llama, greedy):
     n = PROMPT.shape[0]
     tokens, logps = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, return_logprobs=True)
     np.testing.assert_array_equal(tokens, greedy)
-    want = jnp.take_along_axis(jax.nn.log_softmax(llama(tokens[:-1])), tokens[1:, None], axis=-1)[:, 0]
+    want = jnp.take_along_axis(jax.nn.log_softmax(_forward(llama, tokens[:-1])), tokens[1:, None], axis=-1)[:, 0]
     assert logps.shape == tokens.shape and logps.dtype == jnp.float32
     np.testing.assert_allclose(logps[n:], want[n - 1 :], atol=1e-5)
     assert bool(jnp.all(logps[:n] == 0)) and bool(jnp.all(logps[n:] < 0))
@@ -153,7 +160,7 @@ def test_logprobs_are_the_models_own_scores(llama, greedy):
     sampled, logps = generate_batch(llama, prompts, **kw)
     np.testing.assert_array_equal(sampled, generate_batch(llama, prompts, **{**kw, "return_logprobs": False}))
     for row in range(2):
-        want = jnp.take_along_axis(jax.nn.log_softmax(llama(sampled[row, :-1])), sampled[row, 1:, None], axis=-1)[:, 0]
+        want = jnp.take_along_axis(jax.nn.log_softmax(_forward(llama, sampled[row, :-1])), sampled[row, 1:, None], axis=-1)[:, 0]
         np.testing.assert_allclose(logps[row, n:], want[n - 1 :], atol=1e-5)
     np.testing.assert_allclose(generate_batch(llama, prompts, use_cache=False, **kw)[1], logps, atol=1e-5)
 
@@ -421,10 +428,9 @@ class _OwnDecoder(models.AbstractLM):
 def test_own_abstract_lm_subclass_decodes_greedily_and_needs_config_fields():
     model = _OwnDecoder(_OwnConfig(), key=jax.random.key(0))
     out = eqzoo.generate(model, PROMPT, max_new_tokens=5)
-    seq = PROMPT
-    for _ in range(5):  # the reference: the full forward pass, one token at a time
-        seq = jnp.concatenate([seq, jnp.argmax(model(seq)[-1])[None].astype(seq.dtype)])
-    np.testing.assert_array_equal(np.asarray(out), np.asarray(seq))  # greedy: exact
+    # the reference: the full forward pass, one token at a time (on one padded length: one compile)
+    seq = _penalised_greedy(model, PROMPT, 5, 1.0)
+    np.testing.assert_array_equal(np.asarray(out), seq)  # greedy: exact
     broken = _OwnDecoder(_NoVocabConfig(), key=jax.random.key(0))
     with pytest.raises(ConfigError, match=r"_OwnDecoder.config must have integer fields vocab_size and max_seq .*lacks \['vocab_size'\]"):
         eqzoo.generate(broken, PROMPT, max_new_tokens=2)

@@ -21,6 +21,16 @@ FAMILIES = {
 }
 
 
+@eqx.filter_jit
+def _forward(model, tokens, **kwargs):
+    """`model(tokens, **kwargs)` compiled once per model, shape and dtype (called eagerly, the
+    layer scan compiles anew on every call: ~1 s each on CI's CPUs)."""
+    return model(tokens, **kwargs)
+
+
+_lm_loss = eqx.filter_jit(train.lm_loss)  # the same, for the loss
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def lm(request):
     return models.create(FAMILIES[request.param], key=jax.random.key(0))
@@ -89,17 +99,17 @@ def test_unsigned_and_narrow_token_ids_are_accepted_under_type_checking(lm, dtyp
     # ids failed in a private method while the same call worked with checking off. One unsigned
     # and one narrow signed dtype: the annotations tell dtypes apart by kind, not width.
     tokens = jnp.arange(8, dtype=jnp.int32) % lm.config.vocab_size
-    want = lm(tokens)
+    want = _forward(lm, tokens)
     narrow = tokens.astype(dtype)
-    np.testing.assert_allclose(lm(narrow), want, rtol=0, atol=0)  # same gather: exactly equal
+    np.testing.assert_allclose(_forward(lm, narrow), want, rtol=0, atol=0)  # same gather: exactly equal
     np.testing.assert_allclose(
-        lm(narrow, segment_ids=jnp.ones(8, dtype), positions=jnp.arange(8, dtype=dtype)), want, rtol=0, atol=MODEL_TOL
+        _forward(lm, narrow, segment_ids=jnp.ones(8, dtype), positions=jnp.arange(8, dtype=dtype)), want, rtol=0, atol=MODEL_TOL
     )
     batch = {"tokens": narrow[None, :-1], "targets": narrow[None, 1:]}
     wide = {"tokens": tokens[None, :-1], "targets": tokens[None, 1:]}
     for implementation in train.LM_LOSS_IMPLEMENTATIONS:
-        got = train.lm_loss(lm, batch, implementation=implementation)[0]
-        np.testing.assert_allclose(got, train.lm_loss(lm, wide, implementation=implementation)[0], rtol=1e-6)
+        got = _lm_loss(lm, batch, implementation=implementation)[0]
+        np.testing.assert_allclose(got, _lm_loss(lm, wide, implementation=implementation)[0], rtol=1e-6)
 
 
 def test_numpy_tokens_and_batches_are_accepted_under_type_checking(gpt2):
@@ -226,16 +236,17 @@ def test_qkv_bias_adds_biases_to_query_key_value_only():
 def test_sliding_window_model_decodes_like_its_forward_pass():
     model = models.create("tiny-llama", key=jax.random.key(0), sliding_window=3)
     tokens = jax.random.randint(jax.random.key(1), (10,), 0, 200, dtype=jnp.int32)
-    full = model(tokens)
-    logits, cache = model.decode(tokens[:4], model.init_cache(16), jnp.int32(0))
+    full = _forward(model, tokens)
+    decode = eqx.filter_jit(lambda m, t, c, i: m.decode(t, c, i))  # eagerly, each step compiled its layer scan
+    logits, cache = decode(model, tokens[:4], model.init_cache(16), jnp.int32(0))
     rows = [logits]
     for t in range(4, 10):
-        logits, cache = model.decode(tokens[t : t + 1], cache, jnp.int32(t))
+        logits, cache = decode(model, tokens[t : t + 1], cache, jnp.int32(t))
         rows.append(logits)
     np.testing.assert_allclose(jnp.concatenate(rows), full, atol=1e-5, rtol=1e-5)
     # The window matters: position 9 differs from full causal attention.
     plain = models.create("tiny-llama", key=jax.random.key(0))
-    assert float(jnp.max(jnp.abs(plain(tokens)[9] - full[9]))) > 1e-3
+    assert float(jnp.max(jnp.abs(_forward(plain, tokens)[9] - full[9]))) > 1e-3
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -297,11 +308,11 @@ def test_resize_vocab_keeps_the_old_logits_and_starts_new_tokens_at_the_mean(pre
     grown = models.resize_vocab(model, old + 10)
     assert grown.config.vocab_size == old + 10 and grown.embed.weight.shape[0] == old + 10
     tokens = jax.random.randint(jax.random.key(1), (12,), 0, old)
-    np.testing.assert_array_equal(np.asarray(grown(tokens))[:, :old], np.asarray(model(tokens)))
+    np.testing.assert_array_equal(np.asarray(grown(tokens))[:, :old], np.asarray(model(tokens)))  # eagerly: jitted, the two vocabulary sizes round differently
     head = grown.head_weight()
     np.testing.assert_allclose(head[old:], np.broadcast_to(np.mean(np.asarray(model.head_weight()), 0), (10, head.shape[1])), rtol=1e-6, atol=1e-7)
     new_ids = tokens.at[3].set(old + 4)
-    loss, _ = train.lm_loss(grown, {"tokens": new_ids[None, :-1], "targets": new_ids[None, 1:]})
+    loss, _ = _lm_loss(grown, {"tokens": new_ids[None, :-1], "targets": new_ids[None, 1:]})
     assert np.isfinite(float(loss))
     shrunk = models.resize_vocab(grown, old - 6)
     np.testing.assert_array_equal(np.asarray(shrunk.embed.weight), np.asarray(model.embed.weight[: old - 6]))

@@ -27,6 +27,19 @@ def pair():
     return ragged, dense
 
 
+@eqx.filter_jit
+def _forward(model, tokens):
+    """`model(tokens)` compiled (called eagerly, the layer scan compiles anew on every call)."""
+    return model(tokens)
+
+
+@eqx.filter_jit
+def _decode(model, tokens, cache, index, batch_size):
+    """`model.decode` compiled once per model, token count and batch size (eagerly, every step
+    compiled its layer scan anew)."""
+    return model.decode(tokens, cache, index, batch_size=batch_size)
+
+
 def _batch(seed=1, batch=4, seq=24):
     toks = jax.random.randint(jax.random.key(seed), (batch, seq + 1), 0, CONFIG.vocab_size, dtype=jnp.int32)
     return {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
@@ -199,10 +212,10 @@ def test_masked_positions_leave_the_router_losses_alone(pair):
 def test_lm_loss_warns_when_the_loss_cannot_reach_the_routers():
     top1 = models.create(dataclasses.replace(CONFIG, experts_per_token=1), key=jax.random.key(0))
     with pytest.warns(UserWarning, match=r"route each token to one expert and renormalise its weight to 1, so the loss gives the routers no gradient") as caught:
-        train.lm_loss(top1, _batch())
+        eqx.filter_eval_shape(train.lm_loss, top1, _batch())  # warned while tracing: nothing need run
     assert caught[0].filename == __file__
     switch = models.create(dataclasses.replace(CONFIG, experts_per_token=1, normalize_router_weights=False), key=jax.random.key(0))
-    grads = eqx.filter_grad(lambda m: train.lm_loss(m, _batch())[1]["nll"])(switch)
+    grads = eqx.filter_jit(eqx.filter_grad(lambda m: train.lm_loss(m, _batch())[1]["nll"]))(switch)
     assert float(jnp.max(jnp.abs(grads.blocks.layers.mlp.router.weight))) > 0  # Switch weighting trains them
 
 
@@ -213,12 +226,12 @@ def test_decoding_one_token_reads_only_the_chosen_experts(implementation):
     model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8, moe_implementation=implementation)
     tokens = jax.random.randint(jax.random.key(1), (9,), 0, 200, dtype=jnp.int32)
     cache = model.init_cache(16)
-    logits, cache = model.decode(tokens[:5], cache, jnp.int32(0), batch_size=1)  # prefill: 10 assignments, all experts
+    logits, cache = _decode(model, tokens[:5], cache, jnp.int32(0), 1)  # prefill: 10 assignments, all experts
     rows = [logits]
     for t in range(5, 9):
-        logits, cache = model.decode(tokens[t : t + 1], cache, jnp.int32(t), batch_size=1)
+        logits, cache = _decode(model, tokens[t : t + 1], cache, jnp.int32(t), 1)
         rows.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(rows), model(tokens), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(jnp.concatenate(rows), _forward(model, tokens), atol=1e-5, rtol=1e-5)
     moe = model.blocks[0].mlp
     assert moe.gathers(1) and not moe.gathers(4)
     x = jnp.ones((1, model.config.embed_dim))
@@ -262,14 +275,14 @@ def test_int8_and_lora_experts_decode_by_gathering_too(kind):
 
     model = models.create("tiny-mixtral", key=jax.random.key(0), num_experts=8)
     if kind.startswith("int8"):
-        model = quant.quantize(model)
+        model = eqx.filter_jit(quant.quantize)(model)  # compiled: eagerly, op by op
     if kind.endswith("lora"):
         model = peft.lora(model, rank=2, targets="router", experts=True, key=jax.random.key(3))
         model = jax.tree.map(lambda a: a + 0.05 if eqx.is_inexact_array(a) and a.ndim == 4 and a.shape[-2] == 2 else a, model)
     moe = model.blocks[0].mlp
     assert moe.gathers(1)
     x = jax.random.normal(jax.random.key(4), (1, model.config.embed_dim))
-    np.testing.assert_allclose(moe.decode(x, 1), moe.decode(x, None), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(*eqx.filter_jit(lambda moe, x: (moe.decode(x, 1), moe.decode(x, None)))(moe, x), atol=1e-5, rtol=1e-5)
     jaxpr = jax.make_jaxpr(lambda x: moe.decode(x, 1))(x).jaxpr
     # Codes, LoRA factors, float bases (the (experts, ., .) arrays; a 2-D scale shares its shape
     # with the router's weight): each only gathered.
@@ -278,9 +291,9 @@ def test_int8_and_lora_experts_decode_by_gathering_too(kind):
         assert _primitives_reading(jaxpr, tuple(leaf.shape)) <= {"gather"}, (kind, leaf.shape)
     prompt = jax.random.randint(jax.random.key(2), (6,), 0, 200, dtype=jnp.int32)
     cache = model.init_cache(16)
-    logits, cache = model.decode(prompt[:5], cache, jnp.int32(0), batch_size=1)
-    step, _ = model.decode(prompt[5:], cache, jnp.int32(5), batch_size=1)
-    np.testing.assert_allclose(step, eqx.filter_jit(lambda m, t: m(t))(model, prompt)[5:], atol=1e-4, rtol=1e-4)
+    logits, cache = _decode(model, prompt[:5], cache, jnp.int32(0), 1)
+    step, _ = _decode(model, prompt[5:], cache, jnp.int32(5), 1)
+    np.testing.assert_allclose(step, _forward(model, prompt)[5:], atol=1e-4, rtol=1e-4)
 
 
 def test_gathered_experts_are_multiplied_in_their_stored_layout():
@@ -295,12 +308,17 @@ def test_gathered_experts_are_multiplied_in_their_stored_layout():
     moe = eqzoo.nn.MoE(embed, hidden, 8, k, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(4), (3, k, embed))
     idx = jnp.array([[0, 5], [7, 7], [2, 1]], jnp.int32)
+
+    @eqx.filter_jit  # compiled: eagerly, quantizing and multiplying ran op by op
+    def products(weight, group_size):
+        w = quant.QuantizedWeight(weight, bits=4, group_size=group_size)
+        return w.take_matmul(x, idx), jnp.einsum("tkd,tkdh->tkh", x, w.take(idx, jnp.float32))
+
     for group_size in (None, 16, 1):
-        w = quant.QuantizedWeight(moe.gate_proj, bits=4, group_size=group_size)
-        want = jnp.einsum("tkd,tkdh->tkh", x, w.take(idx, jnp.float32))
-        np.testing.assert_allclose(w.take_matmul(x, idx), want, atol=1e-5, rtol=1e-5)
+        got, want = products(moe.gate_proj, group_size)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     fields = lambda m: (m.gate_proj, m.up_proj, m.down_proj)  # noqa: E731
-    moe = eqx.tree_at(fields, moe, tuple(quant.QuantizedWeight(a, bits=4, group_size=16) for a in fields(moe)))
+    moe = eqx.filter_jit(lambda m: eqx.tree_at(fields, m, tuple(quant.QuantizedWeight(a, bits=4, group_size=16) for a in fields(m))))(moe)
     hlo = jax.jit(jax.vmap(lambda x: moe.decode(x, 1))).lower(jnp.ones((1, 1, embed))).compile().as_text()
     on_cpu = jax.default_backend() == "cpu"
     assert f"f32[{embed},{k * hidden}]" not in hlo
@@ -315,8 +333,8 @@ def test_capacity_prefill_does_not_depend_on_the_batch_size():
                           moe_implementation="capacity")
     prompt = jax.random.randint(jax.random.key(2), (3,), 0, 200, dtype=jnp.int32)
     cache = model.init_cache(8)
-    one, _ = model.decode(prompt, cache, jnp.int32(0), batch_size=1)
-    eight, _ = model.decode(prompt, cache, jnp.int32(0), batch_size=8)
+    one, _ = _decode(model, prompt, cache, jnp.int32(0), 1)
+    eight, _ = _decode(model, prompt, cache, jnp.int32(0), 8)
     np.testing.assert_array_equal(one, eight)
     alone = eqzoo.generate(model, prompt, max_new_tokens=8)
     np.testing.assert_array_equal(alone, eqzoo.generation.generate_batch(model, jnp.stack([prompt] * 8), None, max_new_tokens=8)[0])

@@ -24,6 +24,13 @@ def _batch(vocab, batch=4, seq=16, seed=0):
     return {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
 
 
+@eqx.filter_jit
+def _forward(model, x):
+    """`model(x)`, compiled once per model structure and input shape (called eagerly, a model's
+    layer scan compiles anew on every call: ~1 s each on CI's CPUs)."""
+    return model(x)
+
+
 def _host(x):
     return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
 
@@ -45,7 +52,7 @@ def test_fresh_adapters_compute_the_base_model(preset):
     adapted = peft.lora(model, rank=4, key=jax.random.key(1))
     tokens = jnp.arange(12, dtype=jnp.int32)
     # lora_b starts at zero: the update is exactly 0.
-    np.testing.assert_array_equal(np.asarray(adapted(tokens)), np.asarray(model(tokens)))
+    np.testing.assert_array_equal(np.asarray(_forward(adapted, tokens)), np.asarray(_forward(model, tokens)))
     paths = eqzoo.nn.linear_paths(model)
     assert eqzoo.nn.linear_paths(adapted) == paths
     layers = [x for x in jax.tree.leaves(adapted, is_leaf=lambda x: isinstance(x, peft.LoRALinear))
@@ -135,9 +142,9 @@ def test_merge_equals_the_adapted_model(preset, scan):
     assert not any(isinstance(x, eqzoo.nn.AbstractLinear)
                    for x in jax.tree.leaves(merged, is_leaf=lambda x: isinstance(x, eqzoo.nn.AbstractLinear)))
     assert jax.tree.structure(merged) == jax.tree.structure(model)
-    out, ref = np.asarray(merged(tokens)), np.asarray(adapted(tokens))
+    out, ref = np.asarray(_forward(merged, tokens)), np.asarray(_forward(adapted, tokens))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # fp32 whole model: 1e-5
-    assert np.max(np.abs(ref - np.asarray(model(tokens)))) > 1e-3  # the update is not trivial
+    assert np.max(np.abs(ref - np.asarray(_forward(model, tokens)))) > 1e-3  # the update is not trivial
     with pytest.raises(eqzoo._errors.ConfigError, match="nothing to merge"):
         peft.merge(model)
 
@@ -170,7 +177,7 @@ def test_save_and_load_adapters_round_trip_and_refuse_mismatches(tmp_path):
     fresh = peft.lora(_model(), rank=4, targets="attn", key=jax.random.key(7))
     loaded = peft.load_adapters(fresh, path)
     tokens = jnp.arange(10, dtype=jnp.int32)
-    np.testing.assert_array_equal(np.asarray(loaded(tokens)), np.asarray(adapted(tokens)))
+    np.testing.assert_array_equal(np.asarray(_forward(loaded, tokens)), np.asarray(_forward(adapted, tokens)))
 
     with pytest.raises(CheckpointMismatchError, match=r"(?s)lora_a: expected float32\(2, 2, 64\).*Adapt the model"):
         peft.load_adapters(peft.lora(_model(), rank=2, targets="attn", key=jax.random.key(7)), path)
@@ -209,7 +216,7 @@ def test_load_adapters_refuses_another_base_of_the_same_config(tmp_path):
     low = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if eqx.is_inexact_array(x) else x, _model())
     served = peft.load_adapters(peft.lora(low, rank=2, targets="attn", key=jax.random.key(7)), path, cast=True)
     np.testing.assert_allclose(
-        np.asarray(served(tokens).astype(jnp.float32)), np.asarray(adapted(tokens)), rtol=0.1, atol=0.1
+        np.asarray(_forward(served, tokens).astype(jnp.float32)), np.asarray(_forward(adapted, tokens)), rtol=0.1, atol=0.1
     )  # bfloat16 weights: a loose tolerance, the test is that the load is accepted
     # One changed value in a sampled array (the first row of the first arrays by path) is seen.
     nudged = eqx.tree_at(lambda m: m.blocks.layers.attn.k_proj.weight, _model(), replace_fn=lambda w: w.at[0, 0, 3].add(1e-3))
@@ -310,7 +317,7 @@ def test_hf_export_refuses_adapters_and_takes_the_merged_model(tmp_path):
     hf.save_pretrained(peft.merge(adapted), tmp_path / "ok")
     back = hf.load_pretrained(tmp_path / "ok")
     tokens = jnp.arange(10, dtype=jnp.int32)
-    np.testing.assert_allclose(np.asarray(back(tokens)), np.asarray(adapted(tokens)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_forward(back, tokens)), np.asarray(_forward(adapted, tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_lora_step_equals_one_device():
@@ -371,7 +378,7 @@ def test_lora_on_an_int8_base_trains_and_merges_to_float():
     assert isinstance(layer.base, quant.QuantizedLinear) and layer.lora_a.dtype == jnp.float32
     tokens = jnp.arange(12, dtype=jnp.int32)
     # lora_b = 0: the int8 model's function (to float rounding: the programs fuse differently)
-    np.testing.assert_allclose(np.asarray(adapted(tokens)), np.asarray(q(tokens)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_forward(adapted, tokens)), np.asarray(_forward(q, tokens)), atol=1e-5)
     optimizer = optax.sgd(0.5)
     state = TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=jax.random.key(2))
     step = make_train_step(lm_loss, optimizer)
@@ -386,15 +393,15 @@ def test_lora_on_an_int8_base_trains_and_merges_to_float():
     merged = peft.merge(tuned)
     assert isinstance(merged.blocks.layers.attn.q_proj, eqx.nn.Linear)
     assert merged.blocks.layers.attn.q_proj.weight.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(merged(tokens)), np.asarray(tuned(tokens)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(_forward(merged, tokens)), np.asarray(_forward(tuned, tokens)), rtol=1e-5, atol=1e-5)
 
 
 def test_lora_on_the_mlp_preset():
     model = eqzoo.models.create("mlp-small", key=jax.random.key(0))
     adapted = _with_random_b(peft.lora(model, rank=2, key=jax.random.key(1)), jax.random.key(2))
     x = jax.random.normal(jax.random.key(3), (model.config.in_features,))
-    np.testing.assert_allclose(np.asarray(peft.merge(adapted)(x)), np.asarray(adapted(x)), rtol=1e-5, atol=1e-5)
-    assert np.max(np.abs(np.asarray(adapted(x) - model(x)))) > 1e-4
+    np.testing.assert_allclose(np.asarray(_forward(peft.merge(adapted), x)), np.asarray(_forward(adapted, x)), rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(np.asarray(_forward(adapted, x) - _forward(model, x)))) > 1e-4
 
 
 def test_a_bf16_base_gets_float32_factors_that_train():
@@ -405,7 +412,7 @@ def test_a_bf16_base_gets_float32_factors_that_train():
     q = adapted.blocks.layers.attn.q_proj
     assert q.lora_a.dtype == jnp.float32 and q.base.weight.dtype == jnp.bfloat16 and q.dtype == jnp.bfloat16
     assert adapted.init_cache(8).keys.dtype == jnp.bfloat16
-    out = adapted(jnp.arange(8, dtype=jnp.int32))
+    out = _forward(adapted, jnp.arange(8, dtype=jnp.int32))
     assert out.dtype == jnp.bfloat16
     assert peft.lora(base, rank=4, dtype=jnp.bfloat16, key=jax.random.key(1)).blocks.layers.attn.q_proj.lora_a.dtype == jnp.bfloat16
 
@@ -471,7 +478,7 @@ def test_a_train_step_leaves_the_frozen_base_usable_and_shares_it():
     # copies (XLA returns no frozen array: its output is the adapters and optimizer state).
     base = _model()
     tokens = jnp.arange(12, dtype=jnp.int32)
-    before = np.asarray(base(tokens))
+    before = np.asarray(_forward(base, tokens))
     adapted = peft.lora(base, rank=2, targets="attn", key=jax.random.key(1))
     optimizer = optax.sgd(0.5)
     first = TrainState.create(adapted, optimizer, trainable=peft.adapter_filter(adapted), key=jax.random.key(2))
@@ -490,10 +497,10 @@ def test_a_train_step_leaves_the_frozen_base_usable_and_shares_it():
     state, _ = step(state.replace(key=jax.random.key(3)), batch)  # an equal structure: no recompile
     assert step.num_compilations == 1
     assert not any(x.is_deleted() for x in frozen)
-    np.testing.assert_array_equal(np.asarray(base(tokens)), before)  # exactly the base's outputs
+    np.testing.assert_array_equal(np.asarray(_forward(base, tokens)), before)  # exactly the base's outputs
     assert first.model.blocks.layers.attn.q_proj.lora_b.is_deleted()  # the adapters were donated
     kept = {id(x) for x in jax.tree.leaves(eqx.filter(peft.unwrap(state.model), eqx.is_array))}
     assert all(id(x) in kept for x in frozen)  # the same arrays, not copies
     assert float(jnp.max(jnp.abs(state.model.blocks.layers.attn.q_proj.lora_b))) > 0
     merged = peft.merge(peft.lora(base, rank=2, targets="attn", key=jax.random.key(1)))
-    np.testing.assert_array_equal(np.asarray(merged(tokens)), before)
+    np.testing.assert_array_equal(np.asarray(_forward(merged, tokens)), before)
