@@ -68,12 +68,33 @@ def softcap(x: Array, cap: float) -> Array:
     return c * jnp.tanh(x / c)
 
 
-def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=None):
-    """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend.
-    `scale` multiplies the logits (default `head_dim ** -0.5`); `cap` soft-caps them
-    (`softcap`) before the mask (Gemma 2). `k_scale`, `v_scale`: `(kv_seq, kv_heads)` scales of
-    int8 keys/values (an int8 [`eqzoo.nn.KVCache`][]): `k`'s scale multiplies the logits and
-    `v`'s the probabilities, so the codes are never multiplied by their scales."""
+@jax.custom_jvp
+def _masked_logits(logits, mask, fill):
+    """`jnp.where(mask, logits, fill)` whose tangent is the logits' own tangent, masked or not.
+
+    For a softmax over rows that each keep at least one logit, the probabilities of the masked
+    logits are exactly 0, and so is the gradient the softmax sends back to them: the mask on the
+    tangent changes nothing, and without it the backward pass need not keep the mask (with
+    `jnp.where`, a boolean of the logits' broadcast shape, per layer of a scanned stack)."""
+    return jnp.where(mask, logits, fill)
+
+
+@_masked_logits.defjvp
+def _masked_logits_jvp(primals, tangents):
+    logits, mask, fill = primals
+    return _masked_logits(logits, mask, fill), tangents[0]
+
+
+def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=None, fill=None):
+    """Scaled dot-product attention of one sequence; `mask` is `(seq, kv_seq)`, True = attend
+    (`None`: every position attends to every key). `scale` multiplies the logits (default
+    `head_dim ** -0.5`); `cap` soft-caps them (`softcap`) before the mask (Gemma 2). `k_scale`,
+    `v_scale`: `(kv_seq, kv_heads)` scales of int8 keys/values (an int8
+    [`eqzoo.nn.KVCache`][]): `k`'s scale multiplies the logits and `v`'s the probabilities, so
+    the codes are never multiplied by their scales. `fill`: the float32 value given to masked
+    logits (`finfo(float32).min` as a traced scalar), passed only when every row of `mask`
+    keeps a key (self-attention, where each position sees itself); the mask then applies
+    through `_masked_logits` unless `cap` is set."""
     # The XLA path, written out rather than `jax.nn.dot_product_attention(implementation="xla")`:
     # for half-precision inputs JAX's version requests a BF16_BF16_F32 dot algorithm whose
     # backward pass fails to lower under strict dtype promotion. Same numerics: logits and softmax
@@ -87,7 +108,15 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=No
         logits = logits * k_scale.astype(jnp.float32).T[:, None, None, :]
     if cap is not None:
         logits = softcap(logits, cap)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if mask is not None and fill is not None and cap is None:
+        logits = _masked_logits(logits, mask, fill)
+    elif mask is not None:
+        # With a soft cap, the plain `where`: its select in the backward pass keeps XLA:CPU from
+        # fusing the soft cap's derivative into the softmax's backward, which there costs two
+        # more logits-sized float32 buffers per recomputed layer (remat "full" / "dots"), more
+        # than the mask `_masked_logits` would save (tiny-gemma2, batch 2 x 2048, "full":
+        # 975.9 MiB of temporaries against 719.9; docs/performance.md).
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min if fill is None else fill)
     probs = jax.nn.softmax(logits, axis=-1)
     if v_scale is None:
         out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v)
@@ -97,7 +126,8 @@ def _xla_attention(q, k, v, mask, scale=None, cap=None, k_scale=None, v_scale=No
     # float16's normal range at long contexts. The head's largest scale among the positions some
     # query attends to (stale slots have probability 0) multiplies the output.
     v_scale = v_scale.astype(jnp.float32).T  # (kv_heads, kv_seq)
-    top = jnp.max(jnp.where(jnp.any(mask, axis=0), v_scale, 0.0), axis=-1)
+    seen = v_scale if mask is None else jnp.where(jnp.any(mask, axis=0), v_scale, 0.0)
+    top = jnp.max(seen, axis=-1)
     top = jnp.where(top > 0, top, jnp.ones_like(top))
     probs = probs * (v_scale / top[:, None])[:, None, None, :]
     out = jnp.einsum("kgts,skh->tkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -607,14 +637,14 @@ class Attention(eqx.Module):
         # against every key. The mask below is written for global positions; XLA splits its
         # rows like the queries'. No-ops without a mesh.
         q, k, v = constrain(q, "attn_q"), constrain(k, "attn_kv"), constrain(v, "attn_kv")
-        mask = None if segment_ids is None else segment_ids[:, None] == segment_ids[None, :]
-        return self._out(self._attend_among(q, k, v, windowed, mask))
+        return self._out(self._attend_among(q, k, v, windowed, segment_ids))
 
-    def _attend_among(self, q, k, v, windowed, mask=None):
+    def _attend_among(self, q, k, v, windowed, segment_ids=None):
         """Attention of `seq` positions among themselves: causal unless built otherwise, within
         the window when `windowed` (a bool, or a traced flag for a mixed stack), and within
-        `mask` (boolean `(seq, seq)`) when given. The path of `__call__`, and of `prefill`:
-        cuDNN's fused kernel where `backend` resolves to it, else XLA's."""
+        each position's segment when `segment_ids` (`(seq,)`) is given. The path of
+        `__call__`, and of `prefill`: cuDNN's fused kernel where `backend` resolves to it,
+        else XLA's."""
         seq = q.shape[0]
         window = self.sliding_window if windowed is not False else None
         backend = "xla" if self.logit_softcap is not None else resolve_backend(self.backend, q.dtype, self.head_dim)
@@ -631,8 +661,10 @@ class Attention(eqx.Module):
             # The window is cuDNN's own (`(window - 1, 0)`: itself and window - 1 before).
             # A window on some layers of a stack only: both calls are compiled and the layer's
             # flag picks one at run time (cuDNN's window is a static argument).
-            if mask is not None:
-                mask = jnp.broadcast_to(mask, (self.num_heads, seq, seq))
+            mask = None
+            if segment_ids is not None:
+                same = segment_ids[:, None] == segment_ids[None, :]
+                mask = jnp.broadcast_to(same, (self.num_heads, seq, seq))
 
             def cudnn(local_window):
                 return jax.nn.dot_product_attention(
@@ -647,15 +679,30 @@ class Attention(eqx.Module):
             else:
                 o = jax.lax.cond(windowed, lambda: cudnn((window - 1, 0)), lambda: cudnn(None))
         else:
+            # The positions and the masks' fill value pass through `optimization_barrier` with
+            # the queries, so that the masks depend on the layer's input. Built from `iota` and
+            # constants alone, they were hoisted out of a differentiated `lax.scan` over layers
+            # by JAX's scan partial evaluation (as `eqzoo.nn._ring._Ring.device` explains), the
+            # fill value broadcast to the logits' shape, per sequence of the batch, and all of
+            # it was held for the whole step. Every row sees its own position, so the mask
+            # need not be kept for the backward pass either (`_masked_logits`). The rows' and
+            # the columns' positions are two values: under context parallelism the rows are
+            # split like the queries and the columns stay whole (one value would be split,
+            # then all-gathered in every layer).
+            zero = jnp.zeros((), jnp.int32)
+            q, row0, col0, fill, segment_ids = jax.lax.optimization_barrier(
+                (q, zero, zero, jnp.asarray(jnp.finfo(jnp.float32).min), segment_ids)
+            )
+            row = (row0 + jnp.arange(seq, dtype=jnp.int32))[:, None]
+            col = (col0 + jnp.arange(seq, dtype=jnp.int32))[None, :]
+            mask = None if segment_ids is None else segment_ids[:, None] == segment_ids[None, :]
             if self.causal:
-                causal = jnp.tril(jnp.ones((seq, seq), bool))
+                causal = col <= row
                 if window is not None and window < seq:
-                    band = jnp.triu(jnp.ones((seq, seq), bool), -(window - 1))
+                    band = col > row - window  # itself and window - 1 before
                     causal = causal & (band if windowed is True else band | ~windowed)
                 mask = causal if mask is None else mask & causal
-            elif mask is None:
-                mask = jnp.ones((seq, seq), bool)
-            o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap)
+            o = _xla_attention(q, k, v, mask, self.scale, self.logit_softcap, fill=fill)
         return o
 
     def _check_context_backend(self, mesh, strategy):

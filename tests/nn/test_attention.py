@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from eqzoo._errors import ConfigError
-from eqzoo.nn import Attention, resolve_backend
+from eqzoo.nn import Attention, _attention as attention_module, resolve_backend
 
 LAYER_TOL = 1e-5  # fp32, single layers
 EMBED, SEQ = 32, 7
@@ -205,6 +205,38 @@ def test_sliding_window_matches_formula_and_decoding(window):
     # With segments too: both masks apply.
     packed = attn(X, segment_ids=SEGMENTS, positions=SEG_POSITIONS)
     np.testing.assert_allclose(packed, reference_attention(attn, X, SEGMENTS, SEG_POSITIONS), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_scanned_layers_build_masks_inside_the_loop(cap, monkeypatch):
+    # Two layers of a mixed-window stack (layer 0 windowed, its flag traced) with segments, run
+    # by `lax.scan` under `jax.grad`, a batch of 2 by `vmap`. No mask, nor its fill value
+    # broadcast to the logits' shape, is hoisted out of the layer loop as a constant of a scan
+    # (without the barrier in `_attend_among` the causal mask and the fill were). Without a
+    # soft cap, no mask is kept for the backward pass either: no boolean `(..., seq, seq)`
+    # enters or leaves a scan (with the plain `where`, the windowed mask was a residual of
+    # every layer).
+    attn = Attention(EMBED, 4, num_kv_heads=2, sliding_window=3, window_layers=(True, False), backend="xla",
+                     logit_softcap=cap, init_std=0.3, key=jax.random.key(0))
+    xs, segs = jnp.stack([X, -X]), jnp.stack([SEGMENTS, SEGMENTS[::-1]])
+
+    def loss(x):
+        def one(x, seg):
+            return jax.lax.scan(lambda h, i: (h + attn(h, segment_ids=seg, layer=i), None), x, jnp.arange(2))[0]
+
+        return jnp.sum(jax.vmap(one)(x, segs) ** 2)
+
+    scans = [e for e in jax.make_jaxpr(jax.grad(loss))(xs).jaxpr.eqns if e.primitive.name == "scan"]
+    consts = [v.aval for e in scans for v in e.invars[: e.params["num_consts"]]]
+    crossing = [v.aval for e in scans for v in (*e.invars, *e.outvars)]
+    assert len(scans) == 2 and not [a for a in consts if a.shape[-2:] == (SEQ, SEQ)]
+    if cap is not None:  # soft-capped logits take the plain `where` (see `_xla_attention`)
+        return
+    assert not [a for a in crossing if a.shape[-2:] == (SEQ, SEQ) and a.dtype == jnp.bool_]
+    # The gradient is the plain masked `where`'s, exactly: the masked logits' probabilities are 0.
+    got = jax.grad(loss)(xs)
+    monkeypatch.setattr(attention_module, "_masked_logits", lambda logits, mask, fill: jnp.where(mask, logits, fill))
+    np.testing.assert_array_equal(got, jax.grad(loss)(xs))
 
 
 @pytest.mark.gpu
