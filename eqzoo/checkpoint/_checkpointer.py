@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 
 from .._typing import TextStream
 from ..train import TrainState
-from ._config import model_config
+from ._config import config_to_dict, model_config
 from ._errors import CheckpointCorruptError, CheckpointError
 from ._exit import OPEN, track_open
 from ._hyperparams import HyperparamsChoice, check_choice, set_names
@@ -42,6 +42,22 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
     return int(value)
+
+
+def _check_own_config(config: Any) -> None:
+    """Raise `CheckpointError` naming the fix when the model's own `config` field, which a save
+    stores by default to check restores against, has a setting JSON cannot hold (a function, say)."""
+    if config is None:
+        return
+    try:
+        config_to_dict(config)
+    except CheckpointError as err:
+        raise CheckpointError(
+            f"{err} This is the model's own `config` field ({type(config).__name__}), which a checkpoint "
+            "stores to check restores against. Give the Checkpointer a JSON-able stand-in to store and "
+            "compare instead, Checkpointer(..., config=...): a dataclass or dict of the settings that "
+            "decide what the weights mean."
+        ) from err
 
 
 class Checkpointer:
@@ -202,7 +218,10 @@ class Checkpointer:
         began = time.perf_counter()
         names = state_names(state)
         items = {name: to_stored(leaf) for name, leaf in zip(names, state.arrays, strict=True)}
-        config = self._stored_config(state) if config is None else config
+        if config is None:
+            config = self._stored_config(state)
+            if self._config is None:
+                _check_own_config(config)
         meta = build_meta(
             step=step,
             arrays={name: describe(leaf) for name, leaf in zip(names, state.arrays, strict=True)},

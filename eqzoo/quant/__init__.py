@@ -6,7 +6,8 @@ with one float scale per output channel, about 4x smaller than float32 (2x than 
 int4 codes packed two to a byte with group-wise scales (`quantize(model, bits=4,
 group_size=128)`); the experts of mixture-of-experts layers become
 [`eqzoo.quant.QuantizedWeight`][]s.
-Activations, embeddings, norms and the output head stay floating; the quantized model runs
+Activations, embeddings, norms and eqzoo models' output heads (not linear layers) stay floating
+(a head of your own that is an `equinox.nn.Linear` is quantized unless `targets` leave it out); the quantized model runs
 anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded meshes,
 `eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
 

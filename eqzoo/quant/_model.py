@@ -43,7 +43,8 @@ def quantize(
     trained for (another grid is refused). Biases stay floating, and so does
     everything that is not a linear layer: the token and position embeddings, the norms, and
     the output head (GPT-2's head is tied to the embedding; Llama's `lm_head` is an embedding-
-    shaped matrix too), which keep their dtype. Activations are not quantized: every product
+    shaped matrix too), which keep their dtype. (A model of your own whose head is an
+    `equinox.nn.Linear` has it quantized with the rest unless `targets` leave it out.) Activations are not quantized: every product
     runs in the input's floating dtype.
 
     Works on stacked layers (one scale per layer and channel), under `jax.jit`, and on an

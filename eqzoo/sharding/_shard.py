@@ -1,6 +1,7 @@
 """Placing models, train states and batches on a mesh."""
 
 import math
+import re
 import warnings
 from collections.abc import Collection
 from typing import Any
@@ -14,7 +15,12 @@ from ..train._state import TrainState
 from ._errors import ShardingError
 from ._mesh import _BATCH_AXES, CONTEXT_AXIS, SEQUENCE_KEYS, context_size
 from ._rules import (
+    DIT_RULES,
+    GPT2_RULES,
+    MIXTRAL_RULES,
+    VIT_RULES,
     Rules,
+    _compile,
     _entry_axes,
     _is_leaf_array,
     default_rules,
@@ -81,10 +87,37 @@ def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
     return specs
 
 
+def _warn_unmatched(model: Any, rules: Rules) -> None:
+    """Warn about each of the caller's own rules that matches no array of `model`: a typo in a
+    pattern would otherwise leave the parameters it meant to split replicated on every device,
+    silently. Entries of eqzoo's default rule sets (which also name LoRA and int8 layouts a
+    model may not have) are not checked."""
+    leaves = jax.tree_util.tree_flatten_with_path(model)[0]
+    paths = [path_str(path) for path, leaf in leaves if _is_leaf_array(leaf) and getattr(leaf, "ndim", 0)]
+    if not paths:
+        return
+    builtin = set(GPT2_RULES) | set(MIXTRAL_RULES) | set(VIT_RULES) | set(DIT_RULES)
+    unmatched = [
+        pattern for pattern, spec in rules
+        if (pattern, spec) not in builtin and not any(re.search(pattern, p) for p in paths)
+    ]
+    if unmatched:
+        shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
+        names = ", ".join(f"'{pattern}'" for pattern in unmatched)  # as written, not repr's doubled backslashes
+        warnings.warn(
+            f"sharding rule(s) {names} match no parameter of {type(model).__name__}, so they split "
+            f"nothing. Rules are searched (re.search) in dotted paths; this model's are: {shown} "
+            "(eqzoo.sharding.path_str makes them from key paths).",
+            stacklevel=user_stacklevel(),
+        )
+
+
 def _resolve_rules(tree: Any, rules: Rules | None, mesh: Mesh) -> Rules:
-    if rules is not None:
-        return rules
     model = tree.model if isinstance(tree, TrainState) else tree
+    if rules is not None:
+        _compile(rules)  # a malformed rule is named before it is searched
+        _warn_unmatched(model, rules)
+        return rules
     defaults = default_rules(model)
     split = {a: int(mesh.shape[a]) for a in ("fsdp", "tensor") if int(mesh.shape.get(a, 1)) > 1}
     if not defaults and split and jax.tree.leaves(model):

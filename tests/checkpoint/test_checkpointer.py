@@ -1,9 +1,11 @@
 """Checkpointer in one process: round trips that keep every structure and dtype, retention,
 listing, the save schedule, signals, progress reports, closing, and the save and listing errors."""
 
+import dataclasses
 import inspect
 import signal
 import warnings
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -12,6 +14,7 @@ import optax
 import pytest
 
 from eqzoo import checkpoint, train
+from eqzoo._errors import ConfigError
 from eqzoo.data import TokenLoader
 
 
@@ -81,6 +84,62 @@ def test_model_state_round_trips(ckpt_dir, open_checkpointer, same_state):
     restored = ckpt.restore(checkpoint.abstract_state(make, opt))
     same_state(restored.state, state)
     assert restored.state.model_state.get(model.ema_state_index)[1].tolist() == [1.0, 2.0, 3.0, 4.0]
+    # the model and its state themselves as the target's template: shapes only, nothing traced from their values
+    same_state(ckpt.restore(checkpoint.abstract_state((model, model_state), opt)).state, state)
+
+
+class _OwnNet(eqx.Module):  # a user's module: `key` keyword-only, as Equinox's layers take it
+    lin: eqx.nn.Linear
+
+    def __init__(self, width: int = 3, *, key):
+        self.lin = eqx.nn.Linear(2, width, key=key)
+
+    def __call__(self, x):
+        return self.lin(x)
+
+
+def test_abstract_state_of_own_model_its_class_or_instance(ckpt_dir, open_checkpointer, same_state):
+    opt = optax.adam(1e-3)
+    state = train.TrainState.create(_OwnNet(key=jax.random.key(0)), opt, key=jax.random.key(1))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    # the class (called with key=, not positionally), a real instance, an abstract one
+    for template in (_OwnNet, _OwnNet(key=jax.random.key(5)), eqx.filter_eval_shape(_OwnNet, key=jax.random.key(5))):
+        target = checkpoint.abstract_state(template, opt)
+        assert all(isinstance(x, jax.ShapeDtypeStruct) for x in target.arrays)
+        same_state(ckpt.restore(target).state, state)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"model\.lin\.weight: expected float32\(4, 2\), found float32\(3, 2\)"):
+        ckpt.restore(checkpoint.abstract_state(_OwnNet(4, key=jax.random.key(0)), opt))
+    # overrides only change a config: with a function or a model they would be ignored
+    with pytest.raises(ConfigError, match=r"config overrides \['width'\] apply to a config or preset name only"):
+        checkpoint.abstract_state(_OwnNet, opt, width=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OwnConfig:
+    width: int = 3
+    activation: Callable = jax.nn.gelu  # no JSON form
+
+
+class _Configured(eqx.Module):
+    config: _OwnConfig = eqx.field(static=True)
+    lin: eqx.nn.Linear
+
+    def __init__(self, config, *, key):
+        self.config = config
+        self.lin = eqx.nn.Linear(2, config.width, key=key)
+
+
+def test_own_config_without_json_form_names_the_stand_in(ckpt_dir, open_checkpointer, same_state):
+    opt = optax.sgd(0.1)
+    state = train.TrainState.create(_Configured(_OwnConfig(), key=jax.random.key(0)), opt, key=jax.random.key(1))
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot store config\.activation = .*model's own `config` field \(_OwnConfig\).*Checkpointer\(\.\.\., config=\.\.\.\)"):
+        open_checkpointer(ckpt_dir).save(state)
+    ckpt = open_checkpointer(ckpt_dir, config={"width": 3})  # the stand-in: saved, and compared on restore
+    ckpt.save(state)
+    ckpt.wait()
+    same_state(ckpt.restore(checkpoint.abstract_state(_Configured(_OwnConfig(), key=jax.random.key(2)), opt)).state, state)
 
 
 def test_retention_keep_last_and_keep_every(ckpt_dir, open_checkpointer, state_factory):

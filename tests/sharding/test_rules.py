@@ -196,3 +196,7 @@ def test_a_model_without_rules_on_an_fsdp_or_tensor_mesh_warns():
         warnings.simplefilter("error")
         sh.abstract_sharded(mlp, sh.make_mesh("data=8"))  # data parallelism replicates anyway: silent
         sh.abstract_sharded(mlp, sh.make_mesh("fsdp=8"), rules=((r".*weight", jax.sharding.PartitionSpec("fsdp")),))  # own rules: silent
+    # an own rule that matches nothing (a typo) would leave what it meant to split replicated: named
+    typo = ((r".*weight", jax.sharding.PartitionSpec("fsdp")), (r"layers\.0\.bais", jax.sharding.PartitionSpec("fsdp")))
+    with pytest.warns(UserWarning, match=r"rule\(s\) 'layers\\\.0\\\.bais' match no parameter of MLP.*model's are: layers\.0\.weight, layers\.0\.bias"):
+        sh.abstract_sharded(mlp, sh.make_mesh("fsdp=8"), typo)
