@@ -43,6 +43,7 @@ from ._generate import (
     check_key,
     check_model,
     decoding_model,
+    resolve_new_tokens,
     resolve_unroll,
     typed_key,
 )
@@ -319,7 +320,8 @@ def generate_beam(
     prompts: Integer[Array, " seq"] | Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     num_beams: int = 4,
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
@@ -362,6 +364,10 @@ def generate_beam(
       (or `attention_mask`), as [`eqzoo.generation.generate_batch`][] takes them; each prompt
       is searched as transformers searches it alone.
     - `max_new_tokens`: the most tokens a hypothesis may add (>= 1).
+    - `max_length`: instead of `max_new_tokens`, the prompt and new tokens together, as a
+      `generation_config.json` may give it ([`eqzoo.hf.GenerationConfig.beam_kwargs`][]
+      passes it on): `max_length - seq` new tokens, `seq` the prompts' padded width, as
+      transformers counts it. `max_new_tokens` wins when both are given.
     - `num_beams`: hypotheses kept per prompt (>= 1).
     - `num_return_sequences`: how many of the best finished hypotheses to return, best first
       (at most `num_beams`).
@@ -421,6 +427,7 @@ def generate_beam(
     scores float32 `(num_return_sequences,)` or `(batch, num_return_sequences)`, best first.
     """
     check_model(model, "generate_beam")
+    max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_beam")
     length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown)
     check_count(max_new_tokens, "max_new_tokens", "generate_beam")
     check_sampling(0.0, None, None, None, repetition_penalty)

@@ -330,6 +330,28 @@ def check_count(value, name: str, who: str) -> None:
         raise ConfigError(f"{who}: {name} must be an integer >= 1, got {value!r}.")
 
 
+def resolve_new_tokens(max_new_tokens, max_length, prompts, who: str):
+    """`max_new_tokens`, or, when only `max_length` is given (prompt and new tokens together,
+    as a `generation_config.json` may set it), what it leaves after the prompts' padded width,
+    as transformers counts it. With both, `max_new_tokens` wins, as in transformers."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is None:
+        raise ConfigError(
+            f"{who} needs max_new_tokens=N (how many tokens to add), or max_length=N (prompt and new "
+            "tokens together)."
+        )
+    check_count(max_length, "max_length", who)
+    shape = np.shape(prompts)
+    width = shape[-1] if shape else 0
+    if max_length <= width:
+        raise ConfigError(
+            f"{who}: max_length={max_length} counts the prompt too, and the prompt is {width} tokens wide, "
+            f"so no token is left to generate; pass max_new_tokens=N instead, or a max_length above {width}."
+        )
+    return int(max_length) - width
+
+
 def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p=None, repetition_penalty=1.0):
     check_count(max_new_tokens, "max_new_tokens", "generate")
     check_key(key, "generate")
@@ -352,7 +374,8 @@ def generate_batch(
     prompts: Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
@@ -389,6 +412,10 @@ def generate_batch(
       array of `batch` ints >= 1): the loop is compiled for the largest, and row `i` stops
       after its own `max_new_tokens[i]` tokens (as at `eos_token`: `pad_token` after them).
       Other limits with the same largest compile nothing new.
+    - `max_length`: instead of `max_new_tokens`, the prompt and new tokens together, as a
+      `generation_config.json` may give it (and [`eqzoo.hf.GenerationConfig.kwargs`][] passes
+      it on): `max_length - seq` new tokens, `seq` the prompts' padded width, as transformers
+      counts it. `max_new_tokens` wins when both are given.
     - `key`, `temperature`, `top_k`, `top_p`, `min_p`,
       `repetition_penalty`: as in [`eqzoo.generate`][]. Each row's penalty counts its own
       prompt's real tokens and its generated ones, never the padding (transformers' batched
@@ -452,6 +479,7 @@ def generate_batch(
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
+    max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_batch")
     prompts, lengths, key, settings = prepare_batch(
         model, prompts, lengths, "generate_batch", max_new_tokens=max_new_tokens, attention_mask=attention_mask, key=key,
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
@@ -531,7 +559,8 @@ def generate(
     model: AbstractLM,
     prompt: Integer[Array, " seq"],
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     key: PRNGKey | None = None,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -558,6 +587,8 @@ def generate(
       Gemma).
     - `prompt`: token ids of one sequence (at least one token).
     - `max_new_tokens`: how many tokens to generate.
+    - `max_length`: instead of `max_new_tokens`, the prompt and new tokens together (a
+      `generation_config.json`'s setting): `max_length - seq` new tokens.
     - `key`: PRNG key for sampling (unused when greedy).
     - `temperature`: 0 (default) is greedy decoding; higher is more random.
     - `top_k`, `top_p`: optional top-k / nucleus filtering when sampling (greedy decoding
@@ -606,7 +637,7 @@ def generate(
     if not isinstance(prompt, jax.core.Tracer) and isinstance(prompt, jax.Array) and len(prompt.sharding.device_set) == 1:
         prompt = host_values(prompt)
     out = generate_batch(
-        model, prompt[None], None, max_new_tokens=max_new_tokens, key=key, temperature=temperature,
+        model, prompt[None], None, max_new_tokens=resolve_new_tokens(max_new_tokens, max_length, prompt, "generate"), key=key, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, eos_token=eos_token,
         stop_sequences=stop_sequences, pad_token=pad_token, use_cache=use_cache,
         unroll_layers=unroll_layers, cache_dtype=cache_dtype, return_logprobs=return_logprobs,

@@ -19,6 +19,7 @@ from ._generate import (
     check_count,
     decoding_model,
     prepare_batch,
+    resolve_new_tokens,
     resolve_unroll,
 )
 from ._processors import LogitsProcessor
@@ -105,7 +106,8 @@ def generate_stream(
     prompts: Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     chunk_size: int = 16,
     attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     key: PRNGKey | None = None,
@@ -167,6 +169,7 @@ def generate_stream(
     generated, and which rows are done, as host NumPy arrays.
     """
     check_count(chunk_size, "chunk_size", "generate_stream")
+    max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_stream")
     prompts, lengths, key, settings = prepare_batch(
         model, prompts, lengths, "generate_stream", max_new_tokens=max_new_tokens, attention_mask=attention_mask,
         key=key, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,

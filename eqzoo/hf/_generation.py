@@ -35,8 +35,9 @@ class GenerationConfig:
     **Fields:** `eos_token` (a tuple of stop ids, or `None`), `pad_token` (or `None`),
     `temperature` (0.0 for greedy: `do_sample` false or absent), `top_k`, `top_p` and `min_p`
     (`None` when off), `repetition_penalty` (`None` when off, 1.0), `max_new_tokens` (or
-    `None`); `max_length` (prompt and new tokens together, kept for reference: eqzoo asks for
-    `max_new_tokens`); and the settings [`logits_processors`][eqzoo.hf.GenerationConfig.logits_processors]
+    `None`); `max_length` (prompt and new tokens together; `kwargs` and `beam_kwargs` pass it on
+    when the file sets no `max_new_tokens`, and the decoding functions subtract the prompt's
+    width, as transformers does); and the settings [`logits_processors`][eqzoo.hf.GenerationConfig.logits_processors]
     applies, each `None` when off: `no_repeat_ngram_size`, `bad_words_ids` (a tuple of id
     tuples), `suppress_tokens`, `begin_suppress_tokens` (tuples of ids), `min_new_tokens` and
     `min_length` (prompt included), and `sequence_bias` (a tuple of `(ids, bias)` pairs); and
@@ -119,7 +120,8 @@ class GenerationConfig:
     def kwargs(self, **overrides: Any) -> dict[str, Any]:
         """The keyword arguments of [`eqzoo.generate`][eqzoo.generation.generate] and
         [`eqzoo.generation.generate_batch`][] these settings give (those left unset are left
-        out, so generate's defaults apply), updated with `overrides`:
+        out, so generate's defaults apply; a file with `max_length` and no `max_new_tokens` gives
+        `max_length`, from which generate subtracts the prompt), updated with `overrides`:
         `eqzoo.generate(model, prompt, **config.kwargs(key=key, max_new_tokens=64))`.
         `logits_processors` holds [`logits_processors()`][eqzoo.hf.GenerationConfig.logits_processors]
         when there are any, built with the `eos_token` override when there is one (so
@@ -135,13 +137,13 @@ class GenerationConfig:
                 f"this generation config asks for {what} (num_beams={self.num_beams}); kwargs() gives "
                 f"eqzoo.generate's arguments, which {how}. For transformers' beams: "
                 "eqzoo.generation.generate_beam(model, prompt, **config.beam_kwargs()) (with max_new_tokens=N "
-                "there when the file sets none, and key=... for beam sampling).",
+                "there when the file sets neither it nor max_length, and key=... for beam sampling).",
                 stacklevel=user_stacklevel(),
             )
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, "temperature": self.temperature,
             "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty, **self._length(),
         }
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
 
@@ -149,21 +151,29 @@ class GenerationConfig:
         """The keyword arguments of [`eqzoo.generation.generate_beam`][] these settings give,
         updated with `overrides`, as [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] gives
         `eqzoo.generate`'s: `num_beams`, `length_penalty`, `early_stopping`,
-        `num_return_sequences`, `repetition_penalty`, the eos and pad ids, `max_new_tokens` and
-        the logits processors (those left unset are left out):
+        `num_return_sequences`, `repetition_penalty`, the eos and pad ids, `max_new_tokens` (or
+        the file's `max_length` when it sets only that) and the logits processors (those left
+        unset are left out):
         `generate_beam(model, prompt, **config.beam_kwargs(max_new_tokens=32))`. A file that
         samples (`do_sample: true` with beams: transformers' beam sampling) adds
         `do_sample=True` and its `temperature`, `top_k`, `top_p` and `min_p` (transformers'
         `top_k` of 50 where the file sets none); pass the key as an override:
         `config.beam_kwargs(key=jax.random.key(0))`."""
         out = {
-            "eos_token": self.eos_token, "pad_token": self.pad_token, "max_new_tokens": self.max_new_tokens,
+            "eos_token": self.eos_token, "pad_token": self.pad_token, **self._length(),
             "num_beams": self.num_beams, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
             "num_return_sequences": self.num_return_sequences, "repetition_penalty": self.repetition_penalty,
         }
         if self.temperature > 0.0:  # beam sampling
             out |= {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
+
+    def _length(self) -> dict[str, int | None]:
+        """`max_new_tokens`, or, when the file sets only `max_length`, that (prompt included):
+        `generate`, `generate_batch` and `generate_beam` take either."""
+        if self.max_new_tokens is None and self.max_length is not None:
+            return {"max_length": self.max_length}
+        return {"max_new_tokens": self.max_new_tokens}
 
     def _processors(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """`{"logits_processors": [...]}` for `kwargs` and `beam_kwargs` (empty when there are

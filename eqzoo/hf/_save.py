@@ -123,7 +123,7 @@ _UNWRAP_FIXES = (
      "eqzoo.peft.save_adapters)"),
     ({"QuantizedLinear", "QuantizedWeight", "FakeQuantLinear", "FakeQuantWeight"},
      "turn int8/int4 and quantization-aware layers back into dense ones with eqzoo.quant.dequantize(model)"),
-    ({"Fp8Linear"}, "unwrap fp8 training layers with eqzoo.quant.unwrap_fp8(model) (their weights are the float ones)"),
+    ({"Fp8Linear", "Fp8Weight"}, "unwrap fp8 training layers with eqzoo.quant.unwrap_fp8(model) (their weights are the float ones)"),
 )
 
 

@@ -21,7 +21,7 @@ from ..nn import (
 )
 from ..sharding._activation import constrain, constrain_forward
 from ._lm import AbstractLM
-from ._validate import check_integer_fields
+from ._validate import check_integer_fields, check_positions
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -140,12 +140,21 @@ class GPT2(AbstractLM):
         self.final_norm = LayerNorm(c.embed_dim, eps=c.layer_norm_eps)
         self.lm_head = None
 
+    def _check_given_positions(self, positions) -> None:
+        check_positions(positions, self.config.max_seq, type(self).__name__)
+
     def embed_tokens(
         self, tokens: Integer[Array, " seq"], positions: Integer[Array, " seq"]
     ) -> Float[Array, "seq embed"]:
         """Token embeddings plus learned position embeddings. Under a mesh the position table
         is read whole (the `"position_table"` activation rule): with packed documents the
         positions are data, and a lookup into a table split over `fsdp` made XLA's
-        partitioner rematerialise it."""
+        partitioner rematerialise it.
+
+        Positions outside `[0, max_seq)` have no row: concrete ones given to `__call__`,
+        `features` or `features_and_aux` raise `ShapeError`; traced ones (under `jit`) are data
+        and are not checked: those `>= max_seq` give NaN rows, and negative ones index from the
+        end, as in NumPy (a padding position of `-1` reads the last row)."""
         table = constrain_forward(self.pos_embed.weight, "position_table")
-        return self.token_embeddings(tokens) + constrain(jnp.take(table, positions, axis=0), "residual")
+        rows = jnp.take(table, positions, axis=0)
+        return self.token_embeddings(tokens) + constrain(rows, "residual")

@@ -148,7 +148,12 @@ class AbstractLM(eqx.Module):
         if positions is None:
             return jnp.arange(tokens.shape[0], dtype=jnp.int32), None
         positions = positions.astype(jnp.int32)
+        self._check_given_positions(positions)
         return positions, positions
+
+    def _check_given_positions(self, positions) -> None:
+        """Check positions the caller gave (not those counted from 0 or from a cache index);
+        nothing here: a model with a learned position table refuses those it has no row for."""
 
     def aux_loss_weights(self) -> dict[str, float]:
         """The weight of each auxiliary loss in `features_and_aux` when training (none for a
@@ -193,7 +198,8 @@ class AbstractLM(eqx.Module):
           positions count from 0 at the start of each run (unless `positions` is given), so
           every document's logits are those it would get alone.
         - `positions`: the position of each token (learned position embeddings, rotary
-          angles), in `[0, max_seq)` (not range-checked: they are data); default `0, 1, ...`,
+          angles), in `[0, max_seq)`: GPT-2 refuses concrete ones outside it (traced ones are
+          data, not checked: GPT-2 gives NaN rows past its table); default `0, 1, ...`,
           or restarting per segment with `segment_ids`. By convention segment id 0 marks
           padding ([`eqzoo.train.lm_loss`][] does not count it when the batch has no mask).
         - `key`: unused (the models have no dropout); accepted for a uniform signature.
@@ -302,6 +308,11 @@ class AbstractLM(eqx.Module):
         name = f"{type(self).__name__}.{'prefill' if fresh else 'decode'}"
         check_tokens(tokens, max_seq=self.max_seq, model=type(self).__name__)
         check_cache_span(tokens.shape[0], index, valid_length, cache.max_seq, name)
+        if cache.max_seq > self.max_seq:  # a cache not from init_cache: positions past max_seq
+            raise ShapeError(
+                f"{name}: the cache covers {cache.max_seq} positions but the config allows at "
+                f"most max_seq={self.max_seq}; build it with model.init_cache(n), n <= max_seq."
+            )
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(tokens.shape[0], dtype=jnp.int32)
         x = self.embed_tokens(tokens, positions)

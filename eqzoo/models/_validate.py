@@ -58,6 +58,21 @@ def check_cache_span(seq: int, index, valid_length, cache_positions: int, model:
             raise ShapeError(f"{model}: valid_length must be in [1, {seq}] (the tokens given); got {n}.")
 
 
+def check_positions(positions, max_seq: int, model: str) -> None:
+    """Raise `ShapeError` when concrete `positions` fall outside `[0, max_seq)` (a learned
+    position table has no row for them). Traced positions (inside `jit` or `vmap`) are data and
+    pass unchecked."""
+    if isinstance(positions, jax.core.Tracer) or positions.size == 0:
+        return
+    lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+    if lo < 0 or hi >= max_seq:
+        raise ShapeError(
+            f"{model}: positions must lie in [0, max_seq={max_seq}) (one learned embedding "
+            f"each); got positions from {lo} to {hi}. Count positions from 0 within each "
+            "document (eqzoo.data.pack_documents does), or build the model with a larger max_seq."
+        )
+
+
 def check_integer_fields(config) -> None:
     """Raise `ConfigError` naming every field of the config dataclass `config` annotated `int`
     (or `int | None`, or `tuple[int, ...]`) whose value is not an integer: `num_layers=2.5`

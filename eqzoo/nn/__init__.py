@@ -43,6 +43,7 @@ from ._stacked import (
 )
 from ._weight import (
     AbstractWeight as AbstractWeight,
+    weight_einsum as weight_einsum,
     weight_take as weight_take,
     weight_take_matmul as weight_take_matmul,
     weight_value as weight_value,
@@ -85,6 +86,7 @@ __all__ = [
     "resolve_scan",
     "select_linears",
     "summed_weight_gradients",
+    "weight_einsum",
     "weight_take",
     "weight_take_matmul",
     "weight_value",

@@ -15,7 +15,13 @@ from ._expert_parallel import expert_parallel_size, from_experts, to_experts
 from ._fields import with_fields
 from ._grouped import expert_swiglu
 from ._linear import AbstractLinear, apply_linear, init_linear
-from ._weight import AbstractWeight, weight_take_matmul, weight_value
+from ._weight import (
+    AbstractWeight,
+    computes_own_products,
+    weight_einsum,
+    weight_take_matmul,
+    weight_value,
+)
 
 MoEImplementation = Literal["dense", "capacity", "ragged"]
 _IMPLEMENTATIONS = get_args(MoEImplementation)
@@ -190,29 +196,28 @@ class MoE(eqx.Module):
             # prefill 126 -> 75 ms CPU time, float experts; int4 experts alike). CPU only until
             # an accelerator measures it: there the broadcast tokens become the residual of the
             # weight gradients' products.
-            y = self._expert_slots(jnp.broadcast_to(x, (self.num_experts, *x.shape)), x.dtype)  # (experts, seq, embed)
+            y = self._expert_slots(jnp.broadcast_to(x, (self.num_experts, *x.shape)))  # (experts, seq, embed)
             y = jnp.swapaxes(y, 0, 1)  # (seq, experts, embed)
         else:
             # Under a mesh without expert parallelism the partitioner splits the broadcast
             # tokens over the experts (and gathers them under FSDP); contracting the shared
             # tokens with every expert's weights keeps tokens where they are.
-            w_gate, w_up, w_down = self._weights(x.dtype)
-            g = jnp.einsum("td,edh->teh", x, w_gate)
-            u = jnp.einsum("td,edh->teh", x, w_up)
-            y = jnp.einsum("teh,ehd->ted", jax.nn.silu(g) * u, w_down)  # (seq, experts, embed)
+            g = weight_einsum("td,edh->teh", x, self.gate_proj)
+            u = weight_einsum("td,edh->teh", x, self.up_proj)
+            y = weight_einsum("teh,ehd->ted", jax.nn.silu(g) * u, self.down_proj)  # (seq, experts, embed)
         return jnp.take_along_axis(y, experts[..., None], axis=1), None
 
-    def _expert_slots(self, xs, dtype):
-        """Each expert's SwiGLU on its own slots, `(experts, slots, embed)` in and out, the
+    def _expert_slots(self, xs):
+        """Each expert's SwiGLU on its own slots, `(experts, slots, embed)` in and out (in
+        `xs`'s dtype), the
         products batched over the experts; with the experts split over the mesh's `expert`
         axis the slots go to their experts' devices and back."""
-        w_gate, w_up, w_down = self._weights(dtype)
         parallel = expert_parallel_size() > 1
         if parallel:
             xs = to_experts(xs)
-        g = jnp.einsum("ecd,edh->ech", xs, w_gate)
-        u = jnp.einsum("ecd,edh->ech", xs, w_up)
-        ys = jnp.einsum("ech,ehd->ecd", jax.nn.silu(g) * u, w_down)
+        g = weight_einsum("ecd,edh->ech", xs, self.gate_proj)
+        u = weight_einsum("ecd,edh->ech", xs, self.up_proj)
+        ys = weight_einsum("ech,ehd->ecd", jax.nn.silu(g) * u, self.down_proj)
         return from_experts(ys) if parallel else ys
 
     def _capacity(self, x, experts):
@@ -230,7 +235,7 @@ class MoE(eqx.Module):
         # Which token fills each of the e * c slots (seq: an empty slot, reading a zero row).
         slot_token = jnp.full((e * c + 1,), seq, jnp.int32).at[slot].set(token)[: e * c]
         xs = jnp.concatenate([x, jnp.zeros((1, x.shape[-1]), x.dtype)])[slot_token]
-        ys = self._expert_slots(xs.reshape(e, c, -1), x.dtype).reshape(e * c, -1)
+        ys = self._expert_slots(xs.reshape(e, c, -1)).reshape(e * c, -1)
         ys = jnp.concatenate([ys, jnp.zeros((1, ys.shape[-1]), ys.dtype)])
         out = ys[slot].reshape(seq, k, -1)  # dropped assignments read the zero row
         return out, kept.reshape(seq, k)
@@ -241,6 +246,7 @@ class MoE(eqx.Module):
         if self.implementation == "capacity":
             return self._capacity(x, experts)
         if self.implementation == "ragged":
+            self._check_grouped_products()
             return expert_swiglu(x, experts, *self._weights(x.dtype)), None
         return self._dense(x, experts)
 
@@ -285,6 +291,18 @@ class MoE(eqx.Module):
         if kept is not None:
             dropped = 1.0 - jnp.sum(w[:, None] * kept.astype(jnp.float32)) / (total * self.experts_per_token)
         return y, {"moe_load_balance": balance, "moe_z_loss": z_loss, "moe_dropped": dropped}
+
+    def _check_grouped_products(self) -> None:
+        # "ragged" multiplies float arrays in its own grouped products (and their hand-written
+        # backward pass): a weight that computes its own products (fp8) would be bypassed.
+        own = [f"{n} ({type(w).__name__})" for n in ("gate_proj", "up_proj", "down_proj") if computes_own_products(w := getattr(self, n))]
+        if own:
+            raise ConfigError(
+                f"MoE(implementation='ragged') multiplies its experts in grouped products of float arrays, "
+                f"but the experts' {', '.join(own)} compute their own products (fp8 training: "
+                "eqzoo.quant.prepare_fp8), which those would bypass. Use implementation 'dense' or 'capacity' "
+                "(model.with_moe_implementation('dense')), or leave the experts out (prepare_fp8(..., experts=False))."
+            )
 
     def _check_context_parallel(self) -> None:
         # Under context parallelism (mesh context > 1) each device holds a slice of every

@@ -37,6 +37,16 @@ class AbstractWeight(eqx.Module):
         from their stored form (int4 experts on CPU: [`eqzoo.quant.QuantizedWeight`][])."""
         return jnp.einsum("...d,...do->...o", x, self.take(indices, x.dtype))
 
+    def einsum(self, spec: str, x: Float[Array, "..."]) -> Float[Array, "..."]:
+        """`jnp.einsum(spec, x, W)` in `x`'s dtype: the product of a layer's activations `x`
+        with the whole weight, as a mixture of experts' batched products take it
+        (`"ecd,edh->ech"`, `"td,edh->teh"`; [`eqzoo.nn.weight_einsum`][]). This default
+        multiplies with `materialize(x.dtype)`; a subclass overrides it to compute the product
+        its own way ([`eqzoo.quant.Fp8Weight`][]: fp8 operands). The `"ragged"` implementation
+        of [`eqzoo.nn.MoE`][], whose grouped products take float arrays, refuses a weight that
+        overrides it."""
+        return jnp.einsum(spec, x, self.materialize(x.dtype))
+
     @property
     @abc.abstractmethod
     def shape(self) -> tuple[int, ...]:
@@ -67,3 +77,19 @@ def weight_value(w: Float[Array, "..."] | AbstractWeight, dtype) -> Float[Array,
     """`w` as a floating array of `dtype`: cast if it is an array, materialised if it is an
     [`eqzoo.nn.AbstractWeight`][]."""
     return w.materialize(dtype) if isinstance(w, AbstractWeight) else w.astype(dtype)
+
+
+def weight_einsum(spec: str, x: Float[Array, "..."], w: Float[Array, "..."] | AbstractWeight) -> Float[Array, "..."]:
+    """`jnp.einsum(spec, x, w)` in `x`'s dtype, the activations first: for an array, the
+    product with `w` cast to `x`'s dtype; for an [`eqzoo.nn.AbstractWeight`][], its
+    [`einsum`][eqzoo.nn.AbstractWeight.einsum] (which may compute it its own way: fp8 experts).
+    The experts' products of [`eqzoo.nn.MoE`][] go through it."""
+    if isinstance(w, AbstractWeight):
+        return w.einsum(spec, x)
+    return jnp.einsum(spec, x, w.astype(x.dtype))
+
+
+def computes_own_products(w) -> bool:
+    """Whether `w` is an [`eqzoo.nn.AbstractWeight`][] that overrides `einsum` (its products
+    are not those of its materialised array)."""
+    return isinstance(w, AbstractWeight) and type(w).einsum is not AbstractWeight.einsum

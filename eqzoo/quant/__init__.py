@@ -12,8 +12,9 @@ anywhere the float one does (`jax.jit`, `jax.vmap`, `eqzoo.generate`, sharded me
 `eqzoo.checkpoint.save_weights`). A quantized base can carry LoRA adapters (`eqzoo.peft`).
 
 Training matmuls in fp8 are [`eqzoo.quant.prepare_fp8`][]: the float weights stay the
-parameters, and each selected linear layer's products take e4m3 operands forward and e5m2
-gradients backward, with per-tensor scales recomputed at every call.
+parameters, and each selected linear layer's products (and the mixture-of-experts layers'
+expert products) take e4m3 operands forward and e5m2 gradients backward, with per-tensor
+scales recomputed at every call.
 """
 
 from ._fp8 import (
@@ -21,9 +22,9 @@ from ._fp8 import (
     E5M2_MAX as E5M2_MAX,
     Fp8Linear as Fp8Linear,
     fp8_matmul as fp8_matmul,
-    prepare_fp8 as prepare_fp8,
-    unwrap_fp8 as unwrap_fp8,
 )
+from ._fp8_experts import Fp8Weight as Fp8Weight, fp8_einsum as fp8_einsum
+from ._fp8_model import prepare_fp8 as prepare_fp8, unwrap_fp8 as unwrap_fp8
 from ._int4 import (
     QMAX4 as QMAX4,
     dequantize_int4 as dequantize_int4,
@@ -55,12 +56,14 @@ __all__ = [
     "FakeQuantLinear",
     "FakeQuantWeight",
     "Fp8Linear",
+    "Fp8Weight",
     "QuantizedLinear",
     "QuantizedWeight",
     "dequantize",
     "dequantize_int4",
     "dequantize_int8",
     "fake_quantize",
+    "fp8_einsum",
     "fp8_matmul",
     "pack_int4",
     "prepare_fp8",

@@ -8,7 +8,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float
 
 from .._errors import ConfigError
-from ..nn import AbstractLinear, Targets, replace_linears
+from ..nn import AbstractLinear
 from ..nn._grouped import _SUMMED
 from ._linear import check_features
 
@@ -218,72 +218,3 @@ class Fp8Linear(AbstractLinear):
     def as_linear(self) -> eqx.nn.Linear:
         """The wrapped float `equinox.nn.Linear` (its weights unchanged)."""
         return self.base
-
-
-def prepare_fp8(model, *, targets: Targets = None):
-    """A copy of `model` whose selected `equinox.nn.Linear` layers compute their products with
-    fp8 operands in training: each becomes an [`eqzoo.quant.Fp8Linear`][].
-
-    Train it as usual (`TrainState.create(prepare_fp8(model), ...)`, `make_train_step`, any
-    [`eqzoo.train.Precision`][]; bf16 compute is the usual partner): the float weights stay
-    the trained and saved parameters, at paths such as `blocks.layers.attn.q_proj.base.weight`
-    (which the default sharding rules place like the unwrapped weights). Only the linear
-    layers' products are fp8; attention's score and value products, the embeddings, the norms,
-    the (tied) output head and the loss stay in the compute dtype, and so do the routers of
-    mixture-of-experts layers. The experts of [`eqzoo.nn.MoE`][] layers are not wrapped: the
-    layer multiplies them itself (batched einsums, `ragged_dot`) from the float array a weight
-    stand-in hands it, so fp8 operands there would need a product hook in each of its three
-    implementations. [`eqzoo.quant.unwrap_fp8`][] gives back the plain model.
-
-    **Arguments:**
-
-    - `model`: any model whose linear layers are `equinox.nn.Linear`s applied through
-      [`eqzoo.nn.apply_linear`][] (every eqzoo model) or called directly.
-    - `targets`: which layers (see [`eqzoo.nn.Targets`][]): `None`, every plain
-      `equinox.nn.Linear` but routers; or regexes searched in the dotted paths
-      [`eqzoo.nn.linear_paths`][] lists, e.g. `"mlp"` (a router is wrapped only when a target
-      names `"router"`).
-
-    **Returns:** the wrapped model. **Raises:** `ConfigError` if a target matches no linear
-    layer, or a layer that is not a plain `equinox.nn.Linear` (already fp8, quantized or
-    adapted), if a selected weight is not floating point, or if nothing is left to wrap.
-    """
-    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
-    count = []
-
-    def wrap(path, layer):
-        if path.split(".")[-1] == "router" and not names_router:
-            return layer  # picks experts: rounding it can change the routing, as quantize keeps it
-        if not jnp.issubdtype(layer.weight.dtype, jnp.floating):
-            raise ConfigError(
-                f"prepare_fp8: {path} has a weight of dtype {layer.weight.dtype}; fp8 products need "
-                "floating-point weights. Leave it out of the targets."
-            )
-        count.append(path)
-        return Fp8Linear(layer)
-
-    out = replace_linears(model, wrap, targets=targets, kinds=(eqx.nn.Linear,), what="prepare_fp8")
-    if not count:
-        raise ConfigError(
-            "prepare_fp8: nothing to wrap: the selected layers are routers of mixture-of-experts layers "
-            "(skipped unless a target names 'router'; experts are never wrapped), or the model has no plain "
-            "equinox.nn.Linear layer (its linear layers are already fp8, quantized or adapted, or it has "
-            "none). For a model that is already fp8, unwrap it with eqzoo.quant.unwrap_fp8 first to re-select."
-        )
-    return out
-
-
-def _is_fp8(x) -> bool:
-    return isinstance(x, Fp8Linear)
-
-
-def unwrap_fp8(model):
-    """A copy of `model` with every [`eqzoo.quant.Fp8Linear`][] replaced by the float
-    `equinox.nn.Linear` it wraps, weights unchanged: the plain model, for inference, export
-    (`eqzoo.hf.save_pretrained`) or post-training quantization.
-
-    **Raises:** `ConfigError` if the model has no `Fp8Linear`.
-    """
-    if not any(_is_fp8(x) for x in jax.tree.leaves(model, is_leaf=_is_fp8)):
-        raise ConfigError("unwrap_fp8: the model has no Fp8Linear layer (nothing to unwrap).")
-    return jax.tree.map(lambda x: x.as_linear() if _is_fp8(x) else x, model, is_leaf=_is_fp8)

@@ -16,13 +16,22 @@ BITS = (4, 8)
 
 
 def check_bits_and_groups(bits, group_size, in_features: int, what: str) -> None:
-    """Raise `ConfigError` unless `bits` is 4 or 8 and `group_size` (None: per channel) is a
-    positive integer dividing `in_features`, the contracted size (even, for packed int4)."""
+    """Raise `ConfigError` unless `bits` is 4 or 8 and `group_size` (None: per channel) is an
+    integer >= 2 dividing `in_features`, the contracted size (even, for packed int4). A group of
+    one is refused: its scale is the weight itself (the code is 0 or ±qmax), so it rounds
+    nothing and stores more than the float weight."""
     if bits not in BITS or isinstance(bits, bool):
         raise ConfigError(f"{what}: bits must be 4 or 8; got {bits!r}.")
     if group_size is not None:
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
             raise ConfigError(f"{what}: group_size must be a positive integer or None (per channel); got {group_size!r}.")
+        if group_size == 1:
+            raise ConfigError(
+                f"{what}: group_size=1 gives every weight its own scale, so each code is 0 or ±(largest "
+                "code) and the scales, in the weight's dtype, are the weights again: nothing is rounded "
+                "and the layer grows. Use group_size >= 2 (32 to 128 are usual), or None for one scale "
+                "per output channel."
+            )
         if in_features % group_size:
             fits = [2**k for k in range(group_size.bit_length()) if 2**k <= group_size and in_features % 2**k == 0]
             hint = f"a divisor of {in_features} (group_size={fits[-1]} fits)" if fits[-1] > 1 else f"a divisor of {in_features}"

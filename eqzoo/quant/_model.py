@@ -17,6 +17,7 @@ from ..nn import (
 from ..nn._replace import EXPERT_FIELDS, split_expert_targets
 from ..sharding import path_str
 from ._fp8 import Fp8Linear
+from ._fp8_experts import Fp8Weight
 from ._int4 import check_bits_and_groups
 from ._linear import QuantizedLinear
 from ._qat import FakeQuantLinear, FakeQuantWeight, grid_str
@@ -178,9 +179,13 @@ def _quantize_experts(model, *, refuse_quantized: bool = False, bits: int = 8, g
                 _refuse_qat_regrid(where, w, bits, group_size)
                 w = w.base
             if isinstance(w, AbstractWeight) and not isinstance(w, QuantizedWeight):
+                fix = (
+                    "unwrap the fp8 training weights first: eqzoo.quant.quantize(eqzoo.quant.unwrap_fp8(model))"
+                    if isinstance(w, Fp8Weight) else
+                    "quantize before adding LoRA (eqzoo.peft.lora(eqzoo.quant.quantize(model), ...))"
+                )
                 raise ConfigError(
-                    f"quantize: the experts' {name} is a {type(w).__name__}, not a float array; "
-                    "quantize before adding LoRA (eqzoo.peft.lora(eqzoo.quant.quantize(model), ...)), "
+                    f"quantize: the experts' {name} is a {type(w).__name__}, not a float array; {fix}, "
                     "or pass experts=False."
                 )
             if not isinstance(w, QuantizedWeight):

@@ -90,16 +90,17 @@ def _state_specs(state: TrainState, rules: Rules, mesh: Mesh) -> list[P]:
 def _warn_unmatched(model: Any, rules: Rules) -> None:
     """Warn about each of the caller's own rules that matches no array of `model`: a typo in a
     pattern would otherwise leave the parameters it meant to split replicated on every device,
-    silently. Entries of eqzoo's default rule sets (which also name LoRA and int8 layouts a
-    model may not have) are not checked."""
+    silently. Patterns of eqzoo's default rule sets (which also name LoRA and int8 layouts a
+    model may not have), with any spec, are not checked."""
     leaves = jax.tree_util.tree_flatten_with_path(model)[0]
     paths = [path_str(path) for path, leaf in leaves if _is_leaf_array(leaf) and getattr(leaf, "ndim", 0)]
     if not paths:
         return
-    builtin = set(GPT2_RULES) | set(MIXTRAL_RULES) | set(VIT_RULES) | set(DIT_RULES)
+    # by pattern alone: a user's copy of eqzoo's rules with other specs keeps its LoRA/int8 entries
+    builtin = {pattern for pattern, _ in (*GPT2_RULES, *MIXTRAL_RULES, *VIT_RULES, *DIT_RULES)}
     unmatched = [
-        pattern for pattern, spec in rules
-        if (pattern, spec) not in builtin and not any(re.search(pattern, p) for p in paths)
+        pattern for pattern, _ in rules
+        if pattern not in builtin and not any(re.search(pattern, p) for p in paths)
     ]
     if unmatched:
         shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")

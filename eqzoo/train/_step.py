@@ -2,6 +2,7 @@
 
 import inspect
 import operator
+import threading
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -172,6 +173,8 @@ class TrainStep:
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
         self._traces: dict[Any, int] = {}
+        self._compiles = 0  # XLA compilations of the step, counted by _on_compile
+        _listen_for_compiles()
         self._layouts: dict[Any, tuple] = {}  # under a mesh: the state layout each was compiled for
 
     def _jitted(self, structure, arrays):
@@ -234,7 +237,13 @@ class TrainStep:
         """Take one optimizer step. **Returns:** `(new state, metrics)`."""
         if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
             batch = _place_host_batch(batch, self._mesh, self._sequence_keys)
-        arrays, metrics = self._jitted(state.structure, state.arrays)(state.arrays, batch)
+        fn = self._jitted(state.structure, state.arrays)
+        outer = getattr(_calling, "step", None)  # a step whose loss calls this one (restored below)
+        _calling.step = self  # the compile listener credits compilations during the call to this step
+        try:
+            arrays, metrics = fn(state.arrays, batch)
+        finally:
+            _calling.step = outer
         # Called through the class: a bound method of an Equinox module costs ~17 µs to build.
         return TrainState._with_arrays(state, arrays), metrics
 
@@ -246,17 +255,17 @@ class TrainStep:
 
     @property
     def num_compilations(self) -> int:
-        """How many entries the step's `jax.jit` dispatch caches hold: one per state structure
-        and batch shape, so a second one means the step recompiled. One exception, JAX's own: a
-        typed PRNG key that a jitted call returned and its fast path handed back again gets a
-        second cache entry without a new trace or compile (reproduced with a bare `jax.jit` that
-        splits a key, jax 0.10), so a step on a mesh reads 2 from its third call on while XLA
-        compiled once (`jax_log_compiles` shows one compile)."""
-        counted: dict[int, int] = {}  # equal structures share one function: count it once
-        for s, f in self._compiled.items():
-            f = getattr(f, "jitted", f)  # a _SplitStep's jax.jit
-            counted[id(f)] = max(counted.get(id(f), 0), _cache_size(f, self._traces.get(s, 0)))
-        return sum(counted.values())
+        """How many programs XLA compiled for the step's calls (or read from JAX's persistent
+        compilation cache): one per state structure, batch shape and input layout, so a second
+        one means the step recompiled (`jax_log_compiles` shows the same count). Counted from
+        JAX's compile events during the step's calls; a program compiled from `lower()`'s
+        result is not. (The `jax.jit` dispatch cache's entries are not compilations: on a mesh a
+        typed PRNG key that a call returned gets a second entry, without a trace or compile, by
+        the third call.) Where a JAX release emits no compile event, the step's traces are
+        counted instead."""
+        if _compile_events_seen:
+            return self._compiles
+        return sum(self._traces.values())
 
 
 def _frozen_indices(structure, arrays) -> tuple[int, ...]:
@@ -362,14 +371,32 @@ class _SplitCompiled(_Delegate):
         return split.merge(updated, frozen), metrics
 
 
-def _cache_size(jitted, traces: int) -> int:
-    # `_cache_size` is private to `jax.jit`'s wrapper: where a JAX release drops or changes it,
-    # count the traces instead (one per new batch shape or dtype) rather than fail a run.
-    size = getattr(jitted, "_cache_size", None)
-    try:
-        return int(size())
-    except Exception:
-        return traces
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+"""The `jax.monitoring` event JAX records once per executable it builds (compiled by XLA, or
+read from the persistent compilation cache), with the program's `fun_name`."""
+_calling = threading.local()  # .step: the TrainStep whose call is running in this thread
+_compile_events_seen = False
+_listening = False
+
+
+def _on_compile(event: str, duration: float, **kwargs: Any) -> None:
+    global _compile_events_seen
+    if event != _COMPILE_EVENT:
+        return
+    _compile_events_seen = True
+    step = getattr(_calling, "step", None)
+    name = kwargs.get("fun_name")
+    if step is not None and (name is None or "flat_step" in str(name)):
+        step._compiles += 1
+
+
+def _listen_for_compiles() -> None:
+    """Register `_on_compile` with `jax.monitoring`, once per process. Compilation runs in the
+    thread that calls the step, so the listener credits the step that thread is calling."""
+    global _listening
+    if not _listening:
+        jax.monitoring.register_event_duration_secs_listener(_on_compile)
+        _listening = True
 
 
 def _checked_sequence_keys(sequence_keys: Collection[str] | None, who: str) -> frozenset[str] | None:

@@ -10,6 +10,7 @@ import pytest
 
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.generation import generate_beam
+from eqzoo.hf import GenerationConfig
 
 PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
 
@@ -21,6 +22,9 @@ PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
         (dict(num_beams=2, num_return_sequences=3), ConfigError,
          r"num_return_sequences=3 exceeds num_beams=2; .* Raise num_beams to at least 3"),
         (dict(max_new_tokens=0), ConfigError, r"generate_beam: max_new_tokens must be an integer >= 1, got 0"),
+        (dict(max_new_tokens=None), ConfigError, r"generate_beam needs max_new_tokens=N .*or max_length=N"),
+        (dict(max_new_tokens=None, max_length=4), ConfigError,
+         r"generate_beam: max_length=4 counts the prompt too, and the prompt is 5 tokens wide, .*pass max_new_tokens=N"),
         (dict(max_new_tokens=20), ShapeError, r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"),
         (dict(temperature=0.7, top_k=5), ConfigError,
          r"got \{'temperature': 0.7, 'top_k': 5\} with do_sample=False: beam search is deterministic .* For beam "
@@ -101,6 +105,12 @@ def test_beam_sampling_keys_and_compiles(gpt2, compile_log):
             generate_beam(gpt2, PROMPT, key=jax.random.key(k), temperature=t, top_p=p, min_p=m, **settings)
             for k, t, p, m in [(2, 4.0, 0.95, 0.01), (3, 3.0, 0.9, 0.02), (4, 5.0, 0.99, 0.03)]
         ]
+        # The same search from a generation_config.json that sets max_length (prompt of 5 + 6).
+        file = GenerationConfig(
+            eos_token=(7,), max_length=11, num_beams=3, num_return_sequences=3, temperature=4.0, top_k=40, top_p=0.95, min_p=0.01,
+        )
+        from_file = generate_beam(gpt2, PROMPT, key=jax.random.key(1), **file.beam_kwargs())
+    np.testing.assert_array_equal(np.asarray(from_file), np.asarray(first))
     np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
     assert not all(np.array_equal(np.asarray(o), np.asarray(first)) for o in others)
     assert len(log.compiled) == 0, log.compiled

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import eqzoo
+import eqzoo.hf
 from eqzoo import models, nn
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.generation import generate_batch, sample_logits
@@ -341,10 +342,17 @@ def test_numpy_integer_counts_are_static_like_ints(llama):
     # and so is a legacy uint32 key: the same draws as the typed key with its bits
     legacy = eqzoo.generate(llama, PROMPT, max_new_tokens=3, temperature=0.7, top_k=5, key=jax.random.key_data(key))
     np.testing.assert_array_equal(legacy, want)
+    # A generation_config.json's max_length counts the prompt (5 tokens here): 3 new tokens.
+    file = eqzoo.hf.GenerationConfig(max_length=8, temperature=0.7, top_k=5)
+    np.testing.assert_array_equal(eqzoo.generate(llama, PROMPT, **file.kwargs(key=key)), want)
     assert _generate_batch_jit._cached._cache_size() == before
 
 
 def test_generation_errors(llama):
+    with pytest.raises(ConfigError, match=r"generate: max_length=5 counts the prompt too, and the prompt is 5 tokens wide"):
+        eqzoo.generate(llama, PROMPT, max_length=5)
+    with pytest.raises(ConfigError, match=r"generate_batch needs max_new_tokens=N .*or max_length=N"):
+        generate_batch(llama, PROMPT[None])
     with pytest.raises(ShapeError, match=r"prompt length 5 \+ max_new_tokens 20 = 25 exceeds the model's max_seq=24"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=20)
     with pytest.raises(ConfigError, match=r"temperature must be a finite number >= 0 \(0 means greedy\), got -1"):

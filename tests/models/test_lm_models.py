@@ -145,6 +145,26 @@ def test_chunked_loss_also_checks_max_seq(gpt2):
 def test_cache_longer_than_max_seq_is_rejected(gpt2):
     with pytest.raises(ShapeError, match=r"max_seq=32"):
         gpt2.init_cache(64)
+    # A cache built by the attention layer itself is refused by decode, as positions past
+    # max_seq have no row in GPT-2's position table.
+    long = gpt2.blocks[0].attn.init_cache(64, layers=gpt2.config.num_layers)
+    with pytest.raises(ShapeError, match=r"GPT2\.decode: the cache covers 64 positions .*max_seq=32"):
+        gpt2.decode(jnp.zeros((1,), jnp.int32), long, jnp.int32(40))
+
+
+def test_positions_outside_the_position_table(gpt2):
+    tokens = jnp.zeros((4,), jnp.int32)
+    for bad, shown in ((jnp.array([0, 1, 2, 32]), "from 0 to 32"), (jnp.array([-1, 0, 1, 2]), "from -1 to 2")):
+        with pytest.raises(ShapeError, match=rf"GPT2: positions must lie in \[0, max_seq=32\) .*; got positions {shown}"):
+            gpt2(tokens, positions=bad)
+        # Traced positions cannot raise: past the table their rows are NaN (not clipped);
+        # negative ones index from the end, as in NumPy (-1 reads the last row).
+        logits = jax.jit(lambda p: gpt2(tokens, positions=p))(bad)
+        if shown.endswith("32"):
+            assert np.isnan(logits[3]).all()
+        else:
+            wrapped = jax.jit(lambda p: gpt2(tokens, positions=p))(jnp.array([31, 0, 1, 2]))
+            np.testing.assert_array_equal(logits, wrapped)
 
 
 def test_decoding_past_the_cache_is_refused(gpt2):

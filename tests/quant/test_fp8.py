@@ -116,6 +116,79 @@ def test_fp8_gradients_are_within_e5m2_rounding_and_cast_to_fp8():  # ~1.5 s
     assert "batching_dims" not in backward  # the weight gradient: one product, not one an example
 
 
+def test_fp8_expert_products_are_within_fp8_rounding_and_batch_as_fp8_matmul():  # ~1.5 s
+    # The experts' batched product "ecd,edh->ech" (each expert's slots times its weight), the
+    # same entrywise bounds as the 2-D product, forward (e4m3) and backward (e5m2 gradient).
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 4, 6, 32)).astype(np.float32)  # (batch, experts, slots, embed)
+    x[1, 2, 0, 3] = 30.0
+    w = (0.1 * rng.standard_normal((4, 32, 24))).astype(np.float32)
+    cot = rng.standard_normal((2, 4, 6, 24)).astype(np.float32)
+    x, w, cot = jnp.asarray(x), jnp.asarray(w), jnp.asarray(cot)
+    spec = "ecd,edh->ech"
+    product = functools.partial(quant.fp8_einsum, spec)
+
+    @jax.jit
+    def one(x, w, c):  # an example's product and gradients
+        return product(x, w), jax.grad(lambda x, w: jnp.sum(product(x, w) * c), argnums=(0, 1))(x, w)
+
+    y, (dx, dw) = one(x[0], w, cot[0])
+    y = np.asarray(y, np.float64)
+    x0, w2, c0 = (np.asarray(t, np.float64) for t in (x[0], w, cot[0]))
+    assert np.all(np.abs(y - x0 @ w2) <= _bound(x0, _err(x0, E4M3, 448.0), w2, _err(w2, E4M3, 448.0)))
+    assert np.linalg.norm(y - x0 @ w2) / np.linalg.norm(x0 @ w2) > 0.005  # really rounded
+    eg, ex, ew = _err(c0, E5M2, 57344.0), _err(x0, E4M3, 448.0), _err(w2, E4M3, 448.0)
+    swap = lambda t: np.swapaxes(t, -1, -2)  # noqa: E731
+    assert np.all(np.abs(np.asarray(dx, np.float64) - c0 @ swap(w2)) <= _bound(c0, eg, swap(w2), swap(ew)))
+    assert np.all(np.abs(np.asarray(dw, np.float64) - swap(x0) @ c0) <= _bound(swap(x0), swap(ex), c0, eg))
+
+    # Vmapped over the batch inside summed_weight_gradients (the train step): one product on
+    # the whole batch with its scales, the weight gradient summed in it; elsewhere per example.
+    def loss(x, w):
+        return jnp.sum(jax.vmap(product, in_axes=(0, None))(x, w) * cot)
+
+    @jax.jit
+    def summed(x, w):
+        with eqzoo.nn.summed_weight_gradients():
+            return jax.grad(loss, argnums=(0, 1))(x, w)
+
+    whole = jax.jit(jax.grad(lambda x, w: jnp.sum(quant.fp8_einsum("zecd,edh->zech", x, w) * cot), argnums=(0, 1)))(x, w)
+    for got, want in zip(summed(x, w), whole, strict=True):  # equal to float32 summation order
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    per_example = jax.jit(jax.vmap(product, in_axes=(0, None)))(x, w)
+    np.testing.assert_allclose(np.asarray(per_example[0]), y, rtol=1e-5, atol=1e-6)  # its own scales
+    with pytest.raises(ConfigError, match=r"fp8_einsum takes a spec of two operands .*got 'ecd,edh'"):
+        quant.fp8_einsum("ecd,edh", x[0], w)
+
+
+@pytest.mark.parametrize("product", ["matmul", "einsum"])
+def test_fp8_products_of_a_batch_of_weights_are_each_members_own(product):  # ~1 s each
+    # An ensemble: a vmap over weights (the batched-weight branch of the batching rules) is one
+    # product per member, forward and backward, with shared or batched inputs, also inside
+    # summed_weight_gradients (which sums only over a batch of activations with one weight).
+    rng = np.random.default_rng(3)
+    ws = jnp.asarray((0.1 * rng.standard_normal((3, 8, 16))).astype(np.float32))
+    xs = jnp.asarray(rng.standard_normal((3, 5, 16)).astype(np.float32))
+    xs = xs.at[1, 0, 0].set(25.0)
+    fn = quant.fp8_matmul if product == "matmul" else functools.partial(quant.fp8_einsum, "td,od->to")
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(fn(x, w)))
+
+    one_fn = jax.jit(lambda x, w: (fn(x, w), jax.grad(loss, argnums=(0, 1))(x, w)))
+    for x_axis in (None, 0):
+        x = xs[0] if x_axis is None else xs
+        got = jax.vmap(fn, in_axes=(x_axis, 0))(x, ws)
+        with eqzoo.nn.summed_weight_gradients():
+            grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(x_axis, 0)))(x, ws)
+        for i in range(3):
+            y, one = one_fn(x if x_axis is None else x[i], ws[i])
+            # (to float32 summation order: a batched dot; another scale would be ~1e-2 off)
+            np.testing.assert_allclose(np.asarray(got[i]), np.asarray(y), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(grads[0][i]), np.asarray(one[0]), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(grads[1][i]), np.asarray(one[1]), rtol=1e-6, atol=1e-6)
+
+
 def _tiny():
     return eqzoo.models.get_config("tiny-gpt2", embed_dim=32, num_layers=2)
 
@@ -133,28 +206,67 @@ def _train(model, steps, batch):
     return state.model, losses
 
 
-def test_fp8_training_tracks_bf16_and_unwraps_to_the_trained_weights(create, tmp_path):  # ~9 s CPU
-    toks = np.random.default_rng(0).integers(0, 256, (4, 33)).astype(np.int32)
+def _tiny_moe():
+    return eqzoo.models.get_config("tiny-mixtral", embed_dim=32, num_layers=1)
+
+
+def test_fp8_training_tracks_bf16_and_unwraps_to_the_trained_weights(create, tmp_path):  # ~10 s CPU
+    # A one-layer Mixtral: fp8 attention projections (Fp8Linear) and experts (Fp8Weight, "dense").
+    toks = np.random.default_rng(0).integers(0, 256, (4, 17)).astype(np.int32)
     batch = {"tokens": toks[:, :-1], "targets": toks[:, 1:]}
-    _, bf16 = _train(create(_tiny(), key=jax.random.key(0)), 25, batch)
-    fp8_model = quant.prepare_fp8(create(_tiny(), key=jax.random.key(0)))
-    trained, fp8 = _train(fp8_model, 25, batch)
-    # Measured (one batch, memorised): bf16 5.554 -> 0.478, fp8 5.554 -> 0.465. Within 0.15 of
-    # each other at the end: 3% of what the run learns.
+    _, bf16 = _train(create(_tiny_moe(), key=jax.random.key(0)), 12, batch)
+    fp8_model = quant.prepare_fp8(create(_tiny_moe(), key=jax.random.key(0)))
+    trained, fp8 = _train(fp8_model, 12, batch)
+    # Measured (one batch, memorised): bf16 5.592 -> 1.888, fp8 5.592 -> 1.889. Within 0.15 of
+    # each other at the end: 4% of what the run learns.
     assert fp8[-1] < fp8[0] - 2.0, fp8
     assert abs(fp8[-1] - bf16[-1]) < 0.15, (fp8[-1], bf16[-1])
 
     # The trained parameters are the float32 weights, which unwrap_fp8 gives back as they are,
     # and which the weights file holds under the wrapped paths.
-    layer = trained.blocks.layers.mlp.up
+    layer, experts = trained.blocks.layers.attn.q_proj, trained.blocks.layers.mlp.gate_proj
     assert isinstance(layer, quant.Fp8Linear) and layer.base.weight.dtype == jnp.float32
+    assert isinstance(experts, quant.Fp8Weight) and experts.base.dtype == jnp.float32
     plain = quant.unwrap_fp8(trained)
-    assert isinstance(plain.blocks.layers.mlp.up, eqx.nn.Linear)
-    assert plain.blocks.layers.mlp.up.weight is layer.base.weight
-    assert eqzoo.nn.linear_paths(plain) == eqzoo.nn.linear_paths(create(_tiny(), key=jax.random.key(0)))
+    assert isinstance(plain.blocks.layers.attn.q_proj, eqx.nn.Linear)
+    assert plain.blocks.layers.attn.q_proj.weight is layer.base.weight
+    assert plain.blocks.layers.mlp.gate_proj is experts.base
+    assert eqzoo.nn.linear_paths(plain) == eqzoo.nn.linear_paths(create(_tiny_moe(), key=jax.random.key(0)))
     eqzoo.checkpoint.save_weights(trained, tmp_path / "w.safetensors")
     loaded = eqzoo.checkpoint.load_weights(fp8_model, tmp_path / "w.safetensors")
-    np.testing.assert_array_equal(np.asarray(loaded.blocks.layers.mlp.up.base.weight), np.asarray(layer.base.weight))
+    np.testing.assert_array_equal(np.asarray(loaded.blocks.layers.attn.q_proj.base.weight), np.asarray(layer.base.weight))
+    np.testing.assert_array_equal(np.asarray(loaded.blocks.layers.mlp.gate_proj.base), np.asarray(experts.base))
+
+
+def test_fp8_experts_of_each_moe_implementation(create):  # ~2 s
+    # "dense" and "capacity" multiply fp8 experts through fp8_einsum (rounded: within a few
+    # percent of the float layer, never equal); "ragged", whose grouped products take float
+    # arrays, refuses them rather than bypass fp8. targets reach the experts as for quantize.
+    model = create(_tiny_moe(), key=jax.random.key(0))
+    experts_only = quant.prepare_fp8(model, targets="gate_proj|up_proj|down_proj")
+    assert isinstance(experts_only.blocks.layers.attn.q_proj, eqx.nn.Linear)
+    assert isinstance(experts_only.blocks.layers.mlp.down_proj, quant.Fp8Weight)
+    assert isinstance(quant.prepare_fp8(model, experts=False).blocks.layers.mlp.up_proj, jax.Array)
+    moe, fp8_moe = model.blocks[0].mlp, experts_only.blocks[0].mlp  # layer 0
+    x = jax.random.normal(jax.random.key(1), (16, 32))
+
+    @eqx.filter_jit
+    def errors(moe, fp8_moe, x):
+        def rel(implementation):
+            want = moe.with_implementation(implementation)(x)
+            got = fp8_moe.with_implementation(implementation)(x)
+            return jnp.linalg.norm(got - want) / jnp.linalg.norm(want)
+
+        return rel("dense"), rel("capacity")
+
+    for err in errors(moe, fp8_moe, x):
+        assert 0.002 < float(err) < 0.1, err
+    with pytest.raises(ConfigError, match=r"implementation='ragged'\) multiplies its experts in grouped products .*gate_proj \(Fp8Weight\)"):
+        eqx.filter_eval_shape(fp8_moe.with_implementation("ragged"), x)
+    with pytest.raises(ConfigError, match=r"mlp\.gate_proj is a Fp8Weight, not a float array .*pass experts=False"):
+        quant.prepare_fp8(experts_only)
+    with pytest.raises(ConfigError, match=r"the experts' gate_proj is a Fp8Weight.*quantize\(eqzoo\.quant\.unwrap_fp8\(model\)\)"):
+        quant.quantize(experts_only)
 
 
 def test_prepare_fp8_targets_and_errors(create, tmp_path):  # ~1 s

@@ -237,6 +237,8 @@ def test_bits_and_group_size_errors_name_the_layer_and_the_fix():
         quant.quantize(model, bits=3)
     with pytest.raises(ConfigError, match=r"group_size must be a positive integer or None \(per channel\); got 0"):
         quant.quantize(model, bits=4, group_size=0)
+    with pytest.raises(ConfigError, match=r"quantize: group_size=1 gives every weight its own scale.*Use group_size >= 2"):
+        quant.quantize(model, bits=4, group_size=1)  # the scales would be the weights again
     with pytest.raises(ConfigError, match=r"int4 codes are packed two to a byte along the 5 inputs, an odd count"):
         quant.quantize(eqx.nn.Linear(5, 3, key=jax.random.key(0)), bits=4)
     with pytest.raises(ConfigError, match=r"gate_proj \(experts' weight \(2, 4, 64, 128\), contracting 64\): group_size=48 does not divide"):
@@ -413,6 +415,8 @@ def test_int4_fake_quantize_is_the_stored_weight_with_an_identity_gradient(group
         quant.fake_quantize(w, bits=4, group_size=12)
     with pytest.raises(ConfigError, match=r"fake_quantize: int4 codes are packed two to a byte along the 5 inputs"):
         quant.fake_quantize(w[..., :5], bits=4)
+    with pytest.raises(ConfigError, match=r"fake_quantize: group_size=1 gives every weight its own scale"):
+        quant.fake_quantize(w, bits=8, group_size=1)  # would round nothing
     with pytest.raises(ConfigError, match=r"fake_quantize: bits must be 4 or 8; got 2"):
         quant.fake_quantize(w, bits=2)
 
