@@ -9,7 +9,10 @@ the same choices for fake CPU devices as for GPUs, so this sizes a multi-GPU ste
 a laptop. `param_mib` is the fp32 parameter size, the gradient a data-parallel step must
 all-reduce at least once; `state_mib_per_device` the train state (parameters and optimizer
 moments) one device holds in the mesh's layout; `temp_mib_per_device` XLA's temporaries
-(activations, workspace) on one device (`memory_analysis()`). `--context-attention
+(activations, workspace) on one device (`memory_analysis()`); `stack_mib_per_device` the
+layer stack's parameters alone on one device (split over `stage` on a mesh with `stage > 1`,
+pipeline parallelism; rows on such a mesh also give the micro-batches the schedule uses and its
+bubble fraction, `(stage - 1) / (micro + stage - 1)`). `--context-attention
 gather,ring,ring_balanced` compares the attention strategies of context parallelism
 (docs/scaling.md):
 
@@ -19,6 +22,11 @@ gather,ring,ring_balanced` compares the attention strategies of context parallel
     python benchmarks/collective_bytes.py --preset gpt2-124m --batch 16 --seq 1024 \\
         --mesh data=8 --mesh fsdp=8 --mesh fsdp=4,tensor=2 --mesh data=2,context=4 --loss fused,full --json
     python benchmarks/collective_bytes.py --smoke --json
+
+Pipeline parallelism against the same mesh without it (docs/scaling.md, "Pipeline parallelism"):
+
+    python benchmarks/collective_bytes.py --preset tiny-llama --set num_layers=8 --batch 16 --seq 256 \
+        --loss fused --mesh data=2,fsdp=2,tensor=2 --mesh stage=2,fsdp=2,tensor=2 --pipeline-microbatches 4,8
 """
 
 import argparse
@@ -41,6 +49,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--context-attention", default="gather",
                    help="comma-separated attention strategies under context > 1 (gather, ring, ring_balanced)")
+    p.add_argument("--pipeline-microbatches", default="auto",
+                   help="comma-separated micro-batch counts for meshes with stage > 1 ('auto': the default choice)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set moe_implementation=capacity (repeatable)")
@@ -54,7 +64,7 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") -> dict:
+def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather", microbatches: int | None = None) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -81,7 +91,8 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") 
         return train.lm_loss(m, b, k, implementation=loss, chunk_size=args.chunk_size)
 
     policy = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
-    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy, context_attention=context_attention)
+    step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy, context_attention=context_attention,
+                                 pipeline_microbatches=microbatches)
     t0 = time.perf_counter()
     compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
     compile_s = time.perf_counter() - t0
@@ -91,6 +102,17 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") 
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(state) if hasattr(x, "sharding")
     )
+    stack_bytes = sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state.model.blocks)
+    )
+    stages = sh.mesh_shape(mesh)["stage"]
+    pipeline = {}
+    if stages > 1:
+        from eqzoo.nn._pipeline import bubble_fraction, default_microbatches
+
+        ways = math.prod(n for a, n in sh.mesh_shape(mesh).items() if a in ("data", "fsdp", "expert"))
+        micro = microbatches or default_microbatches(args.batch, stages, ways)
+        pipeline = {"pipeline_microbatches": micro, "bubble_fraction": round(bubble_fraction(stages, micro), 3)}
     total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
     return {
         "preset": args.preset, "overrides": parse_set(args.set), "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
@@ -99,11 +121,20 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather") 
         "chunk_size": args.chunk_size, "precision": args.precision,
         "param_mib": round(config.num_params() * 4 / 2**20, 1),
         "state_mib_per_device": round(state_bytes / 2**20, 1),
+        "stack_mib_per_device": round(stack_bytes / 2**20, 2), **pipeline,
         "collective_ops": total["ops"], "collective_mib": round(total["mib"], 1),
         "in_loop_ops": total["in_loop_ops"], "in_loop_mib": round(total["in_loop_mib"], 1),
         "by_kind": {k: v for k, v in summary.items() if k != "total"},
         "compile_s": round(compile_s, 2),
     }
+
+
+def _microbatch_counts(args, mesh_spec: str) -> list[int | None]:
+    """The `pipeline_microbatches` to measure on `mesh_spec`: those asked for on a mesh with
+    `stage > 1`, the default alone elsewhere."""
+    if "stage=" not in mesh_spec.replace(" ", "") or args.pipeline_microbatches == "auto":
+        return [None]
+    return [None if m == "auto" else int(m) for m in args.pipeline_microbatches.split(",")]
 
 
 def main(argv=None) -> dict:
@@ -114,13 +145,16 @@ def main(argv=None) -> dict:
     for mesh_spec in args.mesh:
         for loss in args.loss.split(","):
             for strategy in args.context_attention.split(","):
-                row = measure(args, mesh_spec, loss, strategy)
-                rows.append(row)
-                if not args.json:
-                    print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:13s} {row['collective_ops']:5d} collectives, "
-                          f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
-                          f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB, "
-                          f"temporaries {row['temp_mib_per_device']} MiB a device)", file=sys.stderr)
+                for micro in _microbatch_counts(args, mesh_spec):
+                    row = measure(args, mesh_spec, loss, strategy, micro)
+                    rows.append(row)
+                    if not args.json:
+                        piped = f" micro={row['pipeline_microbatches']} bubble={row['bubble_fraction']}" if "bubble_fraction" in row else ""
+                        print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:13s}{piped} {row['collective_ops']:5d} collectives, "
+                              f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
+                              f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB, "
+                              f"stack {row['stack_mib_per_device']} MiB, "
+                              f"temporaries {row['temp_mib_per_device']} MiB a device)", file=sys.stderr)
     result = {"benchmark": "collective_bytes", "smoke": args.smoke, "rows": rows}
     print(json.dumps(result))
     return result

@@ -330,5 +330,6 @@ class AbstractLM(eqx.Module):
 
         self._check_window_layers()
         layers = np.arange(self.blocks.num_layers, dtype=np.int32)
-        (x, cache), _ = self.blocks.apply(step, (x, cache), layers)
+        # pipeline=False: a pipeline would ship the whole stacked cache from stage to stage.
+        (x, cache), _ = self.blocks.apply(step, (x, cache), layers, pipeline=False)
         return self.final_norm(x), cache

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .._errors import ConfigError, check_sizes
 from .._typing import PRNGKey
 from ._fields import with_fields
+from ._pipeline import pipelined_apply
 
 M = TypeVar("M", bound=eqx.Module)
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch", "minimal"]
@@ -168,8 +169,15 @@ class Stacked(eqx.Module, Generic[M]):
         arrays, static = eqx.partition(self.layers, eqx.is_array)
         return eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
 
-    def apply(self, fn: Callable[[M, Any, Any], tuple[Any, Any]], carry: Any, xs: Any = None) -> tuple[Any, Any]:
+    def apply(
+        self, fn: Callable[[M, Any, Any], tuple[Any, Any]], carry: Any, xs: Any = None, *, pipeline: bool = True
+    ) -> tuple[Any, Any]:
         """Run `carry, y = fn(layer, carry, x)` through the layers in order.
+
+        Under an eqzoo mesh with `stage > 1` (inside [`eqzoo.sharding.activation_sharding`][])
+        and `jax.vmap` over a batch, the stack runs as a pipeline: its layers split by depth
+        over `stage`, the batch in micro-batches (docs/scaling.md, "Pipeline parallelism").
+        The values are those of the plain scan.
 
         **Arguments:**
 
@@ -178,6 +186,10 @@ class Stacked(eqx.Module, Generic[M]):
         - `carry`: the initial carry (usually the activations).
         - `xs`: optional per-layer inputs with a leading axis of size `num_layers` (for example
           per-layer KV caches or dropout keys).
+        - `pipeline`: `False` always runs the plain scan (XLA gathers each stage's layers where
+          they are used). For a carry holding per-layer state, such as the stacked KV cache
+          the models' decoding passes, which a pipeline would ship whole from stage to stage
+          with every micro-batch. Where `stage` is 1 it changes nothing.
 
         **Returns:** the final carry and the per-layer outputs stacked along a leading axis.
         """
@@ -196,6 +208,10 @@ class Stacked(eqx.Module, Generic[M]):
         scan = not unstacked and resolve_scan(self.scan)
         if self.remat != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
+        if pipeline and not unstacked:
+            piped = pipelined_apply(body, arrays, carry, xs, self.num_layers, scan=scan)
+            if piped is not None:
+                return piped
         if scan:
             return jax.lax.scan(body, carry, (arrays, xs))
         ys = []

@@ -75,7 +75,7 @@ CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring", "ring_balanced")
   critical path is about halved. Needs sequence lengths divisible by `2 * context`; attention
   built with `causal=False` runs as `"ring"`."""
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str] | None] = contextvars.ContextVar(
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str, int | None] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
 )
 
@@ -93,7 +93,11 @@ def check_context_attention(value, who: str) -> str:
 
 @contextlib.contextmanager
 def activation_sharding(
-    mesh: Mesh | None, rules: Mapping[str, P] | None = None, *, context_attention: ContextAttention = "gather"
+    mesh: Mesh | None,
+    rules: Mapping[str, P] | None = None,
+    *,
+    context_attention: ContextAttention = "gather",
+    pipeline_microbatches: int | None = None,
 ) -> Iterator[None]:
     """Within this context, [`eqzoo.sharding.constrain`][] applies sharding constraints on `mesh`.
 
@@ -110,8 +114,15 @@ def activation_sharding(
       (all-gather the keys and values), `"ring"` (ring attention) or `"ring_balanced"` (ring
       attention in the load-balanced order); see `eqzoo.sharding.CONTEXT_ATTENTION`. Ignored on
       a mesh with `context=1`.
+    - `pipeline_microbatches`: when `mesh` has `stage > 1`, how many micro-batches a layer stack
+      cuts the batch into for its pipeline (each must hold the same number of examples: the
+      batch must be a multiple of it). `None` (the default): the largest number up to
+      `2 * stage` that divides the batch, preferring micro-batches the batch axes still split
+      evenly. More micro-batches shrink the pipeline's bubble, `(stage - 1) / (micro + stage -
+      1)` of the steps, but make each step's work smaller. Ignored on a mesh with `stage=1`.
     """
     check_context_attention(context_attention, "activation_sharding")
+    check_pipeline_microbatches(pipeline_microbatches, "activation_sharding")
     if mesh is not None and rules is None:
         # eqzoo's defaults fit any mesh: an axis the mesh lacks is dropped from them.
         rules = {name: drop_missing_axes(spec, mesh) for name, spec in ACTIVATION_RULES.items()}
@@ -126,7 +137,7 @@ def activation_sharding(
                         f"activation rule {name!r} uses mesh axis {axis!r}, which the mesh "
                         f"{dict(mesh.shape)} does not have."
                     )
-    token = _ACTIVE.set(None if mesh is None else (mesh, rules, context_attention))
+    token = _ACTIVE.set(None if mesh is None else (mesh, rules, context_attention, pipeline_microbatches))
     try:
         yield
     finally:
@@ -148,6 +159,24 @@ def active_context_attention() -> str:
     (`"gather"` outside one); read at trace time by [`eqzoo.nn.Attention`][]."""
     active = _ACTIVE.get()
     return "gather" if active is None else active[2]
+
+
+def active_pipeline_microbatches() -> int | None:
+    """The `pipeline_microbatches` of the innermost [`eqzoo.sharding.activation_sharding`][]
+    block (`None`, the default choice, outside one); read at trace time by
+    [`eqzoo.nn.Stacked`][] on a mesh with `stage > 1`."""
+    active = _ACTIVE.get()
+    return None if active is None else active[3]
+
+
+def check_pipeline_microbatches(value, who: str) -> int | None:
+    """`value` if it is `None` or a positive int, else a `ShardingError`."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ShardingError(
+            f"{who}: pipeline_microbatches must be a positive integer (the number of micro-batches "
+            f"a pipelined layer stack cuts the batch into) or None for the default; got {value!r}."
+        )
+    return value
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Device meshes with eqzoo's named axes: `data`, `fsdp`, `context`, `expert` and `tensor`."""
+"""Device meshes with eqzoo's named axes: `stage`, `data`, `fsdp`, `context`, `expert` and `tensor`."""
 
 import math
 import re
@@ -11,9 +11,12 @@ from jax.sharding import AxisType, Mesh
 
 from ._errors import ShardingError
 
-AXES: tuple[str, ...] = ("data", "fsdp", "context", "expert", "tensor")
+AXES: tuple[str, ...] = ("stage", "data", "fsdp", "context", "expert", "tensor")
 """The mesh axis names eqzoo uses, outermost first.
 
+- `stage`: pipeline parallelism. The layers of each [`eqzoo.nn.Stacked`][] stack are split by
+  depth (stage `s` holds layers `s * L / stage .. (s + 1) * L / stage - 1`), and the batch runs
+  through them as micro-batches in a GPipe schedule (docs/scaling.md, "Pipeline parallelism").
 - `data`: plain data parallelism (parameters replicated, batch split).
 - `fsdp`: fully sharded data parallelism (batch split *and* parameters split over their
   embedding dimension, gathered layer by layer).
@@ -26,7 +29,9 @@ AXES: tuple[str, ...] = ("data", "fsdp", "context", "expert", "tensor")
   passes their blocks round the `context` ring (docs/scaling.md, "Context parallelism").
 - `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
 
-`tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
+`stage` is outermost: its only traffic is one point-to-point transfer of a micro-batch's
+activations between neighbouring stages per pipeline step (and the same for their gradients),
+so it can cross hosts or slices. `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
 tensor parallelism communicates inside every layer; `expert` comes next, since its all-to-alls
 run in every mixture-of-experts layer. `context` is next: it also communicates in every layer
 (an all-gather of the keys and values, a reduce-scatter of their gradients), but that traffic
@@ -34,13 +39,15 @@ is a layer's keys and values only (a fraction of the residual stream under group
 attention) and can overlap with the query projection, so it goes outside `expert` and
 `tensor` and inside `fsdp` and `data`, whose weight gathers and gradient reductions are
 prefetched or run once per step. An axis of size 1 changes no device's place, so meshes written
-before `context` existed keep their device order.
+before `context` or `stage` existed keep their device order.
 """
 
 # The axes a batch is split over (eqzoo.sharding.BATCH_SPEC), outermost first.
 _BATCH_AXES: tuple[str, ...] = ("data", "fsdp", "expert")
 # The axis a sequence is split over (context parallelism).
 CONTEXT_AXIS = "context"
+# The axis layer stacks are split over by depth (pipeline parallelism).
+STAGE_AXIS = "stage"
 
 SEQUENCE_KEYS: tuple[str, ...] = (
     "tokens", "targets", "mask", "segment_ids", "positions",
@@ -96,8 +103,8 @@ def parse_mesh_shape(shape: str | Mapping[str, int]) -> dict[str, int]:
         if name not in AXES:
             raise ShardingError(
                 f"unknown mesh axis {name!r} in {shape!r}; eqzoo meshes have the axes {list(AXES)} "
-                "(data parallel, fully sharded data parallel, context (sequence) parallel, expert "
-                "parallel, tensor parallel)."
+                "(pipeline stages, data parallel, fully sharded data parallel, context (sequence) "
+                "parallel, expert parallel, tensor parallel)."
             )
         if name in seen:
             raise ShardingError(f"mesh axis {name!r} is given twice in {shape!r}.")
@@ -139,10 +146,10 @@ def _fmt(sizes: Mapping[str, int]) -> str:
 
 
 def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[Any] | None = None) -> Mesh:
-    """A `jax.sharding.Mesh` over the devices present, with the axes `data`, `fsdp`, `context`,
-    `expert`, `tensor`.
+    """A `jax.sharding.Mesh` over the devices present, with the axes `stage`, `data`, `fsdp`,
+    `context`, `expert`, `tensor`.
 
-    Every eqzoo mesh has all five axes (those not given have size 1), always in that order, so
+    Every eqzoo mesh has all six axes (those not given have size 1), always in that order, so
     one set of sharding rules works on any mesh shape. The device order comes from
     `jax.make_mesh`, which places the innermost axis (`tensor`) on the most closely connected
     devices. On several hosts it spans every process's devices (call
@@ -150,7 +157,8 @@ def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[A
 
     **Example:** `make_mesh("data=2,fsdp=2,tensor=2")`, `make_mesh({"fsdp": -1})`,
     `make_mesh("fsdp=2,expert=4")` (a mixture of experts, 2 of its experts on each device),
-    `make_mesh("data=2,context=4")` (each sequence split in 4 along its length).
+    `make_mesh("data=2,context=4")` (each sequence split in 4 along its length),
+    `make_mesh("stage=2,fsdp=2,tensor=2")` (the layer stacks split in 2 by depth, pipelined).
 
     **Arguments:**
 
@@ -176,8 +184,13 @@ def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[A
 
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     """The sizes of a mesh's axes as a dict, e.g.
-    `{"data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}`."""
+    `{"stage": 1, "data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}`."""
     return {str(name): int(size) for name, size in mesh.shape.items()}
+
+
+def stage_size(mesh: Mesh | None) -> int:
+    """The size of `mesh`'s `stage` axis: 1 without a mesh, or on one built without the axis."""
+    return 1 if mesh is None else int(mesh.shape.get(STAGE_AXIS, 1))
 
 
 def context_size(mesh: Mesh | None) -> int:

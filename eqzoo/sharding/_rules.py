@@ -18,7 +18,8 @@ path with `re.search`; the first match gives the spec. A parameter no rule match
 replicated."""
 
 # Shapes (eqx.nn.Linear weights are (out, in); everything under `blocks.layers` has the stacked
-# layer axis first, which is never sharded):
+# layer axis first, which the rules leave to `partition_specs`: it splits it over `stage` for
+# every eqzoo.nn.Stacked on a mesh with stage > 1, pipeline parallelism):
 #   embed.weight, lm_head.weight     (vocab, embed)
 #   blocks.layers.attn.q_proj.weight (layers, heads * head_dim, embed)   column-parallel
 #   blocks.layers.attn.o_proj.weight (layers, embed, heads * head_dim)   row-parallel
@@ -225,11 +226,18 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
     - `rules`: `(regex, PartitionSpec)` pairs matched against each leaf's dotted path (see
       [`eqzoo.sharding.path_str`][]).
     - `mesh`: if given, every spec is checked against it ([`eqzoo.sharding.check_spec`][]).
+      On a mesh with `stage > 1` the stacked layer axis (the first) of every array of an
+      [`eqzoo.nn.Stacked`][] is split over `stage` (pipeline parallelism) where the rule leaves
+      that axis whole.
 
     **Returns:** a pytree of the same structure with a `PartitionSpec` (or `None`) per leaf.
     Scalars are always replicated.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] as `check_spec` does, and when the mesh's
+    `stage` does not divide a stack's number of layers.
     """
     compiled = _compile(rules)
+    stacks = _stack_prefixes(tree) if mesh is not None and int(mesh.shape.get("stage", 1)) > 1 else ()
 
     def one(path, leaf):
         if not _is_leaf_array(leaf):
@@ -239,9 +247,39 @@ def partition_specs(tree: Any, rules: Rules, mesh: Mesh | None = None) -> Any:
             return P()
         name = path_str(path)
         spec = next((s for regex, s, _ in compiled if regex.search(name)), P())
+        if any(name.startswith(prefix) for prefix in stacks):
+            spec = _by_stage(name, shape, spec, mesh)
         return check_spec(name, shape, spec, mesh) if mesh is not None else spec
 
     return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _stack_prefixes(tree: Any) -> tuple[str, ...]:
+    """The dotted path prefixes (`"blocks.layers."`) of the stacked arrays of every
+    `eqzoo.nn.Stacked` in `tree` (not those of an `unstacked()` stack: its layers are a tuple)."""
+    from ..nn import Stacked  # eqzoo.nn imports eqzoo.sharding lazily; this is the other way
+
+    found = []
+    nodes = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Stacked))[0]
+    for path, node in nodes:
+        if isinstance(node, Stacked) and not isinstance(node.layers, tuple):
+            found.append(path_str((*path, jax.tree_util.GetAttrKey("layers"))) + ".")
+    return tuple(found)
+
+
+def _by_stage(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
+    """`spec` with the stacked layer axis split over `stage`, unless the rule placed it."""
+    if tuple(spec)[:1] not in ((), (None,)):
+        return spec
+    stages = int(mesh.shape["stage"])
+    if shape[0] % stages:
+        raise ShardingError(
+            f"parameter {name!r} of shape {shape_str(shape)}: its stack of {shape[0]} layers cannot "
+            f"be split over mesh axis stage={stages} (pipeline parallelism gives each stage an equal "
+            f"share of the layers). Use a stage size that divides {shape[0]}, or a depth divisible "
+            f"by {stages}."
+        )
+    return P("stage", *tuple(spec)[1:])
 
 
 def default_rules(model: Any) -> tuple[tuple[str, P], ...]:

@@ -15,7 +15,12 @@ from jaxtyping import PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str
 from ..nn._grouped import summed_weight_gradients
-from ..sharding._activation import ContextAttention, batch_axes, check_context_attention
+from ..sharding._activation import (
+    ContextAttention,
+    batch_axes,
+    check_context_attention,
+    check_pipeline_microbatches,
+)
 from ..sharding._errors import ShardingError
 from ..sharding._mesh import SEQUENCE_KEYS, context_size
 from ._losses import tree_global_norm
@@ -161,11 +166,13 @@ class TrainStep:
     def __init__(
         self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None,
         sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
+        pipeline_microbatches: int | None = None,
     ):
         self._pure_step = pure_step
         self._donate = donate
         self._mesh = mesh
         self._context_attention = context_attention
+        self._pipeline_microbatches = pipeline_microbatches
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_train_step")
         # One process holds the whole batch, so a host (numpy) batch is the global batch and is
         # split over the mesh here; on several processes which rows it is is the caller's to say
@@ -202,10 +209,10 @@ class TrainStep:
 
                 shardings = _mesh_shardings(arrays, mesh)
 
-                context_attention = self._context_attention
+                options = {"context_attention": self._context_attention, "pipeline_microbatches": self._pipeline_microbatches}
 
                 def flat_step(arrays, batch):
-                    with activation_sharding(mesh, context_attention=context_attention):
+                    with activation_sharding(mesh, **options):
                         return pure(structure, arrays, batch, shardings)
 
                 # Pin the new state to the input state's layout, so it stays sharded step after
@@ -583,6 +590,7 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
     context_attention: ContextAttention = "gather",
+    pipeline_microbatches: int | None = None,
 ) -> TrainStep:
     """Build the compiled training step.
 
@@ -631,6 +639,10 @@ def make_train_step(
       [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md. With ring attention and
       `grad_accum_steps > 1`, each micro-batch's rows must split evenly over the mesh's batch
       axes (a `ShardingError` when the step is traced says so).
+    - `pipeline_microbatches`: under a `mesh` with `stage > 1` (pipeline parallelism), how many
+      micro-batches each layer stack cuts the batch (each accumulation micro-batch, with
+      `grad_accum_steps > 1`) into; `None` picks up to `2 * stage`. As for
+      [`eqzoo.sharding.activation_sharding`][]; docs/scaling.md, "Pipeline parallelism".
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -638,6 +650,7 @@ def make_train_step(
     precision = Precision() if precision is None else precision
     check_precision(precision, "make_train_step")
     check_context_attention(context_attention, "make_train_step")
+    check_pipeline_microbatches(pipeline_microbatches, "make_train_step")
     if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
     scaling = precision.loss_scale == "dynamic"
@@ -677,7 +690,7 @@ def make_train_step(
             metrics["loss_scale"] = new_opt_state[1].scale
         return tuple(new_arrays), metrics
 
-    return TrainStep(pure_step, donate, mesh, sequence_keys, context_attention)
+    return TrainStep(pure_step, donate, mesh, sequence_keys, context_attention, pipeline_microbatches)
 
 
 class EvalStep:
@@ -686,10 +699,12 @@ class EvalStep:
     def __init__(
         self, pure: Callable, mesh: jax.sharding.Mesh | None = None,
         sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
+        pipeline_microbatches: int | None = None,
     ):
         self._pure = pure
         self._mesh = mesh
         self._context_attention = context_attention
+        self._pipeline_microbatches = pipeline_microbatches
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_eval_step")
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
@@ -703,10 +718,10 @@ class EvalStep:
             else:
                 from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
 
-                context_attention = self._context_attention
+                options = {"context_attention": self._context_attention, "pipeline_microbatches": self._pipeline_microbatches}
 
                 def traced(arrays, b):
-                    with activation_sharding(mesh, context_attention=context_attention):
+                    with activation_sharding(mesh, **options):
                         return self._pure(structure, arrays, b)
 
                 fn = jax.jit(traced, out_shardings=jax.NamedSharding(mesh, jax.P()))
@@ -731,6 +746,7 @@ def make_eval_step(
     mesh: jax.sharding.Mesh | None = None,
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
     context_attention: ContextAttention = "gather",
+    pipeline_microbatches: int | None = None,
 ) -> EvalStep:
     """Build a compiled evaluation step.
 
@@ -748,12 +764,14 @@ def make_eval_step(
       Metrics are replicated.
     - `sequence_keys`: which batch entries are sequences, as for `make_train_step`.
     - `context_attention`: `"gather"`, `"ring"` or `"ring_balanced"`, as for `make_train_step`.
+    - `pipeline_microbatches`: under a `mesh` with `stage > 1`, as for `make_train_step`.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.
     """
     precision = Precision() if precision is None else precision
     check_context_attention(context_attention, "make_eval_step")
+    check_pipeline_microbatches(pipeline_microbatches, "make_eval_step")
 
     def pure(structure, arrays, batch):
         parts: StateParts = structure.unflatten(arrays)
@@ -768,4 +786,4 @@ def make_eval_step(
         _check_scalar_loss(loss)
         return {"loss": loss.astype(jnp.float32), **aux}
 
-    return EvalStep(pure, mesh, sequence_keys, context_attention)
+    return EvalStep(pure, mesh, sequence_keys, context_attention, pipeline_microbatches)

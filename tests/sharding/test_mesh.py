@@ -7,30 +7,30 @@ from eqzoo import sharding as sh
 
 
 def test_make_mesh_from_dict_and_string():
-    a = sh.make_mesh({"data": 2, "fsdp": 2, "expert": 1, "tensor": 2})
+    a = sh.make_mesh({"stage": 1, "data": 2, "fsdp": 2, "expert": 1, "tensor": 2})
     b = sh.make_mesh("data=2,fsdp=2,tensor=2")
-    assert a.axis_names == b.axis_names == ("data", "fsdp", "context", "expert", "tensor")
-    assert sh.mesh_shape(a) == sh.mesh_shape(b) == {"data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}
+    assert a.axis_names == b.axis_names == ("stage", "data", "fsdp", "context", "expert", "tensor")
+    assert sh.mesh_shape(a) == sh.mesh_shape(b) == {"stage": 1, "data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}
     assert a.devices.size == len(jax.devices()) == 8
     assert all(t == jax.sharding.AxisType.Auto for t in a.axis_types)
 
 
 def test_missing_axes_have_size_one_and_minus_one_fills():
-    assert sh.mesh_shape(sh.make_mesh("tensor=2,data=-1")) == {"data": 4, "fsdp": 1, "context": 1, "expert": 1, "tensor": 2}
-    assert sh.mesh_shape(sh.make_mesh()) == {"data": 8, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
-    assert sh.mesh_shape(sh.make_mesh("fsdp=-1")) == {"data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 1}
-    assert sh.mesh_shape(sh.make_mesh("expert=4,fsdp=-1")) == {"data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
+    assert sh.mesh_shape(sh.make_mesh("tensor=2,data=-1")) == {"stage": 1, "data": 4, "fsdp": 1, "context": 1, "expert": 1, "tensor": 2}
+    assert sh.mesh_shape(sh.make_mesh()) == {"stage": 1, "data": 8, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
+    assert sh.mesh_shape(sh.make_mesh("fsdp=-1")) == {"stage": 1, "data": 1, "fsdp": 8, "context": 1, "expert": 1, "tensor": 1}
+    assert sh.mesh_shape(sh.make_mesh("expert=4,fsdp=-1")) == {"stage": 1, "data": 1, "fsdp": 2, "context": 1, "expert": 4, "tensor": 1}
 
 
 def test_context_axis_sits_between_fsdp_and_expert():
     # Context parallelism's axis: accepted in strings and dicts, placed inside data/fsdp and
     # outside expert/tensor; a context=1 mesh keeps the device order a mesh without it had.
     mesh = sh.make_mesh("data=2,context=4")
-    assert sh.mesh_shape(mesh) == {"data": 2, "fsdp": 1, "context": 4, "expert": 1, "tensor": 1}
-    assert sh.parse_mesh_shape({"context": -1, "tensor": 2}) == {"data": 1, "fsdp": 1, "context": -1, "expert": 1, "tensor": 2}
+    assert sh.mesh_shape(mesh) == {"stage": 1, "data": 2, "fsdp": 1, "context": 4, "expert": 1, "tensor": 1}
+    assert sh.parse_mesh_shape({"context": -1, "tensor": 2}) == {"stage": 1, "data": 1, "fsdp": 1, "context": -1, "expert": 1, "tensor": 2}
     assert sh.mesh_shape(sh.make_mesh("context=-1,tensor=2"))["context"] == 4
     # devices along `context` are the neighbours of the `expert`/`tensor` block, not of `data`
-    assert [d.id for d in mesh.devices[0, 0, :, 0, 0]] == [0, 1, 2, 3]
+    assert [d.id for d in mesh.devices[0, 0, 0, :, 0, 0]] == [0, 1, 2, 3]
     plain = sh.make_mesh("data=2,fsdp=2,tensor=2")
     assert plain.devices.reshape(-1).tolist() == jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor")).devices.reshape(-1).tolist()
 
@@ -41,19 +41,19 @@ def test_subset_of_devices():
 
 
 def test_parse_mesh_shape():
-    assert sh.parse_mesh_shape(" data = 2 , tensor=4 ") == {"data": 2, "fsdp": 1, "context": 1, "expert": 1, "tensor": 4}
-    assert sh.parse_mesh_shape("") == {"data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
+    assert sh.parse_mesh_shape(" data = 2 , tensor=4 ") == {"stage": 1, "data": 2, "fsdp": 1, "context": 1, "expert": 1, "tensor": 4}
+    assert sh.parse_mesh_shape("") == {"stage": 1, "data": 1, "fsdp": 1, "context": 1, "expert": 1, "tensor": 1}
 
 
 def test_mesh_size_not_matching_devices():
-    with pytest.raises(sh.ShardingError, match=r"data=3,fsdp=1,context=1,expert=1,tensor=1 needs 3 devices but 8 are present"):
+    with pytest.raises(sh.ShardingError, match=r"stage=1,data=3,fsdp=1,context=1,expert=1,tensor=1 needs 3 devices but 8 are present"):
         sh.make_mesh("data=3")
     with pytest.raises(sh.ShardingError, match=r"cannot fill mesh axis 'data'.*3 devices.*8 devices"):
         sh.make_mesh("data=-1,tensor=3")
 
 
 def test_unknown_axis_name():
-    with pytest.raises(sh.ShardingError, match=r"unknown mesh axis 'model'.*\['data', 'fsdp', 'context', 'expert', 'tensor'\]"):
+    with pytest.raises(sh.ShardingError, match=r"unknown mesh axis 'model'.*\['stage', 'data', 'fsdp', 'context', 'expert', 'tensor'\]"):
         sh.make_mesh("data=4,model=2")
     with pytest.raises(sh.ShardingError, match=r"unknown mesh axis 'pipeline'"):
         sh.make_mesh({"pipeline": 8})

@@ -1,0 +1,258 @@
+"""Pipeline parallelism: a layer stack split by depth over the mesh's `stage` axis, run as a
+GPipe schedule of micro-batches.
+
+A [`eqzoo.nn.Stacked`][] applied under an eqzoo mesh with `stage > 1` (inside
+[`eqzoo.sharding.activation_sharding`][]) views its stacked arrays `(layers, ...)` as
+`(stage, layers / stage, ...)`, split over `stage`: stage `s` holds layers
+`s * layers / stage ...`. The batch is cut into `M` micro-batches and a buffer of one
+micro-batch's activations per stage, `(stage, micro, ...)` split over `stage`, runs
+`M + stage - 1` steps: at step `t` stage 0 takes micro-batch `t`, every stage runs its own
+layers on its slot (a `vmap` over the stage axis of a `scan` over its layers), and the buffer
+moves one stage on (`jnp.roll` over the stage axis, which XLA lowers to a collective-permute),
+the last stage's output being micro-batch `t - (stage - 1)`. Reverse-mode differentiation
+runs the same schedule backwards (the transpose of the roll is the roll the other way).
+
+The models are written for one example and `jax.vmap`ped over the batch, so the schedule needs
+the batch: the pipelined stack is a `jax.custom_batching.custom_vmap` whose batching rule (which
+sees the whole batch) runs the schedule. Its rule is only reached when the `vmap` is the
+innermost transformation of the stack's inputs (`jax.grad` of a vmapped loss, as training takes
+it); elsewhere (one example, `vmap` of `grad`, a surrounding `jax.checkpoint`) the stack runs
+as a plain scan, which XLA partitions by gathering each stage's layers: the same values, no
+pipelining.
+
+Every slot always holds a real micro-batch (the buffer starts as copies of micro-batch 0 and
+stage 0 keeps taking the last one once all have entered), so the bubble's discarded work runs
+on real activations and cannot produce NaNs whose zero cotangents would still poison a gradient.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ..sharding._errors import ShardingError
+
+
+def pipeline_stages() -> int:
+    """The size of the active eqzoo mesh's `stage` axis (1 without a mesh, or inside a
+    `shard_map`), read at trace time."""
+    from ..sharding._activation import active_mesh  # eqzoo.sharding imports eqzoo.nn
+    from ..sharding._mesh import stage_size
+
+    if jax.sharding.get_abstract_mesh().manual_axes:
+        return 1
+    return stage_size(active_mesh())
+
+
+def default_microbatches(batch: int, stages: int, batch_ways: int = 1) -> int:
+    """The number of micro-batches used when none is set: the largest `m <= 2 * stages` that
+    divides `batch` into micro-batches the batch axes (`batch_ways` devices) still split evenly,
+    else the largest `m <= 2 * stages` dividing `batch`."""
+    fits = [m for m in range(1, 2 * stages + 1) if batch % m == 0]
+    even = [m for m in fits if (batch // m) % batch_ways == 0]
+    return max(even or fits)
+
+
+def bubble_fraction(stages: int, microbatches: int) -> float:
+    """The fraction of a GPipe schedule's `microbatches + stages - 1` steps each stage spends
+    idle (computing a discarded slot): `(stages - 1) / (microbatches + stages - 1)`."""
+    return (stages - 1) / (microbatches + stages - 1)
+
+
+def _under_vmap(leaves: list) -> bool:
+    # The custom_vmap's rule runs only when the innermost transformation of the inputs is a
+    # vmap: then JAX hands the bind to the vmap's trace first, and the rule's ordinary
+    # operations are differentiated by any enclosing grad. Under an inner JVP (vmap of grad,
+    # or no vmap at all) JAX would need a transpose rule custom_vmap does not have.
+    try:
+        from jax._src.interpreters.batching import BatchTrace  # no public name for it
+        from jax.extend.core import find_top_trace
+    except ImportError as error:  # a JAX release that moved them: say so rather than fail obscurely
+        raise ShardingError(
+            "pipeline parallelism (a mesh with stage > 1) tells whether the layer stack runs under "
+            "the batch's vmap from jax._src.interpreters.batching.BatchTrace and "
+            f"jax.extend.core.find_top_trace, which this JAX release ({jax.__version__}) lacks ({error}). "
+            "Use a mesh with stage=1, or the JAX version in eqzoo's constraints.txt."
+        ) from error
+
+    return isinstance(find_top_trace(leaves), BatchTrace)
+
+
+def pipelined_apply(
+    body: Callable, arrays: Any, carry: Any, xs: Any, num_layers: int, *, scan: bool
+) -> tuple[Any, Any] | None:
+    """`lax.scan(body, carry, (arrays, xs))` run as a pipeline over the active mesh's `stage`
+    axis, or `None` where it cannot be (no `stage` axis, not under an innermost `vmap`): the
+    caller then runs its plain scan.
+
+    **Raises:** [`eqzoo.sharding.ShardingError`][] when `stage` does not divide `num_layers`.
+    """
+    stages = pipeline_stages()
+    if stages == 1:
+        return None
+    if num_layers % stages:
+        raise ShardingError(
+            f"pipeline parallelism: the mesh's stage={stages} does not divide the stack's "
+            f"{num_layers} layers (each stage holds an equal share of them). Use a stage size "
+            f"that divides {num_layers}, or a depth divisible by {stages}."
+        )
+    # Hoist what `body` closes over (per-example positions, masks ...: batched tracers) into
+    # explicit arguments: a custom_vmap function may only close over unbatched values.
+    one = jax.tree.map(lambda a: a[0], (arrays, xs))
+    closed, shapes = jax.make_jaxpr(lambda c, lx: body(c, lx), return_shape=True)(carry, one)
+    consts = list(closed.consts)
+    if not _under_vmap(jax.tree.leaves((consts, arrays, carry, xs))):
+        return None
+    _check_ring(stages)
+    out_tree = jax.tree.structure(shapes)
+
+    def step(consts, c, lx):
+        flat = jax.core.eval_jaxpr(closed.jaxpr, consts, *jax.tree.leaves((c, lx)))
+        return jax.tree.unflatten(out_tree, flat)
+
+    def plain(consts, arrays, carry, xs):
+        return _scan_layers(lambda c, lx: step(consts, c, lx), carry, (arrays, xs), scan)
+
+    op = custom_vmap(plain)
+
+    @op.def_vmap
+    def _(axis_size, in_batched, consts, arrays, carry, xs):
+        consts_b, arrays_b, carry_b, xs_b = in_batched
+        if any(jax.tree.leaves(arrays_b)):  # a vmap over models (an ensemble): no pipeline
+            axes = tuple(jax.tree.map(lambda b: 0 if b else None, in_batched))
+            out = jax.vmap(plain, in_axes=axes)(consts, arrays, carry, xs)
+        else:
+            plan = _Plan(stages, axis_size, step, scan)
+            out = plan.run(consts, consts_b, arrays, carry, carry_b, xs, xs_b)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return op(consts, arrays, carry, xs)
+
+
+def _check_ring(stages: int) -> None:
+    from ..sharding._activation import active_context_attention, active_mesh
+    from ..sharding._mesh import context_size
+
+    ring = active_context_attention()
+    if ring != "gather" and context_size(active_mesh()) > 1:
+        raise ShardingError(
+            f"pipeline parallelism (stage={stages}) does not run ring attention "
+            f"(context_attention={ring!r}): its shard_map cannot run inside the pipeline's "
+            "per-stage vmap. Use context_attention='gather' with a stage axis, or a mesh with "
+            "stage=1 for ring attention."
+        )
+
+
+def _scan_layers(f, carry, layer_inputs, scan: bool):
+    """`lax.scan(f, carry, layer_inputs)`, or the same loop unrolled."""
+    if scan:
+        return jax.lax.scan(f, carry, layer_inputs)
+    n = jax.tree.leaves(layer_inputs)[0].shape[0]
+    ys = []
+    for i in range(n):
+        carry, y = f(carry, jax.tree.map(lambda a, i=i: a[i], layer_inputs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+
+class _Plan:
+    """One pipelined application: the sizes, the mesh layout and the schedule."""
+
+    def __init__(self, stages: int, batch: int, step: Callable, scan: bool):
+        from ..sharding._activation import active_mesh, active_pipeline_microbatches, batch_axes
+
+        self.mesh = active_mesh()
+        self.batch_axes = batch_axes(self.mesh)
+        ways = math.prod(int(self.mesh.shape[a]) for a in self.batch_axes)
+        micro = active_pipeline_microbatches()
+        if micro is None:
+            micro = default_microbatches(batch, stages, ways)
+        elif batch % micro:
+            raise ShardingError(
+                f"pipeline parallelism: a batch of {batch} cannot be cut into "
+                f"pipeline_microbatches={micro} equal micro-batches. Use a number of micro-batches "
+                f"that divides {batch} (e.g. {default_microbatches(batch, stages, ways)}), or a batch "
+                f"that is a multiple of {micro}."
+            )
+        self.stages, self.micro, self.size, self.step, self.scan = stages, micro, batch // micro, step, scan
+        # The micro-batch axis is split over the batch axes when they divide it.
+        self.spread = self.batch_axes if self.batch_axes and self.size % ways == 0 else None
+
+    def _constrain(self, x, *lead):
+        spec = P(*lead, *(P.UNCONSTRAINED,) * (x.ndim - len(lead)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def _micro(self, x):
+        # (batch, ...) -> (micro, size, ...), micro-batch m holding examples m, m + micro, ...:
+        # a batch split over the batch axes in contiguous blocks stays split along `size`.
+        x = x.reshape(self.size, self.micro, *x.shape[1:])
+        return self._constrain(jnp.swapaxes(x, 0, 1), None, self.spread)
+
+    def _unmicro(self, x):
+        return jnp.swapaxes(x, 0, 1).reshape(self.size * self.micro, *x.shape[2:])
+
+    def _by_stage(self, x):
+        # (layers, ...) -> (stage, layers / stage, ...), the stage axis split over `stage`.
+        return self._constrain(x.reshape(self.stages, -1, *x.shape[1:]), "stage")
+
+    def run(self, consts, consts_b, arrays, carry, carry_b, xs, xs_b):
+        n, size = self.micro, self.size
+        full = lambda x, b: x if b else jnp.broadcast_to(x, (n * size, *x.shape))  # noqa: E731
+        carry = jax.tree.map(full, carry, carry_b)
+        xs_leaves, xs_tree = jax.tree.flatten(xs)
+        xs_b = jax.tree.leaves(xs_b)
+        # What travels with each example: its carry, the closed-over values and per-layer inputs
+        # of its own (the latter as (stage, layers / stage, ...), each stage reading its own row).
+        own = lambda leaves, flags: [x for x, b in zip(leaves, flags, strict=True) if b]  # noqa: E731
+        moving = (
+            carry,
+            own(consts, consts_b),
+            [x.reshape(x.shape[0], self.stages, -1, *x.shape[2:]) for x in own(xs_leaves, xs_b)],
+        )
+        inputs = jax.tree.map(self._micro, moving)  # (micro, size, ...)
+        shared_xs = [None if b else self._by_stage(x) for x, b in zip(xs_leaves, xs_b, strict=True)]
+        stage_arrays = jax.tree.map(self._by_stage, arrays)
+
+        def merge(shared, mine):
+            it = iter(mine)
+            return [next(it) if x is None else x for x in shared]
+
+        def run_stage(s, layers, stage_xs, slot):
+            def one_example(item):
+                c, own_consts, own_xs = item
+                all_consts = merge([None if b else c0 for c0, b in zip(consts, consts_b, strict=True)], own_consts)
+                lxs = jax.tree.unflatten(xs_tree, merge(stage_xs, [x[s] for x in own_xs]))
+                c, ys = _scan_layers(lambda c, lx: self.step(all_consts, c, lx), c, (layers, lxs), self.scan)
+                return (c, own_consts, own_xs), ys
+
+            batch_spmd = {"spmd_axis_name": self.spread} if self.spread else {}
+            return jax.vmap(one_example, **batch_spmd)(slot)
+
+        stages = jnp.arange(self.stages, dtype=jnp.int32)
+        run_all = jax.vmap(run_stage, spmd_axis_name="stage")
+
+        def tick(state, t):
+            feed = jax.tree.map(lambda x: x[jnp.minimum(t, n - 1)], inputs)
+            state = jax.tree.map(lambda s, f: s.at[0].set(f), state, feed)  # stage 0 takes micro-batch t
+            state = jax.tree.map(lambda s: self._constrain(s, "stage", self.spread), state)
+            out, ys = run_all(stages, stage_arrays, shared_xs, state)
+            done = jax.tree.map(lambda x: x[-1], out[0])  # the last stage's: micro-batch t - (stage - 1)
+            return jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), out), (done, ys)
+
+        state = jax.tree.map(lambda x: jnp.broadcast_to(x[0], (self.stages, *x.shape[1:])), inputs)
+        steps = jnp.arange(n + self.stages - 1, dtype=jnp.int32)
+        _, (done, ys) = jax.lax.scan(tick, state, steps)
+        out = jax.tree.map(lambda x: self._unmicro(x[self.stages - 1:]), done)
+        return out, jax.tree.map(self._collect_ys, ys)
+
+    def _collect_ys(self, y):
+        # y: (steps, stage, size, layers / stage, ...); micro-batch m was on stage s at step m + s.
+        s = jnp.arange(self.stages)[None, :]
+        m = jnp.arange(self.micro)[:, None]
+        y = y[m + s, s]  # (micro, stage, size, layers / stage, ...)
+        y = jnp.moveaxis(y, 2, 1).reshape(self.micro, self.size, -1, *y.shape[4:])
+        return self._unmicro(y)
