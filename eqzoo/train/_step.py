@@ -262,17 +262,18 @@ class TrainStep:
 
     @property
     def num_compilations(self) -> int:
-        """How many programs XLA compiled for the step's calls (or read from JAX's persistent
-        compilation cache): one per state structure, batch shape and input layout, so a second
-        one means the step recompiled (`jax_log_compiles` shows the same count). Counted from
-        JAX's compile events during the step's calls; a program compiled from `lower()`'s
-        result is not. (The `jax.jit` dispatch cache's entries are not compilations: on a mesh a
-        typed PRNG key that a call returned gets a second entry, without a trace or compile, by
-        the third call.) Where a JAX release emits no compile event, the step's traces are
-        counted instead."""
-        if _compile_events_seen:
-            return self._compiles
-        return sum(self._traces.values())
+        """How many programs the step has needed: one per state structure, batch shape and
+        input layout, so a second one means the step recompiled (`jax_log_compiles` shows the
+        same count). It is the larger of two counts: JAX's compile events during the step's
+        calls (XLA compiling, or reading JAX's persistent compilation cache), which see a
+        recompile for a new input layout that needs no new trace; and the step's traces, which
+        see the program a call found compiled ahead (`step.lower(...).compile()`, which JAX then
+        reuses without a compile event). (The `jax.jit` dispatch cache's entries are not
+        compilations: on a mesh a typed PRNG key that a call returned gets a second entry,
+        without a trace or compile, by the third call.) Where a JAX release emits no compile
+        event, the traces alone are counted."""
+        traces = sum(self._traces.values())
+        return max(self._compiles, traces) if _compile_events_seen else traces
 
 
 def _frozen_indices(structure, arrays) -> tuple[int, ...]:
