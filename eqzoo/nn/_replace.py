@@ -109,6 +109,34 @@ def replace_linears(
 EXPERT_FIELDS = ("gate_proj", "up_proj", "down_proj")  # a MoE layer's expert arrays, as targets see them
 
 
+def choose_expert_targets(
+    model, targets: Targets, experts: bool | None, *, what: str
+) -> tuple[Targets, bool, bool, bool, Callable[[str], bool]]:
+    """`split_expert_targets` and the choices shared by the functions that wrap linear layers
+    and expert weights alike (`quantize`, `prepare_qat`, `prepare_fp8`): whether to treat the
+    experts (`experts=None`: when `targets` is `None` or matches an expert array), and which
+    linear layers to leave alone (a mixture-of-experts router, unless a target names
+    `"router"`: rounding it can change which experts a token picks).
+
+    **Returns:** `(linear_targets, hits_experts, linears, experts, skipped)`, the first three as
+    `split_expert_targets` gives them, `skipped(path)` true for a router to leave alone.
+
+    **Raises:** `ConfigError` as `split_expert_targets` does, and when the targets name only
+    expert weights but `experts=False`.
+    """
+    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what=what)
+    if experts is None:
+        experts = targets is None or hits_experts
+    if hits_experts and not linears and not experts:
+        raise ConfigError(f"{what}: targets {targets!r} name only expert weights, but experts=False.")
+    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
+
+    def skipped(path: str) -> bool:
+        return path.split(".")[-1] == "router" and not names_router
+
+    return linear_targets, hits_experts, linears, experts, skipped
+
+
 def split_expert_targets(model, targets: Targets, *, what: str) -> tuple[Targets, bool, bool]:
     """Which linear layers and whether the expert weights `targets` selects, for the functions
     that treat a mixture-of-experts layer's expert arrays beside its linear layers (quantize,

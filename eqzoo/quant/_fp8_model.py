@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from .._errors import ConfigError
 from ..nn import AbstractWeight, MoE, Targets, replace_linears
-from ..nn._replace import EXPERT_FIELDS, split_expert_targets
+from ..nn._replace import EXPERT_FIELDS, choose_expert_targets
 from ..sharding import path_str
 from ._fp8 import Fp8Linear
 from ._fp8_experts import Fp8Weight
@@ -75,16 +75,11 @@ def prepare_fp8(model, *, targets: Targets = None, experts: bool | None = None):
     fp8, quantized or adapted), if an expert weight to wrap is not a float array, if a selected
     weight is not floating point, or if nothing is left to wrap.
     """
-    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="prepare_fp8")
-    if experts is None:
-        experts = targets is None or hits_experts
-    if hits_experts and not linears and not experts:
-        raise ConfigError(f"prepare_fp8: targets {targets!r} name only expert weights, but experts=False.")
-    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
+    linear_targets, _, linears, experts, skipped = choose_expert_targets(model, targets, experts, what="prepare_fp8")
     count = []
 
     def wrap(path, layer):
-        if path.split(".")[-1] == "router" and not names_router:
+        if skipped(path):
             return layer  # picks experts: rounding it can change the routing, as quantize keeps it
         if not jnp.issubdtype(layer.weight.dtype, jnp.floating):
             raise ConfigError(

@@ -14,7 +14,7 @@ from ..nn import (
     replace_linears,
     select_linears,
 )
-from ..nn._replace import EXPERT_FIELDS, split_expert_targets
+from ..nn._replace import EXPERT_FIELDS, choose_expert_targets
 from ..sharding import path_str
 from ._fp8 import Fp8Linear
 from ._fp8_experts import Fp8Weight
@@ -81,19 +81,10 @@ def quantize(
     it for (naming both and the call that converts it).
     """
     check_bits_and_groups(bits, group_size, 2 * (group_size or 1), "quantize")  # bits, and group_size's type
-    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="quantize")
-    if experts is None:
-        experts = targets is None or hits_experts
-    # A router is quantized only when a target names it: a rounded router can change which
-    # experts a token picks ("mlp" on a Mixtral means its experts, not its router).
-    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
-
-    def skipped(path):
-        return path.split(".")[-1] == "router" and not names_router
-
-    if not linears:  # the targets name expert weights only
-        if not experts:
-            raise ConfigError(f"quantize: targets {targets!r} name only expert weights, but experts=False.")
+    # A router is quantized only when a target names it ("mlp" on a Mixtral means its experts,
+    # not its router): `skipped`.
+    linear_targets, hits_experts, linears, experts, skipped = choose_expert_targets(model, targets, experts, what="quantize")
+    if not linears:  # the targets name expert weights only (and experts is not False)
         return _quantize_experts(model, refuse_quantized=True, bits=bits, group_size=group_size)
     selected = select_linears(model, linear_targets, what="quantize")
     already = [p for p, x in selected if isinstance(x, QuantizedLinear)]

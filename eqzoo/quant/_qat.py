@@ -8,7 +8,7 @@ from jaxtyping import Array, Float, Shaped
 
 from .._errors import ConfigError
 from ..nn import AbstractLinear, AbstractWeight, MoE, Targets, apply_linear, replace_linears
-from ..nn._replace import EXPERT_FIELDS, split_expert_targets
+from ..nn._replace import EXPERT_FIELDS, choose_expert_targets
 from ..sharding import path_str
 from ._int4 import check_bits_and_groups, qmax
 from ._int8 import _check_floating, check_finite, dequantize_groups, quantize_groups
@@ -254,16 +254,11 @@ def prepare_qat(
     layer's input size (naming the layer).
     """
     check_bits_and_groups(bits, group_size, 2 * (group_size or 1), "prepare_qat")  # bits, and group_size's type
-    linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="prepare_qat")
-    if experts is None:
-        experts = targets is None or hits_experts
-    if hits_experts and not linears and not experts:
-        raise ConfigError(f"prepare_qat: targets {targets!r} name only expert weights, but experts=False.")
-    names_router = targets is not None and any("router" in t for t in ([targets] if isinstance(targets, str) else targets))
+    linear_targets, _, linears, experts, skipped = choose_expert_targets(model, targets, experts, what="prepare_qat")
     count = []
 
     def wrap(path, layer):
-        if path.split(".")[-1] == "router" and not names_router:
+        if skipped(path):
             return layer  # as quantize leaves it: float, so QAT and the deployed model agree
         count.append(path)
         check_bits_and_groups(bits, group_size, layer.in_features, f"prepare_qat: {path} Linear({layer.in_features} -> {layer.out_features})")
