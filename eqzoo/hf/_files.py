@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import require, user_stacklevel
+from .._errors import ConfigError, require, user_stacklevel
 from ._errors import HFFormatError
 
 CONFIG_NAME = "config.json"
@@ -31,6 +31,30 @@ def as_folder(path: str | os.PathLike[str]) -> Path:
             "for example with `huggingface-cli download NAME --local-dir DIR`."
         )
     return folder
+
+
+def float_dtype(dtype: Any, caller: str) -> np.dtype | None:
+    """`load_pretrained`'s and `save_pretrained`'s `dtype` argument as a floating NumPy dtype,
+    or `None` (also for transformers' `"auto"`) to keep the file's or the model's dtypes."""
+    import jax.numpy as jnp
+
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    try:
+        out = np.dtype(jnp.dtype(dtype))
+    except TypeError:
+        raise ConfigError(
+            f"{caller}: dtype={dtype!r} is not a JAX or NumPy dtype; pass one such as jnp.bfloat16 or "
+            "'float32' (a torch dtype is not one), or None (or 'auto') to keep the stored dtypes."
+        ) from None
+    if not jnp.issubdtype(out, jnp.floating):
+        raise ConfigError(
+            f"{caller}: dtype={out.name} is not a floating-point dtype: it would cast every weight to "
+            f"{out.name} (rounding it away), not quantize it. Pass a float dtype (jnp.bfloat16, "
+            "jnp.float32) and quantize the loaded model with eqzoo.quant.quantize(model) (int8) or "
+            "eqzoo.quant.quantize(model, bits=4)."
+        )
+    return out
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -130,9 +130,16 @@ class GenerationConfig:
         `config.kwargs(logits_processors=[*config.logits_processors(), mine])`. A file that asks
         for beams (`num_beams` > 1: beam search, or beam sampling with `do_sample`) warns: these
         arguments decode one sequence, greedily or sampled, without beams;
-        [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the beams'."""
+        [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the beams'.
+        `do_sample=False` among the overrides decodes greedily (the file's temperature, `top_k`,
+        `top_p` and `min_p` are left out), as transformers' `generate(do_sample=False)` does;
+        `do_sample=True` keeps a sampling file's settings (on a greedy file it is refused: the
+        file's sampling values are not read, as transformers ignores them; pass `temperature=`
+        and the filters yourself)."""
+        overrides, sample = self._do_sample(overrides, "kwargs")
         if self.num_beams > 1:
-            what, how = ("beam sampling", "sample without beams") if self.temperature > 0.0 else ("beam search", "decode greedily")
+            what = "beam sampling" if self.temperature > 0.0 else "beam search"
+            how = "sample without beams" if self.temperature > 0.0 and sample is not False else "decode greedily"
             warnings.warn(
                 f"this generation config asks for {what} (num_beams={self.num_beams}); kwargs() gives "
                 f"eqzoo.generate's arguments, which {how}. For transformers' beams: "
@@ -145,6 +152,8 @@ class GenerationConfig:
             "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
             "repetition_penalty": self.repetition_penalty, **self._length(),
         }
+        if sample is False:
+            out |= {"temperature": 0.0, "top_k": None, "top_p": None, "min_p": None}
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
 
     def beam_kwargs(self, **overrides: Any) -> dict[str, Any]:
@@ -158,15 +167,78 @@ class GenerationConfig:
         samples (`do_sample: true` with beams: transformers' beam sampling) adds
         `do_sample=True` and its `temperature`, `top_k`, `top_p` and `min_p` (transformers'
         `top_k` of 50 where the file sets none); pass the key as an override:
-        `config.beam_kwargs(key=jax.random.key(0))`."""
+        `config.beam_kwargs(key=jax.random.key(0))`. A `do_sample` override is read as
+        [`kwargs`][eqzoo.hf.GenerationConfig.kwargs] reads it: `do_sample=False` gives the
+        deterministic search whatever the file says."""
+        overrides, sample = self._do_sample(overrides, "beam_kwargs")
         out = {
             "eos_token": self.eos_token, "pad_token": self.pad_token, **self._length(),
             "num_beams": self.num_beams, "length_penalty": self.length_penalty, "early_stopping": self.early_stopping,
             "num_return_sequences": self.num_return_sequences, "repetition_penalty": self.repetition_penalty,
         }
-        if self.temperature > 0.0:  # beam sampling
+        if self.temperature > 0.0 and sample is not False:  # beam sampling
             out |= {"do_sample": True, "temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
         return {k: v for k, v in out.items() if v is not None} | self._processors(overrides) | overrides
+
+    def request_kwargs(self, **overrides: Any) -> dict[str, Any]:
+        """The keyword arguments of [`eqzoo.generation.Request`][] these settings give, for
+        serving with [`eqzoo.generation.serve`][]:
+        `Request(prompt, id=..., **config.request_kwargs(max_new_tokens=64, key=key))`. They are
+        [`kwargs`][eqzoo.hf.GenerationConfig.kwargs]' (overrides, `do_sample` included, as
+        there) less `pad_token` (a request's events hold only its new tokens: there is no
+        padding). What a request cannot carry is refused rather than dropped: a file limited by
+        `max_length` alone (pass `max_new_tokens=`) and settings applied by logits processors
+        (`no_repeat_ngram_size`, `bad_words_ids`, `min_new_tokens`, ...: decode those with
+        [`eqzoo.generation.generate_batch`][], or pass `logits_processors=[]` to serve without
+        them).
+
+        **Raises:** `ConfigError` for either, naming the fix."""
+        out = self.kwargs(**overrides)
+        out.pop("pad_token", None)
+        if "max_length" in out and "max_new_tokens" in out:  # the override wins, as in transformers
+            del out["max_length"]
+        if "max_length" in out:
+            raise ConfigError(
+                f"GenerationConfig.request_kwargs: this generation config limits decoding by max_length="
+                f"{out['max_length']} (prompt included), which a Request does not take: pass "
+                "request_kwargs(max_new_tokens=N)."
+            )
+        processors = out.pop("logits_processors", [])
+        if processors:
+            names = ", ".join(type(p).__name__ for p in processors)
+            raise ConfigError(
+                f"GenerationConfig.request_kwargs: this generation config's settings are applied by logits "
+                f"processors ({names}), which serve's requests do not run. Decode with "
+                "eqzoo.generation.generate_batch(model, ..., **config.kwargs()) to apply them, or pass "
+                "request_kwargs(logits_processors=[]) to serve without them."
+            )
+        return out
+
+    def _do_sample(self, overrides: dict[str, Any], caller: str) -> tuple[dict[str, Any], bool | None]:
+        """`overrides` less `do_sample`, and its value (`None` when not given), checked: a
+        transformers user's `do_sample=False` turns sampling off, which eqzoo's decoding spells
+        `temperature=0.0` (or no `do_sample` for `generate_beam`)."""
+        if "do_sample" not in overrides:
+            return overrides, None
+        rest = {k: v for k, v in overrides.items() if k != "do_sample"}
+        sample = overrides["do_sample"]
+        if not isinstance(sample, bool):
+            raise ConfigError(f"GenerationConfig.{caller}: do_sample must be True or False, got {sample!r}.")
+        if sample and self.temperature == 0.0:
+            how = (
+                "eqzoo.generate samples whenever temperature > 0: kwargs(temperature=0.7, top_k=50, top_p=0.9, key=jax.random.key(0))"
+                if caller == "kwargs" else
+                "pass them to generate_beam beside beam_kwargs(): generate_beam(model, prompt, **config.beam_kwargs(), "
+                "do_sample=True, temperature=0.7, top_k=50, key=jax.random.key(0))"
+            )
+            raise ConfigError(
+                f"GenerationConfig.{caller}: do_sample=True, but this generation config decodes greedily (its "
+                "do_sample is false or absent), so its temperature, top_k and top_p were not read (transformers "
+                f"ignores them there too). Give the sampling settings yourself instead of do_sample: {how}."
+            )
+        if sample and caller == "beam_kwargs":
+            rest = {"do_sample": True} | rest
+        return rest, sample
 
     def _length(self) -> dict[str, int | None]:
         """`max_new_tokens`, or, when the file sets only `max_length`, that (prompt included):

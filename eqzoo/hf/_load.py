@@ -17,7 +17,7 @@ from .._errors import ConfigError, EqzooError, user_stacklevel
 from ..models import GPT2, Gemma, GPT2Config, Llama, Mixtral, ViT, model_class
 from ._config import config_from_hf
 from ._errors import HFFormatError
-from ._files import TensorReader, as_folder, read_config, weight_files
+from ._files import TensorReader, as_folder, float_dtype, read_config, weight_files
 from ._layout import TensorRule, get_path, rules_for
 
 ShardingSpec = Sharding | Callable[[str, jax.ShapeDtypeStruct], Sharding | None] | eqx.Module | None
@@ -214,8 +214,9 @@ def load_pretrained(
 
     - `path`: the checkpoint folder. Nothing is downloaded.
     - `dtype`: cast floating-point parameters to this dtype (e.g. `jnp.bfloat16`, or
-      `jnp.float32` for fp32 master weights from a bf16 checkpoint); `None` keeps the dtypes
-      stored in the file.
+      `jnp.float32` for fp32 master weights from a bf16 checkpoint); `None` (or transformers'
+      `"auto"`) keeps the dtypes stored in the file. Integer dtypes are refused: quantize with
+      [`eqzoo.quant.quantize`][] instead.
     - `sharding`: where parameters go: a `jax.sharding.Sharding` for all of them, a callable
       `(path, shape_dtype) -> Sharding | None` given each parameter's dotted path (e.g.
       `"blocks.layers.attn.q_proj.weight"`, with the leading layer axis in `shape_dtype`), a
@@ -232,7 +233,7 @@ def load_pretrained(
     unexpected or wrongly shaped tensor (named, with expected and found shapes).
     """
     folder = as_folder(path)
-    dtype = None if dtype is None else jnp.dtype(dtype)
+    dtype = float_dtype(dtype, "load_pretrained")
     overrides = dict(config_overrides or {})
     config = config_from_hf(read_config(folder), **overrides)
     _warn_meaning_overrides(config_from_hf(read_config(folder)), config, overrides)

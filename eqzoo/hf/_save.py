@@ -26,6 +26,7 @@ from ._files import (
     TOKENIZER_NAME,
     WEIGHTS_NAME,
     as_folder,
+    float_dtype,
     read_config,
 )
 from ._layout import TensorRule, get_path, rules_for
@@ -157,7 +158,8 @@ def save_pretrained(
     - `model`: a [`eqzoo.models.GPT2`][], [`eqzoo.models.Llama`][], [`eqzoo.models.Mixtral`][],
       [`eqzoo.models.Gemma`][] or [`eqzoo.models.ViT`][] (`pool="cls"`).
     - `path`: the folder to write (created if needed; earlier weight files in it are replaced).
-    - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` keeps them.
+    - `dtype`: cast floating-point tensors on export (e.g. `jnp.bfloat16`); `None` (or `"auto"`)
+      keeps them. Integer dtypes are refused (they would round the weights away).
       `config.json` names the result as both `dtype` (transformers 5) and `torch_dtype` (4.x).
     - `max_shard_size`: split the weights into shards of at most this many bytes (an int, or a
       string such as `"2GB"` / `"500MiB"`); `None` writes one file.
@@ -183,7 +185,7 @@ def save_pretrained(
     """
     _check_model(model)
     safetensors_numpy = require("safetensors.numpy", "hf")
-    dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    dtype = float_dtype(dtype, "save_pretrained")
     rules, _ = rules_for(model.config)
     table = _tensor_table(model, rules, dtype)
     hf = _hf_config(model, like, dtype, extra_config)

@@ -197,6 +197,30 @@ def _header(path) -> dict:
         return {"bad": True}
 
 
+def _refuse_hf_peft(path) -> None:
+    """A Hugging Face PEFT adapter (its folder, with `adapter_config.json`, or its
+    `adapter_model.safetensors`, whose names end in `lora_A.weight`) is refused with the way to
+    use it, rather than as a file of unknown origin or a missing one."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    found = path.is_dir() and (path / "adapter_config.json").is_file()
+    if not found and path.is_file():
+        safetensors = require("safetensors", "hf")
+        try:
+            with safetensors.safe_open(str(path), framework="numpy") as f:
+                found = any(re.search(r"\.lora_[AB]\.(default\.)?weight$", name) for name in f.keys())
+        except Exception:
+            return  # load_weights reports the missing or corrupt file
+    if found:
+        raise CheckpointMismatchError(
+            f"{path} is a Hugging Face PEFT adapter (adapter_config.json, lora_A/lora_B tensors); "
+            "eqzoo.peft.load_adapters reads only the files eqzoo.peft.save_adapters writes. Merge it "
+            "into its base model with PEFT, then load the merged folder: "
+            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(folder)!r})"
+            ".merge_and_unload().save_pretrained(OUT), then eqzoo.hf.load_pretrained(OUT)."
+        )
+
+
 def _shape_differs(message: str) -> bool:
     # load_weights lists "name: expected <dtype><shape>, found <dtype><shape>" for each misfit.
     return any(a != b for a, b in re.findall(r"expected \w+(\([^)]*\)), found \w+(\([^)]*\))", message))
@@ -226,6 +250,7 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
     `CheckpointNotFoundError` / `CheckpointCorruptError` as [`eqzoo.checkpoint.load_weights`][]
     does.
     """
+    _refuse_hf_peft(path)
     info = _header(path)
     if info.get("bad"):
         raise CheckpointMismatchError(

@@ -245,6 +245,16 @@ def test_bad_arguments(hf_checkpoints, loaded, tmp_path):
         eqzoo.hf.load_pretrained(folder, sharding="fsdp")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"the sharding for 'embed.weight' is a str"):
         eqzoo.hf.load_pretrained(folder, sharding=lambda path, leaf: "replicated")  # type: ignore[arg-type,return-value]
+    # an integer dtype rounded every weight away (int8 gave an all-zero model and an int8
+    # export) instead of quantizing; transformers' "auto" is the default, and a torch dtype is named
+    with pytest.raises(ConfigError, match=r"load_pretrained: dtype=int8 is not a floating-point dtype.*eqzoo.quant.quantize"):
+        eqzoo.hf.load_pretrained(folder, dtype=np.int8)
+    with pytest.raises(ConfigError, match=r"save_pretrained: dtype=int32 is not a floating-point dtype"):
+        eqzoo.hf.save_pretrained(loaded("gpt2"), tmp_path / "int", dtype="int32")
+    assert not (tmp_path / "int").exists()
+    with pytest.raises(ConfigError, match=r"dtype='torch.bfloat16' is not a JAX or NumPy dtype"):
+        eqzoo.hf.load_pretrained(folder, dtype="torch.bfloat16")
+    assert eqzoo.hf.load_pretrained(folder, dtype="auto").embed.weight.dtype == np.float32
     mlp = eqx.filter_eval_shape(MLP, MLPConfig(), key=jax.random.key(0))
     with pytest.raises(HFFormatError, match="save_pretrained exports eqzoo GPT2, Llama, Mixtral, Gemma and ViT models; got MLP"):
         eqzoo.hf.save_pretrained(mlp, tmp_path)  # type: ignore[arg-type]

@@ -72,12 +72,44 @@ def test_generation_config_written_by_transformers(tmp_path, hft):
     # transformers samples with top_k=50 where the file sets none
     assert config == eqzoo.hf.GenerationConfig(eos_token=(128001, 128009), temperature=0.6, top_k=50, top_p=0.9)
     assert config.kwargs(max_new_tokens=7) == dict(eos_token=(128001, 128009), temperature=0.6, top_k=50, top_p=0.9, max_new_tokens=7)
+    # transformers' generate(do_sample=False) override: greedy (it reached eqzoo.generate as an
+    # unknown keyword); True keeps the file's sampling; beams take the deterministic search
+    assert config.kwargs(do_sample=False) == dict(eos_token=(128001, 128009), temperature=0.0)
+    assert config.kwargs(do_sample=True) == config.kwargs()
+    assert "do_sample" not in config.beam_kwargs(do_sample=False) and "temperature" not in config.beam_kwargs(do_sample=False)
+    with pytest.raises(ConfigError, match=r"GenerationConfig.kwargs: do_sample must be True or False, got 'no'"):
+        config.kwargs(do_sample="no")
     gen(do_sample=True, top_k=0, top_p=1.0, pad_token_id=3, max_new_tokens=12).save_pretrained(tmp_path)
     config = eqzoo.hf.load_generation_config(tmp_path / "generation_config.json")
     assert config.kwargs() == dict(pad_token=3, temperature=1.0, max_new_tokens=12)  # nothing filters
     # do_sample unset: greedy (transformers no longer saves such a file; older releases hold them)
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_k": 5, "eos_token_id": 2}')
     assert eqzoo.hf.load_generation_config(tmp_path).kwargs() == dict(eos_token=(2,), temperature=0.0)
+    with pytest.raises(ConfigError, match=r"do_sample=True, but this generation config decodes greedily.*kwargs\(temperature=0.7"):
+        eqzoo.hf.load_generation_config(tmp_path).kwargs(do_sample=True)
+
+
+def test_generation_config_request_kwargs_for_serving(tmp_path, hft):
+    # A file's settings as a serving Request's arguments: kwargs() held pad_token (and could
+    # hold logits processors), which Request refused with a bare TypeError.
+    import eqzoo.hf
+    from eqzoo.generation import Request
+
+    gen = hft.transformers.GenerationConfig
+    gen(do_sample=True, temperature=0.6, top_p=0.9, eos_token_id=[5, 9], pad_token_id=3, repetition_penalty=1.2).save_pretrained(tmp_path)
+    config = eqzoo.hf.load_generation_config(tmp_path)
+    kwargs = config.request_kwargs(max_new_tokens=8, key=jax.random.key(0))
+    assert kwargs.keys() == {"eos_token", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "key"}
+    request = Request([1, 2], id="a", **kwargs)
+    assert (request.eos_token, request.temperature, request.top_k, request.top_p) == ((5, 9), 0.6, 50, 0.9)
+    assert config.request_kwargs(do_sample=False, max_new_tokens=8) == dict(eos_token=(5, 9), repetition_penalty=1.2, max_new_tokens=8, temperature=0.0)
+    gen(max_length=20, no_repeat_ngram_size=2, eos_token_id=5).save_pretrained(tmp_path)
+    config = eqzoo.hf.load_generation_config(tmp_path)
+    with pytest.raises(ConfigError, match=r"limits decoding by max_length=20 .*request_kwargs\(max_new_tokens=N\)"):
+        config.request_kwargs()
+    with pytest.raises(ConfigError, match=r"applied by logits processors \(NoRepeatNGram\).*generate_batch"):
+        config.request_kwargs(max_new_tokens=4)
+    assert config.request_kwargs(max_new_tokens=4, logits_processors=[]) == dict(eos_token=(5,), temperature=0.0, max_new_tokens=4)
 
 
 def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoints, loaded, hft):
@@ -519,3 +551,7 @@ def test_generation_config_carries_beam_settings(tmp_path, hf_checkpoints, loade
     assert sampling.beam_kwargs() == kwargs | dict(do_sample=True, temperature=0.7, top_k=50, top_p=0.9)
     with pytest.warns(UserWarning, match=r"asks for beam sampling \(num_beams=4\); kwargs\(\) gives eqzoo.generate's .*sample without beams"):
         sampling.kwargs()
+    # do_sample=False: the deterministic search, and kwargs() says it decodes greedily
+    assert sampling.beam_kwargs(do_sample=False) == kwargs
+    with pytest.warns(UserWarning, match=r"asks for beam sampling .*which decode greedily"):
+        assert sampling.kwargs(do_sample=False)["temperature"] == 0.0

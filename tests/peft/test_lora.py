@@ -443,6 +443,18 @@ def test_adapter_io_and_filter_errors(tmp_path):
     mlp = peft.lora(eqzoo.models.create("mlp-small", key=jax.random.key(0)), rank=2, key=jax.random.key(1))
     with pytest.raises(CheckpointMismatchError, match=r"saved with also=\['final_norm'\]"):
         peft.load_adapters(mlp, path)
+    # Hugging Face PEFT's adapter folder and file: named as such, with the way to use them
+    # (the file was "not written by save_adapters", the folder "no weights file")
+    import safetensors.numpy
+
+    folder = tmp_path / "hf-peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 2}')
+    name = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
+    safetensors.numpy.save_file({name: np.zeros((2, 64), np.float32)}, str(folder / "adapter_model.safetensors"))
+    for where in (folder, folder / "adapter_model.safetensors"):
+        with pytest.raises(CheckpointMismatchError, match=r"is a Hugging Face PEFT adapter .*merge_and_unload\(\)"):
+            peft.load_adapters(adapted, where)
 
 
 class _Opaque(eqzoo.nn.AbstractLinear):
