@@ -1,4 +1,4 @@
-"""Train a GPT-2, Llama or Mixtral on a device mesh: data, FSDP, context, expert and tensor parallelism.
+"""Train a GPT-2, Llama or Mixtral on a device mesh: data, FSDP, context, expert, tensor and pipeline parallelism.
 
 The same script runs on one CPU (JAX is asked for 8 fake CPU devices), on the GPUs of one
 machine, and across hosts. The train state is created directly in its sharded layout
@@ -8,15 +8,19 @@ global array on the mesh (`eqzoo.sharding.make_global_batch`). The corpus is the
 Python standard library's own source (nothing downloaded).
 
     python examples/sharded_training.py --mesh data=2,fsdp=2,tensor=2 --steps 20 --json
-    python examples/sharded_training.py --smoke --json      # CI: a few steps, checked vs 1 device
+    python examples/sharded_training.py --smoke --json      # CI: 4 steps, stage=2,fsdp=2,tensor=2, vs 1 device
     python examples/sharded_training.py --mesh fsdp=-1 --model llama --precision bf16
     python examples/sharded_training.py --mesh data=2,expert=4 --model mixtral --check
     python examples/sharded_training.py --mesh data=2,context=4 --model llama   # long sequences
+    python examples/sharded_training.py --mesh stage=2,fsdp=2,tensor=2 --pipeline-microbatches 4 --check  # pipeline
 
 Several hosts: start the same command on every host with COORDINATOR_ADDRESS (host:port of
 process 0), NUM_PROCESSES and PROCESS_ID set, or under SLURM (`srun`); see docs/scaling.md.
 `--check` (on in `--smoke`) also runs the steps on one device and reports the largest loss
-difference. With `--json` the last stdout line is a JSON summary holding the per-step losses.
+difference. A mesh with `stage > 1` splits the layer stack by depth (pipeline parallelism,
+GPipe's schedule); `--pipeline-microbatches` sets how many micro-batches each step's batch is
+cut into (default: up to `2 * stage`; see docs/scaling.md). With `--json` the last stdout line
+is a JSON summary holding the per-step losses.
 """
 
 import argparse
@@ -72,7 +76,8 @@ def build(args, mesh):
     else:
         state = sh.sharded_init(make_state, key, mesh=mesh)
     step = make_train_step(
-        lm_loss, optimizer, precision=precision, grad_accum_steps=args.grad_accum, mesh=mesh
+        lm_loss, optimizer, precision=precision, grad_accum_steps=args.grad_accum, mesh=mesh,
+        pipeline_microbatches=args.pipeline_microbatches if mesh is not None else None,
     )
     return config, state, step
 
@@ -117,12 +122,19 @@ def per_device_bytes(state) -> tuple[int, int]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="e.g. data=2,fsdp=2,tensor=2; -1 fills")
+    parser.add_argument(
+        "--mesh", default=None,
+        help="e.g. data=2,fsdp=2,tensor=2 (the default; with --smoke stage=2,fsdp=2,tensor=2); -1 fills",
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="gpt2")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument(
+        "--pipeline-microbatches", type=int, default=None,
+        help="micro-batches per step on a mesh with stage > 1 (default: up to 2 * stage)",
+    )
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--remat", choices=sorted(eqzoo.nn.REMAT_POLICIES), default="none")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -133,12 +145,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     args.steps = args.steps or (4 if args.smoke else 60)
     args.check = args.check or args.smoke
+    # The smoke run (CI) pipelines too: the same CPU time as data=2,fsdp=2,tensor=2, one axis more
+    args.mesh = args.mesh or ("stage=2,fsdp=2,tensor=2" if args.smoke else "data=2,fsdp=2,tensor=2")
 
     if sh.resolve_distributed_args().multi_process:
         # CPU processes exchange data through gloo (GPUs and TPUs use their own collectives).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     dist = sh.initialize()  # before anything touches a device; a no-op for one process
     mesh = sh.make_mesh(args.mesh)
+    if args.pipeline_microbatches is not None and sh.mesh_shape(mesh)["stage"] == 1:
+        parser.error(f"--pipeline-microbatches needs a mesh with stage > 1 (pipeline parallelism); got --mesh {args.mesh}")
 
     text = eqzoo.data.stdlib_corpus(max_chars=2_000_000 if args.smoke else 20_000_000)
     tokens = eqzoo.data.ByteTokenizer().encode(text)
@@ -159,6 +175,7 @@ def main(argv=None) -> dict:
         "params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.model))),
         "precision": args.precision,
         "grad_accum": args.grad_accum,
+        "pipeline_microbatches": args.pipeline_microbatches,
         "remat": args.remat,
         "global_batch": args.batch_size,
         "seq_len": args.seq_len,

@@ -8,6 +8,8 @@ import equinox as eqx
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.tree_util import keystr
 
 from .._errors import ConfigError
 from ..train import Precision, TrainState
@@ -18,16 +20,40 @@ def _is_leaf_array(x: Any) -> bool:
     return isinstance(x, jax.Array | jax.ShapeDtypeStruct | np.ndarray)
 
 
+def _is_builder_module(x: Any) -> bool:
+    """Whether the Equinox module `x` is a function that builds a model rather than a model: an
+    `eqx.Partial` (a function with some arguments bound, arrays among them maybe), or a module
+    whose `__call__` requires `key` and nothing else (`__call__(self, key)`). A model's
+    `__call__` requires its input (`__call__(self, x, *, key=None)`, or `key` required too)."""
+    if isinstance(x, eqx.Partial):
+        return True
+    try:
+        params = inspect.signature(x).parameters
+    except (TypeError, ValueError):
+        return False
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    required = [name for name, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in variadic]
+    return required == ["key"]
+
+
 def _is_model(x: Any) -> bool:
     """Whether `x` is a model rather than a function that builds one: an Equinox module holding
-    arrays (real or `jax.ShapeDtypeStruct`s). A module is callable, so without this test a
-    model passed where a builder belongs would be called with the key as its input."""
-    return isinstance(x, eqx.Module) and any(_is_leaf_array(leaf) for leaf in jax.tree.leaves(x))
+    arrays (real or `jax.ShapeDtypeStruct`s) that is not a builder (`_is_builder_module`). A
+    module is callable, so without this test a model passed where a builder belongs would be
+    called with the key as its input."""
+    return (
+        isinstance(x, eqx.Module)
+        and not _is_builder_module(x)
+        and any(_is_leaf_array(leaf) for leaf in jax.tree.leaves(x))
+    )
 
 
 def _key_by_name(fn: Callable[..., Any]) -> bool:
     """Whether `fn` takes its key as the keyword-only `key=` (Equinox's convention for a
-    module's constructor: `abstract_state(MyModel, optimizer)`) rather than positionally."""
+    module's constructor: `abstract_state(MyModel, optimizer)`) rather than positionally. An
+    `eqx.Partial` is asked about the function it wraps (its own signature is `*args, **kwargs`)."""
+    if isinstance(fn, eqx.Partial):
+        fn = fn.func
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -54,15 +80,23 @@ def abstract_state(
       function `key -> model` (or `key -> (model, model_state)` for stateful models; a class
       or function whose `key` is keyword-only, as Equinox modules' are, is called with
       `key=`), or a model itself (or `(model, model_state)`), real or abstract, whose
-      arrays' shapes and dtypes are used (nothing is copied).
+      arrays' shapes, dtypes and shardings are used (nothing is copied). An Equinox module
+      holding arrays is read as a model, unless it is an `eqx.Partial` or its `__call__`
+      requires `key` and nothing else (`__call__(self, key)`): those are builders, called with
+      the key, whatever arrays they hold.
     - `optimizer`: the optax transformation of the run.
     - `trainable`, `precision`: as in [`eqzoo.train.TrainState.create`][].
     - `key_impl`: the PRNG implementation of the run's key (default JAX's default).
     - `**overrides`: config fields to replace, with a config or preset name only.
 
     **Returns:** an abstract `TrainState`, ready for [`eqzoo.checkpoint.Checkpointer.restore`][].
-    Give its leaves shardings (`jax.ShapeDtypeStruct(..., sharding=...)`) or pass `shardings=`
-    to `restore` to restore onto a mesh.
+    From a model whose arrays carry shardings (a sharded model, or `jax.ShapeDtypeStruct`s
+    with `sharding=`), its leaves carry them too, so the restore places each array as the
+    model had it: the model's own leaves as they were, an optimizer-state leaf as its
+    parameter (Adam's moments), the step, the key and the other leaves replicated over the
+    first sharded array's mesh. Otherwise give its leaves shardings
+    (`jax.ShapeDtypeStruct(..., sharding=...)`) or pass `shardings=` to `restore` to restore
+    onto a mesh.
     """
     if isinstance(model, str) or is_config(model):
         from ..models import create
@@ -102,7 +136,8 @@ def abstract_state(
 
 def _from_model(given: Any, optimizer, trainable, precision, key_impl) -> TrainState:
     """`abstract_state` of a model (or `(model, model_state)`): its arrays enter the trace as
-    shapes only, so neither they nor the optimizer state are computed or copied."""
+    shapes only, so neither they nor the optimizer state are computed or copied. The shardings
+    its arrays carry are kept (`_with_shardings`)."""
     dynamic, static = eqx.partition(given, _is_leaf_array, is_leaf=_is_leaf_array)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), dynamic)
 
@@ -111,4 +146,59 @@ def _from_model(given: Any, optimizer, trainable, precision, key_impl) -> TrainS
         m, model_state = out if isinstance(out, tuple) else (out, None)
         return TrainState.create(m, optimizer, key=k, model_state=model_state, trainable=trainable, precision=precision)
 
-    return jax.eval_shape(build, shapes, jax.random.key(0, impl=key_impl))
+    state = jax.eval_shape(build, shapes, jax.random.key(0, impl=key_impl))
+    return _with_shardings(state, given, dynamic)
+
+
+def _sharding_of(x: Any) -> Sharding | None:
+    """The sharding `x` carries: a concrete `jax.Array`'s, a `jax.ShapeDtypeStruct`'s (or `None`);
+    a NumPy array or a traced value has none."""
+    if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array | jax.ShapeDtypeStruct):
+        return None
+    return x.sharding
+
+
+def _replicated(sharding: Sharding) -> Sharding | None:
+    """A sharding that places a whole array on `sharding`'s devices (for the step, the key and
+    optimizer scalars), or `None` when there is no such obvious choice."""
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=sharding.memory_kind)
+    return sharding if len(sharding.device_set) == 1 else None
+
+
+def _with_shardings(state: TrainState, given: Any, dynamic: Any) -> TrainState:
+    """`state` (abstract) with the shardings of `given`'s arrays (a model or `(model,
+    model_state)`), so that a checkpoint restores into the layout the model had: each model
+    (and model state) leaf gets its own array's; an optimizer-state leaf, the sharding of the
+    parameter whose path ends its own and whose shape it has (Adam's `mu` and `nu`); the step,
+    the key, the other optimizer leaves and any model leaf without a sharding of its own (a
+    NumPy array), the first sharded leaf's devices, replicated. Unchanged when no array of
+    `given` carries a sharding."""
+    flat = jax.tree_util.tree_flatten_with_path(dynamic)[0]
+    own = {}  # (part, key path) -> sharding
+    for path, leaf in flat:
+        part, rest = ("model", path) if not isinstance(given, tuple) else (("model", "model_state")[path[0].idx], path[1:])
+        own[part, keystr(rest)] = _sharding_of(leaf)
+    first = next((s for s in own.values() if s is not None), None)
+    if first is None:
+        return state
+    default = _replicated(first)
+    parts = eqx.filter(state.parts(), lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    leaves = jax.tree_util.tree_flatten_with_path(parts)[0]
+    params = {  # a parameter's path -> (shape, sharding)
+        keystr(path[1:]): (leaf.shape, own.get(("model", keystr(path[1:]))))
+        for path, leaf in leaves if path[0].name == "model"
+    }
+    out = []
+    for path, leaf in leaves:
+        part, rest = path[0].name, path[1:]
+        sharding = own.get((part, keystr(rest))) if part in ("model", "model_state") else None
+        if part == "opt_state":
+            for i in range(len(rest)):
+                shape, found = params.get(keystr(rest[i:]), (None, None))
+                if found is not None and shape == leaf.shape:
+                    sharding = found
+                    break
+        sharding = sharding or default
+        out.append(leaf if sharding is None else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding))
+    return jax.tree.unflatten(jax.tree.structure(state), out)  # the parts' leaves are its arrays, in order

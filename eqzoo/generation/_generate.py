@@ -333,7 +333,10 @@ def check_count(value, name: str, who: str) -> None:
 def resolve_new_tokens(max_new_tokens, max_length, prompts, who: str):
     """`max_new_tokens`, or, when only `max_length` is given (prompt and new tokens together,
     as a `generation_config.json` may set it), what it leaves after the prompts' padded width,
-    as transformers counts it. With both, `max_new_tokens` wins, as in transformers."""
+    as transformers counts it. With both, `max_new_tokens` wins, as in transformers. The
+    prompts are read through `as_prompts` first, so that ragged or malformed prompts get its
+    `ShapeError` (call `check_model` before this: a model passed as the prompts would get the
+    prompts' message)."""
     if max_new_tokens is not None:
         return max_new_tokens
     if max_length is None:
@@ -342,7 +345,7 @@ def resolve_new_tokens(max_new_tokens, max_length, prompts, who: str):
             "tokens together)."
         )
     check_count(max_length, "max_length", who)
-    shape = np.shape(prompts)
+    shape = as_prompts(prompts, who).shape
     width = shape[-1] if shape else 0
     if max_length <= width:
         raise ConfigError(
@@ -352,12 +355,15 @@ def resolve_new_tokens(max_new_tokens, max_length, prompts, who: str):
     return int(max_length) - width
 
 
-def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p=None, repetition_penalty=1.0):
-    check_count(max_new_tokens, "max_new_tokens", "generate")
-    check_key(key, "generate")
+def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p=None, repetition_penalty=1.0,
+              who="generate"):
+    check_count(max_new_tokens, "max_new_tokens", who)
+    check_key(key, who)
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if key is None and temperature > 0:
-        raise ConfigError("sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+        raise ConfigError(f"{who}: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
+    if not isinstance(use_cache, bool):
+        raise ConfigError(f"{who}: use_cache must be True or False, got {use_cache!r}.")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
     total = prompts.shape[-1] + max_new_tokens
@@ -479,6 +485,7 @@ def generate_batch(
     logprobs)`: float32 of the same shape, 0 at the prompt's positions and at padding
     (after eos, too).
     """
+    check_model(model, "generate_batch")
     max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_batch")
     prompts, lengths, key, settings = prepare_batch(
         model, prompts, lengths, "generate_batch", max_new_tokens=max_new_tokens, attention_mask=attention_mask, key=key,
@@ -500,19 +507,20 @@ def prepare_batch(
     arrays: see `loop_settings`) but `unroll_layers`. `who` names the caller in errors."""
     check_model(model, who)
     caller = who  # `who` may become "generate" below, for the messages generate_batch has always given
+    named = "generate" if who == "generate_batch" else who  # the argument checks' (generate_stream's its own)
     prompts = as_prompts(prompts, who)
     if prompts.ndim != 2:
         raise ShapeError(f"{who} takes prompts of shape (batch, seq); got {shape_str(prompts.shape)}.")
     max_new_tokens, row_limits = _row_limits(max_new_tokens, prompts.shape[0], who)
-    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p, repetition_penalty)
+    _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, use_cache, min_p, repetition_penalty, named)
     if cache_dtype is not None:
         if not use_cache:
             raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value: "int8" and jnp.int8 compile once
     if not isinstance(return_logprobs, bool):
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
-    eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, "generate")
-    stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, "generate")
+    eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, named)
+    stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, named)
     if who == "generate_batch" and attention_mask is None:
         who = "generate"  # the messages generate_batch has always given (eqzoo.generate's too)
     prompts, lengths = prompt_batch(prompts, lengths, attention_mask, model.config.vocab_size, who, pad_token)

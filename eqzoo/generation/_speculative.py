@@ -51,9 +51,11 @@ from ..nn._attention import check_cache_dtype
 from ._generate import (
     check_count,
     check_key,
+    check_model,
     decoding_model,
     loop_key,
     loop_settings,
+    resolve_new_tokens,
     resolve_unroll,
 )
 from ._prompts import as_prompts, prompt_batch
@@ -258,6 +260,7 @@ def _check_pair(model, draft) -> None:
     for name, m in (("model", model), ("draft", draft)):
         if not isinstance(m, AbstractLM):
             raise ConfigError(f"generate_speculative: {name} must be an eqzoo language model; got {type(m).__name__}.")
+        check_model(m, f"generate_speculative ({name})")  # the config fields decoding reads
     if model.config.vocab_size != draft.config.vocab_size:
         raise ConfigError(
             f"generate_speculative: the draft's vocabulary ({draft.config.vocab_size}) differs from the "
@@ -308,7 +311,8 @@ def generate_speculative(
     prompts: Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
     attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     num_draft: int = 4,
     key: PRNGKey | None = None,
@@ -367,6 +371,10 @@ def generate_speculative(
     - `attention_mask`: instead of `lengths`, a tokenizer's 0/1 mask, padded on the left or on
       the right, as in [`eqzoo.generation.generate_batch`][]; the output is right-padded.
     - `max_new_tokens`: tokens to add to each prompt.
+    - `max_length`: instead of `max_new_tokens`, the prompt and new tokens together, as a
+      `generation_config.json` may give it (and [`eqzoo.hf.GenerationConfig.kwargs`][] passes
+      it on): `max_length - seq` new tokens, `seq` the prompts' padded width, as transformers
+      counts it. `max_new_tokens` wins when both are given.
     - `num_draft`: tokens the draft proposes per round (`>= 1`).
     - `key`, `temperature`, `top_k`, `top_p`, `min_p`: as in [`eqzoo.generate`][]; a key is
       needed when `temperature > 0`. A new `temperature`, `top_p` or `min_p` value compiles
@@ -405,6 +413,7 @@ def generate_speculative(
     round's lookahead (`num_draft - 1`), exceed either model's `max_seq`.
     """
     _check_pair(model, draft)
+    max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_speculative")
     check_count(num_draft, "num_draft", "generate_speculative")
     check_count(max_new_tokens, "max_new_tokens", "generate_speculative")
     prompts = as_prompts(prompts, "generate_speculative")

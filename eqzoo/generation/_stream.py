@@ -11,12 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Integer
 
+from .._errors import ConfigError
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ._generate import (
     _row_loop,
     _token_loop,
     check_count,
+    check_model,
     decoding_model,
     prepare_batch,
     resolve_new_tokens,
@@ -168,7 +170,10 @@ def generate_stream(
     tokens (with `return_logprobs`, their log-probabilities), how many of them each row
     generated, and which rows are done, as host NumPy arrays.
     """
+    check_model(model, "generate_stream")
     check_count(chunk_size, "chunk_size", "generate_stream")
+    if not isinstance(pipeline, bool):
+        raise ConfigError(f"generate_stream: pipeline must be True or False, got {pipeline!r}.")
     max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_stream")
     prompts, lengths, key, settings = prepare_batch(
         model, prompts, lengths, "generate_stream", max_new_tokens=max_new_tokens, attention_mask=attention_mask,
@@ -179,7 +184,7 @@ def generate_stream(
     )
     unroll = resolve_unroll(unroll_layers)
     return _stream(model, prompts, lengths, key, min(int(chunk_size), settings["max_new_tokens"]), unroll, settings,
-                   bool(pipeline))
+                   pipeline)
 
 
 def _stream(model, prompts, lengths, key, chunk_size, unroll, settings, pipeline):

@@ -242,7 +242,8 @@ class GenerationConfig:
 
     def _length(self) -> dict[str, int | None]:
         """`max_new_tokens`, or, when the file sets only `max_length`, that (prompt included):
-        `generate`, `generate_batch` and `generate_beam` take either."""
+        `generate`, `generate_batch`, `generate_stream`, `generate_speculative` and
+        `generate_beam` take either."""
         if self.max_new_tokens is None and self.max_length is not None:
             return {"max_length": self.max_length}
         return {"max_new_tokens": self.max_new_tokens}

@@ -114,6 +114,33 @@ def test_abstract_state_of_own_model_its_class_or_instance(ckpt_dir, open_checkp
     # overrides only change a config: with a function or a model they would be ignored
     with pytest.raises(ConfigError, match=r"config overrides \['width'\] apply to a config or preset name only"):
         checkpoint.abstract_state(_OwnNet, opt, width=4)
+    # Builders that are modules holding arrays (read as models before): an eqx.Partial (called
+    # with key= when its function takes it so) and a module whose __call__ takes only the key
+    for builder in (eqx.Partial(_own_net, jnp.ones(())), eqx.Partial(_OwnNet, 3), _Builder(jnp.ones(()))):
+        same_state(ckpt.restore(checkpoint.abstract_state(builder, opt)).state, state)
+    # while a model whose __call__ requires a key along with its input is still a model
+    assert isinstance(checkpoint.abstract_state(_Noisy(key=jax.random.key(0)), opt).model, _Noisy)
+
+
+def _own_net(scale, key):
+    return jax.tree.map(lambda x: x * scale if eqx.is_inexact_array(x) else x, _OwnNet(key=key))
+
+
+class _Builder(eqx.Module):  # a callable module that builds the model: __call__(key)
+    scale: jax.Array
+
+    def __call__(self, key):
+        return _own_net(self.scale, key)
+
+
+class _Noisy(eqx.Module):  # a model that needs a key when called
+    lin: eqx.nn.Linear
+
+    def __init__(self, *, key):
+        self.lin = eqx.nn.Linear(2, 3, key=key)
+
+    def __call__(self, x, *, key):
+        return self.lin(x) + jax.random.normal(key, (3,))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,3 +70,30 @@ def test_restore_onto_another_mesh_via_shardings_argument(sharded_state, ckpt_di
     same_state(two, sharded_state)
     assert "model.net.layers.0.weight" in seen and "key" in seen
     assert two.model.net.layers[0].weight.sharding.spec == P("x")
+
+
+def test_abstract_state_of_a_sharded_model_keeps_its_shardings(sharded_state, ckpt_dir, open_checkpointer, same_state):
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(sharded_state)
+    ckpt.wait()
+    opt = optax.adamw(1e-2)
+    # The sharded model itself as the template: every array back where the state had it (Adam's
+    # moments as their parameters, the optimizer's count and the step replicated); the
+    # shardings used to be dropped, and everything restored onto one device.
+    restored = ckpt.restore(checkpoint.abstract_state(sharded_state.model, opt)).state
+    same_state(restored, sharded_state)
+    for got, want in zip(restored.arrays, sharded_state.arrays, strict=True):
+        if not jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):  # the fixture left the key on one device
+            assert got.sharding == want.sharding
+    # Abstract leaves that carry shardings (on another mesh): restored there
+    other = Mesh(np.array(jax.devices()[4:8]), ("fsdp",))
+    model = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(other, _spec_for(x, "fsdp")))
+        if isinstance(x, jax.Array) else x,
+        sharded_state.model,
+    )
+    restored = ckpt.restore(checkpoint.abstract_state(model, opt)).state
+    same_state(restored, sharded_state)
+    assert all(x.sharding.device_set == set(jax.devices()[4:8]) for x in restored.arrays)
+    assert restored.opt_state[0].mu.net.layers[0].weight.sharding.spec == P("fsdp")
+    assert restored.step.sharding.spec == P()

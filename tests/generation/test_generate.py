@@ -367,6 +367,12 @@ def test_generation_errors(llama):
     )
     with pytest.raises(ShapeError, match=r"prompts do not form one array .*Right-pad prompts of different lengths"):
         generate_batch(llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
+    # With max_length the prompts' width is read first: ragged prompts got NumPy's ValueError
+    speculative = lambda model, *a, **k: eqzoo.generation.generate_speculative(model, model, *a, **k)  # noqa: E731
+    for who, fn in (("generate_batch", generate_batch), ("generate_stream", eqzoo.generation.generate_stream),
+                    ("generate_beam", eqzoo.generation.generate_beam), ("generate_speculative", speculative)):
+        with pytest.raises(ShapeError, match=f"{who}: the prompts do not form one array .*Right-pad prompts"):
+            fn(llama, [[1, 2, 3], [4, 5]], max_length=8)
     with pytest.raises(ShapeError, match=r"prompts must be token ids, an integer array; got a dict with keys \['attention_mask', 'input_ids'\]"):
         generate_batch(llama, {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}, max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
@@ -442,6 +448,8 @@ def test_own_abstract_lm_subclass_decodes_greedily_and_needs_config_fields():
     broken = _OwnDecoder(_NoVocabConfig(), key=jax.random.key(0))
     with pytest.raises(ConfigError, match=r"_OwnDecoder.config must have integer fields vocab_size and max_seq .*lacks \['vocab_size'\]"):
         eqzoo.generate(broken, PROMPT, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"generate_speculative \(draft\): _OwnDecoder.config must have integer fields"):
+        eqzoo.generation.generate_speculative(model, broken, PROMPT[None], max_new_tokens=2)  # an AttributeError before
     with pytest.raises(ConfigError, match="got MLP. A model of your own decodes by subclassing eqzoo.models.AbstractLM"):
         eqzoo.generate(models.create("mlp-small", key=jax.random.key(0)), PROMPT, max_new_tokens=2)
 

@@ -79,6 +79,8 @@ def test_numpy_integer_counts_and_inputs(llama, compile_log):
     host_prompts = np.asarray(prompts)
     with compile_log() as log, jax.transfer_guard_device_to_host("disallow"):
         got = generate_speculative(llama, draft, host_prompts, np.asarray(lengths), max_new_tokens=NEW, num_draft=3)
+        # a generation_config.json's max_length counts the prompts' padded width (7 here)
+        np.testing.assert_array_equal(generate_speculative(llama, draft, host_prompts, np.asarray(lengths), max_length=7 + NEW, num_draft=3), want)
         with pytest.raises(ShapeError, match=r"each prompt length must be in \[1, 7\]"):
             generate_speculative(llama, draft, host_prompts, np.array([0, 1, 2]), max_new_tokens=NEW, num_draft=3)
     assert log.compiled == []

@@ -195,3 +195,11 @@ def test_arguments_are_checked_at_the_call(llama):
         generate_stream(llama, PROMPTS, LENGTHS, max_new_tokens=NEW, temperature=0.5)
     with pytest.raises(ConfigError, match="generate_stream needs an eqzoo language model"):
         generate_stream(PROMPTS, llama, max_new_tokens=NEW)
+    # flags that were read by truth value ("False" pipelined, use_cache="no" used the cache), and
+    # the checks generate_stream shares with generate_batch, named for it (they said "generate:")
+    for bad, match in ((dict(pipeline="False"), "pipeline must be True or False, got 'False'"),
+                       (dict(use_cache="no"), "use_cache must be True or False, got 'no'"),
+                       (dict(eos_token=10**6), r"eos_token \[1000000\] holds ids \[1000000\] outside"),
+                       (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0")):
+        with pytest.raises(ConfigError, match=f"generate_stream: {match}"):
+            generate_stream(llama, PROMPTS, LENGTHS, **{"max_new_tokens": NEW, **bad})
