@@ -380,7 +380,7 @@ def generate_batch(
     prompts: Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | Sequence[int] | Integer[Array, " batch"] | None = None,
     max_length: int | None = None,
     attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
     key: PRNGKey | None = None,

@@ -108,7 +108,7 @@ def generate_stream(
     prompts: Integer[Array, "batch seq"],
     lengths: Integer[Array, " batch"] | None = None,
     *,
-    max_new_tokens: int | None = None,
+    max_new_tokens: int | Sequence[int] | Integer[Array, " batch"] | None = None,
     max_length: int | None = None,
     chunk_size: int = 16,
     attention_mask: Integer[Array, "batch seq"] | Bool[Array, "batch seq"] | None = None,
