@@ -39,6 +39,47 @@ def resolve_scan(scan: bool | str, backend: str | None = None) -> bool:
     backend = jax.default_backend() if backend is None else backend
     return SCAN_DEFAULTS.get(backend, True)
 
+def _eager_traces() -> tuple[type, ...] | None:
+    """The JAX trace types that evaluate each operation as it is called (no trace at all, and
+    `jax.grad`, `jax.jvp` and `jax.vmap` applied eagerly); `None` where this JAX release moved
+    them (then only tracer-free inputs count as eager)."""
+    try:  # no public names for these
+        from jax._src.core import EvalTrace
+        from jax._src.interpreters.ad import JVPTrace, LinearizeTrace
+        from jax._src.interpreters.batching import BatchTrace
+    except ImportError:
+        return None
+    return (EvalTrace, JVPTrace, LinearizeTrace, BatchTrace)
+
+
+_EAGER_TRACES = _eager_traces()
+
+
+def eager_mode(values: Any) -> Literal["staged", "eager", "eager_grad"]:
+    """How a computation on `values` runs at this point: `"staged"` while `jax.jit`,
+    `lax.scan`, `jax.checkpoint`, `eqx.filter_eval_shape` or any other tracing into a program
+    is in progress; `"eager"` when each operation runs as it is called (no JAX transformation,
+    or only `jax.vmap`); `"eager_grad"` when also under an eager `jax.grad` / `jax.jvp`.
+
+    Read from the active JAX traces (the stack of transformations in progress), and from
+    `values`' leaves where those cannot be read: a `jax.core.Tracer` among them then means
+    `"staged"`.
+    """
+    from jax._src import core as jax_core  # trace_ctx: no public name either
+
+    trace = getattr(getattr(jax_core, "trace_ctx", None), "trace", None) if _EAGER_TRACES else None
+    if trace is None:
+        tracers = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(values))
+        return "staged" if tracers else "eager"
+    differentiated = False
+    while trace is not None:
+        if not isinstance(trace, _EAGER_TRACES):
+            return "staged"
+        differentiated = differentiated or isinstance(trace, _EAGER_TRACES[1:3])
+        trace = getattr(trace, "parent_trace", None)
+    return "eager_grad" if differentiated else "eager"
+
+
 # Names given with `jax.ad_checkpoint.checkpoint_name` inside eqzoo's layers. "minimal" keeps only
 # each residual branch's output, so the backward pass recomputes everything inside a layer except
 # what the next layer needs.
@@ -80,6 +121,16 @@ class Stacked(eqx.Module, Generic[M]):
     N is (compile time flat in depth); `scan=False` unrolls a Python loop instead (one copy of the
     layer per depth in the compiled program, which can be faster to run on some backends). Each
     layer's body is wrapped in `jax.checkpoint` with the named `remat` policy.
+
+    Both apply while the call is being traced (inside `jax.jit`, `eqx.filter_jit`, a train step,
+    `lax.scan`, ...). Called eagerly, outside any of those (`model(tokens)` in a notebook, also
+    under an eager `jax.grad` or `jax.vmap`), the stack loops over its layers in Python and JAX
+    runs it op by op: a scan of the call's new closure would be compiled again on every call,
+    while each operation reuses the program JAX compiled for it the first time. The first eager
+    call compiles more (one small program per operation and shape), later ones nothing. The
+    eager loop skips `jax.checkpoint` when no eager `jax.grad` / `jax.jvp` is in progress
+    (nothing would be saved for a backward pass) and never runs the pipeline schedule. Values
+    match the scan's within float32 rounding (unfused, op by op).
     """
 
     layers: M
@@ -103,7 +154,8 @@ class Stacked(eqx.Module, Generic[M]):
         - `num_layers`: depth.
         - `remat`: the rematerialisation policy name (see `REMAT_POLICIES`).
         - `scan`: `lax.scan` over layers (`True`), an unrolled loop (`False`), or `"auto"`:
-          whichever `SCAN_DEFAULTS` records as faster on the backend at trace time.
+          whichever `SCAN_DEFAULTS` records as faster on the backend at trace time. Eager
+          calls loop in Python whatever it says (see above).
         - `key`: a PRNG key.
         """
         check_sizes("Stacked", num_layers=num_layers)
@@ -204,11 +256,15 @@ class Stacked(eqx.Module, Generic[M]):
             layer_arrays, x = inputs
             return fn(eqx.combine(layer_arrays, static), c, x)
 
+        # Eagerly (no jit), a scan or a checkpoint of this call's new `body` closure would be
+        # traced and compiled anew on every call; a Python loop runs op by op, each operation
+        # reusing JAX's compiled program for its primitive and shapes.
+        mode = eager_mode((carry, per_layer if unstacked else arrays, xs))
         policy = remat_policy(self.remat)
-        scan = not unstacked and resolve_scan(self.scan)
-        if self.remat != "none":
+        scan = not unstacked and mode == "staged" and resolve_scan(self.scan)
+        if self.remat != "none" and mode != "eager":  # no backward pass to save memory for
             body = jax.checkpoint(body, policy=policy, prevent_cse=not scan)
-        if pipeline and not unstacked:
+        if pipeline and not unstacked and mode == "staged":
             piped = pipelined_apply(body, arrays, carry, xs, self.num_layers, scan=scan)
             if piped is not None:
                 return piped

@@ -157,3 +157,29 @@ def test_unstacked_holds_each_layer_and_computes_the_same(scanned_output):
     # and under remat, through the same checkpointed layer body as the stacked layers
     remat_flat = _stack(remat="full").unstacked()
     np.testing.assert_allclose(call(remat_flat, X), scanned_output, atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def _dense_stack(stack, x):
+    # a new closure on every call, as a model's forward passes one to `apply`
+    return stack.apply(lambda layer, h, _: (jnp.tanh(h @ layer.weight.T + layer.bias), None), x)[0]
+
+
+def test_eager_calls_loop_over_layers_and_compile_nothing_new(compile_log):
+    # Eagerly, a scan of each call's new closure compiled again on every call; the stack now loops
+    # over its layers op by op, so a second call reuses every program: forward (remat "full"
+    # dropped) and eager grad (remat kept). Under jit it still scans. Tolerance LAYER_TOL (fp32):
+    # op-by-op rounding against the fused, jitted scan. (Linear layers: few ops to compile.)
+    stack = Stacked(lambda k: eqx.nn.Linear(EMBED, EMBED, key=k), DEPTH, remat="full", key=jax.random.key(2))
+    assert "scan" in str(jax.make_jaxpr(_dense_stack)(stack, X))
+    loss = lambda s, x: jnp.mean(jnp.square(_dense_stack(s, x)))  # noqa: E731
+    value_and_grad = eqx.filter_value_and_grad(loss)
+    _dense_stack(stack, X), value_and_grad(stack, X)  # first eager calls: compile each operation once
+    with compile_log() as log:
+        out = _dense_stack(stack, X)
+        value, grads = value_and_grad(stack, X)
+    assert log.compiled == []
+    np.testing.assert_allclose(out, eqx.filter_jit(_dense_stack)(stack, X), atol=LAYER_TOL, rtol=LAYER_TOL)
+    value0, grads0 = eqx.filter_jit(value_and_grad)(stack, X)
+    np.testing.assert_allclose(value, value0, rtol=LAYER_TOL)
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_allclose(g, g0, rtol=0, atol=LAYER_TOL * float(jnp.max(jnp.abs(g0))))
