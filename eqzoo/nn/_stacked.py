@@ -80,6 +80,28 @@ def eager_mode(values: Any) -> Literal["staged", "eager", "eager_grad"]:
     return "eager_grad" if differentiated else "eager"
 
 
+# Primitives whose eager evaluation compiles their sub-programs, cached by the sub-program object
+# itself, which a layer's closure builds anew on every call.
+_EAGER_COMPILED = frozenset({"cond", "while", "scan"})
+
+
+def _compiles_eagerly(jaxpr: Any) -> bool:
+    """Whether `jaxpr` (or one of its sub-programs, except those of nested `jax.jit` calls,
+    which JAX caches by function) holds a `cond`, `while_loop` or `scan`: run eagerly, each
+    would be compiled again on every call."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _EAGER_COMPILED:
+            return True
+        if eqn.primitive.name in ("jit", "pjit"):
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns") and _compiles_eagerly(inner):
+                    return True
+    return False
+
+
 # Names given with `jax.ad_checkpoint.checkpoint_name` inside eqzoo's layers. "minimal" keeps only
 # each residual branch's output, so the backward pass recomputes everything inside a layer except
 # what the next layer needs.
@@ -129,8 +151,11 @@ class Stacked(eqx.Module, Generic[M]):
     while each operation reuses the program JAX compiled for it the first time. The first eager
     call compiles more (one small program per operation and shape), later ones nothing. The
     eager loop skips `jax.checkpoint` when no eager `jax.grad` / `jax.jvp` is in progress
-    (nothing would be saved for a backward pass) and never runs the pipeline schedule. Values
-    match the scan's within float32 rounding (unfused, op by op).
+    (nothing would be saved for a backward pass) and never runs the pipeline schedule. A layer
+    holding control flow (`lax.cond`, a loop or a scan, which JAX compiles whenever it runs
+    one built anew) still runs the scan eagerly: one compile per call rather than one per
+    layer and call. Values match the scan's within the compute dtype's rounding (unfused, op by
+    op).
     """
 
     layers: M
@@ -227,7 +252,8 @@ class Stacked(eqx.Module, Generic[M]):
         """Run `carry, y = fn(layer, carry, x)` through the layers in order.
 
         Under an eqzoo mesh with `stage > 1` (inside [`eqzoo.sharding.activation_sharding`][])
-        and `jax.vmap` over a batch, the stack runs as a pipeline: its layers split by depth
+        and `jax.vmap` over a batch, while traced (under `jax.jit`, a train step; not eagerly,
+        see the class docstring), the stack runs as a pipeline: its layers split by depth
         over `stage`, the batch in micro-batches (docs/scaling.md, "Pipeline parallelism").
         The values are those of the plain scan.
 
@@ -260,6 +286,8 @@ class Stacked(eqx.Module, Generic[M]):
         # traced and compiled anew on every call; a Python loop runs op by op, each operation
         # reusing JAX's compiled program for its primitive and shapes.
         mode = eager_mode((carry, per_layer if unstacked else arrays, xs))
+        if mode != "staged" and not unstacked and self._layer_compiles_eagerly(body, carry, arrays, xs):
+            mode = "staged"  # a layer with control flow: one scan compile per call beats one per layer
         policy = remat_policy(self.remat)
         scan = not unstacked and mode == "staged" and resolve_scan(self.scan)
         if self.remat != "none" and mode != "eager":  # no backward pass to save memory for
@@ -276,6 +304,13 @@ class Stacked(eqx.Module, Generic[M]):
             carry, y = body(carry, (layer_arrays, jax.tree.map(lambda a, i=i: a[i], xs)))
             ys.append(y)
         return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
+    def _layer_compiles_eagerly(self, body: Callable, carry: Any, arrays: Any, xs: Any) -> bool:
+        """Whether one layer's `body` holds control flow (`_compiles_eagerly`), traced on the
+        first layer's shapes (no compilation). Such a layer run eagerly, op by op, would compile
+        its `cond` or loop once per layer and call, where the scan compiles once per call."""
+        first = jax.tree.map(lambda a: a[0], (arrays, xs))
+        return _compiles_eagerly(jax.make_jaxpr(body)(carry, first).jaxpr)
 
     def __call__(self, x: Any, *, key: PRNGKey | None = None) -> Any:
         """Apply each layer in turn: `x = layer(x)` (with a distinct key per layer if given)."""

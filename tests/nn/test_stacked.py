@@ -19,6 +19,7 @@ from eqzoo.nn import (
     TransformerBlock,
     remat_policy,
 )
+from eqzoo.nn._stacked import eager_mode
 
 LAYER_TOL = 1e-5  # fp32
 EMBED, SEQ, DEPTH = 32, 8, 3
@@ -183,3 +184,42 @@ def test_eager_calls_loop_over_layers_and_compile_nothing_new(compile_log):
     np.testing.assert_allclose(value, value0, rtol=LAYER_TOL)
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
         np.testing.assert_allclose(g, g0, rtol=0, atol=LAYER_TOL * float(jnp.max(jnp.abs(g0))))
+
+
+def test_eager_mode_reads_the_transformations_in_progress(compile_log):
+    # The classification itself (the compile-count test above cannot see eager_grad vs eager:
+    # an eager checkpoint compiles nothing either way), and a layer with a lax.cond keeps the
+    # scan eagerly: one compile per call, where op by op its cond compiled once per layer.
+    seen = []
+
+    def probe(x):
+        seen.append(eager_mode(x))
+        return x
+
+    x = jnp.ones(2)
+    probe(x)
+    jax.vmap(probe)(jnp.ones((2, 2)))
+    jax.grad(lambda v: probe(v).sum())(x)
+    jax.jvp(probe, (x,), (x,))
+    jax.linearize(probe, x)
+    assert seen == ["eager", "eager", "eager_grad", "eager_grad", "eager_grad"]
+    seen.clear()
+    jax.make_jaxpr(probe)(x)
+    jax.make_jaxpr(jax.vmap(probe))(jnp.ones((2, 2)))
+    jax.make_jaxpr(jax.grad(lambda v: probe(v).sum()))(x)
+    jax.make_jaxpr(lambda v: jax.checkpoint(probe)(v))(x)
+    jax.lax.cond(True, probe, lambda v: v, x)
+    eqx.filter_eval_shape(probe, x)
+    assert seen == ["staged"] * 6
+
+    def branchy(stack, h):
+        step = lambda layer, c, _: (jax.lax.cond(c[0] > 0, lambda: layer(c), lambda: -layer(c)), None)  # noqa: E731
+        return stack.apply(step, h)[0]
+
+    stack = Stacked(lambda k: eqx.nn.Linear(EMBED, EMBED, key=k), DEPTH, key=jax.random.key(3))
+    assert "scan" in str(jax.make_jaxpr(branchy)(stack, X[0]))
+    branchy(stack, X[0])
+    with compile_log() as log:
+        out = branchy(stack, X[0])
+    assert len(log.compiled) == 1  # the eager scan; op by op it would be DEPTH conds
+    np.testing.assert_allclose(out, eqx.filter_jit(branchy)(stack, X[0]), atol=LAYER_TOL, rtol=LAYER_TOL)
