@@ -5,9 +5,11 @@ from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax
+from jaxtyping import Array
 
 from .._errors import ConfigError
 from ._linear import AbstractLinear
+from ._weight import AbstractWeight
 
 Targets = str | Sequence[str] | None
 """Which linear layers to touch: `None` (all of them), or one or more regexes searched
@@ -135,6 +137,66 @@ def choose_expert_targets(
         return path.split(".")[-1] == "router" and not names_router
 
     return linear_targets, hits_experts, linears, experts, skipped
+
+
+def wrap_linears_and_experts(
+    model,
+    *,
+    targets: Targets,
+    experts: bool | None,
+    linear: Callable[[str, eqx.nn.Linear], eqx.Module],
+    expert: Callable[[str, Array], eqx.Module],
+    what: str,
+    unwrap_hint: str = "",
+    nothing: str,
+):
+    """The selection the functions that wrap a model for training share (`prepare_fp8`,
+    `prepare_qat`): `linear(path, layer)` in place of each plain `equinox.nn.Linear` that
+    `targets` selects, but the routers of mixture-of-experts layers unless a target names
+    `"router"`; and, when `experts` (or `experts=None` and `targets` is `None` or names an
+    expert array: `choose_expert_targets`),
+    `expert(path, w)` in place of each expert array `w` of every [`eqzoo.nn.MoE`][], `path`
+    its dotted path (`blocks.layers.mlp.gate_proj`).
+
+    **Returns:** the new model. **Raises:** `ConfigError` as `choose_expert_targets` and
+    [`eqzoo.nn.replace_linears`][] do (a selected layer that is not a plain `equinox.nn.Linear`),
+    for an expert weight that is already an [`eqzoo.nn.AbstractWeight`][] (naming it, then
+    `unwrap_hint`), and `ConfigError(nothing)` when nothing was wrapped.
+    """
+    linear_targets, _, linears, experts, skipped = choose_expert_targets(model, targets, experts, what=what)
+    wrapped = []
+
+    def one_linear(path, layer):
+        if skipped(path):
+            return layer  # picks experts: rounding it can change the routing, as quantize keeps it float
+        out = linear(path, layer)
+        wrapped.append(path)
+        return out
+
+    def one_moe(path, layer):
+        if not isinstance(layer, MoE):
+            return layer
+        for name in EXPERT_FIELDS:
+            w, where = getattr(layer, name), f"{_path_str(path)}.{name}"
+            if isinstance(w, AbstractWeight):
+                raise ConfigError(
+                    f"{what}: {where} is a {type(w).__name__}, not a float array (already wrapped, quantized or "
+                    f"adapted); pass experts=False to leave the experts alone{unwrap_hint}."
+                )
+            layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, expert(where, w))
+            wrapped.append(where)
+        return layer
+
+    from ._moe import MoE  # here: _moe imports this package's linear helpers
+
+    out = model
+    if linears:
+        out = replace_linears(out, one_linear, targets=linear_targets, kinds=(eqx.nn.Linear,), what=what)
+    if experts:
+        out = jax.tree_util.tree_map_with_path(one_moe, out, is_leaf=lambda x: isinstance(x, MoE))
+    if not wrapped:
+        raise ConfigError(nothing)
+    return out
 
 
 def split_expert_targets(model, targets: Targets, *, what: str) -> tuple[Targets, bool, bool]:

@@ -43,9 +43,17 @@ class AbstractWeight(eqx.Module):
         (`"ecd,edh->ech"`, `"td,edh->teh"`; [`eqzoo.nn.weight_einsum`][]). This default
         multiplies with `materialize(x.dtype)`; a subclass overrides it to compute the product
         its own way ([`eqzoo.quant.Fp8Weight`][]: fp8 operands). The `"ragged"` implementation
-        of [`eqzoo.nn.MoE`][], whose grouped products take float arrays, refuses a weight that
-        overrides it."""
+        of [`eqzoo.nn.MoE`][], whose grouped products take float arrays, refuses a weight
+        whose `computes_own_products()` is true."""
         return jnp.einsum(spec, x, self.materialize(x.dtype))
+
+    def computes_own_products(self) -> bool:
+        """Whether this weight's products are not those of its materialised array (fp8
+        operands: [`eqzoo.quant.Fp8Weight`][]), so that a layer must multiply through `einsum`
+        and `take_matmul` rather than `materialize`. This default: whether the class overrides
+        `einsum`; a weight wrapping another one (a LoRA adapter on fp8 experts) answers for
+        its base."""
+        return type(self).einsum is not AbstractWeight.einsum
 
     @property
     @abc.abstractmethod
@@ -90,6 +98,24 @@ def weight_einsum(spec: str, x: Float[Array, "..."], w: Float[Array, "..."] | Ab
 
 
 def computes_own_products(w) -> bool:
-    """Whether `w` is an [`eqzoo.nn.AbstractWeight`][] that overrides `einsum` (its products
-    are not those of its materialised array)."""
-    return isinstance(w, AbstractWeight) and type(w).einsum is not AbstractWeight.einsum
+    """Whether `w` is an [`eqzoo.nn.AbstractWeight`][] whose products are not those of its
+    materialised array ([`eqzoo.nn.AbstractWeight.computes_own_products`][])."""
+    return isinstance(w, AbstractWeight) and w.computes_own_products()
+
+
+class AbstractWrappedWeight(AbstractWeight):
+    """An [`eqzoo.nn.AbstractWeight`][] that holds the weight it stands for as `base` (a float
+    array, or another `AbstractWeight`) and computes from it in its own way (fp8 products,
+    fake quantization, a low-rank adapter): its `shape` and `dtype` are the base's."""
+
+    base: eqx.AbstractVar[Float[Array, "..."] | AbstractWeight]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The base weight's shape."""
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The base weight's floating dtype."""
+        return jnp.dtype(self.base.dtype)

@@ -24,10 +24,13 @@ from ..nn import (
     linear_dtype,
     replace_linears,
     select_linears,
+    weight_einsum,
     weight_take,
+    weight_take_matmul,
     weight_value,
 )
 from ..nn._replace import _compile_targets, split_expert_targets
+from ..nn._weight import AbstractWrappedWeight, computes_own_products
 from ..sharding import path_str
 
 
@@ -130,7 +133,7 @@ class LoRALinear(AbstractLinear):
         return self.scaling * jnp.einsum("...or,...ri->...oi", b, a)
 
 
-class LoRAWeight(AbstractWeight):
+class LoRAWeight(AbstractWrappedWeight):
     """An expert weight of a mixture of experts with a low-rank adapter per expert:
     `W + scaling * lora_a @ lora_b`, for weights used as `x @ W`.
 
@@ -138,10 +141,13 @@ class LoRAWeight(AbstractWeight):
     [`eqzoo.quant.QuantizedWeight`][] for int8 experts); `lora_a` `(*lead, in, rank)` and
     `lora_b` `(*lead, rank, out)` are the trainable factors, one pair per expert (and per
     stacked layer: `lead` is `(layers, experts)` inside a [`eqzoo.nn.Stacked`][]). `lora_b`
-    starts at zero. The layer materialises the adapted weight when it runs
-    ([`eqzoo.nn.weight_value`][]), summing in float32; every MoE implementation
-    (`"dense"`, `"capacity"`, `"ragged"`) takes it. Build it with
-    `eqzoo.peft.lora(model, experts=True)` rather than by hand.
+    starts at zero. As for [`eqzoo.peft.LoRALinear`][], a product with it is the base's own
+    product plus the low-rank term `scaling * (x @ lora_a) @ lora_b` (`einsum`, `take_matmul`:
+    the `"dense"` and `"capacity"` implementations of [`eqzoo.nn.MoE`][] and decoding), so an
+    [`eqzoo.quant.Fp8Weight`][] base keeps its fp8 products and an int4 base its packed ones;
+    `"ragged"` materialises the adapted weight ([`eqzoo.nn.weight_value`][]), summing in
+    float32, and refuses an fp8 base. Build it with `eqzoo.peft.lora(model, experts=True)`
+    rather than by hand.
     """
 
     base: Float[Array, "*lead in out"] | AbstractWeight
@@ -178,16 +184,6 @@ class LoRAWeight(AbstractWeight):
         self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
 
     @property
-    def shape(self) -> tuple[int, ...]:
-        """The base weight's shape."""
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The base weight's floating dtype."""
-        return jnp.dtype(self.base.dtype)
-
-    @property
     def rank(self) -> int:
         """The adapter's rank `r`."""
         return self.lora_a.shape[-1]
@@ -209,6 +205,41 @@ class LoRAWeight(AbstractWeight):
         a = jnp.take(self.lora_a, indices, axis=0).astype(jnp.float32)
         b = jnp.take(self.lora_b, indices, axis=0).astype(jnp.float32)
         return (base + self.scaling * jnp.einsum("...ir,...ro->...io", a, b)).astype(dtype)
+
+    def einsum(self, spec: str, x: Float[Array, "..."]) -> Float[Array, "..."]:
+        """`jnp.einsum(spec, x, W + delta)` in `x`'s dtype as LoRA computes it: the base's own
+        product ([`eqzoo.nn.weight_einsum`][]: fp8 operands for an [`eqzoo.quant.Fp8Weight`][],
+        the dequantized weight for int8 or int4, the rounded one for a
+        [`eqzoo.quant.FakeQuantWeight`][]) plus the low-rank term `scaling * (x @ lora_a) @
+        lora_b`, two products through rank `r` with the factors cast to `x`'s dtype (as
+        [`eqzoo.peft.LoRALinear`][] does: a small update is never rounded into the base weight)."""
+        return weight_einsum(spec, x, self.base) + self._low_rank(spec, x, self.lora_a, self.lora_b)
+
+    def take_matmul(self, x: Float[Array, "*idx contract"], indices) -> Float[Array, "*idx out"]:
+        """`x @ W[indices]` for each index, in `x`'s dtype: the base's own product with the
+        entries at `indices` ([`eqzoo.nn.weight_take_matmul`][]: fp8, or int4 from the packed
+        bytes on CPU) plus the low-rank term of those entries' factors."""
+        a = jnp.take(self.lora_a, indices, axis=0)
+        b = jnp.take(self.lora_b, indices, axis=0)
+        return weight_take_matmul(self.base, x, indices) + self._low_rank("...d,...do->...o", x, a, b)
+
+    def computes_own_products(self) -> bool:
+        """Whether the base weight computes its own products (fp8 experts): then so does the
+        adapted weight, and MoE's `"ragged"` implementation, which multiplies materialised
+        arrays, refuses it rather than bypass the base's products."""
+        return computes_own_products(self.base)
+
+    def _low_rank(self, spec: str, x, a, b):
+        """`scaling * einsum(spec, x, a @ b)` as `(x a) b`: the weight's operand of `spec` ends
+        with its (contracted, output) indices, and the rank takes a letter of its own."""
+        inputs, out = spec.replace(" ", "").split("->")
+        xs, ws = inputs.split(",")
+        r = next(c for c in "rzyxwvutsqponmlkjihgfedcba" if c not in spec)
+        lead, contract, o = ws[:-2], ws[-2], ws[-1]
+        three = f"{xs},{lead}{contract}{r},{lead}{r}{o}->{out}"
+        dtype = x.dtype
+        y = jnp.einsum(three, x, a.astype(dtype), b.astype(dtype), optimize=[(0, 1), (0, 1)])  # x with a first
+        return y * jnp.asarray(self.scaling, dtype)
 
     def merged(self) -> Float[Array, "*lead in out"]:
         """The adapted weight as a plain array in the base's dtype (an int8 base is

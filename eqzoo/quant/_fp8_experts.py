@@ -10,7 +10,7 @@ from jax.custom_batching import custom_vmap
 from jaxtyping import Array, Float, Shaped
 
 from .._errors import ConfigError
-from ..nn import AbstractWeight
+from ..nn._weight import AbstractWrappedWeight
 from ._fp8 import E4M3_MAX, E5M2_MAX, _dequantized, _to_fp8, _whole_batch, fp8_scale
 
 
@@ -151,7 +151,7 @@ def fp8_einsum(spec: str, x: Float[Array, "..."], w: Float[Array, "..."]) -> Flo
     return _ops(_check_spec(spec))[2](x, w.astype(x.dtype))
 
 
-class Fp8Weight(AbstractWeight):
+class Fp8Weight(AbstractWrappedWeight):
     """A float weight array whose products run with fp8 operands during training: the experts
     of an [`eqzoo.nn.MoE`][] after [`eqzoo.quant.prepare_fp8`][].
 
@@ -193,13 +193,3 @@ class Fp8Weight(AbstractWeight):
     def take_matmul(self, x: Float[Array, "*idx contract"], indices) -> Float[Array, "*idx out"]:
         """`x @ W[indices]` for each index with fp8 operands, the gathered experts scaled together."""
         return fp8_einsum("...d,...do->...o", x, self.take(indices, x.dtype))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The weight's shape."""
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The float weight's dtype."""
-        return self.base.dtype

@@ -1,44 +1,14 @@
 """`prepare_fp8` and `unwrap_fp8`: a model's linear layers and expert weights wrapped for fp8
 training matmuls, and unwrapped again."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from .._errors import ConfigError
-from ..nn import AbstractWeight, MoE, Targets, replace_linears
-from ..nn._replace import EXPERT_FIELDS, choose_expert_targets
-from ..sharding import path_str
+from ..nn import Targets
+from ..nn._replace import wrap_linears_and_experts
 from ._fp8 import Fp8Linear
 from ._fp8_experts import Fp8Weight
-
-
-def _is_moe(x) -> bool:
-    return isinstance(x, MoE)
-
-
-def _wrap_experts(model) -> tuple[object, int]:
-    """Every float expert array of every MoE layer as an `Fp8Weight`, and how many."""
-    count = []
-
-    def one(path, layer):
-        if not _is_moe(layer):
-            return layer
-        for name in EXPERT_FIELDS:
-            w = getattr(layer, name)
-            where = f"prepare_fp8: {path_str(path)}.{name}"
-            if isinstance(w, AbstractWeight):
-                raise ConfigError(
-                    f"{where} is a {type(w).__name__}, not a float array (already fp8, quantized or adapted); "
-                    "pass experts=False to leave the experts alone, or unwrap_fp8 an fp8 model first."
-                )
-            if not jnp.issubdtype(w.dtype, jnp.floating):
-                raise ConfigError(f"{where} has dtype {w.dtype}; fp8 products need floating-point weights. Pass experts=False.")
-            layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, Fp8Weight(w))
-            count.append(name)
-        return layer
-
-    return jax.tree_util.tree_map_with_path(one, model, is_leaf=_is_moe), len(count)
 
 
 def prepare_fp8(model, *, targets: Targets = None, experts: bool | None = None):
@@ -75,34 +45,30 @@ def prepare_fp8(model, *, targets: Targets = None, experts: bool | None = None):
     fp8, quantized or adapted), if an expert weight to wrap is not a float array, if a selected
     weight is not floating point, or if nothing is left to wrap.
     """
-    linear_targets, _, linears, experts, skipped = choose_expert_targets(model, targets, experts, what="prepare_fp8")
-    count = []
 
-    def wrap(path, layer):
-        if skipped(path):
-            return layer  # picks experts: rounding it can change the routing, as quantize keeps it
+    def linear(path, layer):
         if not jnp.issubdtype(layer.weight.dtype, jnp.floating):
             raise ConfigError(
                 f"prepare_fp8: {path} has a weight of dtype {layer.weight.dtype}; fp8 products need "
                 "floating-point weights. Leave it out of the targets."
             )
-        count.append(path)
         return Fp8Linear(layer)
 
-    out = model
-    if linears:
-        out = replace_linears(model, wrap, targets=linear_targets, kinds=(eqx.nn.Linear,), what="prepare_fp8")
-    n_experts = 0
-    if experts:
-        out, n_experts = _wrap_experts(out)
-    if not count and not n_experts:
-        raise ConfigError(
+    def expert(path, w):
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ConfigError(f"prepare_fp8: {path} has dtype {w.dtype}; fp8 products need floating-point weights. Pass experts=False.")
+        return Fp8Weight(w)
+
+    return wrap_linears_and_experts(
+        model, targets=targets, experts=experts, linear=linear, expert=expert, what="prepare_fp8",
+        unwrap_hint=", or unwrap_fp8 an fp8 model first",
+        nothing=(
             "prepare_fp8: nothing to wrap: the selected layers are routers of mixture-of-experts layers "
             "(skipped unless a target names 'router'), or the model has no plain equinox.nn.Linear layer "
             "and no float expert weight to wrap (its linear layers are already fp8, quantized or adapted, or "
             "it has none). For a model that is already fp8, unwrap it with eqzoo.quant.unwrap_fp8 first to re-select."
-        )
-    return out
+        ),
+    )
 
 
 def _is_fp8(x) -> bool:

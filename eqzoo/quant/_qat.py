@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Shaped
 
 from .._errors import ConfigError
-from ..nn import AbstractLinear, AbstractWeight, MoE, Targets, apply_linear, replace_linears
-from ..nn._replace import EXPERT_FIELDS, choose_expert_targets
-from ..sharding import path_str
+from ..nn import AbstractLinear, Targets, apply_linear
+from ..nn._replace import wrap_linears_and_experts
+from ..nn._weight import AbstractWrappedWeight
 from ._int4 import check_bits_and_groups, qmax
 from ._int8 import _check_floating, check_finite, dequantize_groups, quantize_groups
 from ._linear import check_features, dense_linear
@@ -124,7 +124,7 @@ class FakeQuantLinear(AbstractLinear):
         return dense_linear(self.rounded_weight(), self.base.bias, self.in_features, self.out_features)
 
 
-class FakeQuantWeight(AbstractWeight):
+class FakeQuantWeight(AbstractWrappedWeight):
     """A float expert weight of an [`eqzoo.nn.MoE`][] trained as if it were int8 or int4: what
     [`eqzoo.quant.FakeQuantLinear`][] is to a linear layer.
 
@@ -175,43 +175,6 @@ class FakeQuantWeight(AbstractWeight):
         # QuantizedWeight rounds it: the contracted axis last, rounded, and back.
         return jnp.swapaxes(fake_quantize(jnp.swapaxes(w, -1, -2), bits=self.bits, group_size=self.group_size), -1, -2)
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The weight's shape."""
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self) -> jnp.dtype:
-        """The float weight's dtype."""
-        return self.base.dtype
-
-
-def _is_moe(x) -> bool:
-    return isinstance(x, MoE)
-
-
-def _wrap_experts(model, bits: int, group_size: int | None) -> tuple[object, int]:
-    """Every float expert array of every MoE layer as a `FakeQuantWeight`, and how many."""
-    count = []
-
-    def one(path, layer):
-        if not _is_moe(layer):
-            return layer
-        for name in EXPERT_FIELDS:
-            w = getattr(layer, name)
-            if isinstance(w, AbstractWeight):
-                raise ConfigError(
-                    f"prepare_qat: the experts' {name} is a {type(w).__name__}, not a float array (already "
-                    "wrapped, quantized or adapted); pass experts=False to leave the experts alone."
-                )
-            where = f"prepare_qat: {path_str(path)}.{name} (experts' weight {tuple(w.shape)}, contracting {w.shape[-2]})"
-            check_bits_and_groups(bits, group_size, w.shape[-2], where)
-            layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, FakeQuantWeight(w, bits=bits, group_size=group_size))
-            count.append(name)
-        return layer
-
-    return jax.tree_util.tree_map_with_path(one, model, is_leaf=_is_moe), len(count)
-
 
 def prepare_qat(
     model, *, targets: Targets = None, experts: bool | None = None, bits: int = 8, group_size: int | None = None
@@ -254,25 +217,19 @@ def prepare_qat(
     layer's input size (naming the layer).
     """
     check_bits_and_groups(bits, group_size, 2 * (group_size or 1), "prepare_qat")  # bits, and group_size's type
-    linear_targets, _, linears, experts, skipped = choose_expert_targets(model, targets, experts, what="prepare_qat")
-    count = []
 
-    def wrap(path, layer):
-        if skipped(path):
-            return layer  # as quantize leaves it: float, so QAT and the deployed model agree
-        count.append(path)
+    def linear(path, layer):
         check_bits_and_groups(bits, group_size, layer.in_features, f"prepare_qat: {path} Linear({layer.in_features} -> {layer.out_features})")
         return FakeQuantLinear(layer, bits=bits, group_size=group_size)
 
-    out = model
-    if linears:
-        out = replace_linears(model, wrap, targets=linear_targets, kinds=(eqx.nn.Linear,), what="prepare_qat")
-    n_experts = 0
-    if experts:
-        out, n_experts = _wrap_experts(out, bits, group_size)
-    if not count and not n_experts:
-        raise ConfigError(
+    def expert(path, w):
+        check_bits_and_groups(bits, group_size, w.shape[-2], f"prepare_qat: {path} (experts' weight {tuple(w.shape)}, contracting {w.shape[-2]})")
+        return FakeQuantWeight(w, bits=bits, group_size=group_size)
+
+    return wrap_linears_and_experts(
+        model, targets=targets, experts=experts, linear=linear, expert=expert, what="prepare_qat",
+        nothing=(
             "prepare_qat: the model has no plain equinox.nn.Linear layer to wrap and no float expert "
             "weight (its linear layers are already wrapped, quantized or adapted, or it has none)."
-        )
-    return out
+        ),
+    )

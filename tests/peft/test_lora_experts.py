@@ -156,3 +156,68 @@ def test_sharded_expert_lora_step_equals_one_device():
     for a, b in zip(jax.tree.leaves(one.arrays), jax.tree.leaves(many.arrays), strict=True):
         if jnp.issubdtype(a.dtype, jnp.floating):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_adapters_add_their_update_to_the_base_product():  # ~2 s
+    # A LoRAWeight multiplies through its base's own product and adds scaling * (x a) b: on an
+    # Fp8Weight the products stay fp8 (a float product of base + delta would sit ~1e-7 from
+    # the float reference, not at fp8's error); int4, int8 and QAT bases keep theirs too.
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(0.1 * rng.standard_normal((4, 32, 24)), jnp.float32)  # (experts, embed, hidden)
+    x = rng.standard_normal((4, 6, 32)).astype(np.float32)  # each expert's slots
+    x[1, 2, 3] = 20.0  # an outlier sets the fp8 scale, as activations' do
+    x, idx = jnp.asarray(x), jnp.asarray([[0, 3], [2, 1]])  # idx: decoding, each token's chosen experts
+    xk = x[:2, :2]
+    spec = "ecd,edh->ech"
+
+    def adapt(base):  # trained adapters: lora_b != 0
+        adapted = peft.LoRAWeight(base, rank=2, alpha=4, key=jax.random.key(1))
+        return eqx.tree_at(lambda m: m.lora_b, adapted, 0.3 * jax.random.normal(jax.random.key(2), adapted.lora_b.shape))
+
+    @eqx.filter_jit  # built in one program, and multiplied in another (eager ops compile one by one)
+    def build(w):
+        bases = [quant.Fp8Weight(w), quant.QuantizedWeight(w, bits=4, group_size=8), quant.QuantizedWeight(w), quant.FakeQuantWeight(w)]
+        return bases, [adapt(b) for b in bases]
+
+    @eqx.filter_jit
+    def products(weights):
+        return [(eqzoo.nn.weight_einsum(spec, x, v), eqzoo.nn.weight_take_matmul(v, xk, idx), eqzoo.nn.weight_value(v, jnp.float32))
+                for v in weights]
+
+    def low_rank(adapted, x, idx=None):  # float64 reference: 2 * (x @ a) @ b, per expert
+        a, b = (np.asarray(t, np.float64) for t in (adapted.lora_a, adapted.lora_b))
+        if idx is None:
+            return 2.0 * np.einsum("ecd,edr,erh->ech", np.asarray(x, np.float64), a, b)
+        i = np.asarray(idx)
+        return 2.0 * np.einsum("tkd,tkdr,tkrh->tkh", np.asarray(x, np.float64), a[i], b[i])
+
+    bases, adapted = build(w)
+    for a, (got, taken, merged), (base, base_taken, _) in zip(adapted, products(adapted), products(bases), strict=True):
+        # the base's own product (fp8, packed int4, ...) plus the update (float32 sums: 1e-5)
+        np.testing.assert_allclose(got, np.asarray(base, np.float64) + low_rank(a, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(taken, np.asarray(base_taken, np.float64) + low_rank(a, xk, idx), rtol=1e-5, atol=1e-5)
+        ref = np.einsum("ecd,edh->ech", np.asarray(x, np.float64), np.asarray(merged, np.float64))  # the merged weight's product
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        if isinstance(a.base, quant.Fp8Weight):
+            assert 0.005 < err < 0.1, err  # fp8's rounding: not the float product
+        else:
+            assert err < 1e-5, (type(a.base).__name__, err)  # int4, int8, QAT: the merged weight's product
+
+    # "ragged" multiplies materialised float arrays: it refuses LoRA on fp8 experts too.
+    def ragged():
+        moe = eqzoo.nn.MoE(32, 24, 4, 2, implementation="ragged", key=jax.random.key(2))
+        return eqx.tree_at(lambda m: m.gate_proj, moe, adapt(quant.Fp8Weight(moe.gate_proj)))(x[0])
+
+    with pytest.raises(ConfigError, match=r"the experts' gate_proj \(LoRAWeight\) compute their own products"):
+        eqx.filter_eval_shape(ragged)  # traced only
+
+    # Linear layers: a LoRALinear on an Fp8Linear adds its update to the fp8 product.
+    @eqx.filter_jit
+    def linear(x):
+        lin = eqx.nn.Linear(32, 24, key=jax.random.key(3))
+        layer = peft.LoRALinear(quant.Fp8Linear(lin), rank=2, key=jax.random.key(4))
+        layer = eqx.tree_at(lambda m: m.lora_b, layer, 0.3 * jax.random.normal(jax.random.key(5), layer.lora_b.shape))
+        return layer.apply(x), quant.fp8_matmul(x, lin.weight) + lin.bias, layer.lora_a, layer.lora_b
+
+    got, base, a, b = (np.asarray(t, np.float64) for t in linear(x[0]))
+    np.testing.assert_allclose(got, base + (np.asarray(x[0], np.float64) @ a.T) @ b.T, rtol=1e-5, atol=1e-5)

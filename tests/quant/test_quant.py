@@ -575,7 +575,7 @@ def test_qat_experts_follow_quantize_targets():
     assert isinstance(experts_only.blocks.layers.mlp.up_proj, quant.FakeQuantWeight)
     assert isinstance(experts_only.blocks.layers.attn.q_proj, eqx.nn.Linear)
     assert isinstance(quant.prepare_qat(model, experts=False).blocks.layers.mlp.gate_proj, jax.Array)
-    with pytest.raises(ConfigError, match=r"prepare_qat: the experts' gate_proj is a FakeQuantWeight, not a float array"):
+    with pytest.raises(ConfigError, match=r"prepare_qat: blocks\.layers\.mlp\.gate_proj is a FakeQuantWeight, not a float array"):
         quant.prepare_qat(experts_only, targets="attn", experts=True)
     with pytest.raises(ConfigError, match=r"prepare_qat: targets 'up_proj' name only expert weights, but experts=False"):
         quant.prepare_qat(model, targets="up_proj", experts=False)
