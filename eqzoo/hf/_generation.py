@@ -133,9 +133,10 @@ class GenerationConfig:
         [`beam_kwargs`][eqzoo.hf.GenerationConfig.beam_kwargs] gives the beams'.
         `do_sample=False` among the overrides decodes greedily (the file's temperature, `top_k`,
         `top_p` and `min_p` are left out), as transformers' `generate(do_sample=False)` does;
-        `do_sample=True` keeps a sampling file's settings (on a greedy file it is refused: the
-        file's sampling values are not read, as transformers ignores them; pass `temperature=`
-        and the filters yourself)."""
+        `do_sample=True` keeps a sampling file's settings (on a greedy file it needs a
+        `temperature=` override above 0: the file's sampling values are not read, as
+        transformers ignores them). `do_sample=False` beside a sampling override (a temperature
+        above 0, `top_k`, `top_p`, `min_p`) is refused as contradictory."""
         overrides, sample = self._do_sample(overrides, "kwargs")
         if self.num_beams > 1:
             what = "beam sampling" if self.temperature > 0.0 else "beam search"
@@ -187,7 +188,7 @@ class GenerationConfig:
         [`kwargs`][eqzoo.hf.GenerationConfig.kwargs]' (overrides, `do_sample` included, as
         there) less `pad_token` (a request's events hold only its new tokens: there is no
         padding). What a request cannot carry is refused rather than dropped: a file limited by
-        `max_length` alone (pass `max_new_tokens=`) and settings applied by logits processors
+        `max_length` alone or by nothing (pass `max_new_tokens=`) and settings applied by logits processors
         (`no_repeat_ngram_size`, `bad_words_ids`, `min_new_tokens`, ...: decode those with
         [`eqzoo.generation.generate_batch`][], or pass `logits_processors=[]` to serve without
         them).
@@ -202,6 +203,11 @@ class GenerationConfig:
                 f"GenerationConfig.request_kwargs: this generation config limits decoding by max_length="
                 f"{out['max_length']} (prompt included), which a Request does not take: pass "
                 "request_kwargs(max_new_tokens=N)."
+            )
+        if "max_new_tokens" not in out:
+            raise ConfigError(
+                "GenerationConfig.request_kwargs: this generation config sets neither max_new_tokens nor "
+                "max_length, and a Request needs a budget: pass request_kwargs(max_new_tokens=N)."
             )
         processors = out.pop("logits_processors", [])
         if processors:
@@ -224,7 +230,14 @@ class GenerationConfig:
         sample = overrides["do_sample"]
         if not isinstance(sample, bool):
             raise ConfigError(f"GenerationConfig.{caller}: do_sample must be True or False, got {sample!r}.")
-        if sample and self.temperature == 0.0:
+        sampling = ("temperature", "top_k", "top_p", "min_p")
+        if sample is False and any(rest.get(k) not in (None, 0, 0.0) for k in sampling):
+            given = ", ".join(f"{k}={rest[k]!r}" for k in sampling if rest.get(k) not in (None, 0, 0.0))
+            raise ConfigError(
+                f"GenerationConfig.{caller}: do_sample=False decodes greedily, but {given} asks for sampling; "
+                "drop do_sample=False to sample with them, or drop them to decode greedily."
+            )
+        if sample and self.temperature == 0.0 and not (rest.get("temperature") or 0.0) > 0.0:
             how = (
                 "eqzoo.generate samples whenever temperature > 0: kwargs(temperature=0.7, top_k=50, top_p=0.9, key=jax.random.key(0))"
                 if caller == "kwargs" else

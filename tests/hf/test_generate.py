@@ -87,6 +87,11 @@ def test_generation_config_written_by_transformers(tmp_path, hft):
     assert eqzoo.hf.load_generation_config(tmp_path).kwargs() == dict(eos_token=(2,), temperature=0.0)
     with pytest.raises(ConfigError, match=r"do_sample=True, but this generation config decodes greedily.*kwargs\(temperature=0.7"):
         eqzoo.hf.load_generation_config(tmp_path).kwargs(do_sample=True)
+    # ... unless the override gives the temperature; and do_sample=False contradicts a sampling override
+    greedy_file = eqzoo.hf.load_generation_config(tmp_path)
+    assert greedy_file.kwargs(do_sample=True, temperature=0.7) == dict(eos_token=(2,), temperature=0.7)
+    with pytest.raises(ConfigError, match=r"do_sample=False decodes greedily, but temperature=0.7, top_k=5 asks"):
+        greedy_file.kwargs(do_sample=False, temperature=0.7, top_k=5)
 
 
 def test_generation_config_request_kwargs_for_serving(tmp_path, hft):
@@ -110,6 +115,9 @@ def test_generation_config_request_kwargs_for_serving(tmp_path, hft):
     with pytest.raises(ConfigError, match=r"applied by logits processors \(NoRepeatNGram\).*generate_batch"):
         config.request_kwargs(max_new_tokens=4)
     assert config.request_kwargs(max_new_tokens=4, logits_processors=[]) == dict(eos_token=(5,), temperature=0.0, max_new_tokens=4)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 5}')  # no budget at all
+    with pytest.raises(ConfigError, match=r"sets neither max_new_tokens nor max_length.*request_kwargs\(max_new_tokens=N\)"):
+        eqzoo.hf.load_generation_config(tmp_path).request_kwargs()
 
 
 def test_generation_config_stops_where_transformers_does(tmp_path, hf_checkpoints, loaded, hft):
