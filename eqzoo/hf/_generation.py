@@ -14,7 +14,7 @@ import numpy as np
 
 from .._errors import ConfigError, user_stacklevel
 from ._errors import HFFormatError
-from ._files import GENERATION_CONFIG_NAME, read_json_object
+from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, read_json_object
 
 # Settings that change what transformers' generate produces and that eqzoo's decoding does not
 # have, with the value that leaves them off (`num_beam_groups`: group beam search, which
@@ -307,18 +307,27 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
     **Returns:** a frozen [`eqzoo.hf.GenerationConfig`][]; `.kwargs(**overrides)` gives the
     keyword arguments of `eqzoo.generate`.
 
-    **Raises:** [`eqzoo.hf.HFFormatError`][] for a missing or unreadable file and for values
-    outside their ranges (the message names the key and the value).
+    A folder without `generation_config.json` but with a `config.json` decodes greedily with
+    that file's `eos_token_id` and `pad_token_id` (as transformers falls back to them).
+
+    **Raises:** [`eqzoo.hf.HFFormatError`][] for a missing (no `config.json` either) or
+    unreadable file and for values outside their ranges (the message names the key and the
+    value).
     """
     file = Path(path)
-    if file.is_dir():
-        file = file / GENERATION_CONFIG_NAME
-    if not file.is_file():
+    folder = file if file.is_dir() else None
+    if folder is not None:
+        file = folder / GENERATION_CONFIG_NAME
+    if file.is_file():
+        raw = _Raw(repr(str(file)), read_json_object(file))
+    elif folder is not None and (folder / CONFIG_NAME).is_file():
+        raw = _from_model_config(folder / CONFIG_NAME)
+    else:
         raise HFFormatError(
-            f"no {GENERATION_CONFIG_NAME} at {str(file)!r}; a checkpoint without one decodes with "
-            "eqzoo.generate's defaults (greedy, no stop token): pass eos_token= yourself."
+            f"no {GENERATION_CONFIG_NAME} at {str(file)!r} (and no {CONFIG_NAME} beside it to take the "
+            "token ids from); a checkpoint without one decodes with eqzoo.generate's defaults (greedy, no "
+            "stop token): pass eos_token= yourself."
         )
-    raw = _Raw(repr(str(file)), read_json_object(file))
     eos = _eos_ids(raw)
     pad = raw.get("pad_token_id")
     pad = None if pad is None else _token_id(raw, pad, "pad_token_id")
@@ -334,6 +343,16 @@ def load_generation_config(path: str | os.PathLike[str]) -> GenerationConfig:
         min_new_tokens=_count(raw, "min_new_tokens", 0) or None, min_length=_count(raw, "min_length", 0) or None,
         sequence_bias=sequence_bias, **beams,
     )
+
+
+def _from_model_config(file: Path) -> "_Raw":
+    """A folder without `generation_config.json`: greedy decoding with the stop and pad ids of
+    its `config.json` (top level, or its `text_config`), as transformers falls back to them."""
+    model = read_json_object(file)
+    text = model.get("text_config") if isinstance(model.get("text_config"), dict) else {}
+    ids = {k: model.get(k, text.get(k)) for k in ("eos_token_id", "pad_token_id")}
+    where = f"{str(file)!r} (no {GENERATION_CONFIG_NAME} beside it: its token ids)"
+    return _Raw(where, {k: v for k, v in ids.items() if v is not None})
 
 
 class _Raw(dict):

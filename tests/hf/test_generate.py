@@ -227,6 +227,12 @@ def test_generation_config_missing_or_unsupported(tmp_path):
 
     with pytest.raises(eqzoo.hf.HFFormatError, match=r"no generation_config.json at .*pass eos_token= yourself"):
         eqzoo.hf.load_generation_config(tmp_path)
+    # without one, config.json's stop and pad ids (in text_config for a multimodal config), greedy
+    (tmp_path / "config.json").write_text('{"model_type": "gemma3", "text_config": {"eos_token_id": [1, 106], "pad_token_id": 0}}')
+    assert eqzoo.hf.load_generation_config(tmp_path).kwargs(max_new_tokens=3) == dict(eos_token=(1, 106), pad_token=0, temperature=0.0, max_new_tokens=3)
+    (tmp_path / "config.json").write_text('{"eos_token_id": -1}')
+    with pytest.raises(eqzoo.hf.HFFormatError, match=r"config.json' \(no generation_config.json beside it: its token ids\): eos_token_id must be"):
+        eqzoo.hf.load_generation_config(tmp_path)
     (tmp_path / "generation_config.json").write_text(
         '{"num_beams": 4, "num_beam_groups": 2, "num_return_sequences": 2, "repetition_penalty": 1.2, "min_p": 0.1, '
         '"do_sample": true, "eos_token_id": 1}'
