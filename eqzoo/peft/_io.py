@@ -214,10 +214,9 @@ def _refuse_hf_peft(path) -> None:
     if found:
         raise CheckpointMismatchError(
             f"{path} is a Hugging Face PEFT adapter (adapter_config.json, lora_A/lora_B tensors); "
-            "eqzoo.peft.load_adapters reads only the files eqzoo.peft.save_adapters writes. Merge it "
-            "into its base model with PEFT, then load the merged folder: "
-            f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), {str(folder)!r})"
-            ".merge_and_unload().save_pretrained(OUT), then eqzoo.hf.load_pretrained(OUT)."
+            "eqzoo.peft.load_adapters reads only the files eqzoo.peft.save_adapters writes. Read it onto "
+            f"the base model with eqzoo.hf.load_peft(eqzoo.hf.load_pretrained(BASE), {str(folder)!r}), "
+            "which builds the adapters from its adapter_config.json."
         )
 
 
