@@ -111,6 +111,10 @@ def fit(
     - `batches`: an iterable of batches (e.g. an `eqzoo.data.TokenLoader`). If it ends before
       `num_steps`, training stops there with a warning: the last steps are logged (and
       evaluated and checkpointed) as at the end, and the result has `stopped_early=True`.
+      For a model with a `config.vocab_size`, the first batch's `"tokens"` and `"targets"`
+      (NumPy arrays, as eqzoo's loaders yield) are checked against it before any step: an id
+      outside the vocabulary (negative targets, ignored by the losses, aside) raises a
+      `ConfigError`, where it would have trained the parameters into NaN.
     - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
@@ -214,6 +218,30 @@ def _checked_loggers(loggers: Iterable[Logger]) -> list[Logger]:
     return loggers
 
 
+def _check_token_ids(state: TrainState, batch: Any) -> None:
+    """Refuse a first host batch whose `"tokens"` or `"targets"` hold ids outside the model's
+    vocabulary: under `jit` the embedding lookup and the loss read them as NaN, so training
+    would go on with NaN parameters (a tokenizer with a larger vocabulary than the model's, say).
+    Negative targets are fine (they are ignored). Only NumPy arrays are read: no device sync."""
+    vocab = getattr(getattr(state.model, "config", None), "vocab_size", None)
+    if not isinstance(batch, Mapping) or not isinstance(vocab, int):
+        return
+    for name in ("tokens", "targets"):
+        ids = batch.get(name)
+        if not isinstance(ids, np.ndarray) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if high >= vocab or (name == "tokens" and low < 0):
+            bad = high if high >= vocab else low
+            raise ConfigError(
+                f"fit: the first batch's {name!r} holds token id {bad}, outside the model's vocabulary "
+                f"[0, {vocab}) (ids from {low} to {high}); the embedding lookup and the loss would read it "
+                "as NaN and train the parameters into NaN. Build the model with vocab_size at least the "
+                f"tokenizer's (e.g. vocab_size=tokenizer.vocab_size; {high + 1} or more here), or check the "
+                "data's encoding." + (" Negative targets are ignored; negative tokens are not." if low < 0 else "")
+            )
+
+
 def _eval_record(eval_step: EvalStep, state: TrainState, eval_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
     """One evaluation's metrics, as `eval/<name>`."""
     return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
@@ -237,6 +265,7 @@ class _Run:
     history: list[dict[str, float]] = dataclasses.field(default_factory=list)
     pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
     stopped: bool = False
+    ids_checked: bool = False
 
     @classmethod
     def begin(cls, state: TrainState, num_steps: int, loggers: list[Logger], checkpointer: Any) -> "_Run":
@@ -273,6 +302,9 @@ class _Run:
             )
             self.stopped = True
             return
+        if not self.ids_checked:  # once: before the first step donates the state
+            _check_token_ids(self.state, batch)
+            self.ids_checked = True
         if self.begin_run is not None:  # before the first step: a bad run_config fails here
             # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
             from ..checkpoint._hyperparams import injected_values

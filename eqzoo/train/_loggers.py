@@ -119,7 +119,8 @@ def _json_float(v: Any) -> Any:
 
 
 class TensorBoardLogger:
-    """Writes scalars for TensorBoard with `tensorboardX` (install it to use this logger)."""
+    """Writes scalars for TensorBoard with `tensorboardX` (`pip install 'eqzoo[tensorboard]'`; without
+    it the constructor raises an `ImportError` naming that extra)."""
 
     def __init__(self, logdir: str | Path):
         """**Arguments:** `logdir`, the TensorBoard run folder."""

@@ -22,7 +22,7 @@ from ..sharding._activation import (
     check_pipeline_microbatches,
 )
 from ..sharding._errors import ShardingError
-from ..sharding._mesh import SEQUENCE_KEYS, context_size
+from ..sharding._mesh import SEQUENCE_KEYS
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
@@ -113,21 +113,27 @@ def _microbatches(batch: PyTree, k: int, strided: bool = False) -> PyTree:
     return jax.tree.map(split, batch)
 
 
-def _check_ring_microbatches(batch: PyTree, k: int, mesh, context_attention: str) -> None:
-    """Ring attention runs each micro-batch under a `shard_map` over the mesh's batch axes, so
-    its rows must split evenly over them (read at trace time; `"gather"` needs no such split)."""
-    if mesh is None or k == 1 or context_attention == "gather" or context_size(mesh) == 1:
+def _check_microbatches(batch: PyTree, k: int, mesh) -> None:
+    """With `mesh=`, micro-batch `i` takes rows `i, i+k, ...` so that it is spread over every
+    device of the batch axes; its rows must fill them evenly (read at trace time). Fewer rows, or
+    a count they do not divide, left each micro-batch for XLA to re-lay out inside the scan:
+    ring attention's `shard_map` failed on it, and on `data=2,fsdp=2,tensor=2` XLA:CPU's
+    collectives deadlocked and aborted the process."""
+    if mesh is None or k == 1:
         return
     axes = batch_axes(mesh)
     ways = int(np.prod([mesh.shape[a] for a in axes], dtype=np.int64))
     rows = {x.shape[0] // k for x in jax.tree.leaves(batch) if x.ndim and x.shape[0] % k == 0}
     for n in sorted(rows):
         if n % ways:
+            whole = n * k
+            fewer = [d for d in range(k - 1, 0, -1) if whole % ways == 0 and (whole // ways) % d == 0]
+            hint = f", or grad_accum_steps={fewer[0]} for this batch" if fewer else ""
             raise ShardingError(
-                f"make_train_step: grad_accum_steps={k} cuts the batch into micro-batches of {n} rows, but "
-                f"context_attention={context_attention!r} splits each micro-batch over the mesh's batch axes "
-                f"{dict((a, mesh.shape[a]) for a in axes)} ({ways} ways), which {n} rows do not fill evenly. Use a "
-                f"batch of a multiple of {k * ways} rows, fewer accumulation steps, or context_attention='gather'."
+                f"make_train_step: grad_accum_steps={k} cuts the batch of {whole} rows into micro-batches of {n} "
+                f"rows, but each micro-batch is split over the mesh's batch axes "
+                f"{dict((a, int(mesh.shape[a])) for a in axes)} ({ways} ways), which {n} rows do not fill evenly. "
+                f"Use a batch of a multiple of {k * ways} rows{hint}."
             )
 
 
@@ -626,7 +632,9 @@ def make_train_step(
       whose leading axis the split does not divide,
       a short last batch say, is copied to every device, as `jax.jit` would place it); on several processes pass batches already placed
       (`eqzoo.sharding.make_global_batch`: which rows a process holds is yours to say). With gradient accumulation, micro-batch `i` then takes rows
-      `i, i+k, ...` of the batch, so each micro-batch stays spread over every device.
+      `i, i+k, ...` of the batch, so each micro-batch stays spread over every device: its rows
+      must be divisible by the mesh's batch axes (`data * fsdp * expert`), so the batch by
+      `grad_accum_steps * data * fsdp * expert` (a `ShardingError` when the step is traced says so).
     - `sequence_keys`: the batch keys whose entries are `(batch, seq, ...)` sequences, which a
       mesh with `context > 1` splits along `seq` (default [`eqzoo.sharding.SEQUENCE_KEYS`][],
       the keys eqzoo's losses read); other named entries (labels `(batch, k)`, images) are
@@ -637,9 +645,7 @@ def make_train_step(
       key/value blocks passed round the `context` ring; per-device attention memory falls
       with `context`) or `"ring_balanced"` (ring attention in the load-balanced order, which
       evens out causal attention's work across the ring). See
-      [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md. With ring attention and
-      `grad_accum_steps > 1`, each micro-batch's rows must split evenly over the mesh's batch
-      axes (a `ShardingError` when the step is traced says so).
+      [`eqzoo.sharding.CONTEXT_ATTENTION`][] and docs/scaling.md.
     - `pipeline_microbatches`: under a `mesh` with `stage > 1` (pipeline parallelism), how many
       micro-batches each layer stack cuts the batch (each accumulation micro-batch, with
       `grad_accum_steps > 1`) into; `None` picks up to `2 * stage`. As for
@@ -670,7 +676,7 @@ def make_train_step(
         if grad_accum_steps == 1:
             (_, (loss, model_state, aux)), grads = grad_fn(params, parts.model_state, batch, step_key)
         else:
-            _check_ring_microbatches(batch, grad_accum_steps, mesh, context_attention)
+            _check_microbatches(batch, grad_accum_steps, mesh)
             grads, loss, aux, model_state = _accumulate_grads(
                 grad_fn, params, parts.model_state, batch, step_key, grad_accum_steps,
                 strided=mesh is not None, loss_dtype=jnp.dtype(precision.output_dtype),

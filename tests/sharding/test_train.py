@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from eqzoo import sharding as sh
 from eqzoo.train import Precision, TrainState, lm_loss, make_train_step
@@ -31,6 +32,11 @@ def test_grad_accumulation_equals_one_large_batch_under_sharding(lab):
     assert abs(float(m1["grad_norm"]) - float(mk["grad_norm"])) < 1e-6
     assert lab.max_abs_diff(whole.arrays, accum.arrays) < 1e-6
     assert [a.sharding for a in accum.arrays] == [a.sharding for a in state.arrays]
+    # Micro-batches that do not fill the batch axes (here 2 rows on data=2 x fsdp=2) are refused when
+    # the step is traced: XLA:CPU's collectives deadlocked on this mesh and aborted the process.
+    with pytest.raises(sh.ShardingError, match=r"grad_accum_steps=8 cuts the batch of 16 rows into micro-batches of 2 "
+                       r"rows.*\{'data': 2, 'fsdp': 2\} \(4 ways\).*multiple of 32 rows, or grad_accum_steps=4 for this batch\."):
+        make_train_step(lm_loss, optimizer, mesh=mesh, donate=False, grad_accum_steps=8).lower(state, batch)
 
 
 def test_mixed_precision_composes_with_sharding(lab):

@@ -1,6 +1,10 @@
 """`fit`: JSONL logging, periodic evaluation, stopping from a callback, resuming from `state.step`."""
 
 import json
+import pathlib
+import re
+import sys
+import tomllib
 import warnings
 
 import equinox as eqx
@@ -11,7 +15,8 @@ import optax
 import pytest
 
 from eqzoo import models, train
-from eqzoo._errors import ConfigError
+from eqzoo._errors import ConfigError, MissingDependencyError
+from eqzoo.train._fit import _check_token_ids
 from eqzoo.train._readback import mean_metrics
 
 OPTIMIZER = optax.sgd(0.05)
@@ -211,6 +216,24 @@ def test_fit_argument_errors(steps, unchecked):
         train.evaluate(eval_step, _state(), [])
 
 
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_step():
+    # A tokenizer with more ids than the model's vocab_size (bytes into a 64-token model) used to
+    # train on: the embedding lookup read NaN, and so did every parameter after the first step.
+    config = models.get_config("tiny-llama", vocab_size=64, num_layers=1, embed_dim=16, hidden_dim=32, max_seq=8)
+    state = train.TrainState.create(models.create(config, key=jax.random.key(0)), OPTIMIZER, key=jax.random.key(1))
+    step = train.make_train_step(train.lm_loss, OPTIMIZER)
+    ids = np.arange(18, dtype=np.int32).reshape(2, 9) * 7  # up to 119
+    batch = {"tokens": ids[:, :-1], "targets": ids[:, 1:]}
+    with pytest.raises(ConfigError, match=r"first batch's 'tokens' holds token id 112, outside the model's vocabulary \[0, 64\).*vocab_size=tokenizer\.vocab_size; 113 or more"):
+        train.fit(state, step, [batch], num_steps=1)
+    assert int(state.step) == 0 and not any(x.is_deleted() for x in state.arrays)  # nothing ran or was donated
+    with pytest.raises(ConfigError, match=r"'targets' holds token id 64"):
+        _check_token_ids(state, {"tokens": ids[:, :-1] % 64, "targets": np.full((2, 8), 64)})
+    with pytest.raises(ConfigError, match=r"'tokens' holds token id -1.*negative tokens are not"):
+        _check_token_ids(state, {"tokens": ids[:, :-1] % 64 - 1})
+    _check_token_ids(state, {"tokens": ids[:, :-1] % 64, "targets": np.full((2, 8), -100)})  # ignored targets pass
+
+
 def test_steps_per_s_counts_training_time_only(steps, monkeypatch):
     """A fake clock: each train step takes 1 s and each evaluation 1000 s. Every logged window
     of 2 steps must read 1 step/s, including the windows right after an evaluation."""
@@ -395,6 +418,20 @@ def test_console_logger_leaves_per_layer_metrics_to_the_structured_loggers(tmp_p
         stream = io.StringIO()
         train.ConsoleLogger(stream=stream, keys=(k for k in ["train/loss"])).log(1, metrics)
     assert stream.getvalue() == "step      1 | train/loss 2\n"
+
+
+def test_tensorboard_logger_names_an_extra_that_exists(tmp_path, monkeypatch):
+    # The error said `pip install 'eqzoo[tensorboard]'`, an extra pyproject.toml did not declare.
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # importing it raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'eqzoo\[tensorboard\]'"):
+        train.TensorBoardLogger(tmp_path / "tb")
+    root = pathlib.Path(__file__).parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(dep.startswith("tensorboardX") for dep in extras["tensorboard"])
+    # and so does every other `require(module, extra)` of the package
+    source = "\n".join(p.read_text() for p in (root / "eqzoo").rglob("*.py"))
+    named = set(re.findall(r'require\(\s*"[\w.]+",\s*"([\w-]+)"\s*\)', source))
+    assert {"tensorboard", "bayes", "sciml", "hf"} <= named <= set(extras)
 
 
 def mixed_loss(model, batch, key):
