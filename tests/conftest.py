@@ -139,10 +139,13 @@ def compile_log():
 # about 17 minutes into a 21-minute run). Then the files not listed, most tests first. Only the
 # order depends on these figures: every file still runs, and a stale figure costs wall time only.
 # sharding/test_moe, models/test_mixtral and models/test_lm_models: their figures scaled by the
-# ratio of one solo run of the file after/before its eager model calls were compiled (0.80-0.87).
+# ratio of one solo run of the file after/before its eager model calls were compiled (0.80-0.87);
+# generation/test_generate, test_prefill, test_sliding_cache, models/test_gemma, test_packing and
+# train/test_preference likewise, after their one-off eager forwards were compiled and
+# test_generate's short decodes reused its NEW-token loops (0.61-0.93, one solo run each).
 FILE_COSTS = {
     "tests/models/test_presets_contract.py": 355, "tests/docs/test_snippets.py": 299,
-    "tests/docs/test_snippets_2.py": 285, "tests/generation/test_generate.py": 197,
+    "tests/docs/test_snippets_2.py": 285, "tests/generation/test_generate.py": 142,
     "tests/hf/test_generate.py": 174, "tests/peft/test_lora.py": 160,
     "tests/examples/test_examples_smoke.py": 142, "tests/sharding/test_moe.py": 136,
     "tests/models/test_mixtral.py": 136, "tests/models/test_lm_models.py": 124,
@@ -151,13 +154,13 @@ FILE_COSTS = {
     "tests/models/test_diffusion_models.py": 86, "tests/generation/test_speculative.py": 85,
     "tests/sciml/test_cde.py": 83, "tests/hf/test_load.py": 79, "tests/nn/test_moe.py": 70,
     "tests/quant/test_quant.py": 67, "tests/sharding/test_context.py": 56,
-    "tests/nn/test_kv_cache_dtype.py": 55, "tests/models/test_gemma.py": 55,
-    "tests/generation/test_sliding_cache.py": 53, "tests/sharding/test_train.py": 52,
-    "tests/generation/test_prefill.py": 51, "tests/sciml/test_node.py": 50, "tests/train/test_losses.py": 42,
-    "tests/models/test_packing.py": 41, "tests/peft/test_lora_experts.py": 39, "tests/sciml/test_pinn.py": 35,
+    "tests/nn/test_kv_cache_dtype.py": 55, "tests/models/test_gemma.py": 51,
+    "tests/generation/test_sliding_cache.py": 43, "tests/sharding/test_train.py": 52,
+    "tests/generation/test_prefill.py": 34, "tests/sciml/test_node.py": 50, "tests/train/test_losses.py": 42,
+    "tests/models/test_packing.py": 25, "tests/peft/test_lora_experts.py": 39, "tests/sciml/test_pinn.py": 35,
     "tests/generation/test_engine.py": 32, "tests/bayes/test_last_layer.py": 30,
     "tests/nn/test_attention.py": 30, "tests/diffusion/test_sample.py": 29,
-    "tests/train/test_preference.py": 24, "tests/generation/test_stream.py": 23,
+    "tests/train/test_preference.py": 21, "tests/generation/test_stream.py": 23,
     "tests/train/test_train_step.py": 19, "tests/nn/test_stacked.py": 19,
     "tests/generation/test_processors.py": 19, "tests/checkpoint/test_resume.py": 17,
     "tests/sharding/test_distributed.py": 17, "tests/bayes/test_model.py": 17, "tests/models/test_vit.py": 17,

@@ -3,6 +3,7 @@ against transformers are in tests/hf/test_generate.py)."""
 
 import itertools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -80,7 +81,8 @@ def test_beam_sampling_draws_without_replacement(gpt2):
         gpt2, PROMPT, max_new_tokens=1, num_beams=2, num_return_sequences=2, return_scores=True, do_sample=True,
         key=key, temperature=6.0, top_k=6, top_p=0.999, min_p=1e-3,  # top_p and min_p keep all 6 here
     ))(jax.random.split(jax.random.key(0), n))
-    logp = np.asarray(jax.nn.log_softmax(gpt2(PROMPT)[-1].astype(jnp.float32)), np.float64) / 6.0
+    logits = eqx.filter_jit(gpt2)(PROMPT)  # compiled: eagerly, the layer stack runs op by op
+    logp = np.asarray(jax.nn.log_softmax(logits[-1].astype(jnp.float32)), np.float64) / 6.0
     best = np.argsort(-logp)[:6]
     p = np.exp(logp[best] - logp[best].max())
     law = _without_replacement_law(p / p.sum(), draws=4, keep=2)

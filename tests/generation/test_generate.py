@@ -79,7 +79,7 @@ def test_unrolled_and_scanned_decode_loops_agree(lm):
     assert lm.blocks.scan == "auto"  # the model passed in is left as it was
 
 
-def test_unroll_auto_resolves_per_backend():
+def test_unroll_auto_resolves_per_backend(llama):
     from eqzoo.generation import UNROLL_DECODE_DEFAULTS, resolve_unroll
 
     for backend, want in UNROLL_DECODE_DEFAULTS.items():
@@ -87,7 +87,7 @@ def test_unroll_auto_resolves_per_backend():
     assert resolve_unroll("auto", "cpu") is False and resolve_unroll("auto", "gpu") is True
     assert resolve_unroll(True, "cpu") is True
     with pytest.raises(ConfigError, match="unroll_layers must be True, False or 'auto', got 'always'"):
-        generate_batch(models.create("tiny-gpt2", key=jax.random.key(0)), PROMPT[None], max_new_tokens=2, unroll_layers="always")
+        generate_batch(llama, PROMPT[None], max_new_tokens=2, unroll_layers="always")
 
 
 def test_batch_of_ragged_prompts_equals_one_at_a_time(llama):
@@ -305,26 +305,27 @@ def test_padding_and_pad_token_may_hold_any_id(llama, use_cache):
         np.testing.assert_allclose(logps, want[1], atol=1e-6)
 
 
-def test_sampling_settings_are_arguments_of_the_compiled_loop(llama):
+def test_sampling_settings_are_arguments_of_the_compiled_loop(llama, greedy):
     # A server's per-request temperature or top-p compiles nothing new; top-k sets a shape.
+    # (NEW tokens, as the other tests here: their compiled loops serve these calls too.)
     from eqzoo.generation._generate import _generate_batch_jit
 
     def run(**settings):
-        return eqzoo.generate(llama, PROMPT, max_new_tokens=3, key=jax.random.key(0), **settings)
+        return eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=jax.random.key(0), **settings)
 
     run(temperature=0.7, top_p=0.9)
     before = _generate_batch_jit._cached._cache_size()
     outs = [run(temperature=t, top_p=p) for t, p in ((0.3, 0.5), (1.1, 0.95), (1e-6, 0.9))]
     assert _generate_batch_jit._cached._cache_size() == before
-    greedy = eqzoo.generate(llama, PROMPT, max_new_tokens=3)
     np.testing.assert_array_equal(outs[-1], greedy)  # and the traced values are the ones used
     # so are the stop and pad ids (only how many stop ids there are is part of the program)
     stop = int(greedy[6])
-    first = eqzoo.generate(llama, PROMPT, max_new_tokens=3, eos_token=[stop, 1], pad_token=7)
+    assert stop != int(greedy[5])  # so the first stop ends the rows at position 6, the second at 5
+    first = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=[stop, 1], pad_token=7)
     before = _generate_batch_jit._cached._cache_size()
-    other = eqzoo.generate(llama, PROMPT, max_new_tokens=3, eos_token=[int(greedy[5]), 2], pad_token=9)
+    other = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, eos_token=[int(greedy[5]), 2], pad_token=9)
     assert _generate_batch_jit._cached._cache_size() == before
-    np.testing.assert_array_equal(first, greedy.at[7].set(7))  # stopped at the stop id, padded
+    np.testing.assert_array_equal(first, greedy.at[7:].set(7))  # stopped at the stop id, padded
     np.testing.assert_array_equal(other, greedy.at[6:].set(9))
 
 
@@ -363,7 +364,7 @@ def test_generation_errors(llama):
         eqzoo.generate(llama, PROMPT.at[0].set(300).at[1].set(-1), max_new_tokens=2)
     # uint8 ids are ids (comparing them with the vocabulary size 256 wrapped it to 0)
     np.testing.assert_array_equal(
-        eqzoo.generate(llama, PROMPT.astype(jnp.uint8), max_new_tokens=2), eqzoo.generate(llama, PROMPT, max_new_tokens=2)
+        eqzoo.generate(llama, PROMPT.astype(jnp.uint8), max_new_tokens=NEW), eqzoo.generate(llama, PROMPT, max_new_tokens=NEW)
     )
     with pytest.raises(ShapeError, match=r"prompts do not form one array .*Right-pad prompts of different lengths"):
         generate_batch(llama, [[1, 2, 3], [4, 5]], max_new_tokens=2)
@@ -388,7 +389,7 @@ def test_generation_errors(llama):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=2.5)
     with pytest.raises(ConfigError, match=r"key must be one PRNG key, jax\.random\.key\(seed\); got 0"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=0, temperature=1.0)
-    eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.PRNGKey(0), temperature=1.0)  # a legacy key
+    eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, key=jax.random.PRNGKey(0), temperature=1.0)  # a legacy key
     with pytest.raises(ConfigError, match="key must be one PRNG key"):  # not the default implementation's shape
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jnp.zeros((4,), jnp.uint32), temperature=1.0)
     with pytest.raises(ShapeError, match="lengths must be integers .*got dtype float32"):
@@ -440,12 +441,14 @@ class _OwnDecoder(models.AbstractLM):
 
 
 def test_own_abstract_lm_subclass_decodes_greedily_and_needs_config_fields():
-    model = _OwnDecoder(_OwnConfig(), key=jax.random.key(0))
+    # Built in one compiled program each (eagerly, one per initialiser operation).
+    build = eqx.filter_jit(lambda config, key: _OwnDecoder(config, key=key))
+    model = build(_OwnConfig(), jax.random.key(0))
     out = eqzoo.generate(model, PROMPT, max_new_tokens=5)
     # the reference: the full forward pass, one token at a time (on one padded length: one compile)
     seq = _penalised_greedy(model, PROMPT, 5, 1.0)
     np.testing.assert_array_equal(np.asarray(out), seq)  # greedy: exact
-    broken = _OwnDecoder(_NoVocabConfig(), key=jax.random.key(0))
+    broken = build(_NoVocabConfig(), jax.random.key(0))
     with pytest.raises(ConfigError, match=r"_OwnDecoder.config must have integer fields vocab_size and max_seq .*lacks \['vocab_size'\]"):
         eqzoo.generate(broken, PROMPT, max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"generate_speculative \(draft\): _OwnDecoder.config must have integer fields"):
@@ -479,7 +482,7 @@ def test_left_padded_prompts_with_lengths_are_refused(llama):
     with pytest.raises(ShapeError, match=r"prompt rows \[1\] look left-padded: they start with pad_token 0 .*attention_mask="):
         generate_batch(llama, ids, jnp.array([5, 2]), max_new_tokens=2)
     # right padding with pad_token, and a prompt that starts with pad_token, are not left padding
-    generate_batch(llama, jnp.array([[0, 0, 3, 0, 0]]), jnp.array([3]), max_new_tokens=2)
+    generate_batch(llama, jnp.array([[0, 0, 3, 0, 0]]), jnp.array([3]), max_new_tokens=NEW)  # NEW: the compiled loop of `greedy`
 
 
 def test_attention_mask_errors(llama):

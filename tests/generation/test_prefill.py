@@ -27,6 +27,13 @@ def _scaled(config):
     return jax.tree.map(lambda a: 4 * a if eqx.is_inexact_array(a) else a, model)
 
 
+@eqx.filter_jit
+def _forward(model, tokens):
+    """The full forward pass, compiled once per model and length (called eagerly, the layer
+    stack runs op by op, each operation its own compiled program)."""
+    return model(tokens)
+
+
 CONFIGS = {
     "full": lambda: models.get_config("tiny-llama", num_layers=2, max_seq=40),
     "gpt2": lambda: models.get_config("tiny-gpt2", num_layers=2, max_seq=40),
@@ -63,7 +70,7 @@ def test_prefill_equals_decode_at_zero_and_decoding_after_it(lm, unrolled):
     assert got.shape == (lm.config.vocab_size,)
     np.testing.assert_allclose(got, logits[6], atol=TOL)
     # the forward pass over the real tokens agrees (the training path)
-    np.testing.assert_allclose(got, lm(tokens[:7])[-1], atol=TOL)
+    np.testing.assert_allclose(got, _forward(lm, tokens[:7])[-1], atol=TOL)
     for a, b in zip(_leaves(cache), _leaves(want_cache), strict=True):
         np.testing.assert_allclose(a, b, atol=TOL)
 
@@ -72,7 +79,7 @@ def test_prefill_equals_decode_at_zero_and_decoding_after_it(lm, unrolled):
         got_next, cache = step(model, tokens[i : i + 1], cache, jnp.int32(i))
         want_next, want_cache = step(model, tokens[i : i + 1], want_cache, jnp.int32(i))
         np.testing.assert_allclose(got_next, want_next, atol=TOL)
-    np.testing.assert_allclose(got_next[0], lm(tokens[:10])[-1], atol=1e-4)  # fp32 through 10 positions
+    np.testing.assert_allclose(got_next[0], _forward(lm, tokens[:10])[-1], atol=1e-4)  # fp32 through 10 positions
 
 
 def test_prefill_never_reads_the_cache(lm):
@@ -110,7 +117,7 @@ def test_prefill_of_a_batch_and_of_a_bfloat16_model():
     got, want = both(moe, tokens, lengths)
     np.testing.assert_allclose(got, want, atol=TOL)
     for row, n in enumerate([1, 6, 11]):
-        np.testing.assert_allclose(got[row], moe(tokens[row, :n])[-1], atol=1e-4)
+        np.testing.assert_allclose(got[row], _forward(moe, tokens[row, :n])[-1], atol=1e-4)
 
     llama = cast_floating(_scaled(CONFIGS["full"]()), jnp.bfloat16)
     got, _ = llama.prefill(tokens[0], llama.init_cache(16), valid_length=7)

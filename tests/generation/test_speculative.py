@@ -26,6 +26,13 @@ def _scaled(preset, seed, **overrides):
     return jax.tree.map(lambda a: 4 * a if eqx.is_inexact_array(a) else a, model)
 
 
+@eqx.filter_jit
+def _batched(model, tokens):
+    """`jax.vmap(model)(tokens)` compiled once per model structure and shape (called eagerly,
+    the layer stack runs op by op)."""
+    return jax.vmap(model)(tokens)
+
+
 @pytest.fixture(scope="module")
 def llama():
     return _scaled("tiny-llama", 0, num_layers=3)
@@ -186,7 +193,7 @@ def test_sampling_draws_the_models_distribution(temperature, top_k, min_p):
     prompt = jnp.array([1, 2, 3], jnp.int32)
     seqs = np.array(list(itertools.product(range(vocab), repeat=new)), np.int32)
     full = jnp.concatenate([jnp.broadcast_to(prompt, (len(seqs), 3)), jnp.asarray(seqs)], axis=1)
-    probs = jax.nn.softmax(jax.vmap(jax.vmap(lambda x: filter_logits(x, temperature, top_k, None, min_p)))(jax.vmap(model)(full)))
+    probs = jax.nn.softmax(jax.vmap(jax.vmap(lambda x: filter_logits(x, temperature, top_k, None, min_p)))(_batched(model, full)))
     exact = np.prod([np.asarray(probs[np.arange(len(seqs)), 2 + t, seqs[:, t]]) for t in range(new)], axis=0)
     out, stats = generate_speculative(
         model, draft, jnp.broadcast_to(prompt, (n, 3)), max_new_tokens=new, num_draft=2,
@@ -218,8 +225,9 @@ def test_logprobs_are_the_models_own_scores(llama, sampled):
     np.testing.assert_array_equal(scored_stats["rounds"], stats["rounds"])
     assert logps.shape == tokens.shape and logps.dtype == jnp.float32
     assert (np.asarray(stats["rounds"]) < NEW - 1).any()  # some round kept a proposal
+    full = _batched(llama, tokens[:, :-1])  # each row's full forward pass
     for row, n in enumerate(np.asarray(lengths)):
-        want = jnp.take_along_axis(jax.nn.log_softmax(llama(tokens[row, :-1])), tokens[row, 1:, None], axis=-1)[:, 0]
+        want = jnp.take_along_axis(jax.nn.log_softmax(full[row]), tokens[row, 1:, None], axis=-1)[:, 0]
         toks = np.asarray(tokens[row])
         first_eos = n + int(np.argmax(toks[n:] == eos)) if eos in toks[n:].tolist() else n + NEW - 1
         np.testing.assert_allclose(logps[row, n : first_eos + 1], want[n - 1 : first_eos], rtol=0, atol=2e-5)

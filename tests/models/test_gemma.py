@@ -34,6 +34,11 @@ def _randomize_norms(model, key):
     return eqx.tree_at(lambda m: [x for x in jax.tree.leaves(m, is_leaf=is_norm) if is_norm(x)], model, new)
 
 
+@eqx.filter_jit
+def _decode(attn, x, cache, index, layer):
+    return attn.decode(x, cache, index, layer)
+
+
 @pytest.mark.parametrize("layer", [0, 1, 2, 3])
 def test_each_layer_attends_as_its_kind_says(layer):
     # A layer of the mixed stack, told its index (as a traced array, as inside the scan), equals
@@ -47,12 +52,13 @@ def test_each_layer_attends_as_its_kind_says(layer):
     traced = jax.jit(lambda x, i: mixed(x, layer=i))(x, jnp.int32(layer))
     np.testing.assert_allclose(traced, want, atol=TOL)
     np.testing.assert_allclose(mixed(x, layer=layer), want, atol=TOL)
-    # decode: prefill 7 then one token at a time, the cache stacked over the 4 layers
+    # decode: prefill 7 then one token at a time, the cache stacked over the 4 layers (compiled:
+    # two programs serve every layer index; eagerly each operation compiled its own)
     cache = jax.tree.map(lambda a: jnp.broadcast_to(a, (4,) + a.shape), mixed.init_cache(16))
-    out, cache = mixed.decode(x[:7], cache, jnp.int32(0), jnp.int32(layer))
+    out, cache = _decode(mixed, x[:7], cache, jnp.int32(0), jnp.int32(layer))
     outs = [out]
     for i in range(7, 12):
-        out, cache = mixed.decode(x[i : i + 1], cache, jnp.int32(i), jnp.int32(layer))
+        out, cache = _decode(mixed, x[i : i + 1], cache, jnp.int32(i), jnp.int32(layer))
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs), want, atol=TOL)
 
@@ -62,14 +68,16 @@ def test_scan_unrolled_and_cached_decoding_agree(name):
     config = _gemma3_like() if name == "gemma3-like" else models.get_config(name)
     model = _randomize_norms(models.create(config, key=jax.random.key(0)), jax.random.key(1))
     tokens = jax.random.randint(jax.random.key(2), (20,), 0, config.vocab_size)
-    full = model(tokens)
+    # Compiled: called eagerly, a stack loops over its layers op by op rather than scanning.
+    forward, decode = eqx.filter_jit(lambda m, t: m(t)), eqx.filter_jit(lambda m, t, c, i: m.decode(t, c, i))
+    full = forward(model, tokens)
     unrolled = eqx.tree_at(lambda m: m.blocks, model, model.blocks.unstacked())
-    np.testing.assert_allclose(unrolled(tokens), full, atol=TOL)
+    np.testing.assert_allclose(forward(unrolled, tokens), full, atol=TOL)
     cache = model.init_cache(32)
-    logits, cache = model.decode(tokens[:9], cache, jnp.int32(0))
+    logits, cache = decode(model, tokens[:9], cache, jnp.int32(0))
     steps = [logits]
     for i in range(9, 20):
-        logits, cache = model.decode(tokens[i : i + 1], cache, jnp.int32(i))
+        logits, cache = decode(model, tokens[i : i + 1], cache, jnp.int32(i))
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps), full, atol=TOL)
 
@@ -83,14 +91,17 @@ def test_softcapped_losses_agree_on_every_path():
     model = eqx.tree_at(lambda m: m.embed.weight, model, raw)
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, 256)
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "mask": jnp.broadcast_to(jnp.arange(16) % 3 != 0, (2, 16))}
-    logits = jax.vmap(model)(batch["tokens"])
+    logits = eqx.filter_jit(lambda m, t: jax.vmap(m)(t))(model, batch["tokens"])
     assert float(jnp.max(jnp.abs(logits))) < 30.0  # the cap is on
-    def loss_and_grads(impl):
+
+    @eqx.filter_jit  # one program per loss path (eagerly, one per operation)
+    def loss_and_grads(model, impl):
         return eqx.filter_value_and_grad(lambda m: train.lm_loss(m, batch, implementation=impl, chunk_size=4)[0])(model)
 
-    results = {impl: loss_and_grads(impl) for impl in ("full", "chunked", "fused")}
+    results = {impl: loss_and_grads(model, impl) for impl in ("full", "chunked", "fused")}
     loss, grads = results["full"]
-    uncapped = train.cross_entropy(jax.vmap(lambda f: f @ model.embed.weight.T)(jax.vmap(model.features)(batch["tokens"])), batch["targets"], batch["mask"])
+    uncapped = eqx.filter_jit(lambda m, t: jax.vmap(lambda f: f @ m.embed.weight.T)(jax.vmap(m.features)(t)))(model, batch["tokens"])
+    uncapped = train.cross_entropy(uncapped, batch["targets"], batch["mask"])
     assert abs(float(loss - uncapped)) > 1e-2  # the cap changes the loss
     for impl in ("chunked", "fused"):
         np.testing.assert_allclose(results[impl][0], loss, rtol=TOL)

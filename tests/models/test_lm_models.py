@@ -115,11 +115,13 @@ def test_unsigned_and_narrow_token_ids_are_accepted_under_type_checking(lm, dtyp
 def test_numpy_tokens_and_batches_are_accepted_under_type_checking(gpt2):
     # What the tokenizers and TokenLoader return; worked unchecked, a TypeCheckError checked
     # (lm_loss's message printed the whole model: ~3,000 characters).
+    # Closed over (not passed) under jit, the NumPy arrays reach the annotated signatures as they
+    # are, and each call compiles one program (called eagerly, one per operation of the model).
     tokens = np.arange(8, dtype=np.int32)
-    np.testing.assert_allclose(gpt2(tokens), gpt2(jnp.asarray(tokens)), rtol=0, atol=0)
+    np.testing.assert_allclose(eqx.filter_jit(lambda m: m(tokens))(gpt2), _forward(gpt2, jnp.asarray(tokens)), rtol=0, atol=0)
     batch = {"tokens": tokens[None, :-1], "targets": tokens[None, 1:]}
-    want = train.lm_loss(gpt2, jax.tree.map(jnp.asarray, batch))[0]
-    np.testing.assert_allclose(train.lm_loss(gpt2, batch)[0], want, rtol=1e-6)
+    want = _lm_loss(gpt2, jax.tree.map(jnp.asarray, batch))[0]
+    np.testing.assert_allclose(eqx.filter_jit(lambda m: train.lm_loss(m, batch))(gpt2)[0], want, rtol=1e-6)
 
 
 def test_too_long_sequence_names_max_seq(gpt2):
@@ -171,7 +173,7 @@ def test_decoding_past_the_cache_is_refused(gpt2):
     # Past its last position the cache write was clamped: logits silently off by ~3%.
     seq = jnp.arange(20, dtype=jnp.int32)
     cache = gpt2.init_cache(16)
-    _, cache = gpt2.prefill(seq[:16], cache)
+    _, cache = eqx.filter_jit(lambda m, t, c: m.prefill(t, c))(gpt2, seq[:16], cache)  # one program, not one per operation
     with pytest.raises(ShapeError, match=r"GPT2\.decode: 1 token\(s\) at index 16 need cache positions 16 \.\. 16, but the cache holds positions 0 \.\. 15; .*init_cache\(17\)"):
         gpt2.decode(seq[16:17], cache, 16)
     with pytest.raises(ShapeError, match=r"3 token\(s\) at index 14 need cache positions 14 \.\. 16"):
@@ -183,7 +185,7 @@ def test_decoding_past_the_cache_is_refused(gpt2):
     for bad in (0, 6):
         with pytest.raises(ShapeError, match=rf"GPT2\.prefill: valid_length must be in \[1, 5\] \(the tokens given\); got {bad}"):
             gpt2.prefill(seq[:5], gpt2.init_cache(16), valid_length=bad)
-    logits, _ = gpt2.decode(seq[15:16], cache, 15)  # the last position still decodes
+    logits, _ = eqx.filter_jit(lambda m, t, c: m.decode(t, c, 15))(gpt2, seq[15:16], cache)  # the last position still decodes (15 concrete: checked)
     assert logits.shape == (1, gpt2.config.vocab_size)
 
 
@@ -239,8 +241,8 @@ def test_windows_on_some_llama_layers():
     alike = {True: models.create(windowed, key=jax.random.key(0)), False: models.create(full, key=jax.random.key(0))}
     h = jax.random.normal(jax.random.key(1), (12, config.embed_dim))
     for i, w in enumerate(attn.window_layers):  # same key: same weights, whatever the windows
-        np.testing.assert_allclose(model.blocks[i](h, layer=i), alike[w].blocks[i](h), atol=1e-6)
-    assert not np.allclose(alike[True].blocks[0](h), alike[False].blocks[0](h), atol=1e-3)  # the window matters
+        np.testing.assert_allclose(_forward(model.blocks[i], h, layer=i), _forward(alike[w].blocks[i], h), atol=1e-6)
+    assert not np.allclose(_forward(alike[True].blocks[0], h), _forward(alike[False].blocks[0], h), atol=1e-3)  # the window matters
     assert config.flops_per_token(64) == (windowed.flops_per_token(64) + full.flops_per_token(64)) / 2
 
 

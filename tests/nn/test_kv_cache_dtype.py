@@ -60,7 +60,7 @@ def run(request):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention_module, "_as_stored", lambda x, like: dequantize_int8(*quantize_int8(x)).astype(like.dtype))
         out["rounded"] = _decode_all(model, tokens, model.init_cache(24))
-    return model, tokens, model(tokens), out
+    return model, tokens, eqx.filter_jit(model)(tokens), out  # compiled: eagerly, op by op
 
 
 def test_scaled_int8_attention_equals_attention_over_dequantized_keys():

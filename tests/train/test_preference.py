@@ -17,6 +17,13 @@ from eqzoo._errors import ConfigError, ShapeError
 TOL = 1e-5  # fp32
 
 
+# Compiled once per model structure and shape (called eagerly, the model's layer stack runs op
+# by op, each operation its own compiled program on first use).
+_sequence_logprobs = eqx.filter_jit(train.sequence_logprobs)
+_dpo_loss = eqx.filter_jit(train.dpo_loss)
+_dpo_value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(train.dpo_loss, has_aux=True))
+
+
 @pytest.fixture(scope="module")
 def model(create):
     return create("tiny-llama", key=jax.random.key(0), max_seq=16)
@@ -31,7 +38,7 @@ def _rows(seed, n=4, seq=12, vocab=256):
 def test_sequence_logprobs_sum_the_masked_target_logprobs(model):
     tokens, targets, mask = _rows(1)
     got = eqx.filter_jit(train.sequence_logprobs)(model, tokens, targets, mask, chunk_size=5)
-    logp = jax.nn.log_softmax(jax.vmap(model)(tokens).astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(eqx.filter_jit(lambda m, t: jax.vmap(m)(t))(model, tokens).astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(got, jnp.sum(jnp.where(mask, picked, 0.0), axis=-1), rtol=TOL, atol=TOL)
     assert got.shape == (4,) and got.dtype == jnp.float32
@@ -42,21 +49,21 @@ def _dpo_batch(policy, chosen, rejected):
     return {
         "chosen_tokens": ct, "chosen_targets": cy, "chosen_mask": cm,
         "rejected_tokens": rt, "rejected_targets": ry, "rejected_mask": rm,
-        "ref_chosen_logprobs": train.sequence_logprobs(policy, ct, cy, cm),
-        "ref_rejected_logprobs": train.sequence_logprobs(policy, rt, ry, rm),
+        "ref_chosen_logprobs": _sequence_logprobs(policy, ct, cy, cm),
+        "ref_rejected_logprobs": _sequence_logprobs(policy, rt, ry, rm),
     }
 
 
 def test_dpo_at_the_reference_is_log_two_and_its_gradient_favours_chosen(model):
     batch = _dpo_batch(model, _rows(2), _rows(3))
-    (loss, metrics), grads = eqx.filter_value_and_grad(train.dpo_loss, has_aux=True)(model, batch)
+    (loss, metrics), grads = _dpo_value_and_grad(model, batch)
     assert abs(float(loss) - np.log(2.0)) < TOL and abs(float(metrics["reward_margin"])) < TOL
     # A small step down the gradient raises the chosen responses' reward over the rejected ones.
     stepped = eqx.apply_updates(model, jax.tree.map(lambda g: -1e-2 * g, grads))
-    _, after = train.dpo_loss(stepped, batch)
+    _, after = _dpo_loss(stepped, batch)
     assert float(after["reward_margin"]) > 0 and float(after["chosen_reward"]) > float(after["rejected_reward"])
     # Label smoothing: the value at the reference is still log 2.
-    smoothed, _ = train.dpo_loss(model, batch, label_smoothing=0.2)
+    smoothed, _ = _dpo_loss(model, batch, label_smoothing=0.2)
     assert abs(float(smoothed) - np.log(2.0)) < TOL
 
 
