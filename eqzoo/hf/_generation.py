@@ -230,13 +230,16 @@ class GenerationConfig:
         sample = overrides["do_sample"]
         if not isinstance(sample, bool):
             raise ConfigError(f"GenerationConfig.{caller}: do_sample must be True or False, got {sample!r}.")
-        sampling = ("temperature", "top_k", "top_p", "min_p")
-        if sample is False and any(rest.get(k) not in (None, 0, 0.0) for k in sampling):
-            given = ", ".join(f"{k}={rest[k]!r}" for k in sampling if rest.get(k) not in (None, 0, 0.0))
-            raise ConfigError(
-                f"GenerationConfig.{caller}: do_sample=False decodes greedily, but {given} asks for sampling; "
-                "drop do_sample=False to sample with them, or drop them to decode greedily."
-            )
+        if sample is False:
+            # transformers' own defaults (and temperature 0) change nothing in greedy decoding
+            inert = {"temperature": (0, 1), "top_k": (0, 50), "top_p": (1,), "min_p": (0,)}
+            given = [f"{k}={rest[k]!r}" for k, ok in inert.items() if rest.get(k) is not None and rest[k] not in ok]
+            if given:
+                raise ConfigError(
+                    f"GenerationConfig.{caller}: do_sample=False decodes greedily, but {', '.join(given)} asks for "
+                    "sampling; drop do_sample=False to sample with them, or drop them to decode greedily."
+                )
+            rest = {k: v for k, v in rest.items() if k not in inert}
         if sample and self.temperature == 0.0 and not (rest.get("temperature") or 0.0) > 0.0:
             how = (
                 "eqzoo.generate samples whenever temperature > 0: kwargs(temperature=0.7, top_k=50, top_p=0.9, key=jax.random.key(0))"
@@ -350,7 +353,7 @@ def _from_model_config(file: Path) -> "_Raw":
     its `config.json` (top level, or its `text_config`), as transformers falls back to them."""
     model = read_json_object(file)
     text = model.get("text_config") if isinstance(model.get("text_config"), dict) else {}
-    ids = {k: model.get(k, text.get(k)) for k in ("eos_token_id", "pad_token_id")}
+    ids = {k: model[k] if model.get(k) is not None else text.get(k) for k in ("eos_token_id", "pad_token_id")}
     where = f"{str(file)!r} (no {GENERATION_CONFIG_NAME} beside it: its token ids)"
     return _Raw(where, {k: v for k, v in ids.items() if v is not None})
 

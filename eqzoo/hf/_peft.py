@@ -338,17 +338,37 @@ def _fuse(parts: list[tuple[_Site, LoRALinear]]) -> tuple[np.ndarray, np.ndarray
     return a, b, rank, scaling
 
 
-def _suffix(module: str, hf_modules: list[str], written: set[str]) -> str:
-    """The shortest dotted end of `module` that names no module outside `written` (PEFT matches
-    `target_modules` entries against the ends of module names)."""
+def _own_end(module: str, hf_modules: list[str]) -> str | None:
+    """The shortest dotted end of `module` that ends no other Hugging Face module's name (PEFT
+    matches a `target_modules` entry against the ends of module names, and a `rank_pattern` /
+    `alpha_pattern` key too, so a key shared by two modules would give both one setting), or
+    `None` when every such end holds the layer index."""
     words = module.split(".")
     for k in range(1, len(words) + 1):
         end = ".".join(words[-k:])
         if "{" in end:
-            break
-        if not any(m not in written and (m == end or m.endswith("." + end)) for m in hf_modules):
+            return None
+        if not any(m != module and (m == end or m.endswith("." + end)) for m in hf_modules):
             return end
-    return module
+    return None
+
+
+def _module_regex(module: str) -> str:
+    """`module` (with `{i}` for the layer) as a regex of its full names."""
+    return re.escape(module).replace(re.escape("{i}"), r"\d+")
+
+
+def _target_keys(modules: list[str], hf_modules: list[str]) -> tuple[dict[str, str], list[str] | str]:
+    """Each written module's key for `rank_pattern` / `alpha_pattern`, and `target_modules`: the
+    modules' own ends (GPT-2's `attn.c_proj` against `mlp.c_proj`) as a list where each has one;
+    otherwise (ViT's `layer.{i}.output.dense` against `layer.{i}.attention.output.dense`) every
+    key is its module's full-name regex and `target_modules` one regex string of them all,
+    which PEFT matches against whole module names."""
+    ends = {m: _own_end(m, hf_modules) for m in modules}
+    if all(ends.values()):
+        return ends, sorted(ends.values())
+    keys = {m: _module_regex(m) for m in modules}
+    return keys, "(" + "|".join(sorted(keys.values())) + ")"
 
 
 def _alpha(scaling: float, rank: int) -> int | float:
@@ -368,7 +388,9 @@ def save_peft(model, path: str | os.PathLike[str], *, base_model_name_or_path: s
     `transformer.h.3.attn.c_attn`). `r` and `lora_alpha = scaling * r` are the most common
     ones, with `rank_pattern` / `alpha_pattern` for the others; `target_modules` names each
     adapted module by the shortest end of its name that no other module shares (GPT-2's
-    `attn.c_proj` against `mlp.c_proj`); `fan_in_fan_out` is true for GPT-2. GPT-2's q, k and
+    `attn.c_proj` against `mlp.c_proj`), and where a module has no such end (ViT's
+    `output.dense` against `attention.output.dense`) it is one regex of the adapted modules'
+    full names, the patterns' keys theirs; `fan_in_fan_out` is true for GPT-2. GPT-2's q, k and
     v adapters are written as one `c_attn` adapter: rank `r` when they share one `A` (as
     [`eqzoo.hf.load_peft`][] builds them), otherwise `A`s stacked and a block-diagonal `B` of
     rank the sum of theirs, the same update exactly. Factors are written in float32 (or their
@@ -404,13 +426,12 @@ def save_peft(model, path: str | os.PathLike[str], *, base_model_name_or_path: s
             name = _PREFIX + (module.format(i=i) if stacked else module)
             tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i] if stacked else a)
             tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i] if stacked else b)
-    written = set(modules)
-    keys = {module: _suffix(module, hf_modules, written) for module in modules}
+    keys, targets = _target_keys(sorted(modules), hf_modules)
     (rank, scaling), _ = collections.Counter(settings.values()).most_common(1)[0]
     config = {
         "peft_type": "LORA", "task_type": None if isinstance(model, ViT) else "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path, "r": rank, "lora_alpha": _alpha(scaling, rank),
-        "target_modules": sorted(set(keys.values())), "use_rslora": False, "use_dora": False,
+        "target_modules": targets, "use_rslora": False, "use_dora": False,
         "fan_in_fan_out": isinstance(model.config, GPT2Config), "bias": "none", "lora_dropout": 0.0,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {keys[m]: r for m, (r, _) in settings.items() if r != rank},

@@ -147,7 +147,7 @@ def wrap_linears_and_experts(
     linear: Callable[[str, eqx.nn.Linear], eqx.Module],
     expert: Callable[[str, Array], eqx.Module],
     what: str,
-    unwrap_hint: str = "",
+    unwrap_hint: str | Callable[[AbstractWeight], str] = "",
     nothing: str,
 ):
     """The selection the functions that wrap a model for training share (`prepare_fp8`,
@@ -181,7 +181,8 @@ def wrap_linears_and_experts(
             if isinstance(w, AbstractWeight):
                 raise ConfigError(
                     f"{what}: {where} is a {type(w).__name__}, not a float array (already wrapped, quantized or "
-                    f"adapted); pass experts=False to leave the experts alone{unwrap_hint}."
+                    f"adapted); pass experts=False to leave the experts alone"
+                    f"{unwrap_hint(w) if callable(unwrap_hint) else unwrap_hint}."
                 )
             layer = eqx.tree_at(lambda m, name=name: getattr(m, name), layer, expert(where, w))
             wrapped.append(where)

@@ -61,7 +61,10 @@ def prepare_fp8(model, *, targets: Targets = None, experts: bool | None = None):
 
     return wrap_linears_and_experts(
         model, targets=targets, experts=experts, linear=linear, expert=expert, what="prepare_fp8",
-        unwrap_hint=", or unwrap_fp8 an fp8 model first",
+        unwrap_hint=lambda w: (
+            ", or adapt after prepare_fp8: peft.lora(prepare_fp8(model), ...) keeps the experts' fp8 products"
+            if type(w).__name__ == "LoRAWeight" else ", or unwrap_fp8 an fp8 model first"
+        ),
         nothing=(
             "prepare_fp8: nothing to wrap: the selected layers are routers of mixture-of-experts layers "
             "(skipped unless a target names 'router'), or the model has no plain equinox.nn.Linear layer "

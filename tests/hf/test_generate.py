@@ -92,6 +92,7 @@ def test_generation_config_written_by_transformers(tmp_path, hft):
     assert greedy_file.kwargs(do_sample=True, temperature=0.7) == dict(eos_token=(2,), temperature=0.7)
     with pytest.raises(ConfigError, match=r"do_sample=False decodes greedily, but temperature=0.7, top_k=5 asks"):
         greedy_file.kwargs(do_sample=False, temperature=0.7, top_k=5)
+    assert greedy_file.kwargs(do_sample=False, temperature=1.0, top_k=50, top_p=1.0) == dict(eos_token=(2,), temperature=0.0)
 
 
 def test_generation_config_request_kwargs_for_serving(tmp_path, hft):

@@ -194,3 +194,23 @@ def test_peft_adapters_eqzoo_cannot_map_are_refused(hf_checkpoints, loaded, tmp_
         eqzoo.hf.save_peft(peft.lora(mixtral, rank=2, key=jax.random.key(1)), tmp_path / "moe")
     with pytest.raises(HFFormatError, match="has no LoRA adapters"):
         eqzoo.hf.save_peft(base, tmp_path / "none")
+
+
+def test_written_keys_name_one_module_each():
+    # rank_pattern / alpha_pattern keys and target_modules entries match ends of module names in
+    # PEFT, so a key shared by GPT-2's attn.c_proj and mlp.c_proj ("c_proj") gave both one
+    # scaling; where no plain end is a module's own (ViT's output.dense inside
+    # attention.output.dense), target_modules is one regex of full names, which PEFT fullmatches.
+    import re
+
+    from eqzoo.hf._peft import _pattern_value, _target_keys
+
+    gpt2 = ["transformer.h.{i}.attn.c_attn", "transformer.h.{i}.attn.c_proj", "transformer.h.{i}.mlp.c_fc", "transformer.h.{i}.mlp.c_proj"]
+    keys, targets = _target_keys(gpt2[1::2], gpt2)
+    assert keys == {gpt2[1]: "attn.c_proj", gpt2[3]: "mlp.c_proj"} and targets == ["attn.c_proj", "mlp.c_proj"]
+    vit = [f"vit.encoder.layer.{{i}}.{m}" for m in ("attention.output.dense", "intermediate.dense", "output.dense")]
+    keys, targets = _target_keys(vit[1:], vit)
+    names = [m.format(i=3) for m in vit]
+    assert [bool(re.fullmatch(targets, n)) for n in names] == [False, True, True]
+    patterns = {keys[vit[2]]: 2, keys[vit[1]]: 5}
+    assert [_pattern_value(patterns, n, None) for n in names] == [None, 5, 2]

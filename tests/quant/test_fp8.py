@@ -15,6 +15,7 @@ import pytest
 import eqzoo
 import eqzoo.checkpoint
 import eqzoo.hf
+import eqzoo.peft
 from eqzoo import quant
 from eqzoo._errors import ConfigError
 from eqzoo.train import Precision, TrainState, lm_loss, make_train_step
@@ -296,8 +297,10 @@ def test_fp8_experts_of_each_moe_implementation(create):  # ~2 s
         assert 0.002 < float(err) < 0.1, err
     with pytest.raises(ConfigError, match=r"implementation='ragged'\) multiplies its experts in grouped products .*gate_proj \(Fp8Weight\)"):
         eqx.filter_eval_shape(fp8_moe.with_implementation("ragged"), x)
-    with pytest.raises(ConfigError, match=r"mlp\.gate_proj is a Fp8Weight, not a float array .*pass experts=False"):
+    with pytest.raises(ConfigError, match=r"mlp\.gate_proj is a Fp8Weight, not a float array .*pass experts=False.*unwrap_fp8"):
         quant.prepare_fp8(experts_only)
+    with pytest.raises(ConfigError, match=r"gate_proj is a LoRAWeight.*adapt after prepare_fp8: peft\.lora\(prepare_fp8\(model\)"):
+        quant.prepare_fp8(eqx.filter_eval_shape(functools.partial(eqzoo.peft.lora, experts=True, key=jax.random.key(2)), model))
     with pytest.raises(ConfigError, match=r"the experts' gate_proj is a Fp8Weight.*quantize\(eqzoo\.quant\.unwrap_fp8\(model\)\)"):
         quant.quantize(experts_only)
 
