@@ -27,6 +27,7 @@ from ._exit import OPEN, track_open
 from ._hyperparams import HyperparamsChoice, check_choice, set_names
 from ._integrity import VerifiedPyTreeHandler
 from ._meta import CheckpointMeta, Restored, build_meta, meta_object
+from ._optimizer import state_optimizer
 from ._progress import SaveProgress
 from ._restore import ShardingSpec, read_meta, restore_step
 from ._run import run_record, warn_changed_run, warn_newer_steps
@@ -230,6 +231,7 @@ class Checkpointer:
             metadata=metadata,
             statics=self._statics(state),
             run=self._run,
+            optimizer=state_optimizer(state),
         )
         self._manager.save(
             step,
@@ -351,6 +353,7 @@ class Checkpointer:
         step: int | None = None,
         shardings: ShardingSpec = None,
         allow_config_change: bool = False,
+        allow_optimizer_change: bool = False,
         hyperparams: HyperparamsChoice = "saved",
     ) -> Restored:
         """Restore a step into the structure of `target`.
@@ -371,6 +374,12 @@ class Checkpointer:
           recorded non-array setting of its layers (a static `temp`, an `eps`; those that only
           say how it runs or trains, `backend`, `remat`, `scan`, `inference`, a dropout rate, may always differ). Shapes and dtypes are
           checked either way.
+        - `allow_optimizer_change`: restore even where the target's optimizer differs from the
+          saved run's in a way its arrays do not show: the types of its optax states and how
+          they nest (`optax.adamw` saved, `optax.adam` restored: weight decay holds no state).
+          The saved arrays (moments, counts) are restored into the target's optimizer.
+          Hyperparameters that are not arrays (a weight decay rate) are not recorded, and cannot
+          be compared.
         - `hyperparams`: where the numeric hyperparameters of an `optax.inject_hyperparams`
           optimizer (arrays of its state) come from. `"saved"` (default): the checkpoint's, so the
           run goes on as it was; a real target holding other values gets a warning naming each.
@@ -388,7 +397,8 @@ class Checkpointer:
 
         **Raises:** `CheckpointNotFoundError` (no committed step, or not that step),
         `CheckpointMismatchError` (the arrays do not fit `target`, listing each path; or the
-        target's model config or non-array settings differ from the saved ones, listing each),
+        target's model config or non-array settings differ from the saved ones, listing each; or
+        its optimizer state is built of other optax states, naming both),
         `CheckpointCorruptError` (integrity check failed; with `fallback_to_intact` the newest
         intact older step is restored instead, with a warning), `CheckpointVersionError`;
         `CheckpointError` for a `hyperparams` dict naming what is not an unscheduled injected
@@ -407,7 +417,7 @@ class Checkpointer:
             try:
                 restored = restore_step(
                     self._manager, self._directory, target, s, shardings, self._stored_config(target),
-                    allow_config_change, chosen,
+                    allow_config_change, chosen, allow_optimizer_change,
                 )
             except CheckpointCorruptError as err:
                 corrupt.append(err)

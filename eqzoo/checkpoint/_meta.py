@@ -36,7 +36,10 @@ class CheckpointMeta:
     "dtype"}}` for every stored array); `run` (what [`eqzoo.train.fit`][] recorded of the run
     that saved it: `num_steps`, the batch shapes, your `run_config`, and `hyperparams`, the
     `optax.inject_hyperparams` values it started from, where its optimizer has any; `None` for a
-    save outside `fit` or one written by an older eqzoo).
+    save outside `fit` or one written by an older eqzoo); `optimizer` (the types of its optax
+    optimizer state and how they nest, `(ScaleByAdamState, EmptyState, EmptyState)` for
+    `optax.adamw`, compared with the restore target's; `None` for a step written by an older
+    eqzoo).
     """
 
     step: int
@@ -47,6 +50,7 @@ class CheckpointMeta:
     metadata: dict[str, Any]
     arrays: dict[str, dict[str, Any]]
     run: dict[str, Any] | None = None
+    optimizer: str | None = None
 
 
 class Restored(NamedTuple):
@@ -66,6 +70,7 @@ def build_meta(
     metadata: Mapping[str, Any] | None,
     statics: Mapping[str, Any] | None = None,
     run: Mapping[str, Any] | None = None,
+    optimizer: str | None = None,
 ) -> dict[str, Any]:
     """The JSON metadata of a step, with its CRC-32; raises if something is not JSON-able."""
     from .. import __version__
@@ -84,6 +89,8 @@ def build_meta(
         meta["statics"] = dict(statics)
     if run is not None:
         meta["run"] = dict(run)
+    if optimizer is not None:
+        meta["optimizer"] = optimizer
     try:
         meta = json.loads(json.dumps(meta))  # exactly what a reader will see
     except (TypeError, ValueError) as err:
@@ -124,6 +131,7 @@ def meta_object(meta: dict[str, Any]) -> CheckpointMeta:
         metadata=meta.get("metadata") or {},
         arrays=meta["arrays"],
         run=meta.get("run"),
+        optimizer=meta.get("optimizer"),
     )
 
 

@@ -21,6 +21,7 @@ from ._meta import (
     renamed_codes,
     validate_meta,
 )
+from ._optimizer import check_optimizer
 from ._statics import check_statics
 from ._steps import META, STATE
 from ._tree import describe, from_stored, restore_specs, state_names
@@ -44,6 +45,7 @@ def read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dic
 def restore_step(
     manager: ocp.CheckpointManager, directory: Path, target: TrainState, step: int, shardings: ShardingSpec,
     stored_config: Any, allow_config_change: bool = False, hyperparams: Resolved = "saved",
+    allow_optimizer_change: bool = False,
 ) -> Restored:
     """Restore `step` into the structure of `target` (see `Checkpointer.restore`); `stored_config`
     is the config a save of `target` would store, compared with the saved one."""
@@ -61,6 +63,8 @@ def restore_step(
     if not allow_config_change:
         check_config(meta.get("config"), stored_config, where=where)
         check_statics(meta.get("statics"), target.model, where=where)
+    if not allow_optimizer_change:
+        check_optimizer(meta.get("optimizer"), target, where=where)
     check_step_files(directory / str(step) / STATE, {stored_as.get(n, n) for n in leaves}, step=step, where=where)
     abstract, restore_args = restore_specs(leaves, shardings, stored_as)
     try:

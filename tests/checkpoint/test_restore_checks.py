@@ -205,3 +205,44 @@ def test_non_array_settings_are_recorded_and_a_target_that_differs_is_refused(ck
     assert _statics.describe_statics({"head": _Tempered(2.0, key=jax.random.key(0))}) == {
         "fields": {"model.head.temp": 2.0}, "truncated": True
     }
+
+
+def test_a_target_with_another_optimizer_is_refused_even_where_every_array_fits(ckpt_dir, open_checkpointer, state_factory, mlp_config):
+    # adamw's weight decay holds no state: adam and adamw states hold the same arrays, and only
+    # the recorded structure of the optimizer state tells them apart.
+    state = state_factory(optax.adamw(1e-2))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state)
+    ckpt.wait()
+    assert ckpt.meta().optimizer == "(ScaleByAdamState, EmptyState, EmptyState)"
+    adam = checkpoint.abstract_state(mlp_config, optax.adam(1e-2))
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError,
+        match=r"(?s)saved with another optimizer than the restore target's.*"
+        r"saved:  \(ScaleByAdamState, EmptyState, EmptyState\) \(holds the state optax.adamw makes\)\n"
+        r"  target: \(ScaleByAdamState, EmptyState\) \(holds the state optax.adam makes\)\n.*allow_optimizer_change=True",
+    ):
+        ckpt.restore(adam)
+    forced = ckpt.restore(adam, allow_optimizer_change=True)  # on purpose: the moments carry over
+    for saved, restored in zip(jax.tree.leaves(state.opt_state[0]), jax.tree.leaves(forced.state.opt_state[0]), strict=True):
+        assert jnp.array_equal(saved, restored)
+    assert jax.tree.structure(forced.state.opt_state) == jax.tree.structure(adam.opt_state)
+    # the same optimizer with other (non-array) hyperparameters is not told apart, and restores
+    ckpt.restore(checkpoint.abstract_state(mlp_config, optax.adamw(1e-3, weight_decay=0.5)))
+    # the reverse, and a masked weight decay: the structure shows the mask
+    other = open_checkpointer(ckpt_dir.with_name("adam"))
+    other.save(state_factory(optax.adam(1e-2)))
+    other.wait()
+    for target in (optax.adamw(1e-2), optax.adamw(1e-2, mask=lambda t: jax.tree.map(lambda x: x.ndim > 1, t))):
+        with pytest.raises(checkpoint.CheckpointMismatchError, match=r"saved:  \(ScaleByAdamState, EmptyState\)"):
+            other.restore(checkpoint.abstract_state(mlp_config, target))
+    # a step written before the optimizer was recorded restores as before
+    from eqzoo.checkpoint._integrity import with_crc
+
+    path = ckpt_dir / str(ckpt.latest_step()) / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    del meta["optimizer"]
+    path.write_text(json.dumps(with_crc(meta)))
+    older = open_checkpointer(ckpt_dir)
+    assert older.meta().optimizer is None
+    assert checkpoint.params_sha256(older.restore(adam).state.model) == checkpoint.params_sha256(state.model)
