@@ -155,6 +155,8 @@ def run_svi(
       an argument, so fits that differ only in it (a learning-rate sweep) compile once.
     - `guide`: `"normal"` (mean-field `AutoNormal`), `"lowrank"`
       (`AutoLowRankMultivariateNormal` of rank `rank`) or a callable `model -> guide`.
+    - `rank`: the rank of the `"lowrank"` guide (NumPyro's default when `None`); an error
+      with any other guide.
     - `init_scale`: the guide's initial scale.
     - `num_particles`: ELBO samples per step.
     - `subsample_size`: minibatch size; the likelihood is rescaled to the full data.
@@ -183,6 +185,13 @@ def run_svi(
         raise ConfigError(
             f"subsample_size must be in [1, {x.shape[0]}] (the number of examples); got "
             f"{subsample_size}."
+        )
+    if rank is not None and (callable(guide) or guide != "lowrank"):
+        # NumPyro's AutoNormal has no rank: it was dropped silently, fitting mean-field
+        raise ConfigError(
+            f"run_svi: rank={rank!r} is the rank of guide='lowrank' "
+            f"(AutoLowRankMultivariateNormal); guide={guide!r} does not use it. Pass "
+            f"guide='lowrank' with it, or drop rank."
         )
     if not callable(guide):  # a bad name fails here, not while tracing
         _make_guide(guide, model, init_scale, rank)

@@ -365,7 +365,9 @@ def fit_last_layer(
     - `likelihood`: the head's likelihood.
     - `method`: `"auto"`, `"conjugate"`, `"nuts"` or `"svi"`.
     - `prior_scale`: weights and bias get `Normal(0, prior_scale)` priors (times the noise scale
-      under the Normal-inverse-gamma model).
+      in the closed-form Normal-inverse-gamma model; `method="nuts"` or `"svi"` with the same
+      `variance_prior` keeps them `Normal(0, prior_scale)`, independent of the noise, so its
+      posterior is not the closed form's).
     - `num_outputs`: classes of a `Categorical` head (default: `max(y) + 1`).
     - `use_bias`: give the head a bias.
     - `standardize`: rescale features to zero mean and unit variance on the training data
@@ -374,7 +376,8 @@ def fit_last_layer(
     - `mask`: `(batch,)` booleans (or `y`'s shape for sampled heads): unobserved targets.
     - `batch_size`: examples per trunk chunk.
     - `key`: needed by NUTS and SVI.
-    - `inference_kwargs`: passed to `run_nuts` or `run_svi` (`num_samples`, `num_chains`, ...).
+    - `inference_kwargs`: passed to `run_nuts` or `run_svi` (`num_samples`, `num_chains`, ...);
+      an error for the closed form, which samples nothing.
 
     **Returns:** a `BayesianLastLayer`.
     """
@@ -387,13 +390,21 @@ def fit_last_layer(
         feats = (feats - shift) / scale
     y = jnp.asarray(y)
     conj = _conjugate_noise(likelihood)
-    if method == "auto":
+    auto = method == "auto"
+    if auto:
         method = "conjugate" if conj is not None else "nuts"
     if method == "conjugate":
         if conj is None:
             raise ConfigError(
                 f"the closed-form last layer needs Gaussian(scale=...) or Gaussian(variance_prior="
                 f"dist.InverseGamma(a, b)); got {likelihood!r}. Use method='nuts' or 'svi'."
+            )
+        if inference_kwargs:  # num_samples=, num_chains= ... were dropped silently
+            raise ConfigError(
+                f"fit_last_layer: the closed-form fit (method={'auto' if auto else 'conjugate'!r} "
+                f"with {type(likelihood).__name__}) samples nothing, so "
+                f"{', '.join(sorted(inference_kwargs))} would be ignored; they are settings of "
+                f"run_nuts/run_svi. Drop them, or pass method='nuts' or method='svi' to sample."
             )
         target = tuple(y.shape[1:])
         feats, y, mask = check_data(

@@ -171,13 +171,15 @@ class BayesianModel(eqx.Module):
         return check_data(self.module, self.likelihood, x, y, mask)
 
 
-def _module_output_shape(module: Any, x: Array) -> tuple[int, ...]:
+def module_output_shape(module: Any, x: Array) -> tuple[int, ...]:
     try:
         out = jax.eval_shape(jax.vmap(module), x)
     except Exception as err:  # the module's own error, with the batching rule added
         raise ShapeError(
             f"calling the module on inputs x of shape {shape_str(x.shape)} (vmapped over the "
-            f"first axis, so one example has shape {shape_str(x.shape[1:])}) failed: {err}"
+            f"first axis, so one example has shape {shape_str(x.shape[1:])}) failed: {err} "
+            f"(eqzoo.bayes batches x itself, one example per row: pass a single example as "
+            f"x[None].)"
         ) from err
     if not isinstance(out, jax.ShapeDtypeStruct):
         raise ShapeError(f"the module must return one array per example; got {out}.")
@@ -198,7 +200,7 @@ def check_data(
         )
     if mask is not None and mask.dtype != jnp.bool_:
         raise ShapeError(f"the observation mask must be boolean; got dtype {mask.dtype}.")
-    output_shape = _module_output_shape(module, x)
+    output_shape = module_output_shape(module, x)
     check_target_shape(likelihood, output_shape, y, mask)
     if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
         return x, y, mask

@@ -10,7 +10,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Shaped
 
 from .._errors import ConfigError, require
-from ._model import BayesianModel
+from ._model import BayesianModel, module_output_shape
 from ._types import ArrayIn
 
 diagnostics = require("numpyro.diagnostics", "bayes")
@@ -207,11 +207,20 @@ class Posterior(eqx.Module):
         **Returns:** a `Prediction`.
         """
         _check_prob(prob)
-        with jax.numpy_dtype_promotion("standard"):  # NumPyro's samplers assume it
-            mean, std, lower, upper, draws, means = _predict(
-                # prob as an array: a sweep over interval levels (a calibration curve) compiles once
-                self.model, self.flat_samples(), jnp.asarray(x), key, jnp.asarray(prob, jnp.result_type(float))
-            )
+        x = jnp.asarray(x)
+        try:
+            with jax.numpy_dtype_promotion("standard"):  # NumPyro's samplers assume it
+                mean, std, lower, upper, draws, means = _predict(
+                    # prob as an array: a sweep over interval levels (a calibration curve) compiles once
+                    self.model, self.flat_samples(), x, key, jnp.asarray(prob, jnp.result_type(float))
+                )
+        except Exception:
+            # A single example x of shape (features,) failed inside the module with its own
+            # advice to wrap the call in jax.vmap, which predict already does: when the module
+            # cannot take x's rows, say so (and to pass x[None]). Checked only on failure: the
+            # check traces the module, which cost ~10 ms per call (half a small predict).
+            module_output_shape(self.model.module, x)
+            raise
         return Prediction(mean, std, lower, upper, draws, means, prob, self.num_chains)
 
     def log_likelihood(

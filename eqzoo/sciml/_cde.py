@@ -313,7 +313,7 @@ class NeuralCDE(eqx.Module):
             owner="NeuralCDE",
         )
         messages = failure_messages(
-            "NeuralCDE", self.solver, self.stepsize_controller, self.dt0, self.max_steps
+            "NeuralCDE", self.solver, self.stepsize_controller, self.dt0, self.max_steps, sol.ys.dtype
         )
         zs = check_result(sol.ys, sol, messages)  # (times or 1, hidden)
         if self.output == "final":

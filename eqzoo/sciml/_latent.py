@@ -262,7 +262,7 @@ class LatentODE(eqx.Module):
             owner="LatentODE",
         )
         messages = failure_messages(
-            "LatentODE", ode.solver, ode.stepsize_controller, ode.dt0, ode.max_steps
+            "LatentODE", ode.solver, ode.stepsize_controller, ode.dt0, ode.max_steps, sol.ys.dtype
         )
         zs = check_result(sol.ys, sol, messages)  # (times, latent)
         return jax.vmap(self.decoder)(zs)

@@ -106,6 +106,11 @@ class NeuralODE(eqx.Module):
     - `max_steps`: the most solver steps per solve (default 4096).
     - `output`: `"trajectory"` returns the state at every time of `ts`; `"final"` returns only
       the state at `ts[-1]`.
+    - `throw`: `True` (default) raises the `SolverError` above when the solve stops early.
+      `False` returns the states anyway, `inf` at every time the solver did not reach
+      (Diffrax's `throw=False`): what a sampler needs when some parameter draws make the
+      system too stiff to solve. Under `eqzoo.bayes.run_nuts` the non-finite log density is
+      then a rejected, divergent proposal, where the error stopped the whole run.
     """
 
     vector_field: Callable[..., Any]
@@ -115,6 +120,7 @@ class NeuralODE(eqx.Module):
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     output: Literal["trajectory", "final"] = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -126,6 +132,7 @@ class NeuralODE(eqx.Module):
         dt0: float | None = None,
         max_steps: int = 4096,
         output: Literal["trajectory", "final"] = "trajectory",
+        throw: bool = True,
     ):
         solver = diffrax.Tsit5() if solver is None else solver
         if stepsize_controller is None:
@@ -135,6 +142,8 @@ class NeuralODE(eqx.Module):
             raise ConfigError(
                 f"NeuralODE: output must be 'trajectory' or 'final'; got output={output!r}."
             )
+        if not isinstance(throw, bool):
+            raise ConfigError(f"NeuralODE: throw must be True or False; got throw={throw!r}.")
         if not callable(vector_field):
             raise ConfigError(
                 f"NeuralODE: vector_field must be callable as f(t, y, args); got "
@@ -147,6 +156,7 @@ class NeuralODE(eqx.Module):
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
         self.output = output
+        self.throw = throw
 
     @no_type_check  # checked below with messages that say how to fix the call
     def solve(
@@ -216,8 +226,10 @@ class NeuralODE(eqx.Module):
         """
         del key
         sol = self.solve(y0, ts, args, t0=t0)
-        messages = failure_messages(
-            "NeuralODE", self.solver, self.stepsize_controller, self.dt0, self.max_steps
-        )
-        ys = check_result(sol.ys, sol, messages)
+        ys = sol.ys  # inf at the times a failed solve did not reach
+        if self.throw:
+            messages = failure_messages(
+                "NeuralODE", self.solver, self.stepsize_controller, self.dt0, self.max_steps, sol.ys.dtype
+            )
+            ys = check_result(ys, sol, messages)
         return ys if self.output == "trajectory" else ys[0]

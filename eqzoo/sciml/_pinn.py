@@ -43,9 +43,26 @@ def _check_point(name: str, x: Any) -> None:
         )
 
 
+def _field_output(name: str, fn: Field, x: Any) -> Any:
+    # A network built for another dim failed deep inside its first layer with JAX's own
+    # "dot_general requires contracting dimensions to have the same shape", naming neither the
+    # field nor the points.
+    try:
+        return eqx.filter_eval_shape(fn, x)
+    except (TypeError, ValueError) as err:
+        dim = jnp.shape(x)[0]
+        raise ShapeError(
+            f"{name}: calling the field u on one point x of shape ({dim},) failed with "
+            f"{type(err).__name__}: {err}. The field takes one point with the points' {dim} "
+            f"coordinates (time included, when it is one of them); build the network for that "
+            f"input size (e.g. eqx.nn.MLP(in_size={dim}, ...)) or pass points with the "
+            f"coordinates it expects."
+        ) from err
+
+
 def _scalar_check(name: str, fn: Field, x: Any) -> None:
     _check_point(name, x)
-    out = eqx.filter_eval_shape(fn, x)
+    out = _field_output(name, fn, x)
     shape = getattr(out, "shape", None)
     if shape != ():
         raise ShapeError(
@@ -163,7 +180,13 @@ def pinn_residual(
             f"pinn_residual takes pde(u, x) and the field u, both callable; got pde of type "
             f"{type(pde).__name__} and u of type {type(u).__name__}."
         )
-    return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(jnp.asarray(points))
+    return _residual("pinn_residual", pde, u, points)
+
+
+def _residual(who: str, pde: Any, u: Field, points: Any) -> Array:
+    points = jnp.asarray(points)
+    _field_output(who, u, jax.ShapeDtypeStruct(points.shape[1:], points.dtype))
+    return jax.vmap(lambda x: jnp.asarray(pde(u, x)))(points)
 
 
 def _condition_error(who: str, u: Field, condition: Any, name: str, dim: int) -> Float[Array, ""]:
@@ -217,7 +240,7 @@ def _loss_terms(who: str, u: Any, pde: Any, interior: Any, boundary: Any, initia
             f"{type(u).__name__} and pde of type {type(pde).__name__}."
         )
     dim = jnp.shape(interior)[1]
-    residual = pinn_residual(pde, u, interior)
+    residual = _residual(who, pde, u, interior)
     terms = {"pde": jnp.mean(residual**2)}
     if boundary is not None:
         terms["boundary"] = _condition_error(who, u, boundary, "boundary", dim)

@@ -275,9 +275,15 @@ def test_inference_argument_errors(unchecked):
         bayes.run_svi(model, x, y, num_steps=2.5, key=jax.random.key(0))
     with pytest.raises(errors.ConfigError, match=r"run_svi: init_scale must be a positive number; got init_scale=0\.0"):
         bayes.run_svi(model, x, y, init_scale=0.0, key=jax.random.key(0))
+    # rank= with the mean-field guide was dropped silently (the fit stayed mean-field)
+    with pytest.raises(errors.ConfigError, match=r"run_svi: rank=3 is the rank of guide='lowrank' .*guide='normal' does not use it"):
+        bayes.run_svi(model, x, y, rank=3, key=jax.random.key(0))
     post = _fake_posterior(model)
     with pytest.raises(errors.ConfigError, match=r"probability mass, in \(0, 1\)"):
         post.predict(x, key=jax.random.key(0), prob=1.5)
+    # one example: the module's own error said to wrap the call in jax.vmap, which predict does
+    with pytest.raises(errors.ShapeError, match=r"inputs x of shape \(2,\) .*one example has shape \(\)\) failed: .*pass a single example as x\[None\]"):
+        post.predict(x[0], key=jax.random.key(0))
     exact = bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.Gaussian(0.3))
     with pytest.raises(errors.ConfigError, match="closed form"):
         exact.predict(x).function_space_diagnostics()

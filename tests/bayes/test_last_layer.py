@@ -180,6 +180,9 @@ def test_last_layer_errors():
         bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.StudentT(), method="conjugate")
     with pytest.raises(errors.ConfigError, match="pass key="):
         bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.StudentT(), method="nuts")
+    # the closed form dropped sampler settings silently
+    with pytest.raises(errors.ConfigError, match=r"closed-form fit \(method='auto' with Gaussian\) samples nothing, so num_chains, num_samples would be ignored"):
+        bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.Gaussian(0.1), num_samples=10, num_chains=2)
     with pytest.raises(errors.ShapeError, match="one feature vector per example"):
         bayes.fit_last_layer(eqx.nn.Lambda(lambda v: v.sum()), x, y, bayes.Gaussian(0.1))
     with pytest.raises(

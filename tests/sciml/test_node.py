@@ -242,7 +242,7 @@ def test_step_limit_with_explicit_solver_suggests_implicit():
         assert abs(float(fixed(y0, ts)[0]) - float(jnp.cos(10.0))) < 1e-3
 
 
-def test_step_limit_with_constant_step():
+def test_step_limit_with_constant_step(unchecked):
     model = sciml.NeuralODE(
         lambda t, y, args: -y,
         stepsize_controller=diffrax.ConstantStepSize(),
@@ -251,6 +251,20 @@ def test_step_limit_with_constant_step():
     )
     with pytest.raises(sciml.SolverError, match=r"max_steps=10 was reached with the constant step"):
         model(jnp.ones(1), jnp.array([0.0, 1.0]))
+    # throw=False (for samplers): the states it reached, inf where it stopped short. Under jit
+    # there was no way to get them but .solve(), which ignores output=.
+    lenient = sciml.NeuralODE(
+        lambda t, y, args: -y,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.01,
+        max_steps=10,
+        throw=False,
+    )
+    ys = eqx.filter_jit(lenient)(jnp.ones(1), jnp.array([0.0, 0.05, 1.0]))
+    np.testing.assert_allclose(ys[:2, 0], np.exp([0.0, -0.05]), rtol=1e-6)  # Tsit5, 5 steps of 0.01
+    assert np.isinf(ys[2, 0])
+    with unchecked(), pytest.raises(ConfigError, match=r"throw must be True or False; got throw='no'"):
+        sciml.NeuralODE(lambda t, y, args: -y, throw="no")
 
 
 def test_bad_configuration(unchecked):
@@ -279,6 +293,27 @@ def test_minimum_step_and_failed_implicit_solve():
     )
     with pytest.raises(sciml.SolverError, match="the solver Kvaerno5 failed .*nonlinear solve"):
         blow_up(jnp.ones(1), jnp.array([0.0, 2.0]))
+
+
+def test_implicit_solver_stalling_in_float32_names_float64_not_max_steps():
+    # In float32 Kvaerno5 stalls at tight tolerances, rejecting step after step (Diffrax alone
+    # does the same: compiled as users compile, at rtol=1e-4 it rejected 4091 of 4096 steps on
+    # this system). Raising max_steps, the advice given before, only rejected more steps. The
+    # tests compile at -O0, where the stall starts at tighter tolerances: 1e-10 is past float32's
+    # resolution whatever the compiler does.
+    controller = diffrax.PIDController(rtol=1e-10, atol=1e-12)
+    stalled = sciml.NeuralODE(
+        lambda t, y, args: -0.7 * y, solver=diffrax.Kvaerno3(), stepsize_controller=controller, max_steps=16
+    )
+    with pytest.raises(
+        sciml.SolverError, match=r"implicit solver Kvaerno3 .* on a float32 state.*solve in float64.*rtol=1e-3"
+    ):
+        stalled(jnp.array([1.0, 2.0]), jnp.array([0.0, 2.0]))
+    # A float64 state keeps the advice for a step budget that is really too small.
+    from eqzoo.sciml._solve import failure_messages
+
+    steps, _, _ = failure_messages("NeuralODE", diffrax.Kvaerno3(), controller, None, 16, jnp.float64)
+    assert "Either raise the limit with NeuralODE(..., max_steps=64)" in steps and "float32" not in steps
 
 
 def test_bad_solver_objects(unchecked):

@@ -207,6 +207,8 @@ def test_pinn_residual_errors_are_eqzoos_in_both_modes(checked, unchecked):
             sciml.pinn_residual(pde, u, jnp.ones((3,)))
         with pytest.raises(ShapeError, match=r"points must be floating point .*got int32"):
             sciml.pinn_residual(pde, u, jnp.ones((3, 2), jnp.int32))
+        with pytest.raises(ShapeError, match=r"pinn_residual: calling the field u on one point x of shape \(3,\) failed"):
+            sciml.pinn_residual(pde, lambda x: jnp.dot(jnp.ones(2), x), jnp.ones((4, 3)))
         with pytest.raises(ConfigError, match=r"laplacian: dims must be .*got dims=\[0.5\]"):
             sciml.laplacian(u, jnp.ones((2,)), dims=[0.5])
     np.testing.assert_allclose(sciml.pinn_residual(pde, u, np.ones((3, 2), np.float32)), np.full(3, 4.0), rtol=1e-6)
@@ -235,6 +237,9 @@ def test_pinn_loss_errors_are_eqzoos_in_both_modes(checked, unchecked):
                 fn(u, pde, pts, boundary=(jnp.ones((4, 2)), jnp.zeros(3)))
             with pytest.raises(ConfigError, match=rf"{name} takes the field u and pde\(u, x\), both callable"):
                 fn(u, "poisson", pts)
+            # a field built for 2 coordinates on 1-d points: JAX's dot_general error before
+            with pytest.raises(ShapeError, match=rf"{name}: calling the field u on one point x of shape \(1,\) failed .*dot_general.*MLP\(in_size=1"):
+                fn(lambda x: jnp.dot(jnp.ones(2), x), pde, jnp.ones((5, 1)))
         with pytest.raises(ConfigError, match=r"pinn_loss: boundary_weight must be a finite number >= 0 .*got boundary_weight=-1\.0"):
             sciml.pinn_loss(u, pde, pts, boundary_weight=-1.0)
         with pytest.raises(ConfigError, match=r"pde_weight must be a finite number >= 0 .*got pde_weight=nan"):
