@@ -2,7 +2,8 @@
 
 A CPU regression guard: each benchmark runs at tiny sizes, must exit 0 and must print one JSON
 line last (this checks that it parses). The figures themselves are not checked; files starting
-with `_` are skipped. They compile at -O0 (`_run_scripts.fast_compile_env`), as the tests do.
+with `_` are skipped. They compile with the test suite's fast-compiling XLA:CPU settings
+(`_run_scripts.fast_compile_env`).
 """
 
 import argparse

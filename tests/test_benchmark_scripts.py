@@ -26,6 +26,7 @@ def _load(path: Path):
 
 suite = _load(ROOT / "benchmarks" / "gpu_suite.py")
 runner = _load(ROOT / "scripts" / "_run_scripts.py")
+conftest = _load(ROOT / "tests" / "conftest.py")  # its XLA settings, compared below
 
 GPU_ROWS = [
     "gpt2-124m",
@@ -295,13 +296,16 @@ def test_run_scripts_starts_the_costliest_first_in_the_given_environment(tmp_pat
     assert capsys.readouterr().out.splitlines()[-1] == "5 passed, 0 failed"
 
 
-def test_scripts_compile_at_o0_unless_the_caller_chose_a_level():
-    flag = "--xla_backend_optimization_level"
-    assert runner.fast_compile_env({"A": "1"}) == {"A": "1", "XLA_FLAGS": f"{flag}=0"}
-    assert runner.fast_compile_env({"XLA_FLAGS": "--xla_dump_to=/tmp/d"})["XLA_FLAGS"] == (
-        f"--xla_dump_to=/tmp/d {flag}=0"
-    )
-    assert runner.fast_compile_env({"XLA_FLAGS": f"{flag}=2"}) == {"XLA_FLAGS": f"{flag}=2"}
+def test_scripts_compile_like_the_suite_unless_the_caller_chose_a_setting():
+    level, emitters = "--xla_backend_optimization_level", "--xla_cpu_use_fusion_emitters"
+    both = f"{level}=0 {emitters}=false"
+    assert runner.fast_compile_env({"A": "1"}) == {"A": "1", "XLA_FLAGS": both}
+    assert runner.fast_compile_env({"XLA_FLAGS": "--xla_dump_to=/tmp/d"})["XLA_FLAGS"] == f"--xla_dump_to=/tmp/d {both}"
+    assert runner.fast_compile_env({"XLA_FLAGS": f"{level}=2"}) == {"XLA_FLAGS": f"{level}=2 {emitters}=false"}
+    assert runner.fast_compile_env({"XLA_FLAGS": f"{emitters}=true"}) == {"XLA_FLAGS": f"{emitters}=true {level}=0"}
+    # the same settings as the test suite's own (tests/conftest.py)
+    assert runner.FAST_COMPILE_FLAGS == conftest.FAST_COMPILE_FLAGS
+    assert conftest.with_fast_compile_flags(f"{level}=2") == f"{level}=2 {emitters}=false"
 
 
 def test_examples_left_to_the_test_suite_are_run_by_it():

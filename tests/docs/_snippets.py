@@ -306,7 +306,7 @@ def main(argv: list[str]) -> int:
     return int(any(results.values()))
 
 
-# Seconds each page took at -O0 (the pages of one part run one after another in one process, so
+# Seconds each page took with the suite's XLA flags (the pages of one part run one after another in one process, so
 # the first page of a part also pays for importing JAX and eqzoo), to split the pages into parts
 # of about equal time; a page missing here counts as DEFAULT_COST. Only the balance depends on
 # these: remeasure them (`python tests/docs/test_snippets.py` prints each page's time) when a page
@@ -353,9 +353,8 @@ def run_pages(paths: list[Path], directory: Path) -> tuple[dict, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["JAX_PLATFORMS"] = "cpu"
     env["TMPDIR"] = str(directory)  # the pages' folders go under pytest's temporary directory
-    # As tests/conftest.py: compile at -O0, CI's time goes to compiling these small programs.
-    if "--xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    # XLA_FLAGS as tests/conftest.py set them (its fast-compiling XLA:CPU settings): CI's time
+    # goes to compiling these small programs.
     proc = subprocess.run(
         [sys.executable, __file__, "--json", "results.json", *map(str, paths)], cwd=directory, env=env,
         capture_output=True, text=True, timeout=900,

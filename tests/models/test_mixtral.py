@@ -390,11 +390,14 @@ def test_per_layer_metrics_in_a_train_step_leave_the_loss_alone(config, compile_
     with compile_log("flat_step") as log:
         after_state, after = one_step(functools.partial(loss, per_layer=True))
     assert len(log.compiled) == 1  # one program, with the per-layer scalars among its outputs
-    for name, value in before.items():  # the loss, the averages, the gradient: bit for bit
+    for name, value in before.items():  # the loss, the averages, the gradient norm: bit for bit
         np.testing.assert_array_equal(after[name], value, err_msg=name)
+    # The updated parameters to float32 rounding: the two programs differ (the per-layer outputs),
+    # and XLA:CPU's code for them may round an update differently in the last bit (seen: 3.7e-9
+    # on 4e-3 with the suite's older emitters, tests/conftest.py).
     params = [jax.tree.leaves(eqx.filter(s.model, eqx.is_array)) for s in (before_state, after_state)]
     for a, b in zip(*params, strict=True):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
     for name in ("moe_load_balance", "moe_z_loss", "moe_dropped"):
         layers = [after[f"{name}/layer_{i}"] for i in range(3)]
         # the same sums in another order: fp32 rounding only
