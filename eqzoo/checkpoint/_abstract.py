@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.sharding import NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 from jax.tree_util import keystr
 
 from .._errors import ConfigError
@@ -159,11 +159,14 @@ def _sharding_of(x: Any) -> Sharding | None:
 
 
 def _replicated(sharding: Sharding) -> Sharding | None:
-    """A sharding that places a whole array on `sharding`'s devices (for the step, the key and
-    optimizer scalars), or `None` when there is no such obvious choice."""
+    """A sharding that places a whole array on `sharding`'s devices, in their default memory (for
+    the step, the key and optimizer scalars: a first leaf offloaded to host memory does not take
+    them along), or `None` when there is no such obvious choice."""
     if isinstance(sharding, NamedSharding):
-        return NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=sharding.memory_kind)
-    return sharding if len(sharding.device_set) == 1 else None
+        return NamedSharding(sharding.mesh, PartitionSpec())
+    if len(sharding.device_set) == 1:
+        return SingleDeviceSharding(next(iter(sharding.device_set)))
+    return None
 
 
 def _with_shardings(state: TrainState, given: Any, dynamic: Any) -> TrainState:

@@ -97,3 +97,27 @@ def test_abstract_state_of_a_sharded_model_keeps_its_shardings(sharded_state, ck
     assert all(x.sharding.device_set == set(jax.devices()[4:8]) for x in restored.arrays)
     assert restored.opt_state[0].mu.net.layers[0].weight.sharding.spec == P("fsdp")
     assert restored.step.sharding.spec == P()
+
+
+def test_abstract_state_keeps_the_step_and_key_in_device_memory_when_the_first_leaf_is_offloaded(sharded_state):
+    # The step, the key and the optimizer's scalars took the first sharded leaf's memory kind: a
+    # model whose first leaf sat in host memory put them there too.
+    opt = optax.adamw(1e-2)
+    for offloaded in (
+        lambda x: NamedSharding(x.sharding.mesh, x.sharding.spec, memory_kind="pinned_host"),
+        lambda x: jax.sharding.SingleDeviceSharding(jax.devices()[3], memory_kind="pinned_host"),
+    ):
+        leaves, treedef = jax.tree.flatten(sharded_state.model)
+        first = next(i for i, x in enumerate(leaves) if isinstance(x, jax.Array))
+        placed = []
+        for i, x in enumerate(leaves):
+            if isinstance(x, jax.Array):
+                x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=offloaded(x) if i == first else x.sharding)
+            placed.append(x)
+        model = jax.tree.unflatten(treedef, placed)
+        abstract = checkpoint.abstract_state(model, opt)
+        assert jax.tree.leaves(abstract.model)[first].sharding.memory_kind == "pinned_host"  # its own, kept
+        default = jax.devices()[0].default_memory().kind
+        parts = abstract.parts()
+        for scalar in (parts.step, parts.key, parts.opt_state[0].count):
+            assert scalar.sharding.memory_kind == default, scalar.sharding
