@@ -23,8 +23,11 @@ def _is_leaf_array(x: Any) -> bool:
 def _is_builder_module(x: Any) -> bool:
     """Whether the Equinox module `x` is a function that builds a model rather than a model: an
     `eqx.Partial` (a function with some arguments bound, arrays among them maybe), or a module
-    whose `__call__` requires `key` and nothing else (`__call__(self, key)`). A model's
-    `__call__` requires its input (`__call__(self, x, *, key=None)`, or `key` required too)."""
+    whose `__call__` requires `key` and nothing else (`__call__(self, key)`) and returns a module
+    (or a `(module, state)` pair). A model's `__call__` requires its input (`__call__(self, x, *,
+    key=None)`, or `key` required too); a generative model's `__call__(self, key)` returns arrays
+    (a sample), so it stays a model. The return is found by `jax.eval_shape` (nothing computed);
+    a call that fails there is taken for a builder's, whose own error the caller then raises."""
     if isinstance(x, eqx.Partial):
         return True
     try:
@@ -33,7 +36,14 @@ def _is_builder_module(x: Any) -> bool:
         return False
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     required = [name for name, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in variadic]
-    return required == ["key"]
+    if required != ["key"]:
+        return False
+    try:
+        out = eqx.filter_eval_shape(lambda k: x(key=k), jax.random.key(0))
+    except Exception:
+        return True
+    first = out[0] if isinstance(out, tuple) and len(out) == 2 else out
+    return isinstance(first, eqx.Module)
 
 
 def _is_model(x: Any) -> bool:

@@ -118,8 +118,13 @@ def test_abstract_state_of_own_model_its_class_or_instance(ckpt_dir, open_checkp
     # with key= when its function takes it so) and a module whose __call__ takes only the key
     for builder in (eqx.Partial(_own_net, jnp.ones(())), eqx.Partial(_OwnNet, 3), _Builder(jnp.ones(()))):
         same_state(ckpt.restore(checkpoint.abstract_state(builder, opt)).state, state)
-    # while a model whose __call__ requires a key along with its input is still a model
+    # while a model whose __call__ requires a key along with its input is still a model, and so
+    # is a generative one whose __call__ takes only the key and returns a sample (it was called
+    # as a builder, its sample taken for the model)
     assert isinstance(checkpoint.abstract_state(_Noisy(key=jax.random.key(0)), opt).model, _Noisy)
+    sampler = _Sampler(jnp.ones(3))
+    target = checkpoint.abstract_state(sampler, opt)
+    assert isinstance(target.model, _Sampler) and target.model.mean.shape == (3,)
 
 
 def _own_net(scale, key):
@@ -131,6 +136,13 @@ class _Builder(eqx.Module):  # a callable module that builds the model: __call__
 
     def __call__(self, key):
         return _own_net(self.scale, key)
+
+
+class _Sampler(eqx.Module):  # a generative model: __call__(key) draws a sample
+    mean: jax.Array
+
+    def __call__(self, key):
+        return self.mean + jax.random.normal(key, self.mean.shape)
 
 
 class _Noisy(eqx.Module):  # a model that needs a key when called
