@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Integer, PyTree
 
 from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
+from ..nn._stacked import eager_mode
 from ._fused_ce import (
     _cap,
     _chunk,
@@ -293,12 +294,26 @@ def _mean_nll(
     if feats is None:
         feats = _batch_vmap(model.features)(tokens, **packing)
     w = mask.astype(jnp.float32)
+    static = (implementation, chunk_size, cap)
+    if eager_mode((feats, head)) != "staged" and all(v is None or isinstance(v, int | float | str) for v in static):
+        # Called eagerly (a notebook's `lm_loss(model, batch)` or its `jax.grad`): the head's
+        # chunk loop built a new scan body on every call, which JAX compiled again each time;
+        # one jitted function compiles once per shape.
+        return _head_mean_nll_jit(feats, head, targets, w, *static)
+    return _head_mean_nll(feats, head, targets, w, *static)
+
+
+def _head_mean_nll(feats, head, targets, w, implementation, chunk_size, softcap):
+    """`_mean_nll`'s head part for `"fused"`/`"chunked"`: the weighted mean NLL of `feats`."""
     if implementation == "fused":
-        total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=cap)
+        total = fused_cross_entropy(feats, head, targets, w, chunk_size=chunk_size, softcap=softcap)
     else:
-        nll = _chunked_batch_nll(feats, head, targets, chunk_size, cap)
+        nll = _chunked_batch_nll(feats, head, targets, chunk_size, softcap)
         total = jnp.sum(nll * w)
     return total / jnp.maximum(jnp.sum(w), 1.0)
+
+
+_head_mean_nll_jit = jax.jit(_head_mean_nll, static_argnums=(4, 5, 6))
 
 
 def _with_layers(model):

@@ -196,3 +196,33 @@ def test_fused_loss_never_forms_the_whole_batch_logits(implementation, create):
         assert whole == 0 and chunks > 0
     else:
         assert whole > 0
+
+
+class _EmbedLM(eqx.Module):
+    """The least a model needs for the fused/chunked `lm_loss`: features and a head (tied)."""
+
+    embed: jax.Array
+
+    def features(self, tokens):
+        return jnp.tanh(self.embed[tokens])
+
+    def head_weight(self):
+        return self.embed
+
+
+@pytest.mark.parametrize("implementation", ["fused", "chunked"])
+def test_eager_lm_loss_compiles_its_head_once(implementation, compile_log):
+    # Called eagerly (a notebook), the head's chunk loop was a new scan on every call and
+    # compiled again each time (a forward and a grad: 2 programs with `fused`, 3 with `chunked`).
+    model = _EmbedLM(jax.random.normal(jax.random.key(0), (256, 16)))
+    batch = _batch(mask=True)
+    loss = lambda m: train.lm_loss(m, batch, implementation=implementation, chunk_size=5)[0]  # noqa: E731
+    want, want_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))(model)
+    first, first_grad = loss(model), eqx.filter_grad(loss)(model)  # eager: compiles
+    with compile_log() as log:
+        again, grad = loss(model), eqx.filter_grad(loss)(model)
+    assert log.compiled == [], log.compiled
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_allclose(again, want, rtol=1e-6)  # float32: eager against jitted, same head program
+    np.testing.assert_allclose(grad.embed, want_grad.embed, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(grad.embed, first_grad.embed)
