@@ -12,16 +12,17 @@ import sys
 
 from _run_scripts import ROOT, fast_compile_env, run_scripts
 
-# CPU seconds of each `--smoke --json` run at -O0, one at a time on the shared 2-core machine:
-# the costliest start first (`_run_scripts.longest_first`), so with `--jobs 2` no long benchmark
-# runs alone at the end (alphabetically, train_throughput started last). Only the order
-# depends on these; a missing benchmark counts as 10 s.
+# Seconds each `--smoke --json` run took in `make test` on a fresh clone (two at a time on the
+# 2-core machine, with the suite's XLA settings, `_run_scripts.fast_compile_env`): the costliest
+# start first (`_run_scripts.longest_first`), so with `--jobs 2` no long benchmark runs alone at
+# the end (alphabetically, train_throughput started last). Only the order depends on these; a
+# missing benchmark counts as 10 s.
 COSTS = {
-    "bayes_overhead": 38.0, "dispatch_overhead": 25.0, "compile_time": 23.5, "gpu_suite": 21.0,
-    "sciml_overhead": 19.0, "image_throughput": 19.0, "qat_int4": 18.5, "memory_estimate": 15.5,
-    "generate_throughput": 14.0, "speculative_decoding": 14.0, "train_throughput": 13.0,
-    "collective_bytes": 12.5, "create_time": 12.0, "quant_products": 8.5, "continuous_batching": 7.5,
-    "equinox_baseline": 6.5, "torch_baseline": 5.5, "checkpoint_io": 2.5, "packing_fill": 1.0,
+    "bayes_overhead": 34.7, "sciml_overhead": 23.1, "dispatch_overhead": 21.0, "qat_int4": 18.3,
+    "gpu_suite": 14.9, "speculative_decoding": 14.5, "compile_time": 12.6, "train_throughput": 11.6,
+    "image_throughput": 10.9, "collective_bytes": 10.6, "memory_estimate": 10.3, "generate_throughput": 10.1,
+    "quant_products": 9.6, "continuous_batching": 7.7, "eager_calls": 5.3, "equinox_baseline": 5.2,
+    "torch_baseline": 4.4, "create_time": 3.7, "checkpoint_io": 3.6, "packing_fill": 1.8,
 }
 
 
