@@ -157,7 +157,7 @@ def _batched_call(fn, axis_size, in_batched, args, *, weight_outs):
         return a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
 
     if any(in_batched[i] for i in _WEIGHTS) or not in_batched[0]:
-        out = lax.map(lambda a: fn(*a), tuple(map(batched, args, in_batched)))
+        out = _map_members(lambda a: fn(*a), tuple(map(batched, args, in_batched)))
         return out, jax.tree.map(lambda _: True, out)
     if weight_outs and not _SUMMED.get():
         args = tuple(a if i in _WEIGHTS else batched(a, b) for i, (a, b) in enumerate(zip(args, in_batched, strict=True)))
@@ -184,9 +184,23 @@ def _per_member(fn):
             x, experts, *rest = a
             return fn(x, experts, w_gate, w_up, w_down, *rest, tensor_axis=tensor_axis)
 
-        return lax.map(one, (x, experts, *per_token))
+        return _map_members(one, (x, experts, *per_token))
 
     return run
+
+
+def _map_members(one, xs):
+    """`lax.map(one, xs)`; called eagerly (the backward pass of an eager `jax.grad`, as in a
+    notebook), a Python loop over the members instead: an eager `lax.map` traces a new scan from
+    `one`, a new closure on every call, and compiled it again on every call (2 programs per
+    eager gradient of a `"ragged"` MoE model), while each eager operation reuses its program."""
+    from ._stacked import eager_mode  # _stacked imports the layers that import this module
+
+    if eager_mode(xs) == "staged":
+        return lax.map(one, xs)
+    n = jax.tree.leaves(xs)[0].shape[0]
+    outs = [one(jax.tree.map(lambda a, i=i: a[i], xs)) for i in range(n)]
+    return jax.tree.map(lambda *o: jnp.stack(o), *outs)
 
 
 def _mesh_fn(fn, n_weight_grads, tokens, *, per_member=False):

@@ -141,6 +141,25 @@ def test_sparse_equals_dense_values_and_grads_batched(implementation):
     assert all(bool(jnp.any(g != 0)) for g in _leaves(ga))
 
 
+def test_eager_ragged_gradient_compiles_once_and_equals_the_jitted_one(compile_log):
+    # An eager `jax.grad` of a vmapped ragged layer (a notebook) ran its per-member backward
+    # pass as a `lax.map` over a new closure, compiled again on every call (one program a call
+    # here, two for a ragged Mixtral's `lm_loss`).
+    layer = _layer("ragged")
+    x, ct = _x((3, 10, EMBED)), _x((3, 10, EMBED), seed=2)
+
+    def loss(layer, x):
+        return jnp.sum(jax.vmap(layer)(x) * ct)
+
+    grad = eqx.filter_value_and_grad(loss)
+    first = grad(layer, x)  # eager: compiles each operation once
+    with compile_log() as log:
+        again = grad(layer, x)
+    assert log.compiled == [], log.compiled
+    _assert_trees_close(again, first, tol=0.0)
+    _assert_trees_close(again, eqx.filter_jit(grad)(layer, x))  # op by op against one program: TOL
+
+
 @pytest.mark.parametrize("implementation", SPARSE)
 def test_sparse_equals_dense_unbatched_grad(implementation):
     ragged, dense = _pair(implementation)
