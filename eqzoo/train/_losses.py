@@ -12,6 +12,7 @@ from jaxtyping import Array, Bool, Float, Integer, PyTree
 from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
 from .._typing import PRNGKey
 from ..nn._stacked import eager_mode
+from ..sharding._activation import active_mesh
 from ._fused_ce import (
     _cap,
     _chunk,
@@ -295,10 +296,15 @@ def _mean_nll(
         feats = _batch_vmap(model.features)(tokens, **packing)
     w = mask.astype(jnp.float32)
     static = (implementation, chunk_size, cap)
-    if eager_mode((feats, head)) != "staged" and all(v is None or isinstance(v, int | float | str) for v in static):
+    if (
+        eager_mode((feats, head)) != "staged"
+        and active_mesh() is None
+        and all(v is None or isinstance(v, int | float | str) for v in static)
+    ):
         # Called eagerly (a notebook's `lm_loss(model, batch)` or its `jax.grad`): the head's
         # chunk loop built a new scan body on every call, which JAX compiled again each time;
-        # one jitted function compiles once per shape.
+        # one jitted function compiles once per shape. Not inside `activation_sharding`: the
+        # head reads that mesh while tracing, and jit's cache does not know of it.
         return _head_mean_nll_jit(feats, head, targets, w, *static)
     return _head_mean_nll(feats, head, targets, w, *static)
 
