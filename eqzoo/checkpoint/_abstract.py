@@ -20,14 +20,16 @@ def _is_leaf_array(x: Any) -> bool:
     return isinstance(x, jax.Array | jax.ShapeDtypeStruct | np.ndarray)
 
 
-def _is_builder_module(x: Any) -> bool:
+def _is_builder_module(x: Any, key_impl: Any = None) -> bool:
     """Whether the Equinox module `x` is a function that builds a model rather than a model: an
     `eqx.Partial` (a function with some arguments bound, arrays among them maybe), or a module
-    whose `__call__` requires `key` and nothing else (`__call__(self, key)`) and returns a module
-    (or a `(module, state)` pair). A model's `__call__` requires its input (`__call__(self, x, *,
-    key=None)`, or `key` required too); a generative model's `__call__(self, key)` returns arrays
-    (a sample), so it stays a model. The return is found by `jax.eval_shape` (nothing computed);
-    a call that fails there is taken for a builder's, whose own error the caller then raises."""
+    whose `__call__` requires `key` and nothing else (`__call__(self, key)`), unless what it
+    returns is arrays only (an array, or a tuple of arrays): that is a generative model drawing
+    a sample. A model's `__call__` requires its input (`__call__(self, x, *, key=None)`, or
+    `key` required too). The return is found by tracing the call as the build would make it
+    (`jax.eval_shape`, with a key of `key_impl`; nothing computed, though a builder's Python
+    code runs once more); a call that fails there is taken for a builder's, whose own error the
+    build then raises."""
     if isinstance(x, eqx.Partial):
         return True
     try:
@@ -38,23 +40,26 @@ def _is_builder_module(x: Any) -> bool:
     required = [name for name, p in params.items() if p.default is inspect.Parameter.empty and p.kind not in variadic]
     if required != ["key"]:
         return False
+    call = (lambda k: x(key=k)) if _key_by_name(x) else x
     try:
-        out = eqx.filter_eval_shape(lambda k: x(key=k), jax.random.key(0))
+        out = eqx.filter_eval_shape(call, jax.random.key(0, impl=key_impl))
     except Exception:
         return True
-    first = out[0] if isinstance(out, tuple) and len(out) == 2 else out
-    return isinstance(first, eqx.Module)
+    sample = isinstance(out, jax.ShapeDtypeStruct) or (
+        isinstance(out, tuple) and len(out) > 0 and all(isinstance(o, jax.ShapeDtypeStruct) for o in out)
+    )
+    return not sample
 
 
-def _is_model(x: Any) -> bool:
+def _is_model(x: Any, key_impl: Any = None) -> bool:
     """Whether `x` is a model rather than a function that builds one: an Equinox module holding
     arrays (real or `jax.ShapeDtypeStruct`s) that is not a builder (`_is_builder_module`). A
     module is callable, so without this test a model passed where a builder belongs would be
     called with the key as its input."""
     return (
         isinstance(x, eqx.Module)
-        and not _is_builder_module(x)
         and any(_is_leaf_array(leaf) for leaf in jax.tree.leaves(x))
+        and not _is_builder_module(x, key_impl)
     )
 
 
@@ -93,7 +98,8 @@ def abstract_state(
       arrays' shapes, dtypes and shardings are used (nothing is copied). An Equinox module
       holding arrays is read as a model, unless it is an `eqx.Partial` or its `__call__`
       requires `key` and nothing else (`__call__(self, key)`): those are builders, called with
-      the key, whatever arrays they hold.
+      the key, whatever arrays they hold; but a `__call__(self, key)` that returns arrays only
+      (an array or a tuple of arrays: a generative model's sample) leaves the module a model.
     - `optimizer`: the optax transformation of the run.
     - `trainable`, `precision`: as in [`eqzoo.train.TrainState.create`][].
     - `key_impl`: the PRNG implementation of the run's key (default JAX's default).
@@ -123,9 +129,9 @@ def abstract_state(
         if overrides:
             raise ConfigError(
                 f"abstract_state: config overrides {sorted(overrides)} apply to a config or preset name only; "
-                f"with a {'model' if _is_model(model) else 'function'} build the model you want instead."
+                f"with a {'model' if _is_model(model, key_impl) else 'function'} build the model you want instead."
             )
-        if _is_model(model) or (isinstance(model, tuple) and len(model) == 2 and _is_model(model[0])):
+        if _is_model(model, key_impl) or (isinstance(model, tuple) and len(model) == 2 and _is_model(model[0], key_impl)):
             return _from_model(model, optimizer, trainable, precision, key_impl)
         if callable(model):
             make = (lambda k: model(key=k)) if _key_by_name(model) else model

@@ -125,6 +125,9 @@ def test_abstract_state_of_own_model_its_class_or_instance(ckpt_dir, open_checkp
     sampler = _Sampler(jnp.ones(3))
     target = checkpoint.abstract_state(sampler, opt)
     assert isinstance(target.model, _Sampler) and target.model.mean.shape == (3,)
+    # a builder of a model that is a plain pytree (a dict of arrays) is still a builder
+    target = checkpoint.abstract_state(_DictBuilder(jnp.ones(3)), opt)
+    assert sorted(target.model) == ["w"] and target.model["w"].shape == (2, 3)
 
 
 def _own_net(scale, key):
@@ -143,6 +146,13 @@ class _Sampler(eqx.Module):  # a generative model: __call__(key) draws a sample
 
     def __call__(self, key):
         return self.mean + jax.random.normal(key, self.mean.shape)
+
+
+class _DictBuilder(eqx.Module):  # __call__(key) builds a model that is a dict of arrays
+    scale: jax.Array
+
+    def __call__(self, key):
+        return {"w": self.scale * jax.random.normal(key, (2, 3))}
 
 
 class _Noisy(eqx.Module):  # a model that needs a key when called
