@@ -19,13 +19,15 @@ import os
 # pair of settings (jaxlib 0.10.2, the version constraints.txt pins): the gradients of NeuralCDE's
 # adaptive diffrax solves (a Bosh3 solve's 8-20% off its finite difference); a plain ODE's were
 # right, and the default emitters are right for both. So tests/sciml compiles with the default
-# emitters (its conftest.py overrides the setting per program). Users' programs compile with
-# XLA's defaults: set either
-# flag in XLA_FLAGS (e.g. `XLA_FLAGS=--xla_cpu_use_fusion_emitters=true pytest ...`) to run the
-# tests with it, and the value given is kept. A jaxlib that drops a flag aborts at start ("Unknown
-# flag in XLA_FLAGS"): remove it here then. The benchmarks' smoke runs (scripts/_run_scripts.py)
-# and the docs pages (tests/docs/_snippets.py) compile the same way; the examples `make test` runs
-# use the defaults (some train long enough that -O0's slower code costs more than it saves).
+# emitters (its conftest.py overrides the setting per program, whatever XLA_FLAGS says). Users'
+# programs compile with XLA's defaults: set either flag in XLA_FLAGS (e.g.
+# `XLA_FLAGS=--xla_cpu_use_fusion_emitters=true pytest ...`) to run the tests with it; the value
+# given is kept. A jaxlib that drops a flag aborts at start ("Unknown flag in XLA_FLAGS"): remove
+# it here then. The benchmarks' smoke runs (scripts/_run_scripts.py), the docs pages (a
+# subprocess of tests/docs/_snippets.py, with this environment) and the examples the tests run in
+# process (scripts/run_examples.py's RUN_IN_TESTS) compile the same way; the examples
+# scripts/run_examples.py runs itself use the defaults (some train long enough that -O0's slower
+# code costs more than it saves).
 FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
 
 

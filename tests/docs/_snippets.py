@@ -306,7 +306,7 @@ def main(argv: list[str]) -> int:
     return int(any(results.values()))
 
 
-# Seconds each page took with the suite's XLA flags (the pages of one part run one after another in one process, so
+# Seconds each page took (the pages of one part run one after another in one process, so
 # the first page of a part also pays for importing JAX and eqzoo), to split the pages into parts
 # of about equal time; a page missing here counts as DEFAULT_COST. Only the balance depends on
 # these: remeasure them (`python tests/docs/test_snippets.py` prints each page's time) when a page
