@@ -17,7 +17,7 @@ import os
 # XLA's HLO passes (fusion, layout) are the same; the machine code rounds differently in the last
 # bits, so two programs that agreed bit for bit may differ by an ulp. One known miscompile at this
 # pair of settings (jaxlib 0.10.2, the version constraints.txt pins): the gradients of NeuralCDE's
-# adaptive diffrax solves (a Bosh3 solve's 8-20% off its finite difference); a plain ODE's were
+# adaptive diffrax solves (a Bosh3 solve's 8-22% off its finite difference); a plain ODE's were
 # right, and the default emitters are right for both. So tests/sciml compiles with the default
 # emitters (its conftest.py overrides the setting per program, whatever XLA_FLAGS says). Users'
 # programs compile with XLA's defaults: set either flag in XLA_FLAGS (e.g.

@@ -23,14 +23,15 @@ def build_module():
     return _build
 
 
-@pytest.fixture(autouse=True)
-def _fast_compiles(monkeypatch):
-    """Compile without most XLA optimisations: these tests run tiny problems, where XLA's
-    optimisation passes (not the solves) take most of the time. With XLA:CPU's default fusion
-    emitters, not the older ones the rest of the suite compiles with (tests/conftest.py): at
-    -O0 those miscompiled the gradients of NeuralCDE's adaptive solves (Bosh3: 8-20% off the
-    finite difference; batched against single series, 0.59 apart where the default emitters
-    agree within 3e-5). `jax.jit(compiler_options=...)` passes the same override per program."""
+@pytest.fixture(autouse=True, scope="module")
+def _default_emitters():
+    """Compile with XLA:CPU's default fusion emitters, not the older ones the rest of the suite
+    compiles with (tests/conftest.py): at -O0 those miscompiled the gradients of NeuralCDE's
+    adaptive solves (Bosh3: 8-22% off the finite difference; batched against single series,
+    0.59 apart where the default emitters agree within 3e-5). Module-scoped, so the module's own
+    fixtures compile this way too; `jax.jit(compiler_options=...)` passes the same override per
+    program. A program an earlier test file compiled is reused as it is (JAX's caches are not
+    keyed on compile options): only small shared ones."""
     from jax._src import compiler
 
     original = compiler.get_compile_options
@@ -39,7 +40,15 @@ def _fast_compiles(monkeypatch):
         overrides = {"xla_cpu_use_fusion_emitters": True, **(env_options_overrides or {})}
         return original(*args, env_options_overrides=overrides, **kwargs)
 
-    monkeypatch.setattr(compiler, "get_compile_options", with_default_emitters)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiler, "get_compile_options", with_default_emitters)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _fast_compiles():
+    """Compile without most XLA optimisations: these tests run tiny problems, where XLA's
+    optimisation passes (not the solves) take most of the time."""
     before = jax.config.values["jax_disable_most_optimizations"]
     jax.config.update("jax_disable_most_optimizations", True)
     try:
