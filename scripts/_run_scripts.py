@@ -37,8 +37,9 @@ def longest_first(scripts: list[Path], costs: Mapping[str, float]) -> list[Path]
 
 
 FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
-"""The XLA:CPU settings tests/conftest.py compiles the test suite with (LLVM at -O0, the older
-LLVM emitters): its comment gives the figures and the one known miscompile."""
+"""The XLA:CPU settings the test suite (tests/conftest.py, through `fast_compile_env`) and the
+benchmarks' smoke runs compile with (LLVM at -O0, the older LLVM emitters): tests/conftest.py's
+comment gives the figures and the one known miscompile."""
 
 
 def fast_compile_env(base: Mapping[str, str]) -> dict[str, str]:

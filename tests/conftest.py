@@ -1,5 +1,5 @@
 """Test configuration: 8 fake CPU devices and strict dtype promotion, set before JAX computes;
-XLA:CPU's fast-compiling code generator (`FAST_COMPILE_FLAGS`)."""
+XLA:CPU's fast-compiling code generator (scripts/_run_scripts.py's `FAST_COMPILE_FLAGS`)."""
 
 import contextlib
 import gc
@@ -23,23 +23,27 @@ import os
 # programs compile with XLA's defaults: set either flag in XLA_FLAGS (e.g.
 # `XLA_FLAGS=--xla_cpu_use_fusion_emitters=true pytest ...`) to run the tests with it; the value
 # given is kept. A jaxlib that drops a flag aborts at start ("Unknown flag in XLA_FLAGS"): remove
-# it here then. The benchmarks' smoke runs (scripts/_run_scripts.py), the docs pages (a
-# subprocess of tests/docs/_snippets.py, with this environment) and the examples the tests run in
-# process (scripts/run_examples.py's RUN_IN_TESTS) compile the same way; the examples
-# scripts/run_examples.py runs itself use the defaults (some train long enough that -O0's slower
-# code costs more than it saves).
-FAST_COMPILE_FLAGS = {"--xla_backend_optimization_level": "0", "--xla_cpu_use_fusion_emitters": "false"}
+# it from scripts/_run_scripts.py's `FAST_COMPILE_FLAGS` then. The benchmarks' smoke runs
+# (scripts/_run_scripts.py), the docs pages (a subprocess of tests/docs/_snippets.py, with this
+# environment) and the examples the tests run in process (scripts/run_examples.py's
+# RUN_IN_TESTS) compile the same way; the examples scripts/run_examples.py runs itself use the
+# defaults (some train long enough that -O0's slower code costs more than it saves).
 
 
-def with_fast_compile_flags(flags: str) -> str:
-    """`flags` (an XLA_FLAGS value) with each of `FAST_COMPILE_FLAGS` the caller did not set."""
-    for name, value in FAST_COMPILE_FLAGS.items():
-        if name not in flags:
-            flags = f"{flags} {name}={value}".strip()
-    return flags
+def _fast_compile_env():
+    """scripts/_run_scripts.py's `fast_compile_env`, the one place the settings are listed
+    (`FAST_COMPILE_FLAGS`), loaded by path: scripts/ is not a package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "_run_scripts.py"
+    spec = importlib.util.spec_from_file_location("_eqzoo_run_scripts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.fast_compile_env
 
 
-os.environ["XLA_FLAGS"] = with_fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = _fast_compile_env()(os.environ)["XLA_FLAGS"]
 
 import jax  # noqa: E402
 import jaxtyping  # noqa: E402
