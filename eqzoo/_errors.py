@@ -40,6 +40,16 @@ def require(module: str, extra: str) -> ModuleType:
         ) from err
 
 
+def as_flag(value) -> bool | None:
+    """`value` as a Python `bool` when it is one or a NumPy bool (`np.True_`, which NumPy
+    comparisons and a boolean array's items give); `None` for anything else (`1`, `"yes"`, an
+    array), which the caller refuses with a message of its own. Flags are stored as the
+    returned `bool`, so a NumPy bool never reaches a static field or a JSON record."""
+    import numpy as np
+
+    return bool(value) if isinstance(value, bool | np.bool_) else None
+
+
 def check_sizes(who: str, **sizes) -> None:
     """Raise `ConfigError` naming the first size that is not a positive integer (a bool, a
     float, zero or a negative number would fail later, deep inside JAX)."""

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Int
 
-from .._errors import EqzooError
+from .._errors import EqzooError, as_flag
 
 
 class TokenizerError(EqzooError, ValueError):
@@ -133,8 +133,9 @@ def check_batch_request(
             f"{who}: padding must be 'longest' (to the batch's longest text; transformers' padding=True) "
             f"or 'max_length' (to max_length); got {padding!r}. Batches are always padded: the ids form one array."
         )
-    if not isinstance(truncation, bool):
+    if (flag := as_flag(truncation)) is None:
         raise TokenizerError(f"{who}: truncation must be True or False; got {truncation!r}.")
+    truncation = flag
     if padding_side not in ("right", "left"):
         raise TokenizerError(
             f"{who}: padding_side must be 'right' or 'left' (left for decoder-only generation); got {padding_side!r}."

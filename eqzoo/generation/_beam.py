@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
@@ -236,9 +236,9 @@ def _penalty_tables(length_penalty: float, early_stopping, max_new_tokens: int) 
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
-def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown) -> float:
+def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown) -> tuple:
     """Raise `ConfigError` for beam settings outside their ranges and for `unknown` keyword
-    arguments; return `length_penalty` as a float."""
+    arguments; return `length_penalty` as a float and `early_stopping` (a NumPy bool as a `bool`)."""
     check_count(num_beams, "num_beams", "generate_beam")
     check_count(num_return_sequences, "num_return_sequences", "generate_beam")
     if num_return_sequences > num_beams:
@@ -251,11 +251,12 @@ def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_
             f"generate_beam: length_penalty must be a finite number (1.0: average log-probability per token; 0: "
             f"none; > 1 favours longer hypotheses), got {length_penalty!r}."
         )
-    if early_stopping is not True and early_stopping is not False and early_stopping != "never":
+    early = "never" if isinstance(early_stopping, str) and early_stopping == "never" else as_flag(early_stopping)
+    if early is None:
         raise ConfigError(f"generate_beam: early_stopping must be True, False or 'never' (transformers'), got {early_stopping!r}.")
     if unknown:
         raise ConfigError(f"generate_beam got unexpected keyword arguments {sorted(unknown)}; see its docstring for the ones it takes.")
-    return float(length_penalty)
+    return float(length_penalty), early
 
 
 @no_type_check  # validated here, with messages that say how to fix the call
@@ -265,7 +266,7 @@ def _beam_sampling(do_sample, **settings) -> tuple:
     `(None, None, None)` without `do_sample`, when any of them left on is refused. With it the
     temperature (default 1.0, transformers') must be > 0 and a key is needed; the temperature,
     top-p and min-p are float32 arguments (a new value compiles nothing), top-k static."""
-    if not isinstance(do_sample, bool):
+    if as_flag(do_sample) is None:
         raise ConfigError(f"generate_beam: do_sample must be True or False, got {do_sample!r}.")
     if not do_sample:
         # temperature=0.0 is eqzoo.generate's greedy decoding: off, as None is
@@ -428,7 +429,7 @@ def generate_beam(
     """
     check_model(model, "generate_beam")
     max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_beam")
-    length_penalty = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown)
+    length_penalty, early_stopping = _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_stopping, unknown)
     check_count(max_new_tokens, "max_new_tokens", "generate_beam")
     check_sampling(0.0, None, None, None, repetition_penalty)
     key, warp, top_k = _beam_sampling(do_sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
@@ -437,7 +438,7 @@ def generate_beam(
     eos, pad = check_stop_tokens(eos_token, pad_token, vocab, "generate_beam")
     if max(2, 1 + len(eos or ())) > vocab:
         raise ConfigError(f"generate_beam: a vocabulary of {vocab} ids is too small for beam search with {len(eos or ())} eos ids.")
-    if not isinstance(return_scores, bool):
+    if as_flag(return_scores) is None:
         raise ConfigError(f"generate_beam: return_scores must be True or False, got {return_scores!r}.")
     prompts, lengths = prompt_batch(prompts, lengths, attention_mask, vocab, "generate_beam", pad)
     scale, bound = _penalty_tables(length_penalty, early_stopping, int(max_new_tokens))

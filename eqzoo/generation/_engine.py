@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
@@ -442,7 +442,7 @@ class DecodeEngine:
         self._bucket(prompt.shape[0], who)  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
-        if not isinstance(return_logprobs, bool | np.bool_):
+        if as_flag(return_logprobs) is None:
             raise ConfigError(f"{who}: return_logprobs must be True or False, got {return_logprobs!r}.")
         if key is None and temperature > 0:
             raise ConfigError(f"{who}: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
@@ -233,9 +233,9 @@ def resolve_unroll(unroll_layers: bool | str, backend: str | None = None) -> boo
     **Arguments:** `unroll_layers`, `True`, `False` or `"auto"` (look up
     `UNROLL_DECODE_DEFAULTS`); `backend` defaults to `jax.default_backend()`.
     """
-    if isinstance(unroll_layers, bool):
-        return unroll_layers
-    if unroll_layers != "auto":
+    if (flag := as_flag(unroll_layers)) is not None:
+        return flag
+    if not (isinstance(unroll_layers, str) and unroll_layers == "auto"):
         raise ConfigError(f"unroll_layers must be True, False or 'auto', got {unroll_layers!r}.")
     return UNROLL_DECODE_DEFAULTS.get(jax.default_backend() if backend is None else backend, False)
 
@@ -362,7 +362,7 @@ def _validate(model, prompts, max_new_tokens, key, temperature, top_k, top_p, us
     check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
     if key is None and temperature > 0:
         raise ConfigError(f"{who}: sampling with temperature > 0 needs a PRNG key: pass key=jax.random.key(seed).")
-    if not isinstance(use_cache, bool):
+    if as_flag(use_cache) is None:
         raise ConfigError(f"{who}: use_cache must be True or False, got {use_cache!r}.")
     if not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ShapeError(f"prompt token ids must be integers; got dtype {prompts.dtype}.")
@@ -517,7 +517,7 @@ def prepare_batch(
         if not use_cache:
             raise ConfigError("cache_dtype sets the KV cache's dtype, but use_cache=False decodes without one; drop one of them.")
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value: "int8" and jnp.int8 compile once
-    if not isinstance(return_logprobs, bool):
+    if as_flag(return_logprobs) is None:
         raise ConfigError(f"return_logprobs must be True or False, got {return_logprobs!r}.")
     eos_token, pad_token = check_stop_tokens(eos_token, pad_token, model.config.vocab_size, named)
     stop_sequences = check_stop_sequences(stop_sequences, model.config.vocab_size, named)
@@ -529,7 +529,7 @@ def prepare_batch(
         **loop_settings(temperature, top_k, top_p, min_p, repetition_penalty),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         stop_sequences=traced_stop_sequences(stop_sequences),
-        use_cache=use_cache, cache_dtype=cache_dtype, return_logprobs=return_logprobs,
+        use_cache=bool(use_cache), cache_dtype=cache_dtype, return_logprobs=bool(return_logprobs),
         logit_bias=logit_bias_vector(logit_bias, model.config.vocab_size, caller),
         processors=check_processors(logits_processors, caller, model.config.vocab_size), row_limits=row_limits,
     )

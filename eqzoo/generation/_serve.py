@@ -8,7 +8,7 @@ from typing import Any, no_type_check
 import jax
 import numpy as np
 
-from .._errors import ConfigError, ShapeError
+from .._errors import ConfigError, ShapeError, as_flag
 from ._engine import DecodeEngine
 from ._generate import check_count
 from ._prefix import Prefix
@@ -164,7 +164,7 @@ def _check_serve(engine, steps, on_error, pipeline) -> None:
         check_count(steps, "steps", "serve")
     if on_error not in ("event", "raise"):
         raise ConfigError(f"serve: on_error must be 'event' (refuse a bad request with an event) or 'raise', got {on_error!r}.")
-    if not isinstance(pipeline, bool):
+    if as_flag(pipeline) is None:
         raise ConfigError(f"serve: pipeline must be True or False, got {pipeline!r}.")
 
 

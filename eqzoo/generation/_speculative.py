@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn import MoE
@@ -435,7 +435,7 @@ def generate_speculative(
     if cache_dtype is not None:
         cache_dtype = check_cache_dtype(cache_dtype, None)  # one static value per dtype
     for flag, value in (("return_stats", return_stats), ("return_logprobs", return_logprobs)):
-        if not isinstance(value, bool):
+        if as_flag(value) is None:
             raise ConfigError(f"generate_speculative: {flag} must be True or False, got {value!r}.")
     check_key(key, "generate_speculative")
     if key is None and temperature > 0:
@@ -447,7 +447,7 @@ def generate_speculative(
         num_draft=int(num_draft), unroll_layers=resolve_unroll(unroll_layers),
         **dict(zip(("eos_token", "pad_token"), traced_stop_tokens(eos_token, pad_token), strict=True)),
         **_sampling_settings(temperature, top_k, top_p, min_p), cache_dtype=cache_dtype,
-        return_logprobs=return_logprobs,
+        return_logprobs=bool(return_logprobs),
     )
     out = out if return_logprobs else (out,)
     return (*out, {"rounds": rounds}) if return_stats else out if return_logprobs else out[0]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Integer
 
-from .._errors import ConfigError
+from .._errors import ConfigError, as_flag
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ._generate import (
@@ -172,8 +172,9 @@ def generate_stream(
     """
     check_model(model, "generate_stream")
     check_count(chunk_size, "chunk_size", "generate_stream")
-    if not isinstance(pipeline, bool):
+    if (pipeline_flag := as_flag(pipeline)) is None:
         raise ConfigError(f"generate_stream: pipeline must be True or False, got {pipeline!r}.")
+    pipeline = pipeline_flag
     max_new_tokens = resolve_new_tokens(max_new_tokens, max_length, prompts, "generate_stream")
     prompts, lengths, key, settings = prepare_batch(
         model, prompts, lengths, "generate_stream", max_new_tokens=max_new_tokens, attention_mask=attention_mask,

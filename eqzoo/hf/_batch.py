@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import as_flag
 from ..data import EncodedBatch, TokenizerError
 from ..data._encoding import check_batch_request, check_fits, rows_to_decode
 
@@ -71,7 +72,7 @@ def encode_batch(
         default_pad_token_id=hf.pad_token_id, vocab_size=hf.vocab_size,
     )
     truncation_side = check_side(hf.truncation_side if truncation_side is None else truncation_side, "truncation_side", who)
-    if not isinstance(add_special_tokens, bool):
+    if as_flag(add_special_tokens) is None:
         raise TokenizerError(f"{who}: add_special_tokens must be True or False; got {add_special_tokens!r}.")
     try:
         encodings = hf._batch_encoder.encode(
@@ -85,7 +86,7 @@ def encode_batch(
             ),
             dict(max_length=request.max_length, stride=0, strategy="longest_first", direction=truncation_side)
             if request.truncation else None,
-            add_special_tokens,
+            bool(add_special_tokens),
         )
     except Exception as err:  # the Rust side raises a bare Exception (a max_length below the special tokens' count, say)
         raise TokenizerError(f"{who}: the tokenizers library refused the batch: {err}") from None

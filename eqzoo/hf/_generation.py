@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._errors import ConfigError, user_stacklevel
+from .._errors import ConfigError, as_flag, user_stacklevel
 from ._errors import HFFormatError
 from ._files import CONFIG_NAME, GENERATION_CONFIG_NAME, read_json_object
 
@@ -227,9 +227,9 @@ class GenerationConfig:
         if "do_sample" not in overrides:
             return overrides, None
         rest = {k: v for k, v in overrides.items() if k != "do_sample"}
-        sample = overrides["do_sample"]
-        if not isinstance(sample, bool):
-            raise ConfigError(f"GenerationConfig.{caller}: do_sample must be True or False, got {sample!r}.")
+        sample = as_flag(overrides["do_sample"])
+        if sample is None:
+            raise ConfigError(f"GenerationConfig.{caller}: do_sample must be True or False, got {overrides['do_sample']!r}.")
         if sample is False:
             # transformers' own defaults (and temperature 0) change nothing in greedy decoding
             inert = {"temperature": (0, 1), "top_k": (0, 50), "top_p": (1,), "min_p": (0,)}

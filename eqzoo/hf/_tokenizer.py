@@ -12,7 +12,7 @@ import numpy as np
 from jax import Array
 from jaxtyping import Bool, Int, Integer
 
-from .._errors import require
+from .._errors import as_flag, require
 from ..data import AbstractTokenizer, EncodedBatch, StreamDecoder, TokenizerError
 from . import _batch, _tokenizer_chat
 from ._tokenizer_files import SPECIAL, find_tokenizer_file, read_tokenizer_file
@@ -124,7 +124,9 @@ class HFTokenizer(AbstractTokenizer):
         as Llama's BOS, unless `add_special_tokens=False`)."""
         if not isinstance(text, str):
             raise TokenizerError(f"HFTokenizer.encode takes a str, got {type(text).__name__}.")
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids  # no lock: never reconfigured
+        if (special := as_flag(add_special_tokens)) is None:
+            raise TokenizerError(f"HFTokenizer.encode: add_special_tokens must be True or False; got {add_special_tokens!r}.")
+        ids = self.tokenizer.encode(text, add_special_tokens=special).ids  # no lock: never reconfigured
         return np.asarray(ids, dtype=np.int32)
 
     @no_type_check  # checked with messages that say how to fix the call

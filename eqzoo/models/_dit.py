@@ -14,7 +14,7 @@ from .._errors import ConfigError, check_positive
 from .._typing import PRNGKey
 from ..nn import MLP, REMAT_POLICIES, Attention, Embedding, Stacked, apply_linear, linear_dtype
 from ._denoiser import AbstractDenoiser, TimestepEmbedding, check_denoiser_inputs
-from ._validate import check_integer_fields
+from ._validate import check_integer_fields, check_scan_layers
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -78,8 +78,7 @@ class DiTConfig:
             raise ConfigError(f"DiTConfig: frequency_dim={self.frequency_dim} must be even (cosines and sines).")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"DiTConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
-        if self.scan_layers not in (True, False, "auto"):
-            raise ConfigError(f"DiTConfig: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
+        object.__setattr__(self, "scan_layers", check_scan_layers(self.scan_layers, "DiTConfig"))
         if self.attention_backend not in _BACKENDS:
             raise ConfigError(f"DiTConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
 

@@ -21,7 +21,7 @@ from ..nn import (
 )
 from ..sharding._activation import constrain, constrain_forward
 from ._lm import AbstractLM
-from ._validate import check_integer_fields, check_positions
+from ._validate import check_integer_fields, check_positions, check_scan_layers
 
 _BACKENDS = ("xla", "cudnn", "auto")
 
@@ -68,8 +68,7 @@ class GPT2Config:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"GPT2Config: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
-        if self.scan_layers not in (True, False, "auto"):
-            raise ConfigError(f"GPT2Config: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
+        object.__setattr__(self, "scan_layers", check_scan_layers(self.scan_layers, "GPT2Config"))
         if self.attention_backend not in _BACKENDS:
             raise ConfigError(f"GPT2Config: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}.")
 

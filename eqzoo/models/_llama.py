@@ -19,7 +19,7 @@ from ..nn import (
     TransformerBlock,
 )
 from ._lm import AbstractLM
-from ._validate import check_integer_fields
+from ._validate import check_integer_fields, check_scan_layers
 
 _BACKENDS = ("xla", "cudnn", "auto")
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -163,8 +163,7 @@ def check_decoder(name: str, c) -> None:
         )
     if c.remat not in REMAT_POLICIES:
         raise ConfigError(f"{name}: unknown remat {c.remat!r}; choose from {list(REMAT_POLICIES)}.")
-    if c.scan_layers not in (True, False, "auto"):
-        raise ConfigError(f"{name}: scan_layers must be True, False or 'auto', got {c.scan_layers!r}.")
+    object.__setattr__(c, "scan_layers", check_scan_layers(c.scan_layers, name))
     if c.attention_backend not in _BACKENDS:
         raise ConfigError(f"{name}: attention_backend must be one of {_BACKENDS}, got {c.attention_backend!r}.")
     window = c.sliding_window

@@ -8,7 +8,7 @@ from typing import get_args
 import equinox as eqx
 import jax
 
-from .._errors import ConfigError, check_positive
+from .._errors import ConfigError, as_flag, check_positive
 from .._typing import PRNGKey
 from ..nn import (
     Embedding,
@@ -100,10 +100,11 @@ class MixtralConfig:
             ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
             if not (ok and (value > 0 if least == ">" else value >= 0)):
                 raise ConfigError(f"MixtralConfig: {name} must be a finite number {least} 0, got {value!r}.")
-        if not isinstance(self.normalize_router_weights, bool):
+        if (normalize := as_flag(self.normalize_router_weights)) is None:
             raise ConfigError(
                 f"MixtralConfig: normalize_router_weights must be True or False, got {self.normalize_router_weights!r}."
             )
+        object.__setattr__(self, "normalize_router_weights", normalize)
         if self.moe_implementation not in _MOE_IMPLEMENTATIONS:
             raise ConfigError(
                 f"MixtralConfig: moe_implementation must be one of {_MOE_IMPLEMENTATIONS}, got "

@@ -8,7 +8,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, shape_str
 
 
 def check_tokens(tokens, *, max_seq: int, model: str) -> None:
@@ -91,6 +91,16 @@ def check_integer_fields(config) -> None:
             bad[field.name] = value
     if bad:
         raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.")
+
+
+def check_scan_layers(value, config: str) -> bool | str:
+    """A config's `scan_layers` as stored: `True`, `False` (a NumPy bool as a `bool`) or
+    `"auto"`; `ConfigError` for anything else (`1` included: it would only compare equal)."""
+    if (flag := as_flag(value)) is not None:
+        return flag
+    if isinstance(value, str) and value == "auto":
+        return "auto"
+    raise ConfigError(f"{config}: scan_layers must be True, False or 'auto', got {value!r}.")
 
 
 def _is_int(value) -> bool:

@@ -23,7 +23,7 @@ from ..nn import (
     init_linear,
 )
 from ..sharding._activation import constrain
-from ._validate import IMAGE_FIX, check_integer_fields
+from ._validate import IMAGE_FIX, check_integer_fields, check_scan_layers
 
 _BACKENDS = ("xla", "cudnn", "auto")
 _POOLS = ("cls", "mean")
@@ -90,8 +90,7 @@ class ViTConfig:
             raise ConfigError(f"ViTConfig: pool must be one of {_POOLS}, got {self.pool!r}.")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"ViTConfig: unknown remat {self.remat!r}; choose from {list(REMAT_POLICIES)}.")
-        if self.scan_layers not in (True, False, "auto"):
-            raise ConfigError(f"ViTConfig: scan_layers must be True, False or 'auto', got {self.scan_layers!r}.")
+        object.__setattr__(self, "scan_layers", check_scan_layers(self.scan_layers, "ViTConfig"))
         if self.attention_backend not in _BACKENDS:
             raise ConfigError(
                 f"ViTConfig: attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}."

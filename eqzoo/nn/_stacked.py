@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError, check_sizes
+from .._errors import ConfigError, as_flag, check_sizes
 from .._typing import PRNGKey
 from ._fields import with_fields
 from ._pipeline import pipelined_apply
@@ -32,9 +32,9 @@ def resolve_scan(scan: bool | str, backend: str | None = None) -> bool:
     **Arguments:** `scan`, `True`, `False` or `"auto"` (look up `SCAN_DEFAULTS` for the
     backend; unknown backends scan); `backend` defaults to `jax.default_backend()`.
     """
-    if isinstance(scan, bool):
-        return scan
-    if scan != "auto":
+    if (flag := as_flag(scan)) is not None:
+        return flag
+    if not (isinstance(scan, str) and scan == "auto"):
         raise ConfigError(f"scan must be True, False or 'auto', got {scan!r}.")
     backend = jax.default_backend() if backend is None else backend
     return SCAN_DEFAULTS.get(backend, True)
@@ -190,7 +190,7 @@ class Stacked(eqx.Module, Generic[M]):
         self.layers = eqx.filter_vmap(make_layer)(keys)
         self.num_layers = num_layers
         self.remat = remat
-        self.scan = scan
+        self.scan = scan if as_flag(scan) is None else as_flag(scan)  # "auto", or a bool
 
     @classmethod
     def from_layers(cls, layers: Sequence[M], *, remat: RematPolicy = "none", scan: ScanMode = True) -> "Stacked[M]":

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Integer, PyTree
 
-from .._errors import ConfigError, ShapeError, shape_str, user_stacklevel
+from .._errors import ConfigError, ShapeError, as_flag, shape_str, user_stacklevel
 from .._typing import PRNGKey
 from ..nn._stacked import eager_mode
 from ..sharding._activation import active_mesh
@@ -204,7 +204,7 @@ def lm_loss(
     aux_weights = model.aux_loss_weights() if hasattr(model, "aux_loss_weights") else {}
     feats, aux = None, {}
     if aux_weights:
-        feats, aux = _features_and_aux(model, tokens, mask, packing, per_layer)
+        feats, aux = _features_and_aux(model, tokens, mask, packing, bool(per_layer))
     nll_mean = _mean_nll(model, implementation, chunk_size, feats, tokens, targets, mask, packing)
     count = jnp.sum(mask.astype(jnp.float32))
     if not aux_weights:
@@ -235,7 +235,7 @@ def _checked_lm_batch(model, batch, implementation, chunk_size, per_layer):
         )
     if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ConfigError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
-    if not isinstance(per_layer, bool):
+    if as_flag(per_layer) is None:
         raise ConfigError(f"lm_loss: per_layer must be True or False, got {per_layer!r}.")
     mask = batch.get("mask")
     packing_args(tokens, "lm_loss: batch[{name!r}]", mask=mask)  # a mask of another shape would broadcast

@@ -317,6 +317,19 @@ def test_encode_batch_matches_transformers(pad_dir, hft):
     assert ours.tokenizer.padding is None and ours.tokenizer.truncation is None
 
 
+def test_tokenizer_flags_take_numpy_bools(pad_dir, unchecked):
+    tok = load_tokenizer(pad_dir)
+    want = tok.encode_batch(TEXTS, truncation=True, max_length=5, add_special_tokens=False)
+    got = tok.encode_batch(TEXTS, truncation=np.True_, max_length=5, add_special_tokens=np.False_)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    with unchecked():
+        assert tok.encode(TEXTS[0], add_special_tokens=np.False_).tolist() == tok.encode(TEXTS[0], add_special_tokens=False).tolist()
+        with pytest.raises(TokenizerError, match="add_special_tokens must be True or False"):
+            tok.encode(TEXTS[0], add_special_tokens="no")
+    with pytest.raises(TokenizerError, match="truncation must be True or False"):
+        tok.encode_batch(TEXTS, truncation=1, max_length=5)
+
+
 def test_encode_batch_follows_the_tokenizer_it_holds(pad_dir):
     # encode_batch runs on configured copies of `tokenizer`, kept per setting: a copy made before
     # the tokenizer gained a token, or before `tokenizer` was replaced, went on encoding with the
