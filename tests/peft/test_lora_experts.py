@@ -179,22 +179,27 @@ def test_expert_adapters_add_their_update_to_the_base_product():  # ~2 s
         bases = [quant.Fp8Weight(w), quant.QuantizedWeight(w, bits=4, group_size=8), quant.QuantizedWeight(w), quant.FakeQuantWeight(w)]
         return bases, [adapt(b) for b in bases]
 
+    xt = x[0]  # (seq, embed): the dense implementation's tokens, each multiplied by every expert
+    dense = "td,edh->teh"
+
     @eqx.filter_jit
     def products(weights):
-        return [(eqzoo.nn.weight_einsum(spec, x, v), eqzoo.nn.weight_take_matmul(v, xk, idx), eqzoo.nn.weight_value(v, jnp.float32))
-                for v in weights]
+        return [(eqzoo.nn.weight_einsum(spec, x, v), eqzoo.nn.weight_take_matmul(v, xk, idx), eqzoo.nn.weight_value(v, jnp.float32),
+                 eqzoo.nn.weight_einsum(dense, xt, v)) for v in weights]
 
-    def low_rank(adapted, x, idx=None):  # float64 reference: 2 * (x @ a) @ b, per expert
+    def low_rank(adapted, x, idx=None, three="ecd,edr,erh->ech"):  # float64 reference: 2 * (x @ a) @ b, per expert
         a, b = (np.asarray(t, np.float64) for t in (adapted.lora_a, adapted.lora_b))
         if idx is None:
-            return 2.0 * np.einsum("ecd,edr,erh->ech", np.asarray(x, np.float64), a, b)
+            return 2.0 * np.einsum(three, np.asarray(x, np.float64), a, b)
         i = np.asarray(idx)
         return 2.0 * np.einsum("tkd,tkdr,tkrh->tkh", np.asarray(x, np.float64), a[i], b[i])
 
     bases, adapted = build(w)
-    for a, (got, taken, merged), (base, base_taken, _) in zip(adapted, products(adapted), products(bases), strict=True):
+    for a, (got, taken, merged, got_dense), (base, base_taken, _, base_dense) in zip(adapted, products(adapted), products(bases), strict=True):
         # the base's own product (fp8, packed int4, ...) plus the update (float32 sums: 1e-5)
         np.testing.assert_allclose(got, np.asarray(base, np.float64) + low_rank(a, x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_dense, np.asarray(base_dense, np.float64) + low_rank(a, xt, three="td,edr,erh->teh"),
+                                   rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(taken, np.asarray(base_taken, np.float64) + low_rank(a, xk, idx), rtol=1e-5, atol=1e-5)
         ref = np.einsum("ecd,edh->ech", np.asarray(x, np.float64), np.asarray(merged, np.float64))  # the merged weight's product
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
