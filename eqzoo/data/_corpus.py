@@ -1,5 +1,6 @@
 """Text sources: a corpus built from the Python standard library, and train/validation splits."""
 
+import numbers
 import os
 import sysconfig
 from pathlib import Path
@@ -66,7 +67,7 @@ def stdlib_corpus(*, max_chars: int | None = None) -> str:
     **Raises:** `ConfigError` for a non-positive `max_chars`; `CorpusError` when the standard
     library folder (`sysconfig.get_paths()["stdlib"]`) is missing or holds no `.py` files.
     """
-    if max_chars is not None and (isinstance(max_chars, bool) or max_chars <= 0):
+    if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, numbers.Integral) or max_chars <= 0):
         raise ConfigError(
             f"stdlib_corpus(max_chars=...) must be a positive int or None; got {max_chars!r}. "
             "Pass e.g. max_chars=1_000_000, or None for the whole corpus."
@@ -118,12 +119,14 @@ def split_tokens(
     **Raises:** `ConfigError` if `val_fraction` is outside (0, 1) or either part would be empty;
     `ShapeError` if `tokens` is not 1-D.
     """
+    if not isinstance(tokens, np.ndarray):  # a list, or a JAX array
+        tokens = np.asarray(tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise ShapeError(
             f"split_tokens takes a 1-D integer token array; got shape {tokens.shape} and dtype "
             f"{tokens.dtype}. Flatten it first (tokens.reshape(-1))."
         )
-    if isinstance(val_fraction, bool) or not 0.0 < float(val_fraction) < 1.0:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0.0 < float(val_fraction) < 1.0:
         raise ConfigError(
             f"split_tokens needs 0 < val_fraction < 1; got {val_fraction!r}. "
             "Pass e.g. val_fraction=0.1 for a 90/10 split."

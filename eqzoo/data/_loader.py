@@ -212,6 +212,14 @@ class TokenLoader:
         rows = self.local_batch_size
         mine = offsets[self._index * rows : (self._index + 1) * rows]
         windows = self._tokens[mine[:, None] + np.arange(t + 1)]  # (batch, seq + 1)
+        if windows.dtype.itemsize > 4 or windows.dtype == np.uint32:  # ids int32 cannot hold would wrap
+            high = int(windows.max())
+            if high > np.iinfo(np.int32).max:
+                raise ConfigError(
+                    f"TokenLoader.batch_at({step}): token id {high} does not fit the int32 ids the models take "
+                    f"(at most {np.iinfo(np.int32).max}); the corpus ({self._tokens.dtype}) holds ids no vocabulary "
+                    "reaches. Check the token stream's encoding."
+                )
         windows = windows.astype(np.int32)
         return {"tokens": windows[:, :-1], "targets": windows[:, 1:]}
 
@@ -342,6 +350,11 @@ class ArrayLoader:
         self._index, self._count = _resolve_process(
             self._batch_size, process_index, process_count, who
         )
+        if self._num_examples == 0:
+            raise ConfigError(
+                f"ArrayLoader got no examples (the arrays' leading axis is 0: shapes "
+                f"{ {name: arr.shape for name, arr in arrays.items()} }). Check the dataset split is not empty."
+            )
         full, rest = divmod(self._num_examples, self._batch_size)
         self._steps_per_epoch = full + (0 if self._drop_last or rest == 0 else 1)
         if self._steps_per_epoch == 0:
@@ -399,10 +412,11 @@ class ArrayLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         if not self._shuffle:
             return np.arange(self._num_examples)
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            perm = np.random.default_rng([self._seed, epoch]).permutation(self._num_examples)
-            self._perm_cache = (epoch, perm)
-        return self._perm_cache[1]
+        cached = self._perm_cache  # read once: another thread's batch_at may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self._seed, epoch]).permutation(self._num_examples))
+            self._perm_cache = cached
+        return cached[1]
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`; does not change the loader's position.

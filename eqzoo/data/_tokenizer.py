@@ -216,6 +216,8 @@ class CharTokenizer(AbstractTokenizer):
 
         **Returns:** a `CharTokenizer`.
         """
+        if unk is not None and not (isinstance(unk, str) and len(unk) == 1):
+            raise ConfigError(f"CharTokenizer.from_text: unk must be one character; got {unk!r}.")
         chars = set(text)
         if unk is not None:
             chars.add(unk)
@@ -361,7 +363,9 @@ _TOKENIZERS: dict[str, type[AbstractTokenizer]] = {"char": CharTokenizer, "byte"
 
 
 def tokenizer_from_dict(d: Mapping[str, Any]) -> AbstractTokenizer:
-    """Rebuild any eqzoo tokenizer from its `to_dict()` output, dispatching on `d["type"]`.
+    """Rebuild any eqzoo tokenizer from its `to_dict()` output, dispatching on `d["type"]`:
+    `"char"`, `"byte"`, or `"hf"` (an [`eqzoo.hf.HFTokenizer`][], which needs the `tokenizers`
+    package).
 
     **Arguments:**
 
@@ -372,9 +376,13 @@ def tokenizer_from_dict(d: Mapping[str, Any]) -> AbstractTokenizer:
     **Raises:** `ConfigError` for an unknown or missing `"type"`.
     """
     kind = d.get("type") if isinstance(d, Mapping) else None
+    if kind == "hf":  # eqzoo.hf imports eqzoo.data: looked up here
+        from ..hf import HFTokenizer
+
+        return HFTokenizer.from_dict(d)
     if kind not in _TOKENIZERS:
         raise ConfigError(
-            f"tokenizer_from_dict needs d['type'] to be one of {sorted(_TOKENIZERS)}; got "
+            f"tokenizer_from_dict needs d['type'] to be one of {sorted([*_TOKENIZERS, 'hf'])}; got "
             f"{kind!r}. Pass the output of a tokenizer's to_dict()."
         )
     return _TOKENIZERS[kind].from_dict(d)

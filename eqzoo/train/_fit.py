@@ -11,7 +11,7 @@ import jax
 import numpy as np
 from jaxtyping import Array, Int
 
-from .._errors import ConfigError, user_stacklevel
+from .._errors import ConfigError, as_flag, user_stacklevel
 from ._loggers import Logger
 from ._readback import mean_metrics
 from ._state import TrainState
@@ -19,7 +19,8 @@ from ._step import EvalStep, TrainStep
 
 Callback = Callable[[int, TrainState, dict[str, float]], bool | None]
 """A `fit` callback: `cb(step, state, record)`, called after each log with the step, the
-train state and the logged record (a dict of float metrics); returning `True` stops training."""
+train state and the logged record (a dict of float metrics); returning `True` (a bool; any other
+value, such as the int a file's `write` returns, is ignored) stops training after that step."""
 
 
 @dataclasses.dataclass
@@ -49,10 +50,23 @@ def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> 
     The steps are dispatched one after another and their metrics averaged on the device and
     read back once, at the end, in one transfer, so the host never waits for the device between
     batches (as `fit` reads a log window's metrics back; an array metric counts as the mean of
-    its elements)."""
+    its elements). An eqzoo loader (`TokenLoader`, `ArrayLoader`: endless) is refused: pass a
+    finite iterable of its batches."""
+    from ..data import ArrayLoader, TokenLoader
+
+    if isinstance(batches, TokenLoader | ArrayLoader):
+        raise ConfigError(
+            f"evaluate got a {type(batches).__name__}, which yields batches without end; pass a finite "
+            "iterable, e.g. [loader.batch_at(i) for i in range(n)], or for one epoch of an ArrayLoader "
+            "itertools.islice(loader, loader.steps_per_epoch)."
+        )
     pending = [eval_step(state, batch) for batch in batches]
     if not pending:
-        raise ConfigError("evaluate got no batches; check the eval data source.")
+        raise ConfigError(
+            "evaluate got no batches: the eval data source is empty. If eval_batches returns the same "
+            "iterator each time, the first evaluation used it up; return a fresh one each call "
+            "(eval_batches=lambda: iter(val_batches), or a list)."
+        )
     return mean_metrics(pending)
 
 
@@ -108,18 +122,23 @@ def fit(
 
     - `state`: the starting [`eqzoo.train.TrainState`][] (its `step` may be > 0 when resuming).
     - `train_step`: from [`eqzoo.train.make_train_step`][].
-    - `batches`: an iterable of batches (e.g. an `eqzoo.data.TokenLoader`). If it ends before
+    - `batches`: an iterable of batches (e.g. an `eqzoo.data.TokenLoader`). A loader with
+      `step` and `state_dict` (eqzoo's) at another step than `state` warns: a resumed run needs
+      `loader.load_state_dict(restored.data_state)`. If it ends before
       `num_steps`, training stops there with a warning: the last steps are logged (and
       evaluated and checkpointed) as at the end, and the result has `stopped_early=True`.
       For a model with a `config.vocab_size`, the first batch's `"tokens"` and `"targets"`
       (NumPy arrays, as eqzoo's loaders yield) are checked against it before any step: an id
       outside the vocabulary (negative targets, ignored by the losses, aside) raises a
-      `ConfigError`, where it would have trained the parameters into NaN.
+      `ConfigError`, where it would have trained the parameters into NaN (a loader with
+      `state_dict` is put back first, so a retry starts from the same batch).
     - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
-      step; logged as `eval/<name>`, in the step's `train/` record when it has one (`eval_every`
-      need not be a multiple of `log_every`).
+      step, whatever ends the run (`num_steps`, the data, a callback; not a signal, on which the
+      run saves and stops at once); logged as `eval/<name>`, in the step's `train/` record when
+      it has one (`eval_every` need not be a multiple of `log_every`). If an evaluation raises,
+      the `checkpointer` saves that step before the error propagates.
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
       last log, in float32 on the device; an integer or bool metric as a float, an array metric
       as the mean of its elements) and `train/steps_per_s` (training steps per second over
@@ -127,7 +146,8 @@ def fit(
       the time they take from training).
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`; one with a
       `begin(step)` method is told first the step training starts from.
-    - `callbacks`: `cb(step, state, record)` after each log; returning `True` stops training.
+    - `callbacks`: `cb(step, state, record)` after each log, every one of them each time;
+      returning `True` (the bool) stops training after that step.
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
       -> bool` and `should_stop() -> bool`, called after every step (see
       `eqzoo.checkpoint.Checkpointer`); `step` is the step just taken, so it need not be read
@@ -147,18 +167,18 @@ def fit(
     loggers = _checked_loggers(loggers)
     callbacks = list(callbacks)
     iterator: Iterator[Any] = iter(batches)
-    run = _Run.begin(state, num_steps, loggers, checkpointer)
+    run = _Run.begin(state, num_steps, loggers, checkpointer, batches)
+    evaluation = None if eval_step is None else (eval_step, eval_batches, eval_every)
     while run.step < num_steps and not run.stopped:
-        run.train_one(iterator, train_step, run_config)
+        run.train_one(iterator, train_step, run_config, batches)
         is_last = run.step == num_steps or run.stopped
-        record = run.window_record(log_every, is_last)
-        if eval_step is not None and run.eval_due(eval_every, is_last):
-            assert eval_batches is not None  # checked above: both or neither
-            record = (record or {"step": float(run.step)}) | _eval_record(eval_step, run.state, eval_batches)
-        if record is not None:
-            run.publish(record, callbacks)
+        run.report(log_every, is_last, evaluation, callbacks, checkpointer, batches)
+        if run.stopped and not is_last:  # a callback stopped the run: this step is its last
+            run.report(log_every, True, evaluation, [], checkpointer, batches)
         if checkpointer is not None:
             run.checkpoint(checkpointer, batches, is_last)
+    if run.pending:  # the checkpointer stopped the run (a signal) between logs: log what it trained
+        run.report(log_every, True, None, callbacks, checkpointer, batches)
     return run.end()
 
 
@@ -242,6 +262,29 @@ def _check_token_ids(state: TrainState, batch: Any) -> None:
             )
 
 
+def _loader_position(batches: Any) -> Mapping[str, Any] | None:
+    """A loader's `state_dict()` when it has one and `load_state_dict` to go back to it."""
+    state_dict, load = getattr(batches, "state_dict", None), getattr(batches, "load_state_dict", None)
+    return state_dict() if callable(state_dict) and callable(load) else None
+
+
+def _check_loader_step(batches: Any, first_step: int) -> None:
+    """Warn when a loader that counts its steps (eqzoo's loaders: `step` and `state_dict`)
+    stands at another step than the state: a resumed run whose loader was not restored would
+    train again on the batches it has seen (or skip some)."""
+    step = getattr(batches, "step", None)
+    if not callable(getattr(batches, "state_dict", None)) or not isinstance(step, int) or step == first_step:
+        return
+    warnings.warn(
+        f"fit: the state is at step {first_step} but the loader ({type(batches).__name__}) at step {step}, so "
+        f"step {first_step} trains on the loader's batch {step}. A resumed run whose loader was not restored "
+        "repeats the batches it has trained on: restore it with loader.load_state_dict(restored.data_state). "
+        "If the loader is new on purpose (other data), silence this with "
+        "warnings.filterwarnings('ignore', message='fit: the state is at step').",
+        stacklevel=user_stacklevel(),
+    )
+
+
 def _eval_record(eval_step: EvalStep, state: TrainState, eval_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:
     """One evaluation's metrics, as `eval/<name>`."""
     return {f"eval/{k}": v for k, v in evaluate(eval_step, state, eval_batches()).items()}
@@ -268,9 +311,10 @@ class _Run:
     ids_checked: bool = False
 
     @classmethod
-    def begin(cls, state: TrainState, num_steps: int, loggers: list[Logger], checkpointer: Any) -> "_Run":
-        """Read the state's step (once), warn when it is past `num_steps`, tell the loggers
-        the step training starts from, and start the first log window."""
+    def begin(cls, state: TrainState, num_steps: int, loggers: list[Logger], checkpointer: Any, batches: Any) -> "_Run":
+        """Read the state's step (once), warn when it is past `num_steps` or when the loader
+        stands at another step, tell the loggers the step training starts from, and start the
+        first log window."""
         first_step = int(state.step)
         if first_step > num_steps:
             warnings.warn(
@@ -279,6 +323,7 @@ class _Run:
                 "state's step to train on.",
                 stacklevel=user_stacklevel(),
             )
+        _check_loader_step(batches, first_step)
         for logger in loggers:
             if callable(getattr(logger, "begin", None)):
                 logger.begin(first_step)  # e.g. JSONLLogger cuts an earlier run's records past it
@@ -288,10 +333,14 @@ class _Run:
             begin_run=begin_run if callable(begin_run) else None, last_time=time.perf_counter(), last_step=first_step,
         )
 
-    def train_one(self, iterator: Iterator[Any], train_step: TrainStep, run_config: Mapping[str, Any] | None) -> None:
+    def train_one(
+        self, iterator: Iterator[Any], train_step: TrainStep, run_config: Mapping[str, Any] | None, batches: Any
+    ) -> None:
         """Take the next batch and dispatch one step on it (its metrics join the window); when
-        the data has ended, warn and stop instead. Before the first step, tell the checkpointer
-        what this run is."""
+        the data has ended, warn and stop instead. Before the first step, check the batch and
+        tell the checkpointer what this run is; if either refuses, a loader with `state_dict`
+        is put back where it was, so a retry starts from the same batch."""
+        position = _loader_position(batches) if not self.ids_checked else None
         try:
             batch = next(iterator)
         except StopIteration:  # the data ended first: keep what was trained, and say so
@@ -303,14 +352,19 @@ class _Run:
             self.stopped = True
             return
         if not self.ids_checked:  # once: before the first step donates the state
-            _check_token_ids(self.state, batch)
-            self.ids_checked = True
-        if self.begin_run is not None:  # before the first step: a bad run_config fails here
-            # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
-            from ..checkpoint._hyperparams import injected_values
+            try:
+                _check_token_ids(self.state, batch)
+                if self.begin_run is not None:  # a bad run_config fails here
+                    # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
+                    from ..checkpoint._hyperparams import injected_values
 
-            self.begin_run(_run_record(self.num_steps, batch, run_config, injected_values(self.state)), step=self.first_step)
-            self.begin_run = None
+                    record = _run_record(self.num_steps, batch, run_config, injected_values(self.state))
+                    self.begin_run(record, step=self.first_step)
+            except Exception:
+                if position is not None:
+                    batches.load_state_dict(position)
+                raise
+            self.ids_checked, self.begin_run = True, None
         self.state, metrics = train_step(self.state, batch)
         self.step += 1
         self.pending.append(metrics)
@@ -335,13 +389,35 @@ class _Run:
         due = self.step % (eval_every or self.num_steps) == 0 or is_last
         return due and self.step > self.first_step and not _evaluated(self.history, self.step)
 
+    def report(
+        self, log_every: int, is_last: bool, evaluation: tuple | None, callbacks: list[Callback],
+        checkpointer: Any, batches: Any,
+    ) -> None:
+        """The step's record, when one is due: the log window's, with an evaluation's when one
+        is due (`evaluation` is `(eval_step, eval_batches, eval_every)`), published. An
+        evaluation that raises has the checkpointer save this step first: at the last step
+        (by default the only evaluation) it would otherwise lose the whole run."""
+        record = self.window_record(log_every, is_last)
+        if evaluation is not None and self.eval_due(evaluation[2], is_last):
+            try:
+                metrics = _eval_record(evaluation[0], self.state, evaluation[1])
+            except Exception:
+                if checkpointer is not None:
+                    checkpointer.maybe_save(self.state, batches, force=True, step=self.step)
+                raise
+            record = (record or {"step": float(self.step)}) | metrics
+        if record is not None:
+            self.publish(record, callbacks)
+
     def publish(self, record: dict[str, float], callbacks: list[Callback]) -> None:
-        """Log `record` to the history and every logger, call the callbacks (stopping when one
-        returns `True`), then start the next log window."""
+        """Log `record` to the history and every logger, call every callback (stopping when
+        one returns `True`, the bool: a callback that returns what it wrote, an int, goes on),
+        then start the next log window."""
         self.history.append(record)
         for logger in self.loggers:
             logger.log(int(record["step"]), {k: v for k, v in record.items() if k != "step"})
-        if any(cb(self.step, self.state, record) for cb in callbacks):
+        answers = [cb(self.step, self.state, record) for cb in callbacks]
+        if any(as_flag(answer) is True for answer in answers):
             self.stopped = True
         # The next window starts after evaluation, logging and callbacks, so steps_per_s
         # measures training alone.

@@ -22,10 +22,10 @@ def test_max_chars_truncates_a_prefix():
     assert long.startswith(short)
 
 
-@pytest.mark.parametrize("bad", [0, -5])
-def test_max_chars_must_be_positive(bad):
-    with pytest.raises(ConfigError, match="max_chars=...\\) must be a positive int"):
-        stdlib_corpus(max_chars=bad)
+@pytest.mark.parametrize("bad", [0, -5, 1e6])
+def test_max_chars_must_be_positive(bad, unchecked):
+    with unchecked(), pytest.raises(ConfigError, match="max_chars=...\\) must be a positive int"):
+        stdlib_corpus(max_chars=bad)  # 1e6 read the files, then failed slicing with a float
 
 
 def test_missing_stdlib_folder(monkeypatch, tmp_path):
@@ -64,6 +64,14 @@ def test_split_tokens_is_contiguous():
 def test_split_tokens_fraction_range(fraction):
     with pytest.raises(ConfigError, match="needs 0 < val_fraction < 1"):
         split_tokens(np.arange(100, dtype=np.int32), fraction)
+
+
+def test_split_tokens_takes_a_list_and_refuses_a_string_fraction(unchecked):
+    with unchecked():  # the annotation asks for an array: the list is for calls without the hook
+        train, val = split_tokens(list(range(10)), 0.2)
+    assert val.tolist() == [8, 9] and train.tolist() == list(range(8))
+    with unchecked(), pytest.raises(ConfigError, match="needs 0 < val_fraction < 1; got '0.1'"):
+        split_tokens(np.arange(100, dtype=np.int32), "0.1")
 
 
 def test_split_tokens_empty_part():

@@ -211,6 +211,8 @@ def test_array_errors():
         )
     with pytest.raises(ConfigError, match="needs at least one array"):
         ArrayLoader({}, batch_size=2, seed=0)
+    with pytest.raises(ConfigError, match=r"got no examples.*'x': \(0, 3\).*split is not empty"):
+        ArrayLoader({"x": np.zeros((0, 3))}, batch_size=2, seed=0, drop_last=False)
     with pytest.raises(ConfigError, match="needs at least batch_size=64 examples; got 50"):
         _array_loader(batch_size=64)
     with pytest.raises(ConfigError, match="final batch of 2, which cannot be split evenly"):
@@ -260,3 +262,14 @@ def test_token_needs_1d_integer_tokens(bad):
     # it, the loader's own ShapeError does.
     with pytest.raises((ShapeError, TypeError), match="1-D integer token array|Type-check"):
         _token_loader(tokens=bad)
+
+
+def test_token_ids_int32_cannot_hold_are_refused():
+    wide = TOKENS.astype(np.int64)
+    wide[5000:] += 2**31  # ids past int32: astype(int32) wrapped them into negatives
+    loader = TokenLoader(wide, batch_size=4, seq_len=8, seed=0)
+    with pytest.raises(ConfigError, match=r"token id 21474\d+ does not fit the int32 ids the models take \(at most 2147483647\)"):
+        for step in range(50):
+            loader.batch_at(step)
+    ok = TokenLoader(TOKENS.astype(np.uint32), batch_size=4, seq_len=8, seed=0).batch_at(0)
+    assert ok["tokens"].dtype == np.int32

@@ -117,8 +117,10 @@ def test_to_dict_is_json_and_round_trips(tok):
 
 
 def test_from_dict_errors():
-    with pytest.raises(ConfigError, match="d\\['type'\\] to be one of \\['byte', 'char'\\]"):
+    with pytest.raises(ConfigError, match="d\\['type'\\] to be one of \\['byte', 'char', 'hf'\\]"):
         tokenizer_from_dict({"type": "bpe"})
+    with pytest.raises(ConfigError, match="unk must be one character; got 'ab'"):
+        CharTokenizer.from_text("abc", unk="ab")
     with pytest.raises(ConfigError, match="expects a dict with exactly the keys"):
         CharTokenizer.from_dict({"type": "byte"})
     with pytest.raises(ConfigError, match="expects a dict with exactly the keys"):

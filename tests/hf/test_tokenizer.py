@@ -8,7 +8,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from eqzoo.data import AbstractTokenizer, TokenizerError
+from eqzoo.data import AbstractTokenizer, TokenizerError, tokenizer_from_dict
 from eqzoo.hf import HFFormatError, HFTokenizer, load_tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -56,6 +56,7 @@ def test_encode_decode_match_the_tokenizers_library(tokenizer_dir):
     assert tok.pad_token_id is None
     assert load_tokenizer(tokenizer_dir / "tokenizer.json") == tok
     assert HFTokenizer.from_dict(json.loads(json.dumps(tok.to_dict()))) == tok
+    assert tokenizer_from_dict(json.loads(json.dumps(tok.to_dict()))) == tok  # dispatches on "hf"
 
 
 def test_matches_transformers_fast_tokenizer(tokenizer_dir, hft):

@@ -129,6 +129,87 @@ def test_callback_returning_true_stops(steps):
     assert int(result.state.step) == 3 and [r["step"] for r in result.history] == [1, 2, 3]
 
 
+def test_every_callback_runs_and_only_true_stops(steps):
+    # Every callback sees each record, also after one asked to stop; a callback that returns
+    # what it wrote (an int) does not stop the run; the step a callback stops at is evaluated.
+    train_step, eval_step = steps
+    seen, lines = [], []
+
+    def write(step, state, record):
+        lines.append(f"{step}\n")
+        return len(lines[-1])  # as file.write returns
+
+    result = train.fit(
+        _state(), train_step, batches(), num_steps=10, log_every=1, eval_step=eval_step, eval_batches=eval_batches,
+        callbacks=[write, lambda step, state, record: np.bool_(step >= 2), lambda step, state, record: seen.append(step)],
+    )
+    assert result.stopped_early and int(result.state.step) == 2 and seen == [1, 2] and len(lines) == 2
+    assert [r["step"] for r in result.history] == [1, 2, 2] and "eval/loss" in result.history[-1]
+    assert not any(k.startswith("eval/") for r in result.history[:2] for k in r)
+
+
+def test_an_evaluation_that_raises_saves_the_step_first(steps, tmp_path):
+    # The only evaluation is at the end: an empty eval source found there lost the whole run
+    # (no checkpoint, the input state donated).
+    from eqzoo import checkpoint
+
+    train_step, eval_step = steps
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt")  # save_every=None: saves at the end only
+    try:
+        with pytest.raises(ConfigError, match=r"eval data source is empty.*return a fresh one each call"):
+            train.fit(_state(), train_step, batches(), num_steps=3, eval_step=eval_step, eval_batches=lambda: [],
+                      checkpointer=ckpt)
+        ckpt.wait()
+        assert ckpt.all_steps() == [3]
+    finally:
+        ckpt.close()
+
+
+def test_a_signal_between_logs_still_logs_the_window(steps, tmp_path):
+    # SIGTERM during step 4 of a 5-step log window: the step is saved and the run stops; the
+    # window's steps 1-4 are logged (they were dropped, and the resumed run starts at step 5).
+    import signal
+
+    from eqzoo import checkpoint
+
+    train_step, _ = steps
+
+    def signalling():
+        for i in range(10):
+            if i == 3:
+                signal.raise_signal(signal.SIGTERM)
+            yield batch_at(i)
+
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=100)
+    try:
+        result = train.fit(_state(), train_step, signalling(), num_steps=10, log_every=5, checkpointer=ckpt)
+    finally:
+        ckpt.close()
+    assert result.stopped_early and int(result.state.step) == 4 and ckpt.all_steps() == [4]
+    assert [r["step"] for r in result.history] == [4] and "train/loss" in result.history[0]
+
+
+def test_the_loader_is_checked_against_the_state_step(steps):
+    from eqzoo.data import ArrayLoader, TokenLoader
+
+    train_step, _ = steps
+    data = {name: np.asarray(jnp.concatenate([batch_at(i)[name] for i in range(4)])) for name in ("x", "y")}
+    loader = ArrayLoader(data, batch_size=8, seed=0)
+    next(loader)  # a loader not restored to the state's step
+    with pytest.warns(UserWarning, match=r"state is at step 0 but the loader \(ArrayLoader\) at step 1.*load_state_dict"):
+        train.fit(_state(), train_step, loader, num_steps=1)
+    # An endless loader as the eval batches (eval_batches=lambda: loader) hung, its memory growing.
+    with pytest.raises(ConfigError, match=r"evaluate got a ArrayLoader, which yields batches without end.*islice"):
+        train.evaluate(steps[1], _state(), loader)
+    # A first batch refused before the first step leaves the loader where it was.
+    config = models.get_config("tiny-llama", vocab_size=64, num_layers=1, embed_dim=16, hidden_dim=32, max_seq=8)
+    state = train.TrainState.create(models.create(config, key=jax.random.key(0)), OPTIMIZER, key=jax.random.key(1))
+    tokens = TokenLoader(np.arange(300) % 119, batch_size=2, seq_len=8, seed=0)
+    with pytest.raises(ConfigError, match=r"outside the model's vocabulary"):
+        train.fit(state, train.make_train_step(train.lm_loss, OPTIMIZER), tokens, num_steps=1)
+    assert tokens.step == 0
+
+
 def test_batches_that_run_out_stop_training_with_a_warning(steps):
     # Five batches for ten steps: five steps are taken, the last window (steps 5, not a multiple
     # of log_every) is logged and evaluated as at the end, and the state trained so far comes back.
