@@ -128,6 +128,7 @@ def _gemma3(seed: int, **overrides):
 # Qwen2 (Llama's layout with query/key/value biases, random here; tied head), Qwen3 (Llama's
 # layout with per-head query/key RMSNorms, random here; tied head, head_dim 32 != 64 / 4) and
 # Qwen3-MoE (Qwen3's attention, 4 experts, top-2 without renormalised weights, untied head),
+# Gemma (the first generation: GeGLU, scaled embeddings, `1 + w` norms, random here; tied head),
 # Gemma 2 (sandwich norms, scaled embeddings, 8-position windows on alternate layers, soft caps
 # small enough to matter, query_pre_attn_scalar != head_dim; random norms, tied head) and Gemma 3
 # (query/key norms, an explicit sliding/full/sliding layer_types, a local rotary base of 10k and
@@ -141,6 +142,7 @@ BUILDERS = {
     "qwen2": lambda: _qwen2(6),
     "qwen3": lambda: _qwen3(7),
     "qwen3-moe": lambda: _qwen3_moe(8),
+    "gemma": lambda: _gemma(11),
     "gemma2": lambda: _gemma2(9),
     "gemma3": lambda: _gemma3(10),
 }

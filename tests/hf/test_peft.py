@@ -2,6 +2,7 @@
 transformers models whose weights were merged by hand in torch (PEFT itself is not installed)."""
 
 import copy
+import functools
 import json
 
 import equinox as eqx
@@ -78,11 +79,14 @@ def _merged(hf_model, folder, hft):
     return merged.eval()
 
 
-def _check_logits(model, hf_model, base, hft):
+def _check_logits(model, merged, hf_base, hft):
+    """eqzoo's adapted logits match the hand-merged transformers model's, and differ from the
+    base model's (in torch: eqzoo's base matches it, tests/hf/test_load.py, and compiling it
+    here again would only cost time)."""
     tokens = hft.random_tokens(3)
-    ours, theirs = _logits(model, tokens), hft.hf_logits(hf_model, tokens)
+    ours, theirs = _logits(model, tokens), hft.hf_logits(merged, tokens)
     assert np.abs(ours - theirs).max() < ATOL
-    assert np.abs(ours - _logits(base, tokens)).max() > 1000 * ATOL  # the adapters matter
+    assert np.abs(ours - hft.hf_logits(hf_base, tokens)).max() > 1000 * ATOL  # the adapters matter
 
 
 def test_llama_peft_adapter_loads_with_rslora_and_patterns(hf_checkpoints, loaded, tmp_path, hft):
@@ -100,7 +104,118 @@ def test_llama_peft_adapter_loads_with_rslora_and_patterns(hf_checkpoints, loade
     attn = adapted.blocks.layers.attn
     assert attn.q_proj.scaling == 8 / 2 and adapted.blocks.layers.mlp.down.scaling == 3 / np.sqrt(2)
     assert not isinstance(attn.k_proj, peft.LoRALinear)
-    _check_logits(adapted, _merged(hf_model, folder, hft), base, hft)
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
+
+
+# The other families eqzoo.hf loads (Llama and GPT-2 are tested above). Their PEFT module names
+# are Llama's; the mixture-of-experts ones get adapters on attention only (in transformers 5
+# their experts and router are not torch.nn.Linear layers, so PEFT puts no module LoRA there).
+DECODERS = ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral", "qwen3-moe"]
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# One rank and alpha per projection, the same in the hand-written adapters and in eqzoo's own
+# (so that both compile to one model), and eqzoo's layer for each.
+RANK_ALPHA = {"q_proj": (4, 8), "k_proj": (2, 8), "v_proj": (4, 8), "o_proj": (4, 5), "gate_proj": (4, 8), "up_proj": (4, 3), "down_proj": (3, 8)}
+EQZOO = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "o_proj": "attn.o_proj",
+         "gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"}
+
+
+def _is_moe(family):
+    return family in ("mixtral", "qwen3-moe")
+
+
+def _projections(family):
+    return ATTENTION if _is_moe(family) else ATTENTION + MLP
+
+
+def _linears(hf_model, hft, ends):
+    """Full name -> (in, out) of each torch.nn.Linear of `hf_model` whose name ends in one of
+    `ends` at a dot (PEFT's rule for a list of `target_modules`)."""
+    return {
+        name: (m.in_features, m.out_features)
+        for name, m in hf_model.named_modules()
+        if isinstance(m, hft.torch.nn.Linear) and any(name == e or name.endswith("." + e) for e in ends)
+    }
+
+
+def _adapter_for(hf_model, hft, folder, ends, config, seed):
+    """A PEFT adapter folder on the Linear layers of `hf_model` that `ends` name, every factor
+    random and non-zero, each module's rank the one `config`'s rank_pattern gives it."""
+    modules = _linears(hf_model, hft, ends)
+    assert len(modules) == len(ends) * hf_model.config.num_hidden_layers, sorted(modules)
+    rank = lambda m: _pattern(config.get("rank_pattern", {}), m, config["r"])  # noqa: E731
+    return _write(folder, config, _random_factors(sorted(modules), rank, modules.__getitem__, seed))
+
+
+def _check_settings(model, family):
+    for proj in _projections(family):
+        name = proj.split(".")[1]
+        layer = functools.reduce(getattr, EQZOO[name].split("."), model.blocks.layers)
+        rank, alpha = RANK_ALPHA[name]
+        assert (layer.rank, layer.scaling) == (rank, alpha / rank), name
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_peft_adapter_on_every_projection_matches_transformers(family, hf_checkpoints, loaded, tmp_path, hft):
+    """A hand-written PEFT adapter on all of the family's projections (q/k/v/o and
+    gate/up/down; attention only for Mixtral and Qwen3-MoE), with rank and alpha patterns keyed
+    by its module names: the logits match transformers with the update merged by hand (Qwen2's
+    q/k/v biases, Gemma's tied head and norms, Gemma 2's soft caps stay the base's)."""
+    hf_model, _ = hf_checkpoints(family)
+    config = {"r": 4, "lora_alpha": 8, "target_modules": sorted(p.split(".")[1] for p in _projections(family)),
+              "rank_pattern": {"self_attn.k_proj": 2, "down_proj": 3}, "alpha_pattern": {"o_proj": 5, "mlp.up_proj": 3}}
+    folder = _adapter_for(hf_model, hft, tmp_path / "adapter", _projections(family), config, 5)
+    adapted = eqzoo.hf.load_peft(loaded(family), folder)
+    _check_settings(adapted, family)
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_peft_default_q_v_adapter_with_rslora_matches_transformers(family, hf_checkpoints, loaded, tmp_path, hft):
+    """PEFT's default targets for these families, q_proj and v_proj only, with use_rslora
+    (scaling alpha / sqrt(r)) and v_proj's own rank: only those layers are adapted, and the
+    logits match transformers merged by hand."""
+    hf_model, _ = hf_checkpoints(family)
+    config = {"r": 4, "lora_alpha": 6, "use_rslora": True, "target_modules": ["q_proj", "v_proj"], "rank_pattern": {"v_proj": 1}}
+    folder = _adapter_for(hf_model, hft, tmp_path / "adapter", ("q_proj", "v_proj"), config, 6)
+    adapted = eqzoo.hf.load_peft(loaded(family), folder)
+    attn = adapted.blocks.layers.attn
+    assert (attn.q_proj.scaling, attn.v_proj.rank, attn.v_proj.scaling) == (6 / 2, 1, 6.0)
+    rest = [attn.k_proj, attn.o_proj] + ([] if _is_moe(family) else list(vars(adapted.blocks.layers.mlp).values()))
+    assert not any(isinstance(x, peft.LoRALinear) for x in rest)
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_eqzoo_adapters_save_under_the_family_peft_names(family, hf_checkpoints, loaded, tmp_path, hft):
+    """eqzoo's own adapters on every projection (random B; ranks and alphas as above) written
+    with save_peft: each factor pair sits on a torch.nn.Linear of the transformers model under
+    its PEFT name, with the shapes PEFT gives it; target_modules picks exactly those modules by
+    PEFT's rule and rank_pattern / alpha_pattern give each its rank and scaling; merged by hand
+    from the file into transformers they give eqzoo's logits; load_peft reads back the same model."""
+    hf_model, _ = hf_checkpoints(family)
+    base = adapted = loaded(family)
+    names = [p.split(".")[1] for p in _projections(family)]
+    for k, (rank, alpha) in enumerate(sorted({RANK_ALPHA[n] for n in names})):  # one peft.lora per setting
+        targets = [r"\." + EQZOO[n].replace(".", r"\.") + "$" for n in names if RANK_ALPHA[n] == (rank, alpha)]
+        adapted = peft.lora(adapted, rank=rank, alpha=alpha, targets=targets, experts=False, key=jax.random.key(k))
+    adapted = _random_b(adapted, 4)
+    _check_settings(adapted, family)
+    folder = eqzoo.hf.save_peft(adapted, tmp_path / "adapter", base_model_name_or_path=family)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    written = load_file(str(folder / "adapter_model.safetensors"))
+    modules = _linears(hf_model, hft, _projections(family))
+    assert written.keys() == {f"{PREFIX}{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+    assert config["target_modules"] == sorted(p.split(".")[1] for p in _projections(family))
+    assert _linears(hf_model, hft, config["target_modules"]).keys() == modules.keys()
+    assert {n for n, _ in hf_model.named_modules() if any(n.endswith("." + t) for t in config["target_modules"])} == modules.keys()
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 8, False)
+    for m, (fan_in, fan_out) in modules.items():  # each module's rank and alpha by PEFT's pattern rule
+        r, alpha = _pattern(config["rank_pattern"], m, config["r"]), _pattern(config["alpha_pattern"], m, config["lora_alpha"])
+        assert (r, alpha) == RANK_ALPHA[m.rsplit(".", 1)[1]], m
+        assert (written[f"{PREFIX}{m}.lora_A.weight"].shape, written[f"{PREFIX}{m}.lora_B.weight"].shape) == ((r, fan_in), (fan_out, r)), m
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
+    assert eqx.tree_equal(eqzoo.hf.load_peft(base, folder), adapted)
 
 
 def test_gpt2_c_attn_adapter_loads_and_saves_back_unchanged(hf_checkpoints, loaded, tmp_path, hft):
@@ -114,7 +229,7 @@ def test_gpt2_c_attn_adapter_loads_and_saves_back_unchanged(hf_checkpoints, load
     config = {"r": 4, "lora_alpha": 8, "fan_in_fan_out": True, "target_modules": ["c_attn", "attn.c_proj", "c_fc"]}
     folder = _write(tmp_path / "adapter", config, tensors)
     adapted = eqzoo.hf.load_peft(base, folder)
-    _check_logits(adapted, _merged(hf_model, folder, hft), base, hft)
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
 
     out = eqzoo.hf.save_peft(adapted, tmp_path / "again", base_model_name_or_path="gpt2")
     written = load_file(str(out / "adapter_model.safetensors"))
@@ -154,7 +269,7 @@ def test_eqzoo_adapters_export_as_peft_and_read_back(family, hf_checkpoints, loa
     else:
         assert (config["r"], config["lora_alpha"], config["fan_in_fan_out"]) == (4, 8, False)
         assert config["target_modules"] == ["down_proj", "o_proj", "q_proj"]
-    _check_logits(adapted, _merged(hf_model, folder, hft), base, hft)
+    _check_logits(adapted, _merged(hf_model, folder, hft), hf_model, hft)
     again = eqzoo.hf.load_peft(base, folder)
     if family != "gpt2":  # the same factors and scalings, bit for bit
         assert eqx.tree_equal(again, adapted)
