@@ -12,6 +12,18 @@ moves one stage on (`jnp.roll` over the stage axis, which XLA lowers to a collec
 the last stage's output being micro-batch `t - (stage - 1)`. Reverse-mode differentiation
 runs the same schedule backwards (the transpose of the roll is the roll the other way).
 
+The roll is the only communication inside the schedule's loop, forward and backward. Stage 0's
+micro-batches come from a buffer split over `stage` like the slots, and the last stage's
+outputs are read out after the loop, so neither they nor their cotangents cross stages step by
+step. Each `data` shard of a micro-batch runs on its own copy of the stage's weights
+(replicated over `data` anyway), so a step's weight gradients stay partial sums over that
+shard's examples, added up across the steps and reduced over `data` once, after the loop; with
+weights shared by the shards XLA reduced them in every step. Over `fsdp` they are still
+reduced at each step (as the weights are gathered): a copy per `fsdp` shard would hold the
+whole stage's weights and gradient sums, the memory FSDP is there to save. Layers with ops
+that must see the whole batch in one `vmap` (MoE layers under expert parallelism or
+`"ragged"`) share their weights over `data` too.
+
 The models are written for one example and `jax.vmap`ped over the batch, so the schedule needs
 the batch: the pipelined stack is a `jax.custom_batching.custom_vmap` whose batching rule (which
 sees the whole batch) runs the schedule. Its rule is only reached when the `vmap` is the
@@ -126,7 +138,7 @@ def pipelined_apply(
             axes = tuple(jax.tree.map(lambda b: 0 if b else None, in_batched))
             out = jax.vmap(plain, in_axes=axes)(consts, arrays, carry, xs)
         else:
-            plan = _Plan(stages, axis_size, step, scan)
+            plan = _Plan(stages, axis_size, step, scan, whole_batch=_sees_whole_batch(closed.jaxpr))
             out = plan.run(consts, consts_b, arrays, carry, carry_b, xs, xs_b)
         return out, jax.tree.map(lambda _: True, out)
 
@@ -147,6 +159,24 @@ def _check_ring(stages: int) -> None:
         )
 
 
+_WHOLE_BATCH_OPS = frozenset({"custom_vmap_call", "shard_map"})
+
+
+def _sees_whole_batch(jaxpr: Any) -> bool:
+    """Whether `jaxpr` (or one of its sub-programs) holds an op whose batching rule runs a
+    `shard_map` over the whole batch (eqzoo's expert exchange and grouped experts): such an op
+    must see the batch as one `vmap` over every batch axis (`batch_vmap`'s)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in _WHOLE_BATCH_OPS:
+            return True
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns") and _sees_whole_batch(inner):
+                    return True
+    return False
+
+
 def _scan_layers(f, carry, layer_inputs, scan: bool):
     """`lax.scan(f, carry, layer_inputs)`, or the same loop unrolled."""
     if scan:
@@ -162,7 +192,7 @@ def _scan_layers(f, carry, layer_inputs, scan: bool):
 class _Plan:
     """One pipelined application: the sizes, the mesh layout and the schedule."""
 
-    def __init__(self, stages: int, batch: int, step: Callable, scan: bool):
+    def __init__(self, stages: int, batch: int, step: Callable, scan: bool, *, whole_batch: bool):
         from ..sharding._activation import active_mesh, active_pipeline_microbatches, batch_axes
 
         self.mesh = active_mesh()
@@ -181,6 +211,11 @@ class _Plan:
         self.stages, self.micro, self.size, self.step, self.scan = stages, micro, batch // micro, step, scan
         # The micro-batch axis is split over the batch axes when they divide it.
         self.spread = self.batch_axes if self.batch_axes and self.size % ways == 0 else None
+        # Each `data` shard of a micro-batch runs on its own copy of the stage's weights (see
+        # `_copies`), except in layers whose ops must see the whole batch in one vmap, which
+        # the copies would split in two (MoE layers under expert parallelism or "ragged").
+        self.copy_axes = ("data",) if self.spread and "data" in self.spread and not whole_batch else ()
+        self.copies = math.prod(int(self.mesh.shape[a]) for a in self.copy_axes)
 
     def _constrain(self, x, *lead):
         spec = P(*lead, *(P.UNCONSTRAINED,) * (x.ndim - len(lead)))
@@ -199,6 +234,16 @@ class _Plan:
         # (layers, ...) -> (stage, layers / stage, ...), the stage axis split over `stage`.
         return self._constrain(x.reshape(self.stages, -1, *x.shape[1:]), "stage")
 
+    def _copies(self, x):
+        # (stage, layers / stage, ...) -> (stage, data, layers / stage, ...), a copy of the
+        # stage's weights per `data` shard, each device holding the one it uses: the weights
+        # are replicated over `data` anyway. This broadcast's transpose, after the schedule, is
+        # the one sum of the weight gradients over `data`. Not over `fsdp`: its shards would
+        # then hold whole copies (and whole gradient sums) where FSDP keeps a slice, so the
+        # stage's weights are gathered, and their gradients reduced, at each step.
+        x = jnp.broadcast_to(x[:, None], (x.shape[0], self.copies, *x.shape[1:]))
+        return self._constrain(x, "stage", self.copy_axes)
+
     def run(self, consts, consts_b, arrays, carry, carry_b, xs, xs_b):
         n, size = self.micro, self.size
         full = lambda x, b: x if b else jnp.broadcast_to(x, (n * size, *x.shape))  # noqa: E731
@@ -216,37 +261,60 @@ class _Plan:
         inputs = jax.tree.map(self._micro, moving)  # (micro, size, ...)
         shared_xs = [None if b else self._by_stage(x) for x, b in zip(xs_leaves, xs_b, strict=True)]
         stage_arrays = jax.tree.map(self._by_stage, arrays)
+        # Which of them get a copy per `data` shard: the floating ones (what has a gradient).
+        copied = jax.tree.map(lambda x: bool(self.copy_axes) and jnp.issubdtype(x.dtype, jnp.inexact), stage_arrays)
+        stage_arrays = jax.tree.map(lambda x, c: self._copies(x) if c else x, stage_arrays, copied)
 
         def merge(shared, mine):
             it = iter(mine)
             return [next(it) if x is None else x for x in shared]
 
         def run_stage(s, layers, stage_xs, slot):
-            def one_example(item):
+            def one_example(layers, item):
                 c, own_consts, own_xs = item
                 all_consts = merge([None if b else c0 for c0, b in zip(consts, consts_b, strict=True)], own_consts)
                 lxs = jax.tree.unflatten(xs_tree, merge(stage_xs, [x[s] for x in own_xs]))
                 c, ys = _scan_layers(lambda c, lx: self.step(all_consts, c, lx), c, (layers, lxs), self.scan)
                 return (c, own_consts, own_xs), ys
 
-            batch_spmd = {"spmd_axis_name": self.spread} if self.spread else {}
-            return jax.vmap(one_example, **batch_spmd)(slot)
+            if not self.copy_axes:
+                batch_spmd = {"spmd_axis_name": self.spread} if self.spread else {}
+                return jax.vmap(one_example, in_axes=(None, 0), **batch_spmd)(layers, slot)
+            # The slot's (size, ...) as (data, size / data, ...): `data` shard i runs its own
+            # examples on copy i, split further over the other batch axes.
+            rest = tuple(a for a in self.spread if a not in self.copy_axes)
+            per_copy = jax.vmap(one_example, in_axes=(None, 0), **({"spmd_axis_name": rest} if rest else {}))
+            by_copy = jax.tree.map(lambda x: x.reshape(self.copies, -1, *x.shape[1:]), slot)
+            axes = jax.tree.map(lambda c: 0 if c else None, copied)
+            out = jax.vmap(per_copy, in_axes=(axes, 0), spmd_axis_name=self.copy_axes)(layers, by_copy)
+            return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
 
         stages = jnp.arange(self.stages, dtype=jnp.int32)
         run_all = jax.vmap(run_stage, spmd_axis_name="stage")
 
-        def tick(state, t):
-            feed = jax.tree.map(lambda x: x[jnp.minimum(t, n - 1)], inputs)
-            state = jax.tree.map(lambda s, f: s.at[0].set(f), state, feed)  # stage 0 takes micro-batch t
+        steps = n + self.stages - 1
+        first = stages == 0
+
+        def fed(x):
+            # (micro, size, ...) -> (steps, stage, size, ...): stage 0's row holds the
+            # micro-batch it takes at each step, split over `stage` like the buffer, so that
+            # neither taking it nor its cotangent moves anything between stages in the loop.
+            x = x[jnp.minimum(jnp.arange(steps), n - 1)]
+            x = jnp.zeros((steps, self.stages, *x.shape[1:]), x.dtype).at[:, 0].set(x)
+            return self._constrain(x, None, "stage", self.spread)
+
+        def tick(state, feed):
+            take = lambda s, f: jnp.where(first.reshape(-1, *(1,) * (s.ndim - 1)), f, s)  # noqa: E731
+            state = jax.tree.map(take, state, feed)  # stage 0 takes micro-batch t
             state = jax.tree.map(lambda s: self._constrain(s, "stage", self.spread), state)
             out, ys = run_all(stages, stage_arrays, shared_xs, state)
-            done = jax.tree.map(lambda x: x[-1], out[0])  # the last stage's: micro-batch t - (stage - 1)
-            return jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), out), (done, ys)
+            # The whole buffer, split over `stage`: the last stage's slot (micro-batch
+            # t - (stage - 1)) is read out after the loop, in one transfer.
+            return jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), out), (out[0], ys)
 
         state = jax.tree.map(lambda x: jnp.broadcast_to(x[0], (self.stages, *x.shape[1:])), inputs)
-        steps = jnp.arange(n + self.stages - 1, dtype=jnp.int32)
-        _, (done, ys) = jax.lax.scan(tick, state, steps)
-        out = jax.tree.map(lambda x: self._unmicro(x[self.stages - 1:]), done)
+        _, (outs, ys) = jax.lax.scan(tick, state, jax.tree.map(fed, inputs))
+        out = jax.tree.map(lambda x: self._unmicro(x[self.stages - 1:, -1]), outs)
         return out, jax.tree.map(self._collect_ys, ys)
 
     def _collect_ys(self, y):

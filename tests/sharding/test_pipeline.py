@@ -2,7 +2,9 @@
 and run as a GPipe schedule of micro-batches gives one device's loss, gradients, per-layer
 auxiliary losses and training trajectory (fp32, within 1e-5: only the batching of the products
 differs); the stack's parameters are split over `stage` and activations cross stages by
-collective-permute; bad sizes and unsupported combinations raise clear errors."""
+collective-permute, the only communication inside the schedule's loop on a stage x data mesh
+(the weight gradients are reduced over `data` once, after it); bad sizes and unsupported
+combinations raise clear errors."""
 
 import equinox as eqx
 import jax
@@ -91,6 +93,39 @@ def test_pipelined_train_steps_follow_one_device(lab):
     # The stack is split by depth: each stage's devices hold their own layer only.
     q = state.model.blocks.layers.attn.q_proj.weight
     assert q.sharding.spec[0] == "stage" and q.addressable_shards[0].data.shape[0] == 1
+
+
+def test_only_the_roll_communicates_inside_the_schedule(lab):
+    # Pipeline x data parallelism, against one device (loss and gradients within TOL). Inside
+    # the schedule's loops only the roll's collective-permutes run. Catches the stage's weight
+    # gradients all-reduced over `data` in every step of the backward schedule (weights shared
+    # by the data shards rather than a copy each: M + stage - 1 all-reduces of the stage's
+    # gradients instead of one), and the last stage's output (or stage 0's input cotangent)
+    # moved between stages in every step rather than once after the loop.
+    spec = "stage=2,data=4"
+    ref_loss, ref_grads, _ = lab.loss_and_grads("llama", None)
+    loss, grads, _ = lab.loss_and_grads("llama", spec)
+    assert abs(float(loss) - float(ref_loss)) < TOL
+    assert lab.max_abs_diff(grads, ref_grads) < TOL
+    found = perf.collectives(lab.compiled_loss_and_grads("llama", spec))
+    in_loop = sorted({(c.kind, c.shape) for c in found if c.in_loop})
+    assert in_loop and {kind for kind, _ in in_loop} == {"collective-permute"}, in_loop
+
+
+def test_layers_whose_ops_see_the_whole_batch_pipeline(lab):
+    # Grouped ("ragged") experts run a shard_map over the whole batch from their batching rule:
+    # their layers keep the batch in one vmap, their weights shared by the batch shards.
+    # Catches the per-shard weight copies applied to them (JAX: "vmap spmd_axis_name cannot
+    # appear in shard_map in_specs").
+    model = lab.make_model("mixtral-ragged")
+    batch = jax.tree.map(jnp.asarray, lab.make_batch())
+
+    def loss_and_grads(model, batch):
+        with sh.activation_sharding(sh.make_mesh("stage=2,data=4")):
+            return eqx.filter_value_and_grad(lambda m: lm_loss(m, batch)[0])(model)
+
+    loss, grads = eqx.filter_eval_shape(loss_and_grads, model, batch)
+    assert loss.shape == () and grads.blocks.layers.mlp.gate_proj.shape == model.blocks.layers.mlp.gate_proj.shape
 
 
 def test_decoding_on_a_stage_mesh_gives_the_same_logits(lab):
