@@ -50,6 +50,24 @@ def as_flag(value) -> bool | None:
     return bool(value) if isinstance(value, bool | np.bool_) else None
 
 
+def int_hint(value) -> str:
+    """What to say after "must be an integer, got ..." when `value` holds one but is an array:
+    a JAX scalar such as `jnp.int32(3)` (or a 0-d NumPy array) is refused where eqzoo needs a
+    Python int, and its repr alone reads like an integer. Empty for anything else."""
+    import jax
+    import numpy as np
+
+    if isinstance(value, jax.core.Tracer):
+        return (
+            " It is traced (inside jax.jit or another transformation), but it sets a size that must be known "
+            "before tracing: pass it as a Python int from outside, e.g. as a static argument."
+        )
+    if isinstance(value, jax.Array | np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer):
+        kind = "a NumPy" if isinstance(value, np.ndarray) else "a JAX"
+        return f" That is {kind} array, not a Python int: pass int(x)."
+    return ""
+
+
 def check_sizes(who: str, **sizes) -> None:
     """Raise `ConfigError` naming the first size that is not a positive integer (a bool, a
     float, zero or a negative number would fail later, deep inside JAX)."""
@@ -57,7 +75,7 @@ def check_sizes(who: str, **sizes) -> None:
 
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ConfigError(f"{who}: {name} must be a positive integer; got {name}={value!r}.")
+            raise ConfigError(f"{who}: {name} must be a positive integer; got {name}={value!r}.{int_hint(value)}")
 
 
 def _not_positive(value) -> bool:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from .._errors import int_hint
 from .._typing import TextStream
 from ..train import TrainState
 from ._config import config_to_dict, model_config
@@ -41,7 +42,9 @@ def _check_count(name: str, value: Any, *, allow_none: bool) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise CheckpointError(f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.")
+        raise CheckpointError(
+            f"Checkpointer({name}=...) must be an int >= 1{' or None' if allow_none else ''}; got {value!r}.{int_hint(value)}"
+        )
     return int(value)
 
 

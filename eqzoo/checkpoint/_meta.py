@@ -293,10 +293,15 @@ def quant_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str)
     if saved and not target:
         bits, group_size = known[0] if known else (8, None)
         args = "" if (bits, group_size) == (8, None) else f", bits={bits}, group_size={group_size}"
+        example = (  # a training checkpoint's target is a state; a weights file's, a model
+            f"abstract_state(lambda k: eqzoo.quant.quantize(eqzoo.models.create(config, key=k){args}), optimizer)"
+            if what == "checkpoint" else
+            "load_weights(equinox.filter_eval_shape(lambda: eqzoo.quant.quantize(eqzoo.models.create(config, "
+            f"key=jax.random.key(0)){args})), path)"
+        )
         return (
             f"\nThe {what} holds int{bits} layers (`codes` and `scale`, from eqzoo.quant.quantize) and the "
-            "target does not: quantize the target the same way, e.g. abstract_state(lambda k: "
-            f"eqzoo.quant.quantize(eqzoo.models.create(config, key=k){args}), optimizer)."
+            f"target does not: quantize the target the same way, e.g. {example}."
         )
     if target and not saved:
         bits = next((layout[0] for layout in target.values() if layout), 8)
@@ -305,6 +310,40 @@ def quant_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str)
             "float model, then quantize it."
         )
     return ""
+
+
+def _optimized(names, params: set[str]) -> set[str]:
+    """The parameters (model paths without `model.`) that the `opt_state` entries among `names`
+    hold state for: each entry's longest dotted suffix that is a parameter's path."""
+    out = set()
+    for name in names:
+        if name.startswith("opt_state."):
+            parts = name.split(".")
+            out |= next(({".".join(parts[i:])} for i in range(1, len(parts)) if ".".join(parts[i:]) in params), set())
+    return out
+
+
+def _trainable_hint(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str:
+    """A line naming the cause when the target's optimizer holds state for another set of the
+    model's parameters than the saved one (both some): a state built with another `trainable`
+    filter, as a LoRA run's (`peft.adapter_filter`) restored into `abstract_state(model,
+    optimizer)` without it. Empty otherwise (another optimizer: the caller says so)."""
+    params = {n[len("model."):] for n in expected if n.startswith("model.")}
+    ours, theirs = _optimized(expected, params), _optimized(found, params)
+    if not ours or not theirs or ours == theirs:
+        return ""
+    more, fewer = sorted(ours - theirs), sorted(theirs - ours)
+    side = (
+        f"the target's optimizer holds state for {len(more)} parameter array(s) the saved run did not train "
+        f"({', '.join(more[:3])}{', ...' if len(more) > 3 else ''})" if more else
+        f"the saved run trained {len(fewer)} parameter array(s) the target's optimizer leaves out "
+        f"({', '.join(fewer[:3])}{', ...' if len(fewer) > 3 else ''})"
+    )
+    return (
+        f"\nThe optimizer states cover other parameters: {side}. Build the target with the saved run's "
+        "trainable filter, abstract_state(model, optimizer, trainable=...) or TrainState.create(..., "
+        "trainable=...): for LoRA, trainable=eqzoo.peft.adapter_filter(model)."
+    )
 
 
 def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) -> None:
@@ -320,12 +359,13 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
     problems = differ + missing + extra
     if problems:
         names = [p.split(":")[0] for p in problems]
-        hint = (
-            "\nEvery difference is in the optimizer state: build the target with the saved run's "
-            "optimizer and Precision (fp16's dynamic loss scale wraps the optimizer state, so a "
-            "change to or from fp16 moves every opt_state path)."
-            if all(n.startswith("opt_state") for n in names) else ""
-        )
+        hint = ""
+        if all(n.startswith("opt_state") for n in names):
+            hint = _trainable_hint(expected, found) or (
+                "\nEvery difference is in the optimizer state: build the target with the saved run's "
+                "optimizer and Precision (fp16's dynamic loss scale wraps the optimizer state, so a "
+                "change to or from fp16 moves every opt_state path)."
+            )
         if not missing and not extra and all(list(expected[n]["shape"]) == list(found[n]["shape"]) for n in names):
             hint += (
                 "\nOnly dtypes differ: restore does not cast. Restore with the saved run's dtypes "

@@ -13,12 +13,12 @@ from typing import Any, final
 import numpy as np
 from jaxtyping import Array, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, int_hint, shape_str
 
 
 def _check_int(name: str, value: Any, *, minimum: int, who: str, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ConfigError(f"{who}({name}=...) must be an int >= {minimum}; got {value!r}. {hint}")
+        raise ConfigError(f"{who}({name}=...) must be an int >= {minimum}; got {value!r}.{int_hint(value)} {hint}")
     return int(value)
 
 

@@ -43,6 +43,7 @@ from ._generate import (
     check_key,
     check_model,
     decoding_model,
+    refuse_deleted_model,
     resolve_new_tokens,
     resolve_unroll,
     typed_key,
@@ -442,13 +443,20 @@ def generate_beam(
         raise ConfigError(f"generate_beam: return_scores must be True or False, got {return_scores!r}.")
     prompts, lengths = prompt_batch(prompts, lengths, attention_mask, vocab, "generate_beam", pad)
     scale, bound = _penalty_tables(length_penalty, early_stopping, int(max_new_tokens))
-    tokens, scores = _beam_jit(
-        model, prompts, lengths, *traced_stop_tokens(eos, pad), scale, bound, np.asarray(early_stopping is True),
-        logit_bias_vector(logit_bias, vocab, "generate_beam"), traced_settings(0.0, None, None, repetition_penalty)[3],
-        key, warp, unroll_layers=resolve_unroll(unroll_layers), top_k=top_k,
-        num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
+    settings = dict(
+        unroll_layers=resolve_unroll(unroll_layers), top_k=top_k, num_beams=int(num_beams),
+        max_new_tokens=int(max_new_tokens),
         cache_dtype=None if cache_dtype is None else check_cache_dtype(cache_dtype, None),
         processors=check_processors(logits_processors, "generate_beam", vocab),
     )
+    traced = (
+        *traced_stop_tokens(eos, pad), scale, bound, np.asarray(early_stopping is True),
+        logit_bias_vector(logit_bias, vocab, "generate_beam"), traced_settings(0.0, None, None, repetition_penalty)[3],
+    )
+    try:
+        tokens, scores = _beam_jit(model, prompts, lengths, *traced, key, warp, **settings)
+    except Exception as err:
+        refuse_deleted_model(model, err, "generate_beam")
+        raise
     tokens, scores = _best(tokens, scores, count=int(num_return_sequences), single=single)
     return (tokens, scores) if return_scores else tokens

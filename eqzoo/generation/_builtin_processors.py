@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from .._errors import ConfigError
+from .._errors import ConfigError, int_hint
 
 # Their token-id arrays are NumPy: `eqx.filter_jit` traces them (another list of the same shape
 # compiles nothing new), and `generate` checks them against the vocabulary on the host (no
@@ -40,7 +40,7 @@ def _ids(values, who: str, what: str, *, empty_ok: bool) -> np.ndarray:
 @no_type_check
 def _count(value, who: str, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-        raise ConfigError(f"{who}: {what} must be an integer >= {low}, got {value!r}.")
+        raise ConfigError(f"{who}: {what} must be an integer >= {low}, got {value!r}.{int_hint(value)}")
     return operator.index(value)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, as_flag, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, int_hint, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
@@ -286,6 +286,25 @@ def check_model(model, who: str) -> None:
         )
 
 
+def _deleted(a) -> bool:
+    """Whether `a` is a concrete JAX array whose buffer is gone (a tracer has none to ask about)."""
+    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted()
+
+
+def refuse_deleted_model(model, err: Exception, who: str) -> None:
+    """After a decode call failed with `err`: a `ConfigError` (from it) when `model` holds
+    deleted arrays, as a model does once a train step has taken the state built from it
+    (JAX says only "Array has been deleted", which `err` must say); otherwise nothing (the
+    caller re-raises `err`).
+    Checked after a failure only, so a working call pays nothing."""
+    if "deleted" in str(err) and any(_deleted(a) for a in jax.tree.leaves(model)):
+        raise ConfigError(
+            f"{who}: the model's arrays were deleted. A train step donates the state it is given, and "
+            "TrainState.create(model, ...) holds model's own arrays, so after the first step model is gone: "
+            "decode with the trained one, state.model (or fit(...).state.model)."
+        ) from err
+
+
 def check_key(key, who: str) -> None:
     """Raise `ConfigError` unless `key` is `None` or a PRNG key (typed, or a legacy uint32 pair)."""
     if key is None:
@@ -327,7 +346,7 @@ def typed_key(key):
 def check_count(value, name: str, who: str) -> None:
     """Raise `ConfigError` unless `value` is an integer >= 1 (not a bool or a float)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ConfigError(f"{who}: {name} must be an integer >= 1, got {value!r}.")
+        raise ConfigError(f"{who}: {name} must be an integer >= 1, got {value!r}.{int_hint(value)}")
 
 
 def resolve_new_tokens(max_new_tokens, max_length, prompts, who: str):
@@ -494,7 +513,11 @@ def generate_batch(
         cache_dtype=cache_dtype, return_logprobs=return_logprobs, logits_processors=logits_processors,
         logit_bias=logit_bias,
     )
-    return _generate_batch_jit(model, prompts, lengths, key, unroll_layers=resolve_unroll(unroll_layers), **settings)
+    try:
+        return _generate_batch_jit(model, prompts, lengths, key, unroll_layers=resolve_unroll(unroll_layers), **settings)
+    except Exception as err:
+        refuse_deleted_model(model, err, "generate")
+        raise
 
 
 def prepare_batch(

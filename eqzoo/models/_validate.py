@@ -8,7 +8,7 @@ import typing
 import jax
 import jax.numpy as jnp
 
-from .._errors import ConfigError, ShapeError, as_flag, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, int_hint, shape_str
 
 
 def check_tokens(tokens, *, max_seq: int, model: str) -> None:
@@ -90,7 +90,8 @@ def check_integer_fields(config) -> None:
         if not ok:
             bad[field.name] = value
     if bad:
-        raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.")
+        hints = "".join(dict.fromkeys(int_hint(v) for v in bad.values()))
+        raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.{hints}")
 
 
 def check_scan_layers(value, config: str) -> bool | str:

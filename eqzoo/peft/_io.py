@@ -255,6 +255,14 @@ def load_adapters(model, path: str | os.PathLike, *, cast: bool = False, allow_b
         raise CheckpointMismatchError(
             f"{path} has no LoRA scalings in its header; it was not written by eqzoo.peft.save_adapters."
         )
+    if not _scalings(model):  # adapter_filter's own message would blame the file's `also`
+        layers = sorted(info["scaling"])
+        raise CheckpointMismatchError(
+            f"load_adapters: the model has no LoRA adapters to load {path} into; the file adapts "
+            f"{len(layers)} layer(s) ({', '.join(layers[:4])}{', ...' if len(layers) > 4 else ''}). Adapt the base "
+            "model as it was adapted for training first, then load: "
+            "load_adapters(eqzoo.peft.lora(base, rank=..., alpha=..., targets=..., key=...), path)."
+        )
     try:
         spec = adapter_filter(model, also=info.get("also"))
     except ConfigError as err:

@@ -11,9 +11,10 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError
+from .._errors import ConfigError, int_hint
 from .._typing import PRNGKey
 from ..nn import (
     AbstractLinear,
@@ -32,6 +33,14 @@ from ..nn import (
 from ..nn._replace import _compile_targets, split_expert_targets
 from ..nn._weight import AbstractWrappedWeight, computes_own_products
 from ..sharding import path_str
+
+
+def _checked_rank(rank) -> int:
+    """`rank` as a Python int (a NumPy integer is one), or `ConfigError` for anything but an
+    integer >= 1 (a bool too: `rank=True` is a slip, not rank 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
+        raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}.{int_hint(rank)}")
+    return int(rank)
 
 
 def _lead(layer: eqx.nn.Linear | AbstractLinear) -> tuple[int, ...]:
@@ -81,8 +90,7 @@ class LoRALinear(AbstractLinear):
           input's dtype.
         - `key`: draws `lora_a`.
         """
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        rank = _checked_rank(rank)
         in_features, out_features = base.in_features, base.out_features
         if not (isinstance(in_features, int) and isinstance(out_features, int)):
             raise ConfigError(
@@ -167,8 +175,7 @@ class LoRAWeight(AbstractWrappedWeight):
     ):
         """**Arguments:** `base`, the weight to adapt; `rank`, `alpha`, `use_rslora`, `dtype`,
         `key` as for [`eqzoo.peft.LoRALinear`][] (`lora_a` drawn from N(0, 1/in))."""
-        if not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        rank = _checked_rank(rank)
         shape = tuple(base.shape)
         if len(shape) < 2:
             raise ConfigError(f"LoRAWeight adapts a (..., in, out) weight; got shape {shape}.")

@@ -3,6 +3,7 @@ float32 logits of the whole batch at once."""
 
 import inspect
 import warnings
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -213,11 +214,30 @@ def lm_loss(
     return loss, {"tokens": count, "nll": nll_mean, **aux}
 
 
+def missing_batch_keys(batch, keys: Sequence[str], who: str) -> list[str]:
+    """The `keys` the batch dict lacks, in order; `ConfigError` when the batch is not a mapping
+    at all (a `(tokens, targets)` tuple, a bare array), which `in` would otherwise meet with an
+    error about arrays' truth values."""
+    if isinstance(batch, Mapping):
+        return [k for k in keys if k not in batch]
+    if isinstance(batch, tuple | list):
+        got = f"a {type(batch).__name__} of {len(batch)} entries"
+    elif hasattr(batch, "shape"):
+        got = f"an array of shape {shape_str(batch.shape)}"
+    else:
+        got = f"a {type(batch).__name__}"
+    example = ", ".join(f"{k!r}: ..." for k in keys)
+    raise ConfigError(
+        f"{who} takes the batch as a dict of arrays with the keys {list(keys)}; got {got}. Name its entries: "
+        f"{{{example}}} (eqzoo's loaders yield such dicts)."
+    )
+
+
 def _checked_lm_batch(model, batch, implementation, chunk_size, per_layer):
     """`lm_loss`'s arguments checked before anything is traced: the batch's keys and shapes,
     the options, and that the model has what the implementation calls. **Returns:** the
     batch's tokens, targets and mask (`None` when it has none)."""
-    missing = [k for k in ("tokens", "targets") if k not in batch]
+    missing = missing_batch_keys(batch, ("tokens", "targets"), "lm_loss")
     if missing:
         raise ConfigError(
             f"lm_loss needs batch['tokens'] and batch['targets'] (the next token at each position); the batch "
@@ -380,6 +400,12 @@ def classification_loss(
 
     **Returns:** `(loss, {"accuracy": fraction correct})`.
     """
+    missing = missing_batch_keys(batch, ("x", "y"), "classification_loss")
+    if missing:
+        raise ConfigError(
+            f"classification_loss needs batch['x'] (the inputs) and batch['y'] (integer labels); the batch has no "
+            f"{missing} (its keys: {sorted(batch)}). Rename the entries, e.g. {{'x': images, 'y': labels}}."
+        )
     logits = _batch_vmap(model)(batch["x"])
     loss = cross_entropy(logits, batch["y"])
     acc = jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))

@@ -9,7 +9,7 @@ from jaxtyping import Array, Bool, Float, Integer
 
 from .._errors import ConfigError, ShapeError, shape_str
 from .._typing import PRNGKey
-from ._losses import _batch_vmap, _chunked_batch_nll, packing_args
+from ._losses import _batch_vmap, _chunked_batch_nll, missing_batch_keys, packing_args
 
 
 @no_type_check  # checked below: a generic type error would print the whole model
@@ -118,7 +118,7 @@ def dpo_loss(
     response has the larger reward `beta * r`), `reward_margin` (mean `beta (r_c - r_r)`),
     `chosen_reward`, `rejected_reward` (means of `beta * r`).
     """
-    missing = [k for k in DPO_KEYS if k not in batch]
+    missing = missing_batch_keys(batch, DPO_KEYS, "dpo_loss")
     if missing:
         raise ConfigError(f"dpo_loss: the batch lacks {missing}; it needs {list(DPO_KEYS)}.")
     if not (isinstance(beta, int | float) and beta > 0):

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, int_hint, shape_str
 from ..nn._grouped import summed_weight_gradients
 from ..sharding._activation import (
     ContextAttention,
@@ -160,6 +160,41 @@ def _known(compiled: dict, structure, same: Callable[[Any], bool] = lambda known
     return None
 
 
+def _state_parts(state, who: str) -> tuple:
+    """`(state.structure, state.arrays)`, or a `ConfigError` when `state` is not a `TrainState`
+    (a model passed where the state belongs): read without a check on the per-step path, so a
+    `TrainState` costs nothing more."""
+    try:
+        return state.structure, state.arrays
+    except AttributeError:
+        raise ConfigError(
+            f"a {who} is called as step(state, batch) with a TrainState; got a {type(state).__name__}. Build the "
+            "state once, state = eqzoo.train.TrainState.create(model, optimizer, key=...), and go on with the state "
+            "each call returns."
+        ) from None
+
+
+def _deleted(a) -> bool:
+    """Whether `a` is a concrete JAX array whose buffer is gone (a tracer has none to ask about)."""
+    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted()
+
+
+def _refuse_donated(arrays: tuple, err: Exception, who: str) -> None:
+    """After a step's call failed with `err`: a `ConfigError` (from it) when the cause is a state
+    whose buffers an earlier train step donated, which JAX reports only as an invalid or deleted
+    buffer; otherwise nothing (the caller re-raises `err`). Both are asked for: JAX's message
+    names a deleted or donated buffer, and an input array is deleted (a step that fails while it
+    runs, out of memory say, has deleted its donated inputs too)."""
+    said = "deleted" in str(err) or "donated" in str(err)
+    if said and any(_deleted(a) for a in arrays):
+        raise ConfigError(
+            f"the {who} was given a state whose arrays were deleted: a train step donates the state it is given "
+            "(its buffers hold the new state), so a state can go into one train step only. Go on with the state "
+            "the step returns, state, metrics = step(state, batch), and read the model from it (state.model); "
+            "or build the step with make_train_step(..., donate=False) to keep every state, at twice the memory."
+        ) from err
+
+
 class TrainStep:
     """A compiled `step(state, batch) -> (state, metrics)`; made by [`eqzoo.train.make_train_step`][].
 
@@ -250,11 +285,15 @@ class TrainStep:
         """Take one optimizer step. **Returns:** `(new state, metrics)`."""
         if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
             batch = _place_host_batch(batch, self._mesh, self._sequence_keys)
-        fn = self._jitted(state.structure, state.arrays)
+        structure, arrays = _state_parts(state, "train step")
+        fn = self._jitted(structure, arrays)
         outer = getattr(_calling, "step", None)  # a step whose loss calls this one (restored below)
         _calling.step = self  # the compile listener credits compilations during the call to this step
         try:
-            arrays, metrics = fn(state.arrays, batch)
+            arrays, metrics = fn(arrays, batch)
+        except Exception as err:
+            _refuse_donated(arrays, err, "train step")
+            raise
         finally:
             _calling.step = outer
         # Called through the class: a bound method of an Equinox module costs ~17 µs to build.
@@ -658,8 +697,9 @@ def make_train_step(
     check_precision(precision, "make_train_step")
     check_context_attention(context_attention, "make_train_step")
     check_pipeline_microbatches(pipeline_microbatches, "make_train_step")
-    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-        raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.")
+    if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int | np.integer) or grad_accum_steps < 1:
+        raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.{int_hint(grad_accum_steps)}")
+    grad_accum_steps = int(grad_accum_steps)
     scaling = precision.loss_scale == "dynamic"
 
     def pure_step(structure, arrays, batch, shardings=None):
@@ -739,7 +779,12 @@ class EvalStep:
         """Evaluate on one batch. **Returns:** a dict of device scalars."""
         if self._place_host_batches and any(isinstance(x, np.ndarray) and x.ndim for x in jax.tree.leaves(batch)):
             batch = _place_host_batch(batch, self._mesh, self._sequence_keys)
-        return self._jitted(state.structure)(state.arrays, batch)
+        structure, arrays = _state_parts(state, "eval step")
+        try:
+            return self._jitted(structure)(arrays, batch)
+        except Exception as err:
+            _refuse_donated(arrays, err, "eval step")
+            raise
 
     def lower(self, state: TrainState, batch: PyTree):
         """`jax.jit(...).lower` for this state and batch (to inspect HLO or compile ahead)."""

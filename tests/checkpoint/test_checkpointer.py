@@ -280,11 +280,13 @@ def test_second_sigint_interrupts_at_once(ckpt_dir):
 # ------------------------------------------------------------------------------ errors
 
 
-def test_constructor_rejects_bad_counts(ckpt_dir):
+def test_constructor_rejects_bad_counts(ckpt_dir, unchecked):
     with pytest.raises(checkpoint.CheckpointError, match=r"save_every=\.\.\.\) must be an int >= 1 or None; got 0"):
         checkpoint.Checkpointer(ckpt_dir, save_every=0)
     with pytest.raises(checkpoint.CheckpointError, match=r"keep_every=\.\.\.\) must be an int >= 1 or None; got -4"):
         checkpoint.Checkpointer(ckpt_dir, keep_every=-4)
+    with unchecked(), pytest.raises(checkpoint.CheckpointError, match=r"save_every=\.\.\.\) must be an int >= 1 or None; got Array\(2, dtype=int32\)\. That is a JAX array, not a Python int: pass int\(x\)\."):
+        checkpoint.Checkpointer(ckpt_dir, save_every=jnp.int32(2))
 
 
 def test_save_errors(ckpt_dir, tmp_path, open_checkpointer, state_factory):

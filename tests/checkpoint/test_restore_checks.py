@@ -246,3 +246,26 @@ def test_a_target_with_another_optimizer_is_refused_even_where_every_array_fits(
     older = open_checkpointer(ckpt_dir)
     assert older.meta().optimizer is None
     assert checkpoint.params_sha256(older.restore(adam).state.model) == checkpoint.params_sha256(state.model)
+
+
+def test_a_target_whose_optimizer_covers_other_parameters_names_the_trainable_filter(ckpt_dir, open_checkpointer, mlp_config):
+    # A LoRA run (trainable=peft.adapter_filter) restored into abstract_state(model, optimizer)
+    # without the filter was told only "build the target with the saved run's optimizer", which
+    # it had done: the target's optimizer state covered the frozen weights too.
+    opt = optax.adam(1e-2)
+    model = models.create(mlp_config, key=jax.random.key(0))
+    head_only = eqx.tree_at(lambda m: m.net.layers[0], jax.tree.map(eqx.is_inexact_array, model), replace_fn=lambda t: jax.tree.map(lambda _: False, t))
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(train.TrainState.create(model, opt, key=jax.random.key(1), trainable=head_only))
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)opt_state\.0\.mu\.net\.layers\.0\.weight: expected float32\(8, 6\), not in the checkpoint.*"
+                       r"The optimizer states cover other parameters: the target's optimizer holds state for 2 parameter array\(s\) the saved run did not train \(net\.layers\.0\.bias, net\.layers\.0\.weight\)\. "
+                       r"Build the target with the saved run's trainable filter.*trainable=eqzoo\.peft\.adapter_filter\(model\)"):
+        ckpt.restore(checkpoint.abstract_state(mlp_config, opt))
+    restored = ckpt.restore(checkpoint.abstract_state(mlp_config, opt, trainable=head_only))
+    assert (restored.state.model.net.layers[0].weight == model.net.layers[0].weight).all()  # restored with the filter
+    # the other way round: the saved run trained everything, the target only the head
+    ckpt.save(train.TrainState.create(model, opt, key=jax.random.key(1)), step=3)
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"the saved run trained 2 parameter array\(s\) the target's optimizer leaves out \(net\.layers\.0\.bias, net\.layers\.0\.weight\)"):
+        ckpt.restore(checkpoint.abstract_state(mlp_config, opt, trainable=head_only), step=3)

@@ -1,6 +1,7 @@
 import itertools
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,7 +94,7 @@ def test_token_defaults_to_jax_process():
     assert loader.local_batch_size == 4  # one process in tests
 
 
-def test_token_errors():
+def test_token_errors(unchecked):
     with pytest.raises(ShapeError, match=r"at least seq_len \+ 1 = 17 tokens.*got 16 tokens"):
         _token_loader(tokens=TOKENS[:16])
     with pytest.raises(ConfigError, match="batch_size=6, process_count=4"):
@@ -104,6 +105,8 @@ def test_token_errors():
         _token_loader(seed=-1)
     with pytest.raises(ConfigError, match=r"seq_len=...\) must be an int >= 1; got 0"):
         _token_loader(seq_len=0)
+    with unchecked(), pytest.raises(ConfigError, match=r"batch_size=...\) must be an int >= 1; got Array\(4, dtype=int32\)\. That is a JAX array, not a Python int: pass int\(x\)\."):
+        _token_loader(batch_size=jnp.int32(4))  # (checking on, beartype refuses it first)
 
 
 def test_token_load_state_errors():

@@ -349,6 +349,31 @@ def test_numpy_integer_counts_are_static_like_ints(llama):
     assert _generate_batch_jit._cached._cache_size() == before
 
 
+def test_decoding_a_model_a_train_step_took_says_to_use_the_trained_one(llama, greedy):
+    # TrainState.create(model, ...) holds model's arrays and the first train step donates them;
+    # decoding `model` afterwards (as the README warns against) got JAX's "Array has been deleted
+    # with shape=float32[...]". Donation deletes the arrays, as `delete` does here.
+    gone = jax.tree.map(lambda a: jnp.array(a, copy=True) if eqx.is_array(a) else a, llama)
+    for array in jax.tree.leaves(gone):
+        array.delete()
+    with pytest.raises(ConfigError, match=r"generate: the model's arrays were deleted\. A train step donates .*decode with the trained one, state\.model"):
+        eqzoo.generate(gone, PROMPT, max_new_tokens=NEW)  # the program `greedy` compiled
+    np.testing.assert_array_equal(eqzoo.generate(llama, PROMPT, max_new_tokens=NEW), greedy)  # a live model decodes
+
+
+def test_integer_settings_given_as_jax_scalars_say_to_pass_an_int(llama):
+    # "max_new_tokens must be an integer >= 1, got Array(3, dtype=int32)": 3 is one, in an array.
+    hint = r"That is a JAX array, not a Python int: pass int\(x\)\."
+    with pytest.raises(ConfigError, match=r"generate: max_new_tokens must be an integer >= 1, got Array\(3, dtype=int32\)\. " + hint):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=jnp.int32(3))
+    with pytest.raises(ConfigError, match=r"generate_beam: num_beams must be an integer >= 1, got Array\(2, dtype=int32\)\. " + hint):
+        eqzoo.generation.generate_beam(llama, PROMPT, max_new_tokens=3, num_beams=jnp.int32(2))
+    with pytest.raises(ConfigError, match=r"NoRepeatNGram: n must be an integer >= 1, got Array\(3, dtype=int32\)\. " + hint):
+        eqzoo.generation.NoRepeatNGram(jnp.int32(3))
+    with pytest.raises(ConfigError, match=r"generate: max_new_tokens must be an integer >= 1, got 0\.$"):
+        eqzoo.generate(llama, PROMPT, max_new_tokens=0)  # no hint where the value itself is wrong
+
+
 def test_generation_errors(llama):
     with pytest.raises(ConfigError, match=r"generate: max_length=5 counts the prompt too, and the prompt is 5 tokens wide"):
         eqzoo.generate(llama, PROMPT, max_length=5)

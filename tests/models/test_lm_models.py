@@ -295,6 +295,8 @@ def test_non_positive_sizes():
         ("tiny-mixtral", {"rope_theta": 0}, r"MixtralConfig: rope_theta must be a positive number"),
         ("tiny-gemma2", {"sliding_window_pattern": 2.0}, r"GemmaConfig: these must be integers, got \{'sliding_window_pattern': 2.0\}"),
         ("tiny-unet", {"channel_mults": (1, 2.0)}, r"UNetConfig: these must be integers, got \{'channel_mults': \(1, 2.0\)\}"),
+        # a JAX scalar's repr reads like an integer: the message says what it is and the fix
+        ("tiny-gpt2", {"vocab_size": jnp.int32(100)}, r"GPT2Config: these must be integers, got \{'vocab_size': Array\(100, dtype=int32\)\}\. That is a JAX array, not a Python int: pass int\(x\)\.$"),
     ],
 )
 def test_non_integer_sizes_and_a_bad_rope_base(preset, changes, match):

@@ -431,7 +431,7 @@ def test_load_adapters_casts_dtypes_on_request_and_says_so(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(low.blocks.layers.attn.q_proj.lora_a.astype(jnp.float32)))
 
 
-def test_adapter_io_and_filter_errors(tmp_path):
+def test_adapter_io_and_filter_errors(tmp_path, unchecked):
     adapted = peft.lora(_model(), rank=2, key=jax.random.key(1))
     with pytest.raises(eqzoo._errors.ConfigError, match="metadata key 'eqzoo.peft' is eqzoo's own"):
         peft.save_adapters(adapted, tmp_path / "x.safetensors", metadata={"eqzoo.peft": "{}"})
@@ -443,6 +443,21 @@ def test_adapter_io_and_filter_errors(tmp_path):
     mlp = peft.lora(eqzoo.models.create("mlp-small", key=jax.random.key(0)), rank=2, key=jax.random.key(1))
     with pytest.raises(CheckpointMismatchError, match=r"saved with also=\['final_norm'\]"):
         peft.load_adapters(mlp, path)
+    # onto a model with no adapters at all: it blamed the file's also=None ("saved with also=None,
+    # which does not fit the model")
+    plain = tmp_path / "plain.safetensors"
+    peft.save_adapters(peft.lora(_model(), rank=2, targets="q_proj|v_proj", key=jax.random.key(1)), plain)
+    with pytest.raises(CheckpointMismatchError, match=r"load_adapters: the model has no LoRA adapters to load .*plain\.safetensors into; the file adapts 2 layer\(s\) "
+                       r"\(blocks\.layers\.attn\.q_proj, blocks\.layers\.attn\.v_proj\)\. Adapt the base model .*eqzoo\.peft\.lora\(base, rank="):
+        peft.load_adapters(_model(), plain)
+    # a rank given as a NumPy integer is one; a JAX scalar is named as such, a bool refused
+    # (checking off: the annotation says int, and checking on, beartype refuses both itself)
+    with unchecked():
+        assert peft.lora(_model(), rank=np.int64(2), key=jax.random.key(1)).blocks.layers.attn.q_proj.rank == 2
+        with pytest.raises(eqzoo._errors.ConfigError, match=r"LoRA rank must be a positive integer, got Array\(2, dtype=int32\)\. That is a JAX array, not a Python int: pass int\(x\)"):
+            peft.lora(_model(), rank=jnp.int32(2), key=jax.random.key(1))
+        with pytest.raises(eqzoo._errors.ConfigError, match=r"LoRA rank must be a positive integer, got True\.$"):
+            peft.lora(_model(), rank=True, key=jax.random.key(1))
     # Hugging Face PEFT's adapter folder and file: named as such, with the way to use them
     # (the file was "not written by save_adapters", the folder "no weights file")
     import safetensors.numpy

@@ -162,7 +162,7 @@ def test_fused_cross_entropy_errors():
         train.fused_cross_entropy(f, h, t, chunk_size=-1)
 
 
-def test_lm_loss_errors(gpt2):
+def test_lm_loss_errors(gpt2, unchecked):
     tokens = jnp.zeros((12,), jnp.int32)
     with pytest.raises(ShapeError, match=r"one shape \(batch, seq\); got \(12,\) and \(12,\)"):
         train.lm_loss(gpt2, {"tokens": tokens, "targets": tokens})
@@ -172,6 +172,12 @@ def test_lm_loss_errors(gpt2):
         train.lm_loss(gpt2, _batch(False), implementation="flash")
     with pytest.raises(ConfigError, match=r"lm_loss needs batch\['tokens'\] and batch\['targets'\].*has no \['targets'\] \(its keys: \['tokens'\]\)"):
         train.lm_loss(gpt2, {"tokens": _batch(False)["tokens"]})
+    batch = _batch(False)
+    # A (tokens, targets) tuple reached `"tokens" in batch`: "The truth value of an array ... is ambiguous"
+    with unchecked(), pytest.raises(ConfigError, match=r"lm_loss takes the batch as a dict of arrays with the keys \['tokens', 'targets'\]; got a tuple of 2 entries\. Name its entries: \{'tokens': \.\.\., 'targets': \.\.\.\}"):
+        train.lm_loss(gpt2, (batch["tokens"], batch["targets"]))
+    with unchecked(), pytest.raises(ConfigError, match=r"lm_loss takes the batch as a dict .*got an array of shape \(2, 12\)"):
+        train.lm_loss(gpt2, batch["tokens"])
     plain = eqx.nn.Linear(4, 4, key=jax.random.key(0))  # a model without features/head_weight
     with pytest.raises(ConfigError, match=r"needs a model with `features` and `head_weight`.*Linear has not\. Use implementation='full'"):
         train.lm_loss(plain, _batch(False))
@@ -226,3 +232,15 @@ def test_eager_lm_loss_compiles_its_head_once(implementation, compile_log):
     np.testing.assert_allclose(again, want, rtol=1e-6)  # float32: eager against jitted, same head program
     np.testing.assert_allclose(grad.embed, want_grad.embed, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(grad.embed, first_grad.embed)
+
+
+def test_classification_loss_names_the_keys_it_reads(unchecked):
+    # A batch keyed "image"/"label" met a bare KeyError: 'x'; a tuple, "tuple indices must be integers".
+    model = eqx.nn.Linear(4, 3, key=jax.random.key(0))
+    x, y = jnp.ones((2, 4)), jnp.zeros((2,), jnp.int32)
+    with pytest.raises(ConfigError, match=r"classification_loss needs batch\['x'\] \(the inputs\) and batch\['y'\] \(integer labels\); the batch has no \['x', 'y'\] \(its keys: \['image', 'label'\]\)"):
+        train.classification_loss(model, {"image": x, "label": y})
+    with unchecked(), pytest.raises(ConfigError, match=r"classification_loss takes the batch as a dict of arrays with the keys \['x', 'y'\]; got a tuple"):
+        train.classification_loss(model, (x, y))
+    loss, metrics = train.classification_loss(model, {"x": x, "y": y})
+    assert np.isfinite(float(loss)) and 0.0 <= float(metrics["accuracy"]) <= 1.0

@@ -88,10 +88,13 @@ def test_dpo_training_learns_a_toy_preference(model):
     assert float(metrics["loss"]) < 0.3 and float(metrics["reward_accuracy"]) == 1.0, metrics
 
 
-def test_preference_errors(model):
+def test_preference_errors(model, unchecked):
     batch = _dpo_batch(model, _rows(2), _rows(3))
     with pytest.raises(ConfigError, match=r"the batch lacks \['ref_rejected_logprobs'\]"):
         train.dpo_loss(model, {k: v for k, v in batch.items() if k != "ref_rejected_logprobs"})
+    with pytest.raises(ConfigError, match=r"dpo_loss takes the batch as a dict of arrays with the keys \['chosen_tokens', .*got a list of 8 entries"):
+        with unchecked():
+            train.dpo_loss(model, list(batch.values()))
     with pytest.raises(ConfigError, match=r"beta must be a positive number, got 0"):
         train.dpo_loss(model, batch, beta=0)
     with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 0.5\)"):

@@ -213,6 +213,34 @@ def test_a_step_with_another_optimizer_than_the_state_is_refused(mlp):
         step(state, _mlp_batch())
 
 
+def test_a_step_given_a_model_or_a_used_state_says_what_it_takes(mlp, unchecked):
+    # Both reached JAX's own errors: "'MLP' object has no attribute 'structure'", and for a state a
+    # train step had donated, "Invalid buffer passed to Execute() ... Buffer has been deleted or donated".
+    optimizer = optax.sgd(0.1)
+    step = train.make_train_step(train.classification_loss, optimizer)
+    model = _fresh(mlp)
+    with unchecked(), pytest.raises(ConfigError, match=r"called as step\(state, batch\) with a TrainState; got a MLP\. .*TrainState\.create\(model, optimizer"):
+        step(model, _mlp_batch())
+    state = train.TrainState.create(model, optimizer, key=jax.random.key(0))
+    new, _ = step(state, _mlp_batch())
+    with pytest.raises(ConfigError, match=r"train step was given a state whose arrays were deleted.*state, metrics = step\(state, batch\)"):
+        step(state, _mlp_batch())
+    evaluate = train.make_eval_step(train.classification_loss)
+    with pytest.raises(ConfigError, match=r"eval step was given a state whose arrays were deleted"):
+        evaluate(state, _mlp_batch())
+    with unchecked(), pytest.raises(ConfigError, match=r"eval step is called as step\(state, batch\) with a TrainState; got a MLP"):
+        evaluate(new.model, _mlp_batch())
+    assert np.isfinite(float(evaluate(new, _mlp_batch())["loss"]))  # the returned state goes on
+
+
+def test_grad_accum_steps_takes_numpy_integers_and_says_how_to_pass_a_jax_one(unchecked):
+    optimizer = optax.sgd(0.1)
+    with unchecked():  # the annotation says int: checking on, beartype refuses a NumPy integer itself
+        train.make_train_step(train.classification_loss, optimizer, grad_accum_steps=np.int64(2))  # was refused
+    with unchecked(), pytest.raises(ConfigError, match=r"grad_accum_steps must be an integer >= 1, got Array\(2, dtype=int32\)\. That is a JAX array, not a Python int: pass int\(x\)"):
+        train.make_train_step(train.classification_loss, optimizer, grad_accum_steps=jnp.int32(2))
+
+
 # ------------------------------------------------------------------------------ TrainState
 
 
