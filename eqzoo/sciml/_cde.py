@@ -19,10 +19,11 @@ from .._typing import PRNGKey
 from ._errors import check_length, check_times, is_traced
 from ._solve import (
     AdjointLike,
-    check_result,
+    apply_reached,
+    default_solver,
     diffeqsolve,
-    failure_messages,
     resolve_adjoint,
+    solved_states,
     validate_config,
 )
 
@@ -77,6 +78,12 @@ class NeuralCDE(eqx.Module):
       `ts[length - 1]`); `"trajectory"` at every `ts`.
     - `solver`, `stepsize_controller`, `adjoint`, `dt0`, `max_steps`: as for
       [`NeuralODE`][eqzoo.sciml.NeuralODE].
+    - `throw`: as for [`NeuralODE`][eqzoo.sciml.NeuralODE]: `True` (default) raises
+      `SolverError` when the solve stops early (under `jax.jit`/`jax.vmap`, at run time through
+      `equinox.error_if`); `False` returns anyway, with `inf` in every output value whose time
+      the solve did not reach: the whole readout for `"final"`, the rows from there on for
+      `"trajectory"` (the earlier rows hold their readouts). The readout sees zeros in
+      place of the unreached states, so no NaN reaches the gradients.
     - `key`: PRNG key for the initial parameters.
     """
 
@@ -94,6 +101,7 @@ class NeuralCDE(eqx.Module):
     output: Literal["final", "trajectory"] = eqx.field(static=True)
     dt0: float | None = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
+    throw: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -111,6 +119,7 @@ class NeuralCDE(eqx.Module):
         adjoint: AdjointLike = "recursive",
         dt0: float | None = None,
         max_steps: int = 4096,
+        throw: bool = True,
         key: PRNGKey,
     ):
         for name, value in [
@@ -131,10 +140,8 @@ class NeuralCDE(eqx.Module):
             raise ConfigError(
                 f"NeuralCDE: output must be 'final' or 'trajectory'; got output={output!r}."
             )
-        solver = diffrax.Tsit5() if solver is None else solver
-        if stepsize_controller is None:
-            stepsize_controller = diffrax.PIDController(rtol=1e-3, atol=1e-6)
-        validate_config("NeuralCDE", solver, stepsize_controller, dt0, max_steps)
+        solver, stepsize_controller = default_solver(solver, stepsize_controller)
+        validate_config("NeuralCDE", solver, stepsize_controller, dt0, max_steps, throw)
         channels = in_channels + int(use_time_channel)
         k_init, k_field, k_out = jax.random.split(key, 3)
         self.initial = eqx.nn.Linear(channels, hidden_size, key=k_init)
@@ -161,6 +168,7 @@ class NeuralCDE(eqx.Module):
         self.output = output
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
+        self.throw = bool(throw)  # a NumPy bool too (validated above)
 
     def _check_length(self, length, times: int):
         """`length` as a Python int (concrete) or a default-int array (traced, checked at run time)."""
@@ -282,7 +290,8 @@ class NeuralCDE(eqx.Module):
 
         **Returns:** the readout at the last valid time (`ts[-1]`, or `ts[length - 1]`), shape
         `(out,)`, when `output` is `"final"`; at every time of `ts`, shape `(times, out)`, when
-        it is `"trajectory"` (rows from `length` on repeat the final readout).
+        it is `"trajectory"` (rows from `length` on repeat the final readout). With
+        `throw=False`, a failed solve gives `inf` at the times it did not reach.
         """
         del key
         path = self.control(ts, xs, length=length)
@@ -312,10 +321,8 @@ class NeuralCDE(eqx.Module):
             t1=t_end,
             owner="NeuralCDE",
         )
-        messages = failure_messages(
-            "NeuralCDE", self.solver, self.stepsize_controller, self.dt0, self.max_steps, sol.ys.dtype
-        )
-        zs = check_result(sol.ys, sol, messages)  # (times or 1, hidden)
+        # (times or 1, hidden); reached: None, or which rows the solve reached (throw=False)
+        zs, reached = solved_states(sol, "NeuralCDE", self, save_ts=self.output == "trajectory")
         if self.output == "final":
-            return self.readout(zs[-1])
-        return jax.vmap(self.readout)(zs)
+            return apply_reached(self.readout, zs[-1], None if reached is None else reached[-1])
+        return apply_reached(jax.vmap(self.readout), zs, reached)

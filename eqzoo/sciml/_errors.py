@@ -27,7 +27,9 @@ class SolverError(EqzooError, RuntimeError):
 
     Raised when a solve run outside `jax.jit`/`jax.vmap` fails, for example because
     `max_steps` was reached. Inside a transformation the same message is raised through
-    `equinox.error_if` (an `equinox.EquinoxRuntimeError`).
+    `equinox.error_if` (an `equinox.EquinoxRuntimeError`). A layer built with `throw=False`
+    (`NeuralODE`, `NeuralCDE`, `LatentODE`) raises neither: it returns `inf` at the times the
+    solve did not reach.
     """
 
 

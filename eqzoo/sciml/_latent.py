@@ -18,7 +18,14 @@ from .._errors import ConfigError, ShapeError, check_floating, check_positive_nu
 from .._typing import PRNGKey
 from ._errors import TimeGridError, check_length, check_start, check_times, is_traced
 from ._node import Autonomous, NeuralODE
-from ._solve import AdjointLike, check_result, diffeqsolve, failure_messages
+from ._solve import (
+    AdjointLike,
+    apply_reached,
+    default_solver,
+    diffeqsolve,
+    solved_states,
+    validate_config,
+)
 
 _LENGTH_EXAMPLE = (
     "jax.vmap(lambda t, x, n: model.loss(t, x, t, x, key=key, length=n, target_length=n))"
@@ -48,6 +55,12 @@ class LatentODE(eqx.Module):
       the decoder MLPs.
     - `solver`, `stepsize_controller`, `adjoint`, `dt0`, `max_steps`: passed to the latent
       [`NeuralODE`][eqzoo.sciml.NeuralODE].
+    - `throw`: as for [`NeuralODE`][eqzoo.sciml.NeuralODE] (and stored on the latent
+      `NeuralODE`, `model.ode.throw`): `True` (default) raises `SolverError` when the decoding
+      solve stops early (under `jax.jit`/`jax.vmap`, at run time through `equinox.error_if`);
+      `False` returns anyway, with `inf` in every predicted row whose time the solve did not
+      reach (the earlier rows hold their predictions), so `loss` is `inf`. The decoder sees zeros
+      in place of the unreached states, so no NaN reaches the gradients.
     - `key`: PRNG key for the initial parameters.
     """
 
@@ -71,6 +84,7 @@ class LatentODE(eqx.Module):
         adjoint: AdjointLike = "recursive",
         dt0: float | None = None,
         max_steps: int = 4096,
+        throw: bool = True,
         key: PRNGKey,
     ):
         for name, value in [
@@ -81,6 +95,9 @@ class LatentODE(eqx.Module):
         ]:
             if value < 1:
                 raise ConfigError(f"LatentODE: {name} must be >= 1; got {name}={value}.")
+        # checked here so that the errors name LatentODE, not the NeuralODE built below
+        solver, stepsize_controller = default_solver(solver, stepsize_controller)
+        validate_config("LatentODE", solver, stepsize_controller, dt0, max_steps, throw)
         k_enc, k_lat, k_ode, k_dec = jax.random.split(key, 4)
         # Input of the GRU: an observation and the time gap to the next one.
         self.encoder = eqx.nn.GRUCell(data_size + 1, hidden_size, key=k_enc)
@@ -102,6 +119,7 @@ class LatentODE(eqx.Module):
             dt0=dt0,
             max_steps=max_steps,
             output="trajectory",
+            throw=throw,
         )
         self.decoder = eqx.nn.MLP(
             latent_size, data_size, width, depth, activation=jax.nn.softplus, key=k_dec
@@ -224,7 +242,7 @@ class LatentODE(eqx.Module):
     def _decode(self, z0, t0, ts, name: str, length=None):
         # checked under the caller's name; one time is fine
         ts = check_times(ts, name, min_points=1, length=length)
-        # a non-finite t0 is left to NeuralODE's check_start, which says so (inf would read here
+        # a non-finite t0 is left to check_start below, which says so (inf would read here
         # as "every time is before t0", NaN as "no time is")
         if (
             not (is_traced(ts) or is_traced(t0))
@@ -237,14 +255,16 @@ class LatentODE(eqx.Module):
                 f"observation and evolved forward from there. Drop the earlier {name} values."
             )
         if length is None:
-            zs = self.ode(z0, ts, t0=t0)  # (times, latent)
-            return jax.vmap(self.decoder)(zs)
-        # Padded times are saved at the last valid time and the solve ends there, so the
-        # steps, hence the valid rows, are those of the unpadded grid.
-        ts = jnp.asarray(ts, dtype=z0.dtype)
-        valid = jnp.arange(ts.shape[0]) < length
-        ts = jnp.where(valid, ts, ts[length - 1])  # (times,), non-decreasing
-        ts = check_start(t0, ts, name)
+            ts = jnp.asarray(check_start(t0, ts, name), dtype=z0.dtype)
+            t1 = None  # ts[-1]
+        else:
+            # Padded times are saved at the last valid time and the solve ends there, so the
+            # steps, hence the valid rows, are those of the unpadded grid.
+            ts = jnp.asarray(ts, dtype=z0.dtype)
+            valid = jnp.arange(ts.shape[0]) < length
+            ts = jnp.where(valid, ts, ts[length - 1])  # (times,), non-decreasing
+            ts = check_start(t0, ts, name)
+            t1 = ts[length - 1]
         ode = self.ode
         sol = diffeqsolve(
             diffrax.ODETerm(ode.vector_field),
@@ -258,14 +278,12 @@ class LatentODE(eqx.Module):
             dt0=ode.dt0,
             max_steps=ode.max_steps,
             t0=jnp.asarray(t0, dtype=z0.dtype),
-            t1=ts[length - 1],
+            t1=t1,
             owner="LatentODE",
         )
-        messages = failure_messages(
-            "LatentODE", ode.solver, ode.stepsize_controller, ode.dt0, ode.max_steps, sol.ys.dtype
-        )
-        zs = check_result(sol.ys, sol, messages)  # (times, latent)
-        return jax.vmap(self.decoder)(zs)
+        # (times, latent); reached: None, or which rows the solve reached (throw=False)
+        zs, reached = solved_states(sol, "LatentODE", ode, save_ts=True)
+        return apply_reached(jax.vmap(self.decoder), zs, reached)
 
     @no_type_check  # checked below with messages that say how to fix the call
     def __call__(

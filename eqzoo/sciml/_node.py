@@ -8,20 +8,23 @@ from typing import Any, Literal, no_type_check
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Real
+from jaxtyping import Array, Float, PyTree, Real
 
-from .._errors import ConfigError, check_floating, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from ._errors import VectorFieldError, check_start, check_times
 from ._solve import (
     AdjointLike,
-    check_result,
+    default_solver,
     diffeqsolve,
-    failure_messages,
     resolve_adjoint,
+    solved_states,
     validate_config,
 )
+
+_CAST = "jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), y0)"
 
 
 class Autonomous(eqx.Module):
@@ -35,7 +38,7 @@ class Autonomous(eqx.Module):
     **Arguments:**
 
     - `module`: any callable (usually an `eqx.Module`) mapping the state to its time derivative,
-      of the same shape.
+      of the same shape (for a pytree state: the same structure and shapes).
     """
 
     module: Callable[..., Any]
@@ -46,8 +49,51 @@ class Autonomous(eqx.Module):
         return self.module(y)
 
 
+def _is_array(x: Any) -> bool:
+    return hasattr(x, "dtype") and hasattr(x, "shape")
+
+
+def check_state(owner: str, y0: Any) -> Any:
+    """The state must be one floating array, or a pytree of floating arrays of one dtype (which
+    the times then take); returns that dtype."""
+    if _is_array(y0):
+        check_floating(owner, y0, "y0", "Convert with y0.astype(jnp.float32).")
+        return y0.dtype
+    leaves = jax.tree_util.tree_leaves_with_path(y0)
+    if not leaves:
+        raise ShapeError(
+            f"{owner}: the state y0 holds no arrays; got {y0!r}. Pass the initial state as an "
+            f"array, or as a pytree of arrays (e.g. {{'x': x0, 'v': v0}})."
+        )
+    for path, leaf in leaves:
+        check_floating(owner, leaf, f"y0{jax.tree_util.keystr(path)}", f"Convert with {_CAST}.")
+    dtypes = {jnp.dtype(leaf.dtype) for _, leaf in leaves}
+    if len(dtypes) > 1:
+        got = ", ".join(f"y0{jax.tree_util.keystr(p)}: {jnp.dtype(a.dtype).name}" for p, a in leaves)
+        raise ShapeError(
+            f"{owner}: the arrays of the state y0 must share one floating dtype; got {got}. "
+            f"Diffrax would promote every leaf to the widest one (and the times take the state's "
+            f"dtype). Cast them to one, e.g. {_CAST}."
+        )
+    return dtypes.pop()
+
+
+def _state_str(y: Any) -> str:
+    """'of shape (2,)' for an array; 'with leaves ['x'] (2,), ['v'] (2,)' for a pytree."""
+    if _is_array(y):
+        return f"of shape {shape_str(y.shape)}"
+    leaves = jax.tree_util.tree_leaves_with_path(y)
+    if not leaves:
+        return f"{y!r} (no arrays)"
+    return "with leaves " + ", ".join(
+        f"{jax.tree_util.keystr(p)} {shape_str(a.shape) if _is_array(a) else type(a).__name__}"
+        for p, a in leaves
+    )
+
+
 def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: Any) -> None:
-    """At trace time: `vector_field(t0, y0, args)` must run and return the shape of `y0`."""
+    """At trace time: `vector_field(t0, y0, args)` must run and return the shape of `y0` (for a
+    pytree state, its structure and the shape of every leaf)."""
     try:
         out = eqx.filter_eval_shape(vector_field, t0, y0, args)
     except (TypeError, ValueError) as err:  # a batched y0 fails as a ValueError (broadcasting)
@@ -55,7 +101,7 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
         hint = (
             "If your module takes only the state, wrap it: eqzoo.sciml.Autonomous(module)."
             if arity else
-            f"Check that the network takes the state y0 as it is, of shape {shape_str(jnp.shape(y0))} "
+            f"Check that the network takes the state y0 as it is, {_state_str(y0)} "
             "(one trajectory: batch several with jax.vmap over the solve, not by a leading axis "
             "on y0)."
         )
@@ -63,6 +109,20 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
             f"{owner}: the vector field is called as f(t, y, args) (Diffrax's convention) and "
             f"that call failed with {type(err).__name__}: {err}. {hint}"
         ) from err
+    if not _is_array(y0):
+        same = jax.tree.structure(out) == jax.tree.structure(y0) and all(
+            _is_array(o) and o.shape == y.shape
+            for o, y in zip(jax.tree.leaves(out), jax.tree.leaves(y0), strict=True)
+        )
+        if not same:
+            raise VectorFieldError(
+                f"{owner}: the vector field must return dy/dt with the structure of the state "
+                f"and the shape of each of its arrays; got state y0 {_state_str(y0)} and "
+                f"f(t, y, args) {_state_str(out)}. Return one "
+                f"derivative per array of the state, in the same container (e.g. "
+                f"{{'x': v, 'v': acceleration}} for the state {{'x': x, 'v': v}})."
+            )
+        return
     out_shape = getattr(out, "shape", None)
     if out_shape != jnp.shape(y0):
         got = shape_str(out_shape) if out_shape is not None else type(out).__name__
@@ -79,7 +139,9 @@ class NeuralODE(eqx.Module):
     """A neural ODE layer: solve `dy/dt = f(t, y, args)` from `y0` over the times `ts`.
 
     `f` is any Equinox module called as `f(t, y, args)` (wrap a state-only network in
-    [`Autonomous`][eqzoo.sciml.Autonomous]). Integration runs from `ts[0]` to `ts[-1]` with
+    [`Autonomous`][eqzoo.sciml.Autonomous]). The state is one floating array or a pytree of
+    floating arrays of one dtype (e.g. `{"x": x, "v": v}` for a second-order system), and `f`
+    returns a derivative of the same structure. Integration runs from `ts[0]` to `ts[-1]` with
     Diffrax; the solver, step-size controller, initial step, step budget and adjoint (how
     gradients are computed) are configuration. Like every eqzoo layer it handles one example:
     batch with `jax.vmap(model, in_axes=(0, None))(y0s, ts)`.
@@ -107,10 +169,12 @@ class NeuralODE(eqx.Module):
     - `output`: `"trajectory"` returns the state at every time of `ts`; `"final"` returns only
       the state at `ts[-1]`.
     - `throw`: `True` (default) raises the `SolverError` above when the solve stops early.
-      `False` returns the states anyway, `inf` at every time the solver did not reach
-      (Diffrax's `throw=False`): what a sampler needs when some parameter draws make the
-      system too stiff to solve. Under `eqzoo.bayes.run_nuts` the non-finite log density is
-      then a rejected, divergent proposal, where the error stopped the whole run.
+      `False` returns the states anyway, `inf` at every time the solver did not reach (the
+      times before it stopped hold their states): what a sampler needs when some parameter
+      draws make the system too stiff to solve. Under `eqzoo.bayes.run_nuts` the non-finite
+      log density is then a rejected, divergent proposal, where the error stopped the whole
+      run. With `output="final"` a failed solve returns `inf` (Diffrax itself would return the
+      last state it reached, at an earlier time).
     """
 
     vector_field: Callable[..., Any]
@@ -134,16 +198,12 @@ class NeuralODE(eqx.Module):
         output: Literal["trajectory", "final"] = "trajectory",
         throw: bool = True,
     ):
-        solver = diffrax.Tsit5() if solver is None else solver
-        if stepsize_controller is None:
-            stepsize_controller = diffrax.PIDController(rtol=1e-3, atol=1e-6)
-        validate_config("NeuralODE", solver, stepsize_controller, dt0, max_steps)
+        solver, stepsize_controller = default_solver(solver, stepsize_controller)
+        validate_config("NeuralODE", solver, stepsize_controller, dt0, max_steps, throw)
         if output not in ("trajectory", "final"):
             raise ConfigError(
                 f"NeuralODE: output must be 'trajectory' or 'final'; got output={output!r}."
             )
-        if not isinstance(throw, bool):
-            raise ConfigError(f"NeuralODE: throw must be True or False; got throw={throw!r}.")
         if not callable(vector_field):
             raise ConfigError(
                 f"NeuralODE: vector_field must be callable as f(t, y, args); got "
@@ -156,12 +216,12 @@ class NeuralODE(eqx.Module):
         self.dt0 = None if dt0 is None else float(dt0)
         self.max_steps = max_steps
         self.output = output
-        self.throw = throw
+        self.throw = bool(throw)  # a NumPy bool too (validated above)
 
     @no_type_check  # checked below with messages that say how to fix the call
     def solve(
         self,
-        y0: Float[Array, "*state"],
+        y0: Float[Array, "*state"] | PyTree[Float[Array, "..."]],
         ts: Real[Array | np.ndarray, " times"],
         args: Any = None,
         *,
@@ -175,14 +235,16 @@ class NeuralODE(eqx.Module):
         **Arguments:** as for `__call__`.
 
         **Returns:** the `diffrax.Solution` (`sol.ys` has shape `(times, *state)` when `output`
-        is `"trajectory"`, `(1, *state)` when it is `"final"`).
+        is `"trajectory"`, `(1, *state)` when it is `"final"`; for a pytree state, each of its
+        arrays gets that leading axis). On a failed solve `sol.ys` is Diffrax's own: `inf` at
+        the times not reached, and for `"final"` the last state reached.
         """
-        check_floating("NeuralODE", y0, "y0", "Convert with y0.astype(jnp.float32).")
+        dtype = check_state("NeuralODE", y0)
         ts = check_times(ts, min_points=2 if t0 is None else 1)
         if t0 is not None:
             ts = check_start(t0, ts)
-            t0 = jnp.asarray(t0, dtype=y0.dtype)
-        ts = jnp.asarray(ts, dtype=y0.dtype)
+            t0 = jnp.asarray(t0, dtype=dtype)
+        ts = jnp.asarray(ts, dtype=dtype)
         check_vector_field("NeuralODE", self.vector_field, ts[0] if t0 is None else t0, y0, args)
         return diffeqsolve(
             diffrax.ODETerm(self.vector_field),
@@ -202,18 +264,23 @@ class NeuralODE(eqx.Module):
     @no_type_check  # checked below with messages that say how to fix the call
     def __call__(
         self,
-        y0: Float[Array, "*state"],
+        y0: Float[Array, "*state"] | PyTree[Float[Array, "..."]],
         ts: Real[Array | np.ndarray, " times"],
         args: Any = None,
         *,
         t0: Real[Array | np.ndarray, ""] | float | None = None,
         key: Any = None,
-    ) -> Float[Array, " times *state"] | Float[Array, "*state"]:
+    ) -> (
+        Float[Array, " times *state"]
+        | Float[Array, "*state"]
+        | PyTree[Float[Array, "..."]]
+    ):
         """Integrate from `y0` at `ts[0]` to `ts[-1]`.
 
         **Arguments:**
 
-        - `y0`: the initial state of one example, any shape.
+        - `y0`: the initial state of one example: a floating array of any shape, or a pytree
+          (dict, tuple, ...) of floating arrays of one dtype.
         - `ts`: strictly increasing, finite times, at least two (one when `t0` is given);
           integration starts at `ts[0]` (or at `t0`) and ends at `ts[-1]`.
         - `args`: passed to the vector field unchanged.
@@ -222,14 +289,11 @@ class NeuralODE(eqx.Module):
         - `key`: unused (the solve is deterministic); accepted for a uniform layer interface.
 
         **Returns:** the states at every time of `ts`, shape `(times, *state)`, when `output` is
-        `"trajectory"`; the state at `ts[-1]`, shape `state`, when it is `"final"`.
+        `"trajectory"`; the state at `ts[-1]`, shape `state`, when it is `"final"`. A pytree
+        state gives the same pytree, each array with that shape. With `throw=False`, a failed
+        solve gives `inf` at the times it did not reach.
         """
         del key
         sol = self.solve(y0, ts, args, t0=t0)
-        ys = sol.ys  # inf at the times a failed solve did not reach
-        if self.throw:
-            messages = failure_messages(
-                "NeuralODE", self.solver, self.stepsize_controller, self.dt0, self.max_steps, sol.ys.dtype
-            )
-            ys = check_result(ys, sol, messages)
-        return ys if self.output == "trajectory" else ys[0]
+        ys, _ = solved_states(sol, "NeuralODE", self, save_ts=self.output == "trajectory")
+        return ys if self.output == "trajectory" else jax.tree.map(lambda y: y[0], ys)

@@ -4,10 +4,11 @@ from typing import Any, Literal, TypeAlias
 
 import diffrax
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import ConfigError
+from .._errors import ConfigError, as_flag
 from ._errors import SolverError, is_traced
 
 AdjointLike: TypeAlias = diffrax.AbstractAdjoint | Literal["recursive", "backsolve", "direct"]
@@ -33,14 +34,30 @@ def resolve_adjoint(adjoint: Any) -> diffrax.AbstractAdjoint:
     )
 
 
+def default_solver(solver: Any, stepsize_controller: Any) -> tuple[Any, Any]:
+    """The solver and controller of every layer when not given: `Tsit5` with
+    `PIDController(rtol=1e-3, atol=1e-6)`."""
+    solver = diffrax.Tsit5() if solver is None else solver
+    if stepsize_controller is None:
+        stepsize_controller = diffrax.PIDController(rtol=1e-3, atol=1e-6)
+    return solver, stepsize_controller
+
+
 def validate_config(
     owner: str,
     solver: Any,
     stepsize_controller: Any,
     dt0: float | None,
     max_steps: int,
+    throw: bool,
 ) -> None:
     """Check the solver configuration of a layer at construction time."""
+    if as_flag(throw) is None:
+        raise ConfigError(
+            f"{owner}: throw must be True or False; got throw={throw!r}. True raises "
+            f"SolverError when the solve stops early; False returns inf wherever the solve did "
+            f"not reach (for samplers)."
+        )
     if not isinstance(solver, diffrax.AbstractSolver):
         raise ConfigError(
             f"{owner}: solver must be a diffrax solver such as diffrax.Tsit5() or "
@@ -131,10 +148,14 @@ def failure_messages(
     return steps, dt_min, other
 
 
+def _succeeded(result):
+    return (result == diffrax.RESULTS.successful) | (result == diffrax.RESULTS.event_occurred)
+
+
 def check_result(ys, sol: diffrax.Solution, messages: tuple[str, str, str]):
     """Raise (eagerly) or attach a runtime error (traced) when `sol` did not succeed."""
     result = sol.result
-    ok = (result == diffrax.RESULTS.successful) | (result == diffrax.RESULTS.event_occurred)
+    ok = _succeeded(result)
     if not is_traced(ok):
         if bool(ok):
             return ys
@@ -147,12 +168,66 @@ def check_result(ys, sol: diffrax.Solution, messages: tuple[str, str, str]):
         raise SolverError(
             f"{messages[index]} (diffrax result: {diffrax.RESULTS[result]}; stats: {stats})"
         )
+    # Under jax.vmap equinox shows the message of the largest index in the batch: a solve that
+    # succeeded must have the smallest, or its "other failure" hid another element's max_steps.
     index = jnp.where(
-        result == diffrax.RESULTS.max_steps_reached,
+        ok,
         0,
-        jnp.where(result == diffrax.RESULTS.dt_min_reached, 1, 2),
+        jnp.where(
+            result == diffrax.RESULTS.max_steps_reached,
+            1,
+            jnp.where(result == diffrax.RESULTS.dt_min_reached, 2, 3),
+        ),
     )
-    return eqx.branched_error_if(ys, ~ok, index, list(messages))
+    return eqx.branched_error_if(ys, ~ok, index, ["(succeeded)", *messages])
+
+
+def _fill(tree: Any, reached: Any, value: float) -> Any:
+    """Every leaf of `tree` with the entries whose leading axes are not `reached` set to
+    `value`; `reached` is a boolean array of those leading axes."""
+
+    def fill(leaf):
+        mask = reached.reshape(reached.shape + (1,) * (jnp.ndim(leaf) - reached.ndim))
+        return jnp.where(mask, leaf, value)
+
+    return jax.tree.map(fill, tree)
+
+
+def solved_states(sol: diffrax.Solution, owner: str, layer: Any, *, save_ts: bool):
+    """The saved states `sol.ys` of a layer's solve, and which saved rows the solve reached.
+
+    `layer` holds the configuration (`solver`, `stepsize_controller`, `dt0`, `max_steps`,
+    `throw`) that the failure message names. With `layer.throw`, a failed solve raises
+    `SolverError` (eagerly, or through `equinox.error_if` when traced) and `reached` is `None`.
+    Without, every row the solve did not reach is `inf` in every leaf, and `reached` is a
+    boolean array with one entry per saved row (shape `(1,)` for `save_ts=False`).
+    """
+    if layer.throw:
+        dtype = jax.tree.leaves(sol.ys)[0].dtype
+        messages = failure_messages(
+            owner, layer.solver, layer.stepsize_controller, layer.dt0, layer.max_steps, dtype
+        )
+        return check_result(sol.ys, sol, messages), None
+    if save_ts:
+        reached = jnp.isfinite(sol.ts)  # Diffrax leaves the times it did not reach at inf
+    else:
+        # SaveAt(t1=True) holds the last state reached, at the time the solve stopped: a
+        # finite value that is not the state at t1
+        reached = jnp.reshape(_succeeded(sol.result), (1,))
+    return _fill(sol.ys, reached, jnp.inf), reached
+
+
+def apply_reached(fn: Any, states: Any, reached: Any) -> Any:
+    """`fn(states)`, with the outputs of the rows the solve did not reach set to `inf`.
+
+    `reached` is `None` (every row was reached) or a boolean array of the leading axes that
+    `states` and `fn`'s output share (`()` for one state). `fn` sees 0 in the unreached rows,
+    not inf: the backward pass of a matrix product multiplies the (zero) cotangent of those
+    rows by the states, and 0 * inf is NaN in the gradients of `fn`'s parameters.
+    """
+    if reached is None:
+        return fn(states)
+    return _fill(fn(_fill(states, reached, 0.0)), reached, jnp.inf)
 
 
 def diffeqsolve(

@@ -245,6 +245,41 @@ def test_cde_length_errors(cde, unchecked):
 
 def test_cde_step_limit(build):
     ts, xs = _series(jax.random.key(6), batch=1)
+
+    def make(throw, key):
+        return sciml.NeuralCDE(
+            2,
+            4,
+            3,
+            width=8,
+            depth=1,
+            max_steps=2,
+            solver=diffrax.Bosh3(),
+            stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+            throw=throw,
+            key=key,
+        )
+
+    strict, lenient = build(lambda key: (make(True, key), make(False, key)), jax.random.key(0))
+    with pytest.raises(
+        sciml.SolverError, match=r"NeuralCDE: .*max_steps=2 was reached.*NeuralCDE\(\.\.\., max_steps=8\)"
+    ):
+        strict(ts[0], xs[0])
+    # throw=False returns: the readout at ts[-1], which the solve did not reach, is inf (Diffrax
+    # alone gives the last state reached, which the readout turned into a finite, wrong answer)
+    out = lenient(ts[0], xs[0])
+    assert out.shape == (3,) and bool(jnp.all(jnp.isinf(out)))
+
+
+def _two_horizons(key, times=4, channels=2):
+    """Two series: one over [0, 0.25], one over [0, 1]. With ConstantStepSize(dt0=0.1) and
+    max_steps=4 the first solve succeeds (3 steps) and the second stops at t=0.4."""
+    ts = jnp.stack([jnp.linspace(0.0, 0.25, times), jnp.linspace(0.0, 1.0, times)])
+    return ts, jax.random.normal(key, (2, times, channels))
+
+
+def test_cde_throw_false_under_jit_and_vmap(build):
+    ts, xs = _two_horizons(jax.random.key(6))
     model = build(
         sciml.NeuralCDE,
         jax.random.key(0),
@@ -253,12 +288,31 @@ def test_cde_step_limit(build):
         3,
         width=8,
         depth=1,
-        max_steps=2,
-        solver=diffrax.Bosh3(),
-        stepsize_controller=diffrax.PIDController(rtol=1e-8, atol=1e-8),
+        output="trajectory",
+        solver=diffrax.Euler(),  # the cheapest to compile
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.1,
+        max_steps=4,
+        throw=False,
     )
-    with pytest.raises(sciml.SolverError, match=r"NeuralCDE: .*max_steps=2 was reached"):
-        model(ts[0], xs[0])
+
+    @eqx.filter_jit
+    def run(model):
+        def loss(m):  # a loss that skips what the failed solve did not reach
+            out = jax.vmap(m)(ts, xs)
+            return jnp.sum(jnp.where(jnp.isfinite(out), out, 0.0) ** 2), out
+
+        return eqx.filter_value_and_grad(loss, has_aux=True)(model)
+
+    (_, rows), grads = run(model)
+    assert rows.shape == (2, 4, 3)
+    # the successful series is whole; the failed one holds its readouts at the times the solve
+    # reached (0 and 1/3) and inf from there on
+    assert bool(jnp.all(jnp.isfinite(rows[0]))) and bool(jnp.all(jnp.isfinite(rows[1, :2])))
+    assert bool(jnp.all(jnp.isinf(rows[1, 2:])))
+    # the readout never saw the inf states, so no NaN reached the gradients
+    assert _finite(grads)
+    assert float(jnp.abs(grads.readout.weight).sum()) > 0
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +345,63 @@ def test_latent_ode_forecast_shapes_vmap_and_grad(latent):
     assert value.shape == () and bool(jnp.isfinite(value))
     assert _finite(grads)
     assert float(jnp.abs(grads.ode.vector_field.module.layers[0].weight).sum()) > 0
+
+
+def _latent_pair(build):
+    """The same LatentODE with throw=True and throw=False, initialised in one compile."""
+
+    def make(throw, key):
+        return sciml.LatentODE(
+            2,
+            3,
+            8,
+            width=8,
+            depth=1,
+            solver=diffrax.Euler(),  # the cheapest to compile
+            stepsize_controller=diffrax.ConstantStepSize(),
+            dt0=0.1,
+            max_steps=4,
+            throw=throw,
+            key=key,
+        )
+
+    return build(lambda key: (make(True, key), make(False, key)), jax.random.key(7))
+
+
+def test_latent_step_limit_names_latent_ode(build):
+    # The error named NeuralODE and told to build a NeuralODE(..., max_steps=16).
+    ts_pred, xs = _two_horizons(jax.random.key(8))
+    ts_obs = jnp.linspace(0.0, 0.2, 4)
+    strict, lenient = _latent_pair(build)
+    with pytest.raises(
+        sciml.SolverError, match=r"^LatentODE: .*max_steps=4 was reached.*LatentODE\(\.\.\., max_steps=16\)"
+    ):
+        strict(ts_obs, xs[1], ts_pred[1])
+    # throw=False returns: the rows the solve reached (times 0 and 1/3) hold predictions, the
+    # others inf
+    pred = lenient(ts_obs, xs[1], ts_pred[1])
+    assert bool(jnp.all(jnp.isfinite(pred[:2]))) and bool(jnp.all(jnp.isinf(pred[2:])))
+
+
+def test_latent_throw_under_jit_and_vmap(build):
+    ts_pred, xs = _two_horizons(jax.random.key(8))
+    ts_obs = jnp.linspace(0.0, 0.2, 4)
+    keys = jax.random.split(jax.random.key(9), 2)
+    lengths = jnp.array([3, 4])  # padded targets: the solve ends at ts_pred[length - 1]
+
+    @eqx.filter_jit
+    def losses(model):
+        loss = lambda x, t, k, n: model.loss(ts_obs, x, t, x, key=k, target_length=n)
+        return jax.vmap(loss)(xs, ts_pred, keys, lengths)
+
+    strict, lenient = _latent_pair(build)
+    # throw=False: the series whose solve failed has an infinite loss, the other a finite one
+    values = losses(lenient)
+    assert bool(jnp.isfinite(values[0])) and bool(jnp.isinf(values[1]))
+    # throw=True: the failed element's message, not "the solver Euler failed" of the element that
+    # succeeded (equinox shows the message of the largest index in the batch)
+    with pytest.raises(Exception, match=r"LatentODE: .*max_steps=4 was reached"):
+        jax.block_until_ready(losses(strict))
 
 
 def test_latent_ode_takes_one_observation_and_one_prediction_time(latent):

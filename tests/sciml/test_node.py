@@ -157,6 +157,92 @@ def test_forward_mode_through_a_reverse_only_adjoint_names_direct():
     np.testing.assert_allclose(grad, jnp.exp(-1.0) * jnp.ones(2), rtol=1e-3)  # solver rtol 1e-3
 
 
+class _SecondOrder(eqx.Module):
+    """x'' = a(x, x'): a learned acceleration, over the state {"x": position, "v": velocity}."""
+
+    accel: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return {"x": y["v"], "v": self.accel(jnp.concatenate([y["x"], y["v"]]))}
+
+
+def test_pytree_state_matches_diffrax():
+    field = _SecondOrder(_mlp(jax.random.key(11), 4, 2))
+    controller = diffrax.PIDController(rtol=1e-5, atol=1e-7)
+    model = sciml.NeuralODE(field, solver=diffrax.Bosh3(), stepsize_controller=controller)
+    y0 = {"x": jnp.array([1.0, -0.5]), "v": jnp.array([0.0, 0.3])}
+    ts = jnp.linspace(0.0, 1.0, 5)
+
+    @eqx.filter_jit
+    def run(model, y0):
+        ys = model(y0, ts)
+        want = diffrax.diffeqsolve(  # the same solve written directly with Diffrax
+            diffrax.ODETerm(model.vector_field),
+            diffrax.Bosh3(),
+            ts[0],
+            ts[-1],
+            None,
+            y0,
+            saveat=diffrax.SaveAt(ts=ts),
+            stepsize_controller=controller,
+        ).ys
+        batch = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), y0)
+        return ys, want, jax.vmap(model, in_axes=(0, None))(batch, ts)
+
+    ys, want, batched = run(model, y0)
+    assert jax.tree.structure(ys) == jax.tree.structure(y0) and ys["x"].shape == (5, 2)
+    for name in ("x", "v"):
+        # the same steps and arithmetic: float32 rounding (stated tolerance 1e-6)
+        np.testing.assert_allclose(ys[name], want[name], atol=1e-6, rtol=0)
+        np.testing.assert_allclose(batched[name][0], ys[name], atol=1e-5, rtol=0)  # batched steps differ
+    np.testing.assert_allclose(ys["x"][0], y0["x"])
+    assert not np.allclose(batched["x"][1], batched["x"][0])
+
+
+def test_pytree_state_final_output_and_throw_false():
+    rotate = lambda t, y, args: (y[1], -y[0])  # a tuple state: x' = v, v' = -x
+    y0 = (jnp.ones(2), jnp.zeros(2))
+    final = sciml.NeuralODE(
+        rotate,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        dt0=0.1,
+        max_steps=4,
+        output="final",
+        throw=False,
+    )
+    x, v = final(y0, jnp.array([0.0, 0.25]))  # 3 steps: reached
+    np.testing.assert_allclose(x, np.cos(0.25), rtol=1e-5)  # Tsit5 at dt=0.1: ~1e-9 local error
+    np.testing.assert_allclose(v, -np.sin(0.25), rtol=1e-5)
+    # the solve stops at 0.4 of 1.0: every array of the final state is inf
+    assert all(bool(jnp.all(jnp.isinf(a))) for a in final(y0, jnp.array([0.0, 1.0])))
+
+
+def test_pytree_state_errors(unchecked):
+    model = sciml.NeuralODE(lambda t, y, args: {"x": y["v"], "v": -y["x"]})
+    ts = jnp.linspace(0.0, 1.0, 3)
+    with unchecked():
+        with pytest.raises(ShapeError, match=r"floating-point y0\['v'\]; got dtype int32\. Convert with jax\.tree\.map"):
+            model({"x": jnp.ones(2), "v": jnp.zeros(2, jnp.int32)}, ts)
+        with pytest.raises(ShapeError, match=r"takes y0\['v'\] as a JAX or NumPy array; got float"):
+            model({"x": jnp.ones(2), "v": 0.0}, ts)
+        with pytest.raises(
+            ShapeError,
+            match=r"share one floating dtype; got y0\['v'\]: bfloat16, y0\['x'\]: float32\. Diffrax would promote",
+        ):
+            model({"x": jnp.ones(2), "v": jnp.zeros(2, jnp.bfloat16)}, ts)
+        with pytest.raises(ShapeError, match=r"the state y0 holds no arrays; got \{\}"):
+            model({}, ts)
+        wrong = sciml.NeuralODE(lambda t, y, args: {"x": y["v"]})
+        with pytest.raises(
+            sciml.VectorFieldError,
+            match=r"structure of the state .*got state y0 with leaves \['v'\] \(2,\), \['x'\] \(3,\) and "
+            r"f\(t, y, args\) with leaves \['x'\] \(2,\)\. Return one derivative per array",
+        ):
+            wrong({"x": jnp.ones(3), "v": jnp.zeros(2)}, ts)
+        with pytest.raises(sciml.VectorFieldError, match=r"with leaves \['v'\] \(2,\), \['x'\] \(2,\) and f\(t, y, args\) of shape \(4,\)"):
+            sciml.NeuralODE(lambda t, y, args: jnp.zeros(4))({"x": jnp.ones(2), "v": jnp.zeros(2)}, ts)
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -207,6 +293,10 @@ def test_state_only_module_needs_the_autonomous_wrapper():
     # used to escape as JAX's bare "Incompatible shapes for broadcasting".
     with pytest.raises(sciml.VectorFieldError, match=r"failed with ValueError: Incompatible shapes.*of shape \(2, 2\) \(one trajectory: batch several with jax\.vmap"):
         sciml.NeuralODE(sciml.Autonomous(mlp))(jnp.ones((2, 2)), jnp.linspace(0.0, 1.0, 3))
+
+
+def _decay(t, y, args):
+    return -y
 
 
 def _stiff(t, y, args):
@@ -265,6 +355,50 @@ def test_step_limit_with_constant_step(unchecked):
     assert np.isinf(ys[2, 0])
     with unchecked(), pytest.raises(ConfigError, match=r"throw must be True or False; got throw='no'"):
         sciml.NeuralODE(lambda t, y, args: -y, throw="no")
+
+
+def test_throw_false_gives_inf_where_the_solve_did_not_reach_under_jit_and_vmap():
+    # ConstantStepSize(dt0=0.1) with max_steps=4: the series ending at 0.25 takes 3 steps and
+    # succeeds, the one ending at 1.0 runs out. Batched times: one compiled program for both.
+    def layer(output, throw):
+        return sciml.NeuralODE(
+            _decay,  # one function, so the eager calls below share Diffrax's compiled solve
+            stepsize_controller=diffrax.ConstantStepSize(),
+            dt0=0.1,
+            max_steps=4,
+            output=output,
+            throw=throw,
+        )
+
+    ts = jnp.array([[0.0, 0.1, 0.25], [0.0, 0.1, 1.0]])
+    y0s = jnp.ones((2, 1))
+    # one program for both layers: compile time dominates
+    run = eqx.filter_jit(lambda a, b, y0s, ts: (jax.vmap(a)(y0s, ts), jax.vmap(b)(y0s, ts)))
+    ys, finals = run(layer("trajectory", False), layer("final", False), y0s, ts)
+    # the series that succeeded is untouched (Tsit5: e^-t to 1e-6)
+    np.testing.assert_allclose(ys[0, :, 0], np.exp([0.0, -0.1, -0.25]), rtol=1e-6)
+    np.testing.assert_allclose(finals[0], ys[0, -1], rtol=1e-6)
+    np.testing.assert_allclose(ys[1, :2, 0], np.exp([0.0, -0.1]), rtol=1e-6)  # reached
+    assert np.isinf(ys[1, 2, 0])
+    # "final" too: Diffrax alone returns the last state it reached (e^-0.4, at t=0.4), a
+    # finite value that is not the state at ts[-1]
+    assert np.isinf(finals[1, 0])
+    assert np.isinf(layer("final", False)(jnp.ones(1), ts[1])[0])  # eagerly
+    with pytest.raises(sciml.SolverError, match=r"max_steps=4 was reached .*max_steps=16"):
+        layer("final", True)(jnp.ones(1), ts[1])
+
+
+@pytest.mark.parametrize("layer", ["NeuralODE", "NeuralCDE", "LatentODE"])
+def test_every_solving_layer_checks_throw(layer, unchecked):
+    make = {
+        "NeuralODE": lambda throw: sciml.NeuralODE(_decay, throw=throw),
+        "NeuralCDE": lambda throw: sciml.NeuralCDE(2, 4, 3, throw=throw, key=jax.random.key(0)),
+        "LatentODE": lambda throw: sciml.LatentODE(2, 3, 8, throw=throw, key=jax.random.key(0)),
+    }[layer]
+    with unchecked(), pytest.raises(
+        ConfigError, match=rf"^{layer}: throw must be True or False; got throw=1\. True raises SolverError"
+    ):
+        make(1)
 
 
 def test_bad_configuration(unchecked):
