@@ -297,8 +297,20 @@ def _modules_to_write(model, sites: list[_Site]) -> dict[str, list[tuple[_Site, 
     if experts:
         raise HFFormatError(
             f"save_peft: the expert weights {experts} have adapters (eqzoo.peft.LoRAWeight); PEFT's per-expert "
-            "layout is not written by eqzoo. Adapt the model with experts=False, or merge (eqzoo.peft.merge) and "
-            "save the whole model with eqzoo.hf.save_pretrained."
+            "layout is not written by eqzoo. Adapt the attention only, eqzoo.peft.lora(base, targets='attn', ...) "
+            "(the routers cannot be written either), or merge (eqzoo.peft.merge) and save the whole model with "
+            "eqzoo.hf.save_pretrained."
+        )
+    routers = [p for p, _ in found if p.rsplit(".", 1)[-1] == "router"]
+    if routers:
+        # transformers 5 holds a router as its own module (MixtralTopKRouter), not an nn.Linear that
+        # PEFT adapts, under another name than the checkpoint's `block_sparse_moe.gate`: PEFT
+        # could not load the adapter. Refused rather than written.
+        raise HFFormatError(
+            f"save_peft: the mixture-of-experts routers {routers} have adapters, which PEFT cannot load onto "
+            "transformers' routers (not linear layers there). Adapt the attention only, "
+            "eqzoo.peft.lora(base, targets='attn', ...), or merge (eqzoo.peft.merge) and save the whole model "
+            "with eqzoo.hf.save_pretrained."
         )
     unmapped = [p for p, _ in found if p not in by_path]
     if unmapped:
@@ -402,7 +414,7 @@ def save_peft(model, path: str | os.PathLike[str], *, base_model_name_or_path: s
     **Arguments:**
 
     - `model`: an adapted GPT-2, Llama-family, Gemma, Mixtral (adapters on its linear layers,
-      not its experts) or ViT.
+      not its experts or routers) or ViT.
     - `path`: the folder to write (created if needed).
     - `base_model_name_or_path`: recorded in `adapter_config.json`, where
       `AutoPeftModelForCausalLM` reads which base to load (a hub name or a folder).
@@ -410,7 +422,8 @@ def save_peft(model, path: str | os.PathLike[str], *, base_model_name_or_path: s
     **Returns:** the folder's path.
 
     **Raises:** `HFFormatError` for a model with no adapters, adapters on expert weights
-    (`eqzoo.peft.LoRAWeight`), or a model kind `eqzoo.hf` does not export.
+    (`eqzoo.peft.LoRAWeight`) or on mixture-of-experts routers (transformers' routers are not
+    linear layers PEFT adapts), or a model kind `eqzoo.hf` does not export.
     """
     _check_model(model, "save_peft")
     safetensors_numpy = require("safetensors.numpy", "hf")

@@ -74,7 +74,9 @@ def quantize(
       layer's input size.
 
     **Returns:** the quantized model. **Raises:** `ConfigError` if a target matches no linear
-    layer or a layer that is already quantized (or adapted: quantize before adding LoRA), if
+    layer or a layer that is already quantized, if a selected layer is wrapped (a LoRA
+    adapter, an fp8 training layer: it would stay float beside the quantized rest; merge LoRA
+    first, or quantize before adding it), if
     the model is already quantized, if a selected weight is not floating point, if `bits` is
     not 4 or 8, if `group_size` does not divide a selected layer's input size (naming the
     layer), or if a layer of a QAT model is asked for another grid than `prepare_qat` trained
@@ -100,6 +102,18 @@ def quantize(
         raise ConfigError(
             "quantize: the model has no float linear layer to quantize; its linear layers are "
             f"{[f'{p} ({type(x).__name__})' for p, x in selected] or 'none'}.{_wrapped_hint(selected)}"
+        )
+    # Wrapped layers (LoRA adapters, fp8 training layers) would stay float beside the quantized
+    # rest: a model that looks quantized and is not, where the layers were fine-tuned.
+    wrapped = [(p, x) for p, x in selected if not skipped(p) and isinstance(x, AbstractLinear)
+               and not isinstance(x, QuantizedLinear | FakeQuantLinear)]
+    if wrapped:
+        names = [f"{p} ({type(x).__name__})" for p, x in wrapped]
+        raise ConfigError(
+            f"quantize: {names[:4]}{' ...' if len(names) > 4 else ''} ({len(names)} layer(s)) wrap their linear "
+            "layers and would stay float while the rest is quantized. To deploy a LoRA fine-tune, merge the "
+            "adapters first: eqzoo.quant.quantize(eqzoo.peft.merge(model)); to fine-tune on an int8 base (QLoRA), "
+            f"quantize before adding them; or name the other layers in targets.{_wrapped_hint(wrapped)}"
         )
 
     def one(path, layer):

@@ -305,8 +305,11 @@ def test_peft_adapters_eqzoo_cannot_map_are_refused(hf_checkpoints, loaded, tmp_
     assert not np.any(np.asarray(q_proj.lora_b[0])) and np.array_equal(np.asarray(q_proj.lora_a[1]), good[f"{PREFIX}{q.format(1)}.lora_A.weight"])
     # writing: expert adapters and a model without adapters
     mixtral = eqzoo.models.create("tiny-mixtral", key=jax.random.key(0))
-    with pytest.raises(HFFormatError, match=r"expert weights .* have adapters .*experts=False"):
+    with pytest.raises(HFFormatError, match=r"expert weights .* have adapters .*targets='attn'"):
         eqzoo.hf.save_peft(peft.lora(mixtral, rank=2, key=jax.random.key(1)), tmp_path / "moe")
+    # transformers 5's routers are not linear layers: PEFT could not load a router adapter
+    with pytest.raises(HFFormatError, match=r"routers \['blocks\.layers\.mlp\.router'\] have adapters.*targets='attn'"):
+        eqzoo.hf.save_peft(peft.lora(mixtral, rank=2, experts=False, key=jax.random.key(1)), tmp_path / "moe")
     with pytest.raises(HFFormatError, match="has no LoRA adapters"):
         eqzoo.hf.save_peft(base, tmp_path / "none")
 

@@ -255,6 +255,11 @@ def test_bad_weights_are_refused():
         quant.quantize({"w": jnp.ones(3)})
     with pytest.raises(ConfigError, match=r"0 \(_Wrapped\)'\]\. Quantize before wrapping layers"):
         quant.quantize([_Wrapped(lin)])  # e.g. a LoRA adapter
+    # Some layers adapted: they stayed float beside the quantized rest, silently.
+    with pytest.raises(ConfigError, match=r"\['1 \(_Wrapped\)'\] \(1 layer\(s\)\) wrap their linear layers and would stay "
+                       r"float.*eqzoo.quant.quantize\(eqzoo.peft.merge\(model\)\).*Quantize before wrapping"):
+        quant.quantize([lin, _Wrapped(lin)])
+    assert isinstance(quant.quantize([lin, _Wrapped(lin)], targets="^0$")[0], quant.QuantizedLinear)
     diverged = eqx.tree_at(lambda m: m.weight, lin, lin.weight.at[1, 2].set(jnp.nan).at[0, 0].set(jnp.inf))
     with pytest.raises(ConfigError, match=r"the weight holds 2 NaN or infinite value\(s\)"):
         quant.quantize([diverged])
@@ -612,6 +617,9 @@ def test_targets_that_name_a_mixture_of_experts_layer_reach_its_experts():
         quant.quantize(model, targets="ffn")
     adapted = peft.lora(model, rank=2, targets="mlp", key=jax.random.key(1)).blocks.layers.mlp
     assert isinstance(adapted.router, peft.LoRALinear) and isinstance(adapted.gate_proj, peft.LoRAWeight)
+    with pytest.raises(ConfigError, match=r"\['blocks\.layers\.attn\.q_proj \(LoRALinear\)', 'blocks\.layers\.attn\.v_proj \(LoRALinear\)'\] "
+                       r"\(2 layer\(s\)\) wrap their linear layers and would stay float"):
+        quant.quantize(peft.lora(model, rank=2, targets="q_proj|v_proj", experts=False, key=jax.random.key(1)))
     with pytest.raises(ConfigError, match=r"targets 'up_proj' name only expert weights, but experts=False"):
         quant.quantize(model, targets="up_proj", experts=False)
     # QAT leaves routers float, as quantize does: the deployed model's router is the trained one
