@@ -152,6 +152,7 @@ class Checkpointer:
         self._run: dict[str, Any] | None = None
         self._set_by_restore: frozenset[str] = frozenset()  # injected values the last restore was told to set
         self._signals = StopSignals(handle_signals)
+        self._stop_honoured = False  # should_stop said True: the next run forgets the signal
         track_open(self)
 
     # ------------------------------------------------------------------ listing
@@ -286,8 +287,14 @@ class Checkpointer:
         (`hyperparams={...}`, or all of them with `hyperparams="target"`) are changed on purpose
         and not named.
 
+        A signal that already stopped a run (`should_stop` returned `True`) is forgotten here, so
+        a run started again with this Checkpointer (in a notebook, say) trains on and stops at
+        the next signal; one received before the run started still stops it.
+
         **Raises:** `CheckpointError` if `run` is not JSON-able.
         """
+        if self._stop_honoured:
+            self._signals.received, self._stop_honoured = None, False
         self._run = run_record(run)
         if step in self.all_steps():
             warn_changed_run(
@@ -301,11 +308,13 @@ class Checkpointer:
         if self._signals.received is None or self._current_step is None or self._current_step != self._last_saved:
             return False
         self.wait()
+        self._stop_honoured = True
         return True
 
     @property
     def stop_signal(self) -> int | None:
-        """The signal number that asked training to stop, or `None`."""
+        """The signal number that asked training to stop, or `None` (again once the next run
+        begins: `begin_run`)."""
         return self._signals.received
 
     def wait(self) -> None:
@@ -412,6 +421,9 @@ class Checkpointer:
                 f"Checkpointer.restore needs a TrainState target (real or from abstract_state); got {type(target).__name__}."
             )
         chosen = check_choice(hyperparams, target, state_names(target))
+        # Steps moved out of the directory by hand since (a damaged one, as the error below
+        # suggests) must leave the manager's list too, or saving that step again fails.
+        self._manager.reload()
         candidates = pick_steps(self._directory, step, existed=self._existed)
         if step is not None or not self._fallback:
             candidates = candidates[:1]

@@ -2,7 +2,9 @@
 not yet closed is closed by one exit hook."""
 
 import atexit
+import sys
 import threading
+import traceback
 import weakref
 from typing import Any
 
@@ -11,8 +13,13 @@ _hook_registered = False
 
 
 def _close_open_at_exit() -> None:
+    # Every one is closed even when one's pending save fails: an error here would end the loop
+    # (and threading prints it and exits 0), leaving the others' saves unwritten.
     for ckpt in list(OPEN):
-        ckpt.close()
+        try:
+            ckpt.close()
+        except Exception:
+            sys.stderr.write(f"eqzoo.checkpoint: closing {ckpt!r} at exit failed:\n{traceback.format_exc()}")
 
 
 def track_open(ckpt: Any) -> None:

@@ -164,8 +164,16 @@ def check_choice(choice: Any, target, names: tuple[str, ...]) -> Resolved:
     return choice
 
 
+def _local(x):
+    """A host copy of a (replicated) scalar: one local copy of an array a multi-process run does
+    not fully address, which `np.asarray` of the whole refuses."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
 def _show(x) -> str:
-    value = np.asarray(x)
+    value = _local(x)
     return repr(value.item()) if value.size == 1 else np.array2string(value, threshold=6)
 
 
@@ -177,7 +185,7 @@ def reconcile(target, arrays: tuple, names: tuple[str, ...], choice: Resolved, w
     differ = []
     for i in hyperparam_positions(target):
         mine = target.arrays[i]
-        if i not in chosen and isinstance(mine, jax.Array) and not np.array_equal(np.asarray(arrays[i]), np.asarray(mine)):
+        if i not in chosen and isinstance(mine, jax.Array) and not np.array_equal(_local(arrays[i]), _local(mine)):
             differ.append(i)
     out = list(arrays)
     for i, value in chosen.items():

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Sharding
 
 from ..train import TrainState
-from ._errors import CheckpointCorruptError
+from ._errors import CheckpointCorruptError, CheckpointError
 from ._hyperparams import Resolved, reconcile
 from ._integrity import check_step_files
 from ._meta import (
@@ -70,7 +70,17 @@ def restore_step(
     try:
         stored = _read_arrays(manager, step, abstract, restore_args)
     except Exception as err:  # TensorStore read failures surface as several exception types
-        bad = _unreadable(manager, step, abstract, restore_args)
+        # Every file passed its checksum above. Damage (a file rewritten since) shows as an array
+        # that fails read alone; a read that fails whole but not array by array, or for want of
+        # memory, is no damage: it must not send the step to `fallback_to_intact`'s quarantine.
+        bad = [] if _out_of_memory(err) else _unreadable(manager, step, abstract, restore_args)
+        if not bad:
+            raise CheckpointError(
+                f"step {step} in {directory}: reading the arrays failed, though every file matches its checksum "
+                f"and no array fails read alone, so the step is intact (it was not moved aside): "
+                f"{str(err).splitlines()[0][:300]}. Out of device memory? Restore onto more devices (shardings=) "
+                "or free memory, then retry."
+            ) from err
         raise CheckpointCorruptError(
             f"step {step} in {directory}: reading the arrays failed for parameter(s) {bad}: "
             f"{str(err).splitlines()[0][:300]}",
@@ -86,6 +96,19 @@ def restore_step(
 def _read_arrays(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
     args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
     return manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) says memory ran out: XLA's
+    `RESOURCE_EXHAUSTED`, or a `MemoryError`."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        text = str(err)
+        if isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _unreadable(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict) -> list[str]:

@@ -2,6 +2,7 @@
 a run that trains on from a step with other settings or from an older step."""
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,8 +31,13 @@ def run_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
     return [
         f"{k}: saved {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}"
         for k in sorted(set(a) | set(b))
-        if a.get(k, "<absent>") != b.get(k, "<absent>")
+        if not _same(a.get(k, "<absent>"), b.get(k, "<absent>"))
     ]
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal, a NaN setting (`run_config={"clip": float("nan")}`) equal to itself."""
+    return x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
 
 
 def run_record(run: Mapping[str, Any]) -> dict[str, Any]:

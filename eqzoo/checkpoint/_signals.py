@@ -19,7 +19,9 @@ class StopSignals:
         if install and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous = signal.getsignal(sig)
-                if previous == signal.SIG_IGN:  # the process ignores it (nohup, a runner): so do we
+                # SIG_IGN: the process ignores it (nohup, a runner), so do we; None: a handler set
+                # from C, which Python can neither call nor put back, so it stays in place
+                if previous == signal.SIG_IGN or previous is None:
                     continue
                 self._previous_handlers[sig] = previous
                 signal.signal(sig, self._on_signal)

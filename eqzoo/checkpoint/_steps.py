@@ -59,10 +59,16 @@ def remove_unfinished(directory: Path) -> None:
 
 
 def quarantine(manager: ocp.CheckpointManager, directory: Path, step: int) -> str:
-    """Move a damaged step aside to `corrupt-<step>-<time>` (in process 0); returns where it is."""
-    if jax.process_index() != 0:
-        return str(directory / str(step))
+    """Move a damaged step aside to `corrupt-<step>-<time>` (process 0 moves it, every process
+    calls this); returns where it is. Every process then re-reads its manager's step list
+    (after a barrier, so that it sees the move): one still listing the step would refuse to
+    save it again when training reaches it."""
     dest = directory / f"corrupt-{step}-{int(time.time())}"
-    os.replace(directory / str(step), dest)
+    if jax.process_index() == 0:
+        os.replace(directory / str(step), dest)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"eqzoo_quarantine_{step}")
     manager.reload()
-    return str(dest)
+    return str(dest) if jax.process_index() == 0 else str(directory / str(step))

@@ -152,7 +152,8 @@ def _advance(model, state: DecodeState) -> tuple[DecodeState, Int[Array, " slots
     # a stop sequence matches where each of its ids does (its -1 padding matches anything);
     # a row of -1s (its last id -1) is no sequence
     ends = jnp.all((state.stops < 0) | (recent[:, None, :] == state.stops), axis=-1) & (state.stops[..., -1] >= 0)
-    stopped = jnp.any((tok[:, None] == state.eos) | ends, axis=-1) & live | (remaining <= 0)
+    # (slots, stop_ids) and (slots, stop_sequence_count): reduced apart, their widths may differ
+    stopped = (jnp.any(tok[:, None] == state.eos, axis=-1) | jnp.any(ends, axis=-1)) & live | (remaining <= 0)
 
     def decode(tok, cache, position):
         logits, cache = model.decode(tok[None], cache, position, batch_size=slots)

@@ -96,7 +96,10 @@ def serve(
     a request that ends frees its slot for the next one.
 
     `requests` is read lazily, one request per free slot, so it may be a generator of requests
-    as they arrive. Each request is checked when it is admitted. A bad one (not a `Request`,
+    as they arrive. `serve` waits on it whenever a slot is free, before it yields the tokens
+    already decoded: a generator that blocks until the next request arrives holds back the
+    requests in flight meanwhile, so give one that returns promptly (ends, or has a request)
+    and call `serve` again for requests that come later. Each request is checked when it is admitted. A bad one (not a `Request`,
     an id that is not hashable, a prompt no bucket holds, a budget past `max_len`, a bad
     setting: whatever `DecodeEngine.insert` would refuse, each a `ConfigError` or
     `ShapeError`) is by default refused on its own: `serve` yields one event for it, `done`

@@ -88,6 +88,21 @@ def test_fallback_restores_previous_intact_step_and_moves_damage_aside(saved, ck
     same_state(ckpt.restore(state_factory()).state, saved[10])
 
 
+def test_a_damaged_step_moved_aside_by_hand_is_saved_again(saved, ckpt_dir, open_checkpointer, state_factory, same_state):
+    # As the error advises, without fallback_to_intact: the user moves the step out of the
+    # directory and restores again with the same Checkpointer; orbax's list of steps still held
+    # it, so saving that step again failed with orbax's "already exists".
+    _flip_byte(_array_file(ckpt_dir, 10))
+    ckpt = open_checkpointer(ckpt_dir)
+    with pytest.raises(checkpoint.CheckpointCorruptError, match=r"move .*10 out of"):
+        ckpt.restore(state_factory())
+    shutil.move(ckpt_dir / "10", ckpt_dir.parent / "damaged-10")
+    same_state(ckpt.restore(state_factory()).state, saved[5])
+    assert ckpt.save(saved[10], step=10)
+    ckpt.wait()
+    assert ckpt.all_steps() == [5, 10]
+
+
 def test_explicit_step_never_falls_back(saved, ckpt_dir, open_checkpointer, state_factory):
     _flip_byte(_array_file(ckpt_dir, 10))
     ckpt = open_checkpointer(ckpt_dir, fallback_to_intact=True)
@@ -125,6 +140,24 @@ def test_missing_manifest(saved, ckpt_dir, open_checkpointer, state_factory):
     ckpt = open_checkpointer(ckpt_dir)
     with pytest.raises(checkpoint.CheckpointCorruptError, match="the checksum manifest .* is missing or unreadable"):
         ckpt.restore(state_factory())
+
+
+def test_a_read_that_runs_out_of_memory_is_not_damage(saved, ckpt_dir, open_checkpointer, state_factory, monkeypatch):
+    # Device memory running out while the arrays are read (XLA's RESOURCE_EXHAUSTED, which a CPU
+    # test cannot provoke, so the read raises it here) read as damage: with fallback_to_intact
+    # the newest, intact step was moved aside and an older one restored.
+    from eqzoo.checkpoint import _restore
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.00GiB.")
+
+    monkeypatch.setattr(_restore, "_read_arrays", exhausted)
+    ckpt = open_checkpointer(ckpt_dir, fallback_to_intact=True)
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 10 in .*: reading the arrays failed, though every file matches "
+                       r"its checksum .* so the step is intact \(it was not moved aside\): RESOURCE_EXHAUSTED") as info:
+        ckpt.restore(state_factory())
+    assert not isinstance(info.value, checkpoint.CheckpointCorruptError)
+    assert ckpt.all_steps() == [5, 10] and not list(ckpt_dir.glob("corrupt-*"))
 
 
 def test_unreadable_array_that_passes_its_checksum(saved, ckpt_dir, open_checkpointer, state_factory, monkeypatch):

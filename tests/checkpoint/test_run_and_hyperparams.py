@@ -244,3 +244,11 @@ def test_fit_records_injected_values_and_warns_when_a_resume_changes_them(ckpt_d
     ckpt_dir = ckpt_dir.with_name("older")
     _, changed = resume(4)
     assert changed == []
+
+
+def test_a_nan_setting_is_not_a_change():
+    from eqzoo.checkpoint._run import run_differences
+
+    saved = {"num_steps": 10, "run_config": {"clip": float("nan"), "lr": 0.1}}
+    assert run_differences(saved, {"num_steps": 10, "run_config": {"clip": float("nan"), "lr": 0.1}}) == []
+    assert run_differences(saved, {"num_steps": 10, "run_config": {"clip": 1.0, "lr": 0.1}}) == ["run_config.clip: saved nan, now 1.0"]

@@ -108,6 +108,20 @@ def test_greedy_serving_equals_decoding_each_prompt_alone(name, overrides, compi
     assert log.compiled == []
 
 
+def test_stop_id_and_stop_sequence_widths_may_differ(gpt2):
+    # The engine compared each token with (slots, stop_ids) eos ids and (slots,
+    # stop_sequence_count) sequences in one broadcast: other widths than equal ones failed.
+    prompts = _prompts()[:3]
+    plain = _served(_engine(gpt2), [Request(p, 8, id=i) for i, p in enumerate(prompts)])
+    eos, stop = plain[0][3], plain[1][2:4]  # request 0 ends at an eos id, request 1 at a sequence
+    requests = [Request(p, 8, id=i, eos_token=[eos, 255], stop_sequences=[[255, 254], stop, [253, 252, 251]])
+                for i, p in enumerate(prompts)]
+    engine = DecodeEngine(gpt2, slots=2, max_len=24, steps_per_call=3, stop_ids=2, stop_sequence_count=3)
+    got = _served(engine, requests)
+    assert got == {i: _cut(row, eos, stop) for i, row in plain.items()}
+    assert len(got[0]) <= 4 and len(got[1]) <= 4
+
+
 def test_each_request_follows_its_own_key_and_greedy_rows_match(gpt2, compile_log):
     """Sampled tokens depend on the request's key and settings only (the draws of
     `eqzoo.generate` with them), not on its slot or neighbours; a greedy request among sampled

@@ -183,10 +183,16 @@ def test_a_signal_between_logs_still_logs_the_window(steps, tmp_path):
     ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", save_every=100)
     try:
         result = train.fit(_state(), train_step, signalling(), num_steps=10, log_every=5, checkpointer=ckpt)
+        assert result.stopped_early and int(result.state.step) == 4 and ckpt.all_steps() == [4]
+        assert [r["step"] for r in result.history] == [4] and "train/loss" in result.history[0]
+        # Run again with the same Checkpointer (a notebook): the signal it stopped on is spent;
+        # it saved every step and stopped after one.
+        again = train.fit(result.state, train_step, batches(4), num_steps=10, log_every=5, checkpointer=ckpt)
+        ckpt.wait()
+        assert not again.stopped_early and int(again.state.step) == 10 and ckpt.all_steps() == [4, 10]
+        assert ckpt.stop_signal is None
     finally:
         ckpt.close()
-    assert result.stopped_early and int(result.state.step) == 4 and ckpt.all_steps() == [4]
-    assert [r["step"] for r in result.history] == [4] and "train/loss" in result.history[0]
 
 
 def test_the_loader_is_checked_against_the_state_step(steps):
