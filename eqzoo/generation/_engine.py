@@ -20,13 +20,27 @@ from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
 from ._decode_step import DecodeState, _step
-from ._generate import check_count, check_key, check_model, decoding_model, loop_key, resolve_unroll
+from ._generate import (
+    check_count,
+    check_key,
+    check_model,
+    decoding_model,
+    loop_key,
+    resolve_unroll,
+    typed_key,
+)
 from ._prefix import Prefix, _prefill_prefix, check_prefix, check_prefix_tokens, prefixed_rows
 from ._processors import logit_bias_vector
 from ._prompts import as_prompts
 from ._sampling import check_sampling, check_stop_sequences, check_stop_tokens, top_k_setting
 from ._speculative import _dropless
 from ._stream import _join_model, _split_model
+
+
+@functools.cache
+def _state_key_dtype():
+    """The dtype of the keys `_init` gives the slots: the default PRNG implementation's."""
+    return jax.eval_shape(lambda: jax.random.key(0)).dtype
 
 
 @functools.partial(jax.jit, static_argnames=("skeleton", "slots", "max_len", "cache_dtype", "stop_ids", "stop_shape", "bias_ids"))
@@ -441,6 +455,11 @@ class DecodeEngine:
             )
         self._bucket(prompt.shape[0], who)  # refused here, before serve books the slot, if no bucket holds it
         check_key(key, who)
+        if key is not None and typed_key(key).dtype != _state_key_dtype():  # the slots' keys are stacked together
+            raise ConfigError(
+                f"{who}: the key is a {typed_key(key).dtype} key, but the engine's slots hold {_state_key_dtype()} keys "
+                "(JAX's default implementation); make it with jax.random.key(seed)."
+            )
         check_sampling(temperature, top_k, top_p, min_p, repetition_penalty)
         if as_flag(return_logprobs) is None:
             raise ConfigError(f"{who}: return_logprobs must be True or False, got {return_logprobs!r}.")

@@ -173,6 +173,8 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
         engine.insert(state, 0, prompt, max_new_tokens=19)
     with pytest.raises(ConfigError, match=r"slot must be an int in \[0, 2\), got 2"):
         engine.insert(state, 2, prompt, max_new_tokens=2)
+    with pytest.raises(ConfigError, match=r"key is a key<rbg> key, but the engine's slots hold key<fry> keys.*jax.random.key\(seed\)"):
+        engine.insert(state, 1, prompt, max_new_tokens=2, key=jax.random.key(0, impl="rbg"), temperature=1.0)
     state = engine.insert(state, 0, prompt, max_new_tokens=8)
     with pytest.raises(ConfigError, match=r"slot 0 is still decoding a request; insert into a free slot \(free: \[1\]\)"):
         engine.insert(state, 0, prompt, max_new_tokens=2)
