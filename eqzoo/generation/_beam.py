@@ -255,6 +255,11 @@ def _check_beam_settings(num_beams, num_return_sequences, length_penalty, early_
     early = "never" if isinstance(early_stopping, str) and early_stopping == "never" else as_flag(early_stopping)
     if early is None:
         raise ConfigError(f"generate_beam: early_stopping must be True, False or 'never' (transformers'), got {early_stopping!r}.")
+    if "stop_sequences" in unknown:
+        raise ConfigError(
+            "generate_beam takes no stop_sequences: its hypotheses end at the eos ids only (eos_token=...). "
+            "To stop at a sequence, decode with eqzoo.generate (or generate_batch), which takes stop_sequences."
+        )
     if unknown:
         raise ConfigError(f"generate_beam got unexpected keyword arguments {sorted(unknown)}; see its docstring for the ones it takes.")
     return float(length_penalty), early

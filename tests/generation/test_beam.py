@@ -36,6 +36,7 @@ PROMPT = jnp.array([5, 17, 42, 7, 99], jnp.int32)
          r"beam sampling \(do_sample=True\) needs a temperature > 0 .*For the deterministic search pass do_sample=False"),
         (dict(do_sample=True, key=jax.random.key(0), top_p=1.5), ConfigError, r"top_p must be in \(0, 1\] or None, got 1.5"),
         (dict(num_beam=4), ConfigError, r"generate_beam got unexpected keyword arguments \['num_beam'\]"),
+        (dict(stop_sequences=[[1, 2]]), ConfigError, r"generate_beam takes no stop_sequences: .*eqzoo.generate"),
         (dict(early_stopping="sometimes"), ConfigError, r"early_stopping must be True, False or 'never' .*got 'sometimes'"),
         (dict(length_penalty=float("nan")), ConfigError, r"length_penalty must be a finite number .*got nan"),
         (dict(repetition_penalty=0.0), ConfigError, r"repetition_penalty must be a finite number > 0 .*got 0.0"),
