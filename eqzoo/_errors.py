@@ -43,8 +43,8 @@ def require(module: str, extra: str) -> ModuleType:
 def as_flag(value) -> bool | None:
     """`value` as a Python `bool` when it is one or a NumPy bool (`np.True_`, which NumPy
     comparisons and a boolean array's items give); `None` for anything else (`1`, `"yes"`, an
-    array), which the caller refuses with a message of its own. Flags are stored as the
-    returned `bool`, so a NumPy bool never reaches a static field or a JSON record."""
+    array), which the caller refuses with a message of its own. Callers store the returned
+    `bool`, so that a NumPy bool does not reach a static field or a JSON record."""
     import numpy as np
 
     return bool(value) if isinstance(value, bool | np.bool_) else None
@@ -62,7 +62,8 @@ def int_hint(value) -> str:
             " It is traced (inside jax.jit or another transformation), but it sets a size that must be known "
             "before tracing: pass it as a Python int from outside, e.g. as a static argument."
         )
-    if isinstance(value, jax.Array | np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer):
+    if (isinstance(value, jax.Array | np.ndarray) and value.shape == () and isinstance(value.dtype, np.dtype)
+            and np.issubdtype(value.dtype, np.integer)):  # a typed PRNG key's dtype is no NumPy dtype
         kind = "a NumPy" if isinstance(value, np.ndarray) else "a JAX"
         return f" That is {kind} array, not a Python int: pass int(x)."
     return ""

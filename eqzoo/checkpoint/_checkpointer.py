@@ -422,7 +422,9 @@ class Checkpointer:
             )
         chosen = check_choice(hyperparams, target, state_names(target))
         # Steps moved out of the directory by hand since (a damaged one, as the error below
-        # suggests) must leave the manager's list too, or saving that step again fails.
+        # suggests) must leave the manager's list too, or saving that step again fails. A save
+        # still being written is waited for first: reload lists the steps on disk only.
+        self.wait()
         self._manager.reload()
         candidates = pick_steps(self._directory, step, existed=self._existed)
         if step is not None or not self._fallback:

@@ -63,6 +63,9 @@ def quarantine(manager: ocp.CheckpointManager, directory: Path, step: int) -> st
     calls this); returns where it is. Every process then re-reads its manager's step list
     (after a barrier, so that it sees the move): one still listing the step would refuse to
     save it again when training reaches it."""
+    # Every process reaches the barrier when every process found the step damaged: true of a
+    # checksum failure (the same files for all); a read that fails on some processes' shards
+    # only would leave the others restoring it, and this barrier would wait for them.
     dest = directory / f"corrupt-{step}-{int(time.time())}"
     if jax.process_index() == 0:
         os.replace(directory / str(step), dest)

@@ -76,11 +76,19 @@ def check_positions(positions, max_seq: int, model: str) -> None:
 def check_integer_fields(config) -> None:
     """Raise `ConfigError` naming every field of the config dataclass `config` annotated `int`
     (or `int | None`, or `tuple[int, ...]`) whose value is not an integer: `num_layers=2.5`
-    would otherwise pass the positivity checks and fail later, far from its cause."""
-    bad = {}
+    would otherwise pass the positivity checks and fail later, far from its cause. Fields
+    annotated `bool` must be `True` or `False` (a NumPy bool is stored as the `bool`, which the
+    config's JSON record needs)."""
+    bad, flags = {}, {}
     for field in dataclasses.fields(config):
         value, kind = getattr(config, field.name), field.type
         optional = isinstance(kind, types.UnionType) and set(typing.get_args(kind)) == {int, type(None)}
+        if kind is bool:
+            if (flag := as_flag(value)) is None:
+                flags[field.name] = value
+            else:
+                object.__setattr__(config, field.name, flag)  # frozen: set in __post_init__
+            continue
         if kind is int or (optional and value is not None):
             ok = _is_int(value)
         elif typing.get_origin(kind) is tuple and typing.get_args(kind) == (int, ...):
@@ -92,6 +100,8 @@ def check_integer_fields(config) -> None:
     if bad:
         hints = "".join(dict.fromkeys(int_hint(v) for v in bad.values()))
         raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.{hints}")
+    if flags:
+        raise ConfigError(f"{type(config).__name__}: these must be True or False, got {flags}.")
 
 
 def check_scan_layers(value, config: str) -> bool | str:

@@ -20,7 +20,8 @@ from ._step import EvalStep, TrainStep
 Callback = Callable[[int, TrainState, dict[str, float]], bool | None]
 """A `fit` callback: `cb(step, state, record)`, called after each log with the step, the
 train state and the logged record (a dict of float metrics); returning `True` (a bool; any other
-value, such as the int a file's `write` returns, is ignored) stops training after that step."""
+value, such as the int a file's `write` returns, is ignored; a 0-d boolean array counts as its
+bool) stops training after that step."""
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> 
 
     if isinstance(batches, TokenLoader | ArrayLoader):
         raise ConfigError(
-            f"evaluate got a {type(batches).__name__}, which yields batches without end; pass a finite "
+            f"evaluate got an eqzoo loader ({type(batches).__name__}), which yields batches without end; pass a finite "
             "iterable, e.g. [loader.batch_at(i) for i in range(n)], or for one epoch of an ArrayLoader "
             "itertools.islice(loader, loader.steps_per_epoch)."
         )
@@ -137,7 +138,8 @@ def fit(
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
       step, whatever ends the run (`num_steps`, the data, a callback; not a signal, on which the
       run saves and stops at once); logged as `eval/<name>`, in the step's `train/` record when
-      it has one (`eval_every` need not be a multiple of `log_every`). If an evaluation raises,
+      it has one (`eval_every` need not be a multiple of `log_every`; at the step a callback
+      stops, in a record of its own after the one the callback saw). If an evaluation raises,
       the `checkpointer` saves that step before the error propagates.
     - `log_every`: how often to log `train/<name>` metrics (averaged over the steps since the
       last log, in float32 on the device; an integer or bool metric as a float, an array metric
@@ -147,7 +149,8 @@ def fit(
     - `loggers`: e.g. `ConsoleLogger`, `JSONLLogger`, `TensorBoardLogger`; one with a
       `begin(step)` method is told first the step training starts from.
     - `callbacks`: `cb(step, state, record)` after each log, every one of them each time;
-      returning `True` (the bool) stops training after that step.
+      returning `True` (a bool, or a true 0-d boolean array such as `state.step >= 500`)
+      stops training after that step; other values (`None`, an int) do not.
     - `checkpointer`: optional object with `maybe_save(state, batches, *, force=False, step=None)
       -> bool` and `should_stop() -> bool`, called after every step (see
       `eqzoo.checkpoint.Checkpointer`); `step` is the step just taken, so it need not be read
@@ -262,6 +265,17 @@ def _check_token_ids(state: TrainState, batch: Any) -> None:
             )
 
 
+def _asks_to_stop(answer: Any) -> bool:
+    """Whether a callback's return value stops the run: `True`, a NumPy bool or a 0-d boolean
+    array that is true (`state.step >= 500`); anything else (`None`, the int `file.write`
+    returns) does not."""
+    if (flag := as_flag(answer)) is not None:
+        return flag
+    if isinstance(answer, jax.Array | np.ndarray) and answer.shape == () and answer.dtype == np.bool_:
+        return bool(answer)
+    return False
+
+
 def _loader_position(batches: Any) -> Mapping[str, Any] | None:
     """A loader's `state_dict()` when it has one and `load_state_dict` to go back to it."""
     state_dict, load = getattr(batches, "state_dict", None), getattr(batches, "load_state_dict", None)
@@ -279,6 +293,7 @@ def _check_loader_step(batches: Any, first_step: int) -> None:
         f"fit: the state is at step {first_step} but the loader ({type(batches).__name__}) at step {step}, so "
         f"step {first_step} trains on the loader's batch {step}. A resumed run whose loader was not restored "
         "repeats the batches it has trained on: restore it with loader.load_state_dict(restored.data_state). "
+        "(To look at a batch before training, take loader.batch_at(0), which leaves the loader where it is.) "
         "If the loader is new on purpose (other data), silence this with "
         "warnings.filterwarnings('ignore', message='fit: the state is at step').",
         stacklevel=user_stacklevel(),
@@ -417,7 +432,7 @@ class _Run:
         for logger in self.loggers:
             logger.log(int(record["step"]), {k: v for k, v in record.items() if k != "step"})
         answers = [cb(self.step, self.state, record) for cb in callbacks]
-        if any(as_flag(answer) is True for answer in answers):
+        if any(_asks_to_stop(answer) for answer in answers):
             self.stopped = True
         # The next window starts after evaluation, logging and callbacks, so steps_per_s
         # measures training alone.

@@ -1,6 +1,7 @@
 import itertools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -265,6 +266,12 @@ def test_token_needs_1d_integer_tokens(bad):
     # it, the loader's own ShapeError does.
     with pytest.raises((ShapeError, TypeError), match="1-D integer token array|Type-check"):
         _token_loader(tokens=bad)
+
+
+def test_a_key_for_a_seed_is_named(unchecked):
+    # int_hint read a typed key's dtype as NumPy's and raised TypeError, hiding this message
+    with unchecked(), pytest.raises(ConfigError, match=r"TokenLoader\(seed=...\) must be an int >= 0; got Array\(\(\), dtype=key<fry>\)"):
+        TokenLoader(TOKENS, batch_size=4, seq_len=8, seed=jax.random.key(0))
 
 
 def test_token_ids_int32_cannot_hold_are_refused():

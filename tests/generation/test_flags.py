@@ -70,8 +70,11 @@ def _config_flags():
             dataclasses.replace(config, scan_layers=bad)
     mixtral = dataclasses.replace(models.get_config("tiny-mixtral"), normalize_router_weights=np.True_)
     assert mixtral.normalize_router_weights is True and mixtral.scan_layers in (True, False, "auto")
-    llama = dataclasses.replace(models.get_config("tiny-llama"), scan_layers=np.True_)
-    assert llama.scan_layers is True
+    llama = dataclasses.replace(models.get_config("tiny-llama"), scan_layers=np.True_, tie_embeddings=np.True_)
+    assert llama.scan_layers is True and llama.tie_embeddings is True
+    json.dumps(dataclasses.asdict(llama))
+    with pytest.raises(ConfigError, match=r"LlamaConfig: these must be True or False, got \{'tie_embeddings': 1\}"):
+        dataclasses.replace(llama, tie_embeddings=1)
     stack = Stacked(lambda k: eqx.nn.Linear(4, 4, key=k), 2, scan=np.True_, key=jax.random.key(0))
     assert stack.scan is True
 

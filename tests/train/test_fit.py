@@ -141,7 +141,7 @@ def test_every_callback_runs_and_only_true_stops(steps):
 
     result = train.fit(
         _state(), train_step, batches(), num_steps=10, log_every=1, eval_step=eval_step, eval_batches=eval_batches,
-        callbacks=[write, lambda step, state, record: np.bool_(step >= 2), lambda step, state, record: seen.append(step)],
+        callbacks=[write, lambda step, state, record: state.step >= 2, lambda step, state, record: seen.append(step)],
     )
     assert result.stopped_early and int(result.state.step) == 2 and seen == [1, 2] and len(lines) == 2
     assert [r["step"] for r in result.history] == [1, 2, 2] and "eval/loss" in result.history[-1]
@@ -205,7 +205,7 @@ def test_the_loader_is_checked_against_the_state_step(steps):
     with pytest.warns(UserWarning, match=r"state is at step 0 but the loader \(ArrayLoader\) at step 1.*load_state_dict"):
         train.fit(_state(), train_step, loader, num_steps=1)
     # An endless loader as the eval batches (eval_batches=lambda: loader) hung, its memory growing.
-    with pytest.raises(ConfigError, match=r"evaluate got a ArrayLoader, which yields batches without end.*islice"):
+    with pytest.raises(ConfigError, match=r"evaluate got an eqzoo loader \(ArrayLoader\), which yields batches without end.*islice"):
         train.evaluate(steps[1], _state(), loader)
     # A first batch refused before the first step leaves the loader where it was.
     config = models.get_config("tiny-llama", vocab_size=64, num_layers=1, embed_dim=16, hidden_dim=32, max_seq=8)
