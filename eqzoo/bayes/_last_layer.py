@@ -291,7 +291,14 @@ class BayesianLastLayer(eqx.Module):
 
     def features(self, x: Shaped[ArrayIn, "batch ..."]) -> Float[Array, "batch features"]:
         """The head's inputs for `x`: trunk features (computed in chunks), standardised."""
-        return (trunk_features(self.trunk, x, batch_size=self.batch_size) - self.shift) / self.scale
+        features = trunk_features(self.trunk, x, batch_size=self.batch_size)
+        if features.shape[1] != self.shift.shape[0]:  # would fail as a bare broadcasting error
+            raise ShapeError(
+                f"the trunk gives {features.shape[1]} features per example for x of shape "
+                f"{shape_str(jnp.shape(x))}, but the head was fitted on {self.shift.shape[0]}; "
+                f"pass inputs shaped and preprocessed like the training inputs."
+            )
+        return (features - self.shift) / self.scale
 
     def predict(
         self,

@@ -112,6 +112,30 @@ def _check_scale_mode(cls: str, scale: Any, priors: list[Any], heteroscedastic: 
         check_positive_numbers(cls, scale=scale)
 
 
+def _check_noise_prior(cls: str, name: str, prior: Any, example: str) -> None:
+    # Gaussian(scale_prior=0.5) failed inside the NumPyro model with "'Array' object has no
+    # attribute 'batch_shape'"; a Normal over the noise scale or variance gave negative draws:
+    # NaN log densities, which NUTS rejected as divergences and SVI reported as NumPyro's
+    # "Normal distribution got invalid loc parameter", naming neither the head nor the prior.
+    if prior is None:
+        return
+    if not isinstance(prior, dist.Distribution):
+        raise ConfigError(
+            f"{cls}: {name} is a prior, a NumPyro distribution over positive values such as "
+            f"{example}; got {prior!r}. For a fixed noise scale, pass scale={prior!r} instead."
+        )
+    try:
+        negative = bool(jnp.any(prior.support(jnp.asarray([-1e-6, -1e-3, -1.0, -1e3]))))
+    except Exception:  # a support that cannot be probed with scalars (vector-valued, dependent)
+        return
+    if negative:
+        raise ConfigError(
+            f"{cls}: {name} must be a distribution over positive values (the noise is > 0), such "
+            f"as {example}; got {type(prior).__name__}, whose support {prior.support} includes "
+            f"negative values (a negative draw makes the log density NaN)."
+        )
+
+
 def _array_params(prior: Any) -> Any:
     # Arrays, not Python floats, so that a sweep over noise priors reuses run_svi's program.
     return None if prior is None else with_array_params(prior, jnp.result_type(float))
@@ -142,8 +166,9 @@ class Gaussian(AbstractLikelihood):
 
     - `scale`: fixed noise standard deviation (a float or scalar array, held as an array: fits
       that differ only in it reuse `run_svi`'s compiled program).
-    - `scale_prior`: prior over the noise standard deviation (site `"noise_scale"`).
-    - `variance_prior`: prior over the noise variance (site `"noise_variance"`).
+    - `scale_prior`: prior over the noise standard deviation (site `"noise_scale"`), a NumPyro
+      distribution over positive values (others are a `ConfigError`).
+    - `variance_prior`: prior over the noise variance (site `"noise_variance"`), likewise.
     - `heteroscedastic`: predict the scale per example.
     - `min_scale`: floor added to a heteroscedastic scale.
     """
@@ -164,6 +189,8 @@ class Gaussian(AbstractLikelihood):
         min_scale: float = 1e-3,
     ):
         _check_scale_mode("Gaussian", scale, [scale_prior, variance_prior], heteroscedastic)
+        _check_noise_prior("Gaussian", "scale_prior", scale_prior, "dist.HalfNormal(1.0)")
+        _check_noise_prior("Gaussian", "variance_prior", variance_prior, "dist.InverseGamma(2.0, 1.0)")
         if not (isinstance(min_scale, int | float) and math.isfinite(min_scale) and min_scale >= 0):
             # a negative floor made softplus(raw) + min_scale a negative scale: NaN log densities
             raise ConfigError(
@@ -249,7 +276,8 @@ class StudentT(AbstractLikelihood):
     - `df`: degrees of freedom (fixed; held as an array, like `scale`).
     - `scale`: fixed scale; if `None`, learned with `scale_prior` (site `"noise_scale"`). A
       float or scalar array, held as an array: a sweep over it compiles `run_svi` once.
-    - `scale_prior`: prior over the scale; `HalfNormal(1.0)` by default.
+    - `scale_prior`: prior over the scale, a distribution over positive values;
+      `HalfNormal(1.0)` by default.
     """
 
     df: Float[Array, ""]
@@ -264,6 +292,7 @@ class StudentT(AbstractLikelihood):
         scale_prior: Any = None,
     ):
         _check_scale_mode("StudentT", scale, [scale_prior], False)
+        _check_noise_prior("StudentT", "scale_prior", scale_prior, "dist.HalfNormal(1.0)")
         check_positive_numbers("StudentT", df=df)
         if scale is None and scale_prior is None:
             scale_prior = dist.HalfNormal(1.0)

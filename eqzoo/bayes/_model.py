@@ -198,6 +198,12 @@ def check_data(
             f"x and y need a leading batch axis of the same length; got x of shape "
             f"{shape_str(x.shape)} and y of shape {shape_str(y.shape)}."
         )
+    if x.shape[0] == 0:  # NumPyro failed on it with a bare "size of plate should be positive"
+        raise ShapeError(
+            f"x and y hold no examples (x of shape {shape_str(x.shape)}, y of shape "
+            f"{shape_str(y.shape)}); a posterior needs data: check the split or filter that "
+            f"made them."
+        )
     if mask is not None and mask.dtype != jnp.bool_:
         raise ShapeError(f"the observation mask must be boolean; got dtype {mask.dtype}.")
     output_shape = module_output_shape(module, x)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
 from ._schedule import NoiseSchedule, check_prediction
@@ -29,6 +29,18 @@ def _apply(model: AbstractDenoiser, x: Array, t: Array, labels: Array | None) ->
     if labels is None:
         return jax.vmap(lambda xi, ti: model(xi, ti))(x, t)
     return jax.vmap(model)(x, t, labels)
+
+
+def _check_images(x: Any) -> None:
+    # Cast to float32 before the model sees them, integer pixels trained as floats in [0, 255]
+    # without an error (the model itself refuses integer images).
+    check_floating(
+        "the diffusion loss",
+        x,
+        "images",
+        "Scale them to the range the model should generate, e.g. x.astype(jnp.float32) / 127.5 - 1 "
+        "for uint8 pixels in [0, 255].",
+    )
 
 
 def diffusion_loss(
@@ -62,6 +74,7 @@ def diffusion_loss(
     **Returns:** the scalar loss (float32).
     """
     check_prediction(prediction)
+    _check_images(x0)
     x0 = x0.astype(jnp.float32)
     noise = noise.astype(jnp.float32)
     x_t = schedule.add_noise(x0, noise, t)
@@ -81,7 +94,8 @@ def make_diffusion_loss(
     replaced by the model's null class, so the same network also learns the unconditional
     prediction that classifier-free guidance needs (Ho & Salimans, 2022). Then it returns
     [`eqzoo.diffusion.diffusion_loss`][]. Unconditional models (`null_label is None`) ignore
-    `"y"`; conditional models given no `"y"` train on the null class only.
+    `"y"`; conditional models given no `"y"` train on the null class only. Images must be
+    floating point and labels integers (`ShapeError` and `ConfigError` otherwise).
 
     **Arguments:**
 
@@ -97,6 +111,7 @@ def make_diffusion_loss(
 
     def loss_fn(model: AbstractDenoiser, batch: dict[str, Any], key: PRNGKey) -> Float[Array, ""]:
         x = batch["x"]
+        _check_images(x)
         if x.ndim != 4:
             raise ShapeError(
                 f"the diffusion loss takes a batch of images {{'x': (batch, channels, height, width)}}; "
@@ -109,7 +124,16 @@ def make_diffusion_loss(
         null = model.null_label
         labels = None
         if null is not None:
-            labels = jnp.asarray(batch["y"], jnp.int32) if "y" in batch else jnp.full((n,), null, jnp.int32)
+            if "y" in batch:
+                labels = jnp.asarray(batch["y"])
+                if not jnp.issubdtype(labels.dtype, jnp.integer):  # 2.7 became class 2, silently
+                    raise ConfigError(
+                        f"batch['y'] must hold integer class labels; got dtype {labels.dtype.name}. "
+                        "Convert with y.astype(jnp.int32) once the values are whole class ids."
+                    )
+                labels = labels.astype(jnp.int32)
+            else:
+                labels = jnp.full((n,), null, jnp.int32)
             if labels.shape != (n,):
                 raise ShapeError(
                     f"batch['y'] must hold one class label per image, shape ({n},); got {shape_str(labels.shape)}."

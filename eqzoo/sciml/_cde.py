@@ -20,6 +20,7 @@ from ._errors import check_length, check_times, is_traced
 from ._solve import (
     AdjointLike,
     apply_reached,
+    check_layer_sizes,
     default_solver,
     diffeqsolve,
     resolve_adjoint,
@@ -122,16 +123,14 @@ class NeuralCDE(eqx.Module):
         throw: bool = True,
         key: PRNGKey,
     ):
-        for name, value in [
-            ("in_channels", in_channels),
-            ("hidden_size", hidden_size),
-            ("out_size", out_size),
-            ("width", width),
-        ]:
-            if value < 1:
-                raise ConfigError(f"NeuralCDE: {name} must be >= 1; got {name}={value}.")
-        if depth < 0:
-            raise ConfigError(f"NeuralCDE: depth must be >= 0; got depth={depth}.")
+        check_layer_sizes(
+            "NeuralCDE",
+            depth,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            out_size=out_size,
+            width=width,
+        )
         if interpolation not in ("cubic", "linear"):
             raise ConfigError(
                 f"NeuralCDE: interpolation must be 'cubic' or 'linear'; got {interpolation!r}."

@@ -21,6 +21,7 @@ from ._node import Autonomous, NeuralODE
 from ._solve import (
     AdjointLike,
     apply_reached,
+    check_layer_sizes,
     default_solver,
     diffeqsolve,
     solved_states,
@@ -44,7 +45,8 @@ class LatentODE(eqx.Module):
     the observations (forecasting). One series per call; batch with `jax.vmap`. Every series
     of a batch must have the same number of rows: pad the shorter ones at the end and pass
     `length=` (and `target_length=` to `loss`), so the padding changes neither the encoding
-    nor the loss.
+    nor the loss. The model computes in its parameters' dtype: observations, times and latent
+    states of another dtype are cast to it.
 
     **Arguments:**
 
@@ -87,14 +89,14 @@ class LatentODE(eqx.Module):
         throw: bool = True,
         key: PRNGKey,
     ):
-        for name, value in [
-            ("data_size", data_size),
-            ("latent_size", latent_size),
-            ("hidden_size", hidden_size),
-            ("width", width),
-        ]:
-            if value < 1:
-                raise ConfigError(f"LatentODE: {name} must be >= 1; got {name}={value}.")
+        check_layer_sizes(
+            "LatentODE",
+            depth,
+            data_size=data_size,
+            latent_size=latent_size,
+            hidden_size=hidden_size,
+            width=width,
+        )
         # checked here so that the errors name LatentODE, not the NeuralODE built below
         solver, stepsize_controller = default_solver(solver, stepsize_controller)
         validate_config("LatentODE", solver, stepsize_controller, dt0, max_steps, throw)
@@ -127,6 +129,12 @@ class LatentODE(eqx.Module):
         self.data_size = data_size
         self.latent_size = latent_size
 
+    @property
+    def _dtype(self) -> jnp.dtype:
+        """The dtype the model computes in: its parameters'. Observations, times and latent
+        states are cast to it (float32 data into a model built in float64, say)."""
+        return jnp.dtype(self.encoder.weight_ih.dtype)
+
     @no_type_check  # checked below with messages that say how to fix the call
     def encode(
         self,
@@ -154,8 +162,7 @@ class LatentODE(eqx.Module):
             if jnp.ndim(ts) != 1:
                 check_times(ts, "ts_obs", min_points=1)  # raises the shape error
             length = check_length("LatentODE", length, jnp.shape(ts)[0], example=_LENGTH_EXAMPLE)
-        ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1, length=length), dtype=xs.dtype)
-        xs = jnp.asarray(xs)
+        ts = jnp.asarray(check_times(ts, "ts_obs", min_points=1, length=length), dtype=self._dtype)
         if xs.ndim != 2 or xs.shape != (ts.shape[0], self.data_size):
             raise ShapeError(
                 f"LatentODE takes one series: ts_obs of shape (times,) and xs_obs of shape "
@@ -173,7 +180,8 @@ class LatentODE(eqx.Module):
                 f"LatentODE: xs_obs holds NaN or infinity (first at {bad}); drop those observation "
                 "times (each series may have its own ts_obs) rather than passing gaps as NaN."
             )
-        h0 = jnp.zeros((self.encoder.hidden_size,), xs.dtype)
+        xs = jnp.asarray(xs, self._dtype)  # float32 data into a float64 model broke the GRU's scan
+        h0 = jnp.zeros((self.encoder.hidden_size,), self._dtype)
         if length is None:
             gaps = jnp.concatenate([ts[1:] - ts[:-1], jnp.zeros((1,), ts.dtype)])  # (times,)
             inputs = jnp.concatenate([xs, gaps[:, None]], axis=1)[::-1]  # latest first
@@ -242,6 +250,7 @@ class LatentODE(eqx.Module):
     def _decode(self, z0, t0, ts, name: str, length=None):
         # checked under the caller's name; one time is fine
         ts = check_times(ts, name, min_points=1, length=length)
+        z0 = jnp.asarray(z0, self._dtype)  # the solve's state, in the vector field's dtype
         # a non-finite t0 is left to check_start below, which says so (inf would read here
         # as "every time is before t0", NaN as "no time is")
         if (
@@ -316,7 +325,7 @@ class LatentODE(eqx.Module):
             if key is None
             else mean + jnp.exp(log_std) * jax.random.normal(key, mean.shape, mean.dtype)
         )
-        return self._decode(z0, jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0], ts_pred, "ts_pred")
+        return self._decode(z0, jnp.asarray(ts_obs, dtype=self._dtype)[0], ts_pred, "ts_pred")
 
     @no_type_check  # checked below with messages that say how to fix the call
     def loss(
@@ -381,7 +390,7 @@ class LatentODE(eqx.Module):
         mean, log_std = self.encode(ts_obs, xs_obs, length=length)
         eps = jax.random.normal(key, mean.shape, mean.dtype)
         z0 = mean + jnp.exp(log_std) * eps
-        t0 = jnp.asarray(ts_obs, dtype=xs_obs.dtype)[0]
+        t0 = jnp.asarray(ts_obs, dtype=self._dtype)[0]
         pred = self._decode(z0, t0, ts_target, "ts_target", target_length)
         check_floating("LatentODE.loss", xs_target, "xs_target", "Convert with xs_target.astype(jnp.float32).")
         if tuple(jnp.shape(xs_target)) != tuple(pred.shape):  # would broadcast, over the wrong size
@@ -391,7 +400,7 @@ class LatentODE(eqx.Module):
                 "of data_size values per target time."
             )
         std = jnp.asarray(obs_std, dtype=pred.dtype)
-        residual = pred - xs_target  # (target_times, channels)
+        residual = pred - jnp.asarray(xs_target, pred.dtype)  # (target_times, channels)
         if target_length is None:
             size = xs_target.size
         else:

@@ -122,6 +122,7 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
                 f"derivative per array of the state, in the same container (e.g. "
                 f"{{'x': v, 'v': acceleration}} for the state {{'x': x, 'v': v}})."
             )
+        _check_derivative_dtype(owner, out, y0)
         return
     out_shape = getattr(out, "shape", None)
     if out_shape != jnp.shape(y0):
@@ -132,6 +133,30 @@ def check_vector_field(owner: str, vector_field: Any, t0: Any, y0: Any, args: An
             f"Make the network's output size equal to the state size (e.g. "
             f"eqx.nn.MLP(in_size={int(np.prod(jnp.shape(y0)))}, "
             f"out_size={int(np.prod(jnp.shape(y0)))}, ...))."
+        )
+    _check_derivative_dtype(owner, out, y0)
+
+
+def _check_derivative_dtype(owner: str, out: Any, y0: Any) -> None:
+    """A derivative wider than the state (float64 parameters on a float32 state, float32 ones on
+    a bfloat16 state) failed deep inside Diffrax with "buffer.at[i].set(value) ... must have a
+    dtype that can be promoted": each step is saved in the state's dtype."""
+    state = jnp.dtype(jax.tree.leaves(y0)[0].dtype)
+    wider = sorted(
+        {jnp.dtype(o.dtype).name for o in jax.tree.leaves(out)
+         if jnp.dtype(o.dtype) != state and jnp.issubdtype(o.dtype, jnp.inexact)
+         and jnp.finfo(o.dtype).bits > jnp.finfo(state).bits}
+    )
+    if wider:
+        want = wider[-1]
+        cast = f"y0.astype(jnp.{want})" if _is_array(y0) else _CAST.replace("float32", want)
+        raise VectorFieldError(
+            f"{owner}: the vector field returns dy/dt in {', '.join(wider)} for a state y0 in "
+            f"{state.name}; the solver keeps the state in its own dtype and cannot store the "
+            f"wider steps (the vector field's parameters are probably {want}: a module built "
+            f"with jax_enable_x64 on is float64). Make the two agree: pass y0 in {want} "
+            f"({cast}), or build the vector field in {state.name} (e.g. eqx.nn.MLP(..., "
+            f"dtype=jnp.{state.name}))."
         )
 
 
@@ -148,9 +173,10 @@ class NeuralODE(eqx.Module):
 
     Errors: `TimeGridError` for unsorted or non-finite `ts` (values are checked when `ts` is
     concrete; traced times are checked at run time), `VectorFieldError` when `f` does not
-    return the state's shape, `SolverError` when the solve stops early (e.g. `max_steps`
-    reached, with a hint to use an implicit solver when an explicit adaptive solve ran out of
-    steps, the usual sign of stiffness). Under `jax.jit`/`jax.vmap` the solver failure is
+    return the state's shape (or returns a wider dtype: float64 parameters on a float32
+    state), `SolverError` when the solve stops early (e.g. `max_steps` reached, with a hint to
+    use an implicit solver when an explicit adaptive solve ran out of steps, the usual sign of
+    stiffness). Under `jax.jit`/`jax.vmap` the solver failure is
     raised at run time through `equinox.error_if` with the same message.
 
     **Arguments:**

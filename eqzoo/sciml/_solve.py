@@ -1,5 +1,6 @@
 """Shared plumbing: resolve solver configuration, call `diffrax.diffeqsolve`, explain failures."""
 
+import numbers
 from typing import Any, Literal, TypeAlias
 
 import diffrax
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._errors import ConfigError, as_flag
+from .._errors import ConfigError, as_flag, int_hint
 from ._errors import SolverError, is_traced
 
 AdjointLike: TypeAlias = diffrax.AbstractAdjoint | Literal["recursive", "backsolve", "direct"]
@@ -68,6 +69,18 @@ def validate_config(
             f"{owner}: stepsize_controller must be a diffrax step-size controller such as "
             f"diffrax.PIDController(rtol=1e-3, atol=1e-6); got {stepsize_controller!r}."
         )
+    if _is_adaptive(stepsize_controller) and not isinstance(solver, diffrax.AbstractAdaptiveSolver):
+        # Diffrax refused it only when the layer was first called, with a RuntimeError that
+        # named neither the layer nor the fix; the adaptive controller is usually eqzoo's default
+        sname = type(solver).__name__
+        raise ConfigError(
+            f"{owner}: the solver {sname} has no error estimate, so the adaptive step-size "
+            f"controller {type(stepsize_controller).__name__} (the default when "
+            f"stepsize_controller is not given) cannot choose its steps. Take constant steps: "
+            f"{owner}(..., solver=diffrax.{sname}(), stepsize_controller="
+            f"diffrax.ConstantStepSize(), dt0=<step>), or use a solver with an error estimate "
+            f"(diffrax.Heun(), diffrax.Tsit5())."
+        )
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ConfigError(f"{owner}: max_steps must be a positive int; got {max_steps!r}.")
     if dt0 is not None and not dt0 > 0:
@@ -78,6 +91,19 @@ def validate_config(
             f"diffrax.ConstantStepSize(). Pass dt0=<step>, or use an adaptive controller such "
             f"as diffrax.PIDController(rtol=1e-3, atol=1e-6), which picks its first step itself."
         )
+
+
+def check_layer_sizes(owner: str, depth: Any, **sizes: Any) -> None:
+    """Sizes must be integers >= 1 and `depth` an integer >= 0: a float size (or a negative
+    depth) failed inside Equinox's layers, with a message that named neither."""
+    for name, value, least in [*((n, v, 1) for n, v in sizes.items()), ("depth", depth, 0)]:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigError(
+                f"{owner}: {name} must be an integer >= {least}; got {name}={value!r}."
+                f"{int_hint(value)}"
+            )
+        if value < least:
+            raise ConfigError(f"{owner}: {name} must be >= {least}; got {name}={value}.")
 
 
 def _is_adaptive(controller: Any) -> bool:

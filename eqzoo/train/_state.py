@@ -82,7 +82,8 @@ class TrainState(eqx.Module):
 
         **Arguments:**
 
-        - `model`: the model (any Equinox module / pytree).
+        - `model`: the model (any Equinox module / pytree). For a stateful preset, unpack what
+          `eqzoo.models.create` returns: the model here, its state as `model_state=`.
         - `optimizer`: an optax transformation; initialised on the trainable leaves.
         - `key`: a typed PRNG key (`jax.random.key(seed)`), split each step for the loss.
         - `model_state`: optional `eqx.nn.State` (BatchNorm statistics) for stateful models.
@@ -103,6 +104,16 @@ class TrainState(eqx.Module):
             raise ConfigError(
                 "TrainState.create needs a typed PRNG key; make one with jax.random.key(seed) "
                 "(not the legacy jax.random.PRNGKey)."
+            )
+        if isinstance(model, tuple) and len(model) == 2 and isinstance(model[1], eqx.nn.State):
+            # the pair was taken as the model, and the step failed calling it ("Expected a
+            # callable value, got (CNN(...), State(...))", hundreds of lines long)
+            raise ConfigError(
+                f"TrainState.create: got a (model, model_state) pair ({type(model[0]).__name__}, "
+                f"State), what eqzoo.models.create returns for a stateful model (BatchNorm). Unpack "
+                f"it: model, model_state = models.create(...); TrainState.create(model, optimizer, "
+                f"key=key, model_state=model_state), with a loss that takes and returns the "
+                f"model_state."
             )
         if precision is not None:
             check_precision(precision, "TrainState.create")

@@ -192,6 +192,13 @@ def test_last_layer_errors():
     bad = y.at[3].set(jnp.inf)
     with pytest.raises(bayes.NonFiniteDataError, match="NaN or infinity"):
         bayes.fit_last_layer(eqx.nn.Identity(), x, bad, bayes.Gaussian(0.1))
+    # inputs with another number of features failed in predict as a bare broadcasting error
+    last = bayes.fit_last_layer(eqx.nn.Identity(), x, y, bayes.Gaussian(0.1))
+    with pytest.raises(
+        errors.ShapeError,
+        match=r"the trunk gives 3 features per example for x of shape \(4, 3\), but the head was fitted on 2",
+    ):
+        last.predict(jnp.zeros((4, 3)))
 
 
 def test_conjugate_mask_equals_dropping_rows():

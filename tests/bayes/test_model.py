@@ -243,6 +243,32 @@ def test_prior_matching_nothing_is_an_error():
         bayes.Gaussian(0.1, scale_prior=dist.HalfNormal(1.0))
 
 
+def test_noise_priors_must_be_distributions_over_positive_values():
+    # A float failed inside the NumPyro model ("'Array' object has no attribute 'batch_shape'");
+    # a Normal gave negative scales or variances: NaN log densities, which NUTS rejected as
+    # divergences and SVI reported as NumPyro's "Normal distribution got invalid loc parameter".
+    errors = bayes_errors()
+    with pytest.raises(errors.ConfigError, match=r"^Gaussian: scale_prior is a prior, a NumPyro distribution .*got 0\.5\. For a fixed noise scale, pass scale=0\.5 instead"):
+        bayes.Gaussian(scale_prior=0.5)
+    with pytest.raises(errors.ConfigError, match=r"^Gaussian: scale_prior must be a distribution over positive values .*dist\.HalfNormal\(1\.0\); got Normal, whose support Real\(\) includes negative values"):
+        bayes.Gaussian(scale_prior=dist.Normal(0.0, 1.0))
+    with pytest.raises(errors.ConfigError, match=r"^Gaussian: variance_prior must be .*dist\.InverseGamma\(2\.0, 1\.0\); got Uniform"):
+        bayes.Gaussian(variance_prior=dist.Uniform(-1.0, 1.0))
+    with pytest.raises(errors.ConfigError, match=r"^StudentT: scale_prior must be a distribution over positive values"):
+        bayes.StudentT(scale_prior=dist.Cauchy(0.0, 1.0))
+    for prior in (dist.HalfNormal(1.0), dist.HalfCauchy(1.0), dist.Exponential(1.0), dist.LogNormal(0.0, 1.0),
+                  dist.Gamma(2.0, 1.0), dist.Uniform(0.0, 2.0), dist.TruncatedNormal(0.5, 1.0, low=0.0)):
+        bayes.Gaussian(scale_prior=prior)
+    bayes.Gaussian(variance_prior=dist.InverseGamma(2.0, 1.0))
+
+
+def test_empty_data_is_an_error():
+    # NumPyro failed on it with a bare AssertionError: "size of plate should be positive"
+    bm = bayes.BayesianModel(eqx.nn.MLP(2, "scalar", 3, 1, key=jax.random.key(0)), 1.0, bayes.Gaussian(0.1))
+    with pytest.raises(bayes_errors().ShapeError, match=r"x and y hold no examples \(x of shape \(0, 2\), y of shape \(0,\)\)"):
+        bayes.run_nuts(bm, np.zeros((0, 2), np.float32), np.zeros(0, np.float32), key=jax.random.key(0))
+
+
 def test_shape_mismatched_observations_are_an_error():
     net = eqx.nn.MLP(2, "scalar", 3, 1, key=jax.random.key(0))
     bm = bayes.BayesianModel(net, 1.0, bayes.Gaussian(0.1))

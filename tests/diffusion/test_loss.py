@@ -1,5 +1,7 @@
 """The denoising loss against a hand computation, and make_diffusion_loss's random draws."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,21 @@ def test_loss_errors():
         make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 4))}, jax.random.key(0))
     with pytest.raises(ShapeError, match=r"batch\['y'\] must hold one class label per image, shape \(3,\); got \(2,\)"):
         make_diffusion_loss(sched)(_affine(), {"x": jnp.zeros((3, 1, 2, 2)), "y": jnp.zeros((2,), jnp.int32)}, jax.random.key(0))
+
+
+@pytest.mark.parametrize("checked", [True, False])
+def test_integer_images_and_float_labels_are_refused(checked, unchecked):
+    # Both were cast silently: uint8 pixels trained as floats in [0, 255] (the model refuses
+    # integer images, but it only saw the cast), and labels 2.7 as class 2.
+    loss = make_diffusion_loss(NoiseSchedule.linear(10))
+    x = jnp.zeros((3, 1, 2, 2))
+    with contextlib.nullcontext() if checked else unchecked():
+        with pytest.raises(ShapeError, match=r"diffusion loss takes floating-point images; got dtype uint8\. .*x\.astype\(jnp\.float32\) / 127\.5 - 1"):
+            loss(_affine(), {"x": np.zeros((3, 1, 2, 2), np.uint8)}, jax.random.key(0))
+        with pytest.raises(ConfigError, match=r"batch\['y'\] must hold integer class labels; got dtype float32\. Convert with y\.astype\(jnp\.int32\)"):
+            loss(_affine(), {"x": x, "y": jnp.array([0.0, 1.0, 2.7])}, jax.random.key(0))
+    with unchecked(), pytest.raises(ShapeError, match=r"floating-point images; got dtype int32"):
+        diffusion_loss(_affine(), NoiseSchedule.linear(10), jnp.zeros((3, 1, 2, 2), jnp.int32), jnp.zeros(3, jnp.int32), x)
 
 
 def test_concrete_out_of_range_labels_are_refused():

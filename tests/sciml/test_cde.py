@@ -451,6 +451,32 @@ def test_size_errors(unchecked):
         sciml.NeuralCDE(2, 4, 3, output="last", key=key)
     with pytest.raises(ConfigError, match="LatentODE: latent_size must be >= 1; got latent_size=0"):
         sciml.LatentODE(2, 0, 8, key=key)
+    # these failed inside Equinox: IndexError for depth=-1, "Shapes must be 1D sequences of
+    # concrete values of integer type" for a float size
+    with pytest.raises(ConfigError, match="LatentODE: depth must be >= 0; got depth=-1"):
+        sciml.LatentODE(2, 3, 8, depth=-1, key=key)
+    with unchecked(), pytest.raises(ConfigError, match="LatentODE: data_size must be an integer >= 1; got data_size=1.5"):
+        sciml.LatentODE(1.5, 3, 8, key=key)
+    with unchecked(), pytest.raises(ConfigError, match="NeuralCDE: in_channels must be an integer >= 1; got in_channels=2.0"):
+        sciml.NeuralCDE(2.0, 4, 3, key=key)
+
+
+def test_latent_ode_computes_in_its_parameters_dtype(build):
+    # With x64 on the model is float64; float32 observations made the GRU's scan fail ("carry
+    # input and carry output must have equal types"), and a float32 z0 the latent solve.
+    # Standard promotion, as users run (the suite's strict mode refuses float32 with float64).
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        model = build(sciml.LatentODE, jax.random.key(7), 2, 3, 8, width=8, depth=1, solver=diffrax.Bosh3())
+        ts, xs = _series(jax.random.key(8), batch=1, times=4)
+        ts, xs = np.asarray(ts[0], np.float64), np.asarray(xs[0], np.float64)
+        ts_pred = np.array([0.0, 0.5, 1.5], np.float32)
+        z0 = jnp.zeros(3, jnp.float32)
+        both = eqx.filter_jit(lambda m, t, x, z: (m(t, x, ts_pred), m.decode(z, 0.0, ts_pred)))
+        forecast, decoded = both(model, ts.astype(np.float32), xs.astype(np.float32), z0)
+        assert forecast.dtype == decoded.dtype == jnp.float64 and forecast.shape == (3, 2)
+        # the encoding is that of the same series, rounded to float32 on the way in
+        want = model.encode(ts, xs)[0]
+        np.testing.assert_allclose(model.encode(ts.astype(np.float32), xs.astype(np.float32))[0], want, atol=1e-6)
 
 
 @pytest.mark.parametrize("checked", [True, False])

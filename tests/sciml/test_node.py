@@ -401,6 +401,46 @@ def test_every_solving_layer_checks_throw(layer, unchecked):
         make(1)
 
 
+@pytest.mark.parametrize("layer", ["NeuralODE", "NeuralCDE", "LatentODE"])
+def test_solver_without_error_estimate_needs_constant_steps(layer):
+    # Euler has no error estimate, so the default adaptive controller cannot use it: Diffrax
+    # refused only at the first call, with a bare RuntimeError naming neither layer nor fix.
+    make = {
+        "NeuralODE": lambda **kw: sciml.NeuralODE(_decay, **kw),
+        "NeuralCDE": lambda **kw: sciml.NeuralCDE(2, 4, 3, key=jax.random.key(0), **kw),
+        "LatentODE": lambda **kw: sciml.LatentODE(2, 3, 8, key=jax.random.key(0), **kw),
+    }[layer]
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{layer}: the solver Euler has no error estimate, so the adaptive step-size controller "
+        rf"PIDController \(the default .*stepsize_controller=diffrax\.ConstantStepSize\(\), dt0=<step>\)",
+    ):
+        make(solver=diffrax.Euler())
+    make(solver=diffrax.Euler(), stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)
+
+
+def test_vector_field_wider_than_the_state_is_refused():
+    # Diffrax saves each step in the state's dtype: a float64 derivative for a float32 state
+    # failed inside it with "buffer.at[i].set(value) ... must have a dtype that can be promoted".
+    # Standard promotion, as users run: the suite's strict mode refuses the call itself.
+    ts = jnp.linspace(0.0, 1.0, 3)
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("standard"):
+        field = _mlp_field(jax.random.key(1), dtype=jnp.float64)  # what x64 gives by default
+        with pytest.raises(
+            sciml.VectorFieldError,
+            match=r"^NeuralODE: the vector field returns dy/dt in float64 for a state y0 in float32; .*"
+            r"pass y0 in float64 \(y0\.astype\(jnp\.float64\)\), or build the vector field in float32",
+        ):
+            sciml.NeuralODE(field)(jnp.ones(2, jnp.float32), ts)
+        with pytest.raises(sciml.VectorFieldError, match=r"jax\.tree\.map\(lambda a: jnp\.asarray\(a, jnp\.float64\), y0\)"):
+            sciml.NeuralODE(lambda t, y, args: {"x": field(t, y["x"], args)})({"x": jnp.ones(2, jnp.float32)}, ts)
+    # float32 parameters on a bfloat16 state: the same failure without x64
+    with jax.numpy_dtype_promotion("standard"), pytest.raises(
+        sciml.VectorFieldError, match=r"returns dy/dt in float32 for a state y0 in bfloat16"
+    ):
+        sciml.NeuralODE(_mlp_field(jax.random.key(1)))(jnp.ones(2, jnp.bfloat16), ts)
+
+
 def test_bad_configuration(unchecked):
     f = lambda t, y, args: -y
     with unchecked(), pytest.raises(ConfigError, match="adjoint must be one of"):

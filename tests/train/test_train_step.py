@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from eqzoo import train
+from eqzoo import models, train
 from eqzoo._errors import ConfigError, ShapeError
 
 
@@ -282,6 +282,15 @@ def test_state_parts_and_replace(mlp, create):
 def test_legacy_prng_key_is_rejected(mlp):
     with pytest.raises(ConfigError, match=r"typed PRNG key; make one with jax\.random\.key\(seed\)"):
         train.TrainState.create(mlp, optax.sgd(0.1), key=jax.random.PRNGKey(0))
+
+
+def test_a_stateful_models_pair_is_refused_as_the_model(create):
+    # models.create returns (model, model_state) for a stateful preset; the pair was taken as the
+    # model and the first step failed with "Expected a callable value, got (CNN(...), State(...))"
+    pair = create(models.get_config("cnn-digits", widths=(4, 8)), key=jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"got a \(model, model_state\) pair \(CNN, State\).*Unpack it: model, model_state = models\.create"):
+        train.TrainState.create(pair, optax.sgd(0.1), key=jax.random.key(1))
+    train.TrainState.create(pair[0], optax.sgd(0.1), key=jax.random.key(1), model_state=pair[1])
 
 
 def test_non_scalar_loss_is_rejected(mlp):
