@@ -131,7 +131,8 @@ def fit(
       For a model with a `config.vocab_size`, the first batch's `"tokens"` and `"targets"`
       (NumPy arrays, as eqzoo's loaders yield) are checked against it before any step: an id
       outside the vocabulary (negative targets, ignored by the losses, aside) raises a
-      `ConfigError`, where it would have trained the parameters into NaN (a loader with
+      `ConfigError`, where it would have trained the parameters into NaN; so are class labels
+      `"y"` outside a classifier's `num_classes` (or `out_features`) (a loader with
       `state_dict` is put back first, so a retry starts from the same batch).
     - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
@@ -246,7 +247,9 @@ def _check_token_ids(state: TrainState, batch: Any) -> None:
     vocabulary: under `jit` the embedding lookup and the loss read them as NaN, so training
     would go on with NaN parameters (a tokenizer with a larger vocabulary than the model's, say).
     Negative targets are fine (they are ignored). Only NumPy arrays are read: no device sync."""
-    vocab = getattr(getattr(state.model, "config", None), "vocab_size", None)
+    config = getattr(state.model, "config", None)
+    _check_class_labels(config, batch)
+    vocab = getattr(config, "vocab_size", None)
     if not isinstance(batch, Mapping) or not isinstance(vocab, int):
         return
     for name in ("tokens", "targets"):
@@ -298,6 +301,25 @@ def _check_loader_step(batches: Any, first_step: int) -> None:
         "warnings.filterwarnings('ignore', message='fit: the state is at step').",
         stacklevel=user_stacklevel(),
     )
+
+
+def _check_class_labels(config: Any, batch: Any) -> None:
+    """Refuse a first host batch whose class labels `"y"` lie outside a classifier's classes
+    (`num_classes`, or an MLP's `out_features`): under `jit` the loss reads them as NaN."""
+    classes = getattr(config, "num_classes", getattr(config, "out_features", None))
+    labels = batch.get("y") if isinstance(batch, Mapping) else None
+    if not isinstance(classes, int) or not isinstance(labels, np.ndarray) or labels.size == 0:
+        return
+    if not np.issubdtype(labels.dtype, np.integer):
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if high >= classes or low < 0:
+        raise ConfigError(
+            f"fit: the first batch's 'y' holds class label {high if high >= classes else low}, outside the model's "
+            f"{classes} classes [0, {classes}) (labels from {low} to {high}); the loss would read it as NaN. Build the "
+            f"model with {'num_classes' if hasattr(config, 'num_classes') else 'out_features'} at least {high + 1}, "
+            "or check the labels."
+        )
 
 
 def _eval_record(eval_step: EvalStep, state: TrainState, eval_batches: Callable[[], Iterable[Any]]) -> dict[str, float]:

@@ -303,6 +303,17 @@ def test_fit_argument_errors(steps, unchecked):
         train.evaluate(eval_step, _state(), [])
 
 
+def test_class_labels_outside_the_classes_are_refused_before_the_first_step(steps):
+    # A label past the model's 3 classes trained on with a NaN loss.
+    train_step, _ = steps
+    batch = {name: np.asarray(v) for name, v in batch_at(0).items()}
+    state = _state()
+    with pytest.raises(ConfigError, match=r"first batch's 'y' holds class label 3, outside the model's 3 classes \[0, 3\).*out_features at least 4"):
+        train.fit(state, train_step, [batch | {"y": np.full_like(batch["y"], 3)}], num_steps=1)
+    assert not any(x.is_deleted() for x in state.arrays)
+    assert int(train.fit(state, train_step, [batch], num_steps=1).state.step) == 1
+
+
 def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_step():
     # A tokenizer with more ids than the model's vocab_size (bytes into a 64-token model) used to
     # train on: the embedding lookup read NaN, and so did every parameter after the first step.
