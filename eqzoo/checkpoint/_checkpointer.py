@@ -376,8 +376,10 @@ class Checkpointer:
           real one, or an abstract one from [`eqzoo.checkpoint.abstract_state`][] (no memory
           is allocated for it). The restored state keeps `target`'s trainable filter.
         - `step`: the step to restore; default the newest committed one.
-        - `shardings`: where each array goes: one `jax.sharding.Sharding` for all, or a callable
-          `(name, target_leaf) -> Sharding`. Default: the target leaf's own sharding (a
+        - `shardings`: where each array goes: a `jax.sharding.Mesh` (from
+          [`eqzoo.sharding.make_mesh`][]: the layout [`eqzoo.sharding.shard_state`][] gives
+          `target` there, by [`eqzoo.sharding.default_rules`][]), one `jax.sharding.Sharding` for
+          all, or a callable `(name, target_leaf) -> Sharding`. Default: the target leaf's own sharding (a
           `jax.ShapeDtypeStruct(..., sharding=...)` or a real array's), else the first local
           device. Any mesh works, whatever the mesh at save time.
         - `allow_config_change`: restore even where the target's model config differs from the
@@ -426,6 +428,11 @@ class Checkpointer:
         # still being written is waited for first: reload lists the steps on disk only.
         self.wait()
         self._manager.reload()
+        if isinstance(shardings, jax.sharding.Mesh):  # callable (a context manager): resolve it first
+            from ..sharding import tree_shardings  # here: eqzoo.sharding imports eqzoo.train
+
+            by_name = dict(zip(state_names(target), tree_shardings(target, shardings).arrays, strict=True))
+            shardings = lambda name, leaf: by_name[name]  # noqa: E731
         candidates = pick_steps(self._directory, step, existed=self._existed)
         if step is not None or not self._fallback:
             candidates = candidates[:1]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
-from jax.sharding import Sharding
+from jax.sharding import Mesh, Sharding
 
 from ..train import TrainState
 from ._errors import CheckpointCorruptError, CheckpointError
@@ -26,7 +26,7 @@ from ._statics import check_statics
 from ._steps import META, STATE
 from ._tree import describe, from_stored, restore_specs, state_names
 
-ShardingSpec = Sharding | Callable[[str, Any], Sharding] | None
+ShardingSpec = Mesh | Sharding | Callable[[str, Any], Sharding] | None
 
 
 def read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Sharding
+from jax.sharding import Mesh, Sharding
 from jax.typing import DTypeLike
 
 from .._errors import ConfigError, EqzooError, user_stacklevel
@@ -20,10 +20,12 @@ from ._errors import HFFormatError
 from ._files import TensorReader, as_folder, float_dtype, read_config, weight_files
 from ._layout import TensorRule, get_path, rules_for
 
-ShardingSpec = Sharding | Callable[[str, jax.ShapeDtypeStruct], Sharding | None] | eqx.Module | None
-"""A `Sharding` for every parameter; a callable `(path, shape_dtype) -> Sharding | None`, where
-`path` is the parameter's dotted attribute path such as `"blocks.layers.attn.q_proj.weight"`; or
-a pytree shaped like the model with a `Sharding` (or `None`) per array; or `None` (default device)."""
+ShardingSpec = Mesh | Sharding | Callable[[str, jax.ShapeDtypeStruct], Sharding | None] | eqx.Module | None
+"""A `jax.sharding.Mesh` (each parameter placed by [`eqzoo.sharding.default_rules`][], as
+[`eqzoo.sharding.shard`][] places it); a `Sharding` for every parameter; a callable
+`(path, shape_dtype) -> Sharding | None`, where `path` is the parameter's dotted attribute path
+such as `"blocks.layers.attn.q_proj.weight"`; or a pytree shaped like the model with a
+`Sharding` (or `None`) per array; or `None` (default device)."""
 
 _SHOWN = 8  # how many offending tensor names an error message lists
 
@@ -217,7 +219,9 @@ def load_pretrained(
       `jnp.float32` for fp32 master weights from a bf16 checkpoint); `None` (or transformers'
       `"auto"`) keeps the dtypes stored in the file. Integer dtypes are refused: quantize with
       [`eqzoo.quant.quantize`][] instead.
-    - `sharding`: where parameters go: a `jax.sharding.Sharding` for all of them, a callable
+    - `sharding`: where parameters go: a `jax.sharding.Mesh` (from [`eqzoo.sharding.make_mesh`][]:
+      each parameter in the layout [`eqzoo.sharding.default_rules`][] give it, checked before any
+      tensor is read), a `jax.sharding.Sharding` for all of them, a callable
       `(path, shape_dtype) -> Sharding | None` given each parameter's dotted path (e.g.
       `"blocks.layers.attn.q_proj.weight"`, with the leading layer axis in `shape_dtype`), a
       model-shaped pytree of shardings, or `None` for the default device.
@@ -242,6 +246,10 @@ def load_pretrained(
         config = _untie_a_separate_head(config, reader, folder, forced="tie_embeddings" in overrides)
         model_cls = model_class(config)
         skeleton = eqx.filter_eval_shape(model_cls, config, key=jax.random.key(0))
+        if isinstance(sharding, Mesh):  # a Mesh is callable (a context manager): resolve it first
+            from ..sharding import tree_shardings  # here: eqzoo.sharding imports eqzoo.train
+
+            sharding = tree_shardings(skeleton, sharding)
         flat, treedef = jax.tree_util.tree_flatten_with_path(skeleton)
         structs = {_names_of(kp): leaf for kp, leaf in flat}
         shapes = {p: tuple(s.shape) for p, s in structs.items()}

@@ -40,7 +40,29 @@ def _rope_from_hf(d: Mapping[str, Any], default_theta: float) -> tuple[float, Ro
     # `rope_scaling` (with "type" in the oldest files, "rope_type" later).
     params = dict(d.get("rope_parameters") or {})
     scaling = dict(d.get("rope_scaling") or {})
-    theta = params.get("rope_theta", d.get("rope_theta", default_theta))
+    if params and scaling:
+        # transformers 5 reads a non-empty `rope_scaling` *instead of* `rope_parameters`
+        # (`rope_scaling or rope_parameters`), its theta then from `rope_scaling` or the top-level
+        # `rope_theta`. eqzoo's exports write both, meaning the same rotation; a file where they
+        # differ (a `rope_scaling` added by hand to a transformers 5 config) is ambiguous.
+        as_scaling = _rope_read(d, {}, scaling, default_theta)
+        as_params = _rope_read(d, params, {}, default_theta)
+        if as_scaling != as_params:
+            raise HFFormatError(
+                f"config.json has rope_scaling={d['rope_scaling']!r} and rope_parameters={d['rope_parameters']!r}, "
+                f"which describe different rotary embeddings (theta {as_scaling[0]:g}, {as_scaling[1]} against "
+                f"theta {as_params[0]:g}, {as_params[1]}). transformers 5 reads rope_scaling and ignores "
+                "rope_parameters (including its rope_theta); transformers 4 reads rope_scaling and rope_theta. "
+                "Keep the one you mean: put the scaling (and rope_theta) in rope_parameters and delete "
+                "rope_scaling, or delete rope_parameters."
+            )
+    return _rope_read(d, params, scaling, default_theta)
+
+
+def _rope_read(
+    d: Mapping[str, Any], params: Mapping[str, Any], scaling: Mapping[str, Any], default_theta: float
+) -> tuple[float, RopeScaling | None]:
+    theta = params.get("rope_theta", scaling.get("rope_theta", d.get("rope_theta", default_theta)))
     merged = {**scaling, **params}
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     _check_partial_rotary(d, merged, rope_type)

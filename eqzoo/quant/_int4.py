@@ -1,8 +1,12 @@
 """Int4 codes packed two to a byte, and group-wise scales (one per output channel and group of
 `group_size` consecutive inputs), for int4 and int8 weight-only quantization."""
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, Float, Int8, UInt8
 
 from .._errors import ConfigError
@@ -140,8 +144,36 @@ def quantize_weight(w, bits: int, group_size: int | None, what: str):
     _check_floating(w, what)
     check_bits_and_groups(bits, group_size, w.shape[-1], what)
     check_finite(w, what)
+    sharding = None if isinstance(w, jax.core.Tracer) else getattr(w, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+        # A weight split over a mesh: its codes and scales split the same way, each device
+        # quantizing its own shard. Computed eagerly, XLA's propagation through the packing and
+        # the group reshape left int4 codes whole along the split input axis (an FSDP-sharded
+        # model's codes on every fsdp device: `fsdp` times the bytes).
+        out = jax.eval_shape(functools.partial(_quantize_stored, bits=bits, group_size=group_size), w)
+        spec = tuple(sharding.spec) + (None,) * (w.ndim - len(sharding.spec))
+        scale_spec = spec if out[1].ndim == w.ndim else spec[:-1]  # a groups axis splits as the inputs
+        shardings = tuple(
+            NamedSharding(sharding.mesh, _dividing(s, x.shape, sharding.mesh)) for s, x in zip((spec, scale_spec), out, strict=True)
+        )
+        return jax.jit(_quantize_stored, static_argnames=("bits", "group_size"), out_shardings=shardings)(
+            w, bits=bits, group_size=group_size
+        )
+    return _quantize_stored(w, bits=bits, group_size=group_size)
+
+
+def _quantize_stored(w, *, bits: int, group_size: int | None):
     q, scale = quantize_groups(w, qmax(bits), group_size)
     return (pack_int4(q) if bits == 4 else q), scale
+
+
+def _dividing(spec: tuple, shape: tuple[int, ...], mesh) -> P:
+    """`spec` less the entries whose mesh axes do not divide their dimension of `shape`."""
+    def fits(entry, size: int) -> bool:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        return size % math.prod(int(mesh.shape[n]) for n in names) == 0
+
+    return P(*(e if e is None or fits(e, n) else None for e, n in zip(spec, shape, strict=True)))
 
 
 def unpacked(codes, bits: int):

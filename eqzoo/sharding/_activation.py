@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ._errors import ShardingError
-from ._mesh import _BATCH_AXES, context_size
+from ._mesh import _BATCH_AXES, check_mesh, context_size
 from ._rules import _entry_axes, drop_missing_axes
 
 ACTIVATION_RULES: dict[str, P] = {
@@ -123,6 +123,8 @@ def activation_sharding(
     """
     check_context_attention(context_attention, "activation_sharding")
     check_pipeline_microbatches(pipeline_microbatches, "activation_sharding")
+    if mesh is not None:
+        check_mesh(mesh, "activation_sharding")
     if mesh is not None and rules is None:
         # eqzoo's defaults fit any mesh: an axis the mesh lacks is dropped from them.
         rules = {name: drop_missing_axes(spec, mesh) for name, spec in ACTIVATION_RULES.items()}

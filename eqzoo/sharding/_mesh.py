@@ -182,6 +182,34 @@ def make_mesh(shape: str | Mapping[str, int] = "data=-1", *, devices: Sequence[A
     )
 
 
+def check_mesh(mesh: Any, who: str) -> Mesh:
+    """`mesh` if it is a `jax.sharding.Mesh` whose axes are all `AxisType.Auto`, else a
+    [`eqzoo.sharding.ShardingError`][] that says how to build one.
+
+    eqzoo's rules place parameters and batches, and its activation constraints guide XLA's
+    partitioner, which needs `Auto` axes: under `Explicit` axes (what `jax.make_mesh` makes
+    unless told otherwise) JAX's sharding-in-types rejects the constraints and asks for an
+    `out_sharding` on the embedding lookup. Called by every eqzoo function that takes a mesh.
+    """
+    if not isinstance(mesh, Mesh):
+        hint = f" (pass eqzoo.sharding.make_mesh({mesh!r}))" if isinstance(mesh, str | Mapping) else ""
+        raise ShardingError(
+            f"{who}: mesh must be a jax.sharding.Mesh, from eqzoo.sharding.make_mesh; got "
+            f"{type(mesh).__name__}{hint}."
+        )
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    other = {str(name): t.name for name, t in types.items() if t != AxisType.Auto}
+    if other:
+        shape = ",".join(f"{name}={int(n)}" for name, n in mesh.shape.items() if name in AXES) or "data=-1"
+        raise ShardingError(
+            f"{who}: the mesh's axes {other} are not AxisType.Auto; eqzoo's sharding rules and "
+            "activation constraints need Auto axes (jax.make_mesh makes Explicit ones unless told "
+            f"otherwise). Build the mesh with eqzoo.sharding.make_mesh({shape!r}), or pass "
+            f"axis_types=(jax.sharding.AxisType.Auto,) * {len(types)} to jax.make_mesh."
+        )
+    return mesh
+
+
 def mesh_shape(mesh: Mesh) -> dict[str, int]:
     """The sizes of a mesh's axes as a dict, e.g.
     `{"stage": 1, "data": 2, "fsdp": 2, "context": 1, "expert": 1, "tensor": 2}`."""

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .._errors import shape_str, user_stacklevel
 from ..train._state import TrainState
 from ._errors import ShardingError
-from ._mesh import _BATCH_AXES, CONTEXT_AXIS, SEQUENCE_KEYS, context_size
+from ._mesh import _BATCH_AXES, AXES, CONTEXT_AXIS, SEQUENCE_KEYS, check_mesh, context_size
 from ._rules import (
     DIT_RULES,
     GPT2_RULES,
@@ -120,6 +120,17 @@ def _resolve_rules(tree: Any, rules: Rules | None, mesh: Mesh) -> Rules:
         _warn_unmatched(model, rules)
         return rules
     defaults = default_rules(model)
+    foreign = {str(a): int(n) for a, n in mesh.shape.items() if a not in AXES and int(n) > 1}
+    if foreign and jax.tree.leaves(model):
+        # A hand-built mesh with names of its own ("dp", "model", ...): the default rules and
+        # the batch placement name eqzoo's axes only, so these devices would all hold and compute the same.
+        warnings.warn(
+            f"mesh axis(es) {foreign} are not eqzoo axis names {list(AXES)}: the default sharding "
+            "rules and the batch placement do not use them, so every parameter is replicated over "
+            "them and their devices compute the same thing. Name the mesh's axes as eqzoo does "
+            "(eqzoo.sharding.make_mesh('data=4,tensor=2')), or pass rules= that name them.",
+            stacklevel=user_stacklevel(),
+        )
     split = {a: int(mesh.shape[a]) for a in ("fsdp", "tensor") if int(mesh.shape.get(a, 1)) > 1}
     if not defaults and split and jax.tree.leaves(model):
         axes = ", ".join(f"{a}={n}" for a, n in split.items())
@@ -174,8 +185,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
     for other leaves); for a `TrainState`, a `TrainState` whose `arrays` are the shardings.
 
     **Raises:** [`eqzoo.sharding.ShardingError`][] when a rule does not fit a parameter (naming
-    the parameter, its shape and the mesh axis).
+    the parameter, its shape and the mesh axis), or for a mesh whose axes are not
+    `AxisType.Auto` (`jax.make_mesh`'s default is `Explicit`; build it with `make_mesh`).
     """
+    check_mesh(mesh, "tree_shardings")
     if rules is None:
         _warn_split_heads(tree.model if isinstance(tree, TrainState) else tree, mesh)
     rules = _resolve_rules(tree, rules, mesh)
@@ -333,6 +346,7 @@ def batch_split(mesh: Mesh) -> int:
 
 
 def _batch_sharding(batch: Any, mesh: Mesh, spec: P, who: str, sequence_keys: Collection[str] | None) -> Any:
+    check_mesh(mesh, who)
     keys = _sequence_keys(sequence_keys, who)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: _leaf_sharding(who, path, tuple(np.shape(x)), mesh, spec, keys), batch
@@ -390,6 +404,7 @@ def make_global_batch(
     context parallelism, the sequence length) is not divisible by the mesh axes of `spec`.
     """
     who = f"make_global_batch ({jax.process_count()} process(es) x local rows)"
+    check_mesh(mesh, "make_global_batch")
     keys = _sequence_keys(sequence_keys, who)
 
     def one(path, x):

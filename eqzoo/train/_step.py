@@ -22,7 +22,7 @@ from ..sharding._activation import (
     check_pipeline_microbatches,
 )
 from ..sharding._errors import ShardingError
-from ..sharding._mesh import SEQUENCE_KEYS
+from ..sharding._mesh import SEQUENCE_KEYS, check_mesh
 from ._losses import tree_global_norm
 from ._precision import DynamicLossScale, Precision, check_precision
 from ._state import StateParts, TrainState
@@ -697,6 +697,8 @@ def make_train_step(
     check_precision(precision, "make_train_step")
     check_context_attention(context_attention, "make_train_step")
     check_pipeline_microbatches(pipeline_microbatches, "make_train_step")
+    if mesh is not None:
+        check_mesh(mesh, "make_train_step")
     if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int | np.integer) or grad_accum_steps < 1:
         raise ConfigError(f"grad_accum_steps must be an integer >= 1, got {grad_accum_steps!r}.{int_hint(grad_accum_steps)}")
     grad_accum_steps = int(grad_accum_steps)
@@ -824,6 +826,8 @@ def make_eval_step(
     precision = Precision() if precision is None else precision
     check_context_attention(context_attention, "make_eval_step")
     check_pipeline_microbatches(pipeline_microbatches, "make_eval_step")
+    if mesh is not None:
+        check_mesh(mesh, "make_eval_step")
 
     def pure(structure, arrays, batch):
         parts: StateParts = structure.unflatten(arrays)

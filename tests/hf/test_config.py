@@ -107,6 +107,33 @@ def test_rope_spellings_of_transformers_4_and_5_agree():
     assert v5.rope_theta == 5e5 and v5.rope_scaling == RopeScaling(**scaling)
     assert config_from_hf(base | {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}).rope_scaling is None
 
+    # Both spellings, as eqzoo's exports write them (the same rotation): read as before.
+    both = base | {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **scaling},
+                   "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}}
+    assert config_from_hf(both) == v5
+    linear = {"rope_type": "linear", "factor": 4.0}
+    assert config_from_hf(base | {"rope_theta": 5e5, "rope_scaling": linear, "rope_parameters": {**linear, "rope_theta": 5e5}}).rope_scaling == RopeScaling(factor=4.0, rope_type="linear")
+
+
+@pytest.mark.parametrize(
+    "scaling, match",
+    [
+        # transformers 5 reads rope_scaling instead of rope_parameters: linear, at its default theta
+        ({"rope_type": "linear", "factor": 4.0}, r"rope_scaling=\{'rope_type': 'linear', 'factor': 4.0\} and rope_parameters=.*describe different rotary embeddings \(theta 10000, .*linear.* against theta 500000, None\).*transformers 5 reads rope_scaling and ignores rope_parameters.*Keep the one you mean"),
+        # ... which may be one eqzoo does not implement
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, r"rope_type='yarn'.*only 'default', 'linear' and 'llama3'"),
+    ],
+)
+def test_rope_scaling_that_contradicts_rope_parameters_is_refused(scaling, match):
+    # A rope_scaling added to a transformers 5 config.json: transformers computes with it, eqzoo
+    # used to read rope_parameters (here plain rotary at theta 5e5) and gave other logits silently.
+    d = dict(
+        model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, rope_scaling=scaling,
+    )
+    with pytest.raises(HFFormatError, match=match):
+        config_from_hf(d)
+
 
 def test_defaults_and_overrides():
     llama = config_from_hf({

@@ -250,6 +250,26 @@ def test_sharding_places_each_parameter(hf_checkpoints, loaded):
     assert from_tree.final_norm.weight.sharding == replicated
 
 
+def test_sharding_by_a_mesh_uses_the_default_rules(hf_checkpoints, loaded):
+    # `sharding=mesh` places each parameter as eqzoo.sharding.shard would. A Mesh is callable
+    # (a context manager), so it used to be called as the (path, shape_dtype) function and
+    # raised a TypeError from inside JAX.
+    _, folder = hf_checkpoints("llama-gqa-untied")
+    mesh = eqzoo.sharding.make_mesh("fsdp=4,tensor=2")
+    model = eqzoo.hf.load_pretrained(folder, sharding=mesh)
+    want = eqzoo.sharding.tree_shardings(model, mesh)
+    for got, expected in zip(jax.tree.leaves(model), jax.tree.leaves(want), strict=True):
+        assert got.sharding == expected
+    assert model.blocks.layers.attn.q_proj.weight.sharding.spec == P(None, "tensor", "fsdp")
+    assert _same(jax.device_get(model), jax.device_get(loaded("llama-gqa-untied")))
+    # The layout is checked before any tensor is read: a mesh axis that does not divide a
+    # dimension raises, naming the parameter.
+    odd = eqzoo.sharding.make_mesh("tensor=3", devices=jax.devices()[:3])
+    with pytest.warns(UserWarning, match="tensor=3 does not divide num_heads=4"):
+        with pytest.raises(eqzoo.sharding.ShardingError, match=r"'embed.weight' of shape \(160, 64\): dimension 0 \(size 160\) is assigned to mesh axis tensor=3"):
+            eqzoo.hf.load_pretrained(folder, sharding=odd)
+
+
 def test_gpt2_checkpoint_without_prefix_and_with_buffers(hf_checkpoints, loaded, tmp_path):
     """The original OpenAI GPT-2 files name tensors without `transformer.` and carry the causal
     mask buffers `attn.bias` / `attn.masked_bias`; both are read."""

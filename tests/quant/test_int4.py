@@ -398,6 +398,33 @@ def test_sharded_int4_model_matches_one_device():
     np.testing.assert_allclose(np.asarray(_fwd(placed, tokens)), np.asarray(_fwd(q, tokens)), rtol=1e-5, atol=1e-5)
 
 
+def test_quantizing_a_sharded_model_keeps_each_weights_split():
+    # Quantized where it lies (loaded or initialised sharded): codes split as their float weight,
+    # scales as its rows (and its input split on the groups axis), values those of one device
+    # (int8 goes through the same code: quant._int4.quantize_weight).
+    # Eager quantization left int4 codes whole along the fsdp-split inputs: fsdp times the bytes.
+    mesh = sh.make_mesh("fsdp=4,tensor=2")
+    model = _model(num_heads=8, num_kv_heads=4)
+    placed = sh.shard(model, mesh)
+    for bits, group_size in ((4, GROUP), (4, None)):
+        q = quant.quantize(placed, bits=bits, group_size=group_size)  # eagerly, as a user calls it
+        q_proj, down = q.blocks.layers.attn.q_proj, q.blocks.layers.mlp.down
+        assert q_proj.codes.sharding.spec == jax.P(None, "tensor", "fsdp")  # (layers, out, in [/ 2])
+        assert down.codes.sharding.spec == jax.P(None, "fsdp", "tensor")
+        assert q_proj.codes.addressable_shards[0].data.size == q_proj.codes.size // 8
+        assert q_proj.scale.sharding.spec == (jax.P(None, "tensor") if group_size is None else jax.P(None, "tensor", "fsdp"))
+        _same_arrays(jax.device_get(q), _quantize(model, bits=bits, group_size=group_size))
+    # Experts (layers, experts, contract, out): the same, through the transposed rows.
+    moe = _model("tiny-mixtral", num_heads=8, num_kv_heads=4)
+    placed = sh.shard(moe, mesh)
+    q = quant.quantize(placed, bits=4, group_size=GROUP)
+    gate = q.blocks.layers.mlp.gate_proj
+    # (expert=1 here: a spec naming it or not is the same layout)
+    assert gate.codes.sharding.is_equivalent_to(placed.blocks.layers.mlp.gate_proj.sharding, 4)  # P(None, "expert", "fsdp", "tensor")
+    assert gate.scale.sharding.is_equivalent_to(jax.NamedSharding(mesh, jax.P(None, None, "tensor", "fsdp")), 4)  # (layers, experts, out, groups)
+    _same_arrays(jax.device_get(q), _quantize(moe, bits=4, group_size=GROUP))
+
+
 # ------------------------------------------------------------------------------------- int4 QAT
 
 

@@ -67,3 +67,26 @@ def test_restore_onto_another_layout(saved, target):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     if target == "data=2,tensor=4":
         assert restored.model.embed.weight.addressable_shards[0].data.shape == (256 // 4, 64)
+
+
+def test_checkpointer_restores_onto_a_mesh_by_the_default_rules(lab, tmp_path):
+    # `shardings=mesh` places every array as shard_state would on that mesh. A Mesh is callable
+    # (a context manager), so it used to be called as the (name, leaf) function and raised a
+    # TypeError from inside JAX.
+    from eqzoo import checkpoint
+
+    optimizer = optax.adamw(1e-3)
+    state = TrainState.create(lab.build_model("gpt2", jax.random.key(0)), optimizer, key=jax.random.key(7))
+    ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False, handle_signals=False)
+    ckpt.save(state, step=0)
+    mesh = sh.make_mesh("data=2,tensor=4")
+    restored = ckpt.restore(checkpoint.abstract_state(state.model, optimizer), shardings=mesh).state
+    ckpt.close()
+    want = sh.tree_shardings(state, mesh).arrays
+    for got, expected, sharding in zip(restored.arrays, state.arrays, want, strict=True):
+        assert got.sharding == sharding
+        if jax.dtypes.issubdtype(expected.dtype, jax.dtypes.prng_key):
+            got, expected = jax.random.key_data(got), jax.random.key_data(expected)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert restored.model.embed.weight.sharding.spec == jax.P("tensor", "fsdp")  # vocab-parallel
+    assert restored.opt_state[0].mu.embed.weight.sharding.spec == jax.P("tensor", "fsdp")  # as its parameter

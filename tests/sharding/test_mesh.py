@@ -71,3 +71,60 @@ def test_unknown_axis_name():
 def test_malformed_shapes(bad, match):
     with pytest.raises(sh.ShardingError, match=match):
         sh.parse_mesh_shape(bad)
+
+
+def test_explicit_axes_are_refused_where_a_mesh_is_taken():
+    # jax.make_mesh makes Explicit axes by default; eqzoo's constraints need Auto ones. Placing
+    # a model on such a mesh used to work and its forward pass then failed inside JAX (the
+    # embedding lookup asks for an out_sharding), and the train step failed in its constraints.
+    import numpy as np
+    import optax
+
+    import eqzoo
+    from eqzoo.train import TrainState, lm_loss, make_eval_step, make_train_step
+
+    explicit = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Explicit,) * 3)
+    model = eqzoo.models.create("tiny-llama", key=jax.random.key(0))
+    match = r"the mesh's axes \{'data': 'Explicit', 'fsdp': 'Explicit', 'tensor': 'Explicit'\} are not AxisType.Auto.*make_mesh\('data=2,fsdp=2,tensor=2'\)"
+    for call in (
+        lambda: sh.shard(model, explicit),
+        lambda: sh.tree_shardings(model, explicit),
+        lambda: sh.shard_batch({"tokens": np.zeros((8, 4), np.int32)}, explicit),
+        lambda: sh.make_global_batch({"tokens": np.zeros((8, 4), np.int32)}, explicit),
+        lambda: sh.activation_sharding(explicit).__enter__(),
+        lambda: make_train_step(lm_loss, optax.sgd(0.1), mesh=explicit),
+        lambda: make_eval_step(lm_loss, mesh=explicit),
+    ):
+        with pytest.raises(sh.ShardingError, match=match):
+            call()
+    # A mesh shape where the mesh belongs (the type-checking hook refuses it earlier, with jaxtyping's error).
+    from eqzoo.sharding._mesh import check_mesh
+
+    with pytest.raises(sh.ShardingError, match=r"make_train_step: mesh must be a jax.sharding.Mesh.*got str \(pass eqzoo.sharding.make_mesh\('data=8'\)\)"):
+        check_mesh("data=8", "make_train_step")
+    # The same axes as Auto work: a state placed on them trains.
+    auto = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    state = sh.shard_state(TrainState.create(model, optax.sgd(0.1), key=jax.random.key(1)), auto)
+    tokens = np.zeros((8, 5), np.int32)
+    _, metrics = make_train_step(lm_loss, optax.sgd(0.1), mesh=auto)(state, {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]})
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_mesh_axes_eqzoo_does_not_name_warn_under_the_default_rules():
+    # A mesh named as in another library ("dp", "model"): the default rules and the batch
+    # placement name eqzoo's axes only, so "model" would replicate everything over its devices.
+    import numpy as np
+
+    import eqzoo
+
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()).reshape(4, 2), ("data", "model"))
+    model = eqzoo.models.create("tiny-llama", key=jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"mesh axis\(es\) \{'model': 2\} are not eqzoo axis names.*replicated over them.*make_mesh"):
+        placed = sh.shard(model, mesh)
+    assert placed.blocks.layers.attn.q_proj.weight.sharding.spec == jax.P(None, None, None)
+    # Rules that name the axis are the user's own: no warning.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sh.shard(model, mesh, rules=[(r"q_proj\.weight$", jax.P(None, "model", None))])
