@@ -32,7 +32,7 @@ from ._optimizer import state_optimizer
 from ._progress import SaveProgress
 from ._restore import ShardingSpec, read_meta, restore_step
 from ._run import run_record, warn_changed_run, warn_newer_steps
-from ._signals import StopSignals
+from ._signals import StopSignals, signal_handling
 from ._statics import StaticsCache
 from ._steps import META, STATE, committed_steps, pick_steps, quarantine, remove_unfinished
 from ._tree import describe, state_names, to_stored
@@ -90,7 +90,15 @@ class Checkpointer:
     - `handle_signals`: on SIGTERM or SIGINT, save the current step at the next `maybe_save`,
       wait until it is committed, and make `should_stop()` true. A second signal of the same
       kind acts as if this handler were not installed. Only installed from the main thread, and
-      not for a signal the process already ignores.
+      not for a signal the process already ignores. On a multi-process run
+      (`jax.process_count() > 1`) every process must save the same step, so a signal to any
+      of them stops all of them at one step they agree on through JAX's preemption service
+      (which `jax.distributed.initialize` starts): a SIGTERM is left to that service's own
+      handler, a SIGINT is passed on to it as a SIGTERM, and `maybe_save` asks it, at every
+      step and without any communication, whether this is the agreed step (up to a second
+      after the signal). That needs `maybe_save` called at every step with the same step
+      numbers on every process (as `fit` does). Where the service is off
+      (`jax_enable_preemption_service=False`) no signal is handled, with a warning.
     - `fallback_to_intact`: when the newest step fails its integrity check, `restore()` warns,
       moves the damaged step aside (to `corrupt-<step>-<time>`) and restores the newest intact
       step instead of raising.
@@ -151,7 +159,10 @@ class Checkpointer:
         self._statics = StaticsCache()
         self._run: dict[str, Any] | None = None
         self._set_by_restore: frozenset[str] = frozenset()  # injected values the last restore was told to set
-        self._signals = StopSignals(handle_signals)
+        install, across_processes = signal_handling(handle_signals)
+        self._signals = StopSignals(install, across_processes=across_processes)
+        if across_processes:  # a notice before the restore agrees on the step after the newest one
+            self._signals.start_at(max(self.all_steps(), default=0))
         self._stop_honoured = False  # should_stop said True: the next run forgets the signal
         track_open(self)
 
@@ -262,7 +273,9 @@ class Checkpointer:
         if self._current_step is None and self._restored_step is not None:
             warn_newer_steps(self._restored_step, self.all_steps(), self._directory)
         self._current_step = step
-        due = force or self._signals.received is not None or (self._save_every is not None and step % self._save_every == 0)
+        # Asked at every step, forced or not: on several processes, JAX's count of steps.
+        stop = self._signals.stop_at(step) is not None
+        due = force or stop or (self._save_every is not None and step % self._save_every == 0)
         if not due:
             return False
         state_dict = getattr(batches, "state_dict", None)
@@ -289,12 +302,18 @@ class Checkpointer:
 
         A signal that already stopped a run (`should_stop` returned `True`) is forgotten here, so
         a run started again with this Checkpointer (in a notebook, say) trains on and stops at
-        the next signal; one received before the run started still stops it.
+        the next signal; one received before the run started still stops it. (On a multi-process
+        run, JAX's preemption service agrees on one step per process lifetime: there a signal
+        does not stop a later run with this Checkpointer, and a second SIGINT raises
+        `KeyboardInterrupt`.) On a
+        multi-process run it also tells that service the step training starts from.
 
         **Raises:** `CheckpointError` if `run` is not JSON-able.
         """
         if self._stop_honoured:
-            self._signals.received, self._stop_honoured = None, False
+            self._signals.forget()
+            self._stop_honoured = False
+        self._signals.start_at(step)
         self._run = run_record(run)
         if step in self.all_steps():
             warn_changed_run(
@@ -304,7 +323,8 @@ class Checkpointer:
 
     def should_stop(self) -> bool:
         """True once SIGTERM/SIGINT was received and the current step is saved and committed
-        (this call waits for the commit)."""
+        (this call waits for the commit). On a multi-process run: once the step every process
+        agreed to stop at is saved and committed."""
         if self._signals.received is None or self._current_step is None or self._current_step != self._last_saved:
             return False
         self.wait()
@@ -314,7 +334,8 @@ class Checkpointer:
     @property
     def stop_signal(self) -> int | None:
         """The signal number that asked training to stop, or `None` (again once the next run
-        begins: `begin_run`)."""
+        begins: `begin_run`). On a multi-process run it is set at the agreed step: the signal
+        this process received, or SIGTERM (JAX's preemption notice) where it received none."""
         return self._signals.received
 
     def wait(self) -> None:
@@ -456,6 +477,7 @@ class Checkpointer:
                 )
             self._restored_step = s
             self._set_by_restore = set_names(chosen, target)
+            self._signals.start_at(s)
             return restored
         if len(corrupt) == 1:
             err = corrupt[0]
