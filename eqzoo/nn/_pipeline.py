@@ -47,6 +47,7 @@ from jax.custom_batching import custom_vmap
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..sharding._errors import ShardingError
+from ._jaxpr import holds_primitive
 
 
 def pipeline_stages() -> int:
@@ -166,15 +167,7 @@ def _sees_whole_batch(jaxpr: Any) -> bool:
     """Whether `jaxpr` (or one of its sub-programs) holds an op whose batching rule runs a
     `shard_map` over the whole batch (eqzoo's expert exchange and grouped experts): such an op
     must see the batch as one `vmap` over every batch axis (`batch_vmap`'s)."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _WHOLE_BATCH_OPS:
-            return True
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-                if hasattr(inner, "eqns") and _sees_whole_batch(inner):
-                    return True
-    return False
+    return holds_primitive(jaxpr, _WHOLE_BATCH_OPS)
 
 
 def _scan_layers(f, carry, layer_inputs, scan: bool):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .._errors import ConfigError, as_flag, check_sizes
 from .._typing import PRNGKey
 from ._fields import with_fields
+from ._jaxpr import holds_primitive
 from ._pipeline import pipelined_apply
 
 M = TypeVar("M", bound=eqx.Module)
@@ -89,17 +90,7 @@ def _compiles_eagerly(jaxpr: Any) -> bool:
     """Whether `jaxpr` (or one of its sub-programs, except those of nested `jax.jit` calls,
     which JAX caches by function) holds a `cond`, `while_loop` or `scan`: run eagerly, each
     would be compiled again on every call."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in _EAGER_COMPILED:
-            return True
-        if eqn.primitive.name in ("jit", "pjit"):
-            continue
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, tuple | list) else (value,):
-                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
-                if hasattr(inner, "eqns") and _compiles_eagerly(inner):
-                    return True
-    return False
+    return holds_primitive(jaxpr, _EAGER_COMPILED, skip=("jit", "pjit"))
 
 
 # Names given with `jax.ad_checkpoint.checkpoint_name` inside eqzoo's layers. "minimal" keeps only
