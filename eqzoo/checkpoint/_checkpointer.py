@@ -159,10 +159,10 @@ class Checkpointer:
         self._statics = StaticsCache()
         self._run: dict[str, Any] | None = None
         self._set_by_restore: frozenset[str] = frozenset()  # injected values the last restore was told to set
-        install, across_processes = signal_handling(handle_signals)
+        # On several processes JAX's preemption service is told the newest step: a notice before
+        # the restore agrees on the step after it.
+        install, across_processes = signal_handling(handle_signals, max(self.all_steps(), default=0))
         self._signals = StopSignals(install, across_processes=across_processes)
-        if across_processes:  # a notice before the restore agrees on the step after the newest one
-            self._signals.start_at(max(self.all_steps(), default=0))
         self._stop_honoured = False  # should_stop said True: the next run forgets the signal
         track_open(self)
 

@@ -20,13 +20,20 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+# The step the processes agreed to stop at, once they have: JAX's preemption service agrees once
+# per process and answers yes at that step number ever after, for every Checkpointer.
+_AGREED_STEP: int | None = None
 
-def preemption_service() -> bool:
+
+def preemption_service(step: int) -> bool:
     """Whether `jax.distributed.initialize` started JAX's preemption service in this process
-    (it does unless `jax_enable_preemption_service` was off)."""
-    from jax._src import distributed  # the one place JAX keeps it; no public accessor
-
-    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
+    (it does unless `jax_enable_preemption_service` was off), asked through the public call,
+    which raises `RuntimeError` without one; tells it `step`, the step training starts from."""
+    try:
+        multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:
+        return False
+    return True
 
 
 class StopSignals:
@@ -88,9 +95,10 @@ class StopSignals:
         Several processes: each must call this at every step, with the same step numbers; it
         answers `None` until the step all of them agreed on, then the signal this process
         received (SIGTERM where it received none: the other processes' notice)."""
-        if self._across and self.received is None and self._agreed is None:
+        global _AGREED_STEP
+        if self._across and self.received is None and self._agreed is None and _AGREED_STEP is None:
             if multihost_utils.reached_preemption_sync_point(step):
-                self._agreed = step
+                self._agreed = _AGREED_STEP = step
                 self.received = self._seen if self._seen is not None else signal.SIGTERM
                 os.write(2, f"eqzoo.checkpoint: every process stops at step {step} (a preemption notice "
                             "reached one of them); saving it, then stopping.\n".encode())
@@ -100,7 +108,7 @@ class StopSignals:
         """Training goes on from `step` (a restored or starting step): with several processes, a
         notice that arrives before the next `stop_at` is agreed on for the step after it (JAX
         counts from the last step it was told of, 0 at first)."""
-        if self._across and self.received is None and self._agreed is None:
+        if self._across and self.received is None and self._agreed is None and _AGREED_STEP is None:
             multihost_utils.reached_preemption_sync_point(step)
 
     def forget(self) -> None:
@@ -115,13 +123,23 @@ class StopSignals:
         self._previous_handlers = {}
 
 
-def signal_handling(handle_signals: bool) -> tuple[bool, bool]:
+def signal_handling(handle_signals: bool, start_step: int) -> tuple[bool, bool]:
     """`(install, across_processes)` for `StopSignals`: on a multi-process run signals are agreed
-    on through JAX's preemption service; where that service is off they cannot be, and none is
-    handled (with a warning saying so)."""
+    on through JAX's preemption service (told `start_step`); where that service is off, or has
+    agreed on a stop in this process already, they cannot be, and none is handled (with a
+    warning saying so)."""
     if not handle_signals or jax.process_count() == 1:
         return handle_signals, False
-    if preemption_service():
+    if _AGREED_STEP is not None:
+        warnings.warn(
+            f"Checkpointer(handle_signals=True): this process's run stopped at step {_AGREED_STEP} on a signal "
+            "agreed through JAX's preemption service, which agrees on one step per process. Signals are not "
+            "handled for this Checkpointer: SIGINT raises KeyboardInterrupt, and a SIGTERM reaches JAX's "
+            "service only. Start a new process to stop on a signal again, or pass handle_signals=False.",
+            stacklevel=3,
+        )
+        return False, False
+    if preemption_service(start_step):
         return True, True
     warnings.warn(
         "Checkpointer(handle_signals=True) on a multi-process run stops every process at one agreed "

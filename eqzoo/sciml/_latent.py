@@ -131,9 +131,11 @@ class LatentODE(eqx.Module):
 
     @property
     def _dtype(self) -> jnp.dtype:
-        """The dtype the model computes in: its parameters'. Observations, times and latent
-        states are cast to it (float32 data into a model built in float64, say)."""
-        return jnp.dtype(self.encoder.weight_ih.dtype)
+        """The dtype the model computes in: its parameters', at least float32 (a bfloat16 model,
+        as `Precision.bf16()` casts it, still solves in float32: bfloat16 times and states would
+        be too coarse for an adaptive solve). Observations, times and latent states are cast to
+        it (float32 data into a model built in float64, say)."""
+        return jnp.promote_types(self.encoder.weight_ih.dtype, jnp.float32)
 
     @no_type_check  # checked below with messages that say how to fix the call
     def encode(

@@ -75,8 +75,8 @@ def validate_config(
         sname = type(solver).__name__
         raise ConfigError(
             f"{owner}: the solver {sname} has no error estimate, so the adaptive step-size "
-            f"controller {type(stepsize_controller).__name__} (the default when "
-            f"stepsize_controller is not given) cannot choose its steps. Take constant steps: "
+            f"controller {type(stepsize_controller).__name__} (a PIDController is the default "
+            f"when stepsize_controller is not given) cannot choose its steps. Take constant steps: "
             f"{owner}(..., solver=diffrax.{sname}(), stepsize_controller="
             f"diffrax.ConstantStepSize(), dt0=<step>), or use a solver with an error estimate "
             f"(diffrax.Heun(), diffrax.Tsit5())."

@@ -248,7 +248,7 @@ def _check_token_ids(state: TrainState, batch: Any) -> None:
     would go on with NaN parameters (a tokenizer with a larger vocabulary than the model's, say).
     Negative targets are fine (they are ignored). Only NumPy arrays are read: no device sync."""
     config = getattr(state.model, "config", None)
-    _check_class_labels(config, batch)
+    _check_class_labels(state.model, batch)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(batch, Mapping) or not isinstance(vocab, int):
         return
@@ -303,21 +303,25 @@ def _check_loader_step(batches: Any, first_step: int) -> None:
     )
 
 
-def _check_class_labels(config: Any, batch: Any) -> None:
-    """Refuse a first host batch whose class labels `"y"` lie outside a classifier's classes
-    (`num_classes`, or an MLP's `out_features`): under `jit` the loss reads them as NaN."""
+def _check_class_labels(model: Any, batch: Any) -> None:
+    """Refuse a first host batch whose class labels `"y"` reach past a classifier's classes
+    (`num_classes`, or an MLP's `out_features`, when 2 or more): under `jit` the loss reads them
+    as NaN. Negative labels are ignored by the losses, and pass. Denoisers (a `null_label`
+    attribute: their labels condition, with the null class past the others, or are unused)
+    are not checked."""
+    config = getattr(model, "config", None)
     classes = getattr(config, "num_classes", getattr(config, "out_features", None))
     labels = batch.get("y") if isinstance(batch, Mapping) else None
-    if not isinstance(classes, int) or not isinstance(labels, np.ndarray) or labels.size == 0:
+    if hasattr(model, "null_label") or not isinstance(classes, int) or classes < 2:
         return
-    if not np.issubdtype(labels.dtype, np.integer):
+    if not isinstance(labels, np.ndarray) or labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
         return
-    low, high = int(labels.min()), int(labels.max())
-    if high >= classes or low < 0:
+    high = int(labels.max())
+    if high >= classes:
         raise ConfigError(
-            f"fit: the first batch's 'y' holds class label {high if high >= classes else low}, outside the model's "
-            f"{classes} classes [0, {classes}) (labels from {low} to {high}); the loss would read it as NaN. Build the "
-            f"model with {'num_classes' if hasattr(config, 'num_classes') else 'out_features'} at least {high + 1}, "
+            f"fit: the first batch's 'y' holds class label {high}, outside the model's {classes} classes "
+            f"[0, {classes}); the loss would read it as NaN. Build the model with "
+            f"{'num_classes' if hasattr(config, 'num_classes') else 'out_features'} at least {high + 1}, "
             "or check the labels."
         )
 

@@ -413,7 +413,7 @@ def test_solver_without_error_estimate_needs_constant_steps(layer):
     with pytest.raises(
         ConfigError,
         match=rf"^{layer}: the solver Euler has no error estimate, so the adaptive step-size controller "
-        rf"PIDController \(the default .*stepsize_controller=diffrax\.ConstantStepSize\(\), dt0=<step>\)",
+        rf"PIDController \(a PIDController is the default .*stepsize_controller=diffrax\.ConstantStepSize\(\), dt0=<step>\)",
     ):
         make(solver=diffrax.Euler())
     make(solver=diffrax.Euler(), stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)

@@ -311,7 +311,12 @@ def test_class_labels_outside_the_classes_are_refused_before_the_first_step(step
     with pytest.raises(ConfigError, match=r"first batch's 'y' holds class label 3, outside the model's 3 classes \[0, 3\).*out_features at least 4"):
         train.fit(state, train_step, [batch | {"y": np.full_like(batch["y"], 3)}], num_steps=1)
     assert not any(x.is_deleted() for x in state.arrays)
-    assert int(train.fit(state, train_step, [batch], num_steps=1).state.step) == 1
+    ignored = batch | {"y": np.where(np.arange(len(batch["y"])) % 2, batch["y"], -100)}  # negative labels: ignored
+    assert int(train.fit(state, train_step, [ignored], num_steps=1).state.step) == 1
+    # Denoisers are not checked: their labels condition (the null class is num_classes; an
+    # unconditional model, num_classes=0, ignores them).
+    unet = models.create("tiny-unet", key=jax.random.key(0), num_classes=0)
+    _check_token_ids(train.TrainState.create(unet, OPTIMIZER, key=jax.random.key(1)), {"y": np.arange(2, dtype=np.int32)})
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_the_first_step():
