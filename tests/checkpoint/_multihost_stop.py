@@ -99,7 +99,13 @@ def train_until_stopped(directory: str, plan: str) -> dict:
         num_steps=MAX_STEPS, log_every=1, callbacks=[send], checkpointer=ckpt,
     )
     ckpt.close()
+    # JAX agrees on one step per process: a later Checkpointer here cannot stop on a signal (it
+    # would have stopped at the old step number, with no signal), and says so.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.Checkpointer(f"{directory}-later").close()
     return {
+        "later_warnings": [str(w.message) for w in caught],
         "step": int(result.state.step),
         "stopped_early": result.stopped_early,
         "signal": ckpt.stop_signal,
