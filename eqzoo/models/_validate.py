@@ -101,7 +101,8 @@ def check_integer_fields(config) -> None:
         hints = "".join(dict.fromkeys(int_hint(v) for v in bad.values()))
         raise ConfigError(f"{type(config).__name__}: these must be integers, got {bad}.{hints}")
     if flags:
-        raise ConfigError(f"{type(config).__name__}: these must be True or False, got {flags}.")
+        each = "; ".join(f"{name} must be True or False, got {value!r}" for name, value in flags.items())
+        raise ConfigError(f"{type(config).__name__}: {each}.")
 
 
 def check_scan_layers(value, config: str) -> bool | str:

@@ -73,7 +73,7 @@ def _config_flags():
     llama = dataclasses.replace(models.get_config("tiny-llama"), scan_layers=np.True_, tie_embeddings=np.True_)
     assert llama.scan_layers is True and llama.tie_embeddings is True
     json.dumps(dataclasses.asdict(llama))
-    with pytest.raises(ConfigError, match=r"LlamaConfig: these must be True or False, got \{'tie_embeddings': 1\}"):
+    with pytest.raises(ConfigError, match=r"LlamaConfig: tie_embeddings must be True or False, got 1\."):
         dataclasses.replace(llama, tie_embeddings=1)
     stack = Stacked(lambda k: eqx.nn.Linear(4, 4, key=k), 2, scan=np.True_, key=jax.random.key(0))
     assert stack.scan is True
