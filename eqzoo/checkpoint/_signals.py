@@ -67,7 +67,9 @@ class StopSignals:
                 signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        if (self._seen if self._across else self.received) is not None:
+        # A second signal, or (several processes) one after the service has agreed on its one stop
+        # in this process, which it cannot agree on again: act as without us.
+        if (self._seen if self._across else self.received) is not None or (self._across and _AGREED_STEP is not None):
             # A second signal: stop waiting for a clean save and behave as without us. The previous
             # handler is called here, synchronously (re-raising the signal would run it at some
             # later bytecode, possibly after the interrupted code has moved on).

@@ -98,6 +98,14 @@ def train_until_stopped(directory: str, plan: str) -> dict:
         state, train.make_train_step(loss_fn, OPTIMIZER, mesh=mesh), GlobalBatches(loader, mesh),
         num_steps=MAX_STEPS, log_every=1, callbacks=[send], checkpointer=ckpt,
     )
+    # After the agreed stop, a SIGINT to this run's Checkpointer cannot be agreed on again: it
+    # interrupts at once, as without eqzoo (it was passed to JAX's service and did nothing).
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # the handler runs between bytecodes, well within this
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
     ckpt.close()
     # JAX agrees on one step per process: a later Checkpointer here cannot stop on a signal (it
     # would have stopped at the old step number, with no signal), and says so.
@@ -106,6 +114,7 @@ def train_until_stopped(directory: str, plan: str) -> dict:
         checkpoint.Checkpointer(f"{directory}-later").close()
     return {
         "later_warnings": [str(w.message) for w in caught],
+        "later_sigint_interrupts": interrupted,
         "step": int(result.state.step),
         "stopped_early": result.stopped_early,
         "signal": ckpt.stop_signal,

@@ -95,6 +95,7 @@ def test_a_signal_to_one_process_stops_every_process_at_one_saved_step(tmp_path)
         for out in (first, second):
             assert out["stopped_early"] and out["step"] == out["latest_step"] == stopped, (plan, out)
             assert [w for w in out["later_warnings"] if f"stopped at step {stopped} on a signal agreed" in w], out
+            assert out["later_sigint_interrupts"], out
         assert first["params_sha256"] == second["params_sha256"]
         # The signalled process reports its signal; the other, the preemption notice (SIGTERM).
         signalled = int(plan[0])
