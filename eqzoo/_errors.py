@@ -50,6 +50,16 @@ def as_flag(value) -> bool | None:
     return bool(value) if isinstance(value, bool | np.bool_) else None
 
 
+def holds_deleted(tree) -> bool:
+    """Whether `tree` holds a concrete JAX array whose buffer is gone (donated to a train step,
+    or deleted); tracers have no buffer to ask about. For error paths: it walks every leaf."""
+    import jax
+
+    return any(
+        isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted() for a in jax.tree.leaves(tree)
+    )
+
+
 def int_hint(value) -> str:
     """What to say after "must be an integer, got ..." when `value` holds one but is an array:
     a JAX scalar such as `jnp.int32(3)` (or a 0-d NumPy array) is refused where eqzoo needs a

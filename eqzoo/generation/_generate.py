@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, as_flag, int_hint, shape_str
+from .._errors import ConfigError, ShapeError, as_flag, holds_deleted, int_hint, shape_str
 from .._typing import PRNGKey
 from ..models._lm import AbstractLM
 from ..nn._attention import check_cache_dtype
@@ -286,18 +286,13 @@ def check_model(model, who: str) -> None:
         )
 
 
-def _deleted(a) -> bool:
-    """Whether `a` is a concrete JAX array whose buffer is gone (a tracer has none to ask about)."""
-    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted()
-
-
 def refuse_deleted_model(model, err: Exception, who: str) -> None:
     """After a decode call failed with `err`: a `ConfigError` (from it) when `model` holds
     deleted arrays, as a model does once a train step has taken the state built from it
     (JAX says only "Array has been deleted", which `err` must say); otherwise nothing (the
     caller re-raises `err`).
     Checked after a failure only, so a working call pays nothing."""
-    if "deleted" in str(err) and any(_deleted(a) for a in jax.tree.leaves(model)):
+    if "deleted" in str(err) and holds_deleted(model):
         raise ConfigError(
             f"{who}: the model's arrays were deleted. A train step donates the state it is given, and "
             "TrainState.create(model, ...) holds model's own arrays, so after the first step model is gone: "

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from jaxtyping import PyTree
 
-from .._errors import ConfigError, ShapeError, int_hint, shape_str
+from .._errors import ConfigError, ShapeError, holds_deleted, int_hint, shape_str
 from ..nn._grouped import summed_weight_gradients
 from ..sharding._activation import (
     ContextAttention,
@@ -174,11 +174,6 @@ def _state_parts(state, who: str) -> tuple:
         ) from None
 
 
-def _deleted(a) -> bool:
-    """Whether `a` is a concrete JAX array whose buffer is gone (a tracer has none to ask about)."""
-    return isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and a.is_deleted()
-
-
 def _refuse_donated(arrays: tuple, err: Exception, who: str) -> None:
     """After a step's call failed with `err`: a `ConfigError` (from it) when the cause is a state
     whose buffers an earlier train step donated, which JAX reports only as an invalid or deleted
@@ -186,7 +181,7 @@ def _refuse_donated(arrays: tuple, err: Exception, who: str) -> None:
     names a deleted or donated buffer, and an input array is deleted (a step that fails while it
     runs, out of memory say, has deleted its donated inputs too)."""
     said = "deleted" in str(err) or "donated" in str(err)
-    if said and any(_deleted(a) for a in arrays):
+    if said and holds_deleted(arrays):
         raise ConfigError(
             f"the {who} was given a state whose arrays were deleted: a train step donates the state it is given "
             "(its buffers hold the new state), so a state can go into one train step only. Go on with the state "
