@@ -1,8 +1,11 @@
 """The host loop of continuous batching: admit queued requests into free slots, step, stream
 each request's tokens, free a slot when its request ends."""
 
+import asyncio
 import dataclasses
-from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
+import itertools
+import queue
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, no_type_check
 
 import jax
@@ -87,7 +90,7 @@ class ServeEvent:
 
 @no_type_check  # validated here, with messages that say how to fix the call
 def serve(
-    engine: DecodeEngine, requests: Iterable[Request], *, steps: int | None = None, on_error: str = "event",
+    engine: DecodeEngine, requests: Iterable[Request] | queue.Queue | queue.SimpleQueue, *, steps: int | None = None, on_error: str = "event",
     pipeline: bool = True,
 ) -> Iterator[ServeEvent]:
     """Serve `requests` with continuous batching on `engine`: free slots take the next
@@ -95,11 +98,16 @@ def serve(
     `engine.step` decodes up to `steps` tokens of every active slot in one compiled call, and
     a request that ends frees its slot for the next one.
 
-    `requests` is read lazily, one request per free slot, so it may be a generator of requests
-    as they arrive. `serve` waits on it whenever a slot is free, before it yields the tokens
-    already decoded: a generator that blocks until the next request arrives holds back the
-    requests in flight meanwhile, so give one that returns promptly (ends, or has a request)
-    and call `serve` again for requests that come later. Each request is checked when it is admitted. A bad one (not a `Request`,
+    `requests` is read lazily, one request per free slot. For requests that arrive while
+    others decode, pass a `queue.Queue` (or `queue.SimpleQueue`) that other threads `put` them
+    on: `serve` polls it without waiting while any request is in flight (each free slot takes
+    what the queue holds at that moment, and the slots in flight keep decoding), waits on it
+    only when nothing is in flight, and ends, once the requests in flight are done, when it
+    takes `None` from it (the requests put after the `None` stay in the queue). A plain
+    iterable (a list, a generator) is read with `next` whenever a slot is free, before `serve`
+    yields the tokens already decoded, so a generator that blocks until the next request
+    arrives holds back the requests in flight meanwhile: use a queue for that. Each request is
+    checked when it is admitted. A bad one (not a `Request`,
     an id that is not hashable, a prompt no bucket holds, a budget past `max_len`, a bad
     setting: whatever `DecodeEngine.insert` would refuse, each a `ConfigError` or
     `ShapeError`) is by default refused on its own: `serve` yields one event for it, `done`
@@ -121,7 +129,8 @@ def serve(
     **Arguments:**
 
     - `engine`: a [`eqzoo.generation.DecodeEngine`][].
-    - `requests`: an iterable of [`eqzoo.generation.Request`][]s.
+    - `requests`: an iterable of [`eqzoo.generation.Request`][]s, or a `queue.Queue` /
+      `queue.SimpleQueue` of them ended by a `None` (as above).
     - `steps`: decode steps per call (default the engine's `steps_per_call`).
     - `on_error`: `"event"` (default) refuses a bad request with an event, as above;
       `"raise"` raises its error at once (ending the loop, and with it the requests in
@@ -129,7 +138,8 @@ def serve(
     - `pipeline`: whether call k + 1 is launched before call k is read (default `True`).
 
     Raised at once, whatever `on_error`: an `engine` that is not a `DecodeEngine`, a bad
-    `steps`, `on_error` or `pipeline` (at the first `next`: `serve` is a generator), and
+    `steps`, `on_error` or `pipeline`, an `asyncio.Queue` (`serve` is a blocking generator: run
+    it in a thread with a `queue.Queue`) (all at the first `next`: `serve` is a generator), and
     whatever the `requests` iterable itself raises or the device raises.
 
     **Returns:** an iterator of [`eqzoo.generation.ServeEvent`][]s, one per request that made
@@ -138,7 +148,7 @@ def serve(
     """
     _check_serve(engine, steps, on_error, pipeline)
     steps = engine.steps_per_call if steps is None else int(steps)
-    pending = enumerate(iter(requests))
+    read = _reader(requests)
     state = engine.init_state()
     book = _Slots(engine.slots)
     held = None  # the call launched but not yet read: its tokens, log-probabilities, active flags and slot holders
@@ -146,7 +156,8 @@ def serve(
     while True:
         refused = []
         if not exhausted and book.free():
-            state, exhausted, refused = _admit(engine, state, book, pending, raising=on_error == "raise")
+            idle = held is None and not book.may_run()  # only then may a queue be waited on
+            state, exhausted, refused = _admit(engine, state, book, read, raising=on_error == "raise", idle=idle)
         launched = None
         if book.may_run():
             state, tokens, logprobs, active = engine._step(state, steps)
@@ -155,7 +166,7 @@ def serve(
         ready, held = (held, launched) if pipeline else (launched, None)
         if ready is not None:
             yield from book.read(*ready)
-        elif held is None:
+        elif held is None and exhausted:  # (an iterable has ended here; a queue may have refused requests only)
             return
 
 
@@ -169,6 +180,33 @@ def _check_serve(engine, steps, on_error, pipeline) -> None:
         raise ConfigError(f"serve: on_error must be 'event' (refuse a bad request with an event) or 'raise', got {on_error!r}.")
     if as_flag(pipeline) is None:
         raise ConfigError(f"serve: pipeline must be True or False, got {pipeline!r}.")
+
+
+def _reader(requests) -> Callable[[bool], tuple[int, Any] | None]:
+    """`read(wait)`: the next `(number, request)` of `requests`, or `None` where a queue holds
+    none now (waited on only with `wait`); raises `StopIteration` at the end (an iterable's, or
+    a `None` taken from a queue)."""
+    if isinstance(requests, asyncio.Queue):
+        raise ConfigError(
+            "serve: requests is an asyncio.Queue, but serve is a blocking generator; run it in a thread "
+            "(asyncio.to_thread, or a threading.Thread) over a queue.Queue, which the event loop fills with "
+            "put_nowait (thread-safe)."
+        )
+    if isinstance(requests, queue.Queue | queue.SimpleQueue):
+        numbers = itertools.count()
+
+        def read(wait: bool):
+            try:
+                request = requests.get(block=wait)
+            except queue.Empty:
+                return None
+            if request is None:
+                raise StopIteration
+            return next(numbers), request
+
+        return read
+    pending = enumerate(iter(requests))
+    return lambda wait: next(pending)
 
 
 class _Slots:
@@ -220,19 +258,23 @@ class _Slots:
         return events
 
 
-def _admit(engine, state, book, pending, *, raising: bool) -> tuple:
+def _admit(engine, state, book, read, *, raising: bool, idle: bool) -> tuple:
     """Prefill the next requests into the free slots (one program per prompt bucket):
     `(state, whether none is left, the events of the requests refused)`. A refused request
-    leaves its slot to the next one (with `raising`, its error is raised instead)."""
+    leaves its slot to the next one (with `raising`, its error is raised instead). A queue is
+    waited on only while `idle` (nothing in flight) and nothing has been taken from it yet."""
     slots, taken, refused, exhausted = [], [], [], False
     free = iter(book.free())
     slot = next(free, None)
     while slot is not None:
         try:
-            index, request = next(pending)
+            item = read(idle and not slots and not refused)
         except StopIteration:
             exhausted = True
             break
+        if item is None:  # a queue holding no request now
+            break
+        index, request = item
         try:
             taken.append(_checked(engine, index, request))
         except (ConfigError, ShapeError) as error:  # a bad request; anything else is a bug and propagates

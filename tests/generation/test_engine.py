@@ -2,6 +2,11 @@
 alone, whatever slot it lands in, whatever its neighbours do and in whichever order it arrives;
 new prompts within a bucket and new settings compile nothing; bad requests are refused."""
 
+import asyncio
+import queue
+import threading
+import time
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -344,3 +349,81 @@ def test_bad_prefixes_are_refused_with_the_fix(gpt2):
     errors = {}  # serve refuses it alone
     assert _served(other, [Request(np.arange(6), 2, id="x", prefix=prefix)], errors=errors) == {}
     assert "made by another DecodeEngine" in errors["x"]
+
+
+class _CountingQueue(queue.Queue):
+    """A real `queue.Queue` that counts the `get`s that may wait and those that may not."""
+
+    def __init__(self):
+        super().__init__()
+        self.gets = {True: 0, False: 0}
+
+    def get(self, block=True, timeout=None):
+        self.gets[block] += 1
+        return super().get(block, timeout)
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_queue_admits_requests_that_arrive_while_others_decode(gpt2, pipeline):
+    """Requests put on a `queue.Queue` while another decodes join it in the running batch (the
+    queue is polled, not waited on, while a request is in flight): their events interleave with
+    the first request's, their tokens are those a list gives, a bad one is refused alone, and a
+    `None` ends serving once the requests in flight are done, leaving what follows it queued."""
+    prompts = _prompts(4)
+    first, late = Request(prompts[0], 18, id="first"), Request(prompts[2], 6, id="late")
+    want = _served(_engine(gpt2), [first, late])
+    requests = _CountingQueue()
+    watchdog = threading.Timer(60, requests.put, [None])  # a serve that waits with a request in flight ends
+    watchdog.start()
+    requests.put(first)
+    order, tokens, errors = [], {}, {}
+    try:
+        for event in serve(_engine(gpt2), requests, pipeline=pipeline):
+            order.append((event.id, event.done))
+            if event.error is not None:
+                errors[event.id] = event.error
+                continue
+            tokens[event.id] = tokens.get(event.id, []) + event.tokens.tolist()
+            if order == [("first", False)]:  # the first request is decoding: two more arrive
+                requests.put(Request(prompts[1], 99, id="too-long"))
+                requests.put(late)
+            if event.id == "late" and event.done:
+                requests.put(None)
+                requests.put(Request(prompts[3], 2, id="after-the-end"))
+    finally:
+        watchdog.cancel()
+    assert tokens == want
+    assert order.index(("late", True)) < order.index(("first", True)), order  # served beside "first"
+    assert "max_new_tokens 99" in errors["too-long"] and errors["too-long"].startswith("serve: ")
+    assert requests.get_nowait().id == "after-the-end" and requests.empty()
+    assert requests.gets[True] == 1, requests.gets  # waited only before the first request
+
+
+def test_an_idle_serve_waits_on_its_queue_and_refusals_do_not_end_it(gpt2):
+    """With nothing in flight, `serve` waits on the queue (one blocking `get` per arrival,
+    not a busy poll); a refused request's event comes at once and serving goes on."""
+    prompts = _prompts(5)
+    want = _served(_engine(gpt2), [Request(prompts[0], 4, id="a")])
+    requests = _CountingQueue()
+    events = []
+
+    def feed():
+        for item in (("not", "a request"), Request(prompts[0], 4, id="a"), None):
+            time.sleep(0.3)
+            requests.put(item)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    for event in serve(_engine(gpt2), requests):
+        events.append(event)
+    feeder.join()
+    assert events[0].id == 0 and events[0].done and "request 0 is a tuple" in events[0].error
+    assert {"a": sum((e.tokens.tolist() for e in events[1:]), [])} == want
+    # one wait each for the refusal, the request and the None, and a few polls while "a" decodes
+    assert requests.gets[True] <= 4 and sum(requests.gets.values()) < 20, requests.gets  # a busy poll: thousands
+
+
+def test_serve_refuses_an_asyncio_queue_with_the_fix(gpt2):
+    with pytest.raises(ConfigError, match=r"requests is an asyncio.Queue, but serve is a blocking generator; run it in "
+                       r"a thread .* queue.Queue"):
+        next(serve(_engine(gpt2), asyncio.Queue()))
