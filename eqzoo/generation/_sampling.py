@@ -76,7 +76,7 @@ def top_k_setting(value) -> int | None:
     else:
         raise ConfigError(f"{rule}, got {value!r}.")
     if number < 1:
-        raise ConfigError(f"{rule}, got {number}.")
+        raise ConfigError(f"{rule}, got {number}" + (" (None turns top-k off, as transformers' 0 does)." if number == 0 else "."))
     return number
 
 
@@ -87,7 +87,14 @@ def check_sampling(
     """Raise `ConfigError` for sampling settings outside their valid ranges. Each float
     setting may be a Python number or a concrete 0-d real NumPy or JAX array (see `_setting`),
     and `top_k` a Python int or a concrete 0-d integer array (see `top_k_setting`)."""
-    _setting(temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda t: 0 <= t < math.inf)
+    t = _setting(temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda t: 0 <= t < math.inf)
+    if t > 0 and np.float32(t) == 0:
+        # the loops carry it as float32, where it is 0 (greedy to some decoders, a division by
+        # zero to the samplers: speculative decoding then emitted token 0 over and over)
+        raise ConfigError(
+            f"temperature {t!r} is 0 in float32, which the decoders compute in; pass 0 for greedy decoding, "
+            f"or a temperature of at least {float(np.finfo(np.float32).smallest_subnormal):.3g}."
+        )
     top_k_setting(top_k)
     if top_p is not None:
         _setting(top_p, "top_p", "in (0, 1] or None", lambda p: 0.0 < p <= 1.0)

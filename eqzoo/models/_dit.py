@@ -59,6 +59,7 @@ class DiTConfig:
             "DiTConfig", image_size=self.image_size, in_channels=self.in_channels,
             patch_size=self.patch_size, num_layers=self.num_layers, num_heads=self.num_heads,
             embed_dim=self.embed_dim, mlp_ratio=self.mlp_ratio, frequency_dim=self.frequency_dim,
+            layer_norm_eps=self.layer_norm_eps,
         )
         if self.num_classes < 0:
             raise ConfigError(f"DiTConfig: num_classes must be >= 0 (0 = unconditional), got {self.num_classes}.")

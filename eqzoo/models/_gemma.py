@@ -121,6 +121,7 @@ class GemmaConfig:
             "GemmaConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
         )
         check_decoder("GemmaConfig", self)
         if self.activation not in GLU_ACTIVATIONS:

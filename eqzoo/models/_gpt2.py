@@ -59,7 +59,7 @@ class GPT2Config:
         check_positive(
             "GPT2Config", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, embed_dim=self.embed_dim,
-            mlp_ratio=self.mlp_ratio,
+            mlp_ratio=self.mlp_ratio, layer_norm_eps=self.layer_norm_eps,
         )
         if self.embed_dim % self.num_heads:
             raise ConfigError(

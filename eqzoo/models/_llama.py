@@ -79,7 +79,7 @@ class LlamaConfig:
         check_positive(
             "LlamaConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-            embed_dim=self.embed_dim, hidden_dim=self.hidden_dim,
+            embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, rms_norm_eps=self.rms_norm_eps,
         )
         check_decoder("LlamaConfig", self)
         if self.layer_types is not None:

@@ -86,7 +86,7 @@ class MixtralConfig:
             "MixtralConfig", vocab_size=self.vocab_size, max_seq=self.max_seq,
             num_layers=self.num_layers, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             embed_dim=self.embed_dim, hidden_dim=self.hidden_dim, num_experts=self.num_experts,
-            experts_per_token=self.experts_per_token,
+            experts_per_token=self.experts_per_token, rms_norm_eps=self.rms_norm_eps,
         )
         if self.experts_per_token > self.num_experts:
             raise ConfigError(

@@ -200,9 +200,11 @@ class QuantizedKV(eqx.Module):
 
 def _quantize_rows(x, scale_dtype) -> QuantizedKV:
     """`x` `(seq, kv_heads, head_dim)` as int8 codes with one `scale_dtype` scale per row."""
-    from ..quant._int8 import quantize_int8  # eqzoo.quant imports eqzoo.nn
+    from ..quant._int8 import QMAX, quantize_groups  # eqzoo.quant imports eqzoo.nn
 
-    codes, scales = quantize_int8(x.astype(scale_dtype))
+    # not quantize_int8: its checks are for weights (a host sync per layer per eager decode
+    # step, and a NaN key reported as a diverged weight); activations pass NaN on as a float cache does
+    codes, scales = quantize_groups(x.astype(scale_dtype), QMAX, None)
     return QuantizedKV(codes, scales[..., None])
 
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import check_last_axis, check_sizes
+from .._errors import check_last_axis, check_positive_numbers, check_sizes
 
 
 def _as_float32(x: Array) -> Array:
@@ -31,13 +31,14 @@ class RMSNorm(eqx.Module):
         """**Arguments:**
 
         - `dim`: size of the normalised (last) axis.
-        - `eps`: added to the mean square for numerical stability.
+        - `eps`: added to the mean square for numerical stability; a positive number.
         - `offset`: added to the weight to form the scale (`1.0` for Gemma's norms, whose
           weight starts at 0 and whose checkpoints store the scale minus one). The weight
           starts at `1 - offset`, so a new norm scales by 1 either way.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
         check_sizes("RMSNorm", dim=dim)
+        check_positive_numbers("RMSNorm", eps=eps)  # a negative eps makes rsqrt of a negative mean square: NaN
         # (1 - offset) * ones, not jnp.full(..., 1.0 - offset): a Python float fill with dtype=None
         # makes a weakly typed array, which turns strong after one update and recompiles the step
         self.weight = (1.0 - offset) * jnp.ones((dim,), dtype=dtype)
@@ -72,11 +73,12 @@ class LayerNorm(eqx.Module):
         """**Arguments:**
 
         - `dim`: size of the normalised (last) axis.
-        - `eps`: added to the variance for numerical stability.
+        - `eps`: added to the variance for numerical stability; a positive number.
         - `use_bias`: whether to learn an additive bias.
         - `dtype`: parameter dtype; `None` means the default float dtype.
         """
         check_sizes("LayerNorm", dim=dim)
+        check_positive_numbers("LayerNorm", eps=eps)
         self.weight = jnp.ones((dim,), dtype=dtype)
         self.bias = jnp.zeros((dim,), dtype=dtype) if use_bias else None
         self.eps = eps

@@ -37,11 +37,19 @@ class RopeScaling:
             if not self.factor > 0:
                 raise ConfigError(f"RopeScaling(rope_type='linear') needs factor > 0; got factor={self.factor}.")
             return
-        if self.factor <= 0 or self.high_freq_factor <= self.low_freq_factor:
+        if not (self.factor > 0 and 0 < self.low_freq_factor < self.high_freq_factor < math.inf):
             raise ConfigError(
-                f"RopeScaling needs factor > 0 and high_freq_factor > low_freq_factor; got "
+                f"RopeScaling needs factor > 0 and 0 < low_freq_factor < high_freq_factor; got "
                 f"factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
                 f"high_freq_factor={self.high_freq_factor}."
+            )
+        length = self.original_max_position_embeddings
+        if isinstance(length, bool) or not isinstance(length, int | np.integer) or length < 1:
+            # 0 or a negative length put both wavelength bounds at or below 0: every frequency
+            # would be divided by `factor`, linear scaling in disguise
+            raise ConfigError(
+                "RopeScaling: original_max_position_embeddings must be a positive integer (the "
+                f"context length the model was pretrained at, 8192 for Llama 3.1); got {length!r}."
             )
 
     def apply(self, inv_freq: np.ndarray) -> np.ndarray:

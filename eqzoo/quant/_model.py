@@ -43,9 +43,11 @@ def quantize(
     `QuantizedLinear` computing what it computed; pass the `bits` and `group_size` it was
     trained for (another grid is refused). Biases stay floating, and so does
     everything that is not a linear layer: the token and position embeddings, the norms, and
-    the output head (GPT-2's head is tied to the embedding; Llama's `lm_head` is an embedding-
-    shaped matrix too), which keep their dtype. (A model of your own whose head is an
-    `equinox.nn.Linear` has it quantized with the rest unless `targets` leave it out.) Activations are not quantized: every product
+    the language models' output heads (GPT-2's head is tied to the embedding; Llama's `lm_head`
+    is an embedding-shaped matrix too), which keep their dtype. A head that is an
+    `equinox.nn.Linear` is quantized with the rest unless `targets` leave it out: ViT's
+    classifier `head`, DiT's `final_linear` (and its `patch_embed` and modulation layers), and a
+    model of your own's (see [`eqzoo.nn.linear_paths`][] for the names). Activations are not quantized: every product
     runs in the input's floating dtype.
 
     Works on stacked layers (one scale per layer and channel), under `jax.jit`, and on an

@@ -403,8 +403,16 @@ def test_generation_errors(llama):
         generate_batch(llama, {"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}, max_new_tokens=2)
     with pytest.raises(ConfigError, match=r"needs a PRNG key: pass key=jax\.random\.key\(seed\)"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, temperature=0.7)
-    with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 0"):
+    with pytest.raises(ConfigError, match=r"top_k must be a positive integer or None, got 0 \(None turns top-k off, as "
+                       r"transformers' 0 does\)"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_k=0)
+    # 1e-46 is 0 in float32: generate stayed greedy, while speculative decoding divided by zero
+    # and emitted token 0 over and over, and beam sampling drew from all -inf scores
+    for decode in (eqzoo.generate, lambda m, p, **k: eqzoo.generation.generate_speculative(m, m, p[None], **k),
+                   lambda *a, **k: eqzoo.generation.generate_beam(*a, num_beams=2, do_sample=True, **k)):
+        with pytest.raises(ConfigError, match=r"temperature 1e-46 is 0 in float32, which the decoders compute in; pass 0 "
+                           r"for greedy decoding, or a temperature of at least 1\.4e-45"):
+            decode(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1e-46)
     with pytest.raises(ConfigError, match=r"top_p must be in \(0, 1\] or None, got 0.0"):
         eqzoo.generate(llama, PROMPT, max_new_tokens=2, key=jax.random.key(0), temperature=1.0, top_p=0.0)
     for bad in (0, 2.0, True):

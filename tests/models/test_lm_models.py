@@ -354,3 +354,14 @@ def test_resize_vocab_errors():
     adapted = peft.lora(llama, rank=2, key=jax.random.key(1))
     with pytest.raises(ConfigError, match="resize the plain model first, then adapt or quantize it"):
         models.resize_vocab(adapted, 300)
+
+
+@pytest.mark.parametrize(("name", "field"), [("tiny-llama", "rms_norm_eps"), ("tiny-gemma2", "rms_norm_eps"),
+                                             ("tiny-mixtral", "rms_norm_eps"), ("tiny-gpt2", "layer_norm_eps"),
+                                             ("tiny-dit", "layer_norm_eps")])
+def test_a_norm_epsilon_that_is_not_positive_is_refused(name, field):
+    # rms_norm_eps=-1.0 made every logit NaN (rsqrt of a mean square below 1 minus 1)
+    config = models.get_config(name)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match=rf"{type(config).__name__}: these must be positive, got \{{'{field}': {bad}\}}"):
+            dataclasses.replace(config, **{field: bad})

@@ -233,3 +233,15 @@ def test_bad_cache_dtypes_are_refused():
         nn.QuantizedKV(jnp.zeros((4, 2, 8), jnp.int8), jnp.zeros((5, 2, 1)))
     with pytest.raises((ConfigError, TypeCheckError), match="int8|codes"):
         nn.QuantizedKV(jnp.zeros((4, 2, 8), jnp.int16), jnp.zeros((4, 2, 1)))
+
+
+def test_an_int8_cache_passes_non_finite_activations_on_as_a_float_cache_does():
+    """The int8 cache quantized its rows through `quantize_int8`, whose checks are for weights:
+    an eager decode synced with the host at every layer, and an infinite key raised "the weight
+    holds ... Fix the weights (a diverged run?)". The rows are activations: a non-finite one
+    gives non-finite logits, as in a float cache."""
+    model = models.create("tiny-llama", key=jax.random.key(0), num_layers=2, max_seq=16)
+    model = eqx.tree_at(lambda m: m.embed.weight, model, model.embed.weight.at[5].set(jnp.inf))
+    for dtype in (None, jnp.int8):
+        logits, _ = model.decode(jnp.array([5]), model.init_cache(16, dtype=dtype), jnp.int32(0))
+        assert not np.isfinite(np.asarray(logits)).any(), dtype

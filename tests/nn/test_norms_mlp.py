@@ -156,6 +156,12 @@ K = jax.random.key(0)
         (lambda: nn.Embedding(-5, 64, key=K), "Embedding: num_embeddings must be a positive integer"),
         (lambda: nn.RMSNorm(0), "RMSNorm: dim must be a positive integer; got dim=0"),
         (lambda: nn.LayerNorm(-1), "LayerNorm: dim must be a positive integer"),
+        # a negative eps made every output NaN once the mean square fell below it
+        (lambda: nn.RMSNorm(4, eps=-1.0), r"RMSNorm: eps must be a positive number; got eps=-1\.0"),
+        (lambda: nn.LayerNorm(4, eps=float("nan")), "LayerNorm: eps must be a positive number; got eps=nan"),
+        # "same" padding kernel_size // 2 grew each side of an even kernel's output by one
+        (lambda: nn.ConvBlock(3, 8, kernel_size=2, key=K), r"ConvBlock: kernel_size must be an odd positive integer .*got 2\. "
+         "Use an odd size such as 3"),
         (lambda: nn.Stacked(lambda k: nn.RMSNorm(4), 2.0, key=K), r"Stacked: num_layers must be a positive integer; got num_layers=2\.0"),
     ],
 )

@@ -86,8 +86,18 @@ def test_llama3_scaling_matches_reference():
     assert np.any((expected < plain) & ~np.isclose(expected, plain / 8.0))
 
 
-def test_rope_config_errors():
+def test_rope_config_errors(unchecked):
     with pytest.raises(ConfigError, match="even head_dim, got 15"):
         RotaryEmbedding(15)
-    with pytest.raises(ConfigError, match="high_freq_factor > low_freq_factor"):
+    with pytest.raises(ConfigError, match="0 < low_freq_factor < high_freq_factor"):
         RopeScaling(low_freq_factor=4.0, high_freq_factor=1.0)
+    # A low_freq_factor <= 0 or an original length <= 0 put the wavelength bounds at or below
+    # zero: every frequency was divided by `factor` (linear scaling, silently), or 0 divided by zero.
+    for bad in (-1.0, 0.0, float("nan")):
+        with pytest.raises(ConfigError, match=f"0 < low_freq_factor < high_freq_factor; got factor=8.0, low_freq_factor={bad}"):
+            RopeScaling(low_freq_factor=bad)
+    with unchecked():  # the annotation (int) refuses a float or a bool before eqzoo's check under the hook
+        for bad in (0, -8192, 8192.5, True):
+            with pytest.raises(ConfigError, match=rf"original_max_position_embeddings must be a positive integer .*; got {bad!r}\."):
+                RopeScaling(original_max_position_embeddings=bad)
+        assert RopeScaling(original_max_position_embeddings=np.int64(64)).apply(np.ones(2)).shape == (2,)
