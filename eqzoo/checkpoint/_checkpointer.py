@@ -30,7 +30,7 @@ from ._integrity import VerifiedPyTreeHandler
 from ._meta import CheckpointMeta, Restored, build_meta, meta_object
 from ._optimizer import state_optimizer
 from ._progress import SaveProgress
-from ._restore import ShardingSpec, read_meta, restore_step
+from ._restore import ShardingSpec, StepReader, read_meta, restore_step
 from ._run import run_record, warn_changed_run, warn_newer_steps
 from ._signals import StopSignals, signal_handling
 from ._statics import StaticsCache
@@ -101,7 +101,8 @@ class Checkpointer:
       (`jax_enable_preemption_service=False`) no signal is handled, with a warning.
     - `fallback_to_intact`: when the newest step fails its integrity check, `restore()` warns,
       moves the damaged step aside (to `corrupt-<step>-<time>`) and restores the newest intact
-      step instead of raising.
+      step instead of raising. On a multi-process run damage found by any process (each reads
+      only its own shards) counts for all: every process falls back to the same step.
     - `config`: the model config to store; default: the model's own `config` field, if any.
     - `compression`: zstd-compress array files (smaller, slower to write and read).
     - `progress`: a stream (`sys.stderr`, say) to report each save on, in process 0: one line
@@ -151,6 +152,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
+        self._reader = StepReader(self._directory, state_handler, meta_handler)
         self._last_saved: int | None = None
         self._restored_step: int | None = None
         self._current_step: int | None = None
@@ -368,7 +370,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ restoring
 
     def _read_meta(self, step: int) -> dict[str, Any]:
-        return read_meta(self._manager, self._directory, step)
+        return read_meta(self._reader, step)
 
     def meta(self, step: int | None = None) -> CheckpointMeta:
         """The metadata of `step` (default: the newest committed step), without reading arrays.
@@ -438,6 +440,9 @@ class Checkpointer:
         intact older step is restored instead, with a warning), `CheckpointVersionError`;
         `CheckpointError` for a `hyperparams` dict naming what is not an unscheduled injected
         hyperparameter of the target (listing those it has), or a value that is not a number.
+        On a multi-process run, where every process must call `restore`, a failure in one
+        process raises in all: `CheckpointCorruptError` where any found damage, else the
+        failing process's own error there and a `CheckpointError` naming it in the others.
         """
         if not isinstance(target, TrainState):
             raise CheckpointError(
@@ -461,7 +466,7 @@ class Checkpointer:
         for s in candidates:
             try:
                 restored = restore_step(
-                    self._manager, self._directory, target, s, shardings, self._stored_config(target),
+                    self._reader, target, s, shardings, self._stored_config(target),
                     allow_config_change, chosen, allow_optimizer_change,
                 )
             except CheckpointCorruptError as err:

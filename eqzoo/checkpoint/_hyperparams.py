@@ -165,8 +165,13 @@ def check_choice(choice: Any, target, names: tuple[str, ...]) -> Resolved:
 
 
 def _local(x):
-    """A host copy of a (replicated) scalar: one local copy of an array a multi-process run does
-    not fully address, which `np.asarray` of the whole refuses."""
+    """A host copy of the whole of `x`. A replicated array of a multi-process run gives its local
+    copy; one split over several processes (a vector hyperparameter, sharded) is gathered: a
+    collective, which every process reaches (`reconcile` runs in each, on the same arrays)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         x = x.addressable_data(0)
     return np.asarray(x)

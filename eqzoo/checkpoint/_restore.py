@@ -3,12 +3,13 @@ and its arrays, placed as the target asks."""
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, Sharding
 
 from ..train import TrainState
+from ._agree import agree
 from ._errors import CheckpointCorruptError, CheckpointError
 from ._hyperparams import Resolved, reconcile
 from ._integrity import check_step_files
@@ -29,11 +30,23 @@ from ._tree import describe, from_stored, restore_specs, state_names
 ShardingSpec = Mesh | Sharding | Callable[[str, Any], Sharding] | None
 
 
-def read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dict[str, Any]:
+class StepReader(NamedTuple):
+    """Reads the items of a committed step in `directory` with the `Checkpointer`'s own orbax
+    handlers rather than `CheckpointManager.restore`, which ends at a barrier of every process:
+    a process whose read failed never reaches it, and the others would wait there for it.
+    Processes that read a step agree on the outcome instead (`restore_step`)."""
+
+    directory: Path
+    state: ocp.PyTreeCheckpointHandler
+    meta: ocp.JsonCheckpointHandler
+
+
+def read_meta(reader: StepReader, step: int) -> dict[str, Any]:
     """The validated metadata of `step`; `CheckpointCorruptError` if it cannot be read."""
+    directory = reader.directory
     path = directory / str(step) / META
     try:
-        meta = manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+        meta = reader.meta.restore(directory / str(step) / META, args=ocp.args.JsonRestore())
     except Exception as err:  # orbax wraps JSON and IO errors in several types
         raise CheckpointCorruptError(
             f"step {step} in {directory}: its metadata ({path}) cannot be read: {err}",
@@ -43,13 +56,40 @@ def read_meta(manager: ocp.CheckpointManager, directory: Path, step: int) -> dic
 
 
 def restore_step(
-    manager: ocp.CheckpointManager, directory: Path, target: TrainState, step: int, shardings: ShardingSpec,
+    reader: StepReader, target: TrainState, step: int, shardings: ShardingSpec,
     stored_config: Any, allow_config_change: bool = False, hyperparams: Resolved = "saved",
     allow_optimizer_change: bool = False,
 ) -> Restored:
     """Restore `step` into the structure of `target` (see `Checkpointer.restore`); `stored_config`
-    is the config a save of `target` would store, compared with the saved one."""
-    meta = read_meta(manager, directory, step)
+    is the config a save of `target` would store, compared with the saved one.
+
+    On several processes every one of them calls this, and each reads only its own shards, so
+    one may fail where another succeeds: they agree (`agree`, one small collective) and raise
+    alike, a `CheckpointCorruptError` on every process where any found damage, else an error on
+    every process where any failed; none returns a state unless all do."""
+    where = f"step {step} in {reader.directory}"
+    try:
+        meta, stored = _read_step(reader, target, step, shardings, stored_config, allow_config_change, allow_optimizer_change)
+        failure = None
+    except Exception as err:  # any error in any process: every process must hear of it
+        failure = err
+    agree(failure, step=step, where=where)
+    names = state_names(target)
+    arrays = tuple(from_stored(stored[name], leaf) for name, leaf in zip(names, target.arrays, strict=True))
+    arrays = reconcile(target, arrays, names, hyperparams, where)
+    state = TrainState(arrays, target.structure)
+    info = meta_object(meta)
+    return Restored(state, info.data_state, info)
+
+
+def _read_step(
+    reader: StepReader, target: TrainState, step: int, shardings: ShardingSpec, stored_config: Any,
+    allow_config_change: bool, allow_optimizer_change: bool,
+) -> tuple[dict[str, Any], dict]:
+    """This process's part of `restore_step`: the step's metadata, checked against `target`, and
+    its arrays as stored, by the target's names (`{name: array}`)."""
+    directory = reader.directory
+    meta = read_meta(reader, step)
     names = state_names(target)
     leaves = dict(zip(names, target.arrays, strict=True))
     expected = {name: describe(leaf) for name, leaf in leaves.items()}
@@ -68,12 +108,12 @@ def restore_step(
     check_step_files(directory / str(step) / STATE, {stored_as.get(n, n) for n in leaves}, step=step, where=where)
     abstract, restore_args = restore_specs(leaves, shardings, stored_as)
     try:
-        stored = _read_arrays(manager, step, abstract, restore_args)
+        stored = _read_arrays(reader, step, abstract, restore_args)
     except Exception as err:  # TensorStore read failures surface as several exception types
         # Every file passed its checksum above. Damage (a file rewritten since) shows as an array
         # that fails read alone; a read that fails whole but not array by array, or for want of
         # memory, is no damage: it must not send the step to `fallback_to_intact`'s quarantine.
-        bad = [] if _out_of_memory(err) else _unreadable(manager, step, abstract, restore_args)
+        bad = [] if _out_of_memory(err) else _unreadable(reader, step, abstract, restore_args)
         if not bad:
             raise CheckpointError(
                 f"step {step} in {directory}: reading the arrays failed, though every file matches its checksum "
@@ -86,16 +126,12 @@ def restore_step(
             f"{str(err).splitlines()[0][:300]}",
             step=step, parameters=tuple(bad),
         ) from err
-    arrays = tuple(from_stored(stored[stored_as.get(name, name)], leaves[name]) for name in names)
-    arrays = reconcile(target, arrays, names, hyperparams, where)
-    state = TrainState(arrays, target.structure)
-    info = meta_object(meta)
-    return Restored(state, info.data_state, info)
+    return meta, {name: stored[stored_as.get(name, name)] for name in names}
 
 
-def _read_arrays(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
+def _read_arrays(reader: StepReader, step: int, abstract: dict, restore_args: dict, *, partial: bool = False) -> dict:
     args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
-    return manager.restore(step, args=ocp.args.Composite(**{STATE: args}))[STATE]
+    return reader.state.restore(reader.directory / str(step) / STATE, args=args)
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -111,12 +147,13 @@ def _out_of_memory(err: BaseException) -> bool:
     return False
 
 
-def _unreadable(manager: ocp.CheckpointManager, step: int, abstract: dict, restore_args: dict) -> list[str]:
-    # Only on the error path: read the arrays one at a time to name the ones that fail.
+def _unreadable(reader: StepReader, step: int, abstract: dict, restore_args: dict) -> list[str]:
+    # Only on the error path: read the arrays one at a time to name the ones that fail (in this
+    # process's shards: on several processes, `agree` makes damage found by one count for all).
     bad = []
     for name in abstract:
         try:
-            _read_arrays(manager, step, {name: abstract[name]}, {name: restore_args[name]}, partial=True)
+            _read_arrays(reader, step, {name: abstract[name]}, {name: restore_args[name]}, partial=True)
         except Exception:
             bad.append(name)
     return bad

@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from ._errors import CheckpointNotFoundError
+from ._errors import CheckpointError, CheckpointNotFoundError
 
 STATE, META = "state", "meta"  # the two orbax items of a step
 TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a step that is still being written
@@ -60,18 +61,32 @@ def remove_unfinished(directory: Path) -> None:
 
 def quarantine(manager: ocp.CheckpointManager, directory: Path, step: int) -> str:
     """Move a damaged step aside to `corrupt-<step>-<time>` (process 0 moves it, every process
-    calls this); returns where it is. Every process then re-reads its manager's step list
-    (after a barrier, so that it sees the move): one still listing the step would refuse to
-    save it again when training reaches it."""
-    # Every process reaches the barrier when every process found the step damaged: true of a
-    # checksum failure (the same files for all); a read that fails on some processes' shards
-    # only would leave the others restoring it, and this barrier would wait for them.
-    dest = directory / f"corrupt-{step}-{int(time.time())}"
+    calls this); returns where it is, the same path in every process. Every process then
+    re-reads its manager's step list (after process 0 has moved the step, so that it sees the
+    move): one still listing the step would refuse to save it again when training reaches it.
+
+    **Raises:** the `OSError` of a move that failed in process 0; in the others, a
+    `CheckpointError` saying so (rather than waiting for process 0).
+    """
+    # Every process comes here for the same steps: `restore_step` makes damage found by one
+    # process count for all.
+    stamp, failed = int(time.time()), None
     if jax.process_index() == 0:
-        os.replace(directory / str(step), dest)
+        try:
+            os.replace(directory / str(step), directory / f"corrupt-{step}-{stamp}")
+        except OSError as err:
+            stamp, failed = 0, err
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"eqzoo_quarantine_{step}")
+        # Process 0's time (0: its move failed); a collective, so no process reloads before the move.
+        stamp = int(multihost_utils.broadcast_one_to_all(np.asarray(stamp, np.uint32)))
+    if failed is not None:
+        raise failed
+    if stamp == 0:
+        raise CheckpointError(
+            f"process 0 could not move the damaged step {step} aside in {directory} (its error says why); "
+            f"move {directory / str(step)} out of {directory} by hand, then restore again."
+        )
     manager.reload()
-    return str(dest) if jax.process_index() == 0 else str(directory / str(step))
+    return str(directory / f"corrupt-{step}-{stamp}")

@@ -6,13 +6,7 @@ their own signals, the one signalled would wait in orbax's save barrier while th
 the next step's all-reduce: the run would hang (here: be killed at the deadline, and fail)."""
 
 import importlib.util
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -26,51 +20,23 @@ DEADLINE_S = 90  # a hang fails here; the three runs take ~20 s on 2 loaded core
 RESUMED_FROM = 50
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _start(directory: Path, plan: str) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(directory), plan],
-            env={**os.environ, "JAX_PLATFORMS": "cpu", "COORDINATOR_ADDRESS": f"localhost:{port}",
-                 "NUM_PROCESSES": "2", "PROCESS_ID": str(pid)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for pid in range(2)
-    ]
-
-
-def _finish(runs: dict[str, list[subprocess.Popen]]) -> dict[str, list[dict]]:
-    """Each run's two JSON summaries; every process still running at the deadline is killed, and
-    the test fails naming the runs that hung."""
-    deadline = time.monotonic() + DEADLINE_S
-    hung, outs = [], {}
-    for plan, procs in runs.items():
-        outs[plan] = []
-        for proc in procs:
-            try:
-                stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                hung.append(plan)
-                proc.send_signal(signal.SIGKILL)  # SIGTERM would be caught
-                proc.communicate()
-                continue
-            assert proc.returncode == 0, f"{plan}: {stderr[-3000:]}"
-            outs[plan].append(json.loads(stdout.strip().splitlines()[-1]))
-    assert not hung, f"processes of run(s) {sorted(set(hung))} were still running after {DEADLINE_S} s (a deadlock)"
-    return outs
-
-
-def _worker_module():
-    spec = importlib.util.spec_from_file_location("_multihost_stop", WORKER)
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _worker_module():
+    return _module(WORKER)
+
+
+def _start(directory: Path, plan: str):
+    return _module(WORKER.with_name("_two_processes.py")).start(WORKER, str(directory), plan)
+
+
+def _finish(runs):
+    return _module(WORKER.with_name("_two_processes.py")).finish(runs, DEADLINE_S)
 
 
 @pytest.mark.slow
