@@ -29,6 +29,7 @@ files, `runs/` and the like, under a new temporary directory).
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,7 +291,7 @@ def main(argv: list[str]) -> int:
     install_import_hook(["eqzoo"], "beartype.beartype")
     base = os.getcwd()
     scratch = tempfile.mkdtemp(prefix="eqzoo-docs-")
-    print(f"docs-test: pages run under {scratch}", flush=True)
+    print(f"docs-test: pages run under {scratch} (removed after, unless a page fails)", flush=True)
     sys.path.insert(0, "")  # a setup block may write a module for a snippet to import
     results = {}
     for path in paths:
@@ -303,7 +304,10 @@ def main(argv: list[str]) -> int:
         os.chdir(base)
         if out:
             Path(out).write_text(json.dumps(results))
-    return int(any(results.values()))
+    failed = any(results.values())
+    if not failed:  # kept for a look at what a failing page wrote; removed otherwise
+        shutil.rmtree(scratch, ignore_errors=True)
+    return int(failed)
 
 
 # Seconds each page took (the pages of one part run one after another in one process, so
