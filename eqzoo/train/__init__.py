@@ -29,6 +29,7 @@ from ._preference import (
     dpo_loss as dpo_loss,
     sequence_logprobs as sequence_logprobs,
 )
+from ._profile import Profile as Profile
 from ._state import StateParts as StateParts, TrainState as TrainState
 from ._step import (
     EvalStep as EvalStep,
@@ -43,6 +44,7 @@ __all__ = [
     "FitResult",
     "JSONLLogger",
     "Logger",
+    "Profile",
     "TensorBoardLogger",
     "evaluate",
     "fit",

@@ -13,6 +13,7 @@ from jaxtyping import Array, Int
 
 from .._errors import ConfigError, as_flag, user_stacklevel
 from ._loggers import Logger
+from ._profile import Profile, Tracer
 from ._readback import mean_metrics
 from ._state import TrainState
 from ._step import EvalStep, TrainStep
@@ -30,12 +31,14 @@ class FitResult:
 
     **Attributes:** `state` (the final `TrainState`), `history` (every logged record, a list of
     dicts with `step` and float metrics), `stopped_early` (a callback or a signal asked to
-    stop, or the batches ran out before `num_steps`).
+    stop, or the batches ran out before `num_steps`), `profile` (the folder of the trace a
+    `profile=` wrote, or `None`).
     """
 
     state: TrainState
     history: list[dict[str, float]]
     stopped_early: bool = False
+    profile: str | None = None
 
     def last(self, key: str) -> float:
         """The most recent logged value of `key` (e.g. `"train/loss"`)."""
@@ -111,6 +114,7 @@ def fit(
     callbacks: Iterable[Callback] = (),
     checkpointer: Any = None,
     run_config: Mapping[str, Any] | None = None,
+    profile: Profile | None = None,
 ) -> FitResult:
     """Train until `state.step == num_steps`, logging, evaluating and calling back on the way.
 
@@ -162,6 +166,10 @@ def fit(
       dtypes, and the numeric `optax.inject_hyperparams` values the state starts from, it is
       recorded in every checkpoint the `checkpointer` saves (`meta.run`), and a run resumed
       from a checkpoint whose record differs warns once, naming each setting that changed.
+    - `profile`: an [`eqzoo.train.Profile`][] to trace a window of steps with `jax.profiler`
+      (after `skip` steps, `steps` of them, each annotated with its step number); the trace's
+      folder is printed and returned as `FitResult.profile`. Default `None`: no trace, and
+      nothing added to a step.
 
     **Returns:** a [`eqzoo.train.FitResult`][].
     """
@@ -170,20 +178,27 @@ def fit(
     num_steps = _checked_arguments(num_steps, log_every, eval_every, eval_step, eval_batches, run_config, batches)
     loggers = _checked_loggers(loggers)
     callbacks = list(callbacks)
+    tracer = Tracer(profile)
     iterator: Iterator[Any] = iter(batches)
     run = _Run.begin(state, num_steps, loggers, checkpointer, batches)
     evaluation = None if eval_step is None else (eval_step, eval_batches, eval_every)
-    while run.step < num_steps and not run.stopped:
-        run.train_one(iterator, train_step, run_config, batches)
-        is_last = run.step == num_steps or run.stopped
-        run.report(log_every, is_last, evaluation, callbacks, checkpointer, batches)
-        if run.stopped and not is_last:  # a callback stopped the run: this step is its last
-            run.report(log_every, True, evaluation, [], checkpointer, batches)
-        if checkpointer is not None:
-            run.checkpoint(checkpointer, batches, is_last)
+    try:
+        while run.step < num_steps and not run.stopped:
+            index = run.step - run.first_step
+            with tracer.around(index, run.step + 1):  # numbered as logged: the step count after it
+                run.train_one(iterator, train_step, run_config, batches)
+            tracer.after(index, run.state)
+            is_last = run.step == num_steps or run.stopped
+            run.report(log_every, is_last, evaluation, callbacks, checkpointer, batches)
+            if run.stopped and not is_last:  # a callback stopped the run: this step is its last
+                run.report(log_every, True, evaluation, [], checkpointer, batches)
+            if checkpointer is not None:
+                run.checkpoint(checkpointer, batches, is_last)
+    finally:
+        tracer.close(run.state)  # a run that ended or raised inside the window
     if run.pending:  # the checkpointer stopped the run (a signal) between logs: log what it trained
         run.report(log_every, True, None, callbacks, checkpointer, batches)
-    return run.end()
+    return dataclasses.replace(run.end(), profile=tracer.path)
 
 
 def _count_argument(name: str, value: Any, least: int) -> int:

@@ -676,3 +676,57 @@ def test_fit_warnings_point_at_the_caller(steps):
     with pytest.warns(UserWarning, match=r"already at step 2, past num_steps=1") as past:
         train.fit(result.state, train_step, batches(), num_steps=1)
     assert [w.filename for w in [*record, *past]] == [__file__, __file__]
+
+
+def _traced_steps(folder) -> list[int]:
+    """The step numbers of the "train" step annotations in a trace folder's xplane file."""
+    (path,) = pathlib.Path(folder).glob("*.xplane.pb")
+    found = set()
+    for plane in jax.profiler.ProfileData.from_file(str(path)).planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name == "train":
+                    found.add(int(dict(event.stats)["step_num"]))
+    return sorted(found)
+
+
+def test_a_profile_traces_the_window_of_steps_it_names(steps, tmp_path, capsys):
+    """`profile=` traces `steps` steps after the run's first `skip` (counted from where a
+    resumed run starts), each annotated with its step number; the trace is written and its
+    folder printed and returned. A run that ends inside the window still writes its trace."""
+    train_step, _ = steps
+    result = train.fit(_state(), train_step, batches(), num_steps=6, log_every=3,
+                       profile=train.Profile(tmp_path / "prof", steps=2, skip=1))
+    assert pathlib.Path(result.profile).parent == tmp_path / "prof" / "plugins" / "profile"
+    assert _traced_steps(result.profile) == [2, 3]  # numbered as logged: the step count after each
+    assert f"fit: traced steps 2-3 into {result.profile}" in capsys.readouterr().err
+    assert int(result.state.step) == 6 and [r["step"] for r in result.history] == [3, 6]
+    # resumed at step 6: its own steps 2.. are traced; the run ends (at 8) inside the window
+    again = train.fit(result.state, train_step, batches(6), num_steps=8, log_every=1,
+                      profile=train.Profile(tmp_path / "again", steps=5, skip=1))
+    assert _traced_steps(again.profile) == [8]
+    # no profile: nothing traced, nothing returned; a trace of the caller's own is left alone
+    plain = train.fit(again.state, train_step, batches(8), num_steps=9)
+    assert plain.profile is None
+    jax.profiler.start_trace(str(tmp_path / "mine"))
+    try:
+        with pytest.warns(UserWarning, match=r"fit: the profiler trace could not start .*training goes on without it"):
+            other = train.fit(plain.state, train_step, batches(9), num_steps=10, profile=train.Profile(tmp_path / "x", skip=0))
+    finally:
+        jax.profiler.stop_trace()
+    assert int(other.state.step) == 10 and other.profile is None
+
+
+def test_profile_settings_are_checked(steps, unchecked):
+    with unchecked():
+        for kwargs, match in [
+            ({"steps": 0}, r"Profile: steps must be an integer >= 1; got 0"),
+            ({"skip": -1}, r"Profile: skip must be an integer >= 0; got -1"),
+            ({"steps": 2.0}, r"Profile: steps must be an integer >= 1; got 2\.0"),
+        ]:
+            with pytest.raises(ConfigError, match=match):
+                train.Profile("runs/profile", **kwargs)
+        with pytest.raises(ConfigError, match=r"Profile: log_dir must be a folder path \(a str or a Path\); got None"):
+            train.Profile(None)
+        with pytest.raises(ConfigError, match=r"fit: profile must be an eqzoo.train.Profile .* or None; got str"):
+            train.fit(_state(), steps[0], batches(), num_steps=1, profile="runs/profile")
