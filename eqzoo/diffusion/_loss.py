@@ -11,7 +11,7 @@ from jaxtyping import Array, Float, Int, Integer
 from .._errors import ConfigError, ShapeError, check_floating, shape_str
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
-from ._schedule import NoiseSchedule, check_prediction
+from ._schedule import NoiseSchedule, check_prediction, check_timesteps
 
 
 def _apply(model: AbstractDenoiser, x: Array, t: Array, labels: Array | None) -> Array:
@@ -65,7 +65,8 @@ def diffusion_loss(
     - `model`: the denoiser ([`eqzoo.models.AbstractDenoiser`][]), called on one image.
     - `schedule`: the [`eqzoo.diffusion.NoiseSchedule`][].
     - `x0`: a batch of clean images.
-    - `t`: one integer timestep per image, in `0 .. T-1`.
+    - `t`: one integer timestep per image, in `0 .. T-1` (`ConfigError` otherwise when `t` is
+      concrete; a traced `t` is not checked, and JAX clamps or wraps an index outside).
     - `noise`: the standard normal noise added to each image, the shape of `x0`.
     - `labels`: one class label per image; `None`: the model's default (the null class for
       conditional models).
@@ -75,6 +76,27 @@ def diffusion_loss(
     """
     check_prediction(prediction)
     _check_images(x0)
+    if x0.ndim != 4:
+        raise ShapeError(
+            f"diffusion_loss takes a batch of images x0 of shape (batch, channels, height, width); "
+            f"got {shape_str(x0.shape)}. For one image, pass x0[None] with t of shape (1,)."
+        )
+    n = x0.shape[0]
+    if n == 0:  # the mean over no images was NaN
+        raise ShapeError("diffusion_loss takes at least one image; got an empty batch (0 images).")
+    if jnp.shape(t) != (n,):
+        # A scalar t failed inside jax.vmap ("vmap was requested to map its argument along axis 0")
+        raise ShapeError(
+            f"diffusion_loss takes one timestep per image, t of shape ({n},); got "
+            f"{shape_str(jnp.shape(t))}. For one timestep for all, jnp.full(({n},), t, jnp.int32)."
+        )
+    check_timesteps(schedule, "diffusion_loss", t)
+    if jnp.shape(noise) != x0.shape:
+        # (1, c, h, w) broadcast: every image got the same noise, silently
+        raise ShapeError(
+            f"diffusion_loss takes noise of the images' shape {shape_str(x0.shape)}, one draw per "
+            f"image; got {shape_str(jnp.shape(noise))}. Draw it with jax.random.normal(key, x0.shape)."
+        )
     x0 = x0.astype(jnp.float32)
     noise = noise.astype(jnp.float32)
     x_t = schedule.add_noise(x0, noise, t)
@@ -119,6 +141,8 @@ def make_diffusion_loss(
             )
         k_t, k_noise, k_drop = jax.random.split(key, 3)
         n = x.shape[0]
+        if n == 0:  # the mean over no images was NaN, and the step trained on it
+            raise ShapeError("the diffusion loss takes at least one image; got batch['x'] of shape " f"{shape_str(x.shape)}.")
         t = jax.random.randint(k_t, (n,), 0, schedule.num_timesteps, dtype=jnp.int32)
         noise = jax.random.normal(k_noise, x.shape, jnp.float32)
         null = model.null_label

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import ConfigError, require
+from .._errors import ConfigError, check_sizes, require
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
 from ._sample import _check_sample_args, guided_prediction, to_epsilon_and_x0
@@ -30,6 +30,7 @@ def sample_ode(
     initial_noise: Float[Array, "batch channels height width"] | None = None,
     clip_x0: float | None = None,
     sigma_max: float | None = None,
+    throw: bool = True,
 ) -> Float[Array, "batch channels height width"]:
     """Generate images by integrating the probability-flow ODE with a Diffrax solver.
 
@@ -51,7 +52,8 @@ def sample_ode(
     - `solver`: a Diffrax solver (default `diffrax.Heun()`).
     - `stepsize_controller`: a Diffrax step-size controller (default constant steps), e.g.
       `diffrax.PIDController(rtol=1e-3, atol=1e-3)`.
-    - `max_steps`: the solver's step limit.
+    - `max_steps`: the solver's step limit, a positive int; with constant steps at least
+      `steps`.
     - `initial_noise`: start from this `x_T` instead of drawing it from `key`.
     - `clip_x0`: as for [`eqzoo.diffusion.sample`][]: each `x0` estimate the vector field
       uses is clipped to `[-clip_x0, clip_x0]` and the noise re-derived from it.
@@ -59,34 +61,82 @@ def sample_ode(
       (the state `x_T * sqrt(1 + sigma_max^2)`, as if the diffusion ended there). The cosine
       schedule's largest is ~20,000, where the model's noise error, multiplied by `sigma`,
       swamps the image; 80 (Karras et al., 2022) loses nothing visible from data of unit scale
-      and bounds that error. `None`: the schedule's own.
+      and bounds that error. It must lie above the schedule's smallest noise level (timestep
+      0), where the solve ends. `None`: the schedule's own.
+    - `throw`: `True` raises `eqzoo.sciml.SolverError` when the solver stops before the end
+      (e.g. `max_steps` reached by an adaptive controller); under `jax.jit` the same message
+      comes through `equinox.error_if` at run time. `False` returns `inf` samples instead (one
+      solve carries the whole batch, so every sample is `inf`).
 
     **Returns:** the samples, float32, of shape `shape`.
 
     **Raises:** `MissingDependencyError` without Diffrax (`pip install 'eqzoo[sciml]'`);
-    `ConfigError` for a `sigma_max` or `clip_x0` that is not positive.
+    `ConfigError` for `steps` or `max_steps` that are not positive ints (or `max_steps < steps`
+    with constant steps), a `sigma_max` or `clip_x0` that is not positive, a `sigma_max` at or
+    below the schedule's smallest noise level, and a solver or step-size controller that does
+    not suit this ODE (the same checks and messages as [`eqzoo.sciml.NeuralODE`][]);
+    `SolverError` as said under `throw`.
     """
     diffrax = require("diffrax", "sciml")
+    from ..sciml._solve import validate_config
+
     check_prediction(prediction)
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}.")
+    check_sizes("sample_ode", steps=steps)
     for name, value in (("sigma_max", sigma_max), ("clip_x0", clip_x0)):
         if value is not None and not (isinstance(value, int | float) and not isinstance(value, bool) and value > 0):
             raise ConfigError(f"sample_ode: {name} must be a positive number or None, got {value!r}.")
     shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)
-    x_T = jax.random.normal(key, shape, jnp.float32) if initial_noise is None else jnp.asarray(initial_noise, jnp.float32)
     solver = diffrax.Heun() if solver is None else solver
     controller = diffrax.ConstantStepSize() if stepsize_controller is None else stepsize_controller
+    # dt0 is (t1 - t0) / steps, never given: 1.0 stands for "a positive step" in the check
+    validate_config("sample_ode", solver, controller, 1.0, max_steps, throw, step_arg=f"steps={steps}",
+                    adaptive_default=False)
+    if isinstance(controller, diffrax.ConstantStepSize) and max_steps < steps:
+        raise ConfigError(
+            f"sample_ode: constant steps take steps={steps} solver steps, more than max_steps="
+            f"{max_steps}; the solve would stop early. Pass max_steps >= steps (e.g. "
+            f"max_steps={steps + 1}) or fewer steps."
+        )
+    if sigma_max is not None and not isinstance(schedule.alphas_cumprod, jax.core.Tracer):
+        # Below the schedule's smallest noise level the solve ran forwards, adding noise.
+        abar0 = float(schedule.alphas_cumprod[0])
+        sigma_min = ((1.0 - abar0) / abar0) ** 0.5
+        if not sigma_max > sigma_min:
+            raise ConfigError(
+                f"sample_ode: sigma_max={sigma_max!r} is not above the schedule's smallest noise "
+                f"level {sigma_min:.4g} (timestep 0), where the solve ends; the solve would run "
+                f"from less noise to more. Pass a larger sigma_max (80.0 for data of unit scale) "
+                f"or None for the schedule's largest."
+            )
+    x_T = jax.random.normal(key, shape, jnp.float32) if initial_noise is None else jnp.asarray(initial_noise, jnp.float32)
     w = jnp.float32(guidance_scale) if labels is not None and guidance_scale != 1.0 else None
-    return _solve(
+    x0, solution = _solve(
         model, schedule, x_T, labels, w, solver, controller, steps=steps, max_steps=max_steps, prediction=prediction,
         clip_x0=None if clip_x0 is None else float(clip_x0), sigma_max=None if sigma_max is None else float(sigma_max),
     )
+    return _checked(x0, solution, solver, controller, steps=steps, max_steps=max_steps, throw=throw)
+
+
+def _checked(x0, solution, solver, controller, *, steps, max_steps, throw):
+    """`x0`, or `SolverError` (eager) / `equinox.error_if` (traced) when the solve stopped early;
+    `inf` for a failed solve with `throw=False`."""
+    from ..sciml._solve import check_result, failure_messages, unless_failed
+
+    if not throw:
+        return unless_failed(x0, solution)
+    messages = failure_messages(
+        "sample_ode", solver, controller, "(t1 - t0) / steps", max_steps, jnp.float32,
+        larger_step="pass fewer steps",
+        inspect="Try sample_ode(..., throw=False) to get inf samples instead of this error",
+    )
+    return check_result(x0, solution, messages)
 
 
 @eqx.filter_jit
 def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_steps, prediction, clip_x0, sigma_max):
     import diffrax
+
+    from ..sciml._solve import diffeqsolve
 
     log_sigma = lambda t: -0.5 * schedule.log_snr(t)  # noqa: E731
     u_start, u_end = log_sigma(schedule.num_timesteps - 1), log_sigma(0)
@@ -111,10 +161,14 @@ def _solve(model, schedule, x_T, labels, w, solver, controller, *, steps, max_st
         return jnp.exp(u) * epsilon(y, u)
 
     y0 = x_T / jnp.sqrt(jax.nn.sigmoid(-2.0 * u_start))
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), solver, t0=u_start, t1=u_end, dt0=(u_end - u_start) / steps, y0=y0,
-        stepsize_controller=controller, saveat=diffrax.SaveAt(t1=True), max_steps=max_steps,
+    # eqzoo's wrapper: never throws (sample_ode checks the result), explains a solver for
+    # another kind of equation
+    solution = diffeqsolve(
+        diffrax.ODETerm(vector_field), solver, None, y0, None, save_ts=False, stepsize_controller=controller,
+        adjoint=diffrax.RecursiveCheckpointAdjoint(), dt0=(u_end - u_start) / steps, max_steps=max_steps,
+        t0=u_start, t1=u_end, owner="sample_ode",
     )
     y = solution.ys[0]
     x0 = y - jnp.exp(u_end) * epsilon(y, u_end)
-    return x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)  # the clipped estimate, less its rounding
+    # the clipped estimate, less its rounding
+    return (x0 if clip_x0 is None else jnp.clip(x0, -clip_x0, clip_x0)), solution

@@ -1,12 +1,14 @@
 """Ancestral (DDPM) and implicit (DDIM) sampling, the whole denoising loop one `lax.scan`."""
 
+import numbers
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, int_hint, shape_str
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
 from ._schedule import NoiseSchedule, check_prediction
@@ -16,6 +18,9 @@ _METHODS = ("ddim", "ddpm")
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> np.ndarray:
     """The `steps` timesteps a sampler visits, from `T-1` down to `0`, evenly spaced (rounded)."""
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        # 2.5 failed inside np.linspace; True ran as one step
+        raise ConfigError(f"steps must be an integer number of denoising steps, got {steps!r}.{int_hint(steps)}")
     if not 1 <= steps <= num_timesteps:
         raise ConfigError(f"steps must be between 1 and the schedule's {num_timesteps} timesteps, got {steps}.")
     return np.round(np.linspace(num_timesteps - 1, 0, steps)).astype(np.int32)
@@ -56,8 +61,10 @@ def _check_sample_args(model, shape, labels, guidance_scale, initial_noise=None)
     """`(shape, labels)` checked: labels as an int32 array (a list is fine), each a class or the
     null class when concrete, one per sample; `initial_noise` of `shape`."""
     shape = tuple(int(s) for s in shape)
-    if len(shape) != 4:
-        raise ShapeError(f"shape must be (num_samples, channels, height, width); got {shape_str(shape)}.")
+    if len(shape) != 4 or min(shape) < 0:  # a negative size failed in XLA's MLIR verifier
+        raise ShapeError(f"shape must be (num_samples, channels, height, width), sizes >= 0; got {shape_str(shape)}.")
+    if not isinstance(guidance_scale, jax.core.Tracer) and not np.isfinite(guidance_scale):
+        raise ConfigError(f"guidance_scale must be a finite number, got {guidance_scale!r}: every sample would be NaN.")
     if initial_noise is not None and tuple(jnp.shape(initial_noise)) != shape:
         raise ShapeError(f"initial_noise must have shape {shape_str(shape)}; got {shape_str(jnp.shape(initial_noise))}.")
     if labels is not None:
@@ -150,6 +157,9 @@ def sample(
     eta = 0.0 if eta is None else float(eta)
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must be in [0, 1], got {eta}.")
+    # clip_x0=0 made every sample 0 and a negative one clipped to the wrong interval; sample_ode refused both
+    if clip_x0 is not None and not (isinstance(clip_x0, int | float) and not isinstance(clip_x0, bool) and clip_x0 > 0):
+        raise ConfigError(f"sample: clip_x0 must be a positive number or None, got {clip_x0!r}.")
     shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)
     ts = sampling_timesteps(schedule.num_timesteps, steps)
     key_init, key_steps = jax.random.split(key)

@@ -21,6 +21,49 @@ def check_prediction(prediction: str) -> None:
         raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}.")
 
 
+def _concrete(t: object) -> np.ndarray | None:
+    """The values of `t` on the host, or `None` when it is traced (inside `jit`/`vmap`)."""
+    return None if isinstance(t, jax.core.Tracer) else np.asarray(t)
+
+
+def check_timesteps(schedule: "NoiseSchedule", who: str, t: ArrayLike, *, real: bool = False) -> None:
+    """Raise `ConfigError` unless `t` holds timesteps of `schedule`: integers in
+    `[0, T-1]` (indices into its tables), or with `real=True` any real numbers in that
+    interval. Only the dtype is checked when `t` is traced; the values, when concrete."""
+    values = _concrete(t)
+    dtype = jnp.result_type(t) if values is None else values.dtype
+    last = schedule.num_timesteps - 1
+    if real:
+        ok_dtype = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+        if not ok_dtype:
+            raise ConfigError(f"{who} takes real timesteps t in [0, {last}]; got dtype {jnp.dtype(dtype).name}.")
+    elif not jnp.issubdtype(dtype, jnp.integer):
+        # A float index failed inside JAX ("Indexer must have integer or boolean type").
+        raise ConfigError(
+            f"{who} takes integer timesteps t in [0, {last}] (indices into the schedule's "
+            f"tables); got dtype {jnp.dtype(dtype).name}. Convert whole values with "
+            f"t.astype(jnp.int32); for a time between two steps use alpha_bar(t) or log_snr(t), "
+            f"which interpolate."
+        )
+    if values is None or values.size == 0:
+        return
+    bad = ~((values >= 0) & (values <= last))  # NaN is bad too
+    if bad.any():
+        first = values[bad].ravel()[0].item()
+        where = f" at index {tuple(int(i) for i in np.argwhere(bad)[0])}" if values.ndim else ""
+        raise ConfigError(
+            f"{who}: timesteps must lie in [0, {last}] (the schedule has T={schedule.num_timesteps} "
+            f"timesteps, T-1 the noisiest); got t={first!r}{where}"
+            + (f" and {int(bad.sum()) - 1} more" if bad.sum() > 1 else "")
+            + (
+                ". Outside, the interpolation is clamped to the ends, silently."
+                if real
+                else f". Outside, JAX clamps {last + 1} to {last} and wraps -1 to {last}, silently: "
+                f"check for an off-by-one (t = T) or timesteps counted from 1."
+            )
+        )
+
+
 def _bcast(a: Array, like: Array) -> Array:
     """Per-example coefficients `(batch,)` (or a scalar) shaped to broadcast against `like`."""
     return a.reshape(a.shape + (1,) * (like.ndim - a.ndim))
@@ -42,7 +85,8 @@ class NoiseSchedule(eqx.Module):
     def __init__(self, betas: ArrayLike):
         """**Arguments:** `betas`, a 1-D array of per-step noise variances, each in (0, 1).
 
-        **Raises:** `ConfigError` for an empty array or a value outside (0, 1).
+        **Raises:** `ConfigError` for an empty array, a value outside (0, 1), or betas whose
+        cumulative product `alphas_cumprod` reaches 0 or 1 in float32 (an infinite log-SNR).
         """
         b = np.asarray(betas, dtype=np.float64)
         if b.ndim != 1 or b.size == 0:
@@ -51,8 +95,26 @@ class NoiseSchedule(eqx.Module):
             raise ConfigError(
                 f"NoiseSchedule: every beta must lie in (0, 1); got values in [{b.min()}, {b.max()}]."
             )
+        abar = np.cumprod(1.0 - b).astype(np.float32)
+        # abar_t must stay strictly inside (0, 1) in float32: at 0 (an underflow) or 1 (a beta below
+        # float32's resolution) the log-SNR is infinite and the samplers divide by zero; both
+        # returned NaN samples, silently.
+        tiny = np.finfo(np.float32).tiny
+        if abar[-1] < tiny or abar[0] >= 1.0:
+            t = int(np.argmax(abar < tiny)) if abar[-1] < tiny else 0
+            value, fix = (
+                ("underflows to 0", "Use fewer timesteps or smaller betas (DDPM's are 1e-4 to 0.02 over 1000).")
+                if abar[-1] < tiny
+                else ("rounds to 1", "Make the first beta at least 1e-7 (DDPM's is 1e-4).")
+            )
+            raise ConfigError(
+                f"NoiseSchedule: alphas_cumprod (the product of 1 - beta up to t) {value} in "
+                f"float32 at timestep {t}, where the log signal-to-noise ratio is infinite and "
+                f"the samplers return NaN; got betas in [{b.min():.3g}, {b.max():.3g}] over "
+                f"{b.size} timesteps. {fix}"
+            )
         self.betas = jnp.asarray(b, jnp.float32)
-        self.alphas_cumprod = jnp.asarray(np.cumprod(1.0 - b), jnp.float32)
+        self.alphas_cumprod = jnp.asarray(abar)
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "NoiseSchedule":
@@ -103,28 +165,40 @@ class NoiseSchedule(eqx.Module):
         self, x0: Float[Array, "*shape"], noise: Float[Array, "*shape"], t: Int[Array, "*batch"]
     ) -> Float[Array, "*shape"]:
         """`x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`. `t` is a scalar or one timestep per
-        leading entry of `x0` (a batch)."""
+        leading entry of `x0` (a batch), integers in `[0, T-1]`; others raise `ConfigError` when
+        `t` is concrete. A traced `t` (under `jax.jit` or `jax.vmap`) is not checked: JAX clamps
+        an index past the end to `T-1` and wraps a negative one, silently."""
+        check_timesteps(self, "NoiseSchedule.add_noise", t)
         abar = _bcast(self.alphas_cumprod[t], x0)
         return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
 
     def velocity(
         self, x0: Float[Array, "*shape"], noise: Float[Array, "*shape"], t: Int[Array, "*batch"]
     ) -> Float[Array, "*shape"]:
-        """The v-prediction target `sqrt(abar_t) noise - sqrt(1 - abar_t) x0`."""
+        """The v-prediction target `sqrt(abar_t) noise - sqrt(1 - abar_t) x0`; `t` as for
+        `add_noise`."""
+        check_timesteps(self, "NoiseSchedule.velocity", t)
         abar = _bcast(self.alphas_cumprod[t], x0)
         return jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * x0
 
     def log_snr(self, t: Real[ArrayLike, "*batch"]) -> Float[Array, "*batch"]:
         """The log signal-to-noise ratio `log(abar_t / (1 - abar_t))`, interpolated linearly
         between integer timesteps, so any real `t` in `[0, T-1]` has one (the continuous time
-        of [`eqzoo.diffusion.sample_ode`][])."""
+        of [`eqzoo.diffusion.sample_ode`][]). A concrete `t` outside that interval raises
+        `ConfigError`; a traced one is clamped to it."""
+        check_timesteps(self, "NoiseSchedule.log_snr", t, real=True)
+        return self._log_snr(t)
+
+    def _log_snr(self, t: Real[ArrayLike, "*batch"]) -> Float[Array, "*batch"]:
         abar = self.alphas_cumprod
         table = jnp.log(abar) - jnp.log1p(-abar)
         return jnp.interp(jnp.asarray(t, jnp.float32), jnp.arange(self.num_timesteps, dtype=jnp.float32), table)
 
     def alpha_bar(self, t: Real[ArrayLike, "*batch"]) -> Float[Array, "*batch"]:
-        """`abar_t` for real `t` (`sigmoid(log_snr(t))`; equal to `alphas_cumprod[t]` at integers)."""
-        return jax.nn.sigmoid(self.log_snr(t))
+        """`abar_t` for real `t` in `[0, T-1]` (`sigmoid(log_snr(t))`; equal to `alphas_cumprod[t]`
+        at integers). A concrete `t` outside raises `ConfigError`; a traced one is clamped."""
+        check_timesteps(self, "NoiseSchedule.alpha_bar", t, real=True)
+        return jax.nn.sigmoid(self._log_snr(t))
 
     def timestep_of_log_snr(self, log_snr: Float[ArrayLike, "*batch"]) -> Float[Array, "*batch"]:
         """The inverse of `log_snr`: the real timestep with that log-SNR (clamped to `[0, T-1]`)."""

@@ -60,16 +60,30 @@ def _field_output(name: str, fn: Field, x: Any) -> Any:
         ) from err
 
 
+def _describe(out: Any) -> str:
+    """'of shape (2,) and dtype float32' for an array, the type's name for anything else."""
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if shape is None or dtype is None:
+        return f"a {type(out).__name__}, not an array"
+    return f"of shape {shape_str(shape)} and dtype {jnp.dtype(dtype).name}"
+
+
+def _is_real_floating(out: Any) -> bool:
+    dtype = getattr(out, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
 def _scalar_check(name: str, fn: Field, x: Any) -> None:
     _check_point(name, x)
     out = _field_output(name, fn, x)
-    shape = getattr(out, "shape", None)
-    if shape != ():
+    if getattr(out, "shape", None) != () or not _is_real_floating(out):
+        # An integer or bool field differentiated to JAX's "grad requires real-valued outputs"
+        # (a rounded network has zero derivatives anyway); a complex one asked for holomorphic=True.
         raise ShapeError(
-            f"{name} needs a scalar field u(x) -> (); got u(x) of shape "
-            f"{shape_str(shape) if shape is not None else type(out).__name__} for x of shape "
-            f"{shape_str(jnp.shape(x))}. Use a scalar network (eqx.nn.MLP(..., out_size="
-            f"'scalar')) or pick one component: lambda x: u(x)[i]."
+            f"{name} needs a scalar field u(x) -> (); got u(x) {_describe(out)} for x of "
+            f"shape {shape_str(jnp.shape(x))}. The field must return one real floating-point "
+            f"number: use a scalar network (eqx.nn.MLP(..., out_size='scalar')) or pick one "
+            f"component, lambda x: u(x)[i]; not rounded (integer) or complex values."
         )
 
 
@@ -108,11 +122,13 @@ def laplacian(
     """
     _scalar_check("laplacian", fn, x)
     if dims is not None:
-        bad = [d for d in dims if not _is_int(d) or not -x.shape[0] <= d < x.shape[0]]
-        if bad or len(dims) == 0:
+        dim = x.shape[0]
+        bad = [d for d in dims if not _is_int(d) or not -dim <= d < dim]
+        # dims=(0, 0), or (1, -1) on 2-d points, summed that second derivative twice, silently
+        if bad or len(dims) == 0 or len({int(d) % dim for d in dims}) != len(dims):
             raise ConfigError(
-                f"laplacian: dims must be a non-empty list of coordinates of x (dim="
-                f"{x.shape[0]}); got dims={list(dims)}."
+                f"laplacian: dims must be a non-empty list of coordinates of x (dim={dim}), "
+                f"distinct and each in [-{dim}, {dim}); got dims={list(dims)}."
             )
     hess = jax.hessian(fn)(x)  # (dim, dim)
     diag = jnp.diagonal(hess)
@@ -123,14 +139,28 @@ def laplacian(
 def divergence(fn: Field, x: Float[Array, " dim"]) -> Float[Array, ""]:
     """The divergence `∇·v(x) = Σ_i ∂v_i/∂x_i` of a vector field `v(x) -> (dim,)` at one point.
 
+    **Arguments:**
+
+    - `fn`: the vector field `v(x) -> (dim,)`, real floating-point, one value per coordinate.
+    - `x`: the point, shape `(dim,)`.
+
     **Returns:** a scalar.
+
+    **Raises:** `ShapeError` when `x` is not one floating-point point, or when `v` cannot be
+    called on it or does not return a real floating-point array of the shape of `x` (checked at
+    trace time).
     """
     _check_point("divergence", x)
-    out = eqx.filter_eval_shape(fn, x)
-    if getattr(out, "shape", None) != x.shape:
+    out = _field_output("divergence", fn, x)
+    if getattr(out, "shape", None) != x.shape or not _is_real_floating(out):
+        # An integer field's jacfwd is all zeros, so its divergence was 0, silently; a complex
+        # one gave a complex number.
         raise ShapeError(
             f"divergence needs a vector field v(x) with the shape of x; got x of shape "
-            f"{shape_str(x.shape)} and v(x) of shape {shape_str(getattr(out, 'shape', ()))}."
+            f"{shape_str(x.shape)} and v(x) {_describe(out)}. The field must return real "
+            f"floating-point values, one per coordinate: build the network with out_size="
+            f"{x.shape[0]} (the points' dim); for a scalar potential phi, the divergence of its "
+            f"gradient is laplacian(phi, x)."
         )
     return jnp.trace(jax.jacfwd(fn)(x))
 
@@ -328,6 +358,19 @@ def _box(name: str, lower: Any, upper: Any) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
+def _float_dtype(name: str, dtype: Any) -> Any:
+    """JAX's default float for `None`; a floating dtype as given; `ConfigError` otherwise (JAX's
+    "dtype argument to `uniform` must be a float dtype" named neither function nor fix)."""
+    if dtype is None:
+        return jnp.result_type(float)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ConfigError(
+            f"{name}: dtype must be a floating dtype (points are differentiated); got "
+            f"{jnp.dtype(dtype).name}. Pass dtype=jnp.float32, or None for JAX's default float."
+        )
+    return jnp.dtype(dtype)
+
+
 def _check_num(name: str, num: int) -> int:
     if not _is_int(num) or num < 1:  # NumPy integers are fine
         raise ConfigError(f"{name}: num must be a positive int; got num={num!r}.")
@@ -373,7 +416,7 @@ def sample_collocation(
         raise ConfigError(
             f"sample_collocation: method must be 'uniform' or 'latin'; got method={method!r}."
         )
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    dtype = _float_dtype("sample_collocation", dtype)
     unit = _unit_box(key, num, lo.shape[0], method, dtype)
     return jnp.asarray(lo, dtype) + unit * jnp.asarray(hi - lo, dtype)
 
@@ -431,7 +474,7 @@ def sample_boundary(
     dims = tuple(range(dim)) if dims is None else tuple(int(d) % dim for d in dims)
     if not dims:
         raise ConfigError("sample_boundary: dims must name at least one coordinate; got [].")
-    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    dtype = _float_dtype("sample_boundary", dtype)
     width = hi - lo
     # A face normal to coordinate d has area prod(width) / width[d] (1 for a 1-d box).
     areas = np.array([np.prod(width) / width[d] for d in dims for _ in (0, 1)])

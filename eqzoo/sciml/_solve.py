@@ -51,8 +51,13 @@ def validate_config(
     dt0: float | None,
     max_steps: int,
     throw: bool,
+    *,
+    step_arg: str = "dt0=<step>",
+    adaptive_default: bool = True,
 ) -> None:
-    """Check the solver configuration of a layer at construction time."""
+    """Check the solver configuration of a layer at construction time. `step_arg` is how the
+    caller sets a constant step (`sample_ode` takes `steps=`, the layers `dt0=`);
+    `adaptive_default` whether the caller's default controller is eqzoo's PIDController."""
     if as_flag(throw) is None:
         raise ConfigError(
             f"{owner}: throw must be True or False; got throw={throw!r}. True raises "
@@ -75,11 +80,22 @@ def validate_config(
         sname = type(solver).__name__
         raise ConfigError(
             f"{owner}: the solver {sname} has no error estimate, so the adaptive step-size "
-            f"controller {type(stepsize_controller).__name__} (a PIDController is the default "
-            f"when stepsize_controller is not given) cannot choose its steps. Take constant steps: "
+            f"controller {type(stepsize_controller).__name__}"
+            + (" (a PIDController is the default when stepsize_controller is not given)" if adaptive_default else "")
+            + f" cannot choose its steps. Take constant steps: "
             f"{owner}(..., solver=diffrax.{sname}(), stepsize_controller="
-            f"diffrax.ConstantStepSize(), dt0=<step>), or use a solver with an error estimate "
+            f"diffrax.ConstantStepSize(), {step_arg}), or use a solver with an error estimate "
             f"(diffrax.Heun(), diffrax.Tsit5())."
+        )
+    if _is_implicit(solver) and not _is_adaptive(stepsize_controller) and _tolerances_from_controller(solver):
+        # Diffrax refused it at the first call, with a ValueError about diffeqsolve's arguments
+        sname = type(solver).__name__
+        raise ConfigError(
+            f"{owner}: the implicit solver {sname} takes the tolerances of its nonlinear solve "
+            f"from an adaptive step-size controller, and {type(stepsize_controller).__name__} "
+            f"has none. Pass one: {owner}(..., solver=diffrax.{sname}(), stepsize_controller="
+            f"diffrax.PIDController(rtol=1e-3, atol=1e-6)), or give the solver its own, e.g. "
+            f"diffrax.{sname}(root_finder=diffrax.VeryChord(rtol=1e-3, atol=1e-6))."
         )
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ConfigError(f"{owner}: max_steps must be a positive int; got {max_steps!r}.")
@@ -114,6 +130,17 @@ def _is_implicit(solver: Any) -> bool:
     return isinstance(solver, diffrax.AbstractImplicitSolver)
 
 
+def _tolerances_from_controller(solver: Any) -> bool:
+    """Whether an implicit solver's root finder reads rtol/atol/norm from the controller (Diffrax's
+    default), which a constant step size cannot give."""
+    try:
+        from diffrax._root_finder import use_stepsize_tol
+    except ImportError:  # another Diffrax layout: leave the check to Diffrax
+        return False
+    finder = getattr(solver, "root_finder", None)
+    return any(getattr(finder, name, None) is use_stepsize_tol for name in ("rtol", "atol", "norm"))
+
+
 def _low_precision(dtype: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits <= 32
 
@@ -122,12 +149,18 @@ def failure_messages(
     owner: str,
     solver: Any,
     controller: Any,
-    dt0: float | None,
+    dt0: float | str | None,  # or the caller's words for its step
     max_steps: int,
     dtype: Any = None,
+    *,
+    larger_step: str = "pass a larger dt0",
+    inspect: str = "Call .solve(...) on the layer to get the diffrax.Solution and inspect "
+    "sol.result and sol.stats",
 ) -> tuple[str, str, str]:
     """Messages for (max steps reached, minimum step reached, other failure); `dtype` is the
-    solve's state dtype (an implicit adaptive solve in float32 gets its own advice)."""
+    solve's state dtype (an implicit adaptive solve in float32 gets its own advice).
+    `larger_step` and `inspect` are the caller's advice for fewer constant steps and for
+    looking at a failed solve."""
     sname = type(solver).__name__
     cname = type(controller).__name__
     head = f"{owner}: the solver stopped before the final time: max_steps={max_steps} was reached"
@@ -135,7 +168,7 @@ def failure_messages(
     if not _is_adaptive(controller):
         steps = head + (
             f" with the constant step dt0={dt0} of {cname}. A constant step needs "
-            f"(t1 - t0) / dt0 steps: {raise_it}, or pass a larger dt0."
+            f"(t1 - t0) / dt0 steps: {raise_it}, or {larger_step}."
         )
     elif _is_implicit(solver) and _low_precision(dtype):
         # Measured: Kvaerno5 on dy/dt = -0.7 y in float32 rejected 4091 of 4096 steps at
@@ -168,8 +201,7 @@ def failure_messages(
     )
     other = (
         f"{owner}: the solver {sname} failed (for an implicit solver: its nonlinear solve "
-        f"diverged). Call .solve(...) on the layer to get the diffrax.Solution and inspect "
-        f"sol.result and sol.stats; try a smaller dt0 or tighter tolerances."
+        f"diverged). {inspect}; try a smaller step or tighter tolerances."
     )
     return steps, dt_min, other
 
@@ -219,6 +251,12 @@ def _fill(tree: Any, reached: Any, value: float) -> Any:
     return jax.tree.map(fill, tree)
 
 
+def unless_failed(tree: Any, sol: diffrax.Solution) -> Any:
+    """`tree` (computed from a solve saved at `t1` only), every entry `inf` if the solve failed:
+    what `throw=False` returns."""
+    return _fill(tree, _succeeded(sol.result), jnp.inf)
+
+
 def solved_states(sol: diffrax.Solution, owner: str, layer: Any, *, save_ts: bool):
     """The saved states `sol.ys` of a layer's solve, and which saved rows the solve reached.
 
@@ -266,7 +304,7 @@ def diffeqsolve(
     save_ts: bool,
     stepsize_controller: Any,
     adjoint: Any,
-    dt0: float | None,
+    dt0: float | jax.Array | None,  # sample_ode's is traced
     max_steps: int,
     t0: Any = None,
     t1: Any = None,
@@ -294,6 +332,17 @@ def diffeqsolve(
             max_steps=max_steps,
             throw=False,
         )
+    except ValueError as err:
+        # Diffrax's TermAndSolverIncompatible (not exported) printed the term's and the solver's
+        # type structures and named neither the layer nor a solver that fits.
+        if type(err).__name__ != "TermAndSolverIncompatible":
+            raise
+        raise ConfigError(
+            f"{owner}: the solver {type(solver).__name__} does not solve this equation: it is "
+            f"a solver for SDEs or for split (several-term) systems, and this solve has one "
+            f"term, {type(terms).__name__}. Use an ODE solver such as diffrax.Tsit5(), "
+            f"diffrax.Heun() or, for stiff problems, diffrax.Kvaerno5()."
+        ) from err
     except TypeError as err:
         # JAX's own message names neither the solve nor the fix. Trace time only: the reverse
         # path compiles to the same program. (Under `jax.jacfwd(jax.jit(f))` the JVP runs on

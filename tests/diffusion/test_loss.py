@@ -101,3 +101,28 @@ def test_concrete_out_of_range_labels_are_refused():
             diffusion_loss(_affine(), sched, x, t, jnp.zeros_like(x), jnp.asarray(bad, jnp.int32))
     # the null class (3) is a valid label
     assert np.isfinite(float(diffusion_loss(_affine(), sched, x, t, jnp.zeros_like(x), jnp.asarray([3, 0], jnp.int32))))
+
+
+def test_diffusion_loss_refuses_timesteps_and_noise_that_do_not_fit(unchecked):
+    # t = T trained at abar_{T-1} (JAX clamps the index) and noise of shape (1, c, h, w) gave
+    # every image the same draw, both silently; a scalar t failed inside jax.vmap.
+    sched = NoiseSchedule.linear(50)
+    x0, noise, t = jnp.ones((3, 1, 2, 2)), jnp.zeros((3, 1, 2, 2)), jnp.array([0, 7, 49], jnp.int32)
+    model = _affine()
+    with pytest.raises(ConfigError, match=r"diffusion_loss: timesteps must lie in \[0, 49\] .*got t=50 at index \(2,\)"):
+        diffusion_loss(model, sched, x0, t.at[2].set(50), noise)
+    with unchecked():  # the annotations refuse these first when checking is on
+        with pytest.raises(ShapeError, match=r"diffusion_loss takes noise of the images' shape \(3, 1, 2, 2\), one draw per image; got \(1, 1, 2, 2\)"):
+            diffusion_loss(model, sched, x0, t, noise[:1])
+        with pytest.raises(ShapeError, match=r"diffusion_loss takes one timestep per image, t of shape \(3,\); got \(\)\. .*jnp\.full"):
+            diffusion_loss(model, sched, x0, jnp.int32(7), noise)
+        with pytest.raises(ShapeError, match=r"diffusion_loss takes a batch of images x0 of shape \(batch, channels, height, width\); got \(1, 2, 2\)\. For one image, pass x0\[None\]"):
+            diffusion_loss(model, sched, x0[0], t[:1], noise[0])
+        with pytest.raises(ConfigError, match=r"diffusion_loss takes integer timesteps .*got dtype float32"):
+            diffusion_loss(model, sched, x0, t.astype(jnp.float32), noise)
+    assert np.isfinite(float(diffusion_loss(model, sched, x0, t, noise)))
+    # an empty batch: the mean over no images was NaN, and a train step trained on it
+    with pytest.raises(ShapeError, match=r"the diffusion loss takes at least one image; got batch\['x'\] of shape \(0, 1, 2, 2\)"):
+        make_diffusion_loss(sched)(model, {"x": jnp.zeros((0, 1, 2, 2))}, jax.random.key(0))
+    with unchecked(), pytest.raises(ShapeError, match=r"diffusion_loss takes at least one image"):
+        diffusion_loss(model, sched, x0[:0], t[:0], noise[:0])

@@ -1,6 +1,7 @@
 """The samplers' mathematics, checked with exact (oracle) denoisers whose answers are known."""
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ from jaxtyping import TypeCheckError
 
 from eqzoo._errors import ConfigError, ShapeError
 from eqzoo.diffusion import NoiseSchedule, guided_prediction, sample, sample_ode, sampling_timesteps
+from eqzoo.sciml import SolverError
 
 from .denoisers import AsVelocity, GaussianOracle
 
@@ -218,6 +220,10 @@ def test_clip_x0_keeps_both_samplers_in_range():
         (dict(labels=jnp.zeros((2,), jnp.int32)), ShapeError, r"labels must have shape \(6,\)"),
         (dict(steps=2000), ConfigError, "steps must be between 1 and"),
         (dict(shape=(1, 3, 3)), ShapeError, r"shape must be \(num_samples"),
+        # these three ran: an MLIR verifier error, NaN samples, all-zero samples (sample only)
+        (dict(shape=(-1, 1, 3, 3)), ShapeError, r"sizes >= 0; got \(-1, 1, 3, 3\)"),
+        (dict(guidance_scale=float("nan")), ConfigError, r"guidance_scale must be a finite number, got nan"),
+        (dict(clip_x0=0.0), ConfigError, r"clip_x0 must be a positive number or None, got 0\.0"),
         (dict(prediction="x0"), ConfigError, "prediction must be one of"),
         (dict(labels=jnp.asarray([0, 1, 2, 3, 4, -1], jnp.int32)), ConfigError, r"labels \[-1, 4\] are not classes of this model: they must be in \[0, 3\]"),
         (dict(labels=jnp.zeros((6,), jnp.float32)), (ConfigError, TypeCheckError), "labels must be integer class ids|labels"),
@@ -235,3 +241,66 @@ def test_sampler_errors(kwargs, error, match):
             sample_ode(GaussianOracle(SCHED, _points(), 0.0), SCHED, **args)
     with pytest.raises(ConfigError, match="sigma_max must be a positive number or None, got 0.0"):
         sample_ode(GaussianOracle(SCHED, _points(), 0.0), SCHED, key=jax.random.key(0), shape=SHAPE, sigma_max=0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        # Each of these failed inside Diffrax (EquinoxRuntimeError, RuntimeError,
+        # TermAndSolverIncompatible, AttributeError, ValueError) or ran: a float steps=2.5 took
+        # 3 steps, and a sigma_max below the schedule's smallest noise level solved from less
+        # noise to more.
+        (dict(max_steps=10), r"sample_ode: constant steps take steps=25 solver steps, more than max_steps=10.*max_steps >= steps"),
+        (
+            dict(solver=diffrax.Euler(), stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3)),
+            r"sample_ode: the solver Euler has no error estimate, so the adaptive step-size controller PIDController "
+            r"cannot choose its steps.*stepsize_controller=diffrax\.ConstantStepSize\(\), steps=25\)",
+        ),
+        (dict(solver=diffrax.SemiImplicitEuler()), r"sample_ode: the solver SemiImplicitEuler does not solve this equation.*diffrax\.Tsit5\(\)"),
+        (dict(solver=diffrax.EulerHeun()), r"sample_ode: the solver EulerHeun does not solve this equation: it is a solver for SDEs"),
+        (dict(solver=diffrax.Kvaerno3()), r"sample_ode: the implicit solver Kvaerno3 takes the tolerances .*ConstantStepSize has none.*PIDController"),
+        (dict(solver="tsit5"), r"sample_ode: solver must be a diffrax solver .*got 'tsit5'"),
+        (dict(stepsize_controller="pid"), r"sample_ode: stepsize_controller must be a diffrax step-size controller"),
+        (dict(max_steps=0), r"sample_ode: max_steps must be a positive int; got 0"),
+        (dict(max_steps=100.0), r"sample_ode: max_steps must be a positive int; got 100\.0"),
+        (dict(max_steps=None), r"sample_ode: max_steps must be a positive int; got None"),
+        (dict(steps=2.5), r"sample_ode: steps must be a positive integer; got steps=2\.5"),
+        (dict(steps=True), r"sample_ode: steps must be a positive integer; got steps=True"),
+        (dict(sigma_max=1e-3), r"sample_ode: sigma_max=0\.001 is not above the schedule's smallest noise level 0\.01 \(timestep 0\)"),
+        (dict(throw="no"), r"sample_ode: throw must be True or False; got throw='no'"),
+    ],
+)
+def test_ode_sampler_refuses_what_diffrax_failed_on(kwargs, match, unchecked):
+    with unchecked(), pytest.raises(ConfigError, match=match):
+        sample_ode(GaussianOracle(SCHED, _points(), 0.0), SCHED, key=jax.random.key(0), shape=SHAPE, **kwargs)
+
+
+def test_ode_sampler_reports_a_solve_that_stops_early():
+    # An adaptive solve out of steps: Diffrax's own EquinoxRuntimeError ("Try increasing
+    # max_steps") named neither sample_ode nor its arguments; now the eqzoo message, eagerly as
+    # SolverError and under jit through equinox's runtime error, or inf samples with throw=False.
+    oracle = GaussianOracle(SCHED, _points(), 0.0)
+    kw = dict(shape=SHAPE, solver=diffrax.Tsit5(), stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-6), max_steps=3)
+    message = r"sample_ode: the solver stopped before the final time: max_steps=3 was reached .*sample_ode\(\.\.\., max_steps=12\)"
+    with pytest.raises(SolverError, match=message + r".*diffrax result"):
+        sample_ode(oracle, SCHED, key=jax.random.key(0), **kw)
+    with pytest.raises(eqx.EquinoxRuntimeError, match=message):
+        eqx.filter_jit(lambda k: sample_ode(oracle, SCHED, key=k, **kw))(jax.random.key(0))
+    assert np.isinf(np.asarray(sample_ode(oracle, SCHED, key=jax.random.key(0), throw=False, **kw))).all()
+    kw["max_steps"] = 4096  # a solve that succeeds is untouched by throw=False
+    np.testing.assert_array_equal(
+        sample_ode(oracle, SCHED, key=jax.random.key(0), throw=False, **kw), sample_ode(oracle, SCHED, key=jax.random.key(0), **kw)
+    )
+
+
+def test_sampler_refuses_a_step_count_that_is_not_an_integer(unchecked):
+    # steps=2.5 failed inside np.linspace ("'float' object cannot be interpreted as an integer")
+    # and steps=True ran one step.
+    oracle = GaussianOracle(SCHED, _points(), 0.0)
+    with unchecked():
+        for steps in (2.5, True):
+            with pytest.raises(ConfigError, match=rf"steps must be an integer number of denoising steps, got {steps!r}"):
+                sample(oracle, SCHED, key=jax.random.key(0), shape=SHAPE, steps=steps)
+        with pytest.raises(ConfigError, match=r"got Array\(3.*That is a JAX array, not a Python int"):
+            sampling_timesteps(1000, jnp.int32(3))
+        assert sampling_timesteps(1000, np.int64(3)).tolist() == [999, 500, 0]

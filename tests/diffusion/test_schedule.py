@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -69,8 +70,39 @@ def test_continuous_time_interpolates_log_snr_and_inverts():
         (lambda: NoiseSchedule.linear(1), "num_timesteps must be >= 2"),
         (lambda: NoiseSchedule.linear(10, 0.1, 0.01), "beta_start <= beta_end"),
         (lambda: NoiseSchedule.cosine(10, max_beta=1.0), "max_beta"),
+        # abar_T underflowed to 0 (or abar_0 rounded to 1) in float32: the log-SNR was infinite and
+        # both samplers returned NaN, silently
+        (lambda: NoiseSchedule.linear(1000, 0.4, 0.5), r"alphas_cumprod .* underflows to 0 in float32 at timestep 1\d\d, .*Use fewer timesteps or smaller betas"),
+        (lambda: NoiseSchedule(np.array([1e-9, 0.1])), r"alphas_cumprod .* rounds to 1 in float32 at timestep 0, .*first beta at least 1e-7"),
     ],
 )
 def test_schedule_errors(make, match):
     with pytest.raises(ConfigError, match=match):
         make()
+
+
+def test_concrete_timesteps_outside_the_schedule_are_refused(unchecked):
+    # JAX clamps an index past the end and wraps a negative one: t = T and t = -1 both read
+    # abar_{T-1}, silently; a float index failed inside JAX. log_snr/alpha_bar clamped to the ends.
+    s = NoiseSchedule.linear(10)
+    x, noise = jnp.ones((2, 1, 2, 2)), jnp.zeros((2, 1, 2, 2))
+    with unchecked():  # users' calls: the annotations (Int[Array]) would refuse 10 and 2.5 first
+        _check_timesteps(s, x, noise)
+    # the ends themselves are timesteps; traced values are not checked (the documented contract)
+    np.testing.assert_allclose(s.add_noise(x, noise, jnp.array([0, 9]))[:, 0, 0, 0], np.sqrt(s.alphas_cumprod[jnp.array([0, 9])]), rtol=1e-6)
+    np.testing.assert_allclose(s.alpha_bar(9.0), s.alphas_cumprod[9], rtol=1e-5)
+    clamped = jax.jit(lambda t: s.add_noise(x, noise, t))(jnp.array([10, -1]))
+    np.testing.assert_array_equal(clamped, s.add_noise(x, noise, jnp.array([9, 9])))
+
+
+def _check_timesteps(s, x, noise):
+    for t, got in [(jnp.array([3, 10]), r"got t=10 at index \(1,\)"), (jnp.array([-1, 0]), r"got t=-1 at index \(0,\)"), (10, r"got t=10\.")]:
+        for name in ("add_noise", "velocity"):
+            with pytest.raises(ConfigError, match=rf"NoiseSchedule\.{name}: timesteps must lie in \[0, 9\] \(the schedule has T=10 timesteps, T-1 the noisiest\); {got}.*off-by-one"):
+                getattr(s, name)(x, noise, t)
+    with pytest.raises(ConfigError, match=r"NoiseSchedule\.add_noise takes integer timesteps t in \[0, 9\] .*got dtype float32\. .*t\.astype\(jnp\.int32\)"):
+        s.add_noise(x, noise, jnp.array([2.5, 0.0]))
+    for name in ("log_snr", "alpha_bar"):
+        for t in (9.5, -0.5, float("nan")):
+            with pytest.raises(ConfigError, match=rf"NoiseSchedule\.{name}: timesteps must lie in \[0, 9\] .*clamped to the ends"):
+                getattr(s, name)(jnp.float32(t))

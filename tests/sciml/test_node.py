@@ -443,6 +443,12 @@ def test_vector_field_wider_than_the_state_is_refused():
 
 def test_bad_configuration(unchecked):
     f = lambda t, y, args: -y
+    # Diffrax refused this at the first call, with a ValueError about diffeqsolve's arguments
+    with pytest.raises(ConfigError, match=r"NeuralODE: the implicit solver Kvaerno5 takes the tolerances of its nonlinear solve from an adaptive step-size controller, and ConstantStepSize has none.*stepsize_controller=diffrax\.PIDController"):
+        sciml.NeuralODE(f, solver=diffrax.Kvaerno5(), stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)
+    # a solver for SDEs or split systems: Diffrax's TermAndSolverIncompatible printed type structures
+    with pytest.raises(ConfigError, match=r"NeuralODE: the solver SemiImplicitEuler does not solve this equation.*one term, ODETerm.*diffrax\.Tsit5\(\)"):
+        sciml.NeuralODE(f, solver=diffrax.SemiImplicitEuler(), stepsize_controller=diffrax.ConstantStepSize(), dt0=0.1)(jnp.ones(1), jnp.array([0.0, 1.0]))
     with unchecked(), pytest.raises(ConfigError, match="adjoint must be one of"):
         sciml.NeuralODE(f, adjoint="adjoint")
     with pytest.raises(ConfigError, match="dt0=None with diffrax.ConstantStepSize"):

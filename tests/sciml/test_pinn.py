@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import equinox as eqx
@@ -253,3 +254,48 @@ def test_pinn_loss_errors_are_eqzoos_in_both_modes(checked, unchecked):
         np.testing.assert_allclose(loss, 40.0, rtol=1e-6)
         terms = sciml.pinn_loss_terms(u, pde, np.asarray(pts), boundary=bnd)
         np.testing.assert_allclose([terms["pde"], terms["boundary"]], [0.0, 4.0], atol=1e-5)
+
+
+def test_divergence_refuses_fields_that_are_not_real_vector_fields():
+    # An integer field's divergence was 0 (jacfwd of a rounded output), a complex one's a complex
+    # number, both silently; a field that failed on the point raised JAX's dot_general error.
+    x = jnp.array([0.3, 0.7])
+    for v, got in [
+        (lambda x: (x * 3).astype(jnp.int32), r"v\(x\) of shape \(2,\) and dtype int32"),
+        (lambda x: x.astype(jnp.complex64), r"v\(x\) of shape \(2,\) and dtype complex64"),
+        (lambda x: (x, x), r"v\(x\) a tuple, not an array"),
+        (lambda x: x[:1], r"v\(x\) of shape \(1,\) and dtype float32"),
+    ]:
+        with pytest.raises(ShapeError, match=rf"divergence needs a vector field .*; got x of shape \(2,\) and {got}\..*out_size=2"):
+            sciml.divergence(v, x)
+    with pytest.raises(ShapeError, match=r"divergence: calling the field u on one point x of shape \(2,\) failed .*in_size=2"):
+        sciml.divergence(lambda x: jnp.ones((3, 3)) @ x, x)
+    np.testing.assert_allclose(sciml.divergence(lambda x: x**2, x), 2.0, rtol=1e-6)  # 2 * 0.3 + 2 * 0.7
+
+
+@pytest.mark.parametrize("name", ["gradient", "laplacian"])
+def test_scalar_derivatives_refuse_integer_and_complex_fields(name):
+    # JAX's own "grad requires real-valued outputs" named neither the field nor the fix.
+    x = jnp.array([0.3, 0.7])
+    for dtype in (jnp.int32, jnp.bool_, jnp.complex64):
+        with pytest.raises(ShapeError, match=rf"{name} needs a scalar field u\(x\) -> \(\); got u\(x\) of shape \(\) and dtype {jnp.dtype(dtype).name} .*one real floating-point number"):
+            getattr(sciml, name)(lambda x, dtype=dtype: jnp.sum(x).astype(dtype), x)
+
+
+def test_laplacian_refuses_repeated_dims():
+    # dims=(0, 0) summed d2u/dx0^2 twice (and (1, -1) on 2-d points the same), silently.
+    u = lambda x: x[0] ** 2 + 3 * x[1] ** 2
+    x = jnp.array([0.3, 0.7])
+    for dims in [(0, 0), (1, -1)]:
+        with pytest.raises(ConfigError, match=r"laplacian: dims must be a non-empty list of coordinates of x \(dim=2\), distinct and each in \[-2, 2\); got dims=" + re.escape(str(list(dims)))):
+            sciml.laplacian(u, x, dims=dims)
+    np.testing.assert_allclose(sciml.laplacian(u, x, dims=(-1,)), 6.0, rtol=1e-6)
+
+
+def test_samplers_refuse_an_integer_dtype():
+    # JAX's "dtype argument to `uniform` must be a float dtype" named neither function nor fix
+    with pytest.raises(ConfigError, match=r"sample_collocation: dtype must be a floating dtype .*got int32\. Pass dtype=jnp\.float32"):
+        sciml.sample_collocation(jax.random.key(0), 4, 0.0, 1.0, dtype=jnp.int32)
+    with pytest.raises(ConfigError, match=r"sample_boundary: dtype must be a floating dtype .*got int32"):
+        sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dtype=jnp.int32)
+    assert sciml.sample_boundary(jax.random.key(0), 4, [0.0, 0.0], [1.0, 1.0], dtype=jnp.bfloat16).dtype == jnp.bfloat16
