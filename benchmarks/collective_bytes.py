@@ -11,8 +11,8 @@ all-reduce at least once; `state_mib_per_device` the train state (parameters and
 moments) one device holds in the mesh's layout; `temp_mib_per_device` XLA's temporaries
 (activations, workspace) on one device (`memory_analysis()`); `stack_mib_per_device` the
 layer stack's parameters alone on one device (split over `stage` on a mesh with `stage > 1`,
-pipeline parallelism; rows on such a mesh also give the micro-batches the schedule uses and its
-bubble fraction, `(stage - 1) / (micro + stage - 1)`). `--context-attention
+pipeline parallelism; rows on such a mesh also give the micro-batches the schedule uses, its
+repeats and its bubble fraction, `(stage - 1) / (micro * repeats + stage - 1)`). `--context-attention
 gather,ring,ring_balanced` compares the attention strategies of context parallelism
 (docs/scaling.md):
 
@@ -27,6 +27,12 @@ Pipeline parallelism against the same mesh without it (docs/scaling.md, "Pipelin
 
     python benchmarks/collective_bytes.py --preset tiny-llama --set num_layers=8 --batch 16 --seq 256 \
         --loss fused --mesh data=2,fsdp=2,tensor=2 --mesh stage=2,fsdp=2,tensor=2 --pipeline-microbatches 4,8
+
+GPipe's schedule against the circular one (`--pipeline-repeats 1,2`: each micro-batch goes round
+the stages twice, each stage holding two non-contiguous chunks of the stack):
+
+    python benchmarks/collective_bytes.py --preset tiny-llama --set num_layers=8 --batch 16 --seq 256 \
+        --loss fused --mesh stage=2,data=4 --mesh stage=4,data=2 --pipeline-repeats 1,2
 """
 
 import argparse
@@ -51,6 +57,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="comma-separated attention strategies under context > 1 (gather, ring, ring_balanced)")
     p.add_argument("--pipeline-microbatches", default="auto",
                    help="comma-separated micro-batch counts for meshes with stage > 1 ('auto': the default choice)")
+    p.add_argument("--pipeline-repeats", default="1",
+                   help="comma-separated pipeline_repeats for meshes with stage > 1 (1: GPipe's schedule, "
+                        "more: the circular one)")
     p.add_argument("--devices", type=int, default=8, help="fake CPU devices (must cover every mesh)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field, e.g. --set moe_implementation=capacity (repeatable)")
@@ -64,7 +73,10 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather", microbatches: int | None = None) -> dict:
+def measure(
+    args, mesh_spec: str, loss: str, context_attention: str = "gather", microbatches: int | None = None,
+    repeats: int = 1,
+) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
@@ -92,7 +104,7 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather", 
 
     policy = train.Precision.bf16() if args.precision == "bf16" else train.Precision()
     step = train.make_train_step(loss_fn, optimizer, mesh=mesh, precision=policy, context_attention=context_attention,
-                                 pipeline_microbatches=microbatches)
+                                 pipeline_microbatches=microbatches, pipeline_repeats=repeats)
     t0 = time.perf_counter()
     compiled = step.lower(state, {"tokens": tok, "targets": tok}).compile()
     compile_s = time.perf_counter() - t0
@@ -112,7 +124,10 @@ def measure(args, mesh_spec: str, loss: str, context_attention: str = "gather", 
 
         ways = math.prod(n for a, n in sh.mesh_shape(mesh).items() if a in ("data", "fsdp", "expert"))
         micro = microbatches or default_microbatches(args.batch, stages, ways)
-        pipeline = {"pipeline_microbatches": micro, "bubble_fraction": round(bubble_fraction(stages, micro), 3)}
+        pipeline = {
+            "pipeline_microbatches": micro, "pipeline_repeats": repeats,
+            "bubble_fraction": round(bubble_fraction(stages, micro, repeats), 3),
+        }
     total = summary.get("total", {"ops": 0, "mib": 0.0, "in_loop_ops": 0, "in_loop_mib": 0.0})
     return {
         "preset": args.preset, "overrides": parse_set(args.set), "batch": args.batch, "seq": args.seq, "mesh": mesh_spec, "loss": loss,
@@ -137,19 +152,31 @@ def _microbatch_counts(args, mesh_spec: str) -> list[int | None]:
     return [None if m == "auto" else int(m) for m in args.pipeline_microbatches.split(",")]
 
 
+def _repeat_counts(args, mesh_spec: str) -> list[int]:
+    """The `pipeline_repeats` to measure on `mesh_spec`: those asked for on a mesh with
+    `stage > 1`, 1 elsewhere."""
+    if "stage=" not in mesh_spec.replace(" ", ""):
+        return [1]
+    return [int(r) for r in args.pipeline_repeats.split(",")]
+
+
 def main(argv=None) -> dict:
     args = parse(argv)
     # Before JAX starts: the fake devices the meshes are laid on.
     use_fake_cpu_devices(args.devices)
     rows = []
     for mesh_spec in args.mesh:
+        pipelines = [(m, r) for m in _microbatch_counts(args, mesh_spec) for r in _repeat_counts(args, mesh_spec)]
         for loss in args.loss.split(","):
             for strategy in args.context_attention.split(","):
-                for micro in _microbatch_counts(args, mesh_spec):
-                    row = measure(args, mesh_spec, loss, strategy, micro)
+                for micro, repeats in pipelines:
+                    row = measure(args, mesh_spec, loss, strategy, micro, repeats)
                     rows.append(row)
                     if not args.json:
-                        piped = f" micro={row['pipeline_microbatches']} bubble={row['bubble_fraction']}" if "bubble_fraction" in row else ""
+                        piped = (
+                            f" micro={row['pipeline_microbatches']} repeats={row['pipeline_repeats']} "
+                            f"bubble={row['bubble_fraction']}" if "bubble_fraction" in row else ""
+                        )
                         print(f"{mesh_spec:18s} loss={loss:8s} attention={strategy:13s}{piped} {row['collective_ops']:5d} collectives, "
                               f"{row['collective_mib']:9.1f} MiB/step ({row['in_loop_mib']:.1f} in loops; "
                               f"params {row['param_mib']} MiB fp32; state {row['state_mib_per_device']} MiB, "

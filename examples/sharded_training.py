@@ -13,14 +13,17 @@ Python standard library's own source (nothing downloaded).
     python examples/sharded_training.py --mesh data=2,expert=4 --model mixtral --check
     python examples/sharded_training.py --mesh data=2,context=4 --model llama   # long sequences
     python examples/sharded_training.py --mesh stage=2,fsdp=2,tensor=2 --pipeline-microbatches 4 --check  # pipeline
+    python examples/sharded_training.py --mesh stage=2,data=4 --num-layers 4 --pipeline-repeats 2 --check  # circular
 
 Several hosts: start the same command on every host with COORDINATOR_ADDRESS (host:port of
 process 0), NUM_PROCESSES and PROCESS_ID set, or under SLURM (`srun`); see docs/scaling.md.
 `--check` (on in `--smoke`) also runs the steps on one device and reports the largest loss
 difference. A mesh with `stage > 1` splits the layer stack by depth (pipeline parallelism,
 GPipe's schedule); `--pipeline-microbatches` sets how many micro-batches each step's batch is
-cut into (default: up to `2 * stage`; see docs/scaling.md). With `--json` the last stdout line
-is a JSON summary holding the per-step losses.
+cut into (default: up to `2 * stage`; see docs/scaling.md), and `--pipeline-repeats R` runs the
+circular schedule instead, each micro-batch going round the stages `R` times (`stage * R` must
+divide `--num-layers`). With `--json` the last stdout line is a JSON summary holding the
+per-step losses.
 """
 
 import argparse
@@ -62,6 +65,8 @@ PRECISIONS = {"fp32": Precision.fp32(), "bf16": Precision.bf16(), "fp16": Precis
 def build(args, mesh):
     """The config, optimizer, precision, sharded train state and compiled step for `args`."""
     preset, overrides = MODELS[args.model]
+    if args.num_layers is not None:
+        overrides = {**overrides, "num_layers": args.num_layers}
     config = eqzoo.models.get_config(preset, remat=args.remat, **overrides)
     precision = PRECISIONS[args.precision]
     optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, args.lr, 5, max(args.steps, 6)))
@@ -78,6 +83,7 @@ def build(args, mesh):
     step = make_train_step(
         lm_loss, optimizer, precision=precision, grad_accum_steps=args.grad_accum, mesh=mesh,
         pipeline_microbatches=args.pipeline_microbatches if mesh is not None else None,
+        pipeline_repeats=args.pipeline_repeats if mesh is not None else 1,
     )
     return config, state, step
 
@@ -135,6 +141,11 @@ def main(argv=None) -> dict:
         "--pipeline-microbatches", type=int, default=None,
         help="micro-batches per step on a mesh with stage > 1 (default: up to 2 * stage)",
     )
+    parser.add_argument(
+        "--pipeline-repeats", type=int, default=1,
+        help="times each micro-batch goes round the stages (1: GPipe's schedule; more: the circular one)",
+    )
+    parser.add_argument("--num-layers", type=int, default=None, help="the model's depth (default: the tiny preset's)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32")
     parser.add_argument("--remat", choices=sorted(eqzoo.nn.REMAT_POLICIES), default="none")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -155,6 +166,8 @@ def main(argv=None) -> dict:
     mesh = sh.make_mesh(args.mesh)
     if args.pipeline_microbatches is not None and sh.mesh_shape(mesh)["stage"] == 1:
         parser.error(f"--pipeline-microbatches needs a mesh with stage > 1 (pipeline parallelism); got --mesh {args.mesh}")
+    if args.pipeline_repeats != 1 and sh.mesh_shape(mesh)["stage"] == 1:
+        parser.error(f"--pipeline-repeats needs a mesh with stage > 1 (pipeline parallelism); got --mesh {args.mesh}")
 
     text = eqzoo.data.stdlib_corpus(max_chars=2_000_000 if args.smoke else 20_000_000)
     tokens = eqzoo.data.ByteTokenizer().encode(text)
@@ -176,6 +189,8 @@ def main(argv=None) -> dict:
         "precision": args.precision,
         "grad_accum": args.grad_accum,
         "pipeline_microbatches": args.pipeline_microbatches,
+        "pipeline_repeats": args.pipeline_repeats,
+        "num_layers": config.num_layers,
         "remat": args.remat,
         "global_batch": args.batch_size,
         "seq_len": args.seq_len,

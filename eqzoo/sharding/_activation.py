@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from .._errors import int_hint
 from ._errors import ShardingError
 from ._mesh import _BATCH_AXES, check_mesh, context_size
 from ._rules import _entry_axes, drop_missing_axes
@@ -75,7 +77,7 @@ CONTEXT_ATTENTION: tuple[str, ...] = ("gather", "ring", "ring_balanced")
   critical path is about halved. Needs sequence lengths divisible by `2 * context`; attention
   built with `causal=False` runs as `"ring"`."""
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str, int | None] | None] = contextvars.ContextVar(
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Mapping[str, P], str, int | None, int] | None] = contextvars.ContextVar(
     "eqzoo_activation_sharding", default=None
 )
 
@@ -98,6 +100,7 @@ def activation_sharding(
     *,
     context_attention: ContextAttention = "gather",
     pipeline_microbatches: int | None = None,
+    pipeline_repeats: int = 1,
 ) -> Iterator[None]:
     """Within this context, [`eqzoo.sharding.constrain`][] applies sharding constraints on `mesh`.
 
@@ -120,9 +123,18 @@ def activation_sharding(
       `2 * stage` that divides the batch, preferring micro-batches the batch axes still split
       evenly. More micro-batches shrink the pipeline's bubble, `(stage - 1) / (micro + stage -
       1)` of the steps, but make each step's work smaller. Ignored on a mesh with `stage=1`.
+    - `pipeline_repeats`: when `mesh` has `stage > 1`, how many times a micro-batch goes round
+      the stages (the circular, or interleaved, schedule): each stage holds this many chunks
+      of `layers / (stage * pipeline_repeats)` layers, chunk `r` of stage `s` being layers
+      `(r * stage + s) * layers / (stage * pipeline_repeats) ...`. `1` (the default) is GPipe's
+      schedule. More repeats shrink the bubble to `(stage - 1) / (micro * pipeline_repeats +
+      stage - 1)` for `pipeline_repeats` times as many point-to-point transfers; with more than
+      one, `stage * pipeline_repeats` must divide the stack's depth and the micro-batches be at
+      least `stage` (docs/scaling.md). Ignored on a mesh with `stage=1`.
     """
     check_context_attention(context_attention, "activation_sharding")
     check_pipeline_microbatches(pipeline_microbatches, "activation_sharding")
+    pipeline_repeats = check_pipeline_repeats(pipeline_repeats, "activation_sharding")
     if mesh is not None:
         check_mesh(mesh, "activation_sharding")
     if mesh is not None and rules is None:
@@ -139,7 +151,8 @@ def activation_sharding(
                         f"activation rule {name!r} uses mesh axis {axis!r}, which the mesh "
                         f"{dict(mesh.shape)} does not have."
                     )
-    token = _ACTIVE.set(None if mesh is None else (mesh, rules, context_attention, pipeline_microbatches))
+    active = (mesh, rules, context_attention, pipeline_microbatches, pipeline_repeats)
+    token = _ACTIVE.set(None if mesh is None else active)
     try:
         yield
     finally:
@@ -169,6 +182,25 @@ def active_pipeline_microbatches() -> int | None:
     [`eqzoo.nn.Stacked`][] on a mesh with `stage > 1`."""
     active = _ACTIVE.get()
     return None if active is None else active[3]
+
+
+def active_pipeline_repeats() -> int:
+    """The `pipeline_repeats` of the innermost [`eqzoo.sharding.activation_sharding`][] block
+    (`1`, GPipe's schedule, outside one); read at trace time by [`eqzoo.nn.Stacked`][] on a
+    mesh with `stage > 1`."""
+    active = _ACTIVE.get()
+    return 1 if active is None else active[4]
+
+
+def check_pipeline_repeats(value, who: str) -> int:
+    """`value` as a Python int if it is a positive integer, else a `ShardingError`."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
+        raise ShardingError(
+            f"{who}: pipeline_repeats must be an integer >= 1 (how many times a micro-batch goes "
+            "round the pipeline's stages: 1 for GPipe's schedule, more for the circular one); got "
+            f"{value!r}.{int_hint(value)}"
+        )
+    return int(value)
 
 
 def check_pipeline_microbatches(value, who: str) -> int | None:

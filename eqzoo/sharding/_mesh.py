@@ -16,7 +16,8 @@ AXES: tuple[str, ...] = ("stage", "data", "fsdp", "context", "expert", "tensor")
 
 - `stage`: pipeline parallelism. The layers of each [`eqzoo.nn.Stacked`][] stack are split by
   depth (stage `s` holds layers `s * L / stage .. (s + 1) * L / stage - 1`), and the batch runs
-  through them as micro-batches in a GPipe schedule (docs/scaling.md, "Pipeline parallelism").
+  through them as micro-batches in a GPipe schedule, or with `pipeline_repeats > 1` a circular
+  one (docs/scaling.md, "Pipeline parallelism").
 - `data`: plain data parallelism (parameters replicated, batch split).
 - `fsdp`: fully sharded data parallelism (batch split *and* parameters split over their
   embedding dimension, gathered layer by layer).
@@ -30,8 +31,9 @@ AXES: tuple[str, ...] = ("stage", "data", "fsdp", "context", "expert", "tensor")
 - `tensor`: Megatron-style tensor parallelism (attention heads and MLP hidden units split).
 
 `stage` is outermost: its only traffic is one point-to-point transfer of a micro-batch's
-activations between neighbouring stages per pipeline step (and the same for their gradients),
-so it can cross hosts or slices. `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
+activations between neighbouring stages per pipeline step (and the same for their gradients;
+the circular schedule adds one re-layout of the stack's weights, and of their gradients, per
+train step), so it can cross hosts or slices. `tensor` is innermost so that its devices are neighbours (the same host, NVLink / ICI), because
 tensor parallelism communicates inside every layer; `expert` comes next, since its all-to-alls
 run in every mixture-of-experts layer. `context` is next: it also communicates in every layer
 (an all-gather of the keys and values, a reduce-scatter of their gradients), but that traffic

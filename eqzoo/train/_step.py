@@ -20,6 +20,7 @@ from ..sharding._activation import (
     batch_axes,
     check_context_attention,
     check_pipeline_microbatches,
+    check_pipeline_repeats,
 )
 from ..sharding._errors import ShardingError
 from ..sharding._mesh import SEQUENCE_KEYS, check_mesh
@@ -202,13 +203,14 @@ class TrainStep:
     def __init__(
         self, pure_step: Callable, donate: bool, mesh: jax.sharding.Mesh | None = None,
         sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
-        pipeline_microbatches: int | None = None,
+        pipeline_microbatches: int | None = None, pipeline_repeats: int = 1,
     ):
         self._pure_step = pure_step
         self._donate = donate
         self._mesh = mesh
         self._context_attention = context_attention
         self._pipeline_microbatches = pipeline_microbatches
+        self._pipeline_repeats = pipeline_repeats
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_train_step")
         # One process holds the whole batch, so a host (numpy) batch is the global batch and is
         # split over the mesh here; on several processes which rows it is is the caller's to say
@@ -245,7 +247,11 @@ class TrainStep:
 
                 shardings = _mesh_shardings(arrays, mesh)
 
-                options = {"context_attention": self._context_attention, "pipeline_microbatches": self._pipeline_microbatches}
+                options = {
+                    "context_attention": self._context_attention,
+                    "pipeline_microbatches": self._pipeline_microbatches,
+                    "pipeline_repeats": self._pipeline_repeats,
+                }
 
                 def flat_step(arrays, batch):
                     with activation_sharding(mesh, **options):
@@ -632,6 +638,7 @@ def make_train_step(
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
     context_attention: ContextAttention = "gather",
     pipeline_microbatches: int | None = None,
+    pipeline_repeats: int = 1,
 ) -> TrainStep:
     """Build the compiled training step.
 
@@ -684,6 +691,12 @@ def make_train_step(
       micro-batches each layer stack cuts the batch (each accumulation micro-batch, with
       `grad_accum_steps > 1`) into; `None` picks up to `2 * stage`. As for
       [`eqzoo.sharding.activation_sharding`][]; docs/scaling.md, "Pipeline parallelism".
+    - `pipeline_repeats`: under a `mesh` with `stage > 1`, how many times each micro-batch goes
+      round the stages: `1` (the default) runs GPipe's schedule, more the circular
+      (interleaved) one, each stage holding that many non-contiguous chunks of its layers,
+      which cuts the bubble to `(stage - 1) / (micro * pipeline_repeats + stage - 1)`.
+      `stage * pipeline_repeats` must divide the depth, and the micro-batches number at least
+      `stage`. As for [`eqzoo.sharding.activation_sharding`][].
 
     **Returns:** a [`eqzoo.train.TrainStep`][]; `state, metrics = step(state, batch)`, with
     metrics `loss`, `grad_norm` and the `aux` entries (averaged over micro-batches).
@@ -692,6 +705,7 @@ def make_train_step(
     check_precision(precision, "make_train_step")
     check_context_attention(context_attention, "make_train_step")
     check_pipeline_microbatches(pipeline_microbatches, "make_train_step")
+    pipeline_repeats = check_pipeline_repeats(pipeline_repeats, "make_train_step")
     if mesh is not None:
         check_mesh(mesh, "make_train_step")
     if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int | np.integer) or grad_accum_steps < 1:
@@ -734,7 +748,9 @@ def make_train_step(
             metrics["loss_scale"] = new_opt_state[1].scale
         return tuple(new_arrays), metrics
 
-    return TrainStep(pure_step, donate, mesh, sequence_keys, context_attention, pipeline_microbatches)
+    return TrainStep(
+        pure_step, donate, mesh, sequence_keys, context_attention, pipeline_microbatches, pipeline_repeats
+    )
 
 
 class EvalStep:
@@ -743,12 +759,13 @@ class EvalStep:
     def __init__(
         self, pure: Callable, mesh: jax.sharding.Mesh | None = None,
         sequence_keys: Collection[str] | None = SEQUENCE_KEYS, context_attention: str = "gather",
-        pipeline_microbatches: int | None = None,
+        pipeline_microbatches: int | None = None, pipeline_repeats: int = 1,
     ):
         self._pure = pure
         self._mesh = mesh
         self._context_attention = context_attention
         self._pipeline_microbatches = pipeline_microbatches
+        self._pipeline_repeats = pipeline_repeats
         self._sequence_keys = _checked_sequence_keys(sequence_keys, "make_eval_step")
         self._place_host_batches = mesh is not None and jax.process_count() == 1
         self._compiled: dict[Any, Callable] = {}
@@ -762,7 +779,11 @@ class EvalStep:
             else:
                 from ..sharding import activation_sharding  # eqzoo.sharding imports eqzoo.train
 
-                options = {"context_attention": self._context_attention, "pipeline_microbatches": self._pipeline_microbatches}
+                options = {
+                    "context_attention": self._context_attention,
+                    "pipeline_microbatches": self._pipeline_microbatches,
+                    "pipeline_repeats": self._pipeline_repeats,
+                }
 
                 def traced(arrays, b):
                     with activation_sharding(mesh, **options):
@@ -796,6 +817,7 @@ def make_eval_step(
     sequence_keys: Collection[str] | None = SEQUENCE_KEYS,
     context_attention: ContextAttention = "gather",
     pipeline_microbatches: int | None = None,
+    pipeline_repeats: int = 1,
 ) -> EvalStep:
     """Build a compiled evaluation step.
 
@@ -814,6 +836,7 @@ def make_eval_step(
     - `sequence_keys`: which batch entries are sequences, as for `make_train_step`.
     - `context_attention`: `"gather"`, `"ring"` or `"ring_balanced"`, as for `make_train_step`.
     - `pipeline_microbatches`: under a `mesh` with `stage > 1`, as for `make_train_step`.
+    - `pipeline_repeats`: under a `mesh` with `stage > 1`, as for `make_train_step`.
 
     **Returns:** an [`eqzoo.train.EvalStep`][]: `metrics = evaluate(state, batch)` with `loss`
     and the aux entries.
@@ -821,6 +844,7 @@ def make_eval_step(
     precision = Precision() if precision is None else precision
     check_context_attention(context_attention, "make_eval_step")
     check_pipeline_microbatches(pipeline_microbatches, "make_eval_step")
+    pipeline_repeats = check_pipeline_repeats(pipeline_repeats, "make_eval_step")
     if mesh is not None:
         check_mesh(mesh, "make_eval_step")
 
@@ -837,4 +861,4 @@ def make_eval_step(
         _check_scalar_loss(loss)
         return {"loss": loss.astype(jnp.float32), **aux}
 
-    return EvalStep(pure, mesh, sequence_keys, context_attention, pipeline_microbatches)
+    return EvalStep(pure, mesh, sequence_keys, context_attention, pipeline_microbatches, pipeline_repeats)
