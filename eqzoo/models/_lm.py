@@ -33,7 +33,10 @@ class AbstractLM(eqx.Module):
     A model of your own gets [`eqzoo.generate`][eqzoo.generation.generate] and
     [`eqzoo.train.lm_loss`][] by subclassing it with the fields `embed` (an
     [`eqzoo.nn.Embedding`][]), `blocks` (an [`eqzoo.nn.Stacked`][] of
-    [`eqzoo.nn.TransformerBlock`][]s: decoding calls their KV-cache methods), `final_norm`
+    [`eqzoo.nn.TransformerBlock`][]s, or of blocks of your own with the same interface: an
+    `attn` that is an [`eqzoo.nn.Attention`][], `__call__(x, *, positions, segment_ids,
+    layer)`, and `decode` / `prefill` with `TransformerBlock`'s arguments, which decoding calls;
+    docs/getting-started.md, "Your own model"), `final_norm`
     (an [`eqzoo.nn.RMSNorm`][] or [`eqzoo.nn.LayerNorm`][]), `lm_head` (an `Embedding`, or
     `None` to tie the head to `embed`) and `config`, a static field whose `vocab_size` and
     `max_seq` are integers; override `embed_tokens` to add position embeddings. (`lm_loss`

@@ -757,11 +757,13 @@ class Attention(eqx.Module):
           decode index it wrote, so that those stale rows never take the slot of a position
           still in the window.
 
-        **Raises:** `ConfigError` for a negative `lookahead`, a `layers` larger than the
-        stack's `window_layers`, or a `dtype` that is neither floating nor int8.
+        **Raises:** `ConfigError` for a `max_seq` that is not a positive integer, a negative
+        `lookahead`, a `layers` larger than the stack's `window_layers`, or a `dtype` that is
+        neither floating nor int8.
         """
         if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
             raise ConfigError(f"lookahead must be a non-negative integer, got {lookahead!r}.")
+        check_sizes("Attention.init_cache", max_seq=max_seq)
         param_dtype = linear_dtype(self.q_proj)
         dtype = check_cache_dtype(dtype, param_dtype)
         ring = max_seq if self.sliding_window is None else min(max_seq, self.sliding_window + lookahead)
@@ -858,7 +860,7 @@ class Attention(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        index: Integer[Array, ""],
+        index: Integer[Array, ""] | int,
         layer: Integer[Array, ""] | int | None = None,
         valid_length: Integer[Array, ""] | int | None = None,
     ) -> tuple[Float[Array, "seq embed"], KVCache]:
@@ -874,7 +876,7 @@ class Attention(eqx.Module):
         - `x`: the new positions' inputs.
         - `cache`: the keys/values of earlier positions (from `init_cache`): this layer's
           `(slots, kv_heads, head_dim)` arrays, or, with `layer`, every layer's stacked ones.
-        - `index`: the absolute position of `x[0]` (an int32 scalar array).
+        - `index`: the absolute position of `x[0]` (an int32 scalar array, or a Python int).
         - `layer`: which layer's slot of a stacked cache to read and write. The new keys and
           values are written into the stacked arrays in place (inside a scan over layers the
           cache is then a loop carry that is updated, never copied whole). A layer built with
@@ -889,7 +891,8 @@ class Attention(eqx.Module):
 
         **Raises:** `ConfigError` for a layer built with `causal=False` (a KV cache only makes
         sense when a position never attends to later ones); `ShapeError` for a cache whose
-        layout does not match the call.
+        layout does not match the call or the layer's heads, or (for a concrete `index`)
+        positions past the cache's end.
         """
         return self._extend(x, cache, index, layer, valid_length, fresh=False)
 
@@ -920,6 +923,34 @@ class Attention(eqx.Module):
         """
         return self._extend(x, cache, jnp.zeros((), jnp.int32), layer, valid_length, fresh=True)
 
+    def _check_cache(self, cache, seq, index, layer, method):
+        """Refuse a cache this layer cannot use: heads of another size or count, a stacked
+        cache without `layer`, or (a concrete `index`) positions past its end, where the write
+        would be clamped to the last slots and the output silently wrong."""
+        who = f"Attention.{method}"
+        want = (self.num_kv_heads, self.head_dim)
+        for arr in (cache.keys, cache.window_keys):
+            if arr is not None and tuple(arr.shape[-2:]) != want:
+                raise ShapeError(
+                    f"{who}: the cache holds keys of shape {shape_str(arr.shape)}, but this layer has "
+                    f"num_kv_heads={want[0]} heads of head_dim={want[1]} (shape (..., slots, {want[0]}, "
+                    f"{want[1]})); build the cache with this layer's (or its model's) init_cache."
+                )
+        if layer is None and cache.keys.ndim != 3:
+            raise ShapeError(
+                f"{who}: got a stacked cache {shape_str(cache.keys.shape)} (layers, slots, kv_heads, "
+                "head_dim) without layer=; pass this layer's index in the stack as layer=i, or use "
+                "one layer's cache (init_cache(max_seq) without layers=)."
+            )
+        if not isinstance(index, jax.core.Tracer):
+            start = int(index)
+            if start < 0 or start + seq > cache.max_seq:
+                raise ShapeError(
+                    f"{who}: {seq} position(s) at index {start} need cache positions {start} .. "
+                    f"{start + seq - 1}, but the cache covers positions 0 .. {cache.max_seq - 1}; "
+                    f"build a longer one with init_cache({max(start + seq, 1)}), or start a new sequence."
+                )
+
     def _extend(self, x, cache, index, layer, valid_length, *, fresh):
         """`decode` (`fresh=False`) or `prefill` (`fresh=True`: attention among the new
         positions only, `index` 0)."""
@@ -938,6 +969,7 @@ class Attention(eqx.Module):
         index = jnp.asarray(index, dtype=jnp.int32)
         positions = index + jnp.arange(seq, dtype=jnp.int32)
         windowed = self._windowed(layer)
+        self._check_cache(cache, seq, index, layer, "prefill" if fresh else "decode")
         q, k, v = self._qkv(x, positions, windowed)
         layer = layer if layer is None or isinstance(layer, int) else jnp.asarray(layer, jnp.int32)
         mixed = self.window_layers is not None and cache.window_keys is not None

@@ -92,7 +92,7 @@ class TransformerBlock(eqx.Module):
         self,
         x: Float[Array, "seq embed"],
         cache: KVCache,
-        index: Integer[Array, ""],
+        index: Integer[Array, ""] | int,
         layer: Integer[Array, ""] | int | None = None,
         batch_size: int | None = None,
         valid_length: Integer[Array, ""] | int | None = None,

@@ -7,7 +7,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, ShapeError, shape_str
+from .._errors import ConfigError, ShapeError, check_sizes, shape_str
 from .._typing import PRNGKey
 
 
@@ -37,12 +37,12 @@ class ConvBlock(eqx.Module):
     ):
         """**Arguments:** channels, `kernel_size` (odd; "same" padding), `stride`, the vmap
         `axis_name` BatchNorm averages over, its `momentum`, `dtype` and `key`."""
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            # "same" padding of kernel_size // 2 keeps the size only for an odd kernel: an even
-            # one grows each side by one, and a residual sum fails far from the cause
+        check_sizes("ConvBlock", in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride)
+        if kernel_size % 2 == 0:
+            # "same" padding of kernel_size // 2 on each side grows an even kernel's output by one
             raise ConfigError(
-                f"ConvBlock: kernel_size must be an odd positive integer (padding kernel_size // 2 keeps the "
-                f"image size only then); got {kernel_size!r}. Use an odd size such as 3."
+                f"ConvBlock: kernel_size must be odd (its padding keeps height and width at stride 1); "
+                f"got kernel_size={kernel_size}. Use {kernel_size - 1} or {kernel_size + 1}."
             )
         self.conv = eqx.nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import check_sizes
+from .._errors import check_last_axis, check_sizes
 from .._typing import PRNGKey
 
 
@@ -34,4 +34,5 @@ class Embedding(eqx.Module):
 
     def attend(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:
         """Logits of `x` against every row (a tied output head): `x @ weight.T`."""
+        check_last_axis("Embedding.attend", x, self.weight.shape[-1])
         return x @ self.weight.T.astype(x.dtype)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from .._errors import ShapeError, shape_str
+from .._errors import ShapeError, check_sizes, shape_str
 from .._typing import PRNGKey
 
 
@@ -44,6 +44,7 @@ class PatchEmbed(eqx.Module):
         - `init_std`: normal init scale; default `1 / sqrt(in_channels * patch_size**2)` (LeCun).
         - `dtype`: parameter dtype (`None`: the default float). `key`: a PRNG key.
         """
+        check_sizes("PatchEmbed", in_channels=in_channels, embed_dim=embed_dim, patch_size=patch_size)
         dtype = jnp.float32 if dtype is None else dtype
         fan_in = in_channels * patch_size * patch_size
         std = 1.0 / math.sqrt(fan_in) if init_std is None else init_std

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer
 
-from .._errors import ConfigError, check_positive_numbers, check_sizes
+from .._errors import ConfigError, ShapeError, check_positive_numbers, check_sizes, shape_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,11 @@ class RotaryEmbedding(eqx.Module):
 
         **Returns:** `x` rotated, same shape and dtype.
         """
+        if x.ndim != 3 or x.shape[-1] != self.head_dim:
+            raise ShapeError(
+                f"RotaryEmbedding(head_dim={self.head_dim}) takes queries or keys of shape (seq, heads, "
+                f"{self.head_dim}); got {shape_str(x.shape)}. Build it with the attention's head_dim."
+            )
         return rotate(x, positions, jnp.asarray(self.inv_freq()))
 
 

@@ -1,11 +1,12 @@
 """`Stacked`: N identical layers held as one module with stacked parameters, run by `lax.scan`."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._errors import ConfigError, as_flag, check_sizes
 from .._typing import PRNGKey
@@ -231,11 +232,26 @@ class Stacked(eqx.Module, Generic[M]):
         return self.num_layers
 
     def __getitem__(self, i: int) -> M:
-        """Layer `i` as an ordinary module (its arrays sliced out of the stack)."""
+        """Layer `i` as an ordinary module (its arrays sliced out of the stack); a negative `i`
+        counts from the end, as for a list.
+
+        **Raises:** `IndexError` for `i` outside `[-num_layers, num_layers)`: JAX would clamp
+        it and return the last layer instead.
+        """
+        if isinstance(i, int | np.integer) and not isinstance(i, bool):
+            if not -self.num_layers <= i < self.num_layers:
+                raise IndexError(
+                    f"Stacked index {int(i)} is out of range for a stack of {self.num_layers} layers."
+                )
+            i = int(i) % self.num_layers
         if isinstance(self.layers, tuple):  # unstacked()
             return self.layers[i]
         arrays, static = eqx.partition(self.layers, eqx.is_array)
         return eqx.combine(jax.tree.map(lambda a: a[i], arrays), static)
+
+    def __iter__(self) -> Iterator[M]:
+        """Each layer in order, as `self[i]` gives it."""
+        return (self[i] for i in range(self.num_layers))
 
     def apply(
         self, fn: Callable[[M, Any, Any], tuple[Any, Any]], carry: Any, xs: Any = None, *, pipeline: bool = True

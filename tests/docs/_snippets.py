@@ -321,7 +321,7 @@ COSTS = {
     "checkpointing.md": 13.6,
     "diffusion.md": 21.8,
     "finetuning.md": 26.9,
-    "getting-started.md": 9.6,
+    "getting-started.md": 20.6,
     "hf.md": 43.6,
     "index.md": 6.4,
     "migrating.md": 8.9,

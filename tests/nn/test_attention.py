@@ -6,8 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eqzoo._errors import ConfigError
-from eqzoo.nn import Attention, _attention as attention_module, resolve_backend
+from eqzoo._errors import ConfigError, ShapeError
+from eqzoo.nn import (
+    MLP,
+    Attention,
+    RMSNorm,
+    TransformerBlock,
+    _attention as attention_module,
+    resolve_backend,
+)
 
 LAYER_TOL = 1e-5  # fp32, single layers
 EMBED, SEQ = 32, 7
@@ -277,6 +284,33 @@ def test_auto_backend_takes_cudnn_only_for_heads_it_supports(monkeypatch):
         assert attention.resolve_backend("auto", jnp.bfloat16, 36) == "xla"  # not a multiple of 8
         assert attention.resolve_backend("auto", jnp.float32, 64) == "xla"
         assert attention.resolve_backend("cudnn", jnp.bfloat16, 256) == "cudnn"  # explicit: as asked
+
+
+def test_decode_refuses_a_cache_it_cannot_use():
+    attn = Attention(EMBED, 4, num_kv_heads=2, key=jax.random.key(0))
+    x = X[:5]
+    cache = attn.init_cache(8)
+    # Was a silent clamp: five keys for positions 6 .. 10 written into slots 3 .. 7.
+    with pytest.raises(ShapeError, match=r"Attention.decode: 5 position\(s\) at index 6 need cache positions 6 .. 10, but the cache covers positions 0 .. 7; build a longer one with init_cache\(11\)"):
+        attn.decode(x, cache, jnp.int32(6))
+    # Were JAX's "dynamic_update_slice update shape must be smaller than operand shape".
+    with pytest.raises(ShapeError, match=r"Attention.prefill: 5 position\(s\) at index 0 need cache positions 0 .. 4, but the cache covers positions 0 .. 3"):
+        attn.prefill(x, attn.init_cache(4))
+    other = Attention(EMBED, 4, num_kv_heads=1, key=jax.random.key(0)).init_cache(8)
+    with pytest.raises(ShapeError, match=r"Attention.decode: the cache holds keys of shape \(8, 1, 8\), but this layer has num_kv_heads=2 heads of head_dim=8"):
+        attn.decode(x, other, 0)
+    with pytest.raises(ShapeError, match=r"Attention.decode: got a stacked cache \(3, 8, 2, 8\) .* without layer=; pass this layer's index"):
+        attn.decode(x, attn.init_cache(8, layers=3), 0)
+    with pytest.raises(ConfigError, match="Attention.init_cache: max_seq must be a positive integer; got max_seq=0"):
+        attn.init_cache(0)
+    # A Python int index is accepted (type checking on, as in these tests), like the models' decode.
+    out, _ = attn.decode(x, cache, 3)
+    ref, _ = attn.decode(x, cache, jnp.int32(3))
+    np.testing.assert_array_equal(out, ref)
+    block = TransformerBlock(RMSNorm(EMBED), attn, RMSNorm(EMBED), MLP(EMBED, 64, key=jax.random.key(1)))
+    out, _ = block.decode(x, cache, 3)
+    ref, _ = block.decode(x, cache, jnp.int32(3))
+    np.testing.assert_array_equal(out, ref)
 
 
 def test_attention_config_errors():

@@ -160,9 +160,15 @@ K = jax.random.key(0)
         (lambda: nn.RMSNorm(4, eps=-1.0), r"RMSNorm: eps must be a positive number; got eps=-1\.0"),
         (lambda: nn.LayerNorm(4, eps=float("nan")), "LayerNorm: eps must be a positive number; got eps=nan"),
         # "same" padding kernel_size // 2 grew each side of an even kernel's output by one
-        (lambda: nn.ConvBlock(3, 8, kernel_size=2, key=K), r"ConvBlock: kernel_size must be an odd positive integer .*got 2\. "
-         "Use an odd size such as 3"),
         (lambda: nn.Stacked(lambda k: nn.RMSNorm(4), 2.0, key=K), r"Stacked: num_layers must be a positive integer; got num_layers=2\.0"),
+        # ZeroDivisionError, MLIR "invalid tensor dimension size", or a silently wider output:
+        (lambda: nn.PatchEmbed(3, 8, 0, key=K), "PatchEmbed: patch_size must be a positive integer; got patch_size=0"),
+        (lambda: nn.PatchEmbed(3, -8, 2, key=K), "PatchEmbed: embed_dim must be a positive integer"),
+        (lambda: nn.ConvBlock(3, 8, kernel_size=0, key=K), "ConvBlock: kernel_size must be a positive integer"),
+        (lambda: nn.ConvBlock(3, 8, kernel_size=4, key=K), "ConvBlock: kernel_size must be odd .*got kernel_size=4. Use 3 or 5"),
+        # NaN outputs, silently:
+        (lambda: nn.LayerNorm(8, eps=0.0), r"LayerNorm: eps must be a positive number; got eps=0\.0"),
+        (lambda: nn.Attention(64, 4, qk_norm=True, qk_norm_eps=-1.0, key=K), "RMSNorm: eps must be a positive number"),
     ],
 )
 def test_layer_sizes_are_checked_when_built(build, match, unchecked):
@@ -198,6 +204,18 @@ def test_feed_forward_layers_name_a_wrong_width(unchecked):
                 layer(x)
         with unchecked(), pytest.raises(ShapeError, match=f"{name} takes floating-point inputs; got dtype int32"):
             layer(jnp.ones((8, 16), jnp.int32))
+
+
+def test_tied_head_and_rotary_name_a_wrong_width(unchecked):
+    # Were JAX's "dot_general requires contracting dimensions ..." and "mul got incompatible
+    # shapes for broadcasting".
+    rope = nn.RotaryEmbedding(8)
+    emb = Embedding(11, 4, key=K)
+    for mode in (contextlib.nullcontext, unchecked):
+        with mode(), pytest.raises(ShapeError, match=r"Embedding.attend takes inputs whose last axis has 4 entries; got shape \(2, 8\)"):
+            emb.attend(jnp.ones((2, 8)))
+        with mode(), pytest.raises(ShapeError, match=r"RotaryEmbedding\(head_dim=8\) takes queries or keys of shape \(seq, heads, 8\); got \(5, 2, 6\)"):
+            rope(jnp.ones((5, 2, 6)), jnp.arange(5))
 
 
 def test_embedding_takes_unsigned_ids():

@@ -2,6 +2,7 @@
 gives the loss and gradients of no remat."""
 
 import functools
+import itertools
 
 import equinox as eqx
 import jax
@@ -223,3 +224,18 @@ def test_eager_mode_reads_the_transformations_in_progress(compile_log):
         out = branchy(stack, X[0])
     assert len(log.compiled) == 1  # the eager scan; op by op it would be DEPTH conds
     np.testing.assert_allclose(out, eqx.filter_jit(branchy)(stack, X[0]), atol=LAYER_TOL, rtol=LAYER_TOL)
+
+
+def test_indexing_past_the_end_raises_and_iteration_stops():
+    # JAX clamps an index past the end: stack[5] was the last layer, and `for layer in stack`
+    # (Python iterates by __getitem__ until IndexError) never ended.
+    stack = _stack()
+    for s in (stack, stack.unstacked()):
+        layers = list(itertools.islice(s, DEPTH + 1))  # islice: without the fix, no end
+        assert len(layers) == DEPTH
+        for i, layer in enumerate(layers):
+            assert eqx.tree_equal(layer, stack[i])
+        assert eqx.tree_equal(s[-1], stack[DEPTH - 1])
+        for i in (DEPTH, -DEPTH - 1):
+            with pytest.raises(IndexError, match=rf"Stacked index {i} is out of range for a stack of {DEPTH} layers"):
+                s[i]
