@@ -2,7 +2,7 @@
 
 Subpackages: `eqzoo.nn`, `eqzoo.models`, `eqzoo.train`, `eqzoo.data`, `eqzoo.generation`,
 `eqzoo.perf`. Imported explicitly: `eqzoo.checkpoint`, `eqzoo.sharding`, `eqzoo.peft` (LoRA),
-`eqzoo.quant` (int8), `eqzoo.diffusion` (its ODE sampler needs the `sciml` extra), and the
+`eqzoo.quant` (int8/int4 weights, fp8 matmuls), `eqzoo.diffusion` (its ODE sampler needs the `sciml` extra), and the
 optional extras `eqzoo.hf`, `eqzoo.bayes`, `eqzoo.sciml`.
 """
 
