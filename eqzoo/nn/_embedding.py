@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import check_last_axis, check_sizes
+from .._errors import ConfigError, check_last_axis, check_sizes
 from .._typing import PRNGKey
 
 
@@ -29,7 +29,20 @@ class Embedding(eqx.Module):
         return self.weight.shape[0]
 
     def __call__(self, ids: Integer[Array, " seq"]) -> Float[Array, "seq embed"]:
-        """**Arguments:** `ids`, integer indices. **Returns:** their vectors."""
+        """**Arguments:** `ids`, integer indices in `[0, num_embeddings)`. **Returns:** their
+        vectors.
+
+        **Raises:** `ConfigError` for concrete ids (an eager call) outside the table. Traced
+        ids are not checked: one past the end gives a NaN row, a negative one counts from the
+        end, as `jnp.take` does."""
+        if not isinstance(ids, jax.core.Tracer) and getattr(ids, "size", 0):
+            low, high = int(jnp.min(ids)), int(jnp.max(ids))
+            if low < 0 or high >= self.num_embeddings:
+                raise ConfigError(
+                    f"Embedding: ids must lie in [0, {self.num_embeddings}) (the table's rows); got ids from {low} to "
+                    f"{high}. An id past the end would read a NaN row and a negative one a row from the end; "
+                    "check the tokenizer's vocabulary against the model's, or the position range against max_seq."
+                )
         return jnp.take(self.weight, ids, axis=0)
 
     def attend(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq vocab"]:

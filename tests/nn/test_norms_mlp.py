@@ -223,3 +223,14 @@ def test_embedding_takes_unsigned_ids():
     ids = jnp.array([0, 7, 255], jnp.int32)
     np.testing.assert_array_equal(emb(ids.astype(jnp.uint8)), emb(ids))
     np.testing.assert_array_equal(emb(jnp.array([299], jnp.uint16)), emb.weight[299:])
+
+
+def test_embedding_refuses_concrete_ids_outside_the_table():
+    # jnp.take read id 12 of a 10-row table as a NaN row and -1 as the last row, silently.
+    emb = Embedding(10, 4, key=K)
+    for ids in ([3, 12], [-1, 3]):
+        with pytest.raises(ConfigError, match=rf"Embedding: ids must lie in \[0, 10\) .*got ids from {min(ids)} to {max(ids)}"):
+            emb(jnp.array(ids))
+    # traced ids are not checked (a jitted step pays nothing): as jnp.take
+    assert np.isnan(np.asarray(jax.jit(lambda i: emb(i))(jnp.array([12])))).all()
+    assert emb(jnp.zeros((0,), jnp.int32)).shape == (0, 4)
