@@ -312,6 +312,32 @@ def quant_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str)
     return ""
 
 
+def lora_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str) -> str:
+    """A line naming the cause when LoRA factors (`...lora_a`) differ in one axis only, their
+    rank: adapters built with another `rank` than the saved ones (a resumed run whose
+    `peft.lora(...)` call changed). Both arguments map a name to `{"shape", "dtype"}`; empty
+    when nothing applies."""
+    ranks = set()
+    for name in expected:
+        if not name.endswith(".lora_a") or name not in found:
+            continue
+        ours, theirs = list(expected[name]["shape"]), list(found[name]["shape"])
+        axes = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b] if len(ours) == len(theirs) else []
+        if len(axes) == 1:
+            ranks.add((theirs[axes[0]], ours[axes[0]]))
+    if not ranks:
+        return ""
+    saved = sorted({r for r, _ in ranks})
+    target = sorted({r for _, r in ranks})
+    one = lambda rs: str(rs[0]) if len(rs) == 1 else str(rs)  # noqa: E731
+    return (
+        f"\nThe LoRA adapters differ in rank: the {what} holds rank {one(saved)}, the target rank {one(target)}. "
+        f"Build the target with eqzoo.peft.lora(..., rank={saved[0]}) (and the alpha and targets) as the saved "
+        "adapters were; to train at another rank, start new adapters (or merge the saved ones into the base "
+        "with eqzoo.peft.merge and adapt that)."
+    )
+
+
 def _optimized(names, params: set[str]) -> set[str]:
     """The parameters (model paths without `model.`) that the `opt_state` entries among `names`
     hold state for: each entry's longest dotted suffix that is a parameter's path."""
@@ -373,6 +399,7 @@ def check_fit(expected: dict[str, Any], found: dict[str, Any], *, where: str) ->
                 "save_weights + load_weights(..., cast=True) converts."
             )
         hint += quant_hint(expected, found, "checkpoint")
+        hint += lora_hint(expected, found, "checkpoint")
         raise CheckpointMismatchError(
             f"{where} does not fit the restore target ({len(differ)} with another shape/dtype, "
             f"{len(missing)} missing, {len(extra)} unexpected):\n"

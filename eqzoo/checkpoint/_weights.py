@@ -22,7 +22,7 @@ from ._errors import (
     CheckpointNotFoundError,
     list_items,
 )
-from ._meta import config_differences, quant_hint, renamed_codes
+from ._meta import config_differences, lora_hint, quant_hint, renamed_codes
 from ._statics import describe_statics, statics_differences
 from ._tree import is_array_like, is_key, leaf_names
 
@@ -222,6 +222,7 @@ def _check_fit(path: Path, expected: _Specs, found: _Specs, *, cast: bool) -> No
             f"weights file {path} does not fit the model:\n" + list_items(problems)
             + ("\nPass cast=True to convert dtypes." if dtypes_differ and not cast else "")
             + quant_hint(_as_specs(expected), _as_specs(found), "file")
+            + lora_hint(_as_specs(expected), _as_specs(found), "file")
         )
 
 

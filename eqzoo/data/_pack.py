@@ -83,8 +83,8 @@ def pack_documents(
     - `"mask"` (bool): positions whose target counts (in a piece and, with `target_masks`,
       marked).
 
-    **Raises:** `ConfigError` for a bad `seq_len`/`num_bins`/`pad_id`/`eos_id` or when no
-    document has a pair; `ShapeError` for a document that is not 1-D integer ids, or a target
+    **Raises:** `ConfigError` for a bad `seq_len`/`num_bins`/`pad_id`/`eos_id`, when no
+    document has a pair, or when `target_masks` leave no target counted in any document; `ShapeError` for a document that is not 1-D integer ids, or a target
     mask of another length.
     """
     _check_arguments(documents, seq_len, num_bins, pad_id, eos_id)
@@ -106,7 +106,16 @@ def pack_documents(
             f"pack_documents: none of the {count} documents has two tokens (a next-token pair); "
             "pass longer documents, or eos_id to give each one an end-of-document target."
         )
-    return _arrays(rows, seq_len, pad_id)
+    packed = _arrays(rows, seq_len, pad_id)
+    if masks is not None and not packed["mask"].any():
+        raise ConfigError(
+            f"pack_documents: the target masks count no target in any of the {count} documents, so a loss "
+            "on the result would average nothing and train nothing. A document's first token is never a "
+            "target (targets are tokens 1 .. n - 1), so a mask marking only it counts none. Mark the "
+            "tokens to be predicted True (for instruction tuning, the response and its end token; "
+            "eqzoo.hf.HFTokenizer.encode_chat gives such masks), or pass eos_id to count an end token."
+        )
+    return packed
 
 
 def _check_arguments(documents: Any, seq_len: Any, num_bins: Any, pad_id: Any, eos_id: Any) -> None:

@@ -7,6 +7,7 @@ base model does. With `use_rslora=True` the update is scaled by `alpha / sqrt(r)
 """
 
 import math
+import warnings
 
 import equinox as eqx
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from .._errors import ConfigError, int_hint
+from .._errors import ConfigError, int_hint, user_stacklevel
 from .._typing import PRNGKey
 from ..nn import (
     AbstractLinear,
@@ -294,7 +295,9 @@ def lora(
     - `key`: split into one key per adapted layer (stacked layers draw one factor per depth).
 
     **Returns:** the adapted model. **Raises:** `ConfigError` for a bad rank, a target that
-    matches no linear layer, or a target layer that already has an adapter.
+    matches no linear layer, or a target layer that already has an adapter. **Warns** when
+    `rank` exceeds `min(in, out)` of an adapted layer (the extra rank adds parameters, no
+    capacity), a mixture-of-experts router aside.
     """
     kinds = (eqx.nn.Linear, AbstractLinear)
     linear_targets, hits_experts, linears = split_expert_targets(model, targets, what="lora")
@@ -315,7 +318,35 @@ def lora(
     out = replace_linears(model, adapt, targets=linear_targets, kinds=kinds, what="lora") if linears else model
     if experts is None:  # with everything adapted, or targets that name expert weights
         experts = (targets is None or hits_experts) and any(_is_moe(x) for x in jax.tree.leaves(out, is_leaf=_is_moe))
-    return _adapt_experts(out, options, expert_key) if experts else out
+    out = _adapt_experts(out, options, expert_key) if experts else out
+    _warn_rank_past_layers(out, _checked_rank(rank))
+    return out
+
+
+def _warn_rank_past_layers(model, rank: int) -> None:
+    """Warn when `rank` exceeds a new adapter's `min(in, out)`: `B A` then has rank at most
+    `min(in, out)`, so the extra rank adds parameters (and, in the factors, optimizer state)
+    but no capacity to the update. A mixture-of-experts router (one output per expert) is
+    left out: adapting every layer at the usual ranks reaches it, and its factors are small."""
+    routers = {id(x.router) for x in jax.tree.leaves(model, is_leaf=_is_moe) if _is_moe(x)}
+    flat = jax.tree_util.tree_flatten_with_path(model, is_leaf=_is_lora)[0]
+    wide = []
+    for path, x in flat:
+        if not _is_lora(x) or x.rank != rank or id(x) in routers:
+            continue
+        n_in, n_out = (x.in_features, x.out_features) if isinstance(x, LoRALinear) else x.base.shape[-2:]
+        if rank > min(n_in, n_out):
+            wide.append((path_str(path), n_in, n_out))
+    if wide:
+        fits = min(min(n_in, n_out) for _, n_in, n_out in wide)
+        shown = ", ".join(f"{p} ({n_out}x{n_in})" for p, n_in, n_out in wide[:8])
+        more = f" and {len(wide) - 8} more" if len(wide) > 8 else ""
+        warnings.warn(
+            f"lora: rank={rank} exceeds the smaller side of {len(wide)} adapted layer(s): {shown}{more}. "
+            "The update B @ A of a layer of (out, in) has rank at most min(in, out), so the extra rank adds "
+            f"parameters and optimizer state but no capacity; pass rank <= {fits} (or narrow the targets).",
+            stacklevel=user_stacklevel(),
+        )
 
 
 _EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")

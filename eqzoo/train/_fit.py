@@ -55,7 +55,9 @@ def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> 
     read back once, at the end, in one transfer, so the host never waits for the device between
     batches (as `fit` reads a log window's metrics back; an array metric counts as the mean of
     its elements). An eqzoo loader (`TokenLoader`, `ArrayLoader`: endless) is refused: pass a
-    finite iterable of its batches."""
+    finite iterable of its batches. The first batch's token ids (NumPy arrays) are checked
+    against the model's `config.vocab_size` as `fit` checks its first training batch: an id
+    outside the vocabulary raises a `ConfigError` rather than averaging NaN."""
     from ..data import ArrayLoader, TokenLoader
 
     if isinstance(batches, TokenLoader | ArrayLoader):
@@ -64,7 +66,11 @@ def evaluate(eval_step: EvalStep, state: TrainState, batches: Iterable[Any]) -> 
             "iterable, e.g. [loader.batch_at(i) for i in range(n)], or for one epoch of an ArrayLoader "
             "itertools.islice(loader, loader.steps_per_epoch)."
         )
-    pending = [eval_step(state, batch) for batch in batches]
+    pending = []
+    for batch in batches:
+        if not pending:  # an id past the vocabulary would make every metric NaN
+            _check_token_ids(state, batch, caller="evaluate")
+        pending.append(eval_step(state, batch))
     if not pending:
         raise ConfigError(
             "evaluate got no batches: the eval data source is empty. If eval_batches returns the same "
@@ -133,11 +139,15 @@ def fit(
       `num_steps`, training stops there with a warning: the last steps are logged (and
       evaluated and checkpointed) as at the end, and the result has `stopped_early=True`.
       For a model with a `config.vocab_size`, the first batch's `"tokens"` and `"targets"`
-      (NumPy arrays, as eqzoo's loaders yield) are checked against it before any step: an id
+      (and prefixed ones, a preference batch's `"chosen_tokens"` ...; NumPy arrays, as
+      eqzoo's loaders yield) are checked against it before any step: an id
       outside the vocabulary (negative targets, ignored by the losses, aside) raises a
       `ConfigError`, where it would have trained the parameters into NaN; so are class labels
       `"y"` outside a classifier's `num_classes` (or `out_features`) (a loader with
-      `state_dict` is put back first, so a retry starts from the same batch).
+      `state_dict` is put back first, so a retry starts from the same batch). A first batch
+      that counts no target (its `"mask"` all false, say) warns: its loss has nothing to
+      average and its gradient is 0. The first eval batch's token ids are checked too, at the
+      first evaluation.
     - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
@@ -257,30 +267,75 @@ def _checked_loggers(loggers: Iterable[Logger]) -> list[Logger]:
     return loggers
 
 
-def _check_token_ids(state: TrainState, batch: Any) -> None:
-    """Refuse a first host batch whose `"tokens"` or `"targets"` hold ids outside the model's
-    vocabulary: under `jit` the embedding lookup and the loss read them as NaN, so training
-    would go on with NaN parameters (a tokenizer with a larger vocabulary than the model's, say).
-    Negative targets are fine (they are ignored). Only NumPy arrays are read: no device sync."""
+def _id_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The batch's keys that hold token ids: `"tokens"` and `"targets"`, and their prefixed
+    kin (`"chosen_tokens"`, `"rejected_targets"`, ... of a preference batch)."""
+    return [k for k in batch if isinstance(k, str) and (k in ("tokens", "targets") or k.endswith(("_tokens", "_targets")))]
+
+
+def _check_token_ids(state: TrainState, batch: Any, caller: str = "fit") -> None:
+    """Refuse a first host batch whose token ids (`"tokens"`, `"targets"`, or prefixed ones such
+    as a preference batch's `"chosen_tokens"`) lie outside the model's vocabulary: under `jit`
+    the embedding lookup and the loss read them as NaN, so training would go on with NaN
+    parameters (a tokenizer with a larger vocabulary than the model's, say), and an evaluation
+    would report NaN. Negative targets are fine (they are ignored). Only NumPy arrays are read:
+    no device sync. `caller` names the function in the message."""
     config = getattr(state.model, "config", None)
-    _check_class_labels(state.model, batch)
+    _check_class_labels(state.model, batch, caller)
     vocab = getattr(config, "vocab_size", None)
     if not isinstance(batch, Mapping) or not isinstance(vocab, int):
         return
-    for name in ("tokens", "targets"):
+    for name in _id_keys(batch):
         ids = batch.get(name)
         if not isinstance(ids, np.ndarray) or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             continue
+        is_input = not name.endswith("targets")
         low, high = int(ids.min()), int(ids.max())
-        if high >= vocab or (name == "tokens" and low < 0):
+        if high >= vocab or (is_input and low < 0):
             bad = high if high >= vocab else low
             raise ConfigError(
-                f"fit: the first batch's {name!r} holds token id {bad}, outside the model's vocabulary "
+                f"{caller}: the first batch's {name!r} holds token id {bad}, outside the model's vocabulary "
                 f"[0, {vocab}) (ids from {low} to {high}); the embedding lookup and the loss would read it "
                 "as NaN and train the parameters into NaN. Build the model with vocab_size at least the "
                 f"tokenizer's (e.g. vocab_size=tokenizer.vocab_size; {high + 1} or more here), or check the "
                 "data's encoding." + (" Negative targets are ignored; negative tokens are not." if low < 0 else "")
             )
+
+
+def _check_counted_targets(batch: Any) -> None:
+    """Warn when a first host batch's targets all go uncounted: every `"mask"` entry false
+    (or zero), every target negative (ignored), or, without a mask, every position padding
+    (segment id 0); likewise for prefixed targets and masks (`"chosen_targets"` with
+    `"chosen_mask"`). The loss is then 0 (or constant) and its gradient 0, so the step trains
+    nothing: the usual cause is a prompt/response mask that marks no response. Only NumPy
+    arrays are read."""
+    if not isinstance(batch, Mapping):
+        return
+    empty = []
+    for name in _id_keys(batch):
+        if not name.endswith("targets"):
+            continue
+        prefix = name[: -len("targets")]
+        targets, mask = batch.get(name), batch.get(prefix + "mask")
+        if not isinstance(targets, np.ndarray) or targets.size == 0 or not np.issubdtype(targets.dtype, np.integer):
+            continue
+        counted = targets >= 0
+        if isinstance(mask, np.ndarray) and mask.shape == targets.shape:
+            counted &= mask != 0
+        elif mask is None and not prefix and isinstance(segments := batch.get("segment_ids"), np.ndarray):
+            if segments.shape == targets.shape:
+                counted &= segments != 0
+        if not counted.any():
+            empty.append(name if mask is None else f"{name} (with {prefix + 'mask'!r})")
+    if empty:
+        warnings.warn(
+            f"fit: the first batch counts no target in {empty}: every target is masked out (mask false or 0), "
+            "ignored (negative) or padding, so the loss has nothing to average and its gradient is 0: such "
+            "steps train nothing. If the whole data set is like this, the mask is likely inverted or marks "
+            "no response (for instruction tuning, True on the response tokens and the end token, False on "
+            "the prompt: eqzoo.hf.HFTokenizer.encode_chat gives such masks).",
+            stacklevel=user_stacklevel(),
+        )
 
 
 def _asks_to_stop(answer: Any) -> bool:
@@ -318,7 +373,7 @@ def _check_loader_step(batches: Any, first_step: int) -> None:
     )
 
 
-def _check_class_labels(model: Any, batch: Any) -> None:
+def _check_class_labels(model: Any, batch: Any, caller: str = "fit") -> None:
     """Refuse a first host batch whose class labels `"y"` reach past a classifier's classes
     (`num_classes`, or an MLP's `out_features`, when 2 or more): under `jit` the loss reads them
     as NaN. Negative labels are ignored by the losses, and pass. Denoisers (a `null_label`
@@ -334,7 +389,7 @@ def _check_class_labels(model: Any, batch: Any) -> None:
     high = int(labels.max())
     if high >= classes:
         raise ConfigError(
-            f"fit: the first batch's 'y' holds class label {high}, outside the model's {classes} classes "
+            f"{caller}: the first batch's 'y' holds class label {high}, outside the model's {classes} classes "
             f"[0, {classes}); the loss would read it as NaN. Build the model with "
             f"{'num_classes' if hasattr(config, 'num_classes') else 'out_features'} at least {high + 1}, "
             "or check the labels."
@@ -410,6 +465,7 @@ class _Run:
         if not self.ids_checked:  # once: before the first step donates the state
             try:
                 _check_token_ids(self.state, batch)
+                _check_counted_targets(batch)
                 if self.begin_run is not None:  # a bad run_config fails here
                     # here: eqzoo.checkpoint imports eqzoo.train. One read of the injected scalars.
                     from ..checkpoint._hyperparams import injected_values

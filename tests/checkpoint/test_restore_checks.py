@@ -269,3 +269,27 @@ def test_a_target_whose_optimizer_covers_other_parameters_names_the_trainable_fi
     ckpt.wait()
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"the saved run trained 2 parameter array\(s\) the target's optimizer leaves out \(net\.layers\.0\.bias, net\.layers\.0\.weight\)"):
         ckpt.restore(checkpoint.abstract_state(mlp_config, opt, trainable=head_only), step=3)
+
+
+def test_lora_adapters_of_another_rank_name_the_rank(ckpt_dir, open_checkpointer, mlp_config, tmp_path):
+    # A LoRA run resumed with another peft.lora(rank=...) was shown only the factors' shapes.
+    from eqzoo import peft
+
+    opt = optax.adam(1e-2)
+    model = models.create(mlp_config, key=jax.random.key(0))
+
+    def adapted(rank):
+        return peft.lora(model, rank=rank, targets=r"layers\.0", key=jax.random.key(1))
+
+    def state(rank):
+        return train.TrainState.create(adapted(rank), opt, key=jax.random.key(2), trainable=peft.adapter_filter(adapted(rank)))
+
+    ckpt = open_checkpointer(ckpt_dir)
+    ckpt.save(state(2))
+    ckpt.wait()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)net\.layers\.0\.lora_a: expected float32\(3, 6\), found float32\(2, 6\).*"
+                       r"The LoRA adapters differ in rank: the checkpoint holds rank 2, the target rank 3\. Build the target with eqzoo\.peft\.lora\(\.\.\., rank=2\)"):
+        ckpt.restore(state(3))
+    peft.save_adapters(adapted(2), tmp_path / "a.safetensors")
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"The LoRA adapters differ in rank: the file holds rank 2, the target rank 3"):
+        peft.load_adapters(adapted(3), tmp_path / "a.safetensors")

@@ -139,3 +139,15 @@ def test_pack_documents_errors():
         data.pack_documents([[1, 2]], 8, target_masks=[[True, True], None])
     with pytest.raises(ConfigError, match=r"none of the 2 documents has two tokens"):
         data.pack_documents([[1], []], 8)
+
+
+def test_target_masks_that_count_nothing_are_refused():
+    # A mask with every response token False (or only the first token True, which is never a
+    # target) packed rows whose loss averaged nothing: the fine-tune trained nothing, silently.
+    docs = [[5, 6, 7, 8], [9, 10, 11]]
+    with pytest.raises(ConfigError, match=r"target masks count no target in any of the 2 documents.*first token is never a target.*encode_chat"):
+        data.pack_documents(docs, 8, target_masks=[[False] * 4, [True, False, False]])
+    # One document with nothing to predict among others is fine, and so is an end token that counts.
+    packed = data.pack_documents(docs, 8, target_masks=[[False] * 4, [False, False, True]])
+    assert packed["mask"].sum() == 1
+    assert data.pack_documents(docs, 8, eos_id=1, target_masks=[[False] * 4, [False] * 3])["mask"].sum() == 2

@@ -1,5 +1,7 @@
 """LoRA adapters: identity at init, only adapters train, merge/save/load exact, any model, any mesh."""
 
+import warnings
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -531,3 +533,16 @@ def test_a_train_step_leaves_the_frozen_base_usable_and_shares_it():
     assert float(jnp.max(jnp.abs(state.model.blocks.layers.attn.q_proj.lora_b))) > 0
     merged = peft.merge(peft.lora(base, rank=2, targets="attn", key=jax.random.key(1)))
     np.testing.assert_array_equal(np.asarray(_forward(merged, tokens)), before)
+
+
+def test_a_rank_past_the_layer_warns():
+    # rank=64 on tiny-llama (width 64, 2 kv heads of 16: k/v_proj are 32 wide) used to build
+    # adapters silently: B @ A of a (32, 64) layer has rank <= 32 whatever r is.
+    base = _model("tiny-llama")
+    with pytest.warns(UserWarning, match=r"lora: rank=64 exceeds the smaller side of 2 adapted layer\(s\): blocks\.layers\.attn\.k_proj \(32x64\), blocks\.layers\.attn\.v_proj \(32x64\)\. .*pass rank <= 32"):
+        peft.lora(base, rank=64, targets="attn", key=jax.random.key(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.lora(base, rank=32, targets="attn", key=jax.random.key(1))
+        # A mixture-of-experts router (tiny-mixtral's has 4 outputs) is not counted.
+        peft.lora(_model("tiny-mixtral"), rank=8, key=jax.random.key(1))

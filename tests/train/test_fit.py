@@ -730,3 +730,46 @@ def test_profile_settings_are_checked(steps, unchecked):
             train.Profile(None)
         with pytest.raises(ConfigError, match=r"fit: profile must be an eqzoo.train.Profile .* or None; got str"):
             train.fit(_state(), steps[0], batches(), num_steps=1, profile="runs/profile")
+
+
+def _tiny_lm_state():
+    config = models.get_config("tiny-llama", vocab_size=64, num_layers=1, embed_dim=16, hidden_dim=32, max_seq=8)
+    return train.TrainState.create(models.create(config, key=jax.random.key(0)), OPTIMIZER, key=jax.random.key(1))
+
+
+def test_preference_and_eval_token_ids_outside_the_vocabulary_are_refused():
+    # A DPO batch's ids ("chosen_tokens", ...) and an eval batch's were not checked: the first
+    # trained into NaN, the second reported eval/loss NaN.
+    state = _tiny_lm_state()
+    ids = np.arange(18, dtype=np.int32).reshape(2, 9) % 64
+    side = {"tokens": ids[:, :-1], "targets": ids[:, 1:], "mask": np.ones((2, 8), bool)}
+    pairs = {f"{s}_{k}": v for s in ("chosen", "rejected") for k, v in side.items()} | {
+        "ref_chosen_logprobs": np.zeros(2, np.float32), "ref_rejected_logprobs": np.zeros(2, np.float32)}
+    step = train.make_train_step(train.dpo_loss, OPTIMIZER)
+    with pytest.raises(ConfigError, match=r"fit: the first batch's 'rejected_tokens' holds token id 76, outside the model's vocabulary \[0, 64\)"):
+        train.fit(state, step, [pairs | {"rejected_tokens": ids[:, :-1] + 60}], num_steps=1)
+    with pytest.raises(ConfigError, match=r"'chosen_targets' holds token id 64"):
+        _check_token_ids(state, pairs | {"chosen_targets": np.full((2, 8), 64)})
+    eval_step = train.make_eval_step(train.lm_loss)
+    with pytest.raises(ConfigError, match=r"evaluate: the first batch's 'tokens' holds token id 76, outside the model's vocabulary \[0, 64\)"):
+        train.evaluate(eval_step, state, [side | {"tokens": ids[:, :-1] + 60}])
+    assert np.isfinite(train.evaluate(eval_step, state, [side])["loss"])
+
+
+def test_a_first_batch_that_counts_no_target_warns():
+    # A prompt/response mask that marks nothing gave loss 0 and gradient 0 at every step: a
+    # fine-tune that trained nothing, with no word.
+    ids = np.arange(18, dtype=np.int32).reshape(2, 9) % 64
+    batch = {"tokens": ids[:, :-1], "targets": ids[:, 1:]}
+    step = train.make_train_step(train.lm_loss, OPTIMIZER)
+    for counted_none in (batch | {"mask": np.zeros((2, 8), bool)}, batch | {"targets": np.full((2, 8), -100)},
+                         batch | {"segment_ids": np.zeros((2, 8), np.int32)}):
+        with pytest.warns(UserWarning, match=r"fit: the first batch counts no target in \[.*targets.*\].*gradient is 0.*encode_chat"):
+            result = train.fit(_tiny_lm_state(), step, [counted_none], num_steps=1)
+        assert result.last("train/tokens") == 0
+    with pytest.warns(UserWarning, match=r"no target in \[\"chosen_targets \(with 'chosen_mask'\)\"\]"):
+        train._fit._check_counted_targets({"chosen_targets": ids, "chosen_mask": np.zeros_like(ids, bool),
+                                           "rejected_targets": ids, "rejected_mask": np.ones_like(ids, bool)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train.fit(_tiny_lm_state(), step, [batch | {"mask": np.eye(2, 8, dtype=bool)}], num_steps=1)
