@@ -51,7 +51,7 @@ import optax
 
 _TYPECHECK = "--typecheck" in sys.argv[1:]
 # The hook must be installed before eqzoo is first imported.
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype") if _TYPECHECK else contextlib.nullcontext():
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))") if _TYPECHECK else contextlib.nullcontext():
     import eqzoo
     from eqzoo import train
 

@@ -28,7 +28,7 @@ import time
 
 import jaxtyping
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     from eqzoo import data, models, quant, train
 
 import equinox as eqx

@@ -81,7 +81,7 @@ from typing import Any
 
 import jaxtyping
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     import eqzoo
     from eqzoo import data, models, train
 

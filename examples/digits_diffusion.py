@@ -31,7 +31,7 @@ from typing import Any
 
 import jaxtyping
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     from eqzoo import data, diffusion, models, train
 
 import equinox as eqx

@@ -30,7 +30,7 @@ from typing import Any
 
 import jaxtyping
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     from eqzoo import checkpoint, data, models, peft, train
 
 import equinox as eqx

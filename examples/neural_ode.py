@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jaxtyping
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     import eqzoo.sciml as sciml
 
 import diffrax

@@ -41,7 +41,7 @@ jax.config.update("jax_num_cpu_devices", int(os.environ.get("EQZOO_CPU_DEVICES",
 
 import jaxtyping  # noqa: E402
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     import eqzoo
     from eqzoo import sharding as sh
     from eqzoo.train import Precision, TrainState, lm_loss, make_train_step

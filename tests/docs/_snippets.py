@@ -288,7 +288,7 @@ def main(argv: list[str]) -> int:
     from jaxtyping import install_import_hook
 
     jax.config.update("jax_num_cpu_devices", 8)
-    install_import_hook(["eqzoo"], "beartype.beartype")
+    install_import_hook(["eqzoo"], "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
     base = os.getcwd()
     scratch = tempfile.mkdtemp(prefix="eqzoo-docs-")
     print(f"docs-test: pages run under {scratch} (removed after, unless a page fails)", flush=True)

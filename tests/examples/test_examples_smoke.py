@@ -126,3 +126,30 @@ def test_char_moe_smoke(tmp_path, capsys):
         assert used == sum(f > 0 for f in row) and 1 <= used <= moe["num_experts"]
     assert all(0.0 <= d < 1.0 for d in moe["dropped_by_layer"])
     assert isinstance(s["sample"], str) and s["sample"].startswith("def ")
+
+
+def test_examples_docs_and_tests_check_types_with_one_checker():
+    """Every example, the getting-started page and the tests' pytest options install the same
+    typechecker: beartype with PEP 484's numeric tower (an int passes where a float is
+    annotated, `rope_theta=500000`), so the examples check what the tests check."""
+    root = EXAMPLES.parent
+    checker = "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"
+    for path in sorted(EXAMPLES.glob("*.py")):
+        text = path.read_text()
+        if "install_import_hook" in text:
+            assert f'install_import_hook("eqzoo", "{checker}")' in text, path.name
+    assert f"--jaxtyping-packages=eqzoo,{checker} " in (root / "pyproject.toml").read_text()
+    assert f'TYPECHECKER = "{checker}"' in (root / "docs" / "getting-started.md").read_text()
+    assert sum("install_import_hook" in p.read_text() for p in EXAMPLES.glob("*.py")) >= 13
+
+
+def test_the_typechecking_hook_takes_an_int_where_a_float_is_annotated():
+    # Under plain beartype (no numeric tower) `rope_theta=500000`, as Llama 3's config.json
+    # writes it, was refused before eqzoo's own checks ran; shapes are still checked.
+    from jaxtyping import TypeCheckError
+
+    from eqzoo import models, nn
+
+    assert models.LlamaConfig(rope_theta=500000).rope_theta == 500000
+    with pytest.raises(TypeCheckError):
+        nn.RMSNorm(8)(jax.numpy.ones((3,), jax.numpy.int32))

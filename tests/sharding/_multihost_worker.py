@@ -13,7 +13,7 @@ import jaxtyping
 import numpy as np
 import optax
 
-with jaxtyping.install_import_hook("eqzoo", "beartype.beartype"):
+with jaxtyping.install_import_hook("eqzoo", "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))"):
     import eqzoo
     from eqzoo import sharding as sh
     from eqzoo.train import TrainState, lm_loss, make_train_step
