@@ -317,14 +317,27 @@ def lora_hint(expected: Mapping[str, Any], found: Mapping[str, Any], what: str) 
     rank: adapters built with another `rank` than the saved ones (a resumed run whose
     `peft.lora(...)` call changed). Both arguments map a name to `{"shape", "dtype"}`; empty
     when nothing applies."""
+    def differing(name):
+        # the one axis (counted from the end) where the saved and target shapes of `name` differ
+        if name not in expected or name not in found:
+            return None
+        ours, theirs = list(expected[name]["shape"]), list(found[name]["shape"])
+        if len(ours) != len(theirs):
+            return None
+        axes = [i - len(ours) for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b]
+        return (axes[0], theirs[axes[0]], ours[axes[0]]) if len(axes) == 1 else None
+
     ranks = set()
     for name in expected:
-        if not name.endswith(".lora_a") or name not in found:
+        if not name.endswith(".lora_a"):
             continue
-        ours, theirs = list(expected[name]["shape"]), list(found[name]["shape"])
-        axes = [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b] if len(ours) == len(theirs) else []
-        if len(axes) == 1:
-            ranks.add((theirs[axes[0]], ours[axes[0]]))
+        a, b = differing(name), differing(name[: -len("lora_a")] + "lora_b")
+        # The rank is a factor's last or second-to-last axis (`lora_a` (..., rank, in) and
+        # `lora_b` (..., out, rank) of a linear layer; (..., in, rank) and (..., rank, out) of
+        # an expert weight's): it differs in both, at the other's axis. A deeper stack or a
+        # wider layer differs elsewhere, or in one factor only, and is not a rank change.
+        if a is not None and b is not None and {a[0], b[0]} == {-1, -2} and a[1:] == b[1:]:
+            ranks.add(a[1:])
     if not ranks:
         return ""
     saved = sorted({r for r, _ in ranks})

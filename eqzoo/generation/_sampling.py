@@ -88,12 +88,13 @@ def check_sampling(
     setting may be a Python number or a concrete 0-d real NumPy or JAX array (see `_setting`),
     and `top_k` a Python int or a concrete 0-d integer array (see `top_k_setting`)."""
     t = _setting(temperature, "temperature", "a finite number >= 0 (0 means greedy)", lambda t: 0 <= t < math.inf)
-    if t > 0 and np.float32(t) == 0:
-        # the loops carry it as float32, where it is 0 (greedy to some decoders, a division by
-        # zero to the samplers: speculative decoding then emitted token 0 over and over)
+    if 0 < t < np.finfo(np.float32).tiny:
+        # the loops carry it as float32, where it is 0, or subnormal, which GPUs flush to 0
+        # (greedy to some decoders, a division by zero to the samplers: speculative decoding
+        # then emitted token 0 over and over)
         raise ConfigError(
-            f"temperature {t!r} is 0 in float32, which the decoders compute in; pass 0 for greedy decoding, "
-            f"or a temperature of at least {float(np.finfo(np.float32).smallest_subnormal):.3g}."
+            f"temperature {t!r} is 0 or subnormal in float32, which the decoders compute in; pass 0 for greedy "
+            "decoding, or a temperature that sharpens without vanishing, such as 1e-3."
         )
     top_k_setting(top_k)
     if top_p is not None:

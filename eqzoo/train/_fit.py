@@ -146,8 +146,8 @@ def fit(
       `"y"` outside a classifier's `num_classes` (or `out_features`) (a loader with
       `state_dict` is put back first, so a retry starts from the same batch). A first batch
       that counts no target (its `"mask"` all false, say) warns: its loss has nothing to
-      average and its gradient is 0. The first eval batch's token ids are checked too, at the
-      first evaluation.
+      average and its gradient is 0. The first batch of each evaluation has its token ids checked
+      too (`evaluate` checks them).
     - `num_steps`: the total step count to reach (a device scalar is read back once, here).
     - `eval_step`, `eval_batches`, `eval_every`: run `eval_step` over the batches that
       `eval_batches()` yields every `eval_every` steps (default: only at the end) and at the last
@@ -296,7 +296,7 @@ def _check_token_ids(state: TrainState, batch: Any, caller: str = "fit") -> None
             raise ConfigError(
                 f"{caller}: the first batch's {name!r} holds token id {bad}, outside the model's vocabulary "
                 f"[0, {vocab}) (ids from {low} to {high}); the embedding lookup and the loss would read it "
-                "as NaN and train the parameters into NaN. Build the model with vocab_size at least the "
+                "as NaN and " + ("train the parameters into NaN" if caller == "fit" else "report NaN metrics") + ". Build the model with vocab_size at least the "
                 f"tokenizer's (e.g. vocab_size=tokenizer.vocab_size; {high + 1} or more here), or check the "
                 "data's encoding." + (" Negative targets are ignored; negative tokens are not." if low < 0 else "")
             )

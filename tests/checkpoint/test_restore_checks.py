@@ -2,6 +2,7 @@
 shapes and dtypes, the model config and class, non-array settings, format versions, targets
 and shardings."""
 
+import dataclasses
 import inspect
 import json
 import zlib
@@ -293,3 +294,10 @@ def test_lora_adapters_of_another_rank_name_the_rank(ckpt_dir, open_checkpointer
     peft.save_adapters(adapted(2), tmp_path / "a.safetensors")
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"The LoRA adapters differ in rank: the file holds rank 2, the target rank 3"):
         peft.load_adapters(adapted(3), tmp_path / "a.safetensors")
+    # Adapters of a wider base differ in the factors' input axis (lora_a (rank, in)), not in
+    # their rank: no rank hint (it named the widths 8 and 16 as ranks).
+    wide = models.create(dataclasses.replace(mlp_config, width=16), key=jax.random.key(0))
+    peft.save_adapters(peft.lora(model, rank=2, targets=r"layers\.1", key=jax.random.key(1)), tmp_path / "b.safetensors")
+    with pytest.raises(checkpoint.CheckpointMismatchError) as caught:
+        peft.load_adapters(peft.lora(wide, rank=2, targets=r"layers\.1", key=jax.random.key(1)), tmp_path / "b.safetensors")
+    assert "lora_a" in str(caught.value) and "differ in rank" not in str(caught.value)
