@@ -97,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--checkpoint-every", type=int, default=None,
         help="steps between checkpoints (default: a sixth of --steps)",
     )
+    parser.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR",
+        help="trace 5 steps (after the first 3) with jax.profiler into DIR (open it with TensorBoard or XProf)",
+    )
     args = parser.parse_args(argv)
     preset = SMOKE if args.smoke else DEFAULT
     for name in ("steps", "batch_size", "seq_len", "lr"):
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         setup.state, setup.train_step, setup.loader, num_steps=args.steps,
         eval_step=setup.eval_step, eval_batches=setup.eval_batches,
         eval_every=p.eval_every, log_every=p.log_every, loggers=loggers,
-        checkpointer=checkpointer,
+        checkpointer=checkpointer, profile=None if args.profile is None else train.Profile(args.profile),
         run_config={"lr": args.lr, "seed": args.seed},  # recorded in each checkpoint; a resume that changes it warns
     )
     train_seconds = time.perf_counter() - train_start

@@ -34,7 +34,7 @@ def _run(name: str, argv: list[str], capsys) -> dict:
 @pytest.mark.slow
 def test_train_char_gpt_smoke(tmp_path, capsys):
     out = tmp_path / "run"
-    s = _run("train_char_gpt", ["--smoke", "--json", "--out", str(out)], capsys)
+    s = _run("train_char_gpt", ["--smoke", "--json", "--out", str(out), "--profile", str(tmp_path / "prof")], capsys)
     for key in ("train_loss", "val_loss", "unigram_loss", "steps", "seconds", "tokens_per_s", "sample"):
         assert key in s, f"summary lacks {key!r}: {sorted(s)}"
     assert all(math.isfinite(s[k]) for k in ("train_loss", "val_loss", "unigram_loss"))
@@ -44,6 +44,8 @@ def test_train_char_gpt_smoke(tmp_path, capsys):
     assert isinstance(s["sample"], str) and s["sample"].startswith("def ")
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 40 and "eval/loss" in records[-1]
+    (trace,) = (tmp_path / "prof" / "plugins" / "profile").glob("*/*.xplane.pb")  # --profile: steps 4-8 traced
+    assert trace.stat().st_size > 0
 
 
 @pytest.mark.slow
