@@ -66,6 +66,14 @@ def parse_set(items: list[str]) -> dict:
     return overrides
 
 
+def report_compiled(benchmark: str, as_json: bool, **fields) -> None:
+    """With `--json`, print `{"benchmark": ..., "partial": "compiled", **fields}` as soon as the
+    first step has compiled: `gpu_suite.py` keeps a row's last JSON line, so a row killed (its
+    timeout, an outer SIGTERM) before its timed steps finish still records its compile time."""
+    if as_json:
+        print(json.dumps({"benchmark": benchmark, "partial": "compiled", **fields}), flush=True)
+
+
 def report(result: dict, as_json: bool) -> dict:
     """Print `result` (one JSON line, or one `key: value` per line) and warn if the loss did not
     fall; returns `result`."""

@@ -169,6 +169,9 @@ def main(argv=None) -> int:
     total = int(sum(budgets))
     (want, static_steps), static_s = timed(static, model, prompts, budgets, args.slots, repeats=args.repeats)
     result = {
+        "benchmark": "continuous_batching", "device": jax.devices()[0].device_kind,
+        "steps_per_call": args.steps_per_call, "min_new": args.min_new, "max_new": args.max_new,
+        "prompt_len": args.prompt_len, "shared_prefix_len": args.shared_prefix,
         "preset": args.preset, "set": config, "repeats": args.repeats, "requests": args.requests, "slots": args.slots, "new_tokens": total,
         "budgets": [args.min_new, args.max_new], "backend": jax.default_backend(),
         "static": {"wall_s": round(static_s, 3), "tokens_per_s": round(total / static_s, 1), "decode_steps": static_steps},
@@ -181,6 +184,8 @@ def main(argv=None) -> int:
             "wall_s": round(seconds, 3), "tokens_per_s": round(total / seconds, 1), "decode_steps": steps,
             "speedup": round(static_s / seconds, 2), "same_tokens": got == want,
         }
+        if args.json:  # the settings timed so far, kept by gpu_suite.py should a later one not finish
+            print(json.dumps({**result, "partial": f"steps_per_call={k} done"}), flush=True)
     if args.shared_prefix:
         result["shared_prefix"] = shared_prefix(args, model, max_len, prefix, suffixes, budgets)
     print(json.dumps(result))

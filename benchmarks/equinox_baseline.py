@@ -27,7 +27,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
+from _throughput import PEAK_TFLOPS_HELP, report, report_compiled, throughput_figures, token_batches
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 _IMPLEMENTATIONS = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
@@ -158,6 +158,8 @@ def main(argv=None) -> dict:
     model, opt_state, loss = step(model, opt_state, *batches[0])
     jax.block_until_ready((model, opt_state, loss))
     compile_s = time.perf_counter() - t0
+    report_compiled("equinox_baseline", args.json, backend=jax.default_backend(),
+                    device=jax.devices()[0].device_kind, compile_s=compile_s)
     losses.append(loss)
     for i in range(1, warmup):
         model, opt_state, loss = step(model, opt_state, *batches[i % 4])

@@ -33,6 +33,7 @@ the table and summary. Under an outer time limit, leave a margin:
     python benchmarks/gpu_suite.py --list
     python benchmarks/gpu_suite.py --only gpt2-124m,generate --out gpu_suite.jsonl
     python benchmarks/gpu_suite.py --smoke          # CPU: two tiny rows, exercises this driver
+    python benchmarks/gpu_suite.py --tiny           # CPU: every row's own flags at tiny sizes (~5 min)
 
 This driver imports neither JAX nor eqzoo, so it holds no GPU memory while the rows run.
 """
@@ -144,13 +145,15 @@ ROWS: tuple[Row, ...] = (
                     "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
     Row("dit-xl2", ("benchmarks/image_throughput.py", "--preset", "dit-xl2", "--batch", "256",
                     "--steps", "20", "--warmup", "3"), TRAIN_TIMEOUT_S),
-    # Mixture of experts: two layers of Mixtral 8x7B (3.2B parameters, 1.05B active; with AdamW
-    # it fits one 80 GB GPU), its three expert implementations. MFU counts active FLOPs, so
-    # "dense" (every expert on every token) pays 4x the expert FLOPs, "capacity" 1.25x, and
-    # "ragged" whatever XLA's ragged_dot lowering costs on this GPU.
+    # Mixture of experts: one layer of Mixtral 8x7B (1.7B parameters with the embeddings),
+    # its three expert implementations, at batch 2 x 2048 tokens. XLA's estimates
+    # (benchmarks/memory_estimate.py, bf16, no remat): 38 GiB dense, 44 GiB ragged, under the
+    # 60 GiB JAX takes of an 80 GB H100 by default; two layers at batch 4 needed 74-133 GiB.
+    # MFU counts active FLOPs, so "dense" (every expert on every token) pays 4x the expert
+    # FLOPs, "capacity" 1.25x, and "ragged" whatever XLA's ragged_dot lowering costs here.
     *(
-        _train(f"mixtral-2l-{impl}", "--preset", "mixtral-8x7b", "--set", "num_layers=2",
-               "--set", f"moe_implementation={impl}", "--batch", "4", "--seq", "2048",
+        _train(f"mixtral-1l-{impl}", "--preset", "mixtral-8x7b", "--set", "num_layers=1",
+               "--set", f"moe_implementation={impl}", "--batch", "2", "--seq", "2048",
                "--steps", "10", "--warmup", "3")
         for impl in ("capacity", "dense", "ragged")
     ),
@@ -206,6 +209,68 @@ SMOKE_ROWS: tuple[Row, ...] = (
                                                   "--prefill-via-decode"), SMOKE_TIMEOUT_S),
 )
 """The `--smoke` rows: tiny sizes on CPU, to check this driver in CI."""
+
+# `--tiny`: every GPU row's own command with these appended (argparse keeps an option's last
+# value; `--set` overrides are applied in order), so each row's flags run end to end on a CPU
+# in seconds before a GPU is spent on them. The shapes keep what a row's flags need (int4's
+# group of 128 divides 128; Gemma's windows and mix of windowed and global layers).
+_TINY_GPT = ("--set", "num_layers=2", "--set", "embed_dim=128", "--set", "num_heads=2", "--set", "vocab_size=512")
+_TINY_LLAMA = ("--set", "num_layers=2", "--set", "embed_dim=128", "--set", "num_heads=4", "--set", "num_kv_heads=2",
+               "--set", "hidden_dim=256", "--set", "vocab_size=512")
+TINY_SETS: dict[str, tuple[str, ...]] = {
+    "gpt2-124m": _TINY_GPT,
+    "llama-1b": _TINY_LLAMA,
+    "mixtral-8x7b": (*_TINY_LLAMA, "--set", "num_experts=4"),
+    "gemma3-1b": (*_TINY_LLAMA, "--set", "head_dim=32", "--set", "query_pre_attn_scalar=32",
+                  "--set", "sliding_window=16", "--set", "sliding_window_pattern=2"),
+    "gemma2-2b": (*_TINY_LLAMA, "--set", "head_dim=32", "--set", "query_pre_attn_scalar=32", "--set", "sliding_window=16"),
+    "vit-b16": ("--set", "num_layers=2", "--set", "embed_dim=64", "--set", "num_heads=2", "--set", "image_size=32"),
+    "dit-xl2": ("--set", "num_layers=2", "--set", "embed_dim=64", "--set", "num_heads=2"),
+}
+"""`--tiny`'s config overrides for each preset a GPU row names."""
+
+_TINY_TRAIN = ("--batch", "2", "--seq", "64", "--steps", "6", "--warmup", "2")
+TINY_ARGS: dict[str, tuple[str, ...]] = {
+    "train_throughput": _TINY_TRAIN,
+    "image_throughput": ("--batch", "2", "--steps", "6", "--warmup", "2"),
+    "equinox_baseline": (*_TINY_TRAIN, "--layers", "2", "--embed", "128", "--heads", "2", "--vocab", "512"),
+    # eager: Inductor's C++ compile on a CPU takes ~30 s and is not the GPU's (Triton) compile
+    "torch_baseline": (*_TINY_TRAIN, "--layers", "2", "--embed", "128", "--heads", "2", "--vocab", "512",
+                       "--no-compile"),
+    "generate_throughput": ("--batches", "1,2", "--new-tokens", "8", "--repeats", "1"),
+    "speculative_decoding": ("--layers", "2", "--width", "64", "--draft-width", "32", "--steps", "10", "--seq", "32",
+                             "--batch", "4", "--prompts", "1", "--prompt-len", "8", "--new-tokens", "12",
+                             "--num-draft", "2"),
+    "continuous_batching": ("--requests", "4", "--slots", "2", "--min-new", "2", "--max-new", "8", "--prompt-len", "8"),
+}
+"""`--tiny`'s sizes for each benchmark a GPU row runs."""
+
+
+def tiny_row(row: Row) -> Row:
+    """`row` at `--tiny`'s sizes: its own arguments, then `TINY_ARGS` for its script and
+    `TINY_SETS` for its preset. Two more changes make the CPU take the GPU's paths where it can:
+    `--require-cuda` is dropped (the PyTorch baseline then runs on the CPU), and a generation row
+    that leaves `--layers` to the backend decodes with the layers unrolled, as `"auto"` does on
+    a GPU. What only a GPU runs (cuDNN attention, fp8 GEMMs, `XLA_FLAGS` for XLA:GPU) is not
+    exercised.
+    """
+    script = Path(row.argv[0]).stem
+    if script not in TINY_ARGS:
+        raise KeyError(f"gpu_suite: no --tiny sizes for {row.argv[0]} (row {row.name!r}): add them to TINY_ARGS")
+    argv = [a for a in row.argv if a != "--require-cuda"]
+    extra = list(TINY_ARGS[script])
+    preset = argv[argv.index("--preset") + 1] if "--preset" in argv else None
+    if preset is not None:
+        if preset not in TINY_SETS:
+            raise KeyError(f"gpu_suite: no --tiny config overrides for preset {preset!r} (row {row.name!r}): "
+                           "add them to TINY_SETS")
+        extra += TINY_SETS[preset]
+    if script == "generate_throughput":
+        if "--prompt-len" in argv:
+            extra += ["--prompt-len", "24"]
+        if "--layers" not in argv:
+            extra += ["--layers", "unrolled"]
+    return dataclasses.replace(row, argv=(*argv, *extra), timeout_s=SMOKE_TIMEOUT_S)
 
 
 def row_env(row: Row, base: Mapping[str, str]) -> dict[str, str]:
@@ -353,13 +418,16 @@ def run_suite(
     timeout_scale: float = 1.0,
     runner: Callable[[Row, float], dict] = run_row,
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr, flush=True),
+    run_id: str | None = None,
 ) -> list[dict]:
     """Runs `rows` in order, appending each record to `out` as it ends; returns the records.
 
     A row starts only if the time elapsed so far plus its (scaled) timeout fits in
     `total_budget_s`; otherwise it is recorded as skipped and the next row is considered.
+    Every record gets `run_id` (default: the start time), which tells runs appended to the
+    same file apart.
     """
-    run_id = time.strftime("%Y%m%dT%H%M%S")
+    run_id = run_id or time.strftime("%Y%m%dT%H%M%S")
     start = time.monotonic()
     records = []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -449,11 +517,16 @@ def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:
             row["greedy_tokens_per_s"] = r.get("greedy_tokens_per_s")
             row["speculative"] = [{k: g.get(k) for k in ("num_draft", "tokens_per_s", "speedup", "same_tokens")}
                                   for g in r["speculative"]]
+        if "continuous" in r:
+            row["static_tokens_per_s"] = r.get("static", {}).get("tokens_per_s")
+            row["continuous"] = {name: {k: g.get(k) for k in ("tokens_per_s", "speedup", "same_tokens")}
+                                 for name, g in r["continuous"].items()}
         rows.append(row)
     ran = [r for r in records if r.get("device")]
     result = {
         "benchmark": "gpu_suite",
         "smoke": args.smoke,
+        "tiny": args.tiny,
         "run_id": records[0]["run_id"] if records else None,
         "out": str(out),
         "device": ran[0]["device"] if ran else None,
@@ -465,7 +538,7 @@ def summary(records: list[dict], *, out: Path, elapsed_s: float, args) -> dict:
         **counts,
         "rows": rows,
     }
-    if not args.smoke and ran and any(r.get("backend") != "gpu" for r in ran):
+    if not (args.smoke or args.tiny) and ran and any(r.get("backend") != "gpu" for r in ran):
         result["warning"] = "some rows did not run on a GPU: see each row's backend in --out"
     return result
 
@@ -492,6 +565,14 @@ def select(rows: tuple[Row, ...], only: str | None) -> list[Row]:
     return [r for r in rows if r.name in wanted]
 
 
+def _chosen_rows(p: argparse.ArgumentParser, args) -> list[Row]:
+    """The rows `--smoke`, `--tiny` and `--only` pick, in priority order."""
+    if args.smoke and args.tiny:
+        p.error("--smoke and --tiny are two different sets of rows: pick one")
+    rows = select(SMOKE_ROWS if args.smoke else ROWS, args.only)
+    return [tiny_row(r) for r in rows] if args.tiny else rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None,
@@ -503,21 +584,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="start a row only if elapsed time + its timeout fits in this")
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every row's timeout")
     p.add_argument("--smoke", action="store_true", help="tiny rows on CPU (checks this driver)")
+    p.add_argument("--tiny", action="store_true",
+                   help="every GPU row's own flags at tiny sizes, on the CPU if there is no GPU: a dry run "
+                        "that checks each row's options before a GPU is spent on them (see tiny_row)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="run the rows even if JAX's backend is not a GPU (the preflight stops otherwise)")
     p.add_argument("--no-preflight", action="store_true", help="skip the preflight check")
     p.add_argument("--json", action="store_true",
                    help="stdout is the JSON summary line alone (the table goes to stderr)")
     args = p.parse_args(argv)
-    rows = select(SMOKE_ROWS if args.smoke else ROWS, args.only)
+    rows = _chosen_rows(p, args)
     if args.list:
         for row in rows:
             print(f"{row.name}\t{row.timeout_s * args.timeout_scale:.0f}s\t"
                   f"{command_line(row, os.environ)}")
         return 0
-    out = args.out or (Path(tempfile.gettempdir()) / "gpu_suite_smoke.jsonl" if args.smoke
-                       else Path("gpu_suite.jsonl"))
+    out = args.out or (Path(tempfile.gettempdir()) / f"gpu_suite_{'smoke' if args.smoke else 'tiny'}.jsonl"
+                       if args.smoke or args.tiny else Path("gpu_suite.jsonl"))
     start = time.monotonic()
+    run_id = time.strftime("%Y%m%dT%H%M%S")  # the preflight's record and the rows' alike
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     # SIGTERM (an outer `timeout`) as Ctrl-C: the running row is killed and recorded, and the
     # table and summary are still printed.
@@ -529,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                 pre = preflight()
             except Interrupted as stop:
                 pre = stop.record
+            pre = {"run_id": run_id, **pre}
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a") as f:
                 f.write(json.dumps(pre) + "\n")
@@ -537,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
             stop = None
             if pre["status"] != "ok":
                 stop = "JAX or eqzoo failed to start (see the preflight record's stderr_tail in --out)"
-            elif pre.get("backend") != "gpu" and not (args.smoke or args.allow_cpu):
+            elif pre.get("backend") != "gpu" and not (args.smoke or args.tiny or args.allow_cpu):
                 stop = (f"JAX's backend is {pre.get('backend')!r}, not a GPU (no CUDA jaxlib plugin, or it "
                         "failed to load): every row would time out on the CPU. --allow-cpu runs them anyway")
             if stop:
@@ -549,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
                     "every row runs with EQZOO_XLA_FLAGS=0 (see the preflight record).")
                 os.environ["EQZOO_XLA_FLAGS"] = "0"
         budget = None if args.total_budget is None else args.total_budget - (time.monotonic() - start)
-        records = run_suite(rows, out=out, total_budget_s=budget, timeout_scale=args.timeout_scale, log=log)
+        records = run_suite(rows, out=out, total_budget_s=budget, timeout_scale=args.timeout_scale, log=log,
+                            run_id=run_id)
     finally:
         signal.signal(signal.SIGTERM, previous)
     result = summary(records, out=out, elapsed_s=time.monotonic() - start, args=args)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _throughput import PEAK_TFLOPS_HELP, parse_set, report
+from _throughput import PEAK_TFLOPS_HELP, parse_set, report, report_compiled
 from train_throughput import peak_memory_gib
 
 import eqzoo
@@ -75,6 +75,8 @@ def run(args, preset: str) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
+    report_compiled("image_throughput", args.json, preset=preset, backend=jax.default_backend(),
+                    device=jax.devices()[0].device_kind, compile_s=compile_s)
     losses = []
     for i in range(args.warmup):
         state, m = step(state, batches[i % NUM_BATCHES])
@@ -104,7 +106,9 @@ def run(args, preset: str) -> dict:
         "batch": args.batch,
         "image_size": config.image_size,
         "steps": args.steps,
+        "warmup": args.warmup,
         "precision": args.precision,
+        "overrides": parse_set(args.set),
         "remat": getattr(config, "remat", None),
         "scan_layers": eqzoo.nn.resolve_scan(config.scan_layers) if hasattr(config, "scan_layers") else None,
         "params": config.num_params(),

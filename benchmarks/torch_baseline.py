@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _throughput import PEAK_TFLOPS_HELP, report, throughput_figures, token_batches
+from _throughput import PEAK_TFLOPS_HELP, report, report_compiled, throughput_figures, token_batches
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -185,6 +185,8 @@ def main(argv=None) -> dict:
     losses.append(step(*batches[0]))
     sync()
     compile_s = time.perf_counter() - t0
+    report_compiled("torch_baseline", args.json, backend="gpu" if cuda else "cpu",
+                    device=torch.cuda.get_device_name() if cuda else "cpu", compile_s=compile_s)
     for i in range(1, warmup):
         losses.append(step(*batches[i % 4]))
     sync()

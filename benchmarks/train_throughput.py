@@ -324,8 +324,11 @@ def main(argv=None) -> dict:
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "warmup": args.warmup,
         "precision": args.precision,
         "fp8": args.fp8,
+        # every --set override (gpu_suite's mixtral-1l-* rows differ only in moe_implementation)
+        "overrides": parse_set(args.set),
         "remat": config.remat,
         "scan_layers": eqzoo.nn.resolve_scan(config.scan_layers),
         "attention": args.attention,

@@ -50,9 +50,9 @@ GPU_ROWS = [
     "generate-long-prefill-via-decode",
     "vit-b16",
     "dit-xl2",
-    "mixtral-2l-capacity",
-    "mixtral-2l-dense",
-    "mixtral-2l-ragged",
+    "mixtral-1l-capacity",
+    "mixtral-1l-dense",
+    "mixtral-1l-ragged",
     "gpt2-124m-packed-8",
     "generate-mixtral-2l",
     "generate-mixtral-2l-all-experts",
@@ -337,3 +337,65 @@ def test_memory_estimate_refuses_a_mesh_it_cannot_lay_out(monkeypatch):
         estimate.main(["--mesh", "data=2", "--mesh", "data=2,context=8"])
     with pytest.raises(SystemExit, match=r"--mesh 'context': write each axis with its size, e.g. --mesh data=2,context=4"):
         estimate.main(["--mesh", "context"])
+
+
+def test_tiny_rows_are_the_gpu_rows_own_commands_at_tiny_sizes(capsys):
+    # --tiny: each GPU row's arguments in order, then the sizes (argparse keeps the last value),
+    # for every row: a new script or preset in ROWS without tiny sizes fails here, not on a GPU.
+    for row in suite.ROWS:
+        tiny = suite.tiny_row(row)
+        kept = tuple(a for a in row.argv if a != "--require-cuda")
+        assert tiny.argv[: len(kept)] == kept and len(tiny.argv) > len(kept), row.name
+        assert (tiny.name, tiny.env, tiny.env_append, tiny.timeout_s) == (
+            row.name, row.env, row.env_append, suite.SMOKE_TIMEOUT_S)
+        sizes = suite.TINY_ARGS[Path(row.argv[0]).stem]
+        if "--preset" in row.argv:
+            sizes += suite.TINY_SETS[row.argv[row.argv.index("--preset") + 1]]
+        assert tiny.argv[len(kept): len(kept) + len(sizes)] == sizes, row.name
+    rows = {r.name: suite.tiny_row(r) for r in suite.ROWS}
+    assert "--require-cuda" not in rows["torch-baseline"].argv
+    assert rows["generate"].argv[-2:] == ("--layers", "unrolled")  # "auto" on a GPU
+    assert "unrolled" not in rows["generate-scan-layers"].argv
+    assert rows["generate-long"].argv[-4:-2] == ("--prompt-len", "24")
+    with pytest.raises(KeyError, match=r"no --tiny config overrides for preset 'gpt2-1.5b' \(row 'x'\): add them to TINY_SETS"):
+        suite.tiny_row(suite.Row("x", ("benchmarks/train_throughput.py", "--preset", "gpt2-1.5b"), 1.0))
+    with pytest.raises(KeyError, match=r"no --tiny sizes for benchmarks/new\.py \(row 'x'\): add them to TINY_ARGS"):
+        suite.tiny_row(suite.Row("x", ("benchmarks/new.py",), 1.0))
+    assert suite.main(["--tiny", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split("\t")[0] for ln in lines] == GPU_ROWS
+    assert lines[0].split("\t")[1] == "120s" and "--seq 1024 --steps 20 --warmup 3 --batch 2 --seq 64" in lines[0]
+    with pytest.raises(SystemExit):
+        suite.main(["--tiny", "--smoke", "--list"])
+
+
+def test_the_preflight_record_shares_the_rows_run_id(tmp_path, monkeypatch):
+    # Runs appended to one file are told apart by run_id: the preflight line (the first of each
+    # run) carries its run's.
+    monkeypatch.setattr(suite, "preflight", lambda: {"row": "preflight", "status": "ok", "backend": "gpu"})
+    real_run_suite = suite.run_suite
+    monkeypatch.setattr(suite, "run_suite", lambda rows, **kw: real_run_suite(
+        rows, **kw, runner=lambda row, t: {"row": row.name, "status": "ok", "wall_s": 0.0}))
+    out = tmp_path / "suite.jsonl"
+    for _ in range(2):
+        assert suite.main(["--out", str(out), "--only", "gpt2-124m,generate", "--json"]) == 0
+    written = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["row"] for r in written] == ["preflight", "gpt2-124m", "generate"] * 2
+    assert all(r["run_id"] == written[0]["run_id"] for r in written[:3])
+    assert all(r["run_id"] == written[3]["run_id"] for r in written[3:])
+
+
+def test_the_summary_keeps_every_rows_figures():
+    import argparse
+
+    records = [
+        {"run_id": "r", "row": "continuous-batching", "status": "ok", "static": {"tokens_per_s": 500.0},
+         "continuous": {"steps_per_call=8": {"tokens_per_s": 900.0, "speedup": 1.8, "same_tokens": True, "wall_s": 1.0}}},
+        {"run_id": "r", "row": "gpt2-124m", "status": "ok", "tokens_per_s": 1.0, "mfu": 0.5, "compile_s": 2.0},
+    ]
+    args = argparse.Namespace(smoke=False, tiny=False, total_budget=None, timeout_scale=1.0)
+    rows = suite.summary(records, out=Path("x.jsonl"), elapsed_s=1.0, args=args)["rows"]
+    assert rows[0]["static_tokens_per_s"] == 500.0
+    assert rows[0]["continuous"] == {"steps_per_call=8": {"tokens_per_s": 900.0, "speedup": 1.8, "same_tokens": True}}
+    assert rows[1] == {"row": "gpt2-124m", "status": "ok", "wall_s": None, "tokens_per_s": 1.0, "mfu": 0.5,
+                       "compile_s": 2.0}
