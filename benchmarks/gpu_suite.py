@@ -394,14 +394,17 @@ def preflight(runner: Callable[[Row, float], dict] = run_row) -> dict:
     """Checks that JAX and eqzoo start, before any row spends its timeout finding out.
 
     If they fail with eqzoo's XLA flags (an XLA release that no longer knows one aborts at
-    backend creation, and would fail every row), it tries again without them; when that
+    backend creation, and would fail every row), it tries again without them (not after a
+    timeout, which would spend the budget twice); when that
     works the record says `"eqzoo_xla_flags_dropped": true` and the caller runs every row
     with `EQZOO_XLA_FLAGS=0`.
 
     **Returns:** the preflight's record (`status`, `backend`, `device`, versions, flags).
     """
     record = runner(PREFLIGHT, PREFLIGHT_TIMEOUT_S)
-    if record["status"] == "ok" or os.environ.get("EQZOO_XLA_FLAGS", "").strip() == "0":
+    # Only a start that failed is tried again: an unknown flag aborts at once, while a start
+    # that timed out (a hung driver) would spend another PREFLIGHT_TIMEOUT_S of the budget.
+    if record["status"] != "failed" or os.environ.get("EQZOO_XLA_FLAGS", "").strip() == "0":
         return record
     without = runner(dataclasses.replace(PREFLIGHT, env=(("EQZOO_XLA_FLAGS", "0"),)), PREFLIGHT_TIMEOUT_S)
     if without["status"] != "ok":

@@ -201,6 +201,9 @@ def test_preflight_retries_without_eqzoo_xla_flags():
     calls.clear()
     assert "eqzoo_xla_flags_dropped" not in suite.preflight(lambda row, t: calls.append(1) or {"status": "ok"})
     assert calls == [1]
+    calls.clear()  # a start that timed out is not tried again: it would spend another 120 s of the budget
+    assert suite.preflight(lambda row, t: calls.append(1) or {"status": "timeout"})["status"] == "timeout"
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("found, code", [
