@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from .._errors import int_hint
+from .._errors import int_hint, user_stacklevel
 from .._typing import TextStream
 from ..train import TrainState
 from ._config import config_to_dict, model_config
@@ -287,7 +287,7 @@ class Checkpointer:
                 f"the batches ({type(batches).__name__}) have no state_dict(), so checkpoints do not "
                 "record the data position and a resumed run restarts the data stream; use an "
                 "eqzoo.data loader (TokenLoader, ArrayLoader) for exact resume.",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         return self.save(state, data_state=state_dict() if callable(state_dict) else None, step=step)
 
@@ -478,7 +478,7 @@ class Checkpointer:
                     f"restored step {s}, the newest intact step, because step(s) "
                     f"{[err.step for err in corrupt]} are damaged (moved aside to {moved}):\n"
                     + "\n".join(str(err) for err in corrupt),
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
             self._restored_step = s
             self._set_by_restore = set_names(chosen, target)

@@ -9,6 +9,7 @@ from typing import Any
 
 import equinox as eqx
 
+from .._errors import user_stacklevel
 from ._errors import CheckpointError
 
 _TYPE = "__dataclass__"
@@ -121,5 +122,5 @@ def decode_config(data: Any) -> Any:
     try:
         return config_from_dict(data)
     except (CheckpointError, TypeError, ValueError) as err:
-        warnings.warn(f"could not rebuild the checkpoint's config ({err}); returning its dict form.", stacklevel=3)
+        warnings.warn(f"could not rebuild the checkpoint's config ({err}); returning its dict form.", stacklevel=user_stacklevel())
         return data

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from .._errors import user_stacklevel
+
 # The step the processes agreed to stop at, once they have: JAX's preemption service agrees once
 # per process and answers yes at that step number ever after, for every Checkpointer.
 _AGREED_STEP: int | None = None
@@ -138,7 +140,7 @@ def signal_handling(handle_signals: bool, start_step: int) -> tuple[bool, bool]:
             "agreed through JAX's preemption service, which agrees on one step per process. Signals are not "
             "handled for this Checkpointer: SIGINT raises KeyboardInterrupt, and a SIGTERM reaches JAX's "
             "service only. Start a new process to stop on a signal again, or pass handle_signals=False.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         return False, False
     if preemption_service(start_step):
@@ -150,6 +152,6 @@ def signal_handling(handle_signals: bool, start_step: int) -> tuple[bool, bool]:
         "SIGINT are not handled: they end the process as they would without eqzoo, and a restart "
         "resumes from the last committed step. Leave jax_enable_preemption_service on (the default) "
         "before jax.distributed.initialize, or pass handle_signals=False to silence this.",
-        stacklevel=3,
+        stacklevel=user_stacklevel(),
     )
     return False, False

@@ -678,6 +678,17 @@ def test_fit_warnings_point_at_the_caller(steps):
     assert [w.filename for w in [*record, *past]] == [__file__, __file__]
 
 
+def test_checkpoint_warnings_point_at_the_caller(steps, tmp_path):
+    # The Checkpointer's warnings had fixed stack levels, which pointed into fit (or, under the
+    # type-checking hook, into jaxtyping's wrapper); they name the line that called fit.
+    from eqzoo import checkpoint
+
+    with checkpoint.Checkpointer(tmp_path / "ckpt", save_every=1, handle_signals=False) as ckpt:
+        with pytest.warns(UserWarning, match=r"have no state_dict\(\)") as record:
+            train.fit(_state(), steps[0], batches(), num_steps=1, checkpointer=ckpt)
+    assert [w.filename for w in record] == [__file__]
+
+
 def _traced_steps(folder) -> list[int]:
     """The step numbers of the "train" step annotations in a trace folder's xplane file."""
     (path,) = pathlib.Path(folder).glob("*.xplane.pb")
