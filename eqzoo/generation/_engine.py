@@ -440,6 +440,9 @@ class DecodeEngine:
         vocab = self.model.config.vocab_size
         if prefix is not None:
             check_prefix(prefix, self, who)
+        if isinstance(prompt, str | bytes):
+            raise ShapeError(f"{who}: the prompt is text ({prompt[:24]!r}), but the engine takes token ids: pass "
+                             "tokenizer.encode(text).")
         prompt = np.asarray(as_prompts(prompt, who))
         _check_prompt(prompt, who)
         if prompt.min() < 0 or prompt.max() >= vocab:

@@ -24,7 +24,9 @@ class Request:
     - `prompt`: token ids, 1-D (a list or array), at least one.
     - `max_new_tokens`: its token budget (prompt + budget at most the engine's `max_len`).
     - `id`: any hashable name its events carry (default: its index in the requests);
-      `serve` refuses a request whose id is not hashable (a list, a dict).
+      `serve` refuses a request whose id is not hashable (a list, a dict), or is the id of a
+      request still in flight (their events could not be told apart; an id is free again once
+      its request's `done` event has come).
     - `key`, `temperature`, `top_k`, `top_p`, `min_p`, `eos_token`, `stop_sequences`,
       `repetition_penalty`, `logit_bias`, `return_logprobs`: as
       [`eqzoo.generation.DecodeEngine.insert`][] takes them. With `return_logprobs=True` the
@@ -56,7 +58,8 @@ class ServeEvent:
     """New tokens of one request, or its refusal, as [`eqzoo.generation.serve`][] yields them.
 
     - `id`: the request's `id` (its index in the requests when it has none, is not a
-      `Request`, or is refused for an id that is not hashable).
+      `Request`, or is refused for an id that is not hashable or already in flight). For a
+      queue, the index counts the items taken from it in this `serve` call, from 0.
     - `tokens`: int32 NumPy `(n,)`, its tokens decoded since its last event (an eos id it
       stopped at included); `n` may be 0 in a request's last event, and is 0 in a refusal.
     - `done`: whether the request has ended (at an eos id, a stop sequence or its
@@ -107,9 +110,9 @@ def serve(
     iterable (a list, a generator) is read with `next` whenever a slot is free, before `serve`
     yields the tokens already decoded, so a generator that blocks until the next request
     arrives holds back the requests in flight meanwhile: use a queue for that. Each request is
-    checked when it is admitted. A bad one (not a `Request`,
-    an id that is not hashable, a prompt no bucket holds, a budget past `max_len`, a bad
-    setting: whatever `DecodeEngine.insert` would refuse, each a `ConfigError` or
+    checked when it is admitted. A bad one (not a `Request`, an id that is not hashable or is
+    that of a request still decoding, a prompt no bucket holds, a budget past `max_len`, a
+    bad setting: whatever `DecodeEngine.insert` would refuse, each a `ConfigError` or
     `ShapeError`) is by default refused on its own: `serve` yields one event for it, `done`
     with no tokens and the reason in `error`, and goes on serving the others, the requests in
     flight included; its slot takes the next request. Any other exception is no request's
@@ -228,6 +231,12 @@ class _Slots:
         self.holder[slot], self.left[slot] = (number, rid, logprobs), budget
         self.open.add(number)
 
+    def in_flight(self, rid) -> bool:
+        """Whether a request with the id `rid` may still produce tokens after the calls
+        launched. One whose budget runs out within them has none left: its last event comes
+        before the first of a request admitted now, so its id is free again."""
+        return any(h[1] == rid and h[0] in self.open and self.left[s] > 0 for s, h in self.holder.items())
+
     def may_run(self) -> bool:
         """Whether a slot may still be decoding after the calls launched."""
         return any(left > 0 for left in self.left.values())
@@ -275,14 +284,21 @@ def _admit(engine, state, book, read, *, raising: bool, idle: bool) -> tuple:
         if item is None:  # a queue holding no request now
             break
         index, request = item
+        rid = _request_id(index, request)
         try:
-            taken.append(_checked(engine, index, request))
+            checked = _checked(engine, index, request)
+            if book.in_flight(rid):
+                raise ConfigError(
+                    f"serve: request {index}'s id {rid!r} is already in flight (a request with that id is still "
+                    "decoding), so their events could not be told apart; give each request in flight its own id (a "
+                    f"counter or a uuid). This refusal's event carries the index {index} instead."
+                )
+            taken.append(checked)
         except (ConfigError, ShapeError) as error:  # a bad request; anything else is a bug and propagates
             if raising:
                 raise
-            refused.append(_refusal(_request_id(index, request), error))
+            refused.append(_refusal(index if book.in_flight(rid) else rid, error))
             continue
-        rid = _request_id(index, request)
         slots.append(slot)
         book.take(slot, index, rid, int(request.max_new_tokens), bool(request.return_logprobs))
         slot = next(free, None)

@@ -228,6 +228,35 @@ def test_bad_requests_are_refused_with_the_fix(gpt2):
     with pytest.raises(ShapeError, match=r"got dtype float32\. Token ids are integers.*astype\(np\.int32\)"):
         next(serve(engine, [Request(np.zeros((3,), np.float32), 2)], on_error="raise"))
 
+    with pytest.raises(ShapeError, match=r"serve: the prompt is text \('hello'\), but the engine takes token ids: "
+                       r"pass tokenizer.encode\(text\)"):
+        next(serve(engine, [Request("hello", 2)], on_error="raise"))
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_an_id_still_decoding_is_refused_and_free_again_once_its_request_ends(gpt2, pipeline):
+    """A request whose id is that of a request still decoding is refused (its refusal carries
+    its index, so the first request's events stay its own); once a request's budget runs out
+    in the calls launched, its id serves a new request, whose events follow its last one."""
+    engine, prompts = _engine(gpt2), _prompts(6)
+    want = _served(engine, [Request(prompts[0], 9, id="a"), Request(prompts[2], 2, id="b"),
+                            Request(prompts[3], 5, id="c")])
+    requests = [Request(prompts[0], 9, id="a"), Request(prompts[1], 4, id="a"), Request(prompts[2], 2, id="b"),
+                Request(prompts[3], 5, id="b")]  # the first "b" ends within the first call (3 steps)
+    events = list(serve(engine, requests, pipeline=pipeline))
+    refusals = [e for e in events if e.error is not None]
+    assert [e.id for e in refusals] == [1], refusals
+    assert refusals[0].error.startswith("serve: request 1's id 'a' is already in flight")
+    assert "give each request in flight its own id" in refusals[0].error
+    a = [e for e in events if e.id == "a"]
+    assert sum((e.tokens.tolist() for e in a), []) == want["a"] and [e.done for e in a].count(True) == 1 and a[-1].done
+    b = [e for e in events if e.id == "b"]
+    first = next(i for i, e in enumerate(b) if e.done) + 1  # the first "b"'s events, then the second's
+    assert sum((e.tokens.tolist() for e in b[:first]), []) == want["b"]
+    assert sum((e.tokens.tolist() for e in b[first:]), []) == want["c"] and b[-1].done
+    with pytest.raises(ConfigError, match=r"request 1's id 'a' is already in flight .* its own id"):
+        list(serve(engine, requests[:2], on_error="raise"))
+
 
 def test_a_bad_request_mid_stream_is_refused_alone(gpt2):
     """Bad requests arriving while others decode each get one event with the reason (each
