@@ -546,3 +546,14 @@ def test_a_rank_past_the_layer_warns():
         peft.lora(base, rank=32, targets="attn", key=jax.random.key(1))
         # A mixture-of-experts router (tiny-mixtral's has 4 outputs) is not counted.
         peft.lora(_model("tiny-mixtral"), rank=8, key=jax.random.key(1))
+
+
+def test_alpha_zero_warns_that_the_adapters_train_nothing():
+    # alpha=0 made scaling 0: the adapted model was the base and every adapter gradient 0, silently.
+    base = _model("tiny-llama")
+    with pytest.warns(UserWarning, match=r"lora: alpha=0 scales every adapter's update by 0.*training changes nothing") as record:
+        adapted = peft.lora(base, rank=2, alpha=0, targets="attn", key=jax.random.key(1))
+    assert adapted.blocks.layers.attn.q_proj.scaling == 0.0 and record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        peft.lora(base, rank=2, alpha=4, targets="attn", key=jax.random.key(1))
