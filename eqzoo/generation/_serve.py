@@ -288,10 +288,14 @@ def _admit(engine, state, book, read, *, raising: bool, idle: bool) -> tuple:
         try:
             checked = _checked(engine, index, request)
             if book.in_flight(rid):
+                whose = (
+                    f"request {index} has no id, so its events would carry its index {index}, the id of a request "
+                    "still decoding" if getattr(request, "id", None) is None else
+                    f"request {index}'s id {rid!r} is that of a request still decoding"
+                )
                 raise ConfigError(
-                    f"serve: request {index}'s id {rid!r} is already in flight (a request with that id is still "
-                    "decoding), so their events could not be told apart; give each request in flight its own id (a "
-                    f"counter or a uuid). This refusal's event carries the index {index} instead."
+                    f"serve: {whose}, so their events could not be told apart; give each request in flight its own "
+                    "id (a counter or a uuid; ints of your own can collide with the indices of requests without one)."
                 )
             taken.append(checked)
         except (ConfigError, ShapeError) as error:  # a bad request; anything else is a bug and propagates

@@ -7,6 +7,7 @@ base model does. With `use_rslora=True` the update is scaled by `alpha / sqrt(r)
 """
 
 import math
+import numbers
 import warnings
 
 import equinox as eqx
@@ -320,11 +321,11 @@ def lora(
         experts = (targets is None or hits_experts) and any(_is_moe(x) for x in jax.tree.leaves(out, is_leaf=_is_moe))
     out = _adapt_experts(out, options, expert_key) if experts else out
     _warn_rank_past_layers(out, _checked_rank(rank))
-    if alpha is not None and not isinstance(alpha, bool) and isinstance(alpha, int | float) and alpha == 0:
+    if alpha is not None and not isinstance(alpha, bool) and isinstance(alpha, numbers.Real) and float(alpha) == 0:
         warnings.warn(
             "lora: alpha=0 scales every adapter's update by 0, so the adapted model computes the base "
             "model's outputs and the adapters' gradients are 0: training changes nothing. Leave alpha=None "
-            "(scaling 1) or pass alpha=rank or 2 * rank, as is usual.",
+            "(alpha = rank) or pass alpha=rank or 2 * rank, as is usual.",
             stacklevel=user_stacklevel(),
         )
     return out

@@ -246,7 +246,7 @@ def test_an_id_still_decoding_is_refused_and_free_again_once_its_request_ends(gp
     events = list(serve(engine, requests, pipeline=pipeline))
     refusals = [e for e in events if e.error is not None]
     assert [e.id for e in refusals] == [1], refusals
-    assert refusals[0].error.startswith("serve: request 1's id 'a' is already in flight")
+    assert refusals[0].error.startswith("serve: request 1's id 'a' is that of a request still decoding")
     assert "give each request in flight its own id" in refusals[0].error
     a = [e for e in events if e.id == "a"]
     assert sum((e.tokens.tolist() for e in a), []) == want["a"] and [e.done for e in a].count(True) == 1 and a[-1].done
@@ -254,8 +254,14 @@ def test_an_id_still_decoding_is_refused_and_free_again_once_its_request_ends(gp
     first = next(i for i, e in enumerate(b) if e.done) + 1  # the first "b"'s events, then the second's
     assert sum((e.tokens.tolist() for e in b[:first]), []) == want["b"]
     assert sum((e.tokens.tolist() for e in b[first:]), []) == want["c"] and b[-1].done
-    with pytest.raises(ConfigError, match=r"request 1's id 'a' is already in flight .* its own id"):
+    with pytest.raises(ConfigError, match=r"request 1's id 'a' is that of a request still decoding, .* its own id \(a counter "
+                       r"or a uuid; ints of your own can collide with the indices of requests without one\)\.$"):
         list(serve(engine, requests[:2], on_error="raise"))
+    # a request without an id whose index is the id of one in flight is told so
+    errors = {}
+    _served(engine, [Request(prompts[0], 9, id=1), Request(prompts[1], 4)], errors=errors)
+    assert errors[1].startswith("serve: request 1 has no id, so its events would carry its index 1, the id of a request "
+                                "still decoding")
 
 
 def test_a_bad_request_mid_stream_is_refused_alone(gpt2):
