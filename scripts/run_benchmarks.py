@@ -22,7 +22,7 @@ COSTS = {
     "gpu_suite": 14.9, "speculative_decoding": 14.5, "compile_time": 12.6, "train_throughput": 11.6,
     "image_throughput": 10.9, "collective_bytes": 10.6, "memory_estimate": 10.3, "generate_throughput": 10.1,
     "quant_products": 9.6, "continuous_batching": 7.7, "eager_calls": 5.3, "equinox_baseline": 5.2,
-    "torch_baseline": 4.4, "create_time": 3.7, "checkpoint_io": 3.6, "packing_fill": 1.8,
+    "torch_baseline": 4.4, "create_time": 3.7, "checkpoint_io": 3.6, "checkpoint_durable": 3.0, "packing_fill": 1.8,
 }
 
 

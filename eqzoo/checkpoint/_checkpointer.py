@@ -23,6 +23,7 @@ from .._errors import int_hint, user_stacklevel
 from .._typing import TextStream
 from ..train import TrainState
 from ._config import config_to_dict, model_config
+from ._durable import DurableRename
 from ._errors import CheckpointCorruptError, CheckpointError
 from ._exit import OPEN, track_open
 from ._hyperparams import HyperparamsChoice, check_choice, set_names
@@ -108,6 +109,13 @@ class Checkpointer:
     - `progress`: a stream (`sys.stderr`, say) to report each save on, in process 0: one line
       when it starts, with how long training waited for it, and one when it is committed
       (seen at the next `save`/`maybe_save` call, or at `close`). Default: silent.
+    - `durable`: make each committed step survive a power cut: before the step directory is
+      renamed into place, every file and directory in it is fsynced, and the parent directory
+      right after the rename, before older steps are deleted and before the save counts as
+      committed. `False` leaves the files in the page cache for the kernel to write when it
+      likes (within about 30 s on Linux), as orbax does: a power cut may then damage the
+      newest step (see `fallback_to_intact`). The syncs cost a fixed few tens of
+      milliseconds per save, in the background thread for asynchronous saves.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class Checkpointer:
         config: Any = None,
         compression: bool = False,
         progress: TextStream | None = None,
+        durable: bool = True,
     ):
         self._async = async_save
         self._save_every = _check_count("save_every", save_every, allow_none=True)
@@ -150,10 +159,13 @@ class Checkpointer:
             # process that only reads never deletes a directory another process is writing.
             cleanup_tmp_directories=False,
             create=True,
+            # Orbax's rename-into-place commit, with fsyncs around the rename.
+            temporary_path_class=DurableRename if durable else None,
         )
         self._manager = ocp.CheckpointManager(self._directory, options=options, handler_registry=registry)
         self._reader = StepReader(self._directory, state_handler, meta_handler)
         self._last_saved: int | None = None
+        self._in_flight: int | None = None  # the step of the save started last, listed once it is done
         self._restored_step: int | None = None
         self._current_step: int | None = None
         self._closed = False
@@ -177,7 +189,12 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         """The committed steps in the directory, oldest first (in-flight saves are not listed)."""
-        return committed_steps(self._directory)
+        steps = committed_steps(self._directory)
+        # A step renamed into place is on disk a moment before its save is done (the rename
+        # synced, older steps deleted): until then it is still in flight.
+        if self._in_flight in steps and not self._closed and self._manager.is_saving_in_progress():
+            steps.remove(self._in_flight)
+        return steps
 
     def latest_step(self) -> int | None:
         """The newest committed step, or `None` when there is none."""
@@ -250,6 +267,7 @@ class Checkpointer:
             run=self._run,
             optimizer=state_optimizer(state),
         )
+        self._in_flight = step
         self._manager.save(
             step,
             args=ocp.args.Composite(
