@@ -282,9 +282,11 @@ def test_bad_stop_tokens_are_refused(llama, eos, pad, match):
 
 
 def test_a_vanishing_temperature_samples_the_greedy_tokens(llama, greedy):
-    # Dividing raw logits by 1e-45 (a float32 subnormal) overflowed to inf - inf = NaN and gave
-    # garbage; shifted by the largest logit first, the largest becomes 0 and the rest -inf.
-    out = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, temperature=1e-45, key=jax.random.key(3))
+    # Dividing raw logits by float32's smallest normal number overflowed to inf - inf = NaN and
+    # gave garbage; shifted by the largest logit first, the largest becomes 0 and the rest -inf.
+    # (Subnormal temperatures are refused: GPUs flush them to 0; test_generation_errors.)
+    tiny = float(np.finfo(np.float32).tiny)
+    out = eqzoo.generate(llama, PROMPT, max_new_tokens=NEW, temperature=tiny, key=jax.random.key(3))
     np.testing.assert_array_equal(out, greedy)
 
 
