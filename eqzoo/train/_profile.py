@@ -1,5 +1,6 @@
 """A `jax.profiler` trace of a window of `fit`'s steps."""
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -70,7 +71,7 @@ class Tracer:
     def around(self, index: int, step: int):
         p = self.profile
         if p is None or not p.skip <= index < p.skip + p.steps:
-            return _NULL
+            return contextlib.nullcontext()
         if index == p.skip:
             Path(p.log_dir).mkdir(parents=True, exist_ok=True)
             try:
@@ -82,7 +83,7 @@ class Tracer:
                     stacklevel=user_stacklevel(),
                 )
                 self.profile = None
-                return _NULL
+                return contextlib.nullcontext()
             self.active, self.first = True, step
         self.last = step
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
@@ -110,13 +111,3 @@ class Tracer:
 def _runs(log_dir) -> list[Path]:
     return [p for p in (Path(log_dir) / "plugins" / "profile").glob("*") if p.is_dir()]
 
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-_NULL = _Null()
