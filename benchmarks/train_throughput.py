@@ -52,6 +52,7 @@ from _throughput import (
     mesh_size,
     parse_set,
     report,
+    report_compiled,
     throughput_figures,
     token_batches,
     use_fake_cpu_devices,
@@ -295,10 +296,8 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
-    if args.json:  # kept by gpu_suite.py should the timed steps not finish in the row's time
-        print(json.dumps({"benchmark": "train_throughput", "partial": "compiled", "preset": args.preset,
-                          "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                          "compile_s": compile_s}), flush=True)
+    report_compiled("train_throughput", args.json, preset=args.preset, backend=jax.default_backend(),
+                    device=jax.devices()[0].device_kind, compile_s=compile_s)
 
     losses = []
     for i in range(args.warmup):

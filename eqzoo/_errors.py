@@ -89,7 +89,7 @@ def check_sizes(who: str, **sizes) -> None:
             raise ConfigError(f"{who}: {name} must be a positive integer; got {name}={value!r}.{int_hint(value)}")
 
 
-def _not_positive(value) -> bool:
+def not_positive(value) -> bool:
     """Whether `value` is not a finite positive real number: a Python number (not a bool) or a
     concrete scalar array of a real dtype. A traced scalar passes (its value is unknown)."""
     import math
@@ -112,14 +112,14 @@ def check_positive_numbers(who: str, **values) -> None:
     """Raise `ConfigError` naming the first value that is not a finite positive number (a rotary
     base of 0 makes NaN, for one). Concrete scalar arrays are read; traced ones pass."""
     for name, value in values.items():
-        if _not_positive(value):
+        if not_positive(value):
             raise ConfigError(f"{who}: {name} must be a positive number; got {name}={value!r}.")
 
 
 def check_positive(who: str, **values) -> None:
     """Raise `ConfigError` naming every value that is not a finite positive number (for config
     dataclasses, where several fields may be wrong at once)."""
-    bad = {k: v for k, v in values.items() if _not_positive(v)}
+    bad = {k: v for k, v in values.items() if not_positive(v)}
     if bad:
         raise ConfigError(f"{who}: these must be positive, got {bad}.")
 

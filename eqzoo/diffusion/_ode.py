@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Integer
 
-from .._errors import ConfigError, _not_positive, check_sizes, require
+from .._errors import ConfigError, check_sizes, not_positive, require
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
 from ._sample import _check_sample_args, guided_prediction, to_epsilon_and_x0
@@ -83,7 +83,7 @@ def sample_ode(
     check_prediction(prediction)
     check_sizes("sample_ode", steps=steps)
     for name, value in (("sigma_max", sigma_max), ("clip_x0", clip_x0)):
-        if value is not None and _not_positive(value):  # a Python number or a concrete 0-d array, finite and > 0
+        if value is not None and not_positive(value):  # a Python number or a concrete 0-d array, finite and > 0
             raise ConfigError(f"sample_ode: {name} must be a positive number or None, got {value!r}.")
     shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)
     solver = diffrax.Heun() if solver is None else solver

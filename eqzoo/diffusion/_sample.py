@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Integer
 
-from .._errors import ConfigError, ShapeError, _not_positive, int_hint, shape_str
+from .._errors import ConfigError, ShapeError, int_hint, not_positive, shape_str
 from .._typing import PRNGKey
 from ..models import AbstractDenoiser
 from ._schedule import NoiseSchedule, check_prediction
@@ -158,7 +158,7 @@ def sample(
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"eta must be in [0, 1], got {eta}.")
     # clip_x0=0 made every sample 0 and a negative one clipped to the wrong interval; sample_ode refused both
-    if clip_x0 is not None and _not_positive(clip_x0):  # a Python number or a concrete 0-d array, finite and > 0
+    if clip_x0 is not None and not_positive(clip_x0):  # a Python number or a concrete 0-d array, finite and > 0
         raise ConfigError(f"sample: clip_x0 must be a positive number or None, got {clip_x0!r}.")
     clip_x0 = None if clip_x0 is None else float(clip_x0)
     shape, labels = _check_sample_args(model, shape, labels, guidance_scale, initial_noise)

@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Integer
 
 from .._errors import ConfigError, check_last_axis, check_sizes
@@ -36,7 +37,8 @@ class Embedding(eqx.Module):
         ids are not checked: one past the end gives a NaN row, a negative one counts from the
         end, as `jnp.take` does."""
         if not isinstance(ids, jax.core.Tracer) and getattr(ids, "size", 0):
-            low, high = int(jnp.min(ids)), int(jnp.max(ids))
+            host = np.asarray(ids)  # one transfer
+            low, high = int(host.min()), int(host.max())
             if low < 0 or high >= self.num_embeddings:
                 raise ConfigError(
                     f"Embedding: ids must lie in [0, {self.num_embeddings}) (the table's rows); got ids from {low} to "
